@@ -1,0 +1,132 @@
+"""Suite-wide pytest set-up.
+
+Imports ``impl`` first so the execution backend is decided before triton or numba load; registers the hypothesis
+profiles; skips ``gpu``/``multi_gpu`` tests with the reason where the hardware is missing; points pytest-benchmark's
+storage at ``results/<gpu-slug>/`` and disables timing on a machine without a GPU (benches then run once as tests);
+provides the ``device_bench`` fixture every bench uses and the per-run ``peaks`` calibration.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import impl  # noqa: F401  (decides TRITON_INTERPRET / NUMBA_ENABLE_CUDASIM before anything imports them)
+import pytest
+from hypothesis import HealthCheck, settings
+
+from fixtures.strategies import hypothesis_profile_from_env
+from impl import backend
+from impl.common import results as res
+
+_SLOW_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=15, print_blob=True,
+                          suppress_health_check=_SLOW_HEALTH)
+settings.register_profile("dev", deadline=None, max_examples=30, print_blob=True, suppress_health_check=_SLOW_HEALTH)
+settings.register_profile("gpu", deadline=None, max_examples=100, print_blob=True, suppress_health_check=_SLOW_HEALTH)
+settings.load_profile(hypothesis_profile_from_env())
+
+_DEFAULT_STORAGE = "file://./.benchmarks"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Runs before pytest-benchmark's own (trylast) configure, which reads these options.
+    opt = config.option
+    if getattr(opt, "benchmark_storage", None) == _DEFAULT_STORAGE:
+        opt.benchmark_storage = f"file://{res.results_dir()}"
+    if not backend.ON_GPU and hasattr(opt, "benchmark_disable") and not getattr(opt, "benchmark_enable", False):
+        opt.benchmark_disable = True  # no GPU: benches run once at tiny sizes, as tests, and store nothing
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [f"lab backend: {backend.describe()}", f"hypothesis profile: {settings._current_profile}",
+            f"benchmark storage: {getattr(config.option, 'benchmark_storage', None)}"]
+
+
+def _gpu_count() -> int:
+    if not backend.ON_GPU:
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    n = _gpu_count()
+    for item in items:
+        if "gpu" in item.keywords and not backend.ON_GPU:
+            item.add_marker(pytest.mark.skip(reason=backend.NO_GPU_REASON))
+        if "multi_gpu" in item.keywords and n < 2:
+            item.add_marker(pytest.mark.skip(reason=f"needs two CUDA GPUs; this machine has {n}"))
+
+
+# ---- calibration and machine info ----------------------------------------------------------------------------
+
+_PEAKS: dict | None = None
+
+
+def measured_peaks() -> dict:
+    """This card's peaks, measured once per pytest run on a GPU and stored as results/<slug>/calibration.json."""
+    global _PEAKS
+    if _PEAKS is None:
+        from impl.common.calibrate import calibrate
+
+        _PEAKS = calibrate()
+        if _PEAKS:
+            record = {"device": res.gpu_name(), "commit": res.git_commit(), "date": res.now_iso(), "peaks": _PEAKS}
+            res.atomic_write_text(res.results_dir() / "calibration.json", json.dumps(record, indent=2) + "\n",
+                                  overwrite=True)
+    return _PEAKS
+
+
+@pytest.fixture(scope="session")
+def peaks() -> dict:
+    return measured_peaks()
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    machine_info.update(res.machine_info())
+    if backend.ON_GPU:
+        machine_info["calibration"] = measured_peaks()
+
+
+# ---- the bench fixture ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def device_bench(benchmark, request):
+    """``device_bench(fn, bytes_moved=..., flops=..., ...)`` times ``fn()`` and records bytes/FLOPs/derived rates.
+
+    On a GPU each round is bracketed by CUDA events (the timer's precision is set to 1 µs explicitly), after
+    ``warmup`` rounds, with the L2 flushed before every round unless ``flush_l2=False``. ``clock="host"`` times host
+    work (numpy/pandas anchors) with ``perf_counter``. Without a GPU, timing is disabled and ``fn`` runs once.
+    ``info`` lands in ``extra_info`` (e.g. ``n=``, ``dtype=``, ``variant=``) for the report's tables and plots.
+    """
+    from impl.common.benchkit import derived_metrics
+    from impl.common.timing import DeviceClock, flush_l2 as _flush, host_clock
+
+    def run(fn, *, bytes_moved: int, flops: int = 0, flops_dtype: str = "bf16", flush_l2: bool = True,
+            rounds: int = 20, warmup: int = 3, setup=None, clock: str = "device", **info):
+        if clock not in ("device", "host"):
+            raise ValueError(f"clock must be 'device' or 'host', not {clock!r}")
+        benchmark.extra_info.update(bytes=int(bytes_moved), flops=int(flops), flops_dtype=flops_dtype,
+                                    flush_l2=bool(flush_l2), clock=clock, **info)
+        if backend.ON_GPU and clock == "device":
+            benchmark._timer = DeviceClock()
+            benchmark._precisions[benchmark._timer] = DeviceClock.PRECISION_S
+        else:
+            benchmark._timer = host_clock
+            benchmark._precisions[benchmark._timer] = 1e-7
+
+        def before_round():
+            if setup is not None:
+                setup()
+            if flush_l2 and clock == "device":
+                _flush()
+
+        result = benchmark.pedantic(fn, setup=before_round, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        if benchmark.stats is not None:
+            pk = measured_peaks() if backend.ON_GPU else {}
+            benchmark.extra_info.update(derived_metrics(benchmark.stats.stats.median, bytes_moved, flops, pk,
+                                                        flops_dtype))
+        return result
+
+    return run

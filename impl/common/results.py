@@ -1,0 +1,178 @@
+"""Where results live and how they are written: ``results/<gpu-slug>/``, atomically, never silently overwritten.
+
+Layout of ``results/<slug>/``:
+  ``<machine-id>/NNNN_<commit>_<date>.json``  pytest-benchmark runs (``--benchmark-save``)
+  ``calibration.json``                       measured peaks of the card (copy GB/s, bf16/fp8 TFLOP/s)
+  ``<system>/<name>.json``                   experiment results written by ``write_result``
+  ``claims.json``, ``REPORT.md``, ``*.png``   the evaluated ledger (``python -m impl report``)
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from impl import backend
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "results"
+
+
+def gpu_name() -> str:
+    if not backend.ON_GPU:
+        return "cpu"
+    import torch
+
+    return torch.cuda.get_device_name(torch.cuda.current_device())
+
+
+def slugify_gpu(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-80gb-hbm3'; 'cpu' stays 'cpu'."""
+    name = re.sub(r"^(nvidia|amd)\s+", "", name.strip(), flags=re.I).lower()
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown"
+
+
+def gpu_slug() -> str:
+    return os.environ.get("LAB_RESULTS_SLUG") or slugify_gpu(gpu_name())
+
+
+def results_dir(slug: str | None = None) -> Path:
+    return RESULTS / (slug or gpu_slug())
+
+
+def git_commit(short: bool = True) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "impl", "benches"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    sha = out.stdout.strip()
+    return (sha[:12] if short else sha) + ("+dirty" if dirty else "")
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def machine_info() -> dict[str, Any]:
+    """GPU name, SMs, L2, driver, CUDA, library versions and host CPU: stored beside every result."""
+    info: dict[str, Any] = {"host_cpu": _host_cpu(), "host_cores": os.cpu_count(), "python": platform.python_version(),
+                            "backend": backend.describe()}
+    info.update(_library_versions())
+    if backend.ON_GPU:
+        import torch
+
+        p = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(gpu=p.name, gpu_slug=gpu_slug(), sm_count=p.multi_processor_count, l2_bytes=int(p.L2_cache_size),
+                    gpu_memory_bytes=int(p.total_memory), compute_capability=f"{p.major}.{p.minor}",
+                    cuda_runtime=torch.version.cuda, driver=_driver_version())
+    else:
+        info.update(gpu=None, gpu_slug="cpu")
+    return info
+
+
+def _library_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for pkg in ("torch", "triton", "cupy-cuda13x", "cupy-cuda12x", "numba", "numba-cuda", "numpy"):
+        try:
+            out[pkg.replace("-cuda13x", "").replace("-cuda12x", "")] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out.setdefault(pkg.replace("-cuda13x", "").replace("-cuda12x", ""), None)
+    return out
+
+
+def _host_cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def atomic_write_text(path: Path, text: str, *, overwrite: bool = False) -> bool:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``.
+
+    An existing file with different content is replaced only when ``overwrite`` is true (and that is said on stdout);
+    otherwise ``FileExistsError`` names it. Returns True when the file changed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        if path.read_text() == text:
+            return False
+        if not overwrite:
+            raise FileExistsError(f"{path} exists with other content; pass overwrite=True (or a new name) to replace it")
+        print(f"replacing {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, overwrite: bool = False) -> bool:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.read_bytes() == data:
+        return False
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists with other content; pass overwrite=True to replace it")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return True
+
+
+def write_result(system: str, name: str, data: dict[str, Any], *, slug: str | None = None,
+                 overwrite: bool = False) -> Path:
+    """Store an experiment's result as ``results/<slug>/<system>/<name>.json`` with device, commit and date.
+
+    Refuses to run without a GPU unless ``slug`` is given (CPU numbers must never land in a GPU's folder).
+    """
+    if not re.fullmatch(r"[a-z0-9_]+", system) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"bad result name {system!r}/{name!r}: use [a-z0-9_] for the system, [A-Za-z0-9_.-] for names")
+    slug = slug or gpu_slug()
+    record = {"system": system, "name": name, "device": gpu_name(), "commit": git_commit(), "date": now_iso(),
+              "machine": machine_info(), "data": data}
+    path = results_dir(slug) / system / f"{name}.json"
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=_json_default) + "\n",
+                      overwrite=overwrite)
+    return path
+
+
+def read_result(system: str, name: str, slug: str) -> dict[str, Any] | None:
+    path = results_dir(slug) / system / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
