@@ -39,7 +39,13 @@ def slugify_gpu(name: str) -> str:
 
 
 def gpu_slug() -> str:
-    return os.environ.get("LAB_RESULTS_SLUG") or slugify_gpu(gpu_name())
+    """Folder name of this card's results. ``LAB_RESULTS_SLUG`` (set by tox's per-GPU envs) must match the card."""
+    detected = slugify_gpu(gpu_name())
+    wanted = os.environ.get("LAB_RESULTS_SLUG")
+    if wanted and backend.ON_GPU and wanted != detected:
+        raise RuntimeError(f"LAB_RESULTS_SLUG={wanted!r} but this card is {detected!r}: its results would land in "
+                           "another card's baselines; use the tox env for this card")
+    return wanted or detected
 
 
 def results_dir(slug: str | None = None) -> Path:

@@ -1,0 +1,169 @@
+"""Tests of the shared harness itself: backend choice, oracle, strategies, results storage, ledger and report."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fixtures.oracle import assert_close, poison_, tolerance_for
+from fixtures.strategies import PATTERNS, make_array, sizes
+from impl import backend
+from impl.common import ledger, report, results
+from impl.common.benchkit import derived_metrics
+
+
+def test_backend_sets_interpreters_without_gpu():
+    if backend.ON_GPU:
+        pytest.skip("on a GPU the interpreters stay off unless asked for")
+    assert os.environ["TRITON_INTERPRET"] == "1" and os.environ["NUMBA_ENABLE_CUDASIM"] == "1"
+    from numba import config
+
+    assert config.ENABLE_CUDASIM, "numba must run CUDA kernels in its simulator here"
+    assert backend.DEVICE == "cpu"
+
+
+def test_oracle_reports_shape_dtype_nan_and_value_mismatches():
+    a = np.array([1.0, 2.0, np.nan], np.float32)
+    assert_close(a, a.copy())
+    with pytest.raises(AssertionError, match="shape"):
+        assert_close(a, a[:2])
+    with pytest.raises(AssertionError, match="dtype"):
+        assert_close(a, a.astype(np.float64))
+    with pytest.raises(AssertionError, match="NaN"):
+        assert_close(a, np.array([1.0, 2.0, 3.0], np.float32))
+    with pytest.raises(AssertionError, match="values outside"):
+        assert_close(a, np.array([1.0, 2.001, np.nan], np.float32))
+    with pytest.raises(AssertionError, match="infinities"):
+        assert_close(np.array([np.inf]), np.array([-np.inf]))
+    with pytest.raises(AssertionError, match="zeros"):
+        assert_close(np.array([-0.0]), np.array([0.0]), signed_zero=True)
+    with pytest.raises(AssertionError, match="values differ"):
+        assert_close(np.array([1, 2], np.int32), np.array([1, 3], np.int32))
+
+
+def test_tolerances_follow_dtype():
+    assert tolerance_for(torch.bfloat16).rtol > tolerance_for(np.float32).rtol > tolerance_for(np.float64).rtol
+    assert tolerance_for(np.int64).rtol == 0
+    with pytest.raises(KeyError):
+        tolerance_for("complex64")
+
+
+@pytest.mark.parametrize("make", [lambda: np.zeros(5, np.float32), lambda: np.zeros(5, np.int32),
+                                  lambda: torch.zeros(5), lambda: torch.zeros(5, dtype=torch.int64)])
+def test_poison_overwrites_every_element(make):
+    for pattern in ("nan", "max"):
+        x = make()
+        poison_(x, pattern)
+        arr = x.numpy() if hasattr(x, "numpy") else x
+        assert not np.any(arr == 0)
+
+
+@given(n=sizes(max_n=300), pattern=st.sampled_from(PATTERNS), seed=st.integers(0, 2**32 - 1),
+       dtype=st.sampled_from(["float32", "float16", "int32", "uint32", "int64"]))
+def test_make_array_is_deterministic_and_sized(n, pattern, seed, dtype):
+    a, b = make_array(n, dtype, pattern, seed), make_array(n, dtype, pattern, seed)
+    assert a.shape == (n,) and a.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(a, b)
+    if pattern == "sorted" and dtype.startswith("int") and n:
+        assert np.all(np.diff(a.astype(np.int64)) >= 0)
+
+
+def test_nasty_pattern_contains_special_floats():
+    a = np.concatenate([make_array(512, "float32", "nasty", s) for s in range(8)])
+    assert np.isnan(a).any() and np.isposinf(a).any() and np.isneginf(a).any()
+    assert (np.signbit(a) & (a == 0)).any()
+
+
+def test_gpu_slug():
+    assert results.slugify_gpu("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert results.slugify_gpu("NVIDIA H200") == "h200"
+
+
+def test_atomic_write_refuses_silent_overwrite(tmp_path):
+    p = tmp_path / "a" / "r.json"
+    assert results.atomic_write_text(p, "one")
+    assert not results.atomic_write_text(p, "one")
+    with pytest.raises(FileExistsError, match="exists"):
+        results.atomic_write_text(p, "two")
+    assert results.atomic_write_text(p, "two", overwrite=True) and p.read_text() == "two"
+    assert not list(p.parent.glob(".*tmp"))
+
+
+def test_derived_metrics():
+    m = derived_metrics(1e-3, 3_000_000_000, 2_000_000_000, {"copy_gbps": 3000.0, "bf16_tflops": 800.0})
+    assert m["gbps"] == pytest.approx(3000.0) and m["pct_peak_bw"] == pytest.approx(100.0)
+    assert m["tflops"] == pytest.approx(2.0) and m["pct_peak_flops"] == pytest.approx(0.25)
+
+
+def _store_run(root, slug, device, benches, number=1):
+    run = {"machine_info": {"gpu": device}, "commit_info": {"id": "abc123def4567890"},
+           "datetime": f"2026-11-28T0{number}:00:00", "benchmarks": benches}
+    path = root / slug / "Linux-CPython-3.12-64bit" / f"{number:04d}_abc_run.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run))
+
+
+def _bench(name, median, **extra):
+    return {"name": name, "fullname": f"benches/bench_x.py::{name}", "stats": {"median": median}, "extra_info": extra}
+
+
+def _claim(measure, comparison=">=", target=2.0, needs_gpu=True):
+    return ledger.Claim(id="examples.t", system="examples", statement="s", unit="x", comparison=comparison,
+                        target=target, measure=measure, needs_gpu=needs_gpu)
+
+
+def test_ledger_verdicts(tmp_path):
+    _store_run(tmp_path, "h100", "NVIDIA H100", [_bench("fast", 1.0, pct=90.0), _bench("slow", 3.0)])
+    view = ledger.ResultsView("h100", tmp_path)
+    row = ledger.evaluate(_claim(ledger.BenchRatio("slow", "fast")), view)
+    assert row["verdict"] == "pass" and row["measured_value"] == 3.0 and row["commit"] == "abc123def456"
+    assert ledger.evaluate(_claim(ledger.BenchRatio("fast", "slow")), view)["verdict"] == "fail"
+    assert ledger.evaluate(_claim(ledger.ExtraInfo("fast", "pct"), target=80), view)["verdict"] == "pass"
+    missing = ledger.evaluate(_claim(ledger.BenchStat("nope")), view)
+    assert missing["verdict"] == "not measured" and "nope" in missing["reason"]
+
+
+def test_ledger_newer_run_wins_and_cpu_cannot_pass(tmp_path):
+    _store_run(tmp_path, "h100", "NVIDIA H100", [_bench("a", 1.0)], number=1)
+    _store_run(tmp_path, "h100", "NVIDIA H100", [_bench("a", 5.0)], number=2)
+    assert ledger.ResultsView("h100", tmp_path).bench("a")["stats"]["median"] == 5.0
+    _store_run(tmp_path, "cpu", None, [_bench("a", 5.0)])
+    row = ledger.evaluate(_claim(ledger.BenchStat("a")), ledger.ResultsView("cpu", tmp_path))
+    assert row["verdict"] == "not measured" and "CPU" in row["reason"] and row["measured_value"] == 5.0
+
+
+def test_result_value_measure(tmp_path):
+    rec = {"device": "NVIDIA H100", "commit": "c", "date": "d", "data": {"a": {"b": 0.95}}}
+    (tmp_path / "h100" / "examples").mkdir(parents=True)
+    (tmp_path / "h100" / "examples" / "r.json").write_text(json.dumps(rec))
+    view = ledger.ResultsView("h100", tmp_path)
+    assert ledger.evaluate(_claim(ledger.ResultValue("examples", "r", "a.b"), target=0.9), view)["verdict"] == "pass"
+    assert "no key" in ledger.evaluate(_claim(ledger.ResultValue("examples", "r", "a.c")), view)["reason"]
+
+
+def test_claim_rejects_bad_records():
+    with pytest.raises(ValueError, match="comparison"):
+        _claim(ledger.NotYet("x"), comparison="~")
+    with pytest.raises(ValueError, match="must start"):
+        ledger.Claim(id="sort.x", system="join", statement="", unit="", comparison=">=", target=1,
+                     measure=ledger.NotYet("x"))
+
+
+def test_report_renders_every_claim_with_required_keys(tmp_path):
+    _store_run(tmp_path, "h100", "NVIDIA H100", [_bench("test_examples_axpy[67108864]", 1e-3, pct_peak_bw=91.0)])
+    summary = report.render("h100", root=tmp_path)
+    rows = json.loads((tmp_path / "h100" / "claims.json").read_text())
+    assert len(rows) == summary["claims"] == len(ledger.load_claims(ledger.discover_systems()))
+    keys = {"id", "system", "statement", "seed_value", "measured_value", "unit", "comparison", "target", "verdict",
+            "reason", "device", "commit", "date"}
+    assert all(keys <= set(r) for r in rows)
+    assert {r["id"]: r["verdict"] for r in rows}["examples.axpy_bandwidth"] == "pass"
+    assert all(r["reason"] for r in rows if r["verdict"] == "not measured")
+    md = (tmp_path / "h100" / "REPORT.md").read_text()
+    assert "examples.axpy_bandwidth" in md and "✅ pass" in md
+    first = (tmp_path / "h100" / "claims.json").read_text()
+    report.render("h100", root=tmp_path)
+    assert (tmp_path / "h100" / "claims.json").read_text() == first, "re-rendering must be deterministic"

@@ -1,0 +1,78 @@
+"""``python -m impl <command>``: the suite's main entry points.
+
+  verify   run every correctness test and every bench (as tests, tiny sizes, without a GPU), then ``report``
+  report   evaluate the claims ledger for each results/<gpu-slug>/ (and results/cpu/) into claims.json + REPORT.md
+  gpu      on a GPU machine: correctness at GPU sizes, benches saved to results/<slug>/, experiments, report
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+import impl  # noqa: F401
+from impl import backend
+from impl.common import report
+from impl.common.results import ROOT, gpu_slug
+
+
+def run_pytest(args: list[str]) -> int:
+    cmd = [sys.executable, "-m", "pytest", *args]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=ROOT)
+
+
+def cmd_report(slugs: list[str]) -> int:
+    targets = slugs or [*report.slugs_with_results(), "cpu"]
+    for slug in targets:
+        s = report.render(slug)
+        print(f"report {slug}: {s['claims']} claims — {s['pass']} pass, {s['fail']} fail, "
+              f"{s['not measured']} not measured -> {s['dir']}/REPORT.md")
+    return 0
+
+
+def cmd_verify(extra: list[str]) -> int:
+    t0 = time.time()
+    print(f"backend: {backend.describe()}", flush=True)
+    rc = run_pytest(["correctness", "benches", "-q", *extra])
+    print(f"verification finished in {time.time() - t0:.0f} s with pytest exit code {rc}", flush=True)
+    cmd_report([])
+    if rc != 0:
+        print("VERIFY FAILED: see the pytest output above", flush=True)
+    return rc
+
+
+def cmd_gpu(systems: list[str], save: str) -> int:
+    if not backend.ON_GPU:
+        print("python -m impl gpu needs a CUDA GPU; this machine has none", file=sys.stderr)
+        return 2
+    sel = [f"correctness/test_{s}.py" for s in systems] if systems else ["correctness"]
+    rc = run_pytest([*sel, "-q", "-x", "-p", "no:cacheprovider"])
+    bsel = [f"benches/bench_{s}.py" for s in systems] if systems else ["benches"]
+    rc |= run_pytest([*bsel, "-q", f"--benchmark-save={save}", "--benchmark-columns=median,iqr,rounds"])
+    cmd_report([gpu_slug()])
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m impl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("verify", help="all correctness tests + benches as tests, then the report")
+    v.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    r = sub.add_parser("report", help="render claims.json + REPORT.md")
+    r.add_argument("slugs", nargs="*", help="results/<slug> folders (default: all, plus cpu)")
+    g = sub.add_parser("gpu", help="GPU run: correctness, benches saved as a baseline, report")
+    g.add_argument("systems", nargs="*", help="systems to run (default: all)")
+    g.add_argument("--save", default="run", help="name suffix for the stored benchmark run")
+    a = p.parse_args(argv)
+    if a.cmd == "report":
+        return cmd_report(a.slugs)
+    if a.cmd == "verify":
+        return cmd_verify(a.pytest_args)
+    return cmd_gpu(a.systems, a.save)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
