@@ -89,6 +89,11 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         machine_info["calibration"] = measured_peaks()
 
 
+def pytest_benchmark_update_commit_info(config: pytest.Config, commit_info: dict) -> None:
+    if os.environ.get("LAB_COMMIT"):  # a copy of the tree without .git (the GPU machine): commit passed in
+        commit_info.update(id=os.environ["LAB_COMMIT"], dirty=False, project="gpu-systems-lab")
+
+
 # ---- the bench fixture ----------------------------------------------------------------------------------------
 
 @pytest.fixture

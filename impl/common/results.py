@@ -53,6 +53,11 @@ def results_dir(slug: str | None = None) -> Path:
 
 
 def git_commit(short: bool = True) -> str:
+    """HEAD of this checkout (``+dirty`` if impl/ or benches/ differ); ``LAB_COMMIT`` where there is no .git
+    (the GPU machine receives a copy of the working tree without history)."""
+    if os.environ.get("LAB_COMMIT"):
+        sha = os.environ["LAB_COMMIT"]
+        return sha[:12] if short else sha
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "impl", "benches"], cwd=ROOT,
