@@ -9,7 +9,7 @@ echo "== baseline"
 python3 -m pytest -q -p no:cacheprovider benches/bench_examples.py --benchmark-save=baseline 2>&1 | tail -12
 echo "== gate: same code (must pass)"
 python3 -m pytest -q -p no:cacheprovider benches/bench_examples.py --benchmark-compare --benchmark-compare-fail=median:10% 2>&1 | tail -12
-echo "gate_same_rc=$?"
+echo "gate_same_rc=${PIPESTATUS[0]}"
 echo "== gate: slowed variant (kernel launched twice; must fail)"
 cp impl/examples/axpy_triton.py /tmp/axpy_orig.py
 python3 - <<'PY'
