@@ -1,0 +1,261 @@
+"""Triton kernels: FP8 dequantize and requantize (static and dynamic scales) for every scale group.
+
+Math (one scale group G of an [N, K] matrix; see ``formats``):
+  dequantize   y = round_out(decode(q) * s)                                   float32 product, one rounding to out
+  requantize   amax = max over G of |x| (finite values only; 0 if none)
+               s    = amax / FMAX  (IEEE division), clamped to >= MIN_SCALE; 1.0 when amax == 0
+               q    = encode(clamp(x * (1 / s), -FMAX, FMAX))                 RNE; NaN stays NaN; +-inf -> +-FMAX
+Every step is float32 with correctly rounded division (``tl.math.div_rn``: Triton's ``/`` is approximate on NVIDIA),
+so ``reference.py`` reproduces the codes and scales bit for bit.
+
+FP8 travels as uint8 codes. On the GPU they are bitcast to Triton's fp8 types and converted by the hardware
+(``cvt`` with round-to-nearest-even). Under ``TRITON_INTERPRET=1`` that conversion is wrong (checked with triton
+3.8: codes 0x7F/0xFF decode to +-480 instead of NaN, e5m2 infinities to finite values, and fp32 -> fp8 truncates
+instead of rounding and mishandles subnormals), so there ``EMULATE=True`` selects an exact bit-level codec written
+with integer ops (``_decode_bits``/``_encode_bits``); a GPU test checks the codec against the hardware on all codes.
+
+Tiles are [BM, BK] of a row-major matrix (column stride 1). A scale group's columns never straddle a tile
+(BK divides gk), so a tile needs at most one scale per row: ``_tile_scales`` gathers it as a [BM, 1] column.
+"""
+from __future__ import annotations
+
+import impl  # noqa: F401  (backend before triton)
+import triton
+import triton.language as tl
+
+# ---- the FP8 codec -------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_bits(b, FMT: tl.constexpr):
+    """uint8 FP8 codes -> float32, exactly, with integer ops only (NaN, inf, subnormals, -0.0 included)."""
+    b = b.to(tl.int32)
+    if FMT == 0:  # e4m3fn: bias 7, 3 mantissa bits, S.1111.111 is NaN, no infinities
+        e = (b >> 3) & 0xF
+        m = b & 0x7
+        normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+        mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)  # subnormal: m * 2^-9
+        mag = tl.where((b & 0x7F) == 0x7F, float("nan"), mag)
+    else:  # e5m2: bias 15, 2 mantissa bits, IEEE specials
+        e = (b >> 2) & 0x1F
+        m = b & 0x3
+        normal = (((e + 112) << 23) | (m << 21)).to(tl.float32, bitcast=True)
+        mag = tl.where(e == 0, m.to(tl.float32) * 0.0000152587890625, normal)  # subnormal: m * 2^-16
+        mag = tl.where(e == 31, tl.where(m == 0, float("inf"), float("nan")), mag)
+    return tl.where((b & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def _encode_bits(y, FMT: tl.constexpr):
+    """float32 already inside [-FMAX, FMAX] (or NaN) -> uint8 FP8 codes, round to nearest even."""
+    if FMT == 0:
+        MAN = 3
+        BIAS = 7
+        MIN_NORMAL = 0.015625  # 2^-6
+        SUB_SCALE = 512.0  # 2^9: one subnormal step is 2^-9
+    else:
+        MAN = 2
+        BIAS = 15
+        MIN_NORMAL = 0.00006103515625  # 2^-14
+        SUB_SCALE = 65536.0  # 2^16
+    SHIFT = 23 - MAN
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = bits & 0x7FFFFFFF
+    ay = a.to(tl.float32, bitcast=True)
+    # normal range: round the float32 mantissa to MAN bits (ties to even); a carry bumps the exponent, as it must
+    r = (a + ((1 << (SHIFT - 1)) - 1) + ((a >> SHIFT) & 1)) >> SHIFT
+    normal = r - ((127 - BIAS) << MAN)
+    # subnormal range: k = rne(|y| / step); 2^23 + t - 2^23 rounds t to an integer, ties to even, for 0 <= t < 2^22
+    t = tl.where(ay < MIN_NORMAL, ay, 0.0) * SUB_SCALE  # (NaN -> 0: no float->int cast of NaN)
+    k = ((t + 8388608.0) - 8388608.0).to(tl.int32)
+    code = tl.where(ay < MIN_NORMAL, k, normal)
+    code = tl.where(y != y, 0x7F, code) | sign
+    return code.to(tl.uint8)
+
+
+@triton.jit
+def _decode(b, FMT: tl.constexpr, EMULATE: tl.constexpr):
+    if EMULATE:
+        return _decode_bits(b, FMT)
+    if FMT == 0:
+        return b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return b.to(tl.float8e5, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _encode(y, FMT: tl.constexpr, EMULATE: tl.constexpr):
+    if EMULATE:
+        return _encode_bits(y, FMT)
+    if FMT == 0:
+        return y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+    return y.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+
+
+@triton.jit
+def _saturate(y, FMAX: tl.constexpr):
+    """Clamp to [-FMAX, FMAX]; comparisons with NaN are false, so NaN passes through."""
+    y = tl.where(y > FMAX, FMAX, y)
+    return tl.where(y < -FMAX, -FMAX, y)
+
+
+@triton.jit
+def _scale_from_amax(amax, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+    s = tl.math.div_rn(amax, FMAX)
+    s = tl.where(s < MIN_SCALE, MIN_SCALE, s)
+    return tl.where(amax > 0, s, 1.0)
+
+
+@triton.jit
+def _finite_abs(x):
+    """|x| with NaN and +-inf replaced by 0, so they never set a scale."""
+    ax = tl.abs(x)
+    return tl.where(ax < float("inf"), ax, 0.0)
+
+
+@triton.jit
+def _tile_scales(s_ptr, rows, k0, N, stride_s, GN: tl.constexpr, GK: tl.constexpr):
+    """The scale of each row of a tile whose first column is k0, as [BM, 1] (a scalar for per-tensor)."""
+    c = 0 if GK == 0 else k0 // GK
+    if GN == 0:
+        return tl.load(s_ptr + c)
+    r = (rows // GN).to(tl.int64)
+    return tl.load(s_ptr + r * stride_s + c, mask=rows < N, other=1.0)[:, None]
+
+
+# ---- dequantize ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def dequant_kernel(q_ptr,          # uint8 codes [N, K], row stride stride_q
+                   s_ptr,          # float32 scales [R, C], row stride stride_s
+                   out_ptr,        # [N, K] float32/float16/bfloat16, row stride stride_o
+                   N, K, stride_q, stride_s, stride_o,
+                   GN: tl.constexpr, GK: tl.constexpr,          # scale group (0 = whole dimension)
+                   FMT: tl.constexpr, EMULATE: tl.constexpr,    # 0 e4m3fn / 1 e5m2; bit codec under the interpreter
+                   BM: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    k0 = tl.program_id(1) * BK
+    cols = k0 + tl.arange(0, BK)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    b = tl.load(q_ptr + r64 * stride_q + cols[None, :], mask=mask, other=0)
+    y = _decode(b, FMT, EMULATE) * _tile_scales(s_ptr, rows, k0, N, stride_s, GN, GK)
+    tl.store(out_ptr + r64 * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- requantize with given scales (static) or with a per-tensor amax computed just before --------------------
+
+
+@triton.jit
+def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row stride stride_x
+                        s_ptr,      # float32 scales [R, C] (FROM_AMAX: a float32 amax, one element)
+                        q_ptr,      # uint8 codes out [N, K], row stride stride_q
+                        so_ptr,     # FROM_AMAX: float32 out, receives the per-tensor scale
+                        N, K, stride_x, stride_s, stride_q,
+                        GN: tl.constexpr, GK: tl.constexpr, FROM_AMAX: tl.constexpr,
+                        FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
+                        BM: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    k0 = pid_k * BK
+    cols = k0 + tl.arange(0, BK)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if FROM_AMAX:
+        s = _scale_from_amax(tl.load(s_ptr), FMAX, MIN_SCALE)
+        if (pid_m == 0) & (pid_k == 0):
+            tl.store(so_ptr, s)
+    else:
+        s = _tile_scales(s_ptr, rows, k0, N, stride_s, GN, GK)
+    y = _saturate(x * tl.math.div_rn(1.0, s), FMAX)
+    tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(y, FMT, EMULATE), mask=mask)
+
+
+@triton.jit
+def amax_kernel(x_ptr, amax_ptr,   # [N, K] input; float32 [1] accumulator, zeroed by the caller
+                N, K, stride_x,
+                BM: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    # amax >= 0, so a float atomic max is order-independent and the result deterministic
+    tl.atomic_max(amax_ptr, tl.max(tl.max(_finite_abs(x.to(tl.float32)), axis=1), axis=0))
+
+
+# ---- requantize with dynamic scales computed in the kernel ---------------------------------------------------
+
+
+@triton.jit
+def quant_rows_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, float32 [N, 1] scales out
+                      N, K, stride_x, stride_q,
+                      FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr, ONE_PASS: tl.constexpr):
+    """One scale per row (per output channel of a weight, per token of an activation)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)[:, None]
+    cols = tl.arange(0, BK)
+    if ONE_PASS:  # the whole row fits in one tile: read x once
+        mask = rmask[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = _scale_from_amax(tl.max(_finite_abs(x), axis=1), FMAX, MIN_SCALE)
+        y = _saturate(x * tl.math.div_rn(1.0, s)[:, None], FMAX)
+        tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(y, FMT, EMULATE), mask=mask)
+    else:  # long rows: one pass for the amax, a second (from L2) to quantize
+        amax = tl.zeros((BM,), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            mask = rmask[:, None] & ((k0 + cols) < K)[None, :]
+            x = tl.load(x_ptr + r64 * stride_x + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(_finite_abs(x), axis=1))
+        s = _scale_from_amax(amax, FMAX, MIN_SCALE)
+        inv = tl.math.div_rn(1.0, s)[:, None]
+        for k0 in range(0, K, BK):
+            mask = rmask[:, None] & ((k0 + cols) < K)[None, :]
+            x = tl.load(x_ptr + r64 * stride_x + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = _saturate(x * inv, FMAX)
+            tl.store(q_ptr + r64 * stride_q + (k0 + cols)[None, :], _encode(y, FMT, EMULATE), mask=mask)
+    tl.store(s_ptr + rows, s, mask=rmask)
+
+
+@triton.jit
+def quant_tiles_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, float32 [R, C] scales out
+                       N, K, stride_x, stride_q, stride_s,
+                       GN: tl.constexpr,      # 1: a scale per row of the tile (1 x BK groups); else BM == GN
+                       FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
+                       BM: tl.constexpr, BK: tl.constexpr):
+    """One scale per 1 x BK group (GN == 1) or per BM x BK block (GN == BM); a tile is read once."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_k * BK + tl.arange(0, BK)
+    rmask = rows < N
+    mask = rmask[:, None] & (cols < K)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    row_amax = tl.max(_finite_abs(x), axis=1)
+    if GN == 1:
+        s = _scale_from_amax(row_amax, FMAX, MIN_SCALE)
+        y = x * tl.math.div_rn(1.0, s)[:, None]
+        tl.store(s_ptr + rows.to(tl.int64) * stride_s + pid_k, s, mask=rmask)
+    else:
+        s = _scale_from_amax(tl.max(row_amax, axis=0), FMAX, MIN_SCALE)
+        y = x * tl.math.div_rn(1.0, s)
+        tl.store(s_ptr + pid_m * stride_s + pid_k, s)
+    tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE), mask=mask)
+
+
+# ---- the codec alone (tests compare the emulated codec with the hardware on a GPU) ----------------------------
+
+
+@triton.jit
+def codec_kernel(b_ptr, f_ptr, x_ptr, c_ptr, n,   # codes in -> float32 out; float32 in -> codes out
+                 FMT: tl.constexpr, FMAX: tl.constexpr, EMULATE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(f_ptr + offs, _decode(tl.load(b_ptr + offs, mask=mask, other=0), FMT, EMULATE), mask=mask)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(c_ptr + offs, _encode(_saturate(x, FMAX), FMT, EMULATE), mask=mask)

@@ -1,0 +1,100 @@
+"""CPU references for the FP8 kernels, written with torch on the CPU (independent of the Triton code).
+
+``quantize_reference`` mirrors the kernels' float32 arithmetic step by step (amax of finite |x|, IEEE division for
+the scale and its reciprocal, one float32 product, saturation, round-to-nearest-even by torch's own float8 cast),
+so kernel codes and scales must equal it bit for bit. ``dequantize_reference`` decodes with torch's float8 dtypes and
+multiplies in float64, where the product of an FP8 value and a float32 scale is exact; rounding that once to float32
+and then to the output dtype is what the kernel's float32 product does. It is also the quantizer's CPU backend
+(``quantize.py``), vectorised over whole groups, fast enough for a 135M-parameter model.
+
+``error_bound`` is the float64 bound of dequantize(quantize(x)) that the property tests check.
+"""
+from __future__ import annotations
+
+import torch
+
+from impl.fp8.formats import MIN_SCALE, Fp8Format, ScaleGroup, expand_scales, get_format, get_group
+
+
+def _group_dims(group: ScaleGroup, n: int, k: int) -> tuple[int, int]:
+    return (max(n, 1) if group.gn == 0 else group.gn), (max(k, 1) if group.gk == 0 else group.gk)
+
+
+def group_amax(x: torch.Tensor, group: ScaleGroup) -> torch.Tensor:
+    """max |x| over each scale group of a 2-D float32 tensor, NaN and +-inf counted as 0: [R, C] float32."""
+    n, k = x.shape
+    gn, gk = _group_dims(group, n, k)
+    rows, cols = group.scale_shape(n, k)
+    a = x.abs()
+    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    padded = torch.zeros(rows * gn, cols * gk, dtype=torch.float32)
+    padded[:n, :k] = a
+    return padded.view(rows, gn, cols, gk).amax(dim=(1, 3))
+
+
+def scales_from_amax(amax: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
+    """s = amax / FMAX (float32, IEEE), at least MIN_SCALE; 1.0 where amax == 0."""
+    s = amax.to(torch.float32) / torch.tensor(fmt.max, dtype=torch.float32)
+    s = torch.where(s < MIN_SCALE, torch.tensor(MIN_SCALE, dtype=torch.float32), s)
+    return torch.where(amax > 0, s, torch.ones_like(s))
+
+
+def encode_reference(y: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
+    """float32 -> FP8 codes (uint8): saturate to +-FMAX, NaN stays NaN, round to nearest even (torch's cast)."""
+    y = torch.where(y > fmt.max, torch.tensor(fmt.max), y)
+    y = torch.where(y < -fmt.max, torch.tensor(-fmt.max), y)
+    return y.to(fmt.dtype).view(torch.uint8)
+
+
+def decode_reference(codes: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
+    """FP8 codes (uint8 or an fp8 tensor) -> float64, exactly."""
+    if codes.dtype == torch.uint8:
+        codes = codes.view(fmt.dtype)
+    return codes.to(torch.float64)
+
+
+def quantize_reference(x: torch.Tensor, group: str | ScaleGroup = "tensor", fmt: str | Fp8Format = "e4m3",
+                       scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8 [N, K], scales float32 [R, C]) for a 2-D tensor; dynamic scales unless ``scales`` is given."""
+    group, fmt = get_group(group), get_format(fmt)
+    x = x.detach().to("cpu", torch.float32)
+    n, k = x.shape
+    if scales is None:
+        scales = scales_from_amax(group_amax(x, group), fmt)
+    scales = scales.to("cpu", torch.float32).reshape(group.scale_shape(n, k))
+    inv = torch.tensor(1.0, dtype=torch.float32) / scales
+    y = x * expand_scales(inv, group, n, k)
+    return encode_reference(y, fmt), scales
+
+
+def dequantize_reference(codes: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = "tensor",
+                         fmt: str | Fp8Format = "e4m3", out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """decode(q) * s for every element, rounded once to float32 and then to ``out_dtype``: [N, K]."""
+    group, fmt = get_group(group), get_format(fmt)
+    q = decode_reference(codes.detach().cpu(), fmt)
+    n, k = q.shape
+    s = expand_scales(scales.detach().to("cpu", torch.float64), group, n, k)
+    return (q * s).to(torch.float32).to(out_dtype)
+
+
+def error_bound(x: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = "tensor",
+                fmt: str | Fp8Format = "e4m3", out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float64 bound on |dequantize(quantize(x)) - x| per element, for finite x.
+
+    Half an FP8 step at |x| / s (relative 2^-(m+1) for normals, half the subnormal step below), times s; plus
+    |x| * 2^-21 for the float32 reciprocal and products; plus the final rounding to ``out_dtype`` (eps(out)); plus the
+    saturation excess max(|x| - FMAX * s, 0) for values the dynamic scale clipped (only +-inf and finite values
+    beyond a static scale's range).
+    """
+    group, fmt = get_group(group), get_format(fmt)
+    x = x.detach().to("cpu", torch.float64)
+    n, k = x.shape
+    s = expand_scales(scales.detach().to("cpu", torch.float64), group, n, k)
+    half_rel = 2.0 ** -(fmt.man_bits + 1)
+    half_sub = fmt.min_subnormal / 2
+    ax = x.abs()
+    step = torch.maximum(ax * half_rel, s * half_sub)
+    eps_out = torch.finfo(out_dtype).eps
+    clip = torch.clamp(ax - fmt.max * s, min=0)
+    tiny = torch.finfo(out_dtype).tiny
+    return step + ax * 2.0 ** -21 + (ax + step) * eps_out + clip + tiny

@@ -1,0 +1,199 @@
+"""What every join operator shares: input checks, the result type, the key hash, the phase driver.
+
+An inner equi-join of a build table (keys ``bk[i]``, row ids ``br[i]``) with a probe table (``pk[j]``, ``pr[j]``)
+returns every pair ``(br[i], pr[j])`` with ``bk[i] == pk[j]``, as two 1-D tensors of equal length (the multiset of
+pairs; the order is an implementation detail). Keys are int32 or int64 (both sides the same); row ids int32 or int64,
+default ``arange(n)`` as int64; when the two sides' row-id dtypes differ both are widened to int64.
+
+Every operator runs in three phases, so each can be timed on its own:
+  ``build(keys, rows)``            -> a build state (hash table, sorted keys, partitions ...)
+  ``probe(built, keys, rows)``     -> a probe state whose ``total`` (python int) is the exact output size
+  ``materialize(probed, ob, op)``  writes the ``total`` pairs into ``ob``/``op`` (exact-size, caller-allocated)
+``run_join`` drives them and allocates the exact-size outputs between the last two.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from impl.common.timing import time_fn
+
+KEY_DTYPES = (torch.int32, torch.int64)
+ROW_DTYPES = (torch.int32, torch.int64)
+EMPTY = -1
+"""Key value that marks an empty hash slot. Rows whose key *is* -1 are kept on a side list, so they still join."""
+MAX_ROWS = 2**31 - 2
+PHASES = ("build", "probe", "materialize")
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Checked inputs: 1-D contiguous tensors on one device, keys of one dtype, rows of one dtype."""
+
+    build_keys: torch.Tensor
+    probe_keys: torch.Tensor
+    build_rows: torch.Tensor
+    probe_rows: torch.Tensor
+
+
+@dataclass
+class JoinResult:
+    """The matching pairs ``(build_rows[m], probe_rows[m])`` as device tensors; phase times in ms if asked for."""
+
+    build_rows: torch.Tensor
+    probe_rows: torch.Tensor
+    timings_ms: dict[str, float] | None = None
+
+    def __len__(self) -> int:
+        return int(self.build_rows.numel())
+
+    def pairs(self) -> np.ndarray:
+        """Host ``(total, 2)`` int64 array of (build_row, probe_row), sorted, for multiset comparison."""
+        return sort_pairs(self.build_rows.cpu().numpy(), self.probe_rows.cpu().numpy())
+
+
+class Probed(Protocol):
+    total: int
+
+
+class JoinOperator(Protocol):
+    name: str
+
+    def build(self, keys: torch.Tensor, rows: torch.Tensor) -> Any: ...
+
+    def probe(self, built: Any, keys: torch.Tensor, rows: torch.Tensor) -> Probed: ...
+
+    def materialize(self, probed: Any, out_build: torch.Tensor, out_probe: torch.Tensor) -> None: ...
+
+
+def sort_pairs(build_rows: np.ndarray, probe_rows: np.ndarray) -> np.ndarray:
+    pairs = np.stack([np.asarray(build_rows, np.int64), np.asarray(probe_rows, np.int64)], axis=1).reshape(-1, 2)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))] if len(pairs) else pairs
+
+
+def _check_1d(name: str, t: Any, dtypes: tuple[torch.dtype, ...], what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {what}, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+    if t.numel() > MAX_ROWS:
+        raise ValueError(f"{name} has {t.numel()} rows; at most {MAX_ROWS} are supported")
+    return t
+
+
+def check_inputs(build_keys: Any, probe_keys: Any, build_rows: Any = None, probe_rows: Any = None) -> Tables:
+    """Validate a join's inputs (clear errors for dtype, rank, length and device mismatches); never modifies them."""
+    bk = _check_1d("build_keys", build_keys, KEY_DTYPES, "int32 or int64")
+    pk = _check_1d("probe_keys", probe_keys, KEY_DTYPES, "int32 or int64")
+    if bk.dtype != pk.dtype:
+        raise TypeError(f"key dtypes differ: build_keys is {bk.dtype}, probe_keys is {pk.dtype}; cast one side first")
+    if bk.device != pk.device:
+        raise ValueError(f"keys live on different devices: build on {bk.device}, probe on {pk.device}")
+    br = _rows("build", build_rows, bk)
+    pr = _rows("probe", probe_rows, pk)
+    if br.dtype != pr.dtype:  # one output dtype for both columns: widen (copies; the inputs stay as they are)
+        br, pr = br.to(torch.int64), pr.to(torch.int64)
+    return Tables(bk, pk, br, pr)
+
+
+def _rows(side: str, rows: Any, keys: torch.Tensor) -> torch.Tensor:
+    if rows is None:
+        return torch.arange(keys.numel(), dtype=torch.int64, device=keys.device)
+    r = _check_1d(f"{side}_rows", rows, ROW_DTYPES, "int32 or int64")
+    if r.numel() != keys.numel():
+        raise ValueError(f"{side}_rows has {r.numel()} entries but {side}_keys has {keys.numel()}: "
+                         "row ids must match their keys one to one")
+    if r.device != keys.device:
+        raise ValueError(f"{side}_rows is on {r.device} but {side}_keys is on {keys.device}")
+    return r
+
+
+def run_join(op: JoinOperator, build_keys: Any, probe_keys: Any, build_rows: Any = None, probe_rows: Any = None,
+             *, timed: bool = False) -> JoinResult:
+    """Check the inputs, run build -> probe -> allocate exact-size outputs -> materialize.
+
+    With ``timed``, each phase is timed once with the suite's timer (CUDA events on a GPU), which synchronizes
+    between phases; the split lands in ``JoinResult.timings_ms`` with keys build/probe/materialize/total.
+    """
+    t = check_inputs(build_keys, probe_keys, build_rows, probe_rows)
+    state: dict[str, Any] = {}
+
+    def build() -> None:
+        state["built"] = op.build(t.build_keys, t.build_rows)
+
+    def probe() -> None:
+        state["probed"] = op.probe(state["built"], t.probe_keys, t.probe_rows)
+
+    def materialize() -> None:
+        total = state["probed"].total
+        state["ob"] = torch.empty(total, dtype=t.build_rows.dtype, device=t.build_keys.device)
+        state["op"] = torch.empty(total, dtype=t.probe_rows.dtype, device=t.build_keys.device)
+        if total:
+            op.materialize(state["probed"], state["ob"], state["op"])
+
+    steps = {"build": build, "probe": probe, "materialize": materialize}
+    timings = None
+    if timed:
+        timings = {name: time_fn(fn, warmup=0, reps=1, flush=False).median_ms for name, fn in steps.items()}
+        timings["total"] = sum(timings.values())
+    else:
+        for fn in steps.values():
+            fn()
+    return JoinResult(state["ob"], state["op"], timings)
+
+
+# ---- the key hash (the same arithmetic in numpy, numba, CUDA C++ and Triton) -----------------------------------
+
+HASH_MUL = 0x45D9F3B  # < 2**27, so every product below stays inside int64 in every backend (no overflow anywhere)
+
+
+def fold_key(k: np.ndarray, wide: bool) -> np.ndarray:
+    """32 bits of a key, as int64 in [0, 2**32): the low word for int32, low ^ high word for int64."""
+    k = np.asarray(k).astype(np.int64)
+    return ((k ^ (k >> 32)) if wide else k) & 0xFFFFFFFF
+
+
+def mix32(x: np.ndarray) -> np.ndarray:
+    """A 32-bit integer mixer (two xor-shift-multiply rounds), int64 in, int64 in [0, 2**32) out."""
+    x = (((x >> 16) ^ x) * HASH_MUL) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * HASH_MUL) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def hash_keys(keys: np.ndarray, wide: bool) -> np.ndarray:
+    """The reference hash: ``mix32(fold_key(k))``; slot = hash & (capacity - 1), bucket = hash & (buckets - 1)."""
+    return mix32(fold_key(keys, wide))
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+class Workspace:
+    """Scratch tensors reused across calls (hash tables, counters, scan buffers), grown on demand.
+
+    Allocation is cheap on the device but costs host time, and at 1M rows the joins are host-launch-bound, so each
+    operator keeps its scratch here. ``get`` returns a view of exactly ``numel`` elements; ``zeros=True`` buffers are
+    zero-filled once when (re)allocated and must be left at zero by whoever uses them (the scan counter resets itself).
+    Not thread-safe: one workspace per operator per thread.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device | str, *,
+            zeros: bool = False) -> torch.Tensor:
+        numel = max(int(numel), 1)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
+            make = torch.zeros if zeros else torch.empty
+            buf = make(numel if buf is None else max(numel, buf.numel()), dtype=dtype, device=device)
+            self._bufs[name] = buf
+        return buf[:numel]

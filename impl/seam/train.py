@@ -1,0 +1,161 @@
+"""Training: each anchor alone, then the whole family end to end with one configuration sampled per step (SN-Net).
+
+Loss: cross-entropy with label smoothing. Optimiser: SGD with Nesterov momentum, weight decay on conv/linear weights
+only. Learning rate: linear warm-up over ``warmup_frac`` of training, then cosine to zero. Progress is
+``max(step / total_steps, elapsed / time_budget_s)``: without a binding time budget the schedule is purely by step (and
+reproducible); if the budget binds, the schedule anneals by time and the run ends on time with ``budget_bound`` set.
+On a GPU: bf16 autocast and channels_last; ``torch.backends.cudnn.benchmark`` is switched on for the run and restored.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from impl.seam.data import DataBundle, augment_shift_flip, preprocess
+from impl.seam.family import Config, SeamFamily
+
+
+@dataclass
+class TrainConfig:
+    """One training phase."""
+
+    epochs: float = 5.0
+    batch_size: int = 512
+    lr: float = 0.4                  # peak, for SGD at this batch size
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    warmup_frac: float = 0.1
+    seed: int = 0
+    max_steps: int | None = None     # cap (smoke runs)
+    time_budget_s: float | None = None
+    anchor_weight: float = 1.0       # family phase: sampling weight of each anchor relative to one stitch
+
+
+def lr_at(progress: float, cfg: TrainConfig) -> float:
+    """Learning rate at ``progress`` in [0, 1]: linear warm-up, then cosine decay to 0."""
+    if progress < cfg.warmup_frac:
+        return cfg.lr * progress / cfg.warmup_frac
+    t = (progress - cfg.warmup_frac) / max(1e-12, 1.0 - cfg.warmup_frac)
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.SGD:
+    decay = [p for p in params if p.ndim > 1]
+    plain = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+def autocast(device: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a GPU; nothing on the CPU (float32 there)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool = True) -> Iterator[None]:
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, mininterval=0.5 if tty else 10.0, file=sys.stderr, dynamic_ncols=tty)
+
+
+def train_steps(family: SeamFamily, data: DataBundle, pick: Callable[[int], Config], cfg: TrainConfig,
+                device: str, desc: str, channels_last: bool) -> dict:
+    """The shared loop: step i trains configuration ``pick(i)`` on one augmented batch."""
+    steps_per_epoch = max(1, len(data.train) // cfg.batch_size)
+    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    opt = make_optimizer(list(family.parameters()), cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    family.train()
+    family.active = None  # running statistics change: stored per-config BN states are no longer loaded
+    step, losses, t0, epoch = 0, [], time.perf_counter(), 0
+    budget_bound = False
+    bar = _progress_bar(total, desc)
+    with cudnn_benchmark(device == "cuda"):
+        while step < total:
+            for images, labels in data.train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
+                                                     drop_last=len(data.train) >= cfg.batch_size):
+                progress = max(step / total, (time.perf_counter() - t0) / cfg.time_budget_s
+                               if cfg.time_budget_s else 0.0)
+                if step >= total or progress >= 1.0:
+                    budget_bound = step < total
+                    break
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(progress, cfg)
+                if data.gpu_augment:
+                    images = augment_shift_flip(images, gen)
+                x = preprocess(images, data.mean, data.std, None, channels_last)
+                with autocast(device):
+                    loss = F.cross_entropy(family(x, pick(step)), labels, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                bar.update(1)
+                if step % 20 == 0 or step == total:
+                    losses.append((step, float(loss)))  # a sync every 20 steps only
+                    bar.set_postfix(loss=f"{losses[-1][1]:.3f}", lr=f"{g['lr']:.3g}")
+            else:
+                epoch += 1
+                continue
+            break
+    bar.close()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    family.eval()
+    return {"steps": step, "planned_steps": total, "epochs_done": step / steps_per_epoch,
+            "seconds": time.perf_counter() - t0, "budget_bound": budget_bound, "loss_curve": losses,
+            "config": asdict(cfg)}
+
+
+def train_anchor(family: SeamFamily, name: str, data: DataBundle, cfg: TrainConfig, device: str,
+                 channels_last: bool = True) -> dict:
+    """Train one anchor alone (its stitches untouched: they get no gradient)."""
+    anchor = family.config(name)
+    if not anchor.is_anchor:
+        raise ValueError(f"{name!r} is a stitch, not an anchor")
+    return train_steps(family, data, lambda _i: anchor, cfg, device, f"anchor {name}", channels_last)
+
+
+def sample_configs(family: SeamFamily, n: int, seed: int, anchor_weight: float = 1.0) -> list[Config]:
+    """``n`` configurations drawn i.i.d.: each stitch with weight 1, each anchor with ``anchor_weight``."""
+    if anchor_weight < 0:
+        raise ValueError(f"anchor_weight must be >= 0, got {anchor_weight}")
+    w = np.array([anchor_weight if c.is_anchor else 1.0 for c in family.configs])
+    idx = np.random.default_rng(seed).choice(len(family.configs), size=n, p=w / w.sum())
+    return [family.configs[i] for i in idx]
+
+
+def finetune_family(family: SeamFamily, data: DataBundle, cfg: TrainConfig, device: str,
+                    channels_last: bool = True) -> dict:
+    """Fine-tune everything end to end; step i trains one configuration drawn at random (anchors included)."""
+    steps_per_epoch = max(1, len(data.train) // cfg.batch_size)
+    n = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    plan = sample_configs(family, n + 1, cfg.seed, cfg.anchor_weight)
+    out = train_steps(family, data, lambda i: plan[i], cfg, device, "family", channels_last)
+    counts: dict[str, int] = {}
+    for c in plan[: out["steps"]]:
+        counts[c.name] = counts.get(c.name, 0) + 1
+    out["steps_per_config"] = counts
+    return out

@@ -1,0 +1,9 @@
+"""serve: a small LLM serving system — Llama decoder, paged KV cache, paged attention, continuous-batching engine.
+
+Files, in reading order: ``model.py`` (ModelArgs presets, RMSNorm, RoPE, GQA attention, SwiGLU), ``weights.py``
+(HF safetensors loading, random weights, the SmolLM2 cache), ``fp8_adapter.py`` (the one door to impl/fp8),
+``kv_cache.py`` (pages, block tables, free list, step metadata), ``triton_attention.py`` (paged decode/prefill
+kernels), ``attention.py`` (backends: flashinfer, Triton, torch SDPA, and the float64 reference), ``sampling.py``,
+``engine.py`` (``Engine.generate``), ``cuda_graphs.py`` (graph-captured decode), ``__main__.py`` (CLI),
+``experiments.py`` (H100 decode/TTFT, FP8 vs bf16), ``claims.py``.
+"""

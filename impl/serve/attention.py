@@ -1,0 +1,185 @@
+"""Attention backends over the paged KV cache, the explicit choice between them, and the float64 reference.
+
+Every backend computes, for each new query row t of sequence b at position pos(t) (its rows are the last q_len of the
+sequence's seq_len K/V rows),
+
+    out[t, h] = Σ_{j ≤ pos(t)} softmax_j(scale · q[t, h] · K[b, j, h // G]) · V[b, j, h // G]
+
+from q [T, H, D] and one layer's caches [pages, page_size, KVH, D] (``kv_cache.AttentionMetadata`` says where).
+
+- ``flashinfer``: flashinfer's paged prefill/decode wrappers (planned once per step, run per layer); used when the
+  package imports on a GPU. It is installed on neither machine today, so its tests skip and say so.
+- ``triton``: our kernels in ``triton_attention.py`` (decode kernel when every sequence has one new token, prefill
+  otherwise). CUDA-graph safe. Runs under TRITON_INTERPRET=1 in CI.
+- ``sdpa``: gathers each sequence's pages and calls torch's scaled_dot_product_attention (host loop; not graph-safe).
+
+``select_backend("auto")`` picks flashinfer > triton on a GPU and sdpa on a CPU (where Triton would be interpreted),
+and returns the reason with the choice; engines report both.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from impl import backend as lab_backend
+from impl.serve.kv_cache import AttentionMetadata
+
+BACKENDS = ("flashinfer", "triton", "sdpa")
+
+
+class AttentionBackend(Protocol):
+    name: str
+    graph_safe: bool  # may run inside a captured CUDA graph (no host syncs, no data-dependent host work)
+
+    def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, *, scale: float,
+               k_scale: float = 1.0, v_scale: float = 1.0) -> Tensor: ...
+
+
+def gather_kv(cache: Tensor, pages: list[int], length: int, kv_scale: float, dtype: torch.dtype) -> Tensor:
+    """The first ``length`` rows [length, KVH, D] of one sequence, in ``dtype`` (FP8 pages scaled back)."""
+    rows = cache[pages].reshape(-1, cache.shape[2], cache.shape[3])[:length]
+    if rows.dtype == torch.float8_e4m3fn:
+        return (rows.float() * kv_scale).to(dtype)
+    return rows.to(dtype)
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device) -> Tensor:
+    """[q_len, kv_len] bool, True where key j is visible to query i (queries are the last q_len positions)."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
+    return torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]
+
+
+class TritonPagedAttention:
+    name = "triton"
+    graph_safe = True
+
+    def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, *, scale: float,
+               k_scale: float = 1.0, v_scale: float = 1.0) -> Tensor:
+        from impl.serve.triton_attention import paged_decode, paged_prefill
+
+        if meta.is_decode:
+            return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale,
+                                k_scale=k_scale, v_scale=v_scale)
+        return paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.q_start, meta.seq_lens, meta.max_q_len,
+                             scale=scale, k_scale=k_scale, v_scale=v_scale)
+
+
+class TorchSDPAAttention:
+    name = "sdpa"
+    graph_safe = False
+
+    def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, *, scale: float,
+               k_scale: float = 1.0, v_scale: float = 1.0) -> Tensor:
+        out = torch.empty_like(q)
+        row = 0
+        for q_len, kv_len, pages in zip(meta.q_lens, meta.seq_lens_host, meta.block_tables_host):
+            k = gather_kv(k_cache, pages, kv_len, k_scale, q.dtype).transpose(0, 1)[None]  # [1, KVH, S, D]
+            v = gather_kv(v_cache, pages, kv_len, v_scale, q.dtype).transpose(0, 1)[None]
+            qb = q[row:row + q_len].transpose(0, 1)[None]  # [1, H, q_len, D]
+            o = F.scaled_dot_product_attention(qb, k, v, attn_mask=causal_mask(q_len, kv_len, q.device),
+                                               scale=scale, enable_gqa=True)
+            out[row:row + q_len] = o[0].transpose(0, 1)
+            row += q_len
+        return out
+
+
+def flashinfer_unavailable_reason() -> str | None:
+    if not lab_backend.ON_GPU:
+        return "flashinfer needs a CUDA GPU (this machine has none)"
+    if importlib.util.find_spec("flashinfer") is None:
+        return ("flashinfer is not installed (flashinfer-python JIT-compiles with nvcc and needs apache-tvm-ffi, "
+                "cuda-tile and nvidia-cutlass-dsl; see /work/shared/GUIDE.md §1)")
+    return None
+
+
+class FlashInferAttention:
+    """flashinfer's paged wrappers; ``plan`` runs once per step (on the first layer), ``run`` per layer."""
+
+    name = "flashinfer"
+    graph_safe = False
+
+    def __init__(self, workspace_bytes: int = 128 << 20) -> None:
+        reason = flashinfer_unavailable_reason()
+        if reason:
+            raise RuntimeError(reason)
+        import flashinfer
+
+        ws = torch.empty(workspace_bytes, dtype=torch.uint8, device="cuda")
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+        self._planned: AttentionMetadata | None = None
+
+    def _plan(self, q: Tensor, k_cache: Tensor, meta: AttentionMetadata, scale: float) -> None:
+        ps, dev = meta.page_size, q.device
+        pages = [p for table in meta.block_tables_host for p in table]
+        counts = [len(t) for t in meta.block_tables_host]
+        indptr = torch.tensor([0] + counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(dev)
+        indices = torch.tensor(pages, dtype=torch.int32, device=dev)
+        last = torch.tensor([(n - 1) % ps + 1 for n in meta.seq_lens_host], dtype=torch.int32, device=dev)
+        heads, kv_heads, dim = q.shape[1], k_cache.shape[2], q.shape[2]
+        if meta.is_decode:
+            self._decode.plan(indptr, indices, last, heads, kv_heads, dim, ps, pos_encoding_mode="NONE",
+                              sm_scale=scale, q_data_type=q.dtype, kv_data_type=k_cache.dtype)
+        else:
+            self._prefill.plan(meta.q_start, indptr, indices, last, heads, kv_heads, dim, ps, causal=True,
+                               sm_scale=scale, q_data_type=q.dtype, kv_data_type=k_cache.dtype)
+        self._planned = meta
+
+    def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, *, scale: float,
+               k_scale: float = 1.0, v_scale: float = 1.0) -> Tensor:
+        if self._planned is not meta:
+            self._plan(q, k_cache, meta, scale)
+        wrapper = self._decode if meta.is_decode else self._prefill
+        if k_cache.dtype == torch.float8_e4m3fn:
+            return wrapper.run(q, (k_cache, v_cache), k_scale=k_scale, v_scale=v_scale)
+        return wrapper.run(q, (k_cache, v_cache))
+
+
+def make_backend(name: str) -> AttentionBackend:
+    if name == "triton":
+        return TritonPagedAttention()
+    if name == "sdpa":
+        return TorchSDPAAttention()
+    if name == "flashinfer":
+        return FlashInferAttention()
+    raise ValueError(f"unknown attention backend {name!r}; one of {BACKENDS} or 'auto'")
+
+
+def select_backend(name: str = "auto") -> tuple[AttentionBackend, str]:
+    """The backend to use and why (``auto``: flashinfer > triton on a GPU; sdpa on a CPU)."""
+    if name != "auto":
+        return make_backend(name), "requested explicitly"
+    why_not = flashinfer_unavailable_reason()
+    if why_not is None:
+        return make_backend("flashinfer"), "auto: flashinfer imports on this GPU"
+    if lab_backend.ON_GPU:
+        return make_backend("triton"), f"auto: Triton paged attention ({why_not})"
+    return make_backend("sdpa"), "auto: torch SDPA on the CPU (Triton would run in its interpreter; ask for it by name)"
+
+
+def available_backends() -> dict[str, str | None]:
+    """Backend name → None if it can run here, else the reason it cannot (for tests' explicit skips)."""
+    return {"flashinfer": flashinfer_unavailable_reason(), "triton": None, "sdpa": None}
+
+
+def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, *,
+                              scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> Tensor:
+    """The definition above in float64 on the CPU, one sequence and head at a time: [T, H, D] float64."""
+    qd = q.detach().cpu().double()
+    out = torch.zeros_like(qd)
+    group = q.shape[1] // k_cache.shape[2]
+    row = 0
+    for q_len, kv_len, pages in zip(meta.q_lens, meta.seq_lens_host, meta.block_tables_host):
+        k = gather_kv(k_cache.cpu(), pages, kv_len, k_scale, torch.float64)
+        v = gather_kv(v_cache.cpu(), pages, kv_len, v_scale, torch.float64)
+        visible = causal_mask(q_len, kv_len, torch.device("cpu"))
+        for h in range(q.shape[1]):
+            s = scale * qd[row:row + q_len, h] @ k[:, h // group].T
+            s = s.masked_fill(~visible, float("-inf"))
+            out[row:row + q_len, h] = torch.softmax(s, dim=-1) @ v[:, h // group]
+        row += q_len
+    return out

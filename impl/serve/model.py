@@ -1,0 +1,264 @@
+"""A Llama-architecture decoder in the gpt-fast style: one ``ModelArgs`` with presets, flat modules, no cache inside.
+
+    h   = x + Wo · attn(RoPE(Wq·n1(x)), RoPE(Wk·n1(x)), Wv·n1(x))      n1, n2 = RMSNorm
+    out = h + W2 · (silu(W1·n2(h)) ⊙ W3·n2(h))                         (SwiGLU; W1 = gate, W3 = up)
+
+Attention is grouped-query (``n_heads`` query heads share ``n_kv_heads`` K/V heads). The model owns no KV cache: every
+forward gets a ``StepContext`` that knows the tokens' positions and how to store this step's K/V and attend over the
+sequence (paged cache + a backend in ``attention.py``; a contiguous cache in ``reference.py``). Tokens of all sequences
+in a step are flattened into one ``[T]`` vector (prefill chunks and decode tokens alike). QKV and gate/up projections
+are fused (``wqkv``, ``w13``) so a decode step reads each weight matrix in one GEMM; their linears come from a factory
+so that ``fp8_adapter`` can swap in FP8 linears.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Shapes and constants of a Llama decoder. ``head_dim`` 0 means ``dim // n_heads``."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 0
+    ffn_dim: int = 14336
+    vocab_size: int = 128256
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_seq_len: int = 8192
+    tie_embeddings: bool = False
+    eos_token_ids: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def qkv_dim(self) -> int:
+        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelArgs":
+        if name not in PRESETS:
+            raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        """From a Hugging Face ``config.json`` of a Llama model (transformers 4 ``rope_scaling``/``rope_theta`` or
+        transformers 5 ``rope_parameters``)."""
+        if cfg.get("model_type") not in ("llama", None):
+            raise ValueError(f"unknown model layout: model_type={cfg.get('model_type')!r}, this decoder serves 'llama'")
+        for key in ("attention_bias", "mlp_bias"):
+            if cfg.get(key):
+                raise ValueError(f"unsupported model layout: {key}=true (this decoder has no biases)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; SwiGLU needs 'silu'")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                   n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+                   head_dim=cfg.get("head_dim") or 0, ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+                   norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=theta,
+                   rope_scaling=None if kind == "default" else rope,
+                   max_seq_len=int(cfg.get("max_position_embeddings", 8192)),
+                   tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), eos_token_ids=eos_ids)
+
+
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+PRESETS: dict[str, ModelArgs] = {
+    "smollm2-135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, vocab_size=49152,
+                              rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True, eos_token_ids=(2,)),
+    "llama-3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
+                            rope_theta=500000.0, max_seq_len=8192, eos_token_ids=(128001, 128009)),
+    "llama-3.1-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
+                              rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE, max_seq_len=131072,
+                              eos_token_ids=(128001, 128008, 128009)),
+    # test-sized models: odd head counts and GQA groups, a llama3-scaled RoPE, a vocabulary that is not a power of 2
+    "tiny": ModelArgs(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=80, vocab_size=97, rope_theta=10000.0,
+                      rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                      max_seq_len=256),
+    "tiny-8b-shaped": ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=512, vocab_size=512,
+                                rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE, max_seq_len=1024),
+}
+
+
+# ---- RoPE --------------------------------------------------------------------------------------------------------
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> Tensor:
+    """inv_freq[i] = theta^(-2i/head_dim), i < head_dim/2 (float32, as HF computes it), then the model's scaling:
+
+    - ``linear``: inv_freq / factor;
+    - ``llama3``: wavelengths 2π/f shorter than L/high_freq_factor keep f, longer than L/low_freq_factor get f/factor,
+      and in between s·f + (1−s)·f/factor with s = (L/λ − low)/(high − low), L = original_max_position_embeddings.
+    """
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor
+    if kind == "llama3":
+        old = float(scaling["original_max_position_embeddings"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - low) / (high - low)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        out = torch.where(wavelen > old / low, inv / factor, inv)
+        is_mid = (wavelen >= old / high) & (wavelen <= old / low)
+        return torch.where(is_mid, mid, out)
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape [T, head_dim] for positions [T] (angles in float32; halves repeated, HF's layout)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, heads, head_dim] rotated by position: x·cos + rotate_half(x)·sin, rotate_half(a, b) = (−b, a)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+# ---- modules -----------------------------------------------------------------------------------------------------
+
+class StepContext(Protocol):
+    """What one forward step needs from the cache side (see ``kv_cache.PagedStep`` and ``reference``)."""
+
+    positions: Tensor       # [T] int64, position of each token in its sequence
+    logits_index: Tensor | None  # rows of [T] whose logits are returned (last token of each sequence); None = all
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Store k, v [T, n_kv_heads, head_dim] for this step, return softmax(q·Kᵀ/√d)·V as [T, n_heads, head_dim]."""
+        ...
+
+
+class DenseLinear(nn.Module):
+    """y = x · Wᵀ with W [out, in] in the model dtype (no bias). Weights start uninitialised (loaded or randomised)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+LinearFactory = Callable[[int, int], nn.Module]
+
+
+class RMSNorm(nn.Module):
+    """y = w ⊙ x / sqrt(mean(x²) + eps), the statistic in float32 (HF's order of casts, for token-exact parity)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, make_linear: LinearFactory) -> None:
+        super().__init__()
+        self.args, self.layer = args, layer
+        self.wqkv = make_linear(args.dim, args.qkv_dim)
+        self.wo = make_linear(args.n_heads * args.head_dim, args.dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: StepContext) -> Tensor:
+        a = self.args
+        q_end, k_end = a.n_heads * a.head_dim, (a.n_heads + a.n_kv_heads) * a.head_dim
+        qkv = self.wqkv(x)
+        q = qkv[:, :q_end].view(-1, a.n_heads, a.head_dim)
+        k = qkv[:, q_end:k_end].view(-1, a.n_kv_heads, a.head_dim)
+        v = qkv[:, k_end:].reshape(-1, a.n_kv_heads, a.head_dim)
+        out = ctx.attend(self.layer, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        return self.wo(out.reshape(x.shape[0], -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, make_linear: LinearFactory) -> None:
+        super().__init__()
+        self.ffn_dim = args.ffn_dim
+        self.w13 = make_linear(args.dim, 2 * args.ffn_dim)
+        self.w2 = make_linear(args.ffn_dim, args.dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).split(self.ffn_dim, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, make_linear: LinearFactory, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
+        self.attention = Attention(args, layer, make_linear)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
+        self.feed_forward = FeedForward(args, make_linear)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: StepContext) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """tokens [T] → logits [B, vocab] (float32) for the rows ``ctx.logits_index`` (all T rows when it is None)."""
+
+    def __init__(self, args: ModelArgs, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                 make_linear: LinearFactory | None = None) -> None:
+        super().__init__()
+        self.args, self.dtype = args, dtype
+        make_linear = make_linear or (lambda i, o: DenseLinear(i, o, dtype, device))
+        self.tok_embeddings = nn.Parameter(torch.empty(args.vocab_size, args.dim, dtype=dtype, device=device),
+                                           requires_grad=False)
+        self.layers = nn.ModuleList(TransformerBlock(args, i, make_linear, dtype, device) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
+        self.output = DenseLinear(args.dim, args.vocab_size, dtype, device)  # the LM head stays in the model dtype
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings
+        self.register_buffer("inv_freq", rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(device),
+                             persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.device
+
+    def forward(self, tokens: Tensor, ctx: StepContext) -> Tensor:
+        x = F.embedding(tokens, self.tok_embeddings)
+        cos, sin = rope_cos_sin(ctx.positions, self.inv_freq, self.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        x = self.norm(x)
+        if ctx.logits_index is not None:
+            x = x[ctx.logits_index]
+        return self.output(x).float()

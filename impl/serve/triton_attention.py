@@ -1,0 +1,200 @@
+"""Paged attention in Triton: decode (one query token per sequence) and causal prefill, both over the block table.
+
+    out[t, h] = Σ_j softmax_j(s_j) · V[seq, j, h // G],   s_j = scale · q[t, h] · K[seq, j, h // G],   j ≤ pos(t)
+
+Shapes: q, out [T, H, D]; K/V caches [num_pages, page_size, KVH, D] (one layer, "NHD"); ``block_tables`` [B, W]
+int32; ``seq_lens`` [B] int32 = K/V length after this step; prefill also takes ``q_start`` [B+1] int32 (sequence b's
+query rows are q_start[b]:q_start[b+1] and sit at the *last* positions of its K/V, so a prefill chunk may follow
+cached tokens). G = H / KVH query heads share one K/V head.
+
+Decode runs one program per (sequence, KV head) and handles the G query heads of that group together, so each K/V page
+is read once per group; the key loop walks ``BLOCK_N`` token positions at a time, looking each one's page up in the
+block table, so any page size works (including pages smaller than the block). Softmax is the online (flash) form in
+float32. A row with ``seq_len`` 0 (a padded CUDA-graph row) writes zeros. FP8 pages are scaled back by k/v scales.
+"""
+from __future__ import annotations
+
+import impl  # noqa: F401  (backend before triton)
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_kv_block(cache_ptr, bt_row_ptr, pos, n_mask, offs_d, d_mask, kv_head,
+                   stride_p, stride_s, stride_h, kv_scale, PAGE_SIZE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Rows ``pos`` [BLOCK_N] of one K/V head, gathered through the block table (masked rows read page 0 as zeros)."""
+    page = tl.load(bt_row_ptr + pos // PAGE_SIZE, mask=n_mask, other=0)
+    offs = (page.to(tl.int64)[:, None] * stride_p + (pos % PAGE_SIZE)[:, None] * stride_s
+            + kv_head * stride_h + offs_d[None, :])
+    x = tl.load(cache_ptr + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    if x.dtype.is_fp8():
+        x = (x.to(tl.float32) * kv_scale).to(OUT_DTYPE)
+    return x
+
+
+@triton.jit
+def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]; caches [P, PS, KVH, D]
+                        bt_ptr, seq_lens_ptr,                    # block tables [B, W], K/V lengths [B]
+                        stride_qt, stride_qh, stride_ot, stride_oh,
+                        stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt,
+                        qk_scale_log2, k_scale, v_scale,         # scale·log2(e) (softmax in base 2), FP8 scales
+                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    offs_g, offs_d, offs_n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
+    g_mask, d_mask = offs_g < GROUP, offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    bt_row = bt_ptr + b * stride_bt
+    for start in range(0, seq_len, BLOCK_N):
+        pos = start + offs_n
+        n_mask = pos < seq_len
+        k = _load_kv_block(k_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
+                           k_scale, PAGE_SIZE, q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_block(v_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_vp, stride_vs, stride_vh,
+                           v_scale, PAGE_SIZE, q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding): zeros, not 0/0
+    tl.store(out_ptr + b * stride_ot + heads[:, None] * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]; caches [P, PS, KVH, D]
+                         bt_ptr, q_start_ptr, seq_lens_ptr,     # block tables [B, W], row offsets [B+1], lengths [B]
+                         stride_qt, stride_qh, stride_ot, stride_oh,
+                         stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt,
+                         qk_scale_log2, k_scale, v_scale,
+                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    m_block = tl.program_id(1)
+    head = tl.program_id(2)
+    row0 = tl.load(q_start_ptr + b)
+    q_len = tl.load(q_start_ptr + b + 1) - row0
+    seq_len = tl.load(seq_lens_ptr + b)
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d, offs_n = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
+    m_mask, d_mask = offs_m < q_len, offs_d < HEAD_DIM
+    q_pos = seq_len - q_len + offs_m  # the new tokens are the last q_len of the sequence
+    q = tl.load(q_ptr + (row0 + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    kv_head = head // GROUP
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = bt_ptr + b * stride_bt
+    # causal: keys up to the block's last query; a block past the end of this sequence's queries does no work
+    end = tl.minimum(seq_len, seq_len - q_len + (m_block + 1) * BLOCK_M)
+    end = tl.where(m_block * BLOCK_M < q_len, end, 0)
+    for start in range(0, end, BLOCK_N):
+        pos = start + offs_n
+        n_mask = pos < seq_len
+        k = _load_kv_block(k_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
+                           k_scale, PAGE_SIZE, q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite from the first block on: key 0 is visible to every query
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_block(v_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_vp, stride_vs, stride_vh,
+                           v_scale, PAGE_SIZE, q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + (row0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+# ---- thin wrappers ------------------------------------------------------------------------------------------------
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+           seq_lens: torch.Tensor) -> tuple[int, int]:
+    if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"q must be [T, H, D] and K/V caches [pages, page_size, KVH, D], got {tuple(q.shape)}, "
+                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    heads, dim = q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != dim or heads % kv_heads:
+        raise ValueError(f"head_dim {dim} vs cache {k_cache.shape[3]}, or {heads} heads not a multiple of {kv_heads}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q and the K/V caches need a contiguous last dimension")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or block_tables.ndim != 2:
+        raise TypeError("block_tables must be a 2-D int32 tensor and seq_lens int32")
+    if block_tables.stride(-1) != 1:
+        raise ValueError("block_tables need a contiguous last dimension")
+    if k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
+        raise TypeError(f"K/V cache dtype {k_cache.dtype} must be q's dtype {q.dtype} or float8_e4m3fn")
+    return heads // kv_heads, dim
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs stay fp32 (no TF32 rounding) for exactness
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, *, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                 out: torch.Tensor | None = None, block_n: int = 64) -> torch.Tensor:
+    """Decode attention: q [B, H, D] (one new token per sequence, already written to the cache) → [B, H, D]."""
+    group, dim = _check(q, k_cache, v_cache, block_tables, seq_lens)
+    batch, heads = q.shape[0], q.shape[1]
+    if seq_lens.shape != (batch,) or block_tables.shape[0] != batch:
+        raise ValueError(f"seq_lens {tuple(seq_lens.shape)} and block_tables {tuple(block_tables.shape)} need {batch} rows")
+    out = torch.empty_like(q) if out is None else out
+    if batch == 0:
+        return out
+    grid = (batch, heads // group)
+    paged_decode_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, seq_lens,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_tables.stride(0),
+        scale * LOG2E, k_scale, v_scale,
+        GROUP=group, HEAD_DIM=dim, PAGE_SIZE=k_cache.shape[1], BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4)
+    return out
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  q_start: torch.Tensor, seq_lens: torch.Tensor, max_q_len: int, *, scale: float,
+                  k_scale: float = 1.0, v_scale: float = 1.0, out: torch.Tensor | None = None,
+                  block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """Causal attention of T new query rows (any number per sequence, after its cached tokens) → [T, H, D]."""
+    group, dim = _check(q, k_cache, v_cache, block_tables, seq_lens)
+    batch, heads = seq_lens.shape[0], q.shape[1]
+    if q_start.dtype != torch.int32 or q_start.shape != (batch + 1,) or block_tables.shape[0] != batch:
+        raise ValueError(f"q_start must be int32 [{batch + 1}] and block_tables [{batch}, W]")
+    out = torch.empty_like(q) if out is None else out
+    if batch == 0 or max_q_len == 0:
+        return out
+    grid = (batch, triton.cdiv(max_q_len, block_m), heads)
+    paged_prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, q_start, seq_lens,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_tables.stride(0),
+        scale * LOG2E, k_scale, v_scale,
+        GROUP=group, HEAD_DIM=dim, PAGE_SIZE=k_cache.shape[1], BLOCK_M=block_m,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4)
+    return out

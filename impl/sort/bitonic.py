@@ -1,0 +1,192 @@
+"""Bitonic sort and argsort on the GPU: host wrappers over the pass programs of ``impl.sort.network``.
+
+    sort(x)[i]    = the i-th smallest of x in numpy.sort's order (NaNs last); descending: reversed, NaNs first
+    argsort(x)    = the permutation p with x[p] sorted and ties in index order = numpy.argsort(x, kind="stable")
+                    (descending: larger first, NaNs first, ties still in index order, like torch.sort(stable=True))
+
+x is 1-D, contiguous, of float16/float32/int32/uint32/int64 and any length n ≥ 0: a numpy array (sorted through the
+device and returned on the host) or a device array (numba device array or any ``__cuda_array_interface__`` object;
+the result is a numba device array). Indices are int64. −0.0 and +0.0 compare equal in argsort (index order between
+them); keys-only puts −0.0 before +0.0 and returns every NaN as one canonical quiet NaN (see ``impl.sort.keys``).
+``x`` is never modified unless ``inplace=True`` (sort only).
+
+``BitonicSorter`` is the allocation-free form the benches and the host pipeline use: programs uploaded and workspace
+allocated once for (n, dtype, argsort, config), then ``sorter(d_src, d_out)`` launches only the passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import impl  # noqa: F401  (backend before numba)
+import numpy as np
+from numba import cuda
+
+from impl.sort.kernels import block_kernel_for, register_kernel_for
+from impl.sort.keys import KeyFormat, key_format
+from impl.sort.network import Plan, Program, SortConfig, build_plan, default_config, make_program
+
+MAX_N = (1 << 31) - 1  # argsort packs the index in 32 bits; positions are int64 either way
+
+
+def device_free_bytes() -> float:
+    """Free device memory in bytes (infinite under the simulator)."""
+    return float(cuda.current_context().get_memory_info()[0])
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One pass ready to launch: its program on the device and its grid."""
+
+    program: Program
+    prog_d: Any
+    grid: int
+    block: int
+
+
+class BitonicSorter:
+    """Sort (or argsort) ``n`` keys of ``dtype`` on the device, over and over, without allocating.
+
+    ``sorter(d_src, d_out, descending=False, stream=0)``: d_src is the 1-D input (never written unless it is d_out),
+    d_out receives values of ``dtype`` (sort) or int64 indices (argsort). Workspace: n keys (+ n uint32 indices for
+    argsort of int64).
+    """
+
+    def __init__(self, n: int, dtype, *, argsort: bool = False, config: SortConfig | None = None) -> None:
+        self.n, self.fmt, self.argsort = int(n), key_format(dtype), argsort
+        self.config = config or default_config()
+        self.mode = "keys" if not argsort else ("pairs" if self.fmt.pairs else "composite")
+        self.key_dtype = np.dtype(np.uint64) if self.mode != "keys" else self.fmt.key_dtype
+        self.elem_bytes = {"keys": self.key_dtype.itemsize, "composite": 8, "pairs": 12}[self.mode]
+        self.plan: Plan = build_plan(self.n, self.elem_bytes, self.config)
+        check_fits(self.n, self.workspace_bytes + 2 * self.n * self.fmt.dtype.itemsize + 8 * self.n * argsort)
+        self.keys = cuda.device_array(max(self.n, 1), dtype=self.key_dtype)
+        self.vals = cuda.device_array(max(self.n, 1) if self.mode == "pairs" else 1, dtype=np.uint32)
+        self.launches = [self._launch(p) for p in self.plan.passes] if self.n else []
+
+    @property
+    def workspace_bytes(self) -> int:
+        return self.n * (self.key_dtype.itemsize + (4 if self.mode == "pairs" else 0))
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        return np.dtype(np.int64) if self.argsort else self.fmt.dtype
+
+    def _launch(self, p) -> Launch:
+        cfg, plan = self.config, self.plan
+        if p.kind == "register":
+            prog = make_program(p, plan.tile, cfg.log_e)
+            threads = plan.n_slots >> len(p.steps)
+            return Launch(prog, cuda.to_device(prog.array), -(-threads // cfg.global_threads), cfg.global_threads)
+        prog = make_program(p, plan.tile, cfg.log_e)
+        blocks = -(-self.n // plan.tile) if p.kind == "tile" else plan.n_slots // plan.tile
+        return Launch(prog, cuda.to_device(prog.array), blocks, plan.tile >> cfg.log_e)
+
+    def bytes_per_pass(self) -> list[int]:
+        """Bytes each pass reads and writes in global memory (inputs and outputs of the encode/decode passes)."""
+        n, key = self.n, self.elem_bytes
+        out = []
+        for p in self.plan.passes:
+            read = n * (self.fmt.dtype.itemsize if p.encode else key)
+            write = n * (self.out_dtype.itemsize if p.decode else key)
+            out.append(read + write)
+        return out
+
+    def __call__(self, d_src, d_out, *, descending: bool = False, stream=0, passes: slice = slice(None)):
+        """Launch the passes (all, or a slice of them: the host pipeline launches the end passes per chunk)."""
+        src, out = self.views(d_src, d_out)
+        enc = self.encode_params(descending)
+        for launch in self.launches[passes]:
+            self.launch_one(launch, src, out, enc, stream)
+        return d_out
+
+    def views(self, d_src, d_out) -> tuple:
+        """The unsigned bit views the kernels take of the input and (keys-only) output."""
+        return _unsigned_view(d_src, self.fmt), d_out if self.argsort else _unsigned_view(d_out, self.fmt)
+
+    def launch_one(self, launch: Launch, src, out, enc, stream, first_block: int = 0, blocks: int | None = None):
+        cfg, prog = self.config, launch.program
+        if prog.kind == "register":
+            kernel = register_kernel_for(len(prog.gens), self.key_dtype, self.mode, cfg.global_threads)
+            nthreads = self.plan.n_slots >> len(prog.gens)
+            kernel[launch.grid, launch.block, stream](launch.prog_d, src, self.keys, self.vals, out, self.n, enc,
+                                                      nthreads)
+        else:
+            kernel = block_kernel_for(self.plan.tile, cfg.log_e, self.key_dtype, self.mode)
+            kernel[blocks or launch.grid, launch.block, stream](launch.prog_d, src, self.keys, self.vals, out,
+                                                                self.n, enc, first_block)
+
+    def encode_params(self, descending: bool) -> tuple:
+        return self.fmt.params(descending=descending, canon_zero=self.argsort)
+
+
+def _unsigned_view(d, fmt: KeyFormat):
+    return d.view(fmt.bits_dtype) if d.dtype != fmt.bits_dtype else d
+
+
+def check_fits(n: int, needed: int) -> None:
+    """Refuse sizes the kernels cannot index or the device cannot hold, with the numbers."""
+    if n > MAX_N:
+        raise ValueError(f"n = {n} keys exceeds the supported maximum {MAX_N} (indices are packed in 32 bits)")
+    free = device_free_bytes()
+    if needed > free:
+        raise MemoryError(f"sorting {n} keys needs {needed / 2**20:.1f} MiB of device memory but only "
+                          f"{free / 2**20:.1f} MiB is free: the input is larger than device memory allows")
+
+
+def validate(x) -> None:
+    """Clear errors for inputs the sort does not take: not 1-D, unsupported dtype, not contiguous."""
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != 1:
+        raise ValueError(f"sort takes a 1-D array, got shape {shape}")
+    key_format(x.dtype)
+    contiguous = x.flags.c_contiguous if isinstance(x, np.ndarray) else _device_contiguous(x)
+    if not contiguous:
+        raise ValueError("sort takes a contiguous array; this one is strided (copy it with np.ascontiguousarray)")
+
+
+def _device_contiguous(x) -> bool:
+    if hasattr(x, "is_c_contiguous"):
+        return bool(x.is_c_contiguous())
+    iface = getattr(x, "__cuda_array_interface__", {})
+    strides = iface.get("strides")
+    return strides is None or strides[0] == np.dtype(iface["typestr"]).itemsize
+
+
+def _as_device(x):
+    """(device array, is_host) for a numpy array or a device array / CUDA-array-interface object."""
+    if isinstance(x, np.ndarray):
+        return cuda.to_device(x), True
+    if hasattr(x, "copy_to_host"):
+        return x, False
+    if hasattr(x, "__cuda_array_interface__"):
+        return cuda.as_cuda_array(x), False
+    raise TypeError(f"sort takes a numpy array or a CUDA device array, not {type(x).__name__}")
+
+
+def _run(x, *, argsort: bool, descending: bool, inplace: bool, config: SortConfig | None):
+    validate(x)
+    n = int(x.shape[0])
+    sorter = BitonicSorter(n, x.dtype, argsort=argsort, config=config)
+    d_x, host = _as_device(x)
+    d_out = d_x if inplace else cuda.device_array(n, dtype=sorter.out_dtype)
+    if n:
+        sorter(d_x, d_out, descending=descending)
+    if not host:
+        return d_out
+    if inplace:
+        d_out.copy_to_host(x)
+        return x
+    return d_out.copy_to_host()
+
+
+def sort(x, *, descending: bool = False, inplace: bool = False, config: SortConfig | None = None):
+    """Sorted copy of ``x`` (or ``x`` itself, sorted, with ``inplace=True``); see the module doc for the order."""
+    if inplace and isinstance(x, np.ndarray) and not x.flags.writeable:
+        raise ValueError("inplace=True needs a writeable array")
+    return _run(x, argsort=False, descending=descending, inplace=inplace, config=config)
+
+
+def argsort(x, *, descending: bool = False, config: SortConfig | None = None):
+    """int64 permutation that sorts ``x``, ties broken by index (numpy.argsort(kind="stable") when ascending)."""
+    return _run(x, argsort=True, descending=descending, inplace=False, config=config)
