@@ -69,11 +69,13 @@ def quantize_reference(x: torch.Tensor, group: str | ScaleGroup = "tensor", fmt:
 
 def dequantize_reference(codes: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = "tensor",
                          fmt: str | Fp8Format = "e4m3", out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """decode(q) * s for every element, rounded once to float32 and then to ``out_dtype``: [N, K]."""
+    """decode(q) * s for every element, rounded once to float32 and then to ``out_dtype`` (float64: exact)."""
     group, fmt = get_group(group), get_format(fmt)
     q = decode_reference(codes.detach().cpu(), fmt)
     n, k = q.shape
     s = expand_scales(scales.detach().to("cpu", torch.float64), group, n, k)
+    if out_dtype == torch.float64:
+        return q * s  # exact
     return (q * s).to(torch.float32).to(out_dtype)
 
 

@@ -1,0 +1,38 @@
+"""join — inner equi-join of two tables on the GPU, four ways (issue 4).
+
+  hash-numba       open-addressing hash table in numba-cuda (build / count+scan / write)       ``hash_numba.py``
+  hash-cuda        the same kernels in CUDA C++ through CuPy (few-µs launches)                  ``hash_cuda.py``
+  tc-triton        hash partitions + bit-sliced ±1 keys compared by ``tl.dot`` on tensor cores  ``tc_triton.py``
+  sortmerge-torch  torch.sort + searchsorted + duplicate expansion (GPU baseline)              ``sortmerge.py``
+and host anchors (pandas, DuckDB, polars) in ``host.py``. Every operator returns a ``JoinResult`` (``common.py``).
+``experiments.py`` profiles the GPU joins with Nsight Compute; ``claims.py`` holds the ledger entries and plots.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+IMPLS = ("hash-numba", "hash-cuda", "tc-triton", "sortmerge-torch")
+
+
+def make_operator(name: str, **config: Any):
+    """A join operator by name; ``config`` goes to its config dataclass (HashConfig / TCConfig)."""
+    if name == "hash-numba":
+        from impl.join.hash_numba import HashConfig, HashJoinNumba
+
+        return HashJoinNumba(HashConfig(**config))
+    if name == "hash-cuda":
+        from impl.join.hash_cuda import HashJoinCuda
+        from impl.join.hash_numba import HashConfig
+
+        return HashJoinCuda(HashConfig(**config))
+    if name == "tc-triton":
+        from impl.join.tc_triton import TCConfig, TensorCoreJoin
+
+        return TensorCoreJoin(TCConfig(**config))
+    if name == "sortmerge-torch":
+        if config:
+            raise TypeError(f"sortmerge-torch takes no config, got {sorted(config)}")
+        from impl.join.sortmerge import SortMergeJoin
+
+        return SortMergeJoin()
+    raise ValueError(f"unknown join {name!r}; one of {IMPLS}")

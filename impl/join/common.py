@@ -172,6 +172,15 @@ def hash_keys(keys: np.ndarray, wide: bool) -> np.ndarray:
     return mix32(fold_key(keys, wide))
 
 
+def hash_keys_torch(keys: torch.Tensor, wide: bool) -> torch.Tensor:
+    """``hash_keys`` in torch (int64 on the keys' device)."""
+    k = keys.to(torch.int64)
+    x = ((k ^ (k >> 32)) if wide else k) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * HASH_MUL) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * HASH_MUL) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -180,20 +189,27 @@ class Workspace:
     """Scratch tensors reused across calls (hash tables, counters, scan buffers), grown on demand.
 
     Allocation is cheap on the device but costs host time, and at 1M rows the joins are host-launch-bound, so each
-    operator keeps its scratch here. ``get`` returns a view of exactly ``numel`` elements; ``zeros=True`` buffers are
-    zero-filled once when (re)allocated and must be left at zero by whoever uses them (the scan counter resets itself).
-    Not thread-safe: one workspace per operator per thread.
+    operator keeps its scratch here. ``get`` returns a view of exactly ``numel`` elements (cached, so a repeated
+    request costs one dict lookup); ``zeros=True`` buffers are zero-filled once when (re)allocated and must be left
+    at zero by whoever uses them (the scan counter resets itself). Not thread-safe: one workspace per operator.
     """
 
     def __init__(self) -> None:
         self._bufs: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}
 
-    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device | str, *,
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device, *,
             zeros: bool = False) -> torch.Tensor:
+        key = (name, numel, dtype, device)
+        view = self._views.get(key)
+        if view is not None:
+            return view
         numel = max(int(numel), 1)
         buf = self._bufs.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
             make = torch.zeros if zeros else torch.empty
             buf = make(numel if buf is None else max(numel, buf.numel()), dtype=dtype, device=device)
             self._bufs[name] = buf
-        return buf[:numel]
+            self._views = {k: v for k, v in self._views.items() if k[0] != name}  # views of the old buffer
+        view = self._views[key] = buf[:numel]
+        return view

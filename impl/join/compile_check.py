@@ -6,8 +6,8 @@ CPU tests, compiles the numba kernels to PTX (``cuda.compile_ptx``, cc 9.0) and 
 (``triton.compile`` with a ``GPUTarget``) — compilation only, nothing launches.
 
 It has to switch the two front ends back to the real compilers after ``impl.backend`` picked the interpreters for
-this machine: NUMBA_ENABLE_CUDASIM is cleared in this process before numba loads, and Triton's ``interpret`` knob is
-turned off. That is safe only because this process never runs a kernel; the test suite's own processes are untouched.
+this machine: NUMBA_ENABLE_CUDASIM and TRITON_INTERPRET are set to 0 in this process before numba / triton load, and
+numba's query for the current device's compute capability is answered with (9, 0). That is safe only because this process never runs a kernel; the test suite's own processes are untouched.
 Prints one JSON object: ``{"numba": {kernel: n_ptx_chars}, "triton": {kernel: n_cubin_bytes}}``; exits 1 on failure.
 """
 from __future__ import annotations
@@ -53,11 +53,13 @@ def compile_numba() -> dict[str, int]:
 
 
 def compile_triton() -> dict[str, int]:
+    os.environ["TRITON_INTERPRET"] = "0"  # compile-only process (see the module doc); read when triton loads
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    triton.knobs.runtime.interpret = False  # compile-only process (see the module doc)
+    if triton.knobs.runtime.interpret:
+        raise RuntimeError("triton was imported in interpreter mode before this check switched it off")
     from impl.join import tc_triton
 
     out: dict[str, int] = {}

@@ -232,6 +232,16 @@ class HashJoinNumba:
     def __init__(self, config: HashConfig = HashConfig()) -> None:
         self.config = config
         self.ws = Workspace()
+        self._views: dict[int, tuple[torch.Tensor, Any]] = {}
+
+    def _nb(self, t: torch.Tensor) -> Any:
+        """``as_numba`` for workspace tensors, cached (the workspace hands out the same view objects again)."""
+        hit = self._views.get(id(t))
+        if hit is None or hit[0] is not t:
+            if len(self._views) > 32:  # views of buffers the workspace has since replaced: let them go
+                self._views.clear()
+            hit = self._views[id(t)] = (t, as_numba(t))
+        return hit[1]
 
     def build(self, keys: torch.Tensor, rows: torch.Tensor) -> Built:
         cap = self.config.capacity(keys.numel())
@@ -243,7 +253,7 @@ class HashJoinNumba:
         if n:
             grid = min(math.ceil(n / self.config.threads), MAX_GRID)
             kernels(self.config)["build"][grid, self.config.threads](
-                as_numba(keys), as_numba(table), as_numba(nxt), built.mask, built.wide)
+                as_numba(keys), self._nb(table), self._nb(nxt), built.mask, built.wide)
         return built
 
     def probe(self, built: Built, keys: torch.Tensor, rows: torch.Tensor) -> Probed:
@@ -257,8 +267,8 @@ class HashJoinNumba:
         bcounts = self.ws.get("block_counts", nblocks, torch.int64, dev)
         done = self.ws.get("done", 1, torch.int32, dev, zeros=True)
         kernels(cfg)["count"][nblocks, cfg.threads](
-            as_numba(keys), as_numba(built.table), as_numba(built.nxt), built.mask, built.wide, as_numba(heads),
-            as_numba(tcounts), as_numba(bcounts), as_numba(offsets), as_numba(done))
+            as_numba(keys), self._nb(built.table), self._nb(built.nxt), built.mask, built.wide, self._nb(heads),
+            self._nb(tcounts), self._nb(bcounts), self._nb(offsets), self._nb(done))
         total = int(offsets[nblocks].item())  # the one host sync: the output size
         return Probed(built, heads, tcounts, offsets, rows, total)
 
@@ -266,8 +276,8 @@ class HashJoinNumba:
         cfg = self.config
         nblocks = cfg.probe_blocks(probed.heads.numel())
         kernels(cfg)["write"][nblocks, cfg.threads](
-            as_numba(probed.heads), as_numba(probed.built.nxt), as_numba(probed.thread_counts),
-            as_numba(probed.offsets), as_numba(probed.built.rows), as_numba(probed.rows), as_numba(out_build),
+            self._nb(probed.heads), self._nb(probed.built.nxt), self._nb(probed.thread_counts),
+            self._nb(probed.offsets), as_numba(probed.built.rows), as_numba(probed.rows), as_numba(out_build),
             as_numba(out_probe))
 
     def __call__(self, build_keys, probe_keys, build_rows=None, probe_rows=None, *, timed: bool = False):

@@ -97,6 +97,9 @@ class RuntimeConfig:
     stitch_side: str = "auto"
     new_tokens: int = 16
     dtype: str = "float32"
+    attn: str | None = None
+    threads: int = 1
+    baseline: bool = False
     timeout_s: float = 300.0
 
 

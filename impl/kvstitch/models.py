@@ -100,18 +100,21 @@ def prefill(model: nn.Module, ids: torch.Tensor) -> tuple[KV, torch.Tensor]:
 
 # ---- loading -------------------------------------------------------------------------------------------------
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """An HF causal LM from a model dir (safetensors) or a ``.gguf`` file (needs the ``gguf`` package), in eval mode."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               attn: str | None = None) -> nn.Module:
+    """An HF causal LM from a model dir (safetensors) or a ``.gguf`` file (needs the ``gguf`` package), in eval mode.
+    ``attn`` picks the attention implementation (``eager`` for bit-reproducible CPU tests; default: transformers')."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    kw = {"attn_implementation": attn} if attn else {}
     if path.suffix == ".gguf":
-        m = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        m = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **kw)
         m.hf_quantizer = None  # dequantised on load: the weights are plain tensors now
         if hasattr(m.config, "quantization_config"):
             del m.config.quantization_config
     elif path.is_dir():
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     else:
         raise FileNotFoundError(f"{path} is neither a model directory nor a .gguf file")
     return m.to(device).eval()

@@ -182,19 +182,25 @@ def preprocess(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, 
 
 def augment_shift_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random translation by up to ``pad`` pixels (zero fill) and a random horizontal flip, per image (uint8 in/out)."""
+    n = images.shape[0]
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return shift_flip(images, dy, dx, flip, pad)
+
+
+def shift_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int) -> torch.Tensor:
+    """``out[i, :, r, c] = P[i, :, r + dy[i], c' + dx[i]]`` with P the zero-padded images and ``c' = w-1-c`` where
+    ``flip[i]`` else ``c``: a crop of the padded image at offset (dy, dx), mirrored left-right when flipped."""
     n, c, h, w = images.shape
     dev = images.device
+    dy, dx, flip = dy.to(dev), dx.to(dev), flip.to(dev)
     padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
-    rows = (dy[:, None] + torch.arange(h, device=dev)[None, :])                       # (n, h)
+    rows = dy[:, None] + torch.arange(h, device=dev)[None, :]                          # (n, h)
     cols = torch.arange(w, device=dev)[None, :].expand(n, w)
     cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx[:, None]                # (n, w)
-    idx_r = rows[:, None, :, None].expand(n, c, h, w + 2 * pad)
-    out = padded.gather(2, idx_r)
-    idx_c = cols[:, None, None, :].expand(n, c, h, w)
-    return out.gather(3, idx_c)
+    out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * pad))
+    return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
 # ---- loading -------------------------------------------------------------------------------------------------------
@@ -225,7 +231,7 @@ def load_idx(data_dir: Path, device: str, *, val_size: int, seed: int, image_siz
             x, y = x[idx], y[idx]
         if limit is not None:
             x, y = x[:limit], y[:limit]
-        xt = _resize_uint8(torch.from_numpy(np.ascontiguousarray(x))[:, None], size)
+        xt = _resize_uint8(torch.from_numpy(np.array(x, dtype=np.uint8))[:, None], size)
         return TensorSplit(xt.to(device), torch.from_numpy(y.astype(np.int64)).to(device))
 
     lt, lv, le = limits or (None, None, None)

@@ -151,6 +151,7 @@ def interpolation_summary(rows: list[dict], acc_key: str = "acc_test",
         verdicts[r["name"]] = {"interpolates": ok, "reason": why, "flops": r["flops"], "acc": r[acc_key],
                                "line_acc": line_accuracy(r["flops"], lo, hi)}
     n = len(stitches)
+    in_range = n - sum(v["reason"] == "flops_outside_anchor_range" for v in verdicts.values())
     reasons = {}
     for v in verdicts.values():
         reasons[v["reason"]] = reasons.get(v["reason"], 0) + 1
@@ -158,6 +159,7 @@ def interpolation_summary(rows: list[dict], acc_key: str = "acc_test",
             "interpolating": n_ok, "fraction": n_ok / n if n else None, "percent": 100.0 * n_ok / n if n else None,
             "fraction_uncapped": n_ok_uncapped / n if n else None,
             "percent_uncapped": 100.0 * n_ok_uncapped / n if n else None, "reasons": reasons,
+            "in_flops_range": in_range, "percent_of_in_flops_range": 100.0 * n_ok / in_range if in_range else None,
             "per_stitch": verdicts}
 
 

@@ -2,7 +2,7 @@
 
 Loss: cross-entropy with label smoothing. Optimiser: SGD with Nesterov momentum, weight decay on conv/linear weights
 only. Learning rate: linear warm-up over ``warmup_frac`` of training, then cosine to zero. Progress is
-``max(step / total_steps, elapsed / time_budget_s)``: without a binding time budget the schedule is purely by step (and
+``max((step + 0.5) / total_steps, elapsed / time_budget_s)``: without a binding time budget the schedule is purely by step (and
 reproducible); if the budget binds, the schedule anneals by time and the run ends on time with ``budget_bound`` set.
 On a GPU: bf16 autocast and channels_last; ``torch.backends.cudnn.benchmark`` is switched on for the run and restored.
 """
@@ -30,7 +30,7 @@ class TrainConfig:
 
     epochs: float = 5.0
     batch_size: int = 512
-    lr: float = 0.4                  # peak, for SGD at this batch size
+    lr: float = 0.2                  # peak, for SGD at this batch size
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
@@ -96,11 +96,11 @@ def train_steps(family: SeamFamily, data: DataBundle, pick: Callable[[int], Conf
         while step < total:
             for images, labels in data.train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
                                                      drop_last=len(data.train) >= cfg.batch_size):
-                progress = max(step / total, (time.perf_counter() - t0) / cfg.time_budget_s
-                               if cfg.time_budget_s else 0.0)
-                if step >= total or progress >= 1.0:
+                by_time = (time.perf_counter() - t0) / cfg.time_budget_s if cfg.time_budget_s else 0.0
+                if step >= total or by_time >= 1.0:
                     budget_bound = step < total
                     break
+                progress = max((step + 0.5) / total, by_time)  # mid-step: neither the first nor the last lr is 0
                 for g in opt.param_groups:
                     g["lr"] = lr_at(progress, cfg)
                 if data.gpu_augment:
@@ -114,7 +114,7 @@ def train_steps(family: SeamFamily, data: DataBundle, pick: Callable[[int], Conf
                 step += 1
                 bar.update(1)
                 if step % 20 == 0 or step == total:
-                    losses.append((step, float(loss)))  # a sync every 20 steps only
+                    losses.append((step, float(loss.detach())))  # a sync every 20 steps only
                     bar.set_postfix(loss=f"{losses[-1][1]:.3f}", lr=f"{g['lr']:.3g}")
             else:
                 epoch += 1

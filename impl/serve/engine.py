@@ -27,11 +27,13 @@ from impl.serve.sampling import SamplingParams, make_generator, sample
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Batching and cache limits. ``num_pages`` 0 = enough for ``max_batch`` full contexts (capped at 4096 pages).
-    ``cuda_graphs`` None = on when the device is a GPU and the attention backend is graph-safe."""
+    """Batching and cache limits. ``num_pages`` 0 = enough for ``max_batch`` full contexts, capped by
+    ``kv_cache_bytes`` (0 = half the free GPU memory, or 512 MiB on a CPU). ``cuda_graphs`` None = on when the device
+    is a GPU and the attention backend is graph-safe."""
 
     page_size: int = 16
     num_pages: int = 0
+    kv_cache_bytes: int = 0
     max_batch: int = 64
     max_prefill_tokens: int = 8192
     max_seq_len: int | None = None
@@ -78,7 +80,7 @@ class Engine:
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
         self.device = model.device
         self.max_seq_len = min(cfg.max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
-        pages = cfg.num_pages or min(4096, cfg.max_batch * -(-self.max_seq_len // cfg.page_size))
+        pages = cfg.num_pages or self._default_pages()
         self.cache = PagedKVCache(model.args, CacheConfig(pages, cfg.page_size, cfg.kv_dtype),
                                   dtype=model.dtype, device=self.device)
         self.backend, self.backend_reason = select_backend(cfg.attention)
@@ -99,15 +101,23 @@ class Engine:
         self.stats = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0,
                       "generated_tokens": 0}
 
+    def _default_pages(self) -> int:
+        a, cfg = self.model.args, self.cfg
+        item = 1 if cfg.kv_dtype == torch.float8_e4m3fn else self.model.dtype.itemsize
+        page_bytes = 2 * a.n_layers * cfg.page_size * a.n_kv_heads * a.head_dim * item
+        budget = cfg.kv_cache_bytes or (torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda"
+                                        else 512 << 20)
+        return max(1, min(cfg.max_batch * -(-self.max_seq_len // cfg.page_size), budget // page_bytes))
+
     def describe(self) -> dict[str, Any]:
         """The choices this engine made, for logs and results (nothing is chosen silently)."""
-        from impl.serve.fp8_adapter import dense_like, fp8_status
+        from impl.serve.fp8_adapter import fp8_status, linear_paths
 
         return {"attention_backend": self.backend.name, "attention_reason": self.backend_reason,
                 "cuda_graphs": self.graphs is not None, "page_size": self.cache.page_size,
                 "num_pages": self.cache.cfg.num_pages, "kv_dtype": str(self.cache.store_dtype).replace("torch.", ""),
                 "model_dtype": str(self.model.dtype).replace("torch.", ""),
-                "linears": "dense" if dense_like(self.model) else "fp8", **fp8_status(),
+                "linear_paths": linear_paths(self.model), **fp8_status(),
                 "max_batch": self.cfg.max_batch, "max_seq_len": self.max_seq_len}
 
     # ---- requests ----------------------------------------------------------------------------------------------
@@ -167,6 +177,14 @@ class Engine:
             req.id, req.prompt, list(req.output), reason, error, text,
             None if req.first_token_at is None else req.first_token_at - req.arrival, now - req.arrival)
 
+    def abort(self, rid: int, reason: str = "aborted") -> None:
+        """Finish a waiting or running request now (its pages return to the free list)."""
+        for queue in (self.waiting, self.running):
+            for r in list(queue):
+                if r.id == rid:
+                    queue.remove(r)
+                    self._finish(r, "error", reason)
+
     def _progress_mark(self) -> int:
         return self.stats["prefill_steps"] + self.stats["decode_steps"] + len(self.done)
 
@@ -207,9 +225,6 @@ class Engine:
         logits = self.model(tokens, PagedStep(self.cache, self.backend, meta, last_token_rows(meta)))
         self.stats["prefill_steps"] += 1
         self.stats["prefill_tokens"] += len(tokens)
-        now = time.perf_counter()
-        for r in batch:
-            r.first_token_at = now
         self.running.extend(batch)
         self._accept(batch, logits)
 
@@ -241,12 +256,14 @@ class Engine:
         """Sample one token per request from logits [B, V] and retire the finished ones."""
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         tokens = sample(logits, [r.params for r in batch], [r.generator for r in batch])
+        now = time.perf_counter()  # after the host read of the tokens, so the GPU work is done
         for r, tok, ok in zip(batch, tokens, finite):
             if not ok:
                 self.running.remove(r)
                 self._finish(r, "error", f"non-finite logits after {len(r.output)} tokens")
                 continue
             r.output.append(tok)
+            r.first_token_at = r.first_token_at or now
             self.stats["generated_tokens"] += 1
             reason = ("stop" if tok in r.stop_ids else "length" if len(r.output) >= r.params.max_new_tokens
                       or r.length >= self.max_seq_len else None)

@@ -1,129 +1,95 @@
 """The one door between serving and FP8 (issue 6, ``impl/fp8``): FP8 linears, model quantisation, FP8 checkpoints.
 
-What serving needs from FP8:
-  1. ``quantize_linear(dense) -> nn.Module``: an FP8 linear from a bf16/fp32 weight [out, in] (``y = x · Wᵀ``);
-  2. ``load_fp8_model(dir, ...)``: a Transformer whose linears come from an FP8 checkpoint's weights and scales.
-
-When ``impl.fp8`` provides them (``impl.fp8.linear`` / ``impl.fp8.loader``), they are used; until then this file's
-own minimal path stands in and says so (``fp8_status()``): weights e4m3 with one scale per output channel
-(s_w[n] = max|W[n, :]| / 448), activations quantised per token in the forward (s_x[m] = max|x[m, :]| / 448), and
-
-    y[m, n] = s_x[m] · s_w[n] · Σ_k q_x[m, k] · q_w[n, k]
-
-through ``torch._scaled_mm`` (row-wise scales, bf16 out) where the GPU has FP8 tensor cores (sm_89+), else by
-dequantising the weight and calling ``F.linear`` (the CPU path, exact in float32 up to the weight's e4m3 rounding).
-The LM head and embeddings stay in the model dtype (as vLLM keeps them).
+Serving needs two things from impl/fp8 and takes them here only:
+  1. ``quantize_linear(dense)``: an FP8 linear equal to y = x · Wᵀ with W [out, in] in e4m3 and one fp32 scale per
+     output channel (s[n] = max|W[n, :]| / 448), i.e. ``impl.fp8.linear.Fp8Linear`` over a per-channel
+     ``Fp8Weight``. On an H100 it runs ``torch._scaled_mm`` with per-token activation scales computed by impl.fp8's
+     one-kernel quantizer (path ``scaled_mm-rowwise``); on a CPU it dequantizes and runs a float32 GEMM
+     (``dequant-torch``). The path of every layer is reported (``linear_paths``).
+  2. ``load_fp8_model(dir)``: a ``Transformer`` whose decoder linears come from an FP8 checkpoint (vLLM ``fp8``
+     per-tensor/per-channel/block, DeepSeek-V3 ``weight_scale_inv``, compressed-tensors) through impl.fp8's streaming,
+     validating loader, with q/k/v and gate/up fused exactly (per-shard scales kept).
+The LM head and the embeddings stay in the model dtype, as vLLM keeps them. impl/fp8 is imported lazily and guarded:
+without it, FP8 requests fail with a message saying so, and dense serving is unaffected.
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from impl.serve.model import DenseLinear, ModelArgs, Transformer
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 QUANTIZED = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+HF_MODULES = {"attention.wqkv": "self_attn.qkv_proj", "attention.wo": "self_attn.o_proj",
+              "feed_forward.w13": "mlp.gate_up_proj", "feed_forward.w2": "mlp.down_proj"}
 
 
-def _impl_fp8(module: str) -> Any | None:
-    """``impl.fp8.<module>`` if that package exists here, else None (impl/fp8 is built in parallel)."""
+def _fp8() -> Any:
+    """The impl.fp8 modules serving uses, or a clear error when that package is missing or broken."""
     try:
-        return importlib.import_module(f"impl.fp8.{module}")
-    except ModuleNotFoundError as e:
-        if e.name in ("impl.fp8", f"impl.fp8.{module}"):
-            return None
-        raise
+        from impl.fp8 import linear, loader, reference
+    except ImportError as e:
+        raise RuntimeError(f"FP8 serving needs impl.fp8 (issue 6), which does not import here: {e}") from e
+    return linear, loader, reference
 
 
 def fp8_status() -> dict[str, str]:
-    """Which FP8 implementation serving uses, and the GEMM path on this device."""
-    src = "impl.fp8" if _impl_fp8("linear") is not None else "serve fallback (impl/fp8 not present)"
-    return {"fp8_linear_source": src, "fp8_gemm": "torch._scaled_mm row-wise" if scaled_mm_supported()
-            else "dequantize + F.linear (no FP8 tensor cores here)"}
-
-
-def scaled_mm_supported(device: torch.device | str | None = None) -> bool:
-    if not torch.cuda.is_available():
-        return False
-    dev = torch.device(device or "cuda")
-    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)
-
-
-def quantize_rowwise(w: Tensor) -> tuple[Tensor, Tensor]:
-    """W [N, K] → (q [N, K] e4m3, s [N] float32) with q = sat(W / s), s[n] = max|W[n, :]| / 448 (1 for a zero row)."""
-    wf = w.float()
-    amax = wf.abs().amax(dim=-1)
-    s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (wf / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
-
-
-class Fp8Linear(nn.Module):
-    """y = x · (s_w ⊙ q_w)ᵀ with an e4m3 weight and per-output-channel scales (see the module doc)."""
-
-    def __init__(self, weight_fp8: Tensor, weight_scale: Tensor, out_dtype: torch.dtype) -> None:
-        super().__init__()
-        if weight_fp8.dtype != FP8 or weight_scale.shape != (weight_fp8.shape[0],):
-            raise ValueError(f"need an e4m3 weight [N, K] and scales [N], got {weight_fp8.dtype} "
-                             f"{tuple(weight_fp8.shape)} and {tuple(weight_scale.shape)}")
-        self.out_features, self.in_features = weight_fp8.shape
-        self.out_dtype = out_dtype
-        self.register_buffer("weight", weight_fp8)
-        self.register_buffer("weight_scale", weight_scale.float().contiguous())
-        self.use_scaled_mm = scaled_mm_supported(weight_fp8.device) and weight_fp8.shape[1] % 16 == 0 \
-            and weight_fp8.shape[0] % 16 == 0
-
-    @classmethod
-    def from_dense(cls, dense: nn.Module) -> "Fp8Linear":
-        q, s = quantize_rowwise(dense.weight.data)
-        return cls(q, s, dense.weight.dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if not self.use_scaled_mm:
-            w = (self.weight.float() * self.weight_scale[:, None]).to(x.dtype)
-            return F.linear(x2, w).reshape(*lead, self.out_features)
-        xf = x2.float()
-        sx = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
-        xq = (xf / sx).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale[None, :],
-                             out_dtype=self.out_dtype)
-        return y.reshape(*lead, self.out_features)
+    """Where FP8 linears come from and which GEMM path they take on this machine."""
+    try:
+        linear, _, _ = _fp8()
+    except RuntimeError as e:
+        return {"fp8_linear_source": "unavailable", "fp8_reason": str(e)}
+    tensor_ok, rowwise_ok, why = linear.scaled_mm_support("cuda" if torch.cuda.is_available() else "cpu")
+    return {"fp8_linear_source": "impl.fp8.linear.Fp8Linear",
+            "fp8_gemm": "torch._scaled_mm, per-channel weights x per-token activations" if rowwise_ok
+            else f"dequantize + GEMM ({why})"}
 
 
 def quantize_linear(dense: nn.Module) -> nn.Module:
-    """An FP8 linear equivalent to ``dense`` (impl.fp8's when present)."""
-    mod = _impl_fp8("linear")
-    if mod is not None and hasattr(mod, "fp8_linear_from_dense"):
-        return mod.fp8_linear_from_dense(dense)
-    return Fp8Linear.from_dense(dense)
+    """An impl.fp8 ``Fp8Linear`` with per-output-channel e4m3 scales, computing in ``dense``'s dtype."""
+    linear, _, reference = _fp8()
+    w = dense.weight.data
+    if w.is_cuda:
+        fp8w = linear.quantize_weight(w, "channel", "e4m3")  # Triton kernel on the device
+    else:  # the bit-exact CPU mirror of that kernel (the interpreter would take minutes on a real model)
+        codes, scales = reference.quantize_reference(w, "channel", "e4m3")
+        fp8w = linear.Fp8Weight(codes.view(torch.float8_e4m3fn), scales, linear.CHANNEL)
+    return linear.Fp8Linear(fp8w, compute_dtype=w.dtype)
 
 
 def quantize_model_(model: Transformer) -> Transformer:
-    """Replace every decoder linear (QKV, O, gate/up, down) by an FP8 linear, one at a time (peak: one bf16 matrix)."""
+    """Replace every decoder linear (QKV, O, gate/up, down) by an FP8 linear, one at a time (peak: one matrix)."""
     with torch.no_grad():
         for block in model.layers:
             for path in QUANTIZED:
                 parent_name, child = path.split(".")
                 parent = getattr(block, parent_name)
-                dense = getattr(parent, child)
-                setattr(parent, child, quantize_linear(dense))
-                del dense
+                setattr(parent, child, quantize_linear(getattr(parent, child)))
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
     return model
 
 
+def linear_paths(model: nn.Module) -> dict[str, int]:
+    """Number of decoder linears per compute path ('dense' or an Fp8Linear path such as 'scaled_mm-rowwise')."""
+    out: dict[str, int] = {}
+    for block in model.layers:
+        for path in QUANTIZED:
+            mod = getattr(getattr(block, path.split(".")[0]), path.split(".")[1])
+            key = "dense" if isinstance(mod, DenseLinear) else getattr(mod, "path", type(mod).__name__)
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
 def weight_bytes(model: nn.Module, *, linears_only: bool = False) -> int:
-    """Bytes of the weights (and scales) the forward reads; tied tensors counted once."""
+    """Bytes of the weights (and scales) a forward reads; tied tensors counted once."""
     seen: set[int] = set()
     total = 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name == "inv_freq" or t.data_ptr() in seen:
+        if name.endswith("inv_freq") or t.data_ptr() in seen:
             continue
         if linears_only and not any(f".{p}." in f".{name}" for p in QUANTIZED):
             continue
@@ -132,22 +98,42 @@ def weight_bytes(model: nn.Module, *, linears_only: bool = False) -> int:
     return total
 
 
+class _Unloaded(nn.Module):
+    """A placeholder for a linear that the FP8 loader fills in (no memory; fails loudly if it ever runs)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this linear was never loaded from the checkpoint")
+
+
 def load_fp8_model(model_dir: str | Path, cfg: dict[str, Any], args: ModelArgs, *, dtype: torch.dtype,
                    device: torch.device | str) -> Transformer:
-    """A Transformer from an FP8 checkpoint (vLLM ``fp8``, DeepSeek block, compressed-tensors) via impl.fp8."""
-    qc = cfg.get("quantization_config") or {}
-    method = qc.get("quant_method")
+    """A Transformer on an FP8 checkpoint: impl.fp8 loads and validates it (fused exactly), we place the tensors."""
+    method = (cfg.get("quantization_config") or {}).get("quant_method")
     if method not in ("fp8", "compressed-tensors"):
         raise ValueError(f"{model_dir}: unknown model layout: quantization_config.quant_method={method!r} "
                          "(serving reads dense checkpoints and FP8 ones: 'fp8', 'compressed-tensors')")
-    loader = _impl_fp8("loader")
-    if loader is None or not hasattr(loader, "load_linear_weights"):
-        raise RuntimeError(f"{model_dir}: an FP8 checkpoint ({method}) needs impl.fp8's loader, which is not "
-                           "present in this tree yet; serve a dense (bf16/fp32) checkpoint instead")
-    return loader.load_linear_weights(model_dir, cfg, Transformer(args, dtype=dtype, device=device))
-
-
-def dense_like(model: Transformer) -> bool:
-    """True when no decoder linear is FP8 (all are ``DenseLinear``)."""
-    return all(isinstance(getattr(getattr(b, p.split(".")[0]), p.split(".")[1]), DenseLinear)
-               for b in model.layers for p in QUANTIZED)
+    linear, loader, _ = _fp8()
+    loaded = loader.load_checkpoint(model_dir, device, fuse=True, dense_dtype=dtype)
+    model = Transformer(args, dtype=dtype, device=device, make_linear=_Unloaded)
+    with torch.no_grad():
+        model.tok_embeddings.copy_(loaded.dense.pop("model.embed_tokens.weight"))
+        model.norm.weight.copy_(loaded.dense.pop("model.norm.weight"))
+        if not args.tie_embeddings:
+            model.output.weight.copy_(loaded.dense.pop("lm_head.weight"))
+        for i, block in enumerate(model.layers):
+            block.attention_norm.weight.copy_(loaded.dense.pop(f"model.layers.{i}.input_layernorm.weight"))
+            block.ffn_norm.weight.copy_(loaded.dense.pop(f"model.layers.{i}.post_attention_layernorm.weight"))
+            for ours, theirs in HF_MODULES.items():
+                w = loaded.linears.pop(f"model.layers.{i}.{theirs}")
+                if isinstance(w, linear.Fp8Weight):
+                    layer = linear.Fp8Linear(w, compute_dtype=dtype)
+                else:
+                    layer = DenseLinear(w.shape[1], w.shape[0], dtype, device)
+                    layer.weight.copy_(w)
+                parent, child = ours.split(".")
+                setattr(getattr(block, parent), child, layer)
+    return model.eval()

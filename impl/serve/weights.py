@@ -178,6 +178,22 @@ def smollm2_unavailable_reason() -> str | None:
     return None
 
 
+def _materialise(out: Path, build) -> Path:
+    """Run ``build(tmp_dir)`` and move the result to ``out`` atomically (a concurrent run sees all or nothing)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)
+    except OSError:
+        if not (out / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def smollm2_dir() -> Path:
     """bf16 safetensors + tokenizer of SmolLM2-135M-Instruct, made from the package's GGUF on first use (~25 s)."""
     out = cache_root() / "smollm2-135m-instruct-bf16"
@@ -186,24 +202,32 @@ def smollm2_dir() -> Path:
     reason = smollm2_unavailable_reason()
     if reason:
         raise FileNotFoundError(reason)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    hf.hf_quantizer = None  # the weights are already dequantised; save them as a plain checkpoint
-    if hasattr(hf.config, "quantization_config"):
-        del hf.config.quantization_config
-    hf = hf.to(torch.bfloat16)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2-"))
-    try:
-        hf.save_pretrained(str(tmp))
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = smollm2_gguf()
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        hf.hf_quantizer = None  # the weights are already dequantised; save them as a plain checkpoint
+        if hasattr(hf.config, "quantization_config"):
+            del hf.config.quantization_config
+        hf.to(torch.bfloat16).save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        os.replace(tmp, out)  # atomic: a concurrent run sees either nothing or the whole directory
-    except OSError:
-        if not (out / "model.safetensors").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return _materialise(out, build)
+
+
+def smollm2_fp8_dir(layout: str = "vllm-channel") -> Path:
+    """An FP8 checkpoint of SmolLM2 in ``layout``, made once by impl.fp8's quantizer (LM head kept in bf16)."""
+    out = cache_root() / f"smollm2-135m-instruct-fp8-{layout}"
+    if (out / "config.json").exists():
+        return out
+    src = smollm2_dir()
+
+    def build(tmp: Path) -> None:
+        from impl.fp8.quantize import quantize_checkpoint
+
+        quantize_checkpoint(src, tmp, layout, backend_name="torch", overwrite=True, log=lambda *_: None)
+
+    return _materialise(out, build)

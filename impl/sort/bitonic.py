@@ -120,6 +120,55 @@ class BitonicSorter:
         return self.fmt.params(descending=descending, canon_zero=self.argsort)
 
 
+class SortGraph:
+    """All passes of ``sorter(d_src, d_out, descending)`` captured once as a CUDA graph; ``graph(stream)`` replays them
+    with one launch instead of one numba launch (~18 µs of host time each) per pass.
+
+    The buffers and the direction are baked in. Capture runs on a private stream after a warm-up call has compiled
+    and loaded every kernel (module loading is not allowed while capturing). Needs a GPU and ``cuda.bindings``.
+    """
+
+    def __init__(self, sorter: BitonicSorter, d_src, d_out, *, descending: bool = False) -> None:
+        from numba import config as numba_config
+
+        if numba_config.ENABLE_CUDASIM:
+            raise NotImplementedError("CUDA graphs need a GPU; the simulator launches kernels one by one")
+        from cuda.bindings import driver as drv
+
+        self._drv, self._keep = drv, (sorter, d_src, d_out)  # the graph holds raw pointers into these
+        sorter(d_src, d_out, descending=descending)
+        cuda.synchronize()
+        stream = cuda.stream()
+        handle = drv.CUstream(int(stream.handle))
+        _check(drv.cuStreamBeginCapture(handle, drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL))
+        try:
+            sorter(d_src, d_out, descending=descending, stream=stream)
+        finally:
+            graph = _check(drv.cuStreamEndCapture(handle))  # always leave capture mode, even after an error
+        self._graph = graph
+        self._exec = _check(drv.cuGraphInstantiate(graph, 0))
+        self.nodes = len(sorter.launches)
+
+    def __call__(self, stream=0) -> None:
+        _check(self._drv.cuGraphLaunch(self._exec, self._drv.CUstream(int(getattr(stream, "handle", stream) or 0))))
+
+    def __del__(self) -> None:
+        drv = getattr(self, "_drv", None)
+        if drv is not None and getattr(self, "_exec", None) is not None:
+            drv.cuGraphExecDestroy(self._exec)
+            drv.cuGraphDestroy(self._graph)
+
+
+def _check(result):
+    """Unpack a cuda.bindings result tuple, raising on any error with the driver's name for it."""
+    from cuda.bindings import driver as drv
+
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != drv.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"CUDA driver error {drv.cuGetErrorName(err)[1]!r}")
+    return rest[0] if len(rest) == 1 else tuple(rest) or None
+
+
 def _unsigned_view(d, fmt: KeyFormat):
     return d.view(fmt.bits_dtype) if d.dtype != fmt.bits_dtype else d
 
@@ -135,8 +184,10 @@ def check_fits(n: int, needed: int) -> None:
 
 
 def validate(x) -> None:
-    """Clear errors for inputs the sort does not take: not 1-D, unsupported dtype, not contiguous."""
-    shape = tuple(getattr(x, "shape", ()))
+    """Clear errors for inputs the sort does not take: not an array, not 1-D, unsupported dtype, not contiguous."""
+    if not (isinstance(x, np.ndarray) or hasattr(x, "copy_to_host") or hasattr(x, "__cuda_array_interface__")):
+        raise TypeError(f"sort takes a numpy array or a CUDA device array, not {type(x).__name__}")
+    shape = tuple(x.shape)
     if len(shape) != 1:
         raise ValueError(f"sort takes a 1-D array, got shape {shape}")
     key_format(x.dtype)
@@ -159,9 +210,7 @@ def _as_device(x):
         return cuda.to_device(x), True
     if hasattr(x, "copy_to_host"):
         return x, False
-    if hasattr(x, "__cuda_array_interface__"):
-        return cuda.as_cuda_array(x), False
-    raise TypeError(f"sort takes a numpy array or a CUDA device array, not {type(x).__name__}")
+    return cuda.as_cuda_array(x), False
 
 
 def _run(x, *, argsort: bool, descending: bool, inplace: bool, config: SortConfig | None):

@@ -123,14 +123,13 @@ def make_block_kernel(tile: int, log_e: int, key_dtype, mode: str):
     KEY = numba.from_dtype(key_np)
     pairs = mode == "pairs"
     VT = tile if pairs else 1
-    SHIFT = 5 if key_np.itemsize == 4 else 4  # 32 banks of 4 B: XOR-swizzle slots within groups of one bank row
+    # Shared slot s lives at swz(s) = s ^ ((s >> SH) & (2^SH - 1)): threads whose cosets are 2^SH apart then hit
+    # different banks. swz is linear over XOR, so a round swizzles its coset masks once instead of every slot.
+    SH = 5 if key_np.itemsize == 4 else 4
+    SM = (1 << SH) - 1
     RS = 1 + 4 * log_e
     load_slot, store_slot = _make_memory_ops(mode, key_np)
     exchange = _make_exchange(pairs)
-
-    @cuda.jit(device=True, inline=True)
-    def swz(s):
-        return s ^ ((s >> SHIFT) & ((1 << SHIFT) - 1))
 
     def block_kernel(prog, src, keys, vals, out, n, enc, block0):
         sk = cuda.shared.array(tile, KEY)
@@ -146,23 +145,25 @@ def make_block_kernel(tile: int, log_e: int, key_dtype, mode: str):
         for m in range(E):
             s = t + m * P
             k, v = load_slot(slot_position(x0, s, prog), n, flags, src, keys, vals, enc)
-            sk[swz(s)] = k
+            sk[s ^ ((s >> SH) & SM)] = k
             if pairs:
-                sv[swz(s)] = v
+                sv[s ^ ((s >> SH) & SM)] = v
         cuda.syncthreads()
         for rd in range(prog[H_NROUNDS]):
             base = H_ROUNDS + rd * RS
             cnt = prog[base]
-            rs[0] = deposit_zeros(np.int64(t), prog, base + 1 + 3 * log_e, log_e)
+            s0 = deposit_zeros(np.int64(t), prog, base + 1 + 3 * log_e, log_e)
+            rs[0] = s0 ^ ((s0 >> SH) & SM)  # swizzled shared indices of the thread's coset
             for j in range(log_e):
                 mj = prog[base + 1 + j]
+                mj ^= (mj >> SH) & SM
                 for c in range(1 << j):
                     rs[c | (1 << j)] = rs[c] ^ mj
             for c in range(E):
-                rk[c] = sk[swz(rs[c])]
+                rk[c] = sk[rs[c]]
                 if pairs:
-                    rv[c] = sv[swz(rs[c])]
-            o0 = slot_position(x0, rs[0], prog)
+                    rv[c] = sv[rs[c]]
+            o0 = slot_position(x0, s0, prog)
             for i in range(log_e):
                 if i < cnt:
                     obit = (o0 >> prog[base + 1 + log_e + i]) & 1
@@ -171,14 +172,14 @@ def make_block_kernel(tile: int, log_e: int, key_dtype, mode: str):
                         if ((c >> i) & 1) == 0:
                             exchange(rk, rv, c, c | (1 << i), (obit ^ (cuda.popc(c & dep) & 1)) == 0)
             for c in range(E):
-                sk[swz(rs[c])] = rk[c]
+                sk[rs[c]] = rk[c]
                 if pairs:
-                    sv[swz(rs[c])] = rv[c]
+                    sv[rs[c]] = rv[c]
             cuda.syncthreads()  # the next round reads slots other threads wrote
         for m in range(E):
             s = t + m * P
-            store_slot(slot_position(x0, s, prog), n, flags, keys, vals, out, enc, sk[swz(s)],
-                       sv[swz(s)] if pairs else MAXV)
+            q = s ^ ((s >> SH) & SM)
+            store_slot(slot_position(x0, s, prog), n, flags, keys, vals, out, enc, sk[q], sv[q] if pairs else MAXV)
 
     return _jit_kernel(block_kernel, P), block_kernel
 

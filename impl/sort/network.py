@@ -77,8 +77,10 @@ class SortConfig:
 
 
 GPU_CONFIG = SortConfig()
-CPU_CONFIG = SortConfig(shared_bytes=256, items_per_thread=4, min_run=4, fused_strides=2, global_threads=32)
-"""Tiny tiles and blocks so the simulator (one OS thread per CUDA thread) stays fast; same code paths as the GPU."""
+CPU_CONFIG = SortConfig(shared_bytes=1024, items_per_thread=16, min_run=8, fused_strides=3, global_threads=32)
+"""Small tiles (256 32-bit keys, 16 threads) so the simulator, one OS thread per CUDA thread, stays fast."""
+TINY_CONFIG = SortConfig(shared_bytes=128, items_per_thread=4, min_run=4, fused_strides=2, global_threads=16)
+"""32-key tiles: several wide passes per stage already at n ~ 1000 (tests of the multi-pass paths)."""
 
 
 def default_config(variant: str = "shared") -> SortConfig:

@@ -1,0 +1,173 @@
+"""Benches of the join (issue 4): four GPU joins split into build / probe / materialize, end to end, host anchors.
+
+Cases (rows per side; ``impl.join.data``): uniform 100k / 1M / 10M (unique build keys, ~50% probe hits), zipf-1M
+(foreign keys Zipf(1)-skewed onto unique build keys) and m2m-1M (~8 build rows per key). Names:
+  test_join_hash[{cuda|numba}-{build|probe|materialize|total}-{case}]  (+ cuda-speculative-1M)
+  test_join_tc[{phase}-{case}]  test_join_sortmerge[{phase}-{case}]  test_join_host[{pandas|duckdb|polars}-{case}]
+Each phase is timed on its own (L2 flushed before every round, so a phase never inherits the previous phase's
+cache); ``total`` is the whole join through the public call, exact-size outputs included. Bytes are the compulsory
+traffic (read both sides' keys and row ids, write the pairs); the tensor-core bench also records the FLOPs its
+tl.dot tiles issue. After timing, every bench checks its output against the sort-merge join's fingerprint
+(pair count, row-id sums, a pair hash; at CPU sizes the exact pairs against pandas).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from impl.backend import DEVICE, sized
+from impl.join import host, make_operator
+from impl.join.data import Case, compulsory_bytes, make_tables
+
+CASES = {
+    "100k": Case("uniform", sized(100_000, 160)),
+    "1M": Case("uniform", sized(1_000_000, 256)),
+    "10M": Case("uniform", sized(10_000_000, 320)),
+    "zipf-1M": Case("zipf", sized(1_000_000, 256)),
+    "m2m-1M": Case("m2m", sized(1_000_000, 256)),
+}
+PHASES = ("build", "probe", "materialize", "total")
+HASH_SPECS = [f"{i}-{p}-{c}" for i in ("cuda", "numba") for c in CASES for p in PHASES] + ["cuda-speculative-1M"]
+GPU_SPECS = [f"{p}-{c}" for c in CASES for p in PHASES]
+HOST_SPECS = [f"{h}-{c}" for h in host.HOST_JOINS for c in CASES]
+HASH_CONFIG = {"threads": sized(256, 32), "items": sized(4, 8)}  # simulator: a thread per CUDA thread, slow barriers
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    total: int
+    build_sum: int
+    probe_sum: int
+    pair_hash: int  # Σ (build_row · 1000003 + probe_row), wrapping in int64 the same way for every join
+
+
+def fingerprint(build_rows, probe_rows) -> Fingerprint:
+    b = torch.as_tensor(build_rows).to(torch.int64)
+    p = torch.as_tensor(probe_rows).to(device=b.device, dtype=torch.int64)
+    return Fingerprint(b.numel(), int(b.sum()), int(p.sum()), int((b * 1000003 + p).sum()))
+
+
+_TABLES: dict[str, tuple[torch.Tensor, ...]] = {}
+_EXPECTED: dict[str, Fingerprint] = {}
+_OPS: dict[str, object] = {}
+
+
+def tables(case_id: str) -> tuple[torch.Tensor, ...]:
+    if case_id not in _TABLES:
+        _TABLES[case_id] = make_tables(CASES[case_id], seed=4, device=DEVICE)
+    return _TABLES[case_id]
+
+
+def expected(case_id: str) -> Fingerprint:
+    if case_id not in _EXPECTED:
+        bk, br, pk, pr = tables(case_id)
+        res = make_operator("sortmerge-torch")(bk, pk, br, pr)
+        if bk.numel() <= 4096:  # CPU sizes: the baseline itself against the oracle
+            ref = host.reference_pairs(*(t.cpu().numpy() for t in (bk, pk, br, pr)))
+            assert np.array_equal(res.pairs(), ref), "sort-merge baseline disagrees with pandas.merge"
+        _EXPECTED[case_id] = fingerprint(res.build_rows, res.probe_rows)
+    return _EXPECTED[case_id]
+
+
+def operator(name: str):
+    if name not in _OPS:  # one operator per implementation: its workspace persists across benches, as in use
+        _OPS[name] = make_operator(name, **(HASH_CONFIG if name.startswith("hash") else {}))
+    return _OPS[name]
+
+
+def check(ob, op_, case_id: str) -> None:
+    got, want = fingerprint(ob, op_), expected(case_id)
+    assert got == want, f"{case_id}: join output {got} differs from the sort-merge join's {want}"
+
+
+def run_phase(device_bench, name: str, phase: str, case_id: str, flops_per_pass: int = 0, **extra) -> None:
+    """Time one phase (or the whole join) of operator ``name`` on ``case_id``, then check its output."""
+    op = operator(name)
+    bk, br, pk, pr = tables(case_id)
+    case, want = CASES[case_id], expected(case_id)
+    kb, rb = bk.element_size(), br.element_size()
+    info = dict(impl=name, phase=phase, case=case_id, kind=case.kind, n=case.n, dtype=case.dtype, pairs=want.total,
+                **extra)
+
+    def bench(fn, bytes_moved: int, flops: int = 0):
+        return device_bench(fn, bytes_moved=bytes_moved, flops=flops, flops_dtype="bf16", **info)
+
+    if phase == "total":
+        res = bench(lambda: op(bk, pk, br, pr), compulsory_bytes(case.n, case.n, want.total, kb, rb),
+                    2 * flops_per_pass)
+        check(res.build_rows, res.probe_rows, case_id)
+        return
+    if phase == "build":
+        bench(lambda: op.build(bk, br), case.n * (kb + rb))
+    built = op.build(bk, br)
+    if phase == "probe":
+        bench(lambda: op.probe(built, pk, pr), case.n * kb, flops_per_pass)
+    probed = op.probe(built, pk, pr)
+    assert probed.total == want.total, f"{case_id}: {name} counted {probed.total} pairs, expected {want.total}"
+    ob = torch.empty(want.total, dtype=br.dtype, device=bk.device)
+    op_ = torch.empty_like(ob)
+    if phase == "materialize":
+        bench(lambda: op.materialize(probed, ob, op_), case.n * rb + 3 * want.total * rb, flops_per_pass)
+    elif want.total:
+        op.materialize(probed, ob, op_)
+    check(ob, op_, case_id)
+
+
+@pytest.mark.parametrize("spec", HASH_SPECS)
+def test_join_hash(device_bench, spec):
+    impl_, phase, case_id = spec.split("-", 2)
+    name = f"hash-{impl_}"
+    if impl_ == "cuda":
+        from impl.join.hash_cuda import unavailable_reason
+
+        if unavailable_reason():
+            pytest.skip(unavailable_reason())
+    if phase == "speculative":
+        op = operator(name)
+        bk, br, pk, pr = tables(case_id)
+        case, want = CASES[case_id], expected(case_id)
+        res = device_bench(lambda: op.speculative_join(bk, pk, br, pr),
+                           bytes_moved=compulsory_bytes(case.n, case.n, want.total, bk.element_size(),
+                                                        br.element_size()),
+                           impl=name, phase=phase, case=case_id, kind=case.kind, n=case.n, dtype=case.dtype,
+                           pairs=want.total)
+        check(res.build_rows, res.probe_rows, case_id)
+        return
+    run_phase(device_bench, name, phase, case_id)
+
+
+@pytest.mark.parametrize("spec", GPU_SPECS)
+def test_join_tc(device_bench, spec):
+    phase, case_id = spec.split("-", 1)
+    from impl.join.tc_triton import dot_flops
+
+    op = operator("tc-triton")
+    bk, br, pk, pr = tables(case_id)
+    flops = dot_flops(op.probe(op.build(bk, br), pk, pr), op.config)  # tl.dot FLOPs of one pass (count or write)
+    run_phase(device_bench, "tc-triton", phase, case_id, flops_per_pass=0 if phase == "build" else flops,
+              note="both sides are partitioned in the probe phase; build only records the inputs")
+
+
+@pytest.mark.parametrize("spec", GPU_SPECS)
+def test_join_sortmerge(device_bench, spec):
+    phase, case_id = spec.split("-", 1)
+    run_phase(device_bench, "sortmerge-torch", phase, case_id)
+
+
+@pytest.mark.parametrize("spec", HOST_SPECS)
+def test_join_host(device_bench, spec):
+    name, case_id = spec.split("-", 1)
+    reason = host.unavailable_reason(name)
+    if reason:
+        pytest.skip(reason)
+    bk, br, pk, pr = (t.cpu().numpy() for t in tables(case_id))
+    case, want = CASES[case_id], expected(case_id)
+    ob, op_ = device_bench(lambda: host.JOINS[name](bk, pk, br, pr), clock="host", flush_l2=False,
+                           rounds=3 if case.n >= 1_000_000 else 5, warmup=1,
+                           bytes_moved=compulsory_bytes(case.n, case.n, want.total, bk.itemsize, br.itemsize),
+                           impl=name, phase="total", case=case_id, kind=case.kind, n=case.n, dtype=case.dtype,
+                           pairs=want.total, host_threads=torch.get_num_threads())
+    assert fingerprint(np.array(ob), np.array(op_)) == want  # copies: pandas may hand out read-only arrays

@@ -1,0 +1,244 @@
+"""Property tests of the FP8 kernels (impl/fp8/kernels.py) against CPU references.
+
+- the codec: every one of the 256 codes decodes as torch's float8 dtypes do; encoding matches torch's saturated
+  round-to-nearest-even cast on random values, exact ties, extremes, subnormals, NaN and +-inf;
+- quantize: codes and scales equal the float32 reference bit for bit, for every scale group, odd shapes, nasty
+  contents; scales are exactly the correctly rounded amax / FMAX;
+- dequantize: equals the reference bit for bit (outputs poisoned first);
+- dequantize(quantize(x)) is within the float64 error bound; quantize(dequantize(q)) == q exactly.
+"""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fixtures.oracle import assert_close, check_kernel, poison_
+from fixtures.strategies import make_array, seeds
+from impl import backend
+from impl.backend import DEVICE
+from impl.fp8 import quant
+from impl.fp8 import reference as R
+from impl.fp8.formats import E4M3, E5M2, MIN_SCALE, ScaleGroup, get_group
+
+GROUPS = ["tensor", "channel", "group", "block", (32, 16), (1, 32)]
+HIGH = ["float32", "float16"] + (["bfloat16"] if not backend.INTERPRETED else [])
+dims = st.sampled_from([1, 2, 7, 16, 31, 64, 127, 128, 129, 200, 257])
+
+
+def _group_id(g) -> str:
+    return get_group(g).name
+
+
+def matrix(n: int, k: int, dtype: str, pattern: str, seed: int) -> torch.Tensor:
+    """[n, k] test matrix from fixtures.strategies' nasty 1-D patterns (built in float32, then cast)."""
+    base = make_array(n * k, "float32", pattern, seed).reshape(n, k) if n * k else np.zeros((n, k), np.float32)
+    return torch.from_numpy(base.copy()).to(getattr(torch, dtype))
+
+
+def codes_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    a, b = a.cpu().view(torch.uint8), b.cpu().view(torch.uint8)
+    bad = a != b
+    if bad.any():
+        i = tuple(int(v) for v in bad.nonzero()[0])
+        raise AssertionError(f"{int(bad.sum())} of {a.numel()} codes differ; first at {i}: {int(a[i]):#04x} vs "
+                             f"{int(b[i]):#04x}")
+
+
+# ---- the codec -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_codec_decodes_every_code_like_torch(fmt):
+    codes = torch.arange(256, dtype=torch.uint8, device=DEVICE)
+    dec, _ = quant.codec(codes, torch.zeros(256, device=DEVICE), fmt)
+    assert_close(dec.double(), R.decode_reference(codes.cpu(), fmt), rtol=0, atol=0, signed_zero=True,
+                 check_dtype=False)
+
+
+@given(seed=seeds(), pattern=st.sampled_from(["random", "nasty", "extremes", "zipf"]),
+       fmt=st.sampled_from([E4M3, E5M2]), log_scale=st.integers(-20, 20))
+def test_codec_encodes_like_torch(seed, pattern, fmt, log_scale):
+    x = matrix(1, 700, "float32", pattern, seed).reshape(-1) * 2.0 ** log_scale
+    finite = R.decode_reference(torch.arange(256, dtype=torch.uint8), fmt)
+    grid = finite[torch.isfinite(finite)].sort().values
+    ties = ((grid[1:] + grid[:-1]) / 2).float()  # exact midpoints: round-half-to-even must decide
+    x = torch.cat([x, ties, -ties, torch.tensor([fmt.max * 1.01, -1e30, float("inf"), float("-inf"), float("nan")])])
+    _, enc = quant.codec(torch.zeros(x.numel(), dtype=torch.uint8, device=DEVICE), x.to(DEVICE), fmt)
+    codes_equal(enc, R.encode_reference(x, fmt))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_bit_codec_matches_hardware_conversion(fmt):
+    """The interpreter's bit-level codec and the GPU's cvt instructions agree on every code and on random floats."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1 << 20, generator=g) * 2.0 ** torch.randint(-30, 30, (1 << 20,), generator=g)).cuda()
+    codes = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, generator=g).cuda()
+    hw_dec, hw_enc = quant.codec(codes, x, fmt, emulate=False)
+    em_dec, em_enc = quant.codec(codes, x, fmt, emulate=True)
+    assert_close(em_dec, hw_dec, rtol=0, atol=0, signed_zero=True)
+    codes_equal(em_enc, hw_enc)
+
+
+# ---- quantize ----------------------------------------------------------------------------------------------------
+
+@given(n=dims, k=dims, group=st.sampled_from(GROUPS), fmt=st.sampled_from(["e4m3", "e5m2"]),
+       dtype=st.sampled_from(HIGH), seed=seeds(),
+       pattern=st.sampled_from(["random", "nasty", "extremes", "zipf", "all_equal", "few_distinct"]))
+def test_quantize_matches_reference(n, k, group, fmt, dtype, seed, pattern):
+    x = matrix(n, k, dtype, pattern, seed).to(DEVICE)
+    x0 = x.clone()
+    ref_q, ref_s = R.quantize_reference(x, group, fmt)
+    shape = get_group(group).scale_shape(n, k)
+    first = None
+    for poison in ("nan", "max"):  # unwritten codes or scales show up as a difference between the two runs
+        out = poison_(torch.empty((n, k), dtype=torch.uint8, device=DEVICE), poison)
+        s_out = poison_(torch.empty(shape, dtype=torch.float32, device=DEVICE), poison)
+        q, s = quant.quantize(x, group, fmt, out=out, scales_out=s_out)
+        codes_equal(q, ref_q)
+        assert_close(s, ref_s, rtol=0, atol=0, msg="scales")
+        assert first is None or torch.equal(out, first)
+        first = out.clone()
+    assert torch.equal(x.cpu().reshape(-1).view(torch.uint8), x0.cpu().reshape(-1).view(torch.uint8)), "x modified"
+
+
+@given(n=dims, k=dims, group=st.sampled_from(GROUPS), seed=seeds(), fmt=st.sampled_from([E4M3, E5M2]),
+       pattern=st.sampled_from(["random", "nasty", "zipf"]))
+def test_dynamic_scales_are_exact(n, k, group, seed, fmt, pattern):
+    """s = float32(amax / FMAX) correctly rounded (float64 division then one rounding), amax over finite |x|."""
+    x = matrix(n, k, "float32", pattern, seed)
+    _, s = quant.quantize(x.to(DEVICE), group, fmt)
+    g = get_group(group)
+    gn, gk = (n if g.gn == 0 else g.gn), (k if g.gk == 0 else g.gk)
+    xa = np.where(np.isfinite(x.numpy()), np.abs(x.numpy()), 0).astype(np.float64)
+    rows, cols = g.scale_shape(n, k)
+    want = np.ones((rows, cols), np.float32)
+    for r in range(rows):
+        for c in range(cols):
+            amax = xa[r * gn:(r + 1) * gn, c * gk:(c + 1) * gk].max(initial=0.0)
+            if amax > 0:
+                want[r, c] = max(np.float32(amax / fmt.max), np.float32(MIN_SCALE))
+    assert_close(s.cpu().numpy(), want, rtol=0, atol=0)
+
+
+def test_quantize_saturates_and_keeps_nan():
+    x = torch.tensor([[1.0, -1.0, 1e6, -1e6, float("inf"), float("-inf"), float("nan"), 0.0, -0.0]], device=DEVICE)
+    q, s = quant.quantize(x, "tensor", "e4m3", scales=torch.tensor([1.0 / 448], device=DEVICE))
+    got = q.cpu().float()
+    assert torch.equal(got[0, :6], torch.tensor([448.0, -448.0, 448.0, -448.0, 448.0, -448.0]))
+    assert got[0, 6].isnan() and got[0, 7] == 0 and got[0, 8] == 0 and torch.signbit(got[0, 8])
+    q, s = quant.quantize(x, "channel", "e4m3")  # dynamic: the scale comes from the finite values only
+    assert float(s) == float(torch.tensor(1e6, dtype=torch.float32) / 448)
+    assert q.cpu().float()[0, 6].isnan() and q.cpu().float()[0, 4] == 448
+
+
+def test_empty_and_all_zero_inputs():
+    for shape in [(0, 5), (3, 0), (0, 0)]:
+        q, s = quant.quantize(torch.zeros(shape, device=DEVICE), "channel")
+        assert q.shape == shape and s.shape == get_group("channel").scale_shape(*shape) and bool((s == 1).all())
+    q, s = quant.quantize(torch.zeros(4, 130, device=DEVICE), "block")
+    assert bool((s == 1).all()) and bool((q.cpu().view(torch.uint8) == 0).all())
+
+
+# ---- dequantize --------------------------------------------------------------------------------------------------
+
+@given(n=dims, k=dims, group=st.sampled_from(GROUPS), fmt=st.sampled_from(["e4m3", "e5m2"]),
+       out_dtype=st.sampled_from(HIGH), seed=seeds())
+def test_dequantize_matches_reference(n, k, group, fmt, out_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=g)  # every code: NaN, inf, subnormals too
+    shape = get_group(group).scale_shape(n, k)
+    scales = 2.0 ** torch.randint(-12, 4, shape, generator=g).float() * (1 + torch.rand(shape, generator=g))
+    dt = getattr(torch, out_dtype)
+    ref = R.dequantize_reference(codes, scales, group, fmt, dt)
+    c, s = codes.to(DEVICE), scales.to(DEVICE)
+    check_kernel(lambda out: quant.dequantize(c, s, group, fmt=fmt, out=out),
+                 torch.empty((n, k), dtype=dt, device=DEVICE), ref, rtol=0, atol=0, signed_zero=True)
+    assert torch.equal(c.cpu(), codes), "codes modified"
+
+
+@given(n=dims, k=dims, group=st.sampled_from(GROUPS), fmt=st.sampled_from(["e4m3", "e5m2"]),
+       dtype=st.sampled_from(HIGH), seed=seeds(), pattern=st.sampled_from(["random", "nasty", "zipf", "sorted"]),
+       log_scale=st.integers(-30, 10))
+def test_roundtrip_within_error_bound(n, k, group, fmt, dtype, seed, pattern, log_scale):
+    """|dequantize(quantize(x)) - x| <= half an FP8 step (relative 2^-(m+1); subnormal step below) + roundings."""
+    x = matrix(n, k, "float32", pattern, seed) * 2.0 ** log_scale
+    x = x.to(getattr(torch, dtype))
+    finite = torch.isfinite(x.float())
+    q, s = quant.quantize(x.to(DEVICE), group, fmt)
+    y = quant.dequantize(q, s, group, out_dtype=getattr(torch, dtype)).cpu().double()
+    xd = x.double()
+    bound = R.error_bound(xd, s.cpu(), group, fmt, getattr(torch, dtype))
+    err = (y - xd).abs()
+    bad = finite & torch.isfinite(xd) & ~(err <= bound)
+    assert not bad.any(), (f"{int(bad.sum())} values outside the bound; first {xd[bad][0].item()!r} -> "
+                           f"{y[bad][0].item()!r} (bound {bound[bad][0].item():.3e})")
+    assert torch.equal(y.isnan(), x.isnan()), "NaN positions changed"
+
+
+@given(n=dims, k=dims, group=st.sampled_from(GROUPS), fmt=st.sampled_from([E4M3, E5M2]),
+       out_dtype=st.sampled_from(HIGH), seed=seeds(), dynamic=st.booleans())
+def test_requantize_of_dequantize_is_identity(n, k, group, fmt, out_dtype, seed, dynamic):
+    """quantize(dequantize(q)) == q for finite codes: with the same scales, or with dynamic scales when every
+    group holds a +-FMAX code (as the quantizer's own groups do)."""
+    g = torch.Generator().manual_seed(seed)
+    grp = get_group(group)
+    from impl.fp8.tiny import random_codes
+
+    codes = random_codes((n, k), fmt.name, generator=g).view(torch.uint8).clone()
+    rows, cols = grp.scale_shape(n, k)
+    gn, gk = (n if grp.gn == 0 else grp.gn), (k if grp.gk == 0 else grp.gk)
+    fmax_code = int(torch.tensor(fmt.max).to(fmt.dtype).view(torch.uint8))
+    for r in range(rows):
+        for c in range(cols):
+            codes[r * gn, c * gk] = fmax_code | (0x80 if (r + c) % 2 else 0)
+    # float16 must hold FMAX * s (e5m2: 57344 * s) and resolve the subnormal steps
+    lo, hi = (-6, 6 if fmt is E4M3 else -1) if out_dtype == "float16" else (-40, 20)
+    scales = 2.0 ** torch.randint(lo, hi, (rows, cols), generator=g).float() * (1 + torch.rand((rows, cols),
+                                                                                             generator=g))
+    q, s = codes.view(fmt.dtype).to(DEVICE), scales.to(DEVICE)
+    y = quant.dequantize(q, s, grp, out_dtype=getattr(torch, out_dtype))
+    q2, s2 = quant.quantize(y, grp, fmt) if dynamic else quant.quantize(y, grp, fmt, scales=s)
+    codes_equal(q2, codes)
+    if not dynamic:
+        assert torch.equal(s2.cpu(), scales)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+def test_bad_input_is_refused():
+    x = torch.randn(4, 32, device=DEVICE)
+    q, s = quant.quantize(x, "channel")
+    with pytest.raises(TypeError, match="uint8 codes"):
+        quant.dequantize(q.view(torch.uint8), s, "channel")
+    with pytest.raises(TypeError, match="float8_e4m3fn, float8_e5m2 or uint8"):
+        quant.dequantize(x, s, "channel")
+    with pytest.raises(ValueError, match=r"needs 4 scales, shape \[4, 1\]"):
+        quant.dequantize(q, s[:2], "channel", out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="contiguous in its last dimension"):
+        quant.quantize(x.t(), "tensor")
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
+        quant.quantize(x.to(torch.int32), "tensor")
+    with pytest.raises(ValueError, match="power of two"):
+        ScaleGroup(100, 128)
+    with pytest.raises(ValueError, match="unknown scale granularity"):
+        quant.quantize(x, "rowwise")
+    with pytest.raises(ValueError, match="unknown FP8 format"):
+        quant.quantize(x, "tensor", "e3m4")
+    with pytest.raises(TypeError, match="scales must be floating point"):
+        quant.dequantize(q, s.to(torch.int32), "channel", out_dtype=torch.float32)
+    if backend.INTERPRETED:
+        with pytest.raises(TypeError, match="bfloat16 is not supported by the Triton interpreter"):
+            quant.dequantize(q, s, "channel", out_dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_bfloat16_roundtrip_on_gpu():
+    x = torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16)
+    for group in GROUPS:
+        q, s = quant.quantize(x, group)
+        ref_q, ref_s = R.quantize_reference(x, group)
+        codes_equal(q, ref_q)
+        assert_close(s, ref_s, rtol=0, atol=0)
+        y = quant.dequantize(q, s, group, out_dtype=torch.bfloat16)
+        assert_close(y, R.dequantize_reference(ref_q, ref_s, group, "e4m3", torch.bfloat16), rtol=0, atol=0)

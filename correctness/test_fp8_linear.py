@@ -1,0 +1,117 @@
+"""FP8 linear layers against a float64 reference, the explicit path choice, and Hugging Face module swapping.
+
+The bound is ``linear_error_bound`` (impl/fp8/linear.py): rounding of inputs/weights to the compute dtype and the
+fp32 sums on the dequantize paths; plus e4m3 activation quantization on the ``_scaled_mm`` paths.
+"""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fixtures.strategies import seeds
+from impl import backend
+from impl.backend import DEVICE
+from impl.fp8 import hf
+from impl.fp8.formats import get_group
+from impl.fp8.linear import Fp8Linear, Fp8Weight, linear_error_bound, linear_reference, quantize_weight
+from impl.fp8.loader import load_checkpoint
+from impl.fp8.quantize import quantize_checkpoint
+from impl.fp8.reference import dequantize_reference
+from impl.fp8.tiny import tiny_config, write_dense_checkpoint
+
+GROUPS = ["tensor", "channel", "group", "block"]
+PATHS_HERE = ["dequant-torch", "dequant-triton"] + (["auto"] if backend.ON_GPU else [])
+
+
+def make_layer(n, k, group, seed, bias, static, path):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.1
+    fw = quantize_weight(w.to(DEVICE), group)
+    if bias:
+        fw.bias = torch.randn(n, generator=g).to(DEVICE)
+    if static:
+        fw.input_scale = torch.tensor(4.0 / 448, device=DEVICE)
+    return fw, Fp8Linear(fw, path=None if path == "auto" else path)
+
+
+@given(m=st.sampled_from([1, 3, 16, 33]), n=st.sampled_from([16, 48, 130]), k=st.sampled_from([16, 64, 144]),
+       group=st.sampled_from(GROUPS), path=st.sampled_from(PATHS_HERE), seed=seeds(), bias=st.booleans(),
+       static=st.booleans(), batch3d=st.booleans())
+def test_fp8_linear_within_bound_of_float64_reference(m, n, k, group, path, seed, bias, static, batch3d):
+    fw, layer = make_layer(n, k, group, seed, bias, static, path)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn((2, m, k) if batch3d else (m, k), generator=g)
+    x = x.to(DEVICE, torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    x0 = x.clone()
+    y = layer(x)
+    assert y.shape == (*x.shape[:-1], n) and y.dtype == x.dtype
+    ref = linear_reference(x, fw)
+    bound = linear_error_bound(x, fw, layer.path, layer.compute_dtype)
+    err = (y.cpu().double() - ref).abs()
+    assert bool((err <= bound).all()), (f"path {layer.path}: max err {err.max():.3e}, worst err/bound "
+                                        f"{(err / bound).max():.2f}")
+    assert torch.equal(x, x0), "input modified"
+
+
+def test_path_choice_is_explicit_and_checked():
+    fw = quantize_weight(torch.randn(32, 64, device=DEVICE), "block")
+    layer = Fp8Linear(fw)
+    assert layer.path in ("dequant-torch", "dequant-triton") and layer.reason
+    if not backend.ON_GPU:
+        assert layer.path == "dequant-torch" and "CPU" in layer.reason
+        with pytest.raises(ValueError, match="not available for this weight"):
+            Fp8Linear(quantize_weight(torch.randn(32, 64), "tensor"), path="scaled_mm-tensor")
+    with pytest.raises(ValueError, match="path must be one of"):
+        Fp8Linear(fw, path="magic")
+    with pytest.raises(TypeError, match="2-D FP8 tensor"):
+        Fp8Linear(Fp8Weight(torch.zeros(4, 4), torch.ones(1, 1), get_group("tensor")))
+    with pytest.raises(ValueError, match="takes 64"):
+        layer(torch.zeros(2, 63, device=DEVICE))
+    assert "path=" in repr(layer)
+
+
+@pytest.mark.gpu
+def test_gpu_paths_use_fp8_tensor_cores_where_scales_allow():
+    paths = {g: Fp8Linear(quantize_weight(torch.randn(256, 512, device="cuda"), g)).path for g in GROUPS}
+    assert paths["tensor"] == "scaled_mm-tensor"
+    if torch.cuda.get_device_capability() >= (9, 0):
+        assert paths["channel"] == "scaled_mm-rowwise"
+    assert paths["block"] == "dequant-triton" and paths["group"] == "dequant-triton"
+    odd = Fp8Linear(quantize_weight(torch.randn(100, 72, device="cuda"), "tensor"))
+    assert odd.path == "dequant-triton" and "divisible by 16" in odd.reason
+
+
+@pytest.fixture(scope="module")
+def tiny_dense(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    write_dense_checkpoint(d, tiny_config(), seed=3, dtype=torch.float32)
+    return d
+
+
+def test_unquantized_checkpoint_builds_the_same_model_as_transformers(tiny_dense):
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+    want = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32)(input_ids=ids).logits
+    model = hf.build_model(load_checkpoint(tiny_dense, "cpu"), dtype=torch.float32)
+    assert torch.equal(model(input_ids=ids).logits, want)
+
+
+@pytest.mark.parametrize("layout", ["vllm-tensor", "deepseek-block", "ct-channel"])
+def test_hf_model_runs_on_swapped_fp8_linears(tiny_dense, tmp_path, layout):
+    """Swapped-in Fp8Linears give the logits of the same model with the dequantized weights in nn.Linear."""
+    from transformers import AutoModelForCausalLM
+
+    quantize_checkpoint(tiny_dense, tmp_path, layout, log=lambda *a: None)
+    loaded = load_checkpoint(tmp_path, DEVICE)
+    model = hf.build_model(loaded, dtype=torch.float32, path="dequant-triton" if not backend.ON_GPU else None)
+    assert sum(isinstance(m, Fp8Linear) for m in model.modules()) == 14
+    assert sum(hf.linear_paths(model).values()) == 14
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32).to(DEVICE)
+    for module, w in loaded.linears.items():
+        wd = dequantize_reference(w.weight, w.scale, w.group, "e4m3", torch.float32)
+        dense.get_submodule(module).weight.data = wd.to(DEVICE)
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got, want = model(input_ids=ids).logits, dense(input_ids=ids).logits
+    tol = 1e-4 if not backend.ON_GPU else 5e-2  # on a GPU the scaled_mm paths also quantize activations
+    assert (got - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())

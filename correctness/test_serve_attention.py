@@ -1,0 +1,150 @@
+"""Every attention backend (flashinfer, Triton paged, torch SDPA) against the float64 reference attention.
+
+Inputs are drawn over heads, KV heads (GQA groups 1-4), head dims (including ones that are not powers of two),
+sequence lengths, new-token counts (decode = 1 per sequence, prefill chunks after cached tokens) and page sizes, on
+fragmented caches whose unused rows are NaN, with bf16/fp32 or FP8 KV.
+"""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fixtures.oracle import assert_close, check_kernel
+from impl import backend
+from impl.backend import DEVICE
+from impl.serve.attention import (available_backends, make_backend, paged_attention_reference, select_backend)
+from impl.serve.model import ModelArgs
+from impl.serve.testing import fill_sequences, fragmented_cache, step_metadata
+from impl.serve.triton_attention import paged_decode, paged_prefill
+
+BACKENDS = list(available_backends())
+TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+DTYPES = [torch.float32] + ([torch.bfloat16] if backend.ON_GPU else [])
+
+
+@st.composite
+def attention_cases(draw, decode: bool | None = None):
+    kv_heads = draw(st.integers(1, 3))
+    group = draw(st.integers(1, 4))
+    head_dim = draw(st.sampled_from([8, 16, 24, 32, 64, 128]))
+    page_size = draw(st.sampled_from([1, 3, 4, 16, 32]))
+    batch = draw(st.integers(1, 4))
+    is_decode = draw(st.booleans()) if decode is None else decode
+    lengths, q_lens = [], []
+    for _ in range(batch):
+        n = draw(st.integers(1, 80))
+        lengths.append(n)
+        q_lens.append(1 if is_decode else draw(st.integers(1, n)))
+    fp8_kv = draw(st.booleans())
+    return dict(kv_heads=kv_heads, heads=kv_heads * group, head_dim=head_dim, page_size=page_size,
+                lengths=lengths, q_lens=q_lens, fp8_kv=fp8_kv, seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def build(case: dict, dtype: torch.dtype):
+    """Cache (on DEVICE) with K/V for every position, metadata, and q [T, H, D]."""
+    args = ModelArgs(dim=case["heads"] * case["head_dim"], n_layers=1, n_heads=case["heads"],
+                     n_kv_heads=case["kv_heads"], head_dim=case["head_dim"], ffn_dim=8, vocab_size=8)
+    cache = fragmented_cache(args, case["lengths"], case["page_size"], seed=case["seed"], dtype=dtype,
+                             kv_dtype=torch.float8_e4m3fn if case["fp8_kv"] else None, device=DEVICE)
+    fill_sequences(cache, case["lengths"], 0, case["seed"])
+    meta = step_metadata(cache, case["lengths"], case["q_lens"], DEVICE)
+    gen = torch.Generator().manual_seed(case["seed"] + 1)
+    q = torch.randn(sum(case["q_lens"]), case["heads"], case["head_dim"], generator=gen).to(DEVICE, dtype)
+    return cache, meta, q
+
+
+def skip_unavailable(name: str, case: dict | None = None) -> None:
+    reason = available_backends()[name]
+    if reason:
+        pytest.skip(reason)
+    if name == "flashinfer" and case is not None and case["head_dim"] not in (64, 128):
+        pytest.skip("flashinfer compiles head dims 64/128/256 only")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("name", BACKENDS)
+@given(case=attention_cases())
+def test_backend_matches_float64_reference(name, dtype, case):
+    skip_unavailable(name, case)
+    cache, meta, q = build(case, dtype)
+    q0, k0 = q.clone(), cache.k.clone()
+    scale = case["head_dim"] ** -0.5
+    got = make_backend(name).attend(q, cache.k[0], cache.v[0], meta, scale=scale)
+    ref = paged_attention_reference(q, cache.k[0], cache.v[0], meta, scale=scale)
+    assert_close(got.double(), ref, check_dtype=False, **TOL[dtype], msg=f"{name} {case}")
+    assert torch.equal(q, q0) and torch.equal(cache.k.view(torch.uint8), k0.view(torch.uint8)), "inputs modified"
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+@given(case=attention_cases(decode=None))
+def test_triton_kernels_write_every_output(decode, case):
+    if decode:
+        case = {**case, "q_lens": [1] * len(case["lengths"])}
+    cache, meta, q = build(case, torch.float32)
+    scale = case["head_dim"] ** -0.5
+    ref = paged_attention_reference(q, cache.k[0], cache.v[0], meta, scale=scale).float().numpy()
+    if decode:
+        run = lambda out: paged_decode(q, cache.k[0], cache.v[0], meta.block_tables, meta.seq_lens, scale=scale,
+                                       out=out)
+    else:
+        run = lambda out: paged_prefill(q, cache.k[0], cache.v[0], meta.block_tables, meta.q_start, meta.seq_lens,
+                                        meta.max_q_len, scale=scale, out=out)
+    check_kernel(run, torch.empty_like(q), ref, **TOL[torch.float32])
+
+
+def test_triton_decode_writes_zeros_for_empty_rows():
+    """CUDA-graph padding rows have K/V length 0 and must come out as zeros, not NaN (0/0)."""
+    case = dict(kv_heads=2, heads=4, head_dim=16, page_size=4, lengths=[5, 9], q_lens=[1, 1], fp8_kv=False, seed=3)
+    cache, meta, q = build(case, torch.float32)
+    seq_lens = torch.tensor([5, 0], dtype=torch.int32, device=DEVICE)
+    out = paged_decode(q, cache.k[0], cache.v[0], meta.block_tables, seq_lens, scale=0.25)
+    assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu()))
+    ref = paged_attention_reference(q[:1], cache.k[0], cache.v[0], step_metadata(cache, [5], [1], DEVICE), scale=0.25)
+    assert_close(out[:1].double(), ref, check_dtype=False, **TOL[torch.float32])
+
+
+def test_triton_wrappers_reject_bad_input():
+    case = dict(kv_heads=2, heads=4, head_dim=16, page_size=4, lengths=[5], q_lens=[1], fp8_kv=False, seed=0)
+    cache, meta, q = build(case, torch.float32)
+    k, v = cache.k[0], cache.v[0]
+    with pytest.raises(ValueError, match="q must be"):
+        paged_decode(q[0], k, v, meta.block_tables, meta.seq_lens, scale=1.0)
+    with pytest.raises(ValueError, match="not a multiple"):
+        paged_decode(q[:, :3], k, v, meta.block_tables, meta.seq_lens, scale=1.0)
+    with pytest.raises(TypeError, match="int32"):
+        paged_decode(q, k, v, meta.block_tables.long(), meta.seq_lens, scale=1.0)
+    with pytest.raises(TypeError, match="cache dtype"):
+        paged_decode(q, k.double(), v.double(), meta.block_tables, meta.seq_lens, scale=1.0)
+    with pytest.raises(ValueError, match="rows"):
+        paged_decode(q, k, v, meta.block_tables, meta.seq_lens[:0], scale=1.0)
+    with pytest.raises(ValueError, match="q_start"):
+        paged_prefill(q, k, v, meta.block_tables, meta.q_start.long(), meta.seq_lens, 1, scale=1.0)
+
+
+def test_backend_choice_is_explicit():
+    chosen, why = select_backend("auto")
+    assert why.startswith("auto:") and chosen.name in BACKENDS
+    if not backend.ON_GPU:
+        assert chosen.name == "sdpa" and "interpreter" in why
+    assert select_backend("triton")[0].name == "triton"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        select_backend("paged-magic")
+    if available_backends()["flashinfer"]:
+        with pytest.raises(RuntimeError, match="flashinfer"):
+            select_backend("flashinfer")
+
+
+def test_reference_is_plain_softmax_attention():
+    """The float64 reference itself, on one sequence, against a direct numpy evaluation of the formula."""
+    case = dict(kv_heads=1, heads=2, head_dim=8, page_size=3, lengths=[7], q_lens=[3], fp8_kv=False, seed=5)
+    cache, meta, q = build(case, torch.float32)
+    pages = meta.block_tables_host[0]
+    k = cache.k[0].cpu()[pages].reshape(-1, 1, 8)[:7, 0].double().numpy()
+    v = cache.v[0].cpu()[pages].reshape(-1, 1, 8)[:7, 0].double().numpy()
+    ref = paged_attention_reference(q, cache.k[0], cache.v[0], meta, scale=0.5).numpy()
+    for t in range(3):
+        for h in range(2):
+            s = 0.5 * k[: 4 + t + 1] @ q[t, h].double().cpu().numpy()
+            w = np.exp(s - s.max())
+            np.testing.assert_allclose(ref[t, h], (w / w.sum()) @ v[: 4 + t + 1], rtol=1e-12)

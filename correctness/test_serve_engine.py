@@ -1,0 +1,180 @@
+"""The engine on toy random-weight models: paged KV == contiguous KV, continuous batching == each request alone,
+stop tokens and length limits, per-request errors, sampling, CUDA graphs (GPU) and the experiment's smoke run."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fixtures.oracle import assert_close
+from impl import backend
+from impl.serve.engine import Engine, EngineConfig
+from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep, last_token_rows
+from impl.serve.attention import make_backend
+from impl.serve.reference import ContiguousKV, greedy_contiguous
+from impl.serve.sampling import SamplingParams, sample_one, top_p_filter
+from impl.serve.testing import tiny_model
+
+DEV = "cuda" if backend.ON_GPU else "cpu"
+MODEL = tiny_model(device=DEV)
+PROMPTS = [[5], [1, 2, 3, 4, 5, 6, 7], list(range(10, 33)), [96, 0, 96, 0, 42], list(range(60, 96))]
+
+
+def alone(prompt, params, **cfg) -> list[int]:
+    return Engine(MODEL, EngineConfig(**cfg)).generate([prompt], params)[0].tokens
+
+
+@pytest.mark.parametrize("name,page_size", [("sdpa", 1), ("sdpa", 3), ("sdpa", 16), ("triton", 4)])
+def test_paged_engine_equals_contiguous_decoding(name, page_size):
+    prompts = PROMPTS if name == "sdpa" or backend.ON_GPU else PROMPTS[1:3]
+    outs = Engine(MODEL, EngineConfig(page_size=page_size, attention=name, max_batch=4)).generate(
+        prompts, SamplingParams(max_new_tokens=12, stop_token_ids=()))
+    for prompt, out in zip(prompts, outs):
+        want, _ = greedy_contiguous(MODEL, prompt, 12)
+        assert out.tokens == want and out.finish_reason == "length", prompt
+
+
+@pytest.mark.parametrize("name", ["sdpa", "triton"])
+def test_paged_step_logits_equal_contiguous(name):
+    """Prefill in two chunks, then three decode steps, through the paged path and the contiguous reference."""
+    prompt = list(range(3, 24))
+    cache = PagedKVCache(MODEL.args, CacheConfig(16, 4), dtype=MODEL.dtype, device=DEV)
+    ref = ContiguousKV(MODEL, 40)
+    chunks = [prompt[:13], prompt[13:], [7], [8], [9]]
+    start = 0
+    for chunk in chunks:
+        cache.reserve(0, start + len(chunk))
+        meta = cache.metadata([(0, start, len(chunk))], DEV)
+        tokens = torch.tensor(chunk, device=DEV)
+        with torch.no_grad():
+            got = MODEL(tokens, PagedStep(cache, make_backend(name), meta, None))
+            ref.positions = torch.arange(start, start + len(chunk), device=DEV)
+            want = MODEL(tokens, ref)
+        assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"chunk at {start}")
+        start += len(chunk)
+
+
+REQUESTS = [  # (prompt, max_new_tokens, arrival step, temperature, top_p)
+    (PROMPTS[1], 9, 0, 0.0, 1.0), (PROMPTS[2], 3, 0, 0.9, 0.8), (PROMPTS[0], 12, 1, 0.0, 1.0),
+    (PROMPTS[3], 1, 2, 1.3, 1.0), (PROMPTS[4], 7, 2, 0.7, 0.5), ([4, 4, 4], 10, 5, 0.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("name", ["sdpa", "triton"])
+def test_continuous_batching_equals_each_request_alone(name):
+    """Requests arrive at different steps, queue behind max_batch, and leave at different lengths."""
+    reqs = REQUESTS if name == "sdpa" or backend.ON_GPU else REQUESTS[:3]
+    cfg = dict(attention=name, page_size=4, max_batch=3)
+    params = [SamplingParams(max_new_tokens=n, temperature=t, top_p=p, seed=100 + i, stop_token_ids=())
+              for i, (_, n, _, t, p) in enumerate(reqs)]
+    engine = Engine(MODEL, EngineConfig(**cfg))
+    ids, step = {}, 0
+    while len(ids) < len(reqs) or engine.has_unfinished():
+        for i, (prompt, _, arrival, _, _) in enumerate(reqs):
+            if arrival == step:
+                ids[i] = engine.add_request(prompt, params[i])
+        engine.step()
+        assert len(engine.running) <= 3
+        step += 1
+    for i, (prompt, n, *_rest) in enumerate(reqs):
+        out = engine.done[ids[i]]
+        assert out.tokens == alone(prompt, params[i], **cfg) and len(out.tokens) == n, i
+
+
+def test_stop_tokens_and_length_limits():
+    free = alone(PROMPTS[1], SamplingParams(max_new_tokens=10, stop_token_ids=()))
+    stop = free[4]
+    first = free.index(stop)
+    out = Engine(MODEL).generate([PROMPTS[1]], SamplingParams(max_new_tokens=10, stop_token_ids=(stop, 96)))[0]
+    assert out.finish_reason == "stop" and out.tokens == free[: first + 1]
+    # the context end: 20 prompt tokens in a 24-token context leave room for 4
+    out = Engine(MODEL, EngineConfig(max_seq_len=24)).generate([list(range(20))], SamplingParams(16, stop_token_ids=()))[0]
+    assert out.finish_reason == "length" and len(out.tokens) == 4
+    assert out.tokens == greedy_contiguous(MODEL, list(range(20)), 4)[0]
+
+
+def test_errors_stay_with_their_request():
+    engine = Engine(MODEL, EngineConfig(max_seq_len=32, num_pages=5, page_size=4))
+    prompts = [PROMPTS[1], list(range(40)), [], [3, 97], list(range(20)), "text", PROMPTS[0]]
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=5, stop_token_ids=()))
+    errors = [o.error for o in outs]
+    assert errors[0] is None and errors[6] is None
+    assert "prompt has 40 tokens" in errors[1] and "context holds 32" in errors[1]
+    assert "empty prompt" in errors[2]
+    assert "token id 97" in errors[3]
+    assert "needs 6 pages, the whole cache has 5" in errors[4]
+    assert "tokenizer" in errors[5]
+    assert outs[0].tokens == alone(PROMPTS[1], SamplingParams(5, stop_token_ids=()))
+    assert outs[6].tokens == alone(PROMPTS[0], SamplingParams(5, stop_token_ids=()))
+
+
+def test_running_out_of_pages_stops_only_the_request_that_needs_one():
+    engine = Engine(MODEL, EngineConfig(num_pages=6, page_size=4, max_batch=4))
+    long, short = SamplingParams(max_new_tokens=30, stop_token_ids=()), SamplingParams(6, stop_token_ids=())
+    outs = engine.generate([PROMPTS[2][:10], PROMPTS[1]], [long, short])
+    assert outs[0].finish_reason == "error" and "out of KV pages" in outs[0].error
+    assert 0 < len(outs[0].tokens) < 30
+    assert outs[0].tokens == alone(PROMPTS[2][:10], long)[: len(outs[0].tokens)]
+    assert outs[1].error is None and outs[1].tokens == alone(PROMPTS[1], short)
+    assert engine.cache.allocator.num_free == 6, "pages leaked"
+
+
+@given(logits=st.lists(st.floats(-8, 8), min_size=1, max_size=40), p=st.floats(0.01, 1.0))
+def test_top_p_keeps_the_smallest_nucleus(logits, p):
+    probs = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
+    kept = top_p_filter(probs, p)
+    assert_close(kept.sum(), torch.tensor(1.0, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    mask = kept > 0
+    order = torch.sort(probs, descending=True, stable=True).indices
+    n = int(mask.sum())
+    assert bool(mask[order[:n]].all()), "the nucleus is not a prefix of the sorted tokens"
+    assert float(probs[order[:n]].sum()) >= min(p, 1.0) - 1e-9 or n == len(logits)
+    assert n == 1 or float(probs[order[: n - 1]].sum()) < p, "the nucleus is not the smallest one"
+
+
+def test_sampling_is_seeded_and_degenerates_to_greedy():
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=7, stop_token_ids=())
+    a, b = alone(PROMPTS[1], params), alone(PROMPTS[1], params)
+    assert a == b
+    tiny_nucleus = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=3, stop_token_ids=())
+    assert alone(PROMPTS[1], tiny_nucleus) == alone(PROMPTS[1], SamplingParams(8, stop_token_ids=()))
+    logits = torch.tensor([0.0, 3.0, 1.0])
+    gen = torch.Generator().manual_seed(0)
+    draws = [sample_one(logits, SamplingParams(temperature=1.0), gen) for _ in range(3000)]
+    freq = torch.bincount(torch.tensor(draws), minlength=3).double() / 3000
+    assert_close(freq, torch.softmax(logits.double(), 0), rtol=0, atol=0.04)
+
+
+def test_sampling_params_reject_bad_values():
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_p=0.0),
+                dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_engine_reports_its_choices():
+    d = Engine(MODEL, EngineConfig(attention="auto")).describe()
+    assert d["attention_backend"] in ("flashinfer", "triton", "sdpa") and d["attention_reason"].startswith("auto")
+    assert d["linear_paths"] == {"dense": 4 * MODEL.args.n_layers} and d["kv_dtype"] == "float32"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn], ids=["kv-model-dtype", "kv-fp8"])
+def test_cuda_graph_decode_equals_eager(kv_dtype):
+    params = [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in (3, 17, 9, 12, 5)]
+    cfg = dict(attention="triton", max_batch=8, page_size=16, kv_dtype=kv_dtype)
+    eager = Engine(MODEL, EngineConfig(cuda_graphs=False, **cfg)).generate(PROMPTS, params)
+    graphed_engine = Engine(MODEL, EngineConfig(cuda_graphs=True, **cfg))
+    graphed = graphed_engine.generate(PROMPTS, params)
+    assert [o.tokens for o in graphed] == [o.tokens for o in eager]
+    assert graphed_engine.graphs.graphs, "no graph was captured"
+
+
+def test_experiments_smoke_runs_and_writes_nothing(capsys):
+    from impl.common.results import RESULTS
+    from impl.serve import experiments
+
+    before = sorted(RESULTS.rglob("serve/*"))
+    assert experiments.main(["--smoke"]) == 0
+    assert sorted(RESULTS.rglob("serve/*")) == before
+    out = capsys.readouterr().out
+    assert "fp8_decode_speedup_b1" in out and "tokens_per_s" in out

@@ -1,0 +1,194 @@
+"""FP8 linear layers: y = x @ W^T (+ b) with W held in FP8 and dequantized by its scales.
+
+Paths (``Fp8Linear.path``, chosen once at construction and stated in ``Fp8Linear.reason``):
+  scaled_mm-tensor   per-tensor weight scale: x quantized (always e4m3) per tensor (static ``input_scale`` or dynamic, by our
+                     kernel), then ``torch._scaled_mm(xq, Wq^T, s_x, s_w)`` on FP8 tensor cores (sm_89+).
+  scaled_mm-rowwise  per-channel weight scales: x quantized per token, ``_scaled_mm`` with row-wise scales
+                     s_x [M, 1] and s_w [1, N] (Hopper, sm_90).
+  dequant-triton     any scales (128x128 blocks, 1x128 groups, fused shards): the Triton kernel dequantizes W to
+                     the compute dtype on every call, then a dense GEMM.
+  dequant-torch      the same with the CPU reference dequantizer (whole models on a CPU, where Triton runs
+                     interpreted and would take minutes per forward).
+Compute dtype: bfloat16 on a GPU, float32 on the CPU. Output dtype: x's dtype. Shapes: x [..., K] -> y [..., N].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from impl import backend
+from impl.fp8 import quant
+from impl.fp8.formats import CHANNEL, E4M3, TENSOR, ScaleGroup, get_format, get_group
+from impl.fp8.reference import dequantize_reference
+
+PATHS = ("scaled_mm-tensor", "scaled_mm-rowwise", "dequant-triton", "dequant-torch")
+
+
+@dataclass
+class Fp8Weight:
+    """An FP8 weight as the kernels want it: codes [N, K] (row-major, fp8 dtype), float32 scales [R, C]."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    group: ScaleGroup
+    input_scale: torch.Tensor | None = None  # static activation scale (float32, one element), or None: dynamic
+    bias: torch.Tensor | None = None
+    shards: tuple[tuple[str, int], ...] = ()  # fused weights: (name, rows) of each shard, in order
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size() + self.scale.numel() * 4
+
+
+def quantize_weight(w: torch.Tensor, group: str | ScaleGroup = "channel", fmt: str = "e4m3") -> Fp8Weight:
+    """Quantize a high-precision [N, K] weight with dynamic scales (Triton kernel) into an ``Fp8Weight``."""
+    group = get_group(group)
+    q, s = quant.quantize(w, group, fmt)
+    return Fp8Weight(q, s, group)
+
+
+def scaled_mm_support(device: torch.device | str) -> tuple[bool, bool, str]:
+    """(per-tensor FP8 GEMM available, row-wise available, why not) for ``torch._scaled_mm`` on ``device``."""
+    if not (backend.ON_GPU and torch.device(device).type == "cuda"):
+        return False, False, "no CUDA device: FP8 tensor cores need sm_89+"
+    if not hasattr(torch, "_scaled_mm"):
+        return False, False, "this torch has no _scaled_mm"
+    cap = torch.cuda.get_device_capability(torch.device(device))
+    if cap < (8, 9):
+        return False, False, f"compute capability {cap} < 8.9 has no FP8 tensor cores"
+    return True, cap >= (9, 0), "" if cap >= (9, 0) else "row-wise scaled_mm needs sm_90"
+
+
+def choose_path(w: Fp8Weight, device: torch.device | str) -> tuple[str, str]:
+    """(path, reason) for a weight on a device; see the module doc."""
+    n, k = w.shape
+    tensor_ok, rowwise_ok, why = scaled_mm_support(device)
+    if not tensor_ok:
+        if backend.ON_GPU and torch.device(device).type == "cuda":
+            return "dequant-triton", f"dequantize + GEMM: {why}"
+        return "dequant-torch", f"dequantize + GEMM on the CPU ({why}; Triton would run interpreted)"
+    if k % 16 or n % 16:
+        return "dequant-triton", f"_scaled_mm needs K and N divisible by 16, got K={k}, N={n}"
+    if w.group == TENSOR:
+        return "scaled_mm-tensor", "per-tensor weight scale: FP8 tensor cores with per-tensor activation scale"
+    if w.group == CHANNEL and rowwise_ok and w.input_scale is None:
+        return "scaled_mm-rowwise", "per-channel weight scales: FP8 tensor cores with per-token activation scales"
+    if w.group == CHANNEL and rowwise_ok:
+        return "scaled_mm-rowwise", "per-channel weight scales, static activation scale broadcast per row"
+    return "dequant-triton", (f"{w.group.name} weight scales: torch._scaled_mm has no such scaling here; "
+                              "dequantize (Triton) + bf16 GEMM")
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer over an ``Fp8Weight``; ``path`` and ``reason`` say how it computes (module doc)."""
+
+    def __init__(self, w: Fp8Weight, *, path: str | None = None, compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if w.weight.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or w.weight.ndim != 2:
+            raise TypeError(f"weight must be a 2-D FP8 tensor, got {w.weight.dtype} {tuple(w.weight.shape)}")
+        self.out_features, self.in_features = w.shape
+        self.group = w.group
+        self.fmt = get_format(w.weight.dtype)
+        self.register_buffer("weight", w.weight)
+        self.register_buffer("weight_scale", w.scale.to(torch.float32).reshape(w.group.scale_shape(*w.shape)))
+        self.register_buffer("input_scale", None if w.input_scale is None else w.input_scale.reshape(()).float())
+        self.register_buffer("bias", w.bias)
+        self.shards = w.shards
+        auto_path, auto_reason = choose_path(w, w.weight.device)
+        if path is None:
+            path, reason = auto_path, auto_reason
+        elif path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        elif path.startswith("scaled_mm") and not auto_path.startswith("scaled_mm"):
+            raise ValueError(f"path {path!r} is not available for this weight: {auto_reason}")
+        elif path == "scaled_mm-rowwise" and w.group != CHANNEL:
+            raise ValueError(f"scaled_mm-rowwise needs per-channel weight scales, got {w.group.name}")
+        elif path == "scaled_mm-tensor" and w.group != TENSOR:
+            raise ValueError(f"scaled_mm-tensor needs a per-tensor weight scale, got {w.group.name}")
+        else:
+            reason = "chosen by the caller"
+        self.path, self.reason = path, reason
+        on_gpu = w.weight.device.type == "cuda"
+        self.compute_dtype = compute_dtype or (torch.bfloat16 if on_gpu else torch.float32)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, {self.fmt.name}, scales={self.group.name}, "
+                f"path={self.path}")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W in the compute dtype, [N, K]."""
+        if self.path == "dequant-torch":
+            w = dequantize_reference(self.weight, self.weight_scale, self.group, self.fmt, self.compute_dtype)
+            return w.to(self.weight.device)
+        return quant.dequantize(self.weight, self.weight_scale, self.group, out_dtype=self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features, this layer takes {self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.path.startswith("scaled_mm"):
+            y = self._forward_scaled_mm(x2)
+        else:
+            y = x2.to(self.compute_dtype) @ self.dequantized_weight().t()
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _forward_scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        xin = x2 if x2.dtype in quant.HIGH_DTYPES else x2.to(self.compute_dtype)
+        if self.path == "scaled_mm-tensor":
+            xq, sx = quant.quantize(xin, TENSOR, E4M3, scales=self.input_scale)
+            sw = self.weight_scale.reshape(())
+            sx = sx.reshape(())
+        else:
+            if self.input_scale is not None:
+                xq, sx = quant.quantize(xin, TENSOR, E4M3, scales=self.input_scale)
+                sx = sx.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
+            else:
+                xq, sx = quant.quantize(xin, CHANNEL, E4M3)
+            sw = self.weight_scale.reshape(1, self.out_features)
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        # Wq is [N, K] row-major, so Wq.t() is the column-major [K, N] operand cuBLASLt wants
+        return torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=torch.bfloat16)
+
+
+def linear_reference(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
+    """float64 x @ dequant(W)^T (+ b) on the CPU: the FP8 linear's exact target before activation quantization."""
+    fmt = get_format(w.weight.dtype)
+    wd = dequantize_reference(w.weight, w.scale, w.group, fmt, torch.float64)
+    y = x.detach().cpu().double().reshape(-1, w.shape[1]) @ wd.t()
+    if w.bias is not None:
+        y = y + w.bias.detach().cpu().double()
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def linear_error_bound(x: torch.Tensor, w: Fp8Weight, path: str, compute_dtype: torch.dtype) -> torch.Tensor:
+    """Stated bound on |Fp8Linear(x) - linear_reference(x, w)| per output element (float64, on the CPU).
+
+    With A = |x| @ |W|^T (W the exact dequantized weight) and K the inner dimension:
+      dequant paths     (2 u + K 2^-24) A + u |y|,        u = unit roundoff of the compute dtype (2^-24 fp32,
+                                                          2^-9 bf16): inputs and weights rounded once, fp32 sums
+      scaled_mm paths   2^-4 A + 2^-10 s_x |1| @ |W|^T + K 2^-23 A + 2^-8 |y|: e4m3 activations (half a step,
+                                                          subnormal step s_x 2^-9 / 2), fp32 sums, bf16 output
+    """
+    fmt = get_format(w.weight.dtype)
+    wd = dequantize_reference(w.weight, w.scale, w.group, fmt, torch.float64)
+    xa = x.detach().cpu().double().reshape(-1, w.shape[1]).abs()
+    a = xa @ wd.abs().t()
+    y = linear_reference(x, w).reshape(a.shape).abs()
+    k = w.shape[1]
+    if path.startswith("scaled_mm"):
+        sx = xa.amax(dim=1, keepdim=True) / 448 if w.input_scale is None else w.input_scale.double().cpu()
+        bound = 2.0 ** -4 * a + 2.0 ** -10 * sx * wd.abs().sum(1)[None, :] + k * 2.0 ** -23 * a + 2.0 ** -8 * y
+    else:
+        u = 2.0 ** -24 if compute_dtype == torch.float32 else (2.0 ** -9 if compute_dtype == torch.bfloat16
+                                                                else 2.0 ** -11)
+        bound = (2 * u + k * 2.0 ** -24) * a + u * y
+    return bound.reshape(*x.shape[:-1], w.shape[0]) + 1e-30

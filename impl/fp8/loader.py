@@ -1,0 +1,352 @@
+"""Streaming, validating loader: FP8 checkpoint dir -> weights on the device in the kernels' layout.
+
+Order of work:
+  1. config.json -> ``ModelSpec`` (every tensor and shape) and ``QuantScheme`` (layout, format, activations);
+  2. the safetensors headers (no data) -> every name, shape and dtype checked against them: missing and unexpected
+     tensors, wrong shapes, wrong dtypes, scale shapes of the layout; all before a byte of data is read;
+  3. tensors read one at a time (``safe_open``), values checked (scales finite and > 0; FP8 weights free of NaN
+     codes, checked on the device with one sync at the end), and copied to the device through two reused pinned
+     buffers, so host memory holds about one tensor, never the model;
+  4. optionally fused: q/k/v -> qkv_proj and gate/up -> gate_up_proj, with per-shard scales kept exactly (per-tensor
+     shards -> per-channel scales; block shards whose rows don't align to the block -> 1 x bk row groups) or, with
+     ``fuse="requant"``, per-tensor shards requantized to their largest scale (vLLM's choice, one scale per matrix).
+
+Every refusal is a ``CheckpointError`` whose message starts with the tensor (or config key) and says the problem.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from impl import backend
+from impl.fp8.formats import BLOCK128, CHANNEL, TENSOR, ScaleGroup, get_format
+from impl.fp8.layouts import FUSED, CheckpointError, Layout, ModelSpec, QuantScheme, parse_quantization_config
+from impl.fp8.linear import Fp8Weight
+from impl.fp8.quantize import read_config, safetensors_files
+
+ST_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16,
+             "F16": torch.float16, "F32": torch.float32, "F64": torch.float64, "U8": torch.uint8, "I8": torch.int8,
+             "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass
+class LoadStats:
+    tensors: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    largest_tensor_bytes: int = 0
+    peak_host_bytes: int = 0  # growth of anonymous resident memory (page cache of the files not counted)
+    staging: str = ""
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
+
+
+@dataclass
+class LoadedCheckpoint:
+    """Weights on the device: FP8 linears as ``Fp8Weight`` (dense ``torch.Tensor`` for unquantized ones)."""
+
+    path: Path
+    config: dict[str, Any]
+    spec: ModelSpec
+    scheme: QuantScheme
+    layout_name: str
+    linears: dict[str, Fp8Weight | torch.Tensor] = field(default_factory=dict)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: LoadStats = field(default_factory=LoadStats)
+
+
+def _anon_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# ---- step 2: names, shapes, dtypes from the headers -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def read_headers(files: list[Path]) -> dict[str, Entry]:
+    entries: dict[str, Entry] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                code = sl.get_dtype()
+                if code not in ST_DTYPES:
+                    raise CheckpointError(f"{name}: unsupported dtype {code} in {path.name}")
+                if name in entries:
+                    raise CheckpointError(f"{name}: stored twice ({entries[name].file.name} and {path.name})")
+                entries[name] = Entry(path, tuple(sl.get_shape()), ST_DTYPES[code])
+    return entries
+
+
+def _scale_group(scheme: QuantScheme, name: str, shape: tuple[int, ...], n: int, k: int) -> ScaleGroup:
+    """The scale group a stored scale tensor encodes; CheckpointError if its shape fits no layout."""
+    lay = scheme.layout
+    assert lay is not None
+    if scheme.vllm_scales_from_tensors:  # vLLM "fp8" without weight_block_size: per-tensor or per-channel
+        if math.prod(shape) == 1 and len(shape) <= 1:
+            return TENSOR
+        if shape in ((n, 1), (n,)):
+            return CHANNEL
+        raise CheckpointError(f"{name}: shape {list(shape)} is neither per-tensor ([] or [1]) nor per-channel "
+                              f"([{n}, 1]) for a [{n}, {k}] weight")
+    want = lay.stored_scale_shape(n, k)
+    ok = shape == want or (lay.group == TENSOR and math.prod(shape) == 1 and len(shape) <= 1)
+    if not ok:
+        raise CheckpointError(f"{name}: shape {list(shape)}, layout {lay.name} needs {list(want)} for a [{n}, {k}] "
+                              f"weight ({lay.group.name} scales)")
+    return lay.group
+
+
+def plan(spec: ModelSpec, scheme: QuantScheme, entries: dict[str, Entry]) -> dict[str, Any]:
+    """Check every header against the spec; returns the scale group of each quantized linear (by module name)."""
+    expected: dict[str, str] = {}
+    groups: dict[str, ScaleGroup] = {}
+    fp8 = get_format(scheme.fmt).dtype
+    for name, shape in {**spec.dense, **spec.biases}.items():
+        _expect(entries, name, shape, FLOAT_DTYPES)
+        expected[name] = "dense"
+    for module, (n, k) in spec.linears.items():
+        wname = f"{module}.weight"
+        quantized = scheme.layout is not None and not spec.is_ignored(module, scheme.ignore)
+        if not quantized:
+            _expect(entries, wname, (n, k), FLOAT_DTYPES)
+            expected[wname] = "dense"
+            continue
+        _expect(entries, wname, (n, k), (fp8,), hint=f"layout {scheme.layout.name} stores FP8 weights")
+        sname = f"{module}.{scheme.layout.scale_name}"
+        if sname not in entries:
+            raise CheckpointError(f"{sname}: missing (layout {scheme.layout.name} needs a scale for {wname})")
+        _expect(entries, sname, None, FLOAT_DTYPES)
+        groups[module] = _scale_group(scheme, sname, entries[sname].shape, n, k)
+        expected[wname], expected[sname] = "weight", "scale"
+        iname = f"{module}.input_scale"
+        if scheme.activation_scheme == "static":
+            if iname not in entries:
+                raise CheckpointError(f"{iname}: missing (activation_scheme is static)")
+            _expect(entries, iname, None, FLOAT_DTYPES)
+            if math.prod(entries[iname].shape) != 1:
+                raise CheckpointError(f"{iname}: shape {list(entries[iname].shape)}, a static input scale is one "
+                                      "value")
+            expected[iname] = "input_scale"
+    extra = sorted(set(entries) - set(expected))
+    if extra:
+        why = ("activation_scheme is dynamic" if extra[0].endswith(".input_scale")
+               else f"layout {scheme.layout.name if scheme.layout else 'unquantized'} has no such tensor")
+        raise CheckpointError(f"{extra[0]}: unexpected tensor ({why}); {len(extra)} unexpected in all")
+    return groups
+
+
+def _expect(entries: dict[str, Entry], name: str, shape: tuple[int, ...] | None, dtypes: tuple, hint: str = "") -> None:
+    if name not in entries:
+        raise CheckpointError(f"{name}: missing")
+    e = entries[name]
+    if shape is not None and e.shape != tuple(shape):
+        raise CheckpointError(f"{name}: shape {list(e.shape)}, the config says {list(shape)}")
+    if e.dtype not in dtypes:
+        want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise CheckpointError(f"{name}: dtype {str(e.dtype).replace('torch.', '')}, expected {want}"
+                              + (f" ({hint})" if hint else ""))
+
+
+# ---- step 3: stream to the device ----------------------------------------------------------------------------
+
+class Stager:
+    """Host -> device copies through two reused pinned buffers (CUDA), or none (CPU)."""
+
+    def __init__(self, device: torch.device, largest: int, pinned: bool) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.pinned = self.cuda and pinned
+        self.i = 0
+        if self.pinned:
+            self.bufs = [torch.empty(max(largest, 1), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            self.events = [torch.cuda.Event(), torch.cuda.Event()]
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return t
+        if not self.pinned:
+            return t.to(self.device)
+        slot = self.i % 2
+        self.i += 1
+        self.events[slot].synchronize()  # the copy that last read this buffer is done
+        nbytes = t.numel() * t.element_size()
+        src = self.bufs[slot][:nbytes]
+        src.copy_(t.reshape(-1).view(torch.uint8))
+        out = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+        out.reshape(-1).view(torch.uint8).copy_(src, non_blocking=True)
+        self.events[slot].record()
+        return out
+
+
+def _check_scale_values(name: str, s: torch.Tensor) -> None:
+    sf = s.float()
+    if torch.isnan(sf).any():
+        raise CheckpointError(f"{name}: contains NaN")
+    if torch.isinf(sf).any():
+        raise CheckpointError(f"{name}: contains inf")
+    if (sf <= 0).any():
+        bad = sf.reshape(-1)[(sf.reshape(-1) <= 0).nonzero()[0]].item()
+        raise CheckpointError(f"{name}: contains a {'zero' if bad == 0 else 'negative'} scale ({bad})")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device | None = None, *, fuse: bool | str = False,
+                    dense_dtype: torch.dtype | None = None, pinned: bool = True,
+                    check_weights: bool = True) -> LoadedCheckpoint:
+    """Load, validate and place a checkpoint (FP8 in any layout of ``layouts``, or unquantized).
+
+    ``fuse``: False, True/"exact" (per-shard scales kept exactly) or "requant" (per-tensor shards requantized to
+    their largest scale). ``dense_dtype`` casts unquantized tensors (default: as stored). ``check_weights`` scans
+    FP8 weights for NaN codes on the device.
+    """
+    path = Path(path)
+    device = torch.device(device or backend.DEVICE)
+    config = read_config(path)
+    spec = ModelSpec.from_config(config)
+    scheme = parse_quantization_config(config)
+    entries = read_headers(safetensors_files(path))
+    groups = plan(spec, scheme, entries)
+    stats = LoadStats(staging="pinned" if device.type == "cuda" and pinned else
+                      ("pageable" if device.type == "cuda" else "none (CPU)"))
+    stats.largest_tensor_bytes = max((math.prod(e.shape) * e.dtype.itemsize for e in entries.values()), default=0)
+    base_rss = _anon_rss()  # before the pinned buffers: they count as host memory the load needs
+    stager = Stager(device, stats.largest_tensor_bytes, pinned)
+    placed: dict[str, torch.Tensor] = {}
+    nan_flags: list[tuple[str, torch.Tensor]] = []
+    t0 = time.perf_counter()
+    for file in sorted({e.file for e in entries.values()}):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                stats.peak_host_bytes = max(stats.peak_host_bytes, _anon_rss() - base_rss)
+                stats.tensors += 1
+                stats.bytes += t.numel() * t.element_size()
+                if name.endswith((".weight_scale", ".weight_scale_inv", ".input_scale")):
+                    _check_scale_values(name, t)
+                    t = t.to(torch.float32)
+                elif dense_dtype is not None and t.dtype in FLOAT_DTYPES:
+                    t = t.to(dense_dtype)
+                d = stager.to_device(t)
+                if check_weights and d.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    nan_flags.append((name, _nan_codes(d)))
+                placed[name] = d
+                del t
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats.seconds = time.perf_counter() - t0
+    for name, flag in nan_flags:
+        if bool(flag):
+            raise CheckpointError(f"{name}: contains NaN codes (FP8 weights must be finite)")
+    loaded = LoadedCheckpoint(path, config, spec, scheme, _layout_name(scheme, groups), stats=stats)
+    for name in {**spec.dense, **spec.biases}:
+        loaded.dense[name] = placed.pop(name)
+    for module in spec.linears:
+        if module not in groups:
+            loaded.linears[module] = placed.pop(f"{module}.weight")
+            continue
+        lay = scheme.layout
+        inp = placed.pop(f"{module}.input_scale", None)
+        loaded.linears[module] = Fp8Weight(placed.pop(f"{module}.weight"),
+                                           placed.pop(f"{module}.{lay.scale_name}").reshape(
+                                               groups[module].scale_shape(*spec.linears[module])),
+                                           groups[module], inp, loaded.dense.get(f"{module}.bias"))
+    if fuse:
+        fuse_linears(loaded, "requant" if fuse == "requant" else "exact")
+    return loaded
+
+
+def _nan_codes(w: torch.Tensor) -> torch.Tensor:
+    b = w.view(torch.uint8) & 0x7F
+    if w.dtype == torch.float8_e4m3fn:
+        return (b == 0x7F).any()
+    return (b > 0x7C).any()  # e5m2: exponent all ones with a mantissa (0x7C is inf, allowed by the format)
+
+
+def _layout_name(scheme: QuantScheme, groups: dict[str, ScaleGroup]) -> str:
+    if scheme.layout is None:
+        return "unquantized"
+    if scheme.vllm_scales_from_tensors:
+        kinds = {g.name for g in groups.values()}
+        return f"vllm-{kinds.pop()}" if len(kinds) == 1 else "vllm-mixed"
+    return scheme.layout.name
+
+
+# ---- step 4: fused projections -------------------------------------------------------------------------------
+
+def fuse_linears(loaded: LoadedCheckpoint, mode: str = "exact") -> None:
+    """Replace q/k/v by qkv_proj and gate/up by gate_up_proj in ``loaded.linears`` (see the module doc)."""
+    for i in range(int(loaded.config["num_hidden_layers"])):
+        p = f"model.layers.{i}"
+        for fused, parts in FUSED.items():
+            names = [f"{p}.{s}" for s in parts]
+            ws = [loaded.linears.pop(n) for n in names]
+            loaded.linears[f"{p}.{fused}"] = fuse_weights(names, ws, mode)
+
+
+def fuse_weights(names: list[str], ws: list, mode: str = "exact") -> Fp8Weight | torch.Tensor:
+    """One weight whose rows are the shards' rows in order; scales kept exact or requantized (``mode``)."""
+    if all(isinstance(w, torch.Tensor) for w in ws):
+        return torch.cat(ws, dim=0)
+    if not all(isinstance(w, Fp8Weight) for w in ws):
+        raise CheckpointError(f"{names[0]}: cannot fuse quantized with unquantized shards ({', '.join(names)})")
+    shards = tuple((n, w.shape[0]) for n, w in zip(names, ws))
+    groups = {w.group for w in ws}
+    inputs = [w.input_scale for w in ws if w.input_scale is not None]
+    inp = torch.stack([s.reshape(()) for s in inputs]).max() if inputs else None
+    bias = None if ws[0].bias is None else torch.cat([w.bias for w in ws])
+    weight = torch.cat([w.weight for w in ws], dim=0)
+    if groups == {TENSOR} and mode == "requant":
+        return _requant_to_max(ws, shards, inp, bias)
+    if len(groups) == 1 and groups <= {TENSOR, CHANNEL}:
+        scale = torch.cat([w.scale.reshape(1, 1).expand(w.shape[0], 1) if w.group == TENSOR else w.scale
+                           for w in ws])
+        return Fp8Weight(weight, scale.contiguous(), CHANNEL, inp, bias, shards)
+    if len(groups) == 1 and next(iter(groups)).gn > 1:
+        g = next(iter(groups))
+        if all(w.shape[0] % g.gn == 0 for w in ws):
+            return Fp8Weight(weight, torch.cat([w.scale for w in ws]), g, inp, bias, shards)
+        rows = ScaleGroup(1, g.gk)  # a block's scale repeated on each of its rows: exact for any shard sizes
+        scale = torch.cat([w.scale.repeat_interleave(g.gn, dim=0)[: w.shape[0]] for w in ws])
+        return Fp8Weight(weight, scale.contiguous(), rows, inp, bias, shards)
+    raise CheckpointError(f"{names[0]}: shards with scale groups {sorted(g.name for g in groups)} cannot be fused")
+
+
+def _requant_to_max(ws: list[Fp8Weight], shards, inp, bias) -> Fp8Weight:
+    """vLLM's fused per-tensor: dequantize each shard and requantize it with the largest shard scale."""
+    from impl.fp8 import quant
+
+    smax = torch.stack([w.scale.reshape(()) for w in ws]).max().reshape(1, 1)
+    fmt = get_format(ws[0].weight.dtype)
+    parts = []
+    for w in ws:
+        if torch.equal(w.scale.reshape(()), smax.reshape(())):
+            parts.append(w.weight)
+            continue
+        hi = quant.dequantize(w.weight, w.scale, TENSOR, out_dtype=torch.float32)
+        parts.append(quant.quantize(hi, TENSOR, fmt, scales=smax)[0])
+    return Fp8Weight(torch.cat(parts, dim=0), smax, TENSOR, inp, bias, shards)
+
+
+__all__ = ["CheckpointError", "LoadedCheckpoint", "LoadStats", "load_checkpoint", "fuse_weights", "BLOCK128",
+           "Layout"]

@@ -1,0 +1,195 @@
+"""Quantizer: a bf16/fp32 Hugging Face checkpoint dir -> an FP8 checkpoint dir in any layout of ``layouts``.
+
+    python -m impl.fp8.quantize SRC DST --layout vllm-tensor|vllm-channel|vllm-block|deepseek-block|
+                                                 ct-tensor|ct-channel|ct-block [--fmt e4m3|e5m2] [--backend ...]
+
+Every projection of every decoder layer (q/k/v/o, gate/up/down) is quantized with dynamic scales of the layout's
+group (amax / FMAX, see ``kernels``); everything else (embeddings, norms, lm_head) is copied unchanged. Tensors are
+read one at a time and written in shards of ``--shard-mb``, so host memory stays near one shard. Files other than
+weights and config.json (tokenizer, generation config) are copied. ``--backend triton`` quantizes with the Triton
+kernels (the default on a GPU), ``torch`` with the CPU reference, which computes the same codes and scales.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from impl import backend
+from impl.fp8.formats import get_format
+from impl.fp8.layouts import LAYOUTS, CheckpointError, Layout, ModelSpec, get_layout
+from impl.fp8.reference import quantize_reference
+
+WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
+
+
+def read_config(src: Path) -> dict:
+    path = Path(src) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing (a Hugging Face checkpoint dir has config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def safetensors_files(src: Path) -> list[Path]:
+    """The checkpoint's weight files: from model.safetensors.index.json if present, else every *.safetensors."""
+    src = Path(src)
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (src / n).exists()]
+        if missing:
+            raise CheckpointError(f"{index.name} names {missing[0]!r}, which is missing")
+        return [src / n for n in names]
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{src}: no *.safetensors files")
+    return files
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) one at a time, in file order."""
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def quantize_tensor(w: torch.Tensor, layout: Layout, fmt: str, backend_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 weight [N, K] on the CPU, float32 scales in the layout's stored shape)."""
+    n, k = w.shape
+    if backend_name == "triton":
+        from impl.fp8 import quant
+
+        x = w.to(backend.DEVICE)
+        if backend.INTERPRETED and x.dtype == torch.bfloat16:
+            x = x.float()  # no bf16 in the interpreter; bf16 -> fp32 is exact
+        q, s = quant.quantize(x, layout.group, fmt)
+        q, s = q.cpu(), s.cpu()
+    else:
+        codes, s = quantize_reference(w, layout.group, fmt)
+        q = codes.view(get_format(fmt).dtype)
+    return q.contiguous(), s.reshape(layout.stored_scale_shape(n, k)).contiguous()
+
+
+class ShardWriter:
+    """Collects tensors and writes ``model-0000i-of-0000n.safetensors`` shards of about ``shard_bytes``."""
+
+    def __init__(self, dst: Path, shard_bytes: int) -> None:
+        self.dst, self.shard_bytes = dst, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[dict[str, torch.Tensor] | list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self._flush()
+        self.pending[name] = t.contiguous()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        i = len(self.shards)
+        save_file(self.pending, str(self.dst / f"shard-{i:05d}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        if self.pending or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for i, keys in enumerate(self.shards):
+            (self.dst / f"shard-{i:05d}.tmp").rename(self.dst / names[i])
+            weight_map.update({k: names[i] for k in keys})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+            (self.dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: str = "e4m3",
+                        backend_name: str = "auto", shard_mb: float = 2048, ignore: list[str] | None = None,
+                        overwrite: bool = False, log=print) -> dict:
+    """Write an FP8 checkpoint of ``src`` to ``dst`` in ``layout``; returns a summary (tensors, bytes, seconds)."""
+    src, dst, lay = Path(src), Path(dst), get_layout(layout)
+    get_format(fmt)
+    if backend_name == "auto":
+        backend_name = "triton" if backend.ON_GPU and not backend.INTERPRETED else "torch"
+    if backend_name not in ("triton", "torch"):
+        raise ValueError(f"backend must be auto, triton or torch, got {backend_name!r}")
+    config = read_config(src)
+    if config.get("quantization_config"):
+        raise CheckpointError(f"{src}/config.json already has a quantization_config: quantize a bf16/fp32 checkpoint")
+    spec = ModelSpec.from_config(config)
+    ignore = list(ignore if ignore is not None else ["lm_head"])
+    if dst.exists() and any(dst.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{dst} exists and is not empty; pass overwrite=True (--overwrite)")
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    writer = ShardWriter(dst, int(shard_mb * (1 << 20)))
+    nq = 0
+    for name, t in iter_tensors(safetensors_files(src)):
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module in spec.linears and not spec.is_ignored(module, ignore):
+            if tuple(t.shape) != spec.linears[module]:
+                raise CheckpointError(f"{name}: shape {tuple(t.shape)}, config says {spec.linears[module]}")
+            q, s = quantize_tensor(t, lay, fmt, backend_name)
+            writer.add(name, q)
+            writer.add(f"{module}.{lay.scale_name}", s)
+            nq += 1
+            if nq % 20 == 0:
+                log(f"  quantized {nq} linears ({time.perf_counter() - t0:.1f} s)")
+        else:
+            writer.add(name, t)
+    names = writer.close()
+    for p in src.iterdir():
+        if p.is_file() and p.name != "config.json" and not any(p.match(g) for g in WEIGHT_FILES):
+            shutil.copy2(p, dst / p.name)
+    config["quantization_config"] = lay.quantization_config(fmt, ignore)
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    summary = {"layout": lay.name, "fmt": get_format(fmt).name, "backend": backend_name, "quantized_linears": nq,
+               "bytes": writer.total, "files": names, "seconds": time.perf_counter() - t0}
+    log(f"wrote {dst} ({lay.name}, {nq} FP8 linears, {writer.total / 1e6:.1f} MB in {len(names)} file(s), "
+        f"{summary['seconds']:.1f} s, backend {backend_name})")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m impl.fp8.quantize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="bf16/fp32 Hugging Face checkpoint dir (config.json + safetensors)")
+    p.add_argument("dst", help="output dir")
+    p.add_argument("--layout", required=True, choices=list(LAYOUTS))
+    p.add_argument("--fmt", default="e4m3", choices=["e4m3", "e5m2"])
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument("--shard-mb", type=float, default=2048)
+    p.add_argument("--ignore", nargs="*", default=None, help="modules kept unquantized (default: lm_head)")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        quantize_checkpoint(a.src, a.dst, a.layout, fmt=a.fmt, backend_name=a.backend, shard_mb=a.shard_mb,
+                            ignore=a.ignore, overwrite=a.overwrite)
+    except (CheckpointError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Nsight Compute profile of the GPU joins: ``python -m impl.join.experiments [--quick] [--smoke]``.
+
+Runs ``ncu --cache-control none --clock-control none --csv --print-units base --metrics <METRICS>`` on
+``python -m impl.join.ncu_driver`` (each join once on the uniform 1M x 1M int32 case), parses the CSV, attributes
+every kernel to its join (own kernels by name; torch helper kernels such as ``fill_``/``cumsum`` to the join whose
+own kernel follows them) and stores, per join, the duration-weighted achieved occupancy
+(``sm__warps_active.avg.pct_of_peak_sustained_active``) and SM throughput of its own kernels, DRAM bytes read +
+written, kernel time and the DRAM bandwidth that implies, with ``write_result("join", "ncu", ...)``.
+
+``--quick`` profiles only the two joins the claims name (hash-cuda, tc-triton). ``--smoke`` (CPU CI) runs the driver
+in-process at a tiny size under the interpreters and parses a synthetic CSV; it writes nothing. Budget: <= 2 min.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import impl  # noqa: F401
+from impl import backend
+
+CORE_METRICS = ("gpu__time_duration.sum", "sm__warps_active.avg.pct_of_peak_sustained_active", "dram__bytes_read.sum",
+                "dram__bytes_write.sum", "sm__throughput.avg.pct_of_peak_sustained_elapsed")
+EXTRA_METRICS = ("lts__t_sector_hit_rate.pct", "launch__registers_per_thread",
+                 "sm__maximum_warps_per_active_cycle_pct")
+OWN_KERNELS = {  # substring of the kernel name -> join (numba names are mangled but keep the function name)
+    "hash_build_nb": "hash_numba", "hash_count_nb": "hash_numba", "hash_write_nb": "hash_numba",
+    "hash_build_cu": "hash_cuda", "hash_count_cu": "hash_cuda", "hash_write_cu": "hash_cuda",
+    "tc_partition_hist": "tc_triton", "tc_partition_scatter": "tc_triton", "tc_join_count": "tc_triton",
+    "tc_join_write": "tc_triton"}
+IMPL_OF_KEY = {"hash_numba": "hash-numba", "hash_cuda": "hash-cuda", "tc_triton": "tc-triton"}
+NCU_TIMEOUT_S = 110
+_SCALE = {"byte": 1, "kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9, "nsecond": 1, "usecond": 1e3, "msecond": 1e6,
+          "second": 1e9}
+
+
+def to_number(text: str) -> float | None:
+    """'1,234,567' -> 1234567; '9,5' (decimal comma) -> 9.5; 'n/a' -> None."""
+    t = text.strip().replace('"', "")
+    if "," in t and "." in t or re.fullmatch(r"-?\d{1,3}(,\d{3})+", t):
+        t = t.replace(",", "")
+    else:
+        t = t.replace(",", ".")
+    try:
+        return float(t)
+    except ValueError:
+        return None
+
+
+def parse_ncu_csv(text: str) -> list[dict[str, Any]]:
+    """Kernels in launch order: ``{"id", "name", "block", "grid", metric: value}`` (bytes in B, times in ns)."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"') and "Metric Name" in line), None)
+    if start is None:
+        return []
+    kernels: dict[int, dict[str, Any]] = {}
+    for row in csv.DictReader(io.StringIO("\n".join(line for line in lines[start:] if line.startswith('"')))):
+        try:
+            kid = int(row["ID"])
+        except (KeyError, ValueError):
+            continue
+        k = kernels.setdefault(kid, {"id": kid, "name": row.get("Kernel Name", ""),
+                                     "block": row.get("Block Size", ""), "grid": row.get("Grid Size", "")})
+        value = to_number(row.get("Metric Value", ""))
+        if value is not None:
+            k[row["Metric Name"]] = value * _SCALE.get(row.get("Metric Unit", "").strip().lower(), 1)
+    return [kernels[i] for i in sorted(kernels)]
+
+
+def owner_of(name: str) -> str | None:
+    return next((impl_ for key, impl_ in OWN_KERNELS.items() if key in name), None)
+
+
+def attribute(kernels: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """{join: {"own": [...], "helpers": [...]}}; a helper kernel belongs to the join of the next own kernel."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    pending: list[dict[str, Any]] = []
+    for k in kernels:
+        who = owner_of(k["name"])
+        if who is None:
+            pending.append(k)
+            continue
+        slot = out.setdefault(who, {"own": [], "helpers": []})
+        slot["own"].append(k)
+        slot["helpers"].extend(pending)
+        pending = []
+    return out
+
+
+def _weighted(kernels: list[dict[str, Any]], metric: str) -> float | None:
+    pts = [(k[metric], k.get("gpu__time_duration.sum", 0.0)) for k in kernels if metric in k]
+    w = sum(t for _, t in pts)
+    return sum(v * t for v, t in pts) / w if pts and w > 0 else None
+
+
+def summarize(kernels: list[dict[str, Any]], copy_gbps: float | None = None) -> dict[str, Any]:
+    """Per-join figures: occupancy and SM throughput of its own kernels (time-weighted), bytes and time of all."""
+    out: dict[str, Any] = {}
+    for who, parts in attribute(kernels).items():
+        own, every = parts["own"], parts["own"] + parts["helpers"]
+        ns = sum(k.get("gpu__time_duration.sum", 0.0) for k in every)
+        dram = sum(k.get("dram__bytes_read.sum", 0.0) + k.get("dram__bytes_write.sum", 0.0) for k in every)
+        s = {"occupancy_pct": _weighted(own, "sm__warps_active.avg.pct_of_peak_sustained_active"),
+             "sm_throughput_pct": _weighted(own, "sm__throughput.avg.pct_of_peak_sustained_elapsed"),
+             "l2_hit_pct": _weighted(own, "lts__t_sector_hit_rate.pct"),
+             "kernel_time_us": ns / 1e3, "dram_bytes": dram,
+             "dram_gbps": dram / ns if ns else None,
+             "kernels": [_short(k) for k in every]}
+        if copy_gbps and s["dram_gbps"] is not None:
+            s["pct_of_copy_peak"] = 100 * s["dram_gbps"] / copy_gbps
+        out[who] = s
+    return out
+
+
+def _short(k: dict[str, Any]) -> dict[str, Any]:
+    name = k["name"]
+    own = next((key for key in OWN_KERNELS if key in name), None)
+    return {"kernel": own or name[:80], "own": own is not None, "grid": k["grid"], "block": k["block"],
+            **{m: k[m] for m in (*CORE_METRICS, *EXTRA_METRICS) if m in k}}
+
+
+def ncu_command(ncu: str, metrics: tuple[str, ...], n: int, impls: list[str], log: str) -> list[str]:
+    return [ncu, "--cache-control", "none", "--clock-control", "none", "--csv", "--print-units", "base",
+            "--metrics", ",".join(metrics), "--log-file", log, sys.executable, "-m", "impl.join.ncu_driver",
+            "--n", str(n), "--impls", ",".join(impls)]
+
+
+def run_ncu(n: int, impls: list[str], timeout_s: float = NCU_TIMEOUT_S) -> dict[str, Any]:
+    """Profile the driver; on an unknown-metric failure retry once with the core metrics only."""
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        raise RuntimeError("ncu (Nsight Compute) is not on PATH")
+    deadline = time.monotonic() + timeout_s
+    for metrics in (CORE_METRICS + EXTRA_METRICS, CORE_METRICS):
+        with tempfile.TemporaryDirectory() as tmp:
+            log = os.path.join(tmp, "ncu.csv")
+            cmd = ncu_command(ncu, metrics, n, impls, log)
+            print("+", " ".join(cmd), flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(5.0, deadline - time.monotonic()))
+            text = open(log).read() if os.path.exists(log) else ""
+        kernels = parse_ncu_csv(text)
+        if proc.returncode == 0 and kernels:
+            return {"metrics": list(metrics), "command": " ".join(cmd), "kernels": kernels,
+                    "driver_stdout": proc.stdout[-2000:]}
+        print(f"ncu exited {proc.returncode} with {len(kernels)} kernels parsed; stderr tail:\n{proc.stderr[-1500:]}"
+              f"\nlog tail:\n{text[-1500:]}", flush=True)
+    raise RuntimeError("ncu produced no usable CSV (see the output above)")
+
+
+def _copy_peak() -> float | None:
+    from impl.common.results import results_dir
+
+    path = results_dir() / "calibration.json"
+    return json.loads(path.read_text())["peaks"].get("copy_gbps") if path.exists() else None
+
+
+SMOKE_CSV = """==PROF== Connected to process 1
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","1","python","h","void at::native::vectorized_elementwise_kernel<4>(int)","1","7","(128, 1, 1)","(8192, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","5,000"
+"0","1","python","h","void at::native::vectorized_elementwise_kernel<4>(int)","1","7","(128, 1, 1)","(8192, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_write.sum","byte","16,777,216"
+"1","1","python","h","hash_build_cu_i32","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","10000"
+"1","1","python","h","hash_build_cu_i32","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","sm__warps_active.avg.pct_of_peak_sustained_active","%","80"
+"1","1","python","h","hash_build_cu_i32","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","Mbyte","4"
+"2","1","python","h","tc_join_count","1","7","(128, 1, 1)","(15625, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","30"
+"2","1","python","h","tc_join_count","1","7","(128, 1, 1)","(15625, 1, 1)","0","9.0","Command line profiler metrics","sm__warps_active.avg.pct_of_peak_sustained_active","%","40"
+==PROF== Disconnected from process 1
+"""
+
+
+def smoke() -> dict[str, Any]:
+    """CPU check of every step except ncu itself: the driver at a tiny size, then the parser on a canned CSV."""
+    from impl.join import ncu_driver
+
+    pairs = ncu_driver.run(backend.sized(gpu=4096, cpu=96), ["hash-numba", "tc-triton"],
+                           config={"hash-numba": {"threads": 32}, "tc-triton": {"bucket_rows": 8}})
+    summary = summarize(parse_ncu_csv(SMOKE_CSV), copy_gbps=3000.0)
+    return {"pairs": pairs, "summary": summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="profile only hash-cuda and tc-triton")
+    ap.add_argument("--smoke", action="store_true", help="CPU: tiny driver run + parser check; writes nothing")
+    ap.add_argument("--n", type=int, default=1_000_000)
+    a = ap.parse_args(argv)
+    if a.smoke:
+        out = smoke()
+        print(json.dumps(out, indent=1, default=str)[:3000])
+        return 0
+    if not backend.ON_GPU:
+        print(f"experiments need a GPU and ncu ({backend.NO_GPU_REASON}); use --smoke here", file=sys.stderr)
+        return 2
+    from impl.common.results import write_result
+    from impl.join.hash_cuda import unavailable_reason
+
+    impls = ["hash-cuda", "tc-triton"] if a.quick else ["hash-numba", "hash-cuda", "tc-triton"]
+    if unavailable_reason():
+        print(f"skipping hash-cuda: {unavailable_reason()}", flush=True)
+        impls.remove("hash-cuda")
+    t0 = time.monotonic()
+    prof = run_ncu(a.n, impls)
+    data = {"n_build": a.n, "n_probe": a.n, "case": "uniform int32, unique build keys, ~50% probe hits",
+            "metrics": prof["metrics"], "command": prof["command"], **summarize(prof["kernels"], _copy_peak()),
+            "ncu_wall_s": time.monotonic() - t0}
+    path = write_result("join", "ncu", data, overwrite=True)
+    for who in IMPL_OF_KEY:
+        if who in data:
+            d = data[who]
+            print(f"{who}: occupancy {d['occupancy_pct']}% · SM throughput {d['sm_throughput_pct']}% · "
+                  f"DRAM {d['dram_bytes'] / 1e6:.1f} MB in {d['kernel_time_us']:.1f} µs of kernels", flush=True)
+    print(f"wrote {path} in {time.monotonic() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""The kvstitch recipe: prune + heal a decode model, stage (a), stage (b), ROUGE for every system, runtime timings.
+
+  python -m impl.kvstitch.experiments --smoke                  CPU, tiny random models, byte tokenizer, writes nothing
+  python -m impl.kvstitch.experiments --quick --assets DIR     GPU: one decode size per series (~3-4 min on an H100)
+  python -m impl.kvstitch.experiments --assets DIR             GPU: two decode sizes per series (the size plot)
+  python -m impl.kvstitch.experiments rescore --slug SLUG      fill in ROUGE of stored generations (needs rouge-score)
+
+``DIR`` holds what ``prepare`` wrote: ``text/`` and ``smollm2.gguf`` / ``gemma3.gguf`` (or HF dirs ``smollm2/``,
+``gemma3/``). Results (``results/<gpu>/kvstitch/``): ``rouge_<series>.json`` (ROUGE-1/2/L of prefill alone, decode
+alone, hybrid after stage a and b, decode+LoRA alone; ``interpolation`` = 1 when hybrid-b ROUGE-L lies between
+decode-alone and prefill-alone and above decode-alone), ``runtime_<series>_{1gpu,2gpu}.json`` (TTFT, decode tokens/s,
+KV bytes per request, hybrid vs prefill alone) and ``nccl_transfer.json`` (per-layer KV vs one-message bandwidth).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from impl.kvstitch import data
+from impl.kvstitch.config import (EvalConfig, HealConfig, PruneConfig, RecipeConfig, RuntimeConfig, StageAConfig,
+                                  StageBConfig)
+from impl.kvstitch.evaluate import ROUGE_KEYS, rouge, rouge_available, score_system
+from impl.kvstitch.hybrid import generate_alone, generate_hybrid
+from impl.kvstitch.models import TinySpec, count_params, load_model, load_tokenizer, tiny_model
+from impl.kvstitch.prune import heal, prune
+from impl.kvstitch.stitch import StitchBundle
+from impl.kvstitch.train import stage_a, stage_b
+
+SYSTEM = "kvstitch"
+
+
+def log(msg: str) -> None:
+    print(f"[kvstitch {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def recipe(series: str, mode: str) -> RecipeConfig:
+    """Presets: ``smoke`` (CPU seconds), ``quick`` (one decode size), ``full`` (two sizes, longer training)."""
+    if mode == "smoke":
+        return RecipeConfig(series=series, decode_sizes=[{"layers": 3, "mlp_keep": 0.5, "kv_groups": 1}],
+                            heal=HealConfig(steps=3, batch=2, seq_len=32, log_every=1),
+                            stage_a=StageAConfig(steps=3, batch=2, seq_len=32, log_every=1),
+                            stage_b=StageBConfig(steps=3, batch=2, prompt_len=24, cont_len=8, lora_r=4, log_every=1),
+                            eval=EvalConfig(prompt_len=96, new_tokens=6, max_news=3, max_wiki=2, batch=4),
+                            dtype="float32")
+    sizes = {"smollm2": [{"layers": 20, "mlp_keep": 0.75, "kv_groups": 2}, {"layers": 14, "mlp_keep": 0.5, "kv_groups": 1}],
+             "gemma3": [{"layers": 12, "mlp_keep": 0.75}, {"layers": 8, "mlp_keep": 0.5}]}[series]
+    steps = 1 if mode == "quick" else 2
+    return RecipeConfig(series=series, decode_sizes=sizes[:1] if mode == "quick" else sizes,
+                        heal=HealConfig(steps=300 * steps), stage_a=StageAConfig(steps=150 * steps),
+                        stage_b=StageBConfig(steps=200 * steps), eval=EvalConfig(batch=64), dtype="float32")
+
+
+def size_tag(size: dict) -> str:
+    return "L{layers}_m{mlp}_g{g}".format(layers=size.get("layers"), mlp=size.get("mlp_keep", 1.0),
+                                          g=size.get("kv_groups", "all"))
+
+
+def mean_rouge_l(scores: dict) -> float | None:
+    vals = [v["rouge"]["rougeL"] for v in scores.values() if v.get("rouge")]
+    return sum(vals) / len(vals) if vals and len(vals) == len(scores) else None
+
+
+def interpolates(decode: float | None, hybrid: float | None, prefill: float | None) -> float | None:
+    """1.0 when ``decode < hybrid`` and ``hybrid`` lies between decode and prefill; ``None`` without scores."""
+    if None in (decode, hybrid, prefill):
+        return None
+    lo, hi = min(decode, prefill), max(decode, prefill)
+    return float(hybrid > decode and lo <= hybrid <= hi)
+
+
+def summarise(rec: dict) -> dict:
+    """Adds ``rougeL`` means, the ROUGE table and ``interpolation`` (of the first decode size) to a series record."""
+    p = mean_rouge_l(rec["prefill"]["scores"])
+    rec["prefill"]["rougeL"] = p
+    for d in rec["decodes"]:
+        d["rougeL"] = {k: mean_rouge_l(v) for k, v in d["scores"].items()}
+        d["interpolation"] = interpolates(d["rougeL"]["decode_alone"], d["rougeL"]["hybrid_b"], p)
+    first = rec["decodes"][0]
+    rec["interpolation"] = first["interpolation"]
+    rec["table"] = rouge_table(rec)
+    return rec
+
+
+def rouge_table(rec: dict) -> list[dict]:
+    rows = [{"system": "prefill alone", "params": rec["prefill"]["params"],
+             **_task_cols(rec["prefill"]["scores"])}]
+    for d in rec["decodes"]:
+        for k, label in (("decode_alone", "decode alone"), ("hybrid_a", "hybrid stage a"),
+                         ("hybrid_b", "hybrid stage b"), ("lora_alone", "decode+LoRA alone")):
+            rows.append({"system": f"{label} [{d['tag']}]", "params": d["params"], **_task_cols(d["scores"][k])})
+    return rows
+
+
+def _task_cols(scores: dict) -> dict:
+    return {f"{task}_{k}": (v["rouge"] or {}).get(k) for task, v in scores.items() for k in ROUGE_KEYS}
+
+
+# ---- one series ------------------------------------------------------------------------------------------------
+
+def load_series(series: str, assets: Path | None, smoke: bool, device: str, dtype: torch.dtype):
+    """(prefill model, codec, splits) — tiny random model + byte codec under ``smoke``."""
+    if smoke:
+        spec = TinySpec(layers=4, hidden=48, heads=4, kv_heads=2, head_dim=12, intermediate=96, vocab=259,
+                        arch="gemma3" if series == "gemma3" else "llama")
+        splits = data.load_splits(assets / "text" if assets else None)
+        return tiny_model(spec, seed=0, dtype=dtype).to(device), data.ByteCodec(), splits
+    if assets is None:
+        raise ValueError("--assets DIR is required outside --smoke (see `python -m impl.kvstitch.prepare`)")
+    path = next((p for p in (assets / f"{series}.gguf", assets / series) if p.exists()), None)
+    if path is None:
+        raise FileNotFoundError(f"neither {assets / series}.gguf nor {assets / series}/ exists")
+    log(f"loading {path}")
+    return load_model(path, dtype, device), data.HFCodec(load_tokenizer(path)), data.load_splits(assets / "text")
+
+
+def run_series(series: str, rc: RecipeConfig, assets: Path | None, device: str, smoke: bool, workdir: Path) -> dict:
+    dtype = getattr(torch, rc.dtype)
+    pm, codec, splits = load_series(series, assets, smoke, device, dtype)
+    ev = rc.eval
+    tasks = [data.news_task(codec, splits.news_eval, ev.prompt_len, ev.new_tokens, ev.max_news),
+             data.wiki_task(codec, splits.wiki_eval, ev.prompt_len, ev.max_wiki)]
+    log(f"{series}: tasks " + ", ".join(f"{t.name} {len(t.references)}" for t in tasks))
+    stream = data.token_stream(codec, data.train_texts(splits))
+    n = ev.new_tokens
+    rec = {"series": series, "recipe": asdict(rc), "rouge_scored": rouge_available(),
+           "references": {t.name: t.references for t in tasks},
+           "prefill": {"params": count_params(pm), "layers": pm.config.num_hidden_layers,
+                       "scores": score_system(lambda ids: generate_alone(pm, ids, n), tasks, codec, ev.batch, device)},
+           "decodes": []}
+    log(f"{series}: prefill alone ROUGE-L {mean_rouge_l(rec['prefill']['scores'])}")
+    for k, size in enumerate(rc.decode_sizes):
+        rec["decodes"].append(run_decode_size(pm, size, rc, stream, tasks, codec, device, workdir / size_tag(size), k))
+    return summarise(rec)
+
+
+def run_decode_size(pm, size: dict, rc: RecipeConfig, stream, tasks, codec, device: str, out: Path, k: int) -> dict:
+    n, ev, tag = rc.eval.new_tokens, rc.eval, size_tag(size)
+    chunks = data.random_chunks(stream, rc.heal.batch, rc.heal.seq_len, rc.heal.seed + k)
+    spec = PruneConfig(**size)
+    dm, plan = prune(pm, spec, [next(chunks) for _ in range(spec.calib_batches)])
+    log(f"{tag}: pruned {count_params(pm):,} -> {count_params(dm):,} params, blocks {plan['blocks']}")
+    heal_losses = heal(dm, pm, chunks, rc.heal, log)
+    dm.save_pretrained(out / "decode_model")
+    scores: dict[str, dict] = {}
+    gen = lambda f: score_system(f, tasks, codec, ev.batch, device)  # noqa: E731
+    scores["decode_alone"] = gen(lambda ids: generate_alone(dm, ids, n))
+    bundle = StitchBundle(pm.config, dm.config, rc.stitch).to(device)
+    a_chunks = data.random_chunks(stream, rc.stage_a.batch, rc.stage_a.seq_len, rc.stage_a.seed + 100 + k)
+    a = stage_a(pm, dm, bundle, a_chunks, rc.stage_a, log)
+    bundle.save(out / "stitch_a")
+    scores["hybrid_a"] = gen(lambda ids: generate_hybrid(pm, dm, bundle, ids, n))
+    sb = rc.stage_b
+    b_chunks = data.random_chunks(stream, sb.batch, sb.prompt_len + sb.cont_len, sb.seed + 200 + k)
+    lora, b = stage_b(pm, dm, bundle, b_chunks, sb, log)
+    bundle.save(out / "stitch_b")
+    lora.save_pretrained(out / "lora")
+    scores["hybrid_b"] = gen(lambda ids: generate_hybrid(pm, lora, bundle, ids, n))
+    scores["lora_alone"] = gen(lambda ids: generate_alone(lora, ids, n))
+    line = {key: mean_rouge_l(v) for key, v in scores.items()}
+    log(f"{tag}: ROUGE-L {line}")
+    return {"tag": tag, "size": size, "params": count_params(dm), "layers": dm.config.num_hidden_layers,
+            "plan_blocks": plan["blocks"], "scores": scores, "dir": str(out),
+            "losses": {"heal_first": heal_losses[0], "heal_last": heal_losses[-1],
+                       "stage_a_first": a["losses"][0], "stage_a_last": a["losses"][-1],
+                       "stage_b_first": b["losses"][0], "stage_b_last": b["losses"][-1],
+                       "stage_a_init_residual_mean": _mean(a["init_residual"].values())}}
+
+
+def _mean(xs) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+# ---- runtime -----------------------------------------------------------------------------------------------------
+
+def run_runtime(prefill: Path, decode: Path, stitch: Path, vocab: int, ngpu: int, smoke: bool) -> dict:
+    """Hybrid vs prefill alone through the two-process runtime; 2 GPUs: NCCL, 1 GPU: gloo (staged), CPU: gloo."""
+    from impl.kvstitch.runtime import serve
+
+    if ngpu >= 2:
+        cfg = RuntimeConfig(backend="nccl", prefill_device="cuda:0", decode_device="cuda:1")
+    elif ngpu == 1:
+        cfg = RuntimeConfig(backend="gloo", prefill_device="cuda:0", decode_device="cuda:0")
+    else:
+        cfg = RuntimeConfig()
+    b, t, n = (2, 16, 4) if smoke else (8, 512, 64)
+    cfg = replace(cfg, new_tokens=n, dtype="float32" if smoke else "bfloat16", baseline=True, threads=1 if smoke else 4)
+    g = torch.Generator().manual_seed(0)
+    reqs = [torch.randint(0, vocab, (b, t), generator=g) for _ in range(2 if smoke else 4)]
+    r0, _ = serve(str(prefill), str(decode), str(stitch), reqs, cfg)
+    hy = [{k: v for k, v in r.items() if k != "generated"} for r in r0["requests"]]
+    al = [{k: v for k, v in r.items() if k != "generated"} for r in r0["alone"]]
+    med = lambda rows, key: sorted(r[key] for r in rows[1:] or rows)[len(rows[1:] or rows) // 2]  # noqa: E731
+    return {"config": asdict(cfg), "batch": b, "prompt_tokens": t, "new_tokens": n, "side": r0["plan"],
+            "kv_bytes_per_request": hy[0]["kv_bytes"],
+            "hybrid": {"ttft_s": med(hy, "ttft_s"), "kv_ready_s": med(hy, "kv_ready_s"),
+                       "decode_tokens_per_s": med(hy, "decode_tokens_per_s")},
+            "prefill_alone": {"ttft_s": med(al, "ttft_s"), "decode_tokens_per_s": med(al, "decode_tokens_per_s")},
+            "requests": hy, "alone": al}
+
+
+def run_bandwidth(stitch: Path, ngpu: int, smoke: bool) -> dict:
+    from impl.kvstitch.runtime import kv_shapes, measure_bandwidth, plan_transfer
+
+    bundle = StitchBundle.load(stitch)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    plan = plan_transfer(bundle, dtype)
+    b, t = (2, 16) if smoke else (16, 2048)
+    cfg = RuntimeConfig(backend="nccl", prefill_device="cuda:0", decode_device="cuda:1",
+                        dtype=str(dtype).replace("torch.", "")) if ngpu >= 2 else RuntimeConfig()
+    res = measure_bandwidth(kv_shapes(plan, b, t), cfg, reps=3 if smoke else 20, warmup=1 if smoke else 3)
+    return {**res, "batch": b, "tokens": t, "side": plan.side}
+
+
+# ---- driver -------------------------------------------------------------------------------------------------------
+
+def write(name: str, data_: dict, smoke: bool) -> None:
+    if smoke:
+        log(f"(smoke) would write {name}: " + json.dumps(_brief(data_))[:300])
+        return
+    from impl.common.results import write_result
+
+    log(f"wrote {write_result(SYSTEM, name, data_, overwrite=True)}")
+
+
+def _brief(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k in ("series", "interpolation", "side", "hybrid", "prefill_alone",
+                                                "pct_of_p2p", "single_gbps", "layered_gbps")}
+
+
+def run_all(args) -> dict:
+    smoke = args.smoke
+    mode = "smoke" if smoke else ("quick" if args.quick else "full")
+    device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    ngpu = torch.cuda.device_count() if device == "cuda" else 0
+    if not smoke and device != "cuda":
+        raise SystemExit("the recipe needs a CUDA GPU; use --smoke on a CPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assets = Path(args.assets) if args.assets else None
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="kvstitch_exp_") as tmp:
+        work = Path(args.workdir or tmp)
+        for series in args.series.split(","):
+            t0 = time.time()
+            rc = recipe(series, mode)
+            rec = run_series(series, rc, assets, device, smoke, work / series)
+            rec["seconds"] = time.time() - t0
+            write(f"rouge_{series}", rec, smoke)
+            out[f"rouge_{series}"] = rec
+            if args.skip_runtime:
+                continue
+            first = Path(rec["decodes"][0]["dir"])
+            prefill_dir = work / series / "prefill_model"
+            if not prefill_dir.exists():
+                _save_prefill(series, assets, smoke, prefill_dir, rc)
+            vocab = rec_vocab(prefill_dir)
+            rt = run_runtime(prefill_dir, first / "decode_model", first / "stitch_b", vocab, ngpu, smoke)
+            name = f"runtime_{series}_{ngpu}gpu" if ngpu else f"runtime_{series}_cpu"
+            write(name, rt, smoke)
+            out[name] = rt
+            if (ngpu >= 2 or smoke) and "bandwidth" not in out:
+                bw = run_bandwidth(first / "stitch_b", ngpu, smoke)
+                write("nccl_transfer", bw, smoke)
+                out["bandwidth"] = bw
+            log(f"{series} done in {time.time() - t0:.0f} s")
+    return out
+
+
+def _save_prefill(series: str, assets: Path | None, smoke: bool, out: Path, rc: RecipeConfig) -> None:
+    pm, _, _ = load_series(series, assets, smoke, "cpu", getattr(torch, rc.dtype))
+    pm.save_pretrained(out)
+
+
+def rec_vocab(model_dir: Path) -> int:
+    return json.loads((model_dir / "config.json").read_text())["vocab_size"]
+
+
+def rescore(slug: str) -> int:
+    """Score stored generations with rouge-score on this machine; device, commit and date of the record are kept."""
+    from impl.common.results import atomic_write_text, results_dir
+
+    if not rouge_available():
+        raise SystemExit("rouge-score is not importable here: `pip install rouge-score`")
+    for path in sorted((results_dir(slug) / SYSTEM).glob("rouge_*.json")):
+        rec = json.loads(path.read_text())
+        d = rec["data"]
+        refs = d["references"]
+        for scores in [d["prefill"]["scores"], *[s for dd in d["decodes"] for s in dd["scores"].values()]]:
+            for task, v in scores.items():
+                v["rouge"] = rouge(v["generations"], refs[task])
+        d["rouge_scored"] = "rescored on the CPU side from the GPU run's generations"
+        rec["data"] = summarise(d)
+        atomic_write_text(path, json.dumps(rec, indent=2, sort_keys=True) + "\n", overwrite=True)
+        print(f"rescored {path}: interpolation {rec['data']['interpolation']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import impl  # noqa: F401
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    p = argparse.ArgumentParser(prog="python -m impl.kvstitch.experiments", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=["run", "rescore"])
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny random models; writes nothing")
+    p.add_argument("--quick", action="store_true", help="one decode size per series")
+    p.add_argument("--assets", default=None, help="dir written by `prepare` (text/, <series>.gguf or <series>/)")
+    p.add_argument("--series", default="smollm2,gemma3")
+    p.add_argument("--skip-runtime", action="store_true")
+    p.add_argument("--workdir", default=None, help="keep models/checkpoints here (default: a temp dir)")
+    p.add_argument("--slug", default=None, help="rescore: results/<slug>/")
+    a = p.parse_args(argv)
+    if a.command == "rescore":
+        if not a.slug:
+            raise SystemExit("rescore needs --slug")
+        return rescore(a.slug)
+    out = run_all(a)
+    for k, v in out.items():
+        log(f"{k}: {json.dumps(_brief(v))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Weight-shared networks built from the Triton kernels: an ALBERT-style MLP and a conv net reusing one block.
+
+SharedMLP:      h₀ = x [B, d];  h_{l+1} = ReLU(h_l · Wᵀ + b) for l < L, with ONE W [d, d] and b [d] for all layers.
+SharedConvNet:  h₀ = x [B, C, S, S];  h_{l+1} = ReLU(conv3x3(h_l, W, pad 1) + b + h_l), ONE W [C, C, k, k].
+
+At batch 1 each layer streams all of W once, so a request reads W·L bytes while the model holds W bytes: the reuse
+that an L2 policy can exploit. The presets size W at ~16 MB (fits the H100's 32.77 MB persisting carve-out and its
+50 MiB L2), ~32 MB (about the carve-out) and ~64 MB (fits neither: under LRU every layer re-reads W from DRAM; a
+persisting window keeps carve-out/W of it). Weights live in one ``Arena`` (one window covers them), activations in
+another (ping-pong buffers plus the split-K workspace), so both have a span a policy can target. Both nets follow
+the ``Workload`` interface of ``serving.py``; they serve one request kind.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from impl import backend
+from impl.l2cache.arena import Arena, Span
+from impl.l2cache.conv import conv2d, conv2d_reference, pick_split_k
+from impl.l2cache.linear import linear, linear_reference
+from impl.l2cache.policies import NO_HOOKS, LayerHooks
+
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    name: str
+    hidden: int
+    layers: int
+    batch: int = 1
+    dtype: str = "float16"
+
+    @property
+    def weight_bytes(self) -> int:
+        return (self.hidden * self.hidden + self.hidden) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class ConvNetConfig:
+    name: str
+    channels: int
+    size: int
+    layers: int
+    kernel: int = 3
+    batch: int = 1
+    dtype: str = "float16"
+
+    @property
+    def weight_bytes(self) -> int:
+        c, k = self.channels, self.kernel
+        return (c * c * k * k + c) * np.dtype(self.dtype).itemsize
+
+
+MLP_PRESETS = {c.name: c for c in (MLPConfig("mlp_16mb", 2880, 24), MLPConfig("mlp_32mb", 4096, 16),
+                                   MLPConfig("mlp_64mb", 5760, 12))}
+CONV_PRESETS = {c.name: c for c in (ConvNetConfig("conv_16mb", 960, 8, 16), ConvNetConfig("conv_64mb", 1920, 8, 6))}
+
+
+def mlp_for_bytes(nbytes: int, layers: int = 12, dtype: str = "float16") -> MLPConfig:
+    """An MLP whose W holds about ``nbytes`` (hidden rounded to a multiple of 64), for weight-size sweeps."""
+    d = max(64, int(round(math.sqrt(nbytes / np.dtype(dtype).itemsize) / 64)) * 64)
+    return MLPConfig(f"mlp_{nbytes // 2**20}mib", d, layers, dtype=dtype)
+
+
+def _randn(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, dtype=torch.float32) * std
+
+
+class SharedMLP:
+    """ALBERT-style MLP: one weight matrix applied L times (see the module doc)."""
+
+    kinds = 1
+
+    def __init__(self, cfg: MLPConfig, device: str = backend.DEVICE, seed: int = 0) -> None:
+        self.cfg, self.name = cfg, cfg.name
+        dt, d = TORCH_DTYPES[cfg.dtype], cfg.hidden
+        gen = torch.Generator().manual_seed(seed)
+        # He initialisation keeps the ReLU activations' scale roughly constant over the layers
+        self.weights = Arena.from_tensors({"w": _randn((d, d), math.sqrt(2.0 / d), gen),
+                                           "b": _randn((d,), 0.01, gen)}, device, dt)
+        self.acts = Arena({"x": ((cfg.batch, d), dt), "h0": ((cfg.batch, d), dt), "h1": ((cfg.batch, d), dt)}, device)
+        self.acts["x"].copy_(_randn((cfg.batch, d), 1.0, gen).to(dt))
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.weights.nbytes
+
+    def weight_span(self) -> Span:
+        return self.weights.span()
+
+    def activation_span(self) -> Span | None:
+        return self.acts.span()
+
+    def layer_spans(self, kind: int = 0) -> list[Span]:
+        return [self.weights.span()] * self.cfg.layers
+
+    def forward(self, kind: int = 0, hooks: LayerHooks = NO_HOOKS) -> torch.Tensor:
+        src = self.acts["x"]
+        for i in range(self.cfg.layers):
+            hooks.before_layer(i)
+            dst = self.acts["h0" if i % 2 == 0 else "h1"]
+            linear(src, self.weights["w"], self.weights["b"], relu=True, out=dst)
+            src = dst
+        hooks.finish()
+        return src
+
+    def between_requests(self) -> None:
+        pass
+
+    def reference(self) -> np.ndarray:
+        h = self.acts["x"]
+        for _ in range(self.cfg.layers):
+            h = linear_reference(h, self.weights["w"], self.weights["b"], relu=True)
+        return h
+
+    def bytes_per_request(self) -> int:
+        c = self.cfg
+        return c.layers * (self.weight_bytes + 2 * c.batch * c.hidden * np.dtype(c.dtype).itemsize)
+
+    def flops_per_request(self) -> int:
+        return 2 * self.cfg.layers * self.cfg.batch * self.cfg.hidden ** 2
+
+    def info(self) -> dict:
+        return {"kind": "mlp", "hidden": self.cfg.hidden, "layers": self.cfg.layers, "dtype": self.cfg.dtype,
+                "weight_bytes": self.weight_bytes}
+
+
+class SharedConvNet:
+    """A conv net reusing one residual 3x3 block L times (see the module doc)."""
+
+    kinds = 1
+
+    def __init__(self, cfg: ConvNetConfig, device: str = backend.DEVICE, seed: int = 0) -> None:
+        self.cfg, self.name = cfg, cfg.name
+        dt, c, k, s = TORCH_DTYPES[cfg.dtype], cfg.channels, cfg.kernel, cfg.size
+        gen = torch.Generator().manual_seed(seed)
+        fan_in = c * k * k
+        # small weights: the residual path carries the signal, the block adds a bounded correction
+        self.weights = Arena.from_tensors({"w": _randn((c, c, k, k), 0.5 / math.sqrt(fan_in), gen),
+                                           "b": _randn((c,), 0.01, gen)}, device, dt)
+        m = cfg.batch * s * s
+        self.split_k = pick_split_k(m, c, fan_in) if backend.ON_GPU else min(2, max(1, fan_in // 128))
+        shape = (cfg.batch, c, s, s)
+        self.acts = Arena({"x": (shape, dt), "h0": (shape, dt), "h1": (shape, dt),
+                           "ws": ((self.split_k * m * c,), torch.float32)}, device)
+        self.acts["x"].copy_(_randn(shape, 1.0, gen).to(dt))
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.weights.nbytes
+
+    def weight_span(self) -> Span:
+        return self.weights.span()
+
+    def activation_span(self) -> Span | None:
+        return self.acts.span()
+
+    def layer_spans(self, kind: int = 0) -> list[Span]:
+        return [self.weights.span()] * self.cfg.layers
+
+    def forward(self, kind: int = 0, hooks: LayerHooks = NO_HOOKS) -> torch.Tensor:
+        src, pad = self.acts["x"], self.cfg.kernel // 2
+        for i in range(self.cfg.layers):
+            hooks.before_layer(i)
+            dst = self.acts["h0" if i % 2 == 0 else "h1"]
+            conv2d(src, self.weights["w"], self.weights["b"], padding=pad, residual=src, relu=True, out=dst,
+                   split_k=self.split_k, workspace=self.acts["ws"])
+            src = dst
+        hooks.finish()
+        return src
+
+    def between_requests(self) -> None:
+        pass
+
+    def reference(self) -> np.ndarray:
+        h, pad = self.acts["x"], self.cfg.kernel // 2
+        for _ in range(self.cfg.layers):
+            h = conv2d_reference(h, self.weights["w"], self.weights["b"], padding=pad, residual=h, relu=True)
+        return h
+
+    def bytes_per_request(self) -> int:
+        c = self.cfg
+        act = c.batch * c.channels * c.size * c.size * np.dtype(c.dtype).itemsize
+        return c.layers * (self.weight_bytes + 3 * act)
+
+    def flops_per_request(self) -> int:
+        c = self.cfg
+        return 2 * c.layers * c.batch * c.size * c.size * c.channels ** 2 * c.kernel ** 2
+
+    def info(self) -> dict:
+        c = self.cfg
+        return {"kind": "conv", "channels": c.channels, "size": c.size, "layers": c.layers, "kernel": c.kernel,
+                "dtype": c.dtype, "weight_bytes": self.weight_bytes, "split_k": self.split_k}
