@@ -130,7 +130,7 @@ def test_forward_does_not_modify_input(family):
     assert torch.equal(x, x0)
 
 
-# ---- identity stitches ------------------------------------------------------------------------------------------------
+# ---- identity stitches ---------------------------------------------------------------------------------------------
 
 @FEW
 @given(arch=st.sampled_from(["resnet34", "resnet50"]), point=st.integers(1, 15),
@@ -423,7 +423,8 @@ def test_load_data_reads_an_image_folder(tmp_path):
         for cls in ("cat", "dog"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(count):
-                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+                pixels_ = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels_).save(tmp_path / split / cls / f"{i}.png")
     data = load_data(tmp_path, "cpu", val_size=4, image_size=16)
     assert data.kind == "folder" and data.num_classes == 2 and data.channels == 3
     assert (len(data.train), len(data.val), len(data.test)) == (8, 4, 4)

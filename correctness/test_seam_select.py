@@ -153,9 +153,9 @@ def test_selected_configuration_meets_the_constraint_when_re_measured(tiny, q):
     min_acc = float(np.quantile(accs, q))
     server = SeamServer(fam, rows, data.mean, data.std, data.channels, DEV, channels_last=False)
     cfg = server.select(min_acc)
-    # re-measure the chosen configuration from scratch on the split it was chosen on
+    # re-measure the chosen configuration from scratch on the split it was chosen on (same batches, as measured)
     fam.active = None
-    assert accuracy(fam, cfg, data.val, data, DEV, 7, channels_last=False) >= min_acc
+    assert accuracy(fam, cfg, data.val, data, DEV, 16, channels_last=False) >= min_acc
     baseline = select([r for r in rows if r["is_anchor"]], min_acc)
     chosen = next(r for r in rows if r["name"] == cfg.name)
     assert baseline is None or chosen["flops"] <= baseline["flops"]
@@ -174,9 +174,11 @@ def test_serve_matches_the_family_and_accepts_image_layouts(tiny):
     assert got.shape == (len(images),) and got.dtype == np.int64
     assert np.array_equal(server.serve(images.float() / 255.0), got)          # floats in [0, 1]
     from impl.seam.data import preprocess
+    from impl.seam.train import autocast
 
-    with torch.no_grad():
-        want = fam(preprocess(images, data.mean, data.std), cfg).argmax(1).cpu().numpy()
+    with torch.no_grad(), autocast(DEV):  # the same batches and precision as serve()
+        want = torch.cat([fam(preprocess(images[i: i + 5], data.mean, data.std), cfg).argmax(1).cpu()
+                          for i in range(0, len(images), 5)]).numpy()
     assert np.array_equal(got, want)
     assert server.serve(np.zeros((0, 12, 12), np.uint8)).shape == (0,)
     with pytest.raises(ValueError, match=r"\(N, H, W\)"):
@@ -200,7 +202,8 @@ def test_checkpoint_roundtrip_keeps_weights_and_bn_states(tiny, tmp_path):
     with torch.no_grad():
         for name in ("r34", "r50_to_r34_p11", "r34_to_r50_p01"):
             fam.active = fam2.active = None
-            assert torch.equal(fam(x, fam.activate(name)), fam2(x, fam2.activate(name))), name
+            a, b = fam(x, fam.activate(name)), fam2(x, fam2.activate(name))
+            assert torch.equal(a, b) if DEV == "cpu" else torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
     server = SeamServer.from_checkpoint(tmp_path, DEV)
     assert server.select(0.0).name == select(rows, 0.0)["name"]
     with pytest.raises(FileNotFoundError, match="not a seam checkpoint"):

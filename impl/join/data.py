@@ -34,7 +34,8 @@ class Case:
 
     @property
     def label(self) -> str:
-        size = f"{self.n // 1_000_000}M" if self.n >= 1_000_000 else f"{self.n // 1000}k" if self.n >= 1000 else str(self.n)
+        n = self.n
+        size = f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k" if n >= 1000 else str(n)
         return size if self.kind == "uniform" else f"{self.kind}-{size}"
 
 

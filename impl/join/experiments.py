@@ -7,8 +7,10 @@ own kernel follows them) and stores, per join, the duration-weighted achieved oc
 (``sm__warps_active.avg.pct_of_peak_sustained_active``) and SM throughput of its own kernels, DRAM bytes read +
 written, kernel time and the DRAM bandwidth that implies, with ``write_result("join", "ncu", ...)``.
 
-``--quick`` profiles only the two joins the claims name (hash-cuda, tc-triton). ``--smoke`` (CPU CI) runs the driver
-in-process at a tiny size under the interpreters and parses a synthetic CSV; it writes nothing. Budget: <= 2 min.
+``--quick`` profiles only the two joins the claims name (hash-cuda, tc-triton). ``--sweep`` (optional, ~1 min more)
+also times the tensor-core join over a few tilings/encodings and the hash joins over load factors and rows per
+thread, stored as ``join/sweep``. ``--smoke`` (CPU CI) runs the driver and a two-point sweep in-process at a tiny size
+under the interpreters and parses a synthetic CSV; it writes nothing. Budget: <= 2 min without ``--sweep``.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from typing import Any
 
 import impl  # noqa: F401
 from impl import backend
+from impl.common.results import ROOT
 
 CORE_METRICS = ("gpu__time_duration.sum", "sm__warps_active.avg.pct_of_peak_sustained_active", "dram__bytes_read.sum",
                 "dram__bytes_write.sum", "sm__throughput.avg.pct_of_peak_sustained_elapsed")
@@ -145,7 +148,11 @@ def run_ncu(n: int, impls: list[str], timeout_s: float = NCU_TIMEOUT_S) -> dict[
             log = os.path.join(tmp, "ncu.csv")
             cmd = ncu_command(ncu, metrics, n, impls, log)
             print("+", " ".join(cmd), flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(5.0, deadline - time.monotonic()))
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                      timeout=max(5.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired as e:
+                raise RuntimeError(f"ncu did not finish within the {timeout_s:.0f} s budget") from e
             text = open(log).read() if os.path.exists(log) else ""
         kernels = parse_ncu_csv(text)
         if proc.returncode == 0 and kernels:
@@ -163,17 +170,50 @@ def _copy_peak() -> float | None:
     return json.loads(path.read_text())["peaks"].get("copy_gbps") if path.exists() else None
 
 
-SMOKE_CSV = """==PROF== Connected to process 1
-"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
-"0","1","python","h","void at::native::vectorized_elementwise_kernel<4>(int)","1","7","(128, 1, 1)","(8192, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","5,000"
-"0","1","python","h","void at::native::vectorized_elementwise_kernel<4>(int)","1","7","(128, 1, 1)","(8192, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_write.sum","byte","16,777,216"
-"1","1","python","h","hash_build_cu_i32","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","10000"
-"1","1","python","h","hash_build_cu_i32","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","sm__warps_active.avg.pct_of_peak_sustained_active","%","80"
-"1","1","python","h","hash_build_cu_i32","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","Mbyte","4"
-"2","1","python","h","tc_join_count","1","7","(128, 1, 1)","(15625, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","30"
-"2","1","python","h","tc_join_count","1","7","(128, 1, 1)","(15625, 1, 1)","0","9.0","Command line profiler metrics","sm__warps_active.avg.pct_of_peak_sustained_active","%","40"
-==PROF== Disconnected from process 1
-"""
+_HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",'
+           '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+_FILL = '"vectorized_elementwise_kernel<4>(int)","1","7","(128, 1, 1)","(8192, 1, 1)"'
+_BUILD = '"hash_build_cu_i32","1","7","(256, 1, 1)","(4096, 1, 1)"'
+_TC = '"tc_join_count","1","7","(128, 1, 1)","(15625, 1, 1)"'
+_ROWS = [  # (id, kernel columns, metric, unit, value as ncu prints it)
+    (0, _FILL, "gpu__time_duration.sum", "nsecond", "5,000"),
+    (0, _FILL, "dram__bytes_write.sum", "byte", "16,777,216"),
+    (1, _BUILD, "gpu__time_duration.sum", "nsecond", "10000"),
+    (1, _BUILD, "sm__warps_active.avg.pct_of_peak_sustained_active", "%", "80"),
+    (1, _BUILD, "dram__bytes_read.sum", "Mbyte", "4"),
+    (2, _TC, "gpu__time_duration.sum", "usecond", "30"),
+    (2, _TC, "sm__warps_active.avg.pct_of_peak_sustained_active", "%", "40"),
+]
+SMOKE_CSV = "\n".join(
+    ["==PROF== Connected to process 1", _HEADER]
+    + [f'"{i}","1","python","h",{k},"0","9.0","Command line profiler metrics","{m}","{u}","{v}"'
+       for i, k, m, u, v in _ROWS]
+    + ["==PROF== Disconnected from process 1", ""])
+
+
+TC_SWEEP = ({}, {"bucket_rows": 16}, {"bucket_rows": 64}, {"block_n": 128}, {"block_m": 32, "bucket_rows": 16},
+            {"enc": "int8"}, {"num_warps": 8})
+HASH_SWEEP = ({}, {"load_factor": 0.25}, {"load_factor": 0.75}, {"items": 1}, {"items": 2}, {"items": 8},
+              {"threads": 128}, {"threads": 512})
+
+
+def sweep(n: int, tc_configs=TC_SWEEP, hash_configs=HASH_SWEEP, hash_impls=("hash-cuda",),
+          reps: int = 10) -> list[dict[str, Any]]:
+    """Median end-to-end time (ms, the suite's timer) of each join configuration on the uniform n x n case."""
+    from impl.common.timing import time_fn
+    from impl.join import make_operator
+    from impl.join.data import Case, make_tables
+
+    bk, br, pk, pr = make_tables(Case("uniform", n), seed=0, device=backend.DEVICE)
+    runs = [("tc-triton", c) for c in tc_configs] + [(h, c) for h in hash_impls for c in hash_configs]
+    out = []
+    for name, cfg in runs:
+        op = make_operator(name, **cfg)
+        pairs = len(op(bk, pk, br, pr))
+        ms = time_fn(lambda op=op: op(bk, pk, br, pr), warmup=2, reps=reps).median_ms
+        out.append({"impl": name, "config": cfg, "median_ms": ms, "pairs": pairs})
+        print(f"sweep {name} {cfg}: {ms * 1e3:.1f} µs", flush=True)
+    return out
 
 
 def smoke() -> dict[str, Any]:
@@ -183,12 +223,15 @@ def smoke() -> dict[str, Any]:
     pairs = ncu_driver.run(backend.sized(gpu=4096, cpu=96), ["hash-numba", "tc-triton"],
                            config={"hash-numba": {"threads": 32}, "tc-triton": {"bucket_rows": 8}})
     summary = summarize(parse_ncu_csv(SMOKE_CSV), copy_gbps=3000.0)
-    return {"pairs": pairs, "summary": summary}
+    points = sweep(64, tc_configs=({}, {"bucket_rows": 4}), hash_configs=({"threads": 32, "items": 8},),
+                   hash_impls=("hash-numba",), reps=1)
+    return {"pairs": pairs, "summary": summary, "sweep": points}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="profile only hash-cuda and tc-triton")
+    ap.add_argument("--sweep", action="store_true", help="also time join configurations (stored as join/sweep)")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny driver run + parser check; writes nothing")
     ap.add_argument("--n", type=int, default=1_000_000)
     a = ap.parse_args(argv)
@@ -218,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{who}: occupancy {d['occupancy_pct']}% · SM throughput {d['sm_throughput_pct']}% · "
                   f"DRAM {d['dram_bytes'] / 1e6:.1f} MB in {d['kernel_time_us']:.1f} µs of kernels", flush=True)
     print(f"wrote {path} in {time.monotonic() - t0:.0f} s", flush=True)
+    if a.sweep:
+        hash_impls = tuple(i for i in ("hash-cuda", "hash-numba") if i in impls)
+        points = sweep(a.n, hash_impls=hash_impls)
+        path = write_result("join", "sweep", {"n_build": a.n, "n_probe": a.n, "points": points}, overwrite=True)
+        print(f"wrote {path} in {time.monotonic() - t0:.0f} s total", flush=True)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Why C++ here: at 1M x 1M the whole join is ~tens of µs of device work, and a numba-cuda launch costs ~18 µs of host
 time, so the numba version is bound by its own launches. CuPy launches cost a few µs. The algorithm, table layout and
-phases are exactly ``hash_numba``'s (its CPU twin, run by the same tests); see that module and the .cu file.
+phases are exactly ``hash_numba``'s (its CPU twin, run by the same tests); see that module and the .cu file. On CPU
+machines the .cu source is also compiled by nvcc/NVRTC for sm_90 and run as-is under a thin CUDA emulation
+(``hash_join_emulated.cpp``, g++) against pandas.merge, by ``correctness/test_join*.py``.
 
 Launch sequence per join: memset(table) -> build -> count (+ last-block scan) -> read the total (the one host sync)
 -> allocate exact-size outputs -> write. ``speculative_join`` skips the sync before the write: it launches the write

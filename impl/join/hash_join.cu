@@ -180,7 +180,7 @@ __device__ void write_impl(const K* __restrict__ heads, long long n, const K* __
             long long h = heads[j];
             const R pj = prows[j];
             while (h != EMPTY_KEY) {
-                if (o <= capacity) {
+                if (o < capacity) {
                     out_b[o] = brows[h];
                     out_p[o] = pj;
                 }

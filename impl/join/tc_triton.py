@@ -14,7 +14,7 @@ bucket's build rows BM at a time. Comparisons ≈ n_probe · bucket_rows · (1 +
 
 Output: a count pass (matches per probe row) -> exclusive cumsum (the total is the one host sync) -> a write pass
 that recomputes the tiles and places each match with a cumsum along the build axis, so outputs are exact-size.
-Kernels (launches per join: hist, cumsum, scatter, count, cumsum, write): ``tc_partition_hist``,
+Kernels (launches per join: zero, hist, cumsum, scatter, count, cumsum, write): ``tc_partition_hist``,
 ``tc_partition_scatter``, ``tc_join_count``, ``tc_join_write``.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _scatter_side(keys_ptr, counts_ptr, bounds_ptr, part_keys_ptr, part_pos_ptr,
     m = offs < n
     k = tl.load(keys_ptr + offs, mask=m, other=0)
     b = bucket_off + _bucket_of(k, pmask, WIDE)
-    # Counting down leaves every count at zero again, so the buffer needs no clearing before the next join.
+    # Counting down hands out the slots bounds[b] + count - 1 ... bounds[b] (the histogram's counts are consumed).
     left = tl.atomic_add(counts_ptr + b, -1, mask=m)
     slot = tl.load(bounds_ptr + b, mask=m, other=0) + left - 1
     tl.store(part_keys_ptr + slot, k, mask=m)
@@ -246,7 +246,7 @@ class TensorCoreJoin:
             raise ValueError(f"the tensor-core join indexes both tables with int32: nb + np = {nb + np_} >= 2**31")
         p = cfg.buckets(nb)
         wide = keys.dtype == torch.int64
-        counts = self.ws.get("counts", 2 * p, torch.int32, dev, zeros=True)  # left at zero by the scatter
+        counts = self.ws.get("counts", 2 * p, torch.int32, dev).zero_()
         bounds = self.ws.get("bounds", 2 * p + 1, torch.int32, dev, zeros=True)  # bounds[0] stays 0
         part_keys = self.ws.get("part_keys", nb + np_, keys.dtype, dev)
         part_pos = self.ws.get("part_pos", nb + np_, torch.int32, dev)

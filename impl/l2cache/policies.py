@@ -138,7 +138,8 @@ class StreamPair:
 
 @dataclass
 class Prefetcher(LayerHooks):
-    """Before layer i, read layer i+1's weight span on the side stream (skipped when it is layer i's own span).
+    """Before layer i, read layer i+1's weight span on the side stream (skipped when it is layer i's own span);
+    with ``group`` g > 1, before every g-th layer read the spans of the next g layers as one range.
 
     Ordering: an event recorded on the main stream just before layer i is enqueued; the side stream waits for it,
     so the read starts together with layer i and never before earlier work; at ``finish`` the main stream waits for
@@ -151,11 +152,14 @@ class Prefetcher(LayerHooks):
     spans: list[Span]
     streams: StreamPair = field(default_factory=StreamPair)
     programs: int | None = None
+    group: int = 1  # prefetch the next `group` layers every `group` layers (fewer, larger reads)
     log: list[tuple[int, int, int]] = field(default_factory=list)
     _forked: bool = False
 
     def __post_init__(self) -> None:
-        most = max([self._programs(s) for s in self.spans] or [1])
+        if self.group < 1:
+            raise ValueError(f"group must be >= 1, got {self.group}")
+        most = self._programs(Span(0, 0, max([s.offset + s.nbytes for s in self.spans] or [4])))
         # allocated here, not in before_layer: that may run inside a CUDA-graph capture
         self._scratch = torch.empty(most, dtype=torch.int32, device=self.words.device)
 
@@ -163,12 +167,17 @@ class Prefetcher(LayerHooks):
         return self.programs or default_programs(-(-span.nbytes // 4))
 
     def before_layer(self, i: int) -> None:
-        if i + 1 >= len(self.spans) or self.spans[i + 1] == self.spans[i]:
-            return  # nothing new to fetch: the next layer reads the same weights
-        nxt = self.spans[i + 1]
-        start, count = nxt.offset // 4, -(-nxt.nbytes // 4)
-        programs = self._programs(nxt)
-        self.log.append((i, nxt.offset, nxt.nbytes))
+        if i % self.group:
+            return
+        # the weights of layers i+1 .. i+group that are not layer i's own (shared weights need no fetch)
+        nxt = [s for s in self.spans[i + 1:i + 1 + self.group] if s != self.spans[i]]
+        if not nxt:
+            return
+        lo, hi = min(s.offset for s in nxt), max(s.offset + s.nbytes for s in nxt)
+        span = Span(nxt[0].base_ptr, lo, hi - lo)
+        start, count = lo // 4, -(-(hi - lo) // 4)
+        programs = self._programs(span)
+        self.log.append((i, lo, hi - lo))
         if self.streams.main is None:
             touch(self.words, start, count, out=self._scratch, programs=programs)
             return

@@ -54,22 +54,28 @@ def _main_stream_ctx(streams: StreamPair):
     return torch.cuda.stream(streams.main) if streams.main is not None else contextlib.nullcontext()
 
 
-def pool_span(pool: Any) -> Span | None:
-    """The largest run of adjacent segments of a CUDA-graph memory pool (where the graph's activations live)."""
-    try:
-        segs = [s for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", ())) == tuple(pool)]
-    except Exception:  # an allocator without snapshots: the policy then reports itself not applicable
-        return None
+def largest_run(segments: list[tuple[int, int]]) -> Span | None:
+    """The longest run of adjacent (address, size) segments, as a Span (None when there are none)."""
     runs: list[list[int]] = []
-    for s in sorted(segs, key=lambda s: s["address"]):
-        if runs and runs[-1][0] + runs[-1][1] == s["address"]:
-            runs[-1][1] += s["total_size"]
+    for addr, size in sorted(segments):
+        if runs and runs[-1][0] + runs[-1][1] == addr:
+            runs[-1][1] += size
         else:
-            runs.append([s["address"], s["total_size"]])
+            runs.append([addr, size])
     if not runs:
         return None
     start, size = max(runs, key=lambda r: r[1])
     return Span(start, 0, size)
+
+
+def pool_span(pool: Any) -> Span | None:
+    """Where a CUDA graph's activations live: the largest run of adjacent segments of its memory pool."""
+    try:
+        segs = [(s["address"], s["total_size"]) for s in torch.cuda.memory_snapshot()
+                if tuple(s.get("segment_pool_id", ())) == tuple(pool)]
+    except Exception:  # an allocator without snapshots: the policy then reports itself not applicable
+        return None
+    return largest_run(segs)
 
 
 @dataclass
@@ -81,6 +87,7 @@ class PolicyRunner:
     controller: L2Controller
     graphs: bool | None = None
     prefetch_programs: int | None = None
+    prefetch_group: int = 1
     plan: PolicyPlan | None = None
     info: dict = field(default_factory=dict)
 
@@ -119,7 +126,7 @@ class PolicyRunner:
         if not self.policy.prefetch:
             return NO_HOOKS
         return Prefetcher(self.workload.weights.words, self.workload.layer_spans(kind), self.streams,
-                          self.prefetch_programs)
+                          self.prefetch_programs, self.prefetch_group)
 
     def _warm_up(self) -> None:
         with _main_stream_ctx(self.streams):

@@ -165,7 +165,7 @@ class DataBundle:
 
 def preprocess(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], channels: int | None = None,
                channels_last: bool = False) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float32 ``(x / 255 − mean) / std``; one channel is repeated when ``channels`` asks for 3."""
+    """uint8 (N, C, H, W) -> float32 ``(x / 255 − mean) / std``; 1 channel is repeated if ``channels`` asks for 3."""
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
@@ -219,7 +219,8 @@ def load_idx(data_dir: Path, device: str, *, val_size: int, seed: int, image_siz
     te_x = read_idx_images(data_dir / IDX_FILES["test"][0])
     te_y = read_idx_labels(data_dir / IDX_FILES["test"][1])
     if len(tr_x) != len(tr_y) or len(te_x) != len(te_y):
-        raise ValueError(f"{data_dir}: image and label counts differ ({len(tr_x)}/{len(tr_y)}, {len(te_x)}/{len(te_y)})")
+        raise ValueError(f"{data_dir}: image and label counts differ "
+                         f"({len(tr_x)}/{len(tr_y)}, {len(te_x)}/{len(te_y)})")
     if val_size >= len(tr_x):
         raise ValueError(f"val_size {val_size} leaves no training images out of {len(tr_x)}")
     perm = np.random.default_rng(seed).permutation(len(tr_x))

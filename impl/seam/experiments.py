@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-import impl  # noqa: F401
 from impl import backend
 from impl.seam.data import DataBundle, load_data, preprocess
 from impl.seam.family import SeamFamily

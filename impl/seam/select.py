@@ -18,7 +18,7 @@ import numpy as np
 
 def select(rows: Iterable[dict[str, Any]], min_acc: float, max_latency_ms: float | None = None,
            acc_key: str = "acc_val", latency_key: str = "latency_b1_ms") -> dict[str, Any] | None:
-    """The lightest row meeting ``acc ≥ min_acc`` (and ``latency ≤ max_latency_ms``); ties: higher accuracy, name."""
+    """The lightest row with ``acc ≥ min_acc`` (and ``latency ≤ max_latency_ms``); ties: higher accuracy, name."""
     feasible = []
     for r in rows:
         acc = r[acc_key]

@@ -2,9 +2,10 @@
 
 Loss: cross-entropy with label smoothing. Optimiser: SGD with Nesterov momentum, weight decay on conv/linear weights
 only. Learning rate: linear warm-up over ``warmup_frac`` of training, then cosine to zero. Progress is
-``max((step + 0.5) / total_steps, elapsed / time_budget_s)``: without a binding time budget the schedule is purely by step (and
-reproducible); if the budget binds, the schedule anneals by time and the run ends on time with ``budget_bound`` set.
-On a GPU: bf16 autocast and channels_last; ``torch.backends.cudnn.benchmark`` is switched on for the run and restored.
+``max((step + 0.5) / total_steps, elapsed / time_budget_s)``: without a binding time budget the schedule is purely by
+step (and reproducible); if the budget binds, the schedule anneals by time and the run ends on time with
+``budget_bound`` set. On a GPU: bf16 autocast and channels_last; ``torch.backends.cudnn.benchmark`` is on during
+the run and restored after it.
 """
 from __future__ import annotations
 

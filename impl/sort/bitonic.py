@@ -150,7 +150,8 @@ class SortGraph:
         self.nodes = len(sorter.launches)
 
     def __call__(self, stream=0) -> None:
-        _check(self._drv.cuGraphLaunch(self._exec, self._drv.CUstream(int(getattr(stream, "handle", stream) or 0))))
+        handle = int(stream.handle) if hasattr(stream, "handle") else int(stream)
+        _check(self._drv.cuGraphLaunch(self._exec, self._drv.CUstream(handle)))
 
     def __del__(self) -> None:
         drv = getattr(self, "_drv", None)

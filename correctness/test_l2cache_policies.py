@@ -1,0 +1,255 @@
+"""Policies applied to models: outputs bit-identical to the default under every policy, the prefetcher's schedule,
+the runner's restore-on-exception, any nn.Module as a workload, and the once-for-all MobileNetV3 supernet against
+timm (full network) and against module surgery (sliced subnets)."""
+from dataclasses import dataclass
+from functools import lru_cache
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fixtures.oracle import assert_close
+from impl.backend import DEVICE
+from impl.l2cache.arena import Span
+from impl.l2cache.control import AccessWindow, L2Controller
+from impl.l2cache.fake import FakeL2Driver
+from impl.l2cache.nets import ConvNetConfig, MLPConfig, SharedConvNet, SharedMLP
+from impl.l2cache.ofa import (SUBNETS, OfaConfig, OfaServing, OfaSupernet, SubnetConfig, create_timm_model,
+                              keep_channels, materialize_subnet)
+from impl.l2cache.policies import POLICIES, PolicyPlan, Prefetcher, get_policy
+from impl.l2cache.serving import (ModuleWorkload, PolicyRunner, largest_run, lab_streams, measure, output_digest,
+                                  outputs_by_kind, stream_handles)
+from impl.l2cache.testing import l2_controller, l2_guard  # noqa: F401  (fixtures; the guard is autouse)
+
+SMALL_MODEL = "mobilenetv3_small_050"  # the interpreter is slow: CPU tests use timm's smallest MobileNetV3
+
+
+@lru_cache(maxsize=None)
+def timm_model(name: str = SMALL_MODEL, classes: int = 10):
+    return create_timm_model(seed=0, name=name, num_classes=classes)
+
+
+def tiny_ofa(noise: int = 0) -> OfaServing:
+    cfg = OfaConfig("ofa_test", resolution=32, model=SMALL_MODEL, num_classes=10, dtype="float32", noise_bytes=noise)
+    return OfaServing(cfg, model=timm_model())
+
+
+def tiny_module() -> ModuleWorkload:
+    shared = torch.nn.Linear(16, 16)  # used twice: ALBERT-style sharing inside an arbitrary module
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), shared, torch.nn.ReLU(), shared,
+                            torch.nn.Linear(16, 4)).to(DEVICE)
+    return ModuleWorkload(m, torch.randn(2, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE), "seq")
+
+
+WORKLOADS = {
+    "mlp": lambda: SharedMLP(MLPConfig("mlp_t", 32, 3, dtype="float32")),
+    "conv": lambda: SharedConvNet(ConvNetConfig("conv_t", 8, 4, 2, dtype="float32")),
+    "module": tiny_module,
+    "ofa": tiny_ofa,
+}
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_every_policy_leaves_outputs_bit_identical(name, l2_controller):
+    wl = WORKLOADS[name]()
+    digests = {}
+    for policy in POLICIES.values():
+        # on the CPU one touch per request (group 16, one program): the interpreter pays ~0.2 s per launch
+        with PolicyRunner(wl, policy, l2_controller, prefetch_group=16 if DEVICE == "cpu" else 1,
+                          prefetch_programs=1 if DEVICE == "cpu" else None) as runner:
+            outs = outputs_by_kind(runner)
+            digests[policy.name] = [output_digest(o) for o in outs]
+            assert all(torch.isfinite(o).all() for o in outs), "outputs must be finite to make the check meaningful"
+    assert all(d == digests["default"] for d in digests.values()), digests
+    if wl.kinds > 1:
+        assert len(set(digests["default"])) == wl.kinds, "alternating subnets must give different outputs"
+
+
+def test_runner_applies_the_plan_and_restores_afterwards():
+    drv = FakeL2Driver()
+    ctl = L2Controller(drv)
+    wl = WORKLOADS["mlp"]()
+    handles = stream_handles(lab_streams())
+    before = ctl.snapshot(handles)
+    with PolicyRunner(wl, get_policy("persist_weights"), ctl, graphs=False) as runner:
+        span = wl.weight_span()
+        w = drv.windows[handles[0]]
+        assert (w.base_ptr, w.num_bytes, w.hit_prop) == (span.ptr, span.nbytes, "persisting")
+        assert drv.windows[handles[1]] == w and drv.carveout == span.nbytes
+        assert runner.info["policy"] == "persist_weights" and runner.info["hit_ratio"] == 1.0
+    assert ctl.snapshot(handles) == before and drv.resets >= 2
+
+
+@dataclass(frozen=True)
+class ExplodingPolicy:
+    name: str = "exploding"
+    prefetch: bool = False
+
+    def plan(self, weights, activations, limits):
+        raise RuntimeError("plan failed")
+
+
+@dataclass(frozen=True)
+class HalfWindow:
+    """A user's own policy: persist the first half of the weights, nothing else (any object with plan() works)."""
+
+    name: str = "half"
+    prefetch: bool = False
+
+    def plan(self, weights, activations, limits):
+        n = weights.nbytes // 2
+        return PolicyPlan(self.name, n, AccessWindow(weights.ptr, n, 1.0, "persisting", "normal"), False)
+
+
+def test_runner_restores_when_the_policy_or_the_body_raises():
+    drv = FakeL2Driver()
+    ctl = L2Controller(drv)
+    handles = stream_handles(lab_streams())
+    before = ctl.snapshot(handles)
+    with pytest.raises(RuntimeError, match="plan failed"):
+        with PolicyRunner(WORKLOADS["mlp"](), ExplodingPolicy(), ctl, graphs=False):
+            pass
+    assert ctl.snapshot(handles) == before
+    with pytest.raises(ValueError, match="served"):
+        with PolicyRunner(WORKLOADS["mlp"](), HalfWindow(), ctl, graphs=False):
+            assert drv.carveout > 0 and drv.windows[handles[0]].num_bytes > 0
+            raise ValueError("served, then failed")
+    assert ctl.snapshot(handles) == before
+
+
+def test_a_users_policy_object_applies_to_any_module():
+    drv = FakeL2Driver()
+    wl = tiny_module()
+    with PolicyRunner(wl, HalfWindow(), L2Controller(drv), graphs=False) as runner:
+        half = wl.weight_span().nbytes // 2
+        assert drv.carveout == half and drv.windows[runner.handles[0]].num_bytes == half
+        runner.request()
+    assert drv.carveout != half
+
+
+def test_module_workload_keeps_values_and_finds_shared_layers():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16)).to(DEVICE)
+    x = torch.randn(3, 8).to(DEVICE)
+    with torch.no_grad():
+        expected = m(x).clone()
+    wl = ModuleWorkload(m, x)
+    assert torch.equal(wl.forward(), expected), "moving parameters into the arena changed the output"
+    assert all(p.data_ptr() >= wl.weights.buffer.data_ptr() for p in m.parameters())
+    shared = tiny_module()
+    spans = shared.layer_spans()
+    assert len(spans) == 4 and spans[1] == spans[2] and len(set(spans)) == 3
+    with pytest.raises(ValueError, match="no parameters"):
+        ModuleWorkload(torch.nn.ReLU(), x)
+
+
+def test_prefetcher_reads_the_next_distinct_layer_before_each_layer():
+    wl = tiny_module()
+    spans = wl.layer_spans()
+    pre = Prefetcher(wl.weights.words, spans)
+    wl.forward(hooks=pre)
+    # layer 1 -> 2 share the weights: nothing to fetch before layer 1; the last layer has no successor
+    assert pre.log == [(0, spans[1].offset, spans[1].nbytes), (2, spans[3].offset, spans[3].nbytes)]
+    grouped = Prefetcher(wl.weights.words, spans, group=2)
+    wl.forward(hooks=grouped)
+    lo = min(spans[1].offset, spans[2].offset)
+    assert grouped.log[0] == (0, lo, max(s.offset + s.nbytes for s in spans[1:3]) - lo)
+    assert [i for i, _, _ in grouped.log] == [0, 2]
+    with pytest.raises(ValueError, match="group"):
+        Prefetcher(wl.weights.words, spans, group=0)
+
+
+def test_shared_nets_have_nothing_to_prefetch():
+    wl = WORKLOADS["mlp"]()
+    pre = Prefetcher(wl.weights.words, wl.layer_spans())
+    wl.forward(hooks=pre)
+    assert pre.log == []
+
+
+def test_measure_times_every_request_and_alternates_kinds():
+    wl = tiny_ofa()
+    with PolicyRunner(wl, get_policy("default"), L2Controller(FakeL2Driver()), graphs=False) as runner:
+        lat = measure(runner, reps=4, warmup=1).summary()
+    assert lat["reps"] == 4 and len(lat["median_ms_per_kind"]) == 2 and lat["median_ms"] > 0
+
+
+def test_noise_between_requests_writes_its_buffer():
+    wl = tiny_ofa(noise=4096)
+    wl.noise.zero_()
+    wl.between_requests()
+    assert bool((wl.noise == 1.0).all()) and wl.noise.numel() == 1024
+
+
+def test_largest_run_merges_adjacent_segments():
+    assert largest_run([]) is None
+    got = largest_run([(3000, 100), (1000, 500), (1500, 500), (5000, 800)])
+    assert got == Span(1000, 0, 1000)
+
+
+# ---- the once-for-all supernet ------------------------------------------------------------------------------
+
+def test_full_subnet_equals_timms_own_forward():
+    m = timm_model()
+    net = OfaSupernet(m, DEVICE, torch.float32)
+    x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with torch.no_grad():
+        assert_close(net.forward(x, SUBNETS["max"]), m.to(DEVICE)(x), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=8)
+@given(depth=st.one_of(st.none(), st.integers(1, 3)), expand=st.sampled_from([0.25, 0.5, 0.75, 1.0]),
+       kernel=st.sampled_from([None, 3, 1]), res=st.sampled_from([32, 40]))
+def test_sliced_subnets_equal_module_surgery(depth, expand, kernel, res):
+    """First-k channels, centre-cropped kernels and skipped blocks, checked against timm's forward of a copy of
+    the module cut down the same way (unfolded BatchNorm, so folding is checked too)."""
+    m = timm_model()
+    sub = SubnetConfig("h", depth, expand, kernel)
+    net = OfaSupernet(m, DEVICE, torch.float32)
+    x = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        ref = materialize_subnet(m, sub).to(DEVICE)(x)
+        assert_close(net.forward(x, sub), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_subnets_share_one_set_of_weights():
+    wl = tiny_ofa()
+    a, b = (set(wl.layer_spans(k)) for k in range(wl.kinds))
+    assert b <= a, "the smaller subnet reads a subset of the larger one's weight spans"
+    assert all(s.base_ptr == wl.weights.buffer.data_ptr() for s in a)
+    assert len(wl.net.executed(SUBNETS["min"])) < len(wl.net.executed(SUBNETS["max"]))
+
+
+def test_elastic_settings_are_validated():
+    assert keep_channels(96, 0.5) == 48 and keep_channels(72, 0.75) == 56 and keep_channels(4, 0.25) == 4
+    with pytest.raises(ValueError, match="expand"):
+        keep_channels(64, 0.0)
+    net = tiny_ofa().net
+    with pytest.raises(ValueError, match="depth"):
+        net.executed(SubnetConfig("bad", depth=0))
+    with pytest.raises(ValueError, match="odd"):
+        net.forward(torch.zeros(1, 3, 32, 32, device=DEVICE), SubnetConfig("bad", kernel=2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mlp", "conv", "ofa"])
+def test_gpu_graphs_stamp_the_window_and_match_eager(name, l2_controller):
+    """On the GPU: graph replay == eager forward bit for bit, and the plan's window is on every kernel node."""
+    wl = WORKLOADS[name]()
+    with PolicyRunner(wl, get_policy("persist_weights"), l2_controller, graphs=False) as eager:
+        ref = outputs_by_kind(eager)
+    with PolicyRunner(wl, get_policy("persist_weights"), l2_controller) as runner:
+        assert runner.info["graphs"] and runner.info["stamped_kernel_nodes"] > 0
+        got = outputs_by_kind(runner)
+    assert [output_digest(o) for o in got] == [output_digest(o) for o in ref]
+
+
+@pytest.mark.gpu
+def test_gpu_ofa_at_full_size_is_bit_identical_across_policies(l2_controller):
+    wl = OfaServing(OfaConfig())
+    digests = {}
+    for policy in POLICIES.values():
+        with PolicyRunner(wl, policy, l2_controller) as runner:
+            digests[policy.name] = [output_digest(o) for o in outputs_by_kind(runner)]
+    assert all(d == digests["default"] for d in digests.values()), digests
+
