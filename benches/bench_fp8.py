@@ -24,7 +24,7 @@ from impl.fp8 import quant
 from impl.fp8.formats import get_group
 from impl.fp8.linear import Fp8Linear, quantize_weight
 from impl.fp8.loader import load_checkpoint
-from impl.fp8.tiny import LLAMA3_8B, random_codes, tiny_config, write_random_fp8_checkpoint
+from impl.fp8.tiny import LLAMA3_8B, tiny_config, write_random_fp8_checkpoint
 
 HI = torch.bfloat16 if backend.ON_GPU else torch.float32  # no bf16 in the Triton interpreter
 SHAPES = sized(gpu=[(14336, 4096), (4096, 14336), (4096, 4096)], cpu=[(130, 96), (64, 200)])

@@ -43,7 +43,8 @@ def make_input(n: int, dtype: str):
             t = torch.randn(n, generator=g, device=DEVICE)
         else:
             t = torch.randint(-(2**31), 2**31 - 1, (n,), generator=g, device=DEVICE, dtype=torch.int32)
-        _INPUTS.clear() if len(_INPUTS) >= 2 else None  # keep device memory bounded at 100M
+        if len(_INPUTS) >= 2:
+            _INPUTS.clear()  # keep device memory bounded at 100M
         _INPUTS[(n, dtype)] = (t, cuda.as_cuda_array(t) if ON_GPU else cuda.to_device(t.numpy()))
     return _INPUTS[(n, dtype)]
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fixtures.oracle import assert_close
 from impl.fp8 import quantize as Q
 from impl.fp8.formats import BLOCK128, CHANNEL, TENSOR, ScaleGroup
 from impl.fp8.layouts import LAYOUTS, CheckpointError, ModelSpec

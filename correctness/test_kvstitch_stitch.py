@@ -70,7 +70,8 @@ def test_unrotate_inverts_the_models_rope(spec, tokens, start, seed):
                     generator=torch.Generator().manual_seed(seed))
     for cos, sin in tabs:
         assert_close(unrotate(rotate(x, cos, sin), cos, sin).numpy(), x.numpy(), rtol=1e-12, atol=1e-12)
-        assert_close(rotate(x, cos, sin).norm(dim=-1).numpy(), x.norm(dim=-1).numpy(), rtol=1e-12, atol=1e-12)
+        # a rotation keeps norms (to float32: transformers builds cos/sin in float32)
+        assert_close(rotate(x, cos, sin).norm(dim=-1), x.norm(dim=-1), rtol=1e-6, atol=1e-9)
 
 
 def test_rope_matches_the_models_cached_keys():
@@ -119,21 +120,22 @@ def test_passthrough_hybrid_gives_bit_identical_logits():
 
 
 def test_least_squares_recovers_a_linear_map_exactly():
-    """Decode model = prefill model with V-projection rows mixed by a fixed matrix: stage-a init must find it."""
+    """Decode model = prefill model with the last block's V projection mixed by a fixed matrix (earlier blocks and all
+    keys unchanged): the least-squares init must find the mix for V and the identity everywhere else."""
     spec = TinySpec(layers=2, kv_heads=2, heads=2, head_dim=8)
     pm = tiny_model(spec, 0, torch.float64)
     qm = tiny_model(spec, 0, torch.float64)
     mix = torch.randn(16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        for lp, lq in zip(pm.model.layers, qm.model.layers):
-            lq.self_attn.v_proj.weight.copy_(mix @ lp.self_attn.v_proj.weight)
+        qm.model.layers[-1].self_attn.v_proj.weight.copy_(mix @ pm.model.layers[-1].self_attn.v_proj.weight)
     ids = prompt(4, 24, spec.vocab, 2)
     bundle = StitchBundle(pm.config, qm.config, StitchConfig(ridge=0.0), dtype=torch.float64)
     resid = bundle.init_lstsq(prefill(pm, ids)[0], prefill(qm, ids)[0], positions_for(4, 0, 24, "cpu"))
     assert max(resid.values()) < 1e-8, resid
-    layer = bundle.layers[0]
-    assert_close(layer.v_map.weight, mix, rtol=1e-6, atol=1e-7)
-    assert_close(layer.k_map.weight, torch.eye(16, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    eye = torch.eye(16, dtype=torch.float64)
+    for j, layer in enumerate(bundle.layers):
+        assert_close(layer.v_map.weight, mix if j == 1 else eye, rtol=1e-6, atol=1e-7)
+        assert_close(layer.k_map.weight, eye, rtol=1e-6, atol=1e-7)
 
 
 @given(n_p=st.integers(1, 40), n_q=st.integers(1, 40))
@@ -150,7 +152,7 @@ def test_depth_pairing_is_monotone_and_covers_both_ends(n_p, n_q):
 
 def test_save_load_roundtrip(tmp_path):
     pm = tiny_model(TinySpec(layers=3), 0)
-    qm = tiny_model(TinySpec(layers=2, kv_heads=1, heads=3, arch="gemma3"), 1)
+    qm = tiny_model(TinySpec(layers=2, hidden=24, kv_heads=1, heads=3, arch="gemma3"), 1)
     b = StitchBundle(pm.config, qm.config)
     torch.manual_seed(0)
     for prm in b.parameters():

@@ -36,7 +36,7 @@ def test_profile_command_keeps_the_cache_and_profiles_whole_graphs(tmp_path):
                  "--profile-from-start off", "--metrics " + ",".join(ncu.METRICS)):
         assert flag in joined
     assert cmd[-4:] == ["-m", "impl.l2cache.experiments", "--ncu-driver", "mlp_16mb"]
-    assert ncu.import_command(tmp_path / "r.ncu-rep")[-6:] == ["--csv", "--page", "raw", "--print-units", "base"]
+    assert ncu.import_command(tmp_path / "r.ncu-rep")[-5:] == ["--csv", "--page", "raw", "--print-units", "base"]
 
 
 RAW = '''==PROF== Connected to process

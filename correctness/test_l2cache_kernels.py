@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fixtures.oracle import assert_close, check_kernel
@@ -19,6 +19,8 @@ from impl.l2cache.testing import l2_guard  # noqa: F401  (autouse: L2 state chec
 from impl.l2cache.touch import touch, touch_reference
 
 DT = {"float32": torch.float32, "float16": torch.float16}
+# every flag combination is a Triton compile on the GPU (~1 s): cap the examples there, keep the CI profile's here
+KERNEL_EXAMPLES = settings(max_examples=min(settings.default.max_examples, 40))
 
 
 def tensor(shape, dtype: str, seed: int, pattern: str = "random", scale: float = 1.0) -> torch.Tensor:
@@ -36,6 +38,7 @@ def tol(dtype: str, k: int) -> dict:
 
 # ---- linear -------------------------------------------------------------------------------------------------
 
+@KERNEL_EXAMPLES
 @given(m=st.integers(1, 40), n=st.integers(1, 70), k=st.integers(0, 90), dtype=st.sampled_from(["float32", "float16"]),
        bias=st.booleans(), relu=st.booleans(), path=st.sampled_from(["auto", "gemv", "gemm"]), seed=seeds())
 def test_linear_matches_float64_reference(m, n, k, dtype, bias, relu, path, seed):
@@ -86,6 +89,7 @@ def test_linear_rejects_bad_input():
 
 # ---- convolution --------------------------------------------------------------------------------------------
 
+@KERNEL_EXAMPLES
 @given(bsz=st.integers(1, 2), c=st.integers(1, 6), co=st.integers(1, 40), h=st.integers(1, 9), wd=st.integers(1, 9),
        k=st.sampled_from([1, 3, 5]), stride=st.sampled_from([1, 2]), pad=st.integers(0, 2),
        dtype=st.sampled_from(["float32", "float16"]), bias=st.booleans(), res=st.booleans(), relu=st.booleans(),

@@ -55,9 +55,10 @@ def test_every_policy_leaves_outputs_bit_identical(name, l2_controller):
     wl = WORKLOADS[name]()
     digests = {}
     for policy in POLICIES.values():
-        # on the CPU one touch per request (group 16, one program): the interpreter pays ~0.2 s per launch
-        with PolicyRunner(wl, policy, l2_controller, prefetch_group=16 if DEVICE == "cpu" else 1,
-                          prefetch_programs=1 if DEVICE == "cpu" else None) as runner:
+        # on the CPU one small read per request (group 16, one program, 64 KB): the interpreter reads ~1 MB/s
+        cpu = DEVICE == "cpu"
+        with PolicyRunner(wl, policy, l2_controller, prefetch_group=16 if cpu else 1,
+                          prefetch_programs=1 if cpu else None, prefetch_max_bytes=1 << 16 if cpu else None) as runner:
             outs = outputs_by_kind(runner)
             digests[policy.name] = [output_digest(o) for o in outs]
             assert all(torch.isfinite(o).all() for o in outs), "outputs must be finite to make the check meaningful"
@@ -156,6 +157,9 @@ def test_prefetcher_reads_the_next_distinct_layer_before_each_layer():
     lo = min(spans[1].offset, spans[2].offset)
     assert grouped.log[0] == (0, lo, max(s.offset + s.nbytes for s in spans[1:3]) - lo)
     assert [i for i, _, _ in grouped.log] == [0, 2]
+    capped = Prefetcher(wl.weights.words, spans, max_bytes=64)
+    wl.forward(hooks=capped)
+    assert capped.log == [(0, spans[1].offset, 64), (2, spans[3].offset, 64)]
     with pytest.raises(ValueError, match="group"):
         Prefetcher(wl.weights.words, spans, group=0)
 
@@ -164,7 +168,14 @@ def test_shared_nets_have_nothing_to_prefetch():
     wl = WORKLOADS["mlp"]()
     pre = Prefetcher(wl.weights.words, wl.layer_spans())
     wl.forward(hooks=pre)
-    assert pre.log == []
+    assert pre.log == [] and pre.reads_per_request() == 0
+    ctl = L2Controller(FakeL2Driver())
+    with PolicyRunner(wl, get_policy("prefetch"), ctl, graphs=False) as runner:
+        assert not runner.info["applicable"] and "nothing to prefetch" in runner.info["note"]
+    with PolicyRunner(wl, get_policy("persist_prefetch"), ctl, graphs=False) as runner:
+        assert runner.info["applicable"] and runner.info["window_bytes"] > 0  # the persist half still applies
+    with PolicyRunner(tiny_module(), get_policy("prefetch"), ctl, graphs=False) as runner:
+        assert runner.info["applicable"] and runner.info["prefetch_reads_per_request"] == 2
 
 
 def test_measure_times_every_request_and_alternates_kinds():
@@ -240,6 +251,9 @@ def test_gpu_graphs_stamp_the_window_and_match_eager(name, l2_controller):
         ref = outputs_by_kind(eager)
     with PolicyRunner(wl, get_policy("persist_weights"), l2_controller) as runner:
         assert runner.info["graphs"] and runner.info["stamped_kernel_nodes"] > 0
+        for g in runner.cuda_graphs:
+            windows = l2_controller.driver.graph_windows(g.raw_cuda_graph())
+            assert windows and all(w == runner.plan.window for w in windows)
         got = outputs_by_kind(runner)
     assert [output_digest(o) for o in got] == [output_digest(o) for o in ref]
 

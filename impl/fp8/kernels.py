@@ -64,7 +64,7 @@ def _encode_bits(y, FMT: tl.constexpr):
     a = bits & 0x7FFFFFFF
     ay = a.to(tl.float32, bitcast=True)
     # normal range: round the float32 mantissa to MAN bits (ties to even); a carry bumps the exponent, as it must
-    r = (a + (1 << (SHIFT - 1))) >> SHIFT
+    r = (a + ((1 << (SHIFT - 1)) - 1) + ((a >> SHIFT) & 1)) >> SHIFT
     normal = r - ((127 - BIAS) << MAN)
     # subnormal range: k = rne(|y| / step); 2^23 + t - 2^23 rounds t to an integer, ties to even, for 0 <= t < 2^22
     t = tl.where(ay < MIN_NORMAL, ay, 0.0) * SUB_SCALE  # (NaN -> 0: no float->int cast of NaN)

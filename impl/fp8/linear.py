@@ -1,12 +1,14 @@
 """FP8 linear layers: y = x @ W^T (+ b) with W held in FP8 and dequantized by its scales.
 
 Paths (``Fp8Linear.path``, chosen once at construction and stated in ``Fp8Linear.reason``):
-  scaled_mm-tensor   per-tensor weight scale: x quantized (always e4m3) per tensor (static ``input_scale`` or dynamic, by our
-                     kernel), then ``torch._scaled_mm(xq, Wq^T, s_x, s_w)`` on FP8 tensor cores (sm_89+).
+  scaled_mm-tensor   per-tensor weight scale: x quantized (always e4m3) per tensor (static ``input_scale`` or
+                     dynamic, by our kernel), then ``torch._scaled_mm(xq, Wq^T, s_x, s_w)`` on FP8 tensor cores
+                     (sm_89+).
   scaled_mm-rowwise  per-channel weight scales: x quantized per token, ``_scaled_mm`` with row-wise scales
                      s_x [M, 1] and s_w [1, N] (Hopper, sm_90).
   dequant-triton     any scales (128x128 blocks, 1x128 groups, fused shards): the Triton kernel dequantizes W to
                      the compute dtype on every call, then a dense GEMM.
+                     (Also every e5m2 weight: the FP8 GEMMs here take e4m3 weights.)
   dequant-torch      the same with the CPU reference dequantizer (whole models on a CPU, where Triton runs
                      interpreted and would take minutes per forward).
 Compute dtype: bfloat16 on a GPU, float32 on the CPU. Output dtype: x's dtype. Shapes: x [..., K] -> y [..., N].
@@ -73,6 +75,8 @@ def choose_path(w: Fp8Weight, device: torch.device | str) -> tuple[str, str]:
         if backend.ON_GPU and torch.device(device).type == "cuda":
             return "dequant-triton", f"dequantize + GEMM: {why}"
         return "dequant-torch", f"dequantize + GEMM on the CPU ({why}; Triton would run interpreted)"
+    if w.weight.dtype == torch.float8_e5m2:
+        return "dequant-triton", "e5m2 weights: dequantize (Triton) + bf16 GEMM (FP8 GEMMs here take e4m3 weights)"
     if k % 16 or n % 16:
         return "dequant-triton", f"_scaled_mm needs K and N divisible by 16, got K={k}, N={n}"
     if w.group == TENSOR:

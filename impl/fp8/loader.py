@@ -15,7 +15,6 @@ Every refusal is a ``CheckpointError`` whose message starts with the tensor (or 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,8 +25,8 @@ import torch
 from safetensors import safe_open
 
 from impl import backend
-from impl.fp8.formats import BLOCK128, CHANNEL, TENSOR, ScaleGroup, get_format
-from impl.fp8.layouts import FUSED, CheckpointError, Layout, ModelSpec, QuantScheme, parse_quantization_config
+from impl.fp8.formats import CHANNEL, TENSOR, ScaleGroup, get_format
+from impl.fp8.layouts import FUSED, CheckpointError, ModelSpec, QuantScheme, parse_quantization_config
 from impl.fp8.linear import Fp8Weight
 from impl.fp8.quantize import read_config, safetensors_files
 
@@ -348,5 +347,4 @@ def _requant_to_max(ws: list[Fp8Weight], shards, inp, bias) -> Fp8Weight:
     return Fp8Weight(torch.cat(parts, dim=0), smax, TENSOR, inp, bias, shards)
 
 
-__all__ = ["CheckpointError", "LoadedCheckpoint", "LoadStats", "load_checkpoint", "fuse_weights", "BLOCK128",
-           "Layout"]
+__all__ = ["CheckpointError", "LoadedCheckpoint", "LoadStats", "load_checkpoint", "fuse_linears", "fuse_weights"]

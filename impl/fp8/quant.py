@@ -25,12 +25,22 @@ EMULATE = backend.INTERPRETED  # the interpreter's own fp8 conversion is wrong: 
 def _tile_configs() -> list[triton.Config]:
     if not backend.ON_GPU or backend.INTERPRETED:
         return [triton.Config({"BM": 64}, num_warps=4)]
-    return [triton.Config({"BM": bm}, num_warps=w) for bm in (16, 32, 64, 128) for w in (4, 8)]
+    return [triton.Config({"BM": bm}, num_warps=w) for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))]
 
 
 _KEY = ["N", "K", "GN", "GK", "FMT"]
 dequant_tuned = triton.autotune(configs=_tile_configs(), key=_KEY)(K.dequant_kernel)
 quant_static_tuned = triton.autotune(configs=_tile_configs(), key=_KEY + ["FROM_AMAX"])(K.quant_static_kernel)
+TUNE_MIN_ELEMENTS = 1 << 22  # smaller matrices take a fixed tile: autotuning every new shape costs more than it wins
+
+
+def _elementwise(tuned, plain, n: int, k: int, bk: int, *args, **kwargs) -> None:
+    """Launch an elementwise tile kernel: autotuned over BM/num_warps for big matrices on a GPU, fixed otherwise."""
+    if backend.ON_GPU and not backend.INTERPRETED and n * k >= TUNE_MIN_ELEMENTS:
+        tuned[lambda meta: (triton.cdiv(n, meta["BM"]), triton.cdiv(k, bk))](*args, BK=bk, **kwargs)
+    else:
+        bm = 64 if not backend.ON_GPU else 32
+        plain[(triton.cdiv(n, bm), triton.cdiv(k, bk))](*args, BM=bm, BK=bk, num_warps=4, **kwargs)
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
@@ -108,10 +118,8 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = 
     o2 = _as_rows(out, "out")
     if n * k == 0:
         return out
-    bk = _bk(group, k)
-    grid = lambda meta: (triton.cdiv(n, meta["BM"]), triton.cdiv(k, bk))  # noqa: E731
-    dequant_tuned[grid](c2, s, o2, n, k, c2.stride(0), s.stride(0), o2.stride(0),
-                        GN=group.gn, GK=group.gk, FMT=f.code, EMULATE=EMULATE, BK=bk)
+    _elementwise(dequant_tuned, K.dequant_kernel, n, k, _bk(group, k), c2, s, o2, n, k, c2.stride(0), s.stride(0),
+                 o2.stride(0), GN=group.gn, GK=group.gk, FMT=f.code, EMULATE=EMULATE)
     return out
 
 
@@ -168,10 +176,8 @@ def quantize(x: torch.Tensor, group: str | ScaleGroup = "tensor", fmt: str | Fp8
 
 def _launch_static(x2, s, q2, so, group: ScaleGroup, *, from_amax: bool, **args) -> None:
     n, k = x2.shape
-    bk = _bk(group, k)
-    grid = lambda meta: (triton.cdiv(n, meta["BM"]), triton.cdiv(k, bk))  # noqa: E731
-    quant_static_tuned[grid](x2, s, q2, so, n, k, x2.stride(0), s.stride(0), q2.stride(0),
-                             GN=group.gn, GK=group.gk, FROM_AMAX=from_amax, BK=bk, **args)
+    _elementwise(quant_static_tuned, K.quant_static_kernel, n, k, _bk(group, k), x2, s, q2, so, n, k, x2.stride(0),
+                 s.stride(0), q2.stride(0), GN=group.gn, GK=group.gk, FROM_AMAX=from_amax, **args)
 
 
 def _launch_tensor(x2, q2, s, **args) -> None:
@@ -188,7 +194,7 @@ def _launch_rows(x2, q2, s, **args) -> None:
     n, k = x2.shape
     one_pass = k <= 16384
     bk = max(16, triton.next_power_of_2(k)) if one_pass else 4096
-    bm = max(1, min(64, 4096 // bk)) if not backend.ON_GPU else max(1, 2048 // bk)
+    bm = max(1, min(64, 4096 // bk)) if not backend.ON_GPU else max(1, 8192 // bk)
     warps = 4 if bk <= 2048 else (8 if bk <= 4096 else 16)
     K.quant_rows_kernel[(triton.cdiv(n, bm),)](x2, q2, s, n, k, x2.stride(0), q2.stride(0), BM=bm, BK=bk,
                                                ONE_PASS=one_pass, num_warps=warps, **args)

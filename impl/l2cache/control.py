@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 PROPS = ("normal", "streaming", "persisting")
 
@@ -102,8 +102,16 @@ def check_cuda(result: Any, call: str) -> tuple:
     err = result[0]
     if err != rt.cudaError_t.cudaSuccess:
         _, text = rt.cudaGetErrorString(err)
-        raise L2Error(f"{call} failed: {getattr(err, 'name', err)} ({text.decode() if isinstance(text, bytes) else text})")
+        text = text.decode() if isinstance(text, bytes) else text
+        raise L2Error(f"{call} failed: {getattr(err, 'name', err)} ({text})")
     return result[1:]
+
+
+def _member(enum: Any, names: tuple[str, ...]) -> Any:
+    for n in names:
+        if hasattr(enum, n):
+            return getattr(enum, n)
+    raise L2Error(f"{enum.__name__} has none of {names}: unsupported cuda-bindings version")
 
 
 class CudaRuntimeDriver:
@@ -120,8 +128,10 @@ class CudaRuntimeDriver:
         self.device = torch.cuda.current_device() if device is None else device
         check_cuda(rt.cudaSetDevice(self.device), "cudaSetDevice")
         self._limit = rt.cudaLimit.cudaLimitPersistingL2CacheSize
-        self._stream_attr = rt.cudaStreamAttrID(rt.cudaStreamAttributeAccessPolicyWindow)
-        self._node_attr = rt.cudaKernelNodeAttrID(rt.cudaKernelNodeAttributeAccessPolicyWindow)
+        # CUDA 12+ aliases the stream/kernel-node attribute enums to cudaLaunchAttributeID; accept either name
+        names = ("cudaStreamAttributeAccessPolicyWindow", "cudaLaunchAttributeAccessPolicyWindow")
+        self._stream_attr = _member(rt.cudaStreamAttrID, names)
+        self._node_attr = _member(rt.cudaKernelNodeAttrID, ("cudaKernelNodeAttributeAccessPolicyWindow", names[1]))
         self._props = {"normal": rt.cudaAccessProperty.cudaAccessPropertyNormal,
                        "streaming": rt.cudaAccessProperty.cudaAccessPropertyStreaming,
                        "persisting": rt.cudaAccessProperty.cudaAccessPropertyPersisting}
@@ -129,12 +139,14 @@ class CudaRuntimeDriver:
         self._limits: L2Limits | None = None
 
     def _attr(self, attr: Any) -> int:
-        return int(check_cuda(self.rt.cudaDeviceGetAttribute(attr, self.device), f"cudaDeviceGetAttribute({attr.name})")[0])
+        result = self.rt.cudaDeviceGetAttribute(attr, self.device)
+        return int(check_cuda(result, f"cudaDeviceGetAttribute({attr.name})")[0])
 
     def limits(self) -> L2Limits:
         if self._limits is None:
             a = self.rt.cudaDeviceAttr
-            self._limits = L2Limits(self._attr(a.cudaDevAttrL2CacheSize), self._attr(a.cudaDevAttrMaxPersistingL2CacheSize),
+            self._limits = L2Limits(self._attr(a.cudaDevAttrL2CacheSize),
+                                    self._attr(a.cudaDevAttrMaxPersistingL2CacheSize),
                                     self._attr(a.cudaDevAttrMaxAccessPolicyWindowSize))
         return self._limits
 
@@ -142,11 +154,15 @@ class CudaRuntimeDriver:
         return int(check_cuda(self.rt.cudaDeviceGetLimit(self._limit), "cudaDeviceGetLimit(PersistingL2CacheSize)")[0])
 
     def set_carveout(self, nbytes: int) -> None:
-        check_cuda(self.rt.cudaDeviceSetLimit(self._limit, int(nbytes)), f"cudaDeviceSetLimit(PersistingL2CacheSize, {nbytes})")
+        check_cuda(self.rt.cudaDeviceSetLimit(self._limit, int(nbytes)),
+                   f"cudaDeviceSetLimit(PersistingL2CacheSize, {nbytes})")
 
     def get_window(self, stream: int) -> AccessWindow:
         (value,) = check_cuda(self.rt.cudaStreamGetAttribute(self.rt.cudaStream_t(stream), self._stream_attr),
                               "cudaStreamGetAttribute(AccessPolicyWindow)")
+        return self._window(value)
+
+    def _window(self, value: Any) -> AccessWindow:
         w = value.accessPolicyWindow
         return AccessWindow(int(w.base_ptr), int(w.num_bytes), float(w.hitRatio), self._names[int(w.hitProp)],
                             self._names[int(w.missProp)])
@@ -166,21 +182,31 @@ class CudaRuntimeDriver:
     def reset_persisting(self) -> None:
         check_cuda(self.rt.cudaCtxResetPersistingL2Cache(), "cudaCtxResetPersistingL2Cache")
 
-    def stamp_graph(self, graph: int, window: AccessWindow) -> int:
-        """Set ``window`` on every kernel node of the (not yet instantiated) graph; return how many were set."""
+    def _kernel_nodes(self, graph: int) -> list[Any]:
         rt = self.rt
         g = rt.cudaGraph_t(init_value=graph)
         _, count = check_cuda(rt.cudaGraphGetNodes(g, 0), "cudaGraphGetNodes(count)")
         nodes, _ = check_cuda(rt.cudaGraphGetNodes(g, count), "cudaGraphGetNodes")
-        value = self._value(window, rt.cudaKernelNodeAttrValue)
-        stamped = 0
-        for node in nodes or []:
-            (kind,) = check_cuda(rt.cudaGraphNodeGetType(node), "cudaGraphNodeGetType")
-            if kind == rt.cudaGraphNodeType.cudaGraphNodeTypeKernel:
-                check_cuda(rt.cudaGraphKernelNodeSetAttribute(node, self._node_attr, value),
-                           "cudaGraphKernelNodeSetAttribute(AccessPolicyWindow)")
-                stamped += 1
-        return stamped
+        kernel = rt.cudaGraphNodeType.cudaGraphNodeTypeKernel
+        return [n for n in nodes or [] if check_cuda(rt.cudaGraphNodeGetType(n), "cudaGraphNodeGetType")[0] == kernel]
+
+    def stamp_graph(self, graph: int, window: AccessWindow) -> int:
+        """Set ``window`` on every kernel node of the (not yet instantiated) graph; return how many were set."""
+        value = self._value(window, self.rt.cudaKernelNodeAttrValue)
+        nodes = self._kernel_nodes(graph)
+        for node in nodes:
+            check_cuda(self.rt.cudaGraphKernelNodeSetAttribute(node, self._node_attr, value),
+                       "cudaGraphKernelNodeSetAttribute(AccessPolicyWindow)")
+        return len(nodes)
+
+    def graph_windows(self, graph: int) -> list[AccessWindow]:
+        """The window on each kernel node of a graph (to check what ``stamp_graph`` or a capture left there)."""
+        out = []
+        for node in self._kernel_nodes(graph):
+            (value,) = check_cuda(self.rt.cudaGraphKernelNodeGetAttribute(node, self._node_attr),
+                                  "cudaGraphKernelNodeGetAttribute(AccessPolicyWindow)")
+            out.append(self._window(value))
+        return out
 
 
 # ---- the controller ---------------------------------------------------------------------------------------------
@@ -202,7 +228,8 @@ class L2Controller:
         """Refuse settings the device would refuse, with the reason (before touching anything)."""
         lim = self.limits
         if carveout is not None and not 0 <= carveout <= lim.max_persisting_bytes:
-            raise L2Error(f"carve-out {carveout} B is outside [0, {lim.max_persisting_bytes}] (persistingL2CacheMaxSize)")
+            raise L2Error(f"carve-out {carveout} B is outside [0, {lim.max_persisting_bytes}] "
+                          "(persistingL2CacheMaxSize)")
         if window is not None and window.num_bytes > lim.max_window_bytes:
             raise L2Error(f"window of {window.num_bytes} B exceeds accessPolicyMaxWindowSize {lim.max_window_bytes} B")
 
@@ -272,11 +299,3 @@ def diff_states(before: L2State, after: L2State) -> list[str]:
         if a != b:
             out.append(f"stream {s:#x} window {a} -> {b}")
     return out
-
-
-def real_controller() -> L2Controller:
-    return L2Controller(CudaRuntimeDriver())
-
-
-def describe_windows(windows: Mapping[int, AccessWindow]) -> str:
-    return "; ".join(f"{s:#x}: {w}" for s, w in windows.items())

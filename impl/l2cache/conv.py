@@ -18,13 +18,18 @@ import torch
 import triton
 import triton.language as tl
 
-from impl.l2cache.linear import DTYPES, _overlaps
+from impl.l2cache.linear import DTYPES, _overlaps, _precision
 
 
-@triton.jit
+# shapes stay unspecialised (one compiled kernel per flag set, not per shape); KH/KW stay constexpr so the
+# im2col index arithmetic divides by constants
+_SHAPES = ["C", "H", "W", "CO", "HO", "WO", "M", "K", "K_PER_SPLIT", "STRIDE", "PAD"]
+
+
+@triton.jit(do_not_specialize=_SHAPES)
 def conv2d_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr,  # x, W [CO, K], b, residual, y, workspace
-                  C, H, W, CO, HO, WO, M, K, K_PER_SPLIT,
-                  KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                  C, H, W, CO, HO, WO, M, K, K_PER_SPLIT, STRIDE, PAD,
+                  KH: tl.constexpr, KW: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, SPLIT: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels (b, ho, wo) flattened
@@ -65,7 +70,7 @@ def conv2d_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr,  # x, W [CO, K], b,
         tl.store(ws_ptr + ws_off, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["CO", "HO", "WO", "M"])
 def splitk_epilogue_kernel(ws_ptr, b_ptr, r_ptr, y_ptr,  # workspace [SPLIT, M, CO] float32 -> y [B, CO, HO, WO]
                            CO, HO, WO, M,
                            HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, SPLIT: tl.constexpr,
@@ -148,9 +153,9 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, s
     grid = (triton.cdiv(m, bm), triton.cdiv(co, bn), split_k)
     conv2d_kernel[grid](x, w, placeholder if b is None else b, placeholder if residual is None else residual, out,
                         placeholder if workspace is None else workspace,
-                        c, h, wd, co, ho, wo, m, k, k_per_split, KH=kh, KW=kw, STRIDE=stride, PAD=padding,
+                        c, h, wd, co, ho, wo, m, k, k_per_split, stride, padding, KH=kh, KW=kw,
                         HAS_BIAS=b is not None, HAS_RES=residual is not None, RELU=relu, SPLIT=split_k,
-                        PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, num_warps=4)
+                        PRECISION=_precision(x.dtype, precision), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, num_warps=4)
     if split_k > 1:
         splitk_epilogue_kernel[(triton.cdiv(m, 64), triton.cdiv(co, 64))](
             workspace, placeholder if b is None else b, placeholder if residual is None else residual, out,

@@ -19,7 +19,7 @@ import triton.language as tl
 DTYPES = (torch.float16, torch.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "K"])
 def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,  # x [M, K], W [N, K], b [N], y [M, N], all contiguous
                 N, K,
                 HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
@@ -42,7 +42,7 @@ def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,  # x [M, K], W [N, K], b [N], y [M, 
     tl.store(y_ptr + m * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "K"])
 def gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr,  # x [M, K], W [N, K], b [N], y [M, N], all contiguous
                 M, N, K,
                 HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
@@ -89,7 +89,13 @@ def _check_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out:
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     a0, b0 = a.data_ptr(), b.data_ptr()
-    return a.numel() > 0 and b.numel() > 0 and a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+    a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
+    return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
+
+
+def _precision(dtype: torch.dtype, wanted: str) -> str:
+    # input precision only means something for float32 operands; float16 dots use the default
+    return wanted if dtype == torch.float32 else "tf32"
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, relu: bool = False,
@@ -111,9 +117,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, r
                                                    BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     else:
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
+        prec = _precision(x.dtype, precision)
         gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, 64))](x, w, bias, out, M, N, K, HAS_BIAS=b is not None,
-                                                               RELU=relu, PRECISION=precision, BLOCK_M=bm,
-                                                               BLOCK_N=64, BLOCK_K=32, num_warps=4)
+                                                               RELU=relu, PRECISION=prec, BLOCK_M=bm, BLOCK_N=64,
+                                                               BLOCK_K=32, num_warps=4)
     return out
 
 

@@ -335,6 +335,7 @@ class OfaServing:
             self.noise.fill_(1.0)  # other tenants' writes: they evict whatever is not persisting
 
     def info(self) -> dict:
-        return {"kind": "ofa", "model": self.cfg.model, "num_classes": self.cfg.num_classes, "resolution": self.cfg.resolution, "subnets": list(self.cfg.subnets),
+        return {"kind": "ofa", "model": self.cfg.model, "num_classes": self.cfg.num_classes,
+                "resolution": self.cfg.resolution, "subnets": list(self.cfg.subnets),
                 "dtype": self.cfg.dtype, "weight_bytes": self.weight_bytes, "noise_bytes": self.cfg.noise_bytes,
                 "blocks_per_subnet": [len(self.net.executed(s)) for s in self.subnets]}

@@ -30,7 +30,7 @@ from impl.l2cache.touch import default_programs, touch
 
 @dataclass(frozen=True)
 class PolicyPlan:
-    """The settings one policy asks for on one model (``applicable=False``: it cannot apply there, ``note`` says why)."""
+    """The settings a policy asks for on one model (``applicable=False``: it cannot apply there; ``note`` says why)."""
 
     policy: str
     carveout_bytes: int
@@ -139,7 +139,8 @@ class StreamPair:
 @dataclass
 class Prefetcher(LayerHooks):
     """Before layer i, read layer i+1's weight span on the side stream (skipped when it is layer i's own span);
-    with ``group`` g > 1, before every g-th layer read the spans of the next g layers as one range.
+    with ``group`` g > 1, before every g-th layer read the spans of the next g layers as one range; with
+    ``max_bytes``, only the first ``max_bytes`` of that range (a budget for the side stream's DRAM traffic).
 
     Ordering: an event recorded on the main stream just before layer i is enqueued; the side stream waits for it,
     so the read starts together with layer i and never before earlier work; at ``finish`` the main stream waits for
@@ -153,12 +154,15 @@ class Prefetcher(LayerHooks):
     streams: StreamPair = field(default_factory=StreamPair)
     programs: int | None = None
     group: int = 1  # prefetch the next `group` layers every `group` layers (fewer, larger reads)
+    max_bytes: int | None = None  # read at most this much per prefetch (the start of the range); None: all
     log: list[tuple[int, int, int]] = field(default_factory=list)
     _forked: bool = False
 
     def __post_init__(self) -> None:
         if self.group < 1:
             raise ValueError(f"group must be >= 1, got {self.group}")
+        if self.max_bytes is not None and self.max_bytes < 4:
+            raise ValueError(f"max_bytes must be >= 4 (one word), got {self.max_bytes}")
         most = self._programs(Span(0, 0, max([s.offset + s.nbytes for s in self.spans] or [4])))
         # allocated here, not in before_layer: that may run inside a CUDA-graph capture
         self._scratch = torch.empty(most, dtype=torch.int32, device=self.words.device)
@@ -166,18 +170,29 @@ class Prefetcher(LayerHooks):
     def _programs(self, span: Span) -> int:
         return self.programs or default_programs(-(-span.nbytes // 4))
 
-    def before_layer(self, i: int) -> None:
-        if i % self.group:
-            return
+    def read_before(self, i: int) -> Span | None:
+        """The byte range read before layer i (None: nothing to read there)."""
+        if i % self.group or i >= len(self.spans):
+            return None
         # the weights of layers i+1 .. i+group that are not layer i's own (shared weights need no fetch)
         nxt = [s for s in self.spans[i + 1:i + 1 + self.group] if s != self.spans[i]]
         if not nxt:
-            return
+            return None
         lo, hi = min(s.offset for s in nxt), max(s.offset + s.nbytes for s in nxt)
-        span = Span(nxt[0].base_ptr, lo, hi - lo)
-        start, count = lo // 4, -(-(hi - lo) // 4)
+        if self.max_bytes is not None:
+            hi = min(hi, lo + self.max_bytes)
+        return Span(nxt[0].base_ptr, lo, hi - lo)
+
+    def reads_per_request(self) -> int:
+        return sum(self.read_before(i) is not None for i in range(len(self.spans)))
+
+    def before_layer(self, i: int) -> None:
+        span = self.read_before(i)
+        if span is None:
+            return
+        start, count = span.offset // 4, -(-span.nbytes // 4)
         programs = self._programs(span)
-        self.log.append((i, lo, hi - lo))
+        self.log.append((i, span.offset, span.nbytes))
         if self.streams.main is None:
             touch(self.words, start, count, out=self._scratch, programs=programs)
             return

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -88,6 +88,7 @@ class PolicyRunner:
     graphs: bool | None = None
     prefetch_programs: int | None = None
     prefetch_group: int = 1
+    prefetch_max_bytes: int | None = None
     plan: PolicyPlan | None = None
     info: dict = field(default_factory=dict)
 
@@ -110,6 +111,7 @@ class PolicyRunner:
             acts = self.workload.activation_span()
             if self.graphs:
                 self._capture()
+            if self._graphs:
                 acts = acts or pool_span(self._graphs[0].pool())
             self.plan = self.policy.plan(self.workload.weight_span(), acts, self.controller.limits)
             self._apply(self.plan)
@@ -126,7 +128,7 @@ class PolicyRunner:
         if not self.policy.prefetch:
             return NO_HOOKS
         return Prefetcher(self.workload.weights.words, self.workload.layer_spans(kind), self.streams,
-                          self.prefetch_programs, self.prefetch_group)
+                          self.prefetch_programs, self.prefetch_group, self.prefetch_max_bytes)
 
     def _warm_up(self) -> None:
         with _main_stream_ctx(self.streams):
@@ -138,7 +140,12 @@ class PolicyRunner:
     def _capture(self) -> None:
         pool = None
         for k in range(self.workload.kinds):
-            g = torch.cuda.CUDAGraph(keep_graph=True)  # keep the graph so its kernel nodes can be stamped
+            try:
+                g = torch.cuda.CUDAGraph(keep_graph=True)  # keep the graph so its kernel nodes can be stamped
+            except TypeError:  # torch < 2.7: no way to stamp windows on captured kernels; serve eagerly instead
+                self.graphs = False
+                self.info["note_graphs"] = "torch without CUDAGraph(keep_graph=True): eager requests"
+                return
             with torch.cuda.graph(g, pool=pool, stream=self.streams.main):
                 out = self.workload.forward(k, self.hooks[k])
             pool = g.pool()
@@ -146,6 +153,11 @@ class PolicyRunner:
             self._outputs.append(out)
 
     def _apply(self, plan: PolicyPlan) -> None:
+        reads = [h.reads_per_request() for h in self.hooks if isinstance(h, Prefetcher)]
+        if plan.prefetch and not any(reads):
+            why = "nothing to prefetch: every layer reads the same weights"
+            plan = replace(plan, applicable=plan.window.active, note="; ".join(filter(None, [plan.note, why])))
+            self.plan = plan
         window = plan.window if plan.applicable else NO_WINDOW
         self.controller.apply(self.handles, carveout=plan.carveout_bytes if plan.applicable else 0, window=window)
         stamped = 0
@@ -156,9 +168,15 @@ class PolicyRunner:
         self.info.update(policy=plan.policy, applicable=plan.applicable, note=plan.note,
                          carveout_bytes=plan.carveout_bytes, window_bytes=window.num_bytes,
                          hit_ratio=window.hit_ratio, hit_prop=window.hit_prop, miss_prop=window.miss_prop,
-                         graphs=bool(self._graphs), stamped_kernel_nodes=stamped)
+                         graphs=bool(self._graphs), stamped_kernel_nodes=stamped,
+                         prefetch_reads_per_request=sum(reads) / len(reads) if reads else 0)
         if self.streams.main is not None:
             torch.cuda.synchronize()
+
+    @property
+    def cuda_graphs(self) -> list[Any]:
+        """The captured graphs, one per request kind (empty when requests run eagerly)."""
+        return list(self._graphs)
 
     def request(self, kind: int = 0) -> torch.Tensor:
         """Run one request of ``kind`` on the main stream; returns its output buffer (reused by later requests)."""
@@ -207,7 +225,8 @@ def output_digest(t: torch.Tensor) -> str:
 
 def outputs_by_kind(runner: PolicyRunner) -> list[torch.Tensor]:
     """One request of each kind, outputs copied out (for bit-identity checks across policies)."""
-    outs = [runner.request(k).detach().clone() for k in range(runner.workload.kinds)]
+    with _main_stream_ctx(runner.streams):  # copy on the stream that wrote the output, before the next request
+        outs = [runner.request(k).detach().clone() for k in range(runner.workload.kinds)]
     if runner.streams.main is not None:
         torch.cuda.synchronize()
     return [o.cpu() for o in outs]

@@ -21,7 +21,7 @@ from impl.backend import sized
 BLOCK = 2048
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start", "count", "ITERS"])
 def touch_kernel(words_ptr, out_ptr,  # int32 words of the buffer; one int32 per program
                  start, count, ITERS,
                  BLOCK: tl.constexpr):

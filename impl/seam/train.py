@@ -72,9 +72,29 @@ def cudnn_benchmark(on: bool = True) -> Iterator[None]:
         torch.backends.cudnn.benchmark = old
 
 
-def _progress_bar(total: int, desc: str):
-    from tqdm.auto import tqdm
+class _PlainProgress:
+    """Fallback when tqdm is missing: a line every 10 % of the steps."""
 
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.n, self.post = total, desc, 0, ""
+
+    def update(self, k: int) -> None:
+        self.n += k
+        if self.n == self.total or self.n % max(1, self.total // 10) == 0:
+            print(f"{self.desc}: {self.n}/{self.total} {self.post}", file=sys.stderr, flush=True)
+
+    def set_postfix(self, **kw: str) -> None:
+        self.post = " ".join(f"{k}={v}" for k, v in kw.items())
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _PlainProgress(total, desc)
     tty = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, mininterval=0.5 if tty else 10.0, file=sys.stderr, dynamic_ncols=tty)
 

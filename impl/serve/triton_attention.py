@@ -24,14 +24,15 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _load_kv_block(cache_ptr, bt_row_ptr, pos, n_mask, offs_d, d_mask, kv_head,
-                   stride_p, stride_s, stride_h, kv_scale, PAGE_SIZE: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """Rows ``pos`` [BLOCK_N] of one K/V head, gathered through the block table (masked rows read page 0 as zeros)."""
+                   stride_p, stride_s, stride_h, kv_scale, like, PAGE_SIZE: tl.constexpr):
+    """Rows ``pos`` [BLOCK_N] of one K/V head, gathered through the block table, in ``like``'s dtype (FP8 pages
+    scaled back by ``kv_scale``). Masked rows are not read (zeros)."""
     page = tl.load(bt_row_ptr + pos // PAGE_SIZE, mask=n_mask, other=0)
     offs = (page.to(tl.int64)[:, None] * stride_p + (pos % PAGE_SIZE)[:, None] * stride_s
             + kv_head * stride_h + offs_d[None, :])
     x = tl.load(cache_ptr + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
     if x.dtype.is_fp8():
-        x = (x.to(tl.float32) * kv_scale).to(OUT_DTYPE)
+        x = (x.to(tl.float32) * kv_scale).to(like.dtype)
     return x
 
 
@@ -60,7 +61,7 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
         pos = start + offs_n
         n_mask = pos < seq_len
         k = _load_kv_block(k_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
-                           k_scale, PAGE_SIZE, q.dtype)
+                           k_scale, q, PAGE_SIZE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -68,7 +69,7 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv_block(v_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_vp, stride_vs, stride_vh,
-                           v_scale, PAGE_SIZE, q.dtype)
+                           v_scale, q, PAGE_SIZE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding): zeros, not 0/0
@@ -109,7 +110,7 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]
         pos = start + offs_n
         n_mask = pos < seq_len
         k = _load_kv_block(k_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
-                           k_scale, PAGE_SIZE, q.dtype)
+                           k_scale, q, PAGE_SIZE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite from the first block on: key 0 is visible to every query
@@ -117,7 +118,7 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv_block(v_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_vp, stride_vs, stride_vh,
-                           v_scale, PAGE_SIZE, q.dtype)
+                           v_scale, q, PAGE_SIZE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

@@ -1,4 +1,4 @@
-"""GPU bitonic sort (issue 3): numba-cuda kernels with shared-memory tiles, fused wide passes and a pinned host pipeline.
+"""GPU bitonic sort (issue 3): numba-cuda kernels, shared-memory tiles, fused wide passes, a pinned host pipeline.
 
     from impl.sort import sort, argsort
     sort(x) == numpy.sort(x);  argsort(x) == numpy.argsort(x, kind="stable")   (x: float16/32, int32, uint32, int64)

@@ -74,11 +74,10 @@ class BitonicSorter:
 
     def _launch(self, p) -> Launch:
         cfg, plan = self.config, self.plan
+        prog = make_program(p, plan.tile, cfg.log_e)
         if p.kind == "register":
-            prog = make_program(p, plan.tile, cfg.log_e)
             threads = plan.n_slots >> len(p.steps)
             return Launch(prog, cuda.to_device(prog.array), -(-threads // cfg.global_threads), cfg.global_threads)
-        prog = make_program(p, plan.tile, cfg.log_e)
         blocks = -(-self.n // plan.tile) if p.kind == "tile" else plan.n_slots // plan.tile
         return Launch(prog, cuda.to_device(prog.array), blocks, plan.tile >> cfg.log_e)
 
@@ -156,8 +155,11 @@ class SortGraph:
     def __del__(self) -> None:
         drv = getattr(self, "_drv", None)
         if drv is not None and getattr(self, "_exec", None) is not None:
-            drv.cuGraphExecDestroy(self._exec)
-            drv.cuGraphDestroy(self._graph)
+            try:
+                drv.cuGraphExecDestroy(self._exec)
+                drv.cuGraphDestroy(self._graph)
+            except Exception:  # interpreter shutdown: the driver module may already be gone
+                pass
 
 
 def _check(result):

@@ -73,7 +73,8 @@ def plot_time_vs_n(view, out_dir: Path) -> list[Path]:
             ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], _STYLE[variant], label=variant)
         ax.set(xscale="log", yscale="log", title=f"{mode} · {dtype}", xlabel="keys", ylabel="median ms")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if data[(mode, dtype)]:
+            ax.legend(fontsize=8)
     fig.suptitle("sort: time vs n (bitonic variants and anchors)")
     fig.tight_layout()
     path = out_dir / "sort_time_vs_n.png"

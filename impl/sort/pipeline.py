@@ -59,8 +59,9 @@ class HostSortPipeline:
         """[lo, hi) ranges cut on tile boundaries (a tile pass's blocks never straddle two chunks)."""
         tile = self.sorter.plan.tile
         tiles = -(-self.n // tile)
-        per = max(-(-tiles // max(min(self.pipeline.chunks, tiles), 1)), 1) * tile
-        return [(lo, min(lo + per, self.n)) for lo in range(0, self.n, per)]
+        k = min(self.pipeline.chunks, tiles)
+        cuts = [min(i * tiles // k * tile, self.n) for i in range(k + 1)] if k else []
+        return list(zip(cuts, cuts[1:]))
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None, *, descending: bool = False) -> np.ndarray:
         validate(x)

@@ -1,12 +1,10 @@
 """Compile every sort kernel for sm_90 with numba's real CUDA compiler and report ptxas resource use — no GPU needed.
 
-The simulator runs the kernels' Python, not their numba typing or codegen; this check catches what only the real
-compiler sees (type unification, unsupported operations) and shows registers, spills and shared memory per variant,
-which decide occupancy on the H100. It needs numba imported *without* the simulator, so run it as a script:
-
-    python -m impl.sort.ptxcheck            (on a GPU machine)
-    python -c "import impl.sort.ptxcheck as p; p.main()"   does not work on a CPU machine (impl turns the
-    simulator on first); use ``run_in_subprocess()``, which imports numba before impl.
+The simulator runs the kernels' Python, not their numba typing or code generation; this check catches what only the
+real compiler sees (type unification, unsupported operations) and shows registers, spills and shared memory per
+variant, which decide occupancy on the H100. numba must be imported *without* the simulator, before ``impl`` turns
+it on, so the check runs in a fresh interpreter: ``run_in_subprocess()`` (used by the tests) or, on a GPU machine,
+``python -m impl.sort.ptxcheck``.
 """
 from __future__ import annotations
 

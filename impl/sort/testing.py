@@ -1,11 +1,10 @@
-"""Test support for the sort: a fixture that makes the numba simulator's barriers cheap, and device helpers."""
+"""Test support for the sort: a fixture that makes the numba simulator's barriers cheap, and a bit-view helper."""
 from __future__ import annotations
 
 import sys
 
 import numpy as np
 import pytest
-from numba import cuda
 
 from impl import backend
 
@@ -27,7 +26,3 @@ def fast_simulator_threads():
 def host_bits(a: np.ndarray) -> np.ndarray:
     """The raw bits of ``a`` (to compare arrays with NaNs and signed zeros exactly)."""
     return a.view(f"u{a.dtype.itemsize}")
-
-
-def device_out(n: int, dtype) -> object:
-    return cuda.device_array(n, dtype=dtype)

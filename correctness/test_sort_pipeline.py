@@ -1,0 +1,174 @@
+"""The sort's host pipeline (pinned staging, chunks on streams), CUDA-graph replay, experiments and claims."""
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import cuda
+
+from fixtures.strategies import arrays, make_array, max_size
+from impl.common.ledger import ResultsView, evaluate
+from impl.sort.bitonic import BitonicSorter, SortGraph
+from impl.sort.keys import SUPPORTED_DTYPES
+from impl.sort.network import default_config
+from impl.sort.pipeline import NAIVE, HostSortPipeline, PipelineConfig
+from impl.sort.reference import argsort_reference, sort_reference
+from impl.sort.testing import fast_simulator_threads, host_bits  # noqa: F401  (autouse fixture)
+
+
+@given(x=arrays(st.sampled_from(SUPPORTED_DTYPES), max_n=max_size(cpu=1500, gpu=1 << 21)),
+       chunks=st.sampled_from([1, 2, 3, 8]), streams=st.sampled_from([1, 2]), pinned=st.booleans(),
+       argsort_=st.booleans(), descending=st.booleans())
+@settings(max_examples=10)
+def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending):
+    keep = x.copy()
+    pipe = HostSortPipeline(x.size, x.dtype, argsort=argsort_,
+                            pipeline=PipelineConfig(chunks=chunks, streams=streams, pinned=pinned))
+    out = np.full(x.size, 7, dtype=pipe.sorter.out_dtype)  # poisoned: every element must be written
+    got = pipe(x, out, descending=descending)
+    assert got is out
+    if argsort_:
+        assert np.array_equal(got, argsort_reference(x, descending=descending))
+    else:
+        ref = sort_reference(x, descending=descending)
+        same = (got == ref) | (np.isnan(got) & np.isnan(ref)) if x.dtype.kind == "f" else got == ref
+        assert same.all(), f"{int((~same).sum())} wrong of {x.size}"
+    assert np.array_equal(host_bits(x), host_bits(keep)), "the input was modified"
+
+
+def test_pipeline_chunks_are_tile_aligned_and_cover_the_input():
+    pipe = HostSortPipeline(1000, np.float32, pipeline=PipelineConfig(chunks=3))
+    bounds = pipe.chunk_bounds()
+    tile = pipe.sorter.plan.tile
+    assert bounds[0][0] == 0 and bounds[-1][1] == 1000 and len(bounds) == 3
+    assert all(lo % tile == 0 and hi > lo for lo, hi in bounds)
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    x = make_array(1000, "float32", "reverse", seed=2)
+    assert np.array_equal(pipe(x), np.sort(x))
+
+
+def test_pipeline_rejects_what_it_cannot_sort():
+    pipe = HostSortPipeline(64, np.int32, pipeline=NAIVE)
+    with pytest.raises(ValueError, match="64 int32"):
+        pipe(np.zeros(65, np.int32))
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        pipe(np.zeros(64, np.float64))
+    with pytest.raises(ValueError, match="shared variant"):
+        HostSortPipeline(64, np.int32, config=default_config("global"))
+    with pytest.raises(ValueError, match="chunks"):
+        PipelineConfig(chunks=0)
+
+
+def test_graph_replay_needs_a_gpu_and_says_so():
+    from impl import backend
+
+    if backend.ON_GPU:
+        pytest.skip("on a GPU the graph is exercised by test_graph_replay_matches_direct_launches")
+    sorter = BitonicSorter(10, np.float32)
+    with pytest.raises(NotImplementedError, match="need a GPU"):
+        SortGraph(sorter, cuda.to_device(np.zeros(10, np.float32)), cuda.device_array(10, np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["shared", "global"])
+@pytest.mark.parametrize("argsort_", [False, True], ids=["keys", "argsort"])
+def test_graph_replay_matches_direct_launches(variant, argsort_):
+    n = 3_000_017
+    x = make_array(n, "float32", "nasty", seed=5)
+    sorter = BitonicSorter(n, np.float32, argsort=argsort_, config=default_config(variant))
+    d_x, d_out = cuda.to_device(x), cuda.device_array(n, dtype=sorter.out_dtype)
+    graph = SortGraph(sorter, d_x, d_out)
+    d_out.copy_to_device(np.zeros(n, dtype=sorter.out_dtype))
+    graph()
+    cuda.synchronize()
+    got = d_out.copy_to_host()
+    ref = argsort_reference(x) if argsort_ else sort_reference(x)
+    same = got == ref if argsort_ else (got == ref) | (np.isnan(got) & np.isnan(ref))
+    assert same.all()
+
+
+@pytest.mark.gpu
+def test_pipeline_at_full_size_on_gpu():
+    n = 10_000_000
+    x = make_array(n, "float32", "random", seed=9)
+    for pc in (PipelineConfig(), NAIVE):
+        assert np.array_equal(HostSortPipeline(n, np.float32, pipeline=pc)(x), np.sort(x))
+
+
+def test_experiments_smoke_runs_and_writes_nothing(tmp_path, monkeypatch):
+    from impl.common import results
+    from impl.sort import experiments
+
+    written = []
+    monkeypatch.setattr(experiments, "write_result", lambda *a, **k: written.append(a))
+    out = experiments.main(["--smoke"])
+    assert set(out) == {"passes", "tune", "transfers", "pipeline"} and written == []
+    keys = out["passes"]["keys"]
+    assert len(keys["passes"]) == len(BitonicSorter(300, np.float32).plan.passes)
+    assert out["tune"]["best"]["keys"] in {r["label"] for r in out["tune"]["rows"]}
+    assert not (results.RESULTS / "cpu" / "sort").exists()
+
+
+def test_ncu_csv_parsing():
+    from impl.sort.experiments import parse_ncu_csv
+
+    text = ('==PROF== Connected\n"ID","Process ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n'
+            '"0","1","block_kernel","dram__bytes_read.sum","byte","40,000,000"\n'
+            '"0","1","block_kernel","launch__registers_per_thread","register/thread","32"\n'
+            '"1","1","block_kernel","dram__bytes_read.sum","byte","n/a"\n')
+    rows = parse_ncu_csv(text)
+    assert rows[0]["dram__bytes_read.sum"] == 40e6 and rows[0]["launch__registers_per_thread"] == 32
+    assert rows[1]["dram__bytes_read.sum"] == "n/a"
+
+
+def _fake_view(tmp_path):
+    """A results folder with one stored bench run in pytest-benchmark's format and a ``passes`` result."""
+    slug = tmp_path / "h100-test"
+    (slug / "machine").mkdir(parents=True)
+    (slug / "sort").mkdir()
+
+    def bench(name, median, **info):
+        return {"name": name, "fullname": f"benches/bench_sort.py::{name}", "stats": {"median": median},
+                "extra_info": info}
+
+    n = 10_000_000
+    benches = [bench(f"test_sort_bitonic[shared-keys-float32-{n}]", 0.8e-3, n=n, dtype="float32", mode="keys",
+                     variant="shared"),
+               bench(f"test_sort_bitonic[shared-keys-float32-{10**6}]", 0.1e-3, n=10**6, dtype="float32",
+                     mode="keys", variant="shared"),
+               bench(f"test_sort_bitonic[global-keys-float32-{n}]", 8e-3, n=n, dtype="float32", mode="keys",
+                     variant="global"),
+               bench(f"test_sort_numpy[quicksort-float32-{n}]", 90e-3, n=n, dtype="float32", mode="keys",
+                     variant="numpy_quicksort"),
+               bench(f"test_sort_cupy[keys-float32-{n}]", 0.4e-3, n=n, dtype="float32", mode="keys", variant="cupy"),
+               bench("test_sort_h2d[pageable]", 2.4e-3, variant="pageable"),
+               bench("test_sort_h2d[pinned]", 0.75e-3, variant="pinned")]
+    run = {"commit_info": {"id": "abc"}, "datetime": "2026-11-28", "machine_info": {"gpu": "H100"},
+           "benchmarks": benches}
+    (slug / "machine" / "0001_abc_x.json").write_text(json.dumps(run))
+    passes = {"keys": {"passes": [{"kind": "tile", "pct_copy_bw": 60.0}, {"kind": "wide", "pct_copy_bw": 80.0}],
+                       "total_ms": 0.9}}
+    (slug / "sort" / "passes.json").write_text(json.dumps({"data": passes}))
+    return ResultsView("h100-test", root=tmp_path)
+
+
+def test_claims_evaluate_from_stored_benches_and_plots_draw(tmp_path):
+    from impl.sort.claims import CLAIMS, PLOTS
+
+    view = _fake_view(tmp_path)
+    rows = {c.id: evaluate(c, view) for c in CLAIMS}
+    assert rows["sort.time_10m_f32"]["measured_value"] == pytest.approx(0.8)
+    assert rows["sort.speedup_vs_numpy"]["measured_value"] == pytest.approx(112.5)
+    assert rows["sort.vs_cub"]["measured_value"] == pytest.approx(2.0)
+    assert rows["sort.shared_vs_global"]["measured_value"] == pytest.approx(10.0)
+    assert rows["sort.pinned_vs_pageable"]["measured_value"] == pytest.approx(3.2)
+    assert all(r["verdict"] == "pass" for r in rows.values())
+    out = tmp_path / "png"
+    out.mkdir()
+    drawn = [p for plot in PLOTS for p in plot(view, out)]
+    assert {p.name for p in drawn} == {"sort_time_vs_n.png", "sort_passes.png"}
+    assert all(p.stat().st_size > 1000 for p in drawn)
+    empty = ResultsView("nothing-here", root=tmp_path)
+    assert [plot(empty, out) for plot in PLOTS] == [[], []]
+    assert all(evaluate(c, empty)["verdict"] == "not measured" for c in CLAIMS)
