@@ -19,7 +19,6 @@ from impl.backend import DEVICE, ON_GPU, sized
 from impl.sort.bitonic import BitonicSorter, SortGraph
 from impl.sort.network import default_config
 from impl.sort.pipeline import NAIVE, HostSortPipeline, PipelineConfig
-from impl.sort.testing import fast_simulator_threads  # noqa: F401  (autouse fixture)
 
 SIZES = sized([1_000_000, 10_000_000, 100_000_000], [100, 300])
 HOST_SIZES = sized([1_000_000, 10_000_000], [300])

@@ -7,7 +7,7 @@ fragmented caches whose unused rows are NaN, with bf16/fp32 or FP8 KV.
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fixtures.oracle import assert_close, check_kernel
@@ -21,6 +21,8 @@ from impl.serve.triton_attention import paged_decode, paged_prefill
 BACKENDS = list(available_backends())
 TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 DTYPES = [torch.float32] + ([torch.bfloat16] if backend.ON_GPU else [])
+# each new head dim / dtype compiles the kernels again on a GPU: cap the gpu profile's 100 examples
+EXAMPLES = settings(max_examples=min(settings.default.max_examples, 40))
 
 
 @st.composite
@@ -64,6 +66,7 @@ def skip_unavailable(name: str, case: dict | None = None) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("name", BACKENDS)
+@EXAMPLES
 @given(case=attention_cases())
 def test_backend_matches_float64_reference(name, dtype, case):
     skip_unavailable(name, case)
@@ -77,6 +80,7 @@ def test_backend_matches_float64_reference(name, dtype, case):
 
 
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+@EXAMPLES
 @given(case=attention_cases(decode=None))
 def test_triton_kernels_write_every_output(decode, case):
     if decode:

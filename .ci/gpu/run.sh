@@ -11,7 +11,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-summary="$out/logs/summary.txt"; : > "$summary"
+summary="$out/logs/summary.txt"; touch "$summary"
 step() {  # step NAME TIMEOUT CMD...
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
@@ -24,7 +24,7 @@ for s in $systems; do
   ls correctness/test_"$s"*.py >/dev/null 2>&1 && step "correctness_$s" 600 python3 -m pytest -q -p no:cacheprovider correctness/test_"$s"*.py
   ls benches/bench_"$s"*.py >/dev/null 2>&1 && step "bench_$s" 600 python3 -m pytest -q -p no:cacheprovider benches/bench_"$s"*.py \
       --benchmark-save="$s" --benchmark-columns=median,iqr,rounds
-  [ -f "impl/$s/experiments.py" ] && step "experiments_$s" 900 python3 -m impl.$s.experiments "$@"
+  [ -z "${NO_EXPERIMENTS:-}" ] && [ -f "impl/$s/experiments.py" ] && step "experiments_$s" 900 python3 -m impl.$s.experiments "$@"
 done
 python3 -m impl report "$(python3 -c 'from impl.common.results import gpu_slug; print(gpu_slug())')" | tee -a "$summary"
 tar czf "$out/results.tgz" results

@@ -55,6 +55,28 @@ def _strip_nested(text: str, pattern: str) -> str:
     return text
 
 
+def _drop_balanced(text: str, starts: tuple[str, ...], opener: str, closer: str) -> str:
+    """Remove every span that begins with one of ``starts`` up to its matching ``closer`` (nesting counted)."""
+    out, i = [], 0
+    while True:
+        hits = [j for j in (text.find(s, i) for s in starts) if j >= 0]
+        if not hits:
+            return "".join(out) + text[i:]
+        j = min(hits)
+        out.append(text[i:j])
+        depth, k = 0, j
+        while k < len(text):
+            if text.startswith(opener, k):
+                depth, k = depth + 1, k + len(opener)
+            elif text.startswith(closer, k):
+                depth, k = depth - 1, k + len(closer)
+                if depth == 0:
+                    break
+            else:
+                k += 1
+        i = k
+
+
 def clean_wikitext(text: str) -> str:
     """Plain text of wikitext: drops refs, comments, templates, tables, files/categories; keeps link labels."""
     text = html.unescape(text)
@@ -63,7 +85,8 @@ def clean_wikitext(text: str) -> str:
     text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.S)
     text = _strip_nested(text, r"\{\{[^{}]*\}\}")
     text = _strip_nested(text, r"\{\|(?:(?!\{\|).)*?\|\}")
-    text = _strip_nested(text, r"\[\[(?:File|Image|Category):[^\[\]]*(?:\[\[[^\[\]]*\]\][^\[\]]*)*\]\]")
+    text = re.sub(r"<math[^>]*>.*?</math>", "", text, flags=re.S)
+    text = _drop_balanced(text, ("[[File:", "[[Image:", "[[Category:"), "[[", "]]")
     text = re.sub(r"\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]", r"\1", text)
     text = re.sub(r"\[https?://\S+\s([^\]]*)\]", r"\1", text)
     text = re.sub(r"\[https?://\S+\]", "", text)

@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import statistics
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -297,16 +297,3 @@ class ModuleWorkload:
     def between_requests(self) -> None:
         pass
 
-
-def serve_all(workload: Any, policies: list[Any], controller: L2Controller, *, reps: int, warmup: int = 10,
-              on_result: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
-    """Latency and output digests of ``workload`` under each policy in turn (full reset between them)."""
-    out: dict[str, dict] = {}
-    for policy in policies:
-        with PolicyRunner(workload, policy, controller) as runner:
-            digests = [output_digest(o) for o in outputs_by_kind(runner)]
-            lat = measure(runner, reps, warmup).summary()
-            out[policy.name] = {**lat, **runner.info, "digests": digests}
-        if on_result:
-            on_result(policy.name, out[policy.name])
-    return out

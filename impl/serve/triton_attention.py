@@ -24,11 +24,11 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _load_kv_block(cache_ptr, bt_row_ptr, pos, n_mask, offs_d, d_mask, kv_head,
-                   stride_p, stride_s, stride_h, kv_scale, like, PAGE_SIZE: tl.constexpr):
+                   stride_p, stride_s, stride_h, kv_scale, like, page_size):
     """Rows ``pos`` [BLOCK_N] of one K/V head, gathered through the block table, in ``like``'s dtype (FP8 pages
     scaled back by ``kv_scale``). Masked rows are not read (zeros)."""
-    page = tl.load(bt_row_ptr + pos // PAGE_SIZE, mask=n_mask, other=0)
-    offs = (page.to(tl.int64)[:, None] * stride_p + (pos % PAGE_SIZE)[:, None] * stride_s
+    page = tl.load(bt_row_ptr + pos // page_size, mask=n_mask, other=0)
+    offs = (page.to(tl.int64)[:, None] * stride_p + (pos % page_size)[:, None] * stride_s
             + kv_head * stride_h + offs_d[None, :])
     x = tl.load(cache_ptr + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
     if x.dtype.is_fp8():
@@ -42,15 +42,16 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
                         stride_qt, stride_qh, stride_ot, stride_oh,
                         stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt,
                         qk_scale_log2, k_scale, v_scale,         # scale·log2(e) (softmax in base 2), FP8 scales
-                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                        group, page_size,                        # query heads per KV head, tokens per page
+                        HEAD_DIM: tl.constexpr,
                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
     offs_g, offs_d, offs_n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
-    g_mask, d_mask = offs_g < GROUP, offs_d < HEAD_DIM
-    heads = kv_head * GROUP + offs_g
+    g_mask, d_mask = offs_g < group, offs_d < HEAD_DIM
+    heads = kv_head * group + offs_g
     q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -61,7 +62,7 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
         pos = start + offs_n
         n_mask = pos < seq_len
         k = _load_kv_block(k_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
-                           k_scale, q, PAGE_SIZE)
+                           k_scale, q, page_size)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -69,7 +70,7 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv_block(v_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_vp, stride_vs, stride_vh,
-                           v_scale, q, PAGE_SIZE)
+                           v_scale, q, page_size)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding): zeros, not 0/0
@@ -83,7 +84,8 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]
                          stride_qt, stride_qh, stride_ot, stride_oh,
                          stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt,
                          qk_scale_log2, k_scale, v_scale,
-                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                         group, page_size,
+                         HEAD_DIM: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
@@ -98,7 +100,7 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]
     q_pos = seq_len - q_len + offs_m  # the new tokens are the last q_len of the sequence
     q = tl.load(q_ptr + (row0 + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-    kv_head = head // GROUP
+    kv_head = head // group
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -110,7 +112,7 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]
         pos = start + offs_n
         n_mask = pos < seq_len
         k = _load_kv_block(k_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
-                           k_scale, q, PAGE_SIZE)
+                           k_scale, q, page_size)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite from the first block on: key 0 is visible to every query
@@ -118,7 +120,7 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv_block(v_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_vp, stride_vs, stride_vh,
-                           v_scale, q, PAGE_SIZE)
+                           v_scale, q, page_size)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -169,8 +171,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0),
-        scale * LOG2E, k_scale, v_scale,
-        GROUP=group, HEAD_DIM=dim, PAGE_SIZE=k_cache.shape[1], BLOCK_G=max(16, triton.next_power_of_2(group)),
+        scale * LOG2E, k_scale, v_scale, group, k_cache.shape[1],
+        HEAD_DIM=dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4)
     return out
@@ -194,8 +196,8 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0),
-        scale * LOG2E, k_scale, v_scale,
-        GROUP=group, HEAD_DIM=dim, PAGE_SIZE=k_cache.shape[1], BLOCK_M=block_m,
+        scale * LOG2E, k_scale, v_scale, group, k_cache.shape[1],
+        HEAD_DIM=dim, BLOCK_M=block_m,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4)
     return out

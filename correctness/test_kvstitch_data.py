@@ -1,0 +1,128 @@
+"""Text sources and tasks, ROUGE, the interpolation verdict, prepare's split/join, the plot, and the experiments'
+--smoke run (tiny models, every stage and the two-process runtime; nothing written to results/)."""
+import json
+
+import pytest
+import torch
+
+from impl.kvstitch import data
+from impl.kvstitch.evaluate import cut_at_eos, rouge, rouge_available
+from impl.kvstitch.experiments import interpolates, main as experiments_main
+from impl.kvstitch.prepare import join, split
+
+WIKI = """{{Infobox thing|a={{nested|x}}}}
+'''Widget''' is a [[gadget|small device]] used in [[engineering]].<ref>Some ref</ref> It has
+[[File:W.png|thumb|A [[widget]] picture]] many uses.<!-- hidden -->
+{| class="wikitable"
+| cell || cell
+|}
+== History ==
+Widgets were made in [http://example.com 1900].
+* a list item
+=== Later ===
+They spread."""
+
+
+def test_wikitext_cleaning_and_lead_split():
+    lead, body = data.split_lead(data.clean_wikitext(WIKI))
+    assert lead == "Widget is a small device used in engineering. It has many uses."
+    assert body == "Widgets were made in 1900. They spread."
+
+
+def test_gensim_text_splits_are_disjoint_and_qualified():
+    pytest.importorskip("gensim", reason="gensim ships the news and Wikipedia text (pip install gensim)")
+    s = data.load_splits()
+    assert len(s.news_train) == 240 and len(s.news_eval) == 60
+    assert not set(s.news_train) & set(s.news_eval)
+    assert all(len(p["lead"].split()) >= 30 and len(p["body"].split()) >= 300 for p in s.wiki_eval)
+    leads = {p["lead"] for p in s.wiki_eval}
+    assert not any(t.split("\n")[0] in leads for t in s.wiki_train), "a held-out page leaks into training text"
+    assert all("{{" not in p["body"] and "[[" not in p["body"] for p in s.wiki_eval)
+
+
+def test_tasks_have_equal_length_prompts_and_matching_references():
+    codec = data.ByteCodec()
+    arts = ["short", "x" * 30 + "CONTINUATION" + "y" * 50]
+    t = data.news_task(codec, arts, prompt_len=31, new_tokens=12, limit=5)
+    assert t.prompts.shape == (1, 31) and t.references == ["CONTINUATION"]
+    pages = [{"lead": "L1", "body": "b" * 200}, {"lead": "L2", "body": "tiny"}]
+    w = data.wiki_task(codec, pages, prompt_len=100, limit=5)
+    assert w.prompts.shape == (1, 100) and w.references == ["L1"]
+    assert codec.decode(w.prompts[0].tolist()).endswith("\n\nSummary:")
+    with pytest.raises(ValueError, match="leaves"):
+        data.wiki_task(codec, pages, prompt_len=40, limit=5)
+    stream = data.token_stream(codec, ["ab", "c"])
+    assert stream.tolist() == [1, 100, 101, 2, 1, 102, 2]
+    chunks = data.random_chunks(stream, 3, 4, seed=0)
+    a, b = next(chunks), next(data.random_chunks(stream, 3, 4, seed=0))
+    assert a.shape == (3, 4) and torch.equal(a, b)
+    with pytest.raises(ValueError, match="fewer than"):
+        next(data.random_chunks(stream, 1, 50, 0))
+
+
+def test_byte_codec_roundtrip_and_eos_cut():
+    c = data.ByteCodec()
+    assert c.decode(c.encode("héllo, wörld")) == "héllo, wörld"
+    assert cut_at_eos([5, 6, 2, 7], 2) == [5, 6] and cut_at_eos([5, 6], 2) == [5, 6]
+
+
+def test_rouge_scores_known_pairs():
+    if not rouge_available():
+        pytest.skip("rouge-score not installed (pip install rouge-score)")
+    s = rouge(["the cat sat on the mat", "completely different words"], ["the cat sat on the mat", "a dog ran"])
+    assert s["rouge1"] == pytest.approx(0.5) and s["rougeL"] == pytest.approx(0.5)
+    assert rouge(["cats running"], ["cat runs"])["rouge1"] == pytest.approx(1.0)  # stemming
+    with pytest.raises(ValueError, match="references"):
+        rouge(["a"], [])
+
+
+@pytest.mark.parametrize("d,h,p,want", [(0.1, 0.2, 0.3, 1.0), (0.1, 0.05, 0.3, 0.0), (0.1, 0.4, 0.3, 0.0),
+                                        (0.1, 0.1, 0.3, 0.0), (0.3, 0.35, 0.2, 0.0), (0.1, None, 0.3, None)])
+def test_interpolation_verdict(d, h, p, want):
+    assert interpolates(d, h, p) == want
+
+
+def test_prepare_split_and_join_roundtrip(tmp_path):
+    src = tmp_path / "assets"
+    (src / "text").mkdir(parents=True)
+    blob = bytes(range(256)) * 9000
+    (src / "model.gguf").write_bytes(blob)
+    (src / "text" / "news_eval.jsonl").write_text('{"a": 1}\n')
+    parts = split(src, tmp_path / "carry", chunk_mb=1)
+    assert len(parts) == 3 and all((p / "blob").stat().st_size <= 1 << 20 for p in parts)
+    out = join(tmp_path / "carry", tmp_path / "back")
+    assert (out / "assets" / "model.gguf").read_bytes() == blob
+    assert (out / "assets" / "text" / "news_eval.jsonl").read_text() == '{"a": 1}\n'
+
+
+def test_plot_draws_from_stored_results(tmp_path):
+    from impl.common.ledger import ResultsView
+    from impl.kvstitch.claims import CLAIMS, plot_rouge_vs_size
+
+    root = tmp_path / "results"
+    view = ResultsView("h100-test", root=root)
+    assert plot_rouge_vs_size(view, tmp_path) == []
+    rec = {"data": {"prefill": {"params": 135e6, "rougeL": 0.3},
+                    "decodes": [{"params": p, "rougeL": {"decode_alone": r, "hybrid_a": r + .02, "hybrid_b": r + .05}}
+                                for p, r in ((60e6, .15), (90e6, .2))], "interpolation": 1.0}}
+    (root / "h100-test" / "kvstitch").mkdir(parents=True)
+    (root / "h100-test" / "kvstitch" / "rouge_smollm2.json").write_text(json.dumps(rec))
+    made = plot_rouge_vs_size(ResultsView("h100-test", root=root), tmp_path)
+    assert len(made) == 1 and made[0].stat().st_size > 1000
+    claim = next(c for c in CLAIMS if c.id == "kvstitch.interpolation_smollm2")
+    assert claim.measure(ResultsView("h100-test", root=root)).value == 1.0
+
+
+def test_experiments_smoke_runs_every_stage_and_writes_nothing(tmp_path, capsys):
+    pytest.importorskip("gensim", reason="the smoke run reads gensim's text (pip install gensim)")
+    from impl.common.results import RESULTS
+
+    before = sorted(p for p in RESULTS.rglob("*kvstitch*"))
+    assert experiments_main(["--smoke", "--series", "smollm2", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for stage in ("heal step 3/3", "stage a step 3/3", "stage b step 3/3", "would write rouge_smollm2",
+                  "would write runtime_smollm2_cpu", "would write nccl_transfer"):
+        assert stage in out, stage
+    assert (tmp_path / "smollm2" / "L3_m0.5_g1" / "stitch_b" / "stitch.safetensors").exists()
+    assert (tmp_path / "smollm2" / "L3_m0.5_g1" / "lora" / "adapter_config.json").exists()
+    assert sorted(p for p in RESULTS.rglob("*kvstitch*")) == before
