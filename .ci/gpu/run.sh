@@ -25,6 +25,7 @@ for s in $systems; do
   ls benches/bench_"$s"*.py >/dev/null 2>&1 && step "bench_$s" 600 python3 -m pytest -q -p no:cacheprovider benches/bench_"$s"*.py \
       --benchmark-save="$s" --benchmark-columns=median,iqr,rounds
   [ -z "${NO_EXPERIMENTS:-}" ] && [ -f "impl/$s/experiments.py" ] && step "experiments_$s" 900 python3 -m impl.$s.experiments "$@"
+  tar czf "$out/results.tgz" results; tar czf "$out/logs.tgz" -C "$out" logs  # partial results survive a timeout
 done
 python3 -m impl report "$(python3 -c 'from impl.common.results import gpu_slug; print(gpu_slug())')" | tee -a "$summary"
 tar czf "$out/results.tgz" results
