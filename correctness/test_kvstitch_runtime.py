@@ -37,7 +37,7 @@ def test_kv_arrives_bit_identical_and_tokens_match(pair, side):
     cfg = RuntimeConfig(new_tokens=5, attn="eager", stitch_side=side)
     r0, r1 = serve(d / "p", d / "q", d / "s", reqs, cfg, dump=True)
     assert r0["plan"] == side
-    for sent, got, ids in zip(r0["dump"], r1["dump"], reqs):
+    for sent, got in zip(r0["dump"], r1["dump"]):
         assert len(sent) == len(got) > 0
         for a, b in zip(sent, got):
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)

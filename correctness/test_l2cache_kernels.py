@@ -20,7 +20,7 @@ from impl.l2cache.touch import touch, touch_reference
 
 DT = {"float32": torch.float32, "float16": torch.float16}
 # every flag combination is a Triton compile on the GPU (~1 s): cap the examples there, keep the CI profile's here
-KERNEL_EXAMPLES = settings(max_examples=min(settings.default.max_examples, 40))
+KERNEL_EXAMPLES = settings(max_examples=min(settings.default.max_examples, 25))
 
 
 def tensor(shape, dtype: str, seed: int, pattern: str = "random", scale: float = 1.0) -> torch.Tensor:

@@ -29,7 +29,7 @@ EXAMPLES = settings(max_examples=min(settings.default.max_examples, 40))
 def attention_cases(draw, decode: bool | None = None):
     kv_heads = draw(st.integers(1, 3))
     group = draw(st.integers(1, 4))
-    head_dim = draw(st.sampled_from([8, 16, 24, 32, 64, 128]))
+    head_dim = draw(st.sampled_from([8, 24, 64, 128]))  # each one is a kernel compile on a GPU
     page_size = draw(st.sampled_from([1, 3, 4, 16, 32]))
     batch = draw(st.integers(1, 4))
     is_decode = draw(st.booleans()) if decode is None else decode

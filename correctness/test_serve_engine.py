@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from fixtures.oracle import assert_close
 from impl import backend
 from impl.serve.engine import Engine, EngineConfig
-from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep, last_token_rows
+from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep
 from impl.serve.attention import make_backend
 from impl.serve.reference import ContiguousKV, greedy_contiguous
 from impl.serve.sampling import SamplingParams, sample_one, top_p_filter
@@ -87,7 +87,8 @@ def test_stop_tokens_and_length_limits():
     out = Engine(MODEL).generate([PROMPTS[1]], SamplingParams(max_new_tokens=10, stop_token_ids=(stop, 96)))[0]
     assert out.finish_reason == "stop" and out.tokens == free[: first + 1]
     # the context end: 20 prompt tokens in a 24-token context leave room for 4
-    out = Engine(MODEL, EngineConfig(max_seq_len=24)).generate([list(range(20))], SamplingParams(16, stop_token_ids=()))[0]
+    engine = Engine(MODEL, EngineConfig(max_seq_len=24))
+    out = engine.generate([list(range(20))], SamplingParams(16, stop_token_ids=()))[0]
     assert out.finish_reason == "length" and len(out.tokens) == 4
     assert out.tokens == greedy_contiguous(MODEL, list(range(20)), 4)[0]
 
@@ -169,15 +170,32 @@ def test_cuda_graph_decode_equals_eager(kv_dtype):
     assert graphed_engine.graphs.graphs, "no graph was captured"
 
 
-def test_experiments_smoke_runs_and_writes_nothing(capsys):
+def test_experiments_smoke_feeds_claims_and_plot(capsys, tmp_path):
+    """The experiment runs on the CPU at toy size and writes nothing; its record evaluates the claims and plots."""
+    import json
+
+    from impl.common.ledger import ResultsView, evaluate
     from impl.common.results import RESULTS
-    from impl.serve import experiments
+    from impl.serve import claims, experiments
 
     before = sorted(RESULTS.rglob("serve/*"))
     assert experiments.main(["--smoke"]) == 0
     assert sorted(RESULTS.rglob("serve/*")) == before
-    out = capsys.readouterr().out
-    assert "fp8_decode_speedup_b1" in out and "tokens_per_s" in out
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["fp8"]["engine"]["linear_paths"] == {"dequant-torch": 8}
+    assert 0.25 <= data["fp8_weight_mem_ratio"] <= 0.26  # e4m3 + fp32 channel scales over fp32 weights
+    (tmp_path / "fake" / "serve").mkdir(parents=True)
+    record = {"device": "fake GPU", "commit": "abc", "date": "2026-01-01", "data": data}
+    (tmp_path / "fake" / "serve" / f"{claims.RESULT}.json").write_text(json.dumps(record))
+    view = ResultsView("fake", root=tmp_path)
+    rows = {c.id: evaluate(c, view) for c in claims.CLAIMS}
+    assert rows["serve.fp8_weight_mem_ratio"]["verdict"] == "pass"
+    assert rows["serve.fp8_decode_speedup_b1"]["measured_value"] == pytest.approx(data["fp8_decode_speedup_b1"],
+                                                                                   rel=1e-5)
+    assert rows["serve.bw_pct_b1"]["verdict"] == "not measured"  # no copy bandwidth on a CPU
+    pngs = claims.plot_tokens_per_s(view, tmp_path)
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 1000
+    assert claims.plot_tokens_per_s(ResultsView("none", root=tmp_path), tmp_path) == []
 
 
 def test_http_completions_batch_concurrent_clients():

@@ -53,7 +53,7 @@ def test_allocator_rejects_double_free_and_reports_shortage():
 @given(page_size=st.sampled_from([1, 3, 4, 8]), lengths=st.lists(st.integers(1, 30), min_size=1, max_size=4),
        seed=st.integers(0, 2**31 - 1))
 def test_metadata_slots_address_each_token(page_size, lengths, seed):
-    cache = PagedKVCache(ARGS, CacheConfig(64, page_size), dtype=torch.float32, device="cpu")
+    cache = PagedKVCache(ARGS, CacheConfig(128, page_size), dtype=torch.float32, device="cpu")
     rng = np.random.default_rng(seed)
     for step in range(max(lengths)):  # grow in turns: interleaved pages
         for b, n in enumerate(lengths):

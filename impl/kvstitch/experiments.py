@@ -14,7 +14,6 @@ KV bytes per request, hybrid vs prefill alone) and ``nccl_transfer.json`` (per-l
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -50,7 +49,8 @@ def recipe(series: str, mode: str) -> RecipeConfig:
                             stage_b=StageBConfig(steps=3, batch=2, prompt_len=24, cont_len=8, lora_r=4, log_every=1),
                             eval=EvalConfig(prompt_len=96, new_tokens=6, max_news=3, max_wiki=2, batch=4),
                             dtype="float32")
-    sizes = {"smollm2": [{"layers": 20, "mlp_keep": 0.75, "kv_groups": 2}, {"layers": 14, "mlp_keep": 0.5, "kv_groups": 1}],
+    sizes = {"smollm2": [{"layers": 20, "mlp_keep": 0.75, "kv_groups": 2},
+                         {"layers": 14, "mlp_keep": 0.5, "kv_groups": 1}],
              "gemma3": [{"layers": 12, "mlp_keep": 0.75}, {"layers": 8, "mlp_keep": 0.5}]}[series]
     steps = 1 if mode == "quick" else 2
     return RecipeConfig(series=series, decode_sizes=sizes[:1] if mode == "quick" else sizes,
@@ -124,6 +124,7 @@ def load_series(series: str, assets: Path | None, smoke: bool, device: str, dtyp
 def run_series(series: str, rc: RecipeConfig, assets: Path | None, device: str, smoke: bool, workdir: Path) -> dict:
     dtype = getattr(torch, rc.dtype)
     pm, codec, splits = load_series(series, assets, smoke, device, dtype)
+    pm.save_pretrained(workdir / "prefill_model")  # the runtime's worker processes load it from here
     ev = rc.eval
     tasks = [data.news_task(codec, splits.news_eval, ev.prompt_len, ev.new_tokens, ev.max_news),
              data.wiki_task(codec, splits.wiki_eval, ev.prompt_len, ev.max_wiki)]
@@ -259,8 +260,6 @@ def run_all(args) -> dict:
                 continue
             first = Path(rec["decodes"][0]["dir"])
             prefill_dir = work / series / "prefill_model"
-            if not prefill_dir.exists():
-                _save_prefill(series, assets, smoke, prefill_dir, rc)
             vocab = rec_vocab(prefill_dir)
             rt = run_runtime(prefill_dir, first / "decode_model", first / "stitch_b", vocab, ngpu, smoke)
             name = f"runtime_{series}_{ngpu}gpu" if ngpu else f"runtime_{series}_cpu"
@@ -272,11 +271,6 @@ def run_all(args) -> dict:
                 out["bandwidth"] = bw
             log(f"{series} done in {time.time() - t0:.0f} s")
     return out
-
-
-def _save_prefill(series: str, assets: Path | None, smoke: bool, out: Path, rc: RecipeConfig) -> None:
-    pm, _, _ = load_series(series, assets, smoke, "cpu", getattr(torch, rc.dtype))
-    pm.save_pretrained(out)
 
 
 def rec_vocab(model_dir: Path) -> int:

@@ -38,7 +38,7 @@ def generate_alone(model: nn.Module, ids: torch.Tensor, n_new: int) -> torch.Ten
     """The model's own greedy continuation ``[B, n_new]`` of ``ids``."""
     check_prompt(ids, model.config.vocab_size)
     cache = empty_cache(model.config)
-    logits = forward(model, ids, cache).logits[:, -1]
+    logits = forward(model, ids, cache, logits_to_keep=1).logits[:, -1]
     return decode_loop(model, cache, logits.argmax(-1), n_new)
 
 

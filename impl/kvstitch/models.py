@@ -92,9 +92,10 @@ def forward(model: nn.Module, ids: torch.Tensor, cache, **kw):
 
 @torch.no_grad()
 def prefill(model: nn.Module, ids: torch.Tensor) -> tuple[KV, torch.Tensor]:
-    """Run the prompt ``ids`` ``[B, T]``; return its full KV (every layer keeps all T tokens) and last logits ``[B, V]``."""
+    """Run the prompt ``ids`` ``[B, T]``; return its full KV (every layer keeps all T tokens, sliding or not) and the
+    last position's logits ``[B, V]``."""
     cache = empty_cache()
-    out = forward(model, ids, cache)
+    out = forward(model, ids, cache, logits_to_keep=1)  # only the last position's logits are ever needed
     return kv_of(cache), out.logits[:, -1]
 
 

@@ -141,7 +141,8 @@ def slice_state(state: dict[str, torch.Tensor], plan: dict[str, list], config) -
         ch = torch.tensor(plan["channels"][j])
         g = plan["groups"][j]
         kv_rows = torch.cat([torch.arange(x * head_dim, (x + 1) * head_dim) for x in g])
-        q_rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for x in g for h in range(x * per, (x + 1) * per)])
+        heads = [h for x in g for h in range(x * per, (x + 1) * per)]
+        q_rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
         if re.search(r"mlp\.(gate_proj|up_proj)\.(weight|bias)$", key):
             w = w[ch]
         elif re.search(r"mlp\.down_proj\.weight$", key):

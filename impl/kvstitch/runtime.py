@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from impl.kvstitch.config import RuntimeConfig
-from impl.kvstitch.models import KVLayout, build_cache, decoder_layers, empty_cache, forward, kv_of
+from impl.kvstitch.models import KVLayout, build_cache, decoder_layers, empty_cache, forward
 from impl.kvstitch.rope import positions_for
 
 
@@ -121,7 +121,7 @@ class PrefillWorker:
         hooks = [blk.register_forward_hook(after_block(i)) for i, blk in enumerate(decoder_layers(self.model))]
         try:
             with torch.no_grad():
-                first = forward(self.model, ids, cache).logits[:, -1].argmax(-1)
+                first = forward(self.model, ids, cache, logits_to_keep=1).logits[:, -1].argmax(-1)
         finally:
             for h in hooks:
                 h.remove()
@@ -149,7 +149,7 @@ class PrefillWorker:
         ids = ids.to(self.dev)
         t0 = time.monotonic()
         cache = empty_cache(self.model.config)
-        first = forward(self.model, ids, cache).logits[:, -1].argmax(-1)
+        first = forward(self.model, ids, cache, logits_to_keep=1).logits[:, -1].argmax(-1)
         _sync(self.dev)
         t1 = time.monotonic()
         toks = decode_loop(self.model, cache, first, self.cfg.new_tokens)

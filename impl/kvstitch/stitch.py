@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from impl.kvstitch.config import StitchConfig
-from impl.kvstitch.models import KV, KVLayout, kv_layout
+from impl.kvstitch.models import KV, kv_layout
 from impl.kvstitch.rope import Rope, positions_for, rotate, text_config, unrotate
 
 

@@ -2,8 +2,8 @@
 
 Stage (a), per batch of training text ``x`` ``[B, T]``: ``KV_P = prefill_P(x)``, target ``KV_Q = prefill_Q(x)`` (the
 decode model's own cache of the same tokens), loss over decode layers j and {K, V}:
-``mean_j ||S_j(KV_P) - KV_Q,j||^2 / ||KV_Q,j - mean||^2 + w_cos * mean_j (1 - cos(S_j(KV_P), KV_Q,j))`` (cosine over each
-head vector). Starts from the ridge-regression solution (``StitchConfig.init``).
+``mean_j ||S_j(KV_P) - KV_Q,j||^2 / ||KV_Q,j - mean||^2 + w_cos * mean_j (1 - cos(S_j(KV_P), KV_Q,j))``
+(cosine over each head vector). Starts from the ridge-regression solution (``StitchConfig.init``).
 
 Stage (b), per batch split as prompt ``p`` ``[B, P]`` + continuation ``c`` ``[B, C]``: the stitched cache of ``p`` feeds
 the decode model with LoRA adapters (peft), which reads ``c[:, :-1]``; loss = cross-entropy against ``c[:, 1:]``.
@@ -100,7 +100,8 @@ def add_lora(decode_model: nn.Module, cfg: StageBConfig) -> nn.Module:
     return get_peft_model(copy.deepcopy(decode_model), lcfg)
 
 
-def continuation_loss(prefill_model, lora_model, bundle: StitchBundle, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def continuation_loss(prefill_model, lora_model, bundle: StitchBundle, ids: torch.Tensor,
+                      prompt_len: int) -> torch.Tensor:
     """LM loss of the decode model on ``ids[:, prompt_len:]`` after a stitched prefill of ``ids[:, :prompt_len]``."""
     prompt, cont = ids[:, :prompt_len], ids[:, prompt_len:]
     if cont.shape[1] < 2:

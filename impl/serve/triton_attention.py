@@ -36,7 +36,13 @@ def _load_kv_block(cache_ptr, bt_row_ptr, pos, n_mask, offs_d, d_mask, kv_head,
     return x
 
 
-@triton.jit
+# Runtime integers are not specialised (Triton would compile a variant per value class of each stride, group and page
+# size; tests sweep those, and on a GPU every variant costs a compile).
+_RUNTIME_INTS = ["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kp", "stride_ks", "stride_kh",
+                 "stride_vp", "stride_vs", "stride_vh", "stride_bt", "group", "page_size"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]; caches [P, PS, KVH, D]
                         bt_ptr, seq_lens_ptr,                    # block tables [B, W], K/V lengths [B]
                         stride_qt, stride_qh, stride_ot, stride_oh,
@@ -78,7 +84,7 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
              mask=g_mask[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]; caches [P, PS, KVH, D]
                          bt_ptr, q_start_ptr, seq_lens_ptr,     # block tables [B, W], row offsets [B+1], lengths [B]
                          stride_qt, stride_qh, stride_ot, stride_oh,
@@ -161,7 +167,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     group, dim = _check(q, k_cache, v_cache, block_tables, seq_lens)
     batch, heads = q.shape[0], q.shape[1]
     if seq_lens.shape != (batch,) or block_tables.shape[0] != batch:
-        raise ValueError(f"seq_lens {tuple(seq_lens.shape)} and block_tables {tuple(block_tables.shape)} need {batch} rows")
+        raise ValueError(f"seq_lens {tuple(seq_lens.shape)} and block_tables {tuple(block_tables.shape)} need "
+                         f"{batch} rows")
     out = torch.empty_like(q) if out is None else out
     if batch == 0:
         return out

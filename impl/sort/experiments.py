@@ -103,7 +103,7 @@ def tune_configs(quick: bool, smoke: bool = False) -> list[tuple[str, Any]]:
         return knobs
     knobs += [("items_per_thread=16", replace(base, items_per_thread=16)), ("min_run=16", replace(base, min_run=16))]
     if not quick:
-        knobs += [("items_per_thread=4", replace(base, items_per_thread=4)),
+        knobs += [("items_per_thread=4,shared_bytes=16384", replace(base, items_per_thread=4, shared_bytes=16384)),
                   ("shared_bytes=16384", replace(base, shared_bytes=16384)),
                   ("min_run=64", replace(base, min_run=64)),
                   ("wide=registers,fused_strides=3", replace(base, wide="registers", fused_strides=3))]
