@@ -128,7 +128,7 @@ def test_fp8_gemm(device_bench, variant, m, nk):
 @pytest.fixture(scope="module")
 def big_checkpoint(tmp_path_factory):
     """GPU: two Llama-3-8B layers in FP8 (per-channel) + a 32k-vocab bf16 embedding (~0.7 GB); CPU: tiny."""
-    cfg = tiny_config(**LLAMA3_8B, num_hidden_layers=2, vocab_size=32000, tie_word_embeddings=True) \
+    cfg = tiny_config(**{**LLAMA3_8B, "num_hidden_layers": 2, "vocab_size": 32000, "tie_word_embeddings": True}) \
         if backend.ON_GPU else tiny_config()
     d = tmp_path_factory.mktemp("load")
     nbytes = write_random_fp8_checkpoint(d, cfg, "vllm-channel", shard_bytes=sized(1 << 30, 1 << 14))

@@ -57,8 +57,8 @@ def test_stitch_matches_float64_reference(p, q, tokens, start, seed):
     kv = prefill(pm, prompt(2, tokens, p.vocab, seed))[0]
     with torch.no_grad():
         got, ref = bundle(kv, start=start), stitch_reference(bundle, kv, start=start)
-    for (k, v), (rk, rv) in zip(got, ref):
-        assert_close(k, rk, rtol=1e-9, atol=1e-9)
+    for (k, v), (rk, rv) in zip(got, ref):  # transformers computes RoPE angles in float32: keys agree to ~1e-7
+        assert_close(k, rk, rtol=1e-5, atol=1e-5 * float(rk.abs().max()))
         assert_close(v, rv, rtol=1e-9, atol=1e-9)
 
 

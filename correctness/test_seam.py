@@ -431,3 +431,20 @@ def test_load_data_reads_an_image_folder(tmp_path):
     for split in (data.train, data.val, data.test):
         x, y = next(split.batches(3))
         assert x.dtype == torch.uint8 and x.shape == (3, 3, 16, 16) and y.dtype == torch.int64
+
+
+def test_prepare_carry_copies_the_four_files_and_data_dir_honours_seam_data(tmp_path, monkeypatch):
+    from impl.seam.data import IDX_FILES, default_data_dir, prepare_carry
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for split, n in (("train", 6), ("test", 3)):
+        write_idx(np.zeros((n, 2, 2), np.uint8), np.arange(n, dtype=np.uint8), src / IDX_FILES[split][0],
+                  src / IDX_FILES[split][1])
+    dest = prepare_carry(src, tmp_path / "carry")
+    assert sorted(p.name for p in dest.iterdir()) == sorted(n for pair in IDX_FILES.values() for n in pair)
+    assert np.array_equal(read_idx_labels(dest / IDX_FILES["train"][1]), np.arange(6))
+    monkeypatch.setenv("SEAM_DATA", str(dest))
+    assert default_data_dir() == dest
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        prepare_carry(tmp_path / "empty", tmp_path / "carry2")

@@ -95,7 +95,7 @@ def test_stop_tokens_and_length_limits():
 
 def test_errors_stay_with_their_request():
     engine = Engine(MODEL, EngineConfig(max_seq_len=32, num_pages=5, page_size=4))
-    prompts = [PROMPTS[1], list(range(40)), [], [3, 97], list(range(20)), "text", PROMPTS[0]]
+    prompts = [PROMPTS[1], list(range(40)), [], [3, 97], list(range(20)), "text", PROMPTS[0], [1.5, 2]]
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=5, stop_token_ids=()))
     errors = [o.error for o in outs]
     assert errors[0] is None and errors[6] is None
@@ -104,6 +104,9 @@ def test_errors_stay_with_their_request():
     assert "token id 97" in errors[3]
     assert "needs 6 pages, the whole cache has 5" in errors[4]
     assert "tokenizer" in errors[5]
+    assert "integer token ids" in errors[7]
+    with pytest.raises(ValueError, match="max_batch"):
+        EngineConfig(max_batch=0)
     assert outs[0].tokens == alone(PROMPTS[1], SamplingParams(5, stop_token_ids=()))
     assert outs[6].tokens == alone(PROMPTS[0], SamplingParams(5, stop_token_ids=()))
 
@@ -183,7 +186,11 @@ def test_experiments_smoke_feeds_claims_and_plot(capsys, tmp_path):
     assert sorted(RESULTS.rglob("serve/*")) == before
     data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert data["fp8"]["engine"]["linear_paths"] == {"dequant-torch": 8}
-    assert 0.25 <= data["fp8_weight_mem_ratio"] <= 0.26  # e4m3 + fp32 channel scales over fp32 weights
+    a = data["model_args"]  # e4m3 weights + one fp32 scale per output channel, over fp32 weights
+    shapes = [(a["n_heads"] + 2 * a["n_kv_heads"]) * a["head_dim"], a["dim"], 2 * a["ffn_dim"], a["dim"]]
+    ins = [a["dim"], a["n_heads"] * a["head_dim"], a["dim"], a["ffn_dim"]]
+    want = sum(n * k + 4 * n for n, k in zip(shapes, ins)) / sum(4 * n * k for n, k in zip(shapes, ins))
+    assert data["fp8_weight_mem_ratio"] == pytest.approx(want)
     (tmp_path / "fake" / "serve").mkdir(parents=True)
     record = {"device": "fake GPU", "commit": "abc", "date": "2026-01-01", "data": data}
     (tmp_path / "fake" / "serve" / f"{claims.RESULT}.json").write_text(json.dumps(record))

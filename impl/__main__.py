@@ -47,9 +47,9 @@ def cmd_gpu(systems: list[str], save: str) -> int:
     if not backend.ON_GPU:
         print("python -m impl gpu needs a CUDA GPU; this machine has none", file=sys.stderr)
         return 2
-    sel = [f"correctness/test_{s}.py" for s in systems] if systems else ["correctness"]
+    sel = [str(p) for s in systems for p in sorted(ROOT.glob(f"correctness/test_{s}*.py"))] if systems else ["correctness"]
     rc = run_pytest([*sel, "-q", "-x", "-p", "no:cacheprovider"])
-    bsel = [f"benches/bench_{s}.py" for s in systems] if systems else ["benches"]
+    bsel = [str(p) for s in systems for p in sorted(ROOT.glob(f"benches/bench_{s}*.py"))] if systems else ["benches"]
     rc |= run_pytest([*bsel, "-q", f"--benchmark-save={save}", "--benchmark-columns=median,iqr,rounds"])
     cmd_report([gpu_slug()])
     return rc

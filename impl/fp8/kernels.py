@@ -42,7 +42,8 @@ def _decode_bits(b, FMT: tl.constexpr):
         normal = (((e + 112) << 23) | (m << 21)).to(tl.float32, bitcast=True)
         mag = tl.where(e == 0, m.to(tl.float32) * 0.0000152587890625, normal)  # subnormal: m * 2^-16
         mag = tl.where(e == 31, tl.where(m == 0, float("inf"), float("nan")), mag)
-    return tl.where((b & 0x80) != 0, -mag, mag)
+    # OR the sign bit in (a select of -mag would lose -0.0 on the GPU compiler)
+    return (mag.to(tl.int32, bitcast=True) | ((b & 0x80) << 24)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -117,9 +118,12 @@ def _finite_abs(x):
 def _tile_scales(s_ptr, rows, k0, N, stride_s, GN: tl.constexpr, GK: tl.constexpr):
     """The scale of each row of a tile whose first column is k0, as [BM, 1] (a scalar for per-tensor)."""
     c = 0 if GK == 0 else k0 // GK
+    # One return for both layouts (Triton 3.6 rejects branches returning a scalar and a [BM, 1] block):
+    # per-tensor reads the single scale once per row, which stays in L1.
     if GN == 0:
-        return tl.load(s_ptr + c)
-    r = (rows // GN).to(tl.int64)
+        r = (rows * 0).to(tl.int64)
+    else:
+        r = (rows // GN).to(tl.int64)
     return tl.load(s_ptr + r * stride_s + c, mask=rows < N, other=1.0)[:, None]
 
 

@@ -342,8 +342,9 @@ def _requant_to_max(ws: list[Fp8Weight], shards, inp, bias) -> Fp8Weight:
         if torch.equal(w.scale.reshape(()), smax.reshape(())):
             parts.append(w.weight)
             continue
-        hi = quant.dequantize(w.weight, w.scale, TENSOR, out_dtype=torch.float32)
-        parts.append(quant.quantize(hi, TENSOR, fmt, scales=smax)[0])
+        # the kernels run where impl.backend says; the loader's tensors may still be on the host
+        hi = quant.dequantize(w.weight.to(backend.DEVICE), w.scale.to(backend.DEVICE), TENSOR, out_dtype=torch.float32)
+        parts.append(quant.quantize(hi, TENSOR, fmt, scales=smax.to(backend.DEVICE))[0].to(w.weight.device))
     return Fp8Weight(torch.cat(parts, dim=0), smax, TENSOR, inp, bias, shards)
 
 

@@ -4,7 +4,7 @@ Batches are ``(images, labels)``: images uint8 (N, C, H, W), labels int64 (N,). 
 normalised float32 ``(x / 255 − mean) / std``. Three splits: ``train`` (minus a held-out ``val`` of ``val_size``
 images, chosen by a seeded permutation: the selector chooses on it, training never sees it) and ``test``.
 
-Sources, picked from what ``--data DIR`` holds:
+Sources, picked from what ``--data DIR`` holds (default: ``default_data_dir()``):
   * ``train-images-idx3-ubyte.gz`` etc. (Debian ``dataset-fashion-mnist``, /usr/share/datasets/fashion-mnist):
     loaded whole onto the device (60k x 28 x 28 bytes); augmentation (shift by up to 2 px, horizontal flip) on the GPU.
   * ``train/<class>/*`` and ``val/<class>/*``: torchvision ImageFolder through a DataLoader, RandomResizedCrop + flip
@@ -23,14 +23,34 @@ import torch
 import torch.nn.functional as F
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+CARRY_DIR = Path(__file__).resolve().parents[2] / ".carry" / "seam" / "fashion-mnist"  # git-ignored; travels to the GPU
 IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def default_data_dir() -> Path:
-    """``$SEAM_DATA`` if set, else the Debian package's folder."""
-    return Path(os.environ.get("SEAM_DATA", FMNIST_DIR))
+    """``$SEAM_DATA`` if set; else the Debian package's folder or ``.carry/seam/fashion-mnist``, whichever holds the
+    files (the Debian folder when neither does, so errors name it)."""
+    if os.environ.get("SEAM_DATA"):
+        return Path(os.environ["SEAM_DATA"])
+    for d in (FMNIST_DIR, CARRY_DIR):
+        if (d / IDX_FILES["train"][0]).exists():
+            return d
+    return FMNIST_DIR
+
+
+def prepare_carry(src: Path = FMNIST_DIR, dest: Path = CARRY_DIR) -> Path:
+    """Copy the four Fashion-MNIST .gz files into ``.carry/seam/fashion-mnist`` (30 MB) for a machine without them."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for pair in IDX_FILES.values():
+        for name in pair:
+            if not (src / name).exists():
+                raise FileNotFoundError(f"{src / name} not found (apt-get install dataset-fashion-mnist)")
+            shutil.copyfile(src / name, dest / name)
+    return dest
 
 
 # ---- IDX -----------------------------------------------------------------------------------------------------------
@@ -282,4 +302,6 @@ def load_data(data_dir: str | Path | None = None, device: str = "cpu", *, val_si
     if (d / "train").is_dir() and (d / "val").is_dir():
         return load_folder(d, device, val_size=val_size, seed=seed, image_size=image_size, limits=limits)
     raise FileNotFoundError(f"{d} holds neither Fashion-MNIST IDX files ({IDX_FILES['train'][0]}, ...) nor an "
-                            "ImageFolder tree (train/<class>/, val/<class>/)")
+                            "ImageFolder tree (train/<class>/, val/<class>/); pass --data, set SEAM_DATA, or run "
+                            "`python -m impl.seam.experiments --prepare` where the Debian package is installed and "
+                            "carry .carry/seam")

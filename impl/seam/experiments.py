@@ -53,7 +53,7 @@ class Recipe:
     image_size: int | None = None        # None: the data's own (28 for Fashion-MNIST)
     val_size: int = 5000
     limits: tuple[int, int, int] | None = None
-    anchor_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.2, warmup_frac=0.15))
+    anchor_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.4, warmup_frac=0.15))
     family_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=0.05, warmup_frac=0.05,
                                                                           seed=1))
     lstsq_images: int = 100
@@ -264,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="2+2 anchor epochs, 2 family epochs")
     mode.add_argument("--smoke", action="store_true", help="tiny CPU run of every step; writes nothing to results/")
-    p.add_argument("--data", default=None, help="Fashion-MNIST .gz dir or ImageFolder root (default $SEAM_DATA or "
-                                                "/usr/share/datasets/fashion-mnist)")
+    mode.add_argument("--prepare", action="store_true", help="copy the Fashion-MNIST .gz files into "
+                                                              ".carry/seam/fashion-mnist (to carry to a GPU machine)")
+    p.add_argument("--data", default=None, help="Fashion-MNIST .gz dir or ImageFolder root (default $SEAM_DATA, "
+                                                "/usr/share/datasets/fashion-mnist or .carry/seam/fashion-mnist)")
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "seam"), help="checkpoint/plot dir")
     p.add_argument("--granularity", choices=("block", "stage"), default=None)
     p.add_argument("--stitch-bn", action="store_true", help="BatchNorm after each stitch conv")
@@ -276,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights-r34", default=None, help="local pretrained weights for resnet34 (ImageNet setting)")
     p.add_argument("--weights-r50", default=None, help="local pretrained weights for resnet50")
     a = p.parse_args(argv)
+    if a.prepare:
+        from impl.seam.data import prepare_carry
+
+        log(f"Fashion-MNIST copied to {prepare_carry()}")
+        return 0
     recipe = preset("smoke" if a.smoke else "quick" if a.quick else "full")
     if a.granularity:
         recipe.granularity = a.granularity

@@ -1,10 +1,12 @@
 """serve: a small LLM serving system — Llama decoder, paged KV cache, paged attention, continuous-batching engine.
 
-Files, in reading order: ``model.py`` (ModelArgs presets, RMSNorm, RoPE, GQA attention, SwiGLU), ``weights.py``
-(HF safetensors loading, random weights, the SmolLM2 cache), ``fp8_adapter.py`` (the one door to impl/fp8),
+Files, in reading order: ``model.py`` (ModelArgs presets, RMSNorm, RoPE, GQA attention, SwiGLU), ``fused.py``
+(Triton kernels fusing norm + residual, RoPE + KV store, SiLU·up for GPU decode), ``weights.py``
+(HF safetensors loading, random weights), ``fp8_adapter.py`` (the one door to impl/fp8; SmolLM2 checkpoints),
 ``kv_cache.py`` (pages, block tables, free list, step metadata), ``triton_attention.py`` (paged decode/prefill
 kernels), ``attention.py`` (backends: flashinfer, Triton, torch SDPA, and the float64 reference), ``sampling.py``,
 ``engine.py`` (``Engine.generate``), ``cuda_graphs.py`` (graph-captured decode), ``__main__.py`` (CLI),
+``server.py`` (OpenAI-style /v1/completions),
 ``experiments.py`` (H100 decode/TTFT, FP8 vs bf16), ``claims.py``; ``reference.py`` (contiguous-KV decoding, the
 engine's oracle) and ``testing.py`` (toy models and fragmented caches for tests and benches).
 """

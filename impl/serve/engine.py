@@ -12,6 +12,7 @@ logits end that request with ``finish_reason="error"`` and a message; the others
 """
 from __future__ import annotations
 
+import numbers
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ class EngineConfig:
     attention: str = "auto"
     cuda_graphs: bool | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_prefill_tokens < 1 or self.page_size < 1 or self.num_pages < 0:
+            raise ValueError(f"max_batch, max_prefill_tokens and page_size must be >= 1 and num_pages >= 0: {self}")
 
 
 @dataclass
@@ -146,10 +151,10 @@ class Engine:
             if self.tokenizer is None:
                 raise TypeError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
             return list(self.tokenizer(prompt)["input_ids"])
-        ids = [int(t) for t in prompt]
-        if len(ids) != len(prompt):
-            raise ValueError("prompt token ids must be integers")
-        return ids
+        ids = list(prompt)
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+            raise ValueError("a prompt must be text or a sequence of integer token ids")
+        return [int(t) for t in ids]
 
     def _check_prompt(self, ids: list[int]) -> str | None:
         vocab = self.model.args.vocab_size

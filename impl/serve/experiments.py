@@ -57,8 +57,8 @@ class ExperimentConfig:
 
 FULL = ExperimentConfig()
 QUICK = ExperimentConfig(batches=(1, 32), new_tokens=16, reps=10, prefill_reps=3)
-SMOKE = ExperimentConfig(preset="tiny-8b-shaped", batches=(1, 3), prompt_len=9, new_tokens=4, dtype="float32",
-                         device="cpu", reps=2, prefill_reps=1)
+SMOKE = ExperimentConfig(preset="tiny", batches=(1, 3), prompt_len=9, new_tokens=3, dtype="float32", device="cpu",
+                         reps=1, prefill_reps=1)
 
 
 def log(msg: str) -> None:

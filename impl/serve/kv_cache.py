@@ -99,10 +99,6 @@ class AttentionMetadata:
     def max_q_len(self) -> int:
         return max(self.q_lens, default=0)
 
-    @property
-    def max_seq_len(self) -> int:
-        return max(self.seq_lens_host, default=0)
-
 
 class PagedKVCache:
     """K/V pages for every layer plus each sequence's block table; ``reserve`` grows a sequence page by page."""
@@ -125,9 +121,6 @@ class PagedKVCache:
     @property
     def is_fp8(self) -> bool:
         return self.store_dtype == torch.float8_e4m3fn
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
 
     def pages_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.page_size)
@@ -197,6 +190,27 @@ class PagedStep:
         c = self.cache
         c.write(layer, k, v, self.meta.slot_mapping)
         return self.backend.attend(q, c.k[layer], c.v[layer], self.meta, scale=q.shape[-1] ** -0.5,
+                                   k_scale=c.cfg.k_scale, v_scale=c.cfg.v_scale)
+
+    def rope_attend(self, layer: int, qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """``attend`` from the fused projection qkv [T, (H+2·KVH)·D]: one kernel applies RoPE and stores K/V
+        straight into the cache (through scratch rows when the cache is FP8), then the backend attends."""
+        from impl.serve.fused import rope_split
+
+        c, a = self.cache, self.cache.args
+        t = qkv.shape[0]
+        q = torch.empty(t, a.n_heads, a.head_dim, dtype=qkv.dtype, device=qkv.device)
+        if c.is_fp8:
+            k = torch.empty(t, a.n_kv_heads, a.head_dim, dtype=qkv.dtype, device=qkv.device)
+            v = torch.empty_like(k)
+            rows = torch.arange(t, device=qkv.device)
+            rope_split(qkv, cos, sin, a.n_heads, a.n_kv_heads, q, k, v, rows)
+            c.write(layer, k, v, self.meta.slot_mapping)
+        else:
+            flat = (-1, a.n_kv_heads, a.head_dim)
+            rope_split(qkv, cos, sin, a.n_heads, a.n_kv_heads, q, c.k[layer].view(flat), c.v[layer].view(flat),
+                       self.meta.slot_mapping)
+        return self.backend.attend(q, c.k[layer], c.v[layer], self.meta, scale=a.head_dim ** -0.5,
                                    k_scale=c.cfg.k_scale, v_scale=c.cfg.v_scale)
 
 

@@ -8,7 +8,8 @@ forward gets a ``StepContext`` that knows the tokens' positions and how to store
 sequence (paged cache + a backend in ``attention.py``; a contiguous cache in ``reference.py``). Tokens of all sequences
 in a step are flattened into one ``[T]`` vector (prefill chunks and decode tokens alike). QKV and gate/up projections
 are fused (``wqkv``, ``w13``) so a decode step reads each weight matrix in one GEMM; their linears come from a factory
-so that ``fp8_adapter`` can swap in FP8 linears.
+so that ``fp8_adapter`` can swap in FP8 linears. With ``fused=True`` (the default on a GPU) RMSNorm + residual add,
+RoPE + the KV-cache write, and SiLU·up each run as one Triton kernel (``fused.py``), rounding as the torch ops do.
 """
 from __future__ import annotations
 
@@ -176,18 +177,35 @@ LinearFactory = Callable[[int, int], nn.Module]
 class RMSNorm(nn.Module):
     """y = w ⊙ x / sqrt(mean(x²) + eps), the statistic in float32 (HF's order of casts, for token-exact parity)."""
 
+    fused = False
+
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            from impl.serve.fused import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps)[0]
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
+    def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """(norm(residual + x), residual + x): the residual stream's update and the next sublayer's input."""
+        if self.fused:
+            from impl.serve.fused import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps, residual)
+        h = residual + x
+        return self.forward(h), h
+
 
 class Attention(nn.Module):
+    fused = False
+
     def __init__(self, args: ModelArgs, layer: int, make_linear: LinearFactory) -> None:
         super().__init__()
         self.args, self.layer = args, layer
@@ -196,8 +214,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: StepContext) -> Tensor:
         a = self.args
-        q_end, k_end = a.n_heads * a.head_dim, (a.n_heads + a.n_kv_heads) * a.head_dim
         qkv = self.wqkv(x)
+        if self.fused and hasattr(ctx, "rope_attend"):  # RoPE and the cache write in one kernel (paged caches)
+            return self.wo(ctx.rope_attend(self.layer, qkv, cos, sin).reshape(x.shape[0], -1))
+        q_end, k_end = a.n_heads * a.head_dim, (a.n_heads + a.n_kv_heads) * a.head_dim
         q = qkv[:, :q_end].view(-1, a.n_heads, a.head_dim)
         k = qkv[:, q_end:k_end].view(-1, a.n_kv_heads, a.head_dim)
         v = qkv[:, k_end:].reshape(-1, a.n_kv_heads, a.head_dim)
@@ -206,6 +226,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    fused = False
+
     def __init__(self, args: ModelArgs, make_linear: LinearFactory) -> None:
         super().__init__()
         self.ffn_dim = args.ffn_dim
@@ -213,7 +235,12 @@ class FeedForward(nn.Module):
         self.w2 = make_linear(args.ffn_dim, args.dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).split(self.ffn_dim, dim=-1)
+        gu = self.w13(x)
+        if self.fused:
+            from impl.serve.fused import silu_mul
+
+            return self.w2(silu_mul(gu))
+        gate, up = gu.split(self.ffn_dim, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -227,15 +254,15 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args, make_linear)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: StepContext) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
-        return h + self.feed_forward(self.ffn_norm(h))
+        normed, h = self.ffn_norm.add_forward(self.attention(self.attention_norm(x), cos, sin, ctx), x)
+        return h + self.feed_forward(normed)
 
 
 class Transformer(nn.Module):
     """tokens [T] → logits [B, vocab] (float32) for the rows ``ctx.logits_index`` (all T rows when it is None)."""
 
     def __init__(self, args: ModelArgs, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                 make_linear: LinearFactory | None = None) -> None:
+                 make_linear: LinearFactory | None = None, fused: bool | None = None) -> None:
         super().__init__()
         self.args, self.dtype = args, dtype
         make_linear = make_linear or (lambda i, o: DenseLinear(i, o, dtype, device))
@@ -248,6 +275,15 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings
         self.register_buffer("inv_freq", rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(device),
                              persistent=False)
+        self.set_fused(torch.device(device).type == "cuda" if fused is None else fused)
+
+    def set_fused(self, on: bool) -> "Transformer":
+        """Use the fused Triton kernels (``fused.py``) for norms, RoPE + cache writes and SwiGLU, or torch ops."""
+        self.fused = on
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention, FeedForward)):
+                m.fused = on
+        return self
 
     @property
     def device(self) -> torch.device:
