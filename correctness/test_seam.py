@@ -264,8 +264,10 @@ def test_calibrate_bn_stores_batch_statistics_and_activate_restores_them():
     with torch.no_grad():
         h = fam.nets["r34"].conv1(x).double()
     bn = fam.nets["r34"].bn1
-    assert_close(bn.running_mean, h.mean((0, 2, 3)).float(), rtol=1e-4, atol=1e-5)
-    assert_close(bn.running_var, h.var((0, 2, 3), unbiased=True).float(), rtol=1e-4, atol=1e-5)
+    # cuDNN convolutions run in TF32 on a GPU (10-bit mantissa) and may pick another algorithm per batch size
+    tol = dict(rtol=5e-3, atol=1e-4) if str(DEV).startswith("cuda") else dict(rtol=1e-4, atol=1e-5)
+    assert_close(bn.running_mean, h.mean((0, 2, 3)).float(), **tol)
+    assert_close(bn.running_var, h.var((0, 2, 3), unbiased=True).float(), **tol)
     r34_stats = bn.running_mean.clone()
     calibrate_bn(fam, "r34_to_r50_p02", data.train, data, DEV, calib_images=16, batch_size=16, channels_last=False)
     assert not torch.equal(bn.running_mean, r34_stats)  # shared stem BN now holds the stitch's statistics

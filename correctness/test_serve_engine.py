@@ -162,12 +162,19 @@ def test_engine_reports_its_choices():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn], ids=["kv-model-dtype", "kv-fp8"])
-def test_cuda_graph_decode_equals_eager(kv_dtype):
+@pytest.mark.parametrize("kv_dtype,fp8_linears", [(None, False), (torch.float8_e4m3fn, False), (None, True)],
+                         ids=["kv-model-dtype", "kv-fp8", "fp8-linears-bf16"])
+def test_cuda_graph_decode_equals_eager(kv_dtype, fp8_linears):
+    from impl.serve import fp8_adapter
+
+    model = MODEL
+    if fp8_linears:
+        model = fp8_adapter.quantize_model_(tiny_model("tiny-8b-shaped", device=DEV, dtype=torch.bfloat16, std=0.05))
+        assert all(p.startswith("w8a16") for p in fp8_adapter.linear_paths(model))
     params = [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in (3, 17, 9, 12, 5)]
     cfg = dict(attention="triton", max_batch=8, page_size=16, kv_dtype=kv_dtype)
-    eager = Engine(MODEL, EngineConfig(cuda_graphs=False, **cfg)).generate(PROMPTS, params)
-    graphed_engine = Engine(MODEL, EngineConfig(cuda_graphs=True, **cfg))
+    eager = Engine(model, EngineConfig(cuda_graphs=False, **cfg)).generate(PROMPTS, params)
+    graphed_engine = Engine(model, EngineConfig(cuda_graphs=True, **cfg))
     graphed = graphed_engine.generate(PROMPTS, params)
     assert [o.tokens for o in graphed] == [o.tokens for o in eager]
     assert graphed_engine.graphs.graphs, "no graph was captured"
@@ -185,7 +192,7 @@ def test_experiments_smoke_feeds_claims_and_plot(capsys, tmp_path):
     assert experiments.main(["--smoke"]) == 0
     assert sorted(RESULTS.rglob("serve/*")) == before
     data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert data["fp8"]["engine"]["linear_paths"] == {"dequant-torch": 8}
+    assert data["fp8"]["engine"]["linear_paths"] == {"w8a16-triton (M<=128) + dequant-torch": 8}
     a = data["model_args"]  # e4m3 weights + one fp32 scale per output channel, over fp32 weights
     shapes = [(a["n_heads"] + 2 * a["n_kv_heads"]) * a["head_dim"], a["dim"], 2 * a["ffn_dim"], a["dim"]]
     ins = [a["dim"], a["n_heads"] * a["head_dim"], a["dim"], a["ffn_dim"]]

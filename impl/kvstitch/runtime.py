@@ -92,6 +92,7 @@ class PrefillWorker:
         cfg: RuntimeConfig = job["cfg"]
         self.cfg, self.dev, self.dtype = cfg, cfg.prefill_device, _dtype(cfg.dtype)
         self.staged = cfg.backend == "gloo" and self.dev.startswith("cuda")
+        self.ctrl = self.dev if cfg.backend == "nccl" else "cpu"  # NCCL moves device tensors only
         self.model = load_model(job["prefill"], self.dtype, self.dev, cfg.attn)
         self.bundle = StitchBundle.load(job["stitch"], self.dev)
         self.plan = plan_transfer(self.bundle, self.dtype, cfg.stitch_side)
@@ -100,7 +101,7 @@ class PrefillWorker:
         b, t = ids.shape
         ids = ids.to(self.dev)
         t0 = time.monotonic()
-        dist.send(torch.tensor([b, t, self.cfg.new_tokens, t0], dtype=torch.float64), dst=1)
+        dist.send(torch.tensor([b, t, self.cfg.new_tokens, t0], dtype=torch.float64, device=self.ctrl), dst=1)
         tabs = self.bundle.tables(positions_for(b, 0, t, self.dev)) if self.plan.side == "prefill" else None
         cache, handles, sent = empty_cache(), [], []
 
@@ -127,14 +128,15 @@ class PrefillWorker:
                 h.remove()
         _sync(self.dev)
         ttft = time.monotonic() - t0
-        dist.send(_wire(first, True), dst=1)
+        dist.send(first.to(self.ctrl), dst=1)
         for h in handles:
             h.wait()
         sent_s = time.monotonic() - t0
-        toks = torch.empty(b, self.cfg.new_tokens, dtype=torch.long)
-        stats = torch.empty(3, dtype=torch.float64)
+        toks = torch.empty(b, self.cfg.new_tokens, dtype=torch.long, device=self.ctrl)
+        stats = torch.empty(3, dtype=torch.float64, device=self.ctrl)
         dist.recv(toks, src=1)
         dist.recv(stats, src=1)
+        toks, stats = toks.cpu(), stats.cpu()
         if dump is not None:
             dump.append([x.cpu().clone() for x in sent])
         return {"batch": b, "tokens": t, "side": self.plan.side, "kv_bytes": self.plan.bytes(b, t),
@@ -170,6 +172,7 @@ class DecodeWorker:
         cfg: RuntimeConfig = job["cfg"]
         self.cfg, self.dev, self.dtype = cfg, cfg.decode_device, _dtype(cfg.dtype)
         self.staged = cfg.backend == "gloo" and self.dev.startswith("cuda")
+        self.ctrl = self.dev if cfg.backend == "nccl" else "cpu"
         self.model = load_model(job["decode"], self.dtype, self.dev, cfg.attn)
         self.bundle = StitchBundle.load(job["stitch"], self.dev)
         self.plan = plan_transfer(self.bundle, self.dtype, cfg.stitch_side)
@@ -177,8 +180,9 @@ class DecodeWorker:
     def serve(self, dump: list | None) -> None:
         from impl.kvstitch.hybrid import decode_loop
 
-        head = torch.empty(4, dtype=torch.float64)
+        head = torch.empty(4, dtype=torch.float64, device=self.ctrl)
         dist.recv(head, src=0)
+        head = head.cpu()
         b, t, n_new, t0 = int(head[0]), int(head[1]), int(head[2]), head[3].item()
         where = "cpu" if self.staged else self.dev
         bufs, handles = [], []
@@ -186,7 +190,7 @@ class DecodeWorker:
             for _ in range(2):
                 bufs.append(torch.empty(b, h, t, d, dtype=self.dtype, device=where))
                 handles.append(dist.irecv(bufs[-1], src=0))
-        first = torch.empty(b, dtype=torch.long)
+        first = torch.empty(b, dtype=torch.long, device=self.ctrl)
         dist.recv(first, src=0)
         for h in handles:
             h.wait()
@@ -204,8 +208,8 @@ class DecodeWorker:
         _sync(self.dev)
         dec = time.monotonic() - t1
         tps = b * (n_new - 1) / dec if dec > 0 else float("nan")
-        dist.send(toks.cpu(), dst=0)
-        dist.send(torch.tensor([ready, dec, tps], dtype=torch.float64), dst=0)
+        dist.send(toks.to(self.ctrl), dst=0)
+        dist.send(torch.tensor([ready, dec, tps], dtype=torch.float64, device=self.ctrl), dst=0)
         if dump is not None:
             dump.append([x.cpu().clone() for x in bufs])
 

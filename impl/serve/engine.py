@@ -119,7 +119,8 @@ class Engine:
         from impl.serve.fp8_adapter import fp8_status, linear_paths
 
         return {"attention_backend": self.backend.name, "attention_reason": self.backend_reason,
-                "cuda_graphs": self.graphs is not None, "page_size": self.cache.page_size,
+                "cuda_graphs": self.graphs is not None, "fused_kernels": bool(getattr(self.model, "fused", False)),
+                "page_size": self.cache.page_size,
                 "num_pages": self.cache.cfg.num_pages, "kv_dtype": str(self.cache.store_dtype).replace("torch.", ""),
                 "model_dtype": str(self.model.dtype).replace("torch.", ""),
                 "linear_paths": linear_paths(self.model), **fp8_status(),

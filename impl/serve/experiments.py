@@ -13,6 +13,9 @@ batch size B in 1, 8, 32, 128, with B random prompts of ``prompt_len`` tokens:
 - ``bw_pct``: weight bytes read per decode step (every matrix once; one embedding row) / step time, as % of the card's
   copy bandwidth (``impl.common.calibrate.measure_copy_gbps``, bytes read + written).
 
+Decode runs as in serving: one captured CUDA graph per batch size, fused Triton kernels for norms/RoPE/SwiGLU,
+Triton paged attention, and (FP8) the W8A16 Triton GEMM of ``fp8_gemv.py``; each record's ``engine`` says so.
+
 Headline keys for the claims: ``fp8_decode_speedup_b1`` (bf16 step / FP8 step at B=1), ``fp8_weight_mem_ratio`` (FP8
 decoder linears + scales over their bf16 bytes; ``..._total`` includes the bf16 embeddings and LM head), and
 ``bw_pct_b1.{bf16,fp8}``. Quality (perplexity, next-token agreement) needs real weights and is impl/fp8's experiment;

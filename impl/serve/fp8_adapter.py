@@ -3,8 +3,9 @@
 Serving needs two things from impl/fp8 and takes them here only:
   1. ``quantize_linear(dense)``: an FP8 linear equal to y = x · Wᵀ with W [out, in] in e4m3 and one fp32 scale per
      output channel (s[n] = max|W[n, :]| / 448), i.e. ``impl.fp8.linear.Fp8Linear`` over a per-channel
-     ``Fp8Weight``. On an H100 it runs ``torch._scaled_mm`` with per-token activation scales computed by impl.fp8's
-     one-kernel quantizer (path ``scaled_mm-rowwise``); on a CPU it dequantizes and runs a float32 GEMM
+     ``Fp8Weight``, wrapped in serving's ``DecodeFp8Linear``: on a GPU, inputs of at most 128 rows (decode) run the
+     weight-only Triton kernel of ``fp8_gemv.py``, larger ones (prefill) impl.fp8's ``torch._scaled_mm`` with
+     per-token activation scales (``scaled_mm-rowwise``); on a CPU, impl.fp8's dequantize + float32 GEMM
      (``dequant-torch``). The path of every layer is reported (``linear_paths``).
   2. ``load_fp8_model(dir)``: a ``Transformer`` whose decoder linears come from an FP8 checkpoint (vLLM ``fp8``
      per-tensor/per-channel/block, DeepSeek-V3 ``weight_scale_inv``, compressed-tensors) through impl.fp8's streaming,
@@ -48,9 +49,9 @@ def fp8_status() -> dict[str, str]:
     except RuntimeError as e:
         return {"fp8_linear_source": "unavailable", "fp8_reason": str(e)}
     tensor_ok, rowwise_ok, why = linear.scaled_mm_support("cuda" if torch.cuda.is_available() else "cpu")
-    return {"fp8_linear_source": "impl.fp8.linear.Fp8Linear",
-            "fp8_gemm": "torch._scaled_mm, per-channel weights x per-token activations" if rowwise_ok
-            else f"dequantize + GEMM ({why})"}
+    return {"fp8_linear_source": "impl.fp8.linear.Fp8Linear (+ serve.fp8_gemv for decode)",
+            "fp8_gemm": "M<=128: Triton W8A16 (serve.fp8_gemv); larger: torch._scaled_mm, per-channel weights x "
+                        "per-token activations" if rowwise_ok else f"dequantize + GEMM ({why})"}
 
 
 def quantize_linear(dense: nn.Module) -> nn.Module:
@@ -62,7 +63,17 @@ def quantize_linear(dense: nn.Module) -> nn.Module:
     else:  # the bit-exact CPU mirror of that kernel (the interpreter would take minutes on a real model)
         codes, scales = reference.quantize_reference(w, "channel", "e4m3")
         fp8w = linear.Fp8Weight(codes.view(torch.float8_e4m3fn), scales, linear.CHANNEL)
-    return linear.Fp8Linear(fp8w, compute_dtype=w.dtype)
+    return decode_linear(linear.Fp8Linear(fp8w, compute_dtype=w.dtype))
+
+
+def decode_linear(layer: nn.Module) -> nn.Module:
+    """Wrap an impl.fp8 Fp8Linear with per-tensor/per-channel scales in ``DecodeFp8Linear`` (others unchanged)."""
+    from impl.serve.fp8_gemv import DecodeFp8Linear
+
+    if getattr(getattr(layer, "group", None), "name", None) in ("tensor", "channel") \
+            and layer.weight.dtype == torch.float8_e4m3fn:
+        return DecodeFp8Linear(layer)
+    return layer
 
 
 def quantize_model_(model: Transformer) -> Transformer:
@@ -135,7 +146,7 @@ def load_fp8_model(model_dir: str | Path, cfg: dict[str, Any], args: ModelArgs, 
             for ours, theirs in HF_MODULES.items():
                 w = loaded.linears.pop(f"model.layers.{i}.{theirs}")
                 if isinstance(w, linear.Fp8Weight):
-                    layer = linear.Fp8Linear(w, compute_dtype=dtype)
+                    layer = decode_linear(linear.Fp8Linear(w, compute_dtype=dtype))
                 else:
                     layer = DenseLinear(w.shape[1], w.shape[0], dtype, device)
                     layer.weight.copy_(w)

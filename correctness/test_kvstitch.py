@@ -187,3 +187,55 @@ def test_bad_inputs_are_named():
         pair_layers(4, 2, parents=[0, 7])
     with pytest.raises(ValueError, match="multiple"):
         tiny_model(TinySpec(heads=3, kv_heads=2))
+
+
+# ---- on a GPU: the same properties at real dtypes and larger sizes ---------------------------------------------
+
+@pytest.mark.gpu
+@settings(max_examples=20)
+@given(p=specs(vocab=512), q=specs(vocab=512), tokens=st.integers(1, 700), seed=st.integers(0, 2**16))
+def test_gpu_bf16_stitch_matches_float64_reference(p, q, tokens, seed):
+    pm = tiny_model(p, seed, torch.bfloat16).cuda()
+    qm = tiny_model(q, seed + 1, torch.bfloat16).cuda()
+    bundle = StitchBundle(pm.config, qm.config).cuda()
+    kv = prefill(pm, prompt(4, tokens, p.vocab, seed).cuda())[0]
+    with torch.no_grad():
+        got = bundle(kv, out_dtype=torch.bfloat16)
+        ref = stitch_reference(bundle.cpu().double(), [(k.cpu(), v.cpu()) for k, v in kv])
+    want = prefill(qm, prompt(4, tokens, p.vocab, seed).cuda())[0]
+    for (k, v), (rk, rv), (wk, _) in zip(got, ref, want):
+        assert k.dtype == wk.dtype == torch.bfloat16 and k.shape == wk.shape
+        scale = float(rk.abs().max()) + 1e-6
+        assert_close(k.float().cpu(), rk.float(), dtype="bfloat16", atol=2e-2 * scale, check_dtype=False)
+        assert_close(v.float().cpu(), rv.float(), dtype="bfloat16", atol=2e-2 * scale, check_dtype=False)
+
+
+@pytest.mark.gpu
+def test_gpu_identity_hybrid_reproduces_greedy_output():
+    spec = TinySpec(layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16, vocab=512, arch="gemma3")
+    m = tiny_model(spec, 0, torch.bfloat16).cuda()
+    ids = prompt(8, 600, 512, 0).cuda()  # longer than the sliding window (64) of the tiny Gemma-3
+    bundle = StitchBundle(m.config, m.config).init_identity()
+    assert torch.equal(generate_hybrid(m, m, bundle, ids, 16), generate_alone(m, ids, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,devices", [("gloo", ("cuda:0", "cuda:0")),
+                                             pytest.param("nccl", ("cuda:0", "cuda:1"), marks=pytest.mark.multi_gpu)])
+def test_gpu_runtime_kv_arrives_bit_identical(tmp_path, backend, devices):
+    from impl.kvstitch.config import RuntimeConfig
+    from impl.kvstitch.runtime import serve
+
+    p = tiny_model(TinySpec(layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16, vocab=512), 0)
+    q = tiny_model(TinySpec(layers=2, hidden=64, heads=2, kv_heads=1, head_dim=32, vocab=512, arch="gemma3"), 1)
+    p.save_pretrained(tmp_path / "p")
+    q.save_pretrained(tmp_path / "q")
+    StitchBundle(p.config, q.config).save(tmp_path / "s")
+    reqs = [prompt(4, 300, 512, 1), prompt(2, 33, 512, 2)]
+    cfg = RuntimeConfig(backend=backend, prefill_device=devices[0], decode_device=devices[1], dtype="bfloat16",
+                        new_tokens=8, baseline=True)
+    r0, r1 = serve(tmp_path / "p", tmp_path / "q", tmp_path / "s", reqs, cfg, dump=True)
+    for sent, got in zip(r0["dump"], r1["dump"]):
+        assert len(sent) == len(got) == 4
+        assert all(a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b) for a, b in zip(sent, got))
+    assert all(len(r["generated"][0]) == 8 for r in r0["requests"])
