@@ -7,6 +7,7 @@
 - fused q/k/v and gate/up equal the unfused shards exactly ("exact"), or within the e4m3 bound ("requant");
 - malformed checkpoints are refused with a message naming the tensor and the problem.
 """
+from pathlib import Path
 import json
 import math
 
@@ -252,7 +253,9 @@ def test_load_stats_are_reported(dense):
     src, tensors = dense
     ck = load_checkpoint(src, "cpu")
     assert ck.stats.bytes == sum(t.numel() * t.element_size() for t in tensors.values())
-    assert ck.stats.tensors == len(tensors) and ck.stats.seconds > 0 and ck.stats.peak_host_bytes >= 0
+    assert ck.stats.tensors == len(tensors) and ck.stats.seconds > 0 and (ck.stats.peak_host_bytes or 0) >= 0
+    if "RssAnon:" in Path("/proc/self/status").read_text():  # measured wherever /proc reports it
+        assert ck.stats.peak_host_bytes is not None
     assert ck.stats.largest_tensor_bytes == max(t.numel() * t.element_size() for t in tensors.values())
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from impl.common.ledger import BenchRatio, Claim, ExtraInfo, ResultValue
+from impl.common.ledger import BenchRatio, Claim, ExtraInfo, NotYet, ResultValue
 from impl.fp8.layouts import LAYOUTS
 
 BIG = "14336x4096"  # Llama-3-8B gate/up projection, the largest matrix
@@ -46,7 +46,10 @@ CLAIMS = [
           statement="The loader's peak host memory is about one tensor: <= 3.5x the largest tensor (two pinned "
                     "staging buffers + the tensor being read), not the model",
           unit="x largest tensor", comparison="<=", target=3.5,
-          measure=ExtraInfo("test_fp8_load[cold-pinned]", "peak_host_over_largest")),
+          # The H100 run of 2026-11-28 stored peak_host_bytes = 0: /proc/self/status gave no RssAnon growth there,
+          # which is no measurement. Until the loader reads host memory in a way that works there, not measured.
+          measure=NotYet("peak host memory read as 0 B on the H100 machine (RssAnon unavailable there): no "
+                         "measurement; the loader now refuses to report 0")),
     *[Claim(id=f"fp8.ppl_{name.replace('-', '_')}", system="fp8",
             statement=f"SmolLM2-135M quantized by our quantizer in the {name} layout keeps perplexity on gensim's "
                       "Wikipedia pages within 1% of bf16",

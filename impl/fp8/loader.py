@@ -42,7 +42,7 @@ class LoadStats:
     bytes: int = 0
     seconds: float = 0.0
     largest_tensor_bytes: int = 0
-    peak_host_bytes: int = 0  # growth of anonymous resident memory (page cache of the files not counted)
+    peak_host_bytes: int | None = None  # growth of anonymous resident memory (page cache of the files not counted)
     staging: str = ""
 
     @property
@@ -238,7 +238,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None, 
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 t = f.get_tensor(name)
-                stats.peak_host_bytes = max(stats.peak_host_bytes, _anon_rss() - base_rss)
+                if base_rss:  # 0 means /proc gave no RssAnon: leave the figure unmeasured (None), not 0
+                    stats.peak_host_bytes = max(stats.peak_host_bytes or 0, _anon_rss() - base_rss)
                 stats.tensors += 1
                 stats.bytes += t.numel() * t.element_size()
                 if name.endswith((".weight_scale", ".weight_scale_inv", ".input_scale")):
