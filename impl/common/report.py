@@ -88,6 +88,8 @@ def _markdown(slug: str, view: ResultsView, rows: list[dict[str, Any]], plots: d
         lines.append(f"- `{r['id']}`: {r['method']}{src}{why}")
     lines += _bench_table(view)
     for system, pngs in plots.items():
+        if not pngs:
+            continue
         lines += ["", f"## Plots: {system}", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
     return "\n".join(lines) + "\n"
 

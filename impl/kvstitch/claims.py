@@ -39,16 +39,18 @@ def plot_rouge_vs_size(view, out_dir: Path) -> list[Path]:
         return []
     fig, axes = plt.subplots(1, len(recs), figsize=(5.5 * len(recs), 4), squeeze=False)
     for ax, (series, d) in zip(axes[0], recs.items()):
-        decs = sorted(d["decodes"], key=lambda x: x["params"])
-        xs = [x["params"] / 1e6 for x in decs]
+        key = "params_non_embedding" if all("params_non_embedding" in x for x in d["decodes"]) else "params"
+        decs = sorted(d["decodes"], key=lambda x: x[key])
+        xs = [x[key] / 1e6 for x in decs]
         for key, style, label in (("decode_alone", "o-", "decode alone"), ("hybrid_a", "s--", "hybrid, stage a"),
                                   ("hybrid_b", "^-", "hybrid, stage b")):
             ys = [x["rougeL"].get(key) for x in decs]
             if all(y is not None for y in ys):
                 ax.plot(xs, ys, style, label=label)
         ax.axhline(d["prefill"]["rougeL"], color="k", ls=":",
-                   label=f"prefill alone ({d['prefill']['params'] / 1e6:.0f}M)")
-        ax.set(title=f"{series}: ROUGE-L vs decode-model size", xlabel="decode model parameters (M)",
+                   label=f"prefill alone ({d['prefill'].get(key, d['prefill']['params']) / 1e6:.0f}M)")
+        what = "non-embedding parameters" if key == "params_non_embedding" else "parameters"
+        ax.set(title=f"{series}: ROUGE-L vs decode-model size", xlabel=f"decode model {what} (M)",
                ylabel="ROUGE-L F1 (mean of news, wiki)")
         ax.legend(fontsize=8)
     fig.tight_layout()

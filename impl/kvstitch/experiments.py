@@ -5,9 +5,12 @@
   python -m impl.kvstitch.experiments --assets DIR             GPU: two decode sizes per series (the size plot)
   python -m impl.kvstitch.experiments rescore --slug SLUG      fill in ROUGE of stored generations (needs rouge-score)
 
-``DIR`` holds what ``prepare`` wrote: ``text/`` and ``smollm2.gguf`` / ``gemma3.gguf`` (or HF dirs ``smollm2/``,
-``gemma3/``). Results (``results/<gpu>/kvstitch/``): ``rouge_<series>.json`` (ROUGE-1/2/L of prefill alone, decode
-alone, hybrid after stage a and b, decode+LoRA alone; ``interpolation`` = 1 when hybrid-b ROUGE-L lies between
+``DIR`` (default ``$KVSTITCH_ASSETS`` or ``.carry/kvstitch``) holds what ``prepare`` wrote: ``text/`` and
+``smollm2.gguf`` / ``gemma3.gguf`` (or HF dirs ``smollm2/``, ``gemma3/``); a DIR of ``part_NN/`` folders (``prepare
+split``) is joined first. A series whose model is absent is skipped with a message.
+
+Results (``results/<gpu>/kvstitch/``): ``rouge_<series>.json`` (ROUGE-1/2/L of prefill alone, decode alone, hybrid
+after stage a and b, decode+LoRA alone; ``interpolation`` = 1 when hybrid-b ROUGE-L lies between
 decode-alone and prefill-alone and above decode-alone), ``runtime_<series>_{1gpu,2gpu}.json`` (TTFT, decode tokens/s,
 KV bytes per request, hybrid vs prefill alone) and ``nccl_transfer.json`` (per-layer KV vs one-message bandwidth).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -133,7 +137,8 @@ def run_series(series: str, rc: RecipeConfig, assets: Path | None, device: str, 
     n = ev.new_tokens
     rec = {"series": series, "recipe": asdict(rc), "rouge_scored": rouge_available(),
            "references": {t.name: t.references for t in tasks},
-           "prefill": {"params": count_params(pm), "layers": pm.config.num_hidden_layers,
+           "prefill": {"params": count_params(pm), "params_non_embedding": count_params(pm, non_embedding=True),
+                       "layers": pm.config.num_hidden_layers,
                        "scores": score_system(lambda ids: generate_alone(pm, ids, n), tasks, codec, ev.batch, device)},
            "decodes": []}
     log(f"{series}: prefill alone ROUGE-L {mean_rouge_l(rec['prefill']['scores'])}")
@@ -167,7 +172,8 @@ def run_decode_size(pm, size: dict, rc: RecipeConfig, stream, tasks, codec, devi
     scores["lora_alone"] = gen(lambda ids: generate_alone(lora, ids, n))
     line = {key: mean_rouge_l(v) for key, v in scores.items()}
     log(f"{tag}: ROUGE-L {line}")
-    return {"tag": tag, "size": size, "params": count_params(dm), "layers": dm.config.num_hidden_layers,
+    return {"tag": tag, "size": size, "params": count_params(dm),
+            "params_non_embedding": count_params(dm, non_embedding=True), "layers": dm.config.num_hidden_layers,
             "plan_blocks": plan["blocks"], "scores": scores, "dir": str(out),
             "losses": {"heal_first": heal_losses[0], "heal_last": heal_losses[-1],
                        "stage_a_first": a["losses"][0], "stage_a_last": a["losses"][-1],
@@ -237,6 +243,25 @@ def _brief(d: dict) -> dict:
                                                 "pct_of_p2p", "single_gbps", "layered_gbps")}
 
 
+def resolve_assets(path: str | None) -> Path | None:
+    """The assets dir; ``part_NN/`` pieces (carried over several device calls) are joined into a temp dir first."""
+    from impl.kvstitch.prepare import join
+
+    if path is None or not Path(path).exists():
+        return None
+    p = Path(path)
+    if any(p.glob("part_*/blob")):
+        out = join(p, Path(tempfile.mkdtemp(prefix="kvstitch_assets_")))
+        inner = [d for d in out.iterdir() if d.is_dir()]
+        p = inner[0] if len(inner) == 1 else out
+        log(f"joined {path}/part_* into {p}")
+    return p
+
+
+def has_model(assets: Path | None, series: str) -> bool:
+    return assets is not None and ((assets / f"{series}.gguf").exists() or (assets / series).is_dir())
+
+
 def run_all(args) -> dict:
     smoke = args.smoke
     mode = "smoke" if smoke else ("quick" if args.quick else "full")
@@ -245,11 +270,14 @@ def run_all(args) -> dict:
     if not smoke and device != "cuda":
         raise SystemExit("the recipe needs a CUDA GPU; use --smoke on a CPU")
     torch.backends.cuda.matmul.allow_tf32 = True
-    assets = Path(args.assets) if args.assets else None
+    assets = resolve_assets(args.assets) if not smoke or args.assets else None
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="kvstitch_exp_") as tmp:
         work = Path(args.workdir or tmp)
         for series in args.series.split(","):
+            if not smoke and not has_model(assets, series):
+                log(f"skipping {series}: no {series}.gguf or {series}/ under {assets} (see impl.kvstitch.prepare)")
+                continue
             t0 = time.time()
             rc = recipe(series, mode)
             rec = run_series(series, rc, assets, device, smoke, work / series)
@@ -261,10 +289,11 @@ def run_all(args) -> dict:
             first = Path(rec["decodes"][0]["dir"])
             prefill_dir = work / series / "prefill_model"
             vocab = rec_vocab(prefill_dir)
-            rt = run_runtime(prefill_dir, first / "decode_model", first / "stitch_b", vocab, ngpu, smoke)
-            name = f"runtime_{series}_{ngpu}gpu" if ngpu else f"runtime_{series}_cpu"
-            write(name, rt, smoke)
-            out[name] = rt
+            for g in sorted({min(ngpu, 2), min(ngpu, 1)}, reverse=True):  # two GPUs (NCCL) and one GPU (gloo)
+                rt = run_runtime(prefill_dir, first / "decode_model", first / "stitch_b", vocab, g, smoke)
+                name = f"runtime_{series}_{g}gpu" if g else f"runtime_{series}_cpu"
+                write(name, rt, smoke)
+                out[name] = rt
             if (ngpu >= 2 or smoke) and "bandwidth" not in out:
                 bw = run_bandwidth(first / "stitch_b", ngpu, smoke)
                 write("nccl_transfer", bw, smoke)
@@ -308,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", nargs="?", default="run", choices=["run", "rescore"])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny random models; writes nothing")
     p.add_argument("--quick", action="store_true", help="one decode size per series")
-    p.add_argument("--assets", default=None, help="dir written by `prepare` (text/, <series>.gguf or <series>/)")
+    p.add_argument("--assets", default=None,
+                   help="dir written by `prepare` (text/, <series>.gguf or <series>/); default $KVSTITCH_ASSETS or "
+                        ".carry/kvstitch")
     p.add_argument("--series", default="smollm2,gemma3")
     p.add_argument("--skip-runtime", action="store_true")
     p.add_argument("--workdir", default=None, help="keep models/checkpoints here (default: a temp dir)")
@@ -318,7 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         if not a.slug:
             raise SystemExit("rescore needs --slug")
         return rescore(a.slug)
+    if a.assets is None and not a.smoke:
+        a.assets = os.environ.get("KVSTITCH_ASSETS", ".carry/kvstitch")
     out = run_all(a)
+    if not out:
+        log("nothing ran: no model found for any series")
+        return 2
     for k, v in out.items():
         log(f"{k}: {json.dumps(_brief(v))}")
     return 0
