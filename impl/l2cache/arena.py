@@ -87,3 +87,22 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     for d in shape:
         n *= d
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+class ArenaBacked:
+    """Workload accessors for a model whose weights live in one ``Arena`` (``self.weights``) and whose activations,
+    where the model owns them, live in another (``self.acts``)."""
+
+    weights: Arena
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.weights.nbytes
+
+    def weight_span(self) -> Span:
+        return self.weights.span()
+
+    def activation_span(self) -> Span | None:
+        acts = getattr(self, "acts", None)
+        return acts.span() if acts is not None else None
+

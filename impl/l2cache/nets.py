@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from impl import backend
-from impl.l2cache.arena import Arena, Span
+from impl.l2cache.arena import Arena, ArenaBacked, Span
 from impl.l2cache.conv import conv2d, conv2d_reference, pick_split_k
 from impl.l2cache.linear import linear, linear_reference
 from impl.l2cache.policies import NO_HOOKS, LayerHooks
@@ -71,7 +71,7 @@ def _randn(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Te
     return torch.randn(shape, generator=gen, dtype=torch.float32) * std
 
 
-class SharedMLP:
+class SharedMLP(ArenaBacked):
     """ALBERT-style MLP: one weight matrix applied L times (see the module doc)."""
 
     kinds = 1
@@ -85,16 +85,6 @@ class SharedMLP:
                                            "b": _randn((d,), 0.01, gen)}, device, dt)
         self.acts = Arena({"x": ((cfg.batch, d), dt), "h0": ((cfg.batch, d), dt), "h1": ((cfg.batch, d), dt)}, device)
         self.acts["x"].copy_(_randn((cfg.batch, d), 1.0, gen).to(dt))
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.weights.nbytes
-
-    def weight_span(self) -> Span:
-        return self.weights.span()
-
-    def activation_span(self) -> Span | None:
-        return self.acts.span()
 
     def layer_spans(self, kind: int = 0) -> list[Span]:
         return [self.weights.span()] * self.cfg.layers
@@ -130,7 +120,7 @@ class SharedMLP:
                 "weight_bytes": self.weight_bytes}
 
 
-class SharedConvNet:
+class SharedConvNet(ArenaBacked):
     """A conv net reusing one residual 3x3 block L times (see the module doc)."""
 
     kinds = 1
@@ -149,16 +139,6 @@ class SharedConvNet:
         self.acts = Arena({"x": (shape, dt), "h0": (shape, dt), "h1": (shape, dt),
                            "ws": ((self.split_k * m * c,), torch.float32)}, device)
         self.acts["x"].copy_(_randn(shape, 1.0, gen).to(dt))
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.weights.nbytes
-
-    def weight_span(self) -> Span:
-        return self.weights.span()
-
-    def activation_span(self) -> Span | None:
-        return self.acts.span()
 
     def layer_spans(self, kind: int = 0) -> list[Span]:
         return [self.weights.span()] * self.cfg.layers

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from impl import backend
-from impl.l2cache.arena import Arena, Span
+from impl.l2cache.arena import Arena, ArenaBacked, Span
 from impl.l2cache.policies import NO_HOOKS, LayerHooks
 
 MODEL = "mobilenetv3_large_100"
@@ -290,7 +290,7 @@ OFA_PRESETS = {c.name: c for c in (OfaConfig(), OfaConfig("ofa_alt_noisy", noise
 
 
 @dataclass
-class OfaServing:
+class OfaServing(ArenaBacked):
     """Batch-1 requests alternating between subnets of one supernet (request i runs subnet i mod len(subnets))."""
 
     cfg: OfaConfig
@@ -313,13 +313,6 @@ class OfaServing:
         self.x = torch.randn((1, 3, r, r), generator=gen).to(device=self.device, dtype=dtype)
         self.noise = (torch.empty(self.cfg.noise_bytes // 4, dtype=torch.float32, device=self.device)
                       if self.cfg.noise_bytes else None)
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.weights.nbytes
-
-    def weight_span(self) -> Span:
-        return self.weights.span()
 
     def activation_span(self) -> Span | None:
         return None  # torch allocates them; the runner finds the CUDA graph's pool instead

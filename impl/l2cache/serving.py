@@ -24,7 +24,7 @@ import torch
 
 from impl import backend
 from impl.common.timing import flush_l2, time_fn
-from impl.l2cache.arena import Arena, Span
+from impl.l2cache.arena import Arena, ArenaBacked, Span
 from impl.l2cache.control import NO_WINDOW, L2Controller
 from impl.l2cache.policies import NO_HOOKS, LayerHooks, PolicyPlan, Prefetcher, StreamPair
 
@@ -234,7 +234,7 @@ def outputs_by_kind(runner: PolicyRunner) -> list[torch.Tensor]:
 
 # ---- any torch module as a workload -------------------------------------------------------------------------
 
-class ModuleWorkload:
+class ModuleWorkload(ArenaBacked):
     """Any ``nn.Module`` served on one fixed input, so the policies apply to it.
 
     Its parameters are moved (values unchanged) into one ``Arena``; a layer is a module that owns parameters
@@ -272,13 +272,6 @@ class ModuleWorkload:
             return
         self._hooks.before_layer(self._i)
         self._i += 1
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.weights.nbytes
-
-    def weight_span(self) -> Span:
-        return self.weights.span()
 
     def activation_span(self) -> Span | None:
         return None
