@@ -20,9 +20,6 @@ CLAIMS = [
                     "one message of the same size between the same GPUs",
           unit="% of measured GPU-to-GPU bandwidth", comparison=">=", target=80.0,
           measure=ResultValue("kvstitch", "nccl_transfer", "pct_of_p2p")),
-    Claim(id="kvstitch.nccl_kv_gbps", system="kvstitch",
-          statement="KV transfer rate over NCCL (16 x 2048 tokens, decode-model layout, bf16), GB/s (reported figure)",
-          unit="GB/s", comparison=">=", target=0.0, measure=ResultValue("kvstitch", "nccl_transfer", "layered_gbps")),
 ]
 
 
