@@ -21,18 +21,11 @@ from impl.seam.family import Config, SeamFamily, stitch_points
 from impl.seam.lstsq import init_stitches, pixels, solve_lstsq
 from impl.seam.measure import calibrate_bn, count_flops
 from impl.seam.models import AnchorConfig, build_anchor
-from impl.seam.testing import make_family, randomize_bn, synthetic_bundle
+from impl.seam.testing import make_family, randomize_bn, synthetic_bundle, one_cpu_thread  # noqa: F401  (autouse)
 
 DEV = "cuda" if backend.ON_GPU else "cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Small CPU convolutions run faster on one thread, and far faster when the 2 cores are shared; restored after."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 FEW = settings(max_examples=40 if backend.ON_GPU else 6)
 SOME = settings(max_examples=60 if backend.ON_GPU else 12)
 

@@ -10,14 +10,7 @@ import torch
 from impl.common.ledger import ResultsView, evaluate, load_claims
 from impl.common.results import RESULTS
 from impl.seam.data import IDX_FILES, default_data_dir, write_idx
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from impl.seam.testing import one_cpu_thread  # noqa: F401  (autouse)
 
 
 def data_dir_for_smoke(tmp_path):
@@ -97,3 +90,75 @@ def test_claims_read_the_recipe_results(smoke, tmp_path):
         assert row["verdict"] == "not measured" and "CPU" in row["reason"]  # a CPU number never passes a GPU claim
     pngs = [p for plot in PLOTS for p in plot(view, tmp_path)]
     assert len(pngs) == 2 and all(p.stat().st_size > 0 for p in pngs)
+
+
+# ---- the collapse guard: a diverged family fails loudly and writes nothing ---------------------------------------
+
+
+def test_nonfinite_loss_stops_training():
+    """One NaN weight makes every loss NaN: training raises instead of returning garbage weights."""
+    from impl.seam.testing import make_family, synthetic_bundle
+    from impl.seam.train import CollapseError, TrainConfig, finetune_family
+
+    fam = make_family(width_div=16)
+    data = synthetic_bundle(48, 8, 8, size=8)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, max_steps=2, seed=7)
+    assert finetune_family(fam, data, cfg, "cpu", channels_last=False)["steps"] == 2  # finite: trains
+    with torch.no_grad():
+        fam.nets["r34"].fc.weight[0, 0] = float("nan")
+        fam.nets["r50"].fc.weight[0, 0] = float("nan")
+    with pytest.raises(CollapseError, match="non-finite"):
+        finetune_family(fam, data, cfg, "cpu", channels_last=False)
+
+
+def test_anchor_accuracy_guard():
+    from impl.seam.experiments import check_anchors_survived
+    from impl.seam.train import CollapseError
+
+    rows = [{"name": "r34", "is_anchor": True, "acc_val": 0.1052}, {"name": "r50", "is_anchor": True, "acc_val": 0.85},
+            {"name": "r34_to_r50_p01", "is_anchor": False, "acc_val": 0.1}]
+    with pytest.raises(CollapseError, match="r34 0.9280 -> 0.1052"):
+        check_anchors_survived({"r34": 0.928, "r50": 0.9106}, rows, 10)
+    check_anchors_survived({"r34": 0.12, "r50": 0.9106}, rows, 10)  # never trained above chance: nothing collapsed
+    rows[0]["acc_val"] = 0.9
+    check_anchors_survived({"r34": 0.928, "r50": 0.9106}, rows, 10)
+
+
+def test_recipe_writes_nothing_from_a_diverged_family(tmp_path, monkeypatch):
+    """The whole recipe with results writing on: a NaN in the family makes it raise before any result is written."""
+    import impl.common.results
+    import impl.seam.experiments as ex
+    from impl.seam.train import CollapseError
+
+    written = []
+    monkeypatch.setattr(impl.common.results, "write_result", lambda *a, **k: written.append(a))
+    real_init = ex.init_stitches
+
+    def init_then_poison(family, *a, **k):
+        out = real_init(family, *a, **k)
+        with torch.no_grad():
+            for net in family.nets.values():  # both stem convs: every configuration's output is NaN
+                next(net.parameters()).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(ex, "init_stitches", init_then_poison)
+    recipe = ex.preset("smoke")
+    recipe.anchor_train.epochs = 0  # no anchor training: the guard is what is tested
+    with pytest.raises(CollapseError, match="family: training loss became non-finite"):
+        ex.run(recipe, str(data_dir_for_smoke(tmp_path)), tmp_path / "out", True, {})
+    assert written == [] and not (tmp_path / "out" / "results.json").exists()
+
+
+def test_grad_clip_bounds_the_step():
+    """With ``grad_clip`` one Nesterov step moves all parameters together by at most lr·(1 + momentum)·clip."""
+    from impl.seam.testing import make_family, synthetic_bundle
+    from impl.seam.train import TrainConfig, finetune_family
+
+    fam = make_family(width_div=16)
+    data = synthetic_bundle(48, 8, 8, size=8)
+    before = [p.detach().clone() for p in fam.parameters()]
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, weight_decay=0.0, max_steps=1, grad_clip=1e-3)
+    out = finetune_family(fam, data, cfg, "cpu", channels_last=False)
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(fam.parameters(), before)))
+    assert out["grad_norm_curve"][0][1] > 10 * cfg.grad_clip  # the clip bound
+    assert 0 < float(moved) <= cfg.lr * (1 + cfg.momentum) * cfg.grad_clip * (1 + 1e-4)

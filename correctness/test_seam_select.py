@@ -13,19 +13,12 @@ from impl import backend
 from impl.seam.measure import InterpolationRule, accuracy, calibrate_bn, interpolates, interpolation_summary
 from impl.seam.select import constraint_grid, select, summarize, sweep
 from impl.seam.serve import SeamServer, load_checkpoint, save_checkpoint
-from impl.seam.testing import make_family, synthetic_bundle
+from impl.seam.testing import make_family, synthetic_bundle, one_cpu_thread  # noqa: F401  (autouse)
 from impl.seam.train import TrainConfig, finetune_family, lr_at, sample_configs, train_anchor
 
 DEV = "cuda" if backend.ON_GPU else "cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Small CPU convolutions run faster on one thread, and far faster when the 2 cores are shared; restored after."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 FEW = settings(max_examples=30 if backend.ON_GPU else 5)
 
 

@@ -39,7 +39,7 @@ from impl.seam.models import AnchorConfig
 from impl.seam.plots import plot_accuracy_vs_flops, plot_selector_sweep
 from impl.seam.select import constraint_grid, summarize, sweep
 from impl.seam.serve import SeamServer, build_family, save_checkpoint
-from impl.seam.train import TrainConfig, finetune_family, train_anchor
+from impl.seam.train import CollapseError, TrainConfig, finetune_family, train_anchor
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Recipe:
     limits: tuple[int, int, int] | None = None
     anchor_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.4, warmup_frac=0.15))
     family_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=0.05, warmup_frac=0.05,
-                                                                          seed=1))
+                                                                          seed=1, grad_clip=2.0))
     lstsq_images: int = 100
     calib_images: int = 2048
     ablation_images: int = 2000          # test images for the lstsq-only and shared-BN accuracies
@@ -77,7 +77,7 @@ def preset(name: str) -> Recipe:
     elif name == "smoke":
         r.width_div, r.image_size, r.limits = 4, 16, (256, 64, 64)
         r.anchor_train = TrainConfig(epochs=1, batch_size=32, lr=0.05, max_steps=2)
-        r.family_train = TrainConfig(epochs=1, batch_size=32, lr=0.01, max_steps=3, seed=1)
+        r.family_train = TrainConfig(epochs=1, batch_size=32, lr=0.01, max_steps=3, seed=1, grad_clip=2.0)
         r.lstsq_images, r.calib_images, r.ablation_images, r.eval_batch = 8, 32, 32, 64
         r.latency_batches, r.latency_warmup, r.latency_reps = (1, 2), 0, 1
     elif name != "full":
@@ -133,6 +133,18 @@ def measure_configs(family: SeamFamily, data: DataBundle, recipe: Recipe, device
             f"{row['flops'] / 1e9:.3f} GFLOPs {row['params'] / 1e6:.2f} M params "
             + " ".join(f"b{b} {row[f'latency_b{b}_ms']:.3f} ms" for b in recipe.latency_batches))
     return rows
+
+
+def check_anchors_survived(before: dict[str, float], rows: list[dict], num_classes: int) -> None:
+    """Raise ``CollapseError`` if an anchor that was above twice chance before the family fine-tune (``before``: name
+    -> val accuracy) is below it after (``rows``): the family collapsed and none of its numbers may be written."""
+    floor = 2.0 / num_classes
+    after = {r["name"]: r["acc_val"] for r in rows if r["is_anchor"]}
+    fell = {n: (before[n], after[n]) for n in before if before[n] >= floor and after[n] < floor}
+    if fell:
+        raise CollapseError("family fine-tune collapsed: anchor val accuracy before -> after "
+                            + ", ".join(f"{n} {a:.4f} -> {b:.4f}" for n, (a, b) in fell.items())
+                            + f" (below 2x chance = {floor:.4f}); no results written")
 
 
 def ablation_accuracy(family: SeamFamily, data: DataBundle, recipe: Recipe, device: str, cl: bool) -> dict:
@@ -211,6 +223,7 @@ def run(recipe: Recipe, data_dir: str | None, out: Path, write: bool, weights: d
                               + training["family"]["seconds"] + training["bn_calibration_s"])
     t0 = time.perf_counter()
     rows = measure_configs(family, data, recipe, device, cl)
+    check_anchors_survived({n: a["acc_val"] for n, a in training["anchors"].items()}, rows, data.num_classes)
     for r in rows:
         r["acc_lstsq_only"] = None if r["is_anchor"] else acc_lstsq[r["name"]]
         r["acc_shared_bn"] = acc_shared[r["name"]]

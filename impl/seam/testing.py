@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -47,3 +48,12 @@ def synthetic_bundle(n_train: int, n_val: int, n_test: int, size: int = 16, num_
 
     return DataBundle(train=split(n_train), val=split(n_val), test=split(n_test), num_classes=num_classes,
                       channels=1, image_size=size, mean=(0.45,), std=(0.25,), kind="synthetic", source="synthetic")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """Small CPU convolutions run faster on one thread, and far faster when the 2 cores are shared; restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
