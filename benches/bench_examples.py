@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fixtures.oracle import assert_close
 from impl.backend import DEVICE, sized
 from impl.examples.axpy_triton import axpy
 
@@ -13,4 +14,4 @@ def test_examples_axpy(device_bench, n):
     out = torch.empty_like(x)
     device_bench(lambda: axpy(2.0, x, y, out=out), bytes_moved=3 * 4 * n, flops=2 * n, flops_dtype="fp32",
                  n=n, dtype="float32", variant="triton")
-    torch.testing.assert_close(out, 2.0 * x + y)
+    assert_close(out, 2.0 * x + y)

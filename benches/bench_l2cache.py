@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fixtures.oracle import assert_close
 from impl.backend import DEVICE, ON_GPU, sized
 from impl.l2cache.conv import conv2d, conv_flops, pick_split_k
 from impl.l2cache.experiments import build_workload
@@ -74,7 +75,7 @@ def test_l2cache_linear(device_bench, m, n, k, impl_):
     fn = (lambda: linear(x, w, b, relu=True, out=out)) if impl_ == "triton" else (lambda: torch.relu(F.linear(x, w, b)))
     got = device_bench(fn, bytes_moved=linear_bytes(m, n, k, x.element_size()), flops=2 * m * n * k,
                        flops_dtype="bf16", m=m, n=n, k=k, dtype=str(dt), variant=impl_)
-    torch.testing.assert_close(got, torch.relu(F.linear(x.float(), w.float(), b.float())).to(dt), rtol=2e-2, atol=2e-2)
+    assert_close(got, torch.relu(F.linear(x.float(), w.float(), b.float())).to(dt), rtol=2e-2, atol=2e-2)
 
 
 CONV = sized(gpu=[(960, 8), (1920, 8)], cpu=[(8, 4)])
@@ -98,7 +99,7 @@ def test_l2cache_conv(device_bench, c, s, impl_):
     nbytes = (w.numel() + 2 * x.numel()) * x.element_size()
     got = device_bench(fn, bytes_moved=nbytes, flops=conv_flops(1, c, c, s, s, 3, 3), flops_dtype="bf16", c=c, size=s,
                        dtype=str(dt), split_k=split, variant=impl_)
-    torch.testing.assert_close(got.float(), F.conv2d(x.float(), w.float(), padding=1), rtol=2e-2, atol=2e-2)
+    assert_close(got.float(), F.conv2d(x.float(), w.float(), padding=1), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("nbytes", [sized(16 << 20, 1 << 14)])
