@@ -2,7 +2,7 @@
 
   verify   run every correctness test and every bench (as tests, tiny sizes, without a GPU), then ``report``
   report   evaluate the claims ledger for each results/<gpu-slug>/ (and results/cpu/) into claims.json + REPORT.md
-  gpu      on a GPU machine: correctness at GPU sizes, benches saved to results/<slug>/, experiments, report
+  gpu      on a GPU machine, per system: correctness, benches saved to results/<slug>/, experiments; report
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import time
 import impl  # noqa: F401
 from impl import backend
 from impl.common import report
+from impl.common.ledger import discover_systems
 from impl.common.results import ROOT, gpu_slug
 
 
@@ -43,14 +44,27 @@ def cmd_verify(extra: list[str]) -> int:
     return rc
 
 
-def cmd_gpu(systems: list[str], save: str) -> int:
+def cmd_gpu(systems: list[str], save: str, experiment_args: list[str], skip_experiments: bool) -> int:
+    """Per system: correctness at GPU sizes, benches stored as run ``<save>`` (default: the system's name), the
+    system's ``experiments`` module if it has one; then the report. Returns nonzero if any step failed."""
     if not backend.ON_GPU:
         print("python -m impl gpu needs a CUDA GPU; this machine has none", file=sys.stderr)
         return 2
-    sel = [str(p) for s in systems for p in sorted(ROOT.glob(f"correctness/test_{s}*.py"))] if systems else ["correctness"]
-    rc = run_pytest([*sel, "-q", "-x", "-p", "no:cacheprovider"])
-    bsel = [str(p) for s in systems for p in sorted(ROOT.glob(f"benches/bench_{s}*.py"))] if systems else ["benches"]
-    rc |= run_pytest([*bsel, "-q", f"--benchmark-save={save}", "--benchmark-columns=median,iqr,rounds"])
+    rc = 0
+    for s in systems or [d for d in discover_systems()]:
+        t0 = time.time()
+        tests = sorted(str(p) for p in ROOT.glob(f"correctness/test_{s}*.py"))
+        benches = sorted(str(p) for p in ROOT.glob(f"benches/bench_{s}*.py"))
+        if tests:
+            rc |= run_pytest([*tests, "-q", "-p", "no:cacheprovider"])
+        if benches:
+            rc |= run_pytest([*benches, "-q", "-p", "no:cacheprovider", f"--benchmark-save={save or s}",
+                              "--benchmark-columns=median,iqr,rounds"])
+        if not skip_experiments and (ROOT / "impl" / s / "experiments.py").exists():
+            cmd = [sys.executable, "-m", f"impl.{s}.experiments", *experiment_args]
+            print("+", " ".join(cmd), flush=True)
+            rc |= subprocess.call(cmd, cwd=ROOT)
+        print(f"== {s} done in {time.time() - t0:.0f} s (rc so far {rc})", flush=True)
     cmd_report([gpu_slug()])
     return rc
 
@@ -65,13 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("slugs", nargs="*", help="results/<slug> folders (default: all, plus cpu)")
     g = sub.add_parser("gpu", help="GPU run: correctness, benches saved as a baseline, report")
     g.add_argument("systems", nargs="*", help="systems to run (default: all)")
-    g.add_argument("--save", default="run", help="name suffix for the stored benchmark run")
+    g.add_argument("--save", default="", help="name suffix for the stored benchmark run (default: the system)")
+    g.add_argument("--no-experiments", action="store_true", help="skip the systems' experiments modules")
+    g.add_argument("--quick", action="store_true", help="pass --quick to the experiments")
     a = p.parse_args(argv)
     if a.cmd == "report":
         return cmd_report(a.slugs)
     if a.cmd == "verify":
         return cmd_verify(a.pytest_args)
-    return cmd_gpu(a.systems, a.save)
+    return cmd_gpu(a.systems, a.save, ["--quick"] if a.quick else [], a.no_experiments)
 
 
 if __name__ == "__main__":
