@@ -174,11 +174,6 @@ def write_result(system: str, name: str, data: dict[str, Any], *, slug: str | No
     return path
 
 
-def read_result(system: str, name: str, slug: str) -> dict[str, Any] | None:
-    path = results_dir(slug) / system / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()

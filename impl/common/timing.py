@@ -84,10 +84,6 @@ class Timing:
     def median_ms(self) -> float:
         return statistics.median(self.times_ms)
 
-    @property
-    def min_ms(self) -> float:
-        return min(self.times_ms)
-
 
 def time_fn(
     fn: Callable[[], Any],
