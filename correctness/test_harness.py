@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from numba import cuda  # a module global: the simulator swaps it for its fake inside kernels
 
 from fixtures.oracle import assert_close, poison_, tolerance_for
 from fixtures.strategies import PATTERNS, make_array, sizes
@@ -23,6 +24,35 @@ def test_backend_sets_interpreters_without_gpu():
 
     assert config.ENABLE_CUDASIM, "numba must run CUDA kernels in its simulator here"
     assert backend.DEVICE == "cpu"
+
+
+@pytest.mark.skipif(not backend.SIMULATED, reason="checks a fix to numba's CUDA simulator, which only runs without a GPU")
+def test_simulator_gives_every_thread_of_a_block_the_same_shared_array(monkeypatch):
+    """The simulator's shared-array lookup is check-then-insert; make allocation slow so the threads of a block all
+    miss at once: without the lock in impl.backend they get private arrays and read back values nobody wrote."""
+    import time
+    import types
+
+    from numba.cuda.simulator import kernelapi
+
+    def slow_empty(*args, **kwargs):
+        time.sleep(0.02)  # let the block's other threads reach the lookup before this allocation lands
+        return np.empty(*args, **kwargs)
+
+    monkeypatch.setattr(kernelapi, "np", types.SimpleNamespace(**{**vars(np), "empty": slow_empty}))
+
+    @cuda.jit
+    def reverse_through_shared(out):
+        s = cuda.shared.array(16, np.int32)
+        t = cuda.threadIdx.x
+        s[t] = t
+        cuda.syncthreads()
+        out[t] = s[15 - t]
+
+    out = np.full(16, -1, np.int32)
+    reverse_through_shared[1, 16](out)
+    assert np.array_equal(out, np.arange(15, -1, -1)), f"threads saw different shared arrays: {out}"
+    assert getattr(kernelapi.FakeCUDAShared.array, "lab_thread_safe", False), "impl.backend's simulator fix is off"
 
 
 def test_oracle_reports_shape_dtype_nan_and_value_mismatches():

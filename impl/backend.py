@@ -60,12 +60,42 @@ def _patch_numpy_for_numba() -> None:
         np.row_stack = np.vstack  # type: ignore[attr-defined]
 
 
+def _make_simulator_shared_arrays_thread_safe() -> None:
+    """numba's simulator gives a block's threads one shared array per source line through an unlocked
+    check-then-insert on a dict: two threads that both miss can each allocate their own array, and the block then
+    silently computes on two "shared" arrays (a race in the simulator, not in the kernel). Same keying, with a lock."""
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+
+    original = kernelapi.FakeCUDAShared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:
+            return original(self, shape, dtype, alignment)  # dynamic shared memory needs no lookup
+        caller = sys._getframe(1)
+        where = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            res = self._allocations.get(where)
+            if res is None:
+                if isinstance(dtype, kernelapi.types.Type):
+                    dtype = kernelapi.numpy_support.as_dtype(dtype)
+                res = self._allocations[where] = kernelapi.np.empty(shape, dtype)
+        return res
+
+    array.lab_thread_safe = True  # type: ignore[attr-defined]
+    kernelapi.FakeCUDAShared.array = array
+
+
 ON_GPU: bool = _decide()
 _set_simulators(ON_GPU)
 _patch_numpy_for_numba()
 
 INTERPRETED: bool = os.environ.get("TRITON_INTERPRET") == "1"
 SIMULATED: bool = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+if SIMULATED:
+    _make_simulator_shared_arrays_thread_safe()
 DEVICE: str = "cuda" if ON_GPU and not INTERPRETED else "cpu"
 """Where torch tensors for Triton kernels live: 'cuda' on a GPU, 'cpu' under the interpreter."""
 
