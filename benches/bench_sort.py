@@ -1,6 +1,6 @@
 """Benches of the bitonic sort (issue 3) and its anchors, side by side in one run.
 
-bitonic   variants: ``shared`` (tiles + wide coset passes, replayed as one CUDA graph), ``shared_direct`` (same
+bitonic   variants: ``shared`` (shared-memory tiles + register passes for wide strides, one CUDA graph), ``shared_direct`` (same
           kernels, one numba launch per pass: shows the launch cost), ``global`` (ablation: one global pass per
           step, graph-replayed); modes ``keys`` (sort) and ``kv`` (argsort: key + index); float32/int32; 1M/10M/100M.
 anchors   cupy.sort / cupy.argsort (CUB radix), torch.sort, numpy.sort quicksort/stable (host clock, 1M and 10M).

@@ -24,7 +24,7 @@ from impl.sort.testing import host_bits
 
 DTYPES = st.sampled_from(SUPPORTED_DTYPES)
 GLOBAL_ONLY = default_config("global")
-PLAN_CONFIGS = [GPU_CONFIG, CPU_CONFIG, TINY_CONFIG, replace(GPU_CONFIG, wide="registers"),
+PLAN_CONFIGS = [GPU_CONFIG, CPU_CONFIG, TINY_CONFIG, replace(GPU_CONFIG, wide="shared"),
                 replace(GPU_CONFIG, items_per_thread=16, min_run=16), GLOBAL_ONLY,
                 replace(GLOBAL_ONLY, fused_strides=3)]
 
@@ -58,10 +58,14 @@ def test_plan_runs_every_network_step_once_in_order(n, config, elem_bytes):
 
 
 def test_pass_counts_of_the_gpu_configuration():
-    """10M float32 keys: one block sort, 11 merge tiles, 14 wide passes (the bench's ``passes``)."""
+    """10M float32 keys: one block sort, 11 merge tiles, 21 register passes of <= 4 strides (66 wide steps); with
+    coset tiles in shared memory instead, 14 wide passes (the ablation of the tune experiment)."""
     plan = build_plan(10_000_000, 4, GPU_CONFIG)
     kinds = [p.kind for p in plan.passes]
-    assert (plan.tile, kinds.count("tile"), kinds.count("wide")) == (8192, 12, 14)
+    assert (plan.tile, kinds.count("tile"), kinds.count("register"), kinds.count("wide")) == (8192, 12, 21, 0)
+    assert sum(len(p.steps) for p in plan.passes if p.kind == "register") == sum(range(1, 12))
+    shared_wide = [p.kind for p in build_plan(10_000_000, 4, replace(GPU_CONFIG, wide="shared")).passes]
+    assert (shared_wide.count("tile"), shared_wide.count("wide")) == (12, 14)
     assert len(build_plan(10_000_000, 4, GLOBAL_ONLY).passes) == 24 * 25 // 2
 
 

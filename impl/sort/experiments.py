@@ -98,15 +98,17 @@ def exp_passes(n: int, reps: int, peak: float | None) -> dict[str, Any]:
 
 def tune_configs(quick: bool, smoke: bool = False) -> list[tuple[str, Any]]:
     base = default_config()
-    knobs = [("default", base), ("wide=registers", replace(base, wide="registers"))]
+    knobs = [("default", base), ("wide=shared", replace(base, wide="shared"))]
     if smoke:
         return knobs
-    knobs += [("items_per_thread=16", replace(base, items_per_thread=16)), ("min_run=16", replace(base, min_run=16))]
+    knobs += [("fused_strides=5", replace(base, fused_strides=5)), ("global_threads=128", replace(base, global_threads=128)),
+              ("items_per_thread=16", replace(base, items_per_thread=16))]
     if not quick:
-        knobs += [("items_per_thread=4,shared_bytes=16384", replace(base, items_per_thread=4, shared_bytes=16384)),
+        knobs += [("fused_strides=3", replace(base, fused_strides=3)),
+                  ("fused_strides=6", replace(base, fused_strides=6)),
+                  ("global_threads=512", replace(base, global_threads=512)),
                   ("shared_bytes=16384", replace(base, shared_bytes=16384)),
-                  ("min_run=64", replace(base, min_run=64)),
-                  ("wide=registers,fused_strides=3", replace(base, wide="registers", fused_strides=3))]
+                  ("items_per_thread=4", replace(base, items_per_thread=4))]
     return knobs
 
 
@@ -222,22 +224,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak = copy_gbps()
     t0 = time.time()
     results: dict[str, Any] = {}
-    results["passes"] = exp_passes(n, reps, peak)
-    results["tune"] = exp_tune(n, reps, quick=args.quick, smoke=smoke)
-    results["transfers"] = exp_transfers([4_000, 40_000] if smoke else [4_000_000, 40_000_000, 400_000_000],
-                                         1 if smoke else 10)
-    results["pipeline"] = exp_pipeline([n] if smoke or args.quick else [n, 100_000_000], 1 if smoke else 5,
-                                       chunks=(1, 4) if smoke else (1, 2, 4, 8))
-    if not (smoke or args.quick or args.no_ncu):
-        results["ncu"] = exp_ncu(n)
-    for name, data in results.items():
+
+    def keep(name: str, data: dict[str, Any] | None) -> None:
+        """Record one experiment as soon as it ends, so a later failure cannot lose it."""
+        results[name] = data
         if data is None:
-            continue
-        data = {**data, "copy_gbps": peak, "default_config": asdict(GPU_CONFIG)}
+            return
         if smoke:
             log(f"smoke: {name} ok (not written)")
-        else:
-            log(f"wrote {write_result('sort', name, data, overwrite=True).relative_to(ROOT)}")
+            return
+        data = {**data, "copy_gbps": peak, "default_config": asdict(GPU_CONFIG)}
+        log(f"wrote {write_result('sort', name, data, overwrite=True).relative_to(ROOT)}")
+
+    keep("passes", exp_passes(n, reps, peak))
+    keep("tune", exp_tune(n, reps, quick=args.quick, smoke=smoke))
+    keep("transfers", exp_transfers([4_000, 40_000] if smoke else [4_000_000, 40_000_000, 400_000_000],
+                                    1 if smoke else 10))
+    keep("pipeline", exp_pipeline([n] if smoke or args.quick else [n, 100_000_000], 1 if smoke else 5,
+                                  chunks=(1, 4) if smoke else (1, 2, 4, 8)))
+    if not (smoke or args.quick or args.no_ncu):
+        keep("ncu", exp_ncu(n))
     log(f"done in {time.time() - t0:.0f} s")
     return results
 
