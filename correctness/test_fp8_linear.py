@@ -36,12 +36,17 @@ def make_layer(n, k, group, seed, bias, static, path):
 
 @given(m=st.sampled_from([1, 3, 16, 33]), n=st.sampled_from([16, 48, 130]), k=st.sampled_from([16, 64, 144]),
        group=st.sampled_from(GROUPS), path=st.sampled_from(PATHS_HERE), seed=seeds(), bias=st.booleans(),
-       static=st.booleans(), batch3d=st.booleans())
-def test_fp8_linear_within_bound_of_float64_reference(m, n, k, group, path, seed, bias, static, batch3d):
+       static=st.booleans(), batch3d=st.booleans(), bf16=st.booleans())
+def test_fp8_linear_within_bound_of_float64_reference(m, n, k, group, path, seed, bias, static, batch3d, bf16):
+    """bf16=True on the CPU: the GPU's compute dtype (bf16 activations, weight and bias) on the torch dequant path
+    (the Triton interpreter has no bf16). On the GPU every path computes in bf16 anyway."""
     fw, layer = make_layer(n, k, group, seed, bias, static, path)
+    bf16 = DEVICE == "cuda" or (bf16 and layer.path == "dequant-torch")
+    if bf16 and DEVICE != "cuda":
+        layer = Fp8Linear(fw, path=layer.path, compute_dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn((2, m, k) if batch3d else (m, k), generator=g)
-    x = x.to(DEVICE, torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    x = x.to(DEVICE, torch.bfloat16 if bf16 else torch.float32)
     x0 = x.clone()
     y = layer(x)
     assert y.shape == (*x.shape[:-1], n) and y.dtype == x.dtype
@@ -51,6 +56,20 @@ def test_fp8_linear_within_bound_of_float64_reference(m, n, k, group, path, seed
     assert bool((err <= bound).all()), (f"path {layer.path}: max err {err.max():.3e}, worst err/bound "
                                         f"{(err / bound).max():.2f}")
     assert torch.equal(x, x0), "input modified"
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_bf16_bound_holds_where_the_bias_cancels_the_product(group):
+    """y = x W^T + b with b ~ -x W^T: the roundings of the product and of b dominate a tiny y (the case that broke a
+    bound charging them to |y|, and one that took bf16's unit roundoff for 2^-9 instead of 2^-8)."""
+    fw, _ = make_layer(4096, 16, group, 5, False, False, "dequant-torch")
+    x = torch.randn(1, 16, generator=torch.Generator().manual_seed(6)).to(DEVICE, torch.bfloat16)
+    fw.bias = (-linear_reference(x, fw)[0] + 1e-3 * torch.randn(4096, dtype=torch.float64)).float().to(DEVICE)
+    layer = Fp8Linear(fw, path="dequant-torch", compute_dtype=torch.bfloat16)
+    err = (layer(x).cpu().double() - linear_reference(x, fw)).abs()
+    ratio = err / linear_error_bound(x, fw, layer.path, layer.compute_dtype)
+    assert bool((ratio <= 1).all()), f"worst err/bound {ratio.max():.2f}"
+    assert ratio.max() > 0.1, f"the bound is loose here (worst err/bound {ratio.max():.3f}): this case tests nothing"
 
 
 def test_path_choice_is_explicit_and_checked():
