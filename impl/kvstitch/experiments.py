@@ -1,6 +1,8 @@
 """The kvstitch recipe: prune + heal a decode model, stage (a), stage (b), ROUGE for every system, runtime timings.
 
   python -m impl.kvstitch.experiments --smoke                  CPU, tiny random models, byte tokenizer, writes nothing
+  python -m impl.kvstitch.experiments --check --assets DIR     CPU or GPU: the real models through every stage at smoke
+                                                               sizes (minutes on a CPU), writes nothing
   python -m impl.kvstitch.experiments --quick --assets DIR     GPU: one decode size per series (~3-4 min on an H100)
   python -m impl.kvstitch.experiments --assets DIR             GPU: two decode sizes per series (the size plot)
   python -m impl.kvstitch.experiments rescore --slug SLUG      fill in ROUGE of stored generations (needs rouge-score)
@@ -45,8 +47,9 @@ def log(msg: str) -> None:
 
 
 def recipe(series: str, mode: str) -> RecipeConfig:
-    """Presets: ``smoke`` (CPU seconds), ``quick`` (one decode size), ``full`` (two sizes, longer training)."""
-    if mode == "smoke":
+    """Presets: ``smoke`` (CPU seconds), ``check`` (smoke sizes, real models), ``quick`` (one decode size), ``full``
+    (two sizes, longer training)."""
+    if mode in ("smoke", "check"):
         return RecipeConfig(series=series, decode_sizes=[{"layers": 3, "mlp_keep": 0.5, "kv_groups": 1}],
                             heal=HealConfig(steps=3, batch=2, seq_len=32, log_every=1),
                             stage_a=StageAConfig(steps=3, batch=2, seq_len=32, log_every=1),
@@ -263,12 +266,12 @@ def has_model(assets: Path | None, series: str) -> bool:
 
 
 def run_all(args) -> dict:
-    smoke = args.smoke
-    mode = "smoke" if smoke else ("quick" if args.quick else "full")
+    smoke, check = args.smoke, args.check
+    mode = "smoke" if smoke else "check" if check else ("quick" if args.quick else "full")
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
     ngpu = torch.cuda.device_count() if device == "cuda" else 0
-    if not smoke and device != "cuda":
-        raise SystemExit("the recipe needs a CUDA GPU; use --smoke on a CPU")
+    if not (smoke or check) and device != "cuda":
+        raise SystemExit("the recipe needs a CUDA GPU; use --smoke or --check on a CPU")
     torch.backends.cuda.matmul.allow_tf32 = True
     assets = resolve_assets(args.assets) if not smoke or args.assets else None
     out: dict = {}
@@ -282,7 +285,7 @@ def run_all(args) -> dict:
             rc = recipe(series, mode)
             rec = run_series(series, rc, assets, device, smoke, work / series)
             rec["seconds"] = time.time() - t0
-            write(f"rouge_{series}", rec, smoke)
+            write(f"rouge_{series}", rec, smoke or check)
             out[f"rouge_{series}"] = rec
             if args.skip_runtime:
                 continue
@@ -290,13 +293,13 @@ def run_all(args) -> dict:
             prefill_dir = work / series / "prefill_model"
             vocab = rec_vocab(prefill_dir)
             for g in sorted({min(ngpu, 2), min(ngpu, 1)}, reverse=True):  # two GPUs (NCCL) and one GPU (gloo)
-                rt = run_runtime(prefill_dir, first / "decode_model", first / "stitch_b", vocab, g, smoke)
+                rt = run_runtime(prefill_dir, first / "decode_model", first / "stitch_b", vocab, g, smoke or check)
                 name = f"runtime_{series}_{g}gpu" if g else f"runtime_{series}_cpu"
-                write(name, rt, smoke)
+                write(name, rt, smoke or check)
                 out[name] = rt
-            if (ngpu >= 2 or smoke) and "bandwidth" not in out:
-                bw = run_bandwidth(first / "stitch_b", ngpu, smoke)
-                write("nccl_transfer", bw, smoke)
+            if (ngpu >= 2 or smoke or check) and "bandwidth" not in out:
+                bw = run_bandwidth(first / "stitch_b", ngpu, smoke or check)
+                write("nccl_transfer", bw, smoke or check)
                 out["bandwidth"] = bw
             log(f"{series} done in {time.time() - t0:.0f} s")
     return out
@@ -336,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="run", choices=["run", "rescore"])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny random models; writes nothing")
+    p.add_argument("--check", action="store_true", help="real models at smoke sizes (CPU ok); writes nothing")
     p.add_argument("--quick", action="store_true", help="one decode size per series")
     p.add_argument("--assets", default=None,
                    help="dir written by `prepare` (text/, <series>.gguf or <series>/); default $KVSTITCH_ASSETS or "
