@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Device side, after every piece of `python -m impl.kvstitch.prepare split` is stashed (stash_part.sh): join them
+# into /tmp/lab_assets/kvstitch (smollm2.gguf, gemma3.gguf, text/, wiki.txt) and run the real-model experiments,
+# each with its own log and timeout; results/ and the logs are packed into $OUT after each.
+# Usage there: LAB_COMMIT=<sha> bash .ci/gpu/models.sh "kvstitch fp8 serve" [seconds per step]
+set -uo pipefail
+export PYTHONUNBUFFERED=1 LAB_BACKEND=gpu
+steps=${1:-"kvstitch fp8 serve"}; limit=${2:-420}
+out=${OUT:-/tmp/out}; mkdir -p "$out/logs"
+if ls .carry/whlkv/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .carry/whlkv/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+assets=/tmp/lab_assets/kvstitch
+if [ ! -e "$assets/smollm2.gguf" ]; then
+  python3 -m impl.kvstitch.prepare join --parts /tmp/lab_parts --out /tmp/lab_assets || exit 3
+fi
+ls -la "$assets" | tee "$out/logs/assets.txt"
+export LAB_SMOLLM2_GGUF=$assets/smollm2.gguf LAB_CACHE=/tmp/lab_cache
+for s in $steps; do
+  t0=$(date +%s)
+  case $s in
+    kvstitch) cmd=(python3 -m impl.kvstitch.experiments --quick --assets "$assets") ;;
+    fp8)      cmd=(python3 -m impl.fp8.experiments --quick --text "$assets/wiki.txt") ;;
+    serve)    cmd=(python3 -m impl.serve.experiments) ;;
+    *)        cmd=(python3 -m pytest -q -p no:cacheprovider "correctness/test_$s.py") ;;
+  esac
+  timeout "$limit" "${cmd[@]}" > "$out/logs/$s.log" 2>&1
+  echo "$s rc=$? $(( $(date +%s) - t0 ))s" | tee -a "$out/logs/summary.txt"
+  tail -4 "$out/logs/$s.log" | cut -c1-300 | sed "s/^/    /" | tee -a "$out/logs/summary.txt"
+  tar czf "$out/results.tgz" results; tar czf "$out/logs.tgz" -C "$out" logs
+done
