@@ -108,7 +108,7 @@ def tune_configs(quick: bool, smoke: bool = False) -> list[tuple[str, Any]]:
                   ("fused_strides=6", replace(base, fused_strides=6)),
                   ("global_threads=512", replace(base, global_threads=512)),
                   ("shared_bytes=16384", replace(base, shared_bytes=16384)),
-                  ("items_per_thread=4", replace(base, items_per_thread=4))]
+                  ("items_per_thread=4,shared_bytes=16384", replace(base, items_per_thread=4, shared_bytes=16384))]
     return knobs
 
 
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="fewer configurations and sizes, no ncu")
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run that writes nothing (CI)")
     ap.add_argument("--no-ncu", action="store_true", help="skip the Nsight Compute profile")
+    ap.add_argument("--skip-tune", action="store_true", help="skip the passes and tune experiments (stored already)")
     ap.add_argument("--ncu-target", type=int, metavar="N", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.ncu_target:
@@ -236,8 +237,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data = {**data, "copy_gbps": peak, "default_config": asdict(GPU_CONFIG)}
         log(f"wrote {write_result('sort', name, data, overwrite=True).relative_to(ROOT)}")
 
-    keep("passes", exp_passes(n, reps, peak))
-    keep("tune", exp_tune(n, reps, quick=args.quick, smoke=smoke))
+    if not args.skip_tune:
+        keep("passes", exp_passes(n, reps, peak))
+        keep("tune", exp_tune(n, reps, quick=args.quick, smoke=smoke))
     keep("transfers", exp_transfers([4_000, 40_000] if smoke else [4_000_000, 40_000_000, 400_000_000],
                                     1 if smoke else 10))
     keep("pipeline", exp_pipeline([n] if smoke or args.quick else [n, 100_000_000], 1 if smoke else 5,
