@@ -23,7 +23,7 @@ for s in $steps; do
     kvstitch) cmd=(python3 -m impl.kvstitch.experiments --quick --assets "$assets") ;;
     fp8)      cmd=(python3 -m impl.fp8.experiments --quick --text "$assets/wiki.txt") ;;
     serve)    cmd=(python3 -m impl.serve.experiments) ;;
-    *)        cmd=(python3 -m pytest -q -p no:cacheprovider "correctness/test_$s.py") ;;
+    *)        cmd=(python3 -m pytest -v -p no:cacheprovider "correctness/test_$s.py") ;;  # -v: names survive a timeout
   esac
   timeout "$limit" "${cmd[@]}" > "$out/logs/$s.log" 2>&1
   echo "$s rc=$? $(( $(date +%s) - t0 ))s" | tee -a "$out/logs/summary.txt"
