@@ -10,7 +10,8 @@ from impl.kvstitch.hybrid import generate_hybrid
 from impl.kvstitch.models import TinySpec, count_params, load_model, prefill, tiny_model
 from impl.kvstitch.prune import choose, heal, importance, kd_loss, prune
 from impl.kvstitch.stitch import StitchBundle
-from impl.kvstitch.train import continuation_loss, eval_kv_loss, load_lora, save_checkpoint, stage_a, stage_b
+from impl.kvstitch.train import (continuation_loss, eval_kv_loss, load_lora, lora_lm, save_checkpoint, stage_a,
+                                 stage_b)
 
 
 def fixed(batch: torch.Tensor):
@@ -117,6 +118,23 @@ def test_stage_b_trains_lora_and_stitches_only(tmp_path):
     with torch.no_grad():
         assert_close(continuation_loss(pm, again, b2, batch, 12), continuation_loss(pm, lora, bundle, batch, 12),
                      rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_lora_loss_is_the_continuation_loss_and_training_lowers_it():
+    """Before its first update the LoRA is the identity, so lora_lm's loss must equal the continuation loss of the
+    model after its own prefill (identity stitches, decode model = prefill model): this pins the slicing."""
+    pm = tiny_model(TinySpec(layers=2), 0)
+    base = {k: v.clone() for k, v in pm.state_dict().items()}
+    batch = ids(4, 20, 6)
+    cfg = StageBConfig(steps=15, lr=3e-3, prompt_len=12, lora_r=4, log_every=100)
+    lora, hist = lora_lm(pm, fixed(batch), cfg, log=lambda s: None)
+    with torch.no_grad():
+        want = continuation_loss(pm, pm, StitchBundle(pm.config, pm.config).init_identity(), batch, 12).item()
+    assert abs(hist["losses"][0] - want) <= 1e-4 * abs(want), (hist["losses"][0], want)
+    assert hist["losses"][-1] < hist["losses"][0] - 0.1
+    assert all(torch.equal(v, base[k]) for k, v in pm.state_dict().items()), "the base model's weights changed"
+    with pytest.raises(ValueError, match="two tokens"):
+        lora_lm(pm, fixed(ids(2, 13, 1)), cfg, log=lambda s: None)
 
 
 def test_stage_b_rejects_a_too_short_continuation():

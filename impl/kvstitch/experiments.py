@@ -37,7 +37,7 @@ from impl.kvstitch.hybrid import generate_alone, generate_hybrid
 from impl.kvstitch.models import TinySpec, count_params, load_model, load_tokenizer, tiny_model
 from impl.kvstitch.prune import heal, prune
 from impl.kvstitch.stitch import StitchBundle
-from impl.kvstitch.train import stage_a, stage_b
+from impl.kvstitch.train import lora_lm, stage_a, stage_b
 
 SYSTEM = "kvstitch"
 
@@ -87,9 +87,14 @@ def summarise(rec: dict) -> dict:
     """Adds ``rougeL`` means, the ROUGE table and ``interpolation`` (of the first decode size) to a series record."""
     p = mean_rouge_l(rec["prefill"]["scores"])
     rec["prefill"]["rougeL"] = p
+    pt = mean_rouge_l(rec["prefill_lora"]["scores"]) if "prefill_lora" in rec else None
+    if "prefill_lora" in rec:
+        rec["prefill_lora"]["rougeL"] = pt
     for d in rec["decodes"]:
         d["rougeL"] = {k: mean_rouge_l(v) for k, v in d["scores"].items()}
         d["interpolation"] = interpolates(d["rougeL"]["decode_alone"], d["rougeL"]["hybrid_b"], p)
+        # the same test against the prefill model tuned with stage (b)'s LoRA on the same text (a fair upper anchor)
+        d["interpolation_vs_tuned_prefill"] = interpolates(d["rougeL"]["decode_alone"], d["rougeL"]["hybrid_b"], pt)
     first = rec["decodes"][0]
     rec["interpolation"] = first["interpolation"]
     rec["table"] = rouge_table(rec)
@@ -99,6 +104,9 @@ def summarise(rec: dict) -> dict:
 def rouge_table(rec: dict) -> list[dict]:
     rows = [{"system": "prefill alone", "params": rec["prefill"]["params"],
              **_task_cols(rec["prefill"]["scores"])}]
+    if "prefill_lora" in rec:
+        rows.append({"system": "prefill+LoRA alone (stage-b text)", "params": rec["prefill"]["params"],
+                     **_task_cols(rec["prefill_lora"]["scores"])})
     for d in rec["decodes"]:
         for k, label in (("decode_alone", "decode alone"), ("hybrid_a", "hybrid stage a"),
                          ("hybrid_b", "hybrid stage b"), ("lora_alone", "decode+LoRA alone")):
@@ -145,6 +153,13 @@ def run_series(series: str, rc: RecipeConfig, assets: Path | None, device: str, 
                        "scores": score_system(lambda ids: generate_alone(pm, ids, n), tasks, codec, ev.batch, device)},
            "decodes": []}
     log(f"{series}: prefill alone ROUGE-L {mean_rouge_l(rec['prefill']['scores'])}")
+    sb = rc.stage_b
+    p_chunks = data.random_chunks(stream, sb.batch, sb.prompt_len + sb.cont_len, sb.seed + 300)
+    plora, pl = lora_lm(pm, p_chunks, sb, log)
+    rec["prefill_lora"] = {"losses": {"first": pl["losses"][0], "last": pl["losses"][-1]},
+                           "scores": score_system(lambda ids: generate_alone(plora, ids, n), tasks, codec, ev.batch,
+                                                  device)}
+    del plora
     for k, size in enumerate(rc.decode_sizes):
         rec["decodes"].append(run_decode_size(pm, size, rc, stream, tasks, codec, device, workdir / size_tag(size), k))
     return summarise(rec)
@@ -319,7 +334,8 @@ def rescore(slug: str) -> int:
         rec = json.loads(path.read_text())
         d = rec["data"]
         refs = d["references"]
-        for scores in [d["prefill"]["scores"], *[s for dd in d["decodes"] for s in dd["scores"].values()]]:
+        tuned = [d["prefill_lora"]["scores"]] if "prefill_lora" in d else []
+        for scores in [d["prefill"]["scores"], *tuned, *[s for dd in d["decodes"] for s in dd["scores"].values()]]:
             for task, v in scores.items():
                 v["rouge"] = rouge(v["generations"], refs[task])
         d["rouge_scored"] = "rescored on the CPU side from the GPU run's generations"

@@ -139,6 +139,34 @@ def stage_b(prefill_model: nn.Module, decode_model: nn.Module, bundle: StitchBun
     return lora, {"losses": losses}
 
 
+def lora_lm(model: nn.Module, batches: Iterator[torch.Tensor], cfg: StageBConfig,
+            log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
+    """Stage (b)'s LoRA and text without stitches: LM loss of ``model`` on ``ids[:, prompt_len:]`` after its own
+    prefill (one causal pass). The fair upper anchor for the hybrid: the prefill model tuned on the same text."""
+    if cfg.prompt_len < 1:
+        raise ValueError(f"prompt_len must be >= 1, got {cfg.prompt_len}")
+    lora = add_lora(model, cfg)
+    lora.train()
+    dev = next(lora.parameters()).device
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    losses, t0 = [], time.perf_counter()
+    for step in range(cfg.steps):
+        ids = next(batches).to(dev)
+        if ids.shape[1] - cfg.prompt_len < 2:
+            raise ValueError("the continuation needs at least two tokens")
+        # as in continuation_loss: the first continuation token is given, the next ones are predicted
+        logits = lora(input_ids=ids[:, :-1]).logits[:, cfg.prompt_len:].float()
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, cfg.prompt_len + 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            log(f"prefill LoRA step {step + 1}/{cfg.steps} lm loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+    lora.eval()
+    return lora, {"losses": losses}
+
+
 def save_checkpoint(out: Path, bundle: StitchBundle, lora: nn.Module | None = None) -> Path:
     """Only the small trained parts: ``out/stitch`` and, after stage (b), ``out/lora`` (peft adapter)."""
     bundle.save(out / "stitch")
