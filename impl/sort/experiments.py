@@ -102,13 +102,13 @@ def tune_configs(quick: bool, smoke: bool = False) -> list[tuple[str, Any]]:
     if smoke:
         return knobs
     knobs += [("fused_strides=5", replace(base, fused_strides=5)), ("global_threads=128", replace(base, global_threads=128)),
-              ("items_per_thread=16", replace(base, items_per_thread=16))]
+              ("items_per_thread=8", replace(base, items_per_thread=8))]
     if not quick:
         knobs += [("fused_strides=3", replace(base, fused_strides=3)),
                   ("fused_strides=6", replace(base, fused_strides=6)),
                   ("global_threads=512", replace(base, global_threads=512)),
                   ("shared_bytes=16384", replace(base, shared_bytes=16384)),
-                  ("items_per_thread=4,shared_bytes=16384", replace(base, items_per_thread=4, shared_bytes=16384))]
+                  ("items_per_thread=32", replace(base, items_per_thread=32))]
     return knobs
 
 
