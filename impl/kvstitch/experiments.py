@@ -97,6 +97,7 @@ def summarise(rec: dict) -> dict:
         d["interpolation_vs_tuned_prefill"] = interpolates(d["rougeL"]["decode_alone"], d["rougeL"]["hybrid_b"], pt)
     first = rec["decodes"][0]
     rec["interpolation"] = first["interpolation"]
+    rec["interpolation_vs_tuned_prefill"] = first.get("interpolation_vs_tuned_prefill")
     rec["table"] = rouge_table(rec)
     return rec
 
