@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import re
-import time
 from typing import Callable, Iterator
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 
 from impl.kvstitch.config import HealConfig, PruneConfig
 from impl.kvstitch.models import decoder_layers
+from impl.kvstitch.train import run_steps
 from impl.kvstitch.rope import text_config
 
 
@@ -181,21 +181,13 @@ def heal(student: nn.Module, teacher: nn.Module, batches: Iterator[torch.Tensor]
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     warm = max(1, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    losses, t0, dev = [], time.perf_counter(), next(student.parameters()).device
-    for step in range(cfg.steps):
-        ids = next(batches).to(dev)
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             t_logits = teacher(input_ids=ids).logits.float()
-        s_logits = student(input_ids=ids).logits.float()
-        loss = kd_loss(s_logits, t_logits, cfg.temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            log(f"heal step {step + 1}/{cfg.steps} kd {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+        return kd_loss(student(input_ids=ids).logits.float(), t_logits, cfg.temperature)
+
+    losses = run_steps(opt, loss_of, batches, cfg.steps, next(student.parameters()).device, "heal", "kd",
+                       cfg.log_every, log, clip=list(student.parameters()), sched=sched)
     student.eval()
     return losses
 

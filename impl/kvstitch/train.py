@@ -56,6 +56,28 @@ def initialise(bundle: StitchBundle, prefill_model: nn.Module, decode_model: nn.
     return bundle.init_lstsq(kv_p, kv_q, positions_for(ids.shape[0], 0, ids.shape[1], ids.device))
 
 
+def run_steps(opt: torch.optim.Optimizer, loss_of: Callable[[torch.Tensor], torch.Tensor],
+              batches: Iterator[torch.Tensor], steps: int, device, label: str, metric: str, log_every: int,
+              log: Callable[[str], None], *, clip: list | None = None, sched=None) -> list[float]:
+    """The one optimisation loop of every kvstitch stage: ``steps`` batches moved to ``device``, ``loss_of(ids)``,
+    backward, optional grad-norm clip (to 1.0) of ``clip``, optimiser and scheduler step; logs a line like
+    "stage a step 3/150 kv loss 0.1234 (2 s)" every ``log_every`` steps and at the end. Returns the losses."""
+    losses, t0 = [], time.perf_counter()
+    for step in range(steps):
+        loss = loss_of(next(batches).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip, 1.0)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+        if step % log_every == 0 or step == steps - 1:
+            log(f"{label} step {step + 1}/{steps} {metric} {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+    return losses
+
+
 def stage_a(prefill_model: nn.Module, decode_model: nn.Module, bundle: StitchBundle, batches: Iterator[torch.Tensor],
             cfg: StageAConfig, log: Callable[[str], None] = print, init: bool = True) -> dict:
     """Warm the stitches up on the decode model's own KV; returns ``{"init_residual", "losses"}``."""
@@ -64,19 +86,13 @@ def stage_a(prefill_model: nn.Module, decode_model: nn.Module, bundle: StitchBun
     resid = initialise(bundle, prefill_model, decode_model, next(batches).to(dev)) if init else {}
     bundle.passthrough = False
     bundle.train()
-    opt = torch.optim.Adam(bundle.parameters(), lr=cfg.lr)
-    losses, t0 = [], time.perf_counter()
-    for step in range(cfg.steps):
-        ids = next(batches).to(dev)
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             kv_p, kv_q = prefill(prefill_model, ids)[0], prefill(decode_model, ids)[0]
-        loss = kv_loss(bundle(kv_p, out_dtype=torch.float32), kv_q, cfg.cos_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            log(f"stage a step {step + 1}/{cfg.steps} kv loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+        return kv_loss(bundle(kv_p, out_dtype=torch.float32), kv_q, cfg.cos_weight)
+
+    opt = torch.optim.Adam(bundle.parameters(), lr=cfg.lr)
+    losses = run_steps(opt, loss_of, batches, cfg.steps, dev, "stage a", "kv loss", cfg.log_every, log)
     bundle.eval()
     return {"init_residual": resid, "losses": losses}
 
@@ -124,16 +140,8 @@ def stage_b(prefill_model: nn.Module, decode_model: nn.Module, bundle: StitchBun
     dev = next(bundle.parameters()).device
     opt = torch.optim.AdamW([{"params": [p for p in lora.parameters() if p.requires_grad], "lr": cfg.lr},
                              {"params": list(bundle.parameters()), "lr": cfg.stitch_lr}], weight_decay=0.0)
-    losses, t0 = [], time.perf_counter()
-    for step in range(cfg.steps):
-        ids = next(batches).to(dev)
-        loss = continuation_loss(prefill_model, lora, bundle, ids, cfg.prompt_len)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            log(f"stage b step {step + 1}/{cfg.steps} lm loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+    losses = run_steps(opt, lambda ids: continuation_loss(prefill_model, lora, bundle, ids, cfg.prompt_len), batches,
+                       cfg.steps, dev, "stage b", "lm loss", cfg.log_every, log)
     lora.eval()
     bundle.eval()
     return lora, {"losses": losses}
@@ -149,20 +157,14 @@ def lora_lm(model: nn.Module, batches: Iterator[torch.Tensor], cfg: StageBConfig
     lora.train()
     dev = next(lora.parameters()).device
     opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    losses, t0 = [], time.perf_counter()
-    for step in range(cfg.steps):
-        ids = next(batches).to(dev)
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
         if ids.shape[1] - cfg.prompt_len < 2:
             raise ValueError("the continuation needs at least two tokens")
         # as in continuation_loss: the first continuation token is given, the next ones are predicted
         logits = lora(input_ids=ids[:, :-1]).logits[:, cfg.prompt_len:].float()
-        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, cfg.prompt_len + 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            log(f"prefill LoRA step {step + 1}/{cfg.steps} lm loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+        return F.cross_entropy(logits.flatten(0, 1), ids[:, cfg.prompt_len + 1:].flatten())
+
+    losses = run_steps(opt, loss_of, batches, cfg.steps, dev, "prefill LoRA", "lm loss", cfg.log_every, log)
     lora.eval()
     return lora, {"losses": losses}
 
