@@ -33,9 +33,6 @@ def render(slug: str, root: Path = RESULTS) -> dict[str, Any]:
 
 
 def _draw_plots(systems: tuple[str, ...], view: ResultsView, out: Path) -> dict[str, list[Path]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
     drawn: dict[str, list[Path]] = {}
     for system in systems:
         try:

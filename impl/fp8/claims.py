@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from impl.common.ledger import BenchRatio, Claim, ExtraInfo, NotYet, ResultValue
+from impl.common.plotting import pyplot, save_figure
 from impl.fp8.layouts import LAYOUTS
 
 BIG = "14336x4096"  # Llama-3-8B gate/up projection, the largest matrix
@@ -77,7 +78,7 @@ def plot_speedup_vs_m(view, out_dir: Path) -> list[Path]:
     data = _gemm_speedups(view)
     if not data:
         return []
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for nk in sorted(data):
@@ -92,11 +93,8 @@ def plot_speedup_vs_m(view, out_dir: Path) -> list[Path]:
     ax.set_ylabel("speed-up over bf16 (median time ratio)")
     ax.set_title(f"FP8 vs bf16 GEMM on {view.slug}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     path = out_dir / "fp8_speedup_vs_m.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, path)
 
 
 def plot_kernel_bandwidth(view, out_dir: Path) -> list[Path]:
@@ -108,7 +106,7 @@ def plot_kernel_bandwidth(view, out_dir: Path) -> list[Path]:
                              b["extra_info"]["pct_peak_bw"]))
     if not rows:
         return []
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows.sort()
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.2))
@@ -118,18 +116,15 @@ def plot_kernel_bandwidth(view, out_dir: Path) -> list[Path]:
     ax.axvline(80, color="tab:orange", ls=":", lw=0.8)
     ax.set_xlabel("% of measured copy bandwidth (bytes read + written)")
     ax.set_title(f"FP8 dequantize / requantize kernels on {view.slug}")
-    fig.tight_layout()
     path = out_dir / "fp8_kernel_bandwidth.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, path)
 
 
 def plot_perplexity(view, out_dir: Path) -> list[Path]:
     rec = view.result("fp8", "smollm2_ppl")
     if not rec:
         return []
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     d = rec["data"]
     names = list(d["layouts"])
@@ -143,11 +138,8 @@ def plot_perplexity(view, out_dir: Path) -> list[Path]:
     ax.set_title("SmolLM2-135M on gensim's Wikipedia pages")
     ax.tick_params(axis="x", rotation=30)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     path = out_dir / "fp8_perplexity.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, path)
 
 
 PLOTS = [plot_speedup_vs_m, plot_kernel_bandwidth, plot_perplexity]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from impl.common.ledger import BenchRatio, BenchStat, Claim, ResultValue
+from impl.common.plotting import pyplot, save_figure
 
 HASH_1M = "test_join_hash[cuda-total-1M]"
 TC_1M = "test_join_tc[total-1M]"
@@ -57,15 +58,6 @@ def _join_benches(view: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_time_vs_rows(view: Any, out_dir: Path) -> list[Path]:
     """End-to-end time vs rows per side (uniform case, log-log), one line per implementation."""
     series: dict[str, dict[int, float]] = {}
@@ -75,7 +67,7 @@ def plot_time_vs_rows(view: Any, out_dir: Path) -> list[Path]:
             series.setdefault(x["impl"], {})[int(x["n"])] = e["stats"]["median"] * 1e6
     if not series:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in IMPL_ORDER:
         if name in series:
@@ -86,10 +78,7 @@ def plot_time_vs_rows(view: Any, out_dir: Path) -> list[Path]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     path = out_dir / "join_time_vs_rows.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, path)
 
 
 def plot_phases_1m(view: Any, out_dir: Path) -> list[Path]:
@@ -102,7 +91,7 @@ def plot_phases_1m(view: Any, out_dir: Path) -> list[Path]:
     names = [n for n in IMPL_ORDER if n in split]
     if not names:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     left = [0.0] * len(names)
     for phase in PHASES:
@@ -112,10 +101,7 @@ def plot_phases_1m(view: Any, out_dir: Path) -> list[Path]:
     ax.set(xlabel="median time per phase, stacked (µs)", title="1M x 1M: time by phase (each phase benched alone)")
     ax.legend()
     path = out_dir / "join_phases_1m.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, path)
 
 
 def plot_ncu(view: Any, out_dir: Path) -> list[Path]:
@@ -129,7 +115,7 @@ def plot_ncu(view: Any, out_dir: Path) -> list[Path]:
             for k in d["kernels"] if k.get("own")]
     if not rows:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.5))
     y = range(len(rows))
     ax.barh([i - 0.2 for i in y], [r[1] for r in rows], height=0.4, label="achieved occupancy %")
@@ -138,10 +124,7 @@ def plot_ncu(view: Any, out_dir: Path) -> list[Path]:
     ax.set(xlim=(0, 100), xlabel="%", title="Join kernels at 1M x 1M (ncu)")
     ax.legend(fontsize=7)
     path = out_dir / "join_ncu.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, path)
 
 
 PLOTS = [plot_time_vs_rows, plot_phases_1m, plot_ncu]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from impl.common.ledger import Claim, ResultValue
+from impl.common.plotting import pyplot, save_figure
 
 CLAIMS = [
     Claim(id="kvstitch.interpolation_smollm2", system="kvstitch",
@@ -32,10 +33,7 @@ CLAIMS = [
 
 def plot_rouge_vs_size(view, out_dir: Path) -> list[Path]:
     """ROUGE-L vs decode-model parameters per series: decode alone, hybrid (a), hybrid (b); prefill alone as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     recs = {s: view.result("kvstitch", f"rouge_{s}") for s in ("smollm2", "gemma3")}
     recs = {s: r["data"] for s, r in recs.items() if r and r["data"].get("prefill", {}).get("rougeL") is not None}
@@ -59,11 +57,8 @@ def plot_rouge_vs_size(view, out_dir: Path) -> list[Path]:
         ax.set(title=f"{series}: ROUGE-L vs decode-model size", xlabel=f"decode model {what} (M)",
                ylabel="ROUGE-L F1 (mean of news, wiki)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
     path = Path(out_dir) / "kvstitch_rouge_vs_size.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, path)
 
 
 PLOTS = [plot_rouge_vs_size]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from impl.common.ledger import Claim, ResultValue
+from impl.common.plotting import pyplot, save_figure
 
 CLAIMS = [
     Claim(id="l2cache.best_gain_pct", system="l2cache",
@@ -27,7 +28,7 @@ def plot_gain_vs_weights(view, out_dir: Path) -> list[Path]:
     sweep, pol = view.result("l2cache", "sweep"), view.result("l2cache", "policies")
     if sweep is None and pol is None:
         return []
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if sweep is not None and sweep["data"]["points"]:
@@ -51,10 +52,7 @@ def plot_gain_vs_weights(view, out_dir: Path) -> list[Path]:
     ax.set_title(f"L2 policies on {view.slug}")
     ax.legend(fontsize=7)
     path = out_dir / "l2cache_gain_vs_weights.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, path)
 
 
 def plot_policy_table(view, out_dir: Path) -> list[Path]:
@@ -62,7 +60,7 @@ def plot_policy_table(view, out_dir: Path) -> list[Path]:
     pol = view.result("l2cache", "policies")
     if pol is None or not pol["data"]["table"]:
         return []
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = pol["data"]["table"]
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
@@ -79,10 +77,7 @@ def plot_policy_table(view, out_dir: Path) -> list[Path]:
     ax.set_title("batch-1 latency gain per workload and policy")
     ax.legend(fontsize=7)
     path = out_dir / "l2cache_policy_table.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, path)
 
 
 PLOTS = [plot_gain_vs_weights, plot_policy_table]

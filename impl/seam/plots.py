@@ -4,20 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from impl.common.plotting import pyplot, save_figure
 
 
 def plot_accuracy_vs_flops(configs: dict[str, Any], interp: dict[str, Any] | None, path: Path,
                            title: str = "") -> Path:
     """Test accuracy vs GFLOPs: anchors, the line joining them, stitches coloured by direction and verdict."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = configs["rows"]
     fig, ax = plt.subplots(figsize=(7.5, 5))
     verdict = (interp or {}).get("per_stitch", {})
@@ -50,15 +43,12 @@ def plot_accuracy_vs_flops(configs: dict[str, Any], interp: dict[str, Any] | Non
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)[0]
 
 
 def plot_selector_sweep(selector: dict[str, Any], path: Path) -> Path:
     """GFLOPs served vs accuracy constraint: the family's selector and the anchor-only baseline."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in selector["sweep"] if r["selected_flops"] is not None and r["baseline_flops"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.step([100 * r["min_acc"] for r in rows], [r["baseline_flops"] / 1e9 for r in rows], where="post",
@@ -72,7 +62,4 @@ def plot_selector_sweep(selector: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("GFLOPs of the served model")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from impl.common.ledger import Claim, ResultValue, ResultsView
+from impl.common.plotting import pyplot, save_figure
 
 RESULT = "decode_fp8_vs_bf16"
 
@@ -33,10 +34,7 @@ def plot_tokens_per_s(view: ResultsView, out_dir: Path) -> list[Path]:
     rec = view.result("serve", RESULT)
     if rec is None:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     data = rec["data"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -48,9 +46,7 @@ def plot_tokens_per_s(view: ResultsView, out_dir: Path) -> list[Path]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     path = Path(out_dir) / "serve_tokens_per_s.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, path)
 
 
 PLOTS = [plot_tokens_per_s]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from impl.common.ledger import BenchRatio, BenchStat, Claim
+from impl.common.plotting import pyplot, save_figure
 
 N = 10_000_000
 SHARED = f"test_sort_bitonic[shared-keys-float32-{N}]"
@@ -62,10 +63,7 @@ def plot_time_vs_n(view, out_dir: Path) -> list[Path]:
     data = {p: _series(view, *p) for p in panels}
     if not any(data.values()):
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
     for ax, (mode, dtype) in zip(axes.flat, panels):
@@ -76,11 +74,8 @@ def plot_time_vs_n(view, out_dir: Path) -> list[Path]:
         if data[(mode, dtype)]:
             ax.legend(fontsize=8)
     fig.suptitle("sort: time vs n (bitonic variants and anchors)")
-    fig.tight_layout()
     path = out_dir / "sort_time_vs_n.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_passes(view, out_dir: Path) -> list[Path]:
@@ -88,10 +83,7 @@ def plot_passes(view, out_dir: Path) -> list[Path]:
     rec = view.result("sort", "passes")
     if not rec or not rec["data"].get("keys"):
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = rec["data"]["keys"]["passes"]
     fig, ax = plt.subplots(figsize=(11, 4))
@@ -99,11 +91,8 @@ def plot_passes(view, out_dir: Path) -> list[Path]:
     ax.bar(range(len(rows)), [r["pct_copy_bw"] for r in rows], color=[colors[r["kind"]] for r in rows])
     ax.set(xlabel="pass (blue tile, orange wide, green register)", ylabel="% of copy bandwidth",
            title=f"10M float32 keys: {len(rows)} passes, {rec['data']['keys']['total_ms']:.3f} ms summed")
-    fig.tight_layout()
     path = out_dir / "sort_passes.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, path, dpi=110)
 
 
 PLOTS = [plot_time_vs_n, plot_passes]
