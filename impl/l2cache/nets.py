@@ -71,10 +71,21 @@ def _randn(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Te
     return torch.randn(shape, generator=gen, dtype=torch.float32) * std
 
 
-class SharedMLP(ArenaBacked):
-    """ALBERT-style MLP: one weight matrix applied L times (see the module doc)."""
+class SharedBlockNet(ArenaBacked):
+    """One weight block reused by all ``cfg.layers`` layers: every layer's weights are the same span, one request
+    kind, nothing to do between requests."""
 
     kinds = 1
+
+    def layer_spans(self, kind: int = 0) -> list[Span]:
+        return [self.weights.span()] * self.cfg.layers
+
+    def between_requests(self) -> None:
+        pass
+
+
+class SharedMLP(SharedBlockNet):
+    """ALBERT-style MLP: one weight matrix applied L times (see the module doc)."""
 
     def __init__(self, cfg: MLPConfig, device: str = backend.DEVICE, seed: int = 0) -> None:
         self.cfg, self.name = cfg, cfg.name
@@ -86,9 +97,6 @@ class SharedMLP(ArenaBacked):
         self.acts = Arena({"x": ((cfg.batch, d), dt), "h0": ((cfg.batch, d), dt), "h1": ((cfg.batch, d), dt)}, device)
         self.acts["x"].copy_(_randn((cfg.batch, d), 1.0, gen).to(dt))
 
-    def layer_spans(self, kind: int = 0) -> list[Span]:
-        return [self.weights.span()] * self.cfg.layers
-
     def forward(self, kind: int = 0, hooks: LayerHooks = NO_HOOKS) -> torch.Tensor:
         src = self.acts["x"]
         for i in range(self.cfg.layers):
@@ -98,9 +106,6 @@ class SharedMLP(ArenaBacked):
             src = dst
         hooks.finish()
         return src
-
-    def between_requests(self) -> None:
-        pass
 
     def reference(self) -> np.ndarray:
         h = self.acts["x"]
@@ -120,10 +125,8 @@ class SharedMLP(ArenaBacked):
                 "weight_bytes": self.weight_bytes}
 
 
-class SharedConvNet(ArenaBacked):
+class SharedConvNet(SharedBlockNet):
     """A conv net reusing one residual 3x3 block L times (see the module doc)."""
-
-    kinds = 1
 
     def __init__(self, cfg: ConvNetConfig, device: str = backend.DEVICE, seed: int = 0) -> None:
         self.cfg, self.name = cfg, cfg.name
@@ -140,9 +143,6 @@ class SharedConvNet(ArenaBacked):
                            "ws": ((self.split_k * m * c,), torch.float32)}, device)
         self.acts["x"].copy_(_randn(shape, 1.0, gen).to(dt))
 
-    def layer_spans(self, kind: int = 0) -> list[Span]:
-        return [self.weights.span()] * self.cfg.layers
-
     def forward(self, kind: int = 0, hooks: LayerHooks = NO_HOOKS) -> torch.Tensor:
         src, pad = self.acts["x"], self.cfg.kernel // 2
         for i in range(self.cfg.layers):
@@ -153,9 +153,6 @@ class SharedConvNet(ArenaBacked):
             src = dst
         hooks.finish()
         return src
-
-    def between_requests(self) -> None:
-        pass
 
     def reference(self) -> np.ndarray:
         h, pad = self.acts["x"], self.cfg.kernel // 2
