@@ -25,7 +25,7 @@ from impl.sort.testing import host_bits
 DTYPES = st.sampled_from(SUPPORTED_DTYPES)
 GLOBAL_ONLY = default_config("global")
 PLAN_CONFIGS = [GPU_CONFIG, CPU_CONFIG, TINY_CONFIG, replace(GPU_CONFIG, wide="shared"),
-                replace(GPU_CONFIG, items_per_thread=16, min_run=16), GLOBAL_ONLY,
+                replace(GPU_CONFIG, items_per_thread=8, min_run=16), GLOBAL_ONLY,
                 replace(GLOBAL_ONLY, fused_strides=3)]
 
 

@@ -67,6 +67,8 @@ def _lock_shared_array_lookup(kernelapi) -> None:
     import threading
 
     original = kernelapi.FakeCUDAShared.array
+    if getattr(original, "lab_thread_safe", False):
+        return
     lock = threading.Lock()
 
     def array(self, shape, dtype, alignment=None):
@@ -118,8 +120,7 @@ _patch_numpy_for_numba()
 INTERPRETED: bool = os.environ.get("TRITON_INTERPRET") == "1"
 SIMULATED: bool = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 if SIMULATED and _PatchSimulatorOnImport.TARGET in sys.modules:  # numba's simulator was loaded before impl
-    if not getattr(sys.modules[_PatchSimulatorOnImport.TARGET].FakeCUDAShared.array, "lab_thread_safe", False):
-        _lock_shared_array_lookup(sys.modules[_PatchSimulatorOnImport.TARGET])
+    _lock_shared_array_lookup(sys.modules[_PatchSimulatorOnImport.TARGET])
 elif SIMULATED and not any(isinstance(f, _PatchSimulatorOnImport) for f in sys.meta_path):
     sys.meta_path.insert(0, _PatchSimulatorOnImport())
 DEVICE: str = "cuda" if ON_GPU and not INTERPRETED else "cpu"

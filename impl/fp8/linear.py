@@ -174,21 +174,19 @@ def linear_reference(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
-    """u = 2^-p for a float format with p significand bits, the implicit one included (round to nearest):
-    |fl(t) - t| <= u |t|. bf16 has p = 8 (u = 2^-8), fp16 p = 11, fp32 p = 24."""
-    return {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
-            torch.float16: 2.0 ** -11}[dtype]
+    """u = eps / 2 (round to nearest): |fl(t) - t| <= u |t|; 2^-8 for bf16, 2^-11 fp16, 2^-24 fp32."""
+    return torch.finfo(dtype).eps / 2
 
 
 def linear_error_bound(x: torch.Tensor, w: Fp8Weight, path: str, compute_dtype: torch.dtype) -> torch.Tensor:
     """Stated bound on |Fp8Linear(x) - linear_reference(x, w)| per output element (float64, on the CPU).
 
     With A = |x| @ |W|^T (W the exact dequantized weight), b the bias, y the exact output, K the inner dimension,
-    u the unit roundoff of the compute dtype and u_o that of the output (x's) dtype where it is coarser:
+    u the unit roundoff of the compute dtype:
       dequant paths     (u_x + 2 u + K 2^-24) A + u |b| + (u + u_o) |y|:  x rounded to the compute dtype (u_x = u
-                        unless x already is that dtype), W rounded once, fp32 sums, the product x W^T rounded
+                        where x's dtype is finer, else 0), W rounded once, fp32 sums, the product x W^T rounded
                         (|x W^T| <= A: with a bias, y can be far smaller than the product), b rounded, the sum
-                        rounded, then the cast to x's dtype
+                        rounded, then the cast back to x's dtype (u_o = its unit roundoff where it is coarser)
       scaled_mm paths   2^-4 A + 2^-10 s_x |1| @ |W|^T + K 2^-23 A + 2^-8 |b| + 2^-8 |y|: e4m3 activations (half
                         a step, subnormal step s_x 2^-9 / 2), fp32 sums, b rounded to bf16, bf16 output
     The whole is scaled by (1 + 8 u) for the second-order terms of the roundings above.
@@ -201,13 +199,12 @@ def linear_error_bound(x: torch.Tensor, w: Fp8Weight, path: str, compute_dtype: 
     b = w.bias.detach().cpu().double().abs()[None, :] if w.bias is not None else torch.zeros(1, 1, dtype=torch.float64)
     k = w.shape[1]
     if path.startswith("scaled_mm"):
-        u = 2.0 ** -8
+        u = unit_roundoff(torch.bfloat16)  # the bias and the output are bf16
         sx = xa.amax(dim=1, keepdim=True) / 448 if w.input_scale is None else w.input_scale.double().cpu()
-        bound = (2.0 ** -4 * a + 2.0 ** -10 * sx * wd.abs().sum(1)[None, :] + k * 2.0 ** -23 * a + 2.0 ** -8 * b
-                 + 2.0 ** -8 * y)
+        bound = 2.0 ** -4 * a + 2.0 ** -10 * sx * wd.abs().sum(1)[None, :] + k * 2.0 ** -23 * a + u * (b + y)
     else:
         u = unit_roundoff(compute_dtype)
-        u_x = 0.0 if x.dtype == compute_dtype else u
-        u_o = max(unit_roundoff(x.dtype) - u, 0.0) if x.dtype != torch.float64 else 0.0
+        ux = unit_roundoff(x.dtype)
+        u_x, u_o = (u if ux < u else 0.0), (ux if ux > u else 0.0)
         bound = (u_x + 2 * u + k * 2.0 ** -24) * a + u * b + (u + u_o) * y
     return (bound * (1 + 8 * u)).reshape(*x.shape[:-1], w.shape[0]) + 1e-30
