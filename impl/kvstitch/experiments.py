@@ -87,9 +87,9 @@ def summarise(rec: dict) -> dict:
     """Adds ``rougeL`` means, the ROUGE table and ``interpolation`` (of the first decode size) to a series record."""
     p = mean_rouge_l(rec["prefill"]["scores"])
     rec["prefill"]["rougeL"] = p
-    pt = mean_rouge_l(rec["prefill_lora"]["scores"]) if "prefill_lora" in rec else None
-    if "prefill_lora" in rec:
-        rec["prefill_lora"]["rougeL"] = pt
+    tuned, pt = rec.get("prefill_lora"), None
+    if tuned is not None:
+        pt = tuned["rougeL"] = mean_rouge_l(tuned["scores"])
     for d in rec["decodes"]:
         d["rougeL"] = {k: mean_rouge_l(v) for k, v in d["scores"].items()}
         d["interpolation"] = interpolates(d["rougeL"]["decode_alone"], d["rougeL"]["hybrid_b"], p)
@@ -97,7 +97,7 @@ def summarise(rec: dict) -> dict:
         d["interpolation_vs_tuned_prefill"] = interpolates(d["rougeL"]["decode_alone"], d["rougeL"]["hybrid_b"], pt)
     first = rec["decodes"][0]
     rec["interpolation"] = first["interpolation"]
-    rec["interpolation_vs_tuned_prefill"] = first.get("interpolation_vs_tuned_prefill")
+    rec["interpolation_vs_tuned_prefill"] = first["interpolation_vs_tuned_prefill"]
     rec["table"] = rouge_table(rec)
     return rec
 
@@ -283,10 +283,11 @@ def has_model(assets: Path | None, series: str) -> bool:
 
 def run_all(args) -> dict:
     smoke, check = args.smoke, args.check
+    tiny = smoke or check  # smoke sizes: nothing written, runtime and bandwidth at toy shapes
     mode = "smoke" if smoke else "check" if check else ("quick" if args.quick else "full")
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
     ngpu = torch.cuda.device_count() if device == "cuda" else 0
-    if not (smoke or check) and device != "cuda":
+    if not tiny and device != "cuda":
         raise SystemExit("the recipe needs a CUDA GPU; use --smoke or --check on a CPU")
     torch.backends.cuda.matmul.allow_tf32 = True
     assets = resolve_assets(args.assets) if not smoke or args.assets else None
@@ -301,7 +302,7 @@ def run_all(args) -> dict:
             rc = recipe(series, mode)
             rec = run_series(series, rc, assets, device, smoke, work / series)
             rec["seconds"] = time.time() - t0
-            write(f"rouge_{series}", rec, smoke or check)
+            write(f"rouge_{series}", rec, tiny)
             out[f"rouge_{series}"] = rec
             if args.skip_runtime:
                 continue
@@ -309,13 +310,13 @@ def run_all(args) -> dict:
             prefill_dir = work / series / "prefill_model"
             vocab = rec_vocab(prefill_dir)
             for g in sorted({min(ngpu, 2), min(ngpu, 1)}, reverse=True):  # two GPUs (NCCL) and one GPU (gloo)
-                rt = run_runtime(prefill_dir, first / "decode_model", first / "stitch_b", vocab, g, smoke or check)
+                rt = run_runtime(prefill_dir, first / "decode_model", first / "stitch_b", vocab, g, tiny)
                 name = f"runtime_{series}_{g}gpu" if g else f"runtime_{series}_cpu"
-                write(name, rt, smoke or check)
+                write(name, rt, tiny)
                 out[name] = rt
-            if (ngpu >= 2 or smoke or check) and "bandwidth" not in out:
-                bw = run_bandwidth(first / "stitch_b", ngpu, smoke or check)
-                write("nccl_transfer", bw, smoke or check)
+            if (ngpu >= 2 or tiny) and "bandwidth" not in out:
+                bw = run_bandwidth(first / "stitch_b", ngpu, tiny)
+                write("nccl_transfer", bw, tiny)
                 out["bandwidth"] = bw
             log(f"{series} done in {time.time() - t0:.0f} s")
     return out

@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from fixtures.oracle import poison_
 from impl.serve.kv_cache import AttentionMetadata, CacheConfig, PagedKVCache
 from impl.serve.model import ModelArgs, Transformer
 from impl.serve.weights import randomize_
@@ -31,12 +32,8 @@ def fragmented_cache(args: ModelArgs, lengths: list[int], page_size: int, *, see
     need = sum(-(-n // page_size) for n in lengths)
     cache = PagedKVCache(args, CacheConfig(need + spare_pages + len(lengths), page_size, kv_dtype),
                          dtype=dtype, device=device)
-    if cache.is_fp8:
-        cache.k.view(torch.uint8).fill_(0x7F)
-        cache.v.view(torch.uint8).fill_(0x7F)
-    else:
-        cache.k.fill_(float("nan"))
-        cache.v.fill_(float("nan"))
+    poison_(cache.k)  # pages nobody wrote read as NaN (fp8: the 0x7F NaN byte): a kernel that reads one shows it
+    poison_(cache.v)
     holes = 1000 + np.arange(len(lengths))
     for h in holes:  # one page each, freed below: holes in the free list
         cache.reserve(int(h), 1)
