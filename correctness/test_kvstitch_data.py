@@ -126,3 +126,85 @@ def test_experiments_smoke_runs_every_stage_and_writes_nothing(tmp_path, capsys)
     assert (tmp_path / "smollm2" / "L3_m0.5_g1" / "stitch_b" / "stitch.safetensors").exists()
     assert (tmp_path / "smollm2" / "L3_m0.5_g1" / "lora" / "adapter_config.json").exists()
     assert sorted(p for p in RESULTS.rglob("*kvstitch*")) == before
+
+
+def test_news_windows_keep_the_bos_and_take_disjoint_references():
+    codec = data.ByteCodec()
+    art = "".join(chr(ord("a") + i % 26) for i in range(100))
+    t = data.news_task(codec, [art, "too short"], prompt_len=21, new_tokens=10, limit=50, stride=10)
+    body = codec.encode_plain(art)
+    assert len(t.references) == t.prompts.shape[0] == (100 - 20 - 10) // 10 + 1
+    for i, (p, ref) in enumerate(zip(t.prompts.tolist(), t.references)):
+        s = 10 * i
+        assert p == [codec.bos_id] + body[s:s + 20], i                # every window starts with BOS
+        assert ref == art[s + 20:s + 30]
+    assert data.news_task(codec, [art], 21, 10, limit=3, stride=10).prompts.shape == (3, 21)
+    one = data.news_task(codec, [art], 21, 10, limit=50)                 # stride 0: the first window only
+    assert one.references == [art[20:30]]
+    with pytest.raises(ValueError, match="stride"):
+        data.news_task(codec, [art], 21, 10, limit=5, stride=-1)
+
+
+class _FakeTok:
+    """A tokenizer that knows whole words (``merged``) or only two-letter pieces, with or without a BOS."""
+
+    bos_token, bos_token_id = "<s>", 0
+
+    def __init__(self, merged: bool, adds_bos: bool) -> None:
+        self.merged, self.adds_bos = merged, adds_bos
+        self.vocab = {"\u2581" + w: i + 1 for i, w in enumerate(("the", "of", "and", "in", "world", "people"))}
+
+    def get_vocab(self) -> dict:
+        return self.vocab
+
+    def convert_ids_to_tokens(self, ids):
+        return [str(i) for i in ids]
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        words = text.split()
+        ids = [1] * len(words) if self.merged else [7] * sum((len(w) + 1) // 2 for w in words)
+        return type("Enc", (), {"input_ids": ([0] if self.adds_bos and add_special_tokens else []) + ids})
+
+
+def test_tokenizer_check_refuses_lost_merges_and_a_missing_bos():
+    from impl.kvstitch.models import check_tokenizer
+
+    check_tokenizer(_FakeTok(merged=True, adds_bos=True), True, "good")
+    check_tokenizer(_FakeTok(merged=True, adds_bos=False), False, "no bos wanted")
+    with pytest.raises(ValueError, match="merges were lost"):
+        check_tokenizer(_FakeTok(merged=False, adds_bos=True), True, "broken")
+    with pytest.raises(ValueError, match="BOS"):
+        check_tokenizer(_FakeTok(merged=True, adds_bos=False), True, "no bos")
+
+
+def test_paired_bootstrap_interval():
+    from impl.kvstitch.evaluate import paired_bootstrap
+
+    a = [[0.1, 0.2, 0.3], [0.5, 0.5]]
+    same = paired_bootstrap(a, a)
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0 and same["n"] == 5
+    up = paired_bootstrap(a, [[x + 0.1 for x in t] for t in a])
+    assert up["lo"] == pytest.approx(0.1) and up["hi"] == pytest.approx(0.1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(400, generator=g).tolist()
+    y = (torch.tensor(x) + 0.02 + 0.2 * (torch.rand(400, generator=g) - 0.5)).tolist()
+    r = paired_bootstrap([x[:200], x[200:]], [y[:200], y[200:]])
+    assert r["lo"] < r["diff"] < r["hi"] and r["lo"] < 0.02 < r["hi"] and r["hi"] - r["lo"] < 0.03
+    with pytest.raises(ValueError, match="paired"):
+        paired_bootstrap([[0.1]], [[0.1, 0.2]])
+
+
+def test_summary_gaps_separate_a_clear_win_from_a_tie():
+    if not rouge_available():
+        pytest.skip("rouge-score not installed (pip install rouge-score)")
+    from impl.kvstitch.experiments import summarise
+
+    refs = {"news": [f"the cat {i} sat on the mat" for i in range(30)]}
+    good = {"news": {"generations": refs["news"], "rouge": {"rougeL": 1.0}}}
+    bad = {"news": {"generations": ["zebra"] * 30, "rouge": {"rougeL": 0.0}}}
+    rec = {"references": refs, "prefill": {"scores": good, "params": 2},
+           "decodes": [{"tag": "t", "params": 1, "scores": {"decode_alone": bad, "hybrid_a": bad, "hybrid_b": good,
+                                                            "lora_alone": bad}}]}
+    gaps = summarise(rec)["gaps"]
+    assert gaps["hybrid_b_minus_decode"]["lo"] > 0.9                       # a clear win
+    assert gaps["prefill_minus_hybrid_b"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "n": 30}  # a tie

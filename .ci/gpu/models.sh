@@ -3,6 +3,8 @@
 # into /tmp/lab_assets/kvstitch (smollm2.gguf, gemma3.gguf, text/, wiki.txt) and run the real-model experiments,
 # each with its own log and timeout; results/ and the logs are packed into $OUT after each.
 # Usage there: LAB_COMMIT=<sha> bash .ci/gpu/models.sh "kvstitch fp8 serve" [seconds per step]
+# (a step kvstitch:SERIES runs one series; any other word W runs correctness/test_W.py; carried wheels in
+# .carry/whlkv, e.g. the transformers this machine was tested with, go first on PYTHONPATH)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 LAB_BACKEND=gpu
 steps=${1:-"kvstitch fp8 serve"}; limit=${2:-420}
@@ -21,12 +23,13 @@ for s in $steps; do
   t0=$(date +%s)
   case $s in
     kvstitch) cmd=(python3 -m impl.kvstitch.experiments --quick --assets "$assets") ;;
+    kvstitch:*) cmd=(python3 -m impl.kvstitch.experiments --quick --assets "$assets" --series "${s#kvstitch:}") ;;
     fp8)      cmd=(python3 -m impl.fp8.experiments --quick --text "$assets/wiki.txt") ;;
     serve)    cmd=(python3 -m impl.serve.experiments) ;;
     *)        cmd=(python3 -m pytest -v -p no:cacheprovider "correctness/test_$s.py") ;;  # -v: names survive a timeout
   esac
-  timeout "$limit" "${cmd[@]}" > "$out/logs/$s.log" 2>&1
+  timeout "$limit" "${cmd[@]}" > "$out/logs/${s/:/_}.log" 2>&1
   echo "$s rc=$? $(( $(date +%s) - t0 ))s" | tee -a "$out/logs/summary.txt"
-  tail -4 "$out/logs/$s.log" | cut -c1-300 | sed "s/^/    /" | tee -a "$out/logs/summary.txt"
+  tail -4 "$out/logs/${s/:/_}.log" | cut -c1-300 | sed "s/^/    /" | tee -a "$out/logs/summary.txt"
   tar czf "$out/results.tgz" results; tar czf "$out/logs.tgz" -C "$out" logs
 done

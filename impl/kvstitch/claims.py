@@ -23,6 +23,12 @@ CLAIMS = [
             unit="0/1", comparison=">=", target=1.0,
             measure=ResultValue("kvstitch", f"rouge_{series}", "interpolation_vs_tuned_prefill"))
       for series, name in (("smollm2", "SmolLM2-135M -> pruned SmolLM2"), ("gemma3", "Gemma-3-270M -> pruned Gemma-3"))],
+    *[Claim(id=f"kvstitch.hybrid_gain_ci_{series}", system="kvstitch",
+            statement=f"{name}: the hybrid's ROUGE-L gain over decode-alone after stage (b) is beyond noise: the lower "
+                      "end of its paired-bootstrap 95% interval (examples resampled within each task) is above 0",
+            unit="ROUGE-L (lower 95% bound of the gain)", comparison=">", target=0.0,
+            measure=ResultValue("kvstitch", f"rouge_{series}", "gaps.hybrid_b_minus_decode.lo"))
+      for series, name in (("smollm2", "SmolLM2-135M -> pruned SmolLM2"), ("gemma3", "Gemma-3-270M -> pruned Gemma-3"))],
     Claim(id="kvstitch.nccl_transfer_pct", system="kvstitch",
           statement="On two H100s, a request's KV sent layer by layer over NCCL moves at >= 80% of the bandwidth of "
                     "one message of the same size between the same GPUs",

@@ -76,14 +76,17 @@ class StageBConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation: ``news`` continuation (prompt ``prompt_len`` tokens, reference the next ``new_tokens``) and
-    ``wiki`` lead-as-summary (body truncated to ``prompt_len`` tokens); greedy decoding of ``new_tokens`` tokens."""
+    """Held-out evaluation: ``news`` continuation (prompt ``news_prompt_len`` tokens, default ``prompt_len``; reference
+    the next ``new_tokens``; one window per article, or one every ``news_stride`` tokens) and ``wiki``
+    lead-as-summary (body truncated to ``prompt_len`` tokens); greedy decoding of ``new_tokens`` tokens."""
 
     prompt_len: int = 192
     new_tokens: int = 48
     max_news: int = 50
     max_wiki: int = 40
     batch: int = 16
+    news_prompt_len: int | None = None
+    news_stride: int = 0
 
 
 @dataclass

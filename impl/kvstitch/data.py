@@ -230,14 +230,24 @@ class Task:
     references: list[str]
 
 
-def news_task(codec, articles: list[str], prompt_len: int, new_tokens: int, limit: int) -> Task:
-    """Continuation: article tokens ``[:prompt_len]`` -> reference = text of the next ``new_tokens`` tokens."""
+def news_task(codec, articles: list[str], prompt_len: int, new_tokens: int, limit: int, stride: int = 0) -> Task:
+    """Continuation: the article's tokens from ``s`` (``prompt_len`` in all, after the tokenizer's special prefix such
+    as BOS, which every window keeps) -> reference = text of the next ``new_tokens`` tokens; ``s = 0`` only (``stride``
+    0) or every ``s = 0, stride, 2 stride, ...`` that leaves a full reference (more, overlapping, examples from the
+    same held-out articles)."""
+    if stride < 0:
+        raise ValueError(f"stride must be >= 0, got {stride}")
     prompts, refs = [], []
     for a in articles:
-        ids = codec.encode(a)
-        if len(ids) >= prompt_len + new_tokens:
-            prompts.append(ids[:prompt_len])
-            refs.append(codec.decode(ids[prompt_len:prompt_len + new_tokens]))
+        ids, plain = codec.encode(a), codec.encode_plain(a)
+        head = ids[:len(ids) - len(plain)] if ids[len(ids) - len(plain):] == plain else []
+        body, room = ids[len(head):], prompt_len - len(head)
+        last = len(body) - room - new_tokens
+        for s in range(0, last + 1, stride or max(last + 1, 1)):
+            prompts.append(head + body[s:s + room])
+            refs.append(codec.decode(body[s + room:s + room + new_tokens]))
+            if len(prompts) == limit:
+                break
         if len(prompts) == limit:
             break
     return Task("news", torch.tensor(prompts, dtype=torch.long).view(-1, prompt_len), refs)

@@ -32,7 +32,8 @@ import torch
 from impl.kvstitch import data
 from impl.kvstitch.config import (EvalConfig, HealConfig, PruneConfig, RecipeConfig, RuntimeConfig, StageAConfig,
                                   StageBConfig)
-from impl.kvstitch.evaluate import ROUGE_KEYS, rouge, rouge_available, score_system
+from impl.kvstitch.evaluate import (ROUGE_KEYS, paired_bootstrap, rouge, rouge_available, rouge_l_each,
+                                    score_system)
 from impl.kvstitch.hybrid import generate_alone, generate_hybrid
 from impl.kvstitch.models import TinySpec, count_params, load_model, load_tokenizer, tiny_model
 from impl.kvstitch.prune import heal, prune
@@ -54,7 +55,7 @@ def recipe(series: str, mode: str) -> RecipeConfig:
                             heal=HealConfig(steps=3, batch=2, seq_len=32, log_every=1),
                             stage_a=StageAConfig(steps=3, batch=2, seq_len=32, log_every=1),
                             stage_b=StageBConfig(steps=3, batch=2, prompt_len=24, cont_len=8, lora_r=4, log_every=1),
-                            eval=EvalConfig(prompt_len=96, new_tokens=6, max_news=3, max_wiki=2, batch=4),
+                            eval=EvalConfig(prompt_len=96, new_tokens=6, max_news=3, max_wiki=2, batch=4, news_stride=40),
                             dtype="float32")
     sizes = {"smollm2": [{"layers": 20, "mlp_keep": 0.75, "kv_groups": 2},
                          {"layers": 14, "mlp_keep": 0.5, "kv_groups": 1}],
@@ -62,7 +63,10 @@ def recipe(series: str, mode: str) -> RecipeConfig:
     steps = 1 if mode == "quick" else 2
     return RecipeConfig(series=series, decode_sizes=sizes[:1] if mode == "quick" else sizes,
                         heal=HealConfig(steps=300 * steps), stage_a=StageAConfig(steps=150 * steps),
-                        stage_b=StageBConfig(steps=200 * steps), eval=EvalConfig(batch=64), dtype="float32")
+                        stage_b=StageBConfig(steps=200 * steps), dtype="float32",
+                        # news: 128-token prompts and a window every 48 tokens (disjoint references) give ~130
+                        # examples from the 60 held-out articles instead of the 19 long enough for one 192+48 window
+                        eval=EvalConfig(batch=64, news_prompt_len=128, news_stride=48, max_news=256))
 
 
 def size_tag(size: dict) -> str:
@@ -95,11 +99,31 @@ def summarise(rec: dict) -> dict:
         d["interpolation"] = interpolates(d["rougeL"]["decode_alone"], d["rougeL"]["hybrid_b"], p)
         # the same test against the prefill model tuned with stage (b)'s LoRA on the same text (a fair upper anchor)
         d["interpolation_vs_tuned_prefill"] = interpolates(d["rougeL"]["decode_alone"], d["rougeL"]["hybrid_b"], pt)
+        d["gaps"] = rouge_gaps(rec, d)
     first = rec["decodes"][0]
     rec["interpolation"] = first["interpolation"]
     rec["interpolation_vs_tuned_prefill"] = first["interpolation_vs_tuned_prefill"]
+    rec["gaps"] = first["gaps"]
     rec["table"] = rouge_table(rec)
     return rec
+
+
+def rouge_gaps(rec: dict, d: dict) -> dict | None:
+    """Paired-bootstrap 95% intervals of the ROUGE-L gaps the interpolation verdict rests on (``None`` without
+    rouge-score): hybrid b - decode alone, prefill - hybrid b, tuned prefill - hybrid b."""
+    refs = rec["references"]
+
+    def each(scores: dict) -> list[list[float]] | None:
+        rows = [rouge_l_each(scores[t]["generations"], refs[t]) for t in sorted(scores)]
+        return None if any(r is None for r in rows) else rows
+
+    dec, hyb, pre = each(d["scores"]["decode_alone"]), each(d["scores"]["hybrid_b"]), each(rec["prefill"]["scores"])
+    if None in (dec, hyb, pre):
+        return None
+    gaps = {"hybrid_b_minus_decode": paired_bootstrap(dec, hyb), "prefill_minus_hybrid_b": paired_bootstrap(hyb, pre)}
+    if "prefill_lora" in rec:
+        gaps["tuned_prefill_minus_hybrid_b"] = paired_bootstrap(hyb, each(rec["prefill_lora"]["scores"]))
+    return gaps
 
 
 def rouge_table(rec: dict) -> list[dict]:
@@ -142,7 +166,8 @@ def run_series(series: str, rc: RecipeConfig, assets: Path | None, device: str, 
     pm, codec, splits = load_series(series, assets, smoke, device, dtype)
     pm.save_pretrained(workdir / "prefill_model")  # the runtime's worker processes load it from here
     ev = rc.eval
-    tasks = [data.news_task(codec, splits.news_eval, ev.prompt_len, ev.new_tokens, ev.max_news),
+    tasks = [data.news_task(codec, splits.news_eval, ev.news_prompt_len or ev.prompt_len, ev.new_tokens, ev.max_news,
+                            ev.news_stride),
              data.wiki_task(codec, splits.wiki_eval, ev.prompt_len, ev.max_wiki)]
     log(f"{series}: tasks " + ", ".join(f"{t.name} {len(t.references)}" for t in tasks))
     stream = data.token_stream(codec, data.train_texts(splits))

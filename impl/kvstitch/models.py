@@ -122,12 +122,52 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 
 
 def load_tokenizer(path: str | Path):
+    """The tokenizer of a model dir or ``.gguf`` file, checked by ``check_tokenizer`` (GGUF: against its metadata)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        check_tokenizer(tok, gguf_add_bos(path), str(path))
+        return tok
+    tok = AutoTokenizer.from_pretrained(path)
+    check_tokenizer(tok, None, str(path))
+    return tok
+
+
+COMMON_WORDS = ("the", "of", "and", "in", "world", "people")
+
+
+def check_tokenizer(tok, add_bos: bool | None, source: str) -> None:
+    """Refuse a tokenizer that lost its BPE merges or its BOS on the way from the checkpoint. transformers 5.17 built
+    Gemma-3's GGUF tokenizer that way (' the' as ' t' + 'he', no <bos>) and the model then generated garbage.
+
+    Merges: a sentence of common words, each a single token in the vocabulary (with its space marker), must take at
+    most one token per word. BOS: when the checkpoint says to add one (``add_bos``), encoding must start with it.
+    """
+    vocab = tok.get_vocab()
+    marks = [m for m in ("\u2581", "\u0120") if all(m + w in vocab for w in COMMON_WORDS[1:])]
+    if marks:
+        words = COMMON_WORDS[1:]
+        ids = tok(" " + " ".join(words), add_special_tokens=False).input_ids
+        if len(ids) > len(words):
+            pieces = tok.convert_ids_to_tokens(ids)
+            raise ValueError(f"tokenizer of {source} splits common words into pieces ({pieces}) although its "
+                             f"vocabulary holds each as one token: its merges were lost when it was built "
+                             "(upgrade transformers; 5.17 does this to Gemma-3 GGUF files)")
+    if add_bos and tok.bos_token_id is not None and tok("x").input_ids[:1] != [tok.bos_token_id]:
+        raise ValueError(f"{source} asks for a BOS token ({tok.bos_token!r}) before every text but its tokenizer "
+                         "does not add one (upgrade transformers; 5.17 does this to Gemma-3 GGUF files)")
+
+
+def gguf_add_bos(path: Path) -> bool | None:
+    """``tokenizer.ggml.add_bos_token`` of a GGUF file (None when absent or the ``gguf`` package is missing)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+    return None if field is None else bool(field.parts[field.data[0]][0])
 
 
 def count_params(model: nn.Module, *, non_embedding: bool = False) -> int:
