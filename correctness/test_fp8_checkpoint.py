@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from impl.fp8 import quantize as Q
 from impl.fp8.formats import BLOCK128, CHANNEL, TENSOR, ScaleGroup
 from impl.fp8.layouts import LAYOUTS, CheckpointError, ModelSpec
-from impl.fp8.loader import load_checkpoint
+from impl.fp8.loader import load_checkpoint, staged_bytes
 from impl.fp8.reference import dequantize_reference, quantize_reference
 from impl.fp8.tiny import random_codes, tiny_config, write_dense_checkpoint
 
@@ -257,6 +257,10 @@ def test_load_stats_are_reported(dense):
     if "RssAnon:" in Path("/proc/self/status").read_text():  # measured wherever /proc reports it
         assert ck.stats.peak_host_bytes is not None
     assert ck.stats.largest_tensor_bytes == max(t.numel() * t.element_size() for t in tensors.values())
+    wide = load_checkpoint(src, "cpu", dense_dtype=torch.float64)  # the staging buffers must hold converted tensors
+    assert wide.stats.largest_tensor_bytes == max(t.numel() * 8 for t in tensors.values())
+    assert staged_bytes("a.weight_scale", (3, 2), torch.bfloat16, torch.float64) == 24  # scales go to float32
+    assert staged_bytes("a.weight", (3, 2), torch.float8_e4m3fn, torch.float64) == 6    # codes stay codes
 
 
 def test_scale_groups_reject_bad_sizes():

@@ -132,6 +132,8 @@ def test_backend_choice_is_explicit():
     if not backend.ON_GPU:
         assert chosen.name == "sdpa" and "interpreter" in why
     assert select_backend("triton")[0].name == "triton"
+    cpu, why = select_backend("auto", torch.device("cpu"))  # a CPU model, also on a GPU machine
+    assert cpu.name == "sdpa" and "CPU" in why
     with pytest.raises(ValueError, match="unknown attention backend"):
         select_backend("paged-magic")
     if available_backends()["flashinfer"]:

@@ -8,7 +8,7 @@ from fixtures.oracle import assert_close, check_kernel
 from impl import backend
 from impl.backend import DEVICE
 from impl.serve import fp8_adapter
-from impl.serve.fp8_gemv import MAX_M, DecodeFp8Linear, w8a16_linear
+from impl.serve.fp8_gemv import CONFIGS, MAX_M, DecodeFp8Linear, w8a16_linear
 from impl.serve.model import DenseLinear
 
 X_DTYPES = ["float32"] + (["bfloat16"] if backend.ON_GPU else [])
@@ -24,7 +24,7 @@ def fp8_weight(n: int, k: int, seed: int, zero_rows: bool) -> tuple[torch.Tensor
     return (w / s[:, None]).to(torch.float8_e4m3fn).to(DEVICE), s.to(DEVICE)
 
 
-@settings(max_examples=min(settings.default.max_examples, 40))  # each block size is a compile (an autotune) on a GPU
+@settings(max_examples=min(settings.default.max_examples, 40))  # each block size is a compile on a GPU
 @given(m=st.sampled_from([0, 1, 2, 5, 16, 17, 40, MAX_M]), n=st.sampled_from([1, 16, 33, 100]),
        k=st.sampled_from([16, 48, 100, 130]), seed=st.integers(0, 2**31 - 1), per_tensor=st.booleans(),
        zero_rows=st.booleans(), dtype=st.sampled_from(X_DTYPES))
@@ -36,12 +36,26 @@ def test_w8a16_matches_float64_reference(m, n, k, seed, per_tensor, zero_rows, d
     x0, q0 = x.clone(), q.clone()
     ref = x.double().cpu() @ (q.double().cpu() * s.double().cpu()[:, None] if not per_tensor
                               else q.double().cpu() * s.double().cpu()).T
-    got = w8a16_linear(x, q, s)
+    got = w8a16_linear(x, q, s, config=CONFIGS[0])  # one config here (no tuning per shape); each one is checked below
     assert got.dtype == x.dtype
     scale = max(float(ref.abs().max()), 1e-30) if ref.numel() else 1.0
     assert_close(got.double(), ref.to(got.device), check_dtype=False, rtol=TOL[dtype]["rtol"],
                  atol=TOL[dtype]["atol"] * scale)
     assert torch.equal(x, x0) and torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), "inputs modified"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", X_DTYPES)
+def test_every_tuning_config_matches_the_reference(config, dtype):
+    """Each config the autotuner may pick, at decode shapes with ragged N and K; then the tuned path itself."""
+    q, s = fp8_weight(200, 1000, 3, True)
+    for m in (1, 7):
+        x = torch.randn(m, 1000, generator=torch.Generator().manual_seed(m)).to(DEVICE, getattr(torch, dtype))
+        ref = x.double().cpu() @ (q.double().cpu() * s.double().cpu()[:, None]).T
+        scale = float(ref.abs().max())
+        for got in (w8a16_linear(x, q, s, config=config), w8a16_linear(x, q, s)):
+            assert_close(got.double(), ref.to(got.device), check_dtype=False, rtol=TOL[dtype]["rtol"],
+                         atol=TOL[dtype]["atol"] * scale)
 
 
 def test_w8a16_writes_every_output_and_rejects_bad_input():

@@ -43,6 +43,20 @@ def test_rmsnorm_matches_torch_ops(rows, cols, seed, dtype, residual, pattern):
     assert torch.equal(x, x0)
 
 
+def check_rope(got: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """``got`` vs the float64 rotation x·cos + rotate_half(x)·sin of the same (rounded) inputs, within
+    2u·(|x·cos| + |rotate_half(x)·sin|) + u·|result| (u = unit roundoff of the dtype): two products and a sum, each
+    rounded, and the terms may cancel (a result of 1.0 from terms near 8 carries their rounding, not 1.0's)."""
+    xd, c, s_ = x.double().cpu(), cos.double().cpu()[:, None, :], sin.double().cpu()[:, None, :]
+    half = x.shape[-1] // 2
+    rot = torch.cat([-xd[..., half:], xd[..., :half]], dim=-1)
+    ref = xd * c + rot * s_
+    u = torch.finfo(x.dtype).eps / 2
+    bound = 2 * u * ((xd * c).abs() + (rot * s_).abs()) + u * ref.abs() + torch.finfo(x.dtype).tiny
+    err = (got.double().cpu() - ref).abs()
+    assert bool((err <= bound).all()), f"RoPE off by {float((err / bound).max()):.2f}x its rounding bound"
+
+
 @EXAMPLES
 @given(t=st.integers(0, 6), heads=st.sampled_from([(1, 1), (4, 2), (6, 2), (9, 3)]), dim=st.sampled_from([8, 24, 64]),
        seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from(DTYPES))
@@ -57,8 +71,9 @@ def test_rope_split_matches_apply_rope_and_stores_each_slot(t, heads, dim, seed,
     v = poison_(torch.empty_like(k))
     rope_split(qkv, cos, sin, h, kvh, q, k, v, slots)
     parts = qkv.view(t, h + 2 * kvh, dim)
-    assert_close(q, apply_rope(parts[:, :h], cos, sin), **TOL[dtype])
-    assert_close(k[slots], apply_rope(parts[:, h:h + kvh], cos, sin), **TOL[dtype])
+    for got, x in ((q, parts[:, :h]), (k[slots], parts[:, h:h + kvh])):
+        check_rope(got, x, cos, sin)
+        check_rope(apply_rope(x, cos, sin), x, cos, sin)  # the torch ops it replaces meet the same bound
     assert torch.equal(v[slots], parts[:, h + kvh:])
     untouched = torch.ones(t + 5, dtype=torch.bool, device=DEVICE)
     untouched[slots] = False

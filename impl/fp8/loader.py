@@ -191,12 +191,24 @@ class Stager:
         self.i += 1
         self.events[slot].synchronize()  # the copy that last read this buffer is done
         nbytes = t.numel() * t.element_size()
+        if nbytes > self.bufs[slot].numel():  # larger than planned: grow this buffer (its last copy is done)
+            self.bufs[slot] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         src = self.bufs[slot][:nbytes]
         src.copy_(t.reshape(-1).view(torch.uint8))
         out = torch.empty(t.shape, dtype=t.dtype, device=self.device)
         out.reshape(-1).view(torch.uint8).copy_(src, non_blocking=True)
         self.events[slot].record()
         return out
+
+
+def staged_bytes(name: str, shape: tuple[int, ...], dtype: torch.dtype, dense_dtype: torch.dtype | None) -> int:
+    """Bytes a tensor takes on its way to the device, after the loader's conversion (scales to float32, float
+    weights to ``dense_dtype``): what the pinned staging buffers must hold."""
+    if name.endswith((".weight_scale", ".weight_scale_inv", ".input_scale")):
+        dtype = torch.float32
+    elif dense_dtype is not None and dtype in FLOAT_DTYPES:
+        dtype = dense_dtype
+    return math.prod(shape) * dtype.itemsize
 
 
 def _check_scale_values(name: str, s: torch.Tensor) -> None:
@@ -228,7 +240,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None, 
     groups = plan(spec, scheme, entries)
     stats = LoadStats(staging="pinned" if device.type == "cuda" and pinned else
                       ("pageable" if device.type == "cuda" else "none (CPU)"))
-    stats.largest_tensor_bytes = max((math.prod(e.shape) * e.dtype.itemsize for e in entries.values()), default=0)
+    stats.largest_tensor_bytes = max((staged_bytes(n, e.shape, e.dtype, dense_dtype) for n, e in entries.items()),
+                                     default=0)
     base_rss = _anon_rss()  # before the pinned buffers: they count as host memory the load needs
     stager = Stager(device, stats.largest_tensor_bytes, pinned)
     placed: dict[str, torch.Tensor] = {}

@@ -149,16 +149,19 @@ def make_backend(name: str) -> AttentionBackend:
     raise ValueError(f"unknown attention backend {name!r}; one of {BACKENDS} or 'auto'")
 
 
-def select_backend(name: str = "auto") -> tuple[AttentionBackend, str]:
-    """The backend to use and why (``auto``: flashinfer > triton on a GPU; sdpa on a CPU)."""
+def select_backend(name: str = "auto", device: torch.device | str | None = None) -> tuple[AttentionBackend, str]:
+    """The backend to use and why (``auto``: flashinfer > triton for a CUDA ``device``; sdpa on a CPU, also for a CPU
+    model on a GPU machine, where Triton could not read the tensors). ``device`` None: this machine's default."""
     if name != "auto":
         return make_backend(name), "requested explicitly"
+    cuda = lab_backend.ON_GPU if device is None else torch.device(device).type == "cuda"
+    if not cuda:
+        return make_backend("sdpa"), ("auto: torch SDPA on the CPU (Triton would run in its interpreter; ask for it by "
+                                      "name)")
     why_not = flashinfer_unavailable_reason()
     if why_not is None:
         return make_backend("flashinfer"), "auto: flashinfer imports on this GPU"
-    if lab_backend.ON_GPU:
-        return make_backend("triton"), f"auto: Triton paged attention ({why_not})"
-    return make_backend("sdpa"), "auto: torch SDPA on the CPU (Triton would run in its interpreter; ask for it by name)"
+    return make_backend("triton"), f"auto: Triton paged attention ({why_not})"
 
 
 def available_backends() -> dict[str, str | None]:

@@ -31,7 +31,9 @@ def _configs() -> list[triton.Config]:
                                  (64, 256, 8, 3))]
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "BLOCK_M"])
+CONFIGS = _configs()
+
+
 @triton.jit
 def w8a16_kernel(x_ptr, w_ptr, s_ptr, y_ptr,           # x [M, K], codes [N, K], scales [N] or [1], y [M, N]
                  M, N, K, stride_xm, stride_wn, stride_ym,
@@ -59,9 +61,13 @@ def w8a16_kernel(x_ptr, w_ptr, s_ptr, y_ptr,           # x [M, K], codes [N, K],
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x · (s ⊙ q)ᵀ for x [M, K] (M <= MAX_M), q [N, K] float8_e4m3fn, s [N] / [N, 1] / one float32 scale."""
+w8a16_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "BLOCK_M"])(w8a16_kernel)
+
+
+def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None,
+                 config: triton.Config | None = None) -> torch.Tensor:
+    """y = x · (s ⊙ q)ᵀ for x [M, K] (M <= MAX_M), q [N, K] float8_e4m3fn, s [N] / [N, 1] / one float32 scale.
+    ``config`` (one of ``CONFIGS``) skips the autotuner: tests check every config without tuning each shape."""
     if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x [M, K] and weight [N, K] must share K, got {tuple(x.shape)} and {tuple(weight.shape)}")
     if weight.dtype != torch.float8_e4m3fn or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -80,9 +86,13 @@ def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"out must be a row-major [{m}, {n}] {x.dtype} tensor")
     if m and n:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        w8a16_kernel[grid](x, w, s, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-                           PER_TENSOR=s.numel() == 1, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                           BLOCK_M=max(16, triton.next_power_of_2(m)))
+        kw = dict(PER_TENSOR=s.numel() == 1, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                  BLOCK_M=max(16, triton.next_power_of_2(m)))
+        if config is None:
+            w8a16_tuned[grid](x, w, s, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), **kw)
+        else:
+            w8a16_kernel[grid](x, w, s, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), **kw, **config.kwargs,
+                               num_warps=config.num_warps, num_stages=config.num_stages)
     return y
 
 
