@@ -14,7 +14,8 @@ split``) is joined first. A series whose model is absent is skipped with a messa
 Results (``results/<gpu>/kvstitch/``): ``rouge_<series>.json`` (ROUGE-1/2/L of prefill alone, decode alone, hybrid
 after stage a and b, decode+LoRA alone; ``interpolation`` = 1 when hybrid-b ROUGE-L lies between
 decode-alone and prefill-alone and above decode-alone), ``runtime_<series>_{1gpu,2gpu}.json`` (TTFT, decode tokens/s,
-KV bytes per request, hybrid vs prefill alone) and ``nccl_transfer.json`` (per-layer KV vs one-message bandwidth).
+KV bytes per request, hybrid vs prefill alone) and ``nccl_transfer_<series>.json`` (that series' KV sent layer by layer
+vs one message of the same bytes).
 """
 from __future__ import annotations
 
@@ -339,10 +340,10 @@ def run_all(args) -> dict:
                 name = f"runtime_{series}_{g}gpu" if g else f"runtime_{series}_cpu"
                 write(name, rt, tiny)
                 out[name] = rt
-            if (ngpu >= 2 or tiny) and "bandwidth" not in out:
+            if ngpu >= 2 or tiny:  # each series' own KV layout: its layer count sets the message count and size
                 bw = run_bandwidth(first / "stitch_b", ngpu, tiny)
-                write("nccl_transfer", bw, tiny)
-                out["bandwidth"] = bw
+                write(f"nccl_transfer_{series}", bw, tiny)
+                out[f"bandwidth_{series}"] = bw
             log(f"{series} done in {time.time() - t0:.0f} s")
     return out
 

@@ -30,7 +30,7 @@ CLAIMS = [
           measure=ResultValue("seam", "selector", "summary.percent_strictly_lighter_where_stitch_between")),
     Claim(id="seam.train_time_s", system="seam",
           statement="The whole training recipe (both anchors, least-squares init, family fine-tune, per-configuration "
-                    "BatchNorm statistics) on one H100, within the 5-minute budget",
+                    "BatchNorm statistics) on one GPU, within the 5-minute budget",
           unit="s", comparison="<=", target=300.0,
           measure=ResultValue("seam", "training", "training_s")),
 ]
