@@ -202,9 +202,14 @@ def test_summary_gaps_separate_a_clear_win_from_a_tie():
     refs = {"news": [f"the cat {i} sat on the mat" for i in range(30)]}
     good = {"news": {"generations": refs["news"], "rouge": {"rougeL": 1.0}}}
     bad = {"news": {"generations": ["zebra"] * 30, "rouge": {"rougeL": 0.0}}}
+    win = {"decode_alone": bad, "hybrid_a": bad, "hybrid_b": good, "lora_alone": bad}
+    tie = {"decode_alone": bad, "hybrid_a": bad, "hybrid_b": bad, "lora_alone": bad}
     rec = {"references": refs, "prefill": {"scores": good, "params": 2},
-           "decodes": [{"tag": "t", "params": 1, "scores": {"decode_alone": bad, "hybrid_a": bad, "hybrid_b": good,
-                                                            "lora_alone": bad}}]}
-    gaps = summarise(rec)["gaps"]
+           "decodes": [{"tag": "a", "params": 1, "scores": win}, {"tag": "b", "params": 1, "scores": tie}]}
+    out = summarise(rec)
+    gaps = out["decodes"][0]["gaps"]
     assert gaps["hybrid_b_minus_decode"]["lo"] > 0.9                       # a clear win
     assert gaps["prefill_minus_hybrid_b"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "n": 30}  # a tie
+    # per series: the fraction of sizes that interpolate (size a sits at the prefill's score, size b never rises)
+    assert [d["interpolation"] for d in out["decodes"]] == [1.0, 0.0] and out["interpolation"] == 0.5
+    assert out["hybrid_gain_lo"] == 0.0                                      # the weaker size's bound

@@ -3,8 +3,9 @@
   python -m impl.kvstitch.experiments --smoke                  CPU, tiny random models, byte tokenizer, writes nothing
   python -m impl.kvstitch.experiments --check --assets DIR     CPU or GPU: the real models through every stage at smoke
                                                                sizes (minutes on a CPU), writes nothing
-  python -m impl.kvstitch.experiments --quick --assets DIR     GPU: one decode size per series (~3-4 min on an H100)
-  python -m impl.kvstitch.experiments --assets DIR             GPU: two decode sizes per series (the size plot)
+  python -m impl.kvstitch.experiments --quick --assets DIR     GPU: two decode sizes per series, short training
+                                                               (~6-7 min per series with the runtimes on an H200)
+  python -m impl.kvstitch.experiments --assets DIR             GPU: the same with twice the training steps
   python -m impl.kvstitch.experiments rescore --slug SLUG      fill in ROUGE of stored generations (needs rouge-score)
 
 ``DIR`` (default ``$KVSTITCH_ASSETS`` or ``.carry/kvstitch``) holds what ``prepare`` wrote: ``text/`` and
@@ -12,8 +13,9 @@
 split``) is joined first. A series whose model is absent is skipped with a message.
 
 Results (``results/<gpu>/kvstitch/``): ``rouge_<series>.json`` (ROUGE-1/2/L of prefill alone, decode alone, hybrid
-after stage a and b, decode+LoRA alone; ``interpolation`` = 1 when hybrid-b ROUGE-L lies between
-decode-alone and prefill-alone and above decode-alone), ``runtime_<series>_{1gpu,2gpu}.json`` (TTFT, decode tokens/s,
+after stage a and b, decode+LoRA alone, per decode size; ``interpolation`` = the fraction of sizes whose hybrid-b
+ROUGE-L lies between decode-alone and prefill-alone and above decode-alone; ``hybrid_gain_lo`` = the smallest lower
+95% bound of that gain), ``runtime_<series>_{1gpu,2gpu}.json`` (TTFT, decode tokens/s,
 KV bytes per request, hybrid vs prefill alone) and ``nccl_transfer_<series>.json`` (that series' KV sent layer by layer
 vs one message of the same bytes).
 """
@@ -61,8 +63,8 @@ def recipe(series: str, mode: str) -> RecipeConfig:
     sizes = {"smollm2": [{"layers": 20, "mlp_keep": 0.75, "kv_groups": 2},
                          {"layers": 14, "mlp_keep": 0.5, "kv_groups": 1}],
              "gemma3": [{"layers": 12, "mlp_keep": 0.75}, {"layers": 8, "mlp_keep": 0.5}]}[series]
-    steps = 1 if mode == "quick" else 2
-    return RecipeConfig(series=series, decode_sizes=sizes[:1] if mode == "quick" else sizes,
+    steps = 1 if mode == "quick" else 2  # quick: ~6-7 min per series on an H100/H200 incl. runtimes; full: ~2x
+    return RecipeConfig(series=series, decode_sizes=sizes,
                         heal=HealConfig(steps=300 * steps), stage_a=StageAConfig(steps=150 * steps),
                         stage_b=StageBConfig(steps=200 * steps), dtype="float32",
                         # news: 128-token prompts and a window every 48 tokens (disjoint references) give ~130
@@ -89,7 +91,9 @@ def interpolates(decode: float | None, hybrid: float | None, prefill: float | No
 
 
 def summarise(rec: dict) -> dict:
-    """Adds ``rougeL`` means, the ROUGE table and ``interpolation`` (of the first decode size) to a series record."""
+    """Adds ``rougeL`` means, the ROUGE table, per decode size the interpolation verdicts and the gaps' bootstrap
+    intervals, and per series ``interpolation`` (the fraction of decode sizes that interpolate: 1 = all) and
+    ``hybrid_gain_lo`` (the smallest lower 95% bound of hybrid b - decode alone over the sizes)."""
     p = mean_rouge_l(rec["prefill"]["scores"])
     rec["prefill"]["rougeL"] = p
     tuned, pt = rec.get("prefill_lora"), None
@@ -101,12 +105,17 @@ def summarise(rec: dict) -> dict:
         # the same test against the prefill model tuned with stage (b)'s LoRA on the same text (a fair upper anchor)
         d["interpolation_vs_tuned_prefill"] = interpolates(d["rougeL"]["decode_alone"], d["rougeL"]["hybrid_b"], pt)
         d["gaps"] = rouge_gaps(rec, d)
-    first = rec["decodes"][0]
-    rec["interpolation"] = first["interpolation"]
-    rec["interpolation_vs_tuned_prefill"] = first["interpolation_vs_tuned_prefill"]
-    rec["gaps"] = first["gaps"]
+    for key in ("interpolation", "interpolation_vs_tuned_prefill"):  # the fraction of decode sizes that interpolate
+        rec[key] = _mean_or_none([d[key] for d in rec["decodes"]])
+    los = [(d["gaps"] or {}).get("hybrid_b_minus_decode", {}).get("lo") for d in rec["decodes"]]
+    rec["hybrid_gain_lo"] = None if None in los or not los else min(los)  # the weakest size's lower 95% bound
+    rec.pop("gaps", None)  # (series-level gaps of the first size, written by b85caa6; now per size only)
     rec["table"] = rouge_table(rec)
     return rec
+
+
+def _mean_or_none(xs: list[float | None]) -> float | None:
+    return None if not xs or None in xs else sum(xs) / len(xs)
 
 
 def rouge_gaps(rec: dict, d: dict) -> dict | None:
@@ -384,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", nargs="?", default="run", choices=["run", "rescore"])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny random models; writes nothing")
     p.add_argument("--check", action="store_true", help="real models at smoke sizes (CPU ok); writes nothing")
-    p.add_argument("--quick", action="store_true", help="one decode size per series")
+    p.add_argument("--quick", action="store_true", help="both decode sizes, half the training steps")
     p.add_argument("--assets", default=None,
                    help="dir written by `prepare` (text/, <series>.gguf or <series>/); default $KVSTITCH_ASSETS or "
                         ".carry/kvstitch")
