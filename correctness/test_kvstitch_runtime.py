@@ -48,7 +48,7 @@ def test_kv_arrives_bit_identical_and_tokens_match(pair, side):
         assert res["kv_bytes"] == plan_transfer(bundle, torch.float32, side).bytes(*ids.shape)
     if side == "decode":  # what was sent is the prefill model's own KV of the layers the stitches read, in order
         kv = prefill(pm, reqs[0])[0]
-        want = [t for i in bundle.source_layers() for t in kv[i]]
+        want = [torch.stack(kv[i]) for i in bundle.source_layers()]  # K and V of a layer travel as one message
         assert len(want) == len(r0["dump"][0])
         for a, b in zip(r0["dump"][0], want):
             assert_close(a, b, rtol=1e-5, atol=1e-6)  # another process: its thread count may differ
@@ -75,7 +75,7 @@ def test_plan_picks_the_side_that_moves_fewer_bytes():
     # decode side sends only the prefill layers some decode layer reads
     used = down.source_layers()
     assert plan_transfer(down, torch.float32, "decode").bytes(1, 1) == 2 * len(used) * 2 * 8 * 4
-    assert len(kv_shapes(plan, 2, 5)) == 2 * down.dst.num_layers
+    assert kv_shapes(plan, 2, 5) == [(2, 2, 1, 5, 8)] * down.dst.num_layers  # one [2, B, H, T, D] message per layer
     with pytest.raises(ValueError, match="side"):
         plan_transfer(down, torch.float32, "middle")
 
