@@ -194,7 +194,7 @@ def test_paired_bootstrap_interval():
         paired_bootstrap([[0.1]], [[0.1, 0.2]])
 
 
-def test_summary_gaps_separate_a_clear_win_from_a_tie():
+def test_summary_gaps_separate_a_clear_win_from_a_tie(tmp_path):
     if not rouge_available():
         pytest.skip("rouge-score not installed (pip install rouge-score)")
     from impl.kvstitch.experiments import summarise
@@ -213,3 +213,12 @@ def test_summary_gaps_separate_a_clear_win_from_a_tie():
     # per series: the fraction of sizes that interpolate (size a sits at the prefill's score, size b never rises)
     assert [d["interpolation"] for d in out["decodes"]] == [1.0, 0.0] and out["interpolation"] == 0.5
     assert out["hybrid_gain_lo"] == 0.0                                      # the weaker size's bound
+    from impl.common.ledger import ResultsView
+    from impl.kvstitch.claims import rouge_tables
+
+    assert rouge_tables(ResultsView("none", root=tmp_path)) == []            # no results: no table
+    (tmp_path / "fake" / "kvstitch").mkdir(parents=True)
+    (tmp_path / "fake" / "kvstitch" / "rouge_smollm2.json").write_text(json.dumps({"data": out, "device": "X"}))
+    lines = rouge_tables(ResultsView("fake", root=tmp_path))
+    assert "| prefill alone | 0.0M | — | — | 1.000 |" in lines  # the test record holds ROUGE-L only
+    assert any(x.startswith("- a: hybrid b minus decode = +1.0000") for x in lines)

@@ -27,9 +27,23 @@ def render(slug: str, root: Path = RESULTS) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "claims.json", json.dumps(rows, indent=2, ensure_ascii=False) + "\n", overwrite=True)
     plots = _draw_plots(systems, view, out)
-    atomic_write_text(out / "REPORT.md", _markdown(slug, view, rows, plots), overwrite=True)
+    tables = _tables(systems, view)
+    atomic_write_text(out / "REPORT.md", _markdown(slug, view, rows, plots, tables), overwrite=True)
     counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICT_MARK}
     return {"slug": slug, "claims": len(rows), **counts, "dir": str(out)}
+
+
+def _tables(systems: tuple[str, ...], view: ResultsView) -> dict[str, list[str]]:
+    """Markdown lines from each system's ``TABLES`` (``fn(view) -> lines``; empty when its results are absent)."""
+    made: dict[str, list[str]] = {}
+    for system in systems:
+        try:
+            mod = importlib.import_module(f"impl.{system}.claims")
+        except ModuleNotFoundError:
+            continue
+        for table in getattr(mod, "TABLES", []):
+            made.setdefault(system, []).extend(table(view))
+    return {k: v for k, v in made.items() if v}
 
 
 def _draw_plots(systems: tuple[str, ...], view: ResultsView, out: Path) -> dict[str, list[Path]]:
@@ -66,7 +80,8 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def _markdown(slug: str, view: ResultsView, rows: list[dict[str, Any]], plots: dict[str, list[Path]]) -> str:
+def _markdown(slug: str, view: ResultsView, rows: list[dict[str, Any]], plots: dict[str, list[Path]],
+              tables: dict[str, list[str]] | None = None) -> str:
     lines = [f"# Claims report — `{slug}`", ""]
     lines += _header(slug, view)
     lines += ["## Claims", "",
@@ -84,6 +99,8 @@ def _markdown(slug: str, view: ResultsView, rows: list[dict[str, Any]], plots: d
         src = f" (source: {r['source']})" if r["source"] else ""
         lines.append(f"- `{r['id']}`: {r['method']}{src}{why}")
     lines += _bench_table(view)
+    for system, table in (tables or {}).items():
+        lines += ["", f"## Tables: {system}", ""] + table
     for system, pngs in plots.items():
         if not pngs:
             continue

@@ -75,4 +75,34 @@ def plot_rouge_vs_size(view, out_dir: Path) -> list[Path]:
     return save_figure(fig, path)
 
 
+def rouge_tables(view) -> list[str]:
+    """Per series: ROUGE-1/2/L of every system on both tasks, and the gaps' paired-bootstrap 95% intervals."""
+    lines: list[str] = []
+    for series in ("smollm2", "gemma3"):
+        rec = view.result("kvstitch", f"rouge_{series}")
+        if not rec or not rec["data"].get("table"):
+            continue
+        d = rec["data"]
+        n = {t: len(r) for t, r in d.get("references", {}).items()}
+        lines += [f"**{series}** ({rec.get('device', '?')}, commit {rec.get('commit', '?')}; examples: "
+                  + ", ".join(f"{t} {k}" for t, k in n.items()) + ")", "",
+                  "| system | params | " + " | ".join(f"{t} R-{k[5:]}" for t in n for k in ("rouge1", "rouge2",
+                                                                                          "rougeL")) + " |",
+                  "|---|---|" + "---|" * (3 * len(n))]
+        for row in d["table"]:
+            cells = [_cell(row.get(f"{t}_{k}")) for t in n for k in ("rouge1", "rouge2", "rougeL")]
+            lines.append(f"| {row['system']} | {row['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
+        for dec in d["decodes"]:
+            for key, g in (dec.get("gaps") or {}).items():
+                lines.append(f"- {dec['tag']}: {key.replace('_', ' ')} = {g['diff']:+.4f} ROUGE-L "
+                             f"(95% CI [{g['lo']:+.4f}, {g['hi']:+.4f}], n={g['n']})")
+        lines.append("")
+    return lines
+
+
+def _cell(x) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
 PLOTS = [plot_rouge_vs_size]
+TABLES = [rouge_tables]
