@@ -45,9 +45,12 @@ def test_hash_join_cu_compiles_with_nvrtc_like_cupy():
     except RuntimeError as e:  # the NVRTC library itself did not load
         pytest.skip(f"NVRTC is not usable here: {e}")
     _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    log = b" " * size
+    # NVRTC writes into this buffer: never a 1-byte bytes object, which CPython shares process-wide (an empty log,
+    # size 1, turned every b" " of this process into b"\x00" and broke torch.load in later tests)
+    log = bytes(max(size, 2))
     nvrtc.nvrtcGetProgramLog(prog, log)
     assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+    assert bytes([32])[0] == 32, "NVRTC wrote into CPython's shared one-byte bytes object"
 
 
 def test_every_kernel_compiles_for_sm90():
