@@ -222,3 +222,21 @@ def test_summary_gaps_separate_a_clear_win_from_a_tie(tmp_path):
     lines = rouge_tables(ResultsView("fake", root=tmp_path))
     assert "| prefill alone | 0.0M | — | — | 1.000 |" in lines  # the test record holds ROUGE-L only
     assert any(x.startswith("- a: hybrid b minus decode = +1.0000") for x in lines)
+
+
+def test_series_record_is_checkpointed_after_each_decode_size(tmp_path, monkeypatch):
+    pytest.importorskip("gensim", reason="the smoke recipe reads gensim's text (pip install gensim)")
+    from impl.kvstitch import experiments as ex
+
+    def fake_size(pm, size, rc, stream, tasks, codec, device, out, k):
+        empty = {t.name: {"rouge": None, "generations": [""] * len(t.references)} for t in tasks}
+        return {"tag": f"size{k}", "params": 1, "scores": {s: empty for s in ("decode_alone", "hybrid_a", "hybrid_b",
+                                                                               "lora_alone")}}
+
+    monkeypatch.setattr(ex, "run_decode_size", fake_size)
+    rc = ex.recipe("smollm2", "smoke")
+    rc.decode_sizes = rc.decode_sizes * 3
+    seen: list[dict] = []
+    rec = ex.run_series("smollm2", rc, None, "cpu", True, tmp_path, checkpoint=seen.append)
+    assert [len(r["decodes"]) for r in seen] == [1, 2] and not any(r["complete"] for r in seen)
+    assert rec["complete"] and [d["tag"] for d in rec["decodes"]] == ["size0", "size1", "size2"]

@@ -22,6 +22,7 @@ vs one message of the same bytes).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -171,7 +173,10 @@ def load_series(series: str, assets: Path | None, smoke: bool, device: str, dtyp
     return load_model(path, dtype, device), data.HFCodec(load_tokenizer(path)), data.load_splits(assets / "text")
 
 
-def run_series(series: str, rc: RecipeConfig, assets: Path | None, device: str, smoke: bool, workdir: Path) -> dict:
+def run_series(series: str, rc: RecipeConfig, assets: Path | None, device: str, smoke: bool, workdir: Path,
+               checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """The whole recipe for one series; ``checkpoint(record)`` gets the record so far after each decode size (a run
+    cut by a time limit keeps what it finished; the record says ``complete`` False until the last size)."""
     dtype = getattr(torch, rc.dtype)
     pm, codec, splits = load_series(series, assets, smoke, device, dtype)
     pm.save_pretrained(workdir / "prefill_model")  # the runtime's worker processes load it from here
@@ -198,6 +203,9 @@ def run_series(series: str, rc: RecipeConfig, assets: Path | None, device: str, 
     del plora
     for k, size in enumerate(rc.decode_sizes):
         rec["decodes"].append(run_decode_size(pm, size, rc, stream, tasks, codec, device, workdir / size_tag(size), k))
+        rec["complete"] = len(rec["decodes"]) == len(rc.decode_sizes)
+        if checkpoint is not None and not rec["complete"]:
+            checkpoint(summarise(copy.deepcopy(rec)))  # a snapshot: rec keeps growing
     return summarise(rec)
 
 
@@ -335,7 +343,9 @@ def run_all(args) -> dict:
                 continue
             t0 = time.time()
             rc = recipe(series, mode)
-            rec = run_series(series, rc, assets, device, smoke, work / series)
+            rec = run_series(series, rc, assets, device, smoke, work / series,
+                             checkpoint=lambda r, s=series: write(f"rouge_{s}", {**r, "seconds": time.time() - t0},
+                                                                   tiny))
             rec["seconds"] = time.time() - t0
             write(f"rouge_{series}", rec, tiny)
             out[f"rouge_{series}"] = rec
