@@ -92,6 +92,24 @@ def test_claims_read_the_recipe_results(smoke, tmp_path):
     assert len(pngs) == 2 and all(p.stat().st_size > 0 for p in pngs)
 
 
+@pytest.mark.parametrize("heavy_acc,says_why", [(0.90, True), (0.95, False)])
+def test_strictly_lighter_claim_says_why_it_has_no_case(tmp_path, heavy_acc, says_why):
+    from impl.common.ledger import NotMeasured
+    from impl.seam.claims import CLAIMS
+
+    rows = [{"name": "r34", "is_anchor": True, "flops": 1e9, "acc_test": 0.92},
+            {"name": "r50", "is_anchor": True, "flops": 2e9, "acc_test": heavy_acc}]
+    for name, data in (("configs", {"rows": rows}),
+                       ("selector", {"summary": {"percent_strictly_lighter_where_stitch_between": None}})):
+        path = tmp_path / "card" / "seam" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"device": "GPU", "commit": "c", "date": "", "data": data}))
+    claim = next(c for c in CLAIMS if c.id == "seam.selector_strictly_lighter_where_between")
+    got = claim.measure(ResultsView("card", tmp_path))
+    assert isinstance(got, NotMeasured) and "is null" in got.reason
+    assert ("no case: the heavier anchor r50" in got.reason) == says_why
+
+
 # ---- the collapse guard: a diverged family fails loudly and writes nothing ---------------------------------------
 
 
