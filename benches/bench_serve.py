@@ -5,10 +5,10 @@
   torch SDPA on the same K/V stored contiguously (no block table).
 - ``test_serve_paged_prefill``: causal prefill of B prompts of L tokens; FLOPs 2·2·B·H·D·L²/2. Anchor: SDPA causal
   on contiguous K/V.
-- ``test_serve_linear``: y = x·Wᵀ for the fused QKV and gate/up matrices of one 8B layer at M tokens: ``bf16``
-  (cuBLAS), ``fp8`` (the linear serving uses: the W8A16 Triton kernel for M <= 128) and ``fp8-scaled-mm`` (impl.fp8's
-  W8A8 ``torch._scaled_mm`` with per-token activation quantisation); bytes = weight bytes + activations. M = 1 is the
-  batch-1 decode GEMV whose ratio is the ceiling of the FP8 decode speed-up.
+- ``test_serve_linear``: y = x·Wᵀ for the four projections (fused QKV, O, fused gate/up, down) of one 8B layer at M
+  tokens: ``bf16`` (cuBLAS), ``fp8`` (the linear serving uses: the W8A16 Triton kernel for M <= 128) and
+  ``fp8-scaled-mm`` (impl.fp8's W8A8 ``torch._scaled_mm`` with per-token activation quantisation); bytes = weight
+  bytes + activations. M = 1 is the batch-1 decode GEMV whose ratio is the ceiling of the FP8 decode speed-up.
 """
 import pytest
 import torch
@@ -94,7 +94,10 @@ def test_serve_paged_prefill(device_bench, variant, batch, length):
     assert_close(out[:ref_rows].double(), ref, check_dtype=False, rtol=3e-2, atol=3e-2)
 
 
-LINEAR_SHAPES = sized({"wqkv": (6144, 4096), "w13": (28672, 4096)}, {"wqkv": (48, 32)})
+# all four projections of a layer: the decode step's weight streaming is their sum, and the small-N ones (wo, and
+# wqkv) get the fewest programs per SM, so they are where a batch-1 GEMV falls short of copy bandwidth first
+LINEAR_SHAPES = sized({"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336)},
+                      {"wqkv": (48, 32), "w2": (16, 80)})
 TOKENS = sized([1, 32, 128], [1, 5])
 
 
