@@ -6,8 +6,8 @@
 - ``test_serve_paged_prefill``: causal prefill of B prompts of L tokens; FLOPs 2·2·B·H·D·L²/2. Anchor: SDPA causal
   on contiguous K/V.
 - ``test_serve_linear``: y = x·Wᵀ for the four projections (fused QKV, O, fused gate/up, down) of one 8B layer at M
-  tokens: ``bf16`` (cuBLAS), ``fp8`` (the linear serving uses: the W8A16 Triton kernel for M <= 128) and
-  ``fp8-scaled-mm`` (impl.fp8's W8A8 ``torch._scaled_mm`` with per-token activation quantisation); bytes = weight
+  tokens: ``bf16`` (cuBLAS), ``fp8`` (the linear serving uses: the W8A16 Triton kernel for M <= 128), ``fp8-splitk``
+  (the same with K split for more programs, ``fp8_gemv_splitk``; measured, not yet used) and ``fp8-scaled-mm`` (impl.fp8's W8A8 ``torch._scaled_mm`` with per-token activation quantisation); bytes = weight
   bytes + activations. M = 1 is the batch-1 decode GEMV whose ratio is the ceiling of the FP8 decode speed-up.
 """
 import pytest
@@ -19,6 +19,7 @@ from impl import backend
 from impl.backend import DEVICE, sized
 from impl.serve import fp8_adapter
 from impl.serve.attention import make_backend, paged_attention_reference
+from impl.serve.fp8_gemv_splitk import w8a16_linear_splitk
 from impl.serve.model import DenseLinear, ModelArgs
 from impl.serve.testing import fill_sequences, fragmented_cache, step_metadata
 
@@ -103,7 +104,7 @@ TOKENS = sized([1, 32, 128], [1, 5])
 
 @pytest.mark.parametrize("tokens", TOKENS, ids=[f"m{m}" for m in TOKENS])
 @pytest.mark.parametrize("matrix", list(LINEAR_SHAPES))
-@pytest.mark.parametrize("precision", ["bf16", "fp8", "fp8-scaled-mm"])
+@pytest.mark.parametrize("precision", ["bf16", "fp8", "fp8-splitk", "fp8-scaled-mm"])
 def test_serve_linear(device_bench, precision, matrix, tokens):
     n, k = LINEAR_SHAPES[matrix]
     dense = DenseLinear(k, n, DTYPE, DEVICE)
@@ -113,10 +114,13 @@ def test_serve_linear(device_bench, precision, matrix, tokens):
         layer = layer.inner  # impl.fp8's own path, without serving's decode kernel
     x = torch.randn(tokens, k, device=DEVICE, dtype=DTYPE)
     w_bytes = fp8_adapter.weight_bytes(layer)
-    y = device_bench(lambda: layer(x), bytes_moved=w_bytes + (tokens * k + tokens * n) * x.element_size(),
+    run = layer
+    if precision == "fp8-splitk":  # the split-K variant on the same codes and scales (not used by serving yet)
+        run = lambda x: w8a16_linear_splitk(x, layer.inner.weight, layer.inner.weight_scale)  # noqa: E731
+    y = device_bench(lambda: run(x), bytes_moved=w_bytes + (tokens * k + tokens * n) * x.element_size(),
                      flops=2 * tokens * n * k, flops_dtype="fp8" if precision == "fp8-scaled-mm" else "bf16",
                      precision=precision, matrix=matrix, tokens=tokens, n=n, k=k, weight_bytes=w_bytes,
-                     path=getattr(layer, "path", "dense"))
+                     path="w8a16-splitk" if precision == "fp8-splitk" else getattr(layer, "path", "dense"))
     ref = x.double() @ dense.weight.double().T
     # FP8: e4m3 weights and (on the GPU) e4m3 activations, each within 2^-4 relative: a loose bound on the sum
     fp8 = precision != "bf16"

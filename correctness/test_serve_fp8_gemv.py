@@ -10,6 +10,7 @@ from impl import backend
 from impl.backend import DEVICE
 from impl.serve import fp8_adapter
 from impl.serve.fp8_gemv import CONFIGS, MAX_M, DecodeFp8Linear, w8a16_linear
+from impl.serve.fp8_gemv_splitk import choose_splits, w8a16_linear_splitk
 from impl.serve.model import DenseLinear
 
 SMALL = triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4, num_stages=2)  # fits shared memory at M = 128
@@ -100,3 +101,34 @@ def test_decode_linear_equals_impl_fp8_linear(rows):
             assert bool((err <= w8a8_bound).all()), f"W8A8 off by {float((err / w8a8_bound).max()):.2f}x its bound"
     with pytest.raises(ValueError, match="per-tensor or per-channel"):
         DecodeFp8Linear(dense)
+
+
+@settings(max_examples=min(settings.default.max_examples, 30))
+@given(m=st.sampled_from([1, 3, 16, 40]), n=st.sampled_from([1, 17, 64]), k=st.sampled_from([0, 1, 31, 100, 257]),
+       splits=st.sampled_from([None, 1, 2, 3, 7, 50]), seed=st.integers(0, 2**31 - 1), per_tensor=st.booleans(),
+       dtype=st.sampled_from(X_DTYPES))
+def test_split_k_matches_float64_reference(m, n, k, splits, seed, per_tensor, dtype):
+    """The split-K variant: any number of splits (more than K has chunks, K = 0 too) gives x · (s ⊙ q)ᵀ."""
+    q, s = fp8_weight(n, max(k, 1), seed, True)
+    q = q[:, :k]
+    if per_tensor:
+        s = s.max().reshape(1)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, getattr(torch, dtype))
+    ref = x.double().cpu() @ (q.double().cpu() * s.double().cpu().reshape(-1, 1)).T
+    scale = max(float(ref.abs().max()), 1e-30) if ref.numel() else 1.0
+    check_kernel(lambda out: w8a16_linear_splitk(x, q, s, out=out, splits=splits),
+                 torch.empty(m, n, device=DEVICE, dtype=x.dtype), ref.numpy(), check_dtype=False,
+                 rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * scale)
+
+
+def test_split_k_is_deterministic_and_rejects_bad_splits():
+    q, s = fp8_weight(33, 300, 0, False)
+    x = torch.randn(2, 300, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    a, b = w8a16_linear_splitk(x, q, s, splits=5), w8a16_linear_splitk(x, q, s, splits=5)
+    assert torch.equal(a, b), "a fixed-order sum must give the same bits every call"
+    assert choose_splits(4096, 4096, 32, 256, 132) == 3 and choose_splits(28672, 4096, 32, 256, 132) == 1
+    assert choose_splits(64, 16, 32, 256, 132) == 1  # never more splits than chunks of K
+    with pytest.raises(ValueError, match="splits"):
+        w8a16_linear_splitk(x, q, s, splits=0)
+    with pytest.raises(ValueError, match="share K"):
+        w8a16_linear_splitk(x[:, :10], q, s)

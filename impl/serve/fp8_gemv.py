@@ -64,16 +64,13 @@ def w8a16_kernel(x_ptr, w_ptr, s_ptr, y_ptr,           # x [M, K], codes [N, K],
 w8a16_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "BLOCK_M"])(w8a16_kernel)
 
 
-def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None,
-                 config: triton.Config | None = None) -> torch.Tensor:
-    """y = x · (s ⊙ q)ᵀ for x [M, K] (M <= MAX_M), q [N, K] float8_e4m3fn, s [N] / [N, 1] / one float32 scale.
-    ``config`` (one of ``CONFIGS``) skips the autotuner: tests check every config without tuning each shape."""
+def check_w8a16_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None):
+    """Validate a W8A16 call; returns (x, codes, scales as float32 [1 or N], y) with x and the codes row-major."""
     if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x [M, K] and weight [N, K] must share K, got {tuple(x.shape)} and {tuple(weight.shape)}")
     if weight.dtype != torch.float8_e4m3fn or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"need an e4m3 weight and a bf16/fp16/fp32 x, got {weight.dtype} and {x.dtype}")
-    m, k = x.shape
-    n = weight.shape[0]
+    m, n = x.shape[0], weight.shape[0]
     if m > MAX_M:
         raise ValueError(f"w8a16_linear serves at most {MAX_M} rows (decode); got {m}")
     s = scale.reshape(-1).float()
@@ -84,6 +81,15 @@ def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if y.shape != (m, n) or y.dtype != x.dtype or y.stride(-1) != 1:
         raise ValueError(f"out must be a row-major [{m}, {n}] {x.dtype} tensor")
+    return x, w, s, y
+
+
+def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None,
+                 config: triton.Config | None = None) -> torch.Tensor:
+    """y = x · (s ⊙ q)ᵀ for x [M, K] (M <= MAX_M), q [N, K] float8_e4m3fn, s [N] / [N, 1] / one float32 scale.
+    ``config`` (one of ``CONFIGS``) skips the autotuner: tests check every config without tuning each shape."""
+    x, w, s, y = check_w8a16_args(x, weight, scale, out)
+    (m, k), n = x.shape, w.shape[0]
     if m and n:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         kw = dict(PER_TENSOR=s.numel() == 1, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
