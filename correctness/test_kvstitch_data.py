@@ -137,7 +137,7 @@ def test_news_windows_keep_the_bos_and_take_disjoint_references():
     for i, (p, ref) in enumerate(zip(t.prompts.tolist(), t.references)):
         s = 10 * i
         assert p == [codec.bos_id] + body[s:s + 20], i                # every window starts with BOS
-        assert ref == art[s + 20:s + 30]
+        assert ref == art[s + 20:s + 30] and t.continuations[i].tolist() == body[s + 20:s + 30]
     assert data.news_task(codec, [art], 21, 10, limit=3, stride=10).prompts.shape == (3, 21)
     one = data.news_task(codec, [art], 21, 10, limit=50)                 # stride 0: the first window only
     assert one.references == [art[20:30]]
@@ -213,6 +213,7 @@ def test_summary_gaps_separate_a_clear_win_from_a_tie(tmp_path):
     # per series: the fraction of sizes that interpolate (size a sits at the prefill's score, size b never rises)
     assert [d["interpolation"] for d in out["decodes"]] == [1.0, 0.0] and out["interpolation"] == 0.5
     assert out["hybrid_gain_lo"] == 0.0                                      # the weaker size's bound
+    assert out["nll_interpolation"] is None                                  # a record without held-out losses
     from impl.common.ledger import ResultsView
     from impl.kvstitch.claims import rouge_tables
 

@@ -142,3 +142,26 @@ def test_stage_b_rejects_a_too_short_continuation():
     bundle = StitchBundle(pm.config, pm.config).init_identity()
     with pytest.raises(ValueError, match="two tokens"):
         continuation_loss(pm, pm, bundle, ids(1, 5, 0), 4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_held_out_loss_of_alone_and_identity_hybrid_agree_with_float64(arch):
+    """continuation_nll: one model alone equals a float64 cross-entropy of the same tokens, and the hybrid of a
+    model with itself through identity stitches has that same loss (tokens 1.. of each continuation)."""
+    from impl.kvstitch.data import Task
+    from impl.kvstitch.evaluate import continuation_nll
+    from impl.kvstitch.train import continuation_loss, own_continuation_loss
+
+    m = tiny_model(TinySpec(layers=2, arch=arch), 3)
+    g = torch.Generator().manual_seed(0)
+    task = Task("news", torch.randint(0, 96, (5, 7), generator=g), ["x"] * 5, torch.randint(0, 96, (5, 4), generator=g))
+    ids = torch.cat([task.prompts, task.continuations], 1)
+    with torch.no_grad():
+        logits = m(input_ids=ids).logits.double()[:, 7:-1]
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 8:].flatten()).item()
+    alone = continuation_nll(lambda x, p: own_continuation_loss(m, x, p), task, 2, "cpu")
+    bundle = StitchBundle(m.config, m.config).init_identity()
+    hybrid = continuation_nll(lambda x, p: continuation_loss(m, m, bundle, x, p), task, 3, "cpu")
+    assert alone == pytest.approx(want, rel=1e-5) and hybrid == pytest.approx(want, rel=1e-5)
+    assert continuation_nll(lambda x, p: own_continuation_loss(m, x, p), Task("wiki", task.prompts, ["x"] * 5), 2,
+                            "cpu") is None  # no reference tokens: no loss

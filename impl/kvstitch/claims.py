@@ -89,8 +89,13 @@ def rouge_tables(view) -> list[str]:
                   "| system | params | " + " | ".join(f"{t} R-{k[5:]}" for t in n for k in ("rouge1", "rouge2",
                                                                                           "rougeL")) + " |",
                   "|---|---|" + "---|" * (3 * len(n))]
+        loss = any(row.get("news_nll") is not None for row in d["table"])  # held-out loss, in newer records
+        if loss:
+            lines[-2] += " news loss (nats/token) |"
+            lines[-1] += "---|"
         for row in d["table"]:
             cells = [_cell(row.get(f"{t}_{k}")) for t in n for k in ("rouge1", "rouge2", "rougeL")]
+            cells += [_cell(row.get("news_nll"))] if loss else []
             lines.append(f"| {row['system']} | {row['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
         for dec in d["decodes"]:
             for key, g in (dec.get("gaps") or {}).items():

@@ -223,11 +223,13 @@ class HFCodec:
 
 @dataclass
 class Task:
-    """Equal-length prompts ``[N, prompt_len]`` and their reference texts."""
+    """Equal-length prompts ``[N, prompt_len]`` and their reference texts; for continuation tasks also the reference
+    tokens ``[N, new_tokens]`` (what held-out loss is measured on)."""
 
     name: str
     prompts: torch.Tensor
     references: list[str]
+    continuations: torch.Tensor | None = None
 
 
 def news_task(codec, articles: list[str], prompt_len: int, new_tokens: int, limit: int, stride: int = 0) -> Task:
@@ -237,7 +239,7 @@ def news_task(codec, articles: list[str], prompt_len: int, new_tokens: int, limi
     same held-out articles)."""
     if stride < 0:
         raise ValueError(f"stride must be >= 0, got {stride}")
-    prompts, refs = [], []
+    prompts, refs, conts = [], [], []
     for a in articles:
         ids, plain = codec.encode(a), codec.encode_plain(a)
         head = ids[:len(ids) - len(plain)] if ids[len(ids) - len(plain):] == plain else []
@@ -245,12 +247,14 @@ def news_task(codec, articles: list[str], prompt_len: int, new_tokens: int, limi
         last = len(body) - room - new_tokens
         for s in range(0, last + 1, stride or max(last + 1, 1)):
             prompts.append(head + body[s:s + room])
-            refs.append(codec.decode(body[s + room:s + room + new_tokens]))
+            conts.append(body[s + room:s + room + new_tokens])
+            refs.append(codec.decode(conts[-1]))
             if len(prompts) == limit:
                 break
         if len(prompts) == limit:
             break
-    return Task("news", torch.tensor(prompts, dtype=torch.long).view(-1, prompt_len), refs)
+    return Task("news", torch.tensor(prompts, dtype=torch.long).view(-1, prompt_len), refs,
+                torch.tensor(conts, dtype=torch.long).view(-1, new_tokens))
 
 
 def wiki_task(codec, pages: list[dict], prompt_len: int, limit: int) -> Task:

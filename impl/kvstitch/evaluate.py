@@ -86,6 +86,22 @@ def generate_task(gen: Callable[[torch.Tensor], torch.Tensor], task: Task, codec
     return texts, time.perf_counter() - t0
 
 
+@torch.no_grad()
+def continuation_nll(loss_of: Callable[[torch.Tensor, int], torch.Tensor], task: Task, batch: int,
+                     device: str) -> float | None:
+    """Mean held-out loss (nats per token) of a system on ``task``'s reference continuations: ``loss_of(ids, P)`` is
+    the mean cross-entropy of ``ids[:, P + 1:]`` given ``ids[:, :P + 1]`` for ``ids`` = prompt + continuation.
+    ``None`` for a task without reference tokens. Lower is better; far less noisy than ROUGE of 48 greedy tokens."""
+    if task.continuations is None or not len(task.prompts):
+        return None
+    ids = torch.cat([task.prompts, task.continuations], dim=1)
+    p, total = task.prompts.shape[1], 0.0
+    for s in range(0, len(ids), batch):
+        chunk = ids[s:s + batch].to(device)
+        total += float(loss_of(chunk, p)) * len(chunk)  # equal token counts per row: a row-weighted mean
+    return total / len(ids)
+
+
 def score_system(gen, tasks: list[Task], codec, batch: int, device: str) -> dict:
     """``{task: {"rouge": {...} | None, "generations": [...], "seconds": s}}`` for one generator."""
     out = {}

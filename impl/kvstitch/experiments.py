@@ -37,13 +37,13 @@ import torch
 from impl.kvstitch import data
 from impl.kvstitch.config import (EvalConfig, HealConfig, PruneConfig, RecipeConfig, RuntimeConfig, StageAConfig,
                                   StageBConfig)
-from impl.kvstitch.evaluate import (ROUGE_KEYS, paired_bootstrap, rouge, rouge_available, rouge_l_each,
-                                    score_system)
+from impl.kvstitch.evaluate import (ROUGE_KEYS, continuation_nll, paired_bootstrap, rouge, rouge_available,
+                                    rouge_l_each, score_system)
 from impl.kvstitch.hybrid import generate_alone, generate_hybrid
 from impl.kvstitch.models import TinySpec, count_params, load_model, load_tokenizer, tiny_model
 from impl.kvstitch.prune import heal, prune
 from impl.kvstitch.stitch import StitchBundle
-from impl.kvstitch.train import lora_lm, stage_a, stage_b
+from impl.kvstitch.train import continuation_loss, lora_lm, own_continuation_loss, stage_a, stage_b
 
 SYSTEM = "kvstitch"
 
@@ -94,8 +94,9 @@ def interpolates(decode: float | None, hybrid: float | None, prefill: float | No
 
 def summarise(rec: dict) -> dict:
     """Adds ``rougeL`` means, the ROUGE table, per decode size the interpolation verdicts and the gaps' bootstrap
-    intervals, and per series ``interpolation`` (the fraction of decode sizes that interpolate: 1 = all) and
-    ``hybrid_gain_lo`` (the smallest lower 95% bound of hybrid b - decode alone over the sizes)."""
+    intervals, and per series ``interpolation`` (the fraction of decode sizes that interpolate: 1 = all),
+    ``nll_interpolation`` (the same on held-out news loss) and ``hybrid_gain_lo`` (the smallest lower 95% bound of
+    hybrid b - decode alone over the sizes)."""
     p = mean_rouge_l(rec["prefill"]["scores"])
     rec["prefill"]["rougeL"] = p
     tuned, pt = rec.get("prefill_lora"), None
@@ -107,7 +108,11 @@ def summarise(rec: dict) -> dict:
         # the same test against the prefill model tuned with stage (b)'s LoRA on the same text (a fair upper anchor)
         d["interpolation_vs_tuned_prefill"] = interpolates(d["rougeL"]["decode_alone"], d["rougeL"]["hybrid_b"], pt)
         d["gaps"] = rouge_gaps(rec, d)
-    for key in ("interpolation", "interpolation_vs_tuned_prefill"):  # the fraction of decode sizes that interpolate
+        # the same verdict on held-out news loss (lower is better, so on -loss); None for records without losses
+        nll = d.get("nll") or {}
+        d["nll_interpolation"] = interpolates(*(None if x is None else -x for x in (
+            nll.get("decode_alone"), nll.get("hybrid_b"), rec["prefill"].get("nll"))))
+    for key in ("interpolation", "interpolation_vs_tuned_prefill", "nll_interpolation"):  # fraction of sizes
         rec[key] = _mean_or_none([d[key] for d in rec["decodes"]])
     los = [(d["gaps"] or {}).get("hybrid_b_minus_decode", {}).get("lo") for d in rec["decodes"]]
     rec["hybrid_gain_lo"] = None if None in los or not los else min(los)  # the weakest size's lower 95% bound
@@ -139,15 +144,17 @@ def rouge_gaps(rec: dict, d: dict) -> dict | None:
 
 
 def rouge_table(rec: dict) -> list[dict]:
+    """One row per system: ROUGE per task and the held-out news loss (``news_nll``, None in records without it)."""
     rows = [{"system": "prefill alone", "params": rec["prefill"]["params"],
-             **_task_cols(rec["prefill"]["scores"])}]
+             **_task_cols(rec["prefill"]["scores"]), "news_nll": rec["prefill"].get("nll")}]
     if "prefill_lora" in rec:
         rows.append({"system": "prefill+LoRA alone (stage-b text)", "params": rec["prefill"]["params"],
-                     **_task_cols(rec["prefill_lora"]["scores"])})
+                     **_task_cols(rec["prefill_lora"]["scores"]), "news_nll": rec["prefill_lora"].get("nll")})
     for d in rec["decodes"]:
         for k, label in (("decode_alone", "decode alone"), ("hybrid_a", "hybrid stage a"),
                          ("hybrid_b", "hybrid stage b"), ("lora_alone", "decode+LoRA alone")):
-            rows.append({"system": f"{label} [{d['tag']}]", "params": d["params"], **_task_cols(d["scores"][k])})
+            rows.append({"system": f"{label} [{d['tag']}]", "params": d["params"], **_task_cols(d["scores"][k]),
+                         "news_nll": (d.get("nll") or {}).get(k)})
     return rows
 
 
@@ -193,13 +200,17 @@ def run_series(series: str, rc: RecipeConfig, assets: Path | None, device: str, 
                        "layers": pm.config.num_hidden_layers,
                        "scores": score_system(lambda ids: generate_alone(pm, ids, n), tasks, codec, ev.batch, device)},
            "decodes": []}
-    log(f"{series}: prefill alone ROUGE-L {mean_rouge_l(rec['prefill']['scores'])}")
+    news, b = tasks[0], ev.batch
+    rec["prefill"]["nll"] = continuation_nll(lambda ids, p: own_continuation_loss(pm, ids, p), news, b, device)
+    log(f"{series}: prefill alone ROUGE-L {mean_rouge_l(rec['prefill']['scores'])}, news loss {rec['prefill']['nll']}")
     sb = rc.stage_b
     p_chunks = data.random_chunks(stream, sb.batch, sb.prompt_len + sb.cont_len, sb.seed + 300)
     plora, pl = lora_lm(pm, p_chunks, sb, log)
     rec["prefill_lora"] = {"losses": {"first": pl["losses"][0], "last": pl["losses"][-1]},
                            "scores": score_system(lambda ids: generate_alone(plora, ids, n), tasks, codec, ev.batch,
-                                                  device)}
+                                                  device),
+                           "nll": continuation_nll(lambda ids, p: own_continuation_loss(plora, ids, p), news, b,
+                                                   device)}
     del plora
     for k, size in enumerate(rc.decode_sizes):
         rec["decodes"].append(run_decode_size(pm, size, rc, stream, tasks, codec, device, workdir / size_tag(size), k))
@@ -219,12 +230,15 @@ def run_decode_size(pm, size: dict, rc: RecipeConfig, stream, tasks, codec, devi
     dm.save_pretrained(out / "decode_model")
     scores: dict[str, dict] = {}
     gen = lambda f: score_system(f, tasks, codec, ev.batch, device)  # noqa: E731
+    nll = lambda f: continuation_nll(f, tasks[0], ev.batch, device)  # noqa: E731  (held-out news loss)
     scores["decode_alone"] = gen(lambda ids: generate_alone(dm, ids, n))
+    losses = {"decode_alone": nll(lambda ids, p: own_continuation_loss(dm, ids, p))}
     bundle = StitchBundle(pm.config, dm.config, rc.stitch).to(device)
     a_chunks = data.random_chunks(stream, rc.stage_a.batch, rc.stage_a.seq_len, rc.stage_a.seed + 100 + k)
     a = stage_a(pm, dm, bundle, a_chunks, rc.stage_a, log)
     bundle.save(out / "stitch_a")
     scores["hybrid_a"] = gen(lambda ids: generate_hybrid(pm, dm, bundle, ids, n))
+    losses["hybrid_a"] = nll(lambda ids, p: continuation_loss(pm, dm, bundle, ids, p))  # before stage b moves it
     sb = rc.stage_b
     b_chunks = data.random_chunks(stream, sb.batch, sb.prompt_len + sb.cont_len, sb.seed + 200 + k)
     lora, b = stage_b(pm, dm, bundle, b_chunks, sb, log)
@@ -232,11 +246,13 @@ def run_decode_size(pm, size: dict, rc: RecipeConfig, stream, tasks, codec, devi
     lora.save_pretrained(out / "lora")
     scores["hybrid_b"] = gen(lambda ids: generate_hybrid(pm, lora, bundle, ids, n))
     scores["lora_alone"] = gen(lambda ids: generate_alone(lora, ids, n))
+    losses["hybrid_b"] = nll(lambda ids, p: continuation_loss(pm, lora, bundle, ids, p))
+    losses["lora_alone"] = nll(lambda ids, p: own_continuation_loss(lora, ids, p))
     line = {key: mean_rouge_l(v) for key, v in scores.items()}
-    log(f"{tag}: ROUGE-L {line}")
+    log(f"{tag}: ROUGE-L {line}; news loss {losses}")
     return {"tag": tag, "size": size, "params": count_params(dm),
             "params_non_embedding": count_params(dm, non_embedding=True), "layers": dm.config.num_hidden_layers,
-            "plan_blocks": plan["blocks"], "scores": scores, "dir": str(out),
+            "plan_blocks": plan["blocks"], "scores": scores, "nll": losses, "dir": str(out),
             "losses": {"heal_first": heal_losses[0], "heal_last": heal_losses[-1],
                        "stage_a_first": a["losses"][0], "stage_a_last": a["losses"][-1],
                        "stage_b_first": b["losses"][0], "stage_b_last": b["losses"][-1],

@@ -130,6 +130,15 @@ def continuation_loss(prefill_model, lora_model, bundle: StitchBundle, ids: torc
     return F.cross_entropy(logits.flatten(0, 1), cont[:, 1:].flatten())
 
 
+def own_continuation_loss(model: nn.Module, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """``continuation_loss`` for one model alone (one causal pass): the first continuation token is given, the next
+    ones are predicted, so the two losses count the same tokens."""
+    if ids.shape[1] - prompt_len < 2:
+        raise ValueError("the continuation needs at least two tokens")
+    logits = model(input_ids=ids[:, :-1]).logits[:, prompt_len:].float()
+    return F.cross_entropy(logits.flatten(0, 1), ids[:, prompt_len + 1:].flatten())
+
+
 def stage_b(prefill_model: nn.Module, decode_model: nn.Module, bundle: StitchBundle, batches: Iterator[torch.Tensor],
             cfg: StageBConfig, log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
     """End-to-end LoRA + stitch training; returns the LoRA-wrapped decode model (a copy) and ``{"losses"}``."""
@@ -157,14 +166,8 @@ def lora_lm(model: nn.Module, batches: Iterator[torch.Tensor], cfg: StageBConfig
     lora.train()
     dev = next(lora.parameters()).device
     opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    def loss_of(ids: torch.Tensor) -> torch.Tensor:
-        if ids.shape[1] - cfg.prompt_len < 2:
-            raise ValueError("the continuation needs at least two tokens")
-        # as in continuation_loss: the first continuation token is given, the next ones are predicted
-        logits = lora(input_ids=ids[:, :-1]).logits[:, cfg.prompt_len:].float()
-        return F.cross_entropy(logits.flatten(0, 1), ids[:, cfg.prompt_len + 1:].flatten())
-
-    losses = run_steps(opt, loss_of, batches, cfg.steps, dev, "prefill LoRA", "lm loss", cfg.log_every, log)
+    losses = run_steps(opt, lambda ids: own_continuation_loss(lora, ids, cfg.prompt_len), batches, cfg.steps, dev,
+                       "prefill LoRA", "lm loss", cfg.log_every, log)
     lora.eval()
     return lora, {"losses": losses}
 
