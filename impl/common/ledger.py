@@ -16,7 +16,7 @@ import operator
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from impl.common.results import RESULTS
 
@@ -206,9 +206,9 @@ class NotYet:
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
 
-def load_claims(systems: tuple[str, ...] = SYSTEMS) -> list[Claim]:
-    """Collect ``CLAIMS`` from ``impl/<system>/claims.py`` for every system that has one; ids must be unique."""
-    claims: list[Claim] = []
+def claims_modules(systems: tuple[str, ...] = SYSTEMS) -> Iterator[tuple[str, Any]]:
+    """``(system, impl.<system>.claims)`` for every system that has that module (where CLAIMS, PLOTS and TABLES
+    live); a missing dependency inside one is an error, not a skip."""
     for system in systems:
         try:
             mod = importlib.import_module(f"impl.{system}.claims")
@@ -216,6 +216,13 @@ def load_claims(systems: tuple[str, ...] = SYSTEMS) -> list[Claim]:
             if e.name in (f"impl.{system}", f"impl.{system}.claims"):
                 continue
             raise
+        yield system, mod
+
+
+def load_claims(systems: tuple[str, ...] = SYSTEMS) -> list[Claim]:
+    """Collect ``CLAIMS`` from ``impl/<system>/claims.py`` for every system that has one; ids must be unique."""
+    claims: list[Claim] = []
+    for _, mod in claims_modules(systems):
         claims.extend(getattr(mod, "CLAIMS", []))
     ids = [c.id for c in claims]
     dup = {i for i in ids if ids.count(i) > 1}

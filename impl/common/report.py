@@ -6,12 +6,11 @@ the measurements, not of the rendering.
 """
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Callable
 
-from impl.common.ledger import ResultsView, discover_systems, evaluate, load_claims
+from impl.common.ledger import ResultsView, claims_modules, discover_systems, evaluate, load_claims
 from impl.common.results import RESULTS, atomic_write_bytes, atomic_write_text
 
 VERDICT_MARK = {"pass": "✅ pass", "fail": "❌ fail", "not measured": "— not measured"}
@@ -35,27 +34,14 @@ def render(slug: str, root: Path = RESULTS) -> dict[str, Any]:
 
 def _tables(systems: tuple[str, ...], view: ResultsView) -> dict[str, list[str]]:
     """Markdown lines from each system's ``TABLES`` (``fn(view) -> lines``; empty when its results are absent)."""
-    made: dict[str, list[str]] = {}
-    for system in systems:
-        try:
-            mod = importlib.import_module(f"impl.{system}.claims")
-        except ModuleNotFoundError:
-            continue
-        for table in getattr(mod, "TABLES", []):
-            made.setdefault(system, []).extend(table(view))
+    made = {system: [line for table in getattr(mod, "TABLES", []) for line in table(view)]
+            for system, mod in claims_modules(systems)}
     return {k: v for k, v in made.items() if v}
 
 
 def _draw_plots(systems: tuple[str, ...], view: ResultsView, out: Path) -> dict[str, list[Path]]:
-    drawn: dict[str, list[Path]] = {}
-    for system in systems:
-        try:
-            mod = importlib.import_module(f"impl.{system}.claims")
-        except ModuleNotFoundError:
-            continue
-        for plot in getattr(mod, "PLOTS", []):
-            drawn.setdefault(system, []).extend(_run_plot(plot, view, out))
-    return drawn
+    return {system: [p for plot in getattr(mod, "PLOTS", []) for p in _run_plot(plot, view, out)]
+            for system, mod in claims_modules(systems)}
 
 
 def _run_plot(plot: Callable[..., list[Path]], view: ResultsView, out: Path) -> list[Path]:

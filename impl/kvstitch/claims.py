@@ -6,44 +6,50 @@ from pathlib import Path
 from impl.common.ledger import Claim, ResultValue
 from impl.common.plotting import pyplot, save_figure
 
-CLAIMS = [
-    *[Claim(id=f"kvstitch.interpolation_{series}", system="kvstitch",
-            statement=f"{name}: after stage (b) the hybrid's ROUGE-L (mean of news continuation and wiki lead) lies "
-                      "between decode-alone and prefill-alone and above decode-alone, for every decode size (value: "
-                      "the fraction of sizes where it holds)",
-            unit="of decode sizes", comparison=">=", target=1.0,
-            measure=ResultValue("kvstitch", f"rouge_{series}", "interpolation"))
-      for series, name in (("smollm2", "SmolLM2-135M prefill -> pruned SmolLM2 decode"),
-                           ("gemma3", "Gemma-3-270M prefill -> pruned Gemma-3 decode"))],
-    *[Claim(id=f"kvstitch.interpolation_vs_tuned_prefill_{series}", system="kvstitch",
-            statement=f"{name}: after stage (b) the hybrid's ROUGE-L lies between decode-alone and the prefill model "
-                      "tuned with the same LoRA recipe on the same text (the fair upper anchor: stage b also tunes), "
-                      "and above decode-alone, for every decode size (value: the fraction of sizes where it holds)",
-            unit="of decode sizes", comparison=">=", target=1.0,
-            measure=ResultValue("kvstitch", f"rouge_{series}", "interpolation_vs_tuned_prefill"))
-      for series, name in (("smollm2", "SmolLM2-135M -> pruned SmolLM2"), ("gemma3", "Gemma-3-270M -> pruned Gemma-3"))],
-    *[Claim(id=f"kvstitch.hybrid_gain_ci_{series}", system="kvstitch",
-            statement=f"{name}: for every decode size, the hybrid's ROUGE-L gain over decode-alone after stage (b) is "
-                      "beyond noise: the lower end of its paired-bootstrap 95% interval (examples resampled within "
-                      "each task) is above 0",
-            unit="ROUGE-L (lower 95% bound of the gain)", comparison=">", target=0.0,
-            measure=ResultValue("kvstitch", f"rouge_{series}", "hybrid_gain_lo"))
-      for series, name in (("smollm2", "SmolLM2-135M -> pruned SmolLM2"), ("gemma3", "Gemma-3-270M -> pruned Gemma-3"))],
-    *[Claim(id=f"kvstitch.nccl_transfer_pct_{series}", system="kvstitch",
-            statement=f"On two GPUs of one host, a request's KV of {name} (batch 16 x 2048 tokens, one message per "
-                      "decode layer) sent over NCCL moves at >= 80% of the bandwidth of one message of the same size "
-                      "between the same GPUs",
-            unit="% of measured GPU-to-GPU bandwidth", comparison=">=", target=80.0,
-            measure=ResultValue("kvstitch", f"nccl_transfer_{series}", "pct_of_p2p"))
-      for series, name in (("smollm2", "the pruned SmolLM2"), ("gemma3", "the pruned Gemma-3"))],
-]
+SERIES = {"smollm2": ("SmolLM2-135M", "SmolLM2"), "gemma3": ("Gemma-3-270M", "Gemma-3")}  # id: (prefill, family)
+
+
+def series_claims(series: str) -> list[Claim]:
+    """The four claims of one series: interpolation (against the prefill model, and against it tuned with the same
+    LoRA), the gain's confidence interval, and the layer-by-layer KV transfer."""
+    prefill, family = SERIES[series]
+    pair, rouge = f"{prefill} prefill -> pruned {family} decode", f"rouge_{series}"
+    return [
+        Claim(id=f"kvstitch.interpolation_{series}", system="kvstitch",
+              statement=f"{pair}: after stage (b) the hybrid's ROUGE-L (mean of news continuation and wiki lead) lies "
+                        "between decode-alone and prefill-alone and above decode-alone, for every decode size (value: "
+                        "the fraction of sizes where it holds)",
+              unit="of decode sizes", comparison=">=", target=1.0,
+              measure=ResultValue("kvstitch", rouge, "interpolation")),
+        Claim(id=f"kvstitch.interpolation_vs_tuned_prefill_{series}", system="kvstitch",
+              statement=f"{pair}: after stage (b) the hybrid's ROUGE-L lies between decode-alone and the prefill model "
+                        "tuned with the same LoRA recipe on the same text (the fair upper anchor: stage b also tunes), "
+                        "and above decode-alone, for every decode size (value: the fraction of sizes where it holds)",
+              unit="of decode sizes", comparison=">=", target=1.0,
+              measure=ResultValue("kvstitch", rouge, "interpolation_vs_tuned_prefill")),
+        Claim(id=f"kvstitch.hybrid_gain_ci_{series}", system="kvstitch",
+              statement=f"{pair}: for every decode size, the hybrid's ROUGE-L gain over decode-alone after stage (b) "
+                        "is beyond noise: the lower end of its paired-bootstrap 95% interval (examples resampled "
+                        "within each task) is above 0",
+              unit="ROUGE-L (lower 95% bound of the gain)", comparison=">", target=0.0,
+              measure=ResultValue("kvstitch", rouge, "hybrid_gain_lo")),
+        Claim(id=f"kvstitch.nccl_transfer_pct_{series}", system="kvstitch",
+              statement=f"On two GPUs of one host, a request's KV of the pruned {family} (batch 16 x 2048 tokens, one "
+                        "message per decode layer) sent over NCCL moves at >= 80% of the bandwidth of one message of "
+                        "the same size between the same GPUs",
+              unit="% of measured GPU-to-GPU bandwidth", comparison=">=", target=80.0,
+              measure=ResultValue("kvstitch", f"nccl_transfer_{series}", "pct_of_p2p")),
+    ]
+
+
+CLAIMS = [claim for series in SERIES for claim in series_claims(series)]
 
 
 def plot_rouge_vs_size(view, out_dir: Path) -> list[Path]:
     """ROUGE-L vs decode-model parameters per series: decode alone, hybrid (a), hybrid (b); prefill alone as a line."""
     plt = pyplot()
 
-    recs = {s: view.result("kvstitch", f"rouge_{s}") for s in ("smollm2", "gemma3")}
+    recs = {s: view.result("kvstitch", f"rouge_{s}") for s in SERIES}
     recs = {s: r["data"] for s, r in recs.items() if r and r["data"].get("prefill", {}).get("rougeL") is not None}
     if not recs:
         return []
@@ -78,7 +84,7 @@ def plot_rouge_vs_size(view, out_dir: Path) -> list[Path]:
 def rouge_tables(view) -> list[str]:
     """Per series: ROUGE-1/2/L of every system on both tasks, and the gaps' paired-bootstrap 95% intervals."""
     lines: list[str] = []
-    for series in ("smollm2", "gemma3"):
+    for series in SERIES:
         rec = view.result("kvstitch", f"rouge_{series}")
         if not rec or not rec["data"].get("table"):
             continue

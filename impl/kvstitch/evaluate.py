@@ -25,34 +25,30 @@ def rouge_available() -> bool:
     return True
 
 
-def rouge(predictions: list[str], references: list[str]) -> dict[str, float] | None:
-    """Mean ROUGE-1/2/L F1 over pairs (``None`` without rouge-score)."""
+def rouge_each(predictions: list[str], references: list[str],
+               keys: tuple[str, ...] = ROUGE_KEYS) -> dict[str, list[float]] | None:
+    """F1 of every pair for each of ``keys`` (stemmed; ``None`` without rouge-score)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not rouge_available():
         return None
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
-    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
-    for p, r in zip(predictions, references):
-        s = scorer.score(r, p)
-        for k in ROUGE_KEYS:
-            totals[k] += s[k].fmeasure
-    n = max(len(predictions), 1)
-    return {k: totals[k] / n for k in ROUGE_KEYS}
+    scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
+    scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    return {k: [s[k].fmeasure for s in scores] for k in keys}
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float] | None:
+    """Mean ROUGE-1/2/L F1 over pairs (``None`` without rouge-score)."""
+    each = rouge_each(predictions, references)
+    return None if each is None else {k: sum(v) / max(len(v), 1) for k, v in each.items()}
 
 
 def rouge_l_each(predictions: list[str], references: list[str]) -> list[float] | None:
     """ROUGE-L F1 of every pair (``None`` without rouge-score): the per-example scores the paired bootstrap needs."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    if not rouge_available():
-        return None
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    each = rouge_each(predictions, references, ("rougeL",))
+    return None if each is None else each["rougeL"]
 
 
 def paired_bootstrap(a: list[list[float]], b: list[list[float]], reps: int = 2000, seed: int = 0) -> dict:

@@ -116,7 +116,6 @@ def summarise(rec: dict) -> dict:
         rec[key] = _mean_or_none([d[key] for d in rec["decodes"]])
     los = [(d["gaps"] or {}).get("hybrid_b_minus_decode", {}).get("lo") for d in rec["decodes"]]
     rec["hybrid_gain_lo"] = None if None in los or not los else min(los)  # the weakest size's lower 95% bound
-    rec.pop("gaps", None)  # (series-level gaps of the first size, written by b85caa6; now per size only)
     rec["table"] = rouge_table(rec)
     return rec
 

@@ -126,16 +126,13 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if path.suffix == ".gguf":
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        check_tokenizer(tok, gguf_add_bos(path), str(path))
-        return tok
-    tok = AutoTokenizer.from_pretrained(path)
-    check_tokenizer(tok, None, str(path))
+    gguf = path.suffix == ".gguf"
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if gguf else AutoTokenizer.from_pretrained(path)
+    check_tokenizer(tok, gguf_add_bos(path) if gguf else None, str(path))
     return tok
 
 
-COMMON_WORDS = ("the", "of", "and", "in", "world", "people")
+COMMON_WORDS = ("of", "and", "in", "world", "people")
 
 
 def check_tokenizer(tok, add_bos: bool | None, source: str) -> None:
@@ -146,11 +143,9 @@ def check_tokenizer(tok, add_bos: bool | None, source: str) -> None:
     most one token per word. BOS: when the checkpoint says to add one (``add_bos``), encoding must start with it.
     """
     vocab = tok.get_vocab()
-    marks = [m for m in ("\u2581", "\u0120") if all(m + w in vocab for w in COMMON_WORDS[1:])]
-    if marks:
-        words = COMMON_WORDS[1:]
-        ids = tok(" " + " ".join(words), add_special_tokens=False).input_ids
-        if len(ids) > len(words):
+    if any(all(mark + w in vocab for w in COMMON_WORDS) for mark in ("\u2581", "\u0120")):  # SentencePiece / GPT-2
+        ids = tok(" " + " ".join(COMMON_WORDS), add_special_tokens=False).input_ids
+        if len(ids) > len(COMMON_WORDS):
             pieces = tok.convert_ids_to_tokens(ids)
             raise ValueError(f"tokenizer of {source} splits common words into pieces ({pieces}) although its "
                              f"vocabulary holds each as one token: its merges were lost when it was built "

@@ -35,23 +35,34 @@ CONFIGS = _configs()
 
 
 @triton.jit
+def dot_codes(x_ptr, w_ptr, offs_m, offs_n, m_mask, n_mask, k_lo, k_hi, stride_xm, stride_wn,
+              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[BLOCK_M, BLOCK_N] = Σ_{k_lo <= k < k_hi} x[m, k] · q[n, k] in float32: the FP8 codes of each [BLOCK_N,
+    BLOCK_K] slab are read once and converted to x's dtype in registers (tensor-core dot). Shared by the serving
+    kernel (the whole of K) and the split-K variant (one split)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < k_hi
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
+                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def w8a16_kernel(x_ptr, w_ptr, s_ptr, y_ptr,           # x [M, K], codes [N, K], scales [N] or [1], y [M, N]
                  M, N, K, stride_xm, stride_wn, stride_ym,
                  PER_TENSOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     m_mask, n_mask = offs_m < M, offs_n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
-                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    acc = dot_codes(x_ptr, w_ptr, offs_m, offs_n, m_mask, n_mask, 0, K, stride_xm, stride_wn,
+                    DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if PER_TENSOR:
         scale = tl.load(s_ptr)
     else:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from impl import backend
-from impl.serve.fp8_gemv import check_w8a16_args
+from impl.serve.fp8_gemv import check_w8a16_args, dot_codes
 
 
 @triton.jit
@@ -26,19 +26,11 @@ def partial_kernel(x_ptr, w_ptr, ws_ptr, M, N, K, k_per_split, stride_xm, stride
     pid_n, split = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     m_mask, n_mask = offs_m < M, offs_n < N
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)  # k_per_split is a multiple of BLOCK_K: splits never overlap
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < k_hi
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
-                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    acc = dot_codes(x_ptr, w_ptr, offs_m, offs_n, m_mask, n_mask, k_lo, k_hi, stride_xm, stride_wn,
+                    DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     ws = ws_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(ws, acc, mask=m_mask[:, None] & n_mask[None, :])
 
