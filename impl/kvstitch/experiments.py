@@ -53,8 +53,8 @@ def log(msg: str) -> None:
 
 
 def recipe(series: str, mode: str) -> RecipeConfig:
-    """Presets: ``smoke`` (CPU seconds), ``check`` (smoke sizes, real models), ``quick`` (one decode size), ``full``
-    (two sizes, longer training)."""
+    """Presets: ``smoke`` (CPU seconds), ``check`` (smoke sizes, real models), ``quick`` (both decode sizes, the
+    shorter training), ``full`` (both sizes, twice the steps)."""
     if mode in ("smoke", "check"):
         return RecipeConfig(series=series, decode_sizes=[{"layers": 3, "mlp_keep": 0.5, "kv_groups": 1}],
                             heal=HealConfig(steps=3, batch=2, seq_len=32, log_every=1),
