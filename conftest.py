@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import impl  # noqa: F401  (decides TRITON_INTERPRET / NUMBA_ENABLE_CUDASIM before anything imports them)
 import pytest
@@ -105,13 +106,16 @@ def pytest_benchmark_update_commit_info(config: pytest.Config, commit_info: dict
 def device_bench(benchmark, request):
     """``device_bench(fn, bytes_moved=..., flops=..., ...)`` times ``fn()`` and records bytes/FLOPs/derived rates.
 
-    On a GPU each round is bracketed by CUDA events (the timer's precision is set to 1 µs explicitly), after
-    ``warmup`` rounds, with the L2 flushed before every round unless ``flush_l2=False``. ``clock="host"`` times host
-    work (numpy/pandas anchors) with ``perf_counter``. Without a GPU, timing is disabled and ``fn`` runs once.
-    ``info`` lands in ``extra_info`` (e.g. ``n=``, ``dtype=``, ``variant=``) for the report's tables and plots.
+    On a GPU: ``impl.common.timing.time_fn`` in its queued view (the host enqueues each call while a spin kernel holds
+    the stream, so the median is the device time of ``fn``'s work, not the launch latency of an idle GPU), ``rounds``
+    calls after ``warmup``, the L2 flushed before each unless ``flush_l2=False``; the eager view of the same call
+    (launch latency included, 5 calls) lands in ``extra_info["eager_median_s"]``. ``clock="host"`` times host work
+    (numpy/pandas anchors) with pytest-benchmark's own loop and ``perf_counter``. Without a GPU, timing is disabled and
+    ``fn`` runs once. ``info`` lands in ``extra_info`` (e.g. ``n=``, ``dtype=``, ``variant=``) for the report's tables
+    and plots.
     """
-    from impl.common.benchkit import derived_metrics
-    from impl.common.timing import DeviceClock, flush_l2 as _flush, host_clock
+    from impl.common.benchkit import derived_metrics, record_rounds
+    from impl.common.timing import time_fn
 
     def run(fn, *, bytes_moved: int, flops: int = 0, flops_dtype: str = "bf16", flush_l2: bool = True,
             rounds: int = 20, warmup: int = 3, setup=None, clock: str = "device", **info):
@@ -119,20 +123,18 @@ def device_bench(benchmark, request):
             raise ValueError(f"clock must be 'device' or 'host', not {clock!r}")
         benchmark.extra_info.update(bytes=int(bytes_moved), flops=int(flops), flops_dtype=flops_dtype,
                                     flush_l2=bool(flush_l2), clock=clock, **info)
-        if backend.ON_GPU and clock == "device":
-            benchmark._timer = DeviceClock()
-            benchmark._precisions[benchmark._timer] = DeviceClock.PRECISION_S
+        if backend.ON_GPU and clock == "device" and not benchmark.disabled:
+            t = time_fn(fn, warmup=warmup, reps=rounds, flush=flush_l2, setup=setup, queue_ahead=True)
+            eager = time_fn(fn, warmup=0, reps=5, flush=flush_l2, setup=setup)
+            record_rounds(benchmark, [ms / 1e3 for ms in t.times_ms])
+            benchmark.extra_info.update(timing="device events, queued (launch latency excluded)",
+                                        hold_ms=t.hold_ms, eager_median_s=eager.median_ms / 1e3)
+            result = t.result
         else:
-            benchmark._timer = host_clock
+            benchmark._timer = time.perf_counter
             benchmark._precisions[benchmark._timer] = 1e-7
-
-        def before_round():
-            if setup is not None:
-                setup()
-            if flush_l2 and clock == "device":
-                _flush()
-
-        result = benchmark.pedantic(fn, setup=before_round, rounds=rounds, warmup_rounds=warmup, iterations=1)
+            quiet_setup = (lambda: setup() and None) if setup is not None else None  # pedantic reads a return as args
+            result = benchmark.pedantic(fn, setup=quiet_setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
         if benchmark.stats is not None:
             pk = measured_peaks() if backend.ON_GPU else {}
             benchmark.extra_info.update(derived_metrics(benchmark.stats.stats.median, bytes_moved, flops, pk,

@@ -197,3 +197,26 @@ def test_report_renders_every_claim_with_required_keys(tmp_path):
     first = (tmp_path / "h100" / "claims.json").read_text()
     report.render("h100", root=tmp_path)
     assert (tmp_path / "h100" / "claims.json").read_text() == first, "re-rendering must be deterministic"
+
+
+def test_time_fn_returns_the_last_result_and_one_time_per_rep():
+    from impl.common.timing import time_fn
+
+    calls = []
+    t = time_fn(lambda: calls.append(len(calls)) or len(calls), warmup=2, reps=5, setup=lambda: calls.append(-1))
+    assert len(t.times_ms) == 5 and all(ms >= 0 for ms in t.times_ms)
+    assert t.result == len(calls) and calls.count(-1) == 7  # setup before every warmup call and every rep
+    with pytest.raises(ValueError, match="reps"):
+        time_fn(lambda: None, reps=0)
+
+
+def test_record_rounds_hands_our_times_to_pytest_benchmark(benchmark):
+    from impl.common.benchkit import record_rounds
+
+    with pytest.raises(ValueError, match="non-negative"):
+        record_rounds(benchmark, [])
+    record_rounds(benchmark, [3e-3, 1e-3, 2e-3, 5e-3])
+    assert benchmark.stats.stats.rounds == 4 and benchmark.stats.stats.median == pytest.approx(2.5e-3)
+    assert benchmark.stats.stats.min == pytest.approx(1e-3)
+    with pytest.raises(RuntimeError, match="already used"):
+        record_rounds(benchmark, [1e-3])

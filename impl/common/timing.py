@@ -4,6 +4,14 @@ GPU work is asynchronous: a host clock read without a sync measures launches, no
 call is the interval between two CUDA events recorded on the current stream around it, after warm-up, with the L2
 flushed before each call unless the cache is the subject (``flush_l2=False``). On the CPU (interpreters) the host clock
 is used; those numbers only prove the code runs and are never stored as results.
+
+Two views of one call (``queue_ahead``):
+* eager (False): the GPU is idle when the start event is recorded, so the interval also holds the host's time to
+  launch the call (Python, driver: 10-50 µs a launch) -- the latency a caller of the eager function sees;
+* queued (True): a spin kernel (``torch.cuda._sleep``) keeps the stream busy for twice the host's measured enqueue
+  time of one call before the start event, so the whole call is queued before the GPU reaches it and the interval is
+  the device time of its work (plus any gap ``fn`` forces itself, e.g. a sync inside it) -- how kernels are compared
+  (triton's ``do_bench`` and nvbench measure the same way). The benches use this view and record the eager one beside.
 """
 from __future__ import annotations
 
@@ -45,40 +53,42 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-class DeviceClock:
-    """A monotonic clock in seconds that reads the GPU's own timeline.
+_CYCLES_PER_MS: float | None = None
 
-    Each read records a CUDA event on the current stream, waits for it and returns its distance from a start event.
-    The difference of two reads is the device time of the work enqueued between them (plus any idle gap the host
-    caused, which is real latency). Resolution about 0.5 µs.
-    """
 
-    PRECISION_S = 1e-6
-
-    def __init__(self) -> None:
+def _sleep_cycles_per_ms() -> float:
+    """``torch.cuda._sleep`` spins for a count of GPU clock cycles; measure once how many make a millisecond."""
+    global _CYCLES_PER_MS
+    if _CYCLES_PER_MS is None:
         import torch
 
-        self._torch = torch
-        self._start = torch.cuda.Event(enable_timing=True)
-        self._start.record()
+        torch.cuda._sleep(1000)  # the first call loads the kernel
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(4_000_000)
+        end.record()
+        end.synchronize()
+        _CYCLES_PER_MS = 4_000_000 / max(start.elapsed_time(end), 1e-3)
+    return _CYCLES_PER_MS
 
-    def __call__(self) -> float:
-        ev = self._torch.cuda.Event(enable_timing=True)
-        ev.record()
-        ev.synchronize()
-        return self._start.elapsed_time(ev) / 1e3
 
+def hold_stream(ms: float) -> None:
+    """Keep the current stream busy for about ``ms`` milliseconds (at most 100) so the host enqueues what follows
+    before the GPU reaches it."""
+    import torch
 
-def host_clock() -> float:
-    return time.perf_counter()
+    torch.cuda._sleep(int(min(max(ms, 0.0), 100.0) * _sleep_cycles_per_ms()))
 
 
 @dataclass
 class Timing:
-    """Per-call times in milliseconds, with the summary the benches and scripts report."""
+    """Per-call times in milliseconds, with the summary the benches and scripts report; ``result`` is what the last
+    call returned (the benches check it)."""
 
     times_ms: list[float] = field(default_factory=list)
     device: str = "cpu"
+    result: Any = None
+    hold_ms: float = 0.0  # queued view: how long the stream was held before each start event
 
     @property
     def median_ms(self) -> float:
@@ -92,39 +102,52 @@ def time_fn(
     reps: int = 20,
     flush: bool = True,
     setup: Callable[[], Any] | None = None,
+    queue_ahead: bool = False,
 ) -> Timing:
     """Time ``fn()`` ``reps`` times after ``warmup`` calls; each call bracketed by CUDA events on a GPU.
 
     ``setup`` runs before each call, outside the timed region (for example to restore an input a sort overwrites).
+    ``queue_ahead``: the queued view (module docstring) instead of the eager one.
     """
     if reps < 1 or warmup < 0:
         raise ValueError(f"reps must be >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+    enqueue_s = 0.0
     for _ in range(warmup):
         if setup:
             setup()
+        synchronize()
+        t0 = time.perf_counter()
         fn()
+        enqueue_s = time.perf_counter() - t0  # host time to enqueue one call (all of it, if fn syncs)
     if not backend.ON_GPU:
-        return Timing([_host_time(fn, setup) for _ in range(reps)], device="cpu")
+        times, result = [], None
+        for _ in range(reps):
+            ms, result = _host_time(fn, setup)
+            times.append(ms)
+        return Timing(times, device="cpu", result=result)
     import torch
 
-    times = []
+    hold_ms = (2e3 * enqueue_s if warmup else 1.0) + 0.05 if queue_ahead else 0.0
+    times, result = [], None
     for _ in range(reps):
         if setup:
             setup()
         if flush:
             flush_l2()
+        if queue_ahead:
+            hold_stream(hold_ms)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        result = fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return Timing(times, device=torch.cuda.get_device_name())
+    return Timing(times, device=torch.cuda.get_device_name(), result=result, hold_ms=min(hold_ms, 100.0))
 
 
-def _host_time(fn: Callable[[], Any], setup: Callable[[], Any] | None) -> float:
+def _host_time(fn: Callable[[], Any], setup: Callable[[], Any] | None) -> tuple[float, Any]:
     if setup:
         setup()
     t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    result = fn()
+    return (time.perf_counter() - t0) * 1e3, result
