@@ -109,26 +109,31 @@ def device_bench(benchmark, request):
     On a GPU: ``impl.common.timing.time_fn`` in its queued view (the host enqueues each call while a spin kernel holds
     the stream, so the median is the device time of ``fn``'s work, not the launch latency of an idle GPU), ``rounds``
     calls after ``warmup``, the L2 flushed before each unless ``flush_l2=False``; the eager view of the same call
-    (launch latency included, 5 calls) lands in ``extra_info["eager_median_s"]``. ``clock="host"`` times host work
+    (launch latency included, 5 calls) lands in ``extra_info["eager_median_s"]``; ``queue_ahead=False`` times the eager
+    view instead, where the host's part is the subject (pageable copies). ``clock="host"`` times host work
     (numpy/pandas anchors) with pytest-benchmark's own loop and ``perf_counter``. Without a GPU, timing is disabled and
     ``fn`` runs once. ``info`` lands in ``extra_info`` (e.g. ``n=``, ``dtype=``, ``variant=``) for the report's tables
     and plots.
     """
-    from impl.common.benchkit import derived_metrics, record_rounds
+    from impl.common.benchkit import TIMING_EAGER, TIMING_QUEUED, derived_metrics, record_rounds
     from impl.common.timing import time_fn
 
     def run(fn, *, bytes_moved: int, flops: int = 0, flops_dtype: str = "bf16", flush_l2: bool = True,
-            rounds: int = 20, warmup: int = 3, setup=None, clock: str = "device", **info):
+            rounds: int = 20, warmup: int = 3, setup=None, clock: str = "device", queue_ahead: bool = True,
+            **info):
         if clock not in ("device", "host"):
             raise ValueError(f"clock must be 'device' or 'host', not {clock!r}")
         benchmark.extra_info.update(bytes=int(bytes_moved), flops=int(flops), flops_dtype=flops_dtype,
                                     flush_l2=bool(flush_l2), clock=clock, **info)
         if backend.ON_GPU and clock == "device" and not benchmark.disabled:
-            t = time_fn(fn, warmup=warmup, reps=rounds, flush=flush_l2, setup=setup, queue_ahead=True)
-            eager = time_fn(fn, warmup=0, reps=5, flush=flush_l2, setup=setup)
+            t = time_fn(fn, warmup=warmup, reps=rounds, flush=flush_l2, setup=setup, queue_ahead=queue_ahead)
             record_rounds(benchmark, [ms / 1e3 for ms in t.times_ms])
-            benchmark.extra_info.update(timing="device events, queued (launch latency excluded)",
-                                        hold_ms=t.hold_ms, eager_median_s=eager.median_ms / 1e3)
+            if queue_ahead:
+                eager = time_fn(fn, warmup=0, reps=5, flush=flush_l2, setup=setup)
+                benchmark.extra_info.update(timing=TIMING_QUEUED, hold_ms=t.hold_ms,
+                                            eager_median_s=eager.median_ms / 1e3)
+            else:
+                benchmark.extra_info.update(timing=TIMING_EAGER)
             result = t.result
         else:
             benchmark._timer = time.perf_counter

@@ -220,3 +220,16 @@ def test_record_rounds_hands_our_times_to_pytest_benchmark(benchmark):
     assert benchmark.stats.stats.min == pytest.approx(1e-3)
     with pytest.raises(RuntimeError, match="already used"):
         record_rounds(benchmark, [1e-3])
+
+
+def test_ledger_says_when_a_bench_was_timed_eager(tmp_path):
+    from impl.common.benchkit import TIMING_EAGER, TIMING_QUEUED
+
+    _store_run(tmp_path, "h100", "NVIDIA H100", [_bench("old", 1.0), _bench("queued", 1.0, timing=TIMING_QUEUED),
+                                                 _bench("eager", 1.0, timing=TIMING_EAGER)])
+    view = ledger.ResultsView("h100", tmp_path)
+    source = {n: ledger.evaluate(_claim(ledger.BenchStat(n), target=0), view)["source"]
+              for n in ("old", "queued", "eager")}
+    assert "before the queued timer" in source["old"]
+    assert "launch latency" in source["eager"] and "before" not in source["eager"]
+    assert "eager" not in source["queued"]

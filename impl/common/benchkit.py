@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 PEAK_KEYS = {"bf16": "bf16_tflops", "fp8": "fp8_tflops"}
+# extra_info["timing"] of a GPU bench (impl.common.timing's two views); a stored bench without it predates the queued
+# view: its rounds began on an idle GPU, so the host's launch latency is inside its times
+TIMING_QUEUED = "device events, queued (launch latency excluded)"
+TIMING_EAGER = "device events, eager (launch latency included)"
 
 
 def derived_metrics(seconds: float, bytes_moved: int, flops: int, peaks: dict[str, Any],

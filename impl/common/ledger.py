@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
+from impl.common.benchkit import TIMING_EAGER, TIMING_QUEUED
 from impl.common.results import RESULTS
 
 SYSTEMS = ("examples", "sort", "join", "l2cache", "fp8", "kvstitch", "seam")
@@ -104,6 +105,10 @@ class ResultsView:
 
 def _bench_measured(entry: dict[str, Any], value: float, source: str) -> Measured:
     m = entry["_meta"]
+    timing = (entry.get("extra_info") or {}).get("timing")
+    if m["device"] != "cpu" and timing != TIMING_QUEUED:
+        source += ("; timed eager: the host's launch latency is inside the time" if timing == TIMING_EAGER else
+                   "; timed eager: the host's launch latency is inside the time (stored before the queued timer)")
     return Measured(value, m["device"], m["commit"], m["date"], source)
 
 
