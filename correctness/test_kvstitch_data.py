@@ -213,6 +213,7 @@ def test_summary_gaps_separate_a_clear_win_from_a_tie(tmp_path):
     # per series: the fraction of sizes that interpolate (size a sits at the prefill's score, size b never rises)
     assert [d["interpolation"] for d in out["decodes"]] == [1.0, 0.0] and out["interpolation"] == 0.5
     assert out["hybrid_gain_lo"] == 0.0                                      # the weaker size's bound
+    assert gaps["hybrid_b_minus_lora_alone"]["lo"] > 0.9 and out["kv_gain_lo"] == 0.0  # over decode+LoRA alone too
     assert out["nll_interpolation"] is None                                  # a record without held-out losses
     from impl.common.ledger import ResultsView
     from impl.kvstitch.claims import rouge_tables

@@ -1,4 +1,5 @@
-"""kvstitch's ledger entries and its plot (ROUGE-L vs decode-model size, one panel per series)."""
+"""kvstitch's ledger entries, its plot (ROUGE-L and held-out loss vs decode-model size, a column per series)
+and its ROUGE tables."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,9 @@ SERIES = {"smollm2": ("SmolLM2-135M", "SmolLM2"), "gemma3": ("Gemma-3-270M", "Ge
 
 
 def series_claims(series: str) -> list[Claim]:
-    """The four claims of one series: interpolation (against the prefill model, and against it tuned with the same
-    LoRA), the gain's confidence interval, and the layer-by-layer KV transfer."""
+    """The claims of one series: interpolation (against the prefill model, and against it tuned with the same LoRA),
+    the gain's confidence interval over decode alone and over decode+LoRA alone, interpolation on held-out loss, and
+    the layer-by-layer KV transfer."""
     prefill, family = SERIES[series]
     pair, rouge = f"{prefill} prefill -> pruned {family} decode", f"rouge_{series}"
     return [
@@ -33,6 +35,18 @@ def series_claims(series: str) -> list[Claim]:
                         "within each task) is above 0",
               unit="ROUGE-L (lower 95% bound of the gain)", comparison=">", target=0.0,
               measure=ResultValue("kvstitch", rouge, "hybrid_gain_lo")),
+        Claim(id=f"kvstitch.kv_gain_over_lora_{series}", system="kvstitch",
+              statement=f"{pair}: for every decode size, the stitched prefill KV adds ROUGE-L beyond stage (b)'s "
+                        "LoRA alone: the lower end of the paired-bootstrap 95% interval of hybrid b minus the decode "
+                        "model tuned with the same LoRA recipe (no prefill KV) is above 0",
+              unit="ROUGE-L (lower 95% bound of the gain)", comparison=">", target=0.0,
+              measure=ResultValue("kvstitch", rouge, "kv_gain_lo")),
+        Claim(id=f"kvstitch.loss_interpolation_{series}", system="kvstitch",
+              statement=f"{pair}: after stage (b) the hybrid's held-out news loss (nats/token of the reference "
+                        "continuation) lies between decode-alone's and prefill-alone's and below decode-alone's, for "
+                        "every decode size (value: the fraction of sizes where it holds)",
+              unit="of decode sizes", comparison=">=", target=1.0,
+              measure=ResultValue("kvstitch", rouge, "nll_interpolation")),
         Claim(id=f"kvstitch.nccl_transfer_pct_{series}", system="kvstitch",
               statement=f"On two GPUs of one host, a request's KV of the pruned {family} (batch 16 x 2048 tokens, one "
                         "message per decode layer) sent over NCCL moves at >= 80% of the bandwidth of one message of "
@@ -46,39 +60,49 @@ CLAIMS = [claim for series in SERIES for claim in series_claims(series)]
 
 
 def plot_rouge_vs_size(view, out_dir: Path) -> list[Path]:
-    """ROUGE-L vs decode-model parameters per series: decode alone, hybrid (a), hybrid (b); prefill alone as a line."""
+    """Per series (columns): ROUGE-L (top) and, where recorded, held-out news loss (bottom, lower is better) vs
+    decode-model parameters for decode alone, hybrid (a), hybrid (b) and decode+LoRA alone; the prefill model alone
+    and tuned with the same LoRA as stars at their size and as lines."""
     plt = pyplot()
 
     recs = {s: view.result("kvstitch", f"rouge_{s}") for s in SERIES}
     recs = {s: r["data"] for s, r in recs.items() if r and r["data"].get("prefill", {}).get("rougeL") is not None}
     if not recs:
         return []
-    fig, axes = plt.subplots(1, len(recs), figsize=(6 * len(recs), 4.4), squeeze=False)
-    for ax, (series, d) in zip(axes[0], recs.items()):
+    with_loss = any(d["prefill"].get("nll") is not None for d in recs.values())
+    fig, axes = plt.subplots(2 if with_loss else 1, len(recs), figsize=(6 * len(recs), 8.4 if with_loss else 4.4),
+                             squeeze=False)
+    for col, (series, d) in enumerate(recs.items()):
         size = "params_non_embedding" if all("params_non_embedding" in x for x in d["decodes"]) else "params"
         decs = sorted(d["decodes"], key=lambda x: x[size])
-        xs = [x[size] / 1e6 for x in decs]
-        for system, style, label in (("decode_alone", "o-", "decode alone"), ("hybrid_a", "s--", "hybrid, stage a"),
-                                     ("hybrid_b", "^-", "hybrid, stage b")):
-            ys = [x["rougeL"].get(system) for x in decs]
-            if all(y is not None for y in ys):
-                ax.plot(xs, ys, style, label=label)
-        psize = d["prefill"].get(size, d["prefill"]["params"]) / 1e6  # the prefill model at its own size, and as a line
-        ax.plot([psize], [d["prefill"]["rougeL"]], "k*", ms=11, label=f"prefill alone ({psize:.0f}M)")
-        ax.axhline(d["prefill"]["rougeL"], color="k", ls=":", lw=0.8)
-        if (d.get("prefill_lora") or {}).get("rougeL") is not None:
-            ax.plot([psize], [d["prefill_lora"]["rougeL"]], "*", color="gray", ms=11,
-                    label="prefill + same LoRA (fair anchor)")
-            ax.axhline(d["prefill_lora"]["rougeL"], color="gray", ls="-.", lw=0.8)
         gaps = [((x.get("gaps") or {}).get("hybrid_b_minus_decode"), x.get("tag", "")) for x in decs]
         note = "".join(f"\n{tag}: hybrid b - decode alone {g['diff']:+.3f}, 95% CI [{g['lo']:+.3f}, {g['hi']:+.3f}], "
                        f"n={g['n']}" for g, tag in gaps if g)
-        what = "non-embedding parameters" if size == "params_non_embedding" else "parameters"
-        ax.set(xlabel=f"decode model {what} (M)", ylabel="ROUGE-L F1 (mean of news, wiki)")
-        ax.set_title(f"{series}: ROUGE-L vs decode-model size{note}", fontsize=9)
-        ax.legend(fontsize=8)
-    path = Path(out_dir) / "kvstitch_rouge_vs_size.png"
-    return save_figure(fig, path)
+        _panel(axes[0][col], d, decs, size, lambda x, k: x["rougeL"].get(k), lambda p: p.get("rougeL"),
+               "ROUGE-L F1 (mean of news, wiki)", f"{series}: ROUGE-L vs decode-model size{note}")
+        if with_loss:
+            _panel(axes[1][col], d, decs, size, lambda x, k: (x.get("nll") or {}).get(k), lambda p: p.get("nll"),
+                   "held-out news loss (nats/token, lower is better)", f"{series}: held-out loss vs decode-model size")
+    return save_figure(fig, Path(out_dir) / "kvstitch_rouge_vs_size.png")
+
+
+def _panel(ax, d: dict, decs: list[dict], size: str, value, anchor, ylabel: str, title: str) -> None:
+    xs = [x[size] / 1e6 for x in decs]
+    for system, style, label in (("decode_alone", "o-", "decode alone"), ("hybrid_a", "s--", "hybrid, stage a"),
+                                 ("hybrid_b", "^-", "hybrid, stage b"), ("lora_alone", "v:", "decode + LoRA alone")):
+        ys = [value(x, system) for x in decs]
+        if all(y is not None for y in ys):
+            ax.plot(xs, ys, style, label=label)
+    psize = d["prefill"].get(size, d["prefill"]["params"]) / 1e6  # the prefill model at its own size, and as a line
+    for rec, color, label in ((d["prefill"], "k", f"prefill alone ({psize:.0f}M)"),
+                              (d.get("prefill_lora") or {}, "gray", "prefill + same LoRA (fair anchor)")):
+        if anchor(rec) is not None:
+            ax.plot([psize], [anchor(rec)], "*", color=color, ms=11, label=label)
+            ax.axhline(anchor(rec), color=color, ls=":" if color == "k" else "-.", lw=0.8)
+    what = "non-embedding parameters" if size == "params_non_embedding" else "parameters"
+    ax.set(xlabel=f"decode model {what} (M)", ylabel=ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
 
 
 def rouge_tables(view) -> list[str]:

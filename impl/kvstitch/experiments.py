@@ -95,8 +95,8 @@ def interpolates(decode: float | None, hybrid: float | None, prefill: float | No
 def summarise(rec: dict) -> dict:
     """Adds ``rougeL`` means, the ROUGE table, per decode size the interpolation verdicts and the gaps' bootstrap
     intervals, and per series ``interpolation`` (the fraction of decode sizes that interpolate: 1 = all),
-    ``nll_interpolation`` (the same on held-out news loss) and ``hybrid_gain_lo`` (the smallest lower 95% bound of
-    hybrid b - decode alone over the sizes)."""
+    ``nll_interpolation`` (the same on held-out news loss), ``hybrid_gain_lo`` (the smallest lower 95% bound of
+    hybrid b - decode alone over the sizes) and ``kv_gain_lo`` (the same for hybrid b - decode+LoRA alone)."""
     p = mean_rouge_l(rec["prefill"]["scores"])
     rec["prefill"]["rougeL"] = p
     tuned, pt = rec.get("prefill_lora"), None
@@ -114,8 +114,9 @@ def summarise(rec: dict) -> dict:
             nll.get("decode_alone"), nll.get("hybrid_b"), rec["prefill"].get("nll"))))
     for key in ("interpolation", "interpolation_vs_tuned_prefill", "nll_interpolation"):  # fraction of sizes
         rec[key] = _mean_or_none([d[key] for d in rec["decodes"]])
-    los = [(d["gaps"] or {}).get("hybrid_b_minus_decode", {}).get("lo") for d in rec["decodes"]]
-    rec["hybrid_gain_lo"] = None if None in los or not los else min(los)  # the weakest size's lower 95% bound
+    for key, gap in (("hybrid_gain_lo", "hybrid_b_minus_decode"), ("kv_gain_lo", "hybrid_b_minus_lora_alone")):
+        los = [(d["gaps"] or {}).get(gap, {}).get("lo") for d in rec["decodes"]]
+        rec[key] = None if None in los or not los else min(los)  # the weakest size's lower 95% bound
     rec["table"] = rouge_table(rec)
     return rec
 
@@ -126,7 +127,8 @@ def _mean_or_none(xs: list[float | None]) -> float | None:
 
 def rouge_gaps(rec: dict, d: dict) -> dict | None:
     """Paired-bootstrap 95% intervals of the ROUGE-L gaps the interpolation verdict rests on (``None`` without
-    rouge-score): hybrid b - decode alone, prefill - hybrid b, tuned prefill - hybrid b."""
+    rouge-score): hybrid b - decode alone, prefill - hybrid b, tuned prefill - hybrid b, and hybrid b - decode+LoRA
+    alone (the same LoRA recipe without the stitched prefill KV)."""
     refs = rec["references"]
 
     def each(scores: dict) -> list[list[float]] | None:
@@ -137,6 +139,8 @@ def rouge_gaps(rec: dict, d: dict) -> dict | None:
     if None in (dec, hyb, pre):
         return None
     gaps = {"hybrid_b_minus_decode": paired_bootstrap(dec, hyb), "prefill_minus_hybrid_b": paired_bootstrap(hyb, pre)}
+    if "lora_alone" in d["scores"]:  # what the prefill KV adds beyond stage (b)'s LoRA on the decode model
+        gaps["hybrid_b_minus_lora_alone"] = paired_bootstrap(each(d["scores"]["lora_alone"]), hyb)
     if "prefill_lora" in rec:
         gaps["tuned_prefill_minus_hybrid_b"] = paired_bootstrap(hyb, each(rec["prefill_lora"]["scores"]))
     return gaps
