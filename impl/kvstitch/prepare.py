@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("split")
     s.add_argument("path")
     s.add_argument("--out", required=True)
-    s.add_argument("--chunk-mb", type=int, default=60)
+    s.add_argument("--chunk-mb", type=int, default=56,
+                   help="MiB per piece: a call carries 64 MiB with the working tree (~5 MB)")
     j = sub.add_parser("join")
     j.add_argument("--parts", required=True)
     j.add_argument("--out", required=True)
