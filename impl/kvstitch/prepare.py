@@ -5,7 +5,7 @@
                                         253 MB; loading it needs the ``gguf`` wheel), ``safetensors`` writes an HF dir
                                         (dequantised, ``--dtype``, shards of ``--shard-mb``) with the tokenizer
   wheels --out .whl                     pure-Python wheels the GPU side lacks: rouge-score, nltk, defusedxml, gguf
-  split  PATH --out DIR --chunk-mb 60   tar + cut a file or dir into DIR/part_NN/ folders (one per device call: the
+  split  PATH --out DIR --chunk-mb 56   tar + cut a file or dir into DIR/part_NN/ folders (one per device call: the
                                         working tree that travels is capped at 64 MiB)
   join   --parts DIR --out DIR          reassemble on the GPU side (parts may arrive over several calls)
 """
