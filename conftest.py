@@ -138,8 +138,11 @@ def device_bench(benchmark, request):
         else:
             benchmark._timer = time.perf_counter
             benchmark._precisions[benchmark._timer] = 1e-7
-            quiet_setup = (lambda: setup() and None) if setup is not None else None  # pedantic reads a return as args
-            result = benchmark.pedantic(fn, setup=quiet_setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
+            def before_round() -> None:  # returns nothing: pedantic would take a setup's return value as fn's args
+                setup()
+
+            result = benchmark.pedantic(fn, setup=before_round if setup is not None else None, rounds=rounds,
+                                        warmup_rounds=warmup, iterations=1)
         if benchmark.stats is not None:
             pk = measured_peaks() if backend.ON_GPU else {}
             benchmark.extra_info.update(derived_metrics(benchmark.stats.stats.median, bytes_moved, flops, pk,

@@ -11,6 +11,7 @@ from fixtures.oracle import assert_close, poison_
 from fixtures.strategies import make_array
 from impl import backend
 from impl.backend import DEVICE
+from impl.fp8.linear import unit_roundoff
 from impl.serve.attention import make_backend
 from impl.serve.fused import rmsnorm, rope_split, silu_mul
 from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep
@@ -51,7 +52,7 @@ def check_rope(got: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch
     half = x.shape[-1] // 2
     rot = torch.cat([-xd[..., half:], xd[..., :half]], dim=-1)
     ref = xd * c + rot * s_
-    u = torch.finfo(x.dtype).eps / 2
+    u = unit_roundoff(x.dtype)
     bound = 2 * u * ((xd * c).abs() + (rot * s_).abs()) + u * ref.abs() + torch.finfo(x.dtype).tiny
     err = (got.double().cpu() - ref).abs()
     assert bool((err <= bound).all()), f"RoPE off by {float((err / bound).max()):.2f}x its rounding bound"

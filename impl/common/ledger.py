@@ -107,8 +107,8 @@ def _bench_measured(entry: dict[str, Any], value: float, source: str) -> Measure
     m = entry["_meta"]
     timing = (entry.get("extra_info") or {}).get("timing")
     if m["device"] != "cpu" and timing != TIMING_QUEUED:
-        source += ("; timed eager: the host's launch latency is inside the time" if timing == TIMING_EAGER else
-                   "; timed eager: the host's launch latency is inside the time (stored before the queued timer)")
+        source += "; timed eager: the host's launch latency is inside the time" + (
+            "" if timing == TIMING_EAGER else " (stored before the queued timer)")
     return Measured(value, m["device"], m["commit"], m["date"], source)
 
 

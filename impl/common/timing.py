@@ -127,7 +127,7 @@ def time_fn(
         return Timing(times, device="cpu", result=result)
     import torch
 
-    hold_ms = (2e3 * enqueue_s if warmup else 1.0) + 0.05 if queue_ahead else 0.0
+    hold_ms = min((2e3 * enqueue_s if warmup else 1.0) + 0.05, 100.0) if queue_ahead else 0.0  # hold_stream's cap
     times, result = [], None
     for _ in range(reps):
         if setup:
@@ -142,7 +142,7 @@ def time_fn(
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return Timing(times, device=torch.cuda.get_device_name(), result=result, hold_ms=min(hold_ms, 100.0))
+    return Timing(times, device=torch.cuda.get_device_name(), result=result, hold_ms=hold_ms)
 
 
 def _host_time(fn: Callable[[], Any], setup: Callable[[], Any] | None) -> tuple[float, Any]:

@@ -10,49 +10,45 @@ from impl.common.plotting import pyplot, save_figure
 SERIES = {"smollm2": ("SmolLM2-135M", "SmolLM2"), "gemma3": ("Gemma-3-270M", "Gemma-3")}  # id: (prefill, family)
 
 
+EVERY_SIZE = ", for every decode size (value: the fraction of sizes where it holds)"
+LOWER_BOUND = "ROUGE-L (lower 95% bound of the gain)"
+
+
 def series_claims(series: str) -> list[Claim]:
     """The claims of one series: interpolation (against the prefill model, and against it tuned with the same LoRA),
     the gain's confidence interval over decode alone and over decode+LoRA alone, interpolation on held-out loss, and
     the layer-by-layer KV transfer."""
     prefill, family = SERIES[series]
-    pair, rouge = f"{prefill} prefill -> pruned {family} decode", f"rouge_{series}"
+    pair = f"{prefill} prefill -> pruned {family} decode"
+
+    def claim(name: str, statement: str, key: str, unit: str = "of decode sizes", comparison: str = ">=",
+              target: float = 1.0, result: str = f"rouge_{series}") -> Claim:
+        return Claim(id=f"kvstitch.{name}_{series}", system="kvstitch", statement=statement, unit=unit,
+                     comparison=comparison, target=target, measure=ResultValue("kvstitch", result, key))
+
     return [
-        Claim(id=f"kvstitch.interpolation_{series}", system="kvstitch",
-              statement=f"{pair}: after stage (b) the hybrid's ROUGE-L (mean of news continuation and wiki lead) lies "
-                        "between decode-alone and prefill-alone and above decode-alone, for every decode size (value: "
-                        "the fraction of sizes where it holds)",
-              unit="of decode sizes", comparison=">=", target=1.0,
-              measure=ResultValue("kvstitch", rouge, "interpolation")),
-        Claim(id=f"kvstitch.interpolation_vs_tuned_prefill_{series}", system="kvstitch",
-              statement=f"{pair}: after stage (b) the hybrid's ROUGE-L lies between decode-alone and the prefill model "
-                        "tuned with the same LoRA recipe on the same text (the fair upper anchor: stage b also tunes), "
-                        "and above decode-alone, for every decode size (value: the fraction of sizes where it holds)",
-              unit="of decode sizes", comparison=">=", target=1.0,
-              measure=ResultValue("kvstitch", rouge, "interpolation_vs_tuned_prefill")),
-        Claim(id=f"kvstitch.hybrid_gain_ci_{series}", system="kvstitch",
-              statement=f"{pair}: for every decode size, the hybrid's ROUGE-L gain over decode-alone after stage (b) "
-                        "is beyond noise: the lower end of its paired-bootstrap 95% interval (examples resampled "
-                        "within each task) is above 0",
-              unit="ROUGE-L (lower 95% bound of the gain)", comparison=">", target=0.0,
-              measure=ResultValue("kvstitch", rouge, "hybrid_gain_lo")),
-        Claim(id=f"kvstitch.kv_gain_over_lora_{series}", system="kvstitch",
-              statement=f"{pair}: for every decode size, the stitched prefill KV adds ROUGE-L beyond stage (b)'s "
-                        "LoRA alone: the lower end of the paired-bootstrap 95% interval of hybrid b minus the decode "
-                        "model tuned with the same LoRA recipe (no prefill KV) is above 0",
-              unit="ROUGE-L (lower 95% bound of the gain)", comparison=">", target=0.0,
-              measure=ResultValue("kvstitch", rouge, "kv_gain_lo")),
-        Claim(id=f"kvstitch.loss_interpolation_{series}", system="kvstitch",
-              statement=f"{pair}: after stage (b) the hybrid's held-out news loss (nats/token of the reference "
-                        "continuation) lies between decode-alone's and prefill-alone's and below decode-alone's, for "
-                        "every decode size (value: the fraction of sizes where it holds)",
-              unit="of decode sizes", comparison=">=", target=1.0,
-              measure=ResultValue("kvstitch", rouge, "nll_interpolation")),
-        Claim(id=f"kvstitch.nccl_transfer_pct_{series}", system="kvstitch",
-              statement=f"On two GPUs of one host, a request's KV of the pruned {family} (batch 16 x 2048 tokens, one "
-                        "message per decode layer) sent over NCCL moves at >= 80% of the bandwidth of one message of "
-                        "the same size between the same GPUs",
-              unit="% of measured GPU-to-GPU bandwidth", comparison=">=", target=80.0,
-              measure=ResultValue("kvstitch", f"nccl_transfer_{series}", "pct_of_p2p")),
+        claim("interpolation", f"{pair}: after stage (b) the hybrid's ROUGE-L (mean of news continuation and wiki "
+                               f"lead) lies between decode-alone and prefill-alone and above decode-alone{EVERY_SIZE}",
+              "interpolation"),
+        claim("interpolation_vs_tuned_prefill",
+              f"{pair}: after stage (b) the hybrid's ROUGE-L lies between decode-alone and the prefill model tuned "
+              "with the same LoRA recipe on the same text (the fair upper anchor: stage b also tunes), and above "
+              f"decode-alone{EVERY_SIZE}", "interpolation_vs_tuned_prefill"),
+        claim("hybrid_gain_ci", f"{pair}: for every decode size, the hybrid's ROUGE-L gain over decode-alone after "
+                                "stage (b) is beyond noise: the lower end of its paired-bootstrap 95% interval "
+                                "(examples resampled within each task) is above 0",
+              "hybrid_gain_lo", LOWER_BOUND, ">", 0.0),
+        claim("kv_gain_over_lora", f"{pair}: for every decode size, the stitched prefill KV adds ROUGE-L beyond stage "
+                                   "(b)'s LoRA alone: the lower end of the paired-bootstrap 95% interval of hybrid b "
+                                   "minus the decode model tuned with the same LoRA recipe (no prefill KV) is above 0",
+              "kv_gain_lo", LOWER_BOUND, ">", 0.0),
+        claim("loss_interpolation", f"{pair}: after stage (b) the hybrid's held-out news loss (nats/token of the "
+                                    "reference continuation) lies between decode-alone's and prefill-alone's and "
+                                    f"below decode-alone's{EVERY_SIZE}", "nll_interpolation"),
+        claim("nccl_transfer_pct", f"On two GPUs of one host, a request's KV of the pruned {family} (batch 16 x 2048 "
+                                   "tokens, one message per decode layer) sent over NCCL moves at >= 80% of the "
+                                   "bandwidth of one message of the same size between the same GPUs",
+              "pct_of_p2p", "% of measured GPU-to-GPU bandwidth", target=80.0, result=f"nccl_transfer_{series}"),
     ]
 
 

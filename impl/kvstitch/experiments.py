@@ -14,8 +14,9 @@ split``) is joined first. A series whose model is absent is skipped with a messa
 
 Results (``results/<gpu>/kvstitch/``): ``rouge_<series>.json`` (ROUGE-1/2/L of prefill alone, decode alone, hybrid
 after stage a and b, decode+LoRA alone, per decode size; ``interpolation`` = the fraction of sizes whose hybrid-b
-ROUGE-L lies between decode-alone and prefill-alone and above decode-alone; ``hybrid_gain_lo`` = the smallest lower
-95% bound of that gain), ``runtime_<series>_{1gpu,2gpu}.json`` (TTFT, decode tokens/s,
+ROUGE-L lies between decode-alone and prefill-alone and above decode-alone; ``hybrid_gain_lo`` / ``kv_gain_lo`` = the
+smallest lower 95% bound of the gain over decode alone / decode+LoRA alone; ``nll_interpolation`` the same verdict on
+held-out news loss), ``runtime_<series>_{1gpu,2gpu}.json`` (TTFT, decode tokens/s,
 KV bytes per request, hybrid vs prefill alone) and ``nccl_transfer_<series>.json`` (that series' KV sent layer by layer
 vs one message of the same bytes).
 """

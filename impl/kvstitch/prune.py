@@ -25,8 +25,8 @@ from torch import nn
 
 from impl.kvstitch.config import HealConfig, PruneConfig
 from impl.kvstitch.models import decoder_layers
-from impl.kvstitch.train import run_steps
 from impl.kvstitch.rope import text_config
+from impl.kvstitch.train import run_steps
 
 
 def _hidden(x):
@@ -181,6 +181,7 @@ def heal(student: nn.Module, teacher: nn.Module, batches: Iterator[torch.Tensor]
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     warm = max(1, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+
     def loss_of(ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             t_logits = teacher(input_ids=ids).logits.float()

@@ -86,6 +86,7 @@ def stage_a(prefill_model: nn.Module, decode_model: nn.Module, bundle: StitchBun
     resid = initialise(bundle, prefill_model, decode_model, next(batches).to(dev)) if init else {}
     bundle.passthrough = False
     bundle.train()
+
     def loss_of(ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             kv_p, kv_q = prefill(prefill_model, ids)[0], prefill(decode_model, ids)[0]

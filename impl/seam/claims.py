@@ -38,6 +38,7 @@ class WithAnchorOrder:
     def describe(self) -> str:
         return self.inner.describe()
 
+
 CLAIMS = [
     Claim(id="seam.interpolation_fraction", system="seam",
           statement="Stitches of ResNet34/ResNet50 (every block boundary, both directions) interpolate FLOPs and test "

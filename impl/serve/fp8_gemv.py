@@ -95,6 +95,13 @@ def check_w8a16_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return x, w, s, y
 
 
+def dot_meta(x: torch.Tensor) -> dict:
+    """The launch constants both W8A16 wrappers pass: ``DOT_PRECISION`` (exact products for fp32 x) and ``BLOCK_M``
+    (x's rows, padded to a tensor-core tile)."""
+    return dict(DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                BLOCK_M=max(16, triton.next_power_of_2(x.shape[0])))
+
+
 def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None,
                  config: triton.Config | None = None) -> torch.Tensor:
     """y = x · (s ⊙ q)ᵀ for x [M, K] (M <= MAX_M), q [N, K] float8_e4m3fn, s [N] / [N, 1] / one float32 scale.
@@ -103,8 +110,7 @@ def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out
     (m, k), n = x.shape, w.shape[0]
     if m and n:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        kw = dict(PER_TENSOR=s.numel() == 1, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                  BLOCK_M=max(16, triton.next_power_of_2(m)))
+        kw = dict(PER_TENSOR=s.numel() == 1, **dot_meta(x))
         if config is None:
             w8a16_tuned[grid](x, w, s, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), **kw)
         else:

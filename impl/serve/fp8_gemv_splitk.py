@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from impl import backend
-from impl.serve.fp8_gemv import check_w8a16_args, dot_codes
+from impl.serve.fp8_gemv import check_w8a16_args, dot_codes, dot_meta
 
 
 @triton.jit
@@ -71,8 +71,7 @@ def w8a16_linear_splitk(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     used = max(1, triton.cdiv(k, k_per_split))  # rounding k_per_split up can leave trailing splits empty
     ws = torch.empty(used, m, n, dtype=torch.float32, device=x.device)
     partial_kernel[(triton.cdiv(n, block_n), used)](
-        x, w, ws, m, n, k, k_per_split, x.stride(0), w.stride(0),
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=max(16, triton.next_power_of_2(m)),
+        x, w, ws, m, n, k, k_per_split, x.stride(0), w.stride(0), **dot_meta(x),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     block = 256
     reduce_kernel[(triton.cdiv(m * n, block),)](ws, s, y, m, n, used, y.stride(0), PER_TENSOR=s.numel() == 1,
