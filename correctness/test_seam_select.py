@@ -66,6 +66,14 @@ def test_sweep_is_never_heavier_than_the_anchor_baseline(rows):
     assert s["fraction_strictly_lighter_where_stitch_between"] in (None, 1.0)
 
 
+def test_constraint_grid_never_rounds_past_the_best_anchor():
+    rows = [{"name": n, "is_anchor": True, "flops": 1, "acc_val": 0.1171875} for n in ("r34", "r50")]
+    assert constraint_grid(rows) == [0.1171875]  # rounded to 6 digits it was 0.117188: no constraint left
+    rows.append({"name": "s", "is_anchor": False, "flops": 1, "acc_val": 0.05})
+    grid = constraint_grid(rows, n=5)
+    assert grid[0] == 0.05 and grid[-1] == 0.1171875 and len(grid) == 5
+
+
 def test_select_handles_no_feasible_row_and_ties():
     rows = [{"name": "b", "is_anchor": True, "flops": 5, "acc_val": 0.8},
             {"name": "a", "is_anchor": True, "flops": 5, "acc_val": 0.8},

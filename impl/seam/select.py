@@ -36,12 +36,13 @@ def select(rows: Iterable[dict[str, Any]], min_acc: float, max_latency_ms: float
 
 def constraint_grid(rows: list[dict[str, Any]], n: int = 41, acc_key: str = "acc_val") -> list[float]:
     """Accuracy constraints the anchor baseline can meet: n evenly spaced from the lowest accuracy of any row to the
-    best anchor's, plus every row accuracy in that range (the points where a choice changes)."""
+    best anchor's (rounded to 6 digits, never above the best anchor's), plus every row accuracy in that range, exact
+    (the points where a choice changes; rounded, 0.1171875 became 0.117188, which no row meets)."""
     best_anchor = max(r[acc_key] for r in rows if r["is_anchor"])
     lowest = min(r[acc_key] for r in rows)
-    grid = set(np.linspace(lowest, best_anchor, n).round(6).tolist())
-    grid |= {round(r[acc_key], 6) for r in rows if lowest <= r[acc_key] <= best_anchor}
-    return sorted(g for g in grid if g <= best_anchor)
+    grid = {min(g, best_anchor) for g in np.linspace(lowest, best_anchor, n).round(6).tolist()}
+    grid |= {r[acc_key] for r in rows if lowest <= r[acc_key] <= best_anchor}
+    return sorted(grid)
 
 
 def sweep(rows: list[dict[str, Any]], constraints: list[float], max_latency_ms: float | None = None,
