@@ -157,7 +157,7 @@ def device_bench(benchmark, request):
                                         warmup_rounds=warmup, iterations=1)
         if benchmark.stats is not None:
             benchmark.extra_info["rounds_s"] = [float(s) for s in benchmark.stats.stats.data]
-            pk = measured_peaks() if backend.ON_GPU else {}
+            pk = measured_peaks()  # {} without a GPU
             metrics = derived_metrics(benchmark.stats.stats.median, bytes_moved, flops, pk, flops_dtype,
                                       traffic_bytes)
             benchmark.extra_info.update(metrics)

@@ -164,8 +164,8 @@ def run_pytest_benches(targets: list[str], k: str | None, env: dict[str, str], t
     return {b["fullname"]: {**b, "_meta": meta} for b in run.get("benchmarks", []) if b.get("stats")}
 
 
-def gate(systems: list[str], *, slug: str, k: str | None = None, root: Path = RESULTS, env: dict[str, str] | None = None,
-         budget_s: float = 1800.0, runner: Runner = run_pytest_benches) -> GateResult:
+def gate(systems: list[str], *, slug: str, k: str | None = None, root: Path = RESULTS,
+         env: dict[str, str] | None = None, budget_s: float = 1800.0, runner: Runner = run_pytest_benches) -> GateResult:
     """Run the benches of ``systems`` once, re-run the ones over their threshold in a fresh process, and compare."""
     t0 = time.monotonic()
     base = baselines(ResultsView(slug, root))

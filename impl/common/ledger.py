@@ -54,10 +54,12 @@ PEAK_PCT_KEYS = ("pct_peak_bw", "pct_peak_flops")
 
 @dataclass(frozen=True)
 class Provenance:
-    """Where one side of a measurement comes from: the file (relative to results/<slug>/), the run it belongs to
-    (a bench file is one pytest run), device, commit (``+dirty`` when the tree had changes), date, and whether the
-    run finished. ``rescored_commit``: the commit that recomputed derived values of the record (kvstitch rescore)."""
+    """Where one side of a measurement comes from: what was read (a bench name or a record's key), the file
+    (relative to results/<slug>/), the run it belongs to (a bench file is one pytest run), device, commit (``+dirty``
+    when the tree had changes), date, and whether the run finished. ``rescored_commit``: the commit that recomputed
+    derived values of the record (kvstitch rescore)."""
 
+    what: str
     file: str
     run: str
     device: str
@@ -273,7 +275,8 @@ def bench_interval(entry: dict[str, Any], level: float = LEVEL) -> tuple[Interva
 
 def _provenance(entry: dict[str, Any]) -> Provenance:
     m = entry["_meta"]
-    return Provenance(file=m["file"], run=m["file"], device=m["device"], commit=m["commit"], date=m["date"])
+    return Provenance(what=entry["name"], file=m["file"], run=m["file"], device=m["device"], commit=m["commit"],
+                      date=m["date"])
 
 
 def _bench_measured(entry: dict[str, Any], value: float, source: str, *, interval: Interval | None = None,
@@ -284,7 +287,7 @@ def _bench_measured(entry: dict[str, Any], value: float, source: str, *, interva
         if e["_meta"]["device"] != "cpu" and timing != TIMING_QUEUED:
             source += f"; {e['name']} timed eager: the host's launch latency is inside the time" + (
                 "" if timing == TIMING_EAGER else " (stored before the queued timer)")
-    prov = tuple(dict.fromkeys(_provenance(e) for e in (entry, *others)))
+    prov = tuple(_provenance(e) for e in (entry, *others))
     return Measured(value, m["device"], m["commit"], m["date"], source, prov, interval, note)
 
 
@@ -331,11 +334,12 @@ class BenchRatio:
             return NotMeasured(f"the newest {self.num!r} is from {fa} ({a['_meta']['date'][:19]}) and the newest "
                                f"{self.den!r} from {fb} ({b['_meta']['date'][:19]}): a ratio takes both sides from one "
                                "run; run both benches in one pytest session")
-        (ia, na), (ib, nb) = bench_interval(a), bench_interval(b)
+        each = 1 - (1 - LEVEL) / 2  # both sides' intervals hold together with probability >= LEVEL
+        (ia, na), (ib, nb) = bench_interval(a, each), bench_interval(b, each)
         ra, rb = bench_rounds(a), bench_rounds(b)
         if ra and rb:
             iv = ratio_interval(ra, rb, LEVEL)
-        else:  # one side stored without rounds: combine the two (wider) intervals the same way
+        else:  # a side stored without rounds: combine the two (wider) intervals the same way
             iv = Interval(ia.point / ib.point, ia.lo / ib.hi, ia.hi / ib.lo, max(0.0, ia.coverage + ib.coverage - 1))
         note = "; ".join(n for n in (na, nb) if n) or None
         return _bench_measured(a, a["stats"]["median"] / b["stats"]["median"], f"{self.num} / {self.den} ({fa})",
@@ -396,11 +400,11 @@ def _over_peak(entry: dict[str, Any], view: ResultsView) -> str:
     return over_peak_message(metrics, peaks, x.get("flops_dtype", "bf16")) or "see the bench"
 
 
-def _record_provenance(rec: dict[str, Any], file: str) -> Provenance:
+def _record_provenance(rec: dict[str, Any], file: str, what: str) -> Provenance:
     data = rec["data"]
     complete = rec.get("complete", data.get("complete", True)) is not False
     rescore = rec.get("rescored") if isinstance(rec.get("rescored"), dict) else {}
-    return Provenance(file=file, run=str(rec.get("run_id") or file), device=str(rec.get("device") or "cpu"),
+    return Provenance(what=what, file=file, run=str(rec.get("run_id") or file), device=str(rec.get("device") or "cpu"),
                       commit=str(rec.get("commit") or "unknown"), date=str(rec.get("date") or ""), complete=complete,
                       rescored_commit=rescore.get("commit"))
 
@@ -436,12 +440,13 @@ class ResultValue:
         if value is None:
             return NotMeasured(f"{self.system}/{self.name}.json: {key} is null")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return NotMeasured(f"{self.system}/{self.name}.json: {key} is {type(value).__name__} {value!r}, not a number")
+            return NotMeasured(f"{self.system}/{self.name}.json: {key} is {type(value).__name__} {value!r}, "
+                               "not a number")
         return float(value)
 
     def measured(self, rec: dict[str, Any], value: float, *, interval: Interval | None = None,
                  source: str | None = None) -> Measured:
-        prov = _record_provenance(rec, f"{self.system}/{self.name}.json")
+        prov = _record_provenance(rec, f"{self.system}/{self.name}.json", self.key)
         commit = prov.commit + (f" (rescored at {prov.rescored_commit})" if prov.rescored_commit else "")
         return Measured(value, prov.device, commit, prov.date, source or f"{self.system}/{self.name}.json:{self.key}",
                         (prov,), interval)
@@ -481,7 +486,8 @@ class ResultInterval(ResultValue):
                              source=f"{self.system}/{self.name}.json:{self.key} [{self.lo}, {self.hi}]")
 
     def describe(self) -> str:
-        return f"`{self.key}` and its interval [`{self.lo}`, `{self.hi}`] in results/<gpu>/{self.system}/{self.name}.json"
+        return (f"`{self.key}` and its interval [`{self.lo}`, `{self.hi}`] in "
+                f"results/<gpu>/{self.system}/{self.name}.json")
 
 
 @dataclass(frozen=True)
@@ -572,7 +578,8 @@ def load_claims(systems: tuple[str, ...] = SYSTEMS) -> list[Claim]:
 def provenance_problem(m: Measured, view: ResultsView, needs_gpu: bool) -> str | None:
     """Why a measurement cannot give a verdict (None when it can): every side from one device (a GPU for a GPU
     claim), one run, a finished run, and a clean commit of this repository."""
-    sides = m.provenance or (Provenance(file=m.source, run=m.source, device=m.device, commit=m.commit, date=m.date),)
+    sides = m.provenance or (Provenance(what=m.source, file=m.source, run=m.source, device=m.device, commit=m.commit,
+                                        date=m.date),)
     devices = sorted({p.device or "cpu" for p in sides})
     if len(devices) > 1:
         return f"the sides were measured on different devices ({' vs '.join(devices)})"
@@ -662,6 +669,15 @@ def discover_systems() -> tuple[str, ...]:
 CASE_DEVICE = "NVIDIA H200"
 
 
+def clean_commit() -> str:
+    """A commit the provenance rule accepts, for stored-result fixtures: this checkout's HEAD (a commit that exists),
+    or, without git, any well-formed id (whose existence then cannot be checked)."""
+    from impl.common.results import git_commit
+
+    commit = git_commit(short=False).removesuffix("+dirty")
+    return "0" * 40 if commit == "unknown" else commit
+
+
 @dataclass(frozen=True)
 class Case:
     """Stored results on which one claim's verdict must be "fail": ``benches`` maps a bench name to
@@ -684,12 +700,8 @@ def materialise(case: Case, root: Path, *, slug: str | None = None, device: str 
                 commit: str | None = None, date: str = "2026-12-01T00:00:00+00:00") -> ResultsView:
     """Write ``case`` under ``root/<slug>/`` as one clean, complete run on ``device`` at ``commit`` (default: this
     checkout's HEAD, a commit that exists) and return the view of it."""
-    from impl.common.results import git_commit
-
     slug = slug or slugify_gpu(device)
-    commit = commit or git_commit(short=False).removesuffix("+dirty")
-    if commit == "unknown":
-        commit = "0" * 40  # no git here: commit_exists cannot tell, so any well-formed id serves
+    commit = commit or clean_commit()
     out = Path(root) / slug
     benches = []
     for name, b in case.benches.items():

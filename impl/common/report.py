@@ -124,8 +124,8 @@ def _markdown(slug: str, view: ResultsView, rows: list[dict[str, Any]], plots: d
         why = f" — **not measured:** {r['reason']}" if r["verdict"] == "not measured" else ""
         src = f" (source: {r['source']})" if r["source"] else ""
         sides = r.get("provenance") or []
-        prov = (" — read from " + "; ".join(f"{p['file']} ({p['device']}, commit {p['commit']}, {p['date'][:19]})"
-                                             for p in sides)) if len(sides) > 1 else ""
+        prov = (" — read: " + "; ".join(f"`{p['what']}` from {p['file']} ({p['device']}, commit {p['commit']}, "
+                                         f"{p['date'][:19]})" for p in sides)) if len(sides) > 1 else ""
         lines.append(f"- `{r['id']}`: {r['method']}{src}{prov}{why}")
     lines += _bench_table(view)
     for system, table in (tables or {}).items():
