@@ -147,7 +147,8 @@ def run_pytest_benches(targets: list[str], k: str | None, env: dict[str, str], t
     with tempfile.TemporaryDirectory(prefix="gate_") as tmp:
         out = Path(tmp) / "run.json"
         cmd = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", "--benchmark-only",
-               f"--benchmark-json={out}", "--benchmark-columns=median,iqr,rounds", *(["-k", k] if k else [])]
+               "--benchmark-enable", f"--benchmark-json={out}", "--benchmark-columns=median,iqr,rounds",
+               *(["-k", k] if k else [])]
         print("+", " ".join(cmd), flush=True)
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, start_new_session=True)
         try:
@@ -165,7 +166,8 @@ def run_pytest_benches(targets: list[str], k: str | None, env: dict[str, str], t
 
 
 def gate(systems: list[str], *, slug: str, k: str | None = None, root: Path = RESULTS,
-         env: dict[str, str] | None = None, budget_s: float = 1800.0, runner: Runner = run_pytest_benches) -> GateResult:
+         env: dict[str, str] | None = None, budget_s: float = 1800.0,
+         runner: Runner = run_pytest_benches) -> GateResult:
     """Run the benches of ``systems`` once, re-run the ones over their threshold in a fresh process, and compare."""
     t0 = time.monotonic()
     base = baselines(ResultsView(slug, root))
@@ -223,14 +225,17 @@ def proof(systems: list[str], *, slug: str, k: str | None, budget_s: float, runn
     if save_baseline is not None and not save_baseline():
         summary.update(complete=False, note="the baseline run failed")
         return summary
-    for _ in range(3):
+    def one(label: str, env: dict[str, str], budget: float) -> dict[str, Any]:
+        result = gate(systems, slug=slug, k=k, root=root, env=env, budget_s=budget, runner=runner)
+        print(f"== gate proof, {label}:\n{table(result)}", flush=True)
+        return result.as_dict()
+
+    for i in range(3):
         if left() < 30:
             break
-        summary["unchanged"].append(gate(systems, slug=slug, k=k, root=root, budget_s=left() / 2,
-                                         runner=runner).as_dict())
+        summary["unchanged"].append(one(f"unchanged code, run {i + 1} of 3", {}, left() / 2))
     if left() >= 20:
-        summary["slowed"] = gate(systems, slug=slug, k=k, root=root, env={CANARY_ENV: str(CANARY_EXTRA)},
-                                 budget_s=left(), runner=runner).as_dict()
+        summary["slowed"] = one(f"canary slowed by {CANARY_EXTRA:.0%}", {CANARY_ENV: str(CANARY_EXTRA)}, left())
     runs = summary["unchanged"]
     slowed = summary["slowed"] or {}
     caught = [n for n in slowed.get("regressed", []) if CANARY_BENCH in n]
@@ -245,10 +250,18 @@ def proof(systems: list[str], *, slug: str, k: str | None, budget_s: float, runn
 
 
 def save_baseline_run(systems: list[str], k: str | None, name: str = "gate_baseline") -> bool:
+    """Store one bench run of ``systems`` as ``results/<slug>/<machine>/NNNN_<name>.json``; True when it was stored
+    (a bench that fails its own check, e.g. a figure above its peak, still stores its times: the gate reads times)."""
+    from impl.common.results import results_dir
+
+    before = set(results_dir().glob(f"*/[0-9][0-9][0-9][0-9]_{name}.json"))
     cmd = [sys.executable, "-m", "pytest", *bench_targets(systems), "-q", "-p", "no:cacheprovider",
            "--benchmark-only", f"--benchmark-save={name}", *(["-k", k] if k else [])]
     print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=ROOT) == 0
+    rc = subprocess.call(cmd, cwd=ROOT)
+    made = set(results_dir().glob(f"*/[0-9][0-9][0-9][0-9]_{name}.json")) - before
+    print(f"gate: baseline run exited {rc}; stored {sorted(str(p.name) for p in made) or 'nothing'}", flush=True)
+    return bool(made)
 
 
 def main(argv: list[str] | None = None) -> int:

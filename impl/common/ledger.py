@@ -419,7 +419,8 @@ def _dig(data: Any, key: str) -> tuple[bool, Any]:
 
 @dataclass(frozen=True)
 class ResultValue:
-    """A number inside an experiment result ``results/<slug>/<system>/<name>.json``, by a dotted key path in ``data``."""
+    """A number inside an experiment result ``results/<slug>/<system>/<name>.json``, by a dotted key path in
+    ``data``."""
 
     system: str
     name: str
