@@ -407,3 +407,21 @@ def test_paired_bootstrap_is_deterministic_and_sees_a_shift():
         paired_bootstrap([0.1, float("nan")], [0.1, 0.2])
     with pytest.raises(ValueError, match="stat"):
         paired_bootstrap([0.1], [0.2], stat="mode")
+
+
+def test_calibration_peaks_are_the_best_of_their_kernels():
+    """The calibration's code path at tiny sizes on this machine's device (its figures mean nothing here): the
+    bandwidth peak is the best kernel, the GEMM peak the best shape, and derived metrics hold benches against them."""
+    from impl.common import calibrate
+    from impl.common.benchkit import bandwidth_peak, derived_metrics, flops_peak
+
+    p = calibrate.measure_peaks(calibrate.TINY)
+    assert set(p["bw_kernels"]) == {"copy_1gib", "copy_256mib", "read_sum_1gib", "triad_3x256mib"}
+    assert p["bw_peak_gbps"] == max(p["bw_kernels"].values()) > 0
+    assert p["bf16_peak_tflops"] == max(p["bf16_gemm_shapes"].values()) > 0
+    assert bandwidth_peak(p) == p["bw_peak_gbps"] and flops_peak(p, "bf16") == p["bf16_peak_tflops"]
+    assert bandwidth_peak({"copy_gbps": 3000.0}) == 3000.0 and flops_peak({"bf16_tflops": 700.0}, "bf16") == 700.0
+    m = derived_metrics(1.0, int(p["bw_peak_gbps"] * 1e9 / 2), 0, p)
+    assert m["pct_peak_bw"] == pytest.approx(50.0) and m["peak_bw_gbps"] == p["bw_peak_gbps"]
+    if not results.backend.ON_GPU:
+        assert calibrate.calibrate() == {}
