@@ -3,13 +3,14 @@ FAILING_CASES has an entry on which the claim's verdict is "fail", and its state
 the report's device column)."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 
 import pytest
 
-from impl.common import ledger
+from impl.common import ledger, report
 from impl.common.results import ROOT
 
 # Systems whose claims modules do not carry FAILING_CASES and card-free statements yet: their checks are expected
@@ -87,3 +88,16 @@ def test_card_regex_catches_card_names():
     assert CARD_NAMES.search("takes 0.8 ms on the H100") and CARD_NAMES.search("an L40S") and \
         CARD_NAMES.search("H200 run")
     assert not CARD_NAMES.search("SmolLM2-135M on 2 GPUs, 14336x4096, ResNet50, Gemma-3-270M, the seed's GPU")
+
+
+@pytest.mark.parametrize("slug", report.slugs_with_results())
+def test_stored_reports_are_current_and_read_cleanly(slug):
+    """Each committed claims.json is what the ledger gives on the committed results (re-render after changing a claim
+    or a rule: `python -m impl report`), and no stored file is unreadable."""
+    view = ledger.ResultsView(slug)
+    rows = [ledger.evaluate(c, view) for c in CLAIMS]
+    stored = json.loads((view.dir / "claims.json").read_text())
+    assert not view.unreadable, f"unreadable stored files in results/{slug}/: {view.unreadable}"
+    changed = [r["id"] for r, s in zip(rows, stored) if r != s] + [r["id"] for r in rows[len(stored):]]
+    assert len(rows) == len(stored) and not changed, \
+        f"results/{slug}/claims.json is stale for {changed[:8]}: run `python -m impl report {slug}`"
