@@ -144,12 +144,17 @@ def test_the_proof_reports_a_gate_that_misses_the_slowdown(stored):
     assert summary["slowed_caught"] == 0.0
 
 
-def test_the_canary_does_more_work_for_the_same_answer():
-    from benches.bench_examples import axpy_with_extra_work
+def test_the_canary_does_more_work_for_the_same_answer(monkeypatch):
+    from benches import bench_examples
 
+    sizes = []
+    real = bench_examples.axpy
+    monkeypatch.setattr(bench_examples, "axpy", lambda a, x, y, out: sizes.append(x.numel()) or real(a, x, y, out=out))
     x, y = torch.randn(1000), torch.randn(1000)
-    plain = axpy_with_extra_work(2.0, x, y, torch.full_like(x, float("nan")), 0.0)
-    slowed = axpy_with_extra_work(2.0, x, y, torch.full_like(x, float("nan")), gate.CANARY_EXTRA)
+    plain = bench_examples.axpy_with_extra_work(2.0, x, y, torch.full_like(x, float("nan")), 0.0)
+    assert sizes == [1000]
+    slowed = bench_examples.axpy_with_extra_work(2.0, x, y, torch.full_like(x, float("nan")), gate.CANARY_EXTRA)
+    assert sizes == [1000, 1000, 250], "the slowed canary moves 25% more elements"
     assert torch.equal(plain, slowed) and torch.allclose(plain, 2.0 * x + y)
 
 
