@@ -119,7 +119,7 @@ def test_sides_on_different_devices_are_not_compared(tmp_path):
 
 
 def test_a_cpu_run_in_a_gpu_folder_is_never_read(tmp_path):
-    """The 21.3 case: a newer CPU bench file with smaller medians must not turn a GPU ratio into a pass."""
+    """A newer CPU bench file with smaller medians must not turn a GPU ratio into a pass labelled with the GPU."""
     store_run(tmp_path, "h200", GPU, [bench("tc", 10.0), bench("hash", 1.0)], number=1)
     store_run(tmp_path, "h200", None, [bench("tc", 1.0)], number=2, date="2026-11-29T00:00:00+00:00")
     view = ledger.ResultsView("h200", tmp_path)

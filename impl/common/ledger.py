@@ -175,8 +175,9 @@ class ResultsView:
         for meta, run in runs:
             entries = {}
             for b in run["benchmarks"]:
-                if not isinstance(b, dict) or not isinstance(b.get("stats"), dict) or "name" not in b:
-                    continue
+                if not isinstance(b, dict) or not isinstance(b.get("stats"), dict) or "name" not in b or \
+                        not isinstance(b["stats"].get("median"), (int, float)):
+                    continue  # a bench that errored before timing stores no stats
                 entry = {**b, "_meta": meta}
                 entries[b["name"]] = entry
                 self.benches[b["name"]] = entry
@@ -255,7 +256,8 @@ def bench_rounds(entry: dict[str, Any]) -> list[float] | None:
     """Per-round seconds of a stored bench (``extra_info.rounds_s``, or pytest-benchmark's ``stats.data`` when saved
     with ``--benchmark-save-data``); None for runs stored without them."""
     for rounds in ((entry.get("extra_info") or {}).get("rounds_s"), entry["stats"].get("data")):
-        if isinstance(rounds, list) and rounds and all(isinstance(x, (int, float)) for x in rounds):
+        if isinstance(rounds, list) and rounds and all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
+                                                       for x in rounds):
             return [float(x) for x in rounds]
     return None
 
