@@ -173,3 +173,13 @@ def test_the_real_runner_times_benches_in_a_fresh_process():
     assert name == "benches/bench_examples.py::test_examples_axpy[1024]"
     assert len(e["extra_info"]["rounds_s"]) == e["stats"]["rounds"] >= 5
     assert e["extra_info"]["slow_canary"] == 0.25
+
+
+def test_a_hung_bench_process_is_killed_at_its_budget():
+    import sys
+    import time
+
+    t0 = time.monotonic()
+    assert gate.run_bounded([sys.executable, "-c", "import time; time.sleep(60)"], {}, 1.0) is None
+    assert time.monotonic() - t0 < 20
+    assert gate.run_bounded([sys.executable, "-c", "raise SystemExit(3)"], {}, 30.0) == 3

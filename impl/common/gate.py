@@ -142,6 +142,20 @@ def bench_targets(systems: list[str]) -> list[str]:
     return found
 
 
+def run_bounded(cmd: list[str], env: dict[str, str], timeout_s: float) -> int | None:
+    """Run ``cmd`` in its own process group from the repository root; kill the group after ``timeout_s`` (then
+    None): the gate never hangs on a bench."""
+    print("+", " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, start_new_session=True)
+    try:
+        return proc.wait(timeout=max(timeout_s, 1.0))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        print(f"gate: stopped after {timeout_s:.0f} s (budget): {' '.join(cmd[:6])} ...", flush=True)
+        return None
+
+
 def run_pytest_benches(targets: list[str], k: str | None, env: dict[str, str], timeout_s: float) -> dict[str, dict]:
     """Run ``targets`` (bench files or node ids) in a fresh pytest process, nothing stored; fullname -> entry."""
     with tempfile.TemporaryDirectory(prefix="gate_") as tmp:
@@ -149,14 +163,7 @@ def run_pytest_benches(targets: list[str], k: str | None, env: dict[str, str], t
         cmd = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", "--benchmark-only",
                "--benchmark-enable", f"--benchmark-json={out}", "--benchmark-columns=median,iqr,rounds",
                *(["-k", k] if k else [])]
-        print("+", " ".join(cmd), flush=True)
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, start_new_session=True)
-        try:
-            proc.wait(timeout=max(timeout_s, 1.0))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            print(f"gate: pytest stopped after {timeout_s:.0f} s (budget)", flush=True)
+        run_bounded(cmd, env, timeout_s)
         if not out.exists():
             return {}
         run = json.loads(out.read_text())
@@ -249,7 +256,7 @@ def proof(systems: list[str], *, slug: str, k: str | None, budget_s: float, runn
     return summary
 
 
-def save_baseline_run(systems: list[str], k: str | None, name: str = "gate_baseline") -> bool:
+def save_baseline_run(systems: list[str], k: str | None, timeout_s: float, name: str = "gate_baseline") -> bool:
     """Store one bench run of ``systems`` as ``results/<slug>/<machine>/NNNN_<name>.json``; True when it was stored
     (a bench that fails its own check, e.g. a figure above its peak, still stores its times: the gate reads times)."""
     from impl.common.results import results_dir
@@ -257,8 +264,7 @@ def save_baseline_run(systems: list[str], k: str | None, name: str = "gate_basel
     before = set(results_dir().glob(f"*/[0-9][0-9][0-9][0-9]_{name}.json"))
     cmd = [sys.executable, "-m", "pytest", *bench_targets(systems), "-q", "-p", "no:cacheprovider",
            "--benchmark-only", f"--benchmark-save={name}", *(["-k", k] if k else [])]
-    print("+", " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, cwd=ROOT)
+    rc = run_bounded(cmd, {}, timeout_s)
     made = set(results_dir().glob(f"*/[0-9][0-9][0-9][0-9]_{name}.json")) - before
     print(f"gate: baseline run exited {rc}; stored {sorted(str(p.name) for p in made) or 'nothing'}", flush=True)
     return bool(made)
@@ -287,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     slug = gpu_slug()
     if a.proof:
         summary = proof(systems, slug=slug, k=a.k, budget_s=a.budget_s,
-                        save_baseline=lambda: save_baseline_run(systems, a.k))
+                        save_baseline=lambda: save_baseline_run(systems, a.k, a.budget_s / 3))
         print(f"wrote {write_result('examples', 'gate_proof', summary, overwrite=True)}")
         proved = (summary.get("complete") and summary["unchanged_passed"] == 3 and summary["slowed_caught"]
                   and not summary["slowed_false_alarms"])
