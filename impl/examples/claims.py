@@ -12,7 +12,7 @@ CLAIMS = [
     Claim(id="examples.gate_quiet_on_unchanged", system="examples",
           statement="The regression gate passes three gate runs in a row on unchanged code (each bench against its "
                     "own stored baseline, threshold from its spread, re-run in a fresh process before failing)",
-          unit="of 3 runs passed", comparison=">=", target=1.0,
+          unit="fraction of 3 unchanged runs passed", comparison=">=", target=1.0,
           measure=ResultValue("examples", "gate_proof", "unchanged_pass_fraction")),
     Claim(id="examples.gate_catches_slowdown", system="examples",
           statement="The regression gate fails when the axpy canary does 25% more work (same answer), after its "
