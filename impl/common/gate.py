@@ -94,11 +94,18 @@ def threshold(entry: dict[str, Any]) -> float:
     return max(MIN_THRESHOLD, IQR_FACTOR * iqr / med) if med > 0 else MIN_THRESHOLD
 
 
+def refused_runs(view: ResultsView) -> dict[str, str]:
+    """Stored runs that cannot be a baseline, and why (uncommitted or unknown code)."""
+    return {run["file"]: f"commit {run['commit']!r} {why}" for run in view.runs
+            if (why := commit_problem(run["commit"]))}
+
+
 def baselines(view: ResultsView) -> dict[str, dict[str, Any]]:
     """fullname -> that bench's entry in the newest clean stored run of the card that contains it."""
     out: dict[str, dict[str, Any]] = {}
+    refused = refused_runs(view)
     for run in view.runs:  # oldest first
-        if commit_problem(run["commit"]):
+        if run["file"] in refused:
             continue
         for entry in run["benches"].values():
             if not (entry.get("extra_info") or {}).get("slow_canary"):
@@ -177,9 +184,11 @@ def gate(systems: list[str], *, slug: str, k: str | None = None, root: Path = RE
          runner: Runner = run_pytest_benches) -> GateResult:
     """Run the benches of ``systems`` once, re-run the ones over their threshold in a fresh process, and compare."""
     t0 = time.monotonic()
-    base = baselines(ResultsView(slug, root))
+    view = ResultsView(slug, root)
+    base = baselines(view)
     if not base:
-        return GateResult(complete=False, note=f"no clean stored run in results/{slug}/ to gate against")
+        refused = "".join(f"; {f}: {why}" for f, why in refused_runs(view).items())
+        return GateResult(complete=False, note=f"no clean stored run in results/{slug}/ to gate against{refused}")
     env = env or {}
     first = runner(bench_targets(systems), k, env, budget_s)
     suspects = [n for n, c in first.items() if n in base and over(base[n], c["stats"]["median"], threshold(base[n]))]
@@ -212,7 +221,8 @@ def table(result: GateResult) -> str:
                      f"{(f'+{100 * r.threshold:.0f}%' if r.threshold is not None else '—'):>6}")
     if result.note:
         lines.append(f"gate: {result.note}")
-    lines.append("gate: FAILED (regressions above)" if result.rc else "gate: passed")
+    lines.append(("gate: FAILED (regressions above)" if result.regressed else "gate: FAILED (incomplete)")
+                 if result.rc else "gate: passed")
     return "\n".join(lines)
 
 
@@ -256,16 +266,17 @@ def proof(systems: list[str], *, slug: str, k: str | None, budget_s: float, runn
     return summary
 
 
-def save_baseline_run(systems: list[str], k: str | None, timeout_s: float, name: str = "gate_baseline") -> bool:
-    """Store one bench run of ``systems`` as ``results/<slug>/<machine>/NNNN_<name>.json``; True when it was stored
+def save_baseline_run(systems: list[str], k: str | None, timeout_s: float, *, slug: str, root: Path = RESULTS,
+                      name: str = "gate_baseline") -> bool:
+    """Store one bench run of ``systems`` as ``<root>/<slug>/<machine>/NNNN_<name>.json``; True when it was stored
     (a bench that fails its own check, e.g. a figure above its peak, still stores its times: the gate reads times)."""
-    from impl.common.results import results_dir
-
-    before = set(results_dir().glob(f"*/[0-9][0-9][0-9][0-9]_{name}.json"))
+    where = Path(root) / slug
+    before = set(where.glob(f"*/[0-9][0-9][0-9][0-9]_{name}.json"))
     cmd = [sys.executable, "-m", "pytest", *bench_targets(systems), "-q", "-p", "no:cacheprovider",
-           "--benchmark-only", f"--benchmark-save={name}", *(["-k", k] if k else [])]
+           "--benchmark-only", "--benchmark-enable", f"--benchmark-storage=file://{where}", f"--benchmark-save={name}",
+           *(["-k", k] if k else [])]
     rc = run_bounded(cmd, {}, timeout_s)
-    made = set(results_dir().glob(f"*/[0-9][0-9][0-9][0-9]_{name}.json")) - before
+    made = set(where.glob(f"*/[0-9][0-9][0-9][0-9]_{name}.json")) - before
     print(f"gate: baseline run exited {rc}; stored {sorted(str(p.name) for p in made) or 'nothing'}", flush=True)
     return bool(made)
 
@@ -293,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     slug = gpu_slug()
     if a.proof:
         summary = proof(systems, slug=slug, k=a.k, budget_s=a.budget_s,
-                        save_baseline=lambda: save_baseline_run(systems, a.k, a.budget_s / 3))
+                        save_baseline=lambda: save_baseline_run(systems, a.k, a.budget_s / 3, slug=slug))
         print(f"wrote {write_result('examples', 'gate_proof', summary, overwrite=True)}")
         proved = (summary.get("complete") and summary["unchanged_passed"] == 3 and summary["slowed_caught"]
                   and not summary["slowed_false_alarms"])
