@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     slug = gpu_slug()
     if a.proof:
         summary = proof(systems, slug=slug, k=a.k, budget_s=a.budget_s,
-                        save_baseline=lambda: save_baseline_run(systems, a.k, a.budget_s / 3, slug=slug))
+                        save_baseline=lambda: save_baseline_run(systems, a.k, a.budget_s / 2, slug=slug))
         print(f"wrote {write_result('examples', 'gate_proof', summary, overwrite=True)}")
         proved = (summary.get("complete") and summary["unchanged_passed"] == 3 and summary["slowed_caught"]
                   and not summary["slowed_false_alarms"])
