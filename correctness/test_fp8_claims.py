@@ -1,7 +1,7 @@
 """The fp8 ledger entries evaluate against stored results and the plots draw from them (a fake results folder)."""
 import json
 
-from impl.common.ledger import ResultsView, evaluate, load_claims
+from impl.common.ledger import ResultsView, clean_commit, evaluate, load_claims
 from impl.fp8 import claims
 from impl.fp8.layouts import LAYOUTS
 
@@ -20,13 +20,13 @@ def fake_results(root):
     for kind, pct in (("dequant", 88.0), ("requant", 79.0)):
         name = f"test_fp8_{kind}[block-14336x4096]"
         benches.append({"name": name, "fullname": name, "stats": {"median": 1e-4}, "extra_info": {"pct_peak_bw": pct}})
-    run = {"benchmarks": benches, "commit_info": {"id": "abc"}, "datetime": "2026-01-01",
+    run = {"benchmarks": benches, "commit_info": {"id": clean_commit()}, "datetime": "2026-01-01",
            "machine_info": {"gpu": "NVIDIA H100"}}
     (d / "machine" / "0001_run.json").write_text(json.dumps(run))
     layouts = {n: {"ppl": 20.1, "ppl_delta_pct": 0.5 if n != "ct-block" else 1.5, "within_1pct": n != "ct-block"}
                for n in LAYOUTS}
     (d / "fp8" / "smollm2_ppl.json").write_text(json.dumps(
-        {"device": "NVIDIA H100", "commit": "abc", "date": "2026", "data": {"tokens": 1000, "bf16": {"ppl": 20.0},
+        {"device": "NVIDIA H100", "commit": clean_commit(), "date": "2026", "data": {"tokens": 1000, "bf16": {"ppl": 20.0},
                                                                           "layouts": layouts}}))
     return ResultsView("h100-fake", root)
 

@@ -129,7 +129,7 @@ def test_derived_metrics():
 
 
 def _store_run(root, slug, device, benches, number=1):
-    run = {"machine_info": {"gpu": device}, "commit_info": {"id": "abc123def4567890"},
+    run = {"machine_info": {"gpu": device}, "commit_info": {"id": ledger.clean_commit()},
            "datetime": f"2026-11-28T0{number}:00:00", "benchmarks": benches}
     path = root / slug / "Linux-CPython-3.12-64bit" / f"{number:04d}_abc_run.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ def test_ledger_verdicts(tmp_path):
     _store_run(tmp_path, "h100", "NVIDIA H100", [_bench("fast", 1.0, pct=90.0), _bench("slow", 3.0)])
     view = ledger.ResultsView("h100", tmp_path)
     row = ledger.evaluate(_claim(ledger.BenchRatio("slow", "fast")), view)
-    assert row["verdict"] == "pass" and row["measured_value"] == 3.0 and row["commit"] == "abc123def456"
+    assert row["verdict"] == "pass" and row["measured_value"] == 3.0 and row["commit"] == ledger.clean_commit()[:12]
     assert ledger.evaluate(_claim(ledger.BenchRatio("fast", "slow")), view)["verdict"] == "fail"
     assert ledger.evaluate(_claim(ledger.ExtraInfo("fast", "pct"), target=80), view)["verdict"] == "pass"
     missing = ledger.evaluate(_claim(ledger.BenchStat("nope")), view)
@@ -166,7 +166,7 @@ def test_ledger_newer_run_wins_and_cpu_cannot_pass(tmp_path):
 
 
 def test_result_value_measure(tmp_path):
-    rec = {"device": "NVIDIA H100", "commit": "c", "date": "d", "data": {"a": {"b": 0.95}}}
+    rec = {"device": "NVIDIA H100", "commit": ledger.clean_commit(), "date": "d", "data": {"a": {"b": 0.95}}}
     (tmp_path / "h100" / "examples").mkdir(parents=True)
     (tmp_path / "h100" / "examples" / "r.json").write_text(json.dumps(rec))
     view = ledger.ResultsView("h100", tmp_path)

@@ -156,11 +156,11 @@ def _fake_results(root: Path, slug: str) -> None:
                          kind="uniform", n=1_000_000))
     benches.append(bench("test_join_tc[total-1M]", 700e-6, impl="tc-triton", phase="total", case="1M",
                          kind="uniform", n=1_000_000))
-    run = {"commit_info": {"id": "abc123"}, "datetime": "2026-11-28T00:00:00", "machine_info": {"gpu": "NVIDIA H100"},
+    run = {"commit_info": {"id": ledger.clean_commit()}, "datetime": "2026-11-28T00:00:00", "machine_info": {"gpu": "NVIDIA H100"},
            "benchmarks": benches}
     (root / slug / "machine").mkdir(parents=True)
     (root / slug / "machine" / "0001_fake.json").write_text(json.dumps(run))
-    ncu = {"device": "NVIDIA H100", "commit": "abc123", "date": "2026-11-28", "data": {
+    ncu = {"device": "NVIDIA H100", "commit": ledger.clean_commit(), "date": "2026-11-28", "data": {
         "hash_cuda": {"occupancy_pct": 70.0, "kernels": [{"kernel": "hash_build_cu", "own": True,
                                                           "sm__warps_active.avg.pct_of_peak_sustained_active": 70.0}]},
         "tc_triton": {"occupancy_pct": 30.0, "kernels": [{"kernel": "tc_join_count", "own": True,

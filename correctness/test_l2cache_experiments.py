@@ -5,7 +5,7 @@ import pytest
 
 from impl import backend
 
-from impl.common.ledger import NotMeasured, ResultsView, evaluate
+from impl.common.ledger import NotMeasured, ResultsView, clean_commit, evaluate
 from impl.common.results import RESULTS
 from impl.l2cache import claims, ncu
 from impl.l2cache.experiments import SMOKE, per_policy_metrics, run
@@ -76,7 +76,7 @@ def test_per_policy_metrics_averages_each_policys_requests():
 # ---- claims and plots ---------------------------------------------------------------------------------------
 
 def _record(name: str, data: dict) -> dict:
-    return {"system": "l2cache", "name": name, "device": "NVIDIA H100 80GB HBM3", "commit": "abc", "date": "2026-11-28",
+    return {"system": "l2cache", "name": name, "device": "NVIDIA H100 80GB HBM3", "commit": clean_commit(), "date": "2026-11-28",
             "data": data}
 
 

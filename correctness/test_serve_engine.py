@@ -184,7 +184,7 @@ def test_experiments_smoke_feeds_claims_and_plot(capsys, tmp_path):
     """The experiment runs on the CPU at toy size and writes nothing; its record evaluates the claims and plots."""
     import json
 
-    from impl.common.ledger import ResultsView, evaluate
+    from impl.common.ledger import ResultsView, clean_commit, evaluate
     from impl.common.results import RESULTS
     from impl.serve import claims, experiments
 
@@ -199,7 +199,7 @@ def test_experiments_smoke_feeds_claims_and_plot(capsys, tmp_path):
     want = sum(n * k + 4 * n for n, k in zip(shapes, ins)) / sum(4 * n * k for n, k in zip(shapes, ins))
     assert data["fp8_weight_mem_ratio"] == pytest.approx(want)
     (tmp_path / "fake" / "serve").mkdir(parents=True)
-    record = {"device": "fake GPU", "commit": "abc", "date": "2026-01-01", "data": data}
+    record = {"device": "fake GPU", "commit": clean_commit(), "date": "2026-01-01", "data": data}
     (tmp_path / "fake" / "serve" / f"{claims.RESULT}.json").write_text(json.dumps(record))
     view = ResultsView("fake", root=tmp_path)
     rows = {c.id: evaluate(c, view) for c in claims.CLAIMS}

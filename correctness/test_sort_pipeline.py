@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from numba import cuda
 
 from fixtures.strategies import arrays, make_array, max_size
-from impl.common.ledger import ResultsView, evaluate
+from impl.common.ledger import ResultsView, clean_commit, evaluate
 from impl.sort.bitonic import BitonicSorter, SortGraph
 from impl.sort.keys import SUPPORTED_DTYPES
 from impl.sort.network import default_config
@@ -146,7 +146,7 @@ def _fake_view(tmp_path):
                bench(f"test_sort_cupy[keys-float32-{n}]", 0.4e-3, n=n, dtype="float32", mode="keys", variant="cupy"),
                bench("test_sort_h2d[pageable]", 2.4e-3, variant="pageable"),
                bench("test_sort_h2d[pinned]", 0.75e-3, variant="pinned")]
-    run = {"commit_info": {"id": "abc"}, "datetime": "2026-11-28", "machine_info": {"gpu": "H100"},
+    run = {"commit_info": {"id": clean_commit()}, "datetime": "2026-11-28", "machine_info": {"gpu": "H100"},
            "benchmarks": benches}
     (slug / "machine" / "0001_abc_x.json").write_text(json.dumps(run))
     passes = {"keys": {"passes": [{"kind": "tile", "pct_copy_bw": 60.0}, {"kind": "wide", "pct_copy_bw": 80.0}],

@@ -3,6 +3,7 @@
   verify   run every correctness test and every bench (as tests, tiny sizes, without a GPU), then ``report``
   report   evaluate the claims ledger for each results/<gpu-slug>/ (and results/cpu/) into claims.json + REPORT.md
   gpu      on a GPU machine, per system: correctness, benches saved to results/<slug>/, experiments; report
+  gate     on a GPU machine: every bench of the chosen systems against its own stored baseline (impl.common.gate)
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def cmd_report(slugs: list[str]) -> int:
         s = report.render(slug)
         print(f"report {slug}: {s['claims']} claims — {s['pass']} pass, {s['fail']} fail, "
               f"{s['not measured']} not measured -> {s['dir']}/REPORT.md")
+        for line in s["problems"]:
+            print(f"  problem: {line}")
     return 0
 
 
@@ -70,6 +73,11 @@ def cmd_gpu(systems: list[str], save: str, experiment_args: list[str], skip_expe
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gate"]:  # its own parser (impl.common.gate), so `python -m impl gate -h` shows its options
+        from impl.common import gate
+
+        return gate.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m impl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -82,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--save", default="", help="name suffix for the stored benchmark run (default: the system)")
     g.add_argument("--no-experiments", action="store_true", help="skip the systems' experiments modules")
     g.add_argument("--quick", action="store_true", help="pass --quick to the experiments")
+    sub.add_parser("gate", help="regression gate against the stored baselines (python -m impl gate -h)")
     a = p.parse_args(argv)
     if a.cmd == "report":
         return cmd_report(a.slugs)

@@ -1,54 +1,111 @@
 """Peak calibration: measure this card's ceilings once per GPU run, so benches report % of a measured peak.
 
-- copy: device-to-device copy of 1 GiB, bytes read + written over time (GB/s);
-- bf16 / fp8 GEMM: 8192³ through torch (cuBLAS), 2·M·N·K over time (TFLOP/s); fp8 via ``torch._scaled_mm``;
-- h2d: 40 MB host-to-device from pinned and from pageable memory (GB/s).
+Descriptive figures (medians of event-timed reps, as before):
+- ``copy_gbps``: device-to-device copy of 1 GiB, bytes read + written over time;
+- ``bf16_tflops`` / ``fp8_tflops``: 8192³ GEMM through torch (cuBLAS; fp8 via ``torch._scaled_mm``), 2·M·N·K / time;
+- ``h2d_pinned_gbps`` / ``h2d_pageable_gbps``: 40 MB host-to-device from pinned / pageable memory.
+
+Peaks, the denominators of every ``pct_peak_*`` (a true ceiling, so that no honest bench reads above 100%):
+- ``bw_peak_gbps``: the best of several memory-bound kernels — copies of 1 GiB and 256 MiB, a read-only reduction
+  (1 GiB summed), and a triad ``z = x + 2y`` (3 × 256 MiB) — each at its *fastest* round;
+- ``bf16_peak_tflops`` / ``fp8_peak_tflops``: the best of three GEMM shapes (8192³, 4096×8192×8192,
+  8192×4096×4096), fastest round.
+A bench's median of the same kernel lies below its calibration's fastest round unless the card's clocks changed
+between the two. ``bw_kernels`` / ``*_gemm_shapes`` keep each kernel's figure, for the diagnosis of a bench above 100%.
 
 Copy and GEMM are timed in ``time_fn``'s queued view, like the benches they anchor; H2D in the eager one (the host's
 staging is part of a pageable copy).
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from impl import backend
 from impl.common.timing import time_fn
 
-GEMM_N = 8192
-COPY_BYTES = 1 << 30
+METHOD = ("copy 1 GiB d2d (read+write); GEMM 8192^3 via torch; H2D 40 MB; medians of 20 event-timed reps (copy and "
+          "GEMM queued, launch latency excluded; H2D eager). Peaks: fastest round of the best of copy 1 GiB / 256 MiB, "
+          "read-only sum 1 GiB, triad 3 x 256 MiB (bandwidth) and of GEMM 8192^3, 4096x8192x8192, 8192x4096x4096")
 
 
-def measure_copy_gbps() -> float:
+@dataclass(frozen=True)
+class Sizes:
+    """What the calibration runs: copy sizes (bytes), the triad's array size, GEMM shapes (M, N, K), H2D bytes."""
+
+    copy_bytes: int = 1 << 30
+    small_bytes: int = 1 << 28
+    gemm: tuple[int, int, int] = (8192, 8192, 8192)
+    gemm_shapes: tuple[tuple[int, int, int], ...] = ((8192, 8192, 8192), (4096, 8192, 8192), (8192, 4096, 4096))
+    h2d_bytes: int = 40_000_000
+
+
+FULL = Sizes()
+TINY = Sizes(copy_bytes=1 << 16, small_bytes=1 << 14, gemm=(64, 64, 64), gemm_shapes=((64, 64, 64), (32, 64, 64)),
+             h2d_bytes=1 << 14)  # runs anywhere (CPU tests of the code path); its figures mean nothing
+
+
+def _device() -> str:
+    return "cuda" if backend.ON_GPU else "cpu"
+
+
+def _rate(work: float, fn: Callable[[], Any], *, best: bool = False, flush: bool = True) -> float:
+    """``work`` per second of ``fn`` (queued view): the median round, or the fastest with ``best``."""
+    t = time_fn(fn, warmup=3, reps=20, flush=flush, queue_ahead=backend.ON_GPU)
+    ms = min(t.times_ms) if best else t.median_ms
+    return work / (max(ms, 1e-9) * 1e-3)
+
+
+def measure_copy_gbps(nbytes: int = FULL.copy_bytes, *, best: bool = False) -> float:
     import torch
 
-    src = torch.randint(0, 255, (COPY_BYTES,), dtype=torch.uint8, device="cuda")
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=_device())
     dst = torch.empty_like(src)
-    ms = time_fn(lambda: dst.copy_(src), warmup=3, reps=20, queue_ahead=True).median_ms
-    return 2 * COPY_BYTES / (ms * 1e-3) / 1e9
+    return _rate(2 * nbytes, lambda: dst.copy_(src), best=best) / 1e9
 
 
-def measure_gemm_tflops(dtype: str) -> float | None:
+def measure_bandwidth_kernels(sizes: Sizes = FULL) -> dict[str, float]:
+    """GB/s at the fastest round of each memory-bound calibration kernel (bytes each reads + writes once)."""
     import torch
 
-    n = GEMM_N
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    if dtype == "bf16":
-        fn = lambda: a @ b  # noqa: E731
-    elif dtype == "fp8":
-        if torch.cuda.get_device_capability() < (8, 9):
-            return None
-        a8 = a.to(torch.float8_e4m3fn)
-        b8 = b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major B, as cuBLASLt fp8 wants
-        one = torch.ones((), device="cuda")
-        fn = lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
-    else:
+    big, small = sizes.copy_bytes, sizes.small_bytes
+    out = {"copy_1gib": measure_copy_gbps(big, best=True), "copy_256mib": measure_copy_gbps(small, best=True)}
+    x = torch.rand(big // 4, device=_device())
+    acc = torch.empty((), device=_device())
+    out["read_sum_1gib"] = _rate(big, lambda: torch.sum(x, dim=0, out=acc), best=True) / 1e9
+    del x
+    n = small // 4
+    a, b, c = (torch.rand(n, device=_device()) for _ in range(3))
+    out["triad_3x256mib"] = _rate(3 * 4 * n, lambda: torch.add(a, b, alpha=2.0, out=c), best=True) / 1e9
+    return out
+
+
+def _gemm_fn(dtype: str, m: int, n: int, k: int) -> Callable[[], Any] | None:
+    import torch
+
+    if dtype not in ("bf16", "fp8"):
         raise ValueError(f"dtype must be bf16 or fp8, not {dtype!r}")
-    ms = time_fn(fn, warmup=5, reps=20, flush=False, queue_ahead=True).median_ms
-    return 2 * n**3 / (ms * 1e-3) / 1e12
+    a = torch.randn(m, k, device=_device(), dtype=torch.bfloat16)
+    b = torch.randn(k, n, device=_device(), dtype=torch.bfloat16)
+    if dtype == "bf16":
+        return lambda: a @ b
+    if not backend.ON_GPU or torch.cuda.get_device_capability() < (8, 9):
+        return None
+    a8 = a.to(torch.float8_e4m3fn)
+    b8 = b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major B, as cuBLASLt fp8 wants
+    one = torch.ones((), device="cuda")
+    return lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
 
 
-def measure_h2d_gbps(pinned: bool, nbytes: int = 40_000_000) -> float:
+def measure_gemm_tflops(dtype: str, shape: tuple[int, int, int] = FULL.gemm, *, best: bool = False) -> float | None:
+    fn = _gemm_fn(dtype, *shape)
+    if fn is None:
+        return None
+    m, n, k = shape
+    return _rate(2 * m * n * k, fn, best=best, flush=False) / 1e12
+
+
+def measure_h2d_gbps(pinned: bool, nbytes: int = FULL.h2d_bytes) -> float:
     import torch
 
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
@@ -58,12 +115,25 @@ def measure_h2d_gbps(pinned: bool, nbytes: int = 40_000_000) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
+def measure_peaks(sizes: Sizes = FULL) -> dict[str, Any]:
+    """Every figure of the module docstring on this machine's device (H2D only with a GPU)."""
+    bw = measure_bandwidth_kernels(sizes)
+    peaks: dict[str, Any] = {"copy_gbps": measure_copy_gbps(sizes.copy_bytes),
+                             "bf16_tflops": measure_gemm_tflops("bf16", sizes.gemm),
+                             "fp8_tflops": measure_gemm_tflops("fp8", sizes.gemm)}
+    if backend.ON_GPU:
+        peaks.update(h2d_pinned_gbps=measure_h2d_gbps(True, sizes.h2d_bytes),
+                     h2d_pageable_gbps=measure_h2d_gbps(False, sizes.h2d_bytes))
+    peaks.update(bw_kernels=bw, bw_peak_gbps=max(bw.values()))
+    for dtype in ("bf16", "fp8"):
+        shapes = {"x".join(map(str, s)): measure_gemm_tflops(dtype, s, best=True) for s in sizes.gemm_shapes}
+        if all(v is not None for v in shapes.values()):
+            peaks[f"{dtype}_gemm_shapes"] = shapes
+            peaks[f"{dtype}_peak_tflops"] = max(shapes.values())
+    peaks["method"] = METHOD
+    return peaks
+
+
 def calibrate() -> dict[str, Any]:
     """All peaks of the current card; empty dict without a GPU."""
-    if not backend.ON_GPU:
-        return {}
-    return {"copy_gbps": measure_copy_gbps(), "bf16_tflops": measure_gemm_tflops("bf16"),
-            "fp8_tflops": measure_gemm_tflops("fp8"), "h2d_pinned_gbps": measure_h2d_gbps(True),
-            "h2d_pageable_gbps": measure_h2d_gbps(False),
-            "method": "copy 1 GiB d2d (read+write); GEMM 8192^3 via torch; H2D 40 MB; medians of 20 event-timed reps "
-                      "(copy and GEMM queued, launch latency excluded; H2D eager)"}
+    return measure_peaks(FULL) if backend.ON_GPU else {}

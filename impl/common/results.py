@@ -15,6 +15,7 @@ import platform
 import re
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ from impl import backend
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results"
+CURRENT_CARD = "h200"  # the card lent now: its report is the one to read; other cards' reports are history
+RUN_ID = os.environ.get("LAB_RUN_ID") or uuid.uuid4().hex[:12]
+"""This process's run: stored in every record ``write_result`` writes. ``LAB_RUN_ID`` shares one id across the
+processes of one run (a driver and its children); a fresh run has a fresh id (the "best of many" rule needs that)."""
 
 
 def gpu_name() -> str:
@@ -39,13 +44,15 @@ def slugify_gpu(name: str) -> str:
 
 
 def gpu_slug() -> str:
-    """Folder name of this card's results. ``LAB_RESULTS_SLUG`` (set by tox's per-GPU envs) must match the card."""
+    """Folder name of this card's results. ``LAB_RESULTS_SLUG`` (set by tox's per-GPU envs) must match the card; on a
+    machine without a GPU it may only say ``cpu`` (CPU numbers never land in a GPU's folder)."""
     detected = slugify_gpu(gpu_name())
     wanted = os.environ.get("LAB_RESULTS_SLUG")
-    if wanted and backend.ON_GPU and wanted != detected:
-        raise RuntimeError(f"LAB_RESULTS_SLUG={wanted!r} but this card is {detected!r}: its results would land in "
-                           "another card's baselines; use the tox env for this card")
-    return wanted or detected
+    if wanted and wanted != detected:
+        where = "this card is" if backend.ON_GPU else "this machine has no GPU, so its results go to"
+        raise RuntimeError(f"LAB_RESULTS_SLUG={wanted!r} but {where} {detected!r}: its results would land in "
+                           "another card's folder; unset it or use the tox env of this card")
+    return detected
 
 
 def results_dir(slug: str | None = None) -> Path:
@@ -66,6 +73,32 @@ def git_commit(short: bool = True) -> str:
         return "unknown"
     sha = out.stdout.strip()
     return (sha[:12] if short else sha) + ("+dirty" if dirty else "")
+
+
+_KNOWN_COMMITS: dict[str, bool | None] = {}
+
+
+def commit_exists(sha: str) -> bool | None:
+    """Whether ``sha`` (short or full) names a commit of this repository's history: None where that cannot be told
+    (no git, not a checkout, or a shallow clone whose history is cut)."""
+    if sha not in _KNOWN_COMMITS:
+        _KNOWN_COMMITS[sha] = _ask_git_for_commit(sha)
+    return _KNOWN_COMMITS[sha]
+
+
+def _ask_git_for_commit(sha: str) -> bool | None:
+    if not re.fullmatch(r"[0-9a-f]{4,40}", sha):
+        return False
+    try:
+        shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=30)
+        if shallow.returncode != 0 or shallow.stdout.strip() != "false":
+            return None
+        found = subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=ROOT, capture_output=True,
+                               timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return found.returncode == 0
 
 
 def now_iso() -> str:
@@ -158,17 +191,23 @@ def atomic_write_bytes(path: Path, data: bytes, *, overwrite: bool = False) -> b
 
 
 def write_result(system: str, name: str, data: dict[str, Any], *, slug: str | None = None,
-                 overwrite: bool = False) -> Path:
-    """Store an experiment's result as ``results/<slug>/<system>/<name>.json`` with device, commit and date.
+                 overwrite: bool = False, root: Path = RESULTS) -> Path:
+    """Store an experiment's result as ``<root>/<slug>/<system>/<name>.json`` with device, commit, date and run id.
 
-    Refuses to run without a GPU unless ``slug`` is given (CPU numbers must never land in a GPU's folder).
+    ``slug`` defaults to this machine's (``gpu_slug``). Without a GPU the only slug allowed under the suite's own
+    ``results/`` is ``cpu``: a CPU number never lands in a GPU's folder; another ``root`` (a test's temporary
+    folder) takes any slug. ``data["complete"]``, where the experiment sets it, says whether the run finished: the
+    ledger reads a record with ``complete: false`` as not measured.
     """
     if not re.fullmatch(r"[a-z0-9_]+", system) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ValueError(f"bad result name {system!r}/{name!r}: use [a-z0-9_] for the system, [A-Za-z0-9_.-] for names")
     slug = slug or gpu_slug()
+    if not backend.ON_GPU and slug != "cpu" and Path(root).resolve() == RESULTS.resolve():
+        raise RuntimeError(f"write_result({system!r}, {name!r}, slug={slug!r}) on a machine without a GPU: CPU results "
+                           "go to results/cpu/ only (pass root= a scratch folder to write elsewhere, as tests do)")
     record = {"system": system, "name": name, "device": gpu_name(), "commit": git_commit(), "date": now_iso(),
-              "machine": machine_info(), "data": data}
-    path = results_dir(slug) / system / f"{name}.json"
+              "run_id": RUN_ID, "machine": machine_info(), "data": data}
+    path = Path(root) / slug / system / f"{name}.json"
     atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=_json_default) + "\n",
                       overwrite=overwrite)
     return path

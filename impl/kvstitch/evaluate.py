@@ -54,16 +54,14 @@ def rouge_l_each(predictions: list[str], references: list[str]) -> list[float] |
 def paired_bootstrap(a: list[list[float]], b: list[list[float]], reps: int = 2000, seed: int = 0) -> dict:
     """Mean over tasks of the per-task mean of ``b - a`` (paired examples; the same task weighting as the reported
     ROUGE-L) and its 95% percentile-bootstrap interval: examples resampled with replacement within each task,
-    ``reps`` times, fixed ``seed``. Returns ``{"diff", "lo", "hi", "n"}``; an interval above 0 says b beats a beyond
-    the noise of this many examples."""
+    ``reps`` times, fixed ``seed`` (``impl.common.stats.paired_bootstrap`` with tasks as strata). Returns
+    ``{"diff", "lo", "hi", "n"}``; an interval above 0 says b beats a beyond the noise of this many examples."""
+    from impl.common.stats import paired_bootstrap as bootstrap
+
     if len(a) != len(b) or not a or any(len(x) != len(y) or not x for x, y in zip(a, b)):
         raise ValueError(f"need equally many paired scores per task, got {[len(x) for x in a]} and {[len(y) for y in b]}")
-    g = torch.Generator().manual_seed(seed)
-    diffs = [torch.tensor(y, dtype=torch.float64) - torch.tensor(x, dtype=torch.float64) for x, y in zip(a, b)]
-    boot = torch.stack([d[torch.randint(0, len(d), (reps, len(d)), generator=g)].mean(1) for d in diffs]).mean(0)
-    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"diff": sum(d.mean().item() for d in diffs) / len(diffs), "lo": lo, "hi": hi,
-            "n": sum(len(d) for d in diffs)}
+    got = bootstrap(a, b, "mean", n=reps, seed=seed)
+    return {k: got[k] for k in ("diff", "lo", "hi", "n")}
 
 
 def cut_at_eos(tokens: list[int], eos: int | None) -> list[int]:

@@ -391,13 +391,18 @@ def rec_vocab(model_dir: Path) -> int:
     return json.loads((model_dir / "config.json").read_text())["vocab_size"]
 
 
-def rescore(slug: str) -> int:
-    """Score stored generations with rouge-score on this machine; device, commit and date of the record are kept."""
-    from impl.common.results import atomic_write_text, results_dir
+def rescore(slug: str, root: Path | None = None) -> int:
+    """Score stored generations with rouge-score on this machine. The record keeps the GPU run's device, commit,
+    date and run id (the generations are theirs) and gains ``rescored``: the commit and date of the code that
+    computed the scores and everything derived from them. The ledger vouches for both commits."""
+    from impl.common.results import RESULTS, atomic_write_text, git_commit, now_iso
 
     if not rouge_available():
         raise SystemExit("rouge-score is not importable here: `pip install rouge-score`")
-    for path in sorted((results_dir(slug) / SYSTEM).glob("rouge_*.json")):
+    commit = git_commit()
+    if commit == "unknown" or commit.endswith("+dirty"):
+        raise SystemExit(f"rescore from committed code: this checkout is at {commit!r} (commit impl/ first)")
+    for path in sorted(((root or RESULTS) / slug / SYSTEM).glob("rouge_*.json")):
         rec = json.loads(path.read_text())
         d = rec["data"]
         refs = d["references"]
@@ -407,8 +412,10 @@ def rescore(slug: str) -> int:
                 v["rouge"] = rouge(v["generations"], refs[task])
         d["rouge_scored"] = "rescored on the CPU side from the GPU run's generations"
         rec["data"] = summarise(d)
+        rec["rescored"] = {"commit": commit, "date": now_iso(), "of_commit": rec.get("commit")}
         atomic_write_text(path, json.dumps(rec, indent=2, sort_keys=True) + "\n", overwrite=True)
-        print(f"rescored {path}: interpolation {rec['data']['interpolation']}")
+        print(f"rescored {path}: interpolation {rec['data']['interpolation']} (run at {rec.get('commit')}, scored at "
+              f"{commit})")
     return 0
 
 
