@@ -240,7 +240,7 @@ def test_claims_need_a_finished_run_of_three_seeds(tmp_path):
     recs["interpolation"]["complete"] = False
     recs["selector"]["run_id"] = "another-run"
     v = verdicts(store(tmp_path / "mixed", recs))
-    assert "unfinished run" in v["seam.interpolation_fraction"]["reason"]
+    assert "not from a finished run" in v["seam.interpolation_fraction"]["reason"]
     assert "different runs" in v["seam.selector_promise_kept"]["reason"]
 
 

@@ -46,7 +46,7 @@ class RunValue:
             return NotMeasured(f"seam/{bad[0]}.json holds no data object")
         unfinished = [n for n, d in data.items() if d.get("complete") is not True]
         if unfinished:
-            return NotMeasured(f"seam/{unfinished[0]}.json is from an unfinished run (complete is not true)")
+            return NotMeasured(f"seam/{unfinished[0]}.json is not from a finished run of this recipe (no complete: true)")
         runs = {d.get("run_id") for d in data.values()}
         if len(runs) != 1 or None in runs:
             return NotMeasured(f"seam records {sorted(data)} come from different runs (run_id {sorted(map(str, runs))})")
