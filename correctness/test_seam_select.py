@@ -431,7 +431,7 @@ def test_one_cycle_schedule_matches_torch():
                                                 anneal_strategy="cos", div_factor=25, final_div_factor=1e4,
                                                 base_momentum=0.85, max_momentum=0.95)
     for step in range(total):
-        # torch's phases end at steps 29 and 99 of 100: the same cycle at progress 0.3·k/29, then 0.3 + 0.7·(k−29)/70
+        # torch's phases end at steps 29 and 99 of 100: our cycle at progress 0.3·k/29, then 0.3 + 0.7·(k−29)/70
         p = 0.3 * step / 29 if step <= 29 else 0.3 + 0.7 * (step - 29) / 70
         want_lr, want_m = opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]
         assert lr_at(p, cfg) == pytest.approx(want_lr, rel=1e-6, abs=1e-9), step

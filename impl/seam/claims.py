@@ -46,10 +46,12 @@ class RunValue:
             return NotMeasured(f"seam/{bad[0]}.json holds no data object")
         unfinished = [n for n, d in data.items() if d.get("complete") is not True]
         if unfinished:
-            return NotMeasured(f"seam/{unfinished[0]}.json is not from a finished run of this recipe (no complete: true)")
+            return NotMeasured(f"seam/{unfinished[0]}.json is not from a finished run of this recipe "
+                               "(no complete: true)")
         runs = {d.get("run_id") for d in data.values()}
         if len(runs) != 1 or None in runs:
-            return NotMeasured(f"seam records {sorted(data)} come from different runs (run_id {sorted(map(str, runs))})")
+            return NotMeasured(f"seam records {sorted(data)} come from different runs "
+                               f"(run_id {sorted(map(str, runs))})")
         if self.min_seeds is not None:
             order = (data.get("anchors") or data[self.name]).get("order") or {}
             if (order.get("seeds") or 0) < self.min_seeds:
@@ -147,8 +149,9 @@ def seam_tables(view) -> list[str]:
         anchors_rows = sorted((r for r in configs["data"]["rows"] if r["is_anchor"]), key=lambda r: r["flops"])
         if len(anchors_rows) == 2:
             bound = 100 * (1 - anchors_rows[0]["flops"] / anchors_rows[1]["flops"])
-            lines.append(f"No stitch inside the anchors' FLOPs range can save more than 1 − F({anchors_rows[0]['name']})"
-                         f"/F({anchors_rows[1]['name']}) = {bound:.1f} % against the heavier anchor.")
+            light, heavy = (r["name"] for r in anchors_rows)
+            lines.append(f"No stitch inside the anchors' FLOPs range can save more than 1 − F({light})/F({heavy}) = "
+                         f"{bound:.1f} % against the heavier anchor.")
             lines.append("")
     return lines
 

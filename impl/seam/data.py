@@ -296,7 +296,8 @@ def load_folder(data_dir: Path, device: str, *, val_size: int, seed: int, image_
     workers = 8 if device == "cuda" else 0  # worker processes pay off feeding a GPU; on a CPU they only cost spawns
     return DataBundle(train=FolderSplit(train_ds, device, train_idx, workers),
                       val=FolderSplit(val_ds, device, val_idx, workers),
-                      test=FolderSplit(test_ds, device, test_idx, workers), num_classes=len(train_ds.classes), channels=3,
+                      test=FolderSplit(test_ds, device, test_idx, workers), num_classes=len(train_ds.classes),
+                      channels=3,
                       image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, kind="folder", source=str(data_dir),
                       gpu_augment=small, info={"val_size": val_size, "split_seed": seed, "classes": train_ds.classes})
 

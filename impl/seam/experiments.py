@@ -363,10 +363,11 @@ def serve_check(ckpt: Path, family: SeamFamily, rows: list[dict], data: DataBund
 
 
 def run(recipe: Recipe, data_dir: str | None, out: Path, write: bool, weights: dict[str, str | None],
-        ckpt: Path | None = None) -> dict:
+        ckpt: Path | None = None, channels_last: bool | None = None) -> dict:
+    """The recipe (module docstring); ``channels_last`` defaults to on for a GPU, off for the CPU."""
     t_start = time.perf_counter()
     device = "cuda" if backend.ON_GPU else "cpu"
-    cl = device == "cuda"
+    cl = device == "cuda" if channels_last is None else channels_last
     ckpt = ckpt or out / "checkpoint"
     check = gpu_self_check(device) if device == "cuda" else None
     data = load_data(data_dir, device, val_size=recipe.val_size, seed=recipe.split_seed,
@@ -488,6 +489,26 @@ def print_table(sections: dict[str, dict[str, Any]]) -> None:
               f"{t['family']['seconds']:.1f} s)")
 
 
+def check_args(a: argparse.Namespace) -> str | None:
+    """Why the numeric options cannot run (before any training), or None."""
+    import math
+
+    from impl.seam.stats import z_of
+
+    if a.confidence is not None:
+        try:
+            z_of(a.confidence)
+        except ValueError as e:
+            return f"--confidence: {e}"
+    for name, positive in (("anchor_epochs", False), ("family_epochs", False), ("budget_s", True),
+                           ("image_size", True)):
+        v = getattr(a, name)
+        if v is not None and (not math.isfinite(v) or v < 0 or (positive and v == 0)):
+            kind = "positive" if positive else "non-negative"
+            return f"--{name.replace('_', '-')} must be a finite {kind} number, got {v}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m impl.seam.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -521,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
 
         log(f"Fashion-MNIST copied to {prepare_carry()}")
         return 0
+    bad = check_args(a)
+    if bad:
+        p.error(bad)
     recipe = preset("smoke" if a.smoke else "smoke-gpu" if a.smoke_gpu else "quick" if a.quick else "full")
     for key, value in (("granularity", a.granularity), ("directions", a.directions), ("image_size", a.image_size),
                        ("budget_s", a.budget_s), ("confidence", a.confidence)):

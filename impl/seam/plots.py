@@ -1,4 +1,4 @@
-"""Plots from the stored results: accuracy of the family against FLOPs and measured latency, and the selector's sweep."""
+"""Plots from the stored results: the family's accuracy against FLOPs and measured latency, the selector's sweep."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +28,8 @@ def plot_accuracy_vs_cost(configs: dict[str, Any], interp: dict[str, Any] | None
             ok = verdict.get(r["name"], {}).get("interpolates", True)
             ax.scatter([r[key] * scale], [100 * r["acc_test"]], s=28, color="tab:blue" if ok else "tab:red",
                        marker="o" if ok else "x")
-            ax.annotate(str(r.get("point", r["name"])), (r[key] * scale, 100 * r["acc_test"]), fontsize=6, xytext=(2, 2),
-                        textcoords="offset points")
+            ax.annotate(str(r.get("point", r["name"])), (r[key] * scale, 100 * r["acc_test"]), fontsize=6,
+                        xytext=(2, 2), textcoords="offset points")
         family_anchors = sorted((r for r in rows if r["is_anchor"]), key=lambda r: r["flops"])
         ax.plot([r[key] * scale for r in family_anchors], [100 * r["acc_test"] for r in family_anchors], "k--", lw=1)
         for r in family_anchors:

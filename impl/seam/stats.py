@@ -4,7 +4,7 @@
 * ``promise_bound(acc, n, n_eval, confidence)``: a one-sided lower bound on the accuracy a model measured at ``acc``
   on ``n`` images will show on a fresh set of ``n_eval`` images,
 
-      acc − z · sqrt(p̃ (1 − p̃) (1/n + 1/n_eval)),   z = Φ⁻¹(confidence),  p̃ = (acc·n + z²/2) / (n + z²)
+      acc − z · sqrt(p̃ (1 − p̃) (1/n + 1/n_eval)),   z = Φ⁻¹(confidence),   p̃ = (acc·n + z²/2) / (n + z²)
 
   (the Agresti–Coull centre keeps the spread positive at acc = 0 or 1; with ``n_eval=None`` the second term drops and
   the bound is on the true accuracy; a bound below 0 is reported as 0);
