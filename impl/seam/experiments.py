@@ -132,22 +132,22 @@ class Recorder:
         if name not in RESULT_NAMES:
             raise ValueError(f"unknown result {name!r}")
         self.sections[name] = {**data, "run_id": self.run_id, "complete": complete}
-        self.flush()
+        self.flush([name])
 
     def finish(self) -> None:
         for name in self.sections:
             self.sections[name]["complete"] = True
-        self.flush()
+        self.flush(list(self.sections))
 
-    def flush(self) -> None:
+    def flush(self, names: list[str]) -> None:
         from impl.common.results import atomic_write_text, gpu_slug, write_result
 
         atomic_write_text(self.out / "results.json", json.dumps(self.sections, indent=2, default=str) + "\n",
                           overwrite=True)
         if not self.write:
             return
-        for name, data in self.sections.items():
-            path = write_result("seam", name, data, overwrite=True)
+        for name in names:
+            path = write_result("seam", name, self.sections[name], overwrite=True)
             dest = self.out / "results" / gpu_slug() / "seam" / path.name
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, dest)
