@@ -19,7 +19,7 @@
    on a GPU, copied under ``--out``); the plots and ``results.json`` under ``--out``; the checkpoint under
    ``--checkpoint``.
 
-Presets: ``full`` (3 seeds x 15 anchor epochs, 20 family epochs; sized for ~6 minutes on an H200 inside a 520 s
+Presets: ``full`` (3 seeds x 15 anchor epochs, 30 family epochs; sized for ~6 minutes on an H200 inside a 520 s
 budget), ``quick`` (3 seeds x 4, 4), ``smoke-gpu`` (real sizes, 1 seed, 1 + 1 epochs, ~1 minute, writes only under
 --out), ``smoke`` (CPU-sized: channels / 2, 12x12 images, a few steps; writes only under --out). Every training phase
 has a time budget (a fraction of ``--budget-s``) that anneals its schedule by time if the card is slower than planned;
@@ -74,7 +74,7 @@ class Recipe:
     limits: tuple[int | None, int | None, int | None] | None = None
     anchor_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.2, pct_start=0.3))
     family_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=20, lr=0.05, pct_start=0.15, seed=1, grad_clip=2.0, distill_alpha=0.5, distill_temperature=2.0))
+        epochs=30, lr=0.05, pct_start=0.15, seed=1, grad_clip=2.0, distill_alpha=0.5, distill_temperature=2.0))
     lstsq_images: int = 100
     calib_images: int = 2048
     ablation_images: int = 2000                          # test images for the lstsq-only and shared-BN accuracies
@@ -88,7 +88,7 @@ class Recipe:
     tol: float = 0.0025
     budget_s: float = 520.0
     anchor_budget_frac: tuple[float, float] = (0.06, 0.11)   # of budget_s, per run of each arch
-    family_budget_frac: float = 0.2
+    family_budget_frac: float = 0.25
     split_seed: int = 0
 
 
