@@ -88,6 +88,50 @@ def test_stage_granularity_family():
                                                     for p in (3, 7, 13)]
 
 
+def test_fast_to_slow_family_and_explicit_stitch_subsets():
+    fam = make_family(width_div=16, directions="fast_to_slow")
+    assert [c.name for c in fam.stitch_configs] == [f"r34_to_r50_p{p:02d}" for p in range(1, 16)]
+    sub = make_family(width_div=16, stitches=["r50_to_r34_p02", "r34_to_r50_p09"])
+    assert [c.name for c in sub.configs] == ["r34", "r50", "r34_to_r50_p09", "r50_to_r34_p02"]
+    assert set(sub.stitches) == {"r34_to_r50_p09", "r50_to_r34_p02"}
+    with pytest.raises(ValueError, match="not candidate stitches"):
+        make_family(width_div=16, directions="fast_to_slow", stitches=["r50_to_r34_p02"])
+    with pytest.raises(ValueError, match="directions"):
+        make_family(width_div=16, directions="slow_to_fast")
+
+
+def test_plan_keeps_exactly_the_stitches_inside_the_anchors_flops_range():
+    """The meta-device plan against FLOPs counted on real tensors: same numbers, and kept iff inside the range."""
+    from impl.seam.measure import plan_stitches
+
+    anchors = [AnchorConfig(arch=a, width_div=4) for a in ("resnet34", "resnet50")]
+    plan = plan_stitches(anchors, (1, 12, 12), directions="both")
+    fam = make_family(width_div=4)
+    real = {c.name: count_flops(fam, c, (1, 12, 12), "cpu") for c in fam.configs}
+    assert plan.flops == real
+    inside = [n for n in real if n not in ("r34", "r50") and real["r34"] <= real[n] <= real["r50"]]
+    assert plan.keep == inside and 0 < len(inside) < 30  # some candidates fall outside at this geometry
+    assert plan_stitches(anchors, (1, 12, 12), directions="both", inside_only=False).keep == \
+        [c.name for c in fam.stitch_configs]
+    with pytest.raises(ValueError, match="cheaper first"):
+        plan_stitches(anchors[::-1], (1, 12, 12))
+
+
+def test_anchors_are_torchvisions_resnets():
+    """timm's networks as built here start like torchvision's (no zeroed residual branch), load torchvision's state
+    dicts unchanged and compute the same logits."""
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is the reference architecture")
+    for arch in ("resnet34", "resnet50"):
+        ours = build_anchor(AnchorConfig(arch=arch, in_chans=3, small_stem=False)).eval()
+        assert all(bool((m.weight != 0).all()) for m in ours.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        ref = getattr(torchvision.models, arch)(num_classes=10).eval()
+        assert set(ours.state_dict()) == set(ref.state_dict())
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
 def test_family_rejects_mismatched_layouts():
     import timm
 
@@ -422,6 +466,8 @@ def test_load_data_reads_an_image_folder(tmp_path):
                 Image.fromarray(pixels_).save(tmp_path / split / cls / f"{i}.png")
     data = load_data(tmp_path, "cpu", val_size=4, image_size=16)
     assert data.kind == "folder" and data.num_classes == 2 and data.channels == 3
+    assert data.gpu_augment  # small images: the shift + flip recipe of Fashion-MNIST, unchanged
+    assert not load_data(tmp_path, "cpu", val_size=4, image_size=96).gpu_augment  # RandomResizedCrop instead
     assert (len(data.train), len(data.val), len(data.test)) == (8, 4, 4)
     for split in (data.train, data.val, data.test):
         x, y = next(split.batches(3))

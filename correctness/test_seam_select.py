@@ -1,7 +1,9 @@
-"""seam: the selector, the interpolation rule, serving and checkpoints, training properties, the recipe's smoke run."""
+"""seam: the selector and its promise, the statistics behind it, the interpolation rule, serving and checkpoints
+(including bad input), and training properties."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,15 +13,77 @@ from hypothesis import strategies as st
 
 from impl import backend
 from impl.seam.measure import InterpolationRule, accuracy, calibrate_bn, interpolates, interpolation_summary
-from impl.seam.select import constraint_grid, select, summarize, sweep
-from impl.seam.serve import SeamServer, load_checkpoint, save_checkpoint
+from impl.seam.select import FloorError, Promise, floor_grid, promise_interval, promised, select, summarize, sweep
+from impl.seam.serve import CheckpointError, SeamServer, load_checkpoint, save_checkpoint
+from impl.seam.stats import bootstrap_accuracies, mean_ci95, pack_bits, promise_bound, t975, unpack_bits, z_of
 from impl.seam.testing import make_family, synthetic_bundle, one_cpu_thread  # noqa: F401  (autouse)
-from impl.seam.train import TrainConfig, finetune_family, lr_at, sample_configs, train_anchor
+from impl.seam.train import TrainConfig, distill_loss, finetune_family, lr_at, momentum_at, sample_configs, \
+    train_anchor
 
 DEV = "cuda" if backend.ON_GPU else "cpu"
+FEW = settings(max_examples=30 if backend.ON_GPU else 5, deadline=None)
+RAW = Promise(confidence=None)
 
 
-FEW = settings(max_examples=30 if backend.ON_GPU else 5)
+# ---- statistics ------------------------------------------------------------------------------------------------
+
+def test_t_quantiles_and_intervals_match_scipy():
+    stats = pytest.importorskip("scipy.stats", reason="scipy gives the reference t quantiles")
+    for df in (1, 2, 3, 7, 30):
+        assert t975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-5)
+    assert t975(200) == pytest.approx(stats.t.ppf(0.975, 200), rel=0.02)
+    xs = [94.07, 94.59, 94.31]
+    got = mean_ci95(xs)
+    lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
+    assert (got["lo"], got["hi"]) == (pytest.approx(lo, rel=1e-6), pytest.approx(hi, rel=1e-6))
+    assert got["range"] == pytest.approx(0.52) and got["n"] == 3
+    assert mean_ci95([1.0])["lo"] is None
+    with pytest.raises(ValueError, match="finite"):
+        mean_ci95([1.0, float("nan")])
+
+
+def test_promise_bound_formula_and_coverage():
+    z = z_of(0.95)
+    acc, n = 0.9, 1000
+    p = (acc * n + z * z / 2) / (n + z * z)
+    assert promise_bound(acc, n, 0.95) == pytest.approx(acc - z * math.sqrt(p * (1 - p) / n))
+    assert promise_bound(acc, n, 0.95, n_eval=1000) < promise_bound(acc, n, 0.95) < acc
+    assert promise_bound(acc, 10 * n, 0.99) > promise_bound(acc, n, 0.99) > promise_bound(acc, n, 0.999)
+    assert promise_bound(1.0, 50, 0.95) < 1.0 and promise_bound(0.0, 5, 0.95) == 0.0
+    # coverage: the true accuracy of a model measured on n images lies above its 95 % bound in >= ~95 % of draws
+    rng = np.random.default_rng(0)
+    draws = rng.binomial(n, acc, 4000) / n
+    covered = np.mean([promise_bound(a, n, 0.95) <= acc for a in draws])
+    assert 0.93 <= covered <= 0.98
+    # predictive form: a fresh set of n_eval images shows at least the bound in >= ~95 % of draws
+    fresh = rng.binomial(n, acc, 4000) / n
+    kept = np.mean([f >= promise_bound(a, n, 0.95, n_eval=n) for a, f in zip(draws, fresh)])
+    assert 0.93 <= kept <= 0.98
+    for bad in (float("nan"), 1.0, 0.3, "0.9"):
+        with pytest.raises(ValueError, match="confidence"):
+            z_of(bad)
+
+
+@settings(max_examples=50)
+@given(n=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_pack_bits_roundtrip(n, seed):
+    bits = np.random.default_rng(seed).random(n) < 0.7
+    assert np.array_equal(unpack_bits(pack_bits(bits), n), bits)
+    with pytest.raises(ValueError, match="bytes"):
+        unpack_bits(pack_bits(bits), n + 8)
+
+
+def test_bootstrap_is_paired_and_centred():
+    rng = np.random.default_rng(1)
+    a = rng.random(3000) < 0.9
+    c = np.stack([a, a, ~a, rng.random(3000) < 0.5])
+    boot = bootstrap_accuracies(c, n_boot=600, seed=3)
+    assert boot.shape == (600, 4)
+    assert np.array_equal(boot[:, 0], boot[:, 1])                    # same resample for every model
+    assert np.allclose(boot[:, 0] + boot[:, 2], 1.0)
+    assert abs(boot[:, 0].mean() - a.mean()) < 0.003
+    assert boot[:, 0].std() == pytest.approx(math.sqrt(a.mean() * (1 - a.mean()) / 3000), rel=0.15)
+    assert np.array_equal(boot, bootstrap_accuracies(c, n_boot=600, seed=3))  # seeded
 
 
 # ---- selector ----------------------------------------------------------------------------------------------------
@@ -30,57 +94,114 @@ def tables(draw):
     n = draw(st.integers(0, 12))
     flops = st.integers(1, 20).map(lambda f: f * 10**8)
     acc = st.one_of(st.floats(0, 1), st.just(float("nan")), st.sampled_from([0.5, 0.9]))
+    count = st.integers(1, 20000)
     rows = [{"name": name, "is_anchor": True, "flops": draw(flops), "acc_val": draw(st.floats(0, 1)),
-             "acc_test": draw(st.floats(0, 1)), "latency_b1_ms": draw(st.floats(0.1, 10))} for name in ("r34", "r50")]
-    rows += [{"name": f"s{i}", "is_anchor": False, "flops": draw(flops), "acc_val": draw(acc),
+             "n_val": draw(count), "acc_test": draw(st.floats(0, 1)), "latency_b1_ms": draw(st.floats(0.1, 10))}
+            for name in ("r34", "r50")]
+    rows += [{"name": f"s{i}", "is_anchor": False, "flops": draw(flops), "acc_val": draw(acc), "n_val": draw(count),
               "acc_test": draw(st.floats(0, 1)), "latency_b1_ms": draw(st.floats(0.1, 10))} for i in range(n)]
     return rows
 
 
 @settings(max_examples=300 if backend.ON_GPU else 100)
-@given(rows=tables(), min_acc=st.floats(0, 1), budget=st.one_of(st.none(), st.floats(0.1, 10)))
-def test_select_returns_the_lightest_row_meeting_the_constraint(rows, min_acc, budget):
-    got = select(rows, min_acc, budget)
-    feasible = [r for r in rows if r["acc_val"] >= min_acc and (budget is None or r["latency_b1_ms"] <= budget)]
-    if not feasible:
-        assert got is None
+@given(rows=tables(), floor=st.floats(0, 1), budget=st.one_of(st.none(), st.floats(0.1, 10)),
+       conf=st.sampled_from([None, 0.9, 0.99]), rank_by=st.sampled_from(["flops", "latency_b1_ms"]))
+def test_select_returns_the_cheapest_row_that_can_promise_the_floor(rows, floor, budget, conf, rank_by):
+    promise = Promise(conf)
+    ok = [r for r in rows if np.isfinite(r["acc_val"]) and promised(r, promise) >= floor
+          and (budget is None or r["latency_b1_ms"] <= budget)]
+    if not ok:
+        with pytest.raises(FloorError, match="no configuration can promise"):
+            select(rows, floor, promise=promise, max_latency_ms=budget, rank_by=rank_by)
         return
-    assert got is not None and got["acc_val"] >= min_acc  # never misses the constraint on the data it chose on
+    got = select(rows, floor, promise=promise, max_latency_ms=budget, rank_by=rank_by)
+    assert promised(got, promise) >= floor and (conf is None or promised(got, promise) <= got["acc_val"])
     assert budget is None or got["latency_b1_ms"] <= budget
-    assert got["flops"] == min(r["flops"] for r in feasible)
+    assert got[rank_by] == min(r[rank_by] for r in ok)
 
 
-@settings(max_examples=200 if backend.ON_GPU else 60)
-@given(rows=tables())
-def test_sweep_is_never_heavier_than_the_anchor_baseline(rows):
-    rows = [r for r in rows if np.isfinite(r["acc_val"])]
-    grid = constraint_grid(rows)
-    best_anchor = max(r["acc_val"] for r in rows if r["is_anchor"])
-    assert grid and max(grid) <= best_anchor
-    sw = sweep(rows, grid)
-    for r in sw:
-        assert r["baseline"] is not None and r["lighter_or_equal"]
-        assert r["strictly_lighter"] == r["stitch_lighter_than_baseline_exists"]
+@pytest.mark.parametrize("floor", [float("nan"), float("inf"), -0.01, 1.01, 93, "0.9", None, True])
+def test_select_refuses_a_floor_that_is_not_a_fraction(floor):
+    rows = [{"name": n, "is_anchor": True, "flops": f, "acc_val": a, "n_val": 1000}
+            for n, f, a in (("r34", 1, 0.1), ("r50", 2, 0.2))]
+    with pytest.raises(FloorError, match=r"number in \[0, 1\]"):
+        select(rows, floor)  # NaN was served as the least accurate model: every comparison with NaN is False
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), 0.0, -1.0, "3"])
+def test_select_refuses_a_latency_budget_that_is_not_positive(budget):
+    rows = [{"name": "r34", "is_anchor": True, "flops": 1, "acc_val": 0.9, "n_val": 100, "latency_b1_ms": 1.0}]
+    with pytest.raises(FloorError, match="latency budget"):
+        select(rows, 0.5, max_latency_ms=budget)
+
+
+def test_select_refuses_a_floor_above_every_promise_and_says_the_best():
+    rows = [{"name": "r34", "is_anchor": True, "flops": 1, "acc_val": 0.93, "n_val": 10000},
+            {"name": "r50", "is_anchor": True, "flops": 2, "acc_val": 0.94, "n_val": 10000}]
+    best = promise_bound(0.94, 10000, 0.99)
+    assert select(rows, best)["name"] == "r50"
+    with pytest.raises(FloorError, match=rf"best promise is {best:.4f} \(r50"):
+        select(rows, 0.94)  # the raw validation accuracy is more than the bound can promise
+    assert select(rows, 0.94, promise=RAW)["name"] == "r50"
+    with pytest.raises(FloorError, match="no image count"):
+        select([{"name": "x", "is_anchor": True, "flops": 1, "acc_val": 0.9}], 0.5)
+    with pytest.raises(FloorError, match="finite 'latency_b1_ms'"):
+        select(rows, 0.5, rank_by="latency_b1_ms")
+
+
+def test_select_ties_prefer_the_higher_promise_then_the_name():
+    rows = [{"name": "b", "is_anchor": True, "flops": 5, "acc_val": 0.8, "n_val": 100},
+            {"name": "a", "is_anchor": True, "flops": 5, "acc_val": 0.8, "n_val": 100},
+            {"name": "c", "is_anchor": False, "flops": 5, "acc_val": 0.85, "n_val": 100}]
+    assert select(rows, 0.7, promise=RAW)["name"] == "c"
+    assert select(rows[:2], 0.7, promise=RAW)["name"] == "a"
+
+
+def table_with_bits(test_accs: dict[str, float], n: int = 2000, seed: int = 0) -> list[dict]:
+    """Two anchors and three stitches with fixed val accuracies and per-image test bits at ``test_accs``."""
+    rng = np.random.default_rng(seed)
+    spec = [("r34", True, 1.00e9, 0.930), ("r50", True, 1.20e9, 0.945), ("s1", False, 1.05e9, 0.934),
+            ("s2", False, 1.10e9, 0.939), ("s3", False, 1.15e9, 0.943)]
+    rows = []
+    for name, anchor, flops, val in spec:
+        bits = rng.random(n) < test_accs[name]
+        rows.append({"name": name, "is_anchor": anchor, "flops": flops, "acc_val": val, "n_val": 10000,
+                     "acc_test": float(bits.mean()), "n_test": n, "test_correct": pack_bits(bits),
+                     "latency_b1_ms": flops / 1e9})
+    return rows
+
+
+def test_sweep_promise_and_saving_on_a_table_where_the_promise_holds_and_one_where_it_breaks():
+    good = table_with_bits({"r34": 0.935, "r50": 0.95, "s1": 0.94, "s2": 0.944, "s3": 0.948})
+    promise = Promise(0.99, n_eval=2000)
+    floors = floor_grid(good, 21, promise)
+    assert floors[0] == pytest.approx(promised(good[0], promise)) and floors[-1] == pytest.approx(
+        promised(good[1], promise)) and len(floors) == 21
+    sw = sweep(good, floors, promise=promise)
     s = summarize(sw)
-    assert s["fraction_lighter_or_equal"] == 1.0
-    assert s["fraction_strictly_lighter_where_stitch_between"] in (None, 1.0)
+    assert s["served"] == 21 and s["percent_promise_kept"] == 100.0
+    assert all(r["selected_cost"] <= r["baseline_cost"] for r in sw)
+    assert s["floors_where_stitch_qualifies"] > 0
+    qual = [r for r in sw if r["stitch_qualifies"]]
+    assert s["mean_saving_percent_where_stitch_qualifies"] == pytest.approx(
+        100 * np.mean([1 - r["selected_cost"] / r["baseline_cost"] for r in qual]))
+    assert all(r["selected_is_stitch"] for r in qual)
+    ci = promise_interval(good, sw, n_boot=300)
+    assert ci["lo"] <= s["percent_promise_kept"] <= ci["hi"] + 1e-9
+    # the same choices, but the stitches are far worse on the test split than on validation: the promise breaks
+    bad = table_with_bits({"r34": 0.935, "r50": 0.95, "s1": 0.90, "s2": 0.90, "s3": 0.90})
+    s_bad = summarize(sweep(bad, floors, promise=promise))
+    assert s_bad["percent_promise_kept"] < 95.0
+    assert promise_interval(bad, sweep(bad, floors, promise=promise), n_boot=300)["hi"] < 95.0
 
 
-def test_constraint_grid_never_rounds_past_the_best_anchor():
-    rows = [{"name": n, "is_anchor": True, "flops": 1, "acc_val": 0.1171875} for n in ("r34", "r50")]
-    assert constraint_grid(rows) == [0.1171875]  # rounded to 6 digits it was 0.117188: no constraint left
-    rows.append({"name": "s", "is_anchor": False, "flops": 1, "acc_val": 0.05})
-    grid = constraint_grid(rows, n=5)
-    assert grid[0] == 0.05 and grid[-1] == 0.1171875 and len(grid) == 5
-
-
-def test_select_handles_no_feasible_row_and_ties():
-    rows = [{"name": "b", "is_anchor": True, "flops": 5, "acc_val": 0.8},
-            {"name": "a", "is_anchor": True, "flops": 5, "acc_val": 0.8},
-            {"name": "c", "is_anchor": False, "flops": 5, "acc_val": 0.85}]
-    assert select(rows, 0.9) is None
-    assert select(rows, 0.7)["name"] == "c"  # same FLOPs: higher accuracy wins
-    assert select(rows[:2], 0.7)["name"] == "a"  # then the name
+def test_sweep_by_latency_ranks_by_latency():
+    rows = table_with_bits({"r34": 0.935, "r50": 0.95, "s1": 0.94, "s2": 0.944, "s3": 0.948})
+    rows[2]["latency_b1_ms"] = 5.0  # s1: fewest FLOPs but slow
+    floors = floor_grid(rows, 11, Promise(0.99))
+    by_flops = {r["selected"] for r in sweep(rows, floors, rank_by="flops")}
+    by_lat = {r["selected"] for r in sweep(rows, floors, rank_by="latency_b1_ms")}
+    assert "s1" in by_flops and "s1" not in by_lat
 
 
 # ---- interpolation rule ----------------------------------------------------------------------------------------------
@@ -95,39 +216,55 @@ LO, HI = {"flops": 100.0, "acc": 0.90}, {"flops": 200.0, "acc": 0.94}
     ({"flops": 100, "acc": 0.90}, True, "interpolates"),            # an anchor's own point
     ({"flops": 201, "acc": 0.95}, False, "flops_outside_anchor_range"),
     ({"flops": 99, "acc": 0.95}, False, "flops_outside_anchor_range"),
-    ({"flops": 120, "acc": 0.9426}, False, "above_best_anchor"),
-    ({"flops": 120, "acc": 0.9424}, True, "interpolates"),
+    ({"flops": 120, "acc": 0.9426}, True, "interpolates"),          # above the best anchor: the rule has no cap
 ])
 def test_interpolation_rule_cases(point, ok, why):
     assert interpolates(point, LO, HI) == (ok, why)
     assert interpolates(point, HI, LO) == (ok, why)  # anchor order does not matter
 
 
+def test_interpolation_rule_capped_variant():
+    capped = InterpolationRule(cap=True)
+    assert interpolates({"flops": 120, "acc": 0.9426}, LO, HI, capped) == (False, "above_best_anchor")
+    assert interpolates({"flops": 120, "acc": 0.9424}, LO, HI, capped) == (True, "interpolates")
+
+
 @settings(max_examples=300)
 @given(f=st.floats(0, 300), a=st.floats(0.8, 1.0), a_lo=st.floats(0.8, 1.0), a_hi=st.floats(0.8, 1.0),
-       tol=st.sampled_from([0.0, 0.0025, 0.01]))
-def test_interpolation_rule_matches_cross_product_form(f, a, a_lo, a_hi, tol):
+       tol=st.sampled_from([0.0, 0.0025, 0.01]), cap=st.booleans())
+def test_interpolation_rule_matches_cross_product_form(f, a, a_lo, a_hi, tol, cap):
     lo, hi = {"flops": 100.0, "acc": a_lo}, {"flops": 200.0, "acc": a_hi}
-    ok, _ = interpolates({"flops": f, "acc": a}, lo, hi, InterpolationRule(tol))
+    ok, _ = interpolates({"flops": f, "acc": a}, lo, hi, InterpolationRule(tol, cap))
     # above the line (shifted down by tol) <=> the cross product of (hi - lo) and (p - lo') is >= 0
     cross = (hi["flops"] - lo["flops"]) * (a + tol - lo["acc"]) - (hi["acc"] - lo["acc"]) * (f - lo["flops"])
-    want = 100 <= f <= 200 and cross >= -1e-12 and a <= max(a_lo, a_hi) + tol
+    want = 100 <= f <= 200 and cross >= -1e-12 and (not cap or a <= max(a_lo, a_hi) + tol)
     if abs(cross) > 1e-9:  # away from the boundary, where rounding could decide
         assert ok == want
 
 
-def test_interpolation_summary_counts_and_variants():
-    rows = [{"name": "lo", "is_anchor": True, "flops": 100, "acc_test": 0.90},
-            {"name": "hi", "is_anchor": True, "flops": 200, "acc_test": 0.94},
-            {"name": "s1", "is_anchor": False, "flops": 150, "acc_test": 0.93},
-            {"name": "s2", "is_anchor": False, "flops": 150, "acc_test": 0.96},
-            {"name": "s3", "is_anchor": False, "flops": 250, "acc_test": 0.95},
-            {"name": "s4", "is_anchor": False, "flops": 180, "acc_test": 0.91}]
-    s = interpolation_summary(rows)
-    assert (s["stitches"], s["interpolating"], s["fraction"]) == (4, 1, 0.25)
-    assert s["fraction_uncapped"] == 0.5 and s["in_flops_range"] == 3
-    assert s["reasons"] == {"interpolates": 1, "above_best_anchor": 1, "flops_outside_anchor_range": 1,
-                            "below_line": 1}
+def test_interpolation_summary_counts_variants_and_interval():
+    rng = np.random.default_rng(0)
+    n = 4000
+    spec = [("lo", True, 100, 0.90), ("hi", True, 200, 0.94), ("s1", False, 150, 0.93), ("s2", False, 150, 0.96),
+            ("s3", False, 250, 0.95), ("s4", False, 180, 0.91)]
+    rows = []
+    for name, anchor, flops, acc in spec:
+        bits = np.zeros(n, bool)
+        bits[rng.permutation(n)[: int(acc * n)]] = True
+        rows.append({"name": name, "is_anchor": anchor, "flops": flops, "acc_test": float(bits.mean()),
+                     "n_test": n, "test_correct": pack_bits(bits)})
+    s = interpolation_summary(rows, n_boot=300)
+    assert (s["stitches"], s["interpolating"], s["fraction"]) == (4, 2, 0.5)
+    assert s["percent_capped"] == 25.0 and s["in_flops_range"] == 3
+    assert s["reasons"] == {"interpolates": 2, "flops_outside_anchor_range": 1, "below_line": 1}
+    assert s["percent_ci95"] == {"lo": 50.0, "hi": 50.0, "n_boot": 300, "seed": 0}  # every verdict far from its edge
+    assert interpolation_summary(rows, bits_key=None)["percent_ci95"] is None
+    # s1 moved onto the edge of the tolerance band: resampling the test images flips it, the interval widens
+    bits = np.zeros(n, bool)
+    bits[rng.permutation(n)[: int((0.92 - 0.0025) * n)]] = True
+    rows[2].update(acc_test=float(bits.mean()), test_correct=pack_bits(bits))
+    ci = interpolation_summary(rows, n_boot=300)["percent_ci95"]
+    assert ci["lo"] == 25.0 and ci["hi"] == 50.0
 
 
 # ---- serving and checkpoints -------------------------------------------------------------------------------------
@@ -141,39 +278,46 @@ def tiny():
     for cfg in fam.configs:
         calibrate_bn(fam, cfg, data.train, data, DEV, calib_images=64, batch_size=64, channels_last=False)
         rows.append({"name": cfg.name, "is_anchor": cfg.is_anchor, "flops": 1 + fam.num_params(cfg),
-                     "acc_val": accuracy(fam, cfg, data.val, data, DEV, 16, channels_last=False),
+                     "acc_val": accuracy(fam, cfg, data.val, data, DEV, 16, channels_last=False), "n_val": 40,
                      "latency_b1_ms": 1.0})
     return fam, data, rows
 
 
+def server_of(tiny_, **kw) -> SeamServer:
+    fam, data, rows = tiny_
+    return SeamServer(fam, rows, data.mean, data.std, data.channels, DEV, channels_last=False, image_size=12, **kw)
+
+
 @FEW
 @given(q=st.floats(0, 1))
-def test_selected_configuration_meets_the_constraint_when_re_measured(tiny, q):
+def test_selected_configuration_meets_the_floor_when_re_measured(tiny, q):
     fam, data, rows = tiny
     accs = sorted(r["acc_val"] for r in rows)
-    min_acc = float(np.quantile(accs, q))
-    server = SeamServer(fam, rows, data.mean, data.std, data.channels, DEV, channels_last=False)
-    cfg = server.select(min_acc)
+    floor = float(np.quantile(accs, q))
+    cfg = server_of(tiny, promise=RAW).select(floor)
     # re-measure the chosen configuration from scratch on the split it was chosen on (same batches, as measured)
     fam.active = None
-    assert accuracy(fam, cfg, data.val, data, DEV, 16, channels_last=False) >= min_acc
-    baseline = select([r for r in rows if r["is_anchor"]], min_acc)
+    assert accuracy(fam, cfg, data.val, data, DEV, 16, channels_last=False) >= floor
+    baseline = select([r for r in rows if r["is_anchor"]], floor, promise=RAW) if floor <= max(
+        r["acc_val"] for r in rows if r["is_anchor"]) else None
     chosen = next(r for r in rows if r["name"] == cfg.name)
     assert baseline is None or chosen["flops"] <= baseline["flops"]
 
 
 def test_serve_matches_the_family_and_accepts_image_layouts(tiny):
     fam, data, rows = tiny
-    server = SeamServer(fam, rows, data.mean, data.std, data.channels, DEV, channels_last=False)
+    server = server_of(tiny)
     with pytest.raises(RuntimeError, match="select"):
         server.serve(np.zeros((1, 12, 12), np.uint8))
-    with pytest.raises(ValueError, match="no configuration reaches"):
-        server.select(1.5)
+    with pytest.raises(FloorError, match="no configuration can promise"):
+        server.select(0.999)
     cfg = server.use("r50_to_r34_p06")
     images = data.test.images
     got = server.serve(images.cpu().numpy()[:, 0], batch_size=5)             # (N, H, W) uint8, numpy
     assert got.shape == (len(images),) and got.dtype == np.int64
     assert np.array_equal(server.serve(images.float() / 255.0), got)          # floats in [0, 1]
+    big_endian = (images.cpu().numpy().astype(np.float32) / 255.0).astype(">f4")
+    assert np.array_equal(server.serve(big_endian), got)                      # non-native byte order converted
     from impl.seam.data import preprocess
     from impl.seam.train import autocast
 
@@ -182,23 +326,41 @@ def test_serve_matches_the_family_and_accepts_image_layouts(tiny):
                           for i in range(0, len(images), 5)]).numpy()
     assert np.array_equal(got, want)
     assert server.serve(np.zeros((0, 12, 12), np.uint8)).shape == (0,)
-    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
-        server.serve(np.zeros((12, 12), np.uint8))
-    with pytest.raises(TypeError, match="uint8 or floating"):
-        server.serve(np.zeros((1, 12, 12), np.int32))
+
+
+@pytest.mark.parametrize("images, err, match", [
+    (np.zeros((12, 12), np.uint8), ValueError, r"\(N, H, W\)"),
+    (np.zeros((1, 12, 12), np.int32), TypeError, "uint8 or floating"),
+    (np.zeros((1, 12, 12), bool), TypeError, "uint8 or floating"),
+    (np.zeros((2, 3, 12, 12), np.uint8), ValueError, "3 channels; this family takes 1"),
+    (np.zeros((2, 1, 28, 28), np.uint8), ValueError, "28x28; this family was trained and measured on 12x12"),
+    (np.full((2, 12, 12), np.nan, np.float32), ValueError, "NaN or infinite"),
+    (np.full((2, 12, 12), np.inf, np.float64), ValueError, "NaN or infinite"),
+    (np.full((2, 12, 12), 255.0, np.float32), ValueError, r"lie in \[0, 1\]"),
+])
+def test_serve_refuses_images_it_was_not_trained_on(tiny, images, err, match):
+    server = server_of(tiny)
+    server.use("r34")
+    before = images.copy()
+    with pytest.raises(err, match=match):
+        server.serve(images)
+    assert np.array_equal(before, images, equal_nan=images.dtype.kind == "f")  # input untouched
+
+
+def save_tiny(tiny_, path):
+    fam, data, rows = tiny_
+    meta = {"anchors": [{"arch": a, "num_classes": 10, "in_chans": 1, "small_stem": True, "width_div": 8,
+                         "zero_init_last": False, "weights": None} for a in ("resnet34", "resnet50")],
+            "stitch_bn": False, "data": {"mean": data.mean, "std": data.std, "channels": 1, "image_size": 12},
+            "promise": {"confidence": 0.99, "n_eval": None}, "table": rows}
+    return save_checkpoint(path, fam, meta)
 
 
 def test_checkpoint_roundtrip_keeps_weights_and_bn_states(tiny, tmp_path):
     fam, data, rows = tiny
-    meta = {"anchors": [{"arch": "resnet34", "num_classes": 10, "in_chans": 1, "small_stem": True, "width_div": 8,
-                         "zero_init_last": False, "weights": None},
-                        {"arch": "resnet50", "num_classes": 10, "in_chans": 1, "small_stem": True, "width_div": 8,
-                         "zero_init_last": False, "weights": None}],
-            "granularity": "block", "stitch_bn": False,
-            "data": {"mean": data.mean, "std": data.std, "channels": 1, "image_size": 12}, "table": rows}
-    save_checkpoint(tmp_path, fam, meta)
+    save_tiny(tiny, tmp_path)
     fam2, meta2 = load_checkpoint(tmp_path, DEV)
-    assert meta2["table"] == json.loads(json.dumps(rows))
+    assert meta2["table"] == json.loads(json.dumps(rows)) and meta2["stitches"] == [c.name for c in fam.stitch_configs]
     x = torch.randn(3, 1, 12, 12, device=DEV)
     with torch.no_grad():
         for name in ("r34", "r50_to_r34_p11", "r34_to_r50_p01"):
@@ -206,19 +368,87 @@ def test_checkpoint_roundtrip_keeps_weights_and_bn_states(tiny, tmp_path):
             a, b = fam(x, fam.activate(name)), fam2(x, fam2.activate(name))
             assert torch.equal(a, b) if DEV == "cpu" else torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
     server = SeamServer.from_checkpoint(tmp_path, DEV)
+    assert server.promise == Promise(0.99, None) and server.image_size == 12
     assert server.select(0.0).name == select(rows, 0.0)["name"]
-    with pytest.raises(FileNotFoundError, match="not a seam checkpoint"):
+
+
+def test_checkpoint_problems_are_named(tiny, tmp_path):
+    with pytest.raises(CheckpointError, match="not a seam checkpoint folder"):
         load_checkpoint(tmp_path / "nothing")
+    d = save_tiny(tiny, tmp_path / "ok")
+    (d / "bn_states.safetensors").rename(d / "moved")
+    with pytest.raises(CheckpointError, match="missing bn_states.safetensors"):
+        load_checkpoint(d)
+    d = save_tiny(tiny, tmp_path / "width")  # meta says width / 4 but the weights are width / 8
+    meta = json.loads((d / "meta.json").read_text())
+    for a in meta["anchors"]:
+        a["width_div"] = 4
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not match the family in meta.json: .*size mismatch"):
+        load_checkpoint(d)
+    d = save_tiny(tiny, tmp_path / "json")
+    (d / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(d)
+    d = save_tiny(tiny, tmp_path / "table")
+    meta = json.loads((d / "meta.json").read_text())
+    meta["table"].append({"name": "r34_to_r50_p99"})
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="r34_to_r50_p99"):
+        SeamServer.from_checkpoint(d)
+    d = save_tiny(tiny, tmp_path / "trunc")
+    raw = (d / "family.safetensors").read_bytes()
+    (d / "family.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="cannot read the safetensors"):
+        load_checkpoint(d)
+
+
+def test_serve_cli_refuses_bad_floors_and_checkpoints_in_one_line(tiny, tmp_path, capsys):
+    from impl.seam.serve import main
+
+    d = save_tiny(tiny, tmp_path / "ck")
+    for args, match in ((["--min-acc", "nan"], "number in [0, 1]"), (["--min-acc", "1.5"], "number in [0, 1]"),
+                        (["--min-acc", "-0.1"], "number in [0, 1]"),
+                        (["--min-acc", "0.5", "--max-latency-ms", "nan"], "latency budget"),
+                        (["--min-acc", "0.5", "--max-latency-ms", "0"], "latency budget"),
+                        (["--min-acc", "0.5", "--confidence", "nan"], "confidence"),
+                        (["--min-acc", "0.999"], "no configuration can promise")):
+        assert main(["--ckpt", str(d), "--device", "cpu", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and match in err and "Traceback" not in err, (args, err)
+    assert main(["--ckpt", str(tmp_path / "none"), "--min-acc", "0.5", "--device", "cpu"]) == 2
+    assert "not a seam checkpoint" in capsys.readouterr().err
 
 
 # ---- training --------------------------------------------------------------------------------------------------
 
-def test_lr_schedule_warms_up_then_decays_to_zero():
-    cfg = TrainConfig(lr=0.4, warmup_frac=0.1)
-    assert lr_at(0.0, cfg) == 0.0 and lr_at(0.05, cfg) == pytest.approx(0.2) and lr_at(0.1, cfg) == pytest.approx(0.4)
-    assert lr_at(1.0, cfg) == pytest.approx(0.0, abs=1e-12) and lr_at(0.55, cfg) == pytest.approx(0.2)
-    xs = [lr_at(p, cfg) for p in np.linspace(0.1, 1, 50)]
-    assert all(a >= b for a, b in zip(xs, xs[1:]))
+def test_one_cycle_schedule_matches_torch():
+    cfg = TrainConfig(lr=0.4, pct_start=0.3, div_factor=25, final_div_factor=1e4)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.4, momentum=0.9)
+    total = 100
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.4, total_steps=total, pct_start=0.3,
+                                                anneal_strategy="cos", div_factor=25, final_div_factor=1e4,
+                                                base_momentum=0.85, max_momentum=0.95)
+    for step in range(total):
+        # torch's phases end at steps 29 and 99 of 100: our cycle at progress 0.3·k/29, then 0.3 + 0.7·(k−29)/70
+        p = 0.3 * step / 29 if step <= 29 else 0.3 + 0.7 * (step - 29) / 70
+        want_lr, want_m = opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]
+        assert lr_at(p, cfg) == pytest.approx(want_lr, rel=1e-6, abs=1e-9), step
+        assert momentum_at(p, cfg) == pytest.approx(want_m, rel=1e-6), step
+        opt.step()
+        sched.step()
+    assert lr_at(1.0, cfg) == pytest.approx(0.4 / 25 / 1e4) and lr_at(0.3, cfg) == pytest.approx(0.4)
+
+
+def test_distill_loss_is_the_tempered_kl():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 10, generator=g), torch.randn(5, 10, generator=g)
+    T = 2.0
+    p_t = torch.softmax(t / T, 1)
+    want = T * T * (p_t * (torch.log(p_t) - torch.log_softmax(s / T, 1))).sum(1).mean()
+    assert distill_loss(s, t, T) == pytest.approx(float(want), rel=1e-5)
+    assert float(distill_loss(t, t, T)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_sample_configs_is_seeded_and_respects_anchor_weight():
@@ -231,28 +461,34 @@ def test_sample_configs_is_seeded_and_respects_anchor_weight():
         sample_configs(fam, 3, 0, anchor_weight=-1)
 
 
-def test_family_step_updates_only_the_sampled_configurations():
-    fam = make_family(width_div=16).to(DEV)
+def test_family_step_updates_only_the_sampled_configurations_and_distils():
+    fam = make_family(width_div=16, directions="fast_to_slow").to(DEV)
     data = synthetic_bundle(48, 8, 8, size=8, device=DEV)
+    teacher = make_family(width_div=16, seed=5).nets["r50"].to(DEV).eval()
+    t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     before = {k: v.detach().clone() for k, v in fam.state_dict().items()}
-    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, max_steps=2, seed=7)
-    out = finetune_family(fam, data, cfg, DEV, channels_last=False)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, max_steps=2, seed=7, distill_alpha=0.5)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        finetune_family(fam, data, cfg, DEV, channels_last=False)
+    out = finetune_family(fam, data, cfg, DEV, channels_last=False, teacher=teacher)
     assert out["steps"] == 2 and sum(out["steps_per_config"].values()) == 2
     trained = set(out["steps_per_config"])
     for c in fam.stitch_configs:
         w = f"stitches.{c.name}.conv.weight"
         changed = not torch.equal(before[w], fam.state_dict()[w])
         assert changed == (c.name in trained), c.name
-    anchor = train_anchor(fam, "r34", data, TrainConfig(epochs=1, batch_size=16, lr=0.05, max_steps=1), DEV, False)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t_before.items())  # the teacher stays frozen
+    anchor = train_anchor(fam.nets["r34"], data, TrainConfig(epochs=1, batch_size=16, lr=0.05, max_steps=1), DEV,
+                          False)
     assert anchor["steps"] == 1
-    with pytest.raises(ValueError, match="not an anchor"):
-        train_anchor(fam, "r34_to_r50_p01", data, cfg, DEV, False)
+    with pytest.raises(TypeError, match="not the family"):
+        train_anchor(fam, data, cfg, DEV, False)
 
 
 def test_time_budget_ends_training_early():
     fam = make_family(width_div=16).to(DEV)
     data = synthetic_bundle(64, 8, 8, size=8, device=DEV)
-    out = train_anchor(fam, "r50", data, TrainConfig(epochs=50, batch_size=16, time_budget_s=1e-9), DEV, False)
+    out = train_anchor(fam.nets["r50"], data, TrainConfig(epochs=50, batch_size=16, time_budget_s=1e-9), DEV, False)
     assert out["budget_bound"] and out["steps"] < out["planned_steps"]
 
 
@@ -261,6 +497,6 @@ def test_anchor_training_learns_a_separable_task():
     torch.manual_seed(0)
     fam = make_family(width_div=16, num_classes=2, seed=1).to(DEV)
     data = synthetic_bundle(256, 64, 64, size=8, num_classes=2, device=DEV)
-    train_anchor(fam, "r34", data, TrainConfig(epochs=6, batch_size=32, lr=0.05, warmup_frac=0.1), DEV, False)
+    train_anchor(fam.nets["r34"], data, TrainConfig(epochs=6, batch_size=32, lr=0.05), DEV, False)
     calibrate_bn(fam, "r34", data.train, data, DEV, calib_images=256, channels_last=False)
     assert accuracy(fam, "r34", data.test, data, DEV, 64, channels_last=False) >= 0.8

@@ -8,9 +8,12 @@ with ``S(h) = W h + b`` at every pixel (a 1x1 conv, ``C_A(p) -> C_B(p)`` channel
 ``p`` counts blocks: the activation after ``p`` blocks has the same spatial size in both anchors because they share
 their stage layout ([3, 4, 6, 3]). Anchors are the configurations ``A -> A`` with ``p = 0`` and no stitch.
 
-Allowed points: every block boundary strictly inside the network (``granularity="block"``: p = 1..n-1, so each part
-holds at least one block) or only the ends of stages 1-3 (``"stage"``: p = 3, 7, 13), in both directions. A
-stitch at p = 0 or p = n would swap only a stem or a classifier and is not part of the family.
+Candidate points: every block boundary strictly inside the network (``granularity="block"``: p = 1..n-1, so each
+part holds at least one block) or only the ends of stages 1-3 (``"stage"``: p = 3, 7, 13). A stitch at p = 0 or
+p = n would swap only a stem or a classifier and is not part of the family. Directions: ``"fast_to_slow"`` (SN-Net's
+choice: the front from the first, cheaper anchor, the back from the second) or ``"both"``. The family may hold a
+subset of the candidates (``stitches``): the recipe keeps those whose FLOPs lie inside the anchors' range
+(``measure.plan_stitches``), so every member can sit between the anchors.
 
 Each configuration may carry its own BatchNorm statistics (``bn_states``): the blocks behind a stitch see other
 activations than the anchor's own, so after family training the running statistics are re-estimated per
@@ -19,15 +22,16 @@ configuration (``measure.calibrate_bn``) and loaded before that configuration ru
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from impl.seam.models import block_stage, blocks, head_modules, run_head, run_stem, stage_channels, stage_layout, \
-    stem_modules
+from impl.seam.models import AnchorConfig, block_stage, blocks, build_anchor, head_modules, run_head, run_stem, \
+    stage_channels, stage_layout, stem_modules
 
 GRANULARITIES = ("block", "stage")
+DIRECTIONS = ("fast_to_slow", "both")
 
 
 @dataclass(frozen=True, order=True)
@@ -98,24 +102,44 @@ class Stitch(nn.Module):
         self.set_affine(torch.eye(c, device=dev), torch.zeros(c, device=dev))
 
 
-class SeamFamily(nn.Module):
-    """Two anchors (by name) and the stitches between them; ``forward(x, config)`` runs one configuration."""
+def candidate_stitches(names: tuple[str, str], points: list[int], directions: str = "both") -> list[Config]:
+    """Stitch configurations at ``points``: front ``names[0]`` -> back ``names[1]`` first, then the reverse."""
+    if directions not in DIRECTIONS:
+        raise ValueError(f"directions must be one of {DIRECTIONS}, not {directions!r}")
+    pairs = [(names[0], names[1])] + ([(names[1], names[0])] if directions == "both" else [])
+    return [Config(a, b, p) for a, b in pairs for p in points]
 
-    def __init__(self, nets: Mapping[str, nn.Module], *, granularity: str = "block", stitch_bn: bool = False) -> None:
+
+class SeamFamily(nn.Module):
+    """Two anchors (by name, cheaper first) and stitches between them; ``forward(x, config)`` runs one configuration.
+
+    ``stitches`` (names or configs) keeps a subset of the candidates, in candidate order; None keeps them all.
+    """
+
+    def __init__(self, nets: Mapping[str, nn.Module], *, granularity: str = "block", stitch_bn: bool = False,
+                 directions: str = "both", stitches: Iterable[Config | str] | None = None) -> None:
         super().__init__()
         if len(nets) != 2:
             raise ValueError(f"a family has exactly two anchors, got {len(nets)}: {list(nets)}")
-        names = list(nets)
+        names = tuple(nets)
         layouts = {n: stage_layout(net) for n, net in nets.items()}
         if len(set(layouts.values())) != 1:
             raise ValueError(f"anchors must share their stage layout to be stitched block by block, got {layouts}")
         self.nets = nn.ModuleDict(nets)
-        self.anchor_names = tuple(names)
+        self.anchor_names = names
         self.layout = layouts[names[0]]
         self.granularity = granularity
+        self.directions = directions
         self.points = stitch_points(self.layout, granularity)
-        self.configs: list[Config] = [Config(n, n) for n in names]
-        self.configs += [Config(a, b, p) for a in names for b in names if a != b for p in self.points]
+        candidates = candidate_stitches(names, self.points, directions)
+        if stitches is not None:
+            wanted = {s if isinstance(s, str) else s.name for s in stitches}
+            unknown = wanted - {c.name for c in candidates}
+            if unknown:
+                raise ValueError(f"{sorted(unknown)} are not candidate stitches of this family "
+                                 f"(granularity {granularity!r}, directions {directions!r})")
+            candidates = [c for c in candidates if c.name in wanted]
+        self.configs: list[Config] = [Config(n, n) for n in names] + candidates
         self._by_name = {c.name: c for c in self.configs}
         chans = {n: stage_channels(net) for n, net in nets.items()}
         self.stitches = nn.ModuleDict({
@@ -230,3 +254,12 @@ class SeamFamily(nn.Module):
             states.setdefault(c, {})[k] = value
         self.bn_states = states
         self.active = None
+
+
+def build_family(anchors: list[AnchorConfig], granularity: str = "block", stitch_bn: bool = False,
+                 directions: str = "both", stitches: Iterable[Config | str] | None = None) -> SeamFamily:
+    """Both anchors (by short name, e.g. r34 and r50, cheaper first) and the stitches between them."""
+    if len({a.name for a in anchors}) != len(anchors):
+        raise ValueError(f"anchor names must differ, got {[a.name for a in anchors]}")
+    return SeamFamily({a.name: build_anchor(a) for a in anchors}, granularity=granularity, stitch_bn=stitch_bn,
+                      directions=directions, stitches=stitches)

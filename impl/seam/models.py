@@ -1,5 +1,9 @@
 """The two anchors: timm ResNets (``resnet34``, ``resnet50``) cut into stem, a flat list of blocks, and a head.
 
+timm's ResNet34/50 are torchvision's architectures (v1.5 bottleneck: stride in the 3x3 conv) with the same parameter
+names; with ``zero_init_last=False`` they also start from torchvision's default initialisation (He-normal convs, unit
+BatchNorm, no zeroed residual branch), so a torchvision state dict loads unchanged (checked in the tests).
+
 A ResNet computes ``logits = head(block_n(... block_1(stem(x))))``. ``stem`` is conv1 -> bn1 -> act1 -> maxpool,
 ``head`` is global average pool -> fc. Both anchors have four stages of [3, 4, 6, 3] blocks; the blocks of one stage
 share their output channels (ResNet34: 64/128/256/512, ResNet50: 256/512/1024/2048) and spatial size, which is what
@@ -29,7 +33,7 @@ class AnchorConfig:
     in_chans: int = 1               # 1 for grayscale Fashion-MNIST, 3 for RGB folders
     small_stem: bool = True         # 3x3 stride-1 conv1 and no max-pool (inputs of ~32 px)
     width_div: int = 1              # divide every channel count by this (cheap variants for tests / smoke runs)
-    zero_init_last: bool = True     # timm's init: the last BN of each residual branch starts at 0
+    zero_init_last: bool = False    # True: timm's init, the last BN of each residual branch starts at 0
     weights: str | None = None      # local .safetensors / .pth with a timm or torchvision state dict
 
     @property

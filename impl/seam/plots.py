@@ -1,4 +1,4 @@
-"""Plots from the stored results: accuracy vs FLOPs of the family, and the selector's sweep against the baseline."""
+"""Plots from the stored results: the family's accuracy against FLOPs and measured latency, the selector's sweep."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,59 +6,77 @@ from typing import Any
 
 from impl.common.plotting import pyplot, save_figure
 
+COSTS = (("flops", 1e-9, "GFLOPs per image (torch.utils.flop_counter)"),
+         ("latency_b1_ms", 1.0, "latency at batch 1 (ms, device time)"),
+         ("latency_b256_ms", 1.0, "latency at batch 256 (ms, device time)"))
 
-def plot_accuracy_vs_flops(configs: dict[str, Any], interp: dict[str, Any] | None, path: Path,
-                           title: str = "") -> Path:
-    """Test accuracy vs GFLOPs: anchors, the line joining them, stitches coloured by direction and verdict."""
+
+def plot_accuracy_vs_cost(configs: dict[str, Any], interp: dict[str, Any] | None, anchors: dict[str, Any] | None,
+                          path: Path) -> Path:
+    """Test accuracy against each cost in ``COSTS`` that the rows carry: the family's anchors (stars) with the seed
+    runs' mean and 95 % interval beside them, the anchors' line, every stitch (o interpolates, x does not)."""
     plt = pyplot()
     rows = configs["rows"]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    costs = [c for c in COSTS if all(c[0] in r and r[c[0]] is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(costs), figsize=(6.2 * len(costs), 4.8), squeeze=False)
     verdict = (interp or {}).get("per_stitch", {})
-    directions = sorted({(r["front"], r["back"]) for r in rows if not r["is_anchor"]})
-    colors = dict(zip(directions, ("tab:blue", "tab:orange", "tab:green", "tab:purple")))
-    for d in directions:
-        pts = [r for r in rows if not r["is_anchor"] and (r["front"], r["back"]) == d]
-        for ok in (True, False):
-            sel = [r for r in pts if verdict.get(r["name"], {}).get("interpolates", True) == ok]
-            if sel:
-                ax.scatter([r["flops"] / 1e9 for r in sel], [100 * r["acc_test"] for r in sel], s=28,
-                           color=colors[d], marker="o" if ok else "x",
-                           label=f"{d[0]}→{d[1]} stitch" + ("" if ok else " (does not interpolate)"))
-        for r in pts:
-            ax.annotate(str(r["point"]), (r["flops"] / 1e9, 100 * r["acc_test"]), fontsize=6,
+    seeds = (anchors or {}).get("per_arch", {})
+    for ax, (key, scale, label) in zip(axes[0], costs):
+        for r in rows:
+            if r["is_anchor"]:
+                continue
+            ok = verdict.get(r["name"], {}).get("interpolates", True)
+            ax.scatter([r[key] * scale], [100 * r["acc_test"]], s=28, color="tab:blue" if ok else "tab:red",
+                       marker="o" if ok else "x")
+            ax.annotate(str(r.get("point", r["name"])), (r[key] * scale, 100 * r["acc_test"]), fontsize=6,
                         xytext=(2, 2), textcoords="offset points")
-    anchors = sorted((r for r in rows if r["is_anchor"]), key=lambda r: r["flops"])
-    ax.plot([r["flops"] / 1e9 for r in anchors], [100 * r["acc_test"] for r in anchors], "k--", lw=1)
-    for r in anchors:
-        ax.scatter([r["flops"] / 1e9], [100 * r["acc_test"]], s=90, marker="*", color="black", zorder=3)
-        ax.annotate(r["name"], (r["flops"] / 1e9, 100 * r["acc_test"]), xytext=(4, -10), textcoords="offset points")
-    if interp:
-        tol = 100 * interp["rule"]["tol"]
-        ax.plot([r["flops"] / 1e9 for r in anchors], [100 * r["acc_test"] - tol for r in anchors], "k:", lw=0.8,
-                label=f"line − {tol:.2f} pp (tolerance)")
-        title = title or (f"{interp['interpolating']}/{interp['stitches']} stitches interpolate "
-                          f"({interp['percent']:.1f} %)")
-    ax.set_xlabel("GFLOPs per image (torch.utils.flop_counter)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    return save_figure(fig, path, dpi=130)[0]
+        family_anchors = sorted((r for r in rows if r["is_anchor"]), key=lambda r: r["flops"])
+        ax.plot([r[key] * scale for r in family_anchors], [100 * r["acc_test"] for r in family_anchors], "k--", lw=1)
+        for r in family_anchors:
+            ax.scatter([r[key] * scale], [100 * r["acc_test"]], s=110, marker="*", color="black", zorder=3)
+            ax.annotate(f"{r['name']} (family)", (r[key] * scale, 100 * r["acc_test"]), xytext=(4, -11),
+                        textcoords="offset points", fontsize=7)
+            t = (seeds.get(r["name"]) or {}).get("test_pct")
+            if t and t.get("lo") is not None:
+                ax.errorbar([r[key] * scale], [t["mean"]], yerr=[[t["mean"] - t["lo"]], [t["hi"] - t["mean"]]],
+                            fmt="s", color="tab:gray", ms=4, capsize=4, zorder=2)
+                ax.annotate(f"{r['name']}: {t['n']} seeds, 95 % CI", (r[key] * scale, t["lo"]), xytext=(4, -2),
+                            textcoords="offset points", fontsize=6, color="tab:gray")
+        if interp and key == "flops":
+            tol = 100 * interp["rule"]["tol"]
+            ax.plot([r[key] * scale for r in family_anchors], [100 * r["acc_test"] - tol for r in family_anchors],
+                    "k:", lw=0.8, label=f"line − {tol:.2f} pp (tolerance)")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    if interp and interp.get("percent") is not None:
+        ci = interp.get("percent_ci95") or {}
+        fig.suptitle(f"{interp['interpolating']}/{interp['stitches']} stitches interpolate ({interp['percent']:.1f} %"
+                     + (f", 95 % interval {ci['lo']:.1f}–{ci['hi']:.1f} %" if ci else "") + ")", fontsize=10)
+    return save_figure(fig, path, dpi=120)[0]
 
 
 def plot_selector_sweep(selector: dict[str, Any], path: Path) -> Path:
-    """GFLOPs served vs accuracy constraint: the family's selector and the anchor-only baseline."""
+    """Cost served against the accuracy floor: the family's selector and the anchor-only baseline; refused floors
+    and floors whose choice misses the floor on the test split marked."""
     plt = pyplot()
-    rows = [r for r in selector["sweep"] if r["selected_flops"] is not None and r["baseline_flops"] is not None]
+    rows = [r for r in selector["sweep"] if r["selected_cost"] is not None and r["baseline_cost"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.step([100 * r["min_acc"] for r in rows], [r["baseline_flops"] / 1e9 for r in rows], where="post",
-            color="black", label="baseline (ResNet34 or ResNet50 only)")
-    ax.step([100 * r["min_acc"] for r in rows], [r["selected_flops"] / 1e9 for r in rows], where="post",
-            color="tab:blue", label="selector over the family")
+    f = [100 * r["floor"] for r in rows]
+    ax.step(f, [r["baseline_cost"] / 1e9 for r in rows], where="post", color="black",
+            label="anchor-only baseline")
+    ax.step(f, [r["selected_cost"] / 1e9 for r in rows], where="post", color="tab:blue", label="selector")
+    miss = [r for r in rows if r.get("selected_meets_on_check") is False]
+    if miss:
+        ax.scatter([100 * r["floor"] for r in miss], [r["selected_cost"] / 1e9 for r in miss], marker="x",
+                   color="tab:red", zorder=3, label="misses the floor on test")
     s = selector["summary"]
-    ax.set_title(f"lighter or equal {s['percent_lighter_or_equal']:.0f} %, strictly lighter "
-                 f"{s['percent_strictly_lighter']:.0f} % of {s['baseline_feasible']} constraints", fontsize=10)
-    ax.set_xlabel("accuracy constraint on the validation split (%)")
+    ci = s.get("promise_ci95") or {}
+    ax.set_title(f"promise kept on test: {s['percent_promise_kept'] or 0:.0f} % of {s['served']} served floors"
+                 + (f" (95 % interval {ci['lo']:.0f}–{ci['hi']:.0f})" if ci else "")
+                 + f"; mean saving {s['mean_saving_percent_where_stitch_qualifies'] or 0:.1f} %", fontsize=9)
+    ax.set_xlabel("accuracy floor (%), promised from the validation split")
     ax.set_ylabel("GFLOPs of the served model")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from impl.seam.data import DataBundle, TensorSplit
-from impl.seam.family import SeamFamily
+from impl.seam.family import SeamFamily, build_family
 from impl.seam.models import AnchorConfig
-from impl.seam.serve import build_family
 
 
 @torch.no_grad()
@@ -26,12 +25,13 @@ def randomize_bn(module: nn.Module, seed: int) -> None:
 
 
 def make_family(width_div: int = 1, in_chans: int = 1, num_classes: int = 10, granularity: str = "block",
-                stitch_bn: bool = False, seed: int = 0, small_stem: bool = True) -> SeamFamily:
+                stitch_bn: bool = False, seed: int = 0, small_stem: bool = True, directions: str = "both",
+                stitches: list[str] | None = None) -> SeamFamily:
     """ResNet34 + ResNet50 family in eval mode with every residual branch active (no zero-init) and random BN."""
     torch.manual_seed(seed)
     anchors = [AnchorConfig(arch=a, num_classes=num_classes, in_chans=in_chans, small_stem=small_stem,
                             width_div=width_div, zero_init_last=False) for a in ("resnet34", "resnet50")]
-    family = build_family(anchors, granularity, stitch_bn)
+    family = build_family(anchors, granularity, stitch_bn, directions, stitches)
     randomize_bn(family, seed)
     return family.eval()
 

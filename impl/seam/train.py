@@ -1,16 +1,18 @@
 """Training: each anchor alone, then the whole family end to end with one configuration sampled per step (SN-Net).
 
-Loss: cross-entropy with label smoothing. Optimiser: SGD with Nesterov momentum, weight decay on conv/linear weights
-only; optionally the global gradient norm is clipped to ``grad_clip`` (on in the family phase: there the stitches
-are the only layers with no BatchNorm behind them, and the unclipped phase diverged on an H100 within its warm-up,
-loss 771 at step 20 and NaN by step 40 at lr <= 0.03, where the anchors alone had trained fine at lr 0.4; the
-per-step norm before clipping is kept in ``grad_norm_curve``). Learning rate: linear warm-up over ``warmup_frac`` of
-training, then cosine to zero. Progress is
-``max((step + 0.5) / total_steps, elapsed / time_budget_s)``: without a binding time budget the schedule is purely by
-step (and reproducible); if the budget binds, the schedule anneals by time and the run ends on time with
-``budget_bound`` set. On a GPU: bf16 autocast and channels_last; ``torch.backends.cudnn.benchmark`` is on during
-the run and restored after it. A non-finite loss at any step raises ``CollapseError`` (checked at every loss-curve
-point, every 20 steps and at the end, so it costs no extra sync): weights trained through a NaN are garbage.
+Loss: cross-entropy with label smoothing; in the family phase optionally mixed with distillation from a frozen
+teacher (the more accurate anchor), ``(1 − α)·CE + α·T²·KL(softmax(t/T) ‖ softmax(s/T))``. Optimiser: SGD with
+Nesterov momentum, weight decay on conv/linear weights only; optionally the global gradient norm is clipped to
+``grad_clip`` (on in the family phase: there the stitches are the only layers with no BatchNorm behind them, and an
+unclipped family phase diverged to NaN within its warm-up; the per-step norm before clipping is kept in
+``grad_norm_curve``). Schedule: one cycle (as ``torch.optim.lr_scheduler.OneCycleLR``): over the first ``pct_start``
+of training the learning rate rises from ``lr/div_factor`` to ``lr`` and momentum falls from ``momentum_max`` to
+``momentum_min`` (cosine), then the learning rate falls to ``lr/(div_factor·final_div_factor)`` while momentum rises
+back. Progress is ``max((step + 0.5) / total_steps, elapsed / time_budget_s)``: without a binding time budget the
+schedule is purely by step (and reproducible); if the budget binds, the schedule anneals by time and the run ends on
+time with ``budget_bound`` set. On a GPU: bf16 autocast and channels_last; ``torch.backends.cudnn.benchmark`` is on
+during the run and restored after it. A non-finite loss at any step raises ``CollapseError`` (checked at every
+loss-curve point, every 20 steps and at the end, so it costs no extra sync): weights trained through a NaN are garbage.
 """
 from __future__ import annotations
 
@@ -40,31 +42,55 @@ class TrainConfig:
 
     epochs: float = 5.0
     batch_size: int = 512
-    lr: float = 0.2                  # peak, for SGD at this batch size
-    momentum: float = 0.9
+    lr: float = 0.2                  # peak of the cycle, for SGD at this batch size
+    momentum_max: float = 0.95       # at the start and the end of the cycle
+    momentum_min: float = 0.85       # at the peak learning rate
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
-    warmup_frac: float = 0.1
+    pct_start: float = 0.3           # fraction of training spent rising to the peak
+    div_factor: float = 25.0         # start at lr / div_factor
+    final_div_factor: float = 1e4    # end at lr / (div_factor * final_div_factor)
     seed: int = 0
     max_steps: int | None = None     # cap (smoke runs)
     time_budget_s: float | None = None
     anchor_weight: float = 1.0       # family phase: sampling weight of each anchor relative to one stitch
     grad_clip: float | None = None   # max global gradient norm per step (None: no clipping)
+    distill_alpha: float = 0.0       # family phase: weight of the distillation term (needs a teacher)
+    distill_temperature: float = 2.0
+
+
+def _cos(start: float, end: float, t: float) -> float:
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, t))))
 
 
 def lr_at(progress: float, cfg: TrainConfig) -> float:
-    """Learning rate at ``progress`` in [0, 1]: linear warm-up, then cosine decay to 0."""
-    if progress < cfg.warmup_frac:
-        return cfg.lr * progress / cfg.warmup_frac
-    t = (progress - cfg.warmup_frac) / max(1e-12, 1.0 - cfg.warmup_frac)
-    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(1.0, t)))
+    """Learning rate at ``progress`` in [0, 1] (one cycle, module docstring)."""
+    low, end = cfg.lr / cfg.div_factor, cfg.lr / (cfg.div_factor * cfg.final_div_factor)
+    if progress < cfg.pct_start:
+        return _cos(low, cfg.lr, progress / cfg.pct_start)
+    return _cos(cfg.lr, end, (progress - cfg.pct_start) / max(1e-12, 1.0 - cfg.pct_start))
+
+
+def momentum_at(progress: float, cfg: TrainConfig) -> float:
+    """Momentum at ``progress``: the mirror image of the learning rate's cycle."""
+    if progress < cfg.pct_start:
+        return _cos(cfg.momentum_max, cfg.momentum_min, progress / cfg.pct_start)
+    return _cos(cfg.momentum_min, cfg.momentum_max, (progress - cfg.pct_start) / max(1e-12, 1.0 - cfg.pct_start))
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, mean over the batch, in float32."""
+    t = temperature
+    log_p = F.log_softmax(student.float() / t, dim=1)
+    log_q = F.log_softmax(teacher.float() / t, dim=1)
+    return t * t * F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.SGD:
     decay = [p for p in params if p.ndim > 1]
     plain = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum_max, nesterov=True)
 
 
 def autocast(device: str) -> contextlib.AbstractContextManager:
@@ -109,17 +135,22 @@ def _progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, mininterval=0.5 if tty else 10.0, file=sys.stderr, dynamic_ncols=tty)
 
 
-def train_steps(family: SeamFamily, data: DataBundle, pick: Callable[[int], Config], cfg: TrainConfig,
-                device: str, desc: str, channels_last: bool) -> dict:
-    """The shared loop: step i trains configuration ``pick(i)`` on one augmented batch."""
+def train_steps(model: nn.Module, forward: Callable[[torch.Tensor, int], torch.Tensor], data: DataBundle,
+                cfg: TrainConfig, device: str, desc: str, channels_last: bool,
+                teacher: nn.Module | None = None) -> dict:
+    """The shared loop: step i trains ``forward(x, i)`` (logits of ``model``) on one augmented batch."""
+    if cfg.distill_alpha and teacher is None:
+        raise ValueError(f"distill_alpha={cfg.distill_alpha} needs a teacher")
     steps_per_epoch = max(1, len(data.train) // cfg.batch_size)
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    opt = make_optimizer(list(family.parameters()), cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    family.train()
-    family.active = None  # running statistics change: stored per-config BN states are no longer loaded
+    model.train()
+    if teacher is not None:
+        teacher.eval()
     step, losses, grad_norms, t0, epoch = 0, [], [], time.perf_counter(), 0
     finite = torch.ones((), dtype=torch.bool, device=device)  # all losses so far finite (on device: no sync)
     budget_bound = False
@@ -134,16 +165,22 @@ def train_steps(family: SeamFamily, data: DataBundle, pick: Callable[[int], Conf
                     break
                 progress = max((step + 0.5) / total, by_time)  # mid-step: neither the first nor the last lr is 0
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(progress, cfg)
+                    g["lr"], g["momentum"] = lr_at(progress, cfg), momentum_at(progress, cfg)
                 if data.gpu_augment:
                     images = augment_shift_flip(images, gen)
                 x = preprocess(images, data.mean, data.std, None, channels_last)
                 with autocast(device):
-                    loss = F.cross_entropy(family(x, pick(step)), labels, label_smoothing=cfg.label_smoothing)
+                    logits = forward(x, step)
+                    loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+                    if cfg.distill_alpha:
+                        with torch.no_grad():
+                            target = teacher(x)
+                        loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill_loss(
+                            logits, target, cfg.distill_temperature)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip is not None:
-                    gn = torch.nn.utils.clip_grad_norm_(family.parameters(), cfg.grad_clip)
+                    gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 step += 1
                 bar.update(1)
@@ -166,19 +203,18 @@ def train_steps(family: SeamFamily, data: DataBundle, pick: Callable[[int], Conf
     bar.close()
     if device == "cuda":
         torch.cuda.synchronize()
-    family.eval()
+    model.eval()
     return {"steps": step, "planned_steps": total, "epochs_done": step / steps_per_epoch,
             "seconds": time.perf_counter() - t0, "budget_bound": budget_bound, "loss_curve": losses,
             "grad_norm_curve": grad_norms, "config": asdict(cfg)}
 
 
-def train_anchor(family: SeamFamily, name: str, data: DataBundle, cfg: TrainConfig, device: str,
-                 channels_last: bool = True) -> dict:
-    """Train one anchor alone (its stitches untouched: they get no gradient)."""
-    anchor = family.config(name)
-    if not anchor.is_anchor:
-        raise ValueError(f"{name!r} is a stitch, not an anchor")
-    return train_steps(family, data, lambda _i: anchor, cfg, device, f"anchor {name}", channels_last)
+def train_anchor(net: nn.Module, data: DataBundle, cfg: TrainConfig, device: str, channels_last: bool = True,
+                 desc: str = "anchor") -> dict:
+    """Train one network alone (e.g. ``family.nets["r34"]``: the family's stitches get no gradient)."""
+    if isinstance(net, SeamFamily):
+        raise TypeError("train_anchor takes one network (family.nets[name]), not the family")
+    return train_steps(net, lambda x, _i: net(x), data, cfg, device, desc, channels_last)
 
 
 def sample_configs(family: SeamFamily, n: int, seed: int, anchor_weight: float = 1.0) -> list[Config]:
@@ -191,12 +227,15 @@ def sample_configs(family: SeamFamily, n: int, seed: int, anchor_weight: float =
 
 
 def finetune_family(family: SeamFamily, data: DataBundle, cfg: TrainConfig, device: str,
-                    channels_last: bool = True) -> dict:
-    """Fine-tune everything end to end; step i trains one configuration drawn at random (anchors included)."""
+                    channels_last: bool = True, teacher: nn.Module | None = None) -> dict:
+    """Fine-tune everything end to end; step i trains one configuration drawn at random (anchors included).
+
+    Running BatchNorm statistics change, so stored per-configuration statistics are dropped (recalibrate after)."""
     steps_per_epoch = max(1, len(data.train) // cfg.batch_size)
     n = max(1, int(round(cfg.epochs * steps_per_epoch)))
     plan = sample_configs(family, n + 1, cfg.seed, cfg.anchor_weight)
-    out = train_steps(family, data, lambda i: plan[i], cfg, device, "family", channels_last)
+    family.bn_states, family.active = {}, None
+    out = train_steps(family, lambda x, i: family(x, plan[i]), data, cfg, device, "family", channels_last, teacher)
     counts: dict[str, int] = {}
     for c in plan[: out["steps"]]:
         counts[c.name] = counts.get(c.name, 0) + 1
