@@ -74,6 +74,49 @@ def test_restore_tries_every_call_then_reports_the_failure():
     assert drv.windows[12] == NO_WINDOW
 
 
+@pytest.mark.parametrize("call", ["set_window", "set_carveout", "reset_persisting"])
+def test_ctrl_c_raised_inside_a_restore_call_still_restores_everything(call):
+    """Ctrl-C raised from inside a driver call on the way out: the call is retried, the others still run, the device
+    ends as it began, and the KeyboardInterrupt reaches the caller afterwards."""
+    drv, ctl = fresh()
+    before = ctl.snapshot(STREAMS)
+    with pytest.raises(KeyboardInterrupt):
+        with ctl.applied(STREAMS, carveout=5 * MB, window=AccessWindow(0, MB, 1.0, "persisting")):
+            drv.interrupt_on.add(call)
+    assert not drv.interrupt_on, "the injected interrupt did not fire"
+    assert ctl.snapshot(STREAMS) == before
+    assert drv.resets == 2
+
+
+@pytest.mark.parametrize("call", ["set_window", "set_carveout", "reset_persisting"])
+def test_ctrl_c_signal_during_restore_is_held_until_the_device_is_restored(call):
+    """A real SIGINT arriving while ``restore`` runs is held: every window and the carve-out are put back first,
+    then the KeyboardInterrupt is raised, and the SIGINT handler is Python's again."""
+    import signal
+
+    drv, ctl = fresh()
+    before = ctl.snapshot(STREAMS)
+    with pytest.raises(KeyboardInterrupt):
+        with ctl.applied(STREAMS, carveout=5 * MB, window=AccessWindow(0, MB, 1.0, "persisting")):
+            drv.signal_on.add(call)
+    assert not drv.signal_on, "the injected signal was not sent"
+    assert ctl.snapshot(STREAMS) == before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_during_a_plain_restore_is_held_too():
+    import signal
+
+    drv, ctl = fresh()
+    before = ctl.snapshot(STREAMS)
+    ctl.apply(STREAMS, carveout=7 * MB, window=AccessWindow(0, MB, 1.0, "persisting"))
+    drv.signal_on.add("set_window")  # the first of three restore calls
+    with pytest.raises(KeyboardInterrupt):
+        ctl.restore(before)
+    assert ctl.snapshot(STREAMS) == before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_settings_the_device_refuses_are_refused_before_any_call():
     drv, ctl = fresh()
     with pytest.raises(L2Error, match="persistingL2CacheMaxSize"):
