@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from impl.l2cache.prefetch import NONE, L2Prefetch, issue_prefetch, lanes_for, log_buffer, record_log
+from impl.l2cache.prefetch import (NONE, L2Prefetch, issue_prefetch, lanes_for, log_buffer, placeholders,
+                                   record_log)
 
 DTYPES = (torch.float16, torch.float32)
 
@@ -139,7 +140,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, r
         grid = (triton.cdiv(N, block_n), M)
         pf, lanes = prefetch, lanes_for(GEMV_WARPS)
         if pf is None:
-            pf_args, mode = (out, 0, 0, out), NONE  # placeholders, compiled away in NONE mode
+            u8, i64 = placeholders(x.device)
+            pf_args, mode = (u8, 0, 0, i64), NONE  # never read: NONE mode compiles the prefetch away
         else:
             pf_args, mode = (pf.buffer, pf.offset, pf.nbytes, log_buffer(pf, grid[0], lanes)), pf.mode
         gemv_kernel[grid](x, w, bias, out, N, K, *pf_args, HAS_BIAS=b is not None, RELU=relu, BLOCK_N=block_n,

@@ -108,10 +108,24 @@ def aligned_range(buffer: torch.Tensor, offset: int, nbytes: int) -> tuple[int, 
     return lo, hi - lo
 
 
+_PLACEHOLDERS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def placeholders(device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uint8 buffer and an int64 log that a launch without a prefetch (or without a log) passes, never read;
+    allocated once per device (so not inside a CUDA-graph capture: the warm-up before it allocates them)."""
+    key = str(torch.device(device))
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = (torch.zeros(16, dtype=torch.uint8, device=device),
+                              torch.zeros((1, 2), dtype=torch.int64, device=device))
+    return _PLACEHOLDERS[key]
+
+
 def log_buffer(pf: L2Prefetch, programs: int, lanes: int) -> torch.Tensor:
-    """The int64 [programs · lanes, 2] log a LOG-mode launch writes (a placeholder pointer otherwise)."""
-    rows = programs * lanes if pf.mode == LOG else 1
-    return torch.full((rows, 2), -1, dtype=torch.int64, device=pf.buffer.device)
+    """The int64 [programs · lanes, 2] log a LOG-mode launch writes (the shared placeholder otherwise)."""
+    if pf.mode != LOG:
+        return placeholders(pf.buffer.device)[1]
+    return torch.full((programs * lanes, 2), -1, dtype=torch.int64, device=pf.buffer.device)
 
 
 def record_log(pf: L2Prefetch, log: torch.Tensor) -> None:
