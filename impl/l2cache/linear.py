@@ -115,9 +115,13 @@ def _precision(dtype: torch.dtype, wanted: str) -> str:
 GEMV_WARPS = 4
 
 
-def gemv_blocks(dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of the GEMV: 16 KB of W per program per step (64 values per thread of 4 warps)."""
-    return (8, 1024) if dtype == torch.float16 else (8, 512)
+def gemv_blocks(dtype: torch.dtype, k: int | None = None) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of the GEMV: 16 KB of W per program per step (64 values per thread of 4 warps), BLOCK_K
+    cut to K's next power of two for short rows."""
+    block_k = 1024 if dtype == torch.float16 else 512
+    if k is not None:
+        block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    return 8, block_k
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, relu: bool = False,
@@ -136,7 +140,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, r
         return out
     bias = b if b is not None else out  # placeholder pointer, never read when HAS_BIAS is False
     if path == "gemv" or (path == "auto" and M < 16):
-        block_n, block_k = gemv_blocks(x.dtype)
+        block_n, block_k = gemv_blocks(x.dtype, K)
         grid = (triton.cdiv(N, block_n), M)
         pf, lanes = prefetch, lanes_for(GEMV_WARPS)
         if pf is None:
