@@ -8,7 +8,7 @@ from impl import backend
 from impl.l2cache.arena import Span
 from impl.l2cache.control import NO_WINDOW, AccessWindow, CudaRuntimeDriver, L2Controller, L2Error, check_cuda
 from impl.l2cache.fake import H100_DEFAULT_CARVEOUT, H100_LIMITS, FakeL2Driver
-from impl.l2cache.policies import POLICIES, DefaultPolicy, PersistWeights, StreamActivations
+from impl.l2cache.policies import PREFETCH_POLICIES, POLICIES, DefaultPolicy, PersistWeights, StreamActivations
 from impl.l2cache.serving import lab_streams, stream_handles
 from impl.l2cache.testing import check_restored, l2_controller, l2_guard  # noqa: F401  (fixtures)
 
@@ -211,9 +211,12 @@ def test_stream_plan_needs_an_activation_span():
     assert p.carveout_bytes == 0
 
 
-def test_policy_registry_has_the_five_policies():
-    assert set(POLICIES) == {"default", "persist_weights", "stream_activations", "prefetch", "persist_prefetch"}
-    assert [n for n, p in POLICIES.items() if p.prefetch] == ["prefetch", "persist_prefetch"]
+def test_policy_registry_has_the_seven_policies():
+    assert set(POLICIES) == {"default", "persist_weights", "stream_activations", "prefetch_stream", "prefetch_ahead",
+                             "prefetch_kernel", "persist_prefetch"}
+    assert {n: p.prefetch for n, p in POLICIES.items() if p.prefetch} == {
+        "prefetch_stream": "stream", "prefetch_ahead": "ahead", "prefetch_kernel": "kernel", "persist_prefetch": "auto"}
+    assert PREFETCH_POLICIES == ("prefetch_stream", "prefetch_ahead", "prefetch_kernel")
 
 
 # ---- the real device ----------------------------------------------------------------------------------------

@@ -95,8 +95,8 @@ def compare_policies(workload: Any, controller: L2Controller, candidates: tuple[
             if not info["applicable"]:
                 cmp.excluded[name] = f"not applicable: {info['note']}"
                 continue
-            effect = (info["carveout_bytes"], info["window_bytes"], info["hit_ratio"], info["hit_prop"],
-                      info["miss_prop"], info["prefetch"])
+            effect = tuple(info[k] for k in ("carveout_bytes", "window_ptr", "window_bytes", "hit_ratio", "hit_prop",
+                                             "miss_prop", "prefetch"))
             if effects.setdefault(effect, name) != name:
                 cmp.excluded[name] = f"same settings as {effects[effect]}"
                 continue

@@ -132,7 +132,7 @@ def candidate_specs(limits: L2Limits, sms: int, smoke: bool) -> dict[str, dict]:
     p = chain_presets(limits.max_persisting_bytes, limits.l2_bytes, sms)
     noise = 2 * limits.l2_bytes
     ofa = [OfaConfig("ofa_noisy", noise_bytes=noise), OfaConfig("ofa_noisy_r160", resolution=160, noise_bytes=noise)]
-    order = [p["hybrid1"], p["albert_noisy"], ofa[0], p["stack_noisy"], p["hybrid2"], ofa[1], p["mlp_big"]]
+    order = [p["hybrid1"], p["mlp_big"], p["stack_noisy"], ofa[1], p["albert_noisy"], ofa[0], p["hybrid2"]]
     return {c.name: spec_of(c) for c in order}
 
 

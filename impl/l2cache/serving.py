@@ -184,7 +184,7 @@ class PolicyRunner:
             g.instantiate()
         reads = [h.reads_per_request() for h in self.hooks if isinstance(h, Prefetcher)]
         self.info.update(policy=plan.policy, applicable=plan.applicable, note=plan.note, prefetch=plan.prefetch,
-                         carveout_bytes=plan.carveout_bytes, window_bytes=window.num_bytes,
+                         carveout_bytes=plan.carveout_bytes, window_ptr=window.base_ptr, window_bytes=window.num_bytes,
                          hit_ratio=window.hit_ratio, hit_prop=window.hit_prop, miss_prop=window.miss_prop,
                          graphs=bool(self._graphs), stamped_kernel_nodes=stamped,
                          prefetch_reads_per_request=sum(reads) / len(reads) if reads else 0)
