@@ -309,6 +309,18 @@ def _selection() -> dict:
             "table": table, "sweep": {"points": pts}}
 
 
+def test_report_table_shows_both_runs(tmp_path):
+    sel = {**_selection(), "run_id": "sel-1", "table_md": "| workload |\n|---|\n| hybrid1 |"}
+    ver = claims.verdict_data()
+    ver["results"]["ofa"] = {"skipped": "GPU time budget spent"}
+    view = _view(tmp_path, {"l2cache/selection": sel, "l2cache/verdict": ver, "l2cache/ncu": claims.ncu_data()})
+    text = "\n".join(claims.run_tables(view))
+    assert "**verdict run** ver-2 of selection run sel-1" in text and "| best | hybrid1 | persist_weights |" in text
+    assert "GPU time budget spent" in text and "chose persist_weights, offline best persist_weights (match)" in text
+    assert "DRAM read 400.0 -> 200.0 MB" in text and "| hybrid1 |" in text
+    assert claims.run_tables(ResultsView("h200", root=tmp_path / "empty")) == []
+
+
 def test_plots_draw_the_intervals(tmp_path):
     import matplotlib
 

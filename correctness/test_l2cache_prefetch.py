@@ -72,6 +72,16 @@ def test_prefetch_kernel_alone_covers_its_range(programs):
         prefetch_l2(pf, programs=0)
 
 
+def test_a_prefetch_too_large_for_the_grid_is_refused():
+    """One GEMV program (N <= 8) has 128 lanes of at most MAX_PIECE bytes each: a larger range would wrap the
+    instruction's 16-bit size field, so it is refused rather than silently cut."""
+    big = torch.empty(128 * MAX_PIECE + 4096, dtype=torch.uint8, device=DEVICE)
+    x, w = torch.ones((1, 16), device=DEVICE), torch.ones((8, 16), device=DEVICE)
+    with pytest.raises(ValueError, match="largest piece"):
+        linear(x, w, prefetch=L2Prefetch(big, 0, 128 * MAX_PIECE + 16))
+    linear(x, w, prefetch=L2Prefetch(big, 0, 128 * MAX_PIECE, force_log=True))  # exactly the most: accepted
+
+
 def test_bad_ranges_are_refused_with_the_reason():
     buf = torch.zeros(4096, dtype=torch.uint8, device=DEVICE)
     with pytest.raises(TypeError, match="uint8"):

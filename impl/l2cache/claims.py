@@ -134,7 +134,8 @@ class VerdictCount:
             if "outputs_differ" not in data or "selection_outputs_differ" not in data:
                 return NotMeasured("verdict.json does not record the bit-identity of outputs")
             pairs = [tuple(p) for p in data["selection_outputs_differ"] + data["outputs_differ"]]
-            return _measured(rec, len(pairs), "l2cache/verdict.json:outputs_differ" + (f" — {pairs}" if pairs else ""))
+            text = "l2cache/verdict.json:outputs_differ" + (f" — {pairs}" if pairs else "")
+            return _measured(rec, len(pairs), text)
         runs = {"selection": data.get("selection_restored"), "verdict": data.get("restored")}
         return _measured(rec, sum(v is not True for v in runs.values()), f"l2cache/verdict.json — restored: {runs}")
 
@@ -207,7 +208,8 @@ def verdict_data(**over: Any) -> dict:
 
 def ncu_data(lo: float = 30.0) -> dict:
     return {"verdict_run": "ver-2", "complete": True,
-            "profiles": {"best": {"workload": "hybrid1", "policy": "persist_weights", "dram_read_drop_lo_pct": lo,
+            "profiles": {"best": {"workload": "hybrid1", "policy": "persist_weights", "requests": 3,
+                                  "dram_read_drop_lo_pct": lo,
                                   "dram_read_drop_pct": lo + 5, "default_dram_read_bytes": 4e8,
                                   "policy_dram_read_bytes": 2e8, "default_l2_hit_pct": 20.0,
                                   "policy_l2_hit_pct": 60.0}}}
@@ -229,7 +231,8 @@ FAILING_CASES = {
     "l2cache.dram_read_drop": Case(benches={}, results={"l2cache/verdict": verdict_data(),
                                                          "l2cache/ncu": ncu_data(lo=-2.0)}),
     "l2cache.chooser_matches": Case(benches={}, results={"l2cache/verdict": verdict_data(chooser=[
-        {"workload": "hybrid1", "chosen": "stream_activations", "offline_best": "persist_weights", "matches": False}])}),
+        {"workload": "hybrid1", "chosen": "stream_activations", "offline_best": "persist_weights",
+         "matches": False}])}),
     "l2cache.outputs_bit_identical": Case(benches={}, results={"l2cache/verdict": verdict_data(
         selection_outputs_differ=[["ofa_noisy", "prefetch_stream"]])}),
     "l2cache.device_restored": Case(benches={}, results={"l2cache/verdict": verdict_data(selection_restored=False)}),
@@ -315,3 +318,48 @@ def plot_policy_table(view, out_dir: Path) -> list[Path]:
 
 
 PLOTS = [plot_gain_vs_weights, plot_policy_table]
+
+
+def _ci(g: dict | None) -> str:
+    return f"{g['gain_pct']:+.2f} [{g['lo_pct']:+.2f}, {g['hi_pct']:+.2f}]" if g else "—"
+
+
+def run_tables(view) -> list[str]:
+    """The verdict's re-measured pairs next to their selection figures, the chooser, ncu; then the selection table."""
+    lines: list[str] = []
+    ver, sel = view.result("l2cache", "verdict"), view.result("l2cache", "selection")
+    if ver is not None:
+        d = ver["data"]
+        lines += [f"**verdict run** {d.get('verdict_run')} of selection run {d.get('selected_in_run')} "
+                  f"({ver.get('device', '?')}, commit {ver.get('commit', '?')}; restored: {d.get('restored')})", "",
+                  "| pick | workload | policy | selection gain % [95% CI] | verdict gain % [95% CI] "
+                  "| rounds × requests | bit-identical |", "|---|---|---|---|---|---|---|"]
+        for key, r in (d.get("results") or {}).items():
+            if not r.get("workload"):
+                lines.append(f"| {key} | — | — | — | {r.get('skipped', 'not measured')} | — | — |")
+                continue
+            g, sg = r.get("gain"), r.get("selection_gain")
+            sg = sg if sg and sg.get("lo_pct") is not None else None
+            size = f"{g['rounds']} × {g['requests']}" if g else "—"
+            lines.append(f"| {key} | {r['workload']} | {r['policy']} | {_ci(sg)} | {_ci(g)} | {size} | "
+                         f"{'yes' if r.get('bit_identical') else 'NO'} |")
+        for c in d.get("chooser") or []:
+            lines.append(f"- chooser on {c['workload']}: chose {c['chosen']}, offline best {c['offline_best']}"
+                         f" ({'match' if c['matches'] else 'MISMATCH'})")
+        lines.append("")
+    ncu = view.result("l2cache", "ncu")
+    for key, p in ((ncu or {}).get("data", {}).get("profiles") or {}).items():
+        if p.get("default_dram_read_bytes") is None:
+            lines.append(f"- ncu {key}: {p.get('error') or p.get('skipped')}")
+            continue
+        lines.append(f"- ncu {key} ({p['workload']} / {p['policy']}, {p['requests']} requests each): DRAM read "
+                     f"{p['default_dram_read_bytes'] / 1e6:.1f} -> {p['policy_dram_read_bytes'] / 1e6:.1f} MB per "
+                     f"request ({p['dram_read_drop_pct']:+.1f}%, worst pair {p['dram_read_drop_lo_pct']:+.1f}%), "
+                     f"L2 hit {p['default_l2_hit_pct']:.1f} -> {p['policy_l2_hit_pct']:.1f}%")
+    if sel is not None and sel["data"].get("table_md"):
+        lines += ["", f"**selection run** {sel['data'].get('run_id')} ({sel.get('device', '?')}, commit "
+                  f"{sel.get('commit', '?')})", "", *sel["data"]["table_md"].splitlines(), ""]
+    return lines
+
+
+TABLES = [run_tables]

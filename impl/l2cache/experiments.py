@@ -295,7 +295,8 @@ def run_sweep(cfg: RunConfig, controller: L2Controller, limits: L2Limits, deadli
         if g:
             log(f"sweep W = {frac} carve-outs: persist_weights {g.gain_pct:+.2f}% [{g.lo_pct:+.2f}, {g.hi_pct:+.2f}]")
         del wl
-    return {"points": points, "layers": 12, "policy": "persist_weights", "complete": len(points) == len(cfg.sweep_fracs)}
+    return {"points": points, "layers": 12, "policy": "persist_weights",
+            "complete": len(points) == len(cfg.sweep_fracs)}
 
 
 def select(cfg: RunConfig, controller: L2Controller, out_dir: Path | None, smoke: bool) -> dict:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from impl.l2cache.prefetch import (NONE, L2Prefetch, issue_prefetch, lanes_for, log_buffer, placeholders,
+from impl.l2cache.prefetch import (MAX_PIECE, NONE, L2Prefetch, issue_prefetch, lanes_for, log_buffer, placeholders,
                                    record_log)
 
 DTYPES = (torch.float16, torch.float32)
@@ -147,6 +147,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, r
             u8, i64 = placeholders(x.device)
             pf_args, mode = (u8, 0, 0, i64), NONE  # never read: NONE mode compiles the prefetch away
         else:
+            if pf.nbytes > grid[0] * lanes * MAX_PIECE:
+                raise ValueError(f"a {pf.nbytes} B prefetch needs more than {grid[0]} programs × {lanes} lanes × "
+                                 f"{MAX_PIECE} B (the instruction's largest piece)")
             pf_args, mode = (pf.buffer, pf.offset, pf.nbytes, log_buffer(pf, grid[0], lanes)), pf.mode
         gemv_kernel[grid](x, w, bias, out, N, K, *pf_args, HAS_BIAS=b is not None, RELU=relu, BLOCK_N=block_n,
                           BLOCK_K=block_k, PF_MODE=mode, PF_LANES=lanes, num_warps=GEMV_WARPS)

@@ -8,9 +8,9 @@ LATER kernel will read (the next layer's weights) and carry on with its own work
 
 How a grid shares a range ``[offset, offset + nbytes)`` (``plan_ranges`` is the same arithmetic in numpy, the CPU
 twin): program p of P takes ``chunk = ceil16(ceil(nbytes / P))`` bytes from ``p · chunk``; inside it, lane j of
-``LANES`` (one per thread: 32 · num_warps) takes ``sub = ceil16(ceil(chunk / LANES))`` bytes from ``p · chunk + j · sub``;
-every piece is clipped to the range, so the pieces tile it exactly, without overlap. A lane whose piece is empty
-issues nothing.
+``LANES`` (one per thread: 32 · num_warps) takes ``sub = ceil16(ceil(chunk / LANES))`` bytes from
+``p · chunk + j · sub``; every piece is clipped to the range, so the pieces tile it exactly, without overlap. A lane
+whose piece is empty issues nothing.
 
 Modes (``MODE: tl.constexpr``): ``NONE`` compiles the prefetch away; ``BULK`` issues the instruction (GPU only: the
 Triton interpreter cannot run inline PTX); ``LOG`` issues nothing and writes each lane's (start, size) to a log
