@@ -172,6 +172,26 @@ def test_compare_policies_drops_what_cannot_apply_repeats_or_changes_outputs():
                                                 "weights (or the persisted ones)"}
 
 
+class Exploding:
+    name = "exploding"
+    prefetch = ""
+
+    def plan(self, weights, activations, limits):
+        raise RuntimeError("plan failed")
+
+
+def test_a_failing_candidate_drops_out_and_the_device_is_restored(monkeypatch):
+    monkeypatch.setitem(POLICIES, "exploding", Exploding())
+    ctl = L2Controller(FakeL2Driver())
+    handles = stream_handles(lab_streams())
+    before = ctl.snapshot(handles)
+    wl = ChainMLP(ChainConfig("c", 16, 1, own=1, dtype="float32"))
+    cmp = compare_policies(wl, ctl, ("exploding", "prefetch_kernel"), rounds=1, reps=1, warmup=0,
+                           runner_kw={"graphs": False})
+    assert cmp.excluded["exploding"] == "failed: RuntimeError: plan failed" and "prefetch_kernel" in cmp.gains
+    assert ctl.snapshot(handles) == before
+
+
 def test_serve_best_restores_the_device_even_on_ctrl_c():
     drv = FakeL2Driver()
     ctl = L2Controller(drv)

@@ -4,8 +4,8 @@
 reversed every other round, so drift does not favour one side), ``reps`` timed requests each; every runner starts
 from a full reset (carve-out 0, no window, persisting lines reset, L2 flushed). A candidate drops out — with the
 reason in ``excluded`` — when it cannot apply to the model, when its plan has the same effect as a policy before it
-(same carve-out, window and prefetch: one candidate, measured once), or when its outputs are not bit-identical to the
-default's in any round (a policy that changes outputs is never chosen). Gains carry the bootstrap interval of
+(same carve-out, window and prefetch: one candidate, measured once), when its outputs are not bit-identical to the
+default's in any round (a policy that changes outputs is never chosen), or when serving under it raised. Gains carry the bootstrap interval of
 ``stats.gain_interval``.
 
 ``pick_best`` is the one rule, offline (experiments) and online (``choose_policy``): among the candidates whose
@@ -89,7 +89,13 @@ def compare_policies(workload: Any, controller: L2Controller, candidates: tuple[
         for name in (names if r % 2 == 0 else names[::-1]):
             if name in cmp.excluded:
                 continue
-            times, digests, info = _serve_once(workload, name, controller, reps, warmup, runner_kw)
+            try:
+                times, digests, info = _serve_once(workload, name, controller, reps, warmup, runner_kw)
+            except Exception as e:  # a candidate that fails drops out (its runner restored the device); not the default
+                if name == "default":
+                    raise
+                cmp.excluded[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+                continue
             if r == 0 or name not in cmp.info:
                 cmp.info[name] = info
             if not info["applicable"]:
