@@ -126,14 +126,17 @@ def _cmp(lows: dict[str, float], excluded: dict[str, str] | None = None) -> Comp
     return c
 
 
-def test_pick_best_takes_the_highest_lower_end_above_zero_else_default():
-    assert pick_best(_cmp({"persist_weights": 3.0, "prefetch_kernel": 5.0})) == "prefetch_kernel"
+def test_pick_best_takes_the_simplest_policy_that_reaches_the_best_lower_end():
+    # _cmp's intervals are [lo, lo + 2]: 3 reaches 5 only with hi 5 -> persist_weights' [3, 5] ties prefetch's [5, 7]
+    assert pick_best(_cmp({"persist_weights": 3.0, "prefetch_kernel": 5.0})) == "persist_weights"
+    assert pick_best(_cmp({"persist_weights": 2.9, "prefetch_kernel": 5.0})) == "prefetch_kernel"
+    assert pick_best(_cmp({"persist_prefetch": 6.0, "prefetch_kernel": 5.0})) == "prefetch_kernel"
     assert pick_best(_cmp({"persist_weights": -0.1, "prefetch_kernel": 0.0})) == "default"
     assert pick_best(_cmp({"persist_weights": 3.0, "prefetch_kernel": 5.0},
                           {"prefetch_kernel": "outputs differ from the default's"})) == "persist_weights"
     c = _cmp({"persist_weights": 3.0, "stream_activations": 4.0})
     c.digests["stream_activations"] = [["b"]]  # changed outputs: never chosen, offline or online
-    assert not c.bit_identical("stream_activations")
+    assert not c.bit_identical("stream_activations") and pick_best(c) == "persist_weights"
     d = c.as_dict()
     assert pick_best(d) == "persist_weights" and pick_best(_cmp({"a": 1.0}).as_dict()) == "a"
 

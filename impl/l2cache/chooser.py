@@ -9,7 +9,7 @@ default's in any round (a policy that changes outputs is never chosen), or when 
 ``stats.gain_interval``.
 
 ``pick_best`` is the one rule, offline (experiments) and online (``choose_policy``): among the candidates whose
-gain interval lies above zero, the one with the highest lower end; none: ``default``.
+gain interval lies above zero, the simplest whose interval reaches the highest lower end; none: ``default``.
 
 ``serve_best`` is what a server calls: measure the candidates for a few requests, then serve every request with the
 chosen policy; on exit, whatever happened, the device is as it was found.
@@ -119,15 +119,22 @@ def compare_policies(workload: Any, controller: L2Controller, candidates: tuple[
 
 
 def pick_best(cmp: Comparison | dict) -> str:
-    """The candidate with the highest interval lower end among those whose interval lies above 0; else default.
-    Takes a ``Comparison`` or its ``as_dict()`` (how the experiments store it)."""
+    """The one pick rule (offline and online). Candidates: measured, applicable, bit-identical, gain interval above
+    0 (none: ``default``). Leader: the highest interval lower end. Chosen: the first candidate in ``CANDIDATES`` order
+    (fewest mechanisms first) whose interval reaches the leader's lower end — a policy is not chosen over a simpler one
+    it does not beat beyond noise. Takes a ``Comparison`` or its ``as_dict()`` (how the experiments store it)."""
     if isinstance(cmp, Comparison):
-        lows = {p: cmp.gains[p].lo_pct for p in cmp.measured if p in cmp.gains}
+        ci = {p: (cmp.gains[p].lo_pct, cmp.gains[p].hi_pct) for p in cmp.measured
+              if p in cmp.gains and cmp.bit_identical(p)}
     else:
-        lows = {p: r["gain"]["lo_pct"] for p, r in cmp["policies"].items()
-                if p != "default" and not r["excluded"] and r["gain"] and r["bit_identical"]}
-    above = {p: lo for p, lo in lows.items() if lo > 0}
-    return max(above, key=lambda p: (above[p], p)) if above else "default"
+        ci = {p: (r["gain"]["lo_pct"], r["gain"]["hi_pct"]) for p, r in cmp["policies"].items()
+              if p != "default" and not r["excluded"] and r["gain"] and r["bit_identical"]}
+    above = {p: v for p, v in ci.items() if v[0] > 0}
+    if not above:
+        return "default"
+    lead = max(v[0] for v in above.values())
+    rank = {p: i for i, p in enumerate(CANDIDATES)}
+    return min((p for p, v in above.items() if v[1] >= lead), key=lambda p: (rank.get(p, len(rank)), p))
 
 
 @dataclass
@@ -137,7 +144,7 @@ class Choice:
 
 
 def choose_policy(workload: Any, controller: L2Controller, candidates: tuple[str, ...] = CANDIDATES, *,
-                  rounds: int = 2, reps: int = 30, warmup: int = 5, runner_kw: dict | None = None) -> Choice:
+                  rounds: int = 3, reps: int = 50, warmup: int = 5, runner_kw: dict | None = None) -> Choice:
     """Measure the candidates for a few requests (``rounds`` × ``reps`` each) and pick by ``pick_best``."""
     cmp = compare_policies(workload, controller, candidates, rounds=rounds, reps=reps, warmup=warmup,
                            runner_kw=runner_kw)

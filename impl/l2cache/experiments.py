@@ -64,8 +64,8 @@ class RunConfig:
     sweep_fracs: tuple[float, ...] = ()  # ALBERT W / max carve-out
     sweep_rounds: int = 2
     sweep_reps: int = 80
-    chooser_rounds: int = 2
-    chooser_reps: int = 30
+    chooser_rounds: int = 3
+    chooser_reps: int = 50
     chooser_on: tuple[str, ...] = ("best", "ofa_best")  # the picks whose workloads the chooser serves
     ncu: bool = True
     ncu_requests: int = 3
