@@ -11,7 +11,7 @@ from impl.common.results import RESULTS
 from impl.l2cache import claims, ncu
 from impl.l2cache.chooser import Comparison, compare_policies, pick_best, serve_best
 from impl.l2cache.control import L2Controller
-from impl.l2cache.experiments import dram_drop, main, read_record
+from impl.l2cache.experiments import SMOKE_SELECT, dram_drop, main, make_controller, read_record, select
 from impl.l2cache.fake import FakeL2Driver
 from impl.l2cache.nets import ChainConfig, ChainMLP
 from impl.l2cache.policies import POLICIES
@@ -63,6 +63,36 @@ def test_smoke_selects_then_judges_in_a_second_run(tmp_path):
     matplotlib.use("Agg")
     assert [p.name for plot in claims.PLOTS for p in plot(view, tmp_path)] == [
         "l2cache_gain_vs_weights.png", "l2cache_policy_table.png"]
+
+
+def test_a_wrong_result_stops_the_run_before_anything_is_timed(monkeypatch):
+    """Correctness first: when the served chain disagrees with its float64 reference, nothing is measured and the
+    record says why (here the reference is made wrong, which the check cannot tell from a wrong kernel)."""
+    right = ChainMLP.reference
+    monkeypatch.setattr(ChainMLP, "reference", lambda self: right(self) + 1.0)
+    sel = select(SMOKE_SELECT, make_controller(True), None, smoke=True)
+    assert sel["correctness"]["ok"] is False and "chain under default" in sel["correctness"]["error"]
+    assert sel["comparisons"] == {} and sel["sweep"]["points"] == [] and sel["complete"] is False
+    assert sel["selection"] == {"best": None, "ofa_best": None, "prefetch_best": None} and sel["restored"]
+
+
+def test_a_run_stopped_by_sigterm_puts_the_device_back():
+    import os
+    import signal
+
+    from impl.l2cache.control import AccessWindow
+    from impl.l2cache.experiments import Guard
+
+    ctl = L2Controller(FakeL2Driver())
+    handles = stream_handles(lab_streams())
+    before = ctl.snapshot(handles)
+    with pytest.raises(SystemExit):
+        with Guard(ctl) as guard:
+            ctl.apply(handles, carveout=1 << 20, window=AccessWindow(4096, 1 << 20, 1.0, "persisting"))
+            os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends when a run overstays
+            pytest.fail("SIGTERM did not stop the run")
+    assert guard.restored is True and ctl.snapshot(handles) == before
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_the_verdict_refuses_a_missing_or_broken_selection(tmp_path):

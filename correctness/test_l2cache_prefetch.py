@@ -17,6 +17,7 @@ from impl.backend import DEVICE
 from impl.l2cache.linear import gemv_programs, linear
 from impl.l2cache.prefetch import (ALIGN, MAX_PIECE, L2Prefetch, aligned_range, check_pieces, plan_ranges,
                                    prefetch_l2)
+from impl.l2cache.testing import l2_controller, l2_guard  # noqa: F401  (fixtures; the guard is autouse)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,3 +113,36 @@ def test_prefetch_kernels_compile_for_sm90_to_the_bulk_prefetch_instruction():
             assert (facts["sass_bulk_prefetch"] > 0) == bulk, name
             if name.startswith("gemv"):
                 assert facts["ldg128"] >= 8 and facts["registers"] <= 128, facts
+
+
+# ---- the real instruction -----------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(777, 1024), (4224, 4224), (64, 1000)])
+def test_gpu_bulk_prefetch_changes_no_value_and_logs_the_twins_split(n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    x, w, b = (torch.randn(s, generator=gen).to(DEVICE, torch.float16) for s in ((1, k), (n, k), (n,)))
+    buf = torch.zeros(1 << 24, dtype=torch.uint8, device=DEVICE)
+    plain = linear(x, w, b, relu=True)
+    bulk = L2Prefetch(buf, 4096, buf.numel() - 8192)
+    assert bulk.mode == 1
+    assert torch.equal(linear(x, w, b, relu=True, prefetch=bulk), plain) and bulk.log == []
+    logged = L2Prefetch(buf, 4096, buf.numel() - 8192, force_log=True)
+    linear(x, w, b, relu=True, prefetch=logged)
+    want = plan_ranges(logged.nbytes, gemv_programs(n, torch.float16), 128)
+    want[:, 0] += 4096
+    assert np.array_equal(logged.log[0], want)
+
+
+@pytest.mark.gpu
+def test_gpu_prefetch_policies_in_graphs_keep_outputs_bit_identical(l2_controller):
+    from impl.l2cache.nets import ChainConfig, ChainMLP
+    from impl.l2cache.policies import POLICIES
+    from impl.l2cache.serving import PolicyRunner, output_digest, outputs_by_kind
+    wl = ChainMLP(ChainConfig("gpu_chain", 1024, 3, own=1, noise_bytes=1 << 22))
+    digests = {}
+    for name, policy in POLICIES.items():
+        with PolicyRunner(wl, policy, l2_controller) as runner:
+            assert runner.info["graphs"]
+            digests[name] = [output_digest(o) for o in outputs_by_kind(runner)]
+    assert all(d == digests["default"] for d in digests.values()), digests

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from impl.l2cache.nets import (CONV_PRESETS, MLP_PRESETS, ChainConfig, ChainMLP,
                                SharedConvNet, SharedMLP, chain_presets, hidden_for)
 from impl.l2cache.ofa import OFA_PRESETS, OfaConfig, OfaServing
 from impl.l2cache.policies import PREFETCH_POLICIES, get_policy
-from impl.l2cache.serving import PolicyRunner, lab_streams, stream_handles
+from impl.l2cache.serving import PolicyRunner, lab_streams, output_digest, stream_handles
 
 SYSTEM = "l2cache"
 WEIGHT_SHARED = ("layers", "subnets")
@@ -220,6 +220,43 @@ def store(name: str, data: dict, out_dir: Path | None) -> Path:
     return path
 
 
+# ---- correctness first ------------------------------------------------------------------------------------------
+
+def check_correctness(controller: L2Controller, smoke: bool, runner_kw: dict) -> dict:
+    """Before any timing: the prefetching GEMV against the float64 reference on fresh random data (outputs poisoned
+    first, ``fixtures.oracle.check_kernel``), and a small hybrid chain served under every policy against its float64
+    reference (activation buffers poisoned before each request). Raises ``AssertionError`` naming what is wrong."""
+    from fixtures.oracle import assert_close, check_kernel, poison_
+    from impl.l2cache.linear import linear, linear_reference
+    from impl.l2cache.policies import POLICIES
+    from impl.l2cache.prefetch import L2Prefetch
+
+    dev, dt = backend.DEVICE, (torch.float32 if smoke else torch.float16)
+    tol = {"rtol": 2e-3, "atol": 0.05} if dt == torch.float16 else {"rtol": 1e-5, "atol": 1e-4}
+    gen = torch.Generator().manual_seed(int(time.time()) % 2**31)  # fresh data every run
+    shapes = [(40, 48)] if smoke else [(777, 1024), (4224, 4224), (64, 1000)]
+    scratch = torch.zeros(1 << 16 if smoke else 1 << 24, dtype=torch.uint8, device=dev)
+    for n, k in shapes:
+        x, w, b = (torch.randn(s, generator=gen).to(dev, dt) for s in ((1, k), (n, k), (n,)))
+        pf = L2Prefetch(scratch, 256, scratch.numel() - 512)
+        ref = linear_reference(x, w, b, relu=True).astype(str(dt).removeprefix("torch."))
+        check_kernel(lambda out: linear(x, w, b, relu=True, out=out, prefetch=pf), torch.empty((1, n), device=dev,
+                     dtype=dt), ref, **tol)
+    wl = ChainMLP(ChainConfig("check", 32 if smoke else 512, 2, own=1, dtype="float32" if smoke else "float16"),
+                  seed=int(time.time()) % 1000)
+    ref, digests = wl.reference().astype(wl.cfg.dtype), {}
+    for name, policy in POLICIES.items():
+        with PolicyRunner(wl, policy, controller, **runner_kw) as runner:
+            poison_(wl.acts["h0"])
+            poison_(wl.acts["h1"])
+            out = runner.request()
+            assert_close(out, ref, msg=f"chain under {name}", **tol)
+            digests[name] = output_digest(out)
+    differ = [n for n, d in digests.items() if d != digests["default"]]
+    assert not differ, f"outputs under {differ} differ from the default's"
+    return {"gemv_shapes": shapes, "chain_policies": list(digests), "ok": True}
+
+
 # ---- selection --------------------------------------------------------------------------------------------------
 
 def table_rows(comparisons: dict[str, dict]) -> list[dict]:
@@ -261,6 +298,18 @@ def table_markdown(rows: list[dict]) -> str:
                      f"{r['persist_bytes'] / 1e6:.1f} | {r['policy']} | {med} | {gain} | "
                      f"{'yes' if r['bit_identical'] or r['excluded'] else 'NO'} |")
     return "\n".join(lines)
+
+
+def correctness_or_stop(controller: L2Controller, smoke: bool, cfg: RunConfig) -> dict:
+    """``check_correctness``, recorded; a failure stops the run's measurements (wrong kernels are not timed)."""
+    t0 = time.time()
+    try:
+        out = check_correctness(controller, smoke, cfg.runner_kw)
+        log(f"correctness: GEMV with prefetch and a chain under every policy match float64 [{time.time() - t0:.1f} s]")
+        return out
+    except AssertionError as e:
+        log(f"correctness FAILED, nothing is timed: {str(e)[:500]}")
+        return {"ok": False, "error": str(e)[-3000:]}
 
 
 def measure_workload(spec: dict, controller: L2Controller, candidates: tuple[str, ...], cfg: RunConfig,
@@ -308,9 +357,12 @@ def select(cfg: RunConfig, controller: L2Controller, out_dir: Path | None, smoke
     sms = sm_count()
     data: dict[str, Any] = {"run_id": run_id, "role": "selection", "limits": asdict(limits), "sms": sm_count(),
                             "config": asdict(cfg), "candidates": list(CANDIDATES), "comparisons": {}}
+    specs = candidate_specs(limits, sms, smoke)
     with Guard(controller) as guard:
         log(f"selection run {run_id}; backend {backend.describe()}; {limits}")
-        specs = candidate_specs(limits, sms, smoke)
+        data["correctness"] = correctness_or_stop(controller, smoke, cfg)
+        if not data["correctness"]["ok"]:
+            specs, cfg = {}, replace(cfg, sweep_fracs=())
         sweep_reserve = 0.18 * cfg.budget_s if cfg.sweep_fracs else 0
         for name, spec in specs.items():
             if time.time() > deadline - sweep_reserve:
@@ -330,7 +382,8 @@ def select(cfg: RunConfig, controller: L2Controller, out_dir: Path | None, smoke
                 selection={"best": pick(rows, comps, lambda r: r["sharing"] in WEIGHT_SHARED),
                            "ofa_best": pick(rows, comps, lambda r: r["kind"] == "ofa"),
                            "prefetch_best": pick(rows, comps, lambda r: r["policy"] in PREFETCH_POLICIES)},
-                complete=len(comps) == len(specs) and not data.get("errors") and data["sweep"]["complete"],
+                complete=data["correctness"]["ok"] and len(comps) == len(specs) and not data.get("errors")
+                and data["sweep"]["complete"],
                 elapsed_s=time.time() - start)
     print(data["table_md"], flush=True)
     for k, v in data["selection"].items():
@@ -389,10 +442,15 @@ def verdict(cfg: RunConfig, controller: L2Controller, selection: dict, out_dir: 
     ncu_reserve = 70 if cfg.ncu else 0
     with Guard(controller) as guard:
         log(f"verdict run {run_id} of selection {selection.get('run_id')}")
+        data["correctness"] = correctness_or_stop(controller, smoke, cfg)
+        if not data["correctness"]["ok"]:
+            cfg = replace(cfg, ncu=False, chooser_on=())
         done: dict[tuple[str, str], dict] = {}
         for key, pick_name in names.items():
             target = picks.get(pick_name)
-            if target is None:
+            if not data["correctness"]["ok"]:
+                data["results"][key] = {"skipped": "the correctness check failed: nothing is timed"}
+            elif target is None:
                 data["results"][key] = {"skipped": f"the selection picked no {pick_name}"}
             elif (target["workload"], target["policy"]) in done:  # one pair picked twice is measured once
                 data["results"][key] = done[(target["workload"], target["policy"])]
@@ -415,8 +473,8 @@ def verdict(cfg: RunConfig, controller: L2Controller, selection: dict, out_dir: 
     data.update(restored=guard.restored, elapsed_s=time.time() - start,
                 outputs_differ=[(r["workload"], r["policy"]) for r in res.values()
                                 if "policy" in r and not r["bit_identical"]],
-                complete=all("gain" in r and r["gain"] and r["complete"] for r in res.values())
-                and len(data["chooser"]) > 0)
+                complete=data["correctness"]["ok"] and len(data["chooser"]) > 0
+                and all("gain" in r and r["gain"] and r["complete"] for r in res.values()))
     ncu_data["complete"] = cfg.ncu and all("error" not in p and "skipped" not in p
                                            for p in ncu_data["profiles"].values())
     if out_dir is not None or not smoke:
@@ -519,8 +577,6 @@ def default_selection_path(out_dir: Path | None) -> Path:
 
 
 def with_budget(cfg: RunConfig, budget_s: float | None) -> RunConfig:
-    from dataclasses import replace
-
     return cfg if budget_s is None else replace(cfg, budget_s=budget_s)
 
 
