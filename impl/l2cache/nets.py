@@ -1,12 +1,14 @@
-"""Weight-shared networks built from the Triton kernels: an ALBERT-style MLP and a conv net reusing one block.
+"""Weight-shared networks built from the Triton kernels: an ALBERT-style MLP, a conv net reusing one block, and
+chains that mix a shared block with per-layer weights.
 
 SharedMLP:      h₀ = x [B, d];  h_{l+1} = ReLU(h_l · Wᵀ + b) for l < L, with ONE W [d, d] and b [d] for all layers.
 SharedConvNet:  h₀ = x [B, C, S, S];  h_{l+1} = ReLU(conv3x3(h_l, W, pad 1) + b + h_l), ONE W [C, C, k, k].
+ChainMLP:       batch 1, GEMV layers in a schedule of a shared W and per-layer U_l (``ChainConfig``).
 
 At batch 1 each layer streams all of W once, so a request reads W·L bytes while the model holds W bytes: the reuse
-that an L2 policy can exploit. The presets size W at ~16 MB (fits the H100's 32.77 MB persisting carve-out and its
-50 MiB L2), ~32 MB (about the carve-out) and ~64 MB (fits neither: under LRU every layer re-reads W from DRAM; a
-persisting window keeps carve-out/W of it). Weights live in one ``Arena`` (one window covers them), activations in
+that an L2 policy can exploit. The fixed presets size W at ~16 MB (fits a 32.77 MB persisting carve-out and a
+50 MiB L2), ~32 MB (about that carve-out) and ~64 MB (fits neither: under LRU every layer re-reads W from DRAM; a
+persisting window keeps carve-out/W of it); ``chain_presets`` sizes the chains from the card at hand. Weights live in one ``Arena`` (one window covers them), activations in
 another (ping-pong buffers plus the split-K workspace), so both have a span a policy can target. Both nets follow
 the ``Workload`` interface of ``serving.py``; they serve one request kind.
 """
