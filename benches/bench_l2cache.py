@@ -1,8 +1,10 @@
 """l2cache benches: batch-1 request latency per workload × policy (the cache is the subject: no L2 flush between
 rounds, a full reset between policies), and the kernels alone against torch anchors (cold L2: flushed per round).
 
-On an H100 the policy benches are the table's subset that fits the 1.5-minute bench budget; the experiments
-(``python -m impl.l2cache.experiments``) run the full table, the sweep and ncu.
+The policy benches are a subset that fits the bench budget; the experiments (``python -m impl.l2cache.experiments``:
+a selection run, then a verdict run) measure the candidates with intervals, the sweep and ncu. ``bytes_moved`` is
+the compulsory bytes of a request (weights, input and output once); what it really reads (weights once per layer)
+is ``traffic_bytes``.
 """
 import contextlib
 import itertools
@@ -39,7 +41,7 @@ def default_digests(name: str, controller) -> tuple[str, ...]:
         return tuple(output_digest(o) for o in outputs_by_kind(runner))
 
 
-def _nominal_bytes(wl) -> int:
+def _traffic_bytes(wl) -> int:
     per = getattr(wl, "bytes_per_request", None)
     return per() if per else wl.weight_bytes
 
@@ -55,7 +57,8 @@ def test_l2cache_policy(device_bench, l2_controller, name, policy):
         stream = runner.streams.main
         # the bench's device events must be recorded on the stream the requests run on
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            device_bench(lambda: runner.request(next(kinds)), bytes_moved=_nominal_bytes(wl),
+            device_bench(lambda: runner.request(next(kinds)), bytes_moved=wl.weight_bytes,
+                         traffic_bytes=_traffic_bytes(wl),
                          flops=getattr(wl, "flops_per_request", lambda: 0)(), flops_dtype="bf16", flush_l2=False,
                          rounds=ROUNDS, warmup=sized(10, 0), setup=wl.between_requests, workload=name, policy=policy,
                          weight_bytes=wl.weight_bytes, applicable=runner.info["applicable"],

@@ -8,7 +8,7 @@ from impl import backend
 from impl.l2cache.arena import Span
 from impl.l2cache.control import NO_WINDOW, AccessWindow, CudaRuntimeDriver, L2Controller, L2Error, check_cuda
 from impl.l2cache.fake import H100_DEFAULT_CARVEOUT, H100_LIMITS, FakeL2Driver
-from impl.l2cache.policies import POLICIES, DefaultPolicy, PersistWeights, StreamActivations
+from impl.l2cache.policies import PREFETCH_POLICIES, POLICIES, DefaultPolicy, PersistWeights, StreamActivations
 from impl.l2cache.serving import lab_streams, stream_handles
 from impl.l2cache.testing import check_restored, l2_controller, l2_guard  # noqa: F401  (fixtures)
 
@@ -72,6 +72,49 @@ def test_restore_tries_every_call_then_reports_the_failure():
             drv.fail_on.add("set_window")  # the first restore call fails ...
     assert drv.carveout == H100_DEFAULT_CARVEOUT  # ... and the carve-out is still put back
     assert drv.windows[12] == NO_WINDOW
+
+
+@pytest.mark.parametrize("call", ["set_window", "set_carveout", "reset_persisting"])
+def test_ctrl_c_raised_inside_a_restore_call_still_restores_everything(call):
+    """Ctrl-C raised from inside a driver call on the way out: the call is retried, the others still run, the device
+    ends as it began, and the KeyboardInterrupt reaches the caller afterwards."""
+    drv, ctl = fresh()
+    before = ctl.snapshot(STREAMS)
+    with pytest.raises(KeyboardInterrupt):
+        with ctl.applied(STREAMS, carveout=5 * MB, window=AccessWindow(0, MB, 1.0, "persisting")):
+            drv.interrupt_on.add(call)
+    assert not drv.interrupt_on, "the injected interrupt did not fire"
+    assert ctl.snapshot(STREAMS) == before
+    assert drv.resets == 2
+
+
+@pytest.mark.parametrize("call", ["set_window", "set_carveout", "reset_persisting"])
+def test_ctrl_c_signal_during_restore_is_held_until_the_device_is_restored(call):
+    """A real SIGINT arriving while ``restore`` runs is held: every window and the carve-out are put back first,
+    then the KeyboardInterrupt is raised, and the SIGINT handler is Python's again."""
+    import signal
+
+    drv, ctl = fresh()
+    before = ctl.snapshot(STREAMS)
+    with pytest.raises(KeyboardInterrupt):
+        with ctl.applied(STREAMS, carveout=5 * MB, window=AccessWindow(0, MB, 1.0, "persisting")):
+            drv.signal_on.add(call)
+    assert not drv.signal_on, "the injected signal was not sent"
+    assert ctl.snapshot(STREAMS) == before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_during_a_plain_restore_is_held_too():
+    import signal
+
+    drv, ctl = fresh()
+    before = ctl.snapshot(STREAMS)
+    ctl.apply(STREAMS, carveout=7 * MB, window=AccessWindow(0, MB, 1.0, "persisting"))
+    drv.signal_on.add("set_window")  # the first of three restore calls
+    with pytest.raises(KeyboardInterrupt):
+        ctl.restore(before)
+    assert ctl.snapshot(STREAMS) == before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_settings_the_device_refuses_are_refused_before_any_call():
@@ -168,9 +211,12 @@ def test_stream_plan_needs_an_activation_span():
     assert p.carveout_bytes == 0
 
 
-def test_policy_registry_has_the_five_policies():
-    assert set(POLICIES) == {"default", "persist_weights", "stream_activations", "prefetch", "persist_prefetch"}
-    assert [n for n, p in POLICIES.items() if p.prefetch] == ["prefetch", "persist_prefetch"]
+def test_policy_registry_has_the_seven_policies():
+    assert set(POLICIES) == {"default", "persist_weights", "stream_activations", "prefetch_stream", "prefetch_ahead",
+                             "prefetch_kernel", "persist_prefetch"}
+    assert {n: p.prefetch for n, p in POLICIES.items() if p.prefetch} == {
+        "prefetch_stream": "stream", "prefetch_ahead": "ahead", "prefetch_kernel": "kernel", "persist_prefetch": "auto"}
+    assert PREFETCH_POLICIES == ("prefetch_stream", "prefetch_ahead", "prefetch_kernel")
 
 
 # ---- the real device ----------------------------------------------------------------------------------------

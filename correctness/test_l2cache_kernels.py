@@ -14,7 +14,8 @@ from impl.backend import DEVICE
 from impl.l2cache.arena import ALIGN, Arena
 from impl.l2cache.conv import conv2d, conv2d_reference, conv_out_hw
 from impl.l2cache.linear import linear, linear_reference
-from impl.l2cache.nets import ConvNetConfig, MLPConfig, SharedConvNet, SharedMLP, mlp_for_bytes
+from impl.l2cache.nets import (ChainConfig, ChainMLP, ConvNetConfig, MLPConfig, SharedConvNet, SharedMLP,
+                               mlp_for_bytes)
 from impl.l2cache.testing import l2_guard  # noqa: F401  (autouse: L2 state checked after every test)
 from impl.l2cache.touch import touch, touch_reference
 
@@ -197,6 +198,26 @@ def test_shared_convnet_matches_reference(cfg):
     net = SharedConvNet(cfg, seed=4)
     got = net.forward()
     assert_close(got, net.reference().astype(cfg.dtype), **tol(cfg.dtype, 9 * cfg.channels * cfg.layers))
+
+
+@pytest.mark.parametrize("cfg", [ChainConfig("hyb", 24, 2, own=1, dtype="float32"),
+                                 ChainConfig("hyb2", 16, 1, own=2, dtype="float32"),
+                                 ChainConfig("stack", 20, 3, shared=False, dtype="float32"),
+                                 ChainConfig("albert", 24, 3, own=0)], ids=["hybrid", "hybrid2", "stack", "albert-f16"])
+def test_chain_mlp_matches_reference_and_lays_out_its_schedule(cfg):
+    net = ChainMLP(cfg, seed=5)
+    assert_close(net.forward(), net.reference().astype(cfg.dtype), **tol(cfg.dtype, cfg.hidden * 3 * cfg.layers))
+    spans = net.layer_spans()
+    per_layer = cfg.own + cfg.shared
+    assert len(spans) == cfg.layers * per_layer
+    if cfg.shared:
+        assert len({spans[i] for i in range(0, len(spans), per_layer)}) == 1, "every layer starts with the shared W"
+        assert net.persist_span() == spans[0] and net.sharing == "layers"
+    else:
+        assert len(set(spans)) == len(spans) and net.persist_span() == net.weight_span()
+    assert len(set(spans)) == cfg.layers * cfg.own + cfg.shared
+    with pytest.raises(ValueError, match="at least one matrix"):
+        ChainConfig("bad", 8, 2, own=0, shared=False)
 
 
 def test_presets_have_the_advertised_weight_sizes():

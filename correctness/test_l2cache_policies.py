@@ -12,12 +12,13 @@ from hypothesis import strategies as st
 from fixtures.oracle import assert_close
 from impl.backend import DEVICE
 from impl.l2cache.arena import Span
-from impl.l2cache.control import AccessWindow, L2Controller
+from impl.l2cache.control import AccessWindow, L2Controller, L2Limits
 from impl.l2cache.fake import FakeL2Driver
-from impl.l2cache.nets import ConvNetConfig, MLPConfig, SharedConvNet, SharedMLP
+from impl.l2cache.nets import ChainConfig, ChainMLP, ConvNetConfig, MLPConfig, SharedConvNet, SharedMLP
 from impl.l2cache.ofa import (SUBNETS, OfaConfig, OfaServing, OfaSupernet, SubnetConfig, create_timm_model,
                               keep_channels, materialize_subnet)
 from impl.l2cache.policies import POLICIES, PolicyPlan, Prefetcher, get_policy
+from impl.l2cache.prefetch import check_pieces
 from impl.l2cache.serving import (ModuleWorkload, PolicyRunner, largest_run, lab_streams, measure, output_digest,
                                   outputs_by_kind, stream_handles)
 from impl.l2cache.testing import l2_controller, l2_guard  # noqa: F401  (fixtures; the guard is autouse)
@@ -35,6 +36,10 @@ def tiny_ofa(noise: int = 0) -> OfaServing:
     return OfaServing(cfg, model=timm_model())
 
 
+def tiny_chain(shared: bool = True, own: int = 1, layers: int = 3) -> ChainMLP:
+    return ChainMLP(ChainConfig("chain_t", 32, layers, own=own, shared=shared, dtype="float32"))
+
+
 def tiny_module() -> ModuleWorkload:
     shared = torch.nn.Linear(16, 16)  # used twice: ALBERT-style sharing inside an arbitrary module
     m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), shared, torch.nn.ReLU(), shared,
@@ -47,6 +52,8 @@ WORKLOADS = {
     "conv": lambda: SharedConvNet(ConvNetConfig("conv_t", 8, 4, 2, dtype="float32")),
     "module": tiny_module,
     "ofa": tiny_ofa,
+    "hybrid": lambda: tiny_chain(layers=2),
+    "stack": lambda: tiny_chain(shared=False),
 }
 
 
@@ -85,7 +92,7 @@ def test_runner_applies_the_plan_and_restores_afterwards():
 @dataclass(frozen=True)
 class ExplodingPolicy:
     name: str = "exploding"
-    prefetch: bool = False
+    prefetch: str = ""
 
     def plan(self, weights, activations, limits):
         raise RuntimeError("plan failed")
@@ -96,11 +103,11 @@ class HalfWindow:
     """A user's own policy: persist the first half of the weights, nothing else (any object with plan() works)."""
 
     name: str = "half"
-    prefetch: bool = False
+    prefetch: str = ""
 
     def plan(self, weights, activations, limits):
         n = weights.nbytes // 2
-        return PolicyPlan(self.name, n, AccessWindow(weights.ptr, n, 1.0, "persisting", "normal"), False)
+        return PolicyPlan(self.name, n, AccessWindow(weights.ptr, n, 1.0, "persisting", "normal"), "")
 
 
 def test_runner_restores_when_the_policy_or_the_body_raises():
@@ -148,34 +155,88 @@ def test_module_workload_keeps_values_and_finds_shared_layers():
 def test_prefetcher_reads_the_next_distinct_layer_before_each_layer():
     wl = tiny_module()
     spans = wl.layer_spans()
-    pre = Prefetcher(wl.weights.words, spans)
+    buf = wl.weights.buffer
+    pre = Prefetcher(buf, spans)
     wl.forward(hooks=pre)
     # layer 1 -> 2 share the weights: nothing to fetch before layer 1; the last layer has no successor
     assert pre.log == [(0, spans[1].offset, spans[1].nbytes), (2, spans[3].offset, spans[3].nbytes)]
-    grouped = Prefetcher(wl.weights.words, spans, group=2)
+    grouped = Prefetcher(buf, spans, group=2)
     wl.forward(hooks=grouped)
     lo = min(spans[1].offset, spans[2].offset)
     assert grouped.log[0] == (0, lo, max(s.offset + s.nbytes for s in spans[1:3]) - lo)
     assert [i for i, _, _ in grouped.log] == [0, 2]
-    capped = Prefetcher(wl.weights.words, spans, max_bytes=64)
+    capped = Prefetcher(buf, spans, max_bytes=64)
     wl.forward(hooks=capped)
     assert capped.log == [(0, spans[1].offset, 64), (2, spans[3].offset, 64)]
     with pytest.raises(ValueError, match="group"):
-        Prefetcher(wl.weights.words, spans, group=0)
+        Prefetcher(buf, spans, group=0)
+    with pytest.raises(ValueError, match="mode"):
+        Prefetcher(buf, spans, mode="psychic")
 
 
-def test_shared_nets_have_nothing_to_prefetch():
-    wl = WORKLOADS["mlp"]()
-    pre = Prefetcher(wl.weights.words, wl.layer_spans())
-    wl.forward(hooks=pre)
-    assert pre.log == [] and pre.reads_per_request() == 0
+def test_prefetch_ahead_issues_one_kernel_for_every_later_layer():
+    wl = tiny_chain(shared=False)
+    spans = wl.layer_spans()
+    pre = Prefetcher(wl.weights.buffer, spans, "ahead", group=None)
+    out = wl.forward(hooks=pre).clone()
+    lo, hi = spans[1].offset, spans[-1].offset + spans[-1].nbytes
+    assert [(i, off) for i, off, _ in pre.log] == [(0, lo)] and pre.log[0][2] >= hi - lo
+    (req,) = pre._requests.values()
+    (pieces,) = req.log  # the PTX prefetch ran in LOG mode: its pieces cover the range
+    check_pieces(pieces, *pre._ranges[0])
+    assert torch.equal(out, wl.forward()), "a prefetch must not change the output"
+
+
+def test_prefetch_kernel_hands_each_gemv_the_next_layers_weights_and_skips_the_persisted():
+    wl = tiny_chain(shared=True, own=1)  # W, U0, W, U1, W, U2
+    spans = wl.layer_spans()
+    pre = Prefetcher(wl.weights.buffer, spans, "kernel")
+    plain = wl.forward().clone()
+    assert torch.equal(wl.forward(hooks=pre), plain)
+    assert [(i, off) for i, off, _ in pre.log] == [(i, spans[i + 1].offset) for i in range(len(spans) - 1)]
+    for i, req in pre._requests.items():
+        (pieces,) = req.log  # what the GEMV of layer i logged
+        check_pieces(pieces, *pre._ranges[i])
+    skip = Prefetcher(wl.weights.buffer, spans, "kernel", skip=wl.persist_span())
+    wl.forward(hooks=skip)
+    assert [i for i, _, _ in skip.log] == [0, 2, 4], "W's kernels fetch U_l; U_l's kernels skip the persisted W"
+    with pytest.raises(ValueError, match="group 1"):
+        Prefetcher(wl.weights.buffer, spans, "kernel", group=2)
+
+
+def test_prefetch_modes_resolve_per_model():
     ctl = L2Controller(FakeL2Driver())
-    with PolicyRunner(wl, get_policy("prefetch"), ctl, graphs=False) as runner:
+    with PolicyRunner(WORKLOADS["mlp"](), get_policy("prefetch_kernel"), ctl, graphs=False) as runner:
         assert not runner.info["applicable"] and "nothing to prefetch" in runner.info["note"]
-    with PolicyRunner(wl, get_policy("persist_prefetch"), ctl, graphs=False) as runner:
+    with PolicyRunner(WORKLOADS["mlp"](), get_policy("persist_prefetch"), ctl, graphs=False) as runner:
         assert runner.info["applicable"] and runner.info["window_bytes"] > 0  # the persist half still applies
-    with PolicyRunner(tiny_module(), get_policy("prefetch"), ctl, graphs=False) as runner:
+        assert runner.info["prefetch"] == ""
+    with PolicyRunner(tiny_module(), get_policy("prefetch_kernel"), ctl, graphs=False) as runner:
+        assert not runner.info["applicable"] and "not kernels" in runner.info["note"]
+    with PolicyRunner(tiny_module(), get_policy("persist_prefetch"), ctl, graphs=False) as runner:
+        assert runner.info["prefetch"] == "" and runner.info["hit_ratio"] == 1.0, "all persisted: nothing to fetch"
+    small = L2Controller(FakeL2Driver(limits_=L2Limits(1 << 20, 256, 1 << 20), carveout=0))
+    with PolicyRunner(tiny_module(), get_policy("persist_prefetch"), small, graphs=False) as runner:
+        assert runner.info["hit_ratio"] < 1.0  # part persists, so the rest is fetched ahead (no GEMVs here)
+        assert runner.info["prefetch"] == "ahead" and runner.info["prefetch_reads_per_request"] == 1
+    with PolicyRunner(tiny_chain(shared=True, own=1), get_policy("persist_prefetch"), ctl, graphs=False) as runner:
+        assert runner.info["prefetch"] == "kernel" and runner.info["prefetch_reads_per_request"] == 3
+    with PolicyRunner(tiny_module(), get_policy("prefetch_stream"), ctl, graphs=False) as runner:
         assert runner.info["applicable"] and runner.info["prefetch_reads_per_request"] == 2
+
+
+def test_chain_presets_follow_the_cards_limits():
+    from impl.l2cache.nets import chain_presets
+
+    carve, l2 = 39_321_600, 62_914_560
+    p = chain_presets(carve, l2)
+    for name in ("albert_noisy", "hybrid1", "hybrid2"):
+        assert 0.8 * carve < p[name].matrix_bytes <= 0.9 * carve and p[name].hidden % 64 == 0
+    assert p["hybrid1"].matrix_bytes * 2 > l2, "W + U per layer must exceed L2, or LRU would keep W anyway"
+    assert p["albert_noisy"].noise_bytes == 2 * l2 and not p["stack_noisy"].shared
+    assert 12 * p["stack_noisy"].matrix_bytes <= 0.9 * carve
+    assert p["mlp_big"].matrix_bytes > 1.5 * carve
+    assert chain_presets(10 * carve, 10 * l2)["hybrid1"].hidden == 8 * 4 * 132, "one wave of GEMV programs"
 
 
 def test_measure_times_every_request_and_alternates_kinds():

@@ -91,15 +91,24 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 class ArenaBacked:
     """Workload accessors for a model whose weights live in one ``Arena`` (``self.weights``) and whose activations,
-    where the model owns them, live in another (``self.acts``)."""
+    where the model owns them, live in another (``self.acts``).
+
+    ``persist_span`` is what a persisting window should cover: the bytes read again and again (by default all the
+    weights: a request reads them, and so does the next one). ``in_kernel_prefetch``: whether the model's layer
+    kernels take a prefetch range (``LayerHooks.kernel_prefetch``); models running other kernels (cuDNN) do not."""
 
     weights: Arena
+    in_kernel_prefetch = False
+    sharing = "requests"  # what re-reads the weights: "layers" (ALBERT), "subnets" (once-for-all), "requests"
 
     @property
     def weight_bytes(self) -> int:
         return self.weights.nbytes
 
     def weight_span(self) -> Span:
+        return self.weights.span()
+
+    def persist_span(self) -> Span:
         return self.weights.span()
 
     def activation_span(self) -> Span | None:

@@ -9,12 +9,15 @@ get ``hit_prop`` with probability ``hit_ratio`` and ``miss_prop`` otherwise), an
 Everything goes through a driver object: ``CudaRuntimeDriver`` calls ``cuda.bindings.runtime`` and checks every
 return code; ``impl.l2cache.fake.FakeL2Driver`` keeps the same state in memory with the device's rules, so the CPU
 tests run every path of ``L2Controller``. ``L2Controller.applied`` is the context manager that always puts the
-previous carve-out and windows back, exceptions included (from the body or from the driver itself).
+previous carve-out and windows back, exceptions included (from the body or from the driver itself), and Ctrl-C:
+while it puts them back, SIGINT/SIGTERM are held and delivered afterwards (``interrupts_deferred``).
 """
 from __future__ import annotations
 
 import contextlib
+import signal
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
 
@@ -246,36 +249,39 @@ class L2Controller:
             self.driver.reset_persisting()
 
     def restore(self, state: L2State) -> None:
-        """Put every window and the carve-out back; try all of them, then raise the first failure."""
-        errors: list[BaseException] = []
-        for stream, window in state.windows.items():
-            try:
-                self.driver.set_window(stream, window)
-            except Exception as e:  # keep restoring the rest
-                errors.append(e)
-        try:
-            self.driver.set_carveout(state.carveout_bytes)
-        except Exception as e:
-            errors.append(e)
-        if errors:
-            raise L2Error(f"restoring the L2 state failed ({len(errors)} call(s)): {errors[0]}") from errors[0]
+        """Put every window and the carve-out back; try all of them, then raise the first failure.
+
+        Nothing stops it half-way: a Ctrl-C that arrives during the calls is held until they are done (see
+        ``interrupts_deferred``) and one that a driver call raises itself is re-raised after the other calls."""
+        with interrupts_deferred():
+            errors = self._restore_all(state)
+        _raise_first(errors, "restoring the L2 state")
+
+    def _restore_all(self, state: L2State) -> list[BaseException]:
+        calls = [(lambda s=s, w=w: self.driver.set_window(s, w)) for s, w in state.windows.items()]
+        return _try_all(calls + [lambda: self.driver.set_carveout(state.carveout_bytes)])
 
     @contextlib.contextmanager
     def applied(self, streams: Iterable[int], *, carveout: int | None = None, window: AccessWindow | None = None,
                 reset_persisting: bool = True) -> Iterator[L2State]:
-        """Apply a setting for the body; on the way out (always) restore the snapshot taken on the way in and,
-        with ``reset_persisting``, demote the persisting lines the body created. Yields the snapshot."""
+        """Apply a setting for the body; on the way out (always: exceptions, Ctrl-C and driver failures included)
+        restore the snapshot taken on the way in and, with ``reset_persisting``, demote the persisting lines the body
+        created. Yields the snapshot."""
         streams = [int(s) for s in streams]
         before = self.snapshot(streams)
         try:
             self.apply(streams, carveout=carveout, window=window, reset_persisting=reset_persisting)
             yield before
         finally:
-            try:
-                if reset_persisting:
-                    self.driver.reset_persisting()
-            finally:
-                self.restore(before)
+            self.unwind(before, reset_persisting)
+
+    def unwind(self, before: L2State, reset_persisting: bool = True) -> None:
+        """The exit path of ``applied``: reset the persisting lines (optionally), then restore ``before``; every
+        call is tried even when an earlier one fails or Ctrl-C arrives, and the first failure is raised after."""
+        with interrupts_deferred():
+            errors = _try_all([self.driver.reset_persisting]) if reset_persisting else []
+            errors += self._restore_all(before)
+        _raise_first(errors, "restoring the L2 state")
 
     def full_reset(self, streams: Iterable[int]) -> None:
         """The state a policy starts from: carve-out 0, no windows, no persisting lines, L2 flushed."""
@@ -287,6 +293,67 @@ class L2Controller:
     def stamp_graph(self, graph: int, window: AccessWindow) -> int:
         self.validate(None, window)
         return self.driver.stamp_graph(graph, window)
+
+
+def _try_all(calls: list[Any]) -> list[BaseException]:
+    """Run every call; collect what they raise. A call stopped by Ctrl-C (``KeyboardInterrupt`` raised inside it,
+    e.g. off the main thread, where signals cannot be held) is run once more: the setters are idempotent."""
+    errors: list[BaseException] = []
+    for call in calls:
+        for attempt in range(2):
+            try:
+                call()
+                break
+            except Exception as e:
+                errors.append(e)
+                break
+            except BaseException as e:  # KeyboardInterrupt / SystemExit: remember it, finish the job first
+                errors.append(e)
+    return errors
+
+
+def _raise_first(errors: list[BaseException], what: str) -> None:
+    """Re-raise a Ctrl-C or exit among ``errors`` as itself (after all calls were tried); else wrap the first
+    failure in ``L2Error`` saying how many calls failed."""
+    if not errors:
+        return
+    for e in errors:
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: the caller's stop request wins
+            raise e
+    raise L2Error(f"{what} failed ({len(errors)} call(s)): {errors[0]}") from errors[0]
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C) and SIGTERM for the body, then deliver them as they would have been.
+
+    Only the main thread receives signals in Python, so elsewhere this does nothing. A signal that arrives in the
+    body is recorded; when the body is done the previous handler is put back and called with it (by default:
+    ``KeyboardInterrupt`` for SIGINT). Used around the calls that put the device back, so a Ctrl-C cannot leave the
+    carve-out or a window set half-way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, Any]] = []
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, lambda signum, frame: pending.append((signum, frame)))
+        except (ValueError, OSError):  # a handler this process may not replace
+            continue
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum, frame in pending[:1]:
+            handler = old.get(signum)
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def diff_states(before: L2State, after: L2State) -> list[str]:

@@ -1,40 +1,110 @@
-"""The GPU evidence for l2cache: latency of every workload under every policy, ncu DRAM bytes, a weight-size sweep.
+"""The GPU evidence for l2cache in two runs: a selection run, then a verdict run in a fresh process.
 
-    python -m impl.l2cache.experiments            # full run on the GPU (~2.5 min on an H100), writes results
-    python -m impl.l2cache.experiments --quick    # fewer workloads and repetitions (~1 min)
-    python -m impl.l2cache.experiments --smoke    # CPU, tiny sizes, fake L2 driver, no ncu; writes nothing
+    python -m impl.l2cache.experiments --select  --out DIR --budget-s 150   # candidates × policies, sweep; selection
+    python -m impl.l2cache.experiments --verdict --out DIR --budget-s 150   # re-measure what was selected; ncu
+    python -m impl.l2cache.experiments                                       # both (the verdict in a new process)
+    python -m impl.l2cache.experiments --smoke                               # CPU: both runs at tiny sizes, fake L2
 
-Latency: per (workload, policy) a ``PolicyRunner`` resets the L2 fully (carve-out 0, no window, persisting lines
-reset, L2 flushed), applies the policy and times ``reps`` batch-1 requests with device events and no flush between
-them (the cache is the subject); the policies are visited ``rounds`` times in alternating order and the times pooled.
-gain % = 100 · (median_default − median_policy) / median_default. Outputs under every policy are hashed and compared
-with the default's (bit-identity).
-ncu: one driver process per workload (``--ncu-driver``) serves each policy in turn and brackets ``ncu_requests``
-requests with cudaProfilerStart/Stop; ``ncu --graph-profiling graph`` reports DRAM bytes read/written and L2 hit rate
-per request. Sweep: the shared MLP at several weight sizes, default vs persist_weights, for the gain-vs-size plot.
-Results: ``results/<gpu>/l2cache/{policies,ncu,sweep}.json``.
+Selection (``selection.json``): the candidate workloads, sized from the card (``nets.chain_presets``: L2, the largest
+persisting carve-out, SMs; plus the once-for-all MobileNetV3 supernet with other tenants' traffic between requests at
+224 and 160 px), each served under the default and every candidate policy by ``chooser.compare_policies`` (rounds in
+alternating order, a full L2 reset before every measurement, bit-identity of outputs, gain with a bootstrap interval);
+then three picks by the interval's lower end: ``best`` (workloads whose weights are shared by layers or subnets),
+``ofa_best`` (the supernet) and ``prefetch_best`` (prefetch policies alone); and the weight-size sweep (ALBERT
+block, default vs persist_weights, with intervals).
+
+Verdict (``verdict.json``, ``ncu.json``): a new process with a new run id reads the selection, rebuilds the picked
+workloads from their stored specs and re-measures only those (workload, policy) pairs with more rounds; runs the
+policy chooser on the best workload and compares its choice with the selection's offline pick; and profiles the
+best and the prefetch pairs with ncu (DRAM bytes, L2 hit rate per request, ``--cache-control none``). The claims
+read only the verdict's figures, so what selected a pair never judges it.
+
+Both runs stop starting new work when their ``--budget-s`` is near, still write what they have
+(``complete: false``), put the device's L2 state back on every exit (Ctrl-C and SIGTERM included) and say whether
+they did (``restored``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import impl  # noqa: F401  (backend before triton)
 import torch
 
 from impl import backend
-from impl.l2cache.control import L2Controller
+from impl.l2cache.chooser import CANDIDATES, choose_policy, compare_policies, pick_best
+from impl.l2cache.control import L2Controller, L2Limits
 from impl.l2cache.fake import FakeL2Driver
-from impl.l2cache.nets import (CONV_PRESETS, MLP_PRESETS, ConvNetConfig, MLPConfig, SharedConvNet, SharedMLP,
-                               mlp_for_bytes)
+from impl.l2cache.nets import (CONV_PRESETS, MLP_PRESETS, ChainConfig, ChainMLP, ConvNetConfig, MLPConfig,
+                               SharedConvNet, SharedMLP, chain_presets, hidden_for)
 from impl.l2cache.ofa import OFA_PRESETS, OfaConfig, OfaServing
-from impl.l2cache.policies import POLICIES, get_policy
-from impl.l2cache.serving import (Latency, PolicyRunner, lab_streams, measure, output_digest, outputs_by_kind,
-                                  stream_handles)
+from impl.l2cache.policies import PREFETCH_POLICIES, get_policy
+from impl.l2cache.serving import PolicyRunner, lab_streams, output_digest, stream_handles
+
+SYSTEM = "l2cache"
+WEIGHT_SHARED = ("layers", "subnets")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    rounds: int
+    reps: int
+    warmup: int
+    budget_s: float
+    sweep_fracs: tuple[float, ...] = ()  # ALBERT W / max carve-out
+    sweep_rounds: int = 2
+    sweep_reps: int = 80
+    chooser_rounds: int = 3
+    chooser_reps: int = 50
+    chooser_on: tuple[str, ...] = ("best", "ofa_best")  # the picks whose workloads the chooser serves
+    ncu: bool = True
+    ncu_requests: int = 3
+    runner_kw: dict = field(default_factory=dict)
+
+
+SELECT = RunConfig(rounds=3, reps=100, warmup=10, budget_s=150, sweep_fracs=(0.5, 0.9, 1.3, 1.7, 2.5))
+VERDICT = RunConfig(rounds=10, reps=150, warmup=10, budget_s=150)
+# the interpreter reads ~1 MB/s in the side stream's touch kernel: one small read per request there
+_SMOKE_KW = {"prefetch_group": 16, "prefetch_programs": 1, "prefetch_max_bytes": 1 << 16}
+SMOKE_SELECT = RunConfig(rounds=2, reps=2, warmup=0, budget_s=900, sweep_fracs=(2.0,), sweep_rounds=1,
+                         sweep_reps=2, ncu=False, runner_kw=_SMOKE_KW)
+SMOKE_VERDICT = RunConfig(rounds=2, reps=3, warmup=0, budget_s=900, chooser_rounds=1, chooser_reps=2,
+                          chooser_on=("best",), ncu=False, runner_kw=_SMOKE_KW)
+SMOKE_LIMITS = L2Limits(l2_bytes=1 << 16, max_persisting_bytes=1 << 14, max_window_bytes=1 << 20)
+
+
+def log(msg: str) -> None:
+    print(f"[l2cache {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- workloads: stored as specs, so the verdict rebuilds exactly what the selection measured ---------------------
+
+def spec_of(cfg: Any) -> dict:
+    kind = {ChainConfig: "chain", MLPConfig: "mlp", ConvNetConfig: "conv", OfaConfig: "ofa"}[type(cfg)]
+    return {"kind": kind, "config": asdict(cfg)}
+
+
+def build(spec: dict, seed: int = 0) -> Any:
+    cls = {"chain": (ChainConfig, ChainMLP), "mlp": (MLPConfig, SharedMLP), "conv": (ConvNetConfig, SharedConvNet),
+           "ofa": (OfaConfig, OfaServing)}
+    if spec.get("kind") not in cls:
+        raise ValueError(f"unknown workload kind in spec {spec!r}")
+    cfg_cls, wl_cls = cls[spec["kind"]]
+    cfg = dict(spec["config"])
+    if spec["kind"] == "ofa":
+        cfg["subnets"] = tuple(cfg["subnets"])
+    return wl_cls(cfg_cls(**cfg), seed=seed)
+
 
 SMOKE_PRESETS: dict[str, Any] = {
     "mlp_tiny": MLPConfig("mlp_tiny", 32, 3, dtype="float32"),
@@ -45,168 +115,382 @@ SMOKE_PRESETS: dict[str, Any] = {
 }
 
 
-@dataclass(frozen=True)
-class ExperimentConfig:
-    workloads: tuple[str, ...]
-    policies: tuple[str, ...]
-    reps: int
-    warmup: int
-    rounds: int
-    sweep_mib: tuple[int, ...]
-    sweep_reps: int
-    ncu: bool
-    ncu_requests: int
-    budget_s: float
-    prefetch_group: int = 1
-    prefetch_programs: int | None = None
-    prefetch_max_bytes: int | None = None
-
-
-ALL_POLICIES = tuple(POLICIES)
-FULL = ExperimentConfig(("mlp_16mb", "mlp_32mb", "mlp_64mb", "conv_16mb", "conv_64mb", "ofa_alt", "ofa_alt_noisy"),
-                        ALL_POLICIES, reps=200, warmup=20, rounds=2, sweep_mib=(8, 16, 24, 32, 48, 64, 96),
-                        sweep_reps=150, ncu=True, ncu_requests=2, budget_s=175)
-QUICK = ExperimentConfig(("mlp_16mb", "mlp_64mb", "conv_64mb", "ofa_alt_noisy"), ALL_POLICIES, reps=120, warmup=10,
-                         rounds=1, sweep_mib=(16, 64), sweep_reps=80, ncu=True, ncu_requests=2, budget_s=90)
-# the interpreter reads ~1 MB/s in the touch kernel, so the smoke run prefetches once per request (16 layers, one
-# program, at most 64 KB) and times 2 requests
-SMOKE = ExperimentConfig(("mlp_tiny", "conv_tiny", "ofa_tiny"), ALL_POLICIES, reps=2, warmup=0, rounds=1,
-                         sweep_mib=(), sweep_reps=2, ncu=False, ncu_requests=1, budget_s=600, prefetch_group=16,
-                         prefetch_programs=1, prefetch_max_bytes=1 << 16)
-
-
 def build_workload(name: str, seed: int = 0) -> Any:
+    """A workload of a fixed preset (the benches' and tests' names)."""
     presets = {**MLP_PRESETS, **CONV_PRESETS, **OFA_PRESETS, **SMOKE_PRESETS}
     if name not in presets:
         raise KeyError(f"unknown workload {name!r}; one of {sorted(presets)}")
-    cfg = presets[name]
-    if isinstance(cfg, MLPConfig):
-        return SharedMLP(cfg, seed=seed)
-    if isinstance(cfg, ConvNetConfig):
-        return SharedConvNet(cfg, seed=seed)
-    return OfaServing(cfg, seed=seed)
+    return build(spec_of(presets[name]), seed)
 
+
+def candidate_specs(limits: L2Limits, sms: int, smoke: bool) -> dict[str, dict]:
+    """The selection's candidates, in the order they are measured (most promising first, in case time runs out)."""
+    if smoke:
+        chains = [ChainConfig("hybrid_tiny", 32, 2, own=1, dtype="float32"),
+                  ChainConfig("stack_tiny", 32, 3, shared=False, noise_bytes=4096, dtype="float32")]
+        return {c.name: spec_of(c) for c in (*chains, SMOKE_PRESETS["ofa_tiny_noisy"])}
+    p = chain_presets(limits.max_persisting_bytes, limits.l2_bytes, sms)
+    noise = 2 * limits.l2_bytes
+    ofa = [OfaConfig("ofa_noisy", noise_bytes=noise), OfaConfig("ofa_noisy_r160", resolution=160, noise_bytes=noise)]
+    order = [p["hybrid1"], p["mlp_big"], p["stack_noisy"], ofa[1], p["albert_noisy"], ofa[0], p["hybrid2"]]
+    return {c.name: spec_of(c) for c in order}
+
+
+def sweep_spec(frac: float, limits: L2Limits, smoke: bool) -> dict:
+    if smoke:
+        return spec_of(ChainConfig(f"albert_w{frac:g}", max(8, int(32 * frac)), 2, own=0, dtype="float32"))
+    d = hidden_for(int(frac * limits.max_persisting_bytes))
+    return spec_of(ChainConfig(f"albert_w{frac:g}", d, 12, own=0))
+
+
+# ---- the device -------------------------------------------------------------------------------------------------
 
 def make_controller(smoke: bool) -> L2Controller:
     if smoke or not backend.ON_GPU:
-        return L2Controller(FakeL2Driver())
+        return L2Controller(FakeL2Driver(limits_=SMOKE_LIMITS, carveout=0) if smoke else FakeL2Driver())
     from impl.l2cache.control import CudaRuntimeDriver
 
     return L2Controller(CudaRuntimeDriver())
 
 
-def log(msg: str) -> None:
-    print(f"[l2cache {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+def sm_count() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count if backend.ON_GPU else 132
 
 
-# ---- latency ----------------------------------------------------------------------------------------------------
-
-def latency_of(workload: Any, policy_names: tuple[str, ...], controller: L2Controller, cfg: ExperimentConfig
-               ) -> dict[str, dict]:
-    """Pooled per-request times of each policy over ``cfg.rounds`` alternating passes, with plan info and digests."""
-    times: dict[str, list[float]] = {p: [] for p in policy_names}
-    round_medians: dict[str, list[float]] = {p: [] for p in policy_names}
-    info: dict[str, dict] = {}
-    for r in range(cfg.rounds):
-        for name in (policy_names if r % 2 == 0 else tuple(reversed(policy_names))):
-            with PolicyRunner(workload, get_policy(name), controller, prefetch_group=cfg.prefetch_group,
-                              prefetch_programs=cfg.prefetch_programs,
-                              prefetch_max_bytes=cfg.prefetch_max_bytes) as runner:
-                digests = [output_digest(o) for o in outputs_by_kind(runner)]
-                lat = measure(runner, cfg.reps, cfg.warmup)
-                times[name] += lat.times_ms
-                round_medians[name].append(lat.summary()["median_ms"])
-                info[name] = {**runner.info, "digests": digests}
-    out = {}
-    for name in policy_names:
-        out[name] = {**Latency(times[name], workload.kinds).summary(), **info[name],
-                     "round_medians_ms": round_medians[name]}
-    return out
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def gain_pct(default_ms: float, policy_ms: float) -> float:
-    return 100.0 * (default_ms - policy_ms) / default_ms
+class Guard:
+    """The device's L2 state at the start of a run, put back at its end whatever happened (``restored`` says
+    whether the state at the end equals it). SIGTERM becomes SystemExit inside, so ``finally`` blocks run."""
+
+    def __init__(self, controller: L2Controller) -> None:
+        self.controller = controller
+        self.streams = stream_handles(lab_streams())
+        self.restored: bool | None = None
+
+    def __enter__(self) -> "Guard":
+        self.before = self.controller.snapshot(self.streams)
+        try:
+            self._old_term = signal.signal(signal.SIGTERM, self._term)
+        except ValueError:  # not the main thread
+            self._old_term = None
+        return self
+
+    @staticmethod
+    def _term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self.controller.snapshot(self.streams) != self.before:
+                self.controller.restore(self.before)
+            self.restored = self.controller.snapshot(self.streams) == self.before
+        finally:
+            if self._old_term is not None:
+                signal.signal(signal.SIGTERM, self._old_term)
 
 
-def build_table(latency: dict[str, dict[str, dict]], workloads: dict[str, dict], max_carveout: int) -> list[dict]:
+# ---- storage ----------------------------------------------------------------------------------------------------
+
+def _plain(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def store(name: str, data: dict, out_dir: Path | None) -> Path:
+    """Write ``data`` as the record ``results/<gpu>/l2cache/<name>.json`` (or ``<out_dir>/<name>.json``) with the
+    device, commit, date and machine, and ``complete`` copied to the top."""
+    from impl.common.results import (atomic_write_text, gpu_name, git_commit, machine_info, now_iso, results_dir)
+
+    if out_dir is None:
+        if not backend.ON_GPU:
+            raise RuntimeError("without a GPU results are written only to an explicit --out folder")
+        out_dir = results_dir() / SYSTEM
+    record = {"system": SYSTEM, "name": name, "device": gpu_name(), "commit": git_commit(), "date": now_iso(),
+              "complete": bool(data.get("complete")), "machine": machine_info(), "data": data}
+    path = Path(out_dir) / f"{name}.json"
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=_plain) + "\n", overwrite=True)
+    return path
+
+
+# ---- correctness first ------------------------------------------------------------------------------------------
+
+def check_correctness(controller: L2Controller, smoke: bool, runner_kw: dict) -> dict:
+    """Before any timing: the prefetching GEMV against the float64 reference on fresh random data (outputs poisoned
+    first, ``fixtures.oracle.check_kernel``), and a small hybrid chain served under every policy against its float64
+    reference (activation buffers poisoned before each request). Raises ``AssertionError`` naming what is wrong."""
+    from fixtures.oracle import assert_close, check_kernel, poison_
+    from impl.l2cache.linear import linear, linear_reference
+    from impl.l2cache.policies import POLICIES
+    from impl.l2cache.prefetch import L2Prefetch
+
+    dev, dt = backend.DEVICE, (torch.float32 if smoke else torch.float16)
+    tol = {"rtol": 2e-3, "atol": 0.05} if dt == torch.float16 else {"rtol": 1e-5, "atol": 1e-4}
+    gen = torch.Generator().manual_seed(int(time.time()) % 2**31)  # fresh data every run
+    shapes = [(40, 48)] if smoke else [(777, 1024), (4224, 4224), (64, 1000)]
+    scratch = torch.zeros(1 << 16 if smoke else 1 << 24, dtype=torch.uint8, device=dev)
+    for n, k in shapes:
+        x, w, b = (torch.randn(s, generator=gen).to(dev, dt) for s in ((1, k), (n, k), (n,)))
+        pf = L2Prefetch(scratch, 256, scratch.numel() - 512)
+        ref = linear_reference(x, w, b, relu=True).astype(str(dt).removeprefix("torch."))
+        check_kernel(lambda out: linear(x, w, b, relu=True, out=out, prefetch=pf), torch.empty((1, n), device=dev,
+                     dtype=dt), ref, **tol)
+    wl = ChainMLP(ChainConfig("check", 32 if smoke else 512, 2, own=1, dtype="float32" if smoke else "float16"),
+                  seed=int(time.time()) % 1000)
+    ref, digests = wl.reference().astype(wl.cfg.dtype), {}
+    for name, policy in POLICIES.items():
+        with PolicyRunner(wl, policy, controller, **runner_kw) as runner:
+            poison_(wl.acts["h0"])
+            poison_(wl.acts["h1"])
+            out = runner.request()
+            assert_close(out, ref, msg=f"chain under {name}", **tol)
+            digests[name] = output_digest(out)
+    differ = [n for n, d in digests.items() if d != digests["default"]]
+    assert not differ, f"outputs under {differ} differ from the default's"
+    return {"gemv_shapes": shapes, "chain_policies": list(digests), "ok": True}
+
+
+# ---- selection --------------------------------------------------------------------------------------------------
+
+def table_rows(comparisons: dict[str, dict]) -> list[dict]:
+    """One row per measured (workload, policy): medians, gain and interval, bit-identity, why excluded."""
     rows = []
-    for w, per_policy in latency.items():
-        base = per_policy["default"]
-        for p, r in per_policy.items():
-            rows.append({"workload": w, "policy": p, "weight_bytes": workloads[w]["weight_bytes"],
-                         "weight_over_carveout": workloads[w]["weight_bytes"] / max_carveout,
-                         "median_ms": r["median_ms"], "p10_ms": r["p10_ms"], "p90_ms": r["p90_ms"],
-                         "gain_pct": gain_pct(base["median_ms"], r["median_ms"]), "applicable": r["applicable"],
-                         "gain_pct_per_round": [gain_pct(d, m) for d, m in zip(base["round_medians_ms"],
-                                                                               r["round_medians_ms"])],
-                         "bit_identical": r["digests"] == base["digests"], "note": r.get("note", "")})
+    for w, c in comparisons.items():
+        for p, r in c["policies"].items():
+            g = r.get("gain") or {}
+            rows.append({"workload": w, "policy": p, "sharing": c["sharing"], "kind": c["spec"]["kind"],
+                         "weight_bytes": c["info"]["weight_bytes"], "persist_bytes": c["persist_bytes"],
+                         "median_ms": r["median_ms"], "gain_pct": g.get("gain_pct"), "lo_pct": g.get("lo_pct"),
+                         "hi_pct": g.get("hi_pct"), "bit_identical": r["bit_identical"],
+                         "excluded": r["excluded"], "prefetch": r.get("prefetch", "")})
     return rows
 
 
-def best_of(rows: list[dict], policies: tuple[str, ...]) -> dict | None:
-    cands = [r for r in rows if r["policy"] in policies and r["applicable"] and r["policy"] != "default"]
-    return max(cands, key=lambda r: r["gain_pct"]) if cands else None
+def pick(rows: list[dict], comparisons: dict[str, dict], keep) -> dict | None:
+    """The eligible row with the highest interval lower end among rows ``keep`` accepts (None: none)."""
+    ok = [r for r in rows if r["policy"] != "default" and not r["excluded"] and r["bit_identical"]
+          and r["lo_pct"] is not None and keep(r)]
+    if not ok:
+        return None
+    best = max(ok, key=lambda r: (r["lo_pct"], r["gain_pct"]))
+    return {**best, "spec": comparisons[best["workload"]]["spec"]}
 
 
 def table_markdown(rows: list[dict]) -> str:
-    lines = ["| workload | weight MB | W / carve-out | policy | median µs | p10–p90 µs | gain % | per round | "
-             "bit-identical |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | sharing | weights MB | persist MB | policy | median µs | gain % [95% CI] | bit-identical |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        gain = f"{r['gain_pct']:+.2f}" if r["applicable"] else f"n/a ({r['note']})"
-        per_round = " / ".join(f"{g:+.1f}" for g in r.get("gain_pct_per_round", []))
-        lines.append(f"| {r['workload']} | {r['weight_bytes'] / 1e6:.1f} | {r['weight_over_carveout']:.2f} | "
-                     f"{r['policy']} | {1e3 * r['median_ms']:.1f} | {1e3 * r['p10_ms']:.1f}–{1e3 * r['p90_ms']:.1f} | "
-                     f"{gain} | {per_round} | {'yes' if r['bit_identical'] else 'NO'} |")
+        if r["excluded"]:
+            gain = f"— ({r['excluded']})"
+        elif r["gain_pct"] is None:
+            gain = "(baseline)"
+        else:
+            gain = f"{r['gain_pct']:+.2f} [{r['lo_pct']:+.2f}, {r['hi_pct']:+.2f}]"
+        med = f"{1e3 * r['median_ms']:.1f}" if r["median_ms"] else "—"
+        lines.append(f"| {r['workload']} | {r['sharing']} | {r['weight_bytes'] / 1e6:.1f} | "
+                     f"{r['persist_bytes'] / 1e6:.1f} | {r['policy']} | {med} | {gain} | "
+                     f"{'yes' if r['bit_identical'] or r['excluded'] else 'NO'} |")
     return "\n".join(lines)
 
 
-def run_latency(cfg: ExperimentConfig, controller: L2Controller, deadline: float) -> dict[str, Any]:
-    latency, workloads = {}, {}
-    for name in cfg.workloads:
-        if time.time() > deadline:
-            log(f"budget spent: skipping latency of {name}")
-            continue
-        t0 = time.time()
-        wl = build_workload(name)
-        workloads[name] = wl.info()
-        latency[name] = latency_of(wl, cfg.policies, controller, cfg)
-        summary = ", ".join(f"{p} {1e3 * r['median_ms']:.1f} µs" for p, r in latency[name].items())
-        log(f"{name} ({wl.weight_bytes / 1e6:.1f} MB weights): {summary}  [{time.time() - t0:.1f} s]")
-        del wl
-    rows = build_table(latency, workloads, controller.limits.max_persisting_bytes)
-    best = best_of(rows, cfg.policies)
-    prefetch = best_of(rows, ("prefetch",))  # prefetch alone: its gain is claimed separately
-    return {"config": asdict(cfg), "limits": asdict(controller.limits), "workloads": workloads, "latency": latency,
-            "table": rows, "table_md": table_markdown(rows), "best": best, "prefetch_best": prefetch,
-            "all_bit_identical": all(r["bit_identical"] for r in rows)}
+def correctness_or_stop(controller: L2Controller, smoke: bool, cfg: RunConfig) -> dict:
+    """``check_correctness``, recorded; a failure stops the run's measurements (wrong kernels are not timed)."""
+    t0 = time.time()
+    try:
+        out = check_correctness(controller, smoke, cfg.runner_kw)
+        log(f"correctness: GEMV with prefetch and a chain under every policy match float64 [{time.time() - t0:.1f} s]")
+        return out
+    except AssertionError as e:
+        log(f"correctness FAILED, nothing is timed: {str(e)[:500]}")
+        return {"ok": False, "error": str(e)[-3000:]}
 
 
-def run_sweep(cfg: ExperimentConfig, controller: L2Controller, deadline: float) -> dict[str, Any]:
+def measure_workload(spec: dict, controller: L2Controller, candidates: tuple[str, ...], cfg: RunConfig,
+                     deadline: float) -> dict:
+    wl = build(spec)
+    t0 = time.time()
+    cmp = compare_policies(wl, controller, candidates, rounds=cfg.rounds, reps=cfg.reps, warmup=cfg.warmup,
+                           deadline=deadline, runner_kw=cfg.runner_kw)
+    out = {**cmp.as_dict(), "spec": spec, "info": wl.info(), "sharing": wl.sharing,
+           "persist_bytes": wl.persist_span().nbytes, "wall_s": time.time() - t0}
+    summary = ", ".join(f"{p} {g.gain_pct:+.1f}% [{g.lo_pct:+.1f}, {g.hi_pct:+.1f}]" for p, g in cmp.gains.items())
+    log(f"{wl.name} ({wl.weight_bytes / 1e6:.1f} MB): {summary or 'no candidate'}  [{out['wall_s']:.1f} s]")
+    return out
+
+
+def run_sweep(cfg: RunConfig, controller: L2Controller, limits: L2Limits, deadline: float, smoke: bool) -> dict:
     points = []
-    sweep_cfg = ExperimentConfig((), ("default", "persist_weights"), cfg.sweep_reps, cfg.warmup, 1, (), 0, False, 0, 0)
-    for mib in cfg.sweep_mib:
+    for frac in cfg.sweep_fracs:
         if time.time() > deadline:
-            log(f"budget spent: sweep stops before {mib} MiB")
+            log(f"budget spent: the sweep stops before W = {frac} carve-outs")
             break
-        wl = SharedMLP(mlp_for_bytes(mib << 20))
-        lat = latency_of(wl, sweep_cfg.policies, controller, sweep_cfg)
-        d, p = lat["default"]["median_ms"], lat["persist_weights"]["median_ms"]
-        points.append({"mib": mib, "hidden": wl.cfg.hidden, "weight_bytes": wl.weight_bytes,
-                       "weight_over_carveout": wl.weight_bytes / controller.limits.max_persisting_bytes,
-                       "default_ms": d, "persist_ms": p, "gain_pct": gain_pct(d, p),
-                       "hit_ratio": lat["persist_weights"]["hit_ratio"]})
-        log(f"sweep {mib} MiB: default {1e3 * d:.1f} µs, persist {1e3 * p:.1f} µs, gain {gain_pct(d, p):+.2f}%")
+        spec = sweep_spec(frac, limits, smoke)
+        wl = build(spec)
+        cmp = compare_policies(wl, controller, ("persist_weights",), rounds=cfg.sweep_rounds, reps=cfg.sweep_reps,
+                               warmup=cfg.warmup, runner_kw=cfg.runner_kw)
+        g = cmp.gains.get("persist_weights")
+        points.append({"frac": frac, "weight_bytes": wl.weight_bytes, "hidden": wl.cfg.hidden,
+                       "weight_over_carveout": wl.weight_bytes / limits.max_persisting_bytes,
+                       "weight_over_l2": wl.weight_bytes / limits.l2_bytes,
+                       "gain": g.as_dict() if g else None, "bit_identical": cmp.bit_identical("persist_weights"),
+                       "hit_ratio": cmp.info.get("persist_weights", {}).get("hit_ratio")})
+        if g:
+            log(f"sweep W = {frac} carve-outs: persist_weights {g.gain_pct:+.2f}% [{g.lo_pct:+.2f}, {g.hi_pct:+.2f}]")
         del wl
-    return {"points": points, "layers": 12, "policy": "persist_weights"}
+    return {"points": points, "layers": 12, "policy": "persist_weights",
+            "complete": len(points) == len(cfg.sweep_fracs)}
+
+
+def select(cfg: RunConfig, controller: L2Controller, out_dir: Path | None, smoke: bool) -> dict:
+    """The selection run (module doc); returns its data (also stored unless ``smoke`` without ``out_dir``)."""
+    start = time.time()
+    deadline = start + cfg.budget_s - 8  # leave time to write
+    run_id = new_run_id()
+    limits = controller.limits
+    sms = sm_count()
+    data: dict[str, Any] = {"run_id": run_id, "role": "selection", "limits": asdict(limits), "sms": sm_count(),
+                            "config": asdict(cfg), "candidates": list(CANDIDATES), "comparisons": {}}
+    specs = candidate_specs(limits, sms, smoke)
+    with Guard(controller) as guard:
+        log(f"selection run {run_id}; backend {backend.describe()}; {limits}")
+        data["correctness"] = correctness_or_stop(controller, smoke, cfg)
+        if not data["correctness"]["ok"]:
+            specs, cfg = {}, replace(cfg, sweep_fracs=())
+        sweep_reserve = 0.18 * cfg.budget_s if cfg.sweep_fracs else 0
+        for name, spec in specs.items():
+            if time.time() > deadline - sweep_reserve:
+                log(f"budget spent: {name} not measured")
+                continue
+            try:
+                data["comparisons"][name] = measure_workload(spec, controller, CANDIDATES, cfg,
+                                                             deadline - sweep_reserve)
+            except Exception as e:  # one failing workload must not lose the others
+                data.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+                log(f"{name}: FAILED: {e}")
+        data["sweep"] = run_sweep(cfg, controller, limits, deadline, smoke)
+    rows = table_rows(data["comparisons"])
+    comps = data["comparisons"]
+    data.update(table=rows, table_md=table_markdown(rows), restored=guard.restored,
+                outputs_differ=[(r["workload"], r["policy"]) for r in rows if not r["bit_identical"]],
+                selection={"best": pick(rows, comps, lambda r: r["sharing"] in WEIGHT_SHARED),
+                           "ofa_best": pick(rows, comps, lambda r: r["kind"] == "ofa"),
+                           "prefetch_best": pick(rows, comps, lambda r: r["policy"] in PREFETCH_POLICIES)},
+                complete=data["correctness"]["ok"] and len(comps) == len(specs) and not data.get("errors")
+                and data["sweep"]["complete"],
+                elapsed_s=time.time() - start)
+    print(data["table_md"], flush=True)
+    for k, v in data["selection"].items():
+        log(f"selected {k}: " + (f"{v['workload']} / {v['policy']} {v['gain_pct']:+.2f}% "
+                                 f"[{v['lo_pct']:+.2f}, {v['hi_pct']:+.2f}]" if v else "none"))
+    if out_dir is not None or not smoke:
+        log(f"wrote {store('selection', data, out_dir)}")
+    return data
+
+
+# ---- verdict ----------------------------------------------------------------------------------------------------
+
+def remeasure(target: dict, controller: L2Controller, cfg: RunConfig, deadline: float) -> dict:
+    wl = build(target["spec"])
+    cmp = compare_policies(wl, controller, (target["policy"],), rounds=cfg.rounds, reps=cfg.reps,
+                           warmup=cfg.warmup, deadline=deadline, runner_kw=cfg.runner_kw)
+    g = cmp.gains.get(target["policy"])
+    out = {"workload": target["workload"], "policy": target["policy"], "sharing": wl.sharing,
+           "kind": target["spec"]["kind"], "spec": target["spec"], "gain": g.as_dict() if g else None,
+           "bit_identical": cmp.bit_identical(target["policy"]), "excluded": cmp.excluded.get(target["policy"]),
+           "complete": cmp.complete, "selection_gain": {k: target[k] for k in ("gain_pct", "lo_pct", "hi_pct")},
+           "comparison": cmp.as_dict()}
+    log(f"verdict {target['workload']} / {target['policy']}: " +
+        (f"{g.gain_pct:+.2f}% [{g.lo_pct:+.2f}, {g.hi_pct:+.2f}] ({g.rounds} rounds × {g.requests})" if g else
+         f"not measured ({out['excluded']})"))
+    return out
+
+
+def run_chooser(target: dict, selection: dict, controller: L2Controller, cfg: RunConfig) -> dict:
+    wl = build(target["spec"])
+    choice = choose_policy(wl, controller, CANDIDATES, rounds=cfg.chooser_rounds, reps=cfg.chooser_reps,
+                           runner_kw=cfg.runner_kw)
+    offline = pick_best(selection["comparisons"][target["workload"]])
+    with PolicyRunner(wl, get_policy(choice.policy), controller, **cfg.runner_kw) as runner:  # serve with it
+        served = runner.info["policy"]
+    log(f"chooser on {wl.name}: chose {choice.policy} (offline best {offline})")
+    return {"workload": wl.name, "chosen": choice.policy, "offline_best": offline, "served": served,
+            "matches": choice.policy == offline, "comparison": choice.comparison.as_dict()}
+
+
+def verdict(cfg: RunConfig, controller: L2Controller, selection: dict, out_dir: Path | None, smoke: bool,
+            selection_record: dict | None = None) -> tuple[dict, dict]:
+    """The verdict run (module doc): returns (verdict data, ncu data), stored unless ``smoke`` without ``out_dir``."""
+    start = time.time()
+    deadline = start + cfg.budget_s - 8
+    run_id = new_run_id()
+    if run_id == selection.get("run_id"):
+        raise RuntimeError("the verdict must be a different run from the selection")
+    picks = selection["selection"]
+    data: dict[str, Any] = {"verdict_run": run_id, "selected_in_run": selection.get("run_id"), "role": "verdict",
+                            "selection_commit": (selection_record or {}).get("commit"), "config": asdict(cfg),
+                            "selection_restored": selection.get("restored"),
+                            "selection_outputs_differ": selection.get("outputs_differ", []), "results": {}}
+    ncu_data: dict[str, Any] = {"verdict_run": run_id, "profiles": {}}
+    names = {"best": "best", "ofa": "ofa_best", "prefetch": "prefetch_best"}
+    ncu_reserve = 70 if cfg.ncu else 0
+    with Guard(controller) as guard:
+        log(f"verdict run {run_id} of selection {selection.get('run_id')}")
+        data["correctness"] = correctness_or_stop(controller, smoke, cfg)
+        if not data["correctness"]["ok"]:
+            cfg = replace(cfg, ncu=False, chooser_on=())
+        done: dict[tuple[str, str], dict] = {}
+        for key, pick_name in names.items():
+            target = picks.get(pick_name)
+            if not data["correctness"]["ok"]:
+                data["results"][key] = {"skipped": "the correctness check failed: nothing is timed"}
+            elif target is None:
+                data["results"][key] = {"skipped": f"the selection picked no {pick_name}"}
+            elif (target["workload"], target["policy"]) in done:  # one pair picked twice is measured once
+                data["results"][key] = done[(target["workload"], target["policy"])]
+            elif time.time() > deadline - ncu_reserve:
+                data["results"][key] = {"skipped": "GPU time budget spent"}
+            else:
+                data["results"][key] = remeasure(target, controller, cfg, deadline - ncu_reserve)
+                done[(target["workload"], target["policy"])] = data["results"][key]
+        data["chooser"] = []
+        for pick_name in cfg.chooser_on:
+            target = picks.get(pick_name)
+            if target is not None and time.time() < deadline - ncu_reserve:
+                data["chooser"].append(run_chooser(target, selection, controller, cfg))
+        if cfg.ncu:
+            for key in ("best", "prefetch"):
+                target = picks.get(names[key])
+                if target is not None:
+                    ncu_data["profiles"][key] = profile_pair(target, cfg.ncu_requests, deadline)
+    res = data["results"]
+    data.update(restored=guard.restored, elapsed_s=time.time() - start,
+                outputs_differ=[(r["workload"], r["policy"]) for r in res.values()
+                                if "policy" in r and not r["bit_identical"]],
+                complete=data["correctness"]["ok"] and len(data["chooser"]) > 0
+                and all("gain" in r and r["gain"] and r["complete"] for r in res.values()))
+    ncu_data["complete"] = cfg.ncu and all("error" not in p and "skipped" not in p
+                                           for p in ncu_data["profiles"].values())
+    if out_dir is not None or not smoke:
+        log(f"wrote {store('verdict', data, out_dir)}")
+        if cfg.ncu:
+            log(f"wrote {store('ncu', ncu_data, out_dir)}")
+    return data, ncu_data
 
 
 # ---- ncu --------------------------------------------------------------------------------------------------------
 
-def ncu_driver(workload_name: str, policy_names: list[str], requests: int, controller: L2Controller,
+def ncu_driver(spec: dict, policy_names: list[str], requests: int, controller: L2Controller,
                warmup: int = 10) -> list[tuple[str, int]]:
     """Serve each policy in turn and bracket ``requests`` requests with the profiler; returns (policy, kind) of
     each profiled request in order (the order ncu's result rows come in)."""
-    wl = build_workload(workload_name)
+    wl = build(spec)
     profiled = []
     on_gpu = backend.ON_GPU and backend.DEVICE == "cuda"
     for name in policy_names:
@@ -227,113 +511,122 @@ def ncu_driver(workload_name: str, policy_names: list[str], requests: int, contr
     return profiled
 
 
-def run_ncu(cfg: ExperimentConfig, best: dict | None, deadline: float) -> dict[str, Any]:
-    from pathlib import Path
+def dram_drop(rows: dict[str, list[dict]], policy: str) -> dict:
+    """DRAM bytes read per request, default vs ``policy``: the drop of the means, and its conservative end over the
+    profiled requests (the smallest default request against the largest policy request)."""
+    d = [r["dram_read_bytes"] for r in rows["default"]]
+    p = [r["dram_read_bytes"] for r in rows[policy]]
+    mean_d, mean_p = sum(d) / len(d), sum(p) / len(p)
+    return {"default_dram_read_bytes": mean_d, "policy_dram_read_bytes": mean_p,
+            "dram_read_drop_pct": 100.0 * (mean_d - mean_p) / mean_d if mean_d else None,
+            "dram_read_drop_lo_pct": 100.0 * (min(d) - max(p)) / mean_d if mean_d else None,
+            "default_l2_hit_pct": sum(r["l2_hit_pct"] for r in rows["default"]) / len(d),
+            "policy_l2_hit_pct": sum(r["l2_hit_pct"] for r in rows[policy]) / len(p)}
 
+
+def profile_pair(target: dict, requests: int, deadline: float) -> dict:
+    """ncu of default and the target's policy on its workload, in a driver process of its own."""
     from impl.l2cache import ncu
 
-    out: dict[str, Any] = {"metrics": list(ncu.METRICS), "requests_per_policy": cfg.ncu_requests, "workloads": {}}
+    left = deadline - time.time()
+    base = {"workload": target["workload"], "policy": target["policy"], "requests": requests}
     if ncu.ncu_binary() is None:
-        out["error"] = "ncu is not on PATH"
-        return out
+        return {**base, "error": "ncu is not on PATH"}
+    if left < 20:
+        return {**base, "skipped": "GPU time budget spent"}
     root = Path(__file__).resolve().parents[2]
-    order = list(cfg.workloads)
-    if best is not None and best["workload"] in order:  # the claim needs the best workload's bytes: profile it first
-        order.remove(best["workload"])
-        order.insert(0, best["workload"])
-    for name in order:
-        left = deadline - time.time()
-        if left < 15:
-            out["workloads"][name] = {"skipped": "GPU time budget spent"}
-            log(f"ncu: budget spent, skipping {name}")
-            continue
-        args = ["--ncu-driver", name, "--policies", ",".join(cfg.policies), "--requests", str(cfg.ncu_requests)]
-        t0 = time.time()
-        try:
-            rows, _ = ncu.run_profile(args, timeout_s=max(30.0, left), cwd=root)
-        except Exception as e:  # record and go on: one failed profile must not lose the others
-            out["workloads"][name] = {"error": str(e)[-3000:]}
-            log(f"ncu {name}: FAILED: {str(e)[:300]}")
-            continue
-        out["workloads"][name] = per_policy_metrics(rows, list(cfg.policies), cfg.ncu_requests)
-        log(f"ncu {name}: {len(rows)} results [{time.time() - t0:.1f} s]")
-    if best is not None and "default" in out["workloads"].get(best["workload"], {}):
-        w = out["workloads"][best["workload"]]
-        d, p = w["default"]["dram_read_bytes"], w[best["policy"]]["dram_read_bytes"]
-        out["best"] = {"workload": best["workload"], "policy": best["policy"], "default_dram_read_bytes": d,
-                       "policy_dram_read_bytes": p, "dram_read_drop_pct": 100.0 * (d - p) / d if d else None,
-                       "latency_gain_pct": best["gain_pct"]}
-    return out
-
-
-def per_policy_metrics(rows: list[dict[str, float]], policies: list[str], requests: int) -> dict[str, dict]:
-    """Average the per-request ncu rows of each policy (rows come policy by policy, ``requests`` each)."""
-    if len(rows) != len(policies) * requests:
-        raise ValueError(f"expected {len(policies) * requests} ncu results ({len(policies)} policies × {requests}), "
-                         f"got {len(rows)}")
-    out = {}
-    for i, p in enumerate(policies):
-        chunk = rows[i * requests:(i + 1) * requests]
-        out[p] = {k: sum(r[k] for r in chunk) / len(chunk) for k in chunk[0]}
-    return out
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(target["spec"], f)
+    policies = ["default", target["policy"]]
+    t0 = time.time()
+    try:
+        args = ["--ncu-driver", f.name, "--policies", ",".join(policies), "--requests", str(requests)]
+        rows, _ = ncu.run_profile(args, timeout_s=left, cwd=root)
+        if len(rows) != len(policies) * requests:
+            raise ValueError(f"expected {len(policies) * requests} ncu results, got {len(rows)}")
+        per = {p: rows[i * requests:(i + 1) * requests] for i, p in enumerate(policies)}
+        out = {**base, "rows": per, **dram_drop(per, target["policy"])}
+        log(f"ncu {target['workload']}: DRAM read {out['default_dram_read_bytes'] / 1e6:.1f} -> "
+            f"{out['policy_dram_read_bytes'] / 1e6:.1f} MB/request, L2 hit {out['default_l2_hit_pct']:.1f} -> "
+            f"{out['policy_l2_hit_pct']:.1f}% [{time.time() - t0:.1f} s]")
+        return out
+    except Exception as e:  # recorded, never fatal: the latency results stand without it
+        log(f"ncu {target['workload']}: FAILED: {str(e)[:300]}")
+        return {**base, "error": str(e)[-3000:]}
+    finally:
+        os.unlink(f.name)
 
 
 # ---- main -------------------------------------------------------------------------------------------------------
 
-def run(cfg: ExperimentConfig, smoke: bool) -> dict[str, Any]:
-    start = time.time()
-    deadline = start + cfg.budget_s
-    controller = make_controller(smoke)
-    log(f"backend: {backend.describe()}; limits {controller.limits}; {len(cfg.workloads)} workloads × "
-        f"{len(cfg.policies)} policies")
-    streams = stream_handles(lab_streams())
-    before = controller.snapshot(streams)
-    policies = run_latency(cfg, controller, deadline - (60 if cfg.ncu else 0))
-    print(policies["table_md"], flush=True)
-    if not smoke:
-        from impl.common.results import write_result
+def read_record(path: Path) -> dict:
+    try:
+        rec = json.loads(path.read_text())
+        rec["data"]["selection"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"cannot read the selection {path}: {type(e).__name__}: {e}; run --select first")
+    return rec
 
-        log(f"wrote {write_result('l2cache', 'policies', policies, overwrite=True)}")
-    sweep = run_sweep(cfg, controller, deadline - (50 if cfg.ncu else 0))
-    if not smoke and sweep["points"]:
-        from impl.common.results import write_result
 
-        log(f"wrote {write_result('l2cache', 'sweep', sweep, overwrite=True)}")
-    if cfg.ncu and not smoke:
-        from impl.common.results import write_result
+def default_selection_path(out_dir: Path | None) -> Path:
+    if out_dir is not None and (out_dir / "selection.json").exists():
+        return out_dir / "selection.json"
+    from impl.common.results import results_dir
 
-        ncu_data = run_ncu(cfg, policies["best"], deadline)
-        log(f"wrote {write_result('l2cache', 'ncu', ncu_data, overwrite=True)}")
-    else:
-        ncu_data = {"skipped": "smoke mode" if smoke else "disabled"}
-        if smoke:
-            ncu_data["driver_order"] = ncu_driver(cfg.workloads[0], list(cfg.policies), cfg.ncu_requests, controller,
-                                                  warmup=1)
-    restored = controller.snapshot(streams) == before
-    log(f"done in {time.time() - start:.0f} s; L2 state restored: {restored}; best: {policies['best']}")
-    return {"policies": policies, "sweep": sweep, "ncu": ncu_data, "restored": restored,
-            "elapsed_s": time.time() - start}
+    return results_dir() / SYSTEM / "selection.json"
+
+
+def with_budget(cfg: RunConfig, budget_s: float | None) -> RunConfig:
+    return cfg if budget_s is None else replace(cfg, budget_s=budget_s)
+
+
+def smoke(out_dir: Path | None = None) -> tuple[dict, dict]:
+    """Both runs on the CPU at tiny sizes with the fake driver: the protocol, not the numbers."""
+    controller = make_controller(True)
+    sel = select(SMOKE_SELECT, controller, out_dir, smoke=True)
+    ver, _ = verdict(SMOKE_VERDICT, controller, sel, out_dir, smoke=True)
+    return sel, ver
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m impl.l2cache.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer workloads and repetitions")
-    mode.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, fake driver, writes nothing")
-    mode.add_argument("--ncu-driver", metavar="WORKLOAD", help="internal: the process ncu profiles")
-    p.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma-separated (with --ncu-driver)")
-    p.add_argument("--requests", type=int, default=2, help="profiled requests per policy (with --ncu-driver)")
+    mode.add_argument("--select", action="store_true", help="the selection run")
+    mode.add_argument("--verdict", action="store_true", help="the verdict run (reads the selection)")
+    mode.add_argument("--smoke", action="store_true", help="CPU: both runs, tiny sizes, fake driver")
+    mode.add_argument("--ncu-driver", metavar="SPEC_JSON", help="internal: the process ncu profiles")
+    p.add_argument("--quick", action="store_true", help="accepted for `python -m impl gpu --quick`: same runs")
+    p.add_argument("--out", type=Path, help="write the records here instead of results/<gpu>/l2cache/")
+    p.add_argument("--budget-s", type=float, help="wall-clock budget of the run (default 150 each)")
+    p.add_argument("--selection", type=Path, help="the selection record the verdict reads")
+    p.add_argument("--policies", default="default,persist_weights", help="with --ncu-driver")
+    p.add_argument("--requests", type=int, default=3, help="profiled requests per policy (with --ncu-driver)")
     a = p.parse_args(argv)
     if a.ncu_driver:
-        order = ncu_driver(a.ncu_driver, a.policies.split(","), a.requests, make_controller(False))
-        print(json.dumps({"profiled": order}), flush=True)
+        spec = json.loads(Path(a.ncu_driver).read_text())
+        print(json.dumps({"profiled": ncu_driver(spec, a.policies.split(","), a.requests, make_controller(False))}))
         return 0
-    if not backend.ON_GPU and not a.smoke:
+    if a.smoke:
+        sel, ver = smoke(a.out)
+        return 0 if sel["restored"] and ver["restored"] else 1
+    if not backend.ON_GPU:
         print("the experiments need a CUDA GPU; run with --smoke on a CPU", file=sys.stderr)
         return 2
-    result = run(SMOKE if a.smoke else QUICK if a.quick else FULL, smoke=a.smoke)
-    return 0 if result["restored"] and result["policies"]["all_bit_identical"] else 1
+    controller = make_controller(False)
+    if a.select or not a.verdict:
+        sel = select(with_budget(SELECT, a.budget_s), controller, a.out, smoke=False)
+        if a.select:
+            return 0 if sel["restored"] else 1
+    path = a.selection or default_selection_path(a.out)
+    if not a.verdict:  # both: the verdict in a fresh process, as the protocol demands
+        cmd = [sys.executable, "-m", "impl.l2cache.experiments", "--verdict", "--selection", str(path)]
+        cmd += (["--out", str(a.out)] if a.out else []) + (["--budget-s", str(a.budget_s)] if a.budget_s else [])
+        return subprocess.run(cmd).returncode
+    rec = read_record(path)
+    ver, _ = verdict(with_budget(VERDICT, a.budget_s), controller, rec["data"], a.out, smoke=False,
+                     selection_record=rec)
+    return 0 if ver["restored"] else 1
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """An in-memory L2 driver with the H100's limits and CUDA's rules, for tests without a GPU.
 
 It keeps the carve-out, one window per stream handle, a count of persisting-line resets, the windows stamped on
-graphs, and a log of every call. ``fail_on`` names a call that raises (once per listed name), to test that the
-controller restores state when the driver itself fails half-way.
+graphs, and a log of every call. Injected faults, each once per listed call name, test that the controller restores
+state whatever happens half-way: ``fail_on`` makes the call raise ``L2Error`` (the driver failed);
+``interrupt_on`` makes it raise ``KeyboardInterrupt`` (Ctrl-C arrived inside the call); ``signal_on`` sends this
+process a real SIGINT at the start of the call (Ctrl-C arrived between Python statements) and then completes it.
 """
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass, field
 
 from impl.l2cache.control import NO_WINDOW, AccessWindow, L2Error, L2Limits
@@ -23,9 +27,17 @@ class FakeL2Driver:
     stamped: dict[int, AccessWindow] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
     fail_on: set[str] = field(default_factory=set)
+    interrupt_on: set[str] = field(default_factory=set)
+    signal_on: set[str] = field(default_factory=set)
 
     def _call(self, name: str) -> None:
         self.log.append(name)
+        if name in self.signal_on:
+            self.signal_on.discard(name)
+            os.kill(os.getpid(), signal.SIGINT)  # delivered at the next bytecode boundary, as a real Ctrl-C is
+        if name in self.interrupt_on:
+            self.interrupt_on.discard(name)
+            raise KeyboardInterrupt(f"{name}: injected Ctrl-C (FakeL2Driver.interrupt_on)")
         if name in self.fail_on:
             self.fail_on.discard(name)
             raise L2Error(f"{name} failed: injected failure (FakeL2Driver.fail_on)")

@@ -1,12 +1,14 @@
-"""Weight-shared networks built from the Triton kernels: an ALBERT-style MLP and a conv net reusing one block.
+"""Weight-shared networks built from the Triton kernels: an ALBERT-style MLP, a conv net reusing one block, and
+chains that mix a shared block with per-layer weights.
 
 SharedMLP:      h₀ = x [B, d];  h_{l+1} = ReLU(h_l · Wᵀ + b) for l < L, with ONE W [d, d] and b [d] for all layers.
 SharedConvNet:  h₀ = x [B, C, S, S];  h_{l+1} = ReLU(conv3x3(h_l, W, pad 1) + b + h_l), ONE W [C, C, k, k].
+ChainMLP:       batch 1, GEMV layers in a schedule of a shared W and per-layer U_l (``ChainConfig``).
 
 At batch 1 each layer streams all of W once, so a request reads W·L bytes while the model holds W bytes: the reuse
-that an L2 policy can exploit. The presets size W at ~16 MB (fits the H100's 32.77 MB persisting carve-out and its
-50 MiB L2), ~32 MB (about the carve-out) and ~64 MB (fits neither: under LRU every layer re-reads W from DRAM; a
-persisting window keeps carve-out/W of it). Weights live in one ``Arena`` (one window covers them), activations in
+that an L2 policy can exploit. The fixed presets size W at ~16 MB (fits a 32.77 MB persisting carve-out and a
+50 MiB L2), ~32 MB (about that carve-out) and ~64 MB (fits neither: under LRU every layer re-reads W from DRAM; a
+persisting window keeps carve-out/W of it); ``chain_presets`` sizes the chains from the card at hand. Weights live in one ``Arena`` (one window covers them), activations in
 another (ping-pong buffers plus the split-K workspace), so both have a span a policy can target. Both nets follow
 the ``Workload`` interface of ``serving.py``; they serve one request kind.
 """
@@ -76,6 +78,7 @@ class SharedBlockNet(ArenaBacked):
     kind, nothing to do between requests."""
 
     kinds = 1
+    sharing = "layers"
 
     def layer_spans(self, kind: int = 0) -> list[Span]:
         return [self.weights.span()] * self.cfg.layers
@@ -86,6 +89,8 @@ class SharedBlockNet(ArenaBacked):
 
 class SharedMLP(SharedBlockNet):
     """ALBERT-style MLP: one weight matrix applied L times (see the module doc)."""
+
+    in_kernel_prefetch = True
 
     def __init__(self, cfg: MLPConfig, device: str = backend.DEVICE, seed: int = 0) -> None:
         self.cfg, self.name = cfg, cfg.name
@@ -102,7 +107,7 @@ class SharedMLP(SharedBlockNet):
         for i in range(self.cfg.layers):
             hooks.before_layer(i)
             dst = self.acts["h0" if i % 2 == 0 else "h1"]
-            linear(src, self.weights["w"], self.weights["b"], relu=True, out=dst)
+            linear(src, self.weights["w"], self.weights["b"], relu=True, out=dst, prefetch=hooks.kernel_prefetch(i))
             src = dst
         hooks.finish()
         return src
@@ -173,3 +178,130 @@ class SharedConvNet(SharedBlockNet):
         c = self.cfg
         return {"kind": "conv", "channels": c.channels, "size": c.size, "layers": c.layers, "kernel": c.kernel,
                 "dtype": c.dtype, "weight_bytes": self.weight_bytes, "split_k": self.split_k}
+
+
+# ---- chains with their own weights per layer ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """A batch-1 chain of GEMV layers h ← ReLU(M·h + c) over width ``hidden``, the matrices M in this order:
+
+      shared, own = k   layer l applies the one shared W, then its own U_l1 … U_lk: W, U_01, W, U_11, …
+                        (k = 0: ALBERT, W alone L times)
+      not shared        layer l applies its own U_l1 … U_lk only; nothing is re-read within a request, the next
+                        request re-reads it all
+
+    ``noise_bytes``: bytes written between requests (other tenants' traffic; it evicts what does not persist)."""
+
+    name: str
+    hidden: int
+    layers: int
+    own: int = 1
+    shared: bool = True
+    noise_bytes: int = 0
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1 or self.layers < 1 or self.own < 0 or (self.own == 0 and not self.shared):
+            raise ValueError(f"{self.name}: needs hidden >= 1, layers >= 1 and at least one matrix per layer")
+
+    @property
+    def matrix_bytes(self) -> int:
+        return (self.hidden * self.hidden + self.hidden) * np.dtype(self.dtype).itemsize
+
+
+def hidden_for(nbytes: int, dtype: str = "float16", multiple: int = 64, most: int | None = None) -> int:
+    """The largest width d (a multiple of ``multiple``, at most ``most``) whose d×d matrix holds <= ``nbytes``."""
+    d = int(math.sqrt(nbytes / np.dtype(dtype).itemsize)) // multiple * multiple
+    d = min(d, most) if most else d
+    if d < multiple:
+        raise ValueError(f"{nbytes} B is too small for a {multiple}-wide matrix")
+    return d
+
+
+class ChainMLP(ArenaBacked):
+    """The chain of ``ChainConfig`` (see there): weights in one arena, ping-pong activations in another."""
+
+    kinds = 1
+    in_kernel_prefetch = True
+
+    def __init__(self, cfg: ChainConfig, device: str = backend.DEVICE, seed: int = 0) -> None:
+        self.cfg, self.name = cfg, cfg.name
+        self.sharing = "layers" if cfg.shared else "requests"
+        dt, d = TORCH_DTYPES[cfg.dtype], cfg.hidden
+        gen = torch.Generator(device=device).manual_seed(seed)
+        own = [(f"u{l}_{j}", f"c{l}_{j}") for l in range(cfg.layers) for j in range(cfg.own)]
+        names = ([("w", "b")] if cfg.shared else []) + own
+        # He initialisation, drawn on the device (hundreds of MB of weights): ReLU activations keep their scale
+        self.weights = Arena({n: s for m, c in names for n, s in ((m, ((d, d), dt)), (c, ((d,), dt)))}, device)
+        for m, c in names:
+            self.weights[m].copy_(torch.randn((d, d), generator=gen, device=device) * math.sqrt(2.0 / d))
+            self.weights[c].copy_(torch.randn((d,), generator=gen, device=device) * 0.01)
+        per_layer = ([("w", "b")] if cfg.shared else []) + [(f"u{{l}}_{j}", f"c{{l}}_{j}") for j in range(cfg.own)]
+        self.schedule = [(m.format(l=l), c.format(l=l)) for l in range(cfg.layers) for m, c in per_layer]
+        self.acts = Arena({"x": ((1, d), dt), "h0": ((1, d), dt), "h1": ((1, d), dt)}, device)
+        self.acts["x"].copy_(torch.randn((1, d), generator=gen, device=device).to(dt))
+        self.noise = torch.empty(cfg.noise_bytes // 4, dtype=torch.float32, device=device) if cfg.noise_bytes else None
+
+    def persist_span(self) -> Span:
+        return self.weights.span(["w", "b"]) if self.cfg.shared else self.weights.span()
+
+    def layer_spans(self, kind: int = 0) -> list[Span]:
+        return [self.weights.span([m, c]) for m, c in self.schedule]
+
+    def forward(self, kind: int = 0, hooks: LayerHooks = NO_HOOKS) -> torch.Tensor:
+        src = self.acts["x"]
+        for i, (m, c) in enumerate(self.schedule):
+            hooks.before_layer(i)
+            dst = self.acts["h0" if i % 2 == 0 else "h1"]
+            linear(src, self.weights[m], self.weights[c], relu=True, out=dst, prefetch=hooks.kernel_prefetch(i))
+            src = dst
+        hooks.finish()
+        return src
+
+    def reference(self) -> np.ndarray:
+        h = self.acts["x"]
+        for m, c in self.schedule:
+            h = linear_reference(h, self.weights[m], self.weights[c], relu=True)
+        return h
+
+    def between_requests(self) -> None:
+        if self.noise is not None:
+            self.noise.fill_(1.0)  # other tenants' writes: they evict whatever is not persisting
+
+    def bytes_per_request(self) -> int:
+        return len(self.schedule) * (self.cfg.matrix_bytes + 2 * self.cfg.hidden * np.dtype(self.cfg.dtype).itemsize)
+
+    def flops_per_request(self) -> int:
+        return 2 * len(self.schedule) * self.cfg.hidden ** 2
+
+    def info(self) -> dict:
+        c = self.cfg
+        return {"kind": "chain", "hidden": c.hidden, "layers": c.layers, "own": c.own, "shared": c.shared,
+                "noise_bytes": c.noise_bytes, "dtype": c.dtype, "weight_bytes": self.weight_bytes,
+                "persist_bytes": self.persist_span().nbytes, "kernels_per_request": len(self.schedule),
+                "sharing": self.sharing}
+
+
+def chain_presets(max_persisting: int, l2_bytes: int, sms: int = 132) -> dict[str, ChainConfig]:
+    """Chains sized from the card: W about 0.9 of the largest carve-out (it fits; a persisting window keeps all of
+    it), width capped so one GEMV's programs (8 rows each) all fit on the SMs at once (4 per SM), noise twice L2.
+
+      albert_noisy  ALBERT block W applied 4 times; noise between requests evicts W under the default policy
+      hybrid1       W then one own matrix per layer, 6 layers: each layer streams W + U (> L2), evicting W
+      hybrid2       W then two own matrices per layer, 4 layers
+      stack_noisy   12 layers of own matrices, 0.9 carve-out in all; noise between requests (nothing shared within
+                    a request: the prefetch candidates' workload)
+      mlp_big       ALBERT W of 1.7 carve-outs applied 12 times (fits neither the carve-out nor L2)
+    """
+    most = 8 * 4 * sms
+    d = hidden_for(int(0.9 * max_persisting), most=most)
+    big = hidden_for(int(1.7 * max_persisting))
+    small = hidden_for(int(0.9 * max_persisting / 12), most=most)
+    noise = 2 * l2_bytes
+    return {c.name: c for c in (
+        ChainConfig("albert_noisy", d, 4, own=0, noise_bytes=noise),
+        ChainConfig("hybrid1", d, 6, own=1),
+        ChainConfig("hybrid2", d, 4, own=2),
+        ChainConfig("stack_noisy", small, 12, shared=False, noise_bytes=noise),
+        ChainConfig("mlp_big", big, 12, own=0))}

@@ -293,6 +293,8 @@ OFA_PRESETS = {c.name: c for c in (OfaConfig(), OfaConfig("ofa_alt_noisy", noise
 class OfaServing(ArenaBacked):
     """Batch-1 requests alternating between subnets of one supernet (request i runs subnet i mod len(subnets))."""
 
+    sharing = "subnets"
+
     cfg: OfaConfig
     device: str = backend.DEVICE
     seed: int = 0

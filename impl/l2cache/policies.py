@@ -1,18 +1,25 @@
-"""L2 policies as objects any model can take: what to set (carve-out, window) and whether to prefetch.
+"""L2 policies as objects any model can take: what to set (carve-out, window) and whether and how to prefetch.
 
-A model that wants the policies gives three things: the byte span of its shared weights, the span of its activation
-buffers (or None), and, for prefetching, the weight span each layer of a request reads, in order
-(``Workload`` in ``serving.py``). A policy turns those and the device's limits into a ``PolicyPlan``:
+A model that wants the policies gives: the byte span a persisting window should cover (``persist_span``: the bytes
+read again and again), the span of its activation buffers (or None), and, for prefetching, the weight span each layer
+of a request reads, in order (``Workload`` in ``serving.py``). A policy turns those and the device's limits into a
+``PolicyPlan``:
 
   default             carve-out 0, persisting lines reset, no window: the hardware's own LRU-like policy
-  persist_weights     carve-out = min(max carve-out, weight bytes); window over the weights with
+  persist_weights     carve-out = min(max carve-out, window bytes); window over the persist span with
                       hitRatio = carve-out / window bytes (so the persisting lines fit the carve-out; the other
                       accesses in the window get ``miss_prop``), hitProp persisting
   stream_activations  window over the activations with hitProp = missProp = streaming (evict first), so the
                       activations stop pushing the weights out; carve-out 0
-  prefetch            no window; before layer i runs, a side stream reads layer i+1's weights into L2 (``touch``),
+  prefetch_stream     no window; before layer i runs, a side stream reads layer i+1's weights into L2 (``touch``),
                       forked from the main stream with an event and joined back with one at the end of the request
-  persist_prefetch    both persist_weights and prefetch
+  prefetch_ahead      no window; before layer 0, one small kernel on the request's own stream issues
+                      ``cp.async.bulk.prefetch.L2`` for the weights of every later layer and exits: DRAM fills L2
+                      while the layers run (works for any model: its layers need not be this project's kernels)
+  prefetch_kernel     no window; the kernels of layer i issue ``cp.async.bulk.prefetch.L2`` for layer i+1's weights
+                      as they start (models whose layers are this project's GEMVs)
+  persist_prefetch    persist_weights plus in-kernel prefetch where the model supports it, else prefetch_ahead; the
+                      persisted span is never prefetched
 
 Whichever plan applies, the kernels and their inputs are the same, so outputs are bit-identical to the default.
 """
@@ -25,38 +32,48 @@ import torch
 
 from impl.l2cache.arena import Span
 from impl.l2cache.control import NO_WINDOW, AccessWindow, L2Limits
+from impl.l2cache.prefetch import L2Prefetch, aligned_range, prefetch_l2
 from impl.l2cache.touch import default_programs, touch
+
+PREFETCH_MODES = ("", "stream", "ahead", "kernel", "auto")  # "": none; "auto": kernel where supported, else ahead
 
 
 @dataclass(frozen=True)
 class PolicyPlan:
-    """The settings a policy asks for on one model (``applicable=False``: it cannot apply there; ``note`` says why)."""
+    """The settings a policy asks for on one model (``applicable=False``: it cannot apply there; ``note`` says why).
+    ``prefetch``: one of ``PREFETCH_MODES``."""
 
     policy: str
     carveout_bytes: int
     window: AccessWindow
-    prefetch: bool
+    prefetch: str
     applicable: bool = True
     note: str = ""
+
+    def effect(self) -> tuple:
+        """What the plan does to the device and the requests: two policies with equal effects are one candidate."""
+        if not self.applicable:
+            return ("not applicable",)
+        return (self.carveout_bytes, self.window, self.prefetch)
 
 
 @dataclass(frozen=True)
 class DefaultPolicy:
     name: str = "default"
-    prefetch: bool = False
+    prefetch: str = ""
 
     def plan(self, weights: Span, activations: Span | None, limits: L2Limits) -> PolicyPlan:
-        return PolicyPlan(self.name, 0, NO_WINDOW, False)
+        return PolicyPlan(self.name, 0, NO_WINDOW, "")
 
 
 @dataclass(frozen=True)
 class PersistWeights:
-    """Window over the shared weights, persisting as much of them as the carve-out holds."""
+    """Window over the persist span, persisting as much of it as the carve-out holds."""
 
     name: str = "persist_weights"
     miss_prop: str = "streaming"
     carveout_bytes: int | None = None  # None: min(max carve-out, window bytes)
-    prefetch: bool = False
+    prefetch: str = ""
 
     def plan(self, weights: Span, activations: Span | None, limits: L2Limits) -> PolicyPlan:
         nbytes = min(weights.nbytes, limits.max_window_bytes)
@@ -72,39 +89,41 @@ class StreamActivations:
     """Window over the activation buffers marked streaming, so they are evicted before the weights."""
 
     name: str = "stream_activations"
-    prefetch: bool = False
+    prefetch: str = ""
 
     def plan(self, weights: Span, activations: Span | None, limits: L2Limits) -> PolicyPlan:
         if activations is None or activations.nbytes == 0:
-            return PolicyPlan(self.name, 0, NO_WINDOW, False, applicable=False,
+            return PolicyPlan(self.name, 0, NO_WINDOW, "", applicable=False,
                               note="the model has no single activation buffer to put a window on")
         nbytes = min(activations.nbytes, limits.max_window_bytes)
-        return PolicyPlan(self.name, 0, AccessWindow(activations.ptr, nbytes, 1.0, "streaming", "streaming"), False)
+        return PolicyPlan(self.name, 0, AccessWindow(activations.ptr, nbytes, 1.0, "streaming", "streaming"), "")
 
 
 @dataclass(frozen=True)
-class DynamicPrefetch:
-    """A side stream reads the next layer's weights into L2 while the current layer computes."""
+class Prefetch:
+    """No window; prefetch the next layers' weights by ``prefetch`` (stream, ahead or kernel: see the module doc)."""
 
-    name: str = "prefetch"
-    prefetch: bool = True
+    name: str = "prefetch_kernel"
+    prefetch: str = "kernel"
 
     def plan(self, weights: Span, activations: Span | None, limits: L2Limits) -> PolicyPlan:
-        return PolicyPlan(self.name, 0, NO_WINDOW, True)
+        return PolicyPlan(self.name, 0, NO_WINDOW, self.prefetch)
 
 
 @dataclass(frozen=True)
 class PersistAndPrefetch:
     name: str = "persist_prefetch"
-    prefetch: bool = True
+    prefetch: str = "auto"
 
     def plan(self, weights: Span, activations: Span | None, limits: L2Limits) -> PolicyPlan:
         p = PersistWeights().plan(weights, activations, limits)
-        return PolicyPlan(self.name, p.carveout_bytes, p.window, True, note=p.note)
+        return PolicyPlan(self.name, p.carveout_bytes, p.window, self.prefetch, note=p.note)
 
 
-POLICIES: dict[str, Any] = {p.name: p for p in (DefaultPolicy(), PersistWeights(), StreamActivations(),
-                                                DynamicPrefetch(), PersistAndPrefetch())}
+POLICIES: dict[str, Any] = {p.name: p for p in (
+    DefaultPolicy(), PersistWeights(), StreamActivations(), Prefetch("prefetch_stream", "stream"),
+    Prefetch("prefetch_ahead", "ahead"), Prefetch("prefetch_kernel", "kernel"), PersistAndPrefetch())}
+PREFETCH_POLICIES = tuple(n for n, p in POLICIES.items() if p.prefetch and not n.startswith("persist"))
 
 
 def get_policy(name: str) -> Any:
@@ -116,10 +135,14 @@ def get_policy(name: str) -> Any:
 # ---- per-layer hooks: the prefetcher ------------------------------------------------------------------------
 
 class LayerHooks:
-    """Called by a model's forward: ``before_layer(i)`` before layer i is enqueued, ``finish()`` at the end."""
+    """Called by a model's forward: ``before_layer(i)`` before layer i is enqueued, ``kernel_prefetch(i)`` by a
+    layer whose kernels take a prefetch range (what they should pull into L2), ``finish()`` at the end."""
 
     def before_layer(self, i: int) -> None:
         pass
+
+    def kernel_prefetch(self, i: int) -> L2Prefetch | None:
+        return None
 
     def finish(self) -> None:
         pass
@@ -136,46 +159,67 @@ class StreamPair:
     side: Any = None
 
 
+AHEAD_PROGRAMS = 8  # programs of the in-stream prefetch kernel: a few SMs issue the instructions, then exit
+
+
 @dataclass
 class Prefetcher(LayerHooks):
-    """Before layer i, read layer i+1's weight span on the side stream (skipped when it is layer i's own span);
-    with ``group`` g > 1, before every g-th layer read the spans of the next g layers as one range; with
-    ``max_bytes``, only the first ``max_bytes`` of that range (a budget for the side stream's DRAM traffic).
+    """Prefetch, for layer i, the weight spans of the layers after it, by ``mode``:
 
-    Ordering: an event recorded on the main stream just before layer i is enqueued; the side stream waits for it,
-    so the read starts together with layer i and never before earlier work; at ``finish`` the main stream waits for
-    the side stream's last event, so a request (and a captured graph) ends with both streams joined. The side
-    stream's reads only load L2 lines: they change no values, so outputs are those of the default.
-    Without a GPU the reads run in line (same order), which is what the CPU tests check via ``log``.
+    * ``stream``: before layer i, read the next ``group`` layers' spans on the side stream (``touch``). Ordering: an
+      event recorded on the main stream just before layer i is enqueued; the side stream waits for it, so the read
+      starts together with layer i and never before earlier work; at ``finish`` the main stream waits for the side
+      stream's last event, so a request (and a captured graph) ends with both streams joined.
+    * ``ahead``: before layer i, one ``prefetch_kernel`` launch on the current stream for the next ``group`` layers'
+      spans (``group`` None: before layer 0, every later layer's); it returns at once, DRAM fills L2 behind it.
+    * ``kernel``: nothing before the layer; ``kernel_prefetch(i)`` hands layer i's kernels layer i+1's span.
+
+    Spans equal to layer i's own, or inside ``skip`` (the persisted range), are not fetched; ``max_bytes`` caps one
+    fetch (its start). Prefetches change no values, so outputs are those of the default. Without a GPU the stream
+    reads run in line (same order) and the PTX prefetches run in their LOG mode; ``log`` lists (layer, offset,
+    bytes) of every fetch, which is what the CPU tests check.
     """
 
-    words: torch.Tensor
+    buffer: torch.Tensor
     spans: list[Span]
+    mode: str = "stream"
     streams: StreamPair = field(default_factory=StreamPair)
     programs: int | None = None
-    group: int = 1  # prefetch the next `group` layers every `group` layers (fewer, larger reads)
-    max_bytes: int | None = None  # read at most this much per prefetch (the start of the range); None: all
+    group: int | None = 1
+    max_bytes: int | None = None
+    skip: Span | None = None
     log: list[tuple[int, int, int]] = field(default_factory=list)
     _forked: bool = False
 
     def __post_init__(self) -> None:
-        if self.group < 1:
+        if self.mode not in ("stream", "ahead", "kernel"):
+            raise ValueError(f"mode must be stream, ahead or kernel, got {self.mode!r}")
+        if self.group is not None and self.group < 1:
             raise ValueError(f"group must be >= 1, got {self.group}")
-        if self.max_bytes is not None and self.max_bytes < 4:
-            raise ValueError(f"max_bytes must be >= 4 (one word), got {self.max_bytes}")
-        most = self._programs(Span(0, 0, max([s.offset + s.nbytes for s in self.spans] or [4])))
+        if self.mode == "kernel" and self.group != 1:
+            raise ValueError("an in-kernel prefetch fetches the next layer only (group 1)")
+        if self.max_bytes is not None and self.max_bytes < 16:
+            raise ValueError(f"max_bytes must be >= 16, got {self.max_bytes}")
+        self.words = self.buffer.view(torch.int32)
         # allocated here, not in before_layer: that may run inside a CUDA-graph capture
-        self._scratch = torch.empty(most, dtype=torch.int32, device=self.words.device)
+        most = self._programs(Span(0, 0, max([s.offset + s.nbytes for s in self.spans] or [4])))
+        self._scratch = torch.empty(most, dtype=torch.int32, device=self.buffer.device)
+        self._ranges = {i: self._aligned(i) for i in range(len(self.spans))}
+        self._requests = {i: L2Prefetch(self.buffer, *r) for i, r in self._ranges.items() if r is not None}
 
     def _programs(self, span: Span) -> int:
         return self.programs or default_programs(-(-span.nbytes // 4))
 
+    def _skipped(self, s: Span) -> bool:
+        k = self.skip
+        return k is not None and k.ptr <= s.ptr and s.ptr + s.nbytes <= k.ptr + k.nbytes
+
     def read_before(self, i: int) -> Span | None:
-        """The byte range read before layer i (None: nothing to read there)."""
-        if i % self.group or i >= len(self.spans):
+        """The byte range fetched for layer i (None: nothing), before alignment."""
+        group = self.group or len(self.spans)
+        if i % group or i >= len(self.spans):
             return None
-        # the weights of layers i+1 .. i+group that are not layer i's own (shared weights need no fetch)
-        nxt = [s for s in self.spans[i + 1:i + 1 + self.group] if s != self.spans[i]]
+        nxt = [s for s in self.spans[i + 1:i + 1 + group] if s != self.spans[i] and not self._skipped(s)]
         if not nxt:
             return None
         lo, hi = min(s.offset for s in nxt), max(s.offset + s.nbytes for s in nxt)
@@ -183,16 +227,28 @@ class Prefetcher(LayerHooks):
             hi = min(hi, lo + self.max_bytes)
         return Span(nxt[0].base_ptr, lo, hi - lo)
 
-    def reads_per_request(self) -> int:
-        return sum(self.read_before(i) is not None for i in range(len(self.spans)))
-
-    def before_layer(self, i: int) -> None:
+    def _aligned(self, i: int) -> tuple[int, int] | None:
         span = self.read_before(i)
         if span is None:
+            return None
+        if self.mode == "stream":  # touch reads whole int32 words
+            lo = span.offset // 4 * 4
+            return lo, -(-(span.offset + span.nbytes - lo) // 4) * 4
+        return aligned_range(self.buffer, span.offset, span.nbytes)
+
+    def reads_per_request(self) -> int:
+        return sum(r is not None for r in self._ranges.values())
+
+    def before_layer(self, i: int) -> None:
+        rng = self._ranges.get(i)
+        if rng is None or self.mode == "kernel":
             return
-        start, count = span.offset // 4, -(-span.nbytes // 4)
-        programs = self._programs(span)
-        self.log.append((i, span.offset, span.nbytes))
+        self.log.append((i, *rng))
+        if self.mode == "ahead":
+            prefetch_l2(self._requests[i], programs=AHEAD_PROGRAMS)
+            return
+        start, count = rng[0] // 4, rng[1] // 4
+        programs = self._programs(Span(0, 0, rng[1]))
         if self.streams.main is None:
             touch(self.words, start, count, out=self._scratch, programs=programs)
             return
@@ -202,6 +258,12 @@ class Prefetcher(LayerHooks):
         with torch.cuda.stream(self.streams.side):
             touch(self.words, start, count, out=self._scratch, programs=programs)
         self._forked = True
+
+    def kernel_prefetch(self, i: int) -> L2Prefetch | None:
+        if self.mode != "kernel" or i not in self._requests:
+            return None
+        self.log.append((i, *self._ranges[i]))
+        return self._requests[i]
 
     def finish(self) -> None:
         if self._forked and self.streams.main is not None:
