@@ -35,7 +35,7 @@ from torch import nn
 from impl import backend
 from impl.serve.fused import silu_mul_rounded
 
-COUNTER_SLOTS = 1 << 16  # tile counters per layer: (M tiles) x (N tiles) never exceeds this at serving shapes
+COUNTER_SLOTS = 1 << 16  # split-K tile counters per device: (M tiles) x (N tiles) of one call must fit
 MAX_WORKSPACE_BYTES = 256 << 20
 
 
@@ -78,6 +78,13 @@ class GemvConfig:
             return self.block_m
         return min(max(16 if self.dot else 1, triton.next_power_of_2(max(m, 1))), self.max_block_m)
 
+    def shared_bytes(self, m: int, x_bytes: int = 2) -> int:
+        """Shared memory the tensor-core pipeline holds: num_stages x (x tile + code tile); CUDA-core tiles ~0."""
+        if not self.dot:
+            return 0
+        x_item = 1 if self.a8 else x_bytes
+        return self.num_stages * self.block_k * (self.rows_per_tile(m) * x_item + self.block_n)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -113,14 +120,16 @@ def _load_x(x_ptr, offs_m, kk, m_mask, k_mask, stride_xm, K, SWIGLU: tl.constexp
 def _multiply(acc, x, w, DOT: tl.constexpr, A8: tl.constexpr, FP8_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, BLOCK_K] · w[BLOCK_N, BLOCK_K]ᵀ in float32 (A8: x holds e4m3 codes too, an
     FP8 x FP8 tensor-core product; the interpreter has no FP8 dot and multiplies the decoded values in float32)."""
-    if A8:
+    if A8:  # (if/else, not early returns: Triton would build the branches after a return too)
         if FP8_DOT:
-            return tl.dot(x, tl.trans(w), acc)
-        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-    if DOT:
-        return tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
-    prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    return acc + tl.sum(prod, axis=2)
+            acc = tl.dot(x, tl.trans(w), acc)
+        else:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    elif DOT:
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    else:
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    return acc
 
 
 @triton.jit
@@ -139,28 +148,40 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr,             # x [M, K] (SWIGLU: [M, 
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)  # k_per_split is a multiple of BLOCK_K: splits never overlap
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    kk = k_lo + offs_k
-    w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < k_hi)[None, :], other=0.0)
-    if USE_PDL:  # only weights were read so far: now wait for the kernel that wrote x (and may read y's memory)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    x = _load_x(x_ptr, offs_m, kk, m_mask, kk < k_hi, stride_xm, K, SWIGLU)
-    if BLOCK_M == 1 and not DOT:  # one row: products summed element-wise, reduced over K once at the end
-        acc_k = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    else:
+    if DOT:  # tensor cores: Triton's software pipeline (num_stages) keeps the next tiles in flight in shared memory
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        nk = k0 + BLOCK_K + offs_k  # the next tile (codes and x) is in flight while this one is multiplied
-        nk_mask = nk < k_hi
-        w_next = tl.load(w_rows + nk[None, :], mask=n_mask[:, None] & nk_mask[None, :], other=0.0)
-        x_next = _load_x(x_ptr, offs_m, nk, m_mask, nk_mask, stride_xm, K, SWIGLU)
-        if BLOCK_M == 1 and not DOT:
-            acc_k += w.to(tl.float32) * x.to(tl.float32)
-        else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + offs_k
+            k_mask = kk < k_hi
+            x = _load_x(x_ptr, offs_m, kk, m_mask, k_mask, stride_xm, K, SWIGLU)
+            w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             acc = _multiply(acc, x, w, DOT, A8, FP8_DOT, DOT_PRECISION)
-        w, x = w_next, x_next
-    if BLOCK_M == 1 and not DOT:
-        acc = tl.sum(acc_k, axis=1)[None, :]
+    else:  # CUDA cores: the next tile (codes and x) is loaded into registers while this one is multiplied
+        kk = k_lo + offs_k
+        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < k_hi)[None, :], other=0.0)
+        if USE_PDL:  # only weights were read so far: now wait for the kernel that wrote x (and may read y's memory)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        x = _load_x(x_ptr, offs_m, kk, m_mask, kk < k_hi, stride_xm, K, SWIGLU)
+        if BLOCK_M == 1:  # one row: products summed element-wise, reduced over K once at the end
+            acc_k = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            nk = k0 + BLOCK_K + offs_k
+            nk_mask = nk < k_hi
+            w_next = tl.load(w_rows + nk[None, :], mask=n_mask[:, None] & nk_mask[None, :], other=0.0)
+            x_next = _load_x(x_ptr, offs_m, nk, m_mask, nk_mask, stride_xm, K, SWIGLU)
+            if BLOCK_M == 1:
+                acc_k += w.to(tl.float32) * x.to(tl.float32)
+            else:
+                acc = _multiply(acc, x, w, DOT, A8, FP8_DOT, DOT_PRECISION)
+            w, x = w_next, x_next
+        if BLOCK_M == 1:
+            acc = tl.sum(acc_k, axis=1)[None, :]
     if PER_TENSOR:
         scale = tl.load(s_ptr)
     else:
@@ -213,9 +234,24 @@ def check_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: 
 
 
 def new_counters(device: torch.device | str) -> torch.Tensor:
-    """Zeroed tile counters for split-K calls; each call leaves them zero again. Calls that run at the same time (on
-    two streams) need separate counters: ``DecodeFp8Linear`` keeps its own."""
+    """Zeroed tile counters for split-K calls; each call leaves them zero again."""
     return torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def device_counters(device: torch.device) -> torch.Tensor:
+    """The counters split-K calls on ``device`` share. Calls on one stream run one after another (with PDL too: a
+    program touches them only after ``gdc_wait``), so one set serves them all; calls running at the same time on two
+    streams must pass their own (``new_counters``). Made on first use, which must not be inside a CUDA-graph capture
+    (serving's warm-up runs every call once before capturing)."""
+    cnt = _COUNTERS.get(device)
+    if cnt is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K counters would be made inside a CUDA-graph capture: run the call once first")
+        cnt = _COUNTERS[device] = new_counters(device)
+    return cnt
 
 
 def split_plan(k: int, splits: int, block_k: int) -> tuple[int, int]:
@@ -227,8 +263,8 @@ def split_plan(k: int, splits: int, block_k: int) -> tuple[int, int]:
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: GemvConfig, *,
          out: torch.Tensor | None = None, swiglu: bool = False, counters: torch.Tensor | None = None,
          pdl: bool = False) -> torch.Tensor:
-    """y = x · (s ⊙ q)ᵀ (module doc) with one ``GemvConfig``. ``counters`` (from ``new_counters``) are needed only
-    when the config splits K; None allocates fresh ones for this call. ``pdl`` only on a GPU (ignored elsewhere).
+    """y = x · (s ⊙ q)ᵀ (module doc) with one ``GemvConfig``. ``counters`` (from ``new_counters``) are read only when
+    the config splits K; None takes the device's shared set (``device_counters``). ``pdl`` only on a GPU.
 
     ``config.a8``: x is first quantised per row to e4m3 by impl.fp8 (``quant.quantize(x, "channel")``: s_x = amax/448,
     the same activation quantisation as impl.fp8's W8A8 path) and the kernel multiplies FP8 by FP8:
@@ -261,7 +297,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: Gem
         if used * m * n * 4 > MAX_WORKSPACE_BYTES:
             raise ValueError(f"split-K workspace of {used * m * n * 4} bytes is too large; use fewer splits")
         ws = torch.empty(used, m, n, dtype=torch.float32, device=x.device)
-        cnt = new_counters(x.device) if counters is None else counters
+        cnt = device_counters(x.device) if counters is None else counters
         if cnt.dtype != torch.int32 or cnt.numel() < COUNTER_SLOTS or cnt.device != x.device:
             raise ValueError(f"counters must be new_counters(device): int32 [{COUNTER_SLOTS}] on {x.device}")
     else:
@@ -313,11 +349,11 @@ class DecodeFp8Linear(nn.Module):
         self.in_features, self.out_features = inner.in_features, inner.out_features
         self.use_kernel = use_kernel
         self.table = table if table is not None else choose.active_table()
-        self.register_buffer("counters", new_counters(inner.weight.device), persistent=False)
 
     @property
     def path(self) -> str:
-        return f"{self.table.describe()} + {self.inner.path}"
+        """The paths this layer may take; which one serves which M is the table's (engines report the table)."""
+        return f"w8a16-triton | {self.inner.path} per GEMM table"
 
     def choice(self, m: int):
         return self.table.lookup(self.out_features, self.in_features, m)
@@ -334,8 +370,7 @@ class DecodeFp8Linear(nn.Module):
 
                 x2 = silu_mul(x2) if x.is_cuda else swiglu_torch(x2)
             return self.inner(x2).reshape(*lead, self.out_features)
-        y = gemv(x2, self.inner.weight, self.inner.weight_scale, choice.config, swiglu=swiglu,
-                 counters=self.counters, pdl=self.table.pdl)
+        y = gemv(x2, self.inner.weight, self.inner.weight_scale, choice.config, swiglu=swiglu, pdl=self.table.pdl)
         return y.reshape(*lead, self.out_features)
 
 

@@ -43,10 +43,11 @@ from impl import backend
 from impl.common.timing import time_fn
 from impl.serve import fp8_adapter
 from impl.serve.choose import GemmChoice, GemmTable
-from impl.serve.fp8_gemv import DecodeFp8Linear, GemvConfig, default_config, gemv
+from impl.serve.fp8_gemv import DecodeFp8Linear, GemvConfig, default_config, gemv, new_counters
 from impl.serve.model import DenseLinear, ModelArgs
 
 PRIORITY = (1, 128, 256, 8, 32, 64)  # batch 1 (the decode claim) first, then the large-batch claims
+SHARED_LIMIT = 220 << 10  # per block on sm_90 (227 KiB), less Triton's own scratch
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ def candidate_configs(m: int, n: int, k: int, smoke: bool = False) -> list[GemvC
         if m > 128:  # two or four M tiles of the same weights (the second read mostly from L2)
             cfgs += [replace(c, block_m=bm) for c in dot[1:3] + a8[:2] for bm in (64, 128)]
     cfgs.append(default_config(m, n, k))
-    return list(dict.fromkeys(cfgs))  # unique, in order
+    fits = [c for c in dict.fromkeys(cfgs) if c.shared_bytes(m) <= SHARED_LIMIT]  # unique, in order
+    return fits
 
 
 # ---- numerics ----------------------------------------------------------------------------------------------------
@@ -163,7 +165,7 @@ def runners(sub: Subject, x: torch.Tensor, configs: list[GemvConfig],
             out: torch.Tensor) -> list[tuple[str, str, GemvConfig | None, Callable[[], torch.Tensor]]]:
     """(name, kind, config, fn) for every candidate; W8A16 ones write into ``out`` (poisoned by the caller)."""
     q, s = sub.fp8.inner.weight, sub.fp8.inner.weight_scale
-    cnt = sub.fp8.counters
+    cnt = new_counters(x.device)
     rows = [("bf16", "bf16", None, lambda: sub.dense(x)), ("inner", "inner", None, lambda: sub.fp8.inner(x))]
     for cfg in configs:
         rows.append((cfg.name, "a8" if cfg.a8 else "w8a16", cfg,
