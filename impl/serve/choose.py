@@ -169,3 +169,30 @@ def set_model_table(model: Any, table: GemmTable) -> int:
             mod.table = table
             count += 1
     return count
+
+
+INVARIANT = GemvConfig(dot=True, block_m=16, block_n=64, block_k=64, num_stages=2)
+
+
+def make_batch_invariant(model: Any, config: GemvConfig = INVARIANT, use_kernel: bool | None = None) -> int:
+    """Serve every linear of ``model`` (FP8 ones and dense ones, the LM head included) through the GEMV kernel with
+    one fixed configuration, so each row's result does not depend on the other rows of its batch: with the per-row
+    kernels of the rest of the step (norms, RoPE, paged attention per sequence, sampling) a request's greedy tokens
+    are the same alone or in any batch. Costs speed at large M (16-row tiles re-read the weights per M tile). Returns
+    the number of linears changed. ``use_kernel`` True forces the kernel on a CPU (interpreter; tests)."""
+    from impl.serve.fp8_gemv import DecodeFp8Linear
+    from impl.serve.model import DenseLinear
+
+    if config.block_m == 0:
+        raise ValueError("a batch-invariant configuration needs a fixed block_m")
+    fixed = GemmTable(fixed=config, origin=f"fixed {config.name}")
+    count = 0
+    for mod in model.modules():
+        if isinstance(mod, DecodeFp8Linear):
+            mod.table, mod.use_kernel = fixed, use_kernel if use_kernel is not None else mod.use_kernel
+        elif isinstance(mod, DenseLinear):
+            mod.gemv_config, mod.use_kernel = config, use_kernel
+        else:
+            continue
+        count += 1
+    return count

@@ -161,16 +161,29 @@ class StepContext(Protocol):
 
 
 class DenseLinear(nn.Module):
-    """y = x · Wᵀ with W [out, in] in the model dtype (no bias). Weights start uninitialised (loaded or randomised)."""
+    """y = x · Wᵀ with W [out, in] in the model dtype (no bias). Weights start uninitialised (loaded or randomised).
+
+    ``gemv_config`` (a ``fp8_gemv.GemvConfig``, set by ``choose.make_batch_invariant``): the product runs through
+    serving's GEMV kernel with that one configuration for every number of rows (batch-invariant) instead of cuBLAS,
+    on CUDA tensors (and on the CPU when ``use_kernel`` is True)."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
                                    requires_grad=False)
+        self.gemv_config: Any = None
+        self.use_kernel: bool | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+        kernel = self.use_kernel if self.use_kernel is not None else x.is_cuda
+        if self.gemv_config is None or not kernel:
+            return F.linear(x, self.weight)
+        from impl.serve.fp8_gemv import gemv
+
+        one = torch.ones(1, dtype=torch.float32, device=x.device)
+        y = gemv(x.reshape(-1, self.in_features), self.weight, one, self.gemv_config)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 LinearFactory = Callable[[int, int], nn.Module]
