@@ -76,7 +76,7 @@ def test_batch_invariant_model_gives_each_prompt_the_same_logits_alone_or_batche
 
 
 def test_loadtest_smoke_serves_both_modes_and_compares_greedy_tokens(capsys):
-    from impl.serve import loadtest
+    from impl.serve import loadclient, loadtest
 
     assert loadtest.main(["--smoke", "--requests", "6", "--concurrency", "3", "--max-batch", "3"]) == 0
     data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -86,7 +86,7 @@ def test_loadtest_smoke_serves_both_modes_and_compares_greedy_tokens(capsys):
         assert m["ok"] == 6 and m["tokens_per_s"] > 0 and len(m["ttfts_s"]) == 6
         assert m["latency_p50_s"] <= m["latency_p99_s"]
     assert data["modes"]["one_at_a_time"]["max_batch"] == 1 and data["batching_gain"] > 0
-    assert loadtest.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and loadtest.percentile([], 50) is None
+    assert loadclient.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and loadclient.percentile([], 50) is None
 
 
 def test_auto_takes_the_faster_backend_per_phase_and_keeps_decode_graph_safe():

@@ -10,8 +10,9 @@ token ids of mixed lengths (log-uniform in [--min-prompt, --max-prompt], fixed s
 same model and the same load: ``continuous`` (``max_batch`` = --max-batch: requests join and leave the running
 batch) and ``one_at_a_time`` (``max_batch`` = 1: each request alone). Each first serves a warm-up load (kernels
 compiled, CUDA graphs captured for every batch size), then the measured one: --requests requests, at most
---concurrency in flight, each ``{"prompt": ids, "max_tokens": N, "temperature": 0}``; every request has a client
-timeout and new requests stop at the budget (the record then says ``complete: false``).
+--concurrency in flight, each ``{"prompt": ids, "max_tokens": N, "temperature": 0}``, from a client in its own process
+(``loadclient.py``); every request has a client timeout and new requests stop at the budget (the record then says
+``complete: false``).
 
 Per mode: requests/s and completion tokens/s over the wall time, client latency p50/p99, and TTFT p50/p99 as the
 engine measures it (arrival to first sampled token, from its completions). ``batching_gain`` = continuous requests/s
@@ -28,9 +29,6 @@ import statistics
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator
@@ -40,6 +38,7 @@ import torch
 
 from impl import backend
 from impl.serve.engine import Engine, EngineConfig
+from impl.serve.loadclient import drive_in_process, percentile
 
 
 @dataclass(frozen=True)
@@ -120,50 +119,6 @@ def serving(engine: Engine, name: str) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def post(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One request; returns status, token ids (of choice 0), client latency and any error."""
-    req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
-    t0 = time.perf_counter()
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            reply = json.loads(r.read())
-            status = r.status
-    except urllib.error.HTTPError as e:
-        return {"status": e.code, "latency_s": time.perf_counter() - t0, "error": e.read()[:300].decode("replace")}
-    except Exception as e:  # timeouts, refused connections: recorded, the load goes on
-        return {"status": None, "latency_s": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}"}
-    choice = reply["choices"][0]
-    return {"status": status, "latency_s": time.perf_counter() - t0, "tokens": choice["token_ids"],
-            "finish_reason": choice["finish_reason"]}
-
-
-def drive(url: str, prompts: list[list[int]], cfg: LoadConfig, max_tokens: int,
-          deadline: float) -> tuple[list[dict[str, Any] | None], float]:
-    """Send every prompt with at most ``cfg.concurrency`` in flight; (results in prompt order, wall seconds).
-    Prompts not yet sent at ``deadline`` are skipped (None)."""
-    out: list[dict[str, Any] | None] = [None] * len(prompts)
-
-    def one(i: int) -> None:
-        if time.perf_counter() < deadline:
-            out[i] = post(url, {"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0}, cfg.timeout_s)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
-        list(pool.map(one, range(len(prompts))))
-    return out, time.perf_counter() - t0
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The q-th percentile (0-100) by linear interpolation between order statistics; None for no values."""
-    if not values:
-        return None
-    v = sorted(values)
-    pos = (len(v) - 1) * q / 100
-    lo = int(math.floor(pos))
-    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
-
-
 def summarize(results: list[dict[str, Any] | None], wall: float, ttfts: list[float]) -> dict[str, Any]:
     ok = [r for r in results if r is not None and r.get("status") == 200]
     lat = [r["latency_s"] for r in ok]
@@ -186,10 +141,12 @@ def run_mode(model: Any, name: str, cfg: LoadConfig, max_batch: int, prompts: li
     with serving(engine, name) as url:
         warm = make_prompts(cfg, model.args.vocab_size, cfg.warmup_requests, cfg.seed + 1)
         t0 = time.perf_counter()
-        drive(url, warm, cfg, min(cfg.max_tokens, 8), deadline)
+        drive_in_process(url, warm, cfg.concurrency, min(cfg.max_tokens, 8), cfg.timeout_s,
+                         max(0.0, deadline - time.perf_counter()))
         log(f"max_batch={max_batch}: warm-up of {len(warm)} requests in {time.perf_counter() - t0:.1f} s")
         engine.done = CompletionLog()  # the measured completions from here on (the engine thread is idle now)
-        results, wall = drive(url, prompts, cfg, cfg.max_tokens, deadline)
+        results, wall = drive_in_process(url, prompts, cfg.concurrency, cfg.max_tokens, cfg.timeout_s,
+                                         max(0.0, deadline - time.perf_counter()))
         ttfts = [c.ttft_s for c in engine.done.seen if c.ttft_s is not None]
         summary = summarize(results, wall, ttfts)
         summary.update(max_batch=max_batch, engine=engine.describe(), decode_steps=engine.stats["decode_steps"])

@@ -1,6 +1,6 @@
 """Measure which GEMM serves each FP8 projection at each batch size; store the table serving loads (``choose.py``).
 
-    python3 -m impl.serve.tune --out DIR [--budget-s 120] [--ms 1,8,32,64,128,256]    (GPU)
+    python3 -m impl.serve.tune --out DIR [--budget-s 150] [--ms 1,8,32,64,128,256]    (GPU)
     python -m impl.serve.tune --smoke --out DIR                                       (CPU, toy sizes)
 
 For each projection of one decoder layer (``wqkv``, ``wo``, ``w13``, ``w2`` of ``--preset``) and each M:
@@ -56,8 +56,8 @@ class TuneConfig:
     ms: tuple[int, ...] = (1, 8, 32, 64, 128, 256)
     reps: int = 20
     warmup: int = 3
-    budget_s: float = 120.0
-    decode_reserve_s: float = 45.0
+    budget_s: float = 150.0
+    decode_reserve_s: float = 60.0
     workers: int = 12
     device: str = "cuda"
     dtype: str = "bfloat16"
