@@ -226,6 +226,7 @@ def test_decode_linear_serves_each_m_by_the_table(monkeypatch):
     assert "per GEMM table" in plain.path
 
 
+@pytest.mark.slow  # ~10 s: two Triton compiles and ptxas in a subprocess
 def test_kernel_compiles_for_hopper_with_16_byte_weight_loads():
     """Compiled for sm_90a (no GPU needed): the CUDA-core split-K kernel reads 16 FP8 codes per load, spills nothing,
     uses the split-K atomics, and with PDL waits on the grid dependency; the FP8-activation tiles use wgmma."""

@@ -16,6 +16,7 @@ from impl.serve.testing import tiny_model
 pytestmark = pytest.mark.skipif(backend.ON_GPU, reason="toy-size CPU runs of the GPU tools")
 
 
+@pytest.mark.slow  # ~10-15 s: a whole tune run in the interpreter
 def test_tune_smoke_checks_times_and_writes_a_loadable_table(tmp_path, capsys):
     assert tune.main(["--smoke", "--out", str(tmp_path), "--no-decode-step"]) == 0
     data = json.loads((tmp_path / "tune.json").read_text())["data"]
@@ -75,6 +76,7 @@ def test_batch_invariant_model_gives_each_prompt_the_same_logits_alone_or_batche
         choose.make_batch_invariant(model, fg.GemvConfig())
 
 
+@pytest.mark.slow  # ~10 s: two servers, four client processes
 def test_loadtest_smoke_serves_both_modes_and_compares_greedy_tokens(capsys):
     from impl.serve import loadclient, loadtest
 
