@@ -6,9 +6,10 @@
 - ``test_serve_paged_prefill``: causal prefill of B prompts of L tokens; FLOPs 2·2·B·H·D·L²/2. Anchor: SDPA causal
   on contiguous K/V.
 - ``test_serve_linear``: y = x·Wᵀ for the four projections (fused QKV, O, fused gate/up, down) of one 8B layer at M
-  tokens: ``bf16`` (cuBLAS), ``fp8`` (the linear serving uses: the W8A16 Triton kernel for M <= 128), ``fp8-splitk``
-  (the same with K split for more programs, ``fp8_gemv_splitk``; measured, not yet used) and ``fp8-scaled-mm`` (impl.fp8's W8A8 ``torch._scaled_mm`` with per-token activation quantisation); bytes = weight
-  bytes + activations. M = 1 is the batch-1 decode GEMV whose ratio is the ceiling of the FP8 decode speed-up.
+  tokens: ``bf16`` (cuBLAS), ``fp8`` (what serving runs: the path and config the GEMM table holds for this M, see
+  ``choose.py``; ``extra_info.path`` names it) and ``fp8-scaled-mm`` (impl.fp8's W8A8 ``torch._scaled_mm`` with
+  per-token activation quantisation); bytes = weight bytes + activations. M = 1 is the batch-1 decode GEMV whose
+  ratio is the ceiling of the FP8 decode speed-up. (``python -m impl.serve.tune`` times every candidate config.)
 """
 import pytest
 import torch
@@ -17,9 +18,9 @@ import torch.nn.functional as F
 from fixtures.oracle import assert_close
 from impl import backend
 from impl.backend import DEVICE, sized
-from impl.serve import fp8_adapter
+from impl.serve import choose, fp8_adapter
 from impl.serve.attention import make_backend, paged_attention_reference
-from impl.serve.fp8_gemv_splitk import w8a16_linear_splitk
+from impl.serve.fp8_gemv import DecodeFp8Linear
 from impl.serve.model import DenseLinear, ModelArgs
 from impl.serve.testing import fill_sequences, fragmented_cache, step_metadata
 
@@ -99,30 +100,32 @@ def test_serve_paged_prefill(device_bench, variant, batch, length):
 # wqkv) get the fewest programs per SM, so they are where a batch-1 GEMV falls short of copy bandwidth first
 LINEAR_SHAPES = sized({"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336)},
                       {"wqkv": (48, 32), "w2": (16, 80)})
-TOKENS = sized([1, 32, 128], [1, 5])
+TOKENS = sized([1, 32, 128, 256], [1, 5])
 
 
 @pytest.mark.parametrize("tokens", TOKENS, ids=[f"m{m}" for m in TOKENS])
 @pytest.mark.parametrize("matrix", list(LINEAR_SHAPES))
-@pytest.mark.parametrize("precision", ["bf16", "fp8", "fp8-splitk", "fp8-scaled-mm"])
+@pytest.mark.parametrize("precision", ["bf16", "fp8", "fp8-scaled-mm"])
 def test_serve_linear(device_bench, precision, matrix, tokens):
     n, k = LINEAR_SHAPES[matrix]
     dense = DenseLinear(k, n, DTYPE, DEVICE)
     dense.weight.data.normal_(0, 0.02)
     layer = dense if precision == "bf16" else fp8_adapter.quantize_linear(dense)
-    if precision == "fp8-scaled-mm":
-        layer = layer.inner  # impl.fp8's own path, without serving's decode kernel
+    path = "dense"
+    if precision == "fp8":
+        layer = DecodeFp8Linear(layer.inner, use_kernel=True)  # the kernel path on the CPU too (interpreter)
+        path = layer.choice(tokens).name
+    elif precision == "fp8-scaled-mm":
+        layer = layer.inner  # impl.fp8's own path, without serving's table
+        path = layer.path
     x = torch.randn(tokens, k, device=DEVICE, dtype=DTYPE)
     w_bytes = fp8_adapter.weight_bytes(layer)
-    run = layer
-    if precision == "fp8-splitk":  # the split-K variant on the same codes and scales (not used by serving yet)
-        run = lambda x: w8a16_linear_splitk(x, layer.inner.weight, layer.inner.weight_scale)  # noqa: E731
-    y = device_bench(lambda: run(x), bytes_moved=w_bytes + (tokens * k + tokens * n) * x.element_size(),
-                     flops=2 * tokens * n * k, flops_dtype="fp8" if precision == "fp8-scaled-mm" else "bf16",
-                     precision=precision, matrix=matrix, tokens=tokens, n=n, k=k, weight_bytes=w_bytes,
-                     path="w8a16-splitk" if precision == "fp8-splitk" else getattr(layer, "path", "dense"))
+    y = device_bench(lambda: layer(x), bytes_moved=w_bytes + (tokens * k + tokens * n) * x.element_size(),
+                     flops=2 * tokens * n * k, flops_dtype="fp8" if "a8" in path or "scaled_mm" in path else "bf16",
+                     precision=precision, matrix=matrix, tokens=tokens, n=n, k=k, weight_bytes=w_bytes, path=path,
+                     gemm_table=choose.active_table().describe())
     ref = x.double() @ dense.weight.double().T
-    # FP8: e4m3 weights and (on the GPU) e4m3 activations, each within 2^-4 relative: a loose bound on the sum
+    # FP8: e4m3 weights and (W8A8 paths) e4m3 activations, each within 2^-4 relative: a loose bound on the sum
     fp8 = precision != "bf16"
     assert_close(y.double(), ref, check_dtype=False, rtol=0.1 if fp8 else 2e-2,
                  atol=0.1 * float(ref.abs().max()) if fp8 else 1e-2)

@@ -6,7 +6,11 @@ Files, in reading order: ``model.py`` (ModelArgs presets, RMSNorm, RoPE, GQA att
 ``kv_cache.py`` (pages, block tables, free list, step metadata), ``triton_attention.py`` (paged decode/prefill
 kernels), ``attention.py`` (backends: flashinfer, Triton, torch SDPA, and the float64 reference), ``sampling.py``,
 ``engine.py`` (``Engine.generate``), ``cuda_graphs.py`` (graph-captured decode), ``__main__.py`` (CLI),
-``server.py`` (OpenAI-style /v1/completions),
-``experiments.py`` (H100 decode/TTFT, FP8 vs bf16), ``claims.py``; ``reference.py`` (contiguous-KV decoding, the
-engine's oracle) and ``testing.py`` (toy models and fragmented caches for tests and benches).
+``server.py`` (OpenAI-style /v1/completions); ``fp8_gemv.py`` (the W8A16 decode GEMV), ``choose.py`` (the measured
+GEMM table per projection and batch size; batch-invariant serving), ``tune.py`` (measures that table),
+``ptx_check.py`` (the kernel compiled for Hopper without a GPU), ``experiments.py`` (decode/TTFT per batch, FP8 vs
+bf16), ``loadtest.py`` + ``loadclient.py`` (the endpoint under load), ``flashinfer_setup.py`` +
+``flashinfer_check.py`` (flashinfer carried, installed and timed beside Triton), ``claims.py``; ``reference.py``
+(contiguous-KV decoding, the engine's oracle) and ``testing.py`` (toy models and fragmented caches for tests and
+benches).
 """

@@ -7,14 +7,18 @@ sequence's seq_len K/V rows),
 
 from q [T, H, D] and one layer's caches [pages, page_size, KVH, D] (``kv_cache.AttentionMetadata`` says where).
 
-- ``flashinfer``: flashinfer's paged prefill/decode wrappers (planned once per step, run per layer); used when the
-  package imports on a GPU. It is installed on neither machine today, so its tests skip and say so.
+- ``flashinfer``: flashinfer's paged prefill/decode wrappers (planned once per step, run per layer; not graph-safe:
+  the plan runs on the host every step). Optional: ``python -m impl.serve.flashinfer_setup`` says how its wheels
+  travel to the GPU machine; without it its tests skip and say so.
 - ``triton``: our kernels in ``triton_attention.py`` (decode kernel when every sequence has one new token, prefill
   otherwise). CUDA-graph safe. Runs under TRITON_INTERPRET=1 in CI.
 - ``sdpa``: gathers each sequence's pages and calls torch's scaled_dot_product_attention (host loop; not graph-safe).
 
-``select_backend("auto")`` picks flashinfer > triton on a GPU and sdpa on a CPU (where Triton would be interpreted),
-and returns the reason with the choice; engines report both.
+``select_backend("auto")`` on a GPU: Triton, unless flashinfer imports, in which case both are timed on a small
+paged cache with the model's head shapes (``measure_phases``) and each phase gets the faster one (``PhaseBackend``);
+decode stays on a graph-safe backend when flashinfer's decode is faster only without CUDA graphs, and the reason says
+so with the times. On a CPU: sdpa (Triton would be interpreted). The reason comes with the choice; engines report
+both.
 """
 from __future__ import annotations
 
@@ -92,7 +96,7 @@ def flashinfer_unavailable_reason() -> str | None:
         return "flashinfer needs a CUDA GPU (this machine has none)"
     if importlib.util.find_spec("flashinfer") is None:
         return ("flashinfer is not installed (flashinfer-python JIT-compiles with nvcc and needs apache-tvm-ffi, "
-                "cuda-tile and nvidia-cutlass-dsl; see /work/shared/GUIDE.md §1)")
+                "cuda-tile and nvidia-cutlass-dsl; `python -m impl.serve.flashinfer_setup plan` lists the wheels)")
     return None
 
 
@@ -139,6 +143,70 @@ class FlashInferAttention:
         return wrapper.run(q, (k_cache, v_cache))
 
 
+class PhaseBackend:
+    """Decode through one backend, prefill (any step with more than one new token) through another."""
+
+    def __init__(self, decode: AttentionBackend, prefill: AttentionBackend) -> None:
+        self.decode, self.prefill = decode, prefill
+        self.name = decode.name if decode.name == prefill.name else f"{decode.name}-decode+{prefill.name}-prefill"
+        self.graph_safe = decode.graph_safe  # only decode steps are captured in graphs
+
+    def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, *, scale: float,
+               k_scale: float = 1.0, v_scale: float = 1.0) -> Tensor:
+        b = self.decode if meta.is_decode else self.prefill
+        return b.attend(q, k_cache, v_cache, meta, scale=scale, k_scale=k_scale, v_scale=v_scale)
+
+
+def time_phases(backends: dict[str, AttentionBackend], heads: int, kv_heads: int, head_dim: int,
+                dtype: torch.dtype, device: torch.device | str, batch: int = 16, context: int = 512,
+                prompt: int = 256, reps: int = 10) -> dict[str, dict[str, float]]:
+    """Median device time (µs) of one layer's decode step (``batch`` sequences of ``context`` tokens) and prefill
+    (``batch // 4`` prompts of ``prompt`` tokens) per backend, on one paged cache (16-token pages)."""
+    from impl.common.timing import time_fn
+    from impl.serve.kv_cache import CacheConfig, PagedKVCache
+    from impl.serve.model import ModelArgs
+
+    args = ModelArgs(dim=heads * head_dim, n_layers=1, n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim,
+                     ffn_dim=8, vocab_size=8)
+    npre = max(1, batch // 4)
+    cache = PagedKVCache(args, CacheConfig(batch * -(-context // 16) + npre * -(-prompt // 16) + 4, 16),
+                         dtype=dtype, device=device)
+    cache.k.normal_()
+    cache.v.normal_()
+    for b in range(batch):
+        cache.reserve(b, context)
+    for b in range(npre):
+        cache.reserve(batch + b, prompt)
+    dmeta = cache.metadata([(b, context - 1, 1) for b in range(batch)], device)
+    pmeta = cache.metadata([(batch + b, 0, prompt) for b in range(npre)], device)
+    qd = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
+    qp = torch.randn(npre * prompt, heads, head_dim, device=device, dtype=dtype)
+    out: dict[str, dict[str, float]] = {}
+    for name, be in backends.items():
+        row = {}
+        for phase, q, meta in (("decode", qd, dmeta), ("prefill", qp, pmeta)):
+            fn = lambda: be.attend(q, cache.k[0], cache.v[0], meta, scale=head_dim ** -0.5)  # noqa: E731
+            fn()  # plan (flashinfer) and compile outside the timed calls
+            row[phase] = 1e3 * time_fn(fn, warmup=2, reps=reps, queue_ahead=True).median_ms
+        out[name] = row
+    return out
+
+
+def choose_phases(times: dict[str, dict[str, float]], backends: dict[str, AttentionBackend],
+                  graphs: bool = True) -> tuple[AttentionBackend, str]:
+    """The faster backend per phase (decode restricted to graph-safe backends when ``graphs``) and why."""
+    fmt = lambda phase: ", ".join(f"{n} {t[phase]:.1f} us" for n, t in times.items())  # noqa: E731
+    prefill = min(times, key=lambda n: times[n]["prefill"])
+    fastest = min(times, key=lambda n: times[n]["decode"])
+    safe = [n for n in times if backends[n].graph_safe] if graphs else list(times)
+    decode = min(safe or list(times), key=lambda n: times[n]["decode"])
+    why = f"auto, measured per layer: decode {fmt('decode')} -> {decode}"
+    if decode != fastest:
+        why += f" ({fastest} is faster per kernel but cannot run in a CUDA graph)"
+    why += f"; prefill {fmt('prefill')} -> {prefill}"
+    return PhaseBackend(backends[decode], backends[prefill]), why
+
+
 def make_backend(name: str) -> AttentionBackend:
     if name == "triton":
         return TritonPagedAttention()
@@ -149,9 +217,11 @@ def make_backend(name: str) -> AttentionBackend:
     raise ValueError(f"unknown attention backend {name!r}; one of {BACKENDS} or 'auto'")
 
 
-def select_backend(name: str = "auto", device: torch.device | str | None = None) -> tuple[AttentionBackend, str]:
-    """The backend to use and why (``auto``: flashinfer > triton for a CUDA ``device``; sdpa on a CPU, also for a CPU
-    model on a GPU machine, where Triton could not read the tensors). ``device`` None: this machine's default."""
+def select_backend(name: str = "auto", device: torch.device | str | None = None,
+                   shapes: tuple[int, int, int, torch.dtype] | None = None) -> tuple[AttentionBackend, str]:
+    """The backend to use and why (``auto``: see the module doc; sdpa on a CPU, also for a CPU model on a GPU machine,
+    where Triton could not read the tensors). ``device`` None: this machine's default. ``shapes`` (heads, KV heads,
+    head dim, dtype) of the model, for auto's measurement when flashinfer is there (else 32/8/128 bf16)."""
     if name != "auto":
         return make_backend(name), "requested explicitly"
     cuda = lab_backend.ON_GPU if device is None else torch.device(device).type == "cuda"
@@ -159,9 +229,15 @@ def select_backend(name: str = "auto", device: torch.device | str | None = None)
         return make_backend("sdpa"), ("auto: torch SDPA on the CPU (Triton would run in its interpreter; ask for it by "
                                       "name)")
     why_not = flashinfer_unavailable_reason()
-    if why_not is None:
-        return make_backend("flashinfer"), "auto: flashinfer imports on this GPU"
-    return make_backend("triton"), f"auto: Triton paged attention ({why_not})"
+    if why_not is not None:
+        return make_backend("triton"), f"auto: Triton paged attention ({why_not})"
+    backends = {"triton": make_backend("triton"), "flashinfer": make_backend("flashinfer")}
+    heads, kv_heads, head_dim, dtype = shapes or (32, 8, 128, torch.bfloat16)
+    try:
+        times = time_phases(backends, heads, kv_heads, head_dim, dtype, device or "cuda")
+    except Exception as e:  # flashinfer imports but fails on these shapes: say so, serve with Triton
+        return backends["triton"], f"auto: Triton paged attention (flashinfer failed its measurement: {e})"
+    return choose_phases(times, backends)
 
 
 def available_backends() -> dict[str, str | None]:

@@ -88,7 +88,9 @@ class Engine:
         pages = cfg.num_pages or self._default_pages()
         self.cache = PagedKVCache(model.args, CacheConfig(pages, cfg.page_size, cfg.kv_dtype),
                                   dtype=model.dtype, device=self.device)
-        self.backend, self.backend_reason = select_backend(cfg.attention, self.device)
+        a = model.args
+        self.backend, self.backend_reason = select_backend(cfg.attention, self.device,
+                                                           (a.n_heads, a.n_kv_heads, a.head_dim, model.dtype))
         use_graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else (
             self.device.type == "cuda" and self.backend.graph_safe)
         if use_graphs and not (self.device.type == "cuda" and self.backend.graph_safe):

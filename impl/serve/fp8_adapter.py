@@ -1,12 +1,12 @@
-"""The one door between serving and FP8 (issue 6, ``impl/fp8``): FP8 linears, model quantisation, FP8 checkpoints.
+"""The one door between serving and FP8 (``impl/fp8``): FP8 linears, model quantisation, FP8 checkpoints.
 
 Serving needs two things from impl/fp8 and takes them here only:
   1. ``quantize_linear(dense)``: an FP8 linear equal to y = x · Wᵀ with W [out, in] in e4m3 and one fp32 scale per
      output channel (s[n] = max|W[n, :]| / 448), i.e. ``impl.fp8.linear.Fp8Linear`` over a per-channel
-     ``Fp8Weight``, wrapped in serving's ``DecodeFp8Linear``: on a GPU, inputs of at most 128 rows (decode) run the
-     weight-only Triton kernel of ``fp8_gemv.py``, larger ones (prefill) impl.fp8's ``torch._scaled_mm`` with
-     per-token activation scales (``scaled_mm-rowwise``); on a CPU, impl.fp8's dequantize + float32 GEMM
-     (``dequant-torch``). The path of every layer is reported (``linear_paths``).
+     ``Fp8Weight``, wrapped in serving's ``DecodeFp8Linear``: on a GPU, each number of rows M takes the path the GEMM
+     table (``choose.py``) holds for that projection: the weight-only Triton kernel of ``fp8_gemv.py`` or impl.fp8's
+     ``torch._scaled_mm`` with per-token activation scales (``scaled_mm-rowwise``); on a CPU, impl.fp8's
+     dequantize + float32 GEMM (``dequant-torch``). The path of every layer is reported (``linear_paths``).
   2. ``load_fp8_model(dir)``: a ``Transformer`` whose decoder linears come from an FP8 checkpoint (vLLM ``fp8``
      per-tensor/per-channel/block, DeepSeek-V3 ``weight_scale_inv``, compressed-tensors) through impl.fp8's streaming,
      validating loader, with q/k/v and gate/up fused exactly (per-shard scales kept).
@@ -38,7 +38,7 @@ def _fp8() -> Any:
     try:
         from impl.fp8 import linear, loader, reference
     except ImportError as e:
-        raise RuntimeError(f"FP8 serving needs impl.fp8 (issue 6), which does not import here: {e}") from e
+        raise RuntimeError(f"FP8 serving needs impl.fp8, which does not import here: {e}") from e
     return linear, loader, reference
 
 
@@ -49,9 +49,12 @@ def fp8_status() -> dict[str, str]:
     except RuntimeError as e:
         return {"fp8_linear_source": "unavailable", "fp8_reason": str(e)}
     tensor_ok, rowwise_ok, why = linear.scaled_mm_support("cuda" if torch.cuda.is_available() else "cpu")
-    return {"fp8_linear_source": "impl.fp8.linear.Fp8Linear (+ serve.fp8_gemv for decode)",
-            "fp8_gemm": "M<=128: Triton W8A16 (serve.fp8_gemv); larger: torch._scaled_mm, per-channel weights x "
-                        "per-token activations" if rowwise_ok else f"dequantize + GEMM ({why})"}
+    from impl.serve.choose import active_table
+
+    return {"fp8_linear_source": "impl.fp8.linear.Fp8Linear (+ serve.fp8_gemv, chosen per M by serve.choose)",
+            "fp8_gemm": (f"per (projection, M) from the {active_table().describe()}: Triton W8A16 (serve.fp8_gemv) "
+                         "or torch._scaled_mm with per-channel weights x per-token activations") if rowwise_ok
+            else f"dequantize + GEMM ({why})"}
 
 
 def quantize_linear(dense: nn.Module) -> nn.Module:

@@ -1,16 +1,30 @@
-"""Weight-only FP8 GEMM for decode-sized batches (W8A16): y = (x · qᵀ) ⊙ s, in Triton.
+"""Weight-only FP8 GEMV/GEMM for decode-sized batches (W8A16): y = (x · qᵀ) ⊙ s, one Triton kernel per call.
 
-    y[m, n] = s[n] · Σ_k x[m, k] · q[n, k]        x [M, K] bf16/fp16/fp32, q [N, K] e4m3, s [N] (or one) float32
+    y[m, n] = s[n] · Σ_k x[m, k] · q[n, k]       x [M, K] bf16/fp16/fp32, q [N, K] e4m3 (or x's dtype), s [N] or [1]
+    SwiGLU input (``swiglu=True``): x = silu_mul(gu) computed while loading, from gu = [g | u] [M, 2K]
 
-Why: at batch 1-128 a decode step is bound by reading the weights, and halving their bytes only pays if the GEMM
-streams them at full bandwidth. cuBLASLt's FP8 ``_scaled_mm`` does not at small M (H100, this repo's fp8 benches:
-M = 1, 8192² took 82 µs per-tensor and 148 µs with row-wise scales + activation quantisation, vs 80 µs for bf16), so
-serving decodes through this kernel instead: each program streams a [BLOCK_N, K] slab of FP8 codes once, converts
-them to the activation dtype in registers and accumulates x · qᵀ on the tensor cores in float32; the per-channel scale
-multiplies the [M, BLOCK_N] result at the end. No activation quantisation (x stays bf16), so it is also more exact
-than the W8A8 path. Prefill-sized inputs (M > ``MAX_M``) keep impl.fp8's ``_scaled_mm`` path.
+Why: at batch 1-128 a decode step is bound by reading the weights, and FP8 only pays if the GEMV streams them at full
+bandwidth. Grid (M tiles, N tiles, K splits), M tiles fastest, so the programs of one N tile read its codes at about
+the same time (once from DRAM, the other M tiles from L2). Each program streams a [BLOCK_N, K/splits] slab of codes,
+BLOCK_K contiguous bytes per row (16-byte loads), always holding the next tile's codes while it multiplies the current
+one, and accumulates in float32 on the CUDA cores (``dot=False``: an [M, N, K] broadcast-multiply summed over K, for
+the few rows of batch-1..8 decode, where a 16-row tensor-core tile would waste most of its work) or on the tensor
+cores (``dot=True``). With splits > 1 every program stores its float32 partial tile and increments the tile's counter;
+the program that arrives last adds the partials in split order 0, 1, ... (the same bits whichever program is last; no
+float atomics), scales, writes y and resets the counter for the next call. One launch, so a split costs no second
+kernel. Each row's result depends only on that row and the config (the tile layout is fixed by the config, not by M):
+with one config for every M, the kernel is batch-invariant.
+
+PDL (``pdl=True``, GPU only): the program loads its first codes, then waits for the previous kernel on the stream
+(``gdc_wait``) before it reads x or writes anything, so with programmatic dependent launch the weight stream starts
+while the kernel before it is still finishing. Weights are never written by a preceding kernel, so this is safe.
+
+``GemvConfig`` names one configuration; ``choose.py`` holds the measured table of which configuration (or which other
+GEMM path) serves each (projection, M).
 """
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import impl  # noqa: F401  (backend before triton)
 import torch
@@ -19,128 +33,348 @@ import triton.language as tl
 from torch import nn
 
 from impl import backend
+from impl.serve.fused import silu_mul_rounded
 
-MAX_M = 128  # one M tile holds the whole batch, so every weight byte is read once per call
-
-
-def _configs() -> list[triton.Config]:
-    if not backend.ON_GPU or backend.INTERPRETED:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in ((16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4),
-                                 (64, 256, 8, 3))]
+COUNTER_SLOTS = 1 << 16  # split-K tile counters per device: (M tiles) x (N tiles) of one call must fit
+MAX_WORKSPACE_BYTES = 256 << 20
 
 
-CONFIGS = _configs()
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch configuration. ``block_m`` 0 = M rounded up to a power of two (at least 16 with ``dot``), capped at
+    ``max_block_m``; a fixed ``block_m`` makes the result of each row independent of M (batch-invariant)."""
+
+    dot: bool = False
+    a8: bool = False
+    block_n: int = 16
+    block_k: int = 512
+    splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 1
+    block_m: int = 0
+    max_block_m: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k", "block_m", "max_block_m"):
+            v = getattr(self, name)
+            if v < 0 or (v and v & (v - 1)):
+                raise ValueError(f"GemvConfig.{name} must be a power of two (or 0 for block_m), got {v}")
+        if self.block_n < 1 or self.block_k < 16 or self.splits < 1 or self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"GemvConfig needs block_n >= 1, block_k >= 16, splits, warps, stages >= 1: {self}")
+        if self.dot and (self.block_n < 16 or 0 < self.block_m < 16):
+            raise ValueError(f"a tensor-core (dot) config needs block_n and block_m >= 16: {self}")
+        if self.a8 and not self.dot:
+            raise ValueError(f"FP8 activations (a8) need the tensor-core (dot) kernel: {self}")
+
+    @property
+    def name(self) -> str:
+        m = f"m{self.block_m}" if self.block_m else ""
+        kind = "a8" if self.a8 else "dot" if self.dot else "fma"
+        return (f"{kind}-{m}n{self.block_n}k{self.block_k}s{self.splits}"
+                f"w{self.num_warps}p{self.num_stages}")
+
+    def rows_per_tile(self, m: int) -> int:
+        if self.block_m:
+            return self.block_m
+        return min(max(16 if self.dot else 1, triton.next_power_of_2(max(m, 1))), self.max_block_m)
+
+    def shared_bytes(self, m: int, x_bytes: int = 2) -> int:
+        """Shared memory the tensor-core pipeline holds: num_stages x (x tile + code tile); CUDA-core tiles ~0."""
+        if not self.dot:
+            return 0
+        x_item = 1 if self.a8 else x_bytes
+        return self.num_stages * self.block_k * (self.rows_per_tile(m) * x_item + self.block_n)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GemvConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown GemvConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def interpreter_config(cfg: GemvConfig) -> GemvConfig:
+    """The interpreter runs programs one by one in numpy: small tiles keep CPU tests fast and still split K."""
+    if backend.ON_GPU and not backend.INTERPRETED:
+        return cfg
+    small = dict(block_n=min(cfg.block_n, 16), block_k=min(cfg.block_k, 32), num_stages=1)
+    return GemvConfig(**{**cfg.to_dict(), **small})
 
 
 @triton.jit
-def dot_codes(x_ptr, w_ptr, offs_m, offs_n, m_mask, n_mask, k_lo, k_hi, stride_xm, stride_wn,
-              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc[BLOCK_M, BLOCK_N] = Σ_{k_lo <= k < k_hi} x[m, k] · q[n, k] in float32: the FP8 codes of each [BLOCK_N,
-    BLOCK_K] slab are read once and converted to x's dtype in registers (tensor-core dot). Shared by the serving
-    kernel (the whole of K) and the split-K variant (one split)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < k_hi
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
-                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+def _load_x(x_ptr, offs_m, kk, m_mask, k_mask, stride_xm, K, SWIGLU: tl.constexpr):
+    """x[offs_m, kk] in x's dtype; with SWIGLU x is [g | u] and the tile is silu_mul's rounded product."""
+    mask = m_mask[:, None] & k_mask[None, :]
+    ptrs = x_ptr + offs_m[:, None] * stride_xm + kk[None, :]
+    if SWIGLU:
+        g = tl.load(ptrs, mask=mask, other=0.0)
+        u = tl.load(ptrs + K, mask=mask, other=0.0)
+        return silu_mul_rounded(g, u)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _multiply(acc, x, w, DOT: tl.constexpr, A8: tl.constexpr, FP8_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, BLOCK_K] · w[BLOCK_N, BLOCK_K]ᵀ in float32 (A8: x holds e4m3 codes too, an
+    FP8 x FP8 tensor-core product; the interpreter has no FP8 dot and multiplies the decoded values in float32)."""
+    if A8:  # (if/else, not early returns: Triton would build the branches after a return too)
+        if FP8_DOT:
+            acc = tl.dot(x, tl.trans(w), acc)
+        else:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    elif DOT:
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    else:
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     return acc
 
 
 @triton.jit
-def w8a16_kernel(x_ptr, w_ptr, s_ptr, y_ptr,           # x [M, K], codes [N, K], scales [N] or [1], y [M, N]
-                 M, N, K, stride_xm, stride_wn, stride_ym,
-                 PER_TENSOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr,             # x [M, K] (SWIGLU: [M, 2K]), codes [N, K], scales, y [M, N]
+                sx_ptr,                                  # A8: x is e4m3 codes [M, K] with float32 row scales [M]
+                ws_ptr, cnt_ptr,                         # split-K: float32 partials [S, M, N], int32 tile counters
+                M, N, K, k_per_split, num_splits, stride_xm, stride_wn, stride_ym,
+                PER_TENSOR: tl.constexpr, SWIGLU: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
+                A8: tl.constexpr, FP8_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     m_mask, n_mask = offs_m < M, offs_n < N
-    acc = dot_codes(x_ptr, w_ptr, offs_m, offs_n, m_mask, n_mask, 0, K, stride_xm, stride_wn,
-                    DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)  # k_per_split is a multiple of BLOCK_K: splits never overlap
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    if DOT:  # tensor cores: Triton's software pipeline (num_stages) keeps the next tiles in flight in shared memory
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + offs_k
+            k_mask = kk < k_hi
+            x = _load_x(x_ptr, offs_m, kk, m_mask, k_mask, stride_xm, K, SWIGLU)
+            w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = _multiply(acc, x, w, DOT, A8, FP8_DOT, DOT_PRECISION)
+    else:  # CUDA cores: the next tile (codes and x) is loaded into registers while this one is multiplied
+        kk = k_lo + offs_k
+        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < k_hi)[None, :], other=0.0)
+        if USE_PDL:  # only weights were read so far: now wait for the kernel that wrote x (and may read y's memory)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        x = _load_x(x_ptr, offs_m, kk, m_mask, kk < k_hi, stride_xm, K, SWIGLU)
+        if BLOCK_M == 1:  # one row: products summed element-wise, reduced over K once at the end
+            acc_k = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            nk = k0 + BLOCK_K + offs_k
+            nk_mask = nk < k_hi
+            w_next = tl.load(w_rows + nk[None, :], mask=n_mask[:, None] & nk_mask[None, :], other=0.0)
+            x_next = _load_x(x_ptr, offs_m, nk, m_mask, nk_mask, stride_xm, K, SWIGLU)
+            if BLOCK_M == 1:
+                acc_k += w.to(tl.float32) * x.to(tl.float32)
+            else:
+                acc = _multiply(acc, x, w, DOT, A8, FP8_DOT, DOT_PRECISION)
+            w, x = w_next, x_next
+        if BLOCK_M == 1:
+            acc = tl.sum(acc_k, axis=1)[None, :]
     if PER_TENSOR:
         scale = tl.load(s_ptr)
     else:
         scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    y = acc * scale
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    if A8:
+        scale = scale * tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if SPLIT:
+        tile_ws = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + split * M * N + tile_ws, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is stored before the counter says so (release below)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:  # the last of this tile's programs: sum the partials in split order
+            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in range(0, num_splits):
+                total += tl.load(ws_ptr + s * M * N + tile_ws, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, (total * scale).to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next call
+    else:
+        tl.store(y_ptrs, (acc * scale).to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-w8a16_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "BLOCK_M"])(w8a16_kernel)
-
-
-def check_w8a16_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None):
-    """Validate a W8A16 call; returns (x, codes, scales as float32 [1 or N], y) with x and the codes row-major."""
-    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x [M, K] and weight [N, K] must share K, got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if weight.dtype != torch.float8_e4m3fn or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"need an e4m3 weight and a bf16/fp16/fp32 x, got {weight.dtype} and {x.dtype}")
+def check_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None,
+               swiglu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate a call; returns (x, weight, scales as float32 [1 or N], y) with x and weight row-major."""
+    if x.ndim != 2 or weight.ndim != 2:
+        raise ValueError(f"x must be [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    k = weight.shape[1]
+    if x.shape[1] != (2 * k if swiglu else k):
+        what = "[M, 2K] (gate | up)" if swiglu else "[M, K]"
+        raise ValueError(f"x must be {what} for weight [N, K={k}], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"x must be bf16/fp16/fp32, got {x.dtype}")
+    if weight.dtype not in (torch.float8_e4m3fn, x.dtype):
+        raise TypeError(f"weight must be e4m3 or x's dtype {x.dtype}, got {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device}, weight on {weight.device}")
     m, n = x.shape[0], weight.shape[0]
-    if m > MAX_M:
-        raise ValueError(f"w8a16_linear serves at most {MAX_M} rows (decode); got {m}")
     s = scale.reshape(-1).float()
     if s.numel() not in (1, n):
         raise ValueError(f"scale must hold 1 or {n} values, got {s.numel()}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
-    if y.shape != (m, n) or y.dtype != x.dtype or y.stride(-1) != 1:
-        raise ValueError(f"out must be a row-major [{m}, {n}] {x.dtype} tensor")
+    if y.shape != (m, n) or y.dtype != x.dtype or y.stride(-1) != 1 or y.device != x.device:
+        raise ValueError(f"out must be a row-major [{m}, {n}] {x.dtype} tensor on {x.device}")
     return x, w, s, y
 
 
-def dot_meta(x: torch.Tensor) -> dict:
-    """The launch constants both W8A16 wrappers pass: ``DOT_PRECISION`` (exact products for fp32 x) and ``BLOCK_M``
-    (x's rows, padded to a tensor-core tile)."""
-    return dict(DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                BLOCK_M=max(16, triton.next_power_of_2(x.shape[0])))
+def new_counters(device: torch.device | str) -> torch.Tensor:
+    """Zeroed tile counters for split-K calls; each call leaves them zero again."""
+    return torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
 
 
-def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None,
-                 config: triton.Config | None = None) -> torch.Tensor:
-    """y = x · (s ⊙ q)ᵀ for x [M, K] (M <= MAX_M), q [N, K] float8_e4m3fn, s [N] / [N, 1] / one float32 scale.
-    ``config`` (one of ``CONFIGS``) skips the autotuner: tests check every config without tuning each shape."""
-    x, w, s, y = check_w8a16_args(x, weight, scale, out)
-    (m, k), n = x.shape, w.shape[0]
-    if m and n:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        kw = dict(PER_TENSOR=s.numel() == 1, **dot_meta(x))
-        if config is None:
-            w8a16_tuned[grid](x, w, s, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), **kw)
-        else:
-            w8a16_kernel[grid](x, w, s, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), **kw, **config.kwargs,
-                               num_warps=config.num_warps, num_stages=config.num_stages)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def device_counters(device: torch.device) -> torch.Tensor:
+    """The counters split-K calls on ``device`` share. Calls on one stream run one after another (with PDL too: a
+    program touches them only after ``gdc_wait``), so one set serves them all; calls running at the same time on two
+    streams must pass their own (``new_counters``). Made on first use, which must not be inside a CUDA-graph capture
+    (serving's warm-up runs every call once before capturing)."""
+    cnt = _COUNTERS.get(device)
+    if cnt is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K counters would be made inside a CUDA-graph capture: run the call once first")
+        cnt = _COUNTERS[device] = new_counters(device)
+    return cnt
+
+
+def split_plan(k: int, splits: int, block_k: int) -> tuple[int, int]:
+    """(K per split, rounded up to BLOCK_K; number of non-empty splits)."""
+    per = triton.cdiv(triton.cdiv(max(k, 1), splits), block_k) * block_k
+    return per, max(1, triton.cdiv(k, per))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: GemvConfig, *,
+         out: torch.Tensor | None = None, swiglu: bool = False, counters: torch.Tensor | None = None,
+         pdl: bool = False) -> torch.Tensor:
+    """y = x · (s ⊙ q)ᵀ (module doc) with one ``GemvConfig``. ``counters`` (from ``new_counters``) are read only when
+    the config splits K; None takes the device's shared set (``device_counters``). ``pdl`` only on a GPU.
+
+    ``config.a8``: x is first quantised per row to e4m3 by impl.fp8 (``quant.quantize(x, "channel")``: s_x = amax/448,
+    the same activation quantisation as impl.fp8's W8A8 path) and the kernel multiplies FP8 by FP8:
+    y = s_x[m] · s[n] · Σ_k q_x[m, k] · q[n, k]."""
+    x, w, s, y = check_args(x, weight, scale, out, swiglu)
+    cfg = interpreter_config(config)
+    (m, n), k = y.shape, w.shape[1]
+    if m == 0 or n == 0:
+        return y
+    sx = s  # not read unless a8
+    if cfg.a8:
+        if w.dtype != torch.float8_e4m3fn:
+            raise TypeError(f"FP8 activations need an e4m3 weight, got {w.dtype}")
+        from impl.fp8 import quant
+
+        if swiglu:
+            from impl.serve.fused import silu_mul
+
+            x, swiglu = silu_mul(x), False
+        xq, sx = quant.quantize(x, "channel", "e4m3")
+        x, sx = xq, sx.reshape(-1)
+    block_m = cfg.rows_per_tile(m)
+    per, used = split_plan(k, cfg.splits, cfg.block_k)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, cfg.block_n), used)
+    split = used > 1
+    if split:
+        if grid[0] * grid[1] > COUNTER_SLOTS:
+            raise ValueError(f"{grid[0] * grid[1]} tiles need more than {COUNTER_SLOTS} counters; use fewer splits "
+                             "or larger tiles")
+        if used * m * n * 4 > MAX_WORKSPACE_BYTES:
+            raise ValueError(f"split-K workspace of {used * m * n * 4} bytes is too large; use fewer splits")
+        ws = torch.empty(used, m, n, dtype=torch.float32, device=x.device)
+        cnt = device_counters(x.device) if counters is None else counters
+        if cnt.dtype != torch.int32 or cnt.numel() < COUNTER_SLOTS or cnt.device != x.device:
+            raise ValueError(f"counters must be new_counters(device): int32 [{COUNTER_SLOTS}] on {x.device}")
+    else:
+        ws, cnt = y, y  # not read
+    on_gpu = x.is_cuda and not backend.INTERPRETED
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if on_gpu and pdl:
+        launch["launch_pdl"] = True
+    gemv_kernel[grid](x, w, s, y, sx, ws, cnt, m, n, k, per, used, x.stride(0), w.stride(0), y.stride(0),
+                      PER_TENSOR=s.numel() == 1, SWIGLU=swiglu, SPLIT=split, DOT=cfg.dot, A8=cfg.a8,
+                      FP8_DOT=on_gpu, DOT_PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
+                      USE_PDL=on_gpu and pdl, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch)
     return y
 
 
-class DecodeFp8Linear(nn.Module):
-    """impl.fp8's ``Fp8Linear`` (``inner``) plus the W8A16 kernel for inputs of at most ``MAX_M`` rows.
+def default_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
+    """The configuration used where no measured table entry exists: CUDA-core tiles for up to 8 rows, tensor-core
+    tiles above, and enough K splits for about four programs per SM (at most one split per 2 BLOCK_K)."""
+    if m <= 8:
+        block_n, block_k, dot = 16, 512, False
+    else:
+        block_n, block_k, dot = 64, 128, True
+    bm = GemvConfig(dot=dot).rows_per_tile(m)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, block_n)
+    splits = max(1, min(triton.cdiv(4 * sms, tiles), triton.cdiv(k, 2 * block_k)))
+    return GemvConfig(dot=dot, block_n=block_n, block_k=block_k, splits=splits, num_stages=1 if not dot else 3)
 
-    ``use_kernel`` None = on for CUDA tensors (the CPU runs ``inner``'s dequantize path, which the interpreter would
-    only slow down); True forces the kernel (tests run it under the interpreter at toy size).
+
+class DecodeFp8Linear(nn.Module):
+    """impl.fp8's ``Fp8Linear`` (``inner``) served through a measured choice per number of rows M.
+
+    ``choice(m)`` (``choose.GemmChoice``) says which path serves M rows: ``w8a16`` (this module's kernel with a
+    ``GemvConfig``) or ``inner`` (impl.fp8's path: W8A8 ``torch._scaled_mm`` with per-token activation scales on a
+    GPU, dequantize + GEMM on a CPU). ``use_kernel`` None = the kernel only for CUDA tensors (the CPU runs ``inner``,
+    which the interpreter would only slow down); True forces it (tests run it under the interpreter at toy size).
     """
 
-    def __init__(self, inner: nn.Module, use_kernel: bool | None = None) -> None:
+    takes_swiglu = True  # forward(gu, swiglu=True) computes W · silu_mul(gu) (model.FeedForward uses it)
+
+    def __init__(self, inner: nn.Module, use_kernel: bool | None = None, table=None) -> None:
         super().__init__()
         group = getattr(getattr(inner, "group", None), "name", None)
         if inner.weight.dtype != torch.float8_e4m3fn or group not in ("tensor", "channel"):
             raise ValueError(f"DecodeFp8Linear needs an e4m3 weight with per-tensor or per-channel scales, got "
                              f"{inner.weight.dtype} with {group} scales")
+        from impl.serve import choose
+
         self.inner = inner
         self.in_features, self.out_features = inner.in_features, inner.out_features
         self.use_kernel = use_kernel
-        self.path = f"w8a16-triton (M<={MAX_M}) + {inner.path}"
+        self.table = table if table is not None else choose.active_table()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def path(self) -> str:
+        """The paths this layer may take; which one serves which M is the table's (engines report the table)."""
+        return f"w8a16-triton | {self.inner.path} per GEMM table"
+
+    def choice(self, m: int):
+        return self.table.lookup(self.out_features, self.in_features, m)
+
+    def forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+        """y for x [..., K]; with ``swiglu`` x is [..., 2K] = [gate | up] and y = W · silu_mul(x)."""
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, x.shape[-1])
         kernel = self.use_kernel if self.use_kernel is not None else x.is_cuda
-        if not kernel or x2.shape[0] > MAX_M:
-            return self.inner(x)
-        return w8a16_linear(x2, self.inner.weight, self.inner.weight_scale).reshape(*lead, self.out_features)
+        choice = self.choice(x2.shape[0]) if kernel else None
+        if choice is None or choice.path != "w8a16":
+            if swiglu:
+                from impl.serve.fused import silu_mul
+
+                x2 = silu_mul(x2) if x.is_cuda else swiglu_torch(x2)
+            return self.inner(x2).reshape(*lead, self.out_features)
+        y = gemv(x2, self.inner.weight, self.inner.weight_scale, choice.config, swiglu=swiglu, pdl=self.table.pdl)
+        return y.reshape(*lead, self.out_features)
+
+
+def swiglu_torch(gu: torch.Tensor) -> torch.Tensor:
+    """silu(g) · u for gu = [g | u], rounded to gu's dtype after each op (torch's order, as ``fused.silu_mul``)."""
+    g, u = gu.chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u

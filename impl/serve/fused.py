@@ -21,11 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
+from impl import backend
+
 
 @triton.jit
 def rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr,        # x, residual, weight [N], out, x + residual
                    n_cols, stride_x, stride_r, stride_o, stride_h, eps,
-                   HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                   HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -45,7 +49,9 @@ def rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr,        # x, residual, we
 def rope_split_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slots_ptr,
                       stride_qkv, stride_cs, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                       n_heads, n_kv_heads,
-                      HALF: tl.constexpr, BLOCK: tl.constexpr):
+                      HALF: tl.constexpr, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     head = tl.program_id(1)  # 0..H-1: q heads, H..H+KVH-1: k heads, then v heads
     offs = tl.arange(0, BLOCK)
@@ -77,18 +83,33 @@ def rope_split_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slots_ptr,
 
 
 @triton.jit
-def silu_mul_kernel(gu_ptr, out_ptr, n_cols, stride_gu, stride_o, BLOCK: tl.constexpr):
+def silu_mul_rounded(g, u):
+    """round(round(silu(g)) · u) in g's dtype (shared with the W8A16 kernel's fused SwiGLU input)."""
+    gf = g.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    return (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+
+
+@triton.jit
+def silu_mul_kernel(gu_ptr, out_ptr, n_cols, stride_gu, stride_o, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
     u = tl.load(gu_ptr + row * stride_gu + n_cols + cols, mask=mask, other=0.0)
-    gf = g.to(tl.float32)
-    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-    tl.store(out_ptr + row * stride_o + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, silu_mul_rounded(g, u), mask=mask)
 
 
 # ---- thin wrappers ------------------------------------------------------------------------------------------------
+
+def early_trigger(x: torch.Tensor) -> bool:
+    """On a GPU every kernel here lets the next one launch at once (``gdc_launch_dependents`` first): a W8A16 GEMV
+    launched with PDL then streams its first weights while this kernel runs, and waits for it (``gdc_wait``) before
+    reading what it wrote. Kernels launched without PDL still start after this one ends. Off in the interpreter."""
+    return x.is_cuda and not backend.INTERPRETED
+
 
 def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
     if x.ndim != 2 or (x.stride(-1) != 1 and x.numel() > 0 and x.shape[-1] > 1):
@@ -110,7 +131,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if x.shape[0]:
         rmsnorm_kernel[(x.shape[0],)](x, r, weight, out, h if h is not None else out, x.shape[1], x.stride(0),
                                       r.stride(0), out.stride(0), (h if h is not None else out).stride(0), eps,
-                                      HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(x.shape[1]))
+                                      HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(x.shape[1]),
+                                      TRIGGER=early_trigger(x))
     return out, h
 
 
@@ -131,7 +153,7 @@ def rope_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads:
         rope_split_kernel[(t, n_heads + 2 * n_kv_heads)](
             qkv, cos, sin, q_out, k_out, v_out, slots, qkv.stride(0), cos.stride(0), q_out.stride(0),
             q_out.stride(1), k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1), n_heads, n_kv_heads,
-            HALF=dim // 2, BLOCK=triton.next_power_of_2(dim // 2))
+            HALF=dim // 2, BLOCK=triton.next_power_of_2(dim // 2), TRIGGER=early_trigger(qkv))
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
@@ -144,5 +166,5 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(max(width // 2, 1)))
     if t:
         silu_mul_kernel[(t, triton.cdiv(width // 2, block))](gu, out, width // 2, gu.stride(0), out.stride(0),
-                                                              BLOCK=block)
+                                                              BLOCK=block, TRIGGER=early_trigger(gu))
     return out

@@ -9,7 +9,9 @@ sequence (paged cache + a backend in ``attention.py``; a contiguous cache in ``r
 in a step are flattened into one ``[T]`` vector (prefill chunks and decode tokens alike). QKV and gate/up projections
 are fused (``wqkv``, ``w13``) so a decode step reads each weight matrix in one GEMM; their linears come from a factory
 so that ``fp8_adapter`` can swap in FP8 linears. With ``fused=True`` (the default on a GPU) RMSNorm + residual add,
-RoPE + the KV-cache write, and SiLU·up each run as one Triton kernel (``fused.py``), rounding as the torch ops do.
+RoPE + the KV-cache write, and SiLU·up each run as one Triton kernel (``fused.py``), rounding as the torch ops do;
+each block hands its output and the residual stream to the next norm, which adds them in the same kernel, and an FP8
+down projection that takes ``swiglu=True`` computes SiLU·up while it loads its input (no separate kernel).
 """
 from __future__ import annotations
 
@@ -159,16 +161,29 @@ class StepContext(Protocol):
 
 
 class DenseLinear(nn.Module):
-    """y = x · Wᵀ with W [out, in] in the model dtype (no bias). Weights start uninitialised (loaded or randomised)."""
+    """y = x · Wᵀ with W [out, in] in the model dtype (no bias). Weights start uninitialised (loaded or randomised).
+
+    ``gemv_config`` (a ``fp8_gemv.GemvConfig``, set by ``choose.make_batch_invariant``): the product runs through
+    serving's GEMV kernel with that one configuration for every number of rows (batch-invariant) instead of cuBLAS,
+    on CUDA tensors (and on the CPU when ``use_kernel`` is True)."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
                                    requires_grad=False)
+        self.gemv_config: Any = None
+        self.use_kernel: bool | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+        kernel = self.use_kernel if self.use_kernel is not None else x.is_cuda
+        if self.gemv_config is None or not kernel:
+            return F.linear(x, self.weight)
+        from impl.serve.fp8_gemv import gemv
+
+        one = torch.ones(1, dtype=torch.float32, device=x.device)
+        y = gemv(x.reshape(-1, self.in_features), self.weight, one, self.gemv_config)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 LinearFactory = Callable[[int, int], nn.Module]
@@ -236,6 +251,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gu = self.w13(x)
+        if getattr(self.w2, "takes_swiglu", False):  # the down projection computes silu(gate) · up as it loads
+            return self.w2(gu, swiglu=True)
         if self.fused:
             from impl.serve.fused import silu_mul
 
@@ -253,9 +270,16 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
         self.feed_forward = FeedForward(args, make_linear)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: StepContext) -> Tensor:
-        normed, h = self.ffn_norm.add_forward(self.attention(self.attention_norm(x), cos, sin, ctx), x)
-        return h + self.feed_forward(normed)
+    def forward(self, x: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor,
+                ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """(this block's output, residual stream before it): the caller adds the two in the next norm, so each
+        residual add shares a kernel with the RMSNorm after it. ``residual`` None: x is the embedding itself."""
+        if residual is None:
+            normed, residual = self.attention_norm(x), x
+        else:
+            normed, residual = self.attention_norm.add_forward(x, residual)
+        normed, residual = self.ffn_norm.add_forward(self.attention(normed, cos, sin, ctx), residual)
+        return self.feed_forward(normed), residual
 
 
 class Transformer(nn.Module):
@@ -292,9 +316,10 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, ctx: StepContext) -> Tensor:
         x = F.embedding(tokens, self.tok_embeddings)
         cos, sin = rope_cos_sin(ctx.positions, self.inv_freq, self.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
-        x = self.norm(x)
+            x, residual = layer(x, residual, cos, sin, ctx)
+        x = self.norm(x) if residual is None else self.norm.add_forward(x, residual)[0]
         if ctx.logits_index is not None:
             x = x[ctx.logits_index]
         return self.output(x).float()

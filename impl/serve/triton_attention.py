@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from impl.serve.fused import early_trigger
+
 LOG2E = 1.4426950408889634
 
 
@@ -50,7 +52,9 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
                         group, page_size,                        # query heads per KV head, tokens per page
                         HEAD_DIM: tl.constexpr,
                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, TRIGGER: tl.constexpr):
+    if TRIGGER:  # the next kernel (o_proj, PDL) may launch and stream its weights now (fused.early_trigger)
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -180,7 +184,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         scale * LOG2E, k_scale, v_scale, group, k_cache.shape[1],
         HEAD_DIM=dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4)
+        TRIGGER=early_trigger(q), num_warps=4)
     return out
 
 

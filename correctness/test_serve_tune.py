@@ -1,0 +1,129 @@
+"""The measuring tools at toy size on the CPU: the tune run and its table, batch-invariant serving, the endpoint load
+test, auto's per-phase attention choice, and flashinfer's carry-and-install path."""
+import json
+import os
+import zipfile
+
+import pytest
+import torch
+
+from impl import backend
+from impl.serve import choose, flashinfer_setup, fp8_adapter, tune
+from impl.serve.attention import PhaseBackend, choose_phases, make_backend
+from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep, last_token_rows
+from impl.serve.testing import tiny_model
+
+pytestmark = pytest.mark.skipif(backend.ON_GPU, reason="toy-size CPU runs of the GPU tools")
+
+
+@pytest.mark.slow  # ~10-15 s: a whole tune run in the interpreter
+def test_tune_smoke_checks_times_and_writes_a_loadable_table(tmp_path, capsys):
+    assert tune.main(["--smoke", "--out", str(tmp_path), "--no-decode-step"]) == 0
+    data = json.loads((tmp_path / "tune.json").read_text())["data"]
+    assert data["complete"] and not data["skipped"]
+    for pair in data["pairs"]:
+        kinds = {r["kind"] for r in pair["candidates"]}
+        assert {"bf16", "inner", "w8a16"} <= kinds, pair["projection"]
+        for r in pair["candidates"]:  # every candidate passed its float64 check before it was timed
+            assert r["check"]["ok"] and r["check"]["worst_of_bound"] < 0.5 and r["median_us"] > 0, r
+        assert pair["best"] == min((r for r in pair["candidates"] if r["kind"] != "bf16"),
+                                   key=lambda r: r["median_us"])["candidate"]
+    table = choose.GemmTable.load(tmp_path / "gemm_table.json")
+    assert table.selected_in_run == data["run_id"]
+    shapes = data["shapes"]
+    for name, (n, k) in shapes.items():
+        assert {m for m, _ in table.entries[(n, k)]} == set(data["config"]["ms"]), name
+    assert "best FP8" in capsys.readouterr().out
+
+
+def test_error_bound_catches_a_wrong_scale():
+    """The tune run's check is not vacuous: a result off by one scale step of one channel exceeds the bound."""
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    ref, a = tune.reference(x, w)
+    assert bool(((ref - ref).abs() <= tune.error_bound("w8a16", ref, a, 64)).all())
+    bad = ref.clone()
+    bad[:, 3] *= 1.0625
+    assert not bool(((bad - ref).abs() <= tune.error_bound("w8a16", ref, a, 64)).all())
+
+
+def test_batch_invariant_model_gives_each_prompt_the_same_logits_alone_or_batched(monkeypatch):
+    """Every linear through the fixed-tile kernel (interpreter): logits of a batched prefill equal each prompt's
+    alone, bit for bit."""
+    import impl.serve.fp8_gemv as fg
+
+    model = fp8_adapter.quantize_model_(tiny_model(seed=3))
+    assert choose.make_batch_invariant(model, choose.INVARIANT, use_kernel=True) == 4 * model.args.n_layers + 1
+    calls = []
+    real = fg.gemv
+    monkeypatch.setattr(fg, "gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    prompts = [[5, 9, 2], list(range(10, 17)), [40, 41, 42, 43, 44]]
+
+    def logits(batch):
+        cache = PagedKVCache(model.args, CacheConfig(32, 4), dtype=model.dtype, device="cpu")
+        for i, p in enumerate(batch):
+            cache.reserve(i, len(p))
+        meta = cache.metadata([(i, 0, len(p)) for i, p in enumerate(batch)], "cpu")
+        tokens = torch.tensor([t for p in batch for t in p])
+        with torch.no_grad():
+            return model(tokens, PagedStep(cache, make_backend("sdpa"), meta, last_token_rows(meta)))
+
+    together = logits(prompts)
+    for i, p in enumerate(prompts):
+        assert torch.equal(logits([p])[0], together[i]), i
+    assert calls, "the kernel never ran"
+    with pytest.raises(ValueError, match="fixed block_m"):
+        choose.make_batch_invariant(model, fg.GemvConfig())
+
+
+@pytest.mark.slow  # ~10 s: two servers, four client processes
+def test_loadtest_smoke_serves_both_modes_and_compares_greedy_tokens(capsys):
+    from impl.serve import loadclient, loadtest
+
+    assert loadtest.main(["--smoke", "--requests", "6", "--concurrency", "3", "--max-batch", "3"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["complete"] and data["compared"] == 6 and data["greedy_identical"] == 1.0
+    for mode in ("continuous", "one_at_a_time"):
+        m = data["modes"][mode]
+        assert m["ok"] == 6 and m["tokens_per_s"] > 0 and len(m["ttfts_s"]) == 6
+        assert m["latency_p50_s"] <= m["latency_p99_s"]
+    assert data["modes"]["one_at_a_time"]["max_batch"] == 1 and data["batching_gain"] > 0
+    assert loadclient.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and loadclient.percentile([], 50) is None
+
+
+def test_auto_takes_the_faster_backend_per_phase_and_keeps_decode_graph_safe():
+    tri, sd = make_backend("triton"), make_backend("sdpa")  # sdpa stands in for a faster, graph-unsafe backend
+    chosen, why = choose_phases({"triton": {"decode": 50.0, "prefill": 300.0}, "sdpa": {"decode": 10.0,
+                                                                                        "prefill": 100.0}},
+                                {"triton": tri, "sdpa": sd})
+    assert isinstance(chosen, PhaseBackend) and chosen.decode is tri and chosen.prefill is sd and chosen.graph_safe
+    assert "cannot run in a CUDA graph" in why and "prefill" in why
+    chosen, _ = choose_phases({"triton": {"decode": 5.0, "prefill": 80.0}, "sdpa": {"decode": 10.0,
+                                                                                    "prefill": 100.0}},
+                              {"triton": tri, "sdpa": sd})
+    assert chosen.name == "triton"
+
+
+def test_flashinfer_pieces_join_and_install_with_the_pinned_wheels(tmp_path, monkeypatch):
+    """split -> fi_part_NN pieces (apart from kvstitch's part_NN) -> install joins them and pip-installs exactly the
+    planned wheels, offline; a missing piece is refused."""
+    src = tmp_path / "flashinfer"
+    src.mkdir()
+    for _, name, _ in flashinfer_setup.WHEELS:
+        with zipfile.ZipFile(src / name, "w") as z:  # incompressible: the pieces really are 1 MiB each
+            z.writestr("x.bin", os.urandom(300_000))
+    parts = flashinfer_setup.split(src, tmp_path / "parts", chunk_mb=1)
+    (tmp_path / "parts" / "part_00").mkdir()  # a kvstitch piece in the same stash folder is left alone
+    assert all(p.name.startswith("fi_part_") for p in parts) and len(parts) >= 1
+    ran = []
+    monkeypatch.setattr(flashinfer_setup.subprocess, "run", lambda cmd, check: ran.append(cmd))
+    flashinfer_setup.install(tmp_path / "parts", tmp_path / "site")
+    cmd = ran[0]
+    assert "--no-index" in cmd and "--no-deps" in cmd
+    assert sorted(c.rsplit("/", 1)[-1] for c in cmd if c.endswith(".whl")) == sorted(
+        n for _, n, _ in flashinfer_setup.WHEELS)
+    assert any("203.4 MiB" in line for line in flashinfer_setup.plan_lines())
+    assert len(parts) >= 3
+    (parts[1] / "blob").unlink()
+    with pytest.raises(Exception):
+        flashinfer_setup.install(tmp_path / "parts", tmp_path / "site2")

@@ -1,0 +1,456 @@
+"""Measure which GEMM serves each FP8 projection at each batch size; store the table serving loads (``choose.py``).
+
+    python3 -m impl.serve.tune --out DIR [--budget-s 150] [--ms 1,8,32,64,128,256]    (GPU)
+    python -m impl.serve.tune --smoke --out DIR                                       (CPU, toy sizes)
+
+For each projection of one decoder layer (``wqkv``, ``wo``, ``w13``, ``w2`` of ``--preset``) and each M:
+
+1. candidates: W8A16 configurations of ``fp8_gemv`` (CUDA-core tiles for small M, tensor-core tiles above, split-K
+   counts, FP8-activation tensor-core tiles for large M, and the rule's ``default_config``), impl.fp8's W8A8 path
+   (``inner``: per-token activation quantisation + ``torch._scaled_mm``) and bf16 cuBLAS as the anchor;
+2. every W8A16 kernel is compiled first, in parallel worker processes that fill Triton's disk cache;
+3. check: each candidate on fresh random x against float64 x · (s ⊙ q)ᵀ (W8A16 outputs poisoned with NaN first),
+   within its stated bound (``error_bound``); a failing or crashing candidate is reported and dropped;
+4. time: device time of the call queued behind a held stream (``time_fn(queue_ahead=True)``), L2 flushed before
+   each call, median of ``--reps``;
+5. choose: the fastest checked FP8 candidate per (projection, M) goes into the ``GemmTable``.
+
+Then a batch-1 decode step (CUDA graph) of the random-weight model: bf16, then FP8 with the rule, the measured table,
+and the measured table with programmatic dependent launch (PDL); the PDL step's logits must equal the plain step's bit
+for bit, and the table keeps ``pdl`` on only if that holds and the step is faster. Writes ``DIR/gemm_table.json``
+(what serving loads: copy it to ``results/<card>/serve/``) and ``DIR/tune.json`` (every timing and check), and prints
+a short table. Within ``--budget-s``: the decode comparison keeps ``--decode-reserve-s`` for itself; (projection, M)
+pairs that do not fit are skipped (the rule serves them) and said so; anything that fails is recorded and skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+import uuid
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import impl  # noqa: F401
+import torch
+
+from impl import backend
+from impl.common.timing import time_fn
+from impl.serve import fp8_adapter
+from impl.serve.choose import GemmChoice, GemmTable
+from impl.serve.fp8_gemv import DecodeFp8Linear, GemvConfig, default_config, gemv, new_counters
+from impl.serve.model import DenseLinear, ModelArgs
+
+PRIORITY = (1, 128, 256, 8, 32, 64)  # batch 1 (the decode claim) first, then the large-batch claims
+SHARED_LIMIT = 220 << 10  # per block on sm_90 (227 KiB), less Triton's own scratch
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    preset: str = "llama-3-8b"
+    ms: tuple[int, ...] = (1, 8, 32, 64, 128, 256)
+    reps: int = 20
+    warmup: int = 3
+    budget_s: float = 150.0
+    decode_reserve_s: float = 60.0
+    workers: int = 12
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    decode_step: bool = True
+    smoke: bool = False
+
+
+SMOKE = TuneConfig(preset="tiny", ms=(1, 8), reps=1, warmup=0, budget_s=900.0, decode_reserve_s=0.0,
+                   workers=0, device="cpu", dtype="float32", smoke=True)
+
+
+def log(msg: str) -> None:
+    print(f"[serve.tune {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def projections(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """(N, K) of each linear of one decoder layer."""
+    return {"wqkv": (args.qkv_dim, args.dim), "wo": (args.dim, args.n_heads * args.head_dim),
+            "w13": (2 * args.ffn_dim, args.dim), "w2": (args.dim, args.ffn_dim)}
+
+
+# ---- candidates ------------------------------------------------------------------------------------------------
+
+def _with_splits(base: list[GemvConfig], k: int, splits: tuple[int, ...]) -> list[GemvConfig]:
+    out = []
+    for cfg in base:
+        chunks = -(-k // cfg.block_k)
+        out += [replace(cfg, splits=s) for s in splits if s == 1 or s <= chunks // 2]
+    return out
+
+
+def candidate_configs(m: int, n: int, k: int, smoke: bool = False) -> list[GemvConfig]:
+    """W8A16 (and FP8-activation) configurations worth timing for M rows of an [N, K] projection."""
+    if smoke:  # one of each kind, split and not
+        base = [GemvConfig(block_n=16, block_k=32, splits=2), GemvConfig(dot=True, block_n=16, block_k=32)]
+        if m >= 8:
+            base.append(GemvConfig(dot=True, a8=True, block_n=16, block_k=32))
+        return base
+    if m == 1:
+        tiles = [(8, 512, 4), (16, 512, 4), (16, 512, 8), (32, 512, 8), (16, 1024, 8), (32, 256, 4), (64, 256, 8)]
+        base = [GemvConfig(block_n=bn, block_k=bk, num_warps=w) for bn, bk, w in tiles]
+        cfgs = _with_splits(base, k, (1, 2, 4, 8))
+    elif m <= 8:
+        fma = [GemvConfig(block_n=bn, block_k=bk, num_warps=w) for bn, bk, w in ((16, 256, 4), (16, 256, 8),
+                                                                                  (32, 256, 8), (8, 512, 4))]
+        dot = [GemvConfig(dot=True, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
+               for bn, bk, w, s in ((32, 256, 4, 1), (32, 128, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3))]
+        cfgs = _with_splits(fma + dot, k, (1, 2, 4))
+    else:
+        tiles = ((32, 128, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3))
+        dot = [GemvConfig(dot=True, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in tiles]
+        a8 = [GemvConfig(dot=True, a8=True, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
+              for bn, bk, w, s in ((64, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3))]
+        splits = (1, 2, 4) if m <= 64 else (1, 2)
+        cfgs = _with_splits(dot + a8, k, splits)
+        if m > 128:  # two or four M tiles of the same weights (the second read mostly from L2)
+            cfgs += [replace(c, block_m=bm) for c in dot[1:3] + a8[:2] for bm in (64, 128)]
+    cfgs.append(default_config(m, n, k))
+    fits = [c for c in dict.fromkeys(cfgs) if c.shared_bytes(m) <= SHARED_LIMIT]  # unique, in order
+    return fits
+
+
+# ---- numerics ----------------------------------------------------------------------------------------------------
+
+def error_bound(kind: str, ref: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
+    """Allowed |y - ref| per element, float64. ``a`` = |x| · |W|ᵀ (W the exact dequantised weight).
+
+    w8a16 / bf16: x and W exact in the kernel's inputs, float32 sums (<= K 2^-24 a, taken as K 2^-22 a) and the
+    output rounded to bf16 (2^-8 |ref|, taken as 2^-7 |ref|); inner / a8 add e4m3 activations (2^-4 a, taken as
+    1.05 · 2^-4 a): the bound impl.fp8's linear states for its W8A8 path, with margins for second-order terms."""
+    bound = 2.0 ** -7 * ref.abs() + k * 2.0 ** -22 * a + 1e-30
+    if kind in ("inner", "a8"):
+        bound = bound + 1.05 * 2.0 ** -4 * a
+    return bound
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x · (s ⊙ w)ᵀ, |x| · |s ⊙ w|ᵀ) in float64 on x's device."""
+    wd = w.double() if s is None else w.double() * s.double().reshape(-1, 1)
+    xd = x.double()
+    return xd @ wd.T, xd.abs() @ wd.abs().T
+
+
+# ---- one projection at one M -------------------------------------------------------------------------------------
+
+@dataclass
+class Subject:
+    """A projection's weights: the bf16 original and its FP8 linear (codes, per-channel scales)."""
+
+    name: str
+    n: int
+    k: int
+    dense: DenseLinear
+    fp8: DecodeFp8Linear
+
+
+def make_subject(name: str, n: int, k: int, dtype: torch.dtype, device: str, seed: int) -> Subject:
+    dense = DenseLinear(k, n, dtype, device)
+    dense.weight.data.normal_(0.0, 0.02, generator=torch.Generator(device=device).manual_seed(seed))
+    fp8 = fp8_adapter.quantize_linear(dense)
+    return Subject(name, n, k, dense, fp8)
+
+
+def runners(sub: Subject, x: torch.Tensor, configs: list[GemvConfig],
+            out: torch.Tensor) -> list[tuple[str, str, GemvConfig | None, Callable[[], torch.Tensor]]]:
+    """(name, kind, config, fn) for every candidate; W8A16 ones write into ``out`` (poisoned by the caller)."""
+    q, s = sub.fp8.inner.weight, sub.fp8.inner.weight_scale
+    cnt = new_counters(x.device)
+    rows = [("bf16", "bf16", None, lambda: sub.dense(x)), ("inner", "inner", None, lambda: sub.fp8.inner(x))]
+    for cfg in configs:
+        rows.append((cfg.name, "a8" if cfg.a8 else "w8a16", cfg,
+                     lambda cfg=cfg: gemv(x, q, s, cfg, out=out, counters=cnt)))
+    return rows
+
+
+def measure_pair(sub: Subject, m: int, cfg: TuneConfig, seed: int) -> dict[str, Any]:
+    """Check and time every candidate for M rows of one projection."""
+    dev = sub.dense.weight.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(m, sub.k, generator=gen, device=dev).to(sub.dense.weight.dtype)
+    q, s = sub.fp8.inner.weight, sub.fp8.inner.weight_scale
+    ref8, a8 = reference(x, q, s)
+    ref16, a16 = reference(x, sub.dense.weight)
+    out = torch.empty(m, sub.n, dtype=x.dtype, device=dev)
+    w_bytes = fp8_adapter.weight_bytes(sub.fp8)
+    rows = []
+    for name, kind, gcfg, fn in runners(sub, x, candidate_configs(m, sub.n, sub.k, cfg.smoke), out):
+        row: dict[str, Any] = {"candidate": name, "kind": kind, "config": gcfg.to_dict() if gcfg else None}
+        try:
+            out.fill_(float("nan"))
+            y = fn()
+            ref, a = (ref16, a16) if kind == "bf16" else (ref8, a8)
+            err = (y.double() - ref).abs()
+            ratio = float((err / error_bound(kind, ref, a, sub.k)).max()) if err.numel() else 0.0
+            row["check"] = {"ok": bool(ratio <= 1.0) and bool(torch.isfinite(y).all()), "worst_of_bound": ratio}
+            if not row["check"]["ok"]:
+                rows.append(row)
+                continue
+            t = time_fn(fn, warmup=cfg.warmup, reps=cfg.reps, flush=True, queue_ahead=backend.ON_GPU)
+            row["median_us"] = 1e3 * t.median_ms
+            row["rounds_us"] = [1e3 * v for v in t.times_ms]
+            bytes_w = fp8_adapter.weight_bytes(sub.dense) if kind == "bf16" else w_bytes
+            row["weight_gbps"] = bytes_w / (t.median_ms * 1e-3) / 1e9
+        except Exception as e:  # a candidate that does not compile or run is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+    return {"projection": sub.name, "n": sub.n, "k": sub.k, "m": m, "weight_bytes": w_bytes, "candidates": rows}
+
+
+def best_fp8(pair: dict[str, Any]) -> dict[str, Any] | None:
+    ok = [r for r in pair["candidates"] if r["kind"] != "bf16" and "median_us" in r]
+    return min(ok, key=lambda r: r["median_us"]) if ok else None
+
+
+def choice_of(row: dict[str, Any]) -> GemmChoice:
+    if row["kind"] == "inner":
+        return GemmChoice("inner", None, "measured")
+    return GemmChoice("w8a16", GemvConfig.from_dict(row["config"]), "measured")
+
+
+# ---- compile in parallel -----------------------------------------------------------------------------------------
+
+def _compile_one(job: tuple[dict, int, int, int]) -> tuple[str, float, str | None]:
+    """Worker: compile one (config, M) by running it once at the real shapes (fills Triton's disk cache)."""
+    cfg_d, m, n, k = job
+    cfg = GemvConfig.from_dict(cfg_d)
+    t0 = time.perf_counter()
+    try:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.zeros(n, k, device="cuda", dtype=torch.uint8).view(torch.float8_e4m3fn)
+        gemv(x, w, torch.ones(n, device="cuda"), cfg)
+        torch.cuda.synchronize()
+        return cfg.name, time.perf_counter() - t0, None
+    except Exception as e:
+        return cfg.name, time.perf_counter() - t0, f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def precompile(jobs: list[tuple[dict, int, int, int]], workers: int, deadline: float) -> dict[str, Any]:
+    """Compile every distinct (config, M) kernel in ``workers`` processes (0: skip; kernels compile on first use)."""
+    if workers <= 0 or not jobs:
+        return {"workers": 0, "jobs": len(jobs)}
+    t0, errors, done = time.perf_counter(), {}, 0
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    futures = [pool.submit(_compile_one, j) for j in jobs]
+    try:
+        for fut in as_completed(futures, timeout=max(1.0, deadline - time.perf_counter())):
+            try:
+                name, _, err = fut.result()
+            except Exception as e:  # a worker that died: that kernel compiles in the main process when timed
+                name, err = "?", f"{type(e).__name__}: {e}"
+            done += 1
+            if err:
+                errors[name] = err
+    except FuturesTimeout:
+        errors["deadline"] = f"{len(jobs) - done} kernels not compiled in parallel in time (they compile when timed)"
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return {"workers": workers, "jobs": len(jobs), "done": done, "errors": errors, "s": time.perf_counter() - t0}
+
+
+# ---- the decode step ---------------------------------------------------------------------------------------------
+
+def decode_step_comparison(cfg: TuneConfig, table: GemmTable) -> dict[str, Any]:
+    """Batch-1 decode step (CUDA graph on a GPU) of the random-weight model: bf16, then FP8 per GEMM table."""
+    from impl.serve.choose import set_model_table
+    from impl.serve.experiments import ExperimentConfig, step_timings
+    from impl.serve.model import Transformer
+    from impl.serve.weights import randomize_
+
+    exp = ExperimentConfig(preset=cfg.preset, batches=(1,), dtype=cfg.dtype, device=cfg.device,
+                           reps=max(cfg.reps, 5) if not cfg.smoke else 1, prefill_reps=1,
+                           prompt_len=128 if not cfg.smoke else 9, new_tokens=4)
+    args = ModelArgs.from_name(cfg.preset)
+    model = randomize_(Transformer(args, dtype=getattr(torch, cfg.dtype), device=cfg.device).eval(), seed=0)
+    out: dict[str, Any] = {"bf16": step_timings(model, exp, 1)}
+    log(f"decode step bf16: {out['bf16']['decode_step_ms']:.3f} ms")
+    fp8_adapter.quantize_model_(model)
+    variants = [("fp8_rule", GemmTable()), ("fp8_table", replace(table, pdl=False)),
+                ("fp8_table_pdl", replace(table, pdl=True))]
+    logits: dict[str, torch.Tensor] = {}
+    for name, tab in variants:
+        if cfg.smoke and name.endswith("pdl"):
+            continue  # PDL exists only on the GPU
+        set_model_table(model, tab)
+        try:
+            row = step_timings(model, exp, 1, keep_logits=True)
+            logits[name] = row.pop("logits")
+            out[name] = row
+            log(f"decode step {name}: {row['decode_step_ms']:.3f} ms "
+                f"({out['bf16']['decode_step_ms'] / row['decode_step_ms']:.2f}x bf16)")
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            log(f"decode step {name} failed: {out[name]['error']}")
+    if "fp8_table" in logits and "fp8_table_pdl" in logits:
+        same = torch.equal(logits["fp8_table"], logits["fp8_table_pdl"])
+        faster = out["fp8_table_pdl"]["decode_step_ms"] < out["fp8_table"]["decode_step_ms"]
+        out["pdl_bitwise_equal"] = same
+        out["pdl_chosen"] = bool(same and faster)
+    for name in ("fp8_rule", "fp8_table", "fp8_table_pdl"):
+        if "decode_step_ms" in out.get(name, {}):
+            out[f"speedup_{name}"] = out["bf16"]["decode_step_ms"] / out[name]["decode_step_ms"]
+    return out
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+
+def run(cfg: TuneConfig) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    deadline = t_start + cfg.budget_s - cfg.decode_reserve_s
+    run_id = uuid.uuid4().hex[:12]
+    args = ModelArgs.from_name(cfg.preset)
+    dtype = getattr(torch, cfg.dtype)
+    shapes = projections(args)
+    ms = [m for m in PRIORITY if m in cfg.ms] + [m for m in cfg.ms if m not in PRIORITY]
+    copy_gbps = None
+    if backend.ON_GPU:
+        from impl.common.calibrate import measure_copy_gbps
+
+        copy_gbps = measure_copy_gbps()
+    log(f"{cfg.preset}: {shapes}, M {ms}, copy bandwidth {copy_gbps and round(copy_gbps)} GB/s, run {run_id}")
+    jobs = {}
+    for m in ms:
+        n, k = shapes["wo"]
+        for c in candidate_configs(m, n, k, cfg.smoke):
+            jobs[(c, m)] = (c.to_dict(), m, n, k)
+    comp = precompile(list(jobs.values()), cfg.workers if backend.ON_GPU else 0,
+                      t_start + 0.5 * (cfg.budget_s - cfg.decode_reserve_s))
+    log(f"compiled {comp.get('done', 0)}/{comp['jobs']} kernels in parallel ({len(comp.get('errors', {}))} errors)")
+    subjects = {name: make_subject(name, n, k, dtype, cfg.device, seed=i) for i, (name, (n, k)) in
+                enumerate(shapes.items())}
+    pairs, skipped = [], []
+    table = GemmTable(origin=f"measured table (tune run {run_id})", selected_in_run=run_id)
+    for m in ms:
+        for name, sub in subjects.items():
+            if time.perf_counter() > deadline:
+                skipped.append({"projection": name, "m": m, "reason": "budget"})
+                continue
+            try:
+                pair = measure_pair(sub, m, cfg, seed=1000 + m)
+            except Exception as e:
+                skipped.append({"projection": name, "m": m, "reason": f"{type(e).__name__}: {e}"})
+                traceback.print_exc()
+                continue
+            best = best_fp8(pair)
+            pair["best"] = best["candidate"] if best else None
+            pairs.append(pair)
+            if best:
+                table.entries.setdefault((sub.n, sub.k), []).append((m, choice_of(best)))
+    for lst in table.entries.values():
+        lst.sort(key=lambda r: r[0])
+    if skipped:
+        log(f"skipped {len(skipped)} (projection, M) pairs: {skipped[:4]}...")
+    del subjects
+    if backend.ON_GPU:
+        torch.cuda.empty_cache()
+    decode: dict[str, Any] = {}
+    if cfg.decode_step:
+        try:
+            decode = decode_step_comparison(cfg, table)
+            table.pdl = bool(decode.get("pdl_chosen", False))
+        except Exception as e:
+            decode = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            traceback.print_exc()
+    elapsed = time.perf_counter() - t_start
+    return {"run_id": run_id, "config": asdict(cfg), "copy_gbps": copy_gbps, "shapes": shapes, "compile": comp,
+            "pairs": pairs, "skipped": skipped, "decode_step": decode, "elapsed_s": elapsed,
+            "complete": not skipped and "error" not in decode,
+            "table": table.to_data()}
+
+
+def summary_lines(data: dict[str, Any]) -> list[str]:
+    cp = data.get("copy_gbps")
+    lines = [f"{'proj':5} {'M':>4} {'best FP8':28} {'us':>8} {'%copy':>6} {'bf16 us':>8} {'x bf16':>6} "
+             f"{'inner us':>8} {'rule us':>8}"]
+    for p in data["pairs"]:
+        by = {r["candidate"]: r for r in p["candidates"]}
+        best = by.get(p["best"]) if p.get("best") else None
+        bf16 = by.get("bf16", {}).get("median_us")
+        inner = by.get("inner", {}).get("median_us")
+        rule = by.get(default_config(p["m"], p["n"], p["k"]).name, {}).get("median_us")
+        us = best["median_us"] if best else None
+        pct = (100 * best["weight_gbps"] / cp) if (best and cp) else None
+        fmt = lambda v, f=".1f": "-" if v is None else format(v, f)  # noqa: E731
+        lines.append(f"{p['projection']:5} {p['m']:>4} {str(p['best']):28} {fmt(us):>8} {fmt(pct, '.0f'):>6} "
+                     f"{fmt(bf16):>8} {fmt(bf16 / us if (bf16 and us) else None, '.2f'):>6} {fmt(inner):>8} "
+                     f"{fmt(rule):>8}")
+    d = data.get("decode_step") or {}
+    for name in ("bf16", "fp8_rule", "fp8_table", "fp8_table_pdl"):
+        if "decode_step_ms" in d.get(name, {}):
+            sp = d.get(f"speedup_{name}")
+            lines.append(f"decode step B=1 {name:14} {d[name]['decode_step_ms']:.3f} ms"
+                         + (f"  {sp:.2f}x bf16" if sp else ""))
+    if "pdl_bitwise_equal" in d:
+        lines.append(f"PDL logits bitwise equal: {d['pdl_bitwise_equal']}; table pdl: {data['table']['pdl']}")
+    lines.append(f"complete: {data['complete']}, {data['elapsed_s']:.0f} s, skipped {len(data['skipped'])}")
+    return lines
+
+
+def write_outputs(data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """DIR/tune.json and DIR/gemm_table.json; on a GPU also results/<card>/serve/ through ``write_result``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = data["table"]
+    paths = []
+    if backend.ON_GPU:
+        import shutil
+
+        from impl.common.results import write_result
+
+        for name, payload in (("tune", data), ("gemm_table", table)):
+            p = write_result("serve", name, payload, overwrite=True)
+            shutil.copyfile(p, out_dir / p.name)
+            paths.append(out_dir / p.name)
+    else:
+        for name, payload in (("tune", data), ("gemm_table", table)):
+            p = out_dir / f"{name}.json"
+            p.write_text(json.dumps({"device": "cpu", "data": payload}, indent=1, default=str) + "\n")
+            paths.append(p)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m impl.serve.tune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for tune.json and gemm_table.json")
+    p.add_argument("--budget-s", type=float, default=TuneConfig.budget_s)
+    p.add_argument("--decode-reserve-s", type=float, default=TuneConfig.decode_reserve_s)
+    p.add_argument("--ms", default=None, help="comma-separated M values (default 1,8,32,64,128,256)")
+    p.add_argument("--preset", default=TuneConfig.preset)
+    p.add_argument("--reps", type=int, default=TuneConfig.reps)
+    p.add_argument("--workers", type=int, default=min(TuneConfig.workers, max(1, (os.cpu_count() or 2) - 2)))
+    p.add_argument("--no-decode-step", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (interpreter)")
+    a = p.parse_args(argv)
+    if a.smoke:
+        cfg = SMOKE
+    elif not backend.ON_GPU:
+        print("the tune run needs a CUDA GPU (use --smoke on a CPU)", file=sys.stderr)
+        return 2
+    else:
+        cfg = TuneConfig(preset=a.preset, budget_s=a.budget_s, decode_reserve_s=a.decode_reserve_s, reps=a.reps,
+                         workers=a.workers)
+    if a.ms:
+        cfg = replace(cfg, ms=tuple(int(v) for v in a.ms.split(",")))
+    if a.no_decode_step:
+        cfg = replace(cfg, decode_step=False)
+    data = run(cfg)
+    paths = write_outputs(data, Path(a.out))
+    print("\n".join(summary_lines(data)))
+    log("wrote " + ", ".join(str(x) for x in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
