@@ -23,11 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from impl.sort.plan import CudaPlan, Layout, PassSpec
+from impl.sort.plan import MODES, CudaPlan, Layout, PassSpec, pad_index
 
 SOURCE = Path(__file__).with_name("bitonic.cu")
 MODE_TYPES = {"keys32": "Keys32", "keys64": "Keys64", "composite": "Composite", "pairs": "Pairs"}
 RAW_TYPES = {16: "u16", 32: "u32", 64: "u64"}
+SM_SMEM, SM_REGS, SM_THREADS = 228 * 1024, 65536, 2048  # per multiprocessor (sm_90); 1 KiB reserved per block
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,15 @@ class KernelSpec:
     @property
     def threads(self) -> int:
         return 1 << (self.spec.t - self.spec.e)
+
+    @property
+    def min_blocks(self) -> int:
+        """Blocks per multiprocessor the kernel is compiled for (``__launch_bounds__``): as many as shared memory
+        and threads allow, while each thread keeps registers for its slots (1-3 words each) plus 32."""
+        smem = (pad_index((1 << self.spec.t) - 1) + 1) * MODES[self.mode] + 1024
+        words = -(-MODES[self.mode] // 4)
+        regs = (1 << self.spec.e) * words + 32
+        return max(1, min(SM_SMEM // smem, SM_THREADS // self.threads, SM_REGS // (self.threads * regs)))
 
 
 def plan_kernels(plan: CudaPlan, raw_bits: int) -> list[KernelSpec]:
@@ -76,7 +86,7 @@ def pass_struct(spec: PassSpec) -> str:
 def kernel_source(k: KernelSpec) -> str:
     spec = k.spec
     raw = RAW_TYPES.get(k.raw, "u32")
-    lines = [f"extern \"C\" __global__ void __launch_bounds__({k.threads}, 1) {k.name}(SORT_PARAMS) {{",
+    lines = [f"extern \"C\" __global__ void __launch_bounds__({k.threads}, {k.min_blocks}) {k.name}(SORT_PARAMS) {{",
              f"    typedef Block<Pass_{spec.key}, {MODE_TYPES[k.mode]}, {raw}, {str(spec.encode).lower()}, "
              f"{str(spec.decode).lower()}> B;"]
     names: dict[Layout, str] = {}

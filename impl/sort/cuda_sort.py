@@ -123,9 +123,9 @@ class CudaSorter:
 
     def graph(self, src, out, *, descending: bool = False):
         """All passes captured once as a CUDA graph on a private stream; the returned callable replays them on the
-        current stream. Needs the CuPy runtime."""
+        current stream. Under the emulation (no graphs on a CPU) the callable replays the launches one by one."""
         if not isinstance(self.runtime, CupyRuntime):
-            raise NotImplementedError(f"CUDA graphs need the CuPy runtime, not {self.runtime.name}")
+            return _Replay(None, (self, src, out, descending))
         cupy = self.runtime.cupy
         self(src, out, descending=descending)  # kernels loaded and run once before capture
         cupy.cuda.Device().synchronize()
@@ -146,4 +146,8 @@ class _Replay:
         self._graph, self._keep = graph, keep
 
     def __call__(self, stream=None) -> None:
-        self._graph.launch(stream)
+        if self._graph is None:
+            sorter, src, out, descending = self._keep
+            sorter(src, out, descending=descending, stream=stream)
+        else:
+            self._graph.launch(stream)
