@@ -246,6 +246,24 @@ def test_cuda_source_compiles_for_sm90_without_spills():
         assert r["registers"] * r["threads"] <= 65536, f"{r}: the block does not fit the register file"
 
 
+def test_cuda_source_compiles_with_nvrtc_like_cupy():
+    """CuPy's fallback without nvcc: NVRTC on the generated source (no headers, C++17, sm_90; NVRTC takes the
+    static_for lambdas for host code unless -default-device)."""
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) is not installed here")
+    specs = plan_kernels(build_cuda_plan(2049, "composite", EMU_CUDA_CONFIG), 16)
+    err, prog = nvrtc.nvrtcCreateProgram(module_source(specs).encode(), b"sort.cu", 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    opts = [b"-std=c++17", b"-default-device", b"--gpu-architecture=sm_90"]  # lambdas: device code
+    try:
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    except RuntimeError as e:  # the NVRTC library itself did not load
+        pytest.skip(f"NVRTC is not usable here: {e}")
+    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    log = bytes(max(size, 2))  # never a 1-byte bytes object: CPython shares those process-wide
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+
+
 @pytest.mark.slow
 def test_design_point_kernels_fit_an_sm90_block():
     """The GPU configuration's heaviest kernels (the block sort with encode, a fused merge pass with the flip, the

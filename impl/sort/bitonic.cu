@@ -24,16 +24,11 @@ typedef long long i64;
 #define SORT_TID threadIdx.x
 #define SORT_BID blockIdx.x
 extern __shared__ __align__(16) unsigned char sort_smem[];
-SORT_FN u32 vmin(u32 a, u32 b) { return min(a, b); }
-SORT_FN u32 vmax(u32 a, u32 b) { return max(a, b); }
-SORT_FN u64 vmin(u64 a, u64 b) { return min(a, b); }
-SORT_FN u64 vmax(u64 a, u64 b) { return max(a, b); }
-#else
-SORT_FN u32 vmin(u32 a, u32 b) { return a < b ? a : b; }
+#endif
+SORT_FN u32 vmin(u32 a, u32 b) { return a < b ? a : b; }  // min.u32 / max.u32 in PTX, no header needed
 SORT_FN u32 vmax(u32 a, u32 b) { return a < b ? b : a; }
 SORT_FN u64 vmin(u64 a, u64 b) { return a < b ? a : b; }
 SORT_FN u64 vmax(u64 a, u64 b) { return a < b ? b : a; }
-#endif
 #define CV(X) decltype(X)::value  // the index of a static_for step, as a constant expression
 
 // ---- compile-time helpers ---------------------------------------------------------------------------------------

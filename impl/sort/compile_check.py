@@ -3,6 +3,7 @@
     python -m impl.sort.compile_check                      # the design point's kernels for 10M keys, every mode
     python -m impl.sort.compile_check --n 10000000 --n 100000001 --tile-bits 14 --items-bits 5
     python -m impl.sort.compile_check --tune               # every kernel impl.sort.tune can launch (cache warm-up)
+    python -m impl.sort.compile_check --session            # ... and every one the benches and GPU tests can launch
 
 One row per kernel: name, pass kind, threads, registers, spill bytes, stack, shared memory (dynamic: from the
 config), compile seconds. The cubins land in the kernel cache (``impl.sort.runtimes.kernel_cache``), so running this
@@ -44,6 +45,17 @@ def compile_report(specs: list[KernelSpec], cache: Path | None = None, arch: str
     return rows
 
 
+def session_kernels(max_logn: int = 27) -> list[KernelSpec]:
+    """Every kernel a GPU session of this suite can launch with the design point: any n up to 2^max_logn in every
+    slot mode and input width (sort/argsort, benches, tests), plus everything ``impl.sort.tune`` runs."""
+    specs: list[KernelSpec] = []
+    for mode, raws in (("keys32", (16, 32)), ("composite", (16, 32)), ("keys64", (64,)), ("pairs", (64,))):
+        for logn in range(max_logn + 1):
+            for raw in raws:
+                specs += plan_kernels(build_cuda_plan(1 << logn, mode, GPU_CUDA_CONFIG), raw)
+    return list(dict.fromkeys(specs + tune_kernels()))
+
+
 def tune_kernels() -> list[KernelSpec]:
     """Every kernel ``python -m impl.sort.tune`` can launch (its configurations, sizes and modes)."""
     from impl.sort.tune import kernel_requests
@@ -63,10 +75,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--run-bits", type=int, default=GPU_CUDA_CONFIG.run_bits)
     ap.add_argument("--staged", action="store_true", help="one tile pass per stage instead of fused passes")
     ap.add_argument("--tune", action="store_true", help="every kernel of impl.sort.tune instead")
+    ap.add_argument("--session", action="store_true", help="every kernel a GPU session can launch (cache warm-up)")
     ap.add_argument("--jobs", type=int)
     ap.add_argument("--arch", default="90")
     args = ap.parse_args(argv)
-    if args.tune:
+    if args.session:
+        specs = session_kernels()
+    elif args.tune:
         specs = tune_kernels()
     else:
         config = CudaSortConfig(args.tile_bits, args.items_bits, args.run_bits, not args.staged)

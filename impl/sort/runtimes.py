@@ -109,7 +109,7 @@ class CupyRuntime:
                 for s in missing:
                     self._fns[s.name] = self.cupy.RawModule(path=str(paths[s.name][0])).get_function(s.name)
             else:
-                mod = self.cupy.RawModule(code=module_source(missing), options=("-std=c++17",))
+                mod = self.cupy.RawModule(code=module_source(missing), options=("-std=c++17", "-default-device"))
                 for s in missing:
                     self._fns[s.name] = mod.get_function(s.name)
             self.compile_s += time.perf_counter() - t0
