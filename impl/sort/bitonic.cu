@@ -310,7 +310,8 @@ struct Block {
             const i64 room_lo = (i64)n - lo, room_hi = (i64)n - hi;  // position < n  <=>  off < room
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);
-                const V v = off<L>(c) < (sf<L>(c) ? room_hi : room_lo) ? fetch(sf<L>(c) ? hi : lo, off<L>(c)) : M::pad();
+                const bool real = off<L>(c) < (sf<L>(c) ? room_hi : room_lo);
+                const V v = real ? fetch(sf<L>(c) ? hi : lo, off<L>(c)) : M::pad();
                 r[c] = sf<L>(c) ? M::cpl(v) : v;
             });
         }
@@ -329,7 +330,8 @@ struct Block {
             const i64 room_lo = (i64)n - lo, room_hi = (i64)n - hi;
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);
-                if (off<L>(c) < (sf<L>(c) ? room_hi : room_lo)) put(sf<L>(c) ? hi : lo, off<L>(c), sf<L>(c) ? M::cpl(r[c]) : r[c]);
+                if (off<L>(c) < (sf<L>(c) ? room_hi : room_lo))
+                    put(sf<L>(c) ? hi : lo, off<L>(c), sf<L>(c) ? M::cpl(r[c]) : r[c]);
             });
         }
     }
@@ -371,7 +373,8 @@ struct Block {
     SORT_FN void xr(V* r) const {
         constexpr int ka = A >= 0 ? L::Regs::find(A) : -1, kb = B >= 0 ? L::Regs::find(B) : -1;
         const u32 ts = L::thread_slot(tid);
-        const u32 tb = ((A >= 0 && ka < 0 ? ts >> (A < 0 ? 0 : A) : 0u) ^ (B >= 0 && kb < 0 ? ts >> (B < 0 ? 0 : B) : 0u)) & 1u;
+        const u32 ta = A >= 0 && ka < 0 ? ts >> (A < 0 ? 0 : A) : 0u;  // runtime parts: coordinates of the thread
+        const u32 tb = (ta ^ (B >= 0 && kb < 0 ? ts >> (B < 0 ? 0 : B) : 0u)) & 1u;
         const u32 m = 0u - tb;
         static_for<E>([&](auto C) {
             constexpr int c = CV(C);

@@ -1,6 +1,6 @@
 """Check and time every variant of the CUDA C++ sort on the GPU, pass by pass, against cupy.sort, within a budget.
 
-    python3 -m impl.sort.tune --out "$OUT/sort" --budget-s 100    # the H200: ~40-90 s with the kernel cache carried
+    python3 -m impl.sort.tune --out "$OUT/sort" --budget-s 100    # one H200: ~40-90 s with the kernel cache carried
     python3 -m impl.sort.tune --dry-run --out /tmp/sort-tune       # a CPU: the same steps on the emulated kernels
 
 Steps (each guarded by the wall-clock budget; a failing variant is reported and skipped, never aborts the rest):
