@@ -40,7 +40,7 @@ def compile_report(specs: list[KernelSpec], cache: Path | None = None, arch: str
     rows = []
     for s in {s.name: s for s in specs}.values():
         rows.append({"name": s.name, "mode": s.mode, "kind": s.spec.kind, "threads": s.threads,
-                     "steps": s.spec.steps, "exchanges": s.spec.exchanges, **parse_ptxas(done[s.name][1], s.name)})
+                     "min_blocks": s.min_blocks, "steps": s.spec.steps, "exchanges": s.spec.exchanges, **parse_ptxas(done[s.name][1], s.name)})
     rows and rows[0].update(compile_s_total=round(time.perf_counter() - t0, 1))
     return rows
 
@@ -54,6 +54,30 @@ def session_kernels(max_logn: int = 27) -> list[KernelSpec]:
             for raw in raws:
                 specs += plan_kernels(build_cuda_plan(1 << logn, mode, GPU_CUDA_CONFIG), raw)
     return list(dict.fromkeys(specs + tune_kernels()))
+
+
+def compile_module(specs: list[KernelSpec], arch: str = "90") -> list[dict]:
+    """All of ``specs`` as one module through one ``nvcc -cubin -Xptxas -v`` (faster than one per kernel; nothing
+    cached): one resource row per kernel."""
+    import subprocess
+    import tempfile
+
+    from impl.sort.codegen import module_source
+    from impl.sort.runtimes import NVCC_FLAGS, nvcc_path
+
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise RuntimeError("nvcc is not on PATH (nor /usr/local/cuda/bin)")
+    uniq = list({s.name: s for s in specs}.values())
+    with tempfile.TemporaryDirectory() as d:
+        cu = Path(d) / "sort.cu"
+        cu.write_text(module_source(uniq))
+        res = subprocess.run([nvcc, f"-arch=sm_{arch}", *NVCC_FLAGS, "-o", str(Path(d) / "sort.cubin"), str(cu)],
+                             capture_output=True, text=True, timeout=1800)
+    if res.returncode != 0:
+        raise RuntimeError(f"nvcc failed:\n{res.stderr[-4000:]}")
+    return [{"name": s.name, "mode": s.mode, "kind": s.spec.kind, "threads": s.threads, "min_blocks": s.min_blocks,
+             **parse_ptxas(res.stderr, s.name)} for s in uniq]
 
 
 def tune_kernels() -> list[KernelSpec]:

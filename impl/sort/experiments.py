@@ -36,6 +36,7 @@ from impl.sort.network import GPU_CONFIG, default_config, make_program
 from impl.sort.pipeline import NAIVE, HostSortPipeline, PipelineConfig
 
 NCU_METRICS = ("gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,"
+               "dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,"
                "sm__warps_active.avg.pct_of_peak_sustained_active,sm__maximum_warps_per_active_cycle_pct,"
                "launch__registers_per_thread,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,"
                "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum")

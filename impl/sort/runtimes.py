@@ -48,25 +48,30 @@ def nvcc_path() -> str | None:
     return None
 
 
-def compile_cubin(spec: KernelSpec, arch: str, cache: Path | None = None, nvcc: str | None = None) -> tuple[Path, str]:
-    """(cubin path, ptxas report) of one kernel for ``sm_<arch>``, compiled once per source text."""
-    cache = cache or kernel_cache()
-    nvcc = nvcc or nvcc_path()
-    if nvcc is None:
-        raise RuntimeError("nvcc is not on PATH (nor /usr/local/cuda/bin): cannot compile the sort's kernels")
+def cubin_path(spec: KernelSpec, arch: str, cache: Path | None = None) -> Path:
+    """Where the cubin of ``spec`` for ``sm_<arch>`` lives in the cache (named by a hash of its source text)."""
     src = module_source([spec])
     digest = hashlib.sha1(f"{arch}\n{NVCC_FLAGS}\n{src}".encode()).hexdigest()[:16]
-    out = cache / f"sm{arch}" / f"{spec.name}-{digest}.cubin"
+    return (cache or kernel_cache()) / f"sm{arch}" / f"{spec.name}-{digest}.cubin"
+
+
+def compile_cubin(spec: KernelSpec, arch: str, cache: Path | None = None, nvcc: str | None = None,
+                  timeout: float = 900) -> tuple[Path, str]:
+    """(cubin path, ptxas report) of one kernel for ``sm_<arch>``, compiled once per source text."""
+    out = cubin_path(spec, arch, cache)
     log = out.with_suffix(".ptxas.txt")
     if out.exists() and log.exists():
         return out, log.read_text()
+    nvcc = nvcc or nvcc_path()
+    if nvcc is None:
+        raise RuntimeError("nvcc is not on PATH (nor /usr/local/cuda/bin): cannot compile the sort's kernels")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as d:
         cu = Path(d) / f"{spec.name}.cu"
-        cu.write_text(src)
+        cu.write_text(module_source([spec]))
         tmp = Path(d) / "k.cubin"
         res = subprocess.run([nvcc, f"-arch=sm_{arch}", *NVCC_FLAGS, "-o", str(tmp), str(cu)],
-                             capture_output=True, text=True, timeout=900)
+                             capture_output=True, text=True, timeout=timeout)
         if res.returncode != 0:
             raise RuntimeError(f"nvcc failed on {spec.name}:\n{res.stderr[-4000:]}")
         os.replace(tmp, out)
@@ -74,14 +79,23 @@ def compile_cubin(spec: KernelSpec, arch: str, cache: Path | None = None, nvcc: 
     return out, res.stderr
 
 
-def compile_all(specs: list[KernelSpec], arch: str, jobs: int | None = None, cache: Path | None = None
-                ) -> dict[str, tuple[Path, str]]:
-    """Compile every distinct kernel of ``specs`` in parallel (nvcc processes); name -> (cubin, ptxas report)."""
+def compile_all(specs: list[KernelSpec], arch: str, jobs: int | None = None, cache: Path | None = None,
+                deadline: float | None = None) -> dict[str, tuple[Path, str]]:
+    """Compile every distinct kernel of ``specs`` in parallel (nvcc processes); name -> (cubin, ptxas report).
+    ``deadline`` (``time.monotonic()`` value): no nvcc runs past it (TimeoutExpired is raised instead)."""
+    import time
+
     uniq = {s.name: s for s in specs}
     jobs = jobs or max(1, min(len(uniq), os.cpu_count() or 1))
+
+    def one(s: KernelSpec):
+        left = 900.0 if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            raise subprocess.TimeoutExpired("nvcc", 0)
+        return s.name, compile_cubin(s, arch, cache, timeout=left)
+
     with ThreadPoolExecutor(jobs) as pool:
-        done = pool.map(lambda s: (s.name, compile_cubin(s, arch, cache)), uniq.values())
-        return dict(done)
+        return dict(pool.map(one, uniq.values()))
 
 
 class CupyRuntime:
@@ -97,20 +111,27 @@ class CupyRuntime:
         self.max_smem = int(cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["sharedMemPerBlockOptin"])
         self._fns: dict[str, Any] = {}
         self.compile_s = 0.0
+        self.deadline: float | None = None  # time.monotonic() after which no compile starts (tune's budget)
 
     def kernels(self, specs: list[KernelSpec], smem: int) -> dict[str, Any]:
+        """Load (cached cubins), compile (nvcc in parallel; NVRTC without nvcc) and configure the kernels."""
         import time
 
         missing = [s for s in dict.fromkeys(specs) if s.name not in self._fns]
         if missing:
             t0 = time.perf_counter()
-            if nvcc_path():
-                paths = compile_all(missing, self.arch)
-                for s in missing:
-                    self._fns[s.name] = self.cupy.RawModule(path=str(paths[s.name][0])).get_function(s.name)
-            else:
-                mod = self.cupy.RawModule(code=module_source(missing), options=("-std=c++17", "-default-device"))
-                for s in missing:
+            cached = {s.name: p for s in missing if (p := cubin_path(s, self.arch)).exists()}
+            rest = [s for s in missing if s.name not in cached]
+            if rest and nvcc_path():
+                built = compile_all(rest, self.arch, deadline=self.deadline)
+                cached.update({name: path for name, (path, _) in built.items()})
+                rest = []
+            for s in missing:
+                if s.name in cached:
+                    self._fns[s.name] = self.cupy.RawModule(path=str(cached[s.name])).get_function(s.name)
+            if rest:
+                mod = self.cupy.RawModule(code=module_source(rest), options=("-std=c++17", "-default-device"))
+                for s in rest:
                     self._fns[s.name] = mod.get_function(s.name)
             self.compile_s += time.perf_counter() - t0
         fns = {s.name: self._fns[s.name] for s in specs}
@@ -160,6 +181,7 @@ class EmulatedRuntime:
         self._libs: dict[str, tuple[Any, dict[str, int]]] = {}
         self._fns: dict[str, tuple[Any, int]] = {}
         self.compile_s = 0.0
+        self.deadline: float | None = None  # time.monotonic() after which no build starts (tune's budget)
 
     @staticmethod
     def unavailable_reason() -> str | None:
@@ -185,9 +207,12 @@ class EmulatedRuntime:
                 gen = Path(d) / "generated.cu"
                 gen.write_text(src)
                 tmp = Path(d) / "lib.so"
+                left = 900.0 if self.deadline is None else self.deadline - time.monotonic()
+                if left <= 0:
+                    raise subprocess.TimeoutExpired("g++", 0)
                 res = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC",
                                       f"-DSORT_SOURCE=\"{gen}\"", "-o", str(tmp), str(emu)],
-                                     capture_output=True, text=True, timeout=900)
+                                     capture_output=True, text=True, timeout=left)
                 if res.returncode != 0:
                     raise RuntimeError(f"g++ failed on the emulated sort:\n{res.stderr[-4000:]}")
                 shutil.move(str(tmp), lib_path)

@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     side = DrySide(min(args.reps, 2)) if args.dry_run else GpuSide(args.reps)
+    side.runtime.deadline = time.monotonic() + args.budget_s - 10  # kernels not compiled by then: variant skipped
     report: dict[str, Any] = {"device": side.device, "budget_s": args.budget_s, "dry_run": args.dry_run,
                               "commit": _commit(), "rows": [], "complete": False}
 
