@@ -320,6 +320,17 @@ def test_cuda_sort_on_gpu_matches_numpy(n, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(CUPY_REASON is not None, reason=str(CUPY_REASON))
+@given(x=arrays(DTYPES, max_n=max_size(cpu=64, gpu=1 << 20)), argsort_=st.booleans(), descending=st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_cuda_sort_on_gpu_matches_numpy_property(x, argsort_, descending):
+    """The default sort/argsort on a GPU (the CUDA C++ passes) at every size up to 2^20, every dtype, both orders."""
+    got = (argsort if argsort_ else sort)(x, descending=descending)
+    ref = (argsort_reference if argsort_ else sort_reference)(x, descending=descending)
+    assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CUPY_REASON is not None, reason=str(CUPY_REASON))
 @pytest.mark.parametrize("argsort_", [False, True], ids=["keys", "argsort"])
 def test_cuda_graph_replay_matches_direct_launches(argsort_):
     import cupy

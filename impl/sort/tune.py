@@ -114,11 +114,11 @@ class GpuSide:
         self.device = torch.cuda.get_device_name()
 
     def keys(self, n: int, dtype: str, seed: int):
-        rng = self.cupy.random.default_rng(seed)
         if dtype in ("float32", "float16"):
-            return rng.standard_normal(n, dtype=self.cupy.float32).astype(dtype)
-        info = np.iinfo(dtype)
-        return rng.integers(info.min, info.max, n, dtype=dtype, endpoint=True)
+            return self.cupy.random.default_rng(seed).standard_normal(n, dtype=self.cupy.float32).astype(dtype)
+        info = np.iinfo(dtype)  # integers over the dtype's whole range: made on the host (numpy), then copied
+        return self.cupy.asarray(np.random.default_rng(seed).integers(info.min, info.max, n, dtype=dtype,
+                                                                      endpoint=True))
 
     def empty(self, n: int, dtype):
         out = self.cupy.empty(n, dtype=dtype)
