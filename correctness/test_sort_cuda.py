@@ -136,7 +136,7 @@ def run_emulated(x: np.ndarray, *, argsort_: bool = False, descending: bool = Fa
 
 
 @given(x=arrays(DTYPES, max_n=EMU_MAX_N), argsort_=st.booleans(), descending=st.booleans())
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 def test_cuda_source_under_emulation_matches_numpy(emu, x, argsort_, descending):
     got = run_emulated(x, argsort_=argsort_, descending=descending)
     if argsort_:
@@ -148,8 +148,8 @@ def test_cuda_source_under_emulation_matches_numpy(emu, x, argsort_, descending)
                                                      ("int64", "extremes", False), ("int64", "few_distinct", True),
                                                      ("float32", "reverse", True)])
 def test_cuda_source_across_every_pass_boundary(emu, dtype, pattern, argsort_):
-    """Sizes around 2^k for k up to 11: the tile pass alone, then one more stage (and merge pass) at a time."""
-    for n in (255, 256, 257, 511, 1023, 1025, 2047, 2049):
+    """Sizes around 2^k, k = 8..11: the tile pass alone (256), then one more stage (and merge pass) at a time."""
+    for n in (256, 257, 1023, 2049):
         run_emulated(make_array(n, dtype, pattern, seed=n), argsort_=argsort_, descending=n % 2 == 1)
 
 
