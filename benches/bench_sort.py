@@ -1,13 +1,18 @@
-"""Benches of the bitonic sort (issue 3) and its anchors, side by side in one run.
+"""Benches of the bitonic sort and its anchors, side by side in one run.
 
-bitonic   variants: ``shared`` (shared-memory tiles + register passes for wide strides, one CUDA graph), ``shared_direct`` (same
-          kernels, one numba launch per pass: shows the launch cost), ``global`` (ablation: one global pass per
-          step, graph-replayed); modes ``keys`` (sort) and ``kv`` (argsort: key + index); float32/int32; 1M/10M/100M.
+bitonic   variants: ``shared`` (the CUDA C++ passes of impl.sort.cuda_sort: tile sort + fused coset merge passes in
+          shared memory, one CUDA graph), ``shared_direct`` (the same kernels, one CuPy launch per pass),
+          ``global`` (ablation, numba: one global pass per network step, graph-replayed); modes ``keys`` (sort) and
+          ``kv`` (argsort: key + index); float32/int32; 1M/10M/100M.
 anchors   cupy.sort / cupy.argsort (CUB radix), torch.sort, numpy.sort quicksort/stable (host clock, 1M and 10M).
-copies    40 MB host-to-device from pageable vs pinned memory; end-to-end host-to-host sort of 10M float32 keys
-          through the pinned, chunked, overlapped pipeline vs the naive pageable one.
-extra_info: n, dtype, mode, variant, passes, bytes_per_pass (mean over passes), keys_per_s; the harness adds gbps and
-pct_peak_bw (bytes moved over all passes / measured copy bandwidth).
+copies    40 MB host-to-device from pageable vs pinned memory; host-to-host sort of 10M float32 keys: from the
+          pipeline's pinned buffer (``pinned_buffer``), from an ordinary numpy array through the pinned, chunked,
+          overlapped pipeline (``pipelined``), and the naive pageable one (``naive``).
+Bytes: ``bytes_moved`` is the workload's compulsory traffic, the same for every variant and anchor of a workload
+(keys: read n keys + write n keys; kv: read n keys + write n int64 indices); what a variant's passes really move is
+``traffic_bytes``. extra_info carries the bandwidth model: passes, tile, steps fused per pass, bytes per pass, and
+the time the pass traffic would take at the calibrated copy bandwidth (``model_ms_at_copy_peak``).
+On a CPU the CUDA C++ variants run their source under the g++ emulation (tiny sizes, nothing stored).
 """
 from __future__ import annotations
 
@@ -20,12 +25,15 @@ from impl.backend import DEVICE, ON_GPU, sized
 from impl.sort.bitonic import BitonicSorter, SortGraph
 from impl.sort.network import default_config
 from impl.sort.pipeline import NAIVE, HostSortPipeline, PipelineConfig
+from impl.sort.plan import EMU_CUDA_CONFIG, GPU_CUDA_CONFIG
+from impl.sort.runtimes import EmulatedRuntime, cupy_unavailable_reason
 
 SIZES = sized([1_000_000, 10_000_000, 100_000_000], [100, 300])
 HOST_SIZES = sized([1_000_000, 10_000_000], [300])
 E2E_N = sized(10_000_000, 600)
 H2D_BYTES = sized(40_000_000, 40_000)
 DTYPES = ["float32", "int32"]
+CUDA_CONFIG = sized(GPU_CUDA_CONFIG, EMU_CUDA_CONFIG)
 _INPUTS: dict[tuple[int, str], tuple] = {}
 
 
@@ -33,8 +41,15 @@ def rounds_for(n: int) -> int:
     return 5 if n >= 50_000_000 else 20
 
 
+def cuda_source_reason() -> str | None:
+    """Why the CUDA C++ variants cannot run here (GPU without CuPy, or a CPU without g++), or None."""
+    if ON_GPU:
+        return cupy_unavailable_reason()
+    return EmulatedRuntime.unavailable_reason()
+
+
 def make_input(n: int, dtype: str):
-    """(torch tensor, numba device view) of n random keys, made on the device once per (n, dtype)."""
+    """(torch tensor, device array the sorters take) of n random keys, made once per (n, dtype)."""
     import torch
 
     if (n, dtype) not in _INPUTS:
@@ -58,39 +73,64 @@ def check_sorted(t, d_out, mode: str) -> None:
     assert_close(t[got] if mode == "kv" else got, ref, rtol=0, atol=0)
 
 
+def compulsory_bytes(n: int, mode: str, key_bytes: int = 4) -> int:
+    """The workload's bytes: read n keys, write n keys (keys) or n int64 indices (kv)."""
+    return n * (key_bytes + (8 if mode == "kv" else key_bytes))
+
+
 def record_rate(benchmark, n: int) -> None:
     if benchmark.stats is not None:
         benchmark.extra_info["keys_per_s"] = n / benchmark.stats.stats.median
+
+
+def model_info(per_pass: list[int], peaks: dict) -> dict:
+    """The bandwidth model of a variant: its pass traffic at the calibrated copy bandwidth."""
+    info = {"passes": len(per_pass), "bytes_per_pass": sum(per_pass) / max(len(per_pass), 1),
+            "traffic_bytes": sum(per_pass)}
+    copy = (peaks or {}).get("copy_gbps")
+    if copy:
+        info["model_ms_at_copy_peak"] = sum(per_pass) / copy / 1e6
+    return info
 
 
 @pytest.mark.parametrize("n", SIZES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["keys", "kv"])
 @pytest.mark.parametrize("variant", ["shared", "shared_direct", "global"])
-def test_sort_bitonic(device_bench, benchmark, variant, mode, dtype, n):
+def test_sort_bitonic(device_bench, benchmark, peaks, variant, mode, dtype, n):
     t, d_x = make_input(n, dtype)
-    sorter = BitonicSorter(n, dtype, argsort=mode == "kv", config=default_config(variant.split("_")[0]))
-    d_out = cuda.device_array(n, dtype=sorter.out_dtype)
-    launch, reason = sorter_call(sorter, d_x, d_out, graph=variant != "shared_direct")
-    per_pass = sorter.bytes_per_pass()
-    device_bench(launch, bytes_moved=sum(per_pass), rounds=rounds_for(n), warmup=2, n=n, dtype=dtype, mode=mode,
-                 variant=variant, passes=len(per_pass), bytes_per_pass=sum(per_pass) / len(per_pass),
-                 tile=sorter.plan.tile, launch="graph" if reason is None else "direct", graph_error=reason)
+    if variant == "global":
+        sorter = BitonicSorter(n, dtype, argsort=mode == "kv", config=default_config("global"))
+        d_out = cuda.device_array(n, dtype=sorter.out_dtype)
+        launch, reason = numba_call(sorter, d_x, d_out)
+        extra = {"tile": 0, "steps_per_pass": [len(p.steps) for p in sorter.plan.passes]}
+    else:
+        reason = cuda_source_reason()
+        if reason:
+            pytest.skip(reason)
+        from impl.sort.cuda_sort import CudaSorter
+
+        sorter = CudaSorter(n, dtype, argsort=mode == "kv", config=CUDA_CONFIG)
+        d_out = cuda.device_array(n, dtype=sorter.out_dtype)
+        launch = sorter.graph(d_x, d_out) if variant == "shared" else (lambda: sorter(d_x, d_out))
+        reason = None if variant == "shared" else "direct launches asked for"
+        extra = {"tile": sorter.tile, "threads": sorter.threads, "slot_mode": sorter.mode,
+                 "steps_per_pass": [p.steps for p in sorter.plan.passes],
+                 "exchanges_per_pass": [p.exchanges for p in sorter.plan.passes],
+                 "config": f"{sorter.config}"}
+    device_bench(launch, bytes_moved=compulsory_bytes(n, mode), rounds=rounds_for(n), warmup=2, n=n, dtype=dtype,
+                 mode=mode, variant=variant, launch="graph" if reason is None else "direct", graph_error=reason,
+                 **model_info(sorter.bytes_per_pass(), peaks), **extra)
     record_rate(benchmark, n)
     check_sorted(t, d_out, mode)
 
 
-def sorter_call(sorter, d_x, d_out, *, graph: bool):
-    """A no-argument sort call: the captured graph when asked and possible, else direct launches (and why)."""
-    if graph:
-        try:
-            g = SortGraph(sorter, d_x, d_out)
-            return g, None
-        except Exception as e:  # no GPU (simulator) or a capture problem: still measure, and say so
-            reason = f"{type(e).__name__}: {e}"
-    else:
-        reason = "direct launches asked for"
-    return (lambda: sorter(d_x, d_out)), reason
+def numba_call(sorter, d_x, d_out):
+    """A no-argument sort call of the numba sorter: its captured graph where possible, else direct launches."""
+    try:
+        return SortGraph(sorter, d_x, d_out), None
+    except Exception as e:  # no GPU (simulator) or a capture problem: still measure, and say so
+        return (lambda: sorter(d_x, d_out)), f"{type(e).__name__}: {e}"
 
 
 @pytest.mark.parametrize("n", SIZES, ids=str)
@@ -101,8 +141,7 @@ def test_sort_cupy(device_bench, benchmark, mode, dtype, n):
     t, _ = make_input(n, dtype)
     x = cupy.asarray(t)
     fn = (lambda: cupy.sort(x)) if mode == "keys" else (lambda: cupy.argsort(x))
-    out_bytes = 4 if mode == "keys" else 8
-    device_bench(fn, bytes_moved=n * (4 + out_bytes), rounds=rounds_for(n), n=n, dtype=dtype, mode=mode,
+    device_bench(fn, bytes_moved=compulsory_bytes(n, mode), rounds=rounds_for(n), n=n, dtype=dtype, mode=mode,
                  variant="cupy")
     record_rate(benchmark, n)
 
@@ -113,8 +152,8 @@ def test_sort_torch(device_bench, benchmark, dtype, n):
     import torch
 
     t, _ = make_input(n, dtype)
-    device_bench(lambda: torch.sort(t), bytes_moved=n * (4 + 4 + 8), rounds=rounds_for(n), n=n, dtype=dtype,
-                 mode="kv", variant="torch")
+    device_bench(lambda: torch.sort(t), bytes_moved=compulsory_bytes(n, "kv"), rounds=rounds_for(n), n=n,
+                 dtype=dtype, mode="kv", variant="torch", traffic_bytes=n * (4 + 4 + 8))
     record_rate(benchmark, n)
 
 
@@ -125,9 +164,9 @@ def test_sort_numpy(device_bench, benchmark, kind, dtype, n):
     t, _ = make_input(n, dtype)
     x = t.cpu().numpy()
     slow = kind == "stable" and n >= 10_000_000
-    device_bench(lambda: np.sort(x, kind=kind), bytes_moved=2 * n * 4, clock="host", flush_l2=False,
-                 rounds=3 if slow else 5 if n >= 10_000_000 else 20, warmup=1, n=n, dtype=dtype, mode="keys",
-                 variant=f"numpy_{kind}")
+    device_bench(lambda: np.sort(x, kind=kind), bytes_moved=compulsory_bytes(n, "keys"), clock="host",
+                 flush_l2=False, rounds=3 if slow else 5 if n >= 10_000_000 else 20, warmup=1, n=n, dtype=dtype,
+                 mode="keys", variant=f"numpy_{kind}")
     record_rate(benchmark, n)
 
 
@@ -143,15 +182,25 @@ def test_sort_h2d(device_bench, memory):
     assert float(dev[n - 1]) == 1.0
 
 
-@pytest.mark.parametrize("pipeline", ["pipelined", "naive"])
+@pytest.mark.parametrize("pipeline", ["pinned_buffer", "pipelined", "naive"])
 def test_sort_end_to_end(device_bench, benchmark, pipeline):
-    """Host array in, sorted host array out: copies, every pass, and the host-side staging copies."""
+    """Host keys in, sorted host keys out: copies, every pass, and (except ``pinned_buffer``) the host staging."""
     n = E2E_N
+    reason = cuda_source_reason()
+    config = CUDA_CONFIG if reason is None else None  # the numba passes where the CUDA C++ ones cannot run
     t, _ = make_input(n, "float32")
     x = t.cpu().numpy()
-    pipe = HostSortPipeline(n, np.float32, pipeline=PipelineConfig() if pipeline == "pipelined" else NAIVE)
+    pipe = HostSortPipeline(n, np.float32, config=config, pipeline=NAIVE if pipeline == "naive" else PipelineConfig())
     out = np.empty_like(x)
-    device_bench(lambda: pipe(x, out), bytes_moved=2 * n * 4, clock="host", flush_l2=False, rounds=10, n=n,
-                 dtype="float32", mode="keys", variant=f"e2e_{pipeline}", chunks=len(pipe.chunk_bounds()))
+    if pipeline == "pinned_buffer":
+        def run():
+            pipe.stage_in[:] = x  # outside the timed call: the keys are already held in the pinned buffer
+        fn, setup = pipe.sort_staged, run
+    else:
+        fn, setup = (lambda: pipe(x, out)), None
+    device_bench(fn, bytes_moved=compulsory_bytes(n, "keys"), clock="host", flush_l2=False, rounds=10, setup=setup,
+                 n=n, dtype="float32", mode="keys", variant=f"e2e_{pipeline}", chunks=len(pipe.chunk_bounds()),
+                 passes=pipe.passes, implementation=type(pipe.sorter).__name__, fallback_reason=reason)
     record_rate(benchmark, n)
-    assert np.array_equal(out, np.sort(x))
+    got = pipe.stage_out[:n] if pipeline == "pinned_buffer" else out
+    assert np.array_equal(got, np.sort(x))

@@ -124,48 +124,62 @@ def test_ncu_csv_parsing():
     assert rows[1]["dram__bytes_read.sum"] == "n/a"
 
 
-def _fake_view(tmp_path):
-    """A results folder with one stored bench run in pytest-benchmark's format and a ``passes`` result."""
-    slug = tmp_path / "h100-test"
-    (slug / "machine").mkdir(parents=True)
-    (slug / "sort").mkdir()
+def write_view(root, slug: str, benches: dict, results: dict | None = None, device: str = "NVIDIA H200"):
+    """A results folder holding one stored GPU bench run (pytest-benchmark's format) and experiment results."""
+    folder = root / slug
+    (folder / "machine").mkdir(parents=True)
+    entries = [{"name": name, "fullname": f"benches/bench_sort.py::{name}", "stats": {"median": b["median"]},
+                "extra_info": {**b.get("extra_info", {}), "rounds_s": b.get("rounds", [])}}
+               for name, b in benches.items()]
+    run = {"commit_info": {"id": clean_commit()}, "datetime": "2026-11-28", "machine_info": {"gpu": device},
+           "benchmarks": entries}
+    (folder / "machine" / "0001_abc_x.json").write_text(json.dumps(run))
+    for key, data in (results or {}).items():
+        system, name = key.split("/")
+        (folder / system).mkdir(exist_ok=True)
+        record = {"data": data, "device": device, "commit": clean_commit(), "complete": True}
+        (folder / system / f"{name}.json").write_text(json.dumps(record))
+    return ResultsView(slug, root=root)
 
-    def bench(name, median, **info):
-        return {"name": name, "fullname": f"benches/bench_sort.py::{name}", "stats": {"median": median},
-                "extra_info": info}
 
+def _good_view(tmp_path):
     n = 10_000_000
-    benches = [bench(f"test_sort_bitonic[shared-keys-float32-{n}]", 0.8e-3, n=n, dtype="float32", mode="keys",
-                     variant="shared"),
-               bench(f"test_sort_bitonic[shared-keys-float32-{10**6}]", 0.1e-3, n=10**6, dtype="float32",
-                     mode="keys", variant="shared"),
-               bench(f"test_sort_bitonic[global-keys-float32-{n}]", 8e-3, n=n, dtype="float32", mode="keys",
-                     variant="global"),
-               bench(f"test_sort_numpy[quicksort-float32-{n}]", 90e-3, n=n, dtype="float32", mode="keys",
-                     variant="numpy_quicksort"),
-               bench(f"test_sort_cupy[keys-float32-{n}]", 0.4e-3, n=n, dtype="float32", mode="keys", variant="cupy"),
-               bench("test_sort_h2d[pageable]", 2.4e-3, variant="pageable"),
-               bench("test_sort_h2d[pinned]", 0.75e-3, variant="pinned")]
-    run = {"commit_info": {"id": clean_commit()}, "datetime": "2026-11-28", "machine_info": {"gpu": "H100"},
-           "benchmarks": benches}
-    (slug / "machine" / "0001_abc_x.json").write_text(json.dumps(run))
-    passes = {"keys": {"passes": [{"kind": "tile", "pct_copy_bw": 60.0}, {"kind": "wide", "pct_copy_bw": 80.0}],
-                       "total_ms": 0.9}}
-    (slug / "sort" / "passes.json").write_text(json.dumps({"data": passes}))
-    return ResultsView("h100-test", root=tmp_path)
+
+    def b(median, **info):
+        return {"median": median, "extra_info": info}
+
+    keys = dict(n=n, dtype="float32", mode="keys")
+    benches = {f"test_sort_bitonic[shared-keys-float32-{n}]": b(0.5e-3, variant="shared", **keys),
+               f"test_sort_bitonic[shared-keys-float32-{10**6}]": b(0.06e-3, variant="shared", n=10**6,
+                                                                     dtype="float32", mode="keys"),
+               f"test_sort_bitonic[shared-kv-float32-{n}]": b(0.95e-3, variant="shared", n=n, dtype="float32",
+                                                              mode="kv"),
+               "test_sort_bitonic[shared-keys-float32-100000000]": b(6.5e-3, variant="shared", n=10**8,
+                                                                     dtype="float32", mode="keys"),
+               f"test_sort_bitonic[global-keys-float32-{n}]": b(9.9e-3, variant="global", **keys),
+               f"test_sort_numpy[quicksort-float32-{n}]": b(83e-3, variant="numpy_quicksort", **keys),
+               f"test_sort_cupy[keys-float32-{n}]": b(0.339e-3, variant="cupy", **keys),
+               "test_sort_end_to_end[pinned_buffer]": b(1.9e-3, variant="e2e_pinned_buffer", **keys),
+               "test_sort_h2d[pageable]": b(2.9e-3, variant="pageable"),
+               "test_sort_h2d[pinned]": b(0.84e-3, variant="pinned")}
+    passes = {"keys": {"passes": [{"kind": "tile", "pct_copy_bw": 76.0}, {"kind": "coset", "pct_copy_bw": 80.0}],
+                       "total_ms": 0.5, "min_pct_copy_bw": 76.0}}
+    return write_view(tmp_path, "h200-test", benches, {"sort/passes": passes})
 
 
 def test_claims_evaluate_from_stored_benches_and_plots_draw(tmp_path):
     from impl.sort.claims import CLAIMS, PLOTS
 
-    view = _fake_view(tmp_path)
+    view = _good_view(tmp_path)
     rows = {c.id: evaluate(c, view) for c in CLAIMS}
-    assert rows["sort.time_10m_f32"]["measured_value"] == pytest.approx(0.8)
-    assert rows["sort.speedup_vs_numpy"]["measured_value"] == pytest.approx(112.5)
-    assert rows["sort.vs_cub"]["measured_value"] == pytest.approx(2.0)
-    assert rows["sort.shared_vs_global"]["measured_value"] == pytest.approx(10.0)
-    assert rows["sort.pinned_vs_pageable"]["measured_value"] == pytest.approx(3.2)
-    assert all(r["verdict"] == "pass" for r in rows.values())
+    assert rows["sort.time_10m_f32"]["measured_value"] == pytest.approx(0.5)
+    assert rows["sort.speedup_vs_numpy"]["measured_value"] == pytest.approx(166)
+    assert rows["sort.vs_cub"]["measured_value"] == pytest.approx(0.5 / 0.339, rel=1e-5)
+    assert rows["sort.shared_vs_global"]["measured_value"] == pytest.approx(19.8)
+    assert rows["sort.pinned_vs_pageable"]["measured_value"] == pytest.approx(2.9 / 0.84, rel=1e-5)
+    assert rows["sort.slowest_pass_pct_copy"]["measured_value"] == pytest.approx(76)
+    assert rows["sort.host_to_host_vs_numpy"]["measured_value"] == pytest.approx(83 / 1.9, rel=1e-5)
+    assert {i: r["verdict"] for i, r in rows.items()} == {c.id: "pass" for c in CLAIMS}
     out = tmp_path / "png"
     out.mkdir()
     drawn = [p for plot in PLOTS for p in plot(view, out)]
@@ -174,3 +188,24 @@ def test_claims_evaluate_from_stored_benches_and_plots_draw(tmp_path):
     empty = ResultsView("nothing-here", root=tmp_path)
     assert [plot(empty, out) for plot in PLOTS] == [[], []]
     assert all(evaluate(c, empty)["verdict"] == "not measured" for c in CLAIMS)
+
+
+def test_every_claim_has_a_failing_case_that_fails(tmp_path):
+    """FAILING_CASES: stored results, written as one clean GPU run, on which each claim's verdict is "fail"."""
+    from impl.sort.claims import CLAIMS, FAILING_CASES
+
+    assert set(FAILING_CASES) == {c.id for c in CLAIMS}
+    for i, claim in enumerate(CLAIMS):
+        case = FAILING_CASES[claim.id]
+        view = write_view(tmp_path / str(i), "h200-case", case.benches, case.results)
+        row = evaluate(claim, view)
+        assert row["verdict"] == "fail", f"{claim.id}: {row}"
+
+
+def test_claim_statements_name_no_card():
+    import re
+
+    from impl.sort.claims import CLAIMS
+
+    for c in CLAIMS:
+        assert not re.search(r"\b(H100|H200|A100|L40S?|V100|RTX)\b", c.statement), c.statement

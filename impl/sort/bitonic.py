@@ -1,17 +1,23 @@
-"""Bitonic sort and argsort on the GPU: host wrappers over the pass programs of ``impl.sort.network``.
+"""Bitonic sort and argsort on the GPU: host wrappers over the CUDA C++ passes (``impl.sort.cuda_sort``) and the
+numba pass programs (``impl.sort.network``).
 
     sort(x)[i]    = the i-th smallest of x in numpy.sort's order (NaNs last); descending: reversed, NaNs first
     argsort(x)    = the permutation p with x[p] sorted and ties in index order = numpy.argsort(x, kind="stable")
                     (descending: larger first, NaNs first, ties still in index order, like torch.sort(stable=True))
 
 x is 1-D, contiguous, of float16/float32/int32/uint32/int64 and any length n ≥ 0: a numpy array (sorted through the
-device and returned on the host) or a device array (numba device array or any ``__cuda_array_interface__`` object;
-the result is a numba device array). Indices are int64. −0.0 and +0.0 compare equal in argsort (index order between
+device and returned on the host; any byte order: a big-endian array is sorted by value and returned in its own
+dtype) or a device array in the machine's byte order (numba device array or any ``__cuda_array_interface__``
+object; the result is a numba device array). Indices are int64. −0.0 and +0.0 compare equal in argsort (index order between
 them); keys-only puts −0.0 before +0.0 and returns every NaN as one canonical quiet NaN (see ``impl.sort.keys``).
 ``x`` is never modified unless ``inplace=True`` (sort only).
 
-``BitonicSorter`` is the allocation-free form the benches and the host pipeline use: programs uploaded and workspace
-allocated once for (n, dtype, argsort, config), then ``sorter(d_src, d_out)`` launches only the passes.
+Implementations: ``config`` picks one. A ``CudaSortConfig`` (or the default on a GPU with CuPy) runs the CUDA C++
+passes of ``impl.sort.cuda_sort`` (on a CPU: the same source under its g++ emulation); a ``SortConfig`` (or the default
+elsewhere) runs the numba kernels below (the simulator on a CPU) — they also give the global-only ablation.
+
+``BitonicSorter`` is the numba sorter in its allocation-free form: programs uploaded and workspace allocated once for
+(n, dtype, argsort, config), then ``sorter(d_src, d_out)`` launches only the passes (``CudaSorter`` likewise).
 """
 from __future__ import annotations
 
@@ -22,9 +28,12 @@ import impl  # noqa: F401  (backend before numba)
 import numpy as np
 from numba import cuda
 
+from impl.sort.cuda_sort import CudaSorter, slot_mode
 from impl.sort.kernels import block_kernel_for, register_kernel_for
-from impl.sort.keys import KeyFormat, key_format
+from impl.sort.keys import KeyFormat, key_format, native
 from impl.sort.network import Plan, Program, SortConfig, build_plan, default_config, make_program
+from impl.sort.plan import MODES, CudaSortConfig
+from impl.sort.runtimes import CupyRuntime, cupy_unavailable_reason
 
 MAX_N = (1 << 31) - 1  # argsort packs the index in 32 bits; positions are int64 either way
 
@@ -118,6 +127,16 @@ class BitonicSorter:
     def encode_params(self, descending: bool) -> tuple:
         return self.fmt.params(descending=descending, canon_zero=self.argsort)
 
+    @property
+    def tile(self) -> int:
+        return self.plan.tile
+
+    def launch_pass(self, i: int, src, out, *, descending: bool = False, stream=None, first_block: int = 0,
+                    blocks: int | None = None) -> None:
+        """Launch pass ``i`` (tile passes: ``blocks`` blocks from ``first_block``; what the host pipeline chunks)."""
+        s, o = self.views(src, out)
+        self.launch_one(self.launches[i], s, o, self.encode_params(descending), stream or 0, first_block, blocks)
+
 
 class SortGraph:
     """All passes of ``sorter(d_src, d_out, descending)`` captured once as a CUDA graph; ``graph(stream)`` replays them
@@ -187,13 +206,14 @@ def check_fits(n: int, needed: int) -> None:
 
 
 def validate(x) -> None:
-    """Clear errors for inputs the sort does not take: not an array, not 1-D, unsupported dtype, not contiguous."""
+    """Clear errors for inputs the sort does not take: not an array, not 1-D, unsupported dtype, not contiguous, a
+    device array in a non-native byte order (host arrays in either byte order are sorted by value)."""
     if not (isinstance(x, np.ndarray) or hasattr(x, "copy_to_host") or hasattr(x, "__cuda_array_interface__")):
         raise TypeError(f"sort takes a numpy array or a CUDA device array, not {type(x).__name__}")
     shape = tuple(x.shape)
     if len(shape) != 1:
         raise ValueError(f"sort takes a 1-D array, got shape {shape}")
-    key_format(x.dtype)
+    key_format(x.dtype.newbyteorder("=") if isinstance(x, np.ndarray) else x.dtype)
     contiguous = x.flags.c_contiguous if isinstance(x, np.ndarray) else _device_contiguous(x)
     if not contiguous:
         raise ValueError("sort takes a contiguous array; this one is strided (copy it with np.ascontiguousarray)")
@@ -216,29 +236,75 @@ def _as_device(x):
     return cuda.as_cuda_array(x), False
 
 
-def _run(x, *, argsort: bool, descending: bool, inplace: bool, config: SortConfig | None):
+def uses_cuda_cpp(config) -> bool:
+    """Whether ``config`` selects the CUDA C++ passes (see the module doc)."""
+    if isinstance(config, CudaSortConfig):
+        return True
+    if config is None:
+        return cupy_unavailable_reason() is None
+    if isinstance(config, SortConfig):
+        return False
+    raise TypeError(f"config must be a CudaSortConfig or a SortConfig, not {type(config).__name__}")
+
+
+def make_sorter(n: int, dtype, *, argsort: bool = False, config=None):
+    """The sorter ``config`` selects (``CudaSorter`` or ``BitonicSorter``), after checking that n keys fit."""
+    if not uses_cuda_cpp(config):
+        return BitonicSorter(n, dtype, argsort=argsort, config=config)
+    fmt = key_format(dtype)
+    check_fits(n, n * (MODES[slot_mode(fmt, argsort)] + 2 * fmt.dtype.itemsize + 8 * argsort))
+    return CudaSorter(n, dtype, argsort=argsort, config=config if isinstance(config, CudaSortConfig) else None)
+
+
+def _run(x, *, argsort: bool, descending: bool, inplace: bool, config):
     validate(x)
+    host = isinstance(x, np.ndarray)
+    xn = native(x) if host else x  # host arrays in another byte order: sorted by value, returned in their dtype
     n = int(x.shape[0])
-    sorter = BitonicSorter(n, x.dtype, argsort=argsort, config=config)
-    d_x, host = _as_device(x)
-    d_out = d_x if inplace else cuda.device_array(n, dtype=sorter.out_dtype)
-    if n:
-        sorter(d_x, d_out, descending=descending)
+    sorter = make_sorter(n, xn.dtype, argsort=argsort, config=config)
+    if isinstance(sorter, CudaSorter):
+        got = _run_cuda(sorter, xn, host=host, descending=descending, inplace=inplace)
+    else:
+        d_x, _ = _as_device(xn)
+        d_out = d_x if inplace else cuda.device_array(n, dtype=sorter.out_dtype)
+        if n:
+            sorter(d_x, d_out, descending=descending)
+        got = d_out if not host else d_out.copy_to_host(xn) if inplace else d_out.copy_to_host()
     if not host:
-        return d_out
+        return got
     if inplace:
-        d_out.copy_to_host(x)
+        if xn is not x:
+            x[...] = xn
         return x
-    return d_out.copy_to_host()
+    return got if argsort else got.astype(x.dtype, copy=False)
 
 
-def sort(x, *, descending: bool = False, inplace: bool = False, config: SortConfig | None = None):
+def _run_cuda(sorter: CudaSorter, x, *, host: bool, descending: bool, inplace: bool):
+    """Sort through the CUDA C++ passes: CuPy buffers on a GPU, the numpy/simulator arrays themselves under the
+    emulation. Returns the host result (host input; written into x when in place) or the device result."""
+    n = sorter.n
+    if isinstance(sorter.runtime, CupyRuntime):
+        cp = sorter.runtime.cupy
+        d_x = cp.asarray(x) if host else x
+        d_out = d_x if inplace else cp.empty(max(n, 1), dtype=sorter.out_dtype)[:n]
+        if n:
+            sorter(d_x, d_out, descending=descending)
+        if host:
+            return d_out.get(out=x) if inplace else d_out.get()
+        return d_x if inplace else cuda.as_cuda_array(d_out)
+    d_out = x if inplace else (np.empty(n, sorter.out_dtype) if host else cuda.device_array(n, sorter.out_dtype))
+    if n:
+        sorter(x, d_out, descending=descending)
+    return d_out
+
+
+def sort(x, *, descending: bool = False, inplace: bool = False, config=None):
     """Sorted copy of ``x`` (or ``x`` itself, sorted, with ``inplace=True``); see the module doc for the order."""
     if inplace and isinstance(x, np.ndarray) and not x.flags.writeable:
         raise ValueError("inplace=True needs a writeable array")
     return _run(x, argsort=False, descending=descending, inplace=inplace, config=config)
 
 
-def argsort(x, *, descending: bool = False, config: SortConfig | None = None):
+def argsort(x, *, descending: bool = False, config=None):
     """int64 permutation that sorts ``x``, ties broken by index (numpy.argsort(kind="stable") when ascending)."""
     return _run(x, argsort=True, descending=descending, inplace=False, config=config)

@@ -1,35 +1,68 @@
-"""The sort's claims (issue 3's three seed claims and its targets) and its plots.
+"""The sort's claims (the seed's three and the targets of the bandwidth-bound design) and its plots.
 
-Seed: a CUDA bitonic sort of 10M keys on an L40S; shared memory raised throughput from 67% to 93% (1.39x); pinned
-host memory cut the transfer from 15 ms to 5 ms (3x); 110x faster than sorting on the CPU. Targets on the H100:
-10M float32 keys-only ≤ 0.82 ms = 110x numpy.sort quicksort on that machine's CPU (90.2 ms) and within 2.5x of
-cupy.sort (CUB radix, 0.391 ms); shared ≥ 1.4x global-only; pinned H2D ≥ 3x pageable.
+Seed: a CUDA bitonic sort of 10M keys; shared memory raised throughput from 67% to 93% (1.39x); pinned host memory
+cut the transfer from 15 ms to 5 ms (3x); 110x faster than sorting on the CPU. Targets (impl/sort/plan.py's design:
+a 2^15-key tile in shared memory, then fused coset merge passes, ~15 passes over the keys for 10M):
+10M float32 keys-only <= 0.60 ms (>= 110x numpy quicksort on the GPU machine's host, <= 1.8x cupy.sort), every pass
+>= 75% of the copy bandwidth, argsort 10M <= 1.0 ms, 100M keys <= 7 ms, host to host 10M <= 2.0 ms (>= 40x numpy);
+shared >= 1.4x the global-only ablation and pinned >= 3x pageable keep holding.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from impl.common.ledger import BenchRatio, BenchStat, Claim
+from impl.common.ledger import BenchRatio, BenchStat, Claim, ResultValue
 from impl.common.plotting import pyplot, save_figure
+
+try:
+    from impl.common.ledger import Case
+except ImportError:  # the ledger's Case (COMMON spec) is not merged yet: the same two fields
+    @dataclass(frozen=True)
+    class Case:  # type: ignore[no-redef]
+        benches: dict[str, dict[str, Any]] = field(default_factory=dict)
+        results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 N = 10_000_000
 SHARED = f"test_sort_bitonic[shared-keys-float32-{N}]"
+SHARED_KV = f"test_sort_bitonic[shared-kv-float32-{N}]"
+SHARED_100M = "test_sort_bitonic[shared-keys-float32-100000000]"
 GLOBAL = f"test_sort_bitonic[global-keys-float32-{N}]"
 CUPY = f"test_sort_cupy[keys-float32-{N}]"
 NUMPY_QUICK = f"test_sort_numpy[quicksort-float32-{N}]"
+E2E = "test_sort_end_to_end[pinned_buffer]"
 
 CLAIMS = [
-    Claim(id="sort.time_10m_f32", system="sort", unit="ms", comparison="<=", target=0.82,
+    Claim(id="sort.time_10m_f32", system="sort", unit="ms", comparison="<=", target=0.60,
           statement="Bitonic sort of 10M float32 keys (keys only, shared-memory variant, one graph launch) takes "
-                    "at most 0.82 ms on the H100",
+                    "at most 0.60 ms",
           measure=BenchStat(SHARED, scale=1e3)),
     Claim(id="sort.speedup_vs_numpy", system="sort", unit="x", comparison=">=", target=110.0, seed_value=110.0,
           statement="Bitonic 10M float32 is at least 110x faster than numpy.sort (quicksort) of the same keys on "
                     "the GPU machine's own CPU (baseline: numpy quicksort, host clock)",
           measure=BenchRatio(NUMPY_QUICK, SHARED)),
-    Claim(id="sort.vs_cub", system="sort", unit="x", comparison="<=", target=2.5,
-          statement="Bitonic 10M float32 takes at most 2.5x the time of cupy.sort (CUB radix sort) of the same keys",
+    Claim(id="sort.vs_cub", system="sort", unit="x", comparison="<=", target=1.8,
+          statement="Bitonic 10M float32 takes at most 1.8x the time of cupy.sort (CUB radix sort) of the same keys",
           measure=BenchRatio(SHARED, CUPY)),
+    Claim(id="sort.slowest_pass_pct_copy", system="sort", unit="%", comparison=">=", target=75.0,
+          statement="Every pass of the 10M float32 keys-only sort, timed alone with the L2 flushed, moves its bytes "
+                    "(read + write) at >= 75% of the card's measured copy bandwidth (the slowest pass is judged)",
+          measure=ResultValue("sort", "passes", "keys.min_pct_copy_bw")),
+    Claim(id="sort.argsort_10m_f32", system="sort", unit="ms", comparison="<=", target=1.0,
+          statement="Bitonic argsort (key + index, stable) of 10M float32 keys takes at most 1.0 ms",
+          measure=BenchStat(SHARED_KV, scale=1e3)),
+    Claim(id="sort.time_100m_f32", system="sort", unit="ms", comparison="<=", target=7.0,
+          statement="Bitonic sort of 100M float32 keys (keys only, one graph launch) takes at most 7 ms",
+          measure=BenchStat(SHARED_100M, scale=1e3)),
+    Claim(id="sort.host_to_host_10m", system="sort", unit="ms", comparison="<=", target=2.0,
+          statement="The host pipeline sorts 10M float32 keys held in its pinned host buffer back into host memory "
+                    "(chunked copies overlapped with the first and last passes) in at most 2.0 ms (host clock)",
+          measure=BenchStat(E2E, scale=1e3)),
+    Claim(id="sort.host_to_host_vs_numpy", system="sort", unit="x", comparison=">=", target=40.0,
+          statement="Host to host through the pinned pipeline, 10M float32 keys are sorted at least 40x faster than "
+                    "numpy.sort (quicksort) sorts them on the same host",
+          measure=BenchRatio(NUMPY_QUICK, E2E)),
     Claim(id="sort.shared_vs_global", system="sort", unit="x", comparison=">=", target=1.4, seed_value=93 / 67,
           statement="The shared-memory variant is at least 1.4x faster than the global-memory-only ablation (one "
                     "global pass per network step) on 10M float32 keys (seed: 67% -> 93% throughput)",
@@ -39,6 +72,35 @@ CLAIMS = [
                     "(seed: 15 ms -> 5 ms)",
           measure=BenchRatio("test_sort_h2d[pageable]", "test_sort_h2d[pinned]")),
 ]
+
+
+def _bench(seconds: float, **extra_info) -> dict[str, Any]:
+    """A stored bench entry for a failing case: median, five rounds around it, extra_info."""
+    return {"median": seconds, "rounds": [seconds * f for f in (0.99, 1.0, 1.0, 1.0, 1.01)], "extra_info": extra_info}
+
+
+_KEYS = dict(n=N, dtype="float32", mode="keys")
+FAILING_CASES: dict[str, Case] = {
+    "sort.time_10m_f32": Case(benches={SHARED: _bench(0.75e-3, variant="shared", **_KEYS)}),
+    "sort.speedup_vs_numpy": Case(benches={NUMPY_QUICK: _bench(83e-3, variant="numpy_quicksort", **_KEYS),
+                                           SHARED: _bench(0.9e-3, variant="shared", **_KEYS)}),
+    "sort.vs_cub": Case(benches={SHARED: _bench(0.70e-3, variant="shared", **_KEYS),
+                                 CUPY: _bench(0.339e-3, variant="cupy", **_KEYS)}),
+    "sort.slowest_pass_pct_copy": Case(results={"sort/passes": {"keys": {
+        "passes": [{"kind": "tile", "pct_copy_bw": 31.0}, {"kind": "coset", "pct_copy_bw": 80.0}],
+        "min_pct_copy_bw": 31.0, "total_ms": 0.5}}}),
+    "sort.argsort_10m_f32": Case(benches={SHARED_KV: _bench(1.3e-3, variant="shared", n=N, dtype="float32",
+                                                            mode="kv")}),
+    "sort.time_100m_f32": Case(benches={SHARED_100M: _bench(8.5e-3, variant="shared", n=100_000_000,
+                                                            dtype="float32", mode="keys")}),
+    "sort.host_to_host_10m": Case(benches={E2E: _bench(2.4e-3, variant="e2e_pinned_buffer", **_KEYS)}),
+    "sort.host_to_host_vs_numpy": Case(benches={NUMPY_QUICK: _bench(83e-3, variant="numpy_quicksort", **_KEYS),
+                                                E2E: _bench(2.5e-3, variant="e2e_pinned_buffer", **_KEYS)}),
+    "sort.shared_vs_global": Case(benches={GLOBAL: _bench(1.0e-3, variant="global", **_KEYS),
+                                           SHARED: _bench(0.9e-3, variant="shared", **_KEYS)}),
+    "sort.pinned_vs_pageable": Case(benches={"test_sort_h2d[pageable]": _bench(2.0e-3, variant="pageable"),
+                                             "test_sort_h2d[pinned]": _bench(0.84e-3, variant="pinned")}),
+}
 
 _STYLE = {"shared": "-o", "shared_direct": "--o", "global": "-s", "cupy": "-^", "torch": "-v",
           "numpy_quicksort": ":x", "numpy_stable": ":+"}
@@ -79,7 +141,7 @@ def plot_time_vs_n(view, out_dir: Path) -> list[Path]:
 
 
 def plot_passes(view, out_dir: Path) -> list[Path]:
-    """Per-pass time and % of copy bandwidth of the 10M float32 sort (experiment ``passes``)."""
+    """Per-pass % of copy bandwidth of the 10M float32 sort (experiment ``passes``)."""
     rec = view.result("sort", "passes")
     if not rec or not rec["data"].get("keys"):
         return []
@@ -87,9 +149,10 @@ def plot_passes(view, out_dir: Path) -> list[Path]:
 
     rows = rec["data"]["keys"]["passes"]
     fig, ax = plt.subplots(figsize=(11, 4))
-    colors = {"tile": "tab:blue", "wide": "tab:orange", "register": "tab:green"}
-    ax.bar(range(len(rows)), [r["pct_copy_bw"] for r in rows], color=[colors[r["kind"]] for r in rows])
-    ax.set(xlabel="pass (blue tile, orange wide, green register)", ylabel="% of copy bandwidth",
+    colors = {"tile": "tab:blue", "coset": "tab:orange", "wide": "tab:orange", "register": "tab:green"}
+    ax.bar(range(len(rows)), [r["pct_copy_bw"] for r in rows], color=[colors.get(r["kind"], "gray") for r in rows])
+    ax.axhline(75, color="k", lw=0.8, ls="--")
+    ax.set(xlabel="pass (blue: block sort, orange: merge)", ylabel="% of copy bandwidth",
            title=f"10M float32 keys: {len(rows)} passes, {rec['data']['keys']['total_ms']:.3f} ms summed")
     path = out_dir / "sort_passes.png"
     return save_figure(fig, path, dpi=110)

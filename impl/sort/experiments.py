@@ -4,8 +4,9 @@
     python -m impl.sort.experiments --quick    fewer configurations and sizes, no ncu
     python -m impl.sort.experiments --smoke    CPU (simulator), tiny sizes, prints only, writes nothing
 
-passes     each pass of the 10M float32 sort timed alone (L2 flushed): ms, GB/s, % of the copy peak, by kind
-tune       one knob at a time around the default config: tile bytes, keys per thread, min run, wide-pass kind
+passes     each pass of the 10M float32 sort (CUDA C++ passes) timed alone (L2 flushed): ms, GB/s, % of the copy
+           peak, by kind; ``min_pct_copy_bw`` feeds the per-pass claim (the wider search is ``impl.sort.tune``)
+tune       the numba sorter, one knob at a time around its default config (the CPU-runnable implementation)
 transfers  host<->device copies from pageable vs pinned memory at 4 / 40 / 400 MB
 pipeline   host-to-host sort: chunks 1/2/4/8 pinned vs naive pageable, at 10M (and 100M without --quick)
 ncu        Nsight Compute over one 10M float32 sort: DRAM bytes, occupancy, registers, bank conflicts per pass
@@ -35,6 +36,7 @@ from impl.sort.network import GPU_CONFIG, default_config, make_program
 from impl.sort.pipeline import NAIVE, HostSortPipeline, PipelineConfig
 
 NCU_METRICS = ("gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,"
+               "dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,"
                "sm__warps_active.avg.pct_of_peak_sustained_active,sm__maximum_warps_per_active_cycle_pct,"
                "launch__registers_per_thread,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,"
                "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum")
@@ -61,36 +63,45 @@ def warmup_for(reps: int) -> int:
     return 2 if reps > 2 else 0  # smoke runs (reps <= 2) only prove the code runs
 
 
-def timed_sort(sorter: BitonicSorter, d_x, d_out, reps: int) -> tuple[float, str]:
+def timed_sort(sorter, d_x, d_out, reps: int) -> tuple[float, str]:
     """Median ms of one whole sort, graph-replayed where possible (else direct launches), and which it was."""
     try:
-        run, how = SortGraph(sorter, d_x, d_out), "graph"
+        if isinstance(sorter, BitonicSorter):
+            run, how = SortGraph(sorter, d_x, d_out), "graph"
+        else:
+            run, how = sorter.graph(d_x, d_out), "graph" if backend.ON_GPU else "replayed launches (emulation)"
     except Exception as e:  # simulator, or a capture problem on this machine
         run, how = (lambda: sorter(d_x, d_out)), f"direct ({type(e).__name__})"
-    return time_fn(run, warmup=warmup_for(reps), reps=reps).median_ms, how
+    return time_fn(run, warmup=warmup_for(reps), reps=reps, queue_ahead=True).median_ms, how
 
 
 def exp_passes(n: int, reps: int, peak: float | None) -> dict[str, Any]:
-    """Every pass of the keys and kv sorts of n float32 keys, timed alone."""
+    """Every pass of the keys and kv sorts of n float32 keys (the CUDA C++ passes; numba's where they cannot run),
+    each timed alone with the L2 flushed, in the queued view."""
+    from impl.sort.bitonic import make_sorter
+    from impl.sort.plan import EMU_CUDA_CONFIG
+
     out: dict[str, Any] = {"n": n}
     x = cuda.to_device(random_keys(n))
+    config = None if backend.ON_GPU else EMU_CUDA_CONFIG  # CPU smoke: the emulated CUDA C++ passes
     for mode in ("keys", "kv"):
-        sorter = BitonicSorter(n, np.float32, argsort=mode == "kv")
+        sorter = make_sorter(n, np.float32, argsort=mode == "kv", config=config)
         d_out = cuda.device_array(n, dtype=sorter.out_dtype)
         sorter(x, d_out)  # compile; fill the workspace
-        src, dst = sorter.views(x, d_out)
-        enc = sorter.encode_params(False)
         rows = []
-        for p, launch, nbytes in zip(sorter.plan.passes, sorter.launches, sorter.bytes_per_pass()):
-            ms = time_fn(lambda: sorter.launch_one(launch, src, dst, enc, 0), warmup=warmup_for(reps),
-                         reps=reps).median_ms
+        for i, (p, nbytes) in enumerate(zip(sorter.plan.passes, sorter.bytes_per_pass())):
+            ms = time_fn(lambda i=i: sorter.launch_pass(i, x, d_out), warmup=warmup_for(reps), reps=reps,
+                         queue_ahead=True).median_ms
             gbps = nbytes / ms / 1e6
-            rows.append({"kind": p.kind, "steps": len(p.steps),
-                         "rounds": len(launch.program.rounds), "grid": launch.grid, "block": launch.block,
+            rows.append({"kind": p.kind, "steps": p.steps if isinstance(p.steps, int) else len(p.steps),
                          "bytes": nbytes, "ms": ms, "gbps": gbps, "pct_copy_bw": 100 * gbps / peak if peak else None})
         whole, how = timed_sort(sorter, x, d_out, reps)
+        pcts = [r["pct_copy_bw"] for r in rows if r["pct_copy_bw"] is not None]
         out[mode] = {"passes": rows, "total_ms": sum(r["ms"] for r in rows), "whole_sort_ms": whole, "launch": how,
-                     "tile": sorter.plan.tile, "bytes_total": sum(sorter.bytes_per_pass())}
+                     "implementation": type(sorter).__name__, "tile": sorter.tile,
+                     "bytes_total": sum(sorter.bytes_per_pass()), "min_pct_copy_bw": min(pcts) if pcts else None,
+                     "min_merge_pct_copy_bw": min((r["pct_copy_bw"] for r in rows[1:] if r["pct_copy_bw"]),
+                                                  default=None)}
         log(f"passes {mode}: {len(rows)} passes, summed {out[mode]['total_ms']:.3f} ms, whole sort {whole:.3f} ms "
             f"({how})")
     return out
@@ -167,29 +178,43 @@ def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4
 
 def ncu_target(n: int) -> None:
     """Process profiled by ncu: one warm-up sort (compiles; skipped by ncu), then the profiled one."""
-    sorter = BitonicSorter(n, np.float32)
+    from impl.sort.bitonic import make_sorter
+
+    sorter = make_sorter(n, np.float32)
     x, d_out = cuda.to_device(random_keys(n)), cuda.device_array(n, np.float32)
     sorter(x, d_out)
     cuda.synchronize()
     sorter(x, d_out)
     cuda.synchronize()
-    print(f"NCU_PASSES={len(sorter.launches)}", flush=True)
+    print(f"NCU_PASSES={len(sorter.plan.passes)}", flush=True)
 
 
 def exp_ncu(n: int) -> dict[str, Any] | None:
+    """DRAM bytes, occupancy and bank conflicts per pass of one sort (``ncu_command`` spells the command)."""
     if shutil.which("ncu") is None:
         log("ncu: not found, skipped")
         return None
-    passes = len(BitonicSorter(n, np.float32).plan.passes)
-    cmd = ["ncu", "--csv", "--cache-control", "none", "--clock-control", "none", "--metrics", NCU_METRICS,
-           "-k", "regex:block_kernel|register_kernel", "--launch-skip", str(passes), "--launch-count", str(passes),
-           sys.executable, "-m", "impl.sort.experiments", "--ncu-target", str(n)]
+    cmd = ncu_command(n)
+    passes = int(cmd[cmd.index("--launch-count") + 1])
     log(f"ncu: profiling {passes} passes of the {n:,}-key sort")
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=os.environ.copy())
     if res.returncode != 0:
         log(f"ncu failed (rc {res.returncode}): {res.stderr[-500:]}")
         return {"error": res.stderr[-2000:], "returncode": res.returncode}
     return {"n": n, "kernels": parse_ncu_csv(res.stdout)}
+
+
+def ncu_command(n: int) -> list[str]:
+    """ncu over the second of two sorts of n float32 keys: every pass kernel of the default sorter."""
+    from impl.sort.bitonic import uses_cuda_cpp
+    from impl.sort.plan import build_cuda_plan
+
+    cpp = uses_cuda_cpp(None)
+    passes = len(build_cuda_plan(n, "keys32").passes if cpp else BitonicSorter(n, np.float32).plan.passes)
+    kernels = "regex:sort_" if cpp else "regex:block_kernel|register_kernel"
+    return ["ncu", "--csv", "--cache-control", "none", "--clock-control", "none", "--metrics", NCU_METRICS,
+            "-k", kernels, "--launch-skip", str(passes), "--launch-count", str(passes),
+            sys.executable, "-m", "impl.sort.experiments", "--ncu-target", str(n)]
 
 
 def parse_ncu_csv(text: str) -> list[dict[str, Any]]:

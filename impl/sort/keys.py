@@ -68,11 +68,24 @@ SUPPORTED_DTYPES = tuple(FORMATS)
 
 
 def key_format(dtype) -> KeyFormat:
-    """The ``KeyFormat`` of ``dtype``; a clear TypeError for anything unsupported."""
-    name = np.dtype(dtype).name if not hasattr(dtype, "is_floating_point") else str(dtype).replace("torch.", "")
+    """The ``KeyFormat`` of ``dtype``; a clear TypeError for anything unsupported, including a non-native byte
+    order (the kernels read raw bits in the machine's order: '>f4' would sort byte-swapped garbage)."""
+    if hasattr(dtype, "is_floating_point"):  # a torch dtype (always native)
+        name = str(dtype).replace("torch.", "")
+    else:
+        dt = np.dtype(dtype)
+        if not dt.isnative:
+            raise TypeError(f"unsupported byte order: dtype {dt.str!r} is not in the machine's byte order; convert "
+                            f"it first, e.g. x.astype(x.dtype.newbyteorder('='))")
+        name = dt.name
     if name not in FORMATS:
         raise TypeError(f"unsupported dtype {name}: the bitonic sort takes {', '.join(SUPPORTED_DTYPES)}")
     return FORMATS[name]
+
+
+def native(x: np.ndarray) -> np.ndarray:
+    """``x`` itself when its byte order is the machine's, else a copy in it (same values)."""
+    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
 
 
 # ---- device functions (used inside the sort kernels) ----------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The simulator runs the kernels' Python, not their numba typing or code generation; this check catches what only the
 real compiler sees (type unification, unsupported operations) and shows registers, spills and shared memory per
-variant, which decide occupancy on the H100. numba must be imported *without* the simulator, before ``impl`` turns
+variant, which decide occupancy on an sm_90 card. numba must be imported *without* the simulator, before ``impl`` turns
 it on, so the check runs in a fresh interpreter: ``run_in_subprocess()`` (used by the tests) or, on a GPU machine,
 ``python -m impl.sort.ptxcheck``.
 """

@@ -1,0 +1,349 @@
+"""Property tests of the CUDA C++ bitonic sort: plan (impl.sort.plan), numpy twin (impl.sort.twin), bitonic.cu.
+
+On a CPU: the plan's structure at any n; its numpy twin running the GPU configuration's own passes; ``bitonic.cu``
+itself, compiled with g++ under its thread emulation (``bitonic_emulated.cpp``), against numpy at sizes that cross
+every tile and pass boundary of a small configuration (tiles of 256 keys: ~3000 keys take 12 passes); the source
+compiles for sm_90 with nvcc without spilling. On a GPU: the same kernels through CuPy against cupy.sort / numpy.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import cuda
+
+from fixtures.oracle import assert_close, check_kernel
+from fixtures.strategies import arrays, make_array, max_size, seeds, sizes
+from impl.sort import bitonic
+from impl.sort.bitonic import BitonicSorter, argsort, sort
+from impl.sort.codegen import KernelSpec, module_source, plan_kernels
+from impl.sort.cuda_sort import CudaSorter, emulated_runtime
+from impl.sort.keys import SUPPORTED_DTYPES
+from impl.sort.pipeline import HostSortPipeline, PipelineConfig
+from impl.sort.plan import (EMU_CUDA_CONFIG, GPU_CUDA_CONFIG, MODES, CudaSortConfig, build_cuda_plan,
+                            padded_bits)
+from impl.sort.reference import argsort_reference, is_permutation, sort_reference
+from impl.sort.runtimes import EmulatedRuntime, cupy_unavailable_reason
+from impl.sort.testing import host_bits
+from impl.sort.twin import check_plan, sort_twin
+
+DTYPES = st.sampled_from(SUPPORTED_DTYPES)
+PLAN_CONFIGS = [GPU_CUDA_CONFIG, EMU_CUDA_CONFIG, replace(GPU_CUDA_CONFIG, fuse=False),
+                CudaSortConfig(tile_bits=14, items_bits=5), CudaSortConfig(tile_bits=13, items_bits=5, run_bits=6),
+                CudaSortConfig(items_bits=7), CudaSortConfig(tile_bits=7, items_bits=2, run_bits=1),
+                replace(EMU_CUDA_CONFIG, fuse=False)]
+EMU_MAX_N = 3000
+NO_GXX = EmulatedRuntime.unavailable_reason()
+CUPY_REASON = cupy_unavailable_reason()
+
+
+# ---- the plan (pure Python: any n) ------------------------------------------------------------------------------
+
+@given(n=st.one_of(sizes(max_n=1 << 20), st.integers(0, (1 << 31) - 1)), config=st.sampled_from(PLAN_CONFIGS),
+       mode=st.sampled_from(sorted(MODES)))
+@settings(max_examples=40, deadline=None)
+def test_plan_is_well_formed_and_runs_every_merge_step_once(n, config, mode):
+    plan = build_cuda_plan(n, mode, config)
+    check_plan(plan)
+    t = plan.passes[0].t
+    assert all(p.steps <= t or p.kind == "tile" for p in plan.passes), "a merge pass holds more steps than dims"
+    for p in plan.passes:
+        blocks = p.active_blocks(n)
+        assert (blocks == 0) == (n == 0)
+        if blocks:  # exactly the cosets holding a real slot are launched
+            assert p.x0(blocks - 1) < n <= p.x0(blocks)
+
+
+def test_pass_counts_of_the_design_point():
+    """10M float32 keys, tile 2^15: one block sort + 14 fused merge passes (19 with one tile pass per stage); argsort
+    (8-byte slots, tile 2^14) 18; 100M keys 21. The bandwidth model counts these."""
+    counts = {(n, mode, fuse): len(build_cuda_plan(n, mode, replace(GPU_CUDA_CONFIG, fuse=fuse)).passes)
+              for n, mode, fuse in [(10_000_000, "keys32", True), (10_000_000, "keys32", False),
+                                    (10_000_000, "composite", True), (100_000_000, "keys32", True)]}
+    assert counts == {(10_000_000, "keys32", True): 15, (10_000_000, "keys32", False): 19,
+                      (10_000_000, "composite", True): 18, (100_000_000, "keys32", True): 21}
+    plan = build_cuda_plan(10_000_000, "keys32")
+    assert plan.tile == 1 << 15 and plan.threads == 512 and plan.passes[-1].contiguous
+    assert GPU_CUDA_CONFIG.smem_bytes("keys32") <= 232448 and GPU_CUDA_CONFIG.smem_bytes("pairs") <= 232448
+
+
+def test_config_rejects_impossible_shapes():
+    with pytest.raises(ValueError, match="items_bits"):
+        CudaSortConfig(items_bits=9)
+    with pytest.raises(ValueError, match="threads"):
+        CudaSortConfig(tile_bits=15, items_bits=2)
+    with pytest.raises(ValueError, match="tile_bits must be <= 15"):
+        CudaSortConfig(tile_bits=16, items_bits=7)
+    with pytest.raises(ValueError, match="mode"):
+        build_cuda_plan(10, "keys16")
+
+
+@given(n=sizes(max_n=1 << 15), seed=seeds(), config=st.sampled_from(PLAN_CONFIGS),
+       mode=st.sampled_from(sorted(MODES)))
+@settings(max_examples=25, deadline=None)
+def test_numpy_twin_of_the_plan_sorts(n, seed, config, mode):
+    """Every pass of the plan, executed as the kernels do (cosets, complemented flip halves), sorts any n and never
+    moves a real key onto a pad slot."""
+    dtype = np.uint32 if mode == "keys32" else np.uint64
+    keys = np.random.default_rng(seed).integers(0, max(n // 3, 1), n).astype(dtype)
+    assert np.array_equal(sort_twin(keys, build_cuda_plan(n, mode, config)), np.sort(keys))
+
+
+@pytest.mark.parametrize("n", [200_003, 1 << 18])
+def test_numpy_twin_at_the_design_point(n):
+    """The GPU configuration's own passes (tile 2^15, several fused merge passes) on random 32-bit keys."""
+    keys = np.random.default_rng(n).integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+    plan = build_cuda_plan(n, "keys32")
+    assert len(plan.passes) > 4
+    assert np.array_equal(sort_twin(keys, plan), np.sort(keys))
+
+
+# ---- bitonic.cu itself on the CPU (g++ emulation) ---------------------------------------------------------------
+
+def emulation_kernels(config: CudaSortConfig = EMU_CUDA_CONFIG, max_n: int = EMU_MAX_N) -> list[KernelSpec]:
+    """Every kernel a sort of up to max_n keys of any supported dtype can launch (one shared library)."""
+    specs: list[KernelSpec] = []
+    for mode, raws in (("keys32", (16, 32)), ("composite", (16, 32)), ("keys64", (64,)), ("pairs", (64,))):
+        for logn in range(0, padded_bits(max_n) + 1):
+            for raw in raws:
+                specs += plan_kernels(build_cuda_plan(max(1 << logn, 1), mode, config), raw)
+    return list(dict.fromkeys(specs))
+
+
+@pytest.fixture(scope="module")
+def emu():
+    if NO_GXX:
+        pytest.skip(NO_GXX)
+    rt = emulated_runtime()
+    rt.kernels(emulation_kernels(), 0)  # one g++ build for every kernel the tests below launch
+    return rt
+
+
+def run_emulated(x: np.ndarray, *, argsort_: bool = False, descending: bool = False,
+                 config: CudaSortConfig = EMU_CUDA_CONFIG) -> np.ndarray:
+    """Sort ``x`` through the emulated kernels (poisoned output, two runs) against the numpy reference."""
+    sorter = CudaSorter(x.size, x.dtype, argsort=argsort_, config=config, runtime=emulated_runtime())
+    keep = x.copy()
+    expected = (argsort_reference if argsort_ else sort_reference)(x, descending=descending)
+    out = np.empty(x.size, dtype=sorter.out_dtype)
+    check_kernel(lambda o: sorter(x, o, descending=descending), out, expected, rtol=0, atol=0)
+    assert np.array_equal(host_bits(x), host_bits(keep)), "the input was modified"
+    return out
+
+
+@given(x=arrays(DTYPES, max_n=EMU_MAX_N), argsort_=st.booleans(), descending=st.booleans())
+@settings(deadline=None)
+def test_cuda_source_under_emulation_matches_numpy(emu, x, argsort_, descending):
+    got = run_emulated(x, argsort_=argsort_, descending=descending)
+    if argsort_:
+        assert is_permutation(got, x.size)
+
+
+@pytest.mark.parametrize("dtype,pattern,argsort_", [("float32", "nasty", False), ("float16", "nasty", True),
+                                                     ("int32", "zipf", False), ("uint32", "few_distinct", True),
+                                                     ("int64", "extremes", False), ("int64", "few_distinct", True),
+                                                     ("float32", "reverse", True)])
+def test_cuda_source_across_every_pass_boundary(emu, dtype, pattern, argsort_):
+    """Sizes around 2^k, k = 8..11: the tile pass alone (256), then one more stage (and merge pass) at a time."""
+    for n in (256, 257, 1023, 2049):
+        run_emulated(make_array(n, dtype, pattern, seed=n), argsort_=argsort_, descending=n % 2 == 1)
+
+
+def test_chunked_first_and_last_passes_equal_whole_launches(emu):
+    """The host pipeline launches the tile pass and the last pass block range by block range (``block0``)."""
+    n = 2500
+    x = make_array(n, "float32", "random", seed=4)
+    sorter = CudaSorter(n, np.float32, config=EMU_CUDA_CONFIG, runtime=emu)
+    whole = np.empty(n, np.float32)
+    sorter(x, whole)
+    out = np.full(n, np.nan, np.float32)
+    last = len(sorter.plan.passes) - 1
+    assert sorter.plan.passes[last].contiguous
+    for i in range(last + 1):
+        if i in (0, last):
+            for b in range(0, sorter.grids[i], 3):
+                sorter.launch_pass(i, x, out, first_block=b, blocks=3)
+        else:
+            sorter.launch_pass(i, x, out)
+    assert np.array_equal(out, whole) and np.array_equal(out, np.sort(x))
+
+
+def test_public_api_runs_the_cuda_source_with_a_cuda_config(emu):
+    x = make_array(1500, "float32", "nasty", seed=8)
+    assert_close(sort(x, config=EMU_CUDA_CONFIG), np.sort(x), rtol=0, atol=0)
+    assert np.array_equal(argsort(x, descending=True, config=EMU_CUDA_CONFIG),
+                          argsort_reference(x, descending=True))
+    y = x.copy()
+    assert sort(y, inplace=True, config=EMU_CUDA_CONFIG) is y and np.array_equal(host_bits(y), host_bits(sort(x)))
+    d = cuda.to_device(x)
+    got = argsort(d, config=EMU_CUDA_CONFIG)
+    assert hasattr(got, "copy_to_host") and np.array_equal(got.copy_to_host(), np.argsort(x, kind="stable"))
+
+
+def test_host_pipeline_runs_the_cuda_source(emu):
+    n = 2100
+    x = make_array(n, "int32", "random", seed=5)
+    for pc in (PipelineConfig(chunks=3), PipelineConfig(chunks=2, pinned=False)):
+        pipe = HostSortPipeline(n, np.int32, config=EMU_CUDA_CONFIG, pipeline=pc)
+        assert np.array_equal(pipe(x), np.sort(x))
+        pipe.stage_in[:] = x
+        assert np.array_equal(pipe.sort_staged(), np.sort(x))
+
+
+# ---- byte order: every public entry point sorts a big-endian array by value or refuses it by name -----------------
+
+BIG = [">f4", ">i4", ">u4", ">i8", ">f2"]
+
+
+@pytest.mark.parametrize("dtype", BIG)
+@pytest.mark.parametrize("config", [None, EMU_CUDA_CONFIG], ids=["default", "cuda-source"])
+def test_big_endian_host_arrays_sort_by_value(emu, dtype, config):
+    x = np.array([3.0, -1.0, 2.0, 0.5, 10.0, 2.0, -7.0]).astype(dtype)
+    got = sort(x, config=config)
+    assert got.dtype == x.dtype and np.array_equal(got, np.sort(x))
+    assert np.array_equal(sort(x, descending=True, config=config), np.sort(x)[::-1])
+    assert np.array_equal(argsort(x, config=config), np.argsort(x, kind="stable"))
+    y = x.copy()
+    assert sort(y, inplace=True, config=config) is y and y.dtype == x.dtype and np.array_equal(y, np.sort(x))
+    pipe = HostSortPipeline(x.size, x.dtype.newbyteorder("="), argsort=True, config=config)
+    assert np.array_equal(pipe(x), np.argsort(x, kind="stable"))
+
+
+@pytest.mark.parametrize("dtype", BIG)
+def test_big_endian_dtypes_are_refused_where_they_cannot_be_converted(dtype):
+    with pytest.raises(TypeError, match="byte order"):
+        BitonicSorter(8, dtype)
+    with pytest.raises(TypeError, match="byte order"):
+        CudaSorter(8, dtype, config=EMU_CUDA_CONFIG, runtime=emulated_runtime())
+    with pytest.raises(TypeError, match="byte order"):
+        HostSortPipeline(8, dtype)
+    with pytest.raises(TypeError, match="byte order"):
+        sort(cuda.to_device(np.zeros(8, dtype)))  # device memory is used as it is: refused, not swapped
+
+
+# ---- nvcc for sm_90 ---------------------------------------------------------------------------------------------
+
+def ptxas_rows(specs: list[KernelSpec], one_module: bool) -> list[dict]:
+    from impl.sort.compile_check import compile_module, compile_report
+
+    if one_module:
+        return compile_module(specs)
+    return compile_report(specs)  # cubins cached by source text: a hit is this very source, compiled
+
+
+def test_cuda_source_compiles_for_sm90_without_spills():
+    """Every kernel kind (tile pass, coset passes with and without the flip, encode/decode for every dtype width)
+    of the small configuration, in every slot mode, through nvcc -arch=sm_90 and ptxas."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not on PATH: the CUDA C++ source cannot be compiled here")
+    specs = emulation_kernels(max_n=1 << 11)
+    rows = ptxas_rows(specs, one_module=True)
+    assert {r["name"] for r in rows} == {s.name for s in specs}
+    for r in rows:
+        assert r["spill_stores"] == 0 and r["stack"] == 0, f"{r}: spills"
+        assert r["registers"] * r["threads"] * r["min_blocks"] <= 65536, f"{r}: the blocks do not fit the SM's registers"
+
+
+def test_cuda_source_compiles_with_nvrtc_like_cupy():
+    """CuPy's fallback without nvcc: NVRTC on the generated source (no headers, C++17, sm_90; NVRTC takes the
+    static_for lambdas for host code unless -default-device)."""
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) is not installed here")
+    specs = plan_kernels(build_cuda_plan(2049, "composite", EMU_CUDA_CONFIG), 16)
+    err, prog = nvrtc.nvrtcCreateProgram(module_source(specs).encode(), b"sort.cu", 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    opts = [b"-std=c++17", b"-default-device", b"--gpu-architecture=sm_90"]  # lambdas: device code
+    try:
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    except RuntimeError as e:  # the NVRTC library itself did not load
+        pytest.skip(f"NVRTC is not usable here: {e}")
+    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    log = bytes(max(size, 2))  # never a 1-byte bytes object: CPython shares those process-wide
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_design_point_kernels_fit_an_sm90_block():
+    """The GPU configuration's heaviest kernels (the block sort with encode, a fused merge pass with the flip, the
+    decode pass; keys-only and argsort): at most 128 registers for 512 threads, no spills (ptxas -v)."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not on PATH: the CUDA C++ source cannot be compiled here")
+    specs = []
+    for mode in ("keys32", "composite"):
+        ks = plan_kernels(build_cuda_plan(10_000_000, mode), 32)
+        specs += [ks[0], next(k for k in ks if k.spec.f >= 0 and k.spec.exchanges >= 3), ks[-1]]
+    rows = ptxas_rows(specs, one_module=False)
+    for r in rows:
+        assert r["threads"] == 512 and r["min_blocks"] == 1 and r["registers"] <= 128, r
+        assert r["spill_stores"] == 0 and r["stack"] == 0, f"{r}: spills"
+
+
+def test_a_wrong_comparator_is_caught(tmp_path):
+    """The emulated tests can fail: with min and max swapped in one mode's compare-exchange, the sort differs."""
+    if NO_GXX:
+        pytest.skip(NO_GXX)
+    from impl.sort import codegen
+
+    good = codegen.SOURCE.read_text()
+    bad = good.replace("const V l = vmin(a, b), h = vmax(a, b);", "const V l = vmax(a, b), h = vmin(a, b);", 1)
+    assert bad != good
+    broken = tmp_path / "bitonic.cu"
+    broken.write_text(bad)
+    original = codegen.SOURCE
+    codegen.SOURCE = broken
+    try:
+        rt = EmulatedRuntime()
+        x = make_array(700, "int32", "random", seed=1)
+        sorter = CudaSorter(x.size, x.dtype, config=EMU_CUDA_CONFIG, runtime=rt)
+        out = np.empty_like(x)
+        sorter(x, out)
+    finally:
+        codegen.SOURCE = original
+    assert not np.array_equal(out, np.sort(x))
+
+
+# ---- on a GPU: CuPy ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CUPY_REASON is not None, reason=str(CUPY_REASON))
+@pytest.mark.parametrize("n", [1 << 20, 10_000_001])
+@pytest.mark.parametrize("dtype", ["float32", "int64", "float16"])
+def test_cuda_sort_on_gpu_matches_numpy(n, dtype):
+    x = make_array(n, dtype, "nasty" if dtype != "int64" else "extremes", seed=n)
+    assert_close(sort(x), np.sort(x), rtol=0, atol=0)
+    assert np.array_equal(argsort(x), np.argsort(x, kind="stable"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CUPY_REASON is not None, reason=str(CUPY_REASON))
+@given(x=arrays(DTYPES, max_n=max_size(cpu=64, gpu=1 << 20)), argsort_=st.booleans(), descending=st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_cuda_sort_on_gpu_matches_numpy_property(x, argsort_, descending):
+    """The default sort/argsort on a GPU (the CUDA C++ passes) at every size up to 2^20, every dtype, both orders."""
+    got = (argsort if argsort_ else sort)(x, descending=descending)
+    ref = (argsort_reference if argsort_ else sort_reference)(x, descending=descending)
+    assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CUPY_REASON is not None, reason=str(CUPY_REASON))
+@pytest.mark.parametrize("argsort_", [False, True], ids=["keys", "argsort"])
+def test_cuda_graph_replay_matches_direct_launches(argsort_):
+    import cupy
+
+    n = 3_000_017
+    x = make_array(n, "float32", "nasty", seed=5)
+    sorter = CudaSorter(n, np.float32, argsort=argsort_)
+    d_x, d_out = cupy.asarray(x), cupy.empty(n, dtype=sorter.out_dtype)
+    replay = sorter.graph(d_x, d_out)
+    d_out.fill(0)
+    replay()
+    cupy.cuda.Device().synchronize()
+    got = d_out.get()
+    ref = argsort_reference(x) if argsort_ else sort_reference(x)
+    assert_close(got, ref, rtol=0, atol=0)
+    assert bitonic.uses_cuda_cpp(None)

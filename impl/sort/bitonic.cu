@@ -1,0 +1,394 @@
+// Bitonic sort passes in CUDA C++ (CuPy RawModule on the GPU; nvcc -arch=sm_90 in CI; g++ with the thread
+// emulation of bitonic_emulated.cpp on the CPU). This file holds the generic parts; impl/sort/codegen.py appends one
+// `extern "C"` kernel per pass of a plan (impl/sort/plan.py): a short, straight sequence of the calls below with the
+// pass's coordinates, layouts and register bits as template arguments, so every index is a compile-time constant.
+//
+// A block holds 2^T slots (a contiguous tile or a coset, see plan.py): position(s) = x0 ^ XOR of basis(i) over the
+// coordinates i set in s. A thread holds 2^E slots in registers r[c]; a Layout maps coordinates to register bits
+// (c), lane bits and warp bits (the thread index). Kernel arguments, the same for every pass:
+//   src   raw input bits (read by the encode pass)      keys  key workspace (uint32 or uint64 per slot)
+//   vals  uint32 index workspace (pairs mode)            out   output: raw bits (keys-only) or int64 indices
+//   n     real slots (positions >= n are +inf pads, never read or written)
+//   kind  0 unsigned, 1 signed, 2 float   canon  -0.0 -> +0.0 (argsort)   flip  all ones: descending
+//   block0  index of the launch's first block (the host pipeline runs contiguous passes chunk by chunk)
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#ifndef SORT_HOST_EMULATION
+#define SORT_FN __device__ __forceinline__
+#define SORT_HD __host__ __device__
+#define SORT_SYNC() __syncthreads()
+#define SORT_TID threadIdx.x
+#define SORT_BID blockIdx.x
+extern __shared__ __align__(16) unsigned char sort_smem[];
+#endif
+SORT_FN u32 vmin(u32 a, u32 b) { return a < b ? a : b; }  // min.u32 / max.u32 in PTX, no header needed
+SORT_FN u32 vmax(u32 a, u32 b) { return a < b ? b : a; }
+SORT_FN u64 vmin(u64 a, u64 b) { return a < b ? a : b; }
+SORT_FN u64 vmax(u64 a, u64 b) { return a < b ? b : a; }
+#define CV(X) decltype(X)::value  // the index of a static_for step, as a constant expression
+
+// ---- compile-time helpers ---------------------------------------------------------------------------------------
+
+template <int V>
+struct Int {
+    static constexpr int value = V;
+};
+
+template <int N, int I = 0, class F>
+SORT_FN void static_for(F&& f) {  // f(Int<0>{}), ..., f(Int<N-1>{}): each index a constant expression
+    if constexpr (I < N) {
+        f(Int<I>{});
+        static_for<N, I + 1>(f);
+    }
+}
+
+template <int... I>
+struct Seq {
+    static constexpr int size = sizeof...(I);
+    SORT_HD static constexpr int get(int j) {
+        const int v[] = {I..., -1};
+        return v[j];
+    }
+    SORT_HD static constexpr int find(int x) {  // index of x, -1 if absent
+        for (int j = 0; j < size; ++j)
+            if (get(j) == x) return j;
+        return -1;
+    }
+};
+
+SORT_HD constexpr int pivot_of(u32 b) {  // highest set bit
+    int p = 0;
+    while (p < 31 && (b >> (p + 1))) ++p;
+    return p;
+}
+
+SORT_HD constexpr u32 pad_index(u32 s) { return s + (s >> 5) + (s >> 10); }  // shared slot: conflict padding
+
+// Coordinates of register bit k (REGS), lane bit j (LANES, 5) and warp bit j (WARPS) of one layout.
+template <class REGS, class LANES, class WARPS>
+struct Layout {
+    typedef REGS Regs;
+    SORT_HD static constexpr u32 reg_slot(int c) {  // coordinate bits of register c
+        u32 s = 0;
+        for (int k = 0; k < REGS::size; ++k)
+            if ((c >> k) & 1) s |= 1u << REGS::get(k);
+        return s;
+    }
+    SORT_FN static u32 thread_slot(u32 tid) {  // coordinate bits of this thread
+        u32 s = 0;
+        static_for<LANES::size>([&](auto J) { s |= ((tid >> CV(J)) & 1u) << LANES::get(CV(J)); });
+        static_for<WARPS::size>([&](auto J) { s |= ((tid >> (5 + CV(J))) & 1u) << WARPS::get(CV(J)); });
+        return s;
+    }
+    template <class B>
+    SORT_FN static u32 thread_offset(u32 tid) {  // sum of the thread's single-bit basis vectors
+        u32 g = 0;
+        static_for<LANES::size>([&](auto J) { g += ((tid >> CV(J)) & 1u) * B::basis(LANES::get(CV(J))); });
+        static_for<WARPS::size>([&](auto J) { g += ((tid >> (5 + CV(J))) & 1u) * B::basis(WARPS::get(CV(J))); });
+        return g;
+    }
+};
+
+// ---- order keys (impl/sort/keys.py, same transform) -------------------------------------------------------------
+
+template <int NB>
+struct Word {
+    typedef u32 T;
+};
+template <>
+struct Word<64> {
+    typedef u64 T;
+};
+
+template <class RAW>
+SORT_FN u64 encode_key(RAW raw, int kind, int canon, u64 flip) {
+    constexpr int NB = 8 * sizeof(RAW);
+    typedef typename Word<NB>::T W;
+    constexpr W SIGN = (W)1 << (NB - 1);
+    constexpr W FULL = NB == 64 ? ~(W)0 : (W)(((u64)1 << NB) - 1);
+    constexpr W INF = NB == 16 ? (W)0x7C00u : (W)0x7F800000u;  // +inf bits (float16, float32)
+    const W u = (W)raw;
+    W key;
+    if (kind == 2) {
+        const W mag = u & (FULL ^ SIGN);
+        key = mag > INF ? FULL : (mag == 0 && canon) ? SIGN : (u & SIGN) ? (W)(~u & FULL) : (W)(u | SIGN);
+    } else {
+        key = kind == 1 ? (W)(u ^ SIGN) : u;
+    }
+    return (u64)(key ^ (W)flip);
+}
+
+template <class RAW>
+SORT_FN RAW decode_key(u64 key64, int kind, u64 flip) {
+    constexpr int NB = 8 * sizeof(RAW);
+    typedef typename Word<NB>::T W;
+    constexpr W SIGN = (W)1 << (NB - 1);
+    constexpr W FULL = NB == 64 ? ~(W)0 : (W)(((u64)1 << NB) - 1);
+    const W key = (W)(key64 ^ flip) & FULL;
+    if (kind == 2) return (RAW)((key & SIGN) ? key ^ SIGN : (W)(~key & FULL));
+    return (RAW)(kind == 1 ? key ^ SIGN : key);
+}
+
+// ---- slot modes: what a register holds, how it compares, where it lives -----------------------------------------
+
+struct Keys32 {  // keys-only, keys of up to 32 bits
+    typedef u32 V;
+    SORT_FN static V pad() { return 0xFFFFFFFFu; }
+    SORT_FN static V cpl(V a) { return ~a; }
+    SORT_FN static V xmask(V a, u32 m) { return a ^ m; }
+    SORT_FN static V lo(V a, V b) { return vmin(a, b); }
+    SORT_FN static void cx(V& a, V& b) {
+        const V l = vmin(a, b), h = vmax(a, b);
+        a = l;
+        b = h;
+    }
+    SORT_FN static V ld(const void* k, const void*, u32 b, i64 o) { return (static_cast<const u32*>(k) + b)[o]; }
+    SORT_FN static void st(void* k, void*, u32 b, i64 o, V v) { (static_cast<u32*>(k) + b)[o] = v; }
+    template <u32 S>
+    SORT_FN static void sst(unsigned char* m, u32 i, V v) { reinterpret_cast<u32*>(m)[i] = v; }
+    template <u32 S>
+    SORT_FN static V sld(const unsigned char* m, u32 i) { return reinterpret_cast<const u32*>(m)[i]; }
+    SORT_FN static V make(u64 key, u32) { return (V)key; }
+    template <class RAW>
+    SORT_FN static void emit(void* out, u32 b, i64 o, V v, int kind, u64 flip) {
+        (static_cast<RAW*>(out) + b)[o] = decode_key<RAW>(v, kind, flip);
+    }
+};
+
+struct Keys64 {  // keys-only, 64-bit keys
+    typedef u64 V;
+    SORT_FN static V pad() { return ~0ull; }
+    SORT_FN static V cpl(V a) { return ~a; }
+    SORT_FN static V xmask(V a, u32 m) { return a ^ (u64)(i64)(int)m; }
+    SORT_FN static V lo(V a, V b) { return vmin(a, b); }
+    SORT_FN static void cx(V& a, V& b) {
+        const V l = vmin(a, b), h = vmax(a, b);
+        a = l;
+        b = h;
+    }
+    SORT_FN static V ld(const void* k, const void*, u32 b, i64 o) { return (static_cast<const u64*>(k) + b)[o]; }
+    SORT_FN static void st(void* k, void*, u32 b, i64 o, V v) { (static_cast<u64*>(k) + b)[o] = v; }
+    template <u32 S>
+    SORT_FN static void sst(unsigned char* m, u32 i, V v) { reinterpret_cast<u64*>(m)[i] = v; }
+    template <u32 S>
+    SORT_FN static V sld(const unsigned char* m, u32 i) { return reinterpret_cast<const u64*>(m)[i]; }
+    SORT_FN static V make(u64 key, u32) { return key; }
+    template <class RAW>
+    SORT_FN static void emit(void* out, u32 b, i64 o, V v, int kind, u64 flip) {
+        (static_cast<RAW*>(out) + b)[o] = decode_key<RAW>(v, kind, flip);
+    }
+};
+
+struct Composite : Keys64 {  // argsort of keys up to 32 bits: key << 32 | index, one uint64
+    SORT_FN static V make(u64 key, u32 p) { return (key << 32) | p; }
+    template <class RAW>
+    SORT_FN static void emit(void* out, u32 b, i64 o, V v, int, u64) {
+        (static_cast<i64*>(out) + b)[o] = (i64)(v & 0xFFFFFFFFull);
+    }
+};
+
+struct Pairs {  // argsort of 64-bit keys: (key, index) compared lexicographically, two arrays
+    struct V {
+        u64 k;
+        u32 v;
+    };
+    SORT_FN static V pad() { return V{~0ull, 0xFFFFFFFFu}; }
+    SORT_FN static V cpl(V a) { return V{~a.k, ~a.v}; }
+    SORT_FN static V xmask(V a, u32 m) { return V{a.k ^ (u64)(i64)(int)m, a.v ^ m}; }
+    SORT_FN static bool less(V a, V b) { return a.k < b.k || (a.k == b.k && a.v < b.v); }
+    SORT_FN static V lo(V a, V b) { return less(b, a) ? b : a; }
+    SORT_FN static void cx(V& a, V& b) {
+        const bool swap = less(b, a);
+        const V l = swap ? b : a, h = swap ? a : b;
+        a = l;
+        b = h;
+    }
+    SORT_FN static V ld(const void* k, const void* x, u32 b, i64 o) {
+        return V{(static_cast<const u64*>(k) + b)[o], (static_cast<const u32*>(x) + b)[o]};
+    }
+    SORT_FN static void st(void* k, void* x, u32 b, i64 o, V v) {
+        (static_cast<u64*>(k) + b)[o] = v.k;
+        (static_cast<u32*>(x) + b)[o] = v.v;
+    }
+    template <u32 S>
+    SORT_FN static void sst(unsigned char* m, u32 i, V v) {
+        reinterpret_cast<u64*>(m)[i] = v.k;
+        reinterpret_cast<u32*>(m + 8 * S)[i] = v.v;
+    }
+    template <u32 S>
+    SORT_FN static V sld(const unsigned char* m, u32 i) {
+        return V{reinterpret_cast<const u64*>(m)[i], reinterpret_cast<const u32*>(m + 8 * S)[i]};
+    }
+    SORT_FN static V make(u64 key, u32 p) { return V{key, p}; }
+    template <class RAW>
+    SORT_FN static void emit(void* out, u32 b, i64 o, V v, int, u64) { (static_cast<i64*>(out) + b)[o] = (i64)v.v; }
+};
+
+// ---- one block of one pass --------------------------------------------------------------------------------------
+// P: the pass (T, E, F, basis(i)); M: slot mode; RAW: input bits (encode/decode passes); ENC/DEC: first/last pass.
+template <class P, class M, class RAW, bool ENC, bool DEC>
+struct Block {
+    typedef typename M::V V;
+    static constexpr int E = 1 << P::E;
+    static constexpr u32 S = pad_index((1u << P::T) - 1) + 1;  // shared slots (with padding)
+    static constexpr u32 FMASK = P::F >= 0 ? P::basis(P::F < 0 ? 0 : P::F) : 0u;
+
+    const void* src;
+    void* keys;
+    void* vals;
+    void* out;
+    u32 n;
+    int kind, canon;
+    u64 flip;
+    u32 tid, base0, base1;  // slots with s_f = 0 sit at base0 + G(s); with s_f = 1 at base1 - G(s)
+    bool full;              // every slot of the block is real: no bounds checks
+
+    SORT_FN Block(const void* src_, void* keys_, void* vals_, void* out_, i64 n_, int kind_, int canon_, u64 flip_,
+                  u32 block0)
+        : src(src_), keys(keys_), vals(vals_), out(out_), n((u32)n_), kind(kind_), canon(canon_), flip(flip_) {
+        tid = SORT_TID;
+        u32 x0 = SORT_BID + block0;  // block index with zeros inserted at the basis pivots (ascending)
+        static_for<P::T>([&](auto I) {
+            constexpr int p = pivot_of(P::basis(CV(I)));
+            x0 = ((x0 >> p) << (p + 1)) | (x0 & ((1u << p) - 1u));
+        });
+        base0 = x0;
+        base1 = x0 ^ FMASK;
+        u32 gall = 0;
+        static_for<P::T>([&](auto I) {
+            if constexpr (CV(I) != P::F) gall += P::basis(CV(I));
+        });
+        const u64 top = P::F >= 0 ? (u64)base1 : (u64)x0 + gall;  // the coset's largest position
+        full = top < (u64)n;
+    }
+
+    template <class L>
+    SORT_HD static constexpr int freg() { return P::F >= 0 ? L::Regs::find(P::F) : -1; }
+    template <class L>
+    SORT_HD static constexpr bool sf(int c) { return freg<L>() >= 0 && ((c >> freg<L>()) & 1); }
+    template <class L>
+    SORT_HD static constexpr u32 gc(int c) {  // single-bit basis vectors of register c
+        u32 g = 0;
+        for (int k = 0; k < L::Regs::size; ++k)
+            if (((c >> k) & 1) && L::Regs::get(k) != P::F) g += P::basis(L::Regs::get(k));
+        return g;
+    }
+
+    // Slot at position base + off (off a compile-time constant, negative for the flip half): indexing from a
+    // per-thread base pointer lets the offsets become immediates of the load and store instructions.
+    SORT_FN V fetch(u32 base, i64 off) const {
+        if constexpr (ENC) {
+            const RAW raw = (static_cast<const RAW*>(src) + base)[off];
+            return M::make(encode_key<RAW>(raw, kind, canon, flip), (u32)(base + off));
+        } else {
+            return M::ld(keys, vals, base, off);
+        }
+    }
+    SORT_FN void put(u32 base, i64 off, V v) const {
+        if constexpr (DEC) M::template emit<RAW>(out, base, off, v, kind, flip);
+        else M::st(keys, vals, base, off, v);
+    }
+
+    template <class L>
+    SORT_FN static constexpr i64 off(int c) { return sf<L>(c) ? -(i64)gc<L>(c) : (i64)gc<L>(c); }
+
+    template <class L>
+    SORT_FN void load(V* r) const {  // global -> registers in layout L (lanes on the run: coalesced)
+        static_assert(P::F < 0 || freg<L>() >= 0, "the load layout must hold the flip coordinate in registers");
+        const u32 g = L::template thread_offset<P>(tid), lo = base0 + g, hi = base1 - g;
+        if (full) {
+            static_for<E>([&](auto C) {
+                constexpr int c = CV(C);
+                const V v = fetch(sf<L>(c) ? hi : lo, off<L>(c));
+                r[c] = sf<L>(c) ? M::cpl(v) : v;
+            });
+        } else {
+            const i64 room_lo = (i64)n - lo, room_hi = (i64)n - hi;  // position < n  <=>  off < room
+            static_for<E>([&](auto C) {
+                constexpr int c = CV(C);
+                const bool real = off<L>(c) < (sf<L>(c) ? room_hi : room_lo);
+                const V v = real ? fetch(sf<L>(c) ? hi : lo, off<L>(c)) : M::pad();
+                r[c] = sf<L>(c) ? M::cpl(v) : v;
+            });
+        }
+    }
+
+    template <class L>
+    SORT_FN void store(const V* r) const {  // registers -> global; pads are never written
+        static_assert(P::F < 0 || freg<L>() >= 0, "the store layout must hold the flip coordinate in registers");
+        const u32 g = L::template thread_offset<P>(tid), lo = base0 + g, hi = base1 - g;
+        if (full) {
+            static_for<E>([&](auto C) {
+                constexpr int c = CV(C);
+                put(sf<L>(c) ? hi : lo, off<L>(c), sf<L>(c) ? M::cpl(r[c]) : r[c]);
+            });
+        } else {
+            const i64 room_lo = (i64)n - lo, room_hi = (i64)n - hi;
+            static_for<E>([&](auto C) {
+                constexpr int c = CV(C);
+                if (off<L>(c) < (sf<L>(c) ? room_hi : room_lo))
+                    put(sf<L>(c) ? hi : lo, off<L>(c), sf<L>(c) ? M::cpl(r[c]) : r[c]);
+            });
+        }
+    }
+
+    // Registers of layout A -> shared memory -> registers of layout B. SYNC_FIRST: an earlier exchange may still be
+    // reading the shared slots this one overwrites.
+    template <class A, class B, bool SYNC_FIRST>
+    SORT_FN void exchange(V* r) const {
+        if constexpr (SYNC_FIRST) SORT_SYNC();
+        const u32 ta = pad_index(A::thread_slot(tid));
+        static_for<E>([&](auto C) { M::template sst<S>(sort_smem, ta + pad_index(A::reg_slot(CV(C))), r[CV(C)]); });
+        SORT_SYNC();
+        const u32 tb = pad_index(B::thread_slot(tid));
+        static_for<E>([&](auto C) { r[CV(C)] = M::template sld<S>(sort_smem, tb + pad_index(B::reg_slot(CV(C)))); });
+    }
+
+    template <int K>
+    SORT_FN static void cx(V* r) {  // half-cleaner step on register bit K: minimum to the slot with bit K clear
+        static_for<E>([&](auto C) {
+            constexpr int c = CV(C);
+            if constexpr (!((c >> K) & 1)) M::cx(r[c], r[c | (1 << K)]);
+        });
+    }
+
+    template <int K>
+    SORT_FN static void fx(V* r) {  // flip step on register bit K (the flip coordinate: its upper half complemented)
+        static_for<E>([&](auto C) {
+            constexpr int c = CV(C);
+            if constexpr (!((c >> K) & 1)) {
+                const V a = r[c], b = r[c | (1 << K)];
+                r[c] = M::lo(a, M::cpl(b));
+                r[c | (1 << K)] = M::lo(M::cpl(a), b);
+            }
+        });
+    }
+
+    // Complement the slots whose coordinate bits A ^ B are 1 (-1: no bit): stage changes of the tile pass.
+    template <class L, int A, int B>
+    SORT_FN void xr(V* r) const {
+        constexpr int ka = A >= 0 ? L::Regs::find(A) : -1, kb = B >= 0 ? L::Regs::find(B) : -1;
+        const u32 ts = L::thread_slot(tid);
+        const u32 ta = A >= 0 && ka < 0 ? ts >> (A < 0 ? 0 : A) : 0u;  // runtime parts: coordinates of the thread
+        const u32 tb = (ta ^ (B >= 0 && kb < 0 ? ts >> (B < 0 ? 0 : B) : 0u)) & 1u;
+        const u32 m = 0u - tb;
+        static_for<E>([&](auto C) {
+            constexpr int c = CV(C);
+            constexpr int cb = ((ka >= 0 ? c >> ka : 0) ^ (kb >= 0 ? c >> kb : 0)) & 1;
+            if constexpr ((ka >= 0 || A < 0) && (kb >= 0 || B < 0)) {
+                if constexpr (cb) r[c] = M::cpl(r[c]);
+            } else {
+                r[c] = M::xmask(r[c], cb ? ~m : m);
+            }
+        });
+    }
+};
+
+#define SORT_PARAMS                                                                                             \
+    const void *src, void *keys, void *vals, void *out, long long n, int kind, int canon, unsigned long long flip, \
+        unsigned block0
+#define SORT_ARGS src, keys, vals, out, n, kind, canon, flip, block0

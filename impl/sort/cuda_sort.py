@@ -1,0 +1,153 @@
+"""The CUDA C++ bitonic sort, host side: plan (``impl.sort.plan``) -> kernels (``codegen``) -> launches (``runtimes``).
+
+    sorter = CudaSorter(n, dtype, argsort=False)   # plan built, kernels compiled and loaded, workspace allocated
+    sorter(d_src, d_out, descending=False)          # len(sorter.plan.passes) launches on the current stream
+    replay = sorter.graph(d_src, d_out)             # the same launches captured once as a CUDA graph; replay()
+
+d_src: n values of ``dtype`` on the device (never written unless it is d_out); d_out: n values (sort) or int64
+indices (argsort), in the order of ``impl.sort.keys`` / ``impl.sort.reference``. Arrays: anything with
+``__cuda_array_interface__`` for the CuPy runtime; numpy arrays (or numba simulator arrays) for the emulated one.
+Slot modes: keys32 (keys-only of ≤ 32-bit dtypes), keys64 (int64), composite (argsort of ≤ 32-bit dtypes:
+key << 32 | index in one uint64), pairs (argsort of int64: uint64 key + uint32 index, compared lexicographically).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from impl.sort.codegen import KernelSpec, plan_kernels
+from impl.sort.keys import key_format
+from impl.sort.plan import GPU_CUDA_CONFIG, MODES, CudaPlan, CudaSortConfig, build_cuda_plan
+from impl.sort.runtimes import CupyRuntime, EmulatedRuntime, cupy_unavailable_reason
+
+MAX_N = (1 << 31) - 1  # positions are 32-bit and the composite key holds a 32-bit index
+
+
+@functools.cache
+def cupy_runtime() -> CupyRuntime:
+    return CupyRuntime()
+
+
+@functools.cache
+def emulated_runtime() -> EmulatedRuntime:
+    return EmulatedRuntime()
+
+
+def default_runtime():
+    """CuPy on a GPU where it is installed, else the CPU emulation of the same source."""
+    return cupy_runtime() if cupy_unavailable_reason() is None else emulated_runtime()
+
+
+def slot_mode(fmt, argsort: bool) -> str:
+    if argsort:
+        return "pairs" if fmt.pairs else "composite"
+    return "keys64" if fmt.nbits == 64 else "keys32"
+
+
+class CudaSorter:
+    """Sort (or argsort) ``n`` keys of ``dtype`` with the CUDA C++ passes, over and over, without allocating."""
+
+    def __init__(self, n: int, dtype, *, argsort: bool = False, config: CudaSortConfig | None = None,
+                 runtime=None) -> None:
+        self.n, self.fmt, self.argsort = int(n), key_format(dtype), bool(argsort)
+        if not 0 <= self.n <= MAX_N:
+            raise ValueError(f"n = {self.n} keys is outside the supported range 0..{MAX_N} (32-bit positions)")
+        self.config = config or GPU_CUDA_CONFIG
+        self.mode = slot_mode(self.fmt, self.argsort)
+        self.plan: CudaPlan = build_cuda_plan(self.n, self.mode, self.config)
+        self.runtime = runtime or default_runtime()
+        self.specs: list[KernelSpec] = plan_kernels(self.plan, self.fmt.nbits)
+        self.smem = self.config.smem_bytes(self.mode)
+        self.grids = self.plan.grids()
+        self.fns = self.runtime.kernels(self.specs, self.smem) if self.n else {}
+        self.keys = self.runtime.empty(self.n, np.uint32 if self.mode == "keys32" else np.uint64)
+        self.vals = self.runtime.empty(self.n if self.mode == "pairs" else 1, np.uint32)
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        return np.dtype(np.int64) if self.argsort else self.fmt.dtype
+
+    @property
+    def elem_bytes(self) -> int:
+        return MODES[self.mode]
+
+    @property
+    def tile(self) -> int:
+        return self.plan.tile
+
+    @property
+    def threads(self) -> int:
+        return self.plan.threads
+
+    @property
+    def workspace_bytes(self) -> int:
+        return self.n * self.elem_bytes
+
+    def bytes_per_pass(self) -> list[int]:
+        """Global bytes each pass reads and writes (the encode pass reads the input, the decode pass writes out)."""
+        n, key = self.n, self.elem_bytes
+        return [n * (self.fmt.dtype.itemsize if p.encode else key) + n * (self.out_dtype.itemsize if p.decode else key)
+                for p in self.plan.passes]
+
+    def model(self) -> dict[str, Any]:
+        """The bandwidth model a bench records: passes, tile, steps fused per pass, bytes per pass."""
+        per = self.bytes_per_pass()
+        return {"passes": len(per), "tile": self.tile, "threads": self.threads, "mode": self.mode,
+                "steps_per_pass": [p.steps for p in self.plan.passes],
+                "exchanges_per_pass": [p.exchanges for p in self.plan.passes],
+                "bytes_per_pass": per, "traffic_bytes": sum(per), "config": asdict(self.config)}
+
+    def encode_args(self, descending: bool) -> tuple:
+        return (np.int32(self.fmt.kind), np.int32(self.argsort),
+                np.uint64(self.fmt.full if descending else 0))
+
+    def launch_pass(self, i: int, src, out, *, descending: bool = False, stream=None, first_block: int = 0,
+                    blocks: int | None = None) -> None:
+        """Launch pass ``i`` on blocks first_block..first_block+blocks−1 (all active blocks by default)."""
+        grid = self.grids[i] - first_block if blocks is None else min(blocks, self.grids[i] - first_block)
+        if grid <= 0:
+            return
+        rt = self.runtime
+        args = (rt.ptr(src), rt.ptr(self.keys), rt.ptr(self.vals), rt.ptr(out), np.int64(self.n),
+                *self.encode_args(descending), np.uint32(first_block))
+        rt.launch(self.fns[self.specs[i].name], grid, self.threads, self.smem, args, stream)
+
+    def __call__(self, src, out, *, descending: bool = False, stream=None, passes: slice = slice(None)):
+        if self.n:
+            for i in range(len(self.plan.passes))[passes]:
+                self.launch_pass(i, src, out, descending=descending, stream=stream)
+        return out
+
+    def graph(self, src, out, *, descending: bool = False):
+        """All passes captured once as a CUDA graph on a private stream; the returned callable replays them on the
+        current stream. Under the emulation (no graphs on a CPU) the callable replays the launches one by one."""
+        if not isinstance(self.runtime, CupyRuntime):
+            return _Replay(None, (self, src, out, descending))
+        cupy = self.runtime.cupy
+        self(src, out, descending=descending)  # kernels loaded and run once before capture
+        cupy.cuda.Device().synchronize()
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            try:
+                self(src, out, descending=descending, stream=stream)
+            finally:
+                g = stream.end_capture()
+        return _Replay(g, (self, src, out))  # the graph holds raw pointers into these
+
+
+class _Replay:
+    """A captured sort: ``replay()`` launches the graph on the current stream (``replay(stream)`` on that one)."""
+
+    def __init__(self, graph, keep) -> None:
+        self._graph, self._keep = graph, keep
+
+    def __call__(self, stream=None) -> None:
+        if self._graph is None:
+            sorter, src, out, descending = self._keep
+            sorter(src, out, descending=descending, stream=stream)
+        else:
+            self._graph.launch(stream)

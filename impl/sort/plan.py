@@ -1,0 +1,399 @@
+"""Pass plan of the CUDA C++ bitonic sort (``bitonic.cu``): which slots each block holds, and what it does with them.
+
+Network: the flip form of ``impl.sort.network``. N = 2^LOGN ≥ n virtual slots; stage L = 1..LOGN is the flip step
+(XOR mask 2^L − 1) and the half-cleaners 2^(L−2), ..., 1; every comparator leaves the minimum at the lower slot, so
+the +inf pads n..N−1 are never loaded or stored.
+
+Passes (each reads and writes every key once):
+  tile   pass 0: a block sorts T = 2^t consecutive slots (stages 1..t) with the standard-form network — stage L's
+         comparators run descending where bit L of the slot is set, done by holding those keys complemented
+         (``~key`` reverses the order), so every comparator is min-to-lower; pads inside the last tile are +inf.
+  coset  a merge pass runs consecutive steps of stages t+1..LOGN. Its block holds a coset x0 ⊕ V of a t-dimensional
+         space V spanned by the pass's masks plus filler bits (the lowest free bits: the coset is runs of
+         ≥ 2^run_bits consecutive slots, coalesced). Fused plan: a pass may finish stage L and start stage L+1 as
+         long as V stays t-dimensional (~15 passes for 10M keys instead of ~19 with one tile pass per stage).
+
+Coordinates. A block slot is s ∈ [0, 2^t); coordinate i ↔ basis vector b_i (ascending pivot = highest set bit):
+position(s) = x0 ^ XOR_{s_i = 1} b_i, x0 = the block index with zeros inserted at the pivots. At most one basis
+vector is a flip mask f = 2^M − 1; slots with s_f = 1 hold complemented keys during the pass, which makes every
+half-cleaner comparator min-to-(s_j = 0) and the flip step (A at s_f = 0, B at s_f = 1) A' = min(A, ~B),
+B' = min(~A, B). Addresses stay additive: position = x0 + G(s) where s_f = 0 and (x0 ^ f) − G(s) where s_f = 1,
+G(s) = sum of the single-bit basis vectors selected by s.
+
+Rounds. A thread holds E = 2^e slots that differ in its e register coordinates; a layout maps the t coordinates to
+e register bits, 5 lane bits and the warp bits of the thread index. Steps run on register coordinates only
+(compare-exchanges in registers); between rounds the keys go through shared memory (an exchange). The first layout
+(load) and the last (store) have lanes on coordinates 0..4 (128-byte segments per warp) and the flip coordinate among
+the registers. Shared slot s lives at s + (s >> 5) + (s >> 10): conflict-free when the lanes' coordinates differ
+mod 5, and additive over disjoint coordinates (register offsets are immediates).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+LANE_BITS = 5
+LANES0 = tuple(range(LANE_BITS))
+MODES = {"keys32": 4, "keys64": 8, "composite": 8, "pairs": 12}  # mode -> bytes per slot
+MAX_SMEM = 232448  # opt-in dynamic shared memory per block on sm_90 (227 KiB)
+
+
+def log2(x: int) -> int:
+    return x.bit_length() - 1
+
+
+def padded_bits(n: int) -> int:
+    """LOGN: N = 2^LOGN ≥ n slots (0 for n ≤ 1)."""
+    return max(n - 1, 0).bit_length()
+
+
+def stage_masks(L: int) -> list[int]:
+    """XOR masks of flip-form stage L: the flip 2^L − 1, then the half-cleaners 2^(L−2), ..., 1."""
+    return [(1 << L) - 1] + [1 << p for p in range(L - 2, -1, -1)]
+
+
+def pad_index(s: int) -> int:
+    """Shared-memory index of slot s (bank-conflict padding; additive over disjoint bits)."""
+    return s + (s >> 5) + (s >> 10)
+
+
+@dataclass(frozen=True)
+class CudaSortConfig:
+    """Sizes of the CUDA C++ sort, for 4-byte keys; 8- and 12-byte slots (int64 keys, argsort) use half the tile and
+    half the keys per thread (the same threads per block and about the same shared memory)."""
+
+    tile_bits: int = 15     # T = 2^15 keys per block (128 KiB of dynamic shared memory)
+    items_bits: int = 6     # E = 64 keys per thread in registers (512 threads per block)
+    run_bits: int = 5       # coset runs of >= 32 consecutive keys (128-byte segments)
+    fuse: bool = True       # merge passes cross stage boundaries (False: wide passes, then one tile pass per stage)
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.items_bits <= 7:
+            raise ValueError(f"items_bits must be in 2..7 (4 to 128 keys per thread), got {self.items_bits}")
+        if not 1 <= self.run_bits <= self.tile_bits - 2:
+            raise ValueError(f"run_bits must be in 1..tile_bits-2, got {self.run_bits}")
+        threads = self.tile_bits - self.items_bits
+        if not LANE_BITS <= threads <= 10:
+            raise ValueError(f"tile_bits - items_bits = {threads}: a block needs 32..1024 threads")
+        if self.tile_bits > 15:
+            raise ValueError(f"tile_bits must be <= 15 (shared-memory padding covers 15 coordinate bits), "
+                             f"got {self.tile_bits}")
+
+    def shape(self, mode: str) -> tuple[int, int]:
+        """(t, e) for ``mode``: log2 slots per block and log2 slots per thread."""
+        wide = MODES[mode] > 4
+        t, e = self.tile_bits - wide, self.items_bits - wide
+        if e < 1 or t - e < LANE_BITS:
+            raise ValueError(f"config {self} is too small for {mode} slots (t={t}, e={e})")
+        return t, e
+
+    def smem_bytes(self, mode: str) -> int:
+        t, _ = self.shape(mode)
+        need = (pad_index((1 << t) - 1) + 1) * MODES[mode]
+        if need > MAX_SMEM:
+            raise ValueError(f"a tile of 2^{t} {mode} slots needs {need} B of shared memory, more than {MAX_SMEM}")
+        return need
+
+
+GPU_CUDA_CONFIG = CudaSortConfig()
+"""The design point (tile 2^15, 64 keys per thread, fused passes); ``python -m impl.sort.tune`` compares others."""
+EMU_CUDA_CONFIG = CudaSortConfig(tile_bits=8, items_bits=2, run_bits=2)
+"""CPU emulation: tiles of 256 keys (128 for 8-byte slots), 64 threads of 4 keys (2), many passes at n ~ 1000."""
+
+
+# ---- one pass ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Op:
+    """``step``: compare-exchange on coordinate ``a`` (min to a = 0); ``flip``: the flip step on the flip coordinate
+    ``a``; ``xor``: complement the keys of slots whose bits ``a`` ^ ``b`` of the position are 1 (−1: no bit)."""
+
+    kind: str
+    a: int
+    b: int = -1
+
+
+@dataclass(frozen=True)
+class Layout:
+    regs: tuple[int, ...]    # coordinate of register bit k
+    lanes: tuple[int, ...]   # coordinate of lane bit k (5)
+    warps: tuple[int, ...]   # coordinate of warp bit k
+
+    def coords(self) -> tuple[int, ...]:
+        return self.regs + self.lanes + self.warps
+
+
+@dataclass(frozen=True)
+class Round:
+    layout: Layout
+    ops: tuple[Op, ...]
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """One pass as its kernel is generated (see the module doc). ``masks``: the flip-form steps it performs, in
+    order (empty for the tile pass, which performs stages 1..t)."""
+
+    kind: str                   # "tile" or "coset"
+    t: int
+    e: int
+    basis: tuple[int, ...]      # position mask of each coordinate, ascending pivots
+    f: int                      # the flip mask's coordinate, −1 if none
+    rounds: tuple[Round, ...]   # rounds[0].layout loads, rounds[-1].layout stores
+    masks: tuple[int, ...] = ()
+    encode: bool = False        # reads the raw input and makes keys
+    decode: bool = False        # writes values (keys-only) or indices (argsort)
+
+    @cached_property
+    def pivots(self) -> tuple[int, ...]:
+        return tuple(log2(b) for b in self.basis)
+
+    @property
+    def exchanges(self) -> int:
+        return len(self.rounds) - 1
+
+    @property
+    def steps(self) -> int:
+        return sum(op.kind != "xor" for r in self.rounds for op in r.ops)
+
+    @property
+    def run(self) -> int:
+        """Consecutive slots per run of the coset (2^t for a contiguous tile)."""
+        r = 0
+        while r < self.t and self.basis[r] == 1 << r:
+            r += 1
+        return 1 << r
+
+    @property
+    def contiguous(self) -> bool:
+        """Blocks hold T consecutive slots (block b: [bT, (b+1)T)): the host pipeline can run this pass per chunk."""
+        return self.basis == tuple(1 << i for i in range(self.t))
+
+    def x0(self, block: int) -> int:
+        """Coset representative of block ``block``: its index with zero bits inserted at the pivots."""
+        v = block
+        for p in self.pivots:
+            v = ((v >> p) << (p + 1)) | (v & ((1 << p) - 1))
+        return v
+
+    def active_blocks(self, n: int) -> int:
+        """Blocks whose coset holds at least one real slot (x0 < n; x0 grows with the block index)."""
+        lo, hi = 0, max(n, 1)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.x0(mid) < n:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def positions(self, block: int) -> list[int]:
+        """Position of every slot of block ``block`` (for tests and the numpy twin)."""
+        x0 = self.x0(block)
+        out = []
+        for s in range(1 << self.t):
+            p = x0
+            for i, b in enumerate(self.basis):
+                if (s >> i) & 1:
+                    p ^= b
+            out.append(p)
+        return out
+
+    def with_flags(self, *, encode: bool | None = None, decode: bool | None = None) -> "PassSpec":
+        return replace(self, encode=self.encode if encode is None else encode,
+                       decode=self.decode if decode is None else decode)
+
+    @cached_property
+    def key(self) -> str:
+        """Stable short name of this pass's code (the kernel name's suffix)."""
+        text = repr((self.kind, self.t, self.e, self.basis, self.f, self.rounds, self.encode, self.decode))
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+# ---- rounds and layouts -----------------------------------------------------------------------------------------
+
+def _pick_lanes(free: list[int]) -> tuple[int, ...]:
+    """5 lane coordinates from ``free``: 0..4 when all are free (coalesced), else distinct residues mod 5 (no bank
+    conflicts), else any."""
+    if all(c in free for c in LANES0):
+        return LANES0
+    lanes: list[int] = []
+    for c in free:
+        if len(lanes) < LANE_BITS and all(c % 5 != x % 5 for x in lanes):
+            lanes.append(c)
+    for c in free:
+        if len(lanes) < LANE_BITS and c not in lanes:
+            lanes.append(c)
+    return tuple(sorted(lanes))
+
+
+def _layout(t: int, e: int, regs: list[int], lanes: tuple[int, ...] | None = None) -> Layout:
+    rest = [c for c in range(t) if c not in regs]
+    lanes = _pick_lanes(rest) if lanes is None else lanes
+    return Layout(tuple(regs), tuple(lanes), tuple(c for c in rest if c not in lanes))
+
+
+def _fill(regs: list[int], e: int, t: int, avoid: tuple[int, ...]) -> list[int]:
+    """Complete ``regs`` to e coordinates, highest unused first, keeping ``avoid`` (the store lanes) free."""
+    for c in list(range(t - 1, -1, -1)):
+        if len(regs) == e:
+            break
+        if c not in regs and c not in avoid:
+            regs.append(c)
+    for c in range(t):
+        if len(regs) < e and c not in regs:
+            regs.append(c)
+    return regs
+
+
+def _upcoming(ops: list[Op], start: int, e: int, exclude: tuple[int, ...] = ()) -> list[int]:
+    """The first ≤ e distinct step coordinates from ops[start:], stopping at one in ``exclude``."""
+    regs: list[int] = []
+    for op in ops[start:]:
+        if op.kind == "xor":
+            continue
+        if op.a in exclude:
+            break
+        if op.a not in regs:
+            if len(regs) == e:
+                break
+            regs.append(op.a)
+    return regs
+
+
+def plan_rounds(t: int, e: int, ops: list[Op], f: int) -> tuple[Round, ...]:
+    """Greedy rounds: each layout's registers are the next e distinct step coordinates; a round runs steps while
+    their coordinate is a register. Load and store layouts have lanes 0..4 and (if any) f in the registers."""
+    must = [f] if f >= 0 else []
+    regs = _fill(list(dict.fromkeys(must + _upcoming(ops, 0, e, LANES0)))[:e], e, t, LANES0)
+    layout = _layout(t, e, regs, LANES0)
+    rounds: list[Round] = []
+    cur: list[Op] = []
+    i = 0
+    while i < len(ops):
+        op = ops[i]
+        if op.kind == "xor" or op.a in layout.regs:
+            cur.append(op)
+            i += 1
+            continue
+        rounds.append(Round(layout, tuple(cur)))
+        regs = _upcoming(ops, i, e)
+        if f >= 0 and f not in regs and len(regs) < e:
+            regs.append(f)  # helps the last round double as the store layout
+        layout = _layout(t, e, _fill(regs, e, t, LANES0))
+        cur = []
+    rounds.append(Round(layout, tuple(cur)))
+    last = rounds[-1].layout
+    if last.lanes != LANES0 or (f >= 0 and f not in last.regs):
+        rounds.append(Round(_layout(t, e, _fill(list(must), e, t, LANES0), LANES0), ()))
+    return tuple(rounds)
+
+
+def tile_pass(t: int, e: int) -> PassSpec:
+    """Pass 0: stages 1..t of the standard-form network on each tile, complemented where bit L of the slot is set."""
+    ops: list[Op] = []
+    for L in range(1, t + 1):
+        ops.append(Op("xor", L - 1 if L >= 2 else -1, L if L < t else -1))
+        ops += [Op("step", p) for p in range(L - 1, -1, -1)]
+    basis = tuple(1 << i for i in range(t))
+    return PassSpec("tile", t, e, basis, -1, plan_rounds(t, e, ops, -1))
+
+
+def coset_pass(masks: list[int], t: int, e: int, logn: int) -> PassSpec:
+    """A merge pass performing ``masks`` (consecutive flip-form steps, distinct pivots) on cosets of t dimensions."""
+    piv = {log2(m): m for m in masks}
+    if len(piv) != len(masks):
+        raise ValueError(f"masks {masks} repeat a pivot")
+    for p in range(logn):
+        if len(piv) == t:
+            break
+        piv.setdefault(p, 1 << p)  # fillers: the lowest free bits
+    if len(piv) != t:
+        raise ValueError(f"cannot complete masks {masks} to {t} dimensions below 2^{logn}")
+    basis = tuple(piv[p] for p in sorted(piv))
+    flips = [i for i, b in enumerate(basis) if b & (b - 1)]
+    if len(flips) > 1:
+        raise ValueError(f"masks {masks} hold more than one flip mask")
+    f = flips[0] if flips else -1
+    coord = {b: i for i, b in enumerate(basis)}
+    ops = [Op("flip" if coord[m] == f else "step", coord[m]) for m in masks]
+    return PassSpec("coset", t, e, basis, f, plan_rounds(t, e, ops, f), tuple(masks))
+
+
+# ---- the whole sort ---------------------------------------------------------------------------------------------
+
+def _dims(masks: list[int], run_bits: int) -> int | None:
+    """Dimensions a coset of ``masks`` needs (masks + low fillers), None if two masks share a pivot."""
+    piv = {log2(m) for m in masks}
+    if len(piv) != len(masks):
+        return None
+    return len(piv | set(range(run_bits)))
+
+
+def merge_segments(t: int, logn: int, run_bits: int, fuse: bool) -> list[list[int]]:
+    """The merge steps of stages t+1..logn cut into passes (lists of masks)."""
+    if not fuse:
+        out: list[list[int]] = []
+        for L in range(t + 1, logn + 1):
+            masks = stage_masks(L)
+            high = [m for m in masks if log2(m) >= t]
+            most = t - run_bits
+            count = -(-len(high) // most)
+            q, r = divmod(len(high), count)
+            i = 0
+            for c in range(count):
+                out.append(high[i:i + q + (c < r)])
+                i += q + (c < r)
+            out.append([m for m in masks if log2(m) < t])
+        return out
+    segs: list[list[int]] = []
+    cur: list[int] = []
+    for L in range(t + 1, logn + 1):
+        for m in stage_masks(L):
+            d = _dims(cur + [m], run_bits)
+            if d is None or d > t:
+                segs.append(cur)
+                cur = []
+            cur.append(m)
+    if cur:
+        segs.append(cur)
+    return segs
+
+
+@dataclass(frozen=True)
+class CudaPlan:
+    n: int
+    mode: str
+    config: CudaSortConfig
+    logn: int
+    passes: tuple[PassSpec, ...] = field(default_factory=tuple)
+
+    @property
+    def tile(self) -> int:
+        return 1 << self.passes[0].t
+
+    @property
+    def threads(self) -> int:
+        return 1 << (self.passes[0].t - self.passes[0].e)
+
+    def grids(self) -> list[int]:
+        return [p.active_blocks(self.n) for p in self.passes]
+
+
+def build_cuda_plan(n: int, mode: str, config: CudaSortConfig = GPU_CUDA_CONFIG) -> CudaPlan:
+    """Every pass that sorts n slots of ``mode`` (keys32, keys64, composite key+index, pairs)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
+    t, e = config.shape(mode)
+    logn = padded_bits(n)
+    passes = [tile_pass(t, e)]
+    for masks in (merge_segments(t, logn, config.run_bits, config.fuse) if logn > t else []):
+        passes.append(coset_pass(masks, t, e, logn))
+    passes[0] = passes[0].with_flags(encode=True)
+    passes[-1] = passes[-1].with_flags(decode=True)
+    return CudaPlan(n, mode, config, logn, tuple(passes))
+
+
+def predicted_passes(n: int, mode: str, config: CudaSortConfig = GPU_CUDA_CONFIG) -> int:
+    return len(build_cuda_plan(n, mode, config).passes)

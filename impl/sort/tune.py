@@ -1,0 +1,355 @@
+"""Check and time every variant of the CUDA C++ sort on the GPU, pass by pass, against cupy.sort, within a budget.
+
+    python3 -m impl.sort.tune --out "$OUT/sort" --budget-s 100    # one H200: ~40-90 s with the kernel cache carried
+    python3 -m impl.sort.tune --dry-run --out /tmp/sort-tune       # a CPU: the same steps on the emulated kernels
+
+Steps (each guarded by the wall-clock budget; a failing variant is reported and skipped, never aborts the rest):
+  1. the card's copy bandwidth (1 GiB device-to-device, read + write, as impl.common.calibrate): the 100% of the
+     per-pass column;
+  2. kernels compiled or loaded (``.carry/sort-kernels``: cubins cached by source), the design point first;
+  3. correctness: each variant on fresh random keys (10M float32 keys; argsort against torch.sort(stable=True);
+     plus 3_000_017 and 2^23 keys, int64 argsort and float16 on 100_003 keys against numpy), outputs poisoned first;
+  4. timing: each variant's whole sort as one CUDA graph (the design point also with direct launches), queued
+     device events (``time_fn(queue_ahead=True)``), L2 flushed, median of ``--reps``; cupy.sort, cupy.argsort,
+     torch.sort anchors in the same run;
+  5. per pass: every pass of every timed variant alone (L2 flushed): pass bytes / time as % of the copy bandwidth;
+  6. a short table on stdout and ``tune.json`` in ``--out`` (``complete`` true only when nothing was skipped).
+
+What the table decides: the default ``GPU_CUDA_CONFIG`` (tile, keys per thread, run length, fused or staged passes),
+whether the graph pays (graph vs direct), and where the time goes (the slowest pass and its kind).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from impl.sort.plan import EMU_CUDA_CONFIG, GPU_CUDA_CONFIG, CudaSortConfig
+
+N_MAIN = 10_000_000
+N_BIG = 100_000_000
+KEY_CONFIGS: dict[str, CudaSortConfig] = {
+    "t15e6r5": GPU_CUDA_CONFIG,
+    "t15e6r5-staged": replace(GPU_CUDA_CONFIG, fuse=False),
+    "t15e7r5": replace(GPU_CUDA_CONFIG, items_bits=7),
+    "t15e5r5": replace(GPU_CUDA_CONFIG, items_bits=5),
+    "t15e6r6": replace(GPU_CUDA_CONFIG, run_bits=6),
+    "t14e6r5": CudaSortConfig(tile_bits=14, items_bits=6),
+    "t14e5r5": CudaSortConfig(tile_bits=14, items_bits=5),
+    "t13e5r5": CudaSortConfig(tile_bits=13, items_bits=5),
+}
+ARGSORT_CONFIGS = ("t15e6r5", "t15e6r5-staged", "t15e7r5", "t14e6r5")
+DRY_CONFIGS: dict[str, CudaSortConfig] = {
+    "t15e6r5": EMU_CUDA_CONFIG, "t15e6r5-staged": replace(EMU_CUDA_CONFIG, fuse=False),
+    "t15e7r5": replace(EMU_CUDA_CONFIG, items_bits=3), "t14e6r5": replace(EMU_CUDA_CONFIG, tile_bits=7),
+}
+
+
+@dataclass
+class Variant:
+    label: str
+    n: int
+    dtype: str
+    argsort: bool
+    config: CudaSortConfig
+    launch: str = "graph"      # "graph" or "direct"
+    timed: bool = True         # False: a correctness check only
+    row: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        from impl.sort.cuda_sort import slot_mode
+        from impl.sort.keys import key_format
+
+        return slot_mode(key_format(self.dtype), self.argsort)
+
+
+def variants(dry: bool) -> list[Variant]:
+    """What one run checks and times, in priority order (the budget cuts from the end)."""
+    configs = DRY_CONFIGS if dry else KEY_CONFIGS
+    n, big = (700, 2500) if dry else (N_MAIN, N_BIG)
+    out = [Variant("keys t15e6r5", n, "float32", False, configs["t15e6r5"]),
+           Variant("argsort t15e6r5", n, "float32", True, configs["t15e6r5"]),
+           Variant("keys t15e6r5", n, "float32", False, configs["t15e6r5"], launch="direct")]
+    out += [Variant(f"keys {k}", n, "float32", False, c) for k, c in configs.items() if k != "t15e6r5"]
+    out += [Variant(f"argsort {k}", n, "float32", True, configs[k]) for k in ARGSORT_CONFIGS[1:] if k in configs]
+    out += [Variant("keys t15e6r5", big, "float32", False, configs["t15e6r5"]),
+            Variant("keys t15e6r5", 3 * n // 10 + 17, "float32", False, configs["t15e6r5"], timed=False),
+            Variant("keys t15e6r5", 1 << (n.bit_length() - 1), "int32", False, configs["t15e6r5"], timed=False),
+            Variant("argsort t15e6r5", n // 100 + 3, "int64", True, configs["t15e6r5"], timed=False),
+            Variant("keys t15e6r5", n // 100 + 3, "int64", False, configs["t15e6r5"], timed=False),
+            Variant("argsort t15e6r5", n // 100 + 3, "float16", True, configs["t15e6r5"], timed=False)]
+    return out
+
+
+def kernel_requests(dry: bool = False) -> list[tuple[int, str, int, CudaSortConfig]]:
+    """(n, mode, raw bits, config) of every sorter a run builds (``compile_check --tune`` warms the cache)."""
+    from impl.sort.keys import key_format
+
+    return [(v.n, v.mode, key_format(v.dtype).nbits, v.config) for v in variants(dry)]
+
+
+# ---- the two backends of one run: CuPy on the GPU, numpy + emulation on a CPU (dry run) -------------------------
+
+class GpuSide:
+    """Data, references and timing on the GPU (CuPy kernels, torch events)."""
+
+    def __init__(self, reps: int) -> None:
+        import cupy
+        import torch
+
+        from impl.sort.cuda_sort import cupy_runtime
+
+        self.cupy, self.torch, self.reps = cupy, torch, reps
+        self.runtime = cupy_runtime()
+        self.device = torch.cuda.get_device_name()
+
+    def keys(self, n: int, dtype: str, seed: int):
+        if dtype in ("float32", "float16"):
+            return self.cupy.random.default_rng(seed).standard_normal(n, dtype=self.cupy.float32).astype(dtype)
+        info = np.iinfo(dtype)  # integers over the dtype's whole range: made on the host (numpy), then copied
+        return self.cupy.asarray(np.random.default_rng(seed).integers(info.min, info.max, n, dtype=dtype,
+                                                                      endpoint=True))
+
+    def empty(self, n: int, dtype):
+        out = self.cupy.empty(n, dtype=dtype)
+        out.view(self.cupy.uint8).fill(0xFF)  # poison: every element must be written
+        return out
+
+    def reference(self, x, argsort: bool):
+        if argsort:
+            t = self.torch.as_tensor(x, device="cuda")
+            return self.cupy.asarray(self.torch.sort(t, stable=True).indices)
+        return self.cupy.sort(x)
+
+    def same(self, got, ref) -> bool:
+        a, b = got.view(f"u{got.itemsize}") if got.dtype.kind == "f" else got, ref
+        b = b.view(f"u{b.itemsize}") if b.dtype.kind == "f" else b
+        return bool((a == b).all())
+
+    def time(self, fn: Callable[[], Any]) -> list[float]:
+        from impl.common.timing import time_fn
+
+        return time_fn(fn, warmup=3, reps=self.reps, queue_ahead=True).times_ms
+
+    def copy_gbps(self) -> float:
+        from impl.common.calibrate import measure_copy_gbps
+
+        return measure_copy_gbps()
+
+    def anchors(self, n: int) -> dict[str, list[float]]:
+        x = self.keys(n, "float32", 99)
+        t = self.torch.as_tensor(x, device="cuda")
+        return {"cupy.sort": self.time(lambda: self.cupy.sort(x)),
+                "cupy.argsort": self.time(lambda: self.cupy.argsort(x)),
+                "torch.sort": self.time(lambda: self.torch.sort(t))}
+
+    def sync(self) -> None:
+        self.cupy.cuda.Device().synchronize()
+
+
+class DrySide(GpuSide):
+    """The same steps on a CPU: numpy data, the emulated kernels, numpy references, the host clock."""
+
+    def __init__(self, reps: int) -> None:
+        from impl.sort.cuda_sort import emulated_runtime
+
+        self.reps = reps
+        self.runtime = emulated_runtime()
+        self.device = "cpu (dry run: emulated kernels)"
+
+    def keys(self, n: int, dtype: str, seed: int):
+        rng = np.random.default_rng(seed)
+        if dtype in ("float32", "float16"):
+            return rng.standard_normal(n, dtype=np.float32).astype(dtype)
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, n, dtype=dtype, endpoint=True)
+
+    def empty(self, n: int, dtype):
+        out = np.empty(n, dtype=dtype)
+        out.view(np.uint8).fill(0xFF)
+        return out
+
+    def reference(self, x, argsort: bool):
+        return np.argsort(x, kind="stable") if argsort else np.sort(x)
+
+    def time(self, fn: Callable[[], Any]) -> list[float]:
+        times = []
+        for _ in range(self.reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    def copy_gbps(self) -> float:
+        x = np.ones(1 << 22, np.uint8)
+        ms = min(self.time(lambda: x.copy()))
+        return 2 * x.nbytes / (ms * 1e-3) / 1e9
+
+    def anchors(self, n: int) -> dict[str, list[float]]:
+        x = self.keys(n, "float32", 99)
+        return {"numpy.sort": self.time(lambda: np.sort(x)),
+                "numpy.argsort(stable)": self.time(lambda: np.argsort(x, kind="stable"))}
+
+    def sync(self) -> None:
+        pass
+
+
+# ---- one variant --------------------------------------------------------------------------------------------------
+
+def median(xs: list[float]) -> float:
+    return float(np.median(xs)) if xs else math.nan
+
+
+def run_variant(v: Variant, side, peak: float, per_pass: bool) -> dict[str, Any]:
+    """Build, check, time (whole sort and each pass) one variant; the row of the table."""
+    from impl.sort.cuda_sort import CudaSorter
+
+    t0 = time.perf_counter()
+    compile_before = side.runtime.compile_s
+    sorter = CudaSorter(v.n, v.dtype, argsort=v.argsort, config=v.config, runtime=side.runtime)
+    row: dict[str, Any] = {"label": v.label, "n": v.n, "dtype": v.dtype, "argsort": v.argsort, "launch": v.launch,
+                           "config": asdict(v.config), "mode": sorter.mode, "tile": sorter.tile,
+                           "threads": sorter.threads, "passes": len(sorter.plan.passes),
+                           "steps_per_pass": [p.steps for p in sorter.plan.passes],
+                           "exchanges_per_pass": [p.exchanges for p in sorter.plan.passes],
+                           "kinds": [p.kind for p in sorter.plan.passes],
+                           "compile_s": round(side.runtime.compile_s - compile_before, 2)}
+    x = side.keys(v.n, v.dtype, seed=v.n + 7 * v.argsort)
+    out = side.empty(v.n, sorter.out_dtype)
+    sorter(x, out)
+    side.sync()
+    ok = side.same(out, side.reference(x, v.argsort))
+    row["correct"] = ok
+    if not ok:
+        raise AssertionError(f"{v.label} n={v.n}: output differs from the reference")
+    if v.timed:
+        run = sorter.graph(x, out) if v.launch == "graph" else (lambda: sorter(x, out))
+        times = side.time(run)
+        ms = median(times)
+        compulsory = v.n * (np.dtype(v.dtype).itemsize + sorter.out_dtype.itemsize)
+        traffic = sum(sorter.bytes_per_pass())
+        row.update(ms=ms, times_ms=times, compulsory_bytes=compulsory, traffic_bytes=traffic,
+                   gbps_effective=compulsory / ms / 1e6, gbps_traffic=traffic / ms / 1e6,
+                   pct_copy_traffic=100 * traffic / ms / 1e6 / peak)
+        side.sync()
+        ok = side.same(out, side.reference(x, v.argsort))  # the timed launches gave the right answer too
+        row["correct_after_timing"] = ok
+        if not ok:
+            raise AssertionError(f"{v.label} n={v.n}: the timed ({v.launch}) sort gave a wrong answer")
+        if per_pass:
+            passes = []
+            for i, (spec, nbytes) in enumerate(zip(sorter.plan.passes, sorter.bytes_per_pass())):
+                pms = median(side.time(lambda i=i: sorter.launch_pass(i, x, out)))
+                passes.append({"i": i, "kind": spec.kind, "steps": spec.steps, "exchanges": spec.exchanges,
+                               "run": spec.run, "f": spec.f >= 0, "blocks": sorter.grids[i], "bytes": nbytes,
+                               "ms": pms, "gbps": nbytes / pms / 1e6, "pct_copy": 100 * nbytes / pms / 1e6 / peak})
+            row["per_pass"] = passes
+            row["sum_pass_ms"] = sum(p["ms"] for p in passes)
+            slow = min(passes, key=lambda p: p["pct_copy"])
+            row["slowest_pass_pct"] = slow["pct_copy"]
+            row["slowest_pass"] = f"{slow['i']}:{slow['kind']}"
+            merges = [p["pct_copy"] for p in passes if p["kind"] == "coset"]
+            row["slowest_merge_pass_pct"] = min(merges) if merges else None
+    row["wall_s"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def fmt_row(r: dict[str, Any], cupy_ms: dict[str, float]) -> str:
+    n = f"{r['n'] / 1e6:g}M" if r["n"] >= 1e6 else str(r["n"])
+    if "error" in r or "skipped" in r:
+        return f"{r['label']:<24} {n:>7} {r['launch']:<6}  {r.get('error') or r.get('skipped')}"[:160]
+    if "ms" not in r:
+        return f"{r['label']:<24} {n:>7} {'check':<6}  correct={r['correct']}"
+    anchor = cupy_ms.get("cupy.argsort" if r["argsort"] else "cupy.sort")
+    ratio = f"{r['ms'] / anchor:5.2f}" if anchor and r["n"] == r.get("anchor_n") else "    -"
+    slow = f"{r['slowest_pass_pct']:5.1f}% ({r['slowest_pass']})" if "slowest_pass_pct" in r else "-"
+    return (f"{r['label']:<24} {n:>7} {r['launch']:<6} {r['ms']:8.3f} {r['passes']:>4} {slow:<18} "
+            f"{r['gbps_effective']:8.1f} {r['pct_copy_traffic']:6.1f}% {ratio}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for tune.json")
+    ap.add_argument("--budget-s", type=float, default=100.0, help="wall-clock budget; stops early, still writes")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--dry-run", action="store_true", help="CPU: emulated kernels, tiny sizes, host clock")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    deadline = t_start + args.budget_s
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    side = DrySide(min(args.reps, 2)) if args.dry_run else GpuSide(args.reps)
+    side.runtime.deadline = time.monotonic() + args.budget_s - 10  # kernels not compiled by then: variant skipped
+    report: dict[str, Any] = {"device": side.device, "budget_s": args.budget_s, "dry_run": args.dry_run,
+                              "commit": _commit(), "rows": [], "complete": False}
+
+    def save() -> None:
+        report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        tmp = out_dir / "tune.json.tmp"
+        tmp.write_text(json.dumps(report, indent=1, default=float))
+        os.replace(tmp, out_dir / "tune.json")
+
+    peak = side.copy_gbps()
+    report["copy_gbps"] = peak
+    print(f"[tune] {side.device}: copy {peak:.0f} GB/s", flush=True)
+    todo = variants(args.dry_run)
+    main_n = todo[0].n
+    skipped = 0
+    for v in todo:
+        left = deadline - time.perf_counter()
+        if left < (3.0 if args.dry_run else 8.0):
+            v.row = {"label": v.label, "n": v.n, "launch": v.launch, "skipped": "budget"}
+            skipped += 1
+        else:
+            try:
+                v.row = run_variant(v, side, peak, per_pass=v.timed and v.launch == "graph")
+            except Exception as e:  # a failing variant is reported, the rest still run
+                v.row = {"label": v.label, "n": v.n, "launch": v.launch, "argsort": v.argsort,
+                         "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+                skipped += 1
+        v.row["anchor_n"] = main_n
+        report["rows"].append(v.row)
+        print(f"[tune] {fmt_row(v.row, {})}", flush=True)
+        save()
+    if deadline - time.perf_counter() > 2.0:
+        try:
+            report["anchors"] = {k: {"ms": median(t), "times_ms": t} for k, t in side.anchors(main_n).items()}
+        except Exception as e:
+            report["anchors_error"] = f"{type(e).__name__}: {e}"
+            skipped += 1
+    else:
+        skipped += 1
+    report["complete"] = skipped == 0
+    save()
+    anchors = {k: a["ms"] for k, a in report.get("anchors", {}).items()}
+    print("\nvariant                        n launch       ms passes slowest pass       GB/s eff traffic  x cupy")
+    for r in report["rows"]:
+        print(fmt_row(r, anchors))
+    for k, ms in anchors.items():
+        print(f"{k:<24} {main_n / 1e6:g}M {ms:8.3f} ms")
+    print(f"[tune] {'complete' if report['complete'] else 'INCOMPLETE'} in {report['elapsed_s']} s; "
+          f"wrote {out_dir / 'tune.json'}", flush=True)
+    return report
+
+
+def _commit() -> str:
+    try:
+        from impl.common.results import git_commit
+
+        return git_commit()
+    except Exception:  # outside a git checkout
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
