@@ -12,15 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from impl.common.ledger import Claim, Measured, NotMeasured
-
-try:  # the ledger's failing-case record (COMMON spec); a local twin until the ledger provides it
-    from impl.common.ledger import Case
-except ImportError:  # pragma: no cover - replaced when impl.common.ledger defines Case
-    @dataclass(frozen=True)
-    class Case:  # type: ignore[no-redef]
-        benches: dict[str, dict[str, Any]]
-        results: dict[str, dict[str, Any]]
+from impl.common.ledger import Case, Claim, Measured, NotMeasured
 
 from impl.common.plotting import pyplot, save_figure
 

@@ -7,20 +7,12 @@ be noise judge the conservative end of a 95 % paired-bootstrap interval over the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from impl.common.ledger import Claim, Measured, NotMeasured, ResultValue
+from impl.common.ledger import Case, Claim, Measured, NotMeasured, ResultValue
 from impl.seam.plots import plot_accuracy_vs_cost, plot_selector_sweep
-
-try:
-    from impl.common.ledger import Case
-except ImportError:  # a ledger without Case: the same two fields, so the cases read the same
-    @dataclass(frozen=True)
-    class Case:  # type: ignore[no-redef]
-        benches: dict[str, Any] = field(default_factory=dict)
-        results: dict[str, Any] = field(default_factory=dict)
 
 MIN_SEEDS = 3
 

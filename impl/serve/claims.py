@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from impl.common.ledger import Claim, Measured, NotMeasured, ResultsView, ResultValue
+from impl.common.ledger import Case, Claim, Measured, NotMeasured, ResultsView, ResultValue
 from impl.common.plotting import pyplot, save_figure
 
 RESULT = "decode_fp8_vs_bf16"
@@ -139,11 +139,7 @@ def failing_results() -> dict[str, dict[str, dict[str, Any]]]:
     }
 
 
-try:
-    from impl.common.ledger import Case
-except ImportError:  # Case comes with the ledger's walker; until it is merged the cases exist as failing_results()
-    Case = None
-FAILING_CASES = {cid: Case(results=r) for cid, r in failing_results().items()} if Case is not None else {}
+FAILING_CASES = {cid: Case(results=r) for cid, r in failing_results().items()}
 
 
 # ---- plots -----------------------------------------------------------------------------------------------------

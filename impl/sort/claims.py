@@ -9,20 +9,11 @@ shared >= 1.4x the global-only ablation and pinned >= 3x pageable keep holding.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from impl.common.ledger import BenchRatio, BenchStat, Claim, ResultValue
+from impl.common.ledger import BenchRatio, BenchStat, Case, Claim, ResultValue
 from impl.common.plotting import pyplot, save_figure
-
-try:
-    from impl.common.ledger import Case
-except ImportError:  # the ledger's Case (COMMON spec) is not merged yet: the same two fields
-    @dataclass(frozen=True)
-    class Case:  # type: ignore[no-redef]
-        benches: dict[str, dict[str, Any]] = field(default_factory=dict)
-        results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 N = 10_000_000
 SHARED = f"test_sort_bitonic[shared-keys-float32-{N}]"
