@@ -83,6 +83,17 @@ def test_a_commit_outside_this_repository_never_gives_a_verdict(tmp_path):
     assert results.commit_exists(HEAD) is True and results.commit_exists("deadbeef0123") is False
 
 
+def test_the_stated_commit_vouches_for_itself_where_git_history_stops_earlier(monkeypatch):
+    """The GPU machine's copy of the tree carries a .git that may stop at an older commit: the commit stated by
+    LAB_COMMIT (the one measured) must count as this repository's, and others as undecidable, never as foreign."""
+    stated = "feedfacecafe" + "0" * 28  # in no local history, like a commit made after the device's .git
+    monkeypatch.setenv("LAB_COMMIT", stated)
+    monkeypatch.setattr(results, "_KNOWN_COMMITS", {})
+    assert results.commit_exists(stated[:12]) is True
+    assert results.commit_exists("deadbeef0123") is None
+    assert ledger.commit_problem(stated[:12]) is None
+
+
 @pytest.mark.parametrize("where", ["data", "top"])
 def test_an_unfinished_run_is_not_measured(tmp_path, where):
     data = {"x": 2.0, **({"complete": False} if where == "data" else {})}
