@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from impl import backend
+from impl.common.checks import require_tensor
 from impl.fp8 import quant
 from impl.fp8.formats import CHANNEL, E4M3, TENSOR, ScaleGroup, get_format, get_group
 from impl.fp8.reference import dequantize_reference
@@ -133,8 +134,9 @@ class Fp8Linear(nn.Module):
         return quant.dequantize(self.weight, self.weight_scale, self.group, out_dtype=self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x has {x.shape[-1]} features, this layer takes {self.in_features}")
+        require_tensor(x, "x")
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x has shape {tuple(x.shape)}: this layer takes [..., {self.in_features}]")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.path.startswith("scaled_mm"):

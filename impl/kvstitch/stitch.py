@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from impl.common.checks import require_tensor
 from impl.kvstitch.config import StitchConfig
 from impl.kvstitch.models import KV, kv_layout
 from impl.kvstitch.rope import Rope, positions_for, rotate, text_config, unrotate
@@ -157,6 +158,13 @@ class StitchBundle(nn.Module):
         return [(unrotate(k.to(cdt), *tabs[i]), v) for i, (k, v) in enumerate(kv)]
 
     def check_input(self, kv: KV) -> None:
+        if not isinstance(kv, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in kv):
+            raise TypeError(f"prefill KV must be a list of (K, V) pairs, one per layer, got {type(kv).__name__}")
+        for i, (k, v) in enumerate(kv):
+            require_tensor(k, f"prefill layer {i} K")
+            require_tensor(v, f"prefill layer {i} V")
+            if not (k.dtype.is_floating_point and v.dtype.is_floating_point):
+                raise TypeError(f"prefill layer {i}: K and V must be floating point, got {k.dtype} / {v.dtype}")
         if len(kv) != self.src.num_layers:
             raise ValueError(f"prefill KV has {len(kv)} layers; the stitches were built for {self.src.num_layers}")
         b, _, t, _ = kv[0][0].shape
