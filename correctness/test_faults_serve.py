@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from impl import backend
@@ -233,13 +233,13 @@ def test_a_dead_engine_thread_fails_waiters_and_health():
         t0 = time.monotonic()
         code, reply = s.post({"prompt": [1, 2], "max_tokens": 3}, timeout=10)
         assert code in (500, 503) and "exploded" in error_message(reply)
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 8
         for path in ("/health", "/v1/models"):
             code, _, reply = s.request("GET", path, timeout=5)
             assert code == 503 and "engine" in error_message(reply), path
         t0 = time.monotonic()
         code, reply = s.post({"prompt": [1, 2], "max_tokens": 3}, timeout=10)
-        assert code == 503 and time.monotonic() - t0 < 2
+        assert code == 503 and time.monotonic() - t0 < 8
     finally:
         s.close()
 
@@ -249,19 +249,17 @@ def test_a_dead_engine_thread_fails_waiters_and_health():
 @pytest.mark.timeout(60)
 def test_content_length_is_checked_against_the_body_and_the_cap(srv):
     body = b'{"prompt": [1], "max_tokens": 1}'
-    t0 = time.monotonic()  # longer than what was sent, then the client stops sending: 400 at once
+    # longer than what was sent, then the client stops sending: 400 at once (a wait for the timeout would be 408)
     code, reply = srv.raw(post_bytes(srv.host, body, length=len(body) + 50), half_close=True, timeout=5)
-    assert code == 400 and "Content-Length" in error_message(reply) and time.monotonic() - t0 < 1
+    assert code == 400 and "Content-Length" in error_message(reply)
     t0 = time.monotonic()  # longer than what was sent, client keeps the socket open: timed out, 408
     code, reply = srv.raw(post_bytes(srv.host, body, length=len(body) + 50), timeout=5)
-    assert code == 408 and LIMITS.request_timeout_s <= time.monotonic() - t0 < LIMITS.request_timeout_s + 2
+    assert code == 408 and LIMITS.request_timeout_s <= time.monotonic() - t0 < LIMITS.request_timeout_s + 10
     for length, want in [("-1", 400), ("abc", 400), ("1e3", 400), (str(10**15), 413), (str(LIMITS.max_body_bytes + 1),
                                                                                        413)]:
-        t0 = time.monotonic()
         code, reply = srv.raw((f"POST /v1/completions HTTP/1.1\r\nHost: {srv.host}\r\nContent-Length: {length}\r\n"
                                "\r\n").encode() + body, timeout=5)
-        assert code == want and "Content-Length" in error_message(reply), length
-        assert time.monotonic() - t0 < 1, length
+        assert code == want and "Content-Length" in error_message(reply), length  # not 408: nothing was awaited
     code, reply = srv.raw(f"POST /v1/completions HTTP/1.1\r\nHost: {srv.host}\r\n\r\n".encode() + body, half_close=True)
     assert code == 411 and "Content-Length" in error_message(reply)
     code, reply = srv.raw(post_bytes(srv.host, body, extra=f"Content-Length: {len(body) + 1}\r\n"), timeout=5)
@@ -275,8 +273,8 @@ def test_content_length_is_checked_against_the_body_and_the_cap(srv):
 def test_a_stalled_request_line_or_header_times_out(srv):
     for partial in (b"POST /v1/comp", f"POST /v1/completions HTTP/1.1\r\nHost: {srv.host}\r\nContent-".encode()):
         t0 = time.monotonic()
-        code, _ = srv.raw(partial, timeout=LIMITS.request_timeout_s + 4)
-        assert code in (None, 408) and time.monotonic() - t0 < LIMITS.request_timeout_s + 2
+        code, _ = srv.raw(partial, timeout=LIMITS.request_timeout_s + 15)
+        assert code in (None, 408) and time.monotonic() - t0 < LIMITS.request_timeout_s + 10
     assert srv.request("GET", "/health", timeout=5)[0] == 200
 
 
@@ -396,19 +394,17 @@ def _number(v) -> bool:
 
 
 def expected_ok(body) -> bool:
-    """The endpoint's contract, restated independently of the server's code."""
+    """The endpoint's contract, restated independently of the server's code (null means absent)."""
     if not isinstance(body, dict) or "prompt" not in body or not _valid_prompt(body["prompt"]):
         return False
     known = {"prompt", "max_tokens", "temperature", "top_p", "seed", "stream", "model", "user"}
     if set(body) - known:
         return False
-    mt, seed = body.get("max_tokens"), body.get("seed")
-    return ((mt is None or (type(mt) is int and 1 <= mt <= CONTEXT))
-            and (seed is None or (type(seed) is int and 0 <= seed < 2**64))
-            and (_number(body.get("temperature", 1.0)) and body.get("temperature", 1.0) >= 0)
-            and (_number(body.get("top_p", 1.0)) and 0 < body.get("top_p", 1.0) <= 1)
-            and body.get("stream", False) is False and body.get("model", "tiny") == "tiny"
-            and isinstance(body.get("user", ""), str))
+    get = lambda k, default: default if body.get(k) is None else body[k]  # noqa: E731
+    mt, seed, t, p = get("max_tokens", 16), get("seed", 0), get("temperature", 1.0), get("top_p", 1.0)
+    return (type(mt) is int and 1 <= mt <= CONTEXT and type(seed) is int and 0 <= seed < 2**64
+            and _number(t) and t >= 0 and _number(p) and 0 < p <= 1 and get("stream", False) is False
+            and get("model", "tiny") == "tiny" and isinstance(get("user", ""), str))
 
 
 FIELDS = {
@@ -430,9 +426,25 @@ JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() |
 HEADER_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=12)
 
 
+VALID = {  # values the contract accepts, to draw requests that must succeed as often as ones that must fail
+    "prompt": st.one_of(st.lists(st.integers(0, 96), min_size=1, max_size=6), st.text(min_size=1, max_size=6),
+                        st.lists(st.lists(st.integers(0, 96), min_size=1, max_size=3), min_size=1, max_size=3),
+                        st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=3)),
+    "max_tokens": st.one_of(st.integers(1, 4), st.none()), "temperature": st.sampled_from([0, 0.0, 0.7, 1, 2.5]),
+    "top_p": st.sampled_from([1, 0.9, 0.5, 1e-9]), "seed": st.one_of(st.integers(0, 2**64 - 1), st.none()),
+    "stream": st.just(False), "model": st.just("tiny"), "user": st.text(max_size=3),
+}
+HARMLESS = st.lists(st.tuples(st.sampled_from(["X-Fuzz", "Content-Type", "Accept", "Connection"]), HEADER_TEXT),
+                    max_size=2)
+
+
 @st.composite
 def http_requests(draw):
-    kind = draw(st.sampled_from(["fields", "fields", "fields", "json", "bytes"]))
+    if draw(st.booleans()):  # a well-formed POST whose fields are mostly valid
+        fields = {k: st.one_of(v, v, v, FIELDS[k]) for k, v in VALID.items()}
+        obj = draw(st.fixed_dictionaries({"prompt": fields.pop("prompt")}, optional=fields))
+        return "fields", obj, json.dumps(obj).encode(), "POST", "/v1/completions", "good", "exact", draw(HARMLESS)
+    kind = draw(st.sampled_from(["fields", "json", "bytes"]))
     if kind == "fields":
         obj = draw(st.fixed_dictionaries({}, optional=FIELDS))
         body = json.dumps(obj).encode()
@@ -441,11 +453,11 @@ def http_requests(draw):
         body = json.dumps(obj).encode()
     else:
         obj, body = None, draw(st.binary(max_size=40))
-    method = draw(st.sampled_from(["POST"] * 6 + ["GET", "PUT", "DELETE", "HEAD", "OPTIONS", "BREW"]))
-    path = draw(st.sampled_from(["/v1/completions"] * 6 + ["/v1/models", "/health", "/", "/v1/completions?x=1",
+    method = draw(st.sampled_from(["POST"] * 3 + ["GET", "PUT", "DELETE", "HEAD", "OPTIONS", "BREW"]))
+    path = draw(st.sampled_from(["/v1/completions"] * 3 + ["/v1/models", "/health", "/", "/v1/completions?x=1",
                                                             "//v1/completions", "/%ff"]))
-    host = draw(st.sampled_from(["good"] * 6 + ["localhost", "evil.example", "missing", "wrong-port"]))
-    length = draw(st.sampled_from(["exact"] * 8 + ["missing", "short", "long", "negative", "text", "huge", "twice"]))
+    host = draw(st.sampled_from(["good"] * 3 + ["localhost", "evil.example", "missing", "wrong-port"]))
+    length = draw(st.sampled_from(["exact"] * 3 + ["missing", "short", "long", "negative", "text", "huge", "twice"]))
     extra = draw(st.lists(st.tuples(st.sampled_from(["X-Fuzz", "Content-Type", "Accept", "Origin", "Expect",
                                                      "Transfer-Encoding", "Connection"]), HEADER_TEXT), max_size=3))
     return kind, obj, body, method, path, host, length, extra
@@ -474,7 +486,7 @@ def parsed(body: bytes):
 
 
 INVALID = object()
-COMPLETIONS = ("/v1/completions", "/v1/completions?x=1")
+COMPLETIONS = ("/v1/completions", "/v1/completions?x=1", "//v1/completions")  # http.server folds a leading //
 
 
 def expected_status(method, path, host, length, extra, body) -> str:
@@ -496,10 +508,11 @@ def test_fuzz_endpoint_answers_correctly_or_with_a_clear_4xx(srv, req):
     _, _, body, method, path, host, length, extra = req
     t0 = time.monotonic()
     code, reply = srv.raw(build(srv, method, path, host, length, extra, body), half_close=length == "long",
-                          timeout=LIMITS.request_timeout_s + 10)
+                          timeout=LIMITS.request_timeout_s + 30)
     assert code is not None, "closed without a reply"
-    assert time.monotonic() - t0 < LIMITS.request_timeout_s + 5
+    assert time.monotonic() - t0 < LIMITS.request_timeout_s + 20  # a bound for hangs, loose for a loaded CI machine
     want = expected_status(method, path, host, length, extra, body)
+    event(f"{want}: {code}")
     if want == "4xx":
         assert 400 <= code < 500, (code, reply)
         if method != "HEAD":
@@ -542,6 +555,13 @@ def test_an_engine_seed_of_any_size_still_seeds_every_request():
     for seed in (2**70, -5):
         out = new_engine(seed=seed).generate([[1, 2]], SamplingParams(max_new_tokens=3, temperature=1.0))[0]
         assert out.error is None and len(out.tokens) == 3
+
+
+def test_a_vanishing_top_p_keeps_the_most_probable_token():
+    outs = new_engine().generate([[3, 4, 5], [6, 7]], [SamplingParams(4, temperature=1.0, top_p=p, seed=3)
+                                                       for p in (4.7e-49, 5e-324)])
+    assert [o.error for o in outs] == [None, None]
+    assert outs[0].tokens == alone([3, 4, 5], 4) and outs[1].tokens == alone([6, 7], 4)
 
 
 def test_a_vanishing_temperature_is_greedy_and_does_not_break_the_batch():
@@ -614,6 +634,6 @@ def test_serve_cli_prints_one_line_for_load_errors(tmp_path):
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:"), (name, err)
         assert "Traceback" not in err and word in lines[0], (name, lines)
-        assert time.monotonic() - t0 < 10, name
+        assert time.monotonic() - t0 < 30, name
     rc, err = _cli([str(good), "--prompts", str(tmp_path / "no-such-prompts.txt")])
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "no-such-prompts.txt" in err

@@ -169,7 +169,7 @@ def read_header(path: Path) -> dict[str, Entry]:
             raise CheckpointError(f"{name}: header entry in {path} is {_kind(info)}, expected an object with dtype, "
                                   "shape and data_offsets")
         code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if code not in ST_DTYPES:
+        if not isinstance(code, str) or code not in ST_DTYPES:
             raise CheckpointError(f"{name}: unsupported dtype {code!r} in {path} (supported: {', '.join(ST_DTYPES)})")
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise CheckpointError(f"{name}: shape {shape!r:.80} in {path} is not a list of non-negative integers")

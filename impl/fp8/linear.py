@@ -134,9 +134,10 @@ class Fp8Linear(nn.Module):
         return quant.dequantize(self.weight, self.weight_scale, self.group, out_dtype=self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        require_tensor(x, "x")
-        if x.ndim == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x has shape {tuple(x.shape)}: this layer takes [..., {self.in_features}]")
+        if require_tensor(x, "x").ndim == 0:
+            raise ValueError(f"x must be [..., {self.in_features}], got a scalar")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features, this layer takes {self.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.path.startswith("scaled_mm"):

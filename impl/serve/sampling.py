@@ -69,6 +69,7 @@ def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
     order = torch.sort(probs, descending=True, stable=True)
     mass_before = torch.cumsum(order.values, 0) - order.values
     keep_sorted = mass_before < top_p  # a token is kept while the mass above it is short of top_p
+    keep_sorted[0] = True  # the most probable token always (a top_p below float32's range compares as 0)
     keep = torch.zeros_like(keep_sorted).scatter(0, order.indices, keep_sorted)
     kept = torch.where(keep, probs, torch.zeros_like(probs))
     return kept / kept.sum()

@@ -6,8 +6,8 @@ prompts, hand them to a single engine thread (the engine is not thread-safe) and
 Body: one JSON object of at most ``ServerLimits.max_body_bytes``, with ``prompt`` (text, a list of token ids, or a list
 of up to ``max_prompts`` of either), ``max_tokens`` (an integer in [1, the context], 16), ``temperature`` (a finite
 number >= 0, 1.0 as OpenAI; 0 = greedy), ``top_p`` (in (0, 1], 1.0), ``seed`` (an integer in [0, 2**64)), ``model``
-(this model's name), ``stream`` (false only) and ``user`` (ignored); any other field is refused, and so is any
-value of another type ("3", 1.9 and true are not integers). Every prompt of a request is tokenized and checked
+(this model's name), ``stream`` (false only) and ``user`` (ignored); null means absent; any other field is refused,
+and so is any value of another type ("3", 1.9 and true are not integers). Every prompt of a request is tokenized and checked
 before any of them is generated. The reply has OpenAI's shape (``choices[i].text``, ``finish_reason``, ``usage``)
 plus ``choices[i].token_ids``; errors are ``{"error": {"message", "type"}}`` with
 
@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
 
 from impl.serve.engine import Completion, Engine
 from impl.serve.sampling import SEED_LIMIT, SamplingParams
@@ -231,7 +230,7 @@ def parse_request(body: dict[str, Any], engine: Engine, model_name: str,
                                 f"{model_name!r}", "model_not_found")
     if body.get("stream") not in (None, False):
         raise RequestError(400, "stream: streaming is not supported; leave it out or send false")
-    if not isinstance(body.get("user", ""), str):
+    if body.get("user") is not None and not isinstance(body["user"], str):
         raise RequestError(400, f"user: expected text, got {_kind(body['user'])}")
     max_tokens = _int(body, "max_tokens", 16, 1, engine.max_seq_len)
     seed = _int(body, "seed", None, 0, SEED_LIMIT - 1)
@@ -313,6 +312,7 @@ def make_server(engine: Engine, model_name: str, host: str = "127.0.0.1", port: 
             self.close_connection = True
             self._late = threading.Event()
             timer = threading.Timer(limits.request_timeout_s, self._stop_reading)
+            timer.daemon = True
             timer.start()
             try:
                 self.raw_requestline = self.rfile.readline(65537)
@@ -328,6 +328,8 @@ def make_server(engine: Engine, model_name: str, host: str = "127.0.0.1", port: 
                     raise RequestError(400, "HTTP/0.9 requests are not supported")
                 method, path, data = self._read()
                 timer.cancel()
+                if self._late.is_set():  # the deadline struck as the last byte came: the read side is shut
+                    raise TimeoutError
                 self._respond(method, path, data)
             except RequestError as e:
                 self._error(e)
@@ -361,7 +363,7 @@ def make_server(engine: Engine, model_name: str, host: str = "127.0.0.1", port: 
             if origin is not None and hosts is not None and origin.strip().lower() not in {f"http://{h}" for h in
                                                                                            hosts}:
                 raise RequestError(403, f"Origin {origin[:60]!r} is another site: cross-site requests are refused")
-            route = urlsplit(self.path).path
+            route = self.path.split("?", 1)[0]
             if route not in ROUTES:
                 raise RequestError(404, f"no route {self.path[:100]!r} (routes: {', '.join(ROUTES)})")
             if self.command not in ROUTES[route]:
@@ -451,7 +453,7 @@ def make_server(engine: Engine, model_name: str, host: str = "127.0.0.1", port: 
             if self._late.is_set() and e.status == 400:  # the deadline cut the request short: that is the problem
                 e = RequestError(408, f"the request did not arrive within {limits.request_timeout_s} s")
             self.request_version = "HTTP/1.0"  # never answer in HTTP/0.9 (no status line)
-            route = urlsplit(getattr(self, "path", "") or "").path
+            route = (getattr(self, "path", "") or "").split("?", 1)[0]
             allow = {"Allow": ", ".join(ROUTES[route])} if e.status == 405 and route in ROUTES else {}
             try:
                 self._reply(e.status, {"error": {"message": e.message, "type": e.kind}}, allow)
