@@ -98,7 +98,7 @@ def test_quantize_refuses_a_dst_that_is_contains_or_lies_inside_src(tmp_path, de
         assert snapshot(tmp_path) == before, dst
 
 
-def test_quantize_overwrite_replaces_only_a_folder_it_wrote(tmp_path, dense):
+def test_quantize_overwrite_replaces_only_a_folder_it_wrote(tmp_path, dense, monkeypatch):
     dst = tmp_path / "out"
     Q.quantize_checkpoint(dense, dst, "vllm-tensor", **QUIET)
     Q.quantize_checkpoint(dense, dst, "vllm-channel", overwrite=True, **QUIET)  # its own output: replaced
@@ -117,12 +117,24 @@ def test_quantize_overwrite_replaces_only_a_folder_it_wrote(tmp_path, dense):
     assert (other / "data.bin").read_bytes() == b"x"
     (dst / "notes.txt").unlink()
     before = snapshot(dst)
-    broken = copy(dense, tmp_path / "broken")  # fails half-way (a weight of the wrong shape in the last layer)
+    broken = copy(dense, tmp_path / "broken")  # refused from its headers, before anything is written
     t = load_file(broken / "model.safetensors")
     t["model.layers.1.mlp.down_proj.weight"] = t["model.layers.1.mlp.down_proj.weight"][:, :100].clone()
     save_file(t, str(broken / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="down_proj"):
-        Q.quantize_checkpoint(broken, dst, "vllm-block", overwrite=True, shard_mb=0.01, **QUIET)
+    with pytest.raises(CheckpointError, match=r"down_proj.weight: bfloat16 \[80, 100\] in .*model.safetensors"):
+        Q.quantize_checkpoint(broken, dst, "vllm-block", overwrite=True, **QUIET)
+    calls = []
+
+    def failing(*args, **kw):  # a run that fails half-way, after shards were written
+        calls.append(1)
+        if len(calls) > 5:
+            raise RuntimeError("disk full")
+        return real(*args, **kw)
+
+    real = Q.quantize_tensor
+    monkeypatch.setattr(Q, "quantize_tensor", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        Q.quantize_checkpoint(dense, dst, "vllm-block", overwrite=True, shard_mb=0.01, **QUIET)
     assert snapshot(dst) == before, "a failed run changed the previous output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "other", "out"], "a temporary folder was left"
     empty = tmp_path / "empty"

@@ -70,3 +70,19 @@ def test_kvstitch_entry_points_refuse_numpy_and_wrong_dtypes():
     with pytest.raises(TypeError, match="floating"):
         bundle([(k.to(torch.int32), v) for k, v in kv])
     assert len(bundle(kv)) == 1
+
+
+def test_a_stitch_bundle_with_a_dtype_that_is_not_one_is_refused(tmp_path):
+    import json
+
+    from impl.kvstitch.models import TinySpec, tiny_model
+    from impl.kvstitch.stitch import StitchBundle
+
+    m = tiny_model(TinySpec(layers=1, vocab=32))
+    d = StitchBundle(m.config, m.config).save(tmp_path / "s")
+    assert StitchBundle.load(d).layers[0].k_map.weight.dtype == torch.float32
+    meta = json.loads((d / "stitch.json").read_text())
+    for bad in ("torch.load", "int64", "nonsense"):
+        (d / "stitch.json").write_text(json.dumps({**meta, "dtype": bad}))
+        with pytest.raises(ValueError, match="stitch.json: dtype"):
+            StitchBundle.load(d)

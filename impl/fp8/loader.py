@@ -1,9 +1,11 @@
 """Streaming, validating loader: FP8 checkpoint dir -> weights on the device in the kernels' layout.
 
 Order of work:
-  1. config.json -> ``ModelSpec`` (every tensor and shape) and ``QuantScheme`` (layout, format, activations);
-  2. the safetensors headers (no data) -> every name, shape and dtype checked against them: missing and unexpected
-     tensors, wrong shapes, wrong dtypes, scale shapes of the layout; all before a byte of data is read;
+  1. config.json, index.json and the safetensors headers read and bounded by ``checkpoint_io`` (no data; the files
+     confined to the folder), then config.json -> ``ModelSpec`` (every tensor and shape, its sizes bounded by what
+     the files hold) and ``QuantScheme`` (layout, format, activations);
+  2. every header name, shape and dtype checked against them: missing and unexpected tensors, wrong shapes, wrong
+     dtypes, scale shapes of the layout; all before a byte of data is read;
   3. tensors read one at a time (``safe_open``), values checked (scales finite and > 0; FP8 weights free of NaN
      codes, checked on the device with one sync at the end), and copied to the device through two reused pinned
      buffers, so host memory holds about one tensor, never the model;
@@ -11,7 +13,8 @@ Order of work:
      shards -> per-channel scales; block shards whose rows don't align to the block -> 1 x bk row groups) or, with
      ``fuse="requant"``, per-tensor shards requantized to their largest scale (vLLM's choice, one scale per matrix).
 
-Every refusal is a ``CheckpointError`` whose message starts with the tensor (or config key) and says the problem.
+Every refusal is a ``CheckpointError`` whose message starts with the tensor (or the file and config key), says the
+problem and names the file (or, for a missing tensor, the folder).
 """
 from __future__ import annotations
 

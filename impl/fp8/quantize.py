@@ -161,8 +161,16 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: s
     if config.get("quantization_config"):
         raise CheckpointError(f"{src}/config.json already has a quantization_config: quantize a bf16/fp32 checkpoint")
     files = safetensors_files(src)
-    spec, _ = parse_config(src / "config.json", config, read_headers(files))
+    entries = read_headers(files)
+    spec, _ = parse_config(src / "config.json", config, entries)
     ignore = list(ignore if ignore is not None else ["lm_head"])
+    for module, shape in spec.linears.items():  # every weight to quantize, from the headers, before writing anything
+        e = entries.get(f"{module}.weight")
+        if e is None:
+            raise CheckpointError(f"{module}.weight: missing in {src}")
+        if e.shape != shape or e.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise CheckpointError(f"{module}.weight: {str(e.dtype).replace('torch.', '')} {list(e.shape)} in "
+                                  f"{e.file}; the config needs a float32/float16/bfloat16 {list(shape)}")
     replace = must_replace(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))

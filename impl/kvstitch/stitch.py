@@ -221,7 +221,9 @@ class StitchBundle(nn.Module):
         d = Path(out_dir)
         meta = json.loads((d / "stitch.json").read_text())
         cfgs = [AutoConfig.for_model(**dict(meta[k])) for k in ("prefill_config", "decode_config")]
-        dtype = getattr(torch, meta["dtype"].replace("torch.", ""))
+        dtype = getattr(torch, str(meta.get("dtype")).replace("torch.", ""), None)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"{d / 'stitch.json'}: dtype {meta.get('dtype')!r} is not a torch floating dtype")
         b = cls(cfgs[0], cfgs[1], StitchConfig(**meta["spec"]), [tuple(p) for p in meta["pairing"]], dtype)
         b.load_state_dict(load_file(d / "stitch.safetensors"))
         b.passthrough = bool(meta["passthrough"])

@@ -78,15 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_engine(a: argparse.Namespace) -> Any:
-    from transformers import AutoTokenizer
-
-    from impl.serve import fp8_adapter
-    from impl.serve.engine import Engine, EngineConfig
     from impl.serve.weights import check_model_dir, load_model
 
     device = a.device if a.device != "auto" else ("cuda" if impl.backend.ON_GPU else "cpu")
     dtype = DTYPES[a.dtype] if a.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
     check_model_dir(a.model_dir)  # config and headers first: quick, and the tokenizer reads the config too
+    from transformers import AutoTokenizer
+
+    from impl.serve import fp8_adapter
+    from impl.serve.engine import Engine, EngineConfig
+
     try:  # before the weights: a missing tokenizer should not wait for them
         tok = AutoTokenizer.from_pretrained(a.model_dir)
     except LOAD_ERRORS as e:
