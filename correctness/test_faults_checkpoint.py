@@ -135,6 +135,7 @@ def test_quantize_overwrite_replaces_only_a_folder_it_wrote(tmp_path, dense, mon
     monkeypatch.setattr(Q, "quantize_tensor", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         Q.quantize_checkpoint(dense, dst, "vllm-block", overwrite=True, shard_mb=0.01, **QUIET)
+    monkeypatch.undo()
     assert snapshot(dst) == before, "a failed run changed the previous output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "other", "out"], "a temporary folder was left"
     empty = tmp_path / "empty"
