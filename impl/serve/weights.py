@@ -4,7 +4,9 @@ HF names map onto the model's fused layout: ``q/k/v_proj`` are stacked row-wise 
 ``gate/up_proj`` into ``w13`` [2·ffn, dim]. Tensors are read one at a time (``safe_open``), so peak host memory is one
 tensor beyond the model. A directory whose config carries a ``quantization_config`` is an FP8 checkpoint and goes to
 ``fp8_adapter``; anything else that does not match the config (unknown or missing tensor, wrong shape) is refused with
-the tensor's name. (The SmolLM2 checkpoints come from impl/fp8 through ``fp8_adapter.smollm2_dir``.)
+the tensor's name. Before anything is allocated, config.json and the safetensors headers are read and checked by
+``impl.fp8.checkpoint_io`` (files confined to the folder, the config's sizes bounded by what the files hold). (The
+SmolLM2 checkpoints come from impl/fp8 through ``fp8_adapter.smollm2_dir``.)
 """
 from __future__ import annotations
 
@@ -28,10 +30,10 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
 
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
-    return files
+    """The weight files (those an index.json names, else every *.safetensors), each confined to the folder."""
+    from impl.fp8.checkpoint_io import safetensors_files as confined
+
+    return confined(model_dir)
 
 
 def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, Tensor]]:
@@ -97,7 +99,7 @@ def check_model_dir(model_dir: str | Path) -> dict[str, Any]:
     from impl.fp8 import checkpoint_io
 
     cfg = read_config(model_dir)
-    entries = checkpoint_io.read_headers(checkpoint_io.safetensors_files(model_dir))
+    entries = checkpoint_io.read_headers(safetensors_files(model_dir))
     checkpoint_io.check_sizes(Path(model_dir) / "config.json", cfg, entries)
     return cfg
 
