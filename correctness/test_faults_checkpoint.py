@@ -342,7 +342,8 @@ HEADER_CASES = {
     "dtype a list": lambda p: _rewrite_header(p, lambda h: h[_first_tensor(h)].__setitem__("dtype", ["F32"])),
     "negative dim": lambda p: _rewrite_header(p, lambda h: h[_first_tensor(h)].__setitem__("shape", [-1, 80])),
     "bool dim": lambda p: _rewrite_header(p, lambda h: h[_first_tensor(h)].__setitem__("shape", [True, 80])),
-    "shape beyond its bytes": lambda p: _rewrite_header(p, lambda h: h[_first_tensor(h)]["shape"].__setitem__(0, 10**12)),
+    "shape beyond its bytes": lambda p: _rewrite_header(p, lambda h: h[_first_tensor(h)]["shape"].__setitem__(
+        0, 10**12)),
     "offsets past the end": lambda p: _rewrite_header(p, lambda h: h[_first_tensor(h)].__setitem__(
         "data_offsets", [10**9, 10**9 + 2])),
     "offsets overlap": lambda p: _rewrite_header(p, _overlap),

@@ -7,15 +7,18 @@ Body: one JSON object of at most ``ServerLimits.max_body_bytes``, with ``prompt`
 of up to ``max_prompts`` of either), ``max_tokens`` (an integer in [1, the context], 16), ``temperature`` (a finite
 number >= 0, 1.0 as OpenAI; 0 = greedy), ``top_p`` (in (0, 1], 1.0), ``seed`` (an integer in [0, 2**64)), ``model``
 (this model's name), ``stream`` (false only) and ``user`` (ignored); null means absent; any other field is refused,
-and so is any value of another type ("3", 1.9 and true are not integers). Every prompt of a request is tokenized and checked
-before any of them is generated. The reply has OpenAI's shape (``choices[i].text``, ``finish_reason``, ``usage``)
-plus ``choices[i].token_ids``; errors are ``{"error": {"message", "type"}}`` with
+and so is any value of another type ("3", 1.9 and true are not integers). Every prompt of a request is tokenized and
+checked before any of them is generated. The reply has OpenAI's shape (``choices[i].text``, ``finish_reason``,
+``usage``) plus ``choices[i].token_ids``. Errors are ``{"error": {"message", "type"}}`` with status
 
-  400  a malformed request, body or field (the message names it)      403  a Host or Origin that does not name this
-  404  an unknown route or model        405  a method the route lacks       server (DNS rebinding, other sites)
-  408  a client that did not send its request within ``request_timeout_s``   411/413  Content-Length missing / too big
-  417  an Expect other than 100-continue         500  an engine error during this request's generation
-  503  the engine thread has stopped (``GET /health`` and ``GET /v1/models`` say so too).
+  400      a malformed request line, header, body or field (the message names it)
+  403      a Host or Origin header that does not name this server (DNS rebinding, requests from other sites)
+  404/405  an unknown route or model / a method the route does not take (with ``Allow``)
+  408      a request that did not arrive within ``request_timeout_s``
+  411/413  a POST without Content-Length / a Content-Length over the cap
+  417      an Expect other than 100-continue
+  500      an engine error during this request's generation
+  503      the engine thread has stopped (``GET /health`` and ``GET /v1/models`` say so too)
 
 The socket is not trusted: each read times out, the whole request must arrive within ``request_timeout_s``, the
 Content-Length must be one non-negative integer within the cap and the body as long as it says. A client that
