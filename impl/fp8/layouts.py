@@ -107,9 +107,21 @@ class QuantScheme:
     vllm_scales_from_tensors: bool = False  # vLLM fp8 without block size: tensor vs channel decided by shapes
 
 
+def _names(q: dict[str, Any], key: str) -> tuple[str, ...]:
+    """A list of module names (or null) at ``quantization_config[key]``."""
+    v = q.get(key)
+    if v is None:
+        return ()
+    if not (isinstance(v, list) and all(isinstance(n, str) for n in v)):
+        raise CheckpointError(f"quantization_config.{key}: expected a list of module names, got {_kind(v)} "
+                              f"{v!r:.40}")
+    return tuple(v)
+
+
 def _block_size(value: Any, key: str) -> ScaleGroup:
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)):
-        raise CheckpointError(f"quantization_config.{key}: expected two integers [rows, cols], got {value!r}")
+    if not (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise CheckpointError(f"quantization_config.{key}: expected two integers [rows, cols], got {value!r:.40}")
     try:
         return ScaleGroup(int(value[0]), int(value[1]))
     except ValueError as e:
@@ -139,7 +151,8 @@ def _parse_fp8(q: dict[str, Any]) -> QuantScheme:
     fmt = q.get("fmt", "e4m3")
     if fmt not in ("e4m3", "e5m2"):
         raise CheckpointError(f"quantization_config.fmt: expected 'e4m3' or 'e5m2', got {fmt!r}")
-    ignore = tuple(q.get("ignored_layers") or q.get("modules_to_not_convert") or ())
+    key = "ignored_layers" if q.get("ignored_layers") is not None else "modules_to_not_convert"
+    ignore = _names(q, key)
     if q.get("weight_block_size") is not None:
         group = _block_size(q["weight_block_size"], "weight_block_size")
         base = LAYOUTS["deepseek-block" if "fmt" in q else "vllm-block"]
@@ -150,14 +163,21 @@ def _parse_fp8(q: dict[str, Any]) -> QuantScheme:
 def _parse_compressed_tensors(q: dict[str, Any]) -> QuantScheme:
     if q.get("format", "float-quantized") != "float-quantized":
         raise CheckpointError(f"quantization_config.format: only 'float-quantized' FP8 is supported, got "
-                              f"{q.get('format')!r}")
+                              f"{q.get('format')!r:.40}")
     groups = q.get("config_groups")
     if not isinstance(groups, dict) or not groups:
-        raise CheckpointError("quantization_config.config_groups: missing or empty")
+        raise CheckpointError(f"quantization_config.config_groups: expected a non-empty object of groups, got "
+                              f"{_kind(groups) if groups != {} else 'an empty object'}")
+    ignore = _names(q, "ignore")
     schemes = []
     for gname, g in groups.items():
-        w = (g or {}).get("weights") or {}
-        where = f"quantization_config.config_groups.{gname}.weights"
+        where = f"quantization_config.config_groups.{gname}"
+        if not isinstance(g, dict):
+            raise CheckpointError(f"{where}: expected an object with 'weights', got {_kind(g)}")
+        w = g.get("weights")
+        if not isinstance(w, dict):
+            raise CheckpointError(f"{where}.weights: expected an object, got {_kind(w)}")
+        where = f"{where}.weights"
         if w.get("num_bits") != 8 or w.get("type") != "float":
             raise CheckpointError(f"{where}: expected 8-bit float weights, got num_bits={w.get('num_bits')!r} "
                                   f"type={w.get('type')!r}")
@@ -172,13 +192,88 @@ def _parse_compressed_tensors(q: dict[str, Any]) -> QuantScheme:
             group = _block_size(w.get("block_structure"), f"config_groups.{gname}.weights.block_structure")
             layout = Layout("ct-block", "ct", group, "weight_scale")
         else:
-            raise CheckpointError(f"{where}.strategy: unknown layout {strategy!r} (tensor, channel or block)")
-        acts = (g or {}).get("input_activations")
+            raise CheckpointError(f"{where}.strategy: unknown layout {strategy!r:.40} (tensor, channel or block)")
+        acts = g.get("input_activations")
+        if acts is not None and not isinstance(acts, dict):
+            raise CheckpointError(f"quantization_config.config_groups.{gname}.input_activations: expected an object "
+                                  f"or null, got {_kind(acts)}")
         act = "static" if acts and acts.get("dynamic") is False else "dynamic"
-        schemes.append(QuantScheme(layout, "e4m3", act, tuple(q.get("ignore") or ())))
+        schemes.append(QuantScheme(layout, "e4m3", act, ignore))
     if len(set(schemes)) > 1:
         raise CheckpointError("quantization_config.config_groups: groups with different schemes are not supported")
     return schemes[0]
+
+
+# ---- config.json sizes --------------------------------------------------------------------------------------------
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "text", bool: "a boolean", type(None): "null"}.get(
+        type(v), f"a {type(v).__name__}")
+
+
+def config_int(config: dict[str, Any], key: str, default: int | None = None, lo: int = 1) -> int:
+    """``config[key]`` as an int >= lo (``default`` when absent or null, if given); CheckpointError naming the key.
+    Only JSON integers count: "80", 80.0 and true are refused."""
+    v = config.get(key)
+    if v is None:
+        if default is not None:
+            return default
+        raise CheckpointError(f"{key}: {'missing' if key not in config else 'null'}, expected an integer >= {lo}")
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise CheckpointError(f"{key}: expected an integer >= {lo}, got {_kind(v)} {v!r:.40}")
+    if v < lo:
+        raise CheckpointError(f"{key}: {v}, expected an integer >= {lo}")
+    return v
+
+
+@dataclass(frozen=True)
+class LlamaDims:
+    """The sizes of a Llama-family config.json, checked (every one an int >= 1, KV heads dividing the heads)."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+    tied: bool
+
+    def n_params(self) -> int:
+        """Parameters the config describes (biases aside): embeddings, an untied head, norms and projections."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        layer = 2 * h + h * q + 2 * h * kv + q * h + 3 * h * self.intermediate
+        return self.vocab * h * (1 if self.tied else 2) + h + self.layers * layer
+
+    def describe(self) -> str:
+        return (f"hidden_size={self.hidden}, intermediate_size={self.intermediate}, num_attention_heads={self.heads}, "
+                f"num_key_value_heads={self.kv_heads}, head_dim={self.head_dim}, num_hidden_layers={self.layers}, "
+                f"vocab_size={self.vocab}")
+
+
+def llama_dims(config: dict[str, Any]) -> LlamaDims:
+    """The checked sizes of a config dict (``head_dim`` absent or null: hidden_size // num_attention_heads)."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"expected a JSON object, got {_kind(config)}")
+    h, inter = config_int(config, "hidden_size"), config_int(config, "intermediate_size")
+    heads, layers = config_int(config, "num_attention_heads"), config_int(config, "num_hidden_layers")
+    kv = config_int(config, "num_key_value_heads", default=heads)
+    vocab = config_int(config, "vocab_size")
+    if heads % kv:
+        raise CheckpointError(f"num_key_value_heads: {kv} does not divide num_attention_heads ({heads})")
+    if config.get("head_dim") is None and h // heads < 1:
+        raise CheckpointError(f"head_dim: absent, and hidden_size // num_attention_heads = {h} // {heads} is 0")
+    hd = config_int(config, "head_dim", default=h // heads)
+    tied = config.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise CheckpointError(f"tie_word_embeddings: expected true or false, got {_kind(tied)} {tied!r:.40}")
+    return LlamaDims(h, inter, heads, kv, hd, layers, vocab, tied)
+
+
+def check_model_type(config: dict[str, Any]) -> None:
+    mt = config.get("model_type") if isinstance(config, dict) else None
+    if mt not in ("llama", "mistral"):
+        raise CheckpointError(f"model_type: {mt!r} is not a supported Llama-family model (llama, mistral)")
 
 
 # ---- the model spec -------------------------------------------------------------------------------------------
@@ -200,22 +295,14 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ModelSpec":
-        mt = config.get("model_type")
-        if mt not in ("llama", "mistral"):
-            raise CheckpointError(f"config.json model_type: {mt!r} is not a supported Llama-family model "
-                                  "(llama, mistral)")
-        try:
-            h, inter = int(config["hidden_size"]), int(config["intermediate_size"])
-            heads, layers = int(config["num_attention_heads"]), int(config["num_hidden_layers"])
-            kv = int(config.get("num_key_value_heads") or heads)
-            vocab = int(config["vocab_size"])
-        except KeyError as e:
-            raise CheckpointError(f"config.json: missing {e.args[0]!r}") from None
-        hd = int(config.get("head_dim") or h // heads)
+        check_model_type(config)
+        d = llama_dims(config)
+        h, inter, heads, kv, hd, layers, vocab = d.hidden, d.intermediate, d.heads, d.kv_heads, d.head_dim, \
+            d.layers, d.vocab
         spec = cls(config)
         spec.dense["model.embed_tokens.weight"] = (vocab, h)
         spec.dense["model.norm.weight"] = (h,)
-        if not config.get("tie_word_embeddings", False):
+        if not d.tied:
             spec.dense["lm_head.weight"] = (vocab, h)
         shapes = {"self_attn.q_proj": (heads * hd, h), "self_attn.k_proj": (kv * hd, h),
                   "self_attn.v_proj": (kv * hd, h), "self_attn.o_proj": (h, heads * hd),

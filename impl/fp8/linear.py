@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from impl import backend
+from impl.common.checks import require_tensor
 from impl.fp8 import quant
 from impl.fp8.formats import CHANNEL, E4M3, TENSOR, ScaleGroup, get_format, get_group
 from impl.fp8.reference import dequantize_reference
@@ -133,6 +134,8 @@ class Fp8Linear(nn.Module):
         return quant.dequantize(self.weight, self.weight_scale, self.group, out_dtype=self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if require_tensor(x, "x").ndim == 0:
+            raise ValueError(f"x must be [..., {self.in_features}], got a scalar")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features, this layer takes {self.in_features}")
         lead = x.shape[:-1]

@@ -1,9 +1,11 @@
 """Streaming, validating loader: FP8 checkpoint dir -> weights on the device in the kernels' layout.
 
 Order of work:
-  1. config.json -> ``ModelSpec`` (every tensor and shape) and ``QuantScheme`` (layout, format, activations);
-  2. the safetensors headers (no data) -> every name, shape and dtype checked against them: missing and unexpected
-     tensors, wrong shapes, wrong dtypes, scale shapes of the layout; all before a byte of data is read;
+  1. config.json, index.json and the safetensors headers read and bounded by ``checkpoint_io`` (no data; the files
+     confined to the folder), then config.json -> ``ModelSpec`` (every tensor and shape, its sizes bounded by what
+     the files hold) and ``QuantScheme`` (layout, format, activations);
+  2. every header name, shape and dtype checked against them: missing and unexpected tensors, wrong shapes, wrong
+     dtypes, scale shapes of the layout; all before a byte of data is read;
   3. tensors read one at a time (``safe_open``), values checked (scales finite and > 0; FP8 weights free of NaN
      codes, checked on the device with one sync at the end), and copied to the device through two reused pinned
      buffers, so host memory holds about one tensor, never the model;
@@ -11,7 +13,8 @@ Order of work:
      shards -> per-channel scales; block shards whose rows don't align to the block -> 1 x bk row groups) or, with
      ``fuse="requant"``, per-tensor shards requantized to their largest scale (vLLM's choice, one scale per matrix).
 
-Every refusal is a ``CheckpointError`` whose message starts with the tensor (or config key) and says the problem.
+Every refusal is a ``CheckpointError`` whose message starts with the tensor (or the file and config key), says the
+problem and names the file (or, for a missing tensor, the folder).
 """
 from __future__ import annotations
 
@@ -25,14 +28,11 @@ import torch
 from safetensors import safe_open
 
 from impl import backend
+from impl.fp8.checkpoint_io import Entry, parse_config, read_config, read_headers, safetensors_files
 from impl.fp8.formats import CHANNEL, TENSOR, ScaleGroup, get_format
-from impl.fp8.layouts import FUSED, CheckpointError, ModelSpec, QuantScheme, parse_quantization_config
+from impl.fp8.layouts import FUSED, CheckpointError, ModelSpec, QuantScheme
 from impl.fp8.linear import Fp8Weight
-from impl.fp8.quantize import read_config, safetensors_files
 
-ST_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16,
-             "F16": torch.float16, "F32": torch.float32, "F64": torch.float64, "U8": torch.uint8, "I8": torch.int8,
-             "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -74,33 +74,16 @@ def _anon_rss() -> int:
     return 0
 
 
-# ---- step 2: names, shapes, dtypes from the headers -------------------------------------------------------------
+# ---- step 2: names, shapes, dtypes from the headers (read and bounded by ``checkpoint_io``) -----------------------
 
-@dataclass(frozen=True)
-class Entry:
-    file: Path
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+def _folder(entries: dict[str, Entry]) -> str:
+    """' in <checkpoint folder>', for messages about a tensor that is not in any file."""
+    return f" in {next(iter(entries.values())).file.parent}" if entries else ""
 
 
-def read_headers(files: list[Path]) -> dict[str, Entry]:
-    entries: dict[str, Entry] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                code = sl.get_dtype()
-                if code not in ST_DTYPES:
-                    raise CheckpointError(f"{name}: unsupported dtype {code} in {path.name}")
-                if name in entries:
-                    raise CheckpointError(f"{name}: stored twice ({entries[name].file.name} and {path.name})")
-                entries[name] = Entry(path, tuple(sl.get_shape()), ST_DTYPES[code])
-    return entries
-
-
-def _scale_group(scheme: QuantScheme, name: str, shape: tuple[int, ...], n: int, k: int) -> ScaleGroup:
+def _scale_group(scheme: QuantScheme, name: str, e: Entry, n: int, k: int) -> ScaleGroup:
     """The scale group a stored scale tensor encodes; CheckpointError if its shape fits no layout."""
-    lay = scheme.layout
+    lay, shape = scheme.layout, e.shape
     assert lay is not None
     if scheme.vllm_scales_from_tensors:  # vLLM "fp8" without weight_block_size: per-tensor or per-channel
         if math.prod(shape) == 1 and len(shape) <= 1:
@@ -108,13 +91,26 @@ def _scale_group(scheme: QuantScheme, name: str, shape: tuple[int, ...], n: int,
         if shape in ((n, 1), (n,)):
             return CHANNEL
         raise CheckpointError(f"{name}: shape {list(shape)} is neither per-tensor ([] or [1]) nor per-channel "
-                              f"([{n}, 1]) for a [{n}, {k}] weight")
+                              f"([{n}, 1]) for a [{n}, {k}] weight (in {e.file})")
     want = lay.stored_scale_shape(n, k)
     ok = shape == want or (lay.group == TENSOR and math.prod(shape) == 1 and len(shape) <= 1)
     if not ok:
         raise CheckpointError(f"{name}: shape {list(shape)}, layout {lay.name} needs {list(want)} for a [{n}, {k}] "
-                              f"weight ({lay.group.name} scales)")
+                              f"weight ({lay.group.name} scales, in {e.file})")
     return lay.group
+
+
+def _layout_label(scheme: QuantScheme, entries: dict[str, Entry], sname: str, n: int, k: int) -> str:
+    """The layout's name as the stored scale shows it (vLLM "fp8" files say tensor or channel only by shape)."""
+    assert scheme.layout is not None
+    if not scheme.vllm_scales_from_tensors:
+        return scheme.layout.name
+    if sname in entries:
+        try:
+            return f"vllm-{_scale_group(scheme, sname, entries[sname], n, k).name}"
+        except CheckpointError:
+            pass
+    return "vllm-tensor or vllm-channel"
 
 
 def plan(spec: ModelSpec, scheme: QuantScheme, entries: dict[str, Entry]) -> dict[str, Any]:
@@ -132,40 +128,42 @@ def plan(spec: ModelSpec, scheme: QuantScheme, entries: dict[str, Entry]) -> dic
             _expect(entries, wname, (n, k), FLOAT_DTYPES)
             expected[wname] = "dense"
             continue
-        _expect(entries, wname, (n, k), (fp8,), hint=f"layout {scheme.layout.name} stores FP8 weights")
         sname = f"{module}.{scheme.layout.scale_name}"
+        label = _layout_label(scheme, entries, sname, n, k)
+        _expect(entries, wname, (n, k), (fp8,), hint=f"layout {label} stores FP8 weights")
         if sname not in entries:
-            raise CheckpointError(f"{sname}: missing (layout {scheme.layout.name} needs a scale for {wname})")
+            raise CheckpointError(f"{sname}: missing (layout {label} needs a scale for {wname}){_folder(entries)}")
         _expect(entries, sname, None, FLOAT_DTYPES)
-        groups[module] = _scale_group(scheme, sname, entries[sname].shape, n, k)
+        groups[module] = _scale_group(scheme, sname, entries[sname], n, k)
         expected[wname], expected[sname] = "weight", "scale"
         iname = f"{module}.input_scale"
         if scheme.activation_scheme == "static":
             if iname not in entries:
-                raise CheckpointError(f"{iname}: missing (activation_scheme is static)")
+                raise CheckpointError(f"{iname}: missing (activation_scheme is static){_folder(entries)}")
             _expect(entries, iname, None, FLOAT_DTYPES)
             if math.prod(entries[iname].shape) != 1:
                 raise CheckpointError(f"{iname}: shape {list(entries[iname].shape)}, a static input scale is one "
-                                      "value")
+                                      f"value (in {entries[iname].file})")
             expected[iname] = "input_scale"
     extra = sorted(set(entries) - set(expected))
     if extra:
         why = ("activation_scheme is dynamic" if extra[0].endswith(".input_scale")
-               else f"layout {scheme.layout.name if scheme.layout else 'unquantized'} has no such tensor")
-        raise CheckpointError(f"{extra[0]}: unexpected tensor ({why}); {len(extra)} unexpected in all")
+               else f"layout {_layout_name(scheme, groups)} has no such tensor")
+        raise CheckpointError(f"{extra[0]}: unexpected tensor ({why}) in {entries[extra[0]].file}; {len(extra)} "
+                              "unexpected in all")
     return groups
 
 
 def _expect(entries: dict[str, Entry], name: str, shape: tuple[int, ...] | None, dtypes: tuple, hint: str = "") -> None:
     if name not in entries:
-        raise CheckpointError(f"{name}: missing")
+        raise CheckpointError(f"{name}: missing{_folder(entries)}")
     e = entries[name]
     if shape is not None and e.shape != tuple(shape):
-        raise CheckpointError(f"{name}: shape {list(e.shape)}, the config says {list(shape)}")
+        raise CheckpointError(f"{name}: shape {list(e.shape)}, the config says {list(shape)} (in {e.file})")
     if e.dtype not in dtypes:
         want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
         raise CheckpointError(f"{name}: dtype {str(e.dtype).replace('torch.', '')}, expected {want}"
-                              + (f" ({hint})" if hint else ""))
+                              + (f" ({hint})" if hint else "") + f" (in {e.file})")
 
 
 # ---- step 3: stream to the device ----------------------------------------------------------------------------
@@ -234,9 +232,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None, 
     path = Path(path)
     device = torch.device(device or backend.DEVICE)
     config = read_config(path)
-    spec = ModelSpec.from_config(config)
-    scheme = parse_quantization_config(config)
     entries = read_headers(safetensors_files(path))
+    spec, scheme = parse_config(path / "config.json", config, entries)
     groups = plan(spec, scheme, entries)
     stats = LoadStats(staging="pinned" if device.type == "cuda" and pinned else
                       ("pageable" if device.type == "cuda" else "none (CPU)"))

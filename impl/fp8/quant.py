@@ -15,6 +15,7 @@ import torch
 import triton
 
 from impl import backend
+from impl.common.checks import require_tensor
 from impl.fp8 import kernels as K
 from impl.fp8.formats import MIN_SCALE, Fp8Format, ScaleGroup, get_format, get_group
 
@@ -105,6 +106,10 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = 
                fmt: str | Fp8Format | None = None, out_dtype: torch.dtype = torch.bfloat16,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """y = decode(q) * s per element (float32 product, one rounding to ``out_dtype``); shape of q."""
+    require_tensor(q, "q")
+    require_tensor(scales, "scales")
+    if out is not None:
+        require_tensor(out, "out")
     group = get_group(group)
     codes, f = _codes(q, fmt)
     _check_out_dtype(out_dtype if out is None else out.dtype)
@@ -132,6 +137,9 @@ def quantize(x: torch.Tensor, group: str | ScaleGroup = "tensor", fmt: str | Fp8
     is computed in the kernel. q = rne(clamp(x * (1/s), +-FMAX)); NaN stays NaN, +-inf saturates.
     ``out`` (uint8 or fp8, x's shape) and ``scales_out`` (float32, canonical shape) receive the results if given.
     """
+    require_tensor(x, "x")
+    if scales is not None:
+        require_tensor(scales, "scales")
     group, f = get_group(group), get_format(fmt)
     if x.dtype not in HIGH_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
@@ -216,6 +224,8 @@ TENSOR_GROUP = ScaleGroup(0, 0)
 def codec(codes: torch.Tensor, values: torch.Tensor, fmt: str | Fp8Format = "e4m3", *,
           emulate: bool = EMULATE) -> tuple[torch.Tensor, torch.Tensor]:
     """(decode(codes) as float32, encode(saturate(values)) as uint8) through the kernels' codec; for tests."""
+    require_tensor(codes, "codes")
+    require_tensor(values, "values")
     f = get_format(fmt)
     if codes.dtype != torch.uint8 or values.dtype != torch.float32 or codes.shape != values.shape or codes.ndim != 1:
         raise ValueError("codes (uint8) and values (float32) must be 1-D of equal length")

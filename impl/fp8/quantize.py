@@ -8,6 +8,10 @@ group (amax / FMAX, see ``kernels``); everything else (embeddings, norms, lm_hea
 read one at a time and written in shards of ``--shard-mb``, so host memory stays near one shard. Files other than
 weights and config.json (tokenizer, generation config) are copied. ``--backend triton`` quantizes with the Triton
 kernels (the default on a GPU), ``torch`` with the CPU reference, which computes the same codes and scales.
+
+DST is built in a temporary folder beside it and swapped in when complete (a failed run leaves DST as it was);
+``--overwrite`` replaces only a folder this tool wrote (its manifest lists every file), and a DST that is, contains or
+lies inside SRC is refused.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -24,37 +29,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from impl import backend
+from impl.fp8.checkpoint_io import parse_config, read_config, read_headers, safetensors_files
 from impl.fp8.formats import get_format
-from impl.fp8.layouts import LAYOUTS, CheckpointError, Layout, ModelSpec, get_layout
+from impl.fp8.layouts import LAYOUTS, CheckpointError, Layout, get_layout
 from impl.fp8.reference import quantize_reference
 
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
-
-
-def read_config(src: Path) -> dict:
-    path = Path(src) / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{path}: missing (a Hugging Face checkpoint dir has config.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
-def safetensors_files(src: Path) -> list[Path]:
-    """The checkpoint's weight files: from model.safetensors.index.json if present, else every *.safetensors."""
-    src = Path(src)
-    index = src / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (src / n).exists()]
-        if missing:
-            raise CheckpointError(f"{index.name} names {missing[0]!r}, which is missing")
-        return [src / n for n in names]
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{src}: no *.safetensors files")
-    return files
+MANIFEST = ".fp8-quantize-manifest.json"  # the files a run wrote: what --overwrite may replace
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -121,30 +102,104 @@ class ShardWriter:
         return names
 
 
+def check_folders(src: Path, dst: Path) -> None:
+    """Refuse a DST that is SRC, contains it or lies inside it (symlinks resolved), or is not a folder."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s:
+        raise CheckpointError(f"DST {dst} is SRC {src}: write the FP8 checkpoint to another folder")
+    if s.is_relative_to(d):
+        raise CheckpointError(f"DST {dst} contains SRC {src}: write the FP8 checkpoint to a folder of its own")
+    if d.is_relative_to(s):
+        raise CheckpointError(f"DST {dst} lies inside SRC {src}: write the FP8 checkpoint outside the source")
+    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+        raise FileExistsError(f"{dst} exists and is not a folder (a file or a symlink): give a folder's own path")
+
+
+def written_by_us(dst: Path) -> set[str]:
+    """Names the manifest of an earlier run in ``dst`` lists (empty when there is none or it is unreadable)."""
+    try:
+        names = json.loads((dst / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    if not isinstance(names, list):
+        return set()
+    return {n for n in names if isinstance(n, str)} | {MANIFEST}
+
+
+def must_replace(dst: Path, overwrite: bool) -> bool:
+    """True when ``dst`` holds an earlier output to replace; FileExistsError when it holds anything else."""
+    present = sorted(p.name for p in dst.iterdir()) if dst.exists() else []
+    if not present:
+        return False
+    if not overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty; pass overwrite=True (--overwrite)")
+    foreign = [n for n in present if n not in written_by_us(dst) or (dst / n).is_dir()]
+    if foreign:
+        raise FileExistsError(f"{dst} holds {', '.join(foreign[:5])}{' and more' if len(foreign) > 5 else ''}, "
+                              "which this tool did not write: --overwrite replaces only a folder written by "
+                              "python -m impl.fp8.quantize (move those files or choose another DST)")
+    return True
+
+
 def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: str = "e4m3",
                         backend_name: str = "auto", shard_mb: float = 2048, ignore: list[str] | None = None,
                         overwrite: bool = False, log=print) -> dict:
-    """Write an FP8 checkpoint of ``src`` to ``dst`` in ``layout``; returns a summary (tensors, bytes, seconds)."""
+    """Write an FP8 checkpoint of ``src`` to ``dst`` in ``layout``; returns a summary (tensors, bytes, seconds).
+
+    The output is written into a temporary folder beside ``dst`` and swapped in when complete, so a failed run
+    leaves ``dst`` as it was. ``overwrite`` replaces an earlier output of this tool (the files its manifest lists)
+    and nothing else; a ``dst`` that is, contains or lies inside ``src`` is refused.
+    """
     src, dst, lay = Path(src), Path(dst), get_layout(layout)
     get_format(fmt)
     if backend_name == "auto":
         backend_name = "triton" if backend.ON_GPU and not backend.INTERPRETED else "torch"
     if backend_name not in ("triton", "torch"):
         raise ValueError(f"backend must be auto, triton or torch, got {backend_name!r}")
+    check_folders(src, dst)
     config = read_config(src)
     if config.get("quantization_config"):
         raise CheckpointError(f"{src}/config.json already has a quantization_config: quantize a bf16/fp32 checkpoint")
-    spec = ModelSpec.from_config(config)
+    files = safetensors_files(src)
+    entries = read_headers(files)
+    spec, _ = parse_config(src / "config.json", config, entries)
     ignore = list(ignore if ignore is not None else ["lm_head"])
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{dst} exists and is not empty; pass overwrite=True (--overwrite)")
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True, exist_ok=True)
+    for module, shape in spec.linears.items():  # every weight to quantize, from the headers, before writing anything
+        e = entries.get(f"{module}.weight")
+        if e is None:
+            raise CheckpointError(f"{module}.weight: missing in {src}")
+        if e.shape != shape or e.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise CheckpointError(f"{module}.weight: {str(e.dtype).replace('torch.', '')} {list(e.shape)} in "
+                                  f"{e.file}; the config needs a float32/float16/bfloat16 {list(shape)}")
+    replace = must_replace(dst, overwrite)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
+    try:
+        summary = _write(src, tmp, files, spec, lay, fmt, backend_name, shard_mb, ignore, config, log)
+        if replace:
+            old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
+            dst.rename(old / dst.name)
+            tmp.rename(dst)
+            shutil.rmtree(old)
+        else:
+            if dst.exists():
+                dst.rmdir()  # empty (checked above)
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {dst} ({lay.name}, {summary['quantized_linears']} FP8 linears, {summary['bytes'] / 1e6:.1f} MB in "
+        f"{len(summary['files'])} file(s), {summary['seconds']:.1f} s, backend {backend_name})")
+    return summary
+
+
+def _write(src: Path, out: Path, files: list[Path], spec, lay: Layout, fmt: str, backend_name: str, shard_mb: float,
+           ignore: list[str], config: dict, log) -> dict:
+    """The FP8 checkpoint into the (empty) folder ``out``, its manifest last."""
     t0 = time.perf_counter()
-    writer = ShardWriter(dst, int(shard_mb * (1 << 20)))
+    writer = ShardWriter(out, int(shard_mb * (1 << 20)))
     nq = 0
-    for name, t in iter_tensors(safetensors_files(src)):
+    for name, t in iter_tensors(files):
         module = name[: -len(".weight")] if name.endswith(".weight") else None
         if module in spec.linears and not spec.is_ignored(module, ignore):
             if tuple(t.shape) != spec.linears[module]:
@@ -159,15 +214,14 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: s
             writer.add(name, t)
     names = writer.close()
     for p in src.iterdir():
-        if p.is_file() and p.name != "config.json" and not any(p.match(g) for g in WEIGHT_FILES):
-            shutil.copy2(p, dst / p.name)
-    config["quantization_config"] = lay.quantization_config(fmt, ignore)
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    summary = {"layout": lay.name, "fmt": get_format(fmt).name, "backend": backend_name, "quantized_linears": nq,
-               "bytes": writer.total, "files": names, "seconds": time.perf_counter() - t0}
-    log(f"wrote {dst} ({lay.name}, {nq} FP8 linears, {writer.total / 1e6:.1f} MB in {len(names)} file(s), "
-        f"{summary['seconds']:.1f} s, backend {backend_name})")
-    return summary
+        if p.is_file() and p.name not in ("config.json", MANIFEST) and not any(p.match(g) for g in WEIGHT_FILES):
+            shutil.copy2(p, out / p.name)
+    config = {**config, "quantization_config": lay.quantization_config(fmt, ignore)}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    written = sorted(p.name for p in out.iterdir())
+    (out / MANIFEST).write_text(json.dumps({"tool": "python -m impl.fp8.quantize", "files": written}) + "\n")
+    return {"layout": lay.name, "fmt": get_format(fmt).name, "backend": backend_name, "quantized_linears": nq,
+            "bytes": writer.total, "files": names, "seconds": time.perf_counter() - t0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         quantize_checkpoint(a.src, a.dst, a.layout, fmt=a.fmt, backend_name=a.backend, shard_mb=a.shard_mb,
                             ignore=a.ignore, overwrite=a.overwrite)
-    except (CheckpointError, FileExistsError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from impl.common.checks import require_tensor
 from impl.fp8.formats import MIN_SCALE, Fp8Format, ScaleGroup, expand_scales, get_format, get_group
+
+
+def _check_matrix(t: object, what: str) -> None:
+    if require_tensor(t, what).ndim != 2:
+        raise ValueError(f"{what} must be a matrix [N, K], got shape {tuple(t.shape)}")
 
 
 def _group_dims(group: ScaleGroup, n: int, k: int) -> tuple[int, int]:
@@ -56,6 +62,11 @@ def decode_reference(codes: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
 def quantize_reference(x: torch.Tensor, group: str | ScaleGroup = "tensor", fmt: str | Fp8Format = "e4m3",
                        scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 [N, K], scales float32 [R, C]) for a 2-D tensor; dynamic scales unless ``scales`` is given."""
+    _check_matrix(x, "x")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    if scales is not None:
+        require_tensor(scales, "scales")
     group, fmt = get_group(group), get_format(fmt)
     x = x.detach().to("cpu", torch.float32)
     n, k = x.shape
@@ -70,6 +81,10 @@ def quantize_reference(x: torch.Tensor, group: str | ScaleGroup = "tensor", fmt:
 def dequantize_reference(codes: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = "tensor",
                          fmt: str | Fp8Format = "e4m3", out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """decode(q) * s for every element, rounded once to float32 and then to ``out_dtype`` (float64: exact)."""
+    _check_matrix(codes, "codes")
+    require_tensor(scales, "scales")
+    if codes.dtype not in (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2):
+        raise TypeError(f"codes must be uint8 or float8 codes, got {codes.dtype}")
     group, fmt = get_group(group), get_format(fmt)
     q = decode_reference(codes.detach().cpu(), fmt)
     n, k = q.shape
@@ -89,6 +104,8 @@ def error_bound(x: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup =
     saturation excess max(|x| - FMAX * s, 0) for values the dynamic scale clipped (only +-inf and finite values
     beyond a static scale's range).
     """
+    _check_matrix(x, "x")
+    require_tensor(scales, "scales")
     group, fmt = get_group(group), get_format(fmt)
     x = x.detach().to("cpu", torch.float64)
     n, k = x.shape

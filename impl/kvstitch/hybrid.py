@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from impl.common.checks import require_tensor
 from impl.kvstitch.models import build_cache, empty_cache, forward, kv_of, prefill
 from impl.kvstitch.stitch import StitchBundle
 
 
 def check_prompt(ids: torch.Tensor, vocab: int) -> None:
+    require_tensor(ids, "prompt ids")
     if ids.dim() != 2 or ids.dtype != torch.long:
         raise ValueError(f"prompt ids must be a [batch, tokens] int64 tensor, got {tuple(ids.shape)} {ids.dtype}")
     if ids.shape[1] < 1:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from impl.common.checks import require_tensor
 from impl.kvstitch.config import StitchConfig
 from impl.kvstitch.models import KV, kv_layout
 from impl.kvstitch.rope import Rope, positions_for, rotate, text_config, unrotate
@@ -157,6 +158,13 @@ class StitchBundle(nn.Module):
         return [(unrotate(k.to(cdt), *tabs[i]), v) for i, (k, v) in enumerate(kv)]
 
     def check_input(self, kv: KV) -> None:
+        if not isinstance(kv, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in kv):
+            raise TypeError(f"prefill KV must be a list of (K, V) pairs, one per layer, got {type(kv).__name__}")
+        for i, (k, v) in enumerate(kv):
+            require_tensor(k, f"prefill layer {i} K")
+            require_tensor(v, f"prefill layer {i} V")
+            if not (k.dtype.is_floating_point and v.dtype.is_floating_point):
+                raise TypeError(f"prefill layer {i}: K and V must be floating point, got {k.dtype} / {v.dtype}")
         if len(kv) != self.src.num_layers:
             raise ValueError(f"prefill KV has {len(kv)} layers; the stitches were built for {self.src.num_layers}")
         b, _, t, _ = kv[0][0].shape
@@ -213,7 +221,9 @@ class StitchBundle(nn.Module):
         d = Path(out_dir)
         meta = json.loads((d / "stitch.json").read_text())
         cfgs = [AutoConfig.for_model(**dict(meta[k])) for k in ("prefill_config", "decode_config")]
-        dtype = getattr(torch, meta["dtype"].replace("torch.", ""))
+        dtype = getattr(torch, str(meta.get("dtype")).replace("torch.", ""), None)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"{d / 'stitch.json'}: dtype {meta.get('dtype')!r} is not a torch floating dtype")
         b = cls(cfgs[0], cfgs[1], StitchConfig(**meta["spec"]), [tuple(p) for p in meta["pairing"]], dtype)
         b.load_state_dict(load_file(d / "stitch.safetensors"))
         b.passthrough = bool(meta["passthrough"])

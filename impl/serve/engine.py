@@ -6,9 +6,11 @@ samples each one's first token; (2) run one decode forward over every running se
 captured CUDA graph when enabled); (3) retire requests that hit a stop token, ``max_new_tokens`` or the context end,
 freeing their pages. Requests therefore join and leave the batch between decode steps.
 
-Errors belong to one request: an empty prompt, a token id outside the vocabulary, a prompt that leaves no room in
-the context, a prompt needing more pages than the whole cache, running out of pages while decoding, or non-finite
-logits end that request with ``finish_reason="error"`` and a message; the others continue.
+Errors belong to one request: a prompt that is not text or one-dimensional integer token ids (any container, any
+byte order), an empty prompt, a token id outside the vocabulary, a prompt that leaves no room in the context, a
+prompt needing more pages than the whole cache, running out of pages while decoding, or non-finite logits end that
+request with ``finish_reason="error"`` and a message; the others continue. ``prepare`` runs the prompt checks alone
+(a server validates a whole batch with it before queueing any of it).
 """
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from impl.serve.attention import select_backend
 from impl.serve.kv_cache import CacheConfig, OutOfPages, PagedKVCache, PagedStep, last_token_rows
 from impl.serve.model import Transformer
-from impl.serve.sampling import SamplingParams, make_generator, sample
+from impl.serve.sampling import SEED_LIMIT, SamplingParams, make_generator, sample
 
 
 @dataclass(frozen=True)
@@ -133,29 +136,53 @@ class Engine:
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()) -> int:
         """Queue a prompt (text needs a tokenizer); returns its id. A bad request is finished at once with its error."""
         rid, self._next_id = self._next_id, self._next_id + 1
-        seed = params.seed if params.seed is not None else self.cfg.seed * 1_000_003 + rid
+        seed = params.seed if params.seed is not None else (self.cfg.seed * 1_000_003 + rid) % SEED_LIMIT
         stop = params.stop_token_ids if params.stop_token_ids is not None else self.model.args.eos_token_ids
-        gen = None if params.greedy else make_generator(seed, self.device)
+        ids: list[int] = []
         try:
-            ids = self._tokenize(prompt)
+            ids = self.prepare(prompt)
+            gen = None if params.greedy else make_generator(seed, self.device)
         except (TypeError, ValueError) as e:
-            ids, err = [], str(e)
+            req = Request(rid, ids, params, frozenset(stop), None, time.perf_counter())
+            self._finish(req, "error", str(e))
         else:
-            err = self._check_prompt(ids)
-        req = Request(rid, ids, params, frozenset(stop), gen, time.perf_counter())
-        if err:
-            self._finish(req, "error", err)
-        else:
-            self.waiting.append(req)
+            self.waiting.append(Request(rid, ids, params, frozenset(stop), gen, time.perf_counter()))
         return rid
+
+    def prepare(self, prompt: str | Sequence[int]) -> list[int]:
+        """The token ids of a prompt, checked against the vocabulary, the context and the cache; ValueError (or
+        TypeError) naming the problem. Reads only the engine's fixed settings: safe from any thread."""
+        ids = self._tokenize(prompt)
+        err = self._check_prompt(ids)
+        if err:
+            raise ValueError(err)
+        return ids
 
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise TypeError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
-            return list(self.tokenizer(prompt)["input_ids"])
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"the prompt text is not valid Unicode ({e.reason} at character {e.start})") from None
+            return [int(t) for t in self.tokenizer(prompt)["input_ids"]]
+        what = type(prompt).__name__
+        if isinstance(prompt, (torch.Tensor, np.ndarray)):
+            if prompt.ndim != 1:
+                raise ValueError(f"token ids must be one-dimensional, got a {what} of shape {tuple(prompt.shape)}")
+            if isinstance(prompt, torch.Tensor):
+                integer = not (prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool)
+            else:
+                integer = prompt.dtype.kind in "iu"
+            if not integer:
+                raise ValueError(f"a prompt must be text or a sequence of integer token ids, got a {what} of "
+                                 f"{prompt.dtype}")
+            return [int(t) for t in prompt.tolist()]  # tolist reads any byte order as its values
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
+            raise ValueError(f"a prompt must be text or a sequence of integer token ids, got {what}")
         ids = list(prompt)
-        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, (bool, np.bool_)) for t in ids):
             raise ValueError("a prompt must be text or a sequence of integer token ids")
         return [int(t) for t in ids]
 

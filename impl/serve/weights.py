@@ -4,7 +4,9 @@ HF names map onto the model's fused layout: ``q/k/v_proj`` are stacked row-wise 
 ``gate/up_proj`` into ``w13`` [2·ffn, dim]. Tensors are read one at a time (``safe_open``), so peak host memory is one
 tensor beyond the model. A directory whose config carries a ``quantization_config`` is an FP8 checkpoint and goes to
 ``fp8_adapter``; anything else that does not match the config (unknown or missing tensor, wrong shape) is refused with
-the tensor's name. (The SmolLM2 checkpoints come from impl/fp8 through ``fp8_adapter.smollm2_dir``.)
+the tensor's name. Before anything is allocated, config.json and the safetensors headers are read and checked by
+``impl.fp8.checkpoint_io`` (files confined to the folder, the config's sizes bounded by what the files hold). (The
+SmolLM2 checkpoints come from impl/fp8 through ``fp8_adapter.smollm2_dir``.)
 """
 from __future__ import annotations
 
@@ -19,17 +21,19 @@ from impl.serve.model import ModelArgs, Transformer
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
+    """config.json as a dict (a ``CheckpointError`` naming the file when it is not one JSON object)."""
+    from impl.fp8.checkpoint_io import read_config as read_checked
+
+    if not (Path(model_dir) / "config.json").exists():
         raise FileNotFoundError(f"{model_dir} is not a model directory: no config.json")
-    return json.loads(path.read_text())
+    return read_checked(model_dir)
 
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
-    return files
+    """The weight files (those an index.json names, else every *.safetensors), each confined to the folder."""
+    from impl.fp8.checkpoint_io import safetensors_files as confined
+
+    return confined(model_dir)
 
 
 def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, Tensor]]:
@@ -89,11 +93,27 @@ def load_dense_weights(model: Transformer, model_dir: str | Path) -> None:
         raise ValueError(f"{model_dir}: {len(missing)} tensors missing, first {missing[0]!r}")
 
 
+def check_model_dir(model_dir: str | Path) -> dict[str, Any]:
+    """config.json of a model directory, its sizes checked against the safetensors headers (``impl.fp8.checkpoint_io``:
+    no tensor data is read); errors name the file and the key."""
+    from impl.fp8 import checkpoint_io
+
+    cfg = read_config(model_dir)
+    entries = checkpoint_io.read_headers(safetensors_files(model_dir))
+    checkpoint_io.check_sizes(Path(model_dir) / "config.json", cfg, entries)
+    return cfg
+
+
 def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16,
                device: torch.device | str = "cpu") -> Transformer:
-    """A ``Transformer`` with the weights of an HF directory; FP8 checkpoints go through ``fp8_adapter``."""
-    cfg = read_config(model_dir)
-    args = ModelArgs.from_hf_config(cfg)
+    """A ``Transformer`` with the weights of an HF directory; FP8 checkpoints go through ``fp8_adapter``. The config's
+    sizes are checked against the safetensors headers before any memory is allocated (``check_model_dir``)."""
+    cfg = check_model_dir(model_dir)
+    config_path = Path(model_dir) / "config.json"
+    try:
+        args = ModelArgs.from_hf_config(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{config_path}: {e}") from None
     if cfg.get("quantization_config"):
         from impl.serve import fp8_adapter
 
