@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import impl  # noqa: F401  (decides TRITON_INTERPRET / NUMBA_ENABLE_CUDASIM before anything imports them)
 import pytest
@@ -44,7 +43,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    return [f"lab backend: {backend.describe()}", f"hypothesis profile: {settings._current_profile}",
+    return [f"lab backend: {backend.describe()}", f"hypothesis profile: {settings.get_current_profile_name()}",
             f"benchmark storage: {getattr(config.option, 'benchmark_storage', None)}"]
 
 
@@ -148,8 +147,6 @@ def device_bench(benchmark, request):
                 benchmark.extra_info.update(timing=TIMING_EAGER)
             result = t.result
         else:
-            benchmark._timer = time.perf_counter
-            benchmark._precisions[benchmark._timer] = 1e-7
             def before_round() -> None:  # returns nothing: pedantic would take a setup's return value as fn's args
                 setup()
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from impl.common.ledger import ResultsView, evaluate
+from impl.common.ledger import ResultsView, clean_commit, evaluate
 from impl.serve import claims
 
 CARD_PATTERN = ("H100", "H200", "A100", "L40S", "B200")
@@ -15,7 +15,7 @@ def view_of(tmp_path, results: dict[str, dict], device: str = "NVIDIA H200") -> 
         system, name = key.split("/")
         path = tmp_path / "card" / system / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"device": device, "commit": "0123456789ab", "date": "2026-12-01",
+        path.write_text(json.dumps({"device": device, "commit": clean_commit(), "date": "2026-12-01",
                                     "data": data}))
     return ResultsView("card", root=tmp_path)
 

@@ -12,6 +12,8 @@ import ctypes
 import os
 import sys
 
+from impl import thirdparty
+
 _LIBS_READING_ENV = ("triton", "numba")
 
 
@@ -60,69 +62,14 @@ def _patch_numpy_for_numba() -> None:
         np.row_stack = np.vstack  # type: ignore[attr-defined]
 
 
-def _lock_shared_array_lookup(kernelapi) -> None:
-    """numba's simulator gives a block's threads one shared array per source line through an unlocked
-    check-then-insert on a dict: two threads that both miss can each allocate their own array, and the block then
-    silently computes on two "shared" arrays (a race in the simulator, not in the kernel). Same keying, with a lock."""
-    import threading
-
-    original = kernelapi.FakeCUDAShared.array
-    if getattr(original, "lab_thread_safe", False):
-        return
-    lock = threading.Lock()
-
-    def array(self, shape, dtype, alignment=None):
-        if shape == 0 or alignment is not None:
-            return original(self, shape, dtype, alignment)  # dynamic shared memory needs no lookup
-        caller = sys._getframe(1)
-        where = (caller.f_code.co_filename, caller.f_lineno)
-        with lock:
-            res = self._allocations.get(where)
-            if res is None:
-                if isinstance(dtype, kernelapi.types.Type):
-                    dtype = kernelapi.numpy_support.as_dtype(dtype)
-                res = self._allocations[where] = kernelapi.np.empty(shape, dtype)
-        return res
-
-    array.lab_thread_safe = True  # type: ignore[attr-defined]
-    kernelapi.FakeCUDAShared.array = array
-
-
-class _PatchSimulatorOnImport:
-    """Meta-path hook: when numba's simulator module is imported (if ever), lock its shared-array lookup. Lazy, so
-    importing impl loads no numba, and a process that later switches the simulator off (PTX checks) gets the real
-    numba.cuda."""
-
-    TARGET = "numba.cuda.simulator.kernelapi"
-
-    def find_spec(self, name, path=None, target=None):
-        if name != self.TARGET:
-            return None
-        import importlib.machinery
-
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return None
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            _lock_shared_array_lookup(module)
-
-        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
-        return spec
-
-
 ON_GPU: bool = _decide()
 _set_simulators(ON_GPU)
 _patch_numpy_for_numba()
 
 INTERPRETED: bool = os.environ.get("TRITON_INTERPRET") == "1"
 SIMULATED: bool = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-if SIMULATED and _PatchSimulatorOnImport.TARGET in sys.modules:  # numba's simulator was loaded before impl
-    _lock_shared_array_lookup(sys.modules[_PatchSimulatorOnImport.TARGET])
-elif SIMULATED and not any(isinstance(f, _PatchSimulatorOnImport) for f in sys.meta_path):
-    sys.meta_path.insert(0, _PatchSimulatorOnImport())
+if SIMULATED:
+    thirdparty.patch_numba_simulator()
 DEVICE: str = "cuda" if ON_GPU and not INTERPRETED else "cpu"
 """Where torch tensors for Triton kernels live: 'cuda' on a GPU, 'cpu' under the interpreter."""
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from impl import thirdparty
+
 # flops_dtype -> (peak key, median key of older calibrations without peaks)
 PEAK_KEYS = {"bf16": ("bf16_peak_tflops", "bf16_tflops"), "fp8": ("fp8_peak_tflops", "fp8_tflops")}
 # extra_info["timing"] of a GPU bench (impl.common.timing's two views); a stored bench without it predates the queued
@@ -89,9 +91,4 @@ def record_rounds(benchmark: Any, seconds: list[float]) -> None:
     ``benchmark.pedantic``."""
     if not seconds or min(seconds) < 0:
         raise ValueError(f"need one or more non-negative round times, got {seconds!r}")
-    if benchmark._mode:
-        raise RuntimeError(f"the benchmark fixture was already used in {benchmark._mode} mode")
-    benchmark._mode = "device_bench(...)"
-    stats = benchmark._make_stats(1)
-    for s in seconds:
-        stats.update(s)
+    thirdparty.hand_rounds_to_benchmark(benchmark, seconds)
