@@ -38,14 +38,16 @@ def compile_numba() -> dict[str, int]:
 
     out: dict[str, int] = {}
     i64 = numba.int64
+    arr = lambda t: numba.types.Array(t, 1, "C")  # noqa: E731
+    ks = hash_numba._make_kernels(256, 8)
     for kt in (numba.int32, numba.int64):
+        table = (arr(kt), i64, i64, i64, i64, i64)  # table words, buckets, slots, shift, epoch, wide
         for rt in (numba.int32, numba.int64):
-            arr = lambda t: numba.types.Array(t, 1, "C")  # noqa: E731
-            ks = hash_numba._make_kernels(256, 4)
             sigs = {
-                "build": (arr(kt), arr(kt), arr(kt), i64, i64),
-                "count": (arr(kt), arr(kt), arr(kt), i64, i64, arr(kt), arr(i64), arr(i64), arr(i64), arr(numba.int32)),
-                "write": (arr(kt), arr(kt), arr(i64), arr(i64), arr(rt), arr(rt), arr(rt), arr(rt)),
+                "build": (arr(kt), *table, arr(i64)),
+                "count": (arr(kt), *table, arr(numba.int32), arr(i64), arr(i64), arr(i64), arr(i64)),
+                "write": (arr(kt), *table, arr(numba.int32), arr(i64), arr(i64), arr(rt), i64, arr(rt), i64,
+                          arr(rt), arr(rt), i64),
             }
             for name, sig in sigs.items():
                 ptx, _ = cuda.compile_ptx(ks[name].py_func, sig, cc=(9, 0))

@@ -127,6 +127,15 @@ def plan_layout(config: HashConfig, n_build: int, key_dtype: torch.dtype) -> Lay
     return Layout(buckets, slots, slot_bytes, shift, (1 << epoch_bits) - 1)
 
 
+def next_epoch(previous: Layout | None, layout: Layout, epoch: int, clear: str) -> tuple[int, bool]:
+    """(the next join's epoch, whether the table must be zeroed first) after a join at ``epoch`` on ``previous``."""
+    if previous != layout:
+        return 1, True
+    if epoch + 1 > layout.max_epoch or clear == "memset":
+        return 1, True
+    return epoch + 1, False
+
+
 # ---- the hash arithmetic in numpy (the kernels' reference) -------------------------------------------------------
 
 def first_bucket_np(h: np.ndarray, buckets: int) -> np.ndarray:
@@ -231,18 +240,16 @@ class HashJoinBase:
     def _prepare_table(self, n_build: int, key_dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, Layout]:
         layout = plan_layout(self.config, n_build, key_dtype)
         words = layout.nbytes // (8 if key_dtype == torch.int64 else 4)
-        fresh = (self.layout != layout or self.table is None or self.table.device != device
-                 or self.table.dtype != key_dtype)
-        if fresh:
+        if self.table is None or self.table.device != device or self.table.dtype != key_dtype:
+            self.layout = None
+        self.epoch, clear = next_epoch(self.layout, layout, self.epoch, self.config.clear)
+        if self.layout != layout:
             check_output_fits(0, torch.int32, device, extra_bytes=layout.nbytes, what="the hash table")
             self.table = torch.zeros(words, dtype=key_dtype, device=device)
-            self.layout, self.epoch = layout, 0
-            self.launches += 1
-        self.epoch += 1
-        if self.epoch > layout.max_epoch or (self.config.clear == "memset" and not fresh):
+            self.layout = layout
+        elif clear:
             self.table.zero_()
-            self.epoch = 1
-            self.launches += 1
+        self.launches += int(clear)
         return self.table, layout
 
     def build(self, keys: torch.Tensor, rows: torch.Tensor | None) -> Built:
