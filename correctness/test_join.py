@@ -35,7 +35,7 @@ from impl.join.host import reference_pairs
 from impl.join.tc_triton import TCConfig, TensorCoreJoin
 
 MIXES = ("unique", "dups", "zipf", "extremes", "sentinel", "highbits", "disjoint", "patterns")
-SMALL_DOMAIN = ("dups", "extremes", "sentinel", "highbits", "patterns")  # fan-out grows ~n²/domain: keep these tables smaller
+SMALL_DOMAIN = ("dups", "extremes", "sentinel", "highbits", "patterns")  # fan-out ~n²/domain: keep these smaller
 ROWS = ("none", "int32", "int64", "mixed")
 
 
@@ -176,7 +176,8 @@ def test_hash_numba_join_equals_pandas(inputs, config):
     assert np.array_equal(got.pairs(), reference_pairs(*inputs)), "hash-numba speculative join differs from pandas"
 
 
-CUDA_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.5, 0.9]), scheme=st.sampled_from(["fused", "split"]),
+CUDA_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.5, 0.9]),
+                         scheme=st.sampled_from(["fused", "split"]),
                          items=st.sampled_from([1, 8]), bucket_bytes=st.sampled_from([32, 64]),
                          readback=st.sampled_from(["pinned", "item"]), epoch_bits=st.sampled_from([None, 1]))
 

@@ -58,13 +58,21 @@ def compile_options(config: HashConfig) -> tuple[str, ...]:
 
 @functools.cache
 def _module(options: tuple[str, ...], cooperative: bool):
-    """One compiled module per option set; the cooperative copy launches its kernels with cuLaunchCooperativeKernel."""
+    """One compiled module per option set; the cooperative copy launches its kernels with cuLaunchCooperativeKernel
+    (CuPy's cache key ignores that flag, so the second copy loads the first one's cubin)."""
     return cupy.RawModule(code=SOURCE.read_text(), options=options, enable_cooperative_groups=cooperative)
 
 
-def _suffix(keys: torch.dtype, rows: torch.dtype | None = None) -> str:
-    k = "i32" if keys == torch.int32 else "i64"
-    return k if rows is None else f"{k}_r{32 if rows == torch.int32 else 64}"
+def _bits(dtype: torch.dtype) -> int:
+    return 32 if dtype in (torch.int32,) else 64
+
+
+def kernel(config: HashConfig, kind: str, keys: torch.dtype, rows: torch.dtype):
+    """The compiled ``join_<kind>_...`` kernel for these key and row-id dtypes (one module per pair: less to
+    compile)."""
+    opts = compile_options(config) + (f"-DJOIN_KEY_BITS={_bits(keys)}", f"-DJOIN_ROW_BITS={_bits(rows)}")
+    suffix = f"i{_bits(keys)}" if kind in ("build", "count") else f"i{_bits(keys)}_r{_bits(rows)}"
+    return _module(opts, kind == "fused").get_function(f"join_{kind}_{suffix}")
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -109,13 +117,10 @@ class HashJoinCuda(HashJoinBase):
         if reason:
             raise RuntimeError(reason)
         super().__init__(config)
-        opts = compile_options(config)
-        self.fns = {name: _module(opts, False).get_function(name) for name in KERNEL_NAMES if "fused" not in name}
-        self.fused_fns = {name: _module(opts, True).get_function(name) for name in KERNEL_NAMES if "fused" in name}
         self.pinned = PinnedWords() if config.readback == "pinned" else None
         self.bar_base = 0  # state[2] (grid-barrier arrivals) before the next fused launch
         self._event = torch.cuda.Event()
-        self._resident: dict[str, int] = {}
+        self._resident: dict[tuple, int] = {}
 
     def _check_device(self, t: torch.Tensor) -> None:
         if not t.is_cuda:
@@ -153,41 +158,41 @@ class HashJoinCuda(HashJoinBase):
 
     def _launch_build(self, keys: torch.Tensor, built: Built, state: torch.Tensor) -> None:
         grid = min(-(-keys.numel() // self.config.tile), MAX_GRID)
-        _launch(self.fns[f"join_build_{_suffix(keys.dtype)}"], grid, self.config.threads,
+        _launch(kernel(self.config, "build", keys.dtype, built.row_dtype), grid, self.config.threads,
                 (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(state), self._host()))
 
     def _launch_count(self, keys: torch.Tensor, built: Built, probed: Probed, state: torch.Tensor) -> None:
         cfg = self.config
         tiles = cfg.tiles(keys.numel())
         totals = self.ws.get("tile_totals", tiles, torch.int64, keys.device)
-        _launch(self.fns[f"join_count_{_suffix(keys.dtype)}"], tiles, cfg.threads,
+        _launch(kernel(cfg, "count", keys.dtype, built.row_dtype), tiles, cfg.threads,
                 (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(probed.heads), _ptr(probed.thread_counts),
                  _ptr(totals), _ptr(probed.tile_offsets), _ptr(state), self._host()))
 
     def _launch_write(self, probed: Probed, out_b: torch.Tensor, out_p: torch.Tensor, capacity: int) -> None:
         cfg, keys = self.config, probed.keys
-        _launch(self.fns[f"join_write_{_suffix(keys.dtype, out_b.dtype)}"], cfg.tiles(keys.numel()), cfg.threads,
+        _launch(kernel(cfg, "write", keys.dtype, out_b.dtype), cfg.tiles(keys.numel()), cfg.threads,
                 (_ptr(keys), keys.numel(), *self._table_args(probed.built), _ptr(probed.heads),
                  _ptr(probed.thread_counts), _ptr(probed.tile_offsets), _ptr(probed.built.rows), _ptr(probed.rows),
                  _ptr(out_b), _ptr(out_p), capacity))
 
-    def resident_blocks(self, name: str) -> int:
-        """Blocks of kernel ``name`` that fit on the device at once (the cooperative grid's limit)."""
-        if name not in self._resident:
-            fn = self.fused_fns[name]
+    def resident_blocks(self, keys: torch.dtype, rows: torch.dtype) -> int:
+        """Blocks of the fused kernel that fit on the device at once (the cooperative grid's limit)."""
+        key = (keys, rows)
+        if key not in self._resident:
+            fn = kernel(self.config, "fused", keys, rows)
             per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, self.config.threads, 0)
             sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-            self._resident[name] = max(1, per_sm) * sms
-        return self._resident[name]
+            self._resident[key] = max(1, per_sm) * sms
+        return self._resident[key]
 
     def _launch_fused(self, bkeys: torch.Tensor, built: Built, probed: Probed, out_b: torch.Tensor,
                       out_p: torch.Tensor, capacity: int, state: torch.Tensor) -> None:
         cfg, keys = self.config, probed.keys
-        name = f"join_fused_{_suffix(keys.dtype, out_b.dtype)}"
         work = max(cfg.tiles(keys.numel()), cfg.tiles(bkeys.numel()), 1)
-        grid = min(self.resident_blocks(name), work)
+        grid = min(self.resident_blocks(keys.dtype, out_b.dtype), work)
         totals = self.ws.get("tile_totals", cfg.tiles(keys.numel()), torch.int64, keys.device)
-        _launch(self.fused_fns[name], grid, cfg.threads,
+        _launch(kernel(cfg, "fused", keys.dtype, out_b.dtype), grid, cfg.threads,
                 (_ptr(bkeys), bkeys.numel(), _ptr(keys), keys.numel(), *self._table_args(built), _ptr(probed.heads),
                  _ptr(probed.thread_counts), _ptr(totals), _ptr(probed.tile_offsets), _ptr(built.rows),
                  _ptr(probed.rows), _ptr(out_b), _ptr(out_p), capacity, _ptr(state), self._host(), self.bar_base,
@@ -201,4 +206,5 @@ def hash_join_cuda(build_keys, probe_keys, build_rows=None, probe_rows=None, *, 
     return HashJoinCuda(config)(build_keys, probe_keys, build_rows, probe_rows, timed=timed)
 
 
-__all__ = ["HashJoinCuda", "hash_join_cuda", "unavailable_reason", "compile_options", "SOURCE", "KERNEL_NAMES"]
+__all__ = ["HashJoinCuda", "hash_join_cuda", "unavailable_reason", "compile_options", "kernel", "SOURCE",
+           "KERNEL_NAMES"]

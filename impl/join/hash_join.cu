@@ -543,9 +543,23 @@ __device__ void fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, l
                            timeout_ns);                                                                          \
     }
 
+// JOIN_KEY_BITS / JOIN_ROW_BITS (32 or 64) compile only the kernels of one key / row-id type (a quarter of the
+// compile time); unset, every combination is compiled.
+#if !defined(JOIN_KEY_BITS) || JOIN_KEY_BITS == 32
 JOIN_KEY_KERNELS(int, i32)
-JOIN_KEY_KERNELS(long long, i64)
+#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 32
 JOIN_ROW_KERNELS(int, int, i32_r32)
+#endif
+#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 64
 JOIN_ROW_KERNELS(int, long long, i32_r64)
+#endif
+#endif
+#if !defined(JOIN_KEY_BITS) || JOIN_KEY_BITS == 64
+JOIN_KEY_KERNELS(long long, i64)
+#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 32
 JOIN_ROW_KERNELS(long long, int, i64_r32)
+#endif
+#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 64
 JOIN_ROW_KERNELS(long long, long long, i64_r64)
+#endif
+#endif

@@ -1,8 +1,9 @@
 """Host-CPU joins: pandas (also the tests' oracle), DuckDB and polars — the CPU anchors of the benches.
 
-Each takes host numpy arrays (keys, row ids: 1-D int32/int64, either byte order) and returns ``(build_rows, probe_rows)`` numpy arrays of the matching
-pairs. DuckDB and polars are installed on CPU machines but not on the GPU machine: their functions raise
-``RuntimeError`` with ``unavailable_reason(name)`` there, and the benches skip with that reason.
+Each takes host numpy arrays (keys, row ids: 1-D int32/int64, either byte order) and returns
+``(build_rows, probe_rows)`` numpy arrays of the matching pairs. DuckDB and polars are installed on CPU machines but
+not on the GPU machine: their functions raise ``RuntimeError`` with ``unavailable_reason(name)`` there, and the
+benches skip with that reason.
 """
 from __future__ import annotations
 
