@@ -191,3 +191,30 @@ def test_ncu_driver_runs_each_join_once(capsys):
     assert ncu_driver.main(["--n", "64", "--impls", "sortmerge-torch,tc-triton"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ncu_driver:")]
     assert len(lines) == 2 and len({line.split("->")[1] for line in lines}) == 1
+
+
+# ---- the GPU tuning script, dry run ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tune_dry_run_checks_times_and_writes_json(tmp_path, capsys):
+    from impl.join import tune
+
+    assert tune.main(["--out", str(tmp_path), "--dry-run", "--n", "64", "--big", "96", "--reps", "1",
+                      "--variants", "split-exact-2sync", "--budget-s", "120"]) == 0
+    rec = json.loads((tmp_path / "tune.json").read_text())
+    (v,) = rec["variants"]
+    assert rec["complete"] and v["checks"] == {k: "ok" for k in tune.CASES_1M}
+    assert v["times"]["uniform-64"]["pairs"] > 0 and v["times"]["uniform-64"]["host_syncs"] == 1
+    assert "split-exact-2sync" in capsys.readouterr().out
+
+
+def test_tune_table_marks_failures_and_skips():
+    from impl.join import tune
+
+    rec = {"n": 10, "big": 20, "variants": [
+        {"label": "a", "checks": {"uniform": "ok"}, "times": {"uniform-10": {"median_us": 5.0, "launches": 1,
+                                                                               "host_syncs": 1}}},
+        {"label": "b", "checks": {"uniform": "differs: 3 pairs, sort-merge 4"}},
+        {"label": "c", "config": {}, "skipped": "budget (1 s left)"}]}
+    lines = tune.table(rec).splitlines()
+    assert lines[2].split()[:3] == ["a", "ok", "5.0"] and lines[3].split()[1] == "FAIL" and lines[4].split()[1] == "skip"
