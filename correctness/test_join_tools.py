@@ -3,6 +3,7 @@ bench data generator's cases, the Nsight Compute parser and experiment smoke run
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 from impl.common import ledger
 from impl.common.results import ROOT
 from impl.join import experiments
-from impl.join.claims import CLAIMS, PLOTS
+from impl.join.claims import CLAIMS, FAILING_CASES, PLOTS, TABLES
 from impl.join.data import Case, make_tables, spread_keys
 from impl.join.hash_cuda import KERNEL_NAMES, SOURCE
 
@@ -132,8 +133,10 @@ def test_experiments_smoke_runs_and_writes_nothing(capsys):
 
 def test_claims_cover_the_issue_and_start_unmeasured(tmp_path):
     ids = {c.id for c in ledger.load_claims(("join",))}
-    assert ids == {"join.hash_1m_us", "join.triton_1m_ms", "join.tc_vs_hash_ratio", "join.hash_occupancy",
+    assert ids == {"join.hash_1m_us", "join.zipf_1m_us", "join.m2m_1m_ratio", "join.hash_10m_i64_ms",
+                   "join.hash_100m_i64_ms", "join.triton_1m_ms", "join.tc_vs_hash_ratio", "join.hash_occupancy",
                    "join.tc_occupancy"}
+    assert not [c.id for c in CLAIMS if re.search(r"\b(H100|H200|A100|L40S?)\b", c.statement)], "a statement names a card"
     view = ledger.ResultsView("h100-80gb-hbm3", root=tmp_path)
     assert all(ledger.evaluate(c, view)["verdict"] == "not measured" for c in CLAIMS)
     assert all(plot(view, tmp_path) == [] for plot in PLOTS)
@@ -174,7 +177,7 @@ def test_claims_evaluate_and_plots_draw_from_stored_results(tmp_path):
     view = ledger.ResultsView("h100-80gb-hbm3", root=tmp_path)
     rows = {c.id: ledger.evaluate(c, view) for c in CLAIMS}
     assert rows["join.hash_1m_us"]["measured_value"] == pytest.approx(50.0)
-    assert rows["join.hash_1m_us"]["verdict"] == "pass"
+    assert rows["join.hash_1m_us"]["verdict"] == "fail"  # 50 µs > 40 µs
     assert rows["join.triton_1m_ms"]["verdict"] == "fail"  # 0.7 ms > 0.6 ms
     assert rows["join.tc_vs_hash_ratio"]["measured_value"] == pytest.approx(14.0)
     assert rows["join.hash_occupancy"]["verdict"] == "fail" and rows["join.tc_occupancy"]["verdict"] == "pass"
@@ -183,6 +186,34 @@ def test_claims_evaluate_and_plots_draw_from_stored_results(tmp_path):
     drawn = [p for plot in PLOTS for p in plot(view, out)]
     assert sorted(p.name for p in drawn) == ["join_ncu.png", "join_phases_1m.png", "join_time_vs_rows.png"]
     assert all(p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG" for p in drawn)
+    lines = [line for table in TABLES for line in table(view)]
+    row = next(line for line in lines if line.startswith("| hash-cuda | int32 | 1,000,000 |"))
+    assert "50.0 µs" in row and "4e+10" in row  # 2M rows in 50 µs
+
+
+def _write_case(root: Path, slug: str, case) -> None:
+    """One clean GPU run holding a FAILING_CASES entry (benches and result records) in the layout ResultsView reads."""
+    benches = [{"group": None, "name": name, "fullname": f"benches/bench_join.py::{name}", "params": {},
+                "param": None, "options": {}, "extra_info": b.get("extra_info", {}),
+                "stats": {"median": b["median"], "mean": b["median"], "data": b.get("rounds", [])}}
+               for name, b in case.benches.items()]
+    (root / slug / "machine").mkdir(parents=True, exist_ok=True)
+    (root / slug / "machine" / "0001_case.json").write_text(json.dumps(
+        {"commit_info": {"id": "abc123"}, "datetime": "2026-11-29T00:00:00", "machine_info": {"gpu": "NVIDIA H200"},
+         "benchmarks": benches}))
+    for key, data in (case.results or {}).items():
+        system, name = key.split("/")
+        (root / slug / system).mkdir(parents=True, exist_ok=True)
+        (root / slug / system / f"{name}.json").write_text(json.dumps(
+            {"device": "NVIDIA H200", "commit": "abc123", "date": "2026-11-29", "complete": True, "data": data}))
+
+
+@pytest.mark.parametrize("claim_id", sorted(c.id for c in CLAIMS))
+def test_every_claim_fails_on_its_failing_case(tmp_path, claim_id):
+    _write_case(tmp_path, "h200", FAILING_CASES[claim_id])
+    claim = next(c for c in CLAIMS if c.id == claim_id)
+    row = ledger.evaluate(claim, ledger.ResultsView("h200", root=tmp_path))
+    assert row["verdict"] == "fail", row
 
 
 def test_ncu_driver_runs_each_join_once(capsys):
