@@ -161,11 +161,15 @@ HASH_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.25, 0.5, 0.9
                          items=st.sampled_from(sized(gpu=[1, 8], cpu=[1, 4])),
                          bucket_bytes=st.sampled_from([32, 64]), clear=st.sampled_from(["epoch", "memset"]),
                          epoch_bits=st.sampled_from([None, 1, 2]))
-TC_CONFIGS = st.builds(TCConfig, bucket_rows=st.sampled_from([2, 8, 32]),
-                       block_m=st.sampled_from(sized(gpu=[64], cpu=[32, 64])),
-                       block_n=st.sampled_from(sized(gpu=[64], cpu=[32, 64])),
+TC_CONFIGS = st.builds(TCConfig, bucket_rows=st.sampled_from([1, 4, 32]),
+                       block_m=st.sampled_from(sized(gpu=[16], cpu=[16, 32])),
+                       sub_tiles=st.sampled_from(sized(gpu=[4], cpu=[1, 2, 4])),
+                       block_n=st.sampled_from(sized(gpu=[32], cpu=[16, 32])),
+                       write_n=st.sampled_from([16, 32]), pre_encode=st.booleans(),
                        enc=st.sampled_from(sized(gpu=["fp16", "int8"], cpu=["fp32", "fp16", "int8"])),
-                       part_block=st.sampled_from(sized(gpu=[1024], cpu=[64, 1024])))
+                       num_warps=st.sampled_from(sized(gpu=[4], cpu=[1, 4])),
+                       part_block=st.sampled_from(sized(gpu=[1024], cpu=[64, 1024])),
+                       scatter_block=st.sampled_from(sized(gpu=[256], cpu=[64, 256])))
 
 
 @given(inputs=join_inputs(), config=HASH_CONFIGS)
@@ -277,7 +281,11 @@ def test_emulated_fused_kernel_covers_both_heads_paths(emulated_cuda_join):
 
 @given(inputs=join_inputs(), config=TC_CONFIGS)
 def test_tensor_core_join_equals_pandas(inputs, config):
-    check_join(cached(("tc", config), lambda: TensorCoreJoin(config)), *inputs)
+    op = cached(("tc", config), lambda: TensorCoreJoin(config))
+    check_join(op, *inputs)
+    got = op(*to_device(*inputs))  # the one-pass call (a short speculative output is re-written exact-size)
+    assert np.array_equal(got.pairs(), reference_pairs(*inputs)), "tc-triton one-pass join differs from pandas"
+    assert not op.ws.get("counts", 1, torch.int32, DEVICE, zeros=True).any(), "the scatter left the histogram non-zero"
 
 
 @given(inputs=join_inputs())
@@ -466,23 +474,49 @@ def test_stale_build_state_is_refused():
 
 
 @given(inputs=join_inputs(max_n=300), config=TC_CONFIGS)
-def test_tensor_core_partitions_are_bucketed_permutations(inputs, config):
+def test_tensor_core_partitions_runs_and_encodings(inputs, config):
+    """Both sides are bucketed permutations carrying their row ids; each sub-tile's run is exactly the scan rows of
+    the buckets of its rows; the stored scan-side encodings are 1 - 2·bit of the scan keys."""
     bk, pk, _, _ = inputs
     op = cached(("tc", config), lambda: TensorCoreJoin(config))
     t = check_inputs(*to_device(bk, pk))
-    probed = op.probe(op.build(t.build_keys, t.build_rows), t.probe_keys, t.probe_rows)
-    if len(pk) == 0:
-        return
-    p = probed.pmask + 1
-    bounds, part, pos = (x.cpu().numpy() for x in (probed.bounds, probed.part_keys, probed.part_pos))
-    for side, keys, off in (("build", bk, 0), ("probe", pk, p)):
+    probed = op.partition(t.build_keys, t.probe_keys, t.build_rows, t.probe_rows)
+    p, wide = probed.pmask + 1, bk.dtype == np.int64
+    bounds, part, rows = (x.cpu().numpy() for x in (probed.bounds, probed.part_keys, probed.part_rows))
+    side_of = {"build": (bk, 0), "probe": (pk, p)}
+    for side, (keys, off) in side_of.items():
         lo, hi = bounds[off], bounds[off + p]
         assert hi - lo == len(keys)
-        assert np.array_equal(keys[pos[lo:hi]], part[lo:hi]), f"{side}: part_pos does not map back to the keys"
-        assert np.array_equal(np.sort(pos[lo:hi]), np.arange(len(keys))), f"{side}: not a permutation"
+        assert np.array_equal(keys[rows[lo:hi]], part[lo:hi]), f"{side}: row ids do not map back to the keys"
+        assert np.array_equal(np.sort(rows[lo:hi]), np.arange(len(keys))), f"{side}: not a permutation"
         for b in range(p):
             seg = part[bounds[off + b]:bounds[off + b + 1]]
-            assert np.all((hash_keys(seg, keys.dtype == np.int64) & probed.pmask) == b), f"{side} bucket {b}"
+            assert np.all((hash_keys(seg, wide) & probed.pmask) == b), f"{side} bucket {b}"
+    tile, scan = ("probe", "build") if probed.tile_probe else ("build", "probe")
+    (tk, toff), (sk, soff) = side_of[tile], side_of[scan]
+    tile_part = part[bounds[toff]:bounds[toff] + len(tk)]
+    runs = probed.runs.cpu().numpy()
+    assert len(runs) == -(-len(tk) // config.block_m)
+    for i, (start, end) in enumerate(runs):
+        b = hash_keys(tile_part[i * config.block_m:(i + 1) * config.block_m], wide) & probed.pmask
+        assert (start, end) == (bounds[soff + b.min()], bounds[soff + b.max() + 1]), f"sub-tile {i}'s run"
+    if config.pre_encode and len(sk):
+        scan_part = part[bounds[soff]:bounds[soff] + len(sk)].astype(np.int64)
+        kbits = 64 if wide else 32
+        bits = (scan_part[:, None] >> np.arange(kbits)[None, :]) & 1
+        assert np.array_equal(probed.enc.float().cpu().numpy(), 1 - 2 * bits), "stored scan-side encodings"
+
+
+def test_tensor_core_join_clears_an_interrupted_histogram():
+    """The scatter consumes the histogram back to zeros; a partition interrupted between its launches leaves it
+    dirty, and the next join clears it first (else its bucket bounds would be wrong)."""
+    op = TensorCoreJoin(TCConfig(bucket_rows=1))
+    bk, pk = np.arange(40, dtype=np.int32), np.arange(20, 60, dtype=np.int32)
+    tensors = to_device(bk, pk)
+    op.ws.get("counts", 64, torch.int32, DEVICE, zeros=True).fill_(3)  # what an interrupted hist leaves
+    op._counts_dirty = True
+    assert np.array_equal(op(*tensors).pairs(), reference_pairs(bk, pk))
+    assert not op.ws.get("counts", 64, torch.int32, DEVICE, zeros=True).any()
 
 
 @given(keys=st.builds(make_array, st.integers(0, 300), st.sampled_from(["int32", "int64"]),

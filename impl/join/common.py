@@ -238,6 +238,7 @@ class Workspace:
 
     def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device, *,
             zeros: bool = False) -> torch.Tensor:
+        device = torch.device(device)  # "cpu" and torch.device("cpu") must find the same buffer
         key = (name, numel, dtype, device)
         view = self._views.get(key)
         if view is not None:
