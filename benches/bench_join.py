@@ -10,7 +10,8 @@ cache); ``total`` is the whole join through the public call, exact-size outputs 
 output and one host sync). ``bytes_moved`` is the compulsory traffic of the workload, the same for every join and
 anchor (read both sides' keys and row ids once, write the pairs once); the hash joins add their estimated extra
 traffic (``traffic_bytes``: table, per-row scratch), launches and host syncs per join; the tensor-core bench records
-the FLOPs its tl.dot tiles issue and the comparisons that were useful. After timing, every bench checks its output
+the FLOPs its tl.dot tiles issue per pass, per useful comparison, its extra traffic, launches and host syncs, and
+times its partitioning on its own (``test_join_tc[partition-1M]``). After timing, every bench checks its output
 against the sort-merge join's fingerprint (pair count, row-id sums, a pair hash; at CPU sizes the exact pairs against
 pandas). A join that cannot fit in memory (100M) is skipped with its MemoryError, which names the bytes.
 """
@@ -44,7 +45,7 @@ SCALING = ("100k", "1M", "10M", "100M", "100k-i64", "1M-i64", "10M-i64", "100M-i
 HASH_SPECS = ([f"cuda-{p}-{c}" for c in PHASED for p in PHASES]
               + [f"cuda-total-{c}" for c in SCALING if c not in PHASED]
               + [f"numba-{p}-{c}" for c in PHASED for p in PHASES])
-TC_SPECS = [f"{p}-{c}" for c in PHASED for p in PHASES] + ["total-1M-i64"]
+TC_SPECS = [f"{p}-{c}" for c in PHASED for p in PHASES] + ["partition-1M", "total-1M-i64"]
 SORTMERGE_SPECS = [f"{p}-{c}" for c in PHASED for p in PHASES] + [f"total-{c}" for c in SCALING if c not in PHASED]
 HOST_CASES = ("100k", "1M", "10M", "1M-i64", "10M-i64", "zipf-1M", "m2m-1M")
 HOST_SPECS = [f"{h}-{c}" for h in host.HOST_JOINS for c in HOST_CASES]
@@ -99,7 +100,7 @@ def check(ob, op_, case_id: str) -> None:
 
 
 def hash_counters(op, fn) -> dict[str, int]:
-    """Kernel launches and host syncs of one call of ``fn`` (the hash operators count both)."""
+    """Kernel launches and host syncs of one call of ``fn`` (the hash and tensor-core operators count both)."""
     if not hasattr(op, "launches"):
         return {}
     before = (op.launches, op.syncs)
@@ -118,9 +119,10 @@ def hash_traffic(op, case: Case, pairs: int, kb: int, rb: int) -> dict[str, int]
 
 
 def run_phase(device_bench, name: str, phase: str, case_id: str, flops_per_pass: int = 0, build_reads: bool = True,
-              **extra) -> None:
+              flops_dtype: str = "bf16", total_flops: int | None = None, **extra) -> None:
     """Time one phase (or the whole join) of operator ``name`` on ``case_id``, then check its output
-    (``build_reads=False``: the operator's build only records its inputs, so it is charged no bytes)."""
+    (``build_reads=False``: the operator's build only records its inputs, so it is charged no bytes; ``total_flops``:
+    the FLOPs of the whole join, by default two passes)."""
     op = operator(name)
     bk, br, pk, pr = tables(case_id)
     case, want = CASES[case_id], expected(case_id)
@@ -129,7 +131,7 @@ def run_phase(device_bench, name: str, phase: str, case_id: str, flops_per_pass:
                 rows=2 * case.n, **extra)
 
     def bench(fn, bytes_moved: int, flops: int = 0, **more):
-        return device_bench(fn, bytes_moved=bytes_moved, flops=flops, flops_dtype="bf16", **info, **more)
+        return device_bench(fn, bytes_moved=bytes_moved, flops=flops, flops_dtype=flops_dtype, **info, **more)
 
     if phase == "total":
         call = lambda: op(bk, pk, br, pr)  # noqa: E731
@@ -137,7 +139,8 @@ def run_phase(device_bench, name: str, phase: str, case_id: str, flops_per_pass:
             counters = hash_counters(op, call)
         except MemoryError as e:
             pytest.skip(f"{name} refuses {case_id}: {e}")
-        res = bench(call, compulsory_bytes(case.n, case.n, want.total, kb, rb), 2 * flops_per_pass, **counters,
+        flops = 2 * flops_per_pass if total_flops is None else total_flops
+        res = bench(call, compulsory_bytes(case.n, case.n, want.total, kb, rb), flops, **counters,
                     **hash_traffic(op, case, want.total, kb, rb), output_bytes=2 * want.total * rb)
         check(res.build_rows, res.probe_rows, case_id)
         return
@@ -169,19 +172,55 @@ def test_join_hash(device_bench, spec):
     run_phase(device_bench, name, phase, case_id)
 
 
+def tc_accounting(op, case_id: str) -> dict:
+    """What the tensor-core join issues on ``case_id``: tl.dot FLOPs of one pass (the counting walk plus the second
+    walk of programs whose rows match more than once), per useful comparison (one that found a pair, worth
+    2·KBITS FLOPs), and its estimated traffic beyond the compulsory bytes."""
+    from impl.join.tc_triton import dot_flops, rewalk_programs
+
+    bk, br, pk, pr = tables(case_id)
+    probed = op.partition(bk, pk, br, pr)
+    flops = dot_flops(probed, op.config, rewalk_programs(probed, op.config))
+    useful = expected(case_id).total
+    kbits, kb, rb = 8 * bk.element_size(), bk.element_size(), br.element_size()
+    n_scan, n_tile = (probed.nb, probed.np_) if probed.tile_probe else (probed.np_, probed.nb)
+    enc_bytes = probed.enc.numel() * probed.enc.element_size()
+    from impl.join.tc_triton import scan_chunks
+
+    chunk_rows = int(scan_chunks(probed, op.config).sum()) * op.config.sub_tiles * op.config.block_n
+    traffic = (compulsory_bytes(probed.nb, probed.np_, useful, kb, rb)
+               + 2 * (probed.nb + probed.np_) * kb                # hist and scatter read the keys (scatter: again)
+               + (probed.nb + probed.np_) * (kb + rb)             # partitioned keys and row ids written
+               + enc_bytes                                        # scan-side encodings written ...
+               + chunk_rows * enc_bytes // max(n_scan, 1)         # ... and read per chunk of every run
+               + n_tile * kb + 2 * useful * rb)                   # tile keys read; matched row ids gathered
+    return dict(flops=flops, flops_per_useful_comparison=flops / max(useful, 1), useful_flops=2 * kbits * useful,
+                traffic_bytes=traffic, tc_enc=op.config.enc, tc_config=str(op.config))
+
+
 @pytest.mark.parametrize("spec", TC_SPECS)
 def test_join_tc(device_bench, spec):
+    """Phases of the tensor-core join: build (records the inputs), partition (hist, cumsum, scatter: both sides),
+    probe (partition + the pass counting only + the total read back), materialize (the pass writing exact-size
+    outputs), total (partition + ONE counting-and-writing pass into a speculative output + the readback)."""
     phase, case_id = spec.split("-", 1)
-    from impl.join.tc_triton import dot_flops
-
     op = operator("tc-triton")
-    bk, br, pk, pr = tables(case_id)
-    flops = dot_flops(op.probe(op.build(bk, br), pk, pr), op.config)  # tl.dot FLOPs of one pass (count or write)
-    kbits = 8 * bk.element_size()
-    useful = expected(case_id).total  # comparisons that found a pair; each costs 2 * kbits FLOPs on the tiles
-    run_phase(device_bench, "tc-triton", phase, case_id, flops_per_pass=0 if phase == "build" else flops,
-              build_reads=False, note="both sides are partitioned in the probe phase; build only records the inputs",
-              flops_per_useful_comparison=flops / max(useful, 1), useful_flops=2 * kbits * useful)
+    acct = tc_accounting(op, case_id)
+    flops_dtype = "fp8" if op.config.enc == "int8" else "bf16"  # the tensor-core rate the encoding runs at
+    if phase == "partition":
+        bk, br, pk, pr = tables(case_id)
+        case = CASES[case_id]
+        device_bench(lambda: op.partition(bk, pk, br, pr), bytes_moved=case.n * 2 * (bk.element_size()
+                                                                                      + br.element_size()),
+                     impl="tc-triton", phase=phase, case=case_id, kind=case.kind, n=case.n, dtype=case.dtype,
+                     rows=2 * case.n, note="hist + cumsum + scatter of both sides (keys, row ids, scan encodings)",
+                     launches=3, **{k: v for k, v in acct.items() if k not in ("flops", "traffic_bytes")})
+        return
+    flops = {"build": 0, "probe": acct["flops"], "materialize": acct["flops"], "total": acct["flops"]}[phase]
+    run_phase(device_bench, "tc-triton", phase, case_id, flops_per_pass=flops, build_reads=False,
+              flops_dtype=flops_dtype, total_flops=flops,
+              note="both sides are partitioned in the probe phase; build only records the inputs",
+              **{k: v for k, v in acct.items() if k != "flops" and (phase == "total" or k != "traffic_bytes")})
 
 
 @pytest.mark.parametrize("spec", SORTMERGE_SPECS)

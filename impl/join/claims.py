@@ -8,8 +8,10 @@ How the comparisons were chosen:
     to write its output pairs at the card's measured copy bandwidth (the bench's own calibration).
   * ``join.hash_10m_i64_ms``: 10M x 10M int64 keys <= 1.0 ms; ``join.hash_100m_i64_ms``: 100M x 100M int64 keys
     complete, within the same rows/s (<= 10 ms; a refusal for memory leaves it not measured with the error).
-  * ``join.triton_1m_ms``: the seed's tensor-core join took 13.78 ms; ours <= 0.6 ms (10x the old 60 µs hash
-    target); ``join.tc_vs_hash_ratio``: tensor-core / hash time at 1M x 1M <= 10 (seed 150).
+  * ``join.triton_1m_ms``: the seed's tensor-core join took 13.78 ms; ours <= 0.4 ms (10x the 40 µs hash target);
+    ``join.tc_vs_hash_ratio``: tensor-core / hash time at 1M x 1M <= 10 (seed 150). Both time the whole one-pass
+    call (partition, one counting-and-writing pass into a speculative output, one readback); ``TABLES`` lists its
+    phases, launches, syncs and the tl.dot FLOPs it issues per useful comparison.
   * Occupancies (achieved, ``sm__warps_active.avg.pct_of_peak_sustained_active``, kernel-time-weighted over the join's
     own kernels, from Nsight Compute): occupancy is a diagnostic, not a goal, so each claim only asks for at least
     the seed's figure — the hash join's >= 74.14% (the seed's hash kernel), the tensor-core join's >= 18.67% (the
@@ -78,10 +80,11 @@ CLAIMS = [
           statement="CUDA C++ hash join of 100M x 100M int64 keys completes, at the 10M target's rows/s or better",
           unit="ms", comparison="<=", target=10.0, measure=BenchStat(HASH_100M_I64, scale=1e3)),
     Claim(id="join.triton_1m_ms", system="join",
-          statement="Tensor-core (Triton tl.dot) join of the same 1M x 1M tables, end to end",
-          unit="ms", comparison="<=", target=0.6, measure=BenchStat(TC_1M, scale=1e3), seed_value=13.78),
+          statement="Tensor-core (Triton tl.dot over bit-sliced ±1 keys in hash partitions) join of the same 1M x 1M "
+                    "tables, end to end, exact-size output included",
+          unit="ms", comparison="<=", target=0.4, measure=BenchStat(TC_1M, scale=1e3), seed_value=13.78),
     Claim(id="join.tc_vs_hash_ratio", system="join",
-          statement="Tensor-core join time / CUDA hash join time at 1M x 1M",
+          statement="Tensor-core join time / CUDA hash join time at 1M x 1M, both end to end",
           unit="x", comparison="<=", target=10.0, measure=BenchRatio(TC_1M, HASH_1M), seed_value=150.0),
     Claim(id="join.hash_occupancy", system="join",
           statement="Achieved occupancy of the CUDA C++ hash join's kernels at 1M x 1M (ncu, time-weighted), at "
@@ -239,5 +242,32 @@ def plot_ncu(view: Any, out_dir: Path) -> list[Path]:
     return save_figure(fig, path)
 
 
+def tc_table(view: Any) -> list[str]:
+    """The tensor-core join at 1M x 1M by phase: time, tl.dot FLOPs issued, FLOPs per useful comparison (one that
+    found a pair), achieved TFLOP/s, launches and host syncs."""
+    rows = {}
+    for e in _join_benches(view):
+        x = e.get("extra_info") or {}
+        if x.get("impl") == "tc-triton" and x.get("case") == "1M":
+            rows[x.get("phase")] = e
+    if not rows:
+        return []
+    lines = ["**Tensor-core join, 1M x 1M by phase** (FLOPs: tl.dot work issued; useful comparison: one that found a "
+             "pair, worth 2·KBITS FLOPs)", "",
+             "| phase | median | FLOPs issued | FLOPs / useful comparison | TFLOP/s | launches | host syncs |",
+             "|---|---|---|---|---|---|---|"]
+    for phase in ("partition", "probe", "materialize", "total"):
+        if phase not in rows:
+            continue
+        x, med = rows[phase].get("extra_info") or {}, rows[phase]["stats"]["median"]
+        flops = x.get("flops") or 0
+        per = x.get("flops_per_useful_comparison")
+        lines.append(f"| {phase} | {med * 1e6:,.1f} µs | {flops / 1e9:.2f} G | "
+                     f"{'-' if not flops or per is None else f'{per:,.0f}'} | "
+                     f"{'-' if not flops else f'{flops / med / 1e12:.1f}'} | {x.get('launches', '-')} | "
+                     f"{x.get('host_syncs', '-')} |")
+    return lines + [""]
+
+
 PLOTS = [plot_time_vs_rows, plot_phases_1m, plot_ncu]
-TABLES = [scaling_table]
+TABLES = [scaling_table, tc_table]
