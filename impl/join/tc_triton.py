@@ -279,6 +279,11 @@ class TCConfig:
     def program_rows(self) -> int:
         return self.sub_tiles * self.block_m
 
+    @property
+    def scatter_warps(self) -> int:
+        """One row per thread: the scattered stores need no layout change, the encodings stay in registers."""
+        return min(8, max(1, self.scatter_block // 32))
+
     def buckets(self, n_rows: int) -> int:
         return next_pow2(max(1, math.ceil(n_rows / self.bucket_rows)))
 
@@ -318,7 +323,8 @@ class TensorCoreJoin:
     ``build`` only records the build side (both sides are partitioned together, in one launch pair, in ``probe``);
     ``probe`` partitions and runs the pass in count mode (capacity 0) and reads the total; ``materialize`` runs the
     pass again with the exact-size outputs. ``__call__`` partitions and runs ONE pass into a speculative output.
-    ``launches`` / ``syncs`` count kernel launches (torch ops included) and host syncs, for the benches.
+    ``launches`` / ``syncs`` count stream operations (Triton kernels, torch's cumsum and memsets, the readback copy)
+    and host syncs, for the benches.
     """
 
     name = "tc-triton"
@@ -377,7 +383,7 @@ class TensorCoreJoin:
                                              probed.part_keys, probed.part_rows, probed.enc, probed.runs, nb, np_,
                                              p - 1, sb, int(not tile_probe), PRE=cfg.pre_encode, WIDE=wide,
                                              HAS_ROWS=has_rows, KBITS=kbits, ENC=ENCODINGS[cfg.enc], RUN=cfg.block_m,
-                                             BLOCK=cfg.scatter_block)
+                                             BLOCK=cfg.scatter_block, num_warps=cfg.scatter_warps)
         self._counts_dirty = False
         self.launches += 2 + int(sb + sp > 0)
         return probed
@@ -407,6 +413,7 @@ class TensorCoreJoin:
             self._host_total = torch.empty(1, dtype=torch.int64, pin_memory=True)
             self._event = torch.cuda.Event()
         self._host_total.copy_(counter, non_blocking=True)
+        self.launches += 1
         self._event.record()
         self._event.synchronize()
         return int(self._host_total[0])

@@ -1,4 +1,5 @@
-"""Decide the hash join's design on a GPU: ``python3 -m impl.join.tune --out DIR [--budget-s 80] [--dry-run]``.
+"""Decide the hash join's and the tensor-core join's designs on a GPU:
+``python3 -m impl.join.tune --out DIR [--budget-s 80] [--tc-budget-s 30] [--dry-run]``.
 
 Every variant (a ``HashConfig``: scheme, probes in flight, bucket size, load factor, clear, readback, or the
 exact-size path with a sync before the write) is first checked exactly against the torch sort-merge join on fresh
@@ -10,7 +11,15 @@ and phase by phase (build / count + readback / write). Results go to ``DIR/tune.
 (``complete: true`` only at the end) and a short table is printed. The run stops starting new work when the next
 step would pass ``--budget-s`` (CuPy compiles count: ~5-15 s per new kernel module).
 
-``--dry-run`` runs the same harness on the CPU with the numba twin at tiny sizes (everything but CuPy).
+The tensor-core join's variants (a ``TCConfig``: encoding, sub-tiles per program, chunk width, bucket size, stored
+scan encodings) get the last ``--tc-budget-s`` seconds of the budget (the hash variants stop short of it): the same
+exact checks, end-to-end times, and for the first one its phases (partition; probe = partition + counting pass +
+readback; materialize = the exact-size pass; total = the one-pass call) with the tl.dot FLOPs it issues per pass and
+per useful comparison. The table ends with the decision: the fastest checked hash and tensor-core variants at --n and
+their ratio (the claim asks tensor-core / hash <= 10).
+
+``--dry-run`` runs the same harness on the CPU with the numba twin and the Triton interpreter at tiny sizes
+(everything but CuPy).
 """
 from __future__ import annotations
 
@@ -50,6 +59,20 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
 DETAIL = 2  # the first DETAIL variants are also timed on every case and phase by phase
 COMPILE_S = 8.0  # budget charge for a variant that needs new kernel modules (int32 and int64 keys)
 CASES_1M = ("uniform", "zipf", "m2m", "highbits")
+TC_VARIANTS: list[tuple[str, dict[str, Any]]] = [  # TCConfig overrides, most informative first
+    ("tc", {}),
+    ("tc-noenc", {"pre_encode": False}),
+    ("tc-sub2", {"sub_tiles": 2, "num_warps": 2}),
+    ("tc-fp16", {"enc": "fp16"}),
+    ("tc-rho16", {"bucket_rows": 16}),
+    ("tc-bn16", {"block_n": 16}),
+    ("tc-sub8", {"sub_tiles": 8, "num_warps": 8}),
+    ("tc-m64", {"block_m": 64, "sub_tiles": 1, "block_n": 64}),
+]
+TC_DETAIL = 1
+TC_COMPILE_S = 6.0  # Triton: scatter + pass for int32 and int64 keys
+TC_KERNEL_FIELDS = ("pre_encode", "enc", "block_m", "sub_tiles", "block_n", "write_n", "num_warps", "num_stages",
+                    "scatter_block", "part_block")
 
 
 @dataclass
@@ -59,6 +82,7 @@ class Plan:
     reps: int
     budget_s: float
     dry_run: bool
+    tc_budget_s: float = 0.0  # the end of the budget kept for the tensor-core variants
     started: float = field(default_factory=time.monotonic)
 
     def left(self) -> float:
@@ -96,6 +120,10 @@ def packed_pairs(build_rows: torch.Tensor, probe_rows: torch.Tensor) -> torch.Te
 
 def make_op(label: str, overrides: dict[str, Any], dry_run: bool):
     cfg = {k: v for k, v in overrides.items() if not k.startswith("_")}
+    if label.startswith("tc"):
+        from impl.join.tc_triton import TCConfig, TensorCoreJoin
+
+        return TensorCoreJoin(TCConfig(**cfg))
     if dry_run:
         from impl.join.hash_numba import HashJoinNumba
 
@@ -159,8 +187,30 @@ def time_variant(op, overrides: dict[str, Any], plan: Plan, device: str, detail:
         rec["rows_per_s"] = 2 * n / (rec["median_us"] * 1e-6)
         out[f"{kind}-{n}"] = rec
     if detail and plan.left() > 5:
-        out["phases"] = time_phases(op, plan, device)
+        out["phases"] = (time_tc_phases if hasattr(op, "partition") else time_phases)(op, plan, device)
     return out
+
+
+def time_tc_phases(op, plan: Plan, device: str) -> dict[str, Any]:
+    """The tensor-core join's phases at --n (uniform): partition, probe, materialize, total; the tl.dot FLOPs of one
+    pass, per useful comparison, and the pass's TFLOP/s."""
+    from impl.join.tc_triton import dot_flops, rewalk_programs
+
+    bk, br, pk, pr = tables("uniform", plan.n, seed=4, device=device, keep=True)
+    out = {"partition": timed(lambda: op.partition(bk, pk, br, pr), plan.reps)}
+    built = op.build(bk, br)
+    out["probe"] = timed(lambda: op.probe(built, pk, pr), plan.reps)
+    probed = op.probe(built, pk, pr)
+    ob = torch.empty(probed.total, dtype=br.dtype, device=device)
+    opr = torch.empty_like(ob)
+    out["materialize"] = timed(lambda: op.materialize(probed, ob, opr), plan.reps)
+    out["total"] = timed(lambda: op(bk, pk, br, pr), plan.reps)
+    rec = {k: {"median_us": v["median_us"]} for k, v in out.items()}
+    flops = dot_flops(probed, op.config, rewalk_programs(probed, op.config))
+    rec["flops_per_pass"] = flops
+    rec["flops_per_useful_comparison"] = flops / max(probed.total, 1)
+    rec["pass_tflops"] = flops / (out["materialize"]["median_us"] * 1e-6) / 1e12
+    return rec
 
 
 def time_phases(op, plan: Plan, device: str) -> dict[str, Any]:
@@ -200,9 +250,31 @@ def table(record: dict[str, Any]) -> str:
         lines.append(f"{v['label']:22s} {ok:5s} " + " ".join(cells)
                      + f"  {u.get('launches', '-'):>8} {u.get('host_syncs', '-'):>5}")
         if "phases" in t:
+            ph = t["phases"]
             lines.append("    phases at n (us): "
-                         + ", ".join(f"{k} {p['median_us']:.1f}" for k, p in t["phases"].items()))
+                         + ", ".join(f"{k} {p['median_us']:.1f}" for k, p in ph.items() if isinstance(p, dict)))
+            if "flops_per_pass" in ph:
+                lines.append(f"    tl.dot: {ph['flops_per_pass'] / 1e9:.2f} GFLOP per pass, "
+                             f"{ph['flops_per_useful_comparison']:,.0f} per useful comparison, "
+                             f"pass at {ph['pass_tflops']:.1f} TFLOP/s")
+    lines.append(decision(record))
     return "\n".join(lines)
+
+
+def decision(record: dict[str, Any]) -> str:
+    """The fastest checked hash and tensor-core variants at n (uniform) and their ratio."""
+    key = f"uniform-{record['n']}"
+    best: dict[str, tuple[float, str]] = {}
+    for v in record["variants"]:
+        med = v.get("times", {}).get(key, {}).get("median_us")
+        ok = v.get("checks") and all(c == "ok" for c in v["checks"].values())
+        kind = "tc" if v["label"].startswith("tc") else "hash"
+        if med is not None and ok and (kind not in best or med < best[kind][0]):
+            best[kind] = (med, v["label"])
+    parts = [f"{kind} {label} {med:.1f} us" for kind, (med, label) in sorted(best.items())]
+    if len(best) == 2:
+        parts.append(f"tc/hash {best['tc'][0] / best['hash'][0]:.2f}x (claim: <= 10)")
+    return "decision at n: " + ("; ".join(parts) if parts else "no variant passed its checks")
 
 
 def run(plan: Plan, out_dir: Path, only: set[str] | None = None) -> dict[str, Any]:
@@ -216,7 +288,7 @@ def run(plan: Plan, out_dir: Path, only: set[str] | None = None) -> dict[str, An
             continue
         key = tuple(sorted((k, v) for k, v in overrides.items() if k in ("threads", "items", "bucket_bytes")))
         cost = (0 if key in compiled else COMPILE_S) + 5
-        if plan.left() < cost:
+        if plan.left() - plan.tc_budget_s < cost:
             record["variants"].append({"label": label, "config": overrides,
                                        "skipped": f"budget ({plan.left():.0f} s left)"})
             continue
@@ -234,16 +306,50 @@ def run(plan: Plan, out_dir: Path, only: set[str] | None = None) -> dict[str, An
         record["variants"].append(v)
         write(out_dir, record)
         print(f"tune: {label}: {v.get('checks', v.get('error', '')[-200:])} ({v['wall_s']:.1f} s)", flush=True)
+    run_tc(plan, out_dir, record, device, only)
     record["complete"] = True
     record["wall_s"] = time.monotonic() - plan.started
     write(out_dir, record)
     return record
 
 
+def run_tc(plan: Plan, out_dir: Path, record: dict[str, Any], device: str, only: set[str] | None) -> None:
+    """The tensor-core variants, in the rest of the budget (the same checks and timings as the hash variants)."""
+    from impl.join.tc_triton import TCConfig
+
+    compiled: set[tuple] = set()
+    for i, (label, overrides) in enumerate(TC_VARIANTS):
+        if only and label not in only:
+            continue
+        cfg = TCConfig(**overrides)
+        key = tuple(getattr(cfg, f) for f in TC_KERNEL_FIELDS)
+        cost = (0 if key in compiled else TC_COMPILE_S) + 4
+        if plan.left() < cost:
+            record["variants"].append({"label": label, "config": overrides,
+                                       "skipped": f"budget ({plan.left():.0f} s left)"})
+            continue
+        v: dict[str, Any] = {"label": label, "config": overrides, "tc_config": asdict(cfg)}
+        t0 = time.monotonic()
+        try:
+            op = make_op(label, overrides, plan.dry_run)
+            v["checks"] = check(op, overrides, CASES_1M, plan.n, device)
+            compiled.add(key)
+            if all(c == "ok" for c in v["checks"].values()):
+                v["times"] = time_variant(op, overrides, plan, device, detail=i < TC_DETAIL)
+        except Exception:
+            v["error"] = traceback.format_exc()[-2000:]
+        v["wall_s"] = time.monotonic() - t0
+        record["variants"].append(v)
+        write(out_dir, record)
+        print(f"tune: {label}: {v.get('checks', v.get('error', '')[-200:])} ({v['wall_s']:.1f} s)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for tune.json")
     ap.add_argument("--budget-s", type=float, default=80.0)
+    ap.add_argument("--tc-budget-s", type=float, default=30.0,
+                    help="the end of the budget kept for the tensor-core variants")
     ap.add_argument("--n", type=int, default=None, help="rows per side of the main case (1M on a GPU)")
     ap.add_argument("--big", type=int, default=None, help="rows per side of the large case (10M on a GPU)")
     ap.add_argument("--reps", type=int, default=None)
@@ -260,11 +366,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tune: {unavailable_reason()}", file=sys.stderr)
             return 2
     plan = Plan(n=a.n or (300 if dry else 1_000_000), big=a.big or (700 if dry else 10_000_000),
-                reps=a.reps or (2 if dry else 20), budget_s=a.budget_s, dry_run=dry)
+                reps=a.reps or (2 if dry else 20), budget_s=a.budget_s, dry_run=dry,
+                tc_budget_s=min(a.tc_budget_s, a.budget_s))
     only = {v for v in a.variants.split(",") if v}
-    unknown = only - {label for label, _ in VARIANTS}
+    labels = [label for label, _ in VARIANTS + TC_VARIANTS]
+    unknown = only - set(labels)
     if unknown:
-        ap.error(f"unknown variants {sorted(unknown)}; choose from {[label for label, _ in VARIANTS]}")
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {labels}")
     record = run(plan, Path(a.out), only or None)
     print(table(record), flush=True)
     print(f"tune: wrote {Path(a.out) / 'tune.json'} in {record['wall_s']:.0f} s", flush=True)
