@@ -243,6 +243,21 @@ def test_tune_dry_run_checks_times_and_writes_json(tmp_path, capsys):
     assert "split-exact-2sync" in capsys.readouterr().out
 
 
+def test_tune_dry_run_times_the_tensor_core_variant_by_phase(tmp_path, capsys):
+    from impl.join import tune
+
+    assert tune.main(["--out", str(tmp_path), "--dry-run", "--n", "64", "--big", "96", "--reps", "1",
+                      "--variants", "tc", "--budget-s", "120"]) == 0
+    rec = json.loads((tmp_path / "tune.json").read_text())
+    (v,) = rec["variants"]
+    assert rec["complete"] and v["checks"] == {k: "ok" for k in tune.CASES_1M}
+    assert v["times"]["uniform-64"]["host_syncs"] == 1 and v["times"]["uniform-64"]["launches"] == 5
+    phases = v["times"]["phases"]
+    assert {"partition", "probe", "materialize", "total"} <= set(phases) and phases["flops_per_pass"] > 0
+    out = capsys.readouterr().out
+    assert "decision at n: tc tc " in out and "per useful comparison" in out
+
+
 def test_tune_table_marks_failures_and_skips():
     from impl.join import tune
 
@@ -253,3 +268,7 @@ def test_tune_table_marks_failures_and_skips():
         {"label": "c", "config": {}, "skipped": "budget (1 s left)"}]}
     lines = tune.table(rec).splitlines()
     assert lines[2].split()[:3] == ["a", "ok", "5.0"] and lines[3].split()[1] == "FAIL" and lines[4].split()[1] == "skip"
+    assert lines[-1] == "decision at n: hash a 5.0 us"
+    rec["variants"].append({"label": "tc-x", "checks": {"uniform": "ok"},
+                            "times": {"uniform-10": {"median_us": 40.0}}})
+    assert tune.table(rec).splitlines()[-1] == "decision at n: hash a 5.0 us; tc tc-x 40.0 us; tc/hash 8.00x (claim: <= 10)"

@@ -406,6 +406,7 @@ class TensorCoreJoin:
     def read_total(self, probed: TCProbed, slot: int = 0) -> int:
         """The pairs a pass counted: the one host sync (a pinned copy and an event on a GPU)."""
         self.syncs += 1
+        self.launches += 1  # the copy of the counter to the host
         counter = probed.counter[slot:slot + 1]
         if not counter.is_cuda:
             return int(counter.item())
@@ -413,7 +414,6 @@ class TensorCoreJoin:
             self._host_total = torch.empty(1, dtype=torch.int64, pin_memory=True)
             self._event = torch.cuda.Event()
         self._host_total.copy_(counter, non_blocking=True)
-        self.launches += 1
         self._event.record()
         self._event.synchronize()
         return int(self._host_total[0])
