@@ -59,12 +59,13 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
 DETAIL = 2  # the first DETAIL variants are also timed on every case and phase by phase
 COMPILE_S = 8.0  # budget charge for a variant that needs new kernel modules (int32 and int64 keys)
 CASES_1M = ("uniform", "zipf", "m2m", "highbits")
-TC_VARIANTS: list[tuple[str, dict[str, Any]]] = [  # TCConfig overrides, most informative first
-    ("tc", {}),
+TC_VARIANTS: list[tuple[str, dict[str, Any]]] = [  # TCConfig overrides, most informative first (bucket sizes
+    ("tc", {}),                                      # reuse the compiled kernels: cheap)
+    ("tc-rho2", {"bucket_rows": 2}),
     ("tc-noenc", {"pre_encode": False}),
     ("tc-sub2", {"sub_tiles": 2, "num_warps": 2}),
+    ("tc-rho8", {"bucket_rows": 8}),
     ("tc-fp16", {"enc": "fp16"}),
-    ("tc-rho16", {"bucket_rows": 16}),
     ("tc-bn16", {"block_n": 16}),
     ("tc-sub8", {"sub_tiles": 8, "num_warps": 8}),
     ("tc-m64", {"block_m": 64, "sub_tiles": 1, "block_n": 64}),
