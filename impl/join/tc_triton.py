@@ -69,13 +69,13 @@ def _hist_side(keys_ptr, counts_ptr, base, n, bucket_off, pmask, WIDE: tl.conste
 @triton.jit
 def tc_partition_hist(bkeys_ptr, pkeys_ptr,  # build / probe keys
                       counts_ptr,            # (2P,) int32 bucket sizes: build buckets, then probe buckets
-                      counter_ptr,           # (2,) int64 output counters of the join passes, zeroed here
+                      counter_ptr,           # (4,) int64 output counters of the join passes, zeroed here
                       nb, np_, pmask,        # rows per side, P - 1
                       build_programs,        # programs [0, build_programs) take build rows, the rest probe rows
                       WIDE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     if pid == 0:
-        tl.store(counter_ptr + tl.arange(0, 2), tl.zeros([2], dtype=tl.int64))
+        tl.store(counter_ptr + tl.arange(0, 4), tl.zeros([4], dtype=tl.int64))
     if pid < build_programs:
         _hist_side(bkeys_ptr, counts_ptr, pid * BLOCK, nb, 0, pmask, WIDE, BLOCK)
     else:
@@ -301,7 +301,8 @@ class TCProbed:
     part_keys: torch.Tensor  # (nb + np_,) keys by bucket: build rows, then probe rows
     part_rows: torch.Tensor  # (nb + np_,) their row ids (positions within their side when none were given)
     bounds: torch.Tensor     # (2P + 1,) int32 bucket starts in the combined arrays, then nb + np_
-    counter: torch.Tensor    # (2,) int64 output counters: the speculative / count pass, the exact-size pass
+    counter: torch.Tensor    # (4,) int64 output counters: [0] the speculative / count pass, [2] the exact-size pass
+                             # (16 bytes apart: the kernels see aligned pointers, one specialization)
     enc: torch.Tensor        # (n_scan, KBITS) the scan side's encodings (empty unless config.pre_encode)
     runs: torch.Tensor       # (n_tile / block_m, 2) int32 scan run [start, end) of each sub-tile
     nb: int
@@ -368,7 +369,7 @@ class TensorCoreJoin:
         bounds = self.ws.get("bounds", 2 * p + 1, torch.int32, dev, zeros=True)  # bounds[0] stays 0
         probed = TCProbed(self.ws.get("part_keys", nb + np_, pk.dtype, dev),
                           self.ws.get("part_rows", nb + np_, row_dtype, dev), bounds,
-                          self.ws.get("counter", 2, torch.int64, dev),
+                          self.ws.get("counter", 4, torch.int64, dev),
                           self.ws.get("enc", max(n_enc, 1) * kbits, enc_dtype, dev).view(-1, kbits)[:n_enc],
                           self.ws.get("runs", 2 * max(n_runs, 1), torch.int32, dev).view(-1, 2)[:n_runs], nb, np_,
                           p - 1, tile_probe)
@@ -397,7 +398,7 @@ class TensorCoreJoin:
         out_t, out_s = (out_probe, out_build) if probed.tile_probe else (out_build, out_probe)
         wide = probed.part_keys.dtype == torch.int64
         tc_join_pass[(triton.cdiv(n_tile, cfg.program_rows),)](
-            probed.part_keys, probed.part_rows, probed.enc, probed.runs, probed.counter[slot:], out_t, out_s,
+            probed.part_keys, probed.part_rows, probed.enc, probed.runs, probed.counter[2 * slot:], out_t, out_s,
             out_build.numel(), tile_base, n_tile, scan_base, PRE=cfg.pre_encode, KBITS=64 if wide else 32,
             ENC=ENCODINGS[cfg.enc], SUB=cfg.sub_tiles, BM=cfg.block_m, BN=cfg.block_n, BNW=cfg.write_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -407,7 +408,7 @@ class TensorCoreJoin:
         """The pairs a pass counted: the one host sync (a pinned copy and an event on a GPU)."""
         self.syncs += 1
         self.launches += 1  # the copy of the counter to the host
-        counter = probed.counter[slot:slot + 1]
+        counter = probed.counter[2 * slot:2 * slot + 1]
         if not counter.is_cuda:
             return int(counter.item())
         if self._host_total is None:
@@ -427,7 +428,7 @@ class TensorCoreJoin:
         return probed
 
     def materialize(self, probed: TCProbed, out_build: torch.Tensor, out_probe: torch.Tensor) -> None:
-        probed.counter[1:].zero_()
+        probed.counter[2:3].zero_()
         self.launches += 1
         self.join_pass(probed, out_build, out_probe, slot=1)
 
