@@ -271,4 +271,5 @@ def test_tune_table_marks_failures_and_skips():
     assert lines[-1] == "decision at n: hash a 5.0 us"
     rec["variants"].append({"label": "tc-x", "checks": {"uniform": "ok"},
                             "times": {"uniform-10": {"median_us": 40.0}}})
-    assert tune.table(rec).splitlines()[-1] == "decision at n: hash a 5.0 us; tc tc-x 40.0 us; tc/hash 8.00x (claim: <= 10)"
+    want = "decision at n: hash a 5.0 us; tc tc-x 40.0 us; tc/hash 8.00x (claim: <= 10)"
+    assert tune.table(rec).splitlines()[-1] == want

@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from impl import backend
-from impl.join.common import (HASH_MUL, JoinResult, Workspace, check_inputs, check_output_fits, hash_keys_torch,
-                              next_pow2, run_join)
+from impl.join.common import (HASH_MUL, JoinResult, Workspace, check_inputs, check_output_fits, next_pow2,
+                              run_join)
 
 ENCODINGS = {"fp16": tl.float16, "fp32": tl.float32, "int8": tl.int8}
 TORCH_ENCODINGS = {"fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8}
@@ -514,8 +514,8 @@ def compile_specs() -> list[tuple[str, object, dict[str, str], dict[str, object]
                        "BLOCK": "constexpr"}, {"WIDE": wide, "BLOCK": 1024}))
         for enc, et in (("int8", "i8"), ("fp16", "fp16")):
             for rt, has_rows, pre in (("i32", True, True), ("i64", True, False), ("i64", False, True)):
-                specs.append((f"tc_partition_scatter[{kt}-{enc}-{rt}{'' if has_rows else '-positions'}"
-                              f"{'-pre' if pre else ''}]", tc_partition_scatter, scatter_signature(kt, rt, et, has_rows),
+                name = f"tc_partition_scatter[{kt}-{enc}-{rt}{'' if has_rows else '-positions'}{'-pre' if pre else ''}]"
+                specs.append((name, tc_partition_scatter, scatter_signature(kt, rt, et, has_rows),
                               {"PRE": pre, "WIDE": wide, "HAS_ROWS": has_rows, "KBITS": kbits, "ENC": ENCODINGS[enc],
                                "RUN": 16, "BLOCK": 256}))
             for rt, pre in (("i32", True), ("i64", False)):
