@@ -174,6 +174,9 @@ def _equal(part_keys_ptr, enc_ptr, scan_base, cols, end, enc_t, PRE: tl.constexp
         k = tl.load(part_keys_ptr + cols, mask=cm, other=0)
         e = _signs(k[:, None, :], (KBITS - 1 - tl.arange(0, KBITS))[None, :, None].to(k.dtype))
         enc_s = tl.where(cm[:, None, :], e, 0).to(ENC)
+    if enc_t.shape[0] == 1:  # one sub-tile: a plain 2-D dot (warpgroup MMA for BM >= 64 on sm_90)
+        acc = tl.dot(tl.reshape(enc_t, [enc_t.shape[1], KBITS]), tl.reshape(enc_s, [KBITS, enc_s.shape[2]]))
+        return tl.reshape(acc, [1, enc_t.shape[1], enc_s.shape[2]]) == KBITS
     return tl.dot(enc_t, enc_s) == KBITS
 
 
