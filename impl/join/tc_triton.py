@@ -525,6 +525,8 @@ def compile_specs() -> list[tuple[str, object, dict[str, str], dict[str, object]
                 tile = {"PRE": pre, "KBITS": kbits, "ENC": ENCODINGS[enc], "SUB": 4, "BM": 16, "BN": 32, "BNW": 16}
                 specs.append((f"tc_join_pass[{kt}-{enc}-{rt}{'-pre' if pre else ''}]", tc_join_pass,
                               pass_signature(kt, rt, et), tile))
+        one = {"PRE": True, "KBITS": kbits, "ENC": tl.int8, "SUB": 1, "BM": 64, "BN": 64, "BNW": 16}  # the 2-D dot
+        specs.append((f"tc_join_pass[{kt}-int8-i32-pre-one-tile]", tc_join_pass, pass_signature(kt, "i32", "i8"), one))
     return specs
 
 
