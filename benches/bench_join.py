@@ -1,14 +1,19 @@
-"""Benches of the join (issue 4): four GPU joins split into build / probe / materialize, end to end, host anchors.
+"""Benches of the join: four GPU joins split into build / probe / materialize, end to end, host anchors, and the
+scaling curve.
 
-Cases (rows per side; ``impl.join.data``): uniform 100k / 1M / 10M (unique build keys, ~50% probe hits), zipf-1M
-(foreign keys Zipf(1)-skewed onto unique build keys) and m2m-1M (~8 build rows per key). Names:
-  test_join_hash[{cuda|numba}-{build|probe|materialize|total}-{case}]  (+ cuda-speculative-1M)
+Cases (rows per side; ``impl.join.data``): uniform 100k / 1M / 10M / 100M int32 and int64 (unique build keys, ~50%
+probe hits), zipf-1M (foreign keys Zipf(1)-skewed onto unique build keys) and m2m-1M (~8 build rows per key). Names:
+  test_join_hash[{cuda|numba}-{build|probe|materialize|total}-{case}]
   test_join_tc[{phase}-{case}]  test_join_sortmerge[{phase}-{case}]  test_join_host[{pandas|duckdb|polars}-{case}]
 Each phase is timed on its own (L2 flushed before every round, so a phase never inherits the previous phase's
-cache); ``total`` is the whole join through the public call, exact-size outputs included. Bytes are the compulsory
-traffic (read both sides' keys and row ids, write the pairs); the tensor-core bench also records the FLOPs its
-tl.dot tiles issue. After timing, every bench checks its output against the sort-merge join's fingerprint
-(pair count, row-id sums, a pair hash; at CPU sizes the exact pairs against pandas).
+cache); ``total`` is the whole join through the public call, exact-size outputs included (the hash joins: speculative
+output and one host sync). ``bytes_moved`` is the compulsory traffic of the workload, the same for every join and
+anchor (read both sides' keys and row ids once, write the pairs once); the hash joins add their estimated extra
+traffic (``traffic_bytes``: table, per-row scratch), launches and host syncs per join; the tensor-core bench records
+the FLOPs its tl.dot tiles issue per pass, per useful comparison, its extra traffic, launches and host syncs, and
+times its partitioning on its own (``test_join_tc[partition-1M]``). After timing, every bench checks its output
+against the sort-merge join's fingerprint (pair count, row-id sums, a pair hash; at CPU sizes the exact pairs against
+pandas). A join that cannot fit in memory (100M) is skipped with its MemoryError, which names the bytes.
 """
 from __future__ import annotations
 
@@ -26,14 +31,25 @@ CASES = {
     "100k": Case("uniform", sized(100_000, 160)),
     "1M": Case("uniform", sized(1_000_000, 256)),
     "10M": Case("uniform", sized(10_000_000, 320)),
+    "100M": Case("uniform", sized(100_000_000, 384)),
+    "100k-i64": Case("uniform", sized(100_000, 160), dtype="int64"),
+    "1M-i64": Case("uniform", sized(1_000_000, 256), dtype="int64"),
+    "10M-i64": Case("uniform", sized(10_000_000, 320), dtype="int64"),
+    "100M-i64": Case("uniform", sized(100_000_000, 384), dtype="int64"),
     "zipf-1M": Case("zipf", sized(1_000_000, 256)),
     "m2m-1M": Case("m2m", sized(1_000_000, 256)),
 }
 PHASES = ("build", "probe", "materialize", "total")
-HASH_SPECS = [f"{i}-{p}-{c}" for i in ("cuda", "numba") for c in CASES for p in PHASES] + ["cuda-speculative-1M"]
-GPU_SPECS = [f"{p}-{c}" for c in CASES for p in PHASES]
-HOST_SPECS = [f"{h}-{c}" for h in host.HOST_JOINS for c in CASES]
-HASH_CONFIG = {"threads": sized(256, 32), "items": sized(4, 8)}  # simulator: a thread per CUDA thread, slow barriers
+PHASED = ("100k", "1M", "10M", "zipf-1M", "m2m-1M")  # per-phase benches; the rest end to end only
+SCALING = ("100k", "1M", "10M", "100M", "100k-i64", "1M-i64", "10M-i64", "100M-i64")
+HASH_SPECS = ([f"cuda-{p}-{c}" for c in PHASED for p in PHASES]
+              + [f"cuda-total-{c}" for c in SCALING if c not in PHASED]
+              + [f"numba-{p}-{c}" for c in PHASED for p in PHASES])
+TC_SPECS = [f"{p}-{c}" for c in PHASED for p in PHASES] + ["partition-1M", "total-1M-i64"]
+SORTMERGE_SPECS = [f"{p}-{c}" for c in PHASED for p in PHASES] + [f"total-{c}" for c in SCALING if c not in PHASED]
+HOST_CASES = ("100k", "1M", "10M", "1M-i64", "10M-i64", "zipf-1M", "m2m-1M")
+HOST_SPECS = [f"{h}-{c}" for h in host.HOST_JOINS for c in HOST_CASES]
+HASH_CONFIG = {"threads": sized(256, 32), "items": sized(8, 4)}  # simulator: a thread per CUDA thread, slow barriers
 
 
 @dataclass(frozen=True)
@@ -83,23 +99,49 @@ def check(ob, op_, case_id: str) -> None:
     assert got == want, f"{case_id}: join output {got} differs from the sort-merge join's {want}"
 
 
+def hash_counters(op, fn) -> dict[str, int]:
+    """Kernel launches and host syncs of one call of ``fn`` (the hash and tensor-core operators count both)."""
+    if not hasattr(op, "launches"):
+        return {}
+    before = (op.launches, op.syncs)
+    fn()
+    return {"launches": op.launches - before[0], "host_syncs": op.syncs - before[1]}
+
+
+def hash_traffic(op, case: Case, pairs: int, kb: int, rb: int) -> dict[str, int]:
+    """Estimated bytes a hash join moves beyond the compulsory ones: the table read and written back once, the
+    per-row heads and per-thread counts written and read, the gathered build row ids."""
+    if getattr(op, "layout", None) is None:
+        return {}
+    n, cfg = case.n, op.config
+    scratch = 2 * (4 * n + 8 * cfg.tiles(n) * cfg.threads)
+    return {"traffic_bytes": compulsory_bytes(n, n, pairs, kb, rb) + 2 * op.layout.nbytes + scratch + pairs * rb}
+
+
 def run_phase(device_bench, name: str, phase: str, case_id: str, flops_per_pass: int = 0, build_reads: bool = True,
-              **extra) -> None:
+              flops_dtype: str = "bf16", total_flops: int | None = None, **extra) -> None:
     """Time one phase (or the whole join) of operator ``name`` on ``case_id``, then check its output
-    (``build_reads=False``: the operator's build only records its inputs, so it is charged no bytes)."""
+    (``build_reads=False``: the operator's build only records its inputs, so it is charged no bytes; ``total_flops``:
+    the FLOPs of the whole join, by default two passes)."""
     op = operator(name)
     bk, br, pk, pr = tables(case_id)
     case, want = CASES[case_id], expected(case_id)
     kb, rb = bk.element_size(), br.element_size()
     info = dict(impl=name, phase=phase, case=case_id, kind=case.kind, n=case.n, dtype=case.dtype, pairs=want.total,
-                **extra)
+                rows=2 * case.n, **extra)
 
-    def bench(fn, bytes_moved: int, flops: int = 0):
-        return device_bench(fn, bytes_moved=bytes_moved, flops=flops, flops_dtype="bf16", **info)
+    def bench(fn, bytes_moved: int, flops: int = 0, **more):
+        return device_bench(fn, bytes_moved=bytes_moved, flops=flops, flops_dtype=flops_dtype, **info, **more)
 
     if phase == "total":
-        res = bench(lambda: op(bk, pk, br, pr), compulsory_bytes(case.n, case.n, want.total, kb, rb),
-                    2 * flops_per_pass)
+        call = lambda: op(bk, pk, br, pr)  # noqa: E731
+        try:
+            counters = hash_counters(op, call)
+        except MemoryError as e:
+            pytest.skip(f"{name} refuses {case_id}: {e}")
+        flops = 2 * flops_per_pass if total_flops is None else total_flops
+        res = bench(call, compulsory_bytes(case.n, case.n, want.total, kb, rb), flops, **counters,
+                    **hash_traffic(op, case, want.total, kb, rb), output_bytes=2 * want.total * rb)
         check(res.build_rows, res.probe_rows, case_id)
         return
     if phase == "build":
@@ -127,33 +169,61 @@ def test_join_hash(device_bench, spec):
 
         if unavailable_reason():
             pytest.skip(unavailable_reason())
-    if phase == "speculative":
-        op = operator(name)
-        bk, br, pk, pr = tables(case_id)
-        case, want = CASES[case_id], expected(case_id)
-        res = device_bench(lambda: op.speculative_join(bk, pk, br, pr),
-                           bytes_moved=compulsory_bytes(case.n, case.n, want.total, bk.element_size(),
-                                                        br.element_size()),
-                           impl=name, phase=phase, case=case_id, kind=case.kind, n=case.n, dtype=case.dtype,
-                           pairs=want.total)
-        check(res.build_rows, res.probe_rows, case_id)
-        return
     run_phase(device_bench, name, phase, case_id)
 
 
-@pytest.mark.parametrize("spec", GPU_SPECS)
-def test_join_tc(device_bench, spec):
-    phase, case_id = spec.split("-", 1)
-    from impl.join.tc_triton import dot_flops
+def tc_accounting(op, case_id: str) -> dict:
+    """What the tensor-core join issues on ``case_id``: tl.dot FLOPs of one pass (the counting walk plus the second
+    walk of programs whose rows match more than once), per useful comparison (one that found a pair, worth
+    2·KBITS FLOPs), and its estimated traffic beyond the compulsory bytes."""
+    from impl.join.tc_triton import dot_flops, rewalk_programs
 
-    op = operator("tc-triton")
     bk, br, pk, pr = tables(case_id)
-    flops = dot_flops(op.probe(op.build(bk, br), pk, pr), op.config)  # tl.dot FLOPs of one pass (count or write)
-    run_phase(device_bench, "tc-triton", phase, case_id, flops_per_pass=0 if phase == "build" else flops,
-              build_reads=False, note="both sides are partitioned in the probe phase; build only records the inputs")
+    probed = op.partition(bk, pk, br, pr)
+    flops = dot_flops(probed, op.config, rewalk_programs(probed, op.config))
+    useful = expected(case_id).total
+    kbits, kb, rb = 8 * bk.element_size(), bk.element_size(), br.element_size()
+    n_scan, n_tile = (probed.nb, probed.np_) if probed.tile_probe else (probed.np_, probed.nb)
+    enc_bytes = probed.enc.numel() * probed.enc.element_size()
+    from impl.join.tc_triton import scan_chunks
+
+    chunk_rows = int(scan_chunks(probed, op.config).sum()) * op.config.sub_tiles * op.config.block_n
+    traffic = (compulsory_bytes(probed.nb, probed.np_, useful, kb, rb)
+               + 2 * (probed.nb + probed.np_) * kb                # hist and scatter read the keys (scatter: again)
+               + (probed.nb + probed.np_) * (kb + rb)             # partitioned keys and row ids written
+               + enc_bytes                                        # scan-side encodings written ...
+               + chunk_rows * enc_bytes // max(n_scan, 1)         # ... and read per chunk of every run
+               + n_tile * kb + 2 * useful * rb)                   # tile keys read; matched row ids gathered
+    return dict(flops=flops, flops_per_useful_comparison=flops / max(useful, 1), useful_flops=2 * kbits * useful,
+                traffic_bytes=traffic, tc_enc=op.config.enc, tc_config=str(op.config))
 
 
-@pytest.mark.parametrize("spec", GPU_SPECS)
+@pytest.mark.parametrize("spec", TC_SPECS)
+def test_join_tc(device_bench, spec):
+    """Phases of the tensor-core join: build (records the inputs), partition (hist, cumsum, scatter: both sides),
+    probe (partition + the pass counting only + the total read back), materialize (the pass writing exact-size
+    outputs), total (partition + ONE counting-and-writing pass into a speculative output + the readback)."""
+    phase, case_id = spec.split("-", 1)
+    op = operator("tc-triton")
+    acct = tc_accounting(op, case_id)
+    flops_dtype = "fp8" if op.config.enc == "int8" else "bf16"  # the tensor-core rate the encoding runs at
+    if phase == "partition":
+        bk, br, pk, pr = tables(case_id)
+        case = CASES[case_id]
+        device_bench(lambda: op.partition(bk, pk, br, pr), bytes_moved=case.n * 2 * (bk.element_size()
+                                                                                      + br.element_size()),
+                     impl="tc-triton", phase=phase, case=case_id, kind=case.kind, n=case.n, dtype=case.dtype,
+                     rows=2 * case.n, note="hist + cumsum + scatter of both sides (keys, row ids, scan encodings)",
+                     launches=3, **{k: v for k, v in acct.items() if k not in ("flops", "traffic_bytes")})
+        return
+    flops = {"build": 0, "probe": acct["flops"], "materialize": acct["flops"], "total": acct["flops"]}[phase]
+    run_phase(device_bench, "tc-triton", phase, case_id, flops_per_pass=flops, build_reads=False,
+              flops_dtype=flops_dtype, total_flops=flops,
+              note="both sides are partitioned in the probe phase; build only records the inputs",
+              **{k: v for k, v in acct.items() if k != "flops" and (phase == "total" or k != "traffic_bytes")})
+
+
+@pytest.mark.parametrize("spec", SORTMERGE_SPECS)
 def test_join_sortmerge(device_bench, spec):
     phase, case_id = spec.split("-", 1)
     run_phase(device_bench, "sortmerge-torch", phase, case_id)
@@ -171,5 +241,5 @@ def test_join_host(device_bench, spec):
                            rounds=3 if case.n >= 1_000_000 else 5, warmup=1,
                            bytes_moved=compulsory_bytes(case.n, case.n, want.total, bk.itemsize, br.itemsize),
                            impl=name, phase="total", case=case_id, kind=case.kind, n=case.n, dtype=case.dtype,
-                           pairs=want.total, host_threads=torch.get_num_threads())
+                           pairs=want.total, rows=2 * case.n, host_threads=torch.get_num_threads())
     assert fingerprint(np.array(ob), np.array(op_)) == want  # copies: pandas may hand out read-only arrays

@@ -1,10 +1,13 @@
-"""Property tests of the joins (issue 4): every implementation equals pandas.merge as a multiset of pairs.
+"""Property tests of the joins: every implementation equals pandas.merge as a multiset of pairs.
 
 Tables come from one strategy that mixes the cases that break joins: unique keys with ~50% misses, heavy duplicates
-(many-to-many), Zipf skew, dtype extremes, keys equal to the hash table's empty marker (-1), disjoint key sets and
-empty tables; row ids are absent (positions), int32, int64 or mixed (widened). Outputs are poisoned with two patterns
-before the materialize kernel writes them. The CUDA C++ join runs where cupy and a GPU exist, on the same tables as
-its numba twin; on the CPU its source runs under a CUDA emulation (g++). Sizes grow under the ``gpu`` profile.
+(many-to-many), Zipf skew, dtype extremes, keys equal to any value a table might reserve (-1, 0, INT_MIN/MAX), int64
+keys differing only in their high 32 bits (and pairs whose folded 32-bit hashes collide), disjoint key sets and empty
+tables; row ids are absent (positions), int32, int64 or mixed (widened). Outputs are poisoned with two patterns
+before the materialize kernel writes them. The hash-join operators are reused across examples, so tables are reused
+across joins (epoch tags, wraps forced with 1-2 epoch bits). The CUDA C++ join runs where cupy and a GPU exist, on
+the same tables as its numba twin; on the CPU its source runs under a CUDA emulation (g++), both schemes, several
+joins per process. Sizes grow under the ``gpu`` profile.
 """
 from __future__ import annotations
 
@@ -21,16 +24,18 @@ from hypothesis import strategies as st
 from fixtures.oracle import POISON_PATTERNS, assert_close, poison_
 from fixtures.strategies import make_array, max_size, seeds
 from impl.backend import DEVICE, ON_GPU, sized
-from impl.join import IMPLS, make_operator
-from impl.join.common import EMPTY, check_inputs, hash_keys, hash_keys_torch, sort_pairs
+from impl.join import IMPLS, common, host, make_operator
+from impl.join.common import check_inputs, hash_keys, hash_keys_torch, sort_pairs
 from impl.join.hash_cuda import SOURCE
 from impl.join.hash_cuda import unavailable_reason as cuda_reason
-from impl.join.hash_numba import HashConfig, HashJoinNumba
+from impl.join.hash_numba import HashJoinNumba
+from impl.join.hash_table import (HashConfig, bucket_step_np, first_bucket_np, next_epoch, plan_layout,
+                                  table_contents)
 from impl.join.host import reference_pairs
 from impl.join.tc_triton import TCConfig, TensorCoreJoin
 
-MIXES = ("unique", "dups", "zipf", "extremes", "sentinel", "disjoint", "patterns")
-SMALL_DOMAIN = ("dups", "extremes", "sentinel", "patterns")  # fan-out grows ~n²/domain: keep these tables smaller
+MIXES = ("unique", "dups", "zipf", "extremes", "sentinel", "highbits", "disjoint", "patterns")
+SMALL_DOMAIN = ("dups", "extremes", "sentinel", "highbits", "patterns")  # fan-out ~n²/domain: keep these smaller
 ROWS = ("none", "int32", "int64", "mixed")
 
 
@@ -68,7 +73,15 @@ def make_join_tables(nb: int, np_: int, dtype: str, mix: str, seed: int) -> tupl
         domain = np.concatenate([domain, _unique_pool(rng, 4, dtype)[:4]])
         return _pick(rng, domain, nb), _pick(rng, domain, np_)
     if mix == "sentinel":
-        domain = np.array([EMPTY, EMPTY, EMPTY, 0, 3, -2], dtype=dtype)
+        domain = np.array([-1, -1, -1, 0, 0, info.min, info.max, 3, -2], dtype=dtype)
+        return _pick(rng, domain, nb), _pick(rng, domain, np_)
+    if mix == "highbits":  # int64: equal low words, different high words; (a, b) and (b, a) fold to one hash
+        if dtype == "int32":
+            return make_join_tables(nb, np_, dtype, "extremes", seed)
+        a, b = (rng.integers(-2**31, 2**31, 3, dtype=np.int64) for _ in range(2))
+        words = np.concatenate([(a << 32) | (b & 0xFFFFFFFF), (b << 32) | (a & 0xFFFFFFFF),
+                                ((a + 1) << 32) | (b & 0xFFFFFFFF), [info.min, info.max, -1, 0]])
+        domain = np.unique(words.astype(np.int64))
         return _pick(rng, domain, nb), _pick(rng, domain, np_)
     if mix == "disjoint":
         half = info.max // 2
@@ -142,33 +155,48 @@ def cached(key: tuple, make):
     return _OPS[key]
 
 
-# Each distinct (threads, items) / (block sizes, enc) is a fresh compile on the GPU: few there, more variety here.
+# Each distinct (threads, items, bucket) is a fresh compile on the GPU: few there, more variety here.
 HASH_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.25, 0.5, 0.9]),
                          threads=st.sampled_from(sized(gpu=[256], cpu=[32, 64])),
-                         items=st.sampled_from(sized(gpu=[1, 4], cpu=[4, 16])))
-TC_CONFIGS = st.builds(TCConfig, bucket_rows=st.sampled_from([2, 8, 32]),
-                       block_m=st.sampled_from(sized(gpu=[64], cpu=[32, 64])),
-                       block_n=st.sampled_from(sized(gpu=[64], cpu=[32, 64])),
+                         items=st.sampled_from(sized(gpu=[1, 8], cpu=[1, 4])),
+                         bucket_bytes=st.sampled_from([32, 64]), clear=st.sampled_from(["epoch", "memset"]),
+                         epoch_bits=st.sampled_from([None, 1, 2]))
+TC_CONFIGS = st.builds(TCConfig, bucket_rows=st.sampled_from([1, 4, 32]),
+                       block_m=st.sampled_from(sized(gpu=[16], cpu=[16, 32])),
+                       sub_tiles=st.sampled_from(sized(gpu=[4], cpu=[1, 2, 4])),
+                       block_n=st.sampled_from(sized(gpu=[32], cpu=[16, 32])),
+                       write_n=st.sampled_from([16, 32]), pre_encode=st.booleans(),
                        enc=st.sampled_from(sized(gpu=["fp16", "int8"], cpu=["fp32", "fp16", "int8"])),
-                       part_block=st.sampled_from(sized(gpu=[1024], cpu=[64, 1024])))
+                       num_warps=st.sampled_from(sized(gpu=[4], cpu=[1, 4])),
+                       part_block=st.sampled_from(sized(gpu=[1024], cpu=[64, 1024])),
+                       scatter_block=st.sampled_from(sized(gpu=[256], cpu=[64, 256])))
 
 
 @given(inputs=join_inputs(), config=HASH_CONFIGS)
 def test_hash_numba_join_equals_pandas(inputs, config):
-    check_join(cached(("numba", config), lambda: HashJoinNumba(config)), *inputs)
+    op = cached(("numba", config), lambda: HashJoinNumba(config))
+    check_join(op, *inputs)
+    got = op(*to_device(*inputs))  # the speculative one-sync path (a short buffer is re-written exact-size)
+    assert np.array_equal(got.pairs(), reference_pairs(*inputs)), "hash-numba speculative join differs from pandas"
+
+
+CUDA_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.5, 0.9]),
+                         scheme=st.sampled_from(["fused", "split"]),
+                         items=st.sampled_from([1, 8]), bucket_bytes=st.sampled_from([32, 64]),
+                         readback=st.sampled_from(["pinned", "item"]), epoch_bits=st.sampled_from([None, 1]))
 
 
 @pytest.mark.skipif(cuda_reason() is not None, reason=str(cuda_reason()))
-@given(inputs=join_inputs(), config=HASH_CONFIGS)
+@given(inputs=join_inputs(), config=CUDA_CONFIGS)
 def test_hash_cuda_join_equals_pandas_and_its_twin(inputs, config):
     from impl.join.hash_cuda import HashJoinCuda
 
-    check_join(cached(("cuda", config), lambda: HashJoinCuda(config)), *inputs)
+    op = cached(("cuda", config), lambda: HashJoinCuda(config))
+    check_join(op, *inputs)
     twin = cached(("numba", config), lambda: HashJoinNumba(config))
-    a = cached(("cuda", config), lambda: HashJoinCuda(config))(*to_device(*inputs)).pairs()
+    a = op(*to_device(*inputs)).pairs()
     assert np.array_equal(a, twin(*to_device(*inputs)).pairs()), "CUDA C++ and numba hash joins disagree"
-    spec = cached(("cuda", config), lambda: HashJoinCuda(config)).speculative_join(*to_device(*inputs))
-    assert np.array_equal(spec.pairs(), a), "speculative_join differs from the exact-size join"
+    assert np.array_equal(a, reference_pairs(*inputs)), "CUDA C++ speculative join differs from pandas"
 
 
 @pytest.fixture(scope="module")
@@ -185,30 +213,79 @@ def emulated_cuda_join(tmp_path_factory):
     return exe
 
 
-@given(inputs=join_inputs(max_n=600), load_factor=st.sampled_from([0.25, 0.5, 0.9]), speculative=st.booleans())
-def test_cuda_source_under_cpu_emulation_equals_pandas(emulated_cuda_join, inputs, load_factor, speculative):
-    """The C++ kernels themselves (not their numba twin), run by the emulator with hash_cuda.py's launch sequence."""
-    bk, pk, _, _ = inputs
-    rng = np.random.default_rng(len(bk) * 7919 + len(pk))
-    br, pr = (rng.permutation(n).astype(bk.dtype) * 3 - 7 for n in (len(bk), len(pk)))
-    cap = HashConfig(load_factor=load_factor).capacity(len(bk))
-    text = " ".join(map(str, [int(bk.dtype == np.int64), len(bk), len(pk), cap, 32, int(speculative)]))
-    text += "\n" + "\n".join(" ".join(map(str, a.tolist())) for a in (bk, br, pk, pr)) + "\n"
-    proc = subprocess.run([str(emulated_cuda_join)], input=text, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    total, done, guards, clipped = map(int, lines[0].split())
-    got = np.array([list(map(int, line.split())) for line in lines[1:]], dtype=np.int64).reshape(-1, 2)
+EMULATED_TILE = 32 * 4
+
+
+def emulate(exe: Path, joins: list[tuple], wide: bool, scheme: int, config: HashConfig, grid: int,
+            capacities: list[int]) -> list[tuple[int, int, int, int, np.ndarray]]:
+    """Run several joins through the emulated kernels with hash_cuda.py's host decisions (layout, epoch, clear);
+    returns (total, error, guards intact, rewritten, sorted pairs) per join."""
+    text = f"{int(wide)} {scheme} {len(joins)}\n"
+    layout, epoch = None, 0
+    for (bk, pk, br, pr), cap in zip(joins, capacities):
+        new = plan_layout(config, len(bk), torch.int64 if wide else torch.int32)
+        epoch, clear = next_epoch(layout, new, epoch, config.clear)
+        layout = new
+        text += f"{len(bk)} {len(pk)} {new.buckets} {new.shift} {epoch} {int(clear)} {cap} {grid}\n"
+        text += "\n".join(" ".join(map(str, a.tolist())) for a in (bk, br, pk, pr)) + "\n"
+    proc = subprocess.run([str(exe)], input=text, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"emulated join exited {proc.returncode}: {proc.stderr[-2000:]}"
+    lines, out, i = proc.stdout.splitlines(), [], 0
+    for _ in joins:
+        total, err, guards, rewrite = map(int, lines[i].split())
+        got = np.array([list(map(int, line.split())) for line in lines[i + 1:i + 1 + total]], np.int64).reshape(-1, 2)
+        out.append((total, err, guards, rewrite, sort_pairs(got[:, 0], got[:, 1])))
+        i += 1 + total
+    return out
+
+
+@given(tables=st.lists(join_inputs(max_n=400), min_size=1, max_size=3), scheme=st.sampled_from([0, 1]),
+       grid=st.integers(1, 4), config=st.builds(HashConfig, load_factor=st.sampled_from([0.25, 0.5, 0.9]),
+                                                 clear=st.sampled_from(["epoch", "memset"]),
+                                                 epoch_bits=st.sampled_from([None, 1, 2])),
+       wide=st.booleans(), capacity=st.sampled_from(["speculative", "exact", "short"]))
+def test_cuda_source_under_cpu_emulation_equals_pandas(emulated_cuda_join, tables, scheme, grid, config, wide,
+                                                       capacity):
+    """The C++ kernels themselves (not their numba twin), several joins on one reused table, both schemes."""
+    dtype = np.int64 if wide else np.int32
+    joins, refs, caps = [], [], []
+    for q, (bk, pk, _, _) in enumerate(tables):
+        bk, pk = bk.astype(dtype), pk.astype(dtype)  # an int64 table's keys as int32 wrap: still a valid table
+        rng = np.random.default_rng(len(bk) * 7919 + len(pk) + q)
+        br, pr = (rng.permutation(n).astype(dtype) * 3 - 7 for n in (len(bk), len(pk)))
+        ref = reference_pairs(bk, pk, br, pr)
+        joins.append((bk, pk, br, pr))
+        refs.append(ref)
+        caps.append({"speculative": len(pk), "exact": len(ref), "short": len(ref) // 2}[capacity])
+    for ref, (total, err, guards, rewrite, got) in zip(refs, emulate(emulated_cuda_join, joins, wide, scheme,
+                                                                    config, grid, caps)):
+        assert err == 0 and total == len(ref), f"total {total} (want {len(ref)}), device error {err}"
+        assert guards == 1, "a write kernel wrote past its capacity"
+        assert_close(got, ref, msg=f"hash_join.cu under CPU emulation, scheme {scheme}, grid {grid}")
+
+
+def test_emulated_fused_kernel_covers_both_heads_paths(emulated_cuda_join):
+    """Tiles > grid keeps heads in memory, tiles <= grid in registers; a short buffer makes the fused kernel hand
+    heads to the exact-size write either way."""
+    rng = np.random.default_rng(5)
+    bk = rng.integers(0, 64, 300).astype(np.int32)
+    pk = rng.integers(0, 80, 3 * EMULATED_TILE + 5).astype(np.int32)
+    br, pr = np.arange(300, dtype=np.int32), np.arange(len(pk), dtype=np.int32)
     ref = reference_pairs(bk, pk, br, pr)
-    assert total == len(ref) and done == 0, f"total {total} (want {len(ref)}), scan ticket left at {done}"
-    assert guards == 1, "the write kernel wrote past its capacity"
-    assert clipped == int(speculative and total > len(pk))
-    assert_close(sort_pairs(got[:, 0], got[:, 1]), ref, msg="hash_join.cu under CPU emulation")
+    for grid in (1, 4, 6):
+        (total, err, guards, rewrite, got), = emulate(emulated_cuda_join, [(bk, pk, br, pr)], False, 1, HashConfig(),
+                                                     grid, [len(pk)])
+        assert (err, guards, rewrite) == (0, 1, int(len(ref) > len(pk))) and total == len(ref)
+        assert_close(got, ref, msg=f"fused kernel, grid {grid}")
 
 
 @given(inputs=join_inputs(), config=TC_CONFIGS)
 def test_tensor_core_join_equals_pandas(inputs, config):
-    check_join(cached(("tc", config), lambda: TensorCoreJoin(config)), *inputs)
+    op = cached(("tc", config), lambda: TensorCoreJoin(config))
+    check_join(op, *inputs)
+    got = op(*to_device(*inputs))  # the one-pass call (a short speculative output is re-written exact-size)
+    assert np.array_equal(got.pairs(), reference_pairs(*inputs)), "tc-triton one-pass join differs from pandas"
+    assert not op.ws.get("counts", 1, torch.int32, DEVICE, zeros=True).any(), "the scatter left the histogram non-zero"
 
 
 @given(inputs=join_inputs())
@@ -230,11 +307,23 @@ def small_op(name: str):
 @pytest.mark.parametrize("name", available_impls())
 @pytest.mark.parametrize("dtype", ["int32", "int64"])
 def test_sentinel_valued_keys_join(name, dtype):
-    bk = np.array([-1, 5, -1, 7, 0, -1], dtype)
-    pk = np.array([-1, 7, 8, -1, 0, 5, 5], dtype)
+    info = np.iinfo(dtype)
+    bk = np.array([-1, 5, -1, 7, 0, -1, info.min, info.max, info.max], dtype)
+    pk = np.array([-1, 7, 8, -1, 0, 5, 5, info.min, info.max, info.min + 1], dtype)
     check_join(small_op(name), bk, pk)
     res = small_op(name)(*to_device(bk, pk))
-    assert len(res) == 3 * 2 + 1 + 1 + 2  # -1: 3 build x 2 probe; 7; 0; 5 twice
+    assert len(res) == 3 * 2 + 1 + 1 + 2 + 1 + 2  # -1: 3 build x 2 probe; 7; 0; 5 twice; min; max x 2
+
+
+def test_int64_keys_differing_only_in_high_bits_do_not_match():
+    """Keys whose low words agree, and key pairs (a << 32 | b, b << 32 | a) whose folded hashes are equal."""
+    a, b = np.int64(0x12345678), np.int64(0x0BADF00D)
+    bk = np.array([(a << 32) | b, (b << 32) | a, (a << 33) | b, b], np.int64)
+    pk = np.array([(b << 32) | a, b, (a << 32) | b, (a << 34) | b], np.int64)
+    assert len(set(hash_keys(bk[:2], True).tolist())) == 1, "the first two keys must collide in the hash"
+    for name in [n for n in IMPLS if not (n == "hash-cuda" and cuda_reason())]:
+        check_join(small_op(name), bk, pk)
+        assert len(small_op(name)(*to_device(bk, pk))) == 3
 
 
 @pytest.mark.parametrize("name", available_impls())
@@ -278,11 +367,61 @@ def test_bad_input_gives_clear_errors(name):
             op(k32, k32.cpu())
 
 
+@pytest.mark.parametrize("name", available_impls())
+def test_output_that_cannot_fit_is_refused_before_allocation(name, monkeypatch):
+    """A skewed join whose exact output exceeds the memory left: MemoryError with the exact pair count and bytes,
+    raised before the output is allocated or written."""
+    bk, pk = np.full(40, 7, np.int32), np.full(25, 7, np.int32)  # 1000 pairs of int64 row ids = 16,000 bytes
+    op = small_op(name)
+    tensors = to_device(bk, pk)
+    monkeypatch.setattr(common, "free_bytes", lambda device: 12_000)
+    sizes, empty = [], torch.empty
+
+    def spy(*size, **kw):
+        sizes.append(int(np.prod(size[0] if size and isinstance(size[0], (tuple, list)) else size)))
+        return empty(*size, **kw)
+
+    monkeypatch.setattr(torch, "empty", spy)
+    with pytest.raises(MemoryError, match=r"16,000 bytes \(1,000 pairs as two torch.int64 columns\)"):
+        op(*tensors)
+    assert max(sizes, default=0) < 1000, f"{name} allocated {max(sizes)} elements before refusing"
+
+
+def test_ten_billion_pair_output_is_refused_on_the_host():
+    """1M probe rows all hitting a key that 10^4 build rows share: 10^10 pairs, refused with the exact count."""
+    bk = torch.full((10_000,), 3, dtype=torch.int32)
+    pk = torch.full((1_000_000,), 3, dtype=torch.int32)
+    with pytest.raises(MemoryError, match=r"160,000,000,000 bytes \(10,000,000,000 pairs"):
+        make_operator("sortmerge-torch")(bk, pk)
+
+
+def test_host_joins_take_non_native_byte_order():
+    """numpy arrays in big-endian order join like native ones (the host anchors and the oracle); the GPU joins take
+    torch tensors only, which are always native."""
+    bk = np.array([3, -1, 2, 7, 2], dtype=">i4")
+    pk = np.array([2, 7, 5, -1], dtype=">i8").astype(">i4")
+    br = np.array([10, 11, 12, 13, 14], dtype=">i8")
+    want = sort_pairs(*host.pandas_join(bk.astype("<i4"), pk.astype("<i4"), br.astype("<i8")))
+    assert len(want) == 4
+    for name in host.HOST_JOINS:
+        if host.unavailable_reason(name) is None:
+            assert np.array_equal(sort_pairs(*host.JOINS[name](bk, pk, br)), want), name
+    assert np.array_equal(reference_pairs(bk, pk, br), want)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        host.pandas_join(bk.astype(">f4"), pk)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        make_operator("sortmerge-torch")(bk, pk)
+
+
 def test_configs_reject_bad_values():
     with pytest.raises(ValueError, match="load_factor"):
         HashConfig(load_factor=1.0)
     with pytest.raises(ValueError, match="threads"):
         HashConfig(threads=48)
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        HashConfig(bucket_bytes=48)
+    with pytest.raises(ValueError, match="scheme"):
+        HashConfig(scheme="graph")
     with pytest.raises(ValueError, match="enc"):
         TCConfig(enc="bf8")
     with pytest.raises(ValueError, match="block_m"):
@@ -293,54 +432,91 @@ def test_configs_reject_bad_values():
 
 # ---- white-box: the structures the kernels build ------------------------------------------------------------------
 
-@given(keys=st.builds(make_join_tables, st.integers(0, 400), st.just(0), st.sampled_from(["int32", "int64"]),
-                      st.sampled_from(MIXES), seeds()).map(lambda t: t[0]),
+@given(keys=st.lists(st.builds(make_join_tables, st.integers(0, 400), st.just(0), st.sampled_from(["int32", "int64"]),
+                                st.sampled_from(MIXES), seeds()).map(lambda t: t[0]), min_size=1, max_size=3),
        config=HASH_CONFIGS)
 def test_hash_table_holds_every_build_row_once(keys, config):
-    """After build: each distinct key (except -1) owns one slot reached by linear probing from hash(key) with no
-    empty slot in between; its chain lists exactly its build positions; the side list holds the -1 rows."""
-    op = cached(("numba", config), lambda: HashJoinNumba(config))
-    built = op.build(*to_device(keys, np.arange(len(keys), dtype=np.int64)))
-    table, nxt = built.table.cpu().numpy(), built.nxt.cpu().numpy()
-    cap = built.mask + 1
-    slot_keys, heads = table[0:2 * cap:2], table[1:2 * cap:2]
+    """After each of several builds on one operator: the live slots (tag epoch == the build's) hold exactly the build
+    rows, each once, with their keys; slots of a bucket fill in order; every row sits in the first bucket with a free
+    slot along its key's double-hashing sequence, so the buckets before it are full. Stale rows of earlier builds
+    never count."""
+    op = HashJoinNumba(config)
+    for k in keys:
+        k = k.astype(keys[-1].dtype)
+        built = op.build(*to_device(k, None))
+        lay, wide = built.layout, k.dtype == np.int64
+        slot_keys, tags = table_contents(built.table, lay, built.table.dtype)
+        live = (tags >> lay.shift) == built.epoch
+        pos = tags & ((1 << lay.shift) - 1)
+        assert np.array_equal(np.sort(pos[live]), np.arange(len(k))), "every build row owns exactly one live slot"
+        assert np.array_equal(slot_keys[live], k[pos[live]].astype(np.int64)), "a slot holds its row's key"
+        assert np.all(live[:, :-1] | ~live[:, 1:]), "a live slot follows an empty one in its bucket"
+        full = live.all(axis=1)
+        h = hash_keys(k, wide)
+        bucket = np.empty(len(k), np.int64)
+        bucket[pos[live]] = np.nonzero(live)[0]
+        b, step = first_bucket_np(h, lay.buckets).astype(np.int64), bucket_step_np(h, lay.buckets)
+        for i in range(len(k)):
+            seen = 0
+            while b[i] != bucket[i]:
+                assert full[b[i]], f"row {i} skipped a bucket with a free slot"
+                b[i] = (b[i] + step[i]) % lay.buckets
+                seen += 1
+                assert seen <= lay.buckets
 
-    def chain(h: int) -> list[int]:
-        out = []
-        while h != EMPTY:
-            out.append(int(h))
-            h = nxt[h]
-        return sorted(out)
 
-    occupied = np.flatnonzero(slot_keys != EMPTY)
-    distinct = set(keys[keys != EMPTY].tolist())
-    assert len(occupied) == len(distinct) and cap * config.load_factor >= len(distinct)
-    home = hash_keys(slot_keys[occupied], keys.dtype == np.int64) & built.mask
-    for s, h0 in zip(occupied, home):
-        path = (np.arange(h0, h0 + ((s - h0) % cap) + 1)) % cap
-        assert np.all(slot_keys[path] != EMPTY), "an empty slot breaks a linear-probing run"
-        assert chain(heads[s]) == np.flatnonzero(keys == slot_keys[s]).tolist()
-    assert chain(table[2 * cap + 1]) == np.flatnonzero(keys == EMPTY).tolist()
+def test_stale_build_state_is_refused():
+    op = HashJoinNumba(HashConfig(threads=32, items=4))
+    first = op.build(*to_device(np.arange(10, dtype=np.int32), None))
+    op.build(*to_device(np.arange(5, dtype=np.int32), None))
+    with pytest.raises(RuntimeError, match="stale"):
+        op.probe(first, *to_device(np.arange(3, dtype=np.int32), None))
 
 
 @given(inputs=join_inputs(max_n=300), config=TC_CONFIGS)
-def test_tensor_core_partitions_are_bucketed_permutations(inputs, config):
+def test_tensor_core_partitions_runs_and_encodings(inputs, config):
+    """Both sides are bucketed permutations carrying their row ids; each sub-tile's run is exactly the scan rows of
+    the buckets of its rows; the stored scan-side encodings are 1 - 2·bit of the scan keys."""
     bk, pk, _, _ = inputs
     op = cached(("tc", config), lambda: TensorCoreJoin(config))
     t = check_inputs(*to_device(bk, pk))
-    probed = op.probe(op.build(t.build_keys, t.build_rows), t.probe_keys, t.probe_rows)
-    if len(pk) == 0:
-        return
-    p = probed.pmask + 1
-    bounds, part, pos = (x.cpu().numpy() for x in (probed.bounds, probed.part_keys, probed.part_pos))
-    for side, keys, off in (("build", bk, 0), ("probe", pk, p)):
+    probed = op.partition(t.build_keys, t.probe_keys, t.build_rows, t.probe_rows)
+    p, wide = probed.pmask + 1, bk.dtype == np.int64
+    bounds, part, rows = (x.cpu().numpy() for x in (probed.bounds, probed.part_keys, probed.part_rows))
+    side_of = {"build": (bk, 0), "probe": (pk, p)}
+    for side, (keys, off) in side_of.items():
         lo, hi = bounds[off], bounds[off + p]
         assert hi - lo == len(keys)
-        assert np.array_equal(keys[pos[lo:hi]], part[lo:hi]), f"{side}: part_pos does not map back to the keys"
-        assert np.array_equal(np.sort(pos[lo:hi]), np.arange(len(keys))), f"{side}: not a permutation"
+        assert np.array_equal(keys[rows[lo:hi]], part[lo:hi]), f"{side}: row ids do not map back to the keys"
+        assert np.array_equal(np.sort(rows[lo:hi]), np.arange(len(keys))), f"{side}: not a permutation"
         for b in range(p):
             seg = part[bounds[off + b]:bounds[off + b + 1]]
-            assert np.all((hash_keys(seg, keys.dtype == np.int64) & probed.pmask) == b), f"{side} bucket {b}"
+            assert np.all((hash_keys(seg, wide) & probed.pmask) == b), f"{side} bucket {b}"
+    tile, scan = ("probe", "build") if probed.tile_probe else ("build", "probe")
+    (tk, toff), (sk, soff) = side_of[tile], side_of[scan]
+    tile_part = part[bounds[toff]:bounds[toff] + len(tk)]
+    runs = probed.runs.cpu().numpy()
+    assert len(runs) == -(-len(tk) // config.block_m)
+    for i, (start, end) in enumerate(runs):
+        b = hash_keys(tile_part[i * config.block_m:(i + 1) * config.block_m], wide) & probed.pmask
+        assert (start, end) == (bounds[soff + b.min()], bounds[soff + b.max() + 1]), f"sub-tile {i}'s run"
+    if config.pre_encode and len(sk):
+        scan_part = part[bounds[soff]:bounds[soff] + len(sk)].astype(np.int64)
+        kbits = 64 if wide else 32
+        bits = (scan_part[:, None] >> np.arange(kbits)[None, :]) & 1
+        assert np.array_equal(probed.enc.float().cpu().numpy(), 1 - 2 * bits), "stored scan-side encodings"
+
+
+def test_tensor_core_join_clears_an_interrupted_histogram():
+    """The scatter consumes the histogram back to zeros; a partition interrupted between its launches leaves it
+    dirty, and the next join clears it first (else its bucket bounds would be wrong)."""
+    op = TensorCoreJoin(TCConfig(bucket_rows=1))
+    bk, pk = np.arange(40, dtype=np.int32), np.arange(20, 60, dtype=np.int32)
+    tensors = to_device(bk, pk)
+    op.ws.get("counts", 64, torch.int32, DEVICE, zeros=True).fill_(3)  # what an interrupted hist leaves
+    op._counts_dirty = True
+    assert np.array_equal(op(*tensors).pairs(), reference_pairs(bk, pk))
+    assert not op.ws.get("counts", 64, torch.int32, DEVICE, zeros=True).any()
 
 
 @given(keys=st.builds(make_array, st.integers(0, 300), st.sampled_from(["int32", "int64"]),

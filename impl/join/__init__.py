@@ -1,11 +1,13 @@
-"""join — inner equi-join of two tables on the GPU, four ways (issue 4).
+"""join — inner equi-join of two tables on the GPU, four ways.
 
-  hash-numba       open-addressing hash table in numba-cuda (build / count+scan / write)       ``hash_numba.py``
-  hash-cuda        the same kernels in CUDA C++ through CuPy (few-µs launches)                  ``hash_cuda.py``
-  tc-triton        hash partitions + bit-sliced ±1 keys compared by ``tl.dot`` on tensor cores  ``tc_triton.py``
+  hash-numba       epoch-tagged bucketed hash table in numba-cuda (build / count+scan / write)  ``hash_numba.py``
+  hash-cuda        the same kernels in CUDA C++ through CuPy, plus a fused single launch        ``hash_cuda.py``
+  tc-triton        hash partitions + bit-sliced ±1 keys compared by ``tl.dot`` in one pass      ``tc_triton.py``
   sortmerge-torch  torch.sort + searchsorted + duplicate expansion (GPU baseline)              ``sortmerge.py``
 and host anchors (pandas, DuckDB, polars) in ``host.py``. Every operator returns a ``JoinResult`` (``common.py``).
-``experiments.py`` profiles the GPU joins with Nsight Compute; ``claims.py`` holds the ledger entries and plots.
+``hash_table.py`` is the hash joins' shared host side; ``tune.py`` decides both GPU joins' designs on a GPU;
+``experiments.py`` profiles the GPU joins with Nsight Compute; ``claims.py`` holds the ledger entries, plots and
+tables.
 """
 from __future__ import annotations
 

@@ -23,8 +23,6 @@ from impl.common.timing import time_fn
 
 KEY_DTYPES = (torch.int32, torch.int64)
 ROW_DTYPES = (torch.int32, torch.int64)
-EMPTY = -1
-"""Key value that marks an empty hash slot. Rows whose key *is* -1 are kept on a side list, so they still join."""
 MAX_ROWS = 2**31 - 2
 PHASES = ("build", "probe", "materialize")
 
@@ -88,24 +86,29 @@ def _check_1d(name: str, t: Any, dtypes: tuple[torch.dtype, ...], what: str) -> 
     return t
 
 
-def check_inputs(build_keys: Any, probe_keys: Any, build_rows: Any = None, probe_rows: Any = None) -> Tables:
-    """Validate a join's inputs (clear errors for dtype, rank, length and device mismatches); never modifies them."""
+def check_inputs(build_keys: Any, probe_keys: Any, build_rows: Any = None, probe_rows: Any = None, *,
+                 default_rows: bool = True) -> Tables:
+    """Validate a join's inputs (clear errors for type, dtype, rank, length, layout and device mismatches); never
+    modifies them. Row ids not given become ``arange(n)`` int64, or stay ``None`` (positions) with
+    ``default_rows=False``; when the two sides' row-id dtypes differ (or one side is positions) both are int64."""
     bk = _check_1d("build_keys", build_keys, KEY_DTYPES, "int32 or int64")
     pk = _check_1d("probe_keys", probe_keys, KEY_DTYPES, "int32 or int64")
     if bk.dtype != pk.dtype:
         raise TypeError(f"key dtypes differ: build_keys is {bk.dtype}, probe_keys is {pk.dtype}; cast one side first")
     if bk.device != pk.device:
         raise ValueError(f"keys live on different devices: build on {bk.device}, probe on {pk.device}")
-    br = _rows("build", build_rows, bk)
-    pr = _rows("probe", probe_rows, pk)
-    if br.dtype != pr.dtype:  # one output dtype for both columns: widen (copies; the inputs stay as they are)
+    br = _rows("build", build_rows, bk, default_rows)
+    pr = _rows("probe", probe_rows, pk, default_rows)
+    if br is None or pr is None:  # positions are int64
+        br, pr = (None if r is None else r.to(torch.int64) for r in (br, pr))
+    elif br.dtype != pr.dtype:  # one output dtype for both columns: widen (copies; the inputs stay as they are)
         br, pr = br.to(torch.int64), pr.to(torch.int64)
     return Tables(bk, pk, br, pr)
 
 
-def _rows(side: str, rows: Any, keys: torch.Tensor) -> torch.Tensor:
+def _rows(side: str, rows: Any, keys: torch.Tensor, default: bool) -> torch.Tensor | None:
     if rows is None:
-        return torch.arange(keys.numel(), dtype=torch.int64, device=keys.device)
+        return torch.arange(keys.numel(), dtype=torch.int64, device=keys.device) if default else None
     r = _check_1d(f"{side}_rows", rows, ROW_DTYPES, "int32 or int64")
     if r.numel() != keys.numel():
         raise ValueError(f"{side}_rows has {r.numel()} entries but {side}_keys has {keys.numel()}: "
@@ -113,6 +116,38 @@ def _rows(side: str, rows: Any, keys: torch.Tensor) -> torch.Tensor:
     if r.device != keys.device:
         raise ValueError(f"{side}_rows is on {r.device} but {side}_keys is on {keys.device}")
     return r
+
+
+def free_bytes(device: torch.device) -> int:
+    """Bytes an allocation on ``device`` can still get: free device memory plus the caching allocator's unused
+    blocks on a GPU, MemAvailable on the host."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def check_output_fits(total: int, row_dtype: torch.dtype, device: torch.device, *, extra_bytes: int = 0,
+                      what: str = "the join's output") -> None:
+    """Refuse, before allocating, an output of ``total`` pairs (two columns of ``row_dtype``) plus ``extra_bytes``
+    that cannot fit in the memory left on ``device``: a MemoryError naming the pair count and the bytes."""
+    itemsize = torch.empty((), dtype=row_dtype).element_size()
+    need = 2 * int(total) * itemsize + int(extra_bytes)
+    free = free_bytes(device)
+    if need > free:
+        pairs = f" ({int(total):,} pairs as two {row_dtype} columns)" if total else ""
+        raise MemoryError(f"{what} needs {need:,} bytes{pairs} but only {free:,} bytes are free on {device}; "
+                          "refused before allocating anything")
 
 
 def run_join(op: JoinOperator, build_keys: Any, probe_keys: Any, build_rows: Any = None, probe_rows: Any = None,
@@ -123,6 +158,8 @@ def run_join(op: JoinOperator, build_keys: Any, probe_keys: Any, build_rows: Any
     between phases; the split lands in ``JoinResult.timings_ms`` with keys build/probe/materialize/total.
     """
     t = check_inputs(build_keys, probe_keys, build_rows, probe_rows)
+    if t.build_keys.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"joins run on cpu or cuda tensors, got {t.build_keys.device}")
     state: dict[str, Any] = {}
 
     def build() -> None:
@@ -133,6 +170,7 @@ def run_join(op: JoinOperator, build_keys: Any, probe_keys: Any, build_rows: Any
 
     def materialize() -> None:
         total = state["probed"].total
+        check_output_fits(total, t.build_rows.dtype, t.build_keys.device)
         state["ob"] = torch.empty(total, dtype=t.build_rows.dtype, device=t.build_keys.device)
         state["op"] = torch.empty(total, dtype=t.probe_rows.dtype, device=t.build_keys.device)
         if total:
@@ -160,7 +198,7 @@ def fold_key(k: np.ndarray, wide: bool) -> np.ndarray:
     return ((k ^ (k >> 32)) if wide else k) & 0xFFFFFFFF
 
 
-def mix32(x: np.ndarray) -> np.ndarray:
+def mix32_np(x: np.ndarray) -> np.ndarray:
     """A 32-bit integer mixer (two xor-shift-multiply rounds), int64 in, int64 in [0, 2**32) out."""
     x = (((x >> 16) ^ x) * HASH_MUL) & 0xFFFFFFFF
     x = (((x >> 16) ^ x) * HASH_MUL) & 0xFFFFFFFF
@@ -168,8 +206,8 @@ def mix32(x: np.ndarray) -> np.ndarray:
 
 
 def hash_keys(keys: np.ndarray, wide: bool) -> np.ndarray:
-    """The reference hash: ``mix32(fold_key(k))``; slot = hash & (capacity - 1), bucket = hash & (buckets - 1)."""
-    return mix32(fold_key(keys, wide))
+    """The reference hash: ``mix32(fold_key(k))``, in [0, 2**32)."""
+    return mix32_np(fold_key(keys, wide))
 
 
 def hash_keys_torch(keys: torch.Tensor, wide: bool) -> torch.Tensor:
@@ -200,6 +238,7 @@ class Workspace:
 
     def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device, *,
             zeros: bool = False) -> torch.Tensor:
+        device = torch.device(device)  # "cpu" and torch.device("cpu") must find the same buffer
         key = (name, numel, dtype, device)
         view = self._views.get(key)
         if view is not None:

@@ -37,9 +37,8 @@ EXTRA_METRICS = ("lts__t_sector_hit_rate.pct", "launch__registers_per_thread",
                  "sm__maximum_warps_per_active_cycle_pct")
 OWN_KERNELS = {  # substring of the kernel name -> join (numba names are mangled but keep the function name)
     "hash_build_nb": "hash_numba", "hash_count_nb": "hash_numba", "hash_write_nb": "hash_numba",
-    "hash_build_cu": "hash_cuda", "hash_count_cu": "hash_cuda", "hash_write_cu": "hash_cuda",
-    "tc_partition_hist": "tc_triton", "tc_partition_scatter": "tc_triton", "tc_join_count": "tc_triton",
-    "tc_join_write": "tc_triton"}
+    "join_build_": "hash_cuda", "join_count_": "hash_cuda", "join_write_": "hash_cuda", "join_fused_": "hash_cuda",
+    "tc_partition_hist": "tc_triton", "tc_partition_scatter": "tc_triton", "tc_join_pass": "tc_triton"}
 IMPL_OF_KEY = {"hash_numba": "hash-numba", "hash_cuda": "hash-cuda", "tc_triton": "tc-triton"}
 NCU_TIMEOUT_S = 110
 _SCALE = {"byte": 1, "kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9, "nsecond": 1, "usecond": 1e3, "msecond": 1e6,
@@ -173,8 +172,8 @@ def _copy_peak() -> float | None:
 _HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",'
            '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
 _FILL = '"vectorized_elementwise_kernel<4>(int)","1","7","(128, 1, 1)","(8192, 1, 1)"'
-_BUILD = '"hash_build_cu_i32","1","7","(256, 1, 1)","(4096, 1, 1)"'
-_TC = '"tc_join_count","1","7","(128, 1, 1)","(15625, 1, 1)"'
+_BUILD = '"join_build_i32","1","7","(256, 1, 1)","(4096, 1, 1)"'
+_TC = '"tc_join_pass","1","7","(128, 1, 1)","(15625, 1, 1)"'
 _ROWS = [  # (id, kernel columns, metric, unit, value as ncu prints it)
     (0, _FILL, "gpu__time_duration.sum", "nsecond", "5,000"),
     (0, _FILL, "dram__bytes_write.sum", "byte", "16,777,216"),
@@ -191,8 +190,8 @@ SMOKE_CSV = "\n".join(
     + ["==PROF== Disconnected from process 1", ""])
 
 
-TC_SWEEP = ({}, {"bucket_rows": 16}, {"bucket_rows": 64}, {"block_n": 128}, {"block_m": 32, "bucket_rows": 16},
-            {"enc": "int8"}, {"num_warps": 8})
+TC_SWEEP = ({}, {"bucket_rows": 16}, {"pre_encode": False}, {"block_n": 16}, {"sub_tiles": 2, "num_warps": 2},
+            {"enc": "fp16"}, {"sub_tiles": 8, "num_warps": 8})
 HASH_SWEEP = ({}, {"load_factor": 0.25}, {"load_factor": 0.75}, {"items": 1}, {"items": 2}, {"items": 8},
               {"threads": 128}, {"threads": 512})
 

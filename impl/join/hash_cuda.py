@@ -1,20 +1,22 @@
 """The hash join's CUDA C++ kernels (``hash_join.cu``) launched through CuPy RawModule.
 
-Why C++ here: at 1M x 1M the whole join is ~tens of µs of device work, and a numba-cuda launch costs ~18 µs of host
-time, so the numba version is bound by its own launches. CuPy launches cost a few µs. The algorithm, table layout and
-phases are exactly ``hash_numba``'s (its CPU twin, run by the same tests); see that module and the .cu file. On CPU
-machines the .cu source is also compiled by nvcc/NVRTC for sm_90 and run as-is under a thin CUDA emulation
-(``hash_join_emulated.cpp``, g++) against pandas.merge, by ``correctness/test_join*.py``.
+Why C++ here: at 1M x 1M the whole join is tens of µs of device work, and a numba-cuda launch costs ~18 µs of host
+time; CuPy launches cost a few µs, and the fused scheme needs a cooperative launch. Table, phases and host protocol are
+``hash_table``'s (``hash_numba`` is the CPU twin, run by the same tests); on CPU machines the .cu source is also
+compiled by nvcc/NVRTC for sm_90 and run as-is under a thin CUDA emulation (``hash_join_emulated.cpp``, g++).
 
-Launch sequence per join: memset(table) -> build -> count (+ last-block scan) -> read the total (the one host sync)
--> allocate exact-size outputs -> write. ``speculative_join`` skips the sync before the write: it launches the write
-into a buffer of ``n_probe`` pairs (enough whenever build keys are unique) and re-runs it exact-size if the total
-turns out larger; the pairs it returns are exact-size views.
+Per join (``config.scheme``):
+  fused  one cooperative launch (build | grid barrier | count | barrier + scan | write), grid = resident blocks;
+  split  build, count (+ last-block scan), write: three launches.
+Both write into speculative outputs of n_probe pairs; the kernel that scans the tile totals writes the total into a
+mapped pinned host word (``readback="pinned"``), read after one stream sync; a total above n_probe re-runs the write
+exact-size (one more launch, no more syncs). The epoch-tagged table needs no clear per join (``hash_table``).
 
 cupy is not installed on CPU machines: everything here then reports ``unavailable_reason()`` and the tests skip.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 from pathlib import Path
 
@@ -22,17 +24,18 @@ import impl  # noqa: F401
 import torch
 
 from impl import backend
-from impl.join.common import EMPTY, JoinResult, Workspace, check_inputs, run_join
-from impl.join.hash_numba import Built, HashConfig, Probed
+from impl.join.hash_table import BARRIER_TIMEOUT_NS, ERRORS, Built, HashConfig, HashJoinBase, Probed
 
 SOURCE = Path(__file__).with_name("hash_join.cu")
-KERNEL_NAMES = ("hash_build_cu_i32", "hash_build_cu_i64", "hash_count_cu_i32", "hash_count_cu_i64",
-                "hash_write_cu_i32_r32", "hash_write_cu_i32_r64", "hash_write_cu_i64_r32", "hash_write_cu_i64_r64")
+KEY_SUFFIXES = ("i32", "i64")
+ROW_SUFFIXES = ("i32_r32", "i32_r64", "i64_r32", "i64_r64")
+KERNEL_NAMES = tuple([f"join_{k}_{s}" for k in ("build", "count") for s in KEY_SUFFIXES]
+                     + [f"join_{k}_{s}" for k in ("write", "fused") for s in ROW_SUFFIXES])
 MAX_GRID = 65535
 
 try:
     import cupy
-except ImportError as _e:  # CPU machines: the numba twin covers the algorithm there
+except ImportError as _e:  # CPU machines: the numba twin and the C++ emulation cover the algorithm there
     cupy = None
     _CUPY_ERROR = f"cupy is not installed ({_e}); the CUDA C++ hash join needs it (the GPU machine has cupy 14.2)"
 else:
@@ -48,18 +51,32 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def compile_options(config: HashConfig) -> tuple[str, ...]:
+    return ("-std=c++17", f"-DJOIN_THREADS={config.threads}", f"-DJOIN_ITEMS={config.items}",
+            f"-DBUCKET_BYTES={config.bucket_bytes}", f"-DJOIN_MIN_BLOCKS={config.min_blocks}")
+
+
 @functools.cache
-def _module(threads: int, items: int):
-    return cupy.RawModule(code=SOURCE.read_text(), options=(
-        "-std=c++17", f"-DJOIN_THREADS={threads}", f"-DJOIN_ITEMS={items}"))
+def _module(options: tuple[str, ...], cooperative: bool):
+    """One compiled module per option set; the cooperative copy launches its kernels with cuLaunchCooperativeKernel
+    (CuPy's cache key ignores that flag, so the second copy loads the first one's cubin)."""
+    return cupy.RawModule(code=SOURCE.read_text(), options=options, enable_cooperative_groups=cooperative)
 
 
-def _suffix(t: torch.Tensor) -> str:
-    return "i32" if t.dtype == torch.int32 else "i64"
+def _bits(dtype: torch.dtype) -> int:
+    return 32 if dtype in (torch.int32,) else 64
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()  # CuPy passes a Python int as 8 bytes (int64): exactly a T* parameter's by-value bytes
+def kernel(config: HashConfig, kind: str, keys: torch.dtype, rows: torch.dtype):
+    """The compiled ``join_<kind>_...`` kernel for these key and row-id dtypes (one module per pair: less to
+    compile)."""
+    opts = compile_options(config) + (f"-DJOIN_KEY_BITS={_bits(keys)}", f"-DJOIN_ROW_BITS={_bits(rows)}")
+    suffix = f"i{_bits(keys)}" if kind in ("build", "count") else f"i{_bits(keys)}_r{_bits(rows)}"
+    return _module(opts, kind == "fused").get_function(f"join_{kind}_{suffix}")
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()  # CuPy passes a Python int as 8 bytes: a T* parameter's by-value bytes
 
 
 def _launch(fn, grid: int, block: int, args: tuple) -> None:
@@ -71,81 +88,116 @@ def _launch(fn, grid: int, block: int, args: tuple) -> None:
             fn((grid,), (block,), args)
 
 
-class HashJoinCuda:
-    """CUDA hash join in CUDA C++ via CuPy (same phases, state and config as ``HashJoinNumba``)."""
+class PinnedWords:
+    """Two int64 words of mapped pinned host memory the kernels write (total, error); read after a sync."""
+
+    def __init__(self) -> None:
+        rt = cupy.cuda.runtime
+        self.host = rt.hostAlloc(16, rt.hostAllocMapped)
+        self.device = rt.pointerGetAttributes(self.host).devicePointer
+        self.words = (ctypes.c_longlong * 2).from_address(self.host)
+
+    def arm(self) -> None:
+        self.words[0], self.words[1] = -1, 0
+
+    def __del__(self) -> None:
+        if cupy is not None and getattr(self, "host", None):
+            cupy.cuda.runtime.freeHost(self.host)
+
+
+class HashJoinCuda(HashJoinBase):
+    """CUDA hash join in CUDA C++ via CuPy (same table, phases and state as ``HashJoinNumba``; plus the fused
+    single-launch scheme)."""
 
     name = "hash-cuda"
+    fused_available = True
 
     def __init__(self, config: HashConfig = HashConfig()) -> None:
         reason = unavailable_reason()
         if reason:
             raise RuntimeError(reason)
-        self.config = config
-        self.ws = Workspace()
-        self.mod = _module(config.threads, config.items)
-        self.fns = {name: self.mod.get_function(name) for name in KERNEL_NAMES}
+        super().__init__(config)
+        self.pinned = PinnedWords() if config.readback == "pinned" else None
+        self.bar_base = 0  # state[2] (grid-barrier arrivals) before the next fused launch
+        self._event = torch.cuda.Event()
+        self._resident: dict[tuple, int] = {}
 
-    def build(self, keys: torch.Tensor, rows: torch.Tensor) -> Built:
-        cfg, n = self.config, keys.numel()
-        cap = cfg.capacity(n)
-        table = self.ws.get("table", 2 * cap + 2, keys.dtype, keys.device)
-        cupy.cuda.runtime.memsetAsync(table.data_ptr(), 0xFF, table.numel() * table.element_size(),
-                                      torch.cuda.current_stream().cuda_stream)  # every slot (-1, -1)
-        nxt = self.ws.get("nxt", n, keys.dtype, keys.device)
-        built = Built(table, nxt, rows, cap - 1, int(keys.dtype == torch.int64))
-        if n:
-            grid = min(-(-n // cfg.threads), MAX_GRID)
-            _launch(self.fns[f"hash_build_cu_{_suffix(keys)}"], grid, cfg.threads,
-                    (_ptr(keys), n, _ptr(table), _ptr(nxt), built.mask, built.wide))
-        return built
+    def _check_device(self, t: torch.Tensor) -> None:
+        if not t.is_cuda:
+            raise ValueError(f"{self.name} needs CUDA tensors, got a tensor on {t.device}")
+        if t.device.index != torch.cuda.current_device():
+            raise ValueError(f"{self.name} runs on the current CUDA device (cuda:{torch.cuda.current_device()}), "
+                             f"got a tensor on {t.device}; use torch.cuda.device({t.device.index})")
 
-    def _count(self, built: Built, keys: torch.Tensor, rows: torch.Tensor) -> tuple[Probed, int]:
-        cfg, n, dev = self.config, keys.numel(), keys.device
-        nblocks = cfg.probe_blocks(n)
-        heads = self.ws.get("heads", n, keys.dtype, dev)
-        tcounts = self.ws.get("thread_counts", nblocks * cfg.threads, torch.int64, dev)
-        offsets = self.ws.get("offsets", nblocks + 1, torch.int64, dev)
-        if n:
-            bcounts = self.ws.get("block_counts", nblocks, torch.int64, dev)
-            done = self.ws.get("done", 1, torch.int32, dev, zeros=True)
-            _launch(self.fns[f"hash_count_cu_{_suffix(keys)}"], nblocks, cfg.threads,
-                    (_ptr(keys), n, _ptr(built.table), _ptr(built.nxt), built.mask, built.wide, _ptr(heads),
-                     _ptr(tcounts), _ptr(bcounts), _ptr(offsets), _ptr(done)))
-        return Probed(built, heads, tcounts, offsets, rows, 0), nblocks
+    def _host(self) -> int:
+        return 0 if self.pinned is None else self.pinned.device
 
-    def probe(self, built: Built, keys: torch.Tensor, rows: torch.Tensor) -> Probed:
-        probed, nblocks = self._count(built, keys, rows)
-        if keys.numel():
-            probed.total = int(probed.offsets[nblocks].item())  # the one host sync: the output size
-        return probed
+    def _arm(self) -> None:
+        if self.pinned is not None:
+            self.pinned.arm()
 
-    def materialize(self, probed: Probed, out_build: torch.Tensor, out_probe: torch.Tensor,
-                    capacity: int | None = None) -> None:
-        cfg, n = self.config, probed.heads.numel()
-        name = f"hash_write_cu_{_suffix(probed.heads)}_r{32 if out_build.dtype == torch.int32 else 64}"
-        _launch(self.fns[name], cfg.probe_blocks(n), cfg.threads,
-                (_ptr(probed.heads), n, _ptr(probed.built.nxt), _ptr(probed.thread_counts), _ptr(probed.offsets),
-                 _ptr(probed.built.rows), _ptr(probed.rows), _ptr(out_build), _ptr(out_probe),
-                 out_build.numel() if capacity is None else capacity))
+    def _mark(self) -> torch.cuda.Event:
+        self._event.record()
+        return self._event
 
-    def __call__(self, build_keys, probe_keys, build_rows=None, probe_rows=None, *, timed: bool = False):
-        return run_join(self, build_keys, probe_keys, build_rows, probe_rows, timed=timed)
+    def _read_total(self, state: torch.Tensor, mark: torch.cuda.Event | None = None) -> int:
+        if self.pinned is None:
+            return super()._read_total(state)
+        (mark or self._mark()).synchronize()  # the one host sync: the kernel that published the total is done
+        self.syncs += 1
+        total, err = int(self.pinned.words[0]), int(self.pinned.words[1])
+        if err or total < 0:
+            self._reset_state()
+            self.bar_base = 0
+            raise RuntimeError(f"{self.name}: {ERRORS.get(err, 'the kernels did not publish a total')}")
+        return total
 
-    def speculative_join(self, build_keys, probe_keys, build_rows=None, probe_rows=None) -> JoinResult:
-        """Join without the host sync before the write (see the module doc); exact-size views of the pairs."""
-        t = check_inputs(build_keys, probe_keys, build_rows, probe_rows)
-        built = self.build(t.build_keys, t.build_rows)
-        probed, nblocks = self._count(built, t.probe_keys, t.probe_rows)
-        n, dev, rdt = t.probe_keys.numel(), t.probe_keys.device, t.build_rows.dtype
-        ob, op = torch.empty(n, dtype=rdt, device=dev), torch.empty(n, dtype=rdt, device=dev)
-        if n == 0:
-            return JoinResult(ob, op)
-        self.materialize(probed, ob, op, capacity=n)
-        total = int(probed.offsets[nblocks].item())
-        if total > n:  # many-to-many: the guess was short; write again, exact-size
-            ob, op = torch.empty(total, dtype=rdt, device=dev), torch.empty(total, dtype=rdt, device=dev)
-            self.materialize(probed, ob, op)
-        return JoinResult(ob[:total], op[:total])
+    def _table_args(self, built: Built) -> tuple:
+        lay = built.layout
+        return (_ptr(built.table), lay.buckets, lay.shift, built.epoch)
+
+    def _launch_build(self, keys: torch.Tensor, built: Built, state: torch.Tensor) -> None:
+        grid = min(-(-keys.numel() // self.config.tile), MAX_GRID)
+        _launch(kernel(self.config, "build", keys.dtype, built.row_dtype), grid, self.config.threads,
+                (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(state), self._host()))
+
+    def _launch_count(self, keys: torch.Tensor, built: Built, probed: Probed, state: torch.Tensor) -> None:
+        cfg = self.config
+        tiles = cfg.tiles(keys.numel())
+        totals = self.ws.get("tile_totals", tiles, torch.int64, keys.device)
+        _launch(kernel(cfg, "count", keys.dtype, built.row_dtype), tiles, cfg.threads,
+                (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(probed.heads), _ptr(probed.thread_counts),
+                 _ptr(totals), _ptr(probed.tile_offsets), _ptr(state), self._host()))
+
+    def _launch_write(self, probed: Probed, out_b: torch.Tensor, out_p: torch.Tensor, capacity: int) -> None:
+        cfg, keys = self.config, probed.keys
+        _launch(kernel(cfg, "write", keys.dtype, out_b.dtype), cfg.tiles(keys.numel()), cfg.threads,
+                (_ptr(keys), keys.numel(), *self._table_args(probed.built), _ptr(probed.heads),
+                 _ptr(probed.thread_counts), _ptr(probed.tile_offsets), _ptr(probed.built.rows), _ptr(probed.rows),
+                 _ptr(out_b), _ptr(out_p), capacity))
+
+    def resident_blocks(self, keys: torch.dtype, rows: torch.dtype) -> int:
+        """Blocks of the fused kernel that fit on the device at once (the cooperative grid's limit)."""
+        key = (keys, rows)
+        if key not in self._resident:
+            fn = kernel(self.config, "fused", keys, rows)
+            per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, self.config.threads, 0)
+            sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            self._resident[key] = max(1, per_sm) * sms
+        return self._resident[key]
+
+    def _launch_fused(self, bkeys: torch.Tensor, built: Built, probed: Probed, out_b: torch.Tensor,
+                      out_p: torch.Tensor, capacity: int, state: torch.Tensor) -> None:
+        cfg, keys = self.config, probed.keys
+        work = max(cfg.tiles(keys.numel()), cfg.tiles(bkeys.numel()), 1)
+        grid = min(self.resident_blocks(keys.dtype, out_b.dtype), work)
+        totals = self.ws.get("tile_totals", cfg.tiles(keys.numel()), torch.int64, keys.device)
+        _launch(kernel(cfg, "fused", keys.dtype, out_b.dtype), grid, cfg.threads,
+                (_ptr(bkeys), bkeys.numel(), _ptr(keys), keys.numel(), *self._table_args(built), _ptr(probed.heads),
+                 _ptr(probed.thread_counts), _ptr(totals), _ptr(probed.tile_offsets), _ptr(built.rows),
+                 _ptr(probed.rows), _ptr(out_b), _ptr(out_p), capacity, _ptr(state), self._host(), self.bar_base,
+                 BARRIER_TIMEOUT_NS))
+        self.bar_base += 2 * grid
 
 
 def hash_join_cuda(build_keys, probe_keys, build_rows=None, probe_rows=None, *, config: HashConfig = HashConfig(),
@@ -154,4 +206,5 @@ def hash_join_cuda(build_keys, probe_keys, build_rows=None, probe_rows=None, *, 
     return HashJoinCuda(config)(build_keys, probe_keys, build_rows, probe_rows, timed=timed)
 
 
-__all__ = ["HashJoinCuda", "hash_join_cuda", "unavailable_reason", "SOURCE", "KERNEL_NAMES", "EMPTY"]
+__all__ = ["HashJoinCuda", "hash_join_cuda", "unavailable_reason", "compile_options", "kernel", "SOURCE",
+           "KERNEL_NAMES"]

@@ -1,72 +1,115 @@
 // Hash join kernels in CUDA C++ (loaded through CuPy RawModule by hash_cuda.py; compiled in CI with
-// `nvcc -arch=sm_90 -cubin`). The algorithm is hash_numba.py's, line for line, so the numba kernels are this
-// file's CPU twin; only the block scan differs (warp shuffles here, shared-memory Hillis-Steele there).
+// `nvcc -arch=sm_90 -cubin`, and run on the CPU under hash_join_emulated.cpp). hash_numba.py is the same algorithm in
+// numba-cuda (its CPU twin); the tests hold all of them to pandas.merge.
 //
-// Table: capacity = 2^b slots, interleaved in one array of the key type: table[2s] = key (-1 = empty),
-// table[2s+1] = head (last-inserted build position with that key, -1 = none); table[2*cap+1] heads the side list
-// of build rows whose key is -1 itself. nxt[i] chains build positions of equal keys (-1 ends a chain).
+// Table: B buckets (B prime) of BUCKET_BYTES bytes, each SLOTS slots {key, tag}; every build row owns one slot
+// (duplicate keys too: a multiset, no chains, no key sentinel). tag = epoch << shift | build position; a slot is
+// empty iff its tag's epoch field differs from the join's epoch, so a new join needs no clear (the host clears only
+// when the epoch field wraps). Bucket sequence of a key: b0 = hash * B >> 32, then + step (mod B), step = 1 + mix(hash)
+// % (B - 1) (double hashing: a prime B makes every step visit every bucket).
+// Slots of a bucket are taken in order (a thread passes slot s only after seeing it taken) and a taken slot stays
+// taken, so a probe stops at the first empty slot: the common case reads one bucket (one 32-byte sector).
 //
-//   build:  claim the key's slot with atomicCAS (linear probing from mix32(key) & mask), push row i with atomicExch.
-//   count:  JOIN_ITEMS consecutive probe rows per thread: chain head -> heads[j], chain length summed per thread;
-//           block sums; the last block to take a ticket scans them into exclusive offsets[] and offsets[nblocks].
-//   write:  block-exclusive scan of the per-thread counts + offsets[block]; walk chains writing the row-id pairs
-//           (only below `capacity`, so a speculative launch into a too-small buffer writes nothing out of bounds).
+//   build:  per row: first bucket with an empty slot along its sequence; CAS the slot's tag, then store the key.
+//   count:  tiles of TILE = JOIN_THREADS * JOIN_ITEMS probe rows, row r*THREADS + t of a tile on thread t; every
+//           thread issues its JOIN_ITEMS first-bucket loads before inspecting any (probes in flight). Per row:
+//           head = -1 (no match) / the build position (one match) / -2 (several: the write re-walks). Thread counts
+//           -> tile totals; the last block to finish scans them into tile offsets and publishes the total.
+//   write:  block scan of the thread counts + the tile's offset; pairs staged in shared memory a window of TILE pairs
+//           at a time and copied out coalesced; pairs at offsets >= capacity are not written (speculative buffers).
+//   fused:  one cooperative (all blocks resident) kernel: build | grid barrier | count | grid barrier whose last
+//           arriver scans the tile totals | write. When every block has at most one tile, heads and counts stay in
+//           registers across the barriers.
 
 #ifndef JOIN_THREADS
 #define JOIN_THREADS 256
 #endif
 #ifndef JOIN_ITEMS
-#define JOIN_ITEMS 4
+#define JOIN_ITEMS 8
 #endif
-#define EMPTY_KEY (-1)
-#define HASH_MUL 0x45D9F3BLL
+#ifndef BUCKET_BYTES
+#define BUCKET_BYTES 32
+#endif
+#ifndef JOIN_SHARED  // the CPU emulation gives every block its own copy
+#define JOIN_SHARED(T, name, n) __shared__ T name[n]
+#endif
 
-__device__ __forceinline__ long long slot_of(long long k, long long mask, long long wide) {
-    long long x = k;
-    if (wide) x = x ^ (x >> 32);  // fold the high word of int64 keys
-    x &= 0xFFFFFFFFLL;
-    x = (((x >> 16) ^ x) * HASH_MUL) & 0xFFFFFFFFLL;
-    x = (((x >> 16) ^ x) * HASH_MUL) & 0xFFFFFFFFLL;
-    return ((x >> 16) ^ x) & mask;
-}
+#ifndef JOIN_MIN_BLOCKS
+#define JOIN_MIN_BLOCKS 1
+#endif
 
-__device__ __forceinline__ int atom_cas(int* p, int cmp, int val) { return atomicCAS(p, cmp, val); }
-__device__ __forceinline__ long long atom_cas(long long* p, long long cmp, long long val) {
-    return (long long)atomicCAS((unsigned long long*)p, (unsigned long long)cmp, (unsigned long long)val);
-}
-__device__ __forceinline__ int atom_exch(int* p, int v) { return atomicExch(p, v); }
-__device__ __forceinline__ long long atom_exch(long long* p, long long v) {
-    return (long long)atomicExch((unsigned long long*)p, (unsigned long long)v);
-}
+#define TILE (JOIN_THREADS * JOIN_ITEMS)
+#define HASH_MUL 0x45D9F3Bu
+#define STEP_SALT 0x9E3779B9u
+#define HEAD_NONE (-1)
+#define HEAD_MANY (-2)
+#define ERR_BARRIER_TIMEOUT 1
+#define ERR_TABLE_FULL 2
 
-// One vector load fetches a slot's (key, head): 8 bytes for int32 keys, 16 for int64.
-__device__ __forceinline__ void load_slot(const int* table, long long s, long long& key, long long& head) {
-    const int2 v = reinterpret_cast<const int2*>(table)[s];
-    key = v.x;
-    head = v.y;
-}
-__device__ __forceinline__ void load_slot(const long long* table, long long s, long long& key, long long& head) {
-    const longlong2 v = reinterpret_cast<const longlong2*>(table)[s];
-    key = v.x;
-    head = v.y;
-}
+typedef unsigned long long u64;
 
 template <typename K>
-__device__ __forceinline__ long long find_head(K k, const K* table, long long mask, long long wide) {
-    if (k == (K)EMPTY_KEY) return (long long)table[2 * (mask + 1) + 1];  // side list
-    long long s = slot_of((long long)k, mask, wide);
-    while (true) {
-        long long kk, head;
-        load_slot(table, s, kk, head);
-        if (kk == (long long)k) return head;
-        if (kk == EMPTY_KEY) return EMPTY_KEY;
-        s = (s + 1) & mask;
-    }
+struct Slot;
+template <>
+struct __align__(8) Slot<int> {
+    int key;
+    unsigned tag;
+};
+template <>
+struct __align__(16) Slot<long long> {
+    long long key;
+    unsigned tag;
+    unsigned pad;
+};
+
+template <typename K>
+struct Bucket {
+    static constexpr int SLOTS = BUCKET_BYTES / sizeof(Slot<K>);
+    union {
+        uint4 v[BUCKET_BYTES / 16];
+        Slot<K> s[SLOTS];
+    };
+};
+
+// ---- hashing (the arithmetic of common.hash_keys / bucket_of / step_of) --------------------------------------------
+
+__device__ __forceinline__ unsigned mix32(unsigned x) {
+    x = ((x >> 16) ^ x) * HASH_MUL;
+    x = ((x >> 16) ^ x) * HASH_MUL;
+    return (x >> 16) ^ x;
 }
+__device__ __forceinline__ unsigned fold(int k) { return (unsigned)k; }
+__device__ __forceinline__ unsigned fold(long long k) { return (unsigned)(k ^ (k >> 32)); }
+__device__ __forceinline__ long long first_bucket(unsigned h, long long nb) { return (long long)(((u64)h * (u64)nb) >> 32); }
+__device__ __forceinline__ long long bucket_step(unsigned h, long long nb) {
+    return 1 + (long long)(mix32(h ^ STEP_SALT) % (unsigned)(nb - 1));
+}
+__device__ __forceinline__ long long next_bucket(long long b, long long step, long long nb) {
+    b += step;
+    return b >= nb ? b - nb : b;
+}
+__device__ __forceinline__ bool is_live(unsigned tag, unsigned shift, unsigned epoch) { return (tag >> shift) == epoch; }
+
+template <typename K>
+__device__ __forceinline__ Bucket<K> load_bucket(const Slot<K>* table, long long b) {
+    Bucket<K> bk;
+    const uint4* p = reinterpret_cast<const uint4*>(table + b * Bucket<K>::SLOTS);
+#pragma unroll
+    for (int v = 0; v < BUCKET_BYTES / 16; ++v) bk.v[v] = __ldcg(p + v);  // L2: the table changes during the build
+    return bk;
+}
+
+// Record an error code on the device and, when the host passed a pinned word pair, in host[1] (read after the sync).
+__device__ __forceinline__ void set_error(long long* state, long long* host, long long code) {
+    atomicExch((u64*)&state[1], (u64)code);
+    if (host) host[1] = code;
+}
+
+// ---- block-wide scan and the tile-offset scan ------------------------------------------------------------------
 
 // Exclusive scan of v over the block (JOIN_THREADS threads); *total = the block's sum. Every thread must call it.
 __device__ __forceinline__ long long block_exclusive_scan(long long v, long long* total) {
-    __shared__ long long warp_sums[32];
+    JOIN_SHARED(long long, warp_sums, 32);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     constexpr int nwarps = JOIN_THREADS / 32;
     long long x = v;
@@ -93,127 +136,430 @@ __device__ __forceinline__ long long block_exclusive_scan(long long v, long long
     return prefix + x - v;
 }
 
-template <typename K>
-__device__ void build_impl(const K* __restrict__ keys, long long n, K* table, K* __restrict__ nxt, long long mask,
-                           long long wide) {
-    const long long side = 2 * (mask + 1) + 1;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += stride) {
-        const K k = keys[i];
-        if (k == (K)EMPTY_KEY) {
-            nxt[i] = atom_exch(&table[side], (K)i);
-            continue;
-        }
-        long long s = slot_of((long long)k, mask, wide);
-        while (true) {
-            K cur = table[2 * s];  // a stale EMPTY only costs a CAS; a claimed key never changes
-            if (cur == (K)EMPTY_KEY) cur = atom_cas(&table[2 * s], (K)EMPTY_KEY, k);
-            if (cur == (K)EMPTY_KEY || cur == k) {
-                nxt[i] = atom_exch(&table[2 * s + 1], (K)i);
-                break;
-            }
-            s = (s + 1) & mask;
-        }
-    }
-}
-
-template <typename K>
-__device__ void count_impl(const K* __restrict__ pkeys, long long n, const K* __restrict__ table,
-                           const K* __restrict__ nxt, long long mask, long long wide, K* __restrict__ heads,
-                           long long* __restrict__ thread_counts, long long* block_counts, long long* offsets,
-                           unsigned int* done) {
-    __shared__ int is_last;
-    const long long g = blockIdx.x * (long long)JOIN_THREADS + threadIdx.x;
-    long long c = 0;
-#pragma unroll
-    for (int r = 0; r < JOIN_ITEMS; ++r) {
-        const long long j = g * JOIN_ITEMS + r;
-        if (j < n) {
-            long long h = find_head(pkeys[j], table, mask, wide);
-            heads[j] = (K)h;
-            while (h != EMPTY_KEY) {
-                ++c;
-                h = nxt[h];
-            }
-        }
-    }
-    thread_counts[g] = c;
-    long long total;
-    block_exclusive_scan(c, &total);
-    if (threadIdx.x == 0) {
-        block_counts[blockIdx.x] = total;
-        __threadfence();  // publish this block's sum before taking a ticket
-        is_last = atomicAdd(done, 1u) == gridDim.x - 1;
-    }
-    __syncthreads();
-    if (!is_last) return;  // uniform per block
-    __threadfence();
-    const long long nblocks = gridDim.x;
-    const long long chunk = (nblocks + JOIN_THREADS - 1) / JOIN_THREADS;
-    const long long lo = min((long long)threadIdx.x * chunk, nblocks), hi = min(lo + chunk, nblocks);
+// One block scans the tile totals into exclusive offsets and publishes the grand total (state[0], and host[0] when a
+// pinned host word is given). Tile totals were written by other blocks: read through L2.
+__device__ void scan_tiles(const long long* tile_totals, long long ntiles, long long* tile_offsets, long long* state,
+                           long long* host) {
+    const long long chunk = (ntiles + JOIN_THREADS - 1) / JOIN_THREADS;
+    const long long lo = min((long long)threadIdx.x * chunk, ntiles), hi = min(lo + chunk, ntiles);
     long long s = 0;
-    for (long long i = lo; i < hi; ++i) s += __ldcg(&block_counts[i]);  // L2: written by other SMs
+    for (long long i = lo; i < hi; ++i) s += __ldcg(&tile_totals[i]);
     long long grand;
     long long run = block_exclusive_scan(s, &grand);
     for (long long i = lo; i < hi; ++i) {
-        offsets[i] = run;
-        run += __ldcg(&block_counts[i]);
+        tile_offsets[i] = run;
+        run += __ldcg(&tile_totals[i]);
     }
     if (threadIdx.x == 0) {
-        offsets[nblocks] = grand;
-        *done = 0;  // ready for the next launch
+        state[0] = grand;
+        if (host) host[0] = grand;
     }
+}
+
+// ---- build ---------------------------------------------------------------------------------------------------------
+
+// Rows base + r * THREADS + t (r < JOIN_ITEMS): all first-bucket loads are issued before the first CAS.
+template <typename K>
+__device__ void build_chunk(const K* __restrict__ keys, long long n, long long base, Slot<K>* table, long long nb,
+                            unsigned shift, unsigned epoch, long long* state, long long* host) {
+    constexpr int SLOTS = Bucket<K>::SLOTS;
+    K key[JOIN_ITEMS];
+    Bucket<K> bk[JOIN_ITEMS];
+#pragma unroll
+    for (int r = 0; r < JOIN_ITEMS; ++r) {
+        const long long i = base + r * JOIN_THREADS + threadIdx.x;
+        key[r] = i < n ? keys[i] : (K)0;
+    }
+#pragma unroll
+    for (int r = 0; r < JOIN_ITEMS; ++r) {
+        const long long i = base + r * JOIN_THREADS + threadIdx.x;
+        if (i < n) bk[r] = load_bucket(table, first_bucket(mix32(fold(key[r])), nb));
+    }
+#pragma unroll
+    for (int r = 0; r < JOIN_ITEMS; ++r) {
+        const long long i = base + r * JOIN_THREADS + threadIdx.x;
+        if (i >= n) continue;
+        const unsigned mine = (epoch << shift) | (unsigned)i, h = mix32(fold(key[r]));
+        long long b = first_bucket(h, nb), step = 0;
+        bool placed = false;
+        for (long long tries = 0; tries < nb && !placed; ++tries) {
+            if (tries) bk[r] = load_bucket(table, b);
+            for (int s = 0; s < SLOTS && !placed; ++s) {
+                unsigned t = bk[r].s[s].tag;
+                while (!is_live(t, shift, epoch)) {
+                    Slot<K>* slot = table + b * SLOTS + s;
+                    const unsigned old = atomicCAS(&slot->tag, t, mine);
+                    if (old == t) {
+                        slot->key = key[r];
+                        placed = true;
+                        break;
+                    }
+                    t = old;
+                }
+            }
+            if (!placed) {
+                if (!step) step = bucket_step(h, nb);
+                b = next_bucket(b, step, nb);
+            }
+        }
+        if (!placed) set_error(state, host, ERR_TABLE_FULL);  // cannot happen: B * SLOTS > n
+    }
+}
+
+// ---- count ---------------------------------------------------------------------------------------------------------
+
+// Matches of k in one bucket: count them, remember the first one's build position; true when the bucket is full
+// (the key's sequence goes on).
+template <typename K>
+__device__ __forceinline__ bool scan_bucket(const Bucket<K>& bk, K k, unsigned shift, unsigned epoch, long long& cnt,
+                                            int& first) {
+#pragma unroll
+    for (int s = 0; s < Bucket<K>::SLOTS; ++s) {
+        const unsigned t = bk.s[s].tag;
+        if (!is_live(t, shift, epoch)) return false;
+        if (bk.s[s].key == k) {
+            if (cnt == 0) first = (int)(t & ((1u << shift) - 1u));
+            ++cnt;
+        }
+    }
+    return true;
+}
+
+// Count the matches of one tile's rows: hd[r] = head of row r (see the file comment), *c = this thread's matches;
+// returns the tile's total (every thread of the block calls it).
+template <typename K>
+__device__ long long count_tile(const K* __restrict__ pkeys, long long n, long long tile, const Slot<K>* table,
+                                long long nb, unsigned shift, unsigned epoch, int (&hd)[JOIN_ITEMS], long long* c) {
+    const long long base = tile * TILE;
+    K key[JOIN_ITEMS];
+    Bucket<K> bk[JOIN_ITEMS];
+#pragma unroll
+    for (int r = 0; r < JOIN_ITEMS; ++r) {
+        const long long j = base + r * JOIN_THREADS + threadIdx.x;
+        key[r] = j < n ? pkeys[j] : (K)0;
+    }
+#pragma unroll
+    for (int r = 0; r < JOIN_ITEMS; ++r) {
+        const long long j = base + r * JOIN_THREADS + threadIdx.x;
+        if (j < n) bk[r] = load_bucket(table, first_bucket(mix32(fold(key[r])), nb));
+    }
+    long long mine = 0;
+#pragma unroll
+    for (int r = 0; r < JOIN_ITEMS; ++r) {
+        const long long j = base + r * JOIN_THREADS + threadIdx.x;
+        hd[r] = HEAD_NONE;
+        if (j >= n) continue;
+        long long cnt = 0;
+        int first = HEAD_NONE;
+        if (scan_bucket(bk[r], key[r], shift, epoch, cnt, first)) {  // full: the key's sequence goes on
+            const unsigned h = mix32(fold(key[r]));
+            const long long step = bucket_step(h, nb);
+            long long b = first_bucket(h, nb);
+            bool full = true;
+            for (long long tries = 1; full && tries < nb; ++tries) {
+                b = next_bucket(b, step, nb);
+                full = scan_bucket(load_bucket(table, b), key[r], shift, epoch, cnt, first);
+            }
+        }
+        hd[r] = cnt == 0 ? HEAD_NONE : cnt == 1 ? first : HEAD_MANY;
+        mine += cnt;
+    }
+    *c = mine;
+    long long total;
+    block_exclusive_scan(mine, &total);
+    return total;
+}
+
+// ---- write ---------------------------------------------------------------------------------------------------------
+
+template <typename R>
+__device__ __forceinline__ R row_id(const R* rows, long long i) { return rows ? rows[i] : (R)i; }
+
+// Write one tile's pairs: thread counts c (scanned here) + the tile's offset give each pair's place; pairs go through
+// shared memory a window of TILE pairs at a time and out in coalesced runs; places >= capacity are skipped.
+template <typename K, typename R>
+__device__ void write_tile(const K* __restrict__ pkeys, long long n, long long tile, long long tile_offset,
+                           const Slot<K>* table, long long nb, unsigned shift, unsigned epoch,
+                           const int (&hd)[JOIN_ITEMS], long long c, const R* __restrict__ brows,
+                           const R* __restrict__ prows, R* __restrict__ out_b, R* __restrict__ out_p,
+                           long long capacity) {
+    JOIN_SHARED(R, stage_b, TILE);
+    JOIN_SHARED(R, stage_p, TILE);
+    const long long base = tile * TILE;
+    long long tile_total;
+    const long long excl = block_exclusive_scan(c, &tile_total);
+    if (tile_offset >= capacity) return;  // uniform over the block
+    for (long long w = 0; w < tile_total; w += TILE) {
+        if (excl < w + TILE && excl + c > w) {  // this thread has pairs in the window
+            long long o = excl;
+#pragma unroll
+            for (int r = 0; r < JOIN_ITEMS; ++r) {
+                const long long j = base + r * JOIN_THREADS + threadIdx.x;
+                if (o >= w + TILE) break;  // the rest of this thread's pairs fall in later windows
+                if (hd[r] == HEAD_NONE) continue;
+                const R pj = row_id(prows, j);
+                if (hd[r] >= 0) {
+                    if (o >= w && o < w + TILE) {
+                        stage_b[o - w] = row_id(brows, hd[r]);
+                        stage_p[o - w] = pj;
+                    }
+                    ++o;
+                    continue;
+                }
+                const K k = pkeys[j];  // several matches: walk the key's buckets again
+                const unsigned h = mix32(fold(k));
+                long long b = first_bucket(h, nb), step = 0;
+                for (long long tries = 0; tries < nb; ++tries) {
+                    const Bucket<K> bk = load_bucket(table, b);
+                    bool full = true;
+#pragma unroll
+                    for (int s = 0; s < Bucket<K>::SLOTS; ++s) {
+                        const unsigned t = bk.s[s].tag;
+                        if (!is_live(t, shift, epoch)) {
+                            full = false;
+                            break;
+                        }
+                        if (bk.s[s].key == k) {
+                            if (o >= w && o < w + TILE) {
+                                stage_b[o - w] = row_id(brows, (long long)(t & ((1u << shift) - 1u)));
+                                stage_p[o - w] = pj;
+                            }
+                            ++o;
+                        }
+                    }
+                    if (!full || o >= w + TILE) break;
+                    if (!step) step = bucket_step(h, nb);
+                    b = next_bucket(b, step, nb);
+                }
+            }
+        }
+        __syncthreads();
+        const long long m = min((long long)TILE, tile_total - w);
+        for (long long i = threadIdx.x; i < m; i += JOIN_THREADS) {
+            const long long at = tile_offset + w + i;
+            if (at < capacity) {
+                out_b[at] = stage_b[i];
+                out_p[at] = stage_p[i];
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// ---- grid barrier (fused kernel only: all blocks are resident under a cooperative launch) -------------------------
+
+#ifndef JOIN_EMULATED
+__device__ __forceinline__ u64 load_acquire(const u64* p) {
+    u64 v;
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ u64 now_ns() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ void pause_ns() { __nanosleep(64); }
+#endif
+
+// Arrive at barrier `target` (bar[0] counts arrivals, monotonic over launches: the host passes each launch's base).
+// Returns true in the block that arrived last; that block must call release_barrier after its extra work. Every other
+// block waits here until released, or until timeout_ns passes (then the error flag is set and false is returned).
+__device__ bool arrive_barrier(u64* bar, u64 target, long long timeout_ns, long long* state, long long* host) {
+    JOIN_SHARED(int, last, 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();  // publish this block's writes before arriving
+        last[0] = atomicAdd(&bar[0], 1ull) + 1 == target;
+        if (!last[0]) {
+            const u64 start = now_ns();
+            while (load_acquire(&bar[1]) < target) {
+                if (now_ns() - start > (u64)timeout_ns) {
+                    set_error(state, host, ERR_BARRIER_TIMEOUT);
+                    break;
+                }
+                pause_ns();
+            }
+            __threadfence();
+        }
+    }
+    __syncthreads();
+    return last[0];
+}
+
+__device__ void release_barrier(u64* bar, u64 target) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicExch(&bar[1], target);
+    }
+}
+
+// ---- kernels -------------------------------------------------------------------------------------------------------
+
+template <typename K>
+__device__ void build_kernel(const K* keys, long long n, Slot<K>* table, long long nb, long long shift,
+                             long long epoch, long long* state, long long* host) {
+    for (long long base = (long long)blockIdx.x * TILE; base < n; base += (long long)gridDim.x * TILE)
+        build_chunk(keys, n, base, table, nb, (unsigned)shift, (unsigned)epoch, state, host);
+}
+
+template <typename K>
+__device__ void count_kernel(const K* pkeys, long long n, const Slot<K>* table, long long nb, long long shift,
+                             long long epoch, int* heads, long long* tcounts, long long* tile_totals,
+                             long long* tile_offsets, long long* state, long long* host) {
+    JOIN_SHARED(int, is_last, 1);
+    const long long tile = blockIdx.x;
+    int hd[JOIN_ITEMS];
+    long long c;
+    const long long total = count_tile(pkeys, n, tile, table, nb, (unsigned)shift, (unsigned)epoch, hd, &c);
+#pragma unroll
+    for (int r = 0; r < JOIN_ITEMS; ++r) {
+        const long long j = tile * TILE + r * JOIN_THREADS + threadIdx.x;
+        if (j < n) heads[j] = hd[r];
+    }
+    tcounts[tile * JOIN_THREADS + threadIdx.x] = c;
+    if (threadIdx.x == 0) {
+        tile_totals[tile] = total;
+        __threadfence();  // publish this tile's total before taking a ticket
+        is_last[0] = atomicAdd((u64*)&state[4], 1ull) == (u64)gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!is_last[0]) return;  // uniform per block
+    __threadfence();
+    scan_tiles(tile_totals, gridDim.x, tile_offsets, state, host);
+    if (threadIdx.x == 0) state[4] = 0;  // the ticket is ready for the next launch
 }
 
 template <typename K, typename R>
-__device__ void write_impl(const K* __restrict__ heads, long long n, const K* __restrict__ nxt,
-                           const long long* __restrict__ thread_counts, const long long* __restrict__ offsets,
-                           const R* __restrict__ brows, const R* __restrict__ prows, R* __restrict__ out_b,
-                           R* __restrict__ out_p, long long capacity) {
-    const long long g = blockIdx.x * (long long)JOIN_THREADS + threadIdx.x;
-    long long total;
-    long long o = offsets[blockIdx.x] + block_exclusive_scan(thread_counts[g], &total);
+__device__ void write_kernel(const K* pkeys, long long n, const Slot<K>* table, long long nb, long long shift,
+                             long long epoch, const int* heads, const long long* tcounts,
+                             const long long* tile_offsets, const R* brows, const R* prows, R* out_b, R* out_p,
+                             long long capacity) {
+    const long long tile = blockIdx.x;
+    int hd[JOIN_ITEMS];
 #pragma unroll
     for (int r = 0; r < JOIN_ITEMS; ++r) {
-        const long long j = g * JOIN_ITEMS + r;
-        if (j < n) {
-            long long h = heads[j];
-            const R pj = prows[j];
-            while (h != EMPTY_KEY) {
-                if (o < capacity) {
-                    out_b[o] = brows[h];
-                    out_p[o] = pj;
-                }
-                ++o;
-                h = nxt[h];
+        const long long j = tile * TILE + r * JOIN_THREADS + threadIdx.x;
+        hd[r] = j < n ? heads[j] : HEAD_NONE;
+    }
+    write_tile(pkeys, n, tile, tile_offsets[tile], table, nb, (unsigned)shift, (unsigned)epoch, hd,
+               tcounts[tile * JOIN_THREADS + threadIdx.x], brows, prows, out_b, out_p, capacity);
+}
+
+// The whole join in one launch; grid = resident blocks (cooperative launch). bar_base = bar[0] before this launch.
+// With total > capacity the write phase is skipped and heads/counts are left in memory for the host's exact-size
+// write_kernel launch.
+template <typename K, typename R>
+__device__ void fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, long long n, Slot<K>* table,
+                             long long nb, long long shift, long long epoch, int* heads, long long* tcounts,
+                             long long* tile_totals, long long* tile_offsets, const R* brows, const R* prows,
+                             R* out_b, R* out_p, long long capacity, long long* state, long long* host,
+                             long long bar_base, long long timeout_ns) {
+    u64* bar = (u64*)&state[2];
+    const u64 grid = gridDim.x;
+    const unsigned sh = (unsigned)shift, ep = (unsigned)epoch;
+    for (long long base = (long long)blockIdx.x * TILE; base < nbuild; base += (long long)grid * TILE)
+        build_chunk(bkeys, nbuild, base, table, nb, sh, ep, state, host);
+    if (arrive_barrier(bar, (u64)bar_base + grid, timeout_ns, state, host)) release_barrier(bar, (u64)bar_base + grid);
+    const long long ntiles = (n + TILE - 1) / TILE;
+    const bool in_regs = ntiles <= (long long)grid;  // at most one tile per block: heads stay in registers
+    int hd[JOIN_ITEMS];
+    long long c = 0;
+    for (long long tile = blockIdx.x; tile < ntiles; tile += grid) {
+        const long long total = count_tile(pkeys, n, tile, table, nb, sh, ep, hd, &c);
+        if (!in_regs) {
+#pragma unroll
+            for (int r = 0; r < JOIN_ITEMS; ++r) {
+                const long long j = tile * TILE + r * JOIN_THREADS + threadIdx.x;
+                if (j < n) heads[j] = hd[r];
             }
+            tcounts[tile * JOIN_THREADS + threadIdx.x] = c;
         }
+        if (threadIdx.x == 0) tile_totals[tile] = total;
+    }
+    const u64 second = (u64)bar_base + 2 * grid;
+    if (arrive_barrier(bar, second, timeout_ns, state, host)) {
+        scan_tiles(tile_totals, ntiles, tile_offsets, state, host);
+        release_barrier(bar, second);
+    }
+    if (__ldcg(&state[1]) != 0) return;
+    if (__ldcg(&state[0]) > capacity) {  // the host re-runs write_kernel exact-size: it needs heads and counts
+        if (in_regs && (long long)blockIdx.x < ntiles) {
+#pragma unroll
+            for (int r = 0; r < JOIN_ITEMS; ++r) {
+                const long long j = blockIdx.x * (long long)TILE + r * JOIN_THREADS + threadIdx.x;
+                if (j < n) heads[j] = hd[r];
+            }
+            tcounts[blockIdx.x * (long long)JOIN_THREADS + threadIdx.x] = c;
+        }
+        return;
+    }
+    for (long long tile = blockIdx.x; tile < ntiles; tile += grid) {
+        if (!in_regs) {
+#pragma unroll
+            for (int r = 0; r < JOIN_ITEMS; ++r) {
+                const long long j = tile * TILE + r * JOIN_THREADS + threadIdx.x;
+                hd[r] = j < n ? heads[j] : HEAD_NONE;
+            }
+            c = tcounts[tile * JOIN_THREADS + threadIdx.x];
+        }
+        write_tile(pkeys, n, tile, __ldcg(&tile_offsets[tile]), table, nb, sh, ep, hd, c, brows, prows, out_b,
+                   out_p, capacity);
     }
 }
 
-#define JOIN_KEY_KERNELS(K, SUF)                                                                             \
-    extern "C" __global__ void __launch_bounds__(JOIN_THREADS)                                              \
-        hash_build_cu_##SUF(const K* keys, long long n, K* table, K* nxt, long long mask, long long wide) { \
-        build_impl<K>(keys, n, table, nxt, mask, wide);                                                      \
-    }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(JOIN_THREADS)                                              \
-        hash_count_cu_##SUF(const K* pkeys, long long n, const K* table, const K* nxt, long long mask,     \
-                            long long wide, K* heads, long long* thread_counts, long long* block_counts,   \
-                            long long* offsets, unsigned int* done) {                                        \
-        count_impl<K>(pkeys, n, table, nxt, mask, wide, heads, thread_counts, block_counts, offsets, done); \
+#define JOIN_KEY_KERNELS(K, SUF)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                                 \
+        join_build_##SUF(const K* keys, long long n, Slot<K>* table, long long nb, long long shift,             \
+                         long long epoch, long long* state, long long* host) {                                   \
+        build_kernel<K>(keys, n, table, nb, shift, epoch, state, host);                                         \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                                 \
+        join_count_##SUF(const K* pkeys, long long n, const Slot<K>* table, long long nb, long long shift,      \
+                         long long epoch, int* heads, long long* tcounts, long long* tile_totals,               \
+                         long long* tile_offsets, long long* state, long long* host) {                          \
+        count_kernel<K>(pkeys, n, table, nb, shift, epoch, heads, tcounts, tile_totals, tile_offsets, state,    \
+                        host);                                                                                   \
     }
 
-#define JOIN_WRITE_KERNEL(K, R, SUF)                                                                         \
-    extern "C" __global__ void __launch_bounds__(JOIN_THREADS)                                              \
-        hash_write_cu_##SUF(const K* heads, long long n, const K* nxt, const long long* thread_counts,     \
-                            const long long* offsets, const R* brows, const R* prows, R* out_b, R* out_p,  \
-                            long long capacity) {                                                            \
-        write_impl<K, R>(heads, n, nxt, thread_counts, offsets, brows, prows, out_b, out_p, capacity);     \
+#define JOIN_ROW_KERNELS(K, R, SUF)                                                                               \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                                 \
+        join_write_##SUF(const K* pkeys, long long n, const Slot<K>* table, long long nb, long long shift,      \
+                         long long epoch, const int* heads, const long long* tcounts,                           \
+                         const long long* tile_offsets, const R* brows, const R* prows, R* out_b, R* out_p,     \
+                         long long capacity) {                                                                   \
+        write_kernel<K, R>(pkeys, n, table, nb, shift, epoch, heads, tcounts, tile_offsets, brows, prows, out_b, \
+                           out_p, capacity);                                                                     \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                                 \
+        join_fused_##SUF(const K* bkeys, long long nbuild, const K* pkeys, long long n, Slot<K>* table,         \
+                         long long nb, long long shift, long long epoch, int* heads, long long* tcounts,        \
+                         long long* tile_totals, long long* tile_offsets, const R* brows, const R* prows,       \
+                         R* out_b, R* out_p, long long capacity, long long* state, long long* host,             \
+                         long long bar_base, long long timeout_ns) {                                             \
+        fused_kernel<K, R>(bkeys, nbuild, pkeys, n, table, nb, shift, epoch, heads, tcounts, tile_totals,       \
+                           tile_offsets, brows, prows, out_b, out_p, capacity, state, host, bar_base,           \
+                           timeout_ns);                                                                          \
     }
 
+// JOIN_KEY_BITS / JOIN_ROW_BITS (32 or 64) compile only the kernels of one key / row-id type (a quarter of the
+// compile time); unset, every combination is compiled.
+#if !defined(JOIN_KEY_BITS) || JOIN_KEY_BITS == 32
 JOIN_KEY_KERNELS(int, i32)
+#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 32
+JOIN_ROW_KERNELS(int, int, i32_r32)
+#endif
+#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 64
+JOIN_ROW_KERNELS(int, long long, i32_r64)
+#endif
+#endif
+#if !defined(JOIN_KEY_BITS) || JOIN_KEY_BITS == 64
 JOIN_KEY_KERNELS(long long, i64)
-JOIN_WRITE_KERNEL(int, int, i32_r32)
-JOIN_WRITE_KERNEL(int, long long, i32_r64)
-JOIN_WRITE_KERNEL(long long, int, i64_r32)
-JOIN_WRITE_KERNEL(long long, long long, i64_r64)
+#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 32
+JOIN_ROW_KERNELS(long long, int, i64_r32)
+#endif
+#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 64
+JOIN_ROW_KERNELS(long long, long long, i64_r64)
+#endif
+#endif

@@ -1,57 +1,81 @@
 // hash_join.cu's kernels, unchanged, run on the CPU (test-only; built with g++ by correctness/test_join.py).
 //
-// A thin emulation of the CUDA features the kernels use: one std::thread per CUDA thread, blocks one after another
-// (as numba's simulator does), __syncthreads as a block barrier, __shfl_up_sync through a per-warp barrier, shared
-// variables as statics, atomics as GCC __atomic builtins. The driver repeats hash_cuda.py's launch sequence
-// (memset -> build -> count -> total -> write), so the C++ source itself, not only its numba twin, is checked
-// against pandas.merge on the CPU. It also guards the output buffers to catch writes past `capacity`.
+// A thin emulation of the CUDA features the kernels use: one std::thread per CUDA thread; blocks one after another
+// for ordinary launches, all at once for the cooperative (fused) kernel, whose grid barriers need every block
+// resident; __syncthreads as a per-block barrier; __shfl_up_sync through a per-warp barrier; each block's shared
+// variables (JOIN_SHARED) in its own storage; atomics as GCC __atomic builtins. The driver repeats hash_cuda.py's
+// launch sequence (epochs, table reuse, speculative capacity, the exact-size re-write), so the C++ source itself,
+// not only its numba twin, is checked against pandas.merge on the CPU. Output buffers carry guard words past their
+// capacity to catch out-of-bounds writes.
 //
-// Input (text, stdin): "wide nb np cap threads capacity_mode" then nb build keys, nb build rows, np probe keys,
-// np probe rows. capacity_mode 0 = exact (capacity = total), 1 = speculative (capacity = np, then exact if short).
-// Output: "total done_counter guards_intact clipped", then one "build_row probe_row" line per pair.
+// Input (text, stdin): "wide scheme joins" (scheme 0 = build/count/write kernels, 1 = the fused kernel), then per
+// join a line "nbuild nprobe buckets shift epoch clear capacity grid" and the build keys, build rows, probe keys,
+// probe rows. Output per join: "total error guards_intact rewritten", then one "build_row probe_row" line per pair.
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <chrono>
 #include <cstdio>
+#include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
 struct dim3_t {
     unsigned int x = 0, y = 0, z = 0;
 };
+struct BlockContext {  // what the threads of one block share
+    std::unique_ptr<std::barrier<>> block;
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    std::vector<long long> lanes;
+    std::map<std::pair<int, size_t>, std::vector<long long>> shared;
+    std::mutex shared_mutex;
+};
 thread_local dim3_t threadIdx, blockIdx;
+thread_local BlockContext* g_ctx;
 dim3_t blockDim, gridDim;
-static std::barrier<>* g_block;
-static std::vector<std::unique_ptr<std::barrier<>>> g_warps;
-static long long g_lanes[1024];
 
+template <typename T>
+T* emu_shared(int site, size_t n) {
+    std::lock_guard<std::mutex> lock(g_ctx->shared_mutex);
+    auto& buf = g_ctx->shared[{site, n * sizeof(T)}];
+    if (buf.empty()) buf.resize((n * sizeof(T) + 7) / 8 + 1);
+    return reinterpret_cast<T*>(buf.data());
+}
+
+#define JOIN_EMULATED 1
+#define JOIN_SHARED(T, name, n) T* name = emu_shared<T>(__LINE__, (n))
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
-#define __shared__ static
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
+#define __align__(n) alignas(n)
 
-struct int2 {
-    int x, y;
-};
-struct alignas(16) longlong2 {
-    long long x, y;
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
 };
 using std::min;
+typedef unsigned long long u64;
 
-inline void __syncthreads() { g_block->arrive_and_wait(); }
+inline void __syncthreads() { g_ctx->block->arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 template <typename T>
 T __ldcg(const T* p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+inline uint4 __ldcg(const uint4* p) {  // 4-byte atomic loads: a CAS may land between them, as on the GPU
+    const unsigned* q = reinterpret_cast<const unsigned*>(p);
+    return uint4{__atomic_load_n(q, __ATOMIC_SEQ_CST), __atomic_load_n(q + 1, __ATOMIC_SEQ_CST),
+                 __atomic_load_n(q + 2, __ATOMIC_SEQ_CST), __atomic_load_n(q + 3, __ATOMIC_SEQ_CST)};
+}
 template <typename T>
 T __shfl_up_sync(unsigned, T v, int d) {
     const int t = threadIdx.x, lane = t & 31;
-    std::barrier<>& warp = *g_warps[t >> 5];
-    g_lanes[t] = (long long)v;
+    std::barrier<>& warp = *g_ctx->warps[t >> 5];
+    g_ctx->lanes[t] = (long long)v;
     warp.arrive_and_wait();
-    const T out = lane >= d ? (T)g_lanes[t - d] : v;
+    const T out = lane >= d ? (T)g_ctx->lanes[t - d] : v;
     warp.arrive_and_wait();
     return out;
 }
@@ -62,85 +86,143 @@ T atomicCAS(T* p, T cmp, T val) {
 }
 template <typename T>
 T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
-inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+template <typename T>
+T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline u64 load_acquire(const u64* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+inline u64 now_ns() {
+    return (u64)std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+inline void pause_ns() { std::this_thread::yield(); }
 
 #include "hash_join.cu"
 
+// Run `kernel` on grid x block threads: blocks one after another, or all at once when `cooperative`.
 template <typename... P, typename... A>
-void launch(void (*kernel)(P...), unsigned grid, unsigned block, A... args) {
+void launch(void (*kernel)(P...), unsigned grid, unsigned block, bool cooperative, A... args) {
     gridDim.x = grid;
     blockDim.x = block;
-    for (unsigned b = 0; b < grid; ++b) {
-        std::barrier<> bar(block);
-        g_block = &bar;
-        g_warps.clear();
-        for (unsigned w = 0; w * 32 < block; ++w) g_warps.emplace_back(new std::barrier<>(std::min(32u, block - 32 * w)));
+    auto make_ctx = [&] {
+        auto ctx = std::make_unique<BlockContext>();
+        ctx->block = std::make_unique<std::barrier<>>(block);
+        for (unsigned w = 0; w * 32 < block; ++w)
+            ctx->warps.emplace_back(new std::barrier<>(std::min(32u, block - 32 * w)));
+        ctx->lanes.assign(block, 0);
+        return ctx;
+    };
+    const unsigned together = cooperative ? grid : 1;
+    for (unsigned b0 = 0; b0 < grid; b0 += together) {
+        std::vector<std::unique_ptr<BlockContext>> ctxs;
         std::vector<std::thread> threads;
-        for (unsigned t = 0; t < block; ++t)
-            threads.emplace_back([=] {
-                threadIdx.x = t;
-                blockIdx.x = b;
-                kernel(args...);
-            });
+        for (unsigned b = b0; b < b0 + together; ++b) {
+            ctxs.push_back(make_ctx());
+            BlockContext* ctx = ctxs.back().get();
+            for (unsigned t = 0; t < block; ++t)
+                threads.emplace_back([=] {
+                    threadIdx.x = t;
+                    blockIdx.x = b;
+                    g_ctx = ctx;
+                    kernel(args...);
+                });
+        }
         for (auto& th : threads) th.join();
     }
 }
 
-template <typename K>
-int run(long long nb, long long np, long long cap, unsigned threads, int mode,
-        void (*build)(const K*, long long, K*, K*, long long, long long),
-        void (*count)(const K*, long long, const K*, const K*, long long, long long, K*, long long*, long long*,
-                      long long*, unsigned int*),
-        void (*write)(const K*, long long, const K*, const long long*, const long long*, const K*, const K*, K*, K*,
-                      long long)) {
-    std::vector<K> bk(nb), br(nb), pk(np), pr(np);
-    for (auto* v : {&bk, &br, &pk, &pr})
-        for (auto& x : *v) {
-            long long t = 0;
-            if (std::scanf("%lld", &t) != 1) return 4;
-            x = (K)t;
-        }
-    const long long wide = sizeof(K) == 8, mask = cap - 1;
-    std::vector<K> table(2 * cap + 2, (K)-1), nxt(std::max(nb, 1LL));  // memset 0xFF
-    if (nb) launch(build, (unsigned)std::min<long long>((nb + threads - 1) / threads, 8), threads, bk.data(), nb,
-                   table.data(), nxt.data(), mask, wide);
-    const long long nblocks = (np + threads * JOIN_ITEMS - 1) / (threads * JOIN_ITEMS);
-    std::vector<K> heads(std::max(np, 1LL));
-    std::vector<long long> tcounts(std::max(nblocks * threads, 1LL)), bcounts(std::max(nblocks, 1LL)),
-        offsets(nblocks + 1, 0);
-    unsigned int done = 0;
-    if (np) launch(count, (unsigned)nblocks, threads, (const K*)pk.data(), np, (const K*)table.data(),
-                   (const K*)nxt.data(), mask, wide, heads.data(), tcounts.data(), bcounts.data(), offsets.data(), &done);
-    const long long total = offsets[nblocks];
-    long long capacity = mode == 1 ? np : total;
-    const K guard = (K)0x5A5A5A5A;
-    std::vector<K> ob(capacity + 16, guard), op(capacity + 16, guard);
-    if (np) launch(write, (unsigned)nblocks, threads, (const K*)heads.data(), np, (const K*)nxt.data(),
-                   (const long long*)tcounts.data(), (const long long*)offsets.data(), (const K*)br.data(),
-                   (const K*)pr.data(), ob.data(), op.data(), capacity);
-    bool guards = std::all_of(ob.begin() + capacity, ob.end(), [&](K v) { return v == guard; }) &&
-                  std::all_of(op.begin() + capacity, op.end(), [&](K v) { return v == guard; });
-    const bool clipped = capacity < total;
-    if (clipped) {  // the speculative buffer was short: write again, exact-size (as hash_cuda.py does)
-        capacity = total;
-        ob.assign(capacity, guard);
-        op.assign(capacity, guard);
-        launch(write, (unsigned)nblocks, threads, (const K*)heads.data(), np, (const K*)nxt.data(),
-               (const long long*)tcounts.data(), (const long long*)offsets.data(), (const K*)br.data(),
-               (const K*)pr.data(), ob.data(), op.data(), capacity);
+template <typename T>
+bool read_values(std::vector<T>& v) {
+    for (auto& x : v) {
+        long long t = 0;
+        if (std::scanf("%lld", &t) != 1) return false;
+        x = (T)t;
     }
-    std::printf("%lld %u %d %d\n", total, done, (int)guards, (int)clipped);
-    for (long long i = 0; i < total; ++i) std::printf("%lld %lld\n", (long long)ob[i], (long long)op[i]);
+    return true;
+}
+
+template <typename K>
+struct Kernels {
+    void (*build)(const K*, long long, Slot<K>*, long long, long long, long long, long long*, long long*);
+    void (*count)(const K*, long long, const Slot<K>*, long long, long long, long long, int*, long long*, long long*,
+                  long long*, long long*, long long*);
+    void (*write)(const K*, long long, const Slot<K>*, long long, long long, long long, const int*, const long long*,
+                  const long long*, const K*, const K*, K*, K*, long long);
+    void (*fused)(const K*, long long, const K*, long long, Slot<K>*, long long, long long, long long, int*,
+                  long long*, long long*, long long*, const K*, const K*, K*, K*, long long, long long*, long long*,
+                  long long, long long);
+};
+
+template <typename K>
+int run(int scheme, int joins, Kernels<K> k) {
+    using S = Slot<K>;
+    constexpr int SLOTS = Bucket<K>::SLOTS;
+    const unsigned threads = JOIN_THREADS;
+    std::vector<S> table;
+    std::vector<long long> state(8, 0);
+    long long bar_base = 0;
+    for (int q = 0; q < joins; ++q) {
+        long long nbuild, n, nb, shift, epoch, clear, capacity, grid;
+        if (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld", &nbuild, &n, &nb, &shift, &epoch, &clear, &capacity,
+                       &grid) != 8)
+            return 4;
+        std::vector<K> bk(nbuild), br(nbuild), pk(n), pr(n);
+        if (!read_values(bk) || !read_values(br) || !read_values(pk) || !read_values(pr)) return 4;
+        if ((long long)table.size() < nb * SLOTS) table.resize(nb * SLOTS, S{});  // grown memory starts zeroed
+        if (clear) std::fill(table.begin(), table.end(), S{});
+        const long long ntiles = (n + TILE - 1) / TILE;
+        std::vector<int> heads(std::max(n, 1LL));
+        std::vector<long long> tcounts(std::max(ntiles * threads, 1LL)), totals(std::max(ntiles, 1LL)),
+            offsets(std::max(ntiles, 1LL));
+        long long host[2] = {-7, 0};
+        const K guard = (K)0x5A5A5A5A;
+        std::vector<K> ob(capacity + 16, guard), op(capacity + 16, guard);
+        state[0] = 0;
+        if (scheme == 1) {
+            launch(k.fused, (unsigned)grid, threads, true, (const K*)bk.data(), nbuild,
+                   (const K*)pk.data(), n, table.data(), nb, shift, epoch, heads.data(), tcounts.data(), totals.data(),
+                   offsets.data(), (const K*)br.data(), (const K*)pr.data(), ob.data(), op.data(), capacity,
+                   state.data(), host, bar_base, 2000000000LL);
+            bar_base += 2 * grid;
+        } else {
+            if (nbuild)
+                launch(k.build, (unsigned)std::min(grid, (nbuild + TILE - 1) / TILE), threads, false,
+                       (const K*)bk.data(), nbuild, table.data(), nb, shift, epoch, state.data(), host);
+            if (n) {
+                launch(k.count, (unsigned)ntiles, threads, false, (const K*)pk.data(), n,
+                       (const S*)table.data(), nb, shift, epoch, heads.data(), tcounts.data(), totals.data(),
+                       offsets.data(), state.data(), host);
+                launch(k.write, (unsigned)ntiles, threads, false, (const K*)pk.data(), n,
+                       (const S*)table.data(), nb, shift, epoch, (const int*)heads.data(),
+                       (const long long*)tcounts.data(), (const long long*)offsets.data(), (const K*)br.data(),
+                       (const K*)pr.data(), ob.data(), op.data(), capacity);
+            } else {
+                host[0] = 0;
+            }
+        }
+        const long long total = state[0];
+        if (host[0] != total || host[1] != state[1]) return 5;  // the pinned host words must carry total and error
+        bool guards = std::all_of(ob.begin() + capacity, ob.end(), [&](K v) { return v == guard; }) &&
+                      std::all_of(op.begin() + capacity, op.end(), [&](K v) { return v == guard; });
+        const bool rewrite = total > capacity;
+        if (rewrite) {  // the speculative buffer was short: write again, exact-size (as hash_cuda.py does)
+            ob.assign(total + 16, guard);
+            op.assign(total + 16, guard);
+            launch(k.write, (unsigned)ntiles, threads, false, (const K*)pk.data(), n,
+                   (const S*)table.data(), nb, shift, epoch, (const int*)heads.data(),
+                   (const long long*)tcounts.data(), (const long long*)offsets.data(), (const K*)br.data(),
+                   (const K*)pr.data(), ob.data(), op.data(), total);
+            guards = guards && std::all_of(ob.begin() + total, ob.end(), [&](K v) { return v == guard; }) &&
+                     std::all_of(op.begin() + total, op.end(), [&](K v) { return v == guard; });
+        }
+        std::printf("%lld %lld %d %d\n", total, state[1], (int)guards, (int)rewrite);
+        for (long long i = 0; i < total; ++i) std::printf("%lld %lld\n", (long long)ob[i], (long long)op[i]);
+    }
     return 0;
 }
 
 int main() {
-    long long wide, nb, np, cap, threads, mode;
-    if (std::scanf("%lld %lld %lld %lld %lld %lld", &wide, &nb, &np, &cap, &threads, &mode) != 6) return 2;
-    if (threads != JOIN_THREADS) return 3;  // the kernels' block scan is compiled for JOIN_THREADS
+    int wide, scheme, joins;
+    if (std::scanf("%d %d %d", &wide, &scheme, &joins) != 3) return 2;
     if (wide)
-        return run<long long>(nb, np, cap, (unsigned)threads, (int)mode, hash_build_cu_i64, hash_count_cu_i64,
-                              hash_write_cu_i64_r64);
-    return run<int>(nb, np, cap, (unsigned)threads, (int)mode, hash_build_cu_i32, hash_count_cu_i32,
-                    hash_write_cu_i32_r32);
+        return run<long long>(scheme, joins, {join_build_i64, join_count_i64, join_write_i64_r64, join_fused_i64_r64});
+    return run<int>(scheme, joins, {join_build_i32, join_count_i32, join_write_i32_r32, join_fused_i32_r32});
 }

@@ -1,26 +1,20 @@
-"""Hash join with numba-cuda kernels: open addressing (linear probing), per-key row chains, count -> scan -> write.
+"""Hash join with numba-cuda kernels: ``hash_join.cu``'s algorithm in numba (its CPU twin, run by the same tests).
 
-Table: ``capacity = max(64, next_pow2(ceil(n_build / load_factor)))`` slots, stored interleaved in one array of the
-key dtype, ``table[2s] = key`` (-1 = empty) and ``table[2s+1] = head`` (position of the key's last-inserted build
-row, -1 = none); ``table[2·cap+1]`` heads the side list of rows whose key *is* -1 (they never enter a slot, so the
-empty marker is never ambiguous). ``nxt[i]`` chains build rows of equal keys (-1 ends a chain). Duplicate keys share
-one slot, so heavy keys cost one atomic per row, not a probe sequence per row.
-
-Kernels (THREADS threads per block; the same algorithm as ``hash_join.cu``, which this file twins on the CPU):
-  build:  slot = mix32(key) & mask, linear probe; claim an empty slot with atomicCAS(key), then
-          nxt[i] = atomicExch(head, i) pushes row i on the key's chain.
-  count:  ITEMS consecutive probe rows per thread: find each row's chain head (stored in ``heads``), count the chain;
-          per-thread counts -> per-block sums; the last block to finish (atomic ticket) scans the block sums into
-          exclusive ``offsets`` and ``offsets[nblocks]`` = total, then resets the ticket.
-  write:  block-exclusive scan of the per-thread counts + the block's offset = where each thread writes; walk the
-          chains writing (build_rows[h], probe_rows[j]). Output order: probe order; within a probe row, chain order.
-Bytes (1M x 1M int32, unique keys, ~50% hits): keys/rows read 16 MB, table 16 MB cleared, heads 4 MB written+read,
-output 4 MB; every table access is a random 32-byte sector, mostly from L2 (the table fits in the 50 MB L2).
+The table, the phases and the host protocol are ``hash_table``'s (read its module doc and ``hash_join.cu``):
+  build:  per build row, the first bucket with an empty slot along its double-hashing sequence; CAS the slot's tag
+          (epoch << shift | position), then store the key.
+  count:  tiles of THREADS * ITEMS probe rows (row r * THREADS + t of a tile on thread t); per row a head (-1 none,
+          the build position of a single match, -2 several), per thread a count, per tile a total; the last block
+          to finish (atomic ticket) scans the tile totals into offsets and publishes the total in state[0].
+  write:  block scan of the thread counts + the tile offset; pairs staged in shared memory a window of TILE pairs at
+          a time and copied out contiguously; places >= capacity are skipped.
+The table words are the C++ layout viewed as the key dtype: word 2s = key, word 2s + 1 = tag (int32 tables hold the
+tag's bit pattern, int64 tables the tag in the low half and a zero pad above). The fused single-launch scheme needs
+co-resident blocks, which the simulator does not have: it runs in the C++ emulation only (``hash_join_emulated.cpp``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import impl  # noqa: F401  (backend before numba)
@@ -29,78 +23,50 @@ import torch
 from numba import cuda
 
 from impl import backend
-from impl.join.common import EMPTY, HASH_MUL, Workspace, next_pow2, run_join
+from impl.join.common import HASH_MUL
+from impl.join.hash_table import (HEAD_MANY, HEAD_NONE, STEP_SALT, Built, HashConfig, HashJoinBase, Probed,
+                                  plan_layout)
 
 MAX_GRID = backend.sized(gpu=65535, cpu=8)  # the simulator runs every thread as an OS thread: keep grids short
-
-
-@dataclass(frozen=True)
-class HashConfig:
-    """Hash-table and launch parameters shared by the numba and CUDA C++ hash joins."""
-
-    load_factor: float = 0.5  # distinct keys / slots, before rounding the slot count up to a power of two
-    threads: int = 256        # threads per block (a power of two)
-    items: int = 4            # consecutive probe rows per thread in count/write
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.load_factor < 1.0:
-            raise ValueError(f"load_factor must be in (0, 1), got {self.load_factor}")
-        if self.threads < 32 or self.threads > 1024 or self.threads & (self.threads - 1):
-            raise ValueError(f"threads must be a power of two in [32, 1024], got {self.threads}")
-        if self.items < 1:
-            raise ValueError(f"items must be >= 1, got {self.items}")
-
-    def capacity(self, n_build: int) -> int:
-        return max(64, next_pow2(math.ceil(n_build / self.load_factor)))
-
-    def probe_blocks(self, n_probe: int) -> int:
-        return math.ceil(n_probe / (self.threads * self.items))
-
-
-@dataclass
-class Built:
-    table: torch.Tensor  # (2·cap + 2,) key dtype: interleaved (key, head) slots, then the side-list head
-    nxt: torch.Tensor    # (n_build,) key dtype: next build row with the same key, -1 ends
-    rows: torch.Tensor   # build row ids
-    mask: int            # cap - 1
-    wide: int            # 1 for int64 keys (hash folds the high word)
-
-
-@dataclass
-class Probed:
-    built: Built
-    heads: torch.Tensor          # (n_probe,) chain head per probe row, -1 = no match
-    thread_counts: torch.Tensor  # (nblocks·threads,) int64 matches per thread
-    offsets: torch.Tensor        # (nblocks + 1,) int64 exclusive output offset per block, then the total
-    rows: torch.Tensor           # probe row ids
-    total: int
+__all__ = ["HashJoinNumba", "HashConfig", "hash_join_numba", "kernels", "plan_layout"]
 
 
 def _make_kernels(threads: int, items: int) -> dict[str, Any]:
     from numba import int32, int64
 
+    tile = threads * items
+
     @cuda.jit(device=True)
-    def slot_of(k, mask, wide):
+    def mix32(x):
+        x = (((x >> 16) ^ x) * HASH_MUL) & 0xFFFFFFFF
+        x = (((x >> 16) ^ x) * HASH_MUL) & 0xFFFFFFFF
+        return (x >> 16) ^ x
+
+    @cuda.jit(device=True)
+    def hash_of(k, wide):
         x = np.int64(k)
         if wide:
             x = x ^ (x >> 32)
-        x = x & 0xFFFFFFFF
-        x = (((x >> 16) ^ x) * HASH_MUL) & 0xFFFFFFFF
-        x = (((x >> 16) ^ x) * HASH_MUL) & 0xFFFFFFFF
-        return ((x >> 16) ^ x) & mask
+        return mix32(x & 0xFFFFFFFF)
 
     @cuda.jit(device=True)
-    def find_head(k, table, mask, wide):
-        if k == EMPTY:
-            return np.int64(table[table.size - 1])  # the side list of rows keyed -1
-        s = slot_of(k, mask, wide)
-        while True:
-            kk = table[2 * s]
-            if kk == k:
-                return np.int64(table[2 * s + 1])
-            if kk == EMPTY:
-                return np.int64(EMPTY)
-            s = (s + 1) & mask
+    def first_bucket(h, nb):
+        return (h * nb) >> 32  # h < 2**32 and nb < 2**31: the product fits in int64
+
+    @cuda.jit(device=True)
+    def bucket_step(h, nb):
+        return 1 + mix32((h ^ STEP_SALT) & 0xFFFFFFFF) % (nb - 1)
+
+    @cuda.jit(device=True)
+    def tag_at(table, slot):
+        return np.int64(table[2 * slot + 1]) & 0xFFFFFFFF
+
+    @cuda.jit(device=True)
+    def word(v, wide):
+        """A tag as the table word that holds it (int32 tables: the signed bit pattern)."""
+        if not wide and v >= 2147483648:
+            return v - 4294967296
+        return v
 
     @cuda.jit(device=True)
     def block_exclusive_scan(sh, t, v):
@@ -120,85 +86,171 @@ def _make_kernels(threads: int, items: int) -> dict[str, Any]:
         return excl, total
 
     @cuda.jit
-    def hash_build_nb(keys, table, nxt, mask, wide):
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        side = table.size - 1
-        while i < keys.size:
-            k = keys[i]
-            if k == EMPTY:
-                nxt[i] = cuda.atomic.exch(table, side, i)
-            else:
-                s = slot_of(k, mask, wide)
-                while True:
-                    cur = table[2 * s]  # a stale EMPTY only costs a CAS; a claimed key never changes
-                    if cur == EMPTY:
-                        cur = cuda.atomic.cas(table, 2 * s, EMPTY, k)
-                    if cur == EMPTY or cur == k:
-                        nxt[i] = cuda.atomic.exch(table, 2 * s + 1, i)
-                        break
-                    s = (s + 1) & mask
-            i += stride
+    def hash_build_nb(keys, table, nb, slots, shift, epoch, wide, state):
+        t = cuda.threadIdx.x
+        base = cuda.blockIdx.x * tile
+        while base < keys.size:
+            for r in range(items):
+                i = base + r * threads + t
+                if i < keys.size:
+                    k = keys[i]
+                    mine = (epoch << shift) | i
+                    h = hash_of(k, wide)
+                    b = first_bucket(h, nb)
+                    step = 0
+                    placed = False
+                    tries = 0
+                    while tries < nb and not placed:
+                        s = 0
+                        while s < slots and not placed:
+                            slot = b * slots + s
+                            cur = tag_at(table, slot)
+                            while (cur >> shift) != epoch:
+                                old = np.int64(cuda.atomic.cas(table, 2 * slot + 1, word(cur, wide),
+                                                               word(mine, wide))) & 0xFFFFFFFF
+                                if old == cur:
+                                    table[2 * slot] = k
+                                    placed = True
+                                    break
+                                cur = old
+                            s += 1
+                        if not placed:
+                            if step == 0:
+                                step = bucket_step(h, nb)
+                            b = (b + step) % nb
+                        tries += 1
+                    if not placed:
+                        state[1] = 2
+            base += cuda.gridDim.x * tile
+
+    @cuda.jit(device=True)
+    def walk(table, k, nb, slots, shift, epoch, wide):
+        """(matches of k, the first match's build position) along k's bucket sequence."""
+        cnt = 0
+        first = HEAD_NONE
+        h = hash_of(k, wide)
+        b = first_bucket(h, nb)
+        step = bucket_step(h, nb)
+        tries = 0
+        while tries < nb:
+            full = True
+            for s in range(slots):
+                tg = tag_at(table, b * slots + s)
+                if (tg >> shift) != epoch:
+                    full = False
+                    break
+                if table[2 * (b * slots + s)] == k:
+                    if cnt == 0:
+                        first = tg & ((1 << shift) - 1)
+                    cnt += 1
+            if not full:
+                break
+            b = (b + step) % nb
+            tries += 1
+        return cnt, first
 
     @cuda.jit
-    def hash_count_nb(pkeys, table, nxt, mask, wide, heads, thread_counts, block_counts, offsets, done):
+    def hash_count_nb(pkeys, table, nb, slots, shift, epoch, wide, heads, tcounts, tile_totals, tile_offsets,
+                      state):
         sh = cuda.shared.array(threads, int64)
         last = cuda.shared.array(1, int32)
         t = cuda.threadIdx.x
-        b = cuda.blockIdx.x
-        g = b * threads + t
+        tl = cuda.blockIdx.x
         c = 0
         for r in range(items):
-            j = g * items + r
+            j = tl * tile + r * threads + t
             if j < pkeys.size:
-                h = find_head(pkeys[j], table, mask, wide)
-                heads[j] = h
-                while h != EMPTY:
-                    c += 1
-                    h = nxt[h]
-        thread_counts[g] = c
+                cnt, first = walk(table, pkeys[j], nb, slots, shift, epoch, wide)
+                heads[j] = HEAD_NONE if cnt == 0 else (first if cnt == 1 else HEAD_MANY)
+                c += cnt
+        tcounts[tl * threads + t] = c
         _, total = block_exclusive_scan(sh, t, c)
         if t == 0:
-            block_counts[b] = total
-            cuda.threadfence()  # publish this block's sum before taking a ticket
-            ticket = cuda.atomic.add(done, 0, 1)
+            tile_totals[tl] = total
+            cuda.threadfence()  # publish this tile's total before taking a ticket
+            ticket = cuda.atomic.add(state, 4, 1)
             last[0] = 1 if ticket == cuda.gridDim.x - 1 else 0
         cuda.syncthreads()
-        if last[0] == 1:  # the last block to finish scans every block's sum
+        if last[0] == 1:  # the last block to finish scans every tile's total
             cuda.threadfence()
-            nblocks = cuda.gridDim.x
-            chunk = (nblocks + threads - 1) // threads
-            lo = min(t * chunk, nblocks)
-            hi = min(lo + chunk, nblocks)
+            ntiles = cuda.gridDim.x
+            chunk = (ntiles + threads - 1) // threads
+            lo = min(t * chunk, ntiles)
+            hi = min(lo + chunk, ntiles)
             s = 0
             for i in range(lo, hi):
-                s += block_counts[i]
+                s += tile_totals[i]
             run, grand = block_exclusive_scan(sh, t, s)
             for i in range(lo, hi):
-                offsets[i] = run
-                run += block_counts[i]
+                tile_offsets[i] = run
+                run += tile_totals[i]
             if t == 0:
-                offsets[nblocks] = grand
-                done[0] = 0  # ready for the next launch
+                state[0] = grand
+                state[4] = 0  # the ticket is ready for the next launch
 
     @cuda.jit
-    def hash_write_nb(heads, nxt, thread_counts, offsets, brows, prows, out_b, out_p):
+    def hash_write_nb(pkeys, table, nb, slots, shift, epoch, wide, heads, tcounts, tile_offsets, brows, has_b,
+                      prows, has_p, out_b, out_p, capacity):
         sh = cuda.shared.array(threads, int64)
+        stage_b = cuda.shared.array(tile, int64)
+        stage_p = cuda.shared.array(tile, int64)
         t = cuda.threadIdx.x
-        b = cuda.blockIdx.x
-        g = b * threads + t
-        excl, _ = block_exclusive_scan(sh, t, thread_counts[g])
-        o = offsets[b] + excl
-        for r in range(items):
-            j = g * items + r
-            if j < heads.size:
-                h = heads[j]
-                pj = prows[j]
-                while h != EMPTY:
-                    out_b[o] = brows[h]
-                    out_p[o] = pj
-                    o += 1
-                    h = nxt[h]
+        tl = cuda.blockIdx.x
+        c = tcounts[tl * threads + t]
+        excl, tile_total = block_exclusive_scan(sh, t, c)
+        offset = tile_offsets[tl]
+        if offset < capacity:
+            w = 0
+            while w < tile_total:
+                if excl < w + tile and excl + c > w:
+                    o = excl
+                    for r in range(items):
+                        j = tl * tile + r * threads + t
+                        if j >= pkeys.size or o >= w + tile:
+                            continue
+                        hd = heads[j]
+                        if hd == HEAD_NONE:
+                            continue
+                        pj = prows[j] if has_p else j
+                        if hd >= 0:
+                            if o >= w:
+                                stage_b[o - w] = brows[hd] if has_b else hd
+                                stage_p[o - w] = pj
+                            o += 1
+                            continue
+                        k = pkeys[j]  # several matches: walk the key's buckets again
+                        h = hash_of(k, wide)
+                        b = first_bucket(h, nb)
+                        step = bucket_step(h, nb)
+                        tries = 0
+                        while tries < nb and o < w + tile:
+                            full = True
+                            for s in range(slots):
+                                tg = tag_at(table, b * slots + s)
+                                if (tg >> shift) != epoch:
+                                    full = False
+                                    break
+                                if table[2 * (b * slots + s)] == k:
+                                    if o >= w and o < w + tile:
+                                        pos = tg & ((1 << shift) - 1)
+                                        stage_b[o - w] = brows[pos] if has_b else pos
+                                        stage_p[o - w] = pj
+                                    o += 1
+                            if not full:
+                                break
+                            b = (b + step) % nb
+                            tries += 1
+                cuda.syncthreads()
+                m = min(tile, tile_total - w)
+                i = t
+                while i < m:
+                    at = offset + w + i
+                    if at < capacity:
+                        out_b[at] = stage_b[i]
+                        out_p[at] = stage_p[i]
+                    i += threads
+                cuda.syncthreads()
+                w += tile
 
     return {"build": hash_build_nb, "count": hash_count_nb, "write": hash_write_nb}
 
@@ -224,14 +276,13 @@ def as_numba(t: torch.Tensor) -> Any:
     return t.numpy()
 
 
-class HashJoinNumba:
-    """CUDA hash join written in numba-cuda (the default; the CPU twin of ``HashJoinCuda``)."""
+class HashJoinNumba(HashJoinBase):
+    """The hash join in numba-cuda (split scheme only; the CPU twin of ``HashJoinCuda``)."""
 
     name = "hash-numba"
 
     def __init__(self, config: HashConfig = HashConfig()) -> None:
-        self.config = config
-        self.ws = Workspace()
+        super().__init__(config)
         self._views: dict[int, tuple[torch.Tensor, Any]] = {}
 
     def _nb(self, t: torch.Tensor) -> Any:
@@ -243,45 +294,38 @@ class HashJoinNumba:
             hit = self._views[id(t)] = (t, as_numba(t))
         return hit[1]
 
-    def build(self, keys: torch.Tensor, rows: torch.Tensor) -> Built:
-        cap = self.config.capacity(keys.numel())
-        table = self.ws.get("table", 2 * cap + 2, keys.dtype, keys.device)
-        table.fill_(EMPTY)
-        nxt = self.ws.get("nxt", keys.numel(), keys.dtype, keys.device)
-        built = Built(table, nxt, rows, cap - 1, int(keys.dtype == torch.int64))
-        n = keys.numel()
-        if n:
-            grid = min(math.ceil(n / self.config.threads), MAX_GRID)
-            kernels(self.config)["build"][grid, self.config.threads](
-                as_numba(keys), self._nb(table), self._nb(nxt), built.mask, built.wide)
-        return built
+    def _check_device(self, t: torch.Tensor) -> None:
+        if t.is_cuda == backend.SIMULATED:
+            where = "CPU tensors (the numba simulator)" if backend.SIMULATED else "CUDA tensors"
+            raise ValueError(f"{self.name} needs {where}, got a tensor on {t.device}")
 
-    def probe(self, built: Built, keys: torch.Tensor, rows: torch.Tensor) -> Probed:
-        cfg, n, dev = self.config, keys.numel(), keys.device
-        nblocks = cfg.probe_blocks(n)
-        heads = self.ws.get("heads", n, keys.dtype, dev)
-        tcounts = self.ws.get("thread_counts", nblocks * cfg.threads, torch.int64, dev)
-        offsets = self.ws.get("offsets", nblocks + 1, torch.int64, dev)
-        if n == 0:
-            return Probed(built, heads, tcounts, offsets, rows, 0)
-        bcounts = self.ws.get("block_counts", nblocks, torch.int64, dev)
-        done = self.ws.get("done", 1, torch.int32, dev, zeros=True)
-        kernels(cfg)["count"][nblocks, cfg.threads](
-            as_numba(keys), self._nb(built.table), self._nb(built.nxt), built.mask, built.wide, self._nb(heads),
-            self._nb(tcounts), self._nb(bcounts), self._nb(offsets), self._nb(done))
-        total = int(offsets[nblocks].item())  # the one host sync: the output size
-        return Probed(built, heads, tcounts, offsets, rows, total)
+    def _table_args(self, built: Built) -> tuple:
+        lay = built.layout
+        return (self._nb(built.table), lay.buckets, lay.slots, lay.shift, built.epoch,
+                int(built.table.dtype == torch.int64))
 
-    def materialize(self, probed: Probed, out_build: torch.Tensor, out_probe: torch.Tensor) -> None:
+    def _launch_build(self, keys: torch.Tensor, built: Built, state: torch.Tensor) -> None:
+        grid = min(math.ceil(keys.numel() / self.config.tile), MAX_GRID)
+        kernels(self.config)["build"][grid, self.config.threads](as_numba(keys), *self._table_args(built),
+                                                                 self._nb(state))
+
+    def _launch_count(self, keys: torch.Tensor, built: Built, probed: Probed, state: torch.Tensor) -> None:
         cfg = self.config
-        nblocks = cfg.probe_blocks(probed.heads.numel())
-        kernels(cfg)["write"][nblocks, cfg.threads](
-            self._nb(probed.heads), self._nb(probed.built.nxt), self._nb(probed.thread_counts),
-            self._nb(probed.offsets), as_numba(probed.built.rows), as_numba(probed.rows), as_numba(out_build),
-            as_numba(out_probe))
+        tiles_ = self.ws.get("tile_totals", cfg.tiles(keys.numel()), torch.int64, keys.device)
+        kernels(cfg)["count"][cfg.tiles(keys.numel()), cfg.threads](
+            as_numba(keys), *self._table_args(built), self._nb(probed.heads), self._nb(probed.thread_counts),
+            self._nb(tiles_), self._nb(probed.tile_offsets), self._nb(state))
 
-    def __call__(self, build_keys, probe_keys, build_rows=None, probe_rows=None, *, timed: bool = False):
-        return run_join(self, build_keys, probe_keys, build_rows, probe_rows, timed=timed)
+    def _launch_write(self, probed: Probed, out_b: torch.Tensor, out_p: torch.Tensor, capacity: int) -> None:
+        cfg, n = self.config, probed.keys.numel()
+        dummy = self.ws.get("no_rows", 1, out_b.dtype, out_b.device)
+        br, pr = probed.built.rows, probed.rows
+        kernels(cfg)["write"][cfg.tiles(n), cfg.threads](
+            as_numba(probed.keys), *self._table_args(probed.built), self._nb(probed.heads),
+            self._nb(probed.thread_counts), self._nb(probed.tile_offsets),
+            as_numba(br if br is not None else dummy), int(br is not None),
+            as_numba(pr if pr is not None else dummy), int(pr is not None), as_numba(out_b), as_numba(out_p),
+            capacity)
 
 
 def hash_join_numba(build_keys, probe_keys, build_rows=None, probe_rows=None, *, config: HashConfig = HashConfig(),

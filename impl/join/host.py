@@ -1,8 +1,9 @@
 """Host-CPU joins: pandas (also the tests' oracle), DuckDB and polars — the CPU anchors of the benches.
 
-Each takes host numpy arrays (keys, row ids) and returns ``(build_rows, probe_rows)`` numpy arrays of the matching
-pairs. DuckDB and polars are installed on CPU machines but not on the GPU machine: their functions raise
-``RuntimeError`` with ``unavailable_reason(name)`` there, and the benches skip with that reason.
+Each takes host numpy arrays (keys, row ids: 1-D int32/int64, either byte order) and returns
+``(build_rows, probe_rows)`` numpy arrays of the matching pairs. DuckDB and polars are installed on CPU machines but
+not on the GPU machine: their functions raise ``RuntimeError`` with ``unavailable_reason(name)`` there, and the
+benches skip with that reason.
 """
 from __future__ import annotations
 
@@ -27,10 +28,22 @@ def unavailable_reason(name: str) -> str | None:
     return None
 
 
+def _column(name: str, a, n: int | None = None) -> np.ndarray:
+    """A 1-D int32/int64 numpy column in native byte order (big-endian input is converted, not misread)."""
+    a = np.asarray(a)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if a.dtype.kind != "i" or a.dtype.itemsize not in (4, 8):
+        raise TypeError(f"{name} must be int32 or int64, got {a.dtype}")
+    if n is not None and len(a) != n:
+        raise ValueError(f"{name} has {len(a)} entries but its keys have {n}")
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
 def _frames(bk, pk, br, pr) -> tuple[pd.DataFrame, pd.DataFrame]:
-    bk, pk = np.asarray(bk), np.asarray(pk)
-    br = np.arange(len(bk), dtype=np.int64) if br is None else np.asarray(br)
-    pr = np.arange(len(pk), dtype=np.int64) if pr is None else np.asarray(pr)
+    bk, pk = _column("build keys", bk), _column("probe keys", pk)
+    br = np.arange(len(bk), dtype=np.int64) if br is None else _column("build rows", br, len(bk))
+    pr = np.arange(len(pk), dtype=np.int64) if pr is None else _column("probe rows", pr, len(pk))
     return pd.DataFrame({"k": bk, "b": br}), pd.DataFrame({"k": pk, "p": pr})
 
 

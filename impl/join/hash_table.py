@@ -1,0 +1,337 @@
+"""The hash join's host side, shared by the CUDA C++ (``hash_cuda``) and numba (``hash_numba``) kernels.
+
+Table (see ``hash_join.cu`` for the kernels): ``B`` buckets of ``bucket_bytes`` bytes, ``S = bucket_bytes / slot``
+slots each (slot = {key, tag}: 8 bytes for int32 keys, 16 for int64), ``B`` the first prime >= n_build /
+(load_factor * S); every build row owns one slot. ``tag = epoch << shift | build position`` with ``shift =
+bit_length(n_build - 1)``; a slot is empty iff its tag's epoch field differs from the join's epoch, so a join on the
+same layout reuses the table without clearing it; the table is zeroed (epoch 0 = never live) when it is new, when the
+epoch field would overflow (every ``2**(32 - shift) - 1`` joins) or every join with ``clear="memset"``.
+
+Per join (``HashJoinBase.__call__``): build, count (+ the last block's scan of the tile totals, which publishes the
+total), write into speculative outputs of ``n_probe`` pairs (enough whenever build keys are unique), then ONE host
+sync reads the total; if it exceeds the speculative capacity (many-to-many), the write runs again exact-size after
+the output is checked to fit in memory. The fused scheme does build/count/write in one cooperative launch.
+The three phases are also exposed one by one (``build``/``probe``/``materialize``) for the per-phase benches.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from impl.join.common import JoinResult, Workspace, check_inputs, check_output_fits, mix32_np
+
+
+
+HEAD_NONE, HEAD_MANY = -1, -2
+STEP_SALT = 0x9E3779B9
+SCHEMES = ("fused", "split")
+CLEARS = ("epoch", "memset")
+READBACKS = ("pinned", "item")
+BARRIER_TIMEOUT_NS = 2_000_000_000
+ERRORS = {1: "a grid barrier timed out (blocks were not all resident)", 2: "the hash table had no free slot"}
+
+
+@dataclass(frozen=True)
+class HashConfig:
+    """Table layout and launch parameters of the hash joins (the numba twin reads the table/tile fields only)."""
+
+    load_factor: float = 0.5  # build rows / slots
+    threads: int = 256        # threads per block (a power of two)
+    items: int = 8            # probe (and build) rows per thread in flight
+    bucket_bytes: int = 32    # one 32-byte sector per bucket, or 64
+    scheme: str = "fused"     # fused: one cooperative launch; split: build, count, write kernels
+    clear: str = "epoch"      # epoch: no clear per join; memset: zero the table before every build
+    readback: str = "pinned"  # pinned: the kernel writes the total into pinned host memory; item: tensor.item()
+    min_blocks: int = 1       # __launch_bounds__ minimum resident blocks per SM (caps registers)
+    epoch_bits: int | None = None  # cap on the tag's epoch field (tests use 1-2 bits to force wraps)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.load_factor <= 0.9:
+            raise ValueError(f"load_factor must be in (0, 0.9], got {self.load_factor}")
+        if self.threads < 32 or self.threads > 1024 or self.threads & (self.threads - 1):
+            raise ValueError(f"threads must be a power of two in [32, 1024], got {self.threads}")
+        if not 1 <= self.items <= 32:
+            raise ValueError(f"items must be in [1, 32], got {self.items}")
+        if self.bucket_bytes not in (32, 64):
+            raise ValueError(f"bucket_bytes must be 32 or 64, got {self.bucket_bytes}")
+        for name, allowed in (("scheme", SCHEMES), ("clear", CLEARS), ("readback", READBACKS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.min_blocks < 1:
+            raise ValueError(f"min_blocks must be >= 1, got {self.min_blocks}")
+        if self.epoch_bits is not None and not 1 <= self.epoch_bits <= 31:
+            raise ValueError(f"epoch_bits must be in [1, 31], got {self.epoch_bits}")
+
+    @property
+    def tile(self) -> int:
+        return self.threads * self.items
+
+    def tiles(self, n_probe: int) -> int:
+        return math.ceil(n_probe / self.tile)
+
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    for p in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37):
+        if n % p == 0:
+            return n == p
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    for a in (2, 3, 5, 7, 11, 13, 17):  # deterministic for n < 3.4e14
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def next_prime(n: int) -> int:
+    n = max(int(n), 2)
+    while not is_prime(n):
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A table layout; a table is reused by the next join only when its layout is the same."""
+
+    buckets: int
+    slots: int        # per bucket
+    slot_bytes: int   # 8 (int32 keys) or 16 (int64 keys)
+    shift: int        # tag = epoch << shift | position
+    max_epoch: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.buckets * self.slots * self.slot_bytes
+
+
+def plan_layout(config: HashConfig, n_build: int, key_dtype: torch.dtype) -> Layout:
+    slot_bytes = 16 if key_dtype == torch.int64 else 8
+    slots = config.bucket_bytes // slot_bytes
+    buckets = next_prime(max(3, math.ceil(n_build / (config.load_factor * slots))))
+    shift = max(1, (max(n_build, 1) - 1).bit_length())
+    epoch_bits = 32 - shift if config.epoch_bits is None else min(config.epoch_bits, 32 - shift)
+    return Layout(buckets, slots, slot_bytes, shift, (1 << epoch_bits) - 1)
+
+
+def next_epoch(previous: Layout | None, layout: Layout, epoch: int, clear: str) -> tuple[int, bool]:
+    """(the next join's epoch, whether the table must be zeroed first) after a join at ``epoch`` on ``previous``."""
+    if previous != layout:
+        return 1, True
+    if epoch + 1 > layout.max_epoch or clear == "memset":
+        return 1, True
+    return epoch + 1, False
+
+
+# ---- the hash arithmetic in numpy (the kernels' reference) -------------------------------------------------------
+
+def first_bucket_np(h: np.ndarray, buckets: int) -> np.ndarray:
+    return (np.asarray(h, np.uint64) * np.uint64(buckets)) >> np.uint64(32)
+
+
+def bucket_step_np(h: np.ndarray, buckets: int) -> np.ndarray:
+    salted = (np.asarray(h, np.int64) ^ STEP_SALT) & 0xFFFFFFFF
+    return 1 + mix32_np(salted) % (buckets - 1)
+
+
+def table_contents(table: torch.Tensor, layout: Layout, key_dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, tags) of every slot as numpy arrays of shape (buckets, slots); tags as int64 in [0, 2**32)."""
+    raw = table.cpu().numpy().view(np.int64 if key_dtype == torch.int64 else np.int32)
+    pairs = raw.reshape(layout.buckets, layout.slots, 2)
+    keys = pairs[:, :, 0].astype(np.int64)
+    tags = pairs[:, :, 1].astype(np.int64) & 0xFFFFFFFF
+    return keys, tags
+
+
+# ---- the host protocol ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Built:
+    table: torch.Tensor  # raw bytes of the table (int32 / int64 words)
+    layout: Layout
+    epoch: int
+    rows: torch.Tensor | None  # build row ids; None = positions
+    row_dtype: torch.dtype
+    n: int
+    stamp: int           # which build of the operator made it (a later build makes it stale)
+
+
+@dataclass
+class Probed:
+    built: Built
+    keys: torch.Tensor
+    rows: torch.Tensor | None
+    heads: torch.Tensor          # (n_probe,) int32: -1 none, >= 0 the one match's build position, -2 several
+    thread_counts: torch.Tensor  # (tiles * threads,) int64
+    tile_offsets: torch.Tensor   # (tiles,) int64 exclusive output offset of each tile
+    total: int
+
+
+class HashJoinBase:
+    """The phases and the speculative one-sync join over backend kernels (``_launch_*``, see the subclasses)."""
+
+    name = "hash"
+    fused_available = False
+
+    def __init__(self, config: HashConfig = HashConfig()) -> None:
+        self.config = config
+        self.ws = Workspace()
+        self.layout: Layout | None = None
+        self.table: torch.Tensor | None = None
+        self.epoch = 0
+        self.stamp = 0
+        self.launches = 0   # kernel launches (memsets included) by this operator, for the benches' extra_info
+        self.syncs = 0      # host syncs by this operator
+
+    # -- backend hooks --
+    def _launch_build(self, keys: torch.Tensor, built: Built, state: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _launch_count(self, keys: torch.Tensor, built: Built, probed: Probed, state: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _launch_write(self, probed: Probed, out_b: torch.Tensor, out_p: torch.Tensor, capacity: int) -> None:
+        raise NotImplementedError
+
+    def _launch_fused(self, bkeys: torch.Tensor, built: Built, probed: Probed, out_b: torch.Tensor,
+                      out_p: torch.Tensor, capacity: int, state: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _check_device(self, t: torch.Tensor) -> None:
+        """Refuse tensors the backend cannot read (the CUDA join needs CUDA tensors)."""
+
+    def _arm(self) -> None:
+        """Before a join's first launch: reset whatever the kernels report the total through."""
+
+    def _mark(self) -> Any:
+        """After the launch that publishes the total: something ``_read_total`` can wait on (None: the stream)."""
+        return None
+
+    def _read_total(self, state: torch.Tensor, mark: Any = None) -> int:
+        """Wait for the count and return the total (one host sync); raise on a device-side error."""
+        self.syncs += 1
+        total, err = (int(v) for v in state[:2].tolist())
+        if err:
+            self._reset_state()
+            raise RuntimeError(f"{self.name}: {ERRORS.get(err, f'device error {err}')}")
+        return total
+
+    def _reset_state(self) -> None:
+        self.ws.get("state", 8, torch.int64, self._device).zero_()
+
+    # -- shared host logic --
+    def _state(self, device: torch.device) -> torch.Tensor:
+        self._device = device
+        return self.ws.get("state", 8, torch.int64, device, zeros=True)
+
+    def _prepare_table(self, n_build: int, key_dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, Layout]:
+        layout = plan_layout(self.config, n_build, key_dtype)
+        words = layout.nbytes // (8 if key_dtype == torch.int64 else 4)
+        if self.table is None or self.table.device != device or self.table.dtype != key_dtype:
+            self.layout = None
+        self.epoch, clear = next_epoch(self.layout, layout, self.epoch, self.config.clear)
+        if self.layout != layout:
+            check_output_fits(0, torch.int32, device, extra_bytes=layout.nbytes, what="the hash table")
+            self.table = torch.zeros(words, dtype=key_dtype, device=device)
+            self.layout = layout
+        elif clear:
+            self.table.zero_()
+        self.launches += int(clear)
+        return self.table, layout
+
+    def build(self, keys: torch.Tensor, rows: torch.Tensor | None) -> Built:
+        self._check_device(keys)
+        table, layout = self._prepare_table(keys.numel(), keys.dtype, keys.device)
+        self.stamp += 1
+        built = Built(table, layout, self.epoch, rows, rows.dtype if rows is not None else torch.int64,
+                      keys.numel(), self.stamp)
+        if keys.numel():
+            self._launch_build(keys, built, self._state(keys.device))
+            self.launches += 1
+        return built
+
+    def _probe_state(self, built: Built, keys: torch.Tensor, rows: torch.Tensor | None) -> Probed:
+        if built.stamp != self.stamp:
+            raise RuntimeError(f"{self.name}: this build state is stale (the operator has built another table since)")
+        cfg, n, dev = self.config, keys.numel(), keys.device
+        tiles = cfg.tiles(n)
+        return Probed(built, keys, rows, self.ws.get("heads", n, torch.int32, dev),
+                      self.ws.get("thread_counts", tiles * cfg.threads, torch.int64, dev),
+                      self.ws.get("tile_offsets", tiles, torch.int64, dev), 0)
+
+    def probe(self, built: Built, keys: torch.Tensor, rows: torch.Tensor | None) -> Probed:
+        self._check_device(keys)
+        probed = self._probe_state(built, keys, rows)
+        if keys.numel():
+            state = self._state(keys.device)
+            self._arm()
+            self._launch_count(keys, built, probed, state)
+            self.launches += 1
+            probed.total = self._read_total(state, self._mark())
+        return probed
+
+    def materialize(self, probed: Probed, out_build: torch.Tensor, out_probe: torch.Tensor) -> None:
+        if probed.built.stamp != self.stamp:
+            raise RuntimeError(f"{self.name}: this probe state is stale (the operator has built another table since)")
+        if probed.keys.numel():
+            self._launch_write(probed, out_build, out_probe, out_build.numel())
+            self.launches += 1
+
+    def __call__(self, build_keys: Any, probe_keys: Any, build_rows: Any = None, probe_rows: Any = None, *,
+                 timed: bool = False) -> JoinResult:
+        """Inner equi-join (``common`` module doc); one host sync. ``timed``: the three phases one by one."""
+        t = check_inputs(build_keys, probe_keys, build_rows, probe_rows, default_rows=False)
+        if timed:
+            from impl.join.common import run_join
+
+            return run_join(self, t.build_keys, t.probe_keys, t.build_rows, t.probe_rows, timed=True)
+        return self.speculative_join(t.build_keys, t.probe_keys, t.build_rows, t.probe_rows)
+
+    def speculative_join(self, bk: torch.Tensor, pk: torch.Tensor, br: torch.Tensor | None,
+                         pr: torch.Tensor | None) -> JoinResult:
+        rdt = br.dtype if br is not None else torch.int64
+        n, dev = pk.numel(), pk.device
+        self._check_device(bk)
+        self._check_device(pk)
+        check_output_fits(n, rdt, dev, what="the speculative output (one pair per probe row)")
+        ob, op = torch.empty(n, dtype=rdt, device=dev), torch.empty(n, dtype=rdt, device=dev)
+        if n == 0:
+            return JoinResult(ob, op)
+        state = self._state(dev)
+        self._arm()
+        if self.config.scheme == "fused" and self.fused_available:
+            table, layout = self._prepare_table(bk.numel(), bk.dtype, dev)
+            self.stamp += 1
+            built = Built(table, layout, self.epoch, br, rdt, bk.numel(), self.stamp)
+            probed = self._probe_state(built, pk, pr)
+            self._launch_fused(bk, built, probed, ob, op, n, state)
+            mark = self._mark()
+            self.launches += 1
+        else:
+            built = self.build(bk, br)
+            probed = self._probe_state(built, pk, pr)
+            self._launch_count(pk, built, probed, state)
+            mark = self._mark()  # the host can read the total while the write runs
+            self._launch_write(probed, ob, op, n)
+            self.launches += 2
+        total = probed.total = self._read_total(state, mark)
+        if total > n:  # many-to-many: the speculative buffer was short; write again, exact-size
+            check_output_fits(total, rdt, dev)
+            ob, op = torch.empty(total, dtype=rdt, device=dev), torch.empty(total, dtype=rdt, device=dev)
+            self._launch_write(probed, ob, op, total)
+            self.launches += 1
+            return JoinResult(ob, op)
+        return JoinResult(ob[:total], op[:total])
