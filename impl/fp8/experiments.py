@@ -164,11 +164,11 @@ def layout_table(name: str, variants: dict[str, Any], checks: dict[str, Any] | N
         row: dict[str, Any] = {"group": group}
         if checks is not None:
             row["identical"] = checks.get(lay_name, {}).get("identical")
-        for mode in quality.MODES:
-            v = variants.get(f"{group}-{mode}")
-            if v is not None:
-                row[mode] = {k: v[k] for k in ("delta_pct", "ci95", "abs_hi", "top1_agreement", "ppl")}
-                row[mode]["via"] = f"{group}-{mode}"
+        for vname, v in variants.items():  # "w8a16", "w8a8", and e.g. "w8a16-keep-top4" for the kept-block policies
+            if v["group"] == group:
+                key = vname[len(group) + 1:]
+                row[key] = {k: v[k] for k in ("delta_pct", "ci95", "abs_hi", "top1_agreement", "ppl", "keep")}
+                row[key]["via"] = vname
         table[lay_name] = row
     return table
 
@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-layouts", action="store_true", help="skip the per-layout checkpoint round trip")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (results/cpu/fp8/)")
     p.add_argument("--smoke", action="store_true", help="CPU check at tiny size; writes nothing")
+    p.add_argument("--name", default=RESULT_NAME, help=f"result name (default {RESULT_NAME})")
     a = p.parse_args(argv)
     if a.prepare:
         prepare(a.prepare)
@@ -273,9 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     n = a.tokens or (65536 if a.quick else 131072)
     data = run(a.models, assets=assets, tokens=n, calib=a.calib_tokens, window=a.window, batch=a.batch,
                policies=a.policies, budget_s=a.budget_s, layouts=not a.no_layouts)
+    if not any("variants" in m for m in data["models"].values()):
+        print(summary(data), file=sys.stderr)
+        print("no model could be evaluated: nothing written", file=sys.stderr)
+        return 2
     from impl.common.results import write_result
 
-    path = write_result("fp8", RESULT_NAME, data, overwrite=True, slug="cpu" if not backend.ON_GPU else None)
+    path = write_result("fp8", a.name, data, overwrite=True, slug="cpu" if not backend.ON_GPU else None)
     print(summary(data))
     print(f"wrote {path} in {data['seconds']:.0f} s (complete: {data['complete']})")
     return 0

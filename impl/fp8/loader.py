@@ -305,7 +305,13 @@ def _progress_bar(total: int, label: str, progress: bool | None):
 
 
 def _nan_codes(w: torch.Tensor) -> torch.Tensor:
-    b = w.view(torch.uint8) & 0x7F
+    """Whether an FP8 tensor holds a NaN code (a device boolean). On the CPU one histogram pass (bincount) is
+    several times faster than the elementwise test."""
+    b = w.view(torch.uint8).reshape(-1)
+    nan = (0x7F, 0xFF) if w.dtype == torch.float8_e4m3fn else (0x7D, 0x7E, 0x7F, 0xFD, 0xFE, 0xFF)
+    if b.device.type == "cpu":
+        return torch.bincount(b, minlength=256)[list(nan)].any()
+    b = b & 0x7F
     if w.dtype == torch.float8_e4m3fn:
         return (b == 0x7F).any()
     return (b > 0x7C).any()  # e5m2: exponent all ones with a mantissa (0x7C is inf, allowed by the format)
