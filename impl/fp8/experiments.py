@@ -176,14 +176,15 @@ def layout_table(name: str, variants: dict[str, Any], checks: dict[str, Any] | N
 # ---- the run -------------------------------------------------------------------------------------------------------
 
 def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
-              policies: list[str], deadline: float, layouts: bool, log: LOG = print) -> dict[str, Any]:
+              policies: list[str], deadline: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
+              log: LOG = print) -> dict[str, Any]:
     device = backend.DEVICE
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t0 = time.perf_counter()
     model, tok, bos = load(name, assets, device, dtype)
     log(f"{name}: loaded in {time.perf_counter() - t0:.0f} s ({dtype}, {device}, bos={bos})")
     cal, ids = token_split(tok, text_of(assets), calib, tokens)
-    variants = quality.variants_for(policies)
+    variants = quality.variants_for(policies, groups)
     res = quality.evaluate_variants(model, ids, cal, variants, window=window, batch=batch, bos=bos,
                                     deadline=deadline, log=log)
     for v in [res["base"], *res["variants"].values()]:
@@ -207,7 +208,8 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
 
 
 def run(models: list[str], *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
-        policies: list[str], budget_s: float, layouts: bool, log: LOG = print) -> dict[str, Any]:
+        policies: list[str], budget_s: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
+        log: LOG = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     deadline = t0 + budget_s
     data: dict[str, Any] = {"models": {}, "policies": policies, "bootstrap": quality.BOOTSTRAP,
@@ -215,7 +217,8 @@ def run(models: list[str], *, assets: Path | None, tokens: int, calib: int, wind
     for name in models:
         try:
             r = run_model(name, assets=assets, tokens=tokens, calib=calib, window=window, batch=batch,
-                          policies=policies, deadline=deadline, layouts=layouts and name == "smollm2", log=log)
+                          policies=policies, deadline=deadline, layouts=layouts and name == "smollm2",
+                          groups=groups, log=log)
         except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
             log(f"{name}: not run ({type(e).__name__}: {e})")
             data["models"][name] = {"error": f"{type(e).__name__}: {e}", "complete": False}
@@ -224,6 +227,12 @@ def run(models: list[str], *, assets: Path | None, tokens: int, calib: int, wind
     data["seconds"] = time.perf_counter() - t0
     data["complete"] = all(data["models"].get(m, {}).get("complete") for m in models)
     return data
+
+
+def smoke(assets: Path | None = None, *, log: LOG = print) -> dict[str, Any]:
+    """The experiment at CPU size: SmolLM2, 256 evaluation tokens in windows of 128, per-channel W8A16 and W8A8."""
+    return run(["smollm2"], assets=assets, tokens=256, calib=128, window=128, batch=2, policies=["all"],
+               budget_s=math.inf, layouts=False, groups=("channel",), log=log)
 
 
 def summary(data: dict[str, Any]) -> str:
@@ -248,12 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", type=Path, help="wiki.txt (its folder is taken as --assets)")
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     p.add_argument("--policies", nargs="*", default=list(POLICIES), help="all, first-last, top<k>")
+    p.add_argument("--groups", nargs="*", default=list(quality.GROUPS), choices=quality.GROUPS)
     p.add_argument("--tokens", type=int, help="evaluation tokens per model (default 131072; --quick 65536)")
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--budget-s", type=float, default=480, help="stop starting new variants after this long")
+    p.add_argument("--budget-s", type=float, default=330, help="stop starting new variants after this long")
     p.add_argument("--no-layouts", action="store_true", help="skip the per-layout checkpoint round trip")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (results/cpu/fp8/)")
     p.add_argument("--smoke", action="store_true", help="CPU check at tiny size; writes nothing")
@@ -264,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     assets = a.assets or (a.text.parent if a.text else None)
     if a.smoke:
-        data = run(["smollm2"], assets=assets, tokens=256, calib=128, window=128, batch=2, policies=["all"],
-                   budget_s=math.inf, layouts=False)
+        data = smoke(assets)
         print(summary(data))
         return 0
     if not backend.ON_GPU and not a.cpu:
@@ -273,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n = a.tokens or (65536 if a.quick else 131072)
     data = run(a.models, assets=assets, tokens=n, calib=a.calib_tokens, window=a.window, batch=a.batch,
-               policies=a.policies, budget_s=a.budget_s, layouts=not a.no_layouts)
+               policies=a.policies, budget_s=a.budget_s, layouts=not a.no_layouts, groups=tuple(a.groups))
     if not any("variants" in m for m in data["models"].values()):
         print(summary(data), file=sys.stderr)
         print("no model could be evaluated: nothing written", file=sys.stderr)
