@@ -14,8 +14,13 @@ FP8 travels as uint8 codes. On the GPU they are bitcast to Triton's fp8 types an
 instead of rounding and mishandles subnormals), so there ``EMULATE=True`` selects an exact bit-level codec written
 with integer ops (``_decode_bits``/``_encode_bits``); a GPU test checks the codec against the hardware on all codes.
 
-Tiles are [BM, BK] of a row-major matrix (column stride 1). A scale group's columns never straddle a tile
-(BK divides gk), so a tile needs at most one scale per row: ``_tile_scales`` gathers it as a [BM, 1] column.
+Tiles are [BM, BK] of a row-major matrix (column stride 1), numbered with the column tile varying fastest, so the
+programs in flight at one time stream consecutive bytes of the same rows. A launch has one program per tile, or
+fewer that stride over the tiles (persistent: ``quant.LaunchConfig.per_sm``). ``_apply_scales`` reads a tile's
+scales in the cheapest shape its position in the scale groups allows (one value, one per row, one per column, or
+one per element). Per-tensor dynamic scales come from per-program amax partials that every quantizing program
+reduces itself (no atomics, no zeroed buffer); the delayed variant quantizes with the previous call's partials and
+writes this call's, so it reads its input once.
 """
 from __future__ import annotations
 

@@ -42,14 +42,16 @@ class LaunchConfig:
 # winners in this form. bk of "quant-group"/"quant-block" is the group's width; bm of "quant-block" is the rows
 # per pass (a divisor of the block height: smaller reads each block twice, once for its amax, from L1/L2).
 GPU_CONFIGS: dict[str, LaunchConfig] = {
-    "dequant": LaunchConfig(16, 512, warps=4),          # tensor / channel scales
-    "dequant-block": LaunchConfig(32, 512, warps=8),    # 128 x 128 blocks: [1, bk] scales per tile
-    "quant-static": LaunchConfig(16, 512, warps=4),
-    "amax": LaunchConfig(16, 512, warps=8, per_sm=4),
-    "quant-tensor": LaunchConfig(16, 512, warps=4, per_sm=8),   # second pass of dynamic per-tensor, and delayed
-    "quant-rows": LaunchConfig(1, 16384, warps=8),      # bk: the widest row quantized in one pass
-    "quant-group": LaunchConfig(32, 128, warps=4),
-    "quant-block": LaunchConfig(32, 128, warps=4),
+    # ptxas for sm_90 gives about 3 registers per element a thread holds: 32 elements (~90-105 registers) keeps
+    # 4-5 programs of 4 warps per SM with two 16-byte loads in flight per thread
+    "dequant": LaunchConfig(8, 512, warps=4),           # tensor / channel scales
+    "dequant-block": LaunchConfig(8, 512, warps=4),     # 128 x 128 blocks: one row group, [1, bk] scales per tile
+    "quant-static": LaunchConfig(8, 512, warps=4),
+    "amax": LaunchConfig(8, 1024, warps=8, per_sm=4),   # ~80 registers: 4 programs of 8 warps stay resident
+    "quant-tensor": LaunchConfig(8, 512, warps=4, per_sm=4),   # second pass of dynamic per-tensor, and delayed
+    "quant-rows": LaunchConfig(1, 16384, warps=16),     # bk: the widest row read once (64 registers at 16384)
+    "quant-group": LaunchConfig(32, 128, warps=8),
+    "quant-block": LaunchConfig(16, 128, warps=4),      # 16-row passes, each block read twice (from L1/L2)
 }
 # the interpreter runs one program at a time with numpy: few, large tiles
 CPU_CONFIGS: dict[str, LaunchConfig] = {

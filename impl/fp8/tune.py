@@ -37,18 +37,17 @@ CPU_SHAPES = [(64, 256)]
 CHECK_SHAPE = (272, 1040)  # multiples of 16 (the big shapes' specialization) that no tile divides
 
 # kernel -> (config key in quant.GPU_CONFIGS, candidates); the default is always timed too
-CANDIDATES: dict[str, tuple[str, list[C]]] = {
-    "dequant-tensor": ("dequant", [C(8, 1024, 4), C(32, 512, 8), C(16, 1024, 8), C(32, 256, 4), C(16, 512, 4, 1, 8)]),
-    "dequant-channel": ("dequant", [C(8, 1024, 4), C(32, 512, 8), C(16, 1024, 8), C(32, 256, 4)]),
-    "dequant-block": ("dequant-block", [C(16, 512, 4), C(64, 256, 8), C(32, 1024, 8), C(128, 128, 8),
-                                        C(32, 512, 8, 1, 8)]),
-    "requant-tensor": ("quant-tensor", [C(32, 512, 8, 1, 4), C(16, 1024, 8, 1, 4), C(16, 512, 4, 1, 16)]),
-    "amax": ("amax", [C(32, 512, 8, 1, 4), C(16, 1024, 8, 1, 2), C(8, 1024, 4, 1, 8)]),
-    "requant-delayed": ("quant-tensor", [C(32, 512, 8, 1, 4), C(16, 1024, 8, 1, 4)]),
-    "requant-channel": ("quant-rows", [C(2, 16384, 8), C(1, 16384, 16), C(4, 16384, 8), C(1, 2048, 4),
-                                       C(2, 16384, 8, 1, 4)]),
-    "requant-group": ("quant-group", [C(64, 128, 4), C(16, 128, 4), C(64, 128, 8), C(128, 128, 8)]),
-    "requant-block": ("quant-block", [C(64, 128, 8), C(128, 128, 8), C(16, 128, 4), C(128, 128, 16)]),
+CANDIDATES: dict[str, tuple[str, list[C]]] = {  # 16, 32 and 64 elements a thread; 4 and 8 warps; persistent
+    "dequant-tensor": ("dequant", [C(4, 512, 4), C(4, 1024, 4), C(8, 1024, 8), C(16, 512, 8), C(8, 512, 4, 1, 4)]),
+    "dequant-channel": ("dequant", [C(4, 512, 4), C(4, 1024, 4), C(8, 1024, 8), C(16, 256, 4)]),
+    "dequant-block": ("dequant-block", [C(4, 512, 4), C(4, 1024, 4), C(8, 1024, 8), C(16, 512, 8),
+                                        C(8, 512, 4, 1, 4)]),
+    "requant-tensor": ("quant-tensor", [C(4, 512, 4, 1, 8), C(8, 1024, 8, 1, 2), C(8, 512, 4)]),
+    "amax": ("amax", [C(4, 1024, 4, 1, 8), C(8, 512, 4, 1, 4), C(16, 512, 8, 1, 2)]),
+    "requant-delayed": ("quant-tensor", [C(4, 512, 4, 1, 8), C(8, 1024, 8, 1, 2)]),
+    "requant-channel": ("quant-rows", [C(1, 16384, 8), C(2, 16384, 16), C(1, 2048, 4), C(1, 16384, 16, 1, 4)]),
+    "requant-group": ("quant-group", [C(16, 128, 4), C(64, 128, 8), C(8, 128, 4)]),
+    "requant-block": ("quant-block", [C(128, 128, 16), C(64, 128, 8), C(32, 128, 8), C(16, 128, 4, 1, 4)]),
 }
 CPU_CANDIDATES = 1  # under the interpreter: the first candidate of each kernel only
 
