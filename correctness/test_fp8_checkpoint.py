@@ -287,3 +287,21 @@ def test_scale_shapes_seen_in_the_wild_give_the_same_weights(tmp_path, layout, s
     for module, (group, scale, wd) in got[0].items():
         assert got[1][module][0] == group and torch.equal(got[1][module][1], scale), module
         assert torch.equal(got[1][module][2], wd), module
+
+
+def test_kept_blocks_are_recorded_in_the_checkpoint_and_load_dense(dense, tmp_path):
+    """A quality variant's kept blocks, as its ``ignore`` list, written by the quantizer into quantization_config:
+    the loader reads those blocks' linears dense and quantizes the rest."""
+    from impl.fp8.quality import Variant, ignore_list
+
+    src, tensors = dense
+    ignore = ignore_list(Variant("channel", "w8a16", (1,), "top1"))
+    Q.quantize_checkpoint(src, tmp_path, "ct-channel", ignore=ignore, log=lambda *a: None)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["quantization_config"]["ignore"] == ignore
+    ck = load_checkpoint(tmp_path, "cpu")
+    for module, w in ck.linears.items():
+        if module.startswith("model.layers.1."):
+            assert isinstance(w, torch.Tensor) and torch.equal(w, tensors[f"{module}.weight"]), module
+        else:
+            assert w.group == CHANNEL and w.weight.dtype == torch.float8_e4m3fn, module

@@ -40,7 +40,7 @@ from impl.fp8.layouts import LAYOUTS
 RESULT_NAME = "quality"
 MODELS = ("smollm2", "gemma3")
 ASSET_DIRS = (Path("/tmp/lab_assets/kvstitch"),)  # where .ci/gpu/models.sh joins the carried pieces
-POLICIES = ("all", "first-last", "top2")
+POLICIES = ("all", "first-last", "top2", "top4", "top8")
 LOG = Callable[..., Any]
 
 

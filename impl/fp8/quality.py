@@ -215,12 +215,19 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
             r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
         r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
         r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, paths=sw.paths,
-                 seconds=time.perf_counter() - t)
+                 ignore=ignore_list(v), seconds=time.perf_counter() - t)
         out["variants"][v.name] = r
         log(f"{v.name}: ppl {r['ppl']:.4f}, delta {r['delta_pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}], "
             f"agreement {100 * r['top1_agreement']:.1f}%, paths {sw.paths} ({r['seconds']:.0f} s)")
     out["complete"] = True
     return out
+
+
+def ignore_list(v: Variant) -> list[str]:
+    """The modules a checkpoint of this variant leaves unquantized, as ``quantization_config`` records them
+    (``impl.fp8.quantize --ignore``; vLLM's ``ignored_layers`` / compressed-tensors' ``ignore``, ``re:`` patterns)."""
+    kept = "|".join(str(i) for i in v.keep)
+    return ["lm_head"] + ([f"re:model\\.layers\\.({kept})\\..*"] if v.keep else [])
 
 
 def resolve_keep(v: Variant, ranking: list[int], n_blocks: int) -> Variant:
