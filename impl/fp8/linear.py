@@ -153,6 +153,7 @@ class Fp8Linear(nn.Module):
         on_gpu = w.weight.device.type == "cuda"
         self.compute_dtype = compute_dtype or (torch.bfloat16 if on_gpu else torch.float32)
         self._dense: torch.Tensor | None = None  # the torch paths' dequantized weight, made on first use
+        self._row_scale: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, {self.fmt.name}, scales={self.group.name}, "
@@ -206,8 +207,10 @@ class Fp8Linear(nn.Module):
                 sx = sx.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
             else:
                 xq, sx = quant.quantize(xin, CHANNEL, E4M3)
-            sw = self.weight_scale.reshape(-1, 1).expand(self.out_features, 1).reshape(1, self.out_features)
-            sw = sw.contiguous()
+            if self._row_scale is None:  # [1, N] float32, per-tensor weights broadcast; made once
+                self._row_scale = self.weight_scale.reshape(-1, 1).expand(self.out_features, 1).reshape(
+                    1, self.out_features).contiguous()
+            sw = self._row_scale
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         # Wq is [N, K] row-major, so Wq.t() is the column-major [K, N] operand cuBLASLt wants
         return torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=torch.bfloat16)
