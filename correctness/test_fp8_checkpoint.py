@@ -7,7 +7,6 @@
 - fused q/k/v and gate/up equal the unfused shards exactly ("exact"), or within the e4m3 bound ("requant");
 - malformed checkpoints are refused with a message naming the tensor and the problem.
 """
-from pathlib import Path
 import json
 import math
 

@@ -75,6 +75,7 @@ def test_host_memory_is_measured_or_accounted(monkeypatch):
     mem = staging.HostMemory()
     if mem.base_rss is not None:
         keep = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MiB touched: resident
+        assert int(keep[-1]) == 1
         mem.sample()
         assert mem.rss_growth >= 12 << 20 and mem.peak >= mem.rss_growth
         del keep

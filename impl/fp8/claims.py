@@ -7,7 +7,7 @@ judged against that two-read bound (``pct_traffic_bw``). Quality: |perplexity ch
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,8 @@ class MinExtraInfo:
             if isinstance(m, NotMeasured):
                 return m
             got.append((m.value, m))
-        value, worst = min(got, key=lambda vm: vm[0])
-        return Measured(value, worst.device, worst.commit, worst.date, f"min over {len(got)} shapes: {worst.source}")
+        _, worst = min(got, key=lambda vm: vm[0])
+        return replace(worst, source=f"min over {len(got)} shapes: {worst.source}")  # its provenance and interval
 
     def describe(self) -> str:
         return f"min of extra_info[{self.key}] over benches " + ", ".join(f"`{b}`" for b in self.benches)
