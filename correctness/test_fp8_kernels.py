@@ -287,3 +287,17 @@ def test_delayed_scaling_uses_the_previous_calls_amax():
     assert torch.equal(s3.cpu(), R.quantize_reference(4 * x, "tensor")[1]) and state.calls == 3
     with pytest.raises(ValueError, match="start a new state"):
         quant.quantize_delayed(x[:3], state)
+
+
+def test_tune_checks_then_times_and_writes_its_table(tmp_path, capsys):
+    """The launch-config sweep at CPU size: every candidate checked against the reference, timed, winners named."""
+    import json
+
+    from impl.fp8 import tune
+
+    assert tune.main(["--out", str(tmp_path), "--budget-s", "120", "--kernels", "dequant-block",
+                      "requant-delayed"]) == 0
+    data = json.loads((tmp_path / "tune.json").read_text())
+    assert data["complete"] and {r["kernel"] for r in data["rows"]} == {"dequant-block", "requant-delayed"}
+    assert not any("error" in r for r in data["rows"]) and set(data["winners"]) == {"dequant-block", "requant-delayed"}
+    assert "winners (paste into quant.GPU_CONFIGS)" in capsys.readouterr().out

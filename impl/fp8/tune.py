@@ -8,7 +8,8 @@ candidate ``quant.LaunchConfig``:
   1. check: fresh random input of an awkward shape (tiles cut by both edges), outputs poisoned; codes and scales
      must equal ``reference`` bit for bit (dequantize: the float32 product, exactly);
   2. time: ``impl.common.timing.time_fn`` (device events, queued, L2 flushed before each call, median) on the first
-     shape; then the best config and the default on every shape.
+     shape, each kernel within an equal slice of 80% of the budget (its default always); then the best config and
+     the default on every other shape.
 Bandwidth is compulsory bytes (inputs read once, outputs written once) over time, as % of this run's measured copy
 bandwidth; per-tensor dynamic also against its two-read bound. Prints a table, writes ``DIR/tune.json`` (every
 row, the winners as ``GPU_CONFIGS`` entries, ``complete``). Stops starting new work when the budget is spent.
@@ -173,12 +174,14 @@ def sweep(shapes: list[tuple[int, int]], budget_s: float, kernels: list[str], co
         return r
 
     n0, k0 = shapes[0]
-    for kernel in kernels:
-        best = None
-        for cfg in candidates(kernel):
-            if over():
+    best: dict[str, C] = {}
+    for i, kernel in enumerate(kernels):  # phase 1, 80% of the budget in equal slices: pick each kernel's config
+        deadline = t0 + 0.8 * budget_s * (i + 1) / len(kernels)
+        fastest = None
+        for j, cfg in enumerate(candidates(kernel)):
+            if j > 0 and time.perf_counter() > deadline:  # the default is always timed
                 complete = False
-                log(f"budget spent: {kernel} {cfg} and later not run")
+                log(f"{kernel}: slice spent, {len(candidates(kernel)) - j} candidates not run")
                 break
             try:
                 case(kernel, check_n, check_k, cfg, seed=int(time.time()) & 0xFFFF)[3]()
@@ -189,18 +192,20 @@ def sweep(shapes: list[tuple[int, int]], budget_s: float, kernels: list[str], co
             fn, nbytes, traffic, _ = case(kernel, n0, k0, cfg)
             r = row(kernel, cfg, n0, k0, time_ms(fn, reps), nbytes, traffic,
                     "default" if cfg == _default(kernel) else "candidate")
-            if best is None or r["us"] < best[1]["us"]:
-                best = (cfg, r)
-        if best is None:
-            continue
-        winners[kernel] = {"config_key": CANDIDATES[kernel][0], "config": asdict(best[0]), "us": best[1]["us"]}
-        for n, k in shapes[1:]:
-            for cfg, role in ((best[0], "best"), (_default(kernel), "default")):
+            if fastest is None or r["us"] < fastest[1]["us"]:
+                fastest = (cfg, r)
+        if fastest is not None:
+            best[kernel] = fastest[0]
+            winners[kernel] = {"config_key": CANDIDATES[kernel][0], "config": asdict(fastest[0]),
+                               "us": fastest[1]["us"]}
+    for n, k in shapes[1:]:  # phase 2: the winner and the default on the other shapes
+        for kernel, cfg_best in best.items():
+            for cfg, role in ((cfg_best, "best"), (_default(kernel), "default")):
+                if role == "default" and cfg == cfg_best:
+                    continue
                 if over():
                     complete = False
                     break
-                if role == "default" and cfg == best[0]:
-                    continue
                 fn, nbytes, traffic, _ = case(kernel, n, k, cfg)
                 row(kernel, cfg, n, k, time_ms(fn, reps), nbytes, traffic, role)
     return {"rows": rows, "winners": winners, "complete": complete, "seconds": time.perf_counter() - t0,
