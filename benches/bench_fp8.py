@@ -200,8 +200,8 @@ def test_fp8_load(device_bench, benchmark, big_checkpoint, cache, staging_kind):
                       staging=staging_kind, checkpoint_bytes=nbytes, evict_method=ev.get("method"))
     benchmark.extra_info.update(stats)  # the last round's loader stats
     if stats["peak_host_bytes"] is not None:  # None for a CPU load: the model itself is host memory there
-        benchmark.extra_info.update(peak_host_over_largest=stats["peak_host_bytes"] / stats["largest_tensor_bytes"],
-                                    peak_host_over_checkpoint=stats["peak_host_bytes"] / nbytes)
+        benchmark.extra_info.update(host_peak_over_largest=stats["peak_host_bytes"] / stats["largest_tensor_bytes"],
+                                    host_peak_over_checkpoint=stats["peak_host_bytes"] / nbytes)
     assert ck.stats.bytes == nbytes
 
 

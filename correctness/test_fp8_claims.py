@@ -42,7 +42,7 @@ def good_benches() -> dict:
         m = c.measure
         for name in getattr(m, "benches", ()) or ([m.bench] if hasattr(m, "bench") else []):
             benches.setdefault(name, {"median": 1e-3})["extra_info"] = {"pct_peak_bw": 95.0, "pct_traffic_bw": 95.0,
-                                                            "gbps": 20.0, "peak_host_over_largest": 1.0}
+                                                            "gbps": 20.0, "host_peak_over_largest": 1.0}
         if hasattr(m, "num"):
             benches.setdefault(m.num, {"extra_info": {}})["median"] = 2e-3
             benches.setdefault(m.den, {"extra_info": {}})["median"] = 1e-3
