@@ -1,51 +1,79 @@
-"""The fp8 ledger entries evaluate against stored results and the plots draw from them (a fake results folder)."""
-import json
+"""The fp8 ledger entries evaluate against stored results (a fake results folder), every claim fails on its
+FAILING_CASES input and passes on a good one, statements name no card, and the plots draw from the results."""
+import re
 
-from impl.common.ledger import ResultsView, clean_commit, evaluate, load_claims
+from impl.common.ledger import Case, ResultsView, evaluate, load_claims, materialise
 from impl.fp8 import claims
 from impl.fp8.layouts import LAYOUTS
 
 
-def fake_results(root):
-    d = root / "h100-fake"
-    (d / "machine").mkdir(parents=True)
-    (d / "fp8").mkdir()
-    benches = []
-    for nk in (4096, 8192):
-        for m in (1, 64, 8192):
-            for variant, t in (("bf16", 1.0), ("fp8", 0.55 if m > 64 else 1.1), ("fp8-linear", 0.7)):
-                name = f"test_fp8_gemm[{variant}-M{m}-N{nk}-K{nk}]"
-                benches.append({"name": name, "fullname": f"benches/bench_fp8.py::{name}", "stats": {"median": t},
-                                "extra_info": {"m": m, "n": nk, "variant": variant}})
-    for kind, pct in (("dequant", 88.0), ("requant", 79.0)):
-        name = f"test_fp8_{kind}[block-14336x4096]"
-        benches.append({"name": name, "fullname": name, "stats": {"median": 1e-4}, "extra_info": {"pct_peak_bw": pct}})
-    run = {"benchmarks": benches, "commit_info": {"id": clean_commit()}, "datetime": "2026-01-01",
-           "machine_info": {"gpu": "NVIDIA H100"}}
-    (d / "machine" / "0001_run.json").write_text(json.dumps(run))
-    layouts = {n: {"ppl": 20.1, "ppl_delta_pct": 0.5 if n != "ct-block" else 1.5, "within_1pct": n != "ct-block"}
-               for n in LAYOUTS}
-    (d / "fp8" / "smollm2_ppl.json").write_text(json.dumps(
-        {"device": "NVIDIA H100", "commit": clean_commit(), "date": "2026", "data": {"tokens": 1000, "bf16": {"ppl": 20.0},
-                                                                          "layouts": layouts}}))
-    return ResultsView("h100-fake", root)
+def write_view(root, slug, benches: dict, results: dict) -> ResultsView:
+    """A results folder holding ``benches`` ({name: {"median", "rounds", "extra_info"}}) as one clean GPU run and
+    ``results`` ({"system/name": data})."""
+    return materialise(Case(benches=benches, results=results), root, slug=slug)
 
 
-def test_fp8_claims_evaluate(tmp_path):
-    view = fake_results(tmp_path)
+def good_quality() -> dict:
+    variants = {f"{g}-{m}": {"delta_pct": 0.1, "ci95": [-0.05, 0.3], "abs_hi": 0.3, "top1_agreement": 0.97,
+                             "ppl": 20.0, "mode": m, "group": g} for g in ("tensor", "channel", "block")
+                for m in ("w8a16", "w8a8")}
+    layouts = {lay: {m: {"abs_hi": 0.3, "delta_pct": 0.1, "ci95": [-0.05, 0.3]} for m in ("w8a16", "w8a8")}
+               for lay in LAYOUTS}
+    model = {"base": {"ppl": 20.0, "tokens": 4096}, "variants": variants, "layouts": layouts, "complete": True}
+    return {"models": {"smollm2": model, "gemma3": model}, "complete": True}
+
+
+def good_benches() -> dict:
+    benches = {}
+    for c in claims.CLAIMS:
+        m = c.measure
+        for name in getattr(m, "benches", ()) or ([m.bench] if hasattr(m, "bench") else []):
+            benches.setdefault(name, {"median": 1e-3})["extra_info"] = {"pct_peak_bw": 95.0, "pct_traffic_bw": 95.0,
+                                                            "gbps": 20.0, "host_peak_over_largest": 1.0}
+        if hasattr(m, "num"):
+            benches.setdefault(m.num, {"extra_info": {}})["median"] = 2e-3
+            benches.setdefault(m.den, {"extra_info": {}})["median"] = 1e-3
+    return benches
+
+
+def test_every_fp8_claim_passes_on_good_results(tmp_path):
+    view = write_view(tmp_path, "good", good_benches(), {"fp8/quality": good_quality()})
     rows = {c.id: evaluate(c, view) for c in load_claims() if c.system == "fp8"}
-    assert rows["fp8.dequant_bw_pct"]["verdict"] == "pass"
-    assert rows["fp8.requant_bw_pct"]["verdict"] == "fail"
-    speedup = rows["fp8.gemm_speedup"]
-    assert speedup["verdict"] == "pass" and abs(speedup["measured_value"] - 1 / 0.55) < 1e-3
-    assert rows["fp8.ppl_vllm_tensor"]["verdict"] == "pass" and rows["fp8.ppl_ct_block"]["verdict"] == "fail"
-    assert rows["fp8.load_gbps"]["verdict"] == "not measured"
-    assert all(f"fp8.ppl_{n.replace('-', '_')}" in rows for n in LAYOUTS)
+    assert {r["verdict"] for r in rows.values()} == {"pass"}, [i for i, r in rows.items() if r["verdict"] != "pass"]
+    assert len([i for i in rows if i.startswith("fp8.ppl_")]) == 2 * len(LAYOUTS) * 2
+
+
+def test_every_fp8_claim_fails_on_its_failing_case(tmp_path):
+    assert set(claims.FAILING_CASES) == {c.id for c in claims.CLAIMS}
+    for i, c in enumerate(claims.CLAIMS):
+        case = claims.FAILING_CASES[c.id]
+        view = write_view(tmp_path, f"case{i}", case.benches, case.results)
+        row = evaluate(c, view)
+        assert row["verdict"] == "fail", (c.id, row)
+
+
+def test_quality_claims_judge_the_absolute_change():
+    """A suspicious improvement (-4%, interval [-5, -3]) is no pass: the claims read |delta| at the interval's end."""
+    bad = claims.FAILING_CASES["fp8.ppl_w8a16_smollm2_vllm_tensor"].results["fp8/quality"]
+    row = bad["models"]["smollm2"]["layouts"]["vllm-tensor"]["w8a16"]
+    assert row["delta_pct"] < 0 and row["abs_hi"] == max(abs(v) for v in row["ci95"])
+
+
+def test_statements_name_no_card():
+    for c in claims.CLAIMS:
+        assert not re.search(r"\b(H100|H200|A100|L40S?|B200)\b", c.statement), c.id
 
 
 def test_fp8_plots_draw_from_results_and_skip_without(tmp_path):
-    view = fake_results(tmp_path)
-    out = tmp_path / "plots"
+    benches = good_benches()
+    for g, t in (("tensor", 1.1), ("channel", 1.0)):
+        for m in (1, 64, 8192):
+            for variant, med in (("bf16", 1.0), ("fp8", 0.55), ("fp8-linear", 0.7)):
+                benches[f"test_fp8_gemm[{variant}-M{m}-N4096-K4096]"] = {
+                    "median": med * t, "extra_info": {"m": m, "n": 4096, "variant": variant}}
+    benches["test_fp8_requant[tensor-14336x4096]"]["extra_info"].update(bytes=3, traffic_bytes=5)
+    view = write_view(tmp_path, "plots", benches, {"fp8/quality": good_quality()})
+    out = tmp_path / "plots-out"
     out.mkdir()
     made = [p for plot in claims.PLOTS for p in plot(view, out)]
     assert sorted(p.name for p in made) == ["fp8_kernel_bandwidth.png", "fp8_perplexity.png", "fp8_speedup_vs_m.png"]

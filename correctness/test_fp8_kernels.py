@@ -242,3 +242,62 @@ def test_bfloat16_roundtrip_on_gpu():
         assert_close(s, ref_s, rtol=0, atol=0)
         y = quant.dequantize(q, s, group, out_dtype=torch.bfloat16)
         assert_close(y, R.dequantize_reference(ref_q, ref_s, group, "e4m3", torch.bfloat16), rtol=0, atol=0)
+
+
+# ---- launch configs: every tile shape, strided (persistent) grids, chunked rows, both block paths ----------------
+
+CONFIGS = [quant.LaunchConfig(1, 16), quant.LaunchConfig(8, 64), quant.LaunchConfig(16, 32, per_sm=1),
+           quant.LaunchConfig(4, 256, per_sm=3), quant.LaunchConfig(128, 128), quant.LaunchConfig(2, 512)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"bm{c.bm}-bk{c.bk}-sm{c.per_sm}")
+@pytest.mark.parametrize("group", GROUPS, ids=_group_id)
+def test_every_launch_config_is_bit_exact(cfg, group):
+    """Dequantize reads scales as a scalar, per row, per column or per element depending on the tile; requantize
+    takes one or two passes (rows wider than cfg.bk; blocks taller than cfg.bm); grids of per_sm programs stride
+    over the tiles. Every combination gives the reference's codes, scales and values."""
+    x = matrix(70, 150, "float32", "nasty", 7).to(DEVICE)
+    ref_q, ref_s = R.quantize_reference(x, group)
+    q, s = quant.quantize(x, group, cfg=cfg, amax_cfg=cfg)
+    codes_equal(q, ref_q)
+    assert_close(s, ref_s, rtol=0, atol=0, msg="scales")
+    ref = R.dequantize_reference(ref_q, ref_s, group, "e4m3", torch.float32)
+    check_kernel(lambda out: quant.dequantize(q, s, group, out=out, cfg=cfg),
+                 torch.empty((70, 150), dtype=torch.float32, device=DEVICE), ref, rtol=0, atol=0, signed_zero=True)
+
+
+def test_amax_partials_cover_every_tile():
+    x = matrix(33, 90, "float32", "random", 3)
+    x[32, 89] = -1e4  # the last element: in the last tile of the last program's share
+    for cfg in (quant.LaunchConfig(8, 16, per_sm=3), quant.LaunchConfig(64, 128, per_sm=1)):
+        parts = quant.amax_partials(x.to(DEVICE), cfg)
+        assert float(parts.max()) == 1e4
+
+
+def test_delayed_scaling_uses_the_previous_calls_amax():
+    x = matrix(40, 200, "float32", "random", 1).to(DEVICE)
+    q1, s1, state = quant.quantize_delayed(x)  # first call: x's own amax, like the dynamic quantizer
+    ref_q, ref_s = R.quantize_reference(x, "tensor")
+    codes_equal(q1, ref_q)
+    assert torch.equal(s1.cpu(), ref_s)
+    q2, s2, state = quant.quantize_delayed(4 * x, state)  # x grew: the old scale saturates the top
+    codes_equal(q2, R.quantize_reference(4 * x, "tensor", scales=ref_s)[0])
+    assert torch.equal(s2.cpu(), ref_s) and int((q2.cpu().float().abs() == 448).sum()) > 1
+    _, s3, state = quant.quantize_delayed(x, state)  # now the scale of 4x, the previous input
+    assert torch.equal(s3.cpu(), R.quantize_reference(4 * x, "tensor")[1]) and state.calls == 3
+    with pytest.raises(ValueError, match="start a new state"):
+        quant.quantize_delayed(x[:3], state)
+
+
+def test_tune_checks_then_times_and_writes_its_table(tmp_path, capsys):
+    """The launch-config sweep at CPU size: every candidate checked against the reference, timed, winners named."""
+    import json
+
+    from impl.fp8 import tune
+
+    assert tune.main(["--out", str(tmp_path), "--budget-s", "120", "--kernels", "dequant-block",
+                      "requant-delayed"]) == 0
+    data = json.loads((tmp_path / "tune.json").read_text())
+    assert data["complete"] and {r["kernel"] for r in data["rows"]} == {"dequant-block", "requant-delayed"}
+    assert not any("error" in r for r in data["rows"]) and set(data["winners"]) == {"dequant-block", "requant-delayed"}
+    assert "winners (paste into quant.GPU_CONFIGS)" in capsys.readouterr().out

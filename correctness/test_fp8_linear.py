@@ -20,7 +20,7 @@ from impl.fp8.reference import dequantize_reference
 from impl.fp8.tiny import tiny_config, write_dense_checkpoint
 
 GROUPS = ["tensor", "channel", "group", "block"]
-PATHS_HERE = ["dequant-torch", "dequant-triton"] + (["auto"] if backend.ON_GPU else [])
+PATHS_HERE = ["dequant-torch", "dequant-triton", "qdq-torch", "qdq-triton"] + (["auto"] if backend.ON_GPU else [])
 
 
 def make_layer(n, k, group, seed, bias, static, path):
@@ -87,6 +87,37 @@ def test_path_choice_is_explicit_and_checked():
     with pytest.raises(ValueError, match="takes 64"):
         layer(torch.zeros(2, 63, device=DEVICE))
     assert "path=" in repr(layer)
+
+
+def test_modes_choose_weight_only_or_quantized_activations():
+    """w8a16 never quantizes activations; w8a8 always does, per token (qdq where no FP8 GEMM takes the scales)."""
+    for group in GROUPS:
+        fw = quantize_weight(torch.randn(32, 64, device=DEVICE), group)
+        a16, a8 = Fp8Linear(fw, mode="w8a16"), Fp8Linear(fw, mode="w8a8")
+        assert a16.path.startswith("dequant") and a16.mode == "w8a16"
+        assert a8.path.startswith(("qdq", "scaled_mm-rowwise")), (group, a8.path)
+        if not backend.ON_GPU:
+            assert (a16.path, a8.path) == ("dequant-torch", "qdq-torch")
+            x = torch.randn(5, 64)
+            xq = a8.quantized_input(x)  # per-token e4m3: each row's largest |x| maps to 448 * s (s = amax / 448)
+            assert torch.allclose(xq.abs().amax(dim=1), x.abs().amax(dim=1), rtol=1e-6, atol=0)
+            assert not torch.equal(xq, x) and (xq - x).abs().max() <= x.abs().max() / 16
+    with pytest.raises(ValueError, match="mode must be"):
+        Fp8Linear(fw, mode="w4a4")
+
+
+@pytest.mark.gpu
+def test_gpu_w8a8_uses_rowwise_tensor_cores_for_tensor_and_channel_weights():
+    for group in ("tensor", "channel"):
+        layer = Fp8Linear(quantize_weight(torch.randn(256, 512, device="cuda"), group), mode="w8a8")
+        assert layer.path == "scaled_mm-rowwise", (group, layer.path)
+        x = torch.randn(7, 512, device="cuda", dtype=torch.bfloat16)
+        err = (layer(x).cpu().double() - linear_reference(x, layer_weight(layer))).abs()
+        assert bool((err <= linear_error_bound(x, layer_weight(layer), layer.path, torch.bfloat16)).all())
+
+
+def layer_weight(layer: Fp8Linear) -> Fp8Weight:
+    return Fp8Weight(layer.weight, layer.weight_scale, layer.group)
 
 
 @pytest.mark.gpu

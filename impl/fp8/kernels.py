@@ -14,8 +14,13 @@ FP8 travels as uint8 codes. On the GPU they are bitcast to Triton's fp8 types an
 instead of rounding and mishandles subnormals), so there ``EMULATE=True`` selects an exact bit-level codec written
 with integer ops (``_decode_bits``/``_encode_bits``); a GPU test checks the codec against the hardware on all codes.
 
-Tiles are [BM, BK] of a row-major matrix (column stride 1). A scale group's columns never straddle a tile
-(BK divides gk), so a tile needs at most one scale per row: ``_tile_scales`` gathers it as a [BM, 1] column.
+Tiles are [BM, BK] of a row-major matrix (column stride 1), numbered with the column tile varying fastest, so the
+programs in flight at one time stream consecutive bytes of the same rows. A launch has one program per tile, or
+fewer that stride over the tiles (persistent: ``quant.LaunchConfig.per_sm``). ``_apply_scales`` reads a tile's
+scales in the cheapest shape its position in the scale groups allows (one value, one per row, one per column, or
+one per element). Per-tensor dynamic scales come from per-program amax partials that every quantizing program
+reduces itself (no atomics, no zeroed buffer); the delayed variant quantizes with the previous call's partials and
+writes this call's, so it reads its input once.
 """
 from __future__ import annotations
 
@@ -114,17 +119,41 @@ def _finite_abs(x):
     return tl.where(ax < float("inf"), ax, 0.0)
 
 
+# ---- tiles and scale groups ----------------------------------------------------------------------------------
+
+
 @triton.jit
-def _tile_scales(s_ptr, rows, k0, N, stride_s, GN: tl.constexpr, GK: tl.constexpr):
-    """The scale of each row of a tile whose first column is k0, as [BM, 1] (a scalar for per-tensor)."""
-    c = 0 if GK == 0 else k0 // GK
-    # One return for both layouts (Triton 3.6 rejects branches returning a scalar and a [BM, 1] block):
-    # per-tensor reads the single scale once per row, which stays in L1.
-    if GN == 0:
-        r = (rows * 0).to(tl.int64)
+def _tile(t, K, BM: tl.constexpr, BK: tl.constexpr):
+    """Tile number t -> (first row, first column). The column tile varies fastest, so the programs that run at the
+    same time read consecutive bytes of the same rows (whole DRAM pages), not one narrow column of many rows."""
+    nk = tl.cdiv(K, BK)
+    return (t // nk) * BM, (t % nk) * BK
+
+
+@triton.jit
+def _apply_scales(y, s_ptr, rows, m0, k0, cols, N, K, stride_s,
+                  GN: tl.constexpr, GK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, INVERT: tl.constexpr):
+    """y * s (INVERT: y * (1 / s), the reciprocal correctly rounded) with s the scale of each element's group.
+
+    The scales are read in the cheapest shape the tile allows: one scalar (per-tensor), one per row ([BM, 1]: rows
+    of a group, or a tile inside one column group), one per column ([1, BK]: a tile inside one row group spanning
+    several column groups), else one per element."""
+    if GN == 0 and GK == 0:
+        s = tl.load(s_ptr)
+    elif GK == 0 or BK <= GK:
+        r = (rows // GN).to(tl.int64) if GN > 0 else (rows * 0).to(tl.int64)
+        c = 0 if GK == 0 else k0 // GK
+        s = tl.load(s_ptr + r * stride_s + c, mask=rows < N, other=1.0)[:, None]
+    elif GN == 0 or GN >= BM:
+        r0 = 0 if GN == 0 else (m0 // GN).to(tl.int64)  # BM divides GN: the tile is in one row group
+        s = tl.load(s_ptr + r0 * stride_s + cols // GK, mask=cols < K, other=1.0)[None, :]
     else:
         r = (rows // GN).to(tl.int64)
-    return tl.load(s_ptr + r * stride_s + c, mask=rows < N, other=1.0)[:, None]
+        m = (rows < N)[:, None] & (cols < K)[None, :]
+        s = tl.load(s_ptr + r[:, None] * stride_s + (cols // GK)[None, :], mask=m, other=1.0)
+    if INVERT:
+        s = tl.math.div_rn(1.0, s)
+    return y * s
 
 
 # ---- dequantize ----------------------------------------------------------------------------------------------
@@ -138,56 +167,83 @@ def dequant_kernel(q_ptr,          # uint8 codes [N, K], row stride stride_q
                    GN: tl.constexpr, GK: tl.constexpr,          # scale group (0 = whole dimension)
                    FMT: tl.constexpr, EMULATE: tl.constexpr,    # 0 e4m3fn / 1 e5m2; bit codec under the interpreter
                    BM: tl.constexpr, BK: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    k0 = tl.program_id(1) * BK
-    cols = k0 + tl.arange(0, BK)
-    mask = (rows < N)[:, None] & (cols < K)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    b = tl.load(q_ptr + r64 * stride_q + cols[None, :], mask=mask, other=0)
-    y = _decode(b, FMT, EMULATE) * _tile_scales(s_ptr, rows, k0, N, stride_s, GN, GK)
-    tl.store(out_ptr + r64 * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    """One [BM, BK] tile per step; programs stride over the tiles (grid = tiles, or fewer: persistent)."""
+    tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
+    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        m0, k0 = _tile(t, K, BM, BK)
+        rows = m0 + tl.arange(0, BM)
+        cols = k0 + tl.arange(0, BK)
+        mask = (rows < N)[:, None] & (cols < K)[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        b = tl.load(q_ptr + r64 * stride_q + cols[None, :], mask=mask, other=0)
+        y = _apply_scales(_decode(b, FMT, EMULATE), s_ptr, rows, m0, k0, cols, N, K, stride_s, GN, GK, BM, BK, False)
+        tl.store(out_ptr + r64 * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# ---- requantize with given scales (static) or with a per-tensor amax computed just before --------------------
+# ---- requantize with given scales (static), or a per-tensor scale from an amax ---------------------------------
+
+
+@triton.jit
+def amax_partials_kernel(x_ptr,      # [N, K] input, row stride stride_x
+                         part_ptr,   # float32 [num_programs] out: the amax of the tiles each program read
+                         N, K, stride_x,
+                         BM: tl.constexpr, BK: tl.constexpr):
+    """Per-program amax of finite |x| over a strided share of the tiles; no atomics, no zeroed buffer needed."""
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
+    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        m0, k0 = _tile(t, K, BM, BK)
+        rows = m0 + tl.arange(0, BM)
+        cols = k0 + tl.arange(0, BK)
+        mask = (rows < N)[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        acc = tl.maximum(acc, _finite_abs(x.to(tl.float32)))
+    tl.store(part_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0))
+
+
+@triton.jit
+def _tensor_scale(part_ptr, n_parts, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, PARTS: tl.constexpr):
+    """The per-tensor scale from the per-program amax partials (a few KB, read from L2 by every program)."""
+    i = tl.arange(0, PARTS)
+    return _scale_from_amax(tl.max(tl.load(part_ptr + i, mask=i < n_parts, other=0.0), axis=0), FMAX, MIN_SCALE)
 
 
 @triton.jit
 def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row stride stride_x
-                        s_ptr,      # float32 scales [R, C] (FROM_AMAX: a float32 amax, one element)
+                        s_ptr,      # float32 scales [R, C] (FROM_PARTS: float32 amax partials [n_parts])
                         q_ptr,      # uint8 codes out [N, K], row stride stride_q
-                        so_ptr,     # FROM_AMAX: float32 out, receives the per-tensor scale
-                        N, K, stride_x, stride_s, stride_q,
-                        GN: tl.constexpr, GK: tl.constexpr, FROM_AMAX: tl.constexpr,
+                        so_ptr,     # FROM_PARTS: float32 [1] out, receives the per-tensor scale
+                        next_ptr,   # NEXT_PARTS: float32 [num_programs] out, this call's amax partials
+                        N, K, stride_x, stride_s, stride_q, n_parts,
+                        GN: tl.constexpr, GK: tl.constexpr,
+                        FROM_PARTS: tl.constexpr,   # scale = max(partials) / FMAX (dynamic or delayed per-tensor)
+                        NEXT_PARTS: tl.constexpr,   # also record this input's amax (delayed scaling: next call's scale)
+                        PARTS: tl.constexpr,        # power of two >= n_parts
                         FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
                         BM: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    k0 = pid_k * BK
-    cols = k0 + tl.arange(0, BK)
-    mask = (rows < N)[:, None] & (cols < K)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if FROM_AMAX:
-        s = _scale_from_amax(tl.load(s_ptr), FMAX, MIN_SCALE)
-        if (pid_m == 0) & (pid_k == 0):
+    if FROM_PARTS:
+        s = _tensor_scale(s_ptr, n_parts, FMAX, MIN_SCALE, PARTS)
+        inv = tl.math.div_rn(1.0, s)
+        if tl.program_id(0) == 0:
             tl.store(so_ptr, s)
-    else:
-        s = _tile_scales(s_ptr, rows, k0, N, stride_s, GN, GK)
-    y = _saturate(x * tl.math.div_rn(1.0, s), FMAX)
-    tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(y, FMT, EMULATE), mask=mask)
-
-
-@triton.jit
-def amax_kernel(x_ptr, amax_ptr,   # [N, K] input; float32 [1] accumulator, zeroed by the caller
-                N, K, stride_x,
-                BM: tl.constexpr, BK: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    mask = (rows < N)[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    # amax >= 0, so a float atomic max is order-independent and the result deterministic
-    tl.atomic_max(amax_ptr, tl.max(tl.max(_finite_abs(x.to(tl.float32)), axis=1), axis=0))
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
+    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        m0, k0 = _tile(t, K, BM, BK)
+        rows = m0 + tl.arange(0, BM)
+        cols = k0 + tl.arange(0, BK)
+        mask = (rows < N)[:, None] & (cols < K)[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if NEXT_PARTS:
+            acc = tl.maximum(acc, _finite_abs(x))
+        if FROM_PARTS:
+            y = x * inv
+        else:
+            y = _apply_scales(x, s_ptr, rows, m0, k0, cols, N, K, stride_s, GN, GK, BM, BK, True)
+        tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE), mask=mask)
+    if NEXT_PARTS:
+        tl.store(next_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0))
 
 
 # ---- requantize with dynamic scales computed in the kernel ---------------------------------------------------
@@ -198,58 +254,86 @@ def quant_rows_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, floa
                       N, K, stride_x, stride_q,
                       FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
                       BM: tl.constexpr, BK: tl.constexpr, ONE_PASS: tl.constexpr):
-    """One scale per row (per output channel of a weight, per token of an activation)."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    rmask = rows < N
-    r64 = rows.to(tl.int64)[:, None]
-    cols = tl.arange(0, BK)
-    if ONE_PASS:  # the whole row fits in one tile: read x once
-        mask = rmask[:, None] & (cols < K)[None, :]
-        x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = _scale_from_amax(tl.max(_finite_abs(x), axis=1), FMAX, MIN_SCALE)
-        y = _saturate(x * tl.math.div_rn(1.0, s)[:, None], FMAX)
-        tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(y, FMT, EMULATE), mask=mask)
-    else:  # long rows: one pass for the amax, a second (from L2) to quantize
-        amax = tl.zeros((BM,), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            mask = rmask[:, None] & ((k0 + cols) < K)[None, :]
-            x = tl.load(x_ptr + r64 * stride_x + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(_finite_abs(x), axis=1))
-        s = _scale_from_amax(amax, FMAX, MIN_SCALE)
-        inv = tl.math.div_rn(1.0, s)[:, None]
-        for k0 in range(0, K, BK):
-            mask = rmask[:, None] & ((k0 + cols) < K)[None, :]
-            x = tl.load(x_ptr + r64 * stride_x + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-            y = _saturate(x * inv, FMAX)
-            tl.store(q_ptr + r64 * stride_q + (k0 + cols)[None, :], _encode(y, FMT, EMULATE), mask=mask)
-    tl.store(s_ptr + rows, s, mask=rmask)
+    """One scale per row (per output channel of a weight, per token of an activation); programs stride over blocks
+    of BM rows. ONE_PASS: the row fits in one [BM, BK] tile and x is read once; else a pass for the amax and a
+    second (from L1/L2) to quantize."""
+    for rb in range(tl.program_id(0), tl.cdiv(N, BM), tl.num_programs(0)):
+        rows = rb * BM + tl.arange(0, BM)
+        rmask = rows < N
+        r64 = rows.to(tl.int64)[:, None]
+        cols = tl.arange(0, BK)
+        if ONE_PASS:
+            mask = rmask[:, None] & (cols < K)[None, :]
+            x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = _scale_from_amax(tl.max(_finite_abs(x), axis=1), FMAX, MIN_SCALE)
+            y = _saturate(x * tl.math.div_rn(1.0, s)[:, None], FMAX)
+            tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(y, FMT, EMULATE), mask=mask)
+        else:
+            acc = tl.zeros((BM, BK), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                mask = rmask[:, None] & ((k0 + cols) < K)[None, :]
+                x = tl.load(x_ptr + r64 * stride_x + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+                acc = tl.maximum(acc, _finite_abs(x))
+            s = _scale_from_amax(tl.max(acc, axis=1), FMAX, MIN_SCALE)
+            inv = tl.math.div_rn(1.0, s)[:, None]
+            for k0 in range(0, K, BK):
+                mask = rmask[:, None] & ((k0 + cols) < K)[None, :]
+                x = tl.load(x_ptr + r64 * stride_x + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+                tl.store(q_ptr + r64 * stride_q + (k0 + cols)[None, :], _encode(_saturate(x * inv, FMAX), FMT,
+                                                                                 EMULATE), mask=mask)
+        tl.store(s_ptr + rows, s, mask=rmask)
 
 
 @triton.jit
 def quant_tiles_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, float32 [R, C] scales out
                        N, K, stride_x, stride_q, stride_s,
-                       GN: tl.constexpr,      # 1: a scale per row of the tile (1 x BK groups); else BM == GN
+                       GN: tl.constexpr,      # 1: one scale per row of the tile (1 x BK groups); else GN x BK blocks
                        FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
-                       BM: tl.constexpr, BK: tl.constexpr):
-    """One scale per 1 x BK group (GN == 1) or per BM x BK block (GN == BM); a tile is read once."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_k * BK + tl.arange(0, BK)
-    rmask = rows < N
-    mask = rmask[:, None] & (cols < K)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    row_amax = tl.max(_finite_abs(x), axis=1)
-    if GN == 1:
-        s = _scale_from_amax(row_amax, FMAX, MIN_SCALE)
-        y = x * tl.math.div_rn(1.0, s)[:, None]
-        tl.store(s_ptr + rows.to(tl.int64) * stride_s + pid_k, s, mask=rmask)
-    else:
-        s = _scale_from_amax(tl.max(row_amax, axis=0), FMAX, MIN_SCALE)
-        y = x * tl.math.div_rn(1.0, s)
-        tl.store(s_ptr + pid_m * stride_s + pid_k, s)
-    tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE), mask=mask)
+                       BM: tl.constexpr,      # GN == 1: rows per tile; else rows per pass (BM divides GN)
+                       BK: tl.constexpr):
+    """One scale per 1 x BK group (GN == 1) or per GN x BK block. A block taller than BM rows is read in GN / BM
+    slices twice: once for its amax, once (from L1/L2) to quantize, so a program holds only a [BM, BK] slice."""
+    TM: tl.constexpr = BM if GN == 1 else GN
+    tiles = tl.cdiv(N, TM) * tl.cdiv(K, BK)
+    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        m0, k0 = _tile(t, K, TM, BK)
+        rows = m0 + tl.arange(0, TM)
+        cols = k0 + tl.arange(0, BK)
+        cmask = (cols < K)[None, :]
+        if GN == 1:
+            rmask = rows < N
+            mask = rmask[:, None] & cmask
+            r64 = rows.to(tl.int64)[:, None]
+            x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = _scale_from_amax(tl.max(_finite_abs(x), axis=1), FMAX, MIN_SCALE)
+            y = x * tl.math.div_rn(1.0, s)[:, None]
+            tl.store(s_ptr + rows.to(tl.int64) * stride_s + k0 // BK, s, mask=rmask)
+            tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE), mask=mask)
+        elif BM == GN:
+            mask = (rows < N)[:, None] & cmask
+            r64 = rows.to(tl.int64)[:, None]
+            x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = _scale_from_amax(tl.max(tl.max(_finite_abs(x), axis=1), axis=0), FMAX, MIN_SCALE)
+            tl.store(s_ptr + (m0 // GN) * stride_s + k0 // BK, s)
+            y = x * tl.math.div_rn(1.0, s)
+            tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE), mask=mask)
+        else:
+            acc = tl.zeros((BM, BK), dtype=tl.float32)
+            for i in range(0, GN, BM):
+                sub = m0 + i + tl.arange(0, BM)
+                mask = (sub < N)[:, None] & cmask
+                x = tl.load(x_ptr + sub.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+                acc = tl.maximum(acc, _finite_abs(x.to(tl.float32)))
+            s = _scale_from_amax(tl.max(tl.max(acc, axis=1), axis=0), FMAX, MIN_SCALE)
+            tl.store(s_ptr + (m0 // GN) * stride_s + k0 // BK, s)
+            inv = tl.math.div_rn(1.0, s)
+            for i in range(0, GN, BM):
+                sub = m0 + i + tl.arange(0, BM)
+                mask = (sub < N)[:, None] & cmask
+                r64 = sub.to(tl.int64)[:, None]
+                x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(x * inv, FMAX), FMT, EMULATE),
+                         mask=mask)
 
 
 # ---- the codec alone (tests compare the emulated codec with the hardware on a GPU) ----------------------------

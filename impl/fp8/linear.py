@@ -10,7 +10,17 @@ Paths (``Fp8Linear.path``, chosen once at construction and stated in ``Fp8Linear
                      the compute dtype on every call, then a dense GEMM.
                      (Also every e5m2 weight: the FP8 GEMMs here take e4m3 weights.)
   dequant-torch      the same with the CPU reference dequantizer (whole models on a CPU, where Triton runs
-                     interpreted and would take minutes per forward).
+                     interpreted and would take minutes per forward); the dequantized weight is kept after the first
+                     call (the codes never change).
+  qdq-triton         W8A8 where no FP8 GEMM takes the weight's scales: x quantized per token to e4m3 (our kernel),
+                     dequantized, times the dequantized W in the compute dtype -- the numbers of an FP8 GEMM with
+                     per-token activation scales, computed dense.
+  qdq-torch          the same on the CPU with the reference quantizer (bit-identical codes and scales).
+
+Modes (``mode``): None picks the fastest path the weight allows (the per-tensor path quantizes activations per
+tensor); "w8a16" is weight-only (activations stay in the compute dtype: a dequant path); "w8a8" quantizes the
+activations per token, dynamically, to e4m3 (or with the checkpoint's static input scale), on FP8 tensor cores
+where ``_scaled_mm`` takes the weight's scales (per-tensor weights as a broadcast row-wise scale), else qdq.
 Compute dtype: bfloat16 on a GPU, float32 on the CPU. Output dtype: x's dtype. Shapes: x [..., K] -> y [..., N].
 """
 from __future__ import annotations
@@ -24,9 +34,10 @@ from impl import backend
 from impl.common.checks import require_tensor
 from impl.fp8 import quant
 from impl.fp8.formats import CHANNEL, E4M3, TENSOR, ScaleGroup, get_format, get_group
-from impl.fp8.reference import dequantize_reference
+from impl.fp8.reference import dequantize_reference, quantize_reference
 
-PATHS = ("scaled_mm-tensor", "scaled_mm-rowwise", "dequant-triton", "dequant-torch")
+PATHS = ("scaled_mm-tensor", "scaled_mm-rowwise", "dequant-triton", "dequant-torch", "qdq-triton", "qdq-torch")
+MODES = ("w8a16", "w8a8")
 
 
 @dataclass
@@ -68,8 +79,27 @@ def scaled_mm_support(device: torch.device | str) -> tuple[bool, bool, str]:
     return True, cap >= (9, 0), "" if cap >= (9, 0) else "row-wise scaled_mm needs sm_90"
 
 
-def choose_path(w: Fp8Weight, device: torch.device | str) -> tuple[str, str]:
-    """(path, reason) for a weight on a device; see the module doc."""
+def choose_path(w: Fp8Weight, device: torch.device | str, mode: str | None = None) -> tuple[str, str]:
+    """(path, reason) for a weight on a device in a mode (None, "w8a16", "w8a8"); see the module doc."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be None or one of {MODES}, got {mode!r}")
+    path, reason = _fastest_path(w, device)
+    if mode == "w8a16" and not path.startswith("dequant"):
+        gpu = backend.ON_GPU and torch.device(device).type == "cuda"
+        return ("dequant-triton" if gpu else "dequant-torch"), "w8a16: weight-only, activations in the compute dtype"
+    if mode == "w8a8":
+        if path == "scaled_mm-tensor" and w.input_scale is None:
+            _, rowwise_ok, _ = scaled_mm_support(device)
+            if rowwise_ok:
+                return "scaled_mm-rowwise", "w8a8: per-token activation scales, the per-tensor weight scale broadcast"
+            return "qdq-triton", "w8a8: per-token activations need row-wise scaled_mm (sm_90); dequantized GEMM"
+        if path.startswith("dequant"):
+            qdq = "qdq-triton" if path == "dequant-triton" else "qdq-torch"
+            return qdq, f"w8a8: per-token e4m3 activations, computed dense ({reason})"
+    return path, reason
+
+
+def _fastest_path(w: Fp8Weight, device: torch.device | str) -> tuple[str, str]:
     n, k = w.shape
     tensor_ok, rowwise_ok, why = scaled_mm_support(device)
     if not tensor_ok:
@@ -93,7 +123,8 @@ def choose_path(w: Fp8Weight, device: torch.device | str) -> tuple[str, str]:
 class Fp8Linear(nn.Module):
     """A linear layer over an ``Fp8Weight``; ``path`` and ``reason`` say how it computes (module doc)."""
 
-    def __init__(self, w: Fp8Weight, *, path: str | None = None, compute_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, w: Fp8Weight, *, path: str | None = None, compute_dtype: torch.dtype | None = None,
+                 mode: str | None = None) -> None:
         super().__init__()
         if w.weight.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or w.weight.ndim != 2:
             raise TypeError(f"weight must be a 2-D FP8 tensor, got {w.weight.dtype} {tuple(w.weight.shape)}")
@@ -105,7 +136,8 @@ class Fp8Linear(nn.Module):
         self.register_buffer("input_scale", None if w.input_scale is None else w.input_scale.reshape(()).float())
         self.register_buffer("bias", w.bias)
         self.shards = w.shards
-        auto_path, auto_reason = choose_path(w, w.weight.device)
+        auto_path, auto_reason = choose_path(w, w.weight.device, mode)
+        self.mode = mode
         if path is None:
             path, reason = auto_path, auto_reason
         elif path not in PATHS:
@@ -121,6 +153,8 @@ class Fp8Linear(nn.Module):
         self.path, self.reason = path, reason
         on_gpu = w.weight.device.type == "cuda"
         self.compute_dtype = compute_dtype or (torch.bfloat16 if on_gpu else torch.float32)
+        self._dense: torch.Tensor | None = None  # the torch paths' dequantized weight, made on first use
+        self._row_scale: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, {self.fmt.name}, scales={self.group.name}, "
@@ -128,10 +162,25 @@ class Fp8Linear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """W in the compute dtype, [N, K]."""
-        if self.path == "dequant-torch":
-            w = dequantize_reference(self.weight, self.weight_scale, self.group, self.fmt, self.compute_dtype)
-            return w.to(self.weight.device)
+        if self.path.endswith("-torch"):
+            if self._dense is None or self._dense.dtype != self.compute_dtype:
+                w = dequantize_reference(self.weight, self.weight_scale, self.group, self.fmt, self.compute_dtype)
+                self._dense = w.to(self.weight.device)
+            return self._dense
         return quant.dequantize(self.weight, self.weight_scale, self.group, out_dtype=self.compute_dtype)
+
+    def quantized_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """x as the qdq paths see it: e4m3 codes per token (or with the static input scale), dequantized to the
+        compute dtype."""
+        static = self.input_scale is not None
+        group = TENSOR if static else CHANNEL
+        scales = self.input_scale.reshape(1, 1) if static else None
+        if self.path == "qdq-torch":
+            codes, s = quantize_reference(x2, group, E4M3, scales=None if scales is None else scales.cpu())
+            return dequantize_reference(codes, s, group, E4M3, self.compute_dtype).to(x2.device)
+        xin = x2 if x2.dtype in quant.HIGH_DTYPES else x2.to(self.compute_dtype)
+        q, s = quant.quantize(xin, group, E4M3, scales=scales)
+        return quant.dequantize(q, s, group, out_dtype=self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if require_tensor(x, "x").ndim == 0:
@@ -143,7 +192,8 @@ class Fp8Linear(nn.Module):
         if self.path.startswith("scaled_mm"):
             y = self._forward_scaled_mm(x2)
         else:
-            y = x2.to(self.compute_dtype) @ self.dequantized_weight().t()
+            xc = self.quantized_input(x2) if self.path.startswith("qdq") else x2.to(self.compute_dtype)
+            y = xc @ self.dequantized_weight().t()
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*lead, self.out_features)
@@ -160,7 +210,10 @@ class Fp8Linear(nn.Module):
                 sx = sx.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
             else:
                 xq, sx = quant.quantize(xin, CHANNEL, E4M3)
-            sw = self.weight_scale.reshape(1, self.out_features)
+            if self._row_scale is None:  # [1, N] float32, per-tensor weights broadcast; made once
+                self._row_scale = self.weight_scale.reshape(-1, 1).expand(self.out_features, 1).reshape(
+                    1, self.out_features).contiguous()
+            sw = self._row_scale
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         # Wq is [N, K] row-major, so Wq.t() is the column-major [K, N] operand cuBLASLt wants
         return torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=torch.bfloat16)
@@ -190,8 +243,9 @@ def linear_error_bound(x: torch.Tensor, w: Fp8Weight, path: str, compute_dtype: 
                         where x's dtype is finer, else 0), W rounded once, fp32 sums, the product x W^T rounded
                         (|x W^T| <= A: with a bias, y can be far smaller than the product), b rounded, the sum
                         rounded, then the cast back to x's dtype (u_o = its unit roundoff where it is coarser)
-      scaled_mm paths   2^-4 A + 2^-10 s_x |1| @ |W|^T + K 2^-23 A + 2^-8 |b| + 2^-8 |y|: e4m3 activations (half
-                        a step, subnormal step s_x 2^-9 / 2), fp32 sums, b rounded to bf16, bf16 output
+      scaled_mm paths   E + K 2^-23 A + 2^-8 |b| + 2^-8 |y| with E = 2^-4 A + 2^-10 s_x |1| @ |W|^T the e4m3
+                        activations (half a step, subnormal step s_x 2^-9 / 2); fp32 sums, b rounded to bf16, bf16 out
+      qdq paths         E + the dequant paths' bound with A + E for A and u_x = u (dequantized x rounded)
     The whole is scaled by (1 + 8 u) for the second-order terms of the roundings above.
     """
     fmt = get_format(w.weight.dtype)
@@ -201,13 +255,18 @@ def linear_error_bound(x: torch.Tensor, w: Fp8Weight, path: str, compute_dtype: 
     y = linear_reference(x, w).reshape(a.shape).abs()
     b = w.bias.detach().cpu().double().abs()[None, :] if w.bias is not None else torch.zeros(1, 1, dtype=torch.float64)
     k = w.shape[1]
+    sx = xa.amax(dim=1, keepdim=True) / 448 if w.input_scale is None else w.input_scale.double().cpu()
+    act = 2.0 ** -4 * a + 2.0 ** -10 * sx * wd.abs().sum(1)[None, :]  # e4m3 activations: half a step, subnormals
     if path.startswith("scaled_mm"):
         u = unit_roundoff(torch.bfloat16)  # the bias and the output are bf16
-        sx = xa.amax(dim=1, keepdim=True) / 448 if w.input_scale is None else w.input_scale.double().cpu()
-        bound = 2.0 ** -4 * a + 2.0 ** -10 * sx * wd.abs().sum(1)[None, :] + k * 2.0 ** -23 * a + u * (b + y)
+        bound = act + k * 2.0 ** -23 * a + u * (b + y)
     else:
         u = unit_roundoff(compute_dtype)
         ux = unit_roundoff(x.dtype)
         u_x, u_o = (u if ux < u else 0.0), (ux if ux > u else 0.0)
+        if path.startswith("qdq"):  # the dequantized activations are rounded to the compute dtype
+            a, u_x = a + act, u
         bound = (u_x + 2 * u + k * 2.0 ** -24) * a + u * b + (u + u_o) * y
+        if path.startswith("qdq"):
+            bound = bound + act
     return (bound * (1 + 8 * u)).reshape(*x.shape[:-1], w.shape[0]) + 1e-30

@@ -6,9 +6,10 @@ Order of work:
      the files hold) and ``QuantScheme`` (layout, format, activations);
   2. every header name, shape and dtype checked against them: missing and unexpected tensors, wrong shapes, wrong
      dtypes, scale shapes of the layout; all before a byte of data is read;
-  3. tensors read one at a time (``safe_open``), values checked (scales finite and > 0; FP8 weights free of NaN
-     codes, checked on the device with one sync at the end), and copied to the device through two reused pinned
-     buffers, so host memory holds about one tensor, never the model;
+  3. each file's data section read in large parallel chunks through two reused pinned buffers, each chunk copied to
+     the device while the next is read (``staging``), so host memory is two chunks, never the model; tensors are
+     views of the device copy; values checked on the device with one sync at the end (scales finite and > 0, FP8
+     weights free of NaN codes); a progress bar on stderr for loads that take over a second;
   4. optionally fused: q/k/v -> qkv_proj and gate/up -> gate_up_proj, with per-shard scales kept exactly (per-tensor
      shards -> per-channel scales; block shards whose rows don't align to the block -> 1 x bk row groups) or, with
      ``fuse="requant"``, per-tensor shards requantized to their largest scale (vLLM's choice, one scale per matrix).
@@ -19,19 +20,20 @@ problem and names the file (or, for a missing tensor, the folder).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from impl import backend
 from impl.fp8.checkpoint_io import Entry, parse_config, read_config, read_headers, safetensors_files
 from impl.fp8.formats import CHANNEL, TENSOR, ScaleGroup, get_format
 from impl.fp8.layouts import FUSED, CheckpointError, ModelSpec, QuantScheme
 from impl.fp8.linear import Fp8Weight
+from impl.fp8.staging import HostMemory, Stager, data_section, tensor_view
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -42,7 +44,13 @@ class LoadStats:
     bytes: int = 0
     seconds: float = 0.0
     largest_tensor_bytes: int = 0
-    peak_host_bytes: int | None = None  # growth of anonymous resident memory (page cache of the files not counted)
+    peak_host_bytes: int | None = None  # staging.HostMemory.peak for a device load; None on the CPU (the model
+    host_source: str = ""               # itself is host memory there)
+    rss_growth_bytes: int | None = None
+    staging_bytes: int = 0
+    pinned_bytes: int = 0
+    chunk_bytes: int = 0
+    threads: int = 0
     staging: str = ""
 
     @property
@@ -62,16 +70,6 @@ class LoadedCheckpoint:
     linears: dict[str, Fp8Weight | torch.Tensor] = field(default_factory=dict)
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: LoadStats = field(default_factory=LoadStats)
-
-
-def _anon_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 # ---- step 2: names, shapes, dtypes from the headers (read and bounded by ``checkpoint_io``) -----------------------
@@ -168,37 +166,6 @@ def _expect(entries: dict[str, Entry], name: str, shape: tuple[int, ...] | None,
 
 # ---- step 3: stream to the device ----------------------------------------------------------------------------
 
-class Stager:
-    """Host -> device copies through two reused pinned buffers (CUDA), or none (CPU)."""
-
-    def __init__(self, device: torch.device, largest: int, pinned: bool) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.pinned = self.cuda and pinned
-        self.i = 0
-        if self.pinned:
-            self.bufs = [torch.empty(max(largest, 1), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            self.events = [torch.cuda.Event(), torch.cuda.Event()]
-
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.cuda:
-            return t
-        if not self.pinned:
-            return t.to(self.device)
-        slot = self.i % 2
-        self.i += 1
-        self.events[slot].synchronize()  # the copy that last read this buffer is done
-        nbytes = t.numel() * t.element_size()
-        if nbytes > self.bufs[slot].numel():  # larger than planned: grow this buffer (its last copy is done)
-            self.bufs[slot] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        src = self.bufs[slot][:nbytes]
-        src.copy_(t.reshape(-1).view(torch.uint8))
-        out = torch.empty(t.shape, dtype=t.dtype, device=self.device)
-        out.reshape(-1).view(torch.uint8).copy_(src, non_blocking=True)
-        self.events[slot].record()
-        return out
-
-
 def staged_bytes(name: str, shape: tuple[int, ...], dtype: torch.dtype, dense_dtype: torch.dtype | None) -> int:
     """Bytes a tensor takes on its way to the device, after the loader's conversion (scales to float32, float
     weights to ``dense_dtype``): what the pinned staging buffers must hold."""
@@ -221,13 +188,16 @@ def _check_scale_values(name: str, s: torch.Tensor) -> None:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device | None = None, *, fuse: bool | str = False,
-                    dense_dtype: torch.dtype | None = None, pinned: bool = True,
-                    check_weights: bool = True) -> LoadedCheckpoint:
+                    dense_dtype: torch.dtype | None = None, pinned: bool = True, check_weights: bool = True,
+                    threads: int | None = None, chunk_bytes: int | None = None,
+                    progress: bool | None = None) -> LoadedCheckpoint:
     """Load, validate and place a checkpoint (FP8 in any layout of ``layouts``, or unquantized).
 
     ``fuse``: False, True/"exact" (per-shard scales kept exactly) or "requant" (per-tensor shards requantized to
     their largest scale). ``dense_dtype`` casts unquantized tensors (default: as stored). ``check_weights`` scans
-    FP8 weights for NaN codes on the device.
+    FP8 weights for NaN codes on the device. ``threads`` parallel reads of ``chunk_bytes`` chunks (default: up to 8;
+    half the largest tensor, between 1 and 64 MiB); ``progress``: True/False, or None for a bar on stderr when the
+    load takes over a second.
     """
     path = Path(path)
     device = torch.device(device or backend.DEVICE)
@@ -239,34 +209,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None, 
                       ("pageable" if device.type == "cuda" else "none (CPU)"))
     stats.largest_tensor_bytes = max((staged_bytes(n, e.shape, e.dtype, dense_dtype) for n, e in entries.items()),
                                      default=0)
-    base_rss = _anon_rss()  # before the pinned buffers: they count as host memory the load needs
-    stager = Stager(device, stats.largest_tensor_bytes, pinned)
-    placed: dict[str, torch.Tensor] = {}
-    nan_flags: list[tuple[str, torch.Tensor]] = []
-    t0 = time.perf_counter()
-    for file in sorted({e.file for e in entries.values()}):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                t = f.get_tensor(name)
-                if base_rss:  # 0 means /proc gave no RssAnon: leave the figure unmeasured (None), not 0
-                    stats.peak_host_bytes = max(stats.peak_host_bytes or 0, _anon_rss() - base_rss)
-                stats.tensors += 1
-                stats.bytes += t.numel() * t.element_size()
-                if name.endswith((".weight_scale", ".weight_scale_inv", ".input_scale")):
-                    _check_scale_values(name, t)
-                    t = t.to(torch.float32)
-                elif dense_dtype is not None and t.dtype in FLOAT_DTYPES:
-                    t = t.to(dense_dtype)
-                d = stager.to_device(t)
-                if check_weights and d.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                    nan_flags.append((name, _nan_codes(d)))
-                placed[name] = d
-                del t
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    stats.seconds = time.perf_counter() - t0
-    for name, flag in nan_flags:
-        if bool(flag):
+    files = sorted({e.file for e in entries.values()})
+    placed, flags = _stream(files, entries, device, stats, dense_dtype=dense_dtype, pinned=pinned,
+                            check_weights=check_weights, threads=threads, chunk_bytes=chunk_bytes,
+                            progress=progress, label=path.name)
+    bad = torch.stack([f for _, f in flags]).cpu().tolist() if flags else []
+    for (name, _), flag in zip(flags, bad):
+        if flag:
+            if name.endswith((".weight_scale", ".weight_scale_inv", ".input_scale")):
+                _check_scale_values(name, placed[name])
             raise CheckpointError(f"{name}: contains NaN codes (FP8 weights must be finite)")
     loaded = LoadedCheckpoint(path, config, spec, scheme, _layout_name(scheme, groups), stats=stats)
     for name in {**spec.dense, **spec.biases}:
@@ -286,8 +237,77 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None, 
     return loaded
 
 
+SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".input_scale")
+
+
+def _stream(files: list[Path], entries: dict[str, Entry], device: torch.device, stats: LoadStats, *,
+            dense_dtype: torch.dtype | None, pinned: bool, check_weights: bool, threads: int | None,
+            chunk_bytes: int | None, progress: bool | None, label: str):
+    """Every file's tensors onto the device (``staging.Stager``); returns ({name: tensor}, [(name, bad flag)]):
+    the flags are device booleans (a scale not finite and > 0, an FP8 weight with NaN codes), read after one sync."""
+    memory = HostMemory()
+    chunk = chunk_bytes or min(64 << 20, max(1 << 20, stats.largest_tensor_bytes // 2))
+    total = sum(data_section(f)[1] for f in files)
+    bar = _progress_bar(total, label, progress)
+    stager = Stager(device, chunk_bytes=chunk, threads=threads, pinned=pinned, memory=memory, progress=bar)
+    placed: dict[str, torch.Tensor] = {}
+    flags: list[tuple[str, torch.Tensor]] = []
+    t0 = time.perf_counter()
+    try:
+        for file in files:
+            buf, ranges = stager.read_file(file)
+            for name, (begin, end) in sorted(ranges.items(), key=lambda kv: kv[1]):
+                e = entries[name]
+                t = tensor_view(buf, begin, end, e.dtype, e.shape)
+                stats.tensors += 1
+                stats.bytes += end - begin
+                if name.endswith(SCALE_SUFFIXES):
+                    t = t.to(torch.float32)
+                    flags.append((name, ~(torch.isfinite(t) & (t > 0)).all()))
+                elif dense_dtype is not None and t.dtype in FLOAT_DTYPES:
+                    t = t.to(dense_dtype)
+                if check_weights and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    flags.append((name, _nan_codes(t)))
+                placed[name] = t
+            del buf
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        stager.close()
+        if bar is not None:
+            bar.close()
+    stats.seconds = time.perf_counter() - t0
+    memory.sample()
+    stats.rss_growth_bytes, stats.staging_bytes, stats.pinned_bytes = memory.rss_growth, memory.staging_bytes, \
+        memory.pinned_bytes
+    stats.chunk_bytes, stats.threads = stager.chunk, stager.threads
+    if device.type == "cuda":
+        stats.peak_host_bytes, stats.host_source = memory.peak, memory.source
+    else:
+        stats.host_source = "CPU load: the model itself is host memory"
+    return placed, flags
+
+
+def _progress_bar(total: int, label: str, progress: bool | None):
+    """tqdm on stderr over bytes; with ``progress=None`` it appears only once the load has taken a second."""
+    if progress is False:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {label}", file=sys.stderr,
+                delay=0 if progress else 1.0, leave=False)
+
+
 def _nan_codes(w: torch.Tensor) -> torch.Tensor:
-    b = w.view(torch.uint8) & 0x7F
+    """Whether an FP8 tensor holds a NaN code (a device boolean). On the CPU one histogram pass (bincount) is
+    several times faster than the elementwise test."""
+    b = w.view(torch.uint8).reshape(-1)
+    nan = (0x7F, 0xFF) if w.dtype == torch.float8_e4m3fn else (0x7D, 0x7E, 0x7F, 0xFD, 0xFE, 0xFF)
+    if b.device.type == "cpu":
+        return torch.bincount(b, minlength=256)[list(nan)].any()
+    b = b & 0x7F
     if w.dtype == torch.float8_e4m3fn:
         return (b == 0x7F).any()
     return (b > 0x7C).any()  # e5m2: exponent all ones with a mantissa (0x7C is inf, allowed by the format)

@@ -3,12 +3,16 @@
   dequantize(q, scales, group, out_dtype)  -> y [N, K]             y = decode(q) * s
   quantize(x, group, fmt)                   -> (q [N, K], s [R, C]) dynamic scales computed in the kernel
   quantize(x, group, fmt, scales=s)         -> (q, s)               static scales (given)
+  quantize_delayed(x, state)                -> (q, s, state)        per-tensor, scale from the previous call's x
 
 Inputs may have any number of leading dimensions (flattened to rows); the last dimension must be contiguous. Inputs
 are never modified. FP8 results are torch float8 tensors (views of the uint8 codes the kernels write); scales are
 float32 in the canonical 2-D shape of ``formats.ScaleGroup.scale_shape``. Under the interpreter there is no bfloat16.
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import impl  # noqa: F401  (backend before triton)
 import torch
@@ -23,25 +27,64 @@ HIGH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EMULATE = backend.INTERPRETED  # the interpreter's own fp8 conversion is wrong: use the bit codec there
 
 
-def _tile_configs() -> list[triton.Config]:
-    if not backend.ON_GPU or backend.INTERPRETED:
-        return [triton.Config({"BM": 64}, num_warps=4)]
-    return [triton.Config({"BM": bm}, num_warps=w) for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))]
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How a kernel is launched: tiles of [bm, bk], ``warps`` warps, ``stages`` software-pipeline stages, and
+    ``per_sm`` programs per SM striding over the tiles (0: one program per tile)."""
+
+    bm: int
+    bk: int
+    warps: int = 4
+    stages: int = 1
+    per_sm: int = 0
 
 
-_KEY = ["N", "K", "GN", "GK", "FMT"]
-dequant_tuned = triton.autotune(configs=_tile_configs(), key=_KEY)(K.dequant_kernel)
-quant_static_tuned = triton.autotune(configs=_tile_configs(), key=_KEY + ["FROM_AMAX"])(K.quant_static_kernel)
-TUNE_MIN_ELEMENTS = 1 << 22  # smaller matrices take a fixed tile: autotuning every new shape costs more than it wins
+# Kernel -> launch config on a GPU. ``python -m impl.fp8.tune`` times the alternatives on the card and prints the
+# winners in this form. bk of "quant-group"/"quant-block" is the group's width; bm of "quant-block" is the rows
+# per pass (a divisor of the block height: smaller reads each block twice, once for its amax, from L1/L2).
+GPU_CONFIGS: dict[str, LaunchConfig] = {
+    # ptxas for sm_90 gives about 3 registers per element a thread holds: 32 elements (~90-105 registers) keeps
+    # 4-5 programs of 4 warps per SM with two 16-byte loads in flight per thread
+    "dequant": LaunchConfig(8, 512, warps=4),           # tensor / channel scales
+    "dequant-block": LaunchConfig(8, 512, warps=4),     # 128 x 128 blocks: one row group, [1, bk] scales per tile
+    "quant-static": LaunchConfig(8, 512, warps=4),
+    "amax": LaunchConfig(8, 1024, warps=8, per_sm=4),   # ~80 registers: 4 programs of 8 warps stay resident
+    "quant-tensor": LaunchConfig(8, 512, warps=4, per_sm=4),   # second pass of dynamic per-tensor, and delayed
+    "quant-rows": LaunchConfig(1, 16384, warps=16),     # bk: the widest row read once (64 registers at 16384)
+    "quant-group": LaunchConfig(32, 128, warps=8),
+    "quant-block": LaunchConfig(16, 128, warps=4),      # 16-row passes, each block read twice (from L1/L2)
+}
+# the interpreter runs one program at a time with numpy: few, large tiles
+CPU_CONFIGS: dict[str, LaunchConfig] = {
+    "dequant": LaunchConfig(64, 128), "dequant-block": LaunchConfig(32, 256), "quant-static": LaunchConfig(64, 128),
+    "amax": LaunchConfig(32, 64, per_sm=2), "quant-tensor": LaunchConfig(32, 64, per_sm=2),
+    "quant-rows": LaunchConfig(4, 4096), "quant-group": LaunchConfig(64, 128), "quant-block": LaunchConfig(32, 128),
+}
+SIM_SMS = 4  # "SMs" of the interpreter, for per_sm grids (several programs, so the strided loops are exercised)
 
 
-def _elementwise(tuned, plain, n: int, k: int, bk: int, *args, **kwargs) -> None:
-    """Launch an elementwise tile kernel: autotuned over BM/num_warps for big matrices on a GPU, fixed otherwise."""
-    if backend.ON_GPU and not backend.INTERPRETED and n * k >= TUNE_MIN_ELEMENTS:
-        tuned[lambda meta: (triton.cdiv(n, meta["BM"]), triton.cdiv(k, bk))](*args, BK=bk, **kwargs)
-    else:
-        bm = 64 if not backend.ON_GPU else 32
-        plain[(triton.cdiv(n, bm), triton.cdiv(k, bk))](*args, BM=bm, BK=bk, num_warps=4, **kwargs)
+def config(kernel: str) -> LaunchConfig:
+    """The launch config of ``kernel`` on this backend."""
+    table = GPU_CONFIGS if backend.ON_GPU and not backend.INTERPRETED else CPU_CONFIGS
+    return table[kernel]
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _grid(tiles: int, cfg: LaunchConfig, device: torch.device) -> int:
+    """Programs to launch: one per tile, or ``per_sm`` per SM striding over the tiles (never more than tiles)."""
+    if cfg.per_sm <= 0:
+        return max(tiles, 1)
+    sms = _sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else SIM_SMS
+    return max(1, min(tiles, cfg.per_sm * sms))
+
+
+def _launch_kw(cfg: LaunchConfig) -> dict:
+    return {"num_warps": cfg.warps, "num_stages": cfg.stages}
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
@@ -96,15 +139,9 @@ def _check_out_dtype(dtype: torch.dtype) -> None:
                         "or float16 on the CPU")
 
 
-def _bk(group: ScaleGroup, k: int) -> int:
-    """Tile width: a power of two in [16, 128] that divides the group's columns."""
-    cap = 128 if group.gk == 0 else min(128, group.gk)
-    return max(16, min(cap, triton.next_power_of_2(max(k, 1))))
-
-
 def dequantize(q: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = "tensor", *,
                fmt: str | Fp8Format | None = None, out_dtype: torch.dtype = torch.bfloat16,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, cfg: LaunchConfig | None = None) -> torch.Tensor:
     """y = decode(q) * s per element (float32 product, one rounding to ``out_dtype``); shape of q."""
     require_tensor(q, "q")
     require_tensor(scales, "scales")
@@ -123,19 +160,24 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = 
     o2 = _as_rows(out, "out")
     if n * k == 0:
         return out
-    _elementwise(dequant_tuned, K.dequant_kernel, n, k, _bk(group, k), c2, s, o2, n, k, c2.stride(0), s.stride(0),
-                 o2.stride(0), GN=group.gn, GK=group.gk, FMT=f.code, EMULATE=EMULATE)
+    cfg = cfg or config("dequant" if group.gn <= 1 else "dequant-block")
+    tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
+    K.dequant_kernel[(_grid(tiles, cfg, q.device),)](c2, s, o2, n, k, c2.stride(0), s.stride(0), o2.stride(0),
+                                                     GN=group.gn, GK=group.gk, FMT=f.code, EMULATE=EMULATE,
+                                                     BM=cfg.bm, BK=cfg.bk, **_launch_kw(cfg))
     return out
 
 
 def quantize(x: torch.Tensor, group: str | ScaleGroup = "tensor", fmt: str | Fp8Format = "e4m3", *,
              scales: torch.Tensor | None = None, out: torch.Tensor | None = None,
-             scales_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             scales_out: torch.Tensor | None = None, cfg: LaunchConfig | None = None,
+             amax_cfg: LaunchConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, s): FP8 codes of x with dynamic scales per ``group`` (or the given static ``scales``).
 
     Dynamic: s = max(amax / FMAX, MIN_SCALE) per group (1.0 for all-zero groups), amax over finite |x|; the scale
     is computed in the kernel. q = rne(clamp(x * (1/s), +-FMAX)); NaN stays NaN, +-inf saturates.
     ``out`` (uint8 or fp8, x's shape) and ``scales_out`` (float32, canonical shape) receive the results if given.
+    ``cfg`` overrides the launch config (``amax_cfg``: the amax pass of dynamic per-tensor); for tuning.
     """
     require_tensor(x, "x")
     if scales is not None:
@@ -168,57 +210,126 @@ def quantize(x: torch.Tensor, group: str | ScaleGroup = "tensor", fmt: str | Fp8
         return q.view(f.dtype), s
     args = dict(FMT=f.code, FMAX=f.max, MIN_SCALE=MIN_SCALE, EMULATE=EMULATE)
     if scales is not None:
-        _launch_static(x2, s, q2, s, group, from_amax=False, **args)
+        _launch_static(x2, s, q2, group, cfg, **args)
     elif group.gn == 0 and group.gk == 0:
-        _launch_tensor(x2, q2, s, **args)
+        _launch_tensor(x2, q2, s, amax_cfg, cfg, **args)
     elif group.gk == 0:
         if group.gn != 1:
             raise ValueError(f"dynamic scale groups spanning all columns need one row per group, got {group}")
-        _launch_rows(x2, q2, s, **args)
+        _launch_rows(x2, q2, s, cfg, **args)
     else:
         if group.gn == 0:
             raise ValueError(f"dynamic scale groups spanning all rows are not supported, got {group}")
-        _launch_tiles(x2, q2, s, group, **args)
+        _launch_tiles(x2, q2, s, group, cfg, **args)
     return q.view(f.dtype), s
 
 
-def _launch_static(x2, s, q2, so, group: ScaleGroup, *, from_amax: bool, **args) -> None:
+def _launch_static(x2, s, q2, group: ScaleGroup, cfg: LaunchConfig | None = None, **args) -> None:
     n, k = x2.shape
-    _elementwise(quant_static_tuned, K.quant_static_kernel, n, k, _bk(group, k), x2, s, q2, so, n, k, x2.stride(0),
-                 s.stride(0), q2.stride(0), GN=group.gn, GK=group.gk, FROM_AMAX=from_amax, **args)
+    cfg = cfg or config("quant-static")
+    tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
+    K.quant_static_kernel[(_grid(tiles, cfg, x2.device),)](
+        x2, s, q2, s, s, n, k, x2.stride(0), s.stride(0), q2.stride(0), 1, GN=group.gn, GK=group.gk,
+        FROM_PARTS=False, NEXT_PARTS=False, PARTS=1, BM=cfg.bm, BK=cfg.bk, **_launch_kw(cfg), **args)
 
 
-def _launch_tensor(x2, q2, s, **args) -> None:
-    """Per-tensor dynamic: an amax kernel (atomic max), then the quantizer derives s from it in-kernel."""
+def amax_partials(x2: torch.Tensor, cfg: LaunchConfig | None = None) -> torch.Tensor:
+    """float32 [P]: the amax of finite |x| over each program's share of the tiles (max of them: the tensor's)."""
     n, k = x2.shape
-    amax = torch.zeros(1, dtype=torch.float32, device=x2.device)
-    bm, bk = 64, _bk(TENSOR_GROUP, k)
-    K.amax_kernel[(triton.cdiv(n, bm), triton.cdiv(k, bk))](x2, amax, n, k, x2.stride(0), BM=bm, BK=bk,
-                                                           num_warps=4)
-    _launch_static(x2, amax, q2, s, TENSOR_GROUP, from_amax=True, **args)
+    cfg = cfg or config("amax")
+    grid = _grid(triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x2.device)
+    parts = torch.empty(grid, dtype=torch.float32, device=x2.device)
+    K.amax_partials_kernel[(grid,)](x2, parts, n, k, x2.stride(0), BM=cfg.bm, BK=cfg.bk, **_launch_kw(cfg))
+    return parts
 
 
-def _launch_rows(x2, q2, s, **args) -> None:
+def _launch_from_parts(x2, parts, q2, s, nxt, cfg: LaunchConfig, grid: int, **args) -> None:
+    """Quantize with s = max(parts) / FMAX (written to ``s``); with ``nxt``, also record x's amax partials there."""
     n, k = x2.shape
-    one_pass = k <= 16384
-    bk = max(16, triton.next_power_of_2(k)) if one_pass else 4096
-    bm = max(1, min(64, 4096 // bk)) if not backend.ON_GPU else max(1, 8192 // bk)
-    warps = 4 if bk <= 2048 else (8 if bk <= 4096 else 16)
-    K.quant_rows_kernel[(triton.cdiv(n, bm),)](x2, q2, s, n, k, x2.stride(0), q2.stride(0), BM=bm, BK=bk,
-                                               ONE_PASS=one_pass, num_warps=warps, **args)
+    K.quant_static_kernel[(grid,)](x2, parts, q2, s, parts if nxt is None else nxt, n, k, x2.stride(0), 0,
+                                   q2.stride(0), parts.numel(), GN=0, GK=0, FROM_PARTS=True,
+                                   NEXT_PARTS=nxt is not None, PARTS=triton.next_power_of_2(parts.numel()),
+                                   BM=cfg.bm, BK=cfg.bk, **_launch_kw(cfg), **args)
 
 
-def _launch_tiles(x2, q2, s, group: ScaleGroup, **args) -> None:
+def _launch_tensor(x2, q2, s, amax_cfg: LaunchConfig | None = None, cfg: LaunchConfig | None = None,
+                   **args) -> None:
+    """Per-tensor dynamic: per-program amax partials, then the quantizer reduces them (from L2) to the scale. x is
+    read twice; no atomics and no zeroed buffer."""
     n, k = x2.shape
-    bk = group.gk
-    bm = group.gn if group.gn > 1 else (32 if backend.ON_GPU else 64)
-    warps = 8 if bm * bk >= 8192 else 4
-    K.quant_tiles_kernel[(triton.cdiv(n, bm), triton.cdiv(k, bk))](x2, q2, s, n, k, x2.stride(0), q2.stride(0),
-                                                                  s.stride(0), GN=group.gn, BM=bm, BK=bk,
-                                                                  num_warps=warps, **args)
+    parts = amax_partials(x2, amax_cfg)
+    cfg = cfg or config("quant-tensor")
+    grid = _grid(triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x2.device)
+    _launch_from_parts(x2, parts, q2, s, None, cfg, grid, **args)
+
+
+def _launch_rows(x2, q2, s, cfg: LaunchConfig | None = None, **args) -> None:
+    """One scale per row; rows up to ``cfg.bk`` wide are read once, wider ones in ``cfg.bk`` chunks twice."""
+    n, k = x2.shape
+    cfg = cfg or config("quant-rows")
+    one_pass = triton.next_power_of_2(k) <= cfg.bk
+    bk = max(16, triton.next_power_of_2(k)) if one_pass else cfg.bk
+    grid = _grid(triton.cdiv(n, cfg.bm), cfg, x2.device)
+    K.quant_rows_kernel[(grid,)](x2, q2, s, n, k, x2.stride(0), q2.stride(0), BM=cfg.bm, BK=bk, ONE_PASS=one_pass,
+                                 **_launch_kw(cfg), **args)
+
+
+def _launch_tiles(x2, q2, s, group: ScaleGroup, cfg: LaunchConfig | None = None, **args) -> None:
+    n, k = x2.shape
+    cfg = cfg or config("quant-group" if group.gn == 1 else "quant-block")
+    bm = cfg.bm if group.gn == 1 else min(cfg.bm, group.gn)
+    tm = bm if group.gn == 1 else group.gn
+    grid = _grid(triton.cdiv(n, tm) * triton.cdiv(k, group.gk), cfg, x2.device)
+    K.quant_tiles_kernel[(grid,)](x2, q2, s, n, k, x2.stride(0), q2.stride(0), s.stride(0), GN=group.gn, BM=bm,
+                                  BK=group.gk, **_launch_kw(cfg), **args)
 
 
 TENSOR_GROUP = ScaleGroup(0, 0)
+
+
+@dataclass
+class DelayedScale:
+    """State of per-tensor quantization with the previous call's amax (delayed scaling, as vLLM's static activation
+    scales or Transformer Engine's amax history of length 1): ``parts[calls % 2]`` holds the amax partials the next
+    call's scale comes from, ``parts[(calls + 1) % 2]`` receives that call's own."""
+
+    parts: torch.Tensor  # float32 [2, P]
+    calls: int = 0
+
+
+def quantize_delayed(x: torch.Tensor, state: DelayedScale | None = None, fmt: str | Fp8Format = "e4m3", *,
+                     cfg: LaunchConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, DelayedScale]:
+    """(q, s, state): per-tensor FP8 with s = max(amax of the previous call's x / FMAX, MIN_SCALE), x read once.
+
+    Values beyond FMAX * s (x grew since the last call) saturate to +-FMAX. The first call (``state=None``) takes
+    the amax of x itself (a second read), so it equals ``quantize(x, "tensor")``. Pass the returned state to the
+    next call; the input shape must stay the same (the partials are per program).
+    """
+    f = get_format(fmt)
+    if x.dtype not in HIGH_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    _check_out_dtype(x.dtype)
+    x2 = _as_rows(x, "x")
+    n, k = x2.shape
+    cfg = cfg or config("quant-tensor")
+    grid = _grid(triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x.device)
+    if state is None:
+        first = amax_partials(x2, cfg)
+        state = DelayedScale(torch.zeros(2, grid, dtype=torch.float32, device=x.device))
+        state.parts[0].copy_(first)
+    if state.parts.shape != (2, grid):
+        raise ValueError(f"state holds {state.parts.shape[1]} amax partials, this input and config need {grid}: "
+                         "start a new state (state=None) when the shape changes")
+    q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    s = torch.empty(1, 1, dtype=torch.float32, device=x.device)
+    if n * k:
+        _launch_from_parts(x2, state.parts[state.calls % 2], _as_rows(q, "out"), s,
+                           state.parts[(state.calls + 1) % 2], cfg, grid, FMT=f.code, FMAX=f.max,
+                           MIN_SCALE=MIN_SCALE, EMULATE=EMULATE)
+    else:
+        s.fill_(1.0)
+    state.calls += 1
+    return q.view(f.dtype), s, state
 
 
 def codec(codes: torch.Tensor, values: torch.Tensor, fmt: str | Fp8Format = "e4m3", *,

@@ -1,0 +1,248 @@
+"""Quality of FP8 linears in a real model: perplexity and greedy agreement against the unquantized model.
+
+A *variant* is (scale group, mode, kept blocks): every ``nn.Linear`` of the decoder blocks becomes an ``Fp8Linear``
+over the weight quantized with dynamic amax scales of the group (per tensor, per output channel, 128x128 blocks),
+in mode ``w8a16`` (weight-only; activations stay in the compute dtype) or ``w8a8`` (activations quantized per token
+to e4m3 on every call), except the linears of the blocks listed in ``keep``, which stay dense. Embeddings, norms and
+the LM head are never quantized (vLLM's default). The swap happens in memory on a model loaded once; the codes and
+scales are those the quantizer writes into a checkpoint (``check_layouts`` proves it per layout, bit for bit).
+
+Metric, per variant, over non-overlapping windows w = 1..W of the evaluation text (paired with the base model):
+    d_w   = mean NLL of window w (variant) - mean NLL of window w (base)
+    Delta = 100 (exp(mean_w d_w) - 1)          % change of perplexity (every window has the same token count)
+with a 95% percentile bootstrap interval over windows (resampled with replacement, paired, fixed seed), and
+|Delta|'s conservative end ``abs_hi`` = max(|lo|, |hi|): the claims judge that. Greedy agreement: the share of
+positions where the variant's argmax next token equals the base model's.
+
+Sensitivity (which blocks dominate the error): each block alone quantized (W8A16), the mean KL(base || variant)
+of the next-token distributions over calibration windows that come *before* the evaluation text, never from it.
+The blocks kept dense by a ``top<k>`` policy are the k most sensitive ones by that ranking.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from impl import backend
+from impl.fp8.formats import get_group
+from impl.fp8.hf import perplexity
+from impl.fp8.linear import Fp8Linear, Fp8Weight
+
+GROUPS = ("tensor", "channel", "block")
+MODES = ("w8a16", "w8a8")
+BOOTSTRAP = 2000
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One quantized configuration of a model: scale group, mode, decoder blocks kept dense."""
+
+    group: str
+    mode: str
+    keep: tuple[int, ...] = ()
+    policy: str = "all"  # how ``keep`` was chosen: "all" (none kept), "first-last", "top<k>" (sensitivity)
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}-{self.mode}" + ("" if self.policy == "all" else f"-keep-{self.policy}")
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no model.layers: not a decoder-only HF causal LM")
+    return layers
+
+
+def block_linears(model: nn.Module) -> list[tuple[int, str, nn.Module, str, nn.Linear]]:
+    """(block index, qualified name, parent module, attribute, linear) of every nn.Linear inside the decoder blocks."""
+    out = []
+    for i, block in enumerate(decoder_blocks(model)):
+        for name, mod in block.named_modules():
+            if isinstance(mod, nn.Linear):
+                owner, _, attr = name.rpartition(".")
+                out.append((i, f"layers.{i}.{name}", block.get_submodule(owner) if owner else block, attr, mod))
+    return out
+
+
+def quantize_weight_like_checkpoint(w: torch.Tensor, group: str) -> Fp8Weight:
+    """e4m3 codes and float32 scales of ``w`` as ``impl.fp8.quantize`` writes them: the Triton kernel on a GPU, its
+    bit-exact CPU reference elsewhere (the interpreter would take minutes for a whole model)."""
+    from impl.fp8 import quant
+    from impl.fp8.reference import quantize_reference
+
+    g = get_group(group)
+    if w.is_cuda and not backend.INTERPRETED:
+        q, s = quant.quantize(w, g, "e4m3")
+        return Fp8Weight(q, s, g)
+    codes, s = quantize_reference(w, g, "e4m3")
+    return Fp8Weight(codes.view(torch.float8_e4m3fn).to(w.device), s.to(w.device), g)
+
+
+class Swapped:
+    """Context: the decoder linears of ``model`` replaced by Fp8Linears of ``variant`` (restored on exit).
+
+    ``cache`` (a dict kept by the caller) keeps each linear's quantized weight per group, and on the CPU its
+    dequantized copy, so the variants of one group quantize once."""
+
+    def __init__(self, model: nn.Module, variant: Variant, blocks: tuple[int, ...] | None = None,
+                 cache: dict | None = None) -> None:
+        self.model, self.variant, self.blocks = model, variant, blocks
+        self.cache = {} if cache is None else cache
+        self.saved: list[tuple[nn.Module, str, nn.Linear]] = []
+        self.paths: dict[str, int] = {}
+
+    def __enter__(self) -> "Swapped":
+        for i, name, parent, attr, lin in block_linears(self.model):
+            if i in self.variant.keep or (self.blocks is not None and i not in self.blocks):
+                continue
+            key = (self.variant.group, name)
+            if key not in self.cache:
+                w = quantize_weight_like_checkpoint(lin.weight.data, self.variant.group)
+                if lin.bias is not None:
+                    w.bias = lin.bias.data
+                self.cache[key] = [w, None]
+            w, dense = self.cache[key]
+            layer = Fp8Linear(w, compute_dtype=lin.weight.dtype, mode=self.variant.mode)
+            if layer.path.endswith("-torch"):  # the CPU paths keep W dequantized: share it between modes
+                if dense is None:
+                    self.cache[key][1] = dense = layer.dequantized_weight()
+                layer._dense = dense
+            self.paths[layer.path] = self.paths.get(layer.path, 0) + 1
+            self.saved.append((parent, attr, lin))
+            setattr(parent, attr, layer)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for parent, attr, lin in reversed(self.saved):
+            setattr(parent, attr, lin)
+        self.saved.clear()
+
+
+def bootstrap_delta(base_nll: list[float], var_nll: list[float], *, n: int = BOOTSTRAP,
+                    seed: int = SEED) -> dict[str, float]:
+    """Delta % of perplexity and its 95% paired percentile bootstrap interval over windows (module doc)."""
+    b = torch.tensor(base_nll, dtype=torch.float64)
+    v = torch.tensor(var_nll, dtype=torch.float64)
+    if b.shape != v.shape or b.numel() == 0:
+        raise ValueError(f"need the same non-zero number of windows, got {b.numel()} and {v.numel()}")
+    d = v - b
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, d.numel(), (n, d.numel()), generator=g)
+    boot = 100 * torch.expm1(d[idx].mean(dim=1))
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    delta = 100 * math.expm1(d.mean().item())
+    return {"delta_pct": delta, "ci95": [lo, hi], "abs_hi": max(abs(lo), abs(hi)), "windows": d.numel(),
+            "bootstrap": n, "seed": seed}
+
+
+@torch.no_grad()
+def block_sensitivity(model: nn.Module, calib: torch.Tensor, group: str, *, window: int, bos: int | None,
+                      log: Callable[..., Any] = print) -> list[float]:
+    """Mean KL(base || block i alone quantized, W8A16) per next-token position over ``calib``, for each block."""
+    device = next(model.parameters()).device
+    chunks = calib[: (calib.numel() // window) * window].reshape(-1, window).to(device)
+    if bos is not None:
+        chunks = torch.cat([torch.full_like(chunks[:, :1], bos), chunks], dim=1)
+    base = torch.log_softmax(model(input_ids=chunks).logits.float(), dim=-1)
+    out = []
+    for i in range(len(decoder_blocks(model))):
+        with Swapped(model, Variant(group, "w8a16"), blocks=(i,)):
+            lp = torch.log_softmax(model(input_ids=chunks).logits.float(), dim=-1)
+        out.append(float((base.exp() * (base - lp)).sum(-1).mean()))
+        log(f"  sensitivity block {i}: KL {out[-1]:.2e}")
+    return out
+
+
+@torch.no_grad()
+def layer_errors(model: nn.Module, ids: torch.Tensor, variant: Variant) -> dict[str, float]:
+    """Relative output error ||y_fp8 - y|| / ||y|| of every quantized linear on the same inputs (one forward of the
+    base model; each linear's input is fed to its FP8 twin)."""
+    errs: dict[str, float] = {}
+    hooks = []
+    for i, name, _, _, lin in block_linears(model):
+        if i in variant.keep:
+            continue
+        w = quantize_weight_like_checkpoint(lin.weight.data, variant.group)
+        twin = Fp8Linear(w, compute_dtype=lin.weight.dtype, mode=variant.mode)
+
+        def hook(mod, inp, out, twin=twin, name=name):
+            ref = out.float()
+            errs[name] = float((twin(inp[0]).float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+        hooks.append(lin.register_forward_hook(hook))
+    try:
+        model(input_ids=ids[None].to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return errs
+
+
+def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, variants: list[Variant], *,
+                      window: int, batch: int, bos: int | None, sensitivity_group: str | None = "channel",
+                      deadline: float = math.inf, log: Callable[..., Any] = print) -> dict[str, Any]:
+    """Base model first, then each variant (``top<k>`` policies resolved from the sensitivity on ``calib``)."""
+    t0 = time.perf_counter()
+    base = perplexity(model, ids, window=window, batch=batch, keep_argmax=True, bos=bos)
+    ref_argmax = base.pop("argmax")
+    log(f"base: ppl {base['ppl']:.4f} over {base['tokens']} tokens ({time.perf_counter() - t0:.0f} s)")
+    out: dict[str, Any] = {"base": base, "variants": {}, "complete": False}
+    ranking: list[int] = []
+    if sensitivity_group and any(v.policy.startswith("top") for v in variants):
+        kl = block_sensitivity(model, calib, sensitivity_group, window=window, bos=bos, log=log)
+        ranking = sorted(range(len(kl)), key=lambda i: -kl[i])
+        out["sensitivity"] = {"group": sensitivity_group, "mode": "w8a16", "kl": kl, "ranking": ranking,
+                              "calib_tokens": int(calib.numel())}
+    n_blocks = len(decoder_blocks(model))
+    cache: dict = {}
+    for v in sorted(variants, key=lambda v: GROUPS.index(v.group)):  # a group's variants share its quantization
+        if time.perf_counter() > deadline:
+            log(f"time budget reached: {v.name} and later variants not evaluated")
+            return out
+        v = resolve_keep(v, ranking, n_blocks)
+        t = time.perf_counter()
+        if cache and next(iter(cache))[0] != v.group:
+            cache.clear()  # one group's weights at a time
+        with Swapped(model, v, cache=cache) as sw:
+            r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
+        r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
+        r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, paths=sw.paths,
+                 ignore=ignore_list(v), seconds=time.perf_counter() - t)
+        out["variants"][v.name] = r
+        log(f"{v.name}: ppl {r['ppl']:.4f}, delta {r['delta_pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}], "
+            f"agreement {100 * r['top1_agreement']:.1f}%, paths {sw.paths} ({r['seconds']:.0f} s)")
+    out["complete"] = True
+    return out
+
+
+def ignore_list(v: Variant) -> list[str]:
+    """The modules a checkpoint of this variant leaves unquantized, as ``quantization_config`` records them
+    (``impl.fp8.quantize --ignore``; vLLM's ``ignored_layers`` / compressed-tensors' ``ignore``, ``re:`` patterns)."""
+    kept = "|".join(str(i) for i in v.keep)
+    return ["lm_head"] + ([f"re:model\\.layers\\.({kept})\\..*"] if v.keep else [])
+
+
+def resolve_keep(v: Variant, ranking: list[int], n_blocks: int) -> Variant:
+    """The blocks a policy keeps dense: none, the first and last, or the k most sensitive."""
+    if v.policy == "all":
+        return v
+    if v.policy == "first-last":
+        return Variant(v.group, v.mode, (0, n_blocks - 1), v.policy)
+    if v.policy.startswith("top"):
+        if not ranking:
+            raise ValueError(f"{v.name}: policy {v.policy} needs the sensitivity ranking")
+        return Variant(v.group, v.mode, tuple(sorted(ranking[: int(v.policy[3:])])), v.policy)
+    raise ValueError(f"unknown keep policy {v.policy!r} (all, first-last, top<k>)")
+
+
+def variants_for(policies: list[str], groups: tuple[str, ...] = GROUPS,
+                 modes: tuple[str, ...] = MODES) -> list[Variant]:
+    return [Variant(g, m, (), p) for p in policies for g in groups for m in modes]

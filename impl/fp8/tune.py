@@ -1,0 +1,261 @@
+"""Launch-config sweep for the FP8 kernels: check every candidate, then time it, within a wall-clock budget.
+
+    python -m impl.fp8.tune --out DIR [--budget-s 60] [--shapes 14336x4096 ...]
+
+For each kernel (dequantize with tensor / channel / 128x128-block scales; requantize with dynamic tensor (amax
+partials + quantize; and the delayed single-read variant), channel, 1x128 group and 128x128 block scales) and each
+candidate ``quant.LaunchConfig``:
+  1. check: fresh random input of an awkward shape (tiles cut by both edges), outputs poisoned; codes and scales
+     must equal ``reference`` bit for bit (dequantize: the float32 product, exactly);
+  2. time: ``impl.common.timing.time_fn`` (device events, queued, L2 flushed before each call, median) on the first
+     shape, each kernel within an equal slice of 80% of the budget (its default always); then the best config and
+     the default on every other shape.
+Bandwidth is compulsory bytes (inputs read once, outputs written once) over time, as % of this run's measured copy
+bandwidth; per-tensor dynamic also against its two-read bound. Prints a table, writes ``DIR/tune.json`` (every
+row, the winners as ``GPU_CONFIGS`` entries, ``complete``). Stops starting new work when the budget is spent.
+On a CPU it runs at tiny size under the interpreter (proof that it runs; its times mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from impl import backend
+from impl.fp8 import quant
+from impl.fp8 import reference as R
+from impl.fp8.formats import get_group
+from impl.fp8.quant import LaunchConfig as C
+
+GPU_SHAPES = [(14336, 4096), (4096, 4096), (6144, 4096), (4096, 14336), (28672, 4096)]
+CPU_SHAPES = [(64, 256)]
+CHECK_SHAPE = (272, 1040)  # multiples of 16 (the big shapes' specialization) that no tile divides
+
+# kernel -> (config key in quant.GPU_CONFIGS, candidates); the default is always timed too
+CANDIDATES: dict[str, tuple[str, list[C]]] = {  # 16, 32 and 64 elements a thread; 4 and 8 warps; persistent
+    "dequant-tensor": ("dequant", [C(4, 512, 4), C(4, 1024, 4), C(8, 1024, 8), C(16, 512, 8), C(8, 512, 4, 1, 4)]),
+    "dequant-channel": ("dequant", [C(4, 512, 4), C(4, 1024, 4), C(8, 1024, 8), C(16, 256, 4)]),
+    "dequant-block": ("dequant-block", [C(4, 512, 4), C(4, 1024, 4), C(8, 1024, 8), C(16, 512, 8),
+                                        C(8, 512, 4, 1, 4)]),
+    "requant-tensor": ("quant-tensor", [C(4, 512, 4, 1, 8), C(8, 1024, 8, 1, 2), C(8, 512, 4)]),
+    "amax": ("amax", [C(4, 1024, 4, 1, 8), C(8, 512, 4, 1, 4), C(16, 512, 8, 1, 2)]),
+    "requant-delayed": ("quant-tensor", [C(4, 512, 4, 1, 8), C(8, 1024, 8, 1, 2)]),
+    "requant-channel": ("quant-rows", [C(1, 16384, 8), C(2, 16384, 16), C(1, 2048, 4), C(1, 16384, 16, 1, 4)]),
+    "requant-group": ("quant-group", [C(16, 128, 4), C(64, 128, 8), C(8, 128, 4)]),
+    "requant-block": ("quant-block", [C(128, 128, 16), C(64, 128, 8), C(32, 128, 8), C(16, 128, 4, 1, 4)]),
+}
+CPU_CANDIDATES = 1  # under the interpreter: the first candidate of each kernel only
+
+
+def _hi() -> torch.dtype:
+    return torch.bfloat16 if backend.ON_GPU and not backend.INTERPRETED else torch.float32
+
+
+def _scale_bytes(group: str, n: int, k: int) -> int:
+    r, c = get_group(group).scale_shape(n, k)
+    return 4 * r * c
+
+
+def case(kernel: str, n: int, k: int, cfg: C, seed: int = 0) -> tuple[Callable[[], Any], int, int, Callable[[], None]]:
+    """(fn, compulsory bytes, traffic bytes, check) for one kernel, shape and config; ``check`` raises on a wrong
+    result (outputs poisoned first)."""
+    dev, hi = backend.DEVICE, _hi()
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(n, k, device=dev, dtype=hi, generator=g) * 3
+    esz = x.element_size()
+    if kernel.startswith("dequant"):
+        group = kernel.split("-")[1]
+        q, s = quant.quantize(x, group)
+        out = torch.empty(n, k, device=dev, dtype=hi)
+
+        def fn():
+            return quant.dequantize(q, s, group, out=out, cfg=cfg)
+
+        def check():
+            out.fill_(float("nan"))
+            fn()
+            want = R.dequantize_reference(q.cpu(), s.cpu(), group, "e4m3", hi)
+            if not torch.equal(out.cpu().view(torch.int16 if esz == 2 else torch.int32),
+                               want.view(torch.int16 if esz == 2 else torch.int32)):
+                raise AssertionError(f"{kernel} {cfg}: dequantized values differ from the reference")
+
+        nbytes = n * k + _scale_bytes(group, n, k) + n * k * esz
+        return fn, nbytes, nbytes, check
+    if kernel == "amax":
+        x2 = x
+
+        def fn():
+            return quant.amax_partials(x2, cfg)
+
+        def check():
+            got = float(fn().max())
+            want = float(x.float().abs().max())
+            if got != want:
+                raise AssertionError(f"amax {cfg}: {got} != {want}")
+
+        return fn, n * k * esz, n * k * esz, check
+    if kernel == "requant-delayed":
+        _, _, state = quant.quantize_delayed(x, cfg=cfg)
+
+        def fn():
+            return quant.quantize_delayed(x, state, cfg=cfg)
+
+        def check():
+            q, s, _ = fn()
+            rq, rs = R.quantize_reference(x, "tensor")  # x unchanged: the previous call's scale is its own
+            if not (torch.equal(q.view(torch.uint8).cpu(), rq) and torch.equal(s.cpu(), rs)):
+                raise AssertionError(f"{kernel} {cfg}: codes or scale differ from the reference")
+
+        nbytes = n * k * esz + n * k + 4
+        return fn, nbytes, nbytes, check
+    group = kernel.split("-")[1]
+    shape = get_group(group).scale_shape(n, k)
+    out = torch.empty(n, k, device=dev, dtype=torch.uint8)
+    s_out = torch.empty(shape, device=dev, dtype=torch.float32)
+
+    def fn():
+        return quant.quantize(x, group, out=out, scales_out=s_out, cfg=cfg)
+
+    def check():
+        out.fill_(0xFF)
+        s_out.fill_(float("nan"))
+        fn()
+        rq, rs = R.quantize_reference(x, group)
+        if not (torch.equal(out.cpu(), rq) and torch.equal(s_out.cpu(), rs)):
+            raise AssertionError(f"{kernel} {cfg}: codes or scales differ from the reference")
+
+    nbytes = n * k * esz + n * k + _scale_bytes(group, n, k)
+    traffic = nbytes + (n * k * esz if group == "tensor" else 0)
+    return fn, nbytes, traffic, check
+
+
+def time_ms(fn: Callable[[], Any], reps: int) -> float:
+    from impl.common.timing import time_fn
+
+    return time_fn(fn, warmup=2, reps=reps, flush=True, queue_ahead=backend.ON_GPU).median_ms
+
+
+def _default(kernel: str) -> C:
+    return quant.config(CANDIDATES[kernel][0])
+
+
+def candidates(kernel: str) -> list[C]:
+    default = _default(kernel)
+    if backend.INTERPRETED or not backend.ON_GPU:
+        return [default] + [c for c in CANDIDATES[kernel][1] if c != default][: CPU_CANDIDATES]
+    return [default] + [c for c in CANDIDATES[kernel][1] if c != default]
+
+
+def sweep(shapes: list[tuple[int, int]], budget_s: float, kernels: list[str], copy_gbps: float | None, *,
+          reps: int, log: Callable[..., Any] = print) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    winners: dict[str, dict[str, Any]] = {}
+    complete = True
+    check_n, check_k = CHECK_SHAPE if backend.ON_GPU and not backend.INTERPRETED else (40, 200)
+
+    def over() -> bool:
+        return time.perf_counter() - t0 > budget_s
+
+    def row(kernel, cfg, n, k, ms, nbytes, traffic, role):
+        gbps = nbytes / (ms * 1e-3) / 1e9 if ms else None
+        r = {"kernel": kernel, "config": asdict(cfg), "n": n, "k": k, "us": ms * 1e3 if ms else None, "gbps": gbps,
+             "bytes": nbytes, "traffic_bytes": traffic, "role": role}
+        if copy_gbps and gbps:
+            r["pct_copy"] = 100 * gbps / copy_gbps
+            r["pct_traffic_bound"] = 100 * gbps * traffic / nbytes / copy_gbps
+        rows.append(r)
+        return r
+
+    n0, k0 = shapes[0]
+    best: dict[str, C] = {}
+    for i, kernel in enumerate(kernels):  # phase 1, 80% of the budget in equal slices: pick each kernel's config
+        deadline = t0 + 0.8 * budget_s * (i + 1) / len(kernels)
+        fastest = None
+        for j, cfg in enumerate(candidates(kernel)):
+            if j > 0 and time.perf_counter() > deadline:  # the default is always timed
+                complete = False
+                log(f"{kernel}: slice spent, {len(candidates(kernel)) - j} candidates not run")
+                break
+            try:
+                case(kernel, check_n, check_k, cfg, seed=int(time.time()) & 0xFFFF)[3]()
+            except Exception as e:  # noqa: BLE001  (a candidate that fails its check is reported, never timed)
+                rows.append({"kernel": kernel, "config": asdict(cfg), "error": f"{type(e).__name__}: {e}"})
+                log(f"{kernel} {cfg}: CHECK FAILED {e}")
+                continue
+            fn, nbytes, traffic, _ = case(kernel, n0, k0, cfg)
+            r = row(kernel, cfg, n0, k0, time_ms(fn, reps), nbytes, traffic,
+                    "default" if cfg == _default(kernel) else "candidate")
+            if fastest is None or r["us"] < fastest[1]["us"]:
+                fastest = (cfg, r)
+        if fastest is not None:
+            best[kernel] = fastest[0]
+            winners[kernel] = {"config_key": CANDIDATES[kernel][0], "config": asdict(fastest[0]),
+                               "us": fastest[1]["us"]}
+    for n, k in shapes[1:]:  # phase 2: the winner and the default on the other shapes
+        for kernel, cfg_best in best.items():
+            for cfg, role in ((cfg_best, "best"), (_default(kernel), "default")):
+                if role == "default" and cfg == cfg_best:
+                    continue
+                if over():
+                    complete = False
+                    break
+                fn, nbytes, traffic, _ = case(kernel, n, k, cfg)
+                row(kernel, cfg, n, k, time_ms(fn, reps), nbytes, traffic, role)
+    return {"rows": rows, "winners": winners, "complete": complete, "seconds": time.perf_counter() - t0,
+            "copy_gbps": copy_gbps, "shapes": [list(s) for s in shapes], "device": backend.describe()}
+
+
+def table(data: dict[str, Any]) -> str:
+    lines = [f"{'kernel':16} {'config (bm,bk,warps,stages,per_sm)':36} {'shape':12} {'us':>9} {'% copy':>7} "
+             f"{'% bound':>7} role"]
+    for r in data["rows"]:
+        c = r["config"]
+        cfg = f"({c['bm']},{c['bk']},{c['warps']},{c['stages']},{c['per_sm']})"
+        if "error" in r:
+            lines.append(f"{r['kernel']:16} {cfg:36} CHECK FAILED: {r['error'][:60]}")
+            continue
+        pct = f"{r['pct_copy']:7.1f}" if "pct_copy" in r else f"{'-':>7}"
+        bound = f"{r['pct_traffic_bound']:7.1f}" if "pct_traffic_bound" in r else f"{'-':>7}"
+        lines.append(f"{r['kernel']:16} {cfg:36} {r['n']}x{r['k']:<7} {r['us']:9.1f} {pct} {bound} {r['role']}")
+    lines.append("winners (paste into quant.GPU_CONFIGS): " + ", ".join(
+        f"{w['config_key']}<-{k}: LaunchConfig({', '.join(str(v) for v in w['config'].values())})"
+        for k, w in data["winners"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m impl.fp8.tune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--budget-s", type=float, default=60)
+    p.add_argument("--shapes", nargs="*", help="NxK shapes; the first one picks the winners")
+    p.add_argument("--kernels", nargs="*", default=list(CANDIDATES), choices=list(CANDIDATES))
+    p.add_argument("--reps", type=int, default=10)
+    a = p.parse_args(argv)
+    gpu = backend.ON_GPU and not backend.INTERPRETED
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes] if a.shapes else \
+        (GPU_SHAPES if gpu else CPU_SHAPES)
+    copy_gbps = None
+    if gpu:
+        from impl.common.calibrate import measure_copy_gbps
+
+        copy_gbps = measure_copy_gbps()
+    data = sweep(shapes, a.budget_s, a.kernels, copy_gbps, reps=a.reps if gpu else 1)
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / "tune.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(table(data))
+    print(f"wrote {path} ({len(data['rows'])} rows, {data['seconds']:.0f} s, complete: {data['complete']}, "
+          f"copy {copy_gbps or float('nan'):.0f} GB/s)")
+    return 0 if not any("error" in r for r in data["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
