@@ -41,6 +41,14 @@ def test_attention_claims_say_why_flashinfer_was_not_measured(tmp_path):
     assert row["verdict"] == "not measured" and "No module named 'cudnn'" in row["reason"]
 
 
+def test_endpoint_claims_say_what_the_load_test_needs(tmp_path):
+    ids = [c for c in claims.CLAIMS if c.id.startswith("serve.endpoint_")]
+    assert len(ids) == 3
+    for c in ids:
+        row = evaluate(c, view_of(tmp_path / c.id, {}))
+        assert row["verdict"] == "not measured" and "impl.serve.loadtest" in row["reason"], row
+
+
 def test_latency_plot_draws_both_modes(tmp_path):
     mode = {"latencies_s": [0.1, 0.2, 0.4], "ttfts_s": [0.01, 0.02, 0.05]}
     data = {**claims.GOOD_ENDPOINT, "model": "smollm2", "config": {"concurrency": 64}, "requests_per_s": 30.0,

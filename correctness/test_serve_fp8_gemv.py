@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,17 +13,18 @@ from hypothesis import strategies as st
 from fixtures.oracle import assert_close, check_kernel
 from impl import backend
 from impl.backend import DEVICE
-from impl.serve import choose, fp8_adapter
+from impl.serve import choose, fp8_adapter, fp8_gemv
 from impl.serve.choose import GemmChoice, GemmTable
-from impl.serve.fp8_gemv import (DecodeFp8Linear, GemvConfig, default_config, gemv, new_counters, split_plan,
-                                 swiglu_torch)
+from impl.serve.fp8_gemv import (DecodeFp8Linear, GemvConfig, decode_bits_reference, default_config, gemv,
+                                 new_counters, split_plan, swiglu_torch)
 from impl.serve.model import DenseLinear
 from impl.serve.tune import error_bound, reference
 
 X_DTYPES = ["float32"] + (["bfloat16"] if backend.ON_GPU else [])
 TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=2e-2, atol=2e-2)}
 CONFIGS = [GemvConfig(), GemvConfig(splits=3), GemvConfig(block_m=2, block_n=8, block_k=16, splits=2),
-           GemvConfig(dot=True, block_n=16, splits=2), GemvConfig(dot=True, block_m=16, block_n=32, num_stages=2)]
+           GemvConfig(dot=True, block_n=16, splits=2), GemvConfig(dot=True, block_m=16, block_n=32, num_stages=2),
+           GemvConfig(dot=True, bits=True, block_n=16, splits=2)]
 
 
 def fp8_weight(n: int, k: int, seed: int, zero_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,8 +233,10 @@ def test_kernel_compiles_for_hopper_with_16_byte_weight_loads():
     """Compiled for sm_90a (no GPU needed): the CUDA-core split-K kernel reads 16 FP8 codes per load, spills nothing,
     uses the split-K atomics, and with PDL waits on the grid dependency; the FP8-activation tiles use wgmma."""
     pytest.importorskip("triton.backends.nvidia")
+    dot = {"m": 1, "dot": True, "block_n": 64, "block_k": 256, "num_warps": 8, "num_stages": 3, "splits": 2}
     cfgs = [{"block_n": 16, "block_k": 512, "splits": 4}, {"m": 128, "dot": True, "a8": True, "block_n": 128,
-                                                           "block_k": 128, "num_warps": 8, "num_stages": 3}]
+                                                           "block_k": 128, "num_warps": 8, "num_stages": 3},
+            dot, {**dot, "bits": True}]
     args = [sys.executable, "-m", "impl.serve.ptx_check", "--m", "1", "--pdl"]
     for c in cfgs:
         args += ["--config", json.dumps(c)]
@@ -243,6 +247,46 @@ def test_kernel_compiles_for_hopper_with_16_byte_weight_loads():
     if "ptxas failed" in r.stderr or "No such file" in r.stderr:
         pytest.skip(f"no ptxas for sm_90a here: {r.stderr[-300:]}")
     assert r.returncode == 0, r.stderr[-2000:]
-    fma, a8 = (json.loads(line) for line in r.stdout.splitlines()[-2:])
+    fma, a8, dot, bits = (json.loads(line) for line in r.stdout.splitlines()[-4:])
     assert fma["ld_global_v4"] >= 4 and fma["spill_bytes"] == 0 and fma["atom"] == 2 and fma["griddepcontrol"] == 2
     assert a8["wgmma"] > 0 and a8["spill_bytes"] == 0 and a8["shared_bytes"] <= 227 << 10
+    # Triton's decoder goes through f16 (cvt e4m3x2); the bit decoder has none and one bf16x2 multiply per 2 codes
+    assert dot["cvt_e4m3"] > 0 and dot["mul_bf16x2"] == 0
+    assert bits["cvt_e4m3"] == 0 and bits["mul_bf16x2"] > 0 and bits["cp_async"] > 0
+    assert bits["spill_bytes"] <= 16  # with PDL ptxas spills 12 bytes (3 registers) of this 8-warp tile
+
+
+def test_bit_decoder_twin_gives_every_e4m3_value():
+    """The CPU twin of the PTX bit decoder gives every one of the 256 codes its e4m3 value (both zeros with their
+    sign, subnormals, 448); the two NaN codes give +-480 (stated: weights hold no NaN)."""
+    codes = np.arange(256, dtype=np.uint8)
+    got = decode_bits_reference(codes)
+    want = torch.from_numpy(codes.copy()).view(torch.float8_e4m3fn).double().numpy()
+    finite = ~np.isnan(want)
+    assert np.array_equal(got[finite], want[finite])
+    assert np.array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
+    assert sorted(got[~finite].tolist()) == [-480.0, 480.0]
+    assert np.array_equal(decode_bits_reference(codes[::-1].copy()), got[::-1])  # position in the word is kept
+
+
+def test_bit_decoder_assembly_uses_the_twins_constants():
+    """The PTX and its twin share their constants: the selectors, the mask, and 2^120 as a bf16 pair."""
+    asm = str(fp8_gemv._BITS_ASM.value if hasattr(fp8_gemv._BITS_ASM, "value") else fp8_gemv._BITS_ASM)
+    for const in ("0x9180", "0xB3A2", "0x87F087F0", "0x7B807B80"):
+        assert const in asm, const
+    two120 = torch.tensor([0x7B80], dtype=torch.int16).view(torch.bfloat16).double().item()
+    assert two120 == 2.0 ** fp8_gemv.BITS_EXPONENT_SHIFT
+    with pytest.raises(ValueError, match="bits"):
+        GemvConfig(bits=True)  # the bit decoder feeds tensor-core tiles only
+    assert GemvConfig(dot=True, bits=True).name.startswith("dotb-")
+
+
+def test_tensor_core_tiles_take_swiglu_from_silu_mul():
+    """dot tiles with a SwiGLU input give exactly the product of silu_mul's output (one kernel before them)."""
+    gen = torch.Generator().manual_seed(3)
+    gu = torch.randn(3, 64, generator=gen).to(DEVICE)
+    q, s = fp8_weight(16, 32, 5, False)
+    cfg = GemvConfig(dot=True, block_n=16, block_k=16, splits=2)
+    from impl.serve.fused import silu_mul
+
+    torch.testing.assert_close(gemv(gu, q, s, cfg, swiglu=True), gemv(silu_mul(gu), q, s, cfg), rtol=0, atol=0)

@@ -28,6 +28,7 @@ def test_tune_smoke_checks_times_and_writes_a_loadable_table(tmp_path, capsys):
             assert r["check"]["ok"] and r["check"]["worst_of_bound"] < 0.5 and r["median_us"] > 0, r
         assert pair["best"] == min((r for r in pair["candidates"] if r["kind"] != "bf16"),
                                    key=lambda r: r["median_us"])["candidate"]
+    assert {p["projection"] for p in data["pairs"] if p["swiglu"]} == {"w2"}  # w2 measured as the model calls it
     table = choose.GemmTable.load(tmp_path / "gemm_table.json")
     assert table.selected_in_run == data["run_id"]
     shapes = data["shapes"]
@@ -45,6 +46,33 @@ def test_error_bound_catches_a_wrong_scale():
     bad = ref.clone()
     bad[:, 3] *= 1.0625
     assert not bool(((bad - ref).abs() <= tune.error_bound("w8a16", ref, a, 64)).all())
+
+
+def test_w2_is_checked_against_the_swiglu_product_it_serves():
+    """The tune run times w2 on gu = [gate | up] as serving calls it; a candidate that skipped SwiGLU would fail the
+    float64 check (the check is against silu_mul(gu), not gu's first half)."""
+    sub = tune.make_subject("w2", 16, 32, torch.float32, "cpu", seed=0, swiglu=True)
+    pair = tune.measure_pair(sub, 2, tune.SMOKE, seed=1)
+    assert pair["swiglu"] and all(r["check"]["ok"] for r in pair["candidates"]), pair["candidates"]
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    from impl.serve.fused import silu_mul
+
+    ref, a = tune.reference(silu_mul(x), sub.fp8.inner.weight, sub.fp8.inner.weight_scale)
+    wrong = sub.fp8.inner(x[:, :32]).double()  # the gate half, no SwiGLU
+    assert not bool(((wrong - ref).abs() <= tune.error_bound("inner", ref, a, 32)).all())
+
+
+def test_kernel_groups_sum_device_time_per_step():
+    """The step profile groups kernels by what they do and divides by the number of steps traced."""
+    from impl.serve.experiments import group_kernels, kernel_group
+
+    assert kernel_group("gemv_kernel") == "gemv" and kernel_group("paged_decode_kernel") == "attention"
+    assert kernel_group("nvjet_tst_128x64_64x8") == "cublas" and kernel_group("void foo<bar>") == "other"
+    ev = [{"name": "gemv_kernel", "dur": 10.0, "args": {"grid": [1, 768, 1]}}] * 4 + \
+         [{"name": "rmsnorm_kernel", "dur": 2.0, "args": {"grid": [1, 1, 1]}}] * 2
+    out = group_kernels(ev, steps=2)
+    assert out["group_us"] == {"gemv": 20.0, "norm": 2.0} and out["sum_us"] == 22.0
+    assert out["top"][0] == {"kernel": "gemv_kernel grid=[1, 768, 1]", "us_per_step": 20.0, "calls_per_step": 2}
 
 
 def test_batch_invariant_model_gives_each_prompt_the_same_logits_alone_or_batched(monkeypatch):

@@ -17,6 +17,8 @@ tokens:
 - bandwidth: ``weight_gbps`` = weight bytes read per step (every matrix once; one embedding row per token) / step
   time and ``bw_pct`` its % of the card's copy bandwidth (``impl.common.calibrate.measure_copy_gbps``, bytes read +
   written); ``kv_bytes`` the K/V a step reads, ``total_bw_pct`` weights + K/V;
+- ``kernels``: device microseconds per step by kernel group (GEMV, attention, norms, cuBLAS, ...) and the largest
+  kernels with their grids, from a torch.profiler trace of three graph replays (``profile_step``);
 - ``step_tflops``: 2 · B · (multiply-adds of every linear and the LM head) + attention (4 · B · layers · heads ·
   head_dim · context) per step time.
 
@@ -66,6 +68,7 @@ class ExperimentConfig:
     reps: int = 20
     prefill_reps: int = 5
     budget_s: float = 0.0  # 0: no limit; else batches that would start after it are skipped (record incomplete)
+    profile: bool = True  # device time per kernel group of the timed decode step (``profile_step``)
 
 
 FULL = ExperimentConfig()
@@ -149,12 +152,68 @@ def time_prefill_and_decode(engine: Engine, prompts: list[list[int]], cfg: Exper
     decode = time_fn(step_fn, warmup=3 if engine.graphs is not None else 1, reps=cfg.reps)
     out: dict[str, Any] = {"ttft_ms": prefill.median_ms, "decode_step_ms": decode.median_ms,
                            "decode_rounds_ms": decode.times_ms}
+    if cfg.profile and engine.device.type == "cuda":
+        out["kernels"] = profile_step(step_fn)
     if keep_logits:
         out["logits"] = step_fn()[: len(prompts)].float().cpu().clone()
     for i in ids:
         engine.abort(i)
     engine.done.clear()
     return out
+
+
+KERNEL_GROUPS = (("gemv", ("gemv_kernel",)), ("attention", ("paged_decode", "paged_prefill")),
+                 ("norm", ("rmsnorm",)), ("rope_cache", ("rope",)), ("silu_mul", ("silu_mul",)),
+                 ("quant", ("quant",)), ("cublas", ("gemm", "nvjet", "cutlass", "sm90_xmma", "splitk")))
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    return next((g for g, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
+
+
+def group_kernels(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    """Chrome-trace kernel events (``name``, ``dur`` in us, ``args.grid``) of ``steps`` decode steps -> device us per
+    step by group and by (name, grid), the largest first."""
+    groups: dict[str, float] = {}
+    by_kernel: dict[str, list[float]] = {}
+    for e in events:
+        grid = (e.get("args") or {}).get("grid")
+        key = f"{e['name'][:60]} grid={grid}"
+        groups[kernel_group(e["name"])] = groups.get(kernel_group(e["name"]), 0.0) + e["dur"] / steps
+        by_kernel.setdefault(key, []).append(e["dur"])
+    top = sorted(((k, sum(v) / steps, len(v) // steps) for k, v in by_kernel.items()), key=lambda r: -r[1])
+    return {"steps": steps, "group_us": {g: round(v, 2) for g, v in sorted(groups.items(), key=lambda r: -r[1])},
+            "sum_us": round(sum(groups.values()), 2),
+            "top": [{"kernel": k, "us_per_step": round(us, 2), "calls_per_step": n} for k, us, n in top[:16]]}
+
+
+def profile_step(step_fn, steps: int = 3) -> dict[str, Any]:
+    """Device time per kernel of ``steps`` decode steps (graph replays: CUPTI records each kernel of the graph), from
+    torch.profiler's trace; grouped by ``kernel_group``. Errors are recorded, never raised (the timings stand)."""
+    import json as _json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        step_fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step_fn()
+            torch.cuda.synchronize()
+        with tempfile.TemporaryDirectory() as d:
+            path = f"{d}/trace.json"
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                trace = _json.load(f)
+        events = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel" and "dur" in e]
+        if not events:
+            return {"error": "the profiler recorded no kernels"}
+        return group_kernels(events, steps)
+    except Exception as e:  # profiling is a diagnosis: it never costs the measurement
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
 def step_timings(model: Transformer, cfg: ExperimentConfig, batch: int, keep_logits: bool = False) -> dict[str, Any]:
@@ -208,6 +267,10 @@ def run_precision(model: Transformer, label: str, cfg: ExperimentConfig, copy_gb
         row["total_bw_pct"] = 100 * (per_token_bytes + kv) / step_s / 1e9 / copy_gbps if copy_gbps else None
         row.update(end_to_end(engine, prompts, cfg))
         out["batches"][str(b)] = row
+        if "kernels" in row:
+            k = row["kernels"]
+            log(f"{label} B={b} kernels/step: " + (k.get("error") or ", ".join(
+                f"{g} {us:.0f}" for g, us in k["group_us"].items()) + f" us (sum {k['sum_us']:.0f})"))
         log(f"{label} B={b}: step {row['decode_step_ms']:.3f} ms ({row['decode_tok_s']:.0f} tok/s, "
             f"{row['weight_gbps']:.0f} GB/s weights, {row['step_tflops']:.1f} TFLOP/s), TTFT {row['ttft_ms']:.2f} ms, "
             f"e2e {row['e2e_decode_tok_s'] or 0:.0f} tok/s")

@@ -53,6 +53,7 @@ class GemvConfig:
     num_stages: int = 1
     block_m: int = 0
     max_block_m: int = 128
+    bits: bool = False  # dot kind: codes -> bf16 by integer bit operations (``decode_bits``), not the F2F unit
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "block_m", "max_block_m"):
@@ -65,11 +66,13 @@ class GemvConfig:
             raise ValueError(f"a tensor-core (dot) config needs block_n and block_m >= 16: {self}")
         if self.a8 and not self.dot:
             raise ValueError(f"FP8 activations (a8) need the tensor-core (dot) kernel: {self}")
+        if self.bits and (not self.dot or self.a8):
+            raise ValueError(f"bit decoding (bits) is for the W8A16 tensor-core (dot, not a8) kernel: {self}")
 
     @property
     def name(self) -> str:
         m = f"m{self.block_m}" if self.block_m else ""
-        kind = "a8" if self.a8 else "dot" if self.dot else "fma"
+        kind = "a8" if self.a8 else "dotb" if self.bits else "dot" if self.dot else "fma"
         return (f"{kind}-{m}n{self.block_n}k{self.block_k}s{self.splits}"
                 f"w{self.num_warps}p{self.num_stages}")
 
@@ -90,6 +93,7 @@ class GemvConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GemvConfig":
+        """From ``to_dict``'s dict (fields added later take their defaults when absent)."""
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown GemvConfig fields {sorted(unknown)}")
@@ -116,17 +120,50 @@ def _load_x(x_ptr, offs_m, kk, m_mask, k_mask, stride_xm, K, SWIGLU: tl.constexp
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
+# e4m3 -> bf16 by bit operations, 4 codes per 32-bit register: PRMT spreads bytes b0, b1 (b2, b3) into the two
+# 16-bit lanes with the byte's sign replicated above it ([ssssssss | s eeee mmm]); shifted left by 4 and masked with
+# 0x87F0 each lane is the bf16 s 0000eeee mmm0000 = code value x 2^-120 (e4m3 subnormals land on bf16 subnormals);
+# a bf16x2 multiply by 2^120 makes it exact. Integer and FMA pipes only: Triton's own e4m3 -> bf16 goes through f16
+# and a conversion-unit F2F per element (16/clk/SM on sm_90). The two NaN codes 0x7F/0xFF decode to +-480 (weights
+# from impl.fp8's quantizer saturate at 448 and hold no NaN). ``decode_bits_reference`` is its CPU twin.
+_BITS_ASM = tl.constexpr("""{
+.reg .b32 t0, t1, c;
+prmt.b32 t0, $2, 0, 0x9180;
+prmt.b32 t1, $2, 0, 0xB3A2;
+shl.b32 t0, t0, 4;
+shl.b32 t1, t1, 4;
+and.b32 t0, t0, 0x87F087F0;
+and.b32 t1, t1, 0x87F087F0;
+mov.b32 c, 0x7B807B80;
+mul.rn.bf16x2 $0, t0, c;
+mul.rn.bf16x2 $1, t1, c;
+}""")
+BITS_EXPONENT_SHIFT = 120
+
+
 @triton.jit
-def _multiply(acc, x, w, DOT: tl.constexpr, A8: tl.constexpr, FP8_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _bits_to_bf16(w):
+    """e4m3 codes [.., ..] -> bf16 values (the PTX above; GPU only, the interpreter has no inline assembly)."""
+    return tl.inline_asm_elementwise(_BITS_ASM, "=r,=r,r", [w.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16,
+                                     is_pure=True, pack=4)
+
+
+@triton.jit
+def _multiply(acc, x, w, DOT: tl.constexpr, A8: tl.constexpr, FP8_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BITS: tl.constexpr = False):
     """acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, BLOCK_K] · w[BLOCK_N, BLOCK_K]ᵀ in float32 (A8: x holds e4m3 codes too, an
-    FP8 x FP8 tensor-core product; the interpreter has no FP8 dot and multiplies the decoded values in float32)."""
+    FP8 x FP8 tensor-core product; the interpreter has no FP8 dot and multiplies the decoded values in float32).
+    BITS (bf16 x on a GPU): the codes are decoded by ``_bits_to_bf16``."""
     if A8:  # (if/else, not early returns: Triton would build the branches after a return too)
         if FP8_DOT:
             acc = tl.dot(x, tl.trans(w), acc)
         else:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
     elif DOT:
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+        if BITS:
+            acc = tl.dot(x, tl.trans(_bits_to_bf16(w)), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
     else:
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     return acc
@@ -139,7 +176,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr,             # x [M, K] (SWIGLU: [M, 
                 M, N, K, k_per_split, num_splits, stride_xm, stride_wn, stride_ym,
                 PER_TENSOR: tl.constexpr, SWIGLU: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
                 A8: tl.constexpr, FP8_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr = False):
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -158,7 +195,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr,             # x [M, K] (SWIGLU: [M, 
             k_mask = kk < k_hi
             x = _load_x(x_ptr, offs_m, kk, m_mask, k_mask, stride_xm, K, SWIGLU)
             w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = _multiply(acc, x, w, DOT, A8, FP8_DOT, DOT_PRECISION)
+            acc = _multiply(acc, x, w, DOT, A8, FP8_DOT, DOT_PRECISION, BITS)
     else:  # CUDA cores: the next tile (codes and x) is loaded into registers while this one is multiplied
         kk = k_lo + offs_k
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < k_hi)[None, :], other=0.0)
@@ -275,15 +312,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: Gem
     if m == 0 or n == 0:
         return y
     sx = s  # not read unless a8
+    if swiglu and cfg.dot:  # tensor-core tiles take silu_mul's product from its own kernel (one pass over gu)
+        from impl.serve.fused import silu_mul
+
+        x, swiglu = silu_mul(x), False
     if cfg.a8:
         if w.dtype != torch.float8_e4m3fn:
             raise TypeError(f"FP8 activations need an e4m3 weight, got {w.dtype}")
         from impl.fp8 import quant
 
-        if swiglu:
-            from impl.serve.fused import silu_mul
-
-            x, swiglu = silu_mul(x), False
         xq, sx = quant.quantize(x, "channel", "e4m3")
         x, sx = xq, sx.reshape(-1)
     block_m = cfg.rows_per_tile(m)
@@ -309,8 +346,37 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: Gem
     gemv_kernel[grid](x, w, s, y, sx, ws, cnt, m, n, k, per, used, x.stride(0), w.stride(0), y.stride(0),
                       PER_TENSOR=s.numel() == 1, SWIGLU=swiglu, SPLIT=split, DOT=cfg.dot, A8=cfg.a8,
                       FP8_DOT=on_gpu, DOT_PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
-                      USE_PDL=on_gpu and pdl, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch)
+                      USE_PDL=on_gpu and pdl, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                      BITS=uses_bits(cfg, x, w), **launch)
     return y
+
+
+def uses_bits(cfg: GemvConfig, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a call decodes codes with ``_bits_to_bf16``: a ``bits`` config, bf16 x, e4m3 codes, compiled for a GPU
+    (the interpreter decodes with ``.to``, the same values: ``decode_bits_reference`` is checked against it)."""
+    return (cfg.bits and x.dtype == torch.bfloat16 and w.dtype == torch.float8_e4m3fn and x.is_cuda
+            and not backend.INTERPRETED)
+
+
+def decode_bits_reference(codes: "np.ndarray") -> "np.ndarray":
+    """CPU twin of ``_bits_to_bf16``, step by step on uint32 words of 4 codes: PRMT with sign replication, shift,
+    mask, then the bf16 value times 2^120 (exact). codes uint8 [4n] -> float64 [4n]."""
+    import numpy as np
+
+    c = np.ascontiguousarray(codes, dtype=np.uint8)
+    if c.size % 4:
+        raise ValueError(f"codes come 4 to a register, got {c.size}")
+    b = c.reshape(-1, 4).astype(np.uint32)
+    rep = np.where(b & 0x80, 0xFF, 0x00).astype(np.uint32)  # PRMT selector nibble 8|i: byte i's sign replicated
+    t0 = b[:, 0] | rep[:, 0] << 8 | b[:, 1] << 16 | rep[:, 1] << 24  # selector 0x9180
+    t1 = b[:, 2] | rep[:, 2] << 8 | b[:, 3] << 16 | rep[:, 3] << 24  # selector 0xB3A2
+    lanes = []
+    for t in (t0, t1):
+        u = (t << 4) & 0x87F087F0
+        lanes += [u & 0xFFFF, u >> 16]
+    halves = np.stack([lanes[0], lanes[1], lanes[2], lanes[3]], axis=1).reshape(-1).astype(np.uint32)
+    as_f32 = (halves << 16).view(np.float32).astype(np.float64)  # bf16 bits are the top half of float32's
+    return as_f32 * 2.0 ** BITS_EXPONENT_SHIFT
 
 
 def default_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:

@@ -24,7 +24,8 @@ from typing import Any
 
 PATTERNS = {"ld_global_v4": r"ld\.global(\.\w+)*\.v4\.b32", "ld_global_cg": r"ld\.global\.cg", "atom": r"\batom\.",
             "mma": r"\bmma\.sync", "wgmma": r"\bwgmma\.mma_async", "griddepcontrol": r"griddepcontrol\.",
-            "bar_sync": r"\bbar\.sync", "cp_async": r"\bcp\.async\.(?:ca|cg)", "tma": r"cp\.async\.bulk"}
+            "bar_sync": r"\bbar\.sync", "cp_async": r"\bcp\.async\.(?:ca|cg)", "tma": r"cp\.async\.bulk",
+            "cvt_e4m3": r"\bcvt\.rn\.f16x2\.e4m3x2", "mul_bf16x2": r"\bmul\.rn\.bf16x2"}
 
 
 def compile_ptx(cfg_dict: dict[str, Any], m: int, pdl: bool = False, swiglu: bool = False) -> tuple[str, dict]:
@@ -51,7 +52,7 @@ def compile_ptx(cfg_dict: dict[str, Any], m: int, pdl: bool = False, swiglu: boo
     split = cfg.splits > 1
     consts = dict(PER_TENSOR=False, SWIGLU=swiglu, SPLIT=split, DOT=cfg.dot, A8=cfg.a8, FP8_DOT=True,
                   DOT_PRECISION="tf32", USE_PDL=pdl, BLOCK_M=cfg.rows_per_tile(m), BLOCK_N=cfg.block_n,
-                  BLOCK_K=cfg.block_k)
+                  BLOCK_K=cfg.block_k, BITS=cfg.bits)
     if m == 1:
         consts["M"] = 1
     if not split:

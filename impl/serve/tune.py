@@ -3,9 +3,11 @@
     python3 -m impl.serve.tune --out DIR [--budget-s 150] [--ms 1,8,32,64,128,256]    (GPU)
     python -m impl.serve.tune --smoke --out DIR                                       (CPU, toy sizes)
 
-For each projection of one decoder layer (``wqkv``, ``wo``, ``w13``, ``w2`` of ``--preset``) and each M:
+For each projection of one decoder layer (``wqkv``, ``wo``, ``w13``, ``w2`` of ``--preset``; ``w2`` as the model
+calls it, on gu = [gate | up] with SwiGLU fused or run first) and each M:
 
-1. candidates: W8A16 configurations of ``fp8_gemv`` (CUDA-core tiles for small M, tensor-core tiles above, split-K
+1. candidates: W8A16 configurations of ``fp8_gemv`` (CUDA-core tiles at M = 1, tensor-core tiles with deep cp.async
+   pipelines from M = 1 on, each with Triton's e4m3 decoder and with the bit decoder (``bits``), split-K
    counts, FP8-activation tensor-core tiles for large M, and the rule's ``default_config``), impl.fp8's W8A8 path
    (``inner``: per-token activation quantisation + ``torch._scaled_mm``) and bf16 cuBLAS as the anchor;
 2. every W8A16 kernel is compiled first, in parallel worker processes that fill Triton's disk cache;
@@ -94,27 +96,25 @@ def _with_splits(base: list[GemvConfig], k: int, splits: tuple[int, ...]) -> lis
 def candidate_configs(m: int, n: int, k: int, smoke: bool = False) -> list[GemvConfig]:
     """W8A16 (and FP8-activation) configurations worth timing for M rows of an [N, K] projection."""
     if smoke:  # one of each kind, split and not
-        base = [GemvConfig(block_n=16, block_k=32, splits=2), GemvConfig(dot=True, block_n=16, block_k=32)]
+        base = [GemvConfig(block_n=16, block_k=32, splits=2), GemvConfig(dot=True, block_n=16, block_k=32),
+                GemvConfig(dot=True, bits=True, block_n=16, block_k=32, splits=2)]
         if m >= 8:
             base.append(GemvConfig(dot=True, a8=True, block_n=16, block_k=32))
         return base
-    if m == 1:
-        tiles = [(8, 512, 4), (16, 512, 4), (16, 512, 8), (32, 512, 8), (16, 1024, 8), (32, 256, 4), (64, 256, 8)]
-        base = [GemvConfig(block_n=bn, block_k=bk, num_warps=w) for bn, bk, w in tiles]
-        cfgs = _with_splits(base, k, (1, 2, 4, 8))
-    elif m <= 8:
-        fma = [GemvConfig(block_n=bn, block_k=bk, num_warps=w) for bn, bk, w in ((16, 256, 4), (16, 256, 8),
-                                                                                  (32, 256, 8), (8, 512, 4))]
-        dot = [GemvConfig(dot=True, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
-               for bn, bk, w, s in ((32, 256, 4, 1), (32, 128, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3))]
-        cfgs = _with_splits(fma + dot, k, (1, 2, 4))
+    if m <= 8:  # CUDA-core tiles (batch 1 only) and tensor-core tiles with deep cp.async pipelines, both decoders
+        fma = [GemvConfig(block_n=bn, block_k=bk, num_warps=w) for bn, bk, w in ((8, 512, 4), (16, 512, 8))]
+        dot = [GemvConfig(dot=True, bits=b, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+               for bn, bk, w, st in ((32, 256, 4, 4), (64, 256, 8, 3), (64, 128, 4, 4), (128, 128, 8, 3),
+                                     (64, 512, 8, 3))
+               for b in (True, False)]
+        cfgs = _with_splits((fma if m == 1 else []) + dot, k, (1, 2, 4))
     else:
         tiles = ((32, 128, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3))
-        dot = [GemvConfig(dot=True, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in tiles]
-        a8 = [GemvConfig(dot=True, a8=True, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
-              for bn, bk, w, s in ((64, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3))]
-        splits = (1, 2, 4) if m <= 64 else (1, 2)
-        cfgs = _with_splits(dot + a8, k, splits)
+        dot = [GemvConfig(dot=True, bits=b, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+               for bn, bk, w, st in tiles for b in (True, False)]
+        a8 = [GemvConfig(dot=True, a8=True, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+              for bn, bk, w, st in ((64, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3))]
+        cfgs = _with_splits(dot, k, (1, 2, 4) if m <= 64 else (1, 2)) + _with_splits(a8, k, (1, 2, 4))
         if m > 128:  # two or four M tiles of the same weights (the second read mostly from L2)
             cfgs += [replace(c, block_m=bm) for c in dot[1:3] + a8[:2] for bm in (64, 128)]
     cfgs.append(default_config(m, n, k))
@@ -154,24 +154,31 @@ class Subject:
     k: int
     dense: DenseLinear
     fp8: DecodeFp8Linear
+    swiglu: bool = False  # served as the model calls it: input gu = [gate | up] [M, 2K], product of silu_mul(gu)
 
 
-def make_subject(name: str, n: int, k: int, dtype: torch.dtype, device: str, seed: int) -> Subject:
+def make_subject(name: str, n: int, k: int, dtype: torch.dtype, device: str, seed: int,
+                 swiglu: bool = False) -> Subject:
     dense = DenseLinear(k, n, dtype, device)
     dense.weight.data.normal_(0.0, 0.02, generator=torch.Generator(device=device).manual_seed(seed))
     fp8 = fp8_adapter.quantize_linear(dense)
-    return Subject(name, n, k, dense, fp8)
+    return Subject(name, n, k, dense, fp8, swiglu)
 
 
 def runners(sub: Subject, x: torch.Tensor, configs: list[GemvConfig],
             out: torch.Tensor) -> list[tuple[str, str, GemvConfig | None, Callable[[], torch.Tensor]]]:
-    """(name, kind, config, fn) for every candidate; W8A16 ones write into ``out`` (poisoned by the caller)."""
+    """(name, kind, config, fn) for every candidate; W8A16 ones write into ``out`` (poisoned by the caller). With
+    ``sub.swiglu`` x is gu and every candidate computes W · silu_mul(gu) as serving does (the anchors and ``inner``
+    run ``fused.silu_mul`` first; the kernel fuses it or runs it first, per config)."""
+    from impl.serve.fused import silu_mul
+
     q, s = sub.fp8.inner.weight, sub.fp8.inner.weight_scale
     cnt = new_counters(x.device)
-    rows = [("bf16", "bf16", None, lambda: sub.dense(x)), ("inner", "inner", None, lambda: sub.fp8.inner(x))]
+    act = silu_mul if sub.swiglu else (lambda v: v)
+    rows = [("bf16", "bf16", None, lambda: sub.dense(act(x))), ("inner", "inner", None, lambda: sub.fp8.inner(act(x)))]
     for cfg in configs:
         rows.append((cfg.name, "a8" if cfg.a8 else "w8a16", cfg,
-                     lambda cfg=cfg: gemv(x, q, s, cfg, out=out, counters=cnt)))
+                     lambda cfg=cfg: gemv(x, q, s, cfg, out=out, counters=cnt, swiglu=sub.swiglu)))
     return rows
 
 
@@ -179,10 +186,16 @@ def measure_pair(sub: Subject, m: int, cfg: TuneConfig, seed: int) -> dict[str, 
     """Check and time every candidate for M rows of one projection."""
     dev = sub.dense.weight.device
     gen = torch.Generator(device=dev).manual_seed(seed)
-    x = torch.randn(m, sub.k, generator=gen, device=dev).to(sub.dense.weight.dtype)
+    x = torch.randn(m, 2 * sub.k if sub.swiglu else sub.k, generator=gen, device=dev).to(sub.dense.weight.dtype)
     q, s = sub.fp8.inner.weight, sub.fp8.inner.weight_scale
-    ref8, a8 = reference(x, q, s)
-    ref16, a16 = reference(x, sub.dense.weight)
+    if sub.swiglu:
+        from impl.serve.fused import silu_mul
+
+        x_in = silu_mul(x)  # the kernel's fused prologue rounds like this kernel, bit for bit
+    else:
+        x_in = x
+    ref8, a8 = reference(x_in, q, s)
+    ref16, a16 = reference(x_in, sub.dense.weight)
     out = torch.empty(m, sub.n, dtype=x.dtype, device=dev)
     w_bytes = fp8_adapter.weight_bytes(sub.fp8)
     rows = []
@@ -206,7 +219,8 @@ def measure_pair(sub: Subject, m: int, cfg: TuneConfig, seed: int) -> dict[str, 
         except Exception as e:  # a candidate that does not compile or run is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
-    return {"projection": sub.name, "n": sub.n, "k": sub.k, "m": m, "weight_bytes": w_bytes, "candidates": rows}
+    return {"projection": sub.name, "n": sub.n, "k": sub.k, "m": m, "swiglu": sub.swiglu, "weight_bytes": w_bytes,
+            "candidates": rows}
 
 
 def best_fp8(pair: dict[str, Any]) -> dict[str, Any] | None:
@@ -222,22 +236,23 @@ def choice_of(row: dict[str, Any]) -> GemmChoice:
 
 # ---- compile in parallel -----------------------------------------------------------------------------------------
 
-def _compile_one(job: tuple[dict, int, int, int]) -> tuple[str, float, str | None]:
-    """Worker: compile one (config, M) by running it once at the real shapes (fills Triton's disk cache)."""
-    cfg_d, m, n, k = job
+def _compile_one(job: tuple[dict, int, int, int, bool]) -> tuple[str, float, str | None]:
+    """Worker: compile one (config, M, SwiGLU input or not) by running it once at the real shapes (fills Triton's
+    disk cache)."""
+    cfg_d, m, n, k, swiglu = job
     cfg = GemvConfig.from_dict(cfg_d)
     t0 = time.perf_counter()
     try:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(m, 2 * k if swiglu else k, device="cuda", dtype=torch.bfloat16)
         w = torch.zeros(n, k, device="cuda", dtype=torch.uint8).view(torch.float8_e4m3fn)
-        gemv(x, w, torch.ones(n, device="cuda"), cfg)
+        gemv(x, w, torch.ones(n, device="cuda"), cfg, swiglu=swiglu)
         torch.cuda.synchronize()
         return cfg.name, time.perf_counter() - t0, None
     except Exception as e:
         return cfg.name, time.perf_counter() - t0, f"{type(e).__name__}: {str(e)[:200]}"
 
 
-def precompile(jobs: list[tuple[dict, int, int, int]], workers: int, deadline: float) -> dict[str, Any]:
+def precompile(jobs: list[tuple[dict, int, int, int, bool]], workers: int, deadline: float) -> dict[str, Any]:
     """Compile every distinct (config, M) kernel in ``workers`` processes (0: skip; kernels compile on first use)."""
     if workers <= 0 or not jobs:
         return {"workers": 0, "jobs": len(jobs)}
@@ -324,12 +339,14 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
     for m in ms:
         n, k = shapes["wo"]
         for c in candidate_configs(m, n, k, cfg.smoke):
-            jobs[(c, m)] = (c.to_dict(), m, n, k)
+            jobs[(c, m, False)] = (c.to_dict(), m, n, k, False)
+            if not c.dot:  # w2's CUDA-core tiles fuse SwiGLU: a kernel of its own
+                jobs[(c, m, True)] = (c.to_dict(), m, n, k, True)
     comp = precompile(list(jobs.values()), cfg.workers if backend.ON_GPU else 0,
                       t_start + 0.5 * (cfg.budget_s - cfg.decode_reserve_s))
     log(f"compiled {comp.get('done', 0)}/{comp['jobs']} kernels in parallel ({len(comp.get('errors', {}))} errors)")
-    subjects = {name: make_subject(name, n, k, dtype, cfg.device, seed=i) for i, (name, (n, k)) in
-                enumerate(shapes.items())}
+    subjects = {name: make_subject(name, n, k, dtype, cfg.device, seed=i, swiglu=name == "w2")
+                for i, (name, (n, k)) in enumerate(shapes.items())}
     pairs, skipped = [], []
     table = GemmTable(origin=f"measured table (tune run {run_id})", selected_in_run=run_id)
     for m in ms:
