@@ -16,18 +16,22 @@
   (``staging.evict``: posix_fadvise, else drop_caches, checked with mincore; skipped when neither works).
   ``test_fp8_disk_read[<cache>]``: the same files read plainly into one host buffer (the faster of one stream and
   the loader's parallel reads): the file system's own speed in the same run, the yardstick of the cold load.
+
+The kernels launch with the configs ``impl.fp8.launch`` resolves (the tune run's stored table where one exists,
+else built-in defaults); each kernel bench records them (``extra_info["launch"]``, ``["launch_table"]``).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from impl import backend
 from impl.backend import DEVICE, sized
-from impl.fp8 import quant, staging
-from impl.fp8.formats import get_group
+from impl.fp8 import launch, quant, staging
+from impl.fp8.formats import E4M3, MIN_SCALE, get_group
 from impl.fp8.linear import Fp8Linear, quantize_weight
 from impl.fp8.loader import load_checkpoint
 from impl.fp8.tiny import LLAMA3_8B, tiny_config, write_random_fp8_checkpoint
@@ -52,13 +56,19 @@ def _scale_bytes(group: str, n: int, k: int) -> int:
     return 4 * r * c
 
 
+def _launch_info(*keys: str) -> dict:
+    """The launch configs the kernels of this bench take, and which table they come from."""
+    return {"launch": {k: asdict(launch.config(k)) for k in keys}, "launch_table": launch.active_table().describe()}
+
+
 @pytest.mark.parametrize("group,n,k", _cases(DQ_GROUPS, SHAPES), ids=_ids(DQ_GROUPS, SHAPES))
 def test_fp8_dequant(device_bench, group, n, k):
     q, s = quant.quantize(torch.randn(n, k, device=DEVICE, dtype=HI), group)
     out = torch.empty(n, k, device=DEVICE, dtype=HI)
     nbytes = n * k + _scale_bytes(group, n, k) + n * k * out.element_size()
     device_bench(lambda: quant.dequantize(q, s, group, out=out), bytes_moved=nbytes, n=n, k=k, scales=group,
-                 dtype=str(HI).replace("torch.", ""), variant="triton")
+                 dtype=str(HI).replace("torch.", ""), variant="triton",
+                 **_launch_info(launch.dequant_key(get_group(group))))
     assert torch.isfinite(out).all()
 
 
@@ -70,9 +80,10 @@ def test_fp8_requant(device_bench, benchmark, group, n, k):
     nbytes = n * k * x.element_size() + n * k + _scale_bytes(group, n, k)
     passes = 2 if group == "tensor" else 1
     traffic = nbytes + (passes - 1) * n * k * x.element_size()
+    keys = ("amax",) * (passes - 1) + (launch.quant_key(get_group(group)),)
     device_bench(lambda: quant.quantize(x, group, out=out, scales_out=s_out), bytes_moved=nbytes, n=n, k=k,
                  scales=group, dtype=str(HI).replace("torch.", ""), variant="triton", passes=passes,
-                 traffic_bytes=traffic)
+                 traffic_bytes=traffic, **_launch_info(*keys))
     _traffic_share(benchmark, nbytes, traffic)
     assert bool((s_out > 0).all())
 
@@ -94,7 +105,8 @@ def test_fp8_requant_delayed(device_bench, benchmark, n, k):
         return quant.quantize_delayed(x, state)
 
     q, s, _ = device_bench(run, bytes_moved=nbytes, n=n, k=k, scales="tensor", variant="triton-delayed",
-                           dtype=str(HI).replace("torch.", ""), passes=1, traffic_bytes=nbytes)
+                           dtype=str(HI).replace("torch.", ""), passes=1, traffic_bytes=nbytes,
+                           **_launch_info("requant-delayed"))
     _traffic_share(benchmark, nbytes, nbytes)
     ref_q, ref_s = quant.quantize(x, "tensor")  # same x every call: the previous scale is x's own
     assert torch.equal(s, ref_s) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
@@ -112,8 +124,8 @@ def test_fp8_requant_torch(device_bench, n, k):
     x = torch.randn(n, k, device=DEVICE, dtype=HI)
 
     def run():
-        s = (x.abs().amax(dim=1, keepdim=True).float() / 448).clamp(min=2.0 ** -120)
-        return (x / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
+        s = (x.abs().amax(dim=1, keepdim=True).float() / E4M3.max).clamp(min=MIN_SCALE)
+        return (x / s).clamp(-E4M3.max, E4M3.max).to(E4M3.dtype), s
 
     device_bench(run, bytes_moved=n * k * (x.element_size() + 1) + 4 * n, n=n, k=k, scales="channel",
                  variant="torch-eager")

@@ -28,25 +28,25 @@ F = {"FMT": 0, "FMAX": 448.0, "MIN_SCALE": 2.0 ** -120, "EMULATE": False}
 P = {"N": "i32", "K": "i32"}
 jobs = []
 for gn, gk in ((0, 0), (1, 0), (128, 128)):
-    c = cfgs["dequant-block" if gn == 128 else "dequant"]
+    c = cfgs["dequant-block" if gn == 128 else "dequant-channel" if gn == 1 else "dequant-tensor"]
     jobs.append(("dequant", K.dequant_kernel, {"q_ptr": "*u8", "s_ptr": "*fp32", "out_ptr": "*bf16", **P,
         "stride_q": "i32", "stride_s": "i32", "stride_o": "i32"},
         {"GN": gn, "GK": gk, "FMT": 0, "EMULATE": False, "BM": c["bm"], "BK": c["bk"]}, c["warps"]))
 QS = {"x_ptr": "*bf16", "s_ptr": "*fp32", "q_ptr": "*u8", "so_ptr": "*fp32", "next_ptr": "*fp32", **P,
       "stride_x": "i32", "stride_s": "i32", "stride_q": "i32", "n_parts": "i32"}
 for key, gn, gk, fp, nx in (("quant-static", 1, 0, False, False), ("quant-static", 128, 128, False, False),
-                            ("quant-tensor", 0, 0, True, False), ("quant-tensor", 0, 0, True, True)):
+                            ("requant-tensor", 0, 0, True, False), ("requant-delayed", 0, 0, True, True)):
     c = cfgs[key]
     jobs.append((key, K.quant_static_kernel, QS, {"GN": gn, "GK": gk, "FROM_PARTS": fp, "NEXT_PARTS": nx,
         "PARTS": 1024, **F, "BM": c["bm"], "BK": c["bk"]}, c["warps"]))
 c = cfgs["amax"]
 jobs.append(("amax", K.amax_partials_kernel, {"x_ptr": "*bf16", "part_ptr": "*fp32", **P, "stride_x": "i32"},
              {"BM": c["bm"], "BK": c["bk"]}, c["warps"]))
-c = cfgs["quant-rows"]
+c = cfgs["requant-channel"]
 for one, bk in ((True, c["bk"]), (False, 2048)):
-    jobs.append(("quant-rows", K.quant_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", **P,
+    jobs.append(("requant-channel", K.quant_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", **P,
         "stride_x": "i32", "stride_q": "i32"}, {**F, "BM": c["bm"], "BK": bk, "ONE_PASS": one}, c["warps"]))
-for key, gn in (("quant-group", 1), ("quant-block", 128)):
+for key, gn in (("requant-group", 1), ("requant-block", 128)):
     c = cfgs[key]
     jobs.append((key, K.quant_tiles_kernel, {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", **P,
         "stride_x": "i32", "stride_q": "i32", "stride_s": "i32"},

@@ -41,6 +41,11 @@ class Fp8Format:
     def min_subnormal(self) -> float:
         return 2.0 ** (1 - self.bias - self.man_bits)
 
+    @property
+    def unit_roundoff(self) -> float:
+        """u = 2^-(man_bits + 1): |rne(t) - t| <= u |t| for t in the normal range (2^-4 for e4m3, 2^-3 for e5m2)."""
+        return 2.0 ** -(self.man_bits + 1)
+
 
 E4M3 = Fp8Format("e4m3", torch.float8_e4m3fn, 448.0, 4, 3, 7, 0)
 E5M2 = Fp8Format("e5m2", torch.float8_e5m2, 57344.0, 5, 2, 15, 1)

@@ -243,8 +243,9 @@ def linear_error_bound(x: torch.Tensor, w: Fp8Weight, path: str, compute_dtype: 
                         where x's dtype is finer, else 0), W rounded once, fp32 sums, the product x W^T rounded
                         (|x W^T| <= A: with a bias, y can be far smaller than the product), b rounded, the sum
                         rounded, then the cast back to x's dtype (u_o = its unit roundoff where it is coarser)
-      scaled_mm paths   E + K 2^-23 A + 2^-8 |b| + 2^-8 |y| with E = 2^-4 A + 2^-10 s_x |1| @ |W|^T the e4m3
-                        activations (half a step, subnormal step s_x 2^-9 / 2); fp32 sums, b rounded to bf16, bf16 out
+      scaled_mm paths   E + K 2^-23 A + 2^-8 |b| + 2^-8 |y| with E = u8 A + 2^-10 s_x |1| @ |W|^T the e4m3
+                        activations (u8 = 2^-4 e4m3's unit roundoff, subnormal step s_x 2^-9 / 2); fp32 sums, b
+                        rounded to bf16, bf16 out
       qdq paths         E + the dequant paths' bound with A + E for A and u_x = u (dequantized x rounded)
     The whole is scaled by (1 + 8 u) for the second-order terms of the roundings above.
     """
@@ -255,8 +256,9 @@ def linear_error_bound(x: torch.Tensor, w: Fp8Weight, path: str, compute_dtype: 
     y = linear_reference(x, w).reshape(a.shape).abs()
     b = w.bias.detach().cpu().double().abs()[None, :] if w.bias is not None else torch.zeros(1, 1, dtype=torch.float64)
     k = w.shape[1]
-    sx = xa.amax(dim=1, keepdim=True) / 448 if w.input_scale is None else w.input_scale.double().cpu()
-    act = 2.0 ** -4 * a + 2.0 ** -10 * sx * wd.abs().sum(1)[None, :]  # e4m3 activations: half a step, subnormals
+    sx = xa.amax(dim=1, keepdim=True) / E4M3.max if w.input_scale is None else w.input_scale.double().cpu()
+    # e4m3 activations: half a step (unit roundoff) of normals, half the subnormal step (in units of s_x)
+    act = E4M3.unit_roundoff * a + E4M3.min_subnormal / 2 * sx * wd.abs().sum(1)[None, :]
     if path.startswith("scaled_mm"):
         u = unit_roundoff(torch.bfloat16)  # the bias and the output are bf16
         bound = act + k * 2.0 ** -23 * a + u * (b + y)

@@ -22,51 +22,13 @@ from impl import backend
 from impl.common.checks import require_tensor
 from impl.fp8 import kernels as K
 from impl.fp8.formats import MIN_SCALE, Fp8Format, ScaleGroup, get_format, get_group
+from impl.fp8.launch import CPU_CONFIGS, GPU_CONFIGS, LaunchConfig, config, dequant_key, quant_key  # noqa: F401
 
 HIGH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EMULATE = backend.INTERPRETED  # the interpreter's own fp8 conversion is wrong: use the bit codec there
 
 
-@dataclass(frozen=True)
-class LaunchConfig:
-    """How a kernel is launched: tiles of [bm, bk], ``warps`` warps, ``stages`` software-pipeline stages, and
-    ``per_sm`` programs per SM striding over the tiles (0: one program per tile)."""
-
-    bm: int
-    bk: int
-    warps: int = 4
-    stages: int = 1
-    per_sm: int = 0
-
-
-# Kernel -> launch config on a GPU. ``python -m impl.fp8.tune`` times the alternatives on the card and prints the
-# winners in this form. bk of "quant-group"/"quant-block" is the group's width; bm of "quant-block" is the rows
-# per pass (a divisor of the block height: smaller reads each block twice, once for its amax, from L1/L2).
-GPU_CONFIGS: dict[str, LaunchConfig] = {
-    # ptxas for sm_90 gives about 3 registers per element a thread holds: 32 elements (~90-105 registers) keeps
-    # 4-5 programs of 4 warps per SM with two 16-byte loads in flight per thread
-    "dequant": LaunchConfig(8, 512, warps=4),           # tensor / channel scales
-    "dequant-block": LaunchConfig(8, 512, warps=4),     # 128 x 128 blocks: one row group, [1, bk] scales per tile
-    "quant-static": LaunchConfig(8, 512, warps=4),
-    "amax": LaunchConfig(8, 1024, warps=8, per_sm=4),   # ~80 registers: 4 programs of 8 warps stay resident
-    "quant-tensor": LaunchConfig(8, 512, warps=4, per_sm=4),   # second pass of dynamic per-tensor, and delayed
-    "quant-rows": LaunchConfig(1, 16384, warps=16),     # bk: the widest row read once (64 registers at 16384)
-    "quant-group": LaunchConfig(32, 128, warps=8),
-    "quant-block": LaunchConfig(16, 128, warps=4),      # 16-row passes, each block read twice (from L1/L2)
-}
-# the interpreter runs one program at a time with numpy: few, large tiles
-CPU_CONFIGS: dict[str, LaunchConfig] = {
-    "dequant": LaunchConfig(64, 128), "dequant-block": LaunchConfig(32, 256), "quant-static": LaunchConfig(64, 128),
-    "amax": LaunchConfig(32, 64, per_sm=2), "quant-tensor": LaunchConfig(32, 64, per_sm=2),
-    "quant-rows": LaunchConfig(4, 4096), "quant-group": LaunchConfig(64, 128), "quant-block": LaunchConfig(32, 128),
-}
 SIM_SMS = 4  # "SMs" of the interpreter, for per_sm grids (several programs, so the strided loops are exercised)
-
-
-def config(kernel: str) -> LaunchConfig:
-    """The launch config of ``kernel`` on this backend."""
-    table = GPU_CONFIGS if backend.ON_GPU and not backend.INTERPRETED else CPU_CONFIGS
-    return table[kernel]
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,7 +122,7 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = 
     o2 = _as_rows(out, "out")
     if n * k == 0:
         return out
-    cfg = cfg or config("dequant" if group.gn <= 1 else "dequant-block")
+    cfg = cfg or config(dequant_key(group))
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     K.dequant_kernel[(_grid(tiles, cfg, q.device),)](c2, s, o2, n, k, c2.stride(0), s.stride(0), o2.stride(0),
                                                      GN=group.gn, GK=group.gk, FMT=f.code, EMULATE=EMULATE,
@@ -258,7 +220,7 @@ def _launch_tensor(x2, q2, s, amax_cfg: LaunchConfig | None = None, cfg: LaunchC
     read twice; no atomics and no zeroed buffer."""
     n, k = x2.shape
     parts = amax_partials(x2, amax_cfg)
-    cfg = cfg or config("quant-tensor")
+    cfg = cfg or config("requant-tensor")
     grid = _grid(triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x2.device)
     _launch_from_parts(x2, parts, q2, s, None, cfg, grid, **args)
 
@@ -266,7 +228,7 @@ def _launch_tensor(x2, q2, s, amax_cfg: LaunchConfig | None = None, cfg: LaunchC
 def _launch_rows(x2, q2, s, cfg: LaunchConfig | None = None, **args) -> None:
     """One scale per row; rows up to ``cfg.bk`` wide are read once, wider ones in ``cfg.bk`` chunks twice."""
     n, k = x2.shape
-    cfg = cfg or config("quant-rows")
+    cfg = cfg or config("requant-channel")
     one_pass = triton.next_power_of_2(k) <= cfg.bk
     bk = max(16, triton.next_power_of_2(k)) if one_pass else cfg.bk
     grid = _grid(triton.cdiv(n, cfg.bm), cfg, x2.device)
@@ -276,7 +238,7 @@ def _launch_rows(x2, q2, s, cfg: LaunchConfig | None = None, **args) -> None:
 
 def _launch_tiles(x2, q2, s, group: ScaleGroup, cfg: LaunchConfig | None = None, **args) -> None:
     n, k = x2.shape
-    cfg = cfg or config("quant-group" if group.gn == 1 else "quant-block")
+    cfg = cfg or config(quant_key(group))
     bm = cfg.bm if group.gn == 1 else min(cfg.bm, group.gn)
     tm = bm if group.gn == 1 else group.gn
     grid = _grid(triton.cdiv(n, tm) * triton.cdiv(k, group.gk), cfg, x2.device)
@@ -311,7 +273,7 @@ def quantize_delayed(x: torch.Tensor, state: DelayedScale | None = None, fmt: st
     _check_out_dtype(x.dtype)
     x2 = _as_rows(x, "x")
     n, k = x2.shape
-    cfg = cfg or config("quant-tensor")
+    cfg = cfg or config("requant-delayed")
     grid = _grid(triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x.device)
     if state is None:
         first = amax_partials(x2, cfg)

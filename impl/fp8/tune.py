@@ -8,12 +8,17 @@ candidate ``quant.LaunchConfig``:
   1. check: fresh random input of an awkward shape (tiles cut by both edges), outputs poisoned; codes and scales
      must equal ``reference`` bit for bit (dequantize: the float32 product, exactly);
   2. time: ``impl.common.timing.time_fn`` (device events, queued, L2 flushed before each call, median) on the first
-     shape, each kernel within an equal slice of 80% of the budget (its default always); then the best config and
-     the default on every other shape.
+     shape, each kernel within an equal slice of 80% of the budget (its built-in default always); then the best
+     config and the default on every other shape.
+The candidates of a kernel: its built-in default (``launch.GPU_CONFIGS``), the active table's entry (the previous
+run's winner) and ``CANDIDATES``. The fastest checked one per kernel forms the new ``launch.LaunchTable``.
 Bandwidth is compulsory bytes (inputs read once, outputs written once) over time, as % of this run's measured copy
-bandwidth; per-tensor dynamic also against its two-read bound. Prints a table, writes ``DIR/tune.json`` (every
-row, the winners as ``GPU_CONFIGS`` entries, ``complete``). Stops starting new work when the budget is spent.
-On a CPU it runs at tiny size under the interpreter (proof that it runs; its times mean nothing).
+bandwidth; per-tensor dynamic also against its two-read bound. Prints a table; writes ``DIR/tune.json`` (every
+row, the winners, ``complete``) and ``DIR/launch_table.json``, and on a GPU both also as
+``results/<card>/fp8/{tune,launch_table}.json``, which the kernels and benches of later processes use
+(``impl.fp8.launch``). Stops starting new work when the budget is spent (the table then holds the kernels it
+measured; the others keep their built-in defaults). On a CPU it runs at tiny size under the interpreter (proof that
+it runs; its times mean nothing) and writes only under DIR.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from impl import backend
-from impl.fp8 import quant
+from impl.fp8 import launch, quant
 from impl.fp8 import reference as R
 from impl.fp8.formats import get_group
 from impl.fp8.quant import LaunchConfig as C
@@ -37,18 +42,17 @@ GPU_SHAPES = [(14336, 4096), (4096, 4096), (6144, 4096), (4096, 14336), (28672, 
 CPU_SHAPES = [(64, 256)]
 CHECK_SHAPE = (272, 1040)  # multiples of 16 (the big shapes' specialization) that no tile divides
 
-# kernel -> (config key in quant.GPU_CONFIGS, candidates); the default is always timed too
-CANDIDATES: dict[str, tuple[str, list[C]]] = {  # 16, 32 and 64 elements a thread; 4 and 8 warps; persistent
-    "dequant-tensor": ("dequant", [C(4, 512, 4), C(4, 1024, 4), C(8, 1024, 8), C(16, 512, 8), C(8, 512, 4, 1, 4)]),
-    "dequant-channel": ("dequant", [C(4, 512, 4), C(4, 1024, 4), C(8, 1024, 8), C(16, 256, 4)]),
-    "dequant-block": ("dequant-block", [C(4, 512, 4), C(4, 1024, 4), C(8, 1024, 8), C(16, 512, 8),
-                                        C(8, 512, 4, 1, 4)]),
-    "requant-tensor": ("quant-tensor", [C(4, 512, 4, 1, 8), C(8, 1024, 8, 1, 2), C(8, 512, 4)]),
-    "amax": ("amax", [C(4, 1024, 4, 1, 8), C(8, 512, 4, 1, 4), C(16, 512, 8, 1, 2)]),
-    "requant-delayed": ("quant-tensor", [C(4, 512, 4, 1, 8), C(8, 1024, 8, 1, 2)]),
-    "requant-channel": ("quant-rows", [C(1, 16384, 8), C(2, 16384, 16), C(1, 2048, 4), C(1, 16384, 16, 1, 4)]),
-    "requant-group": ("quant-group", [C(16, 128, 4), C(64, 128, 8), C(8, 128, 4)]),
-    "requant-block": ("quant-block", [C(128, 128, 16), C(64, 128, 8), C(32, 128, 8), C(16, 128, 4, 1, 4)]),
+# kernel key (impl.fp8.launch.KERNELS) -> candidates; the built-in default and the active table's entry are timed too
+CANDIDATES: dict[str, list[C]] = {  # 16, 32 and 64 elements a thread; 4 and 8 warps; persistent
+    "dequant-tensor": [C(4, 512, 4), C(4, 1024, 4), C(8, 1024, 8), C(16, 512, 8), C(8, 512, 4, 1, 4)],
+    "dequant-channel": [C(4, 512, 4), C(4, 1024, 4), C(8, 1024, 8), C(16, 256, 4)],
+    "dequant-block": [C(4, 512, 4), C(4, 1024, 4), C(8, 1024, 8), C(16, 512, 8), C(8, 512, 4, 1, 4)],
+    "requant-tensor": [C(4, 512, 4, 1, 8), C(8, 1024, 8, 1, 2), C(8, 512, 4)],
+    "amax": [C(4, 1024, 4, 1, 8), C(8, 512, 4, 1, 4), C(16, 512, 8, 1, 2)],
+    "requant-delayed": [C(4, 512, 4, 1, 8), C(8, 1024, 8, 1, 2)],
+    "requant-channel": [C(1, 16384, 8), C(2, 16384, 16), C(1, 2048, 4), C(1, 16384, 16, 1, 4)],
+    "requant-group": [C(16, 128, 4), C(64, 128, 8), C(8, 128, 4)],
+    "requant-block": [C(128, 128, 16), C(64, 128, 8), C(32, 128, 8), C(16, 128, 4, 1, 4)],
 }
 CPU_CANDIDATES = 1  # under the interpreter: the first candidate of each kernel only
 
@@ -142,14 +146,18 @@ def time_ms(fn: Callable[[], Any], reps: int) -> float:
 
 
 def _default(kernel: str) -> C:
-    return quant.config(CANDIDATES[kernel][0])
+    return launch.builtin(kernel)
 
 
 def candidates(kernel: str) -> list[C]:
+    """The built-in default first, then the active table's entry, then ``CANDIDATES`` (each once)."""
     default = _default(kernel)
+    previous = launch.active_table().get(kernel)
+    rest = list(dict.fromkeys(([previous] if previous else []) + CANDIDATES[kernel]))
+    rest = [c for c in rest if c != default]
     if backend.INTERPRETED or not backend.ON_GPU:
-        return [default] + [c for c in CANDIDATES[kernel][1] if c != default][: CPU_CANDIDATES]
-    return [default] + [c for c in CANDIDATES[kernel][1] if c != default]
+        return [default] + rest[: CPU_CANDIDATES]
+    return [default] + rest
 
 
 def sweep(shapes: list[tuple[int, int]], budget_s: float, kernels: list[str], copy_gbps: float | None, *,
@@ -196,8 +204,9 @@ def sweep(shapes: list[tuple[int, int]], budget_s: float, kernels: list[str], co
                 fastest = (cfg, r)
         if fastest is not None:
             best[kernel] = fastest[0]
-            winners[kernel] = {"config_key": CANDIDATES[kernel][0], "config": asdict(fastest[0]),
-                               "us": fastest[1]["us"]}
+            winners[kernel] = {"config": asdict(fastest[0]), "us": fastest[1]["us"],
+                               "default_us": next((r["us"] for r in rows if r.get("kernel") == kernel
+                                                   and r.get("role") == "default"), None)}
     for n, k in shapes[1:]:  # phase 2: the winner and the default on the other shapes
         for kernel, cfg_best in best.items():
             for cfg, role in ((cfg_best, "best"), (_default(kernel), "default")):
@@ -208,8 +217,13 @@ def sweep(shapes: list[tuple[int, int]], budget_s: float, kernels: list[str], co
                     break
                 fn, nbytes, traffic, _ = case(kernel, n, k, cfg)
                 row(kernel, cfg, n, k, time_ms(fn, reps), nbytes, traffic, role)
-    return {"rows": rows, "winners": winners, "complete": complete, "seconds": time.perf_counter() - t0,
-            "copy_gbps": copy_gbps, "shapes": [list(s) for s in shapes], "device": backend.describe()}
+    from impl.common.results import RUN_ID
+
+    found = launch.LaunchTable({k: C(**w["config"]) for k, w in winners.items()}, origin="tune run",
+                               selected_in_run=RUN_ID)
+    return {"rows": rows, "winners": winners, "table": found.to_data(), "complete": complete,
+            "seconds": time.perf_counter() - t0, "copy_gbps": copy_gbps, "shapes": [list(s) for s in shapes],
+            "device": backend.describe()}
 
 
 def table(data: dict[str, Any]) -> str:
@@ -224,10 +238,30 @@ def table(data: dict[str, Any]) -> str:
         pct = f"{r['pct_copy']:7.1f}" if "pct_copy" in r else f"{'-':>7}"
         bound = f"{r['pct_traffic_bound']:7.1f}" if "pct_traffic_bound" in r else f"{'-':>7}"
         lines.append(f"{r['kernel']:16} {cfg:36} {r['n']}x{r['k']:<7} {r['us']:9.1f} {pct} {bound} {r['role']}")
-    lines.append("winners (paste into quant.GPU_CONFIGS): " + ", ".join(
-        f"{w['config_key']}<-{k}: LaunchConfig({', '.join(str(v) for v in w['config'].values())})"
+    lines.append("launch table (fastest checked config per kernel): " + ", ".join(
+        f"{k}: ({', '.join(str(v) for v in w['config'].values())})"
+        + (f" {w['default_us'] / w['us']:.2f}x default" if w.get("default_us") else "")
         for k, w in data["winners"].items()))
     return "\n".join(lines)
+
+
+def write_outputs(data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """DIR/tune.json and DIR/launch_table.json; on a GPU also results/<card>/fp8/ through ``write_result`` (the
+    stored table the kernels of later processes take)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, payload in (("tune", data), (launch.TABLE_RESULT, data["table"])):
+        if backend.ON_GPU and not backend.INTERPRETED:
+            import shutil
+
+            from impl.common.results import write_result
+
+            p = write_result("fp8", name, payload, overwrite=True)
+            shutil.copyfile(p, out_dir / p.name)
+        else:
+            (out_dir / f"{name}.json").write_text(json.dumps({"device": "cpu", "data": payload}, indent=2) + "\n")
+        paths.append(out_dir / f"{name}.json")
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,12 +282,10 @@ def main(argv: list[str] | None = None) -> int:
 
         copy_gbps = measure_copy_gbps()
     data = sweep(shapes, a.budget_s, a.kernels, copy_gbps, reps=a.reps if gpu else 1)
-    a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / "tune.json"
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    paths = write_outputs(data, a.out)
     print(table(data))
-    print(f"wrote {path} ({len(data['rows'])} rows, {data['seconds']:.0f} s, complete: {data['complete']}, "
-          f"copy {copy_gbps or float('nan'):.0f} GB/s)")
+    print(f"wrote {', '.join(str(p) for p in paths)} ({len(data['rows'])} rows, {data['seconds']:.0f} s, "
+          f"complete: {data['complete']}, copy {copy_gbps or float('nan'):.0f} GB/s)")
     return 0 if not any("error" in r for r in data["rows"]) else 1
 
 

@@ -1,0 +1,162 @@
+"""The FP8 kernels' launch table: measured configs are what the kernels and benches launch with.
+
+A synthetic table (configs unlike the built-in defaults) is made active the way a GPU run gets the tune run's
+table (``LAB_FP8_LAUNCH_TABLE`` / the stored file); a spy on the Triton launches shows which tile sizes and warps
+each kernel really ran with.
+"""
+import json
+
+import pytest
+import torch
+
+from impl.backend import DEVICE
+from impl.fp8 import kernels as K
+from impl.fp8 import launch, quant
+from impl.fp8 import reference as R
+from impl.fp8.launch import LaunchConfig, LaunchTable
+
+SYNTHETIC = {"dequant-tensor": LaunchConfig(16, 64, warps=2), "requant-channel": LaunchConfig(2, 64, warps=8),
+             "amax": LaunchConfig(8, 32, warps=1, per_sm=3), "requant-tensor": LaunchConfig(4, 128, warps=2, per_sm=1)}
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's grid and constexprs/options, then runs the real one."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def __getitem__(self, grid):
+        def launch_(*args, **kw):
+            self.calls.append({"grid": grid, **{k: kw[k] for k in ("BM", "BK", "num_warps", "num_stages") if k in kw}})
+            return self.real[grid](*args, **kw)
+        return launch_
+
+
+@pytest.fixture
+def synthetic_table(tmp_path, monkeypatch):
+    """The synthetic table stored as a tune run writes it, made active through LAB_FP8_LAUNCH_TABLE."""
+    path = tmp_path / "launch_table.json"
+    table = LaunchTable(dict(SYNTHETIC), origin="synthetic")
+    path.write_text(json.dumps({"commit": "abc", "data": table.to_data()}))
+    monkeypatch.setenv(launch.ENV, str(path))
+    launch.use_table(None)  # load again, as a fresh process would
+    yield path
+    launch.use_table(None)
+    monkeypatch.delenv(launch.ENV)
+    launch.use_table(None)
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    found = {}
+    for name in ("dequant_kernel", "quant_rows_kernel", "amax_partials_kernel", "quant_static_kernel"):
+        found[name] = LaunchSpy(getattr(K, name))
+        monkeypatch.setattr(K, name, found[name])
+    return found
+
+
+def test_table_round_trips_and_refuses_what_is_not_a_table(tmp_path):
+    t = LaunchTable(dict(SYNTHETIC), origin="x", selected_in_run="r1")
+    back = LaunchTable.from_data({"data": t.to_data()})
+    assert back.configs == SYNTHETIC and back.selected_in_run == "r1"
+    bad = t.to_data()
+    with pytest.raises(ValueError, match="unknown kernel 'dequant'"):
+        LaunchTable.from_data({**bad, "kernels": {"dequant": {"bm": 8, "bk": 64}}})
+    with pytest.raises(ValueError, match="powers of two"):
+        LaunchTable.from_data({**bad, "kernels": {"amax": {"bm": 6, "bk": 64}}})
+    with pytest.raises(ValueError, match="unknown launch config fields"):
+        LaunchTable.from_data({**bad, "kernels": {"amax": {"bm": 8, "bk": 64, "wraps": 4}}})
+    with pytest.raises(ValueError, match="expected format"):
+        LaunchTable.from_data({"format": "serve-gemm-table/1", "entries": []})
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot read the FP8 launch table"):
+        LaunchTable.load(tmp_path / "broken.json")
+
+
+def test_every_kernel_has_a_builtin_default_on_both_backends():
+    assert set(launch.GPU_CONFIGS) == set(launch.CPU_CONFIGS) == set(launch.KERNELS)
+    from impl.fp8 import tune
+
+    assert set(tune.CANDIDATES) <= set(launch.KERNELS)
+
+
+def test_kernels_take_the_active_tables_configs(synthetic_table, spies):
+    assert "synthetic" not in launch.active_table().describe()  # loaded from the file, named by it
+    assert "launch_table.json @abc" in launch.active_table().describe()
+    assert launch.config("requant-block") == launch.builtin("requant-block")  # not in the table: built-in
+    x = torch.randn(70, 150, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+    q, s = quant.quantize(x, "channel")
+    rows = spies["quant_rows_kernel"].calls[-1]
+    assert (rows["BM"], rows["num_warps"]) == (2, 8)  # rows wider than bk=64: chunked two-pass, BK = cfg.bk
+    assert rows["BK"] == 64
+    ref_q, ref_s = R.quantize_reference(x, "channel")
+    assert torch.equal(q.view(torch.uint8).cpu(), ref_q) and torch.equal(s.cpu(), ref_s)
+
+    quant.quantize(x, "tensor")
+    amax, second = spies["amax_partials_kernel"].calls[-1], spies["quant_static_kernel"].calls[-1]
+    assert (amax["BM"], amax["BK"], amax["num_warps"]) == (8, 32, 1)
+    assert (second["BM"], second["BK"], second["num_warps"]) == (4, 128, 2)
+    assert amax["grid"] == (3 * quant.SIM_SMS,) and second["grid"] == (quant.SIM_SMS,)  # per_sm 3 and 1
+
+
+def test_bench_launches_and_records_the_tables_config(synthetic_table, spies):
+    """The dequantize bench runs the kernel with the table's config and says so in its extra_info."""
+    import benches.bench_fp8 as bench
+
+    info = {}
+
+    class Benchmark:
+        extra_info = info
+
+    def device_bench(fn, **kw):
+        info.update(kw)
+        return fn()
+
+    n, k = bench.SHAPES[0]
+    bench.test_fp8_dequant(device_bench, "tensor", n, k)
+    call = spies["dequant_kernel"].calls[-1]
+    assert (call["BM"], call["BK"], call["num_warps"]) == (16, 64, 2)
+    assert info["launch"] == {"dequant-tensor": {"bm": 16, "bk": 64, "warps": 2, "stages": 1, "per_sm": 0}}
+    assert "launch_table.json" in info["launch_table"]
+    bench.test_fp8_requant(device_bench, Benchmark, "tensor", n, k)
+    assert set(info["launch"]) == {"amax", "requant-tensor"} and info["launch"]["amax"]["per_sm"] == 3
+
+
+def test_without_a_table_the_builtin_defaults_launch(spies):
+    """The spy tells the two apart: with no table the same call takes the built-in tile."""
+    launch.use_table(LaunchTable())
+    try:
+        x = torch.randn(40, 96).to(DEVICE)
+        q, s = quant.quantize(x, "tensor")
+        quant.dequantize(q, s, "tensor", out_dtype=torch.float32)
+        call = spies["dequant_kernel"].calls[-1]
+        want = launch.builtin("dequant-tensor")
+        assert (call["BM"], call["BK"]) == (want.bm, want.bk) != (16, 64)
+    finally:
+        launch.use_table(None)
+
+
+def test_tune_writes_a_table_the_kernels_then_take(tmp_path, monkeypatch, spies):
+    """tune -> launch_table.json -> active table -> the kernel's launch (the GPU run's order, at CPU size)."""
+    from impl.fp8 import tune
+
+    launch.use_table(LaunchTable())
+    try:
+        assert tune.main(["--out", str(tmp_path), "--budget-s", "60", "--kernels", "dequant-tensor"]) == 0
+    finally:
+        launch.use_table(None)
+    rec = json.loads((tmp_path / "launch_table.json").read_text())
+    won = LaunchConfig(**json.loads((tmp_path / "tune.json").read_text())["data"]["winners"]["dequant-tensor"]
+                       ["config"])
+    monkeypatch.setenv(launch.ENV, str(tmp_path / "launch_table.json"))
+    launch.use_table(None)
+    try:
+        assert launch.active_table().configs == {"dequant-tensor": won} and rec["data"]["format"] == launch.FORMAT
+        q, s = quant.quantize(torch.randn(20, 64).to(DEVICE), "tensor")
+        quant.dequantize(q, s, "tensor", out_dtype=torch.float32)
+        call = spies["dequant_kernel"].calls[-1]
+        assert (call["BM"], call["BK"], call["num_warps"]) == (won.bm, won.bk, won.warps)
+    finally:
+        monkeypatch.delenv(launch.ENV)
+        launch.use_table(None)

@@ -1,0 +1,201 @@
+"""Which launch config each FP8 kernel runs with: a measured table where one exists, built-in defaults otherwise.
+
+A kernel key (``KERNELS``) names one kernel as a workload uses it (``dequant_key`` / ``quant_key`` map a scale group
+to it); ``config(key)`` is the ``LaunchConfig`` it launches with:
+
+  1. the active ``LaunchTable``'s entry for the key, where the table holds one;
+  2. else the built-in default: ``GPU_CONFIGS`` on a GPU, ``CPU_CONFIGS`` under the interpreter.
+
+The table comes from a tune run (``python -m impl.fp8.tune``): every candidate checked bit for bit against the
+reference, then timed; the fastest per kernel is kept and written as ``results/<card>/fp8/launch_table.json``. Where
+the active table comes from (``active_table``, loaded once per process): ``LAB_FP8_LAUNCH_TABLE`` (a path), else
+this card's stored table (on a GPU; the one the last tune run wrote, or the committed one), else none (built-in
+defaults only). ``use_table`` sets it (tests). ``describe`` says which table is in use; benches record it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from impl import backend
+from impl.fp8.formats import ScaleGroup
+
+FORMAT = "fp8-launch-table/1"
+TABLE_RESULT = "launch_table"
+ENV = "LAB_FP8_LAUNCH_TABLE"
+WARPS = (1, 2, 4, 8, 16, 32)
+
+
+def _pow2(v: int) -> bool:
+    return v >= 1 and v & (v - 1) == 0
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How a kernel is launched: tiles of [bm, bk], ``warps`` warps, ``stages`` software-pipeline stages, and
+    ``per_sm`` programs per SM striding over the tiles (0: one program per tile)."""
+
+    bm: int
+    bk: int
+    warps: int = 4
+    stages: int = 1
+    per_sm: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if type(getattr(self, f.name)) is not int:
+                raise TypeError(f"LaunchConfig.{f.name} must be an int, got {getattr(self, f.name)!r}")
+        if not (_pow2(self.bm) and _pow2(self.bk)):
+            raise ValueError(f"tile sides must be powers of two, got bm={self.bm}, bk={self.bk}")
+        if self.warps not in WARPS or self.stages < 1 or self.per_sm < 0:
+            raise ValueError(f"need warps in {WARPS}, stages >= 1, per_sm >= 0; got {self}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LaunchConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown launch config fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# Built-in defaults (a tune run's table overrides them per key). ptxas for sm_90 gives about 3 registers per element
+# a thread holds: 32 elements (~90-105 registers) keeps 4-5 programs of 4 warps per SM with two 16-byte loads in
+# flight per thread. bk of the requant-group/-block kernels is the group's width (ignored); bm of "requant-block" is
+# the rows per pass (a divisor of the block height: smaller reads each block twice, the second time from L1/L2).
+GPU_CONFIGS: dict[str, LaunchConfig] = {
+    "dequant-tensor": LaunchConfig(8, 512, warps=4),
+    "dequant-channel": LaunchConfig(8, 512, warps=4),    # per-row scales, and 1 x G groups
+    "dequant-block": LaunchConfig(8, 512, warps=4),      # 128 x 128 blocks: one row group, [1, bk] scales per tile
+    "quant-static": LaunchConfig(8, 512, warps=4),       # given scales, any group
+    "amax": LaunchConfig(8, 1024, warps=8, per_sm=4),    # ~80 registers: 4 programs of 8 warps stay resident
+    "requant-tensor": LaunchConfig(8, 512, warps=4, per_sm=4),   # the second pass of dynamic per-tensor
+    "requant-delayed": LaunchConfig(8, 512, warps=4, per_sm=4),  # per-tensor with the previous call's scale
+    "requant-channel": LaunchConfig(1, 16384, warps=16),  # bk: the widest row read once (64 registers at 16384)
+    "requant-group": LaunchConfig(32, 128, warps=8),
+    "requant-block": LaunchConfig(16, 128, warps=4),      # 16-row passes, each block read twice (from L1/L2)
+}
+# the interpreter runs one program at a time with numpy: few, large tiles
+CPU_CONFIGS: dict[str, LaunchConfig] = {
+    "dequant-tensor": LaunchConfig(64, 128), "dequant-channel": LaunchConfig(64, 128),
+    "dequant-block": LaunchConfig(32, 256), "quant-static": LaunchConfig(64, 128),
+    "amax": LaunchConfig(32, 64, per_sm=2), "requant-tensor": LaunchConfig(32, 64, per_sm=2),
+    "requant-delayed": LaunchConfig(32, 64, per_sm=2), "requant-channel": LaunchConfig(4, 4096),
+    "requant-group": LaunchConfig(64, 128), "requant-block": LaunchConfig(32, 128),
+}
+KERNELS = tuple(GPU_CONFIGS)
+
+
+def dequant_key(group: ScaleGroup) -> str:
+    """The kernel key of dequantizing with scales of ``group``."""
+    if group.gn == 0 and group.gk == 0:
+        return "dequant-tensor"
+    return "dequant-channel" if group.gn <= 1 else "dequant-block"
+
+
+def quant_key(group: ScaleGroup) -> str:
+    """The kernel key of quantizing with dynamic scales of ``group`` (per-tensor: its second pass; "amax" the first)."""
+    if group.gn == 0 and group.gk == 0:
+        return "requant-tensor"
+    if group.gk == 0:
+        return "requant-channel"
+    return "requant-group" if group.gn == 1 else "requant-block"
+
+
+@dataclass
+class LaunchTable:
+    """configs[key] = the measured ``LaunchConfig`` of kernel ``key`` (a subset of ``KERNELS``)."""
+
+    configs: dict[str, LaunchConfig] = field(default_factory=dict)
+    origin: str = "built-in defaults (no measured table)"
+    selected_in_run: str | None = None  # the tune run that measured it
+
+    def get(self, key: str) -> LaunchConfig | None:
+        return self.configs.get(key)
+
+    def describe(self) -> str:
+        return f"launch table: {self.origin} ({len(self.configs)} of {len(KERNELS)} kernels)"
+
+    def to_data(self) -> dict[str, Any]:
+        return {"format": FORMAT, "origin": self.origin, "selected_in_run": self.selected_in_run,
+                "kernels": {k: asdict(c) for k, c in sorted(self.configs.items())}}
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any], origin: str | None = None) -> "LaunchTable":
+        """From ``to_data``'s dict or a stored result record holding it under ``data``."""
+        if isinstance(data, dict) and "data" in data and "format" not in data:
+            data = data["data"]
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            got = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not an FP8 launch table: expected format {FORMAT!r}, got {got!r}")
+        kernels = data.get("kernels")
+        if not isinstance(kernels, dict):
+            raise ValueError(f"an FP8 launch table needs a 'kernels' mapping, got {type(kernels).__name__}")
+        configs = {}
+        for key, d in kernels.items():
+            if key not in KERNELS:
+                raise ValueError(f"FP8 launch table names an unknown kernel {key!r}; known: {', '.join(KERNELS)}")
+            try:
+                configs[key] = LaunchConfig.from_dict(d)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"FP8 launch table entry {key!r} is malformed ({e}): {d}") from e
+        return cls(configs, origin or str(data.get("origin", "measured table")), data.get("selected_in_run"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LaunchTable":
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read the FP8 launch table {p}: {e}") from e
+        rec = data if isinstance(data, dict) else {}
+        return cls.from_data(data, origin=f"measured table {p.name}" + (f" @{rec['commit']}" if rec.get("commit")
+                                                                         else ""))
+
+
+def stored_table_path() -> Path | None:
+    """``results/<card>/fp8/launch_table.json`` for the card in use (None without a GPU)."""
+    if not backend.ON_GPU or backend.INTERPRETED:
+        return None
+    from impl.common.results import results_dir
+
+    return results_dir() / "fp8" / f"{TABLE_RESULT}.json"
+
+
+_ACTIVE: LaunchTable | None = None
+
+
+def active_table() -> LaunchTable:
+    """The table ``config`` consults (module doc); loaded once per process."""
+    global _ACTIVE
+    if _ACTIVE is None:
+        env = os.environ.get(ENV)
+        stored = stored_table_path()
+        if env:
+            _ACTIVE = LaunchTable.load(env)
+        elif stored is not None and stored.exists():
+            _ACTIVE = LaunchTable.load(stored)
+        else:
+            _ACTIVE = LaunchTable()
+    return _ACTIVE
+
+
+def use_table(table: LaunchTable | None) -> None:
+    """Make ``table`` the active one (None: load again as ``active_table`` says)."""
+    global _ACTIVE
+    _ACTIVE = table
+
+
+def builtin(key: str) -> LaunchConfig:
+    """The built-in default of ``key`` on this backend."""
+    if key not in KERNELS:
+        raise KeyError(f"unknown FP8 kernel {key!r}; known: {', '.join(KERNELS)}")
+    return (GPU_CONFIGS if backend.ON_GPU and not backend.INTERPRETED else CPU_CONFIGS)[key]
+
+
+def config(key: str) -> LaunchConfig:
+    """The launch config of kernel ``key``: the active table's, else the built-in default."""
+    default = builtin(key)
+    return active_table().get(key) or default
