@@ -56,6 +56,22 @@ def test_bootstrap_interval_is_paired_and_can_fail():
         quality.bootstrap_delta(base, base[:3])
 
 
+def test_bootstrap_delta_is_the_shared_paired_bootstrap_in_percent():
+    """The interval is impl.common.stats.paired_bootstrap's over the windows' NLL, mapped to % perplexity: the same
+    numbers as resampling the per-window differences directly (same seed, same draws)."""
+    g = torch.Generator().manual_seed(4)
+    base = (3 + 0.3 * torch.randn(24, generator=g, dtype=torch.float64)).tolist()
+    var = [b + 0.02 + 0.01 * float(e) for b, e in zip(base, torch.randn(24, generator=g, dtype=torch.float64))]
+    got = quality.bootstrap_delta(base, var, n=500, seed=3)
+    d = torch.tensor(var, dtype=torch.float64) - torch.tensor(base, dtype=torch.float64)
+    idx = torch.randint(0, 24, (500, 24), generator=torch.Generator().manual_seed(3))
+    boot = 100 * torch.expm1(d[idx].mean(dim=1))
+    want = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    assert got["ci95"] == pytest.approx(want, rel=1e-6) and got["delta_pct"] == pytest.approx(
+        100 * math.expm1(float(d.mean())), rel=1e-12)
+    assert got["ci95"][0] > 0 and got["abs_hi"] == max(abs(v) for v in got["ci95"]) and got["windows"] == 24
+
+
 def test_experiments_cli_refuses_gpu_run_without_gpu(capsys):
     from impl import backend
 
