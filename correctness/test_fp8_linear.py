@@ -165,3 +165,44 @@ def test_hf_model_runs_on_swapped_fp8_linears(tiny_dense, tmp_path, layout):
     got, want = model(input_ids=ids).logits, dense(input_ids=ids).logits
     tol = 1e-4 if not backend.ON_GPU else 5e-2  # on a GPU the scaled_mm paths also quantize activations
     assert (got - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("bug", [None, "channel-scale", "k-tail"])
+def test_serve_linear_bench_fails_on_an_injected_bug(monkeypatch, bug):
+    """The FP8 linear bench's check (benches/bench_serve.py) is the float64 reference over the FP8 weights within a
+    bound made of e4m3's unit roundoff and K: it passes the kernel as it is and fails where the kernel scales one
+    output channel half an e4m3 step too high, or drops the last column of K -- bugs that the former tolerance
+    (0.1 max|ref| + 0.1 |ref| against the bf16 weights) let through."""
+    import benches.bench_serve as bench
+    from fixtures.oracle import assert_close
+    from impl.serve import fp8_adapter, fp8_gemv
+
+    real_gemv, real_quantize = fp8_gemv.gemv, fp8_adapter.quantize_linear
+    seen = {}
+
+    def buggy(x, q, s, cfg, **kw):
+        seen["x"] = x
+        if bug == "k-tail":
+            x = x.clone()
+            x[:, -1:] = 0
+        y = real_gemv(x, q, s, cfg, **kw)
+        if bug == "channel-scale":
+            y[:, 0] *= 1 + 2.0 ** -4
+        seen["y"] = y
+        return y
+
+    def quantize_linear(dense):
+        seen["w"] = dense.weight.detach().clone()
+        return real_quantize(dense)
+
+    monkeypatch.setattr(fp8_gemv, "gemv", buggy)
+    monkeypatch.setattr(fp8_adapter, "quantize_linear", quantize_linear)
+    torch.manual_seed(11)  # the bench draws its weights and inputs from the global generator
+    if bug is None:
+        bench.test_serve_linear(lambda fn, **kw: fn(), "fp8", "w2", 5)
+        assert "y" in seen  # the kernel path ran (the GEMV under the interpreter)
+        return
+    with pytest.raises(AssertionError, match="off its float64 reference"):
+        bench.test_serve_linear(lambda fn, **kw: fn(), "fp8", "w2", 5)
+    ref = seen["x"].double() @ seen["w"].double().T  # the former check passes the same wrong output
+    assert_close(seen["y"].double(), ref, check_dtype=False, rtol=0.1, atol=0.1 * float(ref.abs().max()))
