@@ -16,7 +16,7 @@ from fixtures.oracle import assert_close, check_kernel
 from fixtures.strategies import arrays, make_array, max_size, seeds, sizes
 from impl.sort import bitonic
 from impl.sort.bitonic import MAX_N, BitonicSorter, argsort, check_fits, sort
-from impl.sort.keys import FORMATS, SUPPORTED_DTYPES, decode_np, encode_np
+from impl.sort.keys import FLOAT, FORMATS, SUPPORTED_DTYPES, KeyFormat, decode_np, encode_np
 from impl.sort.network import (CPU_CONFIG, GPU_CONFIG, TINY_CONFIG, SortConfig, build_plan, default_config, log2,
                                network_steps, sort_keys_np)
 from impl.sort.reference import argsort_reference, is_permutation, sort_reference
@@ -236,8 +236,56 @@ def test_large_sorts_on_gpu(n, dtype):
     assert_close(g, np.sort(x[: 1 << 18]), rtol=0, atol=0)
 
 
+def check_nan_and_pad(fmt: KeyFormat) -> None:
+    """Every NaN bit pattern (both signs, quiet, signalling, largest payload) gets the one key ``fmt.full``, which
+    decodes to a NaN and sorts after +inf (first when descending); for integers ``full`` is the dtype's largest
+    value. The kernels' virtual pad slot (``kernels._make_memory_ops``: the key container's maximum, index
+    0xFFFFFFFF) never sorts before that key: keys-only allows a tie (equal keys are interchangeable), the argsort
+    slots (key << 32 | index, or key with a separate index) are strictly above it for every real index."""
+    key_max = int(np.iinfo(fmt.key_dtype).max)
+    assert 0 < fmt.full <= key_max, f"{fmt.dtype}: the NaN/top key {fmt.full:#x} does not fit {fmt.key_dtype}"
+    top = decode_np(np.array([fmt.full], dtype=np.uint64), fmt.dtype)[0]
+    if fmt.kind == FLOAT:
+        inf_bits = int(np.array([np.inf], dtype=fmt.dtype).view(fmt.bits_dtype)[0])  # numpy's, not the format's
+        mags = [inf_bits + 1, inf_bits | 1 << (np.finfo(fmt.dtype).nmant - 1), inf_bits | (inf_bits - 1) >> 1,
+                (1 << (8 * fmt.dtype.itemsize - 1)) - 1]
+        bits = np.array(mags + [m | fmt.sign for m in mags], dtype=np.uint64).astype(fmt.bits_dtype)
+        nans = bits.view(fmt.dtype)
+        assert np.isnan(nans).all(), f"{fmt.dtype}: test patterns {bits} are not all NaN"
+        keys = encode_np(nans)
+        assert (keys == fmt.full).all(), f"{fmt.dtype}: NaN keys {keys} are not the one key {fmt.full:#x}"
+        assert np.isnan(top), f"{fmt.dtype}: key {fmt.full:#x} decodes to {top}, not NaN"
+        inf = np.array([np.inf], dtype=fmt.dtype)
+        assert int(encode_np(inf)[0]) < fmt.full, f"{fmt.dtype}: NaN does not sort after +inf"
+        assert int(encode_np(nans, descending=True).max()) == 0 < int(encode_np(inf, descending=True)[0])
+    else:
+        assert top == np.iinfo(fmt.dtype).max, f"{fmt.dtype}: the top key decodes to {top}, not the largest value"
+    if fmt.nbits < 32:
+        assert fmt.full < key_max, f"{fmt.dtype}: the NaN key ties the keys-only pad"
+    last_real = min(MAX_N, 1 << 32) - 1
+    if fmt.pairs:  # (key, index) pairs: the pad is (key_max, 0xFFFFFFFF)
+        assert (fmt.full, last_real) < (key_max, 0xFFFFFFFF)
+    else:  # composite key << 32 | index in a uint64
+        assert fmt.full << 32 | last_real < (1 << 64) - 1
+
+
 def test_every_format_has_a_distinct_nan_and_pad():
-    """NaN's key (all ones of nbits) stays below the pad sentinel for 16-bit keys and equals it otherwise, which
-    keys-only tolerates (equal keys) and argsort breaks by the index."""
     for fmt in FORMATS.values():
-        assert fmt.full <= np.iinfo(fmt.key_dtype).max
+        check_nan_and_pad(fmt)
+
+
+@pytest.mark.parametrize("name,broken", [
+    ("float32", dict(inf_bits=0x7F800001)),                 # the smallest-payload NaN is taken for a number
+    ("float16", dict(key_dtype=np.dtype("uint16"))),       # 16-bit keys in a 16-bit container: NaN ties the pad
+    ("int32", dict(nbits=31)),                             # the top key is not the largest int32
+    ("float32", dict(inf_bits=0x7FC00000)),                 # signalling NaNs are taken for numbers
+], ids=["nan-payload", "pad-tie", "int-top", "snan"])
+def test_nan_and_pad_check_catches_a_broken_format(monkeypatch, name, broken):
+    """Each broken format, put where the encoder and decoder look it up, fails the check."""
+    from impl.sort import keys
+
+    monkeypatch.setitem(keys.FORMATS, name, replace(keys.FORMATS[name], **broken))
+    with pytest.raises(AssertionError):
+        check_nan_and_pad(keys.FORMATS[name])
+
+
