@@ -296,7 +296,7 @@ def test_tune_checks_then_times_and_writes_its_table(tmp_path, capsys):
     from impl.fp8 import tune
 
     assert tune.main(["--out", str(tmp_path), "--budget-s", "120", "--kernels", "dequant-block",
-                      "requant-delayed"]) == 0
+                      "requant-delayed", "--shapes", "64x256", "--no-store"]) == 0
     data = json.loads((tmp_path / "tune.json").read_text())["data"]
     assert data["complete"] and {r["kernel"] for r in data["rows"]} == {"dequant-block", "requant-delayed"}
     assert not any("error" in r for r in data["rows"]) and set(data["winners"]) == {"dequant-block", "requant-delayed"}

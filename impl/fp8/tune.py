@@ -245,13 +245,13 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(data: dict[str, Any], out_dir: Path) -> list[Path]:
-    """DIR/tune.json and DIR/launch_table.json; on a GPU also results/<card>/fp8/ through ``write_result`` (the
-    stored table the kernels of later processes take)."""
+def write_outputs(data: dict[str, Any], out_dir: Path, store: bool = True) -> list[Path]:
+    """DIR/tune.json and DIR/launch_table.json; on a GPU with ``store`` also results/<card>/fp8/ through
+    ``write_result`` (the stored table the kernels of later processes take)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, payload in (("tune", data), (launch.TABLE_RESULT, data["table"])):
-        if backend.ON_GPU and not backend.INTERPRETED:
+        if store and backend.ON_GPU and not backend.INTERPRETED:
             import shutil
 
             from impl.common.results import write_result
@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="*", help="NxK shapes; the first one picks the winners")
     p.add_argument("--kernels", nargs="*", default=list(CANDIDATES), choices=list(CANDIDATES))
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--no-store", action="store_true",
+                   help="write only under --out, not the card's stored table (tests; partial sweeps)")
     a = p.parse_args(argv)
     gpu = backend.ON_GPU and not backend.INTERPRETED
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes] if a.shapes else \
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
         copy_gbps = measure_copy_gbps()
     data = sweep(shapes, a.budget_s, a.kernels, copy_gbps, reps=a.reps if gpu else 1)
-    paths = write_outputs(data, a.out)
+    paths = write_outputs(data, a.out, store=not a.no_store)
     print(table(data))
     print(f"wrote {', '.join(str(p) for p in paths)} ({len(data['rows'])} rows, {data['seconds']:.0f} s, "
           f"complete: {data['complete']}, copy {copy_gbps or float('nan'):.0f} GB/s)")
