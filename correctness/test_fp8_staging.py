@@ -74,11 +74,14 @@ def test_truncated_data_is_refused(tmp_path):
 def test_host_memory_is_measured_or_accounted(monkeypatch):
     mem = staging.HostMemory()
     if mem.base_rss is not None:
-        keep = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MiB touched: resident
-        assert int(keep[-1]) == 1
+        import mmap
+
+        keep = mmap.mmap(-1, 16 << 20)  # a fresh anonymous mapping (not heap the process already holds resident)
+        for off in range(0, len(keep), mmap.PAGESIZE):  # every page touched: 16 MiB resident
+            keep[off] = 1
         mem.sample()
         assert mem.rss_growth >= 12 << 20 and mem.peak >= mem.rss_growth
-        del keep
+        keep.close()
     monkeypatch.setattr(staging, "rss_bytes", lambda: None)  # a machine whose /proc reports no RSS
     blind = staging.HostMemory()
     blind.staging_bytes = 3 << 20

@@ -259,7 +259,8 @@ def write_outputs(data: dict[str, Any], out_dir: Path, store: bool = True) -> li
             p = write_result("fp8", name, payload, overwrite=True)
             shutil.copyfile(p, out_dir / p.name)
         else:
-            (out_dir / f"{name}.json").write_text(json.dumps({"device": "cpu", "data": payload}, indent=2) + "\n")
+            record = {"device": backend.describe(), "data": payload}
+            (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
         paths.append(out_dir / f"{name}.json")
     return paths
 
