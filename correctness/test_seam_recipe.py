@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from impl.common.ledger import ResultsView, evaluate, load_claims
+from impl.common.ledger import ResultsView, clean_commit, evaluate, load_claims
 from impl.common.results import RESULTS
 from impl.seam.data import IDX_FILES, default_data_dir, write_idx
 from impl.seam.testing import one_cpu_thread  # noqa: F401  (autouse)
@@ -131,7 +131,7 @@ def store(root, sections, device=GPU, card="card"):
     for name, data in sections.items():
         path = root / card / "seam" / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"device": device, "commit": "abc123", "date": "2026-12-03T00:00:00+00:00",
+        path.write_text(json.dumps({"device": device, "commit": clean_commit(), "date": "2026-12-03T00:00:00+00:00",
                                     "data": data}))
     return ResultsView(card, root)
 
