@@ -345,3 +345,37 @@ def test_grad_clip_bounds_the_step():
     assert out["grad_norm_curve"][0][1] > 10 * cfg.grad_clip  # the clip bound
     lr, m = lr_at(0.5, cfg), momentum_at(0.5, cfg)  # the only step runs at progress 0.5
     assert 0 < float(moved) <= lr * (1 + m) * cfg.grad_clip * (1 + 1e-4)
+
+
+def test_the_family_takes_each_networks_best_validation_seed(monkeypatch, tmp_path):
+    """Per network the seed with the highest validation accuracy (ties: the earlier seed) is kept for the family and
+    named in the anchors record; test accuracy plays no part."""
+    import impl.seam.experiments as ex
+    from impl.seam.models import AnchorConfig
+
+    assert ex.best_val_index([0.91, 0.95, 0.95, 0.93]) == 1 and ex.best_val_index([0.5]) == 0
+    with pytest.raises(ValueError, match="no runs"):
+        ex.best_val_index([])
+    val = {("r34", 0): 0.90, ("r34", 1): 0.93, ("r34", 2): 0.92, ("r50", 0): 0.91, ("r50", 1): 0.91, ("r50", 2): 0.95}
+    test = {("r34", 0): 0.99, ("r34", 1): 0.80, ("r34", 2): 0.80, ("r50", 0): 0.99, ("r50", 1): 0.80, ("r50", 2): 0.8}
+    built = []
+
+    def build(cfg):
+        net = torch.nn.Linear(1, 1)
+        net.tag = (cfg.name, len(built) // 2)  # built in order: seed 0 r34, seed 0 r50, seed 1 r34, ...
+        built.append(net)
+        return net
+
+    def correct(net, split, *_args):
+        acc = (val if split == "val" else test)[net.tag]
+        return np.arange(100) < round(100 * acc)
+
+    monkeypatch.setattr(ex, "build_anchor", build)
+    monkeypatch.setattr(ex, "train_anchor", lambda *a, **k: {"seconds": 0.0, "steps": 0})
+    monkeypatch.setattr(ex, "correctness", correct)
+    data = type("D", (), {"val": "val", "test": "test"})()
+    anchors = [AnchorConfig(arch="resnet34"), AnchorConfig(arch="resnet50")]
+    kept, rec = ex.train_anchor_seeds(ex.Recipe(seeds=(0, 1, 2)), data, anchors, "cpu", False,
+                                      ex.Recorder(tmp_path, write=False), {"r34": 1.87e9, "r50": 2.09e9})
+    assert kept["r34"].tag == ("r34", 1) and kept["r50"].tag == ("r50", 2)
+    assert rec["per_arch"]["r34"]["family_seed"] == 1 and rec["per_arch"]["r50"]["family_seed"] == 2

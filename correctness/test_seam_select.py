@@ -547,11 +547,11 @@ def test_warm_up_runs_outside_the_budget_and_leaves_the_weights_as_they_were(mon
     """Warm-up steps (the slow first one among them) are not charged to the budget, the schedule is the same, and
     training after a warm-up ends with the same weights as training without one."""
     base = dict(epochs=3, batch_size=16, lr=0.2, time_budget_s=25.0)
-    warm, lrs, net_w = _run_on_a_fake_clock(monkeypatch, TrainConfig(**base, warmup_rounds=2),
+    warm, lrs, net_w = _run_on_a_fake_clock(monkeypatch, TrainConfig(**base, warmup_rounds=1, warmup_timed_steps=3),
                                             lambda k: 7.0 if k == 0 else 0.01)
     cold, lrs_cold, net_c = _run_on_a_fake_clock(monkeypatch, TrainConfig(**base, warmup_rounds=0), lambda k: 0.01)
-    assert warm["warmup"]["steps"] == 2 and warm["warmup"]["step_s"] == pytest.approx(0.01)
-    assert warm["warmup"]["seconds"] == pytest.approx(7.01) and warm["seconds"] == pytest.approx(0.12)
+    assert warm["warmup"]["steps"] == 4 and warm["warmup"]["step_s"] == pytest.approx(0.01)
+    assert warm["warmup"]["seconds"] == pytest.approx(7.03) and warm["seconds"] == pytest.approx(0.12)
     assert warm["steps"] == cold["steps"] == 12 and lrs == pytest.approx(lrs_cold, rel=1e-12)
     for (k, a), b in zip(net_w.state_dict().items(), net_c.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), k
@@ -559,7 +559,7 @@ def test_warm_up_runs_outside_the_budget_and_leaves_the_weights_as_they_were(mon
 
 def test_a_slow_card_plans_fewer_steps_and_still_finishes_the_schedule(monkeypatch):
     """1 s per step after warm-up and a 5 s budget: 4 planned steps (95 % of the budget) of a complete cycle."""
-    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.2, time_budget_s=5.0, warmup_rounds=2)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.2, time_budget_s=5.0, warmup_rounds=1, warmup_timed_steps=2)
     out, lrs, _ = _run_on_a_fake_clock(monkeypatch, cfg, lambda k: 1.0)
     assert out["requested_steps"] == 12 and out["planned_steps"] == out["steps"] == 4
     assert out["planned_by_budget"] and not out["budget_bound"]

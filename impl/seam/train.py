@@ -62,7 +62,8 @@ class TrainConfig:
     grad_clip: float | None = None   # max global gradient norm per step (None: no clipping)
     distill_alpha: float = 0.0       # family phase: weight of the distillation term (needs a teacher)
     distill_temperature: float = 2.0
-    warmup_rounds: int | None = None  # untimed steps per forward before the run (None: 2 on a GPU, 0 on the CPU)
+    warmup_rounds: int | None = None  # untimed steps per forward before the run (None: 1 on a GPU, 0 on the CPU)
+    warmup_timed_steps: int = 10      # then this many timed steps (at least one per forward); none without rounds
     budget_fill: float = 0.95         # share of the time budget the planned steps may fill at the warm-up step time
 
 
@@ -176,10 +177,11 @@ def _sync(device: str) -> None:
 
 def warm_up(model: nn.Module, forwards: list[Callable[[torch.Tensor], torch.Tensor]], data: DataBundle,
             cfg: TrainConfig, device: str, channels_last: bool, teacher: nn.Module | None = None) -> dict:
-    """``rounds`` SGD steps of every forward in ``forwards`` (module docstring), each on a fresh training batch, with a
-    throwaway optimiser and augmentation generator; the model's parameters and buffers are restored afterwards, and
-    its gradients cleared. The last round is synchronised and timed: ``step_s`` is its mean seconds per step."""
-    rounds = cfg.warmup_rounds if cfg.warmup_rounds is not None else (2 if device == "cuda" else 0)
+    """``warmup_rounds`` untimed SGD steps of every forward in ``forwards`` (module docstring), then
+    ``max(warmup_timed_steps, len(forwards))`` more cycling through them, synchronised and timed: ``step_s`` is their
+    mean seconds per step. Each step takes a fresh training batch; optimiser and augmentation generator are
+    throwaway; the model's parameters and buffers are restored afterwards and its gradients cleared."""
+    rounds = cfg.warmup_rounds if cfg.warmup_rounds is not None else (1 if device == "cuda" else 0)
     if rounds <= 0 or not forwards:
         return {"rounds": 0, "steps": 0, "seconds": 0.0, "step_s": None}
     t0 = time.perf_counter()
@@ -189,22 +191,27 @@ def warm_up(model: nn.Module, forwards: list[Callable[[torch.Tensor], torch.Tens
     gen = torch.Generator().manual_seed(cfg.seed + 7919)
     batches = _endless_batches(data, cfg.batch_size, seed=-1 - cfg.seed)
     model.train()
-    step_s = None
-    for r in range(rounds):
-        if r == rounds - 1:
-            _sync(device)
-            t_round = time.perf_counter()
+
+    def step(fwd: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        images, labels = next(batches)
+        sgd_step(fwd, images, labels, opt, params, data, cfg, gen, device, channels_last, teacher)
+
+    for _ in range(rounds):
         for fwd in forwards:
-            images, labels = next(batches)
-            sgd_step(fwd, images, labels, opt, params, data, cfg, gen, device, channels_last, teacher)
-        if r == rounds - 1:
-            _sync(device)
-            step_s = (time.perf_counter() - t_round) / len(forwards)
+            step(fwd)
+    timed = max(cfg.warmup_timed_steps, len(forwards))
+    _sync(device)
+    t_timed = time.perf_counter()
+    for k in range(timed):
+        step(forwards[k % len(forwards)])
+    _sync(device)
+    step_s = (time.perf_counter() - t_timed) / timed
     with torch.no_grad():
         model.load_state_dict(saved)
     opt.zero_grad(set_to_none=True)
     del opt
-    return {"rounds": rounds, "steps": rounds * len(forwards), "seconds": time.perf_counter() - t0, "step_s": step_s}
+    return {"rounds": rounds, "steps": rounds * len(forwards) + timed, "seconds": time.perf_counter() - t0,
+            "step_s": step_s}
 
 
 def _endless_batches(data: DataBundle, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
