@@ -263,8 +263,30 @@ def test_interpolation_summary_counts_variants_and_interval():
     bits = np.zeros(n, bool)
     bits[rng.permutation(n)[: int((0.92 - 0.0025) * n)]] = True
     rows[2].update(acc_test=float(bits.mean()), test_correct=pack_bits(bits))
-    ci = interpolation_summary(rows, n_boot=300)["percent_ci95"]
-    assert ci["lo"] == 25.0 and ci["hi"] == 50.0
+    edge = interpolation_summary(rows, n_boot=300)
+    assert edge["percent_ci95"]["lo"] == 25.0 and edge["percent_ci95"]["hi"] == 50.0
+    assert edge["percent_conservative"] == 25.0 and not edge["per_stitch"]["s1"]["interpolates_at_lower_end"]
+    assert s["percent_conservative"] == 50.0 and s["interpolating_conservative"] == 2
+
+
+def test_each_stitch_is_judged_at_the_lower_end_of_its_paired_margin():
+    """Two stitches 0.2 pp above the anchors' line (0.45 pp above line − tol) on 4,000 test images: one errs on the
+    anchors' hard images (the paired margin is tight: it counts), one errs at random (the margin's interval reaches
+    below zero: it does not), although both interpolate at the point estimate."""
+    n = 4000
+    difficulty = np.random.default_rng(1).permutation(n) / n  # exact fractions below any threshold
+    scattered = np.zeros(n, bool)
+    scattered[np.random.default_rng(2).permutation(n)[: int(0.922 * n)]] = True
+    spec = [("lo", True, 100, difficulty < 0.90), ("hi", True, 200, difficulty < 0.94),
+            ("paired", False, 150, difficulty < 0.922), ("scattered", False, 150, scattered)]
+    rows = [{"name": name, "is_anchor": anchor, "flops": flops, "acc_test": float(bits.mean()), "n_test": n,
+             "test_correct": pack_bits(bits)} for name, anchor, flops, bits in spec]
+    s = interpolation_summary(rows, n_boot=1000)
+    v = s["per_stitch"]
+    assert s["interpolating"] == 2 and v["paired"]["acc"] == v["scattered"]["acc"] == 0.922
+    assert v["paired"]["interpolates_at_lower_end"] and not v["scattered"]["interpolates_at_lower_end"]
+    assert v["scattered"]["margin_pp_ci95"]["lo"] < 0 < v["paired"]["margin_pp_ci95"]["lo"]
+    assert s["percent_conservative"] == 50.0 and s["percent"] == 100.0
 
 
 # ---- serving and checkpoints -------------------------------------------------------------------------------------

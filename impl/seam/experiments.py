@@ -472,8 +472,15 @@ def run(recipe: Recipe, data_dir: str | None, out: Path, write: bool, weights: d
     rec.put("training", timing)
     rec.finish()
     s = selector["summary"]
-    log(f"interpolation: {interp['interpolating']}/{interp['stitches']} = {interp['percent']:.2f} % "
-        f"(95 % interval {interp['percent_ci95']}), reasons {interp['reasons']}")
+    log(f"interpolation: {interp['interpolating']}/{interp['stitches']} = {interp['percent']:.2f} % at the point "
+        f"estimate, {interp['interpolating_conservative']} at each stitch's lower end = "
+        f"{interp['percent_conservative']:.2f} % (the claim); fraction's joint 95 % interval "
+        f"{interp['percent_ci95']}, reasons {interp['reasons']}")
+    for name, v in interp["per_stitch"].items():
+        m = v.get("margin_pp_ci95") or {}
+        log(f"  {name}: acc {100 * v['acc']:.2f} % line {100 * v['line_acc']:.2f} %, margin above line - tol "
+            f"[{m.get('lo', float('nan')):+.2f}, {m.get('hi', float('nan')):+.2f}] pp, "
+            f"{'counts' if v.get('interpolates_at_lower_end') else 'fails (' + v['reason'] + ')'}")
     log(f"selector over {s['floors']} floors: served {s['served']}, promise kept {s['percent_promise_kept']} % "
         f"(interval {s['promise_ci95']}), mean FLOPs saving where a stitch qualifies "
         f"{s['mean_saving_percent_where_stitch_qualifies']} % over {s['floors_where_stitch_qualifies']} floors")
@@ -500,8 +507,9 @@ def print_table(sections: dict[str, dict[str, Any]]) -> None:
         print(f"  order margin {o['margin_pp']:+.3f} pp (gap {o['gap_pp']:+.3f}, spread {o['spread_pp']:.3f})")
     i = sections.get("interpolation")
     if i:
-        print(f"  interpolating {i['interpolating']}/{i['stitches']} = {i['percent']:.1f} %, 95 % interval "
-              f"{i['percent_ci95']}")
+        print(f"  interpolating {i['interpolating']}/{i['stitches']} = {i['percent']:.1f} % (point), "
+              f"{i['interpolating_conservative']}/{i['stitches']} = {i['percent_conservative']:.1f} % at each "
+              f"stitch's lower end (claim); joint 95 % interval {i['percent_ci95']}")
     s = (sections.get("selector") or {}).get("summary")
     if s:
         print(f"  promise kept {s['percent_promise_kept']} % of {s['served']} served floors "
