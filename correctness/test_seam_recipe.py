@@ -380,3 +380,20 @@ def test_the_family_takes_each_networks_best_validation_seed(monkeypatch, tmp_pa
                                       ex.Recorder(tmp_path, write=False), {"r34": 1.87e9, "r50": 2.09e9})
     assert kept["r34"].tag == ("r34", 1) and kept["r50"].tag == ("r50", 2)
     assert rec["per_arch"]["r34"]["family_seed"] == 1 and rec["per_arch"]["r50"]["family_seed"] == 2
+
+
+def test_rescore_recomputes_interpolation_from_stored_configs(tmp_path, monkeypatch):
+    """A stored run's interpolation record is recomputed from its configs and names the commit that did it."""
+    import impl.common.results as results
+    from impl.seam.experiments import rescore
+
+    recs = recipe_records(anchors_table([94.2, 94.3, 94.25], [94.9, 95.0, 94.95]), config_rows(GOOD))
+    stale = {k: v for k, v in recs["interpolation"].items() if k not in ("percent_conservative", "per_stitch")}
+    store(tmp_path, {"configs": recs["configs"], "interpolation": stale})
+    monkeypatch.setattr(results, "git_commit", lambda short=True: "0123abcd")
+    rec = json.loads(rescore("card", tmp_path).read_text())
+    assert rec["data"]["percent_conservative"] == 100.0 and rec["data"]["run_id"] == "one-run"
+    assert rec["rescored"]["commit"] == "0123abcd" and rec["rescored"]["of_commit"] == rec["commit"]
+    monkeypatch.setattr(results, "git_commit", lambda short=True: "0123abcd+dirty")
+    with pytest.raises(SystemExit, match="committed code"):
+        rescore("card", tmp_path)

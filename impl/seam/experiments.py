@@ -520,6 +520,30 @@ def print_table(sections: dict[str, dict[str, Any]]) -> None:
               f"{t['family']['seconds']:.1f} s)")
 
 
+def rescore(slug: str, root: Path | None = None) -> Path:
+    """Recompute ``interpolation`` from a stored run's ``configs`` (its per-image test correctness) with this
+    checkout's rule. The record keeps the GPU run's device, commit, date and run id and gains ``rescored``: the commit
+    and date of the code that recomputed it."""
+    from impl.common.results import RESULTS, atomic_write_text, git_commit, now_iso
+
+    commit = git_commit()
+    if commit == "unknown" or commit.endswith("+dirty"):
+        raise SystemExit(f"rescore from committed code: this checkout is at {commit!r} (commit impl/ first)")
+    folder = (root or RESULTS) / slug / "seam"
+    configs = json.loads((folder / "configs.json").read_text())["data"]
+    path = folder / "interpolation.json"
+    rec = json.loads(path.read_text())
+    old = rec["data"]
+    boot = old.get("percent_ci95") or {}
+    new = interpolation_summary(configs["rows"], "acc_test", InterpolationRule(**old["rule"]),
+                                n_boot=boot.get("n_boot", 2000), seed=boot.get("seed", 0))
+    rec["data"] = {**old, **new}
+    rec["rescored"] = {"commit": commit, "date": now_iso(), "of_commit": rec.get("commit")}
+    atomic_write_text(path, json.dumps(rec, indent=2, sort_keys=True) + "\n", overwrite=True)
+    log(f"rescored {path}: {new['interpolating_conservative']}/{new['stitches']} at each stitch's lower end")
+    return path
+
+
 def check_args(a: argparse.Namespace) -> str | None:
     """Why the numeric options cannot run (before any training), or None."""
     import math
@@ -550,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--smoke", action="store_true", help="tiny CPU-sized run of every step; writes only under --out")
     mode.add_argument("--prepare", action="store_true", help="copy the Fashion-MNIST .gz files into "
                                                               ".carry/seam/fashion-mnist (to carry to a GPU machine)")
+    mode.add_argument("--rescore", metavar="SLUG", help="recompute results/SLUG/seam/interpolation.json from the "
+                                                         "stored configs with this checkout's rule")
     p.add_argument("--data", default=None, help="Fashion-MNIST .gz dir or ImageFolder root (default $SEAM_DATA, "
                                                 "/usr/share/datasets/fashion-mnist or .carry/seam/fashion-mnist)")
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "seam"), help="results.json, plots, records")
@@ -572,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
         from impl.seam.data import prepare_carry
 
         log(f"Fashion-MNIST copied to {prepare_carry()}")
+        return 0
+    if a.rescore:
+        rescore(a.rescore)
         return 0
     bad = check_args(a)
     if bad:
