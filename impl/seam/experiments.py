@@ -6,7 +6,8 @@
    measure them; the anchors' order: mean test accuracy per network over the seeds with 95 % t intervals, and the
    margin ``mean(heavy) − mean(light) − max(seed range)``;
 3. the family from each network's best-validation seed: the candidate stitches (Fast-to-Slow at every block
-   boundary) whose FLOPs lie inside the anchors' range (``measure.plan_stitches``); least-squares init on 100 training images;
+   boundary) whose FLOPs lie inside the anchors' range (``measure.plan_stitches``); least-squares init on 100
+   training images;
 4. fine-tune the whole family, one configuration sampled per step, distilling from a frozen copy of the anchor with
    the higher validation accuracy;
 5. per configuration: BatchNorm statistics re-estimated (2,048 training images), val and test accuracy (per-image

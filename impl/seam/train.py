@@ -17,7 +17,8 @@ fits in ``budget_fill`` of the budget (``planned_by_budget``), so the schedule s
 hard stop (``budget_bound``: the run ended early, mid-schedule). Warm-up and its time are outside the budget and reported
 (``warmup``). On a GPU: bf16 autocast and channels_last; ``torch.backends.cudnn.benchmark`` is on during warm-up and
 the run and restored after them. A non-finite loss at any step raises ``CollapseError`` (checked at every
-loss-curve point, every 20 steps and at the end, so it costs no extra sync): weights trained through a NaN are garbage.
+loss-curve point, every 20 steps and at the end, so it costs no extra sync): weights trained through a NaN are
+garbage.
 """
 from __future__ import annotations
 
