@@ -14,8 +14,8 @@ steps of every forward the run will use (every configuration of a family) on the
 afterwards: kernels are compiled and autotuned, the allocator holds its blocks, and the last round, synchronised,
 gives the steady-state step time. With a time budget, ``planned_steps`` is cut up front to what that step time
 fits in ``budget_fill`` of the budget (``planned_by_budget``), so the schedule still completes; the budget is also a
-hard stop (``budget_bound``: the run ended early, mid-schedule). Warm-up and its time are outside the budget and reported
-(``warmup``). On a GPU: bf16 autocast and channels_last; ``torch.backends.cudnn.benchmark`` is on during warm-up and
+hard stop (``budget_bound``: the run ended early, mid-schedule). Warm-up and its time are outside the budget and
+reported (``warmup``). On a GPU: bf16 autocast and channels_last; ``torch.backends.cudnn.benchmark`` is on during warm-up and
 the run and restored after them. A non-finite loss at any step raises ``CollapseError`` (checked at every
 loss-curve point, every 20 steps and at the end, so it costs no extra sync): weights trained through a NaN are
 garbage.
