@@ -11,14 +11,14 @@ of training the learning rate rises from ``lr/div_factor`` to ``lr`` and momentu
 back. The schedule runs by step only: ``progress = (step + 0.5) / planned_steps``, so a slow step (compilation,
 cuDNN autotuning, a busy machine) never moves the learning rate. Before the timed run, ``warm_up`` runs a few SGD
 steps of every forward the run will use (every configuration of a family) on the model's own weights, restored
-afterwards: kernels are compiled and autotuned, the allocator holds its blocks, and the last round, synchronised,
-gives the steady-state step time. With a time budget, ``planned_steps`` is cut up front to what that step time
-fits in ``budget_fill`` of the budget (``planned_by_budget``), so the schedule still completes; the budget is also a
-hard stop (``budget_bound``: the run ended early, mid-schedule). Warm-up and its time are outside the budget and
-reported (``warmup``). On a GPU: bf16 autocast and channels_last; ``torch.backends.cudnn.benchmark`` is on during warm-up and
-the run and restored after them. A non-finite loss at any step raises ``CollapseError`` (checked at every
-loss-curve point, every 20 steps and at the end, so it costs no extra sync): weights trained through a NaN are
-garbage.
+afterwards: kernels are compiled and autotuned, the allocator holds its blocks, and its last, synchronised steps
+(``warmup_timed_steps``) give the steady-state step time. With a time budget, ``planned_steps`` is cut up front to
+what that step time fits in ``budget_fill`` of the budget (``planned_by_budget``), so the schedule still completes;
+the budget is also a hard stop (``budget_bound``: the run ended early, mid-schedule). Warm-up and its time are
+outside the budget and reported (``warmup``). On a GPU: bf16 autocast and channels_last;
+``torch.backends.cudnn.benchmark`` is on during warm-up and the run and restored after them. A non-finite loss at
+any step raises ``CollapseError`` (checked at every loss-curve point, every 20 steps and at the end, so it costs no
+extra sync): weights trained through a NaN are garbage.
 """
 from __future__ import annotations
 
