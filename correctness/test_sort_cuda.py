@@ -194,6 +194,21 @@ def test_host_pipeline_runs_the_cuda_source(emu):
         assert np.array_equal(pipe.sort_staged(), np.sort(x))
 
 
+def test_host_pipeline_runs_local_passes_region_by_region(emu):
+    """Regions of 2^k slots: the passes local to them run per region before all regions are on the device (and after
+    the global passes, before each region's download); the result is numpy's."""
+    n = 3000  # 2^12 slots; regions of 2^10 (4 chunks -> 3 regions, the last partial)
+    x = make_array(n, "float32", "nasty", seed=6)
+    pipe = HostSortPipeline(n, np.float32, argsort=True, config=EMU_CUDA_CONFIG, pipeline=PipelineConfig(chunks=4))
+    lead, middle, trail = pipe.schedule()
+    k = pipe.region_bits
+    assert k == 10 and pipe.chunk_bounds() == [(0, 1024), (1024, 2048), (2048, 3000)]
+    assert len(lead) > 1 and len(middle) > 0 and len(trail) > 0  # stages 9-10 merge per region, as does the end
+    assert all(pipe.sorter.span_bits(i) <= k for i in (*lead, *trail))
+    assert all(pipe.sorter.span_bits(i) > k for i in (middle[0], middle[-1]))
+    assert np.array_equal(pipe(x), argsort_reference(x))
+
+
 # ---- byte order: every public entry point sorts a big-endian array by value or refuses it by name -----------------
 
 BIG = [">f4", ">i4", ">u4", ">i8", ">f2"]

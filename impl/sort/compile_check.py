@@ -3,7 +3,8 @@
     python -m impl.sort.compile_check                      # the design point's kernels for 10M keys, every mode
     python -m impl.sort.compile_check --n 10000000 --n 100000001 --tile-bits 14 --items-bits 5
     python -m impl.sort.compile_check --tune               # every kernel impl.sort.tune can launch (cache warm-up)
-    python -m impl.sort.compile_check --session            # ... and every one the benches and GPU tests can launch
+    python -m impl.sort.compile_check --session            # ... and every one the benches, GPU tests and the
+                                                           # configs the tune table can choose can launch
 
 One row per kernel: name, pass kind, threads, registers, spill bytes, stack, shared memory (dynamic: from the
 config), compile seconds. The cubins land in the kernel cache (``impl.sort.runtimes.kernel_cache``), so running this
@@ -22,6 +23,7 @@ from impl.sort.plan import GPU_CUDA_CONFIG, CudaSortConfig, build_cuda_plan
 from impl.sort.runtimes import compile_all
 
 MODE_RAWS = {"keys32": 32, "composite": 32, "keys64": 64, "pairs": 64}
+MODE_WIDTHS = {"keys32": (16, 32), "composite": (16, 32), "keys64": (64,), "pairs": (64,)}  # input bits per mode
 
 
 def parse_ptxas(text: str, name: str) -> dict:
@@ -45,14 +47,32 @@ def compile_report(specs: list[KernelSpec], cache: Path | None = None, arch: str
     return rows
 
 
+SESSION_SIZES = (100_003, 1_000_000, 3_000_017, 10_000_000, 10_000_001, 100_000_000)  # tests, benches, tune
+
+
+def session_configs() -> dict[str, list[CudaSortConfig]]:
+    """Per slot mode, every config a GPU session can pick: the built-in default and each tune candidate (the table
+    the tune step writes chooses among them)."""
+    from impl.sort.choose import BUILTIN
+    from impl.sort.tune import ARG_CONFIGS, KEY_CONFIGS
+
+    out = {mode: [c] for mode, c in BUILTIN.items()}
+    out["keys32"] += KEY_CONFIGS.values()
+    out["composite"] += ARG_CONFIGS.values()
+    return {mode: list(dict.fromkeys(cs)) for mode, cs in out.items()}
+
+
 def session_kernels(max_logn: int = 27) -> list[KernelSpec]:
-    """Every kernel a GPU session of this suite can launch with the design point: any n up to 2^max_logn in every
-    slot mode and input width (sort/argsort, benches, tests), plus everything ``impl.sort.tune`` runs."""
+    """Every kernel a GPU session of this suite can launch: every config of ``session_configs`` at any n up to
+    2^max_logn (one plan per padded size) and the sizes tests and benches use, in every input width of its mode, plus
+    everything ``impl.sort.tune`` runs."""
     specs: list[KernelSpec] = []
-    for mode, raws in (("keys32", (16, 32)), ("composite", (16, 32)), ("keys64", (64,)), ("pairs", (64,))):
-        for logn in range(max_logn + 1):
-            for raw in raws:
-                specs += plan_kernels(build_cuda_plan(1 << logn, mode, GPU_CUDA_CONFIG), raw)
+    sizes = [1 << logn for logn in range(max_logn + 1)] + list(SESSION_SIZES)
+    for mode, configs in session_configs().items():
+        for config in configs:
+            for n in sizes:
+                for raw in MODE_WIDTHS[mode]:
+                    specs += plan_kernels(build_cuda_plan(n, mode, config), raw)
     return list(dict.fromkeys(specs + tune_kernels()))
 
 

@@ -102,6 +102,18 @@ class CudaSorter:
                 "exchanges_per_pass": [p.exchanges for p in self.plan.passes],
                 "bytes_per_pass": per, "traffic_bytes": sum(per), "config": asdict(self.config)}
 
+    def span_bits(self, i: int) -> int:
+        """Every block of pass ``i`` lies inside one aligned region of 2^span_bits slots (its highest pivot + 1)."""
+        return max(self.plan.passes[i].pivots) + 1
+
+    def block_bits(self, i: int) -> int:
+        """log2 of the slots one block of pass ``i`` holds; block b of a pass local to aligned regions of 2^k slots
+        belongs to region b >> (k - block_bits)."""
+        return self.plan.passes[i].t
+
+    def pass_blocks(self, i: int) -> int:
+        return self.grids[i]
+
     def encode_args(self, descending: bool) -> tuple:
         return (np.int32(self.fmt.kind), np.int32(self.argsort),
                 np.uint64(self.fmt.full if descending else 0))
