@@ -107,3 +107,18 @@ def test_gpu_command_runs_the_sort_tune_step_first():
 
     assert tune_step_args("sort") == tune.GPU_STEP_ARGS
     assert tune_step_args("join") is None  # no tune module
+
+
+def test_tune_dry_run_outputs_give_a_loadable_table(tmp_path):
+    """tune's writer (the CPU path: only into --out) stores every row and a table ``SortTable.load`` reads back."""
+    from impl.sort import tune
+
+    report = {"device": "cpu", "commit": "abc", "complete": True,
+              "rows": [row("keys32", 10, A, 0.5), row("keys32", 10, B, 0.4), row("composite", 10, C, 1.0)]}
+    paths = tune.write_outputs(report, tmp_path, dry=True)
+    assert {p.name for p in paths} == {"tune.json", "config_table.json"}
+    table = SortTable.load(tmp_path / "config_table.json")
+    assert table.entries == {"keys32": [(10, B)], "composite": [(10, C)]}
+    assert report["table"] == [{"mode": "composite", "n": 10, "label": "t15e6r5"},
+                               {"mode": "keys32", "n": 10, "label": "t14e5r5"}]
+    assert json.loads((tmp_path / "tune.json").read_text())["rows"][1]["ms"] == 0.4
