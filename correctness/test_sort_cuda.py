@@ -35,8 +35,11 @@ DTYPES = st.sampled_from(SUPPORTED_DTYPES)
 PLAN_CONFIGS = [GPU_CUDA_CONFIG, EMU_CUDA_CONFIG, replace(GPU_CUDA_CONFIG, fuse=False),
                 CudaSortConfig(tile_bits=14, items_bits=5), CudaSortConfig(tile_bits=13, items_bits=5, run_bits=6),
                 CudaSortConfig(items_bits=7), CudaSortConfig(tile_bits=7, items_bits=2, run_bits=1),
-                replace(EMU_CUDA_CONFIG, fuse=False)]
+                replace(EMU_CUDA_CONFIG, fuse=False), CudaSortConfig(tile_bits=13, items_bits=5, merge_items_bits=4),
+                replace(EMU_CUDA_CONFIG, merge_items_bits=3)]
 EMU_MAX_N = 3000
+MIXED_EMU = replace(EMU_CUDA_CONFIG, merge_items_bits=3)  # tile pass: 4 keys per thread; merges: 8
+MIXED_SIZES = (2049, 3000)
 NO_GXX = EmulatedRuntime.unavailable_reason()
 CUPY_REASON = cupy_unavailable_reason()
 
@@ -119,7 +122,9 @@ def emu():
     if NO_GXX:
         pytest.skip(NO_GXX)
     rt = emulated_runtime()
-    rt.kernels(emulation_kernels(), 0)  # one g++ build for every kernel the tests below launch
+    mixed = [k for n in MIXED_SIZES for mode in ("keys32", "composite")
+             for k in plan_kernels(build_cuda_plan(n, mode, MIXED_EMU), 32)]
+    rt.kernels(list(dict.fromkeys(emulation_kernels() + mixed)), 0)  # one g++ build for every kernel launched below
     return rt
 
 
@@ -151,6 +156,22 @@ def test_cuda_source_across_every_pass_boundary(emu, dtype, pattern, argsort_):
     """Sizes around 2^k, k = 8..11: the tile pass alone (256), then one more stage (and merge pass) at a time."""
     for n in (256, 257, 1023, 2049):
         run_emulated(make_array(n, dtype, pattern, seed=n), argsort_=argsort_, descending=n % 2 == 1)
+
+
+@pytest.mark.parametrize("n", MIXED_SIZES)
+@pytest.mark.parametrize("argsort_", [False, True], ids=["keys", "argsort"])
+def test_merge_passes_with_other_keys_per_thread(emu, n, argsort_, monkeypatch):
+    """``merge_items_bits``: the tile pass and the merge passes launch different block shapes (threads per block)."""
+    sorter = CudaSorter(n, np.float32, argsort=argsort_, config=MIXED_EMU, runtime=emu)
+    blocks: list[int] = []
+    launch = emu.launch
+    monkeypatch.setattr(emu, "launch", lambda fn, grid, block, *a, **k: (blocks.append(block), launch(fn, grid, block,
+                                                                                                      *a, **k)))
+    sorter(make_array(n, "float32", "random", seed=1), np.empty(n, sorter.out_dtype))
+    tile_threads = 1 << (MIXED_EMU.tile_bits - MIXED_EMU.items_bits)  # the same for 4- and 8-byte slots
+    assert blocks == [tile_threads] + [tile_threads // 2] * (len(sorter.plan.passes) - 1)
+    monkeypatch.undo()
+    run_emulated(make_array(n, "float32", "nasty", seed=n), argsort_=argsort_, config=MIXED_EMU)
 
 
 def test_chunked_first_and_last_passes_equal_whole_launches(emu):

@@ -32,8 +32,10 @@ BUILTIN: dict[str, CudaSortConfig] = {
 
 
 def config_name(c: CudaSortConfig) -> str:
-    """Short label, e.g. ``t13e5r5`` (``-staged`` when merge passes do not cross stages)."""
-    return f"t{c.tile_bits}e{c.items_bits}r{c.run_bits}" + ("" if c.fuse else "-staged")
+    """Short label, e.g. ``t13e5r5`` (``m4``: 2^4 keys per thread in the merge passes; ``-staged``: merge passes do
+    not cross stages)."""
+    merge = "" if c.merge_items_bits in (None, c.items_bits) else f"m{c.merge_items_bits}"
+    return f"t{c.tile_bits}e{c.items_bits}r{c.run_bits}{merge}" + ("" if c.fuse else "-staged")
 
 
 @dataclass

@@ -127,7 +127,7 @@ class CudaSorter:
         rt = self.runtime
         args = (rt.ptr(src), rt.ptr(self.keys), rt.ptr(self.vals), rt.ptr(out), np.int64(self.n),
                 *self.encode_args(descending), np.uint32(first_block))
-        rt.launch(self.fns[self.specs[i].name], grid, self.threads, self.smem, args, stream)
+        rt.launch(self.fns[self.specs[i].name], grid, self.plan.pass_threads(i), self.smem, args, stream)
 
     def __call__(self, src, out, *, descending: bool = False, stream=None, passes: slice = slice(None)):
         if self.n:
