@@ -122,3 +122,18 @@ def test_tune_dry_run_outputs_give_a_loadable_table(tmp_path):
     assert report["table"] == [{"mode": "composite", "n": 10, "label": "t15e6r5"},
                                {"mode": "keys32", "n": 10, "label": "t14e5r5"}]
     assert json.loads((tmp_path / "tune.json").read_text())["rows"][1]["ms"] == 0.4
+
+
+def test_session_prebuild_covers_every_config_the_table_can_choose():
+    """compile_check --session builds every config tune can put in the table, for every n the lookup gives it."""
+    from impl.sort.compile_check import session_configs
+    from impl.sort.tune import ARG_CONFIGS, GRID, KEY_CONFIGS
+
+    configs = session_configs()
+    sizes = sorted(n for n, _, _ in GRID)
+    for n, keys, args in GRID:
+        serves_from = 0 if n < sizes[-1] else sizes[-2] + 1  # the largest size's entry serves above the next one
+        for mode, labels, table in (("keys32", keys, KEY_CONFIGS), ("composite", args, ARG_CONFIGS)):
+            for label in labels:
+                assert configs[mode][table[label]] <= serves_from, (mode, label, n)
+    assert all(configs[mode][c] == 0 for mode, c in BUILTIN.items())
