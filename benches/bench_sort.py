@@ -1,7 +1,8 @@
 """Benches of the bitonic sort and its anchors, side by side in one run.
 
 bitonic   variants: ``shared`` (the CUDA C++ passes of impl.sort.cuda_sort: tile sort + fused coset merge passes in
-          shared memory, one CUDA graph), ``shared_direct`` (the same kernels, one CuPy launch per pass),
+          shared memory, one CUDA graph), ``shared_direct`` (the same kernels, one CuPy launch per pass) — both with
+          the config ``impl.sort.choose`` picks for the mode and n (the card's measured table, else the built-in one),
           ``global`` (ablation, numba: one global pass per network step, graph-replayed); modes ``keys`` (sort) and
           ``kv`` (argsort: key + index); float32/int32; 1M/10M/100M.
 anchors   cupy.sort / cupy.argsort (CUB radix), torch.sort, numpy.sort quicksort/stable (host clock, 1M and 10M).
@@ -25,7 +26,8 @@ from impl.backend import DEVICE, ON_GPU, sized
 from impl.sort.bitonic import BitonicSorter, SortGraph
 from impl.sort.network import default_config
 from impl.sort.pipeline import NAIVE, HostSortPipeline, PipelineConfig
-from impl.sort.plan import EMU_CUDA_CONFIG, GPU_CUDA_CONFIG
+from impl.sort import choose
+from impl.sort.plan import EMU_CUDA_CONFIG
 from impl.sort.runtimes import EmulatedRuntime, cupy_unavailable_reason
 
 SIZES = sized([1_000_000, 10_000_000, 100_000_000], [100, 300])
@@ -33,7 +35,7 @@ HOST_SIZES = sized([1_000_000, 10_000_000], [300])
 E2E_N = sized(10_000_000, 600)
 H2D_BYTES = sized(40_000_000, 40_000)
 DTYPES = ["float32", "int32"]
-CUDA_CONFIG = sized(GPU_CUDA_CONFIG, EMU_CUDA_CONFIG)
+CUDA_CONFIG = sized(None, EMU_CUDA_CONFIG)  # None: the config impl.sort.choose's table picks per (mode, n)
 _INPUTS: dict[tuple[int, str], tuple] = {}
 
 
@@ -83,6 +85,11 @@ def record_rate(benchmark, n: int) -> None:
         benchmark.extra_info["keys_per_s"] = n / benchmark.stats.stats.median
 
 
+def config_source(mode: str) -> str:
+    """Where the CUDA C++ sorter's config came from: the measured table (which one) or the built-in default."""
+    return "explicit (CPU emulation)" if CUDA_CONFIG is not None else choose.active_table().source_for(mode)
+
+
 def model_info(per_pass: list[int], peaks: dict) -> dict:
     """The bandwidth model of a variant: its pass traffic at the calibrated copy bandwidth."""
     info = {"passes": len(per_pass), "bytes_per_pass": sum(per_pass) / max(len(per_pass), 1),
@@ -117,7 +124,7 @@ def test_sort_bitonic(device_bench, benchmark, peaks, variant, mode, dtype, n):
         extra = {"tile": sorter.tile, "threads": sorter.threads, "slot_mode": sorter.mode,
                  "steps_per_pass": [p.steps for p in sorter.plan.passes],
                  "exchanges_per_pass": [p.exchanges for p in sorter.plan.passes],
-                 "config": f"{sorter.config}"}
+                 "config": choose.config_name(sorter.config), "config_source": config_source(sorter.mode)}
     device_bench(launch, bytes_moved=compulsory_bytes(n, mode), rounds=rounds_for(n), warmup=2, n=n, dtype=dtype,
                  mode=mode, variant=variant, launch="graph" if reason is None else "direct", graph_error=reason,
                  **model_info(sorter.bytes_per_pass(), peaks), **extra)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from impl.common.ledger import ResultsView, evaluate, load_claims
+from impl.common.ledger import ResultsView, clean_commit, evaluate, load_claims
 from impl.common.results import RESULTS
 from impl.seam.data import IDX_FILES, default_data_dir, write_idx
 from impl.seam.testing import one_cpu_thread  # noqa: F401  (autouse)
@@ -76,6 +76,7 @@ def test_smoke_recipe_measures_every_configuration(smoke):
     interp = res["interpolation"]
     assert interp["stitches"] == len(plan["keep"]) and sum(interp["reasons"].values()) == interp["stitches"]
     assert interp["percent_ci95"]["lo"] <= interp["percent"] + 1e-9
+    assert interp["percent_conservative"] <= interp["percent"] and interp["interpolating_conservative"] is not None
     sel = res["selector"]
     assert sel["summary"]["floors"] == len(sel["floors"]) >= 1 and sel["summary"]["served"] >= 1
     assert "no configuration can promise" in sel["refusal_example"]["message"]
@@ -131,7 +132,7 @@ def store(root, sections, device=GPU, card="card"):
     for name, data in sections.items():
         path = root / card / "seam" / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"device": device, "commit": "abc123", "date": "2026-12-03T00:00:00+00:00",
+        path.write_text(json.dumps({"device": device, "commit": clean_commit(), "date": "2026-12-03T00:00:00+00:00",
                                     "data": data}))
     return ResultsView(card, root)
 
@@ -156,7 +157,7 @@ def test_claims_read_the_recipe_results(smoke, tmp_path):
     view = store(tmp_path, res)
     on_gpu = verdicts(view)
     assert on_gpu["seam.interpolation_fraction"]["measured_value"] == pytest.approx(
-        res["interpolation"]["percent_ci95"]["lo"])
+        res["interpolation"]["percent_conservative"])
     assert all(r["verdict"] in ("pass", "fail") for r in on_gpu.values()), on_gpu
     pngs = [p for plot in PLOTS for p in plot(view, tmp_path)]
     assert len(pngs) == 2 and all(p.stat().st_size > 0 for p in pngs)
@@ -345,3 +346,54 @@ def test_grad_clip_bounds_the_step():
     assert out["grad_norm_curve"][0][1] > 10 * cfg.grad_clip  # the clip bound
     lr, m = lr_at(0.5, cfg), momentum_at(0.5, cfg)  # the only step runs at progress 0.5
     assert 0 < float(moved) <= lr * (1 + m) * cfg.grad_clip * (1 + 1e-4)
+
+
+def test_the_family_takes_each_networks_best_validation_seed(monkeypatch, tmp_path):
+    """Per network the seed with the highest validation accuracy (ties: the earlier seed) is kept for the family and
+    named in the anchors record; test accuracy plays no part."""
+    import impl.seam.experiments as ex
+    from impl.seam.models import AnchorConfig
+
+    assert ex.best_val_index([0.91, 0.95, 0.95, 0.93]) == 1 and ex.best_val_index([0.5]) == 0
+    with pytest.raises(ValueError, match="no runs"):
+        ex.best_val_index([])
+    val = {("r34", 0): 0.90, ("r34", 1): 0.93, ("r34", 2): 0.92, ("r50", 0): 0.91, ("r50", 1): 0.91, ("r50", 2): 0.95}
+    test = {("r34", 0): 0.99, ("r34", 1): 0.80, ("r34", 2): 0.80, ("r50", 0): 0.99, ("r50", 1): 0.80, ("r50", 2): 0.8}
+    built = []
+
+    def build(cfg):
+        net = torch.nn.Linear(1, 1)
+        net.tag = (cfg.name, len(built) // 2)  # built in order: seed 0 r34, seed 0 r50, seed 1 r34, ...
+        built.append(net)
+        return net
+
+    def correct(net, split, *_args):
+        acc = (val if split == "val" else test)[net.tag]
+        return np.arange(100) < round(100 * acc)
+
+    monkeypatch.setattr(ex, "build_anchor", build)
+    monkeypatch.setattr(ex, "train_anchor", lambda *a, **k: {"seconds": 0.0, "steps": 0})
+    monkeypatch.setattr(ex, "correctness", correct)
+    data = type("D", (), {"val": "val", "test": "test"})()
+    anchors = [AnchorConfig(arch="resnet34"), AnchorConfig(arch="resnet50")]
+    kept, rec = ex.train_anchor_seeds(ex.Recipe(seeds=(0, 1, 2)), data, anchors, "cpu", False,
+                                      ex.Recorder(tmp_path, write=False), {"r34": 1.87e9, "r50": 2.09e9})
+    assert kept["r34"].tag == ("r34", 1) and kept["r50"].tag == ("r50", 2)
+    assert rec["per_arch"]["r34"]["family_seed"] == 1 and rec["per_arch"]["r50"]["family_seed"] == 2
+
+
+def test_rescore_recomputes_interpolation_from_stored_configs(tmp_path, monkeypatch):
+    """A stored run's interpolation record is recomputed from its configs and names the commit that did it."""
+    import impl.common.results as results
+    from impl.seam.experiments import rescore
+
+    recs = recipe_records(anchors_table([94.2, 94.3, 94.25], [94.9, 95.0, 94.95]), config_rows(GOOD))
+    stale = {k: v for k, v in recs["interpolation"].items() if k not in ("percent_conservative", "per_stitch")}
+    store(tmp_path, {"configs": recs["configs"], "interpolation": stale})
+    monkeypatch.setattr(results, "git_commit", lambda short=True: "0123abcd")
+    rec = json.loads(rescore("card", tmp_path).read_text())
+    assert rec["data"]["percent_conservative"] == 100.0 and rec["data"]["run_id"] == "one-run"
+    assert rec["rescored"]["commit"] == "0123abcd" and rec["rescored"]["of_commit"] == rec["commit"]
+    monkeypatch.setattr(results, "git_commit", lambda short=True: "0123abcd+dirty")
+    with pytest.raises(SystemExit, match="committed code"):
+        rescore("card", tmp_path)

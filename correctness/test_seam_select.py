@@ -263,8 +263,30 @@ def test_interpolation_summary_counts_variants_and_interval():
     bits = np.zeros(n, bool)
     bits[rng.permutation(n)[: int((0.92 - 0.0025) * n)]] = True
     rows[2].update(acc_test=float(bits.mean()), test_correct=pack_bits(bits))
-    ci = interpolation_summary(rows, n_boot=300)["percent_ci95"]
-    assert ci["lo"] == 25.0 and ci["hi"] == 50.0
+    edge = interpolation_summary(rows, n_boot=300)
+    assert edge["percent_ci95"]["lo"] == 25.0 and edge["percent_ci95"]["hi"] == 50.0
+    assert edge["percent_conservative"] == 25.0 and not edge["per_stitch"]["s1"]["interpolates_at_lower_end"]
+    assert s["percent_conservative"] == 50.0 and s["interpolating_conservative"] == 2
+
+
+def test_each_stitch_is_judged_at_the_lower_end_of_its_paired_margin():
+    """Two stitches 0.2 pp above the anchors' line (0.45 pp above line − tol) on 4,000 test images: one errs on the
+    anchors' hard images (the paired margin is tight: it counts), one errs at random (the margin's interval reaches
+    below zero: it does not), although both interpolate at the point estimate."""
+    n = 4000
+    difficulty = np.random.default_rng(1).permutation(n) / n  # exact fractions below any threshold
+    scattered = np.zeros(n, bool)
+    scattered[np.random.default_rng(2).permutation(n)[: int(0.922 * n)]] = True
+    spec = [("lo", True, 100, difficulty < 0.90), ("hi", True, 200, difficulty < 0.94),
+            ("paired", False, 150, difficulty < 0.922), ("scattered", False, 150, scattered)]
+    rows = [{"name": name, "is_anchor": anchor, "flops": flops, "acc_test": float(bits.mean()), "n_test": n,
+             "test_correct": pack_bits(bits)} for name, anchor, flops, bits in spec]
+    s = interpolation_summary(rows, n_boot=1000)
+    v = s["per_stitch"]
+    assert s["interpolating"] == 2 and v["paired"]["acc"] == v["scattered"]["acc"] == 0.922
+    assert v["paired"]["interpolates_at_lower_end"] and not v["scattered"]["interpolates_at_lower_end"]
+    assert v["scattered"]["margin_pp_ci95"]["lo"] < 0 < v["paired"]["margin_pp_ci95"]["lo"]
+    assert s["percent_conservative"] == 50.0 and s["percent"] == 100.0
 
 
 # ---- serving and checkpoints -------------------------------------------------------------------------------------
@@ -500,3 +522,76 @@ def test_anchor_training_learns_a_separable_task():
     train_anchor(fam.nets["r34"], data, TrainConfig(epochs=6, batch_size=32, lr=0.05), DEV, False)
     calibrate_bn(fam, "r34", data.train, data, DEV, calib_images=256, channels_last=False)
     assert accuracy(fam, "r34", data.test, data, DEV, 64, channels_last=False) >= 0.8
+
+
+def _run_on_a_fake_clock(monkeypatch, cfg: TrainConfig, seconds_of_call, seed: int = 0):
+    """``train_steps`` on a tiny r34 with ``time.perf_counter`` replaced by a clock that only the forward advances
+    (call k by ``seconds_of_call(k)``); returns the run's stats and the learning rate of each step of its training
+    optimiser (the optimiser that stepped most: a warm-up's own optimiser steps fewer times)."""
+    import time
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from impl.seam.train import train_steps
+
+    net = make_family(width_div=16, seed=seed).nets["r34"].to(DEV)
+    data = synthetic_bundle(64, 8, 8, size=8, device=DEV)  # 4 steps per epoch at batch 16
+    now, calls, lrs = [0.0], [0], {}
+
+    def forward(x, _i):
+        now[0] += seconds_of_call(calls[0])
+        calls[0] += 1
+        return net(x)
+
+    def record(opt, _args, _kwargs):
+        lrs.setdefault(opt, []).append(opt.param_groups[0]["lr"])  # keyed by the object, kept alive: ids get reused
+
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        out = train_steps(net, forward, data, cfg, DEV, "fake clock", False)
+    finally:
+        handle.remove()
+    return out, max(lrs.values(), key=len), net
+
+
+def test_a_slow_first_step_does_not_move_the_learning_rate(monkeypatch):
+    """A first step that takes 7 s of a 25 s budget (compilation, autotuning) leaves the one-cycle schedule as the
+    step count makes it: every step's learning rate is ``lr_at((step + 0.5) / planned_steps)``."""
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.2, time_budget_s=25.0)
+    out, lrs, _ = _run_on_a_fake_clock(monkeypatch, cfg, lambda k: 7.0 if k == 0 else 0.01)
+    assert out["steps"] == out["planned_steps"] == 12 and not out["budget_bound"]
+    want = [lr_at((s + 0.5) / 12, cfg) for s in range(12)]
+    assert lrs == pytest.approx(want, rel=1e-12)
+
+
+def test_warm_up_runs_outside_the_budget_and_leaves_the_weights_as_they_were(monkeypatch):
+    """Warm-up steps (the slow first one among them) are not charged to the budget, the schedule is the same, and
+    training after a warm-up ends with the same weights as training without one."""
+    base = dict(epochs=3, batch_size=16, lr=0.2, time_budget_s=25.0)
+    warm, lrs, net_w = _run_on_a_fake_clock(monkeypatch, TrainConfig(**base, warmup_rounds=1, warmup_timed_steps=3),
+                                            lambda k: 7.0 if k == 0 else 0.01)
+    cold, lrs_cold, net_c = _run_on_a_fake_clock(monkeypatch, TrainConfig(**base, warmup_rounds=0), lambda k: 0.01)
+    assert warm["warmup"]["steps"] == 4 and warm["warmup"]["step_s"] == pytest.approx(0.01)
+    assert warm["warmup"]["seconds"] == pytest.approx(7.03) and warm["seconds"] == pytest.approx(0.12)
+    assert warm["steps"] == cold["steps"] == 12 and lrs == pytest.approx(lrs_cold, rel=1e-12)
+    for (k, a), b in zip(net_w.state_dict().items(), net_c.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), k
+
+
+def test_a_slow_card_plans_fewer_steps_and_still_finishes_the_schedule(monkeypatch):
+    """1 s per step after warm-up and a 5 s budget: 4 planned steps (95 % of the budget) of a complete cycle."""
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.2, time_budget_s=5.0, warmup_rounds=1, warmup_timed_steps=2)
+    out, lrs, _ = _run_on_a_fake_clock(monkeypatch, cfg, lambda k: 1.0)
+    assert out["requested_steps"] == 12 and out["planned_steps"] == out["steps"] == 4
+    assert out["planned_by_budget"] and not out["budget_bound"]
+    assert lrs == pytest.approx([lr_at((s + 0.5) / 4, cfg) for s in range(4)], rel=1e-12)
+
+
+def test_the_budget_is_a_hard_stop_that_never_anneals_by_time(monkeypatch):
+    """Without a warm-up estimate a slow card runs into the budget: the run stops there, flagged, and the steps it
+    ran kept the step schedule."""
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.2, time_budget_s=5.0, warmup_rounds=0)
+    out, lrs, _ = _run_on_a_fake_clock(monkeypatch, cfg, lambda k: 1.0)
+    assert out["budget_bound"] and out["steps"] == 5 and out["planned_steps"] == 12
+    assert lrs == pytest.approx([lr_at((s + 0.5) / 12, cfg) for s in range(5)], rel=1e-12)

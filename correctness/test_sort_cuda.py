@@ -35,8 +35,11 @@ DTYPES = st.sampled_from(SUPPORTED_DTYPES)
 PLAN_CONFIGS = [GPU_CUDA_CONFIG, EMU_CUDA_CONFIG, replace(GPU_CUDA_CONFIG, fuse=False),
                 CudaSortConfig(tile_bits=14, items_bits=5), CudaSortConfig(tile_bits=13, items_bits=5, run_bits=6),
                 CudaSortConfig(items_bits=7), CudaSortConfig(tile_bits=7, items_bits=2, run_bits=1),
-                replace(EMU_CUDA_CONFIG, fuse=False)]
+                replace(EMU_CUDA_CONFIG, fuse=False), CudaSortConfig(tile_bits=13, items_bits=5, merge_items_bits=4),
+                replace(EMU_CUDA_CONFIG, merge_items_bits=3)]
 EMU_MAX_N = 3000
+MIXED_EMU = replace(EMU_CUDA_CONFIG, merge_items_bits=3)  # tile pass: 4 keys per thread; merges: 8
+MIXED_SIZES = (2049, 3000)
 NO_GXX = EmulatedRuntime.unavailable_reason()
 CUPY_REASON = cupy_unavailable_reason()
 
@@ -119,7 +122,9 @@ def emu():
     if NO_GXX:
         pytest.skip(NO_GXX)
     rt = emulated_runtime()
-    rt.kernels(emulation_kernels(), 0)  # one g++ build for every kernel the tests below launch
+    mixed = [k for n in MIXED_SIZES for mode in ("keys32", "composite")
+             for k in plan_kernels(build_cuda_plan(n, mode, MIXED_EMU), 32)]
+    rt.kernels(list(dict.fromkeys(emulation_kernels() + mixed)), 0)  # one g++ build for every kernel launched below
     return rt
 
 
@@ -151,6 +156,22 @@ def test_cuda_source_across_every_pass_boundary(emu, dtype, pattern, argsort_):
     """Sizes around 2^k, k = 8..11: the tile pass alone (256), then one more stage (and merge pass) at a time."""
     for n in (256, 257, 1023, 2049):
         run_emulated(make_array(n, dtype, pattern, seed=n), argsort_=argsort_, descending=n % 2 == 1)
+
+
+@pytest.mark.parametrize("n", MIXED_SIZES)
+@pytest.mark.parametrize("argsort_", [False, True], ids=["keys", "argsort"])
+def test_merge_passes_with_other_keys_per_thread(emu, n, argsort_, monkeypatch):
+    """``merge_items_bits``: the tile pass and the merge passes launch different block shapes (threads per block)."""
+    sorter = CudaSorter(n, np.float32, argsort=argsort_, config=MIXED_EMU, runtime=emu)
+    blocks: list[int] = []
+    launch = emu.launch
+    monkeypatch.setattr(emu, "launch", lambda fn, grid, block, *a, **k: (blocks.append(block), launch(fn, grid, block,
+                                                                                                      *a, **k)))
+    sorter(make_array(n, "float32", "random", seed=1), np.empty(n, sorter.out_dtype))
+    tile_threads = 1 << (MIXED_EMU.tile_bits - MIXED_EMU.items_bits)  # the same for 4- and 8-byte slots
+    assert blocks == [tile_threads] + [tile_threads // 2] * (len(sorter.plan.passes) - 1)
+    monkeypatch.undo()
+    run_emulated(make_array(n, "float32", "nasty", seed=n), argsort_=argsort_, config=MIXED_EMU)
 
 
 def test_chunked_first_and_last_passes_equal_whole_launches(emu):
@@ -192,6 +213,21 @@ def test_host_pipeline_runs_the_cuda_source(emu):
         assert np.array_equal(pipe(x), np.sort(x))
         pipe.stage_in[:] = x
         assert np.array_equal(pipe.sort_staged(), np.sort(x))
+
+
+def test_host_pipeline_runs_local_passes_region_by_region(emu):
+    """Regions of 2^k slots: the passes local to them run per region before all regions are on the device (and after
+    the global passes, before each region's download); the result is numpy's."""
+    n = 3000  # 2^12 slots; regions of 2^10 (4 chunks -> 3 regions, the last partial)
+    x = make_array(n, "float32", "nasty", seed=6)
+    pipe = HostSortPipeline(n, np.float32, argsort=True, config=EMU_CUDA_CONFIG, pipeline=PipelineConfig(chunks=4))
+    lead, middle, trail = pipe.schedule()
+    k = pipe.region_bits
+    assert k == 10 and pipe.chunk_bounds() == [(0, 1024), (1024, 2048), (2048, 3000)]
+    assert len(lead) > 1 and len(middle) > 0 and len(trail) > 0  # stages 9-10 merge per region, as does the end
+    assert all(pipe.sorter.span_bits(i) <= k for i in (*lead, *trail))
+    assert all(pipe.sorter.span_bits(i) > k for i in (middle[0], middle[-1]))
+    assert np.array_equal(pipe(x), argsort_reference(x))
 
 
 # ---- byte order: every public entry point sorts a big-endian array by value or refuses it by name -----------------

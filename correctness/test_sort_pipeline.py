@@ -105,10 +105,10 @@ def test_experiments_smoke_runs_and_writes_nothing(tmp_path, monkeypatch):
     written = []
     monkeypatch.setattr(experiments, "write_result", lambda *a, **k: written.append(a))
     out = experiments.main(["--smoke"])
-    assert set(out) == {"passes", "tune", "transfers", "pipeline"} and written == []
+    assert set(out) == {"passes", "numba_tune", "transfers", "pipeline"} and written == []
     keys = out["passes"]["keys"]
     assert len(keys["passes"]) == len(BitonicSorter(300, np.float32).plan.passes)
-    assert out["tune"]["best"]["keys"] in {r["label"] for r in out["tune"]["rows"]}
+    assert out["numba_tune"]["best"]["keys"] in {r["label"] for r in out["numba_tune"]["rows"]}
     assert not (results.RESULTS / "cpu" / "sort").exists()
 
 

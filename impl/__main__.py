@@ -2,7 +2,8 @@
 
   verify   run every correctness test and every bench (as tests, tiny sizes, without a GPU), then ``report``
   report   evaluate the claims ledger for each results/<gpu-slug>/ (and results/cpu/) into claims.json + REPORT.md
-  gpu      on a GPU machine, per system: correctness, benches saved to results/<slug>/, experiments; report
+  gpu      on a GPU machine, per system: its tune step (if it declares one), correctness, benches saved to
+           results/<slug>/, experiments; report
   gate     on a GPU machine: every bench of the chosen systems against its own stored baseline (impl.common.gate)
 """
 from __future__ import annotations
@@ -47,9 +48,21 @@ def cmd_verify(extra: list[str]) -> int:
     return rc
 
 
-def cmd_gpu(systems: list[str], save: str, experiment_args: list[str], skip_experiments: bool) -> int:
-    """Per system: correctness at GPU sizes, benches stored as run ``<save>`` (default: the system's name), the
-    system's ``experiments`` module if it has one; then the report. Returns nonzero if any step failed."""
+def tune_step_args(system: str) -> list[str] | None:
+    """Arguments of the system's tune step (``impl.<system>.tune.GPU_STEP_ARGS``), None if it has none: a tune module
+    that declares them measures defaults the tests and benches of the same run read."""
+    if not (ROOT / "impl" / system / "tune.py").exists():
+        return None
+    import importlib
+
+    return getattr(importlib.import_module(f"impl.{system}.tune"), "GPU_STEP_ARGS", None)
+
+
+def cmd_gpu(systems: list[str], save: str, experiment_args: list[str], skip_experiments: bool,
+            skip_tune: bool = False) -> int:
+    """Per system: its tune step (if it declares one: defaults measured first), correctness at GPU sizes, benches
+    stored as run ``<save>`` (default: the system's name), the system's ``experiments`` module if it has one; then the
+    report. Returns nonzero if any step failed."""
     if not backend.ON_GPU:
         print("python -m impl gpu needs a CUDA GPU; this machine has none", file=sys.stderr)
         return 2
@@ -58,6 +71,11 @@ def cmd_gpu(systems: list[str], save: str, experiment_args: list[str], skip_expe
         t0 = time.time()
         tests = sorted(str(p) for p in ROOT.glob(f"correctness/test_{s}*.py"))
         benches = sorted(str(p) for p in ROOT.glob(f"benches/bench_{s}*.py"))
+        tune = None if skip_tune else tune_step_args(s)
+        if tune is not None:
+            cmd = [sys.executable, "-m", f"impl.{s}.tune", *tune]
+            print("+", " ".join(cmd), flush=True)
+            rc |= subprocess.call(cmd, cwd=ROOT)
         if tests:
             rc |= run_pytest([*tests, "-q", "-p", "no:cacheprovider"])
         if benches:
@@ -90,13 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--save", default="", help="name suffix for the stored benchmark run (default: the system)")
     g.add_argument("--no-experiments", action="store_true", help="skip the systems' experiments modules")
     g.add_argument("--quick", action="store_true", help="pass --quick to the experiments")
+    g.add_argument("--no-tune", action="store_true", help="skip the systems' tune steps (use the stored tables)")
     sub.add_parser("gate", help="regression gate against the stored baselines (python -m impl gate -h)")
     a = p.parse_args(argv)
     if a.cmd == "report":
         return cmd_report(a.slugs)
     if a.cmd == "verify":
         return cmd_verify(a.pytest_args)
-    return cmd_gpu(a.systems, a.save, ["--quick"] if a.quick else [], a.no_experiments)
+    return cmd_gpu(a.systems, a.save, ["--quick"] if a.quick else [], a.no_experiments, a.no_tune)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 2. for every seed: train ResNet34 and ResNet50 alone (small-image stems, one-cycle SGD, bf16, channels_last) and
    measure them; the anchors' order: mean test accuracy per network over the seeds with 95 % t intervals, and the
    margin ``mean(heavy) − mean(light) − max(seed range)``;
-3. the family from the first seed's anchors: the candidate stitches (Fast-to-Slow at every block boundary) whose FLOPs
-   lie inside the anchors' range (``measure.plan_stitches``); least-squares init on 100 training images;
+3. the family from each network's best-validation seed: the candidate stitches (Fast-to-Slow at every block
+   boundary) whose FLOPs lie inside the anchors' range (``measure.plan_stitches``); least-squares init on 100
+   training images;
 4. fine-tune the whole family, one configuration sampled per step, distilling from a frozen copy of the anchor with
    the higher validation accuracy;
 5. per configuration: BatchNorm statistics re-estimated (2,048 training images), val and test accuracy (per-image
@@ -19,11 +20,13 @@
    on a GPU, copied under ``--out``); the plots and ``results.json`` under ``--out``; the checkpoint under
    ``--checkpoint``.
 
-Presets: ``full`` (3 seeds x 15 anchor epochs, 30 family epochs; sized for ~6 minutes on an H200 inside a 520 s
-budget), ``quick`` (3 seeds x 4, 4), ``smoke-gpu`` (real sizes, 1 seed, 1 + 1 epochs, ~1 minute, writes only under
---out), ``smoke`` (CPU-sized: channels / 2, 12x12 images, a few steps; writes only under --out). Every training phase
-has a time budget (a fraction of ``--budget-s``) that anneals its schedule by time if the card is slower than planned;
-the results say whether it bound.
+Presets: ``full`` (3 seeds x 20 anchor epochs, 15 family epochs; about 6 minutes on an H200, every phase capped so
+that the whole process stays under 7 minutes), ``quick`` (3 seeds x 4, 4), ``smoke-gpu`` (real sizes, 1 seed, 1 + 1
+epochs, ~1 minute, writes only under --out), ``smoke`` (CPU-sized: channels / 2, 12x12 images, a few steps; writes
+only under --out). Every training run warms up first (compilation, cuDNN autotuning, allocation; outside its time
+budget) and then follows its one-cycle schedule by step; its time budget (a fraction of ``--budget-s``) cuts the
+planned steps up front if the warm-up's step time says they would not fit, and stops the run if it overruns anyway;
+the results say which happened (``planned_by_budget``, ``budget_bound``).
 """
 from __future__ import annotations
 
@@ -63,7 +66,7 @@ class Recipe:
     """Every knob of one run."""
 
     archs: tuple[str, str] = ("resnet34", "resnet50")   # cheaper first
-    seeds: tuple[int, ...] = (0, 1, 2)                   # anchor seeds; the family is built from the first
+    seeds: tuple[int, ...] = (0, 1, 2)                   # anchor seeds; the family takes each arch's best-val one
     granularity: str = "block"
     directions: str = "fast_to_slow"
     inside_only: bool = True                             # keep only stitches inside the anchors' FLOPs range
@@ -72,9 +75,9 @@ class Recipe:
     image_size: int | None = None                        # None: the data's own (28 for Fashion-MNIST)
     val_size: int = 10000
     limits: tuple[int | None, int | None, int | None] | None = None
-    anchor_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.2, pct_start=0.3))
+    anchor_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=0.2, pct_start=0.3))
     family_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=30, lr=0.05, pct_start=0.15, seed=1, grad_clip=2.0, distill_alpha=0.5, distill_temperature=2.0))
+        epochs=15, lr=0.05, pct_start=0.15, seed=1, grad_clip=2.0, distill_alpha=0.5, distill_temperature=2.0))
     lstsq_images: int = 100
     calib_images: int = 2048
     ablation_images: int = 2000                          # test images for the lstsq-only and shared-BN accuracies
@@ -86,9 +89,11 @@ class Recipe:
     confidence: float = 0.99                             # of the selector's promise (impl.seam.select)
     n_boot: int = 2000
     tol: float = 0.0025
-    budget_s: float = 520.0
-    anchor_budget_frac: tuple[float, float] = (0.06, 0.11)   # of budget_s, per run of each arch
-    family_budget_frac: float = 0.25
+    budget_s: float = 400.0
+    # of budget_s, per run: about 1.15 x an H200's steady-state time at the full preset (r34 32.5 s, r50 56 s,
+    # family 43 s), so the caps cut nothing there and, if all of them bound, the process still ends within 420 s
+    anchor_budget_frac: tuple[float, float] = (0.094, 0.16)
+    family_budget_frac: float = 0.125
     split_seed: int = 0
 
 
@@ -201,9 +206,17 @@ def gpu_self_check(device: str) -> dict[str, Any]:
 
 # ---- phases ----------------------------------------------------------------------------------------------------
 
+def best_val_index(acc_val: list[float]) -> int:
+    """Index of the run with the highest validation accuracy; a tie goes to the earlier run."""
+    if not acc_val:
+        raise ValueError("no runs to choose from")
+    return max(range(len(acc_val)), key=lambda i: (acc_val[i], -i))
+
+
 def train_anchor_seeds(recipe: Recipe, data: DataBundle, anchors: list[AnchorConfig], device: str, cl: bool,
                        rec: Recorder, flops: dict[str, int]) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
-    """Every arch for every seed; returns the first seed's networks and the ``anchors`` record."""
+    """Every arch for every seed; returns, per arch, the network of the seed with the best validation accuracy (the
+    family's anchors; ties go to the earlier seed) and the ``anchors`` record."""
     runs: dict[str, list[dict[str, Any]]] = {a.name: [] for a in anchors}
     kept: dict[str, torch.nn.Module] = {}
     for seed in recipe.seeds:
@@ -221,12 +234,15 @@ def train_anchor_seeds(recipe: Recipe, data: DataBundle, anchors: list[AnchorCon
             st["acc_test"] = float(correctness(net, data.test, data, device, recipe.eval_batch, cl).mean())
             st["seed"] = seed
             runs[a.name].append(st)
-            log(f"{a.name} seed {seed}: {st['steps']} steps in {st['seconds']:.1f} s, val {st['acc_val']:.4f} "
-                f"test {st['acc_test']:.4f}" + (" (time budget bound)" if st.get("budget_bound") else ""))
-            if seed == recipe.seeds[0]:
+            warm = st.get("warmup") or {}
+            log(f"{a.name} seed {seed}: {st['steps']}/{st.get('requested_steps', st['steps'])} steps in "
+                f"{st['seconds']:.1f} s (warm-up {warm.get('seconds', 0.0):.1f} s outside the budget), val "
+                f"{st['acc_val']:.4f} test {st['acc_test']:.4f}"
+                + (" (steps cut to the time budget)" if st.get("planned_by_budget") else "")
+                + (" (stopped by the time budget)" if st.get("budget_bound") else ""))
+            if best_val_index([r["acc_val"] for r in runs[a.name]]) == len(runs[a.name]) - 1:
                 kept[a.name] = net
-            else:
-                del net
+            del net
         rec.put("anchors", anchor_summary(runs, flops))
     return kept, anchor_summary(runs, flops)
 
@@ -239,8 +255,13 @@ def anchor_summary(runs: dict[str, list[dict[str, Any]]], flops: dict[str, int])
         per[name] = {"seeds": [r["seed"] for r in rs], "acc_test": [r["acc_test"] for r in rs],
                      "acc_val": [r["acc_val"] for r in rs], "test_pct": mean_ci95(test) if test else None,
                      "flops": flops.get(name), "seconds": [r["seconds"] for r in rs],
-                     "steps": [r["steps"] for r in rs], "budget_bound": [bool(r.get("budget_bound")) for r in rs],
+                     "steps": [r["steps"] for r in rs], "requested_steps": [r.get("requested_steps") for r in rs],
+                     "planned_by_budget": [bool(r.get("planned_by_budget")) for r in rs],
+                     "budget_bound": [bool(r.get("budget_bound")) for r in rs],
+                     "warmup_s": [(r.get("warmup") or {}).get("seconds", 0.0) for r in rs],
                      "loss_curves": [r.get("loss_curve", []) for r in rs]}
+    for p in per.values():  # the family's anchors: per network the seed with the best validation accuracy
+        p["family_seed"] = p["seeds"][best_val_index(p["acc_val"])] if p["seeds"] else None
     light, heavy = sorted(per, key=lambda n: flops[n])
     order = None
     if per[light]["test_pct"] and per[heavy]["test_pct"]:
@@ -393,7 +414,10 @@ def run(recipe: Recipe, data_dir: str | None, out: Path, write: bool, weights: d
     lstsq_report = init_stitches(family, first_images(data.train, recipe.lstsq_images, data, cl))
     timing["lstsq"] = {"seconds": time.perf_counter() - t0, "images": recipe.lstsq_images, "per_stitch": lstsq_report}
     acc_lstsq = ablation_accuracy(family, data, recipe, device, cl)
-    before = {n: anchor_rec["per_arch"][n]["acc_val"][0] for n in family.anchor_names}
+    per = anchor_rec["per_arch"]
+    before = {n: per[n]["acc_val"][per[n]["seeds"].index(per[n]["family_seed"])] for n in family.anchor_names}
+    log("family from the best-validation seed of each anchor: "
+        + ", ".join(f"{n} seed {per[n]['family_seed']} (val {before[n]:.4f})" for n in family.anchor_names))
     teacher_name = max(before, key=before.get)
     teacher = copy.deepcopy(family.nets[teacher_name]).eval().requires_grad_(False)
     tc = dataclasses.replace(recipe.family_train, time_budget_s=recipe.family_budget_frac * recipe.budget_s)
@@ -449,8 +473,15 @@ def run(recipe: Recipe, data_dir: str | None, out: Path, write: bool, weights: d
     rec.put("training", timing)
     rec.finish()
     s = selector["summary"]
-    log(f"interpolation: {interp['interpolating']}/{interp['stitches']} = {interp['percent']:.2f} % "
-        f"(95 % interval {interp['percent_ci95']}), reasons {interp['reasons']}")
+    log(f"interpolation: {interp['interpolating']}/{interp['stitches']} = {interp['percent']:.2f} % at the point "
+        f"estimate, {interp['interpolating_conservative']} at each stitch's lower end = "
+        f"{interp['percent_conservative']:.2f} % (the claim); fraction's joint 95 % interval "
+        f"{interp['percent_ci95']}, reasons {interp['reasons']}")
+    for name, v in interp["per_stitch"].items():
+        m = v.get("margin_pp_ci95") or {}
+        log(f"  {name}: acc {100 * v['acc']:.2f} % line {100 * v['line_acc']:.2f} %, margin above line - tol "
+            f"[{m.get('lo', float('nan')):+.2f}, {m.get('hi', float('nan')):+.2f}] pp, "
+            f"{'counts' if v.get('interpolates_at_lower_end') else 'fails (' + v['reason'] + ')'}")
     log(f"selector over {s['floors']} floors: served {s['served']}, promise kept {s['percent_promise_kept']} % "
         f"(interval {s['promise_ci95']}), mean FLOPs saving where a stitch qualifies "
         f"{s['mean_saving_percent_where_stitch_qualifies']} % over {s['floors_where_stitch_qualifies']} floors")
@@ -477,8 +508,9 @@ def print_table(sections: dict[str, dict[str, Any]]) -> None:
         print(f"  order margin {o['margin_pp']:+.3f} pp (gap {o['gap_pp']:+.3f}, spread {o['spread_pp']:.3f})")
     i = sections.get("interpolation")
     if i:
-        print(f"  interpolating {i['interpolating']}/{i['stitches']} = {i['percent']:.1f} %, 95 % interval "
-              f"{i['percent_ci95']}")
+        print(f"  interpolating {i['interpolating']}/{i['stitches']} = {i['percent']:.1f} % (point), "
+              f"{i['interpolating_conservative']}/{i['stitches']} = {i['percent_conservative']:.1f} % at each "
+              f"stitch's lower end (claim); joint 95 % interval {i['percent_ci95']}")
     s = (sections.get("selector") or {}).get("summary")
     if s:
         print(f"  promise kept {s['percent_promise_kept']} % of {s['served']} served floors "
@@ -487,6 +519,30 @@ def print_table(sections: dict[str, dict[str, Any]]) -> None:
     if t:
         print(f"  whole recipe {t['recipe_total_s']:.1f} s (anchors {t['anchors_s']:.1f} s, family "
               f"{t['family']['seconds']:.1f} s)")
+
+
+def rescore(slug: str, root: Path | None = None) -> Path:
+    """Recompute ``interpolation`` from a stored run's ``configs`` (its per-image test correctness) with this
+    checkout's rule. The record keeps the GPU run's device, commit, date and run id and gains ``rescored``: the commit
+    and date of the code that recomputed it."""
+    from impl.common.results import RESULTS, atomic_write_text, git_commit, now_iso
+
+    commit = git_commit()
+    if commit == "unknown" or commit.endswith("+dirty"):
+        raise SystemExit(f"rescore from committed code: this checkout is at {commit!r} (commit impl/ first)")
+    folder = (root or RESULTS) / slug / "seam"
+    configs = json.loads((folder / "configs.json").read_text())["data"]
+    path = folder / "interpolation.json"
+    rec = json.loads(path.read_text())
+    old = rec["data"]
+    boot = old.get("percent_ci95") or {}
+    new = interpolation_summary(configs["rows"], "acc_test", InterpolationRule(**old["rule"]),
+                                n_boot=boot.get("n_boot", 2000), seed=boot.get("seed", 0))
+    rec["data"] = {**old, **new}
+    rec["rescored"] = {"commit": commit, "date": now_iso(), "of_commit": rec.get("commit")}
+    atomic_write_text(path, json.dumps(rec, indent=2, sort_keys=True) + "\n", overwrite=True)
+    log(f"rescored {path}: {new['interpolating_conservative']}/{new['stitches']} at each stitch's lower end")
+    return path
 
 
 def check_args(a: argparse.Namespace) -> str | None:
@@ -519,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--smoke", action="store_true", help="tiny CPU-sized run of every step; writes only under --out")
     mode.add_argument("--prepare", action="store_true", help="copy the Fashion-MNIST .gz files into "
                                                               ".carry/seam/fashion-mnist (to carry to a GPU machine)")
+    mode.add_argument("--rescore", metavar="SLUG", help="recompute results/SLUG/seam/interpolation.json from the "
+                                                         "stored configs with this checkout's rule")
     p.add_argument("--data", default=None, help="Fashion-MNIST .gz dir or ImageFolder root (default $SEAM_DATA, "
                                                 "/usr/share/datasets/fashion-mnist or .carry/seam/fashion-mnist)")
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "seam"), help="results.json, plots, records")
@@ -541,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         from impl.seam.data import prepare_carry
 
         log(f"Fashion-MNIST copied to {prepare_carry()}")
+        return 0
+    if a.rescore:
+        rescore(a.rescore)
         return 0
     bad = check_args(a)
     if bad:

@@ -51,9 +51,9 @@ def plot_accuracy_vs_cost(configs: dict[str, Any], interp: dict[str, Any] | None
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     if interp and interp.get("percent") is not None:
-        ci = interp.get("percent_ci95") or {}
+        cons = interp.get("interpolating_conservative")
         fig.suptitle(f"{interp['interpolating']}/{interp['stitches']} stitches interpolate ({interp['percent']:.1f} %"
-                     + (f", 95 % interval {ci['lo']:.1f}–{ci['hi']:.1f} %" if ci else "") + ")", fontsize=10)
+                     + (f"; {cons} at each stitch's lower 95 % end" if cons is not None else "") + ")", fontsize=10)
     return save_figure(fig, path, dpi=120)[0]
 
 

@@ -8,11 +8,17 @@ unclipped family phase diverged to NaN within its warm-up; the per-step norm bef
 ``grad_norm_curve``). Schedule: one cycle (as ``torch.optim.lr_scheduler.OneCycleLR``): over the first ``pct_start``
 of training the learning rate rises from ``lr/div_factor`` to ``lr`` and momentum falls from ``momentum_max`` to
 ``momentum_min`` (cosine), then the learning rate falls to ``lr/(div_factor·final_div_factor)`` while momentum rises
-back. Progress is ``max((step + 0.5) / total_steps, elapsed / time_budget_s)``: without a binding time budget the
-schedule is purely by step (and reproducible); if the budget binds, the schedule anneals by time and the run ends on
-time with ``budget_bound`` set. On a GPU: bf16 autocast and channels_last; ``torch.backends.cudnn.benchmark`` is on
-during the run and restored after it. A non-finite loss at any step raises ``CollapseError`` (checked at every
-loss-curve point, every 20 steps and at the end, so it costs no extra sync): weights trained through a NaN are garbage.
+back. The schedule runs by step only: ``progress = (step + 0.5) / planned_steps``, so a slow step (compilation,
+cuDNN autotuning, a busy machine) never moves the learning rate. Before the timed run, ``warm_up`` runs a few SGD
+steps of every forward the run will use (every configuration of a family) on the model's own weights, restored
+afterwards: kernels are compiled and autotuned, the allocator holds its blocks, and its last, synchronised steps
+(``warmup_timed_steps``) give the steady-state step time. With a time budget, ``planned_steps`` is cut up front to
+what that step time fits in ``budget_fill`` of the budget (``planned_by_budget``), so the schedule still completes;
+the budget is also a hard stop (``budget_bound``: the run ended early, mid-schedule). Warm-up and its time are
+outside the budget and reported (``warmup``). On a GPU: bf16 autocast and channels_last;
+``torch.backends.cudnn.benchmark`` is on during warm-up and the run and restored after them. A non-finite loss at
+any step raises ``CollapseError`` (checked at every loss-curve point, every 20 steps and at the end, so it costs no
+extra sync): weights trained through a NaN are garbage.
 """
 from __future__ import annotations
 
@@ -57,6 +63,9 @@ class TrainConfig:
     grad_clip: float | None = None   # max global gradient norm per step (None: no clipping)
     distill_alpha: float = 0.0       # family phase: weight of the distillation term (needs a teacher)
     distill_temperature: float = 2.0
+    warmup_rounds: int | None = None  # untimed steps per forward before the run (None: 1 on a GPU, 0 on the CPU)
+    warmup_timed_steps: int = 10      # then this many timed steps (at least one per forward); none without rounds
+    budget_fill: float = 0.95         # share of the time budget the planned steps may fill at the warm-up step time
 
 
 def _cos(start: float, end: float, t: float) -> float:
@@ -135,59 +144,145 @@ def _progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, mininterval=0.5 if tty else 10.0, file=sys.stderr, dynamic_ncols=tty)
 
 
-def train_steps(model: nn.Module, forward: Callable[[torch.Tensor, int], torch.Tensor], data: DataBundle,
-                cfg: TrainConfig, device: str, desc: str, channels_last: bool,
-                teacher: nn.Module | None = None) -> dict:
-    """The shared loop: step i trains ``forward(x, i)`` (logits of ``model``) on one augmented batch."""
-    if cfg.distill_alpha and teacher is None:
-        raise ValueError(f"distill_alpha={cfg.distill_alpha} needs a teacher")
-    steps_per_epoch = max(1, len(data.train) // cfg.batch_size)
-    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
+Forward = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def sgd_step(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
+             opt: torch.optim.Optimizer, params: list[nn.Parameter], data: DataBundle, cfg: TrainConfig,
+             gen: torch.Generator, device: str, channels_last: bool,
+             teacher: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step on one batch: augment, loss (cross-entropy, plus distillation with a teacher), backward, optional
+    clipping, update. Returns the loss and the gradient norm before clipping (None without clipping), unsynchronised."""
+    if data.gpu_augment:
+        images = augment_shift_flip(images, gen)
+    x = preprocess(images, data.mean, data.std, None, channels_last)
+    with autocast(device):
+        logits = forward(x)
+        loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+        if cfg.distill_alpha:
+            with torch.no_grad():
+                target = teacher(x)
+            loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill_loss(logits, target,
+                                                                                     cfg.distill_temperature)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip is not None else None
+    opt.step()
+    return loss.detach(), gn
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def warm_up(model: nn.Module, forwards: list[Callable[[torch.Tensor], torch.Tensor]], data: DataBundle,
+            cfg: TrainConfig, device: str, channels_last: bool, teacher: nn.Module | None = None) -> dict:
+    """``warmup_rounds`` untimed SGD steps of every forward in ``forwards`` (module docstring), then
+    ``max(warmup_timed_steps, len(forwards))`` more cycling through them, synchronised and timed: ``step_s`` is their
+    mean seconds per step. Each step takes a fresh training batch; optimiser and augmentation generator are
+    throwaway; the model's parameters and buffers are restored afterwards and its gradients cleared."""
+    rounds = cfg.warmup_rounds if cfg.warmup_rounds is not None else (1 if device == "cuda" else 0)
+    if rounds <= 0 or not forwards:
+        return {"rounds": 0, "steps": 0, "seconds": 0.0, "step_s": None}
+    t0 = time.perf_counter()
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    batches = _endless_batches(data, cfg.batch_size, seed=-1 - cfg.seed)
     model.train()
+
+    def step(fwd: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        images, labels = next(batches)
+        sgd_step(fwd, images, labels, opt, params, data, cfg, gen, device, channels_last, teacher)
+
+    for _ in range(rounds):
+        for fwd in forwards:
+            step(fwd)
+    timed = max(cfg.warmup_timed_steps, len(forwards))
+    _sync(device)
+    t_timed = time.perf_counter()
+    for k in range(timed):
+        step(forwards[k % len(forwards)])
+    _sync(device)
+    step_s = (time.perf_counter() - t_timed) / timed
+    with torch.no_grad():
+        model.load_state_dict(saved)
+    opt.zero_grad(set_to_none=True)
+    del opt
+    return {"rounds": rounds, "steps": rounds * len(forwards) + timed, "seconds": time.perf_counter() - t0,
+            "step_s": step_s}
+
+
+def _endless_batches(data: DataBundle, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    epoch = 0
+    while True:
+        got = False
+        for batch in data.train.batches(batch_size, shuffle=True, seed=seed * 1000 - epoch,
+                                        drop_last=len(data.train) >= batch_size):
+            got = True
+            yield batch
+        if not got:
+            raise ValueError("the training split yields no batch")
+        epoch += 1
+
+
+def plan_steps(cfg: TrainConfig, steps_per_epoch: int, step_s: float | None) -> tuple[int, int]:
+    """(requested, planned) steps: ``epochs · steps_per_epoch`` (capped by ``max_steps``), cut to what
+    ``budget_fill · time_budget_s / step_s`` allows when both a budget and a measured step time exist (at least 1)."""
+    requested = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    if cfg.max_steps is not None:
+        requested = min(requested, cfg.max_steps)
+    if cfg.time_budget_s and step_s and step_s > 0:
+        return requested, max(1, min(requested, int(cfg.budget_fill * cfg.time_budget_s / step_s)))
+    return requested, requested
+
+
+def train_steps(model: nn.Module, forward: Forward, data: DataBundle, cfg: TrainConfig, device: str, desc: str,
+                channels_last: bool, teacher: nn.Module | None = None,
+                warmup_forwards: list[Callable[[torch.Tensor], torch.Tensor]] | None = None) -> dict:
+    """The shared loop: step i trains ``forward(x, i)`` (logits of ``model``) on one augmented batch, after
+    ``warm_up`` over ``warmup_forwards`` (default: ``forward(x, 0)``); the schedule runs by step (module docstring)."""
+    if cfg.distill_alpha and teacher is None:
+        raise ValueError(f"distill_alpha={cfg.distill_alpha} needs a teacher")
+    if not 0 < cfg.budget_fill <= 1:
+        raise ValueError(f"budget_fill must be in (0, 1], got {cfg.budget_fill}")
     if teacher is not None:
         teacher.eval()
-    step, losses, grad_norms, t0, epoch = 0, [], [], time.perf_counter(), 0
-    finite = torch.ones((), dtype=torch.bool, device=device)  # all losses so far finite (on device: no sync)
-    budget_bound = False
-    bar = _progress_bar(total, desc)
+    steps_per_epoch = max(1, len(data.train) // cfg.batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
     with cudnn_benchmark(device == "cuda"):
+        warm = warm_up(model, warmup_forwards or [lambda x: forward(x, 0)], data, cfg, device, channels_last,
+                       teacher)
+        requested, total = plan_steps(cfg, steps_per_epoch, warm["step_s"])
+        opt = make_optimizer(params, cfg)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        model.train()
+        step, losses, grad_norms, epoch = 0, [], [], 0
+        finite = torch.ones((), dtype=torch.bool, device=device)  # all losses so far finite (on device: no sync)
+        budget_bound = False
+        bar = _progress_bar(total, desc)
+        t0 = time.perf_counter()
         while step < total:
             for images, labels in data.train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
                                                      drop_last=len(data.train) >= cfg.batch_size):
-                by_time = (time.perf_counter() - t0) / cfg.time_budget_s if cfg.time_budget_s else 0.0
-                if step >= total or by_time >= 1.0:
-                    budget_bound = step < total
+                if step >= total:
                     break
-                progress = max((step + 0.5) / total, by_time)  # mid-step: neither the first nor the last lr is 0
+                if cfg.time_budget_s and time.perf_counter() - t0 >= cfg.time_budget_s:
+                    budget_bound = True
+                    break
+                progress = (step + 0.5) / total  # mid-step: neither the first nor the last lr is 0
                 for g in opt.param_groups:
                     g["lr"], g["momentum"] = lr_at(progress, cfg), momentum_at(progress, cfg)
-                if data.gpu_augment:
-                    images = augment_shift_flip(images, gen)
-                x = preprocess(images, data.mean, data.std, None, channels_last)
-                with autocast(device):
-                    logits = forward(x, step)
-                    loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-                    if cfg.distill_alpha:
-                        with torch.no_grad():
-                            target = teacher(x)
-                        loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill_loss(
-                            logits, target, cfg.distill_temperature)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+                loss, gn = sgd_step(lambda x: forward(x, step), images, labels, opt, params, data, cfg, gen, device,
+                                    channels_last, teacher)
                 step += 1
                 bar.update(1)
-                finite &= torch.isfinite(loss.detach())
+                finite &= torch.isfinite(loss)
                 if step % 20 == 0 or step == total:
-                    losses.append((step, float(loss.detach())))  # a sync every 20 steps only
-                    if cfg.grad_clip is not None:
+                    losses.append((step, float(loss)))  # a sync every 20 steps only
+                    if gn is not None:
                         grad_norms.append((step, float(gn)))  # before clipping
                     if not bool(finite):
                         bar.close()
@@ -200,13 +295,14 @@ def train_steps(model: nn.Module, forward: Callable[[torch.Tensor, int], torch.T
                 epoch += 1
                 continue
             break
-    bar.close()
-    if device == "cuda":
-        torch.cuda.synchronize()
+        bar.close()
+        _sync(device)
+        seconds = time.perf_counter() - t0
     model.eval()
-    return {"steps": step, "planned_steps": total, "epochs_done": step / steps_per_epoch,
-            "seconds": time.perf_counter() - t0, "budget_bound": budget_bound, "loss_curve": losses,
-            "grad_norm_curve": grad_norms, "config": asdict(cfg)}
+    return {"steps": step, "planned_steps": total, "requested_steps": requested,
+            "planned_by_budget": total < requested, "epochs_done": step / steps_per_epoch, "seconds": seconds,
+            "budget_bound": budget_bound, "warmup": warm, "loss_curve": losses, "grad_norm_curve": grad_norms,
+            "config": asdict(cfg)}
 
 
 def train_anchor(net: nn.Module, data: DataBundle, cfg: TrainConfig, device: str, channels_last: bool = True,
@@ -235,7 +331,9 @@ def finetune_family(family: SeamFamily, data: DataBundle, cfg: TrainConfig, devi
     n = max(1, int(round(cfg.epochs * steps_per_epoch)))
     plan = sample_configs(family, n + 1, cfg.seed, cfg.anchor_weight)
     family.bn_states, family.active = {}, None
-    out = train_steps(family, lambda x, i: family(x, plan[i]), data, cfg, device, "family", channels_last, teacher)
+    every = [lambda x, c=c: family(x, c) for c in family.configs]
+    out = train_steps(family, lambda x, i: family(x, plan[i]), data, cfg, device, "family", channels_last, teacher,
+                      warmup_forwards=every)
     counts: dict[str, int] = {}
     for c in plan[: out["steps"]]:
         counts[c.name] = counts.get(c.name, 0) + 1

@@ -131,6 +131,17 @@ class BitonicSorter:
     def tile(self) -> int:
         return self.plan.tile
 
+    def span_bits(self, i: int) -> int:
+        """Every block of pass ``i`` lies in one aligned region of 2^span_bits slots (tile passes: one tile; the wide
+        and register passes span the whole array)."""
+        return self.tile.bit_length() - 1 if self.plan.passes[i].kind == "tile" else 63
+
+    def block_bits(self, i: int) -> int:
+        return self.tile.bit_length() - 1
+
+    def pass_blocks(self, i: int) -> int:
+        return self.launches[i].grid
+
     def launch_pass(self, i: int, src, out, *, descending: bool = False, stream=None, first_block: int = 0,
                     blocks: int | None = None) -> None:
         """Launch pass ``i`` (tile passes: ``blocks`` blocks from ``first_block``; what the host pipeline chunks)."""

@@ -3,7 +3,8 @@
     python -m impl.sort.compile_check                      # the design point's kernels for 10M keys, every mode
     python -m impl.sort.compile_check --n 10000000 --n 100000001 --tile-bits 14 --items-bits 5
     python -m impl.sort.compile_check --tune               # every kernel impl.sort.tune can launch (cache warm-up)
-    python -m impl.sort.compile_check --session            # ... and every one the benches and GPU tests can launch
+    python -m impl.sort.compile_check --session            # ... and every one the benches, GPU tests and the
+                                                           # configs the tune table can choose can launch
 
 One row per kernel: name, pass kind, threads, registers, spill bytes, stack, shared memory (dynamic: from the
 config), compile seconds. The cubins land in the kernel cache (``impl.sort.runtimes.kernel_cache``), so running this
@@ -18,10 +19,11 @@ import time
 from pathlib import Path
 
 from impl.sort.codegen import KernelSpec, plan_kernels
-from impl.sort.plan import GPU_CUDA_CONFIG, CudaSortConfig, build_cuda_plan
+from impl.sort.plan import GPU_CUDA_CONFIG, CudaSortConfig, build_cuda_plan, padded_bits
 from impl.sort.runtimes import compile_all
 
 MODE_RAWS = {"keys32": 32, "composite": 32, "keys64": 64, "pairs": 64}
+MODE_WIDTHS = {"keys32": (16, 32), "composite": (16, 32), "keys64": (64,), "pairs": (64,)}  # input bits per mode
 
 
 def parse_ptxas(text: str, name: str) -> dict:
@@ -45,14 +47,40 @@ def compile_report(specs: list[KernelSpec], cache: Path | None = None, arch: str
     return rows
 
 
+SESSION_SIZES = (100_003, 1_000_000, 3_000_017, 10_000_000, 10_000_001, 100_000_000)  # tests, benches, tune
+
+
+def session_configs() -> dict[str, dict[CudaSortConfig, int]]:
+    """Per slot mode, every config a GPU session can pick, with the smallest n it can serve: the built-in default and
+    each tune candidate (the table the tune step writes chooses among them). A candidate measured only at the
+    largest tune size serves only sizes above the next smaller one (the table's lookup rule); the others any n."""
+    from impl.sort.choose import BUILTIN
+    from impl.sort.tune import ARG_CONFIGS, GRID, KEY_CONFIGS
+
+    out: dict[str, dict[CudaSortConfig, int]] = {mode: {c: 0} for mode, c in BUILTIN.items()}
+    sizes = sorted(n for n, _, _ in GRID)
+    floor = sizes[-2] + 1 if len(sizes) > 1 else 0
+    for n, keys, args in sorted(GRID):
+        for mode, labels, table in (("keys32", keys, KEY_CONFIGS), ("composite", args, ARG_CONFIGS)):
+            for label in labels:
+                c = table[label]
+                out[mode][c] = min(out[mode].get(c, floor), 0 if n < sizes[-1] else floor)
+    return out
+
+
 def session_kernels(max_logn: int = 27) -> list[KernelSpec]:
-    """Every kernel a GPU session of this suite can launch with the design point: any n up to 2^max_logn in every
-    slot mode and input width (sort/argsort, benches, tests), plus everything ``impl.sort.tune`` runs."""
+    """Every kernel a GPU session of this suite can launch: every config of ``session_configs`` at any n it can serve
+    up to 2^max_logn (one plan per padded size) and the sizes tests and benches use, in every input width of its
+    mode, plus everything ``impl.sort.tune`` runs."""
     specs: list[KernelSpec] = []
-    for mode, raws in (("keys32", (16, 32)), ("composite", (16, 32)), ("keys64", (64,)), ("pairs", (64,))):
-        for logn in range(max_logn + 1):
-            for raw in raws:
-                specs += plan_kernels(build_cuda_plan(1 << logn, mode, GPU_CUDA_CONFIG), raw)
+    sizes = [1 << logn for logn in range(max_logn + 1)] + list(SESSION_SIZES)
+    for mode, configs in session_configs().items():
+        for config, least in configs.items():
+            for n in sizes:
+                if n < least and padded_bits(n) < padded_bits(least):
+                    continue
+                for raw in MODE_WIDTHS[mode]:
+                    specs += plan_kernels(build_cuda_plan(n, mode, config), raw)
     return list(dict.fromkeys(specs + tune_kernels()))
 
 

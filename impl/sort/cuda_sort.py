@@ -9,6 +9,7 @@ indices (argsort), in the order of ``impl.sort.keys`` / ``impl.sort.reference``.
 ``__cuda_array_interface__`` for the CuPy runtime; numpy arrays (or numba simulator arrays) for the emulated one.
 Slot modes: keys32 (keys-only of ≤ 32-bit dtypes), keys64 (int64), composite (argsort of ≤ 32-bit dtypes:
 key << 32 | index in one uint64), pairs (argsort of int64: uint64 key + uint32 index, compared lexicographically).
+Without a ``config`` the sorter takes the one ``impl.sort.choose`` measured fastest for (mode, n) on this card.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import numpy as np
 
 from impl.sort.codegen import KernelSpec, plan_kernels
 from impl.sort.keys import key_format
-from impl.sort.plan import GPU_CUDA_CONFIG, MODES, CudaPlan, CudaSortConfig, build_cuda_plan
+from impl.sort import choose
+from impl.sort.plan import MODES, CudaPlan, CudaSortConfig, build_cuda_plan
 from impl.sort.runtimes import CupyRuntime, EmulatedRuntime, cupy_unavailable_reason
 
 MAX_N = (1 << 31) - 1  # positions are 32-bit and the composite key holds a 32-bit index
@@ -55,8 +57,8 @@ class CudaSorter:
         self.n, self.fmt, self.argsort = int(n), key_format(dtype), bool(argsort)
         if not 0 <= self.n <= MAX_N:
             raise ValueError(f"n = {self.n} keys is outside the supported range 0..{MAX_N} (32-bit positions)")
-        self.config = config or GPU_CUDA_CONFIG
         self.mode = slot_mode(self.fmt, self.argsort)
+        self.config = config or choose.config_for(self.n, self.mode)
         self.plan: CudaPlan = build_cuda_plan(self.n, self.mode, self.config)
         self.runtime = runtime or default_runtime()
         self.specs: list[KernelSpec] = plan_kernels(self.plan, self.fmt.nbits)
@@ -100,6 +102,18 @@ class CudaSorter:
                 "exchanges_per_pass": [p.exchanges for p in self.plan.passes],
                 "bytes_per_pass": per, "traffic_bytes": sum(per), "config": asdict(self.config)}
 
+    def span_bits(self, i: int) -> int:
+        """Every block of pass ``i`` lies inside one aligned region of 2^span_bits slots (its highest pivot + 1)."""
+        return max(self.plan.passes[i].pivots) + 1
+
+    def block_bits(self, i: int) -> int:
+        """log2 of the slots one block of pass ``i`` holds; block b of a pass local to aligned regions of 2^k slots
+        belongs to region b >> (k - block_bits)."""
+        return self.plan.passes[i].t
+
+    def pass_blocks(self, i: int) -> int:
+        return self.grids[i]
+
     def encode_args(self, descending: bool) -> tuple:
         return (np.int32(self.fmt.kind), np.int32(self.argsort),
                 np.uint64(self.fmt.full if descending else 0))
@@ -113,7 +127,7 @@ class CudaSorter:
         rt = self.runtime
         args = (rt.ptr(src), rt.ptr(self.keys), rt.ptr(self.vals), rt.ptr(out), np.int64(self.n),
                 *self.encode_args(descending), np.uint32(first_block))
-        rt.launch(self.fns[self.specs[i].name], grid, self.threads, self.smem, args, stream)
+        rt.launch(self.fns[self.specs[i].name], grid, self.plan.pass_threads(i), self.smem, args, stream)
 
     def __call__(self, src, out, *, descending: bool = False, stream=None, passes: slice = slice(None)):
         if self.n:

@@ -1,12 +1,14 @@
 """GPU experiments of the sort beyond the pytest benches: where the time goes, and what the knobs do.
 
     python -m impl.sort.experiments            on the GPU: every experiment, results in results/<gpu>/sort/*.json
-    python -m impl.sort.experiments --quick    fewer configurations and sizes, no ncu
+    python -m impl.sort.experiments --quick    passes, transfers, pipeline at 10M only; no numba_tune, no ncu
     python -m impl.sort.experiments --smoke    CPU (simulator), tiny sizes, prints only, writes nothing
 
 passes     each pass of the 10M float32 sort (CUDA C++ passes) timed alone (L2 flushed): ms, GB/s, % of the copy
            peak, by kind; ``min_pct_copy_bw`` feeds the per-pass claim (the wider search is ``impl.sort.tune``)
-tune       the numba sorter, one knob at a time around its default config (the CPU-runnable implementation)
+numba_tune the numba sorter, one knob at a time around its default config (the CPU-runnable implementation; the
+           CUDA C++ sorter's configurations are tuned by ``impl.sort.tune``, which writes ``tune`` and
+           ``config_table``)
 transfers  host<->device copies from pageable vs pinned memory at 4 / 40 / 400 MB
 pipeline   host-to-host sort: chunks 1/2/4/8 pinned vs naive pageable, at 10M (and 100M without --quick)
 ncu        Nsight Compute over one 10M float32 sort: DRAM bytes, occupancy, registers, bank conflicts per pass
@@ -99,6 +101,7 @@ def exp_passes(n: int, reps: int, peak: float | None) -> dict[str, Any]:
         pcts = [r["pct_copy_bw"] for r in rows if r["pct_copy_bw"] is not None]
         out[mode] = {"passes": rows, "total_ms": sum(r["ms"] for r in rows), "whole_sort_ms": whole, "launch": how,
                      "implementation": type(sorter).__name__, "tile": sorter.tile,
+                     "config": str(getattr(sorter, "config", None)),
                      "bytes_total": sum(sorter.bytes_per_pass()), "min_pct_copy_bw": min(pcts) if pcts else None,
                      "min_merge_pct_copy_bw": min((r["pct_copy_bw"] for r in rows[1:] if r["pct_copy_bw"]),
                                                   default=None)}
@@ -207,10 +210,12 @@ def exp_ncu(n: int) -> dict[str, Any] | None:
 def ncu_command(n: int) -> list[str]:
     """ncu over the second of two sorts of n float32 keys: every pass kernel of the default sorter."""
     from impl.sort.bitonic import uses_cuda_cpp
+    from impl.sort.choose import config_for
     from impl.sort.plan import build_cuda_plan
 
     cpp = uses_cuda_cpp(None)
-    passes = len(build_cuda_plan(n, "keys32").passes if cpp else BitonicSorter(n, np.float32).plan.passes)
+    passes = len(build_cuda_plan(n, "keys32", config_for(n, "keys32")).passes if cpp
+                 else BitonicSorter(n, np.float32).plan.passes)
     kernels = "regex:sort_" if cpp else "regex:block_kernel|register_kernel"
     return ["ncu", "--csv", "--cache-control", "none", "--clock-control", "none", "--metrics", NCU_METRICS,
             "-k", kernels, "--launch-skip", str(passes), "--launch-count", str(passes),
@@ -233,7 +238,7 @@ def parse_ncu_csv(text: str) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer configurations and sizes, no ncu")
+    ap.add_argument("--quick", action="store_true", help="no numba_tune, no ncu, pipeline at 10M only")
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run that writes nothing (CI)")
     ap.add_argument("--no-ncu", action="store_true", help="skip the Nsight Compute profile")
     ap.add_argument("--skip-tune", action="store_true", help="skip the passes and tune experiments (stored already)")
@@ -264,7 +269,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if not args.skip_tune:
         keep("passes", exp_passes(n, reps, peak))
-        keep("tune", exp_tune(n, reps, quick=args.quick, smoke=smoke))
+        if not args.quick or smoke:  # --quick on a GPU: the CUDA C++ tune (impl.sort.tune) already ran
+            keep("numba_tune", exp_tune(n, reps, quick=args.quick, smoke=smoke))
     keep("transfers", exp_transfers([4_000, 40_000] if smoke else [4_000_000, 40_000_000, 400_000_000],
                                     1 if smoke else 10))
     keep("pipeline", exp_pipeline([n] if smoke or args.quick else [n, 100_000_000], 1 if smoke else 5,

@@ -67,23 +67,30 @@ class CudaSortConfig:
     items_bits: int = 6     # E = 64 keys per thread in registers (512 threads per block)
     run_bits: int = 5       # coset runs of >= 32 consecutive keys (128-byte segments)
     fuse: bool = True       # merge passes cross stage boundaries (False: wide passes, then one tile pass per stage)
+    merge_items_bits: int | None = None  # keys per thread in the merge passes (None: items_bits): the tile pass and
+                                         # the merges can trade registers for resident warps differently
 
     def __post_init__(self) -> None:
-        if not 2 <= self.items_bits <= 7:
-            raise ValueError(f"items_bits must be in 2..7 (4 to 128 keys per thread), got {self.items_bits}")
+        for name, bits in (("items_bits", self.items_bits), ("merge_items_bits", self.merge_e)):
+            if not 2 <= bits <= 7:
+                raise ValueError(f"{name} must be in 2..7 (4 to 128 keys per thread), got {bits}")
+            threads = self.tile_bits - bits
+            if not LANE_BITS <= threads <= 10:
+                raise ValueError(f"tile_bits - {name} = {threads}: a block needs 32..1024 threads")
         if not 1 <= self.run_bits <= self.tile_bits - 2:
             raise ValueError(f"run_bits must be in 1..tile_bits-2, got {self.run_bits}")
-        threads = self.tile_bits - self.items_bits
-        if not LANE_BITS <= threads <= 10:
-            raise ValueError(f"tile_bits - items_bits = {threads}: a block needs 32..1024 threads")
         if self.tile_bits > 15:
             raise ValueError(f"tile_bits must be <= 15 (shared-memory padding covers 15 coordinate bits), "
                              f"got {self.tile_bits}")
 
-    def shape(self, mode: str) -> tuple[int, int]:
-        """(t, e) for ``mode``: log2 slots per block and log2 slots per thread."""
+    @property
+    def merge_e(self) -> int:
+        return self.items_bits if self.merge_items_bits is None else self.merge_items_bits
+
+    def shape(self, mode: str, merge: bool = False) -> tuple[int, int]:
+        """(t, e) for ``mode``: log2 slots per block and log2 slots per thread (of the merge passes if ``merge``)."""
         wide = MODES[mode] > 4
-        t, e = self.tile_bits - wide, self.items_bits - wide
+        t, e = self.tile_bits - wide, (self.merge_e if merge else self.items_bits) - wide
         if e < 1 or t - e < LANE_BITS:
             raise ValueError(f"config {self} is too small for {mode} slots (t={t}, e={e})")
         return t, e
@@ -375,7 +382,11 @@ class CudaPlan:
 
     @property
     def threads(self) -> int:
-        return 1 << (self.passes[0].t - self.passes[0].e)
+        """Threads per block of the tile pass (``pass_threads`` for any pass)."""
+        return self.pass_threads(0)
+
+    def pass_threads(self, i: int) -> int:
+        return 1 << (self.passes[i].t - self.passes[i].e)
 
     def grids(self) -> list[int]:
         return [p.active_blocks(self.n) for p in self.passes]
@@ -386,10 +397,11 @@ def build_cuda_plan(n: int, mode: str, config: CudaSortConfig = GPU_CUDA_CONFIG)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
     t, e = config.shape(mode)
+    _, em = config.shape(mode, merge=True)
     logn = padded_bits(n)
     passes = [tile_pass(t, e)]
     for masks in (merge_segments(t, logn, config.run_bits, config.fuse) if logn > t else []):
-        passes.append(coset_pass(masks, t, e, logn))
+        passes.append(coset_pass(masks, t, em, logn))
     passes[0] = passes[0].with_flags(encode=True)
     passes[-1] = passes[-1].with_flags(decode=True)
     return CudaPlan(n, mode, config, logn, tuple(passes))

@@ -1,22 +1,23 @@
-"""Check and time every variant of the CUDA C++ sort on the GPU, pass by pass, against cupy.sort, within a budget.
+"""Check and time the CUDA C++ sort's candidate configurations on the GPU, pass by pass, and pick the defaults.
 
-    python3 -m impl.sort.tune --out "$OUT/sort" --budget-s 100    # one H200: ~40-90 s with the kernel cache carried
+    python3 -m impl.sort.tune --budget-s 60                      # one H200: ~25 s with the kernel cache carried
     python3 -m impl.sort.tune --dry-run --out /tmp/sort-tune       # a CPU: the same steps on the emulated kernels
 
 Steps (each guarded by the wall-clock budget; a failing variant is reported and skipped, never aborts the rest):
   1. the card's copy bandwidth (1 GiB device-to-device, read + write, as impl.common.calibrate): the 100% of the
      per-pass column;
-  2. kernels compiled or loaded (``.carry/sort-kernels``: cubins cached by source), the design point first;
-  3. correctness: each variant on fresh random keys (10M float32 keys; argsort against torch.sort(stable=True);
-     plus 3_000_017 and 2^23 keys, int64 argsort and float16 on 100_003 keys against numpy), outputs poisoned first;
-  4. timing: each variant's whole sort as one CUDA graph (the design point also with direct launches), queued
-     device events (``time_fn(queue_ahead=True)``), L2 flushed, median of ``--reps``; cupy.sort, cupy.argsort,
-     torch.sort anchors in the same run;
+  2. kernels compiled or loaded (``.carry/sort-kernels``: cubins cached by source), the built-in defaults first;
+  3. correctness: each variant on fresh random keys (float32 keys; argsort against torch.sort(stable=True); plus
+     3_000_017 and 2^23 keys, int64 argsort and float16 on 100_003 keys against numpy), outputs poisoned first;
+  4. timing: each candidate of ``GRID`` (keys and argsort at 10M, 100M, 1M) as one CUDA graph (the default also with
+     direct launches), queued device events (``time_fn(queue_ahead=True)``), L2 flushed, median of ``--reps``;
+     cupy.sort, cupy.argsort, torch.sort anchors in the same run;
   5. per pass: every pass of every timed variant alone (L2 flushed): pass bytes / time as % of the copy bandwidth;
-  6. a short table on stdout and ``tune.json`` in ``--out`` (``complete`` true only when nothing was skipped).
-
-What the table decides: the default ``GPU_CUDA_CONFIG`` (tile, keys per thread, run length, fused or staged passes),
-whether the graph pays (graph vs direct), and where the time goes (the slowest pass and its kind).
+  6. ``tune.json`` (every row) and ``config_table.json`` (per slot mode and n, the fastest variant that was correct
+     before and after timing: ``impl.sort.choose`` reads it, so sorts, tests and benches without an explicit config
+     use it) under results/<card>/sort/ (copies in ``--out``), and a short table on stdout. ``complete`` is true
+     only when nothing was skipped; a killed run leaves ``tune.partial.json`` in ``--out`` and the stored table as
+     it was.
 """
 from __future__ import annotations
 
@@ -33,25 +34,33 @@ from typing import Any, Callable
 
 import numpy as np
 
+from impl.sort.choose import BUILTIN, TABLE_RESULT, config_name, select, use_table
 from impl.sort.plan import EMU_CUDA_CONFIG, GPU_CUDA_CONFIG, CudaSortConfig
 
 N_MAIN = 10_000_000
 N_BIG = 100_000_000
+N_SMALL = 1_000_000
 KEY_CONFIGS: dict[str, CudaSortConfig] = {
-    "t15e6r5": GPU_CUDA_CONFIG,
-    "t15e6r5-staged": replace(GPU_CUDA_CONFIG, fuse=False),
-    "t15e7r5": replace(GPU_CUDA_CONFIG, items_bits=7),
-    "t15e5r5": replace(GPU_CUDA_CONFIG, items_bits=5),
-    "t15e6r6": replace(GPU_CUDA_CONFIG, run_bits=6),
-    "t14e6r5": CudaSortConfig(tile_bits=14, items_bits=6),
+    "t13e5r5": BUILTIN["keys32"],
     "t14e5r5": CudaSortConfig(tile_bits=14, items_bits=5),
+    "t15e6r5": GPU_CUDA_CONFIG,
+    "t13e4r5": CudaSortConfig(tile_bits=13, items_bits=4),
+    "t12e5r5": CudaSortConfig(tile_bits=12, items_bits=5),
+    "t13e5r5m4": CudaSortConfig(tile_bits=13, items_bits=5, merge_items_bits=4),  # t13e5's tile pass, t13e4's merges
+    "t15e5r5": CudaSortConfig(tile_bits=15, items_bits=5),  # 1024 threads: 10M 0.619 ms vs t15e6r5 0.652
+}
+ARG_CONFIGS: dict[str, CudaSortConfig] = {   # argsort (8-byte composite slots: tile and keys per thread halved)
+    "t14e6r5": BUILTIN["composite"],
     "t13e5r5": CudaSortConfig(tile_bits=13, items_bits=5),
+    "t14e5r5": CudaSortConfig(tile_bits=14, items_bits=5),
 }
-ARGSORT_CONFIGS = ("t15e6r5", "t15e6r5-staged", "t15e7r5", "t14e6r5")
-DRY_CONFIGS: dict[str, CudaSortConfig] = {
-    "t15e6r5": EMU_CUDA_CONFIG, "t15e6r5-staged": replace(EMU_CUDA_CONFIG, fuse=False),
-    "t15e7r5": replace(EMU_CUDA_CONFIG, items_bits=3), "t14e6r5": replace(EMU_CUDA_CONFIG, tile_bits=7),
-}
+DRY_KEYS: dict[str, CudaSortConfig] = {"t13e5r5": EMU_CUDA_CONFIG, "t14e5r5": replace(EMU_CUDA_CONFIG, tile_bits=7),
+                                       "t15e6r5": replace(EMU_CUDA_CONFIG, items_bits=3)}
+DRY_ARGS: dict[str, CudaSortConfig] = {"t14e6r5": EMU_CUDA_CONFIG, "t13e5r5": replace(EMU_CUDA_CONFIG, tile_bits=7)}
+# (n, keys configs, argsort configs) timed per size; the table's entries come from these rows
+GRID = ((N_MAIN, ("t13e5r5", "t14e5r5", "t15e6r5", "t13e4r5", "t13e5r5m4"), ("t14e6r5", "t13e5r5", "t14e5r5")),
+        (N_BIG, ("t15e6r5", "t15e5r5", "t13e5r5m4", "t14e5r5", "t13e5r5"), ("t14e6r5", "t14e5r5")),
+        (N_SMALL, ("t13e5r5", "t12e5r5", "t14e5r5"), ("t14e6r5", "t13e5r5")))
 
 
 @dataclass
@@ -74,20 +83,24 @@ class Variant:
 
 
 def variants(dry: bool) -> list[Variant]:
-    """What one run checks and times, in priority order (the budget cuts from the end)."""
-    configs = DRY_CONFIGS if dry else KEY_CONFIGS
-    n, big = (700, 2500) if dry else (N_MAIN, N_BIG)
-    out = [Variant("keys t15e6r5", n, "float32", False, configs["t15e6r5"]),
-           Variant("argsort t15e6r5", n, "float32", True, configs["t15e6r5"]),
-           Variant("keys t15e6r5", n, "float32", False, configs["t15e6r5"], launch="direct")]
-    out += [Variant(f"keys {k}", n, "float32", False, c) for k, c in configs.items() if k != "t15e6r5"]
-    out += [Variant(f"argsort {k}", n, "float32", True, configs[k]) for k in ARGSORT_CONFIGS[1:] if k in configs]
-    out += [Variant("keys t15e6r5", big, "float32", False, configs["t15e6r5"]),
-            Variant("keys t15e6r5", 3 * n // 10 + 17, "float32", False, configs["t15e6r5"], timed=False),
-            Variant("keys t15e6r5", 1 << (n.bit_length() - 1), "int32", False, configs["t15e6r5"], timed=False),
-            Variant("argsort t15e6r5", n // 100 + 3, "int64", True, configs["t15e6r5"], timed=False),
-            Variant("keys t15e6r5", n // 100 + 3, "int64", False, configs["t15e6r5"], timed=False),
-            Variant("argsort t15e6r5", n // 100 + 3, "float16", True, configs["t15e6r5"], timed=False)]
+    """What one run checks and times, in priority order (the budget cuts from the end): the built-in defaults at
+    10M first, then every candidate of ``GRID`` (10M, 100M, 1M), then correctness checks of other dtypes and sizes."""
+    keys, args = (DRY_KEYS, DRY_ARGS) if dry else (KEY_CONFIGS, ARG_CONFIGS)
+    scale = {N_MAIN: 700, N_BIG: 2500, N_SMALL: 300} if dry else {n: n for n, _, _ in GRID}
+    n = scale[N_MAIN]
+    k0, a0 = next(iter(keys)), next(iter(args))
+    out = [Variant(f"keys {k0}", n, "float32", False, keys[k0]),
+           Variant(f"argsort {a0}", n, "float32", True, args[a0]),
+           Variant(f"keys {k0}", n, "float32", False, keys[k0], launch="direct")]
+    for size, kc, ac in GRID:
+        out += [Variant(f"keys {k}", scale[size], "float32", False, keys[k]) for k in kc if k in keys]
+        out += [Variant(f"argsort {a}", scale[size], "float32", True, args[a]) for a in ac if a in args]
+    out = list({(v.label, v.n, v.launch): v for v in out}.values())
+    out += [Variant(f"keys {k0}", 3 * n // 10 + 17, "float32", False, keys[k0], timed=False),
+            Variant(f"keys {k0}", 1 << (n.bit_length() - 1), "int32", False, keys[k0], timed=False),
+            Variant(f"argsort {a0}", n // 100 + 3, "int64", True, args[a0], timed=False),
+            Variant(f"keys {a0}", n // 100 + 3, "int64", False, args[a0], timed=False),
+            Variant(f"argsort {a0}", n // 100 + 3, "float16", True, args[a0], timed=False)]
     return out
 
 
@@ -277,27 +290,70 @@ def fmt_row(r: dict[str, Any], cupy_ms: dict[str, float]) -> str:
             f"{r['gbps_effective']:8.1f} {r['pct_copy_traffic']:6.1f}% {ratio}")
 
 
+def write_outputs(report: dict[str, Any], out_dir: Path | None, dry: bool) -> list[Path]:
+    """tune.json (every row) and config_table.json (the fastest correct config per (mode, n): what sorts without an
+    explicit config use, ``impl.sort.choose``). On a GPU both go to results/<card>/sort/ (and a copy to ``out_dir``);
+    a dry run writes only to ``out_dir``."""
+    table = select(report["rows"])
+    data = {**table.to_data(), "commit": report["commit"], "device": report["device"],
+            "complete": report["complete"], "source": "impl.sort.tune",
+            "chosen": [{"mode": m, "n": n, "label": config_name(c)} for m, rows in table.entries.items()
+                       for n, c in rows]}
+    report["table"] = data["chosen"]
+    paths = []
+    if not dry:
+        import shutil
+
+        from impl.common.results import write_result
+
+        for name, payload in (("tune", report), (TABLE_RESULT, data)):
+            p = write_result("sort", name, payload, overwrite=True)
+            paths.append(p)
+            if out_dir is not None:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, out_dir / p.name)
+        use_table(None)  # sorters made after this (same process) read the new table
+    else:
+        assert out_dir is not None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, payload in (("tune", report), (TABLE_RESULT, data)):
+            p = out_dir / f"{name}.json"
+            tmp = p.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(payload, indent=1, default=float))
+            os.replace(tmp, p)
+            paths.append(p)
+    return paths
+
+
+GPU_STEP_ARGS = ["--budget-s", "60"]
+"""``python -m impl gpu sort`` runs ``python -m impl.sort.tune`` with these arguments before the tests and benches, so
+they use the table measured in the same run."""
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="folder for tune.json")
-    ap.add_argument("--budget-s", type=float, default=100.0, help="wall-clock budget; stops early, still writes")
+    ap.add_argument("--out", default=None, help="also copy tune.json and config_table.json here (a dry run: only "
+                                                "here; required)")
+    ap.add_argument("--budget-s", type=float, default=60.0, help="wall-clock budget; stops early, still writes")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--dry-run", action="store_true", help="CPU: emulated kernels, tiny sizes, host clock")
     args = ap.parse_args(argv)
+    if args.dry_run and not args.out:
+        ap.error("--dry-run needs --out (a CPU run never writes under results/)")
     t_start = time.perf_counter()
     deadline = t_start + args.budget_s
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out) if args.out else None
     side = DrySide(min(args.reps, 2)) if args.dry_run else GpuSide(args.reps)
     side.runtime.deadline = time.monotonic() + args.budget_s - 10  # kernels not compiled by then: variant skipped
     report: dict[str, Any] = {"device": side.device, "budget_s": args.budget_s, "dry_run": args.dry_run,
                               "commit": _commit(), "rows": [], "complete": False}
+    partial = out_dir / "tune.partial.json" if out_dir else None
 
     def save() -> None:
         report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-        tmp = out_dir / "tune.json.tmp"
-        tmp.write_text(json.dumps(report, indent=1, default=float))
-        os.replace(tmp, out_dir / "tune.json")
+        if partial is not None:  # what a killed run leaves behind
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(report, indent=1, default=float))
 
     peak = side.copy_gbps()
     report["copy_gbps"] = peak
@@ -330,15 +386,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         skipped += 1
     report["complete"] = skipped == 0
-    save()
+    report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    paths = write_outputs(report, out_dir, args.dry_run)
+    if partial is not None and partial.exists():
+        partial.unlink()
     anchors = {k: a["ms"] for k, a in report.get("anchors", {}).items()}
     print("\nvariant                        n launch       ms passes slowest pass       GB/s eff traffic  x cupy")
     for r in report["rows"]:
         print(fmt_row(r, anchors))
     for k, ms in anchors.items():
         print(f"{k:<24} {main_n / 1e6:g}M {ms:8.3f} ms")
-    print(f"[tune] {'complete' if report['complete'] else 'INCOMPLETE'} in {report['elapsed_s']} s; "
-          f"wrote {out_dir / 'tune.json'}", flush=True)
+    print("table: " + ", ".join(f"{c['mode']} {c['n']:,} -> {c['label']}" for c in report["table"]))
+    print(f"[tune] {'complete' if report['complete'] else 'INCOMPLETE'} in {report['elapsed_s']} s; wrote "
+          + ", ".join(str(p) for p in paths), flush=True)
     return report
 
 
