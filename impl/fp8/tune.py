@@ -1,6 +1,6 @@
 """Launch-config sweep for the FP8 kernels: check every candidate, then time it, within a wall-clock budget.
 
-    python -m impl.fp8.tune --out DIR [--budget-s 60] [--shapes 14336x4096 ...]
+    python -m impl.fp8.tune [--out DIR] [--budget-s 60] [--shapes 14336x4096 ...] [--no-store]
 
 For each kernel (dequantize with tensor / channel / 128x128-block scales; requantize with dynamic tensor (amax
 partials + quantize; and the delayed single-read variant), channel, 1x128 group and 128x128 block scales) and each
@@ -245,10 +245,11 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(data: dict[str, Any], out_dir: Path, store: bool = True) -> list[Path]:
-    """DIR/tune.json and DIR/launch_table.json; on a GPU with ``store`` also results/<card>/fp8/ through
-    ``write_result`` (the stored table the kernels of later processes take)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_outputs(data: dict[str, Any], out_dir: Path | None, store: bool = True) -> list[Path]:
+    """DIR/tune.json and DIR/launch_table.json (DIR = ``out_dir``, if given); on a GPU with ``store`` also
+    results/<card>/fp8/ through ``write_result`` (the stored table the kernels of later processes take)."""
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, payload in (("tune", data), (launch.TABLE_RESULT, data["table"])):
         if store and backend.ON_GPU and not backend.INTERPRETED:
@@ -257,18 +258,27 @@ def write_outputs(data: dict[str, Any], out_dir: Path, store: bool = True) -> li
             from impl.common.results import write_result
 
             p = write_result("fp8", name, payload, overwrite=True)
-            shutil.copyfile(p, out_dir / p.name)
+            paths.append(p)
+            if out_dir is not None:
+                paths.append(Path(shutil.copyfile(p, out_dir / p.name)))
         else:
             record = {"device": backend.describe(), "data": payload}
             (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-        paths.append(out_dir / f"{name}.json")
+            paths.append(out_dir / f"{name}.json")
     return paths
+
+
+GPU_STEP_ARGS = ["--budget-s", "60"]
+"""``python -m impl gpu fp8`` runs ``python -m impl.fp8.tune`` with these arguments before the tests and benches, so
+they launch with the table measured in the same run."""
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m impl.fp8.tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for copies of tune.json and launch_table.json (a GPU run stores them under "
+                        "results/<card>/fp8/ anyway)")
     p.add_argument("--budget-s", type=float, default=60)
     p.add_argument("--shapes", nargs="*", help="NxK shapes; the first one picks the winners")
     p.add_argument("--kernels", nargs="*", default=list(CANDIDATES), choices=list(CANDIDATES))
@@ -285,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
         copy_gbps = measure_copy_gbps()
     data = sweep(shapes, a.budget_s, a.kernels, copy_gbps, reps=a.reps if gpu else 1)
+    if a.out is None and (a.no_store or not gpu):
+        p.error("--out is needed where nothing is stored (no GPU, or --no-store)")
     paths = write_outputs(data, a.out, store=not a.no_store)
     print(table(data))
     print(f"wrote {', '.join(str(p) for p in paths)} ({len(data['rows'])} rows, {data['seconds']:.0f} s, "
