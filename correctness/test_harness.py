@@ -107,6 +107,25 @@ def test_nasty_pattern_contains_special_floats():
     assert (np.signbit(a) & (a == 0)).any()
 
 
+def test_check_cuda_returns_the_outputs_or_raises_naming_the_call_and_error():
+    from cuda.bindings import driver, runtime
+
+    from impl.common.cudacheck import CudaError, check_cuda
+
+    assert check_cuda((runtime.cudaError_t.cudaSuccess, 42), "cudaDeviceGetLimit") == (42,)
+    assert check_cuda(driver.CUresult.CUDA_SUCCESS, "cuInit") == ()
+    with pytest.raises(CudaError, match=r"cudaDeviceSetLimit\(x\) failed: cudaErrorInvalidValue \(invalid argument\)"):
+        check_cuda((runtime.cudaError_t.cudaErrorInvalidValue,), "cudaDeviceSetLimit(x)")
+    with pytest.raises(CudaError, match="cuMemAlloc failed: CUDA_ERROR_OUT_OF_MEMORY"):
+        check_cuda((driver.CUresult.CUDA_ERROR_OUT_OF_MEMORY, None), "cuMemAlloc")
+
+    class MyError(CudaError):
+        pass
+
+    with pytest.raises(MyError, match="cudaErrorInvalidDevice"):
+        check_cuda(runtime.cudaError_t.cudaErrorInvalidDevice, "cudaSetDevice", MyError)
+
+
 def test_gpu_slug():
     assert results.slugify_gpu("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
     assert results.slugify_gpu("NVIDIA H200") == "h200"

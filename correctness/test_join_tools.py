@@ -16,9 +16,10 @@ from impl.common import ledger
 from impl.common.results import ROOT
 from impl.join import experiments
 from impl.join import tc_triton
-from impl.join.claims import CLAIMS, FAILING_CASES, PLOTS, TABLES
+from impl.join.claims import CLAIMS, FAILING_CASES
 from impl.join.data import Case, make_tables, spread_keys
 from impl.join.hash_cuda import KERNEL_NAMES, SOURCE
+from impl.join.plots import PLOTS, TABLES
 
 
 # ---- the CUDA C++ source ----------------------------------------------------------------------------------------

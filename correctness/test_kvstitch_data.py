@@ -97,7 +97,8 @@ def test_prepare_split_and_join_roundtrip(tmp_path):
 
 def test_plot_draws_from_stored_results(tmp_path):
     from impl.common.ledger import ResultsView
-    from impl.kvstitch.claims import CLAIMS, plot_rouge_vs_size
+    from impl.kvstitch.claims import CLAIMS
+    from impl.kvstitch.plots import plot_rouge_vs_size
 
     root = tmp_path / "results"
     view = ResultsView("h100-test", root=root)
@@ -216,7 +217,7 @@ def test_summary_gaps_separate_a_clear_win_from_a_tie(tmp_path):
     assert gaps["hybrid_b_minus_lora_alone"]["lo"] > 0.9 and out["kv_gain_lo"] == 0.0  # over decode+LoRA alone too
     assert out["nll_interpolation"] is None                                  # a record without held-out losses
     from impl.common.ledger import ResultsView
-    from impl.kvstitch.claims import rouge_tables
+    from impl.kvstitch.plots import rouge_tables
 
     assert rouge_tables(ResultsView("none", root=tmp_path)) == []            # no results: no table
     (tmp_path / "fake" / "kvstitch").mkdir(parents=True)

@@ -197,15 +197,15 @@ def test_an_unreadable_bench_file_stops_every_bench_claim(tmp_path):
 
 
 def test_a_plot_that_fails_on_its_data_is_listed_not_fatal(tmp_path, monkeypatch):
-    from impl.examples import claims
+    from impl.join import plots
 
     def broken(view, out):
         raise KeyError("table")
 
-    monkeypatch.setattr(claims, "PLOTS", [broken], raising=False)
+    monkeypatch.setattr(plots, "PLOTS", [broken])
     store_run(tmp_path, "h200", GPU, [bench("a", 1.0)])
     summary = report.render("h200", root=tmp_path)
-    assert any("plot examples.broken not drawn: KeyError" in p for p in summary["problems"])
+    assert any("plot join.broken not drawn: KeyError" in p for p in summary["problems"])
 
 
 def test_the_over_peak_diagnosis_needs_a_readable_calibration(tmp_path):
