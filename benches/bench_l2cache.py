@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from fixtures.oracle import assert_close
 from impl.backend import DEVICE, ON_GPU, sized
 from impl.l2cache.conv import conv2d, conv_flops, pick_split_k
-from impl.l2cache.experiments import build_workload
 from impl.l2cache.linear import linear, linear_bytes
 from impl.l2cache.policies import POLICIES, get_policy
 from impl.l2cache.serving import PolicyRunner, output_digest, outputs_by_kind
 from impl.l2cache.touch import default_programs, touch, touch_reference
+from impl.l2cache.workloads import build_workload
 
 pytestmark = pytest.mark.l2_state  # every test: the L2 state is checked (and put back) afterwards
 

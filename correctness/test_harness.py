@@ -1,6 +1,7 @@
 """Tests of the shared harness itself: backend choice, oracle, strategies, results storage, ledger and report."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -124,6 +125,27 @@ def test_check_cuda_returns_the_outputs_or_raises_naming_the_call_and_error():
 
     with pytest.raises(MyError, match="cudaErrorInvalidDevice"):
         check_cuda(runtime.cudaError_t.cudaErrorInvalidDevice, "cudaSetDevice", MyError)
+
+
+def test_logger_prefixes_name_and_time_and_flushes(capsys):
+    from impl.common.log import logger
+
+    logger("sys")("one")
+    logger("sys.tool", to_stderr=True)("two")
+    out, err = capsys.readouterr()
+    assert re.fullmatch(r"\[sys \d\d:\d\d:\d\d\] one\n", out)
+    assert re.fullmatch(r"\[sys\.tool \d\d:\d\d:\d\d\] two\n", err)
+
+
+def test_llama3_8b_shape_gives_the_projections_of_one_block():
+    from impl.common.shapes import LLAMA3_8B, DecoderShape
+
+    assert LLAMA3_8B.linear_shapes() == {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096),
+                                         "w2": (4096, 14336)}
+    cfg = LLAMA3_8B.hf_config()
+    assert cfg["num_attention_heads"] * cfg["head_dim"] == cfg["hidden_size"] and cfg["intermediate_size"] == 14336
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        DecoderShape(64, 1, 6, 4, 16, 128, 100, 1e4)
 
 
 def test_gpu_slug():

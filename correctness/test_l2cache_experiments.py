@@ -11,10 +11,12 @@ from impl.common.results import RESULTS
 from impl.l2cache import claims, ncu, plots
 from impl.l2cache.chooser import Comparison, compare_policies, pick_best, serve_best
 from impl.l2cache.control import L2Controller
-from impl.l2cache.experiments import SMOKE_SELECT, dram_drop, main, make_controller, read_record, select
+from impl.l2cache.experiments import main
 from impl.l2cache.fake import FakeL2Driver
+from impl.l2cache.ncu import dram_drop
 from impl.l2cache.nets import ChainConfig, ChainMLP
 from impl.l2cache.policies import POLICIES
+from impl.l2cache.recipe import SMOKE_SELECT, SelectionUnreadable, make_controller, read_record, select
 from impl.l2cache.serving import lab_streams, stream_handles
 from impl.l2cache.stats import GainInterval, gain_interval
 
@@ -82,7 +84,7 @@ def test_a_run_stopped_by_sigterm_puts_the_device_back():
     import signal
 
     from impl.l2cache.control import AccessWindow
-    from impl.l2cache.experiments import Guard
+    from impl.l2cache.recipe import Guard
 
     ctl = L2Controller(FakeL2Driver())
     handles = stream_handles(lab_streams())
@@ -97,10 +99,10 @@ def test_a_run_stopped_by_sigterm_puts_the_device_back():
 
 
 def test_the_verdict_refuses_a_missing_or_broken_selection(tmp_path):
-    with pytest.raises(SystemExit, match="run --select first"):
+    with pytest.raises(SelectionUnreadable, match="run --select first"):
         read_record(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text('{"data": {"table": []}}')
-    with pytest.raises(SystemExit, match="KeyError"):
+    with pytest.raises(SelectionUnreadable, match="KeyError"):
         read_record(tmp_path / "bad.json")
 
 
