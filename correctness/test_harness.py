@@ -148,6 +148,18 @@ def test_llama3_8b_shape_gives_the_projections_of_one_block():
         DecoderShape(64, 1, 6, 4, 16, 128, 100, 1e4)
 
 
+def test_lazy_exports_resolve_on_first_use_and_refuse_unknown_names():
+    import json.decoder
+
+    from impl.common.exports import lazy_exports
+
+    names, getattr_ = lazy_exports("json", {"decoder": ("JSONDecodeError",), "encoder": ("JSONEncoder",)})
+    assert names == ["JSONDecodeError", "JSONEncoder"]
+    assert getattr_("JSONDecodeError") is json.decoder.JSONDecodeError
+    with pytest.raises(AttributeError, match="module 'json' has no attribute 'loads_fast'"):
+        getattr_("loads_fast")
+
+
 def test_gpu_slug():
     assert results.slugify_gpu("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
     assert results.slugify_gpu("NVIDIA H200") == "h200"

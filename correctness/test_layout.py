@@ -89,6 +89,9 @@ def test_each_system_exports_what_a_user_calls(system):
     assert mod.__all__, f"impl/{system}/__init__.py exports nothing"
     missing = [n for n in mod.__all__ if not hasattr(mod, n)]
     assert not missing, f"impl.{system}.__all__ names what it does not define: {missing}"
+    modules = {p.stem for p in (ROOT / "impl" / system).glob("*.py")}
+    shadowing = sorted(set(mod.__all__) & modules)
+    assert not shadowing, f"impl.{system} exports {shadowing}, hiding its submodules of the same name"
 
 
 @pytest.mark.parametrize("system", sorted(set(SYSTEMS) - MAIN_NOT_EXIT_CODE))

@@ -27,7 +27,6 @@ from impl.kvstitch.config import (DECODE_SIZES, EvalConfig, HealConfig, PruneCon
                                   StageAConfig, StageBConfig, StitchConfig)
 from impl.kvstitch.hybrid import generate_alone, generate_hybrid, stitched_cache
 from impl.kvstitch.models import load_model, load_tokenizer
-from impl.kvstitch.prune import heal, prune
 from impl.kvstitch.recipe import recipe_config, run_all, run_series
 from impl.kvstitch.runtime import serve
 from impl.kvstitch.stitch import StitchBundle
@@ -35,5 +34,5 @@ from impl.kvstitch.train import stage_a, stage_b
 
 __all__ = ["DECODE_SIZES", "EvalConfig", "HealConfig", "PruneConfig", "RecipeConfig", "RuntimeConfig",
            "StageAConfig", "StageBConfig", "StitchConfig", "generate_alone", "generate_hybrid", "stitched_cache",
-           "load_model", "load_tokenizer", "heal", "prune", "recipe_config", "run_all", "run_series", "serve",
+           "load_model", "load_tokenizer", "recipe_config", "run_all", "run_series", "serve",
            "StitchBundle", "stage_a", "stage_b"]

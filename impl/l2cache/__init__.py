@@ -30,16 +30,11 @@ Modules, in reading order:
   claims.py    ledger entries (judged on the verdict run's intervals) and failing cases; plots.py their figures
 Test fixtures (the shared controller, the L2-state guard) live in ``fixtures/l2cache.py``.
 """
-from impl.l2cache.chooser import CANDIDATES, choose_policy, compare_policies, pick_best, serve_best
-from impl.l2cache.control import AccessWindow, CudaRuntimeDriver, L2Controller, L2Error
-from impl.l2cache.conv import conv2d
-from impl.l2cache.fake import FakeL2Driver
-from impl.l2cache.linear import linear
-from impl.l2cache.policies import POLICIES, get_policy
-from impl.l2cache.serving import PolicyRunner
-from impl.l2cache.touch import touch
-from impl.l2cache.workloads import build_workload
+from impl.common.exports import lazy_exports
 
-__all__ = ["CANDIDATES", "choose_policy", "compare_policies", "pick_best", "serve_best", "AccessWindow",
-           "CudaRuntimeDriver", "L2Controller", "L2Error", "conv2d", "FakeL2Driver", "linear", "POLICIES",
-           "get_policy", "PolicyRunner", "touch", "build_workload"]
+# lazy: ``python -m impl.l2cache.compile_check`` must switch Triton's interpreter off before any kernel module loads
+__all__, __getattr__ = lazy_exports(__name__, {
+    "chooser": ("CANDIDATES", "choose_policy", "compare_policies", "pick_best", "serve_best"),
+    "control": ("AccessWindow", "CudaRuntimeDriver", "L2Controller", "L2Error"),
+    "conv": ("conv2d",), "fake": ("FakeL2Driver",), "policies": ("POLICIES", "get_policy"),
+    "serving": ("PolicyRunner",), "workloads": ("build_workload",)})

@@ -15,7 +15,7 @@ from typing import Any
 from impl.common.ledger import Case, Claim, Measured, NotMeasured
 
 SEED_GAIN_PCT = 8.27
-WEIGHT_SHARED = ("layers", "subnets")
+WEIGHT_SHARED = ("layers", "subnets")  # workloads whose weights are re-read by their layers or subnets
 
 
 def _verdict(view) -> tuple[dict, dict] | NotMeasured:

@@ -40,6 +40,7 @@ import torch
 from impl import backend
 from impl.common.log import logger
 from impl.l2cache.chooser import CANDIDATES, choose_policy, compare_policies, pick_best
+from impl.l2cache.claims import WEIGHT_SHARED
 from impl.l2cache.control import L2Controller, L2Limits
 from impl.l2cache.fake import FakeL2Driver
 from impl.l2cache.ncu import profile_pair
@@ -49,7 +50,6 @@ from impl.l2cache.serving import PolicyRunner, lab_streams, output_digest, strea
 from impl.l2cache.workloads import build, candidate_specs, sweep_spec
 
 SYSTEM = "l2cache"
-WEIGHT_SHARED = ("layers", "subnets")
 log = logger(SYSTEM)
 
 
