@@ -15,7 +15,9 @@ import impl  # noqa: F401
 from impl import backend
 from impl.join.ncu import SMOKE_CSV, parse_ncu_csv, run_ncu, summarize
 
+
 def copy_peak() -> float | None:
+    """This card's calibrated copy bandwidth (GB/s) from ``results/<gpu>/calibration.json``; None without one."""
     from impl.common.results import results_dir
 
     path = results_dir() / "calibration.json"

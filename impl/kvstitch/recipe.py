@@ -53,7 +53,8 @@ def recipe_config(series: str, mode: str) -> RecipeConfig:
                             heal=HealConfig(steps=3, batch=2, seq_len=32, log_every=1),
                             stage_a=StageAConfig(steps=3, batch=2, seq_len=32, log_every=1),
                             stage_b=StageBConfig(steps=3, batch=2, prompt_len=24, cont_len=8, lora_r=4, log_every=1),
-                            eval=EvalConfig(prompt_len=96, new_tokens=6, max_news=3, max_wiki=2, batch=4, news_stride=40),
+                            eval=EvalConfig(prompt_len=96, new_tokens=6, max_news=3, max_wiki=2, batch=4,
+                                            news_stride=40),
                             dtype="float32")
     steps = 1 if mode == "quick" else 2  # quick: ~6-7 min per series on an H100/H200 incl. runtimes; full: ~2x
     return RecipeConfig(series=series, decode_sizes=[dict(s) for s in DECODE_SIZES[series]],

@@ -36,9 +36,10 @@ def summarise(rec: dict) -> dict:
         pt = tuned["rougeL"] = mean_rouge_l(tuned["scores"])
     for d in rec["decodes"]:
         d["rougeL"] = {k: mean_rouge_l(v) for k, v in d["scores"].items()}
-        d["interpolation"] = interpolation_score(d["rougeL"]["decode_alone"], d["rougeL"]["hybrid_b"], p)
+        decode, hybrid = d["rougeL"]["decode_alone"], d["rougeL"]["hybrid_b"]
+        d["interpolation"] = interpolation_score(decode, hybrid, p)
         # the same test against the prefill model tuned with stage (b)'s LoRA on the same text (a fair upper anchor)
-        d["interpolation_vs_tuned_prefill"] = interpolation_score(d["rougeL"]["decode_alone"], d["rougeL"]["hybrid_b"], pt)
+        d["interpolation_vs_tuned_prefill"] = interpolation_score(decode, hybrid, pt)
         d["gaps"] = rouge_gaps(rec, d)
         # the same verdict on held-out news loss (lower is better, so on -loss); None for records without losses
         nll = d.get("nll") or {}
