@@ -3,7 +3,8 @@
 Imports ``impl`` first so the execution backend is decided before triton or numba load; registers the hypothesis
 profiles; skips ``gpu``/``multi_gpu`` tests with the reason where the hardware is missing; points pytest-benchmark's
 storage at ``results/<gpu-slug>/`` and disables timing on a machine without a GPU (benches then run once as tests);
-provides the ``device_bench`` fixture every bench uses and the per-run ``peaks`` calibration.
+provides the ``device_bench`` fixture every bench uses and the per-run ``peaks`` calibration. A system's own
+fixtures live in ``fixtures/<system>.py``, loaded here as plugins (``pytest_plugins``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from hypothesis import HealthCheck, settings
 from fixtures.strategies import hypothesis_profile_from_env
 from impl import backend
 from impl.common import results as res
+
+pytest_plugins = ("fixtures.l2cache",)
 
 _SLOW_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=15, print_blob=True,

@@ -1,13 +1,17 @@
 """kvstitch benches: the stitch itself, prefill (TTFT) alone vs hybrid, one decode step of each model, and the
 device-copy anchor for moving the stitched KV. Random weights of the real shapes (speed does not depend on values):
 SmolLM2-135M (30 blocks, 3 KV heads x 64) -> pruned 20 blocks, 2 KV heads; Gemma-3-270M (18 blocks, 1 KV head x 256)
--> pruned 12 blocks. bf16 models, float32 stitch weights. Tiny shapes on the CPU (run once, as tests)."""
+-> pruned 12 blocks (the recipe's largest decode sizes). bf16 models, float32 stitch weights. Tiny shapes on the CPU
+(run once, as tests)."""
 import pytest
 import torch
 
 from impl.backend import DEVICE, ON_GPU, sized
+from impl.kvstitch.config import DECODE_SIZES, PruneConfig
 from impl.kvstitch.hybrid import stitched_cache
-from impl.kvstitch.models import TinySpec, build_cache, empty_cache, forward, kv_layout, prefill, tiny_config
+from impl.kvstitch.models import (TinySpec, build_cache, empty_cache, forward, kv_layout, prefill, real_config,
+                                  tiny_config)
+from impl.kvstitch.prune import pruned_config, spread_plan
 from impl.kvstitch.stitch import StitchBundle
 
 SERIES = ("smollm2", "gemma3")
@@ -16,25 +20,10 @@ ID = f"B{BATCH}-T{TOKENS}"
 
 
 def real_configs(series: str):
-    """(prefill config, pruned decode config) with the real models' shapes."""
-    from transformers import Gemma3TextConfig, LlamaConfig
-
-    if series == "smollm2":
-        base = dict(vocab_size=49152, hidden_size=576, head_dim=64, max_position_embeddings=8192,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e5}, tie_word_embeddings=True)
-        return (LlamaConfig(**base, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                            intermediate_size=1536),
-                LlamaConfig(**base, num_hidden_layers=20, num_attention_heads=6, num_key_value_heads=2,
-                            intermediate_size=1152))
-    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)]
-    base = dict(vocab_size=262144, hidden_size=640, head_dim=256, num_attention_heads=4, num_key_value_heads=1,
-                query_pre_attn_scalar=256, sliding_window=512, max_position_embeddings=32768,
-                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
-                                 "full_attention": {"rope_type": "default", "rope_theta": 1e6}})
-    keep = [0, 1, 2, 4, 5, 6, 8, 10, 11, 13, 15, 17]
-    return (Gemma3TextConfig(**base, num_hidden_layers=18, intermediate_size=2048, layer_types=types),
-            Gemma3TextConfig(**base, num_hidden_layers=12, intermediate_size=1536,
-                             layer_types=[types[i] for i in keep]))
+    """(prefill config, decode config) with the real models' shapes: the decode model is the recipe's largest
+    pruned size of the series (``DECODE_SIZES``), its blocks spread over depth."""
+    parent = real_config(series)
+    return parent, pruned_config(parent, spread_plan(parent, PruneConfig(**DECODE_SIZES[series][0])))
 
 
 def tiny_configs(series: str):

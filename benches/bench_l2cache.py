@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from fixtures.oracle import assert_close
 from impl.backend import DEVICE, ON_GPU, sized
 from impl.l2cache.conv import conv2d, conv_flops, pick_split_k
-from impl.l2cache.experiments import build_workload
 from impl.l2cache.linear import linear, linear_bytes
 from impl.l2cache.policies import POLICIES, get_policy
 from impl.l2cache.serving import PolicyRunner, output_digest, outputs_by_kind
-from impl.l2cache.testing import l2_controller, l2_guard  # noqa: F401  (fixtures; the guard is autouse)
 from impl.l2cache.touch import default_programs, touch, touch_reference
+from impl.l2cache.workloads import build_workload
+
+pytestmark = pytest.mark.l2_state  # every test: the L2 state is checked (and put back) afterwards
 
 WORKLOADS = sized(gpu=["mlp_16mb", "mlp_64mb", "conv_64mb", "ofa_alt_noisy"], cpu=["mlp_tiny", "conv_tiny"])
 ROUNDS = sized(100, 1)

@@ -1,6 +1,7 @@
 """Tests of the shared harness itself: backend choice, oracle, strategies, results storage, ledger and report."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -105,6 +106,58 @@ def test_nasty_pattern_contains_special_floats():
     a = np.concatenate([make_array(512, "float32", "nasty", s) for s in range(8)])
     assert np.isnan(a).any() and np.isposinf(a).any() and np.isneginf(a).any()
     assert (np.signbit(a) & (a == 0)).any()
+
+
+def test_check_cuda_returns_the_outputs_or_raises_naming_the_call_and_error():
+    from cuda.bindings import driver, runtime
+
+    from impl.common.cudacheck import CudaError, check_cuda
+
+    assert check_cuda((runtime.cudaError_t.cudaSuccess, 42), "cudaDeviceGetLimit") == (42,)
+    assert check_cuda(driver.CUresult.CUDA_SUCCESS, "cuInit") == ()
+    with pytest.raises(CudaError, match=r"cudaDeviceSetLimit\(x\) failed: cudaErrorInvalidValue \(invalid argument\)"):
+        check_cuda((runtime.cudaError_t.cudaErrorInvalidValue,), "cudaDeviceSetLimit(x)")
+    with pytest.raises(CudaError, match="cuMemAlloc failed: CUDA_ERROR_OUT_OF_MEMORY"):
+        check_cuda((driver.CUresult.CUDA_ERROR_OUT_OF_MEMORY, None), "cuMemAlloc")
+
+    class MyError(CudaError):
+        pass
+
+    with pytest.raises(MyError, match="cudaErrorInvalidDevice"):
+        check_cuda(runtime.cudaError_t.cudaErrorInvalidDevice, "cudaSetDevice", MyError)
+
+
+def test_logger_prefixes_name_and_time_and_flushes(capsys):
+    from impl.common.log import logger
+
+    logger("sys")("one")
+    logger("sys.tool", to_stderr=True)("two")
+    out, err = capsys.readouterr()
+    assert re.fullmatch(r"\[sys \d\d:\d\d:\d\d\] one\n", out)
+    assert re.fullmatch(r"\[sys\.tool \d\d:\d\d:\d\d\] two\n", err)
+
+
+def test_llama3_8b_shape_gives_the_projections_of_one_block():
+    from impl.common.shapes import LLAMA3_8B, DecoderShape
+
+    assert LLAMA3_8B.linear_shapes() == {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096),
+                                         "w2": (4096, 14336)}
+    cfg = LLAMA3_8B.hf_config()
+    assert cfg["num_attention_heads"] * cfg["head_dim"] == cfg["hidden_size"] and cfg["intermediate_size"] == 14336
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        DecoderShape(64, 1, 6, 4, 16, 128, 100, 1e4)
+
+
+def test_lazy_exports_resolve_on_first_use_and_refuse_unknown_names():
+    import json.decoder
+
+    from impl.common.exports import lazy_exports
+
+    names, getattr_ = lazy_exports("json", {"decoder": ("JSONDecodeError",), "encoder": ("JSONEncoder",)})
+    assert names == ["JSONDecodeError", "JSONEncoder"]
+    assert getattr_("JSONDecodeError") is json.decoder.JSONDecodeError
+    with pytest.raises(AttributeError, match="module 'json' has no attribute 'loads_fast'"):
+        getattr_("loads_fast")
 
 
 def test_gpu_slug():

@@ -14,11 +14,11 @@ import torch
 
 from impl.common import ledger
 from impl.common.results import ROOT
-from impl.join import experiments
-from impl.join import tc_triton
-from impl.join.claims import CLAIMS, FAILING_CASES, PLOTS, TABLES
+from impl.join import experiments, ncu, tc_triton
+from impl.join.claims import CLAIMS, FAILING_CASES
 from impl.join.data import Case, make_tables, spread_keys
 from impl.join.hash_cuda import KERNEL_NAMES, SOURCE
+from impl.join.plots import PLOTS, TABLES
 
 
 # ---- the CUDA C++ source ----------------------------------------------------------------------------------------
@@ -92,17 +92,17 @@ def test_bench_cases_have_their_shape():
 # ---- Nsight Compute parsing and the experiment's smoke mode --------------------------------------------------------
 
 def test_ncu_numbers_and_csv_parse():
-    assert experiments.to_number("1,234,567") == 1234567
-    assert experiments.to_number("9,5") == 9.5 and experiments.to_number("12.5") == 12.5
-    assert experiments.to_number("n/a") is None
-    assert experiments.parse_ncu_csv("==PROF== nothing profiled\n") == []
-    kernels = experiments.parse_ncu_csv(experiments.SMOKE_CSV)
+    assert ncu.to_number("1,234,567") == 1234567
+    assert ncu.to_number("9,5") == 9.5 and ncu.to_number("12.5") == 12.5
+    assert ncu.to_number("n/a") is None
+    assert ncu.parse_ncu_csv("==PROF== nothing profiled\n") == []
+    kernels = ncu.parse_ncu_csv(ncu.SMOKE_CSV)
     assert [k["id"] for k in kernels] == [0, 1, 2]
     assert kernels[1]["dram__bytes_read.sum"] == 4e6 and kernels[2]["gpu__time_duration.sum"] == 30_000
 
 
 def test_ncu_summary_attributes_and_weights():
-    s = experiments.summarize(experiments.parse_ncu_csv(experiments.SMOKE_CSV), copy_gbps=3000.0)
+    s = ncu.summarize(ncu.parse_ncu_csv(ncu.SMOKE_CSV), copy_gbps=3000.0)
     assert set(s) == {"hash_cuda", "tc_triton"}
     h = s["hash_cuda"]
     assert h["occupancy_pct"] == 80.0  # the torch fill before the build is a helper: not in the occupancy
@@ -111,8 +111,8 @@ def test_ncu_summary_attributes_and_weights():
     assert s["tc_triton"]["occupancy_pct"] == 40.0
 
 
-def test_ncu_command_profiles_as_the_issue_asks():
-    cmd = experiments.ncu_command("ncu", experiments.CORE_METRICS, 1000, ["hash-cuda"], "/tmp/x.csv")
+def test_ncu_command_profiles_without_cache_or_clock_control():
+    cmd = ncu.ncu_command("ncu", ncu.CORE_METRICS, 1000, ["hash-cuda"], "/tmp/x.csv")
     joined = " ".join(cmd)
     assert "--cache-control none" in joined and "--csv" in joined and "impl.join.ncu_driver" in joined
     for m in ("sm__warps_active.avg.pct_of_peak_sustained_active", "dram__bytes_read.sum", "dram__bytes_write.sum",
@@ -165,13 +165,13 @@ def _fake_results(root: Path, slug: str) -> None:
            "benchmarks": benches}
     (root / slug / "machine").mkdir(parents=True)
     (root / slug / "machine" / "0001_fake.json").write_text(json.dumps(run))
-    ncu = {"device": "NVIDIA H100", "commit": ledger.clean_commit(), "date": "2026-11-28", "data": {
+    profile = {"device": "NVIDIA H100", "commit": ledger.clean_commit(), "date": "2026-11-28", "data": {
         "hash_cuda": {"occupancy_pct": 70.0, "kernels": [{"kernel": "hash_build_cu", "own": True,
                                                           "sm__warps_active.avg.pct_of_peak_sustained_active": 70.0}]},
         "tc_triton": {"occupancy_pct": 30.0, "kernels": [{"kernel": "tc_join_pass", "own": True,
                                                           "sm__warps_active.avg.pct_of_peak_sustained_active": 30.0}]}}}
     (root / slug / "join").mkdir()
-    (root / slug / "join" / "ncu.json").write_text(json.dumps(ncu))
+    (root / slug / "join" / "ncu.json").write_text(json.dumps(profile))
 
 
 def test_claims_evaluate_and_plots_draw_from_stored_results(tmp_path):

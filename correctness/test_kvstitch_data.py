@@ -7,7 +7,8 @@ import torch
 
 from impl.kvstitch import data
 from impl.kvstitch.evaluate import cut_at_eos, rouge, rouge_available
-from impl.kvstitch.experiments import interpolates, main as experiments_main
+from impl.kvstitch.experiments import main as experiments_main
+from impl.kvstitch.summary import interpolation_score
 from impl.kvstitch.prepare import join, split
 
 WIKI = """{{Infobox thing|a={{nested|x}}}}
@@ -79,7 +80,7 @@ def test_rouge_scores_known_pairs():
 @pytest.mark.parametrize("d,h,p,want", [(0.1, 0.2, 0.3, 1.0), (0.1, 0.05, 0.3, 0.0), (0.1, 0.4, 0.3, 0.0),
                                         (0.1, 0.1, 0.3, 0.0), (0.3, 0.35, 0.2, 0.0), (0.1, None, 0.3, None)])
 def test_interpolation_verdict(d, h, p, want):
-    assert interpolates(d, h, p) == want
+    assert interpolation_score(d, h, p) == want
 
 
 def test_prepare_split_and_join_roundtrip(tmp_path):
@@ -97,7 +98,8 @@ def test_prepare_split_and_join_roundtrip(tmp_path):
 
 def test_plot_draws_from_stored_results(tmp_path):
     from impl.common.ledger import ResultsView
-    from impl.kvstitch.claims import CLAIMS, plot_rouge_vs_size
+    from impl.kvstitch.claims import CLAIMS
+    from impl.kvstitch.plots import plot_rouge_vs_size
 
     root = tmp_path / "results"
     view = ResultsView("h100-test", root=root)
@@ -197,7 +199,7 @@ def test_paired_bootstrap_interval():
 def test_summary_gaps_separate_a_clear_win_from_a_tie(tmp_path):
     if not rouge_available():
         pytest.skip("rouge-score not installed (pip install rouge-score)")
-    from impl.kvstitch.experiments import summarise
+    from impl.kvstitch.summary import summarise
 
     refs = {"news": [f"the cat {i} sat on the mat" for i in range(30)]}
     good = {"news": {"generations": refs["news"], "rouge": {"rougeL": 1.0}}}
@@ -216,7 +218,7 @@ def test_summary_gaps_separate_a_clear_win_from_a_tie(tmp_path):
     assert gaps["hybrid_b_minus_lora_alone"]["lo"] > 0.9 and out["kv_gain_lo"] == 0.0  # over decode+LoRA alone too
     assert out["nll_interpolation"] is None                                  # a record without held-out losses
     from impl.common.ledger import ResultsView
-    from impl.kvstitch.claims import rouge_tables
+    from impl.kvstitch.plots import rouge_tables
 
     assert rouge_tables(ResultsView("none", root=tmp_path)) == []            # no results: no table
     (tmp_path / "fake" / "kvstitch").mkdir(parents=True)
@@ -228,7 +230,7 @@ def test_summary_gaps_separate_a_clear_win_from_a_tie(tmp_path):
 
 def test_series_record_is_checkpointed_after_each_decode_size(tmp_path, monkeypatch):
     pytest.importorskip("gensim", reason="the smoke recipe reads gensim's text (pip install gensim)")
-    from impl.kvstitch import experiments as ex
+    from impl.kvstitch import recipe as ex
 
     def fake_size(pm, size, rc, stream, tasks, codec, device, out, k):
         empty = {t.name: {"rouge": None, "generations": [""] * len(t.references)} for t in tasks}
@@ -236,7 +238,7 @@ def test_series_record_is_checkpointed_after_each_decode_size(tmp_path, monkeypa
                                                                                "lora_alone")}}
 
     monkeypatch.setattr(ex, "run_decode_size", fake_size)
-    rc = ex.recipe("smollm2", "smoke")
+    rc = ex.recipe_config("smollm2", "smoke")
     rc.decode_sizes = rc.decode_sizes * 3
     seen: list[dict] = []
     rec = ex.run_series("smollm2", rc, None, "cpu", True, tmp_path, checkpoint=seen.append)

@@ -8,7 +8,7 @@ from fixtures.oracle import assert_close
 from impl.kvstitch.config import HealConfig, PruneConfig, StageAConfig, StageBConfig, StitchConfig
 from impl.kvstitch.hybrid import generate_hybrid
 from impl.kvstitch.models import TinySpec, count_params, load_model, prefill, tiny_model
-from impl.kvstitch.prune import choose, heal, importance, kd_loss, prune
+from impl.kvstitch.prune import choose, heal, importance, kd_loss, prune, pruned_config, spread_plan
 from impl.kvstitch.stitch import StitchBundle
 from impl.kvstitch.train import (continuation_loss, eval_kv_loss, load_lora, lora_lm, save_checkpoint, stage_a,
                                  stage_b)
@@ -58,6 +58,24 @@ def test_depth_pruning_drops_the_least_important_block():
     child, _ = prune(m, PruneConfig(layers=3), [ids(2, 10, 0)])
     x = ids(1, 7, 1)
     assert_close(child(input_ids=x).logits, m(input_ids=x).logits, rtol=1e-10, atol=1e-10)
+
+
+@given(n=st.integers(1, 40), data=st.data())
+def test_spread_plan_keeps_distinct_blocks_spread_over_depth_with_chosen_shapes(n, data):
+    from impl.kvstitch.models import tiny_config
+
+    k = data.draw(st.integers(1, n))
+    cfg = tiny_config(TinySpec(layers=n, intermediate=48))
+    plan = spread_plan(cfg, PruneConfig(layers=k, mlp_keep=0.5, kv_groups=1))
+    blocks = plan["blocks"]
+    assert len(blocks) == k and blocks == sorted(set(blocks)) and blocks[0] == 0 and 0 <= blocks[-1] < n
+    assert blocks[-1] == n - 1 or k == 1
+    assert max((b - a for a, b in zip(blocks, blocks[1:])), default=0) <= -(-(n - 1) // max(k - 1, 1))
+    imp = {"block": torch.rand(n), "channel": torch.rand(n, 48), "group": torch.rand(n, 2)}
+    chosen = choose(imp, PruneConfig(layers=k, mlp_keep=0.5, kv_groups=1), cfg)
+    a, b = pruned_config(cfg, plan), pruned_config(cfg, chosen)
+    assert (a.num_hidden_layers, a.intermediate_size, a.num_key_value_heads, a.num_attention_heads) == \
+        (b.num_hidden_layers, b.intermediate_size, b.num_key_value_heads, b.num_attention_heads)
 
 
 def test_pruned_model_saves_and_reloads(tmp_path):

@@ -4,13 +4,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fixtures.l2cache import check_restored, l2_state_kept
 from impl import backend
 from impl.l2cache.arena import Span
-from impl.l2cache.control import NO_WINDOW, AccessWindow, CudaRuntimeDriver, L2Controller, L2Error, check_cuda
+from impl.l2cache.control import NO_WINDOW, AccessWindow, CudaRuntimeDriver, L2Controller, L2Error
 from impl.l2cache.fake import H100_DEFAULT_CARVEOUT, H100_LIMITS, FakeL2Driver
 from impl.l2cache.policies import PREFETCH_POLICIES, POLICIES, DefaultPolicy, PersistWeights, StreamActivations
 from impl.l2cache.serving import lab_streams, stream_handles
-from impl.l2cache.testing import check_restored, l2_controller, l2_guard  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.l2_state  # every test: the L2 state is checked (and put back) afterwards
 
 MB = 1 << 20
 STREAMS = (11, 12)
@@ -168,12 +170,19 @@ def test_guard_check_finds_a_leak_and_repairs_it():
     assert ctl.snapshot(STREAMS) == before
 
 
-def test_check_cuda_raises_naming_the_call_and_error():
-    from cuda.bindings import runtime as rt
-
-    assert check_cuda((rt.cudaError_t.cudaSuccess, 42), "cudaDeviceGetLimit") == (42,)
-    with pytest.raises(L2Error, match=r"cudaDeviceSetLimit\(x\) failed: cudaErrorInvalidValue"):
-        check_cuda((rt.cudaError_t.cudaErrorInvalidValue,), "cudaDeviceSetLimit(x)")
+def test_the_guard_fails_a_test_that_leaks_and_puts_the_state_back():
+    streams = stream_handles(lab_streams())
+    with pytest.raises(pytest.fail.Exception, match="not restored after this test: carve-out"):
+        with l2_state_kept() as ctl:
+            before = ctl.snapshot(streams)
+            ctl.apply(streams, carveout=ctl.limits.max_persisting_bytes // 2, window=AccessWindow(0, 4096, 1.0,
+                                                                                                   "persisting"))
+    assert ctl.snapshot(streams) == before
+    with pytest.raises(KeyError, match="the body's own"):
+        with l2_state_kept():
+            ctl.apply(streams, carveout=ctl.limits.max_persisting_bytes // 4)
+            raise KeyError("the body's own")
+    assert ctl.snapshot(streams) == before
 
 
 @pytest.mark.skipif(backend.ON_GPU, reason="checks the refusal on a machine without a GPU")

@@ -8,16 +8,19 @@ import pytest
 
 from impl.common.ledger import NotMeasured, ResultsView, clean_commit, evaluate
 from impl.common.results import RESULTS
-from impl.l2cache import claims, ncu
+from impl.l2cache import claims, ncu, plots
 from impl.l2cache.chooser import Comparison, compare_policies, pick_best, serve_best
 from impl.l2cache.control import L2Controller
-from impl.l2cache.experiments import SMOKE_SELECT, dram_drop, main, make_controller, read_record, select
+from impl.l2cache.experiments import main
 from impl.l2cache.fake import FakeL2Driver
+from impl.l2cache.ncu import dram_drop
 from impl.l2cache.nets import ChainConfig, ChainMLP
 from impl.l2cache.policies import POLICIES
+from impl.l2cache.recipe import SMOKE_SELECT, SelectionUnreadable, make_controller, read_record, select
 from impl.l2cache.serving import lab_streams, stream_handles
 from impl.l2cache.stats import GainInterval, gain_interval
-from impl.l2cache.testing import l2_guard  # noqa: F401  (autouse)
+
+pytestmark = pytest.mark.l2_state  # every test: the L2 state is checked (and put back) afterwards
 
 GPU = "NVIDIA H200"
 
@@ -61,7 +64,7 @@ def test_smoke_selects_then_judges_in_a_second_run(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    assert [p.name for plot in claims.PLOTS for p in plot(view, tmp_path)] == [
+    assert [p.name for plot in plots.PLOTS for p in plot(view, tmp_path)] == [
         "l2cache_gain_vs_weights.png", "l2cache_policy_table.png"]
 
 
@@ -81,7 +84,7 @@ def test_a_run_stopped_by_sigterm_puts_the_device_back():
     import signal
 
     from impl.l2cache.control import AccessWindow
-    from impl.l2cache.experiments import Guard
+    from impl.l2cache.recipe import Guard
 
     ctl = L2Controller(FakeL2Driver())
     handles = stream_handles(lab_streams())
@@ -96,10 +99,10 @@ def test_a_run_stopped_by_sigterm_puts_the_device_back():
 
 
 def test_the_verdict_refuses_a_missing_or_broken_selection(tmp_path):
-    with pytest.raises(SystemExit, match="run --select first"):
+    with pytest.raises(SelectionUnreadable, match="run --select first"):
         read_record(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text('{"data": {"table": []}}')
-    with pytest.raises(SystemExit, match="KeyError"):
+    with pytest.raises(SelectionUnreadable, match="KeyError"):
         read_record(tmp_path / "bad.json")
 
 
@@ -301,7 +304,7 @@ def test_claims_are_not_measured_without_results(tmp_path):
     for c in claims.CLAIMS:
         assert isinstance(c.measure(view), NotMeasured)
         assert evaluate(c, view)["verdict"] == "not measured"
-    assert all(plot(view, tmp_path) == [] for plot in claims.PLOTS)
+    assert all(plot(view, tmp_path) == [] for plot in plots.PLOTS)
 
 
 def test_every_claim_passes_on_good_records_and_fails_on_its_failing_case(tmp_path):
@@ -367,11 +370,11 @@ def test_report_table_shows_both_runs(tmp_path):
     ver = claims.verdict_data()
     ver["results"]["ofa"] = {"skipped": "GPU time budget spent"}
     view = _view(tmp_path, {"l2cache/selection": sel, "l2cache/verdict": ver, "l2cache/ncu": claims.ncu_data()})
-    text = "\n".join(claims.run_tables(view))
+    text = "\n".join(plots.run_tables(view))
     assert "**verdict run** ver-2 of selection run sel-1" in text and "| best | hybrid1 | persist_weights |" in text
     assert "GPU time budget spent" in text and "chose persist_weights, offline best persist_weights (match)" in text
     assert "DRAM read 400.0 -> 200.0 MB" in text and "| hybrid1 |" in text
-    assert claims.run_tables(ResultsView("h200", root=tmp_path / "empty")) == []
+    assert plots.run_tables(ResultsView("h200", root=tmp_path / "empty")) == []
 
 
 def test_plots_draw_the_intervals(tmp_path):
@@ -381,6 +384,6 @@ def test_plots_draw_the_intervals(tmp_path):
     view = _view(tmp_path, {"l2cache/selection": _selection(), "l2cache/verdict": claims.verdict_data()})
     out = tmp_path / "plots"
     out.mkdir()
-    made = [p for plot in claims.PLOTS for p in plot(view, out)]
+    made = [p for plot in plots.PLOTS for p in plot(view, out)]
     assert [p.name for p in made] == ["l2cache_gain_vs_weights.png", "l2cache_policy_table.png"]
     assert all(p.stat().st_size > 1000 for p in made)

@@ -16,8 +16,9 @@ from impl.l2cache.conv import conv2d, conv2d_reference, conv_out_hw
 from impl.l2cache.linear import linear, linear_reference
 from impl.l2cache.nets import (ChainConfig, ChainMLP, ConvNetConfig, MLPConfig, SharedConvNet, SharedMLP,
                                mlp_for_bytes)
-from impl.l2cache.testing import l2_guard  # noqa: F401  (autouse: L2 state checked after every test)
 from impl.l2cache.touch import touch, touch_reference
+
+pytestmark = pytest.mark.l2_state  # every test: the L2 state is checked (and put back) afterwards
 
 DT = {"float32": torch.float32, "float16": torch.float16}
 # every flag combination is a Triton compile on the GPU (~1 s): cap the examples there, keep the CI profile's here

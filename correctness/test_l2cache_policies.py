@@ -21,7 +21,8 @@ from impl.l2cache.policies import POLICIES, PolicyPlan, Prefetcher, get_policy
 from impl.l2cache.prefetch import check_pieces
 from impl.l2cache.serving import (ModuleWorkload, PolicyRunner, largest_run, lab_streams, measure, output_digest,
                                   outputs_by_kind, stream_handles)
-from impl.l2cache.testing import l2_controller, l2_guard  # noqa: F401  (fixtures; the guard is autouse)
+
+pytestmark = pytest.mark.l2_state  # every test: the L2 state is checked (and put back) afterwards
 
 SMALL_MODEL = "mobilenetv3_small_050"  # the interpreter is slow: CPU tests use timm's smallest MobileNetV3
 

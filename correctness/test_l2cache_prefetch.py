@@ -17,7 +17,8 @@ from impl.backend import DEVICE
 from impl.l2cache.linear import gemv_programs, linear
 from impl.l2cache.prefetch import (ALIGN, MAX_PIECE, L2Prefetch, aligned_range, check_pieces, plan_ranges,
                                    prefetch_l2)
-from impl.l2cache.testing import l2_controller, l2_guard  # noqa: F401  (fixtures; the guard is autouse)
+
+pytestmark = pytest.mark.l2_state  # every test: the L2 state is checked (and put back) afterwards
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -197,15 +197,15 @@ def test_an_unreadable_bench_file_stops_every_bench_claim(tmp_path):
 
 
 def test_a_plot_that_fails_on_its_data_is_listed_not_fatal(tmp_path, monkeypatch):
-    from impl.examples import claims
+    from impl.join import plots
 
     def broken(view, out):
         raise KeyError("table")
 
-    monkeypatch.setattr(claims, "PLOTS", [broken], raising=False)
+    monkeypatch.setattr(plots, "PLOTS", [broken])
     store_run(tmp_path, "h200", GPU, [bench("a", 1.0)])
     summary = report.render("h200", root=tmp_path)
-    assert any("plot examples.broken not drawn: KeyError" in p for p in summary["problems"])
+    assert any("plot join.broken not drawn: KeyError" in p for p in summary["problems"])
 
 
 def test_the_over_peak_diagnosis_needs_a_readable_calibration(tmp_path):
@@ -340,16 +340,16 @@ def test_history_banner_on_cards_no_longer_lent(tmp_path):
 # ---- kvstitch rescore ------------------------------------------------------------------------------------------
 
 def test_rescore_keeps_the_run_commit_and_records_its_own(tmp_path, monkeypatch):
-    from impl.kvstitch import experiments
+    from impl.kvstitch import rescore
 
     store_result(tmp_path, "h200", "kvstitch", "rouge_smollm2", {
         "references": {"news": ["a b"]}, "prefill": {"scores": {"news": {"generations": ["a b"]}}}, "decodes": [],
         "interpolation": 1.0}, commit="110319a", run_id="gpu-run")
-    monkeypatch.setattr(experiments, "rouge_available", lambda: True)
-    monkeypatch.setattr(experiments, "rouge", lambda gens, refs: {"rougeL": 0.5})
-    monkeypatch.setattr(experiments, "summarise", lambda d: d)
+    monkeypatch.setattr(rescore, "rouge_available", lambda: True)
+    monkeypatch.setattr(rescore, "rouge", lambda gens, refs: {"rougeL": 0.5})
+    monkeypatch.setattr(rescore, "summarise", lambda d: d)
     monkeypatch.setattr(results, "git_commit", lambda short=True: HEAD[:12])
-    assert experiments.rescore("h200", root=tmp_path) == 0
+    assert rescore.rescore("h200", root=tmp_path) == 0
     rec = json.loads((tmp_path / "h200" / "kvstitch" / "rouge_smollm2.json").read_text())
     assert rec["commit"] == "110319a" and rec["run_id"] == "gpu-run"
     assert rec["rescored"]["commit"] == HEAD[:12] and rec["rescored"]["of_commit"] == "110319a"
@@ -360,8 +360,8 @@ def test_rescore_keeps_the_run_commit_and_records_its_own(tmp_path, monkeypatch)
     row = verdict(ledger.ResultValue("kvstitch", "rouge_smollm2", "interpolation"), tmp_path)
     assert row["verdict"] == "not measured" and "rescoring commit" in row["reason"]
     monkeypatch.setattr(results, "git_commit", lambda short=True: HEAD[:12] + "+dirty")
-    with pytest.raises(SystemExit, match="committed code"):
-        experiments.rescore("h200", root=tmp_path)
+    with pytest.raises(rescore.RescoreRefused, match="committed code"):
+        rescore.rescore("h200", root=tmp_path)
 
 
 # ---- stats ---------------------------------------------------------------------------------------------------

@@ -21,8 +21,9 @@ Rules every verdict obeys (each has a test in ``correctness/test_ledger*.py``):
 * Unreadable files (truncated JSON, a list where an object belongs) make the claims they feed not measured with the
   file and the reason; everything else still renders.
 
-Systems declare ``CLAIMS: list[Claim]``, ``FAILING_CASES: dict[str, Case]`` (one stored-result input per claim on
-which its verdict must be "fail") and optionally ``PLOTS``/``TABLES`` in ``impl/<system>/claims.py``.
+Systems declare ``CLAIMS: list[Claim]`` and ``FAILING_CASES: dict[str, Case]`` (one stored-result input per claim on
+which its verdict must be "fail") in ``impl/<system>/claims.py``, and optionally ``PLOTS``/``TABLES`` (figures and
+tables of the report, functions of a ``ResultsView``) in ``impl/<system>/plots.py`` (``report_modules``).
 """
 from __future__ import annotations
 
@@ -553,17 +554,35 @@ def referenced_benches(measure: Any) -> list[str]:
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
 
+def _system_module(system: str, name: str) -> Any | None:
+    """``impl.<system>.<name>``, or None where the system has no such module; a missing dependency inside one is an
+    error, not a skip."""
+    try:
+        return importlib.import_module(f"impl.{system}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name in (f"impl.{system}", f"impl.{system}.{name}"):
+            return None
+        raise
+
+
 def claims_modules(systems: tuple[str, ...] = SYSTEMS) -> Iterator[tuple[str, Any]]:
-    """``(system, impl.<system>.claims)`` for every system that has that module (where CLAIMS, PLOTS and TABLES
-    live); a missing dependency inside one is an error, not a skip."""
+    """``(system, impl.<system>.claims)`` for every system that has that module (where CLAIMS and FAILING_CASES
+    live)."""
     for system in systems:
-        try:
-            mod = importlib.import_module(f"impl.{system}.claims")
-        except ModuleNotFoundError as e:
-            if e.name in (f"impl.{system}", f"impl.{system}.claims"):
-                continue
-            raise
-        yield system, mod
+        mod = _system_module(system, "claims")
+        if mod is not None:
+            yield system, mod
+
+
+def report_modules(systems: tuple[str, ...] = SYSTEMS) -> Iterator[tuple[str, Any]]:
+    """``(system, module)`` whose ``PLOTS`` and ``TABLES`` the report draws: ``impl.<system>.plots``; for a system
+    whose plots module defines neither (its figures still live beside its claims), ``impl.<system>.claims``."""
+    for system in systems:
+        mod = _system_module(system, "plots")
+        if mod is None or not (hasattr(mod, "PLOTS") or hasattr(mod, "TABLES")):
+            mod = _system_module(system, "claims")
+        if mod is not None:
+            yield system, mod
 
 
 def load_claims(systems: tuple[str, ...] = SYSTEMS) -> list[Claim]:

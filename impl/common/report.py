@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from impl.common.ledger import ResultsView, claims_modules, discover_systems, evaluate, load_claims
+from impl.common.ledger import ResultsView, discover_systems, evaluate, load_claims, report_modules
 from impl.common.results import CURRENT_CARD, RESULTS, atomic_write_bytes, atomic_write_text
 
 VERDICT_MARK = {"pass": "✅ pass", "fail": "❌ fail", "not measured": "— not measured"}
@@ -49,7 +49,7 @@ def _tables(systems: tuple[str, ...], view: ResultsView, problems: list[str]) ->
     """Markdown lines from each system's ``TABLES`` (``fn(view) -> lines``; empty when its results are absent)."""
     made = {system: [line for table in getattr(mod, "TABLES", [])
                      for line in _guarded(f"table {system}.{table.__name__}", lambda t=table: t(view), problems, [])]
-            for system, mod in claims_modules(systems)}
+            for system, mod in report_modules(systems)}
     return {k: v for k, v in made.items() if v}
 
 
@@ -57,7 +57,7 @@ def _draw_plots(systems: tuple[str, ...], view: ResultsView, out: Path, problems
     return {system: [p for plot in getattr(mod, "PLOTS", [])
                      for p in _guarded(f"plot {system}.{plot.__name__}", lambda f=plot: _run_plot(f, view, out),
                                        problems, [])]
-            for system, mod in claims_modules(systems)}
+            for system, mod in report_modules(systems)}
 
 
 def _run_plot(plot: Callable[..., list[Path]], view: ResultsView, out: Path) -> list[Path]:

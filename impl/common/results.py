@@ -213,12 +213,13 @@ def write_result(system: str, name: str, data: dict[str, Any], *, slug: str | No
     record = {"system": system, "name": name, "device": gpu_name(), "commit": git_commit(), "date": now_iso(),
               "run_id": RUN_ID, "machine": machine_info(), "data": data}
     path = Path(root) / slug / system / f"{name}.json"
-    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=_json_default) + "\n",
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=json_default) + "\n",
                       overwrite=overwrite)
     return path
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps``'s ``default`` for records: numpy/torch scalars and arrays as Python values, paths as text."""
     if hasattr(o, "item"):
         return o.item()
     if hasattr(o, "tolist"):

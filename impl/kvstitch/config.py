@@ -1,4 +1,5 @@
-"""Configs of kvstitch, one dataclass per topic (stitch, pruning, training stages, runtime, evaluation, recipe)."""
+"""Configs of kvstitch, one dataclass per topic (stitch, pruning, training stages, runtime, evaluation, recipe), and
+the decode-model sizes each series is pruned to."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,6 +30,14 @@ class PruneConfig:
     mlp_keep: float = 1.0
     kv_groups: int | None = None
     calib_batches: int = 4
+
+
+# Per series, the decode models the recipe makes from the prefill model (``PruneConfig`` fields), the largest first:
+# SmolLM2-135M (30 blocks, 3 KV heads, MLP 1536) and Gemma-3-270M (18 blocks, 1 KV head, MLP 2048).
+DECODE_SIZES: dict[str, tuple[dict, ...]] = {
+    "smollm2": ({"layers": 20, "mlp_keep": 0.75, "kv_groups": 2}, {"layers": 14, "mlp_keep": 0.5, "kv_groups": 1}),
+    "gemma3": ({"layers": 12, "mlp_keep": 0.75}, {"layers": 8, "mlp_keep": 0.5}),
+}
 
 
 @dataclass

@@ -177,6 +177,31 @@ def count_params(model: nn.Module, *, non_embedding: bool = False) -> int:
     return total
 
 
+# ---- the prefill models' shapes (speed benches build random weights of them) -------------------------------------
+
+def real_config(series: str):
+    """The transformers config of a series' prefill model, shapes only (no weights read): ``smollm2`` is
+    SmolLM2-135M (30 blocks, 9 query / 3 KV heads of 64), ``gemma3`` Gemma-3-270M (18 blocks, every sixth global,
+    4 query / 1 KV head of 256)."""
+    if series == "smollm2":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(vocab_size=49152, hidden_size=576, head_dim=64, max_position_embeddings=8192,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e5}, tie_word_embeddings=True,
+                           num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536)
+    if series == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)]
+        return Gemma3TextConfig(vocab_size=262144, hidden_size=640, head_dim=256, num_attention_heads=4,
+                                num_key_value_heads=1, query_pre_attn_scalar=256, sliding_window=512,
+                                max_position_embeddings=32768, num_hidden_layers=18, intermediate_size=2048,
+                                layer_types=types,
+                                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                                 "full_attention": {"rope_type": "default", "rope_theta": 1e6}})
+    raise ValueError(f"series must be 'smollm2' or 'gemma3', not {series!r}")
+
+
 # ---- tiny random models (tests, smoke runs, speed benches) ------------------------------------------------------
 
 @dataclass(frozen=True)

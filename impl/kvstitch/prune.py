@@ -103,6 +103,20 @@ def choose(imp: dict[str, torch.Tensor], spec: PruneConfig, config) -> dict[str,
     return {"blocks": blocks, "channels": chans, "groups": groups}
 
 
+def spread_plan(config, spec: PruneConfig) -> dict[str, list]:
+    """A plan of ``spec``'s shapes without calibration: blocks spread evenly over depth (first and last kept), the
+    first MLP channels and KV groups. For what needs only the pruned model's shape (speed benches)."""
+    cfg = text_config(config)
+    n = cfg.num_hidden_layers
+    k = n if spec.layers is None else spec.layers
+    if not 1 <= k <= n:
+        raise ValueError(f"layers must be in [1, {n}], got {k}")
+    blocks = [0] if k == 1 else [int(i * (n - 1) / (k - 1) + 0.5) for i in range(k)]
+    k_i = max(1, round(cfg.intermediate_size * spec.mlp_keep))
+    k_g = cfg.num_key_value_heads if spec.kv_groups is None else spec.kv_groups
+    return {"blocks": blocks, "channels": [list(range(k_i))] * k, "groups": [list(range(k_g))] * k}
+
+
 def pruned_config(config, plan: dict[str, list]):
     """The smaller config: fewer blocks (and their layer types), MLP width, heads; records the parent blocks."""
     cfg = copy.deepcopy(text_config(config))

@@ -21,6 +21,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
 
+from impl.common.cudacheck import CudaError, check_cuda
+
 PROPS = ("normal", "streaming", "persisting")
 
 
@@ -80,7 +82,7 @@ class L2State:
         return f"carve-out {self.carveout_bytes} B; {ws or 'no streams'}"
 
 
-class L2Error(RuntimeError):
+class L2Error(CudaError):
     """A CUDA call of the L2 control failed, or the device refused a setting."""
 
 
@@ -96,18 +98,8 @@ class L2Driver(Protocol):
 
 # ---- the real driver --------------------------------------------------------------------------------------------
 
-def check_cuda(result: Any, call: str) -> tuple:
-    """Raise ``L2Error`` naming ``call`` unless the first element of a cuda.bindings result is ``cudaSuccess``;
-    return the remaining elements."""
-    from cuda.bindings import runtime as rt
-
-    result = result if isinstance(result, tuple) else (result,)
-    err = result[0]
-    if err != rt.cudaError_t.cudaSuccess:
-        _, text = rt.cudaGetErrorString(err)
-        text = text.decode() if isinstance(text, bytes) else text
-        raise L2Error(f"{call} failed: {getattr(err, 'name', err)} ({text})")
-    return result[1:]
+def _check(result: Any, call: str) -> tuple:
+    return check_cuda(result, call, L2Error)
 
 
 def _member(enum: Any, names: tuple[str, ...]) -> Any:
@@ -129,7 +121,7 @@ class CudaRuntimeDriver:
         torch.cuda.init()  # the primary context exists before the runtime bindings attach to it
         self.rt = rt
         self.device = torch.cuda.current_device() if device is None else device
-        check_cuda(rt.cudaSetDevice(self.device), "cudaSetDevice")
+        _check(rt.cudaSetDevice(self.device), "cudaSetDevice")
         self._limit = rt.cudaLimit.cudaLimitPersistingL2CacheSize
         # CUDA 12+ aliases the stream/kernel-node attribute enums to cudaLaunchAttributeID; accept either name
         names = ("cudaStreamAttributeAccessPolicyWindow", "cudaLaunchAttributeAccessPolicyWindow")
@@ -143,7 +135,7 @@ class CudaRuntimeDriver:
 
     def _attr(self, attr: Any) -> int:
         result = self.rt.cudaDeviceGetAttribute(attr, self.device)
-        return int(check_cuda(result, f"cudaDeviceGetAttribute({attr.name})")[0])
+        return int(_check(result, f"cudaDeviceGetAttribute({attr.name})")[0])
 
     def limits(self) -> L2Limits:
         if self._limits is None:
@@ -154,14 +146,14 @@ class CudaRuntimeDriver:
         return self._limits
 
     def get_carveout(self) -> int:
-        return int(check_cuda(self.rt.cudaDeviceGetLimit(self._limit), "cudaDeviceGetLimit(PersistingL2CacheSize)")[0])
+        return int(_check(self.rt.cudaDeviceGetLimit(self._limit), "cudaDeviceGetLimit(PersistingL2CacheSize)")[0])
 
     def set_carveout(self, nbytes: int) -> None:
-        check_cuda(self.rt.cudaDeviceSetLimit(self._limit, int(nbytes)),
+        _check(self.rt.cudaDeviceSetLimit(self._limit, int(nbytes)),
                    f"cudaDeviceSetLimit(PersistingL2CacheSize, {nbytes})")
 
     def get_window(self, stream: int) -> AccessWindow:
-        (value,) = check_cuda(self.rt.cudaStreamGetAttribute(self.rt.cudaStream_t(stream), self._stream_attr),
+        (value,) = _check(self.rt.cudaStreamGetAttribute(self.rt.cudaStream_t(stream), self._stream_attr),
                               "cudaStreamGetAttribute(AccessPolicyWindow)")
         return self._window(value)
 
@@ -179,26 +171,26 @@ class CudaRuntimeDriver:
 
     def set_window(self, stream: int, window: AccessWindow) -> None:
         value = self._value(window, self.rt.cudaStreamAttrValue)
-        check_cuda(self.rt.cudaStreamSetAttribute(self.rt.cudaStream_t(stream), self._stream_attr, value),
+        _check(self.rt.cudaStreamSetAttribute(self.rt.cudaStream_t(stream), self._stream_attr, value),
                    f"cudaStreamSetAttribute(AccessPolicyWindow, {window})")
 
     def reset_persisting(self) -> None:
-        check_cuda(self.rt.cudaCtxResetPersistingL2Cache(), "cudaCtxResetPersistingL2Cache")
+        _check(self.rt.cudaCtxResetPersistingL2Cache(), "cudaCtxResetPersistingL2Cache")
 
     def _kernel_nodes(self, graph: int) -> list[Any]:
         rt = self.rt
         g = rt.cudaGraph_t(init_value=graph)
-        _, count = check_cuda(rt.cudaGraphGetNodes(g, 0), "cudaGraphGetNodes(count)")
-        nodes, _ = check_cuda(rt.cudaGraphGetNodes(g, count), "cudaGraphGetNodes")
+        _, count = _check(rt.cudaGraphGetNodes(g, 0), "cudaGraphGetNodes(count)")
+        nodes, _ = _check(rt.cudaGraphGetNodes(g, count), "cudaGraphGetNodes")
         kernel = rt.cudaGraphNodeType.cudaGraphNodeTypeKernel
-        return [n for n in nodes or [] if check_cuda(rt.cudaGraphNodeGetType(n), "cudaGraphNodeGetType")[0] == kernel]
+        return [n for n in nodes or [] if _check(rt.cudaGraphNodeGetType(n), "cudaGraphNodeGetType")[0] == kernel]
 
     def stamp_graph(self, graph: int, window: AccessWindow) -> int:
         """Set ``window`` on every kernel node of the (not yet instantiated) graph; return how many were set."""
         value = self._value(window, self.rt.cudaKernelNodeAttrValue)
         nodes = self._kernel_nodes(graph)
         for node in nodes:
-            check_cuda(self.rt.cudaGraphKernelNodeSetAttribute(node, self._node_attr, value),
+            _check(self.rt.cudaGraphKernelNodeSetAttribute(node, self._node_attr, value),
                        "cudaGraphKernelNodeSetAttribute(AccessPolicyWindow)")
         return len(nodes)
 
@@ -206,7 +198,7 @@ class CudaRuntimeDriver:
         """The window on each kernel node of a graph (to check what ``stamp_graph`` or a capture left there)."""
         out = []
         for node in self._kernel_nodes(graph):
-            (value,) = check_cuda(self.rt.cudaGraphKernelNodeGetAttribute(node, self._node_attr),
+            (value,) = _check(self.rt.cudaGraphKernelNodeGetAttribute(node, self._node_attr),
                                   "cudaGraphKernelNodeGetAttribute(AccessPolicyWindow)")
             out.append(self._window(value))
         return out

@@ -1,4 +1,5 @@
-"""Nsight Compute: the command lines that profile a driver process, and the parser of ncu's raw CSV page.
+"""Nsight Compute: the command lines that profile a driver process, the parser of ncu's raw CSV page, and the
+profile of one (workload, policy) pair against the default: the driver process and the DRAM drop per request.
 
 The cache is the subject, so ncu runs with ``--cache-control none`` (no flush between passes or workloads) and
 ``--clock-control none``; ``--graph-profiling graph`` measures one whole CUDA-graph replay (one request) as a single
@@ -11,11 +12,20 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
+
+from impl import backend
+from impl.common.log import logger
+
+log = logger("l2cache")
 
 METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_sector_hit_rate.pct")
 SHORT = {"dram__bytes_read.sum": "dram_read_bytes", "dram__bytes_write.sum": "dram_write_bytes",
@@ -93,3 +103,80 @@ def run_profile(driver_args: list[str], timeout_s: float, cwd: Path) -> tuple[li
         if imp.returncode != 0:
             raise RuntimeError(f"ncu --import exited {imp.returncode}: {imp.stderr[-2000:]}")
         return parse_raw_csv(imp.stdout), log
+
+
+# ---- one (workload, policy) pair against the default ------------------------------------------------------------
+
+def ncu_driver(spec: dict, policy_names: list[str], requests: int, controller: Any,
+               warmup: int = 10) -> list[tuple[str, int]]:
+    """Serve each policy in turn and bracket ``requests`` requests with the profiler; returns (policy, kind) of
+    each profiled request in order (the order ncu's result rows come in)."""
+    import torch
+
+    from impl.l2cache.policies import get_policy
+    from impl.l2cache.serving import PolicyRunner
+    from impl.l2cache.workloads import build
+
+    wl = build(spec)
+    profiled = []
+    on_gpu = backend.ON_GPU and backend.DEVICE == "cuda"
+    for name in policy_names:
+        with PolicyRunner(wl, get_policy(name), controller) as runner:
+            for i in range(warmup):
+                wl.between_requests()
+                runner.request(i % wl.kinds)
+            for i in range(requests):
+                wl.between_requests()
+                if on_gpu:
+                    torch.cuda.synchronize()
+                    torch.cuda.profiler.start()
+                runner.request(i % wl.kinds)
+                if on_gpu:
+                    torch.cuda.synchronize()
+                    torch.cuda.profiler.stop()
+                profiled.append((name, i % wl.kinds))
+    return profiled
+
+
+def dram_drop(rows: dict[str, list[dict]], policy: str) -> dict:
+    """DRAM bytes read per request, default vs ``policy``: the drop of the means, and its conservative end over the
+    profiled requests (the smallest default request against the largest policy request)."""
+    d = [r["dram_read_bytes"] for r in rows["default"]]
+    p = [r["dram_read_bytes"] for r in rows[policy]]
+    mean_d, mean_p = sum(d) / len(d), sum(p) / len(p)
+    return {"default_dram_read_bytes": mean_d, "policy_dram_read_bytes": mean_p,
+            "dram_read_drop_pct": 100.0 * (mean_d - mean_p) / mean_d if mean_d else None,
+            "dram_read_drop_lo_pct": 100.0 * (min(d) - max(p)) / mean_d if mean_d else None,
+            "default_l2_hit_pct": sum(r["l2_hit_pct"] for r in rows["default"]) / len(d),
+            "policy_l2_hit_pct": sum(r["l2_hit_pct"] for r in rows[policy]) / len(p)}
+
+
+def profile_pair(target: dict, requests: int, deadline: float) -> dict:
+    """ncu of default and the target's policy on its workload, in a driver process of its own."""
+    left = deadline - time.time()
+    base = {"workload": target["workload"], "policy": target["policy"], "requests": requests}
+    if ncu_binary() is None:
+        return {**base, "error": "ncu is not on PATH"}
+    if left < 20:
+        return {**base, "skipped": "GPU time budget spent"}
+    root = Path(__file__).resolve().parents[2]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(target["spec"], f)
+    policies = ["default", target["policy"]]
+    t0 = time.time()
+    try:
+        args = ["--ncu-driver", f.name, "--policies", ",".join(policies), "--requests", str(requests)]
+        rows, _ = run_profile(args, timeout_s=left, cwd=root)
+        if len(rows) != len(policies) * requests:
+            raise ValueError(f"expected {len(policies) * requests} ncu results, got {len(rows)}")
+        per = {p: rows[i * requests:(i + 1) * requests] for i, p in enumerate(policies)}
+        out = {**base, "rows": per, **dram_drop(per, target["policy"])}
+        log(f"ncu {target['workload']}: DRAM read {out['default_dram_read_bytes'] / 1e6:.1f} -> "
+            f"{out['policy_dram_read_bytes'] / 1e6:.1f} MB/request, L2 hit {out['default_l2_hit_pct']:.1f} -> "
+            f"{out['policy_l2_hit_pct']:.1f}% [{time.time() - t0:.1f} s]")
+        return out
+    except Exception as e:  # recorded, never fatal: the latency results stand without it
+        log(f"ncu {target['workload']}: FAILED: {str(e)[:300]}")
+        return {**base, "error": str(e)[-3000:]}
+    finally:
+        os.unlink(f.name)
