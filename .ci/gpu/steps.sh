@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Device side: named measurement steps, each with its own wall-clock limit and log, packing results/ and the logs into
+# $OUT after every step so a call cut off by its limit still returns what it finished.
+#   sort   tune (table of launch configs) -> stored bench run "sort" -> quick experiments (passes, transfers, pipeline)
+#   join   stored bench run "join" (CuPy kernels) -> quick experiments (ncu of both joins)
+#   fp8    .ci/gpu/fp8.sh (tune -> GPU checks -> stored bench run "fp8")
+#   serve  GEMM table tune -> decode curve experiments (the table written lands in results/<card>/serve/)
+#   seam   the full recipe (anchors, family, selector) with its checkpoints in /tmp
+#   gate   .ci/gpu/gate_proof.sh
+# Usage there: LAB_COMMIT=<sha> bash .ci/gpu/steps.sh "sort join fp8"
+set -uo pipefail
+: "${LAB_COMMIT:?set LAB_COMMIT=<sha of the committed tree>: every record names its commit}"
+export PYTHONUNBUFFERED=1 LAB_BACKEND=gpu LAB_HYPOTHESIS_PROFILE=ci
+out=${OUT:-/tmp/out}; mkdir -p "$out/logs"
+pack() { tar czf "$out/results.tgz" results; tar czf "$out/logs.tgz" -C "$out" logs; }
+run() {  # run NAME LIMIT_S CMD...: one step, its log, its exit status and seconds in summary.txt
+  local name=$1 limit=$2; shift 2
+  local t0; t0=$(date +%s)
+  timeout -s INT -k 10 "$limit" "$@" > "$out/logs/$name.log" 2>&1
+  echo "$name rc=$? $(( $(date +%s) - t0 ))s" | tee -a "$out/logs/summary.txt"
+  tail -n 12 "$out/logs/$name.log" | cut -c1-220
+  pack
+}
+for step in $1; do
+  case $step in
+    sort)
+      run sort_tune 40 python3 -m impl.sort.tune --budget-s 28
+      run sort_bench 100 python3 -m pytest benches/bench_sort.py -q -p no:cacheprovider --benchmark-save=sort
+      run sort_exp 30 python3 -m impl.sort.experiments --quick ;;
+    join)
+      run join_bench 110 python3 -m pytest benches/bench_join.py -q -p no:cacheprovider --benchmark-save=join -k "not numba"
+      run join_exp 45 python3 -m impl.join.experiments --quick ;;
+    fp8)
+      bash .ci/gpu/fp8.sh ;;  # same $OUT layout: logs/{tune,check,bench}.log, summary.txt, results.tgz
+    serve)
+      mkdir -p /tmp/serve
+      run serve_tune 90 python3 -m impl.serve.tune --out /tmp/serve --budget-s 75 --decode-reserve-s 25
+      cp /tmp/serve/*.json "results/$(python3 -c 'from impl.common.results import gpu_slug; print(gpu_slug())')/serve/"
+      run serve_exp 60 python3 -m impl.serve.experiments --gemm-table /tmp/serve/gemm_table.json --budget-s 50 ;;
+    seam)
+      run seam 410 python3 -m impl.seam.experiments --out /tmp/seam --checkpoint /tmp/seam_ckpt
+      tar czf "$out/seam.tgz" -C /tmp seam --exclude seam/checkpoint ;;
+    gate)
+      OUT=/tmp/gate_out bash .ci/gpu/gate_proof.sh 200 > "$out/logs/gate.log" 2>&1; tail -n 20 "$out/logs/gate.log"
+      cp /tmp/gate_out/logs/* "$out/logs/" 2>/dev/null; pack ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+cat "$out/logs/summary.txt"
