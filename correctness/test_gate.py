@@ -183,3 +183,17 @@ def test_a_hung_bench_process_is_killed_at_its_budget():
     assert gate.run_bounded([sys.executable, "-c", "import time; time.sleep(60)"], {}, 1.0) is None
     assert time.monotonic() - t0 < 20
     assert gate.run_bounded([sys.executable, "-c", "raise SystemExit(3)"], {}, 30.0) == 3
+
+
+@pytest.mark.parametrize("written", [None, "", '{"benchmarks": ['])
+def test_a_bench_run_stopped_before_its_json_is_written_reads_as_no_results(monkeypatch, written):
+    """pytest-benchmark opens --benchmark-json's file at start: a run stopped by the budget leaves it empty."""
+    def stopped(cmd, env, timeout_s):
+        path = next(a.split("=", 1)[1] for a in cmd if a.startswith("--benchmark-json="))
+        if written is not None:
+            open(path, "w").write(written)
+        return None
+
+    monkeypatch.setattr(gate, "run_bounded", stopped)
+    assert gate.run_pytest_benches(["benches/bench_examples.py"], None, {}, 1.0) == {}
+

@@ -171,9 +171,10 @@ def run_pytest_benches(targets: list[str], k: str | None, env: dict[str, str], t
                "--benchmark-enable", f"--benchmark-json={out}", "--benchmark-columns=median,iqr,rounds",
                *(["-k", k] if k else [])]
         run_bounded(cmd, env, timeout_s)
-        if not out.exists():
+        try:
+            run = json.loads(out.read_text())
+        except (OSError, ValueError):  # no file, or one pytest-benchmark opened but never filled (run stopped)
             return {}
-        run = json.loads(out.read_text())
     meta = {"file": "(this gate run)", "commit": (run.get("commit_info") or {}).get("id", "unknown"),
             "date": run.get("datetime", ""), "device": (run.get("machine_info") or {}).get("gpu") or "cpu"}
     return {b["fullname"]: {**b, "_meta": meta} for b in run.get("benchmarks", []) if b.get("stats")}
