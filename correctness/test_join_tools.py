@@ -211,6 +211,21 @@ def test_ncu_driver_runs_each_join_once(capsys):
     assert len(lines) == 2 and len({line.split("->")[1] for line in lines}) == 1
 
 
+def test_ncu_driver_passes_config_overrides_and_refuses_bad_ones(capsys, monkeypatch):
+    from impl.join import ncu_driver
+
+    seen = {}
+    real = ncu_driver.make_operator
+    monkeypatch.setattr(ncu_driver, "make_operator", lambda name, **kw: seen.setdefault(name, kw) and real(name, **kw)
+                        or real(name, **kw))
+    assert ncu_driver.main(["--n", "64", "--impls", "hash-numba", "--config", '{"hash-numba": {"items": 4}}']) == 0
+    assert seen == {"hash-numba": {"items": 4}}
+    for bad, why in [("[1]", "must map"), ("{", "not JSON"), ('{"tc-triton": {}}', "not run")]:
+        with pytest.raises(SystemExit):
+            ncu_driver.main(["--n", "64", "--impls", "hash-numba", "--config", bad])
+        assert why in capsys.readouterr().err
+
+
 # ---- the GPU tuning script, dry run ------------------------------------------------------------------------------
 
 @pytest.mark.slow

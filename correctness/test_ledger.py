@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -431,6 +432,14 @@ def test_calibration_peaks_are_the_best_of_their_kernels():
     assert set(p["bw_kernels"]) == {"copy_1gib", "copy_256mib", "read_sum_1gib", "triad_3x256mib"}
     assert p["bw_peak_gbps"] == max(p["bw_kernels"].values()) > 0
     assert p["bf16_peak_tflops"] == max(p["bf16_gemm_shapes"].values()) > 0
+    assert {k.rsplit("-", 1)[1] for k in p["bf16_gemm_shapes"]} == {"nn", "nt"}, "both operand layouts are timed"
+    products = []
+    for lay in ("nn", "nt"):
+        torch.manual_seed(0)
+        products.append(calibrate._gemm_fn("bf16", 8, 16, 32, layout=lay)())
+    assert torch.equal(*products), "the two layouts multiply the same matrices"
+    with pytest.raises(ValueError, match="layout"):
+        calibrate._gemm_fn("bf16", 8, 16, 32, layout="tt")
     assert bandwidth_peak(p) == p["bw_peak_gbps"] and flops_peak(p, "bf16") == p["bf16_peak_tflops"]
     assert bandwidth_peak({"copy_gbps": 3000.0}) == 3000.0 and flops_peak({"bf16_tflops": 700.0}, "bf16") == 700.0
     m = derived_metrics(1.0, int(p["bw_peak_gbps"] * 1e9 / 2), 0, p)

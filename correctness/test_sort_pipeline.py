@@ -112,6 +112,13 @@ def test_experiments_smoke_runs_and_writes_nothing(tmp_path, monkeypatch):
     assert not (results.RESULTS / "cpu" / "sort").exists()
 
 
+def test_ncu_only_refuses_a_machine_without_a_gpu():
+    from impl.sort import experiments
+
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        experiments.main(["--ncu-only", "--smoke"])
+
+
 def test_ncu_csv_parsing():
     from impl.sort.experiments import parse_ncu_csv
 

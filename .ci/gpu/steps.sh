@@ -3,6 +3,10 @@
 # $OUT after every step so a call cut off by its limit still returns what it finished.
 #   sort   tune (table of launch configs) -> stored bench run "sort" -> quick experiments (passes, transfers, pipeline)
 #   join   stored bench run "join" (CuPy kernels) -> quick experiments (ncu of both joins)
+#   join_tune   the hash and tensor-core joins' design sweep (impl.join.tune; its table lands in logs/join_tune/)
+#   join_ncu    ncu's full section set over the second of two 1M joins, split and fused schemes (text in logs/)
+#   sort_ncu    ncu over the passes of one 10M sort (results/<card>/sort/ncu.json)
+#   fp8_bench   the stored bench run "fp8" alone (its calibration included)
 #   fp8    .ci/gpu/fp8.sh (tune -> GPU checks -> stored bench run "fp8")
 #   serve  GEMM table tune -> decode curve experiments (the table written lands in results/<card>/serve/)
 #   seam   the full recipe (anchors, family, selector) with its checkpoints in /tmp
@@ -30,6 +34,20 @@ for step in $1; do
     join)
       run join_bench 110 python3 -m pytest benches/bench_join.py -q -p no:cacheprovider --benchmark-save=join -k "not numba"
       run join_exp 45 python3 -m impl.join.experiments --quick ;;
+    join_tune)
+      run join_tune 110 python3 -m impl.join.tune --out "$out/logs/join_tune" --budget-s 85 ;;
+    join_ncu)
+      for scheme in split fused; do  # second join of one operator (3 split kernels / 1 fused one per join)
+        skip=$([ $scheme = split ] && echo 3 || echo 1)
+        run "join_ncu_$scheme" 60 "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" --clock-control none --set full -k regex:join_ --launch-skip "$skip" \
+          --launch-count "$skip" python3 -m impl.join.ncu_driver --n 1000000 --impls hash-cuda --repeat 2 \
+          --config "{\"hash-cuda\": {\"scheme\": \"$scheme\"}}"
+      done ;;
+    sort_ncu)
+      run sort_ncu 90 python3 -m impl.sort.experiments --ncu-only ;;
+    fp8_bench)
+      run fp8_bench 60 python3 -m pytest benches/bench_fp8.py -q -p no:cacheprovider --benchmark-save=fp8 \
+        --benchmark-columns=median,iqr,rounds ;;
     fp8)
       bash .ci/gpu/fp8.sh ;;  # same $OUT layout: logs/{tune,check,bench}.log, summary.txt, results.tgz
     serve)
@@ -39,9 +57,9 @@ for step in $1; do
       run serve_exp 60 python3 -m impl.serve.experiments --gemm-table /tmp/serve/gemm_table.json --budget-s 50 ;;
     seam)
       run seam 410 python3 -m impl.seam.experiments --out /tmp/seam --checkpoint /tmp/seam_ckpt
-      tar czf "$out/seam.tgz" -C /tmp seam --exclude seam/checkpoint ;;
+      tar czf "$out/seam.tgz" --exclude seam/checkpoint -C /tmp seam ;;
     gate)
-      OUT=/tmp/gate_out bash .ci/gpu/gate_proof.sh 200 > "$out/logs/gate.log" 2>&1; tail -n 20 "$out/logs/gate.log"
+      OUT=/tmp/gate_out bash .ci/gpu/gate_proof.sh 160 > "$out/logs/gate.log" 2>&1; tail -n 20 "$out/logs/gate.log"
       cp /tmp/gate_out/logs/* "$out/logs/" 2>/dev/null; pack ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

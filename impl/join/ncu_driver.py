@@ -1,11 +1,14 @@
-"""The process Nsight Compute profiles: ``python -m impl.join.ncu_driver [--n N] [--impls a,b]``.
+"""The process Nsight Compute profiles: ``python -m impl.join.ncu_driver [--n N] [--impls a,b] [--config JSON]``.
 
 Builds one uniform n x n int32 case (unique build keys, ~50% probe hits) on the host, copies it to the device (copies
 launch no kernels), then runs each named join exactly once, so every kernel ncu sees belongs to one join, in order.
+``--config '{"hash-cuda": {"scheme": "split"}}'`` gives a join its config overrides (the fields of its config
+dataclass); ``--repeat 2`` joins twice with one operator (the second join reuses the table, as a bench's rounds do).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import impl  # noqa: F401
@@ -15,14 +18,16 @@ from impl.join import IMPLS, make_operator
 from impl.join.data import Case, make_tables
 
 
-def run(n: int, impls: list[str], config: dict[str, dict] | None = None) -> dict[str, int]:
-    """Run each join once on the uniform n x n case; returns pairs per join."""
+def run(n: int, impls: list[str], config: dict[str, dict] | None = None, repeat: int = 1) -> dict[str, int]:
+    """Run each join ``repeat`` times (one operator: later joins reuse its table, as a bench's rounds do) on the
+    uniform n x n case; returns pairs per join."""
     bk, br, pk, pr = make_tables(Case("uniform", n), seed=0, device=backend.DEVICE)
     pairs = {}
     for name in impls:
         op = make_operator(name, **(config or {}).get(name, {}))
-        res = op(bk, pk, br, pr)
-        synchronize()
+        for _ in range(repeat):
+            res = op(bk, pk, br, pr)
+            synchronize()
         pairs[name] = len(res)
         print(f"ncu_driver: {name} joined {n} x {n} -> {len(res)} pairs", flush=True)
     return pairs
@@ -32,12 +37,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--impls", default="hash-numba,hash-cuda,tc-triton")
+    ap.add_argument("--config", default="{}", help="JSON object: join name -> config overrides")
+    ap.add_argument("--repeat", type=int, default=1, help="joins per operator (profile a later one: --launch-skip)")
     a = ap.parse_args(argv)
     impls = [s for s in a.impls.split(",") if s]
     bad = [s for s in impls if s not in IMPLS]
     if bad:
         ap.error(f"unknown joins {bad}; choose from {IMPLS}")
-    run(a.n, impls)
+    try:
+        config = json.loads(a.config)
+    except ValueError as e:
+        ap.error(f"--config is not JSON: {e}")
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        ap.error('--config must map join names to objects, e.g. {"hash-cuda": {"scheme": "split"}}')
+    unknown = sorted(set(config) - set(impls))
+    if unknown:
+        ap.error(f"--config names joins not run: {unknown}")
+    if a.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {a.repeat}")
+    run(a.n, impls, config, a.repeat)
     return 0
 
 

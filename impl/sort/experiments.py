@@ -3,6 +3,7 @@
     python -m impl.sort.experiments            on the GPU: every experiment, results in results/<gpu>/sort/*.json
     python -m impl.sort.experiments --quick    passes, transfers, pipeline at 10M only; no numba_tune, no ncu
     python -m impl.sort.experiments --smoke    CPU (simulator), tiny sizes, prints only, writes nothing
+    python -m impl.sort.experiments --ncu-only on the GPU: only the Nsight Compute profile
 
 passes     each pass of the 10M float32 sort (CUDA C++ passes) timed alone (L2 flushed): ms, GB/s, % of the copy
            peak, by kind; ``min_pct_copy_bw`` feeds the per-pass claim (the wider search is ``impl.sort.tune``)
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="no numba_tune, no ncu, pipeline at 10M only")
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run that writes nothing (CI)")
     ap.add_argument("--no-ncu", action="store_true", help="skip the Nsight Compute profile")
+    ap.add_argument("--ncu-only", action="store_true", help="only the Nsight Compute profile")
     ap.add_argument("--skip-tune", action="store_true", help="skip the passes and tune experiments (stored already)")
     ap.add_argument("--ncu-target", type=int, metavar="N", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -267,6 +269,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data = {**data, "copy_gbps": peak, "default_config": asdict(GPU_CONFIG)}
         log(f"wrote {write_result('sort', name, data, overwrite=True).relative_to(ROOT)}")
 
+    if args.ncu_only:
+        if smoke:
+            raise SystemExit("--ncu-only profiles the GPU kernels with Nsight Compute: it needs a GPU")
+        keep("ncu", exp_ncu(n))
+        log(f"done in {time.time() - t0:.0f} s")
+        return results
     if not args.skip_tune:
         keep("passes", exp_passes(n, reps, peak))
         if not args.quick or smoke:  # --quick on a GPU: the CUDA C++ tune (impl.sort.tune) already ran
