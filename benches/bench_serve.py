@@ -23,7 +23,7 @@ from impl.serve import tune as serve_tune
 from impl.serve.attention import make_backend, paged_attention_reference
 from impl.serve.fp8_gemv import DecodeFp8Linear
 from impl.serve.model import DenseLinear, ModelArgs
-from impl.serve.testing import fill_sequences, fragmented_cache, step_metadata
+from fixtures.serve import fill_sequences, fragmented_cache, step_metadata
 
 DTYPE = torch.bfloat16 if backend.ON_GPU else torch.float32
 HEADS, KV_HEADS, HEAD_DIM = sized((32, 8, 128), (4, 2, 16))

@@ -29,7 +29,7 @@ from impl import backend
 from impl.serve.engine import Engine, EngineConfig
 from impl.serve.sampling import SamplingParams, sample
 from impl.serve.server import ServerLimits, make_server
-from impl.serve.testing import tiny_model
+from fixtures.serve import tiny_model
 
 DEV = "cuda" if backend.ON_GPU else "cpu"
 MODEL = tiny_model(device=DEV)

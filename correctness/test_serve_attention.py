@@ -15,7 +15,7 @@ from impl import backend
 from impl.backend import DEVICE
 from impl.serve.attention import (available_backends, make_backend, paged_attention_reference, select_backend)
 from impl.serve.model import ModelArgs
-from impl.serve.testing import fill_sequences, fragmented_cache, step_metadata
+from fixtures.serve import fill_sequences, fragmented_cache, step_metadata
 from impl.serve.triton_attention import paged_decode, paged_prefill
 
 BACKENDS = list(available_backends())

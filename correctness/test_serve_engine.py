@@ -12,7 +12,7 @@ from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep
 from impl.serve.attention import make_backend
 from impl.serve.reference import ContiguousKV, greedy_contiguous
 from impl.serve.sampling import SamplingParams, sample_one, top_p_filter
-from impl.serve.testing import tiny_model
+from fixtures.serve import tiny_model
 
 DEV = "cuda" if backend.ON_GPU else "cpu"
 MODEL = tiny_model(device=DEV)

@@ -16,7 +16,7 @@ from impl.serve.attention import make_backend
 from impl.serve.fused import rmsnorm, rope_split, silu_mul
 from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep
 from impl.serve.model import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
-from impl.serve.testing import tiny_model
+from fixtures.serve import tiny_model
 
 DTYPES = ["float32"] + (["bfloat16"] if backend.ON_GPU else [])
 TOL = {"float32": dict(rtol=1e-5, atol=1e-6), "bfloat16": dict(rtol=1.6e-2, atol=1e-2)}

@@ -11,7 +11,7 @@ from fixtures.oracle import assert_close
 from impl.serve import fp8_adapter
 from impl.serve.model import ModelArgs, Transformer, apply_rope, rope_cos_sin, rope_inv_freq
 from impl.serve.reference import ContiguousKV
-from impl.serve.testing import tiny_model
+from fixtures.serve import tiny_model
 from impl.serve.weights import load_model, save_hf_dir
 
 transformers = pytest.importorskip("transformers", reason="the HF comparisons need transformers")

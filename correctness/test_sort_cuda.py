@@ -28,7 +28,7 @@ from impl.sort.plan import (EMU_CUDA_CONFIG, GPU_CUDA_CONFIG, MODES, CudaSortCon
                             padded_bits)
 from impl.sort.reference import argsort_reference, is_permutation, sort_reference
 from impl.sort.runtimes import EmulatedRuntime, cupy_unavailable_reason
-from impl.sort.testing import host_bits
+from fixtures.sort import host_bits
 from impl.sort.twin import check_plan, sort_twin
 
 DTYPES = st.sampled_from(SUPPORTED_DTYPES)

@@ -14,7 +14,7 @@ from impl.sort.keys import SUPPORTED_DTYPES
 from impl.sort.network import default_config
 from impl.sort.pipeline import NAIVE, HostSortPipeline, PipelineConfig
 from impl.sort.reference import argsort_reference, sort_reference
-from impl.sort.testing import host_bits
+from fixtures.sort import host_bits
 
 
 @given(x=arrays(st.sampled_from(SUPPORTED_DTYPES), max_n=max_size(cpu=1500, gpu=1 << 21)),

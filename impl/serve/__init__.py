@@ -11,6 +11,6 @@ GEMM table per projection and batch size; batch-invariant serving), ``tune.py`` 
 ``ptx_check.py`` (the kernel compiled for Hopper without a GPU), ``experiments.py`` (decode/TTFT per batch, FP8 vs
 bf16), ``loadtest.py`` + ``loadclient.py`` (the endpoint under load), ``flashinfer_setup.py`` +
 ``flashinfer_check.py`` (flashinfer carried, installed and timed beside Triton), ``claims.py``; ``reference.py``
-(contiguous-KV decoding, the engine's oracle) and ``testing.py`` (toy models and fragmented caches for tests and
-benches).
+(contiguous-KV decoding, the engine's oracle). Toy models and fragmented caches for tests and benches live in
+``fixtures/serve.py``.
 """

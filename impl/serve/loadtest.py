@@ -77,7 +77,7 @@ def load_model(cfg: LoadConfig) -> tuple[Any, str]:
     from impl.serve import choose, fp8_adapter
 
     if cfg.model == "tiny":
-        from impl.serve.testing import tiny_model
+        from fixtures.serve import tiny_model
 
         model = fp8_adapter.quantize_model_(tiny_model())
     elif cfg.model == "smollm2":
