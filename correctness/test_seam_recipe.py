@@ -142,7 +142,8 @@ def verdicts(view):
 
 
 def test_claims_read_the_recipe_results(smoke, tmp_path):
-    from impl.seam.claims import CLAIMS, PLOTS, TABLES
+    from impl.seam.claims import CLAIMS
+    from impl.seam.plots import PLOTS, TABLES
 
     out, res = smoke
     assert {c.id for c in CLAIMS} == {"seam.anchor_order_margin_pp", "seam.interpolation_fraction",

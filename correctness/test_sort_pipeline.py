@@ -168,7 +168,8 @@ def _good_view(tmp_path):
 
 
 def test_claims_evaluate_from_stored_benches_and_plots_draw(tmp_path):
-    from impl.sort.claims import CLAIMS, PLOTS
+    from impl.sort.claims import CLAIMS
+    from impl.sort.plots import PLOTS
 
     view = _good_view(tmp_path)
     rows = {c.id: evaluate(c, view) for c in CLAIMS}
