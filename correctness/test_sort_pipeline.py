@@ -100,11 +100,13 @@ def test_pipeline_at_full_size_on_gpu():
 
 def test_experiments_smoke_runs_and_writes_nothing(tmp_path, monkeypatch):
     from impl.common import results
-    from impl.sort import experiments
+    from impl.sort import experiments, recipe
 
-    written = []
-    monkeypatch.setattr(experiments, "write_result", lambda *a, **k: written.append(a))
-    out = experiments.main(["--smoke"])
+    written, runs = [], []
+    monkeypatch.setattr(recipe, "write_result", lambda *a, **k: written.append(a))
+    monkeypatch.setattr(experiments, "run", lambda **kw: runs.append(recipe.run(**kw)))
+    assert experiments.main(["--smoke"]) == 0
+    out = runs[0]
     assert set(out) == {"passes", "numba_tune", "transfers", "pipeline"} and written == []
     keys = out["passes"]["keys"]
     assert len(keys["passes"]) == len(BitonicSorter(300, np.float32).plan.passes)
@@ -113,7 +115,7 @@ def test_experiments_smoke_runs_and_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_ncu_csv_parsing():
-    from impl.sort.experiments import parse_ncu_csv
+    from impl.sort.recipe import parse_ncu_csv
 
     text = ('==PROF== Connected\n"ID","Process ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n'
             '"0","1","block_kernel","dram__bytes_read.sum","byte","40,000,000"\n'
