@@ -6,13 +6,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fixtures.oracle import assert_close
+from fixtures.serve import tiny_model
 from impl import backend
 from impl.serve.engine import Engine, EngineConfig
 from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep
 from impl.serve.attention import make_backend
 from impl.serve.reference import ContiguousKV, greedy_contiguous
 from impl.serve.sampling import SamplingParams, sample_one, top_p_filter
-from fixtures.serve import tiny_model
 
 DEV = "cuda" if backend.ON_GPU else "cpu"
 MODEL = tiny_model(device=DEV)

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda
 
+from fixtures.sort import host_bits
 from fixtures.strategies import arrays, make_array, max_size
 from impl.common.ledger import ResultsView, clean_commit, evaluate
 from impl.sort.bitonic import BitonicSorter, SortGraph
@@ -14,7 +15,6 @@ from impl.sort.keys import SUPPORTED_DTYPES
 from impl.sort.network import default_config
 from impl.sort.pipeline import NAIVE, HostSortPipeline, PipelineConfig
 from impl.sort.reference import argsort_reference, sort_reference
-from fixtures.sort import host_bits
 
 
 @given(x=arrays(st.sampled_from(SUPPORTED_DTYPES), max_n=max_size(cpu=1500, gpu=1 << 21)),

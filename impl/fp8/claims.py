@@ -12,10 +12,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from impl.common.ledger import BenchRatio, Case, Claim, ExtraInfo, Measured, NotMeasured, ResultValue
+from impl.common.shapes import LLAMA3_8B
 from impl.fp8.layouts import LAYOUTS
 
-BIG = "14336x4096"  # Llama-3-8B gate (or up) projection
-OTHER = ["4096x4096", "6144x4096", "4096x14336", "28672x4096"]  # q/o, qkv fused, down, gate+up fused
+# Llama-3-8B's gate (or up) projection; then q/o, qkv fused, down, gate+up fused
+BIG, *OTHER = [f"{n}x{k}" for n, k in LLAMA3_8B.kernel_matrices()]
 GEMM = "M8192-N8192-K8192"
 BW_TARGET = 92.0
 TWO_READ_TARGET = 90.0
@@ -53,12 +54,12 @@ def _bw(kind: str, group: str, key: str = "pct_peak_bw", target: float = BW_TARG
     base = f"fp8.{kind}_bw_pct_{group}"
     return [
         Claim(id=base, system="fp8", unit=unit, comparison=">=", target=target,
-              statement=f"Triton {verb}, {group} scales, on a 14336x4096 matrix reaches >= {target:g}% of the card's "
+              statement=f"Triton {verb}, {group} scales, on a {BIG} matrix reaches >= {target:g}% of the card's "
                         f"copy bandwidth{what}",
               measure=ExtraInfo(f"{bench}[{group}-{BIG}]", key)),
         Claim(id=f"{base}_other_shapes", system="fp8", unit=unit, comparison=">=", target=target,
               statement=f"Triton {verb}, {group} scales, reaches >= {target:g}% of copy bandwidth{what} on every other "
-                        "matrix of a Llama-3-8B layer (4096x4096, 6144x4096, 4096x14336, 28672x4096): the worst",
+                        f"matrix of a Llama-3-8B layer ({', '.join(OTHER)}): the worst",
               measure=MinExtraInfo(tuple(f"{bench}[{group}-{s}]" for s in OTHER), key)),
     ]
 

@@ -31,8 +31,9 @@ import impl  # noqa: F401
 import torch
 
 from impl import backend
+from impl.common.shapes import LLAMA3_8B
 
-HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+HEADS, KV_HEADS, HEAD_DIM = LLAMA3_8B.n_heads, LLAMA3_8B.n_kv_heads, LLAMA3_8B.head_dim
 DECODE = [(1, 4096), (32, 1024), (128, 1024)]
 PREFILL = [(4, 1024), (1, 4096)]
 REFERENCE_CASES = {"decode": "32x1024", "prefill": "4x1024"}  # the cases choose_phases judges (B x length)
