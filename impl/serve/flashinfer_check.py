@@ -31,6 +31,7 @@ import impl  # noqa: F401
 import torch
 
 from impl import backend
+from impl.common.log import logger
 from impl.common.shapes import LLAMA3_8B
 
 HEADS, KV_HEADS, HEAD_DIM = LLAMA3_8B.n_heads, LLAMA3_8B.n_kv_heads, LLAMA3_8B.head_dim
@@ -39,8 +40,7 @@ PREFILL = [(4, 1024), (1, 4096)]
 REFERENCE_CASES = {"decode": "32x1024", "prefill": "4x1024"}  # the cases choose_phases judges (B x length)
 
 
-def log(msg: str) -> None:
-    print(f"[serve.flashinfer_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger("serve.flashinfer_check")
 
 
 def flashinfer_status(site_dir: str | None) -> dict[str, Any]:
