@@ -162,8 +162,8 @@ def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4
         for label, pc in [("naive", NAIVE)] + [(f"pinned_chunks={c}", PipelineConfig(chunks=c)) for c in chunks]:
             pipe = HostSortPipeline(n, np.float32, pipeline=pc)
             ms = time_fn(lambda: pipe(x, out), warmup=warmup_for(reps), reps=reps, flush=False).median_ms
-            # Exact comparison with numpy's sort. (A float64 sum of the output is no check: summing a permutation
-            # in another order rounds differently, which once flagged a correct 10M-key result as wrong.)
+            # Exact comparison with numpy's sort (a float64 sum is no check: a permutation summed in another order
+            # rounds differently, so a correct result can differ from the input's sum)
             if not np.array_equal(out, expected):
                 bad = int(np.count_nonzero(out != expected))
                 raise AssertionError(f"pipeline {label} at n={n}: {bad} keys differ from numpy.sort")
