@@ -20,7 +20,7 @@ from fixtures.strategies import hypothesis_profile_from_env
 from impl import backend
 from impl.common import results as res
 
-pytest_plugins = ("fixtures.l2cache",)
+pytest_plugins = ("fixtures.l2cache", "fixtures.seam")
 
 _SLOW_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=15, print_blob=True,

@@ -30,15 +30,15 @@ import torch
 
 from impl import backend
 from impl.backend import DEVICE, sized
+from impl.common.shapes import LLAMA3_8B
 from impl.fp8 import launch, quant, staging
 from impl.fp8.formats import E4M3, MIN_SCALE, get_group
 from impl.fp8.linear import Fp8Linear, quantize_weight
 from impl.fp8.loader import load_checkpoint
-from impl.fp8.tiny import LLAMA3_8B, tiny_config, write_random_fp8_checkpoint
+from impl.fp8.tiny import shape_config, tiny_config, write_random_fp8_checkpoint
 
 HI = torch.bfloat16 if backend.ON_GPU else torch.float32  # no bf16 in the Triton interpreter
-SHAPES = sized(gpu=[(14336, 4096), (4096, 4096), (6144, 4096), (4096, 14336), (28672, 4096)],
-              cpu=[(130, 96), (64, 200)])
+SHAPES = sized(gpu=LLAMA3_8B.kernel_matrices(), cpu=[(130, 96), (64, 200)])
 DQ_GROUPS = ["tensor", "channel", "block"]
 RQ_GROUPS = ["tensor", "channel", "group", "block"]
 
@@ -173,7 +173,7 @@ def test_fp8_gemm(device_bench, variant, m, nk):
 @pytest.fixture(scope="module")
 def big_checkpoint(tmp_path_factory):
     """GPU: two Llama-3-8B layers in FP8 (per-channel) + a 32k-vocab bf16 embedding (~0.7 GB); CPU: tiny."""
-    cfg = tiny_config(**{**LLAMA3_8B, "num_hidden_layers": 2, "vocab_size": 32000, "tie_word_embeddings": True}) \
+    cfg = shape_config(LLAMA3_8B, num_hidden_layers=2, vocab_size=32000, tie_word_embeddings=True) \
         if backend.ON_GPU else tiny_config()
     d = tmp_path_factory.mktemp("load")
     nbytes = write_random_fp8_checkpoint(d, cfg, "vllm-channel", shard_bytes=sized(1 << 30, 1 << 14))

@@ -21,22 +21,13 @@ from impl.seam.family import build_family
 from impl.seam.serve import SeamServer
 from impl.seam.train import autocast
 
+pytestmark = pytest.mark.one_cpu_thread  # tiny CPU convs (fixtures/seam.py)
 DEV = "cuda" if backend.ON_GPU else "cpu"
 SIZE = sized(gpu=28, cpu=16)
 WIDTH_DIV = sized(gpu=1, cpu=4)
 BATCHES = {"b1": 1, "b256": sized(gpu=256, cpu=2)}
 POINTS = range(1, 16)
 CONFIGS = ["r34", "r50"] + [f"{a}_to_{b}_p{p:02d}" for a, b in (("r34", "r50"), ("r50", "r34")) for p in POINTS]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny CPU convs run faster on one thread and stay fast on a shared machine; restored after the module."""
-    old = torch.get_num_threads()
-    if not backend.ON_GPU:
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

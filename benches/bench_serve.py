@@ -16,17 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from fixtures.oracle import assert_close
+from fixtures.serve import fill_sequences, fragmented_cache, step_metadata
 from impl import backend
 from impl.backend import DEVICE, sized
+from impl.common.shapes import LLAMA3_8B
 from impl.serve import choose, fp8_adapter
 from impl.serve import tune as serve_tune
 from impl.serve.attention import make_backend, paged_attention_reference
 from impl.serve.fp8_gemv import DecodeFp8Linear
 from impl.serve.model import DenseLinear, ModelArgs
-from impl.serve.testing import fill_sequences, fragmented_cache, step_metadata
 
 DTYPE = torch.bfloat16 if backend.ON_GPU else torch.float32
-HEADS, KV_HEADS, HEAD_DIM = sized((32, 8, 128), (4, 2, 16))
+HEADS, KV_HEADS, HEAD_DIM = sized((LLAMA3_8B.n_heads, LLAMA3_8B.n_kv_heads, LLAMA3_8B.head_dim), (4, 2, 16))
 ATTN_ARGS = ModelArgs(dim=HEADS * HEAD_DIM, n_layers=1, n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                       ffn_dim=8, vocab_size=8)
 DECODE_CASES = sized([(1, 4096), (32, 1024), (128, 1024)], [(3, 40)])
@@ -99,8 +100,7 @@ def test_serve_paged_prefill(device_bench, variant, batch, length):
 
 # all four projections of a layer: the decode step's weight streaming is their sum, and the small-N ones (wo, and
 # wqkv) get the fewest programs per SM, so they are where a batch-1 GEMV falls short of copy bandwidth first
-LINEAR_SHAPES = sized({"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336)},
-                      {"wqkv": (48, 32), "w2": (16, 80)})
+LINEAR_SHAPES = sized(LLAMA3_8B.linear_shapes(), {"wqkv": (48, 32), "w2": (16, 80)})
 TOKENS = sized([1, 32, 128, 256], [1, 5])
 
 

@@ -25,11 +25,11 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from fixtures.serve import tiny_model
 from impl import backend
 from impl.serve.engine import Engine, EngineConfig
 from impl.serve.sampling import SamplingParams, sample
 from impl.serve.server import ServerLimits, make_server
-from impl.serve.testing import tiny_model
 
 DEV = "cuda" if backend.ON_GPU else "cpu"
 MODEL = tiny_model(device=DEV)

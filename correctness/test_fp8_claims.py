@@ -3,7 +3,7 @@ FAILING_CASES input and passes on a good one, statements name no card, and the p
 import re
 
 from impl.common.ledger import Case, ResultsView, evaluate, load_claims, materialise
-from impl.fp8 import claims
+from impl.fp8 import claims, plots
 from impl.fp8.layouts import LAYOUTS
 
 
@@ -75,8 +75,8 @@ def test_fp8_plots_draw_from_results_and_skip_without(tmp_path):
     view = write_view(tmp_path, "plots", benches, {"fp8/quality": good_quality()})
     out = tmp_path / "plots-out"
     out.mkdir()
-    made = [p for plot in claims.PLOTS for p in plot(view, out)]
+    made = [p for plot in plots.PLOTS for p in plot(view, out)]
     assert sorted(p.name for p in made) == ["fp8_kernel_bandwidth.png", "fp8_perplexity.png", "fp8_speedup_vs_m.png"]
     assert all(p.stat().st_size > 1000 for p in made)
     empty = ResultsView("nothing-here", tmp_path)
-    assert all(plot(empty, out) == [] for plot in claims.PLOTS)
+    assert all(plot(empty, out) == [] for plot in plots.PLOTS)

@@ -142,6 +142,7 @@ def test_llama3_8b_shape_gives_the_projections_of_one_block():
 
     assert LLAMA3_8B.linear_shapes() == {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096),
                                          "w2": (4096, 14336)}
+    assert LLAMA3_8B.kernel_matrices() == [(14336, 4096), (4096, 4096), (6144, 4096), (4096, 14336), (28672, 4096)]
     cfg = LLAMA3_8B.hf_config()
     assert cfg["num_attention_heads"] * cfg["head_dim"] == cfg["hidden_size"] and cfg["intermediate_size"] == 14336
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):

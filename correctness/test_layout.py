@@ -1,7 +1,7 @@
 """Every system folder has the same files for the same jobs (README "Layout of a system"), read from the source.
 
-Systems still being moved are named in the allow-lists below, each with what it still lacks; a later round moves
-them and empties the lists. A system not named must already follow the layout.
+The allow-lists below are empty: every system follows the layout. An entry would be a permission (a system exempt
+from that check while it is being moved), never a requirement.
 """
 import ast
 import importlib
@@ -15,13 +15,13 @@ from impl.common import ledger
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ledger.discover_systems()
 
-# not yet moved: each entry is a permission, not a requirement
-PYTEST_IN_IMPL = {"impl/seam/testing.py"}  # pytest fixtures inside the product
-TESTING_IN_IMPL = {"sort", "serve", "seam"}  # test helpers in impl/<system>/testing.py instead of fixtures/
-FIGURES_IN_CLAIMS = {"sort", "serve", "seam", "fp8"}  # PLOTS/TABLES in claims.py instead of plots.py
-NO_EXPORTS = {"seam", "serve", "fp8"}  # __init__.py describes files but exports nothing
-MAIN_NOT_EXIT_CODE = {"sort"}  # experiments.main returns a dict
-WORDS_ALLOWED = {"impl/fp8/__init__.py", "impl/fp8/claims.py"}  # an issue number in a docstring
+# exemptions while a system is moved (none now)
+PYTEST_IN_IMPL: set[str] = set()  # pytest fixtures inside the product
+TESTING_IN_IMPL: set[str] = set()  # test helpers in impl/<system>/testing.py instead of fixtures/
+FIGURES_IN_CLAIMS: set[str] = set()  # PLOTS/TABLES in claims.py instead of plots.py
+NO_EXPORTS: set[str] = set()  # __init__.py describes files but exports nothing
+MAIN_NOT_EXIT_CODE: set[str] = set()  # experiments.main returns something else
+WORDS_ALLOWED: set[str] = set()  # an issue number in a docstring
 
 
 def _tree(path: Path) -> ast.Module:

@@ -15,14 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fixtures.oracle import assert_close
+from fixtures.seam import make_family, randomize_bn, synthetic_bundle
 from impl import backend
 from impl.seam.data import preprocess, read_idx_images, read_idx_labels, shift_flip, write_idx
 from impl.seam.family import Config, SeamFamily, stitch_points
 from impl.seam.lstsq import init_stitches, pixels, solve_lstsq
 from impl.seam.measure import calibrate_bn, count_flops
 from impl.seam.models import AnchorConfig, build_anchor
-from impl.seam.testing import make_family, randomize_bn, synthetic_bundle, one_cpu_thread  # noqa: F401  (autouse)
 
+pytestmark = pytest.mark.one_cpu_thread  # fixtures/seam.py
 DEV = "cuda" if backend.ON_GPU else "cpu"
 
 

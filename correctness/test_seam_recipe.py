@@ -12,8 +12,8 @@ import torch
 from impl.common.ledger import ResultsView, clean_commit, evaluate, load_claims
 from impl.common.results import RESULTS
 from impl.seam.data import IDX_FILES, default_data_dir, write_idx
-from impl.seam.testing import one_cpu_thread  # noqa: F401  (autouse)
 
+pytestmark = pytest.mark.one_cpu_thread  # fixtures/seam.py
 GPU = "NVIDIA H200"
 
 
@@ -142,7 +142,8 @@ def verdicts(view):
 
 
 def test_claims_read_the_recipe_results(smoke, tmp_path):
-    from impl.seam.claims import CLAIMS, PLOTS, TABLES
+    from impl.seam.claims import CLAIMS
+    from impl.seam.plots import PLOTS, TABLES
 
     out, res = smoke
     assert {c.id for c in CLAIMS} == {"seam.anchor_order_margin_pp", "seam.interpolation_fraction",
@@ -274,7 +275,7 @@ def test_claim_statements_name_no_card():
 
 def test_nonfinite_loss_stops_training():
     """One NaN weight makes every loss NaN: training raises instead of returning garbage weights."""
-    from impl.seam.testing import make_family, synthetic_bundle
+    from fixtures.seam import make_family, synthetic_bundle
     from impl.seam.train import CollapseError, TrainConfig, finetune_family
 
     fam = make_family(width_div=16)
@@ -334,7 +335,7 @@ def test_recipe_writes_nothing_complete_from_a_diverged_family(tmp_path, monkeyp
 
 def test_grad_clip_bounds_the_step():
     """With ``grad_clip`` one Nesterov step moves all parameters together by at most lr·(1 + momentum)·clip."""
-    from impl.seam.testing import make_family, synthetic_bundle
+    from fixtures.seam import make_family, synthetic_bundle
     from impl.seam.train import TrainConfig, finetune_family, lr_at, momentum_at
 
     fam = make_family(width_div=16)

@@ -11,15 +11,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fixtures.seam import make_family, synthetic_bundle
 from impl import backend
 from impl.seam.measure import InterpolationRule, accuracy, calibrate_bn, interpolates, interpolation_summary
 from impl.seam.select import FloorError, Promise, floor_grid, promise_interval, promised, select, summarize, sweep
 from impl.seam.serve import CheckpointError, SeamServer, load_checkpoint, save_checkpoint
 from impl.seam.stats import bootstrap_accuracies, mean_ci95, pack_bits, promise_bound, t975, unpack_bits, z_of
-from impl.seam.testing import make_family, synthetic_bundle, one_cpu_thread  # noqa: F401  (autouse)
 from impl.seam.train import TrainConfig, distill_loss, finetune_family, lr_at, momentum_at, sample_configs, \
     train_anchor
 
+pytestmark = pytest.mark.one_cpu_thread  # fixtures/seam.py
 DEV = "cuda" if backend.ON_GPU else "cpu"
 FEW = settings(max_examples=30 if backend.ON_GPU else 5, deadline=None)
 RAW = Promise(confidence=None)

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fixtures.oracle import assert_close, check_kernel
+from fixtures.serve import fill_sequences, fragmented_cache, step_metadata
 from impl import backend
 from impl.backend import DEVICE
 from impl.serve.attention import (available_backends, make_backend, paged_attention_reference, select_backend)
 from impl.serve.model import ModelArgs
-from impl.serve.testing import fill_sequences, fragmented_cache, step_metadata
 from impl.serve.triton_attention import paged_decode, paged_prefill
 
 BACKENDS = list(available_backends())

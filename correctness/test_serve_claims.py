@@ -5,7 +5,7 @@ import json
 import pytest
 
 from impl.common.ledger import ResultsView, clean_commit, evaluate
-from impl.serve import claims
+from impl.serve import claims, plots
 
 CARD_PATTERN = ("H100", "H200", "A100", "L40S", "B200")
 
@@ -54,9 +54,9 @@ def test_latency_plot_draws_both_modes(tmp_path):
     data = {**claims.GOOD_ENDPOINT, "model": "smollm2", "config": {"concurrency": 64}, "requests_per_s": 30.0,
             "modes": {"continuous": mode, "one_at_a_time": {k: [3 * x for x in v] for k, v in mode.items()}}}
     view = view_of(tmp_path, {f"serve/{claims.ENDPOINT}": data})
-    pngs = claims.plot_latency(view, tmp_path)
+    pngs = plots.plot_latency(view, tmp_path)
     assert len(pngs) == 1 and pngs[0].name == "serve_latency.png" and pngs[0].stat().st_size > 1000
-    assert claims.plot_latency(ResultsView("none", root=tmp_path), tmp_path) == []
+    assert plots.plot_latency(ResultsView("none", root=tmp_path), tmp_path) == []
 
 
 def test_failing_cases_are_cases_once_the_ledger_has_them():

@@ -6,13 +6,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fixtures.oracle import assert_close
+from fixtures.serve import tiny_model
 from impl import backend
 from impl.serve.engine import Engine, EngineConfig
 from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep
 from impl.serve.attention import make_backend
 from impl.serve.reference import ContiguousKV, greedy_contiguous
 from impl.serve.sampling import SamplingParams, sample_one, top_p_filter
-from impl.serve.testing import tiny_model
 
 DEV = "cuda" if backend.ON_GPU else "cpu"
 MODEL = tiny_model(device=DEV)
@@ -186,7 +186,7 @@ def test_experiments_smoke_feeds_claims_and_plot(capsys, tmp_path):
 
     from impl.common.ledger import ResultsView, clean_commit, evaluate
     from impl.common.results import RESULTS
-    from impl.serve import claims, experiments
+    from impl.serve import claims, experiments, plots
 
     before = sorted(RESULTS.rglob("serve/*"))
     assert experiments.main(["--smoke"]) == 0
@@ -210,9 +210,9 @@ def test_experiments_smoke_feeds_claims_and_plot(capsys, tmp_path):
     assert rows["serve.bw_pct_b1"]["verdict"] == "not measured"  # no copy bandwidth on a CPU
     assert rows["serve.fp8_decode_speedup_b128"]["verdict"] == "not measured"  # the smoke run has batches 1 and 3
     assert data["complete"] and data["run_id"] and data["selected_in_run"] is None  # the rule: no tune run
-    pngs = claims.plot_tokens_per_s(view, tmp_path)
+    pngs = plots.plot_tokens_per_s(view, tmp_path)
     assert len(pngs) == 1 and pngs[0].stat().st_size > 1000
-    assert claims.plot_tokens_per_s(ResultsView("none", root=tmp_path), tmp_path) == []
+    assert plots.plot_tokens_per_s(ResultsView("none", root=tmp_path), tmp_path) == []
 
 
 def test_http_completions_batch_concurrent_clients():

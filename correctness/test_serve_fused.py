@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fixtures.oracle import assert_close, poison_
+from fixtures.serve import tiny_model
 from fixtures.strategies import make_array
 from impl import backend
 from impl.backend import DEVICE
@@ -16,7 +17,6 @@ from impl.serve.attention import make_backend
 from impl.serve.fused import rmsnorm, rope_split, silu_mul
 from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep
 from impl.serve.model import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
-from impl.serve.testing import tiny_model
 
 DTYPES = ["float32"] + (["bfloat16"] if backend.ON_GPU else [])
 TOL = {"float32": dict(rtol=1e-5, atol=1e-6), "bfloat16": dict(rtol=1.6e-2, atol=1e-2)}

@@ -8,10 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fixtures.oracle import assert_close
+from fixtures.serve import tiny_model
 from impl.serve import fp8_adapter
 from impl.serve.model import ModelArgs, Transformer, apply_rope, rope_cos_sin, rope_inv_freq
 from impl.serve.reference import ContiguousKV
-from impl.serve.testing import tiny_model
 from impl.serve.weights import load_model, save_hf_dir
 
 transformers = pytest.importorskip("transformers", reason="the HF comparisons need transformers")
@@ -216,3 +216,13 @@ def test_fp8_checkpoint_errors_name_the_tensor(tmp_path):
     save_file(tensors, str(path))
     with pytest.raises(ValueError, match=f"{name}.*zero"):
         load_model(dst, dtype=torch.float32)
+
+
+def test_llama_presets_take_their_sizes_from_the_shared_shape():
+    from impl.common.shapes import LLAMA3_8B
+
+    for name in ("llama-3-8b", "llama-3.1-8b"):
+        a = ModelArgs.from_name(name)
+        assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.vocab_size, a.rope_theta) == (
+            4096, 32, 32, 8, 128, 14336, 128256, 500000.0)
+    assert ModelArgs() == ModelArgs.from_shape(LLAMA3_8B)

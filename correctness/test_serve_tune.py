@@ -7,11 +7,11 @@ import zipfile
 import pytest
 import torch
 
+from fixtures.serve import tiny_model
 from impl import backend
 from impl.serve import choose, flashinfer_setup, fp8_adapter, tune
 from impl.serve.attention import PhaseBackend, choose_phases, make_backend
 from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep, last_token_rows
-from impl.serve.testing import tiny_model
 
 pytestmark = pytest.mark.skipif(backend.ON_GPU, reason="toy-size CPU runs of the GPU tools")
 

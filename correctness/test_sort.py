@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from numba import cuda
 
 from fixtures.oracle import assert_close, check_kernel
+from fixtures.sort import host_bits
 from fixtures.strategies import arrays, make_array, max_size, seeds, sizes
 from impl.sort import bitonic
 from impl.sort.bitonic import MAX_N, BitonicSorter, argsort, check_fits, sort
@@ -20,7 +21,6 @@ from impl.sort.keys import FLOAT, FORMATS, SUPPORTED_DTYPES, KeyFormat, decode_n
 from impl.sort.network import (CPU_CONFIG, GPU_CONFIG, TINY_CONFIG, SortConfig, build_plan, default_config, log2,
                                network_steps, sort_keys_np)
 from impl.sort.reference import argsort_reference, is_permutation, sort_reference
-from impl.sort.testing import host_bits
 
 DTYPES = st.sampled_from(SUPPORTED_DTYPES)
 GLOBAL_ONLY = default_config("global")

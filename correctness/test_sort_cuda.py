@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from numba import cuda
 
 from fixtures.oracle import assert_close, check_kernel
+from fixtures.sort import host_bits
 from fixtures.strategies import arrays, make_array, max_size, seeds, sizes
 from impl.sort import bitonic
 from impl.sort.bitonic import BitonicSorter, argsort, sort
@@ -28,7 +29,6 @@ from impl.sort.plan import (EMU_CUDA_CONFIG, GPU_CUDA_CONFIG, MODES, CudaSortCon
                             padded_bits)
 from impl.sort.reference import argsort_reference, is_permutation, sort_reference
 from impl.sort.runtimes import EmulatedRuntime, cupy_unavailable_reason
-from impl.sort.testing import host_bits
 from impl.sort.twin import check_plan, sort_twin
 
 DTYPES = st.sampled_from(SUPPORTED_DTYPES)

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda
 
+from fixtures.sort import host_bits
 from fixtures.strategies import arrays, make_array, max_size
 from impl.common.ledger import ResultsView, clean_commit, evaluate
 from impl.sort.bitonic import BitonicSorter, SortGraph
@@ -14,7 +15,6 @@ from impl.sort.keys import SUPPORTED_DTYPES
 from impl.sort.network import default_config
 from impl.sort.pipeline import NAIVE, HostSortPipeline, PipelineConfig
 from impl.sort.reference import argsort_reference, sort_reference
-from impl.sort.testing import host_bits
 
 
 @given(x=arrays(st.sampled_from(SUPPORTED_DTYPES), max_n=max_size(cpu=1500, gpu=1 << 21)),
@@ -100,11 +100,13 @@ def test_pipeline_at_full_size_on_gpu():
 
 def test_experiments_smoke_runs_and_writes_nothing(tmp_path, monkeypatch):
     from impl.common import results
-    from impl.sort import experiments
+    from impl.sort import experiments, recipe
 
-    written = []
-    monkeypatch.setattr(experiments, "write_result", lambda *a, **k: written.append(a))
-    out = experiments.main(["--smoke"])
+    written, runs = [], []
+    monkeypatch.setattr(recipe, "write_result", lambda *a, **k: written.append(a))
+    monkeypatch.setattr(experiments, "run", lambda **kw: runs.append(recipe.run(**kw)))
+    assert experiments.main(["--smoke"]) == 0
+    out = runs[0]
     assert set(out) == {"passes", "numba_tune", "transfers", "pipeline"} and written == []
     keys = out["passes"]["keys"]
     assert len(keys["passes"]) == len(BitonicSorter(300, np.float32).plan.passes)
@@ -112,15 +114,15 @@ def test_experiments_smoke_runs_and_writes_nothing(tmp_path, monkeypatch):
     assert not (results.RESULTS / "cpu" / "sort").exists()
 
 
-def test_ncu_only_refuses_a_machine_without_a_gpu():
+def test_ncu_only_refuses_a_machine_without_a_gpu(capsys):
     from impl.sort import experiments
 
-    with pytest.raises(SystemExit, match="needs a GPU"):
-        experiments.main(["--ncu-only", "--smoke"])
+    assert experiments.main(["--ncu-only", "--smoke"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
 
 
 def test_ncu_csv_parsing():
-    from impl.sort.experiments import parse_ncu_csv
+    from impl.sort.recipe import parse_ncu_csv
 
     text = ('==PROF== Connected\n"ID","Process ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n'
             '"0","1","block_kernel","dram__bytes_read.sum","byte","40,000,000"\n'
@@ -175,7 +177,8 @@ def _good_view(tmp_path):
 
 
 def test_claims_evaluate_from_stored_benches_and_plots_draw(tmp_path):
-    from impl.sort.claims import CLAIMS, PLOTS
+    from impl.sort.claims import CLAIMS
+    from impl.sort.plots import PLOTS
 
     view = _good_view(tmp_path)
     rows = {c.id: evaluate(c, view) for c in CLAIMS}

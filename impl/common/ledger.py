@@ -575,12 +575,10 @@ def claims_modules(systems: tuple[str, ...] = SYSTEMS) -> Iterator[tuple[str, An
 
 
 def report_modules(systems: tuple[str, ...] = SYSTEMS) -> Iterator[tuple[str, Any]]:
-    """``(system, module)`` whose ``PLOTS`` and ``TABLES`` the report draws: ``impl.<system>.plots``; for a system
-    whose plots module defines neither (its figures still live beside its claims), ``impl.<system>.claims``."""
+    """``(system, module)`` whose ``PLOTS`` and ``TABLES`` the report draws: ``impl.<system>.plots`` of every system
+    that has one."""
     for system in systems:
         mod = _system_module(system, "plots")
-        if mod is None or not (hasattr(mod, "PLOTS") or hasattr(mod, "TABLES")):
-            mod = _system_module(system, "claims")
         if mod is not None:
             yield system, mod
 

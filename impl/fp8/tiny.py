@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from impl.common.shapes import DecoderShape
 from impl.fp8.formats import get_format
 from impl.fp8.layouts import ModelSpec, get_layout
 
@@ -27,8 +28,11 @@ def tiny_config(**over: Any) -> dict[str, Any]:
     return cfg
 
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                 head_dim=128, vocab_size=128256)
+def shape_config(shape: DecoderShape, **over: Any) -> dict[str, Any]:
+    """``tiny_config`` with the layer sizes of ``shape`` (``impl.common.shapes``): hidden, MLP, heads, head and
+    vocabulary sizes; layer count and RoPE base stay the tiny config's unless ``over`` sets them."""
+    sizes = {k: v for k, v in shape.hf_config().items() if k not in ("num_hidden_layers", "rope_theta")}
+    return tiny_config(**{**sizes, **over})
 
 
 def write_config(dst: Path, config: dict[str, Any]) -> None:

@@ -33,12 +33,13 @@ from typing import Any, Callable
 import torch
 
 from impl import backend
+from impl.common.shapes import LLAMA3_8B
 from impl.fp8 import launch, quant
 from impl.fp8 import reference as R
 from impl.fp8.formats import get_group
 from impl.fp8.quant import LaunchConfig as C
 
-GPU_SHAPES = [(14336, 4096), (4096, 4096), (6144, 4096), (4096, 14336), (28672, 4096)]
+GPU_SHAPES = LLAMA3_8B.kernel_matrices()
 CPU_SHAPES = [(64, 256)]
 CHECK_SHAPE = (272, 1040)  # multiples of 16 (the big shapes' specialization) that no tile divides
 

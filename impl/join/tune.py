@@ -278,6 +278,33 @@ def decision(record: dict[str, Any]) -> str:
     return "decision at n: " + ("; ".join(parts) if parts else "no variant passed its checks")
 
 
+def skip(record: dict[str, Any], label: str, overrides: dict[str, Any], plan: Plan) -> None:
+    """Record a variant the budget has no room for."""
+    record["variants"].append({"label": label, "config": overrides, "skipped": f"budget ({plan.left():.0f} s left)"})
+
+
+def try_variant(v: dict[str, Any], overrides: dict[str, Any], plan: Plan, out_dir: Path, record: dict[str, Any],
+                device: str, detail: bool) -> bool:
+    """Check the variant ``v["label"]`` on the 1M cases and time it where every check passed, filling ``v`` (an
+    exception is kept as its traceback); append ``v`` to the record and write it. True when the variant built (its
+    kernels are compiled now)."""
+    label, built = v["label"], False
+    t0 = time.monotonic()
+    try:
+        op = make_op(label, overrides, plan.dry_run)
+        v["checks"] = check(op, overrides, CASES_1M, plan.n, device)
+        built = True
+        if all(c == "ok" for c in v["checks"].values()):
+            v["times"] = time_variant(op, overrides, plan, device, detail=detail)
+    except Exception:
+        v["error"] = traceback.format_exc()[-2000:]
+    v["wall_s"] = time.monotonic() - t0
+    record["variants"].append(v)
+    write(out_dir, record)
+    print(f"tune: {label}: {v.get('checks', v.get('error', '')[-200:])} ({v['wall_s']:.1f} s)", flush=True)
+    return built
+
+
 def run(plan: Plan, out_dir: Path, only: set[str] | None = None) -> dict[str, Any]:
     device = backend.DEVICE
     record: dict[str, Any] = {"n": plan.n, "big": plan.big, "device": torch.cuda.get_device_name()
@@ -290,23 +317,11 @@ def run(plan: Plan, out_dir: Path, only: set[str] | None = None) -> dict[str, An
         key = tuple(sorted((k, v) for k, v in overrides.items() if k in ("threads", "items", "bucket_bytes")))
         cost = (0 if key in compiled else COMPILE_S) + 5
         if plan.left() - plan.tc_budget_s < cost:
-            record["variants"].append({"label": label, "config": overrides,
-                                       "skipped": f"budget ({plan.left():.0f} s left)"})
+            skip(record, label, overrides, plan)
             continue
         v: dict[str, Any] = {"label": label, "config": overrides}
-        t0 = time.monotonic()
-        try:
-            op = make_op(label, overrides, plan.dry_run)
-            v["checks"] = check(op, overrides, CASES_1M, plan.n, device)
+        if try_variant(v, overrides, plan, out_dir, record, device, detail=i < DETAIL):
             compiled.add(key)
-            if all(c == "ok" for c in v["checks"].values()):
-                v["times"] = time_variant(op, overrides, plan, device, detail=i < DETAIL)
-        except Exception:
-            v["error"] = traceback.format_exc()[-2000:]
-        v["wall_s"] = time.monotonic() - t0
-        record["variants"].append(v)
-        write(out_dir, record)
-        print(f"tune: {label}: {v.get('checks', v.get('error', '')[-200:])} ({v['wall_s']:.1f} s)", flush=True)
     run_tc(plan, out_dir, record, device, only)
     record["complete"] = True
     record["wall_s"] = time.monotonic() - plan.started
@@ -326,23 +341,11 @@ def run_tc(plan: Plan, out_dir: Path, record: dict[str, Any], device: str, only:
         key = tuple(getattr(cfg, f) for f in TC_KERNEL_FIELDS)
         cost = (0 if key in compiled else TC_COMPILE_S + (0 if compiled else 4)) + 4
         if plan.left() < cost:
-            record["variants"].append({"label": label, "config": overrides,
-                                       "skipped": f"budget ({plan.left():.0f} s left)"})
+            skip(record, label, overrides, plan)
             continue
         v: dict[str, Any] = {"label": label, "config": overrides, "tc_config": asdict(cfg)}
-        t0 = time.monotonic()
-        try:
-            op = make_op(label, overrides, plan.dry_run)
-            v["checks"] = check(op, overrides, CASES_1M, plan.n, device)
+        if try_variant(v, overrides, plan, out_dir, record, device, detail=i < TC_DETAIL):
             compiled.add(key)
-            if all(c == "ok" for c in v["checks"].values()):
-                v["times"] = time_variant(op, overrides, plan, device, detail=i < TC_DETAIL)
-        except Exception:
-            v["error"] = traceback.format_exc()[-2000:]
-        v["wall_s"] = time.monotonic() - t0
-        record["variants"].append(v)
-        write(out_dir, record)
-        print(f"tune: {label}: {v.get('checks', v.get('error', '')[-200:])} ({v['wall_s']:.1f} s)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

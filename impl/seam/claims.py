@@ -1,5 +1,5 @@
 """seam's ledger: ordered anchors, interpolating stitches, a selector whose promise holds on unseen images and saves
-compute, with the recipe's time and the anchors' seed intervals as a table, and the plots.
+compute (the recipe's time, the anchors' seed intervals and the figures: ``plots.py``).
 
 All numbers come from ``python -m impl.seam.experiments`` on a GPU (``results/<gpu>/seam/*.json``): a claim reads only
 records of one finished run (``complete: true``, one ``run_id`` across the records it needs). Comparisons that could
@@ -9,11 +9,9 @@ above the anchors' line, the selector's promise).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from impl.common.ledger import Case, Claim, Measured, NotMeasured, ResultValue
-from impl.seam.plots import plot_accuracy_vs_cost, plot_selector_sweep
 
 MIN_SEEDS = 3
 
@@ -99,56 +97,3 @@ FAILING_CASES: dict[str, Case] = {
     "seam.selector_flops_saving": Case(results={"seam/configs": _CONFIGS, "seam/selector": _record(
         {"summary": {"mean_saving_percent_where_stitch_qualifies": 6.4}})}),
 }
-
-
-def plot_family(view, out_dir: Path) -> list[Path]:
-    """Accuracy against FLOPs and latency, with the anchors' seed intervals (results/<gpu>/seam/*.json)."""
-    configs, interp, anchors = (view.result("seam", n) for n in ("configs", "interpolation", "anchors"))
-    if configs is None:
-        return []
-    return [plot_accuracy_vs_cost(configs["data"], interp and interp["data"], anchors and anchors["data"],
-                                  Path(out_dir) / "seam_acc_vs_flops.png")]
-
-
-def plot_selector(view, out_dir: Path) -> list[Path]:
-    """Served GFLOPs against the accuracy floor, selector vs anchor-only baseline."""
-    selector = view.result("seam", "selector")
-    if selector is None or "floors" not in selector["data"]:
-        return []
-    return [plot_selector_sweep(selector["data"], Path(out_dir) / "seam_selector.png")]
-
-
-def seam_tables(view) -> list[str]:
-    """The anchors per seed (mean and 95 % interval), the whole recipe's time, and the selector's bound."""
-    anchors, training, configs = (view.result("seam", n) for n in ("anchors", "training", "configs"))
-    lines: list[str] = []
-    if anchors and isinstance(anchors.get("data"), dict) and anchors["data"].get("per_arch"):
-        d = anchors["data"]
-        lines += ["| anchor | seeds | test accuracy per seed (%) | mean (%) | 95 % interval | range (pp) |",
-                  "|---|---|---|---|---|---|"]
-        for name, p in d["per_arch"].items():
-            t = p["test_pct"]
-            ci = f"{t['lo']:.2f} – {t['hi']:.2f}" if t.get("lo") is not None else "–"
-            lines.append(f"| {name} | {t['n']} | {', '.join(f'{100 * a:.2f}' for a in p['acc_test'])} | "
-                         f"{t['mean']:.2f} | {ci} | {t['range']:.2f} |")
-        lines.append("")
-    if training and isinstance(training.get("data"), dict) and "anchors_s" in training["data"]:
-        t = training["data"]
-        lines.append(f"Whole recipe (every anchor seed, stitch init, family fine-tune, BatchNorm statistics, "
-                     f"evaluation): **{t['recipe_total_s']:.0f} s** on {training.get('device')} (anchors "
-                     f"{t['anchors_s']:.0f} s, family {t['family']['seconds']:.0f} s), "
-                     f"{'complete' if t.get('complete') else 'unfinished'} run.")
-        lines.append("")
-    if configs and isinstance(configs.get("data"), dict) and configs["data"].get("rows"):
-        anchors_rows = sorted((r for r in configs["data"]["rows"] if r["is_anchor"]), key=lambda r: r["flops"])
-        if len(anchors_rows) == 2:
-            bound = 100 * (1 - anchors_rows[0]["flops"] / anchors_rows[1]["flops"])
-            light, heavy = (r["name"] for r in anchors_rows)
-            lines.append(f"No stitch inside the anchors' FLOPs range can save more than 1 − F({light})/F({heavy}) = "
-                         f"{bound:.1f} % against the heavier anchor.")
-            lines.append("")
-    return lines
-
-
-PLOTS = [plot_family, plot_selector]
-TABLES = [seam_tables]

@@ -46,6 +46,7 @@ import torch
 
 from fixtures.oracle import poison_
 from impl import backend
+from impl.common.log import logger
 from impl.seam.data import DataBundle, load_data, preprocess
 from impl.seam.family import SeamFamily
 from impl.seam.lstsq import init_stitches, solve_lstsq
@@ -118,8 +119,7 @@ def preset(name: str) -> Recipe:
     return r
 
 
-def log(msg: str) -> None:
-    print(f"[seam {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger("seam")
 
 
 class Recorder:

@@ -1,5 +1,5 @@
 """serve's claims (FP8 vs bf16 serving on a random-weight Llama-3-8B-shaped model, the endpoint under load, attention
-beside flashinfer) and its plots.
+beside flashinfer); their figures are in ``plots.py``.
 
 Sources (``results/<gpu>/serve/``): ``decode_fp8_vs_bf16.json`` (``python -m impl.serve.experiments``),
 ``endpoint_smollm2.json`` (``python -m impl.serve.loadtest``), ``attention_backends.json``
@@ -9,11 +9,9 @@ interval (``fp8_decode_speedup_lo``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from impl.common.ledger import Case, Claim, Measured, NotMeasured, ResultsView, ResultValue
-from impl.common.plotting import pyplot, save_figure
 
 RESULT = "decode_fp8_vs_bf16"
 ENDPOINT = "endpoint_smollm2"
@@ -158,54 +156,3 @@ def failing_results() -> dict[str, dict[str, dict[str, Any]]]:
 
 
 FAILING_CASES = {cid: Case(results=r) for cid, r in failing_results().items()}
-
-
-# ---- plots -----------------------------------------------------------------------------------------------------
-
-def plot_tokens_per_s(view: ResultsView, out_dir: Path) -> list[Path]:
-    """Decode tokens/s vs batch size, bf16 and FP8, log-log, with FP8's speed-up per batch; from the experiment."""
-    rec = view.result("serve", RESULT)
-    if rec is None:
-        return []
-    plt = pyplot()
-    data = rec["data"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, series in sorted(data["tokens_per_s"].items()):
-        batches = sorted(series, key=int)
-        ax.plot([int(b) for b in batches], [series[b] for b in batches], marker="o", label=label)
-    for b, sp in (data.get("fp8_decode_speedup") or {}).items():
-        y = data["tokens_per_s"].get("fp8", {}).get(b)
-        if y:
-            ax.annotate(f"{sp:.2f}x", (int(b), y), textcoords="offset points", xytext=(0, 6), ha="center",
-                        fontsize=7)
-    ax.set(xscale="log", yscale="log", xlabel="batch size (sequences)", ylabel="decode tokens/s",
-           title=f"{data['config']['preset']} (random weights), {rec['device']}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    return save_figure(fig, Path(out_dir) / "serve_tokens_per_s.png")
-
-
-def plot_latency(view: ResultsView, out_dir: Path) -> list[Path]:
-    """Endpoint latency and TTFT distributions (CDFs), continuous batching vs one at a time, from the load test."""
-    rec = view.result("serve", ENDPOINT)
-    if rec is None:
-        return []
-    plt = pyplot()
-    data = rec["data"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, title in ((axes[0], "latencies_s", "request latency (client)"),
-                           (axes[1], "ttfts_s", "time to first token (engine)")):
-        for mode, m in sorted(data["modes"].items()):
-            v = sorted(m.get(key) or [])
-            if v:
-                ax.plot(v, [(i + 1) / len(v) for i in range(len(v))], label=f"{mode} (p50 {v[len(v) // 2]:.3f} s)")
-        ax.set(xscale="log", xlabel="seconds", ylabel="fraction of requests", title=title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{data['model']} endpoint, {data['config']['concurrency']} concurrent, {rec['device']}: "
-                 f"{data.get('requests_per_s') or 0:.1f} req/s, {data.get('tokens_per_s') or 0:.0f} tok/s",
-                 fontsize=9)
-    return save_figure(fig, Path(out_dir) / "serve_latency.png")
-
-
-PLOTS = [plot_tokens_per_s, plot_latency]

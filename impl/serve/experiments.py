@@ -46,6 +46,7 @@ import impl  # noqa: F401
 import torch
 
 from impl import backend
+from impl.common.log import logger
 from impl.common.timing import time_fn
 from impl.serve import choose, fp8_adapter
 from impl.serve.engine import Engine, EngineConfig
@@ -77,8 +78,7 @@ SMOKE = ExperimentConfig(preset="tiny", batches=(1, 3), prompt_len=9, new_tokens
                          reps=2, prefill_reps=1)
 
 
-def log(msg: str) -> None:
-    print(f"[serve.experiments {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger("serve.experiments")
 
 
 def bytes_per_decode_step(model: Transformer) -> int:

@@ -31,15 +31,16 @@ import impl  # noqa: F401
 import torch
 
 from impl import backend
+from impl.common.log import logger
+from impl.common.shapes import LLAMA3_8B
 
-HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+HEADS, KV_HEADS, HEAD_DIM = LLAMA3_8B.n_heads, LLAMA3_8B.n_kv_heads, LLAMA3_8B.head_dim
 DECODE = [(1, 4096), (32, 1024), (128, 1024)]
 PREFILL = [(4, 1024), (1, 4096)]
 REFERENCE_CASES = {"decode": "32x1024", "prefill": "4x1024"}  # the cases choose_phases judges (B x length)
 
 
-def log(msg: str) -> None:
-    print(f"[serve.flashinfer_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger("serve.flashinfer_check")
 
 
 def flashinfer_status(site_dir: str | None) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def flashinfer_status(site_dir: str | None) -> dict[str, Any]:
 
 def inputs(batch: int, length: int, q_len: int, seed: int, dtype: torch.dtype) -> tuple[Any, Any, torch.Tensor]:
     from impl.serve.model import ModelArgs
-    from impl.serve.testing import fill_sequences, fragmented_cache, step_metadata
+    from fixtures.serve import fill_sequences, fragmented_cache, step_metadata
 
     args = ModelArgs(dim=HEADS * HEAD_DIM, n_layers=1, n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                      ffn_dim=8, vocab_size=8)
@@ -71,7 +72,7 @@ def check(be: Any, dtype: torch.dtype) -> dict[str, Any]:
     """Decode (3 x 200) and prefill (2 x 96 new after 37 cached) against float64, within 3e-2 (bf16)."""
     from impl.serve.attention import paged_attention_reference
     from impl.serve.model import ModelArgs
-    from impl.serve.testing import fill_sequences, fragmented_cache
+    from fixtures.serve import fill_sequences, fragmented_cache
 
     out = {}
     for phase, lengths, q_lens in (("decode", [200, 17, 333], [1, 1, 1]), ("prefill", [133, 96], [96, 96])):

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from impl.fp8.formats import E4M3
 from impl.serve.model import ModelArgs
 
 if TYPE_CHECKING:
     from impl.serve.attention import AttentionBackend
 
-FP8_MAX = 448.0
+FP8_MAX = E4M3.max  # the largest finite e4m3 value: FP8 K/V saturate to ±FP8_MAX
 
 
 class OutOfPages(RuntimeError):

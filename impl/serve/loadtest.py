@@ -37,6 +37,7 @@ import impl  # noqa: F401
 import torch
 
 from impl import backend
+from impl.common.log import logger
 from impl.serve.engine import Engine, EngineConfig
 from impl.serve.loadclient import drive_in_process, percentile
 
@@ -61,8 +62,7 @@ SMOKE = LoadConfig(model="tiny", concurrency=6, requests=12, max_tokens=4, min_p
                    page_size=4, warmup_requests=2, timeout_s=120.0, budget_s=600.0)
 
 
-def log(msg: str) -> None:
-    print(f"[serve.loadtest {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("serve.loadtest", to_stderr=True)
 
 
 def make_prompts(cfg: LoadConfig, vocab: int, n: int, seed: int) -> list[list[int]]:
@@ -77,7 +77,7 @@ def load_model(cfg: LoadConfig) -> tuple[Any, str]:
     from impl.serve import choose, fp8_adapter
 
     if cfg.model == "tiny":
-        from impl.serve.testing import tiny_model
+        from fixtures.serve import tiny_model
 
         model = fp8_adapter.quantize_model_(tiny_model())
     elif cfg.model == "smollm2":

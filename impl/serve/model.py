@@ -23,20 +23,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from impl.common.shapes import LLAMA3_8B, DecoderShape
+
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """Shapes and constants of a Llama decoder. ``head_dim`` 0 means ``dim // n_heads``."""
+    """Shapes and constants of a Llama decoder (by default Llama-3-8B's sizes). ``head_dim`` 0 means
+    ``dim // n_heads``."""
 
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int = 8
+    dim: int = LLAMA3_8B.dim
+    n_layers: int = LLAMA3_8B.n_layers
+    n_heads: int = LLAMA3_8B.n_heads
+    n_kv_heads: int = LLAMA3_8B.n_kv_heads
     head_dim: int = 0
-    ffn_dim: int = 14336
-    vocab_size: int = 128256
+    ffn_dim: int = LLAMA3_8B.ffn_dim
+    vocab_size: int = LLAMA3_8B.vocab_size
     norm_eps: float = 1e-5
-    rope_theta: float = 500000.0
+    rope_theta: float = LLAMA3_8B.rope_theta
     rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 8192
     tie_embeddings: bool = False
@@ -53,6 +56,13 @@ class ModelArgs:
     @property
     def qkv_dim(self) -> int:
         return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+
+    @classmethod
+    def from_shape(cls, shape: DecoderShape, **rest: Any) -> "ModelArgs":
+        """The sizes of ``shape`` (``impl.common.shapes``); ``rest`` sets the other fields."""
+        return cls(dim=shape.dim, n_layers=shape.n_layers, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads,
+                   head_dim=shape.head_dim, ffn_dim=shape.ffn_dim, vocab_size=shape.vocab_size,
+                   rope_theta=shape.rope_theta, **rest)
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelArgs":
@@ -90,11 +100,9 @@ _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "
 PRESETS: dict[str, ModelArgs] = {
     "smollm2-135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, vocab_size=49152,
                               rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True, eos_token_ids=(2,)),
-    "llama-3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
-                            rope_theta=500000.0, max_seq_len=8192, eos_token_ids=(128001, 128009)),
-    "llama-3.1-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
-                              rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE, max_seq_len=131072,
-                              eos_token_ids=(128001, 128008, 128009)),
+    "llama-3-8b": ModelArgs.from_shape(LLAMA3_8B, max_seq_len=8192, eos_token_ids=(128001, 128009)),
+    "llama-3.1-8b": ModelArgs.from_shape(LLAMA3_8B, rope_scaling=_LLAMA31_ROPE, max_seq_len=131072,
+                                         eos_token_ids=(128001, 128008, 128009)),
     # test-sized models: odd head counts and GQA groups, a llama3-scaled RoPE, a vocabulary that is not a power of 2
     "tiny": ModelArgs(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=80, vocab_size=97, rope_theta=10000.0,
                       rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,

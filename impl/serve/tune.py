@@ -44,6 +44,7 @@ import impl  # noqa: F401
 import torch
 
 from impl import backend
+from impl.common.log import logger
 from impl.common.timing import time_fn
 from impl.serve import fp8_adapter
 from impl.serve.choose import GemmChoice, GemmTable
@@ -73,8 +74,7 @@ SMOKE = TuneConfig(preset="tiny", ms=(1, 8), reps=1, warmup=0, budget_s=900.0, d
                    workers=0, device="cpu", dtype="float32", smoke=True)
 
 
-def log(msg: str) -> None:
-    print(f"[serve.tune {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger("serve.tune")
 
 
 def projections(args: ModelArgs) -> dict[str, tuple[int, int]]:

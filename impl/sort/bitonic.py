@@ -28,6 +28,7 @@ import impl  # noqa: F401  (backend before numba)
 import numpy as np
 from numba import cuda
 
+from impl.common.cudacheck import check_cuda
 from impl.sort.cuda_sort import CudaSorter, slot_mode
 from impl.sort.kernels import block_kernel_for, register_kernel_for
 from impl.sort.keys import KeyFormat, key_format, native
@@ -169,18 +170,19 @@ class SortGraph:
         cuda.synchronize()
         stream = cuda.stream()
         handle = drv.CUstream(int(stream.handle))
-        _check(drv.cuStreamBeginCapture(handle, drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL))
+        check_cuda(drv.cuStreamBeginCapture(handle, drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+                   "cuStreamBeginCapture")
         try:
             sorter(d_src, d_out, descending=descending, stream=stream)
         finally:
-            graph = _check(drv.cuStreamEndCapture(handle))  # always leave capture mode, even after an error
+            (graph,) = check_cuda(drv.cuStreamEndCapture(handle), "cuStreamEndCapture")  # always leave capture mode
         self._graph = graph
-        self._exec = _check(drv.cuGraphInstantiate(graph, 0))
+        (self._exec,) = check_cuda(drv.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
         self.nodes = len(sorter.launches)
 
     def __call__(self, stream=0) -> None:
         handle = int(stream.handle) if hasattr(stream, "handle") else int(stream)
-        _check(self._drv.cuGraphLaunch(self._exec, self._drv.CUstream(handle)))
+        check_cuda(self._drv.cuGraphLaunch(self._exec, self._drv.CUstream(handle)), "cuGraphLaunch")
 
     def __del__(self) -> None:
         drv = getattr(self, "_drv", None)
@@ -190,16 +192,6 @@ class SortGraph:
                 drv.cuGraphDestroy(self._graph)
             except Exception:  # interpreter shutdown: the driver module may already be gone
                 pass
-
-
-def _check(result):
-    """Unpack a cuda.bindings result tuple, raising on any error with the driver's name for it."""
-    from cuda.bindings import driver as drv
-
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if err != drv.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"CUDA driver error {drv.cuGetErrorName(err)[1]!r}")
-    return rest[0] if len(rest) == 1 else tuple(rest) or None
 
 
 def _unsigned_view(d, fmt: KeyFormat):
