@@ -41,7 +41,7 @@ from impl.join.common import run_join
 from impl.join.data import Case, compulsory_bytes, make_tables
 from impl.join.hash_table import HashConfig
 
-BASE = HashConfig()
+BASE = HashConfig(scheme="fused", items=8)  # the sweep's reference point: each label names its differences
 VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the budget may cut the tail
     ("fused", {}),
     ("split", {"scheme": "split"}),
