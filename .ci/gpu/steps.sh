@@ -59,7 +59,7 @@ for step in $1; do
       run seam 410 python3 -m impl.seam.experiments --out /tmp/seam --checkpoint /tmp/seam_ckpt
       tar czf "$out/seam.tgz" --exclude seam/checkpoint -C /tmp seam ;;
     gate)
-      OUT=/tmp/gate_out bash .ci/gpu/gate_proof.sh 160 > "$out/logs/gate.log" 2>&1; tail -n 20 "$out/logs/gate.log"
+      OUT=/tmp/gate_out bash .ci/gpu/gate_proof.sh 240 > "$out/logs/gate.log" 2>&1; tail -n 20 "$out/logs/gate.log"
       cp /tmp/gate_out/logs/* "$out/logs/" 2>/dev/null; pack ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
