@@ -93,7 +93,7 @@ class Recipe:
     budget_s: float = 400.0
     # of budget_s, per run: about 1.2 x an H200's steady-state time at the full preset (r34 32.5-36.5 s, r50
     # 54-57 s, family 38-43 s), so the caps cut nothing there (at 0.094 two r34 seeds were cut to 1881 and 1770 of
-    # 1940 steps, and the shorter schedule gave the low seed) and, if all of them bound, the process ends in ~430 s
+    # 1940 steps, the shorter one the low seed of the three) and, if all of them bound, the process ends in ~430 s
     anchor_budget_frac: tuple[float, float] = (0.115, 0.165)
     family_budget_frac: float = 0.125
     split_seed: int = 0
