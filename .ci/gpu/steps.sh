@@ -56,7 +56,7 @@ for step in $1; do
       cp /tmp/serve/*.json "results/$(python3 -c 'from impl.common.results import gpu_slug; print(gpu_slug())')/serve/"
       run serve_exp 60 python3 -m impl.serve.experiments --gemm-table /tmp/serve/gemm_table.json --budget-s 50 ;;
     seam)
-      run seam 410 python3 -m impl.seam.experiments --out /tmp/seam --checkpoint /tmp/seam_ckpt
+      run seam 450 python3 -m impl.seam.experiments --out /tmp/seam --checkpoint /tmp/seam_ckpt
       tar czf "$out/seam.tgz" --exclude seam/checkpoint -C /tmp seam ;;
     gate)
       OUT=/tmp/gate_out bash .ci/gpu/gate_proof.sh 240 > "$out/logs/gate.log" 2>&1; tail -n 20 "$out/logs/gate.log"
