@@ -9,8 +9,10 @@ threshold set by that bench's measured spread, and a re-run in a fresh process b
   and so does one with a heavy tail: the tensor-core many-to-many join's rounds reach 1.45x their median (p90) in
   one process, and its median moved 722 -> 891 µs between two fresh processes of unchanged code.
 * A bench regresses when its median in the gate's run exceeds ``(1 + t) ×`` the baseline median. Run-to-run noise
-  of one process can exceed ``t`` (the 1M hash join read 147, 187 and 150 µs in three fresh processes), so every
-  bench that exceeds it is run again in a fresh process; the gate fails only on benches that exceed it both times.
+  of one process can exceed ``t`` (the 1M hash join read 147, 187 and 150 µs in three fresh processes; on another
+  H200 the hash zipf join read 453 and 424 µs against a baseline of 369), so a bench that exceeds it is run again in
+  a fresh process, up to ``RERUNS`` times, until one run is within it; the gate fails only on benches over it every
+  time. A re-run that does not produce a bench (stopped by the budget) makes the gate incomplete, not a verdict.
 * Benches without a baseline are listed as new; baseline benches the run did not produce (skipped, deselected) as
   not run. Neither fails the gate.
 
@@ -37,6 +39,7 @@ from impl.common.results import RESULTS, ROOT
 MIN_THRESHOLD = 0.10
 IQR_FACTOR = 3.0
 TAIL_MIN_ROUNDS = 10
+RERUNS = 2  # fresh-process re-runs of a bench over its threshold; it regresses only if every one is over too
 CANARY_ENV = "LAB_GATE_SLOW_CANARY"
 CANARY_EXTRA = 0.25
 CANARY_BENCH = "test_examples_axpy"
@@ -126,9 +129,8 @@ def over(base: dict[str, Any], median: float, t: float) -> bool:
 
 def compare(base: dict[str, dict[str, Any]], first: dict[str, dict[str, Any]],
             rerun: dict[str, dict[str, Any]] | None = None) -> list[Row]:
-    """Rows for every bench in ``base`` or ``first``; ``rerun`` holds the fresh-process re-run of the benches that
-    were over their threshold in ``first`` (absent from it: the re-run did not produce them, so they stay
-    regressed)."""
+    """Rows for every bench in ``base`` or ``first``; ``rerun`` holds the fastest fresh-process re-run of each bench
+    that was over its threshold in ``first`` (absent from it: no re-run produced it, so it stays regressed)."""
     rows = []
     for name in sorted(set(base) | set(first)):
         b, c = base.get(name), first.get(name)
@@ -199,15 +201,31 @@ def gate(systems: list[str], *, slug: str, k: str | None = None, root: Path = RE
         return GateResult(complete=False, note=f"no clean stored run in results/{slug}/ to gate against{refused}")
     env = env or {}
     first = runner(bench_targets(systems), k, env, budget_s)
-    suspects = [n for n, c in first.items() if n in base and over(base[n], c["stats"]["median"], threshold(base[n]))]
-    rerun: dict[str, dict[str, Any]] = {}
-    left = budget_s - (time.monotonic() - t0)
+
+    def still_over(name: str, found: dict[str, dict[str, Any]]) -> bool:
+        return over(base[name], found[name]["stats"]["median"], threshold(base[name]))
+
+    suspects = [n for n in first if n in base and still_over(n, first)]
+    rerun: dict[str, dict[str, Any]] = {}  # each suspect's fastest re-run
     result = GateResult()
-    if suspects and left > 5:
-        print(f"gate: {len(suspects)} bench(es) over their threshold; re-running them in a fresh process", flush=True)
-        rerun = runner(suspects, None, env, left)
-    elif suspects:
-        result.complete, result.note = False, "no time left to re-run the benches over their threshold"
+    for attempt in range(RERUNS):
+        left = budget_s - (time.monotonic() - t0)
+        if not suspects:
+            break
+        if left <= 5:
+            result.complete, result.note = False, "no time left to re-run the benches over their threshold"
+            break
+        print(f"gate: {len(suspects)} bench(es) over their threshold; re-running them in a fresh process "
+              f"({attempt + 1} of at most {RERUNS})", flush=True)
+        again = runner(suspects, None, env, left)
+        missing = [n for n in suspects if n not in again]
+        if missing:
+            result.complete = False
+            result.note = f"the re-run did not produce {len(missing)} bench(es) (stopped by the budget?): {missing[:3]}"
+        for n, entry in again.items():
+            if n not in rerun or entry["stats"]["median"] < rerun[n]["stats"]["median"]:
+                rerun[n] = entry
+        suspects = [n for n in suspects if n in again and still_over(n, again)]
     if not first:
         result.complete, result.note = False, "the gate's bench run produced no results"
     result.rows = compare(base, first, rerun)
