@@ -1,4 +1,5 @@
-"""The two lines every plot of the suite shares: pyplot on the Agg backend, and save-then-close."""
+"""The lines every plot of the suite shares: pyplot on the Agg backend, a figure for a stored record, and
+save-then-close."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,3 +24,13 @@ def save_figure(fig: Any, path: Path, *, dpi: int = 120) -> list[Path]:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return [Path(path)]
+
+
+def record_figure(view: Any, system: str, name: str, **subplots: Any) -> tuple[dict, Any, Any] | None:
+    """The stored record ``results/<slug>/<system>/<name>.json`` of ``view`` with a new figure and its axes
+    (``plt.subplots(**subplots)``); None when the record is missing, so the plot is skipped."""
+    rec = view.result(system, name)
+    if rec is None:
+        return None
+    fig, ax = pyplot().subplots(**subplots)
+    return rec, fig, ax

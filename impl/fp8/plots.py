@@ -40,9 +40,8 @@ def plot_speedup_vs_m(view, out_dir: Path) -> list[Path]:
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.axhline(1.6, color="tab:red", lw=0.8, ls=":", label="target 1.6x")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("M (tokens in the batch)")
-    ax.set_ylabel("speed-up over bf16 (median time ratio)")
-    ax.set_title(f"FP8 vs bf16 GEMM on {view.slug}")
+    ax.set(xlabel="M (tokens in the batch)", ylabel="speed-up over bf16 (median time ratio)",
+           title=f"FP8 vs bf16 GEMM on {view.slug}")
     ax.legend(fontsize=8)
     return save_figure(fig, out_dir / "fp8_speedup_vs_m.png")
 

@@ -8,17 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from impl.common.ledger import ResultsView
-from impl.common.plotting import pyplot, save_figure
+from impl.common.plotting import record_figure, save_figure
 from impl.serve.claims import ENDPOINT, RESULT
 
 def plot_tokens_per_s(view: ResultsView, out_dir: Path) -> list[Path]:
     """Decode tokens/s vs batch size, bf16 and FP8, log-log, with FP8's speed-up per batch; from the experiment."""
-    rec = view.result("serve", RESULT)
-    if rec is None:
+    found = record_figure(view, "serve", RESULT, figsize=(6, 4))
+    if found is None:
         return []
-    plt = pyplot()
+    rec, fig, ax = found
     data = rec["data"]
-    fig, ax = plt.subplots(figsize=(6, 4))
     for label, series in sorted(data["tokens_per_s"].items()):
         batches = sorted(series, key=int)
         ax.plot([int(b) for b in batches], [series[b] for b in batches], marker="o", label=label)
@@ -36,12 +35,11 @@ def plot_tokens_per_s(view: ResultsView, out_dir: Path) -> list[Path]:
 
 def plot_latency(view: ResultsView, out_dir: Path) -> list[Path]:
     """Endpoint latency and TTFT distributions (CDFs), continuous batching vs one at a time, from the load test."""
-    rec = view.result("serve", ENDPOINT)
-    if rec is None:
+    found = record_figure(view, "serve", ENDPOINT, nrows=1, ncols=2, figsize=(9, 3.6))
+    if found is None:
         return []
-    plt = pyplot()
+    rec, fig, axes = found
     data = rec["data"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, title in ((axes[0], "latencies_s", "request latency (client)"),
                            (axes[1], "ttfts_s", "time to first token (engine)")):
         for mode, m in sorted(data["modes"].items()):
