@@ -199,18 +199,22 @@ def test_hash_cuda_join_equals_pandas_and_its_twin(inputs, config):
     assert np.array_equal(a, reference_pairs(*inputs)), "CUDA C++ speculative join differs from pandas"
 
 
-@pytest.fixture(scope="module")
-def emulated_cuda_join(tmp_path_factory):
+def build_emulated(tmp_path_factory, *defines: str) -> Path:
     """hash_join.cu compiled for the CPU with its CUDA emulation layer (``hash_join_emulated.cpp``), 32 x 4."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is not on PATH: the CUDA C++ source cannot be run under the CPU emulation here")
     exe = tmp_path_factory.mktemp("emulated") / "hash_join_emulated"
     src = Path(SOURCE).with_name("hash_join_emulated.cpp")
-    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", "-DJOIN_THREADS=32", "-DJOIN_ITEMS=4",
+    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", "-DJOIN_THREADS=32", "-DJOIN_ITEMS=4", *defines,
                            f"-I{src.parent}", "-o", str(exe), str(src)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return exe
+
+
+@pytest.fixture(scope="module")
+def emulated_cuda_join(tmp_path_factory):
+    return build_emulated(tmp_path_factory)
 
 
 EMULATED_TILE = 32 * 4
@@ -262,6 +266,24 @@ def test_cuda_source_under_cpu_emulation_equals_pandas(emulated_cuda_join, table
         assert err == 0 and total == len(ref), f"total {total} (want {len(ref)}), device error {err}"
         assert guards == 1, "a write kernel wrote past its capacity"
         assert_close(got, ref, msg=f"hash_join.cu under CPU emulation, scheme {scheme}, grid {grid}")
+
+
+@pytest.mark.parametrize("scheme", [0, 1], ids=["split", "fused"])
+def test_reconverging_kernels_under_cpu_emulation_equal_pandas(tmp_path_factory, scheme):
+    """JOIN_RECONVERGE=1 (a __syncwarp before each row): every lane must meet there the same number of times, rows
+    past n included, or the emulated warp barrier deadlocks; the pairs must not change."""
+    exe = build_emulated(tmp_path_factory, "-DJOIN_RECONVERGE=1")
+    rng = np.random.default_rng(11)
+    joins, refs = [], []
+    for nb, npr, hi in ((300, 517, 400), (1, 1, 3), (130, 95, 20)):  # a partial last tile; duplicates and misses
+        bk, pk = rng.integers(0, hi, nb).astype(np.int32), rng.integers(0, hi, npr).astype(np.int32)
+        br, pr = np.arange(nb, dtype=np.int32), np.arange(npr, dtype=np.int32)
+        joins.append((bk, pk, br, pr))
+        refs.append(reference_pairs(bk, pk, br, pr))
+    out = emulate(exe, joins, False, scheme, HashConfig(), 3, [len(j[1]) for j in joins])
+    for ref, (total, err, guards, _, got) in zip(refs, out):
+        assert err == 0 and total == len(ref) and guards == 1
+        assert_close(got, ref, msg=f"reconverging hash_join.cu under CPU emulation, scheme {scheme}")
 
 
 def test_emulated_fused_kernel_covers_both_heads_paths(emulated_cuda_join):

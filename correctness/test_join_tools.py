@@ -23,7 +23,8 @@ from impl.join.plots import PLOTS, TABLES
 
 # ---- the CUDA C++ source ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("defines", [[], ["-DJOIN_THREADS=128", "-DJOIN_ITEMS=2"]], ids=["default", "128x2"])
+@pytest.mark.parametrize("defines", [[], ["-DJOIN_THREADS=128", "-DJOIN_ITEMS=2"], ["-DJOIN_RECONVERGE=1"]],
+                         ids=["default", "128x2", "reconverge"])
 def test_hash_join_cu_compiles_with_nvcc(tmp_path, defines):
     nvcc = shutil.which("nvcc")
     if nvcc is None:

@@ -53,7 +53,8 @@ def unavailable_reason() -> str | None:
 
 def compile_options(config: HashConfig) -> tuple[str, ...]:
     return ("-std=c++17", f"-DJOIN_THREADS={config.threads}", f"-DJOIN_ITEMS={config.items}",
-            f"-DBUCKET_BYTES={config.bucket_bytes}", f"-DJOIN_MIN_BLOCKS={config.min_blocks}")
+            f"-DBUCKET_BYTES={config.bucket_bytes}", f"-DJOIN_MIN_BLOCKS={config.min_blocks}",
+            f"-DJOIN_RECONVERGE={int(config.reconverge)}")
 
 
 @functools.cache

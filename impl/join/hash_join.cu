@@ -38,6 +38,18 @@
 #define JOIN_MIN_BLOCKS 1
 #endif
 
+// JOIN_RECONVERGE=1: every lane of a warp meets (__syncwarp) before each of its JOIN_ITEMS rows of a build or count,
+// so lanes whose row needed more buckets or CAS retries do not leave the warp split across rows. Every lane reaches
+// the same number of these points (rows past n included), as __syncwarp with a full mask requires.
+#ifndef JOIN_RECONVERGE
+#define JOIN_RECONVERGE 0
+#endif
+#if JOIN_RECONVERGE
+#define ROW_RECONVERGE() __syncwarp()
+#else
+#define ROW_RECONVERGE() ((void)0)
+#endif
+
 #define TILE (JOIN_THREADS * JOIN_ITEMS)
 #define HASH_MUL 0x45D9F3Bu
 #define STEP_SALT 0x9E3779B9u
@@ -177,6 +189,7 @@ __device__ void build_chunk(const K* __restrict__ keys, long long n, long long b
     }
 #pragma unroll
     for (int r = 0; r < JOIN_ITEMS; ++r) {
+        ROW_RECONVERGE();
         const long long i = base + r * JOIN_THREADS + threadIdx.x;
         if (i >= n) continue;
         const unsigned mine = (epoch << shift) | (unsigned)i, h = mix32(fold(key[r]));
@@ -246,6 +259,7 @@ __device__ long long count_tile(const K* __restrict__ pkeys, long long n, long l
     long long mine = 0;
 #pragma unroll
     for (int r = 0; r < JOIN_ITEMS; ++r) {
+        ROW_RECONVERGE();
         const long long j = base + r * JOIN_THREADS + threadIdx.x;
         hd[r] = HEAD_NONE;
         if (j >= n) continue;

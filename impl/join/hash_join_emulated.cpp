@@ -69,6 +69,7 @@ inline uint4 __ldcg(const uint4* p) {  // 4-byte atomic loads: a CAS may land be
     return uint4{__atomic_load_n(q, __ATOMIC_SEQ_CST), __atomic_load_n(q + 1, __ATOMIC_SEQ_CST),
                  __atomic_load_n(q + 2, __ATOMIC_SEQ_CST), __atomic_load_n(q + 3, __ATOMIC_SEQ_CST)};
 }
+inline void __syncwarp() { g_ctx->warps[threadIdx.x >> 5]->arrive_and_wait(); }
 template <typename T>
 T __shfl_up_sync(unsigned, T v, int d) {
     const int t = threadIdx.x, lane = t & 31;

@@ -51,6 +51,7 @@ class HashConfig:
     clear: str = "epoch"      # epoch: no clear per join; memset: zero the table before every build
     readback: str = "pinned"  # pinned: the kernel writes the total into pinned host memory; item: tensor.item()
     min_blocks: int = 1       # __launch_bounds__ minimum resident blocks per SM (caps registers)
+    reconverge: bool = False  # C++ kernels: the warp's lanes meet before each of their build/count rows
     epoch_bits: int | None = None  # cap on the tag's epoch field (tests use 1-2 bits to force wraps)
 
     def __post_init__(self) -> None:

@@ -49,6 +49,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
     ("fused-lf0.7", {"load_factor": 0.7}),
     ("fused-items4", {"items": 4}),
     ("split-items4", {"scheme": "split", "items": 4}),
+    ("split-items4-reconverge", {"scheme": "split", "items": 4, "reconverge": True}),
+    ("fused-reconverge", {"reconverge": True}),
     ("fused-item-readback", {"readback": "item"}),
     ("split-exact-2sync", {"scheme": "split", "_exact": True}),
     ("fused-bucket64", {"bucket_bytes": 64}),
