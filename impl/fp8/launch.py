@@ -14,13 +14,12 @@ defaults only). ``use_table`` sets it (tests). ``describe`` says which table is 
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from impl import backend
+from impl.common.tables import ActiveTable, read_table
 from impl.fp8.formats import ScaleGroup
 
 FORMAT = "fp8-launch-table/1"
@@ -145,47 +144,27 @@ class LaunchTable:
 
     @classmethod
     def load(cls, path: str | Path) -> "LaunchTable":
-        p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read the FP8 launch table {p}: {e}") from e
-        rec = data if isinstance(data, dict) else {}
-        return cls.from_data(data, origin=f"measured table {p.name}" + (f" @{rec['commit']}" if rec.get("commit")
-                                                                         else ""))
+        data, origin = read_table(path, "FP8 launch table")
+        return cls.from_data(data, origin=origin)
+
+
+_TABLE = ActiveTable("fp8", TABLE_RESULT, ENV, LaunchTable.load, LaunchTable,
+                     on_card=lambda: backend.ON_GPU and not backend.INTERPRETED)
 
 
 def stored_table_path() -> Path | None:
     """``results/<card>/fp8/launch_table.json`` for the card in use (None without a GPU)."""
-    if not backend.ON_GPU or backend.INTERPRETED:
-        return None
-    from impl.common.results import results_dir
-
-    return results_dir() / "fp8" / f"{TABLE_RESULT}.json"
-
-
-_ACTIVE: LaunchTable | None = None
+    return _TABLE.stored_path()
 
 
 def active_table() -> LaunchTable:
     """The table ``config`` consults (module doc); loaded once per process."""
-    global _ACTIVE
-    if _ACTIVE is None:
-        env = os.environ.get(ENV)
-        stored = stored_table_path()
-        if env:
-            _ACTIVE = LaunchTable.load(env)
-        elif stored is not None and stored.exists():
-            _ACTIVE = LaunchTable.load(stored)
-        else:
-            _ACTIVE = LaunchTable()
-    return _ACTIVE
+    return _TABLE.get()
 
 
 def use_table(table: LaunchTable | None) -> None:
     """Make ``table`` the active one (None: load again as ``active_table`` says)."""
-    global _ACTIVE
-    _ACTIVE = table
+    _TABLE.use(table)
 
 
 def builtin(key: str) -> LaunchConfig:

@@ -17,13 +17,12 @@ Where the table comes from (``active_table``): ``LAB_SERVE_GEMM_TABLE`` (a path)
 """
 from __future__ import annotations
 
-import json
-import os
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from impl.common.tables import ActiveTable, read_table
 from impl.serve.fp8_gemv import GemvConfig, default_config
 
 PATHS = ("w8a16", "inner")
@@ -113,49 +112,26 @@ class GemmTable:
 
     @classmethod
     def load(cls, path: str | Path) -> "GemmTable":
-        p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read the GEMM table {p}: {e}") from e
-        rec = data if isinstance(data, dict) else {}
-        where = f"measured table {p.name}" + (f" @{rec['commit']}" if rec.get("commit") else "")
-        return cls.from_data(data, origin=where)
+        data, origin = read_table(path, "GEMM table")
+        return cls.from_data(data, origin=origin)
+
+
+_TABLE = ActiveTable("serve", TABLE_RESULT, "LAB_SERVE_GEMM_TABLE", GemmTable.load, GemmTable)
 
 
 def stored_table_path() -> Path | None:
     """``results/<card>/serve/gemm_table.json`` for the card in use (None without a GPU)."""
-    from impl import backend
-
-    if not backend.ON_GPU:
-        return None
-    from impl.common.results import results_dir
-
-    return results_dir() / "serve" / f"{TABLE_RESULT}.json"
-
-
-_ACTIVE: GemmTable | None = None
+    return _TABLE.stored_path()
 
 
 def active_table() -> GemmTable:
     """The table new FP8 linears use (module doc); loaded once per process."""
-    global _ACTIVE
-    if _ACTIVE is None:
-        env = os.environ.get("LAB_SERVE_GEMM_TABLE")
-        stored = stored_table_path()
-        if env:
-            _ACTIVE = GemmTable.load(env)
-        elif stored is not None and stored.exists():
-            _ACTIVE = GemmTable.load(stored)
-        else:
-            _ACTIVE = GemmTable()
-    return _ACTIVE
+    return _TABLE.get()
 
 
 def use_table(table: GemmTable | None) -> None:
     """Make ``table`` the one new FP8 linears take (None: load again as ``active_table`` says)."""
-    global _ACTIVE
-    _ACTIVE = table
+    _TABLE.use(table)
 
 
 def set_model_table(model: Any, table: GemmTable) -> int:

@@ -12,13 +12,12 @@ tests and benches), else the built-in defaults. ``describe`` says which; benches
 """
 from __future__ import annotations
 
-import json
-import os
 from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from impl.common.tables import ActiveTable, read_table
 from impl.sort.plan import MODES, CudaSortConfig
 
 FORMAT = "sort-config-table/1"
@@ -92,13 +91,8 @@ class SortTable:
 
     @classmethod
     def load(cls, path: str | Path) -> "SortTable":
-        p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read the sort config table {p}: {e}") from e
-        commit = data.get("commit") if isinstance(data, dict) else None
-        return cls.from_data(data, origin=f"measured table {p.name}" + (f" @{commit}" if commit else ""))
+        data, origin = read_table(path, "sort config table")
+        return cls.from_data(data, origin=origin)
 
 
 def select(rows: list[dict[str, Any]]) -> SortTable:
@@ -117,39 +111,22 @@ def select(rows: list[dict[str, Any]]) -> SortTable:
     return SortTable(entries, "measured table (this run)")
 
 
+_TABLE = ActiveTable("sort", TABLE_RESULT, "LAB_SORT_TABLE", SortTable.load, SortTable)
+
+
 def stored_table_path() -> Path | None:
     """``results/<card>/sort/config_table.json`` for the card in use (None without a GPU)."""
-    from impl import backend
-
-    if not backend.ON_GPU:
-        return None
-    from impl.common.results import results_dir
-
-    return results_dir() / "sort" / f"{TABLE_RESULT}.json"
-
-
-_ACTIVE: SortTable | None = None
+    return _TABLE.stored_path()
 
 
 def active_table() -> SortTable:
     """The table sorts without an explicit config use (module doc); loaded once per process."""
-    global _ACTIVE
-    if _ACTIVE is None:
-        env = os.environ.get("LAB_SORT_TABLE")
-        stored = stored_table_path()
-        if env:
-            _ACTIVE = SortTable.load(env)
-        elif stored is not None and stored.exists():
-            _ACTIVE = SortTable.load(stored)
-        else:
-            _ACTIVE = SortTable()
-    return _ACTIVE
+    return _TABLE.get()
 
 
 def use_table(table: SortTable | None) -> None:
     """Make ``table`` the one new sorters take (None: load again as ``active_table`` says)."""
-    global _ACTIVE
-    _ACTIVE = table
+    _TABLE.use(table)
 
 
 def config_for(n: int, mode: str) -> CudaSortConfig:
