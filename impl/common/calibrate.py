@@ -11,9 +11,8 @@ Peaks, the denominators of every ``pct_peak_*`` (a true ceiling, so that no hone
 - ``bf16_peak_tflops`` / ``fp8_peak_tflops``: the best of three GEMM shapes (8192³, 4096×8192×8192,
   8192×4096×4096), fastest round; bf16 with B both row-major and as a transposed (N, K) weight, fp8 with operands
   spanning e4m3's range as a per-tensor quantizer leaves them (the layouts and data the benches multiply), each
-  timed as the benches time theirs: the L2 flushed before every round. Timed back to back, the 4096x8192x8192
-  bf16 peak read 701-799 TFLOP/s across three processes on the H200 (712 after 0.3 s of spinning first), below the
-  802-814 of the flushed bench in the same processes; the flushed calibration is not yet measured on the card.
+  timed as the benches time theirs: the L2 flushed before every round (timed back to back, the 4096x8192x8192 bf16
+  peak read 701-799 TFLOP/s on an H200 where the flushed bench read 802-814).
 A bench's median of the same kernel lies below its calibration's fastest round unless the card's clocks changed
 between the two. ``bw_kernels`` / ``*_gemm_shapes`` keep each kernel's figure, for the diagnosis of a bench above 100%.
 
@@ -90,8 +89,8 @@ LAYOUTS = ("nn", "nt")  # B stored (K, N) row-major, or as an (N, K) weight used
 
 def _gemm_fn(dtype: str, m: int, n: int, k: int, layout: str = "nn") -> Callable[[], Any] | None:
     """One GEMM of (M, K) x (K, N). fp8 operands span the e4m3 range the way a per-tensor quantizer leaves them
-    (amax scaled to e4m3's largest finite value), the data the FP8 benches multiply; its B is column-major in either layout, as
-    ``torch._scaled_mm`` requires, so ``layout`` only changes bf16."""
+    (amax scaled to e4m3's largest finite value), the data the FP8 benches multiply; its B is column-major in either
+    layout, as ``torch._scaled_mm`` requires, so ``layout`` only changes bf16."""
     import torch
 
     if dtype not in ("bf16", "fp8"):

@@ -194,19 +194,27 @@ def time_variant(op, overrides: dict[str, Any], plan: Plan, device: str, detail:
     return out
 
 
+def time_probe_and_materialize(op, t: tuple[torch.Tensor, ...], reps: int, out: dict[str, Any]) -> Any:
+    """Time ``op``'s probe (after one build) and materialize phases of tables ``t`` = (bk, br, pk, pr) into ``out``
+    ("probe", "materialize"); returns the probe state."""
+    bk, br, pk, pr = t
+    built = op.build(bk, br)
+    out["probe"] = timed(lambda: op.probe(built, pk, pr), reps)
+    probed = op.probe(built, pk, pr)
+    ob = torch.empty(probed.total, dtype=br.dtype, device=br.device)
+    opr = torch.empty_like(ob)
+    out["materialize"] = timed(lambda: op.materialize(probed, ob, opr), reps)
+    return probed
+
+
 def time_tc_phases(op, plan: Plan, device: str) -> dict[str, Any]:
     """The tensor-core join's phases at --n (uniform): partition, probe, materialize, total; the tl.dot FLOPs of one
     pass, per useful comparison, and the pass's TFLOP/s."""
     from impl.join.tc_triton import dot_flops, rewalk_programs
 
-    bk, br, pk, pr = tables("uniform", plan.n, seed=4, device=device, keep=True)
+    bk, br, pk, pr = t = tables("uniform", plan.n, seed=4, device=device, keep=True)
     out = {"partition": timed(lambda: op.partition(bk, pk, br, pr), plan.reps)}
-    built = op.build(bk, br)
-    out["probe"] = timed(lambda: op.probe(built, pk, pr), plan.reps)
-    probed = op.probe(built, pk, pr)
-    ob = torch.empty(probed.total, dtype=br.dtype, device=device)
-    opr = torch.empty_like(ob)
-    out["materialize"] = timed(lambda: op.materialize(probed, ob, opr), plan.reps)
+    probed = time_probe_and_materialize(op, t, plan.reps, out)
     out["total"] = timed(lambda: op(bk, pk, br, pr), plan.reps)
     rec = {k: {"median_us": v["median_us"]} for k, v in out.items()}
     flops = dot_flops(probed, op.config, rewalk_programs(probed, op.config))
@@ -218,14 +226,9 @@ def time_tc_phases(op, plan: Plan, device: str) -> dict[str, Any]:
 
 def time_phases(op, plan: Plan, device: str) -> dict[str, Any]:
     """build (epoch bump + build kernel), probe (count kernel + readback), materialize (write kernel) at --n."""
-    bk, br, pk, pr = tables("uniform", plan.n, seed=4, device=device, keep=True)
+    bk, br, pk, pr = t = tables("uniform", plan.n, seed=4, device=device, keep=True)
     out = {"build": timed(lambda: op.build(bk, br), plan.reps)}
-    built = op.build(bk, br)
-    out["probe"] = timed(lambda: op.probe(built, pk, pr), plan.reps)
-    probed = op.probe(built, pk, pr)
-    ob = torch.empty(probed.total, dtype=br.dtype, device=device)
-    opr = torch.empty_like(ob)
-    out["materialize"] = timed(lambda: op.materialize(probed, ob, opr), plan.reps)
+    time_probe_and_materialize(op, t, plan.reps, out)
     return {k: {"median_us": v["median_us"]} for k, v in out.items()}
 
 
