@@ -12,7 +12,9 @@ Peaks, the denominators of every ``pct_peak_*`` (a true ceiling, so that no hone
   8192×4096×4096), fastest round; bf16 with B both row-major and as a transposed (N, K) weight, fp8 with operands
   spanning e4m3's range as a per-tensor quantizer leaves them (the layouts and data the benches multiply), each
   timed as the benches time theirs: the L2 flushed before every round (timed back to back, the 4096x8192x8192 bf16
-  peak read 701-799 TFLOP/s on an H200 where the flushed bench read 802-814).
+  peak read 701-799 TFLOP/s on an H200 where the flushed bench read 802-814), and after the card has idled
+  ``REST_S`` (a GEMM held back to back runs into the board's power limit: the shapes timed late in a flushed
+  calibration read 1-6% below a bench of the same shape timed between lighter benches).
 A bench's median of the same kernel lies below its calibration's fastest round unless the card's clocks changed
 between the two. ``bw_kernels`` / ``*_gemm_shapes`` keep each kernel's figure, for the diagnosis of a bench above 100%.
 
@@ -27,10 +29,12 @@ from typing import Any, Callable
 from impl import backend
 from impl.common.timing import time_fn
 
+REST_S = 1.0  # idle before each peak GEMM's rounds, on a GPU: its power and clocks recover
 METHOD = ("copy 1 GiB d2d (read+write); GEMM 8192^3 via torch; H2D 40 MB; medians of 20 event-timed reps (copy and "
           "GEMM queued, launch latency excluded; H2D eager). Peaks: fastest round of the best of copy 1 GiB / 256 MiB, "
           "read-only sum 1 GiB, triad 3 x 256 MiB (bandwidth) and of GEMM 8192^3, 4096x8192x8192, 8192x4096x4096 "
-          "(bf16: B row-major and transposed weight; fp8: operands scaled to e4m3's range), L2 flushed between rounds")
+          "(bf16: B row-major and transposed weight; fp8: operands scaled to e4m3's range), L2 flushed between rounds, "
+          f"each GEMM after {REST_S:g} s idle")
 
 
 @dataclass(frozen=True)
@@ -117,9 +121,22 @@ def measure_gemm_tflops(dtype: str, shape: tuple[int, int, int] = FULL.gemm, *, 
     if fn is None:
         return None
     m, n, k = shape
+    if best:
+        rest()
     # a peak is timed like the benches it bounds: L2 flushed between rounds (the card's power headroom recovers
     # in the gap); the descriptive figure back to back
     return _rate(2 * m * n * k, fn, best=best, flush=best) / 1e12
+
+
+def rest(seconds: float = REST_S) -> None:
+    """Let the GPU idle ``seconds`` after its queue drains (nothing on the CPU)."""
+    if backend.ON_GPU:
+        import time
+
+        from impl.common.timing import synchronize
+
+        synchronize()
+        time.sleep(seconds)
 
 
 def measure_h2d_gbps(pinned: bool, nbytes: int = FULL.h2d_bytes) -> float:

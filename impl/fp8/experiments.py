@@ -55,8 +55,9 @@ def prepare(out: Path, *, log: LOG = print) -> list[Path]:
     for name in MODELS:
         dst = out / f"{name}.gguf"
         if not dst.exists():
-            try:
-                shutil.copyfile(gguf_path(name, out / ".gguf_cache"), dst)
+            try:  # assembled outside ``out``: the folder holds only what travels
+                with tempfile.TemporaryDirectory() as tmp:
+                    shutil.copyfile(gguf_path(name, Path(tmp)), dst)
             except ModuleNotFoundError as e:
                 log(f"{name}: skipped ({e})")
                 continue
