@@ -318,6 +318,34 @@ def test_the_host_and_origin_headers_must_name_this_server(srv):
     assert code == 200
 
 
+@pytest.mark.timeout(60)
+def test_a_burst_of_clients_waits_in_the_backlog_and_is_served():
+    """64 clients connect while the server is not yet accepting (as under a load test's burst): the kernel must
+    queue them all (a small listen backlog drops their SYNs and the load test saw resets), then each is answered."""
+    n = 64
+    served = Served.__new__(Served)
+    served.server = make_server(new_engine(), "tiny", port=0, limits=LIMITS)
+    served.port = served.server.server_address[1]
+    socks = []
+    try:
+        for i in range(n):  # nothing accepts yet: each connection completes only if the backlog holds it
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", served.port), timeout=2))
+            except OSError as e:
+                pytest.fail(f"connection {i + 1} of {n} was not queued ({type(e).__name__}: {e}); "
+                            f"listen backlog {served.server.request_queue_size}")
+        threading.Thread(target=served.server.serve_forever, daemon=True).start()
+        for s in socks:
+            s.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{served.port}\r\n\r\n".encode())
+        for s in socks:
+            s.settimeout(10)
+            assert s.recv(64).split()[1] == b"200"
+    finally:
+        for s in socks:
+            s.close()
+        served.close()
+
+
 # ---- batches and cancellation ----------------------------------------------------------------------------------
 
 @pytest.mark.timeout(60)

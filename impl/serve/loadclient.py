@@ -67,13 +67,3 @@ def drive_in_process(url: str, prompts: list[list[int]], concurrency: int, max_t
     """``drive`` in a fresh (spawned) process."""
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         return pool.submit(drive, url, prompts, concurrency, max_tokens, timeout_s, budget_s).result()
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The q-th percentile (0-100) by linear interpolation between order statistics; None for no values."""
-    if not values:
-        return None
-    v = sorted(values)
-    pos = (len(v) - 1) * q / 100
-    lo = int(math.floor(pos))
-    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)

@@ -54,9 +54,11 @@ class ServerLimits:
     max_body_bytes: int = 1 << 20
     max_prompts: int = 64
     poll_s: float = 0.05  # how often a waiting handler checks whether its client is still there
+    backlog: int = 1024  # connections the kernel queues before accept (a burst of clients beyond it is reset)
 
     def __post_init__(self) -> None:
-        if not (self.request_timeout_s > 0 and self.poll_s > 0 and self.max_body_bytes >= 1 and self.max_prompts >= 1):
+        if not (self.request_timeout_s > 0 and self.poll_s > 0 and self.max_body_bytes >= 1 and self.max_prompts >= 1
+                and self.backlog >= 1):
             raise ValueError(f"every limit must be positive: {self}")
 
 
@@ -471,7 +473,8 @@ def make_server(engine: Engine, model_name: str, host: str = "127.0.0.1", port: 
         def log_message(self, fmt: str, *args: Any) -> None:
             pass  # quiet: the CLI prints its own progress
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server_class = type("Server", (ThreadingHTTPServer,), {"request_queue_size": limits.backlog})
+    server = server_class((host, port), Handler)
     hosts = allowed_hosts(host, server.server_address[1])
     server.loop = loop  # type: ignore[attr-defined]
     return server
