@@ -1,12 +1,15 @@
 """The W8A16 decode GEMV (``fp8_gemv``) against float64, its module, and the GEMM choice table (``choose``)."""
 import json
 import os
+from dataclasses import replace
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +19,8 @@ from impl.backend import DEVICE
 from impl.serve import choose, fp8_adapter, fp8_gemv
 from impl.serve.choose import GemmChoice, GemmTable
 from impl.serve.fp8_gemv import (DecodeFp8Linear, GemvConfig, decode_bits_reference, default_config, gemv,
-                                 new_counters, split_plan, swiglu_torch)
+                                 new_counters, prefetch_chunks, prefetch_ranges, prefetch_row_bytes, split_plan,
+                                 swiglu_torch)
 from impl.serve.model import DenseLinear
 from impl.serve.tune import error_bound, reference
 
@@ -24,7 +28,7 @@ X_DTYPES = ["float32"] + (["bfloat16"] if backend.ON_GPU else [])
 TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=2e-2, atol=2e-2)}
 CONFIGS = [GemvConfig(), GemvConfig(splits=3), GemvConfig(block_m=2, block_n=8, block_k=16, splits=2),
            GemvConfig(dot=True, block_n=16, splits=2), GemvConfig(dot=True, block_m=16, block_n=32, num_stages=2),
-           GemvConfig(dot=True, bits=True, block_n=16, splits=2)]
+           GemvConfig(dot=True, bits=True, block_n=16, splits=2), GemvConfig(dot=True, block_n=16, prefetch=1)]
 
 
 def fp8_weight(n: int, k: int, seed: int, zero_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,12 +235,15 @@ def test_decode_linear_serves_each_m_by_the_table(monkeypatch):
 @pytest.mark.slow  # ~10 s: two Triton compiles and ptxas in a subprocess
 def test_kernel_compiles_for_hopper_with_16_byte_weight_loads():
     """Compiled for sm_90a (no GPU needed): the CUDA-core split-K kernel reads 16 FP8 codes per load, spills nothing,
-    uses the split-K atomics, and with PDL waits on the grid dependency; the FP8-activation tiles use wgmma."""
+    uses the split-K atomics, and with PDL waits on the grid dependency; the FP8-activation tiles use wgmma; a
+    ``prefetch`` tile asks L2 for its codes before it waits or loads."""
     pytest.importorskip("triton.backends.nvidia")
     dot = {"m": 1, "dot": True, "block_n": 64, "block_k": 256, "num_warps": 8, "num_stages": 3, "splits": 2}
     cfgs = [{"block_n": 16, "block_k": 512, "splits": 4}, {"m": 128, "dot": True, "a8": True, "block_n": 128,
                                                            "block_k": 128, "num_warps": 8, "num_stages": 3},
-            dot, {**dot, "bits": True}]
+            dot, {**dot, "bits": True},
+            {"m": 1, "dot": True, "bits": True, "block_n": 64, "block_k": 128, "num_stages": 4, "splits": 4,
+             "prefetch": 16}]  # the batch-1 tile the card chose, with the prefetch
     args = [sys.executable, "-m", "impl.serve.ptx_check", "--m", "1", "--pdl"]
     for c in cfgs:
         args += ["--config", json.dumps(c)]
@@ -247,13 +254,16 @@ def test_kernel_compiles_for_hopper_with_16_byte_weight_loads():
     if "ptxas failed" in r.stderr or "No such file" in r.stderr:
         pytest.skip(f"no ptxas for sm_90a here: {r.stderr[-300:]}")
     assert r.returncode == 0, r.stderr[-2000:]
-    fma, a8, dot, bits = (json.loads(line) for line in r.stdout.splitlines()[-4:])
+    fma, a8, dot, bits, pf = (json.loads(line) for line in r.stdout.splitlines()[-5:])
     assert fma["ld_global_v4"] >= 4 and fma["spill_bytes"] == 0 and fma["atom"] == 2 and fma["griddepcontrol"] == 2
     assert a8["wgmma"] > 0 and a8["spill_bytes"] == 0 and a8["shared_bytes"] <= 227 << 10
     # Triton's decoder goes through f16 (cvt e4m3x2); the bit decoder has none and one bf16x2 multiply per 2 codes
     assert dot["cvt_e4m3"] > 0 and dot["mul_bf16x2"] == 0
     assert bits["cvt_e4m3"] == 0 and bits["mul_bf16x2"] > 0 and bits["cp_async"] > 0
     assert bits["spill_bytes"] <= 16  # with PDL ptxas spills 12 bytes (3 registers) of this 8-warp tile
+    # the L2 prefetch: one bulk prefetch per thread, issued before the PDL wait and before any load of the codes
+    assert bits["prefetch_l2"] == 0 and pf["prefetch_l2"] == 1 and pf["tma"] == 0
+    assert pf["prefetch_before_wait"] and pf["prefetch_before_loads"] and pf["spill_bytes"] == 0
 
 
 def test_bit_decoder_twin_gives_every_e4m3_value():
@@ -290,3 +300,65 @@ def test_tensor_core_tiles_take_swiglu_from_silu_mul():
     from impl.serve.fused import silu_mul
 
     torch.testing.assert_close(gemv(gu, q, s, cfg, swiglu=True), gemv(silu_mul(gu), q, s, cfg), rtol=0, atol=0)
+
+
+@triton.jit
+def _ranges_kernel(off_ptr, size_ptr, N, stride_wn, k_lo, k_hi, pf_bytes, BLOCK_N: tl.constexpr,
+                   CHUNKS: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    off, size = prefetch_ranges(offs_n, offs_n < N, stride_wn, k_lo, k_hi, pf_bytes, CHUNKS)
+    idx = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * CHUNKS + tl.arange(0, CHUNKS)[None, :]
+    tl.store(off_ptr + idx, off)
+    tl.store(size_ptr + idx, size)
+
+
+@settings(max_examples=min(settings.default.max_examples, 25), deadline=None)
+@given(n=st.integers(1, 40), k16=st.integers(1, 64), split=st.integers(0, 3), splits=st.integers(1, 4),
+       pf16=st.integers(1, 80), block_n=st.sampled_from([16, 32, 64]), warps=st.sampled_from([4, 8]))
+def test_prefetch_pieces_cover_each_rows_first_codes_exactly(n, k16, split, splits, pf16, block_n, warps):
+    """The L2 prefetch's pieces (``prefetch_ranges``, run by the kernel before anything else): per row, 16-byte
+    aligned pieces of a multiple of 16 bytes that tile [k_lo, k_lo + min(pf, k_hi - k_lo)) exactly, inside the row's
+    slab; rows past N ask for nothing. (The kernel hands these to ``cp.async.bulk.prefetch.L2``, which needs exactly
+    this; the interpreter has no inline assembly, so the pieces are checked here and the instruction by ptxas.)"""
+    k = 16 * k16
+    per = split_plan(k, splits, 16)[0]
+    split = min(split, split_plan(k, splits, 16)[1] - 1)
+    k_lo, k_hi = split * per, min(split * per + per, k)
+    stride = k + 32  # padded rows: offsets must use the stride
+    cfg = GemvConfig(dot=True, block_n=block_n, num_warps=warps, prefetch=1)
+    chunks = prefetch_chunks(cfg)
+    tiles = -(-n // block_n)
+    off = torch.full((tiles * block_n * chunks,), -1, dtype=torch.int64, device=DEVICE)
+    size = torch.full((tiles * block_n * chunks,), -1, dtype=torch.int32, device=DEVICE)
+    _ranges_kernel[(tiles,)](off, size, n, stride, k_lo, k_hi, 16 * pf16, BLOCK_N=block_n, CHUNKS=chunks)
+    off, size = off.cpu().reshape(-1, chunks).tolist(), size.cpu().reshape(-1, chunks).tolist()
+    want = min(16 * pf16, k_hi - k_lo)
+    for row in range(tiles * block_n):
+        pieces = [(o, sz) for o, sz in zip(off[row], size[row]) if sz > 0]
+        if row >= n:
+            assert not pieces, row
+            continue
+        assert all(o % 16 == 0 and sz % 16 == 0 for o, sz in pieces), pieces
+        pos = row * stride + k_lo
+        for o, sz in sorted(pieces):
+            assert o == pos, (row, pieces)
+            pos += sz
+        assert pos == row * stride + k_lo + want, (row, pieces, want)
+
+
+def test_prefetch_bytes_stay_within_the_configured_mib():
+    """``prefetch_row_bytes``: the call's prefetch (rows x bytes per row) fits in the config's MiB, in 16-byte
+    units, at most a slab's K; nothing for bf16 weights, rows not 16-byte aligned or no ``prefetch``."""
+    w = torch.zeros(6144, 4096, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    cfg = GemvConfig(dot=True, bits=True, block_n=64, block_k=128, splits=4, prefetch=16)
+    slabs = (6144 // 64) * 4
+    per_row = prefetch_row_bytes(cfg, slabs, 1024, w)
+    assert per_row % 16 == 0 and 0 < per_row <= 1024
+    assert slabs * 64 * per_row <= 16 << 20 < slabs * 64 * (per_row + 16) or per_row == 1024
+    assert prefetch_row_bytes(replace(cfg, prefetch=48), 8, 1024, w) == 1024  # capped by the slab
+    assert prefetch_row_bytes(replace(cfg, prefetch=0), slabs, 1024, w) == 0
+    assert prefetch_row_bytes(cfg, slabs, 1024, torch.zeros(64, 4096, dtype=torch.bfloat16)) == 0
+    assert prefetch_row_bytes(cfg, slabs, 1024, w[:, 8:]) == 0  # rows start 8 bytes off 16
+    assert cfg.name.endswith("f16") and GemvConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="prefetch"):
+        GemvConfig(prefetch=-1)

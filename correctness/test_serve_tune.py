@@ -37,6 +37,42 @@ def test_tune_smoke_checks_times_and_writes_a_loadable_table(tmp_path, capsys):
     assert "best FP8" in capsys.readouterr().out
 
 
+def test_decode_step_keeps_the_fastest_variant_with_the_same_logits():
+    """The decode-step comparison: the batch-1 W8A16 entries get the L2 prefetch (other M and ``inner`` unchanged);
+    the fastest variant whose logits equal the plain table's bit for bit serves, with its PDL flag and entries; a
+    faster variant with other logits is refused; no measurement keeps PDL off."""
+    from impl.serve.fp8_gemv import GemvConfig
+
+    cfg = GemvConfig(dot=True, bits=True, block_n=64, block_k=128, splits=4, num_stages=4)
+    tile = choose.GemmChoice("w8a16", cfg)
+    table = choose.GemmTable({(4096, 4096): [(1, tile), (8, tile)], (6144, 4096): [(1, choose.GemmChoice("inner"))]},
+                             selected_in_run="r1")
+    pf = tune.prefetch_batch1(table, 16)
+    assert [c.config.prefetch for _, c in pf.entries[(4096, 4096)]] == [16, 0]
+    assert pf.entries[(6144, 4096)][0][1].path == "inner" and table.entries[(4096, 4096)][0][1].config.prefetch == 0
+    steps = {"fp8_table": {"decode_step_ms": 3.2}, "fp8_table_pdl": {"decode_step_ms": 3.3},
+             "fp8_table_pdl_f16": {"decode_step_ms": 2.9}, "fp8_table_pdl_f32": {"decode_step_ms": 2.5},
+             "fp8_table_f16": {"decode_step_ms": 3.0}}
+    same = torch.zeros(3)
+    logits = {"fp8_table": same, "fp8_table_pdl": same.clone(), "fp8_table_pdl_f16": same.clone(),
+              "fp8_table_pdl_f32": same + 1, "fp8_table_f16": same.clone(), "fp8_rule": same + 2}
+    picked = tune.pick_variant(steps, logits)
+    assert picked["decode_choice"] == "fp8_table_pdl_f16" and picked["pdl_chosen"]
+    assert picked["bitwise_equal"] == {"fp8_table_pdl": True, "fp8_table_pdl_f16": True, "fp8_table_pdl_f32": False,
+                                       "fp8_table_f16": True}
+    decode = {**picked, "variant_tables": {"fp8_table": table.to_data(),
+                                           "fp8_table_pdl_f16": tune.replace(pf, pdl=True).to_data()}}
+    chosen = tune.chosen_table(table, decode)
+    assert chosen.pdl and chosen.selected_in_run == "r1"
+    assert chosen.lookup(4096, 4096, 1).config.prefetch == 16 and chosen.lookup(4096, 4096, 8).config.prefetch == 0
+    assert tune.pick_variant({**steps, "fp8_table": {"decode_step_ms": 2.0}}, logits)["decode_choice"] == "fp8_table"
+    no_pdl = tune.pick_variant({**steps, "fp8_table_f16": {"decode_step_ms": 2.0}}, logits)
+    assert no_pdl["decode_choice"] == "fp8_table_f16" and not no_pdl["pdl_chosen"]
+    tie = {name: {"decode_step_ms": 3.2 * (1 - tune.MARGIN / 2)} for name in steps}
+    assert tune.pick_variant({**tie, "fp8_table": {"decode_step_ms": 3.2}}, logits)["decode_choice"] == "fp8_table"
+    assert not tune.chosen_table(table, {}).pdl and not tune.chosen_table(tune.replace(table, pdl=True), {}).pdl
+
+
 def test_error_bound_catches_a_wrong_scale():
     """The tune run's check is not vacuous: a result off by one scale step of one channel exceeds the bound."""
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))

@@ -9,8 +9,9 @@ Beyond the largest measured M (prefill), and for a projection the table does not
 ``w8a16`` with ``fp8_gemv.default_config`` up to ``RULE_MAX_M`` rows, ``inner`` above.
 
 A table may also carry ``pdl`` (launch the W8A16 kernels with programmatic dependent launch: measured on or off as a
-whole decode step) and ``fixed``: one configuration for every M and projection, which makes each row's result
-independent of the batch it is in (batch-invariant serving: greedy outputs equal to running each prompt alone).
+whole decode step, as is the L2 prefetch of the batch-1 entries' first codes, ``GemvConfig.prefetch``) and ``fixed``:
+one configuration for every M and projection, which makes each row's result independent of the batch it is in (batch-
+invariant serving: greedy outputs equal to running each prompt alone).
 
 Where the table comes from (``active_table``): ``LAB_SERVE_GEMM_TABLE`` (a path), else the stored table of this card
 ``results/<card>/serve/gemm_table.json``, else the rule. ``describe`` says which, and engines report it.
@@ -74,7 +75,9 @@ class GemmTable:
 
     def describe(self) -> str:
         kind = f"fixed {self.fixed.name} (batch-invariant)" if self.fixed is not None else self.origin
-        return f"gemm table: {kind}, pdl {'on' if self.pdl else 'off'}"
+        pf = sum(1 for lst in self.entries.values() for _, c in lst if c.config is not None and c.config.prefetch)
+        prefetch = f", L2 prefetch in {pf} entries" if pf else ""
+        return f"gemm table: {kind}, pdl {'on' if self.pdl else 'off'}{prefetch}"
 
     def to_data(self) -> dict[str, Any]:
         rows = [{"n": n, "k": k, "m": m, "path": c.path, "config": c.config.to_dict() if c.config else None}

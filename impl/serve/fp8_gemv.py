@@ -18,6 +18,10 @@ with one config for every M, the kernel is batch-invariant.
 PDL (``pdl=True``, GPU only): the program loads its first codes, then waits for the previous kernel on the stream
 (``gdc_wait``) before it reads x or writes anything, so with programmatic dependent launch the weight stream starts
 while the kernel before it is still finishing. Weights are never written by a preceding kernel, so this is safe.
+``prefetch`` (MiB, GPU only): before anything else every program asks L2 for the first codes of its slab with the
+bulk copy unit (``cp.async.bulk.prefetch.L2``: no registers, no shared memory, nothing waits for it), the call's
+total capped at that many MiB; with PDL the weights then stream from DRAM while the previous kernel (a norm, RoPE,
+attention) runs, and without it the prefetch runs ahead of the pipeline's own loads.
 
 ``GemvConfig`` names one configuration; ``choose.py`` holds the measured table of which configuration (or which other
 GEMM path) serves each (projection, M).
@@ -54,6 +58,7 @@ class GemvConfig:
     block_m: int = 0
     max_block_m: int = 128
     bits: bool = False  # dot kind: codes -> bf16 by integer bit operations (``decode_bits``), not the F2F unit
+    prefetch: int = 0  # MiB of L2 the call's first codes may fill by bulk prefetch before anything else (0: none)
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "block_m", "max_block_m"):
@@ -68,13 +73,16 @@ class GemvConfig:
             raise ValueError(f"FP8 activations (a8) need the tensor-core (dot) kernel: {self}")
         if self.bits and (not self.dot or self.a8):
             raise ValueError(f"bit decoding (bits) is for the W8A16 tensor-core (dot, not a8) kernel: {self}")
+        if not 0 <= self.prefetch <= 48:
+            raise ValueError(f"GemvConfig.prefetch is MiB of L2 (0..48), got {self.prefetch}")
 
     @property
     def name(self) -> str:
         m = f"m{self.block_m}" if self.block_m else ""
         kind = "a8" if self.a8 else "dotb" if self.bits else "dot" if self.dot else "fma"
+        pf = f"f{self.prefetch}" if self.prefetch else ""
         return (f"{kind}-{m}n{self.block_n}k{self.block_k}s{self.splits}"
-                f"w{self.num_warps}p{self.num_stages}")
+                f"w{self.num_warps}p{self.num_stages}{pf}")
 
     def rows_per_tile(self, m: int) -> int:
         if self.block_m:
@@ -148,6 +156,38 @@ def _bits_to_bf16(w):
                                      is_pure=True, pack=4)
 
 
+# L2 prefetch of a contiguous byte range (sm_90 bulk copy unit; no registers or shared memory hold the data): $1 the
+# 16-byte aligned address, $2 the size, a multiple of 16; a size of 0 issues nothing. The result register is unused.
+_PREFETCH_ASM = tl.constexpr("""{
+.reg .pred p;
+setp.ne.u32 p, $2, 0;
+@p cp.async.bulk.prefetch.L2.global [$1], $2;
+mov.u32 $0, 0;
+}""")
+
+
+@triton.jit
+def prefetch_ranges(offs_n, n_mask, stride_wn, k_lo, k_hi, pf_bytes, CHUNKS: tl.constexpr):
+    """(byte offset into the codes, size) [BLOCK_N, CHUNKS] of the pieces ``_prefetch_codes`` asks L2 for: the first
+    ``pf_bytes`` of each row's [k_lo, k_hi), cut into CHUNKS pieces of a multiple of 16 bytes; rows past N and pieces
+    past the end get size 0."""
+    row_bytes = tl.minimum(pf_bytes, k_hi - k_lo)
+    chunk = (row_bytes + 16 * CHUNKS - 1) // (16 * CHUNKS) * 16
+    start = tl.arange(0, CHUNKS)[None, :] * chunk
+    size = tl.minimum(tl.maximum(row_bytes - start, 0), chunk)
+    size = tl.where(n_mask[:, None], size, 0)
+    return offs_n[:, None].to(tl.int64) * stride_wn + k_lo + start, size
+
+
+@triton.jit
+def _prefetch_codes(w_ptr, offs_n, n_mask, stride_wn, k_lo, k_hi, pf_bytes, CHUNKS: tl.constexpr):
+    """Bulk L2 prefetch of ``prefetch_ranges``' pieces, every thread its own piece. GPU only (inline assembly). Not a
+    load: nothing waits for it and it changes no result; the loads that follow find the codes in L2 or in flight."""
+    off, size = prefetch_ranges(offs_n, n_mask, stride_wn, k_lo, k_hi, pf_bytes, CHUNKS)
+    addr = (w_ptr + off).to(tl.int64)
+    tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l,r", [addr, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def _multiply(acc, x, w, DOT: tl.constexpr, A8: tl.constexpr, FP8_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BITS: tl.constexpr = False):
@@ -173,10 +213,11 @@ def _multiply(acc, x, w, DOT: tl.constexpr, A8: tl.constexpr, FP8_DOT: tl.conste
 def gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr,             # x [M, K] (SWIGLU: [M, 2K]), codes [N, K], scales, y [M, N]
                 sx_ptr,                                  # A8: x is e4m3 codes [M, K] with float32 row scales [M]
                 ws_ptr, cnt_ptr,                         # split-K: float32 partials [S, M, N], int32 tile counters
-                M, N, K, k_per_split, num_splits, stride_xm, stride_wn, stride_ym,
+                M, N, K, k_per_split, num_splits, stride_xm, stride_wn, stride_ym, pf_bytes,
                 PER_TENSOR: tl.constexpr, SWIGLU: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
                 A8: tl.constexpr, FP8_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr = False):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr = False,
+                PREFETCH: tl.constexpr = False, CHUNKS: tl.constexpr = 1):
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -185,6 +226,8 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr,             # x [M, K] (SWIGLU: [M, 
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)  # k_per_split is a multiple of BLOCK_K: splits never overlap
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    if PREFETCH:  # first, before waiting for the previous kernel: with PDL the codes stream while it runs
+        _prefetch_codes(w_ptr, offs_n, n_mask, stride_wn, k_lo, k_hi, pf_bytes, CHUNKS)
     if DOT:  # tensor cores: Triton's software pipeline (num_stages) keeps the next tiles in flight in shared memory
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
@@ -343,12 +386,30 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: Gem
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if on_gpu and pdl:
         launch["launch_pdl"] = True
-    gemv_kernel[grid](x, w, s, y, sx, ws, cnt, m, n, k, per, used, x.stride(0), w.stride(0), y.stride(0),
+    pf = prefetch_row_bytes(cfg, grid[1] * grid[2], per, w) if on_gpu else 0
+    gemv_kernel[grid](x, w, s, y, sx, ws, cnt, m, n, k, per, used, x.stride(0), w.stride(0), y.stride(0), pf,
                       PER_TENSOR=s.numel() == 1, SWIGLU=swiglu, SPLIT=split, DOT=cfg.dot, A8=cfg.a8,
                       FP8_DOT=on_gpu, DOT_PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
                       USE_PDL=on_gpu and pdl, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                      BITS=uses_bits(cfg, x, w), **launch)
+                      BITS=uses_bits(cfg, x, w), PREFETCH=pf > 0, CHUNKS=prefetch_chunks(cfg), **launch)
     return y
+
+
+def prefetch_row_bytes(cfg: GemvConfig, slabs: int, per: int, w: torch.Tensor) -> int:
+    """Bytes of codes each row of a program's slab asks L2 for before anything else (``_prefetch_codes``): the
+    config's ``prefetch`` MiB spread over the call's ``slabs`` distinct (N tile, split) slabs of BLOCK_N rows, in
+    16-byte units, at most the slab's ``per`` bytes of K. 0 (no prefetch) without ``prefetch``, for codes wider than
+    a byte, or where a row's codes do not start 16-byte aligned (the bulk copy unit's rule)."""
+    if (not cfg.prefetch or w.element_size() != 1 or w.stride(0) % 16 or w.shape[1] % 16 or w.data_ptr() % 16
+            or per % 16):
+        return 0
+    per_row = (cfg.prefetch << 20) // (max(slabs, 1) * cfg.block_n) // 16 * 16
+    return min(per_row, per)
+
+
+def prefetch_chunks(cfg: GemvConfig) -> int:
+    """Pieces each row's prefetch is cut into so that every thread of the program issues one (a power of two)."""
+    return max(1, 32 * cfg.num_warps // cfg.block_n)
 
 
 def uses_bits(cfg: GemvConfig, x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -24,7 +24,8 @@ from typing import Any
 
 PATTERNS = {"ld_global_v4": r"ld\.global(\.\w+)*\.v4\.b32", "ld_global_cg": r"ld\.global\.cg", "atom": r"\batom\.",
             "mma": r"\bmma\.sync", "wgmma": r"\bwgmma\.mma_async", "griddepcontrol": r"griddepcontrol\.",
-            "bar_sync": r"\bbar\.sync", "cp_async": r"\bcp\.async\.(?:ca|cg)", "tma": r"cp\.async\.bulk",
+            "bar_sync": r"\bbar\.sync", "cp_async": r"\bcp\.async\.(?:ca|cg)", "tma": r"cp\.async\.bulk(?!\.prefetch)",
+            "prefetch_l2": r"cp\.async\.bulk\.prefetch\.L2",
             "cvt_e4m3": r"\bcvt\.rn\.f16x2\.e4m3x2", "mul_bf16x2": r"\bmul\.rn\.bf16x2"}
 
 
@@ -39,20 +40,20 @@ def compile_ptx(cfg_dict: dict[str, Any], m: int, pdl: bool = False, swiglu: boo
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    from impl.serve.fp8_gemv import GemvConfig, gemv_kernel
+    from impl.serve.fp8_gemv import GemvConfig, gemv_kernel, prefetch_chunks
 
     if not isinstance(gemv_kernel, JITFunction):
         raise RuntimeError("run ptx_check in a fresh process: impl.serve.fp8_gemv was imported with the interpreter")
 
     cfg = GemvConfig.from_dict(cfg_dict)
-    ints = ["M", "N", "K", "k_per_split", "num_splits", "stride_xm", "stride_wn", "stride_ym"]
+    ints = ["M", "N", "K", "k_per_split", "num_splits", "stride_xm", "stride_wn", "stride_ym", "pf_bytes"]
     x_t = "fp8e4nv" if cfg.a8 else "bf16"
     sig = {"x_ptr": f"*{x_t}", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "sx_ptr": "*fp32",
            "ws_ptr": "*fp32", "cnt_ptr": "*i32", **{k: "i32" for k in ints}}
     split = cfg.splits > 1
     consts = dict(PER_TENSOR=False, SWIGLU=swiglu, SPLIT=split, DOT=cfg.dot, A8=cfg.a8, FP8_DOT=True,
                   DOT_PRECISION="tf32", USE_PDL=pdl, BLOCK_M=cfg.rows_per_tile(m), BLOCK_N=cfg.block_n,
-                  BLOCK_K=cfg.block_k, BITS=cfg.bits)
+                  BLOCK_K=cfg.block_k, BITS=cfg.bits, PREFETCH=cfg.prefetch > 0, CHUNKS=prefetch_chunks(cfg))
     if m == 1:
         consts["M"] = 1
     if not split:
@@ -89,7 +90,15 @@ def ptxas_info(ptx: str) -> dict[str, Any]:
 def inspect(cfg_dict: dict[str, Any], m: int, pdl: bool = False, swiglu: bool = False) -> dict[str, Any]:
     ptx, meta = compile_ptx(cfg_dict, m, pdl, swiglu)
     counts = {k: len(re.findall(p, ptx)) for k, p in PATTERNS.items()}
-    return {"config": cfg_dict, "m": m, "pdl": pdl, "swiglu": swiglu, **meta, **ptxas_info(ptx), **counts}
+    order = {"prefetch_before_wait": first_before(ptx, PATTERNS["prefetch_l2"], r"griddepcontrol\.wait"),
+             "prefetch_before_loads": first_before(ptx, PATTERNS["prefetch_l2"], r"\bcp\.async\.cg|ld\.global")}
+    return {"config": cfg_dict, "m": m, "pdl": pdl, "swiglu": swiglu, **meta, **ptxas_info(ptx), **counts, **order}
+
+
+def first_before(ptx: str, a: str, b: str) -> bool | None:
+    """Whether the first match of ``a`` comes before the first of ``b`` in the PTX (None if either is missing)."""
+    ma, mb = re.search(a, ptx), re.search(b, ptx)
+    return None if ma is None or mb is None else ma.start() < mb.start()
 
 
 def main(argv: list[str] | None = None) -> int:

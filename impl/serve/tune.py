@@ -7,7 +7,8 @@ For each projection of one decoder layer (``wqkv``, ``wo``, ``w13``, ``w2`` of `
 calls it, on gu = [gate | up] with SwiGLU fused or run first) and each M:
 
 1. candidates: W8A16 configurations of ``fp8_gemv`` (CUDA-core tiles at M = 1, tensor-core tiles with deep cp.async
-   pipelines from M = 1 on, each with Triton's e4m3 decoder and with the bit decoder (``bits``), split-K
+   pipelines from M = 1 on, each with Triton's e4m3 decoder and with the bit decoder (``bits``), the bit decoder's
+   tiles up to M = 8 also with an L2 bulk prefetch of their first codes (``prefetch``), split-K
    counts, FP8-activation tensor-core tiles for large M, and the rule's ``default_config``), impl.fp8's W8A8 path
    (``inner``: per-token activation quantisation + ``torch._scaled_mm``) and bf16 cuBLAS as the anchor;
 2. every W8A16 kernel is compiled first, in parallel worker processes that fill Triton's disk cache;
@@ -18,8 +19,10 @@ calls it, on gu = [gate | up] with SwiGLU fused or run first) and each M:
 5. choose: the fastest checked FP8 candidate per (projection, M) goes into the ``GemmTable``.
 
 Then a batch-1 decode step (CUDA graph) of the random-weight model: bf16, then FP8 with the rule, the measured table,
-and the measured table with programmatic dependent launch (PDL); the PDL step's logits must equal the plain step's bit
-for bit, and the table keeps ``pdl`` on only if that holds and the step is faster. Writes ``DIR/gemm_table.json``
+and the measured table with programmatic dependent launch (PDL), as measured and with its batch-1 W8A16 kernels
+asking L2 for their first codes (``PREFETCH_MIB``) before they wait for the kernel ahead (so the weights stream while
+the norms, RoPE and attention run), and the prefetch without PDL; a variant's logits must equal the plain step's bit
+for bit, and the table takes the fastest step among those that do. Writes ``DIR/gemm_table.json``
 (what serving loads: copy it to ``results/<card>/serve/``) and ``DIR/tune.json`` (every timing and check), and prints
 a short table. Within ``--budget-s``: the decode comparison keeps ``--decode-reserve-s`` for itself; (projection, M)
 pairs that do not fit are skipped (the rule serves them) and said so; anything that fails is recorded and skipped.
@@ -53,6 +56,8 @@ from impl.serve.model import DenseLinear, ModelArgs
 
 PRIORITY = (1, 128, 256, 8, 32, 64)  # batch 1 (the decode claim) first, then the large-batch claims
 SHARED_LIMIT = 220 << 10  # per block on sm_90 (227 KiB), less Triton's own scratch
+MARGIN = 0.005  # a decode-step variant must be this much faster than the plain table to replace it (rounds: ~0.3%)
+PREFETCH_MIB = (16, 32)  # L2 prefetch sizes tried: per kernel (the first), and in the decode step with PDL (both)
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,8 @@ def candidate_configs(m: int, n: int, k: int, smoke: bool = False) -> list[GemvC
     """W8A16 (and FP8-activation) configurations worth timing for M rows of an [N, K] projection."""
     if smoke:  # one of each kind, split and not
         base = [GemvConfig(block_n=16, block_k=32, splits=2), GemvConfig(dot=True, block_n=16, block_k=32),
-                GemvConfig(dot=True, bits=True, block_n=16, block_k=32, splits=2)]
+                GemvConfig(dot=True, bits=True, block_n=16, block_k=32, splits=2),
+                GemvConfig(dot=True, bits=True, block_n=16, block_k=32, splits=2, prefetch=PREFETCH_MIB[0])]
         if m >= 8:
             base.append(GemvConfig(dot=True, a8=True, block_n=16, block_k=32))
         return base
@@ -107,7 +113,8 @@ def candidate_configs(m: int, n: int, k: int, smoke: bool = False) -> list[GemvC
                for bn, bk, w, st in ((32, 256, 4, 4), (64, 256, 8, 3), (64, 128, 4, 4), (128, 128, 8, 3),
                                      (64, 512, 8, 3))
                for b in (True, False)]
-        cfgs = _with_splits((fma if m == 1 else []) + dot, k, (1, 2, 4))
+        prefetched = [replace(c, prefetch=PREFETCH_MIB[0]) for c in dot if c.bits]  # codes asked of L2 first
+        cfgs = _with_splits((fma if m == 1 else []) + dot + prefetched, k, (1, 2, 4))
     else:
         tiles = ((32, 128, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3))
         dot = [GemvConfig(dot=True, bits=b, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
@@ -294,9 +301,11 @@ def decode_step_comparison(cfg: TuneConfig, table: GemmTable) -> dict[str, Any]:
     fp8_adapter.quantize_model_(model)
     variants = [("fp8_rule", GemmTable()), ("fp8_table", replace(table, pdl=False)),
                 ("fp8_table_pdl", replace(table, pdl=True))]
+    variants += [(f"fp8_table_pdl_f{mib}", replace(prefetch_batch1(table, mib), pdl=True)) for mib in PREFETCH_MIB]
+    variants.append((f"fp8_table_f{PREFETCH_MIB[0]}", replace(prefetch_batch1(table, PREFETCH_MIB[0]), pdl=False)))
     logits: dict[str, torch.Tensor] = {}
     for name, tab in variants:
-        if cfg.smoke and name.endswith("pdl"):
+        if cfg.smoke and "pdl" in name:
             continue  # PDL exists only on the GPU
         set_model_table(model, tab)
         try:
@@ -308,15 +317,49 @@ def decode_step_comparison(cfg: TuneConfig, table: GemmTable) -> dict[str, Any]:
         except Exception as e:
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             log(f"decode step {name} failed: {out[name]['error']}")
-    if "fp8_table" in logits and "fp8_table_pdl" in logits:
-        same = torch.equal(logits["fp8_table"], logits["fp8_table_pdl"])
-        faster = out["fp8_table_pdl"]["decode_step_ms"] < out["fp8_table"]["decode_step_ms"]
-        out["pdl_bitwise_equal"] = same
-        out["pdl_chosen"] = bool(same and faster)
-    for name in ("fp8_rule", "fp8_table", "fp8_table_pdl"):
+    out.update(pick_variant(out, logits))
+    for name, _ in variants:
         if "decode_step_ms" in out.get(name, {}):
             out[f"speedup_{name}"] = out["bf16"]["decode_step_ms"] / out[name]["decode_step_ms"]
+    out["variant_tables"] = {name: tab.to_data() for name, tab in variants if name.startswith("fp8_table")}
     return out
+
+
+def pick_variant(steps: dict[str, Any], logits: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Which measured-table step serves: the fastest of ``fp8_table`` and its PDL / prefetch variants whose logits
+    equal ``fp8_table``'s bit for bit (PDL and prefetch change when things run, never what is computed) and that
+    beat it by more than ``MARGIN`` (a tie keeps the plain launch)."""
+    if "fp8_table" not in logits:
+        return {}
+    equal = {name: torch.equal(logits["fp8_table"], lg) for name, lg in logits.items()
+             if name.startswith("fp8_table_")}
+    plain = steps["fp8_table"]["decode_step_ms"]
+    ok = [name for name, same in equal.items() if same and steps[name]["decode_step_ms"] < (1 - MARGIN) * plain]
+    best = min(ok, key=lambda name: steps[name]["decode_step_ms"]) if ok else "fp8_table"
+    return {"bitwise_equal": equal, "pdl_bitwise_equal": all(equal.values()) if equal else None,
+            "decode_choice": best, "pdl_chosen": "pdl" in best}
+
+
+def prefetch_batch1(table: GemmTable, mib: int) -> GemmTable:
+    """``table`` with the W8A16 entries that serve one row (each projection's smallest measured M) asking L2 for
+    ``mib`` MiB of their first codes before they wait for the previous kernel (``GemvConfig.prefetch``)."""
+    entries = {}
+    for key, rows in table.entries.items():
+        first, choice = rows[0]
+        if choice.config is not None:
+            choice = replace(choice, config=replace(choice.config, prefetch=mib))
+        entries[key] = [(first, choice)] + list(rows[1:])
+    return replace(table, entries=entries)
+
+
+def chosen_table(table: GemmTable, decode: dict[str, Any]) -> GemmTable:
+    """The table the decode-step comparison chose (``decode_choice``): its entries and PDL flag, else ``table``."""
+    choice = decode.get("decode_choice")
+    data = (decode.get("variant_tables") or {}).get(choice)
+    if not data:
+        return replace(table, pdl=False)
+    chosen = GemmTable.from_data(data)
+    return replace(table, entries=chosen.entries, pdl=chosen.pdl)
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
@@ -376,7 +419,7 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
     if cfg.decode_step:
         try:
             decode = decode_step_comparison(cfg, table)
-            table.pdl = bool(decode.get("pdl_chosen", False))
+            table = chosen_table(table, decode)
         except Exception as e:
             decode = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             traceback.print_exc()
@@ -404,13 +447,15 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
                      f"{fmt(bf16):>8} {fmt(bf16 / us if (bf16 and us) else None, '.2f'):>6} {fmt(inner):>8} "
                      f"{fmt(rule):>8}")
     d = data.get("decode_step") or {}
-    for name in ("bf16", "fp8_rule", "fp8_table", "fp8_table_pdl"):
+    names = ["bf16", "fp8_rule", "fp8_table", "fp8_table_pdl"] + [f"fp8_table_pdl_f{v}" for v in PREFETCH_MIB]
+    for name in names + [f"fp8_table_f{PREFETCH_MIB[0]}"]:
         if "decode_step_ms" in d.get(name, {}):
             sp = d.get(f"speedup_{name}")
-            lines.append(f"decode step B=1 {name:14} {d[name]['decode_step_ms']:.3f} ms"
+            lines.append(f"decode step B=1 {name:20} {d[name]['decode_step_ms']:.3f} ms"
                          + (f"  {sp:.2f}x bf16" if sp else ""))
-    if "pdl_bitwise_equal" in d:
-        lines.append(f"PDL logits bitwise equal: {d['pdl_bitwise_equal']}; table pdl: {data['table']['pdl']}")
+    if d.get("bitwise_equal"):
+        lines.append(f"logits bitwise equal to fp8_table: {d['bitwise_equal']}; chosen {d.get('decode_choice')}, "
+                     f"table pdl: {data['table']['pdl']}")
     lines.append(f"complete: {data['complete']}, {data['elapsed_s']:.0f} s, skipped {len(data['skipped'])}")
     return lines
 
