@@ -234,6 +234,17 @@ def test_every_claim_passes_on_a_good_table_and_fails_on_a_bad_one(tmp_path):
         assert row["verdict"] == "fail", (cid, row)
 
 
+def test_a_selector_without_a_qualifying_stitch_saves_nothing(tmp_path):
+    """No floor where a stitch qualifies: the saving claim fails at 0 % (measured), it is not left unmeasured."""
+    recs = recipe_records(anchors_table([94.2, 94.3, 94.25], [94.9, 95.0, 94.95]), config_rows(GOOD))
+    recs["selector"]["summary"].update(floors_where_stitch_qualifies=0, mean_saving_percent_where_stitch_qualifies=None)
+    row = verdicts(store(tmp_path / "none", recs))["seam.selector_flops_saving"]
+    assert (row["verdict"], row["measured_value"]) == ("fail", 0.0), row
+    recs["selector"]["summary"]["floors_where_stitch_qualifies"] = 3  # a null mean over 3 floors is a broken record
+    row = verdicts(store(tmp_path / "broken", recs))["seam.selector_flops_saving"]
+    assert row["verdict"] == "not measured" and "is null" in row["reason"], row
+
+
 def test_claims_need_a_finished_run_of_three_seeds(tmp_path):
     recs = recipe_records(anchors_table([94.2, 94.3], [94.9, 95.0]), config_rows(GOOD))
     v = verdicts(store(tmp_path / "two", recs))

@@ -8,7 +8,7 @@ above the anchors' line, the selector's promise).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from impl.common.ledger import Case, Claim, Measured, NotMeasured, ResultValue
@@ -19,12 +19,15 @@ MIN_SEEDS = 3
 @dataclass(frozen=True)
 class RunValue:
     """``ResultValue("seam", name, key)`` from a finished run: every record in ``needs`` (and ``name``) present,
-    ``complete: true`` and of the same ``run_id``; with ``min_seeds``, the anchors' order over at least that many."""
+    ``complete: true`` and of the same ``run_id``; with ``min_seeds``, the anchors' order over at least that many.
+    ``zero_when_none``: a count key of the same record; when ``key`` (a mean over those items) is null because the
+    count is 0, the value is 0 (the run found nothing to average: nothing saved), not "not measured"."""
 
     name: str
     key: str
     needs: tuple[str, ...] = ()
     min_seeds: int | None = None
+    zero_when_none: str | None = None
 
     def __call__(self, view) -> Measured | NotMeasured:
         recs = {n: view.result("seam", n) for n in (self.name, *self.needs)}
@@ -48,7 +51,12 @@ class RunValue:
             if (order.get("seeds") or 0) < self.min_seeds:
                 return NotMeasured(f"the anchors were trained with {order.get('seeds') or 0} seed(s); the claim needs "
                                    f"at least {self.min_seeds}")
-        return ResultValue("seam", self.name, self.key)(view)
+        got = ResultValue("seam", self.name, self.key)(view)
+        if isinstance(got, NotMeasured) and self.zero_when_none:
+            count = ResultValue("seam", self.name, self.zero_when_none)(view)
+            if isinstance(count, Measured) and count.value == 0:
+                return replace(count, value=0.0, note=f"{self.zero_when_none} is 0: {self.key} averages nothing")
+        return got
 
     def describe(self) -> str:
         return f"`{self.key}` in results/<gpu>/seam/{self.name}.json (a finished run)"
@@ -78,7 +86,8 @@ CLAIMS = [
           statement="Over the floors where a stitch cheaper than the anchor-only baseline's choice qualifies, the "
                     "selector's choice saves FLOPs against the baseline on average",
           unit="% FLOPs", comparison=">=", target=10.0,
-          measure=RunValue("selector", "summary.mean_saving_percent_where_stitch_qualifies", needs=("configs",))),
+          measure=RunValue("selector", "summary.mean_saving_percent_where_stitch_qualifies", needs=("configs",),
+                           zero_when_none="summary.floors_where_stitch_qualifies")),
 ]
 
 
