@@ -268,6 +268,30 @@ def test_cuda_source_under_cpu_emulation_equals_pandas(emulated_cuda_join, table
         assert_close(got, ref, msg=f"hash_join.cu under CPU emulation, scheme {scheme}, grid {grid}")
 
 
+@given(tables=st.lists(join_inputs(max_n=400), min_size=1, max_size=3), grid=st.integers(1, 4),
+       config=st.builds(HashConfig, scheme=st.just("linear64"), load_factor=st.sampled_from([0.25, 0.5, 0.9]),
+                        clear=st.sampled_from(["epoch", "memset"]), epoch_bits=st.sampled_from([None, 1, 2])),
+       capacity=st.sampled_from(["speculative", "exact", "short"]))
+def test_linear64_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join, tables, grid, config, capacity):
+    """lbuild + lprobe (packed 64-bit slots, linear probing, warp-reserved output ranges) on int32 keys, several
+    joins on one reused table; grids smaller than the rows exercise the grid-stride loops; a short speculative
+    buffer makes the probe run again exact-size, and it must leave its counter and ticket at zero."""
+    joins, refs, caps = [], [], []
+    for q, (bk, pk, _, _) in enumerate(tables):
+        bk, pk = bk.astype(np.int32), pk.astype(np.int32)  # int64 tables wrap to int32: still valid tables
+        rng = np.random.default_rng(len(bk) * 7919 + len(pk) + q)
+        br, pr = (rng.permutation(n).astype(np.int32) * 3 - 7 for n in (len(bk), len(pk)))
+        ref = reference_pairs(bk, pk, br, pr)
+        joins.append((bk, pk, br, pr))
+        refs.append(ref)
+        caps.append({"speculative": len(pk), "exact": len(ref), "short": len(ref) // 2}[capacity])
+    for ref, (total, err, guards, rewrite, got) in zip(refs, emulate(emulated_cuda_join, joins, False, 2, config,
+                                                                    grid, caps)):
+        assert err == 0 and total == len(ref), f"total {total} (want {len(ref)}), device error {err}"
+        assert guards == 1, "the linear64 probe wrote past its capacity"
+        assert_close(got, ref, msg=f"linear64 kernels under CPU emulation, grid {grid}")
+
+
 @pytest.mark.parametrize("scheme", [0, 1], ids=["split", "fused"])
 def test_reconverging_kernels_under_cpu_emulation_equal_pandas(tmp_path_factory, scheme):
     """JOIN_RECONVERGE=1 (a __syncwarp before each row): every lane must meet there the same number of times, rows

@@ -30,7 +30,8 @@ SOURCE = Path(__file__).with_name("hash_join.cu")
 KEY_SUFFIXES = ("i32", "i64")
 ROW_SUFFIXES = ("i32_r32", "i32_r64", "i64_r32", "i64_r64")
 KERNEL_NAMES = tuple([f"join_{k}_{s}" for k in ("build", "count") for s in KEY_SUFFIXES]
-                     + [f"join_{k}_{s}" for k in ("write", "fused") for s in ROW_SUFFIXES])
+                     + [f"join_{k}_{s}" for k in ("write", "fused") for s in ROW_SUFFIXES]
+                     + ["join_lbuild_i32", "join_lprobe_i32_r32", "join_lprobe_i32_r64"])
 MAX_GRID = 65535
 
 try:
@@ -72,7 +73,7 @@ def kernel(config: HashConfig, kind: str, keys: torch.dtype, rows: torch.dtype):
     """The compiled ``join_<kind>_...`` kernel for these key and row-id dtypes (one module per pair: less to
     compile)."""
     opts = compile_options(config) + (f"-DJOIN_KEY_BITS={_bits(keys)}", f"-DJOIN_ROW_BITS={_bits(rows)}")
-    suffix = f"i{_bits(keys)}" if kind in ("build", "count") else f"i{_bits(keys)}_r{_bits(rows)}"
+    suffix = f"i{_bits(keys)}" if kind in ("build", "count", "lbuild") else f"i{_bits(keys)}_r{_bits(rows)}"
     return _module(opts, kind == "fused").get_function(f"join_{kind}_{suffix}")
 
 
@@ -112,6 +113,7 @@ class HashJoinCuda(HashJoinBase):
 
     name = "hash-cuda"
     fused_available = True
+    linear_available = True
 
     def __init__(self, config: HashConfig = HashConfig()) -> None:
         reason = unavailable_reason()
@@ -158,9 +160,22 @@ class HashJoinCuda(HashJoinBase):
         return (_ptr(built.table), lay.buckets, lay.shift, built.epoch)
 
     def _launch_build(self, keys: torch.Tensor, built: Built, state: torch.Tensor) -> None:
+        if self._linear(keys.dtype):  # one row per thread, grid-stride beyond MAX_GRID blocks
+            grid = min(-(-keys.numel() // self.config.threads), MAX_GRID)
+            _launch(kernel(self.config, "lbuild", keys.dtype, built.row_dtype), grid, self.config.threads,
+                    (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(state), self._host()))
+            return
         grid = min(-(-keys.numel() // self.config.tile), MAX_GRID)
         _launch(kernel(self.config, "build", keys.dtype, built.row_dtype), grid, self.config.threads,
                 (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(state), self._host()))
+
+    def _launch_probe(self, keys: torch.Tensor, built: Built, rows: torch.Tensor | None, out_b: torch.Tensor | None,
+                      out_p: torch.Tensor | None, capacity: int, state: torch.Tensor) -> None:
+        grid = min(-(-keys.numel() // self.config.threads), MAX_GRID)
+        rdt = out_b.dtype if out_b is not None else built.row_dtype
+        _launch(kernel(self.config, "lprobe", keys.dtype, rdt), grid, self.config.threads,
+                (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(built.rows), _ptr(rows), _ptr(out_b),
+                 _ptr(out_p), capacity, _ptr(state), self._host()))
 
     def _launch_count(self, keys: torch.Tensor, built: Built, probed: Probed, state: torch.Tensor) -> None:
         cfg = self.config
