@@ -156,7 +156,8 @@ def cached(key: tuple, make):
 
 
 # Each distinct (threads, items, bucket) is a fresh compile on the GPU: few there, more variety here.
-HASH_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.25, 0.5, 0.9]),
+HASH_CONFIGS = st.builds(HashConfig, scheme=st.sampled_from(["split", "linear64"]),
+                         load_factor=st.sampled_from([0.25, 0.5, 0.9]),
                          threads=st.sampled_from(sized(gpu=[256], cpu=[32, 64])),
                          items=st.sampled_from(sized(gpu=[1, 8], cpu=[1, 4])),
                          bucket_bytes=st.sampled_from([32, 64]), clear=st.sampled_from(["epoch", "memset"]),
@@ -181,7 +182,7 @@ def test_hash_numba_join_equals_pandas(inputs, config):
 
 
 CUDA_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.5, 0.9]),
-                         scheme=st.sampled_from(["fused", "split"]),
+                         scheme=st.sampled_from(["fused", "split", "linear64"]),
                          items=st.sampled_from([1, 8]), bucket_bytes=st.sampled_from([32, 64]),
                          readback=st.sampled_from(["pinned", "item"]), epoch_bits=st.sampled_from([None, 1]))
 
@@ -290,6 +291,27 @@ def test_linear64_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join, t
         assert err == 0 and total == len(ref), f"total {total} (want {len(ref)}), device error {err}"
         assert guards == 1, "the linear64 probe wrote past its capacity"
         assert_close(got, ref, msg=f"linear64 kernels under CPU emulation, grid {grid}")
+
+
+def test_linear64_twin_joins_sentinels_and_reruns_short_outputs():
+    """The numba twin of linear64 through the host protocol (speculative one-sync join, phases by hand): keys equal
+    to -1, 0, INT32_MIN/MAX, dense duplicates whose pairs overflow the speculative buffer (the probe runs again
+    exact-size), full tables (load 0.9: clusters span buckets), empty sides; one operator, so tables are reused."""
+    op = HashJoinNumba(HashConfig(scheme="linear64", threads=32, load_factor=0.9, epoch_bits=2))
+    rng = np.random.default_rng(3)
+    info = np.iinfo(np.int32)
+    for nb, npr, hi in ((300, 517, 400), (1, 1, 3), (130, 95, 20), (0, 10, 3), (50, 0, 3), (200, 300, 5)):
+        bk, pk = rng.integers(-hi, hi, nb).astype(np.int32), rng.integers(-hi, hi, npr).astype(np.int32)
+        if nb >= 5 and npr >= 5:
+            bk[:5] = pk[:5] = [-1, info.min, info.max, 0, -1]
+        ref = reference_pairs(bk, pk, None, None)
+        before = (op.launches, op.syncs)
+        got = op(*to_device(bk, pk))
+        assert np.array_equal(got.pairs(), ref), f"linear64 twin, {nb} x {npr}: {len(got)} pairs, pandas {len(ref)}"
+        if npr:
+            kernels = (1 if nb else 0) + 1 + (len(ref) > npr)  # build, probe, the exact-size probe
+            assert op.syncs - before[1] == 1 and op.launches - before[0] - kernels in (0, 1)  # (+ a table clear)
+        check_join(op, bk, pk)
 
 
 @pytest.mark.parametrize("scheme", [0, 1], ids=["split", "fused"])
