@@ -111,6 +111,16 @@ __device__ __forceinline__ Bucket<K> load_bucket(const Slot<K>* table, long long
     return bk;
 }
 
+// The same for a table no thread writes during the launch (the probe): through L1, so hot keys hit there.
+template <typename K>
+__device__ __forceinline__ Bucket<K> load_bucket_ro(const Slot<K>* table, long long b) {
+    Bucket<K> bk;
+    const uint4* p = reinterpret_cast<const uint4*>(table + b * Bucket<K>::SLOTS);
+#pragma unroll
+    for (int v = 0; v < BUCKET_BYTES / 16; ++v) bk.v[v] = __ldg(p + v);
+    return bk;
+}
+
 // Record an error code on the device and, when the host passed a pinned word pair, in host[1] (read after the sync).
 __device__ __forceinline__ void set_error(long long* state, long long* host, long long code) {
     atomicExch((u64*)&state[1], (u64)code);
@@ -577,7 +587,8 @@ __device__ void linear_build_kernel(const int* __restrict__ keys, long long n, S
 }
 
 // Walk key k's cluster from its first bucket: *first = the first match's build position; returns the match count.
-// With `emit`, the matches' pairs go to out_[bp][at...] (at >= capacity dropped).
+// With `emit`, the matches' pairs go to out_[bp][at...] (at >= capacity dropped). Per bucket the slots are tested
+// as bit masks (no branch between the bucket's loads and its test: both 16-byte halves are in flight together).
 template <typename R>
 __device__ __forceinline__ long long linear_walk(int k, const Slot<int>* table, long long nb, unsigned shift,
                                                  unsigned epoch, int* first, bool emit, long long at, R pj,
@@ -586,13 +597,20 @@ __device__ __forceinline__ long long linear_walk(int k, const Slot<int>* table, 
     const unsigned pos_mask = (1u << shift) - 1u;
     long long b = first_bucket(mix32(fold(k)), nb), cnt = 0;
     for (long long tries = 0; tries < nb; ++tries, b = linear_next(b, nb)) {
-        const Bucket<int> bk = load_bucket(table, b);
+        const Bucket<int> bk = load_bucket_ro(table, b);
+        unsigned live = 0, match = 0;
 #pragma unroll
         for (int s = 0; s < SLOTS; ++s) {
-            const unsigned t = bk.s[s].tag;
-            if (!is_live(t, shift, epoch)) return cnt;
-            if (bk.s[s].key == k) {
-                const int pos = (int)(t & pos_mask);
+            live |= (unsigned)is_live(bk.s[s].tag, shift, epoch) << s;
+            match |= (unsigned)(bk.s[s].key == k) << s;
+        }
+        const unsigned taken = ~live & (live + 1u);  // the first empty slot's bit (bit SLOTS when all are live)
+        match &= taken - 1u;                           // live slots before it: this key's part of the cluster
+        if (match) {
+#pragma unroll
+            for (int s = 0; s < SLOTS; ++s) {
+                if (!((match >> s) & 1u)) continue;
+                const int pos = (int)(bk.s[s].tag & pos_mask);
                 if (cnt == 0) *first = pos;
                 if (emit && at + cnt < capacity) {
                     out_b[at + cnt] = brows ? brows[pos] : (R)pos;
@@ -601,6 +619,7 @@ __device__ __forceinline__ long long linear_walk(int k, const Slot<int>* table, 
                 ++cnt;
             }
         }
+        if (taken < (1u << SLOTS)) return cnt;  // the cluster ends in this bucket
     }
     return cnt;
 }

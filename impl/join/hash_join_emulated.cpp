@@ -70,6 +70,8 @@ inline uint4 __ldcg(const uint4* p) {  // 4-byte atomic loads: a CAS may land be
     return uint4{__atomic_load_n(q, __ATOMIC_SEQ_CST), __atomic_load_n(q + 1, __ATOMIC_SEQ_CST),
                  __atomic_load_n(q + 2, __ATOMIC_SEQ_CST), __atomic_load_n(q + 3, __ATOMIC_SEQ_CST)};
 }
+template <typename T>
+T __ldg(const T* p) { return __ldcg(p); }
 inline void __syncwarp() { g_ctx->warps[threadIdx.x >> 5]->arrive_and_wait(); }
 template <typename T>
 T __shfl_up_sync(unsigned, T v, int d) {
