@@ -6,8 +6,10 @@ time; CuPy launches cost a few µs, and the fused scheme needs a cooperative lau
 compiled by nvcc/NVRTC for sm_90 and run as-is under a thin CUDA emulation (``hash_join_emulated.cpp``, g++).
 
 Per join (``config.scheme``):
-  fused  one cooperative launch (build | grid barrier | count | barrier + scan | write), grid = resident blocks;
-  split  build, count (+ last-block scan), write: three launches.
+  fused     one cooperative launch (build | grid barrier | count | barrier + scan | write), grid = resident blocks;
+  split     build, count (+ last-block scan), write: three launches;
+  linear64  (int32 keys; int64 keys run split) lbuild, then lprobe, which counts and writes in one pass (warps reserve
+            their output ranges with one atomic add each): two launches, one row per thread, grid-stride loops.
 Both write into speculative outputs of n_probe pairs; the kernel that scans the tile totals writes the total into a
 mapped pinned host word (``readback="pinned"``), read after one stream sync; a total above n_probe re-runs the write
 exact-size (one more launch, no more syncs). The epoch-tagged table needs no clear per join (``hash_table``).

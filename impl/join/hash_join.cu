@@ -20,6 +20,7 @@
 //   fused:  one cooperative (all blocks resident) kernel: build | grid barrier | count | grid barrier whose last
 //           arriver scans the tile totals | write. When every block has at most one tile, heads and counts stay in
 //           registers across the barriers.
+//   linear64: lbuild / lprobe near the end of this file (packed 64-bit slots, linear probing, int32 keys).
 
 #ifndef JOIN_THREADS
 #define JOIN_THREADS 256

@@ -8,6 +8,9 @@ The table, the phases and the host protocol are ``hash_table``'s (read its modul
           to finish (atomic ticket) scans the tile totals into offsets and publishes the total in state[0].
   write:  block scan of the thread counts + the tile offset; pairs staged in shared memory a window of TILE pairs at
           a time and copied out contiguously; places >= capacity are skipped.
+  linear64 (int32 keys): lbuild, one row per thread, CAS of the whole 64-bit slot on the table's int64 view along
+          the linear sequence (a bucket's slots, then the next bucket); lprobe counts a row's matches up to the first
+          empty slot, reserves its pairs with one atomic add (the C++ kernel reserves per warp) and writes them.
 The table words are the C++ layout viewed as the key dtype: word 2s = key, word 2s + 1 = tag (int32 tables hold the
 tag's bit pattern, int64 tables the tag in the low half and a zero pad above). The fused single-launch scheme needs
 co-resident blocks, which the simulator does not have: it runs in the C++ emulation only (``hash_join_emulated.cpp``).
