@@ -2,11 +2,11 @@
 //
 // A thin emulation of the CUDA features the kernels use: one std::thread per CUDA thread; blocks one after another
 // for ordinary launches, all at once for the cooperative (fused) kernel, whose grid barriers need every block
-// resident; __syncthreads as a per-block barrier; __shfl_up_sync, __shfl_sync and __ballot_sync through a per-warp barrier; each block's shared
-// variables (JOIN_SHARED) in its own storage; atomics as GCC __atomic builtins. The driver repeats hash_cuda.py's
-// launch sequence (epochs, table reuse, speculative capacity, the exact-size re-write), so the C++ source itself,
-// not only its numba twin, is checked against pandas.merge on the CPU. Output buffers carry guard words past their
-// capacity to catch out-of-bounds writes.
+// resident; __syncthreads as a per-block barrier; __shfl_up_sync, __shfl_sync and __ballot_sync through a per-warp
+// barrier; each block's shared variables (JOIN_SHARED) in its own storage; atomics as GCC __atomic builtins. The
+// driver repeats hash_cuda.py's launch sequence (epochs, table reuse, speculative capacity, the exact-size re-write),
+// so the C++ source itself, not only its numba twin, is checked against pandas.merge on the CPU. Output buffers carry
+// guard words past their capacity to catch out-of-bounds writes.
 //
 // Input (text, stdin): "wide scheme joins" (scheme 0 = build/count/write kernels, 1 = the fused kernel, 2 = the
 // linear64 lbuild/lprobe kernels, int32 keys only), then per

@@ -10,10 +10,11 @@ epoch field would overflow (every ``2**(32 - shift) - 1`` joins) or every join w
 Per join (``HashJoinBase.__call__``): build, count (+ the last block's scan of the tile totals, which publishes the
 total), write into speculative outputs of ``n_probe`` pairs (enough whenever build keys are unique), then ONE host
 sync reads the total; if it exceeds the speculative capacity (many-to-many), the write runs again exact-size after
-the output is checked to fit in memory. The fused scheme does build/count/write in one cooperative launch. The linear64 scheme (int32 keys, backends with
-``linear_available``) keeps the same table memory and epochs but probes linearly (a bucket's slots, then the next
-bucket) and needs no heads or counts: its probe kernel counts and writes in one pass, so a join is build + probe
-(+ the probe again, exact-size, when the output overflows the speculative buffer); its probe phase counts only.
+the output is checked to fit in memory. The fused scheme does build/count/write in one cooperative launch.
+The linear64 scheme (int32 keys, backends with ``linear_available``) keeps the same table memory and epochs but
+probes linearly (a bucket's slots, then the next bucket) and needs no heads or counts: its probe kernel counts and
+writes in one pass, so a join is build + probe (+ the probe again, exact-size, when the output overflows the
+speculative buffer); its probe phase counts only.
 The three phases are also exposed one by one (``build``/``probe``/``materialize``) for the per-phase benches.
 """
 from __future__ import annotations
