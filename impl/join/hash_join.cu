@@ -590,7 +590,7 @@ __device__ void linear_build_kernel(const int* __restrict__ keys, long long n, S
 // Walk key k's cluster from its first bucket: *first = the first match's build position; returns the match count.
 // With `emit`, the matches' pairs go to out_[bp][at...] (at >= capacity dropped). Per bucket the slots are tested
 // as bit masks (no branch between the bucket's loads and its test: both 16-byte halves are in flight together).
-template <typename R>
+template <typename R, bool RO>
 __device__ __forceinline__ long long linear_walk(int k, const Slot<int>* table, long long nb, unsigned shift,
                                                  unsigned epoch, int* first, bool emit, long long at, R pj,
                                                  const R* brows, R* out_b, R* out_p, long long capacity) {
@@ -598,7 +598,7 @@ __device__ __forceinline__ long long linear_walk(int k, const Slot<int>* table, 
     const unsigned pos_mask = (1u << shift) - 1u;
     long long b = first_bucket(mix32(fold(k)), nb), cnt = 0;
     for (long long tries = 0; tries < nb; ++tries, b = linear_next(b, nb)) {
-        const Bucket<int> bk = load_bucket_ro(table, b);
+        const Bucket<int> bk = RO ? load_bucket_ro(table, b) : load_bucket(table, b);
         unsigned live = 0, match = 0;
 #pragma unroll
         for (int s = 0; s < SLOTS; ++s) {
@@ -625,7 +625,9 @@ __device__ __forceinline__ long long linear_walk(int k, const Slot<int>* table, 
     return cnt;
 }
 
-template <typename R>
+// RO: the table is read-only for the whole launch (lprobe: loads through L1); the fused kernel wrote it earlier in
+// the same launch, so it reads through L2.
+template <typename R, bool RO>
 __device__ void linear_probe_kernel(const int* __restrict__ pkeys, long long n, const Slot<int>* table, long long nb,
                                     long long shift, long long epoch, const R* __restrict__ brows,
                                     const R* __restrict__ prows, R* __restrict__ out_b, R* __restrict__ out_p,
@@ -641,7 +643,7 @@ __device__ void linear_probe_kernel(const int* __restrict__ pkeys, long long n, 
         const bool valid = j < n;
         const int k = valid ? pkeys[j] : 0;
         int first = HEAD_NONE;
-        const long long cnt = valid ? linear_walk<R>(k, table, nb, sh, ep, &first, false, 0, (R)0, brows, out_b,
+        const long long cnt = valid ? linear_walk<R, RO>(k, table, nb, sh, ep, &first, false, 0, (R)0, brows, out_b,
                                                      out_p, 0)
                                     : 0;
         long long excl, wsum;
@@ -672,7 +674,7 @@ __device__ void linear_probe_kernel(const int* __restrict__ pkeys, long long n, 
                 out_p[at] = pj;
             }
         } else if (at < capacity) {
-            linear_walk<R>(k, table, nb, sh, ep, &first, true, at, pj, brows, out_b, out_p, capacity);
+            linear_walk<R, RO>(k, table, nb, sh, ep, &first, true, at, pj, brows, out_b, out_p, capacity);
         }
     }
     __syncthreads();  // every warp of the block has reserved its pairs (its atomicAdd returned)
@@ -690,6 +692,21 @@ __device__ void linear_probe_kernel(const int* __restrict__ pkeys, long long n, 
     }
 }
 
+// linear64 in one cooperative launch (grid = resident blocks): lbuild | grid barrier | lprobe. bar_base as for
+// fused_kernel (state[2] before this launch).
+template <typename R>
+__device__ void linear_fused_kernel(const int* bkeys, long long nbuild, const int* pkeys, long long n,
+                                    Slot<int>* table, long long nb, long long shift, long long epoch, const R* brows,
+                                    const R* prows, R* out_b, R* out_p, long long capacity, long long* state,
+                                    long long* host, long long bar_base, long long timeout_ns) {
+    linear_build_kernel(bkeys, nbuild, table, nb, shift, epoch, state, host);
+    u64* bar = (u64*)&state[2];
+    const u64 target = (u64)bar_base + gridDim.x;
+    if (arrive_barrier(bar, target, timeout_ns, state, host)) release_barrier(bar, target);
+    linear_probe_kernel<R, false>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity, state,
+                                  host);
+}
+
 extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)
     join_lbuild_i32(const int* keys, long long n, Slot<int>* table, long long nb, long long shift, long long epoch,
                     long long* state, long long* host) {
@@ -701,8 +718,16 @@ extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)
         join_lprobe_##SUF(const int* pkeys, long long n, const Slot<int>* table, long long nb, long long shift,  \
                           long long epoch, const R* brows, const R* prows, R* out_b, R* out_p, long long capacity, \
                           long long* state, long long* host) {                                                   \
-        linear_probe_kernel<R>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity, state,   \
-                               host);                                                                            \
+        linear_probe_kernel<R, true>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity,    \
+                                     state, host);                                                               \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
+        join_lfused_##SUF(const int* bkeys, long long nbuild, const int* pkeys, long long n, Slot<int>* table,   \
+                          long long nb, long long shift, long long epoch, const R* brows, const R* prows,        \
+                          R* out_b, R* out_p, long long capacity, long long* state, long long* host,             \
+                          long long bar_base, long long timeout_ns) {                                            \
+        linear_fused_kernel<R>(bkeys, nbuild, pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p,     \
+                               capacity, state, host, bar_base, timeout_ns);                                     \
     }
 #if !defined(JOIN_KEY_BITS) || JOIN_KEY_BITS == 32
 #if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 32

@@ -9,7 +9,7 @@
 // guard words past their capacity to catch out-of-bounds writes.
 //
 // Input (text, stdin): "wide scheme joins" (scheme 0 = build/count/write kernels, 1 = the fused kernel, 2 = the
-// linear64 lbuild/lprobe kernels, int32 keys only), then per
+// linear64 lbuild/lprobe kernels, 3 = linear64's lfused kernel; 2 and 3 int32 keys only), then per
 // join a line "nbuild nprobe buckets shift epoch clear capacity grid" and the build keys, build rows, probe keys,
 // probe rows. Output per join: "total error guards_intact rewritten", then one "build_row probe_row" line per pair.
 #include <algorithm>
@@ -177,13 +177,14 @@ struct Kernels {
 };
 
 // scheme 2 (linear64, int32 keys): lbuild + lprobe over `grid` blocks (grid-stride loops), speculative capacity, the
-// lprobe again exact-size when the total exceeds it.
-int run_linear(int joins) {
+// lprobe again exact-size when the total exceeds it; scheme 3: the first two in one cooperative lfused launch.
+int run_linear(int joins, bool fused) {
     using S = Slot<int>;
     constexpr int SLOTS = Bucket<int>::SLOTS;
     const unsigned threads = JOIN_THREADS;
     std::vector<S> table;
     std::vector<long long> state(8, 0);
+    long long bar_base = 0;
     for (int q = 0; q < joins; ++q) {
         long long nbuild, n, nb, shift, epoch, clear, capacity, grid;
         if (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld", &nbuild, &n, &nb, &shift, &epoch, &clear, &capacity,
@@ -197,7 +198,7 @@ int run_linear(int joins) {
         const int guard = 0x5A5A5A5A;
         std::vector<int> ob(capacity + 16, guard), op(capacity + 16, guard);
         state[0] = 0;
-        if (nbuild)
+        if (nbuild && !(fused && n))
             launch(join_lbuild_i32, (unsigned)std::min(grid, (nbuild + threads - 1) / threads), threads, false,
                    (const int*)bk.data(), nbuild, table.data(), nb, shift, epoch, state.data(), host);
         const unsigned pgrid = (unsigned)std::max(1LL, std::min(grid, (n + threads - 1) / threads));
@@ -206,8 +207,17 @@ int run_linear(int joins) {
                    shift, epoch, (const int*)br.data(), (const int*)pr.data(), ob.data(), op.data(), cap,
                    state.data(), host);
         };
-        if (n) probe(capacity);
-        else host[0] = 0;
+        if (n && fused) {  // the whole grid at once (cooperative): its grid barrier needs every block resident
+            launch(join_lfused_i32_r32, (unsigned)grid, threads, true, (const int*)bk.data(), nbuild,
+                   (const int*)pk.data(), n, table.data(), nb, shift, epoch, (const int*)br.data(),
+                   (const int*)pr.data(), ob.data(), op.data(), capacity, state.data(), host, bar_base,
+                   2000000000LL);
+            bar_base += grid;
+        } else if (n) {
+            probe(capacity);
+        } else {
+            host[0] = 0;
+        }
         const long long total = state[0];
         if (host[0] != total || host[1] != state[1]) return 5;
         if (state[5] != 0 || state[6] != 0) return 6;  // the probe must leave its counter and ticket at zero
@@ -299,7 +309,7 @@ int run(int scheme, int joins, Kernels<K> k) {
 int main() {
     int wide, scheme, joins;
     if (std::scanf("%d %d %d", &wide, &scheme, &joins) != 3) return 2;
-    if (scheme == 2) return wide ? 3 : run_linear(joins);
+    if (scheme >= 2) return wide ? 3 : run_linear(joins, scheme == 3);
     if (wide)
         return run<long long>(scheme, joins, {join_build_i64, join_count_i64, join_write_i64_r64, join_fused_i64_r64});
     return run<int>(scheme, joins, {join_build_i32, join_count_i32, join_write_i32_r32, join_fused_i32_r32});

@@ -32,7 +32,7 @@ from impl.join.common import JoinResult, Workspace, check_inputs, check_output_f
 
 HEAD_NONE, HEAD_MANY = -1, -2
 STEP_SALT = 0x9E3779B9
-SCHEMES = ("fused", "split", "linear64")
+SCHEMES = ("fused", "split", "linear64", "linear64-fused")
 CLEARS = ("epoch", "memset")
 READBACKS = ("pinned", "item")
 BARRIER_TIMEOUT_NS = 2_000_000_000
@@ -53,7 +53,8 @@ class HashConfig:
     bucket_bytes: int = 32    # one 32-byte sector per bucket, or 64
     scheme: str = "split"     # fused: one cooperative launch; split: build, count, write kernels; linear64 (CUDA
                               # C++, int32 keys; other keys run split): packed 64-bit slots, linear probing, build +
-                              # one probe kernel that counts and writes (``hash_join.cu``)
+                              # one probe kernel that counts and writes (``hash_join.cu``); linear64-fused: the
+                              # two in one cooperative launch (C++ only; the numba twin runs linear64)
     clear: str = "epoch"      # epoch: no clear per join; memset: zero the table before every build
     readback: str = "pinned"  # pinned: the kernel writes the total into pinned host memory; item: tensor.item()
     min_blocks: int = 1       # __launch_bounds__ minimum resident blocks per SM (caps registers)
@@ -227,9 +228,14 @@ class HashJoinBase:
         """linear64: count every probe row's matches and write the pairs at offsets < capacity (0: count only)."""
         raise NotImplementedError
 
+    def _launch_linear_fused(self, bkeys: torch.Tensor, built: Built, keys: torch.Tensor, rows: torch.Tensor | None,
+                             out_b: torch.Tensor, out_p: torch.Tensor, capacity: int, state: torch.Tensor) -> None:
+        """linear64-fused: build and probe (counting and writing) in one launch."""
+        raise NotImplementedError
+
     def _linear(self, key_dtype: torch.dtype) -> bool:
         """Whether joins on these keys use the linear64 kernels (int32 keys of a backend that has them)."""
-        return self.config.scheme == "linear64" and self.linear_available and key_dtype == torch.int32
+        return self.config.scheme.startswith("linear64") and self.linear_available and key_dtype == torch.int32
 
     def _check_device(self, t: torch.Tensor) -> None:
         """Refuse tensors the backend cannot read (the CUDA join needs CUDA tensors)."""
@@ -355,8 +361,14 @@ class HashJoinBase:
         state = self._state(dev)
         self._arm()
         if self._linear(pk.dtype):
-            built = self.build(bk, br)
-            self._launch_probe(pk, built, pr, ob, op, n, state)
+            if self.config.scheme == "linear64-fused" and self.fused_available:
+                table, layout = self._prepare_table(bk.numel(), bk.dtype, dev)
+                self.stamp += 1
+                built = Built(table, layout, self.epoch, br, rdt, bk.numel(), self.stamp)
+                self._launch_linear_fused(bk, built, pk, pr, ob, op, n, state)
+            else:
+                built = self.build(bk, br)
+                self._launch_probe(pk, built, pr, ob, op, n, state)
             self.launches += 1
             total = self._read_total(state, self._mark())
             if total > n:  # many-to-many: the probe runs again into exact-size outputs (no more syncs)
