@@ -45,6 +45,7 @@ BASE = HashConfig(scheme="fused", items=8)  # the sweep's reference point: each 
 VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the budget may cut the tail
     ("split-items4", {"scheme": "split", "items": 4}),  # HashConfig's default
     ("linear64", {"scheme": "linear64"}),  # int32 keys; its int64 columns run the split kernels
+    ("linear64-fused", {"scheme": "linear64-fused"}),  # lbuild | grid barrier | lprobe: one cooperative launch
     ("linear64-t128", {"scheme": "linear64", "threads": 128}),
     ("linear64-t512", {"scheme": "linear64", "threads": 512}),
     ("linear64-lf0.35", {"scheme": "linear64", "load_factor": 0.35}),
@@ -67,7 +68,7 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
     ("fused-items16", {"items": 16}),
     ("fused-t512-items4", {"threads": 512, "items": 4}),
 ]
-DETAIL = 2  # the first DETAIL variants are also timed on every case and phase by phase
+DETAIL = 3  # the first DETAIL variants are also timed on every case and phase by phase
 COMPILE_S = 8.0  # budget charge for a variant that needs new kernel modules (int32 and int64 keys)
 CASES_1M = ("uniform", "zipf", "m2m", "highbits")
 TC_VARIANTS: list[tuple[str, dict[str, Any]]] = [  # TCConfig overrides, most informative first (bucket sizes
