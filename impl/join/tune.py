@@ -44,16 +44,16 @@ from impl.join.hash_table import HashConfig
 BASE = HashConfig(scheme="fused", items=8)  # the sweep's reference point: each label names its differences
 VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the budget may cut the tail
     ("split-items4", {"scheme": "split", "items": 4}),  # HashConfig's default
-    ("linear64", {"scheme": "linear64"}),  # int32 keys; its int64 columns run the split kernels
-    ("linear64-fused", {"scheme": "linear64-fused"}),  # lbuild | grid barrier | lprobe: one cooperative launch
-    ("linear64-t128", {"scheme": "linear64", "threads": 128}),
-    ("linear64-t512", {"scheme": "linear64", "threads": 512}),
-    ("linear64-lf0.35", {"scheme": "linear64", "load_factor": 0.35}),
-    ("linear64-lf0.7", {"scheme": "linear64", "load_factor": 0.7}),
-    ("linear64-memset", {"scheme": "linear64", "clear": "memset"}),
-    ("linear64-bucket64", {"scheme": "linear64", "bucket_bytes": 64}),
-    ("linear64-item-readback", {"scheme": "linear64", "readback": "item"}),
-    ("linear64-exact-2sync", {"scheme": "linear64", "_exact": True}),
+    ("linear64", {"scheme": "linear64", "items": 4}),  # int32 keys; int64 keys run split-items4's kernels
+    ("linear64-fused", {"scheme": "linear64-fused", "items": 4}),  # lbuild | grid barrier | lprobe, one launch
+    ("linear64-t128", {"scheme": "linear64", "items": 4, "threads": 128}),
+    ("linear64-t512", {"scheme": "linear64", "items": 4, "threads": 512}),
+    ("linear64-lf0.35", {"scheme": "linear64", "items": 4, "load_factor": 0.35}),
+    ("linear64-lf0.7", {"scheme": "linear64", "items": 4, "load_factor": 0.7}),
+    ("linear64-memset", {"scheme": "linear64", "items": 4, "clear": "memset"}),
+    ("linear64-bucket64", {"scheme": "linear64", "items": 4, "bucket_bytes": 64}),
+    ("linear64-item-readback", {"scheme": "linear64", "items": 4, "readback": "item"}),
+    ("linear64-exact-2sync", {"scheme": "linear64", "items": 4, "_exact": True}),
     ("split-items4-reconverge", {"scheme": "split", "items": 4, "reconverge": True}),
     ("fused", {}),
     ("split", {"scheme": "split"}),
