@@ -156,7 +156,8 @@ def cached(key: tuple, make):
 
 
 # Each distinct (threads, items, bucket) is a fresh compile on the GPU: few there, more variety here.
-HASH_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.25, 0.5, 0.9]),
+HASH_CONFIGS = st.builds(HashConfig, scheme=st.sampled_from(["split", "linear64"]),
+                         load_factor=st.sampled_from([0.25, 0.5, 0.9]),
                          threads=st.sampled_from(sized(gpu=[256], cpu=[32, 64])),
                          items=st.sampled_from(sized(gpu=[1, 8], cpu=[1, 4])),
                          bucket_bytes=st.sampled_from([32, 64]), clear=st.sampled_from(["epoch", "memset"]),
@@ -181,7 +182,7 @@ def test_hash_numba_join_equals_pandas(inputs, config):
 
 
 CUDA_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.5, 0.9]),
-                         scheme=st.sampled_from(["fused", "split"]),
+                         scheme=st.sampled_from(["fused", "split", "linear64", "linear64-fused"]),
                          items=st.sampled_from([1, 8]), bucket_bytes=st.sampled_from([32, 64]),
                          readback=st.sampled_from(["pinned", "item"]), epoch_bits=st.sampled_from([None, 1]))
 
@@ -266,6 +267,52 @@ def test_cuda_source_under_cpu_emulation_equals_pandas(emulated_cuda_join, table
         assert err == 0 and total == len(ref), f"total {total} (want {len(ref)}), device error {err}"
         assert guards == 1, "a write kernel wrote past its capacity"
         assert_close(got, ref, msg=f"hash_join.cu under CPU emulation, scheme {scheme}, grid {grid}")
+
+
+@given(tables=st.lists(join_inputs(max_n=400), min_size=1, max_size=3), grid=st.integers(1, 4),
+       fused=st.booleans(), config=st.builds(HashConfig, scheme=st.just("linear64"), load_factor=st.sampled_from([0.25, 0.5, 0.9]),
+                        clear=st.sampled_from(["epoch", "memset"]), epoch_bits=st.sampled_from([None, 1, 2])),
+       capacity=st.sampled_from(["speculative", "exact", "short"]))
+def test_linear64_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join, tables, grid, fused, config, capacity):
+    """lbuild + lprobe (packed 64-bit slots, linear probing, warp-reserved output ranges) on int32 keys, or both in
+    the cooperative lfused kernel, several joins on one reused table; grids smaller than the rows exercise the
+    grid-stride loops; a short speculative buffer makes the probe run again exact-size, and it must leave its counter
+    and ticket at zero."""
+    joins, refs, caps = [], [], []
+    for q, (bk, pk, _, _) in enumerate(tables):
+        bk, pk = bk.astype(np.int32), pk.astype(np.int32)  # int64 tables wrap to int32: still valid tables
+        rng = np.random.default_rng(len(bk) * 7919 + len(pk) + q)
+        br, pr = (rng.permutation(n).astype(np.int32) * 3 - 7 for n in (len(bk), len(pk)))
+        ref = reference_pairs(bk, pk, br, pr)
+        joins.append((bk, pk, br, pr))
+        refs.append(ref)
+        caps.append({"speculative": len(pk), "exact": len(ref), "short": len(ref) // 2}[capacity])
+    for ref, (total, err, guards, rewrite, got) in zip(refs, emulate(emulated_cuda_join, joins, False, 2 + fused,
+                                                                    config, grid, caps)):
+        assert err == 0 and total == len(ref), f"total {total} (want {len(ref)}), device error {err}"
+        assert guards == 1, "the linear64 probe wrote past its capacity"
+        assert_close(got, ref, msg=f"linear64 kernels under CPU emulation, grid {grid}, fused {fused}")
+
+
+def test_linear64_twin_joins_sentinels_and_reruns_short_outputs():
+    """The numba twin of linear64 through the host protocol (speculative one-sync join, phases by hand): keys equal
+    to -1, 0, INT32_MIN/MAX, dense duplicates whose pairs overflow the speculative buffer (the probe runs again
+    exact-size), full tables (load 0.9: clusters span buckets), empty sides; one operator, so tables are reused."""
+    op = HashJoinNumba(HashConfig(scheme="linear64", threads=32, load_factor=0.9, epoch_bits=2))
+    rng = np.random.default_rng(3)
+    info = np.iinfo(np.int32)
+    for nb, npr, hi in ((300, 517, 400), (1, 1, 3), (130, 95, 20), (0, 10, 3), (50, 0, 3), (200, 300, 5)):
+        bk, pk = rng.integers(-hi, hi, nb).astype(np.int32), rng.integers(-hi, hi, npr).astype(np.int32)
+        if nb >= 5 and npr >= 5:
+            bk[:5] = pk[:5] = [-1, info.min, info.max, 0, -1]
+        ref = reference_pairs(bk, pk, None, None)
+        before = (op.launches, op.syncs)
+        got = op(*to_device(bk, pk))
+        assert np.array_equal(got.pairs(), ref), f"linear64 twin, {nb} x {npr}: {len(got)} pairs, pandas {len(ref)}"
+        if npr:
+            kernels = (1 if nb else 0) + 1 + (len(ref) > npr)  # build, probe, the exact-size probe
+            assert op.syncs - before[1] == 1 and op.launches - before[0] - kernels in (0, 1)  # (+ a table clear)
+        check_join(op, bk, pk)
 
 
 @pytest.mark.parametrize("scheme", [0, 1], ids=["split", "fused"])
@@ -460,8 +507,8 @@ def test_configs_reject_bad_values():
 def test_hash_table_holds_every_build_row_once(keys, config):
     """After each of several builds on one operator: the live slots (tag epoch == the build's) hold exactly the build
     rows, each once, with their keys; slots of a bucket fill in order; every row sits in the first bucket with a free
-    slot along its key's double-hashing sequence, so the buckets before it are full. Stale rows of earlier builds
-    never count."""
+    slot along its key's bucket sequence (double hashing; linear64 on int32 keys: the next bucket), so the buckets
+    before it are full. Stale rows of earlier builds never count."""
     op = HashJoinNumba(config)
     for k in keys:
         k = k.astype(keys[-1].dtype)
@@ -477,7 +524,9 @@ def test_hash_table_holds_every_build_row_once(keys, config):
         h = hash_keys(k, wide)
         bucket = np.empty(len(k), np.int64)
         bucket[pos[live]] = np.nonzero(live)[0]
-        b, step = first_bucket_np(h, lay.buckets).astype(np.int64), bucket_step_np(h, lay.buckets)
+        linear = config.scheme.startswith("linear64") and not wide
+        b = first_bucket_np(h, lay.buckets).astype(np.int64)
+        step = np.ones(len(k), np.int64) if linear else bucket_step_np(h, lay.buckets)
         for i in range(len(k)):
             seen = 0
             while b[i] != bucket[i]:

@@ -6,8 +6,11 @@ time; CuPy launches cost a few µs, and the fused scheme needs a cooperative lau
 compiled by nvcc/NVRTC for sm_90 and run as-is under a thin CUDA emulation (``hash_join_emulated.cpp``, g++).
 
 Per join (``config.scheme``):
-  fused  one cooperative launch (build | grid barrier | count | barrier + scan | write), grid = resident blocks;
-  split  build, count (+ last-block scan), write: three launches.
+  fused     one cooperative launch (build | grid barrier | count | barrier + scan | write), grid = resident blocks;
+  split     build, count (+ last-block scan), write: three launches;
+  linear64  (int32 keys; int64 keys run split) lbuild, then lprobe, which counts and writes in one pass (warps reserve
+            their output ranges with one atomic add each): two launches, one row per thread, grid-stride loops;
+  linear64-fused  the same in one cooperative launch (lbuild | grid barrier | lprobe), grid = resident blocks.
 Both write into speculative outputs of n_probe pairs; the kernel that scans the tile totals writes the total into a
 mapped pinned host word (``readback="pinned"``), read after one stream sync; a total above n_probe re-runs the write
 exact-size (one more launch, no more syncs). The epoch-tagged table needs no clear per join (``hash_table``).
@@ -30,7 +33,8 @@ SOURCE = Path(__file__).with_name("hash_join.cu")
 KEY_SUFFIXES = ("i32", "i64")
 ROW_SUFFIXES = ("i32_r32", "i32_r64", "i64_r32", "i64_r64")
 KERNEL_NAMES = tuple([f"join_{k}_{s}" for k in ("build", "count") for s in KEY_SUFFIXES]
-                     + [f"join_{k}_{s}" for k in ("write", "fused") for s in ROW_SUFFIXES])
+                     + [f"join_{k}_{s}" for k in ("write", "fused") for s in ROW_SUFFIXES]
+                     + ["join_lbuild_i32"] + [f"join_{k}_i32_r{b}" for k in ("lprobe", "lfused") for b in (32, 64)])
 MAX_GRID = 65535
 
 try:
@@ -72,8 +76,8 @@ def kernel(config: HashConfig, kind: str, keys: torch.dtype, rows: torch.dtype):
     """The compiled ``join_<kind>_...`` kernel for these key and row-id dtypes (one module per pair: less to
     compile)."""
     opts = compile_options(config) + (f"-DJOIN_KEY_BITS={_bits(keys)}", f"-DJOIN_ROW_BITS={_bits(rows)}")
-    suffix = f"i{_bits(keys)}" if kind in ("build", "count") else f"i{_bits(keys)}_r{_bits(rows)}"
-    return _module(opts, kind == "fused").get_function(f"join_{kind}_{suffix}")
+    suffix = f"i{_bits(keys)}" if kind in ("build", "count", "lbuild") else f"i{_bits(keys)}_r{_bits(rows)}"
+    return _module(opts, kind in ("fused", "lfused")).get_function(f"join_{kind}_{suffix}")
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -112,6 +116,7 @@ class HashJoinCuda(HashJoinBase):
 
     name = "hash-cuda"
     fused_available = True
+    linear_available = True
 
     def __init__(self, config: HashConfig = HashConfig()) -> None:
         reason = unavailable_reason()
@@ -158,9 +163,33 @@ class HashJoinCuda(HashJoinBase):
         return (_ptr(built.table), lay.buckets, lay.shift, built.epoch)
 
     def _launch_build(self, keys: torch.Tensor, built: Built, state: torch.Tensor) -> None:
+        if self._linear(keys.dtype):  # one row per thread, grid-stride beyond MAX_GRID blocks
+            grid = min(-(-keys.numel() // self.config.threads), MAX_GRID)
+            _launch(kernel(self.config, "lbuild", keys.dtype, built.row_dtype), grid, self.config.threads,
+                    (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(state), self._host()))
+            return
         grid = min(-(-keys.numel() // self.config.tile), MAX_GRID)
         _launch(kernel(self.config, "build", keys.dtype, built.row_dtype), grid, self.config.threads,
                 (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(state), self._host()))
+
+    def _launch_probe(self, keys: torch.Tensor, built: Built, rows: torch.Tensor | None, out_b: torch.Tensor | None,
+                      out_p: torch.Tensor | None, capacity: int, state: torch.Tensor) -> None:
+        grid = min(-(-keys.numel() // self.config.threads), MAX_GRID)
+        rdt = out_b.dtype if out_b is not None else built.row_dtype
+        _launch(kernel(self.config, "lprobe", keys.dtype, rdt), grid, self.config.threads,
+                (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(built.rows), _ptr(rows), _ptr(out_b),
+                 _ptr(out_p), capacity, _ptr(state), self._host()))
+
+    def _launch_linear_fused(self, bkeys: torch.Tensor, built: Built, keys: torch.Tensor, rows: torch.Tensor | None,
+                             out_b: torch.Tensor, out_p: torch.Tensor, capacity: int, state: torch.Tensor) -> None:
+        threads = self.config.threads
+        work = max(-(-keys.numel() // threads), -(-bkeys.numel() // threads), 1)
+        grid = min(self.resident_blocks(keys.dtype, out_b.dtype, "lfused"), work)
+        _launch(kernel(self.config, "lfused", keys.dtype, out_b.dtype), grid, threads,
+                (_ptr(bkeys), bkeys.numel(), _ptr(keys), keys.numel(), *self._table_args(built), _ptr(built.rows),
+                 _ptr(rows), _ptr(out_b), _ptr(out_p), capacity, _ptr(state), self._host(), self.bar_base,
+                 BARRIER_TIMEOUT_NS))
+        self.bar_base += grid
 
     def _launch_count(self, keys: torch.Tensor, built: Built, probed: Probed, state: torch.Tensor) -> None:
         cfg = self.config
@@ -177,11 +206,11 @@ class HashJoinCuda(HashJoinBase):
                  _ptr(probed.thread_counts), _ptr(probed.tile_offsets), _ptr(probed.built.rows), _ptr(probed.rows),
                  _ptr(out_b), _ptr(out_p), capacity))
 
-    def resident_blocks(self, keys: torch.dtype, rows: torch.dtype) -> int:
-        """Blocks of the fused kernel that fit on the device at once (the cooperative grid's limit)."""
-        key = (keys, rows)
+    def resident_blocks(self, keys: torch.dtype, rows: torch.dtype, kind: str = "fused") -> int:
+        """Blocks of a cooperative kernel (fused, lfused) that fit on the device at once (its grid's limit)."""
+        key = (keys, rows, kind)
         if key not in self._resident:
-            fn = kernel(self.config, "fused", keys, rows)
+            fn = kernel(self.config, kind, keys, rows)
             per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, self.config.threads, 0)
             sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
             self._resident[key] = max(1, per_sm) * sms

@@ -20,6 +20,7 @@
 //   fused:  one cooperative (all blocks resident) kernel: build | grid barrier | count | grid barrier whose last
 //           arriver scans the tile totals | write. When every block has at most one tile, heads and counts stay in
 //           registers across the barriers.
+//   linear64: lbuild / lprobe near the end of this file (packed 64-bit slots, linear probing, int32 keys).
 
 #ifndef JOIN_THREADS
 #define JOIN_THREADS 256
@@ -108,6 +109,16 @@ __device__ __forceinline__ Bucket<K> load_bucket(const Slot<K>* table, long long
     const uint4* p = reinterpret_cast<const uint4*>(table + b * Bucket<K>::SLOTS);
 #pragma unroll
     for (int v = 0; v < BUCKET_BYTES / 16; ++v) bk.v[v] = __ldcg(p + v);  // L2: the table changes during the build
+    return bk;
+}
+
+// The same for a table no thread writes during the launch (the probe): through L1, so hot keys hit there.
+template <typename K>
+__device__ __forceinline__ Bucket<K> load_bucket_ro(const Slot<K>* table, long long b) {
+    Bucket<K> bk;
+    const uint4* p = reinterpret_cast<const uint4*>(table + b * Bucket<K>::SLOTS);
+#pragma unroll
+    for (int v = 0; v < BUCKET_BYTES / 16; ++v) bk.v[v] = __ldg(p + v);
     return bk;
 }
 
@@ -522,6 +533,210 @@ __device__ void fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, l
                    out_p, capacity);
     }
 }
+
+// ---- linear64: packed 64-bit slots, linear probing, one row per thread (int32 keys) -------------------------------
+//
+// The same table memory as above (int32 keys: 8-byte slots {key, tag}, SLOTS = BUCKET_BYTES / 8 per bucket, the same
+// epoch tags, so a slot is empty iff its tag's epoch field is not the join's: every key, -1 and INT_MIN/MAX included,
+// is an ordinary key), but a slot is ONE 64-bit word (key in the low half, tag in the high half) written by ONE
+// atomicCAS, and a key's sequence is linear: the slots of its first bucket in order, then the next bucket (b + 1 mod
+// B). Slots are taken in order and never freed, so every slot before a key's slot in its sequence is taken and a
+// probe stops at the first empty slot (duplicates: it walks the whole cluster and sees every copy).
+//   lbuild: grid-stride loop, one row per thread per step: load the first bucket (one sector), CAS the first empty
+//           slot with the packed (key, tag); a lost race re-reads only that slot's returned word.
+//   lprobe: grid-stride loop, one row per thread per step: count the row's matches (first one remembered); the warp
+//           reserves its pairs with one atomicAdd on state[5] (ballot + popc when no lane has more than one match,
+//           a shuffle scan otherwise) and writes them at once (pairs at offsets >= capacity are dropped; capacity 0
+//           = count only); the last block to finish publishes the total (state[0], host[0]) and resets the counter.
+// Pair order in the output is not deterministic (warps reserve their ranges in arrival order).
+
+#define FULL_MASK 0xffffffffu
+#define LIN_COUNTER 5  // state[5]: pairs reserved so far by this lprobe launch
+#define LIN_TICKET 6   // state[6]: blocks finished
+
+__device__ __forceinline__ u64 pack_slot(int key, unsigned tag) { return (u64)(unsigned)key | ((u64)tag << 32); }
+__device__ __forceinline__ long long linear_next(long long b, long long nb) { return b + 1 == nb ? 0 : b + 1; }
+
+// Insert one build row (position i) into the first empty slot of its linear sequence; false if none (table full).
+__device__ __forceinline__ bool linear_insert(int key, long long i, Slot<int>* table, long long nb, unsigned shift,
+                                              unsigned epoch) {
+    constexpr int SLOTS = Bucket<int>::SLOTS;
+    const u64 mine = pack_slot(key, (epoch << shift) | (unsigned)i);
+    long long b = first_bucket(mix32(fold(key)), nb);
+    for (long long tries = 0; tries < nb; ++tries, b = linear_next(b, nb)) {
+        const Bucket<int> bk = load_bucket(table, b);
+        u64* words = reinterpret_cast<u64*>(table + b * SLOTS);
+#pragma unroll
+        for (int s = 0; s < SLOTS; ++s) {
+            u64 cur = pack_slot(bk.s[s].key, bk.s[s].tag);
+            while (!is_live((unsigned)(cur >> 32), shift, epoch)) {
+                const u64 old = atomicCAS(&words[s], cur, mine);
+                if (old == cur) return true;
+                cur = old;  // taken meanwhile (or a torn read): look at what is there now
+            }
+        }
+    }
+    return false;
+}
+
+__device__ void linear_build_kernel(const int* __restrict__ keys, long long n, Slot<int>* table, long long nb,
+                                    long long shift, long long epoch, long long* state, long long* host) {
+    const long long stride = (long long)gridDim.x * JOIN_THREADS;
+    for (long long i = (long long)blockIdx.x * JOIN_THREADS + threadIdx.x; i < n; i += stride)
+        if (!linear_insert(keys[i], i, table, nb, (unsigned)shift, (unsigned)epoch))
+            set_error(state, host, ERR_TABLE_FULL);  // cannot happen: B * SLOTS > n
+}
+
+// Walk key k's cluster from its first bucket: *first = the first match's build position; returns the match count.
+// With `emit`, the matches' pairs go to out_[bp][at...] (at >= capacity dropped). Per bucket the slots are tested
+// as bit masks (no branch between the bucket's loads and its test: both 16-byte halves are in flight together).
+template <typename R, bool RO>
+__device__ __forceinline__ long long linear_walk(int k, const Slot<int>* table, long long nb, unsigned shift,
+                                                 unsigned epoch, int* first, bool emit, long long at, R pj,
+                                                 const R* brows, R* out_b, R* out_p, long long capacity) {
+    constexpr int SLOTS = Bucket<int>::SLOTS;
+    const unsigned pos_mask = (1u << shift) - 1u;
+    long long b = first_bucket(mix32(fold(k)), nb), cnt = 0;
+    for (long long tries = 0; tries < nb; ++tries, b = linear_next(b, nb)) {
+        const Bucket<int> bk = RO ? load_bucket_ro(table, b) : load_bucket(table, b);
+        unsigned live = 0, match = 0;
+#pragma unroll
+        for (int s = 0; s < SLOTS; ++s) {
+            live |= (unsigned)is_live(bk.s[s].tag, shift, epoch) << s;
+            match |= (unsigned)(bk.s[s].key == k) << s;
+        }
+        const unsigned taken = ~live & (live + 1u);  // the first empty slot's bit (bit SLOTS when all are live)
+        match &= taken - 1u;                           // live slots before it: this key's part of the cluster
+        if (match) {
+#pragma unroll
+            for (int s = 0; s < SLOTS; ++s) {
+                if (!((match >> s) & 1u)) continue;
+                const int pos = (int)(bk.s[s].tag & pos_mask);
+                if (cnt == 0) *first = pos;
+                if (emit && at + cnt < capacity) {
+                    out_b[at + cnt] = brows ? brows[pos] : (R)pos;
+                    out_p[at + cnt] = pj;
+                }
+                ++cnt;
+            }
+        }
+        if (taken < (1u << SLOTS)) return cnt;  // the cluster ends in this bucket
+    }
+    return cnt;
+}
+
+// RO: the table is read-only for the whole launch (lprobe: loads through L1); the fused kernel wrote it earlier in
+// the same launch, so it reads through L2.
+template <typename R, bool RO>
+__device__ void linear_probe_kernel(const int* __restrict__ pkeys, long long n, const Slot<int>* table, long long nb,
+                                    long long shift, long long epoch, const R* __restrict__ brows,
+                                    const R* __restrict__ prows, R* __restrict__ out_b, R* __restrict__ out_p,
+                                    long long capacity, long long* state, long long* host) {
+    JOIN_SHARED(int, is_last, 1);
+    const unsigned sh = (unsigned)shift, ep = (unsigned)epoch;
+    const int lane = threadIdx.x & 31;
+    const long long stride = (long long)gridDim.x * JOIN_THREADS;
+    u64* counter = (u64*)&state[LIN_COUNTER];
+    // base is uniform over the block, so every lane of a warp runs the same number of steps (full-mask votes).
+    for (long long base = (long long)blockIdx.x * JOIN_THREADS; base < n; base += stride) {
+        const long long j = base + threadIdx.x;
+        const bool valid = j < n;
+        const int k = valid ? pkeys[j] : 0;
+        int first = HEAD_NONE;
+        const long long cnt = valid ? linear_walk<R, RO>(k, table, nb, sh, ep, &first, false, 0, (R)0, brows, out_b,
+                                                     out_p, 0)
+                                    : 0;
+        long long excl, wsum;
+        if (__ballot_sync(FULL_MASK, cnt > 1) == 0) {  // common case: 0 or 1 match per lane
+            const unsigned hit = __ballot_sync(FULL_MASK, cnt == 1);
+            excl = __popc(hit & ((1u << lane) - 1u));
+            wsum = __popc(hit);
+        } else {
+            long long x = cnt;
+#pragma unroll
+            for (int d = 1; d < 32; d <<= 1) {
+                const long long y = __shfl_up_sync(FULL_MASK, x, d);
+                if (lane >= d) x += y;
+            }
+            excl = x - cnt;
+            wsum = __shfl_sync(FULL_MASK, x, 31);
+        }
+        if (wsum == 0) continue;  // uniform over the warp
+        long long wbase = 0;
+        if (lane == 0) wbase = (long long)atomicAdd(counter, (u64)wsum);
+        wbase = __shfl_sync(FULL_MASK, wbase, 0);
+        if (capacity == 0 || cnt == 0) continue;
+        const long long at = wbase + excl;
+        const R pj = prows ? prows[j] : (R)j;
+        if (cnt == 1) {
+            if (at < capacity) {
+                out_b[at] = brows ? brows[first] : (R)first;
+                out_p[at] = pj;
+            }
+        } else if (at < capacity) {
+            linear_walk<R, RO>(k, table, nb, sh, ep, &first, true, at, pj, brows, out_b, out_p, capacity);
+        }
+    }
+    __syncthreads();  // every warp of the block has reserved its pairs (its atomicAdd returned)
+    if (threadIdx.x == 0) {
+        __threadfence();
+        is_last[0] = atomicAdd((u64*)&state[LIN_TICKET], 1ull) == (u64)gridDim.x - 1;
+    }
+    __syncthreads();
+    if (is_last[0] && threadIdx.x == 0) {
+        __threadfence();
+        const long long total = (long long)atomicExch(counter, 0ull);  // ready for the next launch
+        state[LIN_TICKET] = 0;
+        state[0] = total;
+        if (host) host[0] = total;
+    }
+}
+
+// linear64 in one cooperative launch (grid = resident blocks): lbuild | grid barrier | lprobe. bar_base as for
+// fused_kernel (state[2] before this launch).
+template <typename R>
+__device__ void linear_fused_kernel(const int* bkeys, long long nbuild, const int* pkeys, long long n,
+                                    Slot<int>* table, long long nb, long long shift, long long epoch, const R* brows,
+                                    const R* prows, R* out_b, R* out_p, long long capacity, long long* state,
+                                    long long* host, long long bar_base, long long timeout_ns) {
+    linear_build_kernel(bkeys, nbuild, table, nb, shift, epoch, state, host);
+    u64* bar = (u64*)&state[2];
+    const u64 target = (u64)bar_base + gridDim.x;
+    if (arrive_barrier(bar, target, timeout_ns, state, host)) release_barrier(bar, target);
+    linear_probe_kernel<R, false>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity, state,
+                                  host);
+}
+
+extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)
+    join_lbuild_i32(const int* keys, long long n, Slot<int>* table, long long nb, long long shift, long long epoch,
+                    long long* state, long long* host) {
+    linear_build_kernel(keys, n, table, nb, shift, epoch, state, host);
+}
+
+#define JOIN_LINEAR_PROBE(R, SUF)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
+        join_lprobe_##SUF(const int* pkeys, long long n, const Slot<int>* table, long long nb, long long shift,  \
+                          long long epoch, const R* brows, const R* prows, R* out_b, R* out_p, long long capacity, \
+                          long long* state, long long* host) {                                                   \
+        linear_probe_kernel<R, true>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity,    \
+                                     state, host);                                                               \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
+        join_lfused_##SUF(const int* bkeys, long long nbuild, const int* pkeys, long long n, Slot<int>* table,   \
+                          long long nb, long long shift, long long epoch, const R* brows, const R* prows,        \
+                          R* out_b, R* out_p, long long capacity, long long* state, long long* host,             \
+                          long long bar_base, long long timeout_ns) {                                            \
+        linear_fused_kernel<R>(bkeys, nbuild, pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p,     \
+                               capacity, state, host, bar_base, timeout_ns);                                     \
+    }
+#if !defined(JOIN_KEY_BITS) || JOIN_KEY_BITS == 32
+#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 32
+JOIN_LINEAR_PROBE(int, i32_r32)
+#endif
+#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 64
+JOIN_LINEAR_PROBE(long long, i32_r64)
+#endif
+#endif
 
 #define JOIN_KEY_KERNELS(K, SUF)                                                                                  \
     extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                                 \

@@ -2,13 +2,14 @@
 //
 // A thin emulation of the CUDA features the kernels use: one std::thread per CUDA thread; blocks one after another
 // for ordinary launches, all at once for the cooperative (fused) kernel, whose grid barriers need every block
-// resident; __syncthreads as a per-block barrier; __shfl_up_sync through a per-warp barrier; each block's shared
-// variables (JOIN_SHARED) in its own storage; atomics as GCC __atomic builtins. The driver repeats hash_cuda.py's
-// launch sequence (epochs, table reuse, speculative capacity, the exact-size re-write), so the C++ source itself,
-// not only its numba twin, is checked against pandas.merge on the CPU. Output buffers carry guard words past their
-// capacity to catch out-of-bounds writes.
+// resident; __syncthreads as a per-block barrier; __shfl_up_sync, __shfl_sync and __ballot_sync through a per-warp
+// barrier; each block's shared variables (JOIN_SHARED) in its own storage; atomics as GCC __atomic builtins. The
+// driver repeats hash_cuda.py's launch sequence (epochs, table reuse, speculative capacity, the exact-size re-write),
+// so the C++ source itself, not only its numba twin, is checked against pandas.merge on the CPU. Output buffers carry
+// guard words past their capacity to catch out-of-bounds writes.
 //
-// Input (text, stdin): "wide scheme joins" (scheme 0 = build/count/write kernels, 1 = the fused kernel), then per
+// Input (text, stdin): "wide scheme joins" (scheme 0 = build/count/write kernels, 1 = the fused kernel, 2 = the
+// linear64 lbuild/lprobe kernels, 3 = linear64's lfused kernel; 2 and 3 int32 keys only), then per
 // join a line "nbuild nprobe buckets shift epoch clear capacity grid" and the build keys, build rows, probe keys,
 // probe rows. Output per join: "total error guards_intact rewritten", then one "build_row probe_row" line per pair.
 #include <algorithm>
@@ -69,6 +70,8 @@ inline uint4 __ldcg(const uint4* p) {  // 4-byte atomic loads: a CAS may land be
     return uint4{__atomic_load_n(q, __ATOMIC_SEQ_CST), __atomic_load_n(q + 1, __ATOMIC_SEQ_CST),
                  __atomic_load_n(q + 2, __ATOMIC_SEQ_CST), __atomic_load_n(q + 3, __ATOMIC_SEQ_CST)};
 }
+template <typename T>
+T __ldg(const T* p) { return __ldcg(p); }
 inline void __syncwarp() { g_ctx->warps[threadIdx.x >> 5]->arrive_and_wait(); }
 template <typename T>
 T __shfl_up_sync(unsigned, T v, int d) {
@@ -80,6 +83,27 @@ T __shfl_up_sync(unsigned, T v, int d) {
     warp.arrive_and_wait();
     return out;
 }
+template <typename T>
+T __shfl_sync(unsigned, T v, int src) {
+    const int t = threadIdx.x;
+    std::barrier<>& warp = *g_ctx->warps[t >> 5];
+    g_ctx->lanes[t] = (long long)v;
+    warp.arrive_and_wait();
+    const T out = (T)g_ctx->lanes[(t & ~31) + src];
+    warp.arrive_and_wait();
+    return out;
+}
+inline unsigned __ballot_sync(unsigned, bool p) {
+    const int t = threadIdx.x, first = t & ~31;
+    std::barrier<>& warp = *g_ctx->warps[t >> 5];
+    g_ctx->lanes[t] = p ? 1 : 0;
+    warp.arrive_and_wait();
+    unsigned out = 0;
+    for (int l = 0; l < 32 && first + l < (int)blockDim.x; ++l) out |= (unsigned)(g_ctx->lanes[first + l] != 0) << l;
+    warp.arrive_and_wait();
+    return out;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 template <typename T>
 T atomicCAS(T* p, T cmp, T val) {
     __atomic_compare_exchange_n(p, &cmp, val, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
@@ -152,6 +176,68 @@ struct Kernels {
                   long long, long long);
 };
 
+// scheme 2 (linear64, int32 keys): lbuild + lprobe over `grid` blocks (grid-stride loops), speculative capacity, the
+// lprobe again exact-size when the total exceeds it; scheme 3: the first two in one cooperative lfused launch.
+int run_linear(int joins, bool fused) {
+    using S = Slot<int>;
+    constexpr int SLOTS = Bucket<int>::SLOTS;
+    const unsigned threads = JOIN_THREADS;
+    std::vector<S> table;
+    std::vector<long long> state(8, 0);
+    long long bar_base = 0;
+    for (int q = 0; q < joins; ++q) {
+        long long nbuild, n, nb, shift, epoch, clear, capacity, grid;
+        if (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld", &nbuild, &n, &nb, &shift, &epoch, &clear, &capacity,
+                       &grid) != 8)
+            return 4;
+        std::vector<int> bk(nbuild), br(nbuild), pk(n), pr(n);
+        if (!read_values(bk) || !read_values(br) || !read_values(pk) || !read_values(pr)) return 4;
+        if ((long long)table.size() < nb * SLOTS) table.resize(nb * SLOTS, S{});
+        if (clear) std::fill(table.begin(), table.end(), S{});
+        long long host[2] = {-7, 0};
+        const int guard = 0x5A5A5A5A;
+        std::vector<int> ob(capacity + 16, guard), op(capacity + 16, guard);
+        state[0] = 0;
+        if (nbuild && !(fused && n))
+            launch(join_lbuild_i32, (unsigned)std::min(grid, (nbuild + threads - 1) / threads), threads, false,
+                   (const int*)bk.data(), nbuild, table.data(), nb, shift, epoch, state.data(), host);
+        const unsigned pgrid = (unsigned)std::max(1LL, std::min(grid, (n + threads - 1) / threads));
+        auto probe = [&](long long cap) {
+            launch(join_lprobe_i32_r32, pgrid, threads, false, (const int*)pk.data(), n, (const S*)table.data(), nb,
+                   shift, epoch, (const int*)br.data(), (const int*)pr.data(), ob.data(), op.data(), cap,
+                   state.data(), host);
+        };
+        if (n && fused) {  // the whole grid at once (cooperative): its grid barrier needs every block resident
+            launch(join_lfused_i32_r32, (unsigned)grid, threads, true, (const int*)bk.data(), nbuild,
+                   (const int*)pk.data(), n, table.data(), nb, shift, epoch, (const int*)br.data(),
+                   (const int*)pr.data(), ob.data(), op.data(), capacity, state.data(), host, bar_base,
+                   2000000000LL);
+            bar_base += grid;
+        } else if (n) {
+            probe(capacity);
+        } else {
+            host[0] = 0;
+        }
+        const long long total = state[0];
+        if (host[0] != total || host[1] != state[1]) return 5;
+        if (state[5] != 0 || state[6] != 0) return 6;  // the probe must leave its counter and ticket at zero
+        bool guards = std::all_of(ob.begin() + capacity, ob.end(), [&](int v) { return v == guard; }) &&
+                      std::all_of(op.begin() + capacity, op.end(), [&](int v) { return v == guard; });
+        const bool rewrite = total > capacity;
+        if (rewrite) {
+            ob.assign(total + 16, guard);
+            op.assign(total + 16, guard);
+            probe(total);
+            if (state[0] != total) return 7;
+            guards = guards && std::all_of(ob.begin() + total, ob.end(), [&](int v) { return v == guard; }) &&
+                     std::all_of(op.begin() + total, op.end(), [&](int v) { return v == guard; });
+        }
+        std::printf("%lld %lld %d %d\n", total, state[1], (int)guards, (int)rewrite);
+        for (long long i = 0; i < total; ++i) std::printf("%lld %lld\n", (long long)ob[i], (long long)op[i]);
+    }
+    return 0;
+}
+
 template <typename K>
 int run(int scheme, int joins, Kernels<K> k) {
     using S = Slot<K>;
@@ -223,6 +309,7 @@ int run(int scheme, int joins, Kernels<K> k) {
 int main() {
     int wide, scheme, joins;
     if (std::scanf("%d %d %d", &wide, &scheme, &joins) != 3) return 2;
+    if (scheme >= 2) return wide ? 3 : run_linear(joins, scheme == 3);
     if (wide)
         return run<long long>(scheme, joins, {join_build_i64, join_count_i64, join_write_i64_r64, join_fused_i64_r64});
     return run<int>(scheme, joins, {join_build_i32, join_count_i32, join_write_i32_r32, join_fused_i32_r32});

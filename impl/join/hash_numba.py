@@ -8,6 +8,9 @@ The table, the phases and the host protocol are ``hash_table``'s (read its modul
           to finish (atomic ticket) scans the tile totals into offsets and publishes the total in state[0].
   write:  block scan of the thread counts + the tile offset; pairs staged in shared memory a window of TILE pairs at
           a time and copied out contiguously; places >= capacity are skipped.
+  linear64 (int32 keys): lbuild, one row per thread, CAS of the whole 64-bit slot on the table's int64 view along
+          the linear sequence (a bucket's slots, then the next bucket); lprobe counts a row's matches up to the first
+          empty slot, reserves its pairs with one atomic add (the C++ kernel reserves per warp) and writes them.
 The table words are the C++ layout viewed as the key dtype: word 2s = key, word 2s + 1 = tag (int32 tables hold the
 tag's bit pattern, int64 tables the tag in the low half and a zero pad above). The fused single-launch scheme needs
 co-resident blocks, which the simulator does not have: it runs in the C++ emulation only (``hash_join_emulated.cpp``).
@@ -252,7 +255,105 @@ def _make_kernels(threads: int, items: int) -> dict[str, Any]:
                 cuda.syncthreads()
                 w += tile
 
-    return {"build": hash_build_nb, "count": hash_count_nb, "write": hash_write_nb}
+    # ---- linear64 (int32 keys): the table viewed as int64 words, one per slot: key in the low half, tag above ----
+
+    @cuda.jit(device=True)
+    def packed(k, tag):
+        """The int64 word of slot {key k, tag} (the tag's top bit lands in the sign)."""
+        hi = tag - 4294967296 if tag >= 2147483648 else tag
+        return (np.int64(hi) << 32) | (np.int64(k) & 0xFFFFFFFF)
+
+    @cuda.jit(device=True)
+    def tag_of(w):
+        return (np.int64(w) >> 32) & 0xFFFFFFFF
+
+    @cuda.jit(device=True)
+    def key_of(w):
+        lo = np.int64(w) & 0xFFFFFFFF
+        return lo - 4294967296 if lo >= 2147483648 else lo
+
+    @cuda.jit
+    def linear_build_nb(keys, words, nb, slots, shift, epoch, state):
+        """One row per thread, grid-stride; one 64-bit CAS per attempt; next slot, then the next bucket."""
+        i = cuda.blockIdx.x * threads + cuda.threadIdx.x
+        while i < keys.size:
+            k = keys[i]
+            mine = packed(k, (epoch << shift) | i)
+            slot = first_bucket(hash_of(k, False), nb) * slots
+            placed = False
+            tries = 0
+            while tries < nb * slots and not placed:
+                cur = np.int64(words[slot])
+                while (tag_of(cur) >> shift) != epoch:
+                    old = np.int64(cuda.atomic.cas(words, slot, cur, mine))
+                    if old == cur:
+                        placed = True
+                        break
+                    cur = old
+                slot = slot + 1 if slot + 1 < nb * slots else 0
+                tries += 1
+            if not placed:
+                state[1] = 2
+            i += cuda.gridDim.x * threads
+
+    @cuda.jit(device=True)
+    def linear_walk(words, k, nb, slots, shift, epoch, emit, at, pj, brows, has_b, out_b, out_p, capacity):
+        """(matches of k along its linear sequence up to the first empty slot, the first one's build position);
+        with ``emit`` the pairs go to out_* from offset ``at`` (offsets >= capacity dropped)."""
+        cnt = 0
+        first = HEAD_NONE
+        slot = first_bucket(hash_of(k, False), nb) * slots
+        tries = 0
+        while tries < nb * slots:
+            w = np.int64(words[slot])
+            tg = tag_of(w)
+            if (tg >> shift) != epoch:
+                break
+            if key_of(w) == k:
+                pos = tg & ((1 << shift) - 1)
+                if cnt == 0:
+                    first = pos
+                if emit and at + cnt < capacity:
+                    out_b[at + cnt] = brows[pos] if has_b else pos
+                    out_p[at + cnt] = pj
+                cnt += 1
+            slot = slot + 1 if slot + 1 < nb * slots else 0
+            tries += 1
+        return cnt, first
+
+    @cuda.jit
+    def linear_probe_nb(pkeys, words, nb, slots, shift, epoch, brows, has_b, prows, has_p, out_b, out_p, capacity,
+                        state):
+        """One row per thread, grid-stride: count, reserve the row's pairs with one atomic add on state[5], write
+        them (capacity 0: count only); the last block publishes the total and resets counter and ticket. (The C++
+        kernel reserves per warp; the simulator has no warp lockstep, so the twin reserves per row.)"""
+        last = cuda.shared.array(1, int32)
+        t = cuda.threadIdx.x
+        j = cuda.blockIdx.x * threads + t
+        while j < pkeys.size:
+            k = pkeys[j]
+            pj = prows[j] if has_p else j
+            cnt, first = linear_walk(words, k, nb, slots, shift, epoch, False, 0, pj, brows, has_b, out_b, out_p, 0)
+            if cnt > 0:
+                at = cuda.atomic.add(state, 5, cnt)
+                if capacity > 0 and at < capacity:
+                    linear_walk(words, k, nb, slots, shift, epoch, True, at, pj, brows, has_b, out_b, out_p,
+                                capacity)
+            j += cuda.gridDim.x * threads
+        cuda.syncthreads()
+        if t == 0:
+            cuda.threadfence()
+            ticket = cuda.atomic.add(state, 6, 1)
+            last[0] = 1 if ticket == cuda.gridDim.x - 1 else 0
+        cuda.syncthreads()
+        if last[0] == 1 and t == 0:
+            cuda.threadfence()
+            total = cuda.atomic.exch(state, 5, 0)
+            state[6] = 0
+            state[0] = total
+
+    return {"build": hash_build_nb, "count": hash_count_nb, "write": hash_write_nb, "lbuild": linear_build_nb,
+            "lprobe": linear_probe_nb}
 
 
 _KERNELS: dict[tuple[int, int], dict[str, Any]] = {}
@@ -277,9 +378,10 @@ def as_numba(t: torch.Tensor) -> Any:
 
 
 class HashJoinNumba(HashJoinBase):
-    """The hash join in numba-cuda (split scheme only; the CPU twin of ``HashJoinCuda``)."""
+    """The hash join in numba-cuda (split and linear64 schemes; the CPU twin of ``HashJoinCuda``)."""
 
     name = "hash-numba"
+    linear_available = True
 
     def __init__(self, config: HashConfig = HashConfig()) -> None:
         super().__init__(config)
@@ -304,7 +406,28 @@ class HashJoinNumba(HashJoinBase):
         return (self._nb(built.table), lay.buckets, lay.slots, lay.shift, built.epoch,
                 int(built.table.dtype == torch.int64))
 
+    def _linear_args(self, built: Built) -> tuple:
+        lay = built.layout
+        return (self._nb(built.table.view(torch.int64)), lay.buckets, lay.slots, lay.shift, built.epoch)
+
+    def _launch_probe(self, keys: torch.Tensor, built: Built, rows: torch.Tensor | None, out_b: torch.Tensor | None,
+                      out_p: torch.Tensor | None, capacity: int, state: torch.Tensor) -> None:
+        rdt = out_b.dtype if out_b is not None else built.row_dtype
+        dummy = self.ws.get("no_rows", 1, rdt, keys.device)
+        br = built.rows
+        grid = min(math.ceil(keys.numel() / self.config.threads), MAX_GRID)
+        kernels(self.config)["lprobe"][grid, self.config.threads](
+            as_numba(keys), *self._linear_args(built), as_numba(br if br is not None else dummy), int(br is not None),
+            as_numba(rows if rows is not None else dummy), int(rows is not None),
+            as_numba(out_b if out_b is not None else dummy), as_numba(out_p if out_p is not None else dummy),
+            capacity, self._nb(state))
+
     def _launch_build(self, keys: torch.Tensor, built: Built, state: torch.Tensor) -> None:
+        if self._linear(keys.dtype):
+            grid = min(math.ceil(keys.numel() / self.config.threads), MAX_GRID)
+            kernels(self.config)["lbuild"][grid, self.config.threads](as_numba(keys), *self._linear_args(built),
+                                                                      self._nb(state))
+            return
         grid = min(math.ceil(keys.numel() / self.config.tile), MAX_GRID)
         kernels(self.config)["build"][grid, self.config.threads](as_numba(keys), *self._table_args(built),
                                                                  self._nb(state))

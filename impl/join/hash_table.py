@@ -11,6 +11,10 @@ Per join (``HashJoinBase.__call__``): build, count (+ the last block's scan of t
 total), write into speculative outputs of ``n_probe`` pairs (enough whenever build keys are unique), then ONE host
 sync reads the total; if it exceeds the speculative capacity (many-to-many), the write runs again exact-size after
 the output is checked to fit in memory. The fused scheme does build/count/write in one cooperative launch.
+The linear64 scheme (int32 keys, backends with ``linear_available``) keeps the same table memory and epochs but
+probes linearly (a bucket's slots, then the next bucket) and needs no heads or counts: its probe kernel counts and
+writes in one pass, so a join is build + probe (+ the probe again, exact-size, when the output overflows the
+speculative buffer); its probe phase counts only.
 The three phases are also exposed one by one (``build``/``probe``/``materialize``) for the per-phase benches.
 """
 from __future__ import annotations
@@ -28,7 +32,7 @@ from impl.join.common import JoinResult, Workspace, check_inputs, check_output_f
 
 HEAD_NONE, HEAD_MANY = -1, -2
 STEP_SALT = 0x9E3779B9
-SCHEMES = ("fused", "split")
+SCHEMES = ("fused", "split", "linear64", "linear64-fused")
 CLEARS = ("epoch", "memset")
 READBACKS = ("pinned", "item")
 BARRIER_TIMEOUT_NS = 2_000_000_000
@@ -47,7 +51,10 @@ class HashConfig:
     threads: int = 256        # threads per block (a power of two)
     items: int = 4            # probe (and build) rows per thread in flight
     bucket_bytes: int = 32    # one 32-byte sector per bucket, or 64
-    scheme: str = "split"     # fused: one cooperative launch; split: build, count, write kernels
+    scheme: str = "split"     # fused: one cooperative launch; split: build, count, write kernels; linear64 (CUDA
+                              # C++, int32 keys; other keys run split): packed 64-bit slots, linear probing, build +
+                              # one probe kernel that counts and writes (``hash_join.cu``); linear64-fused: the
+                              # two in one cooperative launch (C++ only; the numba twin runs linear64)
     clear: str = "epoch"      # epoch: no clear per join; memset: zero the table before every build
     readback: str = "pinned"  # pinned: the kernel writes the total into pinned host memory; item: tensor.item()
     min_blocks: int = 1       # __launch_bounds__ minimum resident blocks per SM (caps registers)
@@ -190,6 +197,7 @@ class HashJoinBase:
 
     name = "hash"
     fused_available = False
+    linear_available = False  # the backend has the linear64 kernels (lbuild, lprobe)
 
     def __init__(self, config: HashConfig = HashConfig()) -> None:
         self.config = config
@@ -214,6 +222,20 @@ class HashJoinBase:
     def _launch_fused(self, bkeys: torch.Tensor, built: Built, probed: Probed, out_b: torch.Tensor,
                       out_p: torch.Tensor, capacity: int, state: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def _launch_probe(self, keys: torch.Tensor, built: Built, rows: torch.Tensor | None, out_b: torch.Tensor | None,
+                      out_p: torch.Tensor | None, capacity: int, state: torch.Tensor) -> None:
+        """linear64: count every probe row's matches and write the pairs at offsets < capacity (0: count only)."""
+        raise NotImplementedError
+
+    def _launch_linear_fused(self, bkeys: torch.Tensor, built: Built, keys: torch.Tensor, rows: torch.Tensor | None,
+                             out_b: torch.Tensor, out_p: torch.Tensor, capacity: int, state: torch.Tensor) -> None:
+        """linear64-fused: build and probe (counting and writing) in one launch."""
+        raise NotImplementedError
+
+    def _linear(self, key_dtype: torch.dtype) -> bool:
+        """Whether joins on these keys use the linear64 kernels (int32 keys of a backend that has them)."""
+        return self.config.scheme.startswith("linear64") and self.linear_available and key_dtype == torch.int32
 
     def _check_device(self, t: torch.Tensor) -> None:
         """Refuse tensors the backend cannot read (the CUDA join needs CUDA tensors)."""
@@ -279,6 +301,8 @@ class HashJoinBase:
 
     def probe(self, built: Built, keys: torch.Tensor, rows: torch.Tensor | None) -> Probed:
         self._check_device(keys)
+        if self._linear(keys.dtype):
+            return self._linear_probe(built, keys, rows)
         probed = self._probe_state(built, keys, rows)
         if keys.numel():
             state = self._state(keys.device)
@@ -291,9 +315,28 @@ class HashJoinBase:
     def materialize(self, probed: Probed, out_build: torch.Tensor, out_probe: torch.Tensor) -> None:
         if probed.built.stamp != self.stamp:
             raise RuntimeError(f"{self.name}: this probe state is stale (the operator has built another table since)")
-        if probed.keys.numel():
+        if probed.keys.numel() and self._linear(probed.keys.dtype):
+            self._launch_probe(probed.keys, probed.built, probed.rows, out_build, out_probe, out_build.numel(),
+                               self._state(probed.keys.device))
+            self.launches += 1
+        elif probed.keys.numel():
             self._launch_write(probed, out_build, out_probe, out_build.numel())
             self.launches += 1
+
+    def _linear_probe(self, built: Built, keys: torch.Tensor, rows: torch.Tensor | None) -> Probed:
+        """linear64's probe phase: the probe kernel counting only (no heads: the materialize phase looks up again)."""
+        if built.stamp != self.stamp:
+            raise RuntimeError(f"{self.name}: this build state is stale (the operator has built another table since)")
+        dev = keys.device
+        none = self.ws.get("linear_none", 0, torch.int64, dev)
+        probed = Probed(built, keys, rows, self.ws.get("linear_heads", 0, torch.int32, dev), none, none, 0)
+        if keys.numel():
+            state = self._state(dev)
+            self._arm()
+            self._launch_probe(keys, built, rows, None, None, 0, state)
+            self.launches += 1
+            probed.total = self._read_total(state, self._mark())
+        return probed
 
     def __call__(self, build_keys: Any, probe_keys: Any, build_rows: Any = None, probe_rows: Any = None, *,
                  timed: bool = False) -> JoinResult:
@@ -317,6 +360,24 @@ class HashJoinBase:
             return JoinResult(ob, op)
         state = self._state(dev)
         self._arm()
+        if self._linear(pk.dtype):
+            if self.config.scheme == "linear64-fused" and self.fused_available:
+                table, layout = self._prepare_table(bk.numel(), bk.dtype, dev)
+                self.stamp += 1
+                built = Built(table, layout, self.epoch, br, rdt, bk.numel(), self.stamp)
+                self._launch_linear_fused(bk, built, pk, pr, ob, op, n, state)
+            else:
+                built = self.build(bk, br)
+                self._launch_probe(pk, built, pr, ob, op, n, state)
+            self.launches += 1
+            total = self._read_total(state, self._mark())
+            if total > n:  # many-to-many: the probe runs again into exact-size outputs (no more syncs)
+                check_output_fits(total, rdt, dev)
+                ob, op = torch.empty(total, dtype=rdt, device=dev), torch.empty(total, dtype=rdt, device=dev)
+                self._launch_probe(pk, built, pr, ob, op, total, state)
+                self.launches += 1
+                return JoinResult(ob, op)
+            return JoinResult(ob[:total], op[:total])
         if self.config.scheme == "fused" and self.fused_available:
             table, layout = self._prepare_table(bk.numel(), bk.dtype, dev)
             self.stamp += 1

@@ -30,6 +30,7 @@ EXTRA_METRICS = ("lts__t_sector_hit_rate.pct", "launch__registers_per_thread",
 OWN_KERNELS = {  # substring of the kernel name -> join (numba names are mangled but keep the function name)
     "hash_build_nb": "hash_numba", "hash_count_nb": "hash_numba", "hash_write_nb": "hash_numba",
     "join_build_": "hash_cuda", "join_count_": "hash_cuda", "join_write_": "hash_cuda", "join_fused_": "hash_cuda",
+    "join_lbuild_": "hash_cuda", "join_lprobe_": "hash_cuda",
     "tc_partition_hist": "tc_triton", "tc_partition_scatter": "tc_triton", "tc_join_pass": "tc_triton"}
 IMPL_OF_KEY = {"hash_numba": "hash-numba", "hash_cuda": "hash-cuda", "tc_triton": "tc-triton"}
 NCU_TIMEOUT_S = 110

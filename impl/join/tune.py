@@ -43,14 +43,24 @@ from impl.join.hash_table import HashConfig
 
 BASE = HashConfig(scheme="fused", items=8)  # the sweep's reference point: each label names its differences
 VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the budget may cut the tail
+    ("split-items4", {"scheme": "split", "items": 4}),  # HashConfig's default
+    ("linear64", {"scheme": "linear64", "items": 4}),  # int32 keys; int64 keys run split-items4's kernels
+    ("linear64-fused", {"scheme": "linear64-fused", "items": 4}),  # lbuild | grid barrier | lprobe, one launch
+    ("linear64-t128", {"scheme": "linear64", "items": 4, "threads": 128}),
+    ("linear64-t512", {"scheme": "linear64", "items": 4, "threads": 512}),
+    ("linear64-lf0.35", {"scheme": "linear64", "items": 4, "load_factor": 0.35}),
+    ("linear64-lf0.7", {"scheme": "linear64", "items": 4, "load_factor": 0.7}),
+    ("linear64-memset", {"scheme": "linear64", "items": 4, "clear": "memset"}),
+    ("linear64-bucket64", {"scheme": "linear64", "items": 4, "bucket_bytes": 64}),
+    ("linear64-item-readback", {"scheme": "linear64", "items": 4, "readback": "item"}),
+    ("linear64-exact-2sync", {"scheme": "linear64", "items": 4, "_exact": True}),
+    ("split-items4-reconverge", {"scheme": "split", "items": 4, "reconverge": True}),
     ("fused", {}),
     ("split", {"scheme": "split"}),
+    ("fused-reconverge", {"reconverge": True}),
+    ("fused-items4", {"items": 4}),
     ("fused-memset", {"clear": "memset"}),
     ("fused-lf0.7", {"load_factor": 0.7}),
-    ("fused-items4", {"items": 4}),
-    ("split-items4", {"scheme": "split", "items": 4}),
-    ("split-items4-reconverge", {"scheme": "split", "items": 4, "reconverge": True}),
-    ("fused-reconverge", {"reconverge": True}),
     ("fused-item-readback", {"readback": "item"}),
     ("split-exact-2sync", {"scheme": "split", "_exact": True}),
     ("fused-bucket64", {"bucket_bytes": 64}),
@@ -58,7 +68,7 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
     ("fused-items16", {"items": 16}),
     ("fused-t512-items4", {"threads": 512, "items": 4}),
 ]
-DETAIL = 2  # the first DETAIL variants are also timed on every case and phase by phase
+DETAIL = 3  # the first DETAIL variants are also timed on every case and phase by phase
 COMPILE_S = 8.0  # budget charge for a variant that needs new kernel modules (int32 and int64 keys)
 CASES_1M = ("uniform", "zipf", "m2m", "highbits")
 TC_VARIANTS: list[tuple[str, dict[str, Any]]] = [  # TCConfig overrides, most informative first (bucket sizes
