@@ -146,7 +146,8 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
         assert t.before(touched[r], down), f"region {r} may be downloaded before its last pass"
         (up,) = t.find("h2d", lo)
         assert not any(t.before(j, up) for j, op in enumerate(t.ops) if op[1] == "pass"), "an upload waits for a kernel"
-    assert all(op[0] == "in" for op in t.ops if op[1] == "h2d") and all(op[0] == "out" for op in t.ops if op[1] == "d2h")
+    assert all(op[0] == "in" for op in t.ops if op[1] == "h2d")
+    assert all(op[0] == "out" for op in t.ops if op[1] == "d2h")
     assert size * (len(regions) - 1) < n <= size * len(regions)
 
 
