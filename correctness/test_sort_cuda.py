@@ -26,7 +26,7 @@ from impl.sort.cuda_sort import CudaSorter, emulated_runtime
 from impl.sort.keys import SUPPORTED_DTYPES
 from impl.sort.pipeline import HostSortPipeline, PipelineConfig
 from impl.sort.plan import (EMU_CUDA_CONFIG, GPU_CUDA_CONFIG, MODES, CudaSortConfig, build_cuda_plan,
-                            padded_bits)
+                            pad_index, padded_bits)
 from impl.sort.reference import argsort_reference, is_permutation, sort_reference
 from impl.sort.runtimes import EmulatedRuntime, cupy_unavailable_reason
 from impl.sort.twin import check_plan, sort_twin
@@ -72,6 +72,43 @@ def test_pass_counts_of_the_design_point():
     plan = build_cuda_plan(10_000_000, "keys32")
     assert plan.tile == 1 << 15 and plan.threads == 512 and plan.passes[-1].contiguous
     assert GPU_CUDA_CONFIG.smem_bytes("keys32") <= 232448 and GPU_CUDA_CONFIG.smem_bytes("pairs") <= 232448
+
+
+def _bank_degree(layout, wide: bool) -> int:
+    """Worst shared-memory bank conflict degree of one layout's exchange accesses (one warp, every register):
+    4-byte slots: the 32 lanes' words; 8-byte slots (the 8-byte array of 12-byte ones too): each half-warp's 16
+    lanes x 2 words (a 64-bit access is served per half-warp). 1 = conflict-free."""
+    from collections import Counter
+
+    def slot(lane: int, reg: int) -> int:
+        bits = [(reg >> k) & 1 for k in range(len(layout.regs))] + [(lane >> k) & 1 for k in range(5)]
+        return sum(b << c for b, c in zip(bits, layout.regs + layout.lanes))
+
+    worst = 1
+    for reg in range(1 << len(layout.regs)):
+        for group in ((range(16), range(16, 32)) if wide else (range(32),)):
+            banks = Counter()
+            for lane in group:
+                w = pad_index(slot(lane, reg))
+                banks.update([(2 * w) % 32, (2 * w + 1) % 32] if wide else [w % 32])
+            worst = max(worst, max(banks.values()))
+    return worst
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("n", [10_000_000, 100_000_000])
+def test_shared_exchanges_are_bank_conflict_free(mode, n):
+    """Every layout of every pass (what the exchanges store and load) hits each bank once per wavefront wherever the
+    coordinates left to lanes allow it (lanes of distinct residues mod 5; 8-byte slots: residues 0..3 on the
+    half-warp's lane bits), and at most twice where the registers hold every coordinate of a residue."""
+    wide = MODES[mode] > 4
+    need = {0, 1, 2, 3} if wide else {0, 1, 2, 3, 4}
+    for config in (CudaSortConfig(13, 5, 5), CudaSortConfig(14, 5, 5), CudaSortConfig(14, 6, 5),
+                   CudaSortConfig(15, 6, 5), CudaSortConfig(13, 5, 5, merge_items_bits=4)):
+        layouts = {r.layout for p in build_cuda_plan(n, mode, config).passes for r in p.rounds}
+        for lay in layouts:
+            best = 1 if need <= {c % 5 for c in lay.lanes + lay.warps} else 2
+            assert _bank_degree(lay, wide) <= best, f"{mode} {config}: lanes {lay.lanes} (registers {lay.regs})"
 
 
 def test_config_rejects_impossible_shapes():

@@ -14,6 +14,7 @@ from impl.sort.bitonic import BitonicSorter, SortGraph
 from impl.sort.keys import SUPPORTED_DTYPES
 from impl.sort.network import default_config
 from impl.sort.pipeline import NAIVE, HostSortPipeline, PipelineConfig
+from impl.sort.plan import EMU_CUDA_CONFIG
 from impl.sort.reference import argsort_reference, sort_reference
 
 
@@ -60,6 +61,142 @@ def test_pipeline_rejects_what_it_cannot_sort():
         HostSortPipeline(64, np.int32, config=default_config("global"))
     with pytest.raises(ValueError, match="chunks"):
         PipelineConfig(chunks=0)
+
+
+class _Timeline:
+    """Records what the pipeline enqueues, per stream, and answers 'must a finish before b starts?' (stream order
+    plus event waits), the device's only ordering guarantees."""
+
+    def __init__(self, pipe: HostSortPipeline) -> None:
+        self.pipe, self.ops, self.last = pipe, [], {}  # op: (stream, kind, detail, deps)
+        self.k = pipe.region_bits
+
+    def add(self, stream, kind, detail, extra=()) -> int:
+        deps = set(extra) | ({self.last[stream]} if stream in self.last else set())
+        self.ops.append((stream, kind, detail, deps))
+        self.last[stream] = len(self.ops) - 1
+        return len(self.ops) - 1
+
+    def record(self, stream):
+        timeline, at = self, self.last.get(stream)
+
+        class Event:
+            def wait(self, other) -> None:
+                if at is not None:
+                    timeline.add(other, "wait", None, {at})
+        return Event()
+
+    def launch(self, i, src, out, *, descending=False, stream=None, first_block=0, blocks=None) -> None:
+        bits = self.pipe.sorter.block_bits(i)
+        region = None if blocks is None else first_block >> (self.k - bits)
+        self.add(stream, "pass", (i, region))
+
+    def before(self, a: int, b: int) -> bool:
+        seen, todo = set(), [b]
+        while todo:
+            for d in self.ops[todo.pop()][3]:
+                if d == a:
+                    return True
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return False
+
+    def find(self, kind, detail) -> list[int]:
+        return [j for j, op in enumerate(self.ops) if op[1] == kind and op[2] == detail]
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 4])
+def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monkeypatch, chunks):
+    """On separate streams: each pass after the uploads and the previous pass of every region it touches, each
+    download after the last pass on its region; and no upload waits for a kernel (the copy engine never idles
+    behind the host's or the device's work), which the graph replay relies on for its overlap."""
+    import impl.sort.pipeline as pipeline_module
+
+    n = 3000
+    pipe = HostSortPipeline(n, np.float32, argsort=True, config=EMU_CUDA_CONFIG,
+                            pipeline=PipelineConfig(chunks=chunks))
+    t = _Timeline(pipe)
+    pipe.roles = ("in", "compute", "out")
+    monkeypatch.setattr(pipeline_module, "_record", t.record)
+    monkeypatch.setattr(pipe, "_upload", lambda lo, hi, s: t.add(s, "h2d", lo))
+    monkeypatch.setattr(pipe, "_download", lambda lo, hi, s: t.add(s, "d2h", lo))
+    monkeypatch.setattr(pipe.sorter, "launch_pass", t.launch)
+    pipe._enqueue(False, None)
+    regions = [lo for lo, _ in pipe.chunk_bounds()]
+    assert len(regions) == min(chunks, 3)
+    size = 1 << t.k
+    touched = {}  # region index -> op index of the last pass on it
+    ran = {r: [] for r in range(len(regions))}  # region -> the passes run on it, in enqueue order
+    for j, (_, kind, detail, _) in enumerate(t.ops):
+        if kind != "pass":
+            continue
+        i, region = detail
+        on = range(len(regions)) if region is None else [region]
+        for r in on:
+            (up,) = t.find("h2d", regions[r])
+            assert t.before(up, j), f"pass {i} may start before region {r} is uploaded"
+            if r in touched:
+                assert t.before(touched[r], j), f"pass {i} on region {r} may overlap the previous pass there"
+            touched[r] = j
+            ran[r].append(i)
+    assert all(done == list(range(pipe.passes)) for done in ran.values()), "a region misses a pass or runs one twice"
+    for r, lo in enumerate(regions):
+        (down,) = t.find("d2h", lo)
+        assert t.before(touched[r], down), f"region {r} may be downloaded before its last pass"
+        (up,) = t.find("h2d", lo)
+        assert not any(t.before(j, up) for j, op in enumerate(t.ops) if op[1] == "pass"), "an upload waits for a kernel"
+    assert all(op[0] == "in" for op in t.ops if op[1] == "h2d")
+    assert all(op[0] == "out" for op in t.ops if op[1] == "d2h")
+    assert size * (len(regions) - 1) < n <= size * len(regions)
+
+
+def test_staged_pipeline_replays_what_it_captured(monkeypatch):
+    """The capture path (fork the compute and copy-out streams from the copy-in stream, enqueue, join them back) with
+    a stand-in graph that replays the captured calls; on a GPU the driver records them instead."""
+    import impl.sort.pipeline as pipeline_module
+
+    class Replay:
+        def __init__(self, stream, enqueue, *, keep=(), relaxed=False):
+            assert relaxed and stream is pipe.roles[0]
+            self.enqueue, self.calls = enqueue, 0
+
+        def __call__(self, stream=0):
+            self.calls += 1
+            self.enqueue()
+
+    monkeypatch.setattr(pipeline_module, "StreamGraph", Replay)
+    n = 2500
+    pipe = HostSortPipeline(n, np.float32, config=EMU_CUDA_CONFIG, pipeline=PipelineConfig(chunks=4))
+    pipe._capture(False)
+    assert pipe.graphed and pipe.graph_error is None
+    for seed in range(2):
+        x = make_array(n, "float32", "nasty", seed=seed)
+        pipe.stage_in[:] = x
+        got, ref = pipe.sort_staged(), sort_reference(x)
+        assert ((got == ref) | (np.isnan(got) & np.isnan(ref))).all()
+    assert pipe._graphs[False].calls == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("argsort_", [False, True], ids=["keys", "argsort"])
+def test_staged_pipeline_graph_replays_match_numpy(argsort_):
+    """sort_staged: first call launch by launch, later calls one graph replay; each on fresh keys, output poisoned."""
+    n = 3_000_017
+    pipe = HostSortPipeline(n, np.float32, argsort=argsort_)
+    for seed in range(3):
+        x = make_array(n, "float32", "nasty", seed=seed)
+        pipe.stage_in[:] = x
+        if argsort_:
+            pipe.stage_out[:] = -1
+        got = pipe.sort_staged()
+        assert pipe.graph_error is None
+        assert pipe.graphed == (seed > 0)
+        if argsort_:
+            assert np.array_equal(got, argsort_reference(x))
+        else:
+            ref = sort_reference(x)
+            assert ((got == ref) | (np.isnan(got) & np.isnan(ref))).all()
 
 
 def test_graph_replay_needs_a_gpu_and_says_so():

@@ -150,35 +150,31 @@ class BitonicSorter:
         self.launch_one(self.launches[i], s, o, self.encode_params(descending), stream or 0, first_block, blocks)
 
 
-class SortGraph:
-    """All passes of ``sorter(d_src, d_out, descending)`` captured once as a CUDA graph; ``graph(stream)`` replays them
-    with one launch instead of one numba launch (~18 µs of host time each) per pass.
+class StreamGraph:
+    """The work ``enqueue()`` puts on numba stream ``stream`` (and on the streams it forks from it through events, all
+    joined back before it returns) captured once as a CUDA graph; ``graph(stream)`` replays it with one launch.
 
-    The buffers and the direction are baked in. Capture runs on a private stream after a warm-up call has compiled
-    and loaded every kernel (module loading is not allowed while capturing). Needs a GPU and ``cuda.bindings``.
-    """
+    Every kernel must have been loaded before (module loading is not allowed while capturing), and the buffers the
+    work touches must outlive the graph (``keep`` holds them). Needs a GPU and ``cuda.bindings``."""
 
-    def __init__(self, sorter: BitonicSorter, d_src, d_out, *, descending: bool = False) -> None:
+    def __init__(self, stream, enqueue, *, keep=(), relaxed: bool = False) -> None:
         from numba import config as numba_config
 
         if numba_config.ENABLE_CUDASIM:
             raise NotImplementedError("CUDA graphs need a GPU; the simulator launches kernels one by one")
         from cuda.bindings import driver as drv
 
-        self._drv, self._keep = drv, (sorter, d_src, d_out)  # the graph holds raw pointers into these
-        sorter(d_src, d_out, descending=descending)
-        cuda.synchronize()
-        stream = cuda.stream()
+        self._drv, self._keep, self._graph, self._exec = drv, keep, None, None
+        modes = drv.CUstreamCaptureMode
+        mode = modes.CU_STREAM_CAPTURE_MODE_RELAXED if relaxed else modes.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
         handle = drv.CUstream(int(stream.handle))
-        check_cuda(drv.cuStreamBeginCapture(handle, drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
-                   "cuStreamBeginCapture")
+        check_cuda(drv.cuStreamBeginCapture(handle, mode), "cuStreamBeginCapture")
         try:
-            sorter(d_src, d_out, descending=descending, stream=stream)
+            enqueue()
         finally:
             (graph,) = check_cuda(drv.cuStreamEndCapture(handle), "cuStreamEndCapture")  # always leave capture mode
         self._graph = graph
         (self._exec,) = check_cuda(drv.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
-        self.nodes = len(sorter.launches)
 
     def __call__(self, stream=0) -> None:
         handle = int(stream.handle) if hasattr(stream, "handle") else int(stream)
@@ -192,6 +188,30 @@ class SortGraph:
                 drv.cuGraphDestroy(self._graph)
             except Exception:  # interpreter shutdown: the driver module may already be gone
                 pass
+
+
+class SortGraph:
+    """All passes of ``sorter(d_src, d_out, descending)`` captured once as a CUDA graph; ``graph(stream)`` replays them
+    with one launch instead of one numba launch (~18 µs of host time each) per pass.
+
+    The buffers and the direction are baked in. Capture runs on a private stream after a warm-up call has compiled
+    and loaded every kernel. Needs a GPU and ``cuda.bindings``.
+    """
+
+    def __init__(self, sorter: BitonicSorter, d_src, d_out, *, descending: bool = False) -> None:
+        from numba import config as numba_config
+
+        if numba_config.ENABLE_CUDASIM:
+            raise NotImplementedError("CUDA graphs need a GPU; the simulator launches kernels one by one")
+        sorter(d_src, d_out, descending=descending)
+        cuda.synchronize()
+        stream = cuda.stream()
+        self._replay = StreamGraph(stream, lambda: sorter(d_src, d_out, descending=descending, stream=stream),
+                                   keep=(sorter, d_src, d_out))
+        self.nodes = len(sorter.launches)
+
+    def __call__(self, stream=0) -> None:
+        self._replay(stream)
 
 
 def _unsigned_view(d, fmt: KeyFormat):

@@ -220,11 +220,26 @@ class PassSpec:
 
 # ---- rounds and layouts -----------------------------------------------------------------------------------------
 
-def _pick_lanes(free: list[int]) -> tuple[int, ...]:
+def _pick_lanes(free: list[int], wide: bool = False) -> tuple[int, ...]:
     """5 lane coordinates from ``free``: 0..4 when all are free (coalesced), else distinct residues mod 5 (no bank
-    conflicts), else any."""
+    conflicts), else any.
+
+    ``pad_index`` puts coordinate c on bank 2^(c mod 5) of 4-byte words. 8-byte slots (``wide``) are served per
+    half-warp, and a slot spans two banks, so a coordinate of residue 4 lands on the same bank pair as residue 0
+    (2 x 16 = 32 = 0 mod 32): lane bits 0..3 (one half-warp) take residues 0..3, one each, and lane bit 4 (which
+    half) takes residue 4 where free (its 4-byte words, as in the value array of 12-byte slots, then stay
+    conflict-free too), else any coordinate."""
     if all(c in free for c in LANES0):
         return LANES0
+    if wide:
+        half: list[int] = []
+        for c in free:
+            if len(half) < LANE_BITS - 1 and c % 5 != 4 and all(c % 5 != x % 5 for x in half):
+                half.append(c)
+        rest = [c for c in free if c not in half]
+        if len(half) == LANE_BITS - 1 and rest:
+            top = next((c for c in rest if c % 5 == 4), rest[0])
+            return tuple(sorted(half)) + (top,)
     lanes: list[int] = []
     for c in free:
         if len(lanes) < LANE_BITS and all(c % 5 != x % 5 for x in lanes):
@@ -235,9 +250,9 @@ def _pick_lanes(free: list[int]) -> tuple[int, ...]:
     return tuple(sorted(lanes))
 
 
-def _layout(t: int, e: int, regs: list[int], lanes: tuple[int, ...] | None = None) -> Layout:
+def _layout(t: int, e: int, regs: list[int], lanes: tuple[int, ...] | None = None, wide: bool = False) -> Layout:
     rest = [c for c in range(t) if c not in regs]
-    lanes = _pick_lanes(rest) if lanes is None else lanes
+    lanes = _pick_lanes(rest, wide) if lanes is None else lanes
     return Layout(tuple(regs), tuple(lanes), tuple(c for c in rest if c not in lanes))
 
 
@@ -269,9 +284,10 @@ def _upcoming(ops: list[Op], start: int, e: int, exclude: tuple[int, ...] = ()) 
     return regs
 
 
-def plan_rounds(t: int, e: int, ops: list[Op], f: int) -> tuple[Round, ...]:
+def plan_rounds(t: int, e: int, ops: list[Op], f: int, wide: bool = False) -> tuple[Round, ...]:
     """Greedy rounds: each layout's registers are the next e distinct step coordinates; a round runs steps while
-    their coordinate is a register. Load and store layouts have lanes 0..4 and (if any) f in the registers."""
+    their coordinate is a register. Load and store layouts have lanes 0..4 and (if any) f in the registers.
+    ``wide``: slots of 8 bytes or more (lane choice, see ``_pick_lanes``)."""
     must = [f] if f >= 0 else []
     regs = _fill(list(dict.fromkeys(must + _upcoming(ops, 0, e, LANES0)))[:e], e, t, LANES0)
     layout = _layout(t, e, regs, LANES0)
@@ -288,7 +304,7 @@ def plan_rounds(t: int, e: int, ops: list[Op], f: int) -> tuple[Round, ...]:
         regs = _upcoming(ops, i, e)
         if f >= 0 and f not in regs and len(regs) < e:
             regs.append(f)  # helps the last round double as the store layout
-        layout = _layout(t, e, _fill(regs, e, t, LANES0))
+        layout = _layout(t, e, _fill(regs, e, t, LANES0), wide=wide)
         cur = []
     rounds.append(Round(layout, tuple(cur)))
     last = rounds[-1].layout
@@ -297,17 +313,17 @@ def plan_rounds(t: int, e: int, ops: list[Op], f: int) -> tuple[Round, ...]:
     return tuple(rounds)
 
 
-def tile_pass(t: int, e: int) -> PassSpec:
+def tile_pass(t: int, e: int, wide: bool = False) -> PassSpec:
     """Pass 0: stages 1..t of the standard-form network on each tile, complemented where bit L of the slot is set."""
     ops: list[Op] = []
     for L in range(1, t + 1):
         ops.append(Op("xor", L - 1 if L >= 2 else -1, L if L < t else -1))
         ops += [Op("step", p) for p in range(L - 1, -1, -1)]
     basis = tuple(1 << i for i in range(t))
-    return PassSpec("tile", t, e, basis, -1, plan_rounds(t, e, ops, -1))
+    return PassSpec("tile", t, e, basis, -1, plan_rounds(t, e, ops, -1, wide))
 
 
-def coset_pass(masks: list[int], t: int, e: int, logn: int) -> PassSpec:
+def coset_pass(masks: list[int], t: int, e: int, logn: int, wide: bool = False) -> PassSpec:
     """A merge pass performing ``masks`` (consecutive flip-form steps, distinct pivots) on cosets of t dimensions."""
     piv = {log2(m): m for m in masks}
     if len(piv) != len(masks):
@@ -325,7 +341,7 @@ def coset_pass(masks: list[int], t: int, e: int, logn: int) -> PassSpec:
     f = flips[0] if flips else -1
     coord = {b: i for i, b in enumerate(basis)}
     ops = [Op("flip" if coord[m] == f else "step", coord[m]) for m in masks]
-    return PassSpec("coset", t, e, basis, f, plan_rounds(t, e, ops, f), tuple(masks))
+    return PassSpec("coset", t, e, basis, f, plan_rounds(t, e, ops, f, wide), tuple(masks))
 
 
 # ---- the whole sort ---------------------------------------------------------------------------------------------
@@ -399,9 +415,10 @@ def build_cuda_plan(n: int, mode: str, config: CudaSortConfig = GPU_CUDA_CONFIG)
     t, e = config.shape(mode)
     _, em = config.shape(mode, merge=True)
     logn = padded_bits(n)
-    passes = [tile_pass(t, e)]
+    wide = MODES[mode] > 4
+    passes = [tile_pass(t, e, wide)]
     for masks in (merge_segments(t, logn, config.run_bits, config.fuse) if logn > t else []):
-        passes.append(coset_pass(masks, t, em, logn))
+        passes.append(coset_pass(masks, t, em, logn, wide))
     passes[0] = passes[0].with_flags(encode=True)
     passes[-1] = passes[-1].with_flags(decode=True)
     return CudaPlan(n, mode, config, logn, tuple(passes))

@@ -170,6 +170,20 @@ def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4
             rows.append({"n": n, "label": label, "ms": ms, "chunks": len(pipe.chunk_bounds()),
                          "keys_per_s": n / ms * 1e3})
             log(f"pipeline n={n:>11,} {label:18s}: {ms:.3f} ms")
+        for c in chunks:  # keys already in the pinned buffer (the host-to-host target's figure): graph replays
+            pipe = HostSortPipeline(n, np.float32, pipeline=PipelineConfig(chunks=c))
+            pipe.stage_in[:] = x
+            pipe.sort_staged()  # launch by launch; captures the graph the timed calls replay
+            ms = time_fn(lambda: pipe.sort_staged(), warmup=warmup_for(reps), reps=reps, flush=False,
+                         setup=lambda: pipe.stage_in.__setitem__(slice(None), x)).median_ms
+            if not np.array_equal(pipe.stage_out[:n], expected):
+                raise AssertionError(f"staged pipeline chunks={c} at n={n}: keys differ from numpy.sort")
+            label = f"staged_chunks={c}"
+            rows.append({"n": n, "label": label, "ms": ms, "chunks": len(pipe.chunk_bounds()),
+                         "keys_per_s": n / ms * 1e3, "graph": pipe.graphed, "graph_error": pipe.graph_error,
+                         "schedule": [len(r) for r in pipe.schedule()]})
+            log(f"pipeline n={n:>11,} {label:18s}: {ms:.3f} ms (graph {pipe.graphed}, passes lead/global/trail "
+                f"{'/'.join(str(len(r)) for r in pipe.schedule())})")
     return {"rows": rows}
 
 

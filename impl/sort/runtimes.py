@@ -112,6 +112,7 @@ class CupyRuntime:
         self._fns: dict[str, Any] = {}
         self.compile_s = 0.0
         self.deadline: float | None = None  # time.monotonic() after which no compile starts (tune's budget)
+        self._external: dict[int, Any] = {}
 
     def kernels(self, specs: list[KernelSpec], smem: int) -> dict[str, Any]:
         """Load (cached cubins), compile (nvcc in parallel; NVRTC without nvcc) and configure the kernels."""
@@ -152,7 +153,13 @@ class CupyRuntime:
             handle = getattr(stream.handle, "value", stream.handle)
         else:
             handle = stream
-        return None if not handle else self.cupy.cuda.ExternalStream(int(handle))
+        if not handle:
+            return None
+        handle = int(handle)
+        wrapped = self._external.get(handle)  # one wrapper per handle: a launch costs host time the pipeline waits on
+        if wrapped is None:
+            wrapped = self._external[handle] = self.cupy.cuda.ExternalStream(handle)
+        return wrapped
 
     def launch(self, fn, grid: int, block: int, smem: int, args: tuple, stream=None) -> None:
         s = self.stream_of(stream)
