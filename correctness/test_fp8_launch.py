@@ -162,3 +162,34 @@ def test_tune_writes_a_table_the_kernels_then_take(tmp_path, monkeypatch, spies)
     finally:
         monkeypatch.delenv(launch.ENV)
         launch.use_table(None)
+
+
+def test_resident_programs_follow_the_sm_limits():
+    """Programs an SM holds at once: registers (allocated per warp in units of 256), warps, blocks, shared memory."""
+    assert quant.resident_programs(80, 1024, 8) == 3  # 2560 registers a warp x 8 warps: 3 fit in 65536, not 4
+    assert quant.resident_programs(89, 0, 4) == 5
+    assert quant.resident_programs(73, 0, 4) == 6  # 2336 a warp rounds up to 2560 (unrounded: 7)
+    assert quant.resident_programs(16, 0, 1) == 32  # the block limit
+    assert quant.resident_programs(16, 0, 32) == 2  # the warp limit
+    assert quant.resident_programs(32, 100_000, 4) == 2  # shared memory
+    assert quant.resident_programs(255, 0, 32) == 1  # never 0: a launch always runs
+
+
+def test_persistent_grids_stop_at_the_resident_programs(monkeypatch, spies):
+    """A persistent config asks for per_sm programs an SM; the grid takes no more than fit at once (one wave), and
+    the amax partials / delayed state follow the grid actually launched. Results stay exact."""
+    sms = quant.SIM_SMS
+    x = torch.randn(70, 150, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    cfg = LaunchConfig(8, 32, per_sm=3)
+    monkeypatch.setattr(quant, "_resident", lambda kernel, args, kw: 2)
+    parts = quant.amax_partials(x, cfg)
+    assert spies["amax_partials_kernel"].calls[-1]["grid"] == (2 * sms,) and parts.numel() == 2 * sms
+    assert float(parts.max()) == float(x.abs().max())
+    q, s = quant.quantize(x, "tensor", cfg=LaunchConfig(4, 64, stages=2, per_sm=5), amax_cfg=cfg)
+    assert spies["quant_static_kernel"].calls[-1]["grid"] == (2 * sms,)
+    ref_q, ref_s = R.quantize_reference(x, "tensor")
+    assert torch.equal(q.view(torch.uint8).cpu(), ref_q) and torch.equal(s.cpu(), ref_s)
+    q, s, state = quant.quantize_delayed(x, cfg=LaunchConfig(4, 64, stages=2, per_sm=5))
+    assert state.parts.shape == (2, 2 * sms) and torch.equal(q.view(torch.uint8).cpu(), ref_q)
+    monkeypatch.setattr(quant, "_resident", lambda kernel, args, kw: None)  # not known: per_sm as configured
+    assert quant.amax_partials(x, cfg).numel() == 3 * sms

@@ -34,8 +34,10 @@ def _pow2(v: int) -> bool:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How a kernel is launched: tiles of [bm, bk], ``warps`` warps, ``stages`` software-pipeline stages, and
-    ``per_sm`` programs per SM striding over the tiles (0: one program per tile)."""
+    """How a kernel is launched: tiles of [bm, bk], ``warps`` warps, ``per_sm`` programs per SM striding over the
+    tiles (0: one program per tile; never more than fit on an SM at once), and ``stages``: 2 makes those persistent
+    programs load their next tile before converting the current one (the kernels' own two-stage pipeline; the
+    dequantize, amax and per-tensor/static quantize kernels have it), 1 loads and converts one tile at a time."""
 
     bm: int
     bk: int

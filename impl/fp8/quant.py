@@ -98,7 +98,13 @@ def _launch(kernel, tiles: int, cfg: LaunchConfig, device: torch.device, args: t
 
 
 def _launch_kw(cfg: LaunchConfig) -> dict:
-    return {"num_warps": cfg.warps, "num_stages": cfg.stages}
+    return {"num_warps": cfg.warps, "num_stages": 1}  # the kernels have no loop Triton pipelines: see _prefetch
+
+
+def _prefetch(cfg: LaunchConfig) -> bool:
+    """``stages`` > 1 on a persistent grid: each program loads its next tile before converting the current one (a
+    two-stage software pipeline written in the kernels, so its loads stay in flight during the math and stores)."""
+    return cfg.per_sm > 0 and cfg.stages > 1
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
@@ -177,7 +183,8 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = 
     cfg = cfg or config(dequant_key(group))
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     _launch(K.dequant_kernel, tiles, cfg, q.device, (c2, s, o2, n, k, c2.stride(0), s.stride(0), o2.stride(0)),
-            dict(GN=group.gn, GK=group.gk, FMT=f.code, EMULATE=EMULATE, BM=cfg.bm, BK=cfg.bk))
+            dict(GN=group.gn, GK=group.gk, FMT=f.code, EMULATE=EMULATE, BM=cfg.bm, BK=cfg.bk,
+                 PREFETCH=_prefetch(cfg)))
     return out
 
 
@@ -243,7 +250,8 @@ def _launch_static(x2, s, q2, group: ScaleGroup, cfg: LaunchConfig | None = None
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     _launch(K.quant_static_kernel, tiles, cfg, x2.device,
             (x2, s, q2, s, s, n, k, x2.stride(0), s.stride(0), q2.stride(0), 1),
-            dict(GN=group.gn, GK=group.gk, FROM_PARTS=False, NEXT_PARTS=False, PARTS=1, BM=cfg.bm, BK=cfg.bk, **args))
+            dict(GN=group.gn, GK=group.gk, FROM_PARTS=False, NEXT_PARTS=False, PARTS=1, BM=cfg.bm, BK=cfg.bk,
+                 PREFETCH=_prefetch(cfg), **args))
 
 
 def amax_partials(x2: torch.Tensor, cfg: LaunchConfig | None = None) -> torch.Tensor:
@@ -253,7 +261,7 @@ def amax_partials(x2: torch.Tensor, cfg: LaunchConfig | None = None) -> torch.Te
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     parts = torch.empty(_grid(tiles, cfg, x2.device), dtype=torch.float32, device=x2.device)  # at most this many
     grid = _launch(K.amax_partials_kernel, tiles, cfg, x2.device, (x2, parts, n, k, x2.stride(0)),
-                   dict(BM=cfg.bm, BK=cfg.bk))
+                   dict(BM=cfg.bm, BK=cfg.bk, PREFETCH=_prefetch(cfg)))
     return parts[:grid]
 
 
@@ -263,7 +271,7 @@ def _from_parts(x2, parts, q2, s, nxt, cfg: LaunchConfig, parts_pow2: int, **arg
     n, k = x2.shape
     return ((x2, parts, q2, s, parts if nxt is None else nxt, n, k, x2.stride(0), 0, q2.stride(0), parts.numel()),
             dict(GN=0, GK=0, FROM_PARTS=True, NEXT_PARTS=nxt is not None, PARTS=parts_pow2, BM=cfg.bm, BK=cfg.bk,
-                 **args))
+                 PREFETCH=_prefetch(cfg), **args))
 
 
 def _launch_tensor(x2, q2, s, amax_cfg: LaunchConfig | None = None, cfg: LaunchConfig | None = None,

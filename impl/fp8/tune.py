@@ -43,17 +43,19 @@ GPU_SHAPES = LLAMA3_8B.kernel_matrices()
 CPU_SHAPES = [(64, 256)]
 CHECK_SHAPE = (272, 1040)  # multiples of 16 (the big shapes' specialization) that no tile divides
 
-# kernel key (impl.fp8.launch.KERNELS) -> candidates, most likely winner first (the budget may stop a kernel's list
-# early; its built-in default and the active table's entry are timed before these). Picked from ptxas's register
-# counts for sm_90: more load bytes in flight per SM (elements a thread holds x resident programs), and persistent
-# grids (per_sm) that now stop at the programs resident at once. Last H200 run's ranks inform the order.
+# kernel key (impl.fp8.launch.KERNELS) -> candidates C(bm, bk, warps, stages, per_sm), most likely winner first (the
+# budget may stop a kernel's list early; its built-in default and the active table's entry are timed before these).
+# Chosen from ptxas's sm_90 register counts for more load bytes in flight per SM (elements a thread holds x resident
+# programs): wider tiles at ~3 registers an element, and persistent grids (per_sm: capped at the programs resident at
+# once) whose programs prefetch their next tile (stages 2) so loads stay in flight during the math and stores.
 CANDIDATES: dict[str, list[C]] = {
-    "dequant-tensor": [C(8, 1024, 4), C(16, 1024, 8), C(16, 512, 8), C(4, 512, 4), C(8, 512, 4, 1, 8)],
-    "dequant-channel": [C(8, 1024, 4), C(8, 512, 4), C(8, 1024, 8), C(16, 512, 8), C(4, 1024, 4)],
-    "dequant-block": [C(16, 1024, 8), C(8, 1024, 4), C(4, 1024, 4), C(8, 512, 4), C(16, 512, 8, 1, 8)],
-    "requant-tensor": [C(8, 512, 4, 1, 8), C(4, 512, 4, 1, 16), C(16, 512, 8), C(4, 512, 4)],
-    "amax": [C(8, 512, 4, 1, 8), C(4, 512, 4, 1, 16), C(4, 2048, 8, 1, 4), C(16, 512, 8, 1, 4), C(4, 1024, 4, 1, 8)],
-    "requant-delayed": [C(2, 1024, 4, 1, 16), C(4, 1024, 4, 1, 8), C(8, 512, 4, 1, 8), C(8, 1024, 8, 1, 4)],
+    "dequant-tensor": [C(8, 1024, 4), C(8, 512, 4, 2, 8), C(16, 1024, 8), C(16, 512, 8), C(4, 512, 4)],
+    "dequant-channel": [C(8, 1024, 4), C(8, 512, 4), C(16, 256, 4, 2, 8), C(8, 1024, 8), C(16, 512, 8)],
+    "dequant-block": [C(16, 1024, 8), C(16, 512, 8, 2, 8), C(8, 1024, 4), C(4, 1024, 4), C(8, 512, 4)],
+    "requant-tensor": [C(8, 512, 4, 2, 8), C(4, 512, 4, 2, 16), C(8, 512, 4, 1, 8), C(16, 512, 8), C(4, 512, 4)],
+    "amax": [C(4, 512, 4, 2, 16), C(8, 1024, 8, 2, 4), C(4, 2048, 8, 2, 4), C(8, 512, 4, 1, 8), C(4, 512, 4, 1, 16)],
+    "requant-delayed": [C(4, 512, 4, 2, 8), C(2, 1024, 4, 2, 16), C(2, 1024, 4, 1, 16), C(8, 512, 4, 2, 4),
+                        C(4, 1024, 4, 1, 8)],
     "requant-channel": [C(1, 4096, 4), C(1, 4096, 8), C(2, 2048, 4), C(1, 2048, 4, 1, 16), C(1, 16384, 8)],
     "requant-group": [C(32, 128, 8), C(16, 128, 4, 1, 8), C(8, 128, 4), C(64, 128, 8)],
     "requant-block": [C(64, 128, 8), C(32, 128, 8, 1, 8), C(16, 128, 4), C(128, 128, 16)],
