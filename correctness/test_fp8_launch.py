@@ -193,3 +193,15 @@ def test_persistent_grids_stop_at_the_resident_programs(monkeypatch, spies):
     assert state.parts.shape == (2, 2 * sms) and torch.equal(q.view(torch.uint8).cpu(), ref_q)
     monkeypatch.setattr(quant, "_resident", lambda kernel, args, kw: None)  # not known: per_sm as configured
     assert quant.amax_partials(x, cfg).numel() == 3 * sms
+
+
+@pytest.mark.gpu
+def test_gpu_persistent_grid_is_capped_by_the_compiled_kernels_registers():
+    """On the GPU the cap comes from the compiled kernel (registers, shared memory): a per_sm far beyond what fits
+    launches one wave of resident programs, and amax stays exact. Fails if the compiled kernel cannot be inspected."""
+    x = torch.randn(16384, 1024, device="cuda", dtype=torch.bfloat16)  # 2048 tiles: more than 8 programs an SM
+    sms = quant._sms(torch.cuda.current_device())
+    parts = quant.amax_partials(x, LaunchConfig(8, 1024, warps=8, per_sm=64))
+    assert not quant.RESIDENT_ERRORS, quant.RESIDENT_ERRORS
+    assert parts.numel() % sms == 0 and 1 <= parts.numel() // sms <= 8  # 8 warps: at most 8 programs an SM
+    assert float(parts.max()) == float(x.float().abs().max())

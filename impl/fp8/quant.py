@@ -63,6 +63,7 @@ def resident_programs(regs: int, shared: int, warps: int) -> int:
 
 
 _RESIDENT: dict[tuple, int | None] = {}
+RESIDENT_ERRORS: list[str] = []  # why a compiled kernel could not be inspected (the tune prints them)
 
 
 def _resident(kernel, args: tuple, kw: dict) -> int | None:
@@ -79,7 +80,8 @@ def _resident(kernel, args: tuple, kw: dict) -> int | None:
             ck = kernel.warmup(*args, grid=(1,), **kw)
             ck._init_handles()
             _RESIDENT[key] = resident_programs(int(ck.n_regs), int(ck.metadata.shared), int(ck.metadata.num_warps))
-        except Exception:  # noqa: BLE001  (a Triton without warmup/n_regs: launch per_sm as configured)
+        except Exception as e:  # noqa: BLE001  (a Triton without warmup/n_regs: launch per_sm as configured)
+            RESIDENT_ERRORS.append(f"{key[0]}: {type(e).__name__}: {e}")
             _RESIDENT[key] = None
     return _RESIDENT[key]
 

@@ -229,7 +229,7 @@ def sweep(shapes: list[tuple[int, int]], budget_s: float, kernels: list[str], co
                                selected_in_run=RUN_ID)
     return {"rows": rows, "winners": winners, "table": found.to_data(), "complete": complete,
             "seconds": time.perf_counter() - t0, "copy_gbps": copy_gbps, "shapes": [list(s) for s in shapes],
-            "device": backend.describe()}
+            "device": backend.describe(), "resident_errors": list(dict.fromkeys(quant.RESIDENT_ERRORS))}
 
 
 def table(data: dict[str, Any]) -> str:
@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--out is needed where nothing is stored (no GPU, or --no-store)")
     paths = write_outputs(data, a.out, store=not a.no_store)
     print(table(data))
+    if quant.RESIDENT_ERRORS:
+        print("persistent grids NOT capped at the resident programs (compiled kernels not inspectable): "
+              + "; ".join(dict.fromkeys(quant.RESIDENT_ERRORS)))
     print(f"wrote {', '.join(str(p) for p in paths)} ({len(data['rows'])} rows, {data['seconds']:.0f} s, "
           f"complete: {data['complete']}, copy {copy_gbps or float('nan'):.0f} GB/s)")
     return 0 if not any("error" in r for r in data["rows"]) else 1
