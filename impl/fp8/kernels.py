@@ -349,55 +349,78 @@ def quant_rows_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, floa
 
 
 @triton.jit
+def _quant_group_tile(xin, t, q_ptr, s_ptr, N, K, stride_q, stride_s,
+                      FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr):
+    """Codes and the BM scales of tile t of 1 x BK groups (xin: its values, already loaded)."""
+    m0, k0 = _tile(t, K, BM, BK)
+    rows = m0 + tl.arange(0, BM)
+    cols = k0 + tl.arange(0, BK)
+    rmask = rows < N
+    x = xin.to(tl.float32)
+    s = _scale_from_amax(tl.max(_finite_abs(x), axis=1), FMAX, MIN_SCALE)
+    y = x * tl.math.div_rn(1.0, s)[:, None]
+    tl.store(s_ptr + rows.to(tl.int64) * stride_s + k0 // BK, s, mask=rmask)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE),
+             mask=rmask[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
 def quant_tiles_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, float32 [R, C] scales out
                        N, K, stride_x, stride_q, stride_s,
                        GN: tl.constexpr,      # 1: one scale per row of the tile (1 x BK groups); else GN x BK blocks
                        FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
                        BM: tl.constexpr,      # GN == 1: rows per tile; else rows per pass (BM divides GN)
-                       BK: tl.constexpr):
+                       BK: tl.constexpr,
+                       PREFETCH: tl.constexpr):  # GN == 1, persistent: load the next tile before converting this one
     """One scale per 1 x BK group (GN == 1) or per GN x BK block. A block taller than BM rows is read in GN / BM
     slices twice: once for its amax, once (from L1/L2) to quantize, so a program holds only a [BM, BK] slice."""
     TM: tl.constexpr = BM if GN == 1 else GN
     tiles = tl.cdiv(N, TM) * tl.cdiv(K, BK)
-    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
-        m0, k0 = _tile(t, K, TM, BK)
-        rows = m0 + tl.arange(0, TM)
-        cols = k0 + tl.arange(0, BK)
-        cmask = (cols < K)[None, :]
-        if GN == 1:
-            rmask = rows < N
-            mask = rmask[:, None] & cmask
-            r64 = rows.to(tl.int64)[:, None]
-            x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            s = _scale_from_amax(tl.max(_finite_abs(x), axis=1), FMAX, MIN_SCALE)
-            y = x * tl.math.div_rn(1.0, s)[:, None]
-            tl.store(s_ptr + rows.to(tl.int64) * stride_s + k0 // BK, s, mask=rmask)
-            tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE), mask=mask)
-        elif BM == GN:
-            mask = (rows < N)[:, None] & cmask
-            r64 = rows.to(tl.int64)[:, None]
-            x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            s = _scale_from_amax(tl.max(tl.max(_finite_abs(x), axis=1), axis=0), FMAX, MIN_SCALE)
-            tl.store(s_ptr + (m0 // GN) * stride_s + k0 // BK, s)
-            y = x * tl.math.div_rn(1.0, s)
-            tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE), mask=mask)
-        else:
-            acc = tl.zeros((BM, BK), dtype=tl.float32)
-            for i in range(0, GN, BM):
-                sub = m0 + i + tl.arange(0, BM)
-                mask = (sub < N)[:, None] & cmask
-                x = tl.load(x_ptr + sub.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-                acc = tl.maximum(acc, _finite_abs(x.to(tl.float32)))
-            s = _scale_from_amax(tl.max(tl.max(acc, axis=1), axis=0), FMAX, MIN_SCALE)
-            tl.store(s_ptr + (m0 // GN) * stride_s + k0 // BK, s)
-            inv = tl.math.div_rn(1.0, s)
-            for i in range(0, GN, BM):
-                sub = m0 + i + tl.arange(0, BM)
-                mask = (sub < N)[:, None] & cmask
-                r64 = sub.to(tl.int64)[:, None]
+    step = tl.num_programs(0)
+    if GN == 1 and PREFETCH:
+        offs, mask = _tile_at(tl.program_id(0), tiles, N, K, stride_x, BM, BK)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        for t in range(tl.program_id(0), tiles, step):
+            offs, mask = _tile_at(t + step, tiles, N, K, stride_x, BM, BK)
+            nx = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            _quant_group_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK)
+            x = nx
+    else:
+        for t in range(tl.program_id(0), tiles, step):
+            m0, k0 = _tile(t, K, TM, BK)
+            rows = m0 + tl.arange(0, TM)
+            cols = k0 + tl.arange(0, BK)
+            cmask = (cols < K)[None, :]
+            if GN == 1:
+                mask = (rows < N)[:, None] & cmask
+                x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+                _quant_group_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK)
+            elif BM == GN:
+                mask = (rows < N)[:, None] & cmask
+                r64 = rows.to(tl.int64)[:, None]
                 x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(x * inv, FMAX), FMT, EMULATE),
-                         mask=mask)
+                s = _scale_from_amax(tl.max(tl.max(_finite_abs(x), axis=1), axis=0), FMAX, MIN_SCALE)
+                tl.store(s_ptr + (m0 // GN) * stride_s + k0 // BK, s)
+                y = x * tl.math.div_rn(1.0, s)
+                tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE), mask=mask)
+            else:
+                acc = tl.zeros((BM, BK), dtype=tl.float32)
+                for i in range(0, GN, BM):
+                    sub = m0 + i + tl.arange(0, BM)
+                    mask = (sub < N)[:, None] & cmask
+                    x = tl.load(x_ptr + sub.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+                    acc = tl.maximum(acc, _finite_abs(x.to(tl.float32)))
+                s = _scale_from_amax(tl.max(tl.max(acc, axis=1), axis=0), FMAX, MIN_SCALE)
+                tl.store(s_ptr + (m0 // GN) * stride_s + k0 // BK, s)
+                inv = tl.math.div_rn(1.0, s)
+                for i in range(0, GN, BM):
+                    sub = m0 + i + tl.arange(0, BM)
+                    mask = (sub < N)[:, None] & cmask
+                    r64 = sub.to(tl.int64)[:, None]
+                    x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                    tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(x * inv, FMAX), FMT, EMULATE),
+                             mask=mask)
 
 
 # ---- the codec alone (tests compare the emulated codec with the hardware on a GPU) ----------------------------

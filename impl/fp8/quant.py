@@ -303,7 +303,8 @@ def _launch_tiles(x2, q2, s, group: ScaleGroup, cfg: LaunchConfig | None = None,
     bm = cfg.bm if group.gn == 1 else min(cfg.bm, group.gn)
     tm = bm if group.gn == 1 else group.gn
     _launch(K.quant_tiles_kernel, triton.cdiv(n, tm) * triton.cdiv(k, group.gk), cfg, x2.device,
-            (x2, q2, s, n, k, x2.stride(0), q2.stride(0), s.stride(0)), dict(GN=group.gn, BM=bm, BK=group.gk, **args))
+            (x2, q2, s, n, k, x2.stride(0), q2.stride(0), s.stride(0)),
+            dict(GN=group.gn, BM=bm, BK=group.gk, PREFETCH=group.gn == 1 and _prefetch(cfg), **args))
 
 
 TENSOR_GROUP = ScaleGroup(0, 0)
@@ -342,9 +343,9 @@ def quantize_delayed(x: torch.Tensor, state: DelayedScale | None = None, fmt: st
         state = state or DelayedScale(torch.zeros(2, 1, dtype=torch.float32, device=x.device))
         state.calls += 1
         return q.view(f.dtype), s, state
-    parts = state.parts if state is not None else torch.zeros(2, 2, dtype=torch.float32, device=x.device)
     args = dict(FMT=f.code, FMAX=f.max, MIN_SCALE=MIN_SCALE, EMULATE=EMULATE)
     pow2 = triton.next_power_of_2(_grid(tiles, cfg, x.device))  # partials held: at most this many
+    parts = state.parts if state is not None else torch.zeros(2, pow2, dtype=torch.float32, device=x.device)
     a, kw = _from_parts(x2, parts[0], _as_rows(q, "out"), s, parts[1], cfg, pow2, **args)
     grid = _plan(K.quant_static_kernel, tiles, cfg, x.device, a, kw)
     if state is None:  # the first call's scale is x's own amax (its max only matters: amax partials are >= 0)

@@ -57,7 +57,7 @@ CANDIDATES: dict[str, list[C]] = {
     "requant-delayed": [C(4, 512, 4, 2, 8), C(2, 1024, 4, 2, 16), C(2, 1024, 4, 1, 16), C(8, 512, 4, 2, 4),
                         C(4, 1024, 4, 1, 8)],
     "requant-channel": [C(1, 4096, 4), C(1, 4096, 8), C(2, 2048, 4), C(1, 2048, 4, 1, 16), C(1, 16384, 8)],
-    "requant-group": [C(32, 128, 8), C(16, 128, 4, 1, 8), C(8, 128, 4), C(64, 128, 8)],
+    "requant-group": [C(16, 128, 4, 2, 8), C(8, 128, 4, 2, 16), C(32, 128, 8), C(16, 128, 4, 1, 8), C(8, 128, 4)],
     "requant-block": [C(64, 128, 8), C(32, 128, 8, 1, 8), C(16, 128, 4), C(128, 128, 16)],
 }
 CPU_CANDIDATES = 1  # under the interpreter: the first candidate of each kernel only
