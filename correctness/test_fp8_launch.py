@@ -207,3 +207,13 @@ def test_gpu_persistent_grid_is_capped_by_the_compiled_kernels_registers():
     assert not quant.RESIDENT_ERRORS, quant.RESIDENT_ERRORS
     assert parts.numel() % sms == 0 and 1 <= parts.numel() // sms <= 8  # 8 warps: at most 8 programs an SM
     assert float(parts.max()) == float(x.float().abs().max())
+
+
+def test_rows_read_once_keep_the_configs_elements_per_thread(spies):
+    """requant-channel: a row narrower than cfg.bk, read in one pass, launches with proportionally fewer warps."""
+    x = torch.randn(6, 100, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    q, s = quant.quantize(x, "channel", cfg=LaunchConfig(1, 1024, warps=16))
+    call = spies["quant_rows_kernel"].calls[-1]
+    assert (call["BK"], call["num_warps"]) == (128, 2)  # 100 -> one pass of 128: 16 warps x 128 / 1024
+    ref_q, ref_s = R.quantize_reference(x, "channel")
+    assert torch.equal(q.view(torch.uint8).cpu(), ref_q) and torch.equal(s.cpu(), ref_s)

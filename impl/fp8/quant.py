@@ -12,7 +12,7 @@ float32 in the canonical 2-D shape of ``formats.ScaleGroup.scale_shape``. Under 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import impl  # noqa: F401  (backend before triton)
 import torch
@@ -288,11 +288,15 @@ def _launch_tensor(x2, q2, s, amax_cfg: LaunchConfig | None = None, cfg: LaunchC
 
 
 def _launch_rows(x2, q2, s, cfg: LaunchConfig | None = None, **args) -> None:
-    """One scale per row; rows up to ``cfg.bk`` wide are read once, wider ones in ``cfg.bk`` chunks twice."""
+    """One scale per row; rows up to ``cfg.bk`` wide are read once, wider ones in ``cfg.bk`` chunks twice. A row
+    read once that is narrower than ``cfg.bk`` gets proportionally fewer warps (the elements a thread holds stay
+    those of the config: (1, 16384, 16) runs 4096-wide rows with 4 warps, 16384-wide ones with 16)."""
     n, k = x2.shape
     cfg = cfg or config("requant-channel")
     one_pass = triton.next_power_of_2(k) <= cfg.bk
     bk = max(16, triton.next_power_of_2(k)) if one_pass else cfg.bk
+    if bk < cfg.bk:
+        cfg = replace(cfg, warps=max(1, cfg.warps * bk // cfg.bk))
     _launch(K.quant_rows_kernel, triton.cdiv(n, cfg.bm), cfg, x2.device, (x2, q2, s, n, k, x2.stride(0), q2.stride(0)),
             dict(BM=cfg.bm, BK=bk, ONE_PASS=one_pass, **args))
 
