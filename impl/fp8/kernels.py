@@ -19,9 +19,9 @@ programs in flight at one time stream consecutive bytes of the same rows. A laun
 fewer that stride over the tiles (persistent: ``quant.LaunchConfig.per_sm``; with ``PREFETCH`` such a program loads
 its next tile before converting the current one, so its loads stay in flight during the math and the stores).
 ``_apply_scales`` reads a tile's scales in the cheapest shape its position in the scale groups allows (one value,
-one per row, one per column, or one per element). Per-tensor dynamic scales come from per-program amax partials that every quantizing program
-reduces itself (no atomics, no zeroed buffer); the delayed variant quantizes with the previous call's partials and
-writes this call's, so it reads its input once.
+one per row, one per column, or one per element). Per-tensor dynamic scales come from per-program amax partials
+that every quantizing program reduces itself (no atomics, no zeroed buffer); the delayed variant quantizes with the
+previous call's partials and writes this call's, so it reads its input once.
 """
 from __future__ import annotations
 
