@@ -37,7 +37,8 @@ class LaunchConfig:
     """How a kernel is launched: tiles of [bm, bk], ``warps`` warps, ``per_sm`` programs per SM striding over the
     tiles (0: one program per tile; never more than fit on an SM at once), and ``stages``: 2 makes those persistent
     programs load their next tile before converting the current one (the kernels' own two-stage pipeline; the
-    dequantize, amax, per-tensor/static quantize and 1 x G group quantize kernels have it), 1 loads and converts one tile at a time."""
+    dequantize, amax, per-tensor/static quantize and 1 x G group quantize kernels have it), 1 loads and converts one
+    tile at a time."""
 
     bm: int
     bk: int
