@@ -247,10 +247,10 @@ def test_bfloat16_roundtrip_on_gpu():
 # ---- launch configs: every tile shape, strided (persistent) grids, chunked rows, both block paths ----------------
 
 CONFIGS = [quant.LaunchConfig(1, 16), quant.LaunchConfig(8, 64), quant.LaunchConfig(16, 32, per_sm=1),
-           quant.LaunchConfig(4, 256, per_sm=3), quant.LaunchConfig(128, 128), quant.LaunchConfig(2, 512)]
+           quant.LaunchConfig(4, 256, stages=2, per_sm=3), quant.LaunchConfig(128, 128), quant.LaunchConfig(2, 512)]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"bm{c.bm}-bk{c.bk}-sm{c.per_sm}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"bm{c.bm}-bk{c.bk}-sm{c.per_sm}" + "-pf" * (c.stages > 1))
 @pytest.mark.parametrize("group", GROUPS, ids=_group_id)
 def test_every_launch_config_is_bit_exact(cfg, group):
     """Dequantize reads scales as a scalar, per row, per column or per element depending on the tile; requantize
@@ -269,24 +269,26 @@ def test_every_launch_config_is_bit_exact(cfg, group):
 def test_amax_partials_cover_every_tile():
     x = matrix(33, 90, "float32", "random", 3)
     x[32, 89] = -1e4  # the last element: in the last tile of the last program's share
-    for cfg in (quant.LaunchConfig(8, 16, per_sm=3), quant.LaunchConfig(64, 128, per_sm=1)):
+    for cfg in (quant.LaunchConfig(8, 16, per_sm=3), quant.LaunchConfig(64, 128, per_sm=1),
+                quant.LaunchConfig(8, 16, stages=2, per_sm=3)):  # stages 2: each program prefetches its next tile
         parts = quant.amax_partials(x.to(DEVICE), cfg)
         assert float(parts.max()) == 1e4
 
 
-def test_delayed_scaling_uses_the_previous_calls_amax():
+@pytest.mark.parametrize("cfg", [None, quant.LaunchConfig(8, 32, stages=2, per_sm=2)], ids=["default", "prefetch"])
+def test_delayed_scaling_uses_the_previous_calls_amax(cfg):
     x = matrix(40, 200, "float32", "random", 1).to(DEVICE)
-    q1, s1, state = quant.quantize_delayed(x)  # first call: x's own amax, like the dynamic quantizer
+    q1, s1, state = quant.quantize_delayed(x, cfg=cfg)  # first call: x's own amax, like the dynamic quantizer
     ref_q, ref_s = R.quantize_reference(x, "tensor")
     codes_equal(q1, ref_q)
     assert torch.equal(s1.cpu(), ref_s)
-    q2, s2, state = quant.quantize_delayed(4 * x, state)  # x grew: the old scale saturates the top
+    q2, s2, state = quant.quantize_delayed(4 * x, state, cfg=cfg)  # x grew: the old scale saturates the top
     codes_equal(q2, R.quantize_reference(4 * x, "tensor", scales=ref_s)[0])
     assert torch.equal(s2.cpu(), ref_s) and int((q2.cpu().float().abs() == 448).sum()) > 1
-    _, s3, state = quant.quantize_delayed(x, state)  # now the scale of 4x, the previous input
+    _, s3, state = quant.quantize_delayed(x, state, cfg=cfg)  # now the scale of 4x, the previous input
     assert torch.equal(s3.cpu(), R.quantize_reference(4 * x, "tensor")[1]) and state.calls == 3
     with pytest.raises(ValueError, match="start a new state"):
-        quant.quantize_delayed(x[:3], state)
+        quant.quantize_delayed(x[:3], state, cfg=cfg)
 
 
 def test_tune_checks_then_times_and_writes_its_table(tmp_path, capsys):

@@ -23,7 +23,10 @@ class LaunchSpy:
     """Stands in for a Triton kernel: records each launch's grid and constexprs/options, then runs the real one."""
 
     def __init__(self, real):
-        self.real, self.calls = real, []
+        self.real, self.calls, self.__name__ = real, [], real.__name__
+
+    def warmup(self, *args, **kw):  # the resident-program cap compiles through it
+        return self.real.warmup(*args, **kw)
 
     def __getitem__(self, grid):
         def launch_(*args, **kw):
@@ -162,3 +165,59 @@ def test_tune_writes_a_table_the_kernels_then_take(tmp_path, monkeypatch, spies)
     finally:
         monkeypatch.delenv(launch.ENV)
         launch.use_table(None)
+
+
+def test_resident_programs_follow_the_sm_limits():
+    """Programs an SM holds at once: registers (allocated per warp in units of 256), warps, blocks, shared memory."""
+    assert quant.resident_programs(80, 1024, 8) == 3  # 2560 registers a warp x 8 warps: 3 fit in 65536, not 4
+    assert quant.resident_programs(89, 0, 4) == 5
+    assert quant.resident_programs(73, 0, 4) == 6  # 2336 a warp rounds up to 2560 (unrounded: 7)
+    assert quant.resident_programs(16, 0, 1) == 32  # the block limit
+    assert quant.resident_programs(16, 0, 32) == 2  # the warp limit
+    assert quant.resident_programs(32, 100_000, 4) == 2  # shared memory
+    assert quant.resident_programs(255, 0, 32) == 1  # never 0: a launch always runs
+
+
+def test_persistent_grids_stop_at_the_resident_programs(monkeypatch, spies):
+    """A persistent config asks for per_sm programs an SM; the grid takes no more than fit at once (one wave), and
+    the amax partials / delayed state follow the grid actually launched. Results stay exact."""
+    x = torch.randn(300, 600, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    sms = quant._sms(x.device.index or 0) if x.is_cuda else quant.SIM_SMS
+    cfg = LaunchConfig(8, 32, per_sm=3)  # 38 x 19 = 722 tiles
+    want = min(722, 2 * sms)
+    monkeypatch.setattr(quant, "_resident", lambda kernel, args, kw: 2)
+    parts = quant.amax_partials(x, cfg)
+    assert spies["amax_partials_kernel"].calls[-1]["grid"] == (want,) and parts.numel() == want
+    assert float(parts.max()) == float(x.abs().max())
+    pf = LaunchConfig(8, 32, stages=2, per_sm=5)
+    q, s = quant.quantize(x, "tensor", cfg=pf, amax_cfg=cfg)
+    assert spies["quant_static_kernel"].calls[-1]["grid"] == (want,)
+    ref_q, ref_s = R.quantize_reference(x, "tensor")
+    assert torch.equal(q.view(torch.uint8).cpu(), ref_q) and torch.equal(s.cpu(), ref_s)
+    q, s, state = quant.quantize_delayed(x, cfg=pf)
+    assert state.parts.shape == (2, want) and torch.equal(q.view(torch.uint8).cpu(), ref_q)
+    monkeypatch.setattr(quant, "_resident", lambda kernel, args, kw: None)  # not known: per_sm as configured
+    assert quant.amax_partials(x, cfg).numel() == min(722, 3 * sms)
+
+
+@pytest.mark.gpu
+def test_gpu_persistent_grid_is_capped_by_the_compiled_kernels_registers():
+    """On the GPU the cap comes from the compiled kernel (registers, shared memory): a per_sm far beyond what fits
+    launches one wave of resident programs, and amax stays exact. Fails if the compiled kernel cannot be inspected."""
+    x = torch.randn(16384, 1024, device="cuda", dtype=torch.bfloat16)  # 2048 tiles: more than 8 programs an SM
+    sms = quant._sms(torch.cuda.current_device())
+    quant.RESIDENT_ERRORS.clear()
+    parts = quant.amax_partials(x, LaunchConfig(8, 1024, warps=8, per_sm=64))
+    assert not quant.RESIDENT_ERRORS, quant.RESIDENT_ERRORS
+    assert parts.numel() % sms == 0 and 1 <= parts.numel() // sms <= 8  # 8 warps: at most 8 programs an SM
+    assert float(parts.max()) == float(x.float().abs().max())
+
+
+def test_rows_read_once_keep_the_configs_elements_per_thread(spies):
+    """requant-channel: a row narrower than cfg.bk, read in one pass, launches with proportionally fewer warps."""
+    x = torch.randn(6, 100, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    q, s = quant.quantize(x, "channel", cfg=LaunchConfig(1, 1024, warps=16))
+    call = spies["quant_rows_kernel"].calls[-1]
+    assert (call["BK"], call["num_warps"]) == (128, 2)  # 100 -> one pass of 128: 16 warps x 128 / 1024
+    ref_q, ref_s = R.quantize_reference(x, "channel")
+    assert torch.equal(q.view(torch.uint8).cpu(), ref_q) and torch.equal(s.cpu(), ref_s)

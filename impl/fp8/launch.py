@@ -34,8 +34,11 @@ def _pow2(v: int) -> bool:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How a kernel is launched: tiles of [bm, bk], ``warps`` warps, ``stages`` software-pipeline stages, and
-    ``per_sm`` programs per SM striding over the tiles (0: one program per tile)."""
+    """How a kernel is launched: tiles of [bm, bk], ``warps`` warps, ``per_sm`` programs per SM striding over the
+    tiles (0: one program per tile; never more than fit on an SM at once), and ``stages``: 2 makes those persistent
+    programs load their next tile before converting the current one (the kernels' own two-stage pipeline; the
+    dequantize, amax, per-tensor/static quantize and 1 x G group quantize kernels have it), 1 loads and converts one
+    tile at a time."""
 
     bm: int
     bk: int
@@ -60,21 +63,23 @@ class LaunchConfig:
         return cls(**d)
 
 
-# Built-in defaults (a tune run's table overrides them per key). ptxas for sm_90 gives about 3 registers per element
-# a thread holds: 32 elements (~90-105 registers) keeps 4-5 programs of 4 warps per SM with two 16-byte loads in
-# flight per thread. bk of the requant-group/-block kernels is the group's width (ignored); bm of "requant-block" is
-# the rows per pass (a divisor of the block height: smaller reads each block twice, the second time from L1/L2).
+# Built-in defaults (a tune run's table overrides them per key): the H200 tune's winners. Register counts are
+# ptxas's for sm_90; what a kernel streams well is bytes of loads in flight per SM (~20-40 KB cover HBM latency at
+# full bandwidth), i.e. elements a thread holds x resident programs. A persistent config (per_sm > 0) launches at
+# most the programs that fit on the SMs at once (``quant.resident_programs``: a larger grid runs in two waves). bk of
+# the requant-group/-block kernels is the group's width (ignored); bm of "requant-block" is the rows per pass (a
+# divisor of the block height: smaller reads each block twice, the second time from L1/L2).
 GPU_CONFIGS: dict[str, LaunchConfig] = {
-    "dequant-tensor": LaunchConfig(8, 512, warps=4),
-    "dequant-channel": LaunchConfig(8, 512, warps=4),    # per-row scales, and 1 x G groups
-    "dequant-block": LaunchConfig(8, 512, warps=4),      # 128 x 128 blocks: one row group, [1, bk] scales per tile
-    "quant-static": LaunchConfig(8, 512, warps=4),       # given scales, any group
-    "amax": LaunchConfig(8, 1024, warps=8, per_sm=4),    # ~80 registers: 4 programs of 8 warps stay resident
-    "requant-tensor": LaunchConfig(8, 512, warps=4, per_sm=4),   # the second pass of dynamic per-tensor
-    "requant-delayed": LaunchConfig(8, 512, warps=4, per_sm=4),  # per-tensor with the previous call's scale
-    "requant-channel": LaunchConfig(1, 16384, warps=16),  # bk: the widest row read once (64 registers at 16384)
-    "requant-group": LaunchConfig(32, 128, warps=8),
-    "requant-block": LaunchConfig(16, 128, warps=4),      # 16-row passes, each block read twice (from L1/L2)
+    "dequant-tensor": LaunchConfig(8, 512, warps=4),      # 89 registers, 5 programs an SM
+    "dequant-channel": LaunchConfig(16, 256, warps=4),    # per-row scales, and 1 x G groups
+    "dequant-block": LaunchConfig(16, 512, warps=8),      # 128 x 128 blocks: one row group, [1, bk] scales per tile
+    "quant-static": LaunchConfig(8, 512, warps=4),        # given scales, any group
+    "amax": LaunchConfig(8, 1024, warps=8, per_sm=4),     # 80 registers: 3 programs of 8 warps resident
+    "requant-tensor": LaunchConfig(8, 512, warps=4),      # the second pass of dynamic per-tensor
+    "requant-delayed": LaunchConfig(4, 512, warps=4, per_sm=8),  # per-tensor with the previous call's scale
+    "requant-channel": LaunchConfig(1, 2048, warps=4),    # rows wider than bk: amax pass + quantize pass (L1/L2)
+    "requant-group": LaunchConfig(16, 128, warps=4),
+    "requant-block": LaunchConfig(32, 128, warps=8),      # 32-row passes, each block read twice (from L1/L2)
 }
 # the interpreter runs one program at a time with numpy: few, large tiles
 CPU_CONFIGS: dict[str, LaunchConfig] = {

@@ -12,7 +12,7 @@ float32 in the canonical 2-D shape of ``formats.ScaleGroup.scale_shape``. Under 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import impl  # noqa: F401  (backend before triton)
 import torch
@@ -36,17 +36,77 @@ def _sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _grid(tiles: int, cfg: LaunchConfig, device: torch.device) -> int:
-    """Programs to launch: one per tile, or ``per_sm`` per SM striding over the tiles (never more than tiles)."""
+def _grid(tiles: int, cfg: LaunchConfig, device: torch.device, resident: int | None = None) -> int:
+    """Programs to launch: one per tile, or ``per_sm`` per SM striding over the tiles (never more than tiles, and
+    never more per SM than ``resident``: a persistent grid larger than what fits on the SMs at once runs in two
+    waves, the second starting only when first-wave programs finish all their tiles)."""
     if cfg.per_sm <= 0:
         return max(tiles, 1)
     sms = _sms(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else SIM_SMS
-    return max(1, min(tiles, cfg.per_sm * sms))
+    per_sm = cfg.per_sm if resident is None else max(1, min(cfg.per_sm, resident))
+    return max(1, min(tiles, per_sm * sms))
+
+
+# sm_90 (and sm_80) per-SM limits: registers, warps, resident blocks, shared memory (bytes usable by blocks)
+SM_REGS, SM_WARPS, SM_BLOCKS, SM_SHARED, BLOCK_SHARED_RESERVED = 65536, 64, 32, 233472, 1024
+
+
+def resident_programs(regs: int, shared: int, warps: int) -> int:
+    """Programs of ``warps`` warps that fit on one SM at once with ``regs`` registers a thread and ``shared`` bytes
+    of shared memory a program (registers are allocated per warp in units of 256)."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = SM_REGS // (per_warp * warps)
+    by_warps = SM_WARPS // warps
+    by_shared = SM_SHARED // (shared + BLOCK_SHARED_RESERVED)
+    return max(1, min(by_regs, by_warps, by_shared, SM_BLOCKS))
+
+
+_RESIDENT: dict[tuple, int | None] = {}
+RESIDENT_ERRORS: list[str] = []  # why a compiled kernel could not be inspected (the tune prints them)
+
+
+def _resident(kernel, args: tuple, kw: dict) -> int | None:
+    """Programs of ``kernel`` (compiled for these arguments) resident per SM, from its compiled register and shared
+    memory use; None under the interpreter or where the compiled kernel cannot be inspected (the grid then takes
+    ``per_sm`` as given)."""
+    if backend.INTERPRETED or not backend.ON_GPU:
+        return None
+    key = (getattr(kernel, "__name__", id(kernel)),
+           tuple(a.dtype if isinstance(a, torch.Tensor) else type(a).__name__ for a in args),
+           tuple(sorted((k, v) for k, v in kw.items())))
+    if key not in _RESIDENT:
+        try:
+            ck = kernel.warmup(*args, grid=(1,), **kw)
+            ck._init_handles()
+            _RESIDENT[key] = resident_programs(int(ck.n_regs), int(ck.metadata.shared), int(ck.metadata.num_warps))
+        except Exception as e:  # noqa: BLE001  (a Triton without warmup/n_regs: launch per_sm as configured)
+            RESIDENT_ERRORS.append(f"{key[0]}: {type(e).__name__}: {e}")
+            _RESIDENT[key] = None
+    return _RESIDENT[key]
+
+
+def _plan(kernel, tiles: int, cfg: LaunchConfig, device: torch.device, args: tuple, kw: dict) -> int:
+    """The grid ``_launch`` gives ``kernel`` over ``tiles`` tiles with ``cfg`` (persistent: capped at the programs
+    that fit on the SMs at once)."""
+    return _grid(tiles, cfg, device, _resident(kernel, args, {**kw, **_launch_kw(cfg)}) if cfg.per_sm > 0 else None)
+
+
+def _launch(kernel, tiles: int, cfg: LaunchConfig, device: torch.device, args: tuple, kw: dict) -> int:
+    """Launch ``kernel`` over ``tiles`` tiles with ``cfg`` (grid: ``_plan``); returns the number of programs."""
+    grid = _plan(kernel, tiles, cfg, device, args, kw)
+    kernel[(grid,)](*args, **kw, **_launch_kw(cfg))
+    return grid
 
 
 def _launch_kw(cfg: LaunchConfig) -> dict:
-    return {"num_warps": cfg.warps, "num_stages": cfg.stages}
+    return {"num_warps": cfg.warps, "num_stages": 1}  # the kernels have no loop Triton pipelines: see _prefetch
+
+
+def _prefetch(cfg: LaunchConfig) -> bool:
+    """``stages`` > 1 on a persistent grid: each program loads its next tile before converting the current one (a
+    two-stage software pipeline written in the kernels, so its loads stay in flight during the math and stores)."""
+    return cfg.per_sm > 0 and cfg.stages > 1
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
@@ -124,9 +184,9 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = 
         return out
     cfg = cfg or config(dequant_key(group))
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
-    K.dequant_kernel[(_grid(tiles, cfg, q.device),)](c2, s, o2, n, k, c2.stride(0), s.stride(0), o2.stride(0),
-                                                     GN=group.gn, GK=group.gk, FMT=f.code, EMULATE=EMULATE,
-                                                     BM=cfg.bm, BK=cfg.bk, **_launch_kw(cfg))
+    _launch(K.dequant_kernel, tiles, cfg, q.device, (c2, s, o2, n, k, c2.stride(0), s.stride(0), o2.stride(0)),
+            dict(GN=group.gn, GK=group.gk, FMT=f.code, EMULATE=EMULATE, BM=cfg.bm, BK=cfg.bk,
+                 PREFETCH=_prefetch(cfg)))
     return out
 
 
@@ -190,28 +250,30 @@ def _launch_static(x2, s, q2, group: ScaleGroup, cfg: LaunchConfig | None = None
     n, k = x2.shape
     cfg = cfg or config("quant-static")
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
-    K.quant_static_kernel[(_grid(tiles, cfg, x2.device),)](
-        x2, s, q2, s, s, n, k, x2.stride(0), s.stride(0), q2.stride(0), 1, GN=group.gn, GK=group.gk,
-        FROM_PARTS=False, NEXT_PARTS=False, PARTS=1, BM=cfg.bm, BK=cfg.bk, **_launch_kw(cfg), **args)
+    _launch(K.quant_static_kernel, tiles, cfg, x2.device,
+            (x2, s, q2, s, s, n, k, x2.stride(0), s.stride(0), q2.stride(0), 1),
+            dict(GN=group.gn, GK=group.gk, FROM_PARTS=False, NEXT_PARTS=False, PARTS=1, BM=cfg.bm, BK=cfg.bk,
+                 PREFETCH=_prefetch(cfg), **args))
 
 
 def amax_partials(x2: torch.Tensor, cfg: LaunchConfig | None = None) -> torch.Tensor:
     """float32 [P]: the amax of finite |x| over each program's share of the tiles (max of them: the tensor's)."""
     n, k = x2.shape
     cfg = cfg or config("amax")
-    grid = _grid(triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x2.device)
-    parts = torch.empty(grid, dtype=torch.float32, device=x2.device)
-    K.amax_partials_kernel[(grid,)](x2, parts, n, k, x2.stride(0), BM=cfg.bm, BK=cfg.bk, **_launch_kw(cfg))
-    return parts
+    tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
+    parts = torch.empty(_grid(tiles, cfg, x2.device), dtype=torch.float32, device=x2.device)  # at most this many
+    grid = _launch(K.amax_partials_kernel, tiles, cfg, x2.device, (x2, parts, n, k, x2.stride(0)),
+                   dict(BM=cfg.bm, BK=cfg.bk, PREFETCH=_prefetch(cfg)))
+    return parts[:grid]
 
 
-def _launch_from_parts(x2, parts, q2, s, nxt, cfg: LaunchConfig, grid: int, **args) -> None:
-    """Quantize with s = max(parts) / FMAX (written to ``s``); with ``nxt``, also record x's amax partials there."""
+def _from_parts(x2, parts, q2, s, nxt, cfg: LaunchConfig, parts_pow2: int, **args) -> tuple[tuple, dict]:
+    """(args, constexprs) of quantizing with s = max(parts) / FMAX (written to ``s``); with ``nxt``, also recording
+    x's amax partials there (one per program)."""
     n, k = x2.shape
-    K.quant_static_kernel[(grid,)](x2, parts, q2, s, parts if nxt is None else nxt, n, k, x2.stride(0), 0,
-                                   q2.stride(0), parts.numel(), GN=0, GK=0, FROM_PARTS=True,
-                                   NEXT_PARTS=nxt is not None, PARTS=triton.next_power_of_2(parts.numel()),
-                                   BM=cfg.bm, BK=cfg.bk, **_launch_kw(cfg), **args)
+    return ((x2, parts, q2, s, parts if nxt is None else nxt, n, k, x2.stride(0), 0, q2.stride(0), parts.numel()),
+            dict(GN=0, GK=0, FROM_PARTS=True, NEXT_PARTS=nxt is not None, PARTS=parts_pow2, BM=cfg.bm, BK=cfg.bk,
+                 PREFETCH=_prefetch(cfg), **args))
 
 
 def _launch_tensor(x2, q2, s, amax_cfg: LaunchConfig | None = None, cfg: LaunchConfig | None = None,
@@ -221,19 +283,22 @@ def _launch_tensor(x2, q2, s, amax_cfg: LaunchConfig | None = None, cfg: LaunchC
     n, k = x2.shape
     parts = amax_partials(x2, amax_cfg)
     cfg = cfg or config("requant-tensor")
-    grid = _grid(triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x2.device)
-    _launch_from_parts(x2, parts, q2, s, None, cfg, grid, **args)
+    a, kw = _from_parts(x2, parts, q2, s, None, cfg, triton.next_power_of_2(parts.numel()), **args)
+    _launch(K.quant_static_kernel, triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x2.device, a, kw)
 
 
 def _launch_rows(x2, q2, s, cfg: LaunchConfig | None = None, **args) -> None:
-    """One scale per row; rows up to ``cfg.bk`` wide are read once, wider ones in ``cfg.bk`` chunks twice."""
+    """One scale per row; rows up to ``cfg.bk`` wide are read once, wider ones in ``cfg.bk`` chunks twice. A row
+    read once that is narrower than ``cfg.bk`` gets proportionally fewer warps (the elements a thread holds stay
+    those of the config: (1, 16384, 16) runs 4096-wide rows with 4 warps, 16384-wide ones with 16)."""
     n, k = x2.shape
     cfg = cfg or config("requant-channel")
     one_pass = triton.next_power_of_2(k) <= cfg.bk
     bk = max(16, triton.next_power_of_2(k)) if one_pass else cfg.bk
-    grid = _grid(triton.cdiv(n, cfg.bm), cfg, x2.device)
-    K.quant_rows_kernel[(grid,)](x2, q2, s, n, k, x2.stride(0), q2.stride(0), BM=cfg.bm, BK=bk, ONE_PASS=one_pass,
-                                 **_launch_kw(cfg), **args)
+    if bk < cfg.bk:
+        cfg = replace(cfg, warps=max(1, cfg.warps * bk // cfg.bk))
+    _launch(K.quant_rows_kernel, triton.cdiv(n, cfg.bm), cfg, x2.device, (x2, q2, s, n, k, x2.stride(0), q2.stride(0)),
+            dict(BM=cfg.bm, BK=bk, ONE_PASS=one_pass, **args))
 
 
 def _launch_tiles(x2, q2, s, group: ScaleGroup, cfg: LaunchConfig | None = None, **args) -> None:
@@ -241,9 +306,9 @@ def _launch_tiles(x2, q2, s, group: ScaleGroup, cfg: LaunchConfig | None = None,
     cfg = cfg or config(quant_key(group))
     bm = cfg.bm if group.gn == 1 else min(cfg.bm, group.gn)
     tm = bm if group.gn == 1 else group.gn
-    grid = _grid(triton.cdiv(n, tm) * triton.cdiv(k, group.gk), cfg, x2.device)
-    K.quant_tiles_kernel[(grid,)](x2, q2, s, n, k, x2.stride(0), q2.stride(0), s.stride(0), GN=group.gn, BM=bm,
-                                  BK=group.gk, **_launch_kw(cfg), **args)
+    _launch(K.quant_tiles_kernel, triton.cdiv(n, tm) * triton.cdiv(k, group.gk), cfg, x2.device,
+            (x2, q2, s, n, k, x2.stride(0), q2.stride(0), s.stride(0)),
+            dict(GN=group.gn, BM=bm, BK=group.gk, PREFETCH=group.gn == 1 and _prefetch(cfg), **args))
 
 
 TENSOR_GROUP = ScaleGroup(0, 0)
@@ -274,22 +339,28 @@ def quantize_delayed(x: torch.Tensor, state: DelayedScale | None = None, fmt: st
     x2 = _as_rows(x, "x")
     n, k = x2.shape
     cfg = cfg or config("requant-delayed")
-    grid = _grid(triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x.device)
-    if state is None:
-        first = amax_partials(x2, cfg)
+    tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
+    q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    s = torch.empty(1, 1, dtype=torch.float32, device=x.device)
+    if n * k == 0:
+        s.fill_(1.0)
+        state = state or DelayedScale(torch.zeros(2, 1, dtype=torch.float32, device=x.device))
+        state.calls += 1
+        return q.view(f.dtype), s, state
+    args = dict(FMT=f.code, FMAX=f.max, MIN_SCALE=MIN_SCALE, EMULATE=EMULATE)
+    pow2 = triton.next_power_of_2(_grid(tiles, cfg, x.device))  # partials held: at most this many
+    parts = state.parts if state is not None else torch.zeros(2, pow2, dtype=torch.float32, device=x.device)
+    a, kw = _from_parts(x2, parts[0], _as_rows(q, "out"), s, parts[1], cfg, pow2, **args)
+    grid = _plan(K.quant_static_kernel, tiles, cfg, x.device, a, kw)
+    if state is None:  # the first call's scale is x's own amax (its max only matters: amax partials are >= 0)
         state = DelayedScale(torch.zeros(2, grid, dtype=torch.float32, device=x.device))
-        state.parts[0].copy_(first)
+        state.parts[0, :1] = amax_partials(x2, cfg).max()
     if state.parts.shape != (2, grid):
         raise ValueError(f"state holds {state.parts.shape[1]} amax partials, this input and config need {grid}: "
                          "start a new state (state=None) when the shape changes")
-    q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    s = torch.empty(1, 1, dtype=torch.float32, device=x.device)
-    if n * k:
-        _launch_from_parts(x2, state.parts[state.calls % 2], _as_rows(q, "out"), s,
-                           state.parts[(state.calls + 1) % 2], cfg, grid, FMT=f.code, FMAX=f.max,
-                           MIN_SCALE=MIN_SCALE, EMULATE=EMULATE)
-    else:
-        s.fill_(1.0)
+    a, kw = _from_parts(x2, state.parts[state.calls % 2], _as_rows(q, "out"), s, state.parts[(state.calls + 1) % 2],
+                        cfg, pow2, **args)
+    K.quant_static_kernel[(grid,)](*a, **kw, **_launch_kw(cfg))
     state.calls += 1
     return q.view(f.dtype), s, state
 
