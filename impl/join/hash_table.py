@@ -44,14 +44,15 @@ class HashConfig:
     """Table layout and launch parameters of the hash joins (the numba twin reads the table/tile fields only).
 
     Defaults: the fastest checked variant of ``impl.join.tune`` on the H200 (results/h200/join/tune.json):
-    split with 4 rows per thread, 261 µs at 1M x 1M and 1.44 ms at 10M x 10M, where fused with 8 read 360 µs and
-    3.87 ms."""
+    linear64 (int32 keys; packed 64-bit slots, linear probing, build + one probe kernel): 153 µs at 1M x 1M
+    and 1.29 ms at 10M x 10M in the tune of 2945ae7, where split with 4 rows per thread read 180 µs and 1.41 ms (its
+    t128 / lf0.35 / memset variants read 116-124 µs in the same run: within the tune's run-to-run spread)."""
 
     load_factor: float = 0.5  # build rows / slots
     threads: int = 256        # threads per block (a power of two)
     items: int = 4            # probe (and build) rows per thread in flight
     bucket_bytes: int = 32    # one 32-byte sector per bucket, or 64
-    scheme: str = "split"     # fused: one cooperative launch; split: build, count, write kernels; linear64 (CUDA
+    scheme: str = "linear64"  # fused: one cooperative launch; split: build, count, write kernels; linear64 (CUDA
                               # C++, int32 keys; other keys run split): packed 64-bit slots, linear probing, build +
                               # one probe kernel that counts and writes (``hash_join.cu``); linear64-fused: the
                               # two in one cooperative launch (C++ only; the numba twin runs linear64)
