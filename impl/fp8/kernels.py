@@ -132,14 +132,14 @@ def _tile(t, K, BM: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _tile_at(t, tiles, N, K, stride, BM: tl.constexpr, BK: tl.constexpr):
-    """(element offsets, mask) of tile t of a row-major [N, K] matrix with row stride ``stride``; all masked off
+def _load_tile(ptr, t, tiles, N, K, stride, BM: tl.constexpr, BK: tl.constexpr):
+    """Tile t [BM, BK] of a row-major [N, K] matrix with row stride ``stride``, 0 outside it; all 0 (nothing read)
     when t >= tiles (the prefetch past a program's last tile)."""
     m0, k0 = _tile(t, K, BM, BK)
     rows = m0 + tl.arange(0, BM)
     cols = k0 + tl.arange(0, BK)
     mask = (rows < N)[:, None] & (cols < K)[None, :] & (t < tiles)
-    return rows.to(tl.int64)[:, None] * stride + cols[None, :], mask
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0)
 
 
 @triton.jit
@@ -198,17 +198,14 @@ def dequant_kernel(q_ptr,          # uint8 codes [N, K], row stride stride_q
     tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH:
-        offs, mask = _tile_at(tl.program_id(0), tiles, N, K, stride_q, BM, BK)
-        b = tl.load(q_ptr + offs, mask=mask, other=0)
+        b = _load_tile(q_ptr, tl.program_id(0), tiles, N, K, stride_q, BM, BK)
         for t in range(tl.program_id(0), tiles, step):
-            offs, mask = _tile_at(t + step, tiles, N, K, stride_q, BM, BK)
-            nb = tl.load(q_ptr + offs, mask=mask, other=0)
+            nb = _load_tile(q_ptr, t + step, tiles, N, K, stride_q, BM, BK)
             _dequant_tile(b, t, s_ptr, out_ptr, N, K, stride_s, stride_o, GN, GK, FMT, EMULATE, BM, BK)
             b = nb
     else:
         for t in range(tl.program_id(0), tiles, step):
-            offs, mask = _tile_at(t, tiles, N, K, stride_q, BM, BK)
-            b = tl.load(q_ptr + offs, mask=mask, other=0)
+            b = _load_tile(q_ptr, t, tiles, N, K, stride_q, BM, BK)
             _dequant_tile(b, t, s_ptr, out_ptr, N, K, stride_s, stride_o, GN, GK, FMT, EMULATE, BM, BK)
 
 
@@ -226,17 +223,14 @@ def amax_partials_kernel(x_ptr,      # [N, K] input, row stride stride_x
     tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH:
-        offs, mask = _tile_at(tl.program_id(0), tiles, N, K, stride_x, BM, BK)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK)
         for t in range(tl.program_id(0), tiles, step):
-            offs, mask = _tile_at(t + step, tiles, N, K, stride_x, BM, BK)
-            nx = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK)
             acc = tl.maximum(acc, _finite_abs(x.to(tl.float32)))
             x = nx
     else:
         for t in range(tl.program_id(0), tiles, step):
-            offs, mask = _tile_at(t, tiles, N, K, stride_x, BM, BK)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK)
             acc = tl.maximum(acc, _finite_abs(x.to(tl.float32)))
     tl.store(part_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0))
 
@@ -293,18 +287,15 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
     tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH:
-        offs, mask = _tile_at(tl.program_id(0), tiles, N, K, stride_x, BM, BK)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK)
         for t in range(tl.program_id(0), tiles, step):
-            offs, mask = _tile_at(t + step, tiles, N, K, stride_x, BM, BK)
-            nx = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK)
             acc = _quant_tile(x, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q, GN, GK, FROM_PARTS, NEXT_PARTS,
                               FMT, FMAX, EMULATE, BM, BK)
             x = nx
     else:
         for t in range(tl.program_id(0), tiles, step):
-            offs, mask = _tile_at(t, tiles, N, K, stride_x, BM, BK)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK)
             acc = _quant_tile(x, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q, GN, GK, FROM_PARTS, NEXT_PARTS,
                               FMT, FMAX, EMULATE, BM, BK)
     if NEXT_PARTS:
@@ -380,11 +371,9 @@ def quant_tiles_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, flo
     tiles = tl.cdiv(N, TM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if GN == 1 and PREFETCH:
-        offs, mask = _tile_at(tl.program_id(0), tiles, N, K, stride_x, BM, BK)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK)
         for t in range(tl.program_id(0), tiles, step):
-            offs, mask = _tile_at(t + step, tiles, N, K, stride_x, BM, BK)
-            nx = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK)
             _quant_group_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK)
             x = nx
     else:
@@ -394,8 +383,7 @@ def quant_tiles_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, flo
             cols = k0 + tl.arange(0, BK)
             cmask = (cols < K)[None, :]
             if GN == 1:
-                mask = (rows < N)[:, None] & cmask
-                x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+                x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK)
                 _quant_group_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK)
             elif BM == GN:
                 mask = (rows < N)[:, None] & cmask
