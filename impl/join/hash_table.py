@@ -19,6 +19,7 @@ The three phases are also exposed one by one (``build``/``probe``/``materialize`
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -280,12 +281,16 @@ class HashJoinBase:
         self.launches += int(clear)
         return self.table, layout
 
-    def build(self, keys: torch.Tensor, rows: torch.Tensor | None) -> Built:
-        self._check_device(keys)
+    def _new_built(self, keys: torch.Tensor, rows: torch.Tensor | None) -> Built:
+        """A table ready for ``keys`` (the next epoch, or cleared) and its build state; nothing launched yet."""
         table, layout = self._prepare_table(keys.numel(), keys.dtype, keys.device)
         self.stamp += 1
-        built = Built(table, layout, self.epoch, rows, rows.dtype if rows is not None else torch.int64,
-                      keys.numel(), self.stamp)
+        return Built(table, layout, self.epoch, rows, rows.dtype if rows is not None else torch.int64, keys.numel(),
+                     self.stamp)
+
+    def build(self, keys: torch.Tensor, rows: torch.Tensor | None) -> Built:
+        self._check_device(keys)
+        built = self._new_built(keys, rows)
         if keys.numel():
             self._launch_build(keys, built, self._state(keys.device))
             self.launches += 1
@@ -361,44 +366,37 @@ class HashJoinBase:
             return JoinResult(ob, op)
         state = self._state(dev)
         self._arm()
-        if self._linear(pk.dtype):
+        if self._linear(pk.dtype):  # the probe kernel writes the pairs: it is also the exact-size rewrite
             if self.config.scheme == "linear64-fused" and self.fused_available:
-                table, layout = self._prepare_table(bk.numel(), bk.dtype, dev)
-                self.stamp += 1
-                built = Built(table, layout, self.epoch, br, rdt, bk.numel(), self.stamp)
+                built = self._new_built(bk, br)
                 self._launch_linear_fused(bk, built, pk, pr, ob, op, n, state)
             else:
                 built = self.build(bk, br)
                 self._launch_probe(pk, built, pr, ob, op, n, state)
-            self.launches += 1
-            total = self._read_total(state, self._mark())
-            if total > n:  # many-to-many: the probe runs again into exact-size outputs (no more syncs)
-                check_output_fits(total, rdt, dev)
-                ob, op = torch.empty(total, dtype=rdt, device=dev), torch.empty(total, dtype=rdt, device=dev)
-                self._launch_probe(pk, built, pr, ob, op, total, state)
-                self.launches += 1
-                return JoinResult(ob, op)
-            return JoinResult(ob[:total], op[:total])
-        if self.config.scheme == "fused" and self.fused_available:
-            table, layout = self._prepare_table(bk.numel(), bk.dtype, dev)
-            self.stamp += 1
-            built = Built(table, layout, self.epoch, br, rdt, bk.numel(), self.stamp)
-            probed = self._probe_state(built, pk, pr)
-            self._launch_fused(bk, built, probed, ob, op, n, state)
             mark = self._mark()
             self.launches += 1
+
+            def rewrite(out_b: torch.Tensor, out_p: torch.Tensor, capacity: int) -> None:
+                self._launch_probe(pk, built, pr, out_b, out_p, capacity, state)
         else:
-            built = self.build(bk, br)
+            fused = self.config.scheme == "fused" and self.fused_available
+            built = self._new_built(bk, br) if fused else self.build(bk, br)
             probed = self._probe_state(built, pk, pr)
-            self._launch_count(pk, built, probed, state)
-            mark = self._mark()  # the host can read the total while the write runs
-            self._launch_write(probed, ob, op, n)
-            self.launches += 2
-        total = probed.total = self._read_total(state, mark)
-        if total > n:  # many-to-many: the speculative buffer was short; write again, exact-size
+            if fused:
+                self._launch_fused(bk, built, probed, ob, op, n, state)
+                mark = self._mark()
+                self.launches += 1
+            else:
+                self._launch_count(pk, built, probed, state)
+                mark = self._mark()  # the host can read the total while the write runs
+                self._launch_write(probed, ob, op, n)
+                self.launches += 2
+            rewrite = functools.partial(self._launch_write, probed)
+        total = self._read_total(state, mark)
+        if total > n:  # many-to-many: the speculative buffer was short; write again, exact-size (no more syncs)
             check_output_fits(total, rdt, dev)
             ob, op = torch.empty(total, dtype=rdt, device=dev), torch.empty(total, dtype=rdt, device=dev)
-            self._launch_write(probed, ob, op, total)
+            rewrite(ob, op, total)
             self.launches += 1
             return JoinResult(ob, op)
         return JoinResult(ob[:total], op[:total])
