@@ -176,24 +176,55 @@ struct Kernels {
                   long long, long long);
 };
 
+// One join as the Python driver writes it: the header, then build keys, build rows, probe keys, probe rows. The
+// table grows to the layout's buckets (grown memory starts zeroed) and is zeroed when the join asks for a clear.
+template <typename K>
+struct JoinInput {
+    long long nbuild = 0, n = 0, nb = 0, shift = 0, epoch = 0, clear = 0, capacity = 0, grid = 0;
+    std::vector<K> bk, br, pk, pr;
+};
+
+template <typename K>
+bool read_join(JoinInput<K>& in, std::vector<Slot<K>>& table) {
+    if (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld", &in.nbuild, &in.n, &in.nb, &in.shift, &in.epoch,
+                   &in.clear, &in.capacity, &in.grid) != 8)
+        return false;
+    in.bk.assign(in.nbuild, 0);
+    in.br.assign(in.nbuild, 0);
+    in.pk.assign(in.n, 0);
+    in.pr.assign(in.n, 0);
+    if (!read_values(in.bk) || !read_values(in.br) || !read_values(in.pk) || !read_values(in.pr)) return false;
+    if ((long long)table.size() < in.nb * Bucket<K>::SLOTS) table.resize(in.nb * Bucket<K>::SLOTS, Slot<K>{});
+    if (in.clear) std::fill(table.begin(), table.end(), Slot<K>{});
+    return true;
+}
+
+// Whether every element of v from `from` on still holds the guard (nothing was written past the capacity).
+template <typename T>
+bool guarded_from(const std::vector<T>& v, long long from, T guard) {
+    return std::all_of(v.begin() + from, v.end(), [&](T x) { return x == guard; });
+}
+
+// The result line (total, device error, guards intact, rewritten exact-size) and the first `total` pairs.
+template <typename T>
+void print_join(long long total, long long error, bool guards, bool rewrite, const std::vector<T>& ob,
+                const std::vector<T>& op) {
+    std::printf("%lld %lld %d %d\n", total, error, (int)guards, (int)rewrite);
+    for (long long i = 0; i < total; ++i) std::printf("%lld %lld\n", (long long)ob[i], (long long)op[i]);
+}
+
 // scheme 2 (linear64, int32 keys): lbuild + lprobe over `grid` blocks (grid-stride loops), speculative capacity, the
 // lprobe again exact-size when the total exceeds it; scheme 3: the first two in one cooperative lfused launch.
 int run_linear(int joins, bool fused) {
     using S = Slot<int>;
-    constexpr int SLOTS = Bucket<int>::SLOTS;
     const unsigned threads = JOIN_THREADS;
     std::vector<S> table;
     std::vector<long long> state(8, 0);
     long long bar_base = 0;
     for (int q = 0; q < joins; ++q) {
-        long long nbuild, n, nb, shift, epoch, clear, capacity, grid;
-        if (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld", &nbuild, &n, &nb, &shift, &epoch, &clear, &capacity,
-                       &grid) != 8)
-            return 4;
-        std::vector<int> bk(nbuild), br(nbuild), pk(n), pr(n);
-        if (!read_values(bk) || !read_values(br) || !read_values(pk) || !read_values(pr)) return 4;
-        if ((long long)table.size() < nb * SLOTS) table.resize(nb * SLOTS, S{});
-        if (clear) std::fill(table.begin(), table.end(), S{});
+        JoinInput<int> in;
+        if (!read_join(in, table)) return 4;
+        auto& [nbuild, n, nb, shift, epoch, clear, capacity, grid, bk, br, pk, pr] = in;
         long long host[2] = {-7, 0};
         const int guard = 0x5A5A5A5A;
         std::vector<int> ob(capacity + 16, guard), op(capacity + 16, guard);
@@ -221,19 +252,16 @@ int run_linear(int joins, bool fused) {
         const long long total = state[0];
         if (host[0] != total || host[1] != state[1]) return 5;
         if (state[5] != 0 || state[6] != 0) return 6;  // the probe must leave its counter and ticket at zero
-        bool guards = std::all_of(ob.begin() + capacity, ob.end(), [&](int v) { return v == guard; }) &&
-                      std::all_of(op.begin() + capacity, op.end(), [&](int v) { return v == guard; });
+        bool guards = guarded_from(ob, capacity, guard) && guarded_from(op, capacity, guard);
         const bool rewrite = total > capacity;
         if (rewrite) {
             ob.assign(total + 16, guard);
             op.assign(total + 16, guard);
             probe(total);
             if (state[0] != total) return 7;
-            guards = guards && std::all_of(ob.begin() + total, ob.end(), [&](int v) { return v == guard; }) &&
-                     std::all_of(op.begin() + total, op.end(), [&](int v) { return v == guard; });
+            guards = guards && guarded_from(ob, total, guard) && guarded_from(op, total, guard);
         }
-        std::printf("%lld %lld %d %d\n", total, state[1], (int)guards, (int)rewrite);
-        for (long long i = 0; i < total; ++i) std::printf("%lld %lld\n", (long long)ob[i], (long long)op[i]);
+        print_join(total, state[1], guards, rewrite, ob, op);
     }
     return 0;
 }
@@ -241,20 +269,14 @@ int run_linear(int joins, bool fused) {
 template <typename K>
 int run(int scheme, int joins, Kernels<K> k) {
     using S = Slot<K>;
-    constexpr int SLOTS = Bucket<K>::SLOTS;
     const unsigned threads = JOIN_THREADS;
     std::vector<S> table;
     std::vector<long long> state(8, 0);
     long long bar_base = 0;
     for (int q = 0; q < joins; ++q) {
-        long long nbuild, n, nb, shift, epoch, clear, capacity, grid;
-        if (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld", &nbuild, &n, &nb, &shift, &epoch, &clear, &capacity,
-                       &grid) != 8)
-            return 4;
-        std::vector<K> bk(nbuild), br(nbuild), pk(n), pr(n);
-        if (!read_values(bk) || !read_values(br) || !read_values(pk) || !read_values(pr)) return 4;
-        if ((long long)table.size() < nb * SLOTS) table.resize(nb * SLOTS, S{});  // grown memory starts zeroed
-        if (clear) std::fill(table.begin(), table.end(), S{});
+        JoinInput<K> in;
+        if (!read_join(in, table)) return 4;
+        auto& [nbuild, n, nb, shift, epoch, clear, capacity, grid, bk, br, pk, pr] = in;
         const long long ntiles = (n + TILE - 1) / TILE;
         std::vector<int> heads(std::max(n, 1LL));
         std::vector<long long> tcounts(std::max(ntiles * threads, 1LL)), totals(std::max(ntiles, 1LL)),
@@ -287,8 +309,7 @@ int run(int scheme, int joins, Kernels<K> k) {
         }
         const long long total = state[0];
         if (host[0] != total || host[1] != state[1]) return 5;  // the pinned host words must carry total and error
-        bool guards = std::all_of(ob.begin() + capacity, ob.end(), [&](K v) { return v == guard; }) &&
-                      std::all_of(op.begin() + capacity, op.end(), [&](K v) { return v == guard; });
+        bool guards = guarded_from(ob, capacity, guard) && guarded_from(op, capacity, guard);
         const bool rewrite = total > capacity;
         if (rewrite) {  // the speculative buffer was short: write again, exact-size (as hash_cuda.py does)
             ob.assign(total + 16, guard);
@@ -297,11 +318,9 @@ int run(int scheme, int joins, Kernels<K> k) {
                    (const S*)table.data(), nb, shift, epoch, (const int*)heads.data(),
                    (const long long*)tcounts.data(), (const long long*)offsets.data(), (const K*)br.data(),
                    (const K*)pr.data(), ob.data(), op.data(), total);
-            guards = guards && std::all_of(ob.begin() + total, ob.end(), [&](K v) { return v == guard; }) &&
-                     std::all_of(op.begin() + total, op.end(), [&](K v) { return v == guard; });
+            guards = guards && guarded_from(ob, total, guard) && guarded_from(op, total, guard);
         }
-        std::printf("%lld %lld %d %d\n", total, state[1], (int)guards, (int)rewrite);
-        for (long long i = 0; i < total; ++i) std::printf("%lld %lld\n", (long long)ob[i], (long long)op[i]);
+        print_join(total, state[1], guards, rewrite, ob, op);
     }
     return 0;
 }
