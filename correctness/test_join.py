@@ -270,7 +270,8 @@ def test_cuda_source_under_cpu_emulation_equals_pandas(emulated_cuda_join, table
 
 
 @given(tables=st.lists(join_inputs(max_n=400), min_size=1, max_size=3), grid=st.integers(1, 4),
-       fused=st.booleans(), config=st.builds(HashConfig, scheme=st.just("linear64"), load_factor=st.sampled_from([0.25, 0.5, 0.9]),
+       fused=st.booleans(),
+       config=st.builds(HashConfig, scheme=st.just("linear64"), load_factor=st.sampled_from([0.25, 0.5, 0.9]),
                         clear=st.sampled_from(["epoch", "memset"]), epoch_bits=st.sampled_from([None, 1, 2])),
        capacity=st.sampled_from(["speculative", "exact", "short"]))
 def test_linear64_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join, tables, grid, fused, config, capacity):
