@@ -23,11 +23,12 @@ staging is part of a pageable copy).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from impl import backend
-from impl.common.timing import time_fn
+from impl.common.timing import synchronize, time_fn
 
 REST_S = 1.0  # idle before each peak GEMM's rounds, on a GPU: its power and clocks recover
 METHOD = ("copy 1 GiB d2d (read+write); GEMM 8192^3 via torch; H2D 40 MB; medians of 20 event-timed reps (copy and "
@@ -131,10 +132,6 @@ def measure_gemm_tflops(dtype: str, shape: tuple[int, int, int] = FULL.gemm, *, 
 def rest(seconds: float = REST_S) -> None:
     """Let the GPU idle ``seconds`` after its queue drains (nothing on the CPU)."""
     if backend.ON_GPU:
-        import time
-
-        from impl.common.timing import synchronize
-
         synchronize()
         time.sleep(seconds)
 
