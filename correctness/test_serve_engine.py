@@ -80,6 +80,27 @@ def test_continuous_batching_equals_each_request_alone(name):
         assert out.tokens == alone(prompt, params[i], **cfg) and len(out.tokens) == n, i
 
 
+def test_admit_every_groups_prefills_and_keeps_each_result():
+    """With admit_every=3, arrivals while others decode wait for the third decode step since the last admission and
+    prefill together there, and every result equals the request alone."""
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=())
+    engine = Engine(MODEL, EngineConfig(attention="sdpa", page_size=4, max_batch=4, admit_every=3))
+    first = engine.add_request(PROMPTS[1], params)
+    engine.step()  # nothing running: admitted at once
+    late = [engine.add_request(p, params) for p in (PROMPTS[0], PROMPTS[3])]
+    waited = 0
+    while any(r.id in late for r in engine.waiting):
+        engine.step()
+        waited += 1
+    assert engine.stats["prefill_steps"] == 2 and waited == 2  # decode steps 1, 2 alone; step 3 admits both
+    while engine.has_unfinished():
+        engine.step()
+    for rid, prompt in zip([first, *late], [PROMPTS[1], PROMPTS[0], PROMPTS[3]]):
+        assert engine.done[rid].tokens == alone(prompt, params, attention="sdpa"), rid
+    with pytest.raises(ValueError, match="admit_every"):
+        EngineConfig(admit_every=0)
+
+
 def test_stop_tokens_and_length_limits():
     free = alone(PROMPTS[1], SamplingParams(max_new_tokens=10, stop_token_ids=()))
     stop = free[4]

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="auto", choices=["auto", "flashinfer", "triton", "sdpa"])
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--admit-every", type=int, default=1,
+                   help="while requests decode, prefill waiting ones only every N decode steps (bigger groups)")
     p.add_argument("--max-seq-len", type=int, default=None)
     return p
 
@@ -96,7 +98,8 @@ def make_engine(a: argparse.Namespace) -> Any:
     if a.fp8:
         fp8_adapter.quantize_model_(model)
     cfg = EngineConfig(page_size=a.page_size, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
-                       kv_dtype=torch.float8_e4m3fn if a.kv_fp8 else None, attention=a.attention, seed=a.seed)
+                       kv_dtype=torch.float8_e4m3fn if a.kv_fp8 else None, attention=a.attention, seed=a.seed,
+                       admit_every=a.admit_every)
     return Engine(model, cfg, tokenizer=tok)
 
 

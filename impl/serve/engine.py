@@ -33,7 +33,11 @@ from impl.serve.sampling import SEED_LIMIT, SamplingParams, make_generator, samp
 class EngineConfig:
     """Batching and cache limits. ``num_pages`` 0 = enough for ``max_batch`` full contexts, capped by
     ``kv_cache_bytes`` (0 = half the free GPU memory, or 512 MiB on a CPU). ``cuda_graphs`` None = on when the device
-    is a GPU and the attention backend is graph-safe."""
+    is a GPU and the attention backend is graph-safe. ``admit_every``: while sequences are decoding, waiting requests
+    are admitted (and prefilled together in one forward) only on every ``admit_every``-th decode step; with nothing
+    running they are admitted at once. 1 prefills new arrivals before every decode step; larger values prefill fewer,
+    bigger groups (fewer uncaptured forwards per generated token) and add at most that many decode steps to a
+    request's time to first token."""
 
     page_size: int = 16
     num_pages: int = 0
@@ -45,10 +49,13 @@ class EngineConfig:
     attention: str = "auto"
     cuda_graphs: bool | None = None
     seed: int = 0
+    admit_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_prefill_tokens < 1 or self.page_size < 1 or self.num_pages < 0:
-            raise ValueError(f"max_batch, max_prefill_tokens and page_size must be >= 1 and num_pages >= 0: {self}")
+        if (self.max_batch < 1 or self.max_prefill_tokens < 1 or self.page_size < 1 or self.num_pages < 0
+                or self.admit_every < 1):
+            raise ValueError("max_batch, max_prefill_tokens, page_size and admit_every must be >= 1 and num_pages "
+                             f">= 0: {self}")
 
 
 @dataclass
@@ -109,7 +116,8 @@ class Engine:
         self.done: dict[int, Completion] = {}
         self._next_id = 0
         self.stats = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0,
-                      "generated_tokens": 0}
+                      "generated_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
+        self._steps_since_admit = 0
 
     def _default_pages(self) -> int:
         a, cfg = self.model.args, self.cfg
@@ -231,9 +239,18 @@ class Engine:
     def step(self) -> list[int]:
         """One scheduling round (admit + prefill, then decode); returns the ids finished in it."""
         before = set(self.done)
-        self._prefill(self._admit())
+        if not self.running or self._steps_since_admit + 1 >= self.cfg.admit_every:
+            batch = self._admit()
+            if batch:
+                self._steps_since_admit = 0
+                t0 = time.perf_counter()
+                self._prefill(batch)
+                self.stats["prefill_s"] += time.perf_counter() - t0
         if self.running:
+            t0 = time.perf_counter()
             self._decode()
+            self.stats["decode_s"] += time.perf_counter() - t0
+            self._steps_since_admit += 1
         return sorted(set(self.done) - before)
 
     def _admit(self) -> list[Request]:

@@ -8,7 +8,8 @@ The model (SmolLM2-135M-Instruct in FP8, made here from its bf16 checkpoint by i
 (``choose.make_batch_invariant``): a request's greedy tokens then do not depend on the batch it shares. Prompts are
 token ids of mixed lengths (log-uniform in [--min-prompt, --max-prompt], fixed seed). Two servers run in turn on the
 same model and the same load: ``continuous`` (``max_batch`` = --max-batch: requests join and leave the running
-batch) and ``one_at_a_time`` (``max_batch`` = 1: each request alone). Each first serves a warm-up load (kernels
+batch; waiting requests are prefilled together every --admit-every decode steps) and ``one_at_a_time``
+(``max_batch`` = 1: each request alone). Each first serves a warm-up load (kernels
 compiled, CUDA graphs captured for every batch size), then the measured one: --requests requests, at most
 --concurrency in flight, each ``{"prompt": ids, "max_tokens": N, "temperature": 0}``, from a client in its own process
 (``loadclient.py``); every request has a client timeout and new requests stop at the budget (the record then says
@@ -17,7 +18,9 @@ compiled, CUDA graphs captured for every batch size), then the measured one: --r
 Per mode: requests/s and completion tokens/s over the wall time, client latency p50/p99, and TTFT p50/p99 as the
 engine measures it (arrival to first sampled token, from its completions). ``batching_gain`` = continuous requests/s
 over one-at-a-time requests/s; ``greedy_identical`` = the fraction of requests whose tokens are the same in both
-modes (one at a time is each prompt alone). Written to ``results/<card>/serve/endpoint_<model>.json`` on a GPU.
+modes (one at a time is each prompt alone). Each mode also records the engine's steps over the measured load (prefill
+and decode steps, tokens, seconds in each), and ``engine_alone`` the same prompts through ``Engine.generate`` with no
+server or client, so the endpoint's own overhead shows beside the engine's. Written to ``results/<card>/serve/endpoint_<model>.json`` on a GPU.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from impl import backend
 from impl.common.log import logger
 from impl.serve.engine import Engine, EngineConfig
 from impl.serve.loadclient import drive_in_process, percentile
+from impl.serve.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class LoadConfig:
     timeout_s: float = 120.0
     budget_s: float = 240.0
     seed: int = 0
+    admit_every: int = 8
 
 
 SMOKE = LoadConfig(model="tiny", concurrency=6, requests=12, max_tokens=4, min_prompt=2, max_prompt=20, max_batch=6,
@@ -132,12 +137,36 @@ def summarize(results: list[dict[str, Any] | None], wall: float, ttfts: list[flo
             "ttfts_s": ttfts}
 
 
+def make_engine(model: Any, cfg: LoadConfig, max_batch: int) -> Engine:
+    max_len = cfg.max_prompt + cfg.max_tokens + 8
+    return Engine(model, EngineConfig(page_size=cfg.page_size, max_batch=max_batch, max_seq_len=max_len,
+                                      num_pages=max_batch * -(-max_len // cfg.page_size) + 8, seed=cfg.seed,
+                                      admit_every=cfg.admit_every))
+
+
+def run_engine_alone(model: Any, cfg: LoadConfig, prompts: list[list[int]]) -> dict[str, Any]:
+    """The same prompts through ``Engine.generate`` with no server or client (all queued at once): the engine's own
+    tokens/s and its time in prefill and decode steps, to tell the endpoint's overhead from the engine's."""
+    engine = make_engine(model, cfg, cfg.max_batch)
+    params = SamplingParams(max_new_tokens=cfg.max_tokens)
+    engine.generate(prompts[: cfg.concurrency], params)  # warm-up: graphs and kernels
+    before = dict(engine.stats)
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    steps = {k: v - before[k] for k, v in engine.stats.items()}
+    tokens = sum(len(o.tokens) for o in outs)
+    log(f"engine alone: {len(outs)} requests, {tokens} tokens in {wall:.2f} s ({tokens / wall:.0f} tok/s); "
+        f"prefill {steps['prefill_steps']} steps {steps['prefill_s']:.2f} s, decode {steps['decode_steps']} steps "
+        f"{steps['decode_s']:.2f} s")
+    return {"wall_s": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall if wall > 0 else None,
+            "steps": steps, "errors": [o.error for o in outs if o.error][:5]}
+
+
 def run_mode(model: Any, name: str, cfg: LoadConfig, max_batch: int, prompts: list[list[int]],
              deadline: float) -> tuple[dict[str, Any], list[dict[str, Any] | None]]:
     """Warm-up load, then the measured load, on a fresh engine with ``max_batch``."""
-    max_len = cfg.max_prompt + cfg.max_tokens + 8
-    engine = Engine(model, EngineConfig(page_size=cfg.page_size, max_batch=max_batch, max_seq_len=max_len,
-                                        num_pages=max_batch * -(-max_len // cfg.page_size) + 8, seed=cfg.seed))
+    engine = make_engine(model, cfg, max_batch)
     with serving(engine, name) as url:
         warm = make_prompts(cfg, model.args.vocab_size, cfg.warmup_requests, cfg.seed + 1)
         t0 = time.perf_counter()
@@ -145,11 +174,14 @@ def run_mode(model: Any, name: str, cfg: LoadConfig, max_batch: int, prompts: li
                          max(0.0, deadline - time.perf_counter()))
         log(f"max_batch={max_batch}: warm-up of {len(warm)} requests in {time.perf_counter() - t0:.1f} s")
         engine.done = CompletionLog()  # the measured completions from here on (the engine thread is idle now)
+        before = dict(engine.stats)
         results, wall = drive_in_process(url, prompts, cfg.concurrency, cfg.max_tokens, cfg.timeout_s,
                                          max(0.0, deadline - time.perf_counter()))
         ttfts = [c.ttft_s for c in engine.done.seen if c.ttft_s is not None]
         summary = summarize(results, wall, ttfts)
-        summary.update(max_batch=max_batch, engine=engine.describe(), decode_steps=engine.stats["decode_steps"])
+        steps = {k: v - before[k] for k, v in engine.stats.items()}
+        summary.update(max_batch=max_batch, engine=engine.describe(), decode_steps=steps["decode_steps"],
+                       steps=steps)
     log(f"max_batch={max_batch}: {summary['ok']}/{len(prompts)} ok in {wall:.1f} s, "
         f"{summary['requests_per_s'] or 0:.1f} req/s, {summary['tokens_per_s'] or 0:.0f} tok/s, "
         f"p50 {summary['latency_p50_s'] or 0:.3f} s, p99 {summary['latency_p99_s'] or 0:.3f} s")
@@ -173,6 +205,8 @@ def run(cfg: LoadConfig) -> dict[str, Any]:
     same = sum(a["tokens"] == b["tokens"] for a, b in both)
     c, s = modes["continuous"], modes["one_at_a_time"]
     complete = c["ok"] == s["ok"] == cfg.requests
+    if deadline - time.perf_counter() > 20:
+        modes["engine_alone"] = run_engine_alone(model, cfg, prompts)
     return {"config": asdict(cfg), "model": name, "modes": modes,
             "prompt_lengths": [len(p) for p in prompts],
             "batching_gain": (c["requests_per_s"] / s["requests_per_s"]) if s["requests_per_s"] else None,
@@ -187,12 +221,14 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=LoadConfig.model, choices=["smollm2", "tiny"])
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU at toy load; prints, writes nothing")
-    for field in ("concurrency", "requests", "max_tokens", "min_prompt", "max_prompt", "max_batch", "budget_s"):
+    for field in ("concurrency", "requests", "max_tokens", "min_prompt", "max_prompt", "max_batch", "budget_s",
+                  "admit_every"):
         p.add_argument("--" + field.replace("_", "-"), type=type(getattr(LoadConfig, field)), default=None)
     a = p.parse_args(argv)
     cfg = SMOKE if a.smoke else LoadConfig(model=a.model)
     cfg = replace(cfg, **{f: getattr(a, f) for f in ("concurrency", "requests", "max_tokens", "min_prompt",
-                                                     "max_prompt", "max_batch", "budget_s") if getattr(a, f)})
+                                                     "max_prompt", "max_batch", "budget_s", "admit_every")
+                          if getattr(a, f)})
     if not a.smoke and not backend.ON_GPU:
         print("the endpoint load test needs a CUDA GPU (use --smoke on a CPU)", file=sys.stderr)
         return 2
