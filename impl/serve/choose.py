@@ -150,14 +150,16 @@ def set_model_table(model: Any, table: GemmTable) -> int:
     return count
 
 
-INVARIANT = GemvConfig(dot=True, block_m=16, block_n=64, block_k=64, num_stages=2)
+INVARIANT = GemvConfig(dot=True, block_m=64, block_n=64, block_k=64, num_stages=2)
 
 
 def make_batch_invariant(model: Any, config: GemvConfig = INVARIANT, use_kernel: bool | None = None) -> int:
     """Serve every linear of ``model`` (FP8 ones and dense ones, the LM head included) through the GEMV kernel with
     one fixed configuration, so each row's result does not depend on the other rows of its batch: with the per-row
     kernels of the rest of the step (norms, RoPE, paged attention per sequence, sampling) a request's greedy tokens
-    are the same alone or in any batch. Costs speed at large M (16-row tiles re-read the weights per M tile). Returns
+    are the same alone or in any batch. The default tile is 64 rows: a prefill of T tokens decodes each weight tile
+    ~T/64 times (a 16-row tile would do it 4x as often; prefill is bound by that decode), while a decode step of up to
+    64 sequences is one M tile that reads the weights once (its padded rows cost tensor-core work, not bytes). Returns
     the number of linears changed. ``use_kernel`` True forces the kernel on a CPU (interpreter; tests)."""
     from impl.serve.fp8_gemv import DecodeFp8Linear
     from impl.serve.model import DenseLinear

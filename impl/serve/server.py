@@ -53,7 +53,8 @@ class ServerLimits:
     request_timeout_s: float = 30.0  # to send the request line, headers and body (and each socket read or write)
     max_body_bytes: int = 1 << 20
     max_prompts: int = 64
-    poll_s: float = 0.05  # how often a waiting handler checks whether its client is still there
+    poll_s: float = 0.5  # how often a waiting handler checks whether its client is still there (it wakes at once
+    # when its result is ready; each poll takes the interpreter lock from the engine thread, so not too often)
     backlog: int = 1024  # connections the kernel queues before accept (a burst of clients beyond it is reset)
 
     def __post_init__(self) -> None:
