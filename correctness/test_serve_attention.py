@@ -97,6 +97,24 @@ def test_triton_kernels_write_every_output(decode, case):
     check_kernel(run, torch.empty_like(q), ref, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("tiles", [(16, 16), (32, 16), (16, 32)], ids=str)
+def test_triton_prefill_unmasked_key_blocks_match_the_reference(tiles):
+    """Small tiles, long cached prefixes and chunks that start mid-block: key blocks wholly below a query block
+    take the unmasked path, the rest the masked one; every row must still match float64."""
+    from impl.serve.triton_attention import PrefillTiles
+
+    case = dict(kv_heads=2, heads=4, head_dim=16, page_size=4, lengths=[70, 41, 17], q_lens=[37, 41, 3],
+                fp8_kv=False, seed=5)
+    cache, meta, q = build(case, torch.float32)
+    ref = paged_attention_reference(q, cache.k[0], cache.v[0], meta, scale=0.25).float().numpy()
+    run = lambda out: paged_prefill(q, cache.k[0], cache.v[0], meta.block_tables, meta.q_start, meta.seq_lens,
+                                    meta.max_q_len, scale=0.25, out=out,
+                                    tiles=PrefillTiles(block_m=tiles[0], block_n=tiles[1], num_warps=4))
+    check_kernel(run, torch.empty_like(q), ref, **TOL[torch.float32])
+    with pytest.raises(ValueError, match="power of two"):
+        PrefillTiles(block_m=24)
+
+
 def test_triton_decode_writes_zeros_for_empty_rows():
     """CUDA-graph padding rows have K/V length 0 and must come out as zeros, not NaN (0/0)."""
     case = dict(kv_heads=2, heads=4, head_dim=16, page_size=4, lengths=[5, 9], q_lens=[1, 1], fp8_kv=False, seed=3)

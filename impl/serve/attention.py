@@ -23,7 +23,7 @@ both.
 from __future__ import annotations
 
 import importlib.util
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,11 @@ class TritonPagedAttention:
     name = "triton"
     graph_safe = True
 
+    def __init__(self, prefill_tiles: Any = None) -> None:
+        from impl.serve.triton_attention import PREFILL_TILES
+
+        self.prefill_tiles = prefill_tiles or PREFILL_TILES
+
     def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, *, scale: float,
                k_scale: float = 1.0, v_scale: float = 1.0) -> Tensor:
         from impl.serve.triton_attention import paged_decode, paged_prefill
@@ -69,7 +74,7 @@ class TritonPagedAttention:
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale,
                                 k_scale=k_scale, v_scale=v_scale)
         return paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.q_start, meta.seq_lens, meta.max_q_len,
-                             scale=scale, k_scale=k_scale, v_scale=v_scale)
+                             scale=scale, k_scale=k_scale, v_scale=v_scale, tiles=self.prefill_tiles)
 
 
 class TorchSDPAAttention:

@@ -149,6 +149,17 @@ def run(site_dir: str | None, budget_s: float, reps: int) -> dict[str, Any]:
                 except Exception as e:
                     timings[name][phase][f"{b}x{n}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 log(f"{name} {phase} {b}x{n}: {timings[name][phase][f'{b}x{n}']}")
+    if "triton" in backends:  # the prefill kernel with the smaller tiles beside its default (for the record)
+        from impl.serve.attention import TritonPagedAttention
+        from impl.serve.triton_attention import PrefillTiles
+
+        small = PrefillTiles(block_m=64, block_n=64, num_warps=4, num_stages=1)
+        be = TritonPagedAttention(small)
+        timings["triton_prefill_tiles_64x64w4"] = {"prefill": {}}
+        for b, n in PREFILL:
+            if time.perf_counter() - t_start > budget_s:
+                continue
+            timings["triton_prefill_tiles_64x64w4"]["prefill"][f"{b}x{n}"] = time_case(be, b, n, n, dtype, reps)
     choice, ratios = None, {}
     keys = REFERENCE_CASES
     per_phase = {n: {p: timings[n][p].get(keys[p], {}).get("median_us") for p in keys} for n in backends}

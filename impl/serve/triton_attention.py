@@ -14,6 +14,8 @@ float32. A row with ``seq_len`` 0 (a padded CUDA-graph row) writes zeros. FP8 pa
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import impl  # noqa: F401  (backend before triton)
 import torch
 import triton
@@ -87,6 +89,28 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
              mask=g_mask[:, None] & d_mask[None, :])
 
 
+@triton.jit
+def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, pos, q_pos, seq_len, offs_d, d_mask, kv_head,
+                  stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, qk_scale_log2, k_scale, v_scale,
+                  page_size, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step of a query block over the keys at ``pos``; MASKED applies the causal and length
+    masks (blocks wholly below the query block's first position need neither)."""
+    n_mask = pos < seq_len
+    k = _load_kv_block(k_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
+                       k_scale, q, page_size)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    if MASKED:
+        s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite from the first block on: key 0 is visible to every query
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_kv_block(v_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_vp, stride_vs, stride_vh,
+                       v_scale, q, page_size)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]; caches [P, PS, KVH, D]
                          bt_ptr, q_start_ptr, seq_lens_ptr,     # block tables [B, W], row offsets [B+1], lengths [B]
@@ -98,7 +122,7 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
-    m_block = tl.program_id(1)
+    m_block = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest (last) query blocks start first
     head = tl.program_id(2)
     row0 = tl.load(q_start_ptr + b)
     q_len = tl.load(q_start_ptr + b + 1) - row0
@@ -106,7 +130,8 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d, offs_n = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
     m_mask, d_mask = offs_m < q_len, offs_d < HEAD_DIM
-    q_pos = seq_len - q_len + offs_m  # the new tokens are the last q_len of the sequence
+    q_first = seq_len - q_len + m_block * BLOCK_M  # the new tokens are the last q_len of the sequence
+    q_pos = q_first + tl.arange(0, BLOCK_M)
     q = tl.load(q_ptr + (row0 + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     kv_head = head // group
@@ -114,24 +139,21 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = bt_ptr + b * stride_bt
-    # causal: keys up to the block's last query; a block past the end of this sequence's queries does no work
-    end = tl.minimum(seq_len, seq_len - q_len + (m_block + 1) * BLOCK_M)
+    # causal: keys up to the block's last query; a block past the end of this sequence's queries does no work.
+    # Key blocks ending at or before q_first are visible to every query of the block: no masks there.
+    end = tl.minimum(seq_len, q_first + BLOCK_M)
     end = tl.where(m_block * BLOCK_M < q_len, end, 0)
-    for start in range(0, end, BLOCK_N):
-        pos = start + offs_n
-        n_mask = pos < seq_len
-        k = _load_kv_block(k_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
-                           k_scale, q, page_size)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite from the first block on: key 0 is visible to every query
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_block(v_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_vp, stride_vs, stride_vh,
-                           v_scale, q, page_size)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    free_end = tl.minimum((q_first + 1) // BLOCK_N * BLOCK_N, end)
+    for start in range(0, free_end, BLOCK_N):
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, start + offs_n, q_pos, seq_len,
+                                      offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh, stride_vp,
+                                      stride_vs, stride_vh, qk_scale_log2, k_scale, v_scale, page_size,
+                                      False, DOT_PRECISION)
+    for start in range(free_end, end, BLOCK_N):
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, start + offs_n, q_pos, seq_len,
+                                      offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh, stride_vp,
+                                      stride_vs, stride_vh, qk_scale_log2, k_scale, v_scale, page_size,
+                                      True, DOT_PRECISION)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (row0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -188,10 +210,31 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return out
 
 
+@dataclass(frozen=True)
+class PrefillTiles:
+    """The prefill kernel's launch: query rows and key positions per program step, warps, pipeline stages."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"PrefillTiles.{name} must be a power of two >= 16, got {v}")
+        if self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"PrefillTiles needs num_warps and num_stages >= 1: {self}")
+
+
+PREFILL_TILES = PrefillTiles()
+
+
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   q_start: torch.Tensor, seq_lens: torch.Tensor, max_q_len: int, *, scale: float,
                   k_scale: float = 1.0, v_scale: float = 1.0, out: torch.Tensor | None = None,
-                  block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                  tiles: PrefillTiles = PREFILL_TILES) -> torch.Tensor:
     """Causal attention of T new query rows (any number per sequence, after its cached tokens) → [T, H, D]."""
     group, dim = _check(q, k_cache, v_cache, block_tables, seq_lens)
     batch, heads = seq_lens.shape[0], q.shape[1]
@@ -200,14 +243,14 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     out = torch.empty_like(q) if out is None else out
     if batch == 0 or max_q_len == 0:
         return out
-    grid = (batch, triton.cdiv(max_q_len, block_m), heads)
+    grid = (batch, triton.cdiv(max_q_len, tiles.block_m), heads)
     paged_prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, q_start, seq_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0),
         scale * LOG2E, k_scale, v_scale, group, k_cache.shape[1],
-        HEAD_DIM=dim, BLOCK_M=block_m,
-        BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4)
+        HEAD_DIM=dim, BLOCK_M=tiles.block_m,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
