@@ -157,7 +157,7 @@ def cached(key: tuple, make):
 
 # Each distinct (threads, items, bucket) is a fresh compile on the GPU: few there, more variety here.
 HASH_CONFIGS = st.builds(HashConfig, scheme=st.sampled_from(["split", "linear64"]), linear_wide=st.booleans(),
-                         spec_factor=st.sampled_from([1, 4]),
+                         spec_factor=st.sampled_from([1, 8]),
                          load_factor=st.sampled_from([0.25, 0.5, 0.9]),
                          threads=st.sampled_from(sized(gpu=[256], cpu=[32, 64])),
                          items=st.sampled_from(sized(gpu=[1, 8], cpu=[1, 4])),
@@ -184,7 +184,7 @@ def test_hash_numba_join_equals_pandas(inputs, config):
 
 CUDA_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.5, 0.9]),
                          scheme=st.sampled_from(["fused", "split", "linear64", "linear64-fused"]),
-                         linear_wide=st.booleans(), lrows=st.sampled_from([1, 2]), spec_factor=st.sampled_from([1, 4]),
+                         linear_wide=st.booleans(), spec_factor=st.sampled_from([1, 8]),
                          items=st.sampled_from([1, 8]), bucket_bytes=st.sampled_from([32, 64]),
                          readback=st.sampled_from(["pinned", "item"]), epoch_bits=st.sampled_from([None, 1]))
 

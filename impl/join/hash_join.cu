@@ -557,8 +557,9 @@ __device__ void fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, l
 //           re-testing a slot it lost only against the CAS's returned word.
 //   lprobe: grid-stride loop, JOIN_LROWS rows per thread per step: count each row's matches (first one remembered);
 //           the warp reserves the pairs of its rows with one atomicAdd on state[5] (per row: ballot + popc when no
-//           lane has more than one match, a shuffle scan otherwise) and writes them at once (pairs at offsets >= capacity are dropped; capacity 0
-//           = count only); the last block to finish publishes the total (state[0], host[0]) and resets the counter.
+//           lane has more than one match, a shuffle scan otherwise) and writes them at once (pairs at offsets >=
+//           capacity are dropped; capacity 0 = count only); the last block to finish publishes the total (state[0],
+//           host[0]) and resets the counter.
 // Pair order in the output is not deterministic (warps reserve their ranges in arrival order).
 
 #define FULL_MASK 0xffffffffu
@@ -626,7 +627,9 @@ __device__ __forceinline__ int first_free(const Bucket<K>& bk, unsigned shift, u
 
 // One CAS on slot s of bucket b from the loaded value to (key, tag), issued without waiting for its result:
 // int32 slots swap the packed 64-bit word, int64 slots the tag word (the key is stored by claimed()).
-__device__ __forceinline__ u64 cas_expected(const Bucket<int>& bk, int s) { return pack_slot(bk.s[s].key, bk.s[s].tag); }
+__device__ __forceinline__ u64 cas_expected(const Bucket<int>& bk, int s) {
+    return pack_slot(bk.s[s].key, bk.s[s].tag);
+}
 __device__ __forceinline__ u64 cas_expected(const Bucket<long long>& bk, int s) { return bk.s[s].tag; }
 __device__ __forceinline__ u64 cas_issue(Slot<int>* table, long long b, int s, u64 expected, int key, unsigned tag) {
     return atomicCAS(reinterpret_cast<u64*>(table + b * Bucket<int>::SLOTS + s), expected, pack_slot(key, tag));

@@ -13,9 +13,9 @@ when the output has at most that many pairs; ``spec_factor`` > 1 only where memo
 sync reads the total; if it exceeds the speculative capacity (many-to-many), the write runs again exact-size after
 the output is checked to fit in memory. The fused scheme does build/count/write in one cooperative launch.
 The linear64 scheme (int32 keys, and int64 keys with ``linear_wide``; backends with ``linear_available``) keeps
-the same table memory and epochs but probes linearly (a bucket's slots, then the next bucket) and needs no heads or counts: its probe kernel counts and
-writes in one pass, so a join is build + probe (+ the probe again, exact-size, when the output overflows the
-speculative buffer); its probe phase counts only.
+the same table memory and epochs but probes linearly (a bucket's slots, then the next bucket) and needs no heads or
+counts: its probe kernel counts and writes in one pass, so a join is build + probe (+ the probe again, exact-size,
+when the output overflows the speculative buffer); its probe phase counts only.
 The three phases are also exposed one by one (``build``/``probe``/``materialize``) for the per-phase benches.
 """
 from __future__ import annotations

@@ -51,8 +51,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
     ("linear64-wide-r2", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 2}),
     ("linear64-fused", {"scheme": "linear64-fused", "items": 4}),  # lbuild | grid barrier | lprobe, one launch
     ("linear64-wide-r4", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 4}),
-    # a speculative output of 4 * n_probe pairs: m2m (4 pairs per probe row) in one probe pass
-    ("linear64-spec4", {"scheme": "linear64", "items": 4, "spec_factor": 4}),
+    # a speculative output of 8 * n_probe pairs: m2m (~4 pairs per probe row on average) in one probe pass
+    ("linear64-spec8", {"scheme": "linear64", "items": 4, "spec_factor": 8}),
     ("linear64-wide-lf0.35", {"scheme": "linear64", "items": 4, "linear_wide": True, "load_factor": 0.35}),
     ("linear64-wide-bucket64", {"scheme": "linear64", "items": 4, "linear_wide": True, "bucket_bytes": 64}),
     ("linear64-wide-r2-t128", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 2, "threads": 128}),
