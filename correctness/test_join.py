@@ -156,7 +156,8 @@ def cached(key: tuple, make):
 
 
 # Each distinct (threads, items, bucket) is a fresh compile on the GPU: few there, more variety here.
-HASH_CONFIGS = st.builds(HashConfig, scheme=st.sampled_from(["split", "linear64"]),
+HASH_CONFIGS = st.builds(HashConfig, scheme=st.sampled_from(["split", "linear64"]), linear_wide=st.booleans(),
+                         spec_factor=st.sampled_from([1, 8]),
                          load_factor=st.sampled_from([0.25, 0.5, 0.9]),
                          threads=st.sampled_from(sized(gpu=[256], cpu=[32, 64])),
                          items=st.sampled_from(sized(gpu=[1, 8], cpu=[1, 4])),
@@ -183,6 +184,7 @@ def test_hash_numba_join_equals_pandas(inputs, config):
 
 CUDA_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.5, 0.9]),
                          scheme=st.sampled_from(["fused", "split", "linear64", "linear64-fused"]),
+                         linear_wide=st.booleans(), spec_factor=st.sampled_from([1, 8]),
                          items=st.sampled_from([1, 8]), bucket_bytes=st.sampled_from([32, 64]),
                          readback=st.sampled_from(["pinned", "item"]), epoch_bits=st.sampled_from([None, 1]))
 
@@ -216,6 +218,12 @@ def build_emulated(tmp_path_factory, *defines: str) -> Path:
 @pytest.fixture(scope="module")
 def emulated_cuda_join(tmp_path_factory):
     return build_emulated(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def emulated_lrows3(tmp_path_factory):
+    """The same with 3 rows per thread in the linear64 kernels (JOIN_LROWS: loads and CASes of 3 rows in flight)."""
+    return build_emulated(tmp_path_factory, "-DJOIN_LROWS=3")
 
 
 EMULATED_TILE = 32 * 4
@@ -273,39 +281,46 @@ def test_cuda_source_under_cpu_emulation_equals_pandas(emulated_cuda_join, table
        fused=st.booleans(),
        config=st.builds(HashConfig, scheme=st.just("linear64"), load_factor=st.sampled_from([0.25, 0.5, 0.9]),
                         clear=st.sampled_from(["epoch", "memset"]), epoch_bits=st.sampled_from([None, 1, 2])),
-       capacity=st.sampled_from(["speculative", "exact", "short"]))
-def test_linear64_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join, tables, grid, fused, config, capacity):
-    """lbuild + lprobe (packed 64-bit slots, linear probing, warp-reserved output ranges) on int32 keys, or both in
-    the cooperative lfused kernel, several joins on one reused table; grids smaller than the rows exercise the
-    grid-stride loops; a short speculative buffer makes the probe run again exact-size, and it must leave its counter
-    and ticket at zero."""
+       capacity=st.sampled_from(["speculative", "exact", "short"]), wide=st.booleans(), lrows=st.sampled_from([1, 3]))
+def test_linear64_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join, emulated_lrows3, tables, grid, fused,
+                                                          config, capacity, wide, lrows):
+    """lbuild + lprobe (linear probing, warp-reserved output ranges) on int32 keys (packed 64-bit slots) or int64
+    keys (16-byte slots: tag CAS, then the key's store), or both in the cooperative lfused kernel, one or 3 rows per
+    thread and step, several joins on one reused table; grids smaller than the rows exercise the grid-stride loops;
+    a short speculative buffer makes the probe run again exact-size, and it must leave its counter and ticket at
+    zero."""
+    dtype = np.int64 if wide else np.int32
     joins, refs, caps = [], [], []
     for q, (bk, pk, _, _) in enumerate(tables):
-        bk, pk = bk.astype(np.int32), pk.astype(np.int32)  # int64 tables wrap to int32: still valid tables
+        bk, pk = bk.astype(dtype), pk.astype(dtype)  # int64 tables as int32 wrap: still valid tables
         rng = np.random.default_rng(len(bk) * 7919 + len(pk) + q)
-        br, pr = (rng.permutation(n).astype(np.int32) * 3 - 7 for n in (len(bk), len(pk)))
+        br, pr = (rng.permutation(n).astype(dtype) * 3 - 7 for n in (len(bk), len(pk)))
         ref = reference_pairs(bk, pk, br, pr)
         joins.append((bk, pk, br, pr))
         refs.append(ref)
         caps.append({"speculative": len(pk), "exact": len(ref), "short": len(ref) // 2}[capacity])
-    for ref, (total, err, guards, rewrite, got) in zip(refs, emulate(emulated_cuda_join, joins, False, 2 + fused,
-                                                                    config, grid, caps)):
+    exe = emulated_lrows3 if lrows == 3 else emulated_cuda_join
+    for ref, (total, err, guards, rewrite, got) in zip(refs, emulate(exe, joins, wide, 2 + fused, config, grid, caps)):
         assert err == 0 and total == len(ref), f"total {total} (want {len(ref)}), device error {err}"
         assert guards == 1, "the linear64 probe wrote past its capacity"
-        assert_close(got, ref, msg=f"linear64 kernels under CPU emulation, grid {grid}, fused {fused}")
+        assert_close(got, ref, msg=f"linear64 kernels under CPU emulation, grid {grid}, fused {fused}, wide {wide}, "
+                                   f"lrows {lrows}")
 
 
-def test_linear64_twin_joins_sentinels_and_reruns_short_outputs():
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_linear64_twin_joins_sentinels_and_reruns_short_outputs(dtype):
     """The numba twin of linear64 through the host protocol (speculative one-sync join, phases by hand): keys equal
-    to -1, 0, INT32_MIN/MAX, dense duplicates whose pairs overflow the speculative buffer (the probe runs again
-    exact-size), full tables (load 0.9: clusters span buckets), empty sides; one operator, so tables are reused."""
-    op = HashJoinNumba(HashConfig(scheme="linear64", threads=32, load_factor=0.9, epoch_bits=2))
+    to -1, 0, the dtype's MIN/MAX (int64: also keys equal in their low 32 bits, 16-byte slots), dense duplicates
+    whose pairs overflow the speculative buffer (the probe runs again exact-size), full tables (load 0.9: clusters
+    span buckets), empty sides; one operator, so tables are reused."""
+    op = HashJoinNumba(HashConfig(scheme="linear64", threads=32, load_factor=0.9, epoch_bits=2, linear_wide=True))
     rng = np.random.default_rng(3)
-    info = np.iinfo(np.int32)
+    info = np.iinfo(dtype)
+    special = [-1, info.min, info.max, 0, -1] + ([1 << 32, (1 << 32) | 1, 1] if dtype == np.int64 else [])
     for nb, npr, hi in ((300, 517, 400), (1, 1, 3), (130, 95, 20), (0, 10, 3), (50, 0, 3), (200, 300, 5)):
-        bk, pk = rng.integers(-hi, hi, nb).astype(np.int32), rng.integers(-hi, hi, npr).astype(np.int32)
-        if nb >= 5 and npr >= 5:
-            bk[:5] = pk[:5] = [-1, info.min, info.max, 0, -1]
+        bk, pk = rng.integers(-hi, hi, nb).astype(dtype), rng.integers(-hi, hi, npr).astype(dtype)
+        if nb >= len(special) and npr >= len(special):
+            bk[:len(special)] = pk[:len(special)] = special
         ref = reference_pairs(bk, pk, None, None)
         before = (op.launches, op.syncs)
         got = op(*to_device(bk, pk))
@@ -525,7 +540,7 @@ def test_hash_table_holds_every_build_row_once(keys, config):
         h = hash_keys(k, wide)
         bucket = np.empty(len(k), np.int64)
         bucket[pos[live]] = np.nonzero(live)[0]
-        linear = config.scheme.startswith("linear64") and not wide
+        linear = config.scheme.startswith("linear64") and (config.linear_wide or not wide)
         b = first_bucket_np(h, lay.buckets).astype(np.int64)
         step = np.ones(len(k), np.int64) if linear else bucket_step_np(h, lay.buckets)
         for i in range(len(k)):

@@ -4,7 +4,7 @@
 #   sort   tune (table of launch configs) -> stored bench run "sort" -> quick experiments (passes, transfers, pipeline)
 #   join   stored bench run "join" (CuPy kernels) -> quick experiments (ncu of both joins)
 #   join_tune   the hash and tensor-core joins' design sweep (impl.join.tune; its table lands in logs/join_tune/)
-#   join_ncu    ncu's full section set over the second of two 1M joins, split and fused schemes (text in logs/)
+#   join_ncu    ncu's full section set over the second of two 1M joins, linear64 with 1 and 2 rows per thread (logs/)
 #   sort_ncu    ncu over the passes of one 10M sort (results/<card>/sort/ncu.json)
 #   fp8_bench   the stored bench run "fp8" alone (its calibration included)
 #   fp8    .ci/gpu/fp8.sh (tune -> GPU checks -> stored bench run "fp8")
@@ -37,11 +37,10 @@ for step in $1; do
     join_tune)
       run join_tune 110 python3 -m impl.join.tune --out "$out/logs/join_tune" --budget-s 85 ;;
     join_ncu)
-      for scheme in split fused; do  # second join of one operator (3 split kernels / 1 fused one per join)
-        skip=$([ $scheme = split ] && echo 3 || echo 1)
-        run "join_ncu_$scheme" 60 "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" --clock-control none --set full -k regex:join_ --launch-skip "$skip" \
-          --launch-count "$skip" python3 -m impl.join.ncu_driver --n 1000000 --impls hash-cuda --repeat 2 \
-          --config "{\"hash-cuda\": {\"scheme\": \"$scheme\"}}"
+      for lrows in 1 2; do  # second join of one operator: its lbuild + lprobe (linear64), 1 or 2 rows per thread
+        run "join_ncu_linear64_r$lrows" 60 "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" --clock-control none --set full -k regex:join_l --launch-skip 2 \
+          --launch-count 2 python3 -m impl.join.ncu_driver --n 1000000 --impls hash-cuda --repeat 2 \
+          --config "{\"hash-cuda\": {\"scheme\": \"linear64\", \"lrows\": $lrows}}"
       done ;;
     sort_ncu)
       run sort_ncu 90 python3 -m impl.sort.experiments --ncu-only ;;

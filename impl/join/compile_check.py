@@ -49,11 +49,10 @@ def compile_numba() -> dict[str, int]:
                 "write": (arr(kt), *table, arr(numba.int32), arr(i64), arr(i64), arr(rt), i64, arr(rt), i64,
                           arr(rt), arr(rt), i64),
             }
-            if kt == numba.int32:  # linear64: int32 keys, the table as int64 words
-                lin = (arr(i64), i64, i64, i64, i64)
-                sigs["lprobe"] = (arr(kt), *lin, arr(rt), i64, arr(rt), i64, arr(rt), arr(rt), i64, arr(i64))
-                if rt == numba.int32:
-                    sigs["lbuild"] = (arr(kt), *lin, arr(i64))
+            lin = (arr(i64), i64, i64, i64, i64, i64)  # linear64: the table as int64 words, ..., wide
+            sigs["lprobe"] = (arr(kt), *lin, arr(rt), i64, arr(rt), i64, arr(rt), arr(rt), i64, arr(i64))
+            if rt == numba.int32:
+                sigs["lbuild"] = (arr(kt), *lin, arr(i64))
             for name, sig in sigs.items():
                 ptx, _ = cuda.compile_ptx(ks[name].py_func, sig, cc=(9, 0))
                 out[f"{name}[{kt}-{rt}]"] = len(ptx)

@@ -8,8 +8,9 @@ compiled by nvcc/NVRTC for sm_90 and run as-is under a thin CUDA emulation (``ha
 Per join (``config.scheme``):
   fused     one cooperative launch (build | grid barrier | count | barrier + scan | write), grid = resident blocks;
   split     build, count (+ last-block scan), write: three launches;
-  linear64  (int32 keys; int64 keys run split) lbuild, then lprobe, which counts and writes in one pass (warps reserve
-            their output ranges with one atomic add each): two launches, one row per thread, grid-stride loops;
+  linear64  (int32 keys; int64 keys too with ``linear_wide``, else split) lbuild, then lprobe, which counts and writes
+            in one pass (warps reserve their output ranges with one atomic add each): two launches, ``lrows`` rows
+            per thread in flight, grid-stride loops;
   linear64-fused  the same in one cooperative launch (lbuild | grid barrier | lprobe), grid = resident blocks.
 Both write into speculative outputs of n_probe pairs; the kernel that scans the tile totals writes the total into a
 mapped pinned host word (``readback="pinned"``), read after one stream sync; a total above n_probe re-runs the write
@@ -34,7 +35,8 @@ KEY_SUFFIXES = ("i32", "i64")
 ROW_SUFFIXES = ("i32_r32", "i32_r64", "i64_r32", "i64_r64")
 KERNEL_NAMES = tuple([f"join_{k}_{s}" for k in ("build", "count") for s in KEY_SUFFIXES]
                      + [f"join_{k}_{s}" for k in ("write", "fused") for s in ROW_SUFFIXES]
-                     + ["join_lbuild_i32"] + [f"join_{k}_i32_r{b}" for k in ("lprobe", "lfused") for b in (32, 64)])
+                     + [f"join_lbuild_{s}" for s in KEY_SUFFIXES]
+                     + [f"join_{k}_{s}" for k in ("lprobe", "lfused") for s in ROW_SUFFIXES])
 MAX_GRID = 65535
 
 try:
@@ -58,7 +60,7 @@ def unavailable_reason() -> str | None:
 def compile_options(config: HashConfig) -> tuple[str, ...]:
     return ("-std=c++17", f"-DJOIN_THREADS={config.threads}", f"-DJOIN_ITEMS={config.items}",
             f"-DBUCKET_BYTES={config.bucket_bytes}", f"-DJOIN_MIN_BLOCKS={config.min_blocks}",
-            f"-DJOIN_RECONVERGE={int(config.reconverge)}")
+            f"-DJOIN_RECONVERGE={int(config.reconverge)}", f"-DJOIN_LROWS={config.lrows}")
 
 
 @functools.cache
@@ -163,8 +165,8 @@ class HashJoinCuda(HashJoinBase):
         return (_ptr(built.table), lay.buckets, lay.shift, built.epoch)
 
     def _launch_build(self, keys: torch.Tensor, built: Built, state: torch.Tensor) -> None:
-        if self._linear(keys.dtype):  # one row per thread, grid-stride beyond MAX_GRID blocks
-            grid = min(-(-keys.numel() // self.config.threads), MAX_GRID)
+        if self._linear(keys.dtype):  # lrows rows per thread, grid-stride beyond MAX_GRID blocks
+            grid = min(-(-keys.numel() // (self.config.threads * self.config.lrows)), MAX_GRID)
             _launch(kernel(self.config, "lbuild", keys.dtype, built.row_dtype), grid, self.config.threads,
                     (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(state), self._host()))
             return
@@ -174,7 +176,7 @@ class HashJoinCuda(HashJoinBase):
 
     def _launch_probe(self, keys: torch.Tensor, built: Built, rows: torch.Tensor | None, out_b: torch.Tensor | None,
                       out_p: torch.Tensor | None, capacity: int, state: torch.Tensor) -> None:
-        grid = min(-(-keys.numel() // self.config.threads), MAX_GRID)
+        grid = min(-(-keys.numel() // (self.config.threads * self.config.lrows)), MAX_GRID)
         rdt = out_b.dtype if out_b is not None else built.row_dtype
         _launch(kernel(self.config, "lprobe", keys.dtype, rdt), grid, self.config.threads,
                 (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(built.rows), _ptr(rows), _ptr(out_b),
@@ -183,7 +185,8 @@ class HashJoinCuda(HashJoinBase):
     def _launch_linear_fused(self, bkeys: torch.Tensor, built: Built, keys: torch.Tensor, rows: torch.Tensor | None,
                              out_b: torch.Tensor, out_p: torch.Tensor, capacity: int, state: torch.Tensor) -> None:
         threads = self.config.threads
-        work = max(-(-keys.numel() // threads), -(-bkeys.numel() // threads), 1)
+        step = threads * self.config.lrows
+        work = max(-(-keys.numel() // step), -(-bkeys.numel() // step), 1)
         grid = min(self.resident_blocks(keys.dtype, out_b.dtype, "lfused"), work)
         _launch(kernel(self.config, "lfused", keys.dtype, out_b.dtype), grid, threads,
                 (_ptr(bkeys), bkeys.numel(), _ptr(keys), keys.numel(), *self._table_args(built), _ptr(built.rows),

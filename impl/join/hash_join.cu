@@ -20,7 +20,7 @@
 //   fused:  one cooperative (all blocks resident) kernel: build | grid barrier | count | grid barrier whose last
 //           arriver scans the tile totals | write. When every block has at most one tile, heads and counts stay in
 //           registers across the barriers.
-//   linear64: lbuild / lprobe near the end of this file (packed 64-bit slots, linear probing, int32 keys).
+//   linear64: lbuild / lprobe near the end of this file (linear probing; int32 keys: packed 64-bit slots).
 
 #ifndef JOIN_THREADS
 #define JOIN_THREADS 256
@@ -38,6 +38,13 @@
 #ifndef JOIN_MIN_BLOCKS
 #define JOIN_MIN_BLOCKS 1
 #endif
+
+// linear64 kernels: rows per thread per grid-stride step (all their key loads, then all their first-bucket loads, are
+// issued before any is used; the build then issues all its CASes before checking any).
+#ifndef JOIN_LROWS
+#define JOIN_LROWS 1
+#endif
+#define LSTEP (JOIN_THREADS * JOIN_LROWS)
 
 // JOIN_RECONVERGE=1: every lane of a warp meets (__syncwarp) before each of its JOIN_ITEMS rows of a build or count,
 // so lanes whose row needed more buckets or CAS retries do not leave the warp split across rows. Every lane reaches
@@ -534,20 +541,25 @@ __device__ void fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, l
     }
 }
 
-// ---- linear64: packed 64-bit slots, linear probing, one row per thread (int32 keys) -------------------------------
+// ---- linear64: linear probing, one row per thread (int32 keys: packed 64-bit slots; int64 keys: 16-byte slots) ----
 //
-// The same table memory as above (int32 keys: 8-byte slots {key, tag}, SLOTS = BUCKET_BYTES / 8 per bucket, the same
-// epoch tags, so a slot is empty iff its tag's epoch field is not the join's: every key, -1 and INT_MIN/MAX included,
-// is an ordinary key), but a slot is ONE 64-bit word (key in the low half, tag in the high half) written by ONE
-// atomicCAS, and a key's sequence is linear: the slots of its first bucket in order, then the next bucket (b + 1 mod
-// B). Slots are taken in order and never freed, so every slot before a key's slot in its sequence is taken and a
-// probe stops at the first empty slot (duplicates: it walks the whole cluster and sees every copy).
-//   lbuild: grid-stride loop, one row per thread per step: load the first bucket (one sector), CAS the first empty
-//           slot with the packed (key, tag); a lost race re-reads only that slot's returned word.
-//   lprobe: grid-stride loop, one row per thread per step: count the row's matches (first one remembered); the warp
-//           reserves its pairs with one atomicAdd on state[5] (ballot + popc when no lane has more than one match,
-//           a shuffle scan otherwise) and writes them at once (pairs at offsets >= capacity are dropped; capacity 0
-//           = count only); the last block to finish publishes the total (state[0], host[0]) and resets the counter.
+// The same table memory as above (int32 keys: 8-byte slots {key, tag}, int64 keys: 16-byte slots {key, tag, pad};
+// SLOTS = BUCKET_BYTES / slot per bucket, the same epoch tags, so a slot is empty iff its tag's epoch field is not the
+// join's: every key, -1, 0 and the dtype's MIN/MAX included, is an ordinary key), but a key's sequence is linear: the
+// slots of its first bucket in order, then the next bucket (b + 1 mod B). An int32 slot is ONE 64-bit word (key in
+// the low half, tag in the high half) written by ONE atomicCAS; an int64 slot is claimed by a CAS of its tag word and
+// its key stored right after: builders look at tags only, and the probe runs after the build's launch (or grid
+// barrier) ends, so no reader sees a claimed slot without its key. Slots are taken in order and never freed, so every
+// slot before a key's slot in its sequence is taken and a probe stops at the first empty slot (duplicates: it walks
+// the whole cluster and sees every copy).
+//   lbuild: grid-stride loop, JOIN_LROWS rows per thread per step: load the first buckets (one sector each), CAS
+//           each row's first empty slot; a row whose CAS lost (or whose first bucket was full) walks its sequence,
+//           re-testing a slot it lost only against the CAS's returned word.
+//   lprobe: grid-stride loop, JOIN_LROWS rows per thread per step: count each row's matches (first one remembered);
+//           the warp reserves the pairs of its rows with one atomicAdd on state[5] (per row: ballot + popc when no
+//           lane has more than one match, a shuffle scan otherwise) and writes them at once (pairs at offsets >=
+//           capacity are dropped; capacity 0 = count only); the last block to finish publishes the total (state[0],
+//           host[0]) and resets the counter.
 // Pair order in the output is not deterministic (warps reserve their ranges in arrival order).
 
 #define FULL_MASK 0xffffffffu
@@ -557,124 +569,260 @@ __device__ void fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, l
 __device__ __forceinline__ u64 pack_slot(int key, unsigned tag) { return (u64)(unsigned)key | ((u64)tag << 32); }
 __device__ __forceinline__ long long linear_next(long long b, long long nb) { return b + 1 == nb ? 0 : b + 1; }
 
-// Insert one build row (position i) into the first empty slot of its linear sequence; false if none (table full).
-__device__ __forceinline__ bool linear_insert(int key, long long i, Slot<int>* table, long long nb, unsigned shift,
-                                              unsigned epoch) {
-    constexpr int SLOTS = Bucket<int>::SLOTS;
-    const u64 mine = pack_slot(key, (epoch << shift) | (unsigned)i);
-    long long b = first_bucket(mix32(fold(key)), nb);
-    for (long long tries = 0; tries < nb; ++tries, b = linear_next(b, nb)) {
-        const Bucket<int> bk = load_bucket(table, b);
-        u64* words = reinterpret_cast<u64*>(table + b * SLOTS);
-#pragma unroll
-        for (int s = 0; s < SLOTS; ++s) {
-            u64 cur = pack_slot(bk.s[s].key, bk.s[s].tag);
-            while (!is_live((unsigned)(cur >> 32), shift, epoch)) {
-                const u64 old = atomicCAS(&words[s], cur, mine);
-                if (old == cur) return true;
-                cur = old;  // taken meanwhile (or a torn read): look at what is there now
-            }
-        }
+// Claim slot s of the loaded bucket bk (bucket b) for (key, tag) if it is empty: true once claimed; false when it
+// is (or became) live. int32: one 64-bit CAS of the packed slot.
+__device__ __forceinline__ bool linear_claim(const Bucket<int>& bk, int s, Slot<int>* table, long long b, int key,
+                                             unsigned tag, unsigned shift, unsigned epoch) {
+    u64* word = reinterpret_cast<u64*>(table + b * Bucket<int>::SLOTS + s);
+    const u64 mine = pack_slot(key, tag);
+    u64 cur = pack_slot(bk.s[s].key, bk.s[s].tag);
+    while (!is_live((unsigned)(cur >> 32), shift, epoch)) {
+        const u64 old = atomicCAS(word, cur, mine);
+        if (old == cur) return true;
+        cur = old;  // taken meanwhile (or a torn read): look at what is there now
     }
     return false;
 }
 
-__device__ void linear_build_kernel(const int* __restrict__ keys, long long n, Slot<int>* table, long long nb,
-                                    long long shift, long long epoch, long long* state, long long* host) {
-    const long long stride = (long long)gridDim.x * JOIN_THREADS;
-    for (long long i = (long long)blockIdx.x * JOIN_THREADS + threadIdx.x; i < n; i += stride)
-        if (!linear_insert(keys[i], i, table, nb, (unsigned)shift, (unsigned)epoch))
-            set_error(state, host, ERR_TABLE_FULL);  // cannot happen: B * SLOTS > n
+// int64: CAS the tag word, then store the key (nobody reads keys before the build is over).
+__device__ __forceinline__ bool linear_claim(const Bucket<long long>& bk, int s, Slot<long long>* table, long long b,
+                                             long long key, unsigned tag, unsigned shift, unsigned epoch) {
+    Slot<long long>* slot = table + b * Bucket<long long>::SLOTS + s;
+    unsigned cur = bk.s[s].tag;
+    while (!is_live(cur, shift, epoch)) {
+        const unsigned old = atomicCAS(&slot->tag, cur, tag);
+        if (old == cur) {
+            slot->key = key;
+            return true;
+        }
+        cur = old;
+    }
+    return false;
 }
 
-// Walk key k's cluster from its first bucket: *first = the first match's build position; returns the match count.
-// With `emit`, the matches' pairs go to out_[bp][at...] (at >= capacity dropped). Per bucket the slots are tested
-// as bit masks (no branch between the bucket's loads and its test: both 16-byte halves are in flight together).
-template <typename R, bool RO>
-__device__ __forceinline__ long long linear_walk(int k, const Slot<int>* table, long long nb, unsigned shift,
-                                                 unsigned epoch, int* first, bool emit, long long at, R pj,
-                                                 const R* brows, R* out_b, R* out_p, long long capacity) {
-    constexpr int SLOTS = Bucket<int>::SLOTS;
-    const unsigned pos_mask = (1u << shift) - 1u;
-    long long b = first_bucket(mix32(fold(k)), nb), cnt = 0;
+// Insert one build row (position i) into the first empty slot of its linear sequence; false if none (table full).
+template <typename K>
+__device__ __forceinline__ bool linear_insert(K key, long long i, Slot<K>* table, long long nb, unsigned shift,
+                                              unsigned epoch) {
+    constexpr int SLOTS = Bucket<K>::SLOTS;
+    const unsigned tag = (epoch << shift) | (unsigned)i;
+    long long b = first_bucket(mix32(fold(key)), nb);
     for (long long tries = 0; tries < nb; ++tries, b = linear_next(b, nb)) {
-        const Bucket<int> bk = RO ? load_bucket_ro(table, b) : load_bucket(table, b);
-        unsigned live = 0, match = 0;
+        const Bucket<K> bk = load_bucket(table, b);
 #pragma unroll
-        for (int s = 0; s < SLOTS; ++s) {
-            live |= (unsigned)is_live(bk.s[s].tag, shift, epoch) << s;
-            match |= (unsigned)(bk.s[s].key == k) << s;
+        for (int s = 0; s < SLOTS; ++s)
+            if (linear_claim(bk, s, table, b, key, tag, shift, epoch)) return true;
+    }
+    return false;
+}
+
+// The first slot of a loaded bucket whose tag is not live (SLOTS when every slot is live).
+template <typename K>
+__device__ __forceinline__ int first_free(const Bucket<K>& bk, unsigned shift, unsigned epoch) {
+    unsigned live = 0;
+#pragma unroll
+    for (int s = 0; s < Bucket<K>::SLOTS; ++s) live |= (unsigned)is_live(bk.s[s].tag, shift, epoch) << s;
+    return __ffs(~live & (live + 1u)) - 1;  // the lowest clear bit of live (bit SLOTS when all are live)
+}
+
+// One CAS on slot s of bucket b from the loaded value to (key, tag), issued without waiting for its result:
+// int32 slots swap the packed 64-bit word, int64 slots the tag word (the key is stored by claimed()).
+__device__ __forceinline__ u64 cas_expected(const Bucket<int>& bk, int s) {
+    return pack_slot(bk.s[s].key, bk.s[s].tag);
+}
+__device__ __forceinline__ u64 cas_expected(const Bucket<long long>& bk, int s) { return bk.s[s].tag; }
+__device__ __forceinline__ u64 cas_issue(Slot<int>* table, long long b, int s, u64 expected, int key, unsigned tag) {
+    return atomicCAS(reinterpret_cast<u64*>(table + b * Bucket<int>::SLOTS + s), expected, pack_slot(key, tag));
+}
+__device__ __forceinline__ u64 cas_issue(Slot<long long>* table, long long b, int s, u64 expected, long long key,
+                                         unsigned tag) {
+    return atomicCAS(&table[b * Bucket<long long>::SLOTS + s].tag, (unsigned)expected, tag);
+}
+// After a successful cas_issue: int64 slots get their key now.
+__device__ __forceinline__ void claimed(Slot<int>*, long long, int, int) {}
+__device__ __forceinline__ void claimed(Slot<long long>* table, long long b, int s, long long key) {
+    table[b * Bucket<long long>::SLOTS + s].key = key;
+}
+
+// JOIN_LROWS rows per thread and step (row base + r * THREADS + t): key loads, first-bucket loads, then one CAS per
+// row on its first free slot, all issued before any result is looked at; a row whose CAS lost or whose first bucket
+// was full walks its sequence again (linear_insert).
+template <typename K>
+__device__ void linear_build_kernel(const K* __restrict__ keys, long long n, Slot<K>* table, long long nb,
+                                    long long shift, long long epoch, long long* state, long long* host) {
+    const unsigned sh = (unsigned)shift, ep = (unsigned)epoch;
+    const long long stride = (long long)gridDim.x * LSTEP;
+    if (JOIN_LROWS == 1) {  // one row per step: the CAS loop straight away (fewer registers)
+        for (long long i = (long long)blockIdx.x * JOIN_THREADS + threadIdx.x; i < n; i += stride)
+            if (!linear_insert(keys[i], i, table, nb, sh, ep)) set_error(state, host, ERR_TABLE_FULL);
+        return;
+    }
+    for (long long base = (long long)blockIdx.x * LSTEP; base < n; base += stride) {
+        K key[JOIN_LROWS];
+        long long b[JOIN_LROWS];
+        Bucket<K> bk[JOIN_LROWS];
+        int s[JOIN_LROWS];
+        u64 expected[JOIN_LROWS], old[JOIN_LROWS];
+#pragma unroll
+        for (int r = 0; r < JOIN_LROWS; ++r) {
+            const long long i = base + r * JOIN_THREADS + threadIdx.x;
+            key[r] = i < n ? keys[i] : (K)0;
         }
-        const unsigned taken = ~live & (live + 1u);  // the first empty slot's bit (bit SLOTS when all are live)
-        match &= taken - 1u;                           // live slots before it: this key's part of the cluster
-        if (match) {
 #pragma unroll
-            for (int s = 0; s < SLOTS; ++s) {
-                if (!((match >> s) & 1u)) continue;
-                const int pos = (int)(bk.s[s].tag & pos_mask);
-                if (cnt == 0) *first = pos;
-                if (emit && at + cnt < capacity) {
-                    out_b[at + cnt] = brows ? brows[pos] : (R)pos;
-                    out_p[at + cnt] = pj;
-                }
-                ++cnt;
+        for (int r = 0; r < JOIN_LROWS; ++r) {
+            b[r] = first_bucket(mix32(fold(key[r])), nb);
+            if (base + r * JOIN_THREADS + threadIdx.x < n) bk[r] = load_bucket(table, b[r]);
+        }
+#pragma unroll
+        for (int r = 0; r < JOIN_LROWS; ++r) {
+            const long long i = base + r * JOIN_THREADS + threadIdx.x;
+            s[r] = i < n ? first_free(bk[r], sh, ep) : Bucket<K>::SLOTS;
+            if (s[r] < Bucket<K>::SLOTS) {
+                expected[r] = cas_expected(bk[r], s[r]);
+                old[r] = cas_issue(table, b[r], s[r], expected[r], key[r], (ep << sh) | (unsigned)i);
             }
         }
-        if (taken < (1u << SLOTS)) return cnt;  // the cluster ends in this bucket
+#pragma unroll
+        for (int r = 0; r < JOIN_LROWS; ++r) {
+            const long long i = base + r * JOIN_THREADS + threadIdx.x;
+            if (i >= n) continue;
+            if (s[r] < Bucket<K>::SLOTS && old[r] == expected[r]) {
+                claimed(table, b[r], s[r], key[r]);
+            } else if (!linear_insert(key[r], i, table, nb, sh, ep)) {
+                set_error(state, host, ERR_TABLE_FULL);  // cannot happen: B * SLOTS > n
+            }
+        }
     }
-    return cnt;
+}
+
+// One bucket of key k's cluster (bucket b, loaded as bk): count its matches before the first empty slot (the first
+// one's build position -> *first); with `emit` their pairs go to out_[bp][at + cnt...] (>= capacity dropped).
+// Returns true when the cluster goes on into the next bucket. The slots are tested as bit masks (no branch between
+// the bucket's loads and its test: both 16-byte halves are in flight together).
+template <typename K, typename R>
+__device__ __forceinline__ bool linear_scan(const Bucket<K>& bk, K k, unsigned shift, unsigned epoch, long long& cnt,
+                                            int* first, bool emit, long long at, R pj, const R* brows, R* out_b,
+                                            R* out_p, long long capacity) {
+    constexpr int SLOTS = Bucket<K>::SLOTS;
+    const unsigned pos_mask = (1u << shift) - 1u;
+    unsigned live = 0, match = 0;
+#pragma unroll
+    for (int s = 0; s < SLOTS; ++s) {
+        live |= (unsigned)is_live(bk.s[s].tag, shift, epoch) << s;
+        match |= (unsigned)(bk.s[s].key == k) << s;
+    }
+    const unsigned taken = ~live & (live + 1u);  // the first empty slot's bit (bit SLOTS when all are live)
+    match &= taken - 1u;                           // live slots before it: this key's part of the cluster
+    if (match) {
+#pragma unroll
+        for (int s = 0; s < SLOTS; ++s) {
+            if (!((match >> s) & 1u)) continue;
+            const int pos = (int)(bk.s[s].tag & pos_mask);
+            if (cnt == 0) *first = pos;
+            if (emit && at + cnt < capacity) {
+                out_b[at + cnt] = brows ? brows[pos] : (R)pos;
+                out_p[at + cnt] = pj;
+            }
+            ++cnt;
+        }
+    }
+    return taken == (1u << SLOTS);
+}
+
+template <typename K, bool RO>
+__device__ __forceinline__ Bucket<K> linear_load(const Slot<K>* table, long long b) {
+    return RO ? load_bucket_ro(table, b) : load_bucket(table, b);
+}
+
+// Walk key k's cluster from bucket b (the key's first bucket, or the one after an already scanned bucket), adding
+// to cnt (see linear_scan).
+template <typename K, typename R, bool RO>
+__device__ __forceinline__ void linear_walk_from(long long b, K k, const Slot<K>* table, long long nb, unsigned shift,
+                                                 unsigned epoch, long long& cnt, int* first, bool emit, long long at,
+                                                 R pj, const R* brows, R* out_b, R* out_p, long long capacity) {
+    for (long long tries = 0; tries < nb; ++tries, b = linear_next(b, nb))
+        if (!linear_scan<K, R>(linear_load<K, RO>(table, b), k, shift, epoch, cnt, first, emit, at, pj, brows, out_b,
+                               out_p, capacity))
+            return;
 }
 
 // RO: the table is read-only for the whole launch (lprobe: loads through L1); the fused kernel wrote it earlier in
-// the same launch, so it reads through L2.
-template <typename R, bool RO>
-__device__ void linear_probe_kernel(const int* __restrict__ pkeys, long long n, const Slot<int>* table, long long nb,
+// the same launch, so it reads through L2. JOIN_LROWS rows per thread and step (row base + r * THREADS + t): their
+// key loads, then their first-bucket loads, are all issued before any bucket is inspected; the warp reserves the
+// pairs of all its rows with one atomicAdd, row r's pairs of the warp contiguous (coalesced writes).
+template <typename K, typename R, bool RO>
+__device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, const Slot<K>* table, long long nb,
                                     long long shift, long long epoch, const R* __restrict__ brows,
                                     const R* __restrict__ prows, R* __restrict__ out_b, R* __restrict__ out_p,
                                     long long capacity, long long* state, long long* host) {
     JOIN_SHARED(int, is_last, 1);
     const unsigned sh = (unsigned)shift, ep = (unsigned)epoch;
     const int lane = threadIdx.x & 31;
-    const long long stride = (long long)gridDim.x * JOIN_THREADS;
+    const long long stride = (long long)gridDim.x * LSTEP;
     u64* counter = (u64*)&state[LIN_COUNTER];
     // base is uniform over the block, so every lane of a warp runs the same number of steps (full-mask votes).
-    for (long long base = (long long)blockIdx.x * JOIN_THREADS; base < n; base += stride) {
-        const long long j = base + threadIdx.x;
-        const bool valid = j < n;
-        const int k = valid ? pkeys[j] : 0;
-        int first = HEAD_NONE;
-        const long long cnt = valid ? linear_walk<R, RO>(k, table, nb, sh, ep, &first, false, 0, (R)0, brows, out_b,
-                                                     out_p, 0)
-                                    : 0;
-        long long excl, wsum;
-        if (__ballot_sync(FULL_MASK, cnt > 1) == 0) {  // common case: 0 or 1 match per lane
-            const unsigned hit = __ballot_sync(FULL_MASK, cnt == 1);
-            excl = __popc(hit & ((1u << lane) - 1u));
-            wsum = __popc(hit);
-        } else {
-            long long x = cnt;
+    for (long long base = (long long)blockIdx.x * LSTEP; base < n; base += stride) {
+        K k[JOIN_LROWS];
+        Bucket<K> bk[JOIN_LROWS];
+        long long cnt[JOIN_LROWS], excl[JOIN_LROWS];
+        int first[JOIN_LROWS];
 #pragma unroll
-            for (int d = 1; d < 32; d <<= 1) {
-                const long long y = __shfl_up_sync(FULL_MASK, x, d);
-                if (lane >= d) x += y;
+        for (int r = 0; r < JOIN_LROWS; ++r) {
+            const long long j = base + r * JOIN_THREADS + threadIdx.x;
+            k[r] = j < n ? pkeys[j] : (K)0;
+        }
+        if (JOIN_LROWS > 1) {
+#pragma unroll
+            for (int r = 0; r < JOIN_LROWS; ++r)
+                if (base + r * JOIN_THREADS + threadIdx.x < n)
+                    bk[r] = linear_load<K, RO>(table, first_bucket(mix32(fold(k[r])), nb));
+        }
+        long long wsum = 0;  // pairs of the warp's rows 0..r-1
+#pragma unroll
+        for (int r = 0; r < JOIN_LROWS; ++r) {
+            const long long j = base + r * JOIN_THREADS + threadIdx.x, b0 = first_bucket(mix32(fold(k[r])), nb);
+            cnt[r] = 0;
+            first[r] = HEAD_NONE;
+            if (j < n && JOIN_LROWS == 1)  // one row: walk straight from the first bucket (fewer registers)
+                linear_walk_from<K, R, RO>(b0, k[r], table, nb, sh, ep, cnt[r], &first[r], false, 0, (R)0, brows,
+                                           out_b, out_p, 0);
+            else if (j < n && linear_scan<K, R>(bk[r], k[r], sh, ep, cnt[r], &first[r], false, 0, (R)0, brows,
+                                                out_b, out_p, 0))
+                linear_walk_from<K, R, RO>(linear_next(b0, nb), k[r], table, nb, sh, ep, cnt[r], &first[r], false, 0,
+                                           (R)0, brows, out_b, out_p, 0);
+            if (__ballot_sync(FULL_MASK, cnt[r] > 1) == 0) {  // common case: 0 or 1 match per lane
+                const unsigned hit = __ballot_sync(FULL_MASK, cnt[r] == 1);
+                excl[r] = wsum + __popc(hit & ((1u << lane) - 1u));
+                wsum += __popc(hit);
+            } else {
+                long long x = cnt[r];
+#pragma unroll
+                for (int d = 1; d < 32; d <<= 1) {
+                    const long long y = __shfl_up_sync(FULL_MASK, x, d);
+                    if (lane >= d) x += y;
+                }
+                excl[r] = wsum + x - cnt[r];
+                wsum += __shfl_sync(FULL_MASK, x, 31);
             }
-            excl = x - cnt;
-            wsum = __shfl_sync(FULL_MASK, x, 31);
         }
         if (wsum == 0) continue;  // uniform over the warp
         long long wbase = 0;
         if (lane == 0) wbase = (long long)atomicAdd(counter, (u64)wsum);
         wbase = __shfl_sync(FULL_MASK, wbase, 0);
-        if (capacity == 0 || cnt == 0) continue;
-        const long long at = wbase + excl;
-        const R pj = prows ? prows[j] : (R)j;
-        if (cnt == 1) {
-            if (at < capacity) {
-                out_b[at] = brows ? brows[first] : (R)first;
+        if (capacity == 0) continue;
+#pragma unroll
+        for (int r = 0; r < JOIN_LROWS; ++r) {
+            const long long j = base + r * JOIN_THREADS + threadIdx.x, at = wbase + excl[r];
+            if (cnt[r] == 0 || at >= capacity) continue;
+            const R pj = prows ? prows[j] : (R)j;
+            if (cnt[r] == 1) {
+                out_b[at] = brows ? brows[first[r]] : (R)first[r];
                 out_p[at] = pj;
+            } else {
+                long long c = 0;
+                linear_walk_from<K, R, RO>(first_bucket(mix32(fold(k[r])), nb), k[r], table, nb, sh, ep, c, &first[r],
+                                           true, at, pj, brows, out_b, out_p, capacity);
             }
-        } else if (at < capacity) {
-            linear_walk<R, RO>(k, table, nb, sh, ep, &first, true, at, pj, brows, out_b, out_p, capacity);
         }
     }
     __syncthreads();  // every warp of the block has reserved its pairs (its atomicAdd returned)
@@ -693,48 +841,59 @@ __device__ void linear_probe_kernel(const int* __restrict__ pkeys, long long n, 
 }
 
 // linear64 in one cooperative launch (grid = resident blocks): lbuild | grid barrier | lprobe. bar_base as for
-// fused_kernel (state[2] before this launch).
-template <typename R>
-__device__ void linear_fused_kernel(const int* bkeys, long long nbuild, const int* pkeys, long long n,
-                                    Slot<int>* table, long long nb, long long shift, long long epoch, const R* brows,
-                                    const R* prows, R* out_b, R* out_p, long long capacity, long long* state,
-                                    long long* host, long long bar_base, long long timeout_ns) {
-    linear_build_kernel(bkeys, nbuild, table, nb, shift, epoch, state, host);
+// fused_kernel (state[2] before this launch). The barrier's fences publish the int64 keys stored after their tags.
+template <typename K, typename R>
+__device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, long long n, Slot<K>* table,
+                                    long long nb, long long shift, long long epoch, const R* brows, const R* prows,
+                                    R* out_b, R* out_p, long long capacity, long long* state, long long* host,
+                                    long long bar_base, long long timeout_ns) {
+    linear_build_kernel<K>(bkeys, nbuild, table, nb, shift, epoch, state, host);
     u64* bar = (u64*)&state[2];
     const u64 target = (u64)bar_base + gridDim.x;
     if (arrive_barrier(bar, target, timeout_ns, state, host)) release_barrier(bar, target);
-    linear_probe_kernel<R, false>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity, state,
-                                  host);
+    linear_probe_kernel<K, R, false>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity, state,
+                                     host);
 }
 
-extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)
-    join_lbuild_i32(const int* keys, long long n, Slot<int>* table, long long nb, long long shift, long long epoch,
-                    long long* state, long long* host) {
-    linear_build_kernel(keys, n, table, nb, shift, epoch, state, host);
-}
-
-#define JOIN_LINEAR_PROBE(R, SUF)                                                                                 \
+#define JOIN_LINEAR_BUILD(K, SUF)                                                                                 \
     extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
-        join_lprobe_##SUF(const int* pkeys, long long n, const Slot<int>* table, long long nb, long long shift,  \
+        join_lbuild_##SUF(const K* keys, long long n, Slot<K>* table, long long nb, long long shift,            \
+                          long long epoch, long long* state, long long* host) {                                  \
+        linear_build_kernel<K>(keys, n, table, nb, shift, epoch, state, host);                                  \
+    }
+
+#define JOIN_LINEAR_PROBE(K, R, SUF)                                                                              \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
+        join_lprobe_##SUF(const K* pkeys, long long n, const Slot<K>* table, long long nb, long long shift,     \
                           long long epoch, const R* brows, const R* prows, R* out_b, R* out_p, long long capacity, \
                           long long* state, long long* host) {                                                   \
-        linear_probe_kernel<R, true>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity,    \
-                                     state, host);                                                               \
+        linear_probe_kernel<K, R, true>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity, \
+                                        state, host);                                                            \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
-        join_lfused_##SUF(const int* bkeys, long long nbuild, const int* pkeys, long long n, Slot<int>* table,   \
+        join_lfused_##SUF(const K* bkeys, long long nbuild, const K* pkeys, long long n, Slot<K>* table,         \
                           long long nb, long long shift, long long epoch, const R* brows, const R* prows,        \
                           R* out_b, R* out_p, long long capacity, long long* state, long long* host,             \
                           long long bar_base, long long timeout_ns) {                                            \
-        linear_fused_kernel<R>(bkeys, nbuild, pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p,     \
-                               capacity, state, host, bar_base, timeout_ns);                                     \
+        linear_fused_kernel<K, R>(bkeys, nbuild, pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p,  \
+                                  capacity, state, host, bar_base, timeout_ns);                                  \
     }
 #if !defined(JOIN_KEY_BITS) || JOIN_KEY_BITS == 32
+JOIN_LINEAR_BUILD(int, i32)
 #if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 32
-JOIN_LINEAR_PROBE(int, i32_r32)
+JOIN_LINEAR_PROBE(int, int, i32_r32)
 #endif
 #if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 64
-JOIN_LINEAR_PROBE(long long, i32_r64)
+JOIN_LINEAR_PROBE(int, long long, i32_r64)
+#endif
+#endif
+#if !defined(JOIN_KEY_BITS) || JOIN_KEY_BITS == 64
+JOIN_LINEAR_BUILD(long long, i64)
+#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 32
+JOIN_LINEAR_PROBE(long long, int, i64_r32)
+#endif
+#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 64
+JOIN_LINEAR_PROBE(long long, long long, i64_r64)
 #endif
 #endif
 

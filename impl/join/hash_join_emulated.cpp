@@ -9,7 +9,7 @@
 // guard words past their capacity to catch out-of-bounds writes.
 //
 // Input (text, stdin): "wide scheme joins" (scheme 0 = build/count/write kernels, 1 = the fused kernel, 2 = the
-// linear64 lbuild/lprobe kernels, 3 = linear64's lfused kernel; 2 and 3 int32 keys only), then per
+// linear64 lbuild/lprobe kernels, 3 = linear64's lfused kernel; wide = int64 keys), then per
 // join a line "nbuild nprobe buckets shift epoch clear capacity grid" and the build keys, build rows, probe keys,
 // probe rows. Output per join: "total error guards_intact rewritten", then one "build_row probe_row" line per pair.
 #include <algorithm>
@@ -104,6 +104,7 @@ inline unsigned __ballot_sync(unsigned, bool p) {
     return out;
 }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 template <typename T>
 T atomicCAS(T* p, T cmp, T val) {
     __atomic_compare_exchange_n(p, &cmp, val, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
@@ -213,36 +214,45 @@ void print_join(long long total, long long error, bool guards, bool rewrite, con
     for (long long i = 0; i < total; ++i) std::printf("%lld %lld\n", (long long)ob[i], (long long)op[i]);
 }
 
-// scheme 2 (linear64, int32 keys): lbuild + lprobe over `grid` blocks (grid-stride loops), speculative capacity, the
-// lprobe again exact-size when the total exceeds it; scheme 3: the first two in one cooperative lfused launch.
-int run_linear(int joins, bool fused) {
-    using S = Slot<int>;
+template <typename K>
+struct LinearKernels {
+    void (*build)(const K*, long long, Slot<K>*, long long, long long, long long, long long*, long long*);
+    void (*probe)(const K*, long long, const Slot<K>*, long long, long long, long long, const K*, const K*, K*, K*,
+                  long long, long long*, long long*);
+    void (*fused)(const K*, long long, const K*, long long, Slot<K>*, long long, long long, long long, const K*,
+                  const K*, K*, K*, long long, long long*, long long*, long long, long long);
+};
+
+// scheme 2 (linear64; int32 keys, or int64 keys in 16-byte slots when wide): lbuild + lprobe over `grid` blocks
+// (grid-stride loops), speculative capacity, the lprobe again exact-size when the total exceeds it; scheme 3: the
+// first two in one cooperative lfused launch.
+template <typename K>
+int run_linear(int joins, bool fused, LinearKernels<K> k) {
+    using S = Slot<K>;
     const unsigned threads = JOIN_THREADS;
     std::vector<S> table;
     std::vector<long long> state(8, 0);
     long long bar_base = 0;
     for (int q = 0; q < joins; ++q) {
-        JoinInput<int> in;
+        JoinInput<K> in;
         if (!read_join(in, table)) return 4;
         auto& [nbuild, n, nb, shift, epoch, clear, capacity, grid, bk, br, pk, pr] = in;
         long long host[2] = {-7, 0};
-        const int guard = 0x5A5A5A5A;
-        std::vector<int> ob(capacity + 16, guard), op(capacity + 16, guard);
+        const K guard = (K)0x5A5A5A5A;
+        std::vector<K> ob(capacity + 16, guard), op(capacity + 16, guard);
         state[0] = 0;
         if (nbuild && !(fused && n))
-            launch(join_lbuild_i32, (unsigned)std::min(grid, (nbuild + threads - 1) / threads), threads, false,
-                   (const int*)bk.data(), nbuild, table.data(), nb, shift, epoch, state.data(), host);
+            launch(k.build, (unsigned)std::min(grid, (nbuild + threads - 1) / threads), threads, false,
+                   (const K*)bk.data(), nbuild, table.data(), nb, shift, epoch, state.data(), host);
         const unsigned pgrid = (unsigned)std::max(1LL, std::min(grid, (n + threads - 1) / threads));
         auto probe = [&](long long cap) {
-            launch(join_lprobe_i32_r32, pgrid, threads, false, (const int*)pk.data(), n, (const S*)table.data(), nb,
-                   shift, epoch, (const int*)br.data(), (const int*)pr.data(), ob.data(), op.data(), cap,
-                   state.data(), host);
+            launch(k.probe, pgrid, threads, false, (const K*)pk.data(), n, (const S*)table.data(), nb, shift, epoch,
+                   (const K*)br.data(), (const K*)pr.data(), ob.data(), op.data(), cap, state.data(), host);
         };
         if (n && fused) {  // the whole grid at once (cooperative): its grid barrier needs every block resident
-            launch(join_lfused_i32_r32, (unsigned)grid, threads, true, (const int*)bk.data(), nbuild,
-                   (const int*)pk.data(), n, table.data(), nb, shift, epoch, (const int*)br.data(),
-                   (const int*)pr.data(), ob.data(), op.data(), capacity, state.data(), host, bar_base,
-                   2000000000LL);
+            launch(k.fused, (unsigned)grid, threads, true, (const K*)bk.data(), nbuild, (const K*)pk.data(), n,
+                   table.data(), nb, shift, epoch, (const K*)br.data(), (const K*)pr.data(), ob.data(), op.data(),
+                   capacity, state.data(), host, bar_base, 2000000000LL);
             bar_base += grid;
         } else if (n) {
             probe(capacity);
@@ -328,7 +338,10 @@ int run(int scheme, int joins, Kernels<K> k) {
 int main() {
     int wide, scheme, joins;
     if (std::scanf("%d %d %d", &wide, &scheme, &joins) != 3) return 2;
-    if (scheme >= 2) return wide ? 3 : run_linear(joins, scheme == 3);
+    if (scheme >= 2 && wide)
+        return run_linear<long long>(joins, scheme == 3, {join_lbuild_i64, join_lprobe_i64_r64, join_lfused_i64_r64});
+    if (scheme >= 2)
+        return run_linear<int>(joins, scheme == 3, {join_lbuild_i32, join_lprobe_i32_r32, join_lfused_i32_r32});
     if (wide)
         return run<long long>(scheme, joins, {join_build_i64, join_count_i64, join_write_i64_r64, join_fused_i64_r64});
     return run<int>(scheme, joins, {join_build_i32, join_count_i32, join_write_i32_r32, join_fused_i32_r32});

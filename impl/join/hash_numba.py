@@ -8,8 +8,9 @@ The table, the phases and the host protocol are ``hash_table``'s (read its modul
           to finish (atomic ticket) scans the tile totals into offsets and publishes the total in state[0].
   write:  block scan of the thread counts + the tile offset; pairs staged in shared memory a window of TILE pairs at
           a time and copied out contiguously; places >= capacity are skipped.
-  linear64 (int32 keys): lbuild, one row per thread, CAS of the whole 64-bit slot on the table's int64 view along
-          the linear sequence (a bucket's slots, then the next bucket); lprobe counts a row's matches up to the first
+  linear64 (int32 keys; int64 keys with ``linear_wide``): lbuild, one row per thread, along the linear sequence (a
+          bucket's slots, then the next bucket): int32 keys CAS the whole 64-bit slot on the table's int64 view,
+          int64 keys CAS the slot's tag word, then store its key; lprobe counts a row's matches up to the first
           empty slot, reserves its pairs with one atomic add (the C++ kernel reserves per warp) and writes them.
 The table words are the C++ layout viewed as the key dtype: word 2s = key, word 2s + 1 = tag (int32 tables hold the
 tag's bit pattern, int64 tables the tag in the low half and a zero pad above). The fused single-launch scheme needs
@@ -255,7 +256,8 @@ def _make_kernels(threads: int, items: int) -> dict[str, Any]:
                 cuda.syncthreads()
                 w += tile
 
-    # ---- linear64 (int32 keys): the table viewed as int64 words, one per slot: key in the low half, tag above ----
+    # ---- linear64: the table viewed as int64 words. int32 keys: one word per slot, key in the low half, tag above;
+    # int64 keys (wide): two words per slot, word 2s the key, word 2s + 1 the tag (a zero pad above it) ----
 
     @cuda.jit(device=True)
     def packed(k, tag):
@@ -272,24 +274,47 @@ def _make_kernels(threads: int, items: int) -> dict[str, Any]:
         lo = np.int64(w) & 0xFFFFFFFF
         return lo - 4294967296 if lo >= 2147483648 else lo
 
+    @cuda.jit(device=True)
+    def slot_tag(words, slot, wide):
+        return np.int64(words[2 * slot + 1]) if wide else tag_of(words[slot])
+
+    @cuda.jit(device=True)
+    def slot_key(words, slot, wide):
+        return np.int64(words[2 * slot]) if wide else key_of(words[slot])
+
+    @cuda.jit(device=True)
+    def claim(words, slot, k, tag, shift, epoch, wide):
+        """Take the slot for (k, tag) while it is empty: one 64-bit CAS of the packed slot, or (wide) a CAS of the
+        tag word and then the key's store. True once taken by this call."""
+        if wide:
+            cur = np.int64(words[2 * slot + 1])
+            while (cur >> shift) != epoch:
+                old = np.int64(cuda.atomic.cas(words, 2 * slot + 1, cur, np.int64(tag)))
+                if old == cur:
+                    words[2 * slot] = k
+                    return True
+                cur = old
+            return False
+        mine = packed(k, tag)
+        cur = np.int64(words[slot])
+        while (tag_of(cur) >> shift) != epoch:
+            old = np.int64(cuda.atomic.cas(words, slot, cur, mine))
+            if old == cur:
+                return True
+            cur = old
+        return False
+
     @cuda.jit
-    def linear_build_nb(keys, words, nb, slots, shift, epoch, state):
-        """One row per thread, grid-stride; one 64-bit CAS per attempt; next slot, then the next bucket."""
+    def linear_build_nb(keys, words, nb, slots, shift, epoch, wide, state):
+        """One row per thread, grid-stride; a CAS per attempt; next slot, then the next bucket."""
         i = cuda.blockIdx.x * threads + cuda.threadIdx.x
         while i < keys.size:
             k = keys[i]
-            mine = packed(k, (epoch << shift) | i)
-            slot = first_bucket(hash_of(k, False), nb) * slots
+            slot = first_bucket(hash_of(k, wide), nb) * slots
             placed = False
             tries = 0
             while tries < nb * slots and not placed:
-                cur = np.int64(words[slot])
-                while (tag_of(cur) >> shift) != epoch:
-                    old = np.int64(cuda.atomic.cas(words, slot, cur, mine))
-                    if old == cur:
-                        placed = True
-                        break
-                    cur = old
+                placed = claim(words, slot, k, (epoch << shift) | i, shift, epoch, wide)
                 slot = slot + 1 if slot + 1 < nb * slots else 0
                 tries += 1
             if not placed:
@@ -297,19 +322,18 @@ def _make_kernels(threads: int, items: int) -> dict[str, Any]:
             i += cuda.gridDim.x * threads
 
     @cuda.jit(device=True)
-    def linear_walk(words, k, nb, slots, shift, epoch, emit, at, pj, brows, has_b, out_b, out_p, capacity):
+    def linear_walk(words, k, nb, slots, shift, epoch, wide, emit, at, pj, brows, has_b, out_b, out_p, capacity):
         """(matches of k along its linear sequence up to the first empty slot, the first one's build position);
         with ``emit`` the pairs go to out_* from offset ``at`` (offsets >= capacity dropped)."""
         cnt = 0
         first = HEAD_NONE
-        slot = first_bucket(hash_of(k, False), nb) * slots
+        slot = first_bucket(hash_of(k, wide), nb) * slots
         tries = 0
         while tries < nb * slots:
-            w = np.int64(words[slot])
-            tg = tag_of(w)
+            tg = slot_tag(words, slot, wide)
             if (tg >> shift) != epoch:
                 break
-            if key_of(w) == k:
+            if slot_key(words, slot, wide) == k:
                 pos = tg & ((1 << shift) - 1)
                 if cnt == 0:
                     first = pos
@@ -322,8 +346,8 @@ def _make_kernels(threads: int, items: int) -> dict[str, Any]:
         return cnt, first
 
     @cuda.jit
-    def linear_probe_nb(pkeys, words, nb, slots, shift, epoch, brows, has_b, prows, has_p, out_b, out_p, capacity,
-                        state):
+    def linear_probe_nb(pkeys, words, nb, slots, shift, epoch, wide, brows, has_b, prows, has_p, out_b, out_p,
+                        capacity, state):
         """One row per thread, grid-stride: count, reserve the row's pairs with one atomic add on state[5], write
         them (capacity 0: count only); the last block publishes the total and resets counter and ticket. (The C++
         kernel reserves per warp; the simulator has no warp lockstep, so the twin reserves per row.)"""
@@ -333,12 +357,13 @@ def _make_kernels(threads: int, items: int) -> dict[str, Any]:
         while j < pkeys.size:
             k = pkeys[j]
             pj = prows[j] if has_p else j
-            cnt, first = linear_walk(words, k, nb, slots, shift, epoch, False, 0, pj, brows, has_b, out_b, out_p, 0)
+            cnt, first = linear_walk(words, k, nb, slots, shift, epoch, wide, False, 0, pj, brows, has_b, out_b,
+                                     out_p, 0)
             if cnt > 0:
                 at = cuda.atomic.add(state, 5, cnt)
                 if capacity > 0 and at < capacity:
-                    linear_walk(words, k, nb, slots, shift, epoch, True, at, pj, brows, has_b, out_b, out_p,
-                                capacity)
+                    linear_walk(words, k, nb, slots, shift, epoch, wide, True, at, pj, brows, has_b, out_b,
+                                out_p, capacity)
             j += cuda.gridDim.x * threads
         cuda.syncthreads()
         if t == 0:
@@ -408,7 +433,8 @@ class HashJoinNumba(HashJoinBase):
 
     def _linear_args(self, built: Built) -> tuple:
         lay = built.layout
-        return (self._nb(built.table.view(torch.int64)), lay.buckets, lay.slots, lay.shift, built.epoch)
+        return (self._nb(built.table.view(torch.int64)), lay.buckets, lay.slots, lay.shift, built.epoch,
+                int(built.table.dtype == torch.int64))
 
     def _launch_probe(self, keys: torch.Tensor, built: Built, rows: torch.Tensor | None, out_b: torch.Tensor | None,
                       out_p: torch.Tensor | None, capacity: int, state: torch.Tensor) -> None:

@@ -8,13 +8,14 @@ same layout reuses the table without clearing it; the table is zeroed (epoch 0 =
 epoch field would overflow (every ``2**(32 - shift) - 1`` joins) or every join with ``clear="memset"``.
 
 Per join (``HashJoinBase.__call__``): build, count (+ the last block's scan of the tile totals, which publishes the
-total), write into speculative outputs of ``n_probe`` pairs (enough whenever build keys are unique), then ONE host
+total), write into speculative outputs of ``spec_factor * n_probe`` pairs (enough whenever build keys are unique, or
+when the output has at most that many pairs; ``spec_factor`` > 1 only where memory allows), then ONE host
 sync reads the total; if it exceeds the speculative capacity (many-to-many), the write runs again exact-size after
 the output is checked to fit in memory. The fused scheme does build/count/write in one cooperative launch.
-The linear64 scheme (int32 keys, backends with ``linear_available``) keeps the same table memory and epochs but
-probes linearly (a bucket's slots, then the next bucket) and needs no heads or counts: its probe kernel counts and
-writes in one pass, so a join is build + probe (+ the probe again, exact-size, when the output overflows the
-speculative buffer); its probe phase counts only.
+The linear64 scheme (int32 keys, and int64 keys with ``linear_wide``; backends with ``linear_available``) keeps
+the same table memory and epochs but probes linearly (a bucket's slots, then the next bucket) and needs no heads or
+counts: its probe kernel counts and writes in one pass, so a join is build + probe (+ the probe again, exact-size,
+when the output overflows the speculative buffer); its probe phase counts only.
 The three phases are also exposed one by one (``build``/``probe``/``materialize``) for the per-phase benches.
 """
 from __future__ import annotations
@@ -53,14 +54,20 @@ class HashConfig:
     threads: int = 256        # threads per block (a power of two)
     items: int = 4            # probe (and build) rows per thread in flight
     bucket_bytes: int = 32    # one 32-byte sector per bucket, or 64
-    scheme: str = "linear64"  # fused: one cooperative launch; split: build, count, write kernels; linear64 (CUDA
-                              # C++, int32 keys; other keys run split): packed 64-bit slots, linear probing, build +
+    scheme: str = "linear64"  # fused: one cooperative launch; split: build, count, write kernels; linear64 (int32
+                              # keys; int64 keys with linear_wide, else split): linear probing, build +
                               # one probe kernel that counts and writes (``hash_join.cu``); linear64-fused: the
                               # two in one cooperative launch (C++ only; the numba twin runs linear64)
     clear: str = "epoch"      # epoch: no clear per join; memset: zero the table before every build
     readback: str = "pinned"  # pinned: the kernel writes the total into pinned host memory; item: tensor.item()
     min_blocks: int = 1       # __launch_bounds__ minimum resident blocks per SM (caps registers)
     reconverge: bool = False  # C++ kernels: the warp's lanes meet before each of their build/count rows
+    spec_factor: int = 1      # speculative output of spec_factor * n_probe pairs (one pass for joins with up to that
+                              # many pairs; the result's tensors are views of the larger buffers)
+    lrows: int = 1            # linear64 kernels: rows per thread per step, their loads (and the build's CASes) all
+                              # issued before any result is used
+    linear_wide: bool = False  # linear64 schemes: int64 keys take the linear kernels too (16-byte slots {key, tag,
+                               # pad}: CAS the tag, then store the key) instead of the split kernels
     epoch_bits: int | None = None  # cap on the tag's epoch field (tests use 1-2 bits to force wraps)
 
     def __post_init__(self) -> None:
@@ -75,6 +82,10 @@ class HashConfig:
         for name, allowed in (("scheme", SCHEMES), ("clear", CLEARS), ("readback", READBACKS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 1 <= self.spec_factor <= 16:
+            raise ValueError(f"spec_factor must be in [1, 16], got {self.spec_factor}")
+        if not 1 <= self.lrows <= 8:
+            raise ValueError(f"lrows must be in [1, 8], got {self.lrows}")
         if self.min_blocks < 1:
             raise ValueError(f"min_blocks must be >= 1, got {self.min_blocks}")
         if self.epoch_bits is not None and not 1 <= self.epoch_bits <= 31:
@@ -236,8 +247,10 @@ class HashJoinBase:
         raise NotImplementedError
 
     def _linear(self, key_dtype: torch.dtype) -> bool:
-        """Whether joins on these keys use the linear64 kernels (int32 keys of a backend that has them)."""
-        return self.config.scheme.startswith("linear64") and self.linear_available and key_dtype == torch.int32
+        """Whether joins on these keys use the linear64 kernels (int32 keys of a backend that has them; int64 keys
+        too with ``linear_wide``)."""
+        wide_ok = key_dtype == torch.int32 or (key_dtype == torch.int64 and self.config.linear_wide)
+        return self.config.scheme.startswith("linear64") and self.linear_available and wide_ok
 
     def _check_device(self, t: torch.Tensor) -> None:
         """Refuse tensors the backend cannot read (the CUDA join needs CUDA tensors)."""
@@ -360,8 +373,13 @@ class HashJoinBase:
         n, dev = pk.numel(), pk.device
         self._check_device(bk)
         self._check_device(pk)
-        check_output_fits(n, rdt, dev, what="the speculative output (one pair per probe row)")
-        ob, op = torch.empty(n, dtype=rdt, device=dev), torch.empty(n, dtype=rdt, device=dev)
+        cap = n * self.config.spec_factor
+        try:
+            check_output_fits(cap, rdt, dev, what="the speculative output")
+        except MemoryError:  # no room for the larger buffer: one pair per probe row, or the clear refusal
+            cap = n
+            check_output_fits(cap, rdt, dev, what="the speculative output (one pair per probe row)")
+        ob, op = torch.empty(cap, dtype=rdt, device=dev), torch.empty(cap, dtype=rdt, device=dev)
         if n == 0:
             return JoinResult(ob, op)
         state = self._state(dev)
@@ -369,10 +387,10 @@ class HashJoinBase:
         if self._linear(pk.dtype):  # the probe kernel writes the pairs: it is also the exact-size rewrite
             if self.config.scheme == "linear64-fused" and self.fused_available:
                 built = self._new_built(bk, br)
-                self._launch_linear_fused(bk, built, pk, pr, ob, op, n, state)
+                self._launch_linear_fused(bk, built, pk, pr, ob, op, cap, state)
             else:
                 built = self.build(bk, br)
-                self._launch_probe(pk, built, pr, ob, op, n, state)
+                self._launch_probe(pk, built, pr, ob, op, cap, state)
             mark = self._mark()
             self.launches += 1
 
@@ -383,17 +401,17 @@ class HashJoinBase:
             built = self._new_built(bk, br) if fused else self.build(bk, br)
             probed = self._probe_state(built, pk, pr)
             if fused:
-                self._launch_fused(bk, built, probed, ob, op, n, state)
+                self._launch_fused(bk, built, probed, ob, op, cap, state)
                 mark = self._mark()
                 self.launches += 1
             else:
                 self._launch_count(pk, built, probed, state)
                 mark = self._mark()  # the host can read the total while the write runs
-                self._launch_write(probed, ob, op, n)
+                self._launch_write(probed, ob, op, cap)
                 self.launches += 2
             rewrite = functools.partial(self._launch_write, probed)
         total = self._read_total(state, mark)
-        if total > n:  # many-to-many: the speculative buffer was short; write again, exact-size (no more syncs)
+        if total > cap:  # many-to-many: the speculative buffer was short; write again, exact-size (no more syncs)
             check_output_fits(total, rdt, dev)
             ob, op = torch.empty(total, dtype=rdt, device=dev), torch.empty(total, dtype=rdt, device=dev)
             rewrite(ob, op, total)

@@ -45,7 +45,17 @@ BASE = HashConfig(scheme="fused", items=8)  # the sweep's reference point: each 
 VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the budget may cut the tail
     ("split-items4", {"scheme": "split", "items": 4}),  # split kernels, 4 rows per thread (what int64 keys run)
     ("linear64", {"scheme": "linear64", "items": 4}),  # HashConfig's default; int64 keys run split-items4's kernels
+    # int64 keys on the linear kernels too (16-byte slots); its int32 columns repeat linear64's kernels
+    ("linear64-wide", {"scheme": "linear64", "items": 4, "linear_wide": True}),
+    # 2 rows per thread and step in lbuild / lprobe (loads and CASes of both in flight), int64 keys linear too
+    ("linear64-wide-r2", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 2}),
     ("linear64-fused", {"scheme": "linear64-fused", "items": 4}),  # lbuild | grid barrier | lprobe, one launch
+    ("linear64-wide-r4", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 4}),
+    # a speculative output of 8 * n_probe pairs: m2m (~4 pairs per probe row on average) in one probe pass
+    ("linear64-spec8", {"scheme": "linear64", "items": 4, "spec_factor": 8}),
+    ("linear64-wide-lf0.35", {"scheme": "linear64", "items": 4, "linear_wide": True, "load_factor": 0.35}),
+    ("linear64-wide-bucket64", {"scheme": "linear64", "items": 4, "linear_wide": True, "bucket_bytes": 64}),
+    ("linear64-wide-r2-t128", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 2, "threads": 128}),
     ("linear64-t128", {"scheme": "linear64", "items": 4, "threads": 128}),
     ("linear64-t512", {"scheme": "linear64", "items": 4, "threads": 512}),
     ("linear64-lf0.35", {"scheme": "linear64", "items": 4, "load_factor": 0.35}),
@@ -68,7 +78,7 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
     ("fused-items16", {"items": 16}),
     ("fused-t512-items4", {"threads": 512, "items": 4}),
 ]
-DETAIL = 3  # the first DETAIL variants are also timed on every case and phase by phase
+DETAIL = 5  # the first DETAIL variants are also timed on every case and phase by phase
 COMPILE_S = 8.0  # budget charge for a variant that needs new kernel modules (int32 and int64 keys)
 CASES_1M = ("uniform", "zipf", "m2m", "highbits")
 TC_VARIANTS: list[tuple[str, dict[str, Any]]] = [  # TCConfig overrides, most informative first (bucket sizes
@@ -183,6 +193,9 @@ def time_variant(op, overrides: dict[str, Any], plan: Plan, device: str, detail:
     cases = [("uniform", plan.n), ("uniform", plan.big)]
     if detail:
         cases += [("zipf", plan.n), ("m2m", plan.n), ("uniform64", plan.n), ("uniform64", plan.big)]
+    else:  # what the variant is about beyond the int32 uniform tables
+        cases += [("m2m", plan.n)] if overrides.get("spec_factor", 1) > 1 else []
+        cases += [("uniform64", plan.n), ("uniform64", plan.big)] if overrides.get("linear_wide") else []
     out: dict[str, Any] = {}
     for kind, n in cases:
         if plan.left() < 3:
@@ -277,20 +290,31 @@ def table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def decision(record: dict[str, Any]) -> str:
-    """The fastest checked hash and tensor-core variants at n (uniform) and their ratio."""
-    key = f"uniform-{record['n']}"
-    best: dict[str, tuple[float, str]] = {}
+def fastest(record: dict[str, Any], key: str, kind: str) -> tuple[float, str] | None:
+    """(median µs, label) of the fastest checked variant of ``kind`` ("hash" or "tc") on the timed case ``key``."""
+    best = None
     for v in record["variants"]:
         med = v.get("times", {}).get(key, {}).get("median_us")
         ok = v.get("checks") and all(c == "ok" for c in v["checks"].values())
-        kind = "tc" if v["label"].startswith("tc") else "hash"
-        if med is not None and ok and (kind not in best or med < best[kind][0]):
-            best[kind] = (med, v["label"])
-    parts = [f"{kind} {label} {med:.1f} us" for kind, (med, label) in sorted(best.items())]
-    if len(best) == 2:
+        if (v["label"].startswith("tc")) == (kind == "tc") and med is not None and ok and (best is None
+                                                                                           or med < best[0]):
+            best = (med, v["label"])
+    return best
+
+
+def decision(record: dict[str, Any]) -> str:
+    """The fastest checked hash and tensor-core variants at n (uniform) and their ratio; the fastest hash variants
+    on int64 keys at --big and on m2m at n."""
+    n, big = record["n"], record["big"]
+    best = {kind: fastest(record, f"uniform-{n}", kind) for kind in ("hash", "tc")}
+    parts = [f"{kind} {b[1]} {b[0]:.1f} us" for kind, b in best.items() if b]
+    if best["hash"] and best["tc"]:
         parts.append(f"tc/hash {best['tc'][0] / best['hash'][0]:.2f}x (claim: <= 10)")
-    return "decision at n: " + ("; ".join(parts) if parts else "no variant passed its checks")
+    line = "decision at n: " + ("; ".join(parts) if parts else "no variant passed its checks")
+    for label, key in (("int64 at N", f"uniform64-{big}"), ("m2m at n", f"m2m-{n}")):
+        b = fastest(record, key, "hash")
+        line += f"\ndecision {label}: " + (f"hash {b[1]} {b[0]:.1f} us" if b else "no checked variant timed it")
+    return line
 
 
 def skip(record: dict[str, Any], label: str, overrides: dict[str, Any], plan: Plan) -> None:
@@ -329,7 +353,8 @@ def run(plan: Plan, out_dir: Path, only: set[str] | None = None) -> dict[str, An
     for i, (label, overrides) in enumerate(VARIANTS):
         if only and label not in only:
             continue
-        key = tuple(sorted((k, v) for k, v in overrides.items() if k in ("threads", "items", "bucket_bytes")))
+        key = tuple(sorted((k, v) for k, v in overrides.items()
+                           if k in ("threads", "items", "bucket_bytes", "lrows", "reconverge")))
         cost = (0 if key in compiled else COMPILE_S) + 5
         if plan.left() - plan.tc_budget_s < cost:
             skip(record, label, overrides, plan)
