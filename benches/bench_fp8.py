@@ -207,7 +207,7 @@ def test_fp8_load(device_bench, benchmark, big_checkpoint, cache, staging_kind):
                      largest_tensor_bytes=s.largest_tensor_bytes, chunk_bytes=s.chunk_bytes, threads=s.threads)
         return ck
 
-    ck = device_bench(run, bytes_moved=nbytes, clock="host", flush_l2=False, rounds=sized(5, 1), warmup=1,
+    ck = device_bench(run, bytes_moved=nbytes, clock="host", flush_l2=False, rounds=sized(11, 1), warmup=1,
                       setup=(lambda: staging.evict(_files(path))) if cache == "cold" else None, cache=cache,
                       staging=staging_kind, checkpoint_bytes=nbytes, evict_method=ev.get("method"))
     benchmark.extra_info.update(stats)  # the last round's loader stats
@@ -235,6 +235,6 @@ def test_fp8_disk_read(device_bench, benchmark, big_checkpoint, cache):
             best = r
     file_bytes = sum(f.stat().st_size for f in files)
     device_bench(lambda: staging.plain_read(files, threads=best["threads"]), bytes_moved=file_bytes, clock="host",
-                 flush_l2=False, rounds=sized(5, 1), warmup=0, setup=evict, cache=cache, threads=best["threads"],
+                 flush_l2=False, rounds=sized(11, 1), warmup=0, setup=evict, cache=cache, threads=best["threads"],
                  checkpoint_bytes=nbytes, evict_method=ev.get("method"), variant="plain read")
     benchmark.extra_info["single_stream_gbps" if best["threads"] == 1 else "parallel_gbps"] = best["gbps"]
