@@ -33,11 +33,14 @@ import torch
 from impl import backend
 from impl.common.log import logger
 from impl.common.shapes import LLAMA3_8B
+from impl.serve.triton_attention import PrefillTiles
 
 HEADS, KV_HEADS, HEAD_DIM = LLAMA3_8B.n_heads, LLAMA3_8B.n_kv_heads, LLAMA3_8B.head_dim
 DECODE = [(1, 4096), (32, 1024), (128, 1024)]
 PREFILL = [(4, 1024), (1, 4096)]
 REFERENCE_CASES = {"decode": "32x1024", "prefill": "4x1024"}  # the cases choose_phases judges (B x length)
+PREFILL_TILE_CANDIDATES = [PrefillTiles(64, 64, 4, 1), PrefillTiles(128, 64, 8, 3), PrefillTiles(128, 128, 8, 2),
+                           PrefillTiles(128, 32, 4, 2)]
 
 
 log = logger("serve.flashinfer_check")
@@ -149,17 +152,19 @@ def run(site_dir: str | None, budget_s: float, reps: int) -> dict[str, Any]:
                 except Exception as e:
                     timings[name][phase][f"{b}x{n}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 log(f"{name} {phase} {b}x{n}: {timings[name][phase][f'{b}x{n}']}")
-    if "triton" in backends:  # the prefill kernel with the smaller tiles beside its default (for the record)
+    if "triton" in backends:  # other prefill tiles beside the default, for the record (the default is judged)
         from impl.serve.attention import TritonPagedAttention
-        from impl.serve.triton_attention import PrefillTiles
 
-        small = PrefillTiles(block_m=64, block_n=64, num_warps=4, num_stages=1)
-        be = TritonPagedAttention(small)
-        timings["triton_prefill_tiles_64x64w4"] = {"prefill": {}}
-        for b, n in PREFILL:
-            if time.perf_counter() - t_start > budget_s:
-                continue
-            timings["triton_prefill_tiles_64x64w4"]["prefill"][f"{b}x{n}"] = time_case(be, b, n, n, dtype, reps)
+        for tiles in PREFILL_TILE_CANDIDATES:
+            key = f"triton_prefill_tiles_{tiles.block_m}x{tiles.block_n}w{tiles.num_warps}s{tiles.num_stages}"
+            timings[key] = {"prefill": {}}
+            for b, n in PREFILL:
+                if time.perf_counter() - t_start > budget_s:
+                    continue
+                try:
+                    timings[key]["prefill"][f"{b}x{n}"] = time_case(TritonPagedAttention(tiles), b, n, n, dtype, reps)
+                except Exception as e:  # a candidate that does not fit (shared memory) is recorded, not fatal
+                    timings[key]["prefill"][f"{b}x{n}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     choice, ratios = None, {}
     keys = REFERENCE_CASES
     per_phase = {n: {p: timings[n][p].get(keys[p], {}).get("median_us") for p in keys} for n in backends}
@@ -174,8 +179,8 @@ def run(site_dir: str | None, budget_s: float, reps: int) -> dict[str, Any]:
             "flashinfer_reason": None if measured else f"{status.get('step', 'timing')}: "
                                                           f"{status.get('error', 'no timing for the reference cases')}",
             "checks": checks, "timings": timings, "reference_cases": keys, "auto_choice": choice,
-            "triton_over_flashinfer": ratios, "complete": measured and all(
-                "median_us" in r for t in timings.values() for ph in t.values() for r in ph.values()),
+            "triton_over_flashinfer": ratios, "complete": measured and all(  # the backends' cases (not candidates)
+                "median_us" in r for n in backends for ph in timings[n].values() for r in ph.values()),
             "wall_s": time.perf_counter() - t_start}
 
 
