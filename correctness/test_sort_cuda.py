@@ -252,19 +252,26 @@ def test_host_pipeline_runs_the_cuda_source(emu):
         assert np.array_equal(pipe.sort_staged(), np.sort(x))
 
 
-def test_host_pipeline_runs_local_passes_region_by_region(emu):
-    """Regions of 2^k slots: the passes local to them run per region before all regions are on the device (and after
-    the global passes, before each region's download); the result is numpy's."""
+def test_host_pipeline_runs_each_pass_on_the_regions_it_can(emu):
+    """Regions of 2^k slots: a pass within a region runs on it alone; a wider one on the aligned group of regions it
+    spans, as soon as they have all arrived (regions 0 and 1 merge before region 2's upload, region 2 alone in its
+    2^11 group); the last pass per region, region 0 first; the result is numpy's."""
     n = 3000  # 2^12 slots; regions of 2^10 (4 chunks -> 3 regions, the last partial)
     x = make_array(n, "float32", "nasty", seed=6)
     pipe = HostSortPipeline(n, np.float32, argsort=True, config=EMU_CUDA_CONFIG, pipeline=PipelineConfig(chunks=4))
-    lead, middle, trail = pipe.schedule()
-    k = pipe.region_bits
-    assert k == 10 and pipe.chunk_bounds() == [(0, 1024), (1024, 2048), (2048, 3000)]
-    assert len(lead) > 1 and len(middle) > 0 and len(trail) > 0  # stages 9-10 merge per region, as does the end
-    assert all(pipe.sorter.span_bits(i) <= k for i in (*lead, *trail))
-    assert all(pipe.sorter.span_bits(i) > k for i in (middle[0], middle[-1]))
+    assert pipe.region_bits == 10 and pipe.chunk_bounds() == [(0, 1024), (1024, 2048), (2048, 3000)]
+    steps = pipe.steps()
+    span = pipe.sorter.span_bits
+    wide = [i for i in range(pipe.passes) if span(i) == 11]
+    assert wide and all(span(i) <= 12 for i in range(pipe.passes))
+    assert steps.index(("pass", wide[0], 0, 2)) < steps.index(("arrive", 2)) < steps.index(("pass", wide[0], 2, 3))
+    last = pipe.passes - 1
+    assert steps[-6:] == [("pass", last, 0, 1), ("done", 0), ("pass", last, 1, 2), ("done", 1),
+                          ("pass", last, 2, 3), ("done", 2)]
+    assert pipe.exposed()[1] == pipe.passes  # every pass touches the last region: all follow its upload
     assert np.array_equal(pipe(x), argsort_reference(x))
+    pipe.stage_in[:] = x
+    assert np.array_equal(pipe.sort_staged(), argsort_reference(x))
 
 
 # ---- byte order: every public entry point sorts a big-endian array by value or refuses it by name -----------------
