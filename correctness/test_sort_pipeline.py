@@ -13,7 +13,7 @@ from impl.common.ledger import ResultsView, clean_commit, evaluate
 from impl.sort.bitonic import BitonicSorter, SortGraph
 from impl.sort.keys import SUPPORTED_DTYPES
 from impl.sort.network import default_config
-from impl.sort.pipeline import NAIVE, HostSortPipeline, PipelineConfig
+from impl.sort.pipeline import NAIVE, STAGED, HostSortPipeline, PipelineConfig
 from impl.sort.plan import EMU_CUDA_CONFIG
 from impl.sort.reference import argsort_reference, sort_reference
 
@@ -199,11 +199,12 @@ def test_staged_pipeline_replays_what_it_captured(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("staged", [False, True], ids=["default", "staged"])
 @pytest.mark.parametrize("argsort_", [False, True], ids=["keys", "argsort"])
-def test_staged_pipeline_graph_replays_match_numpy(argsort_):
+def test_staged_pipeline_graph_replays_match_numpy(argsort_, staged):
     """sort_staged: first call launch by launch, later calls one graph replay; each on fresh keys, output poisoned."""
     n = 3_000_017
-    pipe = HostSortPipeline(n, np.float32, argsort=argsort_)
+    pipe = HostSortPipeline(n, np.float32, argsort=argsort_, pipeline=STAGED if staged else PipelineConfig())
     for seed in range(3):
         x = make_array(n, "float32", "nasty", seed=seed)
         pipe.stage_in[:] = x
