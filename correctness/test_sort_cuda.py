@@ -36,6 +36,7 @@ PLAN_CONFIGS = [GPU_CUDA_CONFIG, EMU_CUDA_CONFIG, replace(GPU_CUDA_CONFIG, fuse=
                 CudaSortConfig(tile_bits=14, items_bits=5), CudaSortConfig(tile_bits=13, items_bits=5, run_bits=6),
                 CudaSortConfig(items_bits=7), CudaSortConfig(tile_bits=7, items_bits=2, run_bits=1),
                 replace(EMU_CUDA_CONFIG, fuse=False), CudaSortConfig(tile_bits=13, items_bits=5, merge_items_bits=4),
+                CudaSortConfig(tile_bits=13, items_bits=5, run_bits=4), CudaSortConfig(tile_bits=13, items_bits=5, run_bits=3),
                 replace(EMU_CUDA_CONFIG, merge_items_bits=3)]
 EMU_MAX_N = 3000
 MIXED_EMU = replace(EMU_CUDA_CONFIG, merge_items_bits=3)  # tile pass: 4 keys per thread; merges: 8
@@ -104,7 +105,8 @@ def test_shared_exchanges_are_bank_conflict_free(mode, n):
     wide = MODES[mode] > 4
     need = {0, 1, 2, 3} if wide else {0, 1, 2, 3, 4}
     for config in (CudaSortConfig(13, 5, 5), CudaSortConfig(14, 5, 5), CudaSortConfig(14, 6, 5),
-                   CudaSortConfig(15, 6, 5), CudaSortConfig(13, 5, 5, merge_items_bits=4)):
+                   CudaSortConfig(15, 6, 5), CudaSortConfig(13, 5, 5, merge_items_bits=4), CudaSortConfig(13, 5, 4),
+                   CudaSortConfig(13, 5, 3)):
         layouts = {r.layout for p in build_cuda_plan(n, mode, config).passes for r in p.rounds}
         for lay in layouts:
             best = 1 if need <= {c % 5 for c in lay.lanes + lay.warps} else 2
