@@ -106,7 +106,7 @@ def test_shared_exchanges_are_bank_conflict_free(mode, n):
     need = {0, 1, 2, 3} if wide else {0, 1, 2, 3, 4}
     for config in (CudaSortConfig(13, 5, 5), CudaSortConfig(14, 5, 5), CudaSortConfig(14, 6, 5),
                    CudaSortConfig(15, 6, 5), CudaSortConfig(13, 5, 5, merge_items_bits=4), CudaSortConfig(13, 5, 4),
-                   CudaSortConfig(13, 5, 3)):
+                   CudaSortConfig(13, 5, 3), CudaSortConfig(14, 5, 4)):
         layouts = {r.layout for p in build_cuda_plan(n, mode, config).passes for r in p.rounds}
         for lay in layouts:
             best = 1 if need <= {c % 5 for c in lay.lanes + lay.warps} else 2
