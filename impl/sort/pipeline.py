@@ -260,15 +260,17 @@ class HostSortPipeline:
         self.d_out[lo:hi].copy_to_host(self.stage_out[lo:hi], stream=stream)
 
     def _group_pass(self, i: int, stream, regions: list, c0: int, c1: int, descending: bool) -> None:
-        """Pass ``i`` on the blocks of regions c0..c1-1: one region's block, or the aligned group of 2^span_bits(i)
-        slots they fill (block b of the pass lies in the aligned 2^k-slot block b >> (k - block_bits(i)), k >= span)."""
+        """Pass ``i`` on the blocks of regions c0..c1-1 (neighbours, each holding whole groups of 2^span_bits(i)
+        slots, or the regions filling one such group): block b of the pass lies in the aligned block of 2^k slots
+        number b >> (k - block_bits(i)) for any k >= span_bits(i)."""
         if c0 == 0 and c1 == len(regions):
             self.sorter.launch_pass(i, self.d_src, self.d_out, descending=descending, stream=stream)
             return
         span, shift = self.sorter.span_bits(i), self.sorter.block_bits(i)
-        blocks = [(regions[c][0] >> b << b, b) for c in range(c0, c1) for b in (max(regions[c][2], span),)]
-        first = min(lo for lo, _ in blocks) >> shift
-        last = min(max(lo + (1 << b) for lo, b in blocks) >> shift, self.sorter.pass_blocks(i))
+        bits = [max(b, span) for _, _, b in regions[c0:c1]]
+        starts = [lo >> b << b for (lo, _, _), b in zip(regions[c0:c1], bits)]
+        first = min(starts) >> shift
+        last = min(max(lo + (1 << b) for lo, b in zip(starts, bits)) >> shift, self.sorter.pass_blocks(i))
         if last > first:
             self.sorter.launch_pass(i, self.d_src, self.d_out, descending=descending, stream=stream,
                                     first_block=first, blocks=last - first)
