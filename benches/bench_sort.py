@@ -25,7 +25,7 @@ from fixtures.oracle import assert_close
 from impl.backend import DEVICE, ON_GPU, sized
 from impl.sort.bitonic import BitonicSorter, SortGraph
 from impl.sort.network import default_config
-from impl.sort.pipeline import NAIVE, HostSortPipeline, PipelineConfig
+from impl.sort.pipeline import NAIVE, STAGED, HostSortPipeline, PipelineConfig
 from impl.sort import choose
 from impl.sort.plan import EMU_CUDA_CONFIG
 from impl.sort.runtimes import EmulatedRuntime, cupy_unavailable_reason
@@ -197,7 +197,8 @@ def test_sort_end_to_end(device_bench, benchmark, pipeline):
     config = CUDA_CONFIG if reason is None else None  # the numba passes where the CUDA C++ ones cannot run
     t, _ = make_input(n, "float32")
     x = t.cpu().numpy()
-    pipe = HostSortPipeline(n, np.float32, config=config, pipeline=NAIVE if pipeline == "naive" else PipelineConfig())
+    pc = {"naive": NAIVE, "pinned_buffer": STAGED}.get(pipeline, PipelineConfig())
+    pipe = HostSortPipeline(n, np.float32, config=config, pipeline=pc)
     out = np.empty_like(x)
     if pipeline == "pinned_buffer":
         def run():
@@ -210,7 +211,8 @@ def test_sort_end_to_end(device_bench, benchmark, pipeline):
     device_bench(fn, bytes_moved=compulsory_bytes(n, "keys"), clock="host", flush_l2=False, rounds=10, setup=setup,
                  n=n, dtype="float32", mode="keys", variant=f"e2e_{pipeline}", chunks=len(pipe.chunk_bounds()),
                  passes=pipe.passes, implementation=type(pipe.sorter).__name__, fallback_reason=reason,
-                 graph=pipe.graphed, graph_error=pipe.graph_error)
+                 graph=pipe.graphed, graph_error=pipe.graph_error, early=pc.early,
+                 launches_after_last_upload=pipe.exposed()[1])
     record_rate(benchmark, n)
     got = pipe.stage_out[:n] if pipeline == "pinned_buffer" else out
     assert np.array_equal(got, np.sort(x))

@@ -36,6 +36,7 @@ PLAN_CONFIGS = [GPU_CUDA_CONFIG, EMU_CUDA_CONFIG, replace(GPU_CUDA_CONFIG, fuse=
                 CudaSortConfig(tile_bits=14, items_bits=5), CudaSortConfig(tile_bits=13, items_bits=5, run_bits=6),
                 CudaSortConfig(items_bits=7), CudaSortConfig(tile_bits=7, items_bits=2, run_bits=1),
                 replace(EMU_CUDA_CONFIG, fuse=False), CudaSortConfig(tile_bits=13, items_bits=5, merge_items_bits=4),
+                CudaSortConfig(tile_bits=13, items_bits=5, run_bits=4), CudaSortConfig(tile_bits=13, items_bits=5, run_bits=3),
                 replace(EMU_CUDA_CONFIG, merge_items_bits=3)]
 EMU_MAX_N = 3000
 MIXED_EMU = replace(EMU_CUDA_CONFIG, merge_items_bits=3)  # tile pass: 4 keys per thread; merges: 8
@@ -104,7 +105,8 @@ def test_shared_exchanges_are_bank_conflict_free(mode, n):
     wide = MODES[mode] > 4
     need = {0, 1, 2, 3} if wide else {0, 1, 2, 3, 4}
     for config in (CudaSortConfig(13, 5, 5), CudaSortConfig(14, 5, 5), CudaSortConfig(14, 6, 5),
-                   CudaSortConfig(15, 6, 5), CudaSortConfig(13, 5, 5, merge_items_bits=4)):
+                   CudaSortConfig(15, 6, 5), CudaSortConfig(13, 5, 5, merge_items_bits=4), CudaSortConfig(13, 5, 4),
+                   CudaSortConfig(13, 5, 3), CudaSortConfig(14, 5, 4)):
         layouts = {r.layout for p in build_cuda_plan(n, mode, config).passes for r in p.rounds}
         for lay in layouts:
             best = 1 if need <= {c % 5 for c in lay.lanes + lay.warps} else 2
@@ -245,26 +247,34 @@ def test_public_api_runs_the_cuda_source_with_a_cuda_config(emu):
 def test_host_pipeline_runs_the_cuda_source(emu):
     n = 2100
     x = make_array(n, "int32", "random", seed=5)
-    for pc in (PipelineConfig(chunks=3), PipelineConfig(chunks=2, pinned=False)):
+    for pc in (PipelineConfig(chunks=3), PipelineConfig(chunks=8), PipelineConfig(chunks=8, early=False),
+               PipelineConfig(chunks=2, pinned=False)):
         pipe = HostSortPipeline(n, np.int32, config=EMU_CUDA_CONFIG, pipeline=pc)
         assert np.array_equal(pipe(x), np.sort(x))
         pipe.stage_in[:] = x
         assert np.array_equal(pipe.sort_staged(), np.sort(x))
 
 
-def test_host_pipeline_runs_local_passes_region_by_region(emu):
-    """Regions of 2^k slots: the passes local to them run per region before all regions are on the device (and after
-    the global passes, before each region's download); the result is numpy's."""
+def test_host_pipeline_runs_each_pass_on_the_regions_it_can(emu):
+    """Regions of 2^k slots: a pass within a region runs on it alone; a wider one on the aligned group of regions it
+    spans, as soon as they have all arrived (regions 0 and 1 merge before region 2's upload, region 2 alone in its
+    2^11 group); the last pass per region, region 0 first; the result is numpy's."""
     n = 3000  # 2^12 slots; regions of 2^10 (4 chunks -> 3 regions, the last partial)
     x = make_array(n, "float32", "nasty", seed=6)
     pipe = HostSortPipeline(n, np.float32, argsort=True, config=EMU_CUDA_CONFIG, pipeline=PipelineConfig(chunks=4))
-    lead, middle, trail = pipe.schedule()
-    k = pipe.region_bits
-    assert k == 10 and pipe.chunk_bounds() == [(0, 1024), (1024, 2048), (2048, 3000)]
-    assert len(lead) > 1 and len(middle) > 0 and len(trail) > 0  # stages 9-10 merge per region, as does the end
-    assert all(pipe.sorter.span_bits(i) <= k for i in (*lead, *trail))
-    assert all(pipe.sorter.span_bits(i) > k for i in (middle[0], middle[-1]))
+    assert pipe.region_bits == 10 and pipe.chunk_bounds() == [(0, 1024), (1024, 2048), (2048, 3000)]
+    steps = pipe.steps()
+    span = pipe.sorter.span_bits
+    wide = [i for i in range(pipe.passes) if span(i) == 11]
+    assert wide and all(span(i) <= 12 for i in range(pipe.passes))
+    assert steps.index(("pass", wide[0], 0, 2)) < steps.index(("arrive", 2)) < steps.index(("pass", wide[0], 2, 3))
+    last = pipe.passes - 1
+    assert steps[-6:] == [("pass", last, 0, 1), ("done", 0), ("pass", last, 1, 2), ("done", 1),
+                          ("pass", last, 2, 3), ("done", 2)]
+    assert pipe.exposed()[1] == pipe.passes  # every pass touches the last region: all follow its upload
     assert np.array_equal(pipe(x), argsort_reference(x))
+    pipe.stage_in[:] = x
+    assert np.array_equal(pipe.sort_staged(), argsort_reference(x))
 
 
 # ---- byte order: every public entry point sorts a big-endian array by value or refuses it by name -----------------

@@ -13,7 +13,7 @@ from impl.common.ledger import ResultsView, clean_commit, evaluate
 from impl.sort.bitonic import BitonicSorter, SortGraph
 from impl.sort.keys import SUPPORTED_DTYPES
 from impl.sort.network import default_config
-from impl.sort.pipeline import NAIVE, HostSortPipeline, PipelineConfig
+from impl.sort.pipeline import NAIVE, STAGED, HostSortPipeline, PipelineConfig
 from impl.sort.plan import EMU_CUDA_CONFIG
 from impl.sort.reference import argsort_reference, sort_reference
 
@@ -69,7 +69,7 @@ class _Timeline:
 
     def __init__(self, pipe: HostSortPipeline) -> None:
         self.pipe, self.ops, self.last = pipe, [], {}  # op: (stream, kind, detail, deps)
-        self.k = pipe.region_bits
+        self.k, self.regions, self.blocks = pipe.region_bits, len(pipe.chunk_bounds()), {}
 
     def add(self, stream, kind, detail, extra=()) -> int:
         deps = set(extra) | ({self.last[stream]} if stream in self.last else set())
@@ -87,9 +87,20 @@ class _Timeline:
         return Event()
 
     def launch(self, i, src, out, *, descending=False, stream=None, first_block=0, blocks=None) -> None:
-        bits = self.pipe.sorter.block_bits(i)
-        region = None if blocks is None else first_block >> (self.k - bits)
-        self.add(stream, "pass", (i, region))
+        """A pass on blocks [first, first + blocks): the regions holding them (block b lies in the aligned 2^k-slot
+        block b >> (k - block_bits), k >= the pass's span; else the launch must be whole)."""
+        sorter = self.pipe.sorter
+        stop = sorter.pass_blocks(i) if blocks is None else first_block + blocks
+        span, bits = sorter.span_bits(i), sorter.block_bits(i)
+        if span > self.k:  # exactly one aligned group of 2^span slots: no less (wrong), no more (waits too long)
+            group = first_block >> (span - bits)
+            assert first_block == group << (span - bits) and stop == min((group + 1) << (span - bits),
+                                                                        sorter.pass_blocks(i)), \
+                f"pass {i} launched on blocks {first_block}..{stop}, not on one group of 2^{span} slots"
+        regions = sorted({min((b << sorter.block_bits(i)) >> self.k, self.regions - 1)
+                          for b in range(first_block, stop)})
+        self.blocks.setdefault(i, []).extend(range(first_block, stop))
+        self.add(stream, "pass", (i, tuple(regions)))
 
     def before(self, a: int, b: int) -> bool:
         seen, todo = set(), [b]
@@ -106,11 +117,13 @@ class _Timeline:
         return [j for j, op in enumerate(self.ops) if op[1] == kind and op[2] == detail]
 
 
-@pytest.mark.parametrize("chunks", [1, 3, 4])
+@pytest.mark.parametrize("chunks", [1, 3, 4, 8])
 def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monkeypatch, chunks):
     """On separate streams: each pass after the uploads and the previous pass of every region it touches, each
-    download after the last pass on its region; and no upload waits for a kernel (the copy engine never idles
-    behind the host's or the device's work), which the graph replay relies on for its overlap."""
+    download after the last pass on its region; every block of every pass launched exactly once; no pass waits for
+    the upload of a region it does not touch (merges of the first regions overlap the later uploads); and no upload
+    waits for a kernel (the copy engine never idles behind the host's or the device's work), which the graph replay
+    relies on for its overlap."""
     import impl.sort.pipeline as pipeline_module
 
     n = 3000
@@ -124,28 +137,35 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
     monkeypatch.setattr(pipe.sorter, "launch_pass", t.launch)
     pipe._enqueue(False, None)
     regions = [lo for lo, _ in pipe.chunk_bounds()]
-    assert len(regions) == min(chunks, 3)
+    assert len(regions) == min(chunks, 3 if chunks < 8 else 6)
     size = 1 << t.k
+    uploads = [t.find("h2d", lo)[0] for lo in regions]
     touched = {}  # region index -> op index of the last pass on it
     ran = {r: [] for r in range(len(regions))}  # region -> the passes run on it, in enqueue order
+    needs = {r: {r} for r in range(len(regions))}  # region -> the regions whose keys its slots now depend on
     for j, (_, kind, detail, _) in enumerate(t.ops):
         if kind != "pass":
             continue
-        i, region = detail
-        on = range(len(regions)) if region is None else [region]
+        i, on = detail
         for r in on:
-            (up,) = t.find("h2d", regions[r])
-            assert t.before(up, j), f"pass {i} may start before region {r} is uploaded"
+            assert t.before(uploads[r], j), f"pass {i} may start before region {r} is uploaded"
             if r in touched:
                 assert t.before(touched[r], j), f"pass {i} on region {r} may overlap the previous pass there"
             touched[r] = j
             ran[r].append(i)
+        data = set().union(*(needs[r] for r in on))
+        assert not any(t.before(uploads[r], j) for r in range(max(data) + 1, len(regions))), \
+            f"pass {i} on regions {on} waits for the upload of a later region its keys do not depend on"
+        for r in on:
+            needs[r] = data
     assert all(done == list(range(pipe.passes)) for done in ran.values()), "a region misses a pass or runs one twice"
+    for i in range(pipe.passes):
+        assert sorted(t.blocks[i]) == list(range(pipe.sorter.pass_blocks(i))), f"pass {i}: blocks not covered once"
     for r, lo in enumerate(regions):
         (down,) = t.find("d2h", lo)
         assert t.before(touched[r], down), f"region {r} may be downloaded before its last pass"
-        (up,) = t.find("h2d", lo)
-        assert not any(t.before(j, up) for j, op in enumerate(t.ops) if op[1] == "pass"), "an upload waits for a kernel"
+        assert not any(t.before(j, uploads[r]) for j, op in enumerate(t.ops) if op[1] == "pass"), \
+            "an upload waits for a kernel"
     assert all(op[0] == "in" for op in t.ops if op[1] == "h2d")
     assert all(op[0] == "out" for op in t.ops if op[1] == "d2h")
     assert size * (len(regions) - 1) < n <= size * len(regions)
@@ -179,11 +199,12 @@ def test_staged_pipeline_replays_what_it_captured(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("staged", [False, True], ids=["default", "staged"])
 @pytest.mark.parametrize("argsort_", [False, True], ids=["keys", "argsort"])
-def test_staged_pipeline_graph_replays_match_numpy(argsort_):
+def test_staged_pipeline_graph_replays_match_numpy(argsort_, staged):
     """sort_staged: first call launch by launch, later calls one graph replay; each on fresh keys, output poisoned."""
     n = 3_000_017
-    pipe = HostSortPipeline(n, np.float32, argsort=argsort_)
+    pipe = HostSortPipeline(n, np.float32, argsort=argsort_, pipeline=STAGED if staged else PipelineConfig())
     for seed in range(3):
         x = make_array(n, "float32", "nasty", seed=seed)
         pipe.stage_in[:] = x

@@ -1,25 +1,28 @@
-"""Host-to-host sort: pinned staging, copies in aligned regions overlapped with every pass local to a region.
+"""Host-to-host sort: pinned staging, copies in aligned regions overlapped with every pass that the arrived regions
+allow.
 
     out = sort(x) for a host numpy array x (or argsort(x)), through the device. The input is cut into aligned regions
-    of 2^k slots (k: the smallest with at most ``chunks`` regions, at least one tile). A pass whose blocks all lie
-    inside such regions (its highest pivot < k: the tile pass and every merge pass of stages <= k, and the final passes
-    of the last stage) runs region by region; the passes between them need the whole array. Three streams, one per
-    role, so that copies in one direction queue behind each other and never behind a kernel:
+    of 2^k slots (k: the smallest with at most ``chunks`` regions, at least one tile). Every block of pass i lies in
+    one aligned group of 2^span_bits(i) slots, so pass i runs on a region (span within it) or on the group of regions
+    it fills as soon as all of them have arrived and run the
+    passes before it (``steps()``). Three streams, one per role, so that copies in one direction queue behind each
+    other and never behind a kernel:
       copy-in stream:  for each region c: (x[c] -> pinned[c] on the host) ; pinned[c] -> dev[c] ; event arrived[c]
-      compute stream:  for each region c: wait arrived[c] ; the leading local passes on the blocks of c
-                       ; the global passes ; for each region c: the trailing local passes on c ; event sorted[c]
-      copy-out stream: for each region c: wait sorted[c] ; dev_out[c] -> pinned[c] ; event done[c]
-      host:            for each region c in order: wait done[c] ; (pinned[c] -> out[c])
+      compute stream:  for each region c: wait arrived[c] ; every pass now possible on c and on the groups it
+                       completes ; after the last region: region 0 to its end (event sorted[0]), then region 1, ...
+      copy-out stream: for each region c as it is sorted: wait sorted[c] ; dev_out[c] -> pinned[c] ; event done[c]
+      host:            for each region c in that order: wait done[c] ; (pinned[c] -> out[c])
 
-Region c+1's upload overlaps region c's local passes (for 10M keys and 4 chunks: stages 1..22 of 24), and region c's
-download overlaps region c+1's trailing passes. ``sort_staged()`` sorts keys already held in the pinned buffer
-``stage_in`` into ``stage_out`` (no host copies: the figure the host-to-host target is about); on a GPU its second
-and later calls replay the whole schedule as one CUDA graph (one launch instead of one host call per copy, pass and
-event: about 55 for 10M keys, each 20-40 µs of host time, which otherwise leaves the copy engines waiting for the
-host). ``pipe(x)`` adds the copies from and to ordinary numpy arrays, region by region, launched one by one so that
-the host copies overlap the device's work. With ``pinned=False`` the staging buffer is ordinary (pageable) memory,
-copies are synchronous and nothing overlaps: the naive baseline of the pinned-vs-pageable comparison. Buffers,
-streams and graphs are made once per (n, dtype).
+For 10M keys in five regions of 2^21 slots (``STAGED``), regions 0..3 are merged pairwise and then as one while
+region 4 uploads; after the last upload only region 4's own passes, the pass spanning all 2^24 slots, the 2^23-slot
+pass on regions 0..3 and region 0's last two passes stand before the first download, which then overlaps the rest.
+``sort_staged()`` sorts keys already held in the pinned buffer ``stage_in`` into ``stage_out`` (no host copies: the
+figure the host-to-host target is about); on a GPU its second and later calls replay the whole schedule as one CUDA
+graph (one launch instead of one host call per copy, pass and event, each 20-40 µs of host time, which otherwise
+leaves the copy engines waiting for the host). ``pipe(x)`` adds the copies from and to ordinary numpy arrays, region
+by region, launched one by one so that the host copies overlap the device's work. With ``pinned=False`` the staging
+buffer is ordinary (pageable) memory, copies are synchronous and nothing overlaps: the naive baseline of the
+pinned-vs-pageable comparison. Buffers, streams and graphs are made once per (n, dtype).
 
 The passes are the CUDA C++ ones (``impl.sort.cuda_sort``) or numba's, as ``config`` selects (``impl.sort.bitonic``);
 both sorters expose ``launch_pass(i, src, out, descending=, stream=, first_block=, blocks=)``, ``span_bits(i)``,
@@ -44,6 +47,7 @@ class PipelineConfig:
     streams: int = 3       # distinct streams for the roles copy-in, compute, copy-out (1: all in order on one)
     pinned: bool = True    # page-locked staging (async copies); False: pageable, synchronous, no overlap
     graph: bool = True     # sort_staged replays the schedule as one CUDA graph where a GPU allows it
+    early: bool = True     # merge regions as soon as they arrive; False: a pass wider than a region waits for all
 
     def __post_init__(self) -> None:
         if self.chunks < 1 or not 1 <= self.streams <= 3:
@@ -51,6 +55,9 @@ class PipelineConfig:
 
 
 NAIVE = PipelineConfig(chunks=1, streams=1, pinned=False, graph=False)
+# Keys held in the pinned buffer (``sort_staged``): the graph replay costs no host time per launch, so more, smaller
+# regions pay (``pipe(x)`` launches one by one: each extra launch costs host time, hence 4 there by default)
+STAGED = PipelineConfig(chunks=8)
 
 
 class HostSortPipeline:
@@ -87,19 +94,75 @@ class HostSortPipeline:
         per = -(-self.n // self.pipeline.chunks) if self.n else 1
         return max(self.sorter.span_bits(0), (per - 1).bit_length())
 
-    def chunk_bounds(self) -> list[tuple[int, int]]:
-        """[lo, hi) of each region (aligned to 2^region_bits, so to tiles; the last one may be partial)."""
-        size = 1 << self.region_bits
-        return [(lo, min(lo + size, self.n)) for lo in range(0, self.n, size)]
+    def regions(self) -> list[tuple[int, int, int]]:
+        """(lo, hi, bits) of each region in upload order: [lo, hi) fills the aligned block of 2^bits slots at lo
+        (bits = region_bits; the last region may be partial)."""
+        k = self.region_bits
+        return [(lo, min(lo + (1 << k), self.n), k) for lo in range(0, self.n, 1 << k)]
 
-    def schedule(self) -> tuple[range, range, range]:
-        """(leading local passes, global passes, trailing local passes): the passes run per region before all regions
-        are on the device, those run on the whole array, and those run per region before each region's download."""
-        k, count = self.region_bits, self.passes
-        local = [self.sorter.span_bits(i) <= k for i in range(count)]
-        a = next((i for i, ok in enumerate(local) if not ok), count)
-        b = max((i + 1 for i, ok in enumerate(local) if not ok), default=count)
-        return range(0, a), range(a, b), range(b, count)
+    def chunk_bounds(self) -> list[tuple[int, int]]:
+        """[lo, hi) of each region (aligned to its block, so to tiles; the last one may be partial)."""
+        return [(lo, hi) for lo, hi, _ in self.regions()]
+
+    def steps(self) -> list[tuple]:
+        """The compute stream's order: ("arrive", c) waits for region c's upload, ("pass", i, c0, c1) runs pass i on
+        regions c0..c1-1 (one region, or the aligned group of 2^span_bits(i) slots they fill), ("done", c) lets
+        region c's download start.
+
+        A pass runs on a group as soon as every region of the group has arrived and run the passes before it, so
+        the merges of the early regions overlap the later uploads. Arrived neighbours at the same pass share one
+        launch, except that after the last upload the first unfinished region runs alone, carried to its end first
+        (its download then overlaps the rest)."""
+        regions, count = self.regions(), self.passes
+        done = [0] * len(regions)
+        arrived, out = 0, []
+
+        def group(i: int, c: int) -> range:
+            s = self.sorter.span_bits(i)
+            if s <= regions[c][2]:
+                return range(c, c + 1)
+            if not self.pipeline.early:
+                return range(len(regions))
+            members = [d for d, (lo, _, _) in enumerate(regions) if lo >> s == regions[c][0] >> s]
+            return range(members[0], members[-1] + 1)
+
+        def advance() -> bool:
+            for c in range(arrived):
+                if done[c] == count:
+                    continue
+                i, members = done[c], group(done[c], c)
+                if members.stop > arrived or any(done[d] != i for d in members):
+                    continue
+                first = next(d for d, v in enumerate(done) if v < count)
+                if len(members) == 1 and (arrived < len(regions) or c > first):  # neighbours at pass i: one launch
+                    while members.stop < arrived and done[members.stop] == i and len(group(i, members.stop)) == 1:
+                        members = range(c, members.stop + 1)
+                out.append(("pass", i, members.start, members.stop))
+                for d in members:
+                    done[d] += 1
+                    if done[d] == count:
+                        out.append(("done", d))
+                return True
+            return False
+
+        for c in range(len(regions)):
+            out.append(("arrive", c))
+            arrived = c + 1
+            if not count:
+                out.append(("done", c))
+            while advance():
+                pass
+        return out
+
+    def exposed(self) -> tuple[int, int]:
+        """(pass launches enqueued before the last upload arrives, those after it and before the first download)."""
+        steps = self.steps()
+        if not steps:
+            return 0, 0
+        last = max(j for j, st in enumerate(steps) if st[0] == "arrive")
+        first = min(j for j, st in enumerate(steps) if st[0] == "done")
+        launches = [j for j, st in enumerate(steps) if st[0] == "pass"]
+        return sum(j < last for j in launches), sum(last < j < first for j in launches)
 
     @property
     def graphed(self) -> bool:
@@ -165,34 +228,29 @@ class HostSortPipeline:
         cuda.synchronize()
 
     def _enqueue(self, descending: bool, x: np.ndarray | None) -> list:
-        """Enqueue the whole schedule on the three role streams; ((lo, hi), download event or None) per region."""
+        """Enqueue ``steps()`` on the three role streams; ((lo, hi), download event or None) per region, in the
+        order the downloads were enqueued."""
         copy_in, compute, copy_out = self.roles
         pinned = self.pipeline.pinned
-        lead, middle, trail = self.schedule()
-        regions = self.chunk_bounds()
-        sorted_ = []
-        for lo, hi in regions:
-            if x is not None:
-                self.stage_in[lo:hi] = x[lo:hi]
-            self._upload(lo, hi, copy_in)
-            if pinned:
-                _record(copy_in).wait(compute)
-            for i in lead:
-                self._region_pass(i, compute, lo, descending)
-            if not (middle or trail):
-                sorted_.append(_record(compute) if pinned else None)
-        for i in middle:
-            self.sorter.launch_pass(i, self.d_src, self.d_out, descending=descending, stream=compute)
+        regions = self.regions()
         done = []
-        for c, (lo, hi) in enumerate(regions):
-            if middle or trail:
-                for i in trail:
-                    self._region_pass(i, compute, lo, descending)
-                sorted_.append(_record(compute) if pinned else None)
-            if sorted_[c] is not None:
-                sorted_[c].wait(copy_out)
-            self._download(lo, hi, copy_out)
-            done.append(((lo, hi), _record(copy_out) if pinned else None))  # pageable copies are synchronous
+        for step in self.steps():
+            if step[0] == "arrive":
+                lo, hi, _ = regions[step[1]]
+                if x is not None:
+                    self.stage_in[lo:hi] = x[lo:hi]
+                self._upload(lo, hi, copy_in)
+                if pinned:
+                    _record(copy_in).wait(compute)
+            elif step[0] == "pass":
+                _, i, c0, c1 = step
+                self._group_pass(i, compute, regions, c0, c1, descending)
+            else:
+                lo, hi, _ = regions[step[1]]
+                if pinned:
+                    _record(compute).wait(copy_out)
+                self._download(lo, hi, copy_out)
+                done.append(((lo, hi), _record(copy_out) if pinned else None))  # pageable copies are synchronous
         return done
 
     def _upload(self, lo: int, hi: int, stream) -> None:
@@ -201,11 +259,18 @@ class HostSortPipeline:
     def _download(self, lo: int, hi: int, stream) -> None:
         self.d_out[lo:hi].copy_to_host(self.stage_out[lo:hi], stream=stream)
 
-    def _region_pass(self, i: int, stream, lo: int, descending: bool) -> None:
-        """Pass ``i`` on the blocks of the region starting at ``lo`` (the pass is local to regions of 2^k slots)."""
-        shift = self.sorter.block_bits(i)
-        first = lo >> shift
-        last = min(first + (1 << (self.region_bits - shift)), self.sorter.pass_blocks(i))
+    def _group_pass(self, i: int, stream, regions: list, c0: int, c1: int, descending: bool) -> None:
+        """Pass ``i`` on the blocks of regions c0..c1-1 (neighbours, each holding whole groups of 2^span_bits(i)
+        slots, or the regions filling one such group): block b of the pass lies in the aligned block of 2^k slots
+        number b >> (k - block_bits(i)) for any k >= span_bits(i)."""
+        if c0 == 0 and c1 == len(regions):
+            self.sorter.launch_pass(i, self.d_src, self.d_out, descending=descending, stream=stream)
+            return
+        span, shift = self.sorter.span_bits(i), self.sorter.block_bits(i)
+        bits = [max(b, span) for _, _, b in regions[c0:c1]]
+        starts = [lo >> b << b for (lo, _, _), b in zip(regions[c0:c1], bits)]
+        first = min(starts) >> shift
+        last = min(max(lo + (1 << b) for lo, b in zip(starts, bits)) >> shift, self.sorter.pass_blocks(i))
         if last > first:
             self.sorter.launch_pass(i, self.d_src, self.d_out, descending=descending, stream=stream,
                                     first_block=first, blocks=last - first)

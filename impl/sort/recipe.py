@@ -7,7 +7,8 @@ numba_tune the numba sorter, one knob at a time around its default config (the C
            CUDA C++ sorter's configurations are tuned by ``impl.sort.tune``, which writes ``tune`` and
            ``config_table``)
 transfers  host<->device copies from pageable vs pinned memory at 4 / 40 / 400 MB
-pipeline   host-to-host sort: chunks 1/2/4/8 pinned vs naive pageable, at 10M (and 100M without --quick)
+pipeline   host-to-host sort: chunks 1/2/4/8 pinned vs naive pageable; staged (pinned buffer, graph) chunks
+           1/2/4/8/16, 4/8 without early merges, 8 with t14e5r5's passes; at 10M (and 100M without --quick)
 ncu        Nsight Compute over one 10M float32 sort: DRAM bytes, occupancy, registers, bank conflicts per pass
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from impl.common.results import ROOT, write_result
 from impl.common.timing import time_fn
 from impl.sort.bitonic import BitonicSorter, SortGraph
 from impl.sort.network import GPU_CONFIG, default_config, make_program
-from impl.sort.pipeline import NAIVE, HostSortPipeline, PipelineConfig
+from impl.sort.pipeline import NAIVE, STAGED, HostSortPipeline, PipelineConfig
 
 NCU_METRICS = ("gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,"
                "dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,"
@@ -153,7 +154,9 @@ def exp_transfers(sizes: list[int], reps: int) -> dict[str, Any]:
     return {"rows": rows, "h2d_pageable_over_pinned_mid": at["pageable"] / at["pinned"]}
 
 
-def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any]:
+def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4, 8),
+                 staged_chunks: tuple[int, ...] = (1, 2, 4, 8, 16), late_chunks: tuple[int, ...] = (4, 8),
+                 staged_configs: tuple[str, ...] = (), staged_reps: int = 20) -> dict[str, Any]:
     rows = []
     for n in sizes:
         x = random_keys(n, seed=n)
@@ -170,20 +173,30 @@ def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4
             rows.append({"n": n, "label": label, "ms": ms, "chunks": len(pipe.chunk_bounds()),
                          "keys_per_s": n / ms * 1e3})
             log(f"pipeline n={n:>11,} {label:18s}: {ms:.3f} ms")
-        for c in chunks:  # keys already in the pinned buffer (the host-to-host target's figure): graph replays
-            pipe = HostSortPipeline(n, np.float32, pipeline=PipelineConfig(chunks=c))
+        # keys already in the pinned buffer (the host-to-host target's figure), graph replays; "late": the schedule
+        # whose passes wider than a region wait for every region, beside the default that merges regions on arrival;
+        # a tune label: that config's passes (fewer, larger-tile passes: fewer launches after the last upload)
+        from impl.sort.tune import KEY_CONFIGS
+
+        staged = [(f"staged_chunks={c}", PipelineConfig(chunks=c), None) for c in staged_chunks]
+        staged += [(f"staged_chunks={c},late", PipelineConfig(chunks=c, early=False), None) for c in late_chunks]
+        staged += [(f"staged_chunks={STAGED.chunks},{k}", STAGED, KEY_CONFIGS[k]) for k in staged_configs]
+        for label, pc, config in staged:
+            pipe = HostSortPipeline(n, np.float32, config=config, pipeline=pc)
             pipe.stage_in[:] = x
             pipe.sort_staged()  # launch by launch; captures the graph the timed calls replay
-            ms = time_fn(lambda: pipe.sort_staged(), warmup=warmup_for(reps), reps=reps, flush=False,
+            ms = time_fn(lambda: pipe.sort_staged(), warmup=warmup_for(staged_reps), reps=staged_reps, flush=False,
                          setup=lambda: pipe.stage_in.__setitem__(slice(None), x)).median_ms
             if not np.array_equal(pipe.stage_out[:n], expected):
-                raise AssertionError(f"staged pipeline chunks={c} at n={n}: keys differ from numpy.sort")
-            label = f"staged_chunks={c}"
-            rows.append({"n": n, "label": label, "ms": ms, "chunks": len(pipe.chunk_bounds()),
+                raise AssertionError(f"staged pipeline {label} at n={n}: keys differ from numpy.sort")
+            before, after = pipe.exposed()
+            rows.append({"n": n, "label": label, "ms": ms, "chunks": len(pipe.chunk_bounds()), "early": pc.early,
+                         "config": str(getattr(pipe.sorter, "config", None)), "passes": pipe.passes,
                          "keys_per_s": n / ms * 1e3, "graph": pipe.graphed, "graph_error": pipe.graph_error,
-                         "schedule": [len(r) for r in pipe.schedule()]})
-            log(f"pipeline n={n:>11,} {label:18s}: {ms:.3f} ms (graph {pipe.graphed}, passes lead/global/trail "
-                f"{'/'.join(str(len(r)) for r in pipe.schedule())})")
+                         "launches_before_last_upload": before, "launches_after_last_upload": after,
+                         "reps": staged_reps})
+            log(f"pipeline n={n:>11,} {label:26s}: {ms:.3f} ms (graph {pipe.graphed}, {len(pipe.chunk_bounds())} "
+                f"regions, launches before/after the last upload {before}/{after})")
     return {"rows": rows}
 
 
@@ -276,7 +289,10 @@ def run(*, smoke: bool, quick: bool = False, no_ncu: bool = False, skip_tune: bo
     keep("transfers", exp_transfers([4_000, 40_000] if smoke else [4_000_000, 40_000_000, 400_000_000],
                                     1 if smoke else 10))
     keep("pipeline", exp_pipeline([n] if smoke or quick else [n, 100_000_000], 1 if smoke else 5,
-                                  chunks=(1, 4) if smoke else (1, 2, 4, 8)))
+                                  chunks=(1, 4) if smoke else (1, 2, 4, 8),
+                                  staged_chunks=(1, 4) if smoke else (1, 2, 4, 8, 16),
+                                  late_chunks=(4,) if smoke else (4, 8), staged_reps=1 if smoke else 20,
+                                  staged_configs=() if smoke else ("t14e5r5",)))
     if not (smoke or quick or no_ncu):
         keep("ncu", exp_ncu(n))
     log(f"done in {time.time() - t0:.0f} s")
