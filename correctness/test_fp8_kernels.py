@@ -246,11 +246,15 @@ def test_bfloat16_roundtrip_on_gpu():
 
 # ---- launch configs: every tile shape, strided (persistent) grids, chunked rows, both block paths ----------------
 
-CONFIGS = [quant.LaunchConfig(1, 16), quant.LaunchConfig(8, 64), quant.LaunchConfig(16, 32, per_sm=1),
-           quant.LaunchConfig(4, 256, stages=2, per_sm=3), quant.LaunchConfig(128, 128), quant.LaunchConfig(2, 512)]
+# evict: the L2 policy of the streamed loads/stores (no effect on values; the kernels take another code path).
+# (128, 128) persistent with prefetch: 128 x 128 blocks read once, each program loading its next block early.
+CONFIGS = [quant.LaunchConfig(1, 16), quant.LaunchConfig(8, 64, evict=1), quant.LaunchConfig(16, 32, per_sm=1),
+           quant.LaunchConfig(4, 256, stages=2, per_sm=3), quant.LaunchConfig(128, 128), quant.LaunchConfig(2, 512),
+           quant.LaunchConfig(128, 128, stages=2, per_sm=2, evict=2)]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"bm{c.bm}-bk{c.bk}-sm{c.per_sm}" + "-pf" * (c.stages > 1))
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"bm{c.bm}-bk{c.bk}-sm{c.per_sm}" + "-pf" * (c.stages > 1)
+                         + f"-ev{c.evict}" * (c.evict > 0))
 @pytest.mark.parametrize("group", GROUPS, ids=_group_id)
 def test_every_launch_config_is_bit_exact(cfg, group):
     """Dequantize reads scales as a scalar, per row, per column or per element depending on the tile; requantize

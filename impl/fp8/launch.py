@@ -26,6 +26,7 @@ FORMAT = "fp8-launch-table/1"
 TABLE_RESULT = "launch_table"
 ENV = "LAB_FP8_LAUNCH_TABLE"
 WARPS = (1, 2, 4, 8, 16, 32)
+EVICT = (0, 1, 2)  # LaunchConfig.evict: default L2 policy / loads evict_first / loads and stores evict_first
 
 
 def _pow2(v: int) -> bool:
@@ -37,14 +38,17 @@ class LaunchConfig:
     """How a kernel is launched: tiles of [bm, bk], ``warps`` warps, ``per_sm`` programs per SM striding over the
     tiles (0: one program per tile; never more than fit on an SM at once), and ``stages``: 2 makes those persistent
     programs load their next tile before converting the current one (the kernels' own two-stage pipeline; the
-    dequantize, amax, per-tensor/static quantize and 1 x G group quantize kernels have it), 1 loads and converts one
-    tile at a time."""
+    dequantize, amax, per-tensor/static quantize, 1 x G group and one-pass block quantize kernels have it), 1 loads
+    and converts one tile at a time. ``evict``: the L2 policy of the streamed data: 0 the default; 1 the input's
+    loads (its last read) evict_first, so the stream recycles its own lines in L2 instead of evicting (and writing
+    back) other work's; 2 the output's stores too."""
 
     bm: int
     bk: int
     warps: int = 4
     stages: int = 1
     per_sm: int = 0
+    evict: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -52,8 +56,8 @@ class LaunchConfig:
                 raise TypeError(f"LaunchConfig.{f.name} must be an int, got {getattr(self, f.name)!r}")
         if not (_pow2(self.bm) and _pow2(self.bk)):
             raise ValueError(f"tile sides must be powers of two, got bm={self.bm}, bk={self.bk}")
-        if self.warps not in WARPS or self.stages < 1 or self.per_sm < 0:
-            raise ValueError(f"need warps in {WARPS}, stages >= 1, per_sm >= 0; got {self}")
+        if self.warps not in WARPS or self.stages < 1 or self.per_sm < 0 or self.evict not in EVICT:
+            raise ValueError(f"need warps in {WARPS}, stages >= 1, per_sm >= 0, evict in {EVICT}; got {self}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LaunchConfig":
