@@ -9,7 +9,8 @@ candidate ``quant.LaunchConfig``:
      must equal ``reference`` bit for bit (dequantize: the float32 product, exactly);
   2. time: ``impl.common.timing.time_fn`` (device events, queued, L2 flushed before each call, median) on the first
      shape, each kernel within an equal slice of 80% of the budget (its built-in default always); then the best
-     config and the default on every other shape.
+     configs of ``CLEAN_L2_KERNELS`` once more with the L2 evicted by a read instead (``clean_l2``: how much of the
+     time is the write-back of the flush's dirty lines); then the best config and the default on every other shape.
 The candidates of a kernel: its built-in default (``launch.GPU_CONFIGS``), the active table's entry (the previous
 run's winner) and ``CANDIDATES``. The fastest checked one per kernel forms the new ``launch.LaunchTable``.
 Bandwidth is compulsory bytes (inputs read once, outputs written once) over time, as % of this run's measured copy
@@ -156,10 +157,27 @@ def case(kernel: str, n: int, k: int, cfg: C, seed: int = 0) -> tuple[Callable[[
     return fn, nbytes, traffic, check
 
 
-def time_ms(fn: Callable[[], Any], reps: int) -> float:
+def time_ms(fn: Callable[[], Any], reps: int, setup: Callable[[], Any] | None = None) -> float:
+    """Median ms of ``fn``, the L2 flushed before each call (``setup``, if given, evicts it instead)."""
     from impl.common.timing import time_fn
 
-    return time_fn(fn, warmup=2, reps=reps, flush=True, queue_ahead=backend.ON_GPU).median_ms
+    return time_fn(fn, warmup=2, reps=reps, flush=setup is None, setup=setup, queue_ahead=backend.ON_GPU).median_ms
+
+
+CLEAN_L2_KERNELS = ("amax", "dequant-tensor", "requant-channel", "requant-delayed", "requant-tensor", "requant-block")
+
+
+def clean_l2() -> Callable[[], None]:
+    """A setup that evicts the L2 by reading a buffer of twice its size, so the timed call starts with a clean L2:
+    ``timing.flush_l2`` writes its buffer, which leaves the L2 full of dirty lines that the timed call writes back
+    as it evicts them (about an L2 of extra DRAM writes inside its time, unless its own traffic recycles its own
+    lines: ``LaunchConfig.evict``). The tune times each winner both ways (rows "clean-L2"): the difference is that
+    write-back."""
+    from impl.common.timing import l2_bytes
+
+    buf = torch.ones(max(2 * l2_bytes(), 1 << 20) // 4, dtype=torch.float32, device=backend.DEVICE)
+    out = torch.empty((), dtype=torch.float32, device=backend.DEVICE)
+    return lambda: torch.sum(buf, dim=0, out=out)
 
 
 def _default(kernel: str) -> C:
@@ -224,6 +242,12 @@ def sweep(shapes: list[tuple[int, int]], budget_s: float, kernels: list[str], co
             winners[kernel] = {"config": asdict(fastest[0]), "us": fastest[1]["us"],
                                "default_us": next((r["us"] for r in rows if r.get("kernel") == kernel
                                                    and r.get("role") == "default"), None)}
+    if backend.ON_GPU and not backend.INTERPRETED:  # the winners again after an L2 left clean (``clean_l2``)
+        setup = clean_l2()
+        for kernel in CLEAN_L2_KERNELS:
+            if kernel in best and not over():
+                fn, nbytes, traffic, _ = case(kernel, n0, k0, best[kernel])
+                row(kernel, best[kernel], n0, k0, time_ms(fn, reps, setup), nbytes, traffic, "clean-L2")
     for n, k in shapes[1:]:  # phase 2: the winner and the default on the other shapes
         for kernel, cfg_best in best.items():
             for cfg, role in ((cfg_best, "best"), (_default(kernel), "default")):
