@@ -68,17 +68,18 @@ class LaunchConfig:
 
 
 # Built-in defaults (a tune run's table overrides them per key): the H200 tune's winners. Register counts are
-# ptxas's for sm_90; what a kernel streams well is bytes of loads in flight per SM (~20-40 KB cover HBM latency at
-# full bandwidth), i.e. elements a thread holds x resident programs. A persistent config (per_sm > 0) launches at
+# ptxas's for sm_90 with the arguments' divisibility by 16 the JIT specializes on (test_fp8_compile); what a kernel
+# streams well is bytes of loads in flight per SM (~20-40 KB cover HBM latency at full bandwidth), i.e. elements a
+# thread holds x resident programs. A persistent config (per_sm > 0) launches at
 # most the programs that fit on the SMs at once (``quant.resident_programs``: a larger grid runs in two waves). bk of
 # the requant-group/-block kernels is the group's width (ignored); bm of "requant-block" is the rows per pass (a
 # divisor of the block height: smaller reads each block twice, the second time from L1/L2).
 GPU_CONFIGS: dict[str, LaunchConfig] = {
-    "dequant-tensor": LaunchConfig(8, 512, warps=4),      # 89 registers, 5 programs an SM
+    "dequant-tensor": LaunchConfig(8, 512, warps=4),      # 32 registers: 16 programs an SM (the warp limit)
     "dequant-channel": LaunchConfig(16, 256, warps=4),    # per-row scales, and 1 x G groups
     "dequant-block": LaunchConfig(16, 512, warps=8),      # 128 x 128 blocks: one row group, [1, bk] scales per tile
     "quant-static": LaunchConfig(8, 512, warps=4),        # given scales, any group
-    "amax": LaunchConfig(8, 1024, warps=8, per_sm=4),     # 80 registers: 3 programs of 8 warps resident
+    "amax": LaunchConfig(8, 1024, warps=8, per_sm=4),     # 59 registers: 4 programs of 8 warps resident
     "requant-tensor": LaunchConfig(8, 512, warps=4),      # the second pass of dynamic per-tensor
     "requant-delayed": LaunchConfig(4, 512, warps=4, per_sm=8),  # per-tensor with the previous call's scale
     "requant-channel": LaunchConfig(1, 2048, warps=4),    # rows wider than bk: amax pass + quantize pass (L1/L2)
