@@ -270,6 +270,18 @@ def test_every_launch_config_is_bit_exact(cfg, group):
                  torch.empty((70, 150), dtype=torch.float32, device=DEVICE), ref, rtol=0, atol=0, signed_zero=True)
 
 
+@pytest.mark.parametrize("evict", [0, 2])
+def test_persistent_one_pass_blocks_are_bit_exact(evict):
+    """128 x 128 blocks read once by a persistent grid that prefetches: every program converts several blocks (9
+    blocks, cut by both edges, over 4 programs), each with its own scale, whatever the L2 policy."""
+    x = matrix(300, 260, "float32", "nasty", 11).to(DEVICE)
+    x[290, 250] = 3e4  # one block's scale far from its neighbours'
+    ref_q, ref_s = R.quantize_reference(x, "block")
+    q, s = quant.quantize(x, "block", cfg=quant.LaunchConfig(128, 128, stages=2, per_sm=1, evict=evict))
+    codes_equal(q, ref_q)
+    assert_close(s, ref_s, rtol=0, atol=0, msg="scales")
+
+
 def test_amax_partials_cover_every_tile():
     x = matrix(33, 90, "float32", "random", 3)
     x[32, 89] = -1e4  # the last element: in the last tile of the last program's share
