@@ -21,7 +21,10 @@ its next tile before converting the current one, so its loads stay in flight dur
 ``_apply_scales`` reads a tile's scales in the cheapest shape its position in the scale groups allows (one value,
 one per row, one per column, or one per element). Per-tensor dynamic scales come from per-program amax partials
 that every quantizing program reduces itself (no atomics, no zeroed buffer); the delayed variant quantizes with the
-previous call's partials and writes this call's, so it reads its input once.
+previous call's partials and writes this call's, so it reads its input once; the second read of the dynamic variant
+goes last tile first (``REVERSE``), so the tail the amax pass has just read comes from L2. ``EVICT`` gives the
+streamed data the L2 policy evict_first (``_ld``/``_st``): a stream that is read or written once then recycles its
+own lines in L2 instead of evicting other work's (and writing back that work's dirty lines inside its own time).
 """
 from __future__ import annotations
 
