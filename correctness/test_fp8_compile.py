@@ -56,7 +56,8 @@ for key, gn in (("requant-group", 1), ("requant-block", 128)):
     c = cfgs[key]
     jobs.append((key, K.quant_tiles_kernel, {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", **P,
         "stride_x": "i32", "stride_q": "i32", "stride_s": "i32"},
-        {"GN": gn, **F, "BM": min(c["bm"], gn) if gn > 1 else c["bm"], "BK": 128,
+        {"GN": gn, **F, "BM": min(c["bm"], gn) if gn > 1 else c["bm"], "BK": max(c["bk"], 128) if gn == 1 else 128,
+         "GW": 128,
          "PREFETCH": (gn == 1 or c["bm"] >= gn) and c["per_sm"] > 0 and c["stages"] > 1, "EVICT": c["evict"]},
         c["warps"]))
 out = []

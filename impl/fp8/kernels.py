@@ -388,15 +388,25 @@ def quant_rows_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, floa
 @triton.jit
 def _quant_group_tile(xin, t, q_ptr, s_ptr, N, K, stride_q, stride_s,
                       FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr, EVICT: tl.constexpr):
-    """Codes and the BM scales of tile t of 1 x BK groups (xin: its values, already loaded)."""
+                      BM: tl.constexpr, BK: tl.constexpr, GW: tl.constexpr, EVICT: tl.constexpr):
+    """Codes and scales of tile t [BM, BK] of 1 x GW groups (xin: its values, already loaded): BM scales when
+    GW == BK, else BK / GW per row (the tile viewed as [BM, BK / GW, GW])."""
     m0, k0 = _tile(t, K, BM, BK)
     rows = m0 + tl.arange(0, BM)
     cols = k0 + tl.arange(0, BK)
     rmask = rows < N
-    s = _scale_from_amax(_row_amax(xin), FMAX, MIN_SCALE)
-    y = xin.to(tl.float32) * tl.math.div_rn(1.0, s)[:, None]
-    tl.store(s_ptr + rows.to(tl.int64) * stride_s + k0 // BK, s, mask=rmask)
+    if GW == BK:
+        s = _scale_from_amax(_row_amax(xin), FMAX, MIN_SCALE)
+        y = xin.to(tl.float32) * tl.math.div_rn(1.0, s)[:, None]
+        tl.store(s_ptr + rows.to(tl.int64) * stride_s + k0 // BK, s, mask=rmask)
+    else:
+        NG: tl.constexpr = BK // GW
+        x3 = tl.reshape(xin, (BM, NG, GW))
+        s = _scale_from_amax(tl.max(_finite_abs(x3), axis=2).to(tl.float32), FMAX, MIN_SCALE)  # [BM, NG]
+        y = tl.reshape(x3.to(tl.float32) * tl.math.div_rn(1.0, s)[:, :, None], (BM, BK))
+        g = k0 // GW + tl.arange(0, NG)
+        tl.store(s_ptr + rows.to(tl.int64)[:, None] * stride_s + g[None, :], s,
+                 mask=rmask[:, None] & (g < tl.cdiv(K, GW))[None, :])
     _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE),
         rmask[:, None] & (cols < K)[None, :], EVICT)
 
@@ -422,12 +432,14 @@ def quant_tiles_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, flo
                        GN: tl.constexpr,      # 1: one scale per row of the tile (1 x BK groups); else GN x BK blocks
                        FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
                        BM: tl.constexpr,      # GN == 1: rows per tile; else rows per pass (BM divides GN)
-                       BK: tl.constexpr,
+                       BK: tl.constexpr,      # columns per tile (GN > 1: the block's width)
+                       GW: tl.constexpr,      # GN == 1: the group's width (BK a multiple of it)
                        PREFETCH: tl.constexpr,  # persistent, tiles read once: load the next before converting this
                        EVICT: tl.constexpr):  # 1: loads read for the last time evict_first in L2; 2: stores too
-    """One scale per 1 x BK group (GN == 1) or per GN x BK block. A block of BM == GN rows is read once and held in
-    registers (in x's own type) between its amax and its conversion; a taller block is read in GN / BM slices twice:
-    once for its amax, once (from L1/L2) to quantize, so a program holds only a [BM, BK] slice."""
+    """One scale per 1 x GW group (GN == 1; tiles of BM x BK, BK / GW groups a row) or per GN x BK block. A block of
+    BM == GN rows is read once and held in registers (in x's own type) between its amax and its conversion; a taller
+    block is read in GN / BM slices twice: once for its amax, once (from L1/L2) to quantize, so a program holds only
+    a [BM, BK] slice."""
     TM: tl.constexpr = BM if GN == 1 else GN
     tiles = tl.cdiv(N, TM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
@@ -437,7 +449,7 @@ def quant_tiles_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, flo
             nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK, EVICT)
             if GN == 1:
                 _quant_group_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,
-                                  EVICT)
+                                  GW, EVICT)
             else:
                 _quant_block_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,
                                   EVICT)
@@ -451,7 +463,7 @@ def quant_tiles_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, flo
             if GN == 1:
                 x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
                 _quant_group_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,
-                                  EVICT)
+                                  GW, EVICT)
             elif BM == GN:
                 x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
                 _quant_block_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,

@@ -72,8 +72,9 @@ class LaunchConfig:
 # streams well is bytes of loads in flight per SM (~20-40 KB cover HBM latency at full bandwidth), i.e. elements a
 # thread holds x resident programs. A persistent config (per_sm > 0) launches at
 # most the programs that fit on the SMs at once (``quant.resident_programs``: a larger grid runs in two waves). bk of
-# the requant-group/-block kernels is the group's width (ignored); bm of "requant-block" is the rows per pass (a
-# divisor of the block height: smaller reads each block twice, the second time from L1/L2).
+# "requant-group" is the tile's width (at least the group's: several groups a row when wider); of "requant-block" it
+# is ignored (the block's width); bm of "requant-block" is the rows per pass (a divisor of the block height: smaller
+# reads each block twice, the second time from L1/L2; equal holds the block in registers).
 GPU_CONFIGS: dict[str, LaunchConfig] = {
     "dequant-tensor": LaunchConfig(8, 512, warps=4),      # 32 registers: 16 programs an SM (the warp limit)
     "dequant-channel": LaunchConfig(16, 256, warps=4),    # per-row scales, and 1 x G groups

@@ -304,13 +304,17 @@ def _launch_rows(x2, q2, s, cfg: LaunchConfig | None = None, **args) -> None:
 
 
 def _launch_tiles(x2, q2, s, group: ScaleGroup, cfg: LaunchConfig | None = None, **args) -> None:
+    """1 x G groups: tiles of [cfg.bm, max(cfg.bk, G)] (several groups a row when cfg.bk > G); GN x G blocks: the
+    block's width, cfg.bm rows per pass."""
     n, k = x2.shape
     cfg = cfg or config(quant_key(group))
     bm = cfg.bm if group.gn == 1 else min(cfg.bm, group.gn)
     tm = bm if group.gn == 1 else group.gn
-    _launch(K.quant_tiles_kernel, triton.cdiv(n, tm) * triton.cdiv(k, group.gk), cfg, x2.device,
+    bk = max(cfg.bk, group.gk) if group.gn == 1 else group.gk
+    _launch(K.quant_tiles_kernel, triton.cdiv(n, tm) * triton.cdiv(k, bk), cfg, x2.device,
             (x2, q2, s, n, k, x2.stride(0), q2.stride(0), s.stride(0)),
-            dict(GN=group.gn, BM=bm, BK=group.gk, PREFETCH=bm == tm and _prefetch(cfg), EVICT=cfg.evict, **args))
+            dict(GN=group.gn, BM=bm, BK=bk, GW=group.gk, PREFETCH=bm == tm and _prefetch(cfg), EVICT=cfg.evict,
+                 **args))
 
 
 TENSOR_GROUP = ScaleGroup(0, 0)

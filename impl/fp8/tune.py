@@ -49,7 +49,8 @@ CHECK_SHAPE = (272, 1040)  # multiples of 16 (the big shapes' specialization) th
 # before these). First the last run's winners with the streamed data evict_first in L2 (evict 2: loads and stores,
 # 1: loads): the timed call starts with an L2 full of dirty lines (the flush writes a buffer), and a stream that
 # recycles its own lines does not write them back inside its time -- as after any kernel that leaves dirty data.
-# Then more elements a thread (1 x 128 groups: 32 rows of 4 warps, 72 registers, 7 programs an SM) and one-pass
+# Then 1 x 128 groups in wider tiles (8 x 512: four groups a row, 64 registers, 8 programs an SM; or 32 rows of 4
+# warps, 72 registers, 7 programs an SM) and one-pass
 # 128 x 128 blocks held in registers (32 warps, 46 registers: one program of 32 warps per SM that prefetches its next
 # block), then the earlier runners-up. Registers: ptxas for sm_90 with the arguments' divisibility by 16 that
 # Triton's JIT specializes on (test_fp8_compile).
@@ -67,8 +68,8 @@ CANDIDATES: dict[str, list[C]] = {
                         C(2, 1024, 4, 2, 16), C(4, 512, 4, 1, 8)],
     "requant-channel": [C(1, 16384, 16, 1, 0, 2), C(1, 16384, 16, 1, 0, 1), C(2, 8192, 16, 1, 0, 2), C(1, 16384, 16),
                         C(1, 4096, 8)],
-    "requant-group": [C(16, 128, 4, 2, 8, 2), C(16, 128, 4, 2, 8, 1), C(32, 128, 4, 1, 0, 2), C(32, 128, 4, 2, 8, 2),
-                      C(16, 128, 4, 1, 0, 2), C(32, 128, 4), C(16, 128, 4, 2, 8)],
+    "requant-group": [C(16, 128, 4, 2, 8, 2), C(16, 128, 4, 2, 8, 1), C(8, 512, 4, 1, 0, 2), C(32, 128, 4, 1, 0, 2),
+                      C(16, 512, 8, 1, 0, 2), C(4, 1024, 4, 1, 0, 2), C(8, 512, 4)],
     "requant-block": [C(128, 128, 32, 2, 2, 2), C(128, 128, 32, 2, 2), C(32, 128, 8, 1, 0, 2), C(32, 128, 8, 1, 0, 1),
                       C(128, 128, 16, 1, 0, 2), C(128, 128, 32, 1, 0, 2), C(64, 128, 8)],
 }
