@@ -2,7 +2,9 @@
 Triton's NVIDIA backend: the interpreter runs the kernels' logic, this catches what only the GPU compiler rejects.
 
 The compile runs in a fresh process without TRITON_INTERPRET (``impl`` stubbed so that the backend switch is not
-set); registers and local memory come from ``cuobjdump --dump-resource-usage`` of the cubins.
+set), with the arguments' divisibility by 16 that the JIT specializes on for the benchmark shapes (without it loads
+and stores are scalar and register counts double); registers and local memory come from ``cuobjdump
+--dump-resource-usage`` of the cubins.
 """
 import json
 import os
@@ -32,30 +34,40 @@ for gn, gk in ((0, 0), (1, 0), (128, 128)):
     jobs.append(("dequant", K.dequant_kernel, {"q_ptr": "*u8", "s_ptr": "*fp32", "out_ptr": "*bf16", **P,
         "stride_q": "i32", "stride_s": "i32", "stride_o": "i32"},
         {"GN": gn, "GK": gk, "FMT": 0, "EMULATE": False, "BM": c["bm"], "BK": c["bk"],
-         "PREFETCH": c["per_sm"] > 0 and c["stages"] > 1}, c["warps"]))
+         "PREFETCH": c["per_sm"] > 0 and c["stages"] > 1, "EVICT": c["evict"]}, c["warps"]))
 QS = {"x_ptr": "*bf16", "s_ptr": "*fp32", "q_ptr": "*u8", "so_ptr": "*fp32", "next_ptr": "*fp32", **P,
       "stride_x": "i32", "stride_s": "i32", "stride_q": "i32", "n_parts": "i32"}
 for key, gn, gk, fp, nx in (("quant-static", 1, 0, False, False), ("quant-static", 128, 128, False, False),
                             ("requant-tensor", 0, 0, True, False), ("requant-delayed", 0, 0, True, True)):
     c = cfgs[key]
     jobs.append((key, K.quant_static_kernel, QS, {"GN": gn, "GK": gk, "FROM_PARTS": fp, "NEXT_PARTS": nx,
-        "PARTS": 1024, **F, "BM": c["bm"], "BK": c["bk"], "PREFETCH": c["per_sm"] > 0 and c["stages"] > 1}, c["warps"]))
+        "PARTS": 1024, **F, "BM": c["bm"], "BK": c["bk"], "PREFETCH": c["per_sm"] > 0 and c["stages"] > 1,
+        "EVICT": c["evict"], "REVERSE": fp and not nx}, c["warps"]))
 c = cfgs["amax"]
 jobs.append(("amax", K.amax_partials_kernel, {"x_ptr": "*bf16", "part_ptr": "*fp32", **P, "stride_x": "i32"},
-             {"BM": c["bm"], "BK": c["bk"], "PREFETCH": c["per_sm"] > 0 and c["stages"] > 1}, c["warps"]))
+             {"BM": c["bm"], "BK": c["bk"], "PREFETCH": c["per_sm"] > 0 and c["stages"] > 1, "EVICT": c["evict"]},
+             c["warps"]))
 c = cfgs["requant-channel"]
 for one, bk in ((True, c["bk"]), (False, 2048)):
     jobs.append(("requant-channel", K.quant_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", **P,
-        "stride_x": "i32", "stride_q": "i32"}, {**F, "BM": c["bm"], "BK": bk, "ONE_PASS": one}, c["warps"]))
+        "stride_x": "i32", "stride_q": "i32"}, {**F, "BM": c["bm"], "BK": bk, "ONE_PASS": one, "EVICT": c["evict"]},
+        c["warps"]))
 for key, gn in (("requant-group", 1), ("requant-block", 128)):
     c = cfgs[key]
     jobs.append((key, K.quant_tiles_kernel, {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", **P,
         "stride_x": "i32", "stride_q": "i32", "stride_s": "i32"},
-        {"GN": gn, **F, "BM": min(c["bm"], gn) if gn > 1 else c["bm"], "BK": 128,
-         "PREFETCH": gn == 1 and c["per_sm"] > 0 and c["stages"] > 1}, c["warps"]))
+        {"GN": gn, **F, "BM": min(c["bm"], gn) if gn > 1 else c["bm"], "BK": max(c["bk"], 128) if gn == 1 else 128,
+         "GW": 128,
+         "PREFETCH": (gn == 1 or c["bm"] >= gn) and c["per_sm"] > 0 and c["stages"] > 1, "EVICT": c["evict"]},
+        c["warps"]))
 out = []
 for key, fn, sig, consts, warps in jobs:
-    src = triton.compiler.ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+    # pointers and integer arguments divisible by 16, as Triton's JIT specializes them for the benchmark shapes
+    # (aligned buffers, N, K and strides multiples of 16): vector loads and stores, the registers the GPU sees
+    names = list(fn.arg_names)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in sig if a != "n_parts"}
+    src = triton.compiler.ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts,
+                                    attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(ck.asm["cubin"])
@@ -64,7 +76,8 @@ for key, fn, sig, consts, warps in jobs:
     fields = dict(kv.split(":") for kv in next(l for l in use.splitlines() if "REG:" in l).split() if ":" in kv
                   and kv.split(":")[1].isdigit())
     out.append({"kernel": key, "name": fn.__name__, "consts": {k: v for k, v in consts.items() if k in
-                ("GN", "GK", "BM", "BK", "ONE_PASS", "FROM_PARTS", "NEXT_PARTS", "PREFETCH")}, "warps": warps,
+                ("GN", "GK", "BM", "BK", "ONE_PASS", "FROM_PARTS", "NEXT_PARTS", "PREFETCH", "EVICT", "REVERSE")},
+                "warps": warps,
                 "regs": int(fields["REG"]), "local": int(fields["LOCAL"]), "stack": int(fields["STACK"])})
 print(json.dumps(out))
 '''

@@ -246,11 +246,15 @@ def test_bfloat16_roundtrip_on_gpu():
 
 # ---- launch configs: every tile shape, strided (persistent) grids, chunked rows, both block paths ----------------
 
-CONFIGS = [quant.LaunchConfig(1, 16), quant.LaunchConfig(8, 64), quant.LaunchConfig(16, 32, per_sm=1),
-           quant.LaunchConfig(4, 256, stages=2, per_sm=3), quant.LaunchConfig(128, 128), quant.LaunchConfig(2, 512)]
+# evict: the L2 policy of the streamed loads/stores (no effect on values; the kernels take another code path).
+# (128, 128) persistent with prefetch: 128 x 128 blocks read once, each program loading its next block early.
+CONFIGS = [quant.LaunchConfig(1, 16), quant.LaunchConfig(8, 64, evict=1), quant.LaunchConfig(16, 32, per_sm=1),
+           quant.LaunchConfig(4, 256, stages=2, per_sm=3), quant.LaunchConfig(128, 128), quant.LaunchConfig(2, 512),
+           quant.LaunchConfig(128, 128, stages=2, per_sm=2, evict=2)]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"bm{c.bm}-bk{c.bk}-sm{c.per_sm}" + "-pf" * (c.stages > 1))
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"bm{c.bm}-bk{c.bk}-sm{c.per_sm}" + "-pf" * (c.stages > 1)
+                         + f"-ev{c.evict}" * (c.evict > 0))
 @pytest.mark.parametrize("group", GROUPS, ids=_group_id)
 def test_every_launch_config_is_bit_exact(cfg, group):
     """Dequantize reads scales as a scalar, per row, per column or per element depending on the tile; requantize
@@ -264,6 +268,18 @@ def test_every_launch_config_is_bit_exact(cfg, group):
     ref = R.dequantize_reference(ref_q, ref_s, group, "e4m3", torch.float32)
     check_kernel(lambda out: quant.dequantize(q, s, group, out=out, cfg=cfg),
                  torch.empty((70, 150), dtype=torch.float32, device=DEVICE), ref, rtol=0, atol=0, signed_zero=True)
+
+
+@pytest.mark.parametrize("evict", [0, 2])
+def test_persistent_one_pass_blocks_are_bit_exact(evict):
+    """128 x 128 blocks read once by a persistent grid that prefetches: every program converts several blocks (9
+    blocks, cut by both edges, over 4 programs), each with its own scale, whatever the L2 policy."""
+    x = matrix(300, 260, "float32", "nasty", 11).to(DEVICE)
+    x[290, 250] = 3e4  # one block's scale far from its neighbours'
+    ref_q, ref_s = R.quantize_reference(x, "block")
+    q, s = quant.quantize(x, "block", cfg=quant.LaunchConfig(128, 128, stages=2, per_sm=1, evict=evict))
+    codes_equal(q, ref_q)
+    assert_close(s, ref_s, rtol=0, atol=0, msg="scales")
 
 
 def test_amax_partials_cover_every_tile():

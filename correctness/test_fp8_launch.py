@@ -121,7 +121,7 @@ def test_bench_launches_and_records_the_tables_config(synthetic_table, spies):
     bench.test_fp8_dequant(device_bench, "tensor", n, k)
     call = spies["dequant_kernel"].calls[-1]
     assert (call["BM"], call["BK"], call["num_warps"]) == (16, 64, 2)
-    assert info["launch"] == {"dequant-tensor": {"bm": 16, "bk": 64, "warps": 2, "stages": 1, "per_sm": 0}}
+    assert info["launch"] == {"dequant-tensor": {"bm": 16, "bk": 64, "warps": 2, "stages": 1, "per_sm": 0, "evict": 0}}
     assert "launch_table.json" in info["launch_table"]
     bench.test_fp8_requant(device_bench, Benchmark, "tensor", n, k)
     assert set(info["launch"]) == {"amax", "requant-tensor"} and info["launch"]["amax"]["per_sm"] == 3

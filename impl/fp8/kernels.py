@@ -21,7 +21,10 @@ its next tile before converting the current one, so its loads stay in flight dur
 ``_apply_scales`` reads a tile's scales in the cheapest shape its position in the scale groups allows (one value,
 one per row, one per column, or one per element). Per-tensor dynamic scales come from per-program amax partials
 that every quantizing program reduces itself (no atomics, no zeroed buffer); the delayed variant quantizes with the
-previous call's partials and writes this call's, so it reads its input once.
+previous call's partials and writes this call's, so it reads its input once; the second read of the dynamic variant
+goes last tile first (``REVERSE``), so the tail the amax pass has just read comes from L2. ``EVICT`` gives the
+streamed data the L2 policy evict_first (``_ld``/``_st``): a stream that is read or written once then recycles its
+own lines in L2 instead of evicting other work's (and writing back that work's dirty lines inside its own time).
 """
 from __future__ import annotations
 
@@ -132,14 +135,41 @@ def _tile(t, K, BM: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, t, tiles, N, K, stride, BM: tl.constexpr, BK: tl.constexpr):
+def _ld(ptrs, mask, EVICT: tl.constexpr):
+    """Load of streamed data (read once), 0 where masked; EVICT > 0: with the L2 policy evict_first, so the stream
+    replaces its own lines in L2 rather than other data (dirty lines of earlier work, which would be written back)."""
+    if EVICT > 0:
+        return tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+    return tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
+def _st(ptrs, value, mask, EVICT: tl.constexpr):
+    """Store of a streamed result; EVICT == 2: with the L2 policy evict_first (written back before other lines)."""
+    if EVICT == 2:
+        tl.store(ptrs, value, mask=mask, eviction_policy="evict_first")
+    else:
+        tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
+def _load_tile(ptr, t, tiles, N, K, stride, BM: tl.constexpr, BK: tl.constexpr, EVICT: tl.constexpr):
     """Tile t [BM, BK] of a row-major [N, K] matrix with row stride ``stride``, 0 outside it; all 0 (nothing read)
-    when t >= tiles (the prefetch past a program's last tile)."""
+    when t is not in [0, tiles) (the prefetch past a program's last tile)."""
     m0, k0 = _tile(t, K, BM, BK)
     rows = m0 + tl.arange(0, BM)
     cols = k0 + tl.arange(0, BK)
-    mask = (rows < N)[:, None] & (cols < K)[None, :] & (t < tiles)
-    return tl.load(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0)
+    mask = (rows < N)[:, None] & (cols < K)[None, :] & (t < tiles) & (t >= 0)
+    return _ld(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask, EVICT)
+
+
+@triton.jit
+def _order(i, tiles, REVERSE: tl.constexpr):
+    """The tile a program's i-th position in the grid-stride order covers: i, or REVERSE: tiles - 1 - i (last tile
+    first; may be negative past the end, which ``_load_tile`` reads as nothing)."""
+    if REVERSE:
+        return tiles - 1 - i
+    return i
 
 
 @triton.jit
@@ -174,15 +204,14 @@ def _apply_scales(y, s_ptr, rows, m0, k0, cols, N, K, stride_s,
 @triton.jit
 def _dequant_tile(b, t, s_ptr, out_ptr, N, K, stride_s, stride_o,
                   GN: tl.constexpr, GK: tl.constexpr, FMT: tl.constexpr, EMULATE: tl.constexpr,
-                  BM: tl.constexpr, BK: tl.constexpr):
+                  BM: tl.constexpr, BK: tl.constexpr, EVICT: tl.constexpr):
     """Store tile t of y = decode(b) * s (b: its codes, already loaded)."""
     m0, k0 = _tile(t, K, BM, BK)
     rows = m0 + tl.arange(0, BM)
     cols = k0 + tl.arange(0, BK)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     y = _apply_scales(_decode(b, FMT, EMULATE), s_ptr, rows, m0, k0, cols, N, K, stride_s, GN, GK, BM, BK, False)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    _st(out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask, EVICT)
 
 
 @triton.jit
@@ -193,20 +222,21 @@ def dequant_kernel(q_ptr,          # uint8 codes [N, K], row stride stride_q
                    GN: tl.constexpr, GK: tl.constexpr,          # scale group (0 = whole dimension)
                    FMT: tl.constexpr, EMULATE: tl.constexpr,    # 0 e4m3fn / 1 e5m2; bit codec under the interpreter
                    BM: tl.constexpr, BK: tl.constexpr,
-                   PREFETCH: tl.constexpr):   # persistent: load the next tile before converting this one
+                   PREFETCH: tl.constexpr,    # persistent: load the next tile before converting this one
+                   EVICT: tl.constexpr):  # 1: streamed loads evict_first in L2; 2: stores too
     """One [BM, BK] tile per step; programs stride over the tiles (grid = tiles, or fewer: persistent)."""
     tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH:
-        b = _load_tile(q_ptr, tl.program_id(0), tiles, N, K, stride_q, BM, BK)
+        b = _load_tile(q_ptr, tl.program_id(0), tiles, N, K, stride_q, BM, BK, EVICT)
         for t in range(tl.program_id(0), tiles, step):
-            nb = _load_tile(q_ptr, t + step, tiles, N, K, stride_q, BM, BK)
-            _dequant_tile(b, t, s_ptr, out_ptr, N, K, stride_s, stride_o, GN, GK, FMT, EMULATE, BM, BK)
+            nb = _load_tile(q_ptr, t + step, tiles, N, K, stride_q, BM, BK, EVICT)
+            _dequant_tile(b, t, s_ptr, out_ptr, N, K, stride_s, stride_o, GN, GK, FMT, EMULATE, BM, BK, EVICT)
             b = nb
     else:
         for t in range(tl.program_id(0), tiles, step):
-            b = _load_tile(q_ptr, t, tiles, N, K, stride_q, BM, BK)
-            _dequant_tile(b, t, s_ptr, out_ptr, N, K, stride_s, stride_o, GN, GK, FMT, EMULATE, BM, BK)
+            b = _load_tile(q_ptr, t, tiles, N, K, stride_q, BM, BK, EVICT)
+            _dequant_tile(b, t, s_ptr, out_ptr, N, K, stride_s, stride_o, GN, GK, FMT, EMULATE, BM, BK, EVICT)
 
 
 # ---- requantize with given scales (static), or a per-tensor scale from an amax ---------------------------------
@@ -217,20 +247,21 @@ def amax_partials_kernel(x_ptr,      # [N, K] input, row stride stride_x
                          part_ptr,   # float32 [num_programs] out: the amax of the tiles each program read
                          N, K, stride_x,
                          BM: tl.constexpr, BK: tl.constexpr,
-                         PREFETCH: tl.constexpr):  # load the program's next tile before reducing this one
+                         PREFETCH: tl.constexpr,  # load the program's next tile before reducing this one
+                         EVICT: tl.constexpr):  # 1 or 2: the loads evict_first in L2
     """Per-program amax of finite |x| over a strided share of the tiles; no atomics, no zeroed buffer needed."""
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH:
-        x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK)
+        x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK, EVICT)
         for t in range(tl.program_id(0), tiles, step):
-            nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK)
+            nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK, EVICT)
             acc = tl.maximum(acc, _finite_abs(x.to(tl.float32)))
             x = nx
     else:
         for t in range(tl.program_id(0), tiles, step):
-            x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK)
+            x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
             acc = tl.maximum(acc, _finite_abs(x.to(tl.float32)))
     tl.store(part_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0))
 
@@ -245,7 +276,8 @@ def _tensor_scale(part_ptr, n_parts, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr
 @triton.jit
 def _quant_tile(xin, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q,
                 GN: tl.constexpr, GK: tl.constexpr, FROM_PARTS: tl.constexpr, NEXT_PARTS: tl.constexpr,
-                FMT: tl.constexpr, FMAX: tl.constexpr, EMULATE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+                FMT: tl.constexpr, FMAX: tl.constexpr, EMULATE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                EVICT: tl.constexpr):
     """Store the codes of tile t (xin: its values, already loaded); returns acc, with NEXT_PARTS max-ed with |x|."""
     m0, k0 = _tile(t, K, BM, BK)
     rows = m0 + tl.arange(0, BM)
@@ -258,8 +290,8 @@ def _quant_tile(xin, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q,
         y = x * inv
     else:
         y = _apply_scales(x, s_ptr, rows, m0, k0, cols, N, K, stride_s, GN, GK, BM, BK, True)
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE),
-             mask=mask)
+    _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE), mask,
+        EVICT)
     return acc
 
 
@@ -276,7 +308,11 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
                         PARTS: tl.constexpr,        # power of two >= n_parts
                         FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
                         BM: tl.constexpr, BK: tl.constexpr,
-                        PREFETCH: tl.constexpr):  # load the program's next tile before converting this one
+                        PREFETCH: tl.constexpr,  # load the program's next tile before converting this one
+                        EVICT: tl.constexpr,     # 1: streamed loads evict_first in L2; 2: stores too
+                        REVERSE: tl.constexpr):  # last tile first (a second read right after a forward first one)
+    """Quantize with given scales (or one from amax partials). REVERSE serves the second read of dynamic per-tensor:
+    the amax pass has just streamed x forward, so x's last tiles are still in L2 and are converted first."""
     inv = 1.0
     if FROM_PARTS:
         s = _tensor_scale(s_ptr, n_parts, FMAX, MIN_SCALE, PARTS)
@@ -287,17 +323,18 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
     tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH:
-        x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK)
-        for t in range(tl.program_id(0), tiles, step):
-            nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK)
-            acc = _quant_tile(x, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q, GN, GK, FROM_PARTS, NEXT_PARTS,
-                              FMT, FMAX, EMULATE, BM, BK)
+        x = _load_tile(x_ptr, _order(tl.program_id(0), tiles, REVERSE), tiles, N, K, stride_x, BM, BK, EVICT)
+        for i in range(tl.program_id(0), tiles, step):
+            nx = _load_tile(x_ptr, _order(i + step, tiles, REVERSE), tiles, N, K, stride_x, BM, BK, EVICT)
+            acc = _quant_tile(x, _order(i, tiles, REVERSE), acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q, GN, GK,
+                              FROM_PARTS, NEXT_PARTS, FMT, FMAX, EMULATE, BM, BK, EVICT)
             x = nx
     else:
-        for t in range(tl.program_id(0), tiles, step):
-            x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK)
+        for i in range(tl.program_id(0), tiles, step):
+            t = _order(i, tiles, REVERSE)
+            x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
             acc = _quant_tile(x, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q, GN, GK, FROM_PARTS, NEXT_PARTS,
-                              FMT, FMAX, EMULATE, BM, BK)
+                              FMT, FMAX, EMULATE, BM, BK, EVICT)
     if NEXT_PARTS:
         tl.store(next_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0))
 
@@ -306,10 +343,18 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
 
 
 @triton.jit
+def _row_amax(x):
+    """Per-row amax of finite |x| as float32, reduced in x's own type (exact: a maximum selects one value), so a
+    program holds its loaded tile at 2 bytes an element between the amax and the conversion, not 4."""
+    return tl.max(_finite_abs(x), axis=1).to(tl.float32)
+
+
+@triton.jit
 def quant_rows_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, float32 [N, 1] scales out
                       N, K, stride_x, stride_q,
                       FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr, ONE_PASS: tl.constexpr):
+                      BM: tl.constexpr, BK: tl.constexpr, ONE_PASS: tl.constexpr,
+                      EVICT: tl.constexpr):  # 1: loads read once evict_first in L2; 2: the code stores too
     """One scale per row (per output channel of a weight, per token of an activation); programs stride over blocks
     of BM rows. ONE_PASS: the row fits in one [BM, BK] tile and x is read once; else a pass for the amax and a
     second (from L1/L2) to quantize."""
@@ -320,10 +365,10 @@ def quant_rows_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, floa
         cols = tl.arange(0, BK)
         if ONE_PASS:
             mask = rmask[:, None] & (cols < K)[None, :]
-            x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            s = _scale_from_amax(tl.max(_finite_abs(x), axis=1), FMAX, MIN_SCALE)
-            y = _saturate(x * tl.math.div_rn(1.0, s)[:, None], FMAX)
-            tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(y, FMT, EMULATE), mask=mask)
+            x = _ld(x_ptr + r64 * stride_x + cols[None, :], mask, EVICT)
+            s = _scale_from_amax(_row_amax(x), FMAX, MIN_SCALE)
+            y = _saturate(x.to(tl.float32) * tl.math.div_rn(1.0, s)[:, None], FMAX)
+            _st(q_ptr + r64 * stride_q + cols[None, :], _encode(y, FMT, EMULATE), mask, EVICT)
         else:
             acc = tl.zeros((BM, BK), dtype=tl.float32)
             for k0 in range(0, K, BK):
@@ -332,29 +377,53 @@ def quant_rows_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, floa
                 acc = tl.maximum(acc, _finite_abs(x))
             s = _scale_from_amax(tl.max(acc, axis=1), FMAX, MIN_SCALE)
             inv = tl.math.div_rn(1.0, s)[:, None]
-            for k0 in range(0, K, BK):
+            for k0 in range(0, K, BK):  # the second read, from L2: the last use of these lines
                 mask = rmask[:, None] & ((k0 + cols) < K)[None, :]
-                x = tl.load(x_ptr + r64 * stride_x + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-                tl.store(q_ptr + r64 * stride_q + (k0 + cols)[None, :], _encode(_saturate(x * inv, FMAX), FMT,
-                                                                                 EMULATE), mask=mask)
+                x = _ld(x_ptr + r64 * stride_x + (k0 + cols)[None, :], mask, EVICT).to(tl.float32)
+                _st(q_ptr + r64 * stride_q + (k0 + cols)[None, :], _encode(_saturate(x * inv, FMAX), FMT, EMULATE),
+                    mask, EVICT)
         tl.store(s_ptr + rows, s, mask=rmask)
 
 
 @triton.jit
 def _quant_group_tile(xin, t, q_ptr, s_ptr, N, K, stride_q, stride_s,
                       FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr):
-    """Codes and the BM scales of tile t of 1 x BK groups (xin: its values, already loaded)."""
+                      BM: tl.constexpr, BK: tl.constexpr, GW: tl.constexpr, EVICT: tl.constexpr):
+    """Codes and scales of tile t [BM, BK] of 1 x GW groups (xin: its values, already loaded): BM scales when
+    GW == BK, else BK / GW per row (the tile viewed as [BM, BK / GW, GW])."""
     m0, k0 = _tile(t, K, BM, BK)
     rows = m0 + tl.arange(0, BM)
     cols = k0 + tl.arange(0, BK)
     rmask = rows < N
-    x = xin.to(tl.float32)
-    s = _scale_from_amax(tl.max(_finite_abs(x), axis=1), FMAX, MIN_SCALE)
-    y = x * tl.math.div_rn(1.0, s)[:, None]
-    tl.store(s_ptr + rows.to(tl.int64) * stride_s + k0 // BK, s, mask=rmask)
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE),
-             mask=rmask[:, None] & (cols < K)[None, :])
+    if GW == BK:
+        s = _scale_from_amax(_row_amax(xin), FMAX, MIN_SCALE)
+        y = xin.to(tl.float32) * tl.math.div_rn(1.0, s)[:, None]
+        tl.store(s_ptr + rows.to(tl.int64) * stride_s + k0 // BK, s, mask=rmask)
+    else:
+        NG: tl.constexpr = BK // GW
+        x3 = tl.reshape(xin, (BM, NG, GW))
+        s = _scale_from_amax(tl.max(_finite_abs(x3), axis=2).to(tl.float32), FMAX, MIN_SCALE)  # [BM, NG]
+        y = tl.reshape(x3.to(tl.float32) * tl.math.div_rn(1.0, s)[:, :, None], (BM, BK))
+        g = k0 // GW + tl.arange(0, NG)
+        tl.store(s_ptr + rows.to(tl.int64)[:, None] * stride_s + g[None, :], s,
+                 mask=rmask[:, None] & (g < tl.cdiv(K, GW))[None, :])
+    _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE),
+        rmask[:, None] & (cols < K)[None, :], EVICT)
+
+
+@triton.jit
+def _quant_block_tile(xin, t, q_ptr, s_ptr, N, K, stride_q, stride_s,
+                      FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr, EVICT: tl.constexpr):
+    """Codes and the one scale of tile t, a whole BM x BK block (xin: its values, already loaded)."""
+    m0, k0 = _tile(t, K, BM, BK)
+    rows = m0 + tl.arange(0, BM)
+    cols = k0 + tl.arange(0, BK)
+    s = _scale_from_amax(tl.max(_row_amax(xin), axis=0), FMAX, MIN_SCALE)
+    tl.store(s_ptr + (m0 // BM) * stride_s + k0 // BK, s)
+    y = xin.to(tl.float32) * tl.math.div_rn(1.0, s)
+    _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE),
+        (rows < N)[:, None] & (cols < K)[None, :], EVICT)
 
 
 @triton.jit
@@ -363,18 +432,27 @@ def quant_tiles_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, flo
                        GN: tl.constexpr,      # 1: one scale per row of the tile (1 x BK groups); else GN x BK blocks
                        FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
                        BM: tl.constexpr,      # GN == 1: rows per tile; else rows per pass (BM divides GN)
-                       BK: tl.constexpr,
-                       PREFETCH: tl.constexpr):  # GN == 1, persistent: load the next tile before converting this one
-    """One scale per 1 x BK group (GN == 1) or per GN x BK block. A block taller than BM rows is read in GN / BM
-    slices twice: once for its amax, once (from L1/L2) to quantize, so a program holds only a [BM, BK] slice."""
+                       BK: tl.constexpr,      # columns per tile (GN > 1: the block's width)
+                       GW: tl.constexpr,      # GN == 1: the group's width (BK a multiple of it)
+                       PREFETCH: tl.constexpr,  # persistent, tiles read once: load the next before converting this
+                       EVICT: tl.constexpr):  # 1: loads read for the last time evict_first in L2; 2: stores too
+    """One scale per 1 x GW group (GN == 1; tiles of BM x BK, BK / GW groups a row) or per GN x BK block. A block of
+    BM == GN rows is read once and held in registers (in x's own type) between its amax and its conversion; a taller
+    block is read in GN / BM slices twice: once for its amax, once (from L1/L2) to quantize, so a program holds only
+    a [BM, BK] slice."""
     TM: tl.constexpr = BM if GN == 1 else GN
     tiles = tl.cdiv(N, TM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
-    if GN == 1 and PREFETCH:
-        x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK)
+    if PREFETCH and (GN == 1 or BM == GN):
+        x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK, EVICT)
         for t in range(tl.program_id(0), tiles, step):
-            nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK)
-            _quant_group_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK)
+            nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK, EVICT)
+            if GN == 1:
+                _quant_group_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,
+                                  GW, EVICT)
+            else:
+                _quant_block_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,
+                                  EVICT)
             x = nx
     else:
         for t in range(tl.program_id(0), tiles, step):
@@ -383,16 +461,13 @@ def quant_tiles_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, flo
             cols = k0 + tl.arange(0, BK)
             cmask = (cols < K)[None, :]
             if GN == 1:
-                x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK)
-                _quant_group_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK)
+                x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
+                _quant_group_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,
+                                  GW, EVICT)
             elif BM == GN:
-                mask = (rows < N)[:, None] & cmask
-                r64 = rows.to(tl.int64)[:, None]
-                x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                s = _scale_from_amax(tl.max(tl.max(_finite_abs(x), axis=1), axis=0), FMAX, MIN_SCALE)
-                tl.store(s_ptr + (m0 // GN) * stride_s + k0 // BK, s)
-                y = x * tl.math.div_rn(1.0, s)
-                tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE), mask=mask)
+                x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
+                _quant_block_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,
+                                  EVICT)
             else:
                 acc = tl.zeros((BM, BK), dtype=tl.float32)
                 for i in range(0, GN, BM):
@@ -403,13 +478,13 @@ def quant_tiles_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, flo
                 s = _scale_from_amax(tl.max(tl.max(acc, axis=1), axis=0), FMAX, MIN_SCALE)
                 tl.store(s_ptr + (m0 // GN) * stride_s + k0 // BK, s)
                 inv = tl.math.div_rn(1.0, s)
-                for i in range(0, GN, BM):
+                for i in range(0, GN, BM):  # the second read, from L2: the last use of these lines
                     sub = m0 + i + tl.arange(0, BM)
                     mask = (sub < N)[:, None] & cmask
                     r64 = sub.to(tl.int64)[:, None]
-                    x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                    tl.store(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(x * inv, FMAX), FMT, EMULATE),
-                             mask=mask)
+                    x = _ld(x_ptr + r64 * stride_x + cols[None, :], mask, EVICT).to(tl.float32)
+                    _st(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(x * inv, FMAX), FMT, EMULATE), mask,
+                        EVICT)
 
 
 # ---- the codec alone (tests compare the emulated codec with the hardware on a GPU) ----------------------------

@@ -26,6 +26,7 @@ FORMAT = "fp8-launch-table/1"
 TABLE_RESULT = "launch_table"
 ENV = "LAB_FP8_LAUNCH_TABLE"
 WARPS = (1, 2, 4, 8, 16, 32)
+EVICT = (0, 1, 2)  # LaunchConfig.evict: default L2 policy / loads evict_first / loads and stores evict_first
 
 
 def _pow2(v: int) -> bool:
@@ -37,14 +38,17 @@ class LaunchConfig:
     """How a kernel is launched: tiles of [bm, bk], ``warps`` warps, ``per_sm`` programs per SM striding over the
     tiles (0: one program per tile; never more than fit on an SM at once), and ``stages``: 2 makes those persistent
     programs load their next tile before converting the current one (the kernels' own two-stage pipeline; the
-    dequantize, amax, per-tensor/static quantize and 1 x G group quantize kernels have it), 1 loads and converts one
-    tile at a time."""
+    dequantize, amax, per-tensor/static quantize, 1 x G group and one-pass block quantize kernels have it), 1 loads
+    and converts one tile at a time. ``evict``: the L2 policy of the streamed data: 0 the default; 1 the input's
+    loads (its last read) evict_first, so the stream recycles its own lines in L2 instead of evicting (and writing
+    back) other work's; 2 the output's stores too."""
 
     bm: int
     bk: int
     warps: int = 4
     stages: int = 1
     per_sm: int = 0
+    evict: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -52,8 +56,8 @@ class LaunchConfig:
                 raise TypeError(f"LaunchConfig.{f.name} must be an int, got {getattr(self, f.name)!r}")
         if not (_pow2(self.bm) and _pow2(self.bk)):
             raise ValueError(f"tile sides must be powers of two, got bm={self.bm}, bk={self.bk}")
-        if self.warps not in WARPS or self.stages < 1 or self.per_sm < 0:
-            raise ValueError(f"need warps in {WARPS}, stages >= 1, per_sm >= 0; got {self}")
+        if self.warps not in WARPS or self.stages < 1 or self.per_sm < 0 or self.evict not in EVICT:
+            raise ValueError(f"need warps in {WARPS}, stages >= 1, per_sm >= 0, evict in {EVICT}; got {self}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LaunchConfig":
@@ -64,17 +68,19 @@ class LaunchConfig:
 
 
 # Built-in defaults (a tune run's table overrides them per key): the H200 tune's winners. Register counts are
-# ptxas's for sm_90; what a kernel streams well is bytes of loads in flight per SM (~20-40 KB cover HBM latency at
-# full bandwidth), i.e. elements a thread holds x resident programs. A persistent config (per_sm > 0) launches at
+# ptxas's for sm_90 with the arguments' divisibility by 16 the JIT specializes on (test_fp8_compile); what a kernel
+# streams well is bytes of loads in flight per SM (~20-40 KB cover HBM latency at full bandwidth), i.e. elements a
+# thread holds x resident programs. A persistent config (per_sm > 0) launches at
 # most the programs that fit on the SMs at once (``quant.resident_programs``: a larger grid runs in two waves). bk of
-# the requant-group/-block kernels is the group's width (ignored); bm of "requant-block" is the rows per pass (a
-# divisor of the block height: smaller reads each block twice, the second time from L1/L2).
+# "requant-group" is the tile's width (at least the group's: several groups a row when wider); of "requant-block" it
+# is ignored (the block's width); bm of "requant-block" is the rows per pass (a divisor of the block height: smaller
+# reads each block twice, the second time from L1/L2; equal holds the block in registers).
 GPU_CONFIGS: dict[str, LaunchConfig] = {
-    "dequant-tensor": LaunchConfig(8, 512, warps=4),      # 89 registers, 5 programs an SM
+    "dequant-tensor": LaunchConfig(8, 512, warps=4),      # 32 registers: 16 programs an SM (the warp limit)
     "dequant-channel": LaunchConfig(16, 256, warps=4),    # per-row scales, and 1 x G groups
     "dequant-block": LaunchConfig(16, 512, warps=8),      # 128 x 128 blocks: one row group, [1, bk] scales per tile
     "quant-static": LaunchConfig(8, 512, warps=4),        # given scales, any group
-    "amax": LaunchConfig(8, 1024, warps=8, per_sm=4),     # 80 registers: 3 programs of 8 warps resident
+    "amax": LaunchConfig(8, 1024, warps=8, per_sm=4),     # 59 registers: 4 programs of 8 warps resident
     "requant-tensor": LaunchConfig(8, 512, warps=4),      # the second pass of dynamic per-tensor
     "requant-delayed": LaunchConfig(4, 512, warps=4, per_sm=8),  # per-tensor with the previous call's scale
     "requant-channel": LaunchConfig(1, 2048, warps=4),    # rows wider than bk: amax pass + quantize pass (L1/L2)

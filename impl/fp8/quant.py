@@ -186,7 +186,7 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = 
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     _launch(K.dequant_kernel, tiles, cfg, q.device, (c2, s, o2, n, k, c2.stride(0), s.stride(0), o2.stride(0)),
             dict(GN=group.gn, GK=group.gk, FMT=f.code, EMULATE=EMULATE, BM=cfg.bm, BK=cfg.bk,
-                 PREFETCH=_prefetch(cfg)))
+                 PREFETCH=_prefetch(cfg), EVICT=cfg.evict))
     return out
 
 
@@ -253,7 +253,7 @@ def _launch_static(x2, s, q2, group: ScaleGroup, cfg: LaunchConfig | None = None
     _launch(K.quant_static_kernel, tiles, cfg, x2.device,
             (x2, s, q2, s, s, n, k, x2.stride(0), s.stride(0), q2.stride(0), 1),
             dict(GN=group.gn, GK=group.gk, FROM_PARTS=False, NEXT_PARTS=False, PARTS=1, BM=cfg.bm, BK=cfg.bk,
-                 PREFETCH=_prefetch(cfg), **args))
+                 PREFETCH=_prefetch(cfg), EVICT=cfg.evict, REVERSE=False, **args))
 
 
 def amax_partials(x2: torch.Tensor, cfg: LaunchConfig | None = None) -> torch.Tensor:
@@ -263,25 +263,27 @@ def amax_partials(x2: torch.Tensor, cfg: LaunchConfig | None = None) -> torch.Te
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     parts = torch.empty(_grid(tiles, cfg, x2.device), dtype=torch.float32, device=x2.device)  # at most this many
     grid = _launch(K.amax_partials_kernel, tiles, cfg, x2.device, (x2, parts, n, k, x2.stride(0)),
-                   dict(BM=cfg.bm, BK=cfg.bk, PREFETCH=_prefetch(cfg)))
+                   dict(BM=cfg.bm, BK=cfg.bk, PREFETCH=_prefetch(cfg), EVICT=cfg.evict))
     return parts[:grid]
 
 
 def _from_parts(x2, parts, q2, s, nxt, cfg: LaunchConfig, parts_pow2: int, **args) -> tuple[tuple, dict]:
     """(args, constexprs) of quantizing with s = max(parts) / FMAX (written to ``s``); with ``nxt``, also recording
-    x's amax partials there (one per program)."""
+    x's amax partials there (one per program). Without ``nxt`` (the second read of dynamic per-tensor) the tiles
+    go last first: the amax pass has just read x forward, so its last tiles are served from L2."""
     n, k = x2.shape
     return ((x2, parts, q2, s, parts if nxt is None else nxt, n, k, x2.stride(0), 0, q2.stride(0), parts.numel()),
             dict(GN=0, GK=0, FROM_PARTS=True, NEXT_PARTS=nxt is not None, PARTS=parts_pow2, BM=cfg.bm, BK=cfg.bk,
-                 PREFETCH=_prefetch(cfg), **args))
+                 PREFETCH=_prefetch(cfg), EVICT=cfg.evict, REVERSE=nxt is None, **args))
 
 
 def _launch_tensor(x2, q2, s, amax_cfg: LaunchConfig | None = None, cfg: LaunchConfig | None = None,
                    **args) -> None:
     """Per-tensor dynamic: per-program amax partials, then the quantizer reduces them (from L2) to the scale. x is
-    read twice; no atomics and no zeroed buffer."""
+    read twice, the second time last tile first (its tail, just read by the amax pass, is still in L2: so the amax
+    pass keeps the default L2 policy whatever its config says); no atomics and no zeroed buffer."""
     n, k = x2.shape
-    parts = amax_partials(x2, amax_cfg)
+    parts = amax_partials(x2, replace(amax_cfg or config("amax"), evict=0))
     cfg = cfg or config("requant-tensor")
     a, kw = _from_parts(x2, parts, q2, s, None, cfg, triton.next_power_of_2(parts.numel()), **args)
     _launch(K.quant_static_kernel, triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x2.device, a, kw)
@@ -298,17 +300,21 @@ def _launch_rows(x2, q2, s, cfg: LaunchConfig | None = None, **args) -> None:
     if bk < cfg.bk:
         cfg = replace(cfg, warps=max(1, cfg.warps * bk // cfg.bk))
     _launch(K.quant_rows_kernel, triton.cdiv(n, cfg.bm), cfg, x2.device, (x2, q2, s, n, k, x2.stride(0), q2.stride(0)),
-            dict(BM=cfg.bm, BK=bk, ONE_PASS=one_pass, **args))
+            dict(BM=cfg.bm, BK=bk, ONE_PASS=one_pass, EVICT=cfg.evict, **args))
 
 
 def _launch_tiles(x2, q2, s, group: ScaleGroup, cfg: LaunchConfig | None = None, **args) -> None:
+    """1 x G groups: tiles of [cfg.bm, max(cfg.bk, G)] (several groups a row when cfg.bk > G); GN x G blocks: the
+    block's width, cfg.bm rows per pass."""
     n, k = x2.shape
     cfg = cfg or config(quant_key(group))
     bm = cfg.bm if group.gn == 1 else min(cfg.bm, group.gn)
     tm = bm if group.gn == 1 else group.gn
-    _launch(K.quant_tiles_kernel, triton.cdiv(n, tm) * triton.cdiv(k, group.gk), cfg, x2.device,
+    bk = max(cfg.bk, group.gk) if group.gn == 1 else group.gk
+    _launch(K.quant_tiles_kernel, triton.cdiv(n, tm) * triton.cdiv(k, bk), cfg, x2.device,
             (x2, q2, s, n, k, x2.stride(0), q2.stride(0), s.stride(0)),
-            dict(GN=group.gn, BM=bm, BK=group.gk, PREFETCH=group.gn == 1 and _prefetch(cfg), **args))
+            dict(GN=group.gn, BM=bm, BK=bk, GW=group.gk, PREFETCH=bm == tm and _prefetch(cfg), EVICT=cfg.evict,
+                 **args))
 
 
 TENSOR_GROUP = ScaleGroup(0, 0)

@@ -9,7 +9,8 @@ candidate ``quant.LaunchConfig``:
      must equal ``reference`` bit for bit (dequantize: the float32 product, exactly);
   2. time: ``impl.common.timing.time_fn`` (device events, queued, L2 flushed before each call, median) on the first
      shape, each kernel within an equal slice of 80% of the budget (its built-in default always); then the best
-     config and the default on every other shape.
+     configs of ``CLEAN_L2_KERNELS`` once more with the L2 evicted by a read instead (``clean_l2``: how much of the
+     time is the write-back of the flush's dirty lines); then the best config and the default on every other shape.
 The candidates of a kernel: its built-in default (``launch.GPU_CONFIGS``), the active table's entry (the previous
 run's winner) and ``CANDIDATES``. The fastest checked one per kernel forms the new ``launch.LaunchTable``.
 Bandwidth is compulsory bytes (inputs read once, outputs written once) over time, as % of this run's measured copy
@@ -43,22 +44,34 @@ GPU_SHAPES = LLAMA3_8B.kernel_matrices()
 CPU_SHAPES = [(64, 256)]
 CHECK_SHAPE = (272, 1040)  # multiples of 16 (the big shapes' specialization) that no tile divides
 
-# kernel key (impl.fp8.launch.KERNELS) -> candidates C(bm, bk, warps, stages, per_sm), most likely winner first (the
-# budget may stop a kernel's list early; its built-in default and the active table's entry are timed before these).
-# Chosen from ptxas's sm_90 register counts for more load bytes in flight per SM (elements a thread holds x resident
-# programs): wider tiles at ~3 registers an element, and persistent grids (per_sm: capped at the programs resident at
-# once) whose programs prefetch their next tile (stages 2) so loads stay in flight during the math and stores.
+# kernel key (impl.fp8.launch.KERNELS) -> candidates C(bm, bk, warps, stages, per_sm, evict), most likely winner
+# first (the budget may stop a kernel's list early; its built-in default and the active table's entry are timed
+# before these). First the last run's winners with the streamed data evict_first in L2 (evict 2: loads and stores,
+# 1: loads): the timed call starts with an L2 full of dirty lines (the flush writes a buffer), and a stream that
+# recycles its own lines does not write them back inside its time -- as after any kernel that leaves dirty data.
+# Then 1 x 128 groups in wider tiles (8 x 512: four groups a row, 64 registers, 8 programs an SM; or 32 rows of 4
+# warps, 72 registers, 7 programs an SM) and one-pass
+# 128 x 128 blocks held in registers (32 warps, 46 registers: one program of 32 warps per SM that prefetches its next
+# block), then the earlier runners-up. Registers: ptxas for sm_90 with the arguments' divisibility by 16 that
+# Triton's JIT specializes on (test_fp8_compile).
 CANDIDATES: dict[str, list[C]] = {
-    "dequant-tensor": [C(8, 1024, 4), C(8, 512, 4, 2, 8), C(16, 1024, 8), C(16, 512, 8), C(4, 512, 4)],
-    "dequant-channel": [C(8, 1024, 4), C(8, 512, 4), C(16, 256, 4, 2, 8), C(8, 1024, 8), C(16, 512, 8)],
-    "dequant-block": [C(16, 1024, 8), C(16, 512, 8, 2, 8), C(8, 1024, 4), C(4, 1024, 4), C(8, 512, 4)],
-    "requant-tensor": [C(8, 512, 4, 2, 8), C(4, 512, 4, 2, 16), C(8, 512, 4, 1, 8), C(16, 512, 8), C(4, 512, 4)],
+    "dequant-tensor": [C(4, 512, 4, 1, 0, 2), C(4, 512, 4, 1, 0, 1), C(8, 512, 4, 1, 0, 2), C(16, 512, 8, 1, 0, 2),
+                       C(8, 1024, 4), C(16, 512, 8)],
+    "dequant-channel": [C(16, 256, 4, 1, 0, 2), C(16, 256, 4, 1, 0, 1), C(8, 1024, 4, 1, 0, 2), C(8, 1024, 8, 1, 0, 2),
+                        C(8, 1024, 4), C(8, 1024, 8)],
+    "dequant-block": [C(8, 1024, 4, 1, 0, 2), C(8, 1024, 4, 1, 0, 1), C(16, 512, 8, 1, 0, 2), C(4, 1024, 4, 1, 0, 2),
+                      C(4, 1024, 4), C(16, 512, 8)],
+    "requant-tensor": [C(4, 512, 4, 1, 0, 2), C(4, 512, 4, 1, 0, 1), C(8, 512, 4, 1, 0, 2), C(8, 512, 4, 2, 8, 2),
+                       C(8, 512, 4), C(16, 512, 8)],
     "amax": [C(4, 512, 4, 2, 16), C(8, 1024, 8, 2, 4), C(4, 2048, 8, 2, 4), C(8, 512, 4, 1, 8), C(4, 512, 4, 1, 16)],
-    "requant-delayed": [C(4, 512, 4, 2, 8), C(2, 1024, 4, 2, 16), C(2, 1024, 4, 1, 16), C(8, 512, 4, 2, 4),
-                        C(4, 1024, 4, 1, 8)],
-    "requant-channel": [C(1, 16384, 16), C(1, 4096, 8), C(2, 2048, 4), C(1, 16384, 32), C(1, 2048, 4, 1, 16)],
-    "requant-group": [C(16, 128, 4, 2, 8), C(8, 128, 4, 2, 16), C(32, 128, 8), C(16, 128, 4, 1, 8), C(8, 128, 4)],
-    "requant-block": [C(64, 128, 8), C(32, 128, 8, 1, 8), C(16, 128, 4), C(128, 128, 16)],
+    "requant-delayed": [C(4, 512, 4, 2, 8, 2), C(4, 512, 4, 2, 8, 1), C(2, 1024, 4, 2, 16, 2), C(4, 512, 4, 1, 0, 2),
+                        C(2, 1024, 4, 2, 16), C(4, 512, 4, 1, 8)],
+    "requant-channel": [C(1, 16384, 16, 1, 0, 2), C(1, 16384, 16, 1, 0, 1), C(2, 8192, 16, 1, 0, 2), C(1, 16384, 16),
+                        C(1, 4096, 8)],
+    "requant-group": [C(16, 128, 4, 2, 8, 2), C(16, 128, 4, 2, 8, 1), C(8, 512, 4, 1, 0, 2), C(32, 128, 4, 1, 0, 2),
+                      C(16, 512, 8, 1, 0, 2), C(4, 1024, 4, 1, 0, 2), C(8, 512, 4)],
+    "requant-block": [C(128, 128, 32, 2, 2, 2), C(128, 128, 32, 2, 2), C(32, 128, 8, 1, 0, 2), C(32, 128, 8, 1, 0, 1),
+                      C(128, 128, 16, 1, 0, 2), C(128, 128, 32, 1, 0, 2), C(64, 128, 8)],
 }
 CPU_CANDIDATES = 1  # under the interpreter: the first candidate of each kernel only
 
@@ -145,10 +158,27 @@ def case(kernel: str, n: int, k: int, cfg: C, seed: int = 0) -> tuple[Callable[[
     return fn, nbytes, traffic, check
 
 
-def time_ms(fn: Callable[[], Any], reps: int) -> float:
+def time_ms(fn: Callable[[], Any], reps: int, setup: Callable[[], Any] | None = None) -> float:
+    """Median ms of ``fn``, the L2 flushed before each call (``setup``, if given, evicts it instead)."""
     from impl.common.timing import time_fn
 
-    return time_fn(fn, warmup=2, reps=reps, flush=True, queue_ahead=backend.ON_GPU).median_ms
+    return time_fn(fn, warmup=2, reps=reps, flush=setup is None, setup=setup, queue_ahead=backend.ON_GPU).median_ms
+
+
+CLEAN_L2_KERNELS = ("amax", "dequant-tensor", "requant-channel", "requant-delayed", "requant-tensor", "requant-block")
+
+
+def clean_l2() -> Callable[[], None]:
+    """A setup that evicts the L2 by reading a buffer of twice its size, so the timed call starts with a clean L2:
+    ``timing.flush_l2`` writes its buffer, which leaves the L2 full of dirty lines that the timed call writes back
+    as it evicts them (about an L2 of extra DRAM writes inside its time, unless its own traffic recycles its own
+    lines: ``LaunchConfig.evict``). The tune times each winner both ways (rows "clean-L2"): the difference is that
+    write-back."""
+    from impl.common.timing import l2_bytes
+
+    buf = torch.ones(max(2 * l2_bytes(), 1 << 20) // 4, dtype=torch.float32, device=backend.DEVICE)
+    out = torch.empty((), dtype=torch.float32, device=backend.DEVICE)
+    return lambda: torch.sum(buf, dim=0, out=out)
 
 
 def _default(kernel: str) -> C:
@@ -213,6 +243,12 @@ def sweep(shapes: list[tuple[int, int]], budget_s: float, kernels: list[str], co
             winners[kernel] = {"config": asdict(fastest[0]), "us": fastest[1]["us"],
                                "default_us": next((r["us"] for r in rows if r.get("kernel") == kernel
                                                    and r.get("role") == "default"), None)}
+    if backend.ON_GPU and not backend.INTERPRETED:  # the winners again after an L2 left clean (``clean_l2``)
+        setup = clean_l2()
+        for kernel in CLEAN_L2_KERNELS:
+            if kernel in best and not over():
+                fn, nbytes, traffic, _ = case(kernel, n0, k0, best[kernel])
+                row(kernel, best[kernel], n0, k0, time_ms(fn, reps, setup), nbytes, traffic, "clean-L2")
     for n, k in shapes[1:]:  # phase 2: the winner and the default on the other shapes
         for kernel, cfg_best in best.items():
             for cfg, role in ((cfg_best, "best"), (_default(kernel), "default")):
@@ -233,17 +269,17 @@ def sweep(shapes: list[tuple[int, int]], budget_s: float, kernels: list[str], co
 
 
 def table(data: dict[str, Any]) -> str:
-    lines = [f"{'kernel':16} {'config (bm,bk,warps,stages,per_sm)':36} {'shape':12} {'us':>9} {'% copy':>7} "
+    lines = [f"{'kernel':16} {'config (bm,bk,warps,stages,per_sm,evict)':40} {'shape':12} {'us':>9} {'% copy':>7} "
              f"{'% bound':>7} role"]
     for r in data["rows"]:
         c = r["config"]
-        cfg = f"({c['bm']},{c['bk']},{c['warps']},{c['stages']},{c['per_sm']})"
+        cfg = f"({c['bm']},{c['bk']},{c['warps']},{c['stages']},{c['per_sm']},{c.get('evict', 0)})"
         if "error" in r:
-            lines.append(f"{r['kernel']:16} {cfg:36} CHECK FAILED: {r['error'][:60]}")
+            lines.append(f"{r['kernel']:16} {cfg:40} CHECK FAILED: {r['error'][:60]}")
             continue
         pct = f"{r['pct_copy']:7.1f}" if "pct_copy" in r else f"{'-':>7}"
         bound = f"{r['pct_traffic_bound']:7.1f}" if "pct_traffic_bound" in r else f"{'-':>7}"
-        lines.append(f"{r['kernel']:16} {cfg:36} {r['n']}x{r['k']:<7} {r['us']:9.1f} {pct} {bound} {r['role']}")
+        lines.append(f"{r['kernel']:16} {cfg:40} {r['n']}x{r['k']:<7} {r['us']:9.1f} {pct} {bound} {r['role']}")
     lines.append("launch table (fastest checked config per kernel): " + ", ".join(
         f"{k}: ({', '.join(str(v) for v in w['config'].values())})"
         + (f" {w['default_us'] / w['us']:.2f}x default" if w.get("default_us") else "")
