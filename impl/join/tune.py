@@ -44,9 +44,9 @@ from impl.join.hash_table import HashConfig
 BASE = HashConfig(scheme="fused", items=8)  # the sweep's reference point: each label names its differences
 VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the budget may cut the tail
     ("split-items4", {"scheme": "split", "items": 4}),  # split kernels, 4 rows per thread (what int64 keys run)
-    ("linear64", {"scheme": "linear64", "items": 4}),  # HashConfig's default; int64 keys run split-items4's kernels
-    # int64 keys on the linear kernels too (16-byte slots); its int32 columns repeat linear64's kernels
-    ("linear64-wide", {"scheme": "linear64", "items": 4, "linear_wide": True}),
+    ("linear64", {"scheme": "linear64", "items": 4}),  # HashConfig's default: int64 keys on the linear kernels too
+    # int64 keys on split-items4's kernels; its int32 columns repeat linear64's kernels
+    ("linear64-narrow", {"scheme": "linear64", "items": 4, "linear_wide": False}),
     # 2 rows per thread and step in lbuild / lprobe (loads and CASes of both in flight), int64 keys linear too
     ("linear64-wide-r2", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 2}),
     ("linear64-fused", {"scheme": "linear64-fused", "items": 4}),  # lbuild | grid barrier | lprobe, one launch
@@ -195,7 +195,7 @@ def time_variant(op, overrides: dict[str, Any], plan: Plan, device: str, detail:
         cases += [("zipf", plan.n), ("m2m", plan.n), ("uniform64", plan.n), ("uniform64", plan.big)]
     else:  # what the variant is about beyond the int32 uniform tables
         cases += [("m2m", plan.n)] if overrides.get("spec_factor", 1) > 1 else []
-        cases += [("uniform64", plan.n), ("uniform64", plan.big)] if overrides.get("linear_wide") else []
+        cases += [("uniform64", plan.n), ("uniform64", plan.big)] if "linear_wide" in overrides else []
     out: dict[str, Any] = {}
     for kind, n in cases:
         if plan.left() < 3:

@@ -39,7 +39,7 @@ HEADS, KV_HEADS, HEAD_DIM = LLAMA3_8B.n_heads, LLAMA3_8B.n_kv_heads, LLAMA3_8B.h
 DECODE = [(1, 4096), (32, 1024), (128, 1024)]
 PREFILL = [(4, 1024), (1, 4096)]
 REFERENCE_CASES = {"decode": "32x1024", "prefill": "4x1024"}  # the cases choose_phases judges (B x length)
-PREFILL_TILE_CANDIDATES = [PrefillTiles(64, 64, 4, 1), PrefillTiles(128, 64, 8, 3), PrefillTiles(128, 128, 8, 2),
+PREFILL_TILE_CANDIDATES = [PrefillTiles(64, 64, 4, 1), PrefillTiles(128, 64, 8, 2), PrefillTiles(128, 64, 8, 3),
                            PrefillTiles(128, 32, 4, 2)]
 
 
