@@ -9,9 +9,8 @@ The model (SmolLM2-135M-Instruct in FP8, made here from its bf16 checkpoint by i
 token ids of mixed lengths (log-uniform in [--min-prompt, --max-prompt], fixed seed). Two servers run in turn on the
 same model and the same load: ``continuous`` (``max_batch`` = --max-batch: requests join and leave the running
 batch; waiting requests are prefilled together every --admit-every decode steps) and ``one_at_a_time``
-(``max_batch`` = 1: each request alone). Each first serves a warm-up load (kernels
-compiled, CUDA graphs captured for every batch size), then the measured one: --requests requests, at most
---concurrency in flight, each ``{"prompt": ids, "max_tokens": N, "temperature": 0}``, from a client in its own process
+(``max_batch`` = 1: each request alone). Each first serves a warm-up load (kernels compiled, CUDA graphs captured
+for every batch size), then the measured one: --requests requests, at most --concurrency in flight, each ``{"prompt": ids, "max_tokens": N, "temperature": 0}``, from a client in its own process
 (``loadclient.py``); every request has a client timeout and new requests stop at the budget (the record then says
 ``complete: false``).
 
@@ -20,7 +19,8 @@ engine measures it (arrival to first sampled token, from its completions). ``bat
 over one-at-a-time requests/s; ``greedy_identical`` = the fraction of requests whose tokens are the same in both
 modes (one at a time is each prompt alone). Each mode also records the engine's steps over the measured load (prefill
 and decode steps, tokens, seconds in each), and ``engine_alone`` the same prompts through ``Engine.generate`` with no
-server or client, so the endpoint's own overhead shows beside the engine's. Written to ``results/<card>/serve/endpoint_<model>.json`` on a GPU.
+server or client, so the endpoint's own overhead shows beside the engine's. Written to
+``results/<card>/serve/endpoint_<model>.json`` on a GPU.
 """
 from __future__ import annotations
 
