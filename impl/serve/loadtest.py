@@ -11,8 +11,8 @@ same model and the same load: ``continuous`` (``max_batch`` = --max-batch: reque
 batch; waiting requests are prefilled together every --admit-every decode steps) and ``one_at_a_time``
 (``max_batch`` = 1: each request alone). Each first serves a warm-up load (kernels compiled, CUDA graphs captured
 for every batch size), then the measured one: --requests requests, at most --concurrency in flight, each
-``{"prompt": ids, "max_tokens": N, "temperature": 0}``, from a client in its own process (``loadclient.py``); every request has a client timeout and new requests stop at the budget (the record then says
-``complete: false``).
+``{"prompt": ids, "max_tokens": N, "temperature": 0}``, from a client in its own process (``loadclient.py``);
+every request has a client timeout and new requests stop at the budget (the record then says ``complete: false``).
 
 Per mode: requests/s and completion tokens/s over the wall time, client latency p50/p99, and TTFT p50/p99 as the
 engine measures it (arrival to first sampled token, from its completions). ``batching_gain`` = continuous requests/s
