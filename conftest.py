@@ -125,7 +125,7 @@ def device_bench(benchmark, request):
     """
     from impl.common.benchkit import (TIMING_EAGER, TIMING_QUEUED, derived_metrics, over_peak_message,
                                       record_rounds)
-    from impl.common.timing import time_fn
+    from impl.common.timing import L2_FLUSH, time_fn
 
     def run(fn, *, bytes_moved: int, flops: int = 0, flops_dtype: str = "bf16", flush_l2: bool = True,
             rounds: int = 20, warmup: int = 3, setup=None, clock: str = "device", queue_ahead: bool = True,
@@ -137,6 +137,8 @@ def device_bench(benchmark, request):
                              f"{flops}")
         benchmark.extra_info.update(bytes=int(bytes_moved), flops=int(flops), flops_dtype=flops_dtype,
                                     flush_l2=bool(flush_l2), clock=clock, **info)
+        if flush_l2:
+            benchmark.extra_info["l2_flush"] = L2_FLUSH
         if traffic_bytes:
             benchmark.extra_info["traffic_bytes"] = int(traffic_bytes)
         if backend.ON_GPU and clock == "device" and not benchmark.disabled:

@@ -287,3 +287,15 @@ def test_ledger_says_when_a_bench_was_timed_eager(tmp_path):
     assert "before the queued timer" in source["old"]
     assert "launch latency" in source["eager"] and "before" not in source["eager"]
     assert "eager" not in source["queued"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flush_l2 acts only on a CUDA GPU (a no-op here)")
+def test_flush_l2_reads_twice_the_l2_and_writes_nothing_of_it():
+    """The flush must leave clean lines: its buffer (>= 2x L2) is read, never written (still all ones after)."""
+    from impl.common import timing
+
+    timing.flush_l2()
+    timing.flush_l2()
+    buf = timing._FLUSH_BUFFER
+    assert timing.L2_FLUSH == "read" and buf.numel() * buf.element_size() >= 2 * timing.l2_bytes()
+    assert bool((buf == 1).all())
