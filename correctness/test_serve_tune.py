@@ -151,6 +151,11 @@ def test_loadtest_smoke_serves_both_modes_and_compares_greedy_tokens(capsys):
         m = data["modes"][mode]
         assert m["ok"] == 6 and m["tokens_per_s"] > 0 and len(m["ttfts_s"]) == 6
         assert m["latency_p50_s"] <= m["latency_p99_s"]
+        st, th = m["steps"], m["engine_thread_s"]  # the measured load's steps only (warm-up excluded)
+        assert st["generated_tokens"] == m["completion_tokens"] and st["prefill_steps"] >= 1
+        assert 0 < st["decode_s"] + st["prefill_s"] <= th["step"] <= m["wall_s"] and th["other"] >= 0
+    alone = data["modes"]["engine_alone"]
+    assert alone["completion_tokens"] == data["modes"]["continuous"]["completion_tokens"] and not alone["errors"]
     assert data["modes"]["one_at_a_time"]["max_batch"] == 1 and data["batching_gain"] > 0
     assert loadclient.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and loadclient.percentile([], 50) is None
 

@@ -18,7 +18,7 @@ Per mode: requests/s and completion tokens/s over the wall time, client latency 
 engine measures it (arrival to first sampled token, from its completions). ``batching_gain`` = continuous requests/s
 over one-at-a-time requests/s; ``greedy_identical`` = the fraction of requests whose tokens are the same in both
 modes (one at a time is each prompt alone). Each mode also records the engine's steps over the measured load (prefill
-and decode steps, tokens, seconds in each), and ``engine_alone`` the same prompts through ``Engine.generate`` with no
+and decode steps, tokens, seconds in each), the engine thread's seconds in steps / in between / idle, and ``engine_alone`` the same prompts through ``Engine.generate`` with no
 server or client, so the endpoint's own overhead shows beside the engine's. Written to
 ``results/<card>/serve/endpoint_<model>.json`` on a GPU.
 """
@@ -108,15 +108,15 @@ class CompletionLog(dict):
 
 
 @contextmanager
-def serving(engine: Engine, name: str) -> Iterator[str]:
-    """The endpoint on 127.0.0.1 (a free port) for the duration; its URL."""
+def serving(engine: Engine, name: str) -> Iterator[tuple[str, Any]]:
+    """The endpoint on 127.0.0.1 (a free port) for the duration; its URL and its engine loop."""
     from impl.serve.server import make_server
 
     server = make_server(engine, name, host="127.0.0.1", port=0)
     thread = threading.Thread(target=server.serve_forever, name="loadtest-http", daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}", server.loop
     finally:
         server.shutdown()
         server.server_close()
@@ -163,25 +163,32 @@ def run_engine_alone(model: Any, cfg: LoadConfig, prompts: list[list[int]]) -> d
             "steps": steps, "errors": [o.error for o in outs if o.error][:5]}
 
 
+def thread_seconds(now: dict[str, float], before: dict[str, float], wall: float) -> dict[str, float]:
+    """The engine thread's seconds in steps and in between over the measured load; idle = the client's wall time
+    less both (the thread's own idle count also holds the client process's start)."""
+    step, other = now["step"] - before["step"], now["other"] - before["other"]
+    return {"step": step, "other": other, "idle": max(0.0, wall - step - other)}
+
+
 def run_mode(model: Any, name: str, cfg: LoadConfig, max_batch: int, prompts: list[list[int]],
              deadline: float) -> tuple[dict[str, Any], list[dict[str, Any] | None]]:
     """Warm-up load, then the measured load, on a fresh engine with ``max_batch``."""
     engine = make_engine(model, cfg, max_batch)
-    with serving(engine, name) as url:
+    with serving(engine, name) as (url, loop):
         warm = make_prompts(cfg, model.args.vocab_size, cfg.warmup_requests, cfg.seed + 1)
         t0 = time.perf_counter()
         drive_in_process(url, warm, cfg.concurrency, min(cfg.max_tokens, 8), cfg.timeout_s,
                          max(0.0, deadline - time.perf_counter()))
         log(f"max_batch={max_batch}: warm-up of {len(warm)} requests in {time.perf_counter() - t0:.1f} s")
         engine.done = CompletionLog()  # the measured completions from here on (the engine thread is idle now)
-        before = dict(engine.stats)
+        before, loop_before = dict(engine.stats), dict(loop.seconds)
         results, wall = drive_in_process(url, prompts, cfg.concurrency, cfg.max_tokens, cfg.timeout_s,
                                          max(0.0, deadline - time.perf_counter()))
         ttfts = [c.ttft_s for c in engine.done.seen if c.ttft_s is not None]
         summary = summarize(results, wall, ttfts)
         steps = {k: v - before[k] for k, v in engine.stats.items()}
         summary.update(max_batch=max_batch, engine=engine.describe(), decode_steps=steps["decode_steps"],
-                       steps=steps)
+                       steps=steps, engine_thread_s=thread_seconds(loop.seconds, loop_before, wall))
     log(f"max_batch={max_batch}: {summary['ok']}/{len(prompts)} ok in {wall:.1f} s, "
         f"{summary['requests_per_s'] or 0:.1f} req/s, {summary['tokens_per_s'] or 0:.0f} tok/s, "
         f"p50 {summary['latency_p50_s'] or 0:.3f} s, p99 {summary['latency_p99_s'] or 0:.3f} s")

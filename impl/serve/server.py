@@ -85,7 +85,8 @@ class EngineLoop:
     """Runs ``engine.step()`` in one thread while work exists; ``submit`` and ``cancel`` are safe from any thread.
 
     A step that raises fails the requests in flight (not the thread). Anything that does end the thread sets
-    ``error`` and fails every waiting request with ``EngineStopped``."""
+    ``error`` and fails every waiting request with ``EngineStopped``. ``seconds`` splits the thread's time into
+    ``idle`` (waiting for work), ``step`` (inside ``engine.step``) and ``other`` (queueing, answering futures)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -95,6 +96,7 @@ class EngineLoop:
         self._waiting: dict[int, Future] = {}
         self._wake = threading.Condition()
         self._stop = False
+        self.seconds = {"idle": 0.0, "step": 0.0, "other": 0.0}
         self.thread = threading.Thread(target=self._run, name="serve-engine", daemon=True)
         self.thread.start()
 
@@ -139,10 +141,16 @@ class EngineLoop:
                 f.set_exception(EngineStopped(why))
 
     def _serve(self) -> None:
+        clock = time.perf_counter
         while True:
+            t_start = clock()
+            idle = 0.0
             with self._wake:
                 while not (self._inbox or self._cancel or self._stop or self.engine.has_unfinished()):
-                    self._wake.wait()
+                    t_wait = clock()
+                    self._wake.wait(0.1)  # in slices, so that ``seconds`` stays current while idle
+                    self.seconds["idle"] += clock() - t_wait
+                    idle += clock() - t_wait
                 if self._stop:
                     return
                 inbox, self._inbox = self._inbox, []
@@ -155,14 +163,18 @@ class EngineLoop:
             for fut in cancel:
                 for rid in [r for r, f in self._waiting.items() if f is fut]:
                     self.engine.abort(rid, "cancelled: the client disconnected")
+            t_step = clock()
             try:
                 if self.engine.has_unfinished():
                     self.engine.step()
             except Exception as e:  # noqa: BLE001  (a failing forward fails the requests in flight, not the server)
                 for rid in list(self._waiting):
                     self.engine.abort(rid, f"engine error: {type(e).__name__}: {e}")
+            step = clock() - t_step
             for rid in [r for r in self._waiting if r in self.engine.done]:
                 self._waiting.pop(rid).set_result(self.engine.done.pop(rid))
+            self.seconds["step"] += step
+            self.seconds["other"] += clock() - t_start - idle - step
 
 
 # ---- the body ----------------------------------------------------------------------------------------------------
