@@ -324,9 +324,9 @@ def test_tune_picks_a_winner_per_shape_class(small_classes, tmp_path, monkeypatc
     data = json.loads((tmp_path / "tune.json").read_text())["data"]
     assert data["class_shapes"] == {"small": list(SMALL), "wide": list(WIDE), "large": list(LARGE)}
     cands, protected = tune.candidates("dequant-tensor")
-    assert protected == 1 and cands[0] == default and len(cands) == 2
-    timed = {(r["class"], tuple(r["config"].values())) for r in data["rows"]}
-    assert len(timed) == 6  # both configs on the three class shapes
+    assert protected == 1 and cands[0] == default and len(cands) >= 2
+    timed = {(r["class"], tuple(r["config"].values())) for r in data["rows"] if r["role"] != "clean-L2"}
+    assert len(timed) == 3 * len(cands)  # every config on the three class shapes
     table = LaunchTable.load(tmp_path / "launch_table.json")
     assert table.classes["dequant-tensor"] == {"small": cands[1], "wide": default, "large": cands[1]}
     assert table.configs["dequant-tensor"] == cands[1]  # the first shape's class: the entry for every shape
