@@ -203,8 +203,8 @@ def class_shapes(shapes: list[tuple[int, int]]) -> dict[str, tuple[int, int]]:
 
 def candidates(kernel: str, classes: list[str] | None = None) -> tuple[list[C], int]:
     """(configs, protected): the active table's entries of ``kernel`` for ``classes`` (the previous run's winners,
-    re-timed first), the built-in default, then ``CANDIDATES``, each once; the first ``protected`` are timed
-    whatever the budget says."""
+    re-timed first), the built-in default, then ``CANDIDATES``, each once; the first ``protected`` are timed even
+    when the kernel's slice is spent (not past the whole budget)."""
     table = launch.active_table()
     previous = [c for c in (table.get(kernel, cls) for cls in (classes or [None])) if c is not None]
     protected = list(dict.fromkeys(previous + [_default(kernel)]))
@@ -254,7 +254,7 @@ def sweep(shapes: list[tuple[int, int]], budget_s: float, kernels: list[str], co
         fastest: dict[str, tuple[C, dict[str, Any]]] = {}
         default_us: dict[str, float] = {}
         for j, cfg in enumerate(cands):
-            if j >= protected and time.perf_counter() > deadline:
+            if (j >= protected and time.perf_counter() > deadline) or over():  # the protected stop at the budget
                 complete = False
                 log(f"{kernel}: slice spent, {len(cands) - j} candidates not run")
                 break
