@@ -18,7 +18,8 @@
   the loader's parallel reads): the file system's own speed in the same run, the yardstick of the cold load.
 
 The kernels launch with the configs ``impl.fp8.launch`` resolves (the tune run's stored table where one exists,
-else built-in defaults); each kernel bench records them (``extra_info["launch"]``, ``["launch_table"]``).
+else built-in defaults), looked up for the shape's class; each kernel bench records them (``extra_info["launch"]``,
+``["launch_class"]``, ``["launch_table"]``).
 """
 from __future__ import annotations
 
@@ -56,9 +57,11 @@ def _scale_bytes(group: str, n: int, k: int) -> int:
     return 4 * r * c
 
 
-def _launch_info(*keys: str) -> dict:
-    """The launch configs the kernels of this bench take, and which table they come from."""
-    return {"launch": {k: asdict(launch.config(k)) for k in keys}, "launch_table": launch.active_table().describe()}
+def _launch_info(n: int, k: int, *keys: str) -> dict:
+    """The launch configs the kernels of this bench take on an [n, k] matrix, its shape class (the table's entry
+    for it, where the table holds one), and which table they come from."""
+    return {"launch": {key: asdict(launch.config(key, n, k)) for key in keys},
+            "launch_class": launch.shape_class(n, k), "launch_table": launch.active_table().describe()}
 
 
 @pytest.mark.parametrize("group,n,k", _cases(DQ_GROUPS, SHAPES), ids=_ids(DQ_GROUPS, SHAPES))
@@ -68,7 +71,7 @@ def test_fp8_dequant(device_bench, group, n, k):
     nbytes = n * k + _scale_bytes(group, n, k) + n * k * out.element_size()
     device_bench(lambda: quant.dequantize(q, s, group, out=out), bytes_moved=nbytes, n=n, k=k, scales=group,
                  dtype=str(HI).replace("torch.", ""), variant="triton",
-                 **_launch_info(launch.dequant_key(get_group(group))))
+                 **_launch_info(n, k, launch.dequant_key(get_group(group))))
     assert torch.isfinite(out).all()
 
 
@@ -83,7 +86,7 @@ def test_fp8_requant(device_bench, benchmark, group, n, k):
     keys = ("amax",) * (passes - 1) + (launch.quant_key(get_group(group)),)
     device_bench(lambda: quant.quantize(x, group, out=out, scales_out=s_out), bytes_moved=nbytes, n=n, k=k,
                  scales=group, dtype=str(HI).replace("torch.", ""), variant="triton", passes=passes,
-                 traffic_bytes=traffic, **_launch_info(*keys))
+                 traffic_bytes=traffic, **_launch_info(n, k, *keys))
     _traffic_share(benchmark, nbytes, traffic)
     assert bool((s_out > 0).all())
 
@@ -106,7 +109,7 @@ def test_fp8_requant_delayed(device_bench, benchmark, n, k):
 
     q, s, _ = device_bench(run, bytes_moved=nbytes, n=n, k=k, scales="tensor", variant="triton-delayed",
                            dtype=str(HI).replace("torch.", ""), passes=1, traffic_bytes=nbytes,
-                           **_launch_info("requant-delayed"))
+                           **_launch_info(n, k, "requant-delayed"))
     _traffic_share(benchmark, nbytes, nbytes)
     ref_q, ref_s = quant.quantize(x, "tensor")  # same x every call: the previous scale is x's own
     assert torch.equal(s, ref_s) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))

@@ -318,4 +318,4 @@ def test_tune_checks_then_times_and_writes_its_table(tmp_path, capsys):
     data = json.loads((tmp_path / "tune.json").read_text())["data"]
     assert data["complete"] and {r["kernel"] for r in data["rows"]} == {"dequant-block", "requant-delayed"}
     assert not any("error" in r for r in data["rows"]) and set(data["winners"]) == {"dequant-block", "requant-delayed"}
-    assert "launch table (fastest checked config per kernel)" in capsys.readouterr().out
+    assert "launch table (fastest checked config per kernel and shape class)" in capsys.readouterr().out

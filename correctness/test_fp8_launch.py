@@ -86,7 +86,7 @@ def test_every_kernel_has_a_builtin_default_on_both_backends():
 def test_kernels_take_the_active_tables_configs(synthetic_table, spies):
     assert "synthetic" not in launch.active_table().describe()  # loaded from the file, named by it
     assert "launch_table.json @abc" in launch.active_table().describe()
-    assert launch.config("requant-block") == launch.builtin("requant-block")  # not in the table: built-in
+    assert launch.config("requant-block", 70, 150) == launch.builtin("requant-block")  # not in the table: built-in
     x = torch.randn(70, 150, generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
     q, s = quant.quantize(x, "channel")
@@ -122,6 +122,7 @@ def test_bench_launches_and_records_the_tables_config(synthetic_table, spies):
     call = spies["dequant_kernel"].calls[-1]
     assert (call["BM"], call["BK"], call["num_warps"]) == (16, 64, 2)
     assert info["launch"] == {"dequant-tensor": {"bm": 16, "bk": 64, "warps": 2, "stages": 1, "per_sm": 0, "evict": 0}}
+    assert info["launch_class"] == launch.shape_class(n, k)
     assert "launch_table.json" in info["launch_table"]
     bench.test_fp8_requant(device_bench, Benchmark, "tensor", n, k)
     assert set(info["launch"]) == {"amax", "requant-tensor"} and info["launch"]["amax"]["per_sm"] == 3
@@ -221,3 +222,120 @@ def test_rows_read_once_keep_the_configs_elements_per_thread(spies):
     assert (call["BK"], call["num_warps"]) == (128, 2)  # 100 -> one pass of 128: 16 warps x 128 / 1024
     ref_q, ref_s = R.quantize_reference(x, "channel")
     assert torch.equal(q.view(torch.uint8).cpu(), ref_q) and torch.equal(s.cpu(), ref_s)
+
+
+def test_shape_classes_of_a_llama_layer():
+    """small: at most 2**25 elements; wide: rows wider than 8192; large: the rest (order matters: small first)."""
+    got = {(n, k): launch.shape_class(n, k) for n, k in
+           [(4096, 4096), (6144, 4096), (1024, 4096), (16, 14336), (14336, 4096), (28672, 4096), (4096, 14336),
+            (8192, 4096), (8192, 4097), (4096, 8193), (4097, 8192)]}
+    assert got == {(4096, 4096): "small", (6144, 4096): "small", (1024, 4096): "small", (16, 14336): "small",
+                   (14336, 4096): "large", (28672, 4096): "large", (4096, 14336): "wide", (8192, 4096): "small",
+                   (8192, 4097): "large", (4096, 8193): "wide", (4097, 8192): "large"}
+    assert set(launch.describe_classes()) == set(launch.SHAPE_CLASSES)
+
+
+# CPU-sized shape classes for the tests below: (16, 64) small, (16, 512) wide, (64, 128) large
+SMALL, WIDE, LARGE = (16, 64), (16, 512), (64, 128)
+BY_CLASS = {"dequant-tensor": {"small": LaunchConfig(16, 64, warps=2), "wide": LaunchConfig(8, 128, warps=1)},
+            "requant-channel": {"wide": LaunchConfig(4, 128, warps=2)}}
+
+
+@pytest.fixture
+def small_classes(monkeypatch):
+    monkeypatch.setattr(launch, "SMALL_ELEMENTS", 2048)
+    monkeypatch.setattr(launch, "WIDE_K", 256)
+    assert [launch.shape_class(*s) for s in (SMALL, WIDE, LARGE)] == ["small", "wide", "large"]
+
+
+def test_kernels_take_the_entry_of_their_shape_class(small_classes, tmp_path, monkeypatch, spies):
+    """Each call looks its shape's class up: the class's entry, else the table's entry for every shape, else the
+    built-in default; results stay exact; the bench records the class and its config."""
+    path = tmp_path / "launch_table.json"
+    table = LaunchTable({"dequant-tensor": LaunchConfig(4, 32, warps=4)}, origin="classes", classes=BY_CLASS)
+    path.write_text(json.dumps({"commit": "abc", "data": table.to_data()}))
+    monkeypatch.setenv(launch.ENV, str(path))
+    launch.use_table(None)
+    try:
+        assert launch.active_table().classes == BY_CLASS
+        want = {SMALL: (16, 64, 2), WIDE: (8, 128, 1), LARGE: (4, 32, 4)}  # LARGE: no class entry, every shape's
+        for (n, k), (bm, bk, warps) in want.items():
+            x = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)).to(DEVICE)
+            q, s = quant.quantize(x, "tensor")
+            y = quant.dequantize(q, s, "tensor", out_dtype=torch.float32)
+            call = spies["dequant_kernel"].calls[-1]
+            assert (call["BM"], call["BK"], call["num_warps"]) == (bm, bk, warps), (n, k)
+            assert torch.equal(y.cpu(), R.dequantize_reference(q.cpu(), s.cpu(), "tensor", "e4m3", torch.float32))
+            qc, sc = quant.quantize(x, "channel")
+            rows = spies["quant_rows_kernel"].calls[-1]
+            chan = BY_CLASS["requant-channel"]["wide"] if (n, k) == WIDE else launch.builtin("requant-channel")
+            assert (rows["BM"], rows["BK"]) == (chan.bm, chan.bk if k > chan.bk else max(16, k)), (n, k)
+            ref_q, ref_s = R.quantize_reference(x, "channel")
+            assert torch.equal(qc.view(torch.uint8).cpu(), ref_q) and torch.equal(sc.cpu(), ref_s)
+        import benches.bench_fp8 as bench
+
+        info = bench._launch_info(*WIDE, "dequant-tensor", "requant-channel")
+        assert info["launch_class"] == "wide" and info["launch"]["dequant-tensor"]["bm"] == 8
+        assert info["launch"]["requant-channel"] == {"bm": 4, "bk": 128, "warps": 2, "stages": 1, "per_sm": 0,
+                                                     "evict": 0}
+    finally:
+        monkeypatch.delenv(launch.ENV)
+        launch.use_table(None)
+
+
+def test_a_table_without_classes_applies_to_every_shape_and_classes_round_trip():
+    old = {"format": "fp8-launch-table/1", "origin": "tune run", "selected_in_run": "r0",
+           "kernels": {"amax": {"bm": 4, "bk": 512, "warps": 4, "stages": 1, "per_sm": 16, "evict": 0}}}
+    t = LaunchTable.from_data({"data": old})
+    assert t.classes == {} and all(t.get("amax", c) == LaunchConfig(4, 512, per_sm=16) for c in launch.SHAPE_CLASSES)
+    assert t.get("requant-group", "small") is None
+    new = LaunchTable(dict(SYNTHETIC), origin="x", classes=BY_CLASS)
+    data = new.to_data()
+    assert data["format"] == launch.FORMAT and set(data["shape_classes"]) == set(launch.SHAPE_CLASSES)
+    back = LaunchTable.from_data(data)
+    assert back.classes == BY_CLASS and back.configs == SYNTHETIC
+    assert back.get("dequant-tensor", "wide") == LaunchConfig(8, 128, warps=1)
+    assert back.get("dequant-tensor", "large") == SYNTHETIC["dequant-tensor"]
+    with pytest.raises(ValueError, match="unknown shape class 'huge'"):
+        LaunchTable.from_data({**data, "classes": {"amax": {"huge": {"bm": 8, "bk": 64}}}})
+    with pytest.raises(ValueError, match="unknown kernel 'dequant'"):
+        LaunchTable.from_data({**data, "classes": {"dequant": {"small": {"bm": 8, "bk": 64}}}})
+
+
+def test_tune_picks_a_winner_per_shape_class(small_classes, tmp_path, monkeypatch, spies):
+    """The sweep times every candidate on each class's shape and keeps the fastest per class; the kernels then take
+    each class's winner. Times are made up (the interpreter's mean nothing): the candidate wins on the small
+    shape, the built-in default on the wide one."""
+    from impl.fp8 import tune
+
+    default = launch.builtin("dequant-tensor")
+
+    def fake_time(kernel, cfg, n, k, reps, setup=None):
+        fast = (cfg == default) == (launch.shape_class(n, k) == "wide")
+        return (1.0 if fast else 2.0), n * k * 5, n * k * 5
+
+    monkeypatch.setattr(tune, "_time", fake_time)
+    launch.use_table(LaunchTable())
+    try:
+        assert tune.main(["--out", str(tmp_path), "--kernels", "dequant-tensor", "--no-store", "--shapes",
+                          f"{SMALL[0]}x{SMALL[1]}", f"{WIDE[0]}x{WIDE[1]}", f"{LARGE[0]}x{LARGE[1]}"]) == 0
+    finally:
+        launch.use_table(None)
+    data = json.loads((tmp_path / "tune.json").read_text())["data"]
+    assert data["class_shapes"] == {"small": list(SMALL), "wide": list(WIDE), "large": list(LARGE)}
+    cands, protected = tune.candidates("dequant-tensor")
+    assert protected == 1 and cands[0] == default and len(cands) >= 2
+    timed = {(r["class"], tuple(r["config"].values())) for r in data["rows"] if r["role"] != "clean-L2"}
+    assert len(timed) == 3 * len(cands)  # every config on the three class shapes
+    table = LaunchTable.load(tmp_path / "launch_table.json")
+    assert table.classes["dequant-tensor"] == {"small": cands[1], "wide": default, "large": cands[1]}
+    assert table.configs["dequant-tensor"] == cands[1]  # the first shape's class: the entry for every shape
+    launch.use_table(table)
+    try:
+        for (n, k), want in ((SMALL, cands[1]), (WIDE, default)):
+            q, s = quant.quantize(torch.randn(n, k).to(DEVICE), "tensor")
+            quant.dequantize(q, s, "tensor", out_dtype=torch.float32)
+            call = spies["dequant_kernel"].calls[-1]
+            assert (call["BM"], call["BK"], call["num_warps"]) == (want.bm, want.bk, want.warps)
+    finally:
+        launch.use_table(None)

@@ -8,7 +8,8 @@ Modules, in the order one reads them:
   ``formats``     FP8 formats (e4m3fn, e5m2) and scale groups (tensor, channel/token, 1x128 group, 128x128 block)
   ``kernels``     Triton kernels: dequantize, static and dynamic requantize, amax
   ``quant``       thin wrappers that validate, allocate and launch them
-  ``launch``      launch config per kernel: the tune run's measured table where stored, built-in defaults otherwise
+  ``launch``      launch config per kernel and shape class (small / wide / large): the tune run's measured table
+                  where stored, built-in defaults otherwise
   ``tune``        the launch-config sweep: checks every candidate, times it on a Llama-3-8B layer's shapes, and
                   writes the table (results/<card>/fp8/launch_table.json)
   ``reference``   CPU references (float32 mirror of the kernels' arithmetic; float64 error bounds)

@@ -1,13 +1,17 @@
 """Which launch config each FP8 kernel runs with: a measured table where one exists, built-in defaults otherwise.
 
 A kernel key (``KERNELS``) names one kernel as a workload uses it (``dequant_key`` / ``quant_key`` map a scale group
-to it); ``config(key)`` is the ``LaunchConfig`` it launches with:
+to it); a shape class (``shape_class``) names the kind of [N, K] matrix it runs on: "small" (at most
+``SMALL_ELEMENTS`` elements: a fixed cost per call weighs most), "wide" (rows wider than ``WIDE_K``), "large" (the
+rest). ``config(key, n, k)`` is the ``LaunchConfig`` it launches with, looked up per call:
 
-  1. the active ``LaunchTable``'s entry for the key, where the table holds one;
-  2. else the built-in default: ``GPU_CONFIGS`` on a GPU, ``CPU_CONFIGS`` under the interpreter.
+  1. the active ``LaunchTable``'s entry for the key and the shape's class, where the table holds one;
+  2. else the table's entry for the key (one config for every shape: tables written before shape classes);
+  3. else the built-in default: ``GPU_CONFIGS`` on a GPU, ``CPU_CONFIGS`` under the interpreter.
 
 The table comes from a tune run (``python -m impl.fp8.tune``): every candidate checked bit for bit against the
-reference, then timed; the fastest per kernel is kept and written as ``results/<card>/fp8/launch_table.json``. Where
+reference, then timed on a representative shape of each class; the fastest per kernel and class is kept and written
+as ``results/<card>/fp8/launch_table.json``. Where
 the active table comes from (``active_table``, loaded once per process): ``LAB_FP8_LAUNCH_TABLE`` (a path), else
 this card's stored table (on a GPU; the one the last tune run wrote, or the committed one), else none (built-in
 defaults only). ``use_table`` sets it (tests). ``describe`` says which table is in use; benches record it.
@@ -22,7 +26,8 @@ from impl import backend
 from impl.common.tables import ActiveTable, read_table
 from impl.fp8.formats import ScaleGroup
 
-FORMAT = "fp8-launch-table/1"
+FORMAT = "fp8-launch-table/2"  # written; /1 (no "classes") is still read
+FORMATS = ("fp8-launch-table/1", FORMAT)
 TABLE_RESULT = "launch_table"
 ENV = "LAB_FP8_LAUNCH_TABLE"
 WARPS = (1, 2, 4, 8, 16, 32)
@@ -97,6 +102,27 @@ CPU_CONFIGS: dict[str, LaunchConfig] = {
 }
 KERNELS = tuple(GPU_CONFIGS)
 
+# Shape classes of an [N, K] matrix (the 2-D view a kernel runs on), tested in this order; a table may hold a config
+# per (kernel, class). A Llama-3-8B layer: 4096x4096, 6144x4096, 1024x4096 and any activation are "small",
+# 4096x14336 (down projection) "wide", 14336x4096 and 28672x4096 "large".
+SMALL_ELEMENTS = 1 << 25  # 32 Mi elements (64 MiB of bf16, about an L2's worth)
+WIDE_K = 8192
+SHAPE_CLASSES = ("large", "small", "wide")
+
+
+def shape_class(n: int, k: int) -> str:
+    """The class of an [n, k] matrix: "small" if n * k <= SMALL_ELEMENTS, else "wide" if k > WIDE_K, else
+    "large"."""
+    if n * k <= SMALL_ELEMENTS:
+        return "small"
+    return "wide" if k > WIDE_K else "large"
+
+
+def describe_classes() -> dict[str, str]:
+    """The rule of each class, as a table records it."""
+    return {"small": f"n * k <= {SMALL_ELEMENTS}", "wide": f"n * k > {SMALL_ELEMENTS} and k > {WIDE_K}",
+            "large": f"n * k > {SMALL_ELEMENTS} and k <= {WIDE_K}"}
+
 
 def dequant_key(group: ScaleGroup) -> str:
     """The kernel key of dequantizing with scales of ``group``."""
@@ -116,47 +142,67 @@ def quant_key(group: ScaleGroup) -> str:
 
 @dataclass
 class LaunchTable:
-    """configs[key] = the measured ``LaunchConfig`` of kernel ``key`` (a subset of ``KERNELS``)."""
+    """configs[key] = the measured ``LaunchConfig`` of kernel ``key`` for every shape (a subset of ``KERNELS``);
+    classes[key][cls] = the one measured for shapes of class ``cls`` (``SHAPE_CLASSES``), taken before ``configs``."""
 
     configs: dict[str, LaunchConfig] = field(default_factory=dict)
     origin: str = "built-in defaults (no measured table)"
     selected_in_run: str | None = None  # the tune run that measured it
+    classes: dict[str, dict[str, LaunchConfig]] = field(default_factory=dict)
 
-    def get(self, key: str) -> LaunchConfig | None:
-        return self.configs.get(key)
+    def get(self, key: str, cls: str | None = None) -> LaunchConfig | None:
+        """The entry of ``key`` for shape class ``cls``, else for every shape, else None."""
+        return self.classes.get(key, {}).get(cls) or self.configs.get(key)
 
     def describe(self) -> str:
-        return f"launch table: {self.origin} ({len(self.configs)} of {len(KERNELS)} kernels)"
+        per_class = sum(len(v) for v in self.classes.values())
+        return f"launch table: {self.origin} ({len(set(self.configs) | set(self.classes))} of {len(KERNELS)} " \
+               f"kernels" + (f", {per_class} per-class entries)" if per_class else ")")
 
     def to_data(self) -> dict[str, Any]:
         return {"format": FORMAT, "origin": self.origin, "selected_in_run": self.selected_in_run,
-                "kernels": {k: asdict(c) for k, c in sorted(self.configs.items())}}
+                "kernels": {k: asdict(c) for k, c in sorted(self.configs.items())},
+                "shape_classes": describe_classes(),
+                "classes": {k: {c: asdict(v) for c, v in sorted(by.items())} for k, by in sorted(self.classes.items())}}
 
     @classmethod
     def from_data(cls, data: dict[str, Any], origin: str | None = None) -> "LaunchTable":
         """From ``to_data``'s dict or a stored result record holding it under ``data``."""
         if isinstance(data, dict) and "data" in data and "format" not in data:
             data = data["data"]
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        if not isinstance(data, dict) or data.get("format") not in FORMATS:
             got = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"not an FP8 launch table: expected format {FORMAT!r}, got {got!r}")
-        kernels = data.get("kernels")
-        if not isinstance(kernels, dict):
-            raise ValueError(f"an FP8 launch table needs a 'kernels' mapping, got {type(kernels).__name__}")
-        configs = {}
-        for key, d in kernels.items():
-            if key not in KERNELS:
-                raise ValueError(f"FP8 launch table names an unknown kernel {key!r}; known: {', '.join(KERNELS)}")
-            try:
-                configs[key] = LaunchConfig.from_dict(d)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"FP8 launch table entry {key!r} is malformed ({e}): {d}") from e
-        return cls(configs, origin or str(data.get("origin", "measured table")), data.get("selected_in_run"))
+            raise ValueError(f"not an FP8 launch table: expected format {' or '.join(map(repr, FORMATS))}, got {got!r}")
+        kernels, by_class = data.get("kernels"), data.get("classes", {})
+        if not isinstance(kernels, dict) or not isinstance(by_class, dict):
+            raise ValueError(f"an FP8 launch table needs 'kernels' (and optional 'classes') mappings, got "
+                             f"{type(kernels).__name__} / {type(by_class).__name__}")
+        configs = {key: _entry(key, d) for key, d in kernels.items()}
+        classes: dict[str, dict[str, LaunchConfig]] = {}
+        for key, per in by_class.items():
+            if not isinstance(per, dict):
+                raise ValueError(f"FP8 launch table classes of {key!r} must map a shape class to a config, got {per}")
+            for c, d in per.items():
+                if c not in SHAPE_CLASSES:
+                    raise ValueError(f"FP8 launch table names an unknown shape class {c!r} for {key!r}; known: "
+                                     f"{', '.join(SHAPE_CLASSES)}")
+                classes.setdefault(key, {})[c] = _entry(key, d)
+        return cls(configs, origin or str(data.get("origin", "measured table")), data.get("selected_in_run"),
+                   classes)
 
     @classmethod
     def load(cls, path: str | Path) -> "LaunchTable":
         data, origin = read_table(path, "FP8 launch table")
         return cls.from_data(data, origin=origin)
+
+
+def _entry(key: str, d: Any) -> LaunchConfig:
+    if key not in KERNELS:
+        raise ValueError(f"FP8 launch table names an unknown kernel {key!r}; known: {', '.join(KERNELS)}")
+    try:
+        return LaunchConfig.from_dict(d)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"FP8 launch table entry {key!r} is malformed ({e}): {d}") from e
 
 
 _TABLE = ActiveTable("fp8", TABLE_RESULT, ENV, LaunchTable.load, LaunchTable,
@@ -185,7 +231,8 @@ def builtin(key: str) -> LaunchConfig:
     return (GPU_CONFIGS if backend.ON_GPU and not backend.INTERPRETED else CPU_CONFIGS)[key]
 
 
-def config(key: str) -> LaunchConfig:
-    """The launch config of kernel ``key``: the active table's, else the built-in default."""
+def config(key: str, n: int, k: int) -> LaunchConfig:
+    """The launch config of kernel ``key`` on an [n, k] matrix: the active table's for the shape's class, else the
+    table's for every shape, else the built-in default."""
     default = builtin(key)
-    return active_table().get(key) or default
+    return active_table().get(key, shape_class(n, k)) or default

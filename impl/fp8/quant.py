@@ -182,7 +182,7 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = 
     o2 = _as_rows(out, "out")
     if n * k == 0:
         return out
-    cfg = cfg or config(dequant_key(group))
+    cfg = cfg or config(dequant_key(group), n, k)
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     _launch(K.dequant_kernel, tiles, cfg, q.device, (c2, s, o2, n, k, c2.stride(0), s.stride(0), o2.stride(0)),
             dict(GN=group.gn, GK=group.gk, FMT=f.code, EMULATE=EMULATE, BM=cfg.bm, BK=cfg.bk,
@@ -248,7 +248,7 @@ def quantize(x: torch.Tensor, group: str | ScaleGroup = "tensor", fmt: str | Fp8
 
 def _launch_static(x2, s, q2, group: ScaleGroup, cfg: LaunchConfig | None = None, **args) -> None:
     n, k = x2.shape
-    cfg = cfg or config("quant-static")
+    cfg = cfg or config("quant-static", n, k)
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     _launch(K.quant_static_kernel, tiles, cfg, x2.device,
             (x2, s, q2, s, s, n, k, x2.stride(0), s.stride(0), q2.stride(0), 1),
@@ -259,7 +259,7 @@ def _launch_static(x2, s, q2, group: ScaleGroup, cfg: LaunchConfig | None = None
 def amax_partials(x2: torch.Tensor, cfg: LaunchConfig | None = None) -> torch.Tensor:
     """float32 [P]: the amax of finite |x| over each program's share of the tiles (max of them: the tensor's)."""
     n, k = x2.shape
-    cfg = cfg or config("amax")
+    cfg = cfg or config("amax", n, k)
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     parts = torch.empty(_grid(tiles, cfg, x2.device), dtype=torch.float32, device=x2.device)  # at most this many
     grid = _launch(K.amax_partials_kernel, tiles, cfg, x2.device, (x2, parts, n, k, x2.stride(0)),
@@ -283,8 +283,8 @@ def _launch_tensor(x2, q2, s, amax_cfg: LaunchConfig | None = None, cfg: LaunchC
     read twice, the second time last tile first (its tail, just read by the amax pass, is still in L2: so the amax
     pass keeps the default L2 policy whatever its config says); no atomics and no zeroed buffer."""
     n, k = x2.shape
-    parts = amax_partials(x2, replace(amax_cfg or config("amax"), evict=0))
-    cfg = cfg or config("requant-tensor")
+    parts = amax_partials(x2, replace(amax_cfg or config("amax", n, k), evict=0))
+    cfg = cfg or config("requant-tensor", n, k)
     a, kw = _from_parts(x2, parts, q2, s, None, cfg, triton.next_power_of_2(parts.numel()), **args)
     _launch(K.quant_static_kernel, triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x2.device, a, kw)
 
@@ -294,7 +294,7 @@ def _launch_rows(x2, q2, s, cfg: LaunchConfig | None = None, **args) -> None:
     read once that is narrower than ``cfg.bk`` gets proportionally fewer warps (the elements a thread holds stay
     those of the config: (1, 16384, 16) runs 4096-wide rows with 4 warps, 16384-wide ones with 16)."""
     n, k = x2.shape
-    cfg = cfg or config("requant-channel")
+    cfg = cfg or config("requant-channel", n, k)
     one_pass = triton.next_power_of_2(k) <= cfg.bk
     bk = max(16, triton.next_power_of_2(k)) if one_pass else cfg.bk
     if bk < cfg.bk:
@@ -307,7 +307,7 @@ def _launch_tiles(x2, q2, s, group: ScaleGroup, cfg: LaunchConfig | None = None,
     """1 x G groups: tiles of [cfg.bm, max(cfg.bk, G)] (several groups a row when cfg.bk > G); GN x G blocks: the
     block's width, cfg.bm rows per pass."""
     n, k = x2.shape
-    cfg = cfg or config(quant_key(group))
+    cfg = cfg or config(quant_key(group), n, k)
     bm = cfg.bm if group.gn == 1 else min(cfg.bm, group.gn)
     tm = bm if group.gn == 1 else group.gn
     bk = max(cfg.bk, group.gk) if group.gn == 1 else group.gk
@@ -344,7 +344,7 @@ def quantize_delayed(x: torch.Tensor, state: DelayedScale | None = None, fmt: st
     _check_out_dtype(x.dtype)
     x2 = _as_rows(x, "x")
     n, k = x2.shape
-    cfg = cfg or config("requant-delayed")
+    cfg = cfg or config("requant-delayed", n, k)
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     s = torch.empty(1, 1, dtype=torch.float32, device=x.device)

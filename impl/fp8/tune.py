@@ -7,12 +7,16 @@ partials + quantize; and the delayed single-read variant), channel, 1x128 group 
 candidate ``quant.LaunchConfig``:
   1. check: fresh random input of an awkward shape (tiles cut by both edges), outputs poisoned; codes and scales
      must equal ``reference`` bit for bit (dequantize: the float32 product, exactly);
-  2. time: ``impl.common.timing.time_fn`` (device events, queued, L2 flushed before each call, median) on the first
-     shape, each kernel within an equal slice of 80% of the budget (its built-in default always); then the best
-     configs of ``CLEAN_L2_KERNELS`` once more with the L2 evicted by a read instead (``clean_l2``: how much of the
-     time is the write-back of the flush's dirty lines); then the best config and the default on every other shape.
-The candidates of a kernel: its built-in default (``launch.GPU_CONFIGS``), the active table's entry (the previous
-run's winner) and ``CANDIDATES``. The fastest checked one per kernel forms the new ``launch.LaunchTable``.
+  2. time: ``impl.common.timing.time_fn`` (device events, queued, L2 flushed before each call, median) on the
+     first shape of each shape class (``launch.shape_class``: "large" 14336x4096, "small" 4096x4096, "wide"
+     4096x14336 of a Llama-3-8B layer), each kernel within an equal slice of 80% of the budget; then the first
+     class's winners of ``CLEAN_L2_KERNELS`` once more with the L2 evicted by a read instead (``clean_l2``: how
+     much of the time is the write-back of the flush's dirty lines); then each class's winner and the default on
+     the other shapes.
+The candidates of a kernel, in this order: the active table's entries for the classes (the previous run's winners)
+and the built-in default (``launch.GPU_CONFIGS``), always timed; then ``CANDIDATES`` while the kernel's slice lasts.
+The fastest checked one per kernel and class forms the new ``launch.LaunchTable`` (the first shape's class also as
+the entry for every shape, which tables without classes hold).
 Bandwidth is compulsory bytes (inputs read once, outputs written once) over time, as % of this run's measured copy
 bandwidth; per-tensor dynamic also against its two-read bound. Prints a table; writes ``DIR/tune.json`` (every
 row, the winners, ``complete``) and ``DIR/launch_table.json``, and on a GPU both also as
@@ -42,18 +46,21 @@ from impl.fp8.quant import LaunchConfig as C
 
 GPU_SHAPES = LLAMA3_8B.kernel_matrices()
 CPU_SHAPES = [(64, 256)]
-CHECK_SHAPE = (272, 1040)  # multiples of 16 (the big shapes' specialization) that no tile divides
+# multiples of 16 (the big shapes' specialization) that no tile divides; requant-channel also on rows wider than
+# 8192 (the "wide" class: a row's width picks its one-pass block and warps, ``quant._launch_rows``)
+CHECK_SHAPES = {"*": [(272, 1040)], "requant-channel": [(272, 1040), (48, 8208)]}
 
 # kernel key (impl.fp8.launch.KERNELS) -> candidates C(bm, bk, warps, stages, per_sm, evict), most likely winner
-# first (the budget may stop a kernel's list early; its built-in default and the active table's entry are timed
+# first (the budget may stop a kernel's list early; its built-in default and the active table's entries are timed
 # before these). First the last run's winners with the streamed data evict_first in L2 (evict 2: loads and stores,
 # 1: loads): the timed call starts with an L2 full of dirty lines (the flush writes a buffer), and a stream that
 # recycles its own lines does not write them back inside its time -- as after any kernel that leaves dirty data.
 # Then 1 x 128 groups in wider tiles (8 x 512: four groups a row, 64 registers, 8 programs an SM; or 32 rows of 4
 # warps, 72 registers, 7 programs an SM) and one-pass
 # 128 x 128 blocks held in registers (32 warps, 46 registers: one program of 32 warps per SM that prefetches its next
-# block), then the earlier runners-up. Registers: ptxas for sm_90 with the arguments' divisibility by 16 that
-# Triton's JIT specializes on (test_fp8_compile).
+# block), then the earlier runners-up. Every candidate is timed on each shape class's shape and a class keeps its
+# fastest (requant-channel's evict 0 variant comes early: on 4096x14336 evict 2 lost). Registers: ptxas for sm_90
+# with the arguments' divisibility by 16 that Triton's JIT specializes on (test_fp8_compile).
 CANDIDATES: dict[str, list[C]] = {
     "dequant-tensor": [C(4, 512, 4, 1, 0, 2), C(4, 512, 4, 1, 0, 1), C(8, 512, 4, 1, 0, 2), C(16, 512, 8, 1, 0, 2),
                        C(8, 1024, 4), C(16, 512, 8)],
@@ -66,8 +73,8 @@ CANDIDATES: dict[str, list[C]] = {
     "amax": [C(4, 512, 4, 2, 16), C(8, 1024, 8, 2, 4), C(4, 2048, 8, 2, 4), C(8, 512, 4, 1, 8), C(4, 512, 4, 1, 16)],
     "requant-delayed": [C(4, 512, 4, 2, 8, 2), C(4, 512, 4, 2, 8, 1), C(2, 1024, 4, 2, 16, 2), C(4, 512, 4, 1, 0, 2),
                         C(2, 1024, 4, 2, 16), C(4, 512, 4, 1, 8)],
-    "requant-channel": [C(1, 16384, 16, 1, 0, 2), C(1, 16384, 16, 1, 0, 1), C(2, 8192, 16, 1, 0, 2), C(1, 16384, 16),
-                        C(1, 4096, 8)],
+    "requant-channel": [C(1, 16384, 16, 1, 0, 2), C(1, 16384, 16), C(1, 16384, 16, 1, 0, 1), C(1, 4096, 8),
+                        C(2, 8192, 16, 1, 0, 2)],  # (1, 16384, 16): 4096x14336 75% of copy at evict 0, 53% at 2
     "requant-group": [C(16, 128, 4, 2, 8, 2), C(16, 128, 4, 2, 8, 1), C(8, 512, 4, 1, 0, 2), C(32, 128, 4, 1, 0, 2),
                       C(16, 512, 8, 1, 0, 2), C(4, 1024, 4, 1, 0, 2), C(8, 512, 4)],
     "requant-block": [C(128, 128, 32, 2, 2, 2), C(128, 128, 32, 2, 2), C(32, 128, 8, 1, 0, 2), C(32, 128, 8, 1, 0, 1),
@@ -185,92 +192,126 @@ def _default(kernel: str) -> C:
     return launch.builtin(kernel)
 
 
-def candidates(kernel: str) -> list[C]:
-    """The built-in default first, then the active table's entry, then ``CANDIDATES`` (each once)."""
-    default = _default(kernel)
-    previous = launch.active_table().get(kernel)
-    rest = list(dict.fromkeys(([previous] if previous else []) + CANDIDATES[kernel]))
-    rest = [c for c in rest if c != default]
+def class_shapes(shapes: list[tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """The shape each class is tuned on: the first of ``shapes`` in that class (``launch.shape_class``), the first
+    shape's class first (its winners are also the table's entry for every shape)."""
+    reps: dict[str, tuple[int, int]] = {}
+    for n, k in shapes:
+        reps.setdefault(launch.shape_class(n, k), (n, k))
+    return reps
+
+
+def candidates(kernel: str, classes: list[str] | None = None) -> tuple[list[C], int]:
+    """(configs, protected): the active table's entries of ``kernel`` for ``classes`` (the previous run's winners,
+    re-timed first), the built-in default, then ``CANDIDATES``, each once; the first ``protected`` are timed even
+    when the kernel's slice is spent (not past the whole budget)."""
+    table = launch.active_table()
+    previous = [c for c in (table.get(kernel, cls) for cls in (classes or [None])) if c is not None]
+    protected = list(dict.fromkeys(previous + [_default(kernel)]))
+    rest = [c for c in dict.fromkeys(CANDIDATES[kernel]) if c not in protected]
     if backend.INTERPRETED or not backend.ON_GPU:
-        return [default] + rest[: CPU_CANDIDATES]
-    return [default] + rest
+        rest = rest[: CPU_CANDIDATES]
+    return protected + rest, len(protected)
+
+
+def _time(kernel: str, cfg: C, n: int, k: int, reps: int, setup: Callable[[], Any] | None = None
+          ) -> tuple[float, int, int]:
+    """(median ms, compulsory bytes, traffic bytes) of ``kernel`` with ``cfg`` on a fresh [n, k] input."""
+    fn, nbytes, traffic, _ = case(kernel, n, k, cfg)
+    return time_ms(fn, reps, setup), nbytes, traffic
 
 
 def sweep(shapes: list[tuple[int, int]], budget_s: float, kernels: list[str], copy_gbps: float | None, *,
           reps: int, log: Callable[..., Any] = print) -> dict[str, Any]:
+    """Phase 1 (80% of the budget, an equal slice a kernel; time a kernel leaves is the next one's): each candidate
+    checked, then timed on the shape of every class (``class_shapes``); the fastest per class wins. Then the
+    clean-L2 rows, then the class winners and the default on the other shapes."""
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     winners: dict[str, dict[str, Any]] = {}
     complete = True
-    check_n, check_k = CHECK_SHAPE if backend.ON_GPU and not backend.INTERPRETED else (40, 200)
+    gpu = backend.ON_GPU and not backend.INTERPRETED
+    reps_of = class_shapes(shapes)
+    classes = list(reps_of)
 
     def over() -> bool:
         return time.perf_counter() - t0 > budget_s
 
     def row(kernel, cfg, n, k, ms, nbytes, traffic, role):
         gbps = nbytes / (ms * 1e-3) / 1e9 if ms else None
-        r = {"kernel": kernel, "config": asdict(cfg), "n": n, "k": k, "us": ms * 1e3 if ms else None, "gbps": gbps,
-             "bytes": nbytes, "traffic_bytes": traffic, "role": role}
+        r = {"kernel": kernel, "config": asdict(cfg), "n": n, "k": k, "class": launch.shape_class(n, k),
+             "us": ms * 1e3 if ms else None, "gbps": gbps, "bytes": nbytes, "traffic_bytes": traffic, "role": role}
         if copy_gbps and gbps:
             r["pct_copy"] = 100 * gbps / copy_gbps
             r["pct_traffic_bound"] = 100 * gbps * traffic / nbytes / copy_gbps
         rows.append(r)
         return r
 
-    n0, k0 = shapes[0]
-    best: dict[str, C] = {}
-    for i, kernel in enumerate(kernels):  # phase 1, 80% of the budget in equal slices: pick each kernel's config
+    best: dict[str, dict[str, C]] = {}  # kernel -> class -> the fastest config on the class's shape
+    for i, kernel in enumerate(kernels):
         deadline = t0 + 0.8 * budget_s * (i + 1) / len(kernels)
-        fastest = None
-        for j, cfg in enumerate(candidates(kernel)):
-            if j > 0 and time.perf_counter() > deadline:  # the default is always timed
+        cands, protected = candidates(kernel, classes)
+        fastest: dict[str, tuple[C, dict[str, Any]]] = {}
+        default_us: dict[str, float] = {}
+        for j, cfg in enumerate(cands):
+            if (j >= protected and time.perf_counter() > deadline) or over():  # the protected stop at the budget
                 complete = False
-                log(f"{kernel}: slice spent, {len(candidates(kernel)) - j} candidates not run")
+                log(f"{kernel}: slice spent, {len(cands) - j} candidates not run")
                 break
             try:
-                case(kernel, check_n, check_k, cfg, seed=int(time.time()) & 0xFFFF)[3]()
+                for cn, ck in CHECK_SHAPES.get(kernel, CHECK_SHAPES["*"]) if gpu else [(40, 200)]:
+                    case(kernel, cn, ck, cfg, seed=int(time.time()) & 0xFFFF)[3]()
             except Exception as e:  # noqa: BLE001  (a candidate that fails its check is reported, never timed)
                 rows.append({"kernel": kernel, "config": asdict(cfg), "error": f"{type(e).__name__}: {e}"})
                 log(f"{kernel} {cfg}: CHECK FAILED {e}")
                 continue
-            fn, nbytes, traffic, _ = case(kernel, n0, k0, cfg)
-            r = row(kernel, cfg, n0, k0, time_ms(fn, reps), nbytes, traffic,
-                    "default" if cfg == _default(kernel) else "candidate")
-            if fastest is None or r["us"] < fastest[1]["us"]:
-                fastest = (cfg, r)
-        if fastest is not None:
-            best[kernel] = fastest[0]
-            winners[kernel] = {"config": asdict(fastest[0]), "us": fastest[1]["us"],
-                               "default_us": next((r["us"] for r in rows if r.get("kernel") == kernel
-                                                   and r.get("role") == "default"), None)}
-    if backend.ON_GPU and not backend.INTERPRETED:  # the winners again after an L2 left clean (``clean_l2``)
+            role = "default" if cfg == _default(kernel) else "previous" if j < protected else "candidate"
+            for cls, (n, k) in reps_of.items():
+                r = row(kernel, cfg, n, k, *_time(kernel, cfg, n, k, reps), role)
+                if role == "default":
+                    default_us[cls] = r["us"]
+                if cls not in fastest or r["us"] < fastest[cls][1]["us"]:
+                    fastest[cls] = (cfg, r)
+        if fastest:
+            best[kernel] = {cls: cfg for cls, (cfg, _) in fastest.items()}
+            per = {cls: {"config": asdict(cfg), "us": r["us"], "default_us": default_us.get(cls),
+                         "shape": [r["n"], r["k"]]} for cls, (cfg, r) in fastest.items()}
+            first = per[classes[0]]
+            winners[kernel] = {**first, "class": classes[0], "classes": per}
+    if gpu:  # the first class's winners again after an L2 left clean (``clean_l2``)
         setup = clean_l2()
+        n0, k0 = shapes[0]
         for kernel in CLEAN_L2_KERNELS:
             if kernel in best and not over():
-                fn, nbytes, traffic, _ = case(kernel, n0, k0, best[kernel])
-                row(kernel, best[kernel], n0, k0, time_ms(fn, reps, setup), nbytes, traffic, "clean-L2")
-    for n, k in shapes[1:]:  # phase 2: the winner and the default on the other shapes
-        for kernel, cfg_best in best.items():
+                cfg = best[kernel][classes[0]]
+                row(kernel, cfg, n0, k0, *_time(kernel, cfg, n0, k0, reps, setup), "clean-L2")
+    for n, k in shapes:  # phase 2: the class's winner and the default on the shapes no class was tuned on
+        if (n, k) in reps_of.values():
+            continue
+        for kernel, per in best.items():
+            cfg_best = per[launch.shape_class(n, k)]
             for cfg, role in ((cfg_best, "best"), (_default(kernel), "default")):
                 if role == "default" and cfg == cfg_best:
                     continue
                 if over():
                     complete = False
                     break
-                fn, nbytes, traffic, _ = case(kernel, n, k, cfg)
-                row(kernel, cfg, n, k, time_ms(fn, reps), nbytes, traffic, role)
+                row(kernel, cfg, n, k, *_time(kernel, cfg, n, k, reps), role)
     from impl.common.results import RUN_ID
 
     found = launch.LaunchTable({k: C(**w["config"]) for k, w in winners.items()}, origin="tune run",
-                               selected_in_run=RUN_ID)
+                               selected_in_run=RUN_ID,
+                               classes={k: {c: C(**v["config"]) for c, v in w["classes"].items()}
+                                        for k, w in winners.items()})
     return {"rows": rows, "winners": winners, "table": found.to_data(), "complete": complete,
             "seconds": time.perf_counter() - t0, "copy_gbps": copy_gbps, "shapes": [list(s) for s in shapes],
+            "class_shapes": {c: list(s) for c, s in reps_of.items()},
             "device": backend.describe(), "resident_errors": list(dict.fromkeys(quant.RESIDENT_ERRORS))}
 
 
 def table(data: dict[str, Any]) -> str:
-    lines = [f"{'kernel':16} {'config (bm,bk,warps,stages,per_sm,evict)':40} {'shape':12} {'us':>9} {'% copy':>7} "
-             f"{'% bound':>7} role"]
+    lines = [f"{'kernel':16} {'config (bm,bk,warps,stages,per_sm,evict)':40} {'shape':12} {'class':6} {'us':>9} "
+             f"{'% copy':>7} {'% bound':>7} role"]
     for r in data["rows"]:
         c = r["config"]
         cfg = f"({c['bm']},{c['bk']},{c['warps']},{c['stages']},{c['per_sm']},{c.get('evict', 0)})"
@@ -279,10 +320,12 @@ def table(data: dict[str, Any]) -> str:
             continue
         pct = f"{r['pct_copy']:7.1f}" if "pct_copy" in r else f"{'-':>7}"
         bound = f"{r['pct_traffic_bound']:7.1f}" if "pct_traffic_bound" in r else f"{'-':>7}"
-        lines.append(f"{r['kernel']:16} {cfg:40} {r['n']}x{r['k']:<7} {r['us']:9.1f} {pct} {bound} {r['role']}")
-    lines.append("launch table (fastest checked config per kernel): " + ", ".join(
-        f"{k}: ({', '.join(str(v) for v in w['config'].values())})"
-        + (f" {w['default_us'] / w['us']:.2f}x default" if w.get("default_us") else "")
+        lines.append(f"{r['kernel']:16} {cfg:40} {r['n']}x{r['k']:<7} {r.get('class', '-'):6} {r['us']:9.1f} {pct} "
+                     f"{bound} {r['role']}")
+    lines.append("launch table (fastest checked config per kernel and shape class): " + "; ".join(
+        f"{k}: " + ", ".join(f"{c} ({', '.join(str(v) for v in e['config'].values())})"
+                             + (f" {e['default_us'] / e['us']:.2f}x default" if e.get("default_us") else "")
+                             for c, e in w.get("classes", {w.get("class", "-"): w}).items())
         for k, w in data["winners"].items()))
     return "\n".join(lines)
 
