@@ -40,8 +40,8 @@ def flush_l2() -> None:
     """Evict the L2 by reading a buffer of twice its size, which leaves it full of clean lines (a persisting carve-out
     survives this; see l2cache). Writing the buffer instead (``zero_``, as triton's ``do_bench`` does) leaves the L2
     full of dirty lines that the next, timed call writes back to DRAM as it evicts them: on the H200 that write-back
-    charged a 14336x4096 FP8 amax 6.8 of its 39.2 µs and a dequantize 2.4 of 47.5 µs (``impl.fp8.tune``'s clean-L2
-    rows), traffic that is the flush's, not the kernel's. Lines the previous call left dirty are written back here,
+    charged a 14336x4096 FP8 amax 6.8 of its 39.2 µs and a dequantize 2.4 of 47.5 µs (the FP8 tune of fe3a9dd timed
+    both flushes: results/h200/logs/fp8_tune_2026-12-03z.log), traffic that is the flush's, not the kernel's. Lines the previous call left dirty are written back here,
     outside the timed region."""
     global _FLUSH_BUFFER, _FLUSH_SINK
     if not backend.ON_GPU:

@@ -9,10 +9,8 @@ candidate ``quant.LaunchConfig``:
      must equal ``reference`` bit for bit (dequantize: the float32 product, exactly);
   2. time: ``impl.common.timing.time_fn`` (device events, queued, L2 flushed before each call, median) on the
      first shape of each shape class (``launch.shape_class``: "large" 14336x4096, "small" 4096x4096, "wide"
-     4096x14336 of a Llama-3-8B layer), each kernel within an equal slice of 80% of the budget; then the first
-     class's winners of ``CLEAN_L2_KERNELS`` once more with the L2 evicted by a read instead (``clean_l2``: how
-     much of the time is the write-back of the flush's dirty lines); then each class's winner and the default on
-     the other shapes.
+     4096x14336 of a Llama-3-8B layer), each kernel within an equal slice of 80% of the budget; then each class's
+     winner and the default on the other shapes.
 The candidates of a kernel, in this order: the active table's entries for the classes (the previous run's winners)
 and the built-in default (``launch.GPU_CONFIGS``), always timed; then ``CANDIDATES`` while the kernel's slice lasts.
 The fastest checked one per kernel and class forms the new ``launch.LaunchTable`` (the first shape's class also as
@@ -165,27 +163,11 @@ def case(kernel: str, n: int, k: int, cfg: C, seed: int = 0) -> tuple[Callable[[
     return fn, nbytes, traffic, check
 
 
-def time_ms(fn: Callable[[], Any], reps: int, setup: Callable[[], Any] | None = None) -> float:
-    """Median ms of ``fn``, the L2 flushed before each call (``setup``, if given, evicts it instead)."""
+def time_ms(fn: Callable[[], Any], reps: int) -> float:
+    """Median ms of ``fn``, the L2 flushed before each call."""
     from impl.common.timing import time_fn
 
-    return time_fn(fn, warmup=2, reps=reps, flush=setup is None, setup=setup, queue_ahead=backend.ON_GPU).median_ms
-
-
-CLEAN_L2_KERNELS = ("amax", "dequant-tensor", "requant-channel", "requant-delayed", "requant-tensor", "requant-block")
-
-
-def clean_l2() -> Callable[[], None]:
-    """A setup that evicts the L2 by reading a buffer of twice its size, so the timed call starts with a clean L2:
-    ``timing.flush_l2`` writes its buffer, which leaves the L2 full of dirty lines that the timed call writes back
-    as it evicts them (about an L2 of extra DRAM writes inside its time, unless its own traffic recycles its own
-    lines: ``LaunchConfig.evict``). The tune times each winner both ways (rows "clean-L2"): the difference is that
-    write-back."""
-    from impl.common.timing import l2_bytes
-
-    buf = torch.ones(max(2 * l2_bytes(), 1 << 20) // 4, dtype=torch.float32, device=backend.DEVICE)
-    out = torch.empty((), dtype=torch.float32, device=backend.DEVICE)
-    return lambda: torch.sum(buf, dim=0, out=out)
+    return time_fn(fn, warmup=2, reps=reps, queue_ahead=backend.ON_GPU).median_ms
 
 
 def _default(kernel: str) -> C:
@@ -214,18 +196,17 @@ def candidates(kernel: str, classes: list[str] | None = None) -> tuple[list[C], 
     return protected + rest, len(protected)
 
 
-def _time(kernel: str, cfg: C, n: int, k: int, reps: int, setup: Callable[[], Any] | None = None
-          ) -> tuple[float, int, int]:
+def _time(kernel: str, cfg: C, n: int, k: int, reps: int) -> tuple[float, int, int]:
     """(median ms, compulsory bytes, traffic bytes) of ``kernel`` with ``cfg`` on a fresh [n, k] input."""
     fn, nbytes, traffic, _ = case(kernel, n, k, cfg)
-    return time_ms(fn, reps, setup), nbytes, traffic
+    return time_ms(fn, reps), nbytes, traffic
 
 
 def sweep(shapes: list[tuple[int, int]], budget_s: float, kernels: list[str], copy_gbps: float | None, *,
           reps: int, log: Callable[..., Any] = print) -> dict[str, Any]:
     """Phase 1 (80% of the budget, an equal slice a kernel; time a kernel leaves is the next one's): each candidate
-    checked, then timed on the shape of every class (``class_shapes``); the fastest per class wins. Then the
-    clean-L2 rows, then the class winners and the default on the other shapes."""
+    checked, then timed on the shape of every class (``class_shapes``); the fastest per class wins. Then the class
+    winners and the default on the other shapes."""
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     winners: dict[str, dict[str, Any]] = {}
@@ -278,13 +259,6 @@ def sweep(shapes: list[tuple[int, int]], budget_s: float, kernels: list[str], co
                          "shape": [r["n"], r["k"]]} for cls, (cfg, r) in fastest.items()}
             first = per[classes[0]]
             winners[kernel] = {**first, "class": classes[0], "classes": per}
-    if gpu:  # the first class's winners again after an L2 left clean (``clean_l2``)
-        setup = clean_l2()
-        n0, k0 = shapes[0]
-        for kernel in CLEAN_L2_KERNELS:
-            if kernel in best and not over():
-                cfg = best[kernel][classes[0]]
-                row(kernel, cfg, n0, k0, *_time(kernel, cfg, n0, k0, reps, setup), "clean-L2")
     for n, k in shapes:  # phase 2: the class's winner and the default on the shapes no class was tuned on
         if (n, k) in reps_of.values():
             continue
