@@ -7,7 +7,7 @@ fragmented caches whose unused rows are NaN, with bf16/fp32 or FP8 KV.
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fixtures.oracle import assert_close, check_kernel
@@ -124,6 +124,78 @@ def test_triton_decode_writes_zeros_for_empty_rows():
     assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu()))
     ref = paged_attention_reference(q[:1], cache.k[0], cache.v[0], step_metadata(cache, [5], [1], DEVICE), scale=0.25)
     assert_close(out[:1].double(), ref, check_dtype=False, **TOL[torch.float32])
+
+
+@pytest.fixture
+def poisoned_partials(monkeypatch):
+    """Split-decode partials start as NaN, so a chunk program that skips its write shows up in the output."""
+    from impl.serve import triton_attention
+
+    real = triton_attention.split_partials
+    monkeypatch.setattr(triton_attention, "split_partials",
+                        lambda *a: tuple(t.fill_(float("nan")) for t in real(*a)))
+
+
+@settings(EXAMPLES, suppress_health_check=[HealthCheck.function_scoped_fixture])  # the patch holds for every example
+@given(case=attention_cases(decode=True), splits=st.sampled_from([2, 3, 8]), block_n=st.sampled_from([16, 32]),
+       empty=st.data())
+def test_triton_split_decode_matches_the_reference(poisoned_partials, case, splits, block_n, empty):
+    """Forced key chunks (flash-decoding) with small key blocks: many chunks are empty or shorter than a block
+    (sequences of 1-80 tokens cut into up to 8 chunks of whole 16/32-position blocks), some rows have length 0
+    (CUDA-graph padding: zeros); the combine must reproduce the one-pass softmax to float32 accuracy."""
+    cache, meta, q = build(case, torch.float32)
+    lengths = [n if not empty.draw(st.booleans(), label="empty row") else 0 for n in case["lengths"]]
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    ref = paged_attention_reference(q, cache.k[0], cache.v[0], step_metadata(cache, case["lengths"],
+                                    case["q_lens"], DEVICE), scale=case["head_dim"] ** -0.5)
+    ref[[b for b, n in enumerate(lengths) if n == 0]] = 0.0
+    run = lambda out: paged_decode(q, cache.k[0], cache.v[0], meta.block_tables, seq_lens,  # noqa: E731
+                                   scale=case["head_dim"] ** -0.5, out=out, splits=splits, block_n=block_n)
+    check_kernel(run, torch.empty_like(q), ref.float().numpy(), **TOL[torch.float32])
+
+
+def test_triton_split_decode_combines_chunks_with_different_maxima(poisoned_partials):
+    """Chunks whose running maxima differ widely (keys scaled up along the sequence): a combine that does not rescale
+    each chunk by 2^(m_s - M) before summing (or sums l without the weights) is far off.
+    Also: the default rule splits a long, lone sequence and writes zeros for a padded row."""
+    from impl.serve.triton_attention import decode_splits, sm_count
+
+    case = dict(kv_heads=1, heads=2, head_dim=16, page_size=16, lengths=[300, 300], q_lens=[1, 1], fp8_kv=False,
+                seed=11)
+    cache, meta, q = build(case, torch.float32)
+    for pages in meta.block_tables_host:  # K grows along each sequence: the chunks' maxima differ by tens (base 2)
+        for i, page in enumerate(pages):
+            cache.k[0][page] *= (1 + (16 * i + torch.arange(16, device=DEVICE)) / 100)[:, None, None]
+    scale = 1.0
+    ref = paged_attention_reference(q, cache.k[0], cache.v[0], meta, scale=scale)
+    splits = decode_splits(2, 1, meta.block_tables.shape[1] * 16, sm_count(q.device))
+    assert splits == 2  # 2 programs leave the SMs idle; 304 positions allow two 128-position chunks
+    for forced in (None, 5):
+        out = paged_decode(q, cache.k[0], cache.v[0], meta.block_tables, meta.seq_lens, scale=scale, splits=forced)
+        assert_close(out.double(), ref, check_dtype=False, **TOL[torch.float32])
+    seq_lens = torch.tensor([300, 0], dtype=torch.int32, device=DEVICE)
+    out = paged_decode(q, cache.k[0], cache.v[0], meta.block_tables, seq_lens, scale=scale, splits=4)
+    assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu()))
+    assert_close(out[:1].double(), ref[:1], check_dtype=False, **TOL[torch.float32])
+
+
+def test_decode_split_rule_depends_on_shapes_only():
+    """The split count comes from batch, KV heads, the block table's reach and the SM count: one value per CUDA-graph
+    bucket; 1 once (sequences x KV heads) fill the SMs (32 x 8 on 132 SMs keeps the one-pass kernel)."""
+    from impl.serve.triton_attention import SplitRule, decode_splits
+
+    assert decode_splits(1, 8, 4096, 132) == 32       # 1 x 4096: 256 programs of 128 positions
+    assert decode_splits(4, 8, 4096, 132) == 9        # ceil(264 / 32)
+    assert decode_splits(32, 8, 1024, 132) == 1       # 256 programs already
+    assert decode_splits(128, 8, 1024, 132) == 1
+    assert decode_splits(1, 8, 128, 132) == 1         # one chunk's worth of positions
+    assert decode_splits(1, 8, 300, 132) == 2
+    assert decode_splits(1, 1, 1 << 20, 132) == 64    # capped
+    assert decode_splits(1, 8, 4096, 132, SplitRule(waves=1, min_chunk=512)) == 8
+    with pytest.raises(ValueError, match="splits"):
+        case = dict(kv_heads=1, heads=1, head_dim=8, page_size=4, lengths=[5], q_lens=[1], fp8_kv=False, seed=0)
+        cache, meta, q = build(case, torch.float32)
+        paged_decode(q, cache.k[0], cache.v[0], meta.block_tables, meta.seq_lens, scale=1.0, splits=0)
 
 
 def test_triton_wrappers_reject_bad_input():

@@ -7,10 +7,19 @@ int32; ``seq_lens`` [B] int32 = K/V length after this step; prefill also takes `
 query rows are q_start[b]:q_start[b+1] and sit at the *last* positions of its K/V, so a prefill chunk may follow
 cached tokens). G = H / KVH query heads share one K/V head.
 
-Decode runs one program per (sequence, KV head) and handles the G query heads of that group together, so each K/V page
-is read once per group; the key loop walks ``BLOCK_N`` token positions at a time, looking each one's page up in the
-block table, so any page size works (including pages smaller than the block). Softmax is the online (flash) form in
-float32. A row with ``seq_len`` 0 (a padded CUDA-graph row) writes zeros. FP8 pages are scaled back by k/v scales.
+Decode runs one program per (sequence, KV head, key chunk) and handles the G query heads of that group together, so
+each K/V page is read once per group; the key loop walks ``BLOCK_N`` token positions at a time, looking each one's page
+up in the block table, so any page size works (including pages smaller than the block). Softmax is the online (flash)
+form in float32. A row with ``seq_len`` 0 (a padded CUDA-graph row) writes zeros. FP8 pages are scaled back by k/v
+scales.
+
+Split-KV (flash-decoding): with S > 1 chunks, sequence b's keys are cut into S chunks of
+``c = ⌈⌈seq_len / S⌉ / BLOCK_N⌉ · BLOCK_N`` positions (the last ones may be short or empty); each program writes its
+chunk's base-2 running max m_s, sum l_s = Σ 2^(s_j - m_s) and unnormalised acc_s = Σ 2^(s_j - m_s) V_j in float32, and
+``paged_decode_combine_kernel`` merges them: M = max_s m_s, w_s = 2^(m_s - M) (0 for empty chunks),
+out = Σ w_s acc_s / Σ w_s l_s (zeros when every chunk is empty). S comes from the batch, the KV heads, the longest
+sequence the block table can hold (its width x page size: fixed per CUDA-graph bucket) and the SM count
+(``decode_splits``), never from ``seq_lens``, so a captured graph stays valid whatever the lengths are at replay.
 """
 from __future__ import annotations
 
@@ -48,12 +57,14 @@ _RUNTIME_INTS = ["group", "page_size"]
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]; caches [P, PS, KVH, D]
                         bt_ptr, seq_lens_ptr,                    # block tables [B, W], K/V lengths [B]
+                        m_ptr, l_ptr, acc_ptr,                   # SPLIT: partials [B, H, S], [B, H, S], [B, H, S, D]
                         stride_qt, stride_qh, stride_ot, stride_oh,
                         stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt,
                         qk_scale_log2, k_scale, v_scale,         # scale·log2(e) (softmax in base 2), FP8 scales
                         group, page_size,                        # query heads per KV head, tokens per page
                         HEAD_DIM: tl.constexpr,
                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                        SPLIT: tl.constexpr,                     # write partials for the combine kernel
                         DOT_PRECISION: tl.constexpr, TRIGGER: tl.constexpr):
     if TRIGGER:  # the next kernel (o_proj, PDL) may launch and stream its weights now (fused.early_trigger)
         tl.extra.cuda.gdc_launch_dependents()
@@ -69,9 +80,16 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     bt_row = bt_ptr + b * stride_bt
-    for start in range(0, seq_len, BLOCK_N):
+    lo, hi = 0, seq_len
+    if SPLIT:  # this program's chunk of whole key blocks; past the end of a short sequence it is empty
+        chunk = tl.program_id(2)
+        splits = tl.num_programs(2)
+        chunk_len = tl.cdiv(tl.cdiv(seq_len, splits), BLOCK_N) * BLOCK_N
+        lo = chunk * chunk_len
+        hi = tl.minimum(lo + chunk_len, seq_len)
+    for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
-        n_mask = pos < seq_len
+        n_mask = pos < hi
         k = _load_kv_block(k_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
                            k_scale, q, page_size)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
@@ -84,9 +102,40 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
                            v_scale, q, page_size)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding): zeros, not 0/0
-    tl.store(out_ptr + b * stride_ot + heads[:, None] * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=g_mask[:, None] & d_mask[None, :])
+    if SPLIT:
+        splits = tl.num_programs(2)
+        row = (b * tl.num_programs(1) * group + heads) * splits + tl.program_id(2)  # [BLOCK_G] rows of [B*H, S]
+        tl.store(m_ptr + row, m_i, mask=g_mask)
+        tl.store(l_ptr + row, l_i, mask=g_mask)
+        tl.store(acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding): zeros, not 0/0
+        tl.store(out_ptr + b * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def paged_decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr,  # partials [B*H, S], [B*H, S], [B*H, S, D]; out [B, H, D]
+                                heads, splits, stride_ot, stride_oh,
+                                HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                                TRIGGER: tl.constexpr):
+    """out[b, h] = Σ_s 2^(m_s - M) acc_s / Σ_s 2^(m_s - M) l_s, M = max_s m_s; empty chunks (m_s = -inf) weigh 0 and
+    a row whose chunks are all empty is zeros. One program per (sequence, query head)."""
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
+    row = tl.program_id(0) * heads + tl.program_id(1)
+    offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+    s_mask, d_mask = offs_s < splits, offs_d < HEAD_DIM
+    m = tl.load(m_ptr + row * splits + offs_s, mask=s_mask, other=float("-inf"))
+    l = tl.load(l_ptr + row * splits + offs_s, mask=s_mask, other=0.0)
+    acc = tl.load(acc_ptr + (row * splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0))  # empty chunks: 2^-inf = 0, never -inf - -inf
+    total = tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + tl.program_id(0) * stride_ot + tl.program_id(1) * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit
@@ -185,10 +234,55 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs stay fp32 (no TF32 rounding) for exactness
 
 
+@dataclass(frozen=True)
+class SplitRule:
+    """How many key chunks a decode launch gets: enough programs for ``waves`` per SM when (sequences x KV heads)
+    leave SMs idle, each chunk at least ``min_chunk`` positions of the longest sequence the block table holds, at
+    most ``max_splits``; 1 (no combine kernel) once sequences x KV heads fill the SMs."""
+
+    waves: int = 2
+    min_chunk: int = 128
+    max_splits: int = 64
+
+
+SPLIT_RULE = SplitRule()
+
+
+def decode_splits(batch: int, kv_heads: int, max_len: int, sm_count: int, rule: SplitRule = SPLIT_RULE) -> int:
+    """Key chunks per (sequence, KV head) for a decode launch; ``max_len`` = block-table width x page size (fixed
+    per CUDA-graph bucket, so the grid is the same at capture and replay)."""
+    programs = batch * kv_heads
+    if programs >= sm_count or max_len <= rule.min_chunk:
+        return 1
+    want = -(-rule.waves * sm_count // programs)
+    return max(1, min(want, max_len // rule.min_chunk, rule.max_splits))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of ``device`` (132 off a GPU, so the interpreter follows the same rule as an H100/H200)."""
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def split_partials(rows: int, splits: int, dim: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Float32 m, l [rows * splits] and acc [rows * splits * dim] for a split decode; every element is written by
+    the split kernel. Allocated per call: inside graph capture they come from the graph's pool (fixed addresses)."""
+    m = torch.empty(rows * splits, dtype=torch.float32, device=device)
+    return m, torch.empty_like(m), torch.empty(rows * splits * dim, dtype=torch.float32, device=device)
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, *, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
-                 out: torch.Tensor | None = None, block_n: int = 64) -> torch.Tensor:
-    """Decode attention: q [B, H, D] (one new token per sequence, already written to the cache) → [B, H, D]."""
+                 out: torch.Tensor | None = None, block_n: int = 64, splits: int | None = None) -> torch.Tensor:
+    """Decode attention: q [B, H, D] (one new token per sequence, already written to the cache) → [B, H, D].
+    ``splits``: key chunks per (sequence, KV head); None = ``decode_splits`` (from shapes only, graph-safe)."""
     group, dim = _check(q, k_cache, v_cache, block_tables, seq_lens)
     batch, heads = q.shape[0], q.shape[1]
     if seq_lens.shape != (batch,) or block_tables.shape[0] != batch:
@@ -197,16 +291,28 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     out = torch.empty_like(q) if out is None else out
     if batch == 0:
         return out
-    grid = (batch, heads // group)
-    paged_decode_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, seq_lens,
+    kv_heads = heads // group
+    if splits is None:
+        splits = decode_splits(batch, kv_heads, block_tables.shape[1] * k_cache.shape[1], sm_count(q.device))
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    m, l, acc = split_partials(batch * heads, splits, dim, q.device) if splits > 1 else (out, out, out)  # unused
+    trigger = early_trigger(q)
+    block_d = max(16, triton.next_power_of_2(dim))
+    paged_decode_kernel[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, out, block_tables, seq_lens, m, l, acc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0),
         scale * LOG2E, k_scale, v_scale, group, k_cache.shape[1],
         HEAD_DIM=dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        TRIGGER=early_trigger(q), num_warps=4)
+        BLOCK_D=block_d, BLOCK_N=block_n, SPLIT=splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
+        TRIGGER=trigger and splits == 1, num_warps=4)
+    if splits > 1:
+        paged_decode_combine_kernel[(batch, heads)](
+            m, l, acc, out, heads, splits, out.stride(0), out.stride(1),
+            HEAD_DIM=dim, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, TRIGGER=trigger,
+            num_warps=4)
     return out
 
 
