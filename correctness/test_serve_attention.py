@@ -198,6 +198,19 @@ def test_decode_split_rule_depends_on_shapes_only():
         paged_decode(q, cache.k[0], cache.v[0], meta.block_tables, meta.seq_lens, scale=1.0, splits=0)
 
 
+def test_forced_split_candidate_of_the_gpu_check_decodes_and_prefills():
+    """flashinfer_check's split-KV timing candidate: forced chunks for decode, the default Triton path for prefill."""
+    from impl.serve.flashinfer_check import ForcedSplitDecode
+
+    for q_lens in ([1, 1], [4, 9]):
+        case = dict(kv_heads=2, heads=4, head_dim=16, page_size=4, lengths=[21, 9], q_lens=q_lens, fp8_kv=False,
+                    seed=2)
+        cache, meta, q = build(case, torch.float32)
+        got = ForcedSplitDecode(3, 16).attend(q, cache.k[0], cache.v[0], meta, scale=0.25)
+        ref = paged_attention_reference(q, cache.k[0], cache.v[0], meta, scale=0.25)
+        assert_close(got.double(), ref, check_dtype=False, **TOL[torch.float32])
+
+
 def test_triton_wrappers_reject_bad_input():
     case = dict(kv_heads=2, heads=4, head_dim=16, page_size=4, lengths=[5], q_lens=[1], fp8_kv=False, seed=0)
     cache, meta, q = build(case, torch.float32)
