@@ -8,10 +8,10 @@ query rows are q_start[b]:q_start[b+1] and sit at the *last* positions of its K/
 cached tokens). G = H / KVH query heads share one K/V head.
 
 Decode runs one program per (sequence, KV head) (several with split-KV, below) and handles the G query heads of that
-group together, so each K/V page is read once per group; the key loop walks ``BLOCK_N`` token positions at a time, looking each one's page
-up in the block table, so any page size works (including pages smaller than the block). Softmax is the online (flash)
-form in float32. A row with ``seq_len`` 0 (a padded CUDA-graph row) writes zeros. FP8 pages are scaled back by k/v
-scales.
+group together, so each K/V page is read once per group; the key loop walks ``BLOCK_N`` token positions at a time,
+looking each one's page up in the block table, so any page size works (including pages smaller than the block).
+Softmax is the online (flash) form in float32. A row with ``seq_len`` 0 (a padded CUDA-graph row) writes zeros. FP8
+pages are scaled back by k/v scales.
 
 Split-KV (flash-decoding), for sequences longer than one chunk: a sequence of n keys is cut into chunks of
 ``L = max(min_chunk, ⌈n / MAX_CHUNKS⌉ rounded up to whole key blocks)`` positions (L depends on n alone); for each
@@ -136,7 +136,7 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
 
 
 @triton.jit
-def paged_decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr,  # partials [B*H, C], [B*H, C], [B*H, C, D]; out [B, H, D]
+def paged_decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr,  # partials [B*H, C], [B*H, C], [B*H, C, D]; [B, H, D]
                                 heads, chunks, stride_ot, stride_oh,
                                 HEAD_DIM: tl.constexpr, MAX_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr,
                                 TRIGGER: tl.constexpr):
