@@ -10,8 +10,9 @@
 3. timing: the device time of one layer's attention (queued, L2 flushed, median), flashinfer's ``plan`` outside the
    timed call (serving plans once per step for all layers; ``plan_us`` records its host time), at decode B x context
    1 x 4096, 32 x 1024, 128 x 1024 and prefill 4 x 1024, 1 x 4096 (the bench's cases);
-   plus, for the record, the Triton decode with forced split-KV chunk counts and key blocks
-   (``DECODE_SPLIT_CANDIDATES``) beside the default rule (``triton_attention.decode_splits``, recorded per case);
+   plus, for the record, the Triton decode with other split-KV chunk lengths and key blocks
+   (``DECODE_SPLIT_CANDIDATES``, each checked first) beside the default ``SplitRule`` (its chunk slots and programs
+   per head recorded per case);
 4. choice: ``attention.choose_phases`` on the decode 32 x 1024 and prefill 4 x 1024 times, as ``auto`` decides at
    engine start (decode stays graph-safe).
 
