@@ -7,7 +7,7 @@ fragmented caches whose unused rows are NaN, with bf16/fp32 or FP8 KV.
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fixtures.oracle import assert_close, check_kernel
@@ -124,6 +124,114 @@ def test_triton_decode_writes_zeros_for_empty_rows():
     assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu()))
     ref = paged_attention_reference(q[:1], cache.k[0], cache.v[0], step_metadata(cache, [5], [1], DEVICE), scale=0.25)
     assert_close(out[:1].double(), ref, check_dtype=False, **TOL[torch.float32])
+
+
+@pytest.fixture
+def poisoned_partials(monkeypatch):
+    """Split-decode partials start as NaN, so a chunk program that skips its write shows up in the output."""
+    from impl.serve import triton_attention
+
+    real = triton_attention.split_partials
+    monkeypatch.setattr(triton_attention, "split_partials",
+                        lambda *a: tuple(t.fill_(float("nan")) for t in real(*a)))
+
+
+@settings(EXAMPLES, suppress_health_check=[HealthCheck.function_scoped_fixture])  # the patch holds for every example
+@given(case=attention_cases(decode=True), splits=st.sampled_from([None, 1, 2, 3, 8]),
+       block_n=st.sampled_from([16, 32]), chunk_blocks=st.sampled_from([1, 2]), data=st.data())
+def test_triton_split_decode_matches_the_reference(poisoned_partials, case, splits, block_n, chunk_blocks, data):
+    """Split-KV with chunks of one or two small key blocks (sequences of 1-80 tokens: up to 5 chunks, many slots
+    empty, sequences shorter than one chunk), 1-8 programs per (sequence, KV head), some rows of length 0 (CUDA-graph
+    padding: zeros); the combine must reproduce the one-pass softmax to float32 accuracy."""
+    from impl.serve.triton_attention import SplitRule
+
+    cache, meta, q = build(case, torch.float32)
+    lengths = [0 if data.draw(st.booleans(), label="empty row") else n for n in case["lengths"]]
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    scale = case["head_dim"] ** -0.5
+    ref = paged_attention_reference(q, cache.k[0], cache.v[0], meta, scale=scale)
+    ref[[b for b, n in enumerate(lengths) if n == 0]] = 0.0
+    rule = SplitRule(min_chunk=block_n * chunk_blocks)
+    run = lambda out: paged_decode(q, cache.k[0], cache.v[0], meta.block_tables, seq_lens,  # noqa: E731
+                                   scale=scale, out=out, splits=splits, block_n=block_n, rule=rule)
+    check_kernel(run, torch.empty_like(q), ref.float().numpy(), **TOL[torch.float32])
+
+
+def test_triton_split_decode_combines_chunks_with_different_maxima(poisoned_partials):
+    """Chunks whose running maxima differ widely (keys scaled up along the sequence): a combine that does not rescale
+    each chunk by 2^(m_c - M) before summing (or sums l without the weights) is far off. The second sequence (1100
+    keys) has more than MAX_CHUNKS chunks' worth of min_chunk, so its chunks grow to whole blocks of 32."""
+    from impl.serve.triton_attention import SplitRule
+
+    case = dict(kv_heads=1, heads=2, head_dim=8, page_size=16, lengths=[300, 1100], q_lens=[1, 1], fp8_kv=False,
+                seed=11)
+    cache, meta, q = build(case, torch.float32)
+    for pages in meta.block_tables_host:  # K grows along each sequence: the chunks' maxima differ by tens (base 2)
+        for i, page in enumerate(pages):
+            cache.k[0][page] *= (1 + (16 * i + torch.arange(16, device=DEVICE)) / 100)[:, None, None]
+    ref = paged_attention_reference(q, cache.k[0], cache.v[0], meta, scale=1.0)
+    out = paged_decode(q, cache.k[0], cache.v[0], meta.block_tables, meta.seq_lens, scale=1.0, block_n=16,
+                       rule=SplitRule(min_chunk=16))
+    assert_close(out.double(), ref, check_dtype=False, **TOL[torch.float32])
+
+
+def test_triton_split_decode_output_bits_do_not_depend_on_batch_grid_or_table_width():
+    """A sequence decoded alone (narrow block table, one program per head) and inside a batch (wider table, padded
+    row, more programs per head) gives the same bits: the chunks depend on its own length only, the combine always
+    reduces over MAX_CHUNKS slots. Batch-invariant serving and graph == eager rely on it."""
+    from impl.serve.triton_attention import SplitRule
+
+    rule = SplitRule(min_chunk=16)
+    case = dict(kv_heads=2, heads=4, head_dim=16, page_size=4, lengths=[45, 80, 3], q_lens=[1, 1, 1], fp8_kv=False,
+                seed=4)
+    cache, meta, q = build(case, torch.float32)
+    together = {z: paged_decode(q, cache.k[0], cache.v[0], meta.block_tables, meta.seq_lens, scale=0.3, block_n=16,
+                                rule=rule, splits=z).cpu() for z in (None, 1, 2, 5)}
+    for b, n in enumerate(case["lengths"]):
+        table = meta.block_tables[b:b + 1, :-(-n // 4)]  # just the pages it uses: fewer partial slots
+        for z in (None, 1, 3):
+            alone = paged_decode(q[b:b + 1], cache.k[0], cache.v[0], table.contiguous(), meta.seq_lens[b:b + 1],
+                                 scale=0.3, block_n=16, rule=rule, splits=z).cpu()
+            for got in together.values():
+                assert torch.equal(alone[0], got[b]), f"row {b} differs (alone, splits {z})"
+
+
+def test_decode_split_rule_depends_on_shapes_only():
+    """Slots from the block table's reach, programs from batch x KV heads against the SM count: one value per
+    CUDA-graph bucket; 1 program once (sequences x KV heads) fill the SMs (32 x 8 on 132 SMs)."""
+    from impl.serve.triton_attention import MAX_CHUNKS, SplitRule, decode_chunks, decode_splits
+
+    assert decode_chunks(4096) == 16 and decode_chunks(256) == 1 and decode_chunks(257) == 2
+    assert decode_chunks(1 << 20) == MAX_CHUNKS
+    assert decode_splits(1, 8, 4096, 132) == 16       # 1 x 4096: 128 programs of 256 positions
+    assert decode_splits(4, 8, 4096, 132) == 9        # ceil(264 / 32)
+    assert decode_splits(32, 8, 1024, 132) == 1       # 256 programs already
+    assert decode_splits(128, 8, 1024, 132) == 1
+    assert decode_splits(1, 8, 176, 132) == 1         # the experiment's context: one chunk
+    assert decode_splits(1, 1, 1 << 20, 132) == MAX_CHUNKS
+    assert decode_splits(1, 8, 4096, 132, SplitRule(waves=1, min_chunk=512)) == 8
+    with pytest.raises(ValueError, match="power of two"):
+        SplitRule(min_chunk=48)
+    case = dict(kv_heads=1, heads=1, head_dim=8, page_size=4, lengths=[5], q_lens=[1], fp8_kv=False, seed=0)
+    cache, meta, q = build(case, torch.float32)
+    with pytest.raises(ValueError, match="splits"):
+        paged_decode(q, cache.k[0], cache.v[0], meta.block_tables, meta.seq_lens, scale=1.0, splits=0)
+    with pytest.raises(ValueError, match="multiple of block_n"):
+        paged_decode(q, cache.k[0], cache.v[0], meta.block_tables, meta.seq_lens, scale=1.0, block_n=32,
+                     rule=SplitRule(min_chunk=16))
+
+
+def test_forced_split_candidate_of_the_gpu_check_decodes_and_prefills():
+    """flashinfer_check's split-KV timing candidate: other chunks for decode, the default Triton path for prefill."""
+    from impl.serve.flashinfer_check import ForcedSplitDecode
+
+    for q_lens in ([1, 1], [4, 9]):
+        case = dict(kv_heads=2, heads=4, head_dim=16, page_size=4, lengths=[21, 9], q_lens=q_lens, fp8_kv=False,
+                    seed=2)
+        cache, meta, q = build(case, torch.float32)
+        got = ForcedSplitDecode(16, 16).attend(q, cache.k[0], cache.v[0], meta, scale=0.25)
+        ref = paged_attention_reference(q, cache.k[0], cache.v[0], meta, scale=0.25)
+        assert_close(got.double(), ref, check_dtype=False, **TOL[torch.float32])
 
 
 def test_triton_wrappers_reject_bad_input():

@@ -4,9 +4,11 @@ A decode step of a 32-layer model is ~500 small kernel launches; eagerly that co
 much as the weights take to stream at batch 1. A graph replays the whole step in one launch. Graphs need fixed
 shapes and addresses, so every input lives in a static buffer sized for the largest bucket: a batch of B sequences
 runs the graph of the smallest bucket ≥ B, the extra rows padded with token 0 at position 0, written to slot 0 of
-the null page 0, with K/V length 0 (the Triton decode kernel writes zeros for them). Block tables are copied only up
-to the widest live table: columns past a row's length are never read. Graphs are captured lazily, on first use of a
-bucket, after two warm-up runs on a side stream (which also compile the Triton kernels).
+the null page 0, with K/V length 0 (the Triton decode kernel writes zeros for them). The decode kernel's split-KV
+grid follows from the bucket's batch and the block table's fixed width (``max_seq_len``), never from the lengths, so
+one captured grid serves every replay. Block tables are copied only up to the widest live table: columns past a
+row's length are never read. Graphs are captured lazily, on first use of a bucket, after two warm-up runs on a side
+stream (which also compile the Triton kernels).
 """
 from __future__ import annotations
 

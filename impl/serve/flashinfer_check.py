@@ -10,6 +10,9 @@
 3. timing: the device time of one layer's attention (queued, L2 flushed, median), flashinfer's ``plan`` outside the
    timed call (serving plans once per step for all layers; ``plan_us`` records its host time), at decode B x context
    1 x 4096, 32 x 1024, 128 x 1024 and prefill 4 x 1024, 1 x 4096 (the bench's cases);
+   plus, for the record, the Triton decode with other split-KV chunk lengths and key blocks
+   (``DECODE_SPLIT_CANDIDATES``, each checked first) beside the default ``SplitRule`` (its chunk slots and programs
+   per head recorded per case);
 4. choice: ``attention.choose_phases`` on the decode 32 x 1024 and prefill 4 x 1024 times, as ``auto`` decides at
    engine start (decode stays graph-safe).
 
@@ -39,11 +42,37 @@ HEADS, KV_HEADS, HEAD_DIM = LLAMA3_8B.n_heads, LLAMA3_8B.n_kv_heads, LLAMA3_8B.h
 DECODE = [(1, 4096), (32, 1024), (128, 1024)]
 PREFILL = [(4, 1024), (1, 4096)]
 REFERENCE_CASES = {"decode": "32x1024", "prefill": "4x1024"}  # the cases choose_phases judges (B x length)
+# (B, context, min_chunk, block_n): split-KV decodes with other chunk lengths, timed beside the default rule
+# (min_chunk 256, block_n 64); a min_chunk of at least the context runs the one-pass kernel
+DECODE_SPLIT_CANDIDATES = [(1, 4096, 128, 64), (1, 4096, 64, 64), (1, 4096, 128, 32), (1, 4096, 512, 64),
+                           (32, 1024, 1024, 64), (32, 1024, 128, 64), (128, 1024, 1024, 64)]
 PREFILL_TILE_CANDIDATES = [PrefillTiles(64, 64, 4, 1), PrefillTiles(128, 64, 8, 2), PrefillTiles(128, 64, 8, 3),
                            PrefillTiles(128, 32, 4, 2)]
 
 
 log = logger("serve.flashinfer_check")
+
+
+class ForcedSplitDecode:
+    """The Triton decode with another split-KV chunk length and key block (a timing candidate; prefill: the default
+    Triton kernel)."""
+
+    name = "triton-split"
+
+    def __init__(self, min_chunk: int, block_n: int) -> None:
+        from impl.serve.triton_attention import SplitRule
+
+        self.rule, self.block_n = SplitRule(min_chunk=min_chunk), block_n
+
+    def attend(self, q, k_cache, v_cache, meta, *, scale, k_scale=1.0, v_scale=1.0):
+        from impl.serve.attention import TritonPagedAttention
+        from impl.serve.triton_attention import paged_decode
+
+        if not meta.is_decode:
+            return TritonPagedAttention().attend(q, k_cache, v_cache, meta, scale=scale, k_scale=k_scale,
+                                                 v_scale=v_scale)
+        return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale, k_scale=k_scale,
+                            v_scale=v_scale, block_n=self.block_n, rule=self.rule)
 
 
 def flashinfer_status(site_dir: str | None) -> dict[str, Any]:
@@ -165,6 +194,27 @@ def run(site_dir: str | None, budget_s: float, reps: int) -> dict[str, Any]:
                     timings[key]["prefill"][f"{b}x{n}"] = time_case(TritonPagedAttention(tiles), b, n, n, dtype, reps)
                 except Exception as e:  # a candidate that does not fit (shared memory) is recorded, not fatal
                     timings[key]["prefill"][f"{b}x{n}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    if "triton" in backends:  # the default rule's chunks and programs per decode case, other chunk lengths beside
+        from impl.serve.triton_attention import decode_chunks, decode_splits, sm_count
+
+        for b, n in DECODE:
+            r = timings["triton"]["decode"].get(f"{b}x{n}", {})
+            r["chunks"] = decode_chunks(-(-n // 16) * 16)
+            r["programs_per_head"] = decode_splits(b, KV_HEADS, -(-n // 16) * 16, sm_count(torch.device("cuda")))
+        for b, n, min_chunk, block_n in DECODE_SPLIT_CANDIDATES:
+            key = f"triton_decode_chunk{min_chunk}_n{block_n}"
+            timings.setdefault(key, {"decode": {}})
+            if time.perf_counter() - t_start > budget_s:
+                continue
+            try:
+                cand = ForcedSplitDecode(min_chunk, block_n)
+                ok = check(cand, dtype)["decode"]  # many empty chunks on its short sequences
+                if not ok["ok"]:
+                    timings[key]["decode"][f"{b}x{n}"] = {"error": f"failed the float64 check: {ok}"}
+                    continue
+                timings[key]["decode"][f"{b}x{n}"] = time_case(cand, b, n, 1, dtype, reps)
+            except Exception as e:
+                timings[key]["decode"][f"{b}x{n}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     choice, ratios = None, {}
     keys = REFERENCE_CASES
     per_phase = {n: {p: timings[n][p].get(keys[p], {}).get("median_us") for p in keys} for n in backends}

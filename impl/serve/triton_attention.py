@@ -7,10 +7,21 @@ int32; ``seq_lens`` [B] int32 = K/V length after this step; prefill also takes `
 query rows are q_start[b]:q_start[b+1] and sit at the *last* positions of its K/V, so a prefill chunk may follow
 cached tokens). G = H / KVH query heads share one K/V head.
 
-Decode runs one program per (sequence, KV head) and handles the G query heads of that group together, so each K/V page
-is read once per group; the key loop walks ``BLOCK_N`` token positions at a time, looking each one's page up in the
-block table, so any page size works (including pages smaller than the block). Softmax is the online (flash) form in
-float32. A row with ``seq_len`` 0 (a padded CUDA-graph row) writes zeros. FP8 pages are scaled back by k/v scales.
+Decode runs one program per (sequence, KV head) (several with split-KV, below) and handles the G query heads of that
+group together, so each K/V page is read once per group; the key loop walks ``BLOCK_N`` token positions at a time,
+looking each one's page up in the block table, so any page size works (including pages smaller than the block).
+Softmax is the online (flash) form in float32. A row with ``seq_len`` 0 (a padded CUDA-graph row) writes zeros. FP8
+pages are scaled back by k/v scales.
+
+Split-KV (flash-decoding), for sequences longer than one chunk: a sequence of n keys is cut into chunks of
+``L = max(min_chunk, ⌈n / MAX_CHUNKS⌉ rounded up to whole key blocks)`` positions (L depends on n alone); for each
+chunk a program writes its base-2 running max m_c, sum l_c = Σ 2^(s_j - m_c) and unnormalised
+acc_c = Σ 2^(s_j - m_c) V_j in float32, and ``paged_decode_combine_kernel`` merges them: M = max_c m_c,
+w_c = 2^(m_c - M) (0 for empty chunks), out = Σ w_c acc_c / Σ w_c l_c (zeros when every chunk is empty). How many
+programs share a (sequence, KV head)'s chunks comes from the batch, the KV heads, the block table's reach (width x page
+size: fixed per CUDA-graph bucket) and the SM count (``decode_splits``), never from ``seq_lens``, so a captured graph
+stays valid whatever the lengths are at replay; it decides only who computes a chunk, so the output bits do not
+depend on the batch, the bucket or the table width.
 """
 from __future__ import annotations
 
@@ -45,33 +56,19 @@ def _load_kv_block(cache_ptr, bt_row_ptr, pos, n_mask, offs_d, d_mask, kv_head,
 _RUNTIME_INTS = ["group", "page_size"]
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
-def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]; caches [P, PS, KVH, D]
-                        bt_ptr, seq_lens_ptr,                    # block tables [B, W], K/V lengths [B]
-                        stride_qt, stride_qh, stride_ot, stride_oh,
-                        stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt,
-                        qk_scale_log2, k_scale, v_scale,         # scale·log2(e) (softmax in base 2), FP8 scales
-                        group, page_size,                        # query heads per KV head, tokens per page
-                        HEAD_DIM: tl.constexpr,
-                        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, TRIGGER: tl.constexpr):
-    if TRIGGER:  # the next kernel (o_proj, PDL) may launch and stream its weights now (fused.early_trigger)
-        tl.extra.cuda.gdc_launch_dependents()
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + b)
-    offs_g, offs_d, offs_n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
-    g_mask, d_mask = offs_g < group, offs_d < HEAD_DIM
-    heads = kv_head * group + offs_g
-    q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+@triton.jit
+def _attend_range(q, lo, hi, k_ptr, v_ptr, bt_row, offs_n, offs_d, d_mask, kv_head,
+                  stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, qk_scale_log2, k_scale, v_scale,
+                  page_size, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """Online softmax of the query group over key positions [lo, hi): base-2 running max m, sum l and unnormalised
+    acc (m = -inf, l = 0, acc = 0 when the range is empty)."""
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    bt_row = bt_ptr + b * stride_bt
-    for start in range(0, seq_len, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
-        n_mask = pos < seq_len
+        n_mask = pos < hi
         k = _load_kv_block(k_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
                            k_scale, q, page_size)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
@@ -84,9 +81,83 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
                            v_scale, q, page_size)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding): zeros, not 0/0
-    tl.store(out_ptr + b * stride_ot + heads[:, None] * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=g_mask[:, None] & d_mask[None, :])
+    return m_i, l_i, acc
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]; caches [P, PS, KVH, D]
+                        bt_ptr, seq_lens_ptr,                    # block tables [B, W], K/V lengths [B]
+                        m_ptr, l_ptr, acc_ptr,                   # SPLIT: partials [B*H, C], [B*H, C], [B*H, C, D]
+                        stride_qt, stride_qh, stride_ot, stride_oh,
+                        stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt,
+                        qk_scale_log2, k_scale, v_scale,         # scale·log2(e) (softmax in base 2), FP8 scales
+                        group, page_size,                        # query heads per KV head, tokens per page
+                        chunks, min_chunk,                       # SPLIT: C partial slots, shortest chunk
+                        HEAD_DIM: tl.constexpr,
+                        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                        SPLIT: tl.constexpr, MAX_CHUNKS: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, TRIGGER: tl.constexpr):
+    if TRIGGER:  # the next kernel (o_proj, PDL) may launch and stream its weights now (fused.early_trigger)
+        tl.extra.cuda.gdc_launch_dependents()
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    offs_g, offs_d, offs_n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
+    g_mask, d_mask = offs_g < group, offs_d < HEAD_DIM
+    heads = kv_head * group + offs_g
+    q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    bt_row = bt_ptr + b * stride_bt
+    if SPLIT:
+        # chunk c of this sequence = positions [c·L, (c+1)·L) ∩ [0, seq_len), L from seq_len alone (so a sequence's
+        # partials never depend on the batch, the grid or the slot count); program z handles chunks z, z + Z, ...
+        chunk_len = tl.maximum(min_chunk, tl.cdiv(tl.cdiv(seq_len, MAX_CHUNKS), BLOCK_N) * BLOCK_N)
+        rows = b * tl.num_programs(1) * group + heads  # [BLOCK_G] rows of [B*H, C]
+        for c in range(tl.program_id(2), chunks, tl.num_programs(2)):
+            lo = c * chunk_len
+            hi = tl.minimum(lo + chunk_len, seq_len)
+            m_i, l_i, acc = _attend_range(q, lo, hi, k_ptr, v_ptr, bt_row, offs_n, offs_d, d_mask, kv_head,
+                                          stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                                          qk_scale_log2, k_scale, v_scale, page_size, BLOCK_G, BLOCK_D, BLOCK_N,
+                                          DOT_PRECISION)
+            slot = rows * chunks + c
+            tl.store(m_ptr + slot, m_i, mask=g_mask)
+            tl.store(l_ptr + slot, l_i, mask=g_mask)
+            tl.store(acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                     mask=g_mask[:, None] & d_mask[None, :])
+    else:
+        m_i, l_i, acc = _attend_range(q, 0, seq_len, k_ptr, v_ptr, bt_row, offs_n, offs_d, d_mask, kv_head,
+                                      stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                                      qk_scale_log2, k_scale, v_scale, page_size, BLOCK_G, BLOCK_D, BLOCK_N,
+                                      DOT_PRECISION)
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding): zeros, not 0/0
+        tl.store(out_ptr + b * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def paged_decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr,  # partials [B*H, C], [B*H, C], [B*H, C, D]; [B, H, D]
+                                heads, chunks, stride_ot, stride_oh,
+                                HEAD_DIM: tl.constexpr, MAX_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr,
+                                TRIGGER: tl.constexpr):
+    """out[b, h] = Σ_c 2^(m_c - M) acc_c / Σ_c 2^(m_c - M) l_c, M = max_c m_c; empty chunks (m_c = -inf) weigh 0 and
+    a row whose chunks are all empty is zeros. One program per (sequence, query head). The reduction always spans
+    MAX_CHUNKS slots (unused ones read as empty), so its order, and the result's bits, do not depend on C."""
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
+    row = tl.program_id(0) * heads + tl.program_id(1)
+    offs_c, offs_d = tl.arange(0, MAX_CHUNKS), tl.arange(0, BLOCK_D)
+    c_mask, d_mask = offs_c < chunks, offs_d < HEAD_DIM
+    m = tl.load(m_ptr + row * chunks + offs_c, mask=c_mask, other=float("-inf"))
+    l = tl.load(l_ptr + row * chunks + offs_c, mask=c_mask, other=0.0)
+    acc = tl.load(acc_ptr + (row * chunks + offs_c)[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0))  # empty chunks: 2^-inf = 0, never -inf - -inf
+    total = tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + tl.program_id(0) * stride_ot + tl.program_id(1) * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit
@@ -185,28 +256,103 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs stay fp32 (no TF32 rounding) for exactness
 
 
+@dataclass(frozen=True)
+class SplitRule:
+    """Split-KV decode. Chunks: a sequence of n keys is cut into chunks of L = max(``min_chunk``, n / MAX_CHUNKS
+    rounded up to whole key blocks) positions; the partial slots per row are C = min(MAX_CHUNKS, ⌈max_len /
+    min_chunk⌉) (max_len = block-table width x page size); C = 1 runs the one-pass kernel. Programs: Z per (sequence,
+    KV head), enough for ``waves`` per SM when sequences x KV heads leave SMs idle, 1 once they fill them, at most C;
+    program z handles chunks z, z + Z, ... Z changes only who computes a chunk, never the chunk, so outputs are the
+    same bits at every batch size, bucket and table width (a lone sequence equals itself in a batch)."""
+
+    waves: int = 2
+    min_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        if self.waves < 1 or self.min_chunk < 16 or self.min_chunk & (self.min_chunk - 1):
+            raise ValueError(f"SplitRule needs waves >= 1 and min_chunk a power of two >= 16: {self}")
+
+
+SPLIT_RULE = SplitRule()
+MAX_CHUNKS = 64  # partial slots per (sequence, query head) at most; the combine reduces over exactly this many
+
+
+def decode_chunks(max_len: int, rule: SplitRule = SPLIT_RULE) -> int:
+    """Partial slots C per (sequence, head) for sequences of at most ``max_len`` keys (1: no split)."""
+    return max(1, min(MAX_CHUNKS, -(-max_len // rule.min_chunk)))
+
+
+def decode_splits(batch: int, kv_heads: int, max_len: int, sm_count: int, rule: SplitRule = SPLIT_RULE) -> int:
+    """Programs Z per (sequence, KV head) of a decode launch (1 ≤ Z ≤ C); from shapes only (fixed per CUDA-graph
+    bucket: the grid is the same at capture and replay)."""
+    programs = batch * kv_heads
+    if programs >= sm_count:
+        return 1
+    return max(1, min(-(-rule.waves * sm_count // programs), decode_chunks(max_len, rule)))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of ``device`` (132 off a GPU, so the interpreter follows the same rule as an H100/H200)."""
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def split_partials(rows: int, chunks: int, dim: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Float32 m, l [rows * chunks] and acc [rows * chunks * dim] for a split decode; every element is written by
+    the split kernel. Allocated per call: inside graph capture they come from the graph's pool (fixed addresses)."""
+    m = torch.empty(rows * chunks, dtype=torch.float32, device=device)
+    return m, torch.empty_like(m), torch.empty(rows * chunks * dim, dtype=torch.float32, device=device)
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, *, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
-                 out: torch.Tensor | None = None, block_n: int = 64) -> torch.Tensor:
-    """Decode attention: q [B, H, D] (one new token per sequence, already written to the cache) → [B, H, D]."""
+                 out: torch.Tensor | None = None, block_n: int = 64, splits: int | None = None,
+                 rule: SplitRule = SPLIT_RULE) -> torch.Tensor:
+    """Decode attention: q [B, H, D] (one new token per sequence, already written to the cache) → [B, H, D].
+    ``rule``: the split-KV chunks; ``splits``: programs per (sequence, KV head), None = ``decode_splits`` (shapes
+    only, graph-safe). The result does not depend on ``splits``."""
     group, dim = _check(q, k_cache, v_cache, block_tables, seq_lens)
     batch, heads = q.shape[0], q.shape[1]
     if seq_lens.shape != (batch,) or block_tables.shape[0] != batch:
         raise ValueError(f"seq_lens {tuple(seq_lens.shape)} and block_tables {tuple(block_tables.shape)} need "
                          f"{batch} rows")
+    if rule.min_chunk % block_n:
+        raise ValueError(f"min_chunk {rule.min_chunk} must be a multiple of block_n {block_n}")
     out = torch.empty_like(q) if out is None else out
     if batch == 0:
         return out
-    grid = (batch, heads // group)
-    paged_decode_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, seq_lens,
+    kv_heads = heads // group
+    max_len = block_tables.shape[1] * k_cache.shape[1]
+    chunks = decode_chunks(max_len, rule)
+    if splits is None:
+        splits = decode_splits(batch, kv_heads, max_len, sm_count(q.device), rule)
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    splits = min(splits, chunks)
+    split = chunks > 1
+    m, l, acc = split_partials(batch * heads, chunks, dim, q.device) if split else (out, out, out)  # else unused
+    trigger = early_trigger(q)
+    block_d = max(16, triton.next_power_of_2(dim))
+    paged_decode_kernel[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, out, block_tables, seq_lens, m, l, acc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0),
-        scale * LOG2E, k_scale, v_scale, group, k_cache.shape[1],
+        scale * LOG2E, k_scale, v_scale, group, k_cache.shape[1], chunks, rule.min_chunk,
         HEAD_DIM=dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        TRIGGER=early_trigger(q), num_warps=4)
+        BLOCK_D=block_d, BLOCK_N=block_n, SPLIT=split, MAX_CHUNKS=MAX_CHUNKS, DOT_PRECISION=_dot_precision(q.dtype),
+        TRIGGER=trigger and not split, num_warps=4)
+    if split:
+        paged_decode_combine_kernel[(batch, heads)](
+            m, l, acc, out, heads, chunks, out.stride(0), out.stride(1),
+            HEAD_DIM=dim, MAX_CHUNKS=MAX_CHUNKS, BLOCK_D=block_d, TRIGGER=trigger, num_warps=4)
     return out
 
 
