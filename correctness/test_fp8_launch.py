@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from impl.backend import DEVICE
+from impl.common.timing import sm_count
 from impl.fp8 import kernels as K
 from impl.fp8 import launch, quant
 from impl.fp8 import reference as R
@@ -100,7 +101,7 @@ def test_kernels_take_the_active_tables_configs(synthetic_table, spies):
     amax, second = spies["amax_partials_kernel"].calls[-1], spies["quant_static_kernel"].calls[-1]
     assert (amax["BM"], amax["BK"], amax["num_warps"]) == (8, 32, 1)
     assert (second["BM"], second["BK"], second["num_warps"]) == (4, 128, 2)
-    sms = quant._sms(x.device.index or 0) if x.is_cuda else quant.SIM_SMS
+    sms = sm_count(x.device.index or 0) if x.is_cuda else quant.SIM_SMS
     assert amax["grid"] == (min(9 * 5, 3 * sms),) and second["grid"] == (min(18 * 2, sms),)  # per_sm 3 and 1
 
 
@@ -183,7 +184,7 @@ def test_persistent_grids_stop_at_the_resident_programs(monkeypatch, spies):
     """A persistent config asks for per_sm programs an SM; the grid takes no more than fit at once (one wave), and
     the amax partials / delayed state follow the grid actually launched. Results stay exact."""
     x = torch.randn(300, 600, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    sms = quant._sms(x.device.index or 0) if x.is_cuda else quant.SIM_SMS
+    sms = sm_count(x.device.index or 0) if x.is_cuda else quant.SIM_SMS
     cfg = LaunchConfig(8, 32, per_sm=3)  # 38 x 19 = 722 tiles
     want = min(722, 2 * sms)
     monkeypatch.setattr(quant, "_resident", lambda kernel, args, kw: 2)
@@ -206,7 +207,7 @@ def test_gpu_persistent_grid_is_capped_by_the_compiled_kernels_registers():
     """On the GPU the cap comes from the compiled kernel (registers, shared memory): a per_sm far beyond what fits
     launches one wave of resident programs, and amax stays exact. Fails if the compiled kernel cannot be inspected."""
     x = torch.randn(16384, 1024, device="cuda", dtype=torch.bfloat16)  # 2048 tiles: more than 8 programs an SM
-    sms = quant._sms(torch.cuda.current_device())
+    sms = sm_count()
     quant.RESIDENT_ERRORS.clear()
     parts = quant.amax_partials(x, LaunchConfig(8, 1024, warps=8, per_sm=64))
     assert not quant.RESIDENT_ERRORS, quant.RESIDENT_ERRORS

@@ -221,15 +221,18 @@ def test_decode_split_rule_depends_on_shapes_only():
                      rule=SplitRule(min_chunk=16))
 
 
-def test_forced_split_candidate_of_the_gpu_check_decodes_and_prefills():
-    """flashinfer_check's split-KV timing candidate: other chunks for decode, the default Triton path for prefill."""
-    from impl.serve.flashinfer_check import ForcedSplitDecode
+def test_triton_backend_with_another_split_rule_decodes_and_prefills():
+    """flashinfer_check's split-KV timing candidates: the Triton backend with other chunks and key blocks for decode,
+    its default prefill."""
+    from impl.serve.attention import TritonPagedAttention
+    from impl.serve.triton_attention import SplitRule
 
     for q_lens in ([1, 1], [4, 9]):
         case = dict(kv_heads=2, heads=4, head_dim=16, page_size=4, lengths=[21, 9], q_lens=q_lens, fp8_kv=False,
                     seed=2)
         cache, meta, q = build(case, torch.float32)
-        got = ForcedSplitDecode(16, 16).attend(q, cache.k[0], cache.v[0], meta, scale=0.25)
+        got = TritonPagedAttention(split_rule=SplitRule(min_chunk=16), decode_block_n=16).attend(
+            q, cache.k[0], cache.v[0], meta, scale=0.25)
         ref = paged_attention_reference(q, cache.k[0], cache.v[0], meta, scale=0.25)
         assert_close(got.double(), ref, check_dtype=False, **TOL[torch.float32])
 

@@ -36,13 +36,29 @@ def l2_bytes() -> int:
     return int(torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size)
 
 
+_SM_COUNT: dict[int, int] = {}
+H100_SMS = 132  # off a GPU: the count of the cards this project measures (H100/H200), so grid rules run the same
+
+
+def sm_count(device_index: int | None = None) -> int:
+    """Streaming multiprocessors of a CUDA device (the current one by default); ``H100_SMS`` without a GPU."""
+    if not backend.ON_GPU:
+        return H100_SMS
+    import torch
+
+    idx = torch.cuda.current_device() if device_index is None else device_index
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = int(torch.cuda.get_device_properties(idx).multi_processor_count)
+    return _SM_COUNT[idx]
+
+
 def flush_l2() -> None:
     """Evict the L2 by reading a buffer of twice its size, which leaves it full of clean lines (a persisting carve-out
     survives this; see l2cache). Writing the buffer instead (``zero_``, as triton's ``do_bench`` does) leaves the L2
     full of dirty lines that the next, timed call writes back to DRAM as it evicts them: on the H200 that write-back
     charged a 14336x4096 FP8 amax 6.8 of its 39.2 µs and a dequantize 2.4 of 47.5 µs (the FP8 tune of fe3a9dd timed
-    both flushes: results/h200/logs/fp8_tune_2026-12-03z.log), traffic that is the flush's, not the kernel's. Lines the previous call left dirty are written back here,
-    outside the timed region."""
+    both flushes: results/h200/logs/fp8_tune_2026-12-03z.log), traffic that is the flush's, not the kernel's. Lines
+    the previous call left dirty are written back here, outside the timed region."""
     global _FLUSH_BUFFER, _FLUSH_SINK
     if not backend.ON_GPU:
         return

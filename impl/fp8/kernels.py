@@ -128,10 +128,12 @@ def _finite_abs(x):
 
 @triton.jit
 def _tile(t, K, BM: tl.constexpr, BK: tl.constexpr):
-    """Tile number t -> (first row, first column). The column tile varies fastest, so the programs that run at the
-    same time read consecutive bytes of the same rows (whole DRAM pages), not one narrow column of many rows."""
+    """Tile number t -> (first row, first column, its rows [BM], its columns [BK]). The column tile varies fastest, so
+    the programs that run at the same time read consecutive bytes of the same rows (whole DRAM pages), not one narrow
+    column of many rows."""
     nk = tl.cdiv(K, BK)
-    return (t // nk) * BM, (t % nk) * BK
+    m0, k0 = (t // nk) * BM, (t % nk) * BK
+    return m0, k0, m0 + tl.arange(0, BM), k0 + tl.arange(0, BK)
 
 
 @triton.jit
@@ -156,9 +158,7 @@ def _st(ptrs, value, mask, EVICT: tl.constexpr):
 def _load_tile(ptr, t, tiles, N, K, stride, BM: tl.constexpr, BK: tl.constexpr, EVICT: tl.constexpr):
     """Tile t [BM, BK] of a row-major [N, K] matrix with row stride ``stride``, 0 outside it; all 0 (nothing read)
     when t is not in [0, tiles) (the prefetch past a program's last tile)."""
-    m0, k0 = _tile(t, K, BM, BK)
-    rows = m0 + tl.arange(0, BM)
-    cols = k0 + tl.arange(0, BK)
+    m0, k0, rows, cols = _tile(t, K, BM, BK)
     mask = (rows < N)[:, None] & (cols < K)[None, :] & (t < tiles) & (t >= 0)
     return _ld(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask, EVICT)
 
@@ -206,9 +206,7 @@ def _dequant_tile(b, t, s_ptr, out_ptr, N, K, stride_s, stride_o,
                   GN: tl.constexpr, GK: tl.constexpr, FMT: tl.constexpr, EMULATE: tl.constexpr,
                   BM: tl.constexpr, BK: tl.constexpr, EVICT: tl.constexpr):
     """Store tile t of y = decode(b) * s (b: its codes, already loaded)."""
-    m0, k0 = _tile(t, K, BM, BK)
-    rows = m0 + tl.arange(0, BM)
-    cols = k0 + tl.arange(0, BK)
+    m0, k0, rows, cols = _tile(t, K, BM, BK)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     y = _apply_scales(_decode(b, FMT, EMULATE), s_ptr, rows, m0, k0, cols, N, K, stride_s, GN, GK, BM, BK, False)
     _st(out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask, EVICT)
@@ -279,9 +277,7 @@ def _quant_tile(xin, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q,
                 FMT: tl.constexpr, FMAX: tl.constexpr, EMULATE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                 EVICT: tl.constexpr):
     """Store the codes of tile t (xin: its values, already loaded); returns acc, with NEXT_PARTS max-ed with |x|."""
-    m0, k0 = _tile(t, K, BM, BK)
-    rows = m0 + tl.arange(0, BM)
-    cols = k0 + tl.arange(0, BK)
+    m0, k0, rows, cols = _tile(t, K, BM, BK)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     x = xin.to(tl.float32)
     if NEXT_PARTS:
@@ -391,9 +387,7 @@ def _quant_group_tile(xin, t, q_ptr, s_ptr, N, K, stride_q, stride_s,
                       BM: tl.constexpr, BK: tl.constexpr, GW: tl.constexpr, EVICT: tl.constexpr):
     """Codes and scales of tile t [BM, BK] of 1 x GW groups (xin: its values, already loaded): BM scales when
     GW == BK, else BK / GW per row (the tile viewed as [BM, BK / GW, GW])."""
-    m0, k0 = _tile(t, K, BM, BK)
-    rows = m0 + tl.arange(0, BM)
-    cols = k0 + tl.arange(0, BK)
+    m0, k0, rows, cols = _tile(t, K, BM, BK)
     rmask = rows < N
     if GW == BK:
         s = _scale_from_amax(_row_amax(xin), FMAX, MIN_SCALE)
@@ -416,9 +410,7 @@ def _quant_block_tile(xin, t, q_ptr, s_ptr, N, K, stride_q, stride_s,
                       FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
                       BM: tl.constexpr, BK: tl.constexpr, EVICT: tl.constexpr):
     """Codes and the one scale of tile t, a whole BM x BK block (xin: its values, already loaded)."""
-    m0, k0 = _tile(t, K, BM, BK)
-    rows = m0 + tl.arange(0, BM)
-    cols = k0 + tl.arange(0, BK)
+    m0, k0, rows, cols = _tile(t, K, BM, BK)
     s = _scale_from_amax(tl.max(_row_amax(xin), axis=0), FMAX, MIN_SCALE)
     tl.store(s_ptr + (m0 // BM) * stride_s + k0 // BK, s)
     y = xin.to(tl.float32) * tl.math.div_rn(1.0, s)
@@ -456,9 +448,7 @@ def quant_tiles_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, flo
             x = nx
     else:
         for t in range(tl.program_id(0), tiles, step):
-            m0, k0 = _tile(t, K, TM, BK)
-            rows = m0 + tl.arange(0, TM)
-            cols = k0 + tl.arange(0, BK)
+            m0, k0, rows, cols = _tile(t, K, TM, BK)
             cmask = (cols < K)[None, :]
             if GN == 1:
                 x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)

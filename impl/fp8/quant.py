@@ -11,7 +11,6 @@ float32 in the canonical 2-D shape of ``formats.ScaleGroup.scale_shape``. Under 
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import impl  # noqa: F401  (backend before triton)
@@ -20,6 +19,7 @@ import triton
 
 from impl import backend
 from impl.common.checks import require_tensor
+from impl.common.timing import sm_count
 from impl.fp8 import kernels as K
 from impl.fp8.formats import MIN_SCALE, Fp8Format, ScaleGroup, get_format, get_group
 from impl.fp8.launch import CPU_CONFIGS, GPU_CONFIGS, LaunchConfig, config, dequant_key, quant_key  # noqa: F401
@@ -31,19 +31,13 @@ EMULATE = backend.INTERPRETED  # the interpreter's own fp8 conversion is wrong: 
 SIM_SMS = 4  # "SMs" of the interpreter, for per_sm grids (several programs, so the strided loops are exercised)
 
 
-@functools.lru_cache(maxsize=None)
-def _sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _grid(tiles: int, cfg: LaunchConfig, device: torch.device, resident: int | None = None) -> int:
     """Programs to launch: one per tile, or ``per_sm`` per SM striding over the tiles (never more than tiles, and
     never more per SM than ``resident``: a persistent grid larger than what fits on the SMs at once runs in two
     waves, the second starting only when first-wave programs finish all their tiles)."""
     if cfg.per_sm <= 0:
         return max(tiles, 1)
-    sms = _sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else SIM_SMS
+    sms = sm_count(device.index) if device.type == "cuda" else SIM_SMS
     per_sm = cfg.per_sm if resident is None else max(1, min(cfg.per_sm, resident))
     return max(1, min(tiles, per_sm * sms))
 

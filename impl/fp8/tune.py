@@ -51,8 +51,8 @@ CHECK_SHAPES = {"*": [(272, 1040)], "requant-channel": [(272, 1040), (48, 8208)]
 # kernel key (impl.fp8.launch.KERNELS) -> candidates C(bm, bk, warps, stages, per_sm, evict), most likely winner
 # first (the budget may stop a kernel's list early; its built-in default and the active table's entries are timed
 # before these). First the last run's winners with the streamed data evict_first in L2 (evict 2: loads and stores,
-# 1: loads): the timed call starts with an L2 full of dirty lines (the flush writes a buffer), and a stream that
-# recycles its own lines does not write them back inside its time -- as after any kernel that leaves dirty data.
+# 1: loads): a stream that recycles its own lines does not evict (and write back) the dirty lines other work left
+# in L2, as a kernel in a model finds them after the one before it.
 # Then 1 x 128 groups in wider tiles (8 x 512: four groups a row, 64 registers, 8 programs an SM; or 32 rows of 4
 # warps, 72 registers, 7 programs an SM) and one-pass
 # 128 x 128 blocks held in registers (32 warps, 46 registers: one program of 32 warps per SM that prefetches its next

@@ -28,6 +28,7 @@ import impl  # noqa: F401
 import torch
 
 from impl import backend
+from impl.common.timing import sm_count
 from impl.join.hash_table import BARRIER_TIMEOUT_NS, ERRORS, Built, HashConfig, HashJoinBase, Probed
 
 SOURCE = Path(__file__).with_name("hash_join.cu")
@@ -215,7 +216,7 @@ class HashJoinCuda(HashJoinBase):
         if key not in self._resident:
             fn = kernel(self.config, kind, keys, rows)
             per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, self.config.threads, 0)
-            sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            sms = sm_count()
             self._resident[key] = max(1, per_sm) * sms
         return self._resident[key]
 

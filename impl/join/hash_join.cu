@@ -878,24 +878,6 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
         linear_fused_kernel<K, R>(bkeys, nbuild, pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p,  \
                                   capacity, state, host, bar_base, timeout_ns);                                  \
     }
-#if !defined(JOIN_KEY_BITS) || JOIN_KEY_BITS == 32
-JOIN_LINEAR_BUILD(int, i32)
-#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 32
-JOIN_LINEAR_PROBE(int, int, i32_r32)
-#endif
-#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 64
-JOIN_LINEAR_PROBE(int, long long, i32_r64)
-#endif
-#endif
-#if !defined(JOIN_KEY_BITS) || JOIN_KEY_BITS == 64
-JOIN_LINEAR_BUILD(long long, i64)
-#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 32
-JOIN_LINEAR_PROBE(long long, int, i64_r32)
-#endif
-#if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 64
-JOIN_LINEAR_PROBE(long long, long long, i64_r64)
-#endif
-#endif
 
 #define JOIN_KEY_KERNELS(K, SUF)                                                                                  \
     extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                                 \
@@ -935,19 +917,25 @@ JOIN_LINEAR_PROBE(long long, long long, i64_r64)
 // compile time); unset, every combination is compiled.
 #if !defined(JOIN_KEY_BITS) || JOIN_KEY_BITS == 32
 JOIN_KEY_KERNELS(int, i32)
+JOIN_LINEAR_BUILD(int, i32)
 #if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 32
 JOIN_ROW_KERNELS(int, int, i32_r32)
+JOIN_LINEAR_PROBE(int, int, i32_r32)
 #endif
 #if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 64
 JOIN_ROW_KERNELS(int, long long, i32_r64)
+JOIN_LINEAR_PROBE(int, long long, i32_r64)
 #endif
 #endif
 #if !defined(JOIN_KEY_BITS) || JOIN_KEY_BITS == 64
 JOIN_KEY_KERNELS(long long, i64)
+JOIN_LINEAR_BUILD(long long, i64)
 #if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 32
 JOIN_ROW_KERNELS(long long, int, i64_r32)
+JOIN_LINEAR_PROBE(long long, int, i64_r32)
 #endif
 #if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 64
 JOIN_ROW_KERNELS(long long, long long, i64_r64)
+JOIN_LINEAR_PROBE(long long, long long, i64_r64)
 #endif
 #endif

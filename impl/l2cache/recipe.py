@@ -39,6 +39,7 @@ import torch
 
 from impl import backend
 from impl.common.log import logger
+from impl.common.timing import sm_count
 from impl.l2cache.chooser import CANDIDATES, choose_policy, compare_policies, pick_best
 from impl.l2cache.claims import WEIGHT_SHARED
 from impl.l2cache.control import L2Controller, L2Limits
@@ -93,10 +94,6 @@ def make_controller(smoke: bool) -> L2Controller:
     from impl.l2cache.control import CudaRuntimeDriver
 
     return L2Controller(CudaRuntimeDriver())
-
-
-def sm_count() -> int:
-    return torch.cuda.get_device_properties(0).multi_processor_count if backend.ON_GPU else 132
 
 
 def new_run_id() -> str:

@@ -61,10 +61,13 @@ class TritonPagedAttention:
     name = "triton"
     graph_safe = True
 
-    def __init__(self, prefill_tiles: Any = None) -> None:
-        from impl.serve.triton_attention import PREFILL_TILES
+    def __init__(self, prefill_tiles: Any = None, split_rule: Any = None, decode_block_n: int = 64) -> None:
+        """Launch settings (defaults: ``triton_attention.PREFILL_TILES``, ``SPLIT_RULE``, 64 keys a decode step);
+        other values are timing candidates (``flashinfer_check``)."""
+        from impl.serve.triton_attention import PREFILL_TILES, SPLIT_RULE
 
         self.prefill_tiles = prefill_tiles or PREFILL_TILES
+        self.split_rule, self.decode_block_n = split_rule or SPLIT_RULE, decode_block_n
 
     def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, *, scale: float,
                k_scale: float = 1.0, v_scale: float = 1.0) -> Tensor:
@@ -72,7 +75,7 @@ class TritonPagedAttention:
 
         if meta.is_decode:
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale,
-                                k_scale=k_scale, v_scale=v_scale)
+                                k_scale=k_scale, v_scale=v_scale, block_n=self.decode_block_n, rule=self.split_rule)
         return paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.q_start, meta.seq_lens, meta.max_q_len,
                              scale=scale, k_scale=k_scale, v_scale=v_scale, tiles=self.prefill_tiles)
 

@@ -41,6 +41,7 @@ from impl.serve.triton_attention import PrefillTiles
 HEADS, KV_HEADS, HEAD_DIM = LLAMA3_8B.n_heads, LLAMA3_8B.n_kv_heads, LLAMA3_8B.head_dim
 DECODE = [(1, 4096), (32, 1024), (128, 1024)]
 PREFILL = [(4, 1024), (1, 4096)]
+PAGE = 16  # tokens per KV page of every cache built here
 REFERENCE_CASES = {"decode": "32x1024", "prefill": "4x1024"}  # the cases choose_phases judges (B x length)
 # (B, context, min_chunk, block_n): split-KV decodes with other chunk lengths, timed beside the default rule
 # (min_chunk 256, block_n 64); a min_chunk of at least the context runs the one-pass kernel
@@ -51,28 +52,6 @@ PREFILL_TILE_CANDIDATES = [PrefillTiles(64, 64, 4, 1), PrefillTiles(128, 64, 8, 
 
 
 log = logger("serve.flashinfer_check")
-
-
-class ForcedSplitDecode:
-    """The Triton decode with another split-KV chunk length and key block (a timing candidate; prefill: the default
-    Triton kernel)."""
-
-    name = "triton-split"
-
-    def __init__(self, min_chunk: int, block_n: int) -> None:
-        from impl.serve.triton_attention import SplitRule
-
-        self.rule, self.block_n = SplitRule(min_chunk=min_chunk), block_n
-
-    def attend(self, q, k_cache, v_cache, meta, *, scale, k_scale=1.0, v_scale=1.0):
-        from impl.serve.attention import TritonPagedAttention
-        from impl.serve.triton_attention import paged_decode
-
-        if not meta.is_decode:
-            return TritonPagedAttention().attend(q, k_cache, v_cache, meta, scale=scale, k_scale=k_scale,
-                                                 v_scale=v_scale)
-        return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale, k_scale=k_scale,
-                            v_scale=v_scale, block_n=self.block_n, rule=self.rule)
 
 
 def flashinfer_status(site_dir: str | None) -> dict[str, Any]:
@@ -93,7 +72,7 @@ def inputs(batch: int, length: int, q_len: int, seed: int, dtype: torch.dtype) -
     args = ModelArgs(dim=HEADS * HEAD_DIM, n_layers=1, n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                      ffn_dim=8, vocab_size=8)
     lengths = [length] * batch
-    cache = fragmented_cache(args, lengths, 16, seed=seed, dtype=dtype, device="cuda")
+    cache = fragmented_cache(args, lengths, PAGE, seed=seed, dtype=dtype, device="cuda")
     fill_sequences(cache, lengths, 0, seed=seed)
     meta = step_metadata(cache, lengths, [q_len] * batch, "cuda")
     q = torch.randn(batch * q_len, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
@@ -110,7 +89,7 @@ def check(be: Any, dtype: torch.dtype) -> dict[str, Any]:
     for phase, lengths, q_lens in (("decode", [200, 17, 333], [1, 1, 1]), ("prefill", [133, 96], [96, 96])):
         args = ModelArgs(dim=HEADS * HEAD_DIM, n_layers=1, n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                          ffn_dim=8, vocab_size=8)
-        cache = fragmented_cache(args, lengths, 16, seed=7, dtype=dtype, device="cuda")
+        cache = fragmented_cache(args, lengths, PAGE, seed=7, dtype=dtype, device="cuda")
         fill_sequences(cache, lengths, 0, seed=7)
         meta = cache.metadata([(b, n - q, q) for b, (n, q) in enumerate(zip(lengths, q_lens))], "cuda")
         q = torch.randn(sum(q_lens), HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(8)).to("cuda", dtype)
@@ -181,40 +160,30 @@ def run(site_dir: str | None, budget_s: float, reps: int) -> dict[str, Any]:
                 except Exception as e:
                     timings[name][phase][f"{b}x{n}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 log(f"{name} {phase} {b}x{n}: {timings[name][phase][f'{b}x{n}']}")
-    if "triton" in backends:  # other prefill tiles beside the default, for the record (the default is judged)
+    if "triton" in backends:  # other launch settings beside the defaults, for the record (the defaults are judged)
+        from impl.common.timing import sm_count
         from impl.serve.attention import TritonPagedAttention
+        from impl.serve.triton_attention import SplitRule, decode_chunks, decode_splits
 
-        for tiles in PREFILL_TILE_CANDIDATES:
-            key = f"triton_prefill_tiles_{tiles.block_m}x{tiles.block_n}w{tiles.num_warps}s{tiles.num_stages}"
-            timings[key] = {"prefill": {}}
-            for b, n in PREFILL:
-                if time.perf_counter() - t_start > budget_s:
-                    continue
-                try:
-                    timings[key]["prefill"][f"{b}x{n}"] = time_case(TritonPagedAttention(tiles), b, n, n, dtype, reps)
-                except Exception as e:  # a candidate that does not fit (shared memory) is recorded, not fatal
-                    timings[key]["prefill"][f"{b}x{n}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    if "triton" in backends:  # the default rule's chunks and programs per decode case, other chunk lengths beside
-        from impl.serve.triton_attention import decode_chunks, decode_splits, sm_count
-
-        for b, n in DECODE:
+        for b, n in DECODE:  # the default rule's chunk slots and programs per head
             r = timings["triton"]["decode"].get(f"{b}x{n}", {})
-            r["chunks"] = decode_chunks(-(-n // 16) * 16)
-            r["programs_per_head"] = decode_splits(b, KV_HEADS, -(-n // 16) * 16, sm_count(torch.device("cuda")))
-        for b, n, min_chunk, block_n in DECODE_SPLIT_CANDIDATES:
-            key = f"triton_decode_chunk{min_chunk}_n{block_n}"
-            timings.setdefault(key, {"decode": {}})
+            r["chunks"] = decode_chunks(-(-n // PAGE) * PAGE)
+            r["programs_per_head"] = decode_splits(b, KV_HEADS, -(-n // PAGE) * PAGE, sm_count())
+        candidates = [(f"triton_prefill_tiles_{t.block_m}x{t.block_n}w{t.num_warps}s{t.num_stages}", "prefill", b, n,
+                       TritonPagedAttention(prefill_tiles=t)) for t in PREFILL_TILE_CANDIDATES for b, n in PREFILL]
+        candidates += [(f"triton_decode_chunk{c}_n{bn}", "decode", b, n,
+                        TritonPagedAttention(split_rule=SplitRule(min_chunk=c), decode_block_n=bn))
+                       for b, n, c, bn in DECODE_SPLIT_CANDIDATES]
+        for key, phase, b, n, be in candidates:
+            cell = timings.setdefault(key, {phase: {}})[phase]
             if time.perf_counter() - t_start > budget_s:
                 continue
-            try:
-                cand = ForcedSplitDecode(min_chunk, block_n)
-                ok = check(cand, dtype)["decode"]  # many empty chunks on its short sequences
-                if not ok["ok"]:
-                    timings[key]["decode"][f"{b}x{n}"] = {"error": f"failed the float64 check: {ok}"}
-                    continue
-                timings[key]["decode"][f"{b}x{n}"] = time_case(cand, b, n, 1, dtype, reps)
+            try:  # a candidate that fails its float64 check or does not fit (shared memory) is recorded, not fatal
+                ok = check(be, dtype)[phase]
+                cell[f"{b}x{n}"] = (time_case(be, b, n, 1 if phase == "decode" else n, dtype, reps) if ok["ok"]
+                                    else {"error": f"failed the float64 check: {ok}"})
             except Exception as e:
-                timings[key]["decode"][f"{b}x{n}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                cell[f"{b}x{n}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     choice, ratios = None, {}
     keys = REFERENCE_CASES
     per_phase = {n: {p: timings[n][p].get(keys[p], {}).get("median_us") for p in keys} for n in backends}

@@ -63,6 +63,8 @@ class LoadConfig:
     admit_every: int = 8
 
 
+OPTIONS = ("concurrency", "requests", "max_tokens", "min_prompt", "max_prompt", "max_batch", "budget_s",
+           "admit_every")  # LoadConfig fields the command line may set
 SMOKE = LoadConfig(model="tiny", concurrency=6, requests=12, max_tokens=4, min_prompt=2, max_prompt=20, max_batch=6,
                    page_size=4, warmup_requests=2, timeout_s=120.0, budget_s=600.0)
 
@@ -154,7 +156,7 @@ def run_engine_alone(model: Any, cfg: LoadConfig, prompts: list[list[int]]) -> d
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params)
     wall = time.perf_counter() - t0
-    steps = {k: v - before[k] for k, v in engine.stats.items()}
+    steps = since(engine.stats, before)
     tokens = sum(len(o.tokens) for o in outs)
     log(f"engine alone: {len(outs)} requests, {tokens} tokens in {wall:.2f} s ({tokens / wall:.0f} tok/s); "
         f"prefill {steps['prefill_steps']} steps {steps['prefill_s']:.2f} s, decode {steps['decode_steps']} steps "
@@ -163,11 +165,16 @@ def run_engine_alone(model: Any, cfg: LoadConfig, prompts: list[list[int]]) -> d
             "steps": steps, "errors": [o.error for o in outs if o.error][:5]}
 
 
+def since(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """Counters accumulated since the ``before`` snapshot."""
+    return {k: v - before[k] for k, v in now.items()}
+
+
 def thread_seconds(now: dict[str, float], before: dict[str, float], wall: float) -> dict[str, float]:
     """The engine thread's seconds in steps and in between over the measured load; idle = the client's wall time
     less both (the thread's own idle count also holds the client process's start)."""
-    step, other = now["step"] - before["step"], now["other"] - before["other"]
-    return {"step": step, "other": other, "idle": max(0.0, wall - step - other)}
+    d = since(now, before)
+    return {"step": d["step"], "other": d["other"], "idle": max(0.0, wall - d["step"] - d["other"])}
 
 
 def run_mode(model: Any, name: str, cfg: LoadConfig, max_batch: int, prompts: list[list[int]],
@@ -186,7 +193,7 @@ def run_mode(model: Any, name: str, cfg: LoadConfig, max_batch: int, prompts: li
                                          max(0.0, deadline - time.perf_counter()))
         ttfts = [c.ttft_s for c in engine.done.seen if c.ttft_s is not None]
         summary = summarize(results, wall, ttfts)
-        steps = {k: v - before[k] for k, v in engine.stats.items()}
+        steps = since(engine.stats, before)
         summary.update(max_batch=max_batch, engine=engine.describe(), decode_steps=steps["decode_steps"],
                        steps=steps, engine_thread_s=thread_seconds(loop.seconds, loop_before, wall))
     log(f"max_batch={max_batch}: {summary['ok']}/{len(prompts)} ok in {wall:.1f} s, "
@@ -228,14 +235,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=LoadConfig.model, choices=["smollm2", "tiny"])
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU at toy load; prints, writes nothing")
-    for field in ("concurrency", "requests", "max_tokens", "min_prompt", "max_prompt", "max_batch", "budget_s",
-                  "admit_every"):
+    for field in OPTIONS:
         p.add_argument("--" + field.replace("_", "-"), type=type(getattr(LoadConfig, field)), default=None)
     a = p.parse_args(argv)
     cfg = SMOKE if a.smoke else LoadConfig(model=a.model)
-    cfg = replace(cfg, **{f: getattr(a, f) for f in ("concurrency", "requests", "max_tokens", "min_prompt",
-                                                     "max_prompt", "max_batch", "budget_s", "admit_every")
-                          if getattr(a, f)})
+    cfg = replace(cfg, **{f: getattr(a, f) for f in OPTIONS if getattr(a, f)})
     if not a.smoke and not backend.ON_GPU:
         print("the endpoint load test needs a CUDA GPU (use --smoke on a CPU)", file=sys.stderr)
         return 2

@@ -144,13 +144,11 @@ class EngineLoop:
         clock = time.perf_counter
         while True:
             t_start = clock()
-            idle = 0.0
             with self._wake:
+                t_wait = clock()
                 while not (self._inbox or self._cancel or self._stop or self.engine.has_unfinished()):
-                    t_wait = clock()
-                    self._wake.wait(0.1)  # in slices, so that ``seconds`` stays current while idle
-                    self.seconds["idle"] += clock() - t_wait
-                    idle += clock() - t_wait
+                    self._wake.wait()
+                idle = clock() - t_wait
                 if self._stop:
                     return
                 inbox, self._inbox = self._inbox, []
@@ -173,6 +171,7 @@ class EngineLoop:
             step = clock() - t_step
             for rid in [r for r in self._waiting if r in self.engine.done]:
                 self._waiting.pop(rid).set_result(self.engine.done.pop(rid))
+            self.seconds["idle"] += idle
             self.seconds["step"] += step
             self.seconds["other"] += clock() - t_start - idle - step
 

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from impl.common.timing import sm_count
 from impl.serve.fused import early_trigger
 
 LOG2E = 1.4426950408889634
@@ -57,6 +58,32 @@ _RUNTIME_INTS = ["group", "page_size"]
 
 
 @triton.jit
+def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, pos, q_pos, limit, offs_d, d_mask, kv_head,
+                  stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, qk_scale_log2, k_scale, v_scale,
+                  page_size, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step of a query block over the keys at ``pos`` (only those < ``limit`` are read): MASKED
+    hides keys at or past ``limit``, CAUSAL also those after each query's position ``q_pos`` (blocks wholly below a
+    prefill query block's first position need neither)."""
+    n_mask = pos < limit
+    k = _load_kv_block(k_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
+                       k_scale, q, page_size)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    if MASKED:
+        if CAUSAL:
+            s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        else:
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds a visible key for every query
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_kv_block(v_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_vp, stride_vs, stride_vh,
+                       v_scale, q, page_size)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attend_range(q, lo, hi, k_ptr, v_ptr, bt_row, offs_n, offs_d, d_mask, kv_head,
                   stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, qk_scale_log2, k_scale, v_scale,
                   page_size, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -67,20 +94,10 @@ def _attend_range(q, lo, hi, k_ptr, v_ptr, bt_row, offs_n, offs_d, d_mask, kv_he
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        pos = start + offs_n
-        n_mask = pos < hi
-        k = _load_kv_block(k_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
-                           k_scale, q, page_size)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_block(v_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_vp, stride_vs, stride_vh,
-                           v_scale, q, page_size)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, start + offs_n, hi, hi, offs_d,
+                                      d_mask, kv_head, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs,
+                                      stride_vh, qk_scale_log2, k_scale, v_scale, page_size, True, False,
+                                      DOT_PRECISION)
     return m_i, l_i, acc
 
 
@@ -160,28 +177,6 @@ def paged_decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr,  # partials [B*H
              out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-@triton.jit
-def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, pos, q_pos, seq_len, offs_d, d_mask, kv_head,
-                  stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, qk_scale_log2, k_scale, v_scale,
-                  page_size, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step of a query block over the keys at ``pos``; MASKED applies the causal and length
-    masks (blocks wholly below the query block's first position need neither)."""
-    n_mask = pos < seq_len
-    k = _load_kv_block(k_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
-                       k_scale, q, page_size)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-    if MASKED:
-        s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite from the first block on: key 0 is visible to every query
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_kv_block(v_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_vp, stride_vs, stride_vh,
-                       v_scale, q, page_size)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
-
-
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]; caches [P, PS, KVH, D]
                          bt_ptr, q_start_ptr, seq_lens_ptr,     # block tables [B, W], row offsets [B+1], lengths [B]
@@ -219,12 +214,12 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]
         m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, start + offs_n, q_pos, seq_len,
                                       offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh, stride_vp,
                                       stride_vs, stride_vh, qk_scale_log2, k_scale, v_scale, page_size,
-                                      False, DOT_PRECISION)
+                                      False, True, DOT_PRECISION)
     for start in range(free_end, end, BLOCK_N):
         m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, start + offs_n, q_pos, seq_len,
                                       offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh, stride_vp,
                                       stride_vs, stride_vh, qk_scale_log2, k_scale, v_scale, page_size,
-                                      True, DOT_PRECISION)
+                                      True, True, DOT_PRECISION)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (row0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -291,19 +286,6 @@ def decode_splits(batch: int, kv_heads: int, max_len: int, sm_count: int, rule: 
     return max(1, min(-(-rule.waves * sm_count // programs), decode_chunks(max_len, rule)))
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def sm_count(device: torch.device) -> int:
-    """SMs of ``device`` (132 off a GPU, so the interpreter follows the same rule as an H100/H200)."""
-    if device.type != "cuda":
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def split_partials(rows: int, chunks: int, dim: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Float32 m, l [rows * chunks] and acc [rows * chunks * dim] for a split decode; every element is written by
     the split kernel. Allocated per call: inside graph capture they come from the graph's pool (fixed addresses)."""
@@ -332,7 +314,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     max_len = block_tables.shape[1] * k_cache.shape[1]
     chunks = decode_chunks(max_len, rule)
     if splits is None:
-        splits = decode_splits(batch, kv_heads, max_len, sm_count(q.device), rule)
+        splits = decode_splits(batch, kv_heads, max_len, sm_count(q.device.index), rule)
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     splits = min(splits, chunks)

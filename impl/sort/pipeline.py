@@ -94,15 +94,10 @@ class HostSortPipeline:
         per = -(-self.n // self.pipeline.chunks) if self.n else 1
         return max(self.sorter.span_bits(0), (per - 1).bit_length())
 
-    def regions(self) -> list[tuple[int, int, int]]:
-        """(lo, hi, bits) of each region in upload order: [lo, hi) fills the aligned block of 2^bits slots at lo
-        (bits = region_bits; the last region may be partial)."""
-        k = self.region_bits
-        return [(lo, min(lo + (1 << k), self.n), k) for lo in range(0, self.n, 1 << k)]
-
     def chunk_bounds(self) -> list[tuple[int, int]]:
-        """[lo, hi) of each region (aligned to its block, so to tiles; the last one may be partial)."""
-        return [(lo, hi) for lo, hi, _ in self.regions()]
+        """[lo, hi) of each region in upload order (aligned to 2^region_bits, so to tiles; the last may be partial)."""
+        size = 1 << self.region_bits
+        return [(lo, min(lo + size, self.n)) for lo in range(0, self.n, size)]
 
     def steps(self) -> list[tuple]:
         """The compute stream's order: ("arrive", c) waits for region c's upload, ("pass", i, c0, c1) runs pass i on
@@ -113,17 +108,17 @@ class HostSortPipeline:
         the merges of the early regions overlap the later uploads. Arrived neighbours at the same pass share one
         launch, except that after the last upload the first unfinished region runs alone, carried to its end first
         (its download then overlaps the rest)."""
-        regions, count = self.regions(), self.passes
+        regions, count = self.chunk_bounds(), self.passes
         done = [0] * len(regions)
         arrived, out = 0, []
 
         def group(i: int, c: int) -> range:
             s = self.sorter.span_bits(i)
-            if s <= regions[c][2]:
+            if s <= self.region_bits:
                 return range(c, c + 1)
             if not self.pipeline.early:
                 return range(len(regions))
-            members = [d for d, (lo, _, _) in enumerate(regions) if lo >> s == regions[c][0] >> s]
+            members = [d for d, (lo, _) in enumerate(regions) if lo >> s == regions[c][0] >> s]
             return range(members[0], members[-1] + 1)
 
         def advance() -> bool:
@@ -232,11 +227,11 @@ class HostSortPipeline:
         order the downloads were enqueued."""
         copy_in, compute, copy_out = self.roles
         pinned = self.pipeline.pinned
-        regions = self.regions()
+        regions = self.chunk_bounds()
         done = []
         for step in self.steps():
             if step[0] == "arrive":
-                lo, hi, _ = regions[step[1]]
+                lo, hi = regions[step[1]]
                 if x is not None:
                     self.stage_in[lo:hi] = x[lo:hi]
                 self._upload(lo, hi, copy_in)
@@ -246,7 +241,7 @@ class HostSortPipeline:
                 _, i, c0, c1 = step
                 self._group_pass(i, compute, regions, c0, c1, descending)
             else:
-                lo, hi, _ = regions[step[1]]
+                lo, hi = regions[step[1]]
                 if pinned:
                     _record(compute).wait(copy_out)
                 self._download(lo, hi, copy_out)
@@ -266,11 +261,9 @@ class HostSortPipeline:
         if c0 == 0 and c1 == len(regions):
             self.sorter.launch_pass(i, self.d_src, self.d_out, descending=descending, stream=stream)
             return
-        span, shift = self.sorter.span_bits(i), self.sorter.block_bits(i)
-        bits = [max(b, span) for _, _, b in regions[c0:c1]]
-        starts = [lo >> b << b for (lo, _, _), b in zip(regions[c0:c1], bits)]
-        first = min(starts) >> shift
-        last = min(max(lo + (1 << b) for lo, b in zip(starts, bits)) >> shift, self.sorter.pass_blocks(i))
+        bits, shift = max(self.region_bits, self.sorter.span_bits(i)), self.sorter.block_bits(i)
+        first = (regions[c0][0] >> bits << bits) >> shift
+        last = min(((regions[c1 - 1][0] >> bits) + 1 << bits) >> shift, self.sorter.pass_blocks(i))
         if last > first:
             self.sorter.launch_pass(i, self.d_src, self.d_out, descending=descending, stream=stream,
                                     first_block=first, blocks=last - first)
