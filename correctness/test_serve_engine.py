@@ -1,18 +1,20 @@
 """The engine on toy random-weight models: paged KV == contiguous KV, continuous batching == each request alone,
 stop tokens and length limits, per-request errors, sampling, CUDA graphs (GPU) and the experiment's smoke run."""
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fixtures.oracle import assert_close
-from fixtures.serve import tiny_model
+from fixtures.serve import fragmented_cache, tiny_model
 from impl import backend
 from impl.serve.engine import Engine, EngineConfig
 from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep
 from impl.serve.attention import make_backend
 from impl.serve.reference import ContiguousKV, greedy_contiguous
-from impl.serve.sampling import SamplingParams, sample_one, top_p_filter
+from impl.serve.cuda_graphs import pack_decode_inputs
+from impl.serve.sampling import SamplingParams, sample_checked, sample_one, top_p_filter
 
 DEV = "cuda" if backend.ON_GPU else "cpu"
 MODEL = tiny_model(device=DEV)
@@ -180,6 +182,48 @@ def test_engine_reports_its_choices():
     d = Engine(MODEL, EngineConfig(attention="auto")).describe()
     assert d["attention_backend"] in ("flashinfer", "triton", "sdpa") and d["attention_reason"].startswith("auto")
     assert d["linear_paths"] == {"dense": 4 * MODEL.args.n_layers} and d["kv_dtype"] == "float32"
+
+
+@given(lengths=st.lists(st.integers(1, 70), min_size=1, max_size=9), page_size=st.sampled_from([1, 4, 16]),
+       pad=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_packed_graph_inputs_equal_the_step_metadata(lengths, page_size, pad, seed):
+    """The CUDA-graph step's host packing gives each live row what ``metadata`` (the eager path) gives it, and the
+    bucket's padding rows token 0, position 0, slot 0 and length 0; rows past the bucket keep their poison."""
+    cache = fragmented_cache(MODEL.args, lengths, page_size, seed=seed)
+    seqs = [(b, n - 1, 1) for b, n in enumerate(lengths)]
+    last = [(7 * b + 3) % MODEL.args.vocab_size for b in range(len(lengths))]
+    rows, n = len(lengths) + pad, len(lengths) + pad + 2
+    width = max(cache.pages_for(x) for x in lengths) + 1
+    ids, lens_tables = np.full((3, n), -5, np.int64), np.full(n + n * width, -5, np.int32)
+    pack_decode_inputs(seqs, last, cache.block_tables, page_size, rows, ids, lens_tables, n, width)
+    meta = cache.metadata(seqs, "cpu")
+    b = len(lengths)
+    assert ids[0, :b].tolist() == last
+    assert ids[1, :b].tolist() == meta.positions.tolist() and ids[2, :b].tolist() == meta.slot_mapping.tolist()
+    assert lens_tables[:b].tolist() == meta.seq_lens.tolist()
+    tables = lens_tables[n:].reshape(n, width)
+    for i, t in enumerate(meta.block_tables_host):
+        assert tables[i, :len(t)].tolist() == t and not tables[i, len(t):].any()
+    assert not ids[:, b:rows].any() and not lens_tables[b:rows].any() and not tables[b:rows].any()
+    assert (ids[:, rows:] == -5).all() and (lens_tables[rows:n] == -5).all() and (tables[rows:] == -5).all()
+
+
+def test_packing_refuses_a_batch_larger_than_its_bucket():
+    cache = fragmented_cache(MODEL.args, [5, 6], 4, seed=0)
+    with pytest.raises(ValueError, match="bucket of 1 rows"):
+        pack_decode_inputs([(0, 4, 1), (1, 5, 1)], [1, 2], cache.block_tables, 4, 1, np.zeros((3, 4), np.int64),
+                           np.zeros(4 + 4 * 3, np.int32), 4, 3)
+
+
+def test_checked_sampling_flags_non_finite_rows_in_one_read():
+    logits = torch.randn(4, 11, generator=torch.Generator().manual_seed(0))
+    logits[1, 4], logits[2, 0] = float("nan"), float("inf")
+    params = [SamplingParams(), SamplingParams(), SamplingParams(), SamplingParams(temperature=0.7, seed=3)]
+    gens = [None, None, None, torch.Generator().manual_seed(3)]
+    tokens, finite = sample_checked(logits, params, gens)
+    assert finite == [True, False, False, True]
+    assert tokens[:3] == torch.argmax(logits[:3], dim=-1).tolist()
+    assert tokens[3] == sample_one(logits[3], params[3], torch.Generator().manual_seed(3))
 
 
 @pytest.mark.gpu

@@ -6,12 +6,14 @@ shapes and addresses, so every input lives in a static buffer sized for the larg
 runs the graph of the smallest bucket ≥ B, the extra rows padded with token 0 at position 0, written to slot 0 of
 the null page 0, with K/V length 0 (the Triton decode kernel writes zeros for them). The decode kernel's split-KV
 grid follows from the bucket's batch and the block table's fixed width (``max_seq_len``), never from the lengths, so
-one captured grid serves every replay. Block tables are copied only up to the widest live table: columns past a
-row's length are never read. Graphs are captured lazily, on first use of a bucket, after two warm-up runs on a side
-stream (which also compile the Triton kernels).
+one captured grid serves every replay. A step's inputs are packed on the host (``pack_decode_inputs``: numpy, into
+two pinned buffers laid out like the static ones) and reach the GPU in three asynchronous copies, so the host never
+waits for the GPU before a replay. Graphs are captured lazily, on first use of a bucket, after two warm-up runs on a
+side stream (which also compile the Triton kernels).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,12 +31,17 @@ class DecodeGraphs:
         self.sizes = sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
         n, dev = self.sizes[-1], model.device
         self.width = cache.pages_for(max_seq_len)
-        self.tokens = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slots = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
+        pin = dev.type == "cuda"
+        # ids rows: token, position, KV slot; lens_tables: seq_lens [n] then block tables [n, width], flat
+        self.ids = torch.zeros(3, n, dtype=torch.int64, device=dev)
+        self.lens_tables = torch.zeros(n + n * self.width, dtype=torch.int32, device=dev)
+        self.host_ids = torch.zeros(3, n, dtype=torch.int64, pin_memory=pin)
+        self.host_lens_tables = torch.zeros(n + n * self.width, dtype=torch.int32, pin_memory=pin)
+        self.tokens, self.positions, self.slots = self.ids[0], self.ids[1], self.ids[2]
+        self.seq_lens = self.lens_tables[:n]
+        self.block_tables = self.lens_tables[n:].view(n, self.width)
         self.q_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.copied = torch.cuda.Event() if dev.type == "cuda" else None  # host buffers free again once it fires
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = None
 
@@ -67,22 +74,17 @@ class DecodeGraphs:
 
     def load(self, seqs: list[tuple[int, int, int]], last_tokens: list[int]) -> int:
         """Copy one decode step's inputs into the static buffers; returns the bucket size."""
-        b, ps = len(seqs), self.cache.page_size
-        bp = self.bucket(b)
-        pad = bp - b
-        pos = [start for _, start, _ in seqs]
-        tables = [self.cache.block_tables[seq][: p // ps + 1] for (seq, _, _), p in zip(seqs, pos)]
-        width = max(len(t) for t in tables)
-        slots = [t[p // ps] * ps + p % ps for t, p in zip(tables, pos)]
-        host = torch.tensor([last_tokens + [0] * pad, pos + [0] * pad, slots + [0] * pad], dtype=torch.int64)
-        self.tokens[:bp].copy_(host[0], non_blocking=True)
-        self.positions[:bp].copy_(host[1], non_blocking=True)
-        self.slots[:bp].copy_(host[2], non_blocking=True)
-        self.seq_lens[:bp].copy_(torch.tensor([p + 1 for p in pos] + [0] * pad, dtype=torch.int32))
-        bt = torch.zeros(bp, width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        self.block_tables[:bp, :width].copy_(bt)
+        n, bp = self.sizes[-1], self.bucket(len(seqs))
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous step's copies have read the pinned buffers
+        pack_decode_inputs(seqs, last_tokens, self.cache.block_tables, self.cache.page_size, bp,
+                           self.host_ids.numpy(), self.host_lens_tables.numpy(), n, self.width)
+        self.ids.copy_(self.host_ids, non_blocking=True)
+        self.seq_lens[:bp].copy_(self.host_lens_tables[:bp], non_blocking=True)
+        self.lens_tables[n:n + bp * self.width].copy_(self.host_lens_tables[n:n + bp * self.width],
+                                                      non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
         return bp
 
     def replay(self, bp: int) -> Tensor:
@@ -96,3 +98,34 @@ class DecodeGraphs:
         """Logits [len(seqs), vocab] of one decode step; ``seqs`` = [(seq id, position of its token, 1)]."""
         bp = self.load(seqs, last_tokens)
         return self.replay(bp)[: len(seqs)]
+
+
+def pack_decode_inputs(seqs: list[tuple[int, int, int]], last_tokens: list[int], tables: dict[int, list[int]],
+                       page_size: int, rows: int, ids: np.ndarray, lens_tables: np.ndarray, n: int,
+                       width: int) -> None:
+    """Write one decode step's inputs, padded to ``rows`` rows, into host arrays shaped like the static buffers.
+
+    seqs [B] = (sequence id, position p of its one new token, 1); last_tokens [B]; tables: block table per sequence.
+    ids int64 [3, n]: row i < B holds (last_tokens[i], p, KV slot of p = table[p // page_size] * page_size +
+    p % page_size); lens_tables int32 [n + n * width]: seq_lens [n] = p + 1, then block tables [n, width] (the
+    pages holding positions 0..p, zeros after). Rows B..rows-1 (the bucket's padding) are all zero: token 0 at
+    position 0, slot 0 of the null page, length 0. Rows past ``rows`` are left as they are (no graph of this
+    bucket reads them).
+    """
+    b = len(seqs)
+    if not b <= rows <= n or len(last_tokens) != b:
+        raise ValueError(f"{b} sequences and {len(last_tokens)} tokens for a bucket of {rows} rows (static {n})")
+    pos = [start for _, start, _ in seqs]
+    live = [tables[seq][: p // page_size + 1] for (seq, _, _), p in zip(seqs, pos)]
+    if any(len(t) > width or len(t) <= p // page_size for t, p in zip(live, pos)):
+        raise ValueError(f"a block table is wider than {width} pages or lacks the page of its position")
+    ids[:, :rows] = 0
+    ids[0, :b] = last_tokens
+    ids[1, :b] = pos
+    ids[2, :b] = [t[p // page_size] * page_size + p % page_size for t, p in zip(live, pos)]
+    lens_tables[:rows] = 0
+    lens_tables[:b] = [p + 1 for p in pos]
+    block = lens_tables[n:n + rows * width].reshape(rows, width)
+    block[:] = 0
+    for i, t in enumerate(live):
+        block[i, :len(t)] = t

@@ -26,7 +26,7 @@ import torch
 from impl.serve.attention import select_backend
 from impl.serve.kv_cache import CacheConfig, OutOfPages, PagedKVCache, PagedStep, last_token_rows
 from impl.serve.model import Transformer
-from impl.serve.sampling import SEED_LIMIT, SamplingParams, make_generator, sample
+from impl.serve.sampling import SEED_LIMIT, SamplingParams, make_generator, sample_checked
 
 
 @dataclass(frozen=True)
@@ -306,8 +306,7 @@ class Engine:
 
     def _accept(self, batch: list[Request], logits: torch.Tensor) -> None:
         """Sample one token per request from logits [B, V] and retire the finished ones."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        tokens = sample(logits, [r.params for r in batch], [r.generator for r in batch])
+        tokens, finite = sample_checked(logits, [r.params for r in batch], [r.generator for r in batch])
         now = time.perf_counter()  # after the host read of the tokens, so the GPU work is done
         for r, tok, ok in zip(batch, tokens, finite):
             if not ok:

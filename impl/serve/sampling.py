@@ -87,15 +87,22 @@ def sample_one(logits: Tensor, params: SamplingParams, generator: torch.Generato
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """Token ids for a batch: logits [B, V]; greedy rows in one argmax, sampled rows one by one."""
+def sample_checked(logits: Tensor, params: list[SamplingParams],
+                   generators: list[torch.Generator | None]) -> tuple[list[int], list[bool]]:
+    """Token ids and whether each row's logits are all finite, for logits [B, V]: the greedy rows' argmax and the
+    flags come back in one host read; sampled rows are drawn one by one (``sample_one``)."""
     if logits.shape[0] != len(params):
         raise ValueError(f"{logits.shape[0]} logit rows for {len(params)} requests")
-    tokens = torch.argmax(logits, dim=-1).tolist()
+    tokens, flags = torch.stack((torch.argmax(logits, dim=-1), torch.isfinite(logits).all(dim=-1).long())).tolist()
     for i, (p, g) in enumerate(zip(params, generators)):
         if not p.greedy:
             tokens[i] = sample_one(logits[i], p, g)
-    return tokens
+    return tokens, [bool(f) for f in flags]
+
+
+def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """Token ids for a batch: logits [B, V]; greedy rows in one argmax, sampled rows one by one."""
+    return sample_checked(logits, params, generators)[0]
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
