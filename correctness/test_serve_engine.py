@@ -226,6 +226,42 @@ def test_checked_sampling_flags_non_finite_rows_in_one_read():
     assert tokens[3] == sample_one(logits[3], params[3], torch.Generator().manual_seed(3))
 
 
+def test_step_profile_sums_kernel_time_and_counts_launches():
+    from types import SimpleNamespace as NS
+
+    from impl.serve.profile import summarize_events
+
+    def ev(name, device, us=0.0, self_us=0.0):
+        dt = torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU
+        return NS(name=name, device_type=dt, time_range=NS(elapsed_us=lambda: us), self_cpu_time_total=self_us)
+
+    events = [ev("gemv", True, 30.0), ev("gemv", True, 10.0), ev("attn", True, 20.0), ev("cudaLaunchKernel", False,
+              self_us=5.0), ev("cudaGraphLaunch", False, self_us=7.0), ev("aten::argmax", False, self_us=3.0)]
+    d = summarize_events(events, wall_s=120e-6)
+    assert d["kernel_s"] == pytest.approx(60e-6) and d["busy"] == pytest.approx(0.5)
+    assert d["launches"] == 2 and d["kernels"] == 3
+    assert d["top_kernels"][0] == {"name": "gemv", "calls": 2, "s": pytest.approx(40e-6)}
+    assert [o["name"] for o in d["top_host_ops"]] == ["cudaGraphLaunch", "cudaLaunchKernel", "aten::argmax"]
+
+
+def test_profiled_steps_prefill_then_decode_and_leave_the_engine_idle():
+    from impl.serve.profile import profile_steps
+
+    engine = Engine(MODEL, EngineConfig(max_batch=4))
+    params = SamplingParams(max_new_tokens=4, stop_token_ids=())
+    d = profile_steps(engine, PROMPTS[:3], params)
+    assert d["prompts"] == 3 and d["prompt_tokens"] == sum(len(p) for p in PROMPTS[:3])
+    assert engine.stats["prefill_steps"] == 1 and not engine.has_unfinished() and not engine.done
+    for step in ("first", "decode"):
+        assert d[step]["wall_s"] > 0 and d[step]["top_host_ops"]
+        assert (d[step]["kernel_s"] > 0) == backend.ON_GPU
+    with pytest.raises(ValueError, match="max_new_tokens >= 3"):
+        profile_steps(engine, PROMPTS[:1], SamplingParams(max_new_tokens=2))
+    engine.add_request(PROMPTS[0], params)
+    with pytest.raises(ValueError, match="idle engine"):
+        profile_steps(engine, PROMPTS[:1], params)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_dtype,fp8_linears", [(None, False), (torch.float8_e4m3fn, False), (None, True)],
                          ids=["kv-model-dtype", "kv-fp8", "fp8-linears-bf16"])

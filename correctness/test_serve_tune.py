@@ -156,6 +156,7 @@ def test_loadtest_smoke_serves_both_modes_and_compares_greedy_tokens(capsys):
         assert 0 < st["decode_s"] + st["prefill_s"] <= th["step"] <= m["wall_s"] and th["other"] >= 0
     alone = data["modes"]["engine_alone"]
     assert alone["completion_tokens"] == data["modes"]["continuous"]["completion_tokens"] and not alone["errors"]
+    assert alone["profile"]["prompts"] == 3 and alone["profile"]["decode"]["wall_s"] > 0
     assert data["modes"]["one_at_a_time"]["max_batch"] == 1 and data["batching_gain"] > 0
     assert loadclient.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and loadclient.percentile([], 50) is None
 

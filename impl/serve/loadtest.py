@@ -18,9 +18,10 @@ Per mode: requests/s and completion tokens/s over the wall time, client latency 
 engine measures it (arrival to first sampled token, from its completions). ``batching_gain`` = continuous requests/s
 over one-at-a-time requests/s; ``greedy_identical`` = the fraction of requests whose tokens are the same in both
 modes (one at a time is each prompt alone). Each mode also records the engine's steps over the measured load (prefill
-and decode steps, tokens, seconds in each), the engine thread's seconds in steps / in between / idle, and ``engine_alone`` the same prompts through ``Engine.generate`` with no
-server or client, so the endpoint's own overhead shows beside the engine's. Written to
-``results/<card>/serve/endpoint_<model>.json`` on a GPU.
+and decode steps, tokens, seconds in each), the engine thread's seconds in steps / in between / idle, and
+``engine_alone`` the same prompts through ``Engine.generate`` with no server or client, so the endpoint's own overhead
+shows beside the engine's, with one prefill step and one decode step profiled (kernel time against host time,
+``impl.serve.profile``). Written to ``results/<card>/serve/endpoint_<model>.json`` on a GPU.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from impl import backend
 from impl.common.log import logger
 from impl.serve.engine import Engine, EngineConfig
 from impl.serve.loadclient import drive_in_process, percentile
+from impl.serve.profile import profile_steps
 from impl.serve.sampling import SamplingParams
 
 
@@ -148,7 +150,9 @@ def make_engine(model: Any, cfg: LoadConfig, max_batch: int) -> Engine:
 
 def run_engine_alone(model: Any, cfg: LoadConfig, prompts: list[list[int]]) -> dict[str, Any]:
     """The same prompts through ``Engine.generate`` with no server or client (all queued at once): the engine's own
-    tokens/s and its time in prefill and decode steps, to tell the endpoint's overhead from the engine's."""
+    tokens/s and its time in prefill and decode steps, to tell the endpoint's overhead from the engine's; then
+    ``profile``: one step prefilling the first ``max_batch`` prompts and one decode step, profiled
+    (``impl.serve.profile``: kernel time against host time)."""
     engine = make_engine(model, cfg, cfg.max_batch)
     params = SamplingParams(max_new_tokens=cfg.max_tokens)
     engine.generate(prompts[: cfg.concurrency], params)  # warm-up: graphs and kernels
@@ -161,8 +165,19 @@ def run_engine_alone(model: Any, cfg: LoadConfig, prompts: list[list[int]]) -> d
     log(f"engine alone: {len(outs)} requests, {tokens} tokens in {wall:.2f} s ({tokens / wall:.0f} tok/s); "
         f"prefill {steps['prefill_steps']} steps {steps['prefill_s']:.2f} s, decode {steps['decode_steps']} steps "
         f"{steps['decode_s']:.2f} s")
+    try:
+        profile = profile_steps(engine, prompts[: cfg.max_batch],
+                                SamplingParams(max_new_tokens=max(3, cfg.max_tokens), stop_token_ids=()))
+    except RuntimeError as e:  # the profiler (CUPTI) failing costs the profile, not the measured load
+        log(f"step profile failed: {type(e).__name__}: {e}")
+        profile = {"error": f"{type(e).__name__}: {e}"}
+    for name in ("first", "decode"):
+        if name in profile:
+            d = profile[name]
+            log(f"profiled {name} step: {d['wall_s'] * 1e3:.2f} ms, kernels {d['kernel_s'] * 1e3:.2f} ms "
+                f"({d['kernels']} kernels, {d['launches']} launches)")
     return {"wall_s": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall if wall > 0 else None,
-            "steps": steps, "errors": [o.error for o in outs if o.error][:5]}
+            "steps": steps, "errors": [o.error for o in outs if o.error][:5], "profile": profile}
 
 
 def since(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
