@@ -100,7 +100,9 @@ __device__ __forceinline__ unsigned mix32(unsigned x) {
 }
 __device__ __forceinline__ unsigned fold(int k) { return (unsigned)k; }
 __device__ __forceinline__ unsigned fold(long long k) { return (unsigned)(k ^ (k >> 32)); }
-__device__ __forceinline__ long long first_bucket(unsigned h, long long nb) { return (long long)(((u64)h * (u64)nb) >> 32); }
+__device__ __forceinline__ long long first_bucket(unsigned h, long long nb) {
+    return (long long)(((u64)h * (u64)nb) >> 32);
+}
 __device__ __forceinline__ long long bucket_step(unsigned h, long long nb) {
     return 1 + (long long)(mix32(h ^ STEP_SALT) % (unsigned)(nb - 1));
 }
@@ -108,7 +110,9 @@ __device__ __forceinline__ long long next_bucket(long long b, long long step, lo
     b += step;
     return b >= nb ? b - nb : b;
 }
-__device__ __forceinline__ bool is_live(unsigned tag, unsigned shift, unsigned epoch) { return (tag >> shift) == epoch; }
+__device__ __forceinline__ bool is_live(unsigned tag, unsigned shift, unsigned epoch) {
+    return (tag >> shift) == epoch;
+}
 
 template <typename K>
 __device__ __forceinline__ Bucket<K> load_bucket(const Slot<K>* table, long long b) {
@@ -880,12 +884,12 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
     }
 
 #define JOIN_KEY_KERNELS(K, SUF)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                                 \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                   \
         join_build_##SUF(const K* keys, long long n, Slot<K>* table, long long nb, long long shift,             \
                          long long epoch, long long* state, long long* host) {                                   \
         build_kernel<K>(keys, n, table, nb, shift, epoch, state, host);                                         \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                                 \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                   \
         join_count_##SUF(const K* pkeys, long long n, const Slot<K>* table, long long nb, long long shift,      \
                          long long epoch, int* heads, long long* tcounts, long long* tile_totals,               \
                          long long* tile_offsets, long long* state, long long* host) {                          \
@@ -894,7 +898,7 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
     }
 
 #define JOIN_ROW_KERNELS(K, R, SUF)                                                                               \
-    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                                 \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                   \
         join_write_##SUF(const K* pkeys, long long n, const Slot<K>* table, long long nb, long long shift,      \
                          long long epoch, const int* heads, const long long* tcounts,                           \
                          const long long* tile_offsets, const R* brows, const R* prows, R* out_b, R* out_p,     \
@@ -902,7 +906,7 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
         write_kernel<K, R>(pkeys, n, table, nb, shift, epoch, heads, tcounts, tile_offsets, brows, prows, out_b, \
                            out_p, capacity);                                                                     \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                                 \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                   \
         join_fused_##SUF(const K* bkeys, long long nbuild, const K* pkeys, long long n, Slot<K>* table,         \
                          long long nb, long long shift, long long epoch, int* heads, long long* tcounts,        \
                          long long* tile_totals, long long* tile_offsets, const R* brows, const R* prows,       \
