@@ -409,3 +409,25 @@ def test_rescore_recomputes_interpolation_from_stored_configs(tmp_path, monkeypa
     monkeypatch.setattr(results, "git_commit", lambda short=True: "0123abcd+dirty")
     with pytest.raises(SystemExit, match="committed code"):
         rescore("card", tmp_path)
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_recipe_anchors_start_with_each_residual_branch_switched_off(zero):
+    """With ``zero_init_last`` (the full recipe's setting) the last BatchNorm of every residual branch starts at 0, so
+    each block computes act(shortcut(x)); without it, torchvision's unit init."""
+    from types import SimpleNamespace
+
+    from impl.seam import experiments as ex
+    from impl.seam.models import build_anchor
+
+    recipe = ex.preset("full")
+    assert recipe.zero_init_last and recipe.anchor_train.grad_clip is not None
+    recipe.zero_init_last, recipe.width_div = zero, 8
+    data = SimpleNamespace(image_size=28, num_classes=10, channels=1)
+    for cfg in ex.anchor_configs(recipe, data, {}):
+        net = build_anchor(cfg)
+        blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+        last = [b.bn3 if hasattr(b, "bn3") else b.bn2 for b in blocks]
+        assert len(last) == 16
+        assert all(bool((bn.weight == 0).all()) == zero for bn in last), cfg.arch
+        assert all(bool((bn.weight == 1).all()) != zero for bn in last), cfg.arch

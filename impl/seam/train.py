@@ -4,8 +4,8 @@ Loss: cross-entropy with label smoothing; in the family phase optionally mixed w
 teacher (the more accurate anchor), ``(1 − α)·CE + α·T²·KL(softmax(t/T) ‖ softmax(s/T))``. Optimiser: SGD with
 Nesterov momentum, weight decay on conv/linear weights only; optionally the global gradient norm is clipped to
 ``grad_clip`` (on in the family phase: there the stitches are the only layers with no BatchNorm behind them, and an
-unclipped family phase diverged to NaN within its warm-up; the per-step norm before clipping is kept in
-``grad_norm_curve``). Schedule: one cycle (as ``torch.optim.lr_scheduler.OneCycleLR``): over the first ``pct_start``
+unclipped family phase diverged to NaN within its warm-up; the recipe's anchors take a looser clip as a guard against
+loss spikes; the per-step norm before clipping is kept in ``grad_norm_curve``). Schedule: one cycle (as ``torch.optim.lr_scheduler.OneCycleLR``): over the first ``pct_start``
 of training the learning rate rises from ``lr/div_factor`` to ``lr`` and momentum falls from ``momentum_max`` to
 ``momentum_min`` (cosine), then the learning rate falls to ``lr/(div_factor·final_div_factor)`` while momentum rises
 back. The schedule runs by step only: ``progress = (step + 0.5) / planned_steps``, so a slow step (compilation,
