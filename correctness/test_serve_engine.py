@@ -279,6 +279,10 @@ def test_cuda_graph_decode_equals_eager(kv_dtype, fp8_linears):
     graphed = graphed_engine.generate(PROMPTS, params)
     assert [o.tokens for o in graphed] == [o.tokens for o in eager]
     assert graphed_engine.graphs.graphs, "no graph was captured"
+    upfront = Engine(model, EngineConfig(cuda_graphs=True, **cfg))  # every bucket captured before the first step
+    assert upfront.capture_graphs() == 4 and sorted(upfront.graphs.graphs) == [1, 2, 4, 8]
+    assert upfront.capture_graphs() == 0
+    assert [o.tokens for o in upfront.generate(PROMPTS, params)] == [o.tokens for o in eager]
 
 
 def test_experiments_smoke_feeds_claims_and_plot(capsys, tmp_path):
@@ -362,3 +366,8 @@ def test_http_completions_batch_concurrent_clients():
         server.shutdown()
         server.loop.close()
         server.server_close()
+
+
+def test_capturing_graphs_without_cuda_graphs_captures_none():
+    engine = Engine(MODEL, EngineConfig(cuda_graphs=False))
+    assert engine.capture_graphs() == 0 and engine.graphs is None

@@ -9,7 +9,8 @@ grid follows from the bucket's batch and the block table's fixed width (``max_se
 one captured grid serves every replay. A step's inputs are packed on the host (``pack_decode_inputs``: numpy, into
 two pinned buffers laid out like the static ones) and reach the GPU in three asynchronous copies, so the host never
 waits for the GPU before a replay. Graphs are captured lazily, on first use of a bucket, after two warm-up runs on a
-side stream (which also compile the Triton kernels).
+side stream (which also compile the Triton kernels), or all at once by ``capture_all`` (a server does that before
+its first request, so no request waits for a capture).
 """
 from __future__ import annotations
 
@@ -86,6 +87,17 @@ class DecodeGraphs:
         if self.copied is not None:
             self.copied.record()
         return bp
+
+    def capture_all(self) -> int:
+        """Capture every bucket not yet captured, between steps; returns how many. The static inputs are zeroed
+        first, so the capture's warm-up forwards run padding rows only (they write slot 0 of the null page)."""
+        new = [bp for bp in self.sizes if bp not in self.graphs]
+        if new:
+            self.ids.zero_()
+            self.lens_tables.zero_()
+        for bp in new:
+            self.graphs[bp] = self._capture(bp)
+        return len(new)
 
     def replay(self, bp: int) -> Tensor:
         if bp not in self.graphs:

@@ -231,6 +231,11 @@ class Engine:
     def _progress_mark(self) -> int:
         return self.stats["prefill_steps"] + self.stats["decode_steps"] + len(self.done)
 
+    def capture_graphs(self) -> int:
+        """Capture the decode graph of every batch bucket now (between steps); returns how many were new (0 without
+        CUDA graphs)."""
+        return self.graphs.capture_all() if self.graphs is not None else 0
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -155,7 +155,8 @@ def run_engine_alone(model: Any, cfg: LoadConfig, prompts: list[list[int]]) -> d
     (``impl.serve.profile``: kernel time against host time)."""
     engine = make_engine(model, cfg, cfg.max_batch)
     params = SamplingParams(max_new_tokens=cfg.max_tokens)
-    engine.generate(prompts[: cfg.concurrency], params)  # warm-up: graphs and kernels
+    engine.capture_graphs()  # as the server does before its first request
+    engine.generate(prompts[: cfg.concurrency], params)  # warm-up: kernels
     before = dict(engine.stats)
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params)

@@ -312,7 +312,12 @@ def content_length(values: list[str], limit: int) -> int | None:
 
 def make_server(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
                 limits: ServerLimits = ServerLimits()) -> ThreadingHTTPServer:
-    """A server (not yet serving: call ``serve_forever``); ``server.loop.close()`` stops the engine thread."""
+    """A server (not yet serving: call ``serve_forever``); ``server.loop.close()`` stops the engine thread. The
+    engine's decode graphs are all captured first, so no request waits for a capture."""
+    captured = engine.capture_graphs()
+    if captured:
+        print(f"[serve] captured {captured} decode CUDA graphs (batch buckets up to {engine.cfg.max_batch})",
+              file=sys.stderr)
     loop = EngineLoop(engine)
     counter = iter(range(1 << 62))
     hosts: set[str] | None = None  # filled in once the port is bound (port 0 picks one)
