@@ -79,3 +79,25 @@ def test_experiments_cli_refuses_gpu_run_without_gpu(capsys):
         pytest.skip("this checks the CPU-side refusal")
     assert experiments.main([]) == 2
     assert "--smoke" in capsys.readouterr().err
+
+
+def test_gptq_variant_on_one_block_of_the_real_model():
+    """Input moments from calibration tokens, then block 0's seven linears GPTQ-rounded: the checkpoint's scales,
+    other codes than round-to-nearest, and logits near the base model's."""
+    model, tok, bos = experiments.load("smollm2", None, "cpu", torch.float32)
+    cal, ids = experiments.token_split(tok, experiments.text_of(None), 128, 64)
+    moments = quality.input_moments(model, cal, window=64, bos=bos)
+    assert len(moments) == 210 and all(torch.isfinite(h).all() for h in moments.values())
+    base = model(input_ids=ids[None]).logits
+    cache: dict = {}
+    with quality.Swapped(model, quality.Variant("channel", "w8a16", rounding="gptq"), blocks=(0,), cache=cache,
+                         moments=moments) as sw:
+        got = model(input_ids=ids[None]).logits
+    assert sw.paths == {"dequant-torch": 7} and len(cache) == 7
+    name = "layers.0.self_attn.q_proj"
+    w = dict((n, lin) for _, n, _, _, lin in quality.block_linears(model))[name].weight.data
+    nearest = quality.quantize_weight_like_checkpoint(w, "channel")
+    gptq = cache[("channel", "gptq", name)][0]
+    assert torch.equal(gptq.scale, nearest.scale) and not torch.equal(gptq.weight.view(torch.uint8),
+                                                                        nearest.weight.view(torch.uint8))
+    assert torch.isfinite(got).all() and (got - base).abs().max() < 0.05 * base.abs().max()

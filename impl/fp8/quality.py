@@ -1,11 +1,13 @@
 """Quality of FP8 linears in a real model: perplexity and greedy agreement against the unquantized model.
 
-A *variant* is (scale group, mode, kept blocks): every ``nn.Linear`` of the decoder blocks becomes an ``Fp8Linear``
-over the weight quantized with dynamic amax scales of the group (per tensor, per output channel, 128x128 blocks),
-in mode ``w8a16`` (weight-only; activations stay in the compute dtype) or ``w8a8`` (activations quantized per token
-to e4m3 on every call), except the linears of the blocks listed in ``keep``, which stay dense. Embeddings, norms and
-the LM head are never quantized (vLLM's default). The swap happens in memory on a model loaded once; the codes and
-scales are those the quantizer writes into a checkpoint (``check_layouts`` proves it per layout, bit for bit).
+A *variant* is (scale group, mode, kept blocks, rounding): every ``nn.Linear`` of the decoder blocks becomes an
+``Fp8Linear`` over the weight quantized with dynamic amax scales of the group (per tensor, per output channel, 128x128
+blocks), in mode ``w8a16`` (weight-only; activations stay in the compute dtype) or ``w8a8`` (activations quantized
+per token to e4m3 on every call), except the linears of the blocks listed in ``keep``, which stay dense. Embeddings,
+norms and the LM head are never quantized (vLLM's default). The swap happens in memory on a model loaded once; with
+``nearest`` rounding the codes and scales are those the quantizer writes into a checkpoint (``check_layouts`` proves
+it per layout, bit for bit); ``gptq`` keeps those scales and chooses each code with GPTQ (``impl.fp8.gptq``) from the
+linears' input moments over the calibration tokens (the ones before the evaluation text, as for sensitivity).
 
 Metric, per variant, over non-overlapping windows w = 1..W of the evaluation text (paired with the base model):
     d_w   = mean NLL of window w (variant) - mean NLL of window w (base)
@@ -35,6 +37,7 @@ from impl.fp8.linear import Fp8Linear, Fp8Weight
 
 GROUPS = ("tensor", "channel", "block")
 MODES = ("w8a16", "w8a8")
+ROUNDINGS = ("nearest", "gptq")
 BOOTSTRAP = 2000
 SEED = 0
 
@@ -47,10 +50,16 @@ class Variant:
     mode: str
     keep: tuple[int, ...] = ()
     policy: str = "all"  # how ``keep`` was chosen: "all" (none kept), "first-last", "top<k>" (sensitivity)
+    rounding: str = "nearest"  # of the weights to e4m3: "nearest" or "gptq" (impl.fp8.gptq; same scales)
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
 
     @property
     def name(self) -> str:
-        return f"{self.group}-{self.mode}" + ("" if self.policy == "all" else f"-keep-{self.policy}")
+        return (f"{self.group}-{self.mode}" + ("" if self.rounding == "nearest" else f"-{self.rounding}")
+                + ("" if self.policy == "all" else f"-keep-{self.policy}"))
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -86,16 +95,28 @@ def quantize_weight_like_checkpoint(w: torch.Tensor, group: str) -> Fp8Weight:
     return Fp8Weight(codes.view(torch.float8_e4m3fn).to(w.device), s.to(w.device), g)
 
 
+def quantize_weight_gptq(w: torch.Tensor, group: str, h: torch.Tensor) -> Fp8Weight:
+    """``quantize_weight_like_checkpoint``'s format and scales, codes rounded by GPTQ with input moments h."""
+    from impl.fp8.gptq import gptq_quantize
+
+    codes, s = gptq_quantize(w, h, group)
+    return Fp8Weight(codes.view(torch.float8_e4m3fn), s.to(w.device), get_group(group))
+
+
 class Swapped:
     """Context: the decoder linears of ``model`` replaced by Fp8Linears of ``variant`` (restored on exit).
 
-    ``cache`` (a dict kept by the caller) keeps each linear's quantized weight per group, and on the CPU its
-    dequantized copy, so the variants of one group quantize once."""
+    ``cache`` (a dict kept by the caller) keeps each linear's quantized weight per (group, rounding), and on the CPU
+    its dequantized copy, so the variants of one group quantize once. GPTQ rounding needs ``moments``: each linear's
+    input second moment H by qualified name (``input_moments``)."""
 
     def __init__(self, model: nn.Module, variant: Variant, blocks: tuple[int, ...] | None = None,
-                 cache: dict | None = None) -> None:
+                 cache: dict | None = None, moments: dict[str, torch.Tensor] | None = None) -> None:
         self.model, self.variant, self.blocks = model, variant, blocks
         self.cache = {} if cache is None else cache
+        self.moments = moments
+        if variant.rounding == "gptq" and moments is None:
+            raise ValueError(f"{variant.name}: GPTQ rounding needs the layers' input moments")
         self.saved: list[tuple[nn.Module, str, nn.Linear]] = []
         self.paths: dict[str, int] = {}
 
@@ -103,9 +124,12 @@ class Swapped:
         for i, name, parent, attr, lin in block_linears(self.model):
             if i in self.variant.keep or (self.blocks is not None and i not in self.blocks):
                 continue
-            key = (self.variant.group, name)
+            key = (self.variant.group, self.variant.rounding, name)
             if key not in self.cache:
-                w = quantize_weight_like_checkpoint(lin.weight.data, self.variant.group)
+                if self.variant.rounding == "gptq":
+                    w = quantize_weight_gptq(lin.weight.data, self.variant.group, self.moments[name])
+                else:
+                    w = quantize_weight_like_checkpoint(lin.weight.data, self.variant.group)
                 if lin.bias is not None:
                     w.bias = lin.bias.data
                 self.cache[key] = [w, None]
@@ -160,6 +184,21 @@ def block_sensitivity(model: nn.Module, calib: torch.Tensor, group: str, *, wind
 
 
 @torch.no_grad()
+def input_moments(model: nn.Module, calib: torch.Tensor, *, window: int, bos: int | None) -> dict[str, torch.Tensor]:
+    """H = mean x xᵀ of every decoder linear's input over the calibration windows (base model, float64, CPU)."""
+    from impl.fp8.gptq import InputMoments
+
+    device = next(model.parameters()).device
+    chunks = calib[: (calib.numel() // window) * window].reshape(-1, window).to(device)
+    if bos is not None:
+        chunks = torch.cat([torch.full_like(chunks[:, :1], bos), chunks], dim=1)
+    with InputMoments({name: lin for _, name, _, _, lin in block_linears(model)}) as mom:
+        for row in chunks:
+            model(input_ids=row[None])
+    return {name: mom.hessian(name) for name in mom.named}
+
+
+@torch.no_grad()
 def layer_errors(model: nn.Module, ids: torch.Tensor, variant: Variant) -> dict[str, float]:
     """Relative output error ||y_fp8 - y|| / ||y|| of every quantized linear on the same inputs (one forward of the
     base model; each linear's input is fed to its FP8 twin)."""
@@ -199,6 +238,12 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
         ranking = sorted(range(len(kl)), key=lambda i: -kl[i])
         out["sensitivity"] = {"group": sensitivity_group, "mode": "w8a16", "kl": kl, "ranking": ranking,
                               "calib_tokens": int(calib.numel())}
+    moments = None
+    if any(v.rounding == "gptq" for v in variants):
+        t = time.perf_counter()
+        moments = input_moments(model, calib, window=window, bos=bos)
+        log(f"input moments of {len(moments)} linears over {int(calib.numel())} calibration tokens "
+            f"({time.perf_counter() - t:.0f} s)")
     n_blocks = len(decoder_blocks(model))
     cache: dict = {}
     for v in sorted(variants, key=lambda v: GROUPS.index(v.group)):  # a group's variants share its quantization
@@ -209,11 +254,11 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
         t = time.perf_counter()
         if cache and next(iter(cache))[0] != v.group:
             cache.clear()  # one group's weights at a time
-        with Swapped(model, v, cache=cache) as sw:
+        with Swapped(model, v, cache=cache, moments=moments) as sw:
             r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
         r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
-        r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, paths=sw.paths,
-                 ignore=ignore_list(v), seconds=time.perf_counter() - t)
+        r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, rounding=v.rounding,
+                 paths=sw.paths, ignore=ignore_list(v), seconds=time.perf_counter() - t)
         out["variants"][v.name] = r
         log(f"{v.name}: ppl {r['ppl']:.4f}, delta {r['delta_pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}], "
             f"agreement {100 * r['top1_agreement']:.1f}%, paths {sw.paths} ({r['seconds']:.0f} s)")
@@ -233,14 +278,16 @@ def resolve_keep(v: Variant, ranking: list[int], n_blocks: int) -> Variant:
     if v.policy == "all":
         return v
     if v.policy == "first-last":
-        return Variant(v.group, v.mode, (0, n_blocks - 1), v.policy)
+        return Variant(v.group, v.mode, (0, n_blocks - 1), v.policy, v.rounding)
     if v.policy.startswith("top"):
         if not ranking:
             raise ValueError(f"{v.name}: policy {v.policy} needs the sensitivity ranking")
-        return Variant(v.group, v.mode, tuple(sorted(ranking[: int(v.policy[3:])])), v.policy)
+        return Variant(v.group, v.mode, tuple(sorted(ranking[: int(v.policy[3:])])), v.policy, v.rounding)
     raise ValueError(f"unknown keep policy {v.policy!r} (all, first-last, top<k>)")
 
 
-def variants_for(policies: list[str], groups: tuple[str, ...] = GROUPS,
-                 modes: tuple[str, ...] = MODES) -> list[Variant]:
-    return [Variant(g, m, (), p) for p in policies for g in groups for m in modes]
+def variants_for(policies: list[str], groups: tuple[str, ...] = GROUPS, modes: tuple[str, ...] = MODES,
+                 gptq_policies: tuple[str, ...] = ()) -> list[Variant]:
+    """Round-to-nearest variants for every policy, and GPTQ-rounded ones for ``gptq_policies``."""
+    return [Variant(g, m, (), p, r) for r, ps in (("nearest", policies), ("gptq", gptq_policies))
+            for p in ps for g in groups for m in modes]

@@ -1,0 +1,111 @@
+"""GPTQ rounding of FP8 weights against round-to-nearest (the checkpoint's own quantizer) and a float64 output-error
+oracle: same scales, nearest codes when the inputs are uncorrelated, lower layer error when they are not."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from impl.fp8.gptq import GptqConfig, InputMoments, gptq_quantize, upper_inverse_factor
+from impl.fp8.quality import Swapped, Variant
+from impl.fp8.reference import dequantize_reference, quantize_reference
+
+GROUPS = ["tensor", "channel", "block"]
+
+
+def weights(n: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    w[0, 0] = 0.3  # an outlier: per-tensor and block scales are set by it
+    return w
+
+
+def correlated_inputs(t: int, k: int, seed: int, rank: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(t, rank, generator=g) @ torch.randn(rank, k, generator=g) + 0.2 * torch.randn(t, k, generator=g)
+
+
+def output_error(x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: str) -> float:
+    wq = dequantize_reference(codes, scales, group, out_dtype=torch.float64)
+    return float(((x.double() @ (w.double() - wq).t()) ** 2).sum())
+
+
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(1, 140), k=st.integers(16, 300), group=st.sampled_from(GROUPS), seed=st.integers(0, 2**16))
+def test_uncorrelated_inputs_give_round_to_nearest_codes_and_scales(n, k, group, seed):
+    w = weights(n, k, seed)
+    codes, scales = gptq_quantize(w, torch.eye(k, dtype=torch.float64) * 3.0, group, GptqConfig(block=32))
+    want_codes, want_scales = quantize_reference(w, group)
+    assert torch.equal(scales, want_scales) and torch.equal(codes, want_codes)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("n,k", [(96, 200), (130, 256)])
+def test_correlated_inputs_lower_the_layer_output_error(group, n, k):
+    w, x = weights(n, k, 1), correlated_inputs(2048, k, 2)
+    h = x.double().t() @ x.double() / x.shape[0]
+    codes, scales = gptq_quantize(w, h, group, GptqConfig(block=64))
+    near_codes, near_scales = quantize_reference(w, group)
+    assert torch.equal(scales, near_scales)  # the checkpoint format is unchanged: only rounding decisions move
+    gptq, nearest = output_error(x, w, codes, scales, group), output_error(x, w, near_codes, scales, group)
+    assert gptq < 0.5 * nearest, (gptq, nearest)
+
+
+def test_block_size_changes_nothing_but_rounding_noise():
+    w, x = weights(64, 192, 3), correlated_inputs(1024, 192, 4)
+    h = x.double().t() @ x.double() / x.shape[0]
+    errs = [output_error(x, w, *gptq_quantize(w, h, "channel", GptqConfig(block=b)), "channel") for b in (1, 48, 192)]
+    assert max(errs) <= 1.05 * min(errs), errs
+
+
+def test_saturation_and_dead_inputs_stay_finite():
+    w = weights(32, 64, 5)
+    x = correlated_inputs(512, 64, 6)
+    x[:, 7] = 0.0  # an input never active in the calibration
+    h = x.double().t() @ x.double() / x.shape[0]
+    codes, scales = gptq_quantize(w * 50, h, "channel")  # large carried errors push values to +-448
+    assert not torch.isin(codes, torch.tensor([0x7F, 0xFF], dtype=torch.uint8)).any(), "a NaN code"
+    assert torch.isfinite(dequantize_reference(codes, scales, "channel")).all()
+    u = upper_inverse_factor(h, 0.01)
+    damped = h.clone()
+    damped[7, 7] = 1.0
+    damped += 0.01 * damped.diagonal().mean() * torch.eye(64, dtype=torch.float64)
+    assert torch.allclose(u.t() @ u @ damped, torch.eye(64, dtype=torch.float64), atol=1e-6)
+    assert torch.equal(u, u.triu())
+
+
+def test_bad_shapes_and_configs_are_refused():
+    with pytest.raises(ValueError, match=r"h \[K, K\]"):
+        gptq_quantize(torch.zeros(4, 16), torch.eye(8))
+    with pytest.raises(ValueError, match="damp"):
+        GptqConfig(damp=0.0)
+    with pytest.raises(ValueError, match="finite square"):
+        upper_inverse_factor(torch.full((3, 3), float("nan")), 0.01)
+
+
+def test_input_moments_match_x_transpose_x_and_share_one_product_between_siblings():
+    a, b, c = nn.Linear(12, 5), nn.Linear(12, 7), nn.Linear(5, 3)
+    x = torch.randn(2, 9, 12)
+    with InputMoments({"a": a, "b": b, "c": c}) as mom:
+        for _ in range(2):  # two calibration batches accumulate
+            ya = a(x)
+            b(x)  # reads the same tensor as a
+            c(ya)
+    flat = x.reshape(-1, 12).double()
+    assert torch.allclose(mom.hessian("a"), flat.t() @ flat / 18, atol=1e-5)
+    assert torch.equal(mom.hessian("a"), mom.hessian("b")) and mom.rows == {"a": 36, "b": 36, "c": 36}
+    ya2 = ya.reshape(-1, 5).double()
+    assert torch.allclose(mom.hessian("c"), ya2.t() @ ya2 / 18, atol=1e-5)
+    assert not a._forward_pre_hooks, "hooks left behind"
+    with pytest.raises(ValueError, match="no calibration input"):
+        InputMoments({"a": a}).hessian("a")
+
+
+def test_a_gptq_variant_names_itself_and_needs_moments():
+    v = Variant("channel", "w8a16", rounding="gptq")
+    assert v.name == "channel-w8a16-gptq" and Variant("block", "w8a8", (0,), "top1", "gptq").name == \
+        "block-w8a8-gptq-keep-top1"
+    with pytest.raises(ValueError, match="rounding"):
+        Variant("channel", "w8a16", rounding="stochastic")
+    with pytest.raises(ValueError, match="input moments"):
+        Swapped(nn.Linear(4, 4), v)

@@ -1,0 +1,123 @@
+"""GPTQ rounding for FP8 weights: the checkpoint's codes and scales, with each column's rounding error carried into
+the columns not yet rounded, weighted by what the layer's inputs look like (Frantar et al., 2022, "GPTQ").
+
+For W [N, K] and the group's amax scales S (the very scales round-to-nearest stores, so the checkpoint format and
+every loader are unchanged), with H = Σ_t x_t x_tᵀ / T over T calibration rows x_t [K] of the layer's input, plus
+λ·I (λ = ``damp`` · mean diag H), and U the upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ U):
+
+    for k = 0 .. K-1:   q_k = encode(W[:, k] / S[:, k])                 (nearest e4m3, saturating at ±448)
+                        e_k = (W[:, k] − S[:, k] · decode(q_k)) / U[k, k]
+                        W[:, j] −= e_k · U[k, j]   for j > k
+
+which lowers the layer's output error ‖X (W − Ŵ)ᵀ‖² greedily, column by column. Columns go in blocks of ``block``:
+inside a block the updates are applied at once to the block's columns, and the block's errors reach the later
+columns in one matrix product (the paper's lazy batching; the same result up to rounding). With H = I (inputs
+uncorrelated) U is diagonal, nothing is carried, and the codes are round-to-nearest's. Inputs never active in the
+calibration (H[k, k] = 0) get H[k, k] = 1 and keep their weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from impl.fp8.formats import ScaleGroup, expand_scales, get_format, get_group
+from impl.fp8.reference import decode_reference, encode_reference, quantize_reference
+
+
+@dataclass(frozen=True)
+class GptqConfig:
+    """Dampening of H (a fraction of its mean diagonal) and the columns handled per block."""
+
+    damp: float = 0.01
+    block: int = 128
+
+    def __post_init__(self) -> None:
+        if not (0 < self.damp < 1) or self.block < 1:
+            raise ValueError(f"GptqConfig needs 0 < damp < 1 and block >= 1: {self}")
+
+
+def upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """U with (H + λI)⁻¹ = Uᵀ U (upper triangular, float64), dead inputs given H[k, k] = 1 first."""
+    h = h.detach().to(torch.float64).clone()
+    if h.ndim != 2 or h.shape[0] != h.shape[1] or not torch.isfinite(h).all():
+        raise ValueError(f"H must be a finite square matrix, got {tuple(h.shape)}")
+    diag = h.diagonal()
+    diag[diag <= 0] = 1.0
+    diag += damp * diag.mean()
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inv, upper=True)
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group: str | ScaleGroup = "channel",
+                  cfg: GptqConfig = GptqConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8 [N, K] on w's device, scales float32 [R, C] on the CPU) of w [N, K] by GPTQ with input moments
+    h [K, K] (module doc)."""
+    if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"w must be [N, K] and h [K, K], got {tuple(w.shape)} and {tuple(h.shape)}")
+    group, fmt = get_group(group), get_format("e4m3")
+    _, scales = quantize_reference(w, group, fmt)
+    n, k = w.shape
+    dev = w.device  # float64 work on the weight's device (a GPU does a model's linears in seconds)
+    s = expand_scales(scales.to(torch.float64), group, n, k).to(dev)
+    inv_s = expand_scales(1.0 / scales, group, n, k).to(dev)  # float32, as the reference quantizer divides
+    u = upper_inverse_factor(h, cfg.damp).to(dev)
+    work = w.detach().to(torch.float64).clone()
+    codes = torch.empty(n, k, dtype=torch.uint8, device=dev)
+    for b0 in range(0, k, cfg.block):
+        b1 = min(b0 + cfg.block, k)
+        block, ub = work[:, b0:b1], u[b0:b1, b0:b1]
+        err = torch.empty(n, b1 - b0, dtype=torch.float64, device=dev)
+        for j in range(b1 - b0):
+            c = encode_reference((block[:, j].to(torch.float32) * inv_s[:, b0 + j]), fmt)
+            codes[:, b0 + j] = c
+            err[:, j] = (block[:, j] - decode_reference(c, fmt) * s[:, b0 + j]) / ub[j, j]
+            block[:, j + 1:] -= err[:, j, None] * ub[j, None, j + 1:]
+        work[:, b1:] -= err @ u[b0:b1, b1:]
+    return codes, scales
+
+
+class InputMoments:
+    """Σ x xᵀ and the row count of the input of each ``nn.Linear`` in ``named`` (forward pre-hooks while active).
+
+    Linears that read the same tensor (q/k/v, gate/up) share one product per forward call."""
+
+    def __init__(self, named: dict[str, nn.Linear]) -> None:
+        self.named = named
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self._last: tuple[int, tuple[int, ...], int, torch.Tensor] | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> "InputMoments":
+        for name, lin in self.named.items():
+            self._handles.append(lin.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._last = None
+
+    def _hook(self, name: str):
+        def hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            x2 = x.reshape(-1, x.shape[-1])
+            key = (x.data_ptr(), tuple(x.shape), x._version)
+            if self._last is not None and self._last[:3] == key:
+                xtx = self._last[3]
+            else:
+                xf = x2.to(torch.float32)
+                xtx = (xf.t() @ xf).to("cpu", torch.float64)
+                self._last = (*key, xtx)
+            self.sums[name] = self.sums[name] + xtx if name in self.sums else xtx.clone()
+            self.rows[name] = self.rows.get(name, 0) + x2.shape[0]
+        return hook
+
+    def hessian(self, name: str) -> torch.Tensor:
+        """H = Σ x xᵀ / T of ``name``'s input (float64, CPU)."""
+        if not self.rows.get(name):
+            raise ValueError(f"no calibration input reached {name}")
+        return self.sums[name] / self.rows[name]
