@@ -8,6 +8,9 @@
   reads and ``pct_traffic_bw`` is the share of copy bandwidth against that two-read bound. Target >= 92% (per-tensor:
   >= 90% of the two-read bound). ``test_fp8_requant_delayed``: per-tensor with the previous call's scale (one read).
   Anchors: ``test_fp8_dequant_torch`` / ``test_fp8_requant_torch`` (eager torch, same math).
+- ``test_fp8_copy[<N>x<K>]``: the card's own device-to-device copy (``Tensor.copy_``) of 1.5*N*K bytes, so it reads and
+  writes the same 3*N*K bytes a kernel of that shape must move: the ceiling a kernel of that size can reach, beside
+  the calibrated copy peak (measured on 256 MiB - 1 GiB, where ramp-up and the last wave cost nothing).
 - ``test_fp8_gemm[<variant>-M<m>-N<n>-K<k>]``: variants ``bf16`` (torch matmul), ``fp8`` (``torch._scaled_mm``,
   per-tensor scales, operands pre-quantized: the tensor-core ratio), ``fp8-linear`` (``Fp8Linear`` with per-channel
   weights: per-token activation quantization included, what a model pays). Target fp8 >= 1.6x bf16 at 8192^3.
@@ -113,6 +116,15 @@ def test_fp8_requant_delayed(device_bench, benchmark, n, k):
     _traffic_share(benchmark, nbytes, nbytes)
     ref_q, ref_s = quant.quantize(x, "tensor")  # same x every call: the previous scale is x's own
     assert torch.equal(s, ref_s) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("n,k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+def test_fp8_copy(device_bench, n, k):
+    half = 3 * n * k // 2
+    src = torch.randint(0, 256, (half,), device=DEVICE, dtype=torch.uint8)
+    dst = torch.bitwise_not(src)  # every byte wrong until copied
+    device_bench(lambda: dst.copy_(src), bytes_moved=2 * half, n=n, k=k, variant="torch-copy")
+    assert torch.equal(dst, src)
 
 
 @pytest.mark.parametrize("n,k", [SHAPES[0]], ids=[f"channel-{SHAPES[0][0]}x{SHAPES[0][1]}"])
