@@ -431,3 +431,34 @@ def test_recipe_anchors_start_with_each_residual_branch_switched_off(zero):
         assert len(last) == 16
         assert all(bool((bn.weight == 0).all()) == zero for bn in last), cfg.arch
         assert all(bool((bn.weight == 1).all()) != zero for bn in last), cfg.arch
+
+
+def test_ablation_variants_parse_and_refuse_bad_keys():
+    from impl.seam.ablate import apply_variant, parse_variant
+    from impl.seam.experiments import preset
+
+    v = parse_variant("unit:zero_init_last=false,grad_clip=none,weight_decay=5e-5,batch_size=256")
+    assert v.zero_init_last is False and dict(v.train) == {"grad_clip": None, "weight_decay": 5e-5, "batch_size": 256}
+    base = preset("full")
+    r = apply_variant(base, v)
+    assert (r.anchor_train.weight_decay, r.anchor_train.grad_clip, r.zero_init_last) == (5e-5, None, False)
+    assert (base.anchor_train.weight_decay, base.anchor_train.grad_clip, base.zero_init_last) == (5e-4, 5.0, True)
+    assert parse_variant("base") == parse_variant("base:")
+    for bad, words in (("x:momentum=0.9", "unknown key 'momentum'"), ("x:lr", "not key=value"),
+                       ("x:lr=fast", "not a number"), (":lr=1", "no name"), ("x:zero_init_last=2", "true or false")):
+        with pytest.raises(ValueError, match=words):
+            parse_variant(bad)
+
+
+def test_ablation_smoke_trains_each_variant_and_writes_only_under_out(tmp_path):
+    from impl.seam.ablate import main
+
+    before = sorted(p for p in RESULTS.glob("*/seam/*"))
+    out = tmp_path / "out"
+    assert main(["--smoke", "--data", str(data_dir_for_smoke(tmp_path)), "--out", str(out),
+                 "--variant", "base", "--variant", "lr:lr=0.01", "--archs", "resnet50"]) == 0
+    assert sorted(p for p in RESULTS.glob("*/seam/*")) == before
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert [(r["variant"], r["arch"], r["seed"]) for r in rows] == [("base", "resnet50", 0), ("lr", "resnet50", 0)]
+    assert rows[1]["overrides"] == {"lr": 0.01}
+    assert all(0.0 <= r["acc_test"] <= 1.0 and r["steps"] >= 1 for r in rows)

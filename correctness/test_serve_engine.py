@@ -1,5 +1,7 @@
 """The engine on toy random-weight models: paged KV == contiguous KV, continuous batching == each request alone,
 stop tokens and length limits, per-request errors, sampling, CUDA graphs (GPU) and the experiment's smoke run."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -249,7 +251,11 @@ def test_profiled_steps_prefill_then_decode_and_leave_the_engine_idle():
 
     engine = Engine(MODEL, EngineConfig(max_batch=4))
     params = SamplingParams(max_new_tokens=4, stop_token_ids=())
+    keys = ("TEARDOWN_CUPTI", "DISABLE_CUPTI_LAZY_REINIT")
+    env = {k: os.environ.get(k) for k in keys}
     d = profile_steps(engine, PROMPTS[:3], params)
+    # CUPTI stays up between the two windows on a GPU (graphs); a CPU run leaves the environment alone
+    assert [os.environ.get(k) for k in keys] == (["0", "1"] if backend.ON_GPU else [env[k] for k in keys])
     assert d["prompts"] == 3 and d["prompt_tokens"] == sum(len(p) for p in PROMPTS[:3])
     assert engine.stats["prefill_steps"] == 1 and not engine.has_unfinished() and not engine.done
     for step in ("first", "decode"):

@@ -10,6 +10,7 @@
 #   fp8    .ci/gpu/fp8.sh (tune -> GPU checks -> stored bench run "fp8")
 #   serve  GEMM table tune -> decode curve experiments (the table written lands in results/<card>/serve/)
 #   seam   the full recipe (anchors, family, selector) with its checkpoints in /tmp
+#   seam_ablate   ResNet50 anchors alone under five variants of the anchor recipe (impl.seam.ablate, one seed each)
 #   gate   .ci/gpu/gate_proof.sh
 # Usage there: LAB_COMMIT=<sha> bash .ci/gpu/steps.sh "sort join fp8"
 set -uo pipefail
@@ -57,6 +58,10 @@ for step in $1; do
     seam)
       run seam 450 python3 -m impl.seam.experiments --out /tmp/seam --checkpoint /tmp/seam_ckpt
       tar czf "$out/seam.tgz" --exclude seam/checkpoint -C /tmp seam ;;
+    seam_ablate)
+      run seam_ablate 330 python3 -m impl.seam.ablate --out "$out/seam_ablation" --archs resnet50 \
+        --variant wd5e-5:weight_decay=5e-5 --variant lr0.1:lr=0.1 --variant ls0:label_smoothing=0 \
+        --variant unit-noclip:zero_init_last=false,grad_clip=none --variant ep30:epochs=30 ;;
     gate)
       OUT=/tmp/gate_out bash .ci/gpu/gate_proof.sh 240 > "$out/logs/gate.log" 2>&1; tail -n 20 "$out/logs/gate.log"
       cp /tmp/gate_out/logs/* "$out/logs/" 2>/dev/null; pack ;;

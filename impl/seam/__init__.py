@@ -10,7 +10,8 @@ Files, in the order the recipe uses them: ``models`` (anchors cut into stem/bloc
 1x1-conv stitches, per-configuration BatchNorm statistics), ``lstsq`` (least-squares stitch init), ``data``
 (IDX / ImageFolder splits), ``train`` (anchors, then the family with one configuration per step), ``measure``
 (accuracy, FLOPs, params, latency, interpolation rule), ``select`` (the selector and its sweep), ``serve`` (checkpoints,
-``SeamServer.serve(images)`` and its CLI), ``experiments`` (the whole recipe), ``plots``, ``claims``.
+``SeamServer.serve(images)`` and its CLI), ``experiments`` (the whole recipe), ``ablate`` (anchors alone under
+variants of their training recipe), ``plots``, ``claims``.
 """
 from impl.common.exports import lazy_exports
 

@@ -10,6 +10,7 @@ by the host (Python, launches, synchronizations); near 1, by the GPU. The prefil
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from typing import Any, Sequence
@@ -43,11 +44,21 @@ def summarize_events(events: Sequence[Any], wall_s: float, top: int = TOP) -> di
             "top_host_ops": [{"name": n[:120], "self_s": s} for n, s in host.most_common(top)]}
 
 
+def keep_cupti_alive() -> None:
+    """Keep CUPTI set up between profiled windows (process-wide). CUPTI torn down after one window and set up again
+    for the next breaks with captured CUDA graphs (an H200 run ended in ``free(): invalid pointer`` at exit after two
+    profiled engine steps); torch applies this same setting itself only to graphs captured through inductor."""
+    os.environ["DISABLE_CUPTI_LAZY_REINIT"] = "1"
+    os.environ["TEARDOWN_CUPTI"] = "0"
+
+
 def profile_step(engine: Engine) -> dict[str, Any]:
     """One ``engine.step()`` under torch.profiler, summarized."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = engine.device.type == "cuda"
+    if cuda:
+        keep_cupti_alive()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         if cuda:
