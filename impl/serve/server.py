@@ -58,8 +58,7 @@ class ServerLimits:
     backlog: int = 1024  # connections the kernel queues before accept (a burst of clients beyond it is reset)
     # the interpreter's thread switch interval while the engine thread runs (Python's default: 5 ms). A thread that
     # wants the lock waits up to this long before the holder is made to drop it; the engine's steps are host-bound,
-    # so each wait behind a handler thread stalls the GPU. None, or a process already switching more often, is left
-    # alone.
+    # so each wait behind a handler thread stalls the GPU. None leaves the interval alone.
     switch_interval_s: float | None = 0.0005
 
     def __post_init__(self) -> None:
@@ -96,7 +95,7 @@ class EngineLoop:
     def __init__(self, engine: Engine, switch_interval_s: float | None = None) -> None:
         self.engine = engine
         self._switch = None  # (ours, the process's before): restored at close while still ours
-        if switch_interval_s is not None and switch_interval_s < sys.getswitchinterval():  # only ever shortened
+        if switch_interval_s is not None:
             self._switch = (switch_interval_s, sys.getswitchinterval())
             sys.setswitchinterval(switch_interval_s)
         self.error: str | None = None
