@@ -16,7 +16,6 @@ import io
 import json
 import math
 import socket
-import sys
 import threading
 import time
 
@@ -666,20 +665,3 @@ def test_serve_cli_prints_one_line_for_load_errors(tmp_path):
         assert time.monotonic() - t0 < 30, name
     rc, err = _cli([str(good), "--prompts", str(tmp_path / "no-such-prompts.txt")])
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "no-such-prompts.txt" in err
-
-
-def test_the_engine_loop_shortens_the_switch_interval_while_it_runs_and_restores_it():
-    before = sys.getswitchinterval()
-    served = Served(new_engine(), ServerLimits(request_timeout_s=1.0, switch_interval_s=0.0005))
-    try:
-        assert sys.getswitchinterval() == pytest.approx(0.0005, rel=1e-3)
-    finally:
-        served.close()
-    assert sys.getswitchinterval() == before
-    untouched = Served(new_engine(), ServerLimits(request_timeout_s=1.0, switch_interval_s=None))
-    try:
-        assert sys.getswitchinterval() == before
-    finally:
-        untouched.close()
-    with pytest.raises(ValueError, match="positive"):
-        ServerLimits(switch_interval_s=0.0)

@@ -211,8 +211,7 @@ def run_mode(model: Any, name: str, cfg: LoadConfig, max_batch: int, prompts: li
         summary = summarize(results, wall, ttfts)
         steps = since(engine.stats, before)
         summary.update(max_batch=max_batch, engine=engine.describe(), decode_steps=steps["decode_steps"],
-                       steps=steps, engine_thread_s=thread_seconds(loop.seconds, loop_before, wall),
-                       switch_interval_s=sys.getswitchinterval())
+                       steps=steps, engine_thread_s=thread_seconds(loop.seconds, loop_before, wall))
     log(f"max_batch={max_batch}: {summary['ok']}/{len(prompts)} ok in {wall:.1f} s, "
         f"{summary['requests_per_s'] or 0:.1f} req/s, {summary['tokens_per_s'] or 0:.0f} tok/s, "
         f"p50 {summary['latency_p50_s'] or 0:.3f} s, p99 {summary['latency_p99_s'] or 0:.3f} s")

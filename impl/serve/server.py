@@ -56,14 +56,10 @@ class ServerLimits:
     poll_s: float = 0.5  # how often a waiting handler checks whether its client is still there (it wakes at once
     # when its result is ready; each poll takes the interpreter lock from the engine thread, so not too often)
     backlog: int = 1024  # connections the kernel queues before accept (a burst of clients beyond it is reset)
-    # the interpreter's thread switch interval while the engine thread runs (Python's default: 5 ms). A thread that
-    # wants the lock waits up to this long before the holder is made to drop it; the engine's steps are host-bound,
-    # so each wait behind a handler thread stalls the GPU. None leaves the interval alone.
-    switch_interval_s: float | None = 0.0005
 
     def __post_init__(self) -> None:
         if not (self.request_timeout_s > 0 and self.poll_s > 0 and self.max_body_bytes >= 1 and self.max_prompts >= 1
-                and self.backlog >= 1 and (self.switch_interval_s is None or self.switch_interval_s > 0)):
+                and self.backlog >= 1):
             raise ValueError(f"every limit must be positive: {self}")
 
 
@@ -92,12 +88,8 @@ class EngineLoop:
     ``error`` and fails every waiting request with ``EngineStopped``. ``seconds`` splits the thread's time into
     ``idle`` (waiting for work), ``step`` (inside ``engine.step``) and ``other`` (queueing, answering futures)."""
 
-    def __init__(self, engine: Engine, switch_interval_s: float | None = None) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._switch = None  # (ours, the process's before): restored at close while still ours
-        if switch_interval_s is not None:
-            self._switch = (switch_interval_s, sys.getswitchinterval())
-            sys.setswitchinterval(switch_interval_s)
         self.error: str | None = None
         self._inbox: list[tuple[list[int], SamplingParams, Future]] = []
         self._cancel: list[Future] = []
@@ -131,11 +123,6 @@ class EngineLoop:
             self._stop = True
             self._wake.notify()
         self.thread.join(timeout=10)
-        if self._switch is not None:
-            ours, before = self._switch
-            if math.isclose(sys.getswitchinterval(), ours, rel_tol=1e-3):  # CPython stores it in whole microseconds
-                sys.setswitchinterval(before)
-            self._switch = None
 
     def _run(self) -> None:
         try:
@@ -331,7 +318,7 @@ def make_server(engine: Engine, model_name: str, host: str = "127.0.0.1", port: 
     if captured:
         print(f"[serve] captured {captured} decode CUDA graphs (batch buckets up to {engine.cfg.max_batch})",
               file=sys.stderr)
-    loop = EngineLoop(engine, limits.switch_interval_s)
+    loop = EngineLoop(engine)
     counter = iter(range(1 << 62))
     hosts: set[str] | None = None  # filled in once the port is bound (port 0 picks one)
 
