@@ -413,16 +413,16 @@ def test_rescore_recomputes_interpolation_from_stored_configs(tmp_path, monkeypa
 
 @pytest.mark.parametrize("zero", [True, False])
 def test_recipe_anchors_start_with_each_residual_branch_switched_off(zero):
-    """With ``zero_init_last`` (the full recipe's setting) the last BatchNorm of every residual branch starts at 0, so
-    each block computes act(shortcut(x)); without it, torchvision's unit init."""
+    """With ``zero_init_last`` the last BatchNorm of every residual branch starts at 0, so each block computes
+    act(shortcut(x)); without it, torchvision's unit init."""
     from types import SimpleNamespace
 
     from impl.seam import experiments as ex
     from impl.seam.models import build_anchor
 
     recipe = ex.preset("full")
-    assert recipe.zero_init_last and recipe.anchor_train.grad_clip is not None
-    recipe.zero_init_last, recipe.width_div = zero, 8
+    recipe.anchor_starts = {a: ex.AnchorStart(zero_init_last=zero) for a in recipe.archs}
+    recipe.width_div = 8
     data = SimpleNamespace(image_size=28, num_classes=10, channels=1)
     for cfg in ex.anchor_configs(recipe, data, {}):
         net = build_anchor(cfg)
@@ -435,14 +435,26 @@ def test_recipe_anchors_start_with_each_residual_branch_switched_off(zero):
 
 def test_ablation_variants_parse_and_refuse_bad_keys():
     from impl.seam.ablate import apply_variant, parse_variant
-    from impl.seam.experiments import preset
+    from types import SimpleNamespace
+
+    from impl.seam.experiments import ANCHOR_STARTS, anchor_configs, anchor_train_config, preset
 
     v = parse_variant("unit:zero_init_last=false,grad_clip=none,weight_decay=5e-5,batch_size=256")
     assert v.zero_init_last is False and dict(v.train) == {"grad_clip": None, "weight_decay": 5e-5, "batch_size": 256}
     base = preset("full")
     r = apply_variant(base, v)
-    assert (r.anchor_train.weight_decay, r.anchor_train.grad_clip, r.zero_init_last) == (5e-5, None, False)
-    assert (base.anchor_train.weight_decay, base.anchor_train.grad_clip, base.zero_init_last) == (5e-4, 5.0, True)
+    assert (r.anchor_train.weight_decay, r.anchor_train.batch_size) == (5e-5, 256)
+    assert all((s.zero_init_last, s.grad_clip) == (False, None) for s in r.anchor_starts.values())
+    for arch in base.archs:  # every run of the variant trains unclipped; the base recipe keeps each arch's own start
+        assert anchor_train_config(r, arch, 0).grad_clip is None
+        assert anchor_train_config(base, arch, 0).grad_clip == base.anchor_starts[arch].grad_clip
+    assert base.anchor_train.weight_decay == 5e-4 and base.anchor_starts == ANCHOR_STARTS
+    data = SimpleNamespace(image_size=28, num_classes=10, channels=1)
+    assert [c.zero_init_last for c in anchor_configs(base, data, {})] == [True, False]  # r34 zero-init, r50 unit
+    assert [c.zero_init_last for c in anchor_configs(r, data, {})] == [False, False]
+    clipped = apply_variant(base, parse_variant("c:grad_clip=1"))
+    assert {a: s.grad_clip for a, s in clipped.anchor_starts.items()} == {"resnet34": 1.0, "resnet50": 1.0}
+    assert [s.zero_init_last for s in clipped.anchor_starts.values()] == [True, False]  # untouched
     assert parse_variant("base") == parse_variant("base:")
     for bad, words in (("x:momentum=0.9", "unknown key 'momentum'"), ("x:lr", "not key=value"),
                        ("x:lr=fast", "not a number"), (":lr=1", "no name"), ("x:zero_init_last=2", "true or false")):

@@ -5,8 +5,8 @@ arch, seed), to find what orders the anchors (the heavier network more accurate 
                                [--data DIR] [--out DIR] [--smoke]
 
 A variant overrides fields of the full preset's ``anchor_train`` (``train.TrainConfig``: ``lr``, ``weight_decay``,
-``label_smoothing``, ``epochs``, ``grad_clip`` (``none`` turns it off), ...) and the recipe's ``zero_init_last``;
-``base`` overrides nothing. Each run is built, seeded and trained exactly as the recipe's anchor phase does
+``label_smoothing``, ``epochs``, ...) and of every arch's ``AnchorStart`` (``zero_init_last``, ``grad_clip``: ``none``
+turns it off); ``base`` overrides nothing (each arch keeps its own start). Each run is built, seeded and trained exactly as the recipe's anchor phase does
 (``experiments.train_anchor_seeds``: seed 1000 x seed + the arch's index, the same time budget share), then scored on
 the validation and test splits. Written to ``OUT/ablation.json`` and, on a GPU, ``results/<gpu>/seam/ablation.json``;
 a diagnostic: no claim reads it.
@@ -25,21 +25,23 @@ import torch
 from impl import backend
 from impl.common.log import logger
 from impl.seam.data import load_data
-from impl.seam.experiments import Recipe, anchor_configs, preset
+from impl.seam.experiments import AnchorStart, Recipe, anchor_configs, anchor_train_config, preset
 from impl.seam.measure import correctness
 from impl.seam.models import build_anchor
 from impl.seam.train import TrainConfig, train_anchor
 
 DEFAULT_VARIANTS = ("base", "wd5e-5:weight_decay=5e-5", "lr0.1:lr=0.1", "ls0:label_smoothing=0",
                     "unit-noclip:zero_init_last=false,grad_clip=none")
-TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+START_FIELDS = {f.name for f in dataclasses.fields(AnchorStart)}
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)} | dict.fromkeys(START_FIELDS)
 
 log = logger("seam.ablate")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A named set of overrides: ``train`` for ``TrainConfig`` fields, ``zero_init_last`` for the anchors' init."""
+    """A named set of overrides: ``train`` for ``TrainConfig`` fields and ``grad_clip``, ``zero_init_last`` for every
+    arch's ``AnchorStart``."""
 
     name: str
     train: tuple[tuple[str, Any], ...] = ()
@@ -76,17 +78,19 @@ def parse_variant(text: str) -> Variant:
         elif key in TRAIN_FIELDS:
             train.append((key, _value(key, raw)))
         else:
-            raise ValueError(f"variant {name!r}: unknown key {key!r}; known: zero_init_last, "
-                             + ", ".join(sorted(TRAIN_FIELDS)))
+            raise ValueError(f"variant {name!r}: unknown key {key!r}; known: " + ", ".join(sorted(TRAIN_FIELDS)))
     return Variant(name.strip(), tuple(train), zero)
 
 
 def apply_variant(recipe: Recipe, v: Variant) -> Recipe:
     """A copy of ``recipe`` with ``v``'s overrides (the input is not modified)."""
-    out = dataclasses.replace(recipe, anchor_train=dataclasses.replace(recipe.anchor_train, **dict(v.train)))
+    train = {k: x for k, x in v.train if k not in START_FIELDS}
+    start = {k: x for k, x in v.train if k in START_FIELDS}
     if v.zero_init_last is not None:
-        out.zero_init_last = v.zero_init_last
-    return out
+        start["zero_init_last"] = v.zero_init_last
+    starts = {a: dataclasses.replace(recipe.anchor_starts.get(a, AnchorStart()), **start) for a in recipe.archs}
+    return dataclasses.replace(recipe, anchor_train=dataclasses.replace(recipe.anchor_train, **train),
+                               anchor_starts=starts)
 
 
 def run_one(recipe: Recipe, data, arch: str, seed: int, device: str, cl: bool) -> dict[str, Any]:
@@ -97,9 +101,7 @@ def run_one(recipe: Recipe, data, arch: str, seed: int, device: str, cl: bool) -
     net = build_anchor(cfg).to(device)
     if cl:
         net = net.to(memory_format=torch.channels_last)
-    tc = dataclasses.replace(recipe.anchor_train, seed=seed,
-                             time_budget_s=recipe.anchor_budget_frac[i] * recipe.budget_s)
-    st = train_anchor(net, data, tc, device, cl, desc=f"{cfg.name} seed {seed}")
+    st = train_anchor(net, data, anchor_train_config(recipe, arch, seed), device, cl, desc=f"{cfg.name} seed {seed}")
     net.eval()
     return {"arch": arch, "seed": seed, "steps": st["steps"], "seconds": st["seconds"],
             "budget_bound": bool(st.get("budget_bound")), "planned_by_budget": bool(st.get("planned_by_budget")),
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(rows: list[dict[str, Any]], complete: bool = False) -> dict[str, Any]:
         record = {"rows": rows, "anchor_train": dataclasses.asdict(recipe.anchor_train),
-                  "zero_init_last": recipe.zero_init_last, "complete": complete}
+                  "anchor_starts": {a: dataclasses.asdict(st) for a, st in recipe.anchor_starts.items()},
+                  "complete": complete}
         (out / "ablation.json").write_text(json.dumps(record, indent=1))
         return record
 
