@@ -1,5 +1,7 @@
 """L2 control: windows, the controller's context manager (restores on exit, on exceptions, on driver failures),
 policy plans, the CUDA return-code check, and the real driver on a GPU."""
+import signal
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,6 +18,16 @@ pytestmark = pytest.mark.l2_state  # every test: the L2 state is checked (and pu
 
 MB = 1 << 20
 STREAMS = (11, 12)
+
+
+@pytest.fixture
+def sigint(request):
+    """SIGINT handled as ``request.param`` says (default: Python's own ``KeyboardInterrupt``) for the test, whatever
+    this process inherited (a pytest started in the background, or under nohup, ignores it), then as before."""
+    handler = getattr(request, "param", signal.default_int_handler)
+    old = signal.signal(signal.SIGINT, handler)
+    yield handler
+    signal.signal(signal.SIGINT, old)
 
 
 def fresh() -> tuple[FakeL2Driver, L2Controller]:
@@ -91,11 +103,9 @@ def test_ctrl_c_raised_inside_a_restore_call_still_restores_everything(call):
 
 
 @pytest.mark.parametrize("call", ["set_window", "set_carveout", "reset_persisting"])
-def test_ctrl_c_signal_during_restore_is_held_until_the_device_is_restored(call):
+def test_ctrl_c_signal_during_restore_is_held_until_the_device_is_restored(call, sigint):
     """A real SIGINT arriving while ``restore`` runs is held: every window and the carve-out are put back first,
     then the KeyboardInterrupt is raised, and the SIGINT handler is Python's again."""
-    import signal
-
     drv, ctl = fresh()
     before = ctl.snapshot(STREAMS)
     with pytest.raises(KeyboardInterrupt):
@@ -106,9 +116,7 @@ def test_ctrl_c_signal_during_restore_is_held_until_the_device_is_restored(call)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_ctrl_c_during_a_plain_restore_is_held_too():
-    import signal
-
+def test_ctrl_c_during_a_plain_restore_is_held_too(sigint):
     drv, ctl = fresh()
     before = ctl.snapshot(STREAMS)
     ctl.apply(STREAMS, carveout=7 * MB, window=AccessWindow(0, MB, 1.0, "persisting"))
@@ -117,6 +125,18 @@ def test_ctrl_c_during_a_plain_restore_is_held_too():
         ctl.restore(before)
     assert ctl.snapshot(STREAMS) == before
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("sigint", [signal.SIG_IGN], indirect=True)
+def test_a_ctrl_c_this_process_ignores_stays_ignored_through_a_restore(sigint):
+    drv, ctl = fresh()
+    before = ctl.snapshot(STREAMS)
+    ctl.apply(STREAMS, carveout=7 * MB, window=AccessWindow(0, MB, 1.0, "persisting"))
+    drv.signal_on.add("set_window")
+    ctl.restore(before)  # the held signal is dropped, as the ignoring process would have dropped it
+    assert not drv.signal_on, "the injected signal was not sent"
+    assert ctl.snapshot(STREAMS) == before
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_settings_the_device_refuses_are_refused_before_any_call():
