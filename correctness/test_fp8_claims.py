@@ -52,6 +52,25 @@ def test_every_fp8_claim_fails_on_its_failing_case(tmp_path):
         assert row["verdict"] == "fail", (c.id, row)
 
 
+def test_kernel_claims_name_the_same_size_copy_of_their_worst_shape(tmp_path):
+    """The source of a kernel-bandwidth claim says what the card's own copy of the worst shape's bytes reached (the
+    ceiling a kernel of that size is read against), and stays as it was where that copy is not stored."""
+    benches = good_benches()
+    benches["test_fp8_dequant[tensor-4096x4096]"]["extra_info"]["pct_peak_bw"] = 80.5  # the worst of the four
+    with_copy = dict(benches, **{"test_fp8_copy[4096x4096]": {"median": 1e-3, "extra_info": {"pct_peak_bw": 79.4}}})
+    ids = ("fp8.dequant_bw_pct_tensor_other_shapes", "fp8.dequant_bw_pct_tensor")
+    picked = {c.id: c for c in claims.CLAIMS if c.id in ids}
+    rows = {i: evaluate(c, write_view(tmp_path / "with", "copy", with_copy, {})) for i, c in picked.items()}
+    other = rows["fp8.dequant_bw_pct_tensor_other_shapes"]
+    assert other["verdict"] == "fail" and other["measured_value"] == 80.5
+    assert other["source"].startswith("min over 4 shapes: test_fp8_dequant[tensor-4096x4096]")
+    assert other["source"].endswith("; the card's own copy of those bytes: 79.4% (4096x4096)")
+    assert "copy" not in rows["fp8.dequant_bw_pct_tensor"]["source"]  # 14336x4096's copy is not stored here
+    assert not rows["fp8.dequant_bw_pct_tensor"]["source"].startswith("min over")  # one shape
+    plain = evaluate(picked[ids[0]], write_view(tmp_path / "without", "nocopy", benches, {}))
+    assert "copy" not in plain["source"] and plain["measured_value"] == 80.5
+
+
 def test_quality_claims_judge_the_absolute_change():
     """A suspicious improvement (-4%, interval [-5, -3]) is no pass: the claims read |delta| at the interval's end."""
     bad = claims.FAILING_CASES["fp8.ppl_w8a16_smollm2_vllm_tensor"].results["fp8/quality"]
