@@ -29,7 +29,9 @@ def copy_ceiling(view, bench: str) -> str:
     ceiling a kernel of that size is read against; empty where that copy is not stored."""
     shape = bench.rstrip("]").rsplit("-", 1)[-1]
     m = ExtraInfo(f"test_fp8_copy[{shape}]", "pct_peak_bw")(view)
-    return "" if isinstance(m, NotMeasured) else f"; the card's own copy of those bytes: {m.value:.1f}% ({shape})"
+    if isinstance(m, NotMeasured):
+        return ""
+    return f"; the card's own copy of those bytes: {m.value:.1f}% ({shape}, {m.commit[:12]} {m.date[:10]})"
 
 
 @dataclass(frozen=True)
