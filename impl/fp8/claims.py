@@ -24,13 +24,19 @@ QUALITY_TARGET = {"w8a16": 0.5, "w8a8": 1.0}
 MODELS = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}
 
 
+def copy_bench(case: str) -> str:
+    """The bench of the card's own copy of the same bytes as a kernel case (``test_fp8_dequant[tensor-4096x4096]`` or
+    ``tensor-4096x4096`` -> ``test_fp8_copy[4096x4096]``): the ceiling a kernel of that size is read against."""
+    return f"test_fp8_copy[{case.rstrip(']').rsplit('-', 1)[-1]}]"
+
+
 def copy_ceiling(view, bench: str) -> str:
-    """What the card's own copy of the same bytes reached (``test_fp8_copy`` of the bench's shape), in words: the
-    ceiling a kernel of that size is read against; empty where that copy is not stored."""
-    shape = bench.rstrip("]").rsplit("-", 1)[-1]
-    m = ExtraInfo(f"test_fp8_copy[{shape}]", "pct_peak_bw")(view)
+    """``copy_bench``'s % of the peak in words, for a claim's source; empty where that copy is not stored."""
+    name = copy_bench(bench)
+    m = ExtraInfo(name, "pct_peak_bw")(view)
     if isinstance(m, NotMeasured):
         return ""
+    shape = name[name.index("[") + 1:-1]
     return f"; the card's own copy of those bytes: {m.value:.1f}% ({shape}, {m.commit[:12]} {m.date[:10]})"
 
 

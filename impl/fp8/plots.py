@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from impl.common.plotting import pyplot, save_figure
-from impl.fp8.claims import BW_TARGET, MODELS
+from impl.fp8.claims import BW_TARGET, MODELS, copy_bench
 
 def _gemm_speedups(view) -> dict[int, dict[str, list[tuple[int, float]]]]:
     """{N=K: {variant: [(M, bf16 time / variant time)]}} from the stored GEMM benches."""
@@ -47,9 +47,9 @@ def plot_speedup_vs_m(view, out_dir: Path) -> list[Path]:
 
 
 def _copy_pct(view, case: str) -> float | None:
-    """% of copy peak that the card's own copy of the same bytes reached (``test_fp8_copy``), for a ``scales-NxK``
-    case; None where not stored."""
-    b = view.bench(f"test_fp8_copy[{case.split('-', 1)[-1]}]")
+    """% of copy peak that the card's own copy of the same bytes reached (``claims.copy_bench``) for a
+    ``scales-NxK`` case; None where not stored."""
+    b = view.bench(copy_bench(case))
     return (b.get("extra_info") or {}).get("pct_peak_bw") if b else None
 
 

@@ -6,9 +6,9 @@ arch, seed), to find what orders the anchors (the heavier network more accurate 
 
 A variant overrides fields of the full preset's ``anchor_train`` (``train.TrainConfig``: ``lr``, ``weight_decay``,
 ``label_smoothing``, ``epochs``, ...) and of every arch's ``AnchorStart`` (``zero_init_last``, ``grad_clip``: ``none``
-turns it off); ``base`` overrides nothing (each arch keeps its own start). Each run is built, seeded and trained exactly as the recipe's anchor phase does
-(``experiments.train_anchor_seeds``: seed 1000 x seed + the arch's index, the same time budget share), then scored on
-the validation and test splits. Written to ``OUT/ablation.json`` and, on a GPU, ``results/<gpu>/seam/ablation.json``;
+turns it off); ``base`` overrides nothing (each arch keeps its own start). Each run is the recipe's own anchor step
+(``experiments.train_one_anchor``: seed 1000 x seed + the arch's index, the same time budget share), scored on the
+validation and test splits. Written to ``OUT/ablation.json`` and, on a GPU, ``results/<gpu>/seam/ablation.json``;
 a diagnostic: no claim reads it.
 """
 from __future__ import annotations
@@ -20,20 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from impl import backend
 from impl.common.log import logger
 from impl.seam.data import load_data
-from impl.seam.experiments import AnchorStart, Recipe, anchor_configs, anchor_train_config, preset
-from impl.seam.measure import correctness
-from impl.seam.models import build_anchor
-from impl.seam.train import TrainConfig, train_anchor
+from impl.seam.experiments import AnchorStart, Recipe, anchor_configs, preset, train_one_anchor
+from impl.seam.train import TrainConfig
 
 DEFAULT_VARIANTS = ("base", "wd5e-5:weight_decay=5e-5", "lr0.1:lr=0.1", "ls0:label_smoothing=0",
                     "unit-noclip:zero_init_last=false,grad_clip=none")
 START_FIELDS = {f.name for f in dataclasses.fields(AnchorStart)}
-TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)} | dict.fromkeys(START_FIELDS)
+KNOWN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} | START_FIELDS
 
 log = logger("seam.ablate")
 
@@ -75,10 +71,10 @@ def parse_variant(text: str) -> Variant:
             zero = _value(key, raw)
             if not isinstance(zero, bool):
                 raise ValueError(f"variant {name!r}: zero_init_last must be true or false, got {raw!r}")
-        elif key in TRAIN_FIELDS:
+        elif key in KNOWN_KEYS:
             train.append((key, _value(key, raw)))
         else:
-            raise ValueError(f"variant {name!r}: unknown key {key!r}; known: " + ", ".join(sorted(TRAIN_FIELDS)))
+            raise ValueError(f"variant {name!r}: unknown key {key!r}; known: " + ", ".join(sorted(KNOWN_KEYS)))
     return Variant(name.strip(), tuple(train), zero)
 
 
@@ -94,20 +90,12 @@ def apply_variant(recipe: Recipe, v: Variant) -> Recipe:
 
 
 def run_one(recipe: Recipe, data, arch: str, seed: int, device: str, cl: bool) -> dict[str, Any]:
-    """One anchor trained and scored as the recipe's anchor phase does it."""
+    """One anchor trained and scored by the recipe's own anchor step (``experiments.train_one_anchor``)."""
     i = recipe.archs.index(arch)
-    cfg = anchor_configs(recipe, data, {})[i]
-    torch.manual_seed(1000 * seed + i)
-    net = build_anchor(cfg).to(device)
-    if cl:
-        net = net.to(memory_format=torch.channels_last)
-    st = train_anchor(net, data, anchor_train_config(recipe, arch, seed), device, cl, desc=f"{cfg.name} seed {seed}")
-    net.eval()
+    _, st = train_one_anchor(recipe, data, anchor_configs(recipe, data, {})[i], i, seed, device, cl)
     return {"arch": arch, "seed": seed, "steps": st["steps"], "seconds": st["seconds"],
             "budget_bound": bool(st.get("budget_bound")), "planned_by_budget": bool(st.get("planned_by_budget")),
-            "acc_val": float(correctness(net, data.val, data, device, recipe.eval_batch, cl).mean()),
-            "acc_test": float(correctness(net, data.test, data, device, recipe.eval_batch, cl).mean()),
-            "final_loss": (st.get("loss_curve") or [None])[-1]}
+            "acc_val": st["acc_val"], "acc_test": st["acc_test"], "final_loss": (st.get("loss_curve") or [None])[-1]}
 
 
 def ablate(recipe: Recipe, data, variants: list[Variant], archs: list[str], seeds: int, device: str,

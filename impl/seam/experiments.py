@@ -244,6 +244,24 @@ def best_val_index(acc_val: list[float]) -> int:
     return max(range(len(acc_val)), key=lambda i: (acc_val[i], -i))
 
 
+def train_one_anchor(recipe: Recipe, data: DataBundle, a: AnchorConfig, index: int, seed: int, device: str,
+                     cl: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Anchor ``a`` (the recipe's ``index``-th) built with torch seed 1000 x seed + index, trained alone and put in
+    eval mode; its training stats with ``acc_val``, ``acc_test`` and ``seed`` added."""
+    torch.manual_seed(1000 * seed + index)
+    net = build_anchor(a).to(device)
+    if cl:
+        net = net.to(memory_format=torch.channels_last)
+    tc = anchor_train_config(recipe, a.arch, seed)
+    st = train_anchor(net, data, tc, device, cl, desc=f"{a.name} seed {seed}") if tc.epochs > 0 else \
+        {"seconds": 0.0, "steps": 0, "budget_bound": False}
+    net.eval()
+    st["acc_val"] = float(correctness(net, data.val, data, device, recipe.eval_batch, cl).mean())
+    st["acc_test"] = float(correctness(net, data.test, data, device, recipe.eval_batch, cl).mean())
+    st["seed"] = seed
+    return net, st
+
+
 def train_anchor_seeds(recipe: Recipe, data: DataBundle, anchors: list[AnchorConfig], device: str, cl: bool,
                        rec: Recorder, flops: dict[str, int]) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
     """Every arch for every seed; returns, per arch, the network of the seed with the best validation accuracy (the
@@ -252,17 +270,7 @@ def train_anchor_seeds(recipe: Recipe, data: DataBundle, anchors: list[AnchorCon
     kept: dict[str, torch.nn.Module] = {}
     for seed in recipe.seeds:
         for i, a in enumerate(anchors):
-            torch.manual_seed(1000 * seed + i)
-            net = build_anchor(a).to(device)
-            if cl:
-                net = net.to(memory_format=torch.channels_last)
-            tc = anchor_train_config(recipe, a.arch, seed)
-            st = train_anchor(net, data, tc, device, cl, desc=f"{a.name} seed {seed}") if tc.epochs > 0 else \
-                {"seconds": 0.0, "steps": 0, "budget_bound": False}
-            net.eval()
-            st["acc_val"] = float(correctness(net, data.val, data, device, recipe.eval_batch, cl).mean())
-            st["acc_test"] = float(correctness(net, data.test, data, device, recipe.eval_batch, cl).mean())
-            st["seed"] = seed
+            net, st = train_one_anchor(recipe, data, a, i, seed, device, cl)
             runs[a.name].append(st)
             warm = st.get("warmup") or {}
             log(f"{a.name} seed {seed}: {st['steps']}/{st.get('requested_steps', st['steps'])} steps in "
