@@ -97,6 +97,30 @@ def test_triton_kernels_write_every_output(decode, case):
     check_kernel(run, torch.empty_like(q), ref, **TOL[torch.float32])
 
 
+def test_page_shift_maps_powers_of_two_only():
+    """Power-of-two pages map positions by shift and mask, every other size divides (-1)."""
+    from impl.serve.triton_attention import page_shift
+
+    assert [page_shift(n) for n in (1, 2, 3, 4, 12, 16, 32, 48)] == [0, 1, -1, 2, -1, 4, 5, -1]
+
+
+@pytest.mark.parametrize("page_size", [3, 4, 5, 8], ids=lambda n: f"page{n}")
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_triton_kernels_match_with_shifted_and_divided_pages(decode, page_size):
+    """The same sequences through pages that the kernels address by shifts (4, 8) or by division (3, 5)."""
+    case = dict(kv_heads=2, heads=4, head_dim=16, page_size=page_size, lengths=[70, 41, 17],
+                q_lens=[1, 1, 1] if decode else [37, 41, 3], fp8_kv=False, seed=11)
+    cache, meta, q = build(case, torch.float32)
+    ref = paged_attention_reference(q, cache.k[0], cache.v[0], meta, scale=0.25).float().numpy()
+    if decode:
+        run = lambda out: paged_decode(q, cache.k[0], cache.v[0], meta.block_tables, meta.seq_lens, scale=0.25,
+                                       out=out)
+    else:
+        run = lambda out: paged_prefill(q, cache.k[0], cache.v[0], meta.block_tables, meta.q_start, meta.seq_lens,
+                                        meta.max_q_len, scale=0.25, out=out)
+    check_kernel(run, torch.empty_like(q), ref, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("tiles", [(16, 16), (32, 16), (16, 32)], ids=str)
 def test_triton_prefill_unmasked_key_blocks_match_the_reference(tiles):
     """Small tiles, long cached prefixes and chunks that start mid-block: key blocks wholly below a query block

@@ -2,7 +2,8 @@
 request threads do not compete for the serving process's interpreter lock.
 
 ``drive`` sends every prompt as ``{"prompt": ids, "max_tokens": N, "temperature": 0}`` to ``/v1/completions`` with at
-most ``concurrency`` requests in flight, each with a timeout, and records status, token ids and client latency;
+most ``concurrency`` requests in flight, each with a timeout, and records status, token ids, client latency and the
+send time (seconds after the load began);
 prompts not yet sent at the deadline are skipped.
 """
 from __future__ import annotations
@@ -43,8 +44,10 @@ def drive(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int,
     out: list[dict[str, Any] | None] = [None] * len(prompts)
 
     def one(i: int) -> None:
-        if time.perf_counter() < deadline:
+        sent = time.perf_counter()
+        if sent < deadline:
             out[i] = post(url, {"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0}, timeout_s)
+            out[i]["sent_s"] = sent - t0
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:

@@ -138,7 +138,7 @@ def summarize(results: list[dict[str, Any] | None], wall: float, ttfts: list[flo
             "completion_tokens": tokens, "latency_p50_s": percentile(lat, 50), "latency_p99_s": percentile(lat, 99),
             "latency_mean_s": statistics.fmean(lat) if lat else None,
             "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99), "latencies_s": lat,
-            "ttfts_s": ttfts}
+            "sent_s": [r["sent_s"] for r in ok], "ttfts_s": ttfts}
 
 
 def make_engine(model: Any, cfg: LoadConfig, max_batch: int) -> Engine:

@@ -39,46 +39,60 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_kv_block(cache_ptr, bt_row_ptr, pos, n_mask, offs_d, d_mask, kv_head,
-                   stride_p, stride_s, stride_h, kv_scale, like, page_size):
-    """Rows ``pos`` [BLOCK_N] of one K/V head, gathered through the block table, in ``like``'s dtype (FP8 pages
-    scaled back by ``kv_scale``). Masked rows are not read (zeros)."""
-    page = tl.load(bt_row_ptr + pos // page_size, mask=n_mask, other=0)
-    offs = (page.to(tl.int64)[:, None] * stride_p + (pos % page_size)[:, None] * stride_s
-            + kv_head * stride_h + offs_d[None, :])
+def _kv_rows(bt_row_ptr, pos, n_mask, page_size, PAGE_SHIFT: tl.constexpr):
+    """Page (int64) and row within it of each key position ``pos`` [BLOCK_N], through the block table: shifts when
+    the page size is a power of two (``PAGE_SHIFT`` >= 0), a division otherwise. Masked positions read page 0."""
+    if PAGE_SHIFT >= 0:
+        slot, row = pos >> PAGE_SHIFT, pos & ((1 << PAGE_SHIFT) - 1)
+    else:
+        slot, row = pos // page_size, pos % page_size
+    page = tl.load(bt_row_ptr + slot, mask=n_mask, other=0)
+    return page.to(tl.int64), row
+
+
+@triton.jit
+def _load_kv_block(cache_ptr, page, row, n_mask, offs_d, d_mask, kv_head, stride_p, stride_s, stride_h, kv_scale,
+                   like):
+    """Rows (``page``, ``row``) [BLOCK_N] of one K/V head, in ``like``'s dtype (FP8 pages scaled back by
+    ``kv_scale``). Masked rows are not read (zeros)."""
+    offs = page[:, None] * stride_p + row[:, None] * stride_s + kv_head * stride_h + offs_d[None, :]
     x = tl.load(cache_ptr + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
     if x.dtype.is_fp8():
         x = (x.to(tl.float32) * kv_scale).to(like.dtype)
     return x
 
 
-# group and page size are not specialised (a compile per value class saves nothing here); strides are, so that
-# Triton can prove 16-byte alignment and vectorise the K/V loads.
+# group and page size are not specialised as ints (a compile per value class saves nothing here; a power-of-two page
+# size comes in as PAGE_SHIFT instead, so that positions map to pages by shifts); strides are, so that Triton can prove
+# 16-byte alignment and vectorise the K/V loads.
 _RUNTIME_INTS = ["group", "page_size"]
 
 
 @triton.jit
 def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, pos, q_pos, limit, offs_d, d_mask, kv_head,
                   stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, qk_scale_log2, k_scale, v_scale,
-                  page_size, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  page_size, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  PAGE_SHIFT: tl.constexpr):
     """One online-softmax step of a query block over the keys at ``pos`` (only those < ``limit`` are read): MASKED
     hides keys at or past ``limit``, CAUSAL also those after each query's position ``q_pos`` (blocks wholly below a
-    prefill query block's first position need neither)."""
+    prefill query block's first position need neither). The running max is kept in scaled base-2 units, so the
+    scale folds into one FMA per score: p = 2^(s·c − m), c = scale·log2(e) > 0."""
     n_mask = pos < limit
-    k = _load_kv_block(k_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
-                       k_scale, q, page_size)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    page, row = _kv_rows(bt_row, pos, n_mask, page_size, PAGE_SHIFT)
+    k = _load_kv_block(k_ptr, page, row, n_mask, offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh,
+                       k_scale, q)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         if CAUSAL:
             s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
         else:
             s = tl.where(n_mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds a visible key for every query
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)  # finite: every block holds a visible key for every query
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale_log2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_kv_block(v_ptr, bt_row, pos, n_mask, offs_d, d_mask, kv_head, stride_vp, stride_vs, stride_vh,
-                       v_scale, q, page_size)
+    v = _load_kv_block(v_ptr, page, row, n_mask, offs_d, d_mask, kv_head, stride_vp, stride_vs, stride_vh,
+                       v_scale, q)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
@@ -87,7 +101,7 @@ def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, pos, q_pos, limit, off
 def _attend_range(q, lo, hi, k_ptr, v_ptr, bt_row, offs_n, offs_d, d_mask, kv_head,
                   stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, qk_scale_log2, k_scale, v_scale,
                   page_size, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, PAGE_SHIFT: tl.constexpr):
     """Online softmax of the query group over key positions [lo, hi): base-2 running max m, sum l and unnormalised
     acc (m = -inf, l = 0, acc = 0 when the range is empty)."""
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -97,7 +111,7 @@ def _attend_range(q, lo, hi, k_ptr, v_ptr, bt_row, offs_n, offs_d, d_mask, kv_he
         m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, start + offs_n, hi, hi, offs_d,
                                       d_mask, kv_head, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs,
                                       stride_vh, qk_scale_log2, k_scale, v_scale, page_size, True, False,
-                                      DOT_PRECISION)
+                                      DOT_PRECISION, PAGE_SHIFT)
     return m_i, l_i, acc
 
 
@@ -113,7 +127,7 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
                         HEAD_DIM: tl.constexpr,
                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                         SPLIT: tl.constexpr, MAX_CHUNKS: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, TRIGGER: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, TRIGGER: tl.constexpr, PAGE_SHIFT: tl.constexpr):
     if TRIGGER:  # the next kernel (o_proj, PDL) may launch and stream its weights now (fused.early_trigger)
         tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
@@ -136,7 +150,7 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
             m_i, l_i, acc = _attend_range(q, lo, hi, k_ptr, v_ptr, bt_row, offs_n, offs_d, d_mask, kv_head,
                                           stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                                           qk_scale_log2, k_scale, v_scale, page_size, BLOCK_G, BLOCK_D, BLOCK_N,
-                                          DOT_PRECISION)
+                                          DOT_PRECISION, PAGE_SHIFT)
             slot = rows * chunks + c
             tl.store(m_ptr + slot, m_i, mask=g_mask)
             tl.store(l_ptr + slot, l_i, mask=g_mask)
@@ -146,7 +160,7 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr,          # q/out [B, H, D]
         m_i, l_i, acc = _attend_range(q, 0, seq_len, k_ptr, v_ptr, bt_row, offs_n, offs_d, d_mask, kv_head,
                                       stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                                       qk_scale_log2, k_scale, v_scale, page_size, BLOCK_G, BLOCK_D, BLOCK_N,
-                                      DOT_PRECISION)
+                                      DOT_PRECISION, PAGE_SHIFT)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding): zeros, not 0/0
         tl.store(out_ptr + b * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
@@ -186,7 +200,7 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]
                          group, page_size,
                          HEAD_DIM: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, PAGE_SHIFT: tl.constexpr):
     b = tl.program_id(0)
     m_block = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest (last) query blocks start first
     head = tl.program_id(2)
@@ -214,12 +228,12 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr,         # q/out [T, H, D]
         m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, start + offs_n, q_pos, seq_len,
                                       offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh, stride_vp,
                                       stride_vs, stride_vh, qk_scale_log2, k_scale, v_scale, page_size,
-                                      False, True, DOT_PRECISION)
+                                      False, True, DOT_PRECISION, PAGE_SHIFT)
     for start in range(free_end, end, BLOCK_N):
         m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, start + offs_n, q_pos, seq_len,
                                       offs_d, d_mask, kv_head, stride_kp, stride_ks, stride_kh, stride_vp,
                                       stride_vs, stride_vh, qk_scale_log2, k_scale, v_scale, page_size,
-                                      True, True, DOT_PRECISION)
+                                      True, True, DOT_PRECISION, PAGE_SHIFT)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (row0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -245,6 +259,11 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     if k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
         raise TypeError(f"K/V cache dtype {k_cache.dtype} must be q's dtype {q.dtype} or float8_e4m3fn")
     return heads // kv_heads, dim
+
+
+def page_shift(page_size: int) -> int:
+    """log2(page_size) for a power of two (the kernels then shift and mask), -1 otherwise (they divide)."""
+    return page_size.bit_length() - 1 if page_size > 0 and page_size & (page_size - 1) == 0 else -1
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -330,7 +349,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         scale * LOG2E, k_scale, v_scale, group, k_cache.shape[1], chunks, rule.min_chunk,
         HEAD_DIM=dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=block_n, SPLIT=split, MAX_CHUNKS=MAX_CHUNKS, DOT_PRECISION=_dot_precision(q.dtype),
-        TRIGGER=trigger and not split, num_warps=4)
+        TRIGGER=trigger and not split, PAGE_SHIFT=page_shift(k_cache.shape[1]), num_warps=4)
     if split:
         paged_decode_combine_kernel[(batch, heads)](
             m, l, acc, out, heads, chunks, out.stride(0), out.stride(1),
@@ -383,5 +402,5 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         scale * LOG2E, k_scale, v_scale, group, k_cache.shape[1],
         HEAD_DIM=dim, BLOCK_M=tiles.block_m,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        PAGE_SHIFT=page_shift(k_cache.shape[1]), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
