@@ -161,6 +161,45 @@ def test_loadtest_smoke_serves_both_modes_and_compares_greedy_tokens(capsys):
     assert loadclient.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and loadclient.percentile([], 50) is None
 
 
+def test_load_client_builds_one_opener_ignores_proxies_and_records_send_times(monkeypatch):
+    """A stand-in endpoint on 127.0.0.1; a proxy in the environment that does not exist must not be used, and the
+    whole load shares the one opener built before its clock starts."""
+    import threading
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from impl.serve import loadclient
+
+    class Endpoint(BaseHTTPRequestHandler):
+        def do_POST(self):
+            prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"]
+            body = json.dumps({"choices": [{"token_ids": prompt[::-1], "finish_reason": "length"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    built = []
+    real = urllib.request.build_opener
+    monkeypatch.setattr(urllib.request, "build_opener", lambda *h: built.append(h) or real(*h))
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # the discard port: a request sent there fails
+    try:
+        out, wall = loadclient.drive(f"http://127.0.0.1:{server.server_address[1]}", [[1, 2], [3], [4, 5, 6]] * 3,
+                                     concurrency=4, max_tokens=2, timeout_s=10, budget_s=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(built) == 1
+    assert [r["status"] for r in out] == [200] * 9, [r.get("error") for r in out]
+    assert [r["tokens"] for r in out[:3]] == [[2, 1], [3], [6, 5, 4]]
+    assert all(0 <= r["sent_s"] <= wall and r["latency_s"] > 0 for r in out)
+
+
 def test_auto_takes_the_faster_backend_per_phase_and_keeps_decode_graph_safe():
     tri, sd = make_backend("triton"), make_backend("sdpa")  # sdpa stands in for a faster, graph-unsafe backend
     chosen, why = choose_phases({"triton": {"decode": 50.0, "prefill": 300.0}, "sdpa": {"decode": 10.0,
