@@ -47,8 +47,8 @@ REFERENCE_CASES = {"decode": "32x1024", "prefill": "4x1024"}  # the cases choose
 # (min_chunk 256, block_n 64); a min_chunk of at least the context runs the one-pass kernel
 DECODE_SPLIT_CANDIDATES = [(1, 4096, 128, 64), (1, 4096, 64, 64), (1, 4096, 128, 32), (1, 4096, 512, 64),
                            (32, 1024, 1024, 64), (32, 1024, 128, 64), (128, 1024, 1024, 64)]
-PREFILL_TILE_CANDIDATES = [PrefillTiles(128, 64, 8, 2), PrefillTiles(128, 64, 8, 3), PrefillTiles(128, 128, 8, 3),
-                           PrefillTiles(128, 64, 4, 3), PrefillTiles(64, 64, 4, 3)]
+PREFILL_TILE_CANDIDATES = [PrefillTiles(128, 128, 8, 2), PrefillTiles(128, 64, 8, 2), PrefillTiles(128, 64, 8, 3),
+                           PrefillTiles(64, 64, 4, 3), PrefillTiles(128, 128, 8, 4)]
 
 
 log = logger("serve.flashinfer_check")

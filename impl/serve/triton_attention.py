@@ -360,14 +360,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 @dataclass(frozen=True)
 class PrefillTiles:
     """The prefill kernel's launch: query rows and key positions per program step, warps, pipeline stages. Default:
-    the fastest of five shapes ``flashinfer_check`` timed on the H200 (fe3a9dd, 8B heads, bf16): 128 x 128, 8 warps,
-    2 stages, 187.9 / 549.2 µs at 4 x 1024 / 1 x 4096 tokens (128 x 64: 193.7 / 606.8; 64 x 64, 4 warps: 223.9 /
-    781.2)."""
+    the fastest in total of six shapes ``flashinfer_check`` timed on the H200 (4475ff2, 8B heads, bf16, pages of 16):
+    128 x 128, 8 warps, 3 stages, 156.4 / 430.9 µs at 4 x 1024 / 1 x 4096 tokens (2 stages: 162.7 / 472.6;
+    128 x 64, 8 warps, 2 stages: 158.0 / 472.5; 64 x 64, 4 warps, 3 stages: 152.4 / 465.7)."""
 
     block_m: int = 128
     block_n: int = 128
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 3
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
