@@ -49,37 +49,42 @@ def rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr,        # x, residual, we
 def rope_split_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slots_ptr,
                       stride_qkv, stride_cs, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                       n_heads, n_kv_heads,
-                      HALF: tl.constexpr, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+                      HALF: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr, TRIGGER: tl.constexpr):
+    """One program per token: all its heads as one [HEADS, BLOCK] tile of half-heads (rows 0..H-1 q, then k, then
+    v), so a batch of T tokens is T programs, not T x (H + 2 KVH) programs of one half-head each."""
     if TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
-    head = tl.program_id(1)  # 0..H-1: q heads, H..H+KVH-1: k heads, then v heads
-    offs = tl.arange(0, BLOCK)
-    mask = offs < HALF
-    src = qkv_ptr + t * stride_qkv + head * (2 * HALF)
-    x1 = tl.load(src + offs, mask=mask, other=0.0)
-    x2 = tl.load(src + HALF + offs, mask=mask, other=0.0)
+    head = tl.arange(0, HEADS)[:, None]
+    offs = tl.arange(0, BLOCK)[None, :]
+    n_rot = n_heads + n_kv_heads
+    cols = offs < HALF
+    live = (head < n_rot + n_kv_heads) & cols
+    src = qkv_ptr + t * stride_qkv + head * (2 * HALF) + offs
+    x1 = tl.load(src, mask=live, other=0.0)
+    x2 = tl.load(src + HALF, mask=live, other=0.0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
-    if head < n_heads + n_kv_heads:
-        c1 = tl.load(cos_ptr + t * stride_cs + offs, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + t * stride_cs + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + t * stride_cs + offs, mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + t * stride_cs + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-        a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-        dt = x1.dtype
-        # rotate_half(x) = (-x2, x1); every product and the sum rounded to the model dtype, as torch computes it
-        o1 = ((a1 * c1).to(dt).to(tl.float32) + (-a2 * s1).to(dt).to(tl.float32)).to(dt)
-        o2 = ((a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)).to(dt)
-        if head < n_heads:
-            dst = q_ptr + t * stride_qt + head * stride_qh
-        else:
-            dst = k_ptr + slot * stride_ks + (head - n_heads) * stride_kh
-        tl.store(dst + offs, o1, mask=mask)
-        tl.store(dst + HALF + offs, o2, mask=mask)
-    else:
-        dst = v_ptr + slot * stride_vs + (head - n_heads - n_kv_heads) * stride_vh
-        tl.store(dst + offs, x1, mask=mask)
-        tl.store(dst + HALF + offs, x2, mask=mask)
+    c1 = tl.load(cos_ptr + t * stride_cs + offs, mask=cols, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + t * stride_cs + HALF + offs, mask=cols, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * stride_cs + offs, mask=cols, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * stride_cs + HALF + offs, mask=cols, other=0.0).to(tl.float32)
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+    dt = x1.dtype
+    # rotate_half(x) = (-x2, x1); every product and the sum rounded to the model dtype, as torch computes it
+    o1 = ((a1 * c1).to(dt).to(tl.float32) + (-a2 * s1).to(dt).to(tl.float32)).to(dt)
+    o2 = ((a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)).to(dt)
+    is_q = live & (head < n_heads)
+    is_k = live & (head >= n_heads) & (head < n_rot)
+    is_v = live & (head >= n_rot)
+    q_dst = q_ptr + t * stride_qt + head * stride_qh + offs  # each pointer is used only where its mask is set
+    k_dst = k_ptr + slot * stride_ks + (head - n_heads) * stride_kh + offs
+    v_dst = v_ptr + slot * stride_vs + (head - n_rot) * stride_vh + offs
+    tl.store(q_dst, o1, mask=is_q)
+    tl.store(q_dst + HALF, o2, mask=is_q)
+    tl.store(k_dst, o1, mask=is_k)
+    tl.store(k_dst + HALF, o2, mask=is_k)
+    tl.store(v_dst, x1, mask=is_v)
+    tl.store(v_dst + HALF, x2, mask=is_v)
 
 
 @triton.jit
@@ -150,10 +155,11 @@ def rope_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads:
     if slots.shape != (t,):
         raise ValueError(f"slots must be [{t}], got {tuple(slots.shape)}")
     if t:
-        rope_split_kernel[(t, n_heads + 2 * n_kv_heads)](
+        rope_split_kernel[(t,)](
             qkv, cos, sin, q_out, k_out, v_out, slots, qkv.stride(0), cos.stride(0), q_out.stride(0),
             q_out.stride(1), k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1), n_heads, n_kv_heads,
-            HALF=dim // 2, BLOCK=triton.next_power_of_2(dim // 2), TRIGGER=early_trigger(qkv))
+            HALF=dim // 2, BLOCK=triton.next_power_of_2(dim // 2),
+            HEADS=triton.next_power_of_2(n_heads + 2 * n_kv_heads), TRIGGER=early_trigger(qkv))
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
