@@ -5,7 +5,7 @@
                                         253 MB; loading it needs the ``gguf`` wheel), ``safetensors`` writes an HF dir
                                         (dequantised, ``--dtype``, shards of ``--shard-mb``) with the tokenizer
   wheels --out .whl                     pure-Python wheels the GPU side lacks: rouge-score, nltk, defusedxml, gguf
-  split  PATH --out DIR --chunk-mb 56   tar + cut a file or dir into DIR/part_NN/ folders (one per device call: the
+  split  PATH --out DIR --chunk-mb 40   tar + cut a file or dir into DIR/part_NN/ folders (one per device call: the
                                         working tree that travels is capped at 64 MiB)
   join   --parts DIR --out DIR          reassemble on the GPU side (parts may arrive over several calls)
 """
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("split")
     s.add_argument("path")
     s.add_argument("--out", required=True)
-    s.add_argument("--chunk-mb", type=int, default=56,
-                   help="MiB per piece: a call carries 64 MiB with the working tree (~5 MB)")
+    s.add_argument("--chunk-mb", type=int, default=40,
+                   help="MiB per piece: a call carries 64 MiB with the working tree (~18 MB of tracked files)")
     j = sub.add_parser("join")
     j.add_argument("--parts", required=True)
     j.add_argument("--out", required=True)

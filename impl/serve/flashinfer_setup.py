@@ -2,7 +2,7 @@
 
   plan                                  the wheels, their sizes and why each is needed (what the image lacks)
   download --out .carry/flashinfer      here: ``pip download`` of exactly those wheels (cp312, manylinux x86_64)
-  split    --src .carry/flashinfer --out .carry/fiparts [--chunk-mb 56]
+  split    --src .carry/flashinfer --out .carry/fiparts [--chunk-mb 40]
                                         here: tar + cut into fi_part_NN/blob pieces, one per device call
   install  --parts /tmp/lab_parts --target /tmp/fisite
                                         there: join the fi_part_* pieces, ``pip install --no-index --no-deps``
@@ -53,14 +53,15 @@ WHY = {
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux2014_x86_64",
              "manylinux_2_17_x86_64")
 PREFIX = "fi_"
+PIECE_MB = 40  # a call carries 64 MiB, the working tree included (~18 MB of tracked files)
 
 
 def plan_lines() -> list[str]:
     total = sum(b for _, _, b in WHEELS)
     lines = [f"{req:40} {b / 2**20:7.1f} MiB  {WHY[req.split('==')[0]]}" for req, _, b in WHEELS]
-    pieces = -(-total // (56 << 20))
-    lines.append(f"{'total':40} {total / 2**20:7.1f} MiB ({total} bytes): {pieces} pieces of <= 56 MiB, one per "
-                 "device call, plus the call that installs and measures")
+    pieces = -(-total // (PIECE_MB << 20))
+    lines.append(f"{'total':40} {total / 2**20:7.1f} MiB ({total} bytes): {pieces} pieces of <= {PIECE_MB} MiB, "
+                 "one per device call, plus the call that installs and measures")
     return lines
 
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("split")
     s.add_argument("--src", default=".carry/flashinfer")
     s.add_argument("--out", default=".carry/fiparts")
-    s.add_argument("--chunk-mb", type=int, default=56)
+    s.add_argument("--chunk-mb", type=int, default=PIECE_MB)
     i = sub.add_parser("install")
     i.add_argument("--parts", default="/tmp/lab_parts")
     i.add_argument("--target", default="/tmp/fisite")
