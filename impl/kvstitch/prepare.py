@@ -21,6 +21,7 @@ import tarfile
 from pathlib import Path
 
 WHEELS = ("rouge-score==0.1.2", "nltk", "defusedxml", "gguf")
+PIECE_MB = 40  # MiB per carried piece: a device call carries 64 MiB, the working tree (~18 MB tracked) included
 
 
 def gguf_path(name: str, workdir: Path) -> Path:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("split")
     s.add_argument("path")
     s.add_argument("--out", required=True)
-    s.add_argument("--chunk-mb", type=int, default=40,
+    s.add_argument("--chunk-mb", type=int, default=PIECE_MB,
                    help="MiB per piece: a call carries 64 MiB with the working tree (~18 MB of tracked files)")
     j = sub.add_parser("join")
     j.add_argument("--parts", required=True)

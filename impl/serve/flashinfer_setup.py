@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from impl.kvstitch.prepare import PIECE_MB
+
 # (requirement, wheel file name, bytes): pip download --no-deps --only-binary=:all: --python-version 3.12
 WHEELS = (
     ("flashinfer-python==0.7.4", "flashinfer_python-0.7.4-py3-none-any.whl", 101_294_319),
@@ -53,7 +55,6 @@ WHY = {
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux2014_x86_64",
              "manylinux_2_17_x86_64")
 PREFIX = "fi_"
-PIECE_MB = 40  # a call carries 64 MiB, the working tree included (~18 MB of tracked files)
 
 
 def plan_lines() -> list[str]:

@@ -26,12 +26,10 @@ def make_opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def post(url: str, body: dict[str, Any], timeout: float,
-         opener: urllib.request.OpenerDirector | None = None) -> dict[str, Any]:
+def post(url: str, body: dict[str, Any], timeout: float, opener: urllib.request.OpenerDirector) -> dict[str, Any]:
     """One request; returns status, token ids (of choice 0), client latency and any error."""
     req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
-    opener = opener or make_opener()
     t0 = time.perf_counter()
     try:
         with opener.open(req, timeout=timeout) as r:
