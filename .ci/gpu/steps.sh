@@ -9,6 +9,7 @@
 #   fp8_bench   the stored bench run "fp8" alone (its calibration included)
 #   fp8    .ci/gpu/fp8.sh (tune -> GPU checks -> stored bench run "fp8")
 #   serve  GEMM table tune -> decode curve experiments (the table written lands in results/<card>/serve/)
+#   serve_check   the fused kernels' and FP8 linears' property tests on the GPU (bf16, native FP8 conversion)
 #   seam   the full recipe (anchors, family, selector) with its checkpoints in /tmp
 #   seam_ablate   ResNet50 anchors alone under five variants of the anchor recipe (impl.seam.ablate, one seed each)
 #   gate   .ci/gpu/gate_proof.sh
@@ -55,6 +56,9 @@ for step in $1; do
       run serve_tune 90 python3 -m impl.serve.tune --out /tmp/serve --budget-s 75 --decode-reserve-s 25
       cp /tmp/serve/*.json "results/$(python3 -c 'from impl.common.results import gpu_slug; print(gpu_slug())')/serve/"
       run serve_exp 60 python3 -m impl.serve.experiments --gemm-table /tmp/serve/gemm_table.json --budget-s 50 ;;
+    serve_check)
+      run serve_check 150 python3 -m pytest correctness/test_serve_fused_quant.py correctness/test_serve_fused.py \
+        correctness/test_fp8_linear.py -q -p no:cacheprovider ;;
     seam)
       run seam 450 python3 -m impl.seam.experiments --out /tmp/seam --checkpoint /tmp/seam_ckpt
       tar czf "$out/seam.tgz" --exclude seam/checkpoint -C /tmp seam ;;

@@ -210,13 +210,29 @@ class Fp8Linear(nn.Module):
                 sx = sx.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
             else:
                 xq, sx = quant.quantize(xin, CHANNEL, E4M3)
-            if self._row_scale is None:  # [1, N] float32, per-tensor weights broadcast; made once
-                self._row_scale = self.weight_scale.reshape(-1, 1).expand(self.out_features, 1).reshape(
-                    1, self.out_features).contiguous()
-            sw = self._row_scale
+            return self.forward_fp8_rows(xq, sx)
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         # Wq is [N, K] row-major, so Wq.t() is the column-major [K, N] operand cuBLASLt wants
         return torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=torch.bfloat16)
+
+    def forward_fp8_rows(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """y = (codes ⊙ s_x) · (W ⊙ s_w)ᵀ (+ b), bf16 [M, N], for activations already quantised per token: codes
+        [M, K] e4m3, scales [M, 1] float32 (``quant.quantize(x, "channel", "e4m3")``, or a kernel that produced x
+        and quantised it as it did). The ``scaled_mm-rowwise`` path only."""
+        if self.path != "scaled_mm-rowwise":
+            raise ValueError(f"pre-quantised activations take the scaled_mm-rowwise path; this layer's is {self.path}")
+        if codes.dtype != torch.float8_e4m3fn or codes.ndim != 2 or codes.shape[1] != self.in_features:
+            raise ValueError(f"codes must be [M, {self.in_features}] float8_e4m3fn, got {codes.dtype} "
+                             f"{tuple(codes.shape)}")
+        if scales.dtype != torch.float32 or tuple(scales.shape) != (codes.shape[0], 1):
+            raise ValueError(f"scales must be float32 [{codes.shape[0]}, 1], got {scales.dtype} {tuple(scales.shape)}")
+        if self._row_scale is None:  # [1, N] float32, per-tensor weights broadcast; made once
+            self._row_scale = self.weight_scale.reshape(-1, 1).expand(self.out_features, 1).reshape(
+                1, self.out_features).contiguous()
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        # Wq is [N, K] row-major, so Wq.t() is the column-major [K, N] operand cuBLASLt wants
+        return torch._scaled_mm(codes, self.weight.t(), scale_a=scales, scale_b=self._row_scale, bias=bias,
+                                out_dtype=torch.bfloat16)
 
 
 def linear_reference(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:

@@ -119,7 +119,7 @@ def _as_rows(t: torch.Tensor, what: str) -> torch.Tensor:
         t = t.reshape(-1, t.shape[-1])  # a view when the leading dims are contiguous, a copy otherwise
     elif t.ndim == 1:
         t = t.reshape(1, -1)
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
+    if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:  # an empty tensor's strides mean nothing
         raise ValueError(f"{what} must be contiguous in its last dimension (stride {t.stride(-1)})")
     return t
 

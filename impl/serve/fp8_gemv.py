@@ -38,6 +38,7 @@ from torch import nn
 
 from impl import backend
 from impl.serve.fused import silu_mul_rounded
+from impl.serve.fused_quant import Fp8Rows, quantize_rows, silu_mul_quant
 
 COUNTER_SLOTS = 1 << 16  # split-K tile counters per device: (M tiles) x (N tiles) of one call must fit
 MAX_WORKSPACE_BYTES = 256 << 20
@@ -286,12 +287,14 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr,             # x [M, K] (SWIGLU: [M, 
         tl.store(y_ptrs, (acc * scale).to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-def check_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None,
-               swiglu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def check_args(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None,
+               swiglu: bool) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate a call; returns (x, weight, scales as float32 [1 or N], y) with x and weight row-major."""
-    if x.ndim != 2 or weight.ndim != 2:
+    if len(x.shape) != 2 or weight.ndim != 2:
         raise ValueError(f"x must be [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
     k = weight.shape[1]
+    if isinstance(x, Fp8Rows):
+        x.check(k)
     if x.shape[1] != (2 * k if swiglu else k):
         what = "[M, 2K] (gate | up)" if swiglu else "[M, K]"
         raise ValueError(f"x must be {what} for weight [N, K={k}], got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -305,7 +308,7 @@ def check_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: 
     s = scale.reshape(-1).float()
     if s.numel() not in (1, n):
         raise ValueError(f"scale must hold 1 or {n} values, got {s.numel()}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = x if isinstance(x, Fp8Rows) or x.stride(-1) == 1 else x.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if y.shape != (m, n) or y.dtype != x.dtype or y.stride(-1) != 1 or y.device != x.device:
@@ -340,32 +343,36 @@ def split_plan(k: int, splits: int, block_k: int) -> tuple[int, int]:
     return per, max(1, triton.cdiv(k, per))
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: GemvConfig, *,
+def gemv(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, config: GemvConfig, *,
          out: torch.Tensor | None = None, swiglu: bool = False, counters: torch.Tensor | None = None,
          pdl: bool = False) -> torch.Tensor:
     """y = x · (s ⊙ q)ᵀ (module doc) with one ``GemvConfig``. ``counters`` (from ``new_counters``) are read only when
     the config splits K; None takes the device's shared set (``device_counters``). ``pdl`` only on a GPU.
 
-    ``config.a8``: x is first quantised per row to e4m3 by impl.fp8 (``quant.quantize(x, "channel")``: s_x = amax/448,
-    the same activation quantisation as impl.fp8's W8A8 path) and the kernel multiplies FP8 by FP8:
-    y = s_x[m] · s[n] · Σ_k q_x[m, k] · q[n, k]."""
+    ``config.a8``: x is first quantised per row to e4m3 (s_x = amax/448, impl.fp8's W8A8 activation quantisation;
+    with ``swiglu`` by ``fused_quant.silu_mul_quant``, in one pass over gu) and the kernel multiplies FP8 by FP8:
+    y = s_x[m] · s[n] · Σ_k q_x[m, k] · q[n, k]. x may already be such rows (``fused_quant.Fp8Rows``, from a norm
+    that quantised its output); y then has the rows' dtype."""
+    rows = x if isinstance(x, Fp8Rows) else None
+    if rows is not None and (not config.a8 or swiglu):
+        raise ValueError(f"FP8 rows are the input of an FP8-activation (a8) config without swiglu, got {config}")
     x, w, s, y = check_args(x, weight, scale, out, swiglu)
     cfg = interpreter_config(config)
     (m, n), k = y.shape, w.shape[1]
     if m == 0 or n == 0:
         return y
     sx = s  # not read unless a8
-    if swiglu and cfg.dot:  # tensor-core tiles take silu_mul's product from its own kernel (one pass over gu)
-        from impl.serve.fused import silu_mul
-
-        x, swiglu = silu_mul(x), False
     if cfg.a8:
         if w.dtype != torch.float8_e4m3fn:
             raise TypeError(f"FP8 activations need an e4m3 weight, got {w.dtype}")
-        from impl.fp8 import quant
+        if rows is None:
+            rows = silu_mul_quant(x) if swiglu else quantize_rows(x)
+            swiglu = False
+        x, sx = rows.codes, rows.scales.reshape(-1)
+    elif swiglu and cfg.dot:  # tensor-core tiles take silu_mul's product from its own kernel (one pass over gu)
+        from impl.serve.fused import silu_mul
 
-        xq, sx = quant.quantize(x, "channel", "e4m3")
-        x, sx = xq, sx.reshape(-1)
+        x, swiglu = silu_mul(x), False
     block_m = cfg.rows_per_tile(m)
     per, used = split_plan(k, cfg.splits, cfg.block_k)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, cfg.block_n), used)
@@ -485,13 +492,29 @@ class DecodeFp8Linear(nn.Module):
     def choice(self, m: int):
         return self.table.lookup(self.out_features, self.in_features, m)
 
-    def forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
-        """y for x [..., K]; with ``swiglu`` x is [..., 2K] = [gate | up] and y = W · silu_mul(x)."""
+    def takes_fp8_rows(self, m: int, device: torch.device) -> bool:
+        """Whether M rows on ``device`` take a path that first quantises them per token to e4m3 (W8A8: the
+        FP8-activation tiles of ``gemv``, or impl.fp8's row-wise ``_scaled_mm``), so that the kernel producing them
+        may hand over ``Fp8Rows`` instead (``fused_quant``: the same codes, without a kernel of their own)."""
+        if not (self.use_kernel if self.use_kernel is not None else torch.device(device).type == "cuda"):
+            return False
+        choice = self.choice(m)
+        if choice.path == "w8a16":
+            return choice.config.a8
+        return self.inner.path == "scaled_mm-rowwise" and self.inner.input_scale is None
+
+    def forward(self, x: torch.Tensor | Fp8Rows, swiglu: bool = False) -> torch.Tensor:
+        """y for x [..., K] (or ``Fp8Rows`` [M, K] where ``takes_fp8_rows(M)``); with ``swiglu`` x is [..., 2K] =
+        [gate | up] and y = W · silu_mul(x)."""
+        if isinstance(x, Fp8Rows):
+            return self.forward_fp8_rows(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         kernel = self.use_kernel if self.use_kernel is not None else x.is_cuda
         choice = self.choice(x2.shape[0]) if kernel else None
         if choice is None or choice.path != "w8a16":
+            if swiglu and self.takes_fp8_rows(x2.shape[0], x.device):  # the product quantised as it is made
+                return self.forward_fp8_rows(silu_mul_quant(x2)).reshape(*lead, self.out_features)
             if swiglu:
                 from impl.serve.fused import silu_mul
 
@@ -499,6 +522,17 @@ class DecodeFp8Linear(nn.Module):
             return self.inner(x2).reshape(*lead, self.out_features)
         y = gemv(x2, self.inner.weight, self.inner.weight_scale, choice.config, swiglu=swiglu, pdl=self.table.pdl)
         return y.reshape(*lead, self.out_features)
+
+    def forward_fp8_rows(self, rows: Fp8Rows) -> torch.Tensor:
+        """y [M, N] for activations already quantised per token (``Fp8Rows``), by the path the table holds for M."""
+        m = rows.shape[0]
+        if not self.takes_fp8_rows(m, rows.device):
+            raise ValueError(f"this layer serves {m} rows on {rows.device} without FP8 activations; pass a tensor")
+        rows.check(self.in_features)
+        choice = self.choice(m)
+        if choice.path == "w8a16":
+            return gemv(rows, self.inner.weight, self.inner.weight_scale, choice.config, pdl=self.table.pdl)
+        return self.inner.forward_fp8_rows(rows.codes, rows.scales).to(rows.dtype)
 
 
 def swiglu_torch(gu: torch.Tensor) -> torch.Tensor:

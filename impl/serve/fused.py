@@ -25,12 +25,9 @@ from impl import backend
 
 
 @triton.jit
-def rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr,        # x, residual, weight [N], out, x + residual
-                   n_cols, stride_x, stride_r, stride_o, stride_h, eps,
-                   HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
-    if TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
-    row = tl.program_id(0)
+def norm_row(x_ptr, r_ptr, w_ptr, h_ptr, row, n_cols, stride_x, stride_r, stride_h, eps,
+             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """(the normalised row in x's dtype [BLOCK], its column mask): rmsnorm of row ``row`` of x (+ r, stored to h)."""
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
@@ -42,7 +39,18 @@ def rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr,        # x, residual, we
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
     y = (xf * rstd).to(x.dtype)  # HF rounds the normalised row to the model dtype, then scales by the weight
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * y.to(tl.float32)).to(x.dtype), mask=mask)
+    return (w.to(tl.float32) * y.to(tl.float32)).to(x.dtype), mask
+
+
+@triton.jit
+def rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr,        # x, residual, weight [N], out, x + residual
+                   n_cols, stride_x, stride_r, stride_o, stride_h, eps,
+                   HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
+    row = tl.program_id(0)
+    y, mask = norm_row(x_ptr, r_ptr, w_ptr, h_ptr, row, n_cols, stride_x, stride_r, stride_h, eps, HAS_RESIDUAL, BLOCK)
+    tl.store(out_ptr + row * stride_o + tl.arange(0, BLOCK), y, mask=mask)
 
 
 @triton.jit
@@ -122,17 +130,22 @@ def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
     return x
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-            residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(rmsnorm(x [+ residual]), x + residual or None); x, residual [T, N], weight [N], all one dtype."""
+def check_norm_args(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """Validate a norm's inputs; returns the tensor to pass as the residual (x itself when there is none)."""
     _rows(x, "x")
     if weight.shape != (x.shape[1],) or weight.dtype != x.dtype:
         raise ValueError(f"weight must be [{x.shape[1]}] {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}")
+    return _rows(residual, "residual") if residual is not None else x
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+            residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rmsnorm(x [+ residual]), x + residual or None); x, residual [T, N], weight [N], all one dtype."""
+    r = check_norm_args(x, weight, residual)
     out = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else None
-    r = _rows(residual, "residual") if residual is not None else x
     if x.shape[0]:
         rmsnorm_kernel[(x.shape[0],)](x, r, weight, out, h if h is not None else out, x.shape[1], x.stride(0),
                                       r.stride(0), out.stride(0), (h if h is not None else out).stride(0), eps,
@@ -162,12 +175,18 @@ def rope_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads:
             HEADS=triton.next_power_of_2(n_heads + 2 * n_kv_heads), TRIGGER=early_trigger(qkv))
 
 
+def check_gu(gu: torch.Tensor) -> int:
+    """Validate a SwiGLU input gu = [gate | up] [T, 2F]; returns F."""
+    _rows(gu, "gu")
+    if gu.shape[1] % 2:
+        raise ValueError(f"gu must have an even width (gate | up), got {gu.shape[1]}")
+    return gu.shape[1] // 2
+
+
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     """silu(gu[:, :F]) · gu[:, F:] for gu [T, 2F] → [T, F]."""
-    _rows(gu, "gu")
+    check_gu(gu)
     t, width = gu.shape
-    if width % 2:
-        raise ValueError(f"gu must have an even width (gate | up), got {width}")
     out = torch.empty(t, width // 2, dtype=gu.dtype, device=gu.device)
     block = min(1024, triton.next_power_of_2(max(width // 2, 1)))
     if t:

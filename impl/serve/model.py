@@ -207,23 +207,29 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fused:
-            from impl.serve.fused import rmsnorm
-
-            return rmsnorm(x, self.weight, self.eps)[0]
+    def forward(self, x: Tensor, fp8: bool = False) -> Any:
+        """norm(x); ``fp8`` (fused only): as per-token e4m3 rows (``fused_quant.Fp8Rows``) for a W8A8 linear."""
+        if self.fused or fp8:
+            return self.add_forward(x, None, fp8)[0]
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
-    def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """(norm(residual + x), residual + x): the residual stream's update and the next sublayer's input."""
+    def add_forward(self, x: Tensor, residual: Tensor | None, fp8: bool = False) -> tuple[Any, Tensor | None]:
+        """(norm(residual + x), residual + x): the residual stream's update and the next sublayer's input (no
+        residual: (norm(x), None)); ``fp8`` as in ``forward``."""
+        if self.fused and fp8:
+            from impl.serve.fused_quant import rmsnorm_quant
+
+            return rmsnorm_quant(x, self.weight, self.eps, residual)
         if self.fused:
             from impl.serve.fused import rmsnorm
 
             return rmsnorm(x, self.weight, self.eps, residual)
-        h = residual + x
-        return self.forward(h), h
+        if fp8:
+            raise ValueError("FP8 norm outputs come from the fused kernels only (set_fused(True))")
+        h = x if residual is None else residual + x
+        return self.forward(h), (None if residual is None else h)
 
 
 class Attention(nn.Module):
@@ -282,12 +288,22 @@ class TransformerBlock(nn.Module):
                 ctx: StepContext) -> tuple[Tensor, Tensor]:
         """(this block's output, residual stream before it): the caller adds the two in the next norm, so each
         residual add shares a kernel with the RMSNorm after it. ``residual`` None: x is the embedding itself."""
+        fp8 = self.attention_norm.fused and takes_fp8_rows(self.attention.wqkv, x)
         if residual is None:
-            normed, residual = self.attention_norm(x), x
+            normed, residual = self.attention_norm(x, fp8), x
         else:
-            normed, residual = self.attention_norm.add_forward(x, residual)
-        normed, residual = self.ffn_norm.add_forward(self.attention(normed, cos, sin, ctx), residual)
+            normed, residual = self.attention_norm.add_forward(x, residual, fp8)
+        out = self.attention(normed, cos, sin, ctx)
+        fp8 = self.ffn_norm.fused and takes_fp8_rows(self.feed_forward.w13, out)
+        normed, residual = self.ffn_norm.add_forward(out, residual, fp8)
         return self.feed_forward(normed), residual
+
+
+def takes_fp8_rows(linear: nn.Module, x: Tensor) -> bool:
+    """Whether ``linear`` takes x's rows as per-token e4m3 (an FP8 linear whose path for that many rows quantises
+    them first): the fused norm before it then quantises its output instead of storing it."""
+    want = getattr(linear, "takes_fp8_rows", None)
+    return want is not None and want(x.shape[0], x.device)
 
 
 class Transformer(nn.Module):

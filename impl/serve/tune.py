@@ -10,7 +10,9 @@ calls it, on gu = [gate | up] with SwiGLU fused or run first) and each M:
    pipelines from M = 1 on, each with Triton's e4m3 decoder and with the bit decoder (``bits``), the bit decoder's
    tiles up to M = 8 also with an L2 bulk prefetch of their first codes (``prefetch``), split-K
    counts, FP8-activation tensor-core tiles for large M, and the rule's ``default_config``), impl.fp8's W8A8 path
-   (``inner``: per-token activation quantisation + ``torch._scaled_mm``) and bf16 cuBLAS as the anchor;
+   (``inner``: per-token activation quantisation + ``torch._scaled_mm``) and bf16 cuBLAS as the anchor; W8A8 paths
+   are timed as the model runs them: ``wqkv`` and ``w13`` take the FP8 rows their RMSNorm makes (``fused_quant``;
+   no quantisation of their own), ``w2`` quantises in its SwiGLU kernel, ``wo`` runs impl.fp8's quantiser;
 2. every W8A16 kernel is compiled first, in parallel worker processes that fill Triton's disk cache;
 3. check: each candidate on fresh random x against float64 x · (s ⊙ q)ᵀ (W8A16 outputs poisoned with NaN first),
    within its stated bound (``error_bound``); a failing or crashing candidate is reported and dropped;
@@ -162,6 +164,10 @@ class Subject:
     dense: DenseLinear
     fp8: DecodeFp8Linear
     swiglu: bool = False  # served as the model calls it: input gu = [gate | up] [M, 2K], product of silu_mul(gu)
+    normed: bool = False  # its input comes from an RMSNorm, which hands W8A8 paths per-token FP8 rows at no cost
+
+
+NORMED = ("wqkv", "w13")  # the projections an RMSNorm feeds (``model.TransformerBlock``)
 
 
 def make_subject(name: str, n: int, k: int, dtype: torch.dtype, device: str, seed: int,
@@ -169,23 +175,37 @@ def make_subject(name: str, n: int, k: int, dtype: torch.dtype, device: str, see
     dense = DenseLinear(k, n, dtype, device)
     dense.weight.data.normal_(0.0, 0.02, generator=torch.Generator(device=device).manual_seed(seed))
     fp8 = fp8_adapter.quantize_linear(dense)
-    return Subject(name, n, k, dense, fp8, swiglu)
+    return Subject(name, n, k, dense, fp8, swiglu, normed=name in NORMED)
 
 
 def runners(sub: Subject, x: torch.Tensor, configs: list[GemvConfig],
             out: torch.Tensor) -> list[tuple[str, str, GemvConfig | None, Callable[[], torch.Tensor]]]:
-    """(name, kind, config, fn) for every candidate; W8A16 ones write into ``out`` (poisoned by the caller). With
-    ``sub.swiglu`` x is gu and every candidate computes W · silu_mul(gu) as serving does (the anchors and ``inner``
-    run ``fused.silu_mul`` first; the kernel fuses it or runs it first, per config)."""
+    """(name, kind, config, fn) for every candidate; W8A16 ones write into ``out`` (poisoned by the caller). Each
+    candidate runs as serving runs it: with ``sub.swiglu`` x is gu and every candidate computes W · silu_mul(gu) (the
+    bf16 anchor runs ``fused.silu_mul`` first; W8A8 paths take ``silu_mul_quant``'s FP8 rows; the W8A16 kernel fuses
+    SwiGLU or runs it first, per config); with ``sub.normed`` the W8A8 paths (``inner`` row-wise, a8 tiles) take x
+    already quantised per token, as the fused RMSNorm hands it over (quantised here once, outside the timing)."""
     from impl.serve.fused import silu_mul
+    from impl.serve.fused_quant import quantize_rows, silu_mul_quant
 
-    q, s = sub.fp8.inner.weight, sub.fp8.inner.weight_scale
+    lin = sub.fp8.inner
+    q, s = lin.weight, lin.weight_scale
     cnt = new_counters(x.device)
     act = silu_mul if sub.swiglu else (lambda v: v)
-    rows = [("bf16", "bf16", None, lambda: sub.dense(act(x))), ("inner", "inner", None, lambda: sub.fp8.inner(act(x)))]
+    rowwise = lin.path == "scaled_mm-rowwise" and lin.input_scale is None
+    pre = quantize_rows(x) if sub.normed and not sub.swiglu else None
+
+    def inner() -> torch.Tensor:
+        if rowwise and (sub.swiglu or pre is not None):
+            r = silu_mul_quant(x) if sub.swiglu else pre
+            return lin.forward_fp8_rows(r.codes, r.scales)
+        return lin(act(x))
+
+    rows = [("bf16", "bf16", None, lambda: sub.dense(act(x))), ("inner", "inner", None, inner)]
     for cfg in configs:
+        xin = pre if cfg.a8 and pre is not None else x
         rows.append((cfg.name, "a8" if cfg.a8 else "w8a16", cfg,
-                     lambda cfg=cfg: gemv(x, q, s, cfg, out=out, counters=cnt, swiglu=sub.swiglu)))
+                     lambda cfg=cfg, xin=xin: gemv(xin, q, s, cfg, out=out, counters=cnt, swiglu=sub.swiglu)))
     return rows
 
 
