@@ -130,6 +130,14 @@ def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
     return x
 
 
+def norm_warps(n_cols: int) -> int:
+    """Warps of a norm program over a row of ``n_cols``: at most 8 columns per thread (up to 32 warps). Then every
+    load and store of the row, 16-bit or 8-bit, gets the same 8-per-thread layout, so the sum of squares adds in the
+    same order in ``rmsnorm_kernel`` and in ``fused_quant``'s norm (whose one-byte stores would otherwise take 16
+    columns per thread and reorder the sum): the two give the same bits."""
+    return max(1, min(32, triton.next_power_of_2(n_cols) // 256))
+
+
 def check_norm_args(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """Validate a norm's inputs; returns the tensor to pass as the residual (x itself when there is none)."""
     _rows(x, "x")
@@ -150,7 +158,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         rmsnorm_kernel[(x.shape[0],)](x, r, weight, out, h if h is not None else out, x.shape[1], x.stride(0),
                                       r.stride(0), out.stride(0), (h if h is not None else out).stride(0), eps,
                                       HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(x.shape[1]),
-                                      TRIGGER=early_trigger(x))
+                                      TRIGGER=early_trigger(x), num_warps=norm_warps(x.shape[1]))
     return out, h
 
 

@@ -11,8 +11,8 @@ model ~3.4 µs each, 128 per step). Here the producer quantises instead of stori
 
 - ``rmsnorm_quant``: the RMSNorm (+ residual) of ``fused.rmsnorm``, its row rounded to the model dtype as that kernel
   stores it, then quantised (the norm already holds the whole row, so the amax costs a register reduction).
-- ``silu_mul_quant``: silu(g) · u of ``fused.silu_mul``, one program per row in two passes over it (the amax, then
-  the codes, recomputing the product from L1/L2).
+- ``silu_mul_quant``: silu(g) · u of ``fused.silu_mul``, one program per row: held in registers (rows up to
+  ``SILU_ROW`` products), or in two passes over it (the amax, then the codes, recomputing the product from L1/L2).
 
 The codes and scales are bit-identical to ``impl.fp8.quant.quantize(producer(x), "channel", "e4m3")``: the same
 rounded activations go through impl.fp8's own scale and encode helpers. ``Fp8Rows`` carries them to the linear.
@@ -29,9 +29,10 @@ import triton.language as tl
 from impl.fp8.formats import E4M3, MIN_SCALE
 from impl.fp8.kernels import _encode, _finite_abs, _saturate, _scale_from_amax
 from impl.fp8.quant import EMULATE
-from impl.serve.fused import check_gu, check_norm_args, early_trigger, norm_row, silu_mul_rounded
+from impl.serve.fused import check_gu, check_norm_args, early_trigger, norm_row, norm_warps, silu_mul_rounded
 
-SILU_BLOCK = 2048  # columns per step of silu_mul_quant's two passes
+SILU_ROW = 16384  # rows of gu up to this many products are quantised from registers in one pass
+SILU_BLOCK = 2048  # columns per step of silu_mul_quant's two passes over longer rows
 
 
 @dataclass(frozen=True)
@@ -87,29 +88,38 @@ def rmsnorm_quant_kernel(x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, h_ptr,    # codes ui
 
 @triton.jit
 def silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, n_cols, stride_gu, stride_q,
-                          BLOCK: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
-                          TRIGGER: tl.constexpr):
+                          BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                          EMULATE: tl.constexpr, TRIGGER: tl.constexpr):
+    """One program per row. ONE_PASS: the row is one BLOCK, loaded at once and quantised from registers; else two
+    passes of BLOCK columns (the amax, then the codes, recomputing the product from L1/L2)."""
     if TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     src = gu_ptr + row * stride_gu
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, n_cols, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
+    if ONE_PASS:
+        cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        a = silu_mul_rounded(tl.load(src + cols, mask=mask, other=0.0), tl.load(src + n_cols + cols, mask=mask,
-                                                                                 other=0.0))
-        amax = tl.maximum(amax, _finite_abs(a.to(tl.float32)))
-    s = _scale_from_amax(tl.max(amax, axis=0), FMAX, MIN_SCALE)
-    inv = tl.math.div_rn(1.0, s)
-    for k0 in range(0, n_cols, BLOCK):  # the row again, from L1/L2
-        cols = k0 + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        a = silu_mul_rounded(tl.load(src + cols, mask=mask, other=0.0), tl.load(src + n_cols + cols, mask=mask,
-                                                                                 other=0.0))
-        tl.store(q_ptr + row * stride_q + cols, _encode(_saturate(a.to(tl.float32) * inv, FMAX), 0, EMULATE),
-                 mask=mask)
-    tl.store(s_ptr + row, s)
+        a = silu_mul_rounded(tl.load(src + cols, mask=mask, other=0.0),
+                             tl.load(src + n_cols + cols, mask=mask, other=0.0))
+        quantize_row(a, mask, q_ptr, s_ptr, row, stride_q, cols, FMAX, MIN_SCALE, EMULATE)
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, n_cols, BLOCK):
+            cols = k0 + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            a = silu_mul_rounded(tl.load(src + cols, mask=mask, other=0.0),
+                                 tl.load(src + n_cols + cols, mask=mask, other=0.0))
+            amax = tl.maximum(amax, _finite_abs(a.to(tl.float32)))
+        s = _scale_from_amax(tl.max(amax, axis=0), FMAX, MIN_SCALE)
+        inv = tl.math.div_rn(1.0, s)
+        for k0 in range(0, n_cols, BLOCK):
+            cols = k0 + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            a = silu_mul_rounded(tl.load(src + cols, mask=mask, other=0.0),
+                                 tl.load(src + n_cols + cols, mask=mask, other=0.0))
+            tl.store(q_ptr + row * stride_q + cols, _encode(_saturate(a.to(tl.float32) * inv, FMAX), 0, EMULATE),
+                     mask=mask)
+        tl.store(s_ptr + row, s)
 
 
 # ---- thin wrappers ------------------------------------------------------------------------------------------------
@@ -136,7 +146,8 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if t:
         rmsnorm_quant_kernel[(t,)](x, r, weight, q, s, hh, n, x.stride(0), r.stride(0), q.stride(0), hh.stride(0),
                                    eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
-                                   FMAX=E4M3.max, MIN_SCALE=MIN_SCALE, EMULATE=EMULATE, TRIGGER=early_trigger(x))
+                                   FMAX=E4M3.max, MIN_SCALE=MIN_SCALE, EMULATE=EMULATE, TRIGGER=early_trigger(x),
+                                   num_warps=norm_warps(n))
     return Fp8Rows(q.view(torch.float8_e4m3fn), s, x.dtype), h
 
 
@@ -147,10 +158,12 @@ def silu_mul_quant(gu: torch.Tensor) -> Fp8Rows:
     t = gu.shape[0]
     q, s = _empty_rows(t, f, gu)
     if t:
-        silu_mul_quant_kernel[(t,)](gu, q, s, f, gu.stride(0), q.stride(0),
-                                    BLOCK=min(SILU_BLOCK, triton.next_power_of_2(max(f, 1))), FMAX=E4M3.max,
-                                    MIN_SCALE=MIN_SCALE, EMULATE=EMULATE, TRIGGER=early_trigger(gu),
-                                    num_warps=8 if f >= SILU_BLOCK else 4)
+        block = triton.next_power_of_2(max(f, 1))
+        one_pass = block <= SILU_ROW
+        block = block if one_pass else SILU_BLOCK
+        silu_mul_quant_kernel[(t,)](gu, q, s, f, gu.stride(0), q.stride(0), BLOCK=block, ONE_PASS=one_pass,
+                                    FMAX=E4M3.max, MIN_SCALE=MIN_SCALE, EMULATE=EMULATE, TRIGGER=early_trigger(gu),
+                                    num_warps=max(4, min(16, block // 1024)))
     return Fp8Rows(q.view(torch.float8_e4m3fn), s, gu.dtype)
 
 
