@@ -10,7 +10,8 @@ Files, in reading order: ``model.py`` (ModelArgs presets, RMSNorm, RoPE, GQA att
 ``kv_cache.py`` (pages, block tables, free list, step metadata), ``triton_attention.py`` (paged decode/prefill
 kernels), ``attention.py`` (backends: flashinfer, Triton, torch SDPA, and the float64 reference), ``sampling.py``,
 ``engine.py`` (``Engine.generate``), ``cuda_graphs.py`` (graph-captured decode), ``__main__.py`` (CLI),
-``server.py`` (OpenAI-style /v1/completions); ``fp8_gemv.py`` (the W8A16 decode GEMV), ``choose.py`` (the measured
+``server.py`` (OpenAI-style /v1/completions); ``fp8_gemv.py`` (the W8A16 decode GEMV), ``fused_quant.py`` (the
+norm and SiLU·up quantising their outputs per token for W8A8 linears), ``choose.py`` (the measured
 GEMM table per projection and batch size; batch-invariant serving), ``tune.py`` (measures that table),
 ``ptx_check.py`` (the kernel compiled for Hopper without a GPU), ``experiments.py`` (decode/TTFT per batch, FP8 vs
 bf16), ``loadtest.py`` + ``loadclient.py`` (the endpoint under load), ``flashinfer_setup.py`` +

@@ -11,7 +11,9 @@ are fused (``wqkv``, ``w13``) so a decode step reads each weight matrix in one G
 so that ``fp8_adapter`` can swap in FP8 linears. With ``fused=True`` (the default on a GPU) RMSNorm + residual add,
 RoPE + the KV-cache write, and SiLU·up each run as one Triton kernel (``fused.py``), rounding as the torch ops do;
 each block hands its output and the residual stream to the next norm, which adds them in the same kernel, and an FP8
-down projection that takes ``swiglu=True`` computes SiLU·up while it loads its input (no separate kernel).
+down projection that takes ``swiglu=True`` computes SiLU·up while it loads its input (no separate kernel). Where the
+FP8 linear after a norm quantises its input per token (``takes_fp8_rows``), the norm writes e4m3 rows instead of
+bf16 ones (``fused_quant.py``: the same codes, without a quantisation kernel of their own).
 """
 from __future__ import annotations
 
