@@ -53,7 +53,7 @@ for step in $1; do
       bash .ci/gpu/fp8.sh ;;  # same $OUT layout: logs/{tune,check,bench}.log, summary.txt, results.tgz
     serve)
       mkdir -p /tmp/serve
-      run serve_tune 90 python3 -m impl.serve.tune --out /tmp/serve --budget-s 75 --decode-reserve-s 25
+      run serve_tune 130 python3 -m impl.serve.tune --out /tmp/serve --budget-s 110 --decode-reserve-s 25
       cp /tmp/serve/*.json "results/$(python3 -c 'from impl.common.results import gpu_slug; print(gpu_slug())')/serve/"
       run serve_exp 60 python3 -m impl.serve.experiments --gemm-table /tmp/serve/gemm_table.json --budget-s 50 ;;
     serve_check)

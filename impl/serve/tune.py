@@ -121,9 +121,12 @@ def candidate_configs(m: int, n: int, k: int, smoke: bool = False) -> list[GemvC
         tiles = ((32, 128, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3))
         dot = [GemvConfig(dot=True, bits=b, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
                for bn, bk, w, st in tiles for b in (True, False)]
+        # FP8-activation tiles: wide N tiles (more weight bytes per activation byte re-read from L2), deeper
+        # pipelines, and up to 8 K splits (the N = 4096 projections have 16-64 N tiles for 132 SMs)
         a8 = [GemvConfig(dot=True, a8=True, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
-              for bn, bk, w, st in ((64, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3))]
-        cfgs = _with_splits(dot, k, (1, 2, 4) if m <= 64 else (1, 2)) + _with_splits(a8, k, (1, 2, 4))
+              for bn, bk, w, st in ((64, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3),
+                                    (128, 128, 8, 4), (64, 256, 4, 3))]
+        cfgs = _with_splits(dot, k, (1, 2, 4) if m <= 64 else (1, 2)) + _with_splits(a8, k, (1, 2, 4, 8))
         if m > 128:  # two or four M tiles of the same weights (the second read mostly from L2)
             cfgs += [replace(c, block_m=bm) for c in dot[1:3] + a8[:2] for bm in (64, 128)]
     cfgs.append(default_config(m, n, k))
