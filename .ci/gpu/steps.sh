@@ -47,7 +47,7 @@ for step in $1; do
     sort_ncu)
       run sort_ncu 90 python3 -m impl.sort.experiments --ncu-only ;;
     fp8_bench)
-      run fp8_bench 60 python3 -m pytest benches/bench_fp8.py -q -p no:cacheprovider --benchmark-save=fp8 \
+      run fp8_bench 80 python3 -m pytest benches/bench_fp8.py -q -p no:cacheprovider --benchmark-save=fp8 \
         --benchmark-columns=median,iqr,rounds ;;
     fp8)
       bash .ci/gpu/fp8.sh ;;  # same $OUT layout: logs/{tune,check,bench}.log, summary.txt, results.tgz
