@@ -37,13 +37,7 @@ def copy_ceiling(view, bench: str) -> str:
     if isinstance(m, NotMeasured):
         return ""
     shape = name[name.index("[") + 1:-1]
-    out = f"; the card's own copy of those bytes: {m.value:.1f}% ({shape}, {m.commit[:12]} {m.date[:10]})"
-    mix = "widen" if bench.startswith("test_fp8_dequant") else "narrow"
-    c = ExtraInfo(f"test_fp8_convert[{mix}-{shape}]", "pct_peak_bw")(view)
-    if not isinstance(c, NotMeasured):
-        what = "uint8 -> int16, dequantize's" if mix == "widen" else "int16 -> uint8, requantize's"
-        out += f"; its own conversion with the same read:write mix ({what}): {c.value:.1f}%"
-    return out
+    return f"; the card's own copy of those bytes: {m.value:.1f}% ({shape}, {m.commit[:12]} {m.date[:10]})"
 
 
 @dataclass(frozen=True)
