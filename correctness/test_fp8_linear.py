@@ -129,6 +129,14 @@ def test_gpu_paths_use_fp8_tensor_cores_where_scales_allow():
     assert paths["block"] == "dequant-triton" and paths["group"] == "dequant-triton"
     odd = Fp8Linear(quantize_weight(torch.randn(100, 72, device="cuda"), "tensor"))
     assert odd.path == "dequant-triton" and "divisible by 16" in odd.reason
+    w = quantize_weight(torch.randn(80, 80, device="cuda"), "tensor")
+    buf = torch.empty(80 * 80 + 3, dtype=torch.uint8, device="cuda")
+    buf[3:].copy_(w.weight.view(torch.uint8).reshape(-1))
+    unaligned = buf[3:].view(torch.float8_e4m3fn).reshape(80, 80)  # as a loader's view of its file buffer
+    layer = Fp8Linear(Fp8Weight(unaligned, w.scale, w.group))
+    x = torch.randn(48, 80, device="cuda")
+    assert layer.weight.data_ptr() % 16 == 0 and torch.equal(layer.weight.view(torch.uint8), unaligned.view(torch.uint8))
+    assert torch.equal(layer(x), Fp8Linear(w)(x))  # cuBLASLt refuses FP8 operands not aligned to 16 bytes
 
 
 @pytest.fixture(scope="module")

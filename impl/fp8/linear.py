@@ -151,6 +151,10 @@ class Fp8Linear(nn.Module):
         else:
             reason = "chosen by the caller"
         self.path, self.reason = path, reason
+        if path.startswith("scaled_mm") and self.weight.data_ptr() % 16:
+            # cuBLASLt's FP8 GEMMs refuse operands not aligned to 16 bytes (CUBLAS_STATUS_NOT_SUPPORTED); a loader's
+            # codes are views of its file buffer, aligned only to their one-byte element
+            self.weight = self.weight.clone()
         on_gpu = w.weight.device.type == "cuda"
         self.compute_dtype = compute_dtype or (torch.bfloat16 if on_gpu else torch.float32)
         self._dense: torch.Tensor | None = None  # the torch paths' dequantized weight, made on first use
