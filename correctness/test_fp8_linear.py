@@ -133,9 +133,12 @@ def test_gpu_paths_use_fp8_tensor_cores_where_scales_allow():
     buf = torch.empty(80 * 80 + 3, dtype=torch.uint8, device="cuda")
     buf[3:].copy_(w.weight.view(torch.uint8).reshape(-1))
     unaligned = buf[3:].view(torch.float8_e4m3fn).reshape(80, 80)  # as a loader's view of its file buffer
-    layer = Fp8Linear(Fp8Weight(unaligned, w.scale, w.group))
+    sbuf = torch.empty(2, device="cuda")
+    sbuf[1:].copy_(w.scale.reshape(-1))
+    layer = Fp8Linear(Fp8Weight(unaligned, sbuf[1:].reshape(w.scale.shape), w.group))  # a scale 4 bytes in
     x = torch.randn(48, 80, device="cuda")
     assert layer.weight.data_ptr() % 16 == 0 and torch.equal(layer.weight.view(torch.uint8), unaligned.view(torch.uint8))
+    assert layer.weight_scale.data_ptr() % 16 == 0
     assert torch.equal(layer(x), Fp8Linear(w)(x))  # cuBLASLt refuses FP8 operands not aligned to 16 bytes
 
 

@@ -132,8 +132,11 @@ class Fp8Linear(nn.Module):
         self.group = w.group
         self.fmt = get_format(w.weight.dtype)
         self.register_buffer("weight", w.weight)
-        self.register_buffer("weight_scale", w.scale.to(torch.float32).reshape(w.group.scale_shape(*w.shape)))
-        self.register_buffer("input_scale", None if w.input_scale is None else w.input_scale.reshape(()).float())
+        # scales are copied (they are small): cuBLASLt's FP8 GEMMs refuse scale pointers that are not 16-byte aligned,
+        # and a loader's scales are views of its file buffer
+        self.register_buffer("weight_scale", w.scale.to(torch.float32).reshape(w.group.scale_shape(*w.shape)).clone())
+        self.register_buffer("input_scale", None if w.input_scale is None
+                             else w.input_scale.reshape(()).float().clone())
         self.register_buffer("bias", w.bias)
         self.shards = w.shards
         auto_path, auto_reason = choose_path(w, w.weight.device, mode)
@@ -153,7 +156,7 @@ class Fp8Linear(nn.Module):
         self.path, self.reason = path, reason
         if path.startswith("scaled_mm") and self.weight.data_ptr() % 16:
             # cuBLASLt's FP8 GEMMs refuse operands not aligned to 16 bytes (CUBLAS_STATUS_NOT_SUPPORTED); a loader's
-            # codes are views of its file buffer, aligned only to their one-byte element
+            # codes are views of its file buffer, aligned only to their one-byte element (the scales: above)
             self.weight = self.weight.clone()
         on_gpu = w.weight.device.type == "cuda"
         self.compute_dtype = compute_dtype or (torch.bfloat16 if on_gpu else torch.float32)
