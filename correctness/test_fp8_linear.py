@@ -137,7 +137,8 @@ def test_gpu_paths_use_fp8_tensor_cores_where_scales_allow():
     sbuf[1:].copy_(w.scale.reshape(-1))
     layer = Fp8Linear(Fp8Weight(unaligned, sbuf[1:].reshape(w.scale.shape), w.group))  # a scale 4 bytes in
     x = torch.randn(48, 80, device="cuda")
-    assert layer.weight.data_ptr() % 16 == 0 and torch.equal(layer.weight.view(torch.uint8), unaligned.view(torch.uint8))
+    assert layer.weight.data_ptr() % 16 == 0
+    assert torch.equal(layer.weight.view(torch.uint8), unaligned.view(torch.uint8))
     assert layer.weight_scale.data_ptr() % 16 == 0
     assert torch.equal(layer(x), Fp8Linear(w)(x))  # cuBLASLt refuses FP8 operands not aligned to 16 bytes
 
@@ -181,9 +182,9 @@ def test_hf_model_runs_on_swapped_fp8_linears(tiny_dense, tmp_path, layout):
 @pytest.mark.parametrize("bug", [None, "channel-scale", "k-tail"])
 def test_serve_linear_bench_fails_on_an_injected_bug(monkeypatch, bug):
     """The FP8 linear bench's check (benches/bench_serve.py) is the float64 reference over the FP8 weights within a
-    bound made of e4m3's unit roundoff and K (checked at the CPU's small shape): it passes the kernel as it is and fails where the kernel scales one
-    output channel half an e4m3 step too high, or drops the last column of K -- bugs that the former tolerance
-    (0.1 max|ref| + 0.1 |ref| against the bf16 weights) let through."""
+    bound made of e4m3's unit roundoff and K (checked at the CPU's small shape): it passes the kernel as it is and
+    fails where the kernel scales one output channel half an e4m3 step too high, or drops the last column of K --
+    bugs that a loose tolerance (0.1 max|ref| + 0.1 |ref| against the bf16 weights) lets through."""
     import benches.bench_serve as bench
     from fixtures.oracle import assert_close
     from impl.serve import choose, fp8_adapter, fp8_gemv
