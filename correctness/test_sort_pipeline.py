@@ -377,3 +377,29 @@ def test_claim_statements_name_no_card():
 
     for c in CLAIMS:
         assert not re.search(r"\b(H100|H200|A100|L40S?|V100|RTX)\b", c.statement), c.statement
+
+
+def test_host_to_host_claim_names_the_transfer_only_ceiling():
+    """numpy's time over the pinned 40 MB H2D + D2H copies (the most any host-to-host sort can reach), from the
+    records; nothing where a record is missing."""
+    from impl.sort.claims import N, NUMPY_QUICK, transfer_ceiling
+
+    class View:
+        def __init__(self, rows, numpy_s):
+            self.rows, self.numpy_s = rows, numpy_s
+
+        def result(self, system, name):
+            assert (system, name) == ("sort", "transfers")
+            return None if self.rows is None else {"commit": "abc", "date": "2026-12-03", "data": {"rows": self.rows}}
+
+        def bench(self, name):
+            assert name == NUMPY_QUICK
+            return None if self.numpy_s is None else {"stats": {"median": self.numpy_s}}
+
+    rows = [{"memory": "pageable", "bytes": 4 * N, "h2d_ms": 3.0, "d2h_ms": 3.0},
+            {"memory": "pinned", "bytes": 4 * N, "h2d_ms": 0.8, "d2h_ms": 0.8},
+            {"memory": "pinned", "bytes": 4 * N // 10, "h2d_ms": 0.1, "d2h_ms": 0.1}]
+    assert "= 40.0x" in transfer_ceiling(View(rows, 0.064), NUMPY_QUICK)
+    assert transfer_ceiling(View(None, 0.064), NUMPY_QUICK) == ""
+    assert transfer_ceiling(View(rows, None), NUMPY_QUICK) == ""
+    assert transfer_ceiling(View(rows[:1], 0.064), NUMPY_QUICK) == ""
