@@ -28,7 +28,8 @@ X_DTYPES = ["float32"] + (["bfloat16"] if backend.ON_GPU else [])
 TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=2e-2, atol=2e-2)}
 CONFIGS = [GemvConfig(), GemvConfig(splits=3), GemvConfig(block_m=2, block_n=8, block_k=16, splits=2),
            GemvConfig(dot=True, block_n=16, splits=2), GemvConfig(dot=True, block_m=16, block_n=32, num_stages=2),
-           GemvConfig(dot=True, bits=True, block_n=16, splits=2), GemvConfig(dot=True, block_n=16, prefetch=1)]
+           GemvConfig(dot=True, bits=True, block_n=16, splits=2), GemvConfig(dot=True, block_n=16, prefetch=1),
+           GemvConfig(dot=True, block_n=16, persistent=1), GemvConfig(dot=True, bits=True, block_n=16, persistent=2)]
 
 
 def fp8_weight(n: int, k: int, seed: int, zero_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +117,21 @@ def test_fixed_rows_per_tile_make_each_row_independent_of_the_batch(cfg):
         assert torch.equal(gemv(x[i:i + 1], q, s, cfg)[0], batch[i]), f"row {i}"
 
 
+def test_persistent_programs_take_several_tiles_each():
+    """The persistent kernel's programs stride over the tiles (fewer programs than tiles here), every tile written
+    once: the result equals the one-program-per-tile kernel's, and both the float64 reference."""
+    q, s = fp8_weight(80, 48, 3, False)
+    x = torch.randn(3, 48, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    cfg = GemvConfig(dot=True, block_n=16, persistent=1)
+    tiles = 80 // 16
+    assert fp8_gemv.persistent_programs(cfg, tiles, x.device) < tiles
+    out = torch.full((3, 80), float("nan"), device=DEVICE)
+    got = gemv(x, q, s, cfg, out=out)
+    assert_close(got, gemv(x, q, s, GemvConfig(dot=True, block_n=16)), rtol=0, atol=0)
+    assert_close(got.double().cpu(), ref64(x, q, s), rtol=1e-5, atol=1e-5)
+    assert cfg.name.endswith("-P1") and GemvConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_gemv_rejects_bad_input():
     q, s = fp8_weight(33, 48, 0, False)
     x = torch.randn(3, 48).to(DEVICE)
@@ -136,7 +152,9 @@ def test_gemv_rejects_bad_input():
         gemv(x, q, s, cfg, out=torch.empty(33, 3, device=DEVICE).T)
     with pytest.raises(ValueError, match="counters"):
         gemv(x, q, s, GemvConfig(block_k=16, splits=2), counters=torch.zeros(4, dtype=torch.int32, device=DEVICE))
-    for bad in (dict(block_n=24), dict(block_k=8), dict(splits=0), dict(dot=True, block_n=8), dict(a8=True)):
+    for bad in (dict(block_n=24), dict(block_k=8), dict(splits=0), dict(dot=True, block_n=8), dict(a8=True),
+                dict(persistent=1), dict(dot=True, persistent=1, splits=2), dict(dot=True, a8=True, persistent=1),
+                dict(dot=True, persistent=-1)):
         with pytest.raises(ValueError):
             GemvConfig(**bad)
     with pytest.raises(ValueError, match="unknown GemvConfig fields"):

@@ -23,6 +23,10 @@ bulk copy unit (``cp.async.bulk.prefetch.L2``: no registers, no shared memory, n
 total capped at that many MiB; with PDL the weights then stream from DRAM while the previous kernel (a norm, RoPE,
 attention) runs, and without it the prefetch runs ahead of the pipeline's own loads.
 
+Persistent (``persistent`` programs per SM, tensor-core W8A16 only, no K splits): ``gemv_persistent_kernel``
+launches that many programs, each taking every P-th tile over all of K; on a GPU the tile and K loops are one
+flattened software pipeline, so a program's next tile streams in while it finishes the current one.
+
 ``GemvConfig`` names one configuration; ``choose.py`` holds the measured table of which configuration (or which other
 GEMM path) serves each (projection, M).
 """
@@ -37,6 +41,7 @@ import triton.language as tl
 from torch import nn
 
 from impl import backend
+from impl.common.timing import sm_count
 from impl.serve.fused import silu_mul_rounded
 from impl.serve.fused_quant import Fp8Rows, quantize_rows, silu_mul_quant
 
@@ -60,6 +65,7 @@ class GemvConfig:
     max_block_m: int = 128
     bits: bool = False  # dot kind: codes -> bf16 by integer bit operations (``decode_bits``), not the F2F unit
     prefetch: int = 0  # MiB of L2 the call's first codes may fill by bulk prefetch before anything else (0: none)
+    persistent: int = 0  # programs per SM of the persistent kernel (``gemv_persistent_kernel``); 0: one per tile
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "block_m", "max_block_m"):
@@ -76,14 +82,18 @@ class GemvConfig:
             raise ValueError(f"bit decoding (bits) is for the W8A16 tensor-core (dot, not a8) kernel: {self}")
         if not 0 <= self.prefetch <= 48:
             raise ValueError(f"GemvConfig.prefetch is MiB of L2 (0..48), got {self.prefetch}")
+        if self.persistent < 0 or (self.persistent and (not self.dot or self.a8 or self.splits > 1 or self.prefetch)):
+            raise ValueError(f"a persistent config is a W8A16 tensor-core (dot, not a8) one without K splits or "
+                             f"prefetch: {self}")
 
     @property
     def name(self) -> str:
         m = f"m{self.block_m}" if self.block_m else ""
         kind = "a8" if self.a8 else "dotb" if self.bits else "dot" if self.dot else "fma"
         pf = f"f{self.prefetch}" if self.prefetch else ""
+        per = f"-P{self.persistent}" if self.persistent else ""
         return (f"{kind}-{m}n{self.block_n}k{self.block_k}s{self.splits}"
-                f"w{self.num_warps}p{self.num_stages}{pf}")
+                f"w{self.num_warps}p{self.num_stages}{pf}{per}")
 
     def rows_per_tile(self, m: int) -> int:
         if self.block_m:
@@ -287,6 +297,48 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr,             # x [M, K] (SWIGLU: [M, 
         tl.store(y_ptrs, (acc * scale).to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def gemv_persistent_kernel(x_ptr, w_ptr, s_ptr, y_ptr,  # x [M, K], codes [N, K], scales [1 or N], y [M, N]
+                           M, N, K, stride_xm, stride_wn, stride_ym,
+                           PER_TENSOR: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+                           STAGES: tl.constexpr, FLATTEN: tl.constexpr):
+    """Persistent W8A16 tensor-core GEMV: program p takes tiles p, p + P, ... of the (M tiles x N tiles) grid, each
+    over all of K, the tile loop and the K loop flattened into one software pipeline (FLATTEN, on a GPU), so the next
+    tile's codes are in flight while this tile finishes: one pipeline ramp per program, not one per tile."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    tiles = m_tiles * tl.cdiv(N, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), num_stages=STAGES, flatten=FLATTEN):
+        offs_m = (tile % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = (tile // m_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask, n_mask = offs_m < M, offs_n < N
+        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            k_mask = kk < K
+            x = _load_x(x_ptr, offs_m, kk, m_mask, k_mask, stride_xm, K, False)
+            w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = _multiply(acc, x, w, True, False, False, DOT_PRECISION, BITS)
+        if PER_TENSOR:
+            scale = tl.load(s_ptr)
+        else:
+            scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], (acc * scale).to(y_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+def persistent_programs(cfg: GemvConfig, tiles: int, device: torch.device) -> int:
+    """Programs of a persistent launch: ``cfg.persistent`` per SM, at most one per tile (the interpreter: two per
+    unit, so that its programs still take several tiles each)."""
+    units = sm_count(device.index) if device.type == "cuda" and not backend.INTERPRETED else 1
+    return max(1, min(tiles, cfg.persistent * (units if units > 1 else 2)))
+
+
 def check_args(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None,
                swiglu: bool) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate a call; returns (x, weight, scales as float32 [1 or N], y) with x and weight row-major."""
@@ -374,6 +426,18 @@ def gemv(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, c
 
         x, swiglu = silu_mul(x), False
     block_m = cfg.rows_per_tile(m)
+    on_gpu = x.is_cuda and not backend.INTERPRETED
+    if cfg.persistent:
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, cfg.block_n)
+        launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if on_gpu and pdl:
+            launch["launch_pdl"] = True
+        gemv_persistent_kernel[(persistent_programs(cfg, tiles, x.device),)](
+            x, w, s, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), PER_TENSOR=s.numel() == 1,
+            DOT_PRECISION="ieee" if y.dtype == torch.float32 else "tf32", USE_PDL=on_gpu and pdl, BLOCK_M=block_m,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BITS=uses_bits(cfg, x, w), STAGES=cfg.num_stages,
+            FLATTEN=on_gpu, **launch)
+        return y
     per, used = split_plan(k, cfg.splits, cfg.block_k)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, cfg.block_n), used)
     split = used > 1
@@ -389,7 +453,6 @@ def gemv(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, c
             raise ValueError(f"counters must be new_counters(device): int32 [{COUNTER_SLOTS}] on {x.device}")
     else:
         ws, cnt = y, y  # not read
-    on_gpu = x.is_cuda and not backend.INTERPRETED
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if on_gpu and pdl:
         launch["launch_pdl"] = True

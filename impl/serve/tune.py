@@ -116,12 +116,14 @@ def candidate_configs(m: int, n: int, k: int, smoke: bool = False) -> list[GemvC
                                      (64, 512, 8, 3))
                for b in (True, False)]
         prefetched = [replace(c, prefetch=PREFETCH_MIB[0]) for c in dot if c.bits]  # codes asked of L2 first
-        # ncu at batch 1 (H200): 256-448 programs of 4 warps fill 0.3-0.6 of a wave and DRAM runs at 30-55%; so
-        # also more programs (narrow tiles, 8-16 K splits) and deeper pipelines (6 stages) per program
-        deep = [GemvConfig(dot=True, bits=True, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
-                for bn, bk, w, st in ((16, 256, 4, 6), (32, 128, 4, 6), (64, 128, 4, 6), (32, 256, 4, 4))]
-        cfgs = (_with_splits((fma if m == 1 else []) + dot + prefetched, k, (1, 2, 4))
-                + _with_splits(deep, k, (2, 4, 8, 16)))
+        # ncu at batch 1 (H200): 256-448 programs of 4 warps fill 0.3-0.6 of a wave and DRAM runs at 30-55%, and
+        # more programs or deeper pipelines per program did not help; so also persistent programs (1 or 2 per SM),
+        # each one pipeline over several tiles
+        persistent = [GemvConfig(dot=True, bits=True, block_n=bn, block_k=bk, num_warps=w, num_stages=st, persistent=p)
+                      for bn, bk, w, st in ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4),
+                                            (64, 256, 8, 3))
+                      for p in (1, 2)]
+        cfgs = _with_splits((fma if m == 1 else []) + dot + prefetched, k, (1, 2, 4)) + persistent
     else:
         tiles = ((32, 128, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3))
         dot = [GemvConfig(dot=True, bits=b, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
