@@ -43,6 +43,11 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
+def nan_as_one(codes: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes with both NaN codes (0x7F, 0xFF) written as 0x7F."""
+    return torch.where((codes & 0x7F) == 0x7F, torch.full_like(codes, 0x7F), codes)
+
+
 def assert_same_rows(got: Fp8Rows, want_values: torch.Tensor) -> None:
     """``got`` holds exactly impl.fp8's per-token quantisation of ``want_values``: the Triton quantiser's codes and
     scales, and those of impl.fp8's CPU mirror (where it takes the dtype)."""
@@ -52,7 +57,8 @@ def assert_same_rows(got: Fp8Rows, want_values: torch.Tensor) -> None:
     assert torch.equal(bits(got.scales), bits(want.scales)), "scales differ from quant.quantize of the unfused output"
     if want_values.numel():
         codes, scales = quantize_reference(want_values.cpu(), "channel", "e4m3")
-        assert torch.equal(bits(got.codes).cpu(), codes.view(torch.uint8))
+        # the sign of a NaN is not specified: NaN codes (S.1111.111) count as one code against the CPU mirror
+        assert torch.equal(nan_as_one(bits(got.codes).cpu()), nan_as_one(codes.view(torch.uint8)))
         assert torch.equal(got.scales.cpu().reshape(scales.shape), scales)
 
 

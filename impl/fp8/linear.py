@@ -132,11 +132,10 @@ class Fp8Linear(nn.Module):
         self.group = w.group
         self.fmt = get_format(w.weight.dtype)
         self.register_buffer("weight", w.weight)
-        # scales are copied (they are small): cuBLASLt's FP8 GEMMs refuse scale pointers that are not 16-byte aligned,
-        # and a loader's scales are views of its file buffer
-        self.register_buffer("weight_scale", w.scale.to(torch.float32).reshape(w.group.scale_shape(*w.shape)).clone())
+        scale = w.scale.to(torch.float32).reshape(w.group.scale_shape(*w.shape))
+        self.register_buffer("weight_scale", aligned16(scale))
         self.register_buffer("input_scale", None if w.input_scale is None
-                             else w.input_scale.reshape(()).float().clone())
+                             else aligned16(w.input_scale.reshape(()).float()))
         self.register_buffer("bias", w.bias)
         self.shards = w.shards
         auto_path, auto_reason = choose_path(w, w.weight.device, mode)
@@ -154,10 +153,8 @@ class Fp8Linear(nn.Module):
         else:
             reason = "chosen by the caller"
         self.path, self.reason = path, reason
-        if path.startswith("scaled_mm") and self.weight.data_ptr() % 16:
-            # cuBLASLt's FP8 GEMMs refuse operands not aligned to 16 bytes (CUBLAS_STATUS_NOT_SUPPORTED); a loader's
-            # codes are views of its file buffer, aligned only to their one-byte element (the scales: above)
-            self.weight = self.weight.clone()
+        if path.startswith("scaled_mm"):  # the codes are copied only where an FP8 GEMM reads them
+            self.weight = aligned16(self.weight)
         on_gpu = w.weight.device.type == "cuda"
         self.compute_dtype = compute_dtype or (torch.bfloat16 if on_gpu else torch.float32)
         self._dense: torch.Tensor | None = None  # the torch paths' dequantized weight, made on first use
@@ -217,29 +214,47 @@ class Fp8Linear(nn.Module):
                 sx = sx.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
             else:
                 xq, sx = quant.quantize(xin, CHANNEL, E4M3)
-            return self.forward_fp8_rows(xq, sx)
+            sw = self.row_scale()
+        return self._scaled_mm(xq, sx, sw)
+
+    def _scaled_mm(self, xq: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         # Wq is [N, K] row-major, so Wq.t() is the column-major [K, N] operand cuBLASLt wants
         return torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=torch.bfloat16)
+
+    @property
+    def quantizes_per_token(self) -> bool:
+        """Whether this layer quantises its input per token with dynamic scales before an FP8 GEMM (row-wise
+        ``_scaled_mm``, no static input scale): then ``forward_fp8_rows`` takes such rows made elsewhere."""
+        return self.path == "scaled_mm-rowwise" and self.input_scale is None
+
+    def row_scale(self) -> torch.Tensor:
+        """The weight scales as ``_scaled_mm``'s row-wise operand: [1, N] float32 (a per-tensor scale broadcast)."""
+        if self._row_scale is None:  # made once
+            self._row_scale = self.weight_scale.reshape(-1, 1).expand(self.out_features, 1).reshape(
+                1, self.out_features).contiguous()
+        return self._row_scale
 
     def forward_fp8_rows(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """y = (codes ⊙ s_x) · (W ⊙ s_w)ᵀ (+ b), bf16 [M, N], for activations already quantised per token: codes
         [M, K] e4m3, scales [M, 1] float32 (``quant.quantize(x, "channel", "e4m3")``, or a kernel that produced x
         and quantised it as it did). The ``scaled_mm-rowwise`` path only."""
-        if self.path != "scaled_mm-rowwise":
-            raise ValueError(f"pre-quantised activations take the scaled_mm-rowwise path; this layer's is {self.path}")
+        if not self.quantizes_per_token:
+            raise ValueError(f"pre-quantised activations take the scaled_mm-rowwise path with dynamic activation "
+                             f"scales; this layer's is {self.path} (static input scale: {self.input_scale is not None})")
         if codes.dtype != torch.float8_e4m3fn or codes.ndim != 2 or codes.shape[1] != self.in_features:
             raise ValueError(f"codes must be [M, {self.in_features}] float8_e4m3fn, got {codes.dtype} "
                              f"{tuple(codes.shape)}")
         if scales.dtype != torch.float32 or tuple(scales.shape) != (codes.shape[0], 1):
             raise ValueError(f"scales must be float32 [{codes.shape[0]}, 1], got {scales.dtype} {tuple(scales.shape)}")
-        if self._row_scale is None:  # [1, N] float32, per-tensor weights broadcast; made once
-            self._row_scale = self.weight_scale.reshape(-1, 1).expand(self.out_features, 1).reshape(
-                1, self.out_features).contiguous()
-        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-        # Wq is [N, K] row-major, so Wq.t() is the column-major [K, N] operand cuBLASLt wants
-        return torch._scaled_mm(codes, self.weight.t(), scale_a=scales, scale_b=self._row_scale, bias=bias,
-                                out_dtype=torch.bfloat16)
+        return self._scaled_mm(codes, scales, self.row_scale())
+
+
+def aligned16(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it where its data is not 16-byte aligned: cuBLASLt's FP8 GEMMs refuse such operands and scale
+    pointers (CUBLAS_STATUS_NOT_SUPPORTED), and a loader's tensors are views of its file buffer, aligned only to
+    their element."""
+    return t.clone() if t.data_ptr() % 16 else t
 
 
 def linear_reference(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:

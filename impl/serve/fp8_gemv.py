@@ -333,10 +333,10 @@ def gemv_persistent_kernel(x_ptr, w_ptr, s_ptr, y_ptr,  # x [M, K], codes [N, K]
 
 
 def persistent_programs(cfg: GemvConfig, tiles: int, device: torch.device) -> int:
-    """Programs of a persistent launch: ``cfg.persistent`` per SM, at most one per tile (the interpreter: two per
-    unit, so that its programs still take several tiles each)."""
-    units = sm_count(device.index) if device.type == "cuda" and not backend.INTERPRETED else 1
-    return max(1, min(tiles, cfg.persistent * (units if units > 1 else 2)))
+    """Programs of a persistent launch: ``cfg.persistent`` per SM, at most one per tile (the interpreter counts two
+    SMs, so that its programs still take several tiles each)."""
+    sms = sm_count(device.index) if device.type == "cuda" and not backend.INTERPRETED else 2
+    return max(1, min(tiles, cfg.persistent * sms))
 
 
 def check_args(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None,
@@ -427,11 +427,11 @@ def gemv(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, c
         x, swiglu = silu_mul(x), False
     block_m = cfg.rows_per_tile(m)
     on_gpu = x.is_cuda and not backend.INTERPRETED
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if on_gpu and pdl:
+        launch["launch_pdl"] = True
     if cfg.persistent:
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, cfg.block_n)
-        launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if on_gpu and pdl:
-            launch["launch_pdl"] = True
         gemv_persistent_kernel[(persistent_programs(cfg, tiles, x.device),)](
             x, w, s, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), PER_TENSOR=s.numel() == 1,
             DOT_PRECISION="ieee" if y.dtype == torch.float32 else "tf32", USE_PDL=on_gpu and pdl, BLOCK_M=block_m,
@@ -453,9 +453,6 @@ def gemv(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, c
             raise ValueError(f"counters must be new_counters(device): int32 [{COUNTER_SLOTS}] on {x.device}")
     else:
         ws, cnt = y, y  # not read
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if on_gpu and pdl:
-        launch["launch_pdl"] = True
     pf = prefetch_row_bytes(cfg, grid[1] * grid[2], per, w) if on_gpu else 0
     gemv_kernel[grid](x, w, s, y, sx, ws, cnt, m, n, k, per, used, x.stride(0), w.stride(0), y.stride(0), pf,
                       PER_TENSOR=s.numel() == 1, SWIGLU=swiglu, SPLIT=split, DOT=cfg.dot, A8=cfg.a8,
@@ -564,7 +561,7 @@ class DecodeFp8Linear(nn.Module):
         choice = self.choice(m)
         if choice.path == "w8a16":
             return choice.config.a8
-        return self.inner.path == "scaled_mm-rowwise" and self.inner.input_scale is None
+        return self.inner.quantizes_per_token
 
     def forward(self, x: torch.Tensor | Fp8Rows, swiglu: bool = False) -> torch.Tensor:
         """y for x [..., K] (or ``Fp8Rows`` [M, K] where ``takes_fp8_rows(M)``); with ``swiglu`` x is [..., 2K] =
@@ -591,7 +588,6 @@ class DecodeFp8Linear(nn.Module):
         m = rows.shape[0]
         if not self.takes_fp8_rows(m, rows.device):
             raise ValueError(f"this layer serves {m} rows on {rows.device} without FP8 activations; pass a tensor")
-        rows.check(self.in_features)
         choice = self.choice(m)
         if choice.path == "w8a16":
             return gemv(rows, self.inner.weight, self.inner.weight_scale, choice.config, pdl=self.table.pdl)

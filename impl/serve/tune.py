@@ -202,7 +202,7 @@ def runners(sub: Subject, x: torch.Tensor, configs: list[GemvConfig],
     q, s = lin.weight, lin.weight_scale
     cnt = new_counters(x.device)
     act = silu_mul if sub.swiglu else (lambda v: v)
-    rowwise = lin.path == "scaled_mm-rowwise" and lin.input_scale is None
+    rowwise = lin.quantizes_per_token
     pre = quantize_rows(x) if sub.normed and not sub.swiglu else None
 
     def inner() -> torch.Tensor:
