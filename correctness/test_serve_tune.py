@@ -23,7 +23,7 @@ def test_tune_smoke_checks_times_and_writes_a_loadable_table(tmp_path, capsys):
     assert data["complete"] and not data["skipped"]
     for pair in data["pairs"]:
         kinds = {r["kind"] for r in pair["candidates"]}
-        assert {"bf16", "inner", "w8a16"} <= kinds, pair["projection"]
+        assert {"bf16", "inner", "w8a16", "deferred"} <= kinds, pair["projection"]
         for r in pair["candidates"]:  # every candidate passed its float64 check before it was timed
             assert r["check"]["ok"] and r["check"]["worst_of_bound"] < 0.5 and r["median_us"] > 0, r
         assert pair["best"] == min((r for r in pair["candidates"] if r["kind"] != "bf16"),

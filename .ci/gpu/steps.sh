@@ -57,8 +57,8 @@ for step in $1; do
       cp /tmp/serve/*.json "results/$(python3 -c 'from impl.common.results import gpu_slug; print(gpu_slug())')/serve/"
       run serve_exp 60 python3 -m impl.serve.experiments --gemm-table /tmp/serve/gemm_table.json --budget-s 50 ;;
     serve_check)
-      run serve_check 150 python3 -m pytest correctness/test_serve_fused_quant.py correctness/test_serve_fused.py \
-        correctness/test_fp8_linear.py -q -p no:cacheprovider ;;
+      run serve_check 150 python3 -m pytest correctness/test_serve_fused_quant.py correctness/test_serve_deferred.py \
+        correctness/test_serve_fused.py correctness/test_fp8_linear.py -q -p no:cacheprovider ;;
     seam)
       run seam 450 python3 -m impl.seam.experiments --out /tmp/seam --checkpoint /tmp/seam_ckpt
       tar czf "$out/seam.tgz" --exclude seam/checkpoint -C /tmp seam ;;

@@ -1,7 +1,9 @@
 """Which GEMM serves each FP8 projection at each batch size M: a measured table, loaded at start-up.
 
-A ``GemmTable`` maps (N, K, M) to a ``GemmChoice``: ``w8a16`` (``fp8_gemv``'s kernel with one ``GemvConfig``) or
-``inner`` (impl.fp8's ``Fp8Linear`` path: W8A8 ``torch._scaled_mm`` with per-token activation scales on a GPU). The
+A ``GemmTable`` maps (N, K, M) to a ``GemmChoice``: ``w8a16`` (``fp8_gemv``'s kernel with one ``GemvConfig``),
+``inner`` (impl.fp8's ``Fp8Linear`` path: W8A8 ``torch._scaled_mm`` with per-token activation scales on a GPU) or
+``deferred`` (W8A8 ``torch._scaled_mm`` with unit scales, the scales applied by the kernel that consumes the output:
+``fp8_gemv.unit_scaled_mm``). The
 entries come from a tune run (``python -m impl.serve.tune``), which checks every candidate against float64 and keeps
 the fastest measured one per (projection, M). Lookup rule for M rows of an (N, K) projection: the entry with the
 smallest measured M' >= M (sizes between two measured ones take the larger one's choice, whose tiles cover them).
@@ -26,7 +28,7 @@ from typing import Any
 from impl.common.tables import ActiveTable, read_table
 from impl.serve.fp8_gemv import GemvConfig, default_config
 
-PATHS = ("w8a16", "inner")
+PATHS = ("w8a16", "inner", "deferred")
 RULE_MAX_M = 128
 FORMAT = "serve-gemm-table/1"
 TABLE_RESULT = "gemm_table"

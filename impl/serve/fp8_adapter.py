@@ -5,7 +5,8 @@ Serving needs two things from impl/fp8 and takes them here only:
      output channel (s[n] = max|W[n, :]| / 448), i.e. ``impl.fp8.linear.Fp8Linear`` over a per-channel
      ``Fp8Weight``, wrapped in serving's ``DecodeFp8Linear``: on a GPU, each number of rows M takes the path the GEMM
      table (``choose.py``) holds for that projection: the weight-only Triton kernel of ``fp8_gemv.py`` or impl.fp8's
-     ``torch._scaled_mm`` with per-token activation scales (``scaled_mm-rowwise``); on a CPU, impl.fp8's
+     ``torch._scaled_mm`` with per-token activation scales (``scaled_mm-rowwise``, or ``deferred``: unit scales in
+     the GEMM, applied by the fused kernel after it); on a CPU, impl.fp8's
      dequantize + float32 GEMM (``dequant-torch``). The path of every layer is reported (``linear_paths``).
   2. ``load_fp8_model(dir)``: a ``Transformer`` whose decoder linears come from an FP8 checkpoint (vLLM ``fp8``
      per-tensor/per-channel/block, DeepSeek-V3 ``weight_scale_inv``, compressed-tensors) through impl.fp8's streaming,
@@ -53,7 +54,8 @@ def fp8_status() -> dict[str, str]:
 
     return {"fp8_linear_source": "impl.fp8.linear.Fp8Linear (+ serve.fp8_gemv, chosen per M by serve.choose)",
             "fp8_gemm": (f"per (projection, M) from the {active_table().describe()}: Triton W8A16 (serve.fp8_gemv) "
-                         "or torch._scaled_mm with per-channel weights x per-token activations") if rowwise_ok
+                         "or torch._scaled_mm with per-channel weights x per-token activations (row-wise, or with "
+                         "unit scales applied by the next fused kernel)") if rowwise_ok
             else f"dequantize + GEMM ({why})"}
 
 

@@ -11,10 +11,16 @@ each elementwise op), so fused and unfused agree to the last bit or two:
   x·cos + rotate_half(x)·sin, each product and the sum rounded to the model dtype.
 - ``silu_mul``: out = round(round(silu(g)) · u) for gu = [g | u] [T, 2F] → [T, F].
 
+Each kernel also takes its input as ``ScaledRows``: the unscaled output of an FP8 GEMM with its per-token and
+per-channel scales beside it, y = round((values · row_scale) · col_scale), which the kernel applies as it loads (the
+FP8 GEMM then runs with unit scales: ``fp8_gemv.DecodeFp8Linear``'s ``deferred`` path).
+
 The model uses them on a GPU (``Transformer(fused=...)``); CI runs them under TRITON_INTERPRET=1 against the
 torch ops they replace.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import impl  # noqa: F401  (backend before triton)
 import torch
@@ -24,13 +30,74 @@ import triton.language as tl
 from impl import backend
 
 
+@dataclass(frozen=True)
+class ScaledRows:
+    """y [T, N] = round((values · row_scale) · col_scale) to values' dtype, kept factored: values [T, N] (an FP8
+    GEMM's output with unit scales, x_q · W_qᵀ, rounded to the model dtype), row_scale [T, 1] float32 (one per
+    token), col_scale [N] float32 (one per output channel). A fused kernel applies the scales as it loads its input
+    (``unscale``); ``dense`` computes y in torch, the same float32 products in the same order."""
+
+    values: torch.Tensor
+    row_scale: torch.Tensor
+    col_scale: torch.Tensor
+
+    def __post_init__(self) -> None:
+        v, r, c = self.values, self.row_scale, self.col_scale
+        if v.ndim != 2 or (v.numel() and v.stride(-1) != 1):
+            raise ValueError(f"scaled rows' values must be 2-D with a contiguous last dimension, got {tuple(v.shape)}")
+        if r.dtype != torch.float32 or tuple(r.shape) != (v.shape[0], 1) or (r.numel() > 1 and r.stride(0) != 1):
+            raise ValueError(f"row scales must be contiguous float32 [{v.shape[0]}, 1], got {r.dtype} {tuple(r.shape)}")
+        if c.dtype != torch.float32 or tuple(c.shape) != (v.shape[1],) or (c.numel() > 1 and c.stride(0) != 1):
+            raise ValueError(f"column scales must be contiguous float32 [{v.shape[1]}], got {c.dtype} {tuple(c.shape)}")
+        if r.device != v.device or c.device != v.device:
+            raise ValueError(f"values, row and column scales must be on one device, got {v.device}, {r.device}, "
+                             f"{c.device}")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def dense(self) -> torch.Tensor:
+        """y as a tensor [T, N] in values' dtype."""
+        return ((self.values.float() * self.row_scale) * self.col_scale).to(self.values.dtype)
+
+
+def unpack(x: "torch.Tensor | ScaledRows") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(values, row scales, column scales, scaled) for a kernel launch; a plain tensor passes itself as the unused
+    scale pointers."""
+    if isinstance(x, ScaledRows):
+        return x.values, x.row_scale, x.col_scale, True
+    return x, x, x, False
+
+
 @triton.jit
-def norm_row(x_ptr, r_ptr, w_ptr, h_ptr, row, n_cols, stride_x, stride_r, stride_h, eps,
-             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    """(the normalised row in x's dtype [BLOCK], its column mask): rmsnorm of row ``row`` of x (+ r, stored to h)."""
+def unscale(x, rs_ptr, cs_ptr, row, cols, mask, SCALED: tl.constexpr):
+    """x (loaded from ``ScaledRows.values`` at row ``row``, columns ``cols``) as round((x · rs[row]) · cs[cols]) in
+    x's dtype; x unchanged unless SCALED."""
+    if SCALED:
+        r = tl.load(rs_ptr + row)
+        c = tl.load(cs_ptr + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) * r * c).to(x.dtype)
+    return x
+
+
+@triton.jit
+def norm_row(x_ptr, r_ptr, w_ptr, h_ptr, xr_ptr, xc_ptr, row, n_cols, stride_x, stride_r, stride_h, eps,
+             HAS_RESIDUAL: tl.constexpr, X_SCALED: tl.constexpr, BLOCK: tl.constexpr):
+    """(the normalised row in x's dtype [BLOCK], its column mask): rmsnorm of row ``row`` of x (+ r, stored to h);
+    X_SCALED: x is ``ScaledRows`` values with scales at xr_ptr/xc_ptr."""
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    x = unscale(tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0), xr_ptr, xc_ptr, row, cols, mask,
+                X_SCALED)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the residual stream, rounded as torch's add
@@ -44,20 +111,23 @@ def norm_row(x_ptr, r_ptr, w_ptr, h_ptr, row, n_cols, stride_x, stride_r, stride
 
 @triton.jit
 def rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr,        # x, residual, weight [N], out, x + residual
+                   xr_ptr, xc_ptr,                              # X_SCALED: x's row [T] and column [N] scales
                    n_cols, stride_x, stride_r, stride_o, stride_h, eps,
-                   HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+                   HAS_RESIDUAL: tl.constexpr, X_SCALED: tl.constexpr, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
     if TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
-    y, mask = norm_row(x_ptr, r_ptr, w_ptr, h_ptr, row, n_cols, stride_x, stride_r, stride_h, eps, HAS_RESIDUAL, BLOCK)
+    y, mask = norm_row(x_ptr, r_ptr, w_ptr, h_ptr, xr_ptr, xc_ptr, row, n_cols, stride_x, stride_r, stride_h, eps,
+                       HAS_RESIDUAL, X_SCALED, BLOCK)
     tl.store(out_ptr + row * stride_o + tl.arange(0, BLOCK), y, mask=mask)
 
 
 @triton.jit
-def rope_split_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slots_ptr,
+def rope_split_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slots_ptr, xr_ptr, xc_ptr,
                       stride_qkv, stride_cs, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                       n_heads, n_kv_heads,
-                      HALF: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr, TRIGGER: tl.constexpr):
+                      HALF: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr, X_SCALED: tl.constexpr,
+                      TRIGGER: tl.constexpr):
     """One program per token: all its heads as one [HEADS, BLOCK] tile of half-heads (rows 0..H-1 q, then k, then
     v), so a batch of T tokens is T programs, not T x (H + 2 KVH) programs of one half-head each."""
     if TRIGGER:
@@ -68,9 +138,11 @@ def rope_split_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slots_ptr,
     n_rot = n_heads + n_kv_heads
     cols = offs < HALF
     live = (head < n_rot + n_kv_heads) & cols
-    src = qkv_ptr + t * stride_qkv + head * (2 * HALF) + offs
-    x1 = tl.load(src, mask=live, other=0.0)
-    x2 = tl.load(src + HALF, mask=live, other=0.0)
+    col = head * (2 * HALF) + offs
+    x1 = unscale(tl.load(qkv_ptr + t * stride_qkv + col, mask=live, other=0.0), xr_ptr, xc_ptr, t, col, live,
+                 X_SCALED)
+    x2 = unscale(tl.load(qkv_ptr + t * stride_qkv + col + HALF, mask=live, other=0.0), xr_ptr, xc_ptr, t, col + HALF,
+                 live, X_SCALED)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     c1 = tl.load(cos_ptr + t * stride_cs + offs, mask=cols, other=0.0).to(tl.float32)
     c2 = tl.load(cos_ptr + t * stride_cs + HALF + offs, mask=cols, other=0.0).to(tl.float32)
@@ -104,15 +176,24 @@ def silu_mul_rounded(g, u):
 
 
 @triton.jit
-def silu_mul_kernel(gu_ptr, out_ptr, n_cols, stride_gu, stride_o, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+def silu_mul_kernel(gu_ptr, out_ptr, xr_ptr, xc_ptr, n_cols, stride_gu, stride_o, BLOCK: tl.constexpr,
+                    X_SCALED: tl.constexpr, TRIGGER: tl.constexpr):
     if TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
-    u = tl.load(gu_ptr + row * stride_gu + n_cols + cols, mask=mask, other=0.0)
+    g, u = load_gu(gu_ptr + row * stride_gu, xr_ptr, xc_ptr, row, cols, mask, n_cols, X_SCALED)
     tl.store(out_ptr + row * stride_o + cols, silu_mul_rounded(g, u), mask=mask)
+
+
+@triton.jit
+def load_gu(src, xr_ptr, xc_ptr, row, cols, mask, n_cols, X_SCALED: tl.constexpr):
+    """(g, u) at ``cols`` of one row of gu = [g | u] (``src``: the row's start), scaled when X_SCALED."""
+    g = unscale(tl.load(src + cols, mask=mask, other=0.0), xr_ptr, xc_ptr, row, cols, mask, X_SCALED)
+    u = unscale(tl.load(src + n_cols + cols, mask=mask, other=0.0), xr_ptr, xc_ptr, row, n_cols + cols, mask,
+                X_SCALED)
+    return g, u
 
 
 # ---- thin wrappers ------------------------------------------------------------------------------------------------
@@ -148,23 +229,27 @@ def check_norm_args(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     return _rows(residual, "residual") if residual is not None else x
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+def rmsnorm(x: torch.Tensor | ScaledRows, weight: torch.Tensor, eps: float,
             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(rmsnorm(x [+ residual]), x + residual or None); x, residual [T, N], weight [N], all one dtype."""
+    """(rmsnorm(x [+ residual]), x + residual or None); x, residual [T, N], weight [N], all one dtype (x may be
+    ``ScaledRows``: then x means its ``dense()``)."""
+    x, xr, xc, scaled = unpack(x)
     r = check_norm_args(x, weight, residual)
     out = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else None
     if x.shape[0]:
-        rmsnorm_kernel[(x.shape[0],)](x, r, weight, out, h if h is not None else out, x.shape[1], x.stride(0),
+        rmsnorm_kernel[(x.shape[0],)](x, r, weight, out, h if h is not None else out, xr, xc, x.shape[1], x.stride(0),
                                       r.stride(0), out.stride(0), (h if h is not None else out).stride(0), eps,
-                                      HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(x.shape[1]),
-                                      TRIGGER=early_trigger(x), num_warps=norm_warps(x.shape[1]))
+                                      HAS_RESIDUAL=residual is not None, X_SCALED=scaled,
+                                      BLOCK=triton.next_power_of_2(x.shape[1]), TRIGGER=early_trigger(x),
+                                      num_warps=norm_warps(x.shape[1]))
     return out, h
 
 
-def rope_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
+def rope_split(qkv: torch.Tensor | ScaledRows, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
                q_out: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor) -> None:
     """q_out[t] = RoPE(q[t]); k_out[slots[t]] = RoPE(k[t]); v_out[slots[t]] = v[t] (see the module doc)."""
+    qkv, xr, xc, scaled = unpack(qkv)
     _rows(qkv, "qkv")
     t, width = qkv.shape
     dim = q_out.shape[-1]
@@ -177,10 +262,10 @@ def rope_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads:
         raise ValueError(f"slots must be [{t}], got {tuple(slots.shape)}")
     if t:
         rope_split_kernel[(t,)](
-            qkv, cos, sin, q_out, k_out, v_out, slots, qkv.stride(0), cos.stride(0), q_out.stride(0),
+            qkv, cos, sin, q_out, k_out, v_out, slots, xr, xc, qkv.stride(0), cos.stride(0), q_out.stride(0),
             q_out.stride(1), k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1), n_heads, n_kv_heads,
             HALF=dim // 2, BLOCK=triton.next_power_of_2(dim // 2),
-            HEADS=triton.next_power_of_2(n_heads + 2 * n_kv_heads), TRIGGER=early_trigger(qkv))
+            HEADS=triton.next_power_of_2(n_heads + 2 * n_kv_heads), X_SCALED=scaled, TRIGGER=early_trigger(qkv))
 
 
 def check_gu(gu: torch.Tensor) -> int:
@@ -191,13 +276,14 @@ def check_gu(gu: torch.Tensor) -> int:
     return gu.shape[1] // 2
 
 
-def silu_mul(gu: torch.Tensor) -> torch.Tensor:
-    """silu(gu[:, :F]) · gu[:, F:] for gu [T, 2F] → [T, F]."""
+def silu_mul(gu: torch.Tensor | ScaledRows) -> torch.Tensor:
+    """silu(gu[:, :F]) · gu[:, F:] for gu [T, 2F] (or ``ScaledRows``) → [T, F]."""
+    gu, xr, xc, scaled = unpack(gu)
     check_gu(gu)
     t, width = gu.shape
     out = torch.empty(t, width // 2, dtype=gu.dtype, device=gu.device)
     block = min(1024, triton.next_power_of_2(max(width // 2, 1)))
     if t:
-        silu_mul_kernel[(t, triton.cdiv(width // 2, block))](gu, out, width // 2, gu.stride(0), out.stride(0),
-                                                              BLOCK=block, TRIGGER=early_trigger(gu))
+        silu_mul_kernel[(t, triton.cdiv(width // 2, block))](gu, out, xr, xc, width // 2, gu.stride(0), out.stride(0),
+                                                              BLOCK=block, X_SCALED=scaled, TRIGGER=early_trigger(gu))
     return out

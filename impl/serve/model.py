@@ -186,6 +186,7 @@ class DenseLinear(nn.Module):
         self.use_kernel: bool | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        x = dense(x)
         kernel = self.use_kernel if self.use_kernel is not None else x.is_cuda
         if self.gemv_config is None or not kernel:
             return F.linear(x, self.weight)
@@ -213,6 +214,7 @@ class RMSNorm(nn.Module):
         """norm(x); ``fp8`` (fused only): as per-token e4m3 rows (``fused_quant.Fp8Rows``) for a W8A8 linear."""
         if self.fused or fp8:
             return self.add_forward(x, None, fp8)[0]
+        x = dense(x)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -230,6 +232,7 @@ class RMSNorm(nn.Module):
             return rmsnorm(x, self.weight, self.eps, residual)
         if fp8:
             raise ValueError("FP8 norm outputs come from the fused kernels only (set_fused(True))")
+        x = dense(x)
         h = x if residual is None else residual + x
         return self.forward(h), (None if residual is None else h)
 
@@ -243,17 +246,21 @@ class Attention(nn.Module):
         self.wqkv = make_linear(args.dim, args.qkv_dim)
         self.wo = make_linear(args.n_heads * args.head_dim, args.dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: StepContext) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: StepContext) -> Any:
+        """The attention sublayer's output [T, dim] (``ScaledRows`` when fused and o_proj defers its scales: the norm
+        after it applies them)."""
         a = self.args
-        qkv = self.wqkv(x)
-        if self.fused and hasattr(ctx, "rope_attend"):  # RoPE and the cache write in one kernel (paged caches)
-            return self.wo(ctx.rope_attend(self.layer, qkv, cos, sin).reshape(x.shape[0], -1))
-        q_end, k_end = a.n_heads * a.head_dim, (a.n_heads + a.n_kv_heads) * a.head_dim
-        q = qkv[:, :q_end].view(-1, a.n_heads, a.head_dim)
-        k = qkv[:, q_end:k_end].view(-1, a.n_kv_heads, a.head_dim)
-        v = qkv[:, k_end:].reshape(-1, a.n_kv_heads, a.head_dim)
-        out = ctx.attend(self.layer, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-        return self.wo(out.reshape(x.shape[0], -1))
+        rope_fused = self.fused and hasattr(ctx, "rope_attend")  # RoPE and the cache write in one kernel
+        qkv = call_linear(self.wqkv, x, defer=rope_fused)
+        if rope_fused:
+            out = ctx.rope_attend(self.layer, qkv, cos, sin)
+        else:
+            q_end, k_end = a.n_heads * a.head_dim, (a.n_heads + a.n_kv_heads) * a.head_dim
+            q = qkv[:, :q_end].view(-1, a.n_heads, a.head_dim)
+            k = qkv[:, q_end:k_end].view(-1, a.n_kv_heads, a.head_dim)
+            v = qkv[:, k_end:].reshape(-1, a.n_kv_heads, a.head_dim)
+            out = ctx.attend(self.layer, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        return call_linear(self.wo, out.reshape(x.shape[0], -1), defer=self.fused)
 
 
 class FeedForward(nn.Module):
@@ -265,16 +272,33 @@ class FeedForward(nn.Module):
         self.w13 = make_linear(args.dim, 2 * args.ffn_dim)
         self.w2 = make_linear(args.ffn_dim, args.dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        gu = self.w13(x)
+    def forward(self, x: Tensor) -> Any:
+        """The MLP's output [T, dim] (``ScaledRows`` when fused and the down projection defers its scales)."""
+        gu = call_linear(self.w13, x, defer=self.fused)
         if getattr(self.w2, "takes_swiglu", False):  # the down projection computes silu(gate) · up as it loads
-            return self.w2(gu, swiglu=True)
+            return call_linear(self.w2, gu, defer=self.fused, swiglu=True)
         if self.fused:
             from impl.serve.fused import silu_mul
 
-            return self.w2(silu_mul(gu))
+            return call_linear(self.w2, silu_mul(gu), defer=True)
         gate, up = gu.split(self.ffn_dim, dim=-1)
         return self.w2(F.silu(gate) * up)
+
+
+def call_linear(linear: nn.Module, x: Any, *, defer: bool, **kw: Any) -> Any:
+    """linear(x, **kw); with ``defer`` (the consumer is a fused kernel that applies scales as it loads) the result is
+    ``fused.ScaledRows`` where the linear's path for these rows leaves its scales to the consumer (FP8 ``deferred``)."""
+    defers = getattr(linear, "defers_scale", None)
+    if defer and defers is not None and defers(x.shape[0], x.device):
+        return linear(x, defer=True, **kw)
+    return linear(x, **kw)
+
+
+def dense(x: Any) -> Any:
+    """x as a tensor (``fused.ScaledRows`` made dense; anything else unchanged)."""
+    from impl.serve.fused import ScaledRows
+
+    return x.dense() if isinstance(x, ScaledRows) else x
 
 
 class TransformerBlock(nn.Module):

@@ -10,7 +10,9 @@ calls it, on gu = [gate | up] with SwiGLU fused or run first) and each M:
    pipelines from M = 1 on, each with Triton's e4m3 decoder and with the bit decoder (``bits``), the bit decoder's
    tiles up to M = 8 also with an L2 bulk prefetch of their first codes (``prefetch``), split-K
    counts, FP8-activation tensor-core tiles for large M, and the rule's ``default_config``), impl.fp8's W8A8 path
-   (``inner``: per-token activation quantisation + ``torch._scaled_mm``) and bf16 cuBLAS as the anchor; W8A8 paths
+   (``inner``: per-token activation quantisation + row-wise ``torch._scaled_mm``), the ``deferred`` W8A8 path
+   (``fp8_gemv.unit_scaled_mm``: the per-tensor GEMM with unit scales, timed without its consumer, the fused kernel
+   after it, which applies the scales as it loads) and bf16 cuBLAS as the anchor; W8A8 paths
    are timed as the model runs them: ``wqkv`` and ``w13`` take the FP8 rows their RMSNorm makes (``fused_quant``;
    no quantisation of their own), ``w2`` quantises in its SwiGLU kernel, ``wo`` runs impl.fp8's quantiser;
 2. every W8A16 kernel is compiled first, in parallel worker processes that fill Triton's disk cache;
@@ -53,7 +55,8 @@ from impl.common.log import logger
 from impl.common.timing import time_fn
 from impl.serve import fp8_adapter
 from impl.serve.choose import GemmChoice, GemmTable
-from impl.serve.fp8_gemv import DecodeFp8Linear, GemvConfig, default_config, gemv, new_counters
+from impl.serve.fp8_gemv import DecodeFp8Linear, GemvConfig, default_config, gemv, new_counters, unit_scaled_mm
+from impl.serve.fused import ScaledRows
 from impl.serve.model import DenseLinear, ModelArgs
 
 PRIORITY = (1, 128, 256, 8, 32, 64)  # batch 1 (the decode claim) first, then the large-batch claims
@@ -147,11 +150,14 @@ def error_bound(kind: str, ref: torch.Tensor, a: torch.Tensor, k: int) -> torch.
     """Allowed |y - ref| per element, float64. ``a`` = |x| · |W|ᵀ (W the exact dequantised weight).
 
     w8a16 / bf16: x and W exact in the kernel's inputs, float32 sums (<= K 2^-24 a, taken as K 2^-22 a) and the
-    output rounded to bf16 (2^-8 |ref|, taken as 2^-7 |ref|); inner / a8 add e4m3 activations (2^-4 a, taken as
-    1.05 · 2^-4 a): the bound impl.fp8's linear states for its W8A8 path, with margins for second-order terms."""
+    output rounded to bf16 (2^-8 |ref|, taken as 2^-7 |ref|); inner / a8 / deferred add e4m3 activations (2^-4 a,
+    taken as 1.05 · 2^-4 a): the bound impl.fp8's linear states for its W8A8 path, with margins for second-order
+    terms; deferred rounds once more, before its scales (2^-8 of |ref| + 2^-4 a)."""
     bound = 2.0 ** -7 * ref.abs() + k * 2.0 ** -22 * a + 1e-30
-    if kind in ("inner", "a8"):
+    if kind in ("inner", "a8", "deferred"):
         bound = bound + 1.05 * 2.0 ** -4 * a
+    if kind == "deferred":
+        bound = bound + 2.0 ** -8 * (ref.abs() + 2.0 ** -4 * a)
     return bound
 
 
@@ -194,7 +200,8 @@ def runners(sub: Subject, x: torch.Tensor, configs: list[GemvConfig],
     candidate runs as serving runs it: with ``sub.swiglu`` x is gu and every candidate computes W · silu_mul(gu) (the
     bf16 anchor runs ``fused.silu_mul`` first; W8A8 paths take ``silu_mul_quant``'s FP8 rows; the W8A16 kernel fuses
     SwiGLU or runs it first, per config); with ``sub.normed`` the W8A8 paths (``inner`` row-wise, a8 tiles) take x
-    already quantised per token, as the fused RMSNorm hands it over (quantised here once, outside the timing)."""
+    already quantised per token, as the fused RMSNorm hands it over (quantised here once, outside the timing). The
+    deferred path returns ``ScaledRows`` (checked through their ``dense()``)."""
     from impl.serve.fused import silu_mul
     from impl.serve.fused_quant import quantize_rows, silu_mul_quant
 
@@ -211,7 +218,13 @@ def runners(sub: Subject, x: torch.Tensor, configs: list[GemvConfig],
             return lin.forward_fp8_rows(r.codes, r.scales)
         return lin(act(x))
 
+    def deferred() -> ScaledRows:
+        r = silu_mul_quant(x) if sub.swiglu else pre if pre is not None else quantize_rows(x)
+        return unit_scaled_mm(r, q, sub.fp8.col_scale)
+
     rows = [("bf16", "bf16", None, lambda: sub.dense(act(x))), ("inner", "inner", None, inner)]
+    if sub.fp8.can_defer and (rowwise or not x.is_cuda):  # a GPU with row-wise _scaled_mm has the per-tensor one
+        rows.append(("deferred", "deferred", None, deferred))
     for cfg in configs:
         xin = pre if cfg.a8 and pre is not None else x
         rows.append((cfg.name, "a8" if cfg.a8 else "w8a16", cfg,
@@ -241,6 +254,7 @@ def measure_pair(sub: Subject, m: int, cfg: TuneConfig, seed: int) -> dict[str, 
         try:
             out.fill_(float("nan"))
             y = fn()
+            y = y.dense() if isinstance(y, ScaledRows) else y
             ref, a = (ref16, a16) if kind == "bf16" else (ref8, a8)
             err = (y.double() - ref).abs()
             ratio = float((err / error_bound(kind, ref, a, sub.k)).max()) if err.numel() else 0.0
@@ -266,8 +280,8 @@ def best_fp8(pair: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def choice_of(row: dict[str, Any]) -> GemmChoice:
-    if row["kind"] == "inner":
-        return GemmChoice("inner", None, "measured")
+    if row["kind"] in ("inner", "deferred"):
+        return GemmChoice(row["kind"], None, "measured")
     return GemmChoice("w8a16", GemvConfig.from_dict(row["config"]), "measured")
 
 
@@ -463,19 +477,20 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
 def summary_lines(data: dict[str, Any]) -> list[str]:
     cp = data.get("copy_gbps")
     lines = [f"{'proj':5} {'M':>4} {'best FP8':28} {'us':>8} {'%copy':>6} {'bf16 us':>8} {'x bf16':>6} "
-             f"{'inner us':>8} {'rule us':>8}"]
+             f"{'inner us':>8} {'defer us':>8} {'rule us':>8}"]
     for p in data["pairs"]:
         by = {r["candidate"]: r for r in p["candidates"]}
         best = by.get(p["best"]) if p.get("best") else None
         bf16 = by.get("bf16", {}).get("median_us")
         inner = by.get("inner", {}).get("median_us")
+        defer = by.get("deferred", {}).get("median_us")
         rule = by.get(default_config(p["m"], p["n"], p["k"]).name, {}).get("median_us")
         us = best["median_us"] if best else None
         pct = (100 * best["weight_gbps"] / cp) if (best and cp) else None
         fmt = lambda v, f=".1f": "-" if v is None else format(v, f)  # noqa: E731
         lines.append(f"{p['projection']:5} {p['m']:>4} {str(p['best']):28} {fmt(us):>8} {fmt(pct, '.0f'):>6} "
                      f"{fmt(bf16):>8} {fmt(bf16 / us if (bf16 and us) else None, '.2f'):>6} {fmt(inner):>8} "
-                     f"{fmt(rule):>8}")
+                     f"{fmt(defer):>8} {fmt(rule):>8}")
     d = data.get("decode_step") or {}
     names = ["bf16", "fp8_rule", "fp8_table", "fp8_table_pdl"] + [f"fp8_table_pdl_f{v}" for v in PREFETCH_MIB]
     for name in names + [f"fp8_table_f{PREFETCH_MIB[0]}"]:
