@@ -1,7 +1,12 @@
 """The deferred FP8 path: an FP8 GEMM with unit scales hands its output to the next fused kernel as ``ScaledRows``
 (values, per-token scales, per-channel scales), and that kernel applies the scales as it loads. Each consumer must
-give the bits it gives on the same rows made dense in torch, the linear must match float64 within its stated bound,
-and the model must give the same logits whether its consumers or its linears apply the scales."""
+give what it gives on the same rows made dense in torch, the linear must match float64 within its stated bound,
+and the model must give the same logits whether its consumers or its linears apply the scales.
+
+"The same": equal bits in the interpreter. On a GPU the compiled consumer computes the scaled row inside the kernel
+and may round differently from the torch product it is compared with (on the H200 a float32 norm's outputs differed
+by up to 6 units in the last place, its e4m3 codes by one step): there ``same`` allows 8 units in the last place of
+the dtype (one e4m3 step for codes)."""
 import numpy as np
 import pytest
 import torch
@@ -32,6 +37,32 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
+def same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal bits in the interpreter; on a GPU within 8 units in the last place (module doc), NaN where NaN."""
+    if not backend.ON_GPU or torch.equal(bits(got), bits(want)):
+        return torch.equal(bits(got), bits(want))
+    g, w = got.float(), want.float()
+    nan = torch.isnan(w)
+    if not torch.equal(torch.isnan(g), nan):
+        return False
+    ulp = 8 * torch.finfo(want.dtype).eps * w.abs() + torch.finfo(want.dtype).tiny
+    return bool(((g - w).abs() <= ulp)[~nan & torch.isfinite(w)].all()) and torch.equal(g[torch.isinf(w)],
+                                                                                      w[torch.isinf(w)])
+
+
+def same_rows(got, want) -> bool:
+    """Two ``Fp8Rows``: equal codes and scales in the interpreter; on a GPU scales within 8 float32 units and
+    dequantised values within one e4m3 step (2^-3 of the value, or the smallest subnormal step)."""
+    if not backend.ON_GPU:
+        return torch.equal(bits(got.codes), bits(want.codes)) and torch.equal(bits(got.scales), bits(want.scales))
+    if not same(got.scales, want.scales):
+        return False
+    g, w = got.codes.float() * got.scales, want.codes.float() * want.scales
+    nan = torch.isnan(w)
+    step = 2.0 ** -3 * w.abs() + 2.0 ** -9 * want.scales
+    return torch.equal(torch.isnan(g), nan) and bool(((g - w).abs() <= step)[~nan].all())
+
+
 def scaled_rows(rows: int, cols: int, seed: int, dtype: str, pattern: str = "random") -> ScaledRows:
     """Values as an FP8 GEMM leaves them (up to ~448² K), per-token scales ~1e-3, per-channel scales ~1e-3..1e-2,
     with the pattern's NaN, ±inf, −0.0 and extremes in the values."""
@@ -53,9 +84,9 @@ def test_norms_take_scaled_rows_as_their_dense_values(rows, cols, seed, dtype, p
     v0 = x.values.clone()
     got, h = rmsnorm(x, w, 1e-5, r)
     want, want_h = rmsnorm(x.dense(), w, 1e-5, r)
-    assert torch.equal(bits(got), bits(want))
+    assert same(got, want)
     if residual:
-        assert torch.equal(bits(h), bits(want_h)), "the residual sum must be that of the dense rows"
+        assert same(h, want_h), "the residual sum must be that of the dense rows"
     with_poison = fused_quant._empty_rows
 
     def poisoned(t, k, like):
@@ -65,8 +96,7 @@ def test_norms_take_scaled_rows_as_their_dense_values(rows, cols, seed, dtype, p
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fused_quant, "_empty_rows", poisoned)
         got_q, _ = rmsnorm_quant(x, w, 1e-5, r)
-    want_q = quantize_rows(want)
-    assert torch.equal(bits(got_q.codes), bits(want_q.codes)) and torch.equal(got_q.scales, want_q.scales)
+    assert same_rows(got_q, quantize_rows(want))
     assert torch.equal(bits(x.values), bits(v0)), "inputs must not be modified"
 
 
@@ -76,11 +106,11 @@ def test_norms_take_scaled_rows_as_their_dense_values(rows, cols, seed, dtype, p
        pattern=st.sampled_from(PATTERNS))
 def test_swiglu_kernels_take_scaled_rows_as_their_dense_values(rows, f, one_pass, seed, dtype, pattern):
     gu = scaled_rows(rows, 2 * f, seed, dtype, pattern)
-    assert torch.equal(bits(silu_mul(gu)), bits(silu_mul(gu.dense())))
+    assert same(silu_mul(gu), silu_mul(gu.dense()))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fused_quant, "SILU_ROW", fused_quant.SILU_ROW if one_pass else 1)
         got, want = silu_mul_quant(gu), silu_mul_quant(gu.dense())
-    assert torch.equal(bits(got.codes), bits(want.codes)) and torch.equal(bits(got.scales), bits(want.scales))
+    assert same_rows(got, want)
 
 
 @settings(max_examples=min(settings.default.max_examples, 10))
@@ -100,7 +130,7 @@ def test_rope_split_takes_scaled_rows_as_their_dense_values(t, seed):
         rope_split(x, cos, sin, heads, kv_heads, q, k, v, slots)
         outs.append((q, k, v))
     for got, want in zip(*outs):
-        assert torch.equal(bits(got), bits(want)) and bool(torch.isfinite(got).all())
+        assert same(got, want) and bool(torch.isfinite(got).all())
 
 
 def test_scaled_rows_are_checked_and_mean_their_scaled_product():
@@ -163,7 +193,8 @@ def test_a_layer_that_cannot_defer_takes_the_rule():
 def test_model_gives_the_same_logits_whether_consumers_or_linears_apply_the_scales():
     """A toy model whose FP8 linears all take the deferred path, fused: with the scales applied by the norms, RoPE
     and SwiGLU kernels (ScaledRows handed over) and with every linear applying its own (defers_scale off), the same
-    logits bit for bit; and those logits stay near the dense model's (not garbage that agrees with itself)."""
+    logits (bit for bit in the interpreter, module doc); and those logits stay near the dense model's (not garbage
+    that agrees with itself)."""
     base = tiny_model(device=DEVICE)
     dense_logits = None
     model = fp8_adapter.quantize_model_(tiny_model(device=DEVICE))
@@ -204,7 +235,10 @@ def test_model_gives_the_same_logits_whether_consumers_or_linears_apply_the_scal
                     logits[consumers_scale] = out
         assert handed and all(handed) == consumers_scale and any(handed) == consumers_scale
     model.set_fused(backend.ON_GPU)
-    assert torch.equal(bits(logits[True]), bits(logits[False]))
+    if backend.ON_GPU:  # rounding differences (module doc; an e4m3 code a step off) carried through: 1e-2 of range
+        assert float((logits[True] - logits[False]).abs().max()) <= 1e-2 * float(logits[False].abs().max())
+    else:
+        assert torch.equal(bits(logits[True]), bits(logits[False]))
     err = (logits[True] - dense_logits).abs().max() / dense_logits.abs().max()
     assert float(err) < 0.2, f"FP8 logits {float(err):.3f} of the dense model's range away from it"
 
