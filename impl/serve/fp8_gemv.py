@@ -527,10 +527,11 @@ def unit_scaled_mm(rows: Fp8Rows, weight: torch.Tensor, col_scale: torch.Tensor)
     """y = (codes ⊙ s_x) · (W ⊙ s_w)ᵀ for per-token rows, kept factored as ``ScaledRows``: the FP8 GEMM runs with
     unit scales, values = round(codes · Wᵀ) in the rows' dtype ([M, N]: cuBLASLt's per-tensor FP8 GEMM on a GPU,
     float32 products on a CPU), beside the rows' scales [M, 1] and ``col_scale`` [N]; the kernel that consumes y
-    applies them as it loads (``fused.unscale``). Why: on the H200 the per-tensor FP8 GEMM of a Llama-3-8B layer's
-    four projections takes 2.43 ms against 3.26 ms row-wise at 128 rows x 32 layers (22 against 42 µs for the down
-    projection), and the scales cost the consumer two multiplies. y's rounding: values are rounded to the dtype once
-    and the scaled product once more (|error| ≤ 2 units in the last place of y, against 1 for the row-wise GEMM)."""
+    applies them as it loads (``fused.unscale``). Why: cuBLASLt's row-wise-scaled FP8 kernels are slower than its
+    per-tensor ones at decode shapes (H200 tune of 60408f5, Llama-3-8B: the down projection at 128 rows 29.9 µs
+    deferred against 45.2 row-wise, wqkv at one row 11.9 against 20.7), and the scales cost the consumer two
+    multiplies. y's rounding: values are rounded to the dtype once and the scaled product once more (two roundings
+    where the row-wise GEMM makes one)."""
     codes = rows.codes
     if codes.is_cuda:
         one = _UNIT.get(codes.device)
