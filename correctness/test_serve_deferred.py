@@ -1,31 +1,24 @@
 """The deferred FP8 path: an FP8 GEMM with unit scales hands its output to the next fused kernel as ``ScaledRows``
 (values, per-token scales, per-channel scales), and that kernel applies the scales as it loads. Each consumer must
-give what it gives on the same rows made dense in torch, the linear must match float64 within its stated bound,
-and the model must give the same logits whether its consumers or its linears apply the scales.
-
-"The same": equal bits in the interpreter. On a GPU the compiled consumer computes the scaled row inside the kernel
-and the compiler may fuse the scaling multiply into the add after it (one rounding where torch makes two: on the
-H200 a float32 norm's outputs differed by up to 6 units in the last place, a residual sum by more where it
-cancels, e4m3 codes by one step): there ``same`` allows 8 units in the last place of each row's largest value (one
-e4m3 step for codes)."""
+give the bits it gives on the same rows made dense in torch (on a GPU too: ``fused.unscale`` rounds each scaling
+product by itself), the linear must match float64 within its stated bound, and the model must give the same logits
+bit for bit whether its consumers or its linears apply the scales."""
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixtures.oracle import poison_
-from fixtures.serve import tiny_model
+from fixtures.oracle import bits, poison_
+from fixtures.serve import prefill_logits, serve_projections_by, tiny_model
 from fixtures.strategies import make_array
 from impl import backend
 from impl.backend import DEVICE
 from impl.serve import fp8_adapter, fused_quant, tune
-from impl.serve.attention import make_backend
 from impl.serve.choose import GemmChoice, GemmTable
 from impl.serve.fp8_gemv import DecodeFp8Linear, unit_scaled_mm
 from impl.serve.fused import ScaledRows, rmsnorm, rope_split, silu_mul
 from impl.serve.fused_quant import quantize_rows, rmsnorm_quant, silu_mul_quant
-from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep
 from impl.serve.model import DenseLinear
 
 DTYPES = ["float32", "float16"] + (["bfloat16"] if backend.ON_GPU else [])
@@ -34,37 +27,13 @@ EXAMPLES = settings(max_examples=min(settings.default.max_examples, 25))
 DEFERRED = GemmChoice("deferred", None, "measured")
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
 def same(got: torch.Tensor, want: torch.Tensor) -> bool:
-    """Equal bits in the interpreter; on a GPU within 8 units in the last place of the largest finite magnitude of
-    each row (module doc; a fused multiply-add changes an element by a unit of its addends, not of the sum), NaN
-    and ±inf where they are."""
-    if not backend.ON_GPU or torch.equal(bits(got), bits(want)):
-        return torch.equal(bits(got), bits(want))
-    g, w = got.float(), want.float()
-    fin = torch.isfinite(w)
-    if not torch.equal(torch.isnan(g), torch.isnan(w)) or not torch.equal(g[torch.isinf(w)], w[torch.isinf(w)]):
-        return False
-    rows = w.reshape(w.shape[0], -1) if w.ndim > 1 else w.reshape(1, -1)
-    big = torch.where(torch.isfinite(rows), rows.abs(), 0).amax(1).reshape(-1, *([1] * (w.ndim - 1)))
-    tol = 8 * torch.finfo(want.dtype).eps * big + torch.finfo(want.dtype).tiny
-    return bool(((g - w).abs() <= tol)[fin].all())
+    return torch.equal(bits(got), bits(want))
 
 
 def same_rows(got, want) -> bool:
-    """Two ``Fp8Rows``: equal codes and scales in the interpreter; on a GPU scales within 8 float32 units and
-    dequantised values within one e4m3 step (2^-3 of the value, or the smallest subnormal step)."""
-    if not backend.ON_GPU:
-        return torch.equal(bits(got.codes), bits(want.codes)) and torch.equal(bits(got.scales), bits(want.scales))
-    if not same(got.scales, want.scales):
-        return False
-    g, w = got.codes.float() * got.scales, want.codes.float() * want.scales
-    nan = torch.isnan(w)
-    step = 2.0 ** -3 * w.abs() + 2.0 ** -9 * want.scales
-    return torch.equal(torch.isnan(g), nan) and bool(((g - w).abs() <= step)[~nan].all())
+    """Two ``Fp8Rows`` with equal codes and scales."""
+    return same(got.codes, want.codes) and same(got.scales, want.scales)
 
 
 def scaled_rows(rows: int, cols: int, seed: int, dtype: str, pattern: str = "random") -> ScaledRows:
@@ -197,19 +166,12 @@ def test_a_layer_that_cannot_defer_takes_the_rule():
 def test_model_gives_the_same_logits_whether_consumers_or_linears_apply_the_scales():
     """A toy model whose FP8 linears all take the deferred path, fused: with the scales applied by the norms, RoPE
     and SwiGLU kernels (ScaledRows handed over) and with every linear applying its own (defers_scale off), the same
-    logits (bit for bit in the interpreter, module doc); and those logits stay near the dense model's (not garbage
+    logits bit for bit; and those logits stay near the dense model's (not garbage
     that agrees with itself)."""
-    base = tiny_model(device=DEVICE)
-    dense_logits = None
+    dense_logits = prefill_logits(tiny_model(device=DEVICE).set_fused(True), DEVICE)
     model = fp8_adapter.quantize_model_(tiny_model(device=DEVICE))
-    a = model.args
-    shapes = {(a.qkv_dim, a.dim), (a.dim, a.n_heads * a.head_dim), (2 * a.ffn_dim, a.dim), (a.dim, a.ffn_dim)}
-    table = GemmTable({s: [(64, DEFERRED)] for s in shapes}, origin="synthetic")
-    for block in model.layers:
-        for lin in (block.attention.wqkv, block.attention.wo, block.feed_forward.w13, block.feed_forward.w2):
-            lin.table, lin.use_kernel = table, True
+    serve_projections_by(model, DEFERRED)
     model.set_fused(True)
-    base.set_fused(True)
     handed: list[int] = []
     real = DecodeFp8Linear.forward
 
@@ -225,24 +187,10 @@ def test_model_gives_the_same_logits_whether_consumers_or_linears_apply_the_scal
             mp.setattr(DecodeFp8Linear, "forward", spy)
             if not consumers_scale:
                 mp.setattr(DecodeFp8Linear, "defers_scale", lambda self, m, device: False)
-            for name, m in (("fp8", model), ("dense", base)):
-                if name == "dense" and dense_logits is not None:
-                    continue
-                cache = PagedKVCache(a, CacheConfig(8, 4, None), dtype=m.dtype, device=DEVICE)
-                cache.reserve(0, 6)
-                meta = cache.metadata([(0, 0, 6)], DEVICE)
-                with torch.no_grad():
-                    out = m(torch.arange(3, 9, device=DEVICE), PagedStep(cache, make_backend("triton"), meta))
-                if name == "dense":
-                    dense_logits = out
-                else:
-                    logits[consumers_scale] = out
+            logits[consumers_scale] = prefill_logits(model, DEVICE)
         assert handed and all(handed) == consumers_scale and any(handed) == consumers_scale
     model.set_fused(backend.ON_GPU)
-    if backend.ON_GPU:  # rounding differences (module doc; an e4m3 code a step off) carried through: 1e-2 of range
-        assert float((logits[True] - logits[False]).abs().max()) <= 1e-2 * float(logits[False].abs().max())
-    else:
-        assert torch.equal(bits(logits[True]), bits(logits[False]))
+    assert same(logits[True], logits[False])
     err = (logits[True] - dense_logits).abs().max() / dense_logits.abs().max()
     assert float(err) < 0.2, f"FP8 logits {float(err):.3f} of the dense model's range away from it"
 

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixtures.oracle import poison_
-from fixtures.serve import tiny_model
+from fixtures.oracle import bits, poison_
+from fixtures.serve import prefill_logits, serve_projections_by, tiny_model
 from fixtures.strategies import make_array
 from impl import backend
 from impl.backend import DEVICE
@@ -21,8 +21,6 @@ from impl.serve.choose import GemmChoice, GemmTable
 from impl.serve.fp8_gemv import DecodeFp8Linear, GemvConfig, gemv
 from impl.serve.fused import rmsnorm, silu_mul
 from impl.serve.fused_quant import Fp8Rows, quantize_rows, rmsnorm_quant, silu_mul_quant
-from impl.serve.kv_cache import CacheConfig, PagedKVCache, PagedStep
-from impl.serve.attention import make_backend
 from impl.serve.model import DenseLinear
 
 DTYPES = ["float32", "float16"] + (["bfloat16"] if backend.ON_GPU else [])  # the interpreter has no bf16
@@ -36,11 +34,6 @@ def tensor(rows: int, cols: int, seed: int, dtype: str, pattern: str = "random")
     x = make_array(rows * cols, "float16" if dtype == "float16" else "float32", pattern, seed).reshape(rows, cols)
     x = torch.from_numpy(x.astype(np.float32) / (50 if pattern in ("random", "zipf", "all_equal") else 1))
     return x.to(DEVICE, getattr(torch, dtype))
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of t (so NaN equals NaN and −0.0 differs from 0.0)."""
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def nan_as_one(codes: torch.Tensor) -> torch.Tensor:
@@ -159,11 +152,7 @@ def test_model_with_fp8_norm_outputs_equals_the_linears_quantising():
     SwiGLU quantising (the default) and with every linear quantising its own input, the same logits bit for bit."""
     model = fp8_adapter.quantize_model_(tiny_model(device=DEVICE))
     a = model.args
-    shapes = {(a.qkv_dim, a.dim), (a.dim, a.n_heads * a.head_dim), (2 * a.ffn_dim, a.dim), (a.dim, a.ffn_dim)}
-    table = GemmTable({s: [(64, GemmChoice("w8a16", A8, "measured"))] for s in shapes}, origin="synthetic")
-    for block in model.layers:
-        for lin in (block.attention.wqkv, block.attention.wo, block.feed_forward.w13, block.feed_forward.w2):
-            lin.table, lin.use_kernel = table, True
+    serve_projections_by(model, GemmChoice("w8a16", A8, "measured"))
     model.set_fused(True)
     calls = []
     real = fused_quant.rmsnorm_quant
@@ -179,12 +168,7 @@ def test_model_with_fp8_norm_outputs_equals_the_linears_quantising():
             mp.setattr(fused_quant, "rmsnorm_quant", spy)
             if not norms_quantise:
                 mp.setattr(DecodeFp8Linear, "takes_fp8_rows", lambda self, m, device: False)
-            cache = PagedKVCache(a, CacheConfig(8, 4, None), dtype=model.dtype, device=DEVICE)
-            cache.reserve(0, 6)
-            meta = cache.metadata([(0, 0, 6)], DEVICE)
-            with torch.no_grad():
-                logits[norms_quantise] = model(torch.arange(3, 9, device=DEVICE),
-                                               PagedStep(cache, make_backend("triton"), meta))
+            logits[norms_quantise] = prefill_logits(model, DEVICE)
         assert len(calls) == (2 * a.n_layers if norms_quantise else 0)
     model.set_fused(backend.ON_GPU)
     assert torch.equal(bits(logits[True]), bits(logits[False]))

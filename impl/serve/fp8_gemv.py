@@ -569,7 +569,6 @@ class DecodeFp8Linear(nn.Module):
         self.in_features, self.out_features = inner.in_features, inner.out_features
         self.use_kernel = use_kernel
         self.table = table if table is not None else choose.active_table()
-        self._col_scale: torch.Tensor | None = None
 
     @property
     def path(self) -> str:
@@ -592,11 +591,8 @@ class DecodeFp8Linear(nn.Module):
 
     @property
     def col_scale(self) -> torch.Tensor:
-        """The weight scales as ``ScaledRows.col_scale``: float32 [N] (a per-tensor scale broadcast), made once."""
-        if self._col_scale is None:
-            self._col_scale = self.inner.weight_scale.float().reshape(-1).expand(
-                self.out_features if self.inner.weight_scale.numel() == 1 else -1).contiguous()
-        return self._col_scale
+        """The weight scales as ``ScaledRows.col_scale``: float32 [N] (impl.fp8's row-wise operand, made once)."""
+        return self.inner.row_scale().reshape(-1)
 
     def _kernel(self, device: torch.device | str) -> bool:
         return self.use_kernel if self.use_kernel is not None else torch.device(device).type == "cuda"
@@ -621,32 +617,26 @@ class DecodeFp8Linear(nn.Module):
                 defer: bool = False) -> torch.Tensor | ScaledRows:
         """y for x [..., K] (or ``Fp8Rows`` [M, K] where ``takes_fp8_rows(M)``); with ``swiglu`` x is [..., 2K] =
         [gate | up] (a tensor or ``ScaledRows``) and y = W · silu_mul(x). ``defer``: ``ScaledRows`` where the path
-        for M rows is ``deferred``."""
+        for M rows is ``deferred``. A path that takes FP8 rows gets them from ``fused_quant`` (``silu_mul_quant`` for
+        a SwiGLU input, ``quantize_rows`` otherwise): the codes impl.fp8's quantiser would make, in one kernel."""
         if isinstance(x, Fp8Rows):
             return self.forward_fp8_rows(x, defer)
         if isinstance(x, ScaledRows) and not swiglu:
             x = x.dense()
         lead = x.shape[:-1]
         x2 = x if isinstance(x, ScaledRows) else x.reshape(-1, x.shape[-1])
-        kernel = self._kernel(x.device)
-        choice = self.choice(x2.shape[0]) if kernel else None
-        if choice is not None and choice.path == "deferred":
-            return self.forward_fp8_rows(silu_mul_quant(x2) if swiglu else quantize_rows(x2), defer)
-        if isinstance(x2, ScaledRows):  # a SwiGLU input from a deferred w13: the SwiGLU kernel applies its scales
-            if self.takes_fp8_rows(x2.shape[0], x.device):
-                return self.forward_fp8_rows(silu_mul_quant(x2), defer)
+        m = x2.shape[0]
+        if self.takes_fp8_rows(m, x.device):
+            y = self.forward_fp8_rows(silu_mul_quant(x2) if swiglu else quantize_rows(x2), defer)
+            return y if isinstance(y, ScaledRows) else y.reshape(*lead, self.out_features)
+        config = self.choice(m).config if self._kernel(x.device) else None  # a W8A16 kernel's, or None: inner
+        if swiglu and (config is None or isinstance(x2, ScaledRows)):  # the product first, then bf16 activations
             from impl.serve.fused import silu_mul
 
-            x2, swiglu = silu_mul(x2) if kernel else swiglu_torch(x2.dense()), False
-        if choice is None or choice.path != "w8a16":
-            if swiglu and self.takes_fp8_rows(x2.shape[0], x.device):  # the product quantised as it is made
-                return self.forward_fp8_rows(silu_mul_quant(x2)).reshape(*lead, self.out_features)
-            if swiglu:
-                from impl.serve.fused import silu_mul
-
-                x2 = silu_mul(x2) if x.is_cuda else swiglu_torch(x2)
+            x2, swiglu = silu_mul(x2) if x.is_cuda or isinstance(x2, ScaledRows) else swiglu_torch(x2), False
+        if config is None:
             return self.inner(x2).reshape(*lead, self.out_features)
-        y = gemv(x2, self.inner.weight, self.inner.weight_scale, choice.config, swiglu=swiglu, pdl=self.table.pdl)
+        y = gemv(x2, self.inner.weight, self.inner.weight_scale, config, swiglu=swiglu, pdl=self.table.pdl)
         return y.reshape(*lead, self.out_features)
 
     def forward_fp8_rows(self, rows: Fp8Rows, defer: bool = False) -> torch.Tensor | ScaledRows:

@@ -26,6 +26,7 @@ import impl  # noqa: F401  (backend before triton)
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from impl import backend
 
@@ -78,14 +79,24 @@ def unpack(x: "torch.Tensor | ScaledRows") -> tuple[torch.Tensor, torch.Tensor, 
     return x, x, x, False
 
 
+# On a GPU each scaling product is rounded by itself (libdevice's mul.rn, which the compiler never fuses into a
+# following add): with Triton's default FMA contraction a float32 row's scaled value would go straight into the
+# residual sum unrounded, and differ from ``ScaledRows.dense()`` (the H200 showed it). The interpreter never fuses.
+_MUL_RN = tl.constexpr(not backend.INTERPRETED)
+
+
 @triton.jit
 def unscale(x, rs_ptr, cs_ptr, row, cols, mask, SCALED: tl.constexpr):
     """x (loaded from ``ScaledRows.values`` at row ``row``, columns ``cols``) as round((x · rs[row]) · cs[cols]) in
-    x's dtype; x unchanged unless SCALED."""
+    x's dtype, each product rounded as ``ScaledRows.dense`` rounds it; x unchanged unless SCALED."""
     if SCALED:
         r = tl.load(rs_ptr + row)
         c = tl.load(cs_ptr + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) * r * c).to(x.dtype)
+        if _MUL_RN:
+            y = libdevice.mul_rn(libdevice.mul_rn(x.to(tl.float32), r + tl.zeros_like(c)), c)
+        else:
+            y = x.to(tl.float32) * r * c
+        x = y.to(x.dtype)
     return x
 
 

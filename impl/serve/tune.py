@@ -212,15 +212,17 @@ def runners(sub: Subject, x: torch.Tensor, configs: list[GemvConfig],
     rowwise = lin.quantizes_per_token
     pre = quantize_rows(x) if sub.normed and not sub.swiglu else None
 
+    def fp8_rows():  # W8A8 input as the model makes it: the SwiGLU kernel's, the norm's (free), or quantize_rows
+        return silu_mul_quant(x) if sub.swiglu else pre if pre is not None else quantize_rows(x)
+
     def inner() -> torch.Tensor:
-        if rowwise and (sub.swiglu or pre is not None):
-            r = silu_mul_quant(x) if sub.swiglu else pre
+        if rowwise:
+            r = fp8_rows()
             return lin.forward_fp8_rows(r.codes, r.scales)
         return lin(act(x))
 
     def deferred() -> ScaledRows:
-        r = silu_mul_quant(x) if sub.swiglu else pre if pre is not None else quantize_rows(x)
-        return unit_scaled_mm(r, q, sub.fp8.col_scale)
+        return unit_scaled_mm(fp8_rows(), q, sub.fp8.col_scale)
 
     rows = [("bf16", "bf16", None, lambda: sub.dense(act(x))), ("inner", "inner", None, inner)]
     if sub.fp8.can_defer and (rowwise or not x.is_cuda):  # a GPU with row-wise _scaled_mm has the per-tensor one
