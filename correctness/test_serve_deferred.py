@@ -16,7 +16,7 @@ from impl import backend
 from impl.backend import DEVICE
 from impl.serve import fp8_adapter, fused_quant, tune
 from impl.serve.choose import GemmChoice, GemmTable
-from impl.serve.fp8_gemv import DecodeFp8Linear, unit_scaled_mm
+from impl.serve.fp8_gemv import DecodeFp8Linear, GemvConfig, unit_scaled_mm
 from impl.serve.fused import ScaledRows, rmsnorm, rope_split, silu_mul
 from impl.serve.fused_quant import quantize_rows, rmsnorm_quant, silu_mul_quant
 from impl.serve.model import DenseLinear
@@ -151,6 +151,18 @@ def test_deferred_linear_matches_float64_and_its_scaled_rows():
     assert torch.equal(bits(layer(gu, swiglu=True)), bits(layer(silu_mul(gu.dense()))))
     assert torch.equal(bits(unit_scaled_mm(quantize_rows(x), layer.inner.weight, layer.col_scale).values),
                        bits(sr.values))
+
+
+@pytest.mark.parametrize("choice", [GemmChoice("w8a16", GemvConfig(dot=True, block_n=16, block_k=32), "measured"),
+                                    GemmChoice("inner", None, "measured")], ids=["w8a16", "inner"])
+def test_a_layer_taking_bf16_activations_takes_a_scaled_swiglu_input_as_its_product(choice):
+    """A deferred w13 hands the down projection ScaledRows; where that projection's path takes bf16 activations (a
+    W8A16 kernel, or impl.fp8's path without per-token rows) it computes W · silu_mul(gu.dense())."""
+    layer = deferred_layer(48, 64)
+    layer.table = GemmTable({(48, 64): [(64, choice)]}, origin="synthetic")
+    gu = scaled_rows(5, 128, 3, "float32")
+    assert not layer.takes_fp8_rows(5, gu.device)
+    assert same(layer(gu, swiglu=True, defer=True), layer(silu_mul(gu.dense())))
 
 
 def test_a_layer_that_cannot_defer_takes_the_rule():

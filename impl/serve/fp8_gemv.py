@@ -633,7 +633,8 @@ class DecodeFp8Linear(nn.Module):
         if swiglu and (config is None or isinstance(x2, ScaledRows)):  # the product first, then bf16 activations
             from impl.serve.fused import silu_mul
 
-            x2, swiglu = silu_mul(x2) if x.is_cuda or isinstance(x2, ScaledRows) else swiglu_torch(x2), False
+            fused = x.device.type == "cuda" or isinstance(x2, ScaledRows)  # the SwiGLU kernel applies the scales
+            x2, swiglu = silu_mul(x2) if fused else swiglu_torch(x2), False
         if config is None:
             return self.inner(x2).reshape(*lead, self.out_features)
         y = gemv(x2, self.inner.weight, self.inner.weight_scale, config, swiglu=swiglu, pdl=self.table.pdl)
