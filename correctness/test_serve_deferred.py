@@ -155,14 +155,17 @@ def test_deferred_linear_matches_float64_and_its_scaled_rows():
 
 @pytest.mark.parametrize("choice", [GemmChoice("w8a16", GemvConfig(dot=True, block_n=16, block_k=32), "measured"),
                                     GemmChoice("inner", None, "measured")], ids=["w8a16", "inner"])
-def test_a_layer_taking_bf16_activations_takes_a_scaled_swiglu_input_as_its_product(choice):
+def test_a_layer_not_deferring_takes_a_scaled_swiglu_input_as_its_product(choice):
     """A deferred w13 hands the down projection ScaledRows; where that projection's path takes bf16 activations (a
-    W8A16 kernel, or impl.fp8's path without per-token rows) it computes W · silu_mul(gu.dense())."""
+    W8A16 kernel, or impl.fp8's dequantising path on a CPU) it computes W · silu_mul(gu.dense()), and where it takes
+    per-token FP8 rows (impl.fp8's row-wise path on a GPU) W · silu_mul_quant(gu.dense())."""
     layer = deferred_layer(48, 64)
     layer.table = GemmTable({(48, 64): [(64, choice)]}, origin="synthetic")
     gu = scaled_rows(5, 128, 3, "float32")
-    assert not layer.takes_fp8_rows(5, gu.device)
-    assert same(layer(gu, swiglu=True, defer=True), layer(silu_mul(gu.dense())))
+    rows = layer.takes_fp8_rows(5, gu.device)
+    assert rows == (choice.path == "inner" and layer.inner.quantizes_per_token)
+    want = layer(silu_mul_quant(gu.dense())) if rows else layer(silu_mul(gu.dense()))
+    assert same(layer(gu, swiglu=True, defer=True), want)
 
 
 def test_a_layer_that_cannot_defer_takes_the_rule():
