@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixtures.oracle import bits, poison_
+from fixtures.oracle import bits, nan_as_one, poison_
 from fixtures.serve import prefill_logits, serve_projections_by, tiny_model
 from fixtures.strategies import make_array
 from impl import backend
@@ -34,11 +34,6 @@ def tensor(rows: int, cols: int, seed: int, dtype: str, pattern: str = "random")
     x = make_array(rows * cols, "float16" if dtype == "float16" else "float32", pattern, seed).reshape(rows, cols)
     x = torch.from_numpy(x.astype(np.float32) / (50 if pattern in ("random", "zipf", "all_equal") else 1))
     return x.to(DEVICE, getattr(torch, dtype))
-
-
-def nan_as_one(codes: torch.Tensor) -> torch.Tensor:
-    """e4m3 codes with both NaN codes (0x7F, 0xFF) written as 0x7F."""
-    return torch.where((codes & 0x7F) == 0x7F, torch.full_like(codes, 0x7F), codes)
 
 
 def assert_same_rows(got: Fp8Rows, want_values: torch.Tensor) -> None:
