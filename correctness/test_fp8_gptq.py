@@ -58,6 +58,29 @@ def test_block_size_changes_nothing_but_rounding_noise():
     assert max(errs) <= 1.05 * min(errs), errs
 
 
+@pytest.mark.parametrize("group", GROUPS)
+def test_act_order_is_plain_gptq_on_columns_sorted_by_input_energy(group):
+    """act_order: the same algorithm on W, S, H permuted by decreasing H[k, k], codes put back in W's order; the
+    scales (fixed first) and so each code's group stay those of W's own order."""
+    n, k = 40, 256
+    w = weights(n, k, 7)
+    x = correlated_inputs(1024, k, 8) * torch.linspace(0.1, 3.0, k)[torch.randperm(k, generator=torch.Generator()
+                                                                                 .manual_seed(9))]
+    h = x.double().t() @ x.double() / x.shape[0]
+    codes, scales = gptq_quantize(w, h, group, GptqConfig(block=64, act_order=True))
+    assert torch.equal(scales, quantize_reference(w, group)[1])
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    if group == "channel":  # one scale per row: permuting columns keeps every code's scale, so plain GPTQ applies
+        pc, ps = gptq_quantize(w[:, perm], h[perm][:, perm], group, GptqConfig(block=64, act_order=False))
+        assert torch.equal(ps, scales) and torch.equal(pc[:, torch.argsort(perm)], codes)
+    plain = gptq_quantize(w, h, group, GptqConfig(block=64, act_order=False))[0]
+    near = quantize_reference(w, group)[0]
+    err = {name: output_error(x, w, c, scales, group) for name, c in (("act", codes), ("plain", plain),
+                                                                       ("nearest", near))}
+    assert err["act"] < err["nearest"], err
+    assert err["act"] <= 1.1 * err["plain"], err  # sorted columns: no worse than W's order on this input
+
+
 def test_saturation_and_dead_inputs_stay_finite():
     w = weights(32, 64, 5)
     x = correlated_inputs(512, 64, 6)

@@ -9,7 +9,10 @@ every loader are unchanged), with H = Σ_t x_t x_tᵀ / T over T calibration row
                         e_k = (W[:, k] − S[:, k] · decode(q_k)) / U[k, k]
                         W[:, j] −= e_k · U[k, j]   for j > k
 
-which lowers the layer's output error ‖X (W − Ŵ)ᵀ‖² greedily, column by column. Columns go in blocks of ``block``:
+which lowers the layer's output error ‖X (W − Ŵ)ᵀ‖² greedily, column by column. With ``act_order`` the columns go
+in order of decreasing H[k, k] (the inputs with the most energy first, while the most columns are left to absorb
+their error; the paper's "act-order"), W, S and H permuted alike and the codes put back in W's order; the scales are
+fixed before, so the group of each code is unchanged. Columns go in blocks of ``block``:
 inside a block the updates are applied at once to the block's columns, and the block's errors reach the later
 columns in one matrix product (the paper's lazy batching; the same result up to rounding). With H = I (inputs
 uncorrelated) U is diagonal, nothing is carried, and the codes are round-to-nearest's. Inputs never active in the
@@ -28,10 +31,11 @@ from impl.fp8.reference import decode_reference, encode_reference, quantize_refe
 
 @dataclass(frozen=True)
 class GptqConfig:
-    """Dampening of H (a fraction of its mean diagonal) and the columns handled per block."""
+    """Dampening of H (a fraction of its mean diagonal), the columns handled per block, and the column order."""
 
     damp: float = 0.01
     block: int = 128
+    act_order: bool = True  # columns by decreasing H[k, k]; False: W's own order
 
     def __post_init__(self) -> None:
         if not (0 < self.damp < 1) or self.block < 1:
@@ -51,19 +55,28 @@ def upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group: str | ScaleGroup = "channel",
-                  cfg: GptqConfig = GptqConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+                  cfg: GptqConfig = GptqConfig(), scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 [N, K] on w's device, scales float32 [R, C] on the CPU) of w [N, K] by GPTQ with input moments
-    h [K, K] (module doc)."""
+    h [K, K] (module doc); ``scales`` fixes the group scales (default: amax / FMAX, round-to-nearest's)."""
     if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"w must be [N, K] and h [K, K], got {tuple(w.shape)} and {tuple(h.shape)}")
     group, fmt = get_group(group), get_format("e4m3")
-    _, scales = quantize_reference(w, group, fmt)
+    if scales is None:
+        _, scales = quantize_reference(w, group, fmt)
+    else:
+        scales = scales.detach().to("cpu", torch.float32).reshape(group.scale_shape(*w.shape))
     n, k = w.shape
     dev = w.device  # float64 work on the weight's device (a GPU does a model's linears in seconds)
     s = expand_scales(scales.to(torch.float64), group, n, k).to(dev)
     inv_s = expand_scales(1.0 / scales, group, n, k).to(dev)  # float32, as the reference quantizer divides
-    u = upper_inverse_factor(h, cfg.damp).to(dev)
     work = w.detach().to(torch.float64).clone()
+    perm = None
+    if cfg.act_order:
+        perm = torch.argsort(h.diagonal().to(torch.float64), descending=True, stable=True)
+        h = h[perm][:, perm]
+        perm = perm.to(dev)
+        s, inv_s, work = s[:, perm], inv_s[:, perm], work[:, perm]
+    u = upper_inverse_factor(h, cfg.damp).to(dev)
     codes = torch.empty(n, k, dtype=torch.uint8, device=dev)
     for b0 in range(0, k, cfg.block):
         b1 = min(b0 + cfg.block, k)
@@ -75,6 +88,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group: str | ScaleGroup = "c
             err[:, j] = (block[:, j] - decode_reference(c, fmt) * s[:, b0 + j]) / ub[j, j]
             block[:, j + 1:] -= err[:, j, None] * ub[j, None, j + 1:]
         work[:, b1:] -= err @ u[b0:b1, b1:]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
     return codes, scales
 
 

@@ -110,7 +110,8 @@ def plot_perplexity(view, out_dir: Path) -> list[Path]:
         y = [r["delta_pct"] for r in v]
         err = [[r["delta_pct"] - r["ci95"][0] for r in v], [r["ci95"][1] - r["delta_pct"] for r in v]]
         for i, r in enumerate(v):
-            ax.errorbar([i], [y[i]], yerr=[[err[0][i]], [err[1][i]]], fmt="o", capsize=3,
+            ax.errorbar([i], [y[i]], yerr=[[err[0][i]], [err[1][i]]], capsize=3,
+                        fmt="s" if r.get("rounding") == "gptq" else "o",  # squares: GPTQ-rounded codes
                         color="tab:blue" if r["mode"] == "w8a16" else "tab:orange")
         for t, c in ((0.5, "tab:blue"), (1.0, "tab:orange")):
             ax.axhspan(-t, t, color=c, alpha=0.08)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 
 from impl import backend
 from impl.fp8.formats import get_group
+from impl.fp8.gptq import GptqConfig
 from impl.fp8.hf import perplexity
 from impl.fp8.linear import Fp8Linear, Fp8Weight
 
@@ -242,6 +243,7 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
     if any(v.rounding == "gptq" for v in variants):
         t = time.perf_counter()
         moments = input_moments(model, calib, window=window, bos=bos)
+        out["gptq"] = {**asdict(GptqConfig()), "calib_tokens": int(calib.numel())}
         log(f"input moments of {len(moments)} linears over {int(calib.numel())} calibration tokens "
             f"({time.perf_counter() - t:.0f} s)")
     n_blocks = len(decoder_blocks(model))
