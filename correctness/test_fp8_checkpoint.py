@@ -304,3 +304,69 @@ def test_kept_blocks_are_recorded_in_the_checkpoint_and_load_dense(dense, tmp_pa
             assert isinstance(w, torch.Tensor) and torch.equal(w, tensors[f"{module}.weight"]), module
         else:
             assert w.group == CHANNEL and w.weight.dtype == torch.float8_e4m3fn, module
+
+
+def _moments(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
+    """A correlated input second moment [K, K] per linear (low rank plus noise), as calibration would measure."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for module, (_, k) in spec.linears.items():
+        x = torch.randn(256, 6, generator=g) @ torch.randn(6, k, generator=g) + 0.1 * torch.randn(256, k, generator=g)
+        out[module] = x.double().t() @ x.double() / 256
+    return out
+
+
+@pytest.mark.parametrize("layout", ["vllm-tensor", "ct-channel", "deepseek-block"])
+def test_gptq_checkpoint_holds_gptq_codes_with_the_nearest_scales_and_records_its_recipe(dense, tmp_path, layout):
+    """moments= rounds every code with GPTQ: the codes are ``gptq_quantize``'s, the scales and the config those of a
+    round-to-nearest checkpoint (every loader reads it unchanged), and fp8_recipe.json says how they were made."""
+    from impl.fp8.gptq import GptqConfig, gptq_quantize
+
+    src, tensors = dense
+    spec = load_checkpoint(src, "cpu").spec
+    moments = _moments(spec, 3)
+    cfg = GptqConfig(block=32)
+    summary = Q.quantize_checkpoint(src, tmp_path / "g", layout, moments=moments, gptq=cfg,
+                                    calibration={"text": "t.txt", "tokens": 256}, **QUIET)
+    Q.quantize_checkpoint(src, tmp_path / "n", layout, **QUIET)
+    assert summary["rounding"] == "gptq"
+    lay = LAYOUTS[layout]
+    ck = load_checkpoint(tmp_path / "g", "cpu")
+    moved = 0
+    for module, w in ck.linears.items():
+        codes, scales = gptq_quantize(tensors[f"{module}.weight"].float(), moments[module], lay.group, cfg)
+        assert torch.equal(w.weight.view(torch.uint8), codes), module
+        assert torch.equal(w.scale, quantize_reference(tensors[f"{module}.weight"], lay.group)[1]), module
+        moved += int(not torch.equal(codes, quantize_reference(tensors[f"{module}.weight"], lay.group)[0]))
+    assert moved == len(ck.linears), "GPTQ moved no code of some linear: the test cannot tell it from nearest"
+    read = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"] for d in ("g", "n")]
+    assert read[0] == read[1]
+    recipe = json.loads((tmp_path / "g" / Q.RECIPE).read_text())
+    assert recipe["rounding"] == "gptq" and recipe["gptq"] == {"damp": 0.01, "block": 32, "act_order": True}
+    assert recipe["calibration"] == {"text": "t.txt", "tokens": 256} and recipe["layout"] == layout
+    assert json.loads((tmp_path / "n" / Q.RECIPE).read_text())["rounding"] == "nearest"
+
+
+def test_gptq_without_moments_for_every_linear_is_refused_before_writing(dense, tmp_path, capsys):
+    src, _ = dense
+    spec = load_checkpoint(src, "cpu").spec
+    moments = _moments(spec, 4)
+    missing = dict(moments)
+    del missing["model.layers.1.mlp.down_proj"]
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.down_proj: no input moments"):
+        Q.quantize_checkpoint(src, tmp_path / "a", "vllm-channel", moments=missing, **QUIET)
+    wrong = {**moments, "model.layers.0.self_attn.o_proj": torch.eye(3, dtype=torch.float64)}
+    with pytest.raises(CheckpointError, match=r"o_proj: input moments of shape \[3, 3\], the weight needs \[80, 80\]"):
+        Q.quantize_checkpoint(src, tmp_path / "b", "vllm-channel", moments=wrong, **QUIET)
+    with pytest.raises(ValueError, match="GPTQ rounding writes e4m3 codes"):
+        Q.quantize_checkpoint(src, tmp_path / "c", "vllm-channel", fmt="e5m2", moments=moments, **QUIET)
+    assert not any((tmp_path / d).exists() for d in "abc")
+    # ignored linears need no moments
+    kept = {m: h for m, h in moments.items() if not m.startswith("model.layers.1.")}
+    Q.quantize_checkpoint(src, tmp_path / "d", "vllm-channel", moments=kept, ignore=["lm_head", "re:.*layers\\.1\\..*"],
+                          **QUIET)
+    # the CLI: a calibration text for a checkpoint without a tokenizer is a clear error, not a traceback
+    (tmp_path / "t.txt").write_text("some text " * 50)
+    assert Q.main([str(src), str(tmp_path / "e"), "--layout", "vllm-channel", "--calibration",
+                   str(tmp_path / "t.txt")]) == 2
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "e").exists()

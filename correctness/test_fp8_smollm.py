@@ -39,10 +39,14 @@ def test_smollm_quality_smoke(smoke):
 
 
 def test_checkpoint_layout_holds_the_variants_codes():
-    model, _, _ = experiments.load("smollm2", None, "cpu", torch.float32)
+    """Round to nearest and GPTQ (moments from a few tokens: the rounding path, not the quality, is checked)."""
+    model, tok, bos = experiments.load("smollm2", None, "cpu", torch.float32)
+    ids = torch.tensor(tok("The cat sat on the mat. " * 12, add_special_tokens=False)["input_ids"][:64])
+    moments = quality.input_moments(model, ids, window=64, bos=bos)
     checks = experiments.check_layouts(model, smollm.materialize(log=lambda *a: None), ["deepseek-block"],
-                                       log=lambda *a: None)
-    assert checks["deepseek-block"]["identical"] and checks["deepseek-block"]["linears"] == 210
+                                       moments=moments, recipes=experiments.LAYOUT_RECIPES, log=lambda *a: None)
+    row = checks["deepseek-block"]
+    assert row["identical"] and row["identical_gptq_mse"] and row["linears"] == 210 == row["identical_gptq_mse_count"]
 
 
 def test_bootstrap_interval_is_paired_and_can_fail():

@@ -3,6 +3,7 @@
 # into /tmp/lab_assets/kvstitch (smollm2.gguf, gemma3.gguf, text/, wiki.txt) and run the real-model experiments,
 # each with its own log and timeout; results/ and the logs are packed into $OUT after each.
 # Usage there: LAB_COMMIT=<sha> bash .ci/gpu/models.sh "kvstitch fp8 serve loadtest" [seconds per step]
+# (FP8_ARGS: more arguments for the fp8 step, e.g. FP8_ARGS="--policies all first-last top4")
 # (a step kvstitch:SERIES runs one series; any other word W runs correctness/test_W.py; carried wheels in
 # .carry/whlkv, e.g. the transformers this machine was tested with, go first on PYTHONPATH)
 set -uo pipefail
@@ -24,7 +25,7 @@ for s in $steps; do
   case $s in
     kvstitch) cmd=(python3 -m impl.kvstitch.experiments --quick --assets "$assets") ;;
     kvstitch:*) cmd=(python3 -m impl.kvstitch.experiments --quick --assets "$assets" --series "${s#kvstitch:}") ;;
-    fp8)      cmd=(python3 -m impl.fp8.experiments --quick --text "$assets/wiki.txt" --budget-s $(( limit * 9 / 10 ))) ;;
+    fp8)      cmd=(python3 -m impl.fp8.experiments --quick --text "$assets/wiki.txt" --budget-s $(( limit * 9 / 10 )) ${FP8_ARGS:-}) ;;
     serve)    cmd=(python3 -m impl.serve.experiments) ;;
     loadtest) cmd=(python3 -m impl.serve.loadtest --model smollm2 --budget-s $(( limit * 3 / 4 ))) ;;
     *)        cmd=(python3 -m pytest -v -p no:cacheprovider "correctness/test_$s.py") ;;  # -v: names survive a timeout

@@ -12,8 +12,9 @@ does and run as Hugging Face models in the compute dtype (bf16 on a GPU, float32
 Wikipedia pages (``wiki.txt`` in ``--assets``, else extracted here). Per model, the text's first ``--calib-tokens``
 tokens rank the blocks by sensitivity and give GPTQ its input moments; the next ``--tokens`` are the evaluation
 windows. The policies in ``--gptq-policies`` also run with GPTQ-rounded weights (``<group>-<mode>-gptq``, beside
-round-to-nearest; the claims judge round-to-nearest, the codes a checkpoint of that layout holds). See ``quality``
-for the variants, the metric and its interval.
+round-to-nearest), and those in ``--mse-policies`` with MSE-chosen scales (``...-mse``: ``impl.fp8.scales``) for each
+rounding they run with; ``impl.fp8.quantize`` writes every one of these into a checkpoint. See ``quality`` for the
+variants, the metric and its interval.
 
 Layouts: the seven checkpoint layouts hold three numerics (per-tensor: vllm-tensor, ct-tensor; per-channel:
 vllm-channel, ct-channel; 128x128 blocks: vllm-block, deepseek-block, ct-block). For SmolLM2 (a Llama checkpoint)
@@ -45,6 +46,8 @@ MODELS = ("smollm2", "gemma3")
 ASSET_DIRS = (Path("/tmp/lab_assets/kvstitch"),)  # where .ci/gpu/models.sh joins the carried pieces
 POLICIES = ("all", "first-last", "top2", "top4", "top8")
 GPTQ_POLICIES = ("all", "first-last")  # GPTQ-rounded variants beside round-to-nearest (quality.variants_for)
+MSE_POLICIES = ("all", "first-last")  # also with MSE-chosen scales (impl.fp8.scales), both roundings
+LAYOUT_RECIPES = (("nearest", "amax"), ("gptq", "mse"))  # (rounding, scales) checked bit for bit through each layout
 LOG = Callable[..., Any]
 
 
@@ -123,32 +126,55 @@ def token_split(tok, text: str, calib: int, n: int) -> tuple[torch.Tensor, torch
 
 # ---- layouts: the checkpoint path gives the codes the variants run -------------------------------------------------
 
-def check_layouts(model: torch.nn.Module, model_dir: Path, layouts: list[str], *, log: LOG = print) -> dict[str, Any]:
-    """Per layout: quantize the bf16 checkpoint with ``impl.fp8.quantize``, load it with ``impl.fp8.loader``, and
-    compare every linear's codes and scales with ``quality.quantize_weight_like_checkpoint`` of the model's weight."""
+def _same(w, mine) -> bool:
+    return (torch.equal(w.weight.view(torch.uint8).cpu(), mine.weight.view(torch.uint8).cpu())
+            and torch.equal(w.scale.reshape(-1).cpu(), mine.scale.reshape(-1).cpu()))
+
+
+def check_layouts(model: torch.nn.Module, model_dir: Path, layouts: list[str], *,
+                  moments: dict[str, torch.Tensor] | None = None,
+                  recipes: tuple[tuple[str, str], ...] = (("nearest", "amax"),), log: LOG = print) -> dict[str, Any]:
+    """Per layout and recipe (rounding, scales): quantize the bf16 checkpoint with ``impl.fp8.quantize``, load it with
+    ``impl.fp8.loader``, and compare every linear's codes and scales with the in-memory variant's
+    (``quality.quantize_weight_like_checkpoint`` / ``quantize_weight_gptq``; GPTQ needs ``moments``). Keys:
+    ``identical`` for (nearest, amax), ``identical_<rounding>_<scales>`` for the others."""
     from impl.fp8.loader import load_checkpoint
     from impl.fp8.quantize import quantize_checkpoint
 
-    lins = {f"model.{name}": lin for _, name, _, _, lin in quality.block_linears(model)}
+    lins = {f"model.{name}": (name, lin) for _, name, _, _, lin in quality.block_linears(model)}
+    ck_moments = None if moments is None else {f"model.{n}": h for n, h in moments.items()}
+    mine_of: dict[tuple[str, str, str, str], Any] = {}  # (rounding, scales, group, module): made once per group
     out = {}
     work = Path(tempfile.mkdtemp(prefix="fp8-layouts-"))
     try:
         for name in layouts:
             lay = LAYOUTS[name]
-            dst = work / name
-            quantize_checkpoint(model_dir, dst, name, overwrite=True, log=lambda *a: None)
-            ck = load_checkpoint(dst, backend.DEVICE)
             group = lay.group.name if lay.group.name in quality.GROUPS else "block"
-            same = 0
-            for module, lin in lins.items():
-                w = ck.linears[module]
-                mine = quality.quantize_weight_like_checkpoint(lin.weight.data, group)
-                same += int(torch.equal(w.weight.view(torch.uint8).cpu(), mine.weight.view(torch.uint8).cpu())
-                            and torch.equal(w.scale.reshape(-1).cpu(), mine.scale.reshape(-1).cpu()))
-            out[name] = {"group": group, "linears": len(lins), "identical": same == len(lins), "identical_count": same,
-                         "load_gbps": ck.stats.gbps, "layout_read_back": ck.layout_name}
-            log(f"layout {name}: {same}/{len(lins)} linears bit-identical to the {group} variant")
-            shutil.rmtree(dst, ignore_errors=True)
+            row: dict[str, Any] = {"group": group, "linears": len(lins)}
+            for rounding, scales in recipes:
+                if rounding == "gptq" and moments is None:
+                    continue
+                dst = work / f"{name}-{rounding}-{scales}"
+                quantize_checkpoint(model_dir, dst, name, overwrite=True, log=lambda *a: None, scales=scales,
+                                    moments=ck_moments if rounding == "gptq" else None)
+                ck = load_checkpoint(dst, backend.DEVICE)
+                same = 0
+                for module, (short, lin) in lins.items():
+                    key = (rounding, scales, group, module)
+                    if key not in mine_of:
+                        mine_of[key] = (quality.quantize_weight_gptq(lin.weight.data, group, moments[short], scales)
+                                        if rounding == "gptq" else
+                                        quality.quantize_weight_like_checkpoint(lin.weight.data, group, scales))
+                    same += int(_same(ck.linears[module], mine_of[key]))
+                key = "identical" if (rounding, scales) == ("nearest", "amax") else f"identical_{rounding}_{scales}"
+                row.update({key: same == len(lins), f"{key}_count": same})
+                if "load_gbps" not in row:
+                    row.update(load_gbps=ck.stats.gbps, layout_read_back=ck.layout_name)
+                log(f"layout {name} ({rounding}, {scales} scales): {same}/{len(lins)} linears bit-identical to the "
+                    f"{group} variant")
+                del ck
+                shutil.rmtree(dst, ignore_errors=True)
+            out[name] = row
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -168,7 +194,7 @@ def layout_table(name: str, variants: dict[str, Any], checks: dict[str, Any] | N
         group = lay.group.name if lay.group.name in quality.GROUPS else "block"
         row: dict[str, Any] = {"group": group}
         if checks is not None:
-            row["identical"] = checks.get(lay_name, {}).get("identical")
+            row.update({k: v for k, v in checks.get(lay_name, {}).items() if k.startswith("identical")})
         for vname, v in variants.items():  # "w8a16", "w8a8", and e.g. "w8a16-keep-top4" for the kept-block policies
             if v["group"] == group:
                 key = vname[len(group) + 1:]
@@ -182,16 +208,23 @@ def layout_table(name: str, variants: dict[str, Any], checks: dict[str, Any] | N
 
 def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
               policies: list[str], deadline: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
-              gptq_policies: tuple[str, ...] = (), log: LOG = print) -> dict[str, Any]:
+              gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = (),
+              log: LOG = print) -> dict[str, Any]:
     device = backend.DEVICE
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t0 = time.perf_counter()
     model, tok, bos = load(name, assets, device, dtype)
     log(f"{name}: loaded in {time.perf_counter() - t0:.0f} s ({dtype}, {device}, bos={bos})")
     cal, ids = token_split(tok, text_of(assets), calib, tokens)
-    variants = quality.variants_for(policies, groups, gptq_policies=gptq_policies)
+    variants = quality.variants_for(policies, groups, gptq_policies=gptq_policies, mse_policies=mse_policies)
+    moments = None
+    if gptq_policies:
+        t = time.perf_counter()
+        moments = quality.input_moments(model, cal, window=window, bos=bos)
+        log(f"input moments of {len(moments)} linears over {int(cal.numel())} calibration tokens "
+            f"({time.perf_counter() - t:.0f} s)")
     res = quality.evaluate_variants(model, ids, cal, variants, window=window, batch=batch, bos=bos,
-                                    deadline=deadline, log=log)
+                                    deadline=deadline, moments=moments, log=log)
     for v in [res["base"], *res["variants"].values()]:
         v["window_nll"] = [round(x, 7) for x in v["window_nll"]]
     res["layer_errors"] = {mode: quality.layer_errors(model, cal[:window], quality.Variant("channel", mode))
@@ -201,7 +234,7 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
         with tempfile.TemporaryDirectory(prefix="fp8-bf16-") as tmp:
             src = bf16_dir(model, tok, Path(tmp) / "bf16")
             model.to(dtype)
-            checks = check_layouts(model, src, list(LAYOUTS), log=log)
+            checks = check_layouts(model, src, list(LAYOUTS), moments=moments, recipes=LAYOUT_RECIPES, log=log)
         res["layout_checks"] = checks
     res["layouts"] = layout_table(name, res["variants"], checks)
     res.update(model=name, dtype=str(dtype).replace("torch.", ""), window=window, eval_tokens=int(ids.numel()),
@@ -214,17 +247,18 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
 
 def run(models: list[str], *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
         policies: list[str], budget_s: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
-        gptq_policies: tuple[str, ...] = (), log: LOG = print) -> dict[str, Any]:
+        gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = (), log: LOG = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     deadline = t0 + budget_s
     data: dict[str, Any] = {"models": {}, "policies": policies, "gptq_policies": list(gptq_policies),
+                            "mse_policies": list(mse_policies),
                             "bootstrap": quality.BOOTSTRAP,
                             "text": "gensim Wikipedia pages (wiki.txt)", "complete": False}
     for name in models:
         try:
             r = run_model(name, assets=assets, tokens=tokens, calib=calib, window=window, batch=batch,
                           policies=policies, deadline=deadline, layouts=layouts and name == "smollm2",
-                          groups=groups, gptq_policies=gptq_policies, log=log)
+                          groups=groups, gptq_policies=gptq_policies, mse_policies=mse_policies, log=log)
         except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
             log(f"{name}: not run ({type(e).__name__}: {e})")
             data["models"][name] = {"error": f"{type(e).__name__}: {e}", "complete": False}
@@ -265,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", nargs="*", default=list(POLICIES), help="all, first-last, top<k>")
     p.add_argument("--gptq-policies", nargs="*", default=list(GPTQ_POLICIES),
                    help="policies also run with GPTQ-rounded weights (impl.fp8.gptq); none: round to nearest only")
+    p.add_argument("--mse-policies", nargs="*", default=list(MSE_POLICIES),
+                   help="policies also run with MSE-chosen scales (impl.fp8.scales), for each rounding they run with")
     p.add_argument("--groups", nargs="*", default=list(quality.GROUPS), choices=quality.GROUPS)
     p.add_argument("--tokens", type=int, help="evaluation tokens per model (default 131072; --quick 65536)")
     p.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS,
@@ -292,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     n = a.tokens or (65536 if a.quick else 131072)
     data = run(a.models, assets=assets, tokens=n, calib=a.calib_tokens, window=a.window, batch=a.batch,
                policies=a.policies, budget_s=a.budget_s, layouts=not a.no_layouts, groups=tuple(a.groups),
-               gptq_policies=tuple(a.gptq_policies))
+               gptq_policies=tuple(a.gptq_policies), mse_policies=tuple(a.mse_policies))
     if not any("variants" in m for m in data["models"].values()):
         print(summary(data), file=sys.stderr)
         print("no model could be evaluated: nothing written", file=sys.stderr)

@@ -35,6 +35,7 @@ from impl.fp8.formats import get_group
 from impl.fp8.gptq import GptqConfig
 from impl.fp8.hf import perplexity
 from impl.fp8.linear import Fp8Linear, Fp8Weight
+from impl.fp8.scales import SCALE_CHOICES, choose_scales
 
 GROUPS = ("tensor", "channel", "block")
 MODES = ("w8a16", "w8a8")
@@ -52,14 +53,18 @@ class Variant:
     keep: tuple[int, ...] = ()
     policy: str = "all"  # how ``keep`` was chosen: "all" (none kept), "first-last", "top<k>" (sensitivity)
     rounding: str = "nearest"  # of the weights to e4m3: "nearest" or "gptq" (impl.fp8.gptq; same scales)
+    scales: str = "amax"  # per group: "amax" / FMAX, or "mse" (impl.fp8.scales: least squared rounding error)
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.scales not in SCALE_CHOICES:
+            raise ValueError(f"scales must be one of {SCALE_CHOICES}, got {self.scales!r}")
 
     @property
     def name(self) -> str:
         return (f"{self.group}-{self.mode}" + ("" if self.rounding == "nearest" else f"-{self.rounding}")
+                + ("" if self.scales == "amax" else f"-{self.scales}")
                 + ("" if self.policy == "all" else f"-keep-{self.policy}"))
 
 
@@ -82,32 +87,36 @@ def block_linears(model: nn.Module) -> list[tuple[int, str, nn.Module, str, nn.L
     return out
 
 
-def quantize_weight_like_checkpoint(w: torch.Tensor, group: str) -> Fp8Weight:
+def quantize_weight_like_checkpoint(w: torch.Tensor, group: str, scales: str = "amax") -> Fp8Weight:
     """e4m3 codes and float32 scales of ``w`` as ``impl.fp8.quantize`` writes them: the Triton kernel on a GPU, its
-    bit-exact CPU reference elsewhere (the interpreter would take minutes for a whole model)."""
+    bit-exact CPU reference elsewhere (the interpreter would take minutes for a whole model); ``scales="mse"``: the
+    scales ``impl.fp8.scales`` chooses, the codes the reference quantizer's with them."""
     from impl.fp8 import quant
     from impl.fp8.reference import quantize_reference
 
     g = get_group(group)
-    if w.is_cuda and not backend.INTERPRETED:
+    if scales != "amax":
+        codes, s = quantize_reference(w, g, "e4m3", scales=choose_scales(w, g, "e4m3", scales))
+    elif w.is_cuda and not backend.INTERPRETED:
         q, s = quant.quantize(w, g, "e4m3")
         return Fp8Weight(q, s, g)
-    codes, s = quantize_reference(w, g, "e4m3")
+    else:
+        codes, s = quantize_reference(w, g, "e4m3")
     return Fp8Weight(codes.view(torch.float8_e4m3fn).to(w.device), s.to(w.device), g)
 
 
-def quantize_weight_gptq(w: torch.Tensor, group: str, h: torch.Tensor) -> Fp8Weight:
+def quantize_weight_gptq(w: torch.Tensor, group: str, h: torch.Tensor, scales: str = "amax") -> Fp8Weight:
     """``quantize_weight_like_checkpoint``'s format and scales, codes rounded by GPTQ with input moments h."""
     from impl.fp8.gptq import gptq_quantize
 
-    codes, s = gptq_quantize(w, h, group)
+    codes, s = gptq_quantize(w, h, group, scales=choose_scales(w, group, "e4m3", scales))
     return Fp8Weight(codes.view(torch.float8_e4m3fn), s.to(w.device), get_group(group))
 
 
 class Swapped:
     """Context: the decoder linears of ``model`` replaced by Fp8Linears of ``variant`` (restored on exit).
 
-    ``cache`` (a dict kept by the caller) keeps each linear's quantized weight per (group, rounding), and on the CPU
+    ``cache`` (a dict kept by the caller) keeps each linear's quantized weight per (group, rounding, scales), and on the CPU
     its dequantized copy, so the variants of one group quantize once. GPTQ rounding needs ``moments``: each linear's
     input second moment H by qualified name (``input_moments``)."""
 
@@ -125,12 +134,13 @@ class Swapped:
         for i, name, parent, attr, lin in block_linears(self.model):
             if i in self.variant.keep or (self.blocks is not None and i not in self.blocks):
                 continue
-            key = (self.variant.group, self.variant.rounding, name)
+            v = self.variant
+            key = (v.group, v.rounding, v.scales, name)
             if key not in self.cache:
-                if self.variant.rounding == "gptq":
-                    w = quantize_weight_gptq(lin.weight.data, self.variant.group, self.moments[name])
+                if v.rounding == "gptq":
+                    w = quantize_weight_gptq(lin.weight.data, v.group, self.moments[name], v.scales)
                 else:
-                    w = quantize_weight_like_checkpoint(lin.weight.data, self.variant.group)
+                    w = quantize_weight_like_checkpoint(lin.weight.data, v.group, v.scales)
                 if lin.bias is not None:
                     w.bias = lin.bias.data
                 self.cache[key] = [w, None]
@@ -226,8 +236,10 @@ def layer_errors(model: nn.Module, ids: torch.Tensor, variant: Variant) -> dict[
 
 def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, variants: list[Variant], *,
                       window: int, batch: int, bos: int | None, sensitivity_group: str | None = "channel",
-                      deadline: float = math.inf, log: Callable[..., Any] = print) -> dict[str, Any]:
-    """Base model first, then each variant (``top<k>`` policies resolved from the sensitivity on ``calib``)."""
+                      deadline: float = math.inf, moments: dict[str, torch.Tensor] | None = None,
+                      log: Callable[..., Any] = print) -> dict[str, Any]:
+    """Base model first, then each variant (``top<k>`` policies resolved from the sensitivity on ``calib``; GPTQ
+    variants from ``moments``, measured on ``calib`` here when not given)."""
     t0 = time.perf_counter()
     base = perplexity(model, ids, window=window, batch=batch, keep_argmax=True, bos=bos)
     ref_argmax = base.pop("argmax")
@@ -239,13 +251,13 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
         ranking = sorted(range(len(kl)), key=lambda i: -kl[i])
         out["sensitivity"] = {"group": sensitivity_group, "mode": "w8a16", "kl": kl, "ranking": ranking,
                               "calib_tokens": int(calib.numel())}
-    moments = None
     if any(v.rounding == "gptq" for v in variants):
-        t = time.perf_counter()
-        moments = input_moments(model, calib, window=window, bos=bos)
+        if moments is None:
+            t = time.perf_counter()
+            moments = input_moments(model, calib, window=window, bos=bos)
+            log(f"input moments of {len(moments)} linears over {int(calib.numel())} calibration tokens "
+                f"({time.perf_counter() - t:.0f} s)")
         out["gptq"] = {**asdict(GptqConfig()), "calib_tokens": int(calib.numel())}
-        log(f"input moments of {len(moments)} linears over {int(calib.numel())} calibration tokens "
-            f"({time.perf_counter() - t:.0f} s)")
     n_blocks = len(decoder_blocks(model))
     cache: dict = {}
     for v in sorted(variants, key=lambda v: GROUPS.index(v.group)):  # a group's variants share its quantization
@@ -259,7 +271,7 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
         with Swapped(model, v, cache=cache, moments=moments) as sw:
             r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
         r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
-        r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, rounding=v.rounding,
+        r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, rounding=v.rounding, scales=v.scales,
                  paths=sw.paths, ignore=ignore_list(v), seconds=time.perf_counter() - t)
         out["variants"][v.name] = r
         log(f"{v.name}: ppl {r['ppl']:.4f}, delta {r['delta_pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}], "
@@ -280,16 +292,21 @@ def resolve_keep(v: Variant, ranking: list[int], n_blocks: int) -> Variant:
     if v.policy == "all":
         return v
     if v.policy == "first-last":
-        return Variant(v.group, v.mode, (0, n_blocks - 1), v.policy, v.rounding)
+        return Variant(v.group, v.mode, (0, n_blocks - 1), v.policy, v.rounding, v.scales)
     if v.policy.startswith("top"):
         if not ranking:
             raise ValueError(f"{v.name}: policy {v.policy} needs the sensitivity ranking")
-        return Variant(v.group, v.mode, tuple(sorted(ranking[: int(v.policy[3:])])), v.policy, v.rounding)
+        return Variant(v.group, v.mode, tuple(sorted(ranking[: int(v.policy[3:])])), v.policy, v.rounding, v.scales)
     raise ValueError(f"unknown keep policy {v.policy!r} (all, first-last, top<k>)")
 
 
 def variants_for(policies: list[str], groups: tuple[str, ...] = GROUPS, modes: tuple[str, ...] = MODES,
-                 gptq_policies: tuple[str, ...] = ()) -> list[Variant]:
-    """Round-to-nearest variants for every policy, and GPTQ-rounded ones for ``gptq_policies``."""
-    return [Variant(g, m, (), p, r) for r, ps in (("nearest", policies), ("gptq", gptq_policies))
-            for p in ps for g in groups for m in modes]
+                 gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = ()) -> list[Variant]:
+    """Round-to-nearest variants for every policy, GPTQ-rounded ones for ``gptq_policies``; with amax scales, and
+    for ``mse_policies`` also with MSE-chosen scales (rounded both ways where the policy is in both lists)."""
+    out = []
+    for sc, allowed in (("amax", None), ("mse", set(mse_policies))):
+        for r, ps in (("nearest", policies), ("gptq", gptq_policies)):
+            out += [Variant(g, m, (), p, r, sc) for p in ps if allowed is None or p in allowed
+                    for g in groups for m in modes]
+    return out

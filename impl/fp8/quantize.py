@@ -2,12 +2,20 @@
 
     python -m impl.fp8.quantize SRC DST --layout vllm-tensor|vllm-channel|vllm-block|deepseek-block|
                                                  ct-tensor|ct-channel|ct-block [--fmt e4m3|e5m2] [--backend ...]
+                                                 [--calibration TEXT [--calib-tokens N]]
 
 Every projection of every decoder layer (q/k/v/o, gate/up/down) is quantized with dynamic scales of the layout's
 group (amax / FMAX, see ``kernels``); everything else (embeddings, norms, lm_head) is copied unchanged. Tensors are
 read one at a time and written in shards of ``--shard-mb``, so host memory stays near one shard. Files other than
 weights and config.json (tokenizer, generation config) are copied. ``--backend triton`` quantizes with the Triton
 kernels (the default on a GPU), ``torch`` with the CPU reference, which computes the same codes and scales.
+
+Scales: amax / FMAX per group by default; ``--scales mse`` picks per group the candidate scale with the least squared
+rounding error (``impl.fp8.scales``). Rounding: to nearest by default. With ``--calibration TEXT`` (or ``moments=`` from Python: one input second moment
+H [K, K] per quantized linear) every code is chosen by GPTQ (``impl.fp8.gptq``: same scales, same format, so every
+loader reads the checkpoint unchanged); the model in SRC is run over the text's first ``--calib-tokens`` tokens to
+measure H. ``fp8_recipe.json`` in DST records how the codes were made (rounding, GPTQ settings, calibration), as
+llm-compressor keeps its recipe beside a checkpoint.
 
 DST is built in a temporary folder beside it and swapped in when complete (a failed run leaves DST as it was);
 ``--overwrite`` replaces only a folder this tool wrote (its manifest lists every file), and a DST that is, contains or
@@ -21,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
@@ -31,11 +40,15 @@ from safetensors.torch import save_file
 from impl import backend
 from impl.fp8.checkpoint_io import parse_config, read_config, read_headers, safetensors_files
 from impl.fp8.formats import get_format
+from impl.fp8.gptq import GptqConfig, gptq_quantize
 from impl.fp8.layouts import LAYOUTS, CheckpointError, Layout, get_layout
 from impl.fp8.reference import quantize_reference
+from impl.fp8.scales import SCALE_CHOICES, choose_scales
 
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 MANIFEST = ".fp8-quantize-manifest.json"  # the files a run wrote: what --overwrite may replace
+RECIPE = "fp8_recipe.json"  # how the codes were made: rounding, GPTQ settings, calibration
+CALIB_TOKENS = 32768
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -46,10 +59,15 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def quantize_tensor(w: torch.Tensor, layout: Layout, fmt: str, backend_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 weight [N, K] on the CPU, float32 scales in the layout's stored shape)."""
+def quantize_tensor(w: torch.Tensor, layout: Layout, fmt: str, backend_name: str,
+                    scales: str = "amax") -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 weight [N, K] on the CPU, float32 scales in the layout's stored shape); ``scales="mse"``: the scales
+    ``impl.fp8.scales`` chooses, the codes the reference quantizer's with them."""
     n, k = w.shape
-    if backend_name == "triton":
+    if scales != "amax":
+        codes, s = quantize_reference(w, layout.group, fmt, scales=choose_scales(w, layout.group, fmt, scales))
+        q = codes.view(get_format(fmt).dtype)
+    elif backend_name == "triton":
         from impl.fp8 import quant
 
         x = w.to(backend.DEVICE)
@@ -61,6 +79,50 @@ def quantize_tensor(w: torch.Tensor, layout: Layout, fmt: str, backend_name: str
         codes, s = quantize_reference(w, layout.group, fmt)
         q = codes.view(get_format(fmt).dtype)
     return q.contiguous(), s.reshape(layout.stored_scale_shape(n, k)).contiguous()
+
+
+def quantize_tensor_gptq(w: torch.Tensor, layout: Layout, h: torch.Tensor, cfg: GptqConfig,
+                         scales: str = "amax") -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_tensor``'s output (e4m3) with GPTQ-rounded codes, from input moments h [K, K]; float64 work on the
+    GPU when there is one."""
+    n, k = w.shape
+    dev = backend.DEVICE if backend.ON_GPU and not backend.INTERPRETED else "cpu"
+    w = w.to(dev, torch.float32)
+    codes, s = gptq_quantize(w, h.to(dev), layout.group, cfg, scales=choose_scales(w, layout.group, "e4m3", scales))
+    return codes.cpu().view(torch.float8_e4m3fn).contiguous(), s.reshape(layout.stored_scale_shape(n, k)).contiguous()
+
+
+def check_moments(moments: dict[str, torch.Tensor], spec, ignore: list[str]) -> None:
+    """Every linear to quantize has an input moment [K, K]; CheckpointError naming the first that has not."""
+    for module, (_, k) in spec.linears.items():
+        if spec.is_ignored(module, ignore):
+            continue
+        h = moments.get(module)
+        if h is None:
+            raise CheckpointError(f"{module}: no input moments; GPTQ needs one [K, K] matrix per quantized linear")
+        if tuple(h.shape) != (k, k):
+            raise CheckpointError(f"{module}: input moments of shape {list(h.shape)}, the weight needs [{k}, {k}]")
+
+
+@torch.no_grad()
+def calibrate(src: Path, text: str, tokens: int, window: int = 1024) -> dict[str, torch.Tensor]:
+    """Input moments of every decoder linear of the model in ``src`` over the first ``tokens`` tokens of ``text``
+    (the model and its tokenizer loaded with transformers; bf16 on a GPU, float32 on the CPU), keyed by the
+    checkpoint's module names."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from impl.fp8.quality import input_moments
+
+    tok = AutoTokenizer.from_pretrained(src)
+    ids = tok(text, add_special_tokens=False)["input_ids"][:tokens]
+    if len(ids) < min(tokens, window):
+        raise ValueError(f"the calibration text has {len(ids)} tokens; at least {min(tokens, window)} needed")
+    on_gpu = backend.ON_GPU and not backend.INTERPRETED
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    model.to(backend.DEVICE if on_gpu else "cpu").eval()
+    bos = tok.bos_token_id if tok("x").input_ids[:1] == [tok.bos_token_id] else None
+    moments = input_moments(model, torch.tensor(ids), window=min(window, len(ids)), bos=bos)
+    return {f"model.{name}": h for name, h in moments.items()}
 
 
 class ShardWriter:
@@ -143,8 +205,14 @@ def must_replace(dst: Path, overwrite: bool) -> bool:
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: str = "e4m3",
                         backend_name: str = "auto", shard_mb: float = 2048, ignore: list[str] | None = None,
-                        overwrite: bool = False, log=print) -> dict:
+                        overwrite: bool = False, moments: dict[str, torch.Tensor] | None = None,
+                        gptq: GptqConfig | None = None, calibration: dict | None = None, scales: str = "amax",
+                        log=print) -> dict:
     """Write an FP8 checkpoint of ``src`` to ``dst`` in ``layout``; returns a summary (tensors, bytes, seconds).
+
+    ``moments`` (module name -> input second moment [K, K]) selects GPTQ rounding (``gptq``: its settings; e4m3
+    only); ``calibration`` (what the moments were measured on) is recorded in ``fp8_recipe.json`` beside them.
+    ``scales``: "amax" (amax / FMAX per group) or "mse" (``impl.fp8.scales``), recorded there too.
 
     The output is written into a temporary folder beside ``dst`` and swapped in when complete, so a failed run
     leaves ``dst`` as it was. ``overwrite`` replaces an earlier output of this tool (the files its manifest lists)
@@ -164,6 +232,15 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: s
     entries = read_headers(files)
     spec, _ = parse_config(src / "config.json", config, entries)
     ignore = list(ignore if ignore is not None else ["lm_head"])
+    if moments is not None:
+        if get_format(fmt).name != "e4m3":
+            raise ValueError(f"GPTQ rounding writes e4m3 codes, got fmt {fmt!r}")
+        check_moments(moments, spec, ignore)
+        gptq = gptq or GptqConfig()
+    if scales not in SCALE_CHOICES:
+        raise ValueError(f"scales must be one of {SCALE_CHOICES}, got {scales!r}")
+    recipe = {"rounding": "nearest" if moments is None else "gptq", "scales": scales,
+              **({"gptq": asdict(gptq), "calibration": calibration or {}} if moments is not None else {})}
     for module, shape in spec.linears.items():  # every weight to quantize, from the headers, before writing anything
         e = entries.get(f"{module}.weight")
         if e is None:
@@ -175,7 +252,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: s
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
     try:
-        summary = _write(src, tmp, files, spec, lay, fmt, backend_name, shard_mb, ignore, config, log)
+        summary = _write(src, tmp, files, spec, lay, fmt, backend_name, shard_mb, ignore, config, log,
+                         moments, gptq, recipe)
         if replace:
             old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
             dst.rename(old / dst.name)
@@ -188,13 +266,15 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote {dst} ({lay.name}, {summary['quantized_linears']} FP8 linears, {summary['bytes'] / 1e6:.1f} MB in "
-        f"{len(summary['files'])} file(s), {summary['seconds']:.1f} s, backend {backend_name})")
+    log(f"wrote {dst} ({lay.name}, {summary['quantized_linears']} FP8 linears, {recipe['rounding']} rounding, "
+        f"{summary['bytes'] / 1e6:.1f} MB in {len(summary['files'])} file(s), {summary['seconds']:.1f} s, "
+        f"backend {backend_name})")
     return summary
 
 
 def _write(src: Path, out: Path, files: list[Path], spec, lay: Layout, fmt: str, backend_name: str, shard_mb: float,
-           ignore: list[str], config: dict, log) -> dict:
+           ignore: list[str], config: dict, log, moments: dict[str, torch.Tensor] | None, gptq: GptqConfig | None,
+           recipe: dict) -> dict:
     """The FP8 checkpoint into the (empty) folder ``out``, its manifest last."""
     t0 = time.perf_counter()
     writer = ShardWriter(out, int(shard_mb * (1 << 20)))
@@ -204,7 +284,10 @@ def _write(src: Path, out: Path, files: list[Path], spec, lay: Layout, fmt: str,
         if module in spec.linears and not spec.is_ignored(module, ignore):
             if tuple(t.shape) != spec.linears[module]:
                 raise CheckpointError(f"{name}: shape {tuple(t.shape)}, config says {spec.linears[module]}")
-            q, s = quantize_tensor(t, lay, fmt, backend_name)
+            if moments is None:
+                q, s = quantize_tensor(t, lay, fmt, backend_name, recipe["scales"])
+            else:
+                q, s = quantize_tensor_gptq(t, lay, moments[module], gptq, recipe["scales"])
             writer.add(name, q)
             writer.add(f"{module}.{lay.scale_name}", s)
             nq += 1
@@ -218,9 +301,12 @@ def _write(src: Path, out: Path, files: list[Path], spec, lay: Layout, fmt: str,
             shutil.copy2(p, out / p.name)
     config = {**config, "quantization_config": lay.quantization_config(fmt, ignore)}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / RECIPE).write_text(json.dumps({"tool": "python -m impl.fp8.quantize", "layout": lay.name,
+                                          "fmt": get_format(fmt).name, "ignore": ignore, **recipe}, indent=2) + "\n")
     written = sorted(p.name for p in out.iterdir())
     (out / MANIFEST).write_text(json.dumps({"tool": "python -m impl.fp8.quantize", "files": written}) + "\n")
     return {"layout": lay.name, "fmt": get_format(fmt).name, "backend": backend_name, "quantized_linears": nq,
+            "rounding": recipe["rounding"],
             "bytes": writer.total, "files": names, "seconds": time.perf_counter() - t0}
 
 
@@ -235,10 +321,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-mb", type=float, default=2048)
     p.add_argument("--ignore", nargs="*", default=None, help="modules kept unquantized (default: lm_head)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--calibration", type=Path, help="UTF-8 text: round the codes with GPTQ, moments measured on it")
+    p.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help="tokens of --calibration used")
+    p.add_argument("--scales", default="amax", choices=list(SCALE_CHOICES),
+                   help="amax: amax / FMAX per group; mse: the candidate with the least squared rounding error")
     a = p.parse_args(argv)
     try:
+        moments = calibration = None
+        if a.calibration is not None:
+            if a.calib_tokens < 1:
+                raise ValueError(f"--calib-tokens must be >= 1, got {a.calib_tokens}")
+            moments = calibrate(Path(a.src), a.calibration.read_text(encoding="utf-8"), a.calib_tokens)
+            calibration = {"text": a.calibration.name, "tokens": a.calib_tokens}
         quantize_checkpoint(a.src, a.dst, a.layout, fmt=a.fmt, backend_name=a.backend, shard_mb=a.shard_mb,
-                            ignore=a.ignore, overwrite=a.overwrite)
+                            ignore=a.ignore, overwrite=a.overwrite, moments=moments, calibration=calibration,
+                            scales=a.scales)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
