@@ -47,7 +47,9 @@ ASSET_DIRS = (Path("/tmp/lab_assets/kvstitch"),)  # where .ci/gpu/models.sh join
 POLICIES = ("all", "first-last", "top2", "top4", "top8")
 GPTQ_POLICIES = ("all", "first-last")  # GPTQ-rounded variants beside round-to-nearest (quality.variants_for)
 MSE_POLICIES = ("all", "first-last")  # also with MSE-chosen scales (impl.fp8.scales), both roundings
-LAYOUT_RECIPES = (("nearest", "amax"), ("gptq", "mse"))  # (rounding, scales) checked bit for bit through each layout
+# (rounding, scales) checked bit for bit through each layout in the run; GPTQ's per-column loop takes ~50 s per group
+# of SmolLM2 on the H200, so the GPTQ checkpoint path is checked on the CPU by the tests (correctness/test_fp8_smollm)
+LAYOUT_RECIPES = (("nearest", "amax"),)
 LOG = Callable[..., Any]
 
 
