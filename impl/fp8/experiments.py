@@ -46,7 +46,11 @@ MODELS = ("smollm2", "gemma3")
 ASSET_DIRS = (Path("/tmp/lab_assets/kvstitch"),)  # where .ci/gpu/models.sh joins the carried pieces
 POLICIES = ("all", "first-last", "top2", "top4", "top8")
 GPTQ_POLICIES = ("all", "first-last")  # GPTQ-rounded variants beside round-to-nearest (quality.variants_for)
-MSE_POLICIES = ("all", "first-last")  # also with MSE-chosen scales (impl.fp8.scales), both roundings
+# MSE-chosen scales (impl.fp8.scales) are opt-in (--mse-policies): on the H200 (bf16 model; the run logged in
+# results/h200/logs/fp8_quality_2026-12-04l.log, stopped by its time limit before writing) they moved SmolLM2's W8A16
+# change tensor 1.16 -> 1.88%, channel 1.67 -> 1.39%, block 1.94 -> 1.89%, and with GPTQ each adds a pass per group
+# to the run (~50 s on SmolLM2)
+MSE_POLICIES: tuple[str, ...] = ()
 # (rounding, scales) checked bit for bit through each layout in the run; GPTQ's per-column loop takes ~50 s per group
 # of SmolLM2 on the H200, so the GPTQ checkpoint path is checked on the CPU by the tests (correctness/test_fp8_smollm)
 LAYOUT_RECIPES = (("nearest", "amax"),)
