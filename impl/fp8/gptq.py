@@ -9,8 +9,8 @@ every loader are unchanged), with H = Σ_t x_t x_tᵀ / T over T calibration row
                         e_k = (W[:, k] − S[:, k] · decode(q_k)) / U[k, k]
                         W[:, j] −= e_k · U[k, j]   for j > k
 
-which lowers the layer's output error ‖X (W − Ŵ)ᵀ‖² greedily, column by column. With ``act_order`` the columns go
-in order of decreasing H[k, k] (the inputs with the most energy first, while the most columns are left to absorb
+which lowers the layer's output error ‖X (W − Ŵ)ᵀ‖² greedily, column by column. With ``act_order`` the columns
+go in order of decreasing H[k, k] (the inputs with the most energy first, while the most columns are left to absorb
 their error; the paper's "act-order"), W, S and H permuted alike and the codes put back in W's order; the scales are
 fixed before, so the group of each code is unchanged. Columns go in blocks of ``block``:
 inside a block the updates are applied at once to the block's columns, and the block's errors reach the later
@@ -54,8 +54,8 @@ def upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(inv, upper=True)
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group: str | ScaleGroup = "channel",
-                  cfg: GptqConfig = GptqConfig(), scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group: str | ScaleGroup = "channel", cfg: GptqConfig = GptqConfig(),
+                  scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 [N, K] on w's device, scales float32 [R, C] on the CPU) of w [N, K] by GPTQ with input moments
     h [K, K] (module doc); ``scales`` fixes the group scales (default: amax / FMAX, round-to-nearest's)."""
     if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):

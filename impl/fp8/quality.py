@@ -116,9 +116,9 @@ def quantize_weight_gptq(w: torch.Tensor, group: str, h: torch.Tensor, scales: s
 class Swapped:
     """Context: the decoder linears of ``model`` replaced by Fp8Linears of ``variant`` (restored on exit).
 
-    ``cache`` (a dict kept by the caller) keeps each linear's quantized weight per (group, rounding, scales), and on the CPU
-    its dequantized copy, so the variants of one group quantize once. GPTQ rounding needs ``moments``: each linear's
-    input second moment H by qualified name (``input_moments``)."""
+    ``cache`` (a dict kept by the caller) keeps each linear's quantized weight per (group, rounding, scales), and on
+    the CPU its dequantized copy, so the variants of one group quantize once. GPTQ rounding needs ``moments``: each
+    linear's input second moment H by qualified name (``input_moments``)."""
 
     def __init__(self, model: nn.Module, variant: Variant, blocks: tuple[int, ...] | None = None,
                  cache: dict | None = None, moments: dict[str, torch.Tensor] | None = None) -> None:

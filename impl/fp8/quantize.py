@@ -11,11 +11,11 @@ weights and config.json (tokenizer, generation config) are copied. ``--backend t
 kernels (the default on a GPU), ``torch`` with the CPU reference, which computes the same codes and scales.
 
 Scales: amax / FMAX per group by default; ``--scales mse`` picks per group the candidate scale with the least squared
-rounding error (``impl.fp8.scales``). Rounding: to nearest by default. With ``--calibration TEXT`` (or ``moments=`` from Python: one input second moment
-H [K, K] per quantized linear) every code is chosen by GPTQ (``impl.fp8.gptq``: same scales, same format, so every
-loader reads the checkpoint unchanged); the model in SRC is run over the text's first ``--calib-tokens`` tokens to
-measure H. ``fp8_recipe.json`` in DST records how the codes were made (rounding, GPTQ settings, calibration), as
-llm-compressor keeps its recipe beside a checkpoint.
+rounding error (``impl.fp8.scales``). Rounding: to nearest by default. With ``--calibration TEXT`` (or ``moments=``
+from Python: one input second moment H [K, K] per quantized linear) every code is chosen by GPTQ (``impl.fp8.gptq``:
+same scales, same format, so every loader reads the checkpoint unchanged); the model in SRC is run over the text's
+first ``--calib-tokens`` tokens to measure H. ``fp8_recipe.json`` in DST records how the codes were made (scales,
+rounding, GPTQ settings, calibration), as llm-compressor keeps its recipe beside a checkpoint.
 
 DST is built in a temporary folder beside it and swapped in when complete (a failed run leaves DST as it was);
 ``--overwrite`` replaces only a folder this tool wrote (its manifest lists every file), and a DST that is, contains or
