@@ -15,7 +15,9 @@ Modules, in the order one reads them:
   ``reference``   CPU references (float32 mirror of the kernels' arithmetic; float64 error bounds)
   ``linear``      ``Fp8Linear``: ``torch._scaled_mm`` where it applies, dequantize + GEMM otherwise
   ``layouts``     checkpoint layouts (vLLM fp8, DeepSeek-V3 block, compressed-tensors) and the model spec
-  ``quantize``    CLI: bf16/fp32 Hugging Face checkpoint -> FP8 checkpoint in any layout
+  ``quantize``    CLI: bf16/fp32 Hugging Face checkpoint -> FP8 checkpoint in any layout (round to nearest, or GPTQ
+                  from a calibration text; amax or MSE-chosen scales; ``fp8_recipe.json`` records which)
+  ``scales``      scale choice per group: amax / FMAX, or the candidate with the least squared rounding error
   ``loader``      streaming, validating loader that places weights on the device
   ``staging``     its data path: chunked parallel reads through pinned buffers, host memory, page cache, disk speed
   ``hf``          swap Fp8Linears into a Hugging Face model built from a loaded checkpoint
@@ -23,9 +25,9 @@ Modules, in the order one reads them:
   ``wiki``        plain text from gensim's Wikipedia test pages
   ``tiny``        small random checkpoints (tests) and big random FP8 ones (the load bench)
   ``claims``      ledger entries; ``plots`` their figures
-  ``quality``     variants (scale group, W8A16/W8A8, blocks kept dense, rounding), paired bootstrap, block
-                  sensitivity
-  ``gptq``        GPTQ rounding of FP8 weights (same codes/scales format), input moments from calibration
+  ``quality``     variants (scale group, W8A16/W8A8, blocks kept dense, rounding, scales), paired bootstrap,
+                  block sensitivity
+  ``gptq``        GPTQ rounding of FP8 weights (act order; same codes/scales format), input moments from calibration
   ``experiments`` quality of SmolLM2-135M and Gemma-3-270M in every layout and mode (GPU; ``--cpu``, ``--smoke``)
 """
 import impl  # noqa: F401  (backend before triton)
