@@ -8,12 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from impl.fp8 import quantize as Q
-from impl.fp8.formats import get_group
+from impl.fp8.formats import get_format, get_group
 from impl.fp8.loader import load_checkpoint
 from impl.fp8.quality import Variant, variants_for
-from impl.fp8.reference import dequantize_reference, group_amax, quantize_reference, scales_from_amax
-from impl.fp8.formats import get_format
-from impl.fp8.scales import choose_scales, group_sum
+from impl.fp8.reference import dequantize_reference, group_amax, group_sum, quantize_reference, scales_from_amax
+from impl.fp8.scales import choose_scales
 from impl.fp8.tiny import tiny_config, write_dense_checkpoint
 
 GROUPS = ["tensor", "channel", "block"]

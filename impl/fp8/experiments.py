@@ -38,10 +38,10 @@ import torch
 
 from impl import backend
 from impl.fp8 import quality, smollm, wiki
+from impl.fp8.gptq import CALIB_TOKENS
 from impl.fp8.layouts import LAYOUTS
 
 RESULT_NAME = "quality"
-CALIB_TOKENS = 32768  # GPTQ (act order) on SmolLM2, CPU: +0.85% ppl at 32k tokens, +0.76% at 64k, RTN +1.79%
 MODELS = ("smollm2", "gemma3")
 ASSET_DIRS = (Path("/tmp/lab_assets/kvstitch"),)  # where .ci/gpu/models.sh joins the carried pieces
 POLICIES = ("all", "first-last", "top2", "top4", "top8")

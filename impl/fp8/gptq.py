@@ -29,6 +29,11 @@ from impl.fp8.formats import ScaleGroup, expand_scales, get_format, get_group
 from impl.fp8.reference import decode_reference, encode_reference, quantize_reference
 
 
+# calibration tokens for the input moments; SmolLM2 on the CPU, channel W8A16: +0.85% ppl at 32k tokens, +0.76% at
+# 64k, against +1.79% for round to nearest on the same windows
+CALIB_TOKENS = 32768
+
+
 @dataclass(frozen=True)
 class GptqConfig:
     """Dampening of H (a fraction of its mean diagonal), the columns handled per block, and the column order."""
@@ -66,7 +71,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group: str | ScaleGroup = "c
     else:
         scales = scales.detach().to("cpu", torch.float32).reshape(group.scale_shape(*w.shape))
     n, k = w.shape
-    dev = w.device  # float64 work on the weight's device (a GPU does a model's linears in seconds)
+    dev = w.device  # float64 work on the weight's device
     s = expand_scales(scales.to(torch.float64), group, n, k).to(dev)
     inv_s = expand_scales(1.0 / scales, group, n, k).to(dev)  # float32, as the reference quantizer divides
     work = w.detach().to(torch.float64).clone()

@@ -239,7 +239,7 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
                       deadline: float = math.inf, moments: dict[str, torch.Tensor] | None = None,
                       log: Callable[..., Any] = print) -> dict[str, Any]:
     """Base model first, then each variant (``top<k>`` policies resolved from the sensitivity on ``calib``; GPTQ
-    variants from ``moments``, measured on ``calib`` here when not given)."""
+    variants from ``moments``, the layers' input moments on ``calib``)."""
     t0 = time.perf_counter()
     base = perplexity(model, ids, window=window, batch=batch, keep_argmax=True, bos=bos)
     ref_argmax = base.pop("argmax")
@@ -253,10 +253,7 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
                               "calib_tokens": int(calib.numel())}
     if any(v.rounding == "gptq" for v in variants):
         if moments is None:
-            t = time.perf_counter()
-            moments = input_moments(model, calib, window=window, bos=bos)
-            log(f"input moments of {len(moments)} linears over {int(calib.numel())} calibration tokens "
-                f"({time.perf_counter() - t:.0f} s)")
+            raise ValueError("GPTQ variants need the layers' input moments on calib (input_moments)")
         out["gptq"] = {**asdict(GptqConfig()), "calib_tokens": int(calib.numel())}
     n_blocks = len(decoder_blocks(model))
     cache: dict = {}

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from impl import backend
 from impl.fp8.checkpoint_io import parse_config, read_config, read_headers, safetensors_files
 from impl.fp8.formats import get_format
-from impl.fp8.gptq import GptqConfig, gptq_quantize
+from impl.fp8.gptq import CALIB_TOKENS, GptqConfig, gptq_quantize
 from impl.fp8.layouts import LAYOUTS, CheckpointError, Layout, get_layout
 from impl.fp8.reference import quantize_reference
 from impl.fp8.scales import SCALE_CHOICES, choose_scales
@@ -48,7 +48,6 @@ from impl.fp8.scales import SCALE_CHOICES, choose_scales
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 MANIFEST = ".fp8-quantize-manifest.json"  # the files a run wrote: what --overwrite may replace
 RECIPE = "fp8_recipe.json"  # how the codes were made: rounding, GPTQ settings, calibration
-CALIB_TOKENS = 32768
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -86,9 +85,9 @@ def quantize_tensor_gptq(w: torch.Tensor, layout: Layout, h: torch.Tensor, cfg: 
     """``quantize_tensor``'s output (e4m3) with GPTQ-rounded codes, from input moments h [K, K]; float64 work on the
     GPU when there is one."""
     n, k = w.shape
-    dev = backend.DEVICE if backend.ON_GPU and not backend.INTERPRETED else "cpu"
-    w = w.to(dev, torch.float32)
-    codes, s = gptq_quantize(w, h.to(dev), layout.group, cfg, scales=choose_scales(w, layout.group, "e4m3", scales))
+    w = w.to(backend.DEVICE, torch.float32)
+    codes, s = gptq_quantize(w, h.to(backend.DEVICE), layout.group, cfg,
+                             scales=choose_scales(w, layout.group, "e4m3", scales))
     return codes.cpu().view(torch.float8_e4m3fn).contiguous(), s.reshape(layout.stored_scale_shape(n, k)).contiguous()
 
 
@@ -117,9 +116,8 @@ def calibrate(src: Path, text: str, tokens: int, window: int = 1024) -> dict[str
     ids = tok(text, add_special_tokens=False)["input_ids"][:tokens]
     if len(ids) < min(tokens, window):
         raise ValueError(f"the calibration text has {len(ids)} tokens; at least {min(tokens, window)} needed")
-    on_gpu = backend.ON_GPU and not backend.INTERPRETED
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16 if on_gpu else torch.float32)
-    model.to(backend.DEVICE if on_gpu else "cpu").eval()
+    dtype = torch.bfloat16 if backend.DEVICE == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(backend.DEVICE).eval()
     bos = tok.bos_token_id if tok("x").input_ids[:1] == [tok.bos_token_id] else None
     moments = input_moments(model, torch.tensor(ids), window=min(window, len(ids)), bos=bos)
     return {f"model.{name}": h for name, h in moments.items()}

@@ -26,16 +26,25 @@ def _group_dims(group: ScaleGroup, n: int, k: int) -> tuple[int, int]:
     return (max(n, 1) if group.gn == 0 else group.gn), (max(k, 1) if group.gk == 0 else group.gk)
 
 
-def group_amax(x: torch.Tensor, group: ScaleGroup) -> torch.Tensor:
-    """max |x| over each scale group of a 2-D float32 tensor, NaN and +-inf counted as 0: [R, C] float32."""
+def _grouped(x: torch.Tensor, group: ScaleGroup) -> torch.Tensor:
+    """x [N, K] zero-padded to whole groups and viewed as [R, rows of a group, C, columns of a group]."""
     n, k = x.shape
     gn, gk = _group_dims(group, n, k)
     rows, cols = group.scale_shape(n, k)
-    a = x.abs()
-    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
-    padded = torch.zeros(rows * gn, cols * gk, dtype=torch.float32)
-    padded[:n, :k] = a
-    return padded.view(rows, gn, cols, gk).amax(dim=(1, 3))
+    padded = torch.zeros(rows * gn, cols * gk, dtype=x.dtype, device=x.device)
+    padded[:n, :k] = x
+    return padded.view(rows, gn, cols, gk)
+
+
+def group_amax(x: torch.Tensor, group: ScaleGroup) -> torch.Tensor:
+    """max |x| over each scale group of a 2-D float32 tensor, NaN and +-inf counted as 0: [R, C] float32 (CPU)."""
+    a = x.detach().to("cpu", torch.float32).abs()
+    return _grouped(torch.where(torch.isfinite(a), a, torch.zeros_like(a)), group).amax(dim=(1, 3))
+
+
+def group_sum(x: torch.Tensor, group: ScaleGroup) -> torch.Tensor:
+    """Σ of a 2-D tensor over each scale group: [R, C] in x's dtype, on x's device."""
+    return _grouped(x, group).sum(dim=(1, 3))
 
 
 def scales_from_amax(amax: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:

@@ -16,30 +16,18 @@ from __future__ import annotations
 import torch
 
 from impl.fp8.formats import MIN_SCALE, Fp8Format, ScaleGroup, expand_scales, get_format, get_group
-from impl.fp8.reference import group_amax, scales_from_amax
+from impl.fp8.reference import decode_reference, encode_reference, group_amax, group_sum, scales_from_amax
 
 SCALE_CHOICES = ("amax", "mse")
 STEPS = 41
 
 
-def group_sum(x: torch.Tensor, group: ScaleGroup) -> torch.Tensor:
-    """Σ of a 2-D float tensor over each scale group: [R, C], on x's device (partial groups summed as they are)."""
-    n, k = x.shape
-    rows, cols = group.scale_shape(n, k)
-    gn, gk = (n if group.gn == 0 else group.gn), (k if group.gk == 0 else group.gk)
-    padded = torch.zeros(rows * gn, cols * gk, dtype=x.dtype, device=x.device)
-    padded[:n, :k] = x
-    return padded.view(rows, gn, cols, gk).sum(dim=(1, 3))
-
-
 def rounding_error(w: torch.Tensor, s: torch.Tensor, group: ScaleGroup, fmt: Fp8Format) -> torch.Tensor:
-    """Σ (w − dequantize(quantize(w, s)))² per group [R, C] (float64), with the reference quantizer's arithmetic
-    (float32 w · (1 / s), saturate, round to nearest even) on w's device."""
+    """Σ (w − dequantize(quantize(w, s)))² per group [R, C] (float64): the reference quantizer's arithmetic
+    (float32 w · (1 / s), then ``encode_reference``) on w's device."""
     n, k = w.shape
-    se = expand_scales(s, group, n, k)
-    y = (w * expand_scales(1.0 / s, group, n, k)).clamp(-fmt.max, fmt.max)
-    back = y.to(fmt.dtype).to(torch.float32).to(torch.float64) * se.to(torch.float64)
-    return group_sum((w.to(torch.float64) - back) ** 2, group)
+    back = decode_reference(encode_reference(w * expand_scales(1.0 / s, group, n, k), fmt), fmt)
+    return group_sum((w.to(torch.float64) - back * expand_scales(s.to(torch.float64), group, n, k)) ** 2, group)
 
 
 def choose_scales(w: torch.Tensor, group: str | ScaleGroup, fmt: str | Fp8Format = "e4m3", how: str = "amax",
