@@ -17,8 +17,8 @@ def good_quality() -> dict:
     variants = {f"{g}-{m}": {"delta_pct": 0.1, "ci95": [-0.05, 0.3], "abs_hi": 0.3, "top1_agreement": 0.97,
                              "ppl": 20.0, "mode": m, "group": g} for g in ("tensor", "channel", "block")
                 for m in ("w8a16", "w8a8")}
-    layouts = {lay: {m: {"abs_hi": 0.3, "delta_pct": 0.1, "ci95": [-0.05, 0.3]} for m in ("w8a16", "w8a8")}
-               for lay in LAYOUTS}
+    layouts = {lay: {m: {"abs_hi": 0.3, "delta_pct": 0.1, "ci95": [-0.05, 0.3], "act_group": claims.act_group(lay, m)}
+                     for m in ("w8a16", "w8a8")} for lay in LAYOUTS}
     model = {"base": {"ppl": 20.0, "tokens": 4096}, "variants": variants, "layouts": layouts, "complete": True}
     return {"models": {"smollm2": model, "gemma3": model}, "complete": True}
 
@@ -99,3 +99,20 @@ def test_fp8_plots_draw_from_results_and_skip_without(tmp_path):
     assert all(p.stat().st_size > 1000 for p in made)
     empty = ResultsView("nothing-here", tmp_path)
     assert all(plot(empty, out) == [] for plot in plots.PLOTS)
+
+
+def test_block_w8a8_claims_need_activations_rounded_in_1x128_groups(tmp_path):
+    """A block layout's W8A8 claim states 1x128 activation groups: a record whose figure came from per-token
+    activations (or that does not say) leaves it not measured; tensor and channel layouts state per-token."""
+    q = good_quality()
+    q["models"]["smollm2"]["layouts"]["vllm-block"]["w8a8"]["act_group"] = "token"
+    del q["models"]["smollm2"]["layouts"]["deepseek-block"]["w8a8"]["act_group"]
+    view = write_view(tmp_path, "acts", good_benches(), {"fp8/quality": q})
+    rows = {c.id: (c, evaluate(c, view)) for c in load_claims() if c.id.startswith("fp8.ppl_w8a8_smollm2_")}
+    for cid, (c, row) in rows.items():
+        block = cid.endswith("block")
+        assert ("per-token-group (1x128)" in c.statement) == block and ("per-token dynamic" in c.statement) != block
+        want = "not measured" if cid.endswith(("vllm_block", "deepseek_block")) else "pass"
+        assert row["verdict"] == want, (cid, row)
+    assert "act_group is 'token', the claim needs '1x128'" in rows["fp8.ppl_w8a8_smollm2_vllm_block"][1]["reason"]
+    assert "act_group is absent" in rows["fp8.ppl_w8a8_smollm2_deepseek_block"][1]["reason"]

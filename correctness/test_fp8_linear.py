@@ -12,7 +12,7 @@ from fixtures.strategies import seeds
 from impl import backend
 from impl.backend import DEVICE
 from impl.fp8 import hf
-from impl.fp8.formats import get_group
+from impl.fp8.formats import activation_group, get_group
 from impl.fp8.linear import Fp8Linear, Fp8Weight, linear_error_bound, linear_reference, quantize_weight
 from impl.fp8.loader import load_checkpoint
 from impl.fp8.quantize import quantize_checkpoint
@@ -90,7 +90,8 @@ def test_path_choice_is_explicit_and_checked():
 
 
 def test_modes_choose_weight_only_or_quantized_activations():
-    """w8a16 never quantizes activations; w8a8 always does, per token (qdq where no FP8 GEMM takes the scales)."""
+    """w8a16 never quantizes activations; w8a8 always does, per token or per 1x128 slice of a token
+    (``activation_group``; qdq where no FP8 GEMM takes the scales)."""
     for group in GROUPS:
         fw = quantize_weight(torch.randn(32, 64, device=DEVICE), group)
         a16, a8 = Fp8Linear(fw, mode="w8a16"), Fp8Linear(fw, mode="w8a8")
@@ -99,11 +100,34 @@ def test_modes_choose_weight_only_or_quantized_activations():
         if not backend.ON_GPU:
             assert (a16.path, a8.path) == ("dequant-torch", "qdq-torch")
             x = torch.randn(5, 64)
-            xq = a8.quantized_input(x)  # per-token e4m3: each row's largest |x| maps to 448 * s (s = amax / 448)
+            xq = a8.quantized_input(x)  # e4m3: each row's (or slice's) largest |x| maps to 448 * s, s = amax / 448
             assert torch.allclose(xq.abs().amax(dim=1), x.abs().amax(dim=1), rtol=1e-6, atol=0)
             assert not torch.equal(xq, x) and (xq - x).abs().max() <= x.abs().max() / 16
     with pytest.raises(ValueError, match="mode must be"):
         Fp8Linear(fw, mode="w4a4")
+
+
+@pytest.mark.parametrize("path", ["qdq-torch", "qdq-triton"])
+def test_w8a8_scales_activations_per_k_group_of_block_and_group_weights(path):
+    """A token whose first 128 features hold one outlier (2^17) and whose others lie in [1, 2): with 1x128
+    activation scales (block and group weights) the features past the first slice keep e4m3's relative precision
+    (<= 2^-4); with one scale per token (channel and tensor weights) the scale is 2^17 / 448, so they land among
+    e4m3's subnormals (x / s < 2^-8, steps of 2^-9) and some lose over 2^-3 of their value."""
+    assert activation_group(get_group("block")) == activation_group(get_group("group")) == get_group("group")
+    assert activation_group(get_group("channel")) == activation_group(get_group("tensor")) == get_group("token")
+    g = torch.Generator().manual_seed(3)
+    x = (1 + torch.rand(4, 320, generator=g)).to(DEVICE)
+    x[:, 5] = 2.0 ** 17
+    rest = slice(128, None)
+    for group, per_slice in (("block", True), ("group", True), ("channel", False), ("tensor", False)):
+        layer = Fp8Linear(quantize_weight(torch.randn(32, 320, device=DEVICE), group), path=path, mode="w8a8")
+        xq = layer.quantized_input(x).cpu().double()
+        rel = ((xq[:, rest] - x[:, rest].cpu().double()).abs() / x[:, rest].cpu().double()).max().item()
+        assert xq[:, 5].eq(2.0 ** 17).all(), group
+        if per_slice:
+            assert rel <= 2.0 ** -4, (group, rel)
+        else:
+            assert rel > 2.0 ** -3, (group, rel)
 
 
 @pytest.mark.gpu

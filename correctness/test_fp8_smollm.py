@@ -36,6 +36,13 @@ def test_smollm_quality_smoke(smoke):
     assert m["variants"]["channel-w8a16"]["paths"] == {"dequant-torch": 210}
     assert m["variants"]["channel-w8a8"]["paths"] == {"qdq-torch": 210}
     assert m["layouts"]["ct-channel"]["w8a8"]["via"] == "channel-w8a8"
+    assert m["variants"]["channel-w8a8"]["act_group"] == m["layouts"]["ct-channel"]["w8a8"]["act_group"] == "token"
+    assert m["variants"]["channel-w8a16"]["act_group"] == "none"
+    acts = m["activations_only"]  # dense weights, e4m3 inputs: a change, but a smaller one than W8A8's weights add
+    assert set(acts) == set(quality.ACTIVATION_GROUPS)
+    for g, r in acts.items():
+        assert r["ci95"][0] <= r["delta_pct"] <= r["ci95"][1] and r["abs_hi"] >= abs(r["delta_pct"]), g
+        assert r["ppl"] != m["base"]["ppl"] and r["top1_agreement"] > 0.8, g
 
 
 def test_checkpoint_layout_holds_the_variants_codes():

@@ -423,11 +423,13 @@ def _dig(data: Any, key: str) -> tuple[bool, Any]:
 @dataclass(frozen=True)
 class ResultValue:
     """A number inside an experiment result ``results/<slug>/<system>/<name>.json``, by a dotted key path in
-    ``data``."""
+    ``data``; ``requires``: (dotted key, value) pairs the record must hold for the number to be what the claim
+    states (e.g. how it was measured), else the claim is not measured."""
 
     system: str
     name: str
     key: str
+    requires: tuple[tuple[str, Any], ...] = ()
 
     def record(self, view: ResultsView) -> dict[str, Any] | NotMeasured:
         rec = view.result(self.system, self.name)
@@ -435,6 +437,11 @@ class ResultValue:
             problem = view.result_problem(self.system, self.name)
             return NotMeasured(f"{self.system}/{self.name}.json unreadable ({problem})" if problem else
                                f"no result file results/{view.slug}/{self.system}/{self.name}.json")
+        for key, want in self.requires:
+            found, got = _dig(rec["data"], key)
+            if not found or got != want:
+                return NotMeasured(f"{self.system}/{self.name}.json: {key} is "
+                                   f"{repr(got) if found else 'absent'}, the claim needs {want!r}")
         return rec
 
     def number(self, rec: dict[str, Any], key: str) -> float | NotMeasured:

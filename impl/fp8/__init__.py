@@ -26,7 +26,7 @@ Modules, in the order one reads them:
   ``tiny``        small random checkpoints (tests) and big random FP8 ones (the load bench)
   ``claims``      ledger entries; ``plots`` their figures
   ``quality``     variants (scale group, W8A16/W8A8, blocks kept dense, rounding, scales), paired bootstrap,
-                  block sensitivity
+                  activations alone (per token, per 1x128 slice), block sensitivity
   ``gptq``        GPTQ rounding of FP8 weights (act order; same codes/scales format), input moments from calibration
   ``experiments`` quality of SmolLM2-135M and Gemma-3-270M in every layout and mode (GPU; ``--cpu``, ``--smoke``)
 """

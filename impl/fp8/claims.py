@@ -13,6 +13,7 @@ from typing import Any
 
 from impl.common.ledger import BenchRatio, Case, Claim, ExtraInfo, Measured, NotMeasured, ResultValue
 from impl.common.shapes import LLAMA3_8B
+from impl.fp8.formats import activation_group
 from impl.fp8.layouts import LAYOUTS
 
 # Llama-3-8B's gate (or up) projection; then q/o, qkv fused, down, gate+up fused
@@ -84,15 +85,28 @@ def _bw(kind: str, group: str, key: str = "pct_peak_bw", target: float = BW_TARG
     ]
 
 
+def act_group(layout: str, mode: str) -> str:
+    """How a layout's W8A8 rounds activations ("token" or "1x128": ``activation_group`` of its weight scales, as
+    vLLM runs such a checkpoint and as ``quality.act_group_name`` records it); "none" for W8A16."""
+    if mode == "w8a16":
+        return "none"
+    g = activation_group(LAYOUTS[layout].group)
+    return "token" if g.gk == 0 else f"1x{g.gk}"
+
+
 def _quality(model: str, layout: str, mode: str) -> Claim:
     target = QUALITY_TARGET[mode]
-    what = {"w8a16": "weight-only FP8 (W8A16)", "w8a8": "FP8 weights and per-token dynamic FP8 activations (W8A8)"}
+    acts = {"token": "per-token", "1x128": "per-token-group (1x128)"}.get(act_group(layout, mode))
+    what = {"w8a16": "weight-only FP8 (W8A16)", "w8a8": f"FP8 weights and {acts} dynamic FP8 activations (W8A8)"}
+    row = f"models.{model}.layouts.{layout}.{mode}"
+    # a block layout's W8A8 figure counts only from a run that rounded its activations in 1x128 groups
+    needs = ((f"{row}.act_group", "1x128"),) if act_group(layout, mode) == "1x128" else ()
     return Claim(id=f"fp8.ppl_{mode}_{model}_{layout.replace('-', '_')}", system="fp8", unit="|% ppl change|",
                  comparison="<=", target=target,
                  statement=f"{MODELS[model]} with every decoder linear in {what[mode]}, {layout} layout: |perplexity "
                            f"change| vs the unquantized model on gensim's Wikipedia pages <= {target:g}% at the "
                            "conservative end of a 95% bootstrap interval over windows",
-                 measure=ResultValue("fp8", "quality", f"models.{model}.layouts.{layout}.{mode}.abs_hi"))
+                 measure=ResultValue("fp8", "quality", f"{row}.abs_hi", requires=needs))
 
 
 CLAIMS = [
@@ -140,8 +154,10 @@ def _bench(median: float, **extra) -> dict[str, Any]:
 
 
 def _bad_quality() -> dict[str, Any]:
-    row = {mode: {"abs_hi": 5.0, "delta_pct": -4.0, "ci95": [-5.0, -3.0]} for mode in QUALITY_TARGET}
-    return {"models": {m: {"layouts": {lay: dict(row) for lay in LAYOUTS}} for m in MODELS}, "complete": True}
+    def row(lay: str) -> dict[str, Any]:
+        return {mode: {"abs_hi": 5.0, "delta_pct": -4.0, "ci95": [-5.0, -3.0], "act_group": act_group(lay, mode)}
+                for mode in QUALITY_TARGET}
+    return {"models": {m: {"layouts": {lay: row(lay) for lay in LAYOUTS}} for m in MODELS}, "complete": True}
 
 
 def _failing(claim: Claim) -> Case:

@@ -204,7 +204,8 @@ def layout_table(name: str, variants: dict[str, Any], checks: dict[str, Any] | N
         for vname, v in variants.items():  # "w8a16", "w8a8", and e.g. "w8a16-keep-top4" for the kept-block policies
             if v["group"] == group:
                 key = vname[len(group) + 1:]
-                row[key] = {k: v[k] for k in ("delta_pct", "ci95", "abs_hi", "top1_agreement", "ppl", "keep")}
+                row[key] = {k: v[k] for k in ("delta_pct", "ci95", "abs_hi", "top1_agreement", "ppl", "keep",
+                                              "act_group") if k in v}
                 row[key]["via"] = vname
         table[lay_name] = row
     return table
@@ -288,6 +289,10 @@ def summary(data: dict[str, Any]) -> str:
             lines.append(f"{name:8} {m.get('error', 'not run')}")
             continue
         lines.append(f"{name:8} {'base':28} {m['base']['ppl']:9.4f}")
+        for g, v in m.get("activations_only", {}).items():
+            lines.append(f"{name:8} {'activations only, ' + g:28} {v['ppl']:9.4f} {v['delta_pct']:+8.3f} "
+                         f"[{v['ci95'][0]:+6.2f}, {v['ci95'][1]:+6.2f}] {v['abs_hi']:7.3f} "
+                         f"{100 * v['top1_agreement']:5.1f}%")
         for vn, v in m["variants"].items():
             lines.append(f"{name:8} {vn:28} {v['ppl']:9.4f} {v['delta_pct']:+8.3f} "
                          f"[{v['ci95'][0]:+6.2f}, {v['ci95'][1]:+6.2f}] {v['abs_hi']:7.3f} "

@@ -101,6 +101,14 @@ BLOCK128 = ScaleGroup(128, 128)
 GRANULARITIES = {"tensor": TENSOR, "channel": CHANNEL, "token": TOKEN, "group": GROUP128, "block": BLOCK128}
 
 
+def activation_group(weight: ScaleGroup) -> ScaleGroup:
+    """The dynamic scale group of the activations x [M, K] that multiply a weight [N, K] with scale group ``weight``:
+    one scale per token, or per 1 x gk slice of a token where the weight's scales split K into groups of gk (as
+    vLLM and DeepSeek-V3 run 128x128 block-scaled weights: x in 1x128 groups, so each K-group of the product has
+    one activation and one weight scale)."""
+    return ScaleGroup(1, weight.gk) if weight.gk else TOKEN
+
+
 def get_group(g: str | ScaleGroup | tuple[int, int]) -> ScaleGroup:
     """A ``ScaleGroup`` from a name ('tensor', 'channel', 'token', 'group', 'block'), a pair or a group."""
     if isinstance(g, ScaleGroup):

@@ -12,15 +12,18 @@ Paths (``Fp8Linear.path``, chosen once at construction and stated in ``Fp8Linear
   dequant-torch      the same with the CPU reference dequantizer (whole models on a CPU, where Triton runs
                      interpreted and would take minutes per forward); the dequantized weight is kept after the first
                      call (the codes never change).
-  qdq-triton         W8A8 where no FP8 GEMM takes the weight's scales: x quantized per token to e4m3 (our kernel),
+  qdq-triton         W8A8 where no FP8 GEMM takes the weight's scales: x quantized to e4m3 (our kernel) per token,
+                     or per 1x128 slice of a token for weights scaled in 128-wide K groups (``activation_group``),
                      dequantized, times the dequantized W in the compute dtype -- the numbers of an FP8 GEMM with
-                     per-token activation scales, computed dense.
+                     those activation scales (DeepSeek-V3's block GEMM), computed dense.
   qdq-torch          the same on the CPU with the reference quantizer (bit-identical codes and scales).
 
 Modes (``mode``): None picks the fastest path the weight allows (the per-tensor path quantizes activations per
 tensor); "w8a16" is weight-only (activations stay in the compute dtype: a dequant path); "w8a8" quantizes the
-activations per token, dynamically, to e4m3 (or with the checkpoint's static input scale), on FP8 tensor cores
-where ``_scaled_mm`` takes the weight's scales (per-tensor weights as a broadcast row-wise scale), else qdq.
+activations dynamically to e4m3 -- per token, or per 1x128 slice of a token where the weight's scales are 128 wide
+along K (block and group weights, as vLLM quantizes activations for block-scaled checkpoints) -- or with the
+checkpoint's static input scale, on FP8 tensor cores where ``_scaled_mm`` takes the weight's scales (per-tensor
+weights as a broadcast row-wise scale), else qdq.
 Compute dtype: bfloat16 on a GPU, float32 on the CPU. Output dtype: x's dtype. Shapes: x [..., K] -> y [..., N].
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch import nn
 from impl import backend
 from impl.common.checks import require_tensor
 from impl.fp8 import quant
-from impl.fp8.formats import CHANNEL, E4M3, TENSOR, ScaleGroup, get_format, get_group
+from impl.fp8.formats import CHANNEL, E4M3, TENSOR, ScaleGroup, activation_group, get_format, get_group
 from impl.fp8.reference import dequantize_reference, quantize_reference
 
 PATHS = ("scaled_mm-tensor", "scaled_mm-rowwise", "dequant-triton", "dequant-torch", "qdq-triton", "qdq-torch")
@@ -174,17 +177,11 @@ class Fp8Linear(nn.Module):
         return quant.dequantize(self.weight, self.weight_scale, self.group, out_dtype=self.compute_dtype)
 
     def quantized_input(self, x2: torch.Tensor) -> torch.Tensor:
-        """x as the qdq paths see it: e4m3 codes per token (or with the static input scale), dequantized to the
-        compute dtype."""
-        static = self.input_scale is not None
-        group = TENSOR if static else CHANNEL
-        scales = self.input_scale.reshape(1, 1) if static else None
-        if self.path == "qdq-torch":
-            codes, s = quantize_reference(x2, group, E4M3, scales=None if scales is None else scales.cpu())
-            return dequantize_reference(codes, s, group, E4M3, self.compute_dtype).to(x2.device)
-        xin = x2 if x2.dtype in quant.HIGH_DTYPES else x2.to(self.compute_dtype)
-        q, s = quant.quantize(xin, group, E4M3, scales=scales)
-        return quant.dequantize(q, s, group, out_dtype=self.compute_dtype)
+        """x as the qdq paths see it: e4m3 codes with dynamic scales of ``activation_group`` (or the static input
+        scale), dequantized to the compute dtype."""
+        group = TENSOR if self.input_scale is not None else activation_group(self.group)
+        return quantize_activations(x2, group, self.compute_dtype, reference=self.path == "qdq-torch",
+                                    scale=self.input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if require_tensor(x, "x").ndim == 0:
@@ -250,6 +247,20 @@ class Fp8Linear(nn.Module):
         return self._scaled_mm(codes, scales, self.row_scale())
 
 
+def quantize_activations(x2: torch.Tensor, group: ScaleGroup, compute_dtype: torch.dtype, *, reference: bool,
+                         scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] rounded to e4m3 codes with dynamic scales of ``group`` (or the static one-element ``scale``, with
+    the tensor group) and dequantized to ``compute_dtype``, [M, K]: by the CPU reference quantizer where
+    ``reference``, else by our kernel (the same codes and scales)."""
+    scales = None if scale is None else scale.reshape(1, 1)
+    if reference:
+        codes, s = quantize_reference(x2, group, E4M3, scales=None if scales is None else scales.cpu())
+        return dequantize_reference(codes, s, group, E4M3, compute_dtype).to(x2.device)
+    xin = x2 if x2.dtype in quant.HIGH_DTYPES else x2.to(compute_dtype)
+    q, s = quant.quantize(xin, group, E4M3, scales=scales)
+    return quant.dequantize(q, s, group, out_dtype=compute_dtype)
+
+
 def aligned16(t: torch.Tensor) -> torch.Tensor:
     """t, or a copy of it where its data is not 16-byte aligned: cuBLASLt's FP8 GEMMs refuse such operands and scale
     pointers (CUBLAS_STATUS_NOT_SUPPORTED), and a loader's tensors are views of its file buffer, aligned only to
@@ -294,6 +305,7 @@ def linear_error_bound(x: torch.Tensor, w: Fp8Weight, path: str, compute_dtype: 
     y = linear_reference(x, w).reshape(a.shape).abs()
     b = w.bias.detach().cpu().double().abs()[None, :] if w.bias is not None else torch.zeros(1, 1, dtype=torch.float64)
     k = w.shape[1]
+    # the per-token scale: a 1xgk group's scale (activation_group) is never larger, nor its subnormal step
     sx = xa.amax(dim=1, keepdim=True) / E4M3.max if w.input_scale is None else w.input_scale.double().cpu()
     # e4m3 activations: half a step (unit roundoff) of normals, half the subnormal step (in units of s_x)
     act = E4M3.unit_roundoff * a + E4M3.min_subnormal / 2 * sx * wd.abs().sum(1)[None, :]

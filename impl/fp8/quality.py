@@ -3,7 +3,9 @@
 A *variant* is (scale group, mode, kept blocks, rounding): every ``nn.Linear`` of the decoder blocks becomes an
 ``Fp8Linear`` over the weight quantized with dynamic amax scales of the group (per tensor, per output channel, 128x128
 blocks), in mode ``w8a16`` (weight-only; activations stay in the compute dtype) or ``w8a8`` (activations quantized
-per token to e4m3 on every call), except the linears of the blocks listed in ``keep``, which stay dense. Embeddings,
+to e4m3 on every call, per token, or per 1x128 slice of a token for block weights, as vLLM runs block-scaled
+checkpoints and as the ct-block layout's config declares; ``act_group`` in each record), except the linears of the
+blocks listed in ``keep``, which stay dense. Embeddings,
 norms and the LM head are never quantized (vLLM's default). The swap happens in memory on a model loaded once; with
 ``nearest`` rounding the codes and scales are those the quantizer writes into a checkpoint (``check_layouts`` proves
 it per layout, bit for bit); ``gptq`` keeps those scales and chooses each code with GPTQ (``impl.fp8.gptq``) from the
@@ -15,6 +17,9 @@ Metric, per variant, over non-overlapping windows w = 1..W of the evaluation tex
 with a 95% percentile bootstrap interval over windows (resampled with replacement, paired, fixed seed), and
 |Delta|'s conservative end ``abs_hi`` = max(|lo|, |hi|): the claims judge that. Greedy agreement: the share of
 positions where the variant's argmax next token equals the base model's.
+
+Activations alone (``activations_only``): the weights left dense, every decoder linear's input rounded to e4m3 per
+token and per 1x128 slice -- the part of a W8A8 change that no weight rounding can remove.
 
 Sensitivity (which blocks dominate the error): each block alone quantized (W8A16), the mean KL(base || variant)
 of the next-token distributions over calibration windows that come *before* the evaluation text, never from it.
@@ -31,10 +36,10 @@ import torch
 from torch import nn
 
 from impl import backend
-from impl.fp8.formats import get_group
+from impl.fp8.formats import GROUP128, TOKEN, ScaleGroup, activation_group, get_group
 from impl.fp8.gptq import GptqConfig
 from impl.fp8.hf import perplexity
-from impl.fp8.linear import Fp8Linear, Fp8Weight
+from impl.fp8.linear import Fp8Linear, Fp8Weight, quantize_activations
 from impl.fp8.scales import SCALE_CHOICES, choose_scales
 
 GROUPS = ("tensor", "channel", "block")
@@ -66,6 +71,18 @@ class Variant:
         return (f"{self.group}-{self.mode}" + ("" if self.rounding == "nearest" else f"-{self.rounding}")
                 + ("" if self.scales == "amax" else f"-{self.scales}")
                 + ("" if self.policy == "all" else f"-keep-{self.policy}"))
+
+
+ACTIVATION_GROUPS = {"token": TOKEN, "1x128": GROUP128}  # the activation roundings a W8A8 variant can take
+
+
+def act_group_name(group: str, mode: str) -> str:
+    """How the activations of a variant with weight scale ``group`` in ``mode`` are rounded: "none" (W8A16),
+    "token" or "1x<gk>" (``activation_group``; the claims name a layout's the same way)."""
+    if mode == "w8a16":
+        return "none"
+    g = activation_group(get_group(group))
+    return "token" if g.gk == 0 else f"1x{g.gk}"
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -161,6 +178,41 @@ class Swapped:
         self.saved.clear()
 
 
+class RoundedInput(nn.Module):
+    """``linear`` with its input rounded to e4m3 (dynamic scales of ``group``) and dequantized first; the weight is
+    the linear's own, dense."""
+
+    def __init__(self, linear: nn.Linear, group: ScaleGroup) -> None:
+        super().__init__()
+        self.linear, self.group = linear, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        native = x.is_cuda and not backend.INTERPRETED
+        xq = quantize_activations(x2, self.group, self.linear.weight.dtype, reference=not native)
+        return self.linear(xq.reshape(x.shape).to(x.dtype))
+
+
+@torch.no_grad()
+def activations_only(model: nn.Module, ids: torch.Tensor, base: dict[str, Any], *, window: int, batch: int,
+                     bos: int | None, ref_argmax: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """{group name: perplexity change} with dense weights and every decoder linear's input rounded to e4m3 in
+    ``ACTIVATION_GROUPS``' groups (module doc); paired with ``base`` as the variants are."""
+    out: dict[str, Any] = {}
+    for name, group in ACTIVATION_GROUPS.items():
+        saved = [(parent, attr, lin) for _, _, parent, attr, lin in block_linears(model)]
+        for parent, attr, lin in saved:
+            setattr(parent, attr, RoundedInput(lin, group))
+        try:
+            r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
+        finally:
+            for parent, attr, lin in saved:
+                setattr(parent, attr, lin)
+        r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
+        out[name] = {k: r[k] for k in ("ppl", "delta_pct", "ci95", "abs_hi", "top1_agreement") if k in r}
+    return out
+
+
 def bootstrap_delta(base_nll: list[float], var_nll: list[float], *, n: int = BOOTSTRAP,
                     seed: int = SEED) -> dict[str, float]:
     """Delta % of perplexity and its 95% paired percentile bootstrap interval over windows (module doc): the
@@ -245,6 +297,12 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
     ref_argmax = base.pop("argmax")
     log(f"base: ppl {base['ppl']:.4f} over {base['tokens']} tokens ({time.perf_counter() - t0:.0f} s)")
     out: dict[str, Any] = {"base": base, "variants": {}, "complete": False}
+    if any(v.mode == "w8a8" for v in variants):
+        out["activations_only"] = activations_only(model, ids, base, window=window, batch=batch, bos=bos,
+                                                   ref_argmax=ref_argmax)
+        log("activations alone (dense weights): " + ", ".join(
+            f"{g} {r['delta_pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
+            for g, r in out["activations_only"].items()))
     ranking: list[int] = []
     if sensitivity_group and any(v.policy.startswith("top") for v in variants):
         kl = block_sensitivity(model, calib, sensitivity_group, window=window, bos=bos, log=log)
@@ -269,7 +327,8 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
             r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
         r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
         r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, rounding=v.rounding, scales=v.scales,
-                 paths=sw.paths, ignore=ignore_list(v), seconds=time.perf_counter() - t)
+                 act_group=act_group_name(v.group, v.mode), paths=sw.paths, ignore=ignore_list(v),
+                 seconds=time.perf_counter() - t)
         out["variants"][v.name] = r
         log(f"{v.name}: ppl {r['ppl']:.4f}, delta {r['delta_pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}], "
             f"agreement {100 * r['top1_agreement']:.1f}%, paths {sw.paths} ({r['seconds']:.0f} s)")
