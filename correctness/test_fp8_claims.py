@@ -19,7 +19,10 @@ def good_quality() -> dict:
                 for m in ("w8a16", "w8a8")}
     layouts = {lay: {m: {"abs_hi": 0.3, "delta_pct": 0.1, "ci95": [-0.05, 0.3], "act_group": claims.act_group(lay, m)}
                      for m in ("w8a16", "w8a8")} for lay in LAYOUTS}
-    model = {"base": {"ppl": 20.0, "tokens": 4096}, "variants": variants, "layouts": layouts, "complete": True}
+    acts = {g: {"delta_pct": 0.05, "ci95": [0.0, 0.1], "abs_hi": 0.1, "top1_agreement": 0.99, "ppl": 20.01}
+            for g in ("token", "1x128")}
+    model = {"base": {"ppl": 20.0, "tokens": 4096}, "variants": variants, "layouts": layouts, "complete": True,
+             "activations_only": acts}
     return {"models": {"smollm2": model, "gemma3": model}, "complete": True}
 
 

@@ -94,7 +94,8 @@ def plot_kernel_bandwidth(view, out_dir: Path) -> list[Path]:
 
 
 def plot_perplexity(view, out_dir: Path) -> list[Path]:
-    """Perplexity change per variant with its 95% interval, one panel per model; +-0.5% and +-1% marked."""
+    """Perplexity change per variant with its 95% interval, one panel per model; +-0.5% and +-1% marked, and where
+    the record has it, the change of the activations' rounding alone (dense weights: W8A8's floor) as grey bars."""
     rec = view.result("fp8", "quality")
     if not rec or not isinstance(rec.get("data"), dict):
         return []
@@ -105,14 +106,15 @@ def plot_perplexity(view, out_dir: Path) -> list[Path]:
 
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
     for ax, (m, d) in zip(axes[0], models.items()):
-        names = list(d["variants"])
-        v = [d["variants"][n] for n in names]
+        acts = d.get("activations_only") or {}
+        names = [f"activations only, {g}" for g in acts] + list(d["variants"])
+        v = [{**r, "mode": "acts"} for r in acts.values()] + [d["variants"][n] for n in d["variants"]]
         y = [r["delta_pct"] for r in v]
         err = [[r["delta_pct"] - r["ci95"][0] for r in v], [r["ci95"][1] - r["delta_pct"] for r in v]]
         for i, r in enumerate(v):
             ax.errorbar([i], [y[i]], yerr=[[err[0][i]], [err[1][i]]], capsize=3,
                         fmt="s" if r.get("rounding") == "gptq" else "o",  # squares: GPTQ-rounded codes
-                        color="tab:blue" if r["mode"] == "w8a16" else "tab:orange")
+                        color={"w8a16": "tab:blue", "acts": "tab:grey"}.get(r["mode"], "tab:orange"))
         for t, c in ((0.5, "tab:blue"), (1.0, "tab:orange")):
             ax.axhspan(-t, t, color=c, alpha=0.08)
             ax.axhline(t, color=c, ls=":", lw=0.8, label=f"|delta| <= {t:g}% ({'W8A16' if t == 0.5 else 'W8A8'})")
