@@ -342,7 +342,8 @@ def test_gptq_checkpoint_holds_gptq_codes_with_the_nearest_scales_and_records_it
     read = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"] for d in ("g", "n")]
     assert read[0] == read[1]
     recipe = json.loads((tmp_path / "g" / Q.RECIPE).read_text())
-    assert recipe["rounding"] == "gptq" and recipe["gptq"] == {"damp": 0.01, "block": 32, "act_order": True}
+    assert recipe["rounding"] == "gptq" and recipe["gptq"] == {"damp": 0.01, "block": 32,
+                                                               "act_order": True, "inputs": "dense"}
     assert recipe["calibration"] == {"text": "t.txt", "tokens": 256} and recipe["layout"] == layout
     assert json.loads((tmp_path / "n" / Q.RECIPE).read_text())["rounding"] == "nearest"
 

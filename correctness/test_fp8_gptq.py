@@ -102,6 +102,8 @@ def test_bad_shapes_and_configs_are_refused():
         gptq_quantize(torch.zeros(4, 16), torch.eye(8))
     with pytest.raises(ValueError, match="damp"):
         GptqConfig(damp=0.0)
+    with pytest.raises(ValueError, match="inputs must be one of"):
+        GptqConfig(inputs="quantized")
     with pytest.raises(ValueError, match="finite square"):
         upper_inverse_factor(torch.full((3, 3), float("nan")), 0.01)
 

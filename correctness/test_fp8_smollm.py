@@ -12,6 +12,7 @@ import torch
 
 from impl.common.results import RESULTS
 from impl.fp8 import experiments, quality, smollm
+from impl.fp8.gptq import GptqConfig
 
 REASON = smollm.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -49,7 +50,8 @@ def test_checkpoint_layout_holds_the_variants_codes():
     """Round to nearest and GPTQ (moments from a few tokens: the rounding path, not the quality, is checked)."""
     model, tok, bos = experiments.load("smollm2", None, "cpu", torch.float32)
     ids = torch.tensor(tok("The cat sat on the mat. " * 12, add_special_tokens=False)["input_ids"][:64])
-    moments = quality.input_moments(model, ids, window=64, bos=bos)
+    moments = quality.group_moments(model, ids, ("block",), window=64, bos=bos,
+                                    cfg=GptqConfig(inputs="rounded"))  # measured through the rounded model
     checks = experiments.check_layouts(model, smollm.materialize(log=lambda *a: None), ["deepseek-block"],
                                        moments=moments, recipes=(("nearest", "amax"), ("gptq", "mse")),
                                        log=lambda *a: None)
@@ -113,3 +115,11 @@ def test_gptq_variant_on_one_block_of_the_real_model():
     assert torch.equal(gptq.scale, nearest.scale) and not torch.equal(gptq.weight.view(torch.uint8),
                                                                         nearest.weight.view(torch.uint8))
     assert torch.isfinite(got).all() and (got - base).abs().max() < 0.05 * base.abs().max()
+    # through the rounded model: block 0's q/k/v see what they saw (nothing rounded before them), o_proj sees the
+    # attention of rounded q/k/v; the model's own linears are back afterwards
+    rounded = quality.input_moments(model, cal, window=64, bos=bos, through="channel")
+    assert set(rounded) == set(moments)
+    assert all(torch.equal(rounded[f"layers.0.self_attn.{p}_proj"], moments[f"layers.0.self_attn.{p}_proj"])
+               for p in "qkv")
+    assert not torch.equal(rounded["layers.0.self_attn.o_proj"], moments["layers.0.self_attn.o_proj"])
+    assert len(quality.block_linears(model)) == 210 and torch.equal(model(input_ids=ids[None]).logits, base)

@@ -38,7 +38,7 @@ import torch
 
 from impl import backend
 from impl.fp8 import quality, smollm, wiki
-from impl.fp8.gptq import CALIB_TOKENS
+from impl.fp8.gptq import CALIB_TOKENS, INPUTS, GptqConfig
 from impl.fp8.layouts import LAYOUTS
 
 RESULT_NAME = "quality"
@@ -138,37 +138,37 @@ def _same(w, mine) -> bool:
 
 
 def check_layouts(model: torch.nn.Module, model_dir: Path, layouts: list[str], *,
-                  moments: dict[str, torch.Tensor] | None = None,
+                  moments: dict[str, dict[str, torch.Tensor]] | None = None,
                   recipes: tuple[tuple[str, str], ...] = (("nearest", "amax"),), log: LOG = print) -> dict[str, Any]:
     """Per layout and recipe (rounding, scales): quantize the bf16 checkpoint with ``impl.fp8.quantize``, load it with
     ``impl.fp8.loader``, and compare every linear's codes and scales with the in-memory variant's
-    (``quality.quantize_weight_like_checkpoint`` / ``quantize_weight_gptq``; GPTQ needs ``moments``). Keys:
+    (``quality.quantize_weight_like_checkpoint`` / ``quantize_weight_gptq``; GPTQ needs ``moments``, {group: input
+    moments} as ``quality.group_moments`` makes them, and runs for the layouts whose group they hold). Keys:
     ``identical`` for (nearest, amax), ``identical_<rounding>_<scales>`` for the others."""
     from impl.fp8.loader import load_checkpoint
     from impl.fp8.quantize import quantize_checkpoint
 
     lins = {f"model.{name}": (name, lin) for _, name, _, _, lin in quality.block_linears(model)}
-    ck_moments = None if moments is None else {f"model.{n}": h for n, h in moments.items()}
     mine_of: dict[tuple[str, str, str, str], Any] = {}  # (rounding, scales, group, module): made once per group
     out = {}
     work = Path(tempfile.mkdtemp(prefix="fp8-layouts-"))
     try:
         for name in layouts:
-            lay = LAYOUTS[name]
-            group = lay.group.name if lay.group.name in quality.GROUPS else "block"
+            group = quality.group_of(LAYOUTS[name])
             row: dict[str, Any] = {"group": group, "linears": len(lins)}
             for rounding, scales in recipes:
-                if rounding == "gptq" and moments is None:
+                if rounding == "gptq" and group not in (moments or {}):
                     continue
+                gm = (moments or {}).get(group)
                 dst = work / f"{name}-{rounding}-{scales}"
                 quantize_checkpoint(model_dir, dst, name, overwrite=True, log=lambda *a: None, scales=scales,
-                                    moments=ck_moments if rounding == "gptq" else None)
+                                    moments={f"model.{n}": h for n, h in gm.items()} if rounding == "gptq" else None)
                 ck = load_checkpoint(dst, backend.DEVICE)
                 same = 0
                 for module, (short, lin) in lins.items():
                     key = (rounding, scales, group, module)
                     if key not in mine_of:
-                        mine_of[key] = (quality.quantize_weight_gptq(lin.weight.data, group, moments[short], scales)
+                        mine_of[key] = (quality.quantize_weight_gptq(lin.weight.data, group, gm[short], scales)
                                         if rounding == "gptq" else
                                         quality.quantize_weight_like_checkpoint(lin.weight.data, group, scales))
                     same += int(_same(ck.linears[module], mine_of[key]))
@@ -197,7 +197,7 @@ def layout_table(name: str, variants: dict[str, Any], checks: dict[str, Any] | N
     """``layouts.<layout>.<mode>``: the figures of the layout's group (``via`` names the variant)."""
     table: dict[str, Any] = {}
     for lay_name, lay in LAYOUTS.items():
-        group = lay.group.name if lay.group.name in quality.GROUPS else "block"
+        group = quality.group_of(lay)
         row: dict[str, Any] = {"group": group}
         if checks is not None:
             row.update({k: v for k, v in checks.get(lay_name, {}).items() if k.startswith("identical")})
@@ -216,7 +216,7 @@ def layout_table(name: str, variants: dict[str, Any], checks: dict[str, Any] | N
 def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
               policies: list[str], deadline: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
               gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = (),
-              log: LOG = print) -> dict[str, Any]:
+              gptq: GptqConfig = GptqConfig(), log: LOG = print) -> dict[str, Any]:
     device = backend.DEVICE
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t0 = time.perf_counter()
@@ -227,11 +227,12 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
     moments = None
     if gptq_policies:
         t = time.perf_counter()
-        moments = quality.input_moments(model, cal, window=window, bos=bos)
-        log(f"input moments of {len(moments)} linears over {int(cal.numel())} calibration tokens "
+        moments = quality.group_moments(model, cal, tuple(groups), window=window, bos=bos, cfg=gptq)
+        log(f"input moments of {len(next(iter(moments.values())))} linears per group ({', '.join(moments)}, "
+            f"{gptq.inputs} inputs) over {int(cal.numel())} calibration tokens "
             f"({time.perf_counter() - t:.0f} s)")
     res = quality.evaluate_variants(model, ids, cal, variants, window=window, batch=batch, bos=bos,
-                                    deadline=deadline, moments=moments, log=log)
+                                    deadline=deadline, moments=moments, gptq=gptq, log=log)
     for v in [res["base"], *res["variants"].values()]:
         v["window_nll"] = [round(x, 7) for x in v["window_nll"]]
     res["layer_errors"] = {mode: quality.layer_errors(model, cal[:window], quality.Variant("channel", mode))
@@ -254,7 +255,8 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
 
 def run(models: list[str], *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
         policies: list[str], budget_s: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
-        gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = (), log: LOG = print) -> dict[str, Any]:
+        gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = (), gptq: GptqConfig = GptqConfig(),
+        log: LOG = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     deadline = t0 + budget_s
     data: dict[str, Any] = {"models": {}, "policies": policies, "gptq_policies": list(gptq_policies),
@@ -265,7 +267,8 @@ def run(models: list[str], *, assets: Path | None, tokens: int, calib: int, wind
         try:
             r = run_model(name, assets=assets, tokens=tokens, calib=calib, window=window, batch=batch,
                           policies=policies, deadline=deadline, layouts=layouts and name == "smollm2",
-                          groups=groups, gptq_policies=gptq_policies, mse_policies=mse_policies, log=log)
+                          groups=groups, gptq_policies=gptq_policies, mse_policies=mse_policies, gptq=gptq,
+                          log=log)
         except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
             log(f"{name}: not run ({type(e).__name__}: {e})")
             data["models"][name] = {"error": f"{type(e).__name__}: {e}", "complete": False}
@@ -310,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", nargs="*", default=list(POLICIES), help="all, first-last, top<k>")
     p.add_argument("--gptq-policies", nargs="*", default=list(GPTQ_POLICIES),
                    help="policies also run with GPTQ-rounded weights (impl.fp8.gptq); none: round to nearest only")
+    p.add_argument("--gptq-inputs", default=GptqConfig().inputs, choices=list(INPUTS),
+                   help="GPTQ's input moments: of the dense model, or of the model rounded to nearest in each group")
     p.add_argument("--mse-policies", nargs="*", default=list(MSE_POLICIES),
                    help="policies also run with MSE-chosen scales (impl.fp8.scales), for each rounding they run with")
     p.add_argument("--groups", nargs="*", default=list(quality.GROUPS), choices=quality.GROUPS)
@@ -339,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     n = a.tokens or (65536 if a.quick else 131072)
     data = run(a.models, assets=assets, tokens=n, calib=a.calib_tokens, window=a.window, batch=a.batch,
                policies=a.policies, budget_s=a.budget_s, layouts=not a.no_layouts, groups=tuple(a.groups),
-               gptq_policies=tuple(a.gptq_policies), mse_policies=tuple(a.mse_policies))
+               gptq_policies=tuple(a.gptq_policies), mse_policies=tuple(a.mse_policies),
+               gptq=GptqConfig(inputs=a.gptq_inputs))
     if not any("variants" in m for m in data["models"].values()):
         print(summary(data), file=sys.stderr)
         print("no model could be evaluated: nothing written", file=sys.stderr)

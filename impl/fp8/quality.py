@@ -9,7 +9,8 @@ blocks listed in ``keep``, which stay dense. Embeddings,
 norms and the LM head are never quantized (vLLM's default). The swap happens in memory on a model loaded once; with
 ``nearest`` rounding the codes and scales are those the quantizer writes into a checkpoint (``check_layouts`` proves
 it per layout, bit for bit); ``gptq`` keeps those scales and chooses each code with GPTQ (``impl.fp8.gptq``) from the
-linears' input moments over the calibration tokens (the ones before the evaluation text, as for sensitivity).
+linears' input moments over the calibration tokens (the ones before the evaluation text, as for sensitivity), measured
+on the base model or on the model rounded to nearest in the variant's group (``GptqConfig.inputs``).
 
 Metric, per variant, over non-overlapping windows w = 1..W of the evaluation text (paired with the base model):
     d_w   = mean NLL of window w (variant) - mean NLL of window w (base)
@@ -27,6 +28,7 @@ The blocks kept dense by a ``top<k>`` policy are the k most sensitive ones by th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -247,18 +249,38 @@ def block_sensitivity(model: nn.Module, calib: torch.Tensor, group: str, *, wind
 
 
 @torch.no_grad()
-def input_moments(model: nn.Module, calib: torch.Tensor, *, window: int, bos: int | None) -> dict[str, torch.Tensor]:
-    """H = mean x xᵀ of every decoder linear's input over the calibration windows (base model, float64, CPU)."""
+def input_moments(model: nn.Module, calib: torch.Tensor, *, window: int, bos: int | None,
+                  through: str | None = None) -> dict[str, torch.Tensor]:
+    """H = mean x xᵀ of every decoder linear's input over the calibration windows (float64, CPU), by qualified name:
+    on the base model, or ``through`` a scale group: on the model whose decoder linears are all rounded to nearest
+    in that group (W8A16), the inputs each linear meets once those before it are quantized (``GptqConfig.inputs``)."""
     from impl.fp8.gptq import InputMoments
 
     device = next(model.parameters()).device
     chunks = calib[: (calib.numel() // window) * window].reshape(-1, window).to(device)
     if bos is not None:
         chunks = torch.cat([torch.full_like(chunks[:, :1], bos), chunks], dim=1)
-    with InputMoments({name: lin for _, name, _, _, lin in block_linears(model)}) as mom:
-        for row in chunks:
-            model(input_ids=row[None])
+    places = [(name, parent, attr) for _, name, parent, attr, _ in block_linears(model)]
+    with Swapped(model, Variant(through, "w8a16")) if through else contextlib.nullcontext():
+        with InputMoments({name: getattr(parent, attr) for name, parent, attr in places}) as mom:
+            for row in chunks:
+                model(input_ids=row[None])
     return {name: mom.hessian(name) for name in mom.named}
+
+
+def group_moments(model: nn.Module, calib: torch.Tensor, groups: tuple[str, ...], *, window: int, bos: int | None,
+                  cfg: GptqConfig = GptqConfig()) -> dict[str, dict[str, torch.Tensor]]:
+    """{scale group: ``input_moments``} for GPTQ in each group: through that group's rounded model where
+    ``cfg.inputs`` is "rounded", else the base model's (measured once, shared)."""
+    if cfg.inputs == "dense":
+        dense = input_moments(model, calib, window=window, bos=bos)
+        return {g: dense for g in groups}
+    return {g: input_moments(model, calib, window=window, bos=bos, through=g) for g in groups}
+
+
+def group_of(layout) -> str:
+    """The variant group holding a layout's codes: its scale group's name ("tensor", "channel"), else "block"."""
+    return layout.group.name if layout.group.name in GROUPS else "block"
 
 
 @torch.no_grad()
@@ -288,10 +310,12 @@ def layer_errors(model: nn.Module, ids: torch.Tensor, variant: Variant) -> dict[
 
 def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, variants: list[Variant], *,
                       window: int, batch: int, bos: int | None, sensitivity_group: str | None = "channel",
-                      deadline: float = math.inf, moments: dict[str, torch.Tensor] | None = None,
+                      deadline: float = math.inf, moments: dict[str, dict[str, torch.Tensor]] | None = None,
+                      gptq: GptqConfig = GptqConfig(),
                       log: Callable[..., Any] = print) -> dict[str, Any]:
     """Base model first, then each variant (``top<k>`` policies resolved from the sensitivity on ``calib``; GPTQ
-    variants from ``moments``, the layers' input moments on ``calib``)."""
+    variants from ``moments``, {scale group: the layers' input moments on ``calib``} as ``group_moments`` makes
+    them with ``gptq``, whose settings the record keeps)."""
     t0 = time.perf_counter()
     base = perplexity(model, ids, window=window, batch=batch, keep_argmax=True, bos=bos)
     ref_argmax = base.pop("argmax")
@@ -309,10 +333,13 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
         ranking = sorted(range(len(kl)), key=lambda i: -kl[i])
         out["sensitivity"] = {"group": sensitivity_group, "mode": "w8a16", "kl": kl, "ranking": ranking,
                               "calib_tokens": int(calib.numel())}
-    if any(v.rounding == "gptq" for v in variants):
-        if moments is None:
-            raise ValueError("GPTQ variants need the layers' input moments on calib (input_moments)")
-        out["gptq"] = {**asdict(GptqConfig()), "calib_tokens": int(calib.numel())}
+    gptq_groups = {v.group for v in variants if v.rounding == "gptq"}
+    if gptq_groups:
+        missing = sorted(gptq_groups - set(moments or {}))
+        if missing:
+            raise ValueError(f"GPTQ variants need the layers' input moments on calib for groups {missing} "
+                             "(group_moments)")
+        out["gptq"] = {**asdict(gptq), "calib_tokens": int(calib.numel())}
     n_blocks = len(decoder_blocks(model))
     cache: dict = {}
     for v in sorted(variants, key=lambda v: GROUPS.index(v.group)):  # a group's variants share its quantization
@@ -323,7 +350,7 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
         t = time.perf_counter()
         if cache and next(iter(cache))[0] != v.group:
             cache.clear()  # one group's weights at a time
-        with Swapped(model, v, cache=cache, moments=moments) as sw:
+        with Swapped(model, v, cache=cache, moments=(moments or {}).get(v.group)) as sw:
             r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
         r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
         r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, rounding=v.rounding, scales=v.scales,

@@ -14,7 +14,9 @@ Scales: amax / FMAX per group by default; ``--scales mse`` picks per group the c
 rounding error (``impl.fp8.scales``). Rounding: to nearest by default. With ``--calibration TEXT`` (or ``moments=``
 from Python: one input second moment H [K, K] per quantized linear) every code is chosen by GPTQ (``impl.fp8.gptq``:
 same scales, same format, so every loader reads the checkpoint unchanged); the model in SRC is run over the text's
-first ``--calib-tokens`` tokens to measure H. ``fp8_recipe.json`` in DST records how the codes were made (scales,
+first ``--calib-tokens`` tokens to measure H (``--gptq-inputs rounded``: with its decoder linears rounded to nearest
+in the layout's group, each layer fitted to the inputs it meets once those before it are quantized; every decoder
+linear is rounded there, ``--ignore``'d ones too). ``fp8_recipe.json`` in DST records how the codes were made (scales,
 rounding, GPTQ settings, calibration), as llm-compressor keeps its recipe beside a checkpoint.
 
 DST is built in a temporary folder beside it and swapped in when complete (a failed run leaves DST as it was);
@@ -40,7 +42,7 @@ from safetensors.torch import save_file
 from impl import backend
 from impl.fp8.checkpoint_io import parse_config, read_config, read_headers, safetensors_files
 from impl.fp8.formats import get_format
-from impl.fp8.gptq import CALIB_TOKENS, GptqConfig, gptq_quantize
+from impl.fp8.gptq import CALIB_TOKENS, INPUTS, GptqConfig, gptq_quantize
 from impl.fp8.layouts import LAYOUTS, CheckpointError, Layout, get_layout
 from impl.fp8.reference import quantize_reference
 from impl.fp8.scales import SCALE_CHOICES, choose_scales
@@ -104,10 +106,12 @@ def check_moments(moments: dict[str, torch.Tensor], spec, ignore: list[str]) -> 
 
 
 @torch.no_grad()
-def calibrate(src: Path, text: str, tokens: int, window: int = 1024) -> dict[str, torch.Tensor]:
+def calibrate(src: Path, text: str, tokens: int, window: int = 1024, *,
+              through: str | None = None) -> dict[str, torch.Tensor]:
     """Input moments of every decoder linear of the model in ``src`` over the first ``tokens`` tokens of ``text``
     (the model and its tokenizer loaded with transformers; bf16 on a GPU, float32 on the CPU), keyed by the
-    checkpoint's module names."""
+    checkpoint's module names; ``through`` a scale group ("tensor", "channel", "block"): measured with every decoder
+    linear rounded to nearest in it (``GptqConfig.inputs`` "rounded"; ``quality.input_moments``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from impl.fp8.quality import input_moments
@@ -119,7 +123,7 @@ def calibrate(src: Path, text: str, tokens: int, window: int = 1024) -> dict[str
     dtype = torch.bfloat16 if backend.DEVICE == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(backend.DEVICE).eval()
     bos = tok.bos_token_id if tok("x").input_ids[:1] == [tok.bos_token_id] else None
-    moments = input_moments(model, torch.tensor(ids), window=min(window, len(ids)), bos=bos)
+    moments = input_moments(model, torch.tensor(ids), window=min(window, len(ids)), bos=bos, through=through)
     return {f"model.{name}": h for name, h in moments.items()}
 
 
@@ -321,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--calibration", type=Path, help="UTF-8 text: round the codes with GPTQ, moments measured on it")
     p.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help="tokens of --calibration used")
+    p.add_argument("--gptq-inputs", default=GptqConfig().inputs, choices=list(INPUTS),
+                   help="GPTQ's input moments: of the dense model, or of the model rounded to nearest")
     p.add_argument("--scales", default="amax", choices=list(SCALE_CHOICES),
                    help="amax: amax / FMAX per group; mse: the candidate with the least squared rounding error")
     a = p.parse_args(argv)
@@ -329,11 +335,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.calibration is not None:
             if a.calib_tokens < 1:
                 raise ValueError(f"--calib-tokens must be >= 1, got {a.calib_tokens}")
-            moments = calibrate(Path(a.src), a.calibration.read_text(encoding="utf-8"), a.calib_tokens)
-            calibration = {"text": a.calibration.name, "tokens": a.calib_tokens}
+            from impl.fp8.quality import group_of
+
+            through = group_of(LAYOUTS[a.layout]) if a.gptq_inputs == "rounded" else None
+            moments = calibrate(Path(a.src), a.calibration.read_text(encoding="utf-8"), a.calib_tokens,
+                                through=through)
+            calibration = {"text": a.calibration.name, "tokens": a.calib_tokens, "inputs_rounded_in": through}
         quantize_checkpoint(a.src, a.dst, a.layout, fmt=a.fmt, backend_name=a.backend, shard_mb=a.shard_mb,
                             ignore=a.ignore, overwrite=a.overwrite, moments=moments, calibration=calibration,
-                            scales=a.scales)
+                            scales=a.scales, gptq=GptqConfig(inputs=a.gptq_inputs))
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
