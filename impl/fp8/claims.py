@@ -13,7 +13,7 @@ from typing import Any
 
 from impl.common.ledger import BenchRatio, Case, Claim, ExtraInfo, Measured, NotMeasured, ResultValue
 from impl.common.shapes import LLAMA3_8B
-from impl.fp8.formats import activation_group
+from impl.fp8.formats import activation_name
 from impl.fp8.layouts import LAYOUTS
 
 # Llama-3-8B's gate (or up) projection; then q/o, qkv fused, down, gate+up fused
@@ -86,12 +86,9 @@ def _bw(kind: str, group: str, key: str = "pct_peak_bw", target: float = BW_TARG
 
 
 def act_group(layout: str, mode: str) -> str:
-    """How a layout's W8A8 rounds activations ("token" or "1x128": ``activation_group`` of its weight scales, as
-    vLLM runs such a checkpoint and as ``quality.act_group_name`` records it); "none" for W8A16."""
-    if mode == "w8a16":
-        return "none"
-    g = activation_group(LAYOUTS[layout].group)
-    return "token" if g.gk == 0 else f"1x{g.gk}"
+    """How a layout rounds activations in ``mode`` (``activation_name`` of its weight scales, as vLLM runs such a
+    checkpoint and as the quality record names it)."""
+    return activation_name(LAYOUTS[layout].group, mode)
 
 
 def _quality(model: str, layout: str, mode: str) -> Claim:

@@ -109,6 +109,15 @@ def activation_group(weight: ScaleGroup) -> ScaleGroup:
     return ScaleGroup(1, weight.gk) if weight.gk else TOKEN
 
 
+def activation_name(weight: ScaleGroup, mode: str) -> str:
+    """How a linear with weight scale group ``weight`` rounds its activations in ``mode``, as records and claims
+    name it: "none" (w8a16: weight-only), "token" or "1x<gk>" (w8a8: ``activation_group``)."""
+    if mode == "w8a16":
+        return "none"
+    g = activation_group(weight)
+    return "token" if g.gk == 0 else f"1x{g.gk}"
+
+
 def get_group(g: str | ScaleGroup | tuple[int, int]) -> ScaleGroup:
     """A ``ScaleGroup`` from a name ('tensor', 'channel', 'token', 'group', 'block'), a pair or a group."""
     if isinstance(g, ScaleGroup):

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from impl import backend
-from impl.fp8.formats import GROUP128, TOKEN, ScaleGroup, activation_group, get_group
+from impl.fp8.formats import GROUP128, TOKEN, ScaleGroup, activation_name, get_group
 from impl.fp8.gptq import GptqConfig
 from impl.fp8.hf import perplexity
 from impl.fp8.linear import Fp8Linear, Fp8Weight, quantize_activations
@@ -76,15 +76,6 @@ class Variant:
 
 
 ACTIVATION_GROUPS = {"token": TOKEN, "1x128": GROUP128}  # the activation roundings a W8A8 variant can take
-
-
-def act_group_name(group: str, mode: str) -> str:
-    """How the activations of a variant with weight scale ``group`` in ``mode`` are rounded: "none" (W8A16),
-    "token" or "1x<gk>" (``activation_group``; the claims name a layout's the same way)."""
-    if mode == "w8a16":
-        return "none"
-    g = activation_group(get_group(group))
-    return "token" if g.gk == 0 else f"1x{g.gk}"
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -354,7 +345,7 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
             r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
         r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
         r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, rounding=v.rounding, scales=v.scales,
-                 act_group=act_group_name(v.group, v.mode), paths=sw.paths, ignore=ignore_list(v),
+                 act_group=activation_name(get_group(v.group), v.mode), paths=sw.paths, ignore=ignore_list(v),
                  seconds=time.perf_counter() - t)
         out["variants"][v.name] = r
         log(f"{v.name}: ppl {r['ppl']:.4f}, delta {r['delta_pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}], "
