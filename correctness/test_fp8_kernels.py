@@ -67,6 +67,34 @@ def test_codec_encodes_like_torch(seed, pattern, fmt, log_scale):
     codes_equal(enc, R.encode_reference(x, fmt))
 
 
+def nearest_even_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Oracle: the e4m3 code of the float nearest to finite x (float64 distances; a tie takes the even code),
+    saturating at +-448, the sign bit from x's own (-0.0 included)."""
+    grid = torch.arange(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).double()  # codes 0..0x7E, ascending
+    a = x.double().abs().clamp(max=448.0)
+    hi = torch.searchsorted(grid, a).clamp(max=0x7E)
+    lo = (hi - 1).clamp(min=0)
+    d_lo, d_hi = a - grid[lo], grid[hi] - a
+    code = torch.where((d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0)), hi, lo).to(torch.uint8)
+    return code | (torch.signbit(x).to(torch.uint8) << 7)
+
+
+def test_reference_encoder_rounds_to_nearest_even_and_saturates():
+    """``encode_reference`` (GPTQ rounds each column with it) against the nearest-even oracle: random values of every
+    magnitude, every e4m3 value, the midpoints between neighbours (ties) and the floats just beside them, +-0 and
+    past +-448."""
+    g = torch.Generator().manual_seed(11)
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = values[torch.isfinite(values)].unique()
+    mid = (values[1:] + values[:-1]) / 2
+    x = torch.cat([torch.randn(200_000, generator=g) * torch.exp2(torch.randint(-16, 12, (200_000,), generator=g)),
+                   values, mid, torch.nextafter(mid, mid + 1), torch.nextafter(mid, mid - 1),
+                   torch.tensor([0.0, -0.0, 448.0, -448.0, 464.0, -480.0, 1e30, -1e30])])
+    got = R.encode_reference(x, E4M3)
+    assert torch.equal(got, nearest_even_e4m3(x))
+    assert got[-2:].tolist() == [0x7E, 0xFE] and got[-7].item() == 0x80  # saturation; -0.0 keeps its sign
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
 def test_bit_codec_matches_hardware_conversion(fmt):

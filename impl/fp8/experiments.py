@@ -205,7 +205,7 @@ def layout_table(name: str, variants: dict[str, Any], checks: dict[str, Any] | N
             if v["group"] == group:
                 key = vname[len(group) + 1:]
                 row[key] = {k: v[k] for k in ("delta_pct", "ci95", "abs_hi", "top1_agreement", "ppl", "keep",
-                                              "act_group") if k in v}
+                                              "act_group")}
                 row[key]["via"] = vname
         table[lay_name] = row
     return table

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from impl.fp8.formats import E4M3, ScaleGroup, expand_scales, get_group
-from impl.fp8.reference import quantize_reference
+from impl.fp8.reference import decode_reference, encode_reference, quantize_reference
 
 
 # calibration tokens for the input moments; SmolLM2 on the CPU, channel W8A16: +0.85% ppl at 32k tokens, +0.76% at
@@ -75,13 +75,6 @@ def upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(inv, upper=True)
 
 
-def round_e4m3(v: torch.Tensor) -> torch.Tensor:
-    """The nearest e4m3 value of float32 v (ties to even), saturating at +-448: torch's cast after a clamp -- the
-    codes ``encode_reference`` gives (a test checks every tie and neighbour), in two kernels instead of its dozen,
-    which matters inside GPTQ's per-column loop on a GPU."""
-    return v.clamp(-E4M3.max, E4M3.max).to(torch.float8_e4m3fn)
-
-
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group: str | ScaleGroup = "channel", cfg: GptqConfig = GptqConfig(),
                   scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 [N, K] on w's device, scales float32 [R, C] on the CPU) of w [N, K] by GPTQ with input moments
@@ -111,9 +104,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group: str | ScaleGroup = "c
         block, ub = work[:, b0:b1], u[b0:b1, b0:b1]
         err = torch.empty(n, b1 - b0, dtype=torch.float64, device=dev)
         for j in range(b1 - b0):
-            q = round_e4m3(block[:, j].to(torch.float32) * inv_s[:, b0 + j])
-            codes[:, b0 + j] = q.view(torch.uint8)
-            err[:, j] = (block[:, j] - q.to(torch.float64) * s[:, b0 + j]) / ub[j, j]
+            c = encode_reference(block[:, j].to(torch.float32) * inv_s[:, b0 + j], E4M3)
+            codes[:, b0 + j] = c
+            err[:, j] = (block[:, j] - decode_reference(c, E4M3) * s[:, b0 + j]) / ub[j, j]
             block[:, j + 1:] -= err[:, j, None] * ub[j, None, j + 1:]
         work[:, b1:] -= err @ u[b0:b1, b1:]
     if perm is not None:

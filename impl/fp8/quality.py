@@ -123,8 +123,25 @@ def quantize_weight_gptq(w: torch.Tensor, group: str, h: torch.Tensor, scales: s
     return Fp8Weight(codes.view(torch.float8_e4m3fn), s.to(w.device), get_group(group))
 
 
+@contextlib.contextmanager
+def replaced(model: nn.Module, make: Callable[[int, str, nn.Linear], nn.Module | None]):
+    """Context: each decoder linear of ``model`` replaced by ``make(block index, qualified name, linear)`` (None keeps
+    it), every one restored on exit."""
+    saved: list[tuple[nn.Module, str, nn.Linear]] = []
+    try:
+        for i, name, parent, attr, lin in block_linears(model):
+            new = make(i, name, lin)
+            if new is not None:
+                saved.append((parent, attr, lin))
+                setattr(parent, attr, new)
+        yield
+    finally:
+        for parent, attr, lin in reversed(saved):
+            setattr(parent, attr, lin)
+
+
 class Swapped:
-    """Context: the decoder linears of ``model`` replaced by Fp8Linears of ``variant`` (restored on exit).
+    """Context: the decoder linears of ``model`` replaced by Fp8Linears of ``variant`` (``replaced``).
 
     ``cache`` (a dict kept by the caller) keeps each linear's quantized weight per (group, rounding, scales), and on
     the CPU its dequantized copy, so the variants of one group quantize once. GPTQ rounding needs ``moments``: each
@@ -137,38 +154,40 @@ class Swapped:
         self.moments = moments
         if variant.rounding == "gptq" and moments is None:
             raise ValueError(f"{variant.name}: GPTQ rounding needs the layers' input moments")
-        self.saved: list[tuple[nn.Module, str, nn.Linear]] = []
         self.paths: dict[str, int] = {}
+        self._swap: contextlib.AbstractContextManager | None = None
+
+    def _layer(self, i: int, name: str, lin: nn.Linear) -> Fp8Linear | None:
+        v = self.variant
+        if i in v.keep or (self.blocks is not None and i not in self.blocks):
+            return None
+        key = (v.group, v.rounding, v.scales, name)
+        if key not in self.cache:
+            if v.rounding == "gptq":
+                w = quantize_weight_gptq(lin.weight.data, v.group, self.moments[name], v.scales)
+            else:
+                w = quantize_weight_like_checkpoint(lin.weight.data, v.group, v.scales)
+            if lin.bias is not None:
+                w.bias = lin.bias.data
+            self.cache[key] = [w, None]
+        w, dense = self.cache[key]
+        layer = Fp8Linear(w, compute_dtype=lin.weight.dtype, mode=v.mode)
+        if layer.path.endswith("-torch"):  # the CPU paths keep W dequantized: share it between modes
+            if dense is None:
+                self.cache[key][1] = dense = layer.dequantized_weight()
+            layer._dense = dense
+        self.paths[layer.path] = self.paths.get(layer.path, 0) + 1
+        return layer
 
     def __enter__(self) -> "Swapped":
-        for i, name, parent, attr, lin in block_linears(self.model):
-            if i in self.variant.keep or (self.blocks is not None and i not in self.blocks):
-                continue
-            v = self.variant
-            key = (v.group, v.rounding, v.scales, name)
-            if key not in self.cache:
-                if v.rounding == "gptq":
-                    w = quantize_weight_gptq(lin.weight.data, v.group, self.moments[name], v.scales)
-                else:
-                    w = quantize_weight_like_checkpoint(lin.weight.data, v.group, v.scales)
-                if lin.bias is not None:
-                    w.bias = lin.bias.data
-                self.cache[key] = [w, None]
-            w, dense = self.cache[key]
-            layer = Fp8Linear(w, compute_dtype=lin.weight.dtype, mode=self.variant.mode)
-            if layer.path.endswith("-torch"):  # the CPU paths keep W dequantized: share it between modes
-                if dense is None:
-                    self.cache[key][1] = dense = layer.dequantized_weight()
-                layer._dense = dense
-            self.paths[layer.path] = self.paths.get(layer.path, 0) + 1
-            self.saved.append((parent, attr, lin))
-            setattr(parent, attr, layer)
+        self._swap = replaced(self.model, self._layer)
+        self._swap.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for parent, attr, lin in reversed(self.saved):
-            setattr(parent, attr, lin)
-        self.saved.clear()
+        swap, self._swap = self._swap, None
+        if swap is not None:
+            swap.__exit__(*exc)
 
 
 class RoundedInput(nn.Module):
@@ -193,16 +212,10 @@ def activations_only(model: nn.Module, ids: torch.Tensor, base: dict[str, Any], 
     ``ACTIVATION_GROUPS``' groups (module doc); paired with ``base`` as the variants are."""
     out: dict[str, Any] = {}
     for name, group in ACTIVATION_GROUPS.items():
-        saved = [(parent, attr, lin) for _, _, parent, attr, lin in block_linears(model)]
-        for parent, attr, lin in saved:
-            setattr(parent, attr, RoundedInput(lin, group))
-        try:
+        with replaced(model, lambda i, n, lin: RoundedInput(lin, group)):
             r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
-        finally:
-            for parent, attr, lin in saved:
-                setattr(parent, attr, lin)
         r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
-        out[name] = {k: r[k] for k in ("ppl", "delta_pct", "ci95", "abs_hi", "top1_agreement") if k in r}
+        out[name] = {k: r[k] for k in ("ppl", "delta_pct", "ci95", "abs_hi", "top1_agreement")}
     return out
 
 

@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             through = group_of(LAYOUTS[a.layout]) if a.gptq_inputs == "rounded" else None
             moments = calibrate(Path(a.src), a.calibration.read_text(encoding="utf-8"), a.calib_tokens,
                                 through=through)
-            calibration = {"text": a.calibration.name, "tokens": a.calib_tokens, "inputs_rounded_in": through}
+            calibration = {"text": a.calibration.name, "tokens": a.calib_tokens}  # the inputs: the recipe's gptq
         quantize_checkpoint(a.src, a.dst, a.layout, fmt=a.fmt, backend_name=a.backend, shard_mb=a.shard_mb,
                             ignore=a.ignore, overwrite=a.overwrite, moments=moments, calibration=calibration,
                             scales=a.scales, gptq=GptqConfig(inputs=a.gptq_inputs))
