@@ -135,3 +135,24 @@ def test_a_gptq_variant_names_itself_and_needs_moments():
     with pytest.raises(ValueError, match="input moments"):
         Swapped(nn.Linear(4, 4), v)
 
+
+
+def test_many_weights_in_one_batch_give_each_ones_codes():
+    """Weights of several shapes and scale groups through one call (two of one shape share a batch): each gets
+    exactly the codes and scales it gets alone, and a bad shape is named."""
+    from impl.fp8.gptq import gptq_quantize_many
+
+    g = torch.Generator().manual_seed(5)
+    items = []
+    for n, k, group in ((80, 96, "channel"), (16, 96, "tensor"), (80, 96, "block"), (50, 200, "channel"),
+                        (3, 200, "block")):
+        x = torch.randn(256, 8, generator=g) @ torch.randn(8, k, generator=g) + 0.1 * torch.randn(256, k, generator=g)
+        x[:, 3] = 0.0
+        items.append((0.05 * torch.randn(n, k, generator=g), x.double().t() @ x.double() / 256, group, None))
+    cfg = GptqConfig(block=32)
+    many = gptq_quantize_many(items, cfg)
+    for (w, h, group, _), (codes, scales) in zip(items, many):
+        alone = gptq_quantize(w, h, group, cfg)
+        assert codes.shape == w.shape and torch.equal(codes, alone[0]) and torch.equal(scales, alone[1]), group
+    with pytest.raises(ValueError, match=r"\[N, K\] and h \[K, K\]"):
+        gptq_quantize_many([items[0], (items[1][0], items[3][1], "tensor", None)], cfg)

@@ -13,8 +13,9 @@ Wikipedia pages (``wiki.txt`` in ``--assets``, else extracted here). Per model, 
 tokens rank the blocks by sensitivity and give GPTQ its input moments; the next ``--tokens`` are the evaluation
 windows. The policies in ``--gptq-policies`` also run with GPTQ-rounded weights (``<group>-<mode>-gptq``, beside
 round-to-nearest), and those in ``--mse-policies`` with MSE-chosen scales (``...-mse``: ``impl.fp8.scales``) for each
-rounding they run with; ``impl.fp8.quantize`` writes every one of these into a checkpoint. See ``quality`` for the
-variants, the metric and its interval.
+rounding they run with, and the W8A8 variants of those in ``--smooth-policies`` also smoothed (``...-smooth<alpha>``:
+SmoothQuant's factors from the calibration tokens folded in, ``impl.fp8.smooth``); ``impl.fp8.quantize`` writes
+every one of these into a checkpoint. See ``quality`` for the variants, the metric and its interval.
 
 Layouts: the seven checkpoint layouts hold three numerics (per-tensor: vllm-tensor, ct-tensor; per-channel:
 vllm-channel, ct-channel; 128x128 blocks: vllm-block, deepseek-block, ct-block). For SmolLM2 (a Llama checkpoint)
@@ -37,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 from impl import backend
-from impl.fp8 import quality, smollm, wiki
+from impl.fp8 import quality, smollm, smooth, wiki
 from impl.fp8.gptq import CALIB_TOKENS, INPUTS, GptqConfig
 from impl.fp8.layouts import LAYOUTS
 
@@ -51,6 +52,9 @@ GPTQ_POLICIES = ("all", "first-last")  # GPTQ-rounded variants beside round-to-n
 # change tensor 1.16 -> 1.88%, channel 1.67 -> 1.39%, block 1.94 -> 1.89%, and with GPTQ each adds a pass per group
 # to the run (~50 s on SmolLM2)
 MSE_POLICIES: tuple[str, ...] = ()
+# W8A8 with SmoothQuant's factors folded in (impl.fp8.smooth), beside the unsmoothed variants; rounded to nearest,
+# and by GPTQ where the policy is a GPTQ one
+SMOOTH_POLICIES = ("all", "first-last")
 # (rounding, scales) checked bit for bit through each layout in the run; GPTQ's per-column loop takes ~50 s per group
 # of SmolLM2 on the H200, so the GPTQ checkpoint path is checked on the CPU by the tests (correctness/test_fp8_smollm)
 LAYOUT_RECIPES = (("nearest", "amax"),)
@@ -216,6 +220,7 @@ def layout_table(name: str, variants: dict[str, Any], checks: dict[str, Any] | N
 def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
               policies: list[str], deadline: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
               gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = (),
+              smooth_policies: tuple[str, ...] = (), alpha: float = smooth.ALPHA,
               gptq: GptqConfig = GptqConfig(), log: LOG = print) -> dict[str, Any]:
     device = backend.DEVICE
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -223,7 +228,8 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
     model, tok, bos = load(name, assets, device, dtype)
     log(f"{name}: loaded in {time.perf_counter() - t0:.0f} s ({dtype}, {device}, bos={bos})")
     cal, ids = token_split(tok, text_of(assets), calib, tokens)
-    variants = quality.variants_for(policies, groups, gptq_policies=gptq_policies, mse_policies=mse_policies)
+    variants = quality.variants_for(policies, groups, gptq_policies=gptq_policies, mse_policies=mse_policies,
+                                    smooth_policies=smooth_policies, alpha=alpha)
     moments = None
     if gptq_policies:
         t = time.perf_counter()
@@ -256,11 +262,11 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
 def run(models: list[str], *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
         policies: list[str], budget_s: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
         gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = (), gptq: GptqConfig = GptqConfig(),
-        log: LOG = print) -> dict[str, Any]:
+        smooth_policies: tuple[str, ...] = (), alpha: float = smooth.ALPHA, log: LOG = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     deadline = t0 + budget_s
     data: dict[str, Any] = {"models": {}, "policies": policies, "gptq_policies": list(gptq_policies),
-                            "mse_policies": list(mse_policies),
+                            "mse_policies": list(mse_policies), "smooth_policies": list(smooth_policies),
                             "bootstrap": quality.BOOTSTRAP,
                             "text": "gensim Wikipedia pages (wiki.txt)", "complete": False}
     for name in models:
@@ -268,6 +274,7 @@ def run(models: list[str], *, assets: Path | None, tokens: int, calib: int, wind
             r = run_model(name, assets=assets, tokens=tokens, calib=calib, window=window, batch=batch,
                           policies=policies, deadline=deadline, layouts=layouts and name == "smollm2",
                           groups=groups, gptq_policies=gptq_policies, mse_policies=mse_policies, gptq=gptq,
+                          smooth_policies=smooth_policies, alpha=alpha,
                           log=log)
         except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
             log(f"{name}: not run ({type(e).__name__}: {e})")
@@ -317,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="GPTQ's input moments: of the dense model, or of the model rounded to nearest in each group")
     p.add_argument("--mse-policies", nargs="*", default=list(MSE_POLICIES),
                    help="policies also run with MSE-chosen scales (impl.fp8.scales), for each rounding they run with")
+    p.add_argument("--smooth-policies", nargs="*", default=list(SMOOTH_POLICIES),
+                   help="policies whose W8A8 variants also run smoothed (impl.fp8.smooth); none: no smoothing")
+    p.add_argument("--smooth-alpha", type=float, default=smooth.ALPHA, help="SmoothQuant's migration strength")
     p.add_argument("--groups", nargs="*", default=list(quality.GROUPS), choices=quality.GROUPS)
     p.add_argument("--tokens", type=int, help="evaluation tokens per model (default 131072; --quick 65536)")
     p.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS,
@@ -345,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     data = run(a.models, assets=assets, tokens=n, calib=a.calib_tokens, window=a.window, batch=a.batch,
                policies=a.policies, budget_s=a.budget_s, layouts=not a.no_layouts, groups=tuple(a.groups),
                gptq_policies=tuple(a.gptq_policies), mse_policies=tuple(a.mse_policies),
-               gptq=GptqConfig(inputs=a.gptq_inputs))
+               gptq=GptqConfig(inputs=a.gptq_inputs), smooth_policies=tuple(a.smooth_policies),
+               alpha=a.smooth_alpha)
     if not any("variants" in m for m in data["models"].values()):
         print(summary(data), file=sys.stderr)
         print("no model could be evaluated: nothing written", file=sys.stderr)

@@ -64,13 +64,14 @@ class GptqConfig:
 
 
 def upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """U with (H + λI)⁻¹ = Uᵀ U (upper triangular, float64), dead inputs given H[k, k] = 1 first."""
+    """U with (H + λI)⁻¹ = Uᵀ U (upper triangular, float64), dead inputs given H[k, k] = 1 first; H [K, K] or a
+    batch [B, K, K] (λ per matrix)."""
     h = h.detach().to(torch.float64).clone()
-    if h.ndim != 2 or h.shape[0] != h.shape[1] or not torch.isfinite(h).all():
+    if h.ndim not in (2, 3) or h.shape[-1] != h.shape[-2] or not torch.isfinite(h).all():
         raise ValueError(f"H must be a finite square matrix, got {tuple(h.shape)}")
-    diag = h.diagonal()
+    diag = h.diagonal(dim1=-2, dim2=-1)
     diag[diag <= 0] = 1.0
-    diag += damp * diag.mean()
+    diag += damp * diag.mean(-1, keepdim=True)
     inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(inv, upper=True)
 
@@ -79,39 +80,66 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group: str | ScaleGroup = "c
                   scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 [N, K] on w's device, scales float32 [R, C] on the CPU) of w [N, K] by GPTQ with input moments
     h [K, K] (module doc); ``scales`` fixes the group scales (default: amax / FMAX, round-to-nearest's)."""
-    if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
-        raise ValueError(f"w must be [N, K] and h [K, K], got {tuple(w.shape)} and {tuple(h.shape)}")
-    group = get_group(group)
-    if scales is None:
-        _, scales = quantize_reference(w, group, E4M3)
-    else:
-        scales = scales.detach().to("cpu", torch.float32).reshape(group.scale_shape(*w.shape))
-    n, k = w.shape
-    dev = w.device  # float64 work on the weight's device
-    s = expand_scales(scales.to(torch.float64), group, n, k).to(dev)
-    inv_s = expand_scales(1.0 / scales, group, n, k).to(dev)  # float32, as the reference quantizer divides
-    work = w.detach().to(torch.float64).clone()
-    perm = None
-    if cfg.act_order:
-        perm = torch.argsort(h.diagonal().to(torch.float64), descending=True, stable=True)
-        h = h[perm][:, perm]
-        perm = perm.to(dev)
-        s, inv_s, work = s[:, perm], inv_s[:, perm], work[:, perm]
-    u = upper_inverse_factor(h, cfg.damp).to(dev)
-    codes = torch.empty(n, k, dtype=torch.uint8, device=dev)
+    return gptq_quantize_many([(w, h, group, scales)], cfg)[0]
+
+
+def gptq_quantize_many(items: list[tuple[torch.Tensor, torch.Tensor, str | ScaleGroup, torch.Tensor | None]],
+                       cfg: GptqConfig = GptqConfig()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``gptq_quantize`` of many (w, h, group, scales), the weights of the same shape and device run as one batch
+    [B, N, K] (one H each): one pass over the K columns for all of them instead of one per weight (the column loop
+    is launch-bound on a GPU); each weight's codes are those it gets alone."""
+    prepared = []
+    for w, h, group, scales in items:
+        if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
+            raise ValueError(f"w must be [N, K] and h [K, K], got {tuple(w.shape)} and {tuple(h.shape)}")
+        group = get_group(group)
+        if scales is None:
+            _, scales = quantize_reference(w, group, E4M3)
+        else:
+            scales = scales.detach().to("cpu", torch.float32).reshape(group.scale_shape(*w.shape))
+        prepared.append((w, h, group, scales))
+    batches: dict[tuple[int, int, torch.device], list[int]] = {}
+    for i, (w, *_) in enumerate(prepared):
+        batches.setdefault((*w.shape, w.device), []).append(i)
+    out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(items)  # type: ignore[list-item]
+    for idx in batches.values():
+        for i, codes in zip(idx, _gptq_batch([prepared[i] for i in idx], cfg)):
+            out[i] = (codes, prepared[i][3])
+    return out
+
+
+def _gptq_batch(items: list[tuple[torch.Tensor, torch.Tensor, ScaleGroup, torch.Tensor]],
+                cfg: GptqConfig) -> list[torch.Tensor]:
+    """GPTQ codes of weights of one shape [N, K] and device, one column loop for all (``gptq_quantize_many``)."""
+    (n, k), dev, b = items[0][0].shape, items[0][0].device, len(items)
+    work = torch.empty(b, n, k, dtype=torch.float64, device=dev)
+    s = torch.empty(b, n, k, dtype=torch.float64, device=dev)
+    inv_s = torch.empty(b, n, k, dtype=torch.float32, device=dev)  # float32, as the reference quantizer divides
+    hs = torch.empty(b, k, k, dtype=torch.float64)
+    perms = []
+    for i, (w, h, group, scales) in enumerate(items):
+        perm = (torch.argsort(h.diagonal().to(torch.float64), descending=True, stable=True) if cfg.act_order
+                else torch.arange(k))
+        h = h.detach().to("cpu", torch.float64)
+        hs[i] = h[perm][:, perm]
+        pd = perm.to(dev)
+        perms.append(pd)
+        work[i] = w.detach().to(torch.float64)[:, pd]
+        s[i] = expand_scales(scales.to(torch.float64), group, n, k).to(dev)[:, pd]
+        inv_s[i] = expand_scales(1.0 / scales, group, n, k).to(dev)[:, pd]
+    u = upper_inverse_factor(hs, cfg.damp).to(dev)
+    codes = torch.empty(b, n, k, dtype=torch.uint8, device=dev)
     for b0 in range(0, k, cfg.block):
         b1 = min(b0 + cfg.block, k)
-        block, ub = work[:, b0:b1], u[b0:b1, b0:b1]
-        err = torch.empty(n, b1 - b0, dtype=torch.float64, device=dev)
+        block, ub = work[:, :, b0:b1], u[:, b0:b1, b0:b1]
+        err = torch.empty(b, n, b1 - b0, dtype=torch.float64, device=dev)
         for j in range(b1 - b0):
-            c = encode_reference(block[:, j].to(torch.float32) * inv_s[:, b0 + j], E4M3)
-            codes[:, b0 + j] = c
-            err[:, j] = (block[:, j] - decode_reference(c, E4M3) * s[:, b0 + j]) / ub[j, j]
-            block[:, j + 1:] -= err[:, j, None] * ub[j, None, j + 1:]
-        work[:, b1:] -= err @ u[b0:b1, b1:]
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    return codes, scales
+            c = encode_reference(block[:, :, j].to(torch.float32) * inv_s[:, :, b0 + j], E4M3)
+            codes[:, :, b0 + j] = c
+            err[:, :, j] = (block[:, :, j] - decode_reference(c, E4M3) * s[:, :, b0 + j]) / ub[:, j, j, None]
+            block[:, :, j + 1:] -= err[:, :, j, None] * ub[:, None, j, j + 1:]
+        work[:, :, b1:] -= err @ u[:, b0:b1, b1:]
+    return [codes[i][:, torch.argsort(perms[i])] for i in range(b)]
 
 
 class InputMoments:

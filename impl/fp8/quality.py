@@ -20,7 +20,12 @@ with a 95% percentile bootstrap interval over windows (resampled with replacemen
 positions where the variant's argmax next token equals the base model's.
 
 Activations alone (``activations_only``): the weights left dense, every decoder linear's input rounded to e4m3 per
-token and per 1x128 slice -- the part of a W8A8 change that no weight rounding can remove.
+token and per 1x128 slice -- the part of a W8A8 change that no weight rounding can remove -- and per token after
+each smoothing alpha the variants use.
+
+Smoothing (``Variant.smooth`` = alpha > 0): SmoothQuant's factors (``impl.fp8.smooth``), from each site's input channel
+amax over the calibration tokens, folded into the model's norms, up_proj rows and weights before the weights are
+rounded; GPTQ's moments are transformed alike (``smooth.smoothed_moments``).
 
 Sensitivity (which blocks dominate the error): each block alone quantized (W8A16), the mean KL(base || variant)
 of the next-token distributions over calibration windows that come *before* the evaluation text, never from it.
@@ -31,13 +36,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from impl import backend
+from impl.fp8 import smooth
 from impl.fp8.formats import GROUP128, TOKEN, ScaleGroup, activation_name, get_group
 from impl.fp8.gptq import GptqConfig
 from impl.fp8.hf import perplexity
@@ -61,17 +67,21 @@ class Variant:
     policy: str = "all"  # how ``keep`` was chosen: "all" (none kept), "first-last", "top<k>" (sensitivity)
     rounding: str = "nearest"  # of the weights to e4m3: "nearest" or "gptq" (impl.fp8.gptq; same scales)
     scales: str = "amax"  # per group: "amax" / FMAX, or "mse" (impl.fp8.scales: least squared rounding error)
+    smooth: float = 0.0  # SmoothQuant's alpha folded in before rounding (impl.fp8.smooth); 0: none
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.scales not in SCALE_CHOICES:
             raise ValueError(f"scales must be one of {SCALE_CHOICES}, got {self.scales!r}")
+        if not 0 <= self.smooth <= 1:
+            raise ValueError(f"smooth (alpha) must lie in [0, 1], got {self.smooth}")
 
     @property
     def name(self) -> str:
         return (f"{self.group}-{self.mode}" + ("" if self.rounding == "nearest" else f"-{self.rounding}")
                 + ("" if self.scales == "amax" else f"-{self.scales}")
+                + (f"-smooth{self.smooth:g}" if self.smooth else "")
                 + ("" if self.policy == "all" else f"-keep-{self.policy}"))
 
 
@@ -115,12 +125,17 @@ def quantize_weight_like_checkpoint(w: torch.Tensor, group: str, scales: str = "
     return Fp8Weight(codes.view(torch.float8_e4m3fn).to(w.device), s.to(w.device), g)
 
 
-def quantize_weight_gptq(w: torch.Tensor, group: str, h: torch.Tensor, scales: str = "amax") -> Fp8Weight:
-    """``quantize_weight_like_checkpoint``'s format and scales, codes rounded by GPTQ with input moments h."""
-    from impl.fp8.gptq import gptq_quantize
+def quantize_weights_gptq(weights: dict[str, torch.Tensor], group: str, moments: dict[str, torch.Tensor],
+                          scales: str = "amax") -> dict[str, Fp8Weight]:
+    """``quantize_weight_like_checkpoint``'s format and scales for each named weight, codes rounded by GPTQ with
+    its input moments ``moments[name]``; all in one batched call (``gptq_quantize_many``)."""
+    from impl.fp8.gptq import gptq_quantize_many
 
-    codes, s = gptq_quantize(w, h, group, scales=choose_scales(w, group, "e4m3", scales))
-    return Fp8Weight(codes.view(torch.float8_e4m3fn), s.to(w.device), get_group(group))
+    names = list(weights)
+    got = gptq_quantize_many([(weights[n], moments[n], group, choose_scales(weights[n], group, "e4m3", scales))
+                              for n in names])
+    return {n: Fp8Weight(codes.view(torch.float8_e4m3fn), s.to(weights[n].device), get_group(group))
+            for n, (codes, s) in zip(names, got)}
 
 
 @contextlib.contextmanager
@@ -157,20 +172,33 @@ class Swapped:
         self.paths: dict[str, int] = {}
         self._swap: contextlib.AbstractContextManager | None = None
 
+    def _swapped(self, i: int) -> bool:
+        return i not in self.variant.keep and (self.blocks is None or i in self.blocks)
+
+    def _key(self, name: str) -> tuple:
+        v = self.variant
+        return (v.group, v.rounding, v.scales, v.smooth, name)
+
+    def _quantize_gptq(self) -> None:
+        """Every swapped linear's GPTQ weight not yet in the cache, in one batch."""
+        todo = {name: lin for i, name, _, _, lin in block_linears(self.model)
+                if self._swapped(i) and self._key(name) not in self.cache}
+        if todo:
+            got = quantize_weights_gptq({n: lin.weight.data for n, lin in todo.items()}, self.variant.group,
+                                        self.moments, self.variant.scales)
+            for n, w in got.items():
+                self.cache[self._key(n)] = [w, None]
+
     def _layer(self, i: int, name: str, lin: nn.Linear) -> Fp8Linear | None:
         v = self.variant
-        if i in v.keep or (self.blocks is not None and i not in self.blocks):
+        if not self._swapped(i):
             return None
-        key = (v.group, v.rounding, v.scales, name)
+        key = self._key(name)
         if key not in self.cache:
-            if v.rounding == "gptq":
-                w = quantize_weight_gptq(lin.weight.data, v.group, self.moments[name], v.scales)
-            else:
-                w = quantize_weight_like_checkpoint(lin.weight.data, v.group, v.scales)
-            if lin.bias is not None:
-                w.bias = lin.bias.data
-            self.cache[key] = [w, None]
+            self.cache[key] = [quantize_weight_like_checkpoint(lin.weight.data, v.group, v.scales), None]
         w, dense = self.cache[key]
+        if lin.bias is not None:
+            w.bias = lin.bias.data
         layer = Fp8Linear(w, compute_dtype=lin.weight.dtype, mode=v.mode)
         if layer.path.endswith("-torch"):  # the CPU paths keep W dequantized: share it between modes
             if dense is None:
@@ -180,6 +208,8 @@ class Swapped:
         return layer
 
     def __enter__(self) -> "Swapped":
+        if self.variant.rounding == "gptq":
+            self._quantize_gptq()
         self._swap = replaced(self.model, self._layer)
         self._swap.__enter__()
         return self
@@ -207,16 +237,56 @@ class RoundedInput(nn.Module):
 
 @torch.no_grad()
 def activations_only(model: nn.Module, ids: torch.Tensor, base: dict[str, Any], *, window: int, batch: int,
-                     bos: int | None, ref_argmax: list[torch.Tensor] | None = None) -> dict[str, Any]:
+                     bos: int | None, ref_argmax: list[torch.Tensor] | None = None,
+                     smoothing: Smoothing | None = None) -> dict[str, Any]:
     """{group name: perplexity change} with dense weights and every decoder linear's input rounded to e4m3 in
-    ``ACTIVATION_GROUPS``' groups (module doc); paired with ``base`` as the variants are."""
+    ``ACTIVATION_GROUPS``' groups (module doc), and per token after each of ``smoothing``'s alphas
+    ("token-smooth<alpha>"); paired with ``base`` as the variants are."""
+    runs = [(name, group, 0.0) for name, group in ACTIVATION_GROUPS.items()]
+    runs += [(f"token-smooth{a:g}", TOKEN, a) for a in (smoothing.factors if smoothing else {})]
     out: dict[str, Any] = {}
-    for name, group in ACTIVATION_GROUPS.items():
-        with replaced(model, lambda i, n, lin: RoundedInput(lin, group)):
-            r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
+    for name, group, alpha in runs:
+        with smoothing.folded(model, alpha) if alpha else contextlib.nullcontext():
+            with replaced(model, lambda i, n, lin: RoundedInput(lin, group)):
+                r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
         r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
         out[name] = {k: r[k] for k in ("ppl", "delta_pct", "ci95", "abs_hi", "top1_agreement")}
     return out
+
+
+@dataclass
+class Smoothing:
+    """The smoothing sites of a model and their factors s per alpha (``impl.fp8.smooth``), from the sites' input
+    channel amax over calibration tokens."""
+
+    sites: list[smooth.Site]
+    factors: dict[float, dict[str, torch.Tensor]]
+    calib_tokens: int
+
+    @classmethod
+    @torch.no_grad()
+    def measure(cls, model: nn.Module, calib: torch.Tensor, alphas: list[float], *, window: int,
+                bos: int | None) -> "Smoothing":
+        sites = smooth.find_sites(decoder_blocks(model))
+        linears = {name: lin for _, name, _, _, lin in block_linears(model)}
+        with smooth.InputAmax(linears, sites) as rec:
+            for row in calibration_windows(model, calib, window, bos):
+                model(input_ids=row[None])
+        weights = {name: lin.weight for name, lin in linears.items()}
+        return cls(sites, {a: smooth.smoothing_factors(sites, rec.amax, weights, a) for a in alphas},
+                   int(calib.numel()))
+
+    def folded(self, model: nn.Module, alpha: float) -> contextlib.AbstractContextManager:
+        """Context: ``model`` with alpha's smoothing folded in (``smooth.smoothed``)."""
+        return smooth.smoothed(decoder_blocks(model), self.sites, self.factors[alpha])
+
+    def moments(self, moments: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        return smooth.smoothed_moments(moments, self.sites, self.factors[alpha])
+
+    def record(self) -> dict[str, Any]:
+        return {"alpha": sorted(self.factors), "calib_tokens": self.calib_tokens,
+                "sites": {k: sum(s.kind == k for s in self.sites) for k in smooth.KINDS},
+                "smoothed_linears": sum(len(s.consumers) for s in self.sites)}
 
 
 def bootstrap_delta(base_nll: list[float], var_nll: list[float], *, n: int = BOOTSTRAP,
@@ -234,14 +304,21 @@ def bootstrap_delta(base_nll: list[float], var_nll: list[float], *, n: int = BOO
             "windows": r["n"], "bootstrap": n, "seed": seed}
 
 
-@torch.no_grad()
-def block_sensitivity(model: nn.Module, calib: torch.Tensor, group: str, *, window: int, bos: int | None,
-                      log: Callable[..., Any] = print) -> list[float]:
-    """Mean KL(base || block i alone quantized, W8A16) per next-token position over ``calib``, for each block."""
+def calibration_windows(model: nn.Module, calib: torch.Tensor, window: int, bos: int | None) -> torch.Tensor:
+    """``calib`` (1-D token ids) as rows of ``window`` tokens on the model's device, each led by ``bos`` if given;
+    a tail shorter than a window is dropped."""
     device = next(model.parameters()).device
     chunks = calib[: (calib.numel() // window) * window].reshape(-1, window).to(device)
     if bos is not None:
         chunks = torch.cat([torch.full_like(chunks[:, :1], bos), chunks], dim=1)
+    return chunks
+
+
+@torch.no_grad()
+def block_sensitivity(model: nn.Module, calib: torch.Tensor, group: str, *, window: int, bos: int | None,
+                      log: Callable[..., Any] = print) -> list[float]:
+    """Mean KL(base || block i alone quantized, W8A16) per next-token position over ``calib``, for each block."""
+    chunks = calibration_windows(model, calib, window, bos)
     base = torch.log_softmax(model(input_ids=chunks).logits.float(), dim=-1)
     out = []
     for i in range(len(decoder_blocks(model))):
@@ -260,10 +337,7 @@ def input_moments(model: nn.Module, calib: torch.Tensor, *, window: int, bos: in
     in that group (W8A16), the inputs each linear meets once those before it are quantized (``GptqConfig.inputs``)."""
     from impl.fp8.gptq import InputMoments
 
-    device = next(model.parameters()).device
-    chunks = calib[: (calib.numel() // window) * window].reshape(-1, window).to(device)
-    if bos is not None:
-        chunks = torch.cat([torch.full_like(chunks[:, :1], bos), chunks], dim=1)
+    chunks = calibration_windows(model, calib, window, bos)
     places = [(name, parent, attr) for _, name, parent, attr, _ in block_linears(model)]
     with Swapped(model, Variant(through, "w8a16")) if through else contextlib.nullcontext():
         with InputMoments({name: getattr(parent, attr) for name, parent, attr in places}) as mom:
@@ -325,9 +399,14 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
     ref_argmax = base.pop("argmax")
     log(f"base: ppl {base['ppl']:.4f} over {base['tokens']} tokens ({time.perf_counter() - t0:.0f} s)")
     out: dict[str, Any] = {"base": base, "variants": {}, "complete": False}
+    smoothing = None
+    alphas = sorted({v.smooth for v in variants if v.smooth})
+    if alphas:
+        smoothing = Smoothing.measure(model, calib, alphas, window=window, bos=bos)
+        out["smooth"] = smoothing.record()
     if any(v.mode == "w8a8" for v in variants):
         out["activations_only"] = activations_only(model, ids, base, window=window, batch=batch, bos=bos,
-                                                   ref_argmax=ref_argmax)
+                                                   ref_argmax=ref_argmax, smoothing=smoothing)
         log("activations alone (dense weights): " + ", ".join(
             f"{g} {r['delta_pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
             for g, r in out["activations_only"].items()))
@@ -354,10 +433,15 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
         t = time.perf_counter()
         if cache and next(iter(cache))[0] != v.group:
             cache.clear()  # one group's weights at a time
-        with Swapped(model, v, cache=cache, moments=(moments or {}).get(v.group)) as sw:
-            r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
+        h = (moments or {}).get(v.group) if v.rounding == "gptq" else None
+        if h is not None and v.smooth:
+            h = smoothing.moments(h, v.smooth)
+        with smoothing.folded(model, v.smooth) if v.smooth else contextlib.nullcontext():
+            with Swapped(model, v, cache=cache, moments=h) as sw:
+                r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
         r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
         r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, rounding=v.rounding, scales=v.scales,
+                 smooth=v.smooth,
                  act_group=activation_name(get_group(v.group), v.mode), paths=sw.paths, ignore=ignore_list(v),
                  seconds=time.perf_counter() - t)
         out["variants"][v.name] = r
@@ -379,21 +463,26 @@ def resolve_keep(v: Variant, ranking: list[int], n_blocks: int) -> Variant:
     if v.policy == "all":
         return v
     if v.policy == "first-last":
-        return Variant(v.group, v.mode, (0, n_blocks - 1), v.policy, v.rounding, v.scales)
+        return replace(v, keep=(0, n_blocks - 1))
     if v.policy.startswith("top"):
         if not ranking:
             raise ValueError(f"{v.name}: policy {v.policy} needs the sensitivity ranking")
-        return Variant(v.group, v.mode, tuple(sorted(ranking[: int(v.policy[3:])])), v.policy, v.rounding, v.scales)
+        return replace(v, keep=tuple(sorted(ranking[: int(v.policy[3:])])))
     raise ValueError(f"unknown keep policy {v.policy!r} (all, first-last, top<k>)")
 
 
 def variants_for(policies: list[str], groups: tuple[str, ...] = GROUPS, modes: tuple[str, ...] = MODES,
-                 gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = ()) -> list[Variant]:
+                 gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = (),
+                 smooth_policies: tuple[str, ...] = (), alpha: float = smooth.ALPHA) -> list[Variant]:
     """Round-to-nearest variants for every policy, GPTQ-rounded ones for ``gptq_policies``; with amax scales, and
-    for ``mse_policies`` also with MSE-chosen scales (rounded both ways where the policy is in both lists)."""
+    for ``mse_policies`` also with MSE-chosen scales (rounded both ways where the policy is in both lists); and for
+    ``smooth_policies`` W8A8 variants smoothed with ``alpha`` (amax scales, rounded both ways likewise)."""
     out = []
     for sc, allowed in (("amax", None), ("mse", set(mse_policies))):
         for r, ps in (("nearest", policies), ("gptq", gptq_policies)):
             out += [Variant(g, m, (), p, r, sc) for p in ps if allowed is None or p in allowed
                     for g in groups for m in modes]
+    if "w8a8" in modes:
+        for r, ps in (("nearest", policies), ("gptq", gptq_policies)):
+            out += [Variant(g, "w8a8", (), p, r, smooth=alpha) for p in ps if p in smooth_policies for g in groups]
     return out

@@ -2,7 +2,7 @@
 
     python -m impl.fp8.quantize SRC DST --layout vllm-tensor|vllm-channel|vllm-block|deepseek-block|
                                                  ct-tensor|ct-channel|ct-block [--fmt e4m3|e5m2] [--backend ...]
-                                                 [--calibration TEXT [--calib-tokens N]]
+                                                 [--calibration TEXT [--calib-tokens N] [--smooth ALPHA]]
 
 Every projection of every decoder layer (q/k/v/o, gate/up/down) is quantized with dynamic scales of the layout's
 group (amax / FMAX, see ``kernels``); everything else (embeddings, norms, lm_head) is copied unchanged. Tensors are
@@ -19,6 +19,12 @@ in the layout's group, each layer fitted to the inputs it meets once those befor
 linear is rounded there, ``--ignore``'d ones too). ``fp8_recipe.json`` in DST records how the codes were made (scales,
 rounding, GPTQ settings, calibration), as llm-compressor keeps its recipe beside a checkpoint.
 
+Smoothing (``--smooth ALPHA`` with ``--calibration``; ``smooth=`` from Python): SmoothQuant's per-channel factors
+(``impl.fp8.smooth``) from the inputs' channel amax over the calibration tokens, folded into the norms, the
+up_proj rows and the consumers' weights before they are rounded (GPTQ's moments transformed alike); the folded norms
+are written in the checkpoint's dtype, so every loader runs the smoothed model unchanged. For W8A8 with per-token
+activation scales, whose rounding the activations' outlier channels dominate; the recipe records alpha and sites.
+
 DST is built in a temporary folder beside it and swapped in when complete (a failed run leaves DST as it was);
 ``--overwrite`` replaces only a folder this tool wrote (its manifest lists every file), and a DST that is, contains or
 lies inside SRC is refused.
@@ -31,7 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -46,6 +52,7 @@ from impl.fp8.gptq import CALIB_TOKENS, INPUTS, GptqConfig, gptq_quantize
 from impl.fp8.layouts import LAYOUTS, CheckpointError, Layout, get_layout
 from impl.fp8.reference import quantize_reference
 from impl.fp8.scales import SCALE_CHOICES, choose_scales
+from impl.fp8.smooth import Site, fold, fold_ops, prefixed, smoothed_moments
 
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 MANIFEST = ".fp8-quantize-manifest.json"  # the files a run wrote: what --overwrite may replace
@@ -105,16 +112,38 @@ def check_moments(moments: dict[str, torch.Tensor], spec, ignore: list[str]) -> 
             raise CheckpointError(f"{module}: input moments of shape {list(h.shape)}, the weight needs [{k}, {k}]")
 
 
+@dataclass
+class Smoothing:
+    """What ``quantize_checkpoint`` folds in: the sites and factors s by checkpoint name (``impl.fp8.smooth``)."""
+
+    alpha: float
+    sites: list[Site]
+    factors: dict[str, torch.Tensor]
+
+    def record(self) -> dict:
+        return {"alpha": self.alpha, "smoothed_linears": sum(len(s.consumers) for s in self.sites),
+                "sites": [{"producer": s.producer, "kind": s.kind, "consumers": list(s.consumers)} for s in self.sites]}
+
+
+@dataclass
+class Calibration:
+    """What a calibration text gave: GPTQ's input moments and/or the smoothing, by checkpoint name."""
+
+    moments: dict[str, torch.Tensor] | None = None
+    smoothing: Smoothing | None = None
+
+
 @torch.no_grad()
-def calibrate(src: Path, text: str, tokens: int, window: int = 1024, *,
-              through: str | None = None) -> dict[str, torch.Tensor]:
-    """Input moments of every decoder linear of the model in ``src`` over the first ``tokens`` tokens of ``text``
-    (the model and its tokenizer loaded with transformers; bf16 on a GPU, float32 on the CPU), keyed by the
-    checkpoint's module names; ``through`` a scale group ("tensor", "channel", "block"): measured with every decoder
-    linear rounded to nearest in it (``GptqConfig.inputs`` "rounded"; ``quality.input_moments``)."""
+def calibrate(src: Path, text: str, tokens: int, window: int = 1024, *, moments: bool = True,
+              through: str | None = None, smooth_alpha: float | None = None) -> Calibration:
+    """Over the first ``tokens`` tokens of ``text``, the model in ``src`` (and its tokenizer, loaded with
+    transformers; bf16 on a GPU, float32 on the CPU): the input moments of every decoder linear (``moments``;
+    ``through`` a scale group ("tensor", "channel", "block"): measured with every decoder linear rounded to nearest
+    in it, ``GptqConfig.inputs`` "rounded"; ``quality.input_moments``), and with ``smooth_alpha`` the smoothing
+    factors from the sites' input channel amax (``quality.Smoothing``); the moments are the unsmoothed model's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from impl.fp8.quality import input_moments
+    from impl.fp8 import quality
 
     tok = AutoTokenizer.from_pretrained(src)
     ids = tok(text, add_special_tokens=False)["input_ids"][:tokens]
@@ -123,8 +152,15 @@ def calibrate(src: Path, text: str, tokens: int, window: int = 1024, *,
     dtype = torch.bfloat16 if backend.DEVICE == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(backend.DEVICE).eval()
     bos = tok.bos_token_id if tok("x").input_ids[:1] == [tok.bos_token_id] else None
-    moments = input_moments(model, torch.tensor(ids), window=min(window, len(ids)), bos=bos, through=through)
-    return {f"model.{name}": h for name, h in moments.items()}
+    ids, window = torch.tensor(ids), min(window, len(ids))
+    out = Calibration()
+    if moments:
+        h = quality.input_moments(model, ids, window=window, bos=bos, through=through)
+        out.moments = {f"model.{name}": m for name, m in h.items()}
+    if smooth_alpha is not None:
+        sm = quality.Smoothing.measure(model, ids, [smooth_alpha], window=window, bos=bos)
+        out.smoothing = Smoothing(smooth_alpha, *prefixed(sm.sites, sm.factors[smooth_alpha], "model."))
+    return out
 
 
 class ShardWriter:
@@ -209,12 +245,14 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: s
                         backend_name: str = "auto", shard_mb: float = 2048, ignore: list[str] | None = None,
                         overwrite: bool = False, moments: dict[str, torch.Tensor] | None = None,
                         gptq: GptqConfig | None = None, calibration: dict | None = None, scales: str = "amax",
-                        log=print) -> dict:
+                        smooth: Smoothing | None = None, log=print) -> dict:
     """Write an FP8 checkpoint of ``src`` to ``dst`` in ``layout``; returns a summary (tensors, bytes, seconds).
 
     ``moments`` (module name -> input second moment [K, K]) selects GPTQ rounding (``gptq``: its settings; e4m3
     only); ``calibration`` (what the moments were measured on) is recorded in ``fp8_recipe.json`` beside them.
-    ``scales``: "amax" (amax / FMAX per group) or "mse" (``impl.fp8.scales``), recorded there too.
+    ``scales``: "amax" (amax / FMAX per group) or "mse" (``impl.fp8.scales``), recorded there too. ``smooth``: the
+    smoothing folded in before rounding (module doc); ``moments`` are then the *unsmoothed* model's, transformed
+    here as the inputs are.
 
     The output is written into a temporary folder beside ``dst`` and swapped in when complete, so a failed run
     leaves ``dst`` as it was. ``overwrite`` replaces an earlier output of this tool (the files its manifest lists)
@@ -241,8 +279,16 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: s
         gptq = gptq or GptqConfig()
     if scales not in SCALE_CHOICES:
         raise ValueError(f"scales must be one of {SCALE_CHOICES}, got {scales!r}")
+    ops = fold_ops(smooth.sites, smooth.factors) if smooth is not None else {}
+    for name in ops:  # every tensor the smoothing folds into, before writing anything
+        if name not in entries and not name.endswith(".bias"):
+            raise CheckpointError(f"{name}: the smoothing folds into it, but {src} has no such tensor")
+    if smooth is not None and moments is not None:
+        moments = smoothed_moments(moments, smooth.sites, smooth.factors)
     recipe = {"rounding": "nearest" if moments is None else "gptq", "scales": scales,
-              **({"gptq": asdict(gptq), "calibration": calibration or {}} if moments is not None else {})}
+              **({"gptq": asdict(gptq)} if moments is not None else {}),
+              **({"smooth": smooth.record()} if smooth is not None else {}),
+              **({"calibration": calibration or {}} if moments is not None or smooth is not None else {})}
     for module, shape in spec.linears.items():  # every weight to quantize, from the headers, before writing anything
         e = entries.get(f"{module}.weight")
         if e is None:
@@ -255,7 +301,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: s
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
     try:
         summary = _write(src, tmp, files, spec, lay, fmt, backend_name, shard_mb, ignore, config, log,
-                         moments, gptq, recipe)
+                         moments, gptq, recipe, ops)
         if replace:
             old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
             dst.rename(old / dst.name)
@@ -276,12 +322,14 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: s
 
 def _write(src: Path, out: Path, files: list[Path], spec, lay: Layout, fmt: str, backend_name: str, shard_mb: float,
            ignore: list[str], config: dict, log, moments: dict[str, torch.Tensor] | None, gptq: GptqConfig | None,
-           recipe: dict) -> dict:
-    """The FP8 checkpoint into the (empty) folder ``out``, its manifest last."""
+           recipe: dict, ops: dict[str, list]) -> dict:
+    """The FP8 checkpoint into the (empty) folder ``out``, its manifest last; ``ops``: the smoothing's folds."""
     t0 = time.perf_counter()
     writer = ShardWriter(out, int(shard_mb * (1 << 20)))
     nq = 0
     for name, t in iter_tensors(files):
+        if name in ops:
+            t = fold(t, ops[name])
         module = name[: -len(".weight")] if name.endswith(".weight") else None
         if module in spec.linears and not spec.is_ignored(module, ignore):
             if tuple(t.shape) != spec.linears[module]:
@@ -329,21 +377,30 @@ def main(argv: list[str] | None = None) -> int:
                    help="GPTQ's input moments: of the dense model, or of the model rounded to nearest")
     p.add_argument("--scales", default="amax", choices=list(SCALE_CHOICES),
                    help="amax: amax / FMAX per group; mse: the candidate with the least squared rounding error")
+    p.add_argument("--rounding", default="gptq", choices=["gptq", "nearest"],
+                   help="with --calibration: GPTQ (default) or round to nearest (e.g. to smooth only)")
+    p.add_argument("--smooth", type=float, metavar="ALPHA",
+                   help="fold SmoothQuant's factors with this alpha (0..1, e.g. 0.5) in; needs --calibration")
     a = p.parse_args(argv)
     try:
-        moments = calibration = None
+        cal = Calibration()
+        calibration = None
+        if a.smooth is not None and a.calibration is None:
+            raise ValueError("--smooth needs --calibration: the factors come from the inputs' channel amax on it")
+        if a.smooth is not None and not 0 <= a.smooth <= 1:
+            raise ValueError(f"--smooth (alpha) must lie in [0, 1], got {a.smooth}")
         if a.calibration is not None:
             if a.calib_tokens < 1:
                 raise ValueError(f"--calib-tokens must be >= 1, got {a.calib_tokens}")
             from impl.fp8.quality import group_of
 
             through = group_of(LAYOUTS[a.layout]) if a.gptq_inputs == "rounded" else None
-            moments = calibrate(Path(a.src), a.calibration.read_text(encoding="utf-8"), a.calib_tokens,
-                                through=through)
+            cal = calibrate(Path(a.src), a.calibration.read_text(encoding="utf-8"), a.calib_tokens,
+                            moments=a.rounding == "gptq", through=through, smooth_alpha=a.smooth)
             calibration = {"text": a.calibration.name, "tokens": a.calib_tokens}  # the inputs: the recipe's gptq
         quantize_checkpoint(a.src, a.dst, a.layout, fmt=a.fmt, backend_name=a.backend, shard_mb=a.shard_mb,
-                            ignore=a.ignore, overwrite=a.overwrite, moments=moments, calibration=calibration,
-                            scales=a.scales, gptq=GptqConfig(inputs=a.gptq_inputs))
+                            ignore=a.ignore, overwrite=a.overwrite, moments=cal.moments, calibration=calibration,
+                            scales=a.scales, gptq=GptqConfig(inputs=a.gptq_inputs), smooth=cal.smoothing)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
