@@ -1,5 +1,6 @@
 """The fp8 ledger entries evaluate against stored results (a fake results folder), every claim fails on its
 FAILING_CASES input and passes on a good one, statements name no card, and the plots draw from the results."""
+import copy
 import re
 
 from impl.common.ledger import Case, ResultsView, evaluate, load_claims, materialise
@@ -17,8 +18,8 @@ def good_quality() -> dict:
     variants = {f"{g}-{m}": {"delta_pct": 0.1, "ci95": [-0.05, 0.3], "abs_hi": 0.3, "top1_agreement": 0.97,
                              "ppl": 20.0, "mode": m, "group": g} for g in ("tensor", "channel", "block")
                 for m in ("w8a16", "w8a8")}
-    layouts = {lay: {m: {"abs_hi": 0.3, "delta_pct": 0.1, "ci95": [-0.05, 0.3], "act_group": claims.act_group(lay, m)}
-                     for m in ("w8a16", "w8a8")} for lay in LAYOUTS}
+    layouts = {lay: {key: {"abs_hi": 0.3, "delta_pct": 0.1, "ci95": [-0.05, 0.3], "act_group": claims.act_group(lay, m)}
+                     for m in ("w8a16", "w8a8") for key in (m, claims.RECIPE[m])} for lay in LAYOUTS}
     acts = {g: {"delta_pct": 0.05, "ci95": [0.0, 0.1], "abs_hi": 0.1, "top1_agreement": 0.99, "ppl": 20.01}
             for g in ("token", "1x128")}
     model = {"base": {"ppl": 20.0, "tokens": 4096}, "variants": variants, "layouts": layouts, "complete": True,
@@ -77,7 +78,7 @@ def test_kernel_claims_name_the_same_size_copy_of_their_worst_shape(tmp_path):
 def test_quality_claims_judge_the_absolute_change():
     """A suspicious improvement (-4%, interval [-5, -3]) is no pass: the claims read |delta| at the interval's end."""
     bad = claims.FAILING_CASES["fp8.ppl_w8a16_smollm2_vllm_tensor"].results["fp8/quality"]
-    row = bad["models"]["smollm2"]["layouts"]["vllm-tensor"]["w8a16"]
+    row = bad["models"]["smollm2"]["layouts"]["vllm-tensor"][claims.RECIPE["w8a16"]]
     assert row["delta_pct"] < 0 and row["abs_hi"] == max(abs(v) for v in row["ci95"])
 
 
@@ -108,8 +109,9 @@ def test_block_w8a8_claims_need_activations_rounded_in_1x128_groups(tmp_path):
     """A block layout's W8A8 claim states 1x128 activation groups: a record whose figure came from per-token
     activations (or that does not say) leaves it not measured; tensor and channel layouts state per-token."""
     q = good_quality()
-    q["models"]["smollm2"]["layouts"]["vllm-block"]["w8a8"]["act_group"] = "token"
-    del q["models"]["smollm2"]["layouts"]["deepseek-block"]["w8a8"]["act_group"]
+    recipe = claims.RECIPE["w8a8"]
+    q["models"]["smollm2"]["layouts"]["vllm-block"][recipe]["act_group"] = "token"
+    del q["models"]["smollm2"]["layouts"]["deepseek-block"][recipe]["act_group"]
     view = write_view(tmp_path, "acts", good_benches(), {"fp8/quality": q})
     rows = {c.id: (c, evaluate(c, view)) for c in load_claims() if c.id.startswith("fp8.ppl_w8a8_smollm2_")}
     for cid, (c, row) in rows.items():
@@ -119,3 +121,22 @@ def test_block_w8a8_claims_need_activations_rounded_in_1x128_groups(tmp_path):
         assert row["verdict"] == want, (cid, row)
     assert "act_group is 'token', the claim needs '1x128'" in rows["fp8.ppl_w8a8_smollm2_vllm_block"][1]["reason"]
     assert "act_group is absent" in rows["fp8.ppl_w8a8_smollm2_deepseek_block"][1]["reason"]
+
+
+def test_quality_claims_judge_the_projects_recipe_not_round_to_nearest(tmp_path):
+    """The claims read the recipe's rows (GPTQ; W8A8 smoothed too) and say so: a record holding only the
+    round-to-nearest rows leaves them not measured, and the recipe's row is the number judged."""
+    q = good_quality()
+    q["models"]["gemma3"] = copy.deepcopy(q["models"]["gemma3"])  # the two models shared one dict
+    for lay in LAYOUTS:
+        for m in ("w8a16", "w8a8"):
+            del q["models"]["gemma3"]["layouts"][lay][claims.RECIPE[m]]
+    q["models"]["smollm2"]["layouts"]["ct-channel"]["w8a8-gptq-smooth"]["abs_hi"] = 0.91
+    view = write_view(tmp_path, "recipe", good_benches(), {"fp8/quality": q})
+    rows = {c.id: (c, evaluate(c, view)) for c in load_claims() if c.id.startswith("fp8.ppl_")}
+    for cid, (c, row) in rows.items():
+        assert "GPTQ" in c.statement and (("smoothed" in c.statement) == ("w8a8" in cid)), cid
+        assert row["verdict"] == ("not measured" if "_gemma3_" in cid else "pass"), (cid, row)
+    assert rows["fp8.ppl_w8a8_smollm2_ct_channel"][1]["measured_value"] == 0.91
+    assert "has no key 'models.gemma3.layouts.vllm-tensor.w8a16-gptq.abs_hi'" in \
+        rows["fp8.ppl_w8a16_gemma3_vllm_tensor"][1]["reason"]

@@ -126,6 +126,26 @@ def test_input_moments_match_x_transpose_x_and_share_one_product_between_sibling
         InputMoments({"a": a}).hessian("a")
 
 
+def test_input_moments_never_take_a_new_tensor_at_a_freed_address_for_the_last_one():
+    """A tensor whose memory (and version count) a new input of the same shape inherits, as a caching allocator
+    hands a freed block to the next tensor of its size: the new input gets its own product, not the last one's."""
+    import numpy as np
+
+    a, b = nn.Linear(4, 3), nn.Linear(4, 2)
+    buf = np.arange(8, dtype=np.float32).reshape(2, 4)
+    with InputMoments({"a": a, "b": b}) as mom:
+        first = torch.from_numpy(buf)
+        a(first)
+        del first
+        buf[:] = np.float32(-1.5)  # numpy writes leave torch's version counter alone
+        second = torch.from_numpy(buf)  # same address, same shape, version 0
+        b(second)
+    assert second.data_ptr() == buf.ctypes.data
+    assert torch.allclose(mom.hessian("b"), torch.full((4, 4), 2.25, dtype=torch.float64))
+    x0 = torch.arange(8, dtype=torch.float64).reshape(2, 4)
+    assert torch.allclose(mom.hessian("a"), x0.t() @ x0 / 2)
+
+
 def test_a_gptq_variant_names_itself_and_needs_moments():
     v = Variant("channel", "w8a16", rounding="gptq")
     assert v.name == "channel-w8a16-gptq" and Variant("block", "w8a8", (0,), "top1", "gptq").name == \

@@ -123,3 +123,43 @@ def test_gptq_variant_on_one_block_of_the_real_model():
                for p in "qkv")
     assert not torch.equal(rounded["layers.0.self_attn.o_proj"], moments["layers.0.self_attn.o_proj"])
     assert len(quality.block_linears(model)) == 210 and torch.equal(model(input_ids=ids[None]).logits, base)
+
+
+def test_quantizer_smooths_the_real_model_with_alpha_chosen_on_the_calibration_text(tmp_path):
+    """``--smooth auto --rounding nearest``: alpha is the grid's least W8A8 calibration perplexity, recorded with
+    every alpha tried; the written norms are the folded ones (not the source's), o_proj is left unsmoothed, and the
+    checkpoint loads."""
+    import json
+
+    from safetensors import safe_open
+
+    from impl.fp8 import quantize as Q
+    from impl.fp8.loader import load_checkpoint
+
+    src = smollm.materialize(log=lambda *a: None)
+    text = tmp_path / "calib.txt"
+    text.write_text(experiments.text_of(None)[:4000], encoding="utf-8")
+    assert Q.main([str(src), str(tmp_path / "q"), "--layout", "vllm-channel", "--calibration", str(text),
+                   "--calib-tokens", "256", "--smooth", "auto", "--rounding", "nearest"]) == 0
+    recipe = json.loads((tmp_path / "q" / Q.RECIPE).read_text())
+    sm = recipe["smooth"]
+    assert recipe["rounding"] == "nearest" and "gptq" not in recipe and recipe["calibration"]["tokens"] == 256
+    assert list(sm["calib_ppl"]) == ["none", *(f"{a:g}" for a in quality.ALPHA_GRID)]
+    best = min(sm["calib_ppl"], key=sm["calib_ppl"].get)
+    assert sm["alpha"] == (None if best == "none" else float(best))
+    assert sm["smoothed_linears"] == 180 and len(sm["sites"]) == 90  # 30 blocks: 3 sites, 6 of 7 linears each
+
+    def tensor(d, name):
+        files = sorted(d.glob("*.safetensors"))
+        for f in files:
+            with safe_open(str(f), "pt") as h:
+                if name in h.keys():
+                    return h.get_tensor(name)
+        raise KeyError(name)
+
+    norm = "model.layers.3.input_layernorm.weight"
+    assert not torch.equal(tensor(tmp_path / "q", norm), tensor(src, norm))
+    ck = load_checkpoint(tmp_path / "q", "cpu")
+    assert len(ck.linears) == 210
+    assert Q.main([str(src), str(tmp_path / "bad"), "--layout", "vllm-channel", "--calibration", str(text),
+                   "--smooth", "1.5"]) == 2 and not (tmp_path / "bad").exists()

@@ -73,14 +73,16 @@ def test_factors_follow_the_formula_and_leave_dead_channels_alone():
     site = smooth.Site("p", "norm", ("a", "b"))
     amax = {"p": torch.tensor([4.0, 0.0, 9.0, 1.0])}
     w = {"a": torch.tensor([[2.0, 2.0, -0.25, 0.0]]), "b": torch.tensor([[-0.5, 1.0, 1.0, 0.0], [0.1, 0.1, 0.1, 0.0]])}
-    s = smooth.smoothing_factors([site], amax, w, 0.5)["p"]
+    wmax = smooth.weight_amax([site], w)
+    assert torch.equal(wmax["p"], torch.tensor([2.0, 2.0, 1.0, 0.0]))
+    s = smooth.smoothing_factors([site], amax, wmax, 0.5)["p"]
     assert torch.allclose(s, torch.tensor([2.0 / math.sqrt(2.0), 1.0, 3.0, 1.0]))
-    assert torch.allclose(smooth.smoothing_factors([site], amax, w, 1.0)["p"], torch.tensor([4.0, 1.0, 9.0, 1.0]))
-    assert torch.allclose(smooth.smoothing_factors([site], amax, w, 0.0)["p"], torch.tensor([0.5, 1.0, 1.0, 1.0]))
+    assert torch.allclose(smooth.smoothing_factors([site], amax, wmax, 1.0)["p"], torch.tensor([4.0, 1.0, 9.0, 1.0]))
+    assert torch.allclose(smooth.smoothing_factors([site], amax, wmax, 0.0)["p"], torch.tensor([0.5, 1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="alpha"):
-        smooth.smoothing_factors([site], amax, w, 1.5)
+        smooth.smoothing_factors([site], amax, wmax, 1.5)
     with pytest.raises(ValueError, match="one length"):
-        smooth.smoothing_factors([site], {"p": torch.ones(3)}, w, 0.5)
+        smooth.smoothing_factors([site], {"p": torch.ones(3)}, wmax, 0.5)
 
 
 def test_unknown_norm_is_refused_by_name():
@@ -150,31 +152,41 @@ def test_smoothing_lowers_per_token_error_of_outlier_inputs():
         xq = quantize_activations((x / s).float(), TOKEN, torch.float32, reference=True).double()
         return float((xq @ (w * s).T - y).norm() / y.norm())
 
-    s = smooth.smoothing_factors([site], {"p": x.abs().amax(0)}, {"w": w}, 0.5)["p"].double()
+    s = smooth.smoothing_factors([site], {"p": x.abs().amax(0)}, smooth.weight_amax([site], {"w": w}), 0.5)["p"]
+    s = s.double()
     plain, smoothed = err(torch.ones(64, dtype=torch.float64)), err(s)
     assert smoothed < plain / 3 and plain > 0.1
     assert err(1 / s) > plain
 
 
 def test_quality_run_measures_smoothed_variants_and_leaves_the_model_as_it_was():
+    """alpha chosen per group on the calibration tokens (the grid's least calibration perplexity, recorded), the
+    smoothed variants run with it, the model's own weights back afterwards."""
     model = model_of("llama", torch.float32)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     calib, ids = torch.randint(0, 96, (64,)), torch.randint(0, 96, (96,))
     variants = quality.variants_for(["all"], ("channel",), ("w8a8",), gptq_policies=("all",),
                                     smooth_policies=("all",))
-    assert [v.name for v in variants] == ["channel-w8a8", "channel-w8a8-gptq", "channel-w8a8-smooth0.5",
-                                          "channel-w8a8-gptq-smooth0.5"]
+    assert [v.name for v in variants] == ["channel-w8a8", "channel-w8a8-gptq", "channel-w8a8-smooth",
+                                          "channel-w8a8-gptq-smooth"]
     moments = quality.group_moments(model, calib, ("channel",), window=32, bos=None)
     out = quality.evaluate_variants(model, ids, calib, variants, window=32, batch=2, bos=None, moments=moments,
                                     sensitivity_group=None, log=lambda *a: None)
-    assert out["complete"] and out["smooth"] == {"alpha": [0.5], "calib_tokens": 64, "smoothed_linears": 12,
-                                                 "sites": {"norm": 4, "norm1p": 0, "rows": 2}}
-    assert set(out["activations_only"]) == {"token", "1x128", "token-smooth0.5"}
-    plain, sm = out["variants"]["channel-w8a8"], out["variants"]["channel-w8a8-smooth0.5"]
-    assert sm["smooth"] == 0.5 and plain["smooth"] == 0.0 and sm["window_nll"] != plain["window_nll"]
+    rec = out["smooth"]
+    assert out["complete"] and rec["smoothed_linears"] == 12 and rec["sites"] == {"norm": 4, "norm1p": 0, "rows": 2}
+    grid = rec["calib_ppl"]["channel"]
+    assert list(grid) == ["none", *(f"{a:g}" for a in quality.ALPHA_GRID)]
+    alpha = rec["alpha"]["channel"]
+    assert (f"{alpha:g}" if alpha is not None else "none") == min(grid, key=grid.get)
+    assert set(out["activations_only"]) == {"token", "1x128"} | ({f"token-smooth{alpha:g}"} if alpha else set())
+    plain, sm = out["variants"]["channel-w8a8"], out["variants"]["channel-w8a8-smooth"]
+    assert sm["smooth"] and sm["smooth_alpha"] == alpha and plain["smooth_alpha"] is None
+    assert sm["window_nll"] != plain["window_nll"]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    with pytest.raises(ValueError, match="alpha"):
-        quality.Variant("channel", "w8a8", smooth=2.0)
+    fixed = quality.evaluate_variants(model, ids, calib, variants[2:3], window=32, batch=2, bos=None,
+                                      sensitivity_group=None, smooth_alpha=0.25, log=lambda *a: None)
+    assert fixed["smooth"]["alpha"] == {"channel": 0.25} and fixed["smooth"]["calib_ppl"] == {}
+    assert fixed["variants"]["channel-w8a8-smooth"]["smooth_alpha"] == 0.25
 
 
 def test_quantizer_folds_the_smoothing_into_the_checkpoint(tmp_path, capsys):

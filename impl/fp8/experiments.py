@@ -13,9 +13,9 @@ Wikipedia pages (``wiki.txt`` in ``--assets``, else extracted here). Per model, 
 tokens rank the blocks by sensitivity and give GPTQ its input moments; the next ``--tokens`` are the evaluation
 windows. The policies in ``--gptq-policies`` also run with GPTQ-rounded weights (``<group>-<mode>-gptq``, beside
 round-to-nearest), and those in ``--mse-policies`` with MSE-chosen scales (``...-mse``: ``impl.fp8.scales``) for each
-rounding they run with, and the W8A8 variants of those in ``--smooth-policies`` also smoothed (``...-smooth<alpha>``:
-SmoothQuant's factors from the calibration tokens folded in, ``impl.fp8.smooth``); ``impl.fp8.quantize`` writes
-every one of these into a checkpoint. See ``quality`` for the variants, the metric and its interval.
+rounding they run with, and the W8A8 variants of those in ``--smooth-policies`` also smoothed (``...-smooth``:
+SmoothQuant's factors from the calibration tokens folded in, ``impl.fp8.smooth``, alpha ``--smooth-alpha`` or chosen
+per scale group on the calibration tokens); ``impl.fp8.quantize`` writes every one of these into a checkpoint. See ``quality`` for the variants, the metric and its interval.
 
 Layouts: the seven checkpoint layouts hold three numerics (per-tensor: vllm-tensor, ct-tensor; per-channel:
 vllm-channel, ct-channel; 128x128 blocks: vllm-block, deepseek-block, ct-block). For SmolLM2 (a Llama checkpoint)
@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 from impl import backend
-from impl.fp8 import quality, smollm, smooth, wiki
+from impl.fp8 import quality, smollm, wiki
 from impl.fp8.gptq import CALIB_TOKENS, INPUTS, GptqConfig
 from impl.fp8.layouts import LAYOUTS
 
@@ -220,7 +220,7 @@ def layout_table(name: str, variants: dict[str, Any], checks: dict[str, Any] | N
 def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
               policies: list[str], deadline: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
               gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = (),
-              smooth_policies: tuple[str, ...] = (), alpha: float = smooth.ALPHA,
+              smooth_policies: tuple[str, ...] = (), smooth_alpha: float | None = None,
               gptq: GptqConfig = GptqConfig(), log: LOG = print) -> dict[str, Any]:
     device = backend.DEVICE
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -229,7 +229,7 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
     log(f"{name}: loaded in {time.perf_counter() - t0:.0f} s ({dtype}, {device}, bos={bos})")
     cal, ids = token_split(tok, text_of(assets), calib, tokens)
     variants = quality.variants_for(policies, groups, gptq_policies=gptq_policies, mse_policies=mse_policies,
-                                    smooth_policies=smooth_policies, alpha=alpha)
+                                    smooth_policies=smooth_policies)
     moments = None
     if gptq_policies:
         t = time.perf_counter()
@@ -238,7 +238,8 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
             f"{gptq.inputs} inputs) over {int(cal.numel())} calibration tokens "
             f"({time.perf_counter() - t:.0f} s)")
     res = quality.evaluate_variants(model, ids, cal, variants, window=window, batch=batch, bos=bos,
-                                    deadline=deadline, moments=moments, gptq=gptq, log=log)
+                                    deadline=deadline, moments=moments, gptq=gptq, smooth_alpha=smooth_alpha,
+                                    log=log)
     for v in [res["base"], *res["variants"].values()]:
         v["window_nll"] = [round(x, 7) for x in v["window_nll"]]
     res["layer_errors"] = {mode: quality.layer_errors(model, cal[:window], quality.Variant("channel", mode))
@@ -262,11 +263,13 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
 def run(models: list[str], *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
         policies: list[str], budget_s: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
         gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = (), gptq: GptqConfig = GptqConfig(),
-        smooth_policies: tuple[str, ...] = (), alpha: float = smooth.ALPHA, log: LOG = print) -> dict[str, Any]:
+        smooth_policies: tuple[str, ...] = (), smooth_alpha: float | None = None,
+        log: LOG = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     deadline = t0 + budget_s
     data: dict[str, Any] = {"models": {}, "policies": policies, "gptq_policies": list(gptq_policies),
                             "mse_policies": list(mse_policies), "smooth_policies": list(smooth_policies),
+                            "smooth_alpha": smooth_alpha,
                             "bootstrap": quality.BOOTSTRAP,
                             "text": "gensim Wikipedia pages (wiki.txt)", "complete": False}
     for name in models:
@@ -274,7 +277,7 @@ def run(models: list[str], *, assets: Path | None, tokens: int, calib: int, wind
             r = run_model(name, assets=assets, tokens=tokens, calib=calib, window=window, batch=batch,
                           policies=policies, deadline=deadline, layouts=layouts and name == "smollm2",
                           groups=groups, gptq_policies=gptq_policies, mse_policies=mse_policies, gptq=gptq,
-                          smooth_policies=smooth_policies, alpha=alpha,
+                          smooth_policies=smooth_policies, smooth_alpha=smooth_alpha,
                           log=log)
         except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
             log(f"{name}: not run ({type(e).__name__}: {e})")
@@ -326,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="policies also run with MSE-chosen scales (impl.fp8.scales), for each rounding they run with")
     p.add_argument("--smooth-policies", nargs="*", default=list(SMOOTH_POLICIES),
                    help="policies whose W8A8 variants also run smoothed (impl.fp8.smooth); none: no smoothing")
-    p.add_argument("--smooth-alpha", type=float, default=smooth.ALPHA, help="SmoothQuant's migration strength")
+    p.add_argument("--smooth-alpha", type=float, help="SmoothQuant's migration strength (default: chosen per "
+                   "scale group on the calibration tokens, quality.Smoothing.choose)")
     p.add_argument("--groups", nargs="*", default=list(quality.GROUPS), choices=quality.GROUPS)
     p.add_argument("--tokens", type=int, help="evaluation tokens per model (default 131072; --quick 65536)")
     p.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS,
@@ -356,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                policies=a.policies, budget_s=a.budget_s, layouts=not a.no_layouts, groups=tuple(a.groups),
                gptq_policies=tuple(a.gptq_policies), mse_policies=tuple(a.mse_policies),
                gptq=GptqConfig(inputs=a.gptq_inputs), smooth_policies=tuple(a.smooth_policies),
-               alpha=a.smooth_alpha)
+               smooth_alpha=a.smooth_alpha)
     if not any("variants" in m for m in data["models"].values()):
         print(summary(data), file=sys.stderr)
         print("no model could be evaluated: nothing written", file=sys.stderr)

@@ -145,13 +145,15 @@ def _gptq_batch(items: list[tuple[torch.Tensor, torch.Tensor, ScaleGroup, torch.
 class InputMoments:
     """Σ x xᵀ and the row count of the input of each ``nn.Linear`` in ``named`` (forward pre-hooks while active).
 
-    Linears that read the same tensor (q/k/v, gate/up) share one product per forward call."""
+    Linears that read the same tensor object (q/k/v, gate/up) share one product per forward call: the last input is
+    held, so its memory cannot pass to a new tensor of the same shape while the product is kept (an address is no
+    identity: a caching allocator hands a freed block to the next tensor of its size)."""
 
     def __init__(self, named: dict[str, nn.Linear]) -> None:
         self.named = named
         self.sums: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
-        self._last: tuple[int, tuple[int, ...], int, torch.Tensor] | None = None
+        self._last: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (input, its version, x^T x)
         self._handles: list = []
 
     def __enter__(self) -> "InputMoments":
@@ -167,15 +169,14 @@ class InputMoments:
 
     def _hook(self, name: str):
         def hook(mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            x2 = x.reshape(-1, x.shape[-1])
-            key = (x.data_ptr(), tuple(x.shape), x._version)
-            if self._last is not None and self._last[:3] == key:
-                xtx = self._last[3]
+            x = args[0]
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            if self._last is not None and self._last[0] is x and self._last[1] == x._version:
+                xtx = self._last[2]
             else:
                 xf = x2.to(torch.float32)
                 xtx = (xf.t() @ xf).to("cpu", torch.float64)
-                self._last = (*key, xtx)
+                self._last = (x, x._version, xtx)
             self.sums[name] = self.sums[name] + xtx if name in self.sums else xtx.clone()
             self.rows[name] = self.rows.get(name, 0) + x2.shape[0]
         return hook

@@ -21,11 +21,14 @@ positions where the variant's argmax next token equals the base model's.
 
 Activations alone (``activations_only``): the weights left dense, every decoder linear's input rounded to e4m3 per
 token and per 1x128 slice -- the part of a W8A8 change that no weight rounding can remove -- and per token after
-each smoothing alpha the variants use.
+each smoothing the variants use.
 
-Smoothing (``Variant.smooth`` = alpha > 0): SmoothQuant's factors (``impl.fp8.smooth``), from each site's input channel
-amax over the calibration tokens, folded into the model's norms, up_proj rows and weights before the weights are
-rounded; GPTQ's moments are transformed alike (``smooth.smoothed_moments``).
+Smoothing (``Variant.smooth``, ``...-smooth``): SmoothQuant's factors (``impl.fp8.smooth``), from each site's input
+channel amax over the calibration tokens, folded into the model's norms, up_proj rows and weights before the weights
+are rounded; GPTQ's moments are transformed alike (``smooth.smoothed_moments``). The migration strength alpha is
+fixed by the caller, or chosen per scale group on the calibration tokens (``Smoothing.choose``): of no smoothing and
+the alphas of ``ALPHA_GRID``, the one whose W8A8 model (rounded to nearest) has the least perplexity there -- never
+on the evaluation text. Each variant records the alpha it ran with (``smooth_alpha``; None: no smoothing won).
 
 Sensitivity (which blocks dominate the error): each block alone quantized (W8A16), the mean KL(base || variant)
 of the next-token distributions over calibration windows that come *before* the evaluation text, never from it.
@@ -36,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -67,25 +70,24 @@ class Variant:
     policy: str = "all"  # how ``keep`` was chosen: "all" (none kept), "first-last", "top<k>" (sensitivity)
     rounding: str = "nearest"  # of the weights to e4m3: "nearest" or "gptq" (impl.fp8.gptq; same scales)
     scales: str = "amax"  # per group: "amax" / FMAX, or "mse" (impl.fp8.scales: least squared rounding error)
-    smooth: float = 0.0  # SmoothQuant's alpha folded in before rounding (impl.fp8.smooth); 0: none
+    smooth: bool = False  # SmoothQuant's factors folded in before rounding (impl.fp8.smooth; alpha: the run's)
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.scales not in SCALE_CHOICES:
             raise ValueError(f"scales must be one of {SCALE_CHOICES}, got {self.scales!r}")
-        if not 0 <= self.smooth <= 1:
-            raise ValueError(f"smooth (alpha) must lie in [0, 1], got {self.smooth}")
 
     @property
     def name(self) -> str:
         return (f"{self.group}-{self.mode}" + ("" if self.rounding == "nearest" else f"-{self.rounding}")
                 + ("" if self.scales == "amax" else f"-{self.scales}")
-                + (f"-smooth{self.smooth:g}" if self.smooth else "")
+                + ("-smooth" if self.smooth else "")
                 + ("" if self.policy == "all" else f"-keep-{self.policy}"))
 
 
 ACTIVATION_GROUPS = {"token": TOKEN, "1x128": GROUP128}  # the activation roundings a W8A8 variant can take
+ALPHA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # smoothing strengths Smoothing.choose tries
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -238,12 +240,12 @@ class RoundedInput(nn.Module):
 @torch.no_grad()
 def activations_only(model: nn.Module, ids: torch.Tensor, base: dict[str, Any], *, window: int, batch: int,
                      bos: int | None, ref_argmax: list[torch.Tensor] | None = None,
-                     smoothing: Smoothing | None = None) -> dict[str, Any]:
+                     smoothing: Smoothing | None = None, alphas: tuple[float, ...] = ()) -> dict[str, Any]:
     """{group name: perplexity change} with dense weights and every decoder linear's input rounded to e4m3 in
-    ``ACTIVATION_GROUPS``' groups (module doc), and per token after each of ``smoothing``'s alphas
+    ``ACTIVATION_GROUPS``' groups (module doc), and per token after ``smoothing`` with each of ``alphas``
     ("token-smooth<alpha>"); paired with ``base`` as the variants are."""
     runs = [(name, group, 0.0) for name, group in ACTIVATION_GROUPS.items()]
-    runs += [(f"token-smooth{a:g}", TOKEN, a) for a in (smoothing.factors if smoothing else {})]
+    runs += [(f"token-smooth{a:g}", TOKEN, a) for a in sorted({a for a in alphas if a is not None})]
     out: dict[str, Any] = {}
     for name, group, alpha in runs:
         with smoothing.folded(model, alpha) if alpha else contextlib.nullcontext():
@@ -256,35 +258,53 @@ def activations_only(model: nn.Module, ids: torch.Tensor, base: dict[str, Any], 
 
 @dataclass
 class Smoothing:
-    """The smoothing sites of a model and their factors s per alpha (``impl.fp8.smooth``), from the sites' input
-    channel amax over calibration tokens."""
+    """A model's smoothing sites and their inputs' channel amax over calibration tokens (``impl.fp8.smooth``); the
+    factors s for any alpha follow from them and the weights."""
 
     sites: list[smooth.Site]
-    factors: dict[float, dict[str, torch.Tensor]]
+    amax: dict[str, torch.Tensor]  # of the inputs, per site
+    wmax: dict[str, torch.Tensor]  # of the consumers' weight columns, per site (``smooth.weight_amax``)
     calib_tokens: int
+    _factors: dict[float, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     @torch.no_grad()
-    def measure(cls, model: nn.Module, calib: torch.Tensor, alphas: list[float], *, window: int,
-                bos: int | None) -> "Smoothing":
+    def measure(cls, model: nn.Module, calib: torch.Tensor, *, window: int, bos: int | None) -> "Smoothing":
         sites = smooth.find_sites(decoder_blocks(model))
         linears = {name: lin for _, name, _, _, lin in block_linears(model)}
         with smooth.InputAmax(linears, sites) as rec:
             for row in calibration_windows(model, calib, window, bos):
                 model(input_ids=row[None])
-        weights = {name: lin.weight for name, lin in linears.items()}
-        return cls(sites, {a: smooth.smoothing_factors(sites, rec.amax, weights, a) for a in alphas},
-                   int(calib.numel()))
+        wmax = smooth.weight_amax(sites, {name: lin.weight for name, lin in linears.items()})
+        return cls(sites, rec.amax, wmax, int(calib.numel()))
+
+    def factors(self, alpha: float) -> dict[str, torch.Tensor]:
+        if alpha not in self._factors:
+            self._factors[alpha] = smooth.smoothing_factors(self.sites, self.amax, self.wmax, alpha)
+        return self._factors[alpha]
 
     def folded(self, model: nn.Module, alpha: float) -> contextlib.AbstractContextManager:
         """Context: ``model`` with alpha's smoothing folded in (``smooth.smoothed``)."""
-        return smooth.smoothed(decoder_blocks(model), self.sites, self.factors[alpha])
+        return smooth.smoothed(decoder_blocks(model), self.sites, self.factors(alpha))
 
     def moments(self, moments: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        return smooth.smoothed_moments(moments, self.sites, self.factors[alpha])
+        return smooth.smoothed_moments(moments, self.sites, self.factors(alpha))
+
+    @torch.no_grad()
+    def choose(self, model: nn.Module, calib: torch.Tensor, group: str, *, window: int, batch: int,
+               bos: int | None, grid: tuple[float, ...] = ALPHA_GRID) -> tuple[float | None, dict[str, float]]:
+        """(alpha, {"none" or alpha: perplexity}): of no smoothing (None) and ``grid``, the one whose W8A8 model in
+        ``group`` (rounded to nearest) has the least perplexity over the calibration tokens ``calib``."""
+        ppl: dict[float | None, float] = {}
+        for a in (None, *grid):
+            with self.folded(model, a) if a is not None else contextlib.nullcontext():
+                with Swapped(model, Variant(group, "w8a8")):
+                    ppl[a] = perplexity(model, calib, window=window, batch=batch, bos=bos)["ppl"]
+        best = min(ppl, key=lambda a: ppl[a])
+        return best, {("none" if a is None else f"{a:g}"): v for a, v in ppl.items()}
 
     def record(self) -> dict[str, Any]:
-        return {"alpha": sorted(self.factors), "calib_tokens": self.calib_tokens,
+        return {"calib_tokens": self.calib_tokens,
                 "sites": {k: sum(s.kind == k for s in self.sites) for k in smooth.KINDS},
                 "smoothed_linears": sum(len(s.consumers) for s in self.sites)}
 
@@ -389,24 +409,36 @@ def layer_errors(model: nn.Module, ids: torch.Tensor, variant: Variant) -> dict[
 def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, variants: list[Variant], *,
                       window: int, batch: int, bos: int | None, sensitivity_group: str | None = "channel",
                       deadline: float = math.inf, moments: dict[str, dict[str, torch.Tensor]] | None = None,
-                      gptq: GptqConfig = GptqConfig(),
+                      gptq: GptqConfig = GptqConfig(), smooth_alpha: float | None = None,
                       log: Callable[..., Any] = print) -> dict[str, Any]:
     """Base model first, then each variant (``top<k>`` policies resolved from the sensitivity on ``calib``; GPTQ
     variants from ``moments``, {scale group: the layers' input moments on ``calib``} as ``group_moments`` makes
-    them with ``gptq``, whose settings the record keeps)."""
+    them with ``gptq``, whose settings the record keeps; smoothed variants with ``smooth_alpha``, or where it is
+    None with the alpha ``Smoothing.choose`` picks per group on ``calib``)."""
     t0 = time.perf_counter()
     base = perplexity(model, ids, window=window, batch=batch, keep_argmax=True, bos=bos)
     ref_argmax = base.pop("argmax")
     log(f"base: ppl {base['ppl']:.4f} over {base['tokens']} tokens ({time.perf_counter() - t0:.0f} s)")
     out: dict[str, Any] = {"base": base, "variants": {}, "complete": False}
-    smoothing = None
-    alphas = sorted({v.smooth for v in variants if v.smooth})
-    if alphas:
-        smoothing = Smoothing.measure(model, calib, alphas, window=window, bos=bos)
-        out["smooth"] = smoothing.record()
+    smoothing, alphas = None, {}
+    smooth_groups = sorted({v.group for v in variants if v.smooth}, key=GROUPS.index)
+    if smooth_groups:
+        t = time.perf_counter()
+        smoothing = Smoothing.measure(model, calib, window=window, bos=bos)
+        out["smooth"] = {**smoothing.record(), "alpha": {}, "chosen_by": "given" if smooth_alpha is not None else
+                         "least W8A8 (nearest) perplexity on the calibration tokens", "calib_ppl": {}}
+        for g in smooth_groups:
+            if smooth_alpha is None:
+                alphas[g], out["smooth"]["calib_ppl"][g] = smoothing.choose(model, calib, g, window=window,
+                                                                            batch=batch, bos=bos)
+            else:
+                alphas[g] = smooth_alpha
+            out["smooth"]["alpha"][g] = alphas[g]
+        log(f"smoothing: alpha {alphas} ({out['smooth']['chosen_by']}; {time.perf_counter() - t:.0f} s)")
     if any(v.mode == "w8a8" for v in variants):
         out["activations_only"] = activations_only(model, ids, base, window=window, batch=batch, bos=bos,
-                                                   ref_argmax=ref_argmax, smoothing=smoothing)
+                                                   ref_argmax=ref_argmax, smoothing=smoothing,
+                                                   alphas=tuple(alphas.values()))
         log("activations alone (dense weights): " + ", ".join(
             f"{g} {r['delta_pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
             for g, r in out["activations_only"].items()))
@@ -433,15 +465,16 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
         t = time.perf_counter()
         if cache and next(iter(cache))[0] != v.group:
             cache.clear()  # one group's weights at a time
+        alpha = alphas.get(v.group) if v.smooth else None
         h = (moments or {}).get(v.group) if v.rounding == "gptq" else None
-        if h is not None and v.smooth:
-            h = smoothing.moments(h, v.smooth)
-        with smoothing.folded(model, v.smooth) if v.smooth else contextlib.nullcontext():
+        if h is not None and alpha is not None:
+            h = smoothing.moments(h, alpha)
+        with smoothing.folded(model, alpha) if alpha is not None else contextlib.nullcontext():
             with Swapped(model, v, cache=cache, moments=h) as sw:
                 r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
         r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
         r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, rounding=v.rounding, scales=v.scales,
-                 smooth=v.smooth,
+                 smooth=v.smooth, smooth_alpha=alpha,
                  act_group=activation_name(get_group(v.group), v.mode), paths=sw.paths, ignore=ignore_list(v),
                  seconds=time.perf_counter() - t)
         out["variants"][v.name] = r
@@ -473,10 +506,10 @@ def resolve_keep(v: Variant, ranking: list[int], n_blocks: int) -> Variant:
 
 def variants_for(policies: list[str], groups: tuple[str, ...] = GROUPS, modes: tuple[str, ...] = MODES,
                  gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = (),
-                 smooth_policies: tuple[str, ...] = (), alpha: float = smooth.ALPHA) -> list[Variant]:
+                 smooth_policies: tuple[str, ...] = ()) -> list[Variant]:
     """Round-to-nearest variants for every policy, GPTQ-rounded ones for ``gptq_policies``; with amax scales, and
     for ``mse_policies`` also with MSE-chosen scales (rounded both ways where the policy is in both lists); and for
-    ``smooth_policies`` W8A8 variants smoothed with ``alpha`` (amax scales, rounded both ways likewise)."""
+    ``smooth_policies`` smoothed W8A8 variants (amax scales, rounded both ways likewise)."""
     out = []
     for sc, allowed in (("amax", None), ("mse", set(mse_policies))):
         for r, ps in (("nearest", policies), ("gptq", gptq_policies)):
@@ -484,5 +517,5 @@ def variants_for(policies: list[str], groups: tuple[str, ...] = GROUPS, modes: t
                     for g in groups for m in modes]
     if "w8a8" in modes:
         for r, ps in (("nearest", policies), ("gptq", gptq_policies)):
-            out += [Variant(g, "w8a8", (), p, r, smooth=alpha) for p in ps if p in smooth_policies for g in groups]
+            out += [Variant(g, "w8a8", (), p, r, smooth=True) for p in ps if p in smooth_policies for g in groups]
     return out

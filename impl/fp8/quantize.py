@@ -2,7 +2,7 @@
 
     python -m impl.fp8.quantize SRC DST --layout vllm-tensor|vllm-channel|vllm-block|deepseek-block|
                                                  ct-tensor|ct-channel|ct-block [--fmt e4m3|e5m2] [--backend ...]
-                                                 [--calibration TEXT [--calib-tokens N] [--smooth ALPHA]]
+                                                 [--calibration TEXT [--calib-tokens N] [--smooth ALPHA|auto]]
 
 Every projection of every decoder layer (q/k/v/o, gate/up/down) is quantized with dynamic scales of the layout's
 group (amax / FMAX, see ``kernels``); everything else (embeddings, norms, lm_head) is copied unchanged. Tensors are
@@ -12,18 +12,21 @@ kernels (the default on a GPU), ``torch`` with the CPU reference, which computes
 
 Scales: amax / FMAX per group by default; ``--scales mse`` picks per group the candidate scale with the least squared
 rounding error (``impl.fp8.scales``). Rounding: to nearest by default. With ``--calibration TEXT`` (or ``moments=``
-from Python: one input second moment H [K, K] per quantized linear) every code is chosen by GPTQ (``impl.fp8.gptq``:
+from Python: one input second moment H [K, K] per quantized linear; ``--rounding nearest`` keeps round to nearest,
+e.g. to smooth only) every code is chosen by GPTQ (``impl.fp8.gptq``:
 same scales, same format, so every loader reads the checkpoint unchanged); the model in SRC is run over the text's
 first ``--calib-tokens`` tokens to measure H (``--gptq-inputs rounded``: with its decoder linears rounded to nearest
 in the layout's group, each layer fitted to the inputs it meets once those before it are quantized; every decoder
 linear is rounded there, ``--ignore``'d ones too). ``fp8_recipe.json`` in DST records how the codes were made (scales,
 rounding, GPTQ settings, calibration), as llm-compressor keeps its recipe beside a checkpoint.
 
-Smoothing (``--smooth ALPHA`` with ``--calibration``; ``smooth=`` from Python): SmoothQuant's per-channel factors
-(``impl.fp8.smooth``) from the inputs' channel amax over the calibration tokens, folded into the norms, the
+Smoothing (``--smooth ALPHA|auto`` with ``--calibration``; ``smooth=`` from Python): SmoothQuant's per-channel
+factors (``impl.fp8.smooth``) from the inputs' channel amax over the calibration tokens, folded into the norms, the
 up_proj rows and the consumers' weights before they are rounded (GPTQ's moments transformed alike); the folded norms
-are written in the checkpoint's dtype, so every loader runs the smoothed model unchanged. For W8A8 with per-token
-activation scales, whose rounding the activations' outlier channels dominate; the recipe records alpha and sites.
+are written in the checkpoint's dtype, so every loader runs the smoothed model unchanged. For W8A8, whose per-token
+activation rounding the activations' outlier channels dominate; ``auto`` takes the alpha whose smoothed W8A8 model
+(rounded to nearest in the layout's group) has the least perplexity on the calibration tokens
+(``quality.Smoothing.choose``). The recipe records alpha, how it was chosen, and the sites.
 
 DST is built in a temporary folder beside it and swapped in when complete (a failed run leaves DST as it was);
 ``--overwrite`` replaces only a folder this tool wrote (its manifest lists every file), and a DST that is, contains or
@@ -33,11 +36,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -116,12 +120,15 @@ def check_moments(moments: dict[str, torch.Tensor], spec, ignore: list[str]) -> 
 class Smoothing:
     """What ``quantize_checkpoint`` folds in: the sites and factors s by checkpoint name (``impl.fp8.smooth``)."""
 
-    alpha: float
+    alpha: float | None  # None: chosen, and no smoothing won (nothing is folded)
     sites: list[Site]
     factors: dict[str, torch.Tensor]
+    calib_ppl: dict[str, float] = field(default_factory=dict)  # per alpha tried ("none" too), where it was chosen
 
     def record(self) -> dict:
-        return {"alpha": self.alpha, "smoothed_linears": sum(len(s.consumers) for s in self.sites),
+        return {"alpha": self.alpha, "chosen_by": "least W8A8 (nearest) calibration perplexity" if self.calib_ppl
+                else "given", **({"calib_ppl": self.calib_ppl} if self.calib_ppl else {}),
+                "smoothed_linears": sum(len(s.consumers) for s in self.sites),
                 "sites": [{"producer": s.producer, "kind": s.kind, "consumers": list(s.consumers)} for s in self.sites]}
 
 
@@ -135,12 +142,14 @@ class Calibration:
 
 @torch.no_grad()
 def calibrate(src: Path, text: str, tokens: int, window: int = 1024, *, moments: bool = True,
-              through: str | None = None, smooth_alpha: float | None = None) -> Calibration:
+              through: str | None = None, smooth_alpha: float | str | None = None,
+              group: str = "channel") -> Calibration:
     """Over the first ``tokens`` tokens of ``text``, the model in ``src`` (and its tokenizer, loaded with
     transformers; bf16 on a GPU, float32 on the CPU): the input moments of every decoder linear (``moments``;
     ``through`` a scale group ("tensor", "channel", "block"): measured with every decoder linear rounded to nearest
     in it, ``GptqConfig.inputs`` "rounded"; ``quality.input_moments``), and with ``smooth_alpha`` the smoothing
-    factors from the sites' input channel amax (``quality.Smoothing``); the moments are the unsmoothed model's."""
+    factors from the sites' input channel amax (``quality.Smoothing``; "auto": alpha chosen for W8A8 in scale group
+    ``group``); the moments are the unsmoothed model's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from impl.fp8 import quality
@@ -158,8 +167,11 @@ def calibrate(src: Path, text: str, tokens: int, window: int = 1024, *, moments:
         h = quality.input_moments(model, ids, window=window, bos=bos, through=through)
         out.moments = {f"model.{name}": m for name, m in h.items()}
     if smooth_alpha is not None:
-        sm = quality.Smoothing.measure(model, ids, [smooth_alpha], window=window, bos=bos)
-        out.smoothing = Smoothing(smooth_alpha, *prefixed(sm.sites, sm.factors[smooth_alpha], "model."))
+        sm = quality.Smoothing.measure(model, ids, window=window, bos=bos)
+        alpha, grid = (sm.choose(model, ids, group, window=window, batch=1, bos=bos) if smooth_alpha == "auto"
+                       else (float(smooth_alpha), {}))
+        sites, factors = prefixed(sm.sites, sm.factors(alpha), "model.") if alpha is not None else ([], {})
+        out.smoothing = Smoothing(alpha, sites, factors, calib_ppl=grid)
     return out
 
 
@@ -314,7 +326,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote {dst} ({lay.name}, {summary['quantized_linears']} FP8 linears, {recipe['rounding']} rounding, "
+    smoothed = f"smoothed (alpha {smooth.alpha:g}), " if smooth is not None and smooth.alpha is not None else ""
+    log(f"wrote {dst} ({lay.name}, {summary['quantized_linears']} FP8 linears, {smoothed}{recipe['rounding']} rounding, "
         f"{summary['bytes'] / 1e6:.1f} MB in {len(summary['files'])} file(s), {summary['seconds']:.1f} s, "
         f"backend {backend_name})")
     return summary
@@ -379,24 +392,31 @@ def main(argv: list[str] | None = None) -> int:
                    help="amax: amax / FMAX per group; mse: the candidate with the least squared rounding error")
     p.add_argument("--rounding", default="gptq", choices=["gptq", "nearest"],
                    help="with --calibration: GPTQ (default) or round to nearest (e.g. to smooth only)")
-    p.add_argument("--smooth", type=float, metavar="ALPHA",
-                   help="fold SmoothQuant's factors with this alpha (0..1, e.g. 0.5) in; needs --calibration")
+    p.add_argument("--smooth", metavar="ALPHA",
+                   help="fold SmoothQuant's factors in, with this alpha (0..1) or 'auto' (chosen on the calibration "
+                        "text for W8A8 in the layout's group); needs --calibration")
     a = p.parse_args(argv)
     try:
         cal = Calibration()
         calibration = None
         if a.smooth is not None and a.calibration is None:
             raise ValueError("--smooth needs --calibration: the factors come from the inputs' channel amax on it")
-        if a.smooth is not None and not 0 <= a.smooth <= 1:
-            raise ValueError(f"--smooth (alpha) must lie in [0, 1], got {a.smooth}")
+        if a.smooth is not None and a.smooth != "auto":
+            try:
+                alpha = float(a.smooth)
+            except ValueError:
+                alpha = math.nan
+            if not 0 <= alpha <= 1:
+                raise ValueError(f"--smooth takes an alpha in [0, 1] or 'auto', got {a.smooth!r}")
         if a.calibration is not None:
             if a.calib_tokens < 1:
                 raise ValueError(f"--calib-tokens must be >= 1, got {a.calib_tokens}")
             from impl.fp8.quality import group_of
 
-            through = group_of(LAYOUTS[a.layout]) if a.gptq_inputs == "rounded" else None
+            group = group_of(LAYOUTS[a.layout])
             cal = calibrate(Path(a.src), a.calibration.read_text(encoding="utf-8"), a.calib_tokens,
-                            moments=a.rounding == "gptq", through=through, smooth_alpha=a.smooth)
+                            moments=a.rounding == "gptq", through=group if a.gptq_inputs == "rounded" else None,
+                            smooth_alpha=a.smooth, group=group)
             calibration = {"text": a.calibration.name, "tokens": a.calib_tokens}  # the inputs: the recipe's gptq
         quantize_checkpoint(a.src, a.dst, a.layout, fmt=a.fmt, backend_name=a.backend, shard_mb=a.shard_mb,
                             ignore=a.ignore, overwrite=a.overwrite, moments=cal.moments, calibration=calibration,

@@ -91,16 +91,22 @@ def prefixed(sites: list[Site], factors: dict[str, torch.Tensor],
             {prefix + k: v for k, v in factors.items()})
 
 
-def smoothing_factors(sites: list[Site], amax: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
+def weight_amax(sites: list[Site], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{producer: w [K] float32}: the largest |W_nk| over the site's consumers' rows, per input channel k."""
+    return {site.producer: torch.stack([weights[c].detach().to("cpu", torch.float32).abs().amax(0)
+                                        for c in site.consumers]).amax(0) for site in sites}
+
+
+def smoothing_factors(sites: list[Site], amax: dict[str, torch.Tensor], wmax: dict[str, torch.Tensor],
                       alpha: float = ALPHA) -> dict[str, torch.Tensor]:
     """{producer: s [K] float32} (module doc) from each site's input channel amax ``amax[producer]`` [K] and its
-    consumers' weights ``weights[name]`` [N, K]."""
+    consumers' weight column amax ``wmax[producer]`` [K] (``weight_amax``)."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     out = {}
     for site in sites:
         a = amax[site.producer].detach().to("cpu", torch.float32)
-        w = torch.stack([weights[c].detach().to("cpu", torch.float32).abs().amax(0) for c in site.consumers]).amax(0)
+        w = wmax[site.producer].detach().to("cpu", torch.float32)
         if a.shape != w.shape or not torch.isfinite(a).all() or not torch.isfinite(w).all():
             raise ValueError(f"{site.producer}: input amax {tuple(a.shape)} and weight columns {tuple(w.shape)} must "
                              "be finite and of one length")
