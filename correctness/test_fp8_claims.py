@@ -124,19 +124,20 @@ def test_block_w8a8_claims_need_activations_rounded_in_1x128_groups(tmp_path):
 
 
 def test_quality_claims_judge_the_projects_recipe_not_round_to_nearest(tmp_path):
-    """The claims read the recipe's rows (GPTQ; W8A8 smoothed too) and say so: a record holding only the
-    round-to-nearest rows leaves them not measured, and the recipe's row is the number judged."""
+    """The claims read the recipe's rows (GPTQ; W8A8 smoothed or not, chosen on calibration tokens) and say so: a
+    record holding only the round-to-nearest rows leaves them not measured, and the recipe's row is the number
+    judged."""
     q = good_quality()
     q["models"]["gemma3"] = copy.deepcopy(q["models"]["gemma3"])  # the two models shared one dict
     for lay in LAYOUTS:
         for m in ("w8a16", "w8a8"):
             del q["models"]["gemma3"]["layouts"][lay][claims.RECIPE[m]]
-    q["models"]["smollm2"]["layouts"]["ct-channel"]["w8a8-gptq-smooth"]["abs_hi"] = 0.91
+    q["models"]["smollm2"]["layouts"]["ct-channel"][claims.RECIPE["w8a8"]]["abs_hi"] = 0.91
     view = write_view(tmp_path, "recipe", good_benches(), {"fp8/quality": q})
     rows = {c.id: (c, evaluate(c, view)) for c in load_claims() if c.id.startswith("fp8.ppl_")}
     for cid, (c, row) in rows.items():
         assert "GPTQ" in c.statement and (("smoothed" in c.statement) == ("w8a8" in cid)), cid
         assert row["verdict"] == ("not measured" if "_gemma3_" in cid else "pass"), (cid, row)
     assert rows["fp8.ppl_w8a8_smollm2_ct_channel"][1]["measured_value"] == 0.91
-    assert "has no key 'models.gemma3.layouts.vllm-tensor.w8a16-gptq.abs_hi'" in \
+    assert "has no key 'models.gemma3.layouts.vllm-tensor.w8a16-recipe.abs_hi'" in \
         rows["fp8.ppl_w8a16_gemma3_vllm_tensor"][1]["reason"]

@@ -183,6 +183,13 @@ def test_quality_run_measures_smoothed_variants_and_leaves_the_model_as_it_was()
     assert sm["smooth"] and sm["smooth_alpha"] == alpha and plain["smooth_alpha"] is None
     assert sm["window_nll"] != plain["window_nll"]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    gptq, gptq_sm = out["variants"]["channel-w8a8-gptq"], out["variants"]["channel-w8a8-gptq-smooth"]
+    assert gptq["calib_ppl"] > 1 and gptq_sm["calib_ppl"] > 1 and "calib_ppl" not in plain
+    from impl.fp8.experiments import layout_table
+
+    row = layout_table("tiny", out["variants"], None)["vllm-channel"]["w8a8-recipe"]
+    want = min(("channel-w8a8-gptq", "channel-w8a8-gptq-smooth"), key=lambda n: out["variants"][n]["calib_ppl"])
+    assert row["via"] == want and row["abs_hi"] == out["variants"][want]["abs_hi"]
     fixed = quality.evaluate_variants(model, ids, calib, variants[2:3], window=32, batch=2, bos=None,
                                       sensitivity_group=None, smooth_alpha=0.25, log=lambda *a: None)
     assert fixed["smooth"]["alpha"] == {"channel": 0.25} and fixed["smooth"]["calib_ppl"] == {}
@@ -231,3 +238,19 @@ def test_quantizer_folds_the_smoothing_into_the_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
     assert Q.main([str(src), str(tmp_path / "c"), "--layout", "vllm-channel", "--smooth", "0.5"]) == 2
     assert "--smooth needs --calibration" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_the_recipe_is_chosen_on_calibration_tokens_not_on_the_evaluation_text():
+    """Of the GPTQ candidates, the one with the least calibration perplexity, even where the other did better on the
+    evaluation windows; a candidate without its calibration perplexity is refused; W8A16 has one candidate."""
+    v = {"channel-w8a8-gptq": {"calib_ppl": 20.0, "abs_hi": 0.5},
+         "channel-w8a8-gptq-smooth": {"calib_ppl": 19.5, "abs_hi": 0.9},
+         "channel-w8a16-gptq": {"abs_hi": 0.4}}
+    assert quality.recipe_of("channel", "w8a8", v)["via"] == "channel-w8a8-gptq-smooth"
+    v["channel-w8a8-gptq-smooth"]["calib_ppl"] = 20.5
+    assert quality.recipe_of("channel", "w8a8", v)["via"] == "channel-w8a8-gptq"
+    assert quality.recipe_of("channel", "w8a16", v)["via"] == "channel-w8a16-gptq"
+    assert quality.recipe_of("block", "w8a8", v) is None
+    del v["channel-w8a8-gptq"]["calib_ppl"]
+    with pytest.raises(ValueError, match="calibration perplexity"):
+        quality.recipe_of("channel", "w8a8", v)

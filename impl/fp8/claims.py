@@ -6,8 +6,8 @@ Llama-3-8B layer's matrices; per-tensor dynamic requantization reads its input t
 judged against that two-read bound (``pct_traffic_bw``). Quality: |perplexity change| at the conservative end of a
 95% bootstrap interval over evaluation windows (``quality``), per model, layout and mode, of the project's recipe
 (``RECIPE``: what ``impl.fp8.quantize --calibration`` writes; every decoder linear in FP8, the LM head not):
-W8A16 codes rounded by GPTQ, W8A8 smoothed (alpha chosen on the calibration tokens, or none) and rounded by GPTQ.
-Round-to-nearest figures stay in the record and the plot beside them.
+W8A16 codes rounded by GPTQ; W8A8 rounded by GPTQ, smoothed or not as the calibration tokens choose
+(``quality.recipe_of``). Round-to-nearest figures stay in the record and the plot beside them.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ BW_TARGET = 92.0
 TWO_READ_TARGET = 90.0
 QUALITY_TARGET = {"w8a16": 0.5, "w8a8": 1.0}
 # the quality record's row (``layouts.<layout>.<key>``, experiments.layout_table) each mode's claim judges
-RECIPE = {"w8a16": "w8a16-gptq", "w8a8": "w8a8-gptq-smooth"}
+RECIPE = {"w8a16": "w8a16-recipe", "w8a8": "w8a8-recipe"}
 MODELS = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}
 
 
@@ -100,8 +100,8 @@ def _quality(model: str, layout: str, mode: str) -> Claim:
     target = QUALITY_TARGET[mode]
     acts = {"token": "per-token", "1x128": "per-token-group (1x128)"}.get(act_group(layout, mode))
     what = {"w8a16": "weight-only FP8 (W8A16), codes rounded by GPTQ on 32768 calibration tokens",
-            "w8a8": f"FP8 weights and {acts} dynamic FP8 activations (W8A8), smoothed with SmoothQuant's factors "
-                    "(alpha, or none, chosen on the calibration tokens) and codes rounded by GPTQ"}
+            "w8a8": f"FP8 weights and {acts} dynamic FP8 activations (W8A8), codes rounded by GPTQ, smoothed "
+                    "with SmoothQuant's factors or not as the calibration tokens choose"}
     row = f"models.{model}.layouts.{layout}.{RECIPE[mode]}"
     # a block layout's W8A8 figure counts only from a run that rounded its activations in 1x128 groups
     needs = ((f"{row}.act_group", "1x128"),) if act_group(layout, mode) == "1x128" else ()

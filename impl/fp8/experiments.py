@@ -198,8 +198,11 @@ def bf16_dir(model: torch.nn.Module, tok, dst: Path) -> Path:
 
 
 def layout_table(name: str, variants: dict[str, Any], checks: dict[str, Any] | None) -> dict[str, Any]:
-    """``layouts.<layout>.<mode>``: the figures of the layout's group (``via`` names the variant)."""
+    """``layouts.<layout>.<mode>``: the figures of the layout's group (``via`` names the variant); and
+    ``<mode>-recipe``: those of the project's recipe, the candidate ``quality.recipe_of`` picks on the calibration
+    tokens (``chosen_by`` its calibration perplexities)."""
     table: dict[str, Any] = {}
+    keys = ("delta_pct", "ci95", "abs_hi", "top1_agreement", "ppl", "keep", "act_group")
     for lay_name, lay in LAYOUTS.items():
         group = quality.group_of(lay)
         row: dict[str, Any] = {"group": group}
@@ -208,9 +211,14 @@ def layout_table(name: str, variants: dict[str, Any], checks: dict[str, Any] | N
         for vname, v in variants.items():  # "w8a16", "w8a8", and e.g. "w8a16-keep-top4" for the kept-block policies
             if v["group"] == group:
                 key = vname[len(group) + 1:]
-                row[key] = {k: v[k] for k in ("delta_pct", "ci95", "abs_hi", "top1_agreement", "ppl", "keep",
-                                              "act_group")}
+                row[key] = {k: v[k] for k in keys}
                 row[key]["via"] = vname
+        for mode in quality.MODES:
+            pick = quality.recipe_of(group, mode, variants)
+            if pick is not None:
+                v = variants[pick["via"]]
+                row[f"{mode}-recipe"] = {**{k: v[k] for k in keys}, "via": pick["via"],
+                                         "chosen_by": pick["calib_ppl"]}
         table[lay_name] = row
     return table
 

@@ -473,6 +473,10 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
             with Swapped(model, v, cache=cache, moments=h) as sw:
                 r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
         r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
+        if v.mode == "w8a8" and v.rounding == "gptq":  # the recipe picks among these on the calibration tokens
+            with smoothing.folded(model, alpha) if alpha is not None else contextlib.nullcontext():
+                with Swapped(model, v, cache=cache, moments=h):
+                    r["calib_ppl"] = perplexity(model, calib, window=window, batch=batch, bos=bos)["ppl"]
         r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, rounding=v.rounding, scales=v.scales,
                  smooth=v.smooth, smooth_alpha=alpha,
                  act_group=activation_name(get_group(v.group), v.mode), paths=sw.paths, ignore=ignore_list(v),
@@ -482,6 +486,24 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
             f"agreement {100 * r['top1_agreement']:.1f}%, paths {sw.paths} ({r['seconds']:.0f} s)")
     out["complete"] = True
     return out
+
+
+RECIPE_CANDIDATES = {"w8a16": ("w8a16-gptq",), "w8a8": ("w8a8-gptq", "w8a8-gptq-smooth")}
+
+
+def recipe_of(group: str, mode: str, variants: dict[str, Any]) -> dict[str, Any] | None:
+    """The project's recipe for every decoder linear in ``mode`` and scale ``group``: of the GPTQ-rounded variants
+    in ``RECIPE_CANDIDATES`` that ran, the one with the least perplexity on the calibration tokens (W8A8: smoothed
+    or not; never judged on the evaluation text), as {"via": its name, "calib_ppl": {name: ppl}}; None if none
+    ran."""
+    ran = {f"{group}-{k}": variants[f"{group}-{k}"] for k in RECIPE_CANDIDATES[mode] if f"{group}-{k}" in variants}
+    if not ran:
+        return None
+    ppl = {name: r.get("calib_ppl") for name, r in ran.items()}
+    if len(ran) > 1 and any(v is None for v in ppl.values()):
+        raise ValueError(f"{group} {mode}: the recipe's candidates need their calibration perplexity, got {ppl}")
+    via = min(ran, key=lambda n: ppl[n] or 0.0)
+    return {"via": via, "calib_ppl": ppl}
 
 
 def ignore_list(v: Variant) -> list[str]:
