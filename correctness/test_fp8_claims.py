@@ -139,5 +139,14 @@ def test_quality_claims_judge_the_projects_recipe_not_round_to_nearest(tmp_path)
         assert "GPTQ" in c.statement and (("smoothed" in c.statement) == ("w8a8" in cid)), cid
         assert row["verdict"] == ("not measured" if "_gemma3_" in cid else "pass"), (cid, row)
     assert rows["fp8.ppl_w8a8_smollm2_ct_channel"][1]["measured_value"] == 0.91
-    assert "has no key 'models.gemma3.layouts.vllm-tensor.w8a16-recipe.abs_hi'" in \
+    assert "has no key 'models.gemma3.layouts.vllm-tensor.w8a16-gptq.abs_hi'" in \
         rows["fp8.ppl_w8a16_gemma3_vllm_tensor"][1]["reason"]
+
+
+def test_the_w8a16_claims_row_is_its_recipes_only_candidate():
+    """W8A16's recipe has one candidate, so its claims read that variant's row directly (stored records before the
+    recipe rows keep their figure); W8A8's read the row chosen on the calibration tokens."""
+    from impl.fp8 import quality
+
+    assert quality.RECIPE_CANDIDATES["w8a16"] == (claims.RECIPE["w8a16"],)
+    assert claims.RECIPE["w8a8"] == "w8a8-recipe" and len(quality.RECIPE_CANDIDATES["w8a8"]) == 2

@@ -26,7 +26,7 @@ BW_TARGET = 92.0
 TWO_READ_TARGET = 90.0
 QUALITY_TARGET = {"w8a16": 0.5, "w8a8": 1.0}
 # the quality record's row (``layouts.<layout>.<key>``, experiments.layout_table) each mode's claim judges
-RECIPE = {"w8a16": "w8a16-recipe", "w8a8": "w8a8-recipe"}
+RECIPE = {"w8a16": "w8a16-gptq", "w8a8": "w8a8-recipe"}  # W8A16 has one candidate (quality.RECIPE_CANDIDATES)
 MODELS = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}
 
 
