@@ -23,10 +23,11 @@ rounding, GPTQ settings, calibration), as llm-compressor keeps its recipe beside
 Smoothing (``--smooth ALPHA|auto`` with ``--calibration``; ``smooth=`` from Python): SmoothQuant's per-channel
 factors (``impl.fp8.smooth``) from the inputs' channel amax over the calibration tokens, folded into the norms, the
 up_proj rows and the consumers' weights before they are rounded (GPTQ's moments transformed alike); the folded norms
-are written in the checkpoint's dtype, so every loader runs the smoothed model unchanged. For W8A8, whose per-token
-activation rounding the activations' outlier channels dominate; ``auto`` takes the alpha whose smoothed W8A8 model
-(rounded to nearest in the layout's group) has the least perplexity on the calibration tokens
-(``quality.Smoothing.choose``). The recipe records alpha, how it was chosen, and the sites.
+are written in the checkpoint's dtype, so every loader runs the smoothed model unchanged. For W8A8: the activations'
+outlier channels move into the weights (whether that helps a model is measured by the quality run's ``...-smooth``
+variants); ``auto`` takes, of no smoothing and ``quality.ALPHA_GRID``, the one whose W8A8 model (rounded to nearest
+in the layout's group) has the least perplexity on the calibration tokens (``quality.Smoothing.choose``). The recipe
+records alpha, how it was chosen, and the sites.
 
 DST is built in a temporary folder beside it and swapped in when complete (a failed run leaves DST as it was);
 ``--overwrite`` replaces only a folder this tool wrote (its manifest lists every file), and a DST that is, contains or
@@ -327,9 +328,9 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     smoothed = f"smoothed (alpha {smooth.alpha:g}), " if smooth is not None and smooth.alpha is not None else ""
-    log(f"wrote {dst} ({lay.name}, {summary['quantized_linears']} FP8 linears, {smoothed}{recipe['rounding']} rounding, "
-        f"{summary['bytes'] / 1e6:.1f} MB in {len(summary['files'])} file(s), {summary['seconds']:.1f} s, "
-        f"backend {backend_name})")
+    log(f"wrote {dst} ({lay.name}, {summary['quantized_linears']} FP8 linears, {smoothed}"
+        f"{recipe['rounding']} rounding, {summary['bytes'] / 1e6:.1f} MB in {len(summary['files'])} file(s), "
+        f"{summary['seconds']:.1f} s, backend {backend_name})")
     return summary
 
 

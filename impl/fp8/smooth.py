@@ -21,6 +21,10 @@ Sites, per decoder block (``find_sites``), and the fold that carries 1/s (``fold
 and every consumer's W' = W diag(s). o_proj's input (the attention output) is left as it is: carrying 1/s there
 needs v_proj's rows, one s per group of heads sharing a kv head. The folded model computes the same function up to
 the rounding of the folded tensors to their dtype (``correctness/test_fp8_smooth``).
+
+e4m3 has relative precision, so smoothing helps only where it keeps small channels out of the subnormals; what is
+left of per-token rounding is the format's own 3-bit mantissa, which no per-channel scaling changes. SmolLM2 on the
+CPU: per-token activations alone cost +0.97% perplexity with or without smoothing (``impl.fp8.experiments``).
 """
 from __future__ import annotations
 
