@@ -118,16 +118,15 @@ def _gptq_batch(items: list[tuple[torch.Tensor, torch.Tensor, ScaleGroup, torch.
     hs = torch.empty(b, k, k, dtype=torch.float64)
     perms = []
     for i, (w, h, group, scales) in enumerate(items):
-        perm = (torch.argsort(h.diagonal().to(torch.float64), descending=True, stable=True) if cfg.act_order
-                else torch.arange(k))
-        h = h.detach().to("cpu", torch.float64)
+        h = h.detach().to("cpu", torch.float64)  # permuted here, factored on the weight's device
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True) if cfg.act_order else torch.arange(k)
         hs[i] = h[perm][:, perm]
         pd = perm.to(dev)
         perms.append(pd)
         work[i] = w.detach().to(torch.float64)[:, pd]
         s[i] = expand_scales(scales.to(torch.float64), group, n, k).to(dev)[:, pd]
         inv_s[i] = expand_scales(1.0 / scales, group, n, k).to(dev)[:, pd]
-    u = upper_inverse_factor(hs, cfg.damp).to(dev)
+    u = upper_inverse_factor(hs.to(dev), cfg.damp)
     codes = torch.empty(b, n, k, dtype=torch.uint8, device=dev)
     for b0 in range(0, k, cfg.block):
         b1 = min(b0 + cfg.block, k)
