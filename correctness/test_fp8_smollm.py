@@ -126,9 +126,9 @@ def test_gptq_variant_on_one_block_of_the_real_model():
 
 
 def test_quantizer_smooths_the_real_model_with_alpha_chosen_on_the_calibration_text(tmp_path):
-    """``--smooth auto --rounding nearest``: alpha is the grid's least W8A8 calibration perplexity, recorded with
-    every alpha tried; the written norms are the folded ones (not the source's), o_proj is left unsmoothed, and the
-    checkpoint loads."""
+    """``--smooth auto --rounding nearest``: alpha (or none) is the least W8A8 calibration perplexity, recorded with
+    every candidate; ``--smooth 0.5``: the written norms are the folded ones (not the source's), 180 linears smoothed
+    (o_proj left alone), and the checkpoint loads; a bad alpha is refused before anything is written."""
     import json
 
     from safetensors import safe_open
@@ -139,19 +139,23 @@ def test_quantizer_smooths_the_real_model_with_alpha_chosen_on_the_calibration_t
     src = smollm.materialize(log=lambda *a: None)
     text = tmp_path / "calib.txt"
     text.write_text(experiments.text_of(None)[:4000], encoding="utf-8")
-    assert Q.main([str(src), str(tmp_path / "q"), "--layout", "vllm-channel", "--calibration", str(text),
-                   "--calib-tokens", "256", "--smooth", "auto", "--rounding", "nearest"]) == 0
-    recipe = json.loads((tmp_path / "q" / Q.RECIPE).read_text())
+    common = ["--layout", "vllm-channel", "--calibration", str(text), "--calib-tokens", "256", "--rounding", "nearest"]
+    assert Q.main([str(src), str(tmp_path / "auto"), *common, "--smooth", "auto"]) == 0
+    recipe = json.loads((tmp_path / "auto" / Q.RECIPE).read_text())
     sm = recipe["smooth"]
     assert recipe["rounding"] == "nearest" and "gptq" not in recipe and recipe["calibration"]["tokens"] == 256
     assert list(sm["calib_ppl"]) == ["none", *(f"{a:g}" for a in quality.ALPHA_GRID)]
     best = min(sm["calib_ppl"], key=sm["calib_ppl"].get)
     assert sm["alpha"] == (None if best == "none" else float(best))
+    assert sm["smoothed_linears"] == (0 if best == "none" else 180)
+
+    assert Q.main([str(src), str(tmp_path / "q"), *common, "--smooth", "0.5"]) == 0
+    sm = json.loads((tmp_path / "q" / Q.RECIPE).read_text())["smooth"]
+    assert sm["alpha"] == 0.5 and sm["chosen_by"] == "given" and "calib_ppl" not in sm
     assert sm["smoothed_linears"] == 180 and len(sm["sites"]) == 90  # 30 blocks: 3 sites, 6 of 7 linears each
 
     def tensor(d, name):
-        files = sorted(d.glob("*.safetensors"))
-        for f in files:
+        for f in sorted(d.glob("*.safetensors")):
             with safe_open(str(f), "pt") as h:
                 if name in h.keys():
                     return h.get_tensor(name)
@@ -159,7 +163,6 @@ def test_quantizer_smooths_the_real_model_with_alpha_chosen_on_the_calibration_t
 
     norm = "model.layers.3.input_layernorm.weight"
     assert not torch.equal(tensor(tmp_path / "q", norm), tensor(src, norm))
-    ck = load_checkpoint(tmp_path / "q", "cpu")
-    assert len(ck.linears) == 210
-    assert Q.main([str(src), str(tmp_path / "bad"), "--layout", "vllm-channel", "--calibration", str(text),
-                   "--smooth", "1.5"]) == 2 and not (tmp_path / "bad").exists()
+    assert len(load_checkpoint(tmp_path / "q", "cpu").linears) == 210
+    assert Q.main([str(src), str(tmp_path / "bad"), *common, "--smooth", "1.5"]) == 2
+    assert not (tmp_path / "bad").exists()

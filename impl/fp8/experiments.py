@@ -149,7 +149,7 @@ def check_layouts(model: torch.nn.Module, model_dir: Path, layouts: list[str], *
                   recipes: tuple[tuple[str, str], ...] = (("nearest", "amax"),), log: LOG = print) -> dict[str, Any]:
     """Per layout and recipe (rounding, scales): quantize the bf16 checkpoint with ``impl.fp8.quantize``, load it with
     ``impl.fp8.loader``, and compare every linear's codes and scales with the in-memory variant's
-    (``quality.quantize_weight_like_checkpoint`` / ``quantize_weight_gptq``; GPTQ needs ``moments``, {group: input
+    (``quality.quantize_weight_like_checkpoint`` / ``quantize_weights_gptq``; GPTQ needs ``moments``, {group: input
     moments} as ``quality.group_moments`` makes them, and runs for the layouts whose group they hold). Keys:
     ``identical`` for (nearest, amax), ``identical_<rounding>_<scales>`` for the others."""
     from impl.fp8.loader import load_checkpoint
@@ -171,13 +171,15 @@ def check_layouts(model: torch.nn.Module, model_dir: Path, layouts: list[str], *
                 quantize_checkpoint(model_dir, dst, name, overwrite=True, log=lambda *a: None, scales=scales,
                                     moments={f"model.{n}": h for n, h in gm.items()} if rounding == "gptq" else None)
                 ck = load_checkpoint(dst, backend.DEVICE)
+                if rounding == "gptq" and (rounding, scales, group, next(iter(lins))) not in mine_of:
+                    got = quality.quantize_weights_gptq({m: lin.weight.data for m, (_, lin) in lins.items()}, group,
+                                                        {m: gm[short] for m, (short, _) in lins.items()}, scales)
+                    mine_of.update({(rounding, scales, group, m): w for m, w in got.items()})
                 same = 0
                 for module, (short, lin) in lins.items():
                     key = (rounding, scales, group, module)
                     if key not in mine_of:
-                        mine_of[key] = (quality.quantize_weight_gptq(lin.weight.data, group, gm[short], scales)
-                                        if rounding == "gptq" else
-                                        quality.quantize_weight_like_checkpoint(lin.weight.data, group, scales))
+                        mine_of[key] = quality.quantize_weight_like_checkpoint(lin.weight.data, group, scales)
                     same += int(_same(ck.linears[module], mine_of[key]))
                 key = "identical" if (rounding, scales) == ("nearest", "amax") else f"identical_{rounding}_{scales}"
                 row.update({key: same == len(lins), f"{key}_count": same})
