@@ -1,16 +1,16 @@
 """Quality of FP8 linears in a real model: perplexity and greedy agreement against the unquantized model.
 
-A *variant* is (scale group, mode, kept blocks, rounding): every ``nn.Linear`` of the decoder blocks becomes an
-``Fp8Linear`` over the weight quantized with dynamic amax scales of the group (per tensor, per output channel, 128x128
-blocks), in mode ``w8a16`` (weight-only; activations stay in the compute dtype) or ``w8a8`` (activations quantized
-to e4m3 on every call, per token, or per 1x128 slice of a token for block weights, as vLLM runs block-scaled
-checkpoints and as the ct-block layout's config declares; ``act_group`` in each record), except the linears of the
-blocks listed in ``keep``, which stay dense. Embeddings,
-norms and the LM head are never quantized (vLLM's default). The swap happens in memory on a model loaded once; with
-``nearest`` rounding the codes and scales are those the quantizer writes into a checkpoint (``check_layouts`` proves
-it per layout, bit for bit); ``gptq`` keeps those scales and chooses each code with GPTQ (``impl.fp8.gptq``) from the
-linears' input moments over the calibration tokens (the ones before the evaluation text, as for sensitivity), measured
-on the base model or on the model rounded to nearest in the variant's group (``GptqConfig.inputs``).
+A *variant* is (scale group, mode, kept blocks, rounding, smoothing): every ``nn.Linear`` of the decoder blocks
+becomes an ``Fp8Linear`` over the weight quantized with dynamic amax scales of the group (per tensor, per output
+channel, 128x128 blocks), in mode ``w8a16`` (weight-only; activations stay in the compute dtype) or ``w8a8``
+(activations quantized to e4m3 on every call, per token, or per 1x128 slice of a token for block weights, as vLLM runs
+block-scaled checkpoints and as the ct-block layout's config declares; ``act_group`` in each record), except the
+linears of the blocks listed in ``keep``, which stay dense. Embeddings, norms and the LM head are never quantized
+(vLLM's default). The swap happens in memory on a model loaded once; with ``nearest`` rounding the codes and scales
+are those the quantizer writes into a checkpoint (``check_layouts`` proves it per layout, bit for bit); ``gptq`` keeps
+those scales and chooses each code with GPTQ (``impl.fp8.gptq``) from the linears' input moments over the calibration
+tokens (the ones before the evaluation text, as for sensitivity), measured on the base model or on the model rounded
+to nearest in the variant's group (``GptqConfig.inputs``).
 
 Metric, per variant, over non-overlapping windows w = 1..W of the evaluation text (paired with the base model):
     d_w   = mean NLL of window w (variant) - mean NLL of window w (base)
