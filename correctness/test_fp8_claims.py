@@ -23,7 +23,7 @@ def good_quality() -> dict:
     acts = {g: {"delta_pct": 0.05, "ci95": [0.0, 0.1], "abs_hi": 0.1, "top1_agreement": 0.99, "ppl": 20.01}
             for g in ("token", "1x128")}
     model = {"base": {"ppl": 20.0, "tokens": 4096}, "variants": variants, "layouts": layouts, "complete": True,
-             "activations_only": acts}
+             "activations_only": acts, "gptq": {"calib_tokens": 32768}}
     return {"models": {"smollm2": model, "gemma3": model}, "complete": True}
 
 
@@ -150,3 +150,17 @@ def test_the_w8a16_claims_row_is_its_recipes_only_candidate():
 
     assert quality.RECIPE_CANDIDATES["w8a16"] == (claims.RECIPE["w8a16"],)
     assert claims.RECIPE["w8a8"] == "w8a8-recipe" and len(quality.RECIPE_CANDIDATES["w8a8"]) == 2
+
+
+def test_quality_claims_need_the_calibration_they_state(tmp_path):
+    """The statements name GPTQ's calibration tokens; a record whose GPTQ used another count leaves them not
+    measured, with the reason."""
+    q = good_quality()
+    q["models"]["gemma3"] = copy.deepcopy(q["models"]["gemma3"])
+    q["models"]["gemma3"]["gptq"]["calib_tokens"] = 8192
+    view = write_view(tmp_path, "calib", good_benches(), {"fp8/quality": q})
+    rows = {c.id: (c, evaluate(c, view)) for c in load_claims() if c.id.startswith("fp8.ppl_")}
+    for cid, (c, row) in rows.items():
+        assert "on 32768 calibration tokens" in c.statement, cid
+        assert row["verdict"] == ("not measured" if "_gemma3_" in cid else "pass"), (cid, row)
+    assert "gptq.calib_tokens is 8192, the claim needs 32768" in rows["fp8.ppl_w8a16_gemma3_ct_block"][1]["reason"]
