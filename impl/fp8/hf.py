@@ -107,14 +107,20 @@ def perplexity(model: nn.Module, ids: torch.Tensor, *, window: int = 1024, batch
         x = chunks[i: i + batch].to(device)
         if bos is not None:
             x = torch.cat([torch.full_like(x[:, :1], bos), x], dim=1)
-        logits = model(input_ids=x).logits[:, (1 if bos is not None else 0):-1].float()
+        logits = model(input_ids=x).logits[:, (1 if bos is not None else 0):-1]
         x = x[:, (1 if bos is not None else 0):]
-        pred_next = logits.argmax(-1)
-        lp = torch.log_softmax(logits, dim=-1)
-        tok = -lp.gather(-1, x[:, 1:, None])[..., 0].double()
+        # one window at a time through float32 and log-softmax: [window, vocab] at most beside the logits (Gemma's
+        # 262k vocabulary makes a batch's float32 log-probabilities 8.6 GB)
+        preds, toks = [], []
+        for row, target in zip(logits, x[:, 1:]):
+            lr = row.float()
+            preds.append(lr.argmax(-1))
+            toks.append(-torch.log_softmax(lr, dim=-1).gather(-1, target[:, None])[:, 0].double())
+            del lr
+        del logits
+        pred_next, tok = torch.stack(preds), torch.stack(toks)
         per_window.extend(tok.mean(dim=1).tolist())
         nll += tok.sum().item()
-        del lp, logits
         count += x[:, 1:].numel()
         pred = pred_next.cpu()
         if keep_argmax:
