@@ -215,7 +215,7 @@ def test_quantizer_folds_the_smoothing_into_the_checkpoint(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     sites = smooth.find_sites(quality.decoder_blocks(model))
     sites, factors = smooth.prefixed(sites, random_factors(model, sites), "model.")
-    Q.quantize_checkpoint(src, tmp_path / "q", "vllm-channel", smooth=Q.Smoothing(0.5, sites, factors),
+    Q.quantize_checkpoint(src, tmp_path / "q", "vllm-channel", smooth=Q.SmoothRecipe(0.5, sites, factors),
                           log=lambda *a: None)
     got = load_file(str(tmp_path / "q" / "model.safetensors"))
     ops = smooth.fold_ops(sites, factors)
@@ -232,7 +232,7 @@ def test_quantizer_folds_the_smoothing_into_the_checkpoint(tmp_path, capsys):
     assert recipe["rounding"] == "nearest" and recipe["smooth"]["alpha"] == 0.5
     assert recipe["smooth"]["smoothed_linears"] == 12 and len(recipe["smooth"]["sites"]) == 6
 
-    bad = Q.Smoothing(0.5, [smooth.Site("model.layers.9.input_layernorm", "norm", ())],
+    bad = Q.SmoothRecipe(0.5, [smooth.Site("model.layers.9.input_layernorm", "norm", ())],
                       {"model.layers.9.input_layernorm": torch.ones(80)})
     with pytest.raises(CheckpointError, match=r"model\.layers\.9\.input_layernorm\.weight: the smoothing folds"):
         Q.quantize_checkpoint(src, tmp_path / "bad", "vllm-channel", smooth=bad, log=lambda *a: None)

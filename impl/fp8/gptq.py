@@ -141,7 +141,29 @@ def _gptq_batch(items: list[tuple[torch.Tensor, torch.Tensor, ScaleGroup, torch.
     return [codes[i][:, torch.argsort(perms[i])] for i in range(b)]
 
 
-class InputMoments:
+class InputHooks:
+    """Context: a forward pre-hook ``self._hook(name)`` on each module of ``named`` while active, all removed on exit;
+    subclasses gather statistics of the modules' inputs."""
+
+    def __init__(self, named: dict[str, nn.Module]) -> None:
+        self.named = named
+        self._handles: list = []
+
+    def __enter__(self):
+        for name, mod in self.named.items():
+            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        raise NotImplementedError
+
+
+class InputMoments(InputHooks):
     """Σ x xᵀ and the row count of the input of each ``nn.Linear`` in ``named`` (forward pre-hooks while active).
 
     Linears that read the same tensor object (q/k/v, gate/up) share one product per forward call: the last input is
@@ -149,21 +171,13 @@ class InputMoments:
     identity: a caching allocator hands a freed block to the next tensor of its size)."""
 
     def __init__(self, named: dict[str, nn.Linear]) -> None:
-        self.named = named
+        super().__init__(named)
         self.sums: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
         self._last: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (input, its version, x^T x)
-        self._handles: list = []
-
-    def __enter__(self) -> "InputMoments":
-        for name, lin in self.named.items():
-            self._handles.append(lin.register_forward_pre_hook(self._hook(name)))
-        return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        super().__exit__(*exc)
         self._last = None
 
     def _hook(self, name: str):

@@ -116,7 +116,6 @@ def perplexity(model: nn.Module, ids: torch.Tensor, *, window: int = 1024, batch
             lr = row.float()
             preds.append(lr.argmax(-1))
             toks.append(-torch.log_softmax(lr, dim=-1).gather(-1, target[:, None])[:, 0].double())
-            del lr
         del logits
         pred_next, tok = torch.stack(preds), torch.stack(toks)
         per_window.extend(tok.mean(dim=1).tolist())

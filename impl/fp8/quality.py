@@ -88,6 +88,7 @@ class Variant:
 
 ACTIVATION_GROUPS = {"token": TOKEN, "1x128": GROUP128}  # the activation roundings a W8A8 variant can take
 ALPHA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # smoothing strengths Smoothing.choose tries
+CHOSEN_BY = "least W8A8 (nearest) perplexity on the calibration tokens, of none and ALPHA_GRID"
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -426,7 +427,7 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
         t = time.perf_counter()
         smoothing = Smoothing.measure(model, calib, window=window, bos=bos)
         out["smooth"] = {**smoothing.record(), "alpha": {}, "chosen_by": "given" if smooth_alpha is not None else
-                         "least W8A8 (nearest) perplexity on the calibration tokens", "calib_ppl": {}}
+                         CHOSEN_BY, "calib_ppl": {}}
         for g in smooth_groups:
             if smooth_alpha is None:
                 alphas[g], out["smooth"]["calib_ppl"][g] = smoothing.choose(model, calib, g, window=window,
@@ -457,6 +458,7 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
         out["gptq"] = {**asdict(gptq), "calib_tokens": int(calib.numel())}
     n_blocks = len(decoder_blocks(model))
     cache: dict = {}
+    smoothed_h: dict[float, dict[str, torch.Tensor]] = {}  # the group's GPTQ moments, transformed per alpha
     for v in sorted(variants, key=lambda v: GROUPS.index(v.group)):  # a group's variants share its quantization
         if time.perf_counter() > deadline:
             log(f"time budget reached: {v.name} and later variants not evaluated")
@@ -465,18 +467,19 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
         t = time.perf_counter()
         if cache and next(iter(cache))[0] != v.group:
             cache.clear()  # one group's weights at a time
+            smoothed_h.clear()
         alpha = alphas.get(v.group) if v.smooth else None
         h = (moments or {}).get(v.group) if v.rounding == "gptq" else None
         if h is not None and alpha is not None:
-            h = smoothing.moments(h, alpha)
+            if alpha not in smoothed_h:
+                smoothed_h[alpha] = smoothing.moments(h, alpha)
+            h = smoothed_h[alpha]
         with smoothing.folded(model, alpha) if alpha is not None else contextlib.nullcontext():
             with Swapped(model, v, cache=cache, moments=h) as sw:
                 r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
-        r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
-        if v.mode == "w8a8" and v.rounding == "gptq":  # the recipe picks among these on the calibration tokens
-            with smoothing.folded(model, alpha) if alpha is not None else contextlib.nullcontext():
-                with Swapped(model, v, cache=cache, moments=h):
+                if v.mode == "w8a8" and v.rounding == "gptq":  # the recipe picks among these on calibration tokens
                     r["calib_ppl"] = perplexity(model, calib, window=window, batch=batch, bos=bos)["ppl"]
+        r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
         r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, rounding=v.rounding, scales=v.scales,
                  smooth=v.smooth, smooth_alpha=alpha,
                  act_group=activation_name(get_group(v.group), v.mode), paths=sw.paths, ignore=ignore_list(v),

@@ -118,7 +118,7 @@ def check_moments(moments: dict[str, torch.Tensor], spec, ignore: list[str]) -> 
 
 
 @dataclass
-class Smoothing:
+class SmoothRecipe:
     """What ``quantize_checkpoint`` folds in: the sites and factors s by checkpoint name (``impl.fp8.smooth``)."""
 
     alpha: float | None  # None: chosen, and no smoothing won (nothing is folded)
@@ -127,8 +127,10 @@ class Smoothing:
     calib_ppl: dict[str, float] = field(default_factory=dict)  # per alpha tried ("none" too), where it was chosen
 
     def record(self) -> dict:
-        return {"alpha": self.alpha, "chosen_by": "least W8A8 (nearest) calibration perplexity" if self.calib_ppl
-                else "given", **({"calib_ppl": self.calib_ppl} if self.calib_ppl else {}),
+        from impl.fp8.quality import CHOSEN_BY
+
+        return {"alpha": self.alpha, "chosen_by": CHOSEN_BY if self.calib_ppl else "given",
+                **({"calib_ppl": self.calib_ppl} if self.calib_ppl else {}),
                 "smoothed_linears": sum(len(s.consumers) for s in self.sites),
                 "sites": [{"producer": s.producer, "kind": s.kind, "consumers": list(s.consumers)} for s in self.sites]}
 
@@ -138,7 +140,7 @@ class Calibration:
     """What a calibration text gave: GPTQ's input moments and/or the smoothing, by checkpoint name."""
 
     moments: dict[str, torch.Tensor] | None = None
-    smoothing: Smoothing | None = None
+    smoothing: SmoothRecipe | None = None
 
 
 @torch.no_grad()
@@ -170,9 +172,9 @@ def calibrate(src: Path, text: str, tokens: int, window: int = 1024, *, moments:
     if smooth_alpha is not None:
         sm = quality.Smoothing.measure(model, ids, window=window, bos=bos)
         alpha, grid = (sm.choose(model, ids, group, window=window, batch=1, bos=bos) if smooth_alpha == "auto"
-                       else (float(smooth_alpha), {}))
+                       else (smooth_alpha, {}))
         sites, factors = prefixed(sm.sites, sm.factors(alpha), "model.") if alpha is not None else ([], {})
-        out.smoothing = Smoothing(alpha, sites, factors, calib_ppl=grid)
+        out.smoothing = SmoothRecipe(alpha, sites, factors, calib_ppl=grid)
     return out
 
 
@@ -258,7 +260,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: s
                         backend_name: str = "auto", shard_mb: float = 2048, ignore: list[str] | None = None,
                         overwrite: bool = False, moments: dict[str, torch.Tensor] | None = None,
                         gptq: GptqConfig | None = None, calibration: dict | None = None, scales: str = "amax",
-                        smooth: Smoothing | None = None, log=print) -> dict:
+                        smooth: SmoothRecipe | None = None, log=print) -> dict:
     """Write an FP8 checkpoint of ``src`` to ``dst`` in ``layout``; returns a summary (tensors, bytes, seconds).
 
     ``moments`` (module name -> input second moment [K, K]) selects GPTQ rounding (``gptq``: its settings; e4m3
@@ -374,6 +376,13 @@ def _write(src: Path, out: Path, files: list[Path], spec, lay: Layout, fmt: str,
             "bytes": writer.total, "files": names, "seconds": time.perf_counter() - t0}
 
 
+def float_or_nan(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m impl.fp8.quantize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -402,13 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         calibration = None
         if a.smooth is not None and a.calibration is None:
             raise ValueError("--smooth needs --calibration: the factors come from the inputs' channel amax on it")
-        if a.smooth is not None and a.smooth != "auto":
-            try:
-                alpha = float(a.smooth)
-            except ValueError:
-                alpha = math.nan
-            if not 0 <= alpha <= 1:
-                raise ValueError(f"--smooth takes an alpha in [0, 1] or 'auto', got {a.smooth!r}")
+        smooth_alpha = a.smooth if a.smooth in (None, "auto") else float_or_nan(a.smooth)
+        if smooth_alpha not in (None, "auto") and not 0 <= smooth_alpha <= 1:
+            raise ValueError(f"--smooth takes an alpha in [0, 1] or 'auto', got {a.smooth!r}")
         if a.calibration is not None:
             if a.calib_tokens < 1:
                 raise ValueError(f"--calib-tokens must be >= 1, got {a.calib_tokens}")
@@ -417,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             group = group_of(LAYOUTS[a.layout])
             cal = calibrate(Path(a.src), a.calibration.read_text(encoding="utf-8"), a.calib_tokens,
                             moments=a.rounding == "gptq", through=group if a.gptq_inputs == "rounded" else None,
-                            smooth_alpha=a.smooth, group=group)
+                            smooth_alpha=smooth_alpha, group=group)
             calibration = {"text": a.calibration.name, "tokens": a.calib_tokens}  # the inputs: the recipe's gptq
         quantize_checkpoint(a.src, a.dst, a.layout, fmt=a.fmt, backend_name=a.backend, shard_mb=a.shard_mb,
                             ignore=a.ignore, overwrite=a.overwrite, moments=cal.moments, calibration=calibration,

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-ALPHA = 0.5  # the paper's default migration strength
+from impl.fp8.gptq import InputHooks
+
 # the norm classes whose fold is tested (tiny and real models); any other is refused by name
 PLAIN_NORMS = ("LlamaRMSNorm",)  # y = x̂ γ
 PLUS_ONE_NORMS = ("Gemma3RMSNorm",)  # y = x̂ (1 + γ)
@@ -103,7 +104,7 @@ def weight_amax(sites: list[Site], weights: dict[str, torch.Tensor]) -> dict[str
 
 
 def smoothing_factors(sites: list[Site], amax: dict[str, torch.Tensor], wmax: dict[str, torch.Tensor],
-                      alpha: float = ALPHA) -> dict[str, torch.Tensor]:
+                      alpha: float) -> dict[str, torch.Tensor]:
     """{producer: s [K] float32} (module doc) from each site's input channel amax ``amax[producer]`` [K] and its
     consumers' weight column amax ``wmax[producer]`` [K] (``weight_amax``)."""
     if not 0 <= alpha <= 1:
@@ -182,23 +183,12 @@ def smoothed(blocks: nn.ModuleList, sites: list[Site], factors: dict[str, torch.
                 p.copy_(old)
 
 
-class InputAmax:
+class InputAmax(InputHooks):
     """max |x_k| per input channel of each site's input (a forward pre-hook on its first consumer, while active)."""
 
     def __init__(self, linears: dict[str, nn.Linear], sites: list[Site]) -> None:
-        self.targets = {site.producer: linears[site.consumers[0]] for site in sites}
+        super().__init__({site.producer: linears[site.consumers[0]] for site in sites})
         self.amax: dict[str, torch.Tensor] = {}
-        self._handles: list = []
-
-    def __enter__(self) -> "InputAmax":
-        for producer, lin in self.targets.items():
-            self._handles.append(lin.register_forward_pre_hook(self._hook(producer)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _hook(self, producer: str):
         def hook(mod: nn.Module, args: tuple) -> None:
