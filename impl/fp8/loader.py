@@ -195,9 +195,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None, 
 
     ``fuse``: False, True/"exact" (per-shard scales kept exactly) or "requant" (per-tensor shards requantized to
     their largest scale). ``dense_dtype`` casts unquantized tensors (default: as stored). ``check_weights`` scans
-    FP8 weights for NaN codes on the device. ``threads`` parallel reads of ``chunk_bytes`` chunks (default: up to 8;
-    half the largest tensor, between 1 and 64 MiB); ``progress``: True/False, or None for a bar on stderr when the
-    load takes over a second.
+    FP8 weights for NaN codes on the device. ``threads`` parallel reads of ``chunk_bytes`` chunks (default: up to
+    ``staging.READ_THREADS``; half the largest tensor, between 1 and 64 MiB); ``progress``: True/False, or None for a
+    bar on stderr when the load takes over a second.
     """
     path = Path(path)
     device = torch.device(device or backend.DEVICE)

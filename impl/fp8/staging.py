@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+READ_THREADS = 16  # parallel reads at most, by default (one per core of the H200 machine)
 ALIGN = 1 << 20  # thread sub-ranges of a chunk: at least 1 MiB, on 1 MiB boundaries
 
 
@@ -112,7 +113,7 @@ class Stager:
         self.staged = self.cuda if staged is None else (staged or self.cuda)
         self.min_read = max(1, min_read)
         self.chunk = max(self.min_read, chunk_bytes)
-        self.threads = max(1, threads or min(8, os.cpu_count() or 1))
+        self.threads = max(1, threads or min(READ_THREADS, os.cpu_count() or 1))
         self.memory = memory or HostMemory()
         self.progress = progress
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None

@@ -39,7 +39,12 @@ NCU_METRICS = ("gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.su
                "dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,"
                "sm__warps_active.avg.pct_of_peak_sustained_active,sm__maximum_warps_per_active_cycle_pct,"
                "launch__registers_per_thread,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,"
-               "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum")
+               "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,"
+               "smsp__inst_executed.sum,sm__inst_executed_pipe_alu.sum,"
+               "smsp__issue_active.avg.pct_of_peak_sustained_active,"
+               "sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,"
+               "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active,"
+               "sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active")
 log = logger("sort")
 
 
