@@ -403,3 +403,32 @@ def test_host_to_host_claim_names_the_transfer_only_ceiling():
     assert transfer_ceiling(View(None, 0.064), NUMPY_QUICK) == ""
     assert transfer_ceiling(View(rows, None), NUMPY_QUICK) == ""
     assert transfer_ceiling(View(rows[:1], 0.064), NUMPY_QUICK) == ""
+
+
+def test_slowest_pass_claim_names_its_alu_ceiling():
+    """The slowest pass's min/max instructions (steps x n / 32 warp-instructions) at the ALU pipe's peak rate from
+    ncu bound its share of copy bandwidth; nothing where a record, a kernel or a metric is missing."""
+    from impl.sort.claims import alu_ceiling
+
+    class View:
+        def __init__(self, rows, kernels):
+            self.records = {"passes": None if rows is None else {"data": {"keys": {"passes": rows}}},
+                            "ncu": None if kernels is None else {"commit": "abc", "date": "2026-12-05",
+                                                                 "data": {"kernels": kernels}}}
+
+        def result(self, system, name):
+            assert system == "sort"
+            return self.records[name]
+
+    rows = [{"kind": "coset", "steps": 8, "ms": 0.025, "pct_copy_bw": 77.0},
+            {"kind": "tile", "steps": 91, "ms": 0.094, "pct_copy_bw": 20.0}]
+    alu = {"sm__inst_executed_pipe_alu.sum": 36.6e6, "gpu__time_duration.sum": 94000.0,
+           "sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active": 85.0}
+    quiet = {**alu, "sm__inst_executed_pipe_alu.sum": 9e6}
+    text = alu_ceiling(View(rows, [quiet, alu]))
+    # min/max 91 x 1e7 / 32 = 28.4M; 0.094 ms x 0.85 x 28.4/36.6 = 62 us; 20% x 94 / 62 = 30%
+    assert "pass 1 (tile, 91 network steps)" in text and "28.4M of its 36.6M" in text
+    assert ">= 62 us" in text and "at most 30% of copy" in text
+    assert alu_ceiling(View(rows, None)) == "" and alu_ceiling(View(None, [quiet, alu])) == ""
+    assert alu_ceiling(View(rows, [alu])) == ""  # the profile does not cover every pass
+    assert alu_ceiling(View(rows, [quiet, {"gpu__time_duration.sum": 94000.0}])) == ""  # an older profile

@@ -57,6 +57,52 @@ def transfer_ceiling(view, numpy_bench: str) -> str:
             f"{str(rec.get('date', ''))[:10]})")
 
 
+@dataclass(frozen=True)
+class WithAluCeiling:
+    """``ResultValue`` of the slowest pass's share of copy bandwidth whose source also names the most that pass can
+    reach while it runs its network on the SMs: ``alu_ceiling`` from the pass record and its ncu profile."""
+
+    value: ResultValue
+
+    def __call__(self, view) -> Measured | NotMeasured:
+        m = self.value(view)
+        if isinstance(m, NotMeasured):
+            return m
+        return replace(m, source=m.source + alu_ceiling(view))
+
+    def describe(self) -> str:
+        return self.value.describe() + ", beside the slowest pass's ALU ceiling (sort/ncu.json)"
+
+
+def alu_ceiling(view) -> str:
+    """The slowest pass's ALU-bound ceiling in words; empty where a record or a metric is missing.
+
+    A pass of s network steps over n keys executes at least s·n/32 ALU warp-instructions (one min and one max per
+    pair of keys per step). ncu gives the pass's ALU warp-instructions I and the ALU pipe's busy share p at time t,
+    so the pipe retires I/(p·t) per unit time at its peak, and the min/max alone take t·p·(s·n/32)/I: the pass
+    cannot beat its bytes over that time, whatever else it does."""
+    passes, ncu = view.result("sort", "passes"), view.result("sort", "ncu")
+    if passes is None or ncu is None:
+        return ""
+    rows, kernels = passes["data"]["keys"].get("passes", []), ncu["data"].get("kernels", [])
+    if not rows or len(kernels) != len(rows):
+        return ""
+    i = min(range(len(rows)), key=lambda j: rows[j]["pct_copy_bw"])
+    k, row = kernels[i], rows[i]
+    alu, busy, t_ns = (k.get(m) for m in ("sm__inst_executed_pipe_alu.sum",
+                                          "sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active",
+                                          "gpu__time_duration.sum"))
+    if not all(isinstance(v, float) and v > 0 for v in (alu, busy, t_ns)):
+        return ""
+    minmax = row["steps"] * N / 32
+    floor_ms = t_ns * 1e-6 * busy / 100 * minmax / alu
+    cap = row["pct_copy_bw"] * row["ms"] / floor_ms
+    return (f"; ALU ceiling of pass {i} ({row['kind']}, {row['steps']} network steps): its min/max alone are "
+            f"{minmax / 1e6:.1f}M of its {alu / 1e6:.1f}M ALU warp-instructions, >= {floor_ms * 1e3:.0f} us at the "
+            f"ALU pipe's peak (ncu: {busy:.0f}% busy over {t_ns / 1e3:.0f} us) = at most {cap:.0f}% of copy "
+            f"bandwidth (sort/ncu.json, {str(ncu.get('commit', ''))[:12]} {str(ncu.get('date', ''))[:10]})")
+
+
 CLAIMS = [
     Claim(id="sort.time_10m_f32", system="sort", unit="ms", comparison="<=", target=0.60,
           statement="Bitonic sort of 10M float32 keys (keys only, shared-memory variant, one graph launch) takes "
@@ -72,7 +118,7 @@ CLAIMS = [
     Claim(id="sort.slowest_pass_pct_copy", system="sort", unit="%", comparison=">=", target=75.0,
           statement="Every pass of the 10M float32 keys-only sort, timed alone with the L2 flushed, moves its bytes "
                     "(read + write) at >= 75% of the card's measured copy bandwidth (the slowest pass is judged)",
-          measure=ResultValue("sort", "passes", "keys.min_pct_copy_bw")),
+          measure=WithAluCeiling(ResultValue("sort", "passes", "keys.min_pct_copy_bw"))),
     Claim(id="sort.argsort_10m_f32", system="sort", unit="ms", comparison="<=", target=1.0,
           statement="Bitonic argsort (key + index, stable) of 10M float32 keys takes at most 1.0 ms",
           measure=BenchStat(SHARED_KV, scale=1e3)),
