@@ -164,3 +164,20 @@ def test_quality_claims_need_the_calibration_they_state(tmp_path):
         assert "on 32768 calibration tokens" in c.statement, cid
         assert row["verdict"] == ("not measured" if "_gemma3_" in cid else "pass"), (cid, row)
     assert "gptq.calib_tokens is 8192, the claim needs 32768" in rows["fp8.ppl_w8a16_gemma3_ct_block"][1]["reason"]
+
+
+def test_w8a8_claims_name_what_the_activations_alone_cost(tmp_path):
+    """A W8A8 claim's source names the same model's activations-alone change in its layout's activation group (the
+    part no weight rounding takes back); W8A16 claims do not, and a record without it just leaves it out."""
+    q = good_quality()
+    q["models"]["gemma3"] = copy.deepcopy(q["models"]["gemma3"])
+    q["models"]["smollm2"]["activations_only"]["1x128"] = {"delta_pct": 0.6, "ci95": [0.47, 0.72], "abs_hi": 0.72}
+    del q["models"]["gemma3"]["activations_only"]
+    view = write_view(tmp_path, "acts-share", good_benches(), {"fp8/quality": q})
+    rows = {c.id: evaluate(c, view) for c in load_claims() if c.id.startswith("fp8.ppl_")}
+    block = rows["fp8.ppl_w8a8_smollm2_vllm_block"]["source"]
+    assert "the 1x128 activations' rounding alone (weights unquantized): +0.60% [+0.47, +0.72]" in block
+    assert "the token activations' rounding alone (weights unquantized): +0.05%" in \
+        rows["fp8.ppl_w8a8_smollm2_ct_channel"]["source"]
+    assert not any("rounding alone" in r["source"] for cid, r in rows.items() if "_w8a16_" in cid or "_gemma3_" in cid)
+    assert {r["verdict"] for r in rows.values()} == {"pass"}

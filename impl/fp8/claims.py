@@ -7,7 +7,8 @@ judged against that two-read bound (``pct_traffic_bw``). Quality: |perplexity ch
 95% bootstrap interval over evaluation windows (``quality``), per model, layout and mode, of the project's recipe
 (``RECIPE``: what ``impl.fp8.quantize --calibration`` writes; every decoder linear in FP8, the LM head not):
 W8A16 codes rounded by GPTQ; W8A8 rounded by GPTQ, smoothed or not as the calibration tokens choose
-(``quality.recipe_of``). Round-to-nearest figures stay in the record and the plot beside them.
+(``quality.recipe_of``). Round-to-nearest figures stay in the record and the plot beside them. A W8A8 claim's
+source names what rounding the activations alone costs the same model (``activation_share``).
 """
 from __future__ import annotations
 
@@ -91,6 +92,37 @@ def _bw(kind: str, group: str, key: str = "pct_peak_bw", target: float = BW_TARG
     ]
 
 
+@dataclass(frozen=True)
+class WithActivationShare:
+    """``ResultValue`` of a W8A8 quality row whose source also names what rounding the activations alone costs the
+    same model (weights unquantized, unsmoothed; ``models.<model>.activations_only.<group>``): the share of the
+    change no weight rounding can take back."""
+
+    value: ResultValue
+    model: str
+    group: str
+
+    def __call__(self, view) -> Measured | NotMeasured:
+        m = self.value(view)
+        if isinstance(m, NotMeasured):
+            return m
+        return replace(m, source=m.source + activation_share(view, self.model, self.group))
+
+    def describe(self) -> str:
+        return self.value.describe() + f", beside the activations' rounding alone ({self.group})"
+
+
+def activation_share(view, model: str, group: str) -> str:
+    """The activations-alone change in words, for a claim's source; empty where the record has none."""
+    rec = view.result("fp8", "quality")
+    row = ((rec or {}).get("data", {}).get("models", {}).get(model, {}).get("activations_only") or {}).get(group)
+    if not row or "ci95" not in row:
+        return ""
+    lo, hi = row["ci95"]
+    return (f"; the {group} activations' rounding alone (weights unquantized): {row['delta_pct']:+.2f}% "
+            f"[{lo:+.2f}, {hi:+.2f}], |.| <= {row['abs_hi']:.2f}")
+
+
 def act_group(layout: str, mode: str) -> str:
     """How a layout rounds activations in ``mode`` (``activation_name`` of its weight scales, as vLLM runs such a
     checkpoint and as the quality record names it)."""
@@ -108,12 +140,13 @@ def _quality(model: str, layout: str, mode: str) -> Claim:
     # activations in 1x128 groups
     needs = ((f"models.{model}.gptq.calib_tokens", CALIB_TOKENS),)
     needs += ((f"{row}.act_group", "1x128"),) if act_group(layout, mode) == "1x128" else ()
+    value = ResultValue("fp8", "quality", f"{row}.abs_hi", requires=needs)
     return Claim(id=f"fp8.ppl_{mode}_{model}_{layout.replace('-', '_')}", system="fp8", unit="|% ppl change|",
                  comparison="<=", target=target,
                  statement=f"{MODELS[model]} with every decoder linear in {what[mode]}, {layout} layout: |perplexity "
                            f"change| vs the unquantized model on gensim's Wikipedia pages <= {target:g}% at the "
                            "conservative end of a 95% bootstrap interval over windows",
-                 measure=ResultValue("fp8", "quality", f"{row}.abs_hi", requires=needs))
+                 measure=(WithActivationShare(value, model, act_group(layout, mode)) if mode == "w8a8" else value))
 
 
 CLAIMS = [
@@ -164,8 +197,9 @@ def _bad_quality() -> dict[str, Any]:
     def row(lay: str) -> dict[str, Any]:
         return {RECIPE[mode]: {"abs_hi": 5.0, "delta_pct": -4.0, "ci95": [-5.0, -3.0],
                                "act_group": act_group(lay, mode)} for mode in QUALITY_TARGET}
-    return {"models": {m: {"layouts": {lay: row(lay) for lay in LAYOUTS}, "gptq": {"calib_tokens": CALIB_TOKENS}}
-                       for m in MODELS}, "complete": True}
+    acts = {g: {"abs_hi": 0.5, "delta_pct": 0.4, "ci95": [0.3, 0.5]} for g in ("token", "1x128")}
+    return {"models": {m: {"layouts": {lay: row(lay) for lay in LAYOUTS}, "gptq": {"calib_tokens": CALIB_TOKENS},
+                           "activations_only": acts} for m in MODELS}, "complete": True}
 
 
 def _failing(claim: Claim) -> Case:
@@ -178,6 +212,7 @@ def _failing(claim: Claim) -> Case:
                     results={})
     if isinstance(m, BenchRatio):  # num / den = 0.5: half the speed-up, half the disk's speed
         return Case(benches={m.num: _bench(1e-3), m.den: _bench(2e-3)}, results={})
+    m = m.value if isinstance(m, WithActivationShare) else m
     if isinstance(m, ResultValue):  # a suspicious -4% (|delta| 5% at the interval's end) must fail too
         return Case(benches={}, results={f"{m.system}/{m.name}": _bad_quality()})
     raise TypeError(f"{claim.id}: no failing case for measure {type(m).__name__}")
