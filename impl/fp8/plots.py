@@ -104,7 +104,8 @@ def plot_perplexity(view, out_dir: Path) -> list[Path]:
         return []
     plt = pyplot()
 
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
+    most = max(len(d["variants"]) + len(d.get("activations_only") or {}) for d in models.values())
+    fig, axes = plt.subplots(1, len(models), figsize=(max(6.0, 0.2 * most) * len(models), 6.0), squeeze=False)
     for ax, (m, d) in zip(axes[0], models.items()):
         acts = d.get("activations_only") or {}
         names = [f"activations only, {g}" for g in acts] + list(d["variants"])
@@ -120,7 +121,7 @@ def plot_perplexity(view, out_dir: Path) -> list[Path]:
             ax.axhline(t, color=c, ls=":", lw=0.8, label=f"|delta| <= {t:g}% ({'W8A16' if t == 0.5 else 'W8A8'})")
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("perplexity change vs unquantized (%), 95% CI")
+        ax.set_ylabel("perplexity change vs unquantized (%, 95% CI)")
         ax.set_title(f"{MODELS.get(m, m)}: base ppl {d['base']['ppl']:.2f}, {d['base']['tokens']} tokens")
         ax.legend(fontsize=7)
     fig.tight_layout()
