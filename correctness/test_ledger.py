@@ -446,3 +446,26 @@ def test_calibration_peaks_are_the_best_of_their_kernels():
     assert m["pct_peak_bw"] == pytest.approx(50.0) and m["peak_bw_gbps"] == p["bw_peak_gbps"]
     if not results.backend.ON_GPU:
         assert calibrate.calibrate() == {}
+
+
+def test_beside_appends_its_note_to_a_measured_source_only():
+    """``Beside`` keeps the measure's value, verdict inputs and provenance, adds the note to its source, and passes
+    a not-measured result through untouched (no note about a figure that does not exist)."""
+    measured = ledger.Measured(value=3.0, device="card", commit="abc", date="2026-12-05", source="bench x")
+
+    class Fixed:
+        def __init__(self, out):
+            self.out = out
+
+        def __call__(self, view):
+            return self.out
+
+        def describe(self):
+            return "a fixed figure"
+
+    b = ledger.Beside(Fixed(measured), lambda view: "; the ceiling: 4", "its ceiling")
+    got = b(None)
+    assert (got.value, got.commit, got.source) == (3.0, "abc", "bench x; the ceiling: 4")
+    assert b.describe() == "a fixed figure, beside its ceiling"
+    missing = ledger.NotMeasured("no record")
+    assert ledger.Beside(Fixed(missing), lambda view: "never", "x")(None) is missing

@@ -546,6 +546,26 @@ class NotYet:
         return "not yet defined"
 
 
+@dataclass(frozen=True)
+class Beside:
+    """``measure`` whose source also names the figure to read it against (a ceiling no implementation can pass, the
+    share of a change no remedy takes back): ``note(view)``, in words, empty where its records are missing;
+    ``what`` names it in the claim's description."""
+
+    measure: Measure
+    note: Callable[[ResultsView], str]
+    what: str
+
+    def __call__(self, view: ResultsView) -> Measured | NotMeasured:
+        m = self.measure(view)
+        if isinstance(m, NotMeasured):
+            return m
+        return dataclasses.replace(m, source=m.source + self.note(view))
+
+    def describe(self) -> str:
+        return f"{self.measure.describe()}, beside {self.what}"
+
+
 def referenced_benches(measure: Any) -> list[str]:
     """Bench names a measure reads (``bench``/``num``/``den`` fields, through wrapping measures)."""
     found: list[str] = []

@@ -13,9 +13,10 @@ source names what rounding the activations alone costs the same model (``activat
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
-from impl.common.ledger import BenchRatio, Case, Claim, ExtraInfo, Measured, NotMeasured, ResultValue
+from impl.common.ledger import BenchRatio, Beside, Case, Claim, ExtraInfo, Measured, NotMeasured, ResultValue
 from impl.common.shapes import LLAMA3_8B
 from impl.fp8.formats import activation_name
 from impl.fp8.gptq import CALIB_TOKENS
@@ -92,28 +93,10 @@ def _bw(kind: str, group: str, key: str = "pct_peak_bw", target: float = BW_TARG
     ]
 
 
-@dataclass(frozen=True)
-class WithActivationShare:
-    """``ResultValue`` of a W8A8 quality row whose source also names what rounding the activations alone costs the
-    same model (weights unquantized, unsmoothed; ``models.<model>.activations_only.<group>``): the share of the
-    change no weight rounding can take back."""
-
-    value: ResultValue
-    model: str
-    group: str
-
-    def __call__(self, view) -> Measured | NotMeasured:
-        m = self.value(view)
-        if isinstance(m, NotMeasured):
-            return m
-        return replace(m, source=m.source + activation_share(view, self.model, self.group))
-
-    def describe(self) -> str:
-        return self.value.describe() + f", beside the activations' rounding alone ({self.group})"
-
-
 def activation_share(view, model: str, group: str) -> str:
-    """The activations-alone change in words, for a claim's source; empty where the record has none."""
+    """What rounding the activations alone costs ``model`` (weights unquantized, unsmoothed;
+    ``models.<model>.activations_only.<group>``), in words: the share of a W8A8 change no weight rounding takes
+    back; empty where the record has none."""
     rec = view.result("fp8", "quality")
     row = ((rec or {}).get("data", {}).get("models", {}).get(model, {}).get("activations_only") or {}).get(group)
     if not row or "ci95" not in row:
@@ -146,7 +129,9 @@ def _quality(model: str, layout: str, mode: str) -> Claim:
                  statement=f"{MODELS[model]} with every decoder linear in {what[mode]}, {layout} layout: |perplexity "
                            f"change| vs the unquantized model on gensim's Wikipedia pages <= {target:g}% at the "
                            "conservative end of a 95% bootstrap interval over windows",
-                 measure=(WithActivationShare(value, model, act_group(layout, mode)) if mode == "w8a8" else value))
+                 measure=value if mode == "w8a16" else Beside(
+                     value, partial(activation_share, model=model, group=act_group(layout, mode)),
+                     f"the activations' rounding alone ({act_group(layout, mode)})"))
 
 
 CLAIMS = [
@@ -212,7 +197,7 @@ def _failing(claim: Claim) -> Case:
                     results={})
     if isinstance(m, BenchRatio):  # num / den = 0.5: half the speed-up, half the disk's speed
         return Case(benches={m.num: _bench(1e-3), m.den: _bench(2e-3)}, results={})
-    m = m.value if isinstance(m, WithActivationShare) else m
+    m = m.measure if isinstance(m, Beside) else m
     if isinstance(m, ResultValue):  # a suspicious -4% (|delta| 5% at the interval's end) must fail too
         return Case(benches={}, results={f"{m.system}/{m.name}": _bad_quality()})
     raise TypeError(f"{claim.id}: no failing case for measure {type(m).__name__}")

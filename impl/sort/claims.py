@@ -10,10 +10,10 @@ shared >= 1.4x the global-only ablation and pinned >= 3x pageable keep holding.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
-from impl.common.ledger import BenchRatio, BenchStat, Case, Claim, Measured, NotMeasured, ResultValue
+from impl.common.ledger import BenchRatio, BenchStat, Beside, Case, Claim, ResultValue
 
 N = 10_000_000
 SHARED = f"test_sort_bitonic[shared-keys-float32-{N}]"
@@ -24,27 +24,12 @@ CUPY = f"test_sort_cupy[keys-float32-{N}]"
 NUMPY_QUICK = f"test_sort_numpy[quicksort-float32-{N}]"
 E2E = "test_sort_end_to_end[pinned_buffer]"
 
-@dataclass(frozen=True)
-class WithTransferCeiling:
-    """``BenchRatio(numpy, host-to-host)`` whose source also names the ratio no host-to-host sort can beat on that
-    machine: numpy's time over the pinned 40 MB host-to-device plus device-to-host copies alone
-    (``sort/transfers.json``). A full sort writes no key back before its input has arrived, so the two copies add up
-    whatever the sort does in between."""
-
-    ratio: BenchRatio
-
-    def __call__(self, view) -> Measured | NotMeasured:
-        m = self.ratio(view)
-        if isinstance(m, NotMeasured):
-            return m
-        return replace(m, source=m.source + transfer_ceiling(view, self.ratio.num))
-
-    def describe(self) -> str:
-        return self.ratio.describe() + ", beside the transfer-only ceiling (sort/transfers.json)"
-
 
 def transfer_ceiling(view, numpy_bench: str) -> str:
-    """The transfer-only ceiling in words, for a claim's source; empty where a record is missing."""
+    """The ratio no host-to-host sort can beat on that machine, in words (empty where a record is missing): numpy's
+    time over the pinned 40 MB host-to-device plus device-to-host copies alone (``sort/transfers.json``). A full
+    sort writes no key back before its input has arrived, so the two copies add up whatever the sort does in
+    between."""
     rec, numpy = view.result("sort", "transfers"), view.bench(numpy_bench)
     rows = [] if rec is None else [r for r in rec["data"].get("rows", [])
                                    if r.get("memory") == "pinned" and r.get("bytes") == 4 * N]
@@ -55,23 +40,6 @@ def transfer_ceiling(view, numpy_bench: str) -> str:
     return (f"; transfer-only ceiling: numpy / (pinned H2D {rows[0]['h2d_ms']:.3f} + D2H {rows[0]['d2h_ms']:.3f} ms "
             f"of 40 MB) = {cap:.1f}x (sort/transfers.json, {str(rec.get('commit', ''))[:12]} "
             f"{str(rec.get('date', ''))[:10]})")
-
-
-@dataclass(frozen=True)
-class WithAluCeiling:
-    """``ResultValue`` of the slowest pass's share of copy bandwidth whose source also names the most that pass can
-    reach while it runs its network on the SMs: ``alu_ceiling`` from the pass record and its ncu profile."""
-
-    value: ResultValue
-
-    def __call__(self, view) -> Measured | NotMeasured:
-        m = self.value(view)
-        if isinstance(m, NotMeasured):
-            return m
-        return replace(m, source=m.source + alu_ceiling(view))
-
-    def describe(self) -> str:
-        return self.value.describe() + ", beside the slowest pass's ALU ceiling (sort/ncu.json)"
 
 
 def alu_ceiling(view) -> str:
@@ -118,7 +86,8 @@ CLAIMS = [
     Claim(id="sort.slowest_pass_pct_copy", system="sort", unit="%", comparison=">=", target=75.0,
           statement="Every pass of the 10M float32 keys-only sort, timed alone with the L2 flushed, moves its bytes "
                     "(read + write) at >= 75% of the card's measured copy bandwidth (the slowest pass is judged)",
-          measure=WithAluCeiling(ResultValue("sort", "passes", "keys.min_pct_copy_bw"))),
+          measure=Beside(ResultValue("sort", "passes", "keys.min_pct_copy_bw"), alu_ceiling,
+                         "the slowest pass's ALU ceiling (sort/ncu.json)")),
     Claim(id="sort.argsort_10m_f32", system="sort", unit="ms", comparison="<=", target=1.0,
           statement="Bitonic argsort (key + index, stable) of 10M float32 keys takes at most 1.0 ms",
           measure=BenchStat(SHARED_KV, scale=1e3)),
@@ -132,7 +101,8 @@ CLAIMS = [
     Claim(id="sort.host_to_host_vs_numpy", system="sort", unit="x", comparison=">=", target=40.0,
           statement="Host to host through the pinned pipeline, 10M float32 keys are sorted at least 40x faster than "
                     "numpy.sort (quicksort) sorts them on the same host",
-          measure=WithTransferCeiling(BenchRatio(NUMPY_QUICK, E2E))),
+          measure=Beside(BenchRatio(NUMPY_QUICK, E2E), partial(transfer_ceiling, numpy_bench=NUMPY_QUICK),
+                         "the transfer-only ceiling (sort/transfers.json)")),
     Claim(id="sort.shared_vs_global", system="sort", unit="x", comparison=">=", target=1.4, seed_value=93 / 67,
           statement="The shared-memory variant is at least 1.4x faster than the global-memory-only ablation (one "
                     "global pass per network step) on 10M float32 keys (seed: 67% -> 93% throughput)",
