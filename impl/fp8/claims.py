@@ -3,13 +3,13 @@
 
 Kernels: % of the card's bandwidth peak (the fastest of its calibration kernels -- copies, a read-only sum, a
 triad: ``impl.common.calibrate``; a higher bar than its 1 GiB copy's median) counting compulsory bytes (inputs read
-once, outputs written once), on a Llama-3-8B layer's matrices; per-tensor dynamic requantization reads its input twice (amax, then convert) and is
-judged against that two-read bound (``pct_traffic_bw``). Quality: |perplexity change| at the conservative end of a
-95% bootstrap interval over evaluation windows (``quality``), per model, layout and mode, of the project's recipe
-(``RECIPE``: what ``impl.fp8.quantize --calibration`` writes; every decoder linear in FP8, the LM head not):
-W8A16 codes rounded by GPTQ; W8A8 rounded by GPTQ, smoothed or not as the calibration tokens choose
-(``quality.recipe_of``). Round-to-nearest figures stay in the record and the plot beside them. A W8A8 claim's
-source names what rounding the activations alone costs the same model (``activation_share``).
+once, outputs written once), on a Llama-3-8B layer's matrices; per-tensor dynamic requantization reads its input
+twice (amax, then convert) and is judged against that two-read bound (``pct_traffic_bw``). Quality: |perplexity
+change| at the conservative end of a 95% bootstrap interval over evaluation windows (``quality``), per model, layout
+and mode, of the project's recipe (``RECIPE``: what ``impl.fp8.quantize --calibration`` writes; every decoder linear
+in FP8, the LM head not): W8A16 codes rounded by GPTQ; W8A8 rounded by GPTQ, smoothed or not as the calibration
+tokens choose (``quality.recipe_of``). Round-to-nearest figures stay in the record and the plot beside them. A W8A8
+claim's source names what rounding the activations alone costs the same model (``activation_share``).
 """
 from __future__ import annotations
 
