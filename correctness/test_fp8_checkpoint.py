@@ -348,6 +348,24 @@ def test_gptq_checkpoint_holds_gptq_codes_with_the_nearest_scales_and_records_it
     assert json.loads((tmp_path / "n" / Q.RECIPE).read_text())["rounding"] == "nearest"
 
 
+def test_gptq_checkpoint_is_the_same_whatever_the_batch(dense, tmp_path, monkeypatch):
+    """The quantizer rounds a file's linears by GPTQ in batches of at most GPTQ_BATCH_BYTES: one linear per batch
+    (every weight over the cap) and all in one give bit-identical checkpoints."""
+    from impl.fp8.gptq import GptqConfig
+
+    src, _ = dense
+    moments = _moments(load_checkpoint(src, "cpu").spec, 5)
+    for name, cap in (("one", 1), ("all", 1 << 40)):
+        monkeypatch.setattr(Q, "GPTQ_BATCH_BYTES", cap)
+        Q.quantize_checkpoint(src, tmp_path / name, "vllm-channel", moments=moments, gptq=GptqConfig(block=32),
+                              **QUIET)
+    one, every = (load_checkpoint(tmp_path / n, "cpu").linears for n in ("one", "all"))
+    assert one.keys() == every.keys() and len(one) > 1
+    for module in one:
+        assert torch.equal(one[module].weight.view(torch.uint8), every[module].weight.view(torch.uint8)), module
+        assert torch.equal(one[module].scale, every[module].scale), module
+
+
 def test_gptq_without_moments_for_every_linear_is_refused_before_writing(dense, tmp_path, capsys):
     src, _ = dense
     spec = load_checkpoint(src, "cpu").spec

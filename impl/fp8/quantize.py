@@ -6,9 +6,10 @@
 
 Every projection of every decoder layer (q/k/v/o, gate/up/down) is quantized with dynamic scales of the layout's
 group (amax / FMAX, see ``kernels``); everything else (embeddings, norms, lm_head) is copied unchanged. Tensors are
-read one at a time and written in shards of ``--shard-mb``, so host memory stays near one shard. Files other than
-weights and config.json (tokenizer, generation config) are copied. ``--backend triton`` quantizes with the Triton
-kernels (the default on a GPU), ``torch`` with the CPU reference, which computes the same codes and scales.
+read one at a time (with GPTQ: one input file at a time, its linears rounded in batches) and written in shards of
+``--shard-mb``, so host memory stays near one shard. Files other than weights and config.json (tokenizer,
+generation config) are copied. ``--backend triton`` quantizes with the Triton kernels (the default on a GPU),
+``torch`` with the CPU reference, which computes the same codes and scales.
 
 Scales: amax / FMAX per group by default; ``--scales mse`` picks per group the candidate scale with the least squared
 rounding error (``impl.fp8.scales``). Rounding: to nearest by default. With ``--calibration TEXT`` (or ``moments=``
@@ -53,7 +54,7 @@ from safetensors.torch import save_file
 from impl import backend
 from impl.fp8.checkpoint_io import parse_config, read_config, read_headers, safetensors_files
 from impl.fp8.formats import get_format
-from impl.fp8.gptq import CALIB_TOKENS, INPUTS, GptqConfig, gptq_quantize
+from impl.fp8.gptq import CALIB_TOKENS, INPUTS, GptqConfig, gptq_quantize_many
 from impl.fp8.layouts import LAYOUTS, CheckpointError, Layout, get_layout
 from impl.fp8.reference import quantize_reference
 from impl.fp8.scales import SCALE_CHOICES, choose_scales
@@ -62,6 +63,7 @@ from impl.fp8.smooth import Site, fold, fold_ops, prefixed, smoothed_moments
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 MANIFEST = ".fp8-quantize-manifest.json"  # the files a run wrote: what --overwrite may replace
 RECIPE = "fp8_recipe.json"  # how the codes were made: rounding, GPTQ settings, calibration
+GPTQ_BATCH_BYTES = 1 << 30  # float32 weights per batched GPTQ call (its work arrays are a few times this)
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -94,15 +96,32 @@ def quantize_tensor(w: torch.Tensor, layout: Layout, fmt: str, backend_name: str
     return q.contiguous(), s.reshape(layout.stored_scale_shape(n, k)).contiguous()
 
 
-def quantize_tensor_gptq(w: torch.Tensor, layout: Layout, h: torch.Tensor, cfg: GptqConfig,
-                         scales: str = "amax") -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_tensor``'s output (e4m3) with GPTQ-rounded codes, from input moments h [K, K]; float64 work on the
-    GPU when there is one."""
-    n, k = w.shape
-    w = w.to(backend.DEVICE, torch.float32)
-    codes, s = gptq_quantize(w, h.to(backend.DEVICE), layout.group, cfg,
-                             scales=choose_scales(w, layout.group, "e4m3", scales))
-    return codes.cpu().view(torch.float8_e4m3fn).contiguous(), s.reshape(layout.stored_scale_shape(n, k)).contiguous()
+def quantize_tensors_gptq(weights: list[tuple[str, torch.Tensor, torch.Tensor]], layout: Layout, cfg: GptqConfig,
+                          scales: str = "amax") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``quantize_tensor``'s output (e4m3) with GPTQ-rounded codes for each (name, w [N, K], input moments h
+    [K, K]): {name: (codes, scales)}. Float work on the GPU when there is one, in batches of at most
+    ``GPTQ_BATCH_BYTES`` of float32 weights: the weights of one shape in a batch share one column loop
+    (``gptq_quantize_many``), and each gets the codes it gets alone."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    batch: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def flush() -> None:
+        ws = [w.to(backend.DEVICE, torch.float32) for _, w, _ in batch]
+        got = gptq_quantize_many([(w, h.to(backend.DEVICE), layout.group, choose_scales(w, layout.group, "e4m3",
+                                                                                        scales))
+                                  for w, (_, _, h) in zip(ws, batch)], cfg)
+        for (name, w, _), (codes, sc) in zip(batch, got):
+            out[name] = (codes.cpu().view(torch.float8_e4m3fn).contiguous(),
+                         sc.reshape(layout.stored_scale_shape(*w.shape)).contiguous())
+        batch.clear()
+
+    for item in weights:
+        if batch and 4 * sum(w.numel() for _, w, _ in batch + [item]) > GPTQ_BATCH_BYTES:
+            flush()
+        batch.append(item)
+    if batch:
+        flush()
+    return out
 
 
 def check_moments(moments: dict[str, torch.Tensor], spec, ignore: list[str]) -> None:
@@ -336,6 +355,17 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: s
     return summary
 
 
+def _quantized(name: str, t: torch.Tensor, spec, ignore: list[str]) -> bool:
+    """Whether tensor ``name`` is a decoder linear's weight to quantize (CheckpointError if its shape is not the
+    config's)."""
+    module = name[: -len(".weight")] if name.endswith(".weight") else None
+    if module not in spec.linears or spec.is_ignored(module, ignore):
+        return False
+    if tuple(t.shape) != spec.linears[module]:
+        raise CheckpointError(f"{name}: shape {tuple(t.shape)}, config says {spec.linears[module]}")
+    return True
+
+
 def _write(src: Path, out: Path, files: list[Path], spec, lay: Layout, fmt: str, backend_name: str, shard_mb: float,
            ignore: list[str], config: dict, log, moments: dict[str, torch.Tensor] | None, gptq: GptqConfig | None,
            recipe: dict, ops: dict[str, list]) -> dict:
@@ -343,24 +373,22 @@ def _write(src: Path, out: Path, files: list[Path], spec, lay: Layout, fmt: str,
     t0 = time.perf_counter()
     writer = ShardWriter(out, int(shard_mb * (1 << 20)))
     nq = 0
-    for name, t in iter_tensors(files):
-        if name in ops:
-            t = fold(t, ops[name])
-        module = name[: -len(".weight")] if name.endswith(".weight") else None
-        if module in spec.linears and not spec.is_ignored(module, ignore):
-            if tuple(t.shape) != spec.linears[module]:
-                raise CheckpointError(f"{name}: shape {tuple(t.shape)}, config says {spec.linears[module]}")
-            if moments is None:
-                q, s = quantize_tensor(t, lay, fmt, backend_name, recipe["scales"])
-            else:
-                q, s = quantize_tensor_gptq(t, lay, moments[module], gptq, recipe["scales"])
+    for path in files:
+        tensors = ((name, fold(t, ops[name]) if name in ops else t) for name, t in iter_tensors([path]))
+        if moments is not None:  # GPTQ: the file's linears rounded in batches, so the file is held, not a tensor
+            tensors = list(tensors)
+            coded = quantize_tensors_gptq([(n, t, moments[n[: -len(".weight")]]) for n, t in tensors
+                                           if _quantized(n, t, spec, ignore)], lay, gptq, recipe["scales"])
+        for name, t in tensors:
+            if not _quantized(name, t, spec, ignore):
+                writer.add(name, t)
+                continue
+            q, s = coded[name] if moments is not None else quantize_tensor(t, lay, fmt, backend_name, recipe["scales"])
             writer.add(name, q)
-            writer.add(f"{module}.{lay.scale_name}", s)
+            writer.add(f"{name[: -len('.weight')]}.{lay.scale_name}", s)
             nq += 1
             if nq % 20 == 0:
                 log(f"  quantized {nq} linears ({time.perf_counter() - t0:.1f} s)")
-        else:
-            writer.add(name, t)
     names = writer.close()
     for p in src.iterdir():
         if p.is_file() and p.name not in ("config.json", MANIFEST) and not any(p.match(g) for g in WEIGHT_FILES):
