@@ -103,24 +103,21 @@ def quantize_tensors_gptq(weights: list[tuple[str, torch.Tensor, torch.Tensor]],
     ``GPTQ_BATCH_BYTES`` of float32 weights: the weights of one shape in a batch share one column loop
     (``gptq_quantize_many``), and each gets the codes it gets alone."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    batch: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-
-    def flush() -> None:
+    batches: list[list[tuple[str, torch.Tensor, torch.Tensor]]] = [[]]
+    size = 0
+    for item in weights:
+        if batches[-1] and size + 4 * item[1].numel() > GPTQ_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += 4 * item[1].numel()
+    for batch in filter(None, batches):
         ws = [w.to(backend.DEVICE, torch.float32) for _, w, _ in batch]
-        got = gptq_quantize_many([(w, h.to(backend.DEVICE), layout.group, choose_scales(w, layout.group, "e4m3",
-                                                                                        scales))
-                                  for w, (_, _, h) in zip(ws, batch)], cfg)
-        for (name, w, _), (codes, sc) in zip(batch, got):
+        jobs = [(w, h.to(backend.DEVICE), layout.group, choose_scales(w, layout.group, "e4m3", scales))
+                for w, (_, _, h) in zip(ws, batch)]
+        for (name, w, _), (codes, sc) in zip(batch, gptq_quantize_many(jobs, cfg)):
             out[name] = (codes.cpu().view(torch.float8_e4m3fn).contiguous(),
                          sc.reshape(layout.stored_scale_shape(*w.shape)).contiguous())
-        batch.clear()
-
-    for item in weights:
-        if batch and 4 * sum(w.numel() for _, w, _ in batch + [item]) > GPTQ_BATCH_BYTES:
-            flush()
-        batch.append(item)
-    if batch:
-        flush()
     return out
 
 
