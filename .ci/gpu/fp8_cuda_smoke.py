@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from impl.common.timing import time_fn
 from impl.fp8 import quality
 from impl.fp8.gptq import gptq_quantize, gptq_quantize_many
 from impl.kvstitch.models import TinySpec, tiny_model
@@ -38,14 +39,8 @@ def time_gptq() -> None:
         items.append((torch.randn(n, k, device=DEV, dtype=torch.bfloat16), (x.T @ x) / 4096, "channel", None))
     for name, fn in (("per weight", lambda: [gptq_quantize(w, h, gr, scales=s) for w, h, gr, s in items]),
                      ("batched", lambda: gptq_quantize_many(items))):
-        fn()
-        if DEV == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if DEV == "cuda":
-            torch.cuda.synchronize()
-        print(f"gptq {name}: {time.perf_counter() - t:.2f} s for {BLOCKS} SmolLM2 blocks ({len(items)} linears)")
+        seconds = time_fn(fn, warmup=1, reps=1, flush=False).median_ms / 1e3
+        print(f"gptq {name}: {seconds:.2f} s for {BLOCKS} SmolLM2 blocks ({len(items)} linears)")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,12 @@
 """Device side: the FP8 loader's speed against its read threads and chunk size, warm (page cache) and cold (evicted),
 on the bench's checkpoint (two Llama-3-8B layers, per-channel FP8, a 32k bf16 embedding), beside the plain parallel
 read of the same files. Prints a table (medians); writes nothing outside /tmp."""
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from impl.common.shapes import LLAMA3_8B
+from impl.common.timing import time_fn
 from impl.fp8 import staging
 from impl.fp8.loader import load_checkpoint
 from impl.fp8.tiny import shape_config, write_random_fp8_checkpoint
@@ -19,16 +18,8 @@ CHUNKS_MB = (16, 32, 64)
 
 
 def median_gbps(fn, nbytes: int, rounds: int, evict=None) -> float:
-    times = []
-    for _ in range(rounds + 1):
-        if evict:
-            evict()
-        t = time.perf_counter()
-        fn()
-        if DEV == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times[1:]) / 1e9
+    """GB/s at the median of ``rounds`` timed calls after one warm-up (``evict`` before each, outside the time)."""
+    return nbytes / time_fn(fn, warmup=1, reps=rounds, flush=False, setup=evict).median_ms / 1e6
 
 
 def main() -> None:

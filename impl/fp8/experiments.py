@@ -59,7 +59,7 @@ MSE_POLICIES: tuple[str, ...] = ()
 # +2.24 -> +2.71%, +1.92 -> +2.05%; per-token activations alone +0.97 -> +0.97% (alpha 0.5): within noise or worse
 SMOOTH_POLICIES = ("all", "first-last")
 # (rounding, scales) checked bit for bit through each layout in the run: the quantizer's checkpoint against the
-# variants' in-memory weights, round to nearest and GPTQ (the quantizer batches its GPTQ as the variants do)
+# variants' in-memory weights, round to nearest and GPTQ (both round through quality.quantize_weights_gptq)
 LAYOUT_RECIPES = (("nearest", "amax"), ("gptq", "amax"))
 LOG = Callable[..., Any]
 

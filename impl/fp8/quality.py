@@ -129,14 +129,14 @@ def quantize_weight_like_checkpoint(w: torch.Tensor, group: str, scales: str = "
 
 
 def quantize_weights_gptq(weights: dict[str, torch.Tensor], group: str, moments: dict[str, torch.Tensor],
-                          scales: str = "amax") -> dict[str, Fp8Weight]:
-    """``quantize_weight_like_checkpoint``'s format and scales for each named weight, codes rounded by GPTQ with
-    its input moments ``moments[name]``; all in one batched call (``gptq_quantize_many``)."""
+                          scales: str = "amax", cfg: GptqConfig = GptqConfig()) -> dict[str, Fp8Weight]:
+    """``quantize_weight_like_checkpoint``'s format and scales for each named weight, codes rounded by GPTQ
+    (settings ``cfg``) with its input moments ``moments[name]``; all in one batched call (``gptq_quantize_many``)."""
     from impl.fp8.gptq import gptq_quantize_many
 
     names = list(weights)
     got = gptq_quantize_many([(weights[n], moments[n], group, choose_scales(weights[n], group, "e4m3", scales))
-                              for n in names])
+                              for n in names], cfg)
     return {n: Fp8Weight(codes.view(torch.float8_e4m3fn), s.to(weights[n].device), get_group(group))
             for n, (codes, s) in zip(names, got)}
 

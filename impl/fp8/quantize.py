@@ -54,7 +54,7 @@ from safetensors.torch import save_file
 from impl import backend
 from impl.fp8.checkpoint_io import parse_config, read_config, read_headers, safetensors_files
 from impl.fp8.formats import get_format
-from impl.fp8.gptq import CALIB_TOKENS, INPUTS, GptqConfig, gptq_quantize_many
+from impl.fp8.gptq import CALIB_TOKENS, INPUTS, GptqConfig
 from impl.fp8.layouts import LAYOUTS, CheckpointError, Layout, get_layout
 from impl.fp8.reference import quantize_reference
 from impl.fp8.scales import SCALE_CHOICES, choose_scales
@@ -100,8 +100,10 @@ def quantize_tensors_gptq(weights: list[tuple[str, torch.Tensor, torch.Tensor]],
                           scales: str = "amax") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``quantize_tensor``'s output (e4m3) with GPTQ-rounded codes for each (name, w [N, K], input moments h
     [K, K]): {name: (codes, scales)}. Float work on the GPU when there is one, in batches of at most
-    ``GPTQ_BATCH_BYTES`` of float32 weights: the weights of one shape in a batch share one column loop
-    (``gptq_quantize_many``), and each gets the codes it gets alone."""
+    ``GPTQ_BATCH_BYTES`` of float32 weights, each batch through ``quality.quantize_weights_gptq`` (the weights of
+    one shape share one column loop; each gets the codes it gets alone)."""
+    from impl.fp8.quality import quantize_weights_gptq
+
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     batches: list[list[tuple[str, torch.Tensor, torch.Tensor]]] = [[]]
     size = 0
@@ -112,12 +114,11 @@ def quantize_tensors_gptq(weights: list[tuple[str, torch.Tensor, torch.Tensor]],
         batches[-1].append(item)
         size += 4 * item[1].numel()
     for batch in filter(None, batches):
-        ws = [w.to(backend.DEVICE, torch.float32) for _, w, _ in batch]
-        jobs = [(w, h.to(backend.DEVICE), layout.group, choose_scales(w, layout.group, "e4m3", scales))
-                for w, (_, _, h) in zip(ws, batch)]
-        for (name, w, _), (codes, sc) in zip(batch, gptq_quantize_many(jobs, cfg)):
-            out[name] = (codes.cpu().view(torch.float8_e4m3fn).contiguous(),
-                         sc.reshape(layout.stored_scale_shape(*w.shape)).contiguous())
+        got = quantize_weights_gptq({name: w.to(backend.DEVICE, torch.float32) for name, w, _ in batch},
+                                    layout.group, {name: h for name, _, h in batch}, scales, cfg)
+        for name, w, _ in batch:
+            out[name] = (got[name].weight.cpu().contiguous(),
+                         got[name].scale.cpu().reshape(layout.stored_scale_shape(*w.shape)).contiguous())
     return out
 
 
