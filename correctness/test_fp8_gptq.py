@@ -176,3 +176,28 @@ def test_many_weights_in_one_batch_give_each_ones_codes():
         assert codes.shape == w.shape and torch.equal(codes, alone[0]) and torch.equal(scales, alone[1]), group
     with pytest.raises(ValueError, match=r"\[N, K\] and h \[K, K\]"):
         gptq_quantize_many([items[0], (items[1][0], items[3][1], "tensor", None)], cfg)
+
+
+def test_a_gptq_variant_rounds_with_the_settings_it_is_given():
+    """Swapped's GPTQ weights are quantize_weights_gptq's with the settings passed (the quality record keeps them),
+    so settings that round differently give different codes."""
+    from impl.fp8 import quality
+    from impl.kvstitch.models import TinySpec, tiny_model
+
+    model = tiny_model(TinySpec(layers=1, hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=48), seed=3)
+    g = torch.Generator().manual_seed(7)
+    moments = quality.input_moments(model, torch.randint(0, 96, (256,), generator=g), window=64, bos=None)
+    v = Variant("channel", "w8a16", rounding="gptq")
+    codes = {}
+    for cfg in (GptqConfig(block=8, act_order=False), GptqConfig(block=8, damp=0.5)):
+        cache: dict = {}
+        with Swapped(model, v, cache=cache, moments=moments, gptq=cfg):
+            pass
+        want = quality.quantize_weights_gptq({n: lin.weight.data for _, n, _, _, lin in quality.block_linears(model)},
+                                             "channel", moments, "amax", cfg)
+        got = {key[-1]: w for key, (w, _) in cache.items()}
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[n].weight.view(torch.uint8), want[n].weight.view(torch.uint8)) for n in want)
+        codes[cfg] = got
+    a, b = codes.values()
+    assert any(not torch.equal(a[n].weight.view(torch.uint8), b[n].weight.view(torch.uint8)) for n in a)

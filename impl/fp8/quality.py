@@ -163,13 +163,14 @@ class Swapped:
 
     ``cache`` (a dict kept by the caller) keeps each linear's quantized weight per (group, rounding, scales), and on
     the CPU its dequantized copy, so the variants of one group quantize once. GPTQ rounding needs ``moments``: each
-    linear's input second moment H by qualified name (``input_moments``)."""
+    linear's input second moment H by qualified name (``input_moments``), and rounds with the settings ``gptq``."""
 
     def __init__(self, model: nn.Module, variant: Variant, blocks: tuple[int, ...] | None = None,
-                 cache: dict | None = None, moments: dict[str, torch.Tensor] | None = None) -> None:
+                 cache: dict | None = None, moments: dict[str, torch.Tensor] | None = None,
+                 gptq: GptqConfig = GptqConfig()) -> None:
         self.model, self.variant, self.blocks = model, variant, blocks
         self.cache = {} if cache is None else cache
-        self.moments = moments
+        self.moments, self.gptq = moments, gptq
         if variant.rounding == "gptq" and moments is None:
             raise ValueError(f"{variant.name}: GPTQ rounding needs the layers' input moments")
         self.paths: dict[str, int] = {}
@@ -188,7 +189,7 @@ class Swapped:
                 if self._swapped(i) and self._key(name) not in self.cache}
         if todo:
             got = quantize_weights_gptq({n: lin.weight.data for n, lin in todo.items()}, self.variant.group,
-                                        self.moments, self.variant.scales)
+                                        self.moments, self.variant.scales, self.gptq)
             for n, w in got.items():
                 self.cache[self._key(n)] = [w, None]
 
@@ -475,7 +476,7 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
                 smoothed_h[alpha] = smoothing.moments(h, alpha)
             h = smoothed_h[alpha]
         with smoothing.folded(model, alpha) if alpha is not None else contextlib.nullcontext():
-            with Swapped(model, v, cache=cache, moments=h) as sw:
+            with Swapped(model, v, cache=cache, moments=h, gptq=gptq) as sw:
                 r = perplexity(model, ids, window=window, batch=batch, reference_argmax=ref_argmax, bos=bos)
                 if v.mode == "w8a8" and v.rounding == "gptq":  # the recipe picks among these on calibration tokens
                     r["calib_ppl"] = perplexity(model, calib, window=window, batch=batch, bos=bos)["ppl"]
