@@ -25,7 +25,7 @@ for s in $steps; do
   case $s in
     kvstitch) cmd=(python3 -m impl.kvstitch.experiments --quick --assets "$assets") ;;
     kvstitch:*) cmd=(python3 -m impl.kvstitch.experiments --quick --assets "$assets" --series "${s#kvstitch:}") ;;
-    fp8)      cmd=(python3 -m impl.fp8.experiments --quick --text "$assets/wiki.txt" --budget-s $(( limit * 9 / 10 )) ${FP8_ARGS:-}) ;;
+    fp8)      cmd=(python3 -m impl.fp8.experiments --text "$assets/wiki.txt" --budget-s $(( limit * 9 / 10 )) ${FP8_ARGS:-}) ;;
     serve)    cmd=(python3 -m impl.serve.experiments) ;;
     loadtest) cmd=(python3 -m impl.serve.loadtest --model smollm2 --budget-s $(( limit * 3 / 4 ))) ;;
     *)        cmd=(python3 -m pytest -v -p no:cacheprovider "correctness/test_$s.py") ;;  # -v: names survive a timeout

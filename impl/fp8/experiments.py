@@ -61,6 +61,11 @@ SMOOTH_POLICIES = ("all", "first-last")
 # (rounding, scales) checked bit for bit through each layout in the run: the quantizer's checkpoint against the
 # variants' in-memory weights, round to nearest and GPTQ (both round through quality.quantize_weights_gptq)
 LAYOUT_RECIPES = (("nearest", "amax"), ("gptq", "amax"))
+# evaluation tokens per model (--quick: 65536). A figure depends on the stretch of text it reads: SmolLM2 on the CPU,
+# channel W8A16 rounded by GPTQ on the same 16384 calibration tokens, +0.58% [+0.41, +0.77] on the 32768 tokens right
+# after them, +0.30% [+0.11, +0.52] on the 32768 after the first 131072; the text holds about 650k SmolLM2 and 624k
+# Gemma-3 tokens, and on a GPU evaluation is the cheap part of the run (a few seconds per variant at 65536 tokens)
+EVAL_TOKENS = 196608
 LOG = Callable[..., Any]
 
 
@@ -345,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smooth-alpha", type=float, help="SmoothQuant's migration strength (default: chosen per "
                    "scale group on the calibration tokens, quality.Smoothing.choose)")
     p.add_argument("--groups", nargs="*", default=list(quality.GROUPS), choices=quality.GROUPS)
-    p.add_argument("--tokens", type=int, help="evaluation tokens per model (default 131072; --quick 65536)")
+    p.add_argument("--tokens", type=int, help=f"evaluation tokens per model (default {EVAL_TOKENS}; --quick 65536)")
     p.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS,
                    help="tokens before the evaluation text: sensitivity ranking and GPTQ input moments")
     p.add_argument("--window", type=int, default=1024)
@@ -368,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if not backend.ON_GPU and not a.cpu:
         print("the quality experiment runs on a GPU; use --cpu (sized by --tokens) or --smoke here", file=sys.stderr)
         return 2
-    n = a.tokens or (65536 if a.quick else 131072)
+    n = a.tokens or (65536 if a.quick else EVAL_TOKENS)
     data = run(a.models, assets=assets, tokens=n, calib=a.calib_tokens, window=a.window, batch=a.batch,
                policies=a.policies, budget_s=a.budget_s, layouts=not a.no_layouts, groups=tuple(a.groups),
                gptq_policies=tuple(a.gptq_policies), mse_policies=tuple(a.mse_policies),
