@@ -53,6 +53,8 @@ class GptqConfig:
     """Dampening of H (a fraction of its mean diagonal), the columns handled per block, the column order, and which
     model's inputs H is measured on (module doc)."""
 
+    # SmolLM2 on the CPU, channel W8A16, 16384 calibration / 32768 evaluation tokens: damp 0.001, 0.01, 0.1, 0.3, 0.9
+    # change perplexity +0.71, +0.58, +0.53, +0.58, +0.57% (intervals about +-0.18): flat from 0.01 on
     damp: float = 0.01
     block: int = 128
     act_order: bool = True  # columns by decreasing H[k, k]; False: W's own order
