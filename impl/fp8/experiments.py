@@ -61,11 +61,13 @@ SMOOTH_POLICIES = ("all", "first-last")
 # (rounding, scales) checked bit for bit through each layout in the run: the quantizer's checkpoint against the
 # variants' in-memory weights, round to nearest and GPTQ (both round through quality.quantize_weights_gptq)
 LAYOUT_RECIPES = (("nearest", "amax"), ("gptq", "amax"))
-# evaluation tokens per model (--quick: 65536). A figure depends on the stretch of text it reads: SmolLM2 on the CPU,
-# channel W8A16 rounded by GPTQ on the same 16384 calibration tokens, +0.58% [+0.41, +0.77] on the 32768 tokens right
-# after them, +0.30% [+0.11, +0.52] on the 32768 after the first 131072; the text holds about 650k SmolLM2 and 624k
-# Gemma-3 tokens, and on a GPU evaluation is the cheap part of the run (a few seconds per variant at 65536 tokens)
+# evaluation tokens per model (--quick: QUICK_TOKENS). A figure depends on the stretch of text it reads: SmolLM2 on
+# the CPU, channel W8A16 rounded by GPTQ on the same 16384 calibration tokens, +0.58% [+0.41, +0.77] on the 32768
+# tokens right after them, +0.30% [+0.11, +0.52] on the 32768 after the first 131072; the text holds about 650k
+# SmolLM2 and 624k Gemma-3 tokens, and on a GPU evaluation is the cheap part of the run (a few seconds per variant at
+# 65536 tokens)
 EVAL_TOKENS = 196608
+QUICK_TOKENS = 65536
 LOG = Callable[..., Any]
 
 
@@ -150,12 +152,13 @@ def _same(w, mine) -> bool:
 
 
 def check_layouts(model: torch.nn.Module, model_dir: Path, layouts: list[str], *,
-                  moments: dict[str, dict[str, torch.Tensor]] | None = None,
+                  moments: dict[str, dict[str, torch.Tensor]] | None = None, gptq: GptqConfig = GptqConfig(),
                   recipes: tuple[tuple[str, str], ...] = (("nearest", "amax"),), log: LOG = print) -> dict[str, Any]:
     """Per layout and recipe (rounding, scales): quantize the bf16 checkpoint with ``impl.fp8.quantize``, load it with
     ``impl.fp8.loader``, and compare every linear's codes and scales with the in-memory variant's
     (``quality.quantize_weight_like_checkpoint`` / ``quantize_weights_gptq``; GPTQ needs ``moments``, {group: input
-    moments} as ``quality.group_moments`` makes them, and runs for the layouts whose group they hold). Keys:
+    moments} as ``quality.group_moments`` makes them, rounds with the settings ``gptq`` on both sides, and runs for
+    the layouts whose group they hold). Keys:
     ``identical`` for (nearest, amax), ``identical_<rounding>_<scales>`` for the others."""
     from impl.fp8.loader import load_checkpoint
     from impl.fp8.quantize import quantize_checkpoint
@@ -174,11 +177,13 @@ def check_layouts(model: torch.nn.Module, model_dir: Path, layouts: list[str], *
                 gm = (moments or {}).get(group)
                 dst = work / f"{name}-{rounding}-{scales}"
                 quantize_checkpoint(model_dir, dst, name, overwrite=True, log=lambda *a: None, scales=scales,
-                                    moments={f"model.{n}": h for n, h in gm.items()} if rounding == "gptq" else None)
+                                    moments={f"model.{n}": h for n, h in gm.items()} if rounding == "gptq" else None,
+                                    gptq=gptq)
                 ck = load_checkpoint(dst, backend.DEVICE)
                 if rounding == "gptq" and (rounding, scales, group, next(iter(lins))) not in mine_of:
                     got = quality.quantize_weights_gptq({m: lin.weight.data for m, (_, lin) in lins.items()}, group,
-                                                        {m: gm[short] for m, (short, _) in lins.items()}, scales)
+                                                        {m: gm[short] for m, (short, _) in lins.items()}, scales,
+                                                        gptq)
                     mine_of.update({(rounding, scales, group, m): w for m, w in got.items()})
                 same = 0
                 for module, (short, lin) in lins.items():
@@ -267,7 +272,8 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
         with tempfile.TemporaryDirectory(prefix="fp8-bf16-") as tmp:
             src = bf16_dir(model, tok, Path(tmp) / "bf16")
             model.to(dtype)
-            checks = check_layouts(model, src, list(LAYOUTS), moments=moments, recipes=LAYOUT_RECIPES, log=log)
+            checks = check_layouts(model, src, list(LAYOUTS), moments=moments, gptq=gptq, recipes=LAYOUT_RECIPES,
+                                   log=log)
         res["layout_checks"] = checks
     res["layouts"] = layout_table(name, res["variants"], checks)
     res.update(model=name, dtype=str(dtype).replace("torch.", ""), window=window, eval_tokens=int(ids.numel()),
@@ -350,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smooth-alpha", type=float, help="SmoothQuant's migration strength (default: chosen per "
                    "scale group on the calibration tokens, quality.Smoothing.choose)")
     p.add_argument("--groups", nargs="*", default=list(quality.GROUPS), choices=quality.GROUPS)
-    p.add_argument("--tokens", type=int, help=f"evaluation tokens per model (default {EVAL_TOKENS}; --quick 65536)")
+    p.add_argument("--tokens", type=int,
+                   help=f"evaluation tokens per model (default {EVAL_TOKENS}; --quick {QUICK_TOKENS})")
     p.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS,
                    help="tokens before the evaluation text: sensitivity ranking and GPTQ input moments")
     p.add_argument("--window", type=int, default=1024)
@@ -373,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if not backend.ON_GPU and not a.cpu:
         print("the quality experiment runs on a GPU; use --cpu (sized by --tokens) or --smoke here", file=sys.stderr)
         return 2
-    n = a.tokens or (65536 if a.quick else EVAL_TOKENS)
+    n = a.tokens or (QUICK_TOKENS if a.quick else EVAL_TOKENS)
     data = run(a.models, assets=assets, tokens=n, calib=a.calib_tokens, window=a.window, batch=a.batch,
                policies=a.policies, budget_s=a.budget_s, layouts=not a.no_layouts, groups=tuple(a.groups),
                gptq_policies=tuple(a.gptq_policies), mse_policies=tuple(a.mse_policies),

@@ -353,15 +353,15 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, layout: str, *, fmt: s
     return summary
 
 
-def _quantized(name: str, t: torch.Tensor, spec, ignore: list[str]) -> bool:
-    """Whether tensor ``name`` is a decoder linear's weight to quantize (CheckpointError if its shape is not the
-    config's)."""
+def _module_to_quantize(name: str, t: torch.Tensor, spec, ignore: list[str]) -> str | None:
+    """The decoder linear whose weight tensor ``name`` is, if it is quantized, else None (CheckpointError if its shape
+    is not the config's)."""
     module = name[: -len(".weight")] if name.endswith(".weight") else None
     if module not in spec.linears or spec.is_ignored(module, ignore):
-        return False
+        return None
     if tuple(t.shape) != spec.linears[module]:
         raise CheckpointError(f"{name}: shape {tuple(t.shape)}, config says {spec.linears[module]}")
-    return True
+    return module
 
 
 def _write(src: Path, out: Path, files: list[Path], spec, lay: Layout, fmt: str, backend_name: str, shard_mb: float,
@@ -372,18 +372,19 @@ def _write(src: Path, out: Path, files: list[Path], spec, lay: Layout, fmt: str,
     writer = ShardWriter(out, int(shard_mb * (1 << 20)))
     nq = 0
     for path in files:
-        tensors = ((name, fold(t, ops[name]) if name in ops else t) for name, t in iter_tensors([path]))
+        folded = ((name, fold(t, ops[name]) if name in ops else t) for name, t in iter_tensors([path]))
+        tensors = ((name, t, _module_to_quantize(name, t, spec, ignore)) for name, t in folded)
         if moments is not None:  # GPTQ: the file's linears rounded in batches, so the file is held, not a tensor
             tensors = list(tensors)
-            coded = quantize_tensors_gptq([(n, t, moments[n[: -len(".weight")]]) for n, t in tensors
-                                           if _quantized(n, t, spec, ignore)], lay, gptq, recipe["scales"])
-        for name, t in tensors:
-            if not _quantized(name, t, spec, ignore):
+            coded = quantize_tensors_gptq([(n, t, moments[m]) for n, t, m in tensors if m], lay, gptq,
+                                          recipe["scales"])
+        for name, t, module in tensors:
+            if module is None:
                 writer.add(name, t)
                 continue
             q, s = coded[name] if moments is not None else quantize_tensor(t, lay, fmt, backend_name, recipe["scales"])
             writer.add(name, q)
-            writer.add(f"{name[: -len('.weight')]}.{lay.scale_name}", s)
+            writer.add(f"{module}.{lay.scale_name}", s)
             nq += 1
             if nq % 20 == 0:
                 log(f"  quantized {nq} linears ({time.perf_counter() - t0:.1f} s)")
