@@ -10,6 +10,7 @@
 #   fp8    .ci/gpu/fp8.sh (tune -> GPU checks -> stored bench run "fp8")
 #   serve  GEMM table tune -> decode curve experiments (the table written lands in results/<card>/serve/)
 #   serve_check   the fused kernels' and FP8 linears' property tests on the GPU (bf16, native FP8 conversion)
+#   serve_mma     the decode GEMVs' property tests on the GPU (the CUDA C++ tensor-core kernel and the Triton ones)
 #   seam   the full recipe (anchors, family, selector) with its checkpoints in /tmp
 #   seam_ablate   ResNet50 anchors alone under five variants of the anchor recipe (impl.seam.ablate, one seed each)
 #   gate   .ci/gpu/gate_proof.sh
@@ -59,6 +60,9 @@ for step in $1; do
     serve_check)
       run serve_check 150 python3 -m pytest correctness/test_serve_fused_quant.py correctness/test_serve_deferred.py \
         correctness/test_serve_fused.py correctness/test_fp8_linear.py -q -p no:cacheprovider ;;
+    serve_mma)
+      run serve_mma 120 python3 -m pytest correctness/test_serve_mma.py correctness/test_serve_fp8_gemv.py -q \
+        -p no:cacheprovider ;;
     seam)
       run seam 450 python3 -m impl.seam.experiments --out /tmp/seam --checkpoint /tmp/seam_ckpt
       tar czf "$out/seam.tgz" --exclude seam/checkpoint -C /tmp seam ;;

@@ -28,6 +28,7 @@ import impl  # noqa: F401
 import torch
 
 from impl import backend
+from impl.common.rawkernel import launch as _launch
 from impl.common.timing import sm_count
 from impl.join.hash_table import BARRIER_TIMEOUT_NS, ERRORS, Built, HashConfig, HashJoinBase, Probed
 
@@ -85,15 +86,6 @@ def kernel(config: HashConfig, kind: str, keys: torch.dtype, rows: torch.dtype):
 
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()  # CuPy passes a Python int as 8 bytes: a T* parameter's by-value bytes
-
-
-def _launch(fn, grid: int, block: int, args: tuple) -> None:
-    stream = torch.cuda.current_stream().cuda_stream
-    if stream == 0:  # torch's and cupy's default stream are the same legacy stream
-        fn((grid,), (block,), args)
-    else:
-        with cupy.cuda.ExternalStream(stream):
-            fn((grid,), (block,), args)
 
 
 class PinnedWords:

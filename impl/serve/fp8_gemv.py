@@ -66,6 +66,8 @@ class GemvConfig:
     bits: bool = False  # dot kind: codes -> bf16 by integer bit operations (``decode_bits``), not the F2F unit
     prefetch: int = 0  # MiB of L2 the call's first codes may fill by bulk prefetch before anything else (0: none)
     persistent: int = 0  # programs per SM of the persistent kernel (``gemv_persistent_kernel``); 0: one per tile
+    mma: bool = False  # the CUDA C++ tensor-core kernel (``fp8_mma``): num_warps split K, unroll loads in flight
+    unroll: int = 8  # mma: 16-byte code loads per lane in flight (chunks of 64 codes a warp)
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "block_m", "max_block_m"):
@@ -85,9 +87,15 @@ class GemvConfig:
         if self.persistent < 0 or (self.persistent and (not self.dot or self.a8 or self.splits > 1 or self.prefetch)):
             raise ValueError(f"a persistent config is a W8A16 tensor-core (dot, not a8) one without K splits or "
                              f"prefetch: {self}")
+        if self.mma and (self.dot or self.a8 or self.bits or self.splits > 1 or self.prefetch or self.persistent
+                         or self.block_m or self.num_warps > 32 or self.unroll < 1 or self.unroll & (self.unroll - 1)):
+            raise ValueError(f"an mma config (CUDA C++ kernel) takes only num_warps (<= 32) and unroll (a power of "
+                             f"two): {self}")
 
     @property
     def name(self) -> str:
+        if self.mma:
+            return f"mma-w{self.num_warps}u{self.unroll}"
         m = f"m{self.block_m}" if self.block_m else ""
         kind = "a8" if self.a8 else "dotb" if self.bits else "dot" if self.dot else "fma"
         pf = f"f{self.prefetch}" if self.prefetch else ""
@@ -96,12 +104,15 @@ class GemvConfig:
                 f"w{self.num_warps}p{self.num_stages}{pf}{per}")
 
     def rows_per_tile(self, m: int) -> int:
+        if self.mma:
+            return 16
         if self.block_m:
             return self.block_m
         return min(max(16 if self.dot else 1, triton.next_power_of_2(max(m, 1))), self.max_block_m)
 
     def shared_bytes(self, m: int, x_bytes: int = 2) -> int:
-        """Shared memory the tensor-core pipeline holds: num_stages x (x tile + code tile); CUDA-core tiles ~0."""
+        """Shared memory the tensor-core pipeline holds: num_stages x (x tile + code tile); CUDA-core tiles and the
+        mma kernel (its warps' partial sums) ~0."""
         if not self.dot:
             return 0
         x_item = 1 if self.a8 else x_bytes
@@ -121,7 +132,7 @@ class GemvConfig:
 
 def interpreter_config(cfg: GemvConfig) -> GemvConfig:
     """The interpreter runs programs one by one in numpy: small tiles keep CPU tests fast and still split K."""
-    if backend.ON_GPU and not backend.INTERPRETED:
+    if (backend.ON_GPU and not backend.INTERPRETED) or cfg.mma:
         return cfg
     small = dict(block_n=min(cfg.block_n, 16), block_k=min(cfg.block_k, 32), num_stages=1)
     return GemvConfig(**{**cfg.to_dict(), **small})
@@ -413,6 +424,16 @@ def gemv(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, c
     (m, n), k = y.shape, w.shape[1]
     if m == 0 or n == 0:
         return y
+    if cfg.mma:
+        from impl.serve.fp8_mma import mma_gemv
+
+        if rows is not None:
+            raise ValueError(f"the mma kernel takes bf16 activations, not FP8 rows: {cfg}")
+        if swiglu:  # silu_mul's product from its own kernel (one pass over gu), as the tensor-core tiles take it
+            from impl.serve.fused import silu_mul
+
+            x = silu_mul(x)
+        return mma_gemv(x, w, s, y, cfg.num_warps, cfg.unroll)
     sx = s  # not read unless a8
     if cfg.a8:
         if w.dtype != torch.float8_e4m3fn:

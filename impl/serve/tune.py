@@ -62,6 +62,8 @@ from impl.serve.model import DenseLinear, ModelArgs
 PRIORITY = (1, 128, 256, 8, 32, 64)  # batch 1 (the decode claim) first, then the large-batch claims
 SHARED_LIMIT = 220 << 10  # per block on sm_90 (227 KiB), less Triton's own scratch
 MARGIN = 0.005  # a decode-step variant must be this much faster than the plain table to replace it (rounds: ~0.3%)
+MMA_MAX_M = 64  # the mma kernel's 16-token tiles re-read a weight slab from L2 for each further 16 rows
+MMA_SHAPES = ((4, 8), (8, 8), (16, 8), (8, 4), (4, 16), (8, 16))  # (warps splitting K, 16-byte loads in flight a lane)
 PREFETCH_MIB = (16, 32)  # L2 prefetch sizes tried: per kernel (the first), and in the decode step with PDL (both)
 
 
@@ -139,6 +141,8 @@ def candidate_configs(m: int, n: int, k: int, smoke: bool = False) -> list[GemvC
         cfgs = _with_splits(dot, k, (1, 2, 4) if m <= 64 else (1, 2)) + _with_splits(a8, k, (1, 2, 4, 8))
         if m > 128:  # two or four M tiles of the same weights (the second read mostly from L2)
             cfgs += [replace(c, block_m=bm) for c in dot[1:3] + a8[:2] for bm in (64, 128)]
+    if m <= MMA_MAX_M and k % 16 == 0:  # the CUDA C++ tensor-core kernel: loads straight into registers, first
+        cfgs = [GemvConfig(mma=True, num_warps=w, unroll=u) for w, u in MMA_SHAPES] + cfgs
     cfgs.append(default_config(m, n, k))
     fits = [c for c in dict.fromkeys(cfgs) if c.shared_bytes(m) <= SHARED_LIMIT]  # unique, in order
     return fits

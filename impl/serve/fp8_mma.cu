@@ -1,0 +1,126 @@
+// Weight-only FP8 GEMV on the tensor cores: y[m, n] = bf16(s[n] * sum_k x[m, k] * q[n, k]).
+//   x bf16 [M, K] (row stride ldx elements), q e4m3 codes [N, K] (row stride ldw bytes), s float32 [N] or [1],
+//   y bf16 [M, N] (row stride ldy). K % 16 == 0; x, q and their row strides 16-byte aligned (the wrapper checks).
+//
+// One block computes 8 weight rows n0..n0+7 for one tile of up to 16 tokens m0..m0+15, over all of K. Its warps
+// split K into chunks of 64 codes (warp v takes chunks v, v + W, v + 2W, ...); each lane (g = lane / 4, t = lane % 4)
+// loads 16 consecutive codes of weight row n0 + g with one 16-byte load, so a warp reads 8 rows x 64 bytes per
+// chunk, and MMA_UNROLL chunks' loads are in flight before any is used: register-resident, no shared memory, no
+// barrier in the loop. The 16 codes become 4 mma.m16n8k16 steps: B = the codes (k x 8 weight rows, decoded to bf16
+// by integer bit operations: PRMT spreads two codes into two 16-bit lanes with their sign replicated, a shift and a
+// mask leave bf16 bits of value x 2^-120, a bf16x2 multiply by 2^120 restores the value exactly), A = x (16 tokens x
+// k, as loaded: bf16 needs no conversion). Step j of a lane's 16 codes pairs the mma's k slots {2t, 2t+1, 2t+8,
+// 2t+9} with codes 4j..4j+3 of its load; A's and B's fragments use the same slots, so each lane feeds both operands
+// from its own loads. D's fragment (token g / g + 8, weight rows 2t, 2t + 1) is summed over the block's warps in
+// warp order through shared memory, scaled and rounded once.
+// e4m3's NaN codes (0x7F, 0xFF) decode to +-480; impl.fp8's quantizer saturates at 448 and stores no NaN.
+// fp8_mma.py holds the launcher and the CPU twin (``mma_gemv_twin``), which follows these lanes step by step.
+// No headers: NVRTC (CuPy's compiler) finds none by default; bf16 travels as its 16 bits (unsigned short).
+typedef unsigned int uint32_t;
+typedef unsigned char uint8_t;
+typedef unsigned short bf16_bits;
+
+#ifndef MMA_WARPS
+#define MMA_WARPS 8  // warps per block, splitting K
+#endif
+#ifndef MMA_UNROLL
+#define MMA_UNROLL 8  // chunks of 64 codes per warp in flight
+#endif
+#ifndef MMA_MIN_BLOCKS
+#define MMA_MIN_BLOCKS 1  // blocks per SM the registers must allow (__launch_bounds__)
+#endif
+#ifndef MMA_TOKENS
+#define MMA_TOKENS 16  // 8: tokens g only (M <= 8, A's rows g + 8 are zero); 16: tokens g and g + 8
+#endif
+
+#define MMA_THREADS (MMA_WARPS * 32)
+
+__device__ __forceinline__ void decode4(uint32_t codes, uint32_t& lo, uint32_t& hi) {
+  uint32_t t0, t1;
+  asm("prmt.b32 %0, %1, 0, 0x9180;" : "=r"(t0) : "r"(codes));  // [sign(b1) b1 | sign(b0) b0]
+  asm("prmt.b32 %0, %1, 0, 0xB3A2;" : "=r"(t1) : "r"(codes));  // [sign(b3) b3 | sign(b2) b2]
+  t0 = (t0 << 4) & 0x87F087F0u;
+  t1 = (t1 << 4) & 0x87F087F0u;
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(lo) : "r"(t0), "r"(0x7B807B80u));  // x 2^120 in both lanes
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(hi) : "r"(t1), "r"(0x7B807B80u));
+}
+
+__device__ __forceinline__ bf16_bits to_bf16(float v) {  // round to nearest even; NaN stays NaN
+  bf16_bits out;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out) : "f"(v));
+  return out;
+}
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, MMA_MIN_BLOCKS)
+fp8_mma_gemv(const bf16_bits* __restrict__ x, const uint8_t* __restrict__ q, const float* __restrict__ s,
+             bf16_bits* __restrict__ y, int M, int N, int K, long long ldx, long long ldw, long long ldy,
+             int per_tensor, int m_tiles) {
+  __shared__ float part[MMA_WARPS][16][8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  // token tiles vary fastest, so the blocks of one weight slab run together and its later reads hit L2
+  const int m0 = (blockIdx.x % m_tiles) * 16, n0 = (blockIdx.x / m_tiles) * 8;
+  const bool row_ok = n0 + g < N;
+  const bool lo_ok = m0 + g < M, hi_ok = MMA_TOKENS == 16 && m0 + g + 8 < M;
+  const uint8_t* qrow = q + (long long)(row_ok ? n0 + g : 0) * ldw + t * 16;
+  const bf16_bits* xlo = x + (long long)(lo_ok ? m0 + g : 0) * ldx + t * 16;
+  const bf16_bits* xhi = x + (long long)(hi_ok ? m0 + g + 8 : 0) * ldx + t * 16;
+  const int chunks = (K + 63) / 64;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int c0 = warp; c0 < chunks; c0 += MMA_WARPS * MMA_UNROLL) {
+    uint4 w[MMA_UNROLL];
+#pragma unroll
+    for (int u = 0; u < MMA_UNROLL; ++u) {  // every load first: MMA_UNROLL x 16 bytes a lane in flight
+      const int k = (c0 + u * MMA_WARPS) * 64;
+      w[u] = (row_ok && k + t * 16 < K) ? __ldcs(reinterpret_cast<const uint4*>(qrow + k)) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < MMA_UNROLL; ++u) {
+      const int c = c0 + u * MMA_WARPS;
+      if (c >= chunks) break;  // the same for every lane of the warp: mma.sync stays converged
+      const int k = c * 64;
+      const bool in_k = k + t * 16 < K;
+      uint4 a_lo0 = zero, a_lo1 = zero, a_hi0 = zero, a_hi1 = zero;
+      if (lo_ok && in_k) {
+        a_lo0 = __ldg(reinterpret_cast<const uint4*>(xlo + k));
+        a_lo1 = __ldg(reinterpret_cast<const uint4*>(xlo + k + 8));
+      }
+      if (hi_ok && in_k) {
+        a_hi0 = __ldg(reinterpret_cast<const uint4*>(xhi + k));
+        a_hi1 = __ldg(reinterpret_cast<const uint4*>(xhi + k + 8));
+      }
+      uint32_t b0, b1;
+      decode4(w[u].x, b0, b1);
+      mma_bf16(d, a_lo0.x, a_hi0.x, a_lo0.y, a_hi0.y, b0, b1);
+      decode4(w[u].y, b0, b1);
+      mma_bf16(d, a_lo0.z, a_hi0.z, a_lo0.w, a_hi0.w, b0, b1);
+      decode4(w[u].z, b0, b1);
+      mma_bf16(d, a_lo1.x, a_hi1.x, a_lo1.y, a_hi1.y, b0, b1);
+      decode4(w[u].w, b0, b1);
+      mma_bf16(d, a_lo1.z, a_hi1.z, a_lo1.w, a_hi1.w, b0, b1);
+    }
+  }
+  part[warp][g][2 * t] = d[0];
+  part[warp][g][2 * t + 1] = d[1];
+  part[warp][g + 8][2 * t] = d[2];
+  part[warp][g + 8][2 * t + 1] = d[3];
+  __syncthreads();
+  for (int i = threadIdx.x; i < 16 * 8; i += MMA_THREADS) {
+    const int m = i >> 3, r = i & 7;
+    if (m0 + m < M && n0 + r < N) {
+      float acc = part[0][m][r];
+#pragma unroll
+      for (int v = 1; v < MMA_WARPS; ++v) acc += part[v][m][r];
+      const float scale = per_tensor ? s[0] : s[n0 + r];
+      y[(long long)(m0 + m) * ldy + n0 + r] = to_bf16(acc * scale);
+    }
+  }
+}

@@ -1,0 +1,164 @@
+"""Weight-only FP8 GEMV on the tensor cores in CUDA C++ (``fp8_mma.cu``): y = (x · qᵀ) ⊙ s for decode batches.
+
+    y[m, n] = bf16(s[n] · Σ_k x[m, k] · q[n, k])      x bf16 [M, K], q e4m3 [N, K], s float32 [N] or [1], y bf16 [M, N]
+
+Why C++: at batch 1 the GEMV must keep enough weight bytes in flight to stream them at the card's bandwidth. Here
+each lane issues ``unroll`` 16-byte loads of codes straight into registers before it uses any (no shared-memory
+staging, no barrier in the loop), and feeds them to ``mma.m16n8k16`` as the B operand after an integer-op decode;
+the Triton kernels (``fp8_gemv``) stage their tiles through shared memory and convert layouts for ``tl.dot``.
+Blocks of 8 weight rows x 16 tokens; the block's warps split K and are summed in warp order (``fp8_mma.cu`` tells
+the lanes' layout). Each token's result depends only on its own row of x: batch-invariant.
+
+Served as ``GemvConfig(mma=True, num_warps=W, unroll=U)`` (``fp8_gemv.gemv`` dispatches here). On a GPU the kernel
+is compiled by NVRTC through CuPy once per (W, U, token rows) and launched on torch's current stream (so CUDA graphs
+record it); without one, ``mma_gemv_twin`` computes the same lanes, fragments and sums in numpy, so the CPU tests
+check the layout logic the kernel runs. CI compiles the source for sm_90 with nvcc.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from impl import backend
+
+SOURCE = Path(__file__).with_name("fp8_mma.cu")
+KERNEL = "fp8_mma_gemv"
+ROWS = 8  # weight rows per block (the mma's N)
+CHUNK = 64  # codes of one row a warp reads per step (4 lanes x 16 bytes)
+
+
+def token_rows(m: int) -> int:
+    """A-operand rows the kernel fills: 8 (tokens g) when one tile of 8 covers M, else 16 (tokens g and g + 8)."""
+    return 8 if m <= 8 else 16
+
+
+def min_blocks(warps: int, unroll: int, tokens: int) -> int:
+    """Blocks per SM the registers must allow (``__launch_bounds__``): a budget of 64 registers a thread (32 warps
+    an SM) for 8 token rows and up to 8 loads in flight, 128 above that (ptxas spills at 64 there)."""
+    regs = 64 if unroll <= 8 and tokens == 8 else 128
+    return max(1, 65536 // (regs * 32 * warps))
+
+
+def compile_options(warps: int, unroll: int, tokens: int) -> tuple[str, ...]:
+    return ("-std=c++17", f"-DMMA_WARPS={warps}", f"-DMMA_UNROLL={unroll}", f"-DMMA_TOKENS={tokens}",
+            f"-DMMA_MIN_BLOCKS={min_blocks(warps, unroll, tokens)}")
+
+
+@functools.cache
+def _kernel(warps: int, unroll: int, tokens: int):
+    import cupy
+
+    return cupy.RawModule(code=SOURCE.read_text(), options=compile_options(warps, unroll, tokens)).get_function(KERNEL)
+
+
+def check_mma_args(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> None:
+    """The kernel's preconditions, each refused with its reason: bf16 x and y, e4m3 codes, K a multiple of 16, rows of
+    x and q starting 16-byte aligned (its vector loads)."""
+    if x.dtype != torch.bfloat16 or y.dtype != torch.bfloat16:
+        raise TypeError(f"the tensor-core FP8 GEMV (mma) takes and returns bf16, got x {x.dtype} and y {y.dtype}")
+    if q.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"the tensor-core FP8 GEMV (mma) needs e4m3 codes, got {q.dtype}")
+    k = q.shape[1]
+    if k % 16:
+        raise ValueError(f"the tensor-core FP8 GEMV (mma) reads 16 codes at a time: K must be a multiple of 16, "
+                         f"got {k}")
+    if q.stride(0) % 16 or q.data_ptr() % 16 or x.stride(0) % 8 or x.data_ptr() % 16:
+        raise ValueError("the tensor-core FP8 GEMV (mma) needs the rows of x and of the codes 16-byte aligned "
+                         f"(x stride {x.stride(0)}, codes stride {q.stride(0)})")
+    if s.dtype != torch.float32 or s.numel() not in (1, q.shape[0]):
+        raise ValueError(f"scales must be float32 [1] or [{q.shape[0]}], got {s.dtype} [{s.numel()}]")
+
+
+def mma_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor, warps: int, unroll: int) -> torch.Tensor:
+    """y = bf16(x · (s ⊙ q)ᵀ) into ``y`` [M, N] (row-major); x [M, K] bf16 row-major, q [N, K] e4m3, s float32 [1 or
+    N]. The kernel on a GPU, ``mma_gemv_twin`` on a CPU (the interpreters cannot run CUDA C++)."""
+    check_mma_args(x, q, s, y)
+    (m, k), n = x.shape, q.shape[0]
+    if m == 0 or n == 0:
+        return y
+    if not x.is_cuda or backend.INTERPRETED:
+        y.copy_(mma_gemv_twin(x, q, s, warps, unroll))
+        return y
+    from impl.common.rawkernel import launch
+
+    tokens = token_rows(m)
+    m_tiles = -(-m // 16)
+    blocks = m_tiles * -(-n // ROWS)
+    launch(_kernel(warps, unroll, tokens), blocks, 32 * warps,
+           (x.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), np.int32(m), np.int32(n), np.int32(k),
+            np.int64(x.stride(0)), np.int64(q.stride(0)), np.int64(y.stride(0)), np.int32(s.numel() == 1),
+            np.int32(m_tiles)))
+    return y
+
+
+# ---- the CPU twin ------------------------------------------------------------------------------------------------
+
+def _decode_lanes(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes [..., 4c] -> float64, by the kernel's PRMT / shift / mask / x 2^120 steps (``decode_bits_reference``)."""
+    from impl.serve.fp8_gemv import decode_bits_reference
+
+    return decode_bits_reference(codes.reshape(-1)).reshape(codes.shape)
+
+
+def mma_gemv_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, warps: int, unroll: int) -> torch.Tensor:
+    """The kernel's computation in numpy, lane by lane (``fp8_mma.cu``): per block of 8 weight rows and 16 tokens,
+    per warp v its chunks v, v + W, ... in the kernel's order (``unroll`` groups them; the order is the same), per
+    chunk the 16 codes each lane (g, t) loads and the x it loads, placed into the A (x: 16 tokens x 16 k slots) and B
+    (codes: 16 k slots x 8 rows) fragments of four m16n8k16 steps as the PTX fragment layout puts registers, and D
+    accumulated in float32 (each step's 16 products summed exactly, then rounded: the tensor cores' own internal
+    order is not reproducible, so GPU tests compare the kernel with this within the W8A16 bound). Then the warps'
+    partials in warp order, times the scale, rounded once to bf16. Returns y [M, N] bf16 on x's device."""
+    if warps < 1 or unroll < 1:
+        raise ValueError(f"warps and unroll must be >= 1, got {warps}, {unroll}")
+    m, k = x.shape
+    n = q.shape[0]
+    tokens = token_rows(m)
+    xs = x.detach().cpu().float().numpy().astype(np.float64)
+    codes = q.detach().cpu().view(torch.uint8).numpy()
+    scale = s.detach().cpu().float().numpy().reshape(-1)
+    chunks = -(-k // CHUNK)
+    nb = -(-n // ROWS)
+    y = np.zeros((m, n), dtype=np.float32)
+    g = np.arange(8)[:, None]  # lane = 4 g + t
+    t = np.arange(4)[None, :]
+    with np.errstate(invalid="ignore", over="ignore"):  # inf x 0 is NaN here as on the GPU
+        for m0 in range(0, m, 16):
+            part = np.zeros((warps, nb, 16, ROWS), dtype=np.float32)  # [warp, block, token, row]
+            for v in range(warps):
+                d = np.zeros((nb, 16, ROWS), dtype=np.float32)
+                for c in range(v, chunks, warps):
+                    kk = np.broadcast_to(c * CHUNK + 16 * t[..., None] + np.arange(16), (8, 4, 16))  # lane (g, t)'s k
+                    in_k = kk < k
+                    rows = np.arange(nb)[:, None, None] * ROWS + g[None]  # [nb, 8, 1]
+                    row_ok = rows < n
+                    w = np.zeros((nb, 8, 4, 16), dtype=np.uint8)  # the codes lane (g, t) of each block loads
+                    ok = row_ok[..., None] & in_k[None]
+                    w[ok] = codes[np.broadcast_to(rows[..., None], ok.shape)[ok], np.broadcast_to(kk, ok.shape)[ok]]
+                    bw = _decode_lanes(w)  # [nb, 8, 4, 16]
+                    xa = np.zeros((2, 8, 4, 16))  # [lo/hi, g, t, 16]: token m0 + g (lo) and m0 + g + 8 (hi)
+                    for h in range(2 if tokens == 16 else 1):
+                        tok = m0 + g + 8 * h  # [8, 1]
+                        okx = (tok < m)[..., None] & in_k
+                        xa[h][okx] = xs[np.broadcast_to(tok[..., None], okx.shape)[okx], kk[okx]]
+                    for j in range(4):  # the 4 mma steps of the lanes' 16 codes: codes 4j..4j+3 -> slots 2t, 2t+1, +8, +9
+                        A = np.zeros((16, 16))
+                        B = np.zeros((nb, 16, ROWS))
+                        for e in range(2):
+                            for half, off in ((0, 0), (1, 8)):  # a0/a1 (slots 2t + e), a2/a3 (slots 2t + 8 + e)
+                                slot = 2 * t[0] + off + e  # [4]
+                                code = 4 * j + 2 * half + e
+                                A[np.ix_(np.arange(8), slot)] = xa[0][:, :, code]  # rows g: a0 / a2
+                                A[np.ix_(np.arange(8) + 8, slot)] = xa[1][:, :, code]  # rows g + 8: a1 / a3
+                                B[:, slot, :] = np.moveaxis(bw[:, :, :, code], 1, 2)  # [nb, t, g]: b0 / b1, column g
+                        d = (d + np.einsum("ms,bsr->bmr", A, B)).astype(np.float32)
+                part[v] = d
+            acc = part[0].copy()
+            for v in range(1, warps):
+                acc = (acc + part[v]).astype(np.float32)
+            tile = acc.transpose(1, 0, 2).reshape(16, nb * ROWS)[:, :n]  # [token, n]
+            sc = scale[0] if scale.size == 1 else scale[:n]
+            y[m0:m0 + 16] = (tile * sc).astype(np.float32)[:min(16, m - m0)]
+    return torch.from_numpy(y).to(torch.bfloat16).to(x.device)
