@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fixtures.oracle import check_kernel
+from impl import backend
 from impl.backend import DEVICE
 from impl.serve import fp8_mma
 from impl.serve.choose import GemmTable
@@ -102,6 +103,34 @@ def test_mma_gemv_rows_do_not_depend_on_their_batch(cfg):
             part = gemv(x[lo:hi].contiguous(), q, s, cfg)
             assert torch.equal(part[i - lo].view(torch.int16), whole[i].view(torch.int16)), (i, lo, hi)
     assert token_rows(8) == 8 and token_rows(9) == 16
+
+
+@pytest.mark.skipif(not backend.ON_GPU, reason=backend.NO_GPU_REASON)
+def test_mma_gemv_chains_under_pdl_and_in_a_cuda_graph():
+    """Programmatic dependent launch: the second call starts while the first (which writes its input) runs, loads
+    its codes, and waits before reading x; the chain's bits equal the plain launches', eager and replayed from a
+    CUDA graph."""
+    q1, s1 = fp8_weight(4096, 1024, 1, zero_rows=False)
+    q2, s2 = fp8_weight(512, 4096, 2, zero_rows=False)
+    x = torch.randn(1, 1024, device=DEVICE).to(torch.bfloat16)
+    cfg = GemvConfig(mma=True, num_warps=8, unroll=8)
+
+    def chain(pdl: bool) -> torch.Tensor:
+        return gemv(gemv(x, q1, s1, cfg, pdl=pdl), q2, s2, cfg, pdl=pdl)
+
+    want = chain(False)
+    for _ in range(3):
+        assert torch.equal(chain(True).view(torch.int16), want.view(torch.int16))
+    chain(True)  # compiled and loaded before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(True)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out.view(torch.int16), want.view(torch.int16))
 
 
 def test_twin_follows_the_fragment_layout():

@@ -433,7 +433,7 @@ def gemv(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, c
             from impl.serve.fused import silu_mul
 
             x = silu_mul(x)
-        return mma_gemv(x, w, s, y, cfg.num_warps, cfg.unroll)
+        return mma_gemv(x, w, s, y, cfg.num_warps, cfg.unroll, pdl=pdl and x.is_cuda)
     sx = s  # not read unless a8
     if cfg.a8:
         if w.dtype != torch.float8_e4m3fn:

@@ -45,6 +45,15 @@ __device__ __forceinline__ void decode4(uint32_t codes, uint32_t& lo, uint32_t& 
   asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(hi) : "r"(t1), "r"(0x7B807B80u));
 }
 
+// Programmatic dependent launch: with the launch attribute the kernel may start while the previous one on the stream
+// finishes; griddepcontrol.wait returns once that grid has completed and its memory is visible (without the attribute,
+// at once), and launch_dependents lets the next kernel start its own prologue. Codes are never written by a kernel, so
+// they are loaded before the wait; x, the scales and y only after it.
+__device__ __forceinline__ void wait_for_previous_grid() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 __device__ __forceinline__ bf16_bits to_bf16(float v) {  // round to nearest even; NaN stays NaN
   bf16_bits out;
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out) : "f"(v));
@@ -75,12 +84,17 @@ fp8_mma_gemv(const bf16_bits* __restrict__ x, const uint8_t* __restrict__ q, con
   const int chunks = (K + 63) / 64;
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   float d[4] = {0.f, 0.f, 0.f, 0.f};
+  bool waited = false;
   for (int c0 = warp; c0 < chunks; c0 += MMA_WARPS * MMA_UNROLL) {
     uint4 w[MMA_UNROLL];
 #pragma unroll
     for (int u = 0; u < MMA_UNROLL; ++u) {  // every load first: MMA_UNROLL x 16 bytes a lane in flight
       const int k = (c0 + u * MMA_WARPS) * 64;
       w[u] = (row_ok && k + t * 16 < K) ? __ldcs(reinterpret_cast<const uint4*>(qrow + k)) : zero;
+    }
+    if (!waited) {  // the codes are in flight; x (and y's memory) may belong to the kernel before this one
+      wait_for_previous_grid();
+      waited = true;
     }
 #pragma unroll
     for (int u = 0; u < MMA_UNROLL; ++u) {
@@ -108,6 +122,7 @@ fp8_mma_gemv(const bf16_bits* __restrict__ x, const uint8_t* __restrict__ q, con
       mma_bf16(d, a_lo1.z, a_hi1.z, a_lo1.w, a_hi1.w, b0, b1);
     }
   }
+  wait_for_previous_grid();  // (again: a warp without chunks has not waited; once it has resolved it returns at once)
   part[warp][g][2 * t] = d[0];
   part[warp][g][2 * t + 1] = d[1];
   part[warp][g + 8][2 * t] = d[2];

@@ -72,9 +72,12 @@ def check_mma_args(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.T
         raise ValueError(f"scales must be float32 [1] or [{q.shape[0]}], got {s.dtype} [{s.numel()}]")
 
 
-def mma_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor, warps: int, unroll: int) -> torch.Tensor:
+def mma_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor, warps: int, unroll: int,
+             pdl: bool = False) -> torch.Tensor:
     """y = bf16(x · (s ⊙ q)ᵀ) into ``y`` [M, N] (row-major); x [M, K] bf16 row-major, q [N, K] e4m3, s float32 [1 or
-    N]. The kernel on a GPU, ``mma_gemv_twin`` on a CPU (the interpreters cannot run CUDA C++)."""
+    N]. The kernel on a GPU, ``mma_gemv_twin`` on a CPU (the interpreters cannot run CUDA C++). ``pdl``: launched
+    with programmatic dependent launch (``rawkernel.launch``): its first codes stream while the previous kernel
+    finishes; it waits for that kernel before it reads x."""
     check_mma_args(x, q, s, y)
     (m, k), n = x.shape, q.shape[0]
     if m == 0 or n == 0:
@@ -90,7 +93,7 @@ def mma_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
     launch(_kernel(warps, unroll, tokens), blocks, 32 * warps,
            (x.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), np.int32(m), np.int32(n), np.int32(k),
             np.int64(x.stride(0)), np.int64(q.stride(0)), np.int64(y.stride(0)), np.int32(s.numel() == 1),
-            np.int32(m_tiles)))
+            np.int32(m_tiles)), pdl=pdl)
     return y
 
 
