@@ -18,10 +18,13 @@ from impl.backend import DEVICE
 from impl.serve import fp8_mma
 from impl.serve.choose import GemmTable
 from impl.serve.fp8_gemv import DecodeFp8Linear, GemvConfig, gemv
-from impl.serve.fp8_mma import KERNEL, SOURCE, compile_options, mma_gemv, mma_gemv_twin, token_rows
-from impl.serve.tune import MMA_SHAPES
+from impl.serve.fp8_mma import (KERNEL, ROW_KERNEL, SOURCE, compile_options, mma_gemv, mma_gemv_twin, mma_row_twin,
+                                token_rows)
+from impl.serve.tune import MMA_ROW_SHAPES, MMA_SHAPES
 
-CONFIGS = [GemvConfig(mma=True, num_warps=w, unroll=u) for w, u in ((1, 1), (2, 2), (3, 8), (8, 4))]
+CONFIGS = [GemvConfig(mma=True, num_warps=w, unroll=u) for w, u in ((1, 1), (2, 2), (3, 8), (8, 4))] + [
+    GemvConfig(mma=True, num_warps=w, unroll=u, row_run=r) for w, u, r in ((1, 1, 1), (2, 2, 2), (3, 4, 1))]
+# (row_run > 0: the one-token row kernel at M == 1, the tile kernel for more tokens)
 
 
 def fp8_weight(n: int, k: int, seed: int, zero_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +153,23 @@ def test_twin_follows_the_fragment_layout():
             assert torch.equal(y, want), (r, j, y)
 
 
+def test_row_twin_follows_the_fragment_layout():
+    """The row kernel's twin: a code at k = j of row r meets exactly x[j], for every position of a 512-code chunk and
+    past it, whichever lane group, mma step and slot it lands in."""
+    k, n = 1024, 3
+    for r in range(n):
+        for j in list(range(0, 512, 7)) + [511, 512, 1023]:
+            q = torch.zeros(n, k, dtype=torch.float8_e4m3fn)
+            q[r, j] = 1.0
+            q[(r + 1) % n, (j + 1) % k] = 1.0  # a neighbour that must meet x[j + 1] = 0
+            x = torch.zeros(1, k, dtype=torch.bfloat16)
+            x[0, j] = 2.0
+            y = mma_row_twin(x, q, torch.ones(n), warps=1, unroll=1, row_run=1).float()
+            want = torch.zeros(1, n)
+            want[0, r] = 2.0
+            assert torch.equal(y, want), (r, j, y)
+
+
 def test_mma_gemv_refuses_what_it_cannot_run():
     q, s = fp8_weight(8, 48, 1, zero_rows=False)
     x = torch.randn(2, 48).to(DEVICE, torch.bfloat16)
@@ -192,24 +212,30 @@ def test_decode_linear_serves_an_mma_table_entry():
 
 # ---- the source compiles for the card -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tokens", [8, 16])
-@pytest.mark.parametrize("warps,unroll", MMA_SHAPES)
-def test_fp8_mma_cu_compiles_for_sm90_without_spills(tmp_path, warps, unroll, tokens):
-    """Every shape the tune run times compiles with nvcc for sm_90 inside its register budget (no spills) and holds
-    the kernel the launcher asks for."""
+SHAPES = ([(w, u, tokens, 0) for w, u in MMA_SHAPES for tokens in (8, 16)]
+          + [(w, u, 8, r) for w, u, r in MMA_ROW_SHAPES])
+
+
+@pytest.mark.parametrize("warps,unroll,tokens,row_run", SHAPES)
+def test_fp8_mma_cu_compiles_for_sm90_without_spills(tmp_path, warps, unroll, tokens, row_run):
+    """Every shape the tune run times compiles with nvcc for sm_90 inside its register budget (no spills, no stack)
+    and holds the kernel the launcher asks for."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH: the CUDA C++ source cannot be compiled here")
     out = tmp_path / "fp8_mma.cubin"
-    defines = [o for o in compile_options(warps, unroll, tokens) if o.startswith("-D")]
+    defines = [o for o in compile_options(warps, unroll, tokens, row_run) if o.startswith("-D")]
     proc = subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-Xptxas=-v", *defines, "-o", str(out), str(SOURCE)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", proc.stderr)]
-    assert spills and not any(spills), f"ptxas spills registers: {proc.stderr[-2000:]}"
-    assert KERNEL.encode() in out.read_bytes()
-    regs = int(re.search(r"Used (\d+) registers", proc.stderr).group(1))
-    assert regs * 32 * warps * fp8_mma.min_blocks(warps, unroll, tokens) <= 65536
+    name = ROW_KERNEL if row_run else KERNEL
+    report = proc.stderr[proc.stderr.find(f"Compiling entry function '{name}'"):]
+    report = report[:report.find("Compiling entry function", 10)] if "Compiling entry function" in report[10:] else report
+    spills = [int(v) for v in re.findall(r"(\d+) bytes (?:spill stores|spill loads|stack frame)", report)]
+    assert spills and not any(spills), f"ptxas spills registers: {report[-2000:]}"
+    assert name.encode() in out.read_bytes()
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    assert regs * 32 * warps * fp8_mma.min_blocks(warps, unroll, tokens, row_run) <= 65536
 
 
 def test_fp8_mma_cu_compiles_with_nvrtc_like_cupy():

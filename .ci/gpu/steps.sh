@@ -17,7 +17,7 @@
 # Usage there: LAB_COMMIT=<sha> bash .ci/gpu/steps.sh "sort join fp8"
 set -uo pipefail
 : "${LAB_COMMIT:?set LAB_COMMIT=<sha of the committed tree>: every record names its commit}"
-export PYTHONUNBUFFERED=1 LAB_BACKEND=gpu LAB_HYPOTHESIS_PROFILE=ci
+export PYTHONUNBUFFERED=1 LAB_BACKEND=gpu LAB_HYPOTHESIS_PROFILE=ci PYTHONFAULTHANDLER=1  # a crash prints its Python stack
 out=${OUT:-/tmp/out}; mkdir -p "$out/logs"
 pack() { tar czf "$out/results.tgz" results; tar czf "$out/logs.tgz" -C "$out" logs; }
 run() {  # run NAME LIMIT_S CMD...: one step, its log, its exit status and seconds in summary.txt

@@ -68,6 +68,7 @@ class GemvConfig:
     persistent: int = 0  # programs per SM of the persistent kernel (``gemv_persistent_kernel``); 0: one per tile
     mma: bool = False  # the CUDA C++ tensor-core kernel (``fp8_mma``): num_warps split K, unroll loads in flight
     unroll: int = 8  # mma: 16-byte code loads per lane in flight (chunks of 64 codes a warp)
+    row_run: int = 0  # mma, one token: each warp computes this many whole rows (``fp8_mma``'s row kernel); 0: tiles
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "block_m", "max_block_m"):
@@ -88,14 +89,17 @@ class GemvConfig:
             raise ValueError(f"a persistent config is a W8A16 tensor-core (dot, not a8) one without K splits or "
                              f"prefetch: {self}")
         if self.mma and (self.dot or self.a8 or self.bits or self.splits > 1 or self.prefetch or self.persistent
-                         or self.block_m or self.num_warps > 32 or self.unroll < 1 or self.unroll & (self.unroll - 1)):
-            raise ValueError(f"an mma config (CUDA C++ kernel) takes only num_warps (<= 32) and unroll (a power of "
-                             f"two): {self}")
+                         or self.block_m or self.num_warps > 32 or self.unroll < 1 or self.unroll & (self.unroll - 1)
+                         or not 0 <= self.row_run <= 4):
+            raise ValueError(f"an mma config (CUDA C++ kernel) takes only num_warps (<= 32), unroll (a power of "
+                             f"two) and row_run (0-4): {self}")
+        if self.row_run and not self.mma:
+            raise ValueError(f"row_run is the mma kernel's: {self}")
 
     @property
     def name(self) -> str:
         if self.mma:
-            return f"mma-w{self.num_warps}u{self.unroll}"
+            return f"mma{f'r{self.row_run}' if self.row_run else ''}-w{self.num_warps}u{self.unroll}"
         m = f"m{self.block_m}" if self.block_m else ""
         kind = "a8" if self.a8 else "dotb" if self.bits else "dot" if self.dot else "fma"
         pf = f"f{self.prefetch}" if self.prefetch else ""
@@ -433,7 +437,7 @@ def gemv(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, c
             from impl.serve.fused import silu_mul
 
             x = silu_mul(x)
-        return mma_gemv(x, w, s, y, cfg.num_warps, cfg.unroll, pdl=pdl and x.is_cuda)
+        return mma_gemv(x, w, s, y, cfg.num_warps, cfg.unroll, pdl=pdl and x.is_cuda, row_run=cfg.row_run)
     sx = s  # not read unless a8
     if cfg.a8:
         if w.dtype != torch.float8_e4m3fn:

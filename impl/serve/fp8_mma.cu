@@ -139,3 +139,73 @@ fp8_mma_gemv(const bf16_bits* __restrict__ x, const uint8_t* __restrict__ q, con
     }
   }
 }
+
+// One token (M == 1), each warp its own weight rows: y[n] = bf16(s[n] * sum_k x[k] q[n, k]).
+// Lane l = 4g + t loads 16 codes at k = c * 512 + 16 l of each of its warp's MMA_ROW_RUN rows (rows n, n + 1, ...), so
+// one warp instruction reads 512 contiguous bytes of a row (whole 128-byte lines, as a copy does), and the 16 x
+// values at the same k. The mma's A rows are then lane groups, not tokens: row g of A holds the x of lanes (g, 0..3)
+// and column g of B their codes, so D[g][g] is the dot product over lane group g's 64 codes of the chunk (the other
+// entries pair mismatched k and are never read). Lane (g, t = g / 2) holds D[g][g] in d[g % 2]; a butterfly of warp
+// shuffles sums the 8 diagonal entries, lane 0 scales and stores. No shared memory, no barrier.
+#ifndef MMA_ROW_RUN
+#define MMA_ROW_RUN 1  // weight rows a warp computes together (x loaded once for all of them)
+#endif
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, MMA_MIN_BLOCKS)
+fp8_mma_gemv_row(const bf16_bits* __restrict__ x, const uint8_t* __restrict__ q, const float* __restrict__ s,
+                 bf16_bits* __restrict__ y, int N, int K, long long ldw, int per_tensor) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = (blockIdx.x * MMA_WARPS + warp) * MMA_ROW_RUN;
+  const int chunks = (K + 511) / 512;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  float d[MMA_ROW_RUN][4];
+#pragma unroll
+  for (int r = 0; r < MMA_ROW_RUN; ++r) d[r][0] = d[r][1] = d[r][2] = d[r][3] = 0.f;
+  bool waited = false;
+  for (int c0 = 0; c0 < chunks; c0 += MMA_UNROLL) {
+    uint4 w[MMA_UNROLL][MMA_ROW_RUN];
+#pragma unroll
+    for (int u = 0; u < MMA_UNROLL; ++u) {
+      const int k = (c0 + u) * 512 + lane * 16;
+#pragma unroll
+      for (int r = 0; r < MMA_ROW_RUN; ++r)
+        w[u][r] = (n0 + r < N && k < K) ? __ldcs(reinterpret_cast<const uint4*>(q + (long long)(n0 + r) * ldw + k))
+                                        : zero;
+    }
+    if (!waited) {
+      wait_for_previous_grid();
+      waited = true;
+    }
+#pragma unroll
+    for (int u = 0; u < MMA_UNROLL; ++u) {
+      if (c0 + u >= chunks) break;  // the same for the whole warp
+      const int k = (c0 + u) * 512 + lane * 16;
+      uint4 a0 = zero, a1 = zero;
+      if (k < K) {
+        a0 = __ldg(reinterpret_cast<const uint4*>(x + k));
+        a1 = __ldg(reinterpret_cast<const uint4*>(x + k + 8));
+      }
+#pragma unroll
+      for (int r = 0; r < MMA_ROW_RUN; ++r) {
+        uint32_t b0, b1;
+        decode4(w[u][r].x, b0, b1);
+        mma_bf16(d[r], a0.x, 0u, a0.y, 0u, b0, b1);
+        decode4(w[u][r].y, b0, b1);
+        mma_bf16(d[r], a0.z, 0u, a0.w, 0u, b0, b1);
+        decode4(w[u][r].z, b0, b1);
+        mma_bf16(d[r], a1.x, 0u, a1.y, 0u, b0, b1);
+        decode4(w[u][r].w, b0, b1);
+        mma_bf16(d[r], a1.z, 0u, a1.w, 0u, b0, b1);
+      }
+    }
+  }
+  wait_for_previous_grid();
+#pragma unroll
+  for (int r = 0; r < MMA_ROW_RUN; ++r) {
+    float v = (t == (g >> 1)) ? ((g & 1) ? d[r][1] : d[r][0]) : 0.f;  // D[g][g]
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0 && n0 + r < N) y[n0 + r] = to_bf16(v * (per_tensor ? s[0] : s[n0 + r]));
+  }
+}

@@ -26,6 +26,8 @@ from impl import backend
 
 SOURCE = Path(__file__).with_name("fp8_mma.cu")
 KERNEL = "fp8_mma_gemv"
+ROW_KERNEL = "fp8_mma_gemv_row"  # one token: a warp's own rows, 512 contiguous bytes of a row per load instruction
+ROW_CHUNK = 512  # codes of one row the row kernel's warp reads per step (32 lanes x 16 bytes)
 ROWS = 8  # weight rows per block (the mma's N)
 CHUNK = 64  # codes of one row a warp reads per step (4 lanes x 16 bytes)
 
@@ -35,23 +37,25 @@ def token_rows(m: int) -> int:
     return 8 if m <= 8 else 16
 
 
-def min_blocks(warps: int, unroll: int, tokens: int) -> int:
+def min_blocks(warps: int, unroll: int, tokens: int, row_run: int = 0) -> int:
     """Blocks per SM the registers must allow (``__launch_bounds__``): a budget of 64 registers a thread (32 warps
-    an SM) for 8 token rows and up to 8 loads in flight, 128 above that (ptxas spills at 64 there)."""
-    regs = 64 if unroll <= 8 and tokens == 8 else 128
-    return max(1, 65536 // (regs * 32 * warps))
+    an SM) for up to 8 loads in flight a lane and one row group (8 token rows, or one row a warp), 128 above that
+    (ptxas spills at 64 there)."""
+    small = unroll <= 8 and (row_run == 1 if row_run else tokens == 8)
+    return max(1, 65536 // ((64 if small else 128) * 32 * warps))
 
 
-def compile_options(warps: int, unroll: int, tokens: int) -> tuple[str, ...]:
+def compile_options(warps: int, unroll: int, tokens: int, row_run: int = 0) -> tuple[str, ...]:
     return ("-std=c++17", f"-DMMA_WARPS={warps}", f"-DMMA_UNROLL={unroll}", f"-DMMA_TOKENS={tokens}",
-            f"-DMMA_MIN_BLOCKS={min_blocks(warps, unroll, tokens)}")
+            f"-DMMA_ROW_RUN={max(row_run, 1)}", f"-DMMA_MIN_BLOCKS={min_blocks(warps, unroll, tokens, row_run)}")
 
 
 @functools.cache
-def _kernel(warps: int, unroll: int, tokens: int):
+def _kernel(warps: int, unroll: int, tokens: int, row_run: int = 0):
     import cupy
 
-    return cupy.RawModule(code=SOURCE.read_text(), options=compile_options(warps, unroll, tokens)).get_function(KERNEL)
+    mod = cupy.RawModule(code=SOURCE.read_text(), options=compile_options(warps, unroll, tokens, row_run))
+    return mod.get_function(ROW_KERNEL if row_run else KERNEL)
 
 
 def check_mma_args(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> None:
@@ -73,20 +77,28 @@ def check_mma_args(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.T
 
 
 def mma_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor, warps: int, unroll: int,
-             pdl: bool = False) -> torch.Tensor:
+             pdl: bool = False, row_run: int = 0) -> torch.Tensor:
     """y = bf16(x · (s ⊙ q)ᵀ) into ``y`` [M, N] (row-major); x [M, K] bf16 row-major, q [N, K] e4m3, s float32 [1 or
-    N]. The kernel on a GPU, ``mma_gemv_twin`` on a CPU (the interpreters cannot run CUDA C++). ``pdl``: launched
-    with programmatic dependent launch (``rawkernel.launch``): its first codes stream while the previous kernel
-    finishes; it waits for that kernel before it reads x."""
+    N]. The kernel on a GPU, its twin on a CPU (the interpreters cannot run CUDA C++). ``pdl``: launched with
+    programmatic dependent launch (``rawkernel.launch``): its first codes stream while the previous kernel finishes;
+    it waits for that kernel before it reads x. ``row_run`` > 0 with one token: the row kernel (each warp that many
+    whole rows; ``mma_row_twin``); with more tokens the tile kernel serves them."""
     check_mma_args(x, q, s, y)
     (m, k), n = x.shape, q.shape[0]
     if m == 0 or n == 0:
         return y
+    row_run = row_run if m == 1 else 0
     if not x.is_cuda or backend.INTERPRETED:
-        y.copy_(mma_gemv_twin(x, q, s, warps, unroll))
+        twin = mma_row_twin(x, q, s, warps, unroll, row_run) if row_run else mma_gemv_twin(x, q, s, warps, unroll)
+        y.copy_(twin)
         return y
     from impl.common.rawkernel import launch
 
+    if row_run:
+        launch(_kernel(warps, unroll, 8, row_run), -(-n // (warps * row_run)), 32 * warps,
+               (x.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), np.int32(n), np.int32(k),
+                np.int64(q.stride(0)), np.int32(s.numel() == 1)), pdl=pdl)
+        return y
     tokens = token_rows(m)
     m_tiles = -(-m // 16)
     blocks = m_tiles * -(-n // ROWS)
@@ -165,3 +177,47 @@ def mma_gemv_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, warps: int,
             sc = scale[0] if scale.size == 1 else scale[:n]
             y[m0:m0 + 16] = (tile * sc).astype(np.float32)[:min(16, m - m0)]
     return torch.from_numpy(y).to(torch.bfloat16).to(x.device)
+
+
+def mma_row_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, warps: int, unroll: int,
+                 row_run: int) -> torch.Tensor:
+    """The row kernel (one token) in numpy, lane by lane: per weight row, per chunk of 512 codes, lane l = 4g + t
+    loads codes and x at k = 512 c + 16 l; A's row g and B's column g are lane group g's, so each of four m16n8k16
+    steps adds to D[g][g] the products of that group's 64 codes (only the diagonal is read); D accumulates in
+    float32 per step; then the warp's butterfly (shuffle xor 16, 8, 4, 2, 1) over the lanes holding D[g][g] (lane
+    (g, g / 2)), times the scale, rounded once to bf16. ``warps``, ``unroll`` and ``row_run`` do not change a row's
+    arithmetic (they place rows and loads). Returns y [1, N] bf16."""
+    if warps < 1 or unroll < 1 or row_run < 1:
+        raise ValueError(f"warps, unroll and row_run must be >= 1, got {warps}, {unroll}, {row_run}")
+    if x.shape[0] != 1:
+        raise ValueError(f"the row kernel serves one token, got {x.shape[0]}")
+    k, n = x.shape[1], q.shape[0]
+    xs = x.detach().cpu().float().numpy().astype(np.float64)[0]
+    codes = q.detach().cpu().view(torch.uint8).numpy()
+    scale = s.detach().cpu().float().numpy().reshape(-1)
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    d = np.zeros((n, 8, 8), dtype=np.float32)  # D per row: [row, A row g, B column g']
+    with np.errstate(invalid="ignore", over="ignore"):
+        for c in range(-(-k // ROW_CHUNK)):
+            kk = c * ROW_CHUNK + 16 * lane[:, None] + np.arange(16)  # [lane, 16]
+            ok = kk < k
+            xl = np.where(ok, xs[np.minimum(kk, k - 1)], 0.0)  # x each lane loads
+            wl = np.where(ok[None], codes[:, np.minimum(kk, k - 1)], 0).astype(np.uint8)  # [n, lane, 16]
+            bl = _decode_lanes(wl)
+            for j in range(4):
+                A = np.zeros((8, 16))
+                B = np.zeros((n, 16, 8))
+                for e in range(2):
+                    for half, off in ((0, 0), (1, 8)):
+                        slot = 2 * t + off + e
+                        code = 4 * j + 2 * half + e
+                        A[g, slot] = xl[:, code]
+                        B[:, slot, g] = bl[:, :, code]
+                d = (d + np.einsum("gs,nsh->ngh", A, B)).astype(np.float32)
+        v = np.where(t == g // 2, d[:, g, g], np.float32(0)).astype(np.float32)  # [n, lane]: D[g][g] at lane (g, g/2)
+        for off in (16, 8, 4, 2, 1):
+            v = (v + v[:, lane ^ off]).astype(np.float32)
+        sc = scale[0] if scale.size == 1 else scale[:n]
+        y = (v[:, 0] * sc).astype(np.float32)
+    return torch.from_numpy(y.reshape(1, n)).to(torch.bfloat16).to(x.device)
