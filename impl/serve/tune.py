@@ -400,7 +400,7 @@ def prefetch_batch1(table: GemmTable, mib: int) -> GemmTable:
     entries = {}
     for key, rows in table.entries.items():
         first, choice = rows[0]
-        if choice.config is not None:
+        if choice.config is not None and not choice.config.mma:  # (the mma kernels start their loads at once)
             choice = replace(choice, config=replace(choice.config, prefetch=mib))
         entries[key] = [(first, choice)] + list(rows[1:])
     return replace(table, entries=entries)
