@@ -62,7 +62,7 @@ from impl.serve.model import DenseLinear, ModelArgs
 PRIORITY = (1, 128, 256, 8, 32, 64)  # batch 1 (the decode claim) first, then the large-batch claims
 SHARED_LIMIT = 220 << 10  # per block on sm_90 (227 KiB), less Triton's own scratch
 MARGIN = 0.005  # a decode-step variant must be this much faster than the plain table to replace it (rounds: ~0.3%)
-MMA_MAX_M = 64  # the mma kernel's 16-token tiles re-read a weight slab from L2 for each further 16 rows
+MMA_MAX_M = 8  # mma tiles above one 8-row tile lost 2-5x to the Triton tiles on an H100 (M 32, 64: L2 re-reads)
 MMA_SHAPES = ((4, 8), (8, 8), (16, 8), (8, 4), (4, 16), (8, 16))  # (warps splitting K, 16-byte loads in flight a lane)
 # one token: (warps a block, 512-byte row pieces in flight a warp, rows a warp); H100 tune of the 8-row tiles: fewer
 # loads in flight were faster (unroll 4 over 8 and 16), so the row kernel is tried at 2-8
