@@ -24,10 +24,14 @@ def test_tune_smoke_checks_times_and_writes_a_loadable_table(tmp_path, capsys):
     for pair in data["pairs"]:
         kinds = {r["kind"] for r in pair["candidates"]}
         assert {"bf16", "inner", "w8a16", "deferred"} <= kinds, pair["projection"]
-        for r in pair["candidates"]:  # every candidate passed its float64 check before it was timed
+        anchors = [r for r in pair["candidates"] if r["kind"] == "anchor"]
+        assert [r["candidate"] for r in anchors] == (["read_anchor"] if pair["m"] == 1 else []), pair["m"]
+        assert all(r["median_us"] > 0 and r["weight_gbps"] > 0 for r in anchors)
+        served = [r for r in pair["candidates"] if r["kind"] != "anchor"]
+        for r in served:  # every candidate passed its float64 check before it was timed
             assert r["check"]["ok"] and r["check"]["worst_of_bound"] < 0.5 and r["median_us"] > 0, r
-        assert pair["best"] == min((r for r in pair["candidates"] if r["kind"] != "bf16"),
-                                   key=lambda r: r["median_us"])["candidate"]
+        assert pair["best"] == min((r for r in served if r["kind"] != "bf16"),
+                                   key=lambda r: r["median_us"])["candidate"]  # the read anchor never serves
     assert {p["projection"] for p in data["pairs"] if p["swiglu"]} == {"w2"}  # w2 measured as the model calls it
     table = choose.GemmTable.load(tmp_path / "gemm_table.json")
     assert table.selected_in_run == data["run_id"]

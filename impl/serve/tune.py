@@ -65,7 +65,8 @@ MARGIN = 0.005  # a decode-step variant must be this much faster than the plain 
 MMA_MAX_M = 8  # mma tiles above one 8-row tile lost 2-5x to the Triton tiles on an H100 (M 32, 64: L2 re-reads)
 MMA_SHAPES = ((4, 8), (8, 8), (16, 8), (8, 4), (4, 16), (8, 16))  # (warps splitting K, 16-byte loads in flight a lane)
 # one token: (warps a block, 512-byte row pieces in flight a warp, rows a warp); H100 tune of the 8-row tiles: fewer
-# loads in flight were faster (unroll 4 over 8 and 16), so the row kernel is tried at 2-8
+# loads in flight were faster (unroll 4 over 8 and 16), so the row kernel is tried at 2-8; there (H100, c0cfb1f) its
+# best, r2-w8u2, took w2 in 28.5 us against the Triton tiles' 29.6 and wo in 12.05 against 11.98
 MMA_ROW_SHAPES = ((8, 4, 1), (8, 8, 1), (16, 4, 1), (4, 8, 1), (8, 2, 2), (8, 4, 2), (4, 4, 2))
 PREFETCH_MIB = (16, 32)  # L2 prefetch sizes tried: per kernel (the first), and in the decode step with PDL (both)
 
@@ -280,12 +281,27 @@ def measure_pair(sub: Subject, m: int, cfg: TuneConfig, seed: int) -> dict[str, 
         except Exception as e:  # a candidate that does not compile or run is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
+    if m == 1:
+        rows.append(read_anchor(q, cfg))
     return {"projection": sub.name, "n": sub.n, "k": sub.k, "m": m, "swiglu": sub.swiglu, "weight_bytes": w_bytes,
             "candidates": rows}
 
 
+def read_anchor(q: torch.Tensor, cfg: TuneConfig) -> dict[str, Any]:
+    """The card's streaming read of the same bytes, timed as the candidates are (L2 flushed, queued): ``torch.sum``
+    over the codes viewed as float32 (the values are arbitrary bit patterns; only the read is the subject). A batch-1
+    GEMV cannot beat reading its codes; on an H100 under ncu (cold L2) this read of a 4096x4096 code matrix took
+    12.6 us and the GEMVs 11.1-11.8 us, of 4096x14336 26.7 us and 26.6-29.4 us."""
+    flat = q.reshape(-1).view(torch.uint8)
+    words = flat[: flat.numel() // 4 * 4].view(torch.float32)
+    t = time_fn(lambda: words.sum(), warmup=cfg.warmup, reps=cfg.reps, flush=True, queue_ahead=backend.ON_GPU)
+    nbytes = words.numel() * 4
+    return {"candidate": "read_anchor", "kind": "anchor", "config": None, "median_us": 1e3 * t.median_ms,
+            "rounds_us": [1e3 * v for v in t.times_ms], "weight_gbps": nbytes / (t.median_ms * 1e-3) / 1e9}
+
+
 def best_fp8(pair: dict[str, Any]) -> dict[str, Any] | None:
-    ok = [r for r in pair["candidates"] if r["kind"] != "bf16" and "median_us" in r]
+    ok = [r for r in pair["candidates"] if r["kind"] not in ("bf16", "anchor") and "median_us" in r]
     return min(ok, key=lambda r: r["median_us"]) if ok else None
 
 
@@ -487,7 +503,7 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
 def summary_lines(data: dict[str, Any]) -> list[str]:
     cp = data.get("copy_gbps")
     lines = [f"{'proj':5} {'M':>4} {'best FP8':28} {'us':>8} {'%copy':>6} {'bf16 us':>8} {'x bf16':>6} "
-             f"{'inner us':>8} {'defer us':>8} {'rule us':>8}"]
+             f"{'inner us':>8} {'defer us':>8} {'rule us':>8} {'read us':>8}"]
     for p in data["pairs"]:
         by = {r["candidate"]: r for r in p["candidates"]}
         best = by.get(p["best"]) if p.get("best") else None
@@ -500,7 +516,7 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         fmt = lambda v, f=".1f": "-" if v is None else format(v, f)  # noqa: E731
         lines.append(f"{p['projection']:5} {p['m']:>4} {str(p['best']):28} {fmt(us):>8} {fmt(pct, '.0f'):>6} "
                      f"{fmt(bf16):>8} {fmt(bf16 / us if (bf16 and us) else None, '.2f'):>6} {fmt(inner):>8} "
-                     f"{fmt(defer):>8} {fmt(rule):>8}")
+                     f"{fmt(defer):>8} {fmt(rule):>8} {fmt(by.get('read_anchor', {}).get('median_us')):>8}")
     d = data.get("decode_step") or {}
     names = ["bf16", "fp8_rule", "fp8_table", "fp8_table_pdl"] + [f"fp8_table_pdl_f{v}" for v in PREFETCH_MIB]
     for name in names + [f"fp8_table_f{PREFETCH_MIB[0]}"]:
