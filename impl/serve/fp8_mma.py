@@ -6,10 +6,12 @@ Why C++: at batch 1 the GEMV must keep enough weight bytes in flight to stream t
 each lane issues ``unroll`` 16-byte loads of codes straight into registers before it uses any (no shared-memory
 staging, no barrier in the loop), and feeds them to ``mma.m16n8k16`` as the B operand after an integer-op decode;
 the Triton kernels (``fp8_gemv``) stage their tiles through shared memory and convert layouts for ``tl.dot``.
-Blocks of 8 weight rows x 16 tokens; the block's warps split K and are summed in warp order (``fp8_mma.cu`` tells
-the lanes' layout). Each token's result depends only on its own row of x: batch-invariant.
+Two kernels (``fp8_mma.cu`` tells the lanes' layouts): tiles of 8 weight rows x 16 tokens whose warps split K and are
+summed in warp order; and, for one token, a row kernel where each warp computes whole rows and one load instruction
+reads 512 contiguous bytes of a row. Each token's result depends only on its own row of x: batch-invariant.
 
-Served as ``GemvConfig(mma=True, num_warps=W, unroll=U)`` (``fp8_gemv.gemv`` dispatches here). On a GPU the kernel
+Served as ``GemvConfig(mma=True, num_warps=W, unroll=U[, row_run=R])`` (``fp8_gemv.gemv`` dispatches here; the
+tune run measures them beside the Triton kernels and keeps the fastest per projection and M). On a GPU the kernel
 is compiled by NVRTC through CuPy once per (W, U, token rows) and launched on torch's current stream (so CUDA graphs
 record it); without one, ``mma_gemv_twin`` computes the same lanes, fragments and sums in numpy, so the CPU tests
 check the layout logic the kernel runs. CI compiles the source for sm_90 with nvcc.
