@@ -63,3 +63,27 @@ def test_failing_cases_are_cases_once_the_ledger_has_them():
     if claims.Case is None:
         pytest.skip("impl.common.ledger has no Case yet: FAILING_CASES is built once it does")
     assert sorted(claims.FAILING_CASES) == sorted(c.id for c in claims.CLAIMS)
+
+
+def test_bw_claim_names_the_linears_read_ceiling_of_the_same_tune_run(tmp_path):
+    """serve.bw_pct_b1's source gives the ceiling one kernel per projection cannot pass (the tune run's reads of each
+    projection's code bytes), only from the tune run whose table the decode record used, and only with all four."""
+    claim = next(c for c in claims.CLAIMS if c.id == "serve.bw_pct_b1")
+    reads = {"wqkv": 8.0, "wo": 6.0, "w13": 30.0, "w2": 16.0}
+
+    def tune(run: str, names=tuple(reads)) -> dict:
+        pairs = [{"projection": p, "m": 1, "candidates": [{"candidate": "read_anchor", "kind": "anchor",
+                                                           "median_us": reads[p]}]} for p in names]
+        return {"run_id": run, "pairs": pairs + [{"projection": "wo", "m": 8, "candidates": []}]}
+
+    decode = {**claims.passing_results()[f"serve/{claims.RESULT}"], "copy_gbps": 4000.0,
+              "model_args": {"n_layers": 32}, "fp8": {"linear_weight_bytes": 6.0e9},
+              "gemm_table": {"data": {"selected_in_run": "r1"}}}
+    row = evaluate(claim, view_of(tmp_path / "same", {f"serve/{claims.RESULT}": decode,
+                                                      f"serve/{claims.TUNE}": tune("r1")}))
+    # 6e9 B in 32 x 60 us = 1.92 ms -> 3125 GB/s, 78.1% of 4000 GB/s
+    assert "read ceiling" in row["source"] and "78.1% of copy" in row["source"] and "1.920 ms" in row["source"], row
+    for other in (tune("r2"), tune("r1", ("wqkv", "wo", "w13"))):
+        row = evaluate(claim, view_of(tmp_path / f"x{len(other['pairs'])}{other['run_id']}",
+                                      {f"serve/{claims.RESULT}": decode, f"serve/{claims.TUNE}": other}))
+        assert row["verdict"] == "pass" and "read ceiling" not in row["source"], row
