@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures.nvrtc import assert_compiles_with_nvrtc
 from impl.common import ledger
 from impl.common.results import ROOT
 from impl.join import experiments, ncu, tc_triton
@@ -42,21 +43,8 @@ def test_hash_join_cu_compiles_with_nvcc(tmp_path, defines):
 
 
 def test_hash_join_cu_compiles_with_nvrtc_like_cupy():
-    nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) is not installed here")
-    err, prog = nvrtc.nvrtcCreateProgram(SOURCE.read_bytes(), b"hash_join.cu", 0, [], [])
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
-    opts = [b"-std=c++17", b"--gpu-architecture=sm_90", b"-DJOIN_THREADS=256", b"-DJOIN_ITEMS=4"]
-    try:
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    except RuntimeError as e:  # the NVRTC library itself did not load
-        pytest.skip(f"NVRTC is not usable here: {e}")
-    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    # NVRTC writes into this buffer: never a 1-byte bytes object, which CPython shares process-wide (an empty log,
-    # size 1, turned every b" " of this process into b"\x00" and broke torch.load in later tests)
-    log = bytes(max(size, 2))
-    nvrtc.nvrtcGetProgramLog(prog, log)
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
-    assert bytes([32])[0] == 32, "NVRTC wrote into CPython's shared one-byte bytes object"
+    assert_compiles_with_nvrtc(SOURCE.read_bytes(), "hash_join.cu",
+                               [b"-std=c++17", b"--gpu-architecture=sm_90", b"-DJOIN_THREADS=256", b"-DJOIN_ITEMS=4"])
 
 
 def test_every_kernel_compiles_for_sm90():

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fixtures.nvrtc import assert_compiles_with_nvrtc
 from fixtures.oracle import check_kernel
 from impl import backend
 from impl.backend import DEVICE
@@ -238,16 +239,8 @@ def test_fp8_mma_cu_compiles_for_sm90_without_spills(tmp_path, warps, unroll, to
     assert regs * 32 * warps * fp8_mma.min_blocks(warps, unroll, tokens, row_run) <= 65536
 
 
-def test_fp8_mma_cu_compiles_with_nvrtc_like_cupy():
-    nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) is not installed here")
-    err, prog = nvrtc.nvrtcCreateProgram(SOURCE.read_bytes(), b"fp8_mma.cu", 0, [], [])
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
-    opts = [o.encode() for o in compile_options(8, 8, 8)] + [b"--gpu-architecture=sm_90"]
-    try:
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    except RuntimeError as e:  # the NVRTC library itself did not load
-        pytest.skip(f"NVRTC is not usable here: {e}")
-    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    log = bytes(max(size, 2))  # never a 1-byte bytes object: CPython shares those process-wide
-    nvrtc.nvrtcGetProgramLog(prog, log)
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+@pytest.mark.parametrize("row_run", [0, 2])
+def test_fp8_mma_cu_compiles_with_nvrtc_like_cupy(row_run):
+    """As CuPy compiles it on the GPU: NVRTC, no headers."""
+    opts = [o.encode() for o in compile_options(8, 8, 8, row_run)] + [b"--gpu-architecture=sm_90"]
+    assert_compiles_with_nvrtc(SOURCE.read_bytes(), "fp8_mma.cu", opts)

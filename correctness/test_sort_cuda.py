@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda
 
+from fixtures.nvrtc import assert_compiles_with_nvrtc
 from fixtures.oracle import assert_close, check_kernel
 from fixtures.sort import host_bits
 from fixtures.strategies import arrays, make_array, max_size, seeds, sizes
@@ -334,19 +335,9 @@ def test_cuda_source_compiles_for_sm90_without_spills():
 def test_cuda_source_compiles_with_nvrtc_like_cupy():
     """CuPy's fallback without nvcc: NVRTC on the generated source (no headers, C++17, sm_90; NVRTC takes the
     static_for lambdas for host code unless -default-device)."""
-    nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) is not installed here")
     specs = plan_kernels(build_cuda_plan(2049, "composite", EMU_CUDA_CONFIG), 16)
-    err, prog = nvrtc.nvrtcCreateProgram(module_source(specs).encode(), b"sort.cu", 0, [], [])
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
-    opts = [b"-std=c++17", b"-default-device", b"--gpu-architecture=sm_90"]  # lambdas: device code
-    try:
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    except RuntimeError as e:  # the NVRTC library itself did not load
-        pytest.skip(f"NVRTC is not usable here: {e}")
-    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    log = bytes(max(size, 2))  # never a 1-byte bytes object: CPython shares those process-wide
-    nvrtc.nvrtcGetProgramLog(prog, log)
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+    assert_compiles_with_nvrtc(module_source(specs).encode(), "sort.cu",
+                               [b"-std=c++17", b"-default-device", b"--gpu-architecture=sm_90"])  # lambdas: device
 
 
 @pytest.mark.slow

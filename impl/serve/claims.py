@@ -106,7 +106,7 @@ CLAIMS = [
           statement="A batch-1 FP8 decode step reads its weights at >= 85% of the card's copy bandwidth "
                     "(weight bytes per token / time per token)",
           unit="% of copy peak", comparison=">=", target=85.0,
-          measure=Beside(ResultValue("serve", RESULT, "bw_pct_b1.fp8"), lambda view: read_ceiling(view),
+          measure=Beside(ResultValue("serve", RESULT, "bw_pct_b1.fp8"), read_ceiling,
                          "the linears' read ceiling (serve/tune.json read_anchor)")),
     _speedup(128, 1.3, "FP8 serving decodes a batch of 128 Llama-3-8B-shaped sequences >= 1.3x faster than bf16 "
                        "(CUDA-graph decode step, GEMM path per projection from the measured table; lower end of a "

@@ -108,8 +108,6 @@ class GemvConfig:
                 f"w{self.num_warps}p{self.num_stages}{pf}{per}")
 
     def rows_per_tile(self, m: int) -> int:
-        if self.mma:
-            return 16
         if self.block_m:
             return self.block_m
         return min(max(16 if self.dot else 1, triton.next_power_of_2(max(m, 1))), self.max_block_m)
@@ -428,16 +426,6 @@ def gemv(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, c
     (m, n), k = y.shape, w.shape[1]
     if m == 0 or n == 0:
         return y
-    if cfg.mma:
-        from impl.serve.fp8_mma import mma_gemv
-
-        if rows is not None:
-            raise ValueError(f"the mma kernel takes bf16 activations, not FP8 rows: {cfg}")
-        if swiglu:  # silu_mul's product from its own kernel (one pass over gu), as the tensor-core tiles take it
-            from impl.serve.fused import silu_mul
-
-            x = silu_mul(x)
-        return mma_gemv(x, w, s, y, cfg.num_warps, cfg.unroll, pdl=pdl and x.is_cuda, row_run=cfg.row_run)
     sx = s  # not read unless a8
     if cfg.a8:
         if w.dtype != torch.float8_e4m3fn:
@@ -446,10 +434,14 @@ def gemv(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, c
             rows = silu_mul_quant(x) if swiglu else quantize_rows(x)
             swiglu = False
         x, sx = rows.codes, rows.scales.reshape(-1)
-    elif swiglu and cfg.dot:  # tensor-core tiles take silu_mul's product from its own kernel (one pass over gu)
+    elif swiglu and (cfg.dot or cfg.mma):  # tensor-core tiles take silu_mul's product from its own kernel (one pass)
         from impl.serve.fused import silu_mul
 
         x, swiglu = silu_mul(x), False
+    if cfg.mma:
+        from impl.serve.fp8_mma import mma_gemv
+
+        return mma_gemv(x, w, s, y, cfg.num_warps, cfg.unroll, pdl=pdl and x.is_cuda, row_run=cfg.row_run)
     block_m = cfg.rows_per_tile(m)
     on_gpu = x.is_cuda and not backend.INTERPRETED
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
