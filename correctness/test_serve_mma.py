@@ -24,7 +24,8 @@ from impl.serve.fp8_mma import (KERNEL, ROW_KERNEL, SOURCE, compile_options, mma
 from impl.serve.tune import MMA_ROW_SHAPES, MMA_SHAPES
 
 CONFIGS = [GemvConfig(mma=True, num_warps=w, unroll=u) for w, u in ((1, 1), (2, 2), (3, 8), (8, 4))] + [
-    GemvConfig(mma=True, num_warps=w, unroll=u, row_run=r) for w, u, r in ((1, 1, 1), (2, 2, 2), (3, 4, 1))]
+    GemvConfig(mma=True, num_warps=w, unroll=u, row_run=r, pipe=p)
+    for w, u, r, p in ((1, 1, 1, False), (2, 2, 2, False), (3, 4, 1, False), (1, 1, 1, True), (2, 2, 2, True))]
 # (row_run > 0: the one-token row kernel at M == 1, the tile kernel for more tokens)
 
 
@@ -213,19 +214,19 @@ def test_decode_linear_serves_an_mma_table_entry():
 
 # ---- the source compiles for the card -------------------------------------------------------------------------
 
-SHAPES = ([(w, u, tokens, 0) for w, u in MMA_SHAPES for tokens in (8, 16)]
-          + [(w, u, 8, r) for w, u, r in MMA_ROW_SHAPES])
+SHAPES = ([(w, u, tokens, 0, False) for w, u in MMA_SHAPES for tokens in (8, 16)]
+          + [(w, u, 8, r, p) for w, u, r, p in MMA_ROW_SHAPES])
 
 
-@pytest.mark.parametrize("warps,unroll,tokens,row_run", SHAPES)
-def test_fp8_mma_cu_compiles_for_sm90_without_spills(tmp_path, warps, unroll, tokens, row_run):
+@pytest.mark.parametrize("warps,unroll,tokens,row_run,pipe", SHAPES)
+def test_fp8_mma_cu_compiles_for_sm90_without_spills(tmp_path, warps, unroll, tokens, row_run, pipe):
     """Every shape the tune run times compiles with nvcc for sm_90 inside its register budget (no spills, no stack)
     and holds the kernel the launcher asks for."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH: the CUDA C++ source cannot be compiled here")
     out = tmp_path / "fp8_mma.cubin"
-    defines = [o for o in compile_options(warps, unroll, tokens, row_run) if o.startswith("-D")]
+    defines = [o for o in compile_options(warps, unroll, tokens, row_run, pipe) if o.startswith("-D")]
     proc = subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-Xptxas=-v", *defines, "-o", str(out), str(SOURCE)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -236,11 +237,11 @@ def test_fp8_mma_cu_compiles_for_sm90_without_spills(tmp_path, warps, unroll, to
     assert spills and not any(spills), f"ptxas spills registers: {report[-2000:]}"
     assert name.encode() in out.read_bytes()
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
-    assert regs * 32 * warps * fp8_mma.min_blocks(warps, unroll, tokens, row_run) <= 65536
+    assert regs * 32 * warps * fp8_mma.min_blocks(warps, unroll, tokens, row_run, pipe) <= 65536
 
 
-@pytest.mark.parametrize("row_run", [0, 2])
-def test_fp8_mma_cu_compiles_with_nvrtc_like_cupy(row_run):
+@pytest.mark.parametrize("row_run,pipe", [(0, False), (2, False), (2, True)])
+def test_fp8_mma_cu_compiles_with_nvrtc_like_cupy(row_run, pipe):
     """As CuPy compiles it on the GPU: NVRTC, no headers."""
-    opts = [o.encode() for o in compile_options(8, 8, 8, row_run)] + [b"--gpu-architecture=sm_90"]
+    opts = [o.encode() for o in compile_options(8, 8, 8, row_run, pipe)] + [b"--gpu-architecture=sm_90"]
     assert_compiles_with_nvrtc(SOURCE.read_bytes(), "fp8_mma.cu", opts)

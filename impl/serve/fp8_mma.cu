@@ -150,7 +150,54 @@ fp8_mma_gemv(const bf16_bits* __restrict__ x, const uint8_t* __restrict__ q, con
 #ifndef MMA_ROW_RUN
 #define MMA_ROW_RUN 1  // weight rows a warp computes together (x loaded once for all of them)
 #endif
+#ifndef MMA_PIPE
+#define MMA_PIPE 0  // 1: two register sets, the next MMA_UNROLL pieces' loads issued before this set is used
+#endif
 
+// Loads of pieces c0 .. c0 + MMA_UNROLL - 1 of the warp's rows (pieces past K, or rows past N, are zero: no access).
+__device__ __forceinline__ void row_load(uint4 (&w)[MMA_UNROLL][MMA_ROW_RUN], const uint8_t* __restrict__ q, int n0,
+                                         int N, int K, long long ldw, int c0, int lane) {
+#pragma unroll
+  for (int u = 0; u < MMA_UNROLL; ++u) {
+    const int k = (c0 + u) * 512 + lane * 16;
+#pragma unroll
+    for (int r = 0; r < MMA_ROW_RUN; ++r)
+      w[u][r] = (n0 + r < N && k < K) ? __ldcs(reinterpret_cast<const uint4*>(q + (long long)(n0 + r) * ldw + k))
+                                      : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+// D[r] += the pieces' products, piece by piece in k order (the order every variant keeps: the twin's).
+__device__ __forceinline__ void row_accumulate(float (&d)[MMA_ROW_RUN][4], const uint4 (&w)[MMA_UNROLL][MMA_ROW_RUN],
+                                               const bf16_bits* __restrict__ x, int K, int c0, int chunks, int lane) {
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int u = 0; u < MMA_UNROLL; ++u) {
+    if (c0 + u >= chunks) break;  // the same for the whole warp
+    const int k = (c0 + u) * 512 + lane * 16;
+    uint4 a0 = zero, a1 = zero;
+    if (k < K) {
+      a0 = __ldg(reinterpret_cast<const uint4*>(x + k));
+      a1 = __ldg(reinterpret_cast<const uint4*>(x + k + 8));
+    }
+#pragma unroll
+    for (int r = 0; r < MMA_ROW_RUN; ++r) {
+      uint32_t b0, b1;
+      decode4(w[u][r].x, b0, b1);
+      mma_bf16(d[r], a0.x, 0u, a0.y, 0u, b0, b1);
+      decode4(w[u][r].y, b0, b1);
+      mma_bf16(d[r], a0.z, 0u, a0.w, 0u, b0, b1);
+      decode4(w[u][r].z, b0, b1);
+      mma_bf16(d[r], a1.x, 0u, a1.y, 0u, b0, b1);
+      decode4(w[u][r].w, b0, b1);
+      mma_bf16(d[r], a1.z, 0u, a1.w, 0u, b0, b1);
+    }
+  }
+}
+
+// MMA_PIPE 0: load MMA_UNROLL pieces, use them, repeat (the warp's loads come in bursts). MMA_PIPE 1: two register
+// sets alternate, and the loads of one are issued before the other's products, so a warp's loads stay in flight
+// while it computes; the pieces are summed in the same order either way.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, MMA_MIN_BLOCKS)
 fp8_mma_gemv_row(const bf16_bits* __restrict__ x, const uint8_t* __restrict__ q, const float* __restrict__ s,
                  bf16_bits* __restrict__ y, int N, int K, long long ldw, int per_tensor) {
@@ -158,49 +205,26 @@ fp8_mma_gemv_row(const bf16_bits* __restrict__ x, const uint8_t* __restrict__ q,
   const int g = lane >> 2, t = lane & 3;
   const int n0 = (blockIdx.x * MMA_WARPS + warp) * MMA_ROW_RUN;
   const int chunks = (K + 511) / 512;
-  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   float d[MMA_ROW_RUN][4];
 #pragma unroll
   for (int r = 0; r < MMA_ROW_RUN; ++r) d[r][0] = d[r][1] = d[r][2] = d[r][3] = 0.f;
-  bool waited = false;
-  for (int c0 = 0; c0 < chunks; c0 += MMA_UNROLL) {
-    uint4 w[MMA_UNROLL][MMA_ROW_RUN];
-#pragma unroll
-    for (int u = 0; u < MMA_UNROLL; ++u) {
-      const int k = (c0 + u) * 512 + lane * 16;
-#pragma unroll
-      for (int r = 0; r < MMA_ROW_RUN; ++r)
-        w[u][r] = (n0 + r < N && k < K) ? __ldcs(reinterpret_cast<const uint4*>(q + (long long)(n0 + r) * ldw + k))
-                                        : zero;
-    }
-    if (!waited) {
-      wait_for_previous_grid();
-      waited = true;
-    }
-#pragma unroll
-    for (int u = 0; u < MMA_UNROLL; ++u) {
-      if (c0 + u >= chunks) break;  // the same for the whole warp
-      const int k = (c0 + u) * 512 + lane * 16;
-      uint4 a0 = zero, a1 = zero;
-      if (k < K) {
-        a0 = __ldg(reinterpret_cast<const uint4*>(x + k));
-        a1 = __ldg(reinterpret_cast<const uint4*>(x + k + 8));
-      }
-#pragma unroll
-      for (int r = 0; r < MMA_ROW_RUN; ++r) {
-        uint32_t b0, b1;
-        decode4(w[u][r].x, b0, b1);
-        mma_bf16(d[r], a0.x, 0u, a0.y, 0u, b0, b1);
-        decode4(w[u][r].y, b0, b1);
-        mma_bf16(d[r], a0.z, 0u, a0.w, 0u, b0, b1);
-        decode4(w[u][r].z, b0, b1);
-        mma_bf16(d[r], a1.x, 0u, a1.y, 0u, b0, b1);
-        decode4(w[u][r].w, b0, b1);
-        mma_bf16(d[r], a1.z, 0u, a1.w, 0u, b0, b1);
-      }
-    }
+  uint4 wa[MMA_UNROLL][MMA_ROW_RUN];
+  row_load(wa, q, n0, N, K, ldw, 0, lane);
+  wait_for_previous_grid();  // the first codes are in flight; x may belong to the kernel before this one
+#if MMA_PIPE
+  uint4 wb[MMA_UNROLL][MMA_ROW_RUN];
+  for (int c0 = 0; c0 < chunks; c0 += 2 * MMA_UNROLL) {
+    row_load(wb, q, n0, N, K, ldw, c0 + MMA_UNROLL, lane);
+    row_accumulate(d, wa, x, K, c0, chunks, lane);
+    row_load(wa, q, n0, N, K, ldw, c0 + 2 * MMA_UNROLL, lane);
+    row_accumulate(d, wb, x, K, c0 + MMA_UNROLL, chunks, lane);
   }
-  wait_for_previous_grid();
+#else
+  for (int c0 = 0; c0 < chunks; c0 += MMA_UNROLL) {
+    if (c0) row_load(wa, q, n0, N, K, ldw, c0, lane);
+    row_accumulate(d, wa, x, K, c0, chunks, lane);
+  }
+#endif
 #pragma unroll
   for (int r = 0; r < MMA_ROW_RUN; ++r) {
     float v = (t == (g >> 1)) ? ((g & 1) ? d[r][1] : d[r][0]) : 0.f;  // D[g][g]

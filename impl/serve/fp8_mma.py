@@ -39,24 +39,25 @@ def token_rows(m: int) -> int:
     return 8 if m <= 8 else 16
 
 
-def min_blocks(warps: int, unroll: int, tokens: int, row_run: int = 0) -> int:
+def min_blocks(warps: int, unroll: int, tokens: int, row_run: int = 0, pipe: bool = False) -> int:
     """Blocks per SM the registers must allow (``__launch_bounds__``): a budget of 64 registers a thread (32 warps
-    an SM) for up to 8 loads in flight a lane and one row group (8 token rows, or one row a warp), 128 above that
-    (ptxas spills at 64 there)."""
-    small = unroll <= 8 and (row_run == 1 if row_run else tokens == 8)
+    an SM) for up to 8 loads in flight a lane (4, two sets of 2, with ``pipe``) and one row group (8 token rows, or
+    one row a warp), 128 above that (ptxas spills at 64 there)."""
+    small = unroll <= (2 if pipe else 8) and (row_run == 1 if row_run else tokens == 8)
     return max(1, 65536 // ((64 if small else 128) * 32 * warps))
 
 
-def compile_options(warps: int, unroll: int, tokens: int, row_run: int = 0) -> tuple[str, ...]:
+def compile_options(warps: int, unroll: int, tokens: int, row_run: int = 0, pipe: bool = False) -> tuple[str, ...]:
     return ("-std=c++17", f"-DMMA_WARPS={warps}", f"-DMMA_UNROLL={unroll}", f"-DMMA_TOKENS={tokens}",
-            f"-DMMA_ROW_RUN={max(row_run, 1)}", f"-DMMA_MIN_BLOCKS={min_blocks(warps, unroll, tokens, row_run)}")
+            f"-DMMA_ROW_RUN={max(row_run, 1)}", f"-DMMA_PIPE={int(pipe)}",
+            f"-DMMA_MIN_BLOCKS={min_blocks(warps, unroll, tokens, row_run, pipe)}")
 
 
 @functools.cache
-def _kernel(warps: int, unroll: int, tokens: int, row_run: int = 0):
+def _kernel(warps: int, unroll: int, tokens: int, row_run: int = 0, pipe: bool = False):
     import cupy
 
-    mod = cupy.RawModule(code=SOURCE.read_text(), options=compile_options(warps, unroll, tokens, row_run))
+    mod = cupy.RawModule(code=SOURCE.read_text(), options=compile_options(warps, unroll, tokens, row_run, pipe))
     return mod.get_function(ROW_KERNEL if row_run else KERNEL)
 
 
@@ -79,12 +80,13 @@ def check_mma_args(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.T
 
 
 def mma_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor, warps: int, unroll: int,
-             pdl: bool = False, row_run: int = 0) -> torch.Tensor:
+             pdl: bool = False, row_run: int = 0, pipe: bool = False) -> torch.Tensor:
     """y = bf16(x · (s ⊙ q)ᵀ) into ``y`` [M, N] (row-major); x [M, K] bf16 row-major, q [N, K] e4m3, s float32 [1 or
     N]. The kernel on a GPU, its twin on a CPU (the interpreters cannot run CUDA C++). ``pdl``: launched with
     programmatic dependent launch (``rawkernel.launch``): its first codes stream while the previous kernel finishes;
     it waits for that kernel before it reads x. ``row_run`` > 0 with one token: the row kernel (each warp that many
-    whole rows; ``mma_row_twin``); with more tokens the tile kernel serves them."""
+    whole rows; ``mma_row_twin``); with more tokens the tile kernel serves them. ``pipe`` (row kernel): two register
+    sets, one's loads in flight while the other is used (the same sums in the same order)."""
     check_mma_args(x, q, s, y)
     (m, k), n = x.shape, q.shape[0]
     if m == 0 or n == 0:
@@ -97,7 +99,7 @@ def mma_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
     from impl.common.rawkernel import launch
 
     if row_run:
-        launch(_kernel(warps, unroll, 8, row_run), -(-n // (warps * row_run)), 32 * warps,
+        launch(_kernel(warps, unroll, 8, row_run, pipe), -(-n // (warps * row_run)), 32 * warps,
                (x.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), np.int32(n), np.int32(k),
                 np.int64(q.stride(0)), np.int32(s.numel() == 1)), pdl=pdl)
         return y

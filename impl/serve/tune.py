@@ -64,10 +64,13 @@ SHARED_LIMIT = 220 << 10  # per block on sm_90 (227 KiB), less Triton's own scra
 MARGIN = 0.005  # a decode-step variant must be this much faster than the plain table to replace it (rounds: ~0.3%)
 MMA_MAX_M = 8  # mma tiles above one 8-row tile lost 2-5x to the Triton tiles on an H100 (M 32, 64: L2 re-reads)
 MMA_SHAPES = ((4, 8), (8, 8), (16, 8), (8, 4), (4, 16), (8, 16))  # (warps splitting K, 16-byte loads in flight a lane)
-# one token: (warps a block, 512-byte row pieces in flight a warp, rows a warp); H100 tune of the 8-row tiles: fewer
-# loads in flight were faster (unroll 4 over 8 and 16), so the row kernel is tried at 2-8; there (H100, c0cfb1f) its
-# best, r2-w8u2, took w2 in 28.5 us against the Triton tiles' 29.6 and wo in 12.05 against 11.98
-MMA_ROW_SHAPES = ((8, 4, 1), (8, 8, 1), (16, 4, 1), (4, 8, 1), (8, 2, 2), (8, 4, 2), (4, 4, 2))
+# one token: (warps a block, 512-byte row pieces in flight a warp, rows a warp, two register sets); H100 tune of the
+# 8-row tiles: fewer loads in flight were faster (unroll 4 over 8 and 16), so the row kernel is tried at 2-8; there
+# (H100, c0cfb1f) its best, r2-w8u2, took w2 in 28.5 us against the Triton tiles' 29.6 and wo in 12.05 against 11.98.
+# With two register sets (pipe) a warp's next loads are in flight while it computes, not only between bursts.
+MMA_ROW_SHAPES = ((8, 4, 1, False), (8, 8, 1, False), (16, 4, 1, False), (4, 8, 1, False), (8, 2, 2, False),
+                  (8, 4, 2, False), (4, 4, 2, False), (8, 2, 1, True), (8, 4, 1, True), (16, 2, 1, True),
+                  (8, 2, 2, True), (4, 4, 2, True))
 PREFETCH_MIB = (16, 32)  # L2 prefetch sizes tried: per kernel (the first), and in the decode step with PDL (both)
 
 
@@ -146,7 +149,8 @@ def candidate_configs(m: int, n: int, k: int, smoke: bool = False) -> list[GemvC
         if m > 128:  # two or four M tiles of the same weights (the second read mostly from L2)
             cfgs += [replace(c, block_m=bm) for c in dot[1:3] + a8[:2] for bm in (64, 128)]
     if m <= MMA_MAX_M and k % 16 == 0:  # the CUDA C++ tensor-core kernels: loads straight into registers, first
-        rows = [GemvConfig(mma=True, num_warps=w, unroll=u, row_run=r) for w, u, r in MMA_ROW_SHAPES] if m == 1 else []
+        rows = ([GemvConfig(mma=True, num_warps=w, unroll=u, row_run=r, pipe=p) for w, u, r, p in MMA_ROW_SHAPES]
+                if m == 1 else [])
         cfgs = rows + [GemvConfig(mma=True, num_warps=w, unroll=u) for w, u in MMA_SHAPES] + cfgs
     cfgs.append(default_config(m, n, k))
     fits = [c for c in dict.fromkeys(cfgs) if c.shared_bytes(m) <= SHARED_LIMIT]  # unique, in order
