@@ -259,8 +259,13 @@ def test_decode_linear_serves_each_m_by_the_table(monkeypatch):
     gu = torch.randn(2, 96, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     small = DenseLinear(48, 48, torch.float32, DEVICE)
     small.weight.data.normal_(0, 0.05, generator=torch.Generator(device=DEVICE).manual_seed(1))
-    assert_close(fp8_adapter.quantize_linear(small)(gu, swiglu=True),
-                 fp8_adapter.quantize_linear(small).inner(swiglu_torch(gu)), rtol=0, atol=0)
+    small8 = fp8_adapter.quantize_linear(small)
+    if backend.ON_GPU:  # the card's stored table picks the path for these rows: within that path's bound
+        w_small = small8.inner.dequantized_weight().double()
+        assert_matches(small8(gu, swiglu=True), swiglu64(gu.cpu()).to(DEVICE), w_small,
+                       small8.takes_fp8_rows(gu.shape[0], gu.device))
+    else:  # impl.fp8's path on silu(g) · u, bit for bit
+        assert_close(small8(gu, swiglu=True), small8.inner(swiglu_torch(gu)), rtol=0, atol=0)
     assert "per GEMM table" in plain.path
 
 
