@@ -19,14 +19,16 @@ from impl.backend import DEVICE
 from impl.serve import fp8_mma
 from impl.serve.choose import GemmTable
 from impl.serve.fp8_gemv import DecodeFp8Linear, GemvConfig, gemv
-from impl.serve.fp8_mma import (KERNEL, ROW_KERNEL, SOURCE, compile_options, mma_gemv, mma_gemv_twin, mma_row_twin,
-                                token_rows)
-from impl.serve.tune import MMA_ROW_SHAPES, MMA_SHAPES
+from impl.serve.fp8_mma import (SOURCE, compile_options, kernel_name, mma_gemv, mma_gemv_twin, mma_row_twin,
+                                mma_sweep_twin, token_rows)
+from impl.serve.tune import MMA_ROW_SHAPES, MMA_SHAPES, MMA_SWEEP_SHAPES
 
 CONFIGS = [GemvConfig(mma=True, num_warps=w, unroll=u) for w, u in ((1, 1), (2, 2), (3, 8), (8, 4))] + [
     GemvConfig(mma=True, num_warps=w, unroll=u, row_run=r, pipe=p)
-    for w, u, r, p in ((1, 1, 1, False), (2, 2, 2, False), (3, 4, 1, False), (1, 1, 1, True), (2, 2, 2, True))]
-# (row_run > 0: the one-token row kernel at M == 1, the tile kernel for more tokens)
+    for w, u, r, p in ((1, 1, 1, False), (2, 2, 2, False), (3, 4, 1, False), (1, 1, 1, True), (2, 2, 2, True))] + [
+    GemvConfig(mma=True, num_warps=w, unroll=u, sweep=r, pipe=p) for w, u, r, p in ((2, 2, 3, False), (3, 4, 2, True))]
+# (row_run or sweep > 0: the one-token row or sweep kernel at M == 1, the tile kernel for more tokens)
+ONE_TOKEN = [c for c in CONFIGS if c.row_run or c.sweep] + [GemvConfig(mma=True, num_warps=4, unroll=1, sweep=1)]
 
 
 def fp8_weight(n: int, k: int, seed: int, zero_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +78,20 @@ def test_mma_gemv_matches_float64_reference(m, n, k, cfg, seed, per_tensor, zero
     ref, a = ref64(x, q, s)
     check_w8a16(lambda out: gemv(x, q, s, cfg, out=out), m, n, k, ref, a)
     assert torch.equal(x, x0) and torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), "inputs modified"
+
+
+@settings(max_examples=min(settings.default.max_examples, 25))
+@given(n=st.sampled_from([1, 5, 13, 40]), k=st.sampled_from([512, 1040, 2048, 2576]), cfg=st.sampled_from(ONE_TOKEN),
+       seed=st.integers(0, 2**31 - 1), per_tensor=st.booleans())
+def test_one_token_kernels_match_float64_across_pieces(n, k, cfg, seed, per_tensor):
+    """The row and sweep kernels over rows of several 512-code pieces (the last one partial): a sweep block's warps
+    share a row's pieces and their partial sums meet in shared memory; every element within the W8A16 bound."""
+    q, s = fp8_weight(n, k, seed, zero_rows=seed % 2 == 0)
+    if per_tensor:
+        s = s.max().reshape(1)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, torch.bfloat16)
+    ref, a = ref64(x, q, s)
+    check_w8a16(lambda out: gemv(x, q, s, cfg, out=out), 1, n, k, ref, a)
 
 
 def test_mma_gemv_specials_follow_ieee():
@@ -155,9 +171,12 @@ def test_twin_follows_the_fragment_layout():
             assert torch.equal(y, want), (r, j, y)
 
 
-def test_row_twin_follows_the_fragment_layout():
-    """The row kernel's twin: a code at k = j of row r meets exactly x[j], for every position of a 512-code chunk and
-    past it, whichever lane group, mma step and slot it lands in."""
+@pytest.mark.parametrize("twin", [lambda x, q, s: mma_row_twin(x, q, s, warps=1, unroll=1, row_run=1),
+                                  lambda x, q, s: mma_sweep_twin(x, q, s, warps=3, unroll=1, rows=2)],
+                         ids=["row", "sweep"])
+def test_row_twin_follows_the_fragment_layout(twin):
+    """The one-token twins: a code at k = j of row r meets exactly x[j], for every position of a 512-code chunk and
+    past it, whichever lane group, mma step, slot and (sweep) warp it lands in."""
     k, n = 1024, 3
     for r in range(n):
         for j in list(range(0, 512, 7)) + [511, 512, 1023]:
@@ -166,7 +185,7 @@ def test_row_twin_follows_the_fragment_layout():
             q[(r + 1) % n, (j + 1) % k] = 1.0  # a neighbour that must meet x[j + 1] = 0
             x = torch.zeros(1, k, dtype=torch.bfloat16)
             x[0, j] = 2.0
-            y = mma_row_twin(x, q, torch.ones(n), warps=1, unroll=1, row_run=1).float()
+            y = twin(x, q, torch.ones(n)).float()
             want = torch.zeros(1, n)
             want[0, r] = 2.0
             assert torch.equal(y, want), (r, j, y)
@@ -189,6 +208,11 @@ def test_mma_gemv_refuses_what_it_cannot_run():
     for bad in (dict(splits=2), dict(dot=True), dict(unroll=3), dict(prefetch=1), dict(block_m=16)):
         with pytest.raises(ValueError, match="mma config"):
             GemvConfig(mma=True, **bad)
+    for bad in (dict(mma=True, sweep=2, row_run=1), dict(sweep=2), dict(mma=True, sweep=65)):
+        with pytest.raises(ValueError, match="sweep"):
+            GemvConfig(**bad)
+    with pytest.raises(ValueError, match="pipe"):
+        GemvConfig(mma=True, pipe=True)
 
 
 def test_decode_linear_serves_an_mma_table_entry():
@@ -214,34 +238,35 @@ def test_decode_linear_serves_an_mma_table_entry():
 
 # ---- the source compiles for the card -------------------------------------------------------------------------
 
-SHAPES = ([(w, u, tokens, 0, False) for w, u in MMA_SHAPES for tokens in (8, 16)]
-          + [(w, u, 8, r, p) for w, u, r, p in MMA_ROW_SHAPES])
+SHAPES = ([(w, u, tokens, 0, False, 0) for w, u in MMA_SHAPES for tokens in (8, 16)]
+          + [(w, u, 8, r, p, 0) for w, u, r, p in MMA_ROW_SHAPES]
+          + [(w, u, 8, 0, p, r) for w, u, r, p in MMA_SWEEP_SHAPES])
 
 
-@pytest.mark.parametrize("warps,unroll,tokens,row_run,pipe", SHAPES)
-def test_fp8_mma_cu_compiles_for_sm90_without_spills(tmp_path, warps, unroll, tokens, row_run, pipe):
+@pytest.mark.parametrize("warps,unroll,tokens,row_run,pipe,sweep", SHAPES)
+def test_fp8_mma_cu_compiles_for_sm90_without_spills(tmp_path, warps, unroll, tokens, row_run, pipe, sweep):
     """Every shape the tune run times compiles with nvcc for sm_90 inside its register budget (no spills, no stack)
     and holds the kernel the launcher asks for."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH: the CUDA C++ source cannot be compiled here")
     out = tmp_path / "fp8_mma.cubin"
-    defines = [o for o in compile_options(warps, unroll, tokens, row_run, pipe) if o.startswith("-D")]
+    defines = [o for o in compile_options(warps, unroll, tokens, row_run, pipe, sweep) if o.startswith("-D")]
     proc = subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-Xptxas=-v", *defines, "-o", str(out), str(SOURCE)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    name = ROW_KERNEL if row_run else KERNEL
+    name = kernel_name(row_run, sweep)
     report = proc.stderr[proc.stderr.find(f"Compiling entry function '{name}'"):]
     report = report[:report.find("Compiling entry function", 10)] if "Compiling entry function" in report[10:] else report
     spills = [int(v) for v in re.findall(r"(\d+) bytes (?:spill stores|spill loads|stack frame)", report)]
     assert spills and not any(spills), f"ptxas spills registers: {report[-2000:]}"
     assert name.encode() in out.read_bytes()
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
-    assert regs * 32 * warps * fp8_mma.min_blocks(warps, unroll, tokens, row_run, pipe) <= 65536
+    assert regs * 32 * warps * fp8_mma.min_blocks(warps, unroll, tokens, 1 if sweep else row_run, pipe) <= 65536
 
 
-@pytest.mark.parametrize("row_run,pipe", [(0, False), (2, False), (2, True)])
-def test_fp8_mma_cu_compiles_with_nvrtc_like_cupy(row_run, pipe):
+@pytest.mark.parametrize("row_run,pipe,sweep", [(0, False, 0), (2, False, 0), (2, True, 0), (0, True, 8)])
+def test_fp8_mma_cu_compiles_with_nvrtc_like_cupy(row_run, pipe, sweep):
     """As CuPy compiles it on the GPU: NVRTC, no headers."""
-    opts = [o.encode() for o in compile_options(8, 8, 8, row_run, pipe)] + [b"--gpu-architecture=sm_90"]
+    opts = [o.encode() for o in compile_options(8, 8, 8, row_run, pipe, sweep)] + [b"--gpu-architecture=sm_90"]
     assert_compiles_with_nvrtc(SOURCE.read_bytes(), "fp8_mma.cu", opts)

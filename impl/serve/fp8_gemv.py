@@ -69,7 +69,8 @@ class GemvConfig:
     mma: bool = False  # the CUDA C++ tensor-core kernel (``fp8_mma``): num_warps split K, unroll loads in flight
     unroll: int = 8  # mma: 16-byte code loads per lane in flight (chunks of 64 codes a warp)
     row_run: int = 0  # mma, one token: each warp computes this many whole rows (``fp8_mma``'s row kernel); 0: tiles
-    pipe: bool = False  # mma row kernel: two register sets, the next loads in flight while one set is used
+    pipe: bool = False  # mma row/sweep kernel: two register sets, the next loads in flight while one set is used
+    sweep: int = 0  # mma, one token: blocks of this many rows whose warps sweep the rows' bytes in address order
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "block_m", "max_block_m"):
@@ -96,13 +97,16 @@ class GemvConfig:
                              f"two) and row_run (0-4): {self}")
         if self.row_run and not self.mma:
             raise ValueError(f"row_run is the mma kernel's: {self}")
-        if self.pipe and not self.row_run:
-            raise ValueError(f"pipe is the mma row kernel's (mma with row_run > 0): {self}")
+        if self.sweep and (not self.mma or self.row_run or not 1 <= self.sweep <= 64):
+            raise ValueError(f"sweep (1-64 rows a block) is an mma kernel of its own, without row_run: {self}")
+        if self.pipe and not (self.row_run or self.sweep):
+            raise ValueError(f"pipe is the mma row and sweep kernels' (mma with row_run or sweep > 0): {self}")
 
     @property
     def name(self) -> str:
         if self.mma:
-            rows, pipe = f"r{self.row_run}" if self.row_run else "", "p" if self.pipe else ""
+            rows = f"r{self.row_run}" if self.row_run else f"s{self.sweep}" if self.sweep else ""
+            pipe = "p" if self.pipe else ""
             return f"mma{rows}-w{self.num_warps}u{self.unroll}{pipe}"
         m = f"m{self.block_m}" if self.block_m else ""
         kind = "a8" if self.a8 else "dotb" if self.bits else "dot" if self.dot else "fma"
@@ -446,7 +450,7 @@ def gemv(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, c
         from impl.serve.fp8_mma import mma_gemv
 
         return mma_gemv(x, w, s, y, cfg.num_warps, cfg.unroll, pdl=pdl and x.is_cuda, row_run=cfg.row_run,
-                        pipe=cfg.pipe)
+                        pipe=cfg.pipe, sweep=cfg.sweep)
     block_m = cfg.rows_per_tile(m)
     on_gpu = x.is_cuda and not backend.INTERPRETED
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -233,3 +233,111 @@ fp8_mma_gemv_row(const bf16_bits* __restrict__ x, const uint8_t* __restrict__ q,
     if (lane == 0 && n0 + r < N) y[n0 + r] = to_bf16(v * (per_tensor ? s[0] : s[n0 + r]));
   }
 }
+
+// One token, a block's warps sweeping its rows' bytes in address order: block b takes rows r0 = b * MMA_SWEEP_ROWS ..
+// r0 + MMA_SWEEP_ROWS - 1 and numbers their 512-byte pieces j = (row - r0) * P + c (P = pieces a row, c the piece of
+// the row); warp v takes pieces v, v + W, v + 2W, ..., so at any moment the block's W warps read W consecutive pieces
+// (one contiguous window of the block's region) instead of W rows far apart. A piece is the row kernel's (lane l loads
+// its codes and x at k = 512 c + 16 l, D[g][g] the group's dot product). A warp's pieces of one row are consecutive in
+// its sequence: it accumulates them in D, and when its row changes sums D's diagonal (the butterfly) into
+// part[row][v]; at the end the block sums each row's part over the warps in warp order, scales and rounds once.
+#ifndef MMA_SWEEP_ROWS
+#define MMA_SWEEP_ROWS 8
+#endif
+
+__device__ __forceinline__ void sweep_load(uint4 (&w)[MMA_UNROLL], const uint8_t* __restrict__ q, int r0, int N,
+                                           int K, long long ldw, int pieces, int j0, int lane) {
+#pragma unroll
+  for (int u = 0; u < MMA_UNROLL; ++u) {
+    const int j = j0 + u * MMA_WARPS;
+    const int row = r0 + j / pieces, k = (j % pieces) * 512 + lane * 16;
+    w[u] = (j < MMA_SWEEP_ROWS * pieces && row < N && k < K)
+               ? __ldcs(reinterpret_cast<const uint4*>(q + (long long)row * ldw + k))
+               : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+__device__ __forceinline__ float diagonal_sum(const float (&d)[4], int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  float v = (t == (g >> 1)) ? ((g & 1) ? d[1] : d[0]) : 0.f;  // D[g][g]
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__device__ __forceinline__ void sweep_accumulate(float (&d)[4], int& cur, float (*part)[MMA_WARPS],
+                                                 const uint4 (&w)[MMA_UNROLL], const bf16_bits* __restrict__ x, int K,
+                                                 int pieces, int j0, int warp, int lane) {
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int u = 0; u < MMA_UNROLL; ++u) {
+    const int j = j0 + u * MMA_WARPS;
+    if (j >= MMA_SWEEP_ROWS * pieces) break;  // the same for the whole warp
+    const int rr = j / pieces, k = (j % pieces) * 512 + lane * 16;
+    if (rr != cur) {  // the warp's pieces of row cur are done: its partial sum, then a fresh D
+      if (cur >= 0) {
+        const float v = diagonal_sum(d, lane);
+        if (lane == 0) part[cur][warp] = v;
+      }
+      d[0] = d[1] = d[2] = d[3] = 0.f;
+      cur = rr;
+    }
+    uint4 a0 = zero, a1 = zero;
+    if (k < K) {
+      a0 = __ldg(reinterpret_cast<const uint4*>(x + k));
+      a1 = __ldg(reinterpret_cast<const uint4*>(x + k + 8));
+    }
+    uint32_t b0, b1;
+    decode4(w[u].x, b0, b1);
+    mma_bf16(d, a0.x, 0u, a0.y, 0u, b0, b1);
+    decode4(w[u].y, b0, b1);
+    mma_bf16(d, a0.z, 0u, a0.w, 0u, b0, b1);
+    decode4(w[u].z, b0, b1);
+    mma_bf16(d, a1.x, 0u, a1.y, 0u, b0, b1);
+    decode4(w[u].w, b0, b1);
+    mma_bf16(d, a1.z, 0u, a1.w, 0u, b0, b1);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, MMA_MIN_BLOCKS)
+fp8_mma_gemv_sweep(const bf16_bits* __restrict__ x, const uint8_t* __restrict__ q, const float* __restrict__ s,
+                   bf16_bits* __restrict__ y, int N, int K, long long ldw, int per_tensor) {
+  __shared__ float part[MMA_SWEEP_ROWS][MMA_WARPS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r0 = blockIdx.x * MMA_SWEEP_ROWS, pieces = (K + 511) / 512, total = MMA_SWEEP_ROWS * pieces;
+  for (int i = threadIdx.x; i < MMA_SWEEP_ROWS * MMA_WARPS; i += MMA_THREADS) part[i / MMA_WARPS][i % MMA_WARPS] = 0.f;
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  int cur = -1;
+  uint4 wa[MMA_UNROLL];
+  sweep_load(wa, q, r0, N, K, ldw, pieces, warp, lane);
+  wait_for_previous_grid();
+  __syncthreads();  // part zeroed before any warp writes its partial sums
+#if MMA_PIPE
+  uint4 wb[MMA_UNROLL];
+  for (int j0 = warp; j0 < total; j0 += 2 * MMA_WARPS * MMA_UNROLL) {
+    sweep_load(wb, q, r0, N, K, ldw, pieces, j0 + MMA_WARPS * MMA_UNROLL, lane);
+    sweep_accumulate(d, cur, part, wa, x, K, pieces, j0, warp, lane);
+    sweep_load(wa, q, r0, N, K, ldw, pieces, j0 + 2 * MMA_WARPS * MMA_UNROLL, lane);
+    sweep_accumulate(d, cur, part, wb, x, K, pieces, j0 + MMA_WARPS * MMA_UNROLL, warp, lane);
+  }
+#else
+  for (int j0 = warp; j0 < total; j0 += MMA_WARPS * MMA_UNROLL) {
+    if (j0 != warp) sweep_load(wa, q, r0, N, K, ldw, pieces, j0, lane);
+    sweep_accumulate(d, cur, part, wa, x, K, pieces, j0, warp, lane);
+  }
+#endif
+  if (cur >= 0) {
+    const float v = diagonal_sum(d, lane);
+    if (lane == 0) part[cur][warp] = v;
+  }
+  __syncthreads();
+  for (int rr = threadIdx.x; rr < MMA_SWEEP_ROWS; rr += MMA_THREADS) {
+    const int row = r0 + rr;
+    if (row < N) {
+      float acc = part[rr][0];
+#pragma unroll
+      for (int v = 1; v < MMA_WARPS; ++v) acc += part[rr][v];
+      y[row] = to_bf16(acc * (per_tensor ? s[0] : s[row]));
+    }
+  }
+}

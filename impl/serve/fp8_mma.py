@@ -29,6 +29,7 @@ from impl import backend
 SOURCE = Path(__file__).with_name("fp8_mma.cu")
 KERNEL = "fp8_mma_gemv"
 ROW_KERNEL = "fp8_mma_gemv_row"  # one token: a warp's own rows, 512 contiguous bytes of a row per load instruction
+SWEEP_KERNEL = "fp8_mma_gemv_sweep"  # one token: a block's warps read its rows' bytes in address order
 ROW_CHUNK = 512  # codes of one row the row kernel's warp reads per step (32 lanes x 16 bytes)
 ROWS = 8  # weight rows per block (the mma's N)
 CHUNK = 64  # codes of one row a warp reads per step (4 lanes x 16 bytes)
@@ -47,18 +48,26 @@ def min_blocks(warps: int, unroll: int, tokens: int, row_run: int = 0, pipe: boo
     return max(1, 65536 // ((64 if small else 128) * 32 * warps))
 
 
-def compile_options(warps: int, unroll: int, tokens: int, row_run: int = 0, pipe: bool = False) -> tuple[str, ...]:
+def compile_options(warps: int, unroll: int, tokens: int, row_run: int = 0, pipe: bool = False,
+                    sweep: int = 0) -> tuple[str, ...]:
+    """nvcc/NVRTC defines of one kernel shape (``sweep`` > 0: the sweep kernel's rows a block; its registers are the
+    row kernel's with one row a warp)."""
+    blocks = min_blocks(warps, unroll, tokens, 1 if sweep else row_run, pipe)
     return ("-std=c++17", f"-DMMA_WARPS={warps}", f"-DMMA_UNROLL={unroll}", f"-DMMA_TOKENS={tokens}",
-            f"-DMMA_ROW_RUN={max(row_run, 1)}", f"-DMMA_PIPE={int(pipe)}",
-            f"-DMMA_MIN_BLOCKS={min_blocks(warps, unroll, tokens, row_run, pipe)}")
+            f"-DMMA_ROW_RUN={max(row_run, 1)}", f"-DMMA_PIPE={int(pipe)}", f"-DMMA_SWEEP_ROWS={max(sweep, 1)}",
+            f"-DMMA_MIN_BLOCKS={blocks}")
+
+
+def kernel_name(row_run: int = 0, sweep: int = 0) -> str:
+    return SWEEP_KERNEL if sweep else ROW_KERNEL if row_run else KERNEL
 
 
 @functools.cache
-def _kernel(warps: int, unroll: int, tokens: int, row_run: int = 0, pipe: bool = False):
+def _kernel(warps: int, unroll: int, tokens: int, row_run: int = 0, pipe: bool = False, sweep: int = 0):
     import cupy
 
-    mod = cupy.RawModule(code=SOURCE.read_text(), options=compile_options(warps, unroll, tokens, row_run, pipe))
-    return mod.get_function(ROW_KERNEL if row_run else KERNEL)
+    opts = compile_options(warps, unroll, tokens, row_run, pipe, sweep)
+    return cupy.RawModule(code=SOURCE.read_text(), options=opts).get_function(kernel_name(row_run, sweep))
 
 
 def check_mma_args(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> None:
@@ -80,23 +89,35 @@ def check_mma_args(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.T
 
 
 def mma_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor, warps: int, unroll: int,
-             pdl: bool = False, row_run: int = 0, pipe: bool = False) -> torch.Tensor:
+             pdl: bool = False, row_run: int = 0, pipe: bool = False, sweep: int = 0) -> torch.Tensor:
     """y = bf16(x · (s ⊙ q)ᵀ) into ``y`` [M, N] (row-major); x [M, K] bf16 row-major, q [N, K] e4m3, s float32 [1 or
     N]. The kernel on a GPU, its twin on a CPU (the interpreters cannot run CUDA C++). ``pdl``: launched with
     programmatic dependent launch (``rawkernel.launch``): its first codes stream while the previous kernel finishes;
     it waits for that kernel before it reads x. ``row_run`` > 0 with one token: the row kernel (each warp that many
     whole rows; ``mma_row_twin``); with more tokens the tile kernel serves them. ``pipe`` (row kernel): two register
-    sets, one's loads in flight while the other is used (the same sums in the same order)."""
+    sets, one's loads in flight while the other is used (the same sums in the same order). ``sweep`` > 0 with one
+    token: the sweep kernel, blocks of that many rows read in address order (``mma_sweep_twin``)."""
     check_mma_args(x, q, s, y)
     (m, k), n = x.shape, q.shape[0]
     if m == 0 or n == 0:
         return y
-    row_run = row_run if m == 1 else 0
+    row_run, sweep = (row_run, sweep) if m == 1 else (0, 0)
     if not x.is_cuda or backend.INTERPRETED:
-        twin = mma_row_twin(x, q, s, warps, unroll, row_run) if row_run else mma_gemv_twin(x, q, s, warps, unroll)
+        if sweep:
+            twin = mma_sweep_twin(x, q, s, warps, unroll, sweep)
+        elif row_run:
+            twin = mma_row_twin(x, q, s, warps, unroll, row_run)
+        else:
+            twin = mma_gemv_twin(x, q, s, warps, unroll)
         y.copy_(twin)
         return y
     from impl.common.rawkernel import launch
+
+    if sweep:
+        launch(_kernel(warps, unroll, 8, 0, pipe, sweep), -(-n // sweep), 32 * warps,
+               (x.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), np.int32(n), np.int32(k),
+                np.int64(q.stride(0)), np.int32(s.numel() == 1)), pdl=pdl)
+        return y
 
     if row_run:
         launch(_kernel(warps, unroll, 8, row_run, pipe), -(-n // (warps * row_run)), 32 * warps,
@@ -193,17 +214,39 @@ def mma_row_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, warps: int, 
     arithmetic (they place rows and loads). Returns y [1, N] bf16."""
     if warps < 1 or unroll < 1 or row_run < 1:
         raise ValueError(f"warps, unroll and row_run must be >= 1, got {warps}, {unroll}, {row_run}")
+    return _pieces_twin(x, q, s, 1, lambda c, rows: np.zeros_like(rows))
+
+
+def mma_sweep_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, warps: int, unroll: int,
+                   rows: int) -> torch.Tensor:
+    """The sweep kernel (one token) in numpy: the row kernel's pieces, but piece c of row r belongs to warp
+    ((r mod rows) P + c) mod W of its block (P pieces a row, W warps): each warp accumulates its pieces of the row in
+    its own D (in piece order) and sums D's diagonal by the butterfly; the row is the sum of the W partial sums in warp
+    order (float32; a warp without a piece of the row adds 0), times the scale, rounded once. ``unroll`` places loads
+    only. Returns y [1, N] bf16."""
+    if warps < 1 or unroll < 1 or rows < 1:
+        raise ValueError(f"warps, unroll and rows must be >= 1, got {warps}, {unroll}, {rows}")
+    pieces = -(-x.shape[1] // ROW_CHUNK)
+    return _pieces_twin(x, q, s, warps, lambda c, r: ((r % rows) * pieces + c) % warps)
+
+
+def _pieces_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, groups: int, owner) -> torch.Tensor:
+    """One token's rows computed piece by piece (512 codes, the lanes' layout of the row kernel): piece c of row r
+    accumulates into the D of group ``owner(c, rows)[r]`` (float32 per mma step); each group's D diagonal is summed
+    by the warp butterfly, the groups' sums added in group order, times the scale, rounded once to bf16."""
     if x.shape[0] != 1:
-        raise ValueError(f"the row kernel serves one token, got {x.shape[0]}")
+        raise ValueError(f"the one-token kernels serve one token, got {x.shape[0]}")
     k, n = x.shape[1], q.shape[0]
     xs = x.detach().cpu().float().numpy().astype(np.float64)[0]
     codes = q.detach().cpu().view(torch.uint8).numpy()
     scale = s.detach().cpu().float().numpy().reshape(-1)
     lane = np.arange(32)
     g, t = lane // 4, lane % 4
-    d = np.zeros((n, 8, 8), dtype=np.float32)  # D per row: [row, A row g, B column g']
+    rows = np.arange(n)
+    d = np.zeros((n, groups, 8, 8), dtype=np.float32)  # D per row and group: [row, group, A row g, B column g']
     with np.errstate(invalid="ignore", over="ignore"):
         for c in range(-(-k // ROW_CHUNK)):
+            own = owner(c, rows)
             kk = c * ROW_CHUNK + 16 * lane[:, None] + np.arange(16)  # [lane, 16]
             ok = kk < k
             xl = np.where(ok, xs[np.minimum(kk, k - 1)], 0.0)  # x each lane loads
@@ -218,10 +261,14 @@ def mma_row_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, warps: int, 
                         code = 4 * j + 2 * half + e
                         A[g, slot] = xl[:, code]
                         B[:, slot, g] = bl[:, :, code]
-                d = (d + np.einsum("gs,nsh->ngh", A, B)).astype(np.float32)
-        v = np.where(t == g // 2, d[:, g, g], np.float32(0)).astype(np.float32)  # [n, lane]: D[g][g] at lane (g, g/2)
+                d[rows, own] = (d[rows, own] + np.einsum("gs,nsh->ngh", A, B)).astype(np.float32)
+        # [n, group, lane]: D[g][g] at lane (g, g / 2), then the butterfly
+        v = np.where(t == g // 2, d[:, :, g, g], np.float32(0)).astype(np.float32)
         for off in (16, 8, 4, 2, 1):
-            v = (v + v[:, lane ^ off]).astype(np.float32)
+            v = (v + v[:, :, lane ^ off]).astype(np.float32)
+        acc = v[:, 0, 0].copy()
+        for grp in range(1, groups):
+            acc = (acc + v[:, grp, 0]).astype(np.float32)
         sc = scale[0] if scale.size == 1 else scale[:n]
-        y = (v[:, 0] * sc).astype(np.float32)
+        y = (acc * sc).astype(np.float32)
     return torch.from_numpy(y.reshape(1, n)).to(torch.bfloat16).to(x.device)

@@ -71,6 +71,9 @@ MMA_SHAPES = ((4, 8), (8, 8), (16, 8), (8, 4), (4, 16), (8, 16))  # (warps split
 MMA_ROW_SHAPES = ((8, 4, 1, False), (8, 8, 1, False), (16, 4, 1, False), (4, 8, 1, False), (8, 2, 2, False),
                   (8, 4, 2, False), (4, 4, 2, False), (8, 2, 1, True), (8, 4, 1, True), (16, 2, 1, True),
                   (8, 2, 2, True), (4, 4, 2, True))
+# one token, sweep kernel: (warps a block, pieces in flight a warp, rows a block, two register sets): a block's warps
+# read its rows' bytes in address order, so the grid has one read window a block, not one a warp
+MMA_SWEEP_SHAPES = ((8, 4, 8, False), (8, 2, 8, True), (8, 4, 16, False), (16, 2, 16, True), (4, 4, 4, False))
 PREFETCH_MIB = (16, 32)  # L2 prefetch sizes tried: per kernel (the first), and in the decode step with PDL (both)
 
 
@@ -150,6 +153,7 @@ def candidate_configs(m: int, n: int, k: int, smoke: bool = False) -> list[GemvC
             cfgs += [replace(c, block_m=bm) for c in dot[1:3] + a8[:2] for bm in (64, 128)]
     if m <= MMA_MAX_M and k % 16 == 0:  # the CUDA C++ tensor-core kernels: loads straight into registers, first
         rows = ([GemvConfig(mma=True, num_warps=w, unroll=u, row_run=r, pipe=p) for w, u, r, p in MMA_ROW_SHAPES]
+                + [GemvConfig(mma=True, num_warps=w, unroll=u, sweep=r, pipe=p) for w, u, r, p in MMA_SWEEP_SHAPES]
                 if m == 1 else [])
         cfgs = rows + [GemvConfig(mma=True, num_warps=w, unroll=u) for w, u in MMA_SHAPES] + cfgs
     cfgs.append(default_config(m, n, k))
