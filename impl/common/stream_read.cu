@@ -11,18 +11,16 @@
 extern "C" __global__ void __launch_bounds__(256)
 stream_read_xor(const uint4* __restrict__ p, long long n16, unsigned int* __restrict__ out) {
   const long long stride = (long long)gridDim.x * blockDim.x;
-  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   unsigned int acc = 0u;
-  for (; i + (STREAM_UNROLL - 1) * stride < n16; i += STREAM_UNROLL * stride) {
+  // step j: pieces i + u * stride (u < STREAM_UNROLL), each guarded, all loads issued before any is used; no tail
+  // loop of one load at a time (a buffer of a few pieces a thread would end in serial round trips)
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += STREAM_UNROLL * stride) {
     uint4 v[STREAM_UNROLL];
 #pragma unroll
-    for (int u = 0; u < STREAM_UNROLL; ++u) v[u] = __ldcs(p + i + u * stride);  // all loads first
+    for (int u = 0; u < STREAM_UNROLL; ++u)
+      v[u] = i + u * stride < n16 ? __ldcs(p + i + u * stride) : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
     for (int u = 0; u < STREAM_UNROLL; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  }
-  for (; i < n16; i += stride) {  // the last pieces, fewer than STREAM_UNROLL strides
-    const uint4 v = __ldcs(p + i);
-    acc ^= v.x ^ v.y ^ v.z ^ v.w;
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, off);

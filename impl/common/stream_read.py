@@ -7,8 +7,9 @@ does in the same run. ``torch.sum`` is one such read, but a reduction is not bui
 (``stream_read.cu``) is: every thread keeps several 16-byte loads in flight over a grid-stride sweep of the whole
 buffer, so the grid reads one contiguous window at a time, and returns an order-independent XOR (checked against
 ``stream_read_twin`` on the CPU, the same words in numpy). Time it with ``impl.common.timing`` as the kernel it anchors
-(L2 flushed, queued): ``stream_read`` only launches. CI compiles the source with nvcc and NVRTC; on a CPU the twin
-computes the result.
+(L2 flushed, queued), its output zeroed outside the timed call (``zero=False``, ``setup=out.zero_``). On an H100 it
+read 16.8 MB of codes in 9.3 us and 58.7 MB in 22.7 us where ``torch.sum`` took 14.4 and 27.4. CI compiles the source
+with nvcc and NVRTC; on a CPU the twin computes the result.
 """
 from __future__ import annotations
 
@@ -45,9 +46,10 @@ def check_buffer(buf: torch.Tensor) -> None:
                          f"16 bytes long, got {nbytes} bytes at an address {buf.data_ptr() % 16} past alignment")
 
 
-def stream_read(buf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the read of ``buf`` on torch's current stream; returns ``out`` (int32 [1], zeroed here), which holds
-    the XOR of buf's 32-bit words once the kernel has run. On a CPU tensor: the twin's value."""
+def stream_read(buf: torch.Tensor, out: torch.Tensor | None = None, zero: bool = True) -> torch.Tensor:
+    """Launch the read of ``buf`` on torch's current stream; returns ``out`` (int32 [1], zeroed here unless ``zero``
+    is False: a timed call zeroes it in its untimed setup), which holds the XOR of buf's 32-bit words once the kernel
+    has run. On a CPU tensor: the twin's value."""
     check_buffer(buf)
     from impl.common.timing import sm_count
 
@@ -57,7 +59,7 @@ def stream_read(buf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Ten
 
     if out is None:
         out = torch.zeros(1, dtype=torch.int32, device=buf.device)
-    else:
+    elif zero:
         out.zero_()
     n16 = buf.numel() * buf.element_size() // 16
     if n16:
@@ -66,10 +68,10 @@ def stream_read(buf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Ten
 
 
 def stream_read_twin(buf: torch.Tensor, blocks: int, threads: int = THREADS, unroll: int = UNROLL) -> int:
-    """The kernel's loops in numpy for a grid of ``blocks`` x ``threads``: thread t's main loop reads pieces i + u S
-    (u < unroll, S the grid's threads) while i + (unroll - 1) S < n16, then its tail reads i, i + S, ... below n16; the
-    result is the XOR of the words of every piece read (a piece read twice would cancel, one never read would be
-    missing). Returned as the signed int32 value the kernel's output holds."""
+    """The kernel's loop in numpy for a grid of ``blocks`` x ``threads`` (S threads): thread t's step j reads the
+    pieces i + u S (u < unroll) that lie below n16, i = t + j unroll S, while i < n16; the result is the XOR of the
+    words of every piece read (a piece read twice would cancel, one never read would be missing). Returned as the
+    signed int32 value the kernel's output holds."""
     check_buffer(buf)
     if blocks < 1 or threads < 1 or unroll < 1:
         raise ValueError(f"blocks, threads and unroll must be >= 1, got {blocks}, {threads}, {unroll}")
@@ -77,18 +79,14 @@ def stream_read_twin(buf: torch.Tensor, blocks: int, threads: int = THREADS, unr
     n16, stride = pieces.shape[0], blocks * threads
     i = np.arange(stride, dtype=np.int64)
     read: list[np.ndarray] = []
-    while True:  # main loop: unroll pieces a step
-        ok = i + (unroll - 1) * stride < n16
-        if not ok.any():
+    while True:
+        live = i < n16
+        if not live.any():
             break
-        read += [i[ok] + u * stride for u in range(unroll)]
-        i = np.where(ok, i + unroll * stride, i)
-    while True:  # tail
-        ok = i < n16
-        if not ok.any():
-            break
-        read.append(i[ok])
-        i = np.where(ok, i + stride, i)
+        for u in range(unroll):
+            at = i[live] + u * stride
+            read.append(at[at < n16])
+        i = i + unroll * stride
     idx = np.concatenate(read) if read else np.zeros(0, dtype=np.int64)
     x = int(np.bitwise_xor.reduce(pieces[idx].reshape(-1))) if idx.size else 0
     return x - (1 << 32) if x >= 1 << 31 else x
