@@ -303,7 +303,7 @@ def test_experiments_smoke_feeds_claims_and_plot(capsys, tmp_path):
     assert experiments.main(["--smoke"]) == 0
     assert sorted(RESULTS.rglob("serve/*")) == before
     data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert data["fp8"]["engine"]["linear_paths"] == {"w8a16-triton | dequant-torch | deferred per GEMM table": 8}
+    assert data["fp8"]["engine"]["linear_paths"] == {"w8a16-triton-or-mma | dequant-torch | deferred per GEMM table": 8}
     a = data["model_args"]  # e4m3 weights + one fp32 scale per output channel, over fp32 weights
     shapes = [(a["n_heads"] + 2 * a["n_kv_heads"]) * a["head_dim"], a["dim"], 2 * a["ffn_dim"], a["dim"]]
     ins = [a["dim"], a["n_heads"] * a["head_dim"], a["dim"], a["ffn_dim"]]

@@ -172,7 +172,7 @@ def test_fp8_quantised_model_halves_linear_memory():
     dense_linear = fp8_adapter.weight_bytes(model, linears_only=True)
     dense_total = fp8_adapter.weight_bytes(model)
     fp8_adapter.quantize_model_(model)
-    paths = {"w8a16-triton | dequant-torch | deferred per GEMM table": 4 * model.args.n_layers}
+    paths = {"w8a16-triton-or-mma | dequant-torch | deferred per GEMM table": 4 * model.args.n_layers}
     assert fp8_adapter.linear_paths(model) == paths
     ratio = fp8_adapter.weight_bytes(model, linears_only=True) / dense_linear
     a = model.args

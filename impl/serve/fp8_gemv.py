@@ -599,7 +599,7 @@ class DecodeFp8Linear(nn.Module):
     @property
     def path(self) -> str:
         """The paths this layer may take; which one serves which M is the table's (engines report the table)."""
-        return f"w8a16-triton | {self.inner.path}{' | deferred' if self.can_defer else ''} per GEMM table"
+        return f"w8a16-triton-or-mma | {self.inner.path}{' | deferred' if self.can_defer else ''} per GEMM table"
 
     def choice(self, m: int):
         choice = self.table.lookup(self.out_features, self.in_features, m)
