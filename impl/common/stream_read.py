@@ -8,8 +8,8 @@ does in the same run. ``torch.sum`` is one such read, but a reduction is not bui
 buffer, so the grid reads one contiguous window at a time, and returns an order-independent XOR (checked against
 ``stream_read_twin`` on the CPU, the same words in numpy). Time it with ``impl.common.timing`` as the kernel it anchors
 (L2 flushed, queued), its output zeroed outside the timed call (``zero=False``, ``setup=out.zero_``). On an H100 a
-probe kernel with this loop read 16.8 MB in 9.3 us and 58.7 MB in 22.7 us where ``torch.sum`` took 14.4 and 27.4. CI compiles the source
-with nvcc and NVRTC; on a CPU the twin computes the result.
+probe kernel with this loop read 16.8 MB in 9.3 us and 58.7 MB in 22.7 us where ``torch.sum`` took 14.4 and 27.4.
+CI compiles the source with nvcc and NVRTC; on a CPU the twin computes the result.
 """
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ ATTENTION = "attention_backends"
 def read_ceiling(view: ResultsView) -> str:
     """What the batch-1 step's linears could reach, one kernel per projection, if each ran as fast as the card's
     fastest streaming read of its own code bytes (the tune run's anchors, ``read_anchor`` and ``stream_anchor``, L2
-    flushed, queued): their weight bytes over layers x the sum of the four reads, as % of the copy peak. Empty where the tune record lacks the anchors or is not
-    the run whose table the decode record used (one run's figures only)."""
+    flushed, queued): their weight bytes over layers x the sum of the four reads, as % of the copy peak. Empty where
+    the tune record lacks the anchors or is not the run whose table the decode record used (one run's figures only)."""
     tune, decode = view.result("serve", TUNE), view.result("serve", RESULT)
     if tune is None or decode is None:
         return ""
@@ -48,8 +48,8 @@ def read_ceiling(view: ResultsView) -> str:
     pct = 100 * nbytes / (step_us * 1e-6) / (copy * 1e9)
     parts = " + ".join(f"{name} {reads[name]:.2f}" for name in PROJECTIONS)
     return (f"; the linears' read ceiling: {nbytes / 1e9:.2f} GB in {layers} x ({parts}) us = {step_us / 1e3:.3f} ms, "
-            f"{pct:.1f}% of copy (serve/tune.json's fastest read anchors, run {used}, {str(tune.get('commit', ''))[:12]} "
-            f"{str(tune.get('date', ''))[:10]})")
+            f"{pct:.1f}% of copy (serve/tune.json's fastest read anchors, run {used}, "
+            f"{str(tune.get('commit', ''))[:12]} {str(tune.get('date', ''))[:10]})")
 
 
 @dataclass(frozen=True)
