@@ -21,7 +21,7 @@ from impl.serve.choose import GemmTable
 from impl.serve.fp8_gemv import DecodeFp8Linear, GemvConfig, gemv
 from impl.serve.fp8_mma import (SOURCE, compile_options, kernel_name, mma_gemv, mma_gemv_twin, mma_row_twin,
                                 mma_sweep_twin, token_rows)
-from impl.serve.tune import MMA_ROW_SHAPES, MMA_SHAPES, MMA_SWEEP_SHAPES
+from impl.serve.tune import MMA_ROW_A8_SHAPES, MMA_ROW_SHAPES, MMA_SHAPES, MMA_SWEEP_SHAPES, error_bound
 
 CONFIGS = [GemvConfig(mma=True, num_warps=w, unroll=u) for w, u in ((1, 1), (2, 2), (3, 8), (8, 4))] + [
     GemvConfig(mma=True, num_warps=w, unroll=u, row_run=r, pipe=p)
@@ -92,6 +92,55 @@ def test_one_token_kernels_match_float64_across_pieces(n, k, cfg, seed, per_tens
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, torch.bfloat16)
     ref, a = ref64(x, q, s)
     check_w8a16(lambda out: gemv(x, q, s, cfg, out=out), 1, n, k, ref, a)
+
+
+A8_CONFIGS = [GemvConfig(mma=True, a8=True, num_warps=w, unroll=u, row_run=r, pipe=p)
+              for w, u, r, p in ((1, 1, 1, False), (2, 2, 2, False), (3, 4, 1, True))]
+
+
+@settings(max_examples=min(settings.default.max_examples, 25))
+@given(n=st.sampled_from([1, 5, 13, 40]), k=st.sampled_from([16, 208, 512, 1040, 2576]), cfg=st.sampled_from(A8_CONFIGS),
+       seed=st.integers(0, 2**31 - 1), per_tensor=st.booleans(), as_rows=st.booleans())
+def test_w8a8_row_kernel_matches_float64(n, k, cfg, seed, per_tensor, as_rows):
+    """The W8A8 row kernel (e4m3 x codes on the tensor cores): one token, x given as bf16 (gemv quantises it per row;
+    on a GPU) or as the FP8 rows a norm would hand over; every element within the tune's W8A8 bound of the float64 product of
+    the unquantised x and the weight, inputs untouched."""
+    from impl.fp8.reference import quantize_reference
+    from impl.serve.fused_quant import Fp8Rows, quantize_rows
+
+    q, s = fp8_weight(n, k, seed, zero_rows=seed % 2 == 0)
+    if per_tensor:
+        s = s.max().reshape(1)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, torch.bfloat16)
+    ref, a = ref64(x, q, s)
+    bound = error_bound("a8", torch.from_numpy(ref), torch.from_numpy(a), k).numpy()
+    if backend.ON_GPU:
+        xin = quantize_rows(x) if as_rows else x
+    else:  # the interpreter's quantiser takes no bf16: impl.fp8's bit-exact CPU mirror makes the rows
+        codes, scales = quantize_reference(x.float(), "channel", "e4m3")
+        xin = Fp8Rows(codes.view(torch.float8_e4m3fn), scales.reshape(-1, 1).float(), x.dtype)
+    x0 = x.clone()
+    y = gemv(xin, q, s, cfg).double().cpu().numpy()
+    assert np.all(np.abs(y - ref) <= bound), float(np.max(np.abs(y - ref) / bound))
+    assert torch.equal(x, x0)
+
+
+def test_w8a8_twin_multiplies_codes_and_scales():
+    """The W8A8 twin: each code of x meets the weight code at the same k (one-hot over every slot of a piece and
+    past it), and y carries the token's scale times the row's."""
+    k, n = 1024, 3
+    for r in range(n):
+        for j in list(range(0, 512, 5)) + [511, 512, 1023]:
+            q = torch.zeros(n, k, dtype=torch.float8_e4m3fn)
+            q[r, j] = 1.0
+            q[(r + 1) % n, (j + 1) % k] = 1.0  # a neighbour that must meet x[j + 1] = 0
+            x = torch.zeros(1, k).to(torch.float8_e4m3fn)
+            x[0, j] = 2.0
+            y = mma_row_twin(x, q, torch.full((n,), 3.0), warps=1, unroll=1, row_run=1,
+                             sx=torch.tensor([0.5])).float()
+            want = torch.zeros(1, n)
+            want[0, r] = 2.0 * 0.5 * 3.0
+            assert torch.equal(y, want), (r, j, y)
 
 
 def test_mma_gemv_specials_follow_ieee():
@@ -213,6 +262,16 @@ def test_mma_gemv_refuses_what_it_cannot_run():
             GemvConfig(**bad)
     with pytest.raises(ValueError, match="pipe"):
         GemvConfig(mma=True, pipe=True)
+    with pytest.raises(ValueError, match="one-token row kernel"):
+        GemvConfig(mma=True, a8=True)
+    codes = x.to(torch.float8_e4m3fn)
+    y2 = torch.empty(2, 8, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="one-token row kernel"):
+        mma_gemv(codes, q, s, y2, 2, 2, row_run=1, sx=torch.ones(2, device=DEVICE))
+    with pytest.raises(TypeError, match="e4m3 x codes"):
+        mma_gemv(x[:1], q, s, y2[:1], 2, 2, row_run=1, sx=torch.ones(1, device=DEVICE))
+    with pytest.raises(ValueError, match="one a row"):
+        mma_gemv(codes[:1], q, s, y2[:1], 2, 2, row_run=1, sx=torch.ones(2, device=DEVICE))
 
 
 def test_decode_linear_serves_an_mma_table_entry():
@@ -238,13 +297,14 @@ def test_decode_linear_serves_an_mma_table_entry():
 
 # ---- the source compiles for the card -------------------------------------------------------------------------
 
-SHAPES = ([(w, u, tokens, 0, False, 0) for w, u in MMA_SHAPES for tokens in (8, 16)]
-          + [(w, u, 8, r, p, 0) for w, u, r, p in MMA_ROW_SHAPES]
-          + [(w, u, 8, 0, p, r) for w, u, r, p in MMA_SWEEP_SHAPES])
+SHAPES = ([(w, u, tokens, 0, False, 0, False) for w, u in MMA_SHAPES for tokens in (8, 16)]
+          + [(w, u, 8, r, p, 0, False) for w, u, r, p in MMA_ROW_SHAPES]
+          + [(w, u, 8, 0, p, r, False) for w, u, r, p in MMA_SWEEP_SHAPES]
+          + [(w, u, 8, r, p, 0, True) for w, u, r, p in MMA_ROW_A8_SHAPES])
 
 
-@pytest.mark.parametrize("warps,unroll,tokens,row_run,pipe,sweep", SHAPES)
-def test_fp8_mma_cu_compiles_for_sm90_without_spills(tmp_path, warps, unroll, tokens, row_run, pipe, sweep):
+@pytest.mark.parametrize("warps,unroll,tokens,row_run,pipe,sweep,a8", SHAPES)
+def test_fp8_mma_cu_compiles_for_sm90_without_spills(tmp_path, warps, unroll, tokens, row_run, pipe, sweep, a8):
     """Every shape the tune run times compiles with nvcc for sm_90 inside its register budget (no spills, no stack)
     and holds the kernel the launcher asks for."""
     nvcc = shutil.which("nvcc")
@@ -255,7 +315,7 @@ def test_fp8_mma_cu_compiles_for_sm90_without_spills(tmp_path, warps, unroll, to
     proc = subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-Xptxas=-v", *defines, "-o", str(out), str(SOURCE)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    name = kernel_name(row_run, sweep)
+    name = kernel_name(row_run, sweep, a8)
     report = proc.stderr[proc.stderr.find(f"Compiling entry function '{name}'"):]
     report = report[:report.find("Compiling entry function", 10)] if "Compiling entry function" in report[10:] else report
     spills = [int(v) for v in re.findall(r"(\d+) bytes (?:spill stores|spill loads|stack frame)", report)]

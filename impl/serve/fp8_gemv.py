@@ -67,6 +67,7 @@ class GemvConfig:
     prefetch: int = 0  # MiB of L2 the call's first codes may fill by bulk prefetch before anything else (0: none)
     persistent: int = 0  # programs per SM of the persistent kernel (``gemv_persistent_kernel``); 0: one per tile
     mma: bool = False  # the CUDA C++ tensor-core kernel (``fp8_mma``): num_warps split K, unroll loads in flight
+    # (with a8 and row_run: the W8A8 row kernel, e4m3 x e4m3 on the tensor cores, nothing decoded)
     unroll: int = 8  # mma: 16-byte code loads per lane in flight (chunks of 64 codes a warp)
     row_run: int = 0  # mma, one token: each warp computes this many whole rows (``fp8_mma``'s row kernel); 0: tiles
     pipe: bool = False  # mma row/sweep kernel: two register sets, the next loads in flight while one set is used
@@ -81,8 +82,8 @@ class GemvConfig:
             raise ValueError(f"GemvConfig needs block_n >= 1, block_k >= 16, splits, warps, stages >= 1: {self}")
         if self.dot and (self.block_n < 16 or 0 < self.block_m < 16):
             raise ValueError(f"a tensor-core (dot) config needs block_n and block_m >= 16: {self}")
-        if self.a8 and not self.dot:
-            raise ValueError(f"FP8 activations (a8) need the tensor-core (dot) kernel: {self}")
+        if self.a8 and not (self.dot or self.mma):
+            raise ValueError(f"FP8 activations (a8) need a tensor-core kernel (dot, or mma's row kernel): {self}")
         if self.bits and (not self.dot or self.a8):
             raise ValueError(f"bit decoding (bits) is for the W8A16 tensor-core (dot, not a8) kernel: {self}")
         if not 0 <= self.prefetch <= 48:
@@ -90,7 +91,7 @@ class GemvConfig:
         if self.persistent < 0 or (self.persistent and (not self.dot or self.a8 or self.splits > 1 or self.prefetch)):
             raise ValueError(f"a persistent config is a W8A16 tensor-core (dot, not a8) one without K splits or "
                              f"prefetch: {self}")
-        if self.mma and (self.dot or self.a8 or self.bits or self.splits > 1 or self.prefetch or self.persistent
+        if self.mma and (self.dot or self.bits or self.splits > 1 or self.prefetch or self.persistent
                          or self.block_m or self.num_warps > 32 or self.unroll < 1 or self.unroll & (self.unroll - 1)
                          or not 0 <= self.row_run <= 4):
             raise ValueError(f"an mma config (CUDA C++ kernel) takes only num_warps (<= 32), unroll (a power of "
@@ -99,6 +100,9 @@ class GemvConfig:
             raise ValueError(f"row_run is the mma kernel's: {self}")
         if self.sweep and (not self.mma or self.row_run or not 1 <= self.sweep <= 64):
             raise ValueError(f"sweep (1-64 rows a block) is an mma kernel of its own, without row_run: {self}")
+        if self.mma and self.a8 and not self.row_run:
+            raise ValueError(f"an mma config with FP8 activations (a8) is the one-token row kernel's (row_run > 0): "
+                             f"{self}")
         if self.pipe and not (self.row_run or self.sweep):
             raise ValueError(f"pipe is the mma row and sweep kernels' (mma with row_run or sweep > 0): {self}")
 
@@ -107,7 +111,7 @@ class GemvConfig:
         if self.mma:
             rows = f"r{self.row_run}" if self.row_run else f"s{self.sweep}" if self.sweep else ""
             pipe = "p" if self.pipe else ""
-            return f"mma{rows}-w{self.num_warps}u{self.unroll}{pipe}"
+            return f"mma{rows}-w{self.num_warps}u{self.unroll}{pipe}{'-a8' if self.a8 else ''}"
         m = f"m{self.block_m}" if self.block_m else ""
         kind = "a8" if self.a8 else "dotb" if self.bits else "dot" if self.dot else "fma"
         pf = f"f{self.prefetch}" if self.prefetch else ""
@@ -450,7 +454,7 @@ def gemv(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, c
         from impl.serve.fp8_mma import mma_gemv
 
         return mma_gemv(x, w, s, y, cfg.num_warps, cfg.unroll, pdl=pdl and x.is_cuda, row_run=cfg.row_run,
-                        pipe=cfg.pipe, sweep=cfg.sweep)
+                        pipe=cfg.pipe, sweep=cfg.sweep, sx=sx if cfg.a8 else None)
     block_m = cfg.rows_per_tile(m)
     on_gpu = x.is_cuda and not backend.INTERPRETED
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)

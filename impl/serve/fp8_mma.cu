@@ -167,40 +167,61 @@ __device__ __forceinline__ void row_load(uint4 (&w)[MMA_UNROLL][MMA_ROW_RUN], co
   }
 }
 
+__device__ __forceinline__ void mma_e4m3(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
 // D[r] += the pieces' products, piece by piece in k order (the order every variant keeps: the twin's).
+// A8 false: x bf16, four m16n8k16 steps a piece (the codes decoded to bf16). A8 true (W8A8): x e4m3 codes, two
+// m16n8k32 e4m3 steps a piece and no decoding: lane (g, t) gives A's row g and B's column g the same 8 codes a step
+// (its k slots 4t..4t+3 and 16+4t..16+4t+3), so D[g][g] again sums lane group g's products.
+template <bool A8>
 __device__ __forceinline__ void row_accumulate(float (&d)[MMA_ROW_RUN][4], const uint4 (&w)[MMA_UNROLL][MMA_ROW_RUN],
-                                               const bf16_bits* __restrict__ x, int K, int c0, int chunks, int lane) {
+                                               const void* __restrict__ xv, int K, int c0, int chunks, int lane) {
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
   for (int u = 0; u < MMA_UNROLL; ++u) {
     if (c0 + u >= chunks) break;  // the same for the whole warp
     const int k = (c0 + u) * 512 + lane * 16;
-    uint4 a0 = zero, a1 = zero;
-    if (k < K) {
-      a0 = __ldg(reinterpret_cast<const uint4*>(x + k));
-      a1 = __ldg(reinterpret_cast<const uint4*>(x + k + 8));
-    }
+    if constexpr (A8) {
+      const uint4 a = k < K ? __ldg(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(xv) + k)) : zero;
 #pragma unroll
-    for (int r = 0; r < MMA_ROW_RUN; ++r) {
-      uint32_t b0, b1;
-      decode4(w[u][r].x, b0, b1);
-      mma_bf16(d[r], a0.x, 0u, a0.y, 0u, b0, b1);
-      decode4(w[u][r].y, b0, b1);
-      mma_bf16(d[r], a0.z, 0u, a0.w, 0u, b0, b1);
-      decode4(w[u][r].z, b0, b1);
-      mma_bf16(d[r], a1.x, 0u, a1.y, 0u, b0, b1);
-      decode4(w[u][r].w, b0, b1);
-      mma_bf16(d[r], a1.z, 0u, a1.w, 0u, b0, b1);
+      for (int r = 0; r < MMA_ROW_RUN; ++r) {
+        mma_e4m3(d[r], a.x, a.y, w[u][r].x, w[u][r].y);
+        mma_e4m3(d[r], a.z, a.w, w[u][r].z, w[u][r].w);
+      }
+    } else {
+      const bf16_bits* x = static_cast<const bf16_bits*>(xv);
+      uint4 a0 = zero, a1 = zero;
+      if (k < K) {
+        a0 = __ldg(reinterpret_cast<const uint4*>(x + k));
+        a1 = __ldg(reinterpret_cast<const uint4*>(x + k + 8));
+      }
+#pragma unroll
+      for (int r = 0; r < MMA_ROW_RUN; ++r) {
+        uint32_t b0, b1;
+        decode4(w[u][r].x, b0, b1);
+        mma_bf16(d[r], a0.x, 0u, a0.y, 0u, b0, b1);
+        decode4(w[u][r].y, b0, b1);
+        mma_bf16(d[r], a0.z, 0u, a0.w, 0u, b0, b1);
+        decode4(w[u][r].z, b0, b1);
+        mma_bf16(d[r], a1.x, 0u, a1.y, 0u, b0, b1);
+        decode4(w[u][r].w, b0, b1);
+        mma_bf16(d[r], a1.z, 0u, a1.w, 0u, b0, b1);
+      }
     }
   }
 }
 
 // MMA_PIPE 0: load MMA_UNROLL pieces, use them, repeat (the warp's loads come in bursts). MMA_PIPE 1: two register
 // sets alternate, and the loads of one are issued before the other's products, so a warp's loads stay in flight
-// while it computes; the pieces are summed in the same order either way.
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, MMA_MIN_BLOCKS)
-fp8_mma_gemv_row(const bf16_bits* __restrict__ x, const uint8_t* __restrict__ q, const float* __restrict__ s,
-                 bf16_bits* __restrict__ y, int N, int K, long long ldw, int per_tensor) {
+// while it computes; the pieces are summed in the same order either way. A8: y = bf16((sum * sx) * s[n]).
+template <bool A8>
+__device__ __forceinline__ void row_kernel(const void* __restrict__ x, const float* __restrict__ sx,
+                                           const uint8_t* __restrict__ q, const float* __restrict__ s,
+                                           bf16_bits* __restrict__ y, int N, int K, long long ldw, int per_tensor) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int n0 = (blockIdx.x * MMA_WARPS + warp) * MMA_ROW_RUN;
@@ -215,14 +236,14 @@ fp8_mma_gemv_row(const bf16_bits* __restrict__ x, const uint8_t* __restrict__ q,
   uint4 wb[MMA_UNROLL][MMA_ROW_RUN];
   for (int c0 = 0; c0 < chunks; c0 += 2 * MMA_UNROLL) {
     row_load(wb, q, n0, N, K, ldw, c0 + MMA_UNROLL, lane);
-    row_accumulate(d, wa, x, K, c0, chunks, lane);
+    row_accumulate<A8>(d, wa, x, K, c0, chunks, lane);
     row_load(wa, q, n0, N, K, ldw, c0 + 2 * MMA_UNROLL, lane);
-    row_accumulate(d, wb, x, K, c0 + MMA_UNROLL, chunks, lane);
+    row_accumulate<A8>(d, wb, x, K, c0 + MMA_UNROLL, chunks, lane);
   }
 #else
   for (int c0 = 0; c0 < chunks; c0 += MMA_UNROLL) {
     if (c0) row_load(wa, q, n0, N, K, ldw, c0, lane);
-    row_accumulate(d, wa, x, K, c0, chunks, lane);
+    row_accumulate<A8>(d, wa, x, K, c0, chunks, lane);
   }
 #endif
 #pragma unroll
@@ -230,8 +251,23 @@ fp8_mma_gemv_row(const bf16_bits* __restrict__ x, const uint8_t* __restrict__ q,
     float v = (t == (g >> 1)) ? ((g & 1) ? d[r][1] : d[r][0]) : 0.f;  // D[g][g]
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (A8) v *= sx[0];
     if (lane == 0 && n0 + r < N) y[n0 + r] = to_bf16(v * (per_tensor ? s[0] : s[n0 + r]));
   }
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, MMA_MIN_BLOCKS)
+fp8_mma_gemv_row(const bf16_bits* __restrict__ x, const uint8_t* __restrict__ q, const float* __restrict__ s,
+                 bf16_bits* __restrict__ y, int N, int K, long long ldw, int per_tensor) {
+  row_kernel<false>(x, nullptr, q, s, y, N, K, ldw, per_tensor);
+}
+
+// W8A8, one token: x as e4m3 codes with its per-token scale sx[0] (impl.fp8's activation quantisation).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, MMA_MIN_BLOCKS)
+fp8_mma_gemv_row_a8(const uint8_t* __restrict__ xq, const float* __restrict__ sx, const uint8_t* __restrict__ q,
+                    const float* __restrict__ s, bf16_bits* __restrict__ y, int N, int K, long long ldw,
+                    int per_tensor) {
+  row_kernel<true>(xq, sx, q, s, y, N, K, ldw, per_tensor);
 }
 
 // One token, a block's warps sweeping its rows' bytes in address order: block b takes rows r0 = b * MMA_SWEEP_ROWS ..

@@ -8,7 +8,10 @@ staging, no barrier in the loop), and feeds them to ``mma.m16n8k16`` as the B op
 the Triton kernels (``fp8_gemv``) stage their tiles through shared memory and convert layouts for ``tl.dot``.
 Two kernels (``fp8_mma.cu`` tells the lanes' layouts): tiles of 8 weight rows x 16 tokens whose warps split K and are
 summed in warp order; and, for one token, a row kernel where each warp computes whole rows and one load instruction
-reads 512 contiguous bytes of a row. Each token's result depends only on its own row of x: batch-invariant.
+reads 512 contiguous bytes of a row (with two register sets or not; in a W8A8 form that takes x as e4m3 codes with
+its per-token scale and multiplies codes by codes on the tensor cores, nothing decoded), and a sweep kernel whose
+blocks read their rows' bytes in address order. Each token's result depends only on its own row of x:
+batch-invariant.
 
 Served as ``GemvConfig(mma=True, num_warps=W, unroll=U[, row_run=R])`` (``fp8_gemv.gemv`` dispatches here; the
 tune run measures them beside the Triton kernels and keeps the fastest per projection and M). On a GPU the kernel
@@ -30,6 +33,7 @@ SOURCE = Path(__file__).with_name("fp8_mma.cu")
 KERNEL = "fp8_mma_gemv"
 ROW_KERNEL = "fp8_mma_gemv_row"  # one token: a warp's own rows, 512 contiguous bytes of a row per load instruction
 SWEEP_KERNEL = "fp8_mma_gemv_sweep"  # one token: a block's warps read its rows' bytes in address order
+ROW_A8_KERNEL = "fp8_mma_gemv_row_a8"  # one token, W8A8: e4m3 x codes times e4m3 weight codes, nothing decoded
 ROW_CHUNK = 512  # codes of one row the row kernel's warp reads per step (32 lanes x 16 bytes)
 ROWS = 8  # weight rows per block (the mma's N)
 CHUNK = 64  # codes of one row a warp reads per step (4 lanes x 16 bytes)
@@ -58,30 +62,41 @@ def compile_options(warps: int, unroll: int, tokens: int, row_run: int = 0, pipe
             f"-DMMA_MIN_BLOCKS={blocks}")
 
 
-def kernel_name(row_run: int = 0, sweep: int = 0) -> str:
+def kernel_name(row_run: int = 0, sweep: int = 0, a8: bool = False) -> str:
+    if a8:
+        return ROW_A8_KERNEL
     return SWEEP_KERNEL if sweep else ROW_KERNEL if row_run else KERNEL
 
 
 @functools.cache
-def _kernel(warps: int, unroll: int, tokens: int, row_run: int = 0, pipe: bool = False, sweep: int = 0):
+def _kernel(warps: int, unroll: int, tokens: int, row_run: int = 0, pipe: bool = False, sweep: int = 0,
+            a8: bool = False):
     import cupy
 
     opts = compile_options(warps, unroll, tokens, row_run, pipe, sweep)
-    return cupy.RawModule(code=SOURCE.read_text(), options=opts).get_function(kernel_name(row_run, sweep))
+    return cupy.RawModule(code=SOURCE.read_text(), options=opts).get_function(kernel_name(row_run, sweep, a8))
 
 
-def check_mma_args(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> None:
-    """The kernel's preconditions, each refused with its reason: bf16 x and y, e4m3 codes, K a multiple of 16, rows of
-    x and q starting 16-byte aligned (its vector loads)."""
-    if x.dtype != torch.bfloat16 or y.dtype != torch.bfloat16:
-        raise TypeError(f"the tensor-core FP8 GEMV (mma) takes and returns bf16, got x {x.dtype} and y {y.dtype}")
+def check_mma_args(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
+                   sx: torch.Tensor | None = None) -> None:
+    """The kernel's preconditions, each refused with its reason: bf16 x (e4m3 codes with a float32 [1] scale ``sx``
+    for W8A8) and bf16 y, e4m3 codes, K a multiple of 16, rows of x and q starting 16-byte aligned (its vector
+    loads)."""
+    want_x = torch.bfloat16 if sx is None else torch.float8_e4m3fn
+    if x.dtype != want_x or y.dtype != torch.bfloat16:
+        what = "bf16 x" if sx is None else "e4m3 x codes (W8A8)"
+        raise TypeError(f"the tensor-core FP8 GEMV (mma) takes {what} and returns bf16, got x {x.dtype} and y "
+                        f"{y.dtype}")
+    if sx is not None and (sx.dtype != torch.float32 or sx.numel() != x.shape[0]):
+        raise ValueError(f"W8A8 x needs float32 scales, one a row: got {sx.dtype} [{sx.numel()}] for {x.shape[0]} rows")
     if q.dtype != torch.float8_e4m3fn:
         raise TypeError(f"the tensor-core FP8 GEMV (mma) needs e4m3 codes, got {q.dtype}")
     k = q.shape[1]
     if k % 16:
         raise ValueError(f"the tensor-core FP8 GEMV (mma) reads 16 codes at a time: K must be a multiple of 16, "
                          f"got {k}")
-    if q.stride(0) % 16 or q.data_ptr() % 16 or x.stride(0) % 8 or x.data_ptr() % 16:
+    x_row_bytes = x.stride(0) * x.element_size()
+    if q.stride(0) % 16 or q.data_ptr() % 16 or x_row_bytes % 16 or x.data_ptr() % 16:
         raise ValueError("the tensor-core FP8 GEMV (mma) needs the rows of x and of the codes 16-byte aligned "
                          f"(x stride {x.stride(0)}, codes stride {q.stride(0)})")
     if s.dtype != torch.float32 or s.numel() not in (1, q.shape[0]):
@@ -89,16 +104,22 @@ def check_mma_args(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.T
 
 
 def mma_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor, warps: int, unroll: int,
-             pdl: bool = False, row_run: int = 0, pipe: bool = False, sweep: int = 0) -> torch.Tensor:
+             pdl: bool = False, row_run: int = 0, pipe: bool = False, sweep: int = 0,
+             sx: torch.Tensor | None = None) -> torch.Tensor:
     """y = bf16(x · (s ⊙ q)ᵀ) into ``y`` [M, N] (row-major); x [M, K] bf16 row-major, q [N, K] e4m3, s float32 [1 or
     N]. The kernel on a GPU, its twin on a CPU (the interpreters cannot run CUDA C++). ``pdl``: launched with
     programmatic dependent launch (``rawkernel.launch``): its first codes stream while the previous kernel finishes;
     it waits for that kernel before it reads x. ``row_run`` > 0 with one token: the row kernel (each warp that many
     whole rows; ``mma_row_twin``); with more tokens the tile kernel serves them. ``pipe`` (row kernel): two register
     sets, one's loads in flight while the other is used (the same sums in the same order). ``sweep`` > 0 with one
-    token: the sweep kernel, blocks of that many rows read in address order (``mma_sweep_twin``)."""
-    check_mma_args(x, q, s, y)
+    token: the sweep kernel, blocks of that many rows read in address order (``mma_sweep_twin``). ``sx`` (W8A8, one
+    token, row kernel only): x holds e4m3 codes and sx [1] their scale, y = bf16((sum of code products x sx) x s[n])
+    (``mma_row_twin(..., sx=sx)``)."""
+    check_mma_args(x, q, s, y, sx)
     (m, k), n = x.shape, q.shape[0]
+    if sx is not None and (m > 1 or not row_run or sweep):
+        raise ValueError(f"W8A8 (sx given) is the one-token row kernel's: M 1 and row_run > 0, got M {m}, row_run "
+                         f"{row_run}, sweep {sweep}")
     if m == 0 or n == 0:
         return y
     row_run, sweep = (row_run, sweep) if m == 1 else (0, 0)
@@ -106,7 +127,7 @@ def mma_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
         if sweep:
             twin = mma_sweep_twin(x, q, s, warps, unroll, sweep)
         elif row_run:
-            twin = mma_row_twin(x, q, s, warps, unroll, row_run)
+            twin = mma_row_twin(x, q, s, warps, unroll, row_run, sx=sx)
         else:
             twin = mma_gemv_twin(x, q, s, warps, unroll)
         y.copy_(twin)
@@ -119,6 +140,11 @@ def mma_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
                 np.int64(q.stride(0)), np.int32(s.numel() == 1)), pdl=pdl)
         return y
 
+    if sx is not None:
+        launch(_kernel(warps, unroll, 8, row_run, pipe, 0, True), -(-n // (warps * row_run)), 32 * warps,
+               (x.data_ptr(), sx.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), np.int32(n), np.int32(k),
+                np.int64(q.stride(0)), np.int32(s.numel() == 1)), pdl=pdl)
+        return y
     if row_run:
         launch(_kernel(warps, unroll, 8, row_run, pipe), -(-n // (warps * row_run)), 32 * warps,
                (x.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), np.int32(n), np.int32(k),
@@ -205,16 +231,19 @@ def mma_gemv_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, warps: int,
 
 
 def mma_row_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, warps: int, unroll: int,
-                 row_run: int) -> torch.Tensor:
+                 row_run: int, sx: torch.Tensor | None = None) -> torch.Tensor:
     """The row kernel (one token) in numpy, lane by lane: per weight row, per chunk of 512 codes, lane l = 4g + t
     loads codes and x at k = 512 c + 16 l; A's row g and B's column g are lane group g's, so each of four m16n8k16
     steps adds to D[g][g] the products of that group's 64 codes (only the diagonal is read); D accumulates in
     float32 per step; then the warp's butterfly (shuffle xor 16, 8, 4, 2, 1) over the lanes holding D[g][g] (lane
     (g, g / 2)), times the scale, rounded once to bf16. ``warps``, ``unroll`` and ``row_run`` do not change a row's
-    arithmetic (they place rows and loads). Returns y [1, N] bf16."""
+    arithmetic (they place rows and loads). With ``sx`` (W8A8): x holds e4m3 codes; each piece is two m16n8k32 steps,
+    lane (g, t) giving A's row g and B's column g the same 8 codes a step (k slots 4t..4t+3, 16+4t..16+4t+3), each
+    step's 32 products summed exactly then rounded to float32 (the tensor cores' own internal order is not
+    reproducible), and y = bf16((sum x sx) x s). Returns y [1, N] bf16."""
     if warps < 1 or unroll < 1 or row_run < 1:
         raise ValueError(f"warps, unroll and row_run must be >= 1, got {warps}, {unroll}, {row_run}")
-    return _pieces_twin(x, q, s, 1, lambda c, rows: np.zeros_like(rows))
+    return _pieces_twin(x, q, s, 1, lambda c, rows: np.zeros_like(rows), sx=sx)
 
 
 def mma_sweep_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, warps: int, unroll: int,
@@ -230,14 +259,16 @@ def mma_sweep_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, warps: int
     return _pieces_twin(x, q, s, warps, lambda c, r: ((r % rows) * pieces + c) % warps)
 
 
-def _pieces_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, groups: int, owner) -> torch.Tensor:
+def _pieces_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, groups: int, owner,
+                 sx: torch.Tensor | None = None) -> torch.Tensor:
     """One token's rows computed piece by piece (512 codes, the lanes' layout of the row kernel): piece c of row r
     accumulates into the D of group ``owner(c, rows)[r]`` (float32 per mma step); each group's D diagonal is summed
-    by the warp butterfly, the groups' sums added in group order, times the scale, rounded once to bf16."""
+    by the warp butterfly, the groups' sums added in group order, (times ``sx`` for W8A8 codes in x) times the scale,
+    rounded once to bf16."""
     if x.shape[0] != 1:
         raise ValueError(f"the one-token kernels serve one token, got {x.shape[0]}")
     k, n = x.shape[1], q.shape[0]
-    xs = x.detach().cpu().float().numpy().astype(np.float64)[0]
+    xs = x.detach().cpu().double().numpy()[0]  # (e4m3 codes convert exactly)
     codes = q.detach().cpu().view(torch.uint8).numpy()
     scale = s.detach().cpu().float().numpy().reshape(-1)
     lane = np.arange(32)
@@ -252,15 +283,7 @@ def _pieces_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, groups: int,
             xl = np.where(ok, xs[np.minimum(kk, k - 1)], 0.0)  # x each lane loads
             wl = np.where(ok[None], codes[:, np.minimum(kk, k - 1)], 0).astype(np.uint8)  # [n, lane, 16]
             bl = _decode_lanes(wl)
-            for j in range(4):
-                A = np.zeros((8, 16))
-                B = np.zeros((n, 16, 8))
-                for e in range(2):
-                    for half, off in ((0, 0), (1, 8)):
-                        slot = 2 * t + off + e
-                        code = 4 * j + 2 * half + e
-                        A[g, slot] = xl[:, code]
-                        B[:, slot, g] = bl[:, :, code]
+            for A, B in (_a8_steps if sx is not None else _bf16_steps)(xl, bl, g, t, n):
                 d[rows, own] = (d[rows, own] + np.einsum("gs,nsh->ngh", A, B)).astype(np.float32)
         # [n, group, lane]: D[g][g] at lane (g, g / 2), then the butterfly
         v = np.where(t == g // 2, d[:, :, g, g], np.float32(0)).astype(np.float32)
@@ -269,6 +292,38 @@ def _pieces_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, groups: int,
         acc = v[:, 0, 0].copy()
         for grp in range(1, groups):
             acc = (acc + v[:, grp, 0]).astype(np.float32)
+        if sx is not None:
+            acc = (acc * np.float32(sx.detach().cpu().float().reshape(-1)[0])).astype(np.float32)
         sc = scale[0] if scale.size == 1 else scale[:n]
         y = (acc * sc).astype(np.float32)
     return torch.from_numpy(y.reshape(1, n)).to(torch.bfloat16).to(x.device)
+
+
+def _bf16_steps(xl: np.ndarray, bl: np.ndarray, g: np.ndarray, t: np.ndarray, n: int):
+    """A piece's four m16n8k16 steps (A: x, 8 x 16; B: decoded codes, [n, 16, 8]): step j pairs k slots {2t, 2t+1,
+    2t+8, 2t+9} with the lane's codes 4j..4j+3."""
+    for j in range(4):
+        A = np.zeros((8, 16))
+        B = np.zeros((n, 16, 8))
+        for e in range(2):
+            for half, off in ((0, 0), (1, 8)):
+                slot = 2 * t + off + e
+                code = 4 * j + 2 * half + e
+                A[g, slot] = xl[:, code]
+                B[:, slot, g] = bl[:, :, code]
+        yield A, B
+
+
+def _a8_steps(xl: np.ndarray, bl: np.ndarray, g: np.ndarray, t: np.ndarray, n: int):
+    """A piece's two m16n8k32 e4m3 steps (A: x codes, 8 x 32; B: weight codes, [n, 32, 8]): step j puts the lane's
+    codes 8j..8j+3 at k slots 4t..4t+3 and 8j+4..8j+7 at 16+4t..16+4t+3."""
+    for j in range(2):
+        A = np.zeros((8, 32))
+        B = np.zeros((n, 32, 8))
+        for e in range(4):
+            for base, off in ((0, 0), (4, 16)):
+                slot = 4 * t + off + e
+                code = 8 * j + base + e
+                A[g, slot] = xl[:, code]
+                B[:, slot, g] = bl[:, :, code]
+        yield A, B

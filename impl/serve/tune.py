@@ -74,6 +74,9 @@ MMA_ROW_SHAPES = ((8, 4, 1, False), (8, 8, 1, False), (16, 4, 1, False), (4, 8, 
 # one token, sweep kernel: (warps a block, pieces in flight a warp, rows a block, two register sets): a block's warps
 # read its rows' bytes in address order, so the grid has one read window a block, not one a warp
 MMA_SWEEP_SHAPES = ((8, 4, 8, False), (8, 2, 8, True), (8, 4, 16, False), (16, 2, 16, True), (4, 4, 4, False))
+# one token, W8A8 row kernel: (warps a block, pieces in flight a warp, rows a warp, two register sets): a lane's 16
+# codes a piece go to two e4m3 mma steps as loaded, where the bf16 row kernel decodes them (8 ops per 4) for four
+MMA_ROW_A8_SHAPES = ((8, 2, 2, False), (8, 4, 1, False), (8, 2, 1, True), (8, 4, 2, False))
 PREFETCH_MIB = (16, 32)  # L2 prefetch sizes tried: per kernel (the first), and in the decode step with PDL (both)
 
 
@@ -154,6 +157,8 @@ def candidate_configs(m: int, n: int, k: int, smoke: bool = False) -> list[GemvC
     if m <= MMA_MAX_M and k % 16 == 0:  # the CUDA C++ tensor-core kernels: loads straight into registers, first
         rows = ([GemvConfig(mma=True, num_warps=w, unroll=u, row_run=r, pipe=p) for w, u, r, p in MMA_ROW_SHAPES]
                 + [GemvConfig(mma=True, num_warps=w, unroll=u, sweep=r, pipe=p) for w, u, r, p in MMA_SWEEP_SHAPES]
+                + [GemvConfig(mma=True, a8=True, num_warps=w, unroll=u, row_run=r, pipe=p)
+                   for w, u, r, p in MMA_ROW_A8_SHAPES]
                 if m == 1 else [])
         cfgs = rows + [GemvConfig(mma=True, num_warps=w, unroll=u) for w, u in MMA_SHAPES] + cfgs
     cfgs.append(default_config(m, n, k))
