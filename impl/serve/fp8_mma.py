@@ -6,7 +6,7 @@ Why C++: at batch 1 the GEMV must keep enough weight bytes in flight to stream t
 each lane issues ``unroll`` 16-byte loads of codes straight into registers before it uses any (no shared-memory
 staging, no barrier in the loop), and feeds them to ``mma.m16n8k16`` as the B operand after an integer-op decode;
 the Triton kernels (``fp8_gemv``) stage their tiles through shared memory and convert layouts for ``tl.dot``.
-Two kernels (``fp8_mma.cu`` tells the lanes' layouts): tiles of 8 weight rows x 16 tokens whose warps split K and are
+Its kernels (``fp8_mma.cu`` tells the lanes' layouts): tiles of 8 weight rows x 16 tokens whose warps split K and are
 summed in warp order; and, for one token, a row kernel where each warp computes whole rows and one load instruction
 reads 512 contiguous bytes of a row (with two register sets or not; in a W8A8 form that takes x as e4m3 codes with
 its per-token scale and multiplies codes by codes on the tensor cores, nothing decoded), and a sweep kernel whose
