@@ -173,6 +173,15 @@ __device__ __forceinline__ void mma_e4m3(float (&d)[4], uint32_t a0, uint32_t a2
       : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
 }
 
+// D[g][g] of lane group g (lane (g, g / 2) holds it in d[g % 2]) summed over the warp by a butterfly.
+__device__ __forceinline__ float diagonal_sum(const float (&d)[4], int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  float v = (t == (g >> 1)) ? ((g & 1) ? d[1] : d[0]) : 0.f;  // D[g][g]
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 // D[r] += the pieces' products, piece by piece in k order (the order every variant keeps: the twin's).
 // A8 false: x bf16, four m16n8k16 steps a piece (the codes decoded to bf16). A8 true (W8A8): x e4m3 codes, two
 // m16n8k32 e4m3 steps a piece and no decoding: lane (g, t) gives A's row g and B's column g the same 8 codes a step
@@ -223,7 +232,6 @@ __device__ __forceinline__ void row_kernel(const void* __restrict__ x, const flo
                                            const uint8_t* __restrict__ q, const float* __restrict__ s,
                                            bf16_bits* __restrict__ y, int N, int K, long long ldw, int per_tensor) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
   const int n0 = (blockIdx.x * MMA_WARPS + warp) * MMA_ROW_RUN;
   const int chunks = (K + 511) / 512;
   float d[MMA_ROW_RUN][4];
@@ -248,9 +256,7 @@ __device__ __forceinline__ void row_kernel(const void* __restrict__ x, const flo
 #endif
 #pragma unroll
   for (int r = 0; r < MMA_ROW_RUN; ++r) {
-    float v = (t == (g >> 1)) ? ((g & 1) ? d[r][1] : d[r][0]) : 0.f;  // D[g][g]
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    float v = diagonal_sum(d[r], lane);
     if (A8) v *= sx[0];
     if (lane == 0 && n0 + r < N) y[n0 + r] = to_bf16(v * (per_tensor ? s[0] : s[n0 + r]));
   }
@@ -291,14 +297,6 @@ __device__ __forceinline__ void sweep_load(uint4 (&w)[MMA_UNROLL], const uint8_t
                ? __ldcs(reinterpret_cast<const uint4*>(q + (long long)row * ldw + k))
                : make_uint4(0u, 0u, 0u, 0u);
   }
-}
-
-__device__ __forceinline__ float diagonal_sum(const float (&d)[4], int lane) {
-  const int g = lane >> 2, t = lane & 3;
-  float v = (t == (g >> 1)) ? ((g & 1) ? d[1] : d[0]) : 0.f;  // D[g][g]
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
 }
 
 __device__ __forceinline__ void sweep_accumulate(float (&d)[4], int& cur, float (*part)[MMA_WARPS],
