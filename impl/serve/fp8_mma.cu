@@ -182,6 +182,29 @@ __device__ __forceinline__ float diagonal_sum(const float (&d)[4], int lane) {
   return v;
 }
 
+// A lane's 16 bf16 x values of a piece at k (zero past K).
+__device__ __forceinline__ void load_x16(const bf16_bits* __restrict__ x, int k, int K, uint4& a0, uint4& a1) {
+  a0 = a1 = make_uint4(0u, 0u, 0u, 0u);
+  if (k < K) {
+    a0 = __ldg(reinterpret_cast<const uint4*>(x + k));
+    a1 = __ldg(reinterpret_cast<const uint4*>(x + k + 8));
+  }
+}
+
+// A lane's share of one 512-code piece: its 16 x values against its 16 codes, decoded, in four m16n8k16 steps
+// (step j: codes 4j..4j+3).
+__device__ __forceinline__ void piece_bf16(float (&d)[4], const uint4& a0, const uint4& a1, const uint4& w) {
+  uint32_t b0, b1;
+  decode4(w.x, b0, b1);
+  mma_bf16(d, a0.x, 0u, a0.y, 0u, b0, b1);
+  decode4(w.y, b0, b1);
+  mma_bf16(d, a0.z, 0u, a0.w, 0u, b0, b1);
+  decode4(w.z, b0, b1);
+  mma_bf16(d, a1.x, 0u, a1.y, 0u, b0, b1);
+  decode4(w.w, b0, b1);
+  mma_bf16(d, a1.z, 0u, a1.w, 0u, b0, b1);
+}
+
 // D[r] += the pieces' products, piece by piece in k order (the order every variant keeps: the twin's).
 // A8 false: x bf16, four m16n8k16 steps a piece (the codes decoded to bf16). A8 true (W8A8): x e4m3 codes, two
 // m16n8k32 e4m3 steps a piece and no decoding: lane (g, t) gives A's row g and B's column g the same 8 codes a step
@@ -202,24 +225,10 @@ __device__ __forceinline__ void row_accumulate(float (&d)[MMA_ROW_RUN][4], const
         mma_e4m3(d[r], a.z, a.w, w[u][r].z, w[u][r].w);
       }
     } else {
-      const bf16_bits* x = static_cast<const bf16_bits*>(xv);
-      uint4 a0 = zero, a1 = zero;
-      if (k < K) {
-        a0 = __ldg(reinterpret_cast<const uint4*>(x + k));
-        a1 = __ldg(reinterpret_cast<const uint4*>(x + k + 8));
-      }
+      uint4 a0, a1;
+      load_x16(static_cast<const bf16_bits*>(xv), k, K, a0, a1);
 #pragma unroll
-      for (int r = 0; r < MMA_ROW_RUN; ++r) {
-        uint32_t b0, b1;
-        decode4(w[u][r].x, b0, b1);
-        mma_bf16(d[r], a0.x, 0u, a0.y, 0u, b0, b1);
-        decode4(w[u][r].y, b0, b1);
-        mma_bf16(d[r], a0.z, 0u, a0.w, 0u, b0, b1);
-        decode4(w[u][r].z, b0, b1);
-        mma_bf16(d[r], a1.x, 0u, a1.y, 0u, b0, b1);
-        decode4(w[u][r].w, b0, b1);
-        mma_bf16(d[r], a1.z, 0u, a1.w, 0u, b0, b1);
-      }
+      for (int r = 0; r < MMA_ROW_RUN; ++r) piece_bf16(d[r], a0, a1, w[u][r]);
     }
   }
 }
@@ -302,7 +311,6 @@ __device__ __forceinline__ void sweep_load(uint4 (&w)[MMA_UNROLL], const uint8_t
 __device__ __forceinline__ void sweep_accumulate(float (&d)[4], int& cur, float (*part)[MMA_WARPS],
                                                  const uint4 (&w)[MMA_UNROLL], const bf16_bits* __restrict__ x, int K,
                                                  int pieces, int j0, int warp, int lane) {
-  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
   for (int u = 0; u < MMA_UNROLL; ++u) {
     const int j = j0 + u * MMA_WARPS;
@@ -316,20 +324,9 @@ __device__ __forceinline__ void sweep_accumulate(float (&d)[4], int& cur, float 
       d[0] = d[1] = d[2] = d[3] = 0.f;
       cur = rr;
     }
-    uint4 a0 = zero, a1 = zero;
-    if (k < K) {
-      a0 = __ldg(reinterpret_cast<const uint4*>(x + k));
-      a1 = __ldg(reinterpret_cast<const uint4*>(x + k + 8));
-    }
-    uint32_t b0, b1;
-    decode4(w[u].x, b0, b1);
-    mma_bf16(d, a0.x, 0u, a0.y, 0u, b0, b1);
-    decode4(w[u].y, b0, b1);
-    mma_bf16(d, a0.z, 0u, a0.w, 0u, b0, b1);
-    decode4(w[u].z, b0, b1);
-    mma_bf16(d, a1.x, 0u, a1.y, 0u, b0, b1);
-    decode4(w[u].w, b0, b1);
-    mma_bf16(d, a1.z, 0u, a1.w, 0u, b0, b1);
+    uint4 a0, a1;
+    load_x16(x, k, K, a0, a1);
+    piece_bf16(d, a0, a1, w[u]);
   }
 }
 

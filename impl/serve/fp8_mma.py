@@ -117,6 +117,8 @@ def mma_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
     (``mma_row_twin(..., sx=sx)``)."""
     check_mma_args(x, q, s, y, sx)
     (m, k), n = x.shape, q.shape[0]
+    if row_run and sweep:
+        raise ValueError(f"row_run and sweep choose different kernels: got both ({row_run}, {sweep})")
     if sx is not None and (m > 1 or not row_run or sweep):
         raise ValueError(f"W8A8 (sx given) is the one-token row kernel's: M 1 and row_run > 0, got M {m}, row_run "
                          f"{row_run}, sweep {sweep}")
@@ -134,21 +136,12 @@ def mma_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
         return y
     from impl.common.rawkernel import launch
 
-    if sweep:
-        launch(_kernel(warps, unroll, 8, 0, pipe, sweep), -(-n // sweep), 32 * warps,
-               (x.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), np.int32(n), np.int32(k),
-                np.int64(q.stride(0)), np.int32(s.numel() == 1)), pdl=pdl)
-        return y
-
-    if sx is not None:
-        launch(_kernel(warps, unroll, 8, row_run, pipe, 0, True), -(-n // (warps * row_run)), 32 * warps,
-               (x.data_ptr(), sx.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), np.int32(n), np.int32(k),
-                np.int64(q.stride(0)), np.int32(s.numel() == 1)), pdl=pdl)
-        return y
-    if row_run:
-        launch(_kernel(warps, unroll, 8, row_run, pipe), -(-n // (warps * row_run)), 32 * warps,
-               (x.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), np.int32(n), np.int32(k),
-                np.int64(q.stride(0)), np.int32(s.numel() == 1)), pdl=pdl)
+    if row_run or sweep:  # the one-token kernels: (x[, sx], q, s, y, N, K, ldw, per_tensor)
+        blocks = -(-n // sweep) if sweep else -(-n // (warps * row_run))
+        head = (x.data_ptr(),) if sx is None else (x.data_ptr(), sx.data_ptr())
+        launch(_kernel(warps, unroll, 8, row_run, pipe, sweep, sx is not None), blocks, 32 * warps,
+               head + (q.data_ptr(), s.data_ptr(), y.data_ptr(), np.int32(n), np.int32(k), np.int64(q.stride(0)),
+                       np.int32(s.numel() == 1)), pdl=pdl)
         return y
     tokens = token_rows(m)
     m_tiles = -(-m // 16)
@@ -283,7 +276,7 @@ def _pieces_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, groups: int,
             xl = np.where(ok, xs[np.minimum(kk, k - 1)], 0.0)  # x each lane loads
             wl = np.where(ok[None], codes[:, np.minimum(kk, k - 1)], 0).astype(np.uint8)  # [n, lane, 16]
             bl = _decode_lanes(wl)
-            for A, B in (_a8_steps if sx is not None else _bf16_steps)(xl, bl, g, t, n):
+            for A, B in _mma_steps(xl, bl, g, t, n, 4 if sx is not None else 2):
                 d[rows, own] = (d[rows, own] + np.einsum("gs,nsh->ngh", A, B)).astype(np.float32)
         # [n, group, lane]: D[g][g] at lane (g, g / 2), then the butterfly
         v = np.where(t == g // 2, d[:, :, g, g], np.float32(0)).astype(np.float32)
@@ -299,31 +292,18 @@ def _pieces_twin(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, groups: int,
     return torch.from_numpy(y.reshape(1, n)).to(torch.bfloat16).to(x.device)
 
 
-def _bf16_steps(xl: np.ndarray, bl: np.ndarray, g: np.ndarray, t: np.ndarray, n: int):
-    """A piece's four m16n8k16 steps (A: x, 8 x 16; B: decoded codes, [n, 16, 8]): step j pairs k slots {2t, 2t+1,
-    2t+8, 2t+9} with the lane's codes 4j..4j+3."""
-    for j in range(4):
-        A = np.zeros((8, 16))
-        B = np.zeros((n, 16, 8))
-        for e in range(2):
-            for half, off in ((0, 0), (1, 8)):
-                slot = 2 * t + off + e
-                code = 4 * j + 2 * half + e
-                A[g, slot] = xl[:, code]
-                B[:, slot, g] = bl[:, :, code]
-        yield A, B
-
-
-def _a8_steps(xl: np.ndarray, bl: np.ndarray, g: np.ndarray, t: np.ndarray, n: int):
-    """A piece's two m16n8k32 e4m3 steps (A: x codes, 8 x 32; B: weight codes, [n, 32, 8]): step j puts the lane's
-    codes 8j..8j+3 at k slots 4t..4t+3 and 8j+4..8j+7 at 16+4t..16+4t+3."""
-    for j in range(2):
-        A = np.zeros((8, 32))
-        B = np.zeros((n, 32, 8))
-        for e in range(4):
-            for base, off in ((0, 0), (4, 16)):
-                slot = 4 * t + off + e
-                code = 8 * j + base + e
+def _mma_steps(xl: np.ndarray, bl: np.ndarray, g: np.ndarray, t: np.ndarray, n: int, per: int):
+    """A piece's mma steps, ``per`` codes to a 32-bit register (2: bf16 m16n8k16, four steps; 4: e4m3 m16n8k32, two
+    steps). Step j gives A (x, 8 x 8 per) and B (codes, [n, 8 per, 8]) the lane's codes 2 per j .. 2 per j + per - 1
+    at k slots per t .. per t + per - 1 and the next ``per`` codes at those slots + 4 per, as the PTX fragments place
+    a lane's two registers."""
+    for j in range(16 // (2 * per)):
+        A = np.zeros((8, 8 * per))
+        B = np.zeros((n, 8 * per, 8))
+        for e in range(per):
+            for half in (0, 1):
+                slot = per * t + 4 * per * half + e
+                code = 2 * per * j + per * half + e
                 A[g, slot] = xl[:, code]
                 B[:, slot, g] = bl[:, :, code]
         yield A, B
