@@ -52,14 +52,13 @@ for one, bk in ((True, c["bk"]), (False, 2048)):
     jobs.append(("requant-channel", K.quant_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", **P,
         "stride_x": "i32", "stride_q": "i32"}, {**F, "BM": c["bm"], "BK": bk, "ONE_PASS": one, "EVICT": c["evict"]},
         c["warps"]))
-for key, gn in (("requant-group", 1), ("requant-block", 128)):
-    c = cfgs[key]
-    jobs.append((key, K.quant_tiles_kernel, {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", **P,
-        "stride_x": "i32", "stride_q": "i32", "stride_s": "i32"},
-        {"GN": gn, **F, "BM": min(c["bm"], gn) if gn > 1 else c["bm"], "BK": max(c["bk"], 128) if gn == 1 else 128,
-         "GW": 128,
-         "PREFETCH": (gn == 1 or c["bm"] >= gn) and c["per_sm"] > 0 and c["stages"] > 1, "EVICT": c["evict"]},
-        c["warps"]))
+TS = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", **P, "stride_x": "i32", "stride_q": "i32", "stride_s": "i32"}
+c = cfgs["requant-group"]
+jobs.append(("requant-group", K.quant_groups_kernel, TS, {**F, "R": c["bm"] * max(c["bk"], 128) // 128, "GW": 128,
+             "CW": 32, "EVICT": c["evict"]}, c["warps"]))
+c = cfgs["requant-block"]
+jobs.append(("requant-block", K.quant_blocks_kernel, TS, {"GN": 128, **F, "BM": min(c["bm"], 128), "BK": 128,
+             "PREFETCH": c["bm"] >= 128 and c["per_sm"] > 0 and c["stages"] > 1, "EVICT": c["evict"]}, c["warps"]))
 out = []
 for key, fn, sig, consts, warps in jobs:
     # pointers and integer arguments divisible by 16, as Triton's JIT specializes them for the benchmark shapes
@@ -76,7 +75,7 @@ for key, fn, sig, consts, warps in jobs:
     fields = dict(kv.split(":") for kv in next(l for l in use.splitlines() if "REG:" in l).split() if ":" in kv
                   and kv.split(":")[1].isdigit())
     out.append({"kernel": key, "name": fn.__name__, "consts": {k: v for k, v in consts.items() if k in
-                ("GN", "GK", "BM", "BK", "ONE_PASS", "FROM_PARTS", "NEXT_PARTS", "PREFETCH", "EVICT", "REVERSE")},
+                ("GN", "GK", "BM", "BK", "R", "ONE_PASS", "FROM_PARTS", "NEXT_PARTS", "PREFETCH", "EVICT", "REVERSE")},
                 "warps": warps,
                 "regs": int(fields["REG"]), "local": int(fields["LOCAL"]), "stack": int(fields["STACK"])})
 print(json.dumps(out))

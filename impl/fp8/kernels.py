@@ -25,6 +25,12 @@ previous call's partials and writes this call's, so it reads its input once; the
 goes last tile first (``REVERSE``), so the tail the amax pass has just read comes from L2. ``EVICT`` gives the
 streamed data the L2 policy evict_first (``_ld``/``_st``): a stream that is read or written once then recycles its
 own lines in L2 instead of evicting other work's (and writing back that work's dirty lines inside its own time).
+
+At the copy bandwidth a 16-bit -> FP8 requantize leaves about 20 issued instructions an element (H200: 132 SMs x 4
+schedulers x ~1.9 GHz x 32 lanes over 3 bytes an element at ~4.3 TB/s), so the kernels keep the work an element
+small: maxima in x's own 16-bit type as packed pairs (``_finite_abs``), the hardware conversion's own saturation
+(``_encode_saturated``), and 1 x G groups laid out so that 2 lanes share a group instead of 16
+(``quant_groups_kernel``: a group's scale arithmetic is repeated by every lane holding part of it).
 """
 from __future__ import annotations
 
@@ -110,6 +116,16 @@ def _saturate(y, FMAX: tl.constexpr):
 
 
 @triton.jit
+def _encode_saturated(y, FMT: tl.constexpr, FMAX: tl.constexpr, EMULATE: tl.constexpr):
+    """FP8 codes of float32 y clamped to [-FMAX, FMAX] (+-inf -> +-FMAX, NaN stays NaN), round to nearest even. The
+    hardware conversion clamps by itself (``cvt.rn.satfinite``), so only the bit codec is given clamped values: two
+    float32 compares and selects an element fewer on the GPU."""
+    if EMULATE:
+        return _encode_bits(_saturate(y, FMAX), FMT)
+    return _encode(y, FMT, False)
+
+
+@triton.jit
 def _scale_from_amax(amax, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr):
     s = tl.math.div_rn(amax, FMAX)
     s = tl.where(s < MIN_SCALE, MIN_SCALE, s)
@@ -118,9 +134,11 @@ def _scale_from_amax(amax, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr):
 
 @triton.jit
 def _finite_abs(x):
-    """|x| with NaN and +-inf replaced by 0, so they never set a scale."""
-    ax = tl.abs(x)
-    return tl.where(ax < float("inf"), ax, 0.0)
+    """|x| where x is finite, NaN where it is not (x * 0 + |x|: inf * 0 is NaN). Maxima ignore NaN (``tl.max`` and
+    ``tl.maximum`` are maxnum), so a maximum over these is the amax of the finite values: NaN only if the group has
+    none, which ``_scale_from_amax`` maps to scale 1 as it does 0. In x's own type: one packed fma a pair of 16-bit
+    values (|x| is an operand modifier), where a compare and two selects of each value would replace them by 0."""
+    return x * 0.0 + tl.abs(x)
 
 
 # ---- tiles and scale groups ----------------------------------------------------------------------------------
@@ -248,20 +266,20 @@ def amax_partials_kernel(x_ptr,      # [N, K] input, row stride stride_x
                          PREFETCH: tl.constexpr,  # load the program's next tile before reducing this one
                          EVICT: tl.constexpr):  # 1 or 2: the loads evict_first in L2
     """Per-program amax of finite |x| over a strided share of the tiles; no atomics, no zeroed buffer needed."""
-    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    acc = tl.zeros((BM, BK), dtype=x_ptr.dtype.element_ty)  # maxima are exact in x's type: packed 16-bit pairs
     tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH:
         x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK, EVICT)
         for t in range(tl.program_id(0), tiles, step):
             nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK, EVICT)
-            acc = tl.maximum(acc, _finite_abs(x.to(tl.float32)))
+            acc = tl.maximum(acc, _finite_abs(x)).to(acc.dtype)
             x = nx
     else:
         for t in range(tl.program_id(0), tiles, step):
             x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
-            acc = tl.maximum(acc, _finite_abs(x.to(tl.float32)))
-    tl.store(part_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0))
+            acc = tl.maximum(acc, _finite_abs(x)).to(acc.dtype)
+    tl.store(part_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0).to(tl.float32))
 
 
 @triton.jit
@@ -281,12 +299,12 @@ def _quant_tile(xin, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q,
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     x = xin.to(tl.float32)
     if NEXT_PARTS:
-        acc = tl.maximum(acc, _finite_abs(x))
+        acc = tl.maximum(acc, _finite_abs(xin)).to(acc.dtype)
     if FROM_PARTS:
         y = x * inv
     else:
         y = _apply_scales(x, s_ptr, rows, m0, k0, cols, N, K, stride_s, GN, GK, BM, BK, True)
-    _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE), mask,
+    _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode_saturated(y, FMT, FMAX, EMULATE), mask,
         EVICT)
     return acc
 
@@ -315,7 +333,7 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
         inv = tl.math.div_rn(1.0, s)
         if tl.program_id(0) == 0:
             tl.store(so_ptr, s)
-    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    acc = tl.zeros((BM, BK), dtype=x_ptr.dtype.element_ty)
     tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH:
@@ -332,7 +350,7 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
             acc = _quant_tile(x, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q, GN, GK, FROM_PARTS, NEXT_PARTS,
                               FMT, FMAX, EMULATE, BM, BK, EVICT)
     if NEXT_PARTS:
-        tl.store(next_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0))
+        tl.store(next_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0).to(tl.float32))
 
 
 # ---- requantize with dynamic scales computed in the kernel ---------------------------------------------------
@@ -363,46 +381,54 @@ def quant_rows_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, floa
             mask = rmask[:, None] & (cols < K)[None, :]
             x = _ld(x_ptr + r64 * stride_x + cols[None, :], mask, EVICT)
             s = _scale_from_amax(_row_amax(x), FMAX, MIN_SCALE)
-            y = _saturate(x.to(tl.float32) * tl.math.div_rn(1.0, s)[:, None], FMAX)
-            _st(q_ptr + r64 * stride_q + cols[None, :], _encode(y, FMT, EMULATE), mask, EVICT)
+            y = x.to(tl.float32) * tl.math.div_rn(1.0, s)[:, None]
+            _st(q_ptr + r64 * stride_q + cols[None, :], _encode_saturated(y, FMT, FMAX, EMULATE), mask, EVICT)
         else:
-            acc = tl.zeros((BM, BK), dtype=tl.float32)
+            acc = tl.zeros((BM, BK), dtype=x_ptr.dtype.element_ty)
             for k0 in range(0, K, BK):
                 mask = rmask[:, None] & ((k0 + cols) < K)[None, :]
-                x = tl.load(x_ptr + r64 * stride_x + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-                acc = tl.maximum(acc, _finite_abs(x))
-            s = _scale_from_amax(tl.max(acc, axis=1), FMAX, MIN_SCALE)
+                x = tl.load(x_ptr + r64 * stride_x + (k0 + cols)[None, :], mask=mask, other=0.0)
+                acc = tl.maximum(acc, _finite_abs(x)).to(acc.dtype)
+            s = _scale_from_amax(tl.max(acc, axis=1).to(tl.float32), FMAX, MIN_SCALE)
             inv = tl.math.div_rn(1.0, s)[:, None]
             for k0 in range(0, K, BK):  # the second read, from L2: the last use of these lines
                 mask = rmask[:, None] & ((k0 + cols) < K)[None, :]
                 x = _ld(x_ptr + r64 * stride_x + (k0 + cols)[None, :], mask, EVICT).to(tl.float32)
-                _st(q_ptr + r64 * stride_q + (k0 + cols)[None, :], _encode(_saturate(x * inv, FMAX), FMT, EMULATE),
+                _st(q_ptr + r64 * stride_q + (k0 + cols)[None, :], _encode_saturated(x * inv, FMT, FMAX, EMULATE),
                     mask, EVICT)
         tl.store(s_ptr + rows, s, mask=rmask)
 
 
 @triton.jit
-def _quant_group_tile(xin, t, q_ptr, s_ptr, N, K, stride_q, stride_s,
-                      FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr, GW: tl.constexpr, EVICT: tl.constexpr):
-    """Codes and scales of tile t [BM, BK] of 1 x GW groups (xin: its values, already loaded): BM scales when
-    GW == BK, else BK / GW per row (the tile viewed as [BM, BK / GW, GW])."""
-    m0, k0, rows, cols = _tile(t, K, BM, BK)
-    rmask = rows < N
-    if GW == BK:
-        s = _scale_from_amax(_row_amax(xin), FMAX, MIN_SCALE)
-        y = xin.to(tl.float32) * tl.math.div_rn(1.0, s)[:, None]
-        tl.store(s_ptr + rows.to(tl.int64) * stride_s + k0 // BK, s, mask=rmask)
-    else:
-        NG: tl.constexpr = BK // GW
-        x3 = tl.reshape(xin, (BM, NG, GW))
-        s = _scale_from_amax(tl.max(_finite_abs(x3), axis=2).to(tl.float32), FMAX, MIN_SCALE)  # [BM, NG]
-        y = tl.reshape(x3.to(tl.float32) * tl.math.div_rn(1.0, s)[:, :, None], (BM, BK))
-        g = k0 // GW + tl.arange(0, NG)
-        tl.store(s_ptr + rows.to(tl.int64)[:, None] * stride_s + g[None, :], s,
-                 mask=rmask[:, None] & (g < tl.cdiv(K, GW))[None, :])
-    _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE),
-        rmask[:, None] & (cols < K)[None, :], EVICT)
+def quant_groups_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, float32 [N, cdiv(K, GW)] scales out
+                        N, K, stride_x, stride_q, stride_s,
+                        FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
+                        R: tl.constexpr,     # groups a tile
+                        GW: tl.constexpr,    # the group's width (a power of two)
+                        CW: tl.constexpr,    # a group is read as GW / CW chunks of CW columns (CW <= GW)
+                        EVICT: tl.constexpr):  # 1: loads evict_first in L2; 2: the code stores too
+    """One scale per 1 x GW group. Groups are numbered row-major (group g: row g // G, columns from (g % G) * GW;
+    G = cdiv(K, GW) groups a row) and a tile is R consecutive groups, viewed as [GW / CW, R, CW]. Triton lays such a
+    tile out with the chunk's columns fastest (a 32-column bf16 chunk: 2 lanes of 16 values), then the groups across
+    the lanes, and the chunks in each thread's registers: 2 lanes share a group, not the 16 of a [R, GW] view. The
+    amax reduces mostly in registers, and a group's scale arithmetic (two correctly rounded divisions) is repeated by
+    2 lanes instead of 16 (sm_90: 10 instructions an element for R = 64 over 4 warps, against 21 for [4, 1024] tiles
+    of groups)."""
+    G = tl.cdiv(K, GW)
+    tiles = tl.cdiv(N * G, R)
+    chunk = (tl.arange(0, GW // CW) * CW)[:, None, None] + tl.arange(0, CW)[None, None, :]  # [GW / CW, 1, CW]
+    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        g = t * R + tl.arange(0, R)
+        row = (g // G).to(tl.int64)
+        gc = g % G
+        cols = (gc * GW)[None, :, None] + chunk
+        mask = ((g < N * G)[None, :, None]) & (cols < K)
+        x = _ld(x_ptr + row[None, :, None] * stride_x + cols, mask, EVICT)
+        amax = tl.max(tl.max(_finite_abs(x), axis=2), axis=0).to(tl.float32)
+        s = _scale_from_amax(amax, FMAX, MIN_SCALE)
+        tl.store(s_ptr + row * stride_s + gc, s, mask=g < N * G)
+        y = x.to(tl.float32) * tl.math.div_rn(1.0, s)[None, :, None]
+        _st(q_ptr + row[None, :, None] * stride_q + cols, _encode_saturated(y, FMT, FMAX, EMULATE), mask, EVICT)
 
 
 @triton.jit
@@ -414,58 +440,47 @@ def _quant_block_tile(xin, t, q_ptr, s_ptr, N, K, stride_q, stride_s,
     s = _scale_from_amax(tl.max(_row_amax(xin), axis=0), FMAX, MIN_SCALE)
     tl.store(s_ptr + (m0 // BM) * stride_s + k0 // BK, s)
     y = xin.to(tl.float32) * tl.math.div_rn(1.0, s)
-    _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(_saturate(y, FMAX), FMT, EMULATE),
+    _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode_saturated(y, FMT, FMAX, EMULATE),
         (rows < N)[:, None] & (cols < K)[None, :], EVICT)
 
 
 @triton.jit
-def quant_tiles_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, float32 [R, C] scales out
-                       N, K, stride_x, stride_q, stride_s,
-                       GN: tl.constexpr,      # 1: one scale per row of the tile (1 x BK groups); else GN x BK blocks
-                       FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
-                       BM: tl.constexpr,      # GN == 1: rows per tile; else rows per pass (BM divides GN)
-                       BK: tl.constexpr,      # columns per tile (GN > 1: the block's width)
-                       GW: tl.constexpr,      # GN == 1: the group's width (BK a multiple of it)
-                       PREFETCH: tl.constexpr,  # persistent, tiles read once: load the next before converting this
-                       EVICT: tl.constexpr):  # 1: loads read for the last time evict_first in L2; 2: stores too
-    """One scale per 1 x GW group (GN == 1; tiles of BM x BK, BK / GW groups a row) or per GN x BK block. A block of
-    BM == GN rows is read once and held in registers (in x's own type) between its amax and its conversion; a taller
-    block is read in GN / BM slices twice: once for its amax, once (from L1/L2) to quantize, so a program holds only
-    a [BM, BK] slice."""
-    TM: tl.constexpr = BM if GN == 1 else GN
-    tiles = tl.cdiv(N, TM) * tl.cdiv(K, BK)
+def quant_blocks_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, float32 [cdiv(N, GN), cdiv(K, BK)] out
+                        N, K, stride_x, stride_q, stride_s,
+                        GN: tl.constexpr,      # the block's rows
+                        FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
+                        BM: tl.constexpr,      # rows a pass (BM divides GN)
+                        BK: tl.constexpr,      # the block's columns
+                        PREFETCH: tl.constexpr,  # BM == GN, persistent: load the next block before converting this
+                        EVICT: tl.constexpr):  # 1: loads read for the last time evict_first in L2; 2: stores too
+    """One scale per GN x BK block. A block of BM == GN rows is read once and held in registers (in x's own type)
+    between its amax and its conversion; a taller block is read in GN / BM slices twice: once for its amax, once
+    (from L1/L2) to quantize, so a program holds only a [BM, BK] slice."""
+    tiles = tl.cdiv(N, GN) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
-    if PREFETCH and (GN == 1 or BM == GN):
+    if PREFETCH and BM == GN:
         x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK, EVICT)
         for t in range(tl.program_id(0), tiles, step):
             nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK, EVICT)
-            if GN == 1:
-                _quant_group_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,
-                                  GW, EVICT)
-            else:
-                _quant_block_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,
-                                  EVICT)
+            _quant_block_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,
+                              EVICT)
             x = nx
     else:
         for t in range(tl.program_id(0), tiles, step):
-            m0, k0, rows, cols = _tile(t, K, TM, BK)
-            cmask = (cols < K)[None, :]
-            if GN == 1:
-                x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
-                _quant_group_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,
-                                  GW, EVICT)
-            elif BM == GN:
+            if BM == GN:
                 x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
                 _quant_block_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,
                                   EVICT)
             else:
-                acc = tl.zeros((BM, BK), dtype=tl.float32)
+                m0, k0, rows, cols = _tile(t, K, GN, BK)
+                cmask = (cols < K)[None, :]
+                acc = tl.zeros((BM, BK), dtype=x_ptr.dtype.element_ty)
                 for i in range(0, GN, BM):
                     sub = m0 + i + tl.arange(0, BM)
                     mask = (sub < N)[:, None] & cmask
                     x = tl.load(x_ptr + sub.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-                    acc = tl.maximum(acc, _finite_abs(x.to(tl.float32)))
-                s = _scale_from_amax(tl.max(tl.max(acc, axis=1), axis=0), FMAX, MIN_SCALE)
+                    acc = tl.maximum(acc, _finite_abs(x)).to(acc.dtype)
+                s = _scale_from_amax(tl.max(tl.max(acc, axis=1), axis=0).to(tl.float32), FMAX, MIN_SCALE)
                 tl.store(s_ptr + (m0 // GN) * stride_s + k0 // BK, s)
                 inv = tl.math.div_rn(1.0, s)
                 for i in range(0, GN, BM):  # the second read, from L2: the last use of these lines
@@ -473,7 +488,7 @@ def quant_tiles_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, flo
                     mask = (sub < N)[:, None] & cmask
                     r64 = sub.to(tl.int64)[:, None]
                     x = _ld(x_ptr + r64 * stride_x + cols[None, :], mask, EVICT).to(tl.float32)
-                    _st(q_ptr + r64 * stride_q + cols[None, :], _encode(_saturate(x * inv, FMAX), FMT, EMULATE), mask,
+                    _st(q_ptr + r64 * stride_q + cols[None, :], _encode_saturated(x * inv, FMT, FMAX, EMULATE), mask,
                         EVICT)
 
 
@@ -487,4 +502,4 @@ def codec_kernel(b_ptr, f_ptr, x_ptr, c_ptr, n,   # codes in -> float32 out; flo
     mask = offs < n
     tl.store(f_ptr + offs, _decode(tl.load(b_ptr + offs, mask=mask, other=0), FMT, EMULATE), mask=mask)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    tl.store(c_ptr + offs, _encode(_saturate(x, FMAX), FMT, EMULATE), mask=mask)
+    tl.store(c_ptr + offs, _encode_saturated(x, FMT, FMAX, EMULATE), mask=mask)

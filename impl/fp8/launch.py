@@ -76,10 +76,10 @@ class LaunchConfig:
 # ptxas's for sm_90 with the arguments' divisibility by 16 the JIT specializes on (test_fp8_compile); what a kernel
 # streams well is bytes of loads in flight per SM (~20-40 KB cover HBM latency at full bandwidth), i.e. elements a
 # thread holds x resident programs. A persistent config (per_sm > 0) launches at
-# most the programs that fit on the SMs at once (``quant.resident_programs``: a larger grid runs in two waves). bk of
-# "requant-group" is the tile's width (at least the group's: several groups a row when wider); of "requant-block" it
-# is ignored (the block's width); bm of "requant-block" is the rows per pass (a divisor of the block height: smaller
-# reads each block twice, the second time from L1/L2; equal holds the block in registers).
+# most the programs that fit on the SMs at once (``quant.resident_programs``: a larger grid runs in two waves). A
+# "requant-group" tile is bm * max(bk, G) values: that many whole 1 x G groups, consecutive in row-major order
+# (``stages`` unused); bk of "requant-block" is ignored (the block's width) and bm is the rows per pass (a divisor of
+# the block height: smaller reads each block twice, the second time from L1/L2; equal holds the block in registers).
 GPU_CONFIGS: dict[str, LaunchConfig] = {
     "dequant-tensor": LaunchConfig(8, 512, warps=4),      # 32 registers: 16 programs an SM (the warp limit)
     "dequant-channel": LaunchConfig(16, 256, warps=4),    # per-row scales, and 1 x G groups
@@ -89,7 +89,7 @@ GPU_CONFIGS: dict[str, LaunchConfig] = {
     "requant-tensor": LaunchConfig(8, 512, warps=4),      # the second pass of dynamic per-tensor
     "requant-delayed": LaunchConfig(4, 512, warps=4, per_sm=8),  # per-tensor with the previous call's scale
     "requant-channel": LaunchConfig(1, 2048, warps=4),    # rows wider than bk: amax pass + quantize pass (L1/L2)
-    "requant-group": LaunchConfig(16, 128, warps=4),
+    "requant-group": LaunchConfig(8, 1024, warps=4),      # 64 groups a tile: 64 values a thread, 89 registers
     "requant-block": LaunchConfig(32, 128, warps=8),      # 32-row passes, each block read twice (from L1/L2)
 }
 # the interpreter runs one program at a time with numpy: few, large tiles

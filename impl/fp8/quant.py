@@ -297,18 +297,26 @@ def _launch_rows(x2, q2, s, cfg: LaunchConfig | None = None, **args) -> None:
             dict(BM=cfg.bm, BK=bk, ONE_PASS=one_pass, EVICT=cfg.evict, **args))
 
 
+# a 1 x G group is read as chunks of this many columns: Triton lays a chunk of bf16 out as 2 lanes of 16 values, so 2
+# lanes share a group and the lanes of a warp hold 16 different groups (``quant_groups_kernel``)
+GROUP_CHUNK = 32
+
+
 def _launch_tiles(x2, q2, s, group: ScaleGroup, cfg: LaunchConfig | None = None, **args) -> None:
-    """1 x G groups: tiles of [cfg.bm, max(cfg.bk, G)] (several groups a row when cfg.bk > G); GN x G blocks: the
-    block's width, cfg.bm rows per pass."""
+    """1 x G groups: tiles of cfg.bm * max(cfg.bk, G) values, whole groups consecutive in row-major order
+    (``quant_groups_kernel``); GN x G blocks: cfg.bm rows a pass (``quant_blocks_kernel``)."""
     n, k = x2.shape
     cfg = cfg or config(quant_key(group), n, k)
-    bm = cfg.bm if group.gn == 1 else min(cfg.bm, group.gn)
-    tm = bm if group.gn == 1 else group.gn
-    bk = max(cfg.bk, group.gk) if group.gn == 1 else group.gk
-    _launch(K.quant_tiles_kernel, triton.cdiv(n, tm) * triton.cdiv(k, bk), cfg, x2.device,
-            (x2, q2, s, n, k, x2.stride(0), q2.stride(0), s.stride(0)),
-            dict(GN=group.gn, BM=bm, BK=bk, GW=group.gk, PREFETCH=bm == tm and _prefetch(cfg), EVICT=cfg.evict,
-                 **args))
+    a = (x2, q2, s, n, k, x2.stride(0), q2.stride(0), s.stride(0))
+    if group.gn == 1:
+        r = cfg.bm * max(cfg.bk, group.gk) // group.gk
+        _launch(K.quant_groups_kernel, triton.cdiv(n * triton.cdiv(k, group.gk), r), cfg, x2.device, a,
+                dict(R=r, GW=group.gk, CW=min(group.gk, GROUP_CHUNK), EVICT=cfg.evict, **args))
+    else:
+        bm = min(cfg.bm, group.gn)
+        _launch(K.quant_blocks_kernel, triton.cdiv(n, group.gn) * triton.cdiv(k, group.gk), cfg, x2.device, a,
+                dict(GN=group.gn, BM=bm, BK=group.gk, PREFETCH=bm == group.gn and _prefetch(cfg), EVICT=cfg.evict,
+                     **args))
 
 
 TENSOR_GROUP = ScaleGroup(0, 0)
