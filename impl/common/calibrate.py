@@ -7,8 +7,8 @@ Descriptive figures (medians of event-timed reps, as before):
 
 Peaks, the denominators of every ``pct_peak_*`` (a true ceiling, so that no honest bench reads above 100%):
 - ``bw_peak_gbps``: the best of several memory-bound kernels — copies of 1 GiB and 256 MiB, a read-only reduction
-  (1 GiB summed), and a triad ``z = x + 2y`` (3 × 256 MiB, and 3 × 64 MiB: a bench kernel's scale, whose last writes
-  are still in L2 when the timer stops, as a bench's are) — each at its *fastest* round;
+  (1 GiB summed), and a triad ``z = x + 2y`` (3 × 256 MiB, and 3 × 64 MiB and 3 × 32 MiB: a bench kernel's scale,
+  whose last writes are still in L2 when the timer stops, as a bench's are) — each at its *fastest* round;
 - ``bf16_peak_tflops`` / ``fp8_peak_tflops``: the best of three GEMM shapes (8192³, 4096×8192×8192,
   8192×4096×4096), fastest round; bf16 with B both row-major and as a transposed (N, K) weight, fp8 with operands
   spanning e4m3's range as a per-tensor quantizer leaves them (the layouts and data the benches multiply), each
@@ -34,7 +34,7 @@ from impl.common.timing import synchronize, time_fn
 REST_S = 1.0  # idle before each peak GEMM's rounds, on a GPU: its power and clocks recover
 METHOD = ("copy 1 GiB d2d (read+write); GEMM 8192^3 via torch; H2D 40 MB; medians of 20 event-timed reps (copy and "
           "GEMM queued, launch latency excluded; H2D eager). Peaks: fastest round of the best of copy 1 GiB / 256 MiB, "
-          "read-only sum 1 GiB, triad 3 x 256 MiB and 3 x 64 MiB (bandwidth) and of GEMM 8192^3, 4096x8192x8192, 8192x4096x4096 "
+          "read-only sum 1 GiB, triad 3 x 256 / 64 / 32 MiB (bandwidth) and of GEMM 8192^3, 4096x8192x8192, 8192x4096x4096 "
           "(bf16: B row-major and transposed weight; fp8: operands scaled to e4m3's range), L2 flushed between rounds, "
           f"each GEMM after {REST_S:g} s idle")
 
@@ -45,14 +45,15 @@ class Sizes:
 
     copy_bytes: int = 1 << 30
     small_bytes: int = 1 << 28
-    bench_bytes: int = 1 << 26  # a triad's array at a bench kernel's scale (3 x 64 MiB, ~200 MB moved)
+    bench_bytes: int = 1 << 26  # a triad's array at a bench kernel's scale (3 x 64 MiB, and half that)
     gemm: tuple[int, int, int] = (8192, 8192, 8192)
     gemm_shapes: tuple[tuple[int, int, int], ...] = ((8192, 8192, 8192), (4096, 8192, 8192), (8192, 4096, 4096))
     h2d_bytes: int = 40_000_000
 
 
 FULL = Sizes()
-TINY = Sizes(copy_bytes=1 << 16, small_bytes=1 << 14, bench_bytes=1 << 12, gemm=(64, 64, 64), gemm_shapes=((64, 64, 64), (32, 64, 64)),
+TINY = Sizes(copy_bytes=1 << 16, small_bytes=1 << 14, bench_bytes=1 << 12, gemm=(64, 64, 64),
+             gemm_shapes=((64, 64, 64), (32, 64, 64)),
              h2d_bytes=1 << 14)  # runs anywhere (CPU tests of the code path); its figures mean nothing
 
 
@@ -85,7 +86,8 @@ def measure_bandwidth_kernels(sizes: Sizes = FULL) -> dict[str, float]:
     acc = torch.empty((), device=_device())
     out["read_sum_1gib"] = _rate(big, lambda: torch.sum(x, dim=0, out=acc), best=True) / 1e9
     del x
-    for name, nbytes in (("triad_3x256mib", small), ("triad_3x64mib", sizes.bench_bytes)):
+    b = sizes.bench_bytes
+    for name, nbytes in (("triad_3x256mib", small), ("triad_3x64mib", b), ("triad_3x32mib", b // 2)):
         n = nbytes // 4
         a, b, c = (torch.rand(n, device=_device()) for _ in range(3))
         out[name] = _rate(3 * 4 * n, lambda: torch.add(a, b, alpha=2.0, out=c), best=True) / 1e9
