@@ -29,10 +29,8 @@ own lines in L2 instead of evicting other work's (and writing back that work's d
 At the copy bandwidth a 16-bit -> FP8 requantize leaves about 20 issued instructions an element (H200: 132 SMs x 4
 schedulers x ~1.9 GHz x 32 lanes over 3 bytes an element at ~4.3 TB/s), so the kernels keep the work an element
 small: maxima in x's own 16-bit type as packed pairs (``_finite_abs``), the hardware conversion's own saturation
-(``_encode_saturated``), 1 x G groups laid out so that 2 lanes share a group instead of 16
-(``quant_groups_kernel``: a group's scale arithmetic is repeated by every lane holding part of it), and dequantize
-tiles viewed in runs of 8 columns (``_runs_of_8``: codes loaded and values stored by the same thread, no shared
-memory or barriers between them; sm_90: 8 instructions an element instead of 9-11).
+(``_encode_saturated``), and 1 x G groups laid out so that 2 lanes share a group instead of 16
+(``quant_groups_kernel``: a group's scale arithmetic is repeated by every lane holding part of it).
 """
 from __future__ import annotations
 
@@ -193,25 +191,26 @@ def _order(i, tiles, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _apply_scales(y, s_ptr, r, c, m0, k0, N, K, stride_s,
+def _apply_scales(y, s_ptr, rows, m0, k0, cols, N, K, stride_s,
                   GN: tl.constexpr, GK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, INVERT: tl.constexpr):
-    """y * s (INVERT: y * (1 / s), the reciprocal correctly rounded) with s the scale of each element's group; r and
-    c are the tile's row and column indices shaped to broadcast against y ([BM, 1] and [1, BK], or a view of them).
+    """y * s (INVERT: y * (1 / s), the reciprocal correctly rounded) with s the scale of each element's group.
 
-    The scales are read in the cheapest shape the tile allows: one scalar (per-tensor), one per row (rows of a group,
-    or a tile inside one column group), one per column (a tile inside one row group spanning several column groups),
-    else one per element."""
+    The scales are read in the cheapest shape the tile allows: one scalar (per-tensor), one per row ([BM, 1]: rows
+    of a group, or a tile inside one column group), one per column ([1, BK]: a tile inside one row group spanning
+    several column groups), else one per element."""
     if GN == 0 and GK == 0:
         s = tl.load(s_ptr)
     elif GK == 0 or BK <= GK:
-        rg = (r // GN).to(tl.int64) if GN > 0 else (r * 0).to(tl.int64)
-        c0 = 0 if GK == 0 else k0 // GK
-        s = tl.load(s_ptr + rg * stride_s + c0, mask=r < N, other=1.0)
+        r = (rows // GN).to(tl.int64) if GN > 0 else (rows * 0).to(tl.int64)
+        c = 0 if GK == 0 else k0 // GK
+        s = tl.load(s_ptr + r * stride_s + c, mask=rows < N, other=1.0)[:, None]
     elif GN == 0 or GN >= BM:
         r0 = 0 if GN == 0 else (m0 // GN).to(tl.int64)  # BM divides GN: the tile is in one row group
-        s = tl.load(s_ptr + r0 * stride_s + c // GK, mask=c < K, other=1.0)
+        s = tl.load(s_ptr + r0 * stride_s + cols // GK, mask=cols < K, other=1.0)[None, :]
     else:
-        s = tl.load(s_ptr + (r // GN).to(tl.int64) * stride_s + c // GK, mask=(r < N) & (c < K), other=1.0)
+        r = (rows // GN).to(tl.int64)
+        m = (rows < N)[:, None] & (cols < K)[None, :]
+        s = tl.load(s_ptr + r[:, None] * stride_s + (cols // GK)[None, :], mask=m, other=1.0)
     if INVERT:
         s = tl.math.div_rn(1.0, s)
     return y * s
@@ -221,33 +220,14 @@ def _apply_scales(y, s_ptr, r, c, m0, k0, N, K, stride_s,
 
 
 @triton.jit
-def _runs_of_8(t, K, BM: tl.constexpr, BK: tl.constexpr):
-    """Tile t's (first row, first column, rows [BM, 1, 1], columns [1, BK / 8, 8]): the tile viewed in runs of 8
-    columns. Triton gives a thread one run on both sides of a dequantize, 8 bytes of codes loaded and 8 16-bit values
-    stored (a flat [BM, BK] view loads 16 codes a thread and stores 8 values, so the codes change hands through shared
-    memory, with two barriers a tile)."""
-    m0, k0, rows, cols = _tile(t, K, BM, BK)
-    c = k0 + (tl.arange(0, BK // 8) * 8)[None, :, None] + tl.arange(0, 8)[None, None, :]
-    return m0, k0, rows[:, None, None], c
-
-
-@triton.jit
-def _load_codes(q_ptr, t, tiles, N, K, stride_q, BM: tl.constexpr, BK: tl.constexpr, EVICT: tl.constexpr):
-    """Tile t's codes in runs of 8 columns, 0 outside the matrix and for t not in [0, tiles)."""
-    m0, k0, r, c = _runs_of_8(t, K, BM, BK)
-    return _ld(q_ptr + r.to(tl.int64) * stride_q + c, (r < N) & (c < K) & (t < tiles) & (t >= 0), EVICT)
-
-
-@triton.jit
 def _dequant_tile(b, t, s_ptr, out_ptr, N, K, stride_s, stride_o,
                   GN: tl.constexpr, GK: tl.constexpr, FMT: tl.constexpr, EMULATE: tl.constexpr,
                   BM: tl.constexpr, BK: tl.constexpr, EVICT: tl.constexpr):
-    """Store tile t of y = decode(b) * s (b: its codes in runs of 8 columns, already loaded). A run lies in one
-    column group (GK >= 16), so the scales are read once a run, by its first column."""
-    m0, k0, r, c = _runs_of_8(t, K, BM, BK)
-    first = k0 + (tl.arange(0, BK // 8) * 8)[None, :, None]
-    y = _apply_scales(_decode(b, FMT, EMULATE), s_ptr, r, first, m0, k0, N, K, stride_s, GN, GK, BM, BK, False)
-    _st(out_ptr + r.to(tl.int64) * stride_o + c, y.to(out_ptr.dtype.element_ty), (r < N) & (c < K), EVICT)
+    """Store tile t of y = decode(b) * s (b: its codes, already loaded)."""
+    m0, k0, rows, cols = _tile(t, K, BM, BK)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    y = _apply_scales(_decode(b, FMT, EMULATE), s_ptr, rows, m0, k0, cols, N, K, stride_s, GN, GK, BM, BK, False)
+    _st(out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask, EVICT)
 
 
 @triton.jit
@@ -264,14 +244,14 @@ def dequant_kernel(q_ptr,          # uint8 codes [N, K], row stride stride_q
     tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH:
-        b = _load_codes(q_ptr, tl.program_id(0), tiles, N, K, stride_q, BM, BK, EVICT)
+        b = _load_tile(q_ptr, tl.program_id(0), tiles, N, K, stride_q, BM, BK, EVICT)
         for t in range(tl.program_id(0), tiles, step):
-            nb = _load_codes(q_ptr, t + step, tiles, N, K, stride_q, BM, BK, EVICT)
+            nb = _load_tile(q_ptr, t + step, tiles, N, K, stride_q, BM, BK, EVICT)
             _dequant_tile(b, t, s_ptr, out_ptr, N, K, stride_s, stride_o, GN, GK, FMT, EMULATE, BM, BK, EVICT)
             b = nb
     else:
         for t in range(tl.program_id(0), tiles, step):
-            b = _load_codes(q_ptr, t, tiles, N, K, stride_q, BM, BK, EVICT)
+            b = _load_tile(q_ptr, t, tiles, N, K, stride_q, BM, BK, EVICT)
             _dequant_tile(b, t, s_ptr, out_ptr, N, K, stride_s, stride_o, GN, GK, FMT, EMULATE, BM, BK, EVICT)
 
 
@@ -323,7 +303,7 @@ def _quant_tile(xin, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q,
     if FROM_PARTS:
         y = x * inv
     else:
-        y = _apply_scales(x, s_ptr, rows[:, None], cols[None, :], m0, k0, N, K, stride_s, GN, GK, BM, BK, True)
+        y = _apply_scales(x, s_ptr, rows, m0, k0, cols, N, K, stride_s, GN, GK, BM, BK, True)
     _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode_saturated(y, FMT, FMAX, EMULATE), mask,
         EVICT)
     return acc
