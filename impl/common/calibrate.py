@@ -34,9 +34,9 @@ from impl.common.timing import synchronize, time_fn
 REST_S = 1.0  # idle before each peak GEMM's rounds, on a GPU: its power and clocks recover
 METHOD = ("copy 1 GiB d2d (read+write); GEMM 8192^3 via torch; H2D 40 MB; medians of 20 event-timed reps (copy and "
           "GEMM queued, launch latency excluded; H2D eager). Peaks: fastest round of the best of copy 1 GiB / 256 MiB, "
-          "read-only sum 1 GiB, triad 3 x 256 / 64 / 32 MiB (bandwidth) and of GEMM 8192^3, 4096x8192x8192, 8192x4096x4096 "
-          "(bf16: B row-major and transposed weight; fp8: operands scaled to e4m3's range), L2 flushed between rounds, "
-          f"each GEMM after {REST_S:g} s idle")
+          "read-only sum 1 GiB, triad 3 x 256 / 64 / 32 MiB (bandwidth) and of GEMM 8192^3, 4096x8192x8192, "
+          "8192x4096x4096 (bf16: B row-major and transposed weight; fp8: operands scaled to e4m3's range), L2 flushed "
+          f"between rounds, each GEMM after {REST_S:g} s idle")
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ def measure_bandwidth_kernels(sizes: Sizes = FULL) -> dict[str, float]:
     acc = torch.empty((), device=_device())
     out["read_sum_1gib"] = _rate(big, lambda: torch.sum(x, dim=0, out=acc), best=True) / 1e9
     del x
-    b = sizes.bench_bytes
-    for name, nbytes in (("triad_3x256mib", small), ("triad_3x64mib", b), ("triad_3x32mib", b // 2)):
+    bench = sizes.bench_bytes
+    for name, nbytes in (("triad_3x256mib", small), ("triad_3x64mib", bench), ("triad_3x32mib", bench // 2)):
         n = nbytes // 4
         a, b, c = (torch.rand(n, device=_device()) for _ in range(3))
         out[name] = _rate(3 * 4 * n, lambda: torch.add(a, b, alpha=2.0, out=c), best=True) / 1e9

@@ -54,10 +54,11 @@ CHECK_SHAPES = {"*": [(272, 1040)], "requant-channel": [(272, 1040), (48, 8208)]
 # 1: loads): a stream that recycles its own lines does not evict (and write back) the dirty lines other work left
 # in L2, as a kernel in a model finds them after the one before it.
 # 1 x 128 groups: tiles of 64 groups over 4 warps (64 values a thread, 89 registers), 128 over 8, 32 over 4 or 2,
-# a persistent grid. Then one-pass 128 x 128 blocks held in registers (32 warps, 46 registers: one program of 32 warps per SM that prefetches its next
-# block), then the earlier runners-up. Every candidate is timed on each shape class's shape and a class keeps its
-# fastest (requant-channel's evict 0 variant comes early: on 4096x14336 evict 2 lost). Registers: ptxas for sm_90
-# with the arguments' divisibility by 16 that Triton's JIT specializes on (test_fp8_compile).
+# a persistent grid. Then one-pass 128 x 128 blocks held in registers (32 warps, 46 registers: one program of 32
+# warps per SM that prefetches its next block), then the earlier runners-up. Every candidate is timed on each shape
+# class's shape and a class keeps its fastest (requant-channel's evict 0 variant comes early: on 4096x14336 evict 2
+# lost). Registers: ptxas for sm_90 with the arguments' divisibility by 16 that Triton's JIT specializes on
+# (test_fp8_compile).
 CANDIDATES: dict[str, list[C]] = {
     "dequant-tensor": [C(4, 512, 4, 1, 0, 2), C(4, 512, 4, 1, 0, 1), C(8, 512, 4, 1, 0, 2), C(16, 512, 8, 1, 0, 2),
                        C(8, 1024, 4), C(16, 512, 8)],
