@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# FP8 kernels on the device in about 200 s: tune (refreshes results/<card>/fp8/{tune,launch_table}.json) -> GPU
+# FP8 kernels on the device in about 230 s: tune (refreshes results/<card>/fp8/{tune,launch_table}.json) -> GPU
 # correctness of the kernels and of the launch table (hypothesis 'ci' profile) -> benches saved as run "fp8", which
 # launch with the table just written. Every step has its own wall-clock limit (SIGINT: pytest still saves the
 # benchmarks it finished); results/ and the logs are packed into $OUT after each step.
-# Usage there: LAB_COMMIT=<sha> bash .ci/gpu/fp8.sh [tune_s=60] [check_s=45] [bench_s=85]
+# Usage there: LAB_COMMIT=<sha> bash .ci/gpu/fp8.sh [tune_s=90] [check_s=45] [bench_s=85]
 set -uo pipefail
 export PYTHONUNBUFFERED=1 LAB_BACKEND=gpu LAB_HYPOTHESIS_PROFILE=ci
-tune_s=${1:-60}; check_s=${2:-45}; bench_s=${3:-85}
+tune_s=${1:-90}; check_s=${2:-45}; bench_s=${3:-85}
 out=${OUT:-/tmp/out}; mkdir -p "$out/logs" "$out/fp8"
 pack() { tar czf "$out/results.tgz" results; tar czf "$out/logs.tgz" -C "$out" logs; }
 step() {

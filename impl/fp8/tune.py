@@ -54,7 +54,10 @@ CHECK_SHAPES = {"*": [(272, 1040)], "requant-channel": [(272, 1040), (48, 8208)]
 # 1: loads): a stream that recycles its own lines does not evict (and write back) the dirty lines other work left
 # in L2, as a kernel in a model finds them after the one before it.
 # 1 x 128 groups: tiles of 64 groups over 4 warps (64 values a thread, 89 registers), 128 over 8, 32 over 4 or 2,
-# a persistent grid. Then one-pass 128 x 128 blocks held in registers (32 warps, 46 registers: one program of 32
+# a persistent grid. Rows read once and 128 x 128 blocks held whole with 64 values a thread (4096-wide rows: 2 warps,
+# 84 registers; blocks: 8 warps, 100 registers): sm_90 SASS of 9 and 11 instructions an element against 12 and 15
+# at 32 values a thread, where the issue slots are a requantize's limit (about 20 an element at the H200's copy
+# bandwidth). Then one-pass 128 x 128 blocks held in registers (32 warps, 46 registers: one program of 32
 # warps per SM that prefetches its next block), then the earlier runners-up. Every candidate is timed on each shape
 # class's shape and a class keeps its fastest (requant-channel's evict 0 variant comes early: on 4096x14336 evict 2
 # lost). Registers: ptxas for sm_90 with the arguments' divisibility by 16 that Triton's JIT specializes on
@@ -71,11 +74,13 @@ CANDIDATES: dict[str, list[C]] = {
     "amax": [C(4, 512, 4, 2, 16), C(8, 1024, 8, 2, 4), C(4, 2048, 8, 2, 4), C(8, 512, 4, 1, 8), C(4, 512, 4, 1, 16)],
     "requant-delayed": [C(4, 512, 4, 2, 8, 2), C(4, 512, 4, 2, 8, 1), C(2, 1024, 4, 2, 16, 2), C(4, 512, 4, 1, 0, 2),
                         C(2, 1024, 4, 2, 16), C(4, 512, 4, 1, 8)],
-    "requant-channel": [C(1, 16384, 16, 1, 0, 2), C(1, 16384, 16), C(1, 16384, 16, 1, 0, 1), C(1, 4096, 8),
+    "requant-channel": [C(1, 16384, 16, 1, 0, 2), C(1, 16384, 16), C(1, 16384, 16, 1, 0, 1), C(1, 8192, 4, 1, 0, 2),
+                        C(1, 8192, 4), C(1, 4096, 8),
                         C(2, 8192, 16, 1, 0, 2)],  # (1, 16384, 16): 4096x14336 75% of copy at evict 0, 53% at 2
     "requant-group": [C(8, 1024, 4, 1, 0, 2), C(8, 1024, 4, 1, 0, 1), C(16, 1024, 8, 1, 0, 2), C(4, 1024, 4, 1, 0, 2),
                       C(8, 1024, 4, 1, 8, 2), C(4, 1024, 2, 1, 0, 2), C(8, 1024, 4)],
     "requant-block": [C(128, 128, 32, 2, 2, 2), C(128, 128, 32, 2, 2), C(32, 128, 8, 1, 0, 2), C(32, 128, 8, 1, 0, 1),
+                      C(128, 128, 8, 1, 0, 2), C(128, 128, 8),
                       C(128, 128, 16, 1, 0, 2), C(128, 128, 32, 1, 0, 2), C(64, 128, 8)],
 }
 CPU_CANDIDATES = 1  # under the interpreter: the first candidate of each kernel only
