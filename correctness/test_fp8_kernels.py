@@ -160,6 +160,30 @@ def test_quantize_saturates_and_keeps_nan():
     assert q.cpu().float()[0, 6].isnan() and q.cpu().float()[0, 4] == 448
 
 
+@pytest.mark.parametrize("group", ["tensor", "channel", "group", "block"])
+def test_groups_of_subnormals_or_non_finite_only_quantize_matches_reference(group):
+    """Groups whose only nonzero values are subnormal in the input's type keep them in the amax (a scale below 1, not
+    the 1 of an all-zero group: no flush to zero in the kernels' maxima), and groups of only NaN/+-inf/0 get scale 1,
+    in every input type."""
+    for dtype in HIGH:
+        t = getattr(torch, dtype)
+        sub = torch.finfo(t).tiny / 4  # a subnormal of the type (and of float32)
+        x = torch.zeros(130, 260, dtype=torch.float32)
+        x[:3, :] = sub
+        x[3, ::2] = -sub  # row 3: subnormals and zeros
+        x[4, :] = float("nan")
+        x[5, ::3] = float("inf")  # row 5: inf and zeros
+        x[5, 1::3] = float("-inf")
+        x[129, 259] = sub  # the last group's only nonzero value
+        x = x.to(t).to(DEVICE)
+        ref_q, ref_s = R.quantize_reference(x, group, "e4m3")
+        q, s = quant.quantize(x, group, "e4m3")
+        codes_equal(q, ref_q)
+        assert_close(s, ref_s, rtol=0, atol=0, msg=f"scales ({dtype})")
+        if group == "channel":
+            assert float(s[0]) < 1.0 and float(s[4]) == 1.0 and float(s[5]) == 1.0, (dtype, s[:6].flatten())
+
+
 def test_empty_and_all_zero_inputs():
     for shape in [(0, 5), (3, 0), (0, 0)]:
         q, s = quant.quantize(torch.zeros(shape, device=DEVICE), "channel")
