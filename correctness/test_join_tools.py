@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures.nvcc import compile_for_sm90
 from fixtures.nvrtc import assert_compiles_with_nvrtc
 from impl.common import ledger
 from impl.common.results import ROOT
@@ -28,16 +28,9 @@ from impl.join.plots import PLOTS, TABLES
                                      ["-DJOIN_LROWS=4"]], ids=["default", "128x2", "reconverge", "lrows4"])
 def test_hash_join_cu_compiles_with_nvcc(tmp_path, defines):
     """Every kernel the wrapper launches is in the sm_90 cubin, and ptxas spills no register in any of them."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc is not on PATH: the CUDA C++ source cannot be compiled here")
-    out = tmp_path / "hash_join.cubin"
-    proc = subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-Xptxas=-v", *defines, "-o", str(out), str(SOURCE)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    spills = [int(m) for m in re.findall(r"(\d+) bytes spill (?:stores|loads)", proc.stderr)]
-    assert spills and not any(spills), f"ptxas spills registers: {proc.stderr[-3000:]}"
-    blob = out.read_bytes()
+    report, blob = compile_for_sm90(SOURCE, defines, tmp_path)
+    spills = [int(m) for m in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
+    assert spills and not any(spills), f"ptxas spills registers: {report[-3000:]}"
     missing = [k for k in KERNEL_NAMES if k.encode() not in blob]
     assert not missing, f"kernels the wrapper launches are missing from the cubin: {missing}"
 

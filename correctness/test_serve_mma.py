@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fixtures.nvcc import compile_for_sm90
 from fixtures.nvrtc import assert_compiles_with_nvrtc
 from fixtures.oracle import check_kernel
 from impl import backend
@@ -297,21 +296,15 @@ SHAPES = ([(w, u, tokens, 0, False, 0, False) for w, u in MMA_SHAPES for tokens 
 def test_fp8_mma_cu_compiles_for_sm90_without_spills(tmp_path, warps, unroll, tokens, row_run, pipe, sweep, a8):
     """Every shape the tune run times compiles with nvcc for sm_90 inside its register budget (no spills, no stack)
     and holds the kernel the launcher asks for."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc is not on PATH: the CUDA C++ source cannot be compiled here")
-    out = tmp_path / "fp8_mma.cubin"
     defines = [o for o in compile_options(warps, unroll, tokens, row_run, pipe, sweep) if o.startswith("-D")]
-    proc = subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-Xptxas=-v", *defines, "-o", str(out), str(SOURCE)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    stderr, cubin = compile_for_sm90(SOURCE, defines, tmp_path)
     name = kernel_name(row_run, sweep, a8)
-    report = proc.stderr[proc.stderr.find(f"Compiling entry function '{name}'"):]
+    report = stderr[stderr.find(f"Compiling entry function '{name}'"):]
     if "Compiling entry function" in report[10:]:
         report = report[:report.find("Compiling entry function", 10)]
     spills = [int(v) for v in re.findall(r"(\d+) bytes (?:spill stores|spill loads|stack frame)", report)]
     assert spills and not any(spills), f"ptxas spills registers: {report[-2000:]}"
-    assert name.encode() in out.read_bytes()
+    assert name.encode() in cubin
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     assert regs * 32 * warps * fp8_mma.min_blocks(warps, unroll, tokens, 1 if sweep else row_run, pipe) <= 65536
 

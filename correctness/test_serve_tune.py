@@ -25,7 +25,8 @@ def test_tune_smoke_checks_times_and_writes_a_loadable_table(tmp_path, capsys):
         kinds = {r["kind"] for r in pair["candidates"]}
         assert {"bf16", "inner", "w8a16", "deferred"} <= kinds, pair["projection"]
         anchors = [r for r in pair["candidates"] if r["kind"] == "anchor"]
-        assert [r["candidate"] for r in anchors] == (["read_anchor", "stream_anchor"] if pair["m"] == 1 else []), pair["m"]
+        want = ["read_anchor", "stream_anchor"] if pair["m"] == 1 else []
+        assert [r["candidate"] for r in anchors] == want, pair["m"]
         assert all(r["median_us"] > 0 and r["weight_gbps"] > 0 for r in anchors)
         served = [r for r in pair["candidates"] if r["kind"] != "anchor"]
         for r in served:  # every candidate passed its float64 check before it was timed

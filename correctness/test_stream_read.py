@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import operator
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fixtures.nvcc import compile_for_sm90
 from fixtures.nvrtc import assert_compiles_with_nvrtc
 from impl import backend
 from impl.backend import DEVICE
@@ -84,15 +83,8 @@ def test_refusals():
 
 
 def test_source_compiles_for_sm90_without_spills(tmp_path):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc is not on PATH: the CUDA C++ source cannot be compiled here")
-    out = tmp_path / "stream_read.cubin"
-    defines = [o for o in compile_options() if o.startswith("-D")]
-    proc = subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-Xptxas=-v", *defines, "-o", str(out), str(SOURCE)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "0 bytes spill stores" in proc.stderr and KERNEL.encode() in out.read_bytes()
+    report, cubin = compile_for_sm90(SOURCE, [o for o in compile_options() if o.startswith("-D")], tmp_path)
+    assert "0 bytes spill stores" in report and KERNEL.encode() in cubin
 
 
 def test_source_compiles_with_nvrtc_like_cupy():

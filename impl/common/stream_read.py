@@ -7,8 +7,8 @@ does in the same run. ``torch.sum`` is one such read, but a reduction is not bui
 (``stream_read.cu``) is: every thread keeps several 16-byte loads in flight over a grid-stride sweep of the whole
 buffer, so the grid reads one contiguous window at a time, and returns an order-independent XOR (checked against
 ``stream_read_twin`` on the CPU, the same words in numpy). Time it with ``impl.common.timing`` as the kernel it anchors
-(L2 flushed, queued); it only launches, each block writing its own slot (no atomics, nothing to zero). On an H100 a
-probe kernel with this loop read 16.8 MB in 9.3 us and 58.7 MB in 22.7 us where ``torch.sum`` took 14.4 and 27.4.
+(L2 flushed, queued); it only launches, each block writing its own slot (no atomics, nothing to zero). On an H100
+it read 16.8 MB in 9.4 us and 58.7 MB in 22.7 us where ``torch.sum`` took 14.5 and 27.5.
 CI compiles the source with nvcc and NVRTC; on a CPU the twin computes the result.
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ own lines in L2 instead of evicting other work's (and writing back that work's d
 At the copy bandwidth a 16-bit -> FP8 requantize leaves about 20 issued instructions an element (H200: 132 SMs x 4
 schedulers x ~1.9 GHz x 32 lanes over 3 bytes an element at ~4.3 TB/s), so the kernels keep the work an element
 small: maxima in x's own 16-bit type as packed pairs (``_finite_abs``), the hardware conversion's own saturation
-(``_encode_saturated``), and 1 x G groups laid out so that 2 lanes share a group instead of 16
+(``_encode``), and 1 x G groups laid out so that 2 lanes share a group instead of 16
 (``quant_groups_kernel``: a group's scale arithmetic is repeated by every lane holding part of it).
 """
 from __future__ import annotations
@@ -100,15 +100,6 @@ def _decode(b, FMT: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _encode(y, FMT: tl.constexpr, EMULATE: tl.constexpr):
-    if EMULATE:
-        return _encode_bits(y, FMT)
-    if FMT == 0:
-        return y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-    return y.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-
-
-@triton.jit
 def _saturate(y, FMAX: tl.constexpr):
     """Clamp to [-FMAX, FMAX]; comparisons with NaN are false, so NaN passes through."""
     y = tl.where(y > FMAX, FMAX, y)
@@ -116,13 +107,15 @@ def _saturate(y, FMAX: tl.constexpr):
 
 
 @triton.jit
-def _encode_saturated(y, FMT: tl.constexpr, FMAX: tl.constexpr, EMULATE: tl.constexpr):
+def _encode(y, FMT: tl.constexpr, FMAX: tl.constexpr, EMULATE: tl.constexpr):
     """FP8 codes of float32 y clamped to [-FMAX, FMAX] (+-inf -> +-FMAX, NaN stays NaN), round to nearest even. The
     hardware conversion clamps by itself (``cvt.rn.satfinite``), so only the bit codec is given clamped values: two
     float32 compares and selects an element fewer on the GPU."""
     if EMULATE:
         return _encode_bits(_saturate(y, FMAX), FMT)
-    return _encode(y, FMT, False)
+    if FMT == 0:
+        return y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+    return y.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
 
 
 @triton.jit
@@ -130,6 +123,13 @@ def _scale_from_amax(amax, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr):
     s = tl.math.div_rn(amax, FMAX)
     s = tl.where(s < MIN_SCALE, MIN_SCALE, s)
     return tl.where(amax > 0, s, 1.0)
+
+
+@triton.jit
+def _max_finite_abs(acc, x):
+    """acc (x's type) maxed element by element with x's finite |x| (``_finite_abs``; maximum is maxnum, so a NaN
+    from inf leaves acc as it was)."""
+    return tl.maximum(acc, _finite_abs(x)).to(acc.dtype)
 
 
 @triton.jit
@@ -273,12 +273,12 @@ def amax_partials_kernel(x_ptr,      # [N, K] input, row stride stride_x
         x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK, EVICT)
         for t in range(tl.program_id(0), tiles, step):
             nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK, EVICT)
-            acc = tl.maximum(acc, _finite_abs(x)).to(acc.dtype)
+            acc = _max_finite_abs(acc, x)
             x = nx
     else:
         for t in range(tl.program_id(0), tiles, step):
             x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
-            acc = tl.maximum(acc, _finite_abs(x)).to(acc.dtype)
+            acc = _max_finite_abs(acc, x)
     tl.store(part_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0).to(tl.float32))
 
 
@@ -299,12 +299,12 @@ def _quant_tile(xin, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q,
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     x = xin.to(tl.float32)
     if NEXT_PARTS:
-        acc = tl.maximum(acc, _finite_abs(xin)).to(acc.dtype)
+        acc = _max_finite_abs(acc, xin)
     if FROM_PARTS:
         y = x * inv
     else:
         y = _apply_scales(x, s_ptr, rows, m0, k0, cols, N, K, stride_s, GN, GK, BM, BK, True)
-    _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode_saturated(y, FMT, FMAX, EMULATE), mask,
+    _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(y, FMT, FMAX, EMULATE), mask,
         EVICT)
     return acc
 
@@ -382,19 +382,19 @@ def quant_rows_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, floa
             x = _ld(x_ptr + r64 * stride_x + cols[None, :], mask, EVICT)
             s = _scale_from_amax(_row_amax(x), FMAX, MIN_SCALE)
             y = x.to(tl.float32) * tl.math.div_rn(1.0, s)[:, None]
-            _st(q_ptr + r64 * stride_q + cols[None, :], _encode_saturated(y, FMT, FMAX, EMULATE), mask, EVICT)
+            _st(q_ptr + r64 * stride_q + cols[None, :], _encode(y, FMT, FMAX, EMULATE), mask, EVICT)
         else:
             acc = tl.zeros((BM, BK), dtype=x_ptr.dtype.element_ty)
             for k0 in range(0, K, BK):
                 mask = rmask[:, None] & ((k0 + cols) < K)[None, :]
                 x = tl.load(x_ptr + r64 * stride_x + (k0 + cols)[None, :], mask=mask, other=0.0)
-                acc = tl.maximum(acc, _finite_abs(x)).to(acc.dtype)
+                acc = _max_finite_abs(acc, x)
             s = _scale_from_amax(tl.max(acc, axis=1).to(tl.float32), FMAX, MIN_SCALE)
             inv = tl.math.div_rn(1.0, s)[:, None]
             for k0 in range(0, K, BK):  # the second read, from L2: the last use of these lines
                 mask = rmask[:, None] & ((k0 + cols) < K)[None, :]
                 x = _ld(x_ptr + r64 * stride_x + (k0 + cols)[None, :], mask, EVICT).to(tl.float32)
-                _st(q_ptr + r64 * stride_q + (k0 + cols)[None, :], _encode_saturated(x * inv, FMT, FMAX, EMULATE),
+                _st(q_ptr + r64 * stride_q + (k0 + cols)[None, :], _encode(x * inv, FMT, FMAX, EMULATE),
                     mask, EVICT)
         tl.store(s_ptr + rows, s, mask=rmask)
 
@@ -428,7 +428,7 @@ def quant_groups_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, fl
         s = _scale_from_amax(amax, FMAX, MIN_SCALE)
         tl.store(s_ptr + row * stride_s + gc, s, mask=g < N * G)
         y = x.to(tl.float32) * tl.math.div_rn(1.0, s)[None, :, None]
-        _st(q_ptr + row[None, :, None] * stride_q + cols, _encode_saturated(y, FMT, FMAX, EMULATE), mask, EVICT)
+        _st(q_ptr + row[None, :, None] * stride_q + cols, _encode(y, FMT, FMAX, EMULATE), mask, EVICT)
 
 
 @triton.jit
@@ -440,7 +440,7 @@ def _quant_block_tile(xin, t, q_ptr, s_ptr, N, K, stride_q, stride_s,
     s = _scale_from_amax(tl.max(_row_amax(xin), axis=0), FMAX, MIN_SCALE)
     tl.store(s_ptr + (m0 // BM) * stride_s + k0 // BK, s)
     y = xin.to(tl.float32) * tl.math.div_rn(1.0, s)
-    _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode_saturated(y, FMT, FMAX, EMULATE),
+    _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(y, FMT, FMAX, EMULATE),
         (rows < N)[:, None] & (cols < K)[None, :], EVICT)
 
 
@@ -479,7 +479,7 @@ def quant_blocks_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, fl
                     sub = m0 + i + tl.arange(0, BM)
                     mask = (sub < N)[:, None] & cmask
                     x = tl.load(x_ptr + sub.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-                    acc = tl.maximum(acc, _finite_abs(x)).to(acc.dtype)
+                    acc = _max_finite_abs(acc, x)
                 s = _scale_from_amax(tl.max(tl.max(acc, axis=1), axis=0).to(tl.float32), FMAX, MIN_SCALE)
                 tl.store(s_ptr + (m0 // GN) * stride_s + k0 // BK, s)
                 inv = tl.math.div_rn(1.0, s)
@@ -488,7 +488,7 @@ def quant_blocks_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, fl
                     mask = (sub < N)[:, None] & cmask
                     r64 = sub.to(tl.int64)[:, None]
                     x = _ld(x_ptr + r64 * stride_x + cols[None, :], mask, EVICT).to(tl.float32)
-                    _st(q_ptr + r64 * stride_q + cols[None, :], _encode_saturated(x * inv, FMT, FMAX, EMULATE), mask,
+                    _st(q_ptr + r64 * stride_q + cols[None, :], _encode(x * inv, FMT, FMAX, EMULATE), mask,
                         EVICT)
 
 
@@ -502,4 +502,4 @@ def codec_kernel(b_ptr, f_ptr, x_ptr, c_ptr, n,   # codes in -> float32 out; flo
     mask = offs < n
     tl.store(f_ptr + offs, _decode(tl.load(b_ptr + offs, mask=mask, other=0), FMT, EMULATE), mask=mask)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    tl.store(c_ptr + offs, _encode_saturated(x, FMT, FMAX, EMULATE), mask=mask)
+    tl.store(c_ptr + offs, _encode(x, FMT, FMAX, EMULATE), mask=mask)

@@ -20,6 +20,12 @@ ENDPOINT = "endpoint_smollm2"
 ATTENTION = "attention_backends"
 
 
+def fastest_read_us(pair: dict[str, Any]) -> float | None:
+    """The faster of a batch-1 tune pair's streaming reads of its code bytes (its ``anchor`` rows), None without."""
+    reads = [r["median_us"] for r in pair.get("candidates", []) if r.get("kind") == "anchor" and "median_us" in r]
+    return min(reads) if reads else None
+
+
 def read_ceiling(view: ResultsView) -> str:
     """What the batch-1 step's linears could reach, one kernel per projection, if each ran as fast as the card's
     fastest streaming read of its own code bytes (the tune run's anchors, ``read_anchor`` and ``stream_anchor``, L2
@@ -32,12 +38,8 @@ def read_ceiling(view: ResultsView) -> str:
     used = ((d.get("gemm_table") or {}).get("data") or {}).get("selected_in_run")
     if not used or used != t.get("run_id"):
         return ""
-    reads: dict[str, float] = {}
-    for p in t.get("pairs", []):
-        for r in p.get("candidates", []) if p.get("m") == 1 else []:
-            if r.get("kind") == "anchor" and "median_us" in r:
-                name = p.get("projection")
-                reads[name] = min(reads.get(name, r["median_us"]), r["median_us"])
+    reads = {p.get("projection"): us for p in t.get("pairs", []) if p.get("m") == 1
+             and (us := fastest_read_us(p)) is not None}
     try:
         layers, nbytes, copy = d["model_args"]["n_layers"], d["fp8"]["linear_weight_bytes"], d["copy_gbps"]
     except (KeyError, TypeError):

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from impl.fp8.formats import E4M3, MIN_SCALE
-from impl.fp8.kernels import _encode_saturated, _finite_abs, _scale_from_amax
+from impl.fp8.kernels import _encode, _finite_abs, _max_finite_abs, _scale_from_amax
 from impl.fp8.quant import EMULATE
 from impl.serve.fused import (ScaledRows, check_gu, check_norm_args, early_trigger, load_gu, norm_row, norm_warps,
                                silu_mul_rounded, unpack)
@@ -70,7 +70,7 @@ def quantize_row(y, mask, q_ptr, s_ptr, row, stride_q, cols,
     """Store row ``row`` of y [BLOCK] (masked columns zero) as e4m3 codes with its per-row scale."""
     yf = y.to(tl.float32)
     s = _scale_from_amax(tl.max(_finite_abs(yf), axis=0), FMAX, MIN_SCALE)
-    codes = _encode_saturated(yf * tl.math.div_rn(1.0, s), 0, FMAX, EMULATE)
+    codes = _encode(yf * tl.math.div_rn(1.0, s), 0, FMAX, EMULATE)
     tl.store(q_ptr + row * stride_q + cols, codes, mask=mask)
     tl.store(s_ptr + row, s)
 
@@ -113,7 +113,7 @@ def silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, xr_ptr, xc_ptr, n_cols, stride_g
             mask = cols < n_cols
             g, u = load_gu(src, xr_ptr, xc_ptr, row, cols, mask, n_cols, X_SCALED)
             a = silu_mul_rounded(g, u)
-            amax = tl.maximum(amax, _finite_abs(a.to(tl.float32)))
+            amax = _max_finite_abs(amax, a.to(tl.float32))
         s = _scale_from_amax(tl.max(amax, axis=0), FMAX, MIN_SCALE)
         inv = tl.math.div_rn(1.0, s)
         for k0 in range(0, n_cols, BLOCK):
@@ -121,7 +121,7 @@ def silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, xr_ptr, xc_ptr, n_cols, stride_g
             mask = cols < n_cols
             g, u = load_gu(src, xr_ptr, xc_ptr, row, cols, mask, n_cols, X_SCALED)
             a = silu_mul_rounded(g, u)
-            tl.store(q_ptr + row * stride_q + cols, _encode_saturated(a.to(tl.float32) * inv, 0, FMAX, EMULATE),
+            tl.store(q_ptr + row * stride_q + cols, _encode(a.to(tl.float32) * inv, 0, FMAX, EMULATE),
                      mask=mask)
         tl.store(s_ptr + row, s)
 

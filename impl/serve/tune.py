@@ -55,6 +55,7 @@ from impl.common.log import logger
 from impl.common.timing import time_fn
 from impl.serve import fp8_adapter
 from impl.serve.choose import GemmChoice, GemmTable
+from impl.serve.claims import fastest_read_us
 from impl.serve.fp8_gemv import DecodeFp8Linear, GemvConfig, default_config, gemv, new_counters, unit_scaled_mm
 from impl.serve.fused import ScaledRows
 from impl.serve.model import DenseLinear, ModelArgs
@@ -304,10 +305,9 @@ def read_anchors(q: torch.Tensor, cfg: TuneConfig) -> list[dict[str, Any]]:
     """The card's streaming reads of the same bytes, timed as the candidates are (L2 flushed, queued): ``torch.sum``
     over the codes viewed as float32 (``read_anchor``; the values are arbitrary bit patterns, only the read is the
     subject) and ``impl.common.stream_read``'s kernel (``stream_anchor``: 16-byte loads in flight over a grid-stride
-    sweep). A batch-1 GEMV cannot beat reading its codes once; the faster read is the ceiling. On an H100 (cold L2,
-    plain events) torch.sum read a 4096x4096 code matrix in 14.4 us and a 4096x14336 one in 27.4 us, a probe kernel
-    with the stream kernel's loop in 9.3 and 22.7 us, the best GEMVs took 11.9 and 26.9: a reduction is not the
-    card's best read."""
+    sweep). A batch-1 GEMV cannot beat reading its codes once; the faster read is the ceiling. On an H100 (tune of
+    44df534) torch.sum read a 4096x4096 code matrix in 14.0 us and a 4096x14336 one in 27.3 us, the stream kernel in
+    9.2 and 22.6 us, the best GEMVs took 11.9 and 28.2: a reduction is not the card's best read."""
     from impl.common.stream_read import stream_read
 
     flat = q.reshape(-1).view(torch.uint8)
@@ -545,11 +545,10 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         rule = by.get(default_config(p["m"], p["n"], p["k"]).name, {}).get("median_us")
         us = best["median_us"] if best else None
         pct = (100 * best["weight_gbps"] / cp) if (best and cp) else None
-        reads = [r["median_us"] for r in p["candidates"] if r["kind"] == "anchor" and "median_us" in r]
         fmt = lambda v, f=".1f": "-" if v is None else format(v, f)  # noqa: E731
         lines.append(f"{p['projection']:5} {p['m']:>4} {str(p['best']):28} {fmt(us):>8} {fmt(pct, '.0f'):>6} "
                      f"{fmt(bf16):>8} {fmt(bf16 / us if (bf16 and us) else None, '.2f'):>6} {fmt(inner):>8} "
-                     f"{fmt(defer):>8} {fmt(rule):>8} {fmt(min(reads) if reads else None):>8}")
+                     f"{fmt(defer):>8} {fmt(rule):>8} {fmt(fastest_read_us(p)):>8}")
     d = data.get("decode_step") or {}
     names = ["bf16", "fp8_rule", "fp8_table", "fp8_table_pdl"] + [f"fp8_table_pdl_f{v}" for v in PREFETCH_MIB]
     for name in names + [f"fp8_table_f{PREFETCH_MIB[0]}"]:
