@@ -1,7 +1,10 @@
 """``python -m impl <command>``: the suite's main entry points.
 
   verify   run every correctness test and every bench (as tests, tiny sizes, without a GPU), then ``report``
-  report   evaluate the claims ledger for each results/<gpu-slug>/ (and results/cpu/) into claims.json + REPORT.md
+  report   evaluate the claims ledger for each results/<gpu-slug>/ (and results/cpu/) into claims.json + REPORT.md,
+           then say which systems' verdicts were measured on code that has changed since (``stale``)
+  stale    per system of a card's stored verdicts: the commits measured at, and the commits since that touch the
+           code they measured (impl.common.freshness)
   gpu      on a GPU machine, per system: its tune step (if it declares one), correctness, benches saved to
            results/<slug>/, experiments; report
   gate     on a GPU machine: every bench of the chosen systems against its own stored baseline (impl.common.gate)
@@ -15,7 +18,7 @@ import time
 
 import impl  # noqa: F401
 from impl import backend
-from impl.common import report
+from impl.common import freshness, report
 from impl.common.ledger import discover_systems
 from impl.common.results import ROOT, gpu_slug
 
@@ -34,6 +37,19 @@ def cmd_report(slugs: list[str]) -> int:
               f"{s['not measured']} not measured -> {s['dir']}/REPORT.md")
         for line in s["problems"]:
             print(f"  problem: {line}")
+        if slug != "cpu":
+            cmd_stale([slug], indent="  ")
+    return 0
+
+
+def cmd_stale(slugs: list[str], indent: str = "") -> int:
+    for slug in slugs or report.slugs_with_results():
+        found = freshness.of_slug(slug)
+        changed = sum(1 for s in found if s.changed or s.dirty)
+        print(f"{indent}{slug}: {changed} of {len(found)} (system, commit) groups of verdicts were measured on code "
+              f"that has changed since (to re-measure them: a GPU run of HEAD)")
+        for s in found:
+            print(f"{indent}  {freshness.describe(s)}")
     return 0
 
 
@@ -103,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     r = sub.add_parser("report", help="render claims.json + REPORT.md")
     r.add_argument("slugs", nargs="*", help="results/<slug> folders (default: all, plus cpu)")
+    st = sub.add_parser("stale", help="which stored verdicts predate changes to the code they measured")
+    st.add_argument("slugs", nargs="*", help="results/<slug> folders (default: all with results)")
     g = sub.add_parser("gpu", help="GPU run: correctness, benches saved as a baseline, report")
     g.add_argument("systems", nargs="*", help="systems to run (default: all)")
     g.add_argument("--save", default="", help="name suffix for the stored benchmark run (default: the system)")
@@ -115,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_report(a.slugs)
     if a.cmd == "verify":
         return cmd_verify(a.pytest_args)
+    if a.cmd == "stale":
+        return cmd_stale(a.slugs)
     return cmd_gpu(a.systems, a.save, ["--quick"] if a.quick else [], a.no_experiments, a.no_tune)
 
 
