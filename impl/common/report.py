@@ -111,7 +111,9 @@ def _markdown(slug: str, view: ResultsView, rows: list[dict[str, Any]], plots: d
     lines += _header(slug, view)
     lines += ["## Claims", "",
               "Measured: the estimate, and in brackets its 95% interval where it could be noise; the verdict judges "
-              "the interval's end the comparison needs (the lower end for >=, the upper for <=).", "",
+              "the interval's end the comparison needs (the lower end for >=, the upper for <=). Each verdict is "
+              "about the code of the commit beside it: `python -m impl stale` says which systems' code has changed "
+              "since (from git history, so not written here).", "",
               "| claim | statement | seed | measured | target | verdict | card | date | commit |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
