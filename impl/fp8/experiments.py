@@ -15,7 +15,9 @@ windows. The policies in ``--gptq-policies`` also run with GPTQ-rounded weights 
 round-to-nearest), and those in ``--mse-policies`` with MSE-chosen scales (``...-mse``: ``impl.fp8.scales``) for each
 rounding they run with, and the W8A8 variants of those in ``--smooth-policies`` also smoothed (``...-smooth``:
 SmoothQuant's factors from the calibration tokens folded in, ``impl.fp8.smooth``, alpha ``--smooth-alpha`` or chosen
-per scale group on the calibration tokens); ``impl.fp8.quantize`` writes every one of these into a checkpoint. See
+per scale group on the calibration tokens); ``impl.fp8.quantize`` writes every one of these into a checkpoint.
+``--grids J`` also runs the GPTQ variants at the grid placements 2^(j/J) (``quality.Variant.grid``, in memory only)
+and records each recipe's spread over them (``grid_spread``): how much of a figure is the draw of the rounding. See
 ``quality`` for the variants, the metric and its interval.
 
 Layouts: the seven checkpoint layouts hold three numerics (per-tensor: vllm-tensor, ct-tensor; per-channel:
@@ -244,7 +246,7 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
               policies: list[str], deadline: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
               gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = (),
               smooth_policies: tuple[str, ...] = (), smooth_alpha: float | None = None,
-              gptq: GptqConfig = GptqConfig(), log: LOG = print) -> dict[str, Any]:
+              gptq: GptqConfig = GptqConfig(), grids: tuple[float, ...] = (), log: LOG = print) -> dict[str, Any]:
     device = backend.DEVICE
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t0 = time.perf_counter()
@@ -252,7 +254,7 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
     log(f"{name}: loaded in {time.perf_counter() - t0:.0f} s ({dtype}, {device}, bos={bos})")
     cal, ids = token_split(tok, text_of(assets), calib, tokens)
     variants = quality.variants_for(policies, groups, gptq_policies=gptq_policies, mse_policies=mse_policies,
-                                    smooth_policies=smooth_policies)
+                                    smooth_policies=smooth_policies, grids=grids)
     moments = None
     if gptq_policies:
         t = time.perf_counter()
@@ -287,13 +289,13 @@ def run_model(name: str, *, assets: Path | None, tokens: int, calib: int, window
 def run(models: list[str], *, assets: Path | None, tokens: int, calib: int, window: int, batch: int,
         policies: list[str], budget_s: float, layouts: bool, groups: tuple[str, ...] = quality.GROUPS,
         gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = (), gptq: GptqConfig = GptqConfig(),
-        smooth_policies: tuple[str, ...] = (), smooth_alpha: float | None = None,
+        smooth_policies: tuple[str, ...] = (), smooth_alpha: float | None = None, grids: tuple[float, ...] = (),
         log: LOG = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     deadline = t0 + budget_s
     data: dict[str, Any] = {"models": {}, "policies": policies, "gptq_policies": list(gptq_policies),
                             "mse_policies": list(mse_policies), "smooth_policies": list(smooth_policies),
-                            "smooth_alpha": smooth_alpha,
+                            "smooth_alpha": smooth_alpha, "grids": list(grids),
                             "bootstrap": quality.BOOTSTRAP,
                             "text": "gensim Wikipedia pages (wiki.txt)", "complete": False}
     for name in models:
@@ -301,7 +303,7 @@ def run(models: list[str], *, assets: Path | None, tokens: int, calib: int, wind
             r = run_model(name, assets=assets, tokens=tokens, calib=calib, window=window, batch=batch,
                           policies=policies, deadline=deadline, layouts=layouts and name == "smollm2",
                           groups=groups, gptq_policies=gptq_policies, mse_policies=mse_policies, gptq=gptq,
-                          smooth_policies=smooth_policies, smooth_alpha=smooth_alpha,
+                          smooth_policies=smooth_policies, smooth_alpha=smooth_alpha, grids=grids,
                           log=log)
         except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
             log(f"{name}: not run ({type(e).__name__}: {e})")
@@ -355,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="policies whose W8A8 variants also run smoothed (impl.fp8.smooth); none: no smoothing")
     p.add_argument("--smooth-alpha", type=float, help="SmoothQuant's migration strength (default: chosen per "
                    "scale group on the calibration tokens, quality.Smoothing.choose)")
+    p.add_argument("--grids", type=int, default=0, metavar="J",
+                   help="also run the GPTQ variants at the grid placements 2^(j/J), j = 1..J-1 (quality.Variant.grid: "
+                   "the spread of a figure over draws of the same recipe); give the run its own --name")
     p.add_argument("--groups", nargs="*", default=list(quality.GROUPS), choices=quality.GROUPS)
     p.add_argument("--tokens", type=int,
                    help=f"evaluation tokens per model (default {EVAL_TOKENS}; --quick {QUICK_TOKENS})")
@@ -385,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                policies=a.policies, budget_s=a.budget_s, layouts=not a.no_layouts, groups=tuple(a.groups),
                gptq_policies=tuple(a.gptq_policies), mse_policies=tuple(a.mse_policies),
                gptq=GptqConfig(inputs=a.gptq_inputs), smooth_policies=tuple(a.smooth_policies),
-               smooth_alpha=a.smooth_alpha)
+               smooth_alpha=a.smooth_alpha, grids=quality.grid_placements(a.grids))
     if not any("variants" in m for m in data["models"].values()):
         print(summary(data), file=sys.stderr)
         print("no model could be evaluated: nothing written", file=sys.stderr)

@@ -30,6 +30,12 @@ fixed by the caller, or chosen per scale group on the calibration tokens (``Smoo
 the alphas of ``ALPHA_GRID``, the one whose W8A8 model (rounded to nearest) has the least perplexity there -- never
 on the evaluation text. Each variant records the alpha it ran with (``smooth_alpha``; None: no smoothing won).
 
+Grid placement (``Variant.grid``, ``...-grid<f>``; in memory only, no checkpoint recipe): the scales multiplied by f in
+(1, 2). FP8's grid is relative, so this keeps every statistic of the rounding error (f = 2 only moves the exponent:
+the same codes' values) and changes which way each weight rounds -- another draw of the same recipe. The spread of
+the perplexity change over f = 2^(j/J) says how much of a figure is that draw rather than the recipe (SmolLM2 on
+an H100, fp32, channel W8A16 GPTQ over eight f: +0.53 to +1.27%); ``grid_spread`` in each model's record.
+
 Sensitivity (which blocks dominate the error): each block alone quantized (W8A16), the mean KL(base || variant)
 of the next-token distributions over calibration windows that come *before* the evaluation text, never from it.
 The blocks kept dense by a ``top<k>`` policy are the k most sensitive ones by that ranking.
@@ -71,18 +77,22 @@ class Variant:
     rounding: str = "nearest"  # of the weights to e4m3: "nearest" or "gptq" (impl.fp8.gptq; same scales)
     scales: str = "amax"  # per group: "amax" / FMAX, or "mse" (impl.fp8.scales: least squared rounding error)
     smooth: bool = False  # SmoothQuant's factors folded in before rounding (impl.fp8.smooth; alpha: the run's)
+    grid: float = 1.0  # the scales multiplied by this, in [1, 2): another placement of the FP8 grid (module doc)
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.scales not in SCALE_CHOICES:
             raise ValueError(f"scales must be one of {SCALE_CHOICES}, got {self.scales!r}")
+        if not 1.0 <= self.grid < 2.0:
+            raise ValueError(f"grid must lie in [1, 2) (a factor 2 only moves the exponent), got {self.grid!r}")
 
     @property
     def name(self) -> str:
         return (f"{self.group}-{self.mode}" + ("" if self.rounding == "nearest" else f"-{self.rounding}")
                 + ("" if self.scales == "amax" else f"-{self.scales}")
                 + ("-smooth" if self.smooth else "")
+                + ("" if self.grid == 1.0 else f"-grid{self.grid:.4f}")
                 + ("" if self.policy == "all" else f"-keep-{self.policy}"))
 
 
@@ -110,16 +120,23 @@ def block_linears(model: nn.Module) -> list[tuple[int, str, nn.Module, str, nn.L
     return out
 
 
-def quantize_weight_like_checkpoint(w: torch.Tensor, group: str, scales: str = "amax") -> Fp8Weight:
+def grid_scales(w: torch.Tensor, group: str | ScaleGroup, scales: str = "amax", grid: float = 1.0) -> torch.Tensor:
+    """float32 scales [R, C] (CPU) of ``w``: ``impl.fp8.scales``' choice times ``grid`` (``Variant.grid``)."""
+    s = choose_scales(w, group, "e4m3", scales)
+    return s if grid == 1.0 else (s.to(torch.float64) * grid).to(torch.float32)
+
+
+def quantize_weight_like_checkpoint(w: torch.Tensor, group: str, scales: str = "amax", grid: float = 1.0) -> Fp8Weight:
     """e4m3 codes and float32 scales of ``w`` as ``impl.fp8.quantize`` writes them: the Triton kernel on a GPU, its
     bit-exact CPU reference elsewhere (the interpreter would take minutes for a whole model); ``scales="mse"``: the
-    scales ``impl.fp8.scales`` chooses, the codes the reference quantizer's with them."""
+    scales ``impl.fp8.scales`` chooses, the codes the reference quantizer's with them; ``grid``: those scales times
+    it (``grid_scales``; in memory only)."""
     from impl.fp8 import quant
     from impl.fp8.reference import quantize_reference
 
     g = get_group(group)
-    if scales != "amax":
-        codes, s = quantize_reference(w, g, "e4m3", scales=choose_scales(w, g, "e4m3", scales))
+    if scales != "amax" or grid != 1.0:
+        codes, s = quantize_reference(w, g, "e4m3", scales=grid_scales(w, g, scales, grid))
     elif w.is_cuda and not backend.INTERPRETED:
         q, s = quant.quantize(w, g, "e4m3")
         return Fp8Weight(q, s, g)
@@ -129,13 +146,14 @@ def quantize_weight_like_checkpoint(w: torch.Tensor, group: str, scales: str = "
 
 
 def quantize_weights_gptq(weights: dict[str, torch.Tensor], group: str, moments: dict[str, torch.Tensor],
-                          scales: str = "amax", cfg: GptqConfig = GptqConfig()) -> dict[str, Fp8Weight]:
+                          scales: str = "amax", cfg: GptqConfig = GptqConfig(),
+                          grid: float = 1.0) -> dict[str, Fp8Weight]:
     """``quantize_weight_like_checkpoint``'s format and scales for each named weight, codes rounded by GPTQ
     (settings ``cfg``) with its input moments ``moments[name]``; all in one batched call (``gptq_quantize_many``)."""
     from impl.fp8.gptq import gptq_quantize_many
 
     names = list(weights)
-    got = gptq_quantize_many([(weights[n], moments[n], group, choose_scales(weights[n], group, "e4m3", scales))
+    got = gptq_quantize_many([(weights[n], moments[n], group, grid_scales(weights[n], group, scales, grid))
                               for n in names], cfg)
     return {n: Fp8Weight(codes.view(torch.float8_e4m3fn), s.to(weights[n].device), get_group(group))
             for n, (codes, s) in zip(names, got)}
@@ -181,7 +199,8 @@ class Swapped:
 
     def _key(self, name: str) -> tuple:
         v = self.variant
-        return (v.group, v.rounding, v.scales, v.smooth, name)
+        return (v.group, v.rounding, v.scales, v.smooth, name) if v.grid == 1.0 else \
+            (v.group, v.rounding, v.scales, v.smooth, name, v.grid)
 
     def _quantize_gptq(self) -> None:
         """Every swapped linear's GPTQ weight not yet in the cache, in one batch."""
@@ -189,7 +208,7 @@ class Swapped:
                 if self._swapped(i) and self._key(name) not in self.cache}
         if todo:
             got = quantize_weights_gptq({n: lin.weight.data for n, lin in todo.items()}, self.variant.group,
-                                        self.moments, self.variant.scales, self.gptq)
+                                        self.moments, self.variant.scales, self.gptq, self.variant.grid)
             for n, w in got.items():
                 self.cache[self._key(n)] = [w, None]
 
@@ -199,7 +218,7 @@ class Swapped:
             return None
         key = self._key(name)
         if key not in self.cache:
-            self.cache[key] = [quantize_weight_like_checkpoint(lin.weight.data, v.group, v.scales), None]
+            self.cache[key] = [quantize_weight_like_checkpoint(lin.weight.data, v.group, v.scales, v.grid), None]
         w, dense = self.cache[key]
         if lin.bias is not None:
             w.bias = lin.bias.data
@@ -416,7 +435,9 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
     """Base model first, then each variant (``top<k>`` policies resolved from the sensitivity on ``calib``; GPTQ
     variants from ``moments``, {scale group: the layers' input moments on ``calib``} as ``group_moments`` makes
     them with ``gptq``, whose settings the record keeps; smoothed variants with ``smooth_alpha``, or where it is
-    None with the alpha ``Smoothing.choose`` picks per group on ``calib``)."""
+    None with the alpha ``Smoothing.choose`` picks per group on ``calib``). Variants with another grid placement
+    run last, once the record is complete without them (the time budget may leave some out: ``grid_skipped``), and
+    give ``grid_spread``: per recipe, the least and greatest change over its placements."""
     t0 = time.perf_counter()
     base = perplexity(model, ids, window=window, batch=batch, keep_argmax=True, bos=bos)
     ref_argmax = base.pop("argmax")
@@ -460,9 +481,15 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
     n_blocks = len(decoder_blocks(model))
     cache: dict = {}
     smoothed_h: dict[float, dict[str, torch.Tensor]] = {}  # the group's GPTQ moments, transformed per alpha
-    for v in sorted(variants, key=lambda v: GROUPS.index(v.group)):  # a group's variants share its quantization
+    ordered = sorted(variants, key=lambda v: (v.grid != 1.0, GROUPS.index(v.group)))  # a group's share its weights
+    for v in ordered:
+        if v.grid != 1.0 and not out["complete"]:
+            out["complete"] = True  # the grid placements only measure the spread of the variants before them
         if time.perf_counter() > deadline:
             log(f"time budget reached: {v.name} and later variants not evaluated")
+            if out["complete"]:
+                out["grid_skipped"] = [w.name for w in ordered[ordered.index(v):]]
+                out["grid_spread"] = grid_spread(out["variants"])
             return out
         v = resolve_keep(v, ranking, n_blocks)
         t = time.perf_counter()
@@ -482,13 +509,35 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
                     r["calib_ppl"] = perplexity(model, calib, window=window, batch=batch, bos=bos)["ppl"]
         r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
         r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, rounding=v.rounding, scales=v.scales,
-                 smooth=v.smooth, smooth_alpha=alpha,
+                 smooth=v.smooth, smooth_alpha=alpha, grid=v.grid,
                  act_group=activation_name(get_group(v.group), v.mode), paths=sw.paths, ignore=ignore_list(v),
                  seconds=time.perf_counter() - t)
         out["variants"][v.name] = r
         log(f"{v.name}: ppl {r['ppl']:.4f}, delta {r['delta_pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}], "
             f"agreement {100 * r['top1_agreement']:.1f}%, paths {sw.paths} ({r['seconds']:.0f} s)")
     out["complete"] = True
+    if any(v.grid != 1.0 for v in variants):
+        out["grid_spread"] = grid_spread(out["variants"])
+        for name, sp in out["grid_spread"].items():
+            log(f"{name} over {sp['placements']} grid placements: {sp['min_delta_pct']:+.2f} to "
+                f"{sp['max_delta_pct']:+.2f}% (as written: {sp['delta_pct']:+.2f}%)")
+    return out
+
+
+def grid_spread(variants: dict[str, Any]) -> dict[str, Any]:
+    """Per recipe that also ran at other grid placements: its own change and the least and greatest over all of
+    them (its own included), with the placements counted."""
+    out: dict[str, Any] = {}
+    for name, r in variants.items():
+        if r.get("grid", 1.0) != 1.0:
+            continue
+        runs = [r] + [o for o in variants.values() if o.get("grid", 1.0) != 1.0 and o["group"] == r["group"]
+                      and o["mode"] == r["mode"] and o["rounding"] == r["rounding"] and o["scales"] == r["scales"]
+                      and o["smooth"] == r["smooth"] and o["policy"] == r["policy"]]
+        if len(runs) > 1:
+            deltas = [o["delta_pct"] for o in runs]
+            out[name] = {"delta_pct": r["delta_pct"], "min_delta_pct": min(deltas), "max_delta_pct": max(deltas),
+                         "placements": len(runs), "grids": [o.get("grid", 1.0) for o in runs]}
     return out
 
 
@@ -532,10 +581,11 @@ def resolve_keep(v: Variant, ranking: list[int], n_blocks: int) -> Variant:
 
 def variants_for(policies: list[str], groups: tuple[str, ...] = GROUPS, modes: tuple[str, ...] = MODES,
                  gptq_policies: tuple[str, ...] = (), mse_policies: tuple[str, ...] = (),
-                 smooth_policies: tuple[str, ...] = ()) -> list[Variant]:
+                 smooth_policies: tuple[str, ...] = (), grids: tuple[float, ...] = ()) -> list[Variant]:
     """Round-to-nearest variants for every policy, GPTQ-rounded ones for ``gptq_policies``; with amax scales, and
     for ``mse_policies`` also with MSE-chosen scales (rounded both ways where the policy is in both lists); and for
-    ``smooth_policies`` smoothed W8A8 variants (amax scales, rounded both ways likewise)."""
+    ``smooth_policies`` smoothed W8A8 variants (amax scales, rounded both ways likewise); and the GPTQ variants of
+    ``gptq_policies`` (amax scales, unsmoothed) again at each grid placement of ``grids`` (``Variant.grid``)."""
     out = []
     for sc, allowed in (("amax", None), ("mse", set(mse_policies))):
         for r, ps in (("nearest", policies), ("gptq", gptq_policies)):
@@ -544,4 +594,12 @@ def variants_for(policies: list[str], groups: tuple[str, ...] = GROUPS, modes: t
     if "w8a8" in modes:
         for r, ps in (("nearest", policies), ("gptq", gptq_policies)):
             out += [Variant(g, "w8a8", (), p, r, smooth=True) for p in ps if p in smooth_policies for g in groups]
+    out += [Variant(g, m, (), p, "gptq", grid=f) for f in grids if f != 1.0 for p in gptq_policies for g in groups
+            for m in modes]
     return out
+
+
+def grid_placements(count: int) -> tuple[float, ...]:
+    """The grid factors 2^(j / count), j = 1 .. count - 1 (``Variant.grid``): evenly spaced in log2 over one
+    binade; () for count <= 1."""
+    return tuple(2.0 ** (j / count) for j in range(1, count))
