@@ -34,7 +34,8 @@ Grid placement (``Variant.grid``, ``...-grid<f>``; in memory only, no checkpoint
 (1, 2). FP8's grid is relative, so this keeps every statistic of the rounding error (f = 2 only moves the exponent:
 the same codes' values) and changes which way each weight rounds -- another draw of the same recipe. The spread of
 the perplexity change over f = 2^(j/J) says how much of a figure is that draw rather than the recipe (SmolLM2 on
-an H100, fp32, channel W8A16 GPTQ over eight f: +0.53 to +1.27%); ``grid_spread`` in each model's record.
+an H100, bf16, 196416 tokens, four placements: channel W8A16 GPTQ +0.59 to +1.32%, block +1.03 to +1.23%;
+results/h100-80gb-hbm3/fp8/quality_grid.json); ``grid_spread`` in each model's record.
 
 Sensitivity (which blocks dominate the error): each block alone quantized (W8A16), the mean KL(base || variant)
 of the next-token distributions over calibration windows that come *before* the evaluation text, never from it.
