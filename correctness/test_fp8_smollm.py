@@ -111,7 +111,7 @@ def test_gptq_variant_on_one_block_of_the_real_model():
     name = "layers.0.self_attn.q_proj"
     w = dict((n, lin) for _, n, _, _, lin in quality.block_linears(model))[name].weight.data
     nearest = quality.quantize_weight_like_checkpoint(w, "channel")
-    gptq = cache[("channel", "gptq", "amax", 0.0, name)][0]
+    gptq = cache[("channel", "gptq", "amax", False, 1.0, name)][0]
     assert torch.equal(gptq.scale, nearest.scale) and not torch.equal(gptq.weight.view(torch.uint8),
                                                                         nearest.weight.view(torch.uint8))
     assert torch.isfinite(got).all() and (got - base).abs().max() < 0.05 * base.abs().max()

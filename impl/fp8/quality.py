@@ -180,8 +180,8 @@ def replaced(model: nn.Module, make: Callable[[int, str, nn.Linear], nn.Module |
 class Swapped:
     """Context: the decoder linears of ``model`` replaced by Fp8Linears of ``variant`` (``replaced``).
 
-    ``cache`` (a dict kept by the caller) keeps each linear's quantized weight per (group, rounding, scales), and on
-    the CPU its dequantized copy, so the variants of one group quantize once. GPTQ rounding needs ``moments``: each
+    ``cache`` (a dict kept by the caller) keeps each linear's quantized weight per (group, rounding, scales,
+    smoothing, grid), and on the CPU its dequantized copy, so the variants of one group quantize once. GPTQ rounding needs ``moments``: each
     linear's input second moment H by qualified name (``input_moments``), and rounds with the settings ``gptq``."""
 
     def __init__(self, model: nn.Module, variant: Variant, blocks: tuple[int, ...] | None = None,
@@ -200,8 +200,7 @@ class Swapped:
 
     def _key(self, name: str) -> tuple:
         v = self.variant
-        return (v.group, v.rounding, v.scales, v.smooth, name) if v.grid == 1.0 else \
-            (v.group, v.rounding, v.scales, v.smooth, name, v.grid)
+        return (v.group, v.rounding, v.scales, v.smooth, v.grid, name)
 
     def _quantize_gptq(self) -> None:
         """Every swapped linear's GPTQ weight not yet in the cache, in one batch."""
@@ -483,15 +482,13 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
     cache: dict = {}
     smoothed_h: dict[float, dict[str, torch.Tensor]] = {}  # the group's GPTQ moments, transformed per alpha
     ordered = sorted(variants, key=lambda v: (v.grid != 1.0, GROUPS.index(v.group)))  # a group's share its weights
-    for v in ordered:
-        if v.grid != 1.0 and not out["complete"]:
-            out["complete"] = True  # the grid placements only measure the spread of the variants before them
+    for i, v in enumerate(ordered):
         if time.perf_counter() > deadline:
             log(f"time budget reached: {v.name} and later variants not evaluated")
-            if out["complete"]:
-                out["grid_skipped"] = [w.name for w in ordered[ordered.index(v):]]
-                out["grid_spread"] = grid_spread(out["variants"])
-            return out
+            if v.grid == 1.0:
+                return out
+            out["grid_skipped"] = [w.name for w in ordered[i:]]  # placements only measure the spread: complete
+            break
         v = resolve_keep(v, ranking, n_blocks)
         t = time.perf_counter()
         if cache and next(iter(cache))[0] != v.group:
