@@ -11,6 +11,10 @@
 - ``test_fp8_copy[<N>x<K>]``: the card's own device-to-device copy (``Tensor.copy_``) of 1.5*N*K bytes, so it reads and
   writes the same 3*N*K bytes a kernel of that shape must move: the ceiling a kernel of that size can reach, beside
   the calibrated copy peak (measured on 256 MiB - 1 GiB, where ramp-up and the last wave cost nothing).
+- ``test_fp8_stream[<mode>-<N>x<K>]``: the most a kernel of a dequantize's (``widen``: N*K bytes read, 2*N*K
+  written) or a requantize's (``narrow``: 2*N*K read, N*K written) traffic mix reaches, with no arithmetic
+  (``impl.fp8.ceiling``): the fastest of its launches after a short sweep (``stream_sweep_ms``), benched afresh. Write-
+  heavy traffic is slower than a copy on HBM, so this, not the copy, is the ceiling of a dequantize.
 - ``test_fp8_convert[<mix>-<N>x<K>]``: torch's elementwise conversion of an [N, K] matrix with a kernel's traffic
   mix (``Tensor.copy_`` across dtypes): ``widen`` uint8 -> int16 reads N*K and writes 2*N*K bytes (as dequantize
   does), ``narrow`` int16 -> uint8 reads 2*N*K and writes N*K (as requantize does). An anchor, not a ceiling: on
@@ -39,7 +43,8 @@ import torch
 from impl import backend
 from impl.backend import DEVICE, sized
 from impl.common.shapes import LLAMA3_8B
-from impl.fp8 import launch, quant, staging
+from impl.common.timing import time_fn
+from impl.fp8 import ceiling, launch, quant, staging
 from impl.fp8.formats import E4M3, MIN_SCALE, get_group
 from impl.fp8.linear import Fp8Linear, quantize_weight
 from impl.fp8.loader import load_checkpoint
@@ -129,6 +134,31 @@ def test_fp8_copy(device_bench, n, k):
     dst = torch.bitwise_not(src)  # every byte wrong until copied
     device_bench(lambda: dst.copy_(src), bytes_moved=2 * half, n=n, k=k, variant="torch-copy")
     assert torch.equal(dst, src)
+
+
+@pytest.mark.parametrize("n,k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+@pytest.mark.parametrize("mode", sorted(ceiling.MODES))
+def test_fp8_stream(device_bench, mode, n, k):
+    src_dtype, dst_dtype = ceiling.MODES[mode]
+    x = torch.randint(0, 256, (n, k), device=DEVICE, dtype=torch.int32).to(src_dtype)
+    out = torch.empty(n, k, device=DEVICE, dtype=dst_dtype)
+    cfg, sweep = _fastest_stream(x, mode, out)
+    device_bench(lambda: ceiling.stream(x, mode, out=out, cfg=cfg), bytes_moved=ceiling.stream_bytes(mode, n, k),
+                 n=n, k=k, variant=f"stream-{mode}", stream_config=asdict(cfg), stream_sweep_ms=sweep)
+    assert torch.equal(out.cpu(), ceiling.stream_reference(x, mode))
+
+
+def _fastest_stream(x, mode: str, out) -> tuple[ceiling.StreamConfig, dict[str, float]]:
+    """The launch of ``ceiling.CONFIGS`` with the lowest median over a few flushed rounds (the bench then times it
+    afresh), and every launch's median; without a GPU the interpreter's launch, untimed."""
+    if not backend.ON_GPU:
+        return ceiling.CPU_CONFIG, {}
+    sweep = {}
+    for cfg in ceiling.CONFIGS:
+        t = time_fn(lambda: ceiling.stream(x, mode, out=out, cfg=cfg), warmup=2, reps=7, queue_ahead=True)
+        sweep[f"{cfg.bm}x{cfg.bk}w{cfg.warps}"] = t.median_ms
+    best = min(ceiling.CONFIGS, key=lambda c: sweep[f"{c.bm}x{c.bk}w{c.warps}"])
+    return best, sweep
 
 
 @pytest.mark.parametrize("n,k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])

@@ -75,6 +75,28 @@ def test_kernel_claims_name_the_same_size_copy_of_their_worst_shape(tmp_path):
     assert "copy" not in plain["source"] and plain["measured_value"] == 80.5
 
 
+def test_kernel_claims_name_the_stream_of_their_read_write_mix(tmp_path):
+    """Beside the copy, a dequantize claim names the widen stream of its worst shape and a requantize claim the
+    narrow one (the most a kernel of that traffic mix reaches); a stream stored for another shape is not named."""
+    benches = good_benches()
+    benches["test_fp8_dequant[block-4096x4096]"]["extra_info"]["pct_peak_bw"] = 88.0
+    benches["test_fp8_requant[group-6144x4096]"]["extra_info"]["pct_peak_bw"] = 87.0
+    extra = {"test_fp8_copy[4096x4096]": 93.0, "test_fp8_stream[widen-4096x4096]": 89.3,
+             "test_fp8_stream[narrow-4096x4096]": 97.1, "test_fp8_stream[narrow-6144x4096]": 96.2,
+             "test_fp8_stream[widen-6144x4096]": 91.0}
+    benches.update({name: {"median": 1e-3, "extra_info": {"pct_peak_bw": v}} for name, v in extra.items()})
+    view = write_view(tmp_path, "streams", benches, {})
+    picked = {c.id: c for c in claims.CLAIMS}
+    deq = evaluate(picked["fp8.dequant_bw_pct_block_other_shapes"], view)["source"]
+    assert re.search(r"; the card's own copy of those bytes: 93\.0% \(4096x4096, \w+ [\d-]{10}\)"
+                     r"; a stream of the same read/write mix with no arithmetic: 89\.3% \(widen-4096x4096, ", deq)
+    req = evaluate(picked["fp8.requant_bw_pct_group_other_shapes"], view)["source"]
+    assert "test_fp8_requant[group-6144x4096]" in req and "copy" not in req
+    assert re.search(r"; a stream of the same read/write mix with no arithmetic: 96\.2% \(narrow-6144x4096, ", req)
+    assert claims.stream_bench("test_fp8_requant_delayed[tensor-4096x14336]") == "test_fp8_stream[narrow-4096x14336]"
+    assert claims.stream_bench("test_fp8_dequant[channel-28672x4096]") == "test_fp8_stream[widen-28672x4096]"
+
+
 def test_quality_claims_judge_the_absolute_change():
     """A suspicious improvement (-4%, interval [-5, -3]) is no pass: the claims read |delta| at the interval's end."""
     bad = claims.FAILING_CASES["fp8.ppl_w8a16_smollm2_vllm_tensor"].results["fp8/quality"]

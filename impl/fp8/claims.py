@@ -40,14 +40,24 @@ def copy_bench(case: str) -> str:
     return f"test_fp8_copy[{case.rstrip(']').rsplit('-', 1)[-1]}]"
 
 
+def stream_bench(case: str) -> str:
+    """The bench of the no-arithmetic stream of a kernel case's read/write mix (``test_fp8_dequant[...-4096x4096]``
+    -> ``test_fp8_stream[widen-4096x4096]``; a requantize -> ``narrow``): the ceiling of that mix."""
+    mode = "widen" if case.startswith("test_fp8_dequant") else "narrow"
+    return f"test_fp8_stream[{mode}-{case.rstrip(']').rsplit('-', 1)[-1]}]"
+
+
 def copy_ceiling(view, bench: str) -> str:
-    """``copy_bench``'s % of the peak in words, for a claim's source; empty where that copy is not stored."""
-    name = copy_bench(bench)
-    m = ExtraInfo(name, "pct_peak_bw")(view)
-    if isinstance(m, NotMeasured):
-        return ""
-    shape = name[name.index("[") + 1:-1]
-    return f"; the card's own copy of those bytes: {m.value:.1f}% ({shape}, {m.commit[:12]} {m.date[:10]})"
+    """The % of the peak of ``copy_bench`` and of ``stream_bench`` in words, for a claim's source; each left out
+    where its bench is not stored."""
+    words = ""
+    for name, what in ((copy_bench(bench), "the card's own copy of those bytes"),
+                       (stream_bench(bench), "a stream of the same read/write mix with no arithmetic")):
+        m = ExtraInfo(name, "pct_peak_bw")(view)
+        if isinstance(m, NotMeasured):
+            continue
+        words += f"; {what}: {m.value:.1f}% ({name[name.index('[') + 1:-1]}, {m.commit[:12]} {m.date[:10]})"
+    return words
 
 
 @dataclass(frozen=True)

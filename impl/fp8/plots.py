@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from impl.common.plotting import pyplot, save_figure
-from impl.fp8.claims import BW_TARGET, MODELS, copy_bench
+from impl.fp8.claims import BW_TARGET, MODELS, copy_bench, stream_bench
+
 
 def _gemm_speedups(view) -> dict[int, dict[str, list[tuple[int, float]]]]:
     """{N=K: {variant: [(M, bf16 time / variant time)]}} from the stored GEMM benches."""
@@ -46,17 +47,17 @@ def plot_speedup_vs_m(view, out_dir: Path) -> list[Path]:
     return save_figure(fig, out_dir / "fp8_speedup_vs_m.png")
 
 
-def _copy_pct(view, case: str) -> float | None:
-    """% of copy peak that the card's own copy of the same bytes reached (``claims.copy_bench``) for a
-    ``scales-NxK`` case; None where not stored."""
-    b = view.bench(copy_bench(case))
+def _pct_of(view, bench: str) -> float | None:
+    """A stored bench's % of the bandwidth peak; None where not stored."""
+    b = view.bench(bench)
     return (b.get("extra_info") or {}).get("pct_peak_bw") if b else None
 
 
 def plot_kernel_bandwidth(view, out_dir: Path) -> list[Path]:
     """Each kernel x scales x shape as % of copy bandwidth (compulsory bytes); the copy bound at 100%; for kernels
     that must read more than once (per-tensor dynamic), their own bound (100 x bytes / traffic) marked on the bar;
-    the card's own copy of the same bytes (grey tick) where stored."""
+    the card's own copy of the same bytes (grey tick) and the no-arithmetic stream of the kernel's read/write mix
+    (magenta tick: ``claims.stream_bench``) where stored."""
     rows = []
     for name, b in view.benches.items():
         info = b.get("extra_info") or {}
@@ -78,12 +79,14 @@ def plot_kernel_bandwidth(view, out_dir: Path) -> list[Path]:
             ax.plot([bound, bound], [i - 0.4, i + 0.4], color="k", lw=2,
                     label="two-read bound" if bound == min(r[3] for r in rows) and i == min(
                         j for j, r in enumerate(rows) if r[3] < 99.9) else None)
-    label = "the card's copy of the same bytes"
-    for i, (_, case, _, _) in enumerate(rows):
-        pct = _copy_pct(view, case)
-        if pct is not None:
-            ax.plot([pct, pct], [i - 0.4, i + 0.4], color="tab:grey", lw=2, label=label)
-            label = None
+    for color, what, bench_of in (("tab:grey", "the card's copy of the same bytes", copy_bench),
+                                  ("m", "a stream of the same read/write mix", stream_bench)):
+        label = what
+        for i, (kernel, case, _, _) in enumerate(rows):
+            pct = _pct_of(view, bench_of(f"test_fp8_{kernel}[{case}]"))
+            if pct is not None:
+                ax.plot([pct, pct], [i - 0.4, i + 0.4], color=color, lw=2, label=label)
+                label = None
     ax.axvline(100, color="k", lw=1, label="copy bound")
     ax.axvline(BW_TARGET, color="tab:red", ls=":", lw=0.8, label=f"target {BW_TARGET:g}%")
     ax.set_xlabel("% of measured copy bandwidth (compulsory bytes read + written)")

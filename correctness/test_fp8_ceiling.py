@@ -1,0 +1,99 @@
+"""The traffic-mix streams (``impl.fp8.ceiling``) against their CPU reference: every element written, bit-exact, for
+both mixes, every launch the bench tries (on the CPU a few of them, under the interpreter), ragged and degenerate
+shapes, strided rows; bad input refused with a message naming the problem, the input never modified."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fixtures.oracle import check_kernel
+from fixtures.strategies import seeds
+from impl import backend
+from impl.backend import DEVICE
+from impl.fp8 import ceiling as C
+
+
+def _input(mode: str, n: int, k: int, seed: int) -> torch.Tensor:
+    """uint8 codes or int16 values spanning the whole dtype, extremes included."""
+    g = torch.Generator().manual_seed(seed)
+    if mode == "widen":
+        x = torch.randint(0, 256, (n, k), generator=g, dtype=torch.int32).to(torch.uint8)
+        extremes = torch.tensor([0, 255, 128, 127], dtype=torch.uint8)
+    else:
+        x = torch.randint(-32768, 32768, (n, k), generator=g, dtype=torch.int32).to(torch.int16)
+        extremes = torch.tensor([-32768, 32767, -1, 0, 255, 256, -256], dtype=torch.int16)
+    flat = x.view(-1)
+    flat[: min(flat.numel(), extremes.numel())] = extremes[: flat.numel()]
+    return x.to(DEVICE)
+
+
+LAUNCHES = C.CONFIGS if backend.ON_GPU else (C.CPU_CONFIG, C.StreamConfig(2, 64, 2))
+
+
+@pytest.mark.parametrize("mode", sorted(C.MODES))
+@pytest.mark.parametrize("cfg", LAUNCHES, ids=lambda c: f"{c.bm}x{c.bk}w{c.warps}")
+@given(n=st.integers(1, 37), k=st.integers(1, 300), seed=seeds())
+def test_stream_matches_reference(mode, cfg, n, k, seed):
+    x = _input(mode, n, k, seed)
+    before = x.clone()
+    out = torch.empty(n, k, dtype=C.MODES[mode][1], device=DEVICE)
+    check_kernel(lambda o: C.stream(x, mode, out=o, cfg=cfg), out, C.stream_reference(x, mode), rtol=0, atol=0)
+    assert torch.equal(x, before), "the input was modified"
+
+
+@pytest.mark.parametrize("mode", sorted(C.MODES))
+@pytest.mark.parametrize("n,k", [(0, 5), (5, 0), (1, 1), (3, 1), (1, 1025)])
+def test_stream_degenerate_shapes(mode, n, k):
+    x = _input(mode, n, k, 7) if n * k else torch.empty(n, k, dtype=C.MODES[mode][0], device=DEVICE)
+    y = C.stream(x, mode)
+    assert y.shape == (n, k) and y.dtype == C.MODES[mode][1]
+    assert torch.equal(y.cpu(), C.stream_reference(x, mode))
+
+
+@pytest.mark.parametrize("mode", sorted(C.MODES))
+def test_stream_strided_rows(mode):
+    """Rows of a wider buffer in and out: only the view's columns are read and written."""
+    wide = _input(mode, 9, 70, 3)
+    x = wide[:, 3:53]
+    out_buf = torch.full((9, 64), 7, dtype=C.MODES[mode][1], device=DEVICE)
+    out = out_buf[:, 5:55]
+    C.stream(x, mode, out=out)
+    assert torch.equal(out.cpu(), C.stream_reference(x, mode))
+    assert bool((out_buf[:, :5] == 7).all()) and bool((out_buf[:, 55:] == 7).all()), "wrote outside out's columns"
+
+
+def test_stream_narrow_keeps_the_low_byte():
+    x = torch.tensor([[-1, 256, 257, -32768, 32767, 0x1234]], dtype=torch.int16, device=DEVICE)
+    assert C.stream(x, "narrow").cpu().tolist() == [[255, 0, 1, 0, 255, 0x34]]
+
+
+def test_stream_bytes_counts_three_per_element():
+    assert C.stream_bytes("widen", 3, 5) == C.stream_bytes("narrow", 3, 5) == 45
+    with pytest.raises(ValueError, match="mode must be one of"):
+        C.stream_bytes("copy", 1, 1)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: C.stream(torch.zeros(2, 2, dtype=torch.uint8, device=DEVICE), "copy"), ValueError, "mode must be one"),
+    (lambda: C.stream(torch.zeros(2, 2, dtype=torch.int16, device=DEVICE), "widen"), TypeError,
+     "widen reads torch.uint8"),
+    (lambda: C.stream(torch.zeros(2, 2, dtype=torch.uint8, device=DEVICE), "narrow"), TypeError,
+     "narrow reads torch.int16"),
+    (lambda: C.stream(torch.zeros(4, dtype=torch.uint8, device=DEVICE), "widen"), ValueError, "2-D"),
+    (lambda: C.stream(torch.zeros(4, 4, dtype=torch.uint8, device=DEVICE).t(), "widen"), ValueError,
+     "contiguous rows"),
+    (lambda: C.stream(torch.zeros(2, 2, dtype=torch.uint8, device=DEVICE), "widen",
+                      out=torch.zeros(2, 3, dtype=torch.int16, device=DEVICE)), ValueError, "out must be"),
+    (lambda: C.stream(torch.zeros(2, 2, dtype=torch.uint8, device=DEVICE), "widen",
+                      out=torch.zeros(2, 2, dtype=torch.uint8, device=DEVICE)), ValueError, "out must be"),
+    (lambda: C.stream(torch.zeros(4, 4, dtype=torch.uint8, device=DEVICE), "widen",
+                      out=torch.zeros(4, 4, dtype=torch.int16, device=DEVICE).t()), ValueError, "contiguous rows"),
+    (lambda: C.stream([[1, 2]], "widen"), TypeError, "x must be a torch.Tensor"),
+    (lambda: C.StreamConfig(3, 64), ValueError, "powers of two"),
+    (lambda: C.StreamConfig(4, 64, 3), ValueError, "warps"),
+])
+def test_stream_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

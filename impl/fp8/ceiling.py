@@ -1,0 +1,113 @@
+"""Traffic-mix ceilings: streams that move a kernel's bytes in its read/write mix with no arithmetic.
+
+A dequantize reads 1 byte and writes 2 per element; a requantize reads 2 and writes 1. HBM does not serve every mix
+at the rate of a copy (1:1): a write-heavy stream turns the bus around more often. So the card's copy of the same
+bytes is not the most a dequantize can reach, and a kernel that misses a bandwidth target by a little may be at its
+mix's own limit. These streams say where that limit is:
+
+  widen   y[i] = zero_extend(x[i])   x uint8 [N, K]  -> y int16 [N, K]    reads N·K bytes, writes 2·N·K
+  narrow  y[i] = x[i] mod 256        x int16 [N, K]  -> y uint8 [N, K]    reads 2·N·K bytes, writes N·K
+
+with a dequantize's tiling (``[BM, BK]`` tiles, column tile fastest, one program per tile). The bench
+``test_fp8_stream`` times every launch of ``CONFIGS`` briefly and benches the fastest: the figure a kernel of that
+mix and size is read against (``claims.copy_ceiling``). Its best launch is not the ceiling of every possible kernel,
+but any arithmetic a real kernel adds only slows it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import impl  # noqa: F401  (backend before triton)
+import torch
+import triton
+import triton.language as tl
+
+from impl import backend
+from impl.common.checks import require_tensor
+
+MODES = {"widen": (torch.uint8, torch.int16), "narrow": (torch.int16, torch.uint8)}  # mode -> (input, output dtype)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """A launch of ``stream_kernel``: [bm, bk] tiles (powers of two), ``warps`` warps a program."""
+
+    bm: int
+    bk: int
+    warps: int = 8
+
+    def __post_init__(self) -> None:
+        for side in (self.bm, self.bk):
+            if side < 1 or side & (side - 1):
+                raise ValueError(f"tile sides must be powers of two, got bm={self.bm}, bk={self.bk}")
+        if self.warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"warps must be a power of two in 1..32, got {self.warps}")
+
+
+# the launches the bench tries: on an H100 the fastest widen of each Llama-3-8B matrix was one of these
+# (8 warps, tiles of 2k-16k elements; default L2 policy)
+CONFIGS = tuple(StreamConfig(bm, bk) for bm in (4, 8, 16) for bk in (512, 1024, 2048) if bm * bk <= 16384)
+CPU_CONFIG = StreamConfig(4, 32, 4)  # small tiles under the interpreter: several programs and ragged edges
+
+
+@triton.jit
+def stream_kernel(x_ptr, y_ptr, N, K, stride_x, stride_y,
+                  WIDEN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """Tile program_id of y = widen(x) (uint8 -> int16) or narrow(x) (int16 -> uint8, the low byte)."""
+    t = tl.program_id(0)
+    nk = tl.cdiv(K, BK)
+    rows = (t // nk) * BM + tl.arange(0, BM)
+    cols = (t % nk) * BK + tl.arange(0, BK)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0)
+    if WIDEN:
+        y = x.to(tl.int16)
+    else:
+        y = (x & 0xFF).to(tl.uint8)
+    tl.store(y_ptr + r64 * stride_y + cols[None, :], y, mask=mask)
+
+
+def stream(x: torch.Tensor, mode: str, *, out: torch.Tensor | None = None,
+           cfg: StreamConfig | None = None) -> torch.Tensor:
+    """``mode`` ("widen" / "narrow") of a 2-D x with contiguous rows, into ``out`` (allocated when None)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
+    src, dst = MODES[mode]
+    require_tensor(x, "x")
+    if x.dtype != src:
+        raise TypeError(f"{mode} reads {src}, got x of dtype {x.dtype}")
+    if x.dim() != 2 or (x.numel() and x.stride(1) != 1):
+        raise ValueError(f"x must be 2-D with contiguous rows, got shape {tuple(x.shape)} strides {x.stride()}")
+    if out is None:
+        out = torch.empty(x.shape, dtype=dst, device=x.device)
+    require_tensor(out, "out")
+    if out.dtype != dst or out.shape != x.shape or out.device != x.device:
+        raise ValueError(f"out must be {dst} of x's shape {tuple(x.shape)} on {x.device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    if out.numel() and out.stride(1) != 1:
+        raise ValueError(f"out must have contiguous rows, got strides {out.stride()}")
+    n, k = x.shape
+    if n * k == 0:
+        return out
+    cfg = cfg or (CONFIGS[0] if backend.ON_GPU else CPU_CONFIG)
+    grid = (triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk),)
+    stream_kernel[grid](x, out, n, k, x.stride(0), out.stride(0), WIDEN=mode == "widen", BM=cfg.bm, BK=cfg.bk,
+                        num_warps=cfg.warps)
+    return out
+
+
+def stream_reference(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The same map in torch on the CPU: zero extension, or the low byte (two's complement)."""
+    if mode == "widen":
+        return x.cpu().to(torch.int16)
+    if mode == "narrow":
+        return (x.cpu().to(torch.int32) & 0xFF).to(torch.uint8)
+    raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
+
+
+def stream_bytes(mode: str, n: int, k: int) -> int:
+    """Bytes a stream of an [n, k] matrix reads and writes: 3·n·k in either mode."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
+    return 3 * n * k
