@@ -35,13 +35,13 @@ for gn, gk in ((0, 0), (1, 0), (128, 128)):
         "stride_q": "i32", "stride_s": "i32", "stride_o": "i32"},
         {"GN": gn, "GK": gk, "FMT": 0, "EMULATE": False, "BM": c["bm"], "BK": c["bk"],
          "PREFETCH": c["per_sm"] > 0 and c["stages"] > 1, "EVICT": c["evict"]}, c["warps"]))
-QS = {"x_ptr": "*bf16", "s_ptr": "*fp32", "q_ptr": "*u8", "so_ptr": "*fp32", "next_ptr": "*fp32", **P,
-      "stride_x": "i32", "stride_s": "i32", "stride_q": "i32", "n_parts": "i32"}
+QS = {"x_ptr": "*bf16", "s_ptr": "*fp32", "q_ptr": "*u8", "so_ptr": "*fp32", "next_ptr": "*fp32", "clear_ptr": "*fp32",
+      **P, "stride_x": "i32", "stride_s": "i32", "stride_q": "i32", "n_parts": "i32"}
 for key, gn, gk, fp, nx in (("quant-static", 1, 0, False, False), ("quant-static", 128, 128, False, False),
                             ("requant-tensor", 0, 0, True, False), ("requant-delayed", 0, 0, True, True)):
     c = cfgs[key]
     jobs.append((key, K.quant_static_kernel, QS, {"GN": gn, "GK": gk, "FROM_PARTS": fp, "NEXT_PARTS": nx,
-        "PARTS": 1024, **F, "BM": c["bm"], "BK": c["bk"], "PREFETCH": c["per_sm"] > 0 and c["stages"] > 1,
+        "PARTS": 1 if nx else 1024, **F, "BM": c["bm"], "BK": c["bk"], "PREFETCH": c["per_sm"] > 0 and c["stages"] > 1,
         "EVICT": c["evict"], "REVERSE": fp and not nx}, c["warps"]))
 c = cfgs["amax"]
 jobs.append(("amax", K.amax_partials_kernel, {"x_ptr": "*bf16", "part_ptr": "*fp32", **P, "stride_x": "i32"},

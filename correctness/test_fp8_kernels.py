@@ -362,8 +362,29 @@ def test_delayed_scaling_uses_the_previous_calls_amax(cfg):
     assert torch.equal(s2.cpu(), ref_s) and int((q2.cpu().float().abs() == 448).sum()) > 1
     _, s3, state = quant.quantize_delayed(x, state, cfg=cfg)  # now the scale of 4x, the previous input
     assert torch.equal(s3.cpu(), R.quantize_reference(4 * x, "tensor")[1]) and state.calls == 3
+    # any shape next (a batch changes size), and across every rotation of the three slots: each call's scale is
+    # the previous input's amax, whatever the grid of either call
+    y = x[:7, :33] * 0.5
+    shapes = [(y, x), (x * 3, y), (y * 0, x * 3), (x, y * 0), (y, x)]
+    for cur, prev in shapes:
+        q, s, state = quant.quantize_delayed(cur, state, cfg=cfg)
+        want_s = R.quantize_reference(prev, "tensor")[1]
+        assert torch.equal(s.cpu(), want_s), (state.calls, s, want_s)
+        codes_equal(q, R.quantize_reference(cur, "tensor", scales=want_s)[0])
+
+
+def test_delayed_scaling_of_empty_inputs_and_bad_state():
+    x = matrix(5, 9, "float32", "random", 2).to(DEVICE)
+    q, s, state = quant.quantize_delayed(x[:0])  # nothing to scale by: 1
+    assert q.shape == (0, 9) and float(s) == 1.0
+    _, s, state = quant.quantize_delayed(x, state)  # the previous input had no values: scale 1
+    assert float(s) == 1.0
+    q, s, state = quant.quantize_delayed(x[:0], state)  # an empty call: the previous input's amax as its scale
+    assert torch.equal(s.cpu(), R.quantize_reference(x, "tensor")[1])
+    _, s, state = quant.quantize_delayed(x, state)  # and an amax of 0 handed on
+    assert float(s) == 1.0
     with pytest.raises(ValueError, match="start a new state"):
-        quant.quantize_delayed(x[:3], state, cfg=cfg)
+        quant.quantize_delayed(x, quant.DelayedScale(torch.zeros(3, device="meta")))
 
 
 def test_tune_checks_then_times_and_writes_its_table(tmp_path, capsys):

@@ -44,9 +44,11 @@ class StreamConfig:
             raise ValueError(f"warps must be a power of two in 1..32, got {self.warps}")
 
 
-# the launches the bench tries: on an H100 the fastest widen of each Llama-3-8B matrix was one of these
-# (8 warps, tiles of 2k-16k elements; default L2 policy)
-CONFIGS = tuple(StreamConfig(bm, bk) for bm in (4, 8, 16) for bk in (512, 1024, 2048) if bm * bk <= 16384)
+# the launches the bench tries: on an H100 the fastest widen of each Llama-3-8B matrix was one of the first eight
+# (8 warps, tiles of 2k-16k elements; default L2 policy); then row-wide tiles, the layout of the fastest requantize
+# (on 6144x4096 the channel requantize with 1 x 16384 tiles of 16 warps outran the first eight's narrow stream)
+CONFIGS = (*(StreamConfig(bm, bk) for bm in (4, 8, 16) for bk in (512, 1024, 2048) if bm * bk <= 16384),
+           StreamConfig(1, 4096, 4), StreamConfig(2, 4096, 8), StreamConfig(1, 8192, 8), StreamConfig(1, 16384, 16))
 CPU_CONFIG = StreamConfig(4, 32, 4)  # small tiles under the interpreter: several programs and ragged edges
 
 

@@ -21,8 +21,10 @@ its next tile before converting the current one, so its loads stay in flight dur
 ``_apply_scales`` reads a tile's scales in the cheapest shape its position in the scale groups allows (one value,
 one per row, one per column, or one per element). Per-tensor dynamic scales come from per-program amax partials
 that every quantizing program reduces itself (no atomics, no zeroed buffer); the delayed variant quantizes with the
-previous call's partials and writes this call's, so it reads its input once; the second read of the dynamic variant
-goes last tile first (``REVERSE``), so the tail the amax pass has just read comes from L2. ``EVICT`` gives the
+previous call's amax (one float) and max-es this call's into another with one atomic a program, so it reads its input
+once at any grid (three slots rotate: the one read, the one max-ed into, and the one zeroed for the next call); the
+second read of the dynamic variant goes last tile first (``REVERSE``), so the tail the amax pass has just read comes
+from L2. ``EVICT`` gives the
 streamed data the L2 policy evict_first (``_ld``/``_st``): a stream that is read or written once then recycles its
 own lines in L2 instead of evicting other work's (and writing back that work's dirty lines inside its own time).
 
@@ -314,7 +316,8 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
                         s_ptr,      # float32 scales [R, C] (FROM_PARTS: float32 amax partials [n_parts])
                         q_ptr,      # uint8 codes out [N, K], row stride stride_q
                         so_ptr,     # FROM_PARTS: float32 [1] out, receives the per-tensor scale
-                        next_ptr,   # NEXT_PARTS: float32 [num_programs] out, this call's amax partials
+                        next_ptr,   # NEXT_PARTS: float32 [1], 0 on entry: atomically max-ed with this input's amax
+                        clear_ptr,  # NEXT_PARTS: float32 [1], set to 0 (the slot the next call's amax goes to)
                         N, K, stride_x, stride_s, stride_q, n_parts,
                         GN: tl.constexpr, GK: tl.constexpr,
                         FROM_PARTS: tl.constexpr,   # scale = max(partials) / FMAX (dynamic or delayed per-tensor)
@@ -326,7 +329,9 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
                         EVICT: tl.constexpr,     # 1: streamed loads evict_first in L2; 2: stores too
                         REVERSE: tl.constexpr):  # last tile first (a second read right after a forward first one)
     """Quantize with given scales (or one from amax partials). REVERSE serves the second read of dynamic per-tensor:
-    the amax pass has just streamed x forward, so x's last tiles are still in L2 and are converted first."""
+    the amax pass has just streamed x forward, so x's last tiles are still in L2 and are converted first.
+    NEXT_PARTS: each program max-es its share's amax into one float (an atomic a program: any grid, one value for the
+    next call to read), and program 0 zeroes the slot the next call max-es into (no other program touches it)."""
     inv = 1.0
     if FROM_PARTS:
         s = _tensor_scale(s_ptr, n_parts, FMAX, MIN_SCALE, PARTS)
@@ -350,7 +355,9 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
             acc = _quant_tile(x, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q, GN, GK, FROM_PARTS, NEXT_PARTS,
                               FMT, FMAX, EMULATE, BM, BK, EVICT)
     if NEXT_PARTS:
-        tl.store(next_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0).to(tl.float32))
+        tl.atomic_max(next_ptr, tl.max(tl.max(acc, axis=1), axis=0).to(tl.float32))
+        if tl.program_id(0) == 0:
+            tl.store(clear_ptr, 0.0)
 
 
 # ---- requantize with dynamic scales computed in the kernel ---------------------------------------------------

@@ -87,7 +87,7 @@ GPU_CONFIGS: dict[str, LaunchConfig] = {
     "quant-static": LaunchConfig(8, 512, warps=4),        # given scales, any group
     "amax": LaunchConfig(8, 1024, warps=8, per_sm=4),     # 59 registers: 4 programs of 8 warps resident
     "requant-tensor": LaunchConfig(8, 512, warps=4),      # the second pass of dynamic per-tensor
-    "requant-delayed": LaunchConfig(4, 512, warps=4, per_sm=8),  # per-tensor with the previous call's scale
+    "requant-delayed": LaunchConfig(1, 4096, warps=4, stages=2, per_sm=16),  # per-tensor, the previous call's amax
     "requant-channel": LaunchConfig(1, 2048, warps=4),    # rows wider than bk: amax pass + quantize pass (L1/L2)
     "requant-group": LaunchConfig(8, 1024, warps=4),      # 64 groups a tile: 64 values a thread, 89 registers
     "requant-block": LaunchConfig(32, 128, warps=8),      # 32-row passes, each block read twice (from L1/L2)

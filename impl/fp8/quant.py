@@ -245,7 +245,7 @@ def _launch_static(x2, s, q2, group: ScaleGroup, cfg: LaunchConfig | None = None
     cfg = cfg or config("quant-static", n, k)
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     _launch(K.quant_static_kernel, tiles, cfg, x2.device,
-            (x2, s, q2, s, s, n, k, x2.stride(0), s.stride(0), q2.stride(0), 1),
+            (x2, s, q2, s, s, s, n, k, x2.stride(0), s.stride(0), q2.stride(0), 1),
             dict(GN=group.gn, GK=group.gk, FROM_PARTS=False, NEXT_PARTS=False, PARTS=1, BM=cfg.bm, BK=cfg.bk,
                  PREFETCH=_prefetch(cfg), EVICT=cfg.evict, REVERSE=False, **args))
 
@@ -261,12 +261,14 @@ def amax_partials(x2: torch.Tensor, cfg: LaunchConfig | None = None) -> torch.Te
     return parts[:grid]
 
 
-def _from_parts(x2, parts, q2, s, nxt, cfg: LaunchConfig, parts_pow2: int, **args) -> tuple[tuple, dict]:
-    """(args, constexprs) of quantizing with s = max(parts) / FMAX (written to ``s``); with ``nxt``, also recording
-    x's amax partials there (one per program). Without ``nxt`` (the second read of dynamic per-tensor) the tiles
-    go last first: the amax pass has just read x forward, so its last tiles are served from L2."""
+def _from_parts(x2, parts, q2, s, cfg: LaunchConfig, parts_pow2: int, nxt=None, clear=None,
+                **args) -> tuple[tuple, dict]:
+    """(args, constexprs) of quantizing with s = max(parts) / FMAX (written to ``s``); with ``nxt`` (one float, 0 on
+    entry), also max-ing x's amax into it and zeroing ``clear``. Without ``nxt`` (the second read of dynamic
+    per-tensor) the tiles go last first: the amax pass has just read x forward, so its last tiles come from L2."""
     n, k = x2.shape
-    return ((x2, parts, q2, s, parts if nxt is None else nxt, n, k, x2.stride(0), 0, q2.stride(0), parts.numel()),
+    nxt_, clear_ = (parts, parts) if nxt is None else (nxt, clear)
+    return ((x2, parts, q2, s, nxt_, clear_, n, k, x2.stride(0), 0, q2.stride(0), parts.numel()),
             dict(GN=0, GK=0, FROM_PARTS=True, NEXT_PARTS=nxt is not None, PARTS=parts_pow2, BM=cfg.bm, BK=cfg.bk,
                  PREFETCH=_prefetch(cfg), EVICT=cfg.evict, REVERSE=nxt is None, **args))
 
@@ -279,7 +281,7 @@ def _launch_tensor(x2, q2, s, amax_cfg: LaunchConfig | None = None, cfg: LaunchC
     n, k = x2.shape
     parts = amax_partials(x2, replace(amax_cfg or config("amax", n, k), evict=0))
     cfg = cfg or config("requant-tensor", n, k)
-    a, kw = _from_parts(x2, parts, q2, s, None, cfg, triton.next_power_of_2(parts.numel()), **args)
+    a, kw = _from_parts(x2, parts, q2, s, cfg, triton.next_power_of_2(parts.numel()), **args)
     _launch(K.quant_static_kernel, triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x2.device, a, kw)
 
 
@@ -325,11 +327,17 @@ TENSOR_GROUP = ScaleGroup(0, 0)
 @dataclass
 class DelayedScale:
     """State of per-tensor quantization with the previous call's amax (delayed scaling, as vLLM's static activation
-    scales or Transformer Engine's amax history of length 1): ``parts[calls % 2]`` holds the amax partials the next
-    call's scale comes from, ``parts[(calls + 1) % 2]`` receives that call's own."""
+    scales or Transformer Engine's amax history of length 1). ``amax`` holds three slots that rotate with ``calls``:
+    slot ``calls % 3`` the previous input's amax (this call's scale comes from it), slot ``(calls + 1) % 3`` (zero)
+    receives this input's, and this call zeroes slot ``(calls + 2) % 3``, the one the next call max-es into."""
 
-    parts: torch.Tensor  # float32 [2, P]
+    amax: torch.Tensor  # float32 [3]
     calls: int = 0
+
+    def slots(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(read, max into, zero) for the next call, each a float32 [1] view."""
+        c = self.calls
+        return tuple(self.amax[(c + i) % 3:(c + i) % 3 + 1] for i in range(3))
 
 
 def quantize_delayed(x: torch.Tensor, state: DelayedScale | None = None, fmt: str | Fp8Format = "e4m3", *,
@@ -338,39 +346,42 @@ def quantize_delayed(x: torch.Tensor, state: DelayedScale | None = None, fmt: st
 
     Values beyond FMAX * s (x grew since the last call) saturate to +-FMAX. The first call (``state=None``) takes
     the amax of x itself (a second read), so it equals ``quantize(x, "tensor")``. Pass the returned state to the
-    next call; the input shape must stay the same (the partials are per program).
+    next call, of any shape (a batch of activations may change size); a state lives on the device of its first
+    call's x.
     """
     f = get_format(fmt)
     if x.dtype not in HIGH_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     _check_out_dtype(x.dtype)
+    if state is not None and state.amax.device != x.device:
+        raise ValueError(f"state lives on {state.amax.device}, x on {x.device}: start a new state (state=None)")
     x2 = _as_rows(x, "x")
     n, k = x2.shape
     cfg = cfg or config("requant-delayed", n, k)
-    tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     s = torch.empty(1, 1, dtype=torch.float32, device=x.device)
-    if n * k == 0:
-        s.fill_(1.0)
-        state = state or DelayedScale(torch.zeros(2, 1, dtype=torch.float32, device=x.device))
+    if state is None:  # the first call's scale is x's own amax
+        state = DelayedScale(torch.zeros(3, dtype=torch.float32, device=x.device))
+        if n * k:
+            state.amax[0] = amax_partials(x2, cfg).max()
+    read, into, clear = state.slots()
+    if n * k == 0:  # no values: the scale of the previous amax, and an amax of 0 for the next call
+        s.copy_(_scale_of(read, f.max).view(1, 1))
+        into.zero_()
+        clear.zero_()
         state.calls += 1
         return q.view(f.dtype), s, state
     args = dict(FMT=f.code, FMAX=f.max, MIN_SCALE=MIN_SCALE, EMULATE=EMULATE)
-    pow2 = triton.next_power_of_2(_grid(tiles, cfg, x.device))  # partials held: at most this many
-    parts = state.parts if state is not None else torch.zeros(2, pow2, dtype=torch.float32, device=x.device)
-    a, kw = _from_parts(x2, parts[0], _as_rows(q, "out"), s, parts[1], cfg, pow2, **args)
-    grid = _plan(K.quant_static_kernel, tiles, cfg, x.device, a, kw)
-    if state is None:  # the first call's scale is x's own amax (its max only matters: amax partials are >= 0)
-        state = DelayedScale(torch.zeros(2, grid, dtype=torch.float32, device=x.device))
-        state.parts[0, :1] = amax_partials(x2, cfg).max()
-    if state.parts.shape != (2, grid):
-        raise ValueError(f"state holds {state.parts.shape[1]} amax partials, this input and config need {grid}: "
-                         "start a new state (state=None) when the shape changes")
-    a, kw = _from_parts(x2, state.parts[state.calls % 2], _as_rows(q, "out"), s, state.parts[(state.calls + 1) % 2],
-                        cfg, pow2, **args)
-    K.quant_static_kernel[(grid,)](*a, **kw, **_launch_kw(cfg))
+    a, kw = _from_parts(x2, read, _as_rows(q, "out"), s, cfg, 1, nxt=into, clear=clear, **args)
+    _launch(K.quant_static_kernel, triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x.device, a, kw)
     state.calls += 1
     return q.view(f.dtype), s, state
+
+
+def _scale_of(amax: torch.Tensor, fmax: float) -> torch.Tensor:
+    """The kernels' per-tensor scale of an amax, in torch: amax / fmax (IEEE) clamped to >= MIN_SCALE, 1 at 0."""
+    s = torch.clamp(amax / fmax, min=MIN_SCALE)
+    return torch.where(amax == 0, torch.ones_like(s), s)
 
 
 def codec(codes: torch.Tensor, values: torch.Tensor, fmt: str | Fp8Format = "e4m3", *,
