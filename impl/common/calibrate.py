@@ -7,8 +7,10 @@ Descriptive figures (medians of event-timed reps, as before):
 
 Peaks, the denominators of every ``pct_peak_*`` (a true ceiling, so that no honest bench reads above 100%):
 - ``bw_peak_gbps``: the best of several memory-bound kernels — copies of 1 GiB and 256 MiB, a read-only reduction
-  (1 GiB summed), and a triad ``z = x + 2y`` (3 × 256 MiB, and 3 × 64 MiB and 3 × 32 MiB: a bench kernel's scale,
-  whose last writes are still in L2 when the timer stops, as a bench's are) — each at its *fastest* round;
+  (1 GiB summed), and a triad ``z = x + 2y`` (3 × 256 MiB, and 3 × 64, 3 × 32 and 3 × 16 MiB: a bench kernel's
+  scale, whose last writes are still in L2 when the timer stops, as a bench's are; 3 × 16 MiB moves the bytes of a
+  4096 x 4096 bf16 -> FP8 requantize, in its 2:1 read/write mix, which on an H100 read 2% above the 3 × 32 MiB
+  triad at 6144 x 4096) — each at its *fastest* round;
 - ``bf16_peak_tflops`` / ``fp8_peak_tflops``: the best of three GEMM shapes (8192³, 4096×8192×8192,
   8192×4096×4096), fastest round; bf16 with B both row-major and as a transposed (N, K) weight, fp8 with operands
   spanning e4m3's range as a per-tensor quantizer leaves them (the layouts and data the benches multiply), each
@@ -34,7 +36,7 @@ from impl.common.timing import synchronize, time_fn
 REST_S = 1.0  # idle before each peak GEMM's rounds, on a GPU: its power and clocks recover
 METHOD = ("copy 1 GiB d2d (read+write); GEMM 8192^3 via torch; H2D 40 MB; medians of 20 event-timed reps (copy and "
           "GEMM queued, launch latency excluded; H2D eager). Peaks: fastest round of the best of copy 1 GiB / 256 MiB, "
-          "read-only sum 1 GiB, triad 3 x 256 / 64 / 32 MiB (bandwidth) and of GEMM 8192^3, 4096x8192x8192, "
+          "read-only sum 1 GiB, triad 3 x 256 / 64 / 32 / 16 MiB (bandwidth) and of GEMM 8192^3, 4096x8192x8192, "
           "8192x4096x4096 (bf16: B row-major and transposed weight; fp8: operands scaled to e4m3's range), L2 flushed "
           f"between rounds, each GEMM after {REST_S:g} s idle")
 
@@ -87,7 +89,8 @@ def measure_bandwidth_kernels(sizes: Sizes = FULL) -> dict[str, float]:
     out["read_sum_1gib"] = _rate(big, lambda: torch.sum(x, dim=0, out=acc), best=True) / 1e9
     del x
     bench = sizes.bench_bytes
-    for name, nbytes in (("triad_3x256mib", small), ("triad_3x64mib", bench), ("triad_3x32mib", bench // 2)):
+    for name, nbytes in (("triad_3x256mib", small), ("triad_3x64mib", bench), ("triad_3x32mib", bench // 2),
+                         ("triad_3x16mib", bench // 4)):
         n = nbytes // 4
         a, b, c = (torch.rand(n, device=_device()) for _ in range(3))
         out[name] = _rate(3 * 4 * n, lambda: torch.add(a, b, alpha=2.0, out=c), best=True) / 1e9
