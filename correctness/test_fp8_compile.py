@@ -40,7 +40,7 @@ QS = {"x_ptr": "*bf16", "s_ptr": "*fp32", "q_ptr": "*u8", "so_ptr": "*fp32", "ne
 for key, gn, gk, fp, nx in (("quant-static", 1, 0, False, False), ("quant-static", 128, 128, False, False),
                             ("requant-tensor", 0, 0, True, False), ("requant-delayed", 0, 0, True, True)):
     c = cfgs[key]
-    jobs.append((key, K.quant_static_kernel, QS, {"GN": gn, "GK": gk, "FROM_PARTS": fp, "NEXT_PARTS": nx,
+    jobs.append((key, K.quant_static_kernel, QS, {"GN": gn, "GK": gk, "FROM_PARTS": fp, "NEXT_AMAX": nx,
         "PARTS": 1 if nx else 1024, **F, "BM": c["bm"], "BK": c["bk"], "PREFETCH": c["per_sm"] > 0 and c["stages"] > 1,
         "EVICT": c["evict"], "REVERSE": fp and not nx}, c["warps"]))
 c = cfgs["amax"]
@@ -75,7 +75,7 @@ for key, fn, sig, consts, warps in jobs:
     fields = dict(kv.split(":") for kv in next(l for l in use.splitlines() if "REG:" in l).split() if ":" in kv
                   and kv.split(":")[1].isdigit())
     out.append({"kernel": key, "name": fn.__name__, "consts": {k: v for k, v in consts.items() if k in
-                ("GN", "GK", "BM", "BK", "R", "ONE_PASS", "FROM_PARTS", "NEXT_PARTS", "PREFETCH", "EVICT", "REVERSE")},
+                ("GN", "GK", "BM", "BK", "R", "ONE_PASS", "FROM_PARTS", "NEXT_AMAX", "PREFETCH", "EVICT", "REVERSE")},
                 "warps": warps,
                 "regs": int(fields["REG"]), "local": int(fields["LOCAL"]), "stack": int(fields["STACK"])})
 print(json.dumps(out))

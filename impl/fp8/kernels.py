@@ -24,9 +24,9 @@ that every quantizing program reduces itself (no atomics, no zeroed buffer); the
 previous call's amax (one float) and max-es this call's into another with one atomic a program, so it reads its input
 once at any grid (three slots rotate: the one read, the one max-ed into, and the one zeroed for the next call); the
 second read of the dynamic variant goes last tile first (``REVERSE``), so the tail the amax pass has just read comes
-from L2. ``EVICT`` gives the
-streamed data the L2 policy evict_first (``_ld``/``_st``): a stream that is read or written once then recycles its
-own lines in L2 instead of evicting other work's (and writing back that work's dirty lines inside its own time).
+from L2. ``EVICT`` gives the streamed data the L2 policy evict_first (``_ld``/``_st``): a stream that is read or
+written once then recycles its own lines in L2 instead of evicting other work's (and writing back that work's dirty
+lines inside its own time).
 
 At the copy bandwidth a 16-bit -> FP8 requantize leaves about 20 issued instructions an element (H200: 132 SMs x 4
 schedulers x ~1.9 GHz x 32 lanes over 3 bytes an element at ~4.3 TB/s), so the kernels keep the work an element
@@ -293,14 +293,14 @@ def _tensor_scale(part_ptr, n_parts, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr
 
 @triton.jit
 def _quant_tile(xin, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q,
-                GN: tl.constexpr, GK: tl.constexpr, FROM_PARTS: tl.constexpr, NEXT_PARTS: tl.constexpr,
+                GN: tl.constexpr, GK: tl.constexpr, FROM_PARTS: tl.constexpr, NEXT_AMAX: tl.constexpr,
                 FMT: tl.constexpr, FMAX: tl.constexpr, EMULATE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                 EVICT: tl.constexpr):
-    """Store the codes of tile t (xin: its values, already loaded); returns acc, with NEXT_PARTS max-ed with |x|."""
+    """Store the codes of tile t (xin: its values, already loaded); returns acc, with NEXT_AMAX max-ed with |x|."""
     m0, k0, rows, cols = _tile(t, K, BM, BK)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     x = xin.to(tl.float32)
-    if NEXT_PARTS:
+    if NEXT_AMAX:
         acc = _max_finite_abs(acc, xin)
     if FROM_PARTS:
         y = x * inv
@@ -316,12 +316,12 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
                         s_ptr,      # float32 scales [R, C] (FROM_PARTS: float32 amax partials [n_parts])
                         q_ptr,      # uint8 codes out [N, K], row stride stride_q
                         so_ptr,     # FROM_PARTS: float32 [1] out, receives the per-tensor scale
-                        next_ptr,   # NEXT_PARTS: float32 [1], 0 on entry: atomically max-ed with this input's amax
-                        clear_ptr,  # NEXT_PARTS: float32 [1], set to 0 (the slot the next call's amax goes to)
+                        next_ptr,   # NEXT_AMAX: float32 [1], 0 on entry: atomically max-ed with this input's amax
+                        clear_ptr,  # NEXT_AMAX: float32 [1], set to 0 (the slot the next call's amax goes to)
                         N, K, stride_x, stride_s, stride_q, n_parts,
                         GN: tl.constexpr, GK: tl.constexpr,
                         FROM_PARTS: tl.constexpr,   # scale = max(partials) / FMAX (dynamic or delayed per-tensor)
-                        NEXT_PARTS: tl.constexpr,   # also record this input's amax (delayed scaling: next call's scale)
+                        NEXT_AMAX: tl.constexpr,    # also record this input's amax (delayed scaling: next call's scale)
                         PARTS: tl.constexpr,        # power of two >= n_parts
                         FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
                         BM: tl.constexpr, BK: tl.constexpr,
@@ -330,7 +330,7 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
                         REVERSE: tl.constexpr):  # last tile first (a second read right after a forward first one)
     """Quantize with given scales (or one from amax partials). REVERSE serves the second read of dynamic per-tensor:
     the amax pass has just streamed x forward, so x's last tiles are still in L2 and are converted first.
-    NEXT_PARTS: each program max-es its share's amax into one float (an atomic a program: any grid, one value for the
+    NEXT_AMAX: each program max-es its share's amax into one float (an atomic a program: any grid, one value for the
     next call to read), and program 0 zeroes the slot the next call max-es into (no other program touches it)."""
     inv = 1.0
     if FROM_PARTS:
@@ -346,15 +346,15 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
         for i in range(tl.program_id(0), tiles, step):
             nx = _load_tile(x_ptr, _order(i + step, tiles, REVERSE), tiles, N, K, stride_x, BM, BK, EVICT)
             acc = _quant_tile(x, _order(i, tiles, REVERSE), acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q, GN, GK,
-                              FROM_PARTS, NEXT_PARTS, FMT, FMAX, EMULATE, BM, BK, EVICT)
+                              FROM_PARTS, NEXT_AMAX, FMT, FMAX, EMULATE, BM, BK, EVICT)
             x = nx
     else:
         for i in range(tl.program_id(0), tiles, step):
             t = _order(i, tiles, REVERSE)
             x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
-            acc = _quant_tile(x, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q, GN, GK, FROM_PARTS, NEXT_PARTS,
+            acc = _quant_tile(x, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q, GN, GK, FROM_PARTS, NEXT_AMAX,
                               FMT, FMAX, EMULATE, BM, BK, EVICT)
-    if NEXT_PARTS:
+    if NEXT_AMAX:
         tl.atomic_max(next_ptr, tl.max(tl.max(acc, axis=1), axis=0).to(tl.float32))
         if tl.program_id(0) == 0:
             tl.store(clear_ptr, 0.0)

@@ -246,7 +246,7 @@ def _launch_static(x2, s, q2, group: ScaleGroup, cfg: LaunchConfig | None = None
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     _launch(K.quant_static_kernel, tiles, cfg, x2.device,
             (x2, s, q2, s, s, s, n, k, x2.stride(0), s.stride(0), q2.stride(0), 1),
-            dict(GN=group.gn, GK=group.gk, FROM_PARTS=False, NEXT_PARTS=False, PARTS=1, BM=cfg.bm, BK=cfg.bk,
+            dict(GN=group.gn, GK=group.gk, FROM_PARTS=False, NEXT_AMAX=False, PARTS=1, BM=cfg.bm, BK=cfg.bk,
                  PREFETCH=_prefetch(cfg), EVICT=cfg.evict, REVERSE=False, **args))
 
 
@@ -269,7 +269,7 @@ def _from_parts(x2, parts, q2, s, cfg: LaunchConfig, parts_pow2: int, nxt=None, 
     n, k = x2.shape
     nxt_, clear_ = (parts, parts) if nxt is None else (nxt, clear)
     return ((x2, parts, q2, s, nxt_, clear_, n, k, x2.stride(0), 0, q2.stride(0), parts.numel()),
-            dict(GN=0, GK=0, FROM_PARTS=True, NEXT_PARTS=nxt is not None, PARTS=parts_pow2, BM=cfg.bm, BK=cfg.bk,
+            dict(GN=0, GK=0, FROM_PARTS=True, NEXT_AMAX=nxt is not None, PARTS=parts_pow2, BM=cfg.bm, BK=cfg.bk,
                  PREFETCH=_prefetch(cfg), EVICT=cfg.evict, REVERSE=nxt is None, **args))
 
 
