@@ -97,3 +97,9 @@ def test_stream_bytes_counts_three_per_element():
 def test_stream_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.skipif(not backend.ON_GPU, reason="host tensors are the interpreter's own input: no GPU here")
+def test_stream_refuses_host_tensors_on_a_gpu():
+    with pytest.raises(ValueError, match="move x and out to cuda"):
+        C.stream(torch.zeros(2, 2, dtype=torch.uint8), "widen", out=torch.zeros(2, 2, dtype=torch.int16))

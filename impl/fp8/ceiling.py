@@ -89,6 +89,8 @@ def stream(x: torch.Tensor, mode: str, *, out: torch.Tensor | None = None,
                          f"{tuple(out.shape)} on {out.device}")
     if out.numel() and out.stride(1) != 1:
         raise ValueError(f"out must have contiguous rows, got strides {out.stride()}")
+    if backend.ON_GPU and not backend.INTERPRETED and x.device.type != "cuda":
+        raise ValueError(f"the stream runs on the GPU: move x and out to cuda (got {x.device})")
     n, k = x.shape
     if n * k == 0:
         return out
