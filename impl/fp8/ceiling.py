@@ -10,8 +10,8 @@ mix's own limit. These streams say where that limit is:
 
 with a dequantize's tiling (``[BM, BK]`` tiles, column tile fastest, one program per tile). The bench
 ``test_fp8_stream`` times every launch of ``CONFIGS`` briefly and benches the fastest: the figure a kernel of that
-mix and size is read against (``claims.copy_ceiling``). Its best launch is not the ceiling of every possible kernel,
-but any arithmetic a real kernel adds only slows it.
+mix and size is read against (``claims.same_size_ceilings``). Its best launch is not the ceiling of every possible
+kernel, but any arithmetic a real kernel adds only slows it.
 """
 from __future__ import annotations
 

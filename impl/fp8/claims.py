@@ -47,7 +47,7 @@ def stream_bench(case: str) -> str:
     return f"test_fp8_stream[{mode}-{case.rstrip(']').rsplit('-', 1)[-1]}]"
 
 
-def copy_ceiling(view, bench: str, target: float | None = None) -> str:
+def same_size_ceilings(view, bench: str, target: float | None = None) -> str:
     """The % of the peak of ``copy_bench`` and of ``stream_bench`` in words, for a claim's source; each left out
     where its bench is not stored. With ``target`` (a claim on the same % of the peak), a stream below it says so:
     on this card the traffic mix alone, with no arithmetic, misses the target."""
@@ -66,7 +66,7 @@ def copy_ceiling(view, bench: str, target: float | None = None) -> str:
 @dataclass(frozen=True)
 class MinExtraInfo:
     """The smallest ``extra_info[key]`` over one or more stored benches (every one must be stored), with the
-    same-size copy's and traffic-mix stream's figures for the worst shape in its source (``copy_ceiling``; with
+    same-size copy's and traffic-mix stream's figures for the worst shape in its source (``same_size_ceilings``; with
     ``target``, the claim's own, a stream below it is marked)."""
 
     benches: tuple[str, ...]
@@ -83,7 +83,7 @@ class MinExtraInfo:
         _, name, worst = min(got, key=lambda vnm: vnm[0])
         over = f"min over {len(got)} shapes: " if len(got) > 1 else ""
         # its provenance and interval
-        return replace(worst, source=over + worst.source + copy_ceiling(view, name, self.target))
+        return replace(worst, source=over + worst.source + same_size_ceilings(view, name, self.target))
 
     def describe(self) -> str:
         if len(self.benches) == 1:
