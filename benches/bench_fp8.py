@@ -148,17 +148,14 @@ def test_fp8_stream(device_bench, mode, n, k):
     assert torch.equal(out.cpu(), ceiling.stream_reference(x, mode))
 
 
-def _fastest_stream(x, mode: str, out) -> tuple[ceiling.StreamConfig, dict[str, float]]:
+def _fastest_stream(x, mode: str, out) -> tuple[launch.LaunchConfig, dict[str, float]]:
     """The launch of ``ceiling.CONFIGS`` with the lowest median over a few flushed rounds (the bench then times it
     afresh), and every launch's median; without a GPU the interpreter's launch, untimed."""
     if not backend.ON_GPU:
         return ceiling.CPU_CONFIG, {}
-    sweep = {}
-    for cfg in ceiling.CONFIGS:
-        t = time_fn(lambda: ceiling.stream(x, mode, out=out, cfg=cfg), warmup=2, reps=7, queue_ahead=True)
-        sweep[f"{cfg.bm}x{cfg.bk}w{cfg.warps}"] = t.median_ms
-    best = min(ceiling.CONFIGS, key=lambda c: sweep[f"{c.bm}x{c.bk}w{c.warps}"])
-    return best, sweep
+    ms = {cfg: time_fn(lambda: ceiling.stream(x, mode, out=out, cfg=cfg), warmup=2, reps=7, queue_ahead=True).median_ms
+          for cfg in ceiling.CONFIGS}
+    return min(ms, key=ms.get), {f"{c.bm}x{c.bk}w{c.warps}": t for c, t in ms.items()}
 
 
 @pytest.mark.parametrize("n,k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])

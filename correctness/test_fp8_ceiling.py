@@ -29,7 +29,7 @@ def _input(mode: str, n: int, k: int, seed: int) -> torch.Tensor:
     return x.to(DEVICE)
 
 
-LAUNCHES = C.CONFIGS if backend.ON_GPU else (C.CPU_CONFIG, C.StreamConfig(2, 64, 2))
+LAUNCHES = C.CONFIGS if backend.ON_GPU else (C.CPU_CONFIG, C.LaunchConfig(2, 64, 2))
 
 
 @pytest.mark.parametrize("mode", sorted(C.MODES))
@@ -91,8 +91,8 @@ def test_stream_bytes_counts_three_per_element():
     (lambda: C.stream(torch.zeros(4, 4, dtype=torch.uint8, device=DEVICE), "widen",
                       out=torch.zeros(4, 4, dtype=torch.int16, device=DEVICE).t()), ValueError, "contiguous rows"),
     (lambda: C.stream([[1, 2]], "widen"), TypeError, "x must be a torch.Tensor"),
-    (lambda: C.StreamConfig(3, 64), ValueError, "powers of two"),
-    (lambda: C.StreamConfig(4, 64, 3), ValueError, "warps"),
+    (lambda: C.LaunchConfig(3, 64), ValueError, "powers of two"),
+    (lambda: C.LaunchConfig(4, 64, 3), ValueError, "warps"),
 ])
 def test_stream_bad_input(call, error, match):
     with pytest.raises(error, match=match):
@@ -101,5 +101,5 @@ def test_stream_bad_input(call, error, match):
 
 @pytest.mark.skipif(not backend.ON_GPU, reason="host tensors are the interpreter's own input: no GPU here")
 def test_stream_refuses_host_tensors_on_a_gpu():
-    with pytest.raises(ValueError, match="move x and out to cuda"):
+    with pytest.raises(ValueError, match="move the tensors to cuda"):
         C.stream(torch.zeros(2, 2, dtype=torch.uint8), "widen", out=torch.zeros(2, 2, dtype=torch.int16))

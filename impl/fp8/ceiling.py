@@ -15,8 +15,6 @@ kernel, but any arithmetic a real kernel adds only slows it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import impl  # noqa: F401  (backend before triton)
 import torch
 import triton
@@ -24,32 +22,19 @@ import triton.language as tl
 
 from impl import backend
 from impl.common.checks import require_tensor
+from impl.fp8.launch import LaunchConfig
+from impl.fp8.quant import _check_device
 
 MODES = {"widen": (torch.uint8, torch.int16), "narrow": (torch.int16, torch.uint8)}  # mode -> (input, output dtype)
-
-
-@dataclass(frozen=True)
-class StreamConfig:
-    """A launch of ``stream_kernel``: [bm, bk] tiles (powers of two), ``warps`` warps a program."""
-
-    bm: int
-    bk: int
-    warps: int = 8
-
-    def __post_init__(self) -> None:
-        for side in (self.bm, self.bk):
-            if side < 1 or side & (side - 1):
-                raise ValueError(f"tile sides must be powers of two, got bm={self.bm}, bk={self.bk}")
-        if self.warps not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"warps must be a power of two in 1..32, got {self.warps}")
 
 
 # the launches the bench tries: on an H100 the fastest widen of each Llama-3-8B matrix was one of the first eight
 # (8 warps, tiles of 2k-16k elements; default L2 policy); then row-wide tiles, the layout of the fastest requantize
 # (on 6144x4096 the channel requantize with 1 x 16384 tiles of 16 warps outran the first eight's narrow stream)
-CONFIGS = (*(StreamConfig(bm, bk) for bm in (4, 8, 16) for bk in (512, 1024, 2048) if bm * bk <= 16384),
-           StreamConfig(1, 4096, 4), StreamConfig(2, 4096, 8), StreamConfig(1, 8192, 8), StreamConfig(1, 16384, 16))
-CPU_CONFIG = StreamConfig(4, 32, 4)  # small tiles under the interpreter: several programs and ragged edges
+# (a LaunchConfig's bm, bk and warps; its persistence and L2 policy fields are not used here)
+CONFIGS = (*(LaunchConfig(bm, bk, 8) for bm in (4, 8, 16) for bk in (512, 1024, 2048) if bm * bk <= 16384),
+           LaunchConfig(1, 4096, 4), LaunchConfig(2, 4096, 8), LaunchConfig(1, 8192, 8), LaunchConfig(1, 16384, 16))
+CPU_CONFIG = LaunchConfig(4, 32, 4)  # small tiles under the interpreter: several programs and ragged edges
 
 
 @triton.jit
@@ -71,7 +56,7 @@ def stream_kernel(x_ptr, y_ptr, N, K, stride_x, stride_y,
 
 
 def stream(x: torch.Tensor, mode: str, *, out: torch.Tensor | None = None,
-           cfg: StreamConfig | None = None) -> torch.Tensor:
+           cfg: LaunchConfig | None = None) -> torch.Tensor:
     """``mode`` ("widen" / "narrow") of a 2-D x with contiguous rows, into ``out`` (allocated when None)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
@@ -89,8 +74,7 @@ def stream(x: torch.Tensor, mode: str, *, out: torch.Tensor | None = None,
                          f"{tuple(out.shape)} on {out.device}")
     if out.numel() and out.stride(1) != 1:
         raise ValueError(f"out must have contiguous rows, got strides {out.stride()}")
-    if backend.ON_GPU and not backend.INTERPRETED and x.device.type != "cuda":
-        raise ValueError(f"the stream runs on the GPU: move x and out to cuda (got {x.device})")
+    _check_device(x, out)
     n, k = x.shape
     if n * k == 0:
         return out

@@ -61,7 +61,8 @@ def plot_kernel_bandwidth(view, out_dir: Path) -> list[Path]:
     rows = []
     for name, b in view.benches.items():
         info = b.get("extra_info") or {}
-        if name.startswith(("test_fp8_dequant[", "test_fp8_requant")) and "pct_peak_bw" in info and name == b.get("name"):
+        kernel_case = name.startswith(("test_fp8_dequant[", "test_fp8_requant")) and name == b.get("name")
+        if kernel_case and "pct_peak_bw" in info:
             kernel = name.split("[")[0].replace("test_fp8_", "")
             bound = 100.0 * info.get("bytes", 1) / info.get("traffic_bytes", info.get("bytes", 1))
             rows.append((kernel, name.split("[")[1].rstrip("]"), info["pct_peak_bw"], bound))

@@ -181,8 +181,9 @@ class Swapped:
     """Context: the decoder linears of ``model`` replaced by Fp8Linears of ``variant`` (``replaced``).
 
     ``cache`` (a dict kept by the caller) keeps each linear's quantized weight per (group, rounding, scales,
-    smoothing, grid), and on the CPU its dequantized copy, so the variants of one group quantize once. GPTQ rounding needs ``moments``: each
-    linear's input second moment H by qualified name (``input_moments``), and rounds with the settings ``gptq``."""
+    smoothing, grid), and on the CPU its dequantized copy, so the variants of one group quantize once. GPTQ rounding
+    needs ``moments``: each linear's input second moment H by qualified name (``input_moments``), and rounds with the
+    settings ``gptq``."""
 
     def __init__(self, model: nn.Module, variant: Variant, blocks: tuple[int, ...] | None = None,
                  cache: dict | None = None, moments: dict[str, torch.Tensor] | None = None,

@@ -23,6 +23,7 @@ from impl.common.timing import sm_count
 from impl.fp8 import kernels as K
 from impl.fp8.formats import MIN_SCALE, Fp8Format, ScaleGroup, get_format, get_group
 from impl.fp8.launch import CPU_CONFIGS, GPU_CONFIGS, LaunchConfig, config, dequant_key, quant_key  # noqa: F401
+from impl.fp8.reference import scales_from_amax
 
 HIGH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EMULATE = backend.INTERPRETED  # the interpreter's own fp8 conversion is wrong: use the bit codec there
@@ -366,7 +367,7 @@ def quantize_delayed(x: torch.Tensor, state: DelayedScale | None = None, fmt: st
             state.amax[0] = amax_partials(x2, cfg).max()
     read, into, clear = state.slots()
     if n * k == 0:  # no values: the scale of the previous amax, and an amax of 0 for the next call
-        s.copy_(_scale_of(read, f.max).view(1, 1))
+        s.copy_(scales_from_amax(read, f).view(1, 1))
         into.zero_()
         clear.zero_()
         state.calls += 1
@@ -376,12 +377,6 @@ def quantize_delayed(x: torch.Tensor, state: DelayedScale | None = None, fmt: st
     _launch(K.quant_static_kernel, triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x.device, a, kw)
     state.calls += 1
     return q.view(f.dtype), s, state
-
-
-def _scale_of(amax: torch.Tensor, fmax: float) -> torch.Tensor:
-    """The kernels' per-tensor scale of an amax, in torch: amax / fmax (IEEE) clamped to >= MIN_SCALE, 1 at 0."""
-    s = torch.clamp(amax / fmax, min=MIN_SCALE)
-    return torch.where(amax == 0, torch.ones_like(s), s)
 
 
 def codec(codes: torch.Tensor, values: torch.Tensor, fmt: str | Fp8Format = "e4m3", *,
