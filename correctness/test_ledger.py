@@ -422,6 +422,44 @@ def test_paired_bootstrap_is_deterministic_and_sees_a_shift():
         paired_bootstrap([0.1], [0.2], stat="mode")
 
 
+MiB = 1 << 20
+SIZED_PEAKS = {"bw_peak_gbps": 3322.0, "copy_gbps": 3046.0,
+               "bw_kernels": {"copy_1gib": 3054.0, "read_sum_1gib": 3103.0, "triad_3x256mib": 3144.0,
+                              "triad_3x64mib": 3250.0, "triad_3x32mib": 3322.0},
+               "bw_kernel_bytes": {"copy_1gib": 2048 * MiB, "read_sum_1gib": 1024 * MiB, "triad_3x256mib": 768 * MiB,
+                                   "triad_3x64mib": 192 * MiB, "triad_3x32mib": 96 * MiB}}  # an H100's, 91fde28
+
+
+@pytest.mark.parametrize("nbytes, peak", [(0, 3322.0), (50 * MiB, 3322.0), (96 * MiB, 3322.0), (97 * MiB, 3250.0),
+                                          (176 * MiB, 3250.0), (350 * MiB, 3144.0), (1500 * MiB, 3054.0),
+                                          (4096 * MiB, 3054.0)])
+def test_a_bench_is_held_against_the_fastest_kernel_of_at_least_its_bytes(nbytes, peak):
+    """A smaller calibration kernel keeps more of its traffic in L2: it bounds benches of its size or smaller, never a
+    larger one; beyond every kernel's size the largest bounds it; without sizes, the fastest of all."""
+    from impl.common.benchkit import bandwidth_peak, derived_metrics
+
+    assert bandwidth_peak(SIZED_PEAKS, nbytes) == peak
+    unsized = {k: v for k, v in SIZED_PEAKS.items() if k != "bw_kernel_bytes"}
+    assert bandwidth_peak(unsized, nbytes) == 3322.0
+    if nbytes:
+        m = derived_metrics(1e-3, nbytes, 0, SIZED_PEAKS)
+        assert m["peak_bw_gbps"] == peak and m["pct_peak_bw"] == pytest.approx(100 * nbytes / 1e6 / peak)
+
+
+def test_a_large_kernel_can_still_fail_against_its_own_size_peak():
+    """The size-matched peak is no free pass: a 350 MB kernel at 90% of the 3 x 256 MiB triad fails a 92% target,
+    and one above that triad is over its peak, with the kernels it was matched against named."""
+    from impl.common.benchkit import derived_metrics, over_peak_message
+
+    nbytes = 350 * MiB
+    slow = derived_metrics(nbytes / (0.90 * 3144.0e9), nbytes, 0, SIZED_PEAKS)
+    assert slow["pct_peak_bw"] == pytest.approx(90.0) and slow["pct_peak_bw"] < 92.0
+    fast = derived_metrics(nbytes / (1.02 * 3144.0e9), nbytes, 0, SIZED_PEAKS)
+    msg = over_peak_message(fast, SIZED_PEAKS, nbytes=nbytes)
+    assert msg and "those moving at least its 367 MB" in msg and "triad_3x256mib 3144" in msg
+    assert "triad_3x32mib" not in msg, "a smaller kernel is not what it is held against"
+
+
 def test_calibration_peaks_are_the_best_of_their_kernels():
     """The calibration's code path at tiny sizes on this machine's device (its figures mean nothing here): the
     bandwidth peak is the best kernel, the GEMM peak the best shape, and derived metrics hold benches against them."""
@@ -441,10 +479,15 @@ def test_calibration_peaks_are_the_best_of_their_kernels():
     assert torch.equal(*products), "the two layouts multiply the same matrices"
     with pytest.raises(ValueError, match="layout"):
         calibrate._gemm_fn("bf16", 8, 16, 32, layout="tt")
+    assert p["bw_kernel_bytes"] == calibrate.bandwidth_kernel_bytes(calibrate.TINY)
+    assert set(p["bw_kernel_bytes"]) == set(p["bw_kernels"])
     assert bandwidth_peak(p) == p["bw_peak_gbps"] and flops_peak(p, "bf16") == p["bf16_peak_tflops"]
+    assert bandwidth_peak(p, 1) == p["bw_peak_gbps"], "every kernel moves at least one byte"
     assert bandwidth_peak({"copy_gbps": 3000.0}) == 3000.0 and flops_peak({"bf16_tflops": 700.0}, "bf16") == 700.0
-    m = derived_metrics(1.0, int(p["bw_peak_gbps"] * 1e9 / 2), 0, p)
-    assert m["pct_peak_bw"] == pytest.approx(50.0) and m["peak_bw_gbps"] == p["bw_peak_gbps"]
+    smallest = min(p["bw_kernel_bytes"].values())
+    m = derived_metrics(1.0, smallest, 0, p)
+    assert m["pct_peak_bw"] == pytest.approx(100 * smallest / 1e9 / p["bw_peak_gbps"])
+    assert m["peak_bw_gbps"] == p["bw_peak_gbps"]
     if not results.backend.ON_GPU:
         assert calibrate.calibrate() == {}
 

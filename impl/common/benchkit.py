@@ -23,9 +23,29 @@ TIMING_EAGER = "device events, eager (launch latency included)"
 COUNT_SUSPECT_PCT = 5.0
 
 
-def bandwidth_peak(peaks: dict[str, Any]) -> float | None:
-    """The card's bandwidth ceiling in GB/s: ``bw_peak_gbps`` (best calibration kernel, fastest round), or the copy
-    median of a calibration that predates it."""
+def peak_kernels(peaks: dict[str, Any], nbytes: int) -> dict[str, float]:
+    """The calibration kernels (name -> GB/s) a kernel moving ``nbytes`` is held against: those that move at least as
+    many bytes (``bw_kernel_bytes``), or the largest where none does; empty without ``nbytes`` or kernel sizes (a
+    calibration that predates them)."""
+    gbps, moved = peaks.get("bw_kernels") or {}, peaks.get("bw_kernel_bytes") or {}
+    known = {name: v for name, v in gbps.items() if v and moved.get(name)}
+    if nbytes <= 0 or not known:
+        return {}
+    fits = {name: v for name, v in known.items() if moved[name] >= nbytes}
+    if not fits:
+        top = max(moved[name] for name in known)
+        fits = {name: v for name, v in known.items() if moved[name] == top}
+    return fits
+
+
+def bandwidth_peak(peaks: dict[str, Any], nbytes: int = 0) -> float | None:
+    """The card's bandwidth ceiling in GB/s for a kernel moving ``nbytes``: the fastest calibration kernel that moves
+    at least as many (``peak_kernels``; a smaller one keeps more of its traffic in L2, so it is no ceiling for a
+    larger kernel). Without ``nbytes`` or kernel sizes: ``bw_peak_gbps`` (the fastest of all), or the copy median of
+    a calibration that predates it."""
+    fits = peak_kernels(peaks, nbytes)
+    if fits:
+        return max(fits.values())
     return peaks.get("bw_peak_gbps") or peaks.get("copy_gbps")
 
 
@@ -37,13 +57,14 @@ def flops_peak(peaks: dict[str, Any], flops_dtype: str) -> float | None:
 def derived_metrics(seconds: float, bytes_moved: int, flops: int, peaks: dict[str, Any],
                     flops_dtype: str = "bf16", traffic_bytes: int = 0) -> dict[str, float]:
     """``gbps``, ``tflops``, ``traffic_gbps`` and ``pct_peak_*`` against ``peaks`` (from calibration) for one median
-    time; the peak used is stored beside (``peak_bw_gbps``, ``peak_tflops``)."""
+    time, the bandwidth against the peak for ``bytes_moved`` (``bandwidth_peak``); the peak used is stored beside
+    (``peak_bw_gbps``, ``peak_tflops``)."""
     if seconds <= 0:
         return {}
     out: dict[str, float] = {}
     if bytes_moved:
         out["gbps"] = bytes_moved / seconds / 1e9
-        peak = bandwidth_peak(peaks)
+        peak = bandwidth_peak(peaks, bytes_moved)
         if peak:
             out["peak_bw_gbps"] = peak
             out["pct_peak_bw"] = 100 * out["gbps"] / peak
@@ -58,13 +79,20 @@ def derived_metrics(seconds: float, bytes_moved: int, flops: int, peaks: dict[st
     return out
 
 
-def over_peak_message(metrics: dict[str, float], peaks: dict[str, Any], flops_dtype: str = "bf16") -> str | None:
-    """Why a bench reads above 100% of a calibrated peak, and which side is the likelier culprit; None when not."""
+def over_peak_message(metrics: dict[str, float], peaks: dict[str, Any], flops_dtype: str = "bf16",
+                      nbytes: int = 0) -> str | None:
+    """Why a bench (moving ``nbytes``) reads above 100% of a calibrated peak, and which side is the likelier culprit;
+    None when not."""
     problems = []
     pct = metrics.get("pct_peak_bw")
     if pct is not None and pct > 100:
-        kernels = peaks.get("bw_kernels") or {"copy (median)": peaks.get("copy_gbps")}
+        kernels = (peak_kernels(peaks, nbytes) or peaks.get("bw_kernels")
+                   or {"copy (median)": peaks.get("copy_gbps")})
         what = ", ".join(f"{k} {v:.0f}" for k, v in kernels.items() if v)
+        if peak_kernels(peaks, nbytes):
+            what = f"those moving at least its {nbytes / 1e6:.0f} MB, GB/s: {what}"
+        else:
+            what = f"GB/s: {what}"
         over = pct - 100
         culprit = ("the byte count is the likelier culprit: bytes_moved must be the compulsory bytes (each input read "
                    "once, each output written once; extra traffic goes in traffic_bytes)" if over > COUNT_SUSPECT_PCT
@@ -72,7 +100,7 @@ def over_peak_message(metrics: dict[str, float], peaks: dict[str, Any], flops_dt
                    f"{COUNT_SUSPECT_PCT:g}% its kernels fall short of what this access pattern reaches (or the "
                    "clocks changed between calibration and bench); add the pattern to the calibration")
         problems.append(f"{metrics['gbps']:.0f} GB/s is {pct:.1f}% of the calibrated bandwidth peak "
-                        f"{metrics['peak_bw_gbps']:.0f} GB/s ({over:.1f}% over; calibration kernels, GB/s: {what}): "
+                        f"{metrics['peak_bw_gbps']:.0f} GB/s ({over:.1f}% over; calibration kernels, {what}): "
                         f"{culprit}")
     pct = metrics.get("pct_peak_flops")
     if pct is not None and pct > 100:

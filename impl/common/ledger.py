@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
-from impl.common.benchkit import TIMING_EAGER, TIMING_QUEUED, over_peak_message
+from impl.common.benchkit import TIMING_EAGER, TIMING_QUEUED, bandwidth_peak, over_peak_message
 from impl.common.results import RESULTS, commit_exists, slugify_gpu
 from impl.common.stats import Interval, median_interval, ratio_interval, summary_interval
 
@@ -377,11 +377,16 @@ class ExtraInfo:
         if self.key in RATE_KEYS and value > 0:
             med, note = bench_interval(e)
             iv = med.inverted(value * med.point)  # a rate ∝ 1 / time: the slow end of the time is the low end
-        return _bench_measured(e, value, f"{self.bench}.extra_info.{self.key} ({e['_meta']['file']})", interval=iv,
-                               note=note)
+        return _bench_measured(e, value, f"{self.bench}.extra_info.{self.key} ({e['_meta']['file']}{_peak_used(x)})",
+                               interval=iv, note=note)
 
     def describe(self) -> str:
         return f"extra_info[{self.key}] of bench `{self.bench}`"
+
+
+def _peak_used(x: dict[str, Any]) -> str:
+    """The bandwidth peak a bench's % figures were computed against, in words (empty where it stored none)."""
+    return f"; peak {x['peak_bw_gbps']:.0f} GB/s" if x.get("peak_bw_gbps") else ""
 
 
 def _over_peak(entry: dict[str, Any], view: ResultsView) -> str:
@@ -397,10 +402,10 @@ def _over_peak(entry: dict[str, Any], view: ResultsView) -> str:
             return f"calibration.json unreadable ({problem})" if problem else "no calibration stored with the run"
         peaks = cal["peaks"]
     metrics = {k: x[k] for k in ("gbps", "tflops", "pct_peak_bw", "pct_peak_flops") if k in x}
-    metrics.setdefault("peak_bw_gbps", x.get("peak_bw_gbps") or peaks.get("bw_peak_gbps") or peaks.get("copy_gbps")
-                       or float("nan"))
+    nbytes = int(x.get("bytes") or 0)
+    metrics.setdefault("peak_bw_gbps", x.get("peak_bw_gbps") or bandwidth_peak(peaks, nbytes) or float("nan"))
     metrics.setdefault("peak_tflops", x.get("peak_tflops") or float("nan"))
-    return over_peak_message(metrics, peaks, x.get("flops_dtype", "bf16")) or "see the bench"
+    return over_peak_message(metrics, peaks, x.get("flops_dtype", "bf16"), nbytes) or "see the bench"
 
 
 def _record_provenance(rec: dict[str, Any], file: str, what: str) -> Provenance:

@@ -150,7 +150,9 @@ def _header(slug: str, view: ResultsView) -> list[str]:
     lines = []
     if cal:
         p = cal["peaks"]
-        peak = (f"; bandwidth peak {_fmt(p['bw_peak_gbps'])} GB/s (best calibration kernel)"
+        held = ("each bench is held against the best that moves at least its bytes" if p.get("bw_kernel_bytes") else
+                "this calibration predates kernel sizes: each bench is held against it")
+        peak = (f"; bandwidth peak {_fmt(p['bw_peak_gbps'])} GB/s (best calibration kernel; {held})"
                 if p.get("bw_peak_gbps") else "")
         lines += [f"Card: **{cal.get('device', '?')}** · calibration {str(cal.get('date', ''))[:10]} (commit "
                   f"{cal.get('commit', '?')}): copy {_fmt(p.get('copy_gbps'))} GB/s, bf16 GEMM "
@@ -167,7 +169,7 @@ def _bench_table(view: ResultsView) -> list[str]:
         return []
     lines = ["", "## Stored benchmarks (newest run of each)", "",
              "GB/s from compulsory bytes (each input read once, each output written once); traffic GB/s where a "
-             "variant moves more; % of the calibrated peak.", "",
+             "variant moves more; % of the calibrated peak for the bench's bytes (its peak in the source of each claim).", "",
              "| benchmark | median | GB/s | traffic GB/s | % BW peak | TFLOP/s | % GEMM peak | card | commit |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(entries):

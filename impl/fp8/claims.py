@@ -1,15 +1,16 @@
 """fp8 claims: kernel bandwidth, FP8 GEMM speed-up, loading, quality of every layout on two models (figures:
 ``plots.py``).
 
-Kernels: % of the card's bandwidth peak (the fastest of its calibration kernels -- copies, a read-only sum, a
-triad: ``impl.common.calibrate``; a higher bar than its 1 GiB copy's median) counting compulsory bytes (inputs read
-once, outputs written once), on a Llama-3-8B layer's matrices; per-tensor dynamic requantization reads its input
-twice (amax, then convert) and is judged against that two-read bound (``pct_traffic_bw``). Quality: |perplexity
-change| at the conservative end of a 95% bootstrap interval over evaluation windows (``quality``), per model, layout
-and mode, of the project's recipe (``RECIPE``: what ``impl.fp8.quantize --calibration`` writes; every decoder linear
-in FP8, the LM head not): W8A16 codes rounded by GPTQ; W8A8 rounded by GPTQ, smoothed or not as the calibration
-tokens choose (``quality.recipe_of``). Round-to-nearest figures stay in the record and the plot beside them. A W8A8
-claim's source names what rounding the activations alone costs the same model (``activation_share``).
+Kernels: % of the card's bandwidth peak for the kernel's size (the fastest of its calibration kernels -- copies, a
+read-only sum, triads -- that moves at least the kernel's bytes: ``impl.common.calibrate``; a higher bar than its
+1 GiB copy's median) counting compulsory bytes (inputs read once, outputs written once), on a Llama-3-8B layer's
+matrices; per-tensor dynamic requantization reads its input twice (amax, then convert) and is judged against that
+two-read bound (``pct_traffic_bw``). Quality: |perplexity change| at the conservative end of a 95% bootstrap interval
+over evaluation windows (``quality``), per model, layout and mode, of the project's recipe (``RECIPE``: what
+``impl.fp8.quantize --calibration`` writes; every decoder linear in FP8, the LM head not): W8A16 codes rounded by
+GPTQ; W8A8 rounded by GPTQ, smoothed or not as the calibration tokens choose (``quality.recipe_of``). Round-to-nearest
+figures stay in the record and the plot beside them. A W8A8 claim's source names what rounding the activations alone
+costs the same model (``activation_share``).
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def _bw(kind: str, group: str, key: str = "pct_peak_bw", target: float = BW_TARG
     return [
         Claim(id=base, system="fp8", unit=unit, comparison=">=", target=target,
               statement=f"Triton {verb}, {group} scales, on a {BIG} matrix reaches >= {target:g}% of the card's "
-                        f"bandwidth peak (its fastest calibration kernel){what}",
+                        f"bandwidth peak for its size (the fastest calibration kernel moving at least its bytes){what}",
               measure=MinExtraInfo((f"{bench}[{group}-{BIG}]",), key, ceiling_target)),
         Claim(id=f"{base}_other_shapes", system="fp8", unit=unit, comparison=">=", target=target,
               statement=f"Triton {verb}, {group} scales, reaches >= {target:g}% of the bandwidth peak{what} on every "
