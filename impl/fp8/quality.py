@@ -523,6 +523,14 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
     return out
 
 
+RECIPE_FIELDS = ("group", "mode", "rounding", "scales", "smooth", "policy")  # what makes two variant rows one recipe
+
+
+def recipe_key(row: dict[str, Any]) -> tuple:
+    """The recipe a variant row ran (its ``RECIPE_FIELDS``), whatever grid placement it ran at."""
+    return tuple(row[k] for k in RECIPE_FIELDS)
+
+
 def grid_spread(variants: dict[str, Any]) -> dict[str, Any]:
     """Per recipe that also ran at other grid placements: its own change and the least and greatest over all of
     them (its own included), with the placements counted."""
@@ -530,9 +538,7 @@ def grid_spread(variants: dict[str, Any]) -> dict[str, Any]:
     for name, r in variants.items():
         if r.get("grid", 1.0) != 1.0:
             continue
-        runs = [r] + [o for o in variants.values() if o.get("grid", 1.0) != 1.0 and o["group"] == r["group"]
-                      and o["mode"] == r["mode"] and o["rounding"] == r["rounding"] and o["scales"] == r["scales"]
-                      and o["smooth"] == r["smooth"] and o["policy"] == r["policy"]]
+        runs = [r] + [o for o in variants.values() if o.get("grid", 1.0) != 1.0 and recipe_key(o) == recipe_key(r)]
         if len(runs) > 1:
             deltas = [o["delta_pct"] for o in runs]
             out[name] = {"delta_pct": r["delta_pct"], "min_delta_pct": min(deltas), "max_delta_pct": max(deltas),
