@@ -149,13 +149,13 @@ def test_fp8_stream(device_bench, mode, n, k):
 
 
 def _fastest_stream(x, mode: str, out) -> tuple[launch.LaunchConfig, dict[str, float]]:
-    """The launch of ``ceiling.CONFIGS`` with the lowest median over a few flushed rounds (the bench then times it
-    afresh), and every launch's median; without a GPU the interpreter's launch, untimed."""
+    """The launch of ``ceiling.sweep_configs`` with the lowest median over a few flushed rounds (the bench then times
+    it afresh), and every launch's median; without a GPU the interpreter's launch, untimed."""
     if not backend.ON_GPU:
         return ceiling.CPU_CONFIG, {}
     ms = {cfg: time_fn(lambda: ceiling.stream(x, mode, out=out, cfg=cfg), warmup=2, reps=7, queue_ahead=True).median_ms
-          for cfg in ceiling.CONFIGS}
-    return min(ms, key=ms.get), {f"{c.bm}x{c.bk}w{c.warps}": t for c, t in ms.items()}
+          for cfg in ceiling.sweep_configs(mode, *x.shape)}
+    return min(ms, key=ms.get), {ceiling.label(c): t for c, t in ms.items()}
 
 
 @pytest.mark.parametrize("n,k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])

@@ -29,11 +29,15 @@ def _input(mode: str, n: int, k: int, seed: int) -> torch.Tensor:
     return x.to(DEVICE)
 
 
-LAUNCHES = C.CONFIGS if backend.ON_GPU else (C.CPU_CONFIG, C.LaunchConfig(2, 64, 2))
+# on the CPU: one program a tile, and persistent programs (the interpreter's SM count) with and without the
+# next-tile prefetch, evict_first on loads and stores
+LAUNCHES = C.CONFIGS if backend.ON_GPU else (C.CPU_CONFIG, C.LaunchConfig(2, 64, 2),
+                                             C.LaunchConfig(2, 64, 2, stages=2, per_sm=1, evict=2),
+                                             C.LaunchConfig(4, 32, 4, per_sm=1, evict=1))
 
 
 @pytest.mark.parametrize("mode", sorted(C.MODES))
-@pytest.mark.parametrize("cfg", LAUNCHES, ids=lambda c: f"{c.bm}x{c.bk}w{c.warps}")
+@pytest.mark.parametrize("cfg", LAUNCHES, ids=C.label)
 @given(n=st.integers(1, 37), k=st.integers(1, 300), seed=seeds())
 def test_stream_matches_reference(mode, cfg, n, k, seed):
     x = _input(mode, n, k, seed)
@@ -67,6 +71,26 @@ def test_stream_strided_rows(mode):
 def test_stream_narrow_keeps_the_low_byte():
     x = torch.tensor([[-1, 256, 257, -32768, 32767, 0x1234]], dtype=torch.int16, device=DEVICE)
     assert C.stream(x, "narrow").cpu().tolist() == [[255, 0, 1, 0, 255, 0x34]]
+
+
+@pytest.mark.parametrize("mode", sorted(C.MODES))
+def test_sweep_has_every_launch_of_the_mix_kernels(mode):
+    """The sweep holds ``CONFIGS`` and the launch each FP8 kernel of the mix runs with at that shape (so the stream
+    is timed with every launch the kernels themselves use), each once."""
+    from impl.fp8 import launch
+
+    for n, k in ((4096, 4096), (28672, 4096), (4096, 14336)):
+        got = C.sweep_configs(mode, n, k)
+        assert got[:len(C.CONFIGS)] == C.CONFIGS and len(set(got)) == len(got)
+        assert {launch.config(key, n, k) for key in C.KERNELS[mode]} <= set(got)
+        assert set(C.KERNELS[mode]) <= set(launch.KERNELS)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        C.sweep_configs("copy", 4, 4)
+
+
+def test_label_tells_every_launch_field_apart():
+    labels = {C.label(c) for c in C.CONFIGS}
+    assert len(labels) == len(C.CONFIGS) and C.label(C.LaunchConfig(1, 4096, 4, 2, 16, 2)) == "1x4096w4s2p16e2"
 
 
 def test_stream_bytes_counts_three_per_element():
