@@ -120,8 +120,8 @@ def device_bench(benchmark, request):
     ``bytes_moved`` is the workload's compulsory bytes (each input read once, each output written once: the same for
     every variant of one workload); ``traffic_bytes`` what this variant really moves beyond that, where it differs.
     Every round's time is stored (``extra_info["rounds_s"]``): the ledger's intervals and the gate's thresholds read
-    them. A figure above 100% of the calibrated peak for its bytes fails the bench, saying whether the count or the calibration is
-    the likelier culprit (the times are still stored; the ledger does not read its % of peak).
+    them. A figure above 100% of the calibrated peak for its bytes fails the bench, saying whether the count or the
+    calibration is the likelier culprit (the times are still stored; the ledger does not read its % of peak).
     """
     from impl.common.benchkit import (TIMING_EAGER, TIMING_QUEUED, derived_metrics, over_peak_message,
                                       record_rounds)

@@ -39,10 +39,10 @@ from impl.common.timing import synchronize, time_fn
 REST_S = 1.0  # idle before each peak GEMM's rounds, on a GPU: its power and clocks recover
 METHOD = ("copy 1 GiB d2d (read+write); GEMM 8192^3 via torch; H2D 40 MB; medians of 20 event-timed reps (copy and "
           "GEMM queued, launch latency excluded; H2D eager). Peaks: fastest round of the best of copy 1 GiB / 256 MiB, "
-          "read-only sum 1 GiB, triad 3 x 256 / 64 / 32 / 16 MiB (bandwidth; a bench is held against the best that moves "
-          "at least its bytes) and of GEMM 8192^3, 4096x8192x8192, "
-          "8192x4096x4096 (bf16: B row-major and transposed weight; fp8: operands scaled to e4m3's range), L2 flushed "
-          f"between rounds, each GEMM after {REST_S:g} s idle")
+          "read-only sum 1 GiB, triad 3 x 256 / 64 / 32 / 16 MiB (bandwidth; a bench is held against the best that "
+          "moves at least its bytes) and of GEMM 8192^3, 4096x8192x8192, 8192x4096x4096 (bf16: B row-major and "
+          "transposed weight; fp8: operands scaled to e4m3's range), L2 flushed between rounds, each GEMM after "
+          f"{REST_S:g} s idle")
 
 
 @dataclass(frozen=True)

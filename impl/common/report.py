@@ -169,7 +169,8 @@ def _bench_table(view: ResultsView) -> list[str]:
         return []
     lines = ["", "## Stored benchmarks (newest run of each)", "",
              "GB/s from compulsory bytes (each input read once, each output written once); traffic GB/s where a "
-             "variant moves more; % of the calibrated peak for the bench's bytes (its peak in the source of each claim).", "",
+             "variant moves more; % of the calibrated peak for the bench's bytes (its peak in the source of each "
+             "claim).", "",
              "| benchmark | median | GB/s | traffic GB/s | % BW peak | TFLOP/s | % GEMM peak | card | commit |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(entries):

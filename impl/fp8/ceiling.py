@@ -39,7 +39,8 @@ MODES = {"widen": (torch.uint8, torch.int16), "narrow": (torch.int16, torch.uint
 # requantize's launch (on an H100 its 6144x4096 outran every one-program-a-tile narrow stream)
 CONFIGS = (*(LaunchConfig(bm, bk, 8) for bm in (4, 8, 16) for bk in (512, 1024, 2048) if bm * bk <= 16384),
            LaunchConfig(1, 4096, 4), LaunchConfig(2, 4096, 8), LaunchConfig(1, 8192, 8), LaunchConfig(1, 16384, 16),
-           LaunchConfig(1, 4096, 4, stages=2, per_sm=16, evict=2), LaunchConfig(1, 4096, 4, stages=2, per_sm=4, evict=2))
+           LaunchConfig(1, 4096, 4, stages=2, per_sm=16, evict=2),
+           LaunchConfig(1, 4096, 4, stages=2, per_sm=4, evict=2))
 CPU_CONFIG = LaunchConfig(4, 32, 4)  # small tiles under the interpreter: several programs and ragged edges
 KERNELS = {"widen": ("dequant-tensor", "dequant-channel", "dequant-block"),  # the FP8 kernels of each mix
            "narrow": ("quant-static", "requant-tensor", "requant-delayed", "requant-channel", "requant-group",
