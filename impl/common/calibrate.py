@@ -7,13 +7,13 @@ Descriptive figures (medians of event-timed reps, as before):
 
 Peaks, the denominators of every ``pct_peak_*`` (a true ceiling, so that no honest bench reads above 100%):
 - ``bw_peak_gbps``: the best of several memory-bound kernels — copies of 1 GiB and 256 MiB, a read-only reduction
-  (1 GiB summed), and a triad ``z = x + 2y`` (3 × 256 MiB, and 3 × 64, 3 × 32 and 3 × 16 MiB: a bench kernel's
+  (1 GiB summed), and a triad ``z = x + 2y`` (3 × 256 MiB, and 3 × 128, 64, 32 and 16 MiB: a bench kernel's
   scale, whose last writes are still in L2 when the timer stops, as a bench's are) — each at its *fastest* round;
-  ``bw_kernels`` holds each one's GB/s and ``bw_kernel_bytes`` what it moves per call. A bench is held against the
-  fastest kernel that moves at least as many bytes as it does (``benchkit.bandwidth_peak``): the smaller a kernel,
-  the larger the share of its traffic that L2 absorbs (on an H100 the 3 × 32 MiB triad read 3322 GB/s where the
-  3 × 256 MiB one read 3144), so a small kernel is no ceiling for a 350 MB one, while a bench at its own scale still
-  meets a kernel of that scale;
+  ``bw_kernels`` holds each one's GB/s and ``bw_kernel_bytes`` what it moves per call (48 MiB to 2 GiB, sizes at
+  most a factor 2 apart). A bench is held against the fastest kernel that moves at least half its bytes
+  (``benchkit.bandwidth_peak``): the smaller a kernel, the larger the share of its traffic that L2 absorbs (on an
+  H100 the 3 × 32 MiB triad read 3322 GB/s where the 3 × 256 MiB one read 3144), so a 96 MiB kernel is no ceiling
+  for a 350 MB one, while every bench meets a kernel of its own scale;
 - ``bf16_peak_tflops`` / ``fp8_peak_tflops``: the best of three GEMM shapes (8192³, 4096×8192×8192,
   8192×4096×4096), fastest round; bf16 with B both row-major and as a transposed (N, K) weight, fp8 with operands
   spanning e4m3's range as a per-tensor quantizer leaves them (the layouts and data the benches multiply), each
@@ -39,10 +39,10 @@ from impl.common.timing import synchronize, time_fn
 REST_S = 1.0  # idle before each peak GEMM's rounds, on a GPU: its power and clocks recover
 METHOD = ("copy 1 GiB d2d (read+write); GEMM 8192^3 via torch; H2D 40 MB; medians of 20 event-timed reps (copy and "
           "GEMM queued, launch latency excluded; H2D eager). Peaks: fastest round of the best of copy 1 GiB / 256 MiB, "
-          "read-only sum 1 GiB, triad 3 x 256 / 64 / 32 / 16 MiB (bandwidth; a bench is held against the best that "
-          "moves at least its bytes) and of GEMM 8192^3, 4096x8192x8192, 8192x4096x4096 (bf16: B row-major and "
-          "transposed weight; fp8: operands scaled to e4m3's range), L2 flushed between rounds, each GEMM after "
-          f"{REST_S:g} s idle")
+          "read-only sum 1 GiB, triad 3 x 256 / 128 / 64 / 32 / 16 MiB (bandwidth; a bench is held against the "
+          "best that moves at least half its bytes) and of GEMM 8192^3, 4096x8192x8192, 8192x4096x4096 (bf16: B "
+          "row-major and transposed weight; fp8: operands scaled to e4m3's range), L2 flushed between rounds, each "
+          f"GEMM after {REST_S:g} s idle")
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,8 @@ def bandwidth_kernel_bytes(sizes: Sizes = FULL) -> dict[str, int]:
     matched against (``benchkit.bandwidth_peak``)."""
     big, small, bench = sizes.copy_bytes, sizes.small_bytes, sizes.bench_bytes
     return {"copy_1gib": 2 * big, "copy_256mib": 2 * small, "read_sum_1gib": big, "triad_3x256mib": 3 * small,
-            "triad_3x64mib": 3 * bench, "triad_3x32mib": 3 * (bench // 2), "triad_3x16mib": 3 * (bench // 4)}
+            "triad_3x128mib": 3 * (2 * bench), "triad_3x64mib": 3 * bench, "triad_3x32mib": 3 * (bench // 2),
+            "triad_3x16mib": 3 * (bench // 4)}
 
 
 def measure_bandwidth_kernels(sizes: Sizes = FULL) -> dict[str, float]:
@@ -101,7 +102,7 @@ def measure_bandwidth_kernels(sizes: Sizes = FULL) -> dict[str, float]:
     acc = torch.empty((), device=_device())
     out["read_sum_1gib"] = _rate(moved["read_sum_1gib"], lambda: torch.sum(x, dim=0, out=acc), best=True) / 1e9
     del x
-    for name in ("triad_3x256mib", "triad_3x64mib", "triad_3x32mib", "triad_3x16mib"):
+    for name in ("triad_3x256mib", "triad_3x128mib", "triad_3x64mib", "triad_3x32mib", "triad_3x16mib"):
         n = moved[name] // 12
         a, b, c = (torch.rand(n, device=_device()) for _ in range(3))
         out[name] = _rate(moved[name], lambda: torch.add(a, b, alpha=2.0, out=c), best=True) / 1e9

@@ -150,8 +150,8 @@ def _header(slug: str, view: ResultsView) -> list[str]:
     lines = []
     if cal:
         p = cal["peaks"]
-        held = ("each bench is held against the best that moves at least its bytes" if p.get("bw_kernel_bytes") else
-                "this calibration predates kernel sizes: each bench is held against it")
+        held = ("each bench is held against the best that moves at least half its bytes" if p.get("bw_kernel_bytes")
+                else "this calibration predates kernel sizes: each bench is held against it")
         peak = (f"; bandwidth peak {_fmt(p['bw_peak_gbps'])} GB/s (best calibration kernel; {held})"
                 if p.get("bw_peak_gbps") else "")
         lines += [f"Card: **{cal.get('device', '?')}** · calibration {str(cal.get('date', ''))[:10]} (commit "
