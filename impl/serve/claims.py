@@ -12,18 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from impl.common.ledger import Beside, Case, Claim, Measured, NotMeasured, ResultsView, ResultValue
+from impl.serve.records import fastest_read_us
 
 RESULT = "decode_fp8_vs_bf16"
 TUNE = "tune"
 PROJECTIONS = ("wqkv", "wo", "w13", "w2")
 ENDPOINT = "endpoint_smollm2"
 ATTENTION = "attention_backends"
-
-
-def fastest_read_us(pair: dict[str, Any]) -> float | None:
-    """The faster of a batch-1 tune pair's streaming reads of its code bytes (its ``anchor`` rows), None without."""
-    reads = [r["median_us"] for r in pair.get("candidates", []) if r.get("kind") == "anchor" and "median_us" in r]
-    return min(reads) if reads else None
 
 
 def read_ceiling(view: ResultsView) -> str:

@@ -55,10 +55,10 @@ from impl.common.log import logger
 from impl.common.timing import time_fn
 from impl.serve import fp8_adapter
 from impl.serve.choose import GemmChoice, GemmTable
-from impl.serve.claims import fastest_read_us
 from impl.serve.fp8_gemv import DecodeFp8Linear, GemvConfig, default_config, gemv, new_counters, unit_scaled_mm
 from impl.serve.fused import ScaledRows
 from impl.serve.model import DenseLinear, ModelArgs
+from impl.serve.records import fastest_read_us
 
 PRIORITY = (1, 128, 256, 8, 32, 64)  # batch 1 (the decode claim) first, then the large-batch claims
 SHARED_LIMIT = 220 << 10  # per block on sm_90 (227 KiB), less Triton's own scratch
