@@ -3,6 +3,11 @@ both mixes, every launch the bench tries (on the CPU a few of them, under the in
 shapes, strided rows; bad input refused with a message naming the problem, the input never modified."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given
@@ -127,3 +132,44 @@ def test_stream_bad_input(call, error, match):
 def test_stream_refuses_host_tensors_on_a_gpu():
     with pytest.raises(ValueError, match="move the tensors to cuda"):
         C.stream(torch.zeros(2, 2, dtype=torch.uint8), "widen", out=torch.zeros(2, 2, dtype=torch.int16))
+
+
+COMPILE = r"""
+import os, sys
+import impl  # the backend switch, then the interpreter off: the kernel as the GPU compiler sees it
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+knobs.runtime.interpret = False
+from impl.fp8 import ceiling as C
+fn = C.stream_kernel
+assert not hasattr(fn, "interpreter_builder") and type(fn).__name__ == "JITFunction", type(fn)
+for widen, src, dst in ((True, "*u8", "*i16"), (False, "*i16", "*u8")):
+    for cfg in C.CONFIGS:
+        consts = {"WIDEN": widen, "BM": cfg.bm, "BK": cfg.bk, "PREFETCH": cfg.per_sm > 0 and cfg.stages > 1,
+                  "EVICT": cfg.evict}
+        sig = {"x_ptr": src, "y_ptr": dst, "N": "i32", "K": "i32", "stride_x": "i32", "stride_y": "i32"}
+        attrs = {(list(fn.arg_names).index(a),): [["tt.divisibility", 16]] for a in sig}
+        src_ = triton.compiler.ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
+                                         constexprs=consts, attrs=attrs)
+        triton.compile(src_, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.warps})
+print("compiled", 2 * len(C.CONFIGS))
+"""
+
+
+@pytest.mark.slow
+def test_stream_kernel_compiles_for_sm90_at_every_launch():
+    """The GPU compiler sees what the interpreter does not (a variable defined under one constexpr branch, a
+    persistent loop's types): every launch of ``CONFIGS``, both mixes, compiled for sm_90."""
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"Triton's NVIDIA backend is missing ({e})")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(LAB_BACKEND="cpu", PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=900,
+                       cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == f"compiled {2 * len(C.CONFIGS)}"

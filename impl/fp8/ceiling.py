@@ -69,15 +69,16 @@ def stream_kernel(x_ptr, y_ptr, N, K, stride_x, stride_y,
     programs stride over the tiles (grid = tiles, or fewer: persistent), as the dequantize does."""
     tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
-    x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK, EVICT)
+    if PREFETCH:
+        x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK, EVICT)
     for t in range(tl.program_id(0), tiles, step):
         if PREFETCH:  # the next tile's loads in flight while this one is stored
             nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK, EVICT)
             _store_tile(x, t, y_ptr, N, K, stride_y, WIDEN, BM, BK, EVICT)
-        else:  # a tile loaded once the last is stored (past the last tile nothing is read)
-            _store_tile(x, t, y_ptr, N, K, stride_y, WIDEN, BM, BK, EVICT)
-            nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK, EVICT)
-        x = nx
+            x = nx
+        else:  # load, store: nothing more per tile than a one-program-a-tile kernel does
+            _store_tile(_load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT), t, y_ptr, N, K, stride_y, WIDEN,
+                        BM, BK, EVICT)
 
 
 @triton.jit
