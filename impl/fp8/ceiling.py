@@ -35,9 +35,10 @@ MODES = {"widen": (torch.uint8, torch.int16), "narrow": (torch.int16, torch.uint
 # the launches the bench tries beside the kernels' own (``sweep_configs``): on an H100 the fastest widen of each
 # Llama-3-8B matrix was one of the first eight (8 warps, tiles of 2k-16k elements; default L2 policy); then row-wide
 # tiles, the layout of the fastest requantize (on 6144x4096 the channel requantize with 1 x 16384 tiles of 16 warps
-# outran the first eight's narrow stream); then persistent row-wide programs with evict_first streams, the built-in
-# delayed requantize's. The kernels' own launches matter most: on an H100 the 6144x4096 channel requantize with
-# evict_first loads (its table's 1 x 16384, 16 warps) moved 3381 GB/s, the best stream without an L2 policy 3234
+# outran the first eight's narrow stream); then the built-in delayed requantize's persistent row-wide tiles with
+# evict_first streams (its default leaves the L2 policy alone). The kernels' own launches matter most: on an H100
+# the 6144x4096 channel requantize with evict_first loads (its table's 1 x 16384, 16 warps) moved 3381 GB/s, the best
+# stream without an L2 policy 3234
 CONFIGS = (*(LaunchConfig(bm, bk, 8) for bm in (4, 8, 16) for bk in (512, 1024, 2048) if bm * bk <= 16384),
            LaunchConfig(1, 4096, 4), LaunchConfig(2, 4096, 8), LaunchConfig(1, 8192, 8), LaunchConfig(1, 16384, 16),
            LaunchConfig(1, 4096, 4, stages=2, per_sm=16, evict=2),
