@@ -460,6 +460,7 @@ def test_output_that_cannot_fit_is_refused_before_allocation(name, monkeypatch):
     op = small_op(name)
     tensors = to_device(bk, pk)
     monkeypatch.setattr(common, "free_bytes", lambda device: 12_000)
+    monkeypatch.setattr(common, "_cached_unused_bytes", lambda device: 0)  # a GPU's allocator may hold more
     sizes, empty = [], torch.empty
 
     def spy(*size, **kw):
@@ -470,6 +471,20 @@ def test_output_that_cannot_fit_is_refused_before_allocation(name, monkeypatch):
     with pytest.raises(MemoryError, match=r"16,000 bytes \(1,000 pairs as two torch.int64 columns\)"):
         op(*tensors)
     assert max(sizes, default=0) < 1000, f"{name} allocated {max(sizes)} elements before refusing"
+
+
+def test_output_check_skips_the_driver_query_when_cached_blocks_suffice(monkeypatch):
+    """check_output_fits asks the driver for free memory only when the allocator's unused blocks cannot hold the
+    request; past them it still refuses what the driver says cannot fit."""
+    calls = []
+    monkeypatch.setattr(common, "_cached_unused_bytes", lambda device: 16_000)
+    monkeypatch.setattr(common, "free_bytes", lambda device: calls.append(device) or 20_000)
+    common.check_output_fits(1000, torch.int64, torch.device("cpu"))  # 16,000 bytes: the cached blocks hold it
+    assert calls == []
+    common.check_output_fits(1200, torch.int64, torch.device("cpu"))  # 19,200 bytes: asks, fits
+    assert len(calls) == 1
+    with pytest.raises(MemoryError, match=r"24,000 bytes \(1,500 pairs"):
+        common.check_output_fits(1500, torch.int64, torch.device("cpu"))
 
 
 def test_ten_billion_pair_output_is_refused_on_the_host():

@@ -137,12 +137,22 @@ def free_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+def _cached_unused_bytes(device: torch.device) -> int:
+    """The part of ``free_bytes`` that needs no driver call: bytes the CUDA caching allocator holds unused (0 on the
+    host)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    return int(torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
 def check_output_fits(total: int, row_dtype: torch.dtype, device: torch.device, *, extra_bytes: int = 0,
                       what: str = "the join's output") -> None:
     """Refuse, before allocating, an output of ``total`` pairs (two columns of ``row_dtype``) plus ``extra_bytes``
     that cannot fit in the memory left on ``device``: a MemoryError naming the pair count and the bytes."""
-    itemsize = torch.empty((), dtype=row_dtype).element_size()
-    need = 2 * int(total) * itemsize + int(extra_bytes)
+    need = 2 * int(total) * row_dtype.itemsize + int(extra_bytes)
+    if need <= _cached_unused_bytes(device):  # the allocator's own unused blocks suffice: no driver query
+        return
     free = free_bytes(device)
     if need > free:
         pairs = f" ({int(total):,} pairs as two {row_dtype} columns)" if total else ""

@@ -76,6 +76,7 @@ def _bits(dtype: torch.dtype) -> int:
     return 32 if dtype in (torch.int32,) else 64
 
 
+@functools.cache  # looked up on every launch: the option strings and the module lookup once per combination
 def kernel(config: HashConfig, kind: str, keys: torch.dtype, rows: torch.dtype):
     """The compiled ``join_<kind>_...`` kernel for these key and row-id dtypes (one module per pair: less to
     compile)."""

@@ -145,6 +145,7 @@ class Layout:
         return self.buckets * self.slots * self.slot_bytes
 
 
+@functools.lru_cache(maxsize=64)  # a join plans its table every call; the prime search alone costs ~10 µs of host time
 def plan_layout(config: HashConfig, n_build: int, key_dtype: torch.dtype) -> Layout:
     slot_bytes = 16 if key_dtype == torch.int64 else 8
     slots = config.bucket_bytes // slot_bytes
