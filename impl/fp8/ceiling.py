@@ -25,9 +25,9 @@ import triton.language as tl
 
 from impl import backend
 from impl.common.checks import require_tensor
-from impl.fp8.kernels import _load_tile, _st, _tile
+from impl.fp8.kernels import load_tile, store_stream, tile_coords
 from impl.fp8.launch import LaunchConfig, config
-from impl.fp8.quant import _check_device, _launch, _prefetch
+from impl.fp8.quant import check_device, launch_kernel, prefetches
 
 MODES = {"widen": (torch.uint8, torch.int16), "narrow": (torch.int16, torch.uint8)}  # mode -> (input, output dtype)
 
@@ -72,27 +72,27 @@ def stream_kernel(x_ptr, y_ptr, N, K, stride_x, stride_y,
     tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH:
-        x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK, EVICT)
+        x = load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK, EVICT)
     for t in range(tl.program_id(0), tiles, step):
         if PREFETCH:  # the next tile's loads in flight while this one is stored
-            nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK, EVICT)
+            nx = load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK, EVICT)
             _store_tile(x, t, y_ptr, N, K, stride_y, WIDEN, BM, BK, EVICT)
             x = nx
         else:  # load, store: nothing more per tile than a one-program-a-tile kernel does
-            _store_tile(_load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT), t, y_ptr, N, K, stride_y, WIDEN,
+            _store_tile(load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT), t, y_ptr, N, K, stride_y, WIDEN,
                         BM, BK, EVICT)
 
 
 @triton.jit
 def _store_tile(x, t, y_ptr, N, K, stride_y, WIDEN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                 EVICT: tl.constexpr):
-    _, _, rows, cols = _tile(t, K, BM, BK)
+    _, _, rows, cols = tile_coords(t, K, BM, BK)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     if WIDEN:
         y = x.to(tl.int16)
     else:
         y = (x & 0xFF).to(tl.uint8)
-    _st(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], y, mask, EVICT)
+    store_stream(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], y, mask, EVICT)
 
 
 def stream(x: torch.Tensor, mode: str, *, out: torch.Tensor | None = None,
@@ -114,14 +114,14 @@ def stream(x: torch.Tensor, mode: str, *, out: torch.Tensor | None = None,
                          f"{tuple(out.shape)} on {out.device}")
     if out.numel() and out.stride(1) != 1:
         raise ValueError(f"out must have contiguous rows, got strides {out.stride()}")
-    _check_device(x, out)
+    check_device(x, out)
     n, k = x.shape
     if n * k == 0:
         return out
     cfg = cfg or (CONFIGS[0] if backend.ON_GPU else CPU_CONFIG)
-    _launch(stream_kernel, triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x.device,
-            (x, out, n, k, x.stride(0), out.stride(0)),
-            dict(WIDEN=mode == "widen", BM=cfg.bm, BK=cfg.bk, PREFETCH=_prefetch(cfg), EVICT=cfg.evict))
+    launch_kernel(stream_kernel, triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x.device,
+                  (x, out, n, k, x.stride(0), out.stride(0)),
+                  dict(WIDEN=mode == "widen", BM=cfg.bm, BK=cfg.bk, PREFETCH=prefetches(cfg), EVICT=cfg.evict))
     return out
 
 

@@ -24,8 +24,8 @@ that every quantizing program reduces itself (no atomics, no zeroed buffer); the
 previous call's amax (one float) and max-es this call's into another with one atomic a program, so it reads its input
 once at any grid (three slots rotate: the one read, the one max-ed into, and the one zeroed for the next call); the
 second read of the dynamic variant goes last tile first (``REVERSE``), so the tail the amax pass has just read comes
-from L2. ``EVICT`` gives the streamed data the L2 policy evict_first (``_ld``/``_st``): a stream that is read or
-written once then recycles its own lines in L2 instead of evicting other work's (and writing back that work's dirty
+from L2. ``EVICT`` gives the streamed data the L2 policy evict_first (``_ld``/``store_stream``): a stream that is read
+or written once then recycles its own lines in L2 instead of evicting other work's (and writing back that work's dirty
 lines inside its own time).
 
 At the copy bandwidth a 16-bit -> FP8 requantize leaves about 20 issued instructions an element (H200: 132 SMs x 4
@@ -147,7 +147,7 @@ def _finite_abs(x):
 
 
 @triton.jit
-def _tile(t, K, BM: tl.constexpr, BK: tl.constexpr):
+def tile_coords(t, K, BM: tl.constexpr, BK: tl.constexpr):
     """Tile number t -> (first row, first column, its rows [BM], its columns [BK]). The column tile varies fastest, so
     the programs that run at the same time read consecutive bytes of the same rows (whole DRAM pages), not one narrow
     column of many rows."""
@@ -166,7 +166,7 @@ def _ld(ptrs, mask, EVICT: tl.constexpr):
 
 
 @triton.jit
-def _st(ptrs, value, mask, EVICT: tl.constexpr):
+def store_stream(ptrs, value, mask, EVICT: tl.constexpr):
     """Store of a streamed result; EVICT == 2: with the L2 policy evict_first (written back before other lines)."""
     if EVICT == 2:
         tl.store(ptrs, value, mask=mask, eviction_policy="evict_first")
@@ -175,10 +175,10 @@ def _st(ptrs, value, mask, EVICT: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, t, tiles, N, K, stride, BM: tl.constexpr, BK: tl.constexpr, EVICT: tl.constexpr):
+def load_tile(ptr, t, tiles, N, K, stride, BM: tl.constexpr, BK: tl.constexpr, EVICT: tl.constexpr):
     """Tile t [BM, BK] of a row-major [N, K] matrix with row stride ``stride``, 0 outside it; all 0 (nothing read)
     when t is not in [0, tiles) (the prefetch past a program's last tile)."""
-    m0, k0, rows, cols = _tile(t, K, BM, BK)
+    m0, k0, rows, cols = tile_coords(t, K, BM, BK)
     mask = (rows < N)[:, None] & (cols < K)[None, :] & (t < tiles) & (t >= 0)
     return _ld(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask, EVICT)
 
@@ -186,7 +186,7 @@ def _load_tile(ptr, t, tiles, N, K, stride, BM: tl.constexpr, BK: tl.constexpr, 
 @triton.jit
 def _order(i, tiles, REVERSE: tl.constexpr):
     """The tile a program's i-th position in the grid-stride order covers: i, or REVERSE: tiles - 1 - i (last tile
-    first; may be negative past the end, which ``_load_tile`` reads as nothing)."""
+    first; may be negative past the end, which ``load_tile`` reads as nothing)."""
     if REVERSE:
         return tiles - 1 - i
     return i
@@ -226,10 +226,11 @@ def _dequant_tile(b, t, s_ptr, out_ptr, N, K, stride_s, stride_o,
                   GN: tl.constexpr, GK: tl.constexpr, FMT: tl.constexpr, EMULATE: tl.constexpr,
                   BM: tl.constexpr, BK: tl.constexpr, EVICT: tl.constexpr):
     """Store tile t of y = decode(b) * s (b: its codes, already loaded)."""
-    m0, k0, rows, cols = _tile(t, K, BM, BK)
+    m0, k0, rows, cols = tile_coords(t, K, BM, BK)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     y = _apply_scales(_decode(b, FMT, EMULATE), s_ptr, rows, m0, k0, cols, N, K, stride_s, GN, GK, BM, BK, False)
-    _st(out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask, EVICT)
+    store_stream(out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask,
+                 EVICT)
 
 
 @triton.jit
@@ -246,14 +247,14 @@ def dequant_kernel(q_ptr,          # uint8 codes [N, K], row stride stride_q
     tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH:
-        b = _load_tile(q_ptr, tl.program_id(0), tiles, N, K, stride_q, BM, BK, EVICT)
+        b = load_tile(q_ptr, tl.program_id(0), tiles, N, K, stride_q, BM, BK, EVICT)
         for t in range(tl.program_id(0), tiles, step):
-            nb = _load_tile(q_ptr, t + step, tiles, N, K, stride_q, BM, BK, EVICT)
+            nb = load_tile(q_ptr, t + step, tiles, N, K, stride_q, BM, BK, EVICT)
             _dequant_tile(b, t, s_ptr, out_ptr, N, K, stride_s, stride_o, GN, GK, FMT, EMULATE, BM, BK, EVICT)
             b = nb
     else:
         for t in range(tl.program_id(0), tiles, step):
-            b = _load_tile(q_ptr, t, tiles, N, K, stride_q, BM, BK, EVICT)
+            b = load_tile(q_ptr, t, tiles, N, K, stride_q, BM, BK, EVICT)
             _dequant_tile(b, t, s_ptr, out_ptr, N, K, stride_s, stride_o, GN, GK, FMT, EMULATE, BM, BK, EVICT)
 
 
@@ -272,14 +273,14 @@ def amax_partials_kernel(x_ptr,      # [N, K] input, row stride stride_x
     tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH:
-        x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK, EVICT)
+        x = load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK, EVICT)
         for t in range(tl.program_id(0), tiles, step):
-            nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK, EVICT)
+            nx = load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK, EVICT)
             acc = _max_finite_abs(acc, x)
             x = nx
     else:
         for t in range(tl.program_id(0), tiles, step):
-            x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
+            x = load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
             acc = _max_finite_abs(acc, x)
     tl.store(part_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0).to(tl.float32))
 
@@ -297,7 +298,7 @@ def _quant_tile(xin, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q,
                 FMT: tl.constexpr, FMAX: tl.constexpr, EMULATE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                 EVICT: tl.constexpr):
     """Store the codes of tile t (xin: its values, already loaded); returns acc, with NEXT_AMAX max-ed with |x|."""
-    m0, k0, rows, cols = _tile(t, K, BM, BK)
+    m0, k0, rows, cols = tile_coords(t, K, BM, BK)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     x = xin.to(tl.float32)
     if NEXT_AMAX:
@@ -306,8 +307,8 @@ def _quant_tile(xin, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q,
         y = x * inv
     else:
         y = _apply_scales(x, s_ptr, rows, m0, k0, cols, N, K, stride_s, GN, GK, BM, BK, True)
-    _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(y, FMT, FMAX, EMULATE), mask,
-        EVICT)
+    store_stream(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(y, FMT, FMAX, EMULATE), mask,
+                 EVICT)
     return acc
 
 
@@ -342,16 +343,16 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
     tiles = tl.cdiv(N, BM) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH:
-        x = _load_tile(x_ptr, _order(tl.program_id(0), tiles, REVERSE), tiles, N, K, stride_x, BM, BK, EVICT)
+        x = load_tile(x_ptr, _order(tl.program_id(0), tiles, REVERSE), tiles, N, K, stride_x, BM, BK, EVICT)
         for i in range(tl.program_id(0), tiles, step):
-            nx = _load_tile(x_ptr, _order(i + step, tiles, REVERSE), tiles, N, K, stride_x, BM, BK, EVICT)
+            nx = load_tile(x_ptr, _order(i + step, tiles, REVERSE), tiles, N, K, stride_x, BM, BK, EVICT)
             acc = _quant_tile(x, _order(i, tiles, REVERSE), acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q, GN, GK,
                               FROM_PARTS, NEXT_AMAX, FMT, FMAX, EMULATE, BM, BK, EVICT)
             x = nx
     else:
         for i in range(tl.program_id(0), tiles, step):
             t = _order(i, tiles, REVERSE)
-            x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
+            x = load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
             acc = _quant_tile(x, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q, GN, GK, FROM_PARTS, NEXT_AMAX,
                               FMT, FMAX, EMULATE, BM, BK, EVICT)
     if NEXT_AMAX:
@@ -389,7 +390,7 @@ def quant_rows_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, floa
             x = _ld(x_ptr + r64 * stride_x + cols[None, :], mask, EVICT)
             s = _scale_from_amax(_row_amax(x), FMAX, MIN_SCALE)
             y = x.to(tl.float32) * tl.math.div_rn(1.0, s)[:, None]
-            _st(q_ptr + r64 * stride_q + cols[None, :], _encode(y, FMT, FMAX, EMULATE), mask, EVICT)
+            store_stream(q_ptr + r64 * stride_q + cols[None, :], _encode(y, FMT, FMAX, EMULATE), mask, EVICT)
         else:
             acc = tl.zeros((BM, BK), dtype=x_ptr.dtype.element_ty)
             for k0 in range(0, K, BK):
@@ -401,8 +402,8 @@ def quant_rows_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, floa
             for k0 in range(0, K, BK):  # the second read, from L2: the last use of these lines
                 mask = rmask[:, None] & ((k0 + cols) < K)[None, :]
                 x = _ld(x_ptr + r64 * stride_x + (k0 + cols)[None, :], mask, EVICT).to(tl.float32)
-                _st(q_ptr + r64 * stride_q + (k0 + cols)[None, :], _encode(x * inv, FMT, FMAX, EMULATE),
-                    mask, EVICT)
+                store_stream(q_ptr + r64 * stride_q + (k0 + cols)[None, :], _encode(x * inv, FMT, FMAX, EMULATE),
+                             mask, EVICT)
         tl.store(s_ptr + rows, s, mask=rmask)
 
 
@@ -435,7 +436,7 @@ def quant_groups_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, fl
         s = _scale_from_amax(amax, FMAX, MIN_SCALE)
         tl.store(s_ptr + row * stride_s + gc, s, mask=g < N * G)
         y = x.to(tl.float32) * tl.math.div_rn(1.0, s)[None, :, None]
-        _st(q_ptr + row[None, :, None] * stride_q + cols, _encode(y, FMT, FMAX, EMULATE), mask, EVICT)
+        store_stream(q_ptr + row[None, :, None] * stride_q + cols, _encode(y, FMT, FMAX, EMULATE), mask, EVICT)
 
 
 @triton.jit
@@ -443,12 +444,12 @@ def _quant_block_tile(xin, t, q_ptr, s_ptr, N, K, stride_q, stride_s,
                       FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
                       BM: tl.constexpr, BK: tl.constexpr, EVICT: tl.constexpr):
     """Codes and the one scale of tile t, a whole BM x BK block (xin: its values, already loaded)."""
-    m0, k0, rows, cols = _tile(t, K, BM, BK)
+    m0, k0, rows, cols = tile_coords(t, K, BM, BK)
     s = _scale_from_amax(tl.max(_row_amax(xin), axis=0), FMAX, MIN_SCALE)
     tl.store(s_ptr + (m0 // BM) * stride_s + k0 // BK, s)
     y = xin.to(tl.float32) * tl.math.div_rn(1.0, s)
-    _st(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(y, FMT, FMAX, EMULATE),
-        (rows < N)[:, None] & (cols < K)[None, :], EVICT)
+    store_stream(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], _encode(y, FMT, FMAX, EMULATE),
+                 (rows < N)[:, None] & (cols < K)[None, :], EVICT)
 
 
 @triton.jit
@@ -466,20 +467,20 @@ def quant_blocks_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, fl
     tiles = tl.cdiv(N, GN) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH and BM == GN:
-        x = _load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK, EVICT)
+        x = load_tile(x_ptr, tl.program_id(0), tiles, N, K, stride_x, BM, BK, EVICT)
         for t in range(tl.program_id(0), tiles, step):
-            nx = _load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK, EVICT)
+            nx = load_tile(x_ptr, t + step, tiles, N, K, stride_x, BM, BK, EVICT)
             _quant_block_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,
                               EVICT)
             x = nx
     else:
         for t in range(tl.program_id(0), tiles, step):
             if BM == GN:
-                x = _load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
+                x = load_tile(x_ptr, t, tiles, N, K, stride_x, BM, BK, EVICT)
                 _quant_block_tile(x, t, q_ptr, s_ptr, N, K, stride_q, stride_s, FMT, FMAX, MIN_SCALE, EMULATE, BM, BK,
                                   EVICT)
             else:
-                m0, k0, rows, cols = _tile(t, K, GN, BK)
+                m0, k0, rows, cols = tile_coords(t, K, GN, BK)
                 cmask = (cols < K)[None, :]
                 acc = tl.zeros((BM, BK), dtype=x_ptr.dtype.element_ty)
                 for i in range(0, GN, BM):
@@ -495,8 +496,8 @@ def quant_blocks_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, fl
                     mask = (sub < N)[:, None] & cmask
                     r64 = sub.to(tl.int64)[:, None]
                     x = _ld(x_ptr + r64 * stride_x + cols[None, :], mask, EVICT).to(tl.float32)
-                    _st(q_ptr + r64 * stride_q + cols[None, :], _encode(x * inv, FMT, FMAX, EMULATE), mask,
-                        EVICT)
+                    store_stream(q_ptr + r64 * stride_q + cols[None, :], _encode(x * inv, FMT, FMAX, EMULATE), mask,
+                                 EVICT)
 
 
 # ---- the codec alone (tests compare the emulated codec with the hardware on a GPU) ----------------------------

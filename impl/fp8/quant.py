@@ -82,12 +82,12 @@ def _resident(kernel, args: tuple, kw: dict) -> int | None:
 
 
 def _plan(kernel, tiles: int, cfg: LaunchConfig, device: torch.device, args: tuple, kw: dict) -> int:
-    """The grid ``_launch`` gives ``kernel`` over ``tiles`` tiles with ``cfg`` (persistent: capped at the programs
+    """The grid ``launch_kernel`` gives ``kernel`` over ``tiles`` tiles with ``cfg`` (persistent: capped at the programs
     that fit on the SMs at once)."""
     return _grid(tiles, cfg, device, _resident(kernel, args, {**kw, **_launch_kw(cfg)}) if cfg.per_sm > 0 else None)
 
 
-def _launch(kernel, tiles: int, cfg: LaunchConfig, device: torch.device, args: tuple, kw: dict) -> int:
+def launch_kernel(kernel, tiles: int, cfg: LaunchConfig, device: torch.device, args: tuple, kw: dict) -> int:
     """Launch ``kernel`` over ``tiles`` tiles with ``cfg`` (grid: ``_plan``); returns the number of programs."""
     grid = _plan(kernel, tiles, cfg, device, args, kw)
     kernel[(grid,)](*args, **kw, **_launch_kw(cfg))
@@ -95,16 +95,16 @@ def _launch(kernel, tiles: int, cfg: LaunchConfig, device: torch.device, args: t
 
 
 def _launch_kw(cfg: LaunchConfig) -> dict:
-    return {"num_warps": cfg.warps, "num_stages": 1}  # the kernels have no loop Triton pipelines: see _prefetch
+    return {"num_warps": cfg.warps, "num_stages": 1}  # the kernels have no loop Triton pipelines: see prefetches
 
 
-def _prefetch(cfg: LaunchConfig) -> bool:
+def prefetches(cfg: LaunchConfig) -> bool:
     """``stages`` > 1 on a persistent grid: each program loads its next tile before converting the current one (a
     two-stage software pipeline written in the kernels, so its loads stay in flight during the math and stores)."""
     return cfg.per_sm > 0 and cfg.stages > 1
 
 
-def _check_device(*tensors: torch.Tensor) -> None:
+def check_device(*tensors: torch.Tensor) -> None:
     devs = {t.device.type for t in tensors}
     if len(devs) > 1:
         raise ValueError(f"tensors are on different devices: {sorted(devs)}")
@@ -167,7 +167,7 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = 
     group = get_group(group)
     codes, f = _codes(q, fmt)
     _check_out_dtype(out_dtype if out is None else out.dtype)
-    _check_device(codes, scales, *(() if out is None else (out,)))
+    check_device(codes, scales, *(() if out is None else (out,)))
     c2 = _as_rows(codes, "q")
     n, k = c2.shape
     s = _canonical_scales(scales, group, n, k)
@@ -179,9 +179,9 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group: str | ScaleGroup = 
         return out
     cfg = cfg or config(dequant_key(group), n, k)
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
-    _launch(K.dequant_kernel, tiles, cfg, q.device, (c2, s, o2, n, k, c2.stride(0), s.stride(0), o2.stride(0)),
-            dict(GN=group.gn, GK=group.gk, FMT=f.code, EMULATE=EMULATE, BM=cfg.bm, BK=cfg.bk,
-                 PREFETCH=_prefetch(cfg), EVICT=cfg.evict))
+    launch_kernel(K.dequant_kernel, tiles, cfg, q.device, (c2, s, o2, n, k, c2.stride(0), s.stride(0), o2.stride(0)),
+                  dict(GN=group.gn, GK=group.gk, FMT=f.code, EMULATE=EMULATE, BM=cfg.bm, BK=cfg.bk,
+                       PREFETCH=prefetches(cfg), EVICT=cfg.evict))
     return out
 
 
@@ -203,7 +203,7 @@ def quantize(x: torch.Tensor, group: str | ScaleGroup = "tensor", fmt: str | Fp8
     if x.dtype not in HIGH_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     _check_out_dtype(x.dtype)
-    _check_device(x, *(() if scales is None else (scales,)))
+    check_device(x, *(() if scales is None else (scales,)))
     x2 = _as_rows(x, "x")
     n, k = x2.shape
     shape = group.scale_shape(n, k)
@@ -245,10 +245,10 @@ def _launch_static(x2, s, q2, group: ScaleGroup, cfg: LaunchConfig | None = None
     n, k = x2.shape
     cfg = cfg or config("quant-static", n, k)
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
-    _launch(K.quant_static_kernel, tiles, cfg, x2.device,
-            (x2, s, q2, s, s, s, n, k, x2.stride(0), s.stride(0), q2.stride(0), 1),
-            dict(GN=group.gn, GK=group.gk, FROM_PARTS=False, NEXT_AMAX=False, PARTS=1, BM=cfg.bm, BK=cfg.bk,
-                 PREFETCH=_prefetch(cfg), EVICT=cfg.evict, REVERSE=False, **args))
+    launch_kernel(K.quant_static_kernel, tiles, cfg, x2.device,
+                  (x2, s, q2, s, s, s, n, k, x2.stride(0), s.stride(0), q2.stride(0), 1),
+                  dict(GN=group.gn, GK=group.gk, FROM_PARTS=False, NEXT_AMAX=False, PARTS=1, BM=cfg.bm, BK=cfg.bk,
+                       PREFETCH=prefetches(cfg), EVICT=cfg.evict, REVERSE=False, **args))
 
 
 def amax_partials(x2: torch.Tensor, cfg: LaunchConfig | None = None) -> torch.Tensor:
@@ -257,8 +257,8 @@ def amax_partials(x2: torch.Tensor, cfg: LaunchConfig | None = None) -> torch.Te
     cfg = cfg or config("amax", n, k)
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     parts = torch.empty(_grid(tiles, cfg, x2.device), dtype=torch.float32, device=x2.device)  # at most this many
-    grid = _launch(K.amax_partials_kernel, tiles, cfg, x2.device, (x2, parts, n, k, x2.stride(0)),
-                   dict(BM=cfg.bm, BK=cfg.bk, PREFETCH=_prefetch(cfg), EVICT=cfg.evict))
+    grid = launch_kernel(K.amax_partials_kernel, tiles, cfg, x2.device, (x2, parts, n, k, x2.stride(0)),
+                         dict(BM=cfg.bm, BK=cfg.bk, PREFETCH=prefetches(cfg), EVICT=cfg.evict))
     return parts[:grid]
 
 
@@ -271,7 +271,7 @@ def _from_parts(x2, parts, q2, s, cfg: LaunchConfig, parts_pow2: int, nxt=None, 
     nxt_, clear_ = (parts, parts) if nxt is None else (nxt, clear)
     return ((x2, parts, q2, s, nxt_, clear_, n, k, x2.stride(0), 0, q2.stride(0), parts.numel()),
             dict(GN=0, GK=0, FROM_PARTS=True, NEXT_AMAX=nxt is not None, PARTS=parts_pow2, BM=cfg.bm, BK=cfg.bk,
-                 PREFETCH=_prefetch(cfg), EVICT=cfg.evict, REVERSE=nxt is None, **args))
+                 PREFETCH=prefetches(cfg), EVICT=cfg.evict, REVERSE=nxt is None, **args))
 
 
 def _launch_tensor(x2, q2, s, amax_cfg: LaunchConfig | None = None, cfg: LaunchConfig | None = None,
@@ -283,7 +283,7 @@ def _launch_tensor(x2, q2, s, amax_cfg: LaunchConfig | None = None, cfg: LaunchC
     parts = amax_partials(x2, replace(amax_cfg or config("amax", n, k), evict=0))
     cfg = cfg or config("requant-tensor", n, k)
     a, kw = _from_parts(x2, parts, q2, s, cfg, triton.next_power_of_2(parts.numel()), **args)
-    _launch(K.quant_static_kernel, triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x2.device, a, kw)
+    launch_kernel(K.quant_static_kernel, triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x2.device, a, kw)
 
 
 def _launch_rows(x2, q2, s, cfg: LaunchConfig | None = None, **args) -> None:
@@ -296,8 +296,9 @@ def _launch_rows(x2, q2, s, cfg: LaunchConfig | None = None, **args) -> None:
     bk = max(16, triton.next_power_of_2(k)) if one_pass else cfg.bk
     if bk < cfg.bk:
         cfg = replace(cfg, warps=max(1, cfg.warps * bk // cfg.bk))
-    _launch(K.quant_rows_kernel, triton.cdiv(n, cfg.bm), cfg, x2.device, (x2, q2, s, n, k, x2.stride(0), q2.stride(0)),
-            dict(BM=cfg.bm, BK=bk, ONE_PASS=one_pass, EVICT=cfg.evict, **args))
+    launch_kernel(K.quant_rows_kernel, triton.cdiv(n, cfg.bm), cfg, x2.device,
+                  (x2, q2, s, n, k, x2.stride(0), q2.stride(0)),
+                  dict(BM=cfg.bm, BK=bk, ONE_PASS=one_pass, EVICT=cfg.evict, **args))
 
 
 # a 1 x G group is read as chunks of this many columns: Triton lays a chunk of bf16 out as 2 lanes of 16 values, so 2
@@ -313,13 +314,13 @@ def _launch_tiles(x2, q2, s, group: ScaleGroup, cfg: LaunchConfig | None = None,
     a = (x2, q2, s, n, k, x2.stride(0), q2.stride(0), s.stride(0))
     if group.gn == 1:
         r = cfg.bm * max(cfg.bk, group.gk) // group.gk
-        _launch(K.quant_groups_kernel, triton.cdiv(n * triton.cdiv(k, group.gk), r), cfg, x2.device, a,
-                dict(R=r, GW=group.gk, CW=min(group.gk, GROUP_CHUNK), EVICT=cfg.evict, **args))
+        launch_kernel(K.quant_groups_kernel, triton.cdiv(n * triton.cdiv(k, group.gk), r), cfg, x2.device, a,
+                      dict(R=r, GW=group.gk, CW=min(group.gk, GROUP_CHUNK), EVICT=cfg.evict, **args))
     else:
         bm = min(cfg.bm, group.gn)
-        _launch(K.quant_blocks_kernel, triton.cdiv(n, group.gn) * triton.cdiv(k, group.gk), cfg, x2.device, a,
-                dict(GN=group.gn, BM=bm, BK=group.gk, PREFETCH=bm == group.gn and _prefetch(cfg), EVICT=cfg.evict,
-                     **args))
+        launch_kernel(K.quant_blocks_kernel, triton.cdiv(n, group.gn) * triton.cdiv(k, group.gk), cfg, x2.device, a,
+                      dict(GN=group.gn, BM=bm, BK=group.gk, PREFETCH=bm == group.gn and prefetches(cfg),
+                           EVICT=cfg.evict, **args))
 
 
 TENSOR_GROUP = ScaleGroup(0, 0)
@@ -374,7 +375,7 @@ def quantize_delayed(x: torch.Tensor, state: DelayedScale | None = None, fmt: st
         return q.view(f.dtype), s, state
     args = dict(FMT=f.code, FMAX=f.max, MIN_SCALE=MIN_SCALE, EMULATE=EMULATE)
     a, kw = _from_parts(x2, read, _as_rows(q, "out"), s, cfg, 1, nxt=into, clear=clear, **args)
-    _launch(K.quant_static_kernel, triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x.device, a, kw)
+    launch_kernel(K.quant_static_kernel, triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x.device, a, kw)
     state.calls += 1
     return q.view(f.dtype), s, state
 
