@@ -460,7 +460,7 @@ def test_output_that_cannot_fit_is_refused_before_allocation(name, monkeypatch):
     op = small_op(name)
     tensors = to_device(bk, pk)
     monkeypatch.setattr(common, "free_bytes", lambda device: 12_000)
-    monkeypatch.setattr(common, "_cached_unused_bytes", lambda device: 0)  # a GPU's allocator may hold more
+    monkeypatch.setattr(common, "_device_free_bytes", lambda device: 0)  # a GPU's driver reports gigabytes free
     sizes, empty = [], torch.empty
 
     def spy(*size, **kw):
@@ -473,13 +473,13 @@ def test_output_that_cannot_fit_is_refused_before_allocation(name, monkeypatch):
     assert max(sizes, default=0) < 1000, f"{name} allocated {max(sizes)} elements before refusing"
 
 
-def test_output_check_skips_the_driver_query_when_cached_blocks_suffice(monkeypatch):
-    """check_output_fits asks the driver for free memory only when the allocator's unused blocks cannot hold the
-    request; past them it still refuses what the driver says cannot fit."""
+def test_output_check_reads_allocator_statistics_only_when_the_driver_bound_is_short(monkeypatch):
+    """check_output_fits reads ``free_bytes`` (the allocator's statistics, slow on a GPU) only when the driver's free
+    memory alone cannot hold the request; past it, it still refuses what ``free_bytes`` says cannot fit."""
     calls = []
-    monkeypatch.setattr(common, "_cached_unused_bytes", lambda device: 16_000)
+    monkeypatch.setattr(common, "_device_free_bytes", lambda device: 16_000)
     monkeypatch.setattr(common, "free_bytes", lambda device: calls.append(device) or 20_000)
-    common.check_output_fits(1000, torch.int64, torch.device("cpu"))  # 16,000 bytes: the cached blocks hold it
+    common.check_output_fits(1000, torch.int64, torch.device("cpu"))  # 16,000 bytes: the driver's bound holds it
     assert calls == []
     common.check_output_fits(1200, torch.int64, torch.device("cpu"))  # 19,200 bytes: asks, fits
     assert len(calls) == 1

@@ -49,7 +49,9 @@ def group_sum(x: torch.Tensor, group: ScaleGroup) -> torch.Tensor:
 
 def scales_from_amax(amax: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
     """s = amax / FMAX (float32, IEEE), at least MIN_SCALE; 1.0 where amax == 0."""
-    s = amax.to(torch.float32) / torch.tensor(fmt.max, dtype=torch.float32)
+    # FMAX as a tensor on amax's device: CUDA torch divides by a CPU scalar as a product with its reciprocal, which
+    # can differ from the IEEE quotient the kernels compute (div_rn) by one ulp
+    s = amax.to(torch.float32) / torch.full((), fmt.max, dtype=torch.float32, device=amax.device)
     s = torch.where(s < MIN_SCALE, torch.tensor(MIN_SCALE, dtype=torch.float32), s)
     return torch.where(amax > 0, s, torch.ones_like(s))
 
