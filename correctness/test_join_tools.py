@@ -180,6 +180,20 @@ def test_claims_evaluate_and_plots_draw_from_stored_results(tmp_path):
     assert tc.split(" | ")[1:] == ["700.0 µs", "2.10 G", "4,200", "3.0", "5", "1 |"]  # 2.1 GFLOP in 700 µs
 
 
+def test_end_to_end_claims_name_the_eager_time_beside_the_queued_one(tmp_path):
+    """The 1M claim is judged on the queued median; its source names the eager median the bench stored beside it
+    (the time a caller waits), and says nothing where the bench stored none."""
+    bench = FAILING_CASES["join.hash_1m_us"].benches["test_join_hash[cuda-total-1M]"]
+    eager = {**bench, "extra_info": {**bench["extra_info"], "eager_median_s": 346e-6}}
+    claim = next(c for c in CLAIMS if c.id == "join.hash_1m_us")
+    with_eager = ledger.evaluate(claim, ledger.materialise(ledger.Case(benches={
+        "test_join_hash[cuda-total-1M]": eager}), tmp_path / "a"))
+    assert with_eager["measured_value"] == pytest.approx(45.0) and with_eager["verdict"] == "fail"
+    assert "eager (as a caller waits, host work included): 346 µs" in with_eager["source"]
+    without = ledger.evaluate(claim, ledger.materialise(FAILING_CASES["join.hash_1m_us"], tmp_path / "b"))
+    assert "as a caller waits" not in without["source"] and without["measured_value"] == pytest.approx(45.0)
+
+
 @pytest.mark.parametrize("claim_id", sorted(c.id for c in CLAIMS))
 def test_every_claim_fails_on_its_failing_case(tmp_path, claim_id):
     view = ledger.materialise(FAILING_CASES[claim_id], tmp_path)

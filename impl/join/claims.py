@@ -2,7 +2,10 @@
 
 How the comparisons were chosen:
   * ``join.hash_1m_us``: build + probe + exact-size output of the CUDA C++ hash join (``cuda-total``: speculative
-    output, one host sync for the size) of 1M x 1M unique keys <= 40 µs; seed 90.65 µs.
+    output, one host sync for the size) of 1M x 1M unique keys <= 40 µs; seed 90.65 µs. Judged, like every bench, on
+    the queued timer (device time; the host's work hides behind a spin kernel); the 1M, zipf and 10M claims name the
+    eager median beside it (the bench's 5 eager calls: what a caller waits, host checks, allocation and launches
+    included), which on the H200 was ~3x the queued figure at 1M.
   * ``join.zipf_1m_us``: the same join with Zipf(1)-skewed foreign keys <= 50 µs.
   * ``join.m2m_1m_ratio``: many-to-many (~8 build rows per key, ~4M pairs) within 1.5x of a bound: 40 µs plus the time
     to write its output pairs at the card's bandwidth peak (the one the bench's own ``pct_peak_bw`` used: the fastest
@@ -21,10 +24,11 @@ How the comparisons were chosen:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from impl.common import ledger
-from impl.common.ledger import BenchRatio, BenchStat, Claim, Measured, NotMeasured, ResultsView, ResultValue
+from impl.common.ledger import (Beside, BenchRatio, BenchStat, Claim, Measured, NotMeasured, ResultsView,
+                                ResultValue)
 
 HASH_1M = "test_join_hash[cuda-total-1M]"
 HASH_ZIPF = "test_join_hash[cuda-total-zipf-1M]"
@@ -60,21 +64,38 @@ class OverOutputBound:
         return f"median(`{self.bench}`) / ({self.base_us:g} µs + output bytes at the calibrated bandwidth peak)"
 
 
+def eager_note(bench: str) -> Callable[[ResultsView], str]:
+    """The eager median a bench stored beside its queued one (``extra_info["eager_median_s"]``), in words: the time a
+    caller of the join waits, host work (checks, allocation, launches) and the sync included; empty where absent."""
+    def note(view: ResultsView) -> str:
+        x = ((view.bench(bench) or {}).get("extra_info") or {})
+        s = x.get("eager_median_s")
+        return f"; eager (as a caller waits, host work included): {s * 1e6:,.0f} µs" if s else ""
+    return note
+
+
+def beside_eager(bench: str, scale: float) -> Beside:
+    return Beside(BenchStat(bench, scale=scale), eager_note(bench), "the eager time a caller waits")
+
+
 CLAIMS = [
     Claim(id="join.hash_1m_us", system="join",
           statement="CUDA C++ hash join of 1M x 1M int32 rows (unique build keys, ~50% probe hits), build + probe + "
-                    "exact-size output",
-          unit="µs", comparison="<=", target=40.0, measure=BenchStat(HASH_1M, scale=1e6), seed_value=90.65),
+                    "exact-size output, device time of the queued call (the eager time a caller waits, host work "
+                    "included, is named beside)",
+          unit="µs", comparison="<=", target=40.0, measure=beside_eager(HASH_1M, 1e6), seed_value=90.65),
     Claim(id="join.zipf_1m_us", system="join",
-          statement="The same hash join with Zipf(1)-skewed probe keys (1M x 1M int32), end to end",
-          unit="µs", comparison="<=", target=50.0, measure=BenchStat(HASH_ZIPF, scale=1e6)),
+          statement="The same hash join with Zipf(1)-skewed probe keys (1M x 1M int32), end to end, device time of the "
+                    "queued call (the eager time is named beside)",
+          unit="µs", comparison="<=", target=50.0, measure=beside_eager(HASH_ZIPF, 1e6)),
     Claim(id="join.m2m_1m_ratio", system="join",
           statement="Many-to-many hash join (1M x 1M, ~8 build rows per key, ~4M pairs), end to end, over 40 µs plus "
                     "its output pairs written at the card's bandwidth peak",
           unit="x", comparison="<=", target=1.5, measure=OverOutputBound(HASH_M2M, M2M_BASE_US)),
     Claim(id="join.hash_10m_i64_ms", system="join",
-          statement="CUDA C++ hash join of 10M x 10M int64 keys (unique build keys, ~50% hits), end to end",
-          unit="ms", comparison="<=", target=1.0, measure=BenchStat(HASH_10M_I64, scale=1e3)),
+          statement="CUDA C++ hash join of 10M x 10M int64 keys (unique build keys, ~50% hits), end to end, device "
+                    "time of the queued call (the eager time is named beside)",
+          unit="ms", comparison="<=", target=1.0, measure=beside_eager(HASH_10M_I64, 1e3)),
     Claim(id="join.hash_100m_i64_ms", system="join",
           statement="CUDA C++ hash join of 100M x 100M int64 keys completes, at the 10M target's rows/s or better",
           unit="ms", comparison="<=", target=10.0, measure=BenchStat(HASH_100M_I64, scale=1e3)),
