@@ -143,11 +143,12 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 knobs.runtime.interpret = False
 from impl.fp8 import ceiling as C
+from impl.fp8.quant import prefetches
 fn = C.stream_kernel
 assert not hasattr(fn, "interpreter_builder") and type(fn).__name__ == "JITFunction", type(fn)
 for widen, src, dst in ((True, "*u8", "*i16"), (False, "*i16", "*u8")):
     for cfg in C.CONFIGS:
-        consts = {"WIDEN": widen, "BM": cfg.bm, "BK": cfg.bk, "PREFETCH": cfg.per_sm > 0 and cfg.stages > 1,
+        consts = {"WIDEN": widen, "BM": cfg.bm, "BK": cfg.bk, "PREFETCH": prefetches(cfg),
                   "EVICT": cfg.evict}
         sig = {"x_ptr": src, "y_ptr": dst, "N": "i32", "K": "i32", "stride_x": "i32", "stride_y": "i32"}
         attrs = {(list(fn.arg_names).index(a),): [["tt.divisibility", 16]] for a in sig}

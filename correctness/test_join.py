@@ -459,8 +459,7 @@ def test_output_that_cannot_fit_is_refused_before_allocation(name, monkeypatch):
     bk, pk = np.full(40, 7, np.int32), np.full(25, 7, np.int32)  # 1000 pairs of int64 row ids = 16,000 bytes
     op = small_op(name)
     tensors = to_device(bk, pk)
-    monkeypatch.setattr(common, "free_bytes", lambda device: 12_000)
-    monkeypatch.setattr(common, "_device_free_bytes", lambda device: 0)  # a GPU's driver reports gigabytes free
+    monkeypatch.setattr(common, "free_bytes", lambda device, at_least=None: 12_000)
     sizes, empty = [], torch.empty
 
     def spy(*size, **kw):
@@ -474,17 +473,20 @@ def test_output_that_cannot_fit_is_refused_before_allocation(name, monkeypatch):
 
 
 def test_output_check_reads_allocator_statistics_only_when_the_driver_bound_is_short(monkeypatch):
-    """check_output_fits reads ``free_bytes`` (the allocator's statistics, slow on a GPU) only when the driver's free
-    memory alone cannot hold the request; past it, it still refuses what ``free_bytes`` says cannot fit."""
+    """On a GPU, check_output_fits reads the allocator's statistics (slow) only when the driver's free memory alone
+    cannot hold the request; past it, free memory plus the allocator's unused blocks decides, and what they cannot
+    hold is refused. (The CUDA calls are stand-ins: this runs without a GPU.)"""
     calls = []
-    monkeypatch.setattr(common, "_device_free_bytes", lambda device: 16_000)
-    monkeypatch.setattr(common, "free_bytes", lambda device: calls.append(device) or 20_000)
-    common.check_output_fits(1000, torch.int64, torch.device("cpu"))  # 16,000 bytes: the driver's bound holds it
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (16_000, 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: calls.append(device) or 4_000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
+    gpu = torch.device("cuda", 0)
+    common.check_output_fits(1000, torch.int64, gpu)  # 16,000 bytes: the driver's bound holds it
     assert calls == []
-    common.check_output_fits(1200, torch.int64, torch.device("cpu"))  # 19,200 bytes: asks, fits
+    common.check_output_fits(1200, torch.int64, gpu)  # 19,200 bytes: asks, fits
     assert len(calls) == 1
     with pytest.raises(MemoryError, match=r"24,000 bytes \(1,500 pairs"):
-        common.check_output_fits(1500, torch.int64, torch.device("cpu"))
+        common.check_output_fits(1500, torch.int64, gpu)
 
 
 def test_ten_billion_pair_output_is_refused_on_the_host():

@@ -94,8 +94,8 @@ def over_peak_message(metrics: dict[str, float], peaks: dict[str, Any], flops_dt
     if pct is not None and pct > 100:
         matched = peak_kernels(peaks, nbytes)
         kernels = matched or peaks.get("bw_kernels") or {"copy (median)": peaks.get("copy_gbps")}
-        what = (f"those moving at least half its {nbytes / 1e6:.0f} MB, " if matched else "") + "GB/s: " + \
-            ", ".join(f"{k} {v:.0f}" for k, v in kernels.items() if v)
+        scope = f"those moving at least half its {nbytes / 1e6:.0f} MB, " if matched else ""
+        what = scope + "GB/s: " + ", ".join(f"{k} {v:.0f}" for k, v in kernels.items() if v)
         over = pct - 100
         culprit = ("the byte count is the likelier culprit: bytes_moved must be the compulsory bytes (each input read "
                    "once, each output written once; extra traffic goes in traffic_bytes)" if over > COUNT_SUSPECT_PCT

@@ -102,7 +102,7 @@ def measure_bandwidth_kernels(sizes: Sizes = FULL) -> dict[str, float]:
     acc = torch.empty((), device=_device())
     out["read_sum_1gib"] = _rate(moved["read_sum_1gib"], lambda: torch.sum(x, dim=0, out=acc), best=True) / 1e9
     del x
-    for name in (name for name in moved if name.startswith("triad_")):
+    for name in [k for k in moved if k.startswith("triad_")]:
         n = moved[name] // 12
         a, b, c = (torch.rand(n, device=_device()) for _ in range(3))
         out[name] = _rate(moved[name], lambda: torch.add(a, b, alpha=2.0, out=c), best=True) / 1e9
