@@ -63,12 +63,11 @@ CHECK_SHAPES = {"*": [(272, 1040)], "requant-channel": [(272, 1040), (48, 8208)]
 # lost). Registers: ptxas for sm_90 with the arguments' divisibility by 16 that Triton's JIT specializes on
 # (test_fp8_compile).
 # requant-delayed: first the narrow stream's fastest launches on the H200 (one program a tile: 8 x 512 tiles of 4
-# warps 40.4 us, 16 x 512 or 1 x 8192 of 8 warps 40.5 us at 14336x4096), now that a program issues its first tile's
-# loads before reading the previous amax (one program a tile had waited on both in a row: 1 x 4096 tiles ran 54.9 us
-# against 43.3 us for the persistent 2 x 2048 tiles); then row-wide tiles, persistent or one program a tile.
+# warps 40.4 us, 16 x 512 or 1 x 8192 of 8 warps 40.5 us at 14336x4096), viable now that the programs' amax atomics
+# spread over separate lines (``quant.AMAX_SPREAD``; on one float, 1 x 4096 tiles a program ran 54.9 us against
+# 43.3 us for the persistent 2 x 2048 tiles); then row-wide tiles, persistent or one program a tile.
 # requant-block: 32-row slices of 4 warps or 16-row ones (fewer values a thread, more programs an SM in their second,
-# L1/L2 read) before the earlier list, whose 32-row slices of 8 warps led on the H200 (43.3 us, 95% of that run's copy);
-# on an H100 one-pass 128 x 128 blocks of 8 warps led (55.0 us against 73.2 for the 32-row slices).
+# L1/L2 read) before the earlier list, whose 32-row slices of 8 warps led on the H200 (43.3 us, 95% of that run's copy).
 CANDIDATES: dict[str, list[C]] = {
     "dequant-tensor": [C(4, 512, 4, 1, 0, 2), C(4, 512, 4, 1, 0, 1), C(8, 512, 4, 1, 0, 2), C(16, 512, 8, 1, 0, 2),
                        C(8, 1024, 4), C(16, 512, 8)],
