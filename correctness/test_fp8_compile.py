@@ -26,7 +26,6 @@ spec = importlib.util.spec_from_file_location("fp8kernels", sys.argv[1])
 K = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(K)
 cfgs = json.loads(sys.argv[2])
-SPREAD, LINE = cfgs.pop("_amax_spread")  # quant.AMAX_SPREAD, quant.AMAX_LINE: the delayed kernel's amax entries
 F = {"FMT": 0, "FMAX": 448.0, "MIN_SCALE": 2.0 ** -120, "EMULATE": False}
 P = {"N": "i32", "K": "i32"}
 jobs = []
@@ -42,7 +41,7 @@ for key, gn, gk, fp, nx in (("quant-static", 1, 0, False, False), ("quant-static
                             ("requant-tensor", 0, 0, True, False), ("requant-delayed", 0, 0, True, True)):
     c = cfgs[key]
     jobs.append((key, K.quant_static_kernel, QS, {"GN": gn, "GK": gk, "FROM_PARTS": fp, "NEXT_AMAX": nx,
-        "PARTS": SPREAD if nx else 1024, "PART_STRIDE": LINE if nx else 1, **F, "BM": c["bm"], "BK": c["bk"], "PREFETCH": c["per_sm"] > 0 and c["stages"] > 1,
+        "PARTS": 1 if nx else 1024, **F, "BM": c["bm"], "BK": c["bk"], "PREFETCH": c["per_sm"] > 0 and c["stages"] > 1,
         "EVICT": c["evict"], "REVERSE": fp and not nx}, c["warps"]))
 c = cfgs["amax"]
 jobs.append(("amax", K.amax_partials_kernel, {"x_ptr": "*bf16", "part_ptr": "*fp32", **P, "stride_x": "i32"},
@@ -100,12 +99,12 @@ def _tools():
 def test_kernels_compile_for_sm90_without_spilling():
     from dataclasses import asdict
 
-    from impl.fp8.quant import AMAX_LINE, AMAX_SPREAD, GPU_CONFIGS
+    from impl.fp8.quant import GPU_CONFIGS
 
     cuobjdump, why = _tools()
     if why:
         pytest.skip(why)
-    cfgs = {k: asdict(v) for k, v in GPU_CONFIGS.items()} | {"_amax_spread": [AMAX_SPREAD, AMAX_LINE]}
+    cfgs = {k: asdict(v) for k, v in GPU_CONFIGS.items()}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "impl" / "fp8" / "kernels.py"), json.dumps(cfgs),
                         cuobjdump], capture_output=True, text=True, env=env, timeout=600)

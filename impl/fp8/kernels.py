@@ -21,9 +21,8 @@ its next tile before converting the current one, so its loads stay in flight dur
 ``_apply_scales`` reads a tile's scales in the cheapest shape its position in the scale groups allows (one value,
 one per row, one per column, or one per element). Per-tensor dynamic scales come from per-program amax partials
 that every quantizing program reduces itself (no atomics, no zeroed buffer); the delayed variant quantizes with the
-previous call's amax (a few floats on separate L2 lines) and max-es this call's into as many others, one atomic a
-program spread over them, so it reads its input once at any grid (three sets rotate: the one read, the one max-ed
-into, and the one zeroed for the next call); the
+previous call's amax (one float) and max-es this call's into another with one atomic a program, so it reads its input
+once at any grid (three slots rotate: the one read, the one max-ed into, and the one zeroed for the next call); the
 second read of the dynamic variant goes last tile first (``REVERSE``), so the tail the amax pass has just read comes
 from L2. ``EVICT`` gives the streamed data the L2 policy evict_first (``_ld``/``store_stream``): a stream that is read
 or written once then recycles its own lines in L2 instead of evicting other work's (and writing back that work's dirty
@@ -287,13 +286,10 @@ def amax_partials_kernel(x_ptr,      # [N, K] input, row stride stride_x
 
 
 @triton.jit
-def _tensor_scale(part_ptr, n_parts, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, PARTS: tl.constexpr,
-                  PART_STRIDE: tl.constexpr):
-    """The per-tensor scale from amax partials ``part_ptr[i * PART_STRIDE]``, i < n_parts (a few KB, read from L2 by
-    every program)."""
+def _tensor_scale(part_ptr, n_parts, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, PARTS: tl.constexpr):
+    """The per-tensor scale from the per-program amax partials (a few KB, read from L2 by every program)."""
     i = tl.arange(0, PARTS)
-    parts = tl.load(part_ptr + i * PART_STRIDE, mask=i < n_parts, other=0.0)
-    return _scale_from_amax(tl.max(parts, axis=0), FMAX, MIN_SCALE)
+    return _scale_from_amax(tl.max(tl.load(part_ptr + i, mask=i < n_parts, other=0.0), axis=0), FMAX, MIN_SCALE)
 
 
 @triton.jit
@@ -321,15 +317,13 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
                         s_ptr,      # float32 scales [R, C] (FROM_PARTS: float32 amax partials [n_parts])
                         q_ptr,      # uint8 codes out [N, K], row stride stride_q
                         so_ptr,     # FROM_PARTS: float32 [1] out, receives the per-tensor scale
-                        next_ptr,   # NEXT_AMAX: float32 [PARTS] at stride PART_STRIDE, 0 on entry: atomically max-ed
-                                    #   with this input's amax (program p into entry p % PARTS)
-                        clear_ptr,  # NEXT_AMAX: float32 [PARTS] at stride PART_STRIDE, set to 0 (the next call's)
+                        next_ptr,   # NEXT_AMAX: float32 [1], 0 on entry: atomically max-ed with this input's amax
+                        clear_ptr,  # NEXT_AMAX: float32 [1], set to 0 (the slot the next call's amax goes to)
                         N, K, stride_x, stride_s, stride_q, n_parts,
                         GN: tl.constexpr, GK: tl.constexpr,
                         FROM_PARTS: tl.constexpr,   # scale = max(partials) / FMAX (dynamic or delayed per-tensor)
                         NEXT_AMAX: tl.constexpr,    # also record this input's amax (delayed scaling: next call's scale)
                         PARTS: tl.constexpr,        # power of two >= n_parts
-                        PART_STRIDE: tl.constexpr,  # elements between consecutive partials (and NEXT_AMAX entries)
                         FMT: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr, EMULATE: tl.constexpr,
                         BM: tl.constexpr, BK: tl.constexpr,
                         PREFETCH: tl.constexpr,  # load the program's next tile before converting this one
@@ -337,13 +331,11 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
                         REVERSE: tl.constexpr):  # last tile first (a second read right after a forward first one)
     """Quantize with given scales (or one from amax partials). REVERSE serves the second read of dynamic per-tensor:
     the amax pass has just streamed x forward, so x's last tiles are still in L2 and are converted first.
-    NEXT_AMAX: each program max-es its share's amax into one of PARTS floats (an atomic a program, spread over
-    PART_STRIDE-apart entries, on separate L2 lines, so that a grid of one program a tile does not queue thousands of
-    atomics on one address; any grid hands on the same maximum), and program 0 zeroes the PARTS entries the next
-    call max-es into (no other program touches them)."""
+    NEXT_AMAX: each program max-es its share's amax into one float (an atomic a program: any grid, one value for the
+    next call to read), and program 0 zeroes the slot the next call max-es into (no other program touches it)."""
     inv = 1.0
     if FROM_PARTS:
-        s = _tensor_scale(s_ptr, n_parts, FMAX, MIN_SCALE, PARTS, PART_STRIDE)
+        s = _tensor_scale(s_ptr, n_parts, FMAX, MIN_SCALE, PARTS)
         inv = tl.math.div_rn(1.0, s)
         if tl.program_id(0) == 0:
             tl.store(so_ptr, s)
@@ -364,10 +356,9 @@ def quant_static_kernel(x_ptr,      # [N, K] float32/float16/bfloat16, row strid
             acc = _quant_tile(x, t, acc, s_ptr, q_ptr, inv, N, K, stride_s, stride_q, GN, GK, FROM_PARTS, NEXT_AMAX,
                               FMT, FMAX, EMULATE, BM, BK, EVICT)
     if NEXT_AMAX:
-        tl.atomic_max(next_ptr + (tl.program_id(0) % PARTS) * PART_STRIDE,
-                      tl.max(tl.max(acc, axis=1), axis=0).to(tl.float32))
+        tl.atomic_max(next_ptr, tl.max(tl.max(acc, axis=1), axis=0).to(tl.float32))
         if tl.program_id(0) == 0:
-            tl.store(clear_ptr + tl.arange(0, PARTS) * PART_STRIDE, tl.zeros((PARTS,), dtype=tl.float32))
+            tl.store(clear_ptr, 0.0)
 
 
 # ---- requantize with dynamic scales computed in the kernel ---------------------------------------------------
@@ -472,7 +463,7 @@ def quant_blocks_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, fl
                         EVICT: tl.constexpr):  # 1: loads read for the last time evict_first in L2; 2: stores too
     """One scale per GN x BK block. A block of BM == GN rows is read once and held in registers (in x's own type)
     between its amax and its conversion; a taller block is read in GN / BM slices twice: once for its amax, once
-    (from L1/L2, last slice first) to quantize, so a program holds only a [BM, BK] slice."""
+    (from L1/L2) to quantize, so a program holds only a [BM, BK] slice."""
     tiles = tl.cdiv(N, GN) * tl.cdiv(K, BK)
     step = tl.num_programs(0)
     if PREFETCH and BM == GN:
@@ -500,8 +491,8 @@ def quant_blocks_kernel(x_ptr, q_ptr, s_ptr,   # [N, K] in, uint8 [N, K] out, fl
                 s = _scale_from_amax(tl.max(tl.max(acc, axis=1), axis=0).to(tl.float32), FMAX, MIN_SCALE)
                 tl.store(s_ptr + (m0 // GN) * stride_s + k0 // BK, s)
                 inv = tl.math.div_rn(1.0, s)
-                for j in range(0, GN, BM):  # the second read, last slice first (the likeliest still in L1), else L2
-                    sub = m0 + (GN - BM - j) + tl.arange(0, BM)
+                for i in range(0, GN, BM):  # the second read, from L2: the last use of these lines
+                    sub = m0 + i + tl.arange(0, BM)
                     mask = (sub < N)[:, None] & cmask
                     r64 = sub.to(tl.int64)[:, None]
                     x = _ld(x_ptr + r64 * stride_x + cols[None, :], mask, EVICT).to(tl.float32)

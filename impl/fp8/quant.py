@@ -247,7 +247,7 @@ def _launch_static(x2, s, q2, group: ScaleGroup, cfg: LaunchConfig | None = None
     tiles = triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk)
     launch_kernel(K.quant_static_kernel, tiles, cfg, x2.device,
                   (x2, s, q2, s, s, s, n, k, x2.stride(0), s.stride(0), q2.stride(0), 1),
-                  dict(GN=group.gn, GK=group.gk, FROM_PARTS=False, NEXT_AMAX=False, PARTS=1, PART_STRIDE=1, BM=cfg.bm, BK=cfg.bk,
+                  dict(GN=group.gn, GK=group.gk, FROM_PARTS=False, NEXT_AMAX=False, PARTS=1, BM=cfg.bm, BK=cfg.bk,
                        PREFETCH=prefetches(cfg), EVICT=cfg.evict, REVERSE=False, **args))
 
 
@@ -262,17 +262,16 @@ def amax_partials(x2: torch.Tensor, cfg: LaunchConfig | None = None) -> torch.Te
     return parts[:grid]
 
 
-def _from_parts(x2, parts, q2, s, cfg: LaunchConfig, n_parts: int, parts_pow2: int, stride: int = 1, nxt=None,
-                clear=None, **args) -> tuple[tuple, dict]:
-    """(args, constexprs) of quantizing with s = max(parts[i * stride], i < n_parts) / FMAX (written to ``s``); with
-    ``nxt`` and ``clear`` (``parts_pow2`` entries at the same stride, ``nxt``'s 0 on entry), also max-ing x's amax
-    into ``nxt`` and zeroing ``clear``. Without ``nxt`` (the second read of dynamic per-tensor) the tiles go last
-    first: the amax pass has just read x forward, so its last tiles come from L2."""
+def _from_parts(x2, parts, q2, s, cfg: LaunchConfig, parts_pow2: int, nxt=None, clear=None,
+                **args) -> tuple[tuple, dict]:
+    """(args, constexprs) of quantizing with s = max(parts) / FMAX (written to ``s``); with ``nxt`` (one float, 0 on
+    entry), also max-ing x's amax into it and zeroing ``clear``. Without ``nxt`` (the second read of dynamic
+    per-tensor) the tiles go last first: the amax pass has just read x forward, so its last tiles come from L2."""
     n, k = x2.shape
     nxt_, clear_ = (parts, parts) if nxt is None else (nxt, clear)
-    return ((x2, parts, q2, s, nxt_, clear_, n, k, x2.stride(0), 0, q2.stride(0), n_parts),
-            dict(GN=0, GK=0, FROM_PARTS=True, NEXT_AMAX=nxt is not None, PARTS=parts_pow2, PART_STRIDE=stride,
-                 BM=cfg.bm, BK=cfg.bk, PREFETCH=prefetches(cfg), EVICT=cfg.evict, REVERSE=nxt is None, **args))
+    return ((x2, parts, q2, s, nxt_, clear_, n, k, x2.stride(0), 0, q2.stride(0), parts.numel()),
+            dict(GN=0, GK=0, FROM_PARTS=True, NEXT_AMAX=nxt is not None, PARTS=parts_pow2, BM=cfg.bm, BK=cfg.bk,
+                 PREFETCH=prefetches(cfg), EVICT=cfg.evict, REVERSE=nxt is None, **args))
 
 
 def _launch_tensor(x2, q2, s, amax_cfg: LaunchConfig | None = None, cfg: LaunchConfig | None = None,
@@ -283,7 +282,7 @@ def _launch_tensor(x2, q2, s, amax_cfg: LaunchConfig | None = None, cfg: LaunchC
     n, k = x2.shape
     parts = amax_partials(x2, replace(amax_cfg or config("amax", n, k), evict=0))
     cfg = cfg or config("requant-tensor", n, k)
-    a, kw = _from_parts(x2, parts, q2, s, cfg, parts.numel(), triton.next_power_of_2(parts.numel()), **args)
+    a, kw = _from_parts(x2, parts, q2, s, cfg, triton.next_power_of_2(parts.numel()), **args)
     launch_kernel(K.quant_static_kernel, triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x2.device, a, kw)
 
 
@@ -327,31 +326,20 @@ def _launch_tiles(x2, q2, s, group: ScaleGroup, cfg: LaunchConfig | None = None,
 TENSOR_GROUP = ScaleGroup(0, 0)
 
 
-# a delayed call's programs max their amax into AMAX_SPREAD floats, AMAX_LINE apart (one 128-byte L2 line each): one
-# atomic a program on one address would queue ~14k atomics at a 14336 x 4096 input's one-program-a-tile grid
-AMAX_SPREAD, AMAX_LINE = 32, 32
-
-
 @dataclass
 class DelayedScale:
     """State of per-tensor quantization with the previous call's amax (delayed scaling, as vLLM's static activation
-    scales or Transformer Engine's amax history of length 1). ``amax`` holds three slots (rows) that rotate with
-    ``calls``: slot ``calls % 3`` the previous input's amax (this call's scale comes from its maximum), slot
-    ``(calls + 1) % 3`` (zero) receives this input's, and this call zeroes slot ``(calls + 2) % 3``, the one the next
-    call max-es into. A slot is AMAX_SPREAD entries AMAX_LINE floats apart (the rest stay 0), each program of a call
-    max-ing into one of them; the slot's maximum is the input's amax."""
+    scales or Transformer Engine's amax history of length 1). ``amax`` holds three slots that rotate with ``calls``:
+    slot ``calls % 3`` the previous input's amax (this call's scale comes from it), slot ``(calls + 1) % 3`` (zero)
+    receives this input's, and this call zeroes slot ``(calls + 2) % 3``, the one the next call max-es into."""
 
-    amax: torch.Tensor  # float32 [3, AMAX_SPREAD * AMAX_LINE]
+    amax: torch.Tensor  # float32 [3]
     calls: int = 0
 
-    @classmethod
-    def fresh(cls, device: torch.device) -> DelayedScale:
-        return cls(torch.zeros(3, AMAX_SPREAD * AMAX_LINE, dtype=torch.float32, device=device))
-
     def slots(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(read, max into, zero) for the next call, each a float32 [AMAX_SPREAD * AMAX_LINE] row."""
+        """(read, max into, zero) for the next call, each a float32 [1] view."""
         c = self.calls
-        return tuple(self.amax[(c + i) % 3] for i in range(3))
+        return tuple(self.amax[(c + i) % 3:(c + i) % 3 + 1] for i in range(3))
 
 
 def quantize_delayed(x: torch.Tensor, state: DelayedScale | None = None, fmt: str | Fp8Format = "e4m3", *,
@@ -369,29 +357,24 @@ def quantize_delayed(x: torch.Tensor, state: DelayedScale | None = None, fmt: st
     _check_out_dtype(x.dtype)
     if state is not None and state.amax.device != x.device:
         raise ValueError(f"state lives on {state.amax.device}, x on {x.device}: start a new state (state=None)")
-    shape = (3, AMAX_SPREAD * AMAX_LINE)
-    if state is not None and (tuple(state.amax.shape) != shape or state.amax.dtype != torch.float32):
-        raise ValueError(f"state.amax must be float32 {list(shape)} (DelayedScale.fresh), got {state.amax.dtype} "
-                         f"{list(state.amax.shape)}: start a new state (state=None)")
     x2 = _as_rows(x, "x")
     n, k = x2.shape
     cfg = cfg or config("requant-delayed", n, k)
     q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     s = torch.empty(1, 1, dtype=torch.float32, device=x.device)
     if state is None:  # the first call's scale is x's own amax
-        state = DelayedScale.fresh(x.device)
+        state = DelayedScale(torch.zeros(3, dtype=torch.float32, device=x.device))
         if n * k:
-            state.amax[0, 0] = amax_partials(x2, cfg).max()
+            state.amax[0] = amax_partials(x2, cfg).max()
     read, into, clear = state.slots()
     if n * k == 0:  # no values: the scale of the previous amax, and an amax of 0 for the next call
-        s.copy_(scales_from_amax(read.max().view(1), f).view(1, 1))
+        s.copy_(scales_from_amax(read, f).view(1, 1))
         into.zero_()
         clear.zero_()
         state.calls += 1
         return q.view(f.dtype), s, state
     args = dict(FMT=f.code, FMAX=f.max, MIN_SCALE=MIN_SCALE, EMULATE=EMULATE)
-    a, kw = _from_parts(x2, read, _as_rows(q, "out"), s, cfg, AMAX_SPREAD, AMAX_SPREAD, AMAX_LINE, nxt=into,
-                        clear=clear, **args)
+    a, kw = _from_parts(x2, read, _as_rows(q, "out"), s, cfg, 1, nxt=into, clear=clear, **args)
     launch_kernel(K.quant_static_kernel, triton.cdiv(n, cfg.bm) * triton.cdiv(k, cfg.bk), cfg, x.device, a, kw)
     state.calls += 1
     return q.view(f.dtype), s, state

@@ -62,12 +62,8 @@ CHECK_SHAPES = {"*": [(272, 1040)], "requant-channel": [(272, 1040), (48, 8208)]
 # class's shape and a class keeps its fastest (requant-channel's evict 0 variant comes early: on 4096x14336 evict 2
 # lost). Registers: ptxas for sm_90 with the arguments' divisibility by 16 that Triton's JIT specializes on
 # (test_fp8_compile).
-# requant-delayed: first the narrow stream's fastest launches on the H200 (one program a tile: 8 x 512 tiles of 4
-# warps 40.4 us, 16 x 512 or 1 x 8192 of 8 warps 40.5 us at 14336x4096), viable now that the programs' amax atomics
-# spread over separate lines (``quant.AMAX_SPREAD``; on one float, 1 x 4096 tiles a program ran 54.9 us against
-# 43.3 us for the persistent 2 x 2048 tiles); then row-wide tiles, persistent or one program a tile.
-# requant-block: 32-row slices of 4 warps or 16-row ones (fewer values a thread, more programs an SM in their second,
-# L1/L2 read) before the earlier list, whose 32-row slices of 8 warps led on the H200 (43.3 us, 95% of that run's copy).
+# requant-delayed: row-wide tiles first, persistent or one program a tile (each program max-es its amax into one
+# float, so any grid hands on one value; on an H100 1 x 4096 tiles of 4 warps, 16 programs an SM, led the sweep).
 CANDIDATES: dict[str, list[C]] = {
     "dequant-tensor": [C(4, 512, 4, 1, 0, 2), C(4, 512, 4, 1, 0, 1), C(8, 512, 4, 1, 0, 2), C(16, 512, 8, 1, 0, 2),
                        C(8, 1024, 4), C(16, 512, 8)],
@@ -78,8 +74,7 @@ CANDIDATES: dict[str, list[C]] = {
     "requant-tensor": [C(4, 512, 4, 1, 0, 2), C(4, 512, 4, 1, 0, 1), C(8, 512, 4, 1, 0, 2), C(8, 512, 4, 2, 8, 2),
                        C(8, 512, 4), C(16, 512, 8)],
     "amax": [C(4, 512, 4, 2, 16), C(8, 1024, 8, 2, 4), C(4, 2048, 8, 2, 4), C(8, 512, 4, 1, 8), C(4, 512, 4, 1, 16)],
-    "requant-delayed": [C(8, 512, 4), C(16, 512, 8), C(1, 8192, 8), C(8, 512, 4, 1, 0, 2), C(4, 1024, 8),
-                        C(1, 4096, 4, 2, 16), C(1, 4096, 4, 2, 4, 2), C(2, 2048, 8, 2, 16), C(8, 512, 4, 2, 8),
+    "requant-delayed": [C(1, 4096, 4, 2, 16), C(1, 4096, 4, 2, 4, 2), C(2, 2048, 8, 2, 16), C(8, 512, 4, 2, 8),
                         C(1, 4096, 4), C(1, 16384, 16), C(4, 512, 4, 2, 8, 2), C(2, 1024, 4, 2, 16, 2),
                         C(4, 512, 4, 1, 0, 2)],
     "requant-channel": [C(1, 16384, 16, 1, 0, 2), C(1, 16384, 16), C(1, 16384, 16, 1, 0, 1), C(1, 8192, 4, 1, 0, 2),
@@ -87,8 +82,7 @@ CANDIDATES: dict[str, list[C]] = {
                         C(2, 8192, 16, 1, 0, 2)],  # (1, 16384, 16): 4096x14336 75% of copy at evict 0, 53% at 2
     "requant-group": [C(8, 1024, 4, 1, 0, 2), C(8, 1024, 4, 1, 0, 1), C(16, 1024, 8, 1, 0, 2), C(4, 1024, 4, 1, 0, 2),
                       C(8, 1024, 4, 1, 8, 2), C(4, 1024, 2, 1, 0, 2), C(8, 1024, 4)],
-    "requant-block": [C(32, 128, 4), C(16, 128, 4), C(16, 128, 8), C(32, 128, 4, 1, 0, 1),
-                      C(128, 128, 32, 2, 2, 2), C(128, 128, 32, 2, 2), C(32, 128, 8, 1, 0, 2), C(32, 128, 8, 1, 0, 1),
+    "requant-block": [C(128, 128, 32, 2, 2, 2), C(128, 128, 32, 2, 2), C(32, 128, 8, 1, 0, 2), C(32, 128, 8, 1, 0, 1),
                       C(128, 128, 8, 1, 0, 2), C(128, 128, 8),
                       C(128, 128, 16, 1, 0, 2), C(128, 128, 32, 1, 0, 2), C(64, 128, 8)],
 }
