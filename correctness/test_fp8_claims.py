@@ -3,7 +3,7 @@ FAILING_CASES input and passes on a good one, statements name no card, and the p
 import copy
 import re
 
-from impl.common.ledger import Case, ResultsView, evaluate, load_claims, materialise
+from impl.common.ledger import Beside, Case, ResultsView, evaluate, load_claims, materialise
 from impl.fp8 import claims, plots
 from impl.fp8.layouts import LAYOUTS
 
@@ -30,7 +30,7 @@ def good_quality() -> dict:
 def good_benches() -> dict:
     benches = {}
     for c in claims.CLAIMS:
-        m = c.measure
+        m = c.measure.measure if isinstance(c.measure, Beside) else c.measure
         for name in getattr(m, "benches", ()) or ([m.bench] if hasattr(m, "bench") else []):
             benches.setdefault(name, {"median": 1e-3})["extra_info"] = {"pct_peak_bw": 95.0, "pct_traffic_bw": 95.0,
                                                             "gbps": 20.0, "host_peak_over_largest": 1.0}
@@ -102,6 +102,23 @@ def test_kernel_claims_name_the_stream_of_their_read_write_mix(tmp_path):
     assert "itself below the 92% target" in evaluate(picked["fp8.requant_delayed_bw_pct_tensor"], view)["source"]
     assert claims.stream_bench("test_fp8_requant_delayed[tensor-4096x14336]") == "test_fp8_stream[narrow-4096x14336]"
     assert claims.stream_bench("test_fp8_dequant[channel-28672x4096]") == "test_fp8_stream[widen-28672x4096]"
+
+
+def test_cold_load_claim_names_the_disks_own_read(tmp_path):
+    """The cold load's source says how fast the plain read of the same files went in that run, and that it is itself
+    below the floor where it is; nothing where the disk read is not stored. The verdict stays the load's own."""
+    benches = good_benches()
+    load = {c.id: c for c in claims.CLAIMS}["fp8.load_gbps"]
+    benches["test_fp8_load[cold-pinned]"]["extra_info"]["gbps"] = 1.73
+    slow = dict(benches, **{claims.DISK_COLD: {"median": 0.5, "extra_info": {"gbps": 1.38}}})
+    row = evaluate(load, write_view(tmp_path / "slow", "disk", slow, {}))
+    assert row["verdict"] == "fail" and row["measured_value"] == 1.73
+    assert re.search(r"; the plain read of the same files, page cache evicted: 1\.38 GB/s \(test_fp8_disk_read\[cold\], "
+                     r"\w+ [\d-]{10}\), itself below the 2 GB/s floor$", row["source"])
+    fast = dict(benches, **{claims.DISK_COLD: {"median": 0.3, "extra_info": {"gbps": 2.34}}})
+    src = evaluate(load, write_view(tmp_path / "fast", "disk", fast, {}))["source"]
+    assert "2.34 GB/s" in src and "below" not in src
+    assert "plain read" not in evaluate(load, write_view(tmp_path / "none", "disk", benches, {}))["source"]
 
 
 def test_quality_claims_judge_the_absolute_change():
