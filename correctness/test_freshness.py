@@ -62,6 +62,21 @@ def test_a_commit_to_a_systems_code_makes_its_verdicts_stale_and_names_the_file(
     assert "unchanged" in freshness.describe(sort)
 
 
+def test_a_change_undone_later_leaves_the_verdicts_standing(repo):
+    """A commit to the measured code and its revert: commits touched it, but the code is what was measured."""
+    a = commit(repo, "measured here")
+    write(repo, "impl/fp8/quant.py", "x = 2\n")
+    commit(repo, "an experiment")
+    write(repo, "impl/fp8/quant.py", "x = 1\n")
+    commit(repo, "the experiment taken back")
+    fp8 = stale(repo, [row("fp8", a)])[("fp8", a[:12])]
+    assert (fp8.changed, fp8.files, fp8.stale) == (2, [], False)
+    assert "its code is unchanged since (2 commits since touched it and left it as measured)" in \
+        freshness.describe(fp8)
+    write(repo, "impl/fp8/quant.py", "x = 3\n")  # uncommitted: stale again
+    assert stale(repo, [row("fp8", a)])[("fp8", a[:12])].stale
+
+
 def test_a_system_is_stale_through_the_code_it_imports_and_the_shared_harness(repo):
     a = commit(repo, "measured here")
     write(repo, "impl/fp8/quant.py", "x = 2\n")

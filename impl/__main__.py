@@ -45,7 +45,7 @@ def cmd_report(slugs: list[str]) -> int:
 def cmd_stale(slugs: list[str], indent: str = "") -> int:
     for slug in slugs or report.slugs_with_results():
         found = freshness.of_slug(slug)
-        changed = sum(1 for s in found if s.changed or s.dirty)
+        changed = sum(1 for s in found if s.stale)
         print(f"{indent}{slug}: {changed} of {len(found)} (system, commit) groups of verdicts were measured on code "
               f"that has changed since (to re-measure them: a GPU run of HEAD)")
         for s in found:

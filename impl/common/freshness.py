@@ -7,10 +7,12 @@ code imports (``impl.fp8`` for serve, found by reading its imports) -- less the 
 was stored (``REPORT_SIDE``: the ledger, the report, claims and plots), which every rendering applies anew. For each
 (system, measured commit):
 
+    files   = git diff --name-only <commit> HEAD -- <code paths>
     changed = git rev-list --count <commit>..HEAD -- <code paths>
 
-plus the files that differ and whether the working tree holds uncommitted edits there. 0 means the verdicts stand
-for the code checked out; more means a GPU run of HEAD could give other figures. Printed by ``python -m impl report``
+and whether the working tree holds uncommitted edits there. No file that differs means the verdicts stand for the
+code checked out (commits that touched it and were undone leave it as measured: ``changed`` may then be above 0);
+a file that differs means a GPU run of HEAD could give other figures (``Staleness.stale``). Printed by ``python -m impl report``
 and ``python -m impl stale``; never written into a report file, which stays a pure function of the stored results
 (``impl.common.report``) while this depends on the checkout's history.
 """
@@ -41,6 +43,11 @@ class Staleness:
     files: list[str] = field(default_factory=list)  # that differ: the system's own first, the shared harness last
     dirty: bool = False  # uncommitted edits in the system's code
     why: str = ""
+
+    @property
+    def stale(self) -> bool:
+        """The code differs from what was measured (committed or not); unknown counts as stale."""
+        return self.changed is None or bool(self.files) or self.dirty
 
 
 def code_paths(system: str, root: Path = ROOT) -> list[str]:
@@ -103,8 +110,10 @@ def describe(s: Staleness, shown: int = 3) -> str:
     if s.changed is None:
         return f"{head}: unknown whether its code changed since ({s.why})"
     tail = " (and uncommitted edits)" if s.dirty else ""
-    if not s.changed:
-        return f"{head}: its code is unchanged since{tail}"
+    if not s.files:
+        undone = (f" ({s.changed} commit{'s' if s.changed != 1 else ''} since touched it and left it as measured)"
+                  if s.changed else "")
+        return f"{head}: its code is unchanged since{undone}{tail}"
     more = f", +{len(s.files) - shown} more" if len(s.files) > shown else ""
     return (f"{head}: {s.changed} commit{'s' if s.changed != 1 else ''} since touch its code "
             f"({', '.join(s.files[:shown])}{more}){tail}")
