@@ -12,9 +12,9 @@ was stored (``REPORT_SIDE``: the ledger, the report, claims and plots), which ev
 
 and whether the working tree holds uncommitted edits there. No file that differs means the verdicts stand for the
 code checked out (commits that touched it and were undone leave it as measured: ``changed`` may then be above 0);
-a file that differs means a GPU run of HEAD could give other figures (``Staleness.stale``). Printed by ``python -m impl report``
-and ``python -m impl stale``; never written into a report file, which stays a pure function of the stored results
-(``impl.common.report``) while this depends on the checkout's history.
+a file that differs means a GPU run of HEAD could give other figures (``Staleness.stale``). Printed by
+``python -m impl report`` and ``python -m impl stale``; never written into a report file, which stays a pure function
+of the stored results (``impl.common.report``) while this depends on the checkout's history.
 """
 from __future__ import annotations
 
