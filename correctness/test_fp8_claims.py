@@ -113,8 +113,8 @@ def test_cold_load_claim_names_the_disks_own_read(tmp_path):
     slow = dict(benches, **{claims.DISK_COLD: {"median": 0.5, "extra_info": {"gbps": 1.38}}})
     row = evaluate(load, write_view(tmp_path / "slow", "disk", slow, {}))
     assert row["verdict"] == "fail" and row["measured_value"] == 1.73
-    assert re.search(r"; the plain read of the same files, page cache evicted: 1\.38 GB/s \(test_fp8_disk_read\[cold\], "
-                     r"\w+ [\d-]{10}\), itself below the 2 GB/s floor$", row["source"])
+    assert re.search(r"; the plain read of the same files, page cache evicted: 1\.38 GB/s "
+                     r"\(test_fp8_disk_read\[cold\], \w+ [\d-]{10}\), itself below the 2 GB/s floor$", row["source"])
     fast = dict(benches, **{claims.DISK_COLD: {"median": 0.3, "extra_info": {"gbps": 2.34}}})
     src = evaluate(load, write_view(tmp_path / "fast", "disk", fast, {}))["source"]
     assert "2.34 GB/s" in src and "below" not in src
