@@ -124,6 +124,37 @@ def test_tune_dry_run_outputs_give_a_loadable_table(tmp_path):
     assert json.loads((tmp_path / "tune.json").read_text())["rows"][1]["ms"] == 0.4
 
 
+def test_a_run_keeps_the_stored_entries_it_measured_nothing_for(tmp_path):
+    """A run cut short by its budget: (mode, n) it timed take its winner; the stored table's other entries stay,
+    named with the commit they were measured at, and load back."""
+    from impl.sort import tune
+
+    stored = SortTable({"keys32": [(10, A), (100, A)], "composite": [(10, A)]})
+    report = {"device": "cpu", "commit": "new", "complete": False, "rows": [row("keys32", 10, B, 0.4)]}
+    tune.write_outputs(report, tmp_path, dry=True, previous=stored, previous_commit="old")
+    table = SortTable.load(tmp_path / "config_table.json")
+    assert table.entries == {"keys32": [(10, B), (100, A)], "composite": [(10, A)]}
+    assert report["table"] == [{"mode": "keys32", "n": 10, "label": "t14e5r5"},
+                               {"mode": "keys32", "n": 100, "label": "t13e5r5", "kept_from": "old"},
+                               {"mode": "composite", "n": 10, "label": "t13e5r5", "kept_from": "old"}]
+
+
+def test_the_stored_entries_are_timed_first():
+    """The stored table's entries at the main size lead the run (before the built-in defaults), its others follow the
+    defaults, and no (label, n, launch) is timed twice."""
+    from impl.sort import tune
+
+    n_main, n_big = tune.N_MAIN, tune.N_BIG
+    stored = SortTable({"composite": [(n_main, tune.ARG_CONFIGS["t13e5r4"]), (n_big, tune.ARG_CONFIGS["t14e5r5"])],
+                        "keys32": [(n_main, tune.KEY_CONFIGS["t13e5r5"])]})
+    got = [(v.label, v.n, v.launch, v.dtype) for v in tune.variants(False, stored)]
+    assert [g[:3] for g in got[:5]] == [("keys t13e5r5", n_main, "graph"), ("argsort t13e5r4", n_main, "graph"),
+                                        ("argsort t14e6r5", n_main, "graph"), ("keys t13e5r5", n_main, "direct"),
+                                        ("argsort t14e5r5", n_big, "graph")]
+    assert len(got) == len(set(got))
+    assert [(v.label, v.n) for v in tune.variants(False)][:2] == [("keys t13e5r5", n_main), ("argsort t14e6r5", n_main)]
+
+
 def test_session_prebuild_covers_every_config_the_table_can_choose():
     """compile_check --session builds every config tune can put in the table, for every n the lookup gives it."""
     from impl.sort.compile_check import session_configs

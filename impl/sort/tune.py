@@ -15,7 +15,8 @@ Steps (each guarded by the wall-clock budget; a failing variant is reported and 
   5. per pass: every pass of every timed variant alone (L2 flushed): pass bytes / time as % of the copy bandwidth;
   6. ``tune.json`` (every row) and ``config_table.json`` (per slot mode and n, the fastest variant that was correct
      before and after timing: ``impl.sort.choose`` reads it, so sorts, tests and benches without an explicit config
-     use it) under results/<card>/sort/ (copies in ``--out``), and a short table on stdout. ``complete`` is true
+     use it; the stored table's entries are timed first, and one this run measured nothing for is kept) under
+     results/<card>/sort/ (copies in ``--out``), and a short table on stdout. ``complete`` is true
      only when nothing was skipped; a killed run leaves ``tune.partial.json`` in ``--out`` and the stored table as
      it was.
 """
@@ -34,7 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from impl.sort.choose import BUILTIN, TABLE_RESULT, config_name, select, use_table
+from impl.sort.choose import BUILTIN, TABLE_RESULT, SortTable, config_name, select, stored_table_path, use_table
 from impl.sort.plan import EMU_CUDA_CONFIG, GPU_CUDA_CONFIG, CudaSortConfig
 
 N_MAIN = 10_000_000
@@ -86,16 +87,49 @@ class Variant:
         return slot_mode(key_format(self.dtype), self.argsort)
 
 
-def variants(dry: bool) -> list[Variant]:
-    """What one run checks and times, in priority order (the budget cuts from the end): the built-in defaults at
-    10M first, then every candidate of ``GRID`` (10M, 100M, 1M), then correctness checks of other dtypes and sizes."""
+def previous_table(dry: bool) -> tuple[SortTable | None, str]:
+    """(the stored table this run replaces, the commit it was measured at), or (None, "") where there is none (a dry
+    run never reads one): its entries are timed first (``variants``) and kept for every (mode, n) this run does not
+    measure (``write_outputs``), so a run cut short by its budget cannot swap a measured winner for a candidate it
+    timed alone."""
+    path = None if dry else stored_table_path()
+    if path is None or not path.exists():
+        return None, ""
+    record = json.loads(path.read_text())
+    try:
+        table = SortTable.from_data(record, origin=f"stored table {path.name}")
+    except ValueError as e:
+        print(f"[tune] the stored table is not used ({e})", flush=True)
+        return None, ""
+    data = record.get("data", record)
+    return table, str(data.get("commit") or record.get("commit") or "")
+
+
+def _table_variants(previous: SortTable | None, scale: dict[int, int]) -> list[Variant]:
+    """A Variant for each entry of ``previous`` at a size ``GRID`` times (float32 keys-only and argsort slots)."""
+    out = []
+    for mode, argsort in (("keys32", False), ("composite", True)):
+        for n, c in (previous.entries.get(mode, []) if previous else []):
+            if n in scale:
+                out.append(Variant(f"{'argsort' if argsort else 'keys'} {config_name(c)}", scale[n], "float32",
+                                   argsort, c))
+    return out
+
+
+def variants(dry: bool, previous: SortTable | None = None) -> list[Variant]:
+    """What one run checks and times, in priority order (the budget cuts from the end): the stored table's entries
+    at 10M (``previous``), the built-in defaults at 10M, the stored table's other entries, then every candidate of
+    ``GRID`` (10M, 100M, 1M), then correctness checks of other dtypes and sizes."""
     keys, args = (DRY_KEYS, DRY_ARGS) if dry else (KEY_CONFIGS, ARG_CONFIGS)
     scale = {N_MAIN: 700, N_BIG: 2500, N_SMALL: 300} if dry else {n: n for n, _, _ in GRID}
     n = scale[N_MAIN]
     k0, a0 = next(iter(keys)), next(iter(args))
-    out = [Variant(f"keys {k0}", n, "float32", False, keys[k0]),
-           Variant(f"argsort {a0}", n, "float32", True, args[a0]),
-           Variant(f"keys {k0}", n, "float32", False, keys[k0], launch="direct")]
+    stored = _table_variants(previous, scale)
+    out = [v for v in stored if v.n == n]
+    out += [Variant(f"keys {k0}", n, "float32", False, keys[k0]),
+            Variant(f"argsort {a0}", n, "float32", True, args[a0]),
+            Variant(f"keys {k0}", n, "float32", False, keys[k0], launch="direct")]
+    out += [v for v in stored if v.n != n]
     for size, kc, ac in GRID:
         out += [Variant(f"keys {k}", scale[size], "float32", False, keys[k]) for k in kc if k in keys]
         out += [Variant(f"argsort {a}", scale[size], "float32", True, args[a]) for a in ac if a in args]
@@ -294,15 +328,25 @@ def fmt_row(r: dict[str, Any], cupy_ms: dict[str, float]) -> str:
             f"{r['gbps_effective']:8.1f} {r['pct_copy_traffic']:6.1f}% {ratio}")
 
 
-def write_outputs(report: dict[str, Any], out_dir: Path | None, dry: bool) -> list[Path]:
+def write_outputs(report: dict[str, Any], out_dir: Path | None, dry: bool, previous: SortTable | None = None,
+                  previous_commit: str = "") -> list[Path]:
     """tune.json (every row) and config_table.json (the fastest correct config per (mode, n): what sorts without an
-    explicit config use, ``impl.sort.choose``). On a GPU both go to results/<card>/sort/ (and a copy to ``out_dir``);
-    a dry run writes only to ``out_dir``."""
+    explicit config use, ``impl.sort.choose``; each (mode, n) of ``previous`` this run measured nothing for keeps its
+    entry, named in ``chosen`` with the commit it was measured at). On a GPU both go to results/<card>/sort/ (and a
+    copy to ``out_dir``); a dry run writes only to ``out_dir``."""
     table = select(report["rows"])
+    measured = {(m, n) for m, rows in table.entries.items() for n, _ in rows}
+    kept = {(m, n): c for m, rows in (previous.entries.items() if previous else ()) for n, c in rows
+            if (m, n) not in measured}
+    for (m, n), c in kept.items():
+        table.entries.setdefault(m, []).append((n, c))
+    for rows in table.entries.values():
+        rows.sort(key=lambda r: r[0])
     data = {**table.to_data(), "commit": report["commit"], "device": report["device"],
             "complete": report["complete"], "source": "impl.sort.tune",
-            "chosen": [{"mode": m, "n": n, "label": config_name(c)} for m, rows in table.entries.items()
-                       for n, c in rows]}
+            "chosen": [{"mode": m, "n": n, "label": config_name(c)}
+                       | ({"kept_from": previous_commit or "an earlier run"} if (m, n) in kept else {})
+                       for m, rows in table.entries.items() for n, c in rows]}
     report["table"] = data["chosen"]
     paths = []
     if not dry:
@@ -362,7 +406,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak = side.copy_gbps()
     report["copy_gbps"] = peak
     print(f"[tune] {side.device}: copy {peak:.0f} GB/s", flush=True)
-    todo = variants(args.dry_run)
+    previous, previous_commit = previous_table(args.dry_run)
+    todo = variants(args.dry_run, previous)
     main_n = todo[0].n
     skipped = 0
     for v in todo:
@@ -391,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         skipped += 1
     report["complete"] = skipped == 0
     report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-    paths = write_outputs(report, out_dir, args.dry_run)
+    paths = write_outputs(report, out_dir, args.dry_run, previous, previous_commit)
     if partial is not None and partial.exists():
         partial.unlink()
     anchors = {k: a["ms"] for k, a in report.get("anchors", {}).items()}
@@ -400,7 +445,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(fmt_row(r, anchors))
     for k, ms in anchors.items():
         print(f"{k:<24} {main_n / 1e6:g}M {ms:8.3f} ms")
-    print("table: " + ", ".join(f"{c['mode']} {c['n']:,} -> {c['label']}" for c in report["table"]))
+    kept = {(c["mode"], c["n"]): f" (kept from {c['kept_from']})" for c in report["table"] if "kept_from" in c}
+    print("table: " + ", ".join(f"{c['mode']} {c['n']:,} -> {c['label']}{kept.get((c['mode'], c['n']), '')}"
+                                for c in report["table"]))
     print(f"[tune] {'complete' if report['complete'] else 'INCOMPLETE'} in {report['elapsed_s']} s; wrote "
           + ", ".join(str(p) for p in paths), flush=True)
     return report
