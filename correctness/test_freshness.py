@@ -30,6 +30,12 @@ def commit(root: Path, message: str) -> str:
     return git(root, "rev-parse", "HEAD")
 
 
+def edit(root: Path, rel: str, text: str, message: str) -> str:
+    """One file rewritten and committed."""
+    write(root, rel, text)
+    return commit(root, message)
+
+
 def row(system: str, sha: str, verdict: str = "pass", provenance: list[str] | None = None) -> dict:
     return {"id": f"{system}.x", "system": system, "verdict": verdict, "commit": sha[:12],
             "provenance": [{"commit": c[:12]} for c in provenance or []]}
@@ -52,8 +58,7 @@ def stale(repo: Path, rows: list[dict]) -> dict[tuple[str, str], freshness.Stale
 
 def test_a_commit_to_a_systems_code_makes_its_verdicts_stale_and_names_the_file(repo):
     a = commit(repo, "measured here")
-    write(repo, "impl/fp8/quant.py", "x = 2\n")
-    commit(repo, "kernel change")
+    edit(repo, "impl/fp8/quant.py", "x = 2\n", "kernel change")
     got = stale(repo, [row("fp8", a), row("sort", a)])
     fp8, sort = got[("fp8", a[:12])], got[("sort", a[:12])]
     assert (fp8.changed, fp8.files, fp8.dirty) == (1, ["impl/fp8/quant.py"], False)
@@ -65,10 +70,8 @@ def test_a_commit_to_a_systems_code_makes_its_verdicts_stale_and_names_the_file(
 def test_a_change_undone_later_leaves_the_verdicts_standing(repo):
     """A commit to the measured code and its revert: commits touched it, but the code is what was measured."""
     a = commit(repo, "measured here")
-    write(repo, "impl/fp8/quant.py", "x = 2\n")
-    commit(repo, "an experiment")
-    write(repo, "impl/fp8/quant.py", "x = 1\n")
-    commit(repo, "the experiment taken back")
+    edit(repo, "impl/fp8/quant.py", "x = 2\n", "an experiment")
+    edit(repo, "impl/fp8/quant.py", "x = 1\n", "the experiment taken back")
     fp8 = stale(repo, [row("fp8", a)])[("fp8", a[:12])]
     assert (fp8.changed, fp8.files, fp8.stale) == (2, [], False)
     assert "its code is unchanged since (2 commits since touched it and left it as measured)" in \
@@ -79,10 +82,8 @@ def test_a_change_undone_later_leaves_the_verdicts_standing(repo):
 
 def test_a_system_is_stale_through_the_code_it_imports_and_the_shared_harness(repo):
     a = commit(repo, "measured here")
-    write(repo, "impl/fp8/quant.py", "x = 2\n")
-    commit(repo, "fp8 change")
-    write(repo, "impl/common/timing.py", "x = 2\n")
-    commit(repo, "timer change")
+    edit(repo, "impl/fp8/quant.py", "x = 2\n", "fp8 change")
+    edit(repo, "impl/common/timing.py", "x = 2\n", "timer change")
     got = stale(repo, [row("serve", a), row("sort", a)])
     assert got[("serve", a[:12])].changed == 2 and got[("sort", a[:12])].changed == 1
     assert "impl/fp8" in freshness.code_paths("serve", repo) and "impl/fp8" not in freshness.code_paths("sort", repo)
