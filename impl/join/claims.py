@@ -3,9 +3,9 @@
 How the comparisons were chosen:
   * ``join.hash_1m_us``: build + probe + exact-size output of the CUDA C++ hash join (``cuda-total``: speculative
     output, one host sync for the size) of 1M x 1M unique keys <= 40 µs; seed 90.65 µs. Judged, like every bench, on
-    the queued timer (device time; the host's work hides behind a spin kernel); the 1M, zipf and 10M claims name the
-    eager median beside it (the bench's 5 eager calls: what a caller waits, host checks, allocation and launches
-    included), which on the H200 was ~3x the queued figure at 1M.
+    the queued timer (device time: the host's work before the sync hides behind a spin kernel, the GPU's idle wait
+    while the host reads the pair count does not); the 1M, zipf and 10M claims name the eager median beside it (the
+    bench's 5 eager calls: what a caller waits, host checks, allocation and launches included).
   * ``join.zipf_1m_us``: the same join with Zipf(1)-skewed foreign keys <= 50 µs.
   * ``join.m2m_1m_ratio``: many-to-many (~8 build rows per key, ~4M pairs) within 1.5x of a bound: 40 µs plus the time
     to write its output pairs at the card's bandwidth peak (the one the bench's own ``pct_peak_bw`` used: the fastest

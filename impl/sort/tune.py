@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from impl.common.tables import read_table
 from impl.sort.choose import BUILTIN, TABLE_RESULT, SortTable, config_name, select, stored_table_path, use_table
 from impl.sort.plan import EMU_CUDA_CONFIG, GPU_CUDA_CONFIG, CudaSortConfig
 
@@ -95,14 +96,13 @@ def previous_table(dry: bool) -> tuple[SortTable | None, str]:
     path = None if dry else stored_table_path()
     if path is None or not path.exists():
         return None, ""
-    record = json.loads(path.read_text())
     try:
-        table = SortTable.from_data(record, origin=f"stored table {path.name}")
+        record, origin = read_table(path, "sort config table")
+        table = SortTable.from_data(record, origin=origin)
     except ValueError as e:
         print(f"[tune] the stored table is not used ({e})", flush=True)
         return None, ""
-    data = record.get("data", record)
-    return table, str(data.get("commit") or record.get("commit") or "")
+    return table, str(record.get("commit") or "")
 
 
 def _table_variants(previous: SortTable | None, scale: dict[int, int]) -> list[Variant]:
@@ -445,9 +445,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(fmt_row(r, anchors))
     for k, ms in anchors.items():
         print(f"{k:<24} {main_n / 1e6:g}M {ms:8.3f} ms")
-    kept = {(c["mode"], c["n"]): f" (kept from {c['kept_from']})" for c in report["table"] if "kept_from" in c}
-    print("table: " + ", ".join(f"{c['mode']} {c['n']:,} -> {c['label']}{kept.get((c['mode'], c['n']), '')}"
-                                for c in report["table"]))
+    labels = [f"{c['mode']} {c['n']:,} -> {c['label']}" + (f" (kept from {c['kept_from']})" if "kept_from" in c else "")
+              for c in report["table"]]
+    print("table: " + ", ".join(labels))
     print(f"[tune] {'complete' if report['complete'] else 'INCOMPLETE'} in {report['elapsed_s']} s; wrote "
           + ", ".join(str(p) for p in paths), flush=True)
     return report
