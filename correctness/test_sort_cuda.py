@@ -198,6 +198,18 @@ def test_cuda_source_across_every_pass_boundary(emu, dtype, pattern, argsort_):
         run_emulated(make_array(n, dtype, pattern, seed=n), argsort_=argsort_, descending=n % 2 == 1)
 
 
+@pytest.mark.parametrize("descending", [False, True])
+def test_argsort_across_the_composite_double_boundary(emu, descending):
+    """Argsort slots hold key << 31 | index as a double, negative below 2^62: keys on both sides of 2^31 (that
+    boundary), the extremes of the dtype, duplicates across it and its complement (descending) sort by value."""
+    rng = np.random.default_rng(7)
+    edges = np.array([0, 1, 0x7FFFFFFE, 0x7FFFFFFF, 0x80000000, 0x80000001, 0xFFFFFFFE, 0xFFFFFFFF], dtype=np.uint32)
+    x = rng.choice(edges, size=777).astype(np.uint32)
+    run_emulated(x, argsort_=True, descending=descending)
+    f = rng.choice(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 3.4e38, -3.4e38], np.float32), 515)
+    run_emulated(f.astype(np.float32), argsort_=True, descending=descending)
+
+
 @pytest.mark.parametrize("n", MIXED_SIZES)
 @pytest.mark.parametrize("argsort_", [False, True], ids=["keys", "argsort"])
 def test_merge_passes_with_other_keys_per_thread(emu, n, argsort_, monkeypatch):

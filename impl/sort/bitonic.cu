@@ -183,11 +183,49 @@ struct Keys64 {  // keys-only, 64-bit keys
     }
 };
 
-struct Composite : Keys64 {  // argsort of keys up to 32 bits: key << 32 | index, one uint64
-    SORT_FN static V make(u64 key, u32 p) { return (key << 32) | p; }
+// Argsort of keys up to 32 bits in one 64-bit word, compared as a double: c = key << 31 | index (index < 2^31) is
+// stored as the bits of a normal, finite double that is monotone in c (H = 2^62, O = 2^52, the smallest normal),
+//     c < H:  sign set, magnitude bits H + O - c          c >= H:  sign clear, bits c - H + O,
+// so one double comparison (DSETP, on the FP64 pipe) orders two slots where a 64-bit integer one takes four ALU
+// compares; negation (the sign bit) reverses the order as ~ does for integers, and +inf is the pad.
+SORT_FN double as_f64(u64 v) {
+#ifdef SORT_HOST_EMULATION
+    double d;
+    memcpy(&d, &v, 8);
+    return d;
+#else
+    return __longlong_as_double((long long)v);
+#endif
+}
+
+struct Composite {
+    typedef u64 V;
+    static constexpr u64 SIGN = 1ull << 63, H = 1ull << 62, O = 1ull << 52;
+    SORT_FN static V pad() { return 0x7FF0000000000000ull; }  // +inf
+    SORT_FN static V cpl(V a) { return a ^ SIGN; }
+    SORT_FN static V xmask(V a, u32 m) { return a ^ ((u64)(m & 0x80000000u) << 32); }
+    SORT_FN static bool less(V a, V b) { return as_f64(a) < as_f64(b); }
+    SORT_FN static V lo(V a, V b) { return less(b, a) ? b : a; }
+    SORT_FN static void cx(V& a, V& b) {
+        const bool swap = less(b, a);
+        const V l = swap ? b : a, h = swap ? a : b;
+        a = l;
+        b = h;
+    }
+    SORT_FN static V ld(const void* k, const void*, u32 b, i64 o) { return (static_cast<const u64*>(k) + b)[o]; }
+    SORT_FN static void st(void* k, void*, u32 b, i64 o, V v) { (static_cast<u64*>(k) + b)[o] = v; }
+    template <u32 S>
+    SORT_FN static void sst(unsigned char* m, u32 i, V v) { reinterpret_cast<u64*>(m)[i] = v; }
+    template <u32 S>
+    SORT_FN static V sld(const unsigned char* m, u32 i) { return reinterpret_cast<const u64*>(m)[i]; }
+    SORT_FN static V make(u64 key, u32 p) {
+        const u64 c = (key << 31) | p;
+        return c < H ? SIGN | (H + O - c) : c - H + O;
+    }
     template <class RAW>
     SORT_FN static void emit(void* out, u32 b, i64 o, V v, int, u64) {
-        (static_cast<i64*>(out) + b)[o] = (i64)(v & 0xFFFFFFFFull);
+        const u64 c = (v & SIGN) ? H + O - (v ^ SIGN) : v + H - O;
+        (static_cast<i64*>(out) + b)[o] = (i64)(c & 0x7FFFFFFFull);
     }
 };
 
