@@ -31,7 +31,7 @@ run() {  # run NAME LIMIT_S CMD...: one step, its log, its exit status and secon
 for step in $1; do
   case $step in
     sort)
-      run sort_tune 40 python3 -m impl.sort.tune --budget-s 28
+      run sort_tune 75 python3 -m impl.sort.tune --budget-s 60
       run sort_bench 100 python3 -m pytest benches/bench_sort.py -q -p no:cacheprovider --benchmark-save=sort
       run sort_exp 30 python3 -m impl.sort.experiments --quick ;;
     join)
