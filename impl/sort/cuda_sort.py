@@ -8,7 +8,8 @@ d_src: n values of ``dtype`` on the device (never written unless it is d_out); d
 indices (argsort), in the order of ``impl.sort.keys`` / ``impl.sort.reference``. Arrays: anything with
 ``__cuda_array_interface__`` for the CuPy runtime; numpy arrays (or numba simulator arrays) for the emulated one.
 Slot modes: keys32 (keys-only of ≤ 32-bit dtypes), keys64 (int64), composite (argsort of ≤ 32-bit dtypes:
-key << 32 | index in one uint64), pairs (argsort of int64: uint64 key + uint32 index, compared lexicographically).
+key << 31 | index in one 64-bit word, held as the bits of a double that orders like it: ``bitonic.cu``), pairs
+(argsort of int64: uint64 key + uint32 index, compared lexicographically).
 Without a ``config`` the sorter takes the one ``impl.sort.choose`` measured fastest for (mode, n) on this card.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from impl.sort import choose
 from impl.sort.plan import MODES, CudaPlan, CudaSortConfig, build_cuda_plan
 from impl.sort.runtimes import CupyRuntime, EmulatedRuntime, cupy_unavailable_reason
 
-MAX_N = (1 << 31) - 1  # positions are 32-bit and the composite key holds a 32-bit index
+MAX_N = (1 << 31) - 1  # positions are 32-bit and the composite slot holds a 31-bit index
 
 
 @functools.cache

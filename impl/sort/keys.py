@@ -8,8 +8,9 @@
     descending: key ^= all ones          reversed order; NaNs then come first (as in torch.sort(descending=True))
 
 Keys are ``nbits`` wide (16, 32 or 64) and live in a uint32 container (16/32-bit dtypes) or uint64 (int64). A sort of
-the keys is decoded back to values; argsort packs ``key << 32 | index`` into one uint64 for 16/32-bit dtypes, so the
-index breaks ties (stable, deterministic), and keeps a separate uint32 index array beside int64 keys ("pairs").
+the keys is decoded back to values; argsort packs ``key << 32 | index`` into one uint64 for 16/32-bit dtypes (the
+CUDA C++ passes hold ``key << 31 | index`` as the bits of a double, ``bitonic.cu``), so the index breaks ties
+(stable, deterministic), and keeps a separate uint32 index array beside int64 keys ("pairs").
 
 Keys-only consequences (documented behaviour, tested): all NaNs come out as one canonical quiet NaN (the payload and
 sign are not kept), and −0.0 keys are smaller than +0.0 keys, so ascending output puts every −0.0 before every +0.0
