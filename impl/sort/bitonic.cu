@@ -135,6 +135,19 @@ SORT_FN RAW decode_key(u64 key64, int kind, u64 flip) {
 
 // ---- slot modes: what a register holds, how it compares, where it lives -----------------------------------------
 
+// The minimum and the compare-exchange of a slot mode ordered by its own M::less (no min/max instruction fits).
+template <class M, class V>
+SORT_FN V lo_by_less(V a, V b) {
+    return M::less(b, a) ? b : a;
+}
+template <class M, class V>
+SORT_FN void cx_by_less(V& a, V& b) {
+    const bool swap = M::less(b, a);
+    const V l = swap ? b : a, h = swap ? a : b;
+    a = l;
+    b = h;
+}
+
 struct Keys32 {  // keys-only, keys of up to 32 bits
     typedef u32 V;
     SORT_FN static V pad() { return 0xFFFFFFFFu; }
@@ -198,26 +211,15 @@ SORT_FN double as_f64(u64 v) {
 #endif
 }
 
-struct Composite {
-    typedef u64 V;
+struct Composite : Keys64 {  // Keys64's loads and stores; its own order, pad and slot contents
+    typedef Composite M;
     static constexpr u64 SIGN = 1ull << 63, H = 1ull << 62, O = 1ull << 52;
     SORT_FN static V pad() { return 0x7FF0000000000000ull; }  // +inf
     SORT_FN static V cpl(V a) { return a ^ SIGN; }
     SORT_FN static V xmask(V a, u32 m) { return a ^ ((u64)(m & 0x80000000u) << 32); }
     SORT_FN static bool less(V a, V b) { return as_f64(a) < as_f64(b); }
-    SORT_FN static V lo(V a, V b) { return less(b, a) ? b : a; }
-    SORT_FN static void cx(V& a, V& b) {
-        const bool swap = less(b, a);
-        const V l = swap ? b : a, h = swap ? a : b;
-        a = l;
-        b = h;
-    }
-    SORT_FN static V ld(const void* k, const void*, u32 b, i64 o) { return (static_cast<const u64*>(k) + b)[o]; }
-    SORT_FN static void st(void* k, void*, u32 b, i64 o, V v) { (static_cast<u64*>(k) + b)[o] = v; }
-    template <u32 S>
-    SORT_FN static void sst(unsigned char* m, u32 i, V v) { reinterpret_cast<u64*>(m)[i] = v; }
-    template <u32 S>
-    SORT_FN static V sld(const unsigned char* m, u32 i) { return reinterpret_cast<const u64*>(m)[i]; }
+    SORT_FN static V lo(V a, V b) { return lo_by_less<M>(a, b); }
+    SORT_FN static void cx(V& a, V& b) { cx_by_less<M>(a, b); }
     SORT_FN static V make(u64 key, u32 p) {
         const u64 c = (key << 31) | p;
         return c < H ? SIGN | (H + O - c) : c - H + O;
@@ -230,6 +232,7 @@ struct Composite {
 };
 
 struct Pairs {  // argsort of 64-bit keys: (key, index) compared lexicographically, two arrays
+    typedef Pairs M;
     struct V {
         u64 k;
         u32 v;
@@ -238,13 +241,8 @@ struct Pairs {  // argsort of 64-bit keys: (key, index) compared lexicographical
     SORT_FN static V cpl(V a) { return V{~a.k, ~a.v}; }
     SORT_FN static V xmask(V a, u32 m) { return V{a.k ^ (u64)(i64)(int)m, a.v ^ m}; }
     SORT_FN static bool less(V a, V b) { return a.k < b.k || (a.k == b.k && a.v < b.v); }
-    SORT_FN static V lo(V a, V b) { return less(b, a) ? b : a; }
-    SORT_FN static void cx(V& a, V& b) {
-        const bool swap = less(b, a);
-        const V l = swap ? b : a, h = swap ? a : b;
-        a = l;
-        b = h;
-    }
+    SORT_FN static V lo(V a, V b) { return lo_by_less<M>(a, b); }
+    SORT_FN static void cx(V& a, V& b) { cx_by_less<M>(a, b); }
     SORT_FN static V ld(const void* k, const void* x, u32 b, i64 o) {
         return V{(static_cast<const u64*>(k) + b)[o], (static_cast<const u32*>(x) + b)[o]};
     }
