@@ -226,6 +226,32 @@ def test_merge_passes_with_other_keys_per_thread(emu, n, argsort_, monkeypatch):
     run_emulated(make_array(n, "float32", "nasty", seed=n), argsort_=argsort_, config=MIXED_EMU)
 
 
+@pytest.mark.parametrize("overlap_bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [257, 1000, 2049, 3000])
+def test_region_schedule_covers_every_block_once_and_sorts(emu, n, overlap_bits):
+    """The graph's schedule: each local pass's blocks split over the regions exactly once, in pass order within a
+    region; run launch by launch (the emulated graph replay) it sorts and argsorts like numpy."""
+    config = replace(EMU_CUDA_CONFIG, overlap_bits=overlap_bits)
+    for argsort_ in (False, True):
+        sorter = CudaSorter(n, np.float32, argsort=argsort_, config=config, runtime=emu)
+        regions, rest = sorter.schedule()
+        local = rest[0] if rest else len(sorter.plan.passes)
+        assert rest == list(range(local, len(sorter.plan.passes)))
+        if regions:
+            assert len(regions) == -(-n // (1 << (padded_bits(n) - overlap_bits))) and local >= 1
+        for i in range(local):
+            covered = sorted(b for launches in regions for j, first, blocks in launches if j == i
+                             for b in range(first, first + blocks))
+            assert covered == list(range(sorter.pass_blocks(i))), f"pass {i}"
+        for launches in regions:
+            assert [j for j, _, _ in launches] == sorted(j for j, _, _ in launches)
+        x = make_array(n, "float32", "nasty", seed=n + overlap_bits)
+        out = np.full(n, -1 if argsort_ else np.nan, dtype=sorter.out_dtype)
+        sorter.graph(x, out)()
+        ref = (argsort_reference if argsort_ else sort_reference)(x)
+        assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_chunked_first_and_last_passes_equal_whole_launches(emu):
     """The host pipeline launches the tile pass and the last pass block range by block range (``block0``)."""
     n = 2500

@@ -2,7 +2,8 @@
 
     sorter = CudaSorter(n, dtype, argsort=False)   # plan built, kernels compiled and loaded, workspace allocated
     sorter(d_src, d_out, descending=False)          # len(sorter.plan.passes) launches on the current stream
-    replay = sorter.graph(d_src, d_out)             # the same launches captured once as a CUDA graph; replay()
+    replay = sorter.graph(d_src, d_out)             # the same passes captured once as a CUDA graph; replay()
+                                                    # (region by region on several streams: ``schedule``)
 
 d_src: n values of ``dtype`` on the device (never written unless it is d_out); d_out: n values (sort) or int64
 indices (argsort), in the order of ``impl.sort.keys`` / ``impl.sort.reference``. Arrays: anything with
@@ -23,7 +24,7 @@ import numpy as np
 from impl.sort.codegen import KernelSpec, plan_kernels
 from impl.sort.keys import key_format
 from impl.sort import choose
-from impl.sort.plan import MODES, CudaPlan, CudaSortConfig, build_cuda_plan
+from impl.sort.plan import MODES, CudaPlan, CudaSortConfig, build_cuda_plan, padded_bits
 from impl.sort.runtimes import CupyRuntime, EmulatedRuntime, cupy_unavailable_reason
 
 MAX_N = (1 << 31) - 1  # positions are 32-bit and the composite slot holds a 31-bit index
@@ -130,6 +131,58 @@ class CudaSorter:
                 *self.encode_args(descending), np.uint32(first_block))
         rt.launch(self.fns[self.specs[i].name], grid, self.plan.pass_threads(i), self.smem, args, stream)
 
+    def schedule(self) -> tuple[list[list[tuple[int, int, int]]], list[int]]:
+        """(per region, its launches (pass, first block, blocks); the passes after them on all blocks).
+
+        Regions: 2^overlap_bits aligned regions of the padded size (those holding keys). The leading passes local to
+        a region (every block inside one region) run region by region; region r's launches cover exactly its blocks,
+        so the regions together run each of those passes once. One region (or none local): every pass whole."""
+        count = len(self.plan.passes)
+        k = padded_bits(self.n) - self.config.overlap_bits
+        if not self.n or self.config.overlap_bits == 0 or k < self.span_bits(0):
+            return [], list(range(count))
+        local = next((i for i in range(count) if self.span_bits(i) > k), count)
+        regions = []
+        for r in range(-(-self.n // (1 << k))):
+            launches = []
+            for i in range(local):
+                per = 1 << (k - self.block_bits(i))
+                first = r * per
+                blocks = min(per, self.grids[i] - first)
+                if blocks > 0:
+                    launches.append((i, first, blocks))
+            regions.append(launches)
+        return regions, list(range(local, count))
+
+    def run_schedule(self, src, out, *, descending: bool = False, stream=None, lanes=None) -> None:
+        """The passes in ``schedule`` order: on ``stream`` alone, or (``lanes``: one CuPy stream per region) region r
+        on lanes[r], starting after region r-1's tile pass, the remaining passes on ``stream`` after every region."""
+        regions, rest = self.schedule()
+        if lanes is None:
+            for launches in regions:
+                for i, first, blocks in launches:
+                    self.launch_pass(i, src, out, descending=descending, stream=stream, first_block=first,
+                                     blocks=blocks)
+        else:
+            event = self.runtime.cupy.cuda.Event
+            ready = event(disable_timing=True)
+            ready.record(stream)
+            finished = []
+            for launches, lane in zip(regions, lanes):
+                lane.wait_event(ready)
+                for i, first, blocks in launches:
+                    self.launch_pass(i, src, out, descending=descending, stream=lane, first_block=first,
+                                     blocks=blocks)
+                    if i == 0:  # the next region's tile pass starts once this one's is done
+                        ready = event(disable_timing=True)
+                        ready.record(lane)
+                finished.append(event(disable_timing=True))
+                finished[-1].record(lane)
+            for e in finished:
+                stream.wait_event(e)
+        for i in rest:
+            self.launch_pass(i, src, out, descending=descending, stream=stream)
+
     def __call__(self, src, out, *, descending: bool = False, stream=None, passes: slice = slice(None)):
         if self.n:
             for i in range(len(self.plan.passes))[passes]:
@@ -137,21 +190,23 @@ class CudaSorter:
         return out
 
     def graph(self, src, out, *, descending: bool = False):
-        """All passes captured once as a CUDA graph on a private stream; the returned callable replays them on the
-        current stream. Under the emulation (no graphs on a CPU) the callable replays the launches one by one."""
+        """All passes captured once as a CUDA graph in ``schedule`` order (a stream per region, forked from and
+        joined back to a private stream); the returned callable replays them on the current stream. Under the
+        emulation (no graphs on a CPU) the callable runs the same schedule launch by launch."""
         if not isinstance(self.runtime, CupyRuntime):
             return _Replay(None, (self, src, out, descending))
         cupy = self.runtime.cupy
         self(src, out, descending=descending)  # kernels loaded and run once before capture
         cupy.cuda.Device().synchronize()
         stream = cupy.cuda.Stream(non_blocking=True)
+        lanes = [cupy.cuda.Stream(non_blocking=True) for _ in self.schedule()[0]]
         with stream:
             stream.begin_capture()
             try:
-                self(src, out, descending=descending, stream=stream)
+                self.run_schedule(src, out, descending=descending, stream=stream, lanes=lanes)
             finally:
                 g = stream.end_capture()
-        return _Replay(g, (self, src, out))  # the graph holds raw pointers into these
+        return _Replay(g, (self, src, out, lanes))  # the graph holds raw pointers into these
 
 
 class _Replay:
@@ -163,6 +218,6 @@ class _Replay:
     def __call__(self, stream=None) -> None:
         if self._graph is None:
             sorter, src, out, descending = self._keep
-            sorter(src, out, descending=descending, stream=stream)
+            sorter.run_schedule(src, out, descending=descending, stream=stream)
         else:
             self._graph.launch(stream)

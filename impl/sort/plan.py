@@ -69,6 +69,9 @@ class CudaSortConfig:
     fuse: bool = True       # merge passes cross stage boundaries (False: wide passes, then one tile pass per stage)
     merge_items_bits: int | None = None  # keys per thread in the merge passes (None: items_bits): the tile pass and
                                          # the merges can trade registers for resident warps differently
+    overlap_bits: int = 2   # the graph runs the passes local to 2^overlap_bits aligned regions of the padded size
+                            # on a stream per region, each region's tile pass after the one before it, so the later
+                            # (ALU-bound) tile passes overlap the earlier (memory-bound) merges; 0: one stream
 
     def __post_init__(self) -> None:
         for name, bits in (("items_bits", self.items_bits), ("merge_items_bits", self.merge_e)):
@@ -79,6 +82,8 @@ class CudaSortConfig:
                 raise ValueError(f"tile_bits - {name} = {threads}: a block needs 32..1024 threads")
         if not 1 <= self.run_bits <= self.tile_bits - 2:
             raise ValueError(f"run_bits must be in 1..tile_bits-2, got {self.run_bits}")
+        if not 0 <= self.overlap_bits <= 4:
+            raise ValueError(f"overlap_bits must be in 0..4 (1 to 16 regions), got {self.overlap_bits}")
         if self.tile_bits > 15:
             raise ValueError(f"tile_bits must be <= 15 (shared-memory padding covers 15 coordinate bits), "
                              f"got {self.tile_bits}")
