@@ -134,7 +134,7 @@ class CudaSorter:
     def schedule(self) -> tuple[list[list[tuple[int, int, int]]], list[int]]:
         """(per region, its launches (pass, first block, blocks); the passes after them on all blocks).
 
-        Regions: 2^overlap_bits aligned regions of the padded size (those holding keys). The leading passes local to
+        Regions: 2^overlap_bits aligned regions of the padded size (those holding keys; ``overlap_bits`` 0: none). The leading passes local to
         a region (every block inside one region) run region by region; region r's launches cover exactly its blocks,
         so the regions together run each of those passes once. One region (or none local): every pass whole."""
         count = len(self.plan.passes)

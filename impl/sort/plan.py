@@ -69,9 +69,9 @@ class CudaSortConfig:
     fuse: bool = True       # merge passes cross stage boundaries (False: wide passes, then one tile pass per stage)
     merge_items_bits: int | None = None  # keys per thread in the merge passes (None: items_bits): the tile pass and
                                          # the merges can trade registers for resident warps differently
-    overlap_bits: int = 2   # the graph runs the passes local to 2^overlap_bits aligned regions of the padded size
-                            # on a stream per region, each region's tile pass after the one before it, so the later
-                            # (ALU-bound) tile passes overlap the earlier (memory-bound) merges; 0: one stream
+    overlap_bits: int = 0   # > 0: the graph runs the passes local to 2^overlap_bits aligned regions of the padded
+                            # size on a stream per region, each region's tile pass after the one before it, so the
+                            # later (ALU-bound) tile passes overlap the earlier (memory-bound) merges; 0: one stream
 
     def __post_init__(self) -> None:
         for name, bits in (("items_bits", self.items_bits), ("merge_items_bits", self.merge_e)):
