@@ -134,9 +134,9 @@ class CudaSorter:
     def schedule(self) -> tuple[list[list[tuple[int, int, int]]], list[int]]:
         """(per region, its launches (pass, first block, blocks); the passes after them on all blocks).
 
-        Regions: 2^overlap_bits aligned regions of the padded size (those holding keys; ``overlap_bits`` 0: none). The leading passes local to
-        a region (every block inside one region) run region by region; region r's launches cover exactly its blocks,
-        so the regions together run each of those passes once. One region (or none local): every pass whole."""
+        Regions: 2^overlap_bits aligned regions of the padded size, those holding keys (``overlap_bits`` 0: none).
+        The leading passes local to a region (every block inside one region) run region by region; region r's
+        launches cover exactly its blocks, so the regions together run each of those passes once."""
         count = len(self.plan.passes)
         k = padded_bits(self.n) - self.config.overlap_bits
         if not self.n or self.config.overlap_bits == 0 or k < self.span_bits(0):
@@ -199,7 +199,7 @@ class CudaSorter:
         self(src, out, descending=descending)  # kernels loaded and run once before capture
         cupy.cuda.Device().synchronize()
         stream = cupy.cuda.Stream(non_blocking=True)
-        lanes = [cupy.cuda.Stream(non_blocking=True) for _ in self.schedule()[0]]
+        lanes = [cupy.cuda.Stream(non_blocking=True) for _ in self.schedule()[0]] or None
         with stream:
             stream.begin_capture()
             try:
