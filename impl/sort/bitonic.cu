@@ -212,14 +212,13 @@ SORT_FN double as_f64(u64 v) {
 }
 
 struct Composite : Keys64 {  // Keys64's loads and stores; its own order, pad and slot contents
-    typedef Composite M;
     static constexpr u64 SIGN = 1ull << 63, H = 1ull << 62, O = 1ull << 52;
     SORT_FN static V pad() { return 0x7FF0000000000000ull; }  // +inf
     SORT_FN static V cpl(V a) { return a ^ SIGN; }
     SORT_FN static V xmask(V a, u32 m) { return a ^ ((u64)(m & 0x80000000u) << 32); }
     SORT_FN static bool less(V a, V b) { return as_f64(a) < as_f64(b); }
-    SORT_FN static V lo(V a, V b) { return lo_by_less<M>(a, b); }
-    SORT_FN static void cx(V& a, V& b) { cx_by_less<M>(a, b); }
+    SORT_FN static V lo(V a, V b) { return lo_by_less<Composite>(a, b); }
+    SORT_FN static void cx(V& a, V& b) { cx_by_less<Composite>(a, b); }
     SORT_FN static V make(u64 key, u32 p) {
         const u64 c = (key << 31) | p;
         return c < H ? SIGN | (H + O - c) : c - H + O;
@@ -232,7 +231,6 @@ struct Composite : Keys64 {  // Keys64's loads and stores; its own order, pad an
 };
 
 struct Pairs {  // argsort of 64-bit keys: (key, index) compared lexicographically, two arrays
-    typedef Pairs M;
     struct V {
         u64 k;
         u32 v;
@@ -241,8 +239,8 @@ struct Pairs {  // argsort of 64-bit keys: (key, index) compared lexicographical
     SORT_FN static V cpl(V a) { return V{~a.k, ~a.v}; }
     SORT_FN static V xmask(V a, u32 m) { return V{a.k ^ (u64)(i64)(int)m, a.v ^ m}; }
     SORT_FN static bool less(V a, V b) { return a.k < b.k || (a.k == b.k && a.v < b.v); }
-    SORT_FN static V lo(V a, V b) { return lo_by_less<M>(a, b); }
-    SORT_FN static void cx(V& a, V& b) { cx_by_less<M>(a, b); }
+    SORT_FN static V lo(V a, V b) { return lo_by_less<Pairs>(a, b); }
+    SORT_FN static void cx(V& a, V& b) { cx_by_less<Pairs>(a, b); }
     SORT_FN static V ld(const void* k, const void* x, u32 b, i64 o) {
         return V{(static_cast<const u64*>(k) + b)[o], (static_cast<const u32*>(x) + b)[o]};
     }

@@ -24,7 +24,7 @@ import numpy as np
 from impl.sort.codegen import KernelSpec, plan_kernels
 from impl.sort.keys import key_format
 from impl.sort import choose
-from impl.sort.plan import MODES, CudaPlan, CudaSortConfig, build_cuda_plan, padded_bits
+from impl.sort.plan import MODES, CudaPlan, CudaSortConfig, block_range, build_cuda_plan, padded_bits
 from impl.sort.runtimes import CupyRuntime, EmulatedRuntime, cupy_unavailable_reason
 
 MAX_N = (1 << 31) - 1  # positions are 32-bit and the composite slot holds a 31-bit index
@@ -146,11 +146,9 @@ class CudaSorter:
         for r in range(-(-self.n // (1 << k))):
             launches = []
             for i in range(local):
-                per = 1 << (k - self.block_bits(i))
-                first = r * per
-                blocks = min(per, self.grids[i] - first)
-                if blocks > 0:
-                    launches.append((i, first, blocks))
+                first, last = block_range(r << k, r + 1 << k, self.block_bits(i), self.grids[i])
+                if last > first:
+                    launches.append((i, first, last - first))
             regions.append(launches)
         return regions, list(range(local, count))
 

@@ -39,6 +39,7 @@ from numba import cuda
 
 from impl.sort.bitonic import BitonicSorter, StreamGraph, make_sorter, validate
 from impl.sort.keys import key_format
+from impl.sort.plan import block_range
 
 
 @dataclass(frozen=True)
@@ -261,9 +262,9 @@ class HostSortPipeline:
         if c0 == 0 and c1 == len(regions):
             self.sorter.launch_pass(i, self.d_src, self.d_out, descending=descending, stream=stream)
             return
-        bits, shift = max(self.region_bits, self.sorter.span_bits(i)), self.sorter.block_bits(i)
-        first = (regions[c0][0] >> bits << bits) >> shift
-        last = min(((regions[c1 - 1][0] >> bits) + 1 << bits) >> shift, self.sorter.pass_blocks(i))
+        bits = max(self.region_bits, self.sorter.span_bits(i))
+        first, last = block_range(regions[c0][0] >> bits << bits, (regions[c1 - 1][0] >> bits) + 1 << bits,
+                                  self.sorter.block_bits(i), self.sorter.pass_blocks(i))
         if last > first:
             self.sorter.launch_pass(i, self.d_src, self.d_out, descending=descending, stream=stream,
                                     first_block=first, blocks=last - first)

@@ -53,6 +53,13 @@ def stage_masks(L: int) -> list[int]:
     return [(1 << L) - 1] + [1 << p for p in range(L - 2, -1, -1)]
 
 
+def block_range(lo: int, hi: int, block_bits: int, blocks: int) -> tuple[int, int]:
+    """[first, last) of a pass's blocks (2^block_bits slots each, ``blocks`` active) inside the aligned slots [lo, hi):
+    block b lies in aligned group b >> (k - block_bits) of 2^k slots for any k >= the pass's span, so lo and hi must
+    be multiples of 2^span."""
+    return lo >> block_bits, min(hi >> block_bits, blocks)
+
+
 def pad_index(s: int) -> int:
     """Shared-memory index of slot s (bank-conflict padding; additive over disjoint bits)."""
     return s + (s >> 5) + (s >> 10)
