@@ -30,7 +30,7 @@ from impl.sort.plan import (EMU_CUDA_CONFIG, GPU_CUDA_CONFIG, MODES, CudaSortCon
                             pad_index, padded_bits)
 from impl.sort.reference import argsort_reference, is_permutation, sort_reference
 from impl.sort.runtimes import EmulatedRuntime, cupy_unavailable_reason
-from impl.sort.twin import check_plan, sort_twin
+from impl.sort.twin import check_plan, run_pass, slot_positions, sort_twin
 
 DTYPES = st.sampled_from(SUPPORTED_DTYPES)
 PLAN_CONFIGS = [GPU_CUDA_CONFIG, EMU_CUDA_CONFIG, replace(GPU_CUDA_CONFIG, fuse=False),
@@ -57,10 +57,41 @@ def test_plan_is_well_formed_and_runs_every_merge_step_once(n, config, mode):
     t = plan.passes[0].t
     assert all(p.steps <= t or p.kind == "tile" for p in plan.passes), "a merge pass holds more steps than dims"
     for p in plan.passes:
-        blocks = p.active_blocks(n)
-        assert (blocks == 0) == (n == 0)
-        if blocks:  # exactly the cosets holding a real slot are launched
-            assert p.x0(blocks - 1) < n <= p.x0(blocks)
+        blocks, bound = p.active_blocks(n), p.work_bound(n)
+        assert (blocks == 0) == (n == 0) and bound <= n
+        if blocks:  # exactly the cosets starting below the bound are launched
+            assert p.x0(blocks - 1) < bound <= p.x0(blocks)
+        if p.kind == "tile" or p.decode:
+            assert bound == n
+
+
+@given(n=sizes(max_n=1 << 14), seed=seeds(), config=st.sampled_from(PLAN_CONFIGS),
+       mode=st.sampled_from(sorted(MODES)))
+@settings(max_examples=25, deadline=None)
+def test_skipped_cosets_are_the_ones_a_pass_leaves_as_they_are(n, seed, config, mode):
+    """Each pass run on every coset holding a real slot changes nothing that its launched cosets (those below
+    ``work_bound``) leave out; each pass's model bytes are its real slots."""
+    plan = build_cuda_plan(n, mode, config)
+    keys = np.random.default_rng(seed).integers(0, max(n // 3, 1), n).astype(np.uint64)
+    launched = keys.copy()
+    for p in plan.passes:
+        every = launched.copy()
+        run_pass(p, every, n, blocks=p.blocks_below(n))
+        run_pass(p, launched, n)
+        assert np.array_equal(every, launched), f"pass with stages {p.stages} skipped a coset it changes"
+        if p.blocks_below(n) > p.active_blocks(n):
+            positions = slot_positions(p, p.active_blocks(n))
+            assert np.count_nonzero(positions < n) == p.work_bound(n)
+    assert np.array_equal(launched, np.sort(keys))
+
+
+def test_late_stages_skip_the_partly_filled_last_region():
+    """10M argsort slots (tile 2^13 of 8-byte slots): the passes of stages 22 and 23 leave the last 2^23-slot region
+    (1.6M real slots) as it is and launch half the blocks; the model's bytes follow."""
+    plan = build_cuda_plan(10_000_000, "composite", CudaSortConfig(tile_bits=14, items_bits=5, run_bits=3))
+    late = [p for p in plan.passes if p.stages in ((22, 23), (23,))]
+    assert late and all(p.work_bound(plan.n) == 1 << 23 for p in late)
+    assert sum(p.blocks_below(plan.n) for p in late) > sum(p.active_blocks(plan.n) for p in late)
 
 
 def test_pass_counts_of_the_design_point():

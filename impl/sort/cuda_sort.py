@@ -91,10 +91,11 @@ class CudaSorter:
         return self.n * self.elem_bytes
 
     def bytes_per_pass(self) -> list[int]:
-        """Global bytes each pass reads and writes (the encode pass reads the input, the decode pass writes out)."""
-        n, key = self.n, self.elem_bytes
-        return [n * (self.fmt.dtype.itemsize if p.encode else key) + n * (self.out_dtype.itemsize if p.decode else key)
-                for p in self.plan.passes]
+        """Global bytes each pass reads and writes: its real slots (``PassSpec.work_bound``), the encode pass reading
+        the input and the decode pass writing the output."""
+        key = self.elem_bytes
+        return [(m := p.work_bound(self.n)) * (self.fmt.dtype.itemsize if p.encode else key)
+                + m * (self.out_dtype.itemsize if p.decode else key) for p in self.plan.passes]
 
     def model(self) -> dict[str, Any]:
         """The bandwidth model a bench records: passes, tile, steps fused per pass, bytes per pass."""

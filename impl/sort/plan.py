@@ -12,6 +12,9 @@ Passes (each reads and writes every key once):
          space V spanned by the pass's masks plus filler bits (the lowest free bits: the coset is runs of
          ≥ 2^run_bits consecutive slots, coalesced). Fused plan: a pass may finish stage L and start stage L+1 as
          long as V stays t-dimensional (~15 passes for 10M keys instead of ~19 with one tile pass per stage).
+         A merge pass launches only the cosets its stages can change (``work_bound``): stage L leaves an aligned
+         2^L block as it is when the block's real slots all lie in its lower half, which is what a partly filled
+         last region holds in the late stages.
 
 Coordinates. A block slot is s ∈ [0, 2^t); coordinate i ↔ basis vector b_i (ascending pivot = highest set bit):
 position(s) = x0 ^ XOR_{s_i = 1} b_i, x0 = the block index with zeros inserted at the pivots. At most one basis
@@ -163,6 +166,7 @@ class PassSpec:
     masks: tuple[int, ...] = ()
     encode: bool = False        # reads the raw input and makes keys
     decode: bool = False        # writes values (keys-only) or indices (argsort)
+    stages: tuple[int, ...] = ()  # the flip-form stages its masks belong to (empty for the tile pass)
 
     @cached_property
     def pivots(self) -> tuple[int, ...]:
@@ -196,16 +200,36 @@ class PassSpec:
             v = ((v >> p) << (p + 1)) | (v & ((1 << p) - 1))
         return v
 
-    def active_blocks(self, n: int) -> int:
-        """Blocks whose coset holds at least one real slot (x0 < n; x0 grows with the block index)."""
-        lo, hi = 0, max(n, 1)
+    def work_bound(self, n: int) -> int:
+        """Slots at or above this bound are the same after the pass as before it (n for the tile pass and for a pass
+        that encodes or decodes, which touch every real slot).
+
+        Before stage L every aligned 2^(L−1) block is sorted and the pads (+inf) sit above n, so stage L changes
+        nothing in an aligned 2^L block [a, a + 2^L) whose real slots all lie in its lower half (n ≤ a + 2^(L−1)):
+        the flip pairs each of them with a pad and the half-cleaners meet a sorted half. The blocks it can change
+        are those below R_L = ⌈(n − 2^(L−1)) / 2^L⌉ · 2^L. The bound is the largest R_L of the pass's stages rounded
+        up to its span (every coset lies inside one aligned region of 2^(highest pivot + 1) slots), so the launched
+        cosets hold exactly the real slots below it: the pass moves min(n, bound) slots."""
+        if self.kind == "tile" or self.encode or self.decode or not self.stages:
+            return n
+        bound = max(-(-(n - (1 << L - 1)) >> L) << L for L in self.stages)
+        span = max(self.pivots) + 1
+        return min(n, -(-bound >> span) << span)
+
+    def blocks_below(self, bound: int) -> int:
+        """Blocks whose coset starts below ``bound`` (x0, the coset's smallest position, grows with the block)."""
+        lo, hi = 0, max(bound, 1)
         while lo < hi:
             mid = (lo + hi) // 2
-            if self.x0(mid) < n:
+            if self.x0(mid) < bound:
                 lo = mid + 1
             else:
                 hi = mid
         return lo
+
+    def active_blocks(self, n: int) -> int:
+        """Blocks the pass launches: the cosets holding a slot below ``work_bound(n)`` (a prefix of the blocks)."""
+        return self.blocks_below(self.work_bound(n))
 
     def positions(self, block: int) -> list[int]:
         """Position of every slot of block ``block`` (for tests and the numpy twin)."""
@@ -335,8 +359,10 @@ def tile_pass(t: int, e: int, wide: bool = False) -> PassSpec:
     return PassSpec("tile", t, e, basis, -1, plan_rounds(t, e, ops, -1, wide))
 
 
-def coset_pass(masks: list[int], t: int, e: int, logn: int, wide: bool = False) -> PassSpec:
-    """A merge pass performing ``masks`` (consecutive flip-form steps, distinct pivots) on cosets of t dimensions."""
+def coset_pass(masks: list[int], t: int, e: int, logn: int, wide: bool = False,
+               stages: tuple[int, ...] = ()) -> PassSpec:
+    """A merge pass performing ``masks`` (consecutive flip-form steps of ``stages``, distinct pivots) on cosets of
+    t dimensions."""
     piv = {log2(m): m for m in masks}
     if len(piv) != len(masks):
         raise ValueError(f"masks {masks} repeat a pivot")
@@ -353,7 +379,7 @@ def coset_pass(masks: list[int], t: int, e: int, logn: int, wide: bool = False) 
     f = flips[0] if flips else -1
     coord = {b: i for i, b in enumerate(basis)}
     ops = [Op("flip" if coord[m] == f else "step", coord[m]) for m in masks]
-    return PassSpec("coset", t, e, basis, f, plan_rounds(t, e, ops, f, wide), tuple(masks))
+    return PassSpec("coset", t, e, basis, f, plan_rounds(t, e, ops, f, wide), tuple(masks), stages=tuple(stages))
 
 
 # ---- the whole sort ---------------------------------------------------------------------------------------------
@@ -366,10 +392,10 @@ def _dims(masks: list[int], run_bits: int) -> int | None:
     return len(piv | set(range(run_bits)))
 
 
-def merge_segments(t: int, logn: int, run_bits: int, fuse: bool) -> list[list[int]]:
-    """The merge steps of stages t+1..logn cut into passes (lists of masks)."""
+def merge_segments(t: int, logn: int, run_bits: int, fuse: bool) -> list[list[tuple[int, int]]]:
+    """The merge steps of stages t+1..logn cut into passes (lists of (stage, mask))."""
     if not fuse:
-        out: list[list[int]] = []
+        out: list[list[tuple[int, int]]] = []
         for L in range(t + 1, logn + 1):
             masks = stage_masks(L)
             high = [m for m in masks if log2(m) >= t]
@@ -378,19 +404,19 @@ def merge_segments(t: int, logn: int, run_bits: int, fuse: bool) -> list[list[in
             q, r = divmod(len(high), count)
             i = 0
             for c in range(count):
-                out.append(high[i:i + q + (c < r)])
+                out.append([(L, m) for m in high[i:i + q + (c < r)]])
                 i += q + (c < r)
-            out.append([m for m in masks if log2(m) < t])
+            out.append([(L, m) for m in masks if log2(m) < t])
         return out
-    segs: list[list[int]] = []
-    cur: list[int] = []
+    segs: list[list[tuple[int, int]]] = []
+    cur: list[tuple[int, int]] = []
     for L in range(t + 1, logn + 1):
         for m in stage_masks(L):
-            d = _dims(cur + [m], run_bits)
+            d = _dims([c for _, c in cur] + [m], run_bits)
             if d is None or d > t:
                 segs.append(cur)
                 cur = []
-            cur.append(m)
+            cur.append((L, m))
     if cur:
         segs.append(cur)
     return segs
@@ -429,8 +455,8 @@ def build_cuda_plan(n: int, mode: str, config: CudaSortConfig = GPU_CUDA_CONFIG)
     logn = padded_bits(n)
     wide = MODES[mode] > 4
     passes = [tile_pass(t, e, wide)]
-    for masks in (merge_segments(t, logn, config.run_bits, config.fuse) if logn > t else []):
-        passes.append(coset_pass(masks, t, em, logn, wide))
+    for seg in (merge_segments(t, logn, config.run_bits, config.fuse) if logn > t else []):
+        passes.append(coset_pass([m for _, m in seg], t, em, logn, wide, tuple(sorted({L for L, _ in seg}))))
     passes[0] = passes[0].with_flags(encode=True)
     passes[-1] = passes[-1].with_flags(decode=True)
     return CudaPlan(n, mode, config, logn, tuple(passes))

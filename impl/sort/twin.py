@@ -44,10 +44,11 @@ def apply_ops(vals: np.ndarray, spec: PassSpec, positions: np.ndarray) -> None:
                 vals[:, lo], vals[:, hi] = np.minimum(a, b), np.maximum(a, b)
 
 
-def run_pass(spec: PassSpec, slots: np.ndarray, n: int) -> None:
-    """One pass over ``slots`` (n real keys; positions ≥ n are never read or written)."""
+def run_pass(spec: PassSpec, slots: np.ndarray, n: int, blocks: int | None = None) -> None:
+    """One pass over ``slots`` (n real keys; positions ≥ n are never read or written) on its first ``blocks`` cosets
+    (None: the ones it launches, ``active_blocks``)."""
     pad = np.iinfo(slots.dtype).max
-    blocks = spec.active_blocks(n)
+    blocks = spec.active_blocks(n) if blocks is None else blocks
     if blocks == 0:
         return
     pos = slot_positions(spec, blocks)
