@@ -27,7 +27,7 @@ from impl.sort.cuda_sort import CudaSorter, emulated_runtime
 from impl.sort.keys import SUPPORTED_DTYPES
 from impl.sort.pipeline import HostSortPipeline, PipelineConfig
 from impl.sort.plan import (EMU_CUDA_CONFIG, GPU_CUDA_CONFIG, MODES, CudaSortConfig, build_cuda_plan,
-                            pad_index, padded_bits)
+                            pad_index, padded_bits, slot_bytes)
 from impl.sort.reference import argsort_reference, is_permutation, sort_reference
 from impl.sort.runtimes import EmulatedRuntime, cupy_unavailable_reason
 from impl.sort.twin import check_plan, run_pass, slot_positions, sort_twin
@@ -38,10 +38,14 @@ PLAN_CONFIGS = [GPU_CUDA_CONFIG, EMU_CUDA_CONFIG, replace(GPU_CUDA_CONFIG, fuse=
                 CudaSortConfig(items_bits=7), CudaSortConfig(tile_bits=7, items_bits=2, run_bits=1),
                 replace(EMU_CUDA_CONFIG, fuse=False), CudaSortConfig(tile_bits=13, items_bits=5, merge_items_bits=4),
                 CudaSortConfig(tile_bits=13, items_bits=5, run_bits=4), CudaSortConfig(tile_bits=13, items_bits=5, run_bits=3),
-                replace(EMU_CUDA_CONFIG, merge_items_bits=3)]
+                replace(EMU_CUDA_CONFIG, merge_items_bits=3),
+                CudaSortConfig(tile_bits=14, items_bits=5, merge_tile_bits=15),
+                replace(EMU_CUDA_CONFIG, merge_tile_bits=10, merge_items_bits=3),
+                replace(EMU_CUDA_CONFIG, fuse=False, merge_tile_bits=9)]
 EMU_MAX_N = 3000
 MIXED_EMU = replace(EMU_CUDA_CONFIG, merge_items_bits=3)  # tile pass: 4 keys per thread; merges: 8
 MIXED_SIZES = (2049, 3000)
+WIDE_MERGE_EMU = replace(EMU_CUDA_CONFIG, merge_tile_bits=9)  # tile pass: 256-slot blocks; merges: 512
 NO_GXX = EmulatedRuntime.unavailable_reason()
 CUPY_REASON = cupy_unavailable_reason()
 
@@ -54,8 +58,7 @@ CUPY_REASON = cupy_unavailable_reason()
 def test_plan_is_well_formed_and_runs_every_merge_step_once(n, config, mode):
     plan = build_cuda_plan(n, mode, config)
     check_plan(plan)
-    t = plan.passes[0].t
-    assert all(p.steps <= t or p.kind == "tile" for p in plan.passes), "a merge pass holds more steps than dims"
+    assert all(p.steps <= p.t or p.kind == "tile" for p in plan.passes), "a merge pass holds more steps than dims"
     for p in plan.passes:
         blocks, bound = p.active_blocks(n), p.work_bound(n)
         assert (blocks == 0) == (n == 0) and bound <= n
@@ -152,6 +155,10 @@ def test_config_rejects_impossible_shapes():
         CudaSortConfig(tile_bits=15, items_bits=2)
     with pytest.raises(ValueError, match="tile_bits must be <= 15"):
         CudaSortConfig(tile_bits=16, items_bits=7)
+    with pytest.raises(ValueError, match=r"merge_tile_bits must be in tile_bits\.\.15 \(13\.\.15\), got 12"):
+        CudaSortConfig(tile_bits=13, items_bits=5, merge_tile_bits=12)
+    with pytest.raises(ValueError, match="merge tile bits - merge_items_bits = 11"):
+        CudaSortConfig(tile_bits=13, items_bits=5, merge_tile_bits=15, merge_items_bits=4)
     with pytest.raises(ValueError, match="mode"):
         build_cuda_plan(10, "keys16")
 
@@ -193,8 +200,8 @@ def emu():
     if NO_GXX:
         pytest.skip(NO_GXX)
     rt = emulated_runtime()
-    mixed = [k for n in MIXED_SIZES for mode in ("keys32", "composite")
-             for k in plan_kernels(build_cuda_plan(n, mode, MIXED_EMU), 32)]
+    mixed = [k for n in MIXED_SIZES for mode in ("keys32", "composite") for config in (MIXED_EMU, WIDE_MERGE_EMU)
+             for k in plan_kernels(build_cuda_plan(n, mode, config), 32)]
     rt.kernels(list(dict.fromkeys(emulation_kernels() + mixed)), 0)  # one g++ build for every kernel launched below
     return rt
 
@@ -255,6 +262,26 @@ def test_merge_passes_with_other_keys_per_thread(emu, n, argsort_, monkeypatch):
     assert blocks == [tile_threads] + [tile_threads // 2] * (len(sorter.plan.passes) - 1)
     monkeypatch.undo()
     run_emulated(make_array(n, "float32", "nasty", seed=n), argsort_=argsort_, config=MIXED_EMU)
+
+
+@pytest.mark.parametrize("n", MIXED_SIZES)
+@pytest.mark.parametrize("argsort_", [False, True], ids=["keys", "argsort"])
+def test_merge_passes_on_larger_cosets(emu, n, argsort_, monkeypatch):
+    """``merge_tile_bits``: the merge passes hold twice the tile pass's slots per block, with their own threads and
+    shared memory per launch, and the sort stays exact on the nasty keys."""
+    sorter = CudaSorter(n, np.float32, argsort=argsort_, config=WIDE_MERGE_EMU, runtime=emu)
+    launches: list[tuple[int, int]] = []
+    launch = emu.launch
+    monkeypatch.setattr(emu, "launch", lambda fn, grid, block, smem, *a, **k: (launches.append((block, smem)),
+                                                                               launch(fn, grid, block, smem, *a, **k)))
+    sorter(make_array(n, "float32", "random", seed=2), np.empty(n, sorter.out_dtype))
+    t, e = WIDE_MERGE_EMU.shape(sorter.mode)
+    tile = (1 << t - e, slot_bytes(t, sorter.mode))
+    merge = (1 << t + 1 - e, slot_bytes(t + 1, sorter.mode))
+    assert launches[0] == tile and launches[1:] == [merge] * (len(sorter.plan.passes) - 1) and len(launches) > 2
+    assert sorter.smem == merge[1] > tile[1]
+    monkeypatch.undo()
+    run_emulated(make_array(n, "float32", "nasty", seed=n + 1), argsort_=argsort_, config=WIDE_MERGE_EMU)
 
 
 @pytest.mark.parametrize("overlap_bits", [1, 2, 3, 4])

@@ -24,7 +24,7 @@ import numpy as np
 from impl.sort.codegen import KernelSpec, plan_kernels
 from impl.sort.keys import key_format
 from impl.sort import choose
-from impl.sort.plan import MODES, CudaPlan, CudaSortConfig, block_range, build_cuda_plan, padded_bits
+from impl.sort.plan import MODES, CudaPlan, CudaSortConfig, block_range, build_cuda_plan, padded_bits, slot_bytes
 from impl.sort.runtimes import CupyRuntime, EmulatedRuntime, cupy_unavailable_reason
 
 MAX_N = (1 << 31) - 1  # positions are 32-bit and the composite slot holds a 31-bit index
@@ -64,7 +64,8 @@ class CudaSorter:
         self.plan: CudaPlan = build_cuda_plan(self.n, self.mode, self.config)
         self.runtime = runtime or default_runtime()
         self.specs: list[KernelSpec] = plan_kernels(self.plan, self.fmt.nbits)
-        self.smem = self.config.smem_bytes(self.mode)
+        self.smem = self.config.smem_bytes(self.mode)  # the larger of the tile and merge blocks' (kernel attribute)
+        self.smems = [slot_bytes(p.t, self.mode) for p in self.plan.passes]
         self.grids = self.plan.grids()
         self.fns = self.runtime.kernels(self.specs, self.smem) if self.n else {}
         self.keys = self.runtime.empty(self.n, np.uint32 if self.mode == "keys32" else np.uint64)
@@ -130,7 +131,7 @@ class CudaSorter:
         rt = self.runtime
         args = (rt.ptr(src), rt.ptr(self.keys), rt.ptr(self.vals), rt.ptr(out), np.int64(self.n),
                 *self.encode_args(descending), np.uint32(first_block))
-        rt.launch(self.fns[self.specs[i].name], grid, self.plan.pass_threads(i), self.smem, args, stream)
+        rt.launch(self.fns[self.specs[i].name], grid, self.plan.pass_threads(i), self.smems[i], args, stream)
 
     def schedule(self) -> tuple[list[list[tuple[int, int, int]]], list[int]]:
         """(per region, its launches (pass, first block, blocks); the passes after them on all blocks).

@@ -63,6 +63,14 @@ def block_range(lo: int, hi: int, block_bits: int, blocks: int) -> tuple[int, in
     return lo >> block_bits, min(hi >> block_bits, blocks)
 
 
+def slot_bytes(t: int, mode: str) -> int:
+    """Shared memory of a block of 2^t ``mode`` slots (bank-conflict padding included)."""
+    need = (pad_index((1 << t) - 1) + 1) * MODES[mode]
+    if need > MAX_SMEM:
+        raise ValueError(f"a block of 2^{t} {mode} slots needs {need} B of shared memory, more than {MAX_SMEM}")
+    return need
+
+
 def pad_index(s: int) -> int:
     """Shared-memory index of slot s (bank-conflict padding; additive over disjoint bits)."""
     return s + (s >> 5) + (s >> 10)
@@ -79,17 +87,23 @@ class CudaSortConfig:
     fuse: bool = True       # merge passes cross stage boundaries (False: wide passes, then one tile pass per stage)
     merge_items_bits: int | None = None  # keys per thread in the merge passes (None: items_bits): the tile pass and
                                          # the merges can trade registers for resident warps differently
+    merge_tile_bits: int | None = None   # keys per block of the merge passes (None: tile_bits): larger cosets fuse
+                                         # more steps per merge pass while the ALU-bound tile pass keeps its size
     overlap_bits: int = 0   # > 0: the graph runs the passes local to 2^overlap_bits aligned regions of the padded
                             # size on a stream per region, each region's tile pass after the one before it, so the
                             # later (ALU-bound) tile passes overlap the earlier (memory-bound) merges; 0: one stream
 
     def __post_init__(self) -> None:
-        for name, bits in (("items_bits", self.items_bits), ("merge_items_bits", self.merge_e)):
+        if self.merge_tile_bits is not None and not self.tile_bits <= self.merge_tile_bits <= 15:
+            raise ValueError(f"merge_tile_bits must be in tile_bits..15 ({self.tile_bits}..15), "
+                             f"got {self.merge_tile_bits}")
+        for tile_name, tile, name, bits in (("tile_bits", self.tile_bits, "items_bits", self.items_bits),
+                                            ("merge tile bits", self.merge_t, "merge_items_bits", self.merge_e)):
             if not 2 <= bits <= 7:
                 raise ValueError(f"{name} must be in 2..7 (4 to 128 keys per thread), got {bits}")
-            threads = self.tile_bits - bits
+            threads = tile - bits
             if not LANE_BITS <= threads <= 10:
-                raise ValueError(f"tile_bits - {name} = {threads}: a block needs 32..1024 threads")
+                raise ValueError(f"{tile_name} - {name} = {threads}: a block needs 32..1024 threads")
         if not 1 <= self.run_bits <= self.tile_bits - 2:
             raise ValueError(f"run_bits must be in 1..tile_bits-2, got {self.run_bits}")
         if not 0 <= self.overlap_bits <= 4:
@@ -102,20 +116,25 @@ class CudaSortConfig:
     def merge_e(self) -> int:
         return self.items_bits if self.merge_items_bits is None else self.merge_items_bits
 
+    @property
+    def merge_t(self) -> int:
+        return self.tile_bits if self.merge_tile_bits is None else self.merge_tile_bits
+
     def shape(self, mode: str, merge: bool = False) -> tuple[int, int]:
         """(t, e) for ``mode``: log2 slots per block and log2 slots per thread (of the merge passes if ``merge``)."""
         wide = MODES[mode] > 4
-        t, e = self.tile_bits - wide, (self.merge_e if merge else self.items_bits) - wide
+        t = (self.merge_t if merge else self.tile_bits) - wide
+        e = (self.merge_e if merge else self.items_bits) - wide
         if e < 1 or t - e < LANE_BITS:
             raise ValueError(f"config {self} is too small for {mode} slots (t={t}, e={e})")
         return t, e
 
-    def smem_bytes(self, mode: str) -> int:
-        t, _ = self.shape(mode)
-        need = (pad_index((1 << t) - 1) + 1) * MODES[mode]
-        if need > MAX_SMEM:
-            raise ValueError(f"a tile of 2^{t} {mode} slots needs {need} B of shared memory, more than {MAX_SMEM}")
-        return need
+    def smem_bytes(self, mode: str, merge: bool | None = None) -> int:
+        """Dynamic shared memory of a tile pass block (``merge``: of a merge pass block; None: the larger)."""
+        if merge is None:
+            return max(self.smem_bytes(mode, False), self.smem_bytes(mode, True))
+        t, _ = self.shape(mode, merge)
+        return slot_bytes(t, mode)
 
 
 GPU_CUDA_CONFIG = CudaSortConfig()
@@ -392,28 +411,29 @@ def _dims(masks: list[int], run_bits: int) -> int | None:
     return len(piv | set(range(run_bits)))
 
 
-def merge_segments(t: int, logn: int, run_bits: int, fuse: bool) -> list[list[tuple[int, int]]]:
-    """The merge steps of stages t+1..logn cut into passes (lists of (stage, mask))."""
+def merge_segments(tile: int, t: int, logn: int, run_bits: int, fuse: bool) -> list[list[tuple[int, int]]]:
+    """The merge steps of stages tile+1..logn cut into passes of cosets of t ≥ tile dimensions (lists of (stage,
+    mask))."""
     if not fuse:
         out: list[list[tuple[int, int]]] = []
-        for L in range(t + 1, logn + 1):
+        for L in range(tile + 1, logn + 1):
             masks = stage_masks(L)
             high = [m for m in masks if log2(m) >= t]
             most = t - run_bits
-            count = -(-len(high) // most)
+            count = max(-(-len(high) // most), 1)
             q, r = divmod(len(high), count)
             i = 0
-            for c in range(count):
+            for c in range(count if high else 0):
                 out.append([(L, m) for m in high[i:i + q + (c < r)]])
                 i += q + (c < r)
             out.append([(L, m) for m in masks if log2(m) < t])
         return out
     segs: list[list[tuple[int, int]]] = []
     cur: list[tuple[int, int]] = []
-    for L in range(t + 1, logn + 1):
+    for L in range(tile + 1, logn + 1):
         for m in stage_masks(L):
             d = _dims([c for _, c in cur] + [m], run_bits)
-            if d is None or d > t:
+            if d is None or d > t or (m & (m - 1) and any(c & (c - 1) for _, c in cur)):  # one flip per coset
                 segs.append(cur)
                 cur = []
             cur.append((L, m))
@@ -451,12 +471,15 @@ def build_cuda_plan(n: int, mode: str, config: CudaSortConfig = GPU_CUDA_CONFIG)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
     t, e = config.shape(mode)
-    _, em = config.shape(mode, merge=True)
+    tm, em = config.shape(mode, merge=True)
     logn = padded_bits(n)
     wide = MODES[mode] > 4
     passes = [tile_pass(t, e, wide)]
-    for seg in (merge_segments(t, logn, config.run_bits, config.fuse) if logn > t else []):
-        passes.append(coset_pass([m for _, m in seg], t, em, logn, wide, tuple(sorted({L for L, _ in seg}))))
+    if tm > logn:  # a coset never spans more than the padded size
+        tm = max(logn, t)
+        em = min(em, tm - LANE_BITS)
+    for seg in (merge_segments(t, tm, logn, config.run_bits, config.fuse) if logn > t else []):
+        passes.append(coset_pass([m for _, m in seg], tm, em, logn, wide, tuple(sorted({L for L, _ in seg}))))
     passes[0] = passes[0].with_flags(encode=True)
     passes[-1] = passes[-1].with_flags(decode=True)
     return CudaPlan(n, mode, config, logn, tuple(passes))
