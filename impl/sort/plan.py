@@ -4,14 +4,15 @@ Network: the flip form of ``impl.sort.network``. N = 2^LOGN ≥ n virtual slots;
 (XOR mask 2^L − 1) and the half-cleaners 2^(L−2), ..., 1; every comparator leaves the minimum at the lower slot, so
 the +inf pads n..N−1 are never loaded or stored.
 
-Passes (each reads and writes every key once):
+Passes (each reads and writes every key it can change once):
   tile   pass 0: a block sorts T = 2^t consecutive slots (stages 1..t) with the standard-form network — stage L's
          comparators run descending where bit L of the slot is set, done by holding those keys complemented
          (``~key`` reverses the order), so every comparator is min-to-lower; pads inside the last tile are +inf.
-  coset  a merge pass runs consecutive steps of stages t+1..LOGN. Its block holds a coset x0 ⊕ V of a t-dimensional
-         space V spanned by the pass's masks plus filler bits (the lowest free bits: the coset is runs of
-         ≥ 2^run_bits consecutive slots, coalesced). Fused plan: a pass may finish stage L and start stage L+1 as
-         long as V stays t-dimensional (~15 passes for 10M keys instead of ~19 with one tile pass per stage).
+  coset  a merge pass runs consecutive steps of stages t+1..LOGN. Its block holds a coset x0 ⊕ V of a t'-dimensional
+         space V (t' ≥ t: ``merge_tile_bits``) spanned by the pass's masks plus filler bits (the lowest free bits:
+         the coset is runs of ≥ 2^run_bits consecutive slots, coalesced). Fused plan: a pass may finish stage L and
+         start stage L+1 as long as V stays t'-dimensional and holds one flip mask (~15 passes for 10M keys instead
+         of ~19 with one tile pass per stage).
          A merge pass launches only the cosets its stages can change (``work_bound``): stage L leaves an aligned
          2^L block as it is when the block's real slots all lie in its lower half, which is what a partly filled
          last region holds in the late stages.
