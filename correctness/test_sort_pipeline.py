@@ -1,5 +1,6 @@
 """The sort's host pipeline (pinned staging, chunks on streams), CUDA-graph replay, experiments and claims."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -36,6 +37,25 @@ def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending
         same = (got == ref) | (np.isnan(got) & np.isnan(ref)) if x.dtype.kind == "f" else got == ref
         assert same.all(), f"{int((~same).sum())} wrong of {x.size}"
     assert np.array_equal(host_bits(x), host_bits(keep)), "the input was modified"
+
+
+@pytest.mark.parametrize("chunks", [2, 5])
+@pytest.mark.parametrize("argsort_", [False, True], ids=["keys", "argsort"])
+def test_pipeline_with_merge_blocks_larger_than_the_tile(chunks, argsort_):
+    """Merge passes on cosets twice the tile pass's blocks (``merge_tile_bits``): their groups of regions still
+    cover every block once, and the output is exact on the nasty keys (the emulated C++ kernels)."""
+    n = 3000
+    config = replace(EMU_CUDA_CONFIG, merge_tile_bits=EMU_CUDA_CONFIG.tile_bits + 1)
+    pipe = HostSortPipeline(n, np.float32, argsort=argsort_, config=config, pipeline=PipelineConfig(chunks=chunks))
+    assert any(p.t > pipe.sorter.plan.passes[0].t for p in pipe.sorter.plan.passes)
+    x = make_array(n, "float32", "nasty", seed=chunks)
+    out = np.full(n, 7, dtype=pipe.sorter.out_dtype)
+    got = pipe(x, out)
+    if argsort_:
+        assert np.array_equal(got, argsort_reference(x))
+    else:
+        ref = sort_reference(x)
+        assert ((got == ref) | (np.isnan(got) & np.isnan(ref))).all()
 
 
 def test_pipeline_chunks_are_tile_aligned_and_cover_the_input():
