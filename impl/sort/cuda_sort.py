@@ -64,8 +64,8 @@ class CudaSorter:
         self.plan: CudaPlan = build_cuda_plan(self.n, self.mode, self.config)
         self.runtime = runtime or default_runtime()
         self.specs: list[KernelSpec] = plan_kernels(self.plan, self.fmt.nbits)
-        self.smem = self.config.smem_bytes(self.mode)  # the larger of the tile and merge blocks' (kernel attribute)
-        self.smems = [slot_bytes(p.t, self.mode) for p in self.plan.passes]
+        self.smems = [slot_bytes(p.t, self.mode) for p in self.plan.passes]  # per launch
+        self.smem = max(self.smems)  # the kernels' dynamic shared memory attribute
         self.grids = self.plan.grids()
         self.fns = self.runtime.kernels(self.specs, self.smem) if self.n else {}
         self.keys = self.runtime.empty(self.n, np.uint32 if self.mode == "keys32" else np.uint64)

@@ -130,12 +130,9 @@ class CudaSortConfig:
             raise ValueError(f"config {self} is too small for {mode} slots (t={t}, e={e})")
         return t, e
 
-    def smem_bytes(self, mode: str, merge: bool | None = None) -> int:
-        """Dynamic shared memory of a tile pass block (``merge``: of a merge pass block; None: the larger)."""
-        if merge is None:
-            return max(self.smem_bytes(mode, False), self.smem_bytes(mode, True))
-        t, _ = self.shape(mode, merge)
-        return slot_bytes(t, mode)
+    def smem_bytes(self, mode: str) -> int:
+        """Dynamic shared memory of the larger block, the tile pass's or the merge passes'."""
+        return max(slot_bytes(self.shape(mode, merge)[0], mode) for merge in (False, True))
 
 
 GPU_CUDA_CONFIG = CudaSortConfig()
@@ -420,13 +417,13 @@ def merge_segments(tile: int, t: int, logn: int, run_bits: int, fuse: bool) -> l
         for L in range(tile + 1, logn + 1):
             masks = stage_masks(L)
             high = [m for m in masks if log2(m) >= t]
-            most = t - run_bits
-            count = max(-(-len(high) // most), 1)
-            q, r = divmod(len(high), count)
-            i = 0
-            for c in range(count if high else 0):
-                out.append([(L, m) for m in high[i:i + q + (c < r)]])
-                i += q + (c < r)
+            if high:  # stages up to t hold none (merge cosets larger than the tile)
+                count = -(-len(high) // (t - run_bits))
+                q, r = divmod(len(high), count)
+                i = 0
+                for c in range(count):
+                    out.append([(L, m) for m in high[i:i + q + (c < r)]])
+                    i += q + (c < r)
             out.append([(L, m) for m in masks if log2(m) < t])
         return out
     segs: list[list[tuple[int, int]]] = []
