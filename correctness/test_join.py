@@ -6,11 +6,13 @@ keys differing only in their high 32 bits (and pairs whose folded 32-bit hashes 
 tables; row ids are absent (positions), int32, int64 or mixed (widened). Outputs are poisoned with two patterns
 before the materialize kernel writes them. The hash-join operators are reused across examples, so tables are reused
 across joins (epoch tags, wraps forced with 1-2 epoch bits). The CUDA C++ join runs where cupy and a GPU exist, on
-the same tables as its numba twin; on the CPU its source runs under a CUDA emulation (g++), both schemes, several
-joins per process. Sizes grow under the ``gpu`` profile.
+the same tables as its numba twin; on the CPU its source runs under a CUDA emulation (g++), every scheme, several
+joins per process, and hash_cuda.py's own launch code drives the emulated kernels. Sizes grow under the ``gpu``
+profile.
 """
 from __future__ import annotations
 
+import ctypes
 import shutil
 import subprocess
 from pathlib import Path
@@ -29,7 +31,8 @@ from impl.join.common import check_inputs, hash_keys, hash_keys_torch, sort_pair
 from impl.join.hash_cuda import SOURCE
 from impl.join.hash_cuda import unavailable_reason as cuda_reason
 from impl.join.hash_numba import HashJoinNumba
-from impl.join.hash_table import (HashConfig, bucket_step_np, first_bucket_np, next_epoch, plan_layout,
+from impl.join.hash_table import (PART_ROWS_MAX, SCHEMES, SHARED_BYTES, HashConfig, bucket_step_np, first_bucket_np,
+                                  next_epoch, part_capacity, part_table_bytes, partition_bits, plan_layout,
                                   table_contents)
 from impl.join.host import reference_pairs
 from impl.join.tc_triton import TCConfig, TensorCoreJoin
@@ -156,7 +159,8 @@ def cached(key: tuple, make):
 
 
 # Each distinct (threads, items, bucket) is a fresh compile on the GPU: few there, more variety here.
-HASH_CONFIGS = st.builds(HashConfig, scheme=st.sampled_from(["split", "linear64"]), linear_wide=st.booleans(),
+HASH_CONFIGS = st.builds(HashConfig, scheme=st.sampled_from(["split", "linear64", "partitioned"]),
+                         linear_wide=st.booleans(),
                          spec_factor=st.sampled_from([1, 8]),
                          load_factor=st.sampled_from([0.25, 0.5, 0.9]),
                          threads=st.sampled_from(sized(gpu=[256], cpu=[32, 64])),
@@ -183,7 +187,7 @@ def test_hash_numba_join_equals_pandas(inputs, config):
 
 
 CUDA_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.5, 0.9]),
-                         scheme=st.sampled_from(["fused", "split", "linear64", "linear64-fused"]),
+                         scheme=st.sampled_from(SCHEMES),
                          linear_wide=st.booleans(), spec_factor=st.sampled_from([1, 8]),
                          items=st.sampled_from([1, 8]), bucket_bytes=st.sampled_from([32, 64]),
                          readback=st.sampled_from(["pinned", "item"]), epoch_bits=st.sampled_from([None, 1]))
@@ -202,14 +206,20 @@ def test_hash_cuda_join_equals_pandas_and_its_twin(inputs, config):
     assert np.array_equal(a, reference_pairs(*inputs)), "CUDA C++ speculative join differs from pandas"
 
 
-def build_emulated(tmp_path_factory, *defines: str) -> Path:
-    """hash_join.cu compiled for the CPU with its CUDA emulation layer (``hash_join_emulated.cpp``), 32 x 4."""
+EMULATED_PART_ROWS = 16  # the emulated pjoin's table holds part_capacity(16) = 20 build rows: skew takes rounds
+
+
+def build_emulated(tmp_path_factory, *defines: str, lib: bool = False) -> Path:
+    """hash_join.cu compiled for the CPU with its CUDA emulation layer (``hash_join_emulated.cpp``), 32 x 4, pjoin
+    tables of ``part_capacity(EMULATED_PART_ROWS)`` rows; ``lib``: the shared library with ``emu_launch``."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is not on PATH: the CUDA C++ source cannot be run under the CPU emulation here")
-    exe = tmp_path_factory.mktemp("emulated") / "hash_join_emulated"
+    exe = tmp_path_factory.mktemp("emulated") / ("hash_join_emulated.so" if lib else "hash_join_emulated")
     src = Path(SOURCE).with_name("hash_join_emulated.cpp")
-    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", "-DJOIN_THREADS=32", "-DJOIN_ITEMS=4", *defines,
+    shared = ["-shared", "-fPIC", "-DJOIN_EMULATED_LIB"] if lib else []
+    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", "-DJOIN_THREADS=32", "-DJOIN_ITEMS=4",
+                           f"-DJOIN_PART_CAP={part_capacity(EMULATED_PART_ROWS)}", *shared, *defines,
                            f"-I{src.parent}", "-o", str(exe), str(src)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return exe
@@ -231,11 +241,15 @@ EMULATED_TILE = 32 * 4
 
 def emulate(exe: Path, joins: list[tuple], wide: bool, scheme: int, config: HashConfig, grid: int,
             capacities: list[int]) -> list[tuple[int, int, int, int, np.ndarray]]:
-    """Run several joins through the emulated kernels with hash_cuda.py's host decisions (layout, epoch, clear);
-    returns (total, error, guards intact, rewritten, sorted pairs) per join."""
+    """Run several joins through the emulated kernels with hash_cuda.py's host decisions (layout, epoch, clear;
+    schemes 4-5: the partition bits); returns (total, error, guards intact, rewritten, sorted pairs) per join."""
     text = f"{int(wide)} {scheme} {len(joins)}\n"
     layout, epoch = None, 0
     for (bk, pk, br, pr), cap in zip(joins, capacities):
+        if scheme >= 4:
+            text += f"{len(bk)} {len(pk)} {partition_bits(len(bk), config.part_rows)} 0 0 0 {cap} {grid}\n"
+            text += "\n".join(" ".join(map(str, a.tolist())) for a in (bk, br, pk, pr)) + "\n"
+            continue
         new = plan_layout(config, len(bk), torch.int64 if wide else torch.int32)
         epoch, clear = next_epoch(layout, new, epoch, config.clear)
         layout = new
@@ -252,14 +266,16 @@ def emulate(exe: Path, joins: list[tuple], wide: bool, scheme: int, config: Hash
     return out
 
 
-@given(tables=st.lists(join_inputs(max_n=400), min_size=1, max_size=3), scheme=st.sampled_from([0, 1]),
+@given(tables=st.lists(join_inputs(max_n=400), min_size=1, max_size=3), scheme=st.sampled_from([0, 1, 4]),
        grid=st.integers(1, 4), config=st.builds(HashConfig, load_factor=st.sampled_from([0.25, 0.5, 0.9]),
                                                  clear=st.sampled_from(["epoch", "memset"]),
-                                                 epoch_bits=st.sampled_from([None, 1, 2])),
+                                                 epoch_bits=st.sampled_from([None, 1, 2]),
+                                                 part_rows=st.sampled_from([16, 64, 2048])),
        wide=st.booleans(), capacity=st.sampled_from(["speculative", "exact", "short"]))
 def test_cuda_source_under_cpu_emulation_equals_pandas(emulated_cuda_join, tables, scheme, grid, config, wide,
                                                        capacity):
-    """The C++ kernels themselves (not their numba twin), several joins on one reused table, both schemes."""
+    """The C++ kernels themselves (not their numba twin), several joins on one reused table (partitioned: reused
+    workspaces), split, fused and partitioned schemes (part_rows 2048: one partition, many pjoin rounds)."""
     dtype = np.int64 if wide else np.int32
     joins, refs, caps = [], [], []
     for q, (bk, pk, _, _) in enumerate(tables):
@@ -363,6 +379,167 @@ def test_emulated_fused_kernel_covers_both_heads_paths(emulated_cuda_join):
         assert (err, guards, rewrite) == (0, 1, int(len(ref) > len(pk))) and total == len(ref)
         assert_close(got, ref, msg=f"fused kernel, grid {grid}")
 
+
+def partitioned_cases(wide: bool, rng: np.random.Generator) -> list[tuple]:
+    """(name, build keys, probe keys) for the partitioned kernels: empty sides, all misses, one row, sentinel keys,
+    int64 keys equal in their low 32 bits (and pairs whose folded hashes collide), one key duplicated far beyond a
+    pjoin round (build-side skew: many rounds, and more pairs than the speculative buffer), non-power-of-two sizes."""
+    dtype = np.int64 if wide else np.int32
+    info = np.iinfo(dtype)
+    k = lambda *v: np.array(v, dtype=dtype)  # noqa: E731
+    sentinels = k(-1, 0, info.min, info.max, -1, 1, info.min, info.max - 1)
+    cases = [("empty build", k(), k(3, 4, 5)), ("empty probe", k(3, 4, 5), k()), ("one row", k(7), k(7)),
+             ("all misses", (2 * rng.integers(-1000, 1000, 150)).astype(dtype),
+              (2 * rng.integers(-1000, 1000, 97) + 1).astype(dtype)),
+             ("sentinels", np.concatenate([sentinels, sentinels[:5]]), k(-1, info.max, 0, 0, 2, info.min, -1)),
+             ("build skew", np.concatenate([np.full(150, 5, dtype), rng.integers(-50, 50, 40).astype(dtype)]),
+              np.concatenate([np.full(30, 5, dtype), rng.integers(-50, 50, 20).astype(dtype)])),
+             ("non-pow2", rng.integers(-200, 200, 333).astype(dtype), rng.integers(-200, 200, 517).astype(dtype))]
+    if wide:
+        a, b = np.int64(0x12345678), np.int64(0x0BADF00D)
+        low = np.int64(0x5BD1E995)
+        lifted = (np.arange(1, 60, dtype=np.int64) << 32) | low  # one low word, 59 high words
+        cases.append(("high bits", np.concatenate([lifted, [(a << 32) | b, (b << 32) | a, b]]),
+                      np.concatenate([lifted[::3], (lifted[-1:] + (1 << 32)), [(b << 32) | a, a, low]])))
+    return cases
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("grid", [1, 3])
+def test_partitioned_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join, wide, grid):
+    """pcount, pscatter, pjoin on the named cases of ``partitioned_cases``, one after another in one process (the
+    counts, starts, cursors and partitioned buffers are reused and must come back clean: the driver checks that the
+    counts, tickets and pair counter are zero and every cursor reached its partition's end), with 1-64 partitions
+    (part_rows 16) and 20-row pjoin rounds; a short speculative buffer is re-written exact-size by pjoin alone."""
+    rng = np.random.default_rng(21 + grid)
+    dtype = np.int64 if wide else np.int32
+    joins, refs, names = [], [], []
+    for name, bk, pk in partitioned_cases(wide, rng):
+        br, pr = (rng.permutation(n).astype(dtype) * 3 - 7 for n in (len(bk), len(pk)))
+        joins.append((bk, pk, br, pr))
+        refs.append(reference_pairs(bk, pk, br, pr))
+        names.append(name)
+    config = HashConfig(part_rows=EMULATED_PART_ROWS)
+    out = emulate(emulated_cuda_join, joins, wide, 4, config, grid, [len(j[1]) for j in joins])
+    for name, (bk, pk, *_), ref, (total, err, guards, rewrite, got) in zip(names, joins, refs, out):
+        assert err == 0 and total == len(ref), f"{name}: total {total} (want {len(ref)}), device error {err}"
+        assert guards == 1, f"{name}: pjoin wrote past its capacity"
+        assert rewrite == int(len(ref) > len(pk)), f"{name}: rewritten {rewrite}"
+        assert_close(got, ref, msg=f"partitioned kernels under CPU emulation, {name}, grid {grid}")
+    skew = names.index("build skew")
+    assert max(np.bincount(hash_keys(joins[skew][0], wide) >> (32 - partition_bits(len(joins[skew][0]), 16)))) \
+        > part_capacity(EMULATED_PART_ROWS), "the skew case must overflow one pjoin round"
+    assert refs[skew].shape[0] > len(joins[skew][1]), "the skew case must overflow the speculative buffer"
+
+
+def test_partitioned_planted_bug_is_caught(emulated_cuda_join):
+    """Scheme 5 hides the last partition's probe rows from pjoin: the comparison with pandas must fail (the tests'
+    comparisons see every partition)."""
+    rng = np.random.default_rng(4)
+    bk = rng.integers(0, 300, 300).astype(np.int32)
+    pk = rng.integers(0, 300, 400).astype(np.int32)
+    br, pr = np.arange(300, dtype=np.int32), np.arange(400, dtype=np.int32)
+    ref = reference_pairs(bk, pk, br, pr)
+    config = HashConfig(part_rows=EMULATED_PART_ROWS)
+    ((total, err, guards, _, got),) = emulate(emulated_cuda_join, [(bk, pk, br, pr)], False, 4, config, 2, [400])
+    assert total == len(ref) and np.array_equal(got, ref)
+    ((total, err, guards, _, got),) = emulate(emulated_cuda_join, [(bk, pk, br, pr)], False, 5, config, 2, [400])
+    assert total < len(ref)
+    with pytest.raises(AssertionError):
+        assert_close(got, ref, msg="the planted bug")
+
+
+class _EmulatedFunction:
+    def __init__(self, name: str, cooperative: bool) -> None:
+        self.name, self.cooperative = name, cooperative
+
+
+class _EmulatedModule:
+    def __init__(self, cooperative: bool) -> None:
+        self.cooperative = cooperative
+
+    def get_function(self, name: str) -> _EmulatedFunction:
+        return _EmulatedFunction(name, self.cooperative)
+
+
+class _HostWords:
+    """Stands in for mapped pinned memory: the emulated kernels write ``host[]`` through its address."""
+
+    def __init__(self) -> None:
+        self.words = (ctypes.c_longlong * 2)()
+        self.host = self.device = ctypes.addressof(self.words)
+
+    def arm(self) -> None:
+        self.words[0], self.words[1] = -1, 0
+
+
+class _Done:
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def emulated_launches(tmp_path_factory):
+    """``emu_launch`` of the emulation's shared library: one kernel, its arguments as 8-byte words."""
+    lib = ctypes.CDLL(str(build_emulated(tmp_path_factory, lib=True)))
+    lib.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int,
+                               ctypes.POINTER(ctypes.c_longlong)]
+    return lib.emu_launch
+
+
+@pytest.mark.skipif(cuda_reason() is None, reason="cupy and a GPU are here: the real kernels are tested")
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkeypatch, scheme):
+    """hash_cuda.py itself (its launches' argument order and types, grids, workspaces, the pinned-word readback, the
+    one-sync join with its exact-size re-run, the phases, the launch and sync counters) on CPU tensors, its CuPy
+    launches routed to the emulated kernels; every result must equal pandas.merge's pairs."""
+    from impl.join import hash_cuda
+
+    def launch(fn, grid, block, args, shared_mem=0, pdl=False):
+        words = (ctypes.c_longlong * max(1, len(args)))(*[int(a) for a in args])
+        assert emulated_launches(fn.name.encode(), grid, block, int(fn.cooperative), words) == 0, fn.name
+
+    hash_cuda.kernel.cache_clear()
+    monkeypatch.setattr(hash_cuda, "_module", lambda options, cooperative: _EmulatedModule(cooperative))
+    monkeypatch.setattr(hash_cuda, "_launch", launch)
+    monkeypatch.setattr(hash_cuda, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(hash_cuda, "PinnedWords", _HostWords)
+    monkeypatch.setattr(hash_cuda.HashJoinCuda, "_check_device", lambda self, t: None)
+    monkeypatch.setattr(hash_cuda.HashJoinCuda, "_mark", lambda self: _Done())
+    monkeypatch.setattr(hash_cuda.HashJoinCuda, "resident_blocks", lambda self, *a, **k: 3)
+    rng = np.random.default_rng(8)
+    try:
+        for readback in ("pinned", "item"):
+            op = hash_cuda.HashJoinCuda(HashConfig(threads=32, items=4, part_rows=EMULATED_PART_ROWS, scheme=scheme,
+                                                   readback=readback))
+            for dtype in (np.int32, np.int64):
+                for nb, npr, hi, rows in ((300, 517, 400, None), (1, 1, 3, np.int32), (130, 95, 5, np.int64),
+                                          (0, 10, 3, None), (40, 0, 3, np.int32), (200, 300, 4, None)):
+                    bk, pk = rng.integers(-hi, hi, nb).astype(dtype), rng.integers(-hi, hi, npr).astype(dtype)
+                    br = pr = None
+                    if rows is not None:
+                        br, pr = (rng.permutation(nb) * 3 - 7).astype(rows), (rng.permutation(npr) * 5).astype(rows)
+                    ref = reference_pairs(bk, pk, br, pr)
+                    tensors = [None if a is None else torch.from_numpy(a) for a in (bk, pk, br, pr)]
+                    before = (op.launches, op.syncs)
+                    got = op(*tensors)
+                    assert np.array_equal(got.pairs(), ref), f"{scheme}, {nb} x {npr}: {len(got)} pairs"
+                    if scheme == "partitioned" and npr:
+                        assert (op.launches - before[0], op.syncs - before[1]) == (3 + (len(ref) > npr), 1)
+                    assert np.array_equal(op(*tensors, timed=True).pairs(), ref), f"{scheme} by phases"
+    finally:
+        hash_cuda.kernel.cache_clear()
+
+
+def test_partition_plan():
+    """Partition bits bring the mean partition to at most part_rows (within PART_BITS_MAX), and pjoin's table fits
+    a block's static shared memory for every allowed part_rows."""
+    for n in (0, 1, 16, 17, 2048, 2049, 10**6, 10**7):
+        p = partition_bits(n, 2048)
+        assert n <= 2048 << p or p == 13
+        assert p == 0 or n > 2048 << (p - 1)
+    assert part_table_bytes(PART_ROWS_MAX, 8) + 64 <= SHARED_BYTES
+    assert part_table_bytes(PART_ROWS_MAX + 128, 8) > SHARED_BYTES - 1024
 
 @given(inputs=join_inputs(), config=TC_CONFIGS)
 def test_tensor_core_join_equals_pandas(inputs, config):
@@ -524,6 +701,9 @@ def test_configs_reject_bad_values():
         HashConfig(bucket_bytes=48)
     with pytest.raises(ValueError, match="scheme"):
         HashConfig(scheme="graph")
+    for rows in (8, PART_ROWS_MAX + 1):
+        with pytest.raises(ValueError, match="part_rows"):
+            HashConfig(part_rows=rows)
     with pytest.raises(ValueError, match="enc"):
         TCConfig(enc="bf8")
     with pytest.raises(ValueError, match="block_m"):
@@ -557,7 +737,7 @@ def test_hash_table_holds_every_build_row_once(keys, config):
         h = hash_keys(k, wide)
         bucket = np.empty(len(k), np.int64)
         bucket[pos[live]] = np.nonzero(live)[0]
-        linear = config.scheme.startswith("linear64") and (config.linear_wide or not wide)
+        linear = op._linear(built.table.dtype)
         b = first_bucket_np(h, lay.buckets).astype(np.int64)
         step = np.ones(len(k), np.int64) if linear else bucket_step_np(h, lay.buckets)
         for i in range(len(k)):

@@ -11,10 +11,14 @@ Per join (``config.scheme``):
   linear64  (int32 keys; int64 keys too with ``linear_wide``, else split) lbuild, then lprobe, which counts and writes
             in one pass (warps reserve their output ranges with one atomic add each): two launches, ``lrows`` rows
             per thread in flight, grid-stride loops;
-  linear64-fused  the same in one cooperative launch (lbuild | grid barrier | lprobe), grid = resident blocks.
-Both write into speculative outputs of n_probe pairs; the kernel that scans the tile totals writes the total into a
+  linear64-fused  the same in one cooperative launch (lbuild | grid barrier | lprobe), grid = resident blocks;
+  partitioned  pcount (both sides' partition histograms; the last block scans them into partition starts),
+            pscatter (both sides' (key, row id) pairs into their partitions), pjoin (one block per partition: a
+            shared-memory table of its build rows, its probe rows streamed through it, pairs written as in lprobe):
+            three launches; the partitioned buffers, counts, starts and cursors live in the workspace.
+All write into speculative outputs of n_probe pairs; the kernel that scans the tile totals writes the total into a
 mapped pinned host word (``readback="pinned"``), read after one stream sync; a total above n_probe re-runs the write
-exact-size (one more launch, no more syncs). The epoch-tagged table needs no clear per join (``hash_table``).
+exact-size (one more launch, no more syncs; partitioned: pjoin alone). The epoch-tagged table needs no clear per join (``hash_table``).
 
 cupy is not installed on CPU machines: everything here then reports ``unavailable_reason()`` and the tests skip.
 """
@@ -30,16 +34,21 @@ import torch
 from impl import backend
 from impl.common.rawkernel import launch as _launch
 from impl.common.timing import sm_count
-from impl.join.hash_table import BARRIER_TIMEOUT_NS, ERRORS, Built, HashConfig, HashJoinBase, Probed
+from impl.join.hash_table import (BARRIER_TIMEOUT_NS, ERRORS, PART_BITS_MAX, Built, HashConfig, HashJoinBase, Parts,
+                                  Probed)
 
 SOURCE = Path(__file__).with_name("hash_join.cu")
 KEY_SUFFIXES = ("i32", "i64")
 ROW_SUFFIXES = ("i32_r32", "i32_r64", "i64_r32", "i64_r64")
+KEY_KINDS = ("build", "count", "lbuild", "pcount")  # kernels compiled per key dtype only
 KERNEL_NAMES = tuple([f"join_{k}_{s}" for k in ("build", "count") for s in KEY_SUFFIXES]
                      + [f"join_{k}_{s}" for k in ("write", "fused") for s in ROW_SUFFIXES]
                      + [f"join_lbuild_{s}" for s in KEY_SUFFIXES]
-                     + [f"join_{k}_{s}" for k in ("lprobe", "lfused") for s in ROW_SUFFIXES])
+                     + [f"join_{k}_{s}" for k in ("lprobe", "lfused") for s in ROW_SUFFIXES]
+                     + [f"join_pcount_{s}" for s in KEY_SUFFIXES]
+                     + [f"join_{k}_{s}" for k in ("pscatter", "pjoin") for s in ROW_SUFFIXES])
 MAX_GRID = 65535
+PCOUNT_BLOCKS_PER_SM = 4  # pcount's grid: every block adds its histograms with up to 2 * P atomics, so few blocks
 
 try:
     import cupy
@@ -62,7 +71,8 @@ def unavailable_reason() -> str | None:
 def compile_options(config: HashConfig) -> tuple[str, ...]:
     return ("-std=c++17", f"-DJOIN_THREADS={config.threads}", f"-DJOIN_ITEMS={config.items}",
             f"-DBUCKET_BYTES={config.bucket_bytes}", f"-DJOIN_MIN_BLOCKS={config.min_blocks}",
-            f"-DJOIN_RECONVERGE={int(config.reconverge)}", f"-DJOIN_LROWS={config.lrows}")
+            f"-DJOIN_RECONVERGE={int(config.reconverge)}", f"-DJOIN_LROWS={config.lrows}",
+            f"-DJOIN_PART_CAP={config.part_capacity}", f"-DJOIN_PART_BITS_MAX={PART_BITS_MAX}")
 
 
 @functools.cache
@@ -81,7 +91,7 @@ def kernel(config: HashConfig, kind: str, keys: torch.dtype, rows: torch.dtype):
     """The compiled ``join_<kind>_...`` kernel for these key and row-id dtypes (one module per pair: less to
     compile)."""
     opts = compile_options(config) + (f"-DJOIN_KEY_BITS={_bits(keys)}", f"-DJOIN_ROW_BITS={_bits(rows)}")
-    suffix = f"i{_bits(keys)}" if kind in ("build", "count", "lbuild") else f"i{_bits(keys)}_r{_bits(rows)}"
+    suffix = f"i{_bits(keys)}" if kind in KEY_KINDS else f"i{_bits(keys)}_r{_bits(rows)}"
     return _module(opts, kind in ("fused", "lfused")).get_function(f"join_{kind}_{suffix}")
 
 
@@ -108,11 +118,12 @@ class PinnedWords:
 
 class HashJoinCuda(HashJoinBase):
     """CUDA hash join in CUDA C++ via CuPy (same table, phases and state as ``HashJoinNumba``; plus the fused
-    single-launch scheme)."""
+    single-launch schemes and the partitioned scheme)."""
 
     name = "hash-cuda"
     fused_available = True
     linear_available = True
+    partitioned_available = True
 
     def __init__(self, config: HashConfig = HashConfig()) -> None:
         reason = unavailable_reason()
@@ -202,6 +213,36 @@ class HashJoinCuda(HashJoinBase):
                 (_ptr(keys), keys.numel(), *self._table_args(probed.built), _ptr(probed.heads),
                  _ptr(probed.thread_counts), _ptr(probed.tile_offsets), _ptr(probed.built.rows), _ptr(probed.rows),
                  _ptr(out_b), _ptr(out_p), capacity))
+
+    def _launch_partition(self, parts: Parts, keys: torch.Tensor, rows: torch.Tensor | None,
+                          state: torch.Tensor) -> None:
+        cfg, ws, dev, n = self.config, self.ws, keys.device, keys.numel()
+        nparts, rdt = 1 << parts.bits, parts.row_dtype
+        if rows is not None and rows.dtype != rdt:
+            raise ValueError(f"{self.name}: probe row ids are {rows.dtype} but build row ids are {rdt}; "
+                             "give both sides one row-id dtype")
+        counts = ws.get("part_counts", 2 << PART_BITS_MAX, torch.int32, dev, zeros=True)  # pcount leaves it zero
+        starts = ws.get("part_starts", 2 * nparts + 2, torch.int32, dev)
+        cursors = ws.get("part_cursors", 2 * nparts, torch.int32, dev)
+        bpk, bpr = ws.get("part_bkeys", parts.n, keys.dtype, dev), ws.get("part_brows", parts.n, rdt, dev)
+        ppk, ppr = ws.get("part_pkeys", n, keys.dtype, dev), ws.get("part_prows", n, rdt, dev)
+        steps = -(-max(parts.n, n) // cfg.tile)
+        grid = max(1, min(steps, PCOUNT_BLOCKS_PER_SM * sm_count()))
+        _launch(kernel(cfg, "pcount", keys.dtype, rdt), grid, cfg.threads,
+                (_ptr(parts.keys), parts.n, _ptr(keys), n, parts.bits, _ptr(counts), _ptr(starts), _ptr(cursors),
+                 _ptr(state)))
+        chunks = -(-parts.n // cfg.tile) + -(-n // cfg.tile)
+        _launch(kernel(cfg, "pscatter", keys.dtype, rdt), max(1, min(chunks, MAX_GRID)), cfg.threads,
+                (_ptr(parts.keys), _ptr(parts.rows), parts.n, _ptr(keys), _ptr(rows), n, parts.bits, _ptr(cursors),
+                 _ptr(bpk), _ptr(bpr), _ptr(ppk), _ptr(ppr)))
+        parts.buffers = (starts, bpk, bpr, ppk, ppr)
+
+    def _launch_part_join(self, parts: Parts, out_b: torch.Tensor | None, out_p: torch.Tensor | None, capacity: int,
+                          state: torch.Tensor) -> None:
+        starts, bpk, bpr, ppk, ppr = parts.buffers
+        _launch(kernel(self.config, "pjoin", bpk.dtype, parts.row_dtype), min(1 << parts.bits, MAX_GRID),
+                self.config.threads, (_ptr(starts), parts.bits, _ptr(bpk), _ptr(bpr), _ptr(ppk), _ptr(ppr),
+                                      _ptr(out_b), _ptr(out_p), capacity, _ptr(state), self._host()))
 
     def resident_blocks(self, keys: torch.dtype, rows: torch.dtype, kind: str = "fused") -> int:
         """Blocks of a cooperative kernel (fused, lfused) that fit on the device at once (its grid's limit)."""

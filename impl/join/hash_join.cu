@@ -21,6 +21,7 @@
 //           arriver scans the tile totals | write. When every block has at most one tile, heads and counts stay in
 //           registers across the barriers.
 //   linear64: lbuild / lprobe near the end of this file (linear probing; int32 keys: packed 64-bit slots).
+//   partitioned: pcount / pscatter / pjoin after them (radix partitions, a shared-memory table per partition).
 
 #ifndef JOIN_THREADS
 #define JOIN_THREADS 256
@@ -750,6 +751,48 @@ __device__ __forceinline__ void linear_walk_from(long long b, K k, const Slot<K>
             return;
 }
 
+// Exclusive prefix of cnt over the warp's lanes plus *wsum (pairs of the warp's earlier rows); *wsum grows by the
+// warp's sum. Every lane calls it (full-mask votes): ballot + popc when no lane has more than one pair, a shuffle scan
+// otherwise.
+__device__ __forceinline__ long long warp_offset(long long cnt, int lane, long long* wsum) {
+    long long excl;
+    if (__ballot_sync(FULL_MASK, cnt > 1) == 0) {  // common case: 0 or 1 match per lane
+        const unsigned hit = __ballot_sync(FULL_MASK, cnt == 1);
+        excl = *wsum + __popc(hit & ((1u << lane) - 1u));
+        *wsum += __popc(hit);
+    } else {
+        long long x = cnt;
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+            const long long y = __shfl_up_sync(FULL_MASK, x, d);
+            if (lane >= d) x += y;
+        }
+        excl = *wsum + x - cnt;
+        *wsum += __shfl_sync(FULL_MASK, x, 31);
+    }
+    return excl;
+}
+
+// The end of a kernel whose warps reserved their pairs on *counter: the last block to finish (ticket state[6])
+// publishes the total (state[0], host[0]) and leaves the counter and the ticket at zero for the next launch. Every
+// thread of every block calls it.
+__device__ void publish_total(u64* counter, long long* state, long long* host) {
+    JOIN_SHARED(int, is_last, 1);
+    __syncthreads();  // every warp of the block has reserved its pairs (its atomicAdd returned)
+    if (threadIdx.x == 0) {
+        __threadfence();
+        is_last[0] = atomicAdd((u64*)&state[LIN_TICKET], 1ull) == (u64)gridDim.x - 1;
+    }
+    __syncthreads();
+    if (is_last[0] && threadIdx.x == 0) {
+        __threadfence();
+        const long long total = (long long)atomicExch(counter, 0ull);  // ready for the next launch
+        state[LIN_TICKET] = 0;
+        state[0] = total;
+        if (host) host[0] = total;
+    }
+}
+
 // RO: the table is read-only for the whole launch (lprobe: loads through L1); the fused kernel wrote it earlier in
 // the same launch, so it reads through L2. JOIN_LROWS rows per thread and step (row base + r * THREADS + t): their
 // key loads, then their first-bucket loads, are all issued before any bucket is inspected; the warp reserves the
@@ -759,7 +802,6 @@ __device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, co
                                     long long shift, long long epoch, const R* __restrict__ brows,
                                     const R* __restrict__ prows, R* __restrict__ out_b, R* __restrict__ out_p,
                                     long long capacity, long long* state, long long* host) {
-    JOIN_SHARED(int, is_last, 1);
     const unsigned sh = (unsigned)shift, ep = (unsigned)epoch;
     const int lane = threadIdx.x & 31;
     const long long stride = (long long)gridDim.x * LSTEP;
@@ -794,20 +836,7 @@ __device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, co
                                                 out_b, out_p, 0))
                 linear_walk_from<K, R, RO>(linear_next(b0, nb), k[r], table, nb, sh, ep, cnt[r], &first[r], false, 0,
                                            (R)0, brows, out_b, out_p, 0);
-            if (__ballot_sync(FULL_MASK, cnt[r] > 1) == 0) {  // common case: 0 or 1 match per lane
-                const unsigned hit = __ballot_sync(FULL_MASK, cnt[r] == 1);
-                excl[r] = wsum + __popc(hit & ((1u << lane) - 1u));
-                wsum += __popc(hit);
-            } else {
-                long long x = cnt[r];
-#pragma unroll
-                for (int d = 1; d < 32; d <<= 1) {
-                    const long long y = __shfl_up_sync(FULL_MASK, x, d);
-                    if (lane >= d) x += y;
-                }
-                excl[r] = wsum + x - cnt[r];
-                wsum += __shfl_sync(FULL_MASK, x, 31);
-            }
+            excl[r] = warp_offset(cnt[r], lane, &wsum);
         }
         if (wsum == 0) continue;  // uniform over the warp
         long long wbase = 0;
@@ -829,19 +858,7 @@ __device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, co
             }
         }
     }
-    __syncthreads();  // every warp of the block has reserved its pairs (its atomicAdd returned)
-    if (threadIdx.x == 0) {
-        __threadfence();
-        is_last[0] = atomicAdd((u64*)&state[LIN_TICKET], 1ull) == (u64)gridDim.x - 1;
-    }
-    __syncthreads();
-    if (is_last[0] && threadIdx.x == 0) {
-        __threadfence();
-        const long long total = (long long)atomicExch(counter, 0ull);  // ready for the next launch
-        state[LIN_TICKET] = 0;
-        state[0] = total;
-        if (host) host[0] = total;
-    }
+    publish_total(counter, state, host);
 }
 
 // linear64 in one cooperative launch (grid = resident blocks): lbuild | grid barrier | lprobe. bar_base as for
@@ -858,6 +875,266 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
     linear_probe_kernel<K, R, false>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity, state,
                                      host);
 }
+
+// ---- partitioned: radix partitions small enough for a shared-memory table (pcount, pscatter, pjoin) -----------------
+//
+// P = 2^pbits partitions (pbits = 0: one) of both sides by the high pbits bits of h = mix32(fold(key)); int64 keys
+// fold both halves into h and are compared whole. Every phase streams its input; the only random accesses go to
+// shared memory (and, per match, to the partition's build row ids, which the join just wrote).
+//   pcount:   grid-stride over the build keys, then the probe keys (JOIN_ITEMS rows per thread and step, loads first):
+//             a shared histogram of partition ids per block and side, added to counts[side * P + q] with one
+//             atomicAdd per non-empty (block, partition). The last block to finish (ticket state[7]) scans each
+//             side's counts into starts[side * (P + 1) + q] (the side's row count at q = P), copies them into the
+//             write cursors, and leaves the counts and the ticket at zero for the next join (no memset launches).
+//   pscatter: chunks of TILE rows of one side (the build side's chunks first), grid-stride: each row's rank among the
+//             chunk's rows of its partition (shared atomicAdd); the partition's first row reserves the chunk's run
+//             with one atomicAdd on the partition's cursor; (key, row id) pairs go to run + rank in the side's
+//             partitioned key and row buffers. Order inside a partition is arbitrary.
+//   pjoin:    one block per partition, grid-stride. Its build rows go into a shared linear-probing table in rounds of
+//             at most JOIN_PART_CAP rows (PART_SLOTS >= 2 * JOIN_PART_CAP 16-bit slots, each the index of one round
+//             row, whose key is in tkey[]; every duplicate owns a slot), then every probe row of the partition walks
+//             the table from slot h mod PART_SLOTS (the low bits of h; the partition took the high ones) to the first
+//             empty slot. A partition with more build rows than JOIN_PART_CAP (build-side skew) takes several rounds
+//             and streams its probe rows once per round: slower, never wrong. Pairs as in lprobe: warps reserve their
+//             ranges on state[5] with one atomicAdd, pairs at offsets >= capacity are dropped (capacity 0: count
+//             only), the last block publishes the total (state[0], host[0]) and resets the counter and its ticket.
+//             An exact-size re-write runs pjoin alone again: the partitioned buffers are still there.
+
+#ifndef JOIN_PART_CAP  // build rows per pjoin round (the shared table's capacity); HashConfig.part_capacity
+#define JOIN_PART_CAP 2560
+#endif
+#ifndef JOIN_PART_BITS_MAX  // at most 2^JOIN_PART_BITS_MAX partitions (pcount's and pscatter's shared histogram)
+#define JOIN_PART_BITS_MAX 13
+#endif
+#define PART_MAX (1 << JOIN_PART_BITS_MAX)
+#define PART_TICKET 7  // state[7]: pcount blocks finished
+#define PART_EMPTY 0xFFFFu
+
+template <int X>  // the smallest power of two >= X (a type, not a function: NVRTC compiles no host code)
+struct Pow2AtLeast {
+    static constexpr int value = 2 * Pow2AtLeast<(X + 1) / 2>::value;
+};
+template <>
+struct Pow2AtLeast<1> {
+    static constexpr int value = 1;
+};
+#define PART_SLOTS (Pow2AtLeast<2 * JOIN_PART_CAP>::value)
+static_assert(JOIN_PART_CAP >= 1 && JOIN_PART_CAP < (int)PART_EMPTY, "a slot holds a round row's 16-bit index");
+
+__device__ __forceinline__ int part_of(unsigned h, int pbits) { return pbits ? (int)(h >> (32 - pbits)) : 0; }
+
+// Add one side's partition histogram to counts[0, P): this block's rows of the grid-stride loop, then one atomicAdd
+// per non-empty partition. Every thread of the block calls it.
+template <typename K>
+__device__ void part_count_side(const K* __restrict__ keys, long long n, int pbits, int* hist, int* counts) {
+    const int nparts = 1 << pbits;
+    for (int q = threadIdx.x; q < nparts; q += JOIN_THREADS) hist[q] = 0;
+    __syncthreads();
+    for (long long base = (long long)blockIdx.x * TILE; base < n; base += (long long)gridDim.x * TILE) {
+        K k[JOIN_ITEMS];
+#pragma unroll
+        for (int r = 0; r < JOIN_ITEMS; ++r) {
+            const long long i = base + r * JOIN_THREADS + threadIdx.x;
+            k[r] = i < n ? keys[i] : (K)0;
+        }
+#pragma unroll
+        for (int r = 0; r < JOIN_ITEMS; ++r)
+            if (base + r * JOIN_THREADS + threadIdx.x < n) atomicAdd(&hist[part_of(mix32(fold(k[r])), pbits)], 1);
+    }
+    __syncthreads();
+    for (int q = threadIdx.x; q < nparts; q += JOIN_THREADS)
+        if (hist[q]) atomicAdd(&counts[q], hist[q]);
+    __syncthreads();  // the histogram is reused by the next side
+}
+
+// One block: starts[q] = counts[0] + ... + counts[q - 1] for q <= P (starts[P] = the side's rows), cursors[q] =
+// starts[q]; the counts are left at zero. Counts were added by other blocks' atomics: read through L2.
+__device__ void part_scan_side(int* counts, int nparts, int* starts, int* cursors) {
+    const int chunk = (nparts + JOIN_THREADS - 1) / JOIN_THREADS;
+    const int lo = min((int)threadIdx.x * chunk, nparts), hi = min(lo + chunk, nparts);
+    long long s = 0;
+    for (int q = lo; q < hi; ++q) s += __ldcg(&counts[q]);
+    long long total;
+    long long run = block_exclusive_scan(s, &total);
+    for (int q = lo; q < hi; ++q) {
+        const int c = __ldcg(&counts[q]);
+        starts[q] = cursors[q] = (int)run;
+        counts[q] = 0;
+        run += c;
+    }
+    if (threadIdx.x == 0) starts[nparts] = (int)total;
+}
+
+template <typename K>
+__device__ void part_count_kernel(const K* bkeys, long long nbuild, const K* pkeys, long long nprobe, long long pbits,
+                                  int* counts, int* starts, int* cursors, long long* state) {
+    JOIN_SHARED(int, hist, PART_MAX);
+    JOIN_SHARED(int, is_last, 1);
+    const int pb = (int)pbits, nparts = 1 << pb;
+    part_count_side(bkeys, nbuild, pb, hist, counts);
+    part_count_side(pkeys, nprobe, pb, hist, counts + nparts);
+    __threadfence();  // this thread's count atomics are done before the block takes its ticket
+    __syncthreads();
+    if (threadIdx.x == 0) is_last[0] = atomicAdd((u64*)&state[PART_TICKET], 1ull) == (u64)gridDim.x - 1;
+    __syncthreads();
+    if (!is_last[0]) return;  // uniform per block
+    __threadfence();
+    part_scan_side(counts, nparts, starts, cursors);
+    part_scan_side(counts + nparts, nparts, starts + nparts + 1, cursors + nparts);
+    if (threadIdx.x == 0) state[PART_TICKET] = 0;  // the ticket is ready for the next join
+}
+
+template <typename K, typename R>
+__device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __restrict__ brows, long long nbuild,
+                                    const K* __restrict__ pkeys, const R* __restrict__ prows, long long nprobe,
+                                    long long pbits, int* cursors, K* __restrict__ bpk, R* __restrict__ bpr,
+                                    K* __restrict__ ppk, R* __restrict__ ppr) {
+    JOIN_SHARED(int, hist, PART_MAX);  // per partition: the chunk's rows in it, then the base of the chunk's run
+    const int pb = (int)pbits, nparts = 1 << pb;
+    const long long bchunks = (nbuild + TILE - 1) / TILE, chunks = bchunks + (nprobe + TILE - 1) / TILE;
+    for (int q = threadIdx.x; q < nparts; q += JOIN_THREADS) hist[q] = 0;
+    for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const bool probe = c >= bchunks;
+        const K* keys = probe ? pkeys : bkeys;
+        const R* rows = probe ? prows : brows;
+        K* out_k = probe ? ppk : bpk;
+        R* out_r = probe ? ppr : bpr;
+        int* cursor = probe ? cursors + nparts : cursors;
+        const long long n = probe ? nprobe : nbuild, base = (probe ? c - bchunks : c) * TILE;
+        K k[JOIN_ITEMS];
+        int q[JOIN_ITEMS], rank[JOIN_ITEMS];
+        __syncthreads();  // the histogram is zero again (the previous chunk's first rows reset their entries)
+#pragma unroll
+        for (int r = 0; r < JOIN_ITEMS; ++r) {
+            const long long i = base + r * JOIN_THREADS + threadIdx.x;
+            k[r] = i < n ? keys[i] : (K)0;
+        }
+#pragma unroll
+        for (int r = 0; r < JOIN_ITEMS; ++r) {
+            q[r] = part_of(mix32(fold(k[r])), pb);
+            rank[r] = base + r * JOIN_THREADS + threadIdx.x < n ? atomicAdd(&hist[q[r]], 1) : -1;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < JOIN_ITEMS; ++r)  // the partition's first row reserves the chunk's run
+            if (rank[r] == 0) hist[q[r]] = atomicAdd(&cursor[q[r]], hist[q[r]]);
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < JOIN_ITEMS; ++r) {
+            if (rank[r] < 0) continue;
+            const long long i = base + r * JOIN_THREADS + threadIdx.x, at = (long long)hist[q[r]] + rank[r];
+            out_k[at] = k[r];
+            out_r[at] = row_id(rows, i);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < JOIN_ITEMS; ++r)
+            if (rank[r] == 0) hist[q[r]] = 0;
+    }
+}
+
+// Put round row i (key k) into the first empty slot from its home slot (the table has room: PART_SLOTS > rows).
+template <typename K>
+__device__ __forceinline__ void part_insert(unsigned short* slots, K k, int i) {
+    unsigned s = mix32(fold(k)) & (PART_SLOTS - 1);
+    while (atomicCAS(&slots[s], (unsigned short)PART_EMPTY, (unsigned short)i) != PART_EMPTY)
+        s = (s + 1) & (PART_SLOTS - 1);
+}
+
+// Matches of probe key k among the round's rows: their count, the first one's round index in *first; with `emit`
+// the pairs (brows[index], pj) go to out_[bp][at + c] where at + c < capacity.
+template <typename K, typename R>
+__device__ __forceinline__ long long part_walk(const unsigned short* slots, const K* tkey, K k, int* first, bool emit,
+                                               long long at, R pj, const R* brows, R* out_b, R* out_p,
+                                               long long capacity) {
+    long long cnt = 0;
+    for (unsigned s = mix32(fold(k)) & (PART_SLOTS - 1);; s = (s + 1) & (PART_SLOTS - 1)) {
+        const unsigned v = slots[s];
+        if (v == PART_EMPTY) return cnt;
+        if (tkey[v] == k) {
+            if (cnt == 0) *first = (int)v;
+            if (emit && at + cnt < capacity) {
+                out_b[at + cnt] = brows[v];
+                out_p[at + cnt] = pj;
+            }
+            ++cnt;
+        }
+    }
+}
+
+template <typename K, typename R>
+__device__ void part_join_kernel(const int* starts, long long pbits, const K* __restrict__ bpk,
+                                 const R* __restrict__ bpr, const K* __restrict__ ppk, const R* __restrict__ ppr,
+                                 R* __restrict__ out_b, R* __restrict__ out_p, long long capacity, long long* state,
+                                 long long* host) {
+    JOIN_SHARED(unsigned short, slots, PART_SLOTS);
+    JOIN_SHARED(K, tkey, JOIN_PART_CAP);
+    const int nparts = 1 << (int)pbits, lane = threadIdx.x & 31;
+    const int* pstarts = starts + nparts + 1;
+    u64* counter = (u64*)&state[LIN_COUNTER];
+    for (int q = blockIdx.x; q < nparts; q += gridDim.x) {
+        // long long: stepping past a partition that ends near 2^31 rows must not overflow
+        const long long bs = starts[q], be = starts[q + 1], ps = pstarts[q], pe = pstarts[q + 1];
+        if (bs == be || ps == pe) continue;  // uniform over the block
+        for (long long r0 = bs; r0 < be; r0 += JOIN_PART_CAP) {  // rounds of the partition's build rows
+            const int m = (int)min((long long)JOIN_PART_CAP, be - r0);
+            __syncthreads();  // the previous round's probes are done with the table
+            for (int s = threadIdx.x; s < PART_SLOTS; s += JOIN_THREADS) slots[s] = (unsigned short)PART_EMPTY;
+            __syncthreads();
+            for (int i = threadIdx.x; i < m; i += JOIN_THREADS) {
+                const K k = bpk[r0 + i];
+                tkey[i] = k;
+                part_insert(slots, k, i);
+            }
+            __syncthreads();
+            const R* brows = bpr + r0;
+            for (long long j0 = ps; j0 < pe; j0 += JOIN_THREADS) {  // uniform over the block: full-mask votes
+                const long long j = j0 + threadIdx.x;
+                const K k = j < pe ? ppk[j] : (K)0;
+                int first = 0;
+                const long long cnt =
+                    j < pe ? part_walk<K, R>(slots, tkey, k, &first, false, 0, (R)0, brows, out_b, out_p, 0) : 0;
+                long long wsum = 0;
+                const long long excl = warp_offset(cnt, lane, &wsum);
+                if (wsum == 0) continue;  // uniform over the warp
+                long long wbase = 0;
+                if (lane == 0) wbase = (long long)atomicAdd(counter, (u64)wsum);
+                wbase = __shfl_sync(FULL_MASK, wbase, 0);
+                const long long at = wbase + excl;
+                if (cnt == 0 || at >= capacity) continue;
+                const R pj = ppr[j];
+                if (cnt == 1) {
+                    out_b[at] = brows[first];
+                    out_p[at] = pj;
+                } else {
+                    part_walk<K, R>(slots, tkey, k, &first, true, at, pj, brows, out_b, out_p, capacity);
+                }
+            }
+        }
+    }
+    publish_total(counter, state, host);
+}
+
+#define JOIN_PART_COUNT(K, SUF)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
+        join_pcount_##SUF(const K* bkeys, long long nbuild, const K* pkeys, long long nprobe, long long pbits,  \
+                          int* counts, int* starts, int* cursors, long long* state) {                           \
+        part_count_kernel<K>(bkeys, nbuild, pkeys, nprobe, pbits, counts, starts, cursors, state);              \
+    }
+
+#define JOIN_PART_ROWS(K, R, SUF)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
+        join_pscatter_##SUF(const K* bkeys, const R* brows, long long nbuild, const K* pkeys, const R* prows,    \
+                            long long nprobe, long long pbits, int* cursors, K* bpk, R* bpr, K* ppk, R* ppr) {   \
+        part_scatter_kernel<K, R>(bkeys, brows, nbuild, pkeys, prows, nprobe, pbits, cursors, bpk, bpr, ppk,    \
+                                  ppr);                                                                          \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
+        join_pjoin_##SUF(const int* starts, long long pbits, const K* bpk, const R* bpr, const K* ppk,          \
+                         const R* ppr, R* out_b, R* out_p, long long capacity, long long* state,                \
+                         long long* host) {                                                                      \
+        part_join_kernel<K, R>(starts, pbits, bpk, bpr, ppk, ppr, out_b, out_p, capacity, state, host);         \
+    }
 
 #define JOIN_LINEAR_BUILD(K, SUF)                                                                                 \
     extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
@@ -922,24 +1199,30 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
 #if !defined(JOIN_KEY_BITS) || JOIN_KEY_BITS == 32
 JOIN_KEY_KERNELS(int, i32)
 JOIN_LINEAR_BUILD(int, i32)
+JOIN_PART_COUNT(int, i32)
 #if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 32
 JOIN_ROW_KERNELS(int, int, i32_r32)
 JOIN_LINEAR_PROBE(int, int, i32_r32)
+JOIN_PART_ROWS(int, int, i32_r32)
 #endif
 #if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 64
 JOIN_ROW_KERNELS(int, long long, i32_r64)
 JOIN_LINEAR_PROBE(int, long long, i32_r64)
+JOIN_PART_ROWS(int, long long, i32_r64)
 #endif
 #endif
 #if !defined(JOIN_KEY_BITS) || JOIN_KEY_BITS == 64
 JOIN_KEY_KERNELS(long long, i64)
 JOIN_LINEAR_BUILD(long long, i64)
+JOIN_PART_COUNT(long long, i64)
 #if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 32
 JOIN_ROW_KERNELS(long long, int, i64_r32)
 JOIN_LINEAR_PROBE(long long, int, i64_r32)
+JOIN_PART_ROWS(long long, int, i64_r32)
 #endif
 #if !defined(JOIN_ROW_BITS) || JOIN_ROW_BITS == 64
 JOIN_ROW_KERNELS(long long, long long, i64_r64)
 JOIN_LINEAR_PROBE(long long, long long, i64_r64)
+JOIN_PART_ROWS(long long, long long, i64_r64)
 #endif
 #endif

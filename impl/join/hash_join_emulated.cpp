@@ -9,9 +9,11 @@
 // guard words past their capacity to catch out-of-bounds writes.
 //
 // Input (text, stdin): "wide scheme joins" (scheme 0 = build/count/write kernels, 1 = the fused kernel, 2 = the
-// linear64 lbuild/lprobe kernels, 3 = linear64's lfused kernel; wide = int64 keys), then per
-// join a line "nbuild nprobe buckets shift epoch clear capacity grid" and the build keys, build rows, probe keys,
-// probe rows. Output per join: "total error guards_intact rewritten", then one "build_row probe_row" line per pair.
+// linear64 lbuild/lprobe kernels, 3 = linear64's lfused kernel, 4 = the partitioned pcount/pscatter/pjoin kernels,
+// 5 = scheme 4 with a planted bug for the tests to catch: the last partition's probe rows are hidden from pjoin;
+// wide = int64 keys), then per join a line "nbuild nprobe buckets shift epoch clear capacity grid" (schemes 4-5:
+// buckets = the partition bits, shift/epoch/clear unused) and the build keys, build rows, probe keys, probe rows.
+// Output per join: "total error guards_intact rewritten", then one "build_row probe_row" line per pair.
 #include <algorithm>
 #include <atomic>
 #include <barrier>
@@ -277,6 +279,76 @@ int run_linear(int joins, bool fused, LinearKernels<K> k) {
 }
 
 template <typename K>
+struct PartKernels {
+    void (*count)(const K*, long long, const K*, long long, long long, int*, int*, int*, long long*);
+    void (*scatter)(const K*, const K*, long long, const K*, const K*, long long, long long, int*, K*, K*, K*, K*);
+    void (*join)(const int*, long long, const K*, const K*, const K*, const K*, K*, K*, long long, long long*,
+                 long long*);
+};
+
+// schemes 4-5 (partitioned): pcount, pscatter, pjoin over at most `grid` blocks each (grid-stride loops), the
+// counts, starts, cursors, partitioned buffers and state reused across joins as hash_cuda.py reuses its workspace;
+// pjoin again exact-size when the total exceeds the speculative capacity. After each join the counts, the tickets
+// and the pair counter must be back at zero, and every partition's write cursor must have reached its end.
+template <typename K>
+int run_partitioned(int joins, bool hide_last, PartKernels<K> k) {
+    const unsigned threads = JOIN_THREADS;
+    const long long tile = TILE;
+    std::vector<long long> state(8, 0);
+    std::vector<int> counts(2 * PART_MAX, 0), starts(2 * PART_MAX + 2, -1), cursors(2 * PART_MAX, -1);
+    std::vector<K> bpk, bpr, ppk, ppr;
+    std::vector<Slot<K>> unused;
+    for (int q = 0; q < joins; ++q) {
+        JoinInput<K> in;
+        if (!read_join(in, unused)) return 4;
+        auto& [nbuild, n, pbits, shift, epoch, clear, capacity, grid, bk, br, pk, pr] = in;
+        if (pbits < 0 || pbits > JOIN_PART_BITS_MAX) return 3;
+        const long long nparts = 1LL << pbits;
+        long long host[2] = {-7, 0};
+        const K guard = (K)0x5A5A5A5A;
+        std::vector<K> ob(capacity + 16, guard), op(capacity + 16, guard);
+        bpk.assign(nbuild, guard), bpr.assign(nbuild, guard), ppk.assign(n, guard), ppr.assign(n, guard);
+        state[0] = 0;
+        auto join = [&](long long cap) {
+            launch(k.join, (unsigned)std::min(grid, nparts), threads, false, (const int*)starts.data(), pbits,
+                   (const K*)bpk.data(), (const K*)bpr.data(), (const K*)ppk.data(), (const K*)ppr.data(), ob.data(),
+                   op.data(), cap, state.data(), host);
+        };
+        if (n) {  // the host returns before any launch when the probe side is empty
+            const long long rows = std::max(nbuild, n), chunks = (nbuild + tile - 1) / tile + (n + tile - 1) / tile;
+            launch(k.count, (unsigned)std::max(1LL, std::min(grid, (rows + tile - 1) / tile)), threads, false,
+                   (const K*)bk.data(), nbuild, (const K*)pk.data(), n, pbits, counts.data(), starts.data(),
+                   cursors.data(), state.data());
+            launch(k.scatter, (unsigned)std::max(1LL, std::min(grid, chunks)), threads, false, (const K*)bk.data(),
+                   (const K*)br.data(), nbuild, (const K*)pk.data(), (const K*)pr.data(), n, pbits, cursors.data(),
+                   bpk.data(), bpr.data(), ppk.data(), ppr.data());
+            for (int side = 0; side < 2; ++side)
+                for (long long p = 0; p < nparts; ++p)
+                    if (cursors[side * nparts + p] != starts[side * (nparts + 1) + p + 1]) return 8;
+            if (hide_last) starts[2 * nparts] = starts[2 * nparts + 1];
+            join(capacity);
+        } else {
+            host[0] = 0;
+        }
+        const long long total = state[0];
+        if (host[0] != total || host[1] != state[1]) return 5;
+        if (state[5] != 0 || state[6] != 0 || state[PART_TICKET] != 0) return 6;
+        if (std::any_of(counts.begin(), counts.end(), [](int c) { return c != 0; })) return 6;
+        bool guards = guarded_from(ob, capacity, guard) && guarded_from(op, capacity, guard);
+        const bool rewrite = total > capacity;
+        if (rewrite) {  // pjoin alone again, exact-size: the partitioned buffers are still there
+            ob.assign(total + 16, guard);
+            op.assign(total + 16, guard);
+            join(total);
+            if (state[0] != total) return 7;
+            guards = guards && guarded_from(ob, total, guard) && guarded_from(op, total, guard);
+        }
+        print_join(total, state[1], guards, rewrite, ob, op);
+    }
+    return 0;
+}
+
+template <typename K>
 int run(int scheme, int joins, Kernels<K> k) {
     using S = Slot<K>;
     const unsigned threads = JOIN_THREADS;
@@ -335,9 +407,63 @@ int run(int scheme, int joins, Kernels<K> k) {
     return 0;
 }
 
+#ifdef JOIN_EMULATED_LIB
+// Test-only entry point (built with -shared -DJOIN_EMULATED_LIB): emu_launch("join_<kind>_<suffix>", grid, block,
+// cooperative, args) runs one kernel with its arguments given as 8-byte words in the kernel's order, the way CuPy
+// passes pointers and long longs, so hash_cuda.py's own launch code can drive the kernels on the CPU.
+#include <functional>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+template <typename T>
+T from_word(long long w) {
+    if constexpr (std::is_pointer_v<T>)
+        return reinterpret_cast<T>(w);
+    else
+        return (T)w;
+}
+
+template <typename... P, size_t... I>
+void launch_words(void (*kernel)(P...), unsigned grid, bool cooperative, const long long* a,
+                  std::index_sequence<I...>) {
+    launch(kernel, grid, JOIN_THREADS, cooperative, from_word<P>(a[I])...);
+}
+
+using WordKernel = std::function<void(unsigned, bool, const long long*)>;
+
+template <typename... P>
+std::pair<std::string, WordKernel> entry(const char* name, void (*kernel)(P...)) {
+    return {name, [kernel](unsigned grid, bool coop, const long long* a) {
+                launch_words(kernel, grid, coop, a, std::index_sequence_for<P...>{});
+            }};
+}
+
+#define ENTRY(k) entry(#k, k)
+#define ROW_ENTRIES(SUF)                                                                                           \
+    ENTRY(join_write_##SUF), ENTRY(join_fused_##SUF), ENTRY(join_lprobe_##SUF), ENTRY(join_lfused_##SUF),        \
+        ENTRY(join_pscatter_##SUF), ENTRY(join_pjoin_##SUF)
+
+extern "C" int emu_launch(const char* name, unsigned grid, unsigned block, int cooperative, const long long* args) {
+    static const std::map<std::string, WordKernel> kernels = {
+        ENTRY(join_build_i32), ENTRY(join_count_i32), ENTRY(join_lbuild_i32), ENTRY(join_pcount_i32),
+        ENTRY(join_build_i64), ENTRY(join_count_i64), ENTRY(join_lbuild_i64), ENTRY(join_pcount_i64),
+        ROW_ENTRIES(i32_r32),  ROW_ENTRIES(i32_r64),  ROW_ENTRIES(i64_r32),   ROW_ENTRIES(i64_r64)};
+    if (block != JOIN_THREADS) return 2;  // the block size is compiled in
+    auto it = kernels.find(name);
+    if (it == kernels.end()) return 3;
+    it->second(grid, cooperative != 0, args);
+    return 0;
+}
+#else
 int main() {
     int wide, scheme, joins;
     if (std::scanf("%d %d %d", &wide, &scheme, &joins) != 3) return 2;
+    if (scheme >= 4 && wide)
+        return run_partitioned<long long>(joins, scheme == 5,
+                                          {join_pcount_i64, join_pscatter_i64_r64, join_pjoin_i64_r64});
+    if (scheme >= 4)
+        return run_partitioned<int>(joins, scheme == 5, {join_pcount_i32, join_pscatter_i32_r32, join_pjoin_i32_r32});
     if (scheme >= 2 && wide)
         return run_linear<long long>(joins, scheme == 3, {join_lbuild_i64, join_lprobe_i64_r64, join_lfused_i64_r64});
     if (scheme >= 2)
@@ -346,3 +472,4 @@ int main() {
         return run<long long>(scheme, joins, {join_build_i64, join_count_i64, join_write_i64_r64, join_fused_i64_r64});
     return run<int>(scheme, joins, {join_build_i32, join_count_i32, join_write_i32_r32, join_fused_i32_r32});
 }
+#endif

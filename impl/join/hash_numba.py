@@ -15,6 +15,8 @@ The table, the phases and the host protocol are ``hash_table``'s (read its modul
 The table words are the C++ layout viewed as the key dtype: word 2s = key, word 2s + 1 = tag (int32 tables hold the
 tag's bit pattern, int64 tables the tag in the low half and a zero pad above). The fused single-launch scheme needs
 co-resident blocks, which the simulator does not have: it runs in the C++ emulation only (``hash_join_emulated.cpp``).
+The partitioned scheme has no numba twin: asked for it, this backend runs linear64 (``HashJoinBase._linear``); its
+C++ kernels are checked under the emulation.
 """
 from __future__ import annotations
 
@@ -403,7 +405,8 @@ def as_numba(t: torch.Tensor) -> Any:
 
 
 class HashJoinNumba(HashJoinBase):
-    """The hash join in numba-cuda (split and linear64 schemes; the CPU twin of ``HashJoinCuda``)."""
+    """The hash join in numba-cuda (split and linear64 schemes; linear64 stands in for linear64-fused and
+    partitioned; the CPU twin of ``HashJoinCuda``)."""
 
     name = "hash-numba"
     linear_available = True

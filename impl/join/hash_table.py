@@ -16,6 +16,11 @@ The linear64 scheme (int32 keys, and int64 keys with ``linear_wide``; backends w
 the same table memory and epochs but probes linearly (a bucket's slots, then the next bucket) and needs no heads or
 counts: its probe kernel counts and writes in one pass, so a join is build + probe (+ the probe again, exact-size,
 when the output overflows the speculative buffer); its probe phase counts only.
+The partitioned scheme (backends with ``partitioned_available``; the others run linear64 instead) needs no table:
+pcount, pscatter and pjoin (``hash_join.cu``) cut both sides into ``P = 2**partition_bits(n_build, part_rows)``
+partitions by the high bits of the key hash (about ``part_rows`` build rows each) and join each partition in a
+shared-memory table; a join is those three launches (+ pjoin again, exact-size, when the output overflows the
+speculative buffer). Its build phase only records the build side; its probe phase partitions both sides and counts.
 The three phases are also exposed one by one (``build``/``probe``/``materialize``) for the per-phase benches.
 """
 from __future__ import annotations
@@ -28,17 +33,39 @@ from typing import Any
 import numpy as np
 import torch
 
-from impl.join.common import JoinResult, Workspace, check_inputs, check_output_fits, mix32_np
+from impl.join.common import JoinResult, Workspace, check_inputs, check_output_fits, mix32_np, next_pow2
 
 
 
 HEAD_NONE, HEAD_MANY = -1, -2
 STEP_SALT = 0x9E3779B9
-SCHEMES = ("fused", "split", "linear64", "linear64-fused")
+SCHEMES = ("fused", "split", "linear64", "linear64-fused", "partitioned")
 CLEARS = ("epoch", "memset")
 READBACKS = ("pinned", "item")
 BARRIER_TIMEOUT_NS = 2_000_000_000
 ERRORS = {1: "a grid barrier timed out (blocks were not all resident)", 2: "the hash table had no free slot"}
+PART_BITS_MAX = 13       # hash_join.cu's JOIN_PART_BITS_MAX: at most 2**13 partitions (a 32 KiB shared histogram)
+PART_ROWS_MIN = 16
+PART_ROWS_MAX = 3072     # the largest part_rows whose pjoin table for int64 keys fits SHARED_BYTES
+SHARED_BYTES = 48 * 1024  # static shared memory a block may declare
+
+
+def part_capacity(part_rows: int) -> int:
+    """Build rows per pjoin round (the shared table's capacity, ``JOIN_PART_CAP``): ``part_rows`` + 25%, since
+    partition sizes scatter around their mean (at most ``part_rows``)."""
+    return part_rows + part_rows // 4
+
+
+def part_table_bytes(part_rows: int, key_bytes: int) -> int:
+    """Shared bytes of pjoin's table: ``S = next_pow2(2 * cap)`` 16-bit slots + ``cap`` keys."""
+    cap = part_capacity(part_rows)
+    return 2 * next_pow2(2 * cap) + key_bytes * cap
+
+
+def partition_bits(n_build: int, part_rows: int) -> int:
+    """The fewest partition bits p with ``n_build / 2**p <= part_rows``, at most ``PART_BITS_MAX`` (beyond it the
+    partitions are larger and pjoin takes several rounds per partition)."""
+    return min(PART_BITS_MAX, (max(1, math.ceil(n_build / part_rows)) - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -59,7 +86,8 @@ class HashConfig:
     scheme: str = "linear64"  # fused: one cooperative launch; split: build, count, write kernels; linear64 (int32
                               # keys; int64 keys with linear_wide, else split): linear probing, build +
                               # one probe kernel that counts and writes (``hash_join.cu``); linear64-fused: the
-                              # two in one cooperative launch (C++ only; the numba twin runs linear64)
+                              # two in one cooperative launch (C++ only; the numba twin runs linear64);
+                              # partitioned: pcount, pscatter, pjoin (C++ only; the numba twin runs linear64)
     clear: str = "epoch"      # epoch: no clear per join; memset: zero the table before every build
     readback: str = "pinned"  # pinned: the kernel writes the total into pinned host memory; item: tensor.item()
     min_blocks: int = 1       # __launch_bounds__ minimum resident blocks per SM (caps registers)
@@ -71,6 +99,8 @@ class HashConfig:
     linear_wide: bool = True  # linear64 schemes: int64 keys take the linear kernels too (16-byte slots {key, tag,
                                # pad}: CAS the tag, then store the key) instead of the split kernels
     epoch_bits: int | None = None  # cap on the tag's epoch field (tests use 1-2 bits to force wraps)
+    part_rows: int = 2048     # partitioned: build rows per partition at most on average (the partition count is the
+                              # power of two that gets there); pjoin's shared table holds part_capacity(part_rows)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.load_factor <= 0.9:
@@ -92,10 +122,17 @@ class HashConfig:
             raise ValueError(f"min_blocks must be >= 1, got {self.min_blocks}")
         if self.epoch_bits is not None and not 1 <= self.epoch_bits <= 31:
             raise ValueError(f"epoch_bits must be in [1, 31], got {self.epoch_bits}")
+        if not PART_ROWS_MIN <= self.part_rows <= PART_ROWS_MAX:
+            raise ValueError(f"part_rows must be in [{PART_ROWS_MIN}, {PART_ROWS_MAX}] (pjoin's shared table for "
+                             f"int64 keys must fit {SHARED_BYTES} bytes), got {self.part_rows}")
 
     @property
     def tile(self) -> int:
         return self.threads * self.items
+
+    @property
+    def part_capacity(self) -> int:
+        return part_capacity(self.part_rows)
 
     def tiles(self, n_probe: int) -> int:
         return math.ceil(n_probe / self.tile)
@@ -198,8 +235,22 @@ class Built:
 
 
 @dataclass
+class Parts:
+    """partitioned: the build side, partitioned (together with the probe side) by the probe phase into
+    ``2**bits`` partitions; ``buffers`` = the backend's partitioned buffers once that has run."""
+
+    keys: torch.Tensor
+    rows: torch.Tensor | None  # build row ids; None = positions
+    row_dtype: torch.dtype
+    n: int
+    stamp: int
+    bits: int
+    buffers: tuple | None = None
+
+
+@dataclass
 class Probed:
-    built: Built
+    built: Built | Parts
     keys: torch.Tensor
     rows: torch.Tensor | None
     heads: torch.Tensor          # (n_probe,) int32: -1 none, >= 0 the one match's build position, -2 several
@@ -214,6 +265,7 @@ class HashJoinBase:
     name = "hash"
     fused_available = False
     linear_available = False  # the backend has the linear64 kernels (lbuild, lprobe)
+    partitioned_available = False  # the backend has the partitioned kernels (pcount, pscatter, pjoin)
 
     def __init__(self, config: HashConfig = HashConfig()) -> None:
         self.config = config
@@ -249,11 +301,29 @@ class HashJoinBase:
         """linear64-fused: build and probe (counting and writing) in one launch."""
         raise NotImplementedError
 
+    def _launch_partition(self, parts: Parts, keys: torch.Tensor, rows: torch.Tensor | None,
+                          state: torch.Tensor) -> None:
+        """partitioned: pcount and pscatter of both sides into the workspace's partitioned buffers
+        (``parts.buffers``)."""
+        raise NotImplementedError
+
+    def _launch_part_join(self, parts: Parts, out_b: torch.Tensor | None, out_p: torch.Tensor | None, capacity: int,
+                          state: torch.Tensor) -> None:
+        """partitioned: pjoin over the partitioned buffers, writing pairs at offsets < capacity (0: count only)."""
+        raise NotImplementedError
+
+    def _partitioned(self) -> bool:
+        """Whether joins use the partitioned kernels (a backend that has them)."""
+        return self.config.scheme == "partitioned" and self.partitioned_available
+
     def _linear(self, key_dtype: torch.dtype) -> bool:
         """Whether joins on these keys use the linear64 kernels (int32 keys of a backend that has them; int64 keys
-        too with ``linear_wide``)."""
+        too with ``linear_wide``); a backend without the partitioned kernels runs linear64 in their place."""
+        scheme = self.config.scheme
+        if scheme == "partitioned" and not self.partitioned_available:
+            scheme = "linear64"
         wide_ok = key_dtype == torch.int32 or (key_dtype == torch.int64 and self.config.linear_wide)
-        return self.config.scheme.startswith("linear64") and self.linear_available and wide_ok
+        return scheme.startswith("linear64") and self.linear_available and wide_ok
 
     def _check_device(self, t: torch.Tensor) -> None:
         """Refuse tensors the backend cannot read (the CUDA join needs CUDA tensors)."""
@@ -304,8 +374,16 @@ class HashJoinBase:
         return Built(table, layout, self.epoch, rows, rows.dtype if rows is not None else torch.int64, keys.numel(),
                      self.stamp)
 
-    def build(self, keys: torch.Tensor, rows: torch.Tensor | None) -> Built:
+    def _new_parts(self, keys: torch.Tensor, rows: torch.Tensor | None) -> Parts:
+        """partitioned: the build side's state; nothing launched (the partitioning needs the probe side too)."""
+        self.stamp += 1
+        return Parts(keys, rows, rows.dtype if rows is not None else torch.int64, keys.numel(), self.stamp,
+                     partition_bits(keys.numel(), self.config.part_rows))
+
+    def build(self, keys: torch.Tensor, rows: torch.Tensor | None) -> Built | Parts:
         self._check_device(keys)
+        if self._partitioned():
+            return self._new_parts(keys, rows)
         built = self._new_built(keys, rows)
         if keys.numel():
             self._launch_build(keys, built, self._state(keys.device))
@@ -321,8 +399,10 @@ class HashJoinBase:
                       self.ws.get("thread_counts", tiles * cfg.threads, torch.int64, dev),
                       self.ws.get("tile_offsets", tiles, torch.int64, dev), 0)
 
-    def probe(self, built: Built, keys: torch.Tensor, rows: torch.Tensor | None) -> Probed:
+    def probe(self, built: Built | Parts, keys: torch.Tensor, rows: torch.Tensor | None) -> Probed:
         self._check_device(keys)
+        if isinstance(built, Parts):
+            return self._part_probe(built, keys, rows)
         if self._linear(keys.dtype):
             return self._linear_probe(built, keys, rows)
         probed = self._probe_state(built, keys, rows)
@@ -337,7 +417,11 @@ class HashJoinBase:
     def materialize(self, probed: Probed, out_build: torch.Tensor, out_probe: torch.Tensor) -> None:
         if probed.built.stamp != self.stamp:
             raise RuntimeError(f"{self.name}: this probe state is stale (the operator has built another table since)")
-        if probed.keys.numel() and self._linear(probed.keys.dtype):
+        if probed.keys.numel() and isinstance(probed.built, Parts):
+            self._launch_part_join(probed.built, out_build, out_probe, out_build.numel(),
+                                   self._state(probed.keys.device))
+            self.launches += 1
+        elif probed.keys.numel() and self._linear(probed.keys.dtype):
             self._launch_probe(probed.keys, probed.built, probed.rows, out_build, out_probe, out_build.numel(),
                                self._state(probed.keys.device))
             self.launches += 1
@@ -357,6 +441,22 @@ class HashJoinBase:
             self._arm()
             self._launch_probe(keys, built, rows, None, None, 0, state)
             self.launches += 1
+            probed.total = self._read_total(state, self._mark())
+        return probed
+
+    def _part_probe(self, parts: Parts, keys: torch.Tensor, rows: torch.Tensor | None) -> Probed:
+        """partitioned's probe phase: pcount, pscatter, and pjoin counting only."""
+        if parts.stamp != self.stamp:
+            raise RuntimeError(f"{self.name}: this build state is stale (the operator has built another table since)")
+        dev = keys.device
+        none = self.ws.get("linear_none", 0, torch.int64, dev)
+        probed = Probed(parts, keys, rows, self.ws.get("linear_heads", 0, torch.int32, dev), none, none, 0)
+        if keys.numel():
+            state = self._state(dev)
+            self._arm()
+            self._launch_partition(parts, keys, rows, state)
+            self._launch_part_join(parts, None, None, 0, state)
+            self.launches += 3
             probed.total = self._read_total(state, self._mark())
         return probed
 
@@ -387,7 +487,16 @@ class HashJoinBase:
             return JoinResult(ob, op)
         state = self._state(dev)
         self._arm()
-        if self._linear(pk.dtype):  # the probe kernel writes the pairs: it is also the exact-size rewrite
+        if self._partitioned():  # pjoin writes the pairs: it is also the exact-size rewrite
+            parts = self._new_parts(bk, br)
+            self._launch_partition(parts, pk, pr, state)
+            self._launch_part_join(parts, ob, op, cap, state)
+            mark = self._mark()
+            self.launches += 3
+
+            def rewrite(out_b: torch.Tensor, out_p: torch.Tensor, capacity: int) -> None:
+                self._launch_part_join(parts, out_b, out_p, capacity, state)
+        elif self._linear(pk.dtype):  # the probe kernel writes the pairs: it is also the exact-size rewrite
             if self.config.scheme == "linear64-fused" and self.fused_available:
                 built = self._new_built(bk, br)
                 self._launch_linear_fused(bk, built, pk, pr, ob, op, cap, state)

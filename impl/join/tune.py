@@ -1,8 +1,8 @@
 """Decide the hash join's and the tensor-core join's designs on a GPU:
 ``python3 -m impl.join.tune --out DIR [--budget-s 80] [--tc-budget-s 30] [--dry-run]``.
 
-Every variant (a ``HashConfig``: scheme, probes in flight, bucket size, load factor, clear, readback, or the
-exact-size path with a sync before the write) is first checked exactly against the torch sort-merge join on fresh
+Every variant (a ``HashConfig``: scheme, probes in flight, bucket size, load factor, clear, readback, rows per
+partition, or the exact-size path with a sync before the write) is first checked exactly against the torch sort-merge join on fresh
 random tables of ``--n`` rows per side (unique keys, zipf-skewed probes, many-to-many, int64 keys that differ only
 in their high 32 bits): the sorted (build_row, probe_row) pairs must be identical. A variant that fails (or raises)
 is reported and skipped. The ones that pass are timed with the suite's timer (queued device events, L2 flushed, warm-up,
@@ -45,10 +45,18 @@ BASE = HashConfig(scheme="fused", items=8)  # the sweep's reference point: each 
 VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the budget may cut the tail
     ("split-items4", {"scheme": "split", "items": 4}),  # split kernels, 4 rows per thread (what int64 keys run)
     ("linear64", {"scheme": "linear64", "items": 4}),  # HashConfig's default: int64 keys on the linear kernels too
+    # pcount, pscatter, pjoin: ~2048 build rows per partition, 8 rows per thread in pcount / pscatter's chunks
+    ("partitioned", {"scheme": "partitioned", "items": 8}),
     # int64 keys on split-items4's kernels; its int32 columns repeat linear64's kernels
     ("linear64-narrow", {"scheme": "linear64", "items": 4, "linear_wide": False}),
     # 2 rows per thread and step in lbuild / lprobe (loads and CASes of both in flight), int64 keys linear too
     ("linear64-wide-r2", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 2}),
+    # partitions of ~1024 / ~3072 build rows (2x / 0.67x the partitions: smaller / larger shared tables)
+    ("partitioned-p1024", {"scheme": "partitioned", "items": 8, "part_rows": 1024}),
+    ("partitioned-p3072", {"scheme": "partitioned", "items": 8, "part_rows": 3072}),
+    ("partitioned-t512", {"scheme": "partitioned", "items": 8, "threads": 512}),
+    ("partitioned-items16", {"scheme": "partitioned", "items": 16}),  # longer runs per partition in pscatter
+    ("partitioned-t128-items16", {"scheme": "partitioned", "items": 16, "threads": 128}),
     ("linear64-fused", {"scheme": "linear64-fused", "items": 4}),  # lbuild | grid barrier | lprobe, one launch
     ("linear64-wide-r4", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 4}),
     # a speculative output of 8 * n_probe pairs: m2m (~4 pairs per probe row on average) in one probe pass
@@ -354,7 +362,7 @@ def run(plan: Plan, out_dir: Path, only: set[str] | None = None) -> dict[str, An
         if only and label not in only:
             continue
         key = tuple(sorted((k, v) for k, v in overrides.items()
-                           if k in ("threads", "items", "bucket_bytes", "lrows", "reconverge")))
+                           if k in ("threads", "items", "bucket_bytes", "lrows", "reconverge", "part_rows")))
         cost = (0 if key in compiled else COMPILE_S) + 5
         if plan.left() - plan.tc_budget_s < cost:
             skip(record, label, overrides, plan)
