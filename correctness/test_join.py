@@ -207,11 +207,13 @@ def test_hash_cuda_join_equals_pandas_and_its_twin(inputs, config):
 
 
 EMULATED_PART_ROWS = 16  # the emulated pjoin's table holds part_capacity(16) = 20 build rows: skew takes rounds
+EMULATED_PART_PROBE = 8  # and a pjoin work item holds at most 8 probe rows: a partition's probe rows span items
 
 
 def build_emulated(tmp_path_factory, *defines: str, lib: bool = False) -> Path:
     """hash_join.cu compiled for the CPU with its CUDA emulation layer (``hash_join_emulated.cpp``), 32 x 4, pjoin
-    tables of ``part_capacity(EMULATED_PART_ROWS)`` rows; ``lib``: the shared library with ``emu_launch``."""
+    tables of ``part_capacity(EMULATED_PART_ROWS)`` rows and work items of ``EMULATED_PART_PROBE`` probe rows;
+    ``lib``: the shared library with ``emu_launch``."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is not on PATH: the CUDA C++ source cannot be run under the CPU emulation here")
@@ -219,7 +221,8 @@ def build_emulated(tmp_path_factory, *defines: str, lib: bool = False) -> Path:
     src = Path(SOURCE).with_name("hash_join_emulated.cpp")
     shared = ["-shared", "-fPIC", "-DJOIN_EMULATED_LIB"] if lib else []
     proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", "-DJOIN_THREADS=32", "-DJOIN_ITEMS=4",
-                           f"-DJOIN_PART_CAP={part_capacity(EMULATED_PART_ROWS)}", *shared, *defines,
+                           f"-DJOIN_PART_CAP={part_capacity(EMULATED_PART_ROWS)}",
+                           f"-DJOIN_PART_PROBE={EMULATED_PART_PROBE}", *shared, *defines,
                            f"-I{src.parent}", "-o", str(exe), str(src)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return exe
@@ -383,7 +386,8 @@ def test_emulated_fused_kernel_covers_both_heads_paths(emulated_cuda_join):
 def partitioned_cases(wide: bool, rng: np.random.Generator) -> list[tuple]:
     """(name, build keys, probe keys) for the partitioned kernels: empty sides, all misses, one row, sentinel keys,
     int64 keys equal in their low 32 bits (and pairs whose folded hashes collide), one key duplicated far beyond a
-    pjoin round (build-side skew: many rounds, and more pairs than the speculative buffer), non-power-of-two sizes."""
+    pjoin round (build-side skew: many rounds, and more pairs than the speculative buffer), one probe key filling
+    its partition with many work items' worth of probe rows (probe-side skew), non-power-of-two sizes."""
     dtype = np.int64 if wide else np.int32
     info = np.iinfo(dtype)
     k = lambda *v: np.array(v, dtype=dtype)  # noqa: E731
@@ -394,6 +398,8 @@ def partitioned_cases(wide: bool, rng: np.random.Generator) -> list[tuple]:
              ("sentinels", np.concatenate([sentinels, sentinels[:5]]), k(-1, info.max, 0, 0, 2, info.min, -1)),
              ("build skew", np.concatenate([np.full(150, 5, dtype), rng.integers(-50, 50, 40).astype(dtype)]),
               np.concatenate([np.full(30, 5, dtype), rng.integers(-50, 50, 20).astype(dtype)])),
+             ("probe skew", rng.permutation(np.arange(-60, 60)).astype(dtype),
+              rng.permutation(np.concatenate([np.full(200, 7, dtype), rng.integers(-90, 90, 60).astype(dtype)]))),
              ("non-pow2", rng.integers(-200, 200, 333).astype(dtype), rng.integers(-200, 200, 517).astype(dtype))]
     if wide:
         a, b = np.int64(0x12345678), np.int64(0x0BADF00D)
@@ -419,7 +425,7 @@ def test_partitioned_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join
         joins.append((bk, pk, br, pr))
         refs.append(reference_pairs(bk, pk, br, pr))
         names.append(name)
-    config = HashConfig(part_rows=EMULATED_PART_ROWS)
+    config = HashConfig(part_rows=EMULATED_PART_ROWS, part_probe=EMULATED_PART_PROBE)
     out = emulate(emulated_cuda_join, joins, wide, 4, config, grid, [len(j[1]) for j in joins])
     for name, (bk, pk, *_), ref, (total, err, guards, rewrite, got) in zip(names, joins, refs, out):
         assert err == 0 and total == len(ref), f"{name}: total {total} (want {len(ref)}), device error {err}"
@@ -430,6 +436,9 @@ def test_partitioned_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join
     assert max(np.bincount(hash_keys(joins[skew][0], wide) >> (32 - partition_bits(len(joins[skew][0]), 16)))) \
         > part_capacity(EMULATED_PART_ROWS), "the skew case must overflow one pjoin round"
     assert refs[skew].shape[0] > len(joins[skew][1]), "the skew case must overflow the speculative buffer"
+    hot = names.index("probe skew")
+    assert max(np.bincount(hash_keys(joins[hot][1], wide) >> (32 - partition_bits(len(joins[hot][0]), 16)))) \
+        > 10 * EMULATED_PART_PROBE, "the probe-skew case must spread one partition over many pjoin work items"
 
 
 def test_partitioned_planted_bug_is_caught(emulated_cuda_join):
@@ -510,8 +519,8 @@ def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkey
     rng = np.random.default_rng(8)
     try:
         for readback in ("pinned", "item"):
-            op = hash_cuda.HashJoinCuda(HashConfig(threads=32, items=4, part_rows=EMULATED_PART_ROWS, scheme=scheme,
-                                                   readback=readback))
+            op = hash_cuda.HashJoinCuda(HashConfig(threads=32, items=4, part_rows=EMULATED_PART_ROWS,
+                                                   part_probe=EMULATED_PART_PROBE, scheme=scheme, readback=readback))
             for dtype in (np.int32, np.int64):
                 for nb, npr, hi, rows in ((300, 517, 400, None), (1, 1, 3, np.int32), (130, 95, 5, np.int64),
                                           (0, 10, 3, None), (40, 0, 3, np.int32), (200, 300, 4, None)):

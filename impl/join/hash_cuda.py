@@ -72,7 +72,8 @@ def compile_options(config: HashConfig) -> tuple[str, ...]:
     return ("-std=c++17", f"-DJOIN_THREADS={config.threads}", f"-DJOIN_ITEMS={config.items}",
             f"-DBUCKET_BYTES={config.bucket_bytes}", f"-DJOIN_MIN_BLOCKS={config.min_blocks}",
             f"-DJOIN_RECONVERGE={int(config.reconverge)}", f"-DJOIN_LROWS={config.lrows}",
-            f"-DJOIN_PART_CAP={config.part_capacity}", f"-DJOIN_PART_BITS_MAX={PART_BITS_MAX}")
+            f"-DJOIN_PART_CAP={config.part_capacity}", f"-DJOIN_PART_PROBE={config.part_probe}",
+            f"-DJOIN_PART_BITS_MAX={PART_BITS_MAX}")
 
 
 @functools.cache
@@ -222,7 +223,7 @@ class HashJoinCuda(HashJoinBase):
             raise ValueError(f"{self.name}: probe row ids are {rows.dtype} but build row ids are {rdt}; "
                              "give both sides one row-id dtype")
         counts = ws.get("part_counts", 2 << PART_BITS_MAX, torch.int32, dev, zeros=True)  # pcount leaves it zero
-        starts = ws.get("part_starts", 2 * nparts + 2, torch.int32, dev)
+        starts = ws.get("part_starts", 3 * nparts + 3, torch.int32, dev)  # build, probe starts; pjoin's items
         cursors = ws.get("part_cursors", 2 * nparts, torch.int32, dev)
         bpk, bpr = ws.get("part_bkeys", parts.n, keys.dtype, dev), ws.get("part_brows", parts.n, rdt, dev)
         ppk, ppr = ws.get("part_pkeys", n, keys.dtype, dev), ws.get("part_prows", n, rdt, dev)
@@ -240,7 +241,8 @@ class HashJoinCuda(HashJoinBase):
     def _launch_part_join(self, parts: Parts, out_b: torch.Tensor | None, out_p: torch.Tensor | None, capacity: int,
                           state: torch.Tensor) -> None:
         starts, bpk, bpr, ppk, ppr = parts.buffers
-        _launch(kernel(self.config, "pjoin", bpk.dtype, parts.row_dtype), min(1 << parts.bits, MAX_GRID),
+        items = (1 << parts.bits) + -(-ppk.numel() // self.config.part_probe)  # >= pjoin's work items
+        _launch(kernel(self.config, "pjoin", bpk.dtype, parts.row_dtype), min(items, MAX_GRID),
                 self.config.threads, (_ptr(starts), parts.bits, _ptr(bpk), _ptr(bpr), _ptr(ppk), _ptr(ppr),
                                       _ptr(out_b), _ptr(out_p), capacity, _ptr(state), self._host()))
 

@@ -890,18 +890,25 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
 //             chunk's rows of its partition (shared atomicAdd); the partition's first row reserves the chunk's run
 //             with one atomicAdd on the partition's cursor; (key, row id) pairs go to run + rank in the side's
 //             partitioned key and row buffers. Order inside a partition is arbitrary.
-//   pjoin:    one block per partition, grid-stride. Its build rows go into a shared linear-probing table in rounds of
-//             at most JOIN_PART_CAP rows (PART_SLOTS >= 2 * JOIN_PART_CAP 16-bit slots, each the index of one round
-//             row, whose key is in tkey[]; every duplicate owns a slot), then every probe row of the partition walks
-//             the table from slot h mod PART_SLOTS (the low bits of h; the partition took the high ones) to the first
-//             empty slot. A partition with more build rows than JOIN_PART_CAP (build-side skew) takes several rounds
-//             and streams its probe rows once per round: slower, never wrong. Pairs as in lprobe: warps reserve their
+//   pjoin:    one block per work item, grid-stride: an item is a partition's build rows and at most JOIN_PART_PROBE
+//             of its probe rows (pcount's last block numbers the items: a partition with both sides non-empty has
+//             ceil(probe rows / JOIN_PART_PROBE) of them, at starts[2 * (P + 1) + q] onwards, the total at
+//             starts[3 * P + 2]), so a partition that a hot probe key fills is shared by several blocks. The item's
+//             build rows go into a shared linear-probing table in rounds of at most JOIN_PART_CAP rows (PART_SLOTS >=
+//             2 * JOIN_PART_CAP 16-bit slots, each the index of one round row, whose key is in tkey[]; every
+//             duplicate owns a slot), then every probe row of the item walks the table from slot h mod PART_SLOTS (the
+//             low bits of h; the partition took the high ones) to the first empty slot. A partition with more build
+//             rows than JOIN_PART_CAP (build-side skew) takes several rounds and streams the item's probe rows once
+//             per round: slower, never wrong. Pairs as in lprobe: warps reserve their
 //             ranges on state[5] with one atomicAdd, pairs at offsets >= capacity are dropped (capacity 0: count
 //             only), the last block publishes the total (state[0], host[0]) and resets the counter and its ticket.
 //             An exact-size re-write runs pjoin alone again: the partitioned buffers are still there.
 
 #ifndef JOIN_PART_CAP  // build rows per pjoin round (the shared table's capacity); HashConfig.part_capacity
 #define JOIN_PART_CAP 2560
+#endif
+#ifndef JOIN_PART_PROBE  // probe rows per pjoin work item at most; HashConfig.part_probe
+#define JOIN_PART_PROBE 8192
 #endif
 #ifndef JOIN_PART_BITS_MAX  // at most 2^JOIN_PART_BITS_MAX partitions (pcount's and pscatter's shared histogram)
 #define JOIN_PART_BITS_MAX 13
@@ -965,6 +972,40 @@ __device__ void part_scan_side(int* counts, int nparts, int* starts, int* cursor
     if (threadIdx.x == 0) starts[nparts] = (int)total;
 }
 
+// One block, after both sides' starts: items[q] = the pjoin work items of partitions 0..q-1 (a partition with build
+// and probe rows has ceil(probe rows / JOIN_PART_PROBE), else none), items[P] = their total; items = starts + 2(P+1).
+__device__ __forceinline__ long long part_items_of(const int* bs, const int* ps, int q) {
+    const long long probe = ps[q + 1] - ps[q];
+    return bs[q + 1] > bs[q] && probe > 0 ? (probe + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE : 0;
+}
+
+__device__ void part_number_items(int* starts, int nparts) {
+    const int* bs = starts;
+    const int* ps = starts + nparts + 1;
+    int* items = starts + 2 * (nparts + 1);
+    const int chunk = (nparts + JOIN_THREADS - 1) / JOIN_THREADS;
+    const int lo = min((int)threadIdx.x * chunk, nparts), hi = min(lo + chunk, nparts);
+    long long s = 0;
+    for (int q = lo; q < hi; ++q) s += part_items_of(bs, ps, q);
+    long long total;
+    long long run = block_exclusive_scan(s, &total);
+    for (int q = lo; q < hi; ++q) {
+        items[q] = (int)run;
+        run += part_items_of(bs, ps, q);
+    }
+    if (threadIdx.x == 0) items[nparts] = (int)total;
+}
+
+// The partition of work item w: the last q with items[q] <= w (items ascending, items[P] > w).
+__device__ __forceinline__ int part_of_item(const int* items, int nparts, long long w) {
+    int lo = 0, hi = nparts;  // items[lo] <= w < items[hi]
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (items[mid] <= w) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
 template <typename K>
 __device__ void part_count_kernel(const K* bkeys, long long nbuild, const K* pkeys, long long nprobe, long long pbits,
                                   int* counts, int* starts, int* cursors, long long* state) {
@@ -981,6 +1022,8 @@ __device__ void part_count_kernel(const K* bkeys, long long nbuild, const K* pke
     __threadfence();
     part_scan_side(counts, nparts, starts, cursors);
     part_scan_side(counts + nparts, nparts, starts + nparts + 1, cursors + nparts);
+    __syncthreads();  // every start is written (a thread's last partition ends at the next thread's first start)
+    part_number_items(starts, nparts);
     if (threadIdx.x == 0) state[PART_TICKET] = 0;  // the ticket is ready for the next join
 }
 
@@ -1071,11 +1114,16 @@ __device__ void part_join_kernel(const int* starts, long long pbits, const K* __
     JOIN_SHARED(K, tkey, JOIN_PART_CAP);
     const int nparts = 1 << (int)pbits, lane = threadIdx.x & 31;
     const int* pstarts = starts + nparts + 1;
+    const int* items = starts + 2 * (nparts + 1);
     u64* counter = (u64*)&state[LIN_COUNTER];
-    for (int q = blockIdx.x; q < nparts; q += gridDim.x) {
+    const long long nitems = items[nparts];
+    for (long long w = blockIdx.x; w < nitems; w += gridDim.x) {
+        const int q = part_of_item(items, nparts, w);
         // long long: stepping past a partition that ends near 2^31 rows must not overflow
-        const long long bs = starts[q], be = starts[q + 1], ps = pstarts[q], pe = pstarts[q + 1];
-        if (bs == be || ps == pe) continue;  // uniform over the block
+        const long long bs = starts[q], be = starts[q + 1];
+        const long long ps = pstarts[q] + (w - items[q]) * JOIN_PART_PROBE;
+        const long long pe = min((long long)pstarts[q + 1], ps + JOIN_PART_PROBE);
+        if (bs == be || ps >= pe) continue;  // uniform over the block
         for (long long r0 = bs; r0 < be; r0 += JOIN_PART_CAP) {  // rounds of the partition's build rows
             const int m = (int)min((long long)JOIN_PART_CAP, be - r0);
             __syncthreads();  // the previous round's probes are done with the table

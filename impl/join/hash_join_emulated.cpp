@@ -289,13 +289,14 @@ struct PartKernels {
 // schemes 4-5 (partitioned): pcount, pscatter, pjoin over at most `grid` blocks each (grid-stride loops), the
 // counts, starts, cursors, partitioned buffers and state reused across joins as hash_cuda.py reuses its workspace;
 // pjoin again exact-size when the total exceeds the speculative capacity. After each join the counts, the tickets
-// and the pair counter must be back at zero, and every partition's write cursor must have reached its end.
+// and the pair counter must be back at zero, every partition's write cursor must have reached its end, and pjoin's
+// work items must be numbered as the two sides' starts say.
 template <typename K>
 int run_partitioned(int joins, bool hide_last, PartKernels<K> k) {
     const unsigned threads = JOIN_THREADS;
     const long long tile = TILE;
     std::vector<long long> state(8, 0);
-    std::vector<int> counts(2 * PART_MAX, 0), starts(2 * PART_MAX + 2, -1), cursors(2 * PART_MAX, -1);
+    std::vector<int> counts(2 * PART_MAX, 0), starts(3 * PART_MAX + 3, -1), cursors(2 * PART_MAX, -1);
     std::vector<K> bpk, bpr, ppk, ppr;
     std::vector<Slot<K>> unused;
     for (int q = 0; q < joins; ++q) {
@@ -310,7 +311,8 @@ int run_partitioned(int joins, bool hide_last, PartKernels<K> k) {
         bpk.assign(nbuild, guard), bpr.assign(nbuild, guard), ppk.assign(n, guard), ppr.assign(n, guard);
         state[0] = 0;
         auto join = [&](long long cap) {
-            launch(k.join, (unsigned)std::min(grid, nparts), threads, false, (const int*)starts.data(), pbits,
+            const long long items = nparts + (n + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE;  // >= pjoin's work items
+            launch(k.join, (unsigned)std::min(grid, items), threads, false, (const int*)starts.data(), pbits,
                    (const K*)bpk.data(), (const K*)bpr.data(), (const K*)ppk.data(), (const K*)ppr.data(), ob.data(),
                    op.data(), cap, state.data(), host);
         };
@@ -325,6 +327,13 @@ int run_partitioned(int joins, bool hide_last, PartKernels<K> k) {
             for (int side = 0; side < 2; ++side)
                 for (long long p = 0; p < nparts; ++p)
                     if (cursors[side * nparts + p] != starts[side * (nparts + 1) + p + 1]) return 8;
+            long long items = 0;  // pjoin's work items: numbered by pcount's last block after both sides' starts
+            for (long long p = 0; p < nparts; ++p) {
+                const long long probe = starts[nparts + 1 + p + 1] - starts[nparts + 1 + p];
+                if (starts[2 * (nparts + 1) + p] != items) return 9;
+                if (starts[p + 1] > starts[p]) items += (probe + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE;
+            }
+            if (starts[2 * (nparts + 1) + nparts] != items) return 9;
             if (hide_last) starts[2 * nparts] = starts[2 * nparts + 1];
             join(capacity);
         } else {

@@ -101,6 +101,8 @@ class HashConfig:
     epoch_bits: int | None = None  # cap on the tag's epoch field (tests use 1-2 bits to force wraps)
     part_rows: int = 2048     # partitioned: build rows per partition at most on average (the partition count is the
                               # power of two that gets there); pjoin's shared table holds part_capacity(part_rows)
+    part_probe: int = 8192    # partitioned: probe rows per pjoin work item at most (a partition that a hot probe key
+                              # fills is shared by several blocks)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.load_factor <= 0.9:
@@ -122,6 +124,8 @@ class HashConfig:
             raise ValueError(f"min_blocks must be >= 1, got {self.min_blocks}")
         if self.epoch_bits is not None and not 1 <= self.epoch_bits <= 31:
             raise ValueError(f"epoch_bits must be in [1, 31], got {self.epoch_bits}")
+        if self.part_probe < 1:
+            raise ValueError(f"part_probe (probe rows per pjoin work item) must be >= 1, got {self.part_probe}")
         if not PART_ROWS_MIN <= self.part_rows <= PART_ROWS_MAX:
             raise ValueError(f"part_rows must be in [{PART_ROWS_MIN}, {PART_ROWS_MAX}] (pjoin's shared table for "
                              f"int64 keys must fit {SHARED_BYTES} bytes), got {self.part_rows}")

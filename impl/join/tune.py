@@ -55,6 +55,10 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
     ("partitioned-p1024", {"scheme": "partitioned", "items": 8, "part_rows": 1024}),
     ("partitioned-p3072", {"scheme": "partitioned", "items": 8, "part_rows": 3072}),
     ("partitioned-t512", {"scheme": "partitioned", "items": 8, "threads": 512}),
+    # pjoin work items of at most 2048 probe rows (a zipf-hot partition over more blocks); an 8x speculative output
+    # (many-to-many joins in one pass, no exact-size re-run)
+    ("partitioned-probe2048", {"scheme": "partitioned", "items": 8, "part_probe": 2048}),
+    ("partitioned-spec8", {"scheme": "partitioned", "items": 8, "spec_factor": 8}),
     ("partitioned-items16", {"scheme": "partitioned", "items": 16}),  # longer runs per partition in pscatter
     ("partitioned-t128-items16", {"scheme": "partitioned", "items": 16, "threads": 128}),
     ("linear64-fused", {"scheme": "linear64-fused", "items": 4}),  # lbuild | grid barrier | lprobe, one launch
@@ -362,7 +366,7 @@ def run(plan: Plan, out_dir: Path, only: set[str] | None = None) -> dict[str, An
         if only and label not in only:
             continue
         key = tuple(sorted((k, v) for k, v in overrides.items()
-                           if k in ("threads", "items", "bucket_bytes", "lrows", "reconverge", "part_rows")))
+                           if k in ("threads", "items", "bucket_bytes", "lrows", "reconverge", "part_rows", "part_probe")))
         cost = (0 if key in compiled else COMPILE_S) + 5
         if plan.left() - plan.tc_budget_s < cost:
             skip(record, label, overrides, plan)
