@@ -2,14 +2,14 @@
 ``python3 -m impl.join.tune --out DIR [--budget-s 80] [--tc-budget-s 30] [--dry-run]``.
 
 Every variant (a ``HashConfig``: scheme, probes in flight, bucket size, load factor, clear, readback, rows per
-partition, or the exact-size path with a sync before the write) is first checked exactly against the torch sort-merge join on fresh
-random tables of ``--n`` rows per side (unique keys, zipf-skewed probes, many-to-many, int64 keys that differ only
-in their high 32 bits): the sorted (build_row, probe_row) pairs must be identical. A variant that fails (or raises)
-is reported and skipped. The ones that pass are timed with the suite's timer (queued device events, L2 flushed, warm-up,
-median of the rounds) end to end at ``--n`` and ``--big`` rows, the leading ones also on zipf, m2m and int64 tables
-and phase by phase (build / count + readback / write). Results go to ``DIR/tune.json`` after every variant
-(``complete: true`` only at the end) and a short table is printed. The run stops starting new work when the next
-step would pass ``--budget-s`` (CuPy compiles count: ~5-15 s per new kernel module).
+partition, or the exact-size path with a sync before the write) is first checked exactly against the torch
+sort-merge join on fresh random tables of ``--n`` rows per side (unique keys, zipf-skewed probes, many-to-many, int64
+keys that differ only in their high 32 bits): the sorted (build_row, probe_row) pairs must be identical. A variant
+that fails (or raises) is reported and skipped. The ones that pass are timed with the suite's timer (queued device
+events, L2 flushed, warm-up, median of the rounds) end to end at ``--n`` and ``--big`` rows, the leading ones also
+on zipf, m2m and int64 tables and phase by phase (build / count + readback / write). Results go to ``DIR/tune.json``
+after every variant (``complete: true`` only at the end) and a short table is printed. The run stops starting new
+work when the next step would pass ``--budget-s`` (CuPy compiles count: ~5-15 s per new kernel module).
 
 The tensor-core join's variants (a ``TCConfig``: encoding, sub-tiles per program, chunk width, bucket size, stored
 scan encodings) get the last ``--tc-budget-s`` seconds of the budget (the hash variants stop short of it): the same
@@ -41,6 +41,7 @@ from impl.join.common import run_join
 from impl.join.data import Case, compulsory_bytes, make_tables
 from impl.join.hash_table import HashConfig
 
+COMPILE_FIELDS = ("threads", "items", "bucket_bytes", "lrows", "reconverge", "part_rows", "part_probe")  # -D options
 BASE = HashConfig(scheme="fused", items=8)  # the sweep's reference point: each label names its differences
 VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the budget may cut the tail
     ("split-items4", {"scheme": "split", "items": 4}),  # split kernels, 4 rows per thread (what int64 keys run)
@@ -365,8 +366,7 @@ def run(plan: Plan, out_dir: Path, only: set[str] | None = None) -> dict[str, An
     for i, (label, overrides) in enumerate(VARIANTS):
         if only and label not in only:
             continue
-        key = tuple(sorted((k, v) for k, v in overrides.items()
-                           if k in ("threads", "items", "bucket_bytes", "lrows", "reconverge", "part_rows", "part_probe")))
+        key = tuple(sorted((k, v) for k, v in overrides.items() if k in COMPILE_FIELDS))
         cost = (0 if key in compiled else COMPILE_S) + 5
         if plan.left() - plan.tc_budget_s < cost:
             skip(record, label, overrides, plan)
