@@ -23,9 +23,12 @@ import numpy as np
 import pytest
 import torch
 
+from impl import backend
 from impl.backend import DEVICE, sized
+from impl.common.results import results_dir
 from impl.join import host, make_operator
 from impl.join.data import Case, compulsory_bytes, make_tables
+from impl.join.tune import tuned_hash_config
 
 CASES = {
     "100k": Case("uniform", sized(100_000, 160)),
@@ -49,8 +52,22 @@ TC_SPECS = [f"{p}-{c}" for c in PHASED for p in PHASES] + ["partition-1M", "tota
 SORTMERGE_SPECS = [f"{p}-{c}" for c in PHASED for p in PHASES] + [f"total-{c}" for c in SCALING if c not in PHASED]
 HOST_CASES = ("100k", "1M", "10M", "1M-i64", "10M-i64", "zipf-1M", "m2m-1M")
 HOST_SPECS = [f"{h}-{c}" for h in host.HOST_JOINS for c in HOST_CASES]
-# HashConfig's defaults on the GPU; the simulator runs a thread per CUDA thread and slow barriers, so smaller blocks
+# HashConfig's defaults; the simulator runs a thread per CUDA thread and slow barriers, so smaller blocks. On a GPU
+# with a stored tune (results/<card>/join/tune.json, written by ``impl.join.tune``) the fastest checked hash variant
+# at 1M x 1M replaces them (``hash_config``), named in every hash bench's extra_info.
 HASH_CONFIG = {"threads": sized(256, 32), "items": 4}
+
+
+def hash_config() -> tuple[dict, dict]:
+    """(HashConfig fields of the CUDA hash join, extra_info naming them): the stored tune's choice on a GPU, else
+    ``HASH_CONFIG``."""
+    if backend.ON_GPU:
+        path = results_dir() / "join" / "tune.json"
+        tuned = tuned_hash_config(path)
+        if tuned is not None:
+            source = f"{path.parent.parent.name}/join/tune.json"
+            return tuned[0], {"hash_variant": tuned[1], "hash_config_source": source}
+    return HASH_CONFIG, {"hash_variant": "defaults"}
 
 
 @dataclass(frozen=True)
@@ -91,7 +108,8 @@ def expected(case_id: str) -> Fingerprint:
 
 def operator(name: str):
     if name not in _OPS:  # one operator per implementation: its workspace persists across benches, as in use
-        _OPS[name] = make_operator(name, **(HASH_CONFIG if name.startswith("hash") else {}))
+        config = (hash_config()[0] if name == "hash-cuda" else HASH_CONFIG) if name.startswith("hash") else {}
+        _OPS[name] = make_operator(name, **config)
     return _OPS[name]
 
 
@@ -111,10 +129,13 @@ def hash_counters(op, fn) -> dict[str, int]:
 
 def hash_traffic(op, case: Case, pairs: int, kb: int, rb: int) -> dict[str, int]:
     """Estimated bytes a hash join moves beyond the compulsory ones: the table read and written back once, the
-    per-row heads and per-thread counts written and read, the gathered build row ids."""
+    per-row heads and per-thread counts written and read, the gathered build row ids; partitioned: both sides' keys
+    read again (pcount, pscatter), their (key, row id) pairs written into partitions and read back by pjoin."""
+    n, cfg = case.n, getattr(op, "config", None)
+    if getattr(cfg, "scheme", None) == "partitioned" and getattr(op, "partitioned_available", False):
+        return {"traffic_bytes": compulsory_bytes(n, n, pairs, kb, rb) + 2 * n * kb + 4 * n * (kb + rb)}
     if getattr(op, "layout", None) is None:
         return {}
-    n, cfg = case.n, op.config
     linear = cfg.scheme.startswith("linear64") and case.dtype == "int32"  # no heads or counts: the probe looks again
     scratch = 0 if linear else 2 * (4 * n + 8 * cfg.tiles(n) * cfg.threads)
     return {"traffic_bytes": compulsory_bytes(n, n, pairs, kb, rb) + 2 * op.layout.nbytes + scratch + pairs * rb}
@@ -130,7 +151,7 @@ def run_phase(device_bench, name: str, phase: str, case_id: str, flops_per_pass:
     case, want = CASES[case_id], expected(case_id)
     kb, rb = bk.element_size(), br.element_size()
     info = dict(impl=name, phase=phase, case=case_id, kind=case.kind, n=case.n, dtype=case.dtype, pairs=want.total,
-                rows=2 * case.n, **extra)
+                rows=2 * case.n, **(hash_config()[1] if name == "hash-cuda" else {}), **extra)
 
     def bench(fn, bytes_moved: int, flops: int = 0, **more):
         return device_bench(fn, bytes_moved=bytes_moved, flops=flops, flops_dtype=flops_dtype, **info, **more)

@@ -275,3 +275,34 @@ def test_tune_table_marks_failures_and_skips():
     want = ["decision at n: hash a 5.0 us; tc tc-x 40.0 us; tc/hash 8.00x (claim: <= 10)",
             "decision int64 at N: hash w 9.0 us", "decision m2m at n: hash w 7.0 us"]
     assert tune.table(rec).splitlines()[-3:] == want
+
+
+def test_tuned_hash_config_takes_the_fastest_checked_hash_variant(tmp_path):
+    """The join bench's hash configuration on a GPU: of a tune record's variants, the fastest at n on uniform keys
+    among those that passed every check, as the record's base config with the variant's overrides; not a variant that
+    failed a check, a tensor-core variant, or one that is not a HashConfig; None without a record or a candidate."""
+    from impl.join.hash_table import HashConfig
+    from impl.join.tune import tuned_hash_config
+
+    ok = {"uniform": "ok", "zipf": "ok"}
+    variants = [
+        {"label": "split", "config": {"scheme": "split"}, "checks": ok, "times": {"uniform-100": {"median_us": 50.0}}},
+        {"label": "broken", "config": {"scheme": "linear64", "items": 2}, "checks": {"uniform": "ok", "zipf": "wrong"},
+         "times": {"uniform-100": {"median_us": 10.0}}},
+        {"label": "tc-fast", "config": {"encoding": "int8"}, "checks": ok,
+         "times": {"uniform-100": {"median_us": 5.0}}},
+        {"label": "exact", "config": {"scheme": "linear64", "_exact": True}, "checks": ok,
+         "times": {"uniform-100": {"median_us": 8.0}}},
+        {"label": "partitioned", "config": {"scheme": "partitioned", "part_rows": 1024}, "checks": ok,
+         "times": {"uniform-100": {"median_us": 20.0}, "uniform-999": {"median_us": 1.0}}},
+        {"label": "untimed", "config": {"scheme": "linear64"}, "checks": ok, "times": {}},
+    ]
+    base = {**{k: getattr(HashConfig(), k) for k in HashConfig.__dataclass_fields__}, "retired_field": 1}
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps({"n": 100, "big": 999, "base_config": base, "variants": variants}))
+    fields, label = tuned_hash_config(path)
+    assert label == "partitioned"
+    assert HashConfig(**fields) == HashConfig(scheme="partitioned", part_rows=1024)
+    path.write_text(json.dumps({"n": 100, "big": 999, "base_config": base, "variants": variants[1:4]}))
+    assert tuned_hash_config(path) is None
+    assert tuned_hash_config(tmp_path / "missing.json") is None

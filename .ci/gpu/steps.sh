@@ -3,7 +3,8 @@
 # $OUT after every step so a call cut off by its limit still returns what it finished.
 #   sort   tune (table of launch configs) -> stored bench run "sort" -> quick experiments (passes, transfers, pipeline)
 #   join   stored bench run "join" (CuPy kernels) -> quick experiments (ncu of both joins)
-#   join_tune   the hash and tensor-core joins' design sweep (impl.join.tune; its table lands in logs/join_tune/)
+#   join_tune   the hash and tensor-core joins' design sweep (impl.join.tune) into results/<card>/join/tune.json, where
+#               the join bench takes its hash join's configuration from (run it before "join")
 #   join_ncu    ncu's full section set over the second of two 1M joins, linear64 with 1 and 2 rows per thread (logs/)
 #   sort_ncu    ncu over the passes of one 10M sort (results/<card>/sort/ncu.json)
 #   fp8_bench   the stored bench run "fp8" alone (its calibration included)
@@ -38,7 +39,8 @@ for step in $1; do
       run join_bench 110 python3 -m pytest benches/bench_join.py -q -p no:cacheprovider --benchmark-save=join -k "not numba"
       run join_exp 45 python3 -m impl.join.experiments --quick ;;
     join_tune)
-      run join_tune 110 python3 -m impl.join.tune --out "$out/logs/join_tune" --budget-s 85 ;;
+      slug=$(python3 -c 'from impl.common.results import gpu_slug; print(gpu_slug())')
+      run join_tune 110 python3 -m impl.join.tune --out "results/$slug/join" --budget-s 85 ;;
     join_ncu)
       for lrows in 1 2; do  # second join of one operator: its lbuild + lprobe (linear64), 1 or 2 rows per thread
         run "join_ncu_linear64_r$lrows" 60 "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" --clock-control none --set full -k regex:join_l --launch-skip 2 \

@@ -315,6 +315,24 @@ def fastest(record: dict[str, Any], key: str, kind: str) -> tuple[float, str] | 
     return best
 
 
+def tuned_hash_config(path: str | Path) -> tuple[dict[str, Any], str] | None:
+    """(HashConfig fields, label) of the fastest hash variant that passed its checks at n on uniform keys in the tune
+    record at ``path`` (its ``base_config`` with the variant's overrides); None if there is no record or no such
+    variant. Variants that are not a HashConfig (the exact-size paths' ``_exact``) are left out."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    fields = set(HashConfig.__dataclass_fields__)
+    usable = [v for v in record.get("variants", []) if set(v.get("config", {})) <= fields]
+    best = fastest({**record, "variants": usable}, f"uniform-{record['n']}", "hash")
+    if best is None:
+        return None
+    overrides = next(v["config"] for v in usable if v["label"] == best[1])
+    base = {k: v for k, v in record["base_config"].items() if k in fields}
+    return {**base, **overrides}, best[1]
+
+
 def decision(record: dict[str, Any]) -> str:
     """The fastest checked hash and tensor-core variants at n (uniform) and their ratio; the fastest hash variants
     on int64 keys at --big and on m2m at n."""
