@@ -234,6 +234,13 @@ def emulated_cuda_join(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def emulated_direct_scatter(tmp_path_factory):
+    """The same with pscatter's staged path off beyond one partition (JOIN_STAGE_PARTS=1): rows stored from their own
+    threads, as for more partitions than the stage serves."""
+    return build_emulated(tmp_path_factory, "-DJOIN_STAGE_PARTS=1")
+
+
+@pytest.fixture(scope="module")
 def emulated_lrows3(tmp_path_factory):
     """The same with 3 rows per thread in the linear64 kernels (JOIN_LROWS: loads and CASes of 3 rows in flight)."""
     return build_emulated(tmp_path_factory, "-DJOIN_LROWS=3")
@@ -412,11 +419,14 @@ def partitioned_cases(wide: bool, rng: np.random.Generator) -> list[tuple]:
 
 @pytest.mark.parametrize("wide", [False, True], ids=["int32", "int64"])
 @pytest.mark.parametrize("grid", [1, 3])
-def test_partitioned_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join, wide, grid):
+@pytest.mark.parametrize("scatter", ["staged", "direct"])
+def test_partitioned_kernels_under_cpu_emulation_equal_pandas(request, scatter, wide, grid):
     """pcount, pscatter, pjoin on the named cases of ``partitioned_cases``, one after another in one process (the
     counts, starts, cursors and partitioned buffers are reused and must come back clean: the driver checks that the
     counts, tickets and pair counter are zero and every cursor reached its partition's end), with 1-64 partitions
-    (part_rows 16) and 20-row pjoin rounds; a short speculative buffer is re-written exact-size by pjoin alone."""
+    (part_rows 16) and 20-row pjoin rounds; a short speculative buffer is re-written exact-size by pjoin alone.
+    pscatter stores each partition's run from a stage in partition order, or (``direct``) each row from its thread."""
+    exe = request.getfixturevalue("emulated_cuda_join" if scatter == "staged" else "emulated_direct_scatter")
     rng = np.random.default_rng(21 + grid)
     dtype = np.int64 if wide else np.int32
     joins, refs, names = [], [], []
@@ -426,7 +436,7 @@ def test_partitioned_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join
         refs.append(reference_pairs(bk, pk, br, pr))
         names.append(name)
     config = HashConfig(part_rows=EMULATED_PART_ROWS, part_probe=EMULATED_PART_PROBE)
-    out = emulate(emulated_cuda_join, joins, wide, 4, config, grid, [len(j[1]) for j in joins])
+    out = emulate(exe, joins, wide, 4, config, grid, [len(j[1]) for j in joins])
     for name, (bk, pk, *_), ref, (total, err, guards, rewrite, got) in zip(names, joins, refs, out):
         assert err == 0 and total == len(ref), f"{name}: total {total} (want {len(ref)}), device error {err}"
         assert guards == 1, f"{name}: pjoin wrote past its capacity"

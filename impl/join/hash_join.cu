@@ -889,7 +889,9 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
 //   pscatter: chunks of TILE rows of one side (the build side's chunks first), grid-stride: each row's rank among the
 //             chunk's rows of its partition (shared atomicAdd); the partition's first row reserves the chunk's run
 //             with one atomicAdd on the partition's cursor; (key, row id) pairs go to run + rank in the side's
-//             partitioned key and row buffers. Order inside a partition is arbitrary.
+//             partitioned key and row buffers. Order inside a partition is arbitrary. With at most STAGE_PARTS
+//             partitions the pairs first go to a shared stage in partition order and leave from consecutive threads
+//             (each run's stores coalesced); with more, each row is stored from its own thread.
 //   pjoin:    one block per work item, grid-stride: an item is a partition's build rows and at most JOIN_PART_PROBE
 //             of its probe rows (pcount's last block numbers the items: a partition with both sides non-empty has
 //             ceil(probe rows / JOIN_PART_PROBE) of them, at starts[2 * (P + 1) + q] onwards, the total at
@@ -1027,15 +1029,96 @@ __device__ void part_count_kernel(const K* bkeys, long long nbuild, const K* pke
     if (threadIdx.x == 0) state[PART_TICKET] = 0;  // the ticket is ready for the next join
 }
 
+// pscatter's shared memory: the direct path's histogram (PART_MAX counters), or, staged, a histogram and the chunk's
+// offsets for at most STAGE_PARTS partitions and the chunk's (key, row id) pairs in partition order. Staged when the
+// chunk's pairs fit STAGE_BYTES and the partitions STAGE_PARTS: then every partition's run leaves through consecutive
+// threads (coalesced stores); otherwise each row is stored from its own thread to its run (one sector a row).
+#ifndef JOIN_STAGE_PARTS  // staged pscatter for at most this many partitions (tests set 1: the direct path)
+#define JOIN_STAGE_PARTS 1024
+#endif
+#define STAGE_PARTS JOIN_STAGE_PARTS
+#define STAGE_BYTES 32768
+template <typename K, typename R>
+struct ScatterSmem {
+    static constexpr bool staged = TILE * (sizeof(K) + sizeof(R)) <= STAGE_BYTES;
+    static constexpr int stage_words = staged ? TILE * (int)(sizeof(K) + sizeof(R)) / 4 : 0;
+    static constexpr int words = PART_MAX > 2 * STAGE_PARTS + stage_words ? PART_MAX : 2 * STAGE_PARTS + stage_words;
+    static constexpr int words64 = (words + 1) / 2;  // declared as 8-byte words: the stage may hold int64 keys
+};
+
+// One chunk of TILE rows, staged: ranks per partition (shared atomics), the chunk's exclusive offsets per partition
+// (loc), one cursor atomicAdd per non-empty partition (its run's base replaces the count in hist), the pairs placed in
+// partition order in the stage, then stored stage slot s -> base[q] + s - loc[q] by thread s mod THREADS. hist is zero
+// on entry and on exit.
+template <typename K, typename R>
+__device__ void part_scatter_staged(const K* __restrict__ keys, const R* __restrict__ rows, long long n,
+                                    long long base, int pb, int nparts, int* cursor, K* __restrict__ out_k,
+                                    R* __restrict__ out_r, int* hist, int* loc, K* stage_k, R* stage_r) {
+    K k[JOIN_ITEMS];
+    int q[JOIN_ITEMS], rank[JOIN_ITEMS];
+#pragma unroll
+    for (int r = 0; r < JOIN_ITEMS; ++r) {
+        const long long i = base + r * JOIN_THREADS + threadIdx.x;
+        k[r] = i < n ? keys[i] : (K)0;
+    }
+#pragma unroll
+    for (int r = 0; r < JOIN_ITEMS; ++r) {
+        q[r] = part_of(mix32(fold(k[r])), pb);
+        rank[r] = base + r * JOIN_THREADS + threadIdx.x < n ? atomicAdd(&hist[q[r]], 1) : -1;
+    }
+    __syncthreads();
+    const int chunk = (nparts + JOIN_THREADS - 1) / JOIN_THREADS;
+    const int lo = min((int)threadIdx.x * chunk, nparts), hi = min(lo + chunk, nparts);
+    long long sum = 0;
+    for (int p = lo; p < hi; ++p) sum += hist[p];
+    long long total;
+    long long run = block_exclusive_scan(sum, &total);
+    for (int p = lo; p < hi; ++p) {
+        loc[p] = (int)run;
+        run += hist[p];
+    }
+    __syncthreads();  // every count is read: hist may now hold the runs' bases
+#pragma unroll
+    for (int r = 0; r < JOIN_ITEMS; ++r)  // the partition's first row reserves the chunk's run
+        if (rank[r] == 0) hist[q[r]] = atomicAdd(&cursor[q[r]], hist[q[r]]);
+#pragma unroll
+    for (int r = 0; r < JOIN_ITEMS; ++r) {
+        if (rank[r] < 0) continue;
+        const int at = loc[q[r]] + rank[r];
+        stage_k[at] = k[r];
+        stage_r[at] = row_id(rows, base + r * JOIN_THREADS + threadIdx.x);
+    }
+    __syncthreads();
+    const int m = (int)min((long long)TILE, n - base);
+    for (int at = threadIdx.x; at < m; at += JOIN_THREADS) {
+        const K key = stage_k[at];
+        const int p = part_of(mix32(fold(key)), pb);
+        const long long g = (long long)hist[p] + (at - loc[p]);
+        out_k[g] = key;
+        out_r[g] = stage_r[at];
+    }
+    __syncthreads();  // every base is read
+#pragma unroll
+    for (int r = 0; r < JOIN_ITEMS; ++r)
+        if (rank[r] == 0) hist[q[r]] = 0;
+}
+
 template <typename K, typename R>
 __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __restrict__ brows, long long nbuild,
                                     const K* __restrict__ pkeys, const R* __restrict__ prows, long long nprobe,
                                     long long pbits, int* cursors, K* __restrict__ bpk, R* __restrict__ bpr,
                                     K* __restrict__ ppk, R* __restrict__ ppr) {
-    JOIN_SHARED(int, hist, PART_MAX);  // per partition: the chunk's rows in it, then the base of the chunk's run
+    using Smem = ScatterSmem<K, R>;
+    JOIN_SHARED(long long, smem64, Smem::words64);
+    int* smem = reinterpret_cast<int*>(smem64);
+    int* hist = smem;  // direct: per partition the chunk's rows in it, then the base of the chunk's run
     const int pb = (int)pbits, nparts = 1 << pb;
+    const bool staged = Smem::staged && nparts <= STAGE_PARTS;  // uniform over the launch
+    int* loc = smem + STAGE_PARTS;
+    K* stage_k = reinterpret_cast<K*>(smem + 2 * STAGE_PARTS);
+    R* stage_r = reinterpret_cast<R*>(stage_k + TILE);
     const long long bchunks = (nbuild + TILE - 1) / TILE, chunks = bchunks + (nprobe + TILE - 1) / TILE;
-    for (int q = threadIdx.x; q < nparts; q += JOIN_THREADS) hist[q] = 0;
+    for (int p = threadIdx.x; p < nparts; p += JOIN_THREADS) hist[p] = 0;
     for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
         const bool probe = c >= bchunks;
         const K* keys = probe ? pkeys : bkeys;
@@ -1044,9 +1127,14 @@ __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __rest
         R* out_r = probe ? ppr : bpr;
         int* cursor = probe ? cursors + nparts : cursors;
         const long long n = probe ? nprobe : nbuild, base = (probe ? c - bchunks : c) * TILE;
+        __syncthreads();  // the histogram is zero again (the previous chunk's first rows reset their entries)
+        if (staged) {
+            part_scatter_staged<K, R>(keys, rows, n, base, pb, nparts, cursor, out_k, out_r, hist, loc, stage_k,
+                                      stage_r);
+            continue;
+        }
         K k[JOIN_ITEMS];
         int q[JOIN_ITEMS], rank[JOIN_ITEMS];
-        __syncthreads();  // the histogram is zero again (the previous chunk's first rows reset their entries)
 #pragma unroll
         for (int r = 0; r < JOIN_ITEMS; ++r) {
             const long long i = base + r * JOIN_THREADS + threadIdx.x;
