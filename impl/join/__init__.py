@@ -5,7 +5,8 @@
     result.pairs()                                                  # host (total, 2) int64 array, sorted
 
   hash-numba       epoch-tagged bucketed hash table in numba-cuda (build / count+scan / write)  ``hash_numba.py``
-  hash-cuda        the same kernels in CUDA C++ through CuPy, plus a fused single launch        ``hash_cuda.py``
+  hash-cuda        the same kernels in CUDA C++ through CuPy, plus fused single launches and a   ``hash_cuda.py``
+                   radix-partitioned scheme (shared-memory tables per partition)
   tc-triton        hash partitions + bit-sliced ±1 keys compared by ``tl.dot`` in one pass      ``tc_triton.py``
   sortmerge-torch  torch.sort + searchsorted + duplicate expansion (GPU baseline)              ``sortmerge.py``
 and host anchors (pandas, DuckDB, polars) in ``host.py``. Every operator returns a ``JoinResult`` (``common.py``).
