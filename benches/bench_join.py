@@ -23,12 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from impl import backend
 from impl.backend import DEVICE, sized
-from impl.common.results import results_dir
 from impl.join import host, make_operator
 from impl.join.data import Case, compulsory_bytes, make_tables
-from impl.join.tune import tuned_hash_config
+from impl.join.tune import stored_hash_config
 
 CASES = {
     "100k": Case("uniform", sized(100_000, 160)),
@@ -61,12 +59,9 @@ HASH_CONFIG = {"threads": sized(256, 32), "items": 4}
 def hash_config() -> tuple[dict, dict]:
     """(HashConfig fields of the CUDA hash join, extra_info naming them): the stored tune's choice on a GPU, else
     ``HASH_CONFIG``."""
-    if backend.ON_GPU:
-        path = results_dir() / "join" / "tune.json"
-        tuned = tuned_hash_config(path)
-        if tuned is not None:
-            source = f"{path.parent.parent.name}/join/tune.json"
-            return tuned[0], {"hash_variant": tuned[1], "hash_config_source": source}
+    stored = stored_hash_config()
+    if stored is not None:
+        return stored[0], {"hash_variant": stored[1], "hash_config_source": stored[2]}
     return HASH_CONFIG, {"hash_variant": "defaults"}
 
 

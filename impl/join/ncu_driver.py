@@ -3,7 +3,8 @@
 Builds one uniform n x n int32 case (unique build keys, ~50% probe hits) on the host, copies it to the device (copies
 launch no kernels), then runs each named join exactly once, so every kernel ncu sees belongs to one join, in order.
 ``--config '{"hash-cuda": {"scheme": "split"}}'`` gives a join its config overrides (the fields of its config
-dataclass); ``--repeat 2`` joins twice with one operator (the second join reuses the table, as a bench's rounds do).
+dataclass; without one the CUDA hash join runs the stored tune's choice, as the benches do); ``--repeat 2`` joins
+twice with one operator (the second join reuses the table, as a bench's rounds do).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from impl import backend
 from impl.common.timing import synchronize
 from impl.join import IMPLS, make_operator
 from impl.join.data import Case, make_tables
+from impl.join.tune import stored_hash_config
 
 
 def run(n: int, impls: list[str], config: dict[str, dict] | None = None, repeat: int = 1) -> dict[str, int]:
@@ -24,7 +26,11 @@ def run(n: int, impls: list[str], config: dict[str, dict] | None = None, repeat:
     bk, br, pk, pr = make_tables(Case("uniform", n), seed=0, device=backend.DEVICE)
     pairs = {}
     for name in impls:
-        op = make_operator(name, **(config or {}).get(name, {}))
+        overrides = (config or {}).get(name)
+        if overrides is None and name == "hash-cuda":
+            stored = stored_hash_config()
+            overrides = stored[0] if stored else {}
+        op = make_operator(name, **(overrides or {}))
         for _ in range(repeat):
             res = op(bk, pk, br, pr)
             synchronize()

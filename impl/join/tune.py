@@ -333,6 +333,19 @@ def tuned_hash_config(path: str | Path) -> tuple[dict[str, Any], str] | None:
     return {**base, **overrides}, best[1]
 
 
+def stored_hash_config() -> tuple[dict[str, Any], str, str] | None:
+    """On a GPU: (HashConfig fields, variant label, source) of this card's stored tune
+    (``results/<card>/join/tune.json``, ``tuned_hash_config``), which the join benches and the ncu driver run the
+    CUDA hash join with; None without a GPU or a usable record."""
+    if not backend.ON_GPU:
+        return None
+    from impl.common.results import results_dir
+
+    path = results_dir() / "join" / "tune.json"
+    tuned = tuned_hash_config(path)
+    return None if tuned is None else (*tuned, f"{path.parent.parent.name}/join/tune.json")
+
+
 def decision(record: dict[str, Any]) -> str:
     """The fastest checked hash and tensor-core variants at n (uniform) and their ratio; the fastest hash variants
     on int64 keys at --big and on m2m at n."""
