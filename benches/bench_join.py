@@ -52,14 +52,16 @@ HOST_CASES = ("100k", "1M", "10M", "1M-i64", "10M-i64", "zipf-1M", "m2m-1M")
 HOST_SPECS = [f"{h}-{c}" for h in host.HOST_JOINS for c in HOST_CASES]
 # HashConfig's defaults; the simulator runs a thread per CUDA thread and slow barriers, so smaller blocks. On a GPU
 # with a stored tune (results/<card>/join/tune.json, written by ``impl.join.tune``) the fastest checked hash variant
-# at 1M x 1M replaces them (``hash_config``), named in every hash bench's extra_info.
+# on the tune's case closest to the bench's (1M or 10M rows, int32 or int64 keys) replaces them (``hash_config``),
+# named in every hash bench's extra_info.
 HASH_CONFIG = {"threads": sized(256, 32), "items": 4}
 
 
-def hash_config() -> tuple[dict, dict]:
-    """(HashConfig fields of the CUDA hash join, extra_info naming them): the stored tune's choice on a GPU, else
-    ``HASH_CONFIG``."""
-    stored = stored_hash_config()
+def hash_config(case_id: str) -> tuple[dict, dict]:
+    """(HashConfig fields of the CUDA hash join on ``case_id``, extra_info naming them): the stored tune's choice on a
+    GPU, else ``HASH_CONFIG``."""
+    case = CASES[case_id]
+    stored = stored_hash_config(case.n, case.dtype == "int64")
     if stored is not None:
         return stored[0], {"hash_variant": stored[1], "hash_config_source": stored[2]}
     return HASH_CONFIG, {"hash_variant": "defaults"}
@@ -81,7 +83,7 @@ def fingerprint(build_rows, probe_rows) -> Fingerprint:
 
 _TABLES: dict[str, tuple[torch.Tensor, ...]] = {}
 _EXPECTED: dict[str, Fingerprint] = {}
-_OPS: dict[str, object] = {}
+_OPS: dict[tuple, object] = {}
 
 
 def tables(case_id: str) -> tuple[torch.Tensor, ...]:
@@ -101,11 +103,13 @@ def expected(case_id: str) -> Fingerprint:
     return _EXPECTED[case_id]
 
 
-def operator(name: str):
-    if name not in _OPS:  # one operator per implementation: its workspace persists across benches, as in use
-        config = (hash_config()[0] if name == "hash-cuda" else HASH_CONFIG) if name.startswith("hash") else {}
-        _OPS[name] = make_operator(name, **config)
-    return _OPS[name]
+def operator(name: str, case_id: str):
+    """One operator per implementation and configuration: its workspace persists across benches, as in use."""
+    config = (hash_config(case_id)[0] if name == "hash-cuda" else HASH_CONFIG) if name.startswith("hash") else {}
+    key = (name, tuple(sorted(config.items())))
+    if key not in _OPS:
+        _OPS[key] = make_operator(name, **config)
+    return _OPS[key]
 
 
 def check(ob, op_, case_id: str) -> None:
@@ -141,12 +145,12 @@ def run_phase(device_bench, name: str, phase: str, case_id: str, flops_per_pass:
     """Time one phase (or the whole join) of operator ``name`` on ``case_id``, then check its output
     (``build_reads=False``: the operator's build only records its inputs, so it is charged no bytes; ``total_flops``:
     the FLOPs of the whole join, by default two passes)."""
-    op = operator(name)
+    op = operator(name, case_id)
     bk, br, pk, pr = tables(case_id)
     case, want = CASES[case_id], expected(case_id)
     kb, rb = bk.element_size(), br.element_size()
     info = dict(impl=name, phase=phase, case=case_id, kind=case.kind, n=case.n, dtype=case.dtype, pairs=want.total,
-                rows=2 * case.n, **(hash_config()[1] if name == "hash-cuda" else {}), **extra)
+                rows=2 * case.n, **(hash_config(case_id)[1] if name == "hash-cuda" else {}), **extra)
 
     def bench(fn, bytes_moved: int, flops: int = 0, **more):
         return device_bench(fn, bytes_moved=bytes_moved, flops=flops, flops_dtype=flops_dtype, **info, **more)
@@ -222,7 +226,7 @@ def test_join_tc(device_bench, spec):
     probe (partition + the pass counting only + the total read back), materialize (the pass writing exact-size
     outputs), total (partition + ONE counting-and-writing pass into a speculative output + the readback)."""
     phase, case_id = spec.split("-", 1)
-    op = operator("tc-triton")
+    op = operator("tc-triton", case_id)
     acct = tc_accounting(op, case_id)
     flops_dtype = "fp8" if op.config.enc == "int8" else "bf16"  # the tensor-core rate the encoding runs at
     if phase == "partition":

@@ -278,9 +278,10 @@ def test_tune_table_marks_failures_and_skips():
 
 
 def test_tuned_hash_config_takes_the_fastest_checked_hash_variant(tmp_path):
-    """The join bench's hash configuration on a GPU: of a tune record's variants, the fastest at n on uniform keys
-    among those that passed every check, as the record's base config with the variant's overrides; not a variant that
-    failed a check, a tensor-core variant, or one that is not a HashConfig; None without a record or a candidate."""
+    """The join bench's hash configuration on a GPU: of a tune record's variants, the fastest among those that passed
+    every check on the timed case closest to the bench's (size and key type; n on int32 keys when no checked variant
+    timed that case), as the record's base config with the variant's overrides; not a variant that failed a check, a
+    tensor-core variant, or one that is not a HashConfig; None without a record or a candidate."""
     from impl.join.hash_table import HashConfig
     from impl.join.tune import tuned_hash_config
 
@@ -296,6 +297,8 @@ def test_tuned_hash_config_takes_the_fastest_checked_hash_variant(tmp_path):
         {"label": "partitioned", "config": {"scheme": "partitioned", "part_rows": 1024}, "checks": ok,
          "times": {"uniform-100": {"median_us": 20.0}, "uniform-999": {"median_us": 1.0}}},
         {"label": "untimed", "config": {"scheme": "linear64"}, "checks": ok, "times": {}},
+        {"label": "wide-big", "config": {"scheme": "linear64", "linear_wide": True}, "checks": ok,
+         "times": {"uniform-100": {"median_us": 30.0}, "uniform64-999": {"median_us": 3.0}}},
     ]
     base = {**{k: getattr(HashConfig(), k) for k in HashConfig.__dataclass_fields__}, "retired_field": 1}
     path = tmp_path / "tune.json"
@@ -303,6 +306,9 @@ def test_tuned_hash_config_takes_the_fastest_checked_hash_variant(tmp_path):
     fields, label = tuned_hash_config(path)
     assert label == "partitioned"
     assert HashConfig(**fields) == HashConfig(scheme="partitioned", part_rows=1024)
+    assert tuned_hash_config(path, rows=10**4, wide=True)[1] == "wide-big"  # the int64 case at the large size
+    assert tuned_hash_config(path, rows=10**4)[1] == "partitioned"  # int32 at the large size
+    assert tuned_hash_config(path, rows=50, wide=True)[1] == "partitioned"  # no int64 time at n: n's int32 choice
     path.write_text(json.dumps({"n": 100, "big": 999, "base_config": base, "variants": variants[1:4]}))
     assert tuned_hash_config(path) is None
     assert tuned_hash_config(tmp_path / "missing.json") is None

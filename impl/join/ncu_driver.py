@@ -28,7 +28,7 @@ def run(n: int, impls: list[str], config: dict[str, dict] | None = None, repeat:
     for name in impls:
         overrides = (config or {}).get(name)
         if overrides is None and name == "hash-cuda":
-            stored = stored_hash_config()
+            stored = stored_hash_config(n)
             overrides = stored[0] if stored else {}
         op = make_operator(name, **(overrides or {}))
         for _ in range(repeat):

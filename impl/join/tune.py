@@ -315,34 +315,46 @@ def fastest(record: dict[str, Any], key: str, kind: str) -> tuple[float, str] | 
     return best
 
 
-def tuned_hash_config(path: str | Path) -> tuple[dict[str, Any], str] | None:
-    """(HashConfig fields, label) of the fastest hash variant that passed its checks at n on uniform keys in the tune
-    record at ``path`` (its ``base_config`` with the variant's overrides); None if there is no record or no such
-    variant. Variants that are not a HashConfig (the exact-size paths' ``_exact``) are left out."""
+def tuned_case_key(record: dict[str, Any], rows: int, wide: bool) -> str:
+    """The tune's timed case closest to a join of ``rows`` rows per side: its large size (``big``) from there up,
+    else its main one (``n``); int64 keys (``wide``) on the int64 tables."""
+    size = record["big"] if rows >= record["big"] else record["n"]
+    return f"{'uniform64' if wide else 'uniform'}-{size}"
+
+
+def tuned_hash_config(path: str | Path, rows: int | None = None,
+                      wide: bool = False) -> tuple[dict[str, Any], str] | None:
+    """(HashConfig fields, label) of the fastest hash variant that passed its checks in the tune record at ``path``
+    on the timed case closest to ``rows`` x ``rows`` joins (``tuned_case_key``; default: n on uniform int32 keys,
+    which every variant times; a case no checked variant timed falls back to it), as the record's ``base_config``
+    with the variant's overrides; None if there is no record or no such variant. Variants that are not a HashConfig
+    (the exact-size paths' ``_exact``) are left out."""
     path = Path(path)
     if not path.exists():
         return None
     record = json.loads(path.read_text())
     fields = set(HashConfig.__dataclass_fields__)
-    usable = [v for v in record.get("variants", []) if set(v.get("config", {})) <= fields]
-    best = fastest({**record, "variants": usable}, f"uniform-{record['n']}", "hash")
+    usable = {**record, "variants": [v for v in record.get("variants", []) if set(v.get("config", {})) <= fields]}
+    best = None if rows is None else fastest(usable, tuned_case_key(record, rows, wide), "hash")
+    best = best or fastest(usable, f"uniform-{record['n']}", "hash")
     if best is None:
         return None
+    usable = usable["variants"]
     overrides = next(v["config"] for v in usable if v["label"] == best[1])
     base = {k: v for k, v in record["base_config"].items() if k in fields}
     return {**base, **overrides}, best[1]
 
 
-def stored_hash_config() -> tuple[dict[str, Any], str, str] | None:
+def stored_hash_config(rows: int | None = None, wide: bool = False) -> tuple[dict[str, Any], str, str] | None:
     """On a GPU: (HashConfig fields, variant label, source) of this card's stored tune
-    (``results/<card>/join/tune.json``, ``tuned_hash_config``), which the join benches and the ncu driver run the
-    CUDA hash join with; None without a GPU or a usable record."""
+    (``results/<card>/join/tune.json``, ``tuned_hash_config`` for joins of ``rows`` rows per side), which the join
+    benches and the ncu driver run the CUDA hash join with; None without a GPU or a usable record."""
     if not backend.ON_GPU:
         return None
     from impl.common.results import results_dir
 
     path = results_dir() / "join" / "tune.json"
-    tuned = tuned_hash_config(path)
+    tuned = tuned_hash_config(path, rows, wide)
     return None if tuned is None else (*tuned, f"{path.parent.parent.name}/join/tune.json")
 
 
