@@ -1046,27 +1046,9 @@ struct ScatterSmem {
     static constexpr int words64 = (words + 1) / 2;  // declared as 8-byte words: the stage may hold int64 keys
 };
 
-// One chunk of TILE rows, staged: ranks per partition (shared atomics), the chunk's exclusive offsets per partition
-// (loc), one cursor atomicAdd per non-empty partition (its run's base replaces the count in hist), the pairs placed in
-// partition order in the stage, then stored stage slot s -> base[q] + s - loc[q] by thread s mod THREADS. hist is zero
-// on entry and on exit.
-template <typename K, typename R>
-__device__ void part_scatter_staged(const K* __restrict__ keys, const R* __restrict__ rows, long long n,
-                                    long long base, int pb, int nparts, int* cursor, K* __restrict__ out_k,
-                                    R* __restrict__ out_r, int* hist, int* loc, K* stage_k, R* stage_r) {
-    K k[JOIN_ITEMS];
-    int q[JOIN_ITEMS], rank[JOIN_ITEMS];
-#pragma unroll
-    for (int r = 0; r < JOIN_ITEMS; ++r) {
-        const long long i = base + r * JOIN_THREADS + threadIdx.x;
-        k[r] = i < n ? keys[i] : (K)0;
-    }
-#pragma unroll
-    for (int r = 0; r < JOIN_ITEMS; ++r) {
-        q[r] = part_of(mix32(fold(k[r])), pb);
-        rank[r] = base + r * JOIN_THREADS + threadIdx.x < n ? atomicAdd(&hist[q[r]], 1) : -1;
-    }
-    __syncthreads();
+// The chunk's exclusive offsets per partition in partition order (loc[p], from the counts in hist) for the staged
+// path. Every thread of the block calls it.
+__device__ void part_stage_offsets(const int* hist, int* loc, int nparts) {
     const int chunk = (nparts + JOIN_THREADS - 1) / JOIN_THREADS;
     const int lo = min((int)threadIdx.x * chunk, nparts), hi = min(lo + chunk, nparts);
     long long sum = 0;
@@ -1077,32 +1059,13 @@ __device__ void part_scatter_staged(const K* __restrict__ keys, const R* __restr
         loc[p] = (int)run;
         run += hist[p];
     }
-    __syncthreads();  // every count is read: hist may now hold the runs' bases
-#pragma unroll
-    for (int r = 0; r < JOIN_ITEMS; ++r)  // the partition's first row reserves the chunk's run
-        if (rank[r] == 0) hist[q[r]] = atomicAdd(&cursor[q[r]], hist[q[r]]);
-#pragma unroll
-    for (int r = 0; r < JOIN_ITEMS; ++r) {
-        if (rank[r] < 0) continue;
-        const int at = loc[q[r]] + rank[r];
-        stage_k[at] = k[r];
-        stage_r[at] = row_id(rows, base + r * JOIN_THREADS + threadIdx.x);
-    }
-    __syncthreads();
-    const int m = (int)min((long long)TILE, n - base);
-    for (int at = threadIdx.x; at < m; at += JOIN_THREADS) {
-        const K key = stage_k[at];
-        const int p = part_of(mix32(fold(key)), pb);
-        const long long g = (long long)hist[p] + (at - loc[p]);
-        out_k[g] = key;
-        out_r[g] = stage_r[at];
-    }
-    __syncthreads();  // every base is read
-#pragma unroll
-    for (int r = 0; r < JOIN_ITEMS; ++r)
-        if (rank[r] == 0) hist[q[r]] = 0;
 }
 
+// Chunks of TILE rows of one side (the build side's first), grid-stride. Per chunk: each row's rank among the chunk's
+// rows of its partition (shared atomics on hist), one cursor atomicAdd per non-empty partition by its first row (the
+// run's base replaces the count in hist), then the (key, row id) pairs go to base + rank. Staged: first into the stage
+// in partition order (offsets loc), then stage slot s -> base[p] + s - loc[p] from thread s mod THREADS, so each run
+// is stored by consecutive threads. hist is zero at the start and the end of every chunk.
 template <typename K, typename R>
 __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __restrict__ brows, long long nbuild,
                                     const K* __restrict__ pkeys, const R* __restrict__ prows, long long nprobe,
@@ -1111,7 +1074,7 @@ __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __rest
     using Smem = ScatterSmem<K, R>;
     JOIN_SHARED(long long, smem64, Smem::words64);
     int* smem = reinterpret_cast<int*>(smem64);
-    int* hist = smem;  // direct: per partition the chunk's rows in it, then the base of the chunk's run
+    int* hist = smem;  // per partition the chunk's rows in it, then the base of the chunk's run
     const int pb = (int)pbits, nparts = 1 << pb;
     const bool staged = Smem::staged && nparts <= STAGE_PARTS;  // uniform over the launch
     int* loc = smem + STAGE_PARTS;
@@ -1127,14 +1090,9 @@ __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __rest
         R* out_r = probe ? ppr : bpr;
         int* cursor = probe ? cursors + nparts : cursors;
         const long long n = probe ? nprobe : nbuild, base = (probe ? c - bchunks : c) * TILE;
-        __syncthreads();  // the histogram is zero again (the previous chunk's first rows reset their entries)
-        if (staged) {
-            part_scatter_staged<K, R>(keys, rows, n, base, pb, nparts, cursor, out_k, out_r, hist, loc, stage_k,
-                                      stage_r);
-            continue;
-        }
         K k[JOIN_ITEMS];
         int q[JOIN_ITEMS], rank[JOIN_ITEMS];
+        __syncthreads();  // the histogram is zero again (the previous chunk's first rows reset their entries)
 #pragma unroll
         for (int r = 0; r < JOIN_ITEMS; ++r) {
             const long long i = base + r * JOIN_THREADS + threadIdx.x;
@@ -1146,18 +1104,42 @@ __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __rest
             rank[r] = base + r * JOIN_THREADS + threadIdx.x < n ? atomicAdd(&hist[q[r]], 1) : -1;
         }
         __syncthreads();
+        if (staged) {
+            part_stage_offsets(hist, loc, nparts);
+            __syncthreads();  // every count is read: hist may now hold the runs' bases
+        }
 #pragma unroll
         for (int r = 0; r < JOIN_ITEMS; ++r)  // the partition's first row reserves the chunk's run
             if (rank[r] == 0) hist[q[r]] = atomicAdd(&cursor[q[r]], hist[q[r]]);
-        __syncthreads();
+        if (staged) {
 #pragma unroll
-        for (int r = 0; r < JOIN_ITEMS; ++r) {
-            if (rank[r] < 0) continue;
-            const long long i = base + r * JOIN_THREADS + threadIdx.x, at = (long long)hist[q[r]] + rank[r];
-            out_k[at] = k[r];
-            out_r[at] = row_id(rows, i);
+            for (int r = 0; r < JOIN_ITEMS; ++r) {
+                if (rank[r] < 0) continue;
+                const int at = loc[q[r]] + rank[r];
+                stage_k[at] = k[r];
+                stage_r[at] = row_id(rows, base + r * JOIN_THREADS + threadIdx.x);
+            }
         }
-        __syncthreads();
+        __syncthreads();  // every run's base (and, staged, every pair) is in shared memory
+        if (staged) {
+            const int m = (int)min((long long)TILE, n - base);
+            for (int at = threadIdx.x; at < m; at += JOIN_THREADS) {
+                const K key = stage_k[at];
+                const int p = part_of(mix32(fold(key)), pb);
+                const long long g = (long long)hist[p] + (at - loc[p]);
+                out_k[g] = key;
+                out_r[g] = stage_r[at];
+            }
+        } else {
+#pragma unroll
+            for (int r = 0; r < JOIN_ITEMS; ++r) {
+                if (rank[r] < 0) continue;
+                const long long i = base + r * JOIN_THREADS + threadIdx.x, at = (long long)hist[q[r]] + rank[r];
+                out_k[at] = k[r];
+                out_r[at] = row_id(rows, i);
+            }
+        }
+        __syncthreads();  // every base is read
 #pragma unroll
         for (int r = 0; r < JOIN_ITEMS; ++r)
             if (rank[r] == 0) hist[q[r]] = 0;
