@@ -216,6 +216,25 @@ void print_join(long long total, long long error, bool guards, bool rewrite, con
     for (long long i = 0; i < total; ++i) std::printf("%lld %lld\n", (long long)ob[i], (long long)op[i]);
 }
 
+// The end of a join as hash_cuda.py ends it: when the total exceeds the speculative capacity, `rewrite(total)` writes
+// again into exact-size outputs; then the result line and pairs. Returns 0, or 7 when a re-write's kernel that
+// publishes the total (state[0], when `check_total`) published another one.
+template <typename T, typename F>
+int finish_join(long long total, long long capacity, std::vector<T>& ob, std::vector<T>& op, T guard,
+                const std::vector<long long>& state, bool check_total, F rewrite) {
+    bool guards = guarded_from(ob, capacity, guard) && guarded_from(op, capacity, guard);
+    const bool rewritten = total > capacity;
+    if (rewritten) {
+        ob.assign(total + 16, guard);
+        op.assign(total + 16, guard);
+        rewrite(total);
+        if (check_total && state[0] != total) return 7;
+        guards = guards && guarded_from(ob, total, guard) && guarded_from(op, total, guard);
+    }
+    print_join(total, state[1], guards, rewritten, ob, op);
+    return 0;
+}
+
 template <typename K>
 struct LinearKernels {
     void (*build)(const K*, long long, Slot<K>*, long long, long long, long long, long long*, long long*);
@@ -264,16 +283,7 @@ int run_linear(int joins, bool fused, LinearKernels<K> k) {
         const long long total = state[0];
         if (host[0] != total || host[1] != state[1]) return 5;
         if (state[5] != 0 || state[6] != 0) return 6;  // the probe must leave its counter and ticket at zero
-        bool guards = guarded_from(ob, capacity, guard) && guarded_from(op, capacity, guard);
-        const bool rewrite = total > capacity;
-        if (rewrite) {
-            ob.assign(total + 16, guard);
-            op.assign(total + 16, guard);
-            probe(total);
-            if (state[0] != total) return 7;
-            guards = guards && guarded_from(ob, total, guard) && guarded_from(op, total, guard);
-        }
-        print_join(total, state[1], guards, rewrite, ob, op);
+        if (int rc = finish_join(total, capacity, ob, op, guard, state, true, probe)) return rc;
     }
     return 0;
 }
@@ -343,16 +353,8 @@ int run_partitioned(int joins, bool hide_last, PartKernels<K> k) {
         if (host[0] != total || host[1] != state[1]) return 5;
         if (state[5] != 0 || state[6] != 0 || state[PART_TICKET] != 0) return 6;
         if (std::any_of(counts.begin(), counts.end(), [](int c) { return c != 0; })) return 6;
-        bool guards = guarded_from(ob, capacity, guard) && guarded_from(op, capacity, guard);
-        const bool rewrite = total > capacity;
-        if (rewrite) {  // pjoin alone again, exact-size: the partitioned buffers are still there
-            ob.assign(total + 16, guard);
-            op.assign(total + 16, guard);
-            join(total);
-            if (state[0] != total) return 7;
-            guards = guards && guarded_from(ob, total, guard) && guarded_from(op, total, guard);
-        }
-        print_join(total, state[1], guards, rewrite, ob, op);
+        // a re-write is pjoin alone again, exact-size: the partitioned buffers are still there
+        if (int rc = finish_join(total, capacity, ob, op, guard, state, true, join)) return rc;
     }
     return 0;
 }
@@ -400,18 +402,13 @@ int run(int scheme, int joins, Kernels<K> k) {
         }
         const long long total = state[0];
         if (host[0] != total || host[1] != state[1]) return 5;  // the pinned host words must carry total and error
-        bool guards = guarded_from(ob, capacity, guard) && guarded_from(op, capacity, guard);
-        const bool rewrite = total > capacity;
-        if (rewrite) {  // the speculative buffer was short: write again, exact-size (as hash_cuda.py does)
-            ob.assign(total + 16, guard);
-            op.assign(total + 16, guard);
-            launch(k.write, (unsigned)ntiles, threads, false, (const K*)pk.data(), n,
-                   (const S*)table.data(), nb, shift, epoch, (const int*)heads.data(),
-                   (const long long*)tcounts.data(), (const long long*)offsets.data(), (const K*)br.data(),
-                   (const K*)pr.data(), ob.data(), op.data(), total);
-            guards = guards && guarded_from(ob, total, guard) && guarded_from(op, total, guard);
-        }
-        print_join(total, state[1], guards, rewrite, ob, op);
+        auto write = [&](long long cap) {  // the write kernel publishes no total
+            launch(k.write, (unsigned)ntiles, threads, false, (const K*)pk.data(), n, (const S*)table.data(), nb, shift,
+                   epoch, (const int*)heads.data(), (const long long*)tcounts.data(),
+                   (const long long*)offsets.data(), (const K*)br.data(), (const K*)pr.data(), ob.data(), op.data(),
+                   cap);
+        };
+        if (int rc = finish_join(total, capacity, ob, op, guard, state, false, write)) return rc;
     }
     return 0;
 }
