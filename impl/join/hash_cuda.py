@@ -9,7 +9,7 @@ Per join (``config.scheme``):
   fused     one cooperative launch (build | grid barrier | count | barrier + scan | write), grid = resident blocks;
   split     build, count (+ last-block scan), write: three launches;
   linear64  (int32 keys; int64 keys too with ``linear_wide``, else split) lbuild, then lprobe, which counts and writes
-            in one pass (warps reserve their output ranges with one atomic add each): two launches, ``lrows`` rows
+            in one pass (blocks reserve their output ranges with one atomic add each): two launches, ``lrows`` rows
             per thread in flight, grid-stride loops;
   linear64-fused  the same in one cooperative launch (lbuild | grid barrier | lprobe), grid = resident blocks;
   partitioned  pcount (both sides' partition histograms; the last block scans them into partition starts),
@@ -35,8 +35,8 @@ import torch
 from impl import backend
 from impl.common.rawkernel import launch as _launch
 from impl.common.timing import sm_count
-from impl.join.hash_table import (BARRIER_TIMEOUT_NS, ERRORS, PART_BITS_MAX, Built, HashConfig, HashJoinBase, Parts,
-                                  Probed)
+from impl.join.hash_table import (BARRIER_TIMEOUT_NS, ERRORS, PART_BITS_MAX, PART_PAD, Built, HashConfig,
+                                  HashJoinBase, Parts, Probed)
 
 SOURCE = Path(__file__).with_name("hash_join.cu")
 KEY_SUFFIXES = ("i32", "i64")
@@ -74,7 +74,7 @@ def compile_options(config: HashConfig) -> tuple[str, ...]:
             f"-DBUCKET_BYTES={config.bucket_bytes}", f"-DJOIN_MIN_BLOCKS={config.min_blocks}",
             f"-DJOIN_RECONVERGE={int(config.reconverge)}", f"-DJOIN_LROWS={config.lrows}",
             f"-DJOIN_PART_CAP={config.part_capacity}", f"-DJOIN_PART_PROBE={config.part_probe}",
-            f"-DJOIN_PART_BITS_MAX={PART_BITS_MAX}")
+            f"-DJOIN_PART_BITS_MAX={PART_BITS_MAX}", f"-DJOIN_PART_PAD={PART_PAD}")
 
 
 @functools.cache
@@ -223,9 +223,9 @@ class HashJoinCuda(HashJoinBase):
         if rows is not None and rows.dtype != rdt:
             raise ValueError(f"{self.name}: probe row ids are {rows.dtype} but build row ids are {rdt}; "
                              "give both sides one row-id dtype")
-        counts = ws.get("part_counts", 2 << PART_BITS_MAX, torch.int32, dev, zeros=True)  # pcount leaves it zero
+        counts = ws.get("part_counts", (2 << PART_BITS_MAX) * PART_PAD, torch.int32, dev, zeros=True)  # left zero
         starts = ws.get("part_starts", 3 * nparts + 3, torch.int32, dev)  # build, probe starts; pjoin's items
-        cursors = ws.get("part_cursors", 2 * nparts, torch.int32, dev)
+        cursors = ws.get("part_cursors", 2 * nparts * PART_PAD, torch.int32, dev)
         bpk, bpr = ws.get("part_bkeys", parts.n, keys.dtype, dev), ws.get("part_brows", parts.n, rdt, dev)
         ppk, ppr = ws.get("part_pkeys", n, keys.dtype, dev), ws.get("part_prows", n, rdt, dev)
         steps = -(-max(parts.n, n) // cfg.tile)

@@ -561,11 +561,11 @@ __device__ void fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, l
 //           each row's first empty slot; a row whose CAS lost (or whose first bucket was full) walks its sequence,
 //           re-testing a slot it lost only against the CAS's returned word.
 //   lprobe: grid-stride loop, JOIN_LROWS rows per thread per step: count each row's matches (first one remembered);
-//           the warp reserves the pairs of its rows with one atomicAdd on state[5] (per row: ballot + popc when no
-//           lane has more than one match, a shuffle scan otherwise) and writes them at once (pairs at offsets >=
-//           capacity are dropped; capacity 0 = count only); the last block to finish publishes the total (state[0],
-//           host[0]) and resets the counter.
-// Pair order in the output is not deterministic (warps reserve their ranges in arrival order).
+//           the block reserves the pairs of its rows with one atomicAdd on state[5] (within a warp per row: ballot +
+//           popc when no lane has more than one match, a shuffle scan otherwise; warps in order) and writes them at
+//           once (pairs at offsets >= capacity are dropped; capacity 0 = count only); the last block to finish
+//           publishes the total (state[0], host[0]) and resets the counter.
+// Pair order in the output is not deterministic (blocks reserve their ranges in arrival order).
 
 #define FULL_MASK 0xffffffffu
 #define LIN_COUNTER 5  // state[5]: pairs reserved so far by this lprobe launch
@@ -773,6 +773,30 @@ __device__ __forceinline__ long long warp_offset(long long cnt, int lane, long l
     return excl;
 }
 
+// Output ranges for a block's pairs with one atomicAdd on *counter (instead of one a warp: every atomic on the one
+// counter waits for the one before it): each warp passes its pair count (uniform over the warp) and gets the base of
+// its range. Every thread of the block calls it (it synchronizes the block).
+__device__ __forceinline__ long long block_reserve(long long wsum, u64* counter) {
+    constexpr int nwarps = JOIN_THREADS / 32;
+    JOIN_SHARED(long long, wbase, nwarps + 1);
+    const int warp = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0) wbase[warp] = wsum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        long long run = 0;
+        for (int w = 0; w < nwarps; ++w) {
+            const long long c = wbase[w];
+            wbase[w] = run;
+            run += c;
+        }
+        wbase[nwarps] = run ? (long long)atomicAdd(counter, (u64)run) : 0;
+    }
+    __syncthreads();
+    const long long base = wbase[nwarps] + wbase[warp];
+    __syncthreads();  // wbase is reused by the next call
+    return base;
+}
+
 // The end of a kernel whose warps reserved their pairs on *counter: the last block to finish (ticket state[6])
 // publishes the total (state[0], host[0]) and leaves the counter and the ticket at zero for the next launch. Every
 // thread of every block calls it.
@@ -795,8 +819,8 @@ __device__ void publish_total(u64* counter, long long* state, long long* host) {
 
 // RO: the table is read-only for the whole launch (lprobe: loads through L1); the fused kernel wrote it earlier in
 // the same launch, so it reads through L2. JOIN_LROWS rows per thread and step (row base + r * THREADS + t): their
-// key loads, then their first-bucket loads, are all issued before any bucket is inspected; the warp reserves the
-// pairs of all its rows with one atomicAdd, row r's pairs of the warp contiguous (coalesced writes).
+// key loads, then their first-bucket loads, are all issued before any bucket is inspected; the block reserves the
+// pairs of all its rows with one atomicAdd (block_reserve), row r's pairs of a warp contiguous (coalesced writes).
 template <typename K, typename R, bool RO>
 __device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, const Slot<K>* table, long long nb,
                                     long long shift, long long epoch, const R* __restrict__ brows,
@@ -838,11 +862,8 @@ __device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, co
                                            (R)0, brows, out_b, out_p, 0);
             excl[r] = warp_offset(cnt[r], lane, &wsum);
         }
-        if (wsum == 0) continue;  // uniform over the warp
-        long long wbase = 0;
-        if (lane == 0) wbase = (long long)atomicAdd(counter, (u64)wsum);
-        wbase = __shfl_sync(FULL_MASK, wbase, 0);
-        if (capacity == 0) continue;
+        const long long wbase = block_reserve(wsum, counter);  // every thread: base is uniform over the block
+        if (wsum == 0 || capacity == 0) continue;  // uniform over the warp
 #pragma unroll
         for (int r = 0; r < JOIN_LROWS; ++r) {
             const long long j = base + r * JOIN_THREADS + threadIdx.x, at = wbase + excl[r];
@@ -882,8 +903,8 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
 // fold both halves into h and are compared whole. Every phase streams its input; the only random accesses go to
 // shared memory (and, per match, to the partition's build row ids, which the join just wrote).
 //   pcount:   grid-stride over the build keys, then the probe keys (JOIN_ITEMS rows per thread and step, loads first):
-//             a shared histogram of partition ids per block and side, added to counts[side * P + q] with one
-//             atomicAdd per non-empty (block, partition). The last block to finish (ticket state[7]) scans each
+//             a shared histogram of partition ids per block and side, added to counts[(side * P + q) * PART_PAD] with
+//             one atomicAdd per non-empty (block, partition). The last block to finish (ticket state[7]) scans each
 //             side's counts into starts[side * (P + 1) + q] (the side's row count at q = P), copies them into the
 //             write cursors, and leaves the counts and the ticket at zero for the next join (no memset launches).
 //   pscatter: chunks of TILE rows of one side (the build side's chunks first), grid-stride: each row's rank among the
@@ -901,9 +922,9 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
 //             duplicate owns a slot), then every probe row of the item walks the table from slot h mod PART_SLOTS (the
 //             low bits of h; the partition took the high ones) to the first empty slot. A partition with more build
 //             rows than JOIN_PART_CAP (build-side skew) takes several rounds and streams the item's probe rows once
-//             per round: slower, never wrong. Pairs as in lprobe: warps reserve their
-//             ranges on state[5] with one atomicAdd, pairs at offsets >= capacity are dropped (capacity 0: count
-//             only), the last block publishes the total (state[0], host[0]) and resets the counter and its ticket.
+//             per round: slower, never wrong. Pairs as in lprobe: a block reserves the ranges of THREADS probe rows
+//             on state[5] with one atomicAdd, pairs at offsets >= capacity are dropped (capacity 0: count only), the
+//             last block publishes the total (state[0], host[0]) and resets the counter and its ticket.
 //             An exact-size re-write runs pjoin alone again: the partitioned buffers are still there.
 
 #ifndef JOIN_PART_CAP  // build rows per pjoin round (the shared table's capacity); HashConfig.part_capacity
@@ -916,6 +937,10 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
 #define JOIN_PART_BITS_MAX 13
 #endif
 #define PART_MAX (1 << JOIN_PART_BITS_MAX)
+#ifndef JOIN_PART_PAD  // ints between two partitions' counters (counts, cursors): one 128-byte line each, so the
+#define JOIN_PART_PAD 32  // blocks' atomics on different partitions do not queue behind each other
+#endif
+#define PART_PAD JOIN_PART_PAD
 #define PART_TICKET 7  // state[7]: pcount blocks finished
 #define PART_EMPTY 0xFFFFu
 
@@ -932,8 +957,8 @@ static_assert(JOIN_PART_CAP >= 1 && JOIN_PART_CAP < (int)PART_EMPTY, "a slot hol
 
 __device__ __forceinline__ int part_of(unsigned h, int pbits) { return pbits ? (int)(h >> (32 - pbits)) : 0; }
 
-// Add one side's partition histogram to counts[0, P): this block's rows of the grid-stride loop, then one atomicAdd
-// per non-empty partition. Every thread of the block calls it.
+// Add one side's partition histogram to counts[q * PART_PAD]: this block's rows of the grid-stride loop, then one
+// atomicAdd per non-empty partition. Every thread of the block calls it.
 template <typename K>
 __device__ void part_count_side(const K* __restrict__ keys, long long n, int pbits, int* hist, int* counts) {
     const int nparts = 1 << pbits;
@@ -952,23 +977,24 @@ __device__ void part_count_side(const K* __restrict__ keys, long long n, int pbi
     }
     __syncthreads();
     for (int q = threadIdx.x; q < nparts; q += JOIN_THREADS)
-        if (hist[q]) atomicAdd(&counts[q], hist[q]);
+        if (hist[q]) atomicAdd(&counts[q * PART_PAD], hist[q]);
     __syncthreads();  // the histogram is reused by the next side
 }
 
-// One block: starts[q] = counts[0] + ... + counts[q - 1] for q <= P (starts[P] = the side's rows), cursors[q] =
-// starts[q]; the counts are left at zero. Counts were added by other blocks' atomics: read through L2.
+// One block: starts[q] = counts[0] + ... + counts[q - 1] for q <= P (starts[P] = the side's rows; counts and cursors
+// of partition q at q * PART_PAD), cursors[q * PART_PAD] = starts[q]; the counts are left at zero. Counts were added
+// by other blocks' atomics: read through L2.
 __device__ void part_scan_side(int* counts, int nparts, int* starts, int* cursors) {
     const int chunk = (nparts + JOIN_THREADS - 1) / JOIN_THREADS;
     const int lo = min((int)threadIdx.x * chunk, nparts), hi = min(lo + chunk, nparts);
     long long s = 0;
-    for (int q = lo; q < hi; ++q) s += __ldcg(&counts[q]);
+    for (int q = lo; q < hi; ++q) s += __ldcg(&counts[q * PART_PAD]);
     long long total;
     long long run = block_exclusive_scan(s, &total);
     for (int q = lo; q < hi; ++q) {
-        const int c = __ldcg(&counts[q]);
-        starts[q] = cursors[q] = (int)run;
-        counts[q] = 0;
+        const int c = __ldcg(&counts[q * PART_PAD]);
+        starts[q] = cursors[q * PART_PAD] = (int)run;
+        counts[q * PART_PAD] = 0;
         run += c;
     }
     if (threadIdx.x == 0) starts[nparts] = (int)total;
@@ -1015,7 +1041,7 @@ __device__ void part_count_kernel(const K* bkeys, long long nbuild, const K* pke
     JOIN_SHARED(int, is_last, 1);
     const int pb = (int)pbits, nparts = 1 << pb;
     part_count_side(bkeys, nbuild, pb, hist, counts);
-    part_count_side(pkeys, nprobe, pb, hist, counts + nparts);
+    part_count_side(pkeys, nprobe, pb, hist, counts + nparts * PART_PAD);
     __threadfence();  // this thread's count atomics are done before the block takes its ticket
     __syncthreads();
     if (threadIdx.x == 0) is_last[0] = atomicAdd((u64*)&state[PART_TICKET], 1ull) == (u64)gridDim.x - 1;
@@ -1023,7 +1049,7 @@ __device__ void part_count_kernel(const K* bkeys, long long nbuild, const K* pke
     if (!is_last[0]) return;  // uniform per block
     __threadfence();
     part_scan_side(counts, nparts, starts, cursors);
-    part_scan_side(counts + nparts, nparts, starts + nparts + 1, cursors + nparts);
+    part_scan_side(counts + nparts * PART_PAD, nparts, starts + nparts + 1, cursors + nparts * PART_PAD);
     __syncthreads();  // every start is written (a thread's last partition ends at the next thread's first start)
     part_number_items(starts, nparts);
     if (threadIdx.x == 0) state[PART_TICKET] = 0;  // the ticket is ready for the next join
@@ -1088,7 +1114,7 @@ __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __rest
         const R* rows = probe ? prows : brows;
         K* out_k = probe ? ppk : bpk;
         R* out_r = probe ? ppr : bpr;
-        int* cursor = probe ? cursors + nparts : cursors;
+        int* cursor = probe ? cursors + nparts * PART_PAD : cursors;
         const long long n = probe ? nprobe : nbuild, base = (probe ? c - bchunks : c) * TILE;
         K k[JOIN_ITEMS];
         int q[JOIN_ITEMS], rank[JOIN_ITEMS];
@@ -1110,7 +1136,7 @@ __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __rest
         }
 #pragma unroll
         for (int r = 0; r < JOIN_ITEMS; ++r)  // the partition's first row reserves the chunk's run
-            if (rank[r] == 0) hist[q[r]] = atomicAdd(&cursor[q[r]], hist[q[r]]);
+            if (rank[r] == 0) hist[q[r]] = atomicAdd(&cursor[q[r] * PART_PAD], hist[q[r]]);
         if (staged) {
 #pragma unroll
             for (int r = 0; r < JOIN_ITEMS; ++r) {
@@ -1214,11 +1240,8 @@ __device__ void part_join_kernel(const int* starts, long long pbits, const K* __
                     j < pe ? part_walk<K, R>(slots, tkey, k, &first, false, 0, (R)0, brows, out_b, out_p, 0) : 0;
                 long long wsum = 0;
                 const long long excl = warp_offset(cnt, lane, &wsum);
+                const long long at = block_reserve(wsum, counter) + excl;  // every thread: j0 is uniform
                 if (wsum == 0) continue;  // uniform over the warp
-                long long wbase = 0;
-                if (lane == 0) wbase = (long long)atomicAdd(counter, (u64)wsum);
-                wbase = __shfl_sync(FULL_MASK, wbase, 0);
-                const long long at = wbase + excl;
                 if (cnt == 0 || at >= capacity) continue;
                 const R pj = ppr[j];
                 if (cnt == 1) {

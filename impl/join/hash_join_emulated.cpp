@@ -306,7 +306,8 @@ int run_partitioned(int joins, bool hide_last, PartKernels<K> k) {
     const unsigned threads = JOIN_THREADS;
     const long long tile = TILE;
     std::vector<long long> state(8, 0);
-    std::vector<int> counts(2 * PART_MAX, 0), starts(3 * PART_MAX + 3, -1), cursors(2 * PART_MAX, -1);
+    std::vector<int> counts(2 * PART_MAX * PART_PAD, 0), starts(3 * PART_MAX + 3, -1);
+    std::vector<int> cursors(2 * PART_MAX * PART_PAD, -1);
     std::vector<K> bpk, bpr, ppk, ppr;
     std::vector<Slot<K>> unused;
     for (int q = 0; q < joins; ++q) {
@@ -336,7 +337,7 @@ int run_partitioned(int joins, bool hide_last, PartKernels<K> k) {
                    bpk.data(), bpr.data(), ppk.data(), ppr.data());
             for (int side = 0; side < 2; ++side)
                 for (long long p = 0; p < nparts; ++p)
-                    if (cursors[side * nparts + p] != starts[side * (nparts + 1) + p + 1]) return 8;
+                    if (cursors[(side * nparts + p) * PART_PAD] != starts[side * (nparts + 1) + p + 1]) return 8;
             long long items = 0;  // pjoin's work items: numbered by pcount's last block after both sides' starts
             for (long long p = 0; p < nparts; ++p) {
                 const long long probe = starts[nparts + 1 + p + 1] - starts[nparts + 1 + p];

@@ -45,6 +45,7 @@ READBACKS = ("pinned", "item")
 BARRIER_TIMEOUT_NS = 2_000_000_000
 ERRORS = {1: "a grid barrier timed out (blocks were not all resident)", 2: "the hash table had no free slot"}
 PART_BITS_MAX = 13       # hash_join.cu's JOIN_PART_BITS_MAX: at most 2**13 partitions (a 32 KiB shared histogram)
+PART_PAD = 32            # hash_join.cu's JOIN_PART_PAD: ints from one partition's counter (counts, cursors) to the next
 PART_ROWS_MIN = 16
 PART_ROWS_MAX = 3072     # the largest part_rows whose pjoin table for int64 keys fits SHARED_BYTES
 SHARED_BYTES = 48 * 1024  # static shared memory a block may declare
