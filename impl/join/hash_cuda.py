@@ -223,7 +223,7 @@ class HashJoinCuda(HashJoinBase):
         if rows is not None and rows.dtype != rdt:
             raise ValueError(f"{self.name}: probe row ids are {rows.dtype} but build row ids are {rdt}; "
                              "give both sides one row-id dtype")
-        counts = ws.get("part_counts", (2 << PART_BITS_MAX) * PART_PAD, torch.int32, dev, zeros=True)  # left zero
+        counts = ws.get("part_counts", 2 << PART_BITS_MAX, torch.int32, dev, zeros=True)  # pcount leaves it zero
         starts = ws.get("part_starts", 3 * nparts + 3, torch.int32, dev)  # build, probe starts; pjoin's items
         cursors = ws.get("part_cursors", 2 * nparts * PART_PAD, torch.int32, dev)
         bpk, bpr = ws.get("part_bkeys", parts.n, keys.dtype, dev), ws.get("part_brows", parts.n, rdt, dev)

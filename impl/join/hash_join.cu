@@ -903,8 +903,8 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
 // fold both halves into h and are compared whole. Every phase streams its input; the only random accesses go to
 // shared memory (and, per match, to the partition's build row ids, which the join just wrote).
 //   pcount:   grid-stride over the build keys, then the probe keys (JOIN_ITEMS rows per thread and step, loads first):
-//             a shared histogram of partition ids per block and side, added to counts[(side * P + q) * PART_PAD] with
-//             one atomicAdd per non-empty (block, partition). The last block to finish (ticket state[7]) scans each
+//             a shared histogram of partition ids per block and side, added to counts[side * P + q] with one
+//             atomicAdd per non-empty (block, partition). The last block to finish (ticket state[7]) scans each
 //             side's counts into starts[side * (P + 1) + q] (the side's row count at q = P), copies them into the
 //             write cursors, and leaves the counts and the ticket at zero for the next join (no memset launches).
 //   pscatter: chunks of TILE rows of one side (the build side's chunks first), grid-stride: each row's rank among the
@@ -937,8 +937,8 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
 #define JOIN_PART_BITS_MAX 13
 #endif
 #define PART_MAX (1 << JOIN_PART_BITS_MAX)
-#ifndef JOIN_PART_PAD  // ints between two partitions' counters (counts, cursors): one 128-byte line each, so the
-#define JOIN_PART_PAD 32  // blocks' atomics on different partitions do not queue behind each other
+#ifndef JOIN_PART_PAD  // ints between two partitions' write cursors: one 128-byte line each, so pscatter's
+#define JOIN_PART_PAD 32  // reservations (atomics that return) on different partitions do not queue behind each other
 #endif
 #define PART_PAD JOIN_PART_PAD
 #define PART_TICKET 7  // state[7]: pcount blocks finished
@@ -957,8 +957,8 @@ static_assert(JOIN_PART_CAP >= 1 && JOIN_PART_CAP < (int)PART_EMPTY, "a slot hol
 
 __device__ __forceinline__ int part_of(unsigned h, int pbits) { return pbits ? (int)(h >> (32 - pbits)) : 0; }
 
-// Add one side's partition histogram to counts[q * PART_PAD]: this block's rows of the grid-stride loop, then one
-// atomicAdd per non-empty partition. Every thread of the block calls it.
+// Add one side's partition histogram to counts[0, P): this block's rows of the grid-stride loop, then one atomicAdd
+// per non-empty partition (no value returned: the counters stay packed). Every thread of the block calls it.
 template <typename K>
 __device__ void part_count_side(const K* __restrict__ keys, long long n, int pbits, int* hist, int* counts) {
     const int nparts = 1 << pbits;
@@ -977,24 +977,23 @@ __device__ void part_count_side(const K* __restrict__ keys, long long n, int pbi
     }
     __syncthreads();
     for (int q = threadIdx.x; q < nparts; q += JOIN_THREADS)
-        if (hist[q]) atomicAdd(&counts[q * PART_PAD], hist[q]);
+        if (hist[q]) atomicAdd(&counts[q], hist[q]);
     __syncthreads();  // the histogram is reused by the next side
 }
 
-// One block: starts[q] = counts[0] + ... + counts[q - 1] for q <= P (starts[P] = the side's rows; counts and cursors
-// of partition q at q * PART_PAD), cursors[q * PART_PAD] = starts[q]; the counts are left at zero. Counts were added
-// by other blocks' atomics: read through L2.
+// One block: starts[q] = counts[0] + ... + counts[q - 1] for q <= P (starts[P] = the side's rows), cursors[q *
+// PART_PAD] = starts[q]; the counts are left at zero. Counts were added by other blocks' atomics: read through L2.
 __device__ void part_scan_side(int* counts, int nparts, int* starts, int* cursors) {
     const int chunk = (nparts + JOIN_THREADS - 1) / JOIN_THREADS;
     const int lo = min((int)threadIdx.x * chunk, nparts), hi = min(lo + chunk, nparts);
     long long s = 0;
-    for (int q = lo; q < hi; ++q) s += __ldcg(&counts[q * PART_PAD]);
+    for (int q = lo; q < hi; ++q) s += __ldcg(&counts[q]);
     long long total;
     long long run = block_exclusive_scan(s, &total);
     for (int q = lo; q < hi; ++q) {
-        const int c = __ldcg(&counts[q * PART_PAD]);
+        const int c = __ldcg(&counts[q]);
         starts[q] = cursors[q * PART_PAD] = (int)run;
-        counts[q * PART_PAD] = 0;
+        counts[q] = 0;
         run += c;
     }
     if (threadIdx.x == 0) starts[nparts] = (int)total;
@@ -1041,7 +1040,7 @@ __device__ void part_count_kernel(const K* bkeys, long long nbuild, const K* pke
     JOIN_SHARED(int, is_last, 1);
     const int pb = (int)pbits, nparts = 1 << pb;
     part_count_side(bkeys, nbuild, pb, hist, counts);
-    part_count_side(pkeys, nprobe, pb, hist, counts + nparts * PART_PAD);
+    part_count_side(pkeys, nprobe, pb, hist, counts + nparts);
     __threadfence();  // this thread's count atomics are done before the block takes its ticket
     __syncthreads();
     if (threadIdx.x == 0) is_last[0] = atomicAdd((u64*)&state[PART_TICKET], 1ull) == (u64)gridDim.x - 1;
@@ -1049,7 +1048,7 @@ __device__ void part_count_kernel(const K* bkeys, long long nbuild, const K* pke
     if (!is_last[0]) return;  // uniform per block
     __threadfence();
     part_scan_side(counts, nparts, starts, cursors);
-    part_scan_side(counts + nparts * PART_PAD, nparts, starts + nparts + 1, cursors + nparts * PART_PAD);
+    part_scan_side(counts + nparts, nparts, starts + nparts + 1, cursors + nparts * PART_PAD);
     __syncthreads();  // every start is written (a thread's last partition ends at the next thread's first start)
     part_number_items(starts, nparts);
     if (threadIdx.x == 0) state[PART_TICKET] = 0;  // the ticket is ready for the next join

@@ -306,7 +306,7 @@ int run_partitioned(int joins, bool hide_last, PartKernels<K> k) {
     const unsigned threads = JOIN_THREADS;
     const long long tile = TILE;
     std::vector<long long> state(8, 0);
-    std::vector<int> counts(2 * PART_MAX * PART_PAD, 0), starts(3 * PART_MAX + 3, -1);
+    std::vector<int> counts(2 * PART_MAX, 0), starts(3 * PART_MAX + 3, -1);
     std::vector<int> cursors(2 * PART_MAX * PART_PAD, -1);
     std::vector<K> bpk, bpr, ppk, ppr;
     std::vector<Slot<K>> unused;
