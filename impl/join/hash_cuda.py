@@ -13,9 +13,10 @@ Per join (``config.scheme``):
             per thread in flight, grid-stride loops;
   linear64-fused  the same in one cooperative launch (lbuild | grid barrier | lprobe), grid = resident blocks;
   partitioned  pcount (both sides' partition histograms; the last block scans them into partition starts),
-            pscatter (both sides' (key, row id) pairs into their partitions), pjoin (one block per partition: a
-            shared-memory table of its build rows, its probe rows streamed through it, pairs written as in lprobe):
-            three launches; the partitioned buffers, counts, starts and cursors live in the workspace.
+            pscatter (both sides' (key, row id) pairs into their partitions), pjoin (one block per work item: a
+            partition's build rows in a shared-memory table, at most ``part_probe`` of its probe rows streamed
+            through it, pairs written as in lprobe): three launches; the partitioned buffers, counts, starts and
+            cursors live in the workspace.
 All write into speculative outputs of n_probe pairs; the kernel that scans the tile totals writes the total into a
 mapped pinned host word (``readback="pinned"``), read after one stream sync; a total above n_probe re-runs the write
 exact-size (one more launch, no more syncs; partitioned: pjoin alone). The epoch-tagged table needs no clear per join
