@@ -17,6 +17,7 @@ pandas). A join that cannot fit in memory (100M) is skipped with its MemoryError
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,7 @@ HOST_SPECS = [f"{h}-{c}" for h in host.HOST_JOINS for c in HOST_CASES]
 HASH_CONFIG = {"threads": sized(256, 32), "items": 4}
 
 
+@functools.cache
 def hash_config(case_id: str) -> tuple[dict, dict]:
     """(HashConfig fields of the CUDA hash join on ``case_id``, extra_info naming them): the stored tune's choice on a
     GPU, else ``HASH_CONFIG``."""

@@ -210,9 +210,10 @@ EMULATED_PART_ROWS = 16  # the emulated pjoin's table holds part_capacity(16) = 
 EMULATED_PART_PROBE = 8  # and a pjoin work item holds at most 8 probe rows: a partition's probe rows span items
 
 
-def build_emulated(tmp_path_factory, *defines: str, lib: bool = False) -> Path:
-    """hash_join.cu compiled for the CPU with its CUDA emulation layer (``hash_join_emulated.cpp``), 32 x 4, pjoin
-    tables of ``part_capacity(EMULATED_PART_ROWS)`` rows and work items of ``EMULATED_PART_PROBE`` probe rows;
+def build_emulated(tmp_path_factory, *defines: str, lib: bool = False, threads: int = 32,
+                   part_probe: int = EMULATED_PART_PROBE) -> Path:
+    """hash_join.cu compiled for the CPU with its CUDA emulation layer (``hash_join_emulated.cpp``), ``threads`` x 4,
+    pjoin tables of ``part_capacity(EMULATED_PART_ROWS)`` rows and work items of ``part_probe`` probe rows;
     ``lib``: the shared library with ``emu_launch``."""
     gxx = shutil.which("g++")
     if gxx is None:
@@ -220,9 +221,9 @@ def build_emulated(tmp_path_factory, *defines: str, lib: bool = False) -> Path:
     exe = tmp_path_factory.mktemp("emulated") / ("hash_join_emulated.so" if lib else "hash_join_emulated")
     src = Path(SOURCE).with_name("hash_join_emulated.cpp")
     shared = ["-shared", "-fPIC", "-DJOIN_EMULATED_LIB"] if lib else []
-    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", "-DJOIN_THREADS=32", "-DJOIN_ITEMS=4",
+    proc = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", f"-DJOIN_THREADS={threads}", "-DJOIN_ITEMS=4",
                            f"-DJOIN_PART_CAP={part_capacity(EMULATED_PART_ROWS)}",
-                           f"-DJOIN_PART_PROBE={EMULATED_PART_PROBE}", *shared, *defines,
+                           f"-DJOIN_PART_PROBE={part_probe}", *shared, *defines,
                            f"-I{src.parent}", "-o", str(exe), str(src)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return exe
@@ -238,6 +239,13 @@ def emulated_direct_scatter(tmp_path_factory):
     """The same with pscatter's staged path off beyond one partition (JOIN_STAGE_PARTS=1): rows stored from their own
     threads, as for more partitions than the stage serves."""
     return build_emulated(tmp_path_factory, "-DJOIN_STAGE_PARTS=1")
+
+
+@pytest.fixture(scope="module")
+def emulated_two_warps(tmp_path_factory):
+    """The same with 64 threads a block and pjoin items of 256 probe rows: block-wide steps (reservations of output
+    ranges, scans) across two warps that both hold rows."""
+    return build_emulated(tmp_path_factory, threads=64, part_probe=256)
 
 
 @pytest.fixture(scope="module")
@@ -419,14 +427,16 @@ def partitioned_cases(wide: bool, rng: np.random.Generator) -> list[tuple]:
 
 @pytest.mark.parametrize("wide", [False, True], ids=["int32", "int64"])
 @pytest.mark.parametrize("grid", [1, 3])
-@pytest.mark.parametrize("scatter", ["staged", "direct"])
-def test_partitioned_kernels_under_cpu_emulation_equal_pandas(request, scatter, wide, grid):
+@pytest.mark.parametrize("build", ["staged", "direct", "two-warps"])
+def test_partitioned_kernels_under_cpu_emulation_equal_pandas(request, build, wide, grid):
     """pcount, pscatter, pjoin on the named cases of ``partitioned_cases``, one after another in one process (the
     counts, starts, cursors and partitioned buffers are reused and must come back clean: the driver checks that the
     counts, tickets and pair counter are zero and every cursor reached its partition's end), with 1-64 partitions
     (part_rows 16) and 20-row pjoin rounds; a short speculative buffer is re-written exact-size by pjoin alone.
-    pscatter stores each partition's run from a stage in partition order, or (``direct``) each row from its thread."""
-    exe = request.getfixturevalue("emulated_cuda_join" if scatter == "staged" else "emulated_direct_scatter")
+    pscatter stores each partition's run from a stage in partition order, or (``direct``) each row from its thread;
+    ``two-warps``: 64 threads a block, so the block-wide reservations and scans span warps."""
+    exe = request.getfixturevalue({"staged": "emulated_cuda_join", "direct": "emulated_direct_scatter",
+                                   "two-warps": "emulated_two_warps"}[build])
     rng = np.random.default_rng(21 + grid)
     dtype = np.int64 if wide else np.int32
     joins, refs, names = [], [], []

@@ -171,6 +171,21 @@ __device__ __forceinline__ long long block_exclusive_scan(long long v, long long
     return prefix + x - v;
 }
 
+// Whether this block is the last of the launch to get here: every thread's earlier global writes and atomics are
+// made visible, then one ticket a block on *ticket; the last block leaves the ticket at zero for the next launch.
+// Every thread of the block calls it.
+__device__ bool last_block(long long* ticket) {
+    JOIN_SHARED(int, is_last, 1);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last[0] = atomicAdd((u64*)ticket, 1ull) == (u64)gridDim.x - 1;
+    __syncthreads();
+    if (!is_last[0]) return false;  // uniform per block
+    __threadfence();
+    if (threadIdx.x == 0) *ticket = 0;
+    return true;
+}
+
 // One block scans the tile totals into exclusive offsets and publishes the grand total (state[0], and host[0] when a
 // pinned host word is given). Tile totals were written by other blocks: read through L2.
 __device__ void scan_tiles(const long long* tile_totals, long long ntiles, long long* tile_offsets, long long* state,
@@ -445,7 +460,6 @@ template <typename K>
 __device__ void count_kernel(const K* pkeys, long long n, const Slot<K>* table, long long nb, long long shift,
                              long long epoch, int* heads, long long* tcounts, long long* tile_totals,
                              long long* tile_offsets, long long* state, long long* host) {
-    JOIN_SHARED(int, is_last, 1);
     const long long tile = blockIdx.x;
     int hd[JOIN_ITEMS];
     long long c;
@@ -456,16 +470,9 @@ __device__ void count_kernel(const K* pkeys, long long n, const Slot<K>* table, 
         if (j < n) heads[j] = hd[r];
     }
     tcounts[tile * JOIN_THREADS + threadIdx.x] = c;
-    if (threadIdx.x == 0) {
-        tile_totals[tile] = total;
-        __threadfence();  // publish this tile's total before taking a ticket
-        is_last[0] = atomicAdd((u64*)&state[4], 1ull) == (u64)gridDim.x - 1;
-    }
-    __syncthreads();
-    if (!is_last[0]) return;  // uniform per block
-    __threadfence();
+    if (threadIdx.x == 0) tile_totals[tile] = total;
+    if (!last_block(&state[4])) return;  // uniform per block: the last one scans every tile's total
     scan_tiles(tile_totals, gridDim.x, tile_offsets, state, host);
-    if (threadIdx.x == 0) state[4] = 0;  // the ticket is ready for the next launch
 }
 
 template <typename K, typename R>
@@ -775,43 +782,25 @@ __device__ __forceinline__ long long warp_offset(long long cnt, int lane, long l
 
 // Output ranges for a block's pairs with one atomicAdd on *counter (instead of one a warp: every atomic on the one
 // counter waits for the one before it): each warp passes its pair count (uniform over the warp) and gets the base of
-// its range. Every thread of the block calls it (it synchronizes the block).
+// its range (the earlier warps' pairs through block_exclusive_scan). Every thread of the block calls it.
 __device__ __forceinline__ long long block_reserve(long long wsum, u64* counter) {
-    constexpr int nwarps = JOIN_THREADS / 32;
-    JOIN_SHARED(long long, wbase, nwarps + 1);
-    const int warp = threadIdx.x >> 5;
-    if ((threadIdx.x & 31) == 0) wbase[warp] = wsum;
+    JOIN_SHARED(long long, base, 1);
+    long long total;
+    const long long before = block_exclusive_scan((threadIdx.x & 31) == 0 ? wsum : 0, &total);
+    if (threadIdx.x == 0) base[0] = total ? (long long)atomicAdd(counter, (u64)total) : 0;
     __syncthreads();
-    if (threadIdx.x == 0) {
-        long long run = 0;
-        for (int w = 0; w < nwarps; ++w) {
-            const long long c = wbase[w];
-            wbase[w] = run;
-            run += c;
-        }
-        wbase[nwarps] = run ? (long long)atomicAdd(counter, (u64)run) : 0;
-    }
-    __syncthreads();
-    const long long base = wbase[nwarps] + wbase[warp];
-    __syncthreads();  // wbase is reused by the next call
-    return base;
+    const long long at = base[0] + __shfl_sync(FULL_MASK, before, 0);  // lane 0's prefix: the earlier warps' pairs
+    __syncthreads();  // base is reused by the next call
+    return at;
 }
+
 
 // The end of a kernel whose warps reserved their pairs on *counter: the last block to finish (ticket state[6])
 // publishes the total (state[0], host[0]) and leaves the counter and the ticket at zero for the next launch. Every
 // thread of every block calls it.
 __device__ void publish_total(u64* counter, long long* state, long long* host) {
-    JOIN_SHARED(int, is_last, 1);
-    __syncthreads();  // every warp of the block has reserved its pairs (its atomicAdd returned)
-    if (threadIdx.x == 0) {
-        __threadfence();
-        is_last[0] = atomicAdd((u64*)&state[LIN_TICKET], 1ull) == (u64)gridDim.x - 1;
-    }
-    __syncthreads();
-    if (is_last[0] && threadIdx.x == 0) {
-        __threadfence();
+    if (last_block(&state[LIN_TICKET]) && threadIdx.x == 0) {
         const long long total = (long long)atomicExch(counter, 0ull);  // ready for the next launch
-        state[LIN_TICKET] = 0;
         state[0] = total;
         if (host) host[0] = total;
     }
@@ -981,45 +970,50 @@ __device__ void part_count_side(const K* __restrict__ keys, long long n, int pbi
     __syncthreads();  // the histogram is reused by the next side
 }
 
-// One block: starts[q] = counts[0] + ... + counts[q - 1] for q <= P (starts[P] = the side's rows), cursors[q *
-// PART_PAD] = starts[q]; the counts are left at zero. Counts were added by other blocks' atomics: read through L2.
-__device__ void part_scan_side(int* counts, int nparts, int* starts, int* cursors) {
+// One block: the exclusive prefix sums of value(q) over the partitions q = 0..nparts-1, each passed to write(q,
+// prefix) (value(q) is read before write(q, .) runs); returns the total. A thread takes a run of consecutive
+// partitions. Every thread of the block calls it.
+template <typename V, typename W>
+__device__ long long scan_partitions(int nparts, V value, W write) {
     const int chunk = (nparts + JOIN_THREADS - 1) / JOIN_THREADS;
     const int lo = min((int)threadIdx.x * chunk, nparts), hi = min(lo + chunk, nparts);
     long long s = 0;
-    for (int q = lo; q < hi; ++q) s += __ldcg(&counts[q]);
+    for (int q = lo; q < hi; ++q) s += value(q);
     long long total;
     long long run = block_exclusive_scan(s, &total);
     for (int q = lo; q < hi; ++q) {
-        const int c = __ldcg(&counts[q]);
-        starts[q] = cursors[q * PART_PAD] = (int)run;
-        counts[q] = 0;
-        run += c;
+        const long long v = value(q);
+        write(q, run);
+        run += v;
     }
+    return total;
+}
+
+// One block: starts[q] = counts[0] + ... + counts[q - 1] for q <= P (starts[P] = the side's rows), cursors[q *
+// PART_PAD] = starts[q]; the counts are left at zero. Counts were added by other blocks' atomics: read through L2.
+__device__ void part_scan_side(int* counts, int nparts, int* starts, int* cursors) {
+    const long long total = scan_partitions(
+        nparts, [&](int q) { return (long long)__ldcg(&counts[q]); },
+        [&](int q, long long run) {
+            starts[q] = cursors[q * PART_PAD] = (int)run;
+            counts[q] = 0;
+        });
     if (threadIdx.x == 0) starts[nparts] = (int)total;
 }
 
 // One block, after both sides' starts: items[q] = the pjoin work items of partitions 0..q-1 (a partition with build
 // and probe rows has ceil(probe rows / JOIN_PART_PROBE), else none), items[P] = their total; items = starts + 2(P+1).
-__device__ __forceinline__ long long part_items_of(const int* bs, const int* ps, int q) {
-    const long long probe = ps[q + 1] - ps[q];
-    return bs[q + 1] > bs[q] && probe > 0 ? (probe + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE : 0;
-}
-
 __device__ void part_number_items(int* starts, int nparts) {
     const int* bs = starts;
     const int* ps = starts + nparts + 1;
     int* items = starts + 2 * (nparts + 1);
-    const int chunk = (nparts + JOIN_THREADS - 1) / JOIN_THREADS;
-    const int lo = min((int)threadIdx.x * chunk, nparts), hi = min(lo + chunk, nparts);
-    long long s = 0;
-    for (int q = lo; q < hi; ++q) s += part_items_of(bs, ps, q);
-    long long total;
-    long long run = block_exclusive_scan(s, &total);
-    for (int q = lo; q < hi; ++q) {
-        items[q] = (int)run;
-        run += part_items_of(bs, ps, q);
-    }
+    const long long total = scan_partitions(
+        nparts,
+        [&](int q) -> long long {
+            const long long probe = ps[q + 1] - ps[q];
+            return bs[q + 1] > bs[q] && probe > 0 ? (probe + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE : 0;
+        },
+        [&](int q, long long run) { items[q] = (int)run; });
     if (threadIdx.x == 0) items[nparts] = (int)total;
 }
 
@@ -1037,21 +1031,14 @@ template <typename K>
 __device__ void part_count_kernel(const K* bkeys, long long nbuild, const K* pkeys, long long nprobe, long long pbits,
                                   int* counts, int* starts, int* cursors, long long* state) {
     JOIN_SHARED(int, hist, PART_MAX);
-    JOIN_SHARED(int, is_last, 1);
     const int pb = (int)pbits, nparts = 1 << pb;
     part_count_side(bkeys, nbuild, pb, hist, counts);
     part_count_side(pkeys, nprobe, pb, hist, counts + nparts);
-    __threadfence();  // this thread's count atomics are done before the block takes its ticket
-    __syncthreads();
-    if (threadIdx.x == 0) is_last[0] = atomicAdd((u64*)&state[PART_TICKET], 1ull) == (u64)gridDim.x - 1;
-    __syncthreads();
-    if (!is_last[0]) return;  // uniform per block
-    __threadfence();
+    if (!last_block(&state[PART_TICKET])) return;  // uniform per block
     part_scan_side(counts, nparts, starts, cursors);
     part_scan_side(counts + nparts, nparts, starts + nparts + 1, cursors + nparts * PART_PAD);
     __syncthreads();  // every start is written (a thread's last partition ends at the next thread's first start)
     part_number_items(starts, nparts);
-    if (threadIdx.x == 0) state[PART_TICKET] = 0;  // the ticket is ready for the next join
 }
 
 // pscatter's shared memory: the direct path's histogram (PART_MAX counters), or, staged, a histogram and the chunk's
@@ -1070,21 +1057,6 @@ struct ScatterSmem {
     static constexpr int words = PART_MAX > 2 * STAGE_PARTS + stage_words ? PART_MAX : 2 * STAGE_PARTS + stage_words;
     static constexpr int words64 = (words + 1) / 2;  // declared as 8-byte words: the stage may hold int64 keys
 };
-
-// The chunk's exclusive offsets per partition in partition order (loc[p], from the counts in hist) for the staged
-// path. Every thread of the block calls it.
-__device__ void part_stage_offsets(const int* hist, int* loc, int nparts) {
-    const int chunk = (nparts + JOIN_THREADS - 1) / JOIN_THREADS;
-    const int lo = min((int)threadIdx.x * chunk, nparts), hi = min(lo + chunk, nparts);
-    long long sum = 0;
-    for (int p = lo; p < hi; ++p) sum += hist[p];
-    long long total;
-    long long run = block_exclusive_scan(sum, &total);
-    for (int p = lo; p < hi; ++p) {
-        loc[p] = (int)run;
-        run += hist[p];
-    }
-}
 
 // Chunks of TILE rows of one side (the build side's first), grid-stride. Per chunk: each row's rank among the chunk's
 // rows of its partition (shared atomics on hist), one cursor atomicAdd per non-empty partition by its first row (the
@@ -1129,8 +1101,9 @@ __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __rest
             rank[r] = base + r * JOIN_THREADS + threadIdx.x < n ? atomicAdd(&hist[q[r]], 1) : -1;
         }
         __syncthreads();
-        if (staged) {
-            part_stage_offsets(hist, loc, nparts);
+        if (staged) {  // the chunk's offsets per partition in partition order
+            scan_partitions(nparts, [&](int p) { return (long long)hist[p]; },
+                            [&](int p, long long run) { loc[p] = (int)run; });
             __syncthreads();  // every count is read: hist may now hold the runs' bases
         }
 #pragma unroll
@@ -1240,7 +1213,6 @@ __device__ void part_join_kernel(const int* starts, long long pbits, const K* __
                 long long wsum = 0;
                 const long long excl = warp_offset(cnt, lane, &wsum);
                 const long long at = block_reserve(wsum, counter) + excl;  // every thread: j0 is uniform
-                if (wsum == 0) continue;  // uniform over the warp
                 if (cnt == 0 || at >= capacity) continue;
                 const R pj = ppr[j];
                 if (cnt == 1) {

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -434,8 +434,10 @@ class HashJoinBase:
             self._launch_write(probed, out_build, out_probe, out_build.numel())
             self.launches += 1
 
-    def _linear_probe(self, built: Built, keys: torch.Tensor, rows: torch.Tensor | None) -> Probed:
-        """linear64's probe phase: the probe kernel counting only (no heads: the materialize phase looks up again)."""
+    def _counting_probe(self, built: Built | Parts, keys: torch.Tensor, rows: torch.Tensor | None,
+                        launch: Callable[[torch.Tensor], int]) -> Probed:
+        """A probe phase that only counts (no heads: the materialize phase looks up again): ``launch(state)`` enqueues
+        the kernels that publish the total and returns how many it launched; then the one host sync."""
         if built.stamp != self.stamp:
             raise RuntimeError(f"{self.name}: this build state is stale (the operator has built another table since)")
         dev = keys.device
@@ -444,26 +446,26 @@ class HashJoinBase:
         if keys.numel():
             state = self._state(dev)
             self._arm()
-            self._launch_probe(keys, built, rows, None, None, 0, state)
-            self.launches += 1
+            self.launches += launch(state)
             probed.total = self._read_total(state, self._mark())
         return probed
 
+    def _linear_probe(self, built: Built, keys: torch.Tensor, rows: torch.Tensor | None) -> Probed:
+        """linear64's probe phase: the probe kernel counting only."""
+        def launch(state: torch.Tensor) -> int:
+            self._launch_probe(keys, built, rows, None, None, 0, state)
+            return 1
+
+        return self._counting_probe(built, keys, rows, launch)
+
     def _part_probe(self, parts: Parts, keys: torch.Tensor, rows: torch.Tensor | None) -> Probed:
         """partitioned's probe phase: pcount, pscatter, and pjoin counting only."""
-        if parts.stamp != self.stamp:
-            raise RuntimeError(f"{self.name}: this build state is stale (the operator has built another table since)")
-        dev = keys.device
-        none = self.ws.get("linear_none", 0, torch.int64, dev)
-        probed = Probed(parts, keys, rows, self.ws.get("linear_heads", 0, torch.int32, dev), none, none, 0)
-        if keys.numel():
-            state = self._state(dev)
-            self._arm()
+        def launch(state: torch.Tensor) -> int:
             self._launch_partition(parts, keys, rows, state)
             self._launch_part_join(parts, None, None, 0, state)
-            self.launches += 3
-            probed.total = self._read_total(state, self._mark())
-        return probed
+            return 3
+
+        return self._counting_probe(parts, keys, rows, launch)
 
     def __call__(self, build_keys: Any, probe_keys: Any, build_rows: Any = None, probe_rows: Any = None, *,
                  timed: bool = False) -> JoinResult:

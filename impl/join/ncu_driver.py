@@ -27,10 +27,10 @@ def run(n: int, impls: list[str], config: dict[str, dict] | None = None, repeat:
     pairs = {}
     for name in impls:
         overrides = (config or {}).get(name)
-        if overrides is None and name == "hash-cuda":
-            stored = stored_hash_config(n)
+        if overrides is None:
+            stored = stored_hash_config(n) if name == "hash-cuda" else None
             overrides = stored[0] if stored else {}
-        op = make_operator(name, **(overrides or {}))
+        op = make_operator(name, **overrides)
         for _ in range(repeat):
             res = op(bk, pk, br, pr)
             synchronize()

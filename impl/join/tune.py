@@ -39,9 +39,9 @@ from impl import backend
 from impl.common.timing import time_fn
 from impl.join.common import run_join
 from impl.join.data import Case, compulsory_bytes, make_tables
+from impl.join.hash_cuda import compile_options
 from impl.join.hash_table import HashConfig
 
-COMPILE_FIELDS = ("threads", "items", "bucket_bytes", "lrows", "reconverge", "part_rows", "part_probe")  # -D options
 BASE = HashConfig(scheme="fused", items=8)  # the sweep's reference point: each label names its differences
 VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the budget may cut the tail
     ("split-items4", {"scheme": "split", "items": 4}),  # split kernels, 4 rows per thread (what int64 keys run)
@@ -334,13 +334,13 @@ def tuned_hash_config(path: str | Path, rows: int | None = None,
         return None
     record = json.loads(path.read_text())
     fields = set(HashConfig.__dataclass_fields__)
-    usable = {**record, "variants": [v for v in record.get("variants", []) if set(v.get("config", {})) <= fields]}
+    variants = [v for v in record.get("variants", []) if set(v.get("config", {})) <= fields]
+    usable = {**record, "variants": variants}
     best = None if rows is None else fastest(usable, tuned_case_key(record, rows, wide), "hash")
     best = best or fastest(usable, f"uniform-{record['n']}", "hash")
     if best is None:
         return None
-    usable = usable["variants"]
-    overrides = next(v["config"] for v in usable if v["label"] == best[1])
+    overrides = next(v["config"] for v in variants if v["label"] == best[1])
     base = {k: v for k, v in record["base_config"].items() if k in fields}
     return {**base, **overrides}, best[1]
 
@@ -409,7 +409,8 @@ def run(plan: Plan, out_dir: Path, only: set[str] | None = None) -> dict[str, An
     for i, (label, overrides) in enumerate(VARIANTS):
         if only and label not in only:
             continue
-        key = tuple(sorted((k, v) for k, v in overrides.items() if k in COMPILE_FIELDS))
+        # a new module to compile where the -D options differ (hash_cuda.compile_options: what the kernels read)
+        key = compile_options(replace(BASE, **{k: v for k, v in overrides.items() if not k.startswith("_")}))
         cost = (0 if key in compiled else COMPILE_S) + 5
         if plan.left() - plan.tc_budget_s < cost:
             skip(record, label, overrides, plan)
