@@ -506,6 +506,9 @@ class _Done:
     def synchronize(self) -> None:
         pass
 
+    def query(self) -> bool:
+        return True
+
 
 @pytest.fixture(scope="module")
 def emulated_launches(tmp_path_factory):
@@ -536,6 +539,7 @@ def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkey
     monkeypatch.setattr(hash_cuda.HashJoinCuda, "_check_device", lambda self, t: None)
     monkeypatch.setattr(hash_cuda.HashJoinCuda, "_mark", lambda self: _Done())
     monkeypatch.setattr(hash_cuda.HashJoinCuda, "resident_blocks", lambda self, *a, **k: 3)
+    monkeypatch.setattr(hash_cuda.HashJoinCuda, "_pdl", lambda self: True)  # the emulation runs launches in order
     rng = np.random.default_rng(8)
     try:
         for readback in ("pinned", "item"):
@@ -558,6 +562,29 @@ def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkey
                     assert np.array_equal(op(*tensors, timed=True).pairs(), ref), f"{scheme} by phases"
     finally:
         hash_cuda.kernel.cache_clear()
+
+
+def test_wait_for_total_returns_on_the_published_total_or_the_finished_event():
+    """The readback spins on the pinned total; a launch that never publishes ends the wait through its event (then
+    the join reports that no total came), and the event is only queried every check_every polls."""
+    from impl.join.hash_cuda import wait_for_total
+
+    class Mark:
+        def __init__(self, done_after: int) -> None:
+            self.queries, self.done_after = 0, done_after
+
+        def query(self) -> bool:
+            self.queries += 1
+            return self.queries > self.done_after
+
+    words = (ctypes.c_longlong * 2)(7, 0)
+    mark = Mark(done_after=0)
+    wait_for_total(words, mark)
+    assert mark.queries == 0, "a published total needs no event query"
+    words[0] = -1
+    mark = Mark(done_after=3)
+    wait_for_total(words, mark, check_every=5)
+    assert mark.queries == 4 and words[0] == -1
 
 
 def test_partition_plan():

@@ -65,6 +65,7 @@ typedef unsigned long long u64;
 
 inline void __syncthreads() { g_ctx->block->arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 template <typename T>
 T __ldcg(const T* p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
 inline uint4 __ldcg(const uint4* p) {  // 4-byte atomic loads: a CAS may land between them, as on the GPU

@@ -48,6 +48,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
     ("linear64", {"scheme": "linear64", "items": 4}),  # HashConfig's default: int64 keys on the linear kernels too
     # pcount, pscatter, pjoin: ~2048 build rows per partition, 8 rows per thread in pcount / pscatter's chunks
     ("partitioned", {"scheme": "partitioned", "items": 8}),
+    ("partitioned-items16", {"scheme": "partitioned", "items": 16}),  # longer runs per partition in pscatter
+    ("partitioned-items16-nopdl", {"scheme": "partitioned", "items": 16, "pdl": False}),  # plain stream order
     # int64 keys on split-items4's kernels; its int32 columns repeat linear64's kernels
     ("linear64-narrow", {"scheme": "linear64", "items": 4, "linear_wide": False}),
     # 2 rows per thread and step in lbuild / lprobe (loads and CASes of both in flight), int64 keys linear too
@@ -60,7 +62,6 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
     # (many-to-many joins in one pass, no exact-size re-run)
     ("partitioned-probe2048", {"scheme": "partitioned", "items": 8, "part_probe": 2048}),
     ("partitioned-spec8", {"scheme": "partitioned", "items": 8, "spec_factor": 8}),
-    ("partitioned-items16", {"scheme": "partitioned", "items": 16}),  # longer runs per partition in pscatter
     ("partitioned-t128-items16", {"scheme": "partitioned", "items": 16, "threads": 128}),
     ("linear64-fused", {"scheme": "linear64-fused", "items": 4}),  # lbuild | grid barrier | lprobe, one launch
     ("linear64-wide-r4", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 4}),
