@@ -402,7 +402,8 @@ def partitioned_cases(wide: bool, rng: np.random.Generator) -> list[tuple]:
     """(name, build keys, probe keys) for the partitioned kernels: empty sides, all misses, one row, sentinel keys,
     int64 keys equal in their low 32 bits (and pairs whose folded hashes collide), one key duplicated far beyond a
     pjoin round (build-side skew: many rounds, and more pairs than the speculative buffer), one probe key filling
-    its partition with many work items' worth of probe rows (probe-side skew), non-power-of-two sizes."""
+    its partition with many work items' worth of probe rows (probe-side skew), non-power-of-two sizes, more
+    partitions than a block has threads (each thread scans a run of them)."""
     dtype = np.int64 if wide else np.int32
     info = np.iinfo(dtype)
     k = lambda *v: np.array(v, dtype=dtype)  # noqa: E731
@@ -415,7 +416,9 @@ def partitioned_cases(wide: bool, rng: np.random.Generator) -> list[tuple]:
               np.concatenate([np.full(30, 5, dtype), rng.integers(-50, 50, 20).astype(dtype)])),
              ("probe skew", rng.permutation(np.arange(-60, 60)).astype(dtype),
               rng.permutation(np.concatenate([np.full(200, 7, dtype), rng.integers(-90, 90, 60).astype(dtype)]))),
-             ("non-pow2", rng.integers(-200, 200, 333).astype(dtype), rng.integers(-200, 200, 517).astype(dtype))]
+             ("non-pow2", rng.integers(-200, 200, 333).astype(dtype), rng.integers(-200, 200, 517).astype(dtype)),
+             ("many partitions", rng.integers(-3000, 3000, 1500).astype(dtype),  # 128: runs of 2-4 per thread
+              rng.integers(-3000, 3000, 1100).astype(dtype))]
     if wide:
         a, b = np.int64(0x12345678), np.int64(0x0BADF00D)
         low = np.int64(0x5BD1E995)
@@ -431,7 +434,7 @@ def partitioned_cases(wide: bool, rng: np.random.Generator) -> list[tuple]:
 def test_partitioned_kernels_under_cpu_emulation_equal_pandas(request, build, wide, grid):
     """pcount, pscatter, pjoin on the named cases of ``partitioned_cases``, one after another in one process (the
     counts, starts, cursors and partitioned buffers are reused and must come back clean: the driver checks that the
-    counts, tickets and pair counter are zero and every cursor reached its partition's end), with 1-64 partitions
+    counts, tickets and pair counter are zero and every cursor reached its partition's end), with 1-128 partitions
     (part_rows 16) and 20-row pjoin rounds; a short speculative buffer is re-written exact-size by pjoin alone.
     pscatter stores each partition's run from a stage in partition order, or (``direct``) each row from its thread;
     ``two-warps``: 64 threads a block, so the block-wide reservations and scans span warps."""

@@ -1015,32 +1015,44 @@ __device__ long long scan_partitions(int nparts, V value, W write) {
     return total;
 }
 
-// One block: starts[q] = counts[0] + ... + counts[q - 1] for q <= P (starts[P] = the side's rows), cursors[q *
-// PART_PAD] = starts[q]; the counts are left at zero. Counts were added by other blocks' atomics: read through L2.
-__device__ void part_scan_side(int* counts, int nparts, int* starts, int* cursors) {
-    const long long total = scan_partitions(
-        nparts, [&](int q) { return (long long)__ldcg(&counts[q]); },
-        [&](int q, long long run) {
-            starts[q] = cursors[q * PART_PAD] = (int)run;
-            counts[q] = 0;
-        });
-    if (threadIdx.x == 0) starts[nparts] = (int)total;
+// pjoin's work items of a partition with b build and p probe rows: ceil(p / JOIN_PART_PROBE) when both sides have rows.
+__device__ __forceinline__ long long part_items(long long b, long long p) {
+    return b > 0 && p > 0 ? (p + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE : 0;
 }
 
-// One block, after both sides' starts: items[q] = the pjoin work items of partitions 0..q-1 (a partition with build
-// and probe rows has ceil(probe rows / JOIN_PART_PROBE), else none), items[P] = their total; items = starts + 2(P+1).
-__device__ void part_number_items(int* starts, int nparts) {
-    const int* bs = starts;
-    const int* ps = starts + nparts + 1;
+// One block, in one pass over the counts (added by other blocks' atomics: read through L2), which it leaves at zero:
+// each side's starts (build: starts[q] = counts[0] + ... + counts[q - 1] for q <= P, starts[P] = its rows; probe: the
+// same at starts + P + 1), the write cursors (cursors[(side * P + q) * PART_PAD] = the start), and pjoin's work items
+// (items[q] = the items of partitions 0..q-1, items[P] their total; items = starts + 2(P + 1)). Both sides' counts go
+// through one scan as b + (p << 32) (a side has fewer than 2^31 rows: no carry). A thread takes a run of partitions.
+__device__ void part_scan(int* counts, int nparts, int* starts, int* cursors) {
+    int* pstarts = starts + nparts + 1;
     int* items = starts + 2 * (nparts + 1);
-    const long long total = scan_partitions(
-        nparts,
-        [&](int q) -> long long {
-            const long long probe = ps[q + 1] - ps[q];
-            return bs[q + 1] > bs[q] && probe > 0 ? (probe + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE : 0;
-        },
-        [&](int q, long long run) { items[q] = (int)run; });
-    if (threadIdx.x == 0) items[nparts] = (int)total;
+    const int chunk = (nparts + JOIN_THREADS - 1) / JOIN_THREADS;
+    const int lo = min((int)threadIdx.x * chunk, nparts), hi = min(lo + chunk, nparts);
+    long long both = 0, work = 0;
+    for (int q = lo; q < hi; ++q) {
+        const long long b = __ldcg(&counts[q]), p = __ldcg(&counts[nparts + q]);
+        both += b + (p << 32);
+        work += part_items(b, p);
+    }
+    long long both_total, work_total;
+    long long run = block_exclusive_scan(both, &both_total);
+    long long wrun = block_exclusive_scan(work, &work_total);
+    for (int q = lo; q < hi; ++q) {
+        const long long b = __ldcg(&counts[q]), p = __ldcg(&counts[nparts + q]);
+        starts[q] = cursors[q * PART_PAD] = (int)(run & 0xFFFFFFFFll);
+        pstarts[q] = cursors[(nparts + q) * PART_PAD] = (int)(run >> 32);
+        items[q] = (int)wrun;
+        counts[q] = counts[nparts + q] = 0;
+        run += b + (p << 32);
+        wrun += part_items(b, p);
+    }
+    if (threadIdx.x == 0) {
+        starts[nparts] = (int)(both_total & 0xFFFFFFFFll);
+        pstarts[nparts] = (int)(both_total >> 32);
+        items[nparts] = (int)work_total;
+    }
 }
 
 // The partition of work item w: the last q with items[q] <= w (items ascending, items[P] > w).
@@ -1062,10 +1074,7 @@ __device__ void part_count_kernel(const K* bkeys, long long nbuild, const K* pke
     part_count_side(bkeys, nbuild, pb, hist, counts);
     part_count_side(pkeys, nprobe, pb, hist, counts + nparts);
     if (!last_block(&state[PART_TICKET])) return;  // uniform per block
-    part_scan_side(counts, nparts, starts, cursors);
-    part_scan_side(counts + nparts, nparts, starts + nparts + 1, cursors + nparts * PART_PAD);
-    __syncthreads();  // every start is written (a thread's last partition ends at the next thread's first start)
-    part_number_items(starts, nparts);
+    part_scan(counts, nparts, starts, cursors);
 }
 
 // pscatter's shared memory: the direct path's histogram (PART_MAX counters), or, staged, a histogram and the chunk's
