@@ -63,6 +63,9 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
     ("partitioned-probe2048", {"scheme": "partitioned", "items": 8, "part_probe": 2048}),
     ("partitioned-spec8", {"scheme": "partitioned", "items": 8, "spec_factor": 8}),
     ("partitioned-t128-items16", {"scheme": "partitioned", "items": 16, "threads": 128}),
+    # registers capped for 3 / 4 resident blocks an SM (pscatter with 16 rows per thread otherwise fits 2)
+    ("partitioned-items16-mb3", {"scheme": "partitioned", "items": 16, "min_blocks": 3}),
+    ("partitioned-items16-mb4", {"scheme": "partitioned", "items": 16, "min_blocks": 4}),
     ("linear64-fused", {"scheme": "linear64-fused", "items": 4}),  # lbuild | grid barrier | lprobe, one launch
     ("linear64-wide-r4", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 4}),
     # a speculative output of 8 * n_probe pairs: m2m (~4 pairs per probe row on average) in one probe pass
