@@ -542,7 +542,6 @@ def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkey
     monkeypatch.setattr(hash_cuda.HashJoinCuda, "_check_device", lambda self, t: None)
     monkeypatch.setattr(hash_cuda.HashJoinCuda, "_mark", lambda self: _Done())
     monkeypatch.setattr(hash_cuda.HashJoinCuda, "resident_blocks", lambda self, *a, **k: 3)
-    monkeypatch.setattr(hash_cuda.HashJoinCuda, "_pdl", lambda self: True)  # the emulation runs launches in order
     rng = np.random.default_rng(8)
     try:
         for readback in ("pinned", "item"):

@@ -107,8 +107,8 @@ def wait_for_total(words, mark, check_every: int = 256) -> None:
     publishing launch) completes, querying it every ``check_every`` polls.
 
     The last block writes the total just before its kernel exits, so the host learns it without waiting for the
-    kernel's completion to come back through the event (~5 µs sooner on an H100); every later launch on the stream
-    still runs after the kernel. A launch that publishes nothing (a fault, a bug) ends the wait through the event."""
+    kernel's completion to come back through the event; every later launch on the stream still runs after the
+    kernel. A launch that publishes nothing (a fault, a bug) ends the wait through the event."""
     polls = 0
     while words[0] == -1:
         polls += 1
@@ -151,7 +151,6 @@ class HashJoinCuda(HashJoinBase):
         self.bar_base = 0  # state[2] (grid-barrier arrivals) before the next fused launch
         self._event = torch.cuda.Event()
         self._resident: dict[tuple, int] = {}
-        self._pdl_ok: bool | None = None
 
     def _check_device(self, t: torch.Tensor) -> None:
         if not t.is_cuda:
@@ -232,12 +231,6 @@ class HashJoinCuda(HashJoinBase):
                  _ptr(probed.thread_counts), _ptr(probed.tile_offsets), _ptr(probed.built.rows), _ptr(probed.rows),
                  _ptr(out_b), _ptr(out_p), capacity))
 
-    def _pdl(self) -> bool:
-        """Launch pscatter and pjoin with programmatic dependent launch (``config.pdl`` on an sm_90+ device)."""
-        if self._pdl_ok is None:
-            self._pdl_ok = self.config.pdl and torch.cuda.get_device_capability()[0] >= 9
-        return self._pdl_ok
-
     def _launch_partition(self, parts: Parts, keys: torch.Tensor, rows: torch.Tensor | None,
                           state: torch.Tensor) -> None:
         cfg, ws, dev, n = self.config, self.ws, keys.device, keys.numel()
@@ -258,7 +251,7 @@ class HashJoinCuda(HashJoinBase):
         chunks = -(-parts.n // cfg.tile) + -(-n // cfg.tile)
         _launch(kernel(cfg, "pscatter", keys.dtype, rdt), max(1, min(chunks, MAX_GRID)), cfg.threads,
                 (_ptr(parts.keys), _ptr(parts.rows), parts.n, _ptr(keys), _ptr(rows), n, parts.bits, _ptr(cursors),
-                 _ptr(bpk), _ptr(bpr), _ptr(ppk), _ptr(ppr)), pdl=self._pdl())
+                 _ptr(bpk), _ptr(bpr), _ptr(ppk), _ptr(ppr)))
         parts.buffers = (starts, bpk, bpr, ppk, ppr)
 
     def _launch_part_join(self, parts: Parts, out_b: torch.Tensor | None, out_p: torch.Tensor | None, capacity: int,
@@ -267,7 +260,7 @@ class HashJoinCuda(HashJoinBase):
         items = (1 << parts.bits) + -(-ppk.numel() // self.config.part_probe)  # >= pjoin's work items
         _launch(kernel(self.config, "pjoin", bpk.dtype, parts.row_dtype), min(items, MAX_GRID),
                 self.config.threads, (_ptr(starts), parts.bits, _ptr(bpk), _ptr(bpr), _ptr(ppk), _ptr(ppr),
-                                      _ptr(out_b), _ptr(out_p), capacity, _ptr(state), self._host()), pdl=self._pdl())
+                                      _ptr(out_b), _ptr(out_p), capacity, _ptr(state), self._host()))
 
     def resident_blocks(self, keys: torch.dtype, rows: torch.dtype, kind: str = "fused") -> int:
         """Blocks of a cooperative kernel (fused, lfused) that fit on the device at once (its grid's limit)."""

@@ -783,24 +783,18 @@ __device__ __forceinline__ long long warp_offset(long long cnt, int lane, long l
     return excl;
 }
 
-// Output ranges for a block's pairs with one atomicAdd on *counter (instead of one a thread or a warp: every atomic on
-// the one counter waits for the one before it): each thread passes its pair count v and gets the start of its range,
-// the block's base plus the earlier threads' pairs (block_exclusive_scan). Every thread of the block calls it.
-__device__ __forceinline__ long long block_reserve_each(long long v, u64* counter) {
+// Output ranges for a block's pairs with one atomicAdd on *counter (instead of one a warp: every atomic on the one
+// counter waits for the one before it): each warp passes its pair count (uniform over the warp) and gets the base of
+// its range (the earlier warps' pairs through block_exclusive_scan). Every thread of the block calls it.
+__device__ __forceinline__ long long block_reserve(long long wsum, u64* counter) {
     JOIN_SHARED(long long, base, 1);
     long long total;
-    const long long before = block_exclusive_scan(v, &total);
+    const long long before = block_exclusive_scan((threadIdx.x & 31) == 0 ? wsum : 0, &total);
     if (threadIdx.x == 0) base[0] = total ? (long long)atomicAdd(counter, (u64)total) : 0;
     __syncthreads();
-    const long long at = base[0] + before;
+    const long long at = base[0] + __shfl_sync(FULL_MASK, before, 0);  // lane 0's prefix: the earlier warps' pairs
     __syncthreads();  // base is reused by the next call
     return at;
-}
-
-// block_reserve_each for warps: each warp passes its pair count (uniform over the warp) and gets the base of its range.
-__device__ __forceinline__ long long block_reserve(long long wsum, u64* counter) {
-    const long long at = block_reserve_each((threadIdx.x & 31) == 0 ? wsum : 0, counter);
-    return __shfl_sync(FULL_MASK, at, 0);  // lane 0's start: the earlier warps' pairs
 }
 
 
@@ -920,11 +914,9 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
 //             duplicate owns a slot), then every probe row of the item walks the table from slot h mod PART_SLOTS (the
 //             low bits of h; the partition took the high ones) to the first empty slot. A partition with more build
 //             rows than JOIN_PART_CAP (build-side skew) takes several rounds and streams the item's probe rows once
-//             per round: slower, never wrong. Pairs: an item of one round counts its pairs first and reserves them
-//             all on state[5] with one atomicAdd (each thread's rows' pairs together), then walks again to write
-//             them; rounds of a skewed partition reserve THREADS probe rows at a time as lprobe does. Pairs at offsets
-//             >= capacity are dropped (capacity 0: count only), the last block publishes the total (state[0],
-//             host[0]) and resets the counter and its ticket.
+//             per round: slower, never wrong. Pairs as in lprobe: a block reserves the ranges of THREADS probe rows
+//             on state[5] with one atomicAdd, pairs at offsets >= capacity are dropped (capacity 0: count only), the
+//             last block publishes the total (state[0], host[0]) and resets the counter and its ticket.
 //             An exact-size re-write runs pjoin alone again: the partitioned buffers are still there.
 
 #ifndef JOIN_PART_CAP  // build rows per pjoin round (the shared table's capacity); HashConfig.part_capacity
@@ -954,21 +946,6 @@ struct Pow2AtLeast<1> {
 };
 #define PART_SLOTS (Pow2AtLeast<2 * JOIN_PART_CAP>::value)
 static_assert(JOIN_PART_CAP >= 1 && JOIN_PART_CAP < (int)PART_EMPTY, "a slot holds a round row's 16-bit index");
-
-// Programmatic dependent launch (pscatter and pjoin are launched with it): a kernel may start while the one before
-// it on the stream finishes; pdl_wait returns once that kernel has completed and its writes are visible (at once
-// without the launch attribute), pdl_trigger lets the next kernel's blocks start as this kernel's last ones run.
-// No-ops below sm_90 and in the CPU emulation (launches there run one after another).
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
 
 __device__ __forceinline__ int part_of(unsigned h, int pbits) { return pbits ? (int)(h >> (32 - pbits)) : 0; }
 
@@ -1070,7 +1047,6 @@ __device__ void part_count_kernel(const K* bkeys, long long nbuild, const K* pke
                                   int* counts, int* starts, int* cursors, long long* state) {
     JOIN_SHARED(int, hist, PART_MAX);
     const int pb = (int)pbits, nparts = 1 << pb;
-    pdl_trigger();  // pscatter's blocks may load and rank their first chunk meanwhile
     part_count_side(bkeys, nbuild, pb, hist, counts);
     part_count_side(pkeys, nprobe, pb, hist, counts + nparts);
     if (!last_block(&state[PART_TICKET])) return;  // uniform per block
@@ -1115,8 +1091,6 @@ __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __rest
     R* stage_r = reinterpret_cast<R*>(stage_k + TILE);
     const long long bchunks = (nbuild + TILE - 1) / TILE, chunks = bchunks + (nprobe + TILE - 1) / TILE;
     for (int p = threadIdx.x; p < nparts; p += JOIN_THREADS) hist[p] = 0;
-    pdl_trigger();
-    bool waited = false;  // for pcount (its cursors), before this block's first reservation
     for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
         const bool probe = c >= bchunks;
         const K* keys = probe ? pkeys : bkeys;
@@ -1143,10 +1117,6 @@ __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __rest
             scan_partitions(nparts, [&](int p) { return (long long)hist[p]; },
                             [&](int p, long long run) { loc[p] = (int)run; });
             __syncthreads();  // every count is read: hist may now hold the runs' bases
-        }
-        if (!waited) {
-            pdl_wait();
-            waited = true;
         }
 #pragma unroll
         for (int r = 0; r < JOIN_ITEMS; ++r)  // the partition's first row reserves the chunk's run
@@ -1184,7 +1154,6 @@ __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __rest
         for (int r = 0; r < JOIN_ITEMS; ++r)
             if (rank[r] == 0) hist[q[r]] = 0;
     }
-    if (!waited) pdl_wait();  // pjoin's wait on this kernel then covers pcount too
 }
 
 // Put round row i (key k) into the first empty slot from its home slot (the table has room: PART_SLOTS > rows).
@@ -1196,21 +1165,17 @@ __device__ __forceinline__ void part_insert(unsigned short* slots, K k, int i) {
 }
 
 // Matches of probe key k among the round's rows: their count, the first one's round index in *first; with `emit`
-// the pairs (brows[index], *prow) go to out_[bp][at + c] where at + c < capacity (*prow read at the first match).
+// the pairs (brows[index], pj) go to out_[bp][at + c] where at + c < capacity.
 template <typename K, typename R>
 __device__ __forceinline__ long long part_walk(const unsigned short* slots, const K* tkey, K k, int* first, bool emit,
-                                               long long at, const R* prow, const R* brows, R* out_b, R* out_p,
+                                               long long at, R pj, const R* brows, R* out_b, R* out_p,
                                                long long capacity) {
     long long cnt = 0;
-    R pj = (R)0;
     for (unsigned s = mix32(fold(k)) & (PART_SLOTS - 1);; s = (s + 1) & (PART_SLOTS - 1)) {
         const unsigned v = slots[s];
         if (v == PART_EMPTY) return cnt;
         if (tkey[v] == k) {
-            if (cnt == 0) {
-                *first = (int)v;
-                if (emit) pj = *prow;
-            }
+            if (cnt == 0) *first = (int)v;
             if (emit && at + cnt < capacity) {
                 out_b[at + cnt] = brows[v];
                 out_p[at + cnt] = pj;
@@ -1231,7 +1196,6 @@ __device__ void part_join_kernel(const int* starts, long long pbits, const K* __
     const int* pstarts = starts + nparts + 1;
     const int* items = starts + 2 * (nparts + 1);
     u64* counter = (u64*)&state[LIN_COUNTER];
-    pdl_wait();  // pscatter's partitions (and, through its own wait, pcount's starts)
     const long long nitems = items[nparts];
     for (long long w = blockIdx.x; w < nitems; w += gridDim.x) {
         const int q = part_of_item(items, nparts, w);
@@ -1252,31 +1216,22 @@ __device__ void part_join_kernel(const int* starts, long long pbits, const K* __
             }
             __syncthreads();
             const R* brows = bpr + r0;
-            int first = 0;
-            if (be - bs <= JOIN_PART_CAP) {  // one round (uniform): count the item's pairs, then reserve them at once
-                long long mine = 0;
-                for (long long j = ps + threadIdx.x; j < pe; j += JOIN_THREADS)
-                    mine += part_walk<K, R>(slots, tkey, ppk[j], &first, false, 0, ppr, brows, out_b, out_p, 0);
-                long long at = block_reserve_each(mine, counter);  // this thread's rows' pairs, in row order
-                for (long long j = ps + threadIdx.x; mine && j < pe && at < capacity; j += JOIN_THREADS)
-                    at += part_walk<K, R>(slots, tkey, ppk[j], &first, true, at, ppr + j, brows, out_b, out_p,
-                                          capacity);
-                continue;
-            }
             for (long long j0 = ps; j0 < pe; j0 += JOIN_THREADS) {  // uniform over the block: full-mask votes
                 const long long j = j0 + threadIdx.x;
                 const K k = j < pe ? ppk[j] : (K)0;
+                int first = 0;
                 const long long cnt =
-                    j < pe ? part_walk<K, R>(slots, tkey, k, &first, false, 0, ppr, brows, out_b, out_p, 0) : 0;
+                    j < pe ? part_walk<K, R>(slots, tkey, k, &first, false, 0, (R)0, brows, out_b, out_p, 0) : 0;
                 long long wsum = 0;
                 const long long excl = warp_offset(cnt, lane, &wsum);
                 const long long at = block_reserve(wsum, counter) + excl;  // every thread: j0 is uniform
                 if (cnt == 0 || at >= capacity) continue;
+                const R pj = ppr[j];
                 if (cnt == 1) {
                     out_b[at] = brows[first];
-                    out_p[at] = ppr[j];
+                    out_p[at] = pj;
                 } else {
-                    part_walk<K, R>(slots, tkey, k, &first, true, at, ppr + j, brows, out_b, out_p, capacity);
+                    part_walk<K, R>(slots, tkey, k, &first, true, at, pj, brows, out_b, out_p, capacity);
                 }
             }
         }

@@ -104,8 +104,6 @@ class HashConfig:
                               # power of two that gets there); pjoin's shared table holds part_capacity(part_rows)
     part_probe: int = 8192    # partitioned: probe rows per pjoin work item at most (a partition that a hot probe key
                               # fills is shared by several blocks)
-    pdl: bool = True          # partitioned, C++ kernels on sm_90+: pscatter and pjoin launched with programmatic
-                              # dependent launch (each starts while the kernel before it finishes)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.load_factor <= 0.9:

@@ -49,7 +49,6 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
     # pcount, pscatter, pjoin: ~2048 build rows per partition, 8 rows per thread in pcount / pscatter's chunks
     ("partitioned", {"scheme": "partitioned", "items": 8}),
     ("partitioned-items16", {"scheme": "partitioned", "items": 16}),  # longer runs per partition in pscatter
-    ("partitioned-items16-nopdl", {"scheme": "partitioned", "items": 16, "pdl": False}),  # plain stream order
     # int64 keys on split-items4's kernels; its int32 columns repeat linear64's kernels
     ("linear64-narrow", {"scheme": "linear64", "items": 4, "linear_wide": False}),
     # 2 rows per thread and step in lbuild / lprobe (loads and CASes of both in flight), int64 keys linear too
@@ -63,9 +62,6 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
     ("partitioned-probe2048", {"scheme": "partitioned", "items": 8, "part_probe": 2048}),
     ("partitioned-spec8", {"scheme": "partitioned", "items": 8, "spec_factor": 8}),
     ("partitioned-t128-items16", {"scheme": "partitioned", "items": 16, "threads": 128}),
-    # registers capped for 3 / 4 resident blocks an SM (pscatter with 16 rows per thread otherwise fits 2)
-    ("partitioned-items16-mb3", {"scheme": "partitioned", "items": 16, "min_blocks": 3}),
-    ("partitioned-items16-mb4", {"scheme": "partitioned", "items": 16, "min_blocks": 4}),
     ("linear64-fused", {"scheme": "linear64-fused", "items": 4}),  # lbuild | grid barrier | lprobe, one launch
     ("linear64-wide-r4", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 4}),
     # a speculative output of 8 * n_probe pairs: m2m (~4 pairs per probe row on average) in one probe pass
