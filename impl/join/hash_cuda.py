@@ -36,8 +36,8 @@ import torch
 from impl import backend
 from impl.common.rawkernel import launch as _launch
 from impl.common.timing import sm_count
-from impl.join.hash_table import (BARRIER_TIMEOUT_NS, ERRORS, PART_BITS_MAX, PART_PAD, Built, HashConfig,
-                                  HashJoinBase, Parts, Probed)
+from impl.join.hash_table import (BARRIER_TIMEOUT_NS, ERRORS, PART_BITS_MAX, PART_LANES_MAX, PART_PAD, Built,
+                                  HashConfig, HashJoinBase, Parts, Probed, part_lanes)
 
 SOURCE = Path(__file__).with_name("hash_join.cu")
 KEY_SUFFIXES = ("i32", "i64")
@@ -75,7 +75,8 @@ def compile_options(config: HashConfig) -> tuple[str, ...]:
             f"-DBUCKET_BYTES={config.bucket_bytes}", f"-DJOIN_MIN_BLOCKS={config.min_blocks}",
             f"-DJOIN_RECONVERGE={int(config.reconverge)}", f"-DJOIN_LROWS={config.lrows}",
             f"-DJOIN_PART_CAP={config.part_capacity}", f"-DJOIN_PART_PROBE={config.part_probe}",
-            f"-DJOIN_PART_BITS_MAX={PART_BITS_MAX}", f"-DJOIN_PART_PAD={PART_PAD}")
+            f"-DJOIN_PART_BITS_MAX={PART_BITS_MAX}", f"-DJOIN_PART_PAD={PART_PAD}",
+            f"-DJOIN_PART_LANES_MAX={PART_LANES_MAX}")
 
 
 @functools.cache
@@ -240,7 +241,7 @@ class HashJoinCuda(HashJoinBase):
                              "give both sides one row-id dtype")
         counts = ws.get("part_counts", 2 << PART_BITS_MAX, torch.int32, dev, zeros=True)  # pcount leaves it zero
         starts = ws.get("part_starts", 3 * nparts + 3, torch.int32, dev)  # build, probe starts; pjoin's items
-        cursors = ws.get("part_cursors", 2 * nparts * PART_PAD, torch.int32, dev)
+        cursors = ws.get("part_cursors", 2 * (nparts * part_lanes(parts.bits)) * PART_PAD, torch.int32, dev)
         bpk, bpr = ws.get("part_bkeys", parts.n, keys.dtype, dev), ws.get("part_brows", parts.n, rdt, dev)
         ppk, ppr = ws.get("part_pkeys", n, keys.dtype, dev), ws.get("part_prows", n, rdt, dev)
         steps = -(-max(parts.n, n) // cfg.tile)
