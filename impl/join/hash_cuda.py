@@ -12,13 +12,14 @@ Per join (``config.scheme``):
             in one pass (blocks reserve their output ranges with one atomic add each): two launches, ``lrows`` rows
             per thread in flight, grid-stride loops;
   linear64-fused  the same in one cooperative launch (lbuild | grid barrier | lprobe), grid = resident blocks;
-  partitioned  pcount (both sides' partition histograms; the last block scans them into partition starts),
-            pscatter (both sides' (key, row id) pairs into their partitions), pjoin (one block per work item: a
+  partitioned  pcount (both sides' histograms of partitions x cursor lanes; the last block scans them into
+            partition starts and lane cursors), pscatter (both sides' (key, row id) pairs into their partitions, each
+            chunk reserving on its lane's cursor), pjoin (one block per work item: a
             partition's build rows in a shared-memory table, at most ``part_probe`` of its probe rows streamed
             through it, pairs written as in lprobe): three launches; the partitioned buffers, counts, starts and
             cursors live in the workspace.
 All write into speculative outputs of n_probe pairs; the kernel that scans the tile totals writes the total into a
-mapped pinned host word (``readback="pinned"``), read after one stream sync; a total above n_probe re-runs the write
+mapped pinned host word (``readback="pinned"``), on which the host spins (the one sync); a total above n_probe re-runs the write
 exact-size (one more launch, no more syncs; partitioned: pjoin alone). The epoch-tagged table needs no clear per join
 (``hash_table``).
 
