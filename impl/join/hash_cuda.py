@@ -19,9 +19,9 @@ Per join (``config.scheme``):
             through it, pairs written as in lprobe): three launches; the partitioned buffers, counts, starts and
             cursors live in the workspace.
 All write into speculative outputs of n_probe pairs; the kernel that scans the tile totals writes the total into a
-mapped pinned host word (``readback="pinned"``), on which the host spins (the one sync); a total above n_probe re-runs the write
-exact-size (one more launch, no more syncs; partitioned: pjoin alone). The epoch-tagged table needs no clear per join
-(``hash_table``).
+mapped pinned host word (``readback="pinned"``), on which the host spins (the one sync); a total above n_probe
+re-runs the write exact-size (one more launch, no more syncs; partitioned: pjoin alone). The epoch-tagged table needs
+no clear per join (``hash_table``).
 
 cupy is not installed on CPU machines: everything here then reports ``unavailable_reason()`` and the tests skip.
 """
