@@ -241,7 +241,8 @@ class HashJoinCuda(HashJoinBase):
             raise ValueError(f"{self.name}: probe row ids are {rows.dtype} but build row ids are {rdt}; "
                              "give both sides one row-id dtype")
         counts = ws.get("part_counts", 2 << PART_BITS_MAX, torch.int32, dev, zeros=True)  # pcount leaves it zero
-        starts = ws.get("part_starts", 3 * nparts + 3, torch.int32, dev)  # build, probe starts; pjoin's items
+        # build and probe starts, pjoin's items per partition, each item's partition
+        starts = ws.get("part_starts", 4 * nparts + 3 + -(-n // cfg.part_probe), torch.int32, dev)
         cursors = ws.get("part_cursors", 2 * (nparts * part_lanes(parts.bits)) * PART_PAD, torch.int32, dev)
         bpk, bpr = ws.get("part_bkeys", parts.n, keys.dtype, dev), ws.get("part_brows", parts.n, rdt, dev)
         ppk, ppr = ws.get("part_pkeys", n, keys.dtype, dev), ws.get("part_prows", n, rdt, dev)

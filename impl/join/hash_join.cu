@@ -910,10 +910,11 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
 //   pjoin:    one block per work item, grid-stride: an item is a partition's build rows and at most JOIN_PART_PROBE
 //             of its probe rows (pcount's last block numbers the items: a partition with both sides non-empty has
 //             ceil(probe rows / JOIN_PART_PROBE) of them, at starts[2 * (P + 1) + q] onwards, the total at
-//             starts[3 * P + 2]), so a partition that a hot probe key fills is shared by several blocks. The item's
-//             build rows go into a shared linear-probing table in rounds of at most JOIN_PART_CAP rows (PART_SLOTS >=
-//             2 * JOIN_PART_CAP 16-bit slots, each the index of one round row, whose key is in tkey[]; every
-//             duplicate owns a slot), then every probe row of the item walks the table from slot h mod PART_SLOTS (the
+//             starts[3 * P + 2], and writes item w's partition at starts[3 * P + 3 + w]), so a partition that a hot
+//             probe key fills is shared by several blocks. The item's build rows go into a shared linear-probing
+//             table in rounds of at most JOIN_PART_CAP rows (PJ_ROWS loads a thread in flight; PART_SLOTS >= 2 *
+//             JOIN_PART_CAP 16-bit slots, each the index of one round row, whose key is in tkey[]; every duplicate
+//             owns a slot), then every probe row of the item walks the table from slot h mod PART_SLOTS (the
 //             low bits of h; the partition took the high ones) to the first empty slot. A partition with more build
 //             rows than JOIN_PART_CAP (build-side skew) takes several rounds and streams the item's probe rows once
 //             per round: slower, never wrong. Pairs as in lprobe: a block reserves the ranges of PJ_STEP probe rows
@@ -1015,12 +1016,13 @@ __device__ __forceinline__ long long part_items(long long b, long long p) {
 // starts[q] = the rows of partitions 0..q-1 for q <= P, starts[P] = the side's rows; probe: the same at starts + P +
 // 1), the write cursors (a lane's cursor at the rows of the bins before it, cursors[(side * P * lanes + bin) *
 // PART_PAD]), and pjoin's work items (items[q] = the items of partitions 0..q-1, items[P] their total; items = starts
-// + 2(P + 1)). Both sides' counts go through one scan as b + (p << 32) (a side has fewer than 2^31 rows: no carry). A
-// thread takes a run of partitions.
+// + 2(P + 1)) with each item's partition (item_part[w], item_part = starts + 3P + 3). Both sides' counts go through
+// one scan as b + (p << 32) (a side has fewer than 2^31 rows: no carry). A thread takes a run of partitions.
 __device__ void part_scan(int* counts, int pbits, int* starts, int* cursors) {
     const int nparts = 1 << pbits, lanes = PART_LANES(pbits), bins = lanes << pbits;
     int* pstarts = starts + nparts + 1;
     int* items = starts + 2 * (nparts + 1);
+    int* item_part = starts + 3 * nparts + 3;
     const int chunk = (nparts + JOIN_THREADS - 1) / JOIN_THREADS;
     const int lo = min((int)threadIdx.x * chunk, nparts), hi = min(lo + chunk, nparts);
     long long both = 0, work = 0;
@@ -1050,23 +1052,13 @@ __device__ void part_scan(int* counts, int pbits, int* starts, int* cursors) {
             b += bi;
             p += pi;
         }
-        wrun += part_items(b, p);
+        for (const long long end = wrun + part_items(b, p); wrun < end; ++wrun) item_part[wrun] = q;
     }
     if (threadIdx.x == 0) {
         starts[nparts] = (int)(both_total & 0xFFFFFFFFll);
         pstarts[nparts] = (int)(both_total >> 32);
         items[nparts] = (int)work_total;
     }
-}
-
-// The partition of work item w: the last q with items[q] <= w (items ascending, items[P] > w).
-__device__ __forceinline__ int part_of_item(const int* items, int nparts, long long w) {
-    int lo = 0, hi = nparts;  // items[lo] <= w < items[hi]
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) >> 1;
-        if (items[mid] <= w) lo = mid; else hi = mid;
-    }
-    return lo;
 }
 
 template <typename K>
@@ -1224,9 +1216,10 @@ __device__ void part_join_kernel(const int* starts, long long pbits, const K* __
     const int* pstarts = starts + nparts + 1;
     const int* items = starts + 2 * (nparts + 1);
     u64* counter = (u64*)&state[LIN_COUNTER];
+    const int* item_part = starts + 3 * nparts + 3;
     const long long nitems = items[nparts];
     for (long long w = blockIdx.x; w < nitems; w += gridDim.x) {
-        const int q = part_of_item(items, nparts, w);
+        const int q = item_part[w];
         // long long: stepping past a partition that ends near 2^31 rows must not overflow
         const long long bs = starts[q], be = starts[q + 1];
         const long long ps = pstarts[q] + (w - items[q]) * JOIN_PART_PROBE;
@@ -1237,10 +1230,20 @@ __device__ void part_join_kernel(const int* starts, long long pbits, const K* __
             __syncthreads();  // the previous round's probes are done with the table
             for (int s = threadIdx.x; s < PART_SLOTS; s += JOIN_THREADS) slots[s] = (unsigned short)PART_EMPTY;
             __syncthreads();
-            for (int i = threadIdx.x; i < m; i += JOIN_THREADS) {
-                const K k = bpk[r0 + i];
-                tkey[i] = k;
-                part_insert(slots, k, i);
+            for (int i0 = 0; i0 < m; i0 += PJ_STEP) {  // PJ_ROWS keys a thread loaded before any is inserted
+                K kb[PJ_ROWS];
+#pragma unroll
+                for (int r = 0; r < PJ_ROWS; ++r) {
+                    const int i = i0 + r * JOIN_THREADS + threadIdx.x;
+                    kb[r] = i < m ? bpk[r0 + i] : (K)0;
+                }
+#pragma unroll
+                for (int r = 0; r < PJ_ROWS; ++r) {
+                    const int i = i0 + r * JOIN_THREADS + threadIdx.x;
+                    if (i >= m) break;
+                    tkey[i] = kb[r];
+                    part_insert(slots, kb[r], i);
+                }
             }
             __syncthreads();
             const R* brows = bpr + r0;

@@ -307,7 +307,7 @@ int run_partitioned(int joins, bool hide_last, PartKernels<K> k) {
     const unsigned threads = JOIN_THREADS;
     const long long tile = TILE;
     std::vector<long long> state(8, 0);
-    std::vector<int> counts(2 * PART_MAX, 0), starts(3 * PART_MAX + 3, -1);
+    std::vector<int> counts(2 * PART_MAX, 0), starts;  // sized per join as hash_cuda.py sizes its workspace
     std::vector<int> cursors(2 * PART_MAX * PART_PAD, -1);
     std::vector<K> bpk, bpr, ppk, ppr;
     std::vector<Slot<K>> unused;
@@ -317,6 +317,8 @@ int run_partitioned(int joins, bool hide_last, PartKernels<K> k) {
         auto& [nbuild, n, pbits, shift, epoch, clear, capacity, grid, bk, br, pk, pr] = in;
         if (pbits < 0 || pbits > JOIN_PART_BITS_MAX) return 3;
         const long long nparts = 1LL << pbits;
+        starts.resize(std::max(starts.size(), (size_t)(4 * nparts + 3 + (n + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE)),
+                      -1);
         long long host[2] = {-7, 0};
         const K guard = (K)0x5A5A5A5A;
         std::vector<K> ob(capacity + 16, guard), op(capacity + 16, guard);
@@ -349,7 +351,10 @@ int run_partitioned(int joins, bool hide_last, PartKernels<K> k) {
             for (long long p = 0; p < nparts; ++p) {
                 const long long probe = starts[nparts + 1 + p + 1] - starts[nparts + 1 + p];
                 if (starts[2 * (nparts + 1) + p] != items) return 9;
-                if (starts[p + 1] > starts[p]) items += (probe + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE;
+                const long long end =
+                    items + (starts[p + 1] > starts[p] ? (probe + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE : 0);
+                for (; items < end; ++items)  // each item's partition
+                    if (starts[3 * nparts + 3 + items] != p) return 9;
             }
             if (starts[2 * (nparts + 1) + nparts] != items) return 9;
             if (hide_last) starts[2 * nparts] = starts[2 * nparts + 1];
