@@ -12,9 +12,8 @@ Per join (``config.scheme``):
             in one pass (blocks reserve their output ranges with one atomic add each): two launches, ``lrows`` rows
             per thread in flight, grid-stride loops;
   linear64-fused  the same in one cooperative launch (lbuild | grid barrier | lprobe), grid = resident blocks;
-  partitioned  pcount (both sides' histograms of partitions x cursor lanes; the last block scans them into
-            partition starts and lane cursors), pscatter (both sides' (key, row id) pairs into their partitions, each
-            chunk reserving on its lane's cursor), pjoin (one block per work item: a
+  partitioned  pcount (both sides' partition histograms; the last block scans them into partition starts),
+            pscatter (both sides' (key, row id) pairs into their partitions), pjoin (one block per work item: a
             partition's build rows in a shared-memory table, at most ``part_probe`` of its probe rows streamed
             through it, pairs written as in lprobe): three launches; the partitioned buffers, counts, starts and
             cursors live in the workspace.
@@ -37,8 +36,8 @@ import torch
 from impl import backend
 from impl.common.rawkernel import launch as _launch
 from impl.common.timing import sm_count
-from impl.join.hash_table import (BARRIER_TIMEOUT_NS, ERRORS, PART_BITS_MAX, PART_LANES_MAX, PART_PAD, Built,
-                                  HashConfig, HashJoinBase, Parts, Probed, part_lanes)
+from impl.join.hash_table import (BARRIER_TIMEOUT_NS, ERRORS, PART_BITS_MAX, PART_PAD, Built, HashConfig,
+                                  HashJoinBase, Parts, Probed)
 
 SOURCE = Path(__file__).with_name("hash_join.cu")
 KEY_SUFFIXES = ("i32", "i64")
@@ -76,8 +75,7 @@ def compile_options(config: HashConfig) -> tuple[str, ...]:
             f"-DBUCKET_BYTES={config.bucket_bytes}", f"-DJOIN_MIN_BLOCKS={config.min_blocks}",
             f"-DJOIN_RECONVERGE={int(config.reconverge)}", f"-DJOIN_LROWS={config.lrows}",
             f"-DJOIN_PART_CAP={config.part_capacity}", f"-DJOIN_PART_PROBE={config.part_probe}",
-            f"-DJOIN_PART_BITS_MAX={PART_BITS_MAX}", f"-DJOIN_PART_PAD={PART_PAD}",
-            f"-DJOIN_PART_LANES_MAX={PART_LANES_MAX}")
+            f"-DJOIN_PART_BITS_MAX={PART_BITS_MAX}", f"-DJOIN_PART_PAD={PART_PAD}")
 
 
 @functools.cache
@@ -241,9 +239,8 @@ class HashJoinCuda(HashJoinBase):
             raise ValueError(f"{self.name}: probe row ids are {rows.dtype} but build row ids are {rdt}; "
                              "give both sides one row-id dtype")
         counts = ws.get("part_counts", 2 << PART_BITS_MAX, torch.int32, dev, zeros=True)  # pcount leaves it zero
-        # build and probe starts, pjoin's items per partition, each item's partition
-        starts = ws.get("part_starts", 4 * nparts + 3 + -(-n // cfg.part_probe), torch.int32, dev)
-        cursors = ws.get("part_cursors", 2 * (nparts * part_lanes(parts.bits)) * PART_PAD, torch.int32, dev)
+        starts = ws.get("part_starts", 3 * nparts + 3, torch.int32, dev)  # build, probe starts; pjoin's items
+        cursors = ws.get("part_cursors", 2 * nparts * PART_PAD, torch.int32, dev)
         bpk, bpr = ws.get("part_bkeys", parts.n, keys.dtype, dev), ws.get("part_brows", parts.n, rdt, dev)
         ppk, ppr = ws.get("part_pkeys", n, keys.dtype, dev), ws.get("part_prows", n, rdt, dev)
         steps = -(-max(parts.n, n) // cfg.tile)

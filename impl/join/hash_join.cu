@@ -895,29 +895,26 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
 // fold both halves into h and are compared whole. Every phase streams its input; the only random accesses go to
 // shared memory (and, per match, to the partition's build row ids, which the join just wrote).
 //   pcount:   grid-stride over the build keys, then the probe keys (JOIN_ITEMS rows per thread and step, loads first):
-//             a shared histogram per block and side of (partition, cursor lane) bins (lane = the row's chunk of
-//             TILE rows mod PART_LANES), added to the bin counts with one atomicAdd per non-empty (block, bin). The
-//             last block to finish (ticket state[7]) scans them into starts[side * (P + 1) + q] (the side's row
-//             count at q = P) and into the lanes' write cursors (a partition's lanes one after another), and leaves
-//             the counts and the ticket at zero for the next join (no memset launches).
+//             a shared histogram of partition ids per block and side, added to counts[side * P + q] with one
+//             atomicAdd per non-empty (block, partition). The last block to finish (ticket state[7]) scans each
+//             side's counts into starts[side * (P + 1) + q] (the side's row count at q = P), copies them into the
+//             write cursors, and leaves the counts and the ticket at zero for the next join (no memset launches).
 //   pscatter: chunks of TILE rows of one side (the build side's chunks first), grid-stride: each row's rank among the
 //             chunk's rows of its partition (shared atomicAdd); the partition's first row reserves the chunk's run
-//             with one atomicAdd on the partition's cursor of the chunk's lane (a cursor serves 1/lanes of the
-//             chunks: the atomics on one address wait for each other); (key, row id) pairs go to run + rank in the
-//             side's partitioned key and row buffers. Order inside a partition is arbitrary. With at most STAGE_PARTS
+//             with one atomicAdd on the partition's cursor; (key, row id) pairs go to run + rank in the side's
+//             partitioned key and row buffers. Order inside a partition is arbitrary. With at most STAGE_PARTS
 //             partitions the pairs first go to a shared stage in partition order and leave from consecutive threads
 //             (each run's stores coalesced); with more, each row is stored from its own thread.
 //   pjoin:    one block per work item, grid-stride: an item is a partition's build rows and at most JOIN_PART_PROBE
 //             of its probe rows (pcount's last block numbers the items: a partition with both sides non-empty has
 //             ceil(probe rows / JOIN_PART_PROBE) of them, at starts[2 * (P + 1) + q] onwards, the total at
-//             starts[3 * P + 2], and writes item w's partition at starts[3 * P + 3 + w]), so a partition that a hot
-//             probe key fills is shared by several blocks. The item's build rows go into a shared linear-probing
-//             table in rounds of at most JOIN_PART_CAP rows (PJ_ROWS loads a thread in flight; PART_SLOTS >= 2 *
-//             JOIN_PART_CAP 16-bit slots, each the index of one round row, whose key is in tkey[]; every duplicate
-//             owns a slot), then every probe row of the item walks the table from slot h mod PART_SLOTS (the
+//             starts[3 * P + 2]), so a partition that a hot probe key fills is shared by several blocks. The item's
+//             build rows go into a shared linear-probing table in rounds of at most JOIN_PART_CAP rows (PART_SLOTS >=
+//             2 * JOIN_PART_CAP 16-bit slots, each the index of one round row, whose key is in tkey[]; every
+//             duplicate owns a slot), then every probe row of the item walks the table from slot h mod PART_SLOTS (the
 //             low bits of h; the partition took the high ones) to the first empty slot. A partition with more build
 //             rows than JOIN_PART_CAP (build-side skew) takes several rounds and streams the item's probe rows once
-//             per round: slower, never wrong. Pairs as in lprobe: a block reserves the ranges of PJ_STEP probe rows
+//             per round: slower, never wrong. Pairs as in lprobe: a block reserves the ranges of THREADS probe rows
 //             on state[5] with one atomicAdd, pairs at offsets >= capacity are dropped (capacity 0: count only), the
 //             last block publishes the total (state[0], host[0]) and resets the counter and its ticket.
 //             An exact-size re-write runs pjoin alone again: the partitioned buffers are still there.
@@ -936,12 +933,6 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
 #define JOIN_PART_PAD 32  // reservations (atomics that return) on different partitions do not queue behind each other
 #endif
 #define PART_PAD JOIN_PART_PAD
-#ifndef JOIN_PART_LANES_MAX  // write cursors per partition and side at most (hash_table.PART_LANES_MAX)
-#define JOIN_PART_LANES_MAX 8
-#endif
-// Cursor lanes per partition: chunk c of a side reserves on lane c mod lanes, so each cursor takes the atomics of a
-// 1/lanes share of the chunks (atomics on one address queue behind each other); partitions x lanes <= PART_MAX.
-#define PART_LANES(pbits) ((PART_MAX >> (pbits)) < JOIN_PART_LANES_MAX ? (PART_MAX >> (pbits)) : JOIN_PART_LANES_MAX)
 #define PART_TICKET 7  // state[7]: pcount blocks finished
 #define PART_EMPTY 0xFFFFu
 
@@ -954,22 +945,18 @@ struct Pow2AtLeast<1> {
     static constexpr int value = 1;
 };
 #define PART_SLOTS (Pow2AtLeast<2 * JOIN_PART_CAP>::value)
-#define PJ_ROWS 4  // pjoin: probe rows per thread and step (the block reserves a step's pairs with one atomicAdd)
-#define PJ_STEP (JOIN_THREADS * PJ_ROWS)
 static_assert(JOIN_PART_CAP >= 1 && JOIN_PART_CAP < (int)PART_EMPTY, "a slot holds a round row's 16-bit index");
 
 __device__ __forceinline__ int part_of(unsigned h, int pbits) { return pbits ? (int)(h >> (32 - pbits)) : 0; }
 
-// Add one side's histogram of (partition, cursor lane) bins to counts[0, P * lanes): this block's rows of the
-// grid-stride loop (the rows of chunk c = base / TILE fall in lane c mod lanes, as pscatter's chunk c reserves), then
-// one atomicAdd per non-empty bin (no value returned: the counters stay packed). Every thread of the block calls it.
+// Add one side's partition histogram to counts[0, P): this block's rows of the grid-stride loop, then one atomicAdd
+// per non-empty partition (no value returned: the counters stay packed). Every thread of the block calls it.
 template <typename K>
 __device__ void part_count_side(const K* __restrict__ keys, long long n, int pbits, int* hist, int* counts) {
-    const int lanes = PART_LANES(pbits), bins = lanes << pbits;
-    for (int q = threadIdx.x; q < bins; q += JOIN_THREADS) hist[q] = 0;
+    const int nparts = 1 << pbits;
+    for (int q = threadIdx.x; q < nparts; q += JOIN_THREADS) hist[q] = 0;
     __syncthreads();
     for (long long base = (long long)blockIdx.x * TILE; base < n; base += (long long)gridDim.x * TILE) {
-        const int lane = (int)((base / TILE) & (lanes - 1));
         K k[JOIN_ITEMS];
 #pragma unroll
         for (int r = 0; r < JOIN_ITEMS; ++r) {
@@ -978,11 +965,10 @@ __device__ void part_count_side(const K* __restrict__ keys, long long n, int pbi
         }
 #pragma unroll
         for (int r = 0; r < JOIN_ITEMS; ++r)
-            if (base + r * JOIN_THREADS + threadIdx.x < n)
-                atomicAdd(&hist[part_of(mix32(fold(k[r])), pbits) * lanes + lane], 1);
+            if (base + r * JOIN_THREADS + threadIdx.x < n) atomicAdd(&hist[part_of(mix32(fold(k[r])), pbits)], 1);
     }
     __syncthreads();
-    for (int q = threadIdx.x; q < bins; q += JOIN_THREADS)
+    for (int q = threadIdx.x; q < nparts; q += JOIN_THREADS)
         if (hist[q]) atomicAdd(&counts[q], hist[q]);
     __syncthreads();  // the histogram is reused by the next side
 }
@@ -1011,27 +997,19 @@ __device__ __forceinline__ long long part_items(long long b, long long p) {
     return b > 0 && p > 0 ? (p + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE : 0;
 }
 
-// One block, in one pass over the bin counts (added by other blocks' atomics: read through L2; bin q * lanes + k of
-// partition q, cursor lane k; the probe side's at + P * lanes), which it leaves at zero: each side's starts (build:
-// starts[q] = the rows of partitions 0..q-1 for q <= P, starts[P] = the side's rows; probe: the same at starts + P +
-// 1), the write cursors (a lane's cursor at the rows of the bins before it, cursors[(side * P * lanes + bin) *
-// PART_PAD]), and pjoin's work items (items[q] = the items of partitions 0..q-1, items[P] their total; items = starts
-// + 2(P + 1)) with each item's partition (item_part[w], item_part = starts + 3P + 3). Both sides' counts go through
-// one scan as b + (p << 32) (a side has fewer than 2^31 rows: no carry). A thread takes a run of partitions.
-__device__ void part_scan(int* counts, int pbits, int* starts, int* cursors) {
-    const int nparts = 1 << pbits, lanes = PART_LANES(pbits), bins = lanes << pbits;
+// One block, in one pass over the counts (added by other blocks' atomics: read through L2), which it leaves at zero:
+// each side's starts (build: starts[q] = counts[0] + ... + counts[q - 1] for q <= P, starts[P] = its rows; probe: the
+// same at starts + P + 1), the write cursors (cursors[(side * P + q) * PART_PAD] = the start), and pjoin's work items
+// (items[q] = the items of partitions 0..q-1, items[P] their total; items = starts + 2(P + 1)). Both sides' counts go
+// through one scan as b + (p << 32) (a side has fewer than 2^31 rows: no carry). A thread takes a run of partitions.
+__device__ void part_scan(int* counts, int nparts, int* starts, int* cursors) {
     int* pstarts = starts + nparts + 1;
     int* items = starts + 2 * (nparts + 1);
-    int* item_part = starts + 3 * nparts + 3;
     const int chunk = (nparts + JOIN_THREADS - 1) / JOIN_THREADS;
     const int lo = min((int)threadIdx.x * chunk, nparts), hi = min(lo + chunk, nparts);
     long long both = 0, work = 0;
     for (int q = lo; q < hi; ++q) {
-        long long b = 0, p = 0;
-        for (int i = q * lanes; i < (q + 1) * lanes; ++i) {
-            b += __ldcg(&counts[i]);
-            p += __ldcg(&counts[bins + i]);
-        }
+        const long long b = __ldcg(&counts[q]), p = __ldcg(&counts[nparts + q]);
         both += b + (p << 32);
         work += part_items(b, p);
     }
@@ -1039,20 +1017,13 @@ __device__ void part_scan(int* counts, int pbits, int* starts, int* cursors) {
     long long run = block_exclusive_scan(both, &both_total);
     long long wrun = block_exclusive_scan(work, &work_total);
     for (int q = lo; q < hi; ++q) {
-        starts[q] = (int)(run & 0xFFFFFFFFll);
-        pstarts[q] = (int)(run >> 32);
+        const long long b = __ldcg(&counts[q]), p = __ldcg(&counts[nparts + q]);
+        starts[q] = cursors[q * PART_PAD] = (int)(run & 0xFFFFFFFFll);
+        pstarts[q] = cursors[(nparts + q) * PART_PAD] = (int)(run >> 32);
         items[q] = (int)wrun;
-        long long b = 0, p = 0;
-        for (int i = q * lanes; i < (q + 1) * lanes; ++i) {
-            const long long bi = __ldcg(&counts[i]), pi = __ldcg(&counts[bins + i]);
-            cursors[i * PART_PAD] = (int)(run & 0xFFFFFFFFll);
-            cursors[(bins + i) * PART_PAD] = (int)(run >> 32);
-            counts[i] = counts[bins + i] = 0;
-            run += bi + (pi << 32);
-            b += bi;
-            p += pi;
-        }
-        for (const long long end = wrun + part_items(b, p); wrun < end; ++wrun) item_part[wrun] = q;
+        counts[q] = counts[nparts + q] = 0;
+        run += b + (p << 32);
+        wrun += part_items(b, p);
     }
     if (threadIdx.x == 0) {
         starts[nparts] = (int)(both_total & 0xFFFFFFFFll);
@@ -1061,15 +1032,25 @@ __device__ void part_scan(int* counts, int pbits, int* starts, int* cursors) {
     }
 }
 
+// The partition of work item w: the last q with items[q] <= w (items ascending, items[P] > w).
+__device__ __forceinline__ int part_of_item(const int* items, int nparts, long long w) {
+    int lo = 0, hi = nparts;  // items[lo] <= w < items[hi]
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (items[mid] <= w) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
 template <typename K>
 __device__ void part_count_kernel(const K* bkeys, long long nbuild, const K* pkeys, long long nprobe, long long pbits,
                                   int* counts, int* starts, int* cursors, long long* state) {
     JOIN_SHARED(int, hist, PART_MAX);
-    const int pb = (int)pbits;
+    const int pb = (int)pbits, nparts = 1 << pb;
     part_count_side(bkeys, nbuild, pb, hist, counts);
-    part_count_side(pkeys, nprobe, pb, hist, counts + (PART_LANES(pb) << pb));
+    part_count_side(pkeys, nprobe, pb, hist, counts + nparts);
     if (!last_block(&state[PART_TICKET])) return;  // uniform per block
-    part_scan(counts, pb, starts, cursors);
+    part_scan(counts, nparts, starts, cursors);
 }
 
 // pscatter's shared memory: the direct path's histogram (PART_MAX counters), or, staged, a histogram and the chunk's
@@ -1103,7 +1084,7 @@ __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __rest
     JOIN_SHARED(long long, smem64, Smem::words64);
     int* smem = reinterpret_cast<int*>(smem64);
     int* hist = smem;  // per partition the chunk's rows in it, then the base of the chunk's run
-    const int pb = (int)pbits, nparts = 1 << pb, lanes = PART_LANES(pb);
+    const int pb = (int)pbits, nparts = 1 << pb;
     const bool staged = Smem::staged && nparts <= STAGE_PARTS;  // uniform over the launch
     int* loc = smem + STAGE_PARTS;
     K* stage_k = reinterpret_cast<K*>(smem + 2 * STAGE_PARTS);
@@ -1116,9 +1097,8 @@ __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __rest
         const R* rows = probe ? prows : brows;
         K* out_k = probe ? ppk : bpk;
         R* out_r = probe ? ppr : bpr;
-        const long long chunk = probe ? c - bchunks : c;
-        int* cursor = (probe ? cursors + (lanes << pb) * PART_PAD : cursors) + (int)(chunk & (lanes - 1)) * PART_PAD;
-        const long long n = probe ? nprobe : nbuild, base = chunk * TILE;
+        int* cursor = probe ? cursors + nparts * PART_PAD : cursors;
+        const long long n = probe ? nprobe : nbuild, base = (probe ? c - bchunks : c) * TILE;
         K k[JOIN_ITEMS];
         int q[JOIN_ITEMS], rank[JOIN_ITEMS];
         __syncthreads();  // the histogram is zero again (the previous chunk's first rows reset their entries)
@@ -1140,7 +1120,7 @@ __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __rest
         }
 #pragma unroll
         for (int r = 0; r < JOIN_ITEMS; ++r)  // the partition's first row reserves the chunk's run
-            if (rank[r] == 0) hist[q[r]] = atomicAdd(&cursor[q[r] * lanes * PART_PAD], hist[q[r]]);
+            if (rank[r] == 0) hist[q[r]] = atomicAdd(&cursor[q[r] * PART_PAD], hist[q[r]]);
         if (staged) {
 #pragma unroll
             for (int r = 0; r < JOIN_ITEMS; ++r) {
@@ -1216,10 +1196,9 @@ __device__ void part_join_kernel(const int* starts, long long pbits, const K* __
     const int* pstarts = starts + nparts + 1;
     const int* items = starts + 2 * (nparts + 1);
     u64* counter = (u64*)&state[LIN_COUNTER];
-    const int* item_part = starts + 3 * nparts + 3;
     const long long nitems = items[nparts];
     for (long long w = blockIdx.x; w < nitems; w += gridDim.x) {
-        const int q = item_part[w];
+        const int q = part_of_item(items, nparts, w);
         // long long: stepping past a partition that ends near 2^31 rows must not overflow
         const long long bs = starts[q], be = starts[q + 1];
         const long long ps = pstarts[q] + (w - items[q]) * JOIN_PART_PROBE;
@@ -1230,53 +1209,29 @@ __device__ void part_join_kernel(const int* starts, long long pbits, const K* __
             __syncthreads();  // the previous round's probes are done with the table
             for (int s = threadIdx.x; s < PART_SLOTS; s += JOIN_THREADS) slots[s] = (unsigned short)PART_EMPTY;
             __syncthreads();
-            for (int i0 = 0; i0 < m; i0 += PJ_STEP) {  // PJ_ROWS keys a thread loaded before any is inserted
-                K kb[PJ_ROWS];
-#pragma unroll
-                for (int r = 0; r < PJ_ROWS; ++r) {
-                    const int i = i0 + r * JOIN_THREADS + threadIdx.x;
-                    kb[r] = i < m ? bpk[r0 + i] : (K)0;
-                }
-#pragma unroll
-                for (int r = 0; r < PJ_ROWS; ++r) {
-                    const int i = i0 + r * JOIN_THREADS + threadIdx.x;
-                    if (i >= m) break;
-                    tkey[i] = kb[r];
-                    part_insert(slots, kb[r], i);
-                }
+            for (int i = threadIdx.x; i < m; i += JOIN_THREADS) {
+                const K k = bpk[r0 + i];
+                tkey[i] = k;
+                part_insert(slots, k, i);
             }
             __syncthreads();
             const R* brows = bpr + r0;
-            for (long long j0 = ps; j0 < pe; j0 += PJ_STEP) {  // uniform over the block: full-mask votes
-                K k[PJ_ROWS];
-                long long cnt[PJ_ROWS], excl[PJ_ROWS];
-                int first[PJ_ROWS];
-#pragma unroll
-                for (int r = 0; r < PJ_ROWS; ++r) {
-                    const long long j = j0 + r * JOIN_THREADS + threadIdx.x;
-                    k[r] = j < pe ? ppk[j] : (K)0;
-                }
+            for (long long j0 = ps; j0 < pe; j0 += JOIN_THREADS) {  // uniform over the block: full-mask votes
+                const long long j = j0 + threadIdx.x;
+                const K k = j < pe ? ppk[j] : (K)0;
+                int first = 0;
+                const long long cnt =
+                    j < pe ? part_walk<K, R>(slots, tkey, k, &first, false, 0, (R)0, brows, out_b, out_p, 0) : 0;
                 long long wsum = 0;
-#pragma unroll
-                for (int r = 0; r < PJ_ROWS; ++r) {
-                    first[r] = 0;
-                    cnt[r] = j0 + r * JOIN_THREADS + threadIdx.x < pe
-                                 ? part_walk<K, R>(slots, tkey, k[r], &first[r], false, 0, (R)0, brows, out_b, out_p, 0)
-                                 : 0;
-                    excl[r] = warp_offset(cnt[r], lane, &wsum);
-                }
-                const long long wbase = block_reserve(wsum, counter);  // every thread: j0 is uniform
-#pragma unroll
-                for (int r = 0; r < PJ_ROWS; ++r) {
-                    const long long at = wbase + excl[r], j = j0 + r * JOIN_THREADS + threadIdx.x;
-                    if (cnt[r] == 0 || at >= capacity) continue;
-                    const R pj = ppr[j];
-                    if (cnt[r] == 1) {
-                        out_b[at] = brows[first[r]];
-                        out_p[at] = pj;
-                    } else {
-                        part_walk<K, R>(slots, tkey, k[r], &first[r], true, at, pj, brows, out_b, out_p, capacity);
-                    }
+                const long long excl = warp_offset(cnt, lane, &wsum);
+                const long long at = block_reserve(wsum, counter) + excl;  // every thread: j0 is uniform
+                if (cnt == 0 || at >= capacity) continue;
+                const R pj = ppr[j];
+                if (cnt == 1) {
+                    out_b[at] = brows[first];
+                    out_p[at] = pj;
+                } else {
+                    part_walk<K, R>(slots, tkey, k, &first, true, at, pj, brows, out_b, out_p, capacity);
                 }
             }
         }

@@ -300,14 +300,14 @@ struct PartKernels {
 // schemes 4-5 (partitioned): pcount, pscatter, pjoin over at most `grid` blocks each (grid-stride loops), the
 // counts, starts, cursors, partitioned buffers and state reused across joins as hash_cuda.py reuses its workspace;
 // pjoin again exact-size when the total exceeds the speculative capacity. After each join the counts, the tickets
-// and the pair counter must be back at zero, every cursor lane must have reached the next lane's start, and pjoin's
+// and the pair counter must be back at zero, every partition's write cursor must have reached its end, and pjoin's
 // work items must be numbered as the two sides' starts say.
 template <typename K>
 int run_partitioned(int joins, bool hide_last, PartKernels<K> k) {
     const unsigned threads = JOIN_THREADS;
     const long long tile = TILE;
     std::vector<long long> state(8, 0);
-    std::vector<int> counts(2 * PART_MAX, 0), starts;  // sized per join as hash_cuda.py sizes its workspace
+    std::vector<int> counts(2 * PART_MAX, 0), starts(3 * PART_MAX + 3, -1);
     std::vector<int> cursors(2 * PART_MAX * PART_PAD, -1);
     std::vector<K> bpk, bpr, ppk, ppr;
     std::vector<Slot<K>> unused;
@@ -317,8 +317,6 @@ int run_partitioned(int joins, bool hide_last, PartKernels<K> k) {
         auto& [nbuild, n, pbits, shift, epoch, clear, capacity, grid, bk, br, pk, pr] = in;
         if (pbits < 0 || pbits > JOIN_PART_BITS_MAX) return 3;
         const long long nparts = 1LL << pbits;
-        starts.resize(std::max(starts.size(), (size_t)(4 * nparts + 3 + (n + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE)),
-                      -1);
         long long host[2] = {-7, 0};
         const K guard = (K)0x5A5A5A5A;
         std::vector<K> ob(capacity + 16, guard), op(capacity + 16, guard);
@@ -335,26 +333,17 @@ int run_partitioned(int joins, bool hide_last, PartKernels<K> k) {
             launch(k.count, (unsigned)std::max(1LL, std::min(grid, (rows + tile - 1) / tile)), threads, false,
                    (const K*)bk.data(), nbuild, (const K*)pk.data(), n, pbits, counts.data(), starts.data(),
                    cursors.data(), state.data());
-            const std::vector<int> lane_starts(cursors);
             launch(k.scatter, (unsigned)std::max(1LL, std::min(grid, chunks)), threads, false, (const K*)bk.data(),
                    (const K*)br.data(), nbuild, (const K*)pk.data(), (const K*)pr.data(), n, pbits, cursors.data(),
                    bpk.data(), bpr.data(), ppk.data(), ppr.data());
-            // every lane's cursor ends where the next lane of its partition starts, the last lane at the next partition
-            const long long lanes = PART_LANES(pbits), bins = nparts * lanes;
             for (int side = 0; side < 2; ++side)
-                for (long long i = 0; i < bins; ++i) {
-                    const long long end = (i + 1) % lanes ? lane_starts[(side * bins + i + 1) * PART_PAD]
-                                                          : starts[side * (nparts + 1) + i / lanes + 1];
-                    if (cursors[(side * bins + i) * PART_PAD] != end) return 8;
-                }
+                for (long long p = 0; p < nparts; ++p)
+                    if (cursors[(side * nparts + p) * PART_PAD] != starts[side * (nparts + 1) + p + 1]) return 8;
             long long items = 0;  // pjoin's work items: numbered by pcount's last block after both sides' starts
             for (long long p = 0; p < nparts; ++p) {
                 const long long probe = starts[nparts + 1 + p + 1] - starts[nparts + 1 + p];
                 if (starts[2 * (nparts + 1) + p] != items) return 9;
-                const long long end =
-                    items + (starts[p + 1] > starts[p] ? (probe + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE : 0);
-                for (; items < end; ++items)  // each item's partition
-                    if (starts[3 * nparts + 3 + items] != p) return 9;
+                if (starts[p + 1] > starts[p]) items += (probe + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE;
             }
             if (starts[2 * (nparts + 1) + nparts] != items) return 9;
             if (hide_last) starts[2 * nparts] = starts[2 * nparts + 1];

@@ -46,7 +46,6 @@ BARRIER_TIMEOUT_NS = 2_000_000_000
 ERRORS = {1: "a grid barrier timed out (blocks were not all resident)", 2: "the hash table had no free slot"}
 PART_BITS_MAX = 13       # hash_join.cu's JOIN_PART_BITS_MAX: at most 2**13 partitions (a 32 KiB shared histogram)
 PART_PAD = 32            # hash_join.cu's JOIN_PART_PAD: ints from one partition's write cursor to the next
-PART_LANES_MAX = 8       # hash_join.cu's JOIN_PART_LANES_MAX: write cursors (lanes) per partition and side at most
 PART_ROWS_MIN = 16
 PART_ROWS_MAX = 3072     # the largest part_rows whose pjoin table for int64 keys fits SHARED_BYTES
 SHARED_BYTES = 48 * 1024  # static shared memory a block may declare
@@ -62,12 +61,6 @@ def part_table_bytes(part_rows: int, key_bytes: int) -> int:
     """Shared bytes of pjoin's table: ``S = next_pow2(2 * cap)`` 16-bit slots + ``cap`` keys."""
     cap = part_capacity(part_rows)
     return 2 * next_pow2(2 * cap) + key_bytes * cap
-
-
-def part_lanes(bits: int) -> int:
-    """Write-cursor lanes per partition of ``2**bits`` partitions (``PART_LANES`` in hash_join.cu): pscatter's chunk c
-    reserves on lane c mod lanes; partitions x lanes never exceed ``2**PART_BITS_MAX``."""
-    return min(PART_LANES_MAX, (1 << PART_BITS_MAX) >> bits)
 
 
 def partition_bits(n_build: int, part_rows: int) -> int:
