@@ -567,8 +567,8 @@ def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkey
 
 
 def test_wait_for_total_returns_on_the_published_total_or_the_finished_event():
-    """The readback spins on the pinned total; a launch that never publishes ends the wait through its event (then
-    the join reports that no total came), and the event is only queried every check_every polls."""
+    """The readback spins on the pinned total; a launch that never publishes ends the wait through its event, which
+    is only queried every check_every polls."""
     from impl.join.hash_cuda import wait_for_total
 
     class Mark:
