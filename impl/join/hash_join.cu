@@ -189,20 +189,32 @@ __device__ bool last_block(long long* ticket) {
     return true;
 }
 
+// One block: the exclusive prefix sums of value(i) over i = 0..n-1, each passed to write(i, prefix) (value(i) is
+// read before write(i, .) runs); returns the total. A thread takes a run of consecutive i. Every thread of the block
+// calls it.
+template <typename V, typename W>
+__device__ long long block_scan_runs(long long n, V value, W write) {
+    const long long chunk = (n + JOIN_THREADS - 1) / JOIN_THREADS;
+    const long long lo = min((long long)threadIdx.x * chunk, n), hi = min(lo + chunk, n);
+    long long s = 0;
+    for (long long i = lo; i < hi; ++i) s += value(i);
+    long long total;
+    long long run = block_exclusive_scan(s, &total);
+    for (long long i = lo; i < hi; ++i) {
+        const long long v = value(i);
+        write(i, run);
+        run += v;
+    }
+    return total;
+}
+
 // One block scans the tile totals into exclusive offsets and publishes the grand total (state[0], and host[0] when a
 // pinned host word is given). Tile totals were written by other blocks: read through L2.
 __device__ void scan_tiles(const long long* tile_totals, long long ntiles, long long* tile_offsets, long long* state,
                            long long* host) {
-    const long long chunk = (ntiles + JOIN_THREADS - 1) / JOIN_THREADS;
-    const long long lo = min((long long)threadIdx.x * chunk, ntiles), hi = min(lo + chunk, ntiles);
-    long long s = 0;
-    for (long long i = lo; i < hi; ++i) s += __ldcg(&tile_totals[i]);
-    long long grand;
-    long long run = block_exclusive_scan(s, &grand);
-    for (long long i = lo; i < hi; ++i) {
-        tile_offsets[i] = run;
-        run += __ldcg(&tile_totals[i]);
-    }
+    const long long grand = block_scan_runs(
+        ntiles, [&](long long i) { return __ldcg(&tile_totals[i]); },
+        [&](long long i, long long run) { tile_offsets[i] = run; });
     if (threadIdx.x == 0) {
         state[0] = grand;
         if (host) host[0] = grand;
@@ -973,63 +985,37 @@ __device__ void part_count_side(const K* __restrict__ keys, long long n, int pbi
     __syncthreads();  // the histogram is reused by the next side
 }
 
-// One block: the exclusive prefix sums of value(q) over the partitions q = 0..nparts-1, each passed to write(q,
-// prefix) (value(q) is read before write(q, .) runs); returns the total. A thread takes a run of consecutive
-// partitions. Every thread of the block calls it.
-template <typename V, typename W>
-__device__ long long scan_partitions(int nparts, V value, W write) {
-    const int chunk = (nparts + JOIN_THREADS - 1) / JOIN_THREADS;
-    const int lo = min((int)threadIdx.x * chunk, nparts), hi = min(lo + chunk, nparts);
-    long long s = 0;
-    for (int q = lo; q < hi; ++q) s += value(q);
-    long long total;
-    long long run = block_exclusive_scan(s, &total);
-    for (int q = lo; q < hi; ++q) {
-        const long long v = value(q);
-        write(q, run);
-        run += v;
-    }
-    return total;
-}
-
 // pjoin's work items of a partition with b build and p probe rows: ceil(p / JOIN_PART_PROBE) when both sides have rows.
 __device__ __forceinline__ long long part_items(long long b, long long p) {
     return b > 0 && p > 0 ? (p + JOIN_PART_PROBE - 1) / JOIN_PART_PROBE : 0;
 }
 
-// One block, in one pass over the counts (added by other blocks' atomics: read through L2), which it leaves at zero:
-// each side's starts (build: starts[q] = counts[0] + ... + counts[q - 1] for q <= P, starts[P] = its rows; probe: the
-// same at starts + P + 1), the write cursors (cursors[(side * P + q) * PART_PAD] = the start), and pjoin's work items
-// (items[q] = the items of partitions 0..q-1, items[P] their total; items = starts + 2(P + 1)). Both sides' counts go
-// through one scan as b + (p << 32) (a side has fewer than 2^31 rows: no carry). A thread takes a run of partitions.
+// One block: each side's starts (build: starts[q] = counts[0] + ... + counts[q - 1] for q <= P, starts[P] = its rows;
+// probe: the same at starts + P + 1) and write cursors (cursors[(side * P + q) * PART_PAD] = the start), both sides
+// through one scan as b + (p << 32) (a side has fewer than 2^31 rows: no carry), the counts left at zero (they were
+// added by other blocks' atomics: read through L2); then pjoin's work items (items[q] = the items of partitions
+// 0..q-1, items[P] their total; items = starts + 2(P + 1)) from the starts.
 __device__ void part_scan(int* counts, int nparts, int* starts, int* cursors) {
     int* pstarts = starts + nparts + 1;
     int* items = starts + 2 * (nparts + 1);
-    const int chunk = (nparts + JOIN_THREADS - 1) / JOIN_THREADS;
-    const int lo = min((int)threadIdx.x * chunk, nparts), hi = min(lo + chunk, nparts);
-    long long both = 0, work = 0;
-    for (int q = lo; q < hi; ++q) {
-        const long long b = __ldcg(&counts[q]), p = __ldcg(&counts[nparts + q]);
-        both += b + (p << 32);
-        work += part_items(b, p);
-    }
-    long long both_total, work_total;
-    long long run = block_exclusive_scan(both, &both_total);
-    long long wrun = block_exclusive_scan(work, &work_total);
-    for (int q = lo; q < hi; ++q) {
-        const long long b = __ldcg(&counts[q]), p = __ldcg(&counts[nparts + q]);
-        starts[q] = cursors[q * PART_PAD] = (int)(run & 0xFFFFFFFFll);
-        pstarts[q] = cursors[(nparts + q) * PART_PAD] = (int)(run >> 32);
-        items[q] = (int)wrun;
-        counts[q] = counts[nparts + q] = 0;
-        run += b + (p << 32);
-        wrun += part_items(b, p);
-    }
+    const long long both = block_scan_runs(
+        nparts,
+        [&](long long q) { return __ldcg(&counts[q]) + ((long long)__ldcg(&counts[nparts + q]) << 32); },
+        [&](long long q, long long run) {
+            starts[q] = cursors[q * PART_PAD] = (int)(run & 0xFFFFFFFFll);
+            pstarts[q] = cursors[(nparts + q) * PART_PAD] = (int)(run >> 32);
+            counts[q] = counts[nparts + q] = 0;
+        });
     if (threadIdx.x == 0) {
-        starts[nparts] = (int)(both_total & 0xFFFFFFFFll);
-        pstarts[nparts] = (int)(both_total >> 32);
-        items[nparts] = (int)work_total;
+        starts[nparts] = (int)(both & 0xFFFFFFFFll);
+        pstarts[nparts] = (int)(both >> 32);
     }
+    __syncthreads();  // every start is written (a thread's last partition ends at the next thread's first start)
+    const long long total = block_scan_runs(
+        nparts,
+        [&](long long q) { return part_items(starts[q + 1] - starts[q], pstarts[q + 1] - pstarts[q]); },
+        [&](long long q, long long run) { items[q] = (int)run; });
+    if (threadIdx.x == 0) items[nparts] = (int)total;
 }
 
 // The partition of work item w: the last q with items[q] <= w (items ascending, items[P] > w).
@@ -1114,8 +1100,8 @@ __device__ void part_scatter_kernel(const K* __restrict__ bkeys, const R* __rest
         }
         __syncthreads();
         if (staged) {  // the chunk's offsets per partition in partition order
-            scan_partitions(nparts, [&](int p) { return (long long)hist[p]; },
-                            [&](int p, long long run) { loc[p] = (int)run; });
+            block_scan_runs(nparts, [&](long long p) { return (long long)hist[p]; },
+                            [&](long long p, long long run) { loc[p] = (int)run; });
             __syncthreads();  // every count is read: hist may now hold the runs' bases
         }
 #pragma unroll
