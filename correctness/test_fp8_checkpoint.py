@@ -342,10 +342,35 @@ def test_gptq_checkpoint_holds_gptq_codes_with_the_nearest_scales_and_records_it
     read = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"] for d in ("g", "n")]
     assert read[0] == read[1]
     recipe = json.loads((tmp_path / "g" / Q.RECIPE).read_text())
-    assert recipe["rounding"] == "gptq" and recipe["gptq"] == {"damp": 0.01, "block": 32,
-                                                               "act_order": True, "inputs": "dense"}
+    assert recipe["rounding"] == "gptq" and recipe["gptq"] == {"damp": 0.01, "block": 32, "act_order": True,
+                                                               "inputs": "dense", "placements": 1}
     assert recipe["calibration"] == {"text": "t.txt", "tokens": 256} and recipe["layout"] == layout
     assert json.loads((tmp_path / "n" / Q.RECIPE).read_text())["rounding"] == "nearest"
+
+
+@pytest.mark.parametrize("layout", ["vllm-tensor", "ct-channel", "deepseek-block"])
+def test_gptq_checkpoint_with_grid_placements_holds_the_searched_codes_and_scales(dense, tmp_path, layout):
+    """placements = J: each linear's codes and scales are ``gptq_quantize``'s with that config (per band of rows, the
+    best of the scales times 2^(j/J)), in the layout's own format (the same quantization_config as round to nearest),
+    and fp8_recipe.json records J."""
+    from impl.fp8.gptq import GptqConfig, gptq_quantize
+
+    src, tensors = dense
+    moments = _moments(load_checkpoint(src, "cpu").spec, 3)
+    cfg = GptqConfig(block=32, placements=4)
+    Q.quantize_checkpoint(src, tmp_path / "g", layout, moments=moments, gptq=cfg, **QUIET)
+    Q.quantize_checkpoint(src, tmp_path / "n", layout, **QUIET)
+    lay = LAYOUTS[layout]
+    ck = load_checkpoint(tmp_path / "g", "cpu")
+    placed = 0
+    for module, w in ck.linears.items():
+        codes, scales = gptq_quantize(tensors[f"{module}.weight"].float(), moments[module], lay.group, cfg)
+        assert torch.equal(w.weight.view(torch.uint8), codes) and torch.equal(w.scale, scales), module
+        placed += int(not torch.equal(scales, quantize_reference(tensors[f"{module}.weight"], lay.group)[1]))
+    assert placed, "every linear kept amax's scales: the test cannot tell the search from plain GPTQ"
+    read = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"] for d in ("g", "n")]
+    assert read[0] == read[1]
+    assert json.loads((tmp_path / "g" / Q.RECIPE).read_text())["gptq"]["placements"] == 4
 
 
 def test_gptq_checkpoint_is_the_same_whatever_the_batch(dense, tmp_path, monkeypatch):

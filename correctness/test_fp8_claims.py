@@ -5,6 +5,7 @@ import re
 
 from impl.common.ledger import Beside, Case, ResultsView, evaluate, load_claims, materialise
 from impl.fp8 import claims, plots
+from impl.fp8.gptq import PLACEMENTS
 from impl.fp8.layouts import LAYOUTS
 
 
@@ -23,7 +24,7 @@ def good_quality() -> dict:
     acts = {g: {"delta_pct": 0.05, "ci95": [0.0, 0.1], "abs_hi": 0.1, "top1_agreement": 0.99, "ppl": 20.01}
             for g in ("token", "1x128")}
     model = {"base": {"ppl": 20.0, "tokens": 4096}, "variants": variants, "layouts": layouts, "complete": True,
-             "activations_only": acts, "gptq": {"calib_tokens": 32768}}
+             "activations_only": acts, "gptq": {"calib_tokens": 32768, "placements": PLACEMENTS}}
     return {"models": {"smollm2": model, "gemma3": model}, "complete": True}
 
 
@@ -210,6 +211,23 @@ def test_quality_claims_need_the_calibration_they_state(tmp_path):
         assert "on 32768 calibration tokens" in c.statement, cid
         assert row["verdict"] == ("not measured" if "_gemma3_" in cid else "pass"), (cid, row)
     assert "gptq.calib_tokens is 8192, the claim needs 32768" in rows["fp8.ppl_w8a16_gemma3_ct_block"][1]["reason"]
+
+
+def test_quality_claims_need_the_grid_placements_they_state(tmp_path):
+    """The statements name GPTQ's grid-placement search; a record of plain GPTQ (no placements recorded, as before the
+    search existed, or one placement) leaves them not measured, with the reason."""
+    q = good_quality()
+    q["models"]["smollm2"] = copy.deepcopy(q["models"]["smollm2"])
+    del q["models"]["smollm2"]["gptq"]["placements"]
+    q["models"]["gemma3"] = copy.deepcopy(q["models"]["gemma3"])
+    q["models"]["gemma3"]["gptq"]["placements"] = 1
+    view = write_view(tmp_path, "placements", good_benches(), {"fp8/quality": q})
+    rows = {c.id: (c, evaluate(c, view)) for c in load_claims() if c.id.startswith("fp8.ppl_")}
+    for cid, (c, row) in rows.items():
+        assert f"best of {PLACEMENTS} FP8 grid placements" in c.statement, cid
+        assert row["verdict"] == "not measured", (cid, row)
+    assert "gptq.placements is absent" in rows["fp8.ppl_w8a16_smollm2_ct_block"][1]["reason"]
+    assert f"gptq.placements is 1, the claim needs {PLACEMENTS}" in rows["fp8.ppl_w8a8_gemma3_vllm_tensor"][1]["reason"]
 
 
 def test_w8a8_claims_name_what_the_activations_alone_cost(tmp_path):

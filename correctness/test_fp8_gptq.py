@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from impl.fp8.gptq import GptqConfig, InputMoments, gptq_quantize, upper_inverse_factor
+from impl.fp8.gptq import GptqConfig, InputMoments, gptq_quantize, placement_factors, upper_inverse_factor
 from impl.fp8.quality import Swapped, Variant
 from impl.fp8.reference import dequantize_reference, quantize_reference
 
@@ -79,6 +79,44 @@ def test_act_order_is_plain_gptq_on_columns_sorted_by_input_energy(group):
                                                                        ("nearest", near))}
     assert err["act"] < err["nearest"], err
     assert err["act"] <= 1.1 * err["plain"], err  # sorted columns: no worse than W's order on this input
+
+
+def band_rows(group: str, n: int) -> list[range]:
+    """The rows sharing one row of scales: one (channel), 128 (block), all (tensor)."""
+    band = {"channel": 1, "block": 128, "tensor": n}[group]
+    return [range(r, min(r + band, n)) for r in range(0, n, band)]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("n,k", [(40, 192), (300, 160)])
+def test_placements_keep_per_band_the_gptq_run_with_the_least_output_error(group, n, k):
+    """placements = J: per band of rows, the codes and scales of the one GPTQ run at scales x 2^(j/J) whose output
+    error ||X (W - Ŵ)ᵀ||² over the band's rows is least (float64 oracle on the inputs themselves)."""
+    w, x = weights(n, k, 11), correlated_inputs(1024, k, 12) * torch.linspace(0.2, 4.0, k)
+    h = x.double().t() @ x.double() / x.shape[0]
+    amax = quantize_reference(w, group)[1]
+    runs = [gptq_quantize(w, h, group, GptqConfig(block=64), (amax.double() * f).float())
+            for f in placement_factors(4)]
+    codes, scales = gptq_quantize(w, h, group, GptqConfig(block=64, placements=4))
+    picked = 0
+    for band, rows in enumerate(band_rows(group, n)):
+        r = list(rows)
+        errs = [output_error(x, w[r], c[r], s[band:band + 1], group) for c, s in runs]
+        best = min(range(len(runs)), key=lambda j: (errs[j], j))
+        picked += best != 0
+        assert torch.equal(codes[r], runs[best][0][r]), (rows, errs)
+        assert torch.equal(scales[band], runs[best][1][band])
+    total = output_error(x, w, codes, scales, group)
+    assert total <= output_error(x, w, *runs[0], group)  # never worse than amax's own placement
+    if group == "channel":
+        assert picked > 0, "every row kept amax's placement: the search did nothing"
+
+
+def test_placement_factors_span_one_binade_from_amax():
+    assert placement_factors(4) == pytest.approx((1.0, 2 ** 0.25, 2 ** 0.5, 2 ** 0.75))
+    assert placement_factors(1) == (1.0,) == placement_factors(0)
+    with pytest.raises(ValueError, match="placements >= 1"):
+        GptqConfig(placements=0)
 
 
 def test_saturation_and_dead_inputs_stay_finite():

@@ -21,7 +21,7 @@ from typing import Any
 from impl.common.ledger import BenchRatio, Beside, Case, Claim, ExtraInfo, Measured, NotMeasured, ResultValue
 from impl.common.shapes import LLAMA3_8B
 from impl.fp8.formats import activation_name
-from impl.fp8.gptq import CALIB_TOKENS
+from impl.fp8.gptq import CALIB_TOKENS, PLACEMENTS
 from impl.fp8.layouts import LAYOUTS
 
 # Llama-3-8B's gate (or up) projection; then q/o, qkv fused, down, gate+up fused
@@ -151,13 +151,15 @@ def act_group(layout: str, mode: str) -> str:
 def _quality(model: str, layout: str, mode: str) -> Claim:
     target = QUALITY_TARGET[mode]
     acts = {"token": "per-token", "1x128": "per-token-group (1x128)"}.get(act_group(layout, mode))
-    what = {"w8a16": f"weight-only FP8 (W8A16), codes rounded by GPTQ on {CALIB_TOKENS} calibration tokens",
-            "w8a8": f"FP8 weights and {acts} dynamic FP8 activations (W8A8), codes rounded by GPTQ on {CALIB_TOKENS} "
-                    "calibration tokens, smoothed with SmoothQuant's factors or not as those tokens choose"}
+    gptq = (f"codes rounded by GPTQ on {CALIB_TOKENS} calibration tokens at the best of {PLACEMENTS} FP8 grid "
+            "placements per band of rows sharing scales")
+    what = {"w8a16": f"weight-only FP8 (W8A16), {gptq}",
+            "w8a8": f"FP8 weights and {acts} dynamic FP8 activations (W8A8), {gptq}, smoothed with SmoothQuant's "
+                    "factors or not as those tokens choose"}
     row = f"models.{model}.layouts.{layout}.{RECIPE[mode]}"
     # the GPTQ calibration the statement names; a block layout's W8A8 figure counts only from a run that rounded its
     # activations in 1x128 groups
-    needs = ((f"models.{model}.gptq.calib_tokens", CALIB_TOKENS),)
+    needs = ((f"models.{model}.gptq.calib_tokens", CALIB_TOKENS), (f"models.{model}.gptq.placements", PLACEMENTS))
     needs += ((f"{row}.act_group", "1x128"),) if act_group(layout, mode) == "1x128" else ()
     value = ResultValue("fp8", "quality", f"{row}.abs_hi", requires=needs)
     return Claim(id=f"fp8.ppl_{mode}_{model}_{layout.replace('-', '_')}", system="fp8", unit="|% ppl change|",
@@ -221,8 +223,9 @@ def _bad_quality() -> dict[str, Any]:
         return {RECIPE[mode]: {"abs_hi": 5.0, "delta_pct": -4.0, "ci95": [-5.0, -3.0],
                                "act_group": act_group(lay, mode)} for mode in QUALITY_TARGET}
     acts = {g: {"abs_hi": 0.5, "delta_pct": 0.4, "ci95": [0.3, 0.5]} for g in ("token", "1x128")}
-    return {"models": {m: {"layouts": {lay: row(lay) for lay in LAYOUTS}, "gptq": {"calib_tokens": CALIB_TOKENS},
-                           "activations_only": acts} for m in MODELS}, "complete": True}
+    gptq = {"calib_tokens": CALIB_TOKENS, "placements": PLACEMENTS}
+    return {"models": {m: {"layouts": {lay: row(lay) for lay in LAYOUTS}, "gptq": gptq, "activations_only": acts}
+                       for m in MODELS}, "complete": True}
 
 
 def _failing(claim: Claim) -> Case:

@@ -15,7 +15,9 @@ windows. The policies in ``--gptq-policies`` also run with GPTQ-rounded weights 
 round-to-nearest), and those in ``--mse-policies`` with MSE-chosen scales (``...-mse``: ``impl.fp8.scales``) for each
 rounding they run with, and the W8A8 variants of those in ``--smooth-policies`` also smoothed (``...-smooth``:
 SmoothQuant's factors from the calibration tokens folded in, ``impl.fp8.smooth``, alpha ``--smooth-alpha`` or chosen
-per scale group on the calibration tokens); ``impl.fp8.quantize`` writes every one of these into a checkpoint.
+per scale group on the calibration tokens); ``impl.fp8.quantize`` writes every one of these into a checkpoint. GPTQ
+runs at ``--gptq-placements J`` grid placements (default ``gptq.PLACEMENTS``), each band of rows that shares scales
+keeping the one with the least output error on the calibration moments (``impl.fp8.gptq``; 1: plain GPTQ).
 ``--grids J`` also runs the GPTQ variants at the grid placements 2^(j/J) (``quality.Variant.grid``, in memory only)
 and records each recipe's spread over them (``grid_spread``): how much of a figure is the draw of the rounding. See
 ``quality`` for the variants, the metric and its interval.
@@ -42,7 +44,7 @@ import torch
 
 from impl import backend
 from impl.fp8 import quality, smollm, wiki
-from impl.fp8.gptq import CALIB_TOKENS, INPUTS, GptqConfig
+from impl.fp8.gptq import CALIB_TOKENS, INPUTS, PLACEMENTS, GptqConfig
 from impl.fp8.layouts import LAYOUTS
 
 RESULT_NAME = "quality"
@@ -351,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="policies also run with GPTQ-rounded weights (impl.fp8.gptq); none: round to nearest only")
     p.add_argument("--gptq-inputs", default=GptqConfig().inputs, choices=list(INPUTS),
                    help="GPTQ's input moments: of the dense model, or of the model rounded to nearest in each group")
+    p.add_argument("--gptq-placements", type=int, default=PLACEMENTS, metavar="J",
+                   help="GPTQ at J grid placements, each band of rows sharing scales keeping its best (impl.fp8.gptq)")
     p.add_argument("--mse-policies", nargs="*", default=list(MSE_POLICIES),
                    help="policies also run with MSE-chosen scales (impl.fp8.scales), for each rounding they run with")
     p.add_argument("--smooth-policies", nargs="*", default=list(SMOOTH_POLICIES),
@@ -389,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     data = run(a.models, assets=assets, tokens=n, calib=a.calib_tokens, window=a.window, batch=a.batch,
                policies=a.policies, budget_s=a.budget_s, layouts=not a.no_layouts, groups=tuple(a.groups),
                gptq_policies=tuple(a.gptq_policies), mse_policies=tuple(a.mse_policies),
-               gptq=GptqConfig(inputs=a.gptq_inputs), smooth_policies=tuple(a.smooth_policies),
+               gptq=GptqConfig(inputs=a.gptq_inputs, placements=a.gptq_placements),
+               smooth_policies=tuple(a.smooth_policies),
                smooth_alpha=a.smooth_alpha, grids=quality.grid_placements(a.grids))
     if not any("variants" in m for m in data["models"].values()):
         print(summary(data), file=sys.stderr)

@@ -7,10 +7,11 @@ channel, 128x128 blocks), in mode ``w8a16`` (weight-only; activations stay in th
 block-scaled checkpoints and as the ct-block layout's config declares; ``act_group`` in each record), except the
 linears of the blocks listed in ``keep``, which stay dense. Embeddings, norms and the LM head are never quantized
 (vLLM's default). The swap happens in memory on a model loaded once; with ``nearest`` rounding the codes and scales
-are those the quantizer writes into a checkpoint (``check_layouts`` proves it per layout, bit for bit); ``gptq`` keeps
-those scales and chooses each code with GPTQ (``impl.fp8.gptq``) from the linears' input moments over the calibration
-tokens (the ones before the evaluation text, as for sensitivity), measured on the base model or on the model rounded
-to nearest in the variant's group (``GptqConfig.inputs``).
+are those the quantizer writes into a checkpoint (``check_layouts`` proves it per layout, bit for bit); ``gptq`` chooses
+each code with GPTQ (``impl.fp8.gptq``; with ``GptqConfig.placements`` > 1 also each band's grid placement, the scales
+times 2^(j/J)) from the linears' input moments over the calibration tokens (the ones before the evaluation text, as
+for sensitivity), measured on the base model or on the model rounded to nearest in the variant's group
+(``GptqConfig.inputs``).
 
 Metric, per variant, over non-overlapping windows w = 1..W of the evaluation text (paired with the base model):
     d_w   = mean NLL of window w (variant) - mean NLL of window w (base)
@@ -55,7 +56,7 @@ from torch import nn
 from impl import backend
 from impl.fp8 import smooth
 from impl.fp8.formats import GROUP128, TOKEN, ScaleGroup, activation_name, get_group
-from impl.fp8.gptq import GptqConfig
+from impl.fp8.gptq import GptqConfig, placement_factors
 from impl.fp8.hf import perplexity
 from impl.fp8.linear import Fp8Linear, Fp8Weight, quantize_activations
 from impl.fp8.scales import SCALE_CHOICES, choose_scales
@@ -75,7 +76,7 @@ class Variant:
     mode: str
     keep: tuple[int, ...] = ()
     policy: str = "all"  # how ``keep`` was chosen: "all" (none kept), "first-last", "top<k>" (sensitivity)
-    rounding: str = "nearest"  # of the weights to e4m3: "nearest" or "gptq" (impl.fp8.gptq; same scales)
+    rounding: str = "nearest"  # of the weights to e4m3: "nearest" or "gptq" (impl.fp8.gptq)
     scales: str = "amax"  # per group: "amax" / FMAX, or "mse" (impl.fp8.scales: least squared rounding error)
     smooth: bool = False  # SmoothQuant's factors folded in before rounding (impl.fp8.smooth; alpha: the run's)
     grid: float = 1.0  # the scales multiplied by this, in [1, 2): another placement of the FP8 grid (module doc)
@@ -606,5 +607,5 @@ def variants_for(policies: list[str], groups: tuple[str, ...] = GROUPS, modes: t
 
 def grid_placements(count: int) -> tuple[float, ...]:
     """The grid factors 2^(j / count), j = 1 .. count - 1 (``Variant.grid``): evenly spaced in log2 over one
-    binade; () for count <= 1."""
-    return tuple(2.0 ** (j / count) for j in range(1, count))
+    binade; () for count <= 1 (``gptq.placement_factors`` without amax's own 1.0)."""
+    return placement_factors(count)[1:]

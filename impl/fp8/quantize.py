@@ -15,7 +15,8 @@ Scales: amax / FMAX per group by default; ``--scales mse`` picks per group the c
 rounding error (``impl.fp8.scales``). Rounding: to nearest by default. With ``--calibration TEXT`` (or ``moments=``
 from Python: one input second moment H [K, K] per quantized linear; ``--rounding nearest`` keeps round to nearest,
 e.g. to smooth only) every code is chosen by GPTQ (``impl.fp8.gptq``:
-same scales, same format, so every loader reads the checkpoint unchanged); the model in SRC is run over the text's
+the same format, the group's scales or, with ``--gptq-placements J``, those times the best of 2^(j/J) per band of
+rows, so every loader reads the checkpoint unchanged); the model in SRC is run over the text's
 first ``--calib-tokens`` tokens to measure H (``--gptq-inputs rounded``: with its decoder linears rounded to nearest
 in the layout's group, each layer fitted to the inputs it meets once those before it are quantized; every decoder
 linear is rounded there, ``--ignore``'d ones too). ``fp8_recipe.json`` in DST records how the codes were made (scales,
@@ -54,7 +55,7 @@ from safetensors.torch import save_file
 from impl import backend
 from impl.fp8.checkpoint_io import parse_config, read_config, read_headers, safetensors_files
 from impl.fp8.formats import get_format
-from impl.fp8.gptq import CALIB_TOKENS, INPUTS, GptqConfig
+from impl.fp8.gptq import CALIB_TOKENS, INPUTS, PLACEMENTS, GptqConfig
 from impl.fp8.layouts import LAYOUTS, CheckpointError, Layout, get_layout
 from impl.fp8.reference import quantize_reference
 from impl.fp8.scales import SCALE_CHOICES, choose_scales
@@ -425,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help="tokens of --calibration used")
     p.add_argument("--gptq-inputs", default=GptqConfig().inputs, choices=list(INPUTS),
                    help="GPTQ's input moments: of the dense model, or of the model rounded to nearest")
+    p.add_argument("--gptq-placements", type=int, default=PLACEMENTS, metavar="J",
+                   help="GPTQ at J grid placements, each band of rows sharing scales keeping its best")
     p.add_argument("--scales", default="amax", choices=list(SCALE_CHOICES),
                    help="amax: amax / FMAX per group; mse: the candidate with the least squared rounding error")
     p.add_argument("--rounding", default="gptq", choices=["gptq", "nearest"],
@@ -453,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
             calibration = {"text": a.calibration.name, "tokens": a.calib_tokens}  # the inputs: the recipe's gptq
         quantize_checkpoint(a.src, a.dst, a.layout, fmt=a.fmt, backend_name=a.backend, shard_mb=a.shard_mb,
                             ignore=a.ignore, overwrite=a.overwrite, moments=cal.moments, calibration=calibration,
-                            scales=a.scales, gptq=GptqConfig(inputs=a.gptq_inputs), smooth=cal.smoothing)
+                            scales=a.scales, gptq=GptqConfig(inputs=a.gptq_inputs, placements=a.gptq_placements),
+                            smooth=cal.smoothing)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
