@@ -60,6 +60,7 @@ CALIB_TOKENS = 32768
 
 
 INPUTS = ("dense", "rounded")
+Placed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # one placement's codes [N, K], scales [R, C], band errors [R]
 PLACEMENTS = 16  # the recipe's grid placements (the CLIs' default; module doc); GptqConfig() alone is plain GPTQ
 
 
@@ -138,28 +139,28 @@ def placement_factors(count: int) -> tuple[float, ...]:
     return tuple(2.0 ** (j / count) for j in range(count)) if count > 1 else (1.0,)
 
 
+def band_size(group: ScaleGroup, n: int) -> int:
+    """Rows of an [n, K] weight that share one row of scales: one (channel), ``group.gn`` (blocks), n (tensor)."""
+    return n if group.gn == 0 else group.gn
+
+
 def band_errors(w: torch.Tensor, h: torch.Tensor, group: ScaleGroup, codes: torch.Tensor,
                 scales: torch.Tensor) -> torch.Tensor:
     """Output error Σ_{n in band} d_n H d_nᵀ (float64) per band of rows sharing one row of scales [R]: d = W − Ŵ,
-    Ŵ the weight the codes and scales decode to. Bands: one row (channel), ``group.gn`` rows (blocks), all (tensor)."""
+    Ŵ the weight the codes and scales decode to (bands: ``band_size``)."""
     n, k = w.shape
-    rows = group.scale_shape(n, k)[0]
-    band = n if group.gn == 0 else group.gn
+    rows, band = group.scale_shape(n, k)[0], band_size(group, n)
     d = w.detach().to(torch.float64) - (decode_reference(codes, E4M3)
                                         * expand_scales(scales.to(torch.float64), group, n, k).to(w.device))
     per_row = ((d @ h.to(w.device, torch.float64)) * d).sum(1)
     return nn.functional.pad(per_row, (0, rows * band - n)).reshape(rows, band).sum(1).cpu()
 
 
-Placed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes [N, K], scales [R, C], band errors [R]
-
-
 def keep_better(old: Placed, new: Placed, group: ScaleGroup) -> Placed:
     """Per band, the (codes, scales, band error) of the placement with the smaller output error; a tie keeps ``old``."""
     take = new[2] < old[2]  # [R]
     n = old[0].shape[0]
-    band = n if group.gn == 0 else group.gn
-    rows = take.repeat_interleave(band)[:n].to(old[0].device)
+    rows = take.repeat_interleave(band_size(group, n))[:n].to(old[0].device)
     return (torch.where(rows[:, None], new[0], old[0]), torch.where(take[:, None], new[1], old[1]),
             torch.where(take, new[2], old[2]))
 
