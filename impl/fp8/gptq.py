@@ -28,9 +28,12 @@ and one scale per group. SmolLM2 on the CPU (channel W8A16, 8192 calibration / 3
 intervals against J = 1 over the same windows): J = 1 +0.98% [+0.80, +1.17]; J = 4 +0.81% (-0.17 [-0.42, +0.06]);
 J = 8 +0.67% (-0.30 [-0.59, -0.04]); J = 16 +0.56% [+0.41, +0.72] (-0.42 [-0.69, -0.15]); J = 16 with the 7
 placements that put a row's amax exactly on a grid point added +0.72% (-0.25 [-0.51, -0.01]) -- the candidates
-beyond the even grid bought nothing. Why it pays: the output error of a row is dominated by a few large
-weights on high-energy inputs, and where those land on the grid moves with f (the global placement alone spreads
-the change from +0.59 to +1.32%, ``quality``'s grid spread).
+beyond the even grid bought nothing. With 128x128 blocks (bands of 128 rows): +1.22% [+1.02, +1.43] at J = 1, +0.83%
+[+0.63, +1.04] at J = 16 (-0.38 [-0.68, -0.08]); per tensor (one band): +0.84% and +0.94% (+0.10 [-0.16, +0.35]):
+the search pays where rows choose for themselves, one choice for a whole weight moved nothing measurable. Why it
+pays: the output error of a row is dominated by a few large weights on high-energy inputs, and where those land on
+the grid moves with f (the global placement alone spreads the change from +0.59 to +1.32%, ``quality``'s grid
+spread).
 
 Which inputs (``inputs``): "rounded" measures each layer's H on the model whose decoder linears are all rounded to
 nearest in the weight's scale group, so a layer is fitted to the inputs it will meet once the layers before it are
