@@ -111,7 +111,8 @@ def gptq_quantize_many(items: list[tuple[torch.Tensor, torch.Tensor, str | Scale
                        cfg: GptqConfig = GptqConfig()) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``gptq_quantize`` of many (w, h, group, scales), the weights of the same shape and device run as one batch
     [B, N, K] (one H each): one pass over the K columns for all of them instead of one per weight (the column loop
-    is launch-bound on a GPU); each weight's codes are those it gets alone."""
+    is launch-bound on a GPU); each weight's codes are those it gets alone. With ``cfg.placements`` > 1 every batch
+    runs once per placement (``placed_scales``) and each band keeps its best (``keep_better``; module doc)."""
     prepared = []
     for w, h, group, scales in items:
         if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
@@ -127,7 +128,7 @@ def gptq_quantize_many(items: list[tuple[torch.Tensor, torch.Tensor, str | Scale
         batches.setdefault((*w.shape, w.device), []).append(i)
     best: list[Placed] = [None] * len(items)  # type: ignore[list-item]
     for f in placement_factors(cfg.placements):  # one placement at a time: memory of one pass, not of all
-        placed = [(w, h, g, s if f == 1.0 else (s.to(torch.float64) * f).to(torch.float32)) for w, h, g, s in prepared]
+        placed = [(w, h, g, placed_scales(s, f)) for w, h, g, s in prepared]
         for idx in batches.values():
             for i, codes in zip(idx, _gptq_batch([placed[i] for i in idx], cfg)):
                 w, h, group, scales = placed[i]
@@ -140,6 +141,11 @@ def placement_factors(count: int) -> tuple[float, ...]:
     """The FP8 grid's placements over one binade, 2^(j / count) for j = 0 .. count - 1 (the scales times each; a
     factor of 2 only moves the exponent), amax's own (1.0) first; (1.0,) for count <= 1."""
     return tuple(2.0 ** (j / count) for j in range(count)) if count > 1 else (1.0,)
+
+
+def placed_scales(scales: torch.Tensor, f: float) -> torch.Tensor:
+    """float32 ``scales`` times the placement factor f (the product in float64, one rounding to float32)."""
+    return scales if f == 1.0 else (scales.to(torch.float64) * f).to(torch.float32)
 
 
 def band_size(group: ScaleGroup, n: int) -> int:

@@ -56,7 +56,7 @@ from torch import nn
 from impl import backend
 from impl.fp8 import smooth
 from impl.fp8.formats import GROUP128, TOKEN, ScaleGroup, activation_name, get_group
-from impl.fp8.gptq import GptqConfig, placement_factors
+from impl.fp8.gptq import GptqConfig, placed_scales, placement_factors
 from impl.fp8.hf import perplexity
 from impl.fp8.linear import Fp8Linear, Fp8Weight, quantize_activations
 from impl.fp8.scales import SCALE_CHOICES, choose_scales
@@ -125,7 +125,7 @@ def block_linears(model: nn.Module) -> list[tuple[int, str, nn.Module, str, nn.L
 def grid_scales(w: torch.Tensor, group: str | ScaleGroup, scales: str = "amax", grid: float = 1.0) -> torch.Tensor:
     """float32 scales [R, C] (CPU) of ``w``: ``impl.fp8.scales``' choice times ``grid`` (``Variant.grid``)."""
     s = choose_scales(w, group, "e4m3", scales)
-    return s if grid == 1.0 else (s.to(torch.float64) * grid).to(torch.float32)
+    return placed_scales(s, grid)
 
 
 def quantize_weight_like_checkpoint(w: torch.Tensor, group: str, scales: str = "amax", grid: float = 1.0) -> Fp8Weight:
