@@ -41,11 +41,14 @@ PLAN_CONFIGS = [GPU_CUDA_CONFIG, EMU_CUDA_CONFIG, replace(GPU_CUDA_CONFIG, fuse=
                 replace(EMU_CUDA_CONFIG, merge_items_bits=3),
                 CudaSortConfig(tile_bits=14, items_bits=5, merge_tile_bits=15),
                 replace(EMU_CUDA_CONFIG, merge_tile_bits=10, merge_items_bits=3),
-                replace(EMU_CUDA_CONFIG, fuse=False, merge_tile_bits=9)]
+                replace(EMU_CUDA_CONFIG, fuse=False, merge_tile_bits=9),
+                CudaSortConfig(tile_bits=13, items_bits=5, tile_stages=6), replace(EMU_CUDA_CONFIG, tile_stages=6),
+                replace(EMU_CUDA_CONFIG, tile_stages=5, merge_tile_bits=9, fuse=False)]
 EMU_MAX_N = 3000
 MIXED_EMU = replace(EMU_CUDA_CONFIG, merge_items_bits=3)  # tile pass: 4 keys per thread; merges: 8
 MIXED_SIZES = (2049, 3000)
 WIDE_MERGE_EMU = replace(EMU_CUDA_CONFIG, merge_tile_bits=9)  # tile pass: 256-slot blocks; merges: 512
+STAGED_EMU = replace(EMU_CUDA_CONFIG, tile_stages=5)  # the tile pass runs stages 1..5 of its 256-slot tiles
 NO_GXX = EmulatedRuntime.unavailable_reason()
 CUPY_REASON = cupy_unavailable_reason()
 
@@ -200,7 +203,8 @@ def emu():
     if NO_GXX:
         pytest.skip(NO_GXX)
     rt = emulated_runtime()
-    mixed = [k for n in MIXED_SIZES for mode in ("keys32", "composite") for config in (MIXED_EMU, WIDE_MERGE_EMU)
+    mixed = [k for n in MIXED_SIZES for mode in ("keys32", "composite")
+             for config in (MIXED_EMU, WIDE_MERGE_EMU, STAGED_EMU)
              for k in plan_kernels(build_cuda_plan(n, mode, config), 32)]
     rt.kernels(list(dict.fromkeys(emulation_kernels() + mixed)), 0)  # one g++ build for every kernel launched below
     return rt
@@ -282,6 +286,34 @@ def test_merge_passes_on_larger_cosets(emu, n, argsort_, monkeypatch):
     assert sorter.smem == merge[1] > tile[1]
     monkeypatch.undo()
     run_emulated(make_array(n, "float32", "nasty", seed=n + 1), argsort_=argsort_, config=WIDE_MERGE_EMU)
+
+
+@pytest.mark.parametrize("n", MIXED_SIZES)
+@pytest.mark.parametrize("argsort_", [False, True], ids=["keys", "argsort"])
+def test_tile_pass_that_stops_early(emu, n, argsort_):
+    """``tile_stages``: the tile pass leaves ascending runs of 2^5 (15 steps) and one merge pass per stage 6..8
+    (flip-form steps on contiguous cosets) completes its tiles before the wide merges; exact on the nasty keys."""
+    sorter = CudaSorter(n, np.float32, argsort=argsort_, config=STAGED_EMU, runtime=emu)
+    first, merges = sorter.plan.passes[0], sorter.plan.passes[1:]
+    assert first.kind == "tile" and first.stages == (1, 2, 3, 4, 5) and first.steps == 15
+    assert [p.stages for p in merges[:3 - argsort_]] == [(L,) for L in range(6, 9 - argsort_)]
+    run_emulated(make_array(n, "float32", "nasty", seed=n + 2), argsort_=argsort_, config=STAGED_EMU)
+
+
+def test_tile_stages_move_steps_from_the_tile_pass_to_merges():
+    """10M keys, tile 2^13: stopping the tile pass at stage 7 leaves it 28 of 91 steps and adds one merge pass per
+    stage 8..13 (27 passes instead of 21); a padded size within one tile ignores it; a value that would put the
+    next flip on a lane coordinate (< 5) or beyond the tile is refused."""
+    base = CudaSortConfig(tile_bits=13, items_bits=5)
+    full, staged = (build_cuda_plan(10_000_000, "keys32", replace(base, tile_stages=s)) for s in (None, 7))
+    assert [p.steps for p in full.passes[:2]] == [91, 8] and len(full.passes) == 21
+    assert [p.steps for p in staged.passes[:7]] == [28, 8, 9, 10, 11, 12, 13] and len(staged.passes) == 27
+    assert [p.stages for p in staged.passes[1:7]] == [(L,) for L in range(8, 14)]
+    small = build_cuda_plan(5000, "keys32", replace(base, tile_stages=7))
+    assert len(small.passes) == 1 and small.passes[0].steps == 91
+    for bad in (0, 4, 14):
+        with pytest.raises(ValueError, match="tile_stages"):
+            replace(base, tile_stages=bad)
 
 
 @pytest.mark.parametrize("overlap_bits", [1, 2, 3, 4])

@@ -84,11 +84,15 @@ struct Layout {
         static_for<WARPS::size>([&](auto J) { s |= ((tid >> (5 + CV(J))) & 1u) << WARPS::get(CV(J)); });
         return s;
     }
-    template <class B>
-    SORT_FN static u32 thread_offset(u32 tid) {  // sum of the thread's single-bit basis vectors
+    template <class B, int ABOVE = -1>
+    SORT_FN static u32 thread_offset(u32 tid) {  // sum of the thread's single-bit basis vectors (coordinates > ABOVE)
         u32 g = 0;
-        static_for<LANES::size>([&](auto J) { g += ((tid >> CV(J)) & 1u) * B::basis(LANES::get(CV(J))); });
-        static_for<WARPS::size>([&](auto J) { g += ((tid >> (5 + CV(J))) & 1u) * B::basis(WARPS::get(CV(J))); });
+        static_for<LANES::size>([&](auto J) {
+            if constexpr (LANES::get(CV(J)) > ABOVE) g += ((tid >> CV(J)) & 1u) * B::basis(LANES::get(CV(J)));
+        });
+        static_for<WARPS::size>([&](auto J) {
+            if constexpr (WARPS::get(CV(J)) > ABOVE) g += ((tid >> (5 + CV(J))) & 1u) * B::basis(WARPS::get(CV(J)));
+        });
         return g;
     }
 };
@@ -278,7 +282,9 @@ struct Block {
     u32 n;
     int kind, canon;
     u64 flip;
-    u32 tid, base0, base1;  // slots with s_f = 0 sit at base0 + G(s); with s_f = 1 at base1 - G(s)
+    // Slots with s_f = 0 sit at base0 + G(s); with s_f = 1 at base1 - G(s) + 2 H(s), H(s) the part of G(s) above the
+    // flip coordinate (a coset whose fillers lie above its flip mask: a merge pass of a stage inside the tile).
+    u32 tid, base0, base1;
     bool full;              // every slot of the block is real: no bounds checks
 
     SORT_FN Block(const void* src_, void* keys_, void* vals_, void* out_, i64 n_, int kind_, int canon_, u64 flip_,
@@ -292,11 +298,12 @@ struct Block {
         });
         base0 = x0;
         base1 = x0 ^ FMASK;
-        u32 gall = 0;
+        u32 gall = 0, gabove = 0;
         static_for<P::T>([&](auto I) {
             if constexpr (CV(I) != P::F) gall += P::basis(CV(I));
+            if constexpr (P::F >= 0 && CV(I) > P::F) gabove += P::basis(CV(I));
         });
-        const u64 top = P::F >= 0 ? (u64)base1 : (u64)x0 + gall;  // the coset's largest position
+        const u64 top = P::F >= 0 ? (u64)base1 + gabove : (u64)x0 + gall;  // the coset's largest position
         full = top < (u64)n;
     }
 
@@ -310,6 +317,18 @@ struct Block {
         for (int k = 0; k < L::Regs::size; ++k)
             if (((c >> k) & 1) && L::Regs::get(k) != P::F) g += P::basis(L::Regs::get(k));
         return g;
+    }
+    template <class L>
+    SORT_HD static constexpr u32 gh(int c) {  // the part of gc(c) above the flip coordinate
+        u32 g = 0;
+        for (int k = 0; k < L::Regs::size; ++k)
+            if (((c >> k) & 1) && P::F >= 0 && L::Regs::get(k) > P::F) g += P::basis(L::Regs::get(k));
+        return g;
+    }
+    template <class L>
+    SORT_FN u32 high_offset() const {  // the part of the thread's offset above the flip coordinate
+        if constexpr (P::F >= 0) return L::template thread_offset<P, P::F>(tid);
+        return 0u;
     }
 
     // Slot at position base + off (off a compile-time constant, negative for the flip half): indexing from a
@@ -328,12 +347,12 @@ struct Block {
     }
 
     template <class L>
-    SORT_FN static constexpr i64 off(int c) { return sf<L>(c) ? -(i64)gc<L>(c) : (i64)gc<L>(c); }
+    SORT_FN static constexpr i64 off(int c) { return sf<L>(c) ? 2 * (i64)gh<L>(c) - (i64)gc<L>(c) : (i64)gc<L>(c); }
 
     template <class L>
     SORT_FN void load(V* r) const {  // global -> registers in layout L (lanes on the run: coalesced)
         static_assert(P::F < 0 || freg<L>() >= 0, "the load layout must hold the flip coordinate in registers");
-        const u32 g = L::template thread_offset<P>(tid), lo = base0 + g, hi = base1 - g;
+        const u32 g = L::template thread_offset<P>(tid), lo = base0 + g, hi = base1 - g + 2 * high_offset<L>();
         if (full) {
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);
@@ -354,7 +373,7 @@ struct Block {
     template <class L>
     SORT_FN void store(const V* r) const {  // registers -> global; pads are never written
         static_assert(P::F < 0 || freg<L>() >= 0, "the store layout must hold the flip coordinate in registers");
-        const u32 g = L::template thread_offset<P>(tid), lo = base0 + g, hi = base1 - g;
+        const u32 g = L::template thread_offset<P>(tid), lo = base0 + g, hi = base1 - g + 2 * high_offset<L>();
         if (full) {
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);

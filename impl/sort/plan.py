@@ -5,10 +5,13 @@ Network: the flip form of ``impl.sort.network``. N = 2^LOGN ≥ n virtual slots;
 the +inf pads n..N−1 are never loaded or stored.
 
 Passes (each reads and writes every key it can change once):
-  tile   pass 0: a block sorts T = 2^t consecutive slots (stages 1..t) with the standard-form network — stage L's
-         comparators run descending where bit L of the slot is set, done by holding those keys complemented
-         (``~key`` reverses the order), so every comparator is min-to-lower; pads inside the last tile are +inf.
-  coset  a merge pass runs consecutive steps of stages t+1..LOGN. Its block holds a coset x0 ⊕ V of a t'-dimensional
+  tile   pass 0: a block of T = 2^t consecutive slots performs stages 1..S (S = t unless ``tile_stages`` asks for
+         fewer: sorted runs of 2^S) with the standard-form network — stage L's comparators run descending where bit
+         L of the slot is set, done by holding those keys complemented (``~key`` reverses the order), so every
+         comparator is min-to-lower; pads inside the last tile are +inf. Its steps cost ALU time that grows as S²
+         while its bytes stay one read and one write of every key: a smaller S moves steps into merge passes, where
+         they share a pass's bytes with fewer steps.
+  coset  a merge pass runs consecutive steps of stages S+1..LOGN. Its block holds a coset x0 ⊕ V of a t'-dimensional
          space V (t' ≥ t: ``merge_tile_bits``) spanned by the pass's masks plus filler bits (the lowest free bits:
          the coset is runs of ≥ 2^run_bits consecutive slots, coalesced). Fused plan: a pass may finish stage L and
          start stage L+1 as long as V stays t'-dimensional and holds one flip mask (~15 passes for 10M keys instead
@@ -93,6 +96,8 @@ class CudaSortConfig:
     overlap_bits: int = 0   # > 0: the graph runs the passes local to 2^overlap_bits aligned regions of the padded
                             # size on a stream per region, each region's tile pass after the one before it, so the
                             # later (ALU-bound) tile passes overlap the earlier (memory-bound) merges; 0: one stream
+    tile_stages: int | None = None  # stages 1..S the tile pass performs (None: all of its tile's); the merge passes
+                                    # run stages S+1.. (at a padded size within one tile, the tile pass runs them all)
 
     def __post_init__(self) -> None:
         if self.merge_tile_bits is not None and not self.tile_bits <= self.merge_tile_bits <= 15:
@@ -109,6 +114,10 @@ class CudaSortConfig:
             raise ValueError(f"run_bits must be in 1..tile_bits-2, got {self.run_bits}")
         if not 0 <= self.overlap_bits <= 4:
             raise ValueError(f"overlap_bits must be in 0..4 (1 to 16 regions), got {self.overlap_bits}")
+        if self.tile_stages is not None and not LANE_BITS <= self.tile_stages <= self.tile_bits:
+            # the next stage's flip coordinate (pivot S) must lie above the load layout's lanes (coordinates 0..4)
+            raise ValueError(f"tile_stages must be in {LANE_BITS}..tile_bits ({LANE_BITS}..{self.tile_bits}), "
+                             f"got {self.tile_stages}")
         if self.tile_bits > 15:
             raise ValueError(f"tile_bits must be <= 15 (shared-memory padding covers 15 coordinate bits), "
                              f"got {self.tile_bits}")
@@ -172,7 +181,7 @@ class Round:
 @dataclass(frozen=True)
 class PassSpec:
     """One pass as its kernel is generated (see the module doc). ``masks``: the flip-form steps it performs, in
-    order (empty for the tile pass, which performs stages 1..t)."""
+    order (empty for the tile pass, which performs the standard-form stages 1..S of ``stages``)."""
 
     kind: str                   # "tile" or "coset"
     t: int
@@ -183,7 +192,7 @@ class PassSpec:
     masks: tuple[int, ...] = ()
     encode: bool = False        # reads the raw input and makes keys
     decode: bool = False        # writes values (keys-only) or indices (argsort)
-    stages: tuple[int, ...] = ()  # the flip-form stages its masks belong to (empty for the tile pass)
+    stages: tuple[int, ...] = ()  # the stages it performs (flip-form stages of its masks; the tile pass: 1..S)
 
     @cached_property
     def pivots(self) -> tuple[int, ...]:
@@ -366,14 +375,18 @@ def plan_rounds(t: int, e: int, ops: list[Op], f: int, wide: bool = False) -> tu
     return tuple(rounds)
 
 
-def tile_pass(t: int, e: int, wide: bool = False) -> PassSpec:
-    """Pass 0: stages 1..t of the standard-form network on each tile, complemented where bit L of the slot is set."""
+def tile_pass(t: int, e: int, wide: bool = False, stages: int | None = None) -> PassSpec:
+    """Pass 0: stages 1..S (``stages``, default t) of the standard-form network on each tile of 2^t slots,
+    complemented where bit L of the slot is set; it leaves ascending runs of 2^S."""
+    last = t if stages is None else stages
+    if not 1 <= last <= t:
+        raise ValueError(f"a tile of 2^{t} slots performs stages 1..S with S in 1..{t}, got {last}")
     ops: list[Op] = []
-    for L in range(1, t + 1):
-        ops.append(Op("xor", L - 1 if L >= 2 else -1, L if L < t else -1))
+    for L in range(1, last + 1):
+        ops.append(Op("xor", L - 1 if L >= 2 else -1, L if L < last else -1))
         ops += [Op("step", p) for p in range(L - 1, -1, -1)]
     basis = tuple(1 << i for i in range(t))
-    return PassSpec("tile", t, e, basis, -1, plan_rounds(t, e, ops, -1, wide))
+    return PassSpec("tile", t, e, basis, -1, plan_rounds(t, e, ops, -1, wide), stages=tuple(range(1, last + 1)))
 
 
 def coset_pass(masks: list[int], t: int, e: int, logn: int, wide: bool = False,
@@ -472,11 +485,12 @@ def build_cuda_plan(n: int, mode: str, config: CudaSortConfig = GPU_CUDA_CONFIG)
     tm, em = config.shape(mode, merge=True)
     logn = padded_bits(n)
     wide = MODES[mode] > 4
-    passes = [tile_pass(t, e, wide)]
+    s = t if config.tile_stages is None or logn <= t else min(config.tile_stages, t)
+    passes = [tile_pass(t, e, wide, s)]
     if tm > logn:  # a coset never spans more than the padded size
         tm = max(logn, t)
         em = min(em, tm - LANE_BITS)
-    for seg in (merge_segments(t, tm, logn, config.run_bits, config.fuse) if logn > t else []):
+    for seg in (merge_segments(s, tm, logn, config.run_bits, config.fuse) if logn > s else []):
         passes.append(coset_pass([m for _, m in seg], tm, em, logn, wide, tuple(sorted({L for L, _ in seg}))))
     passes[0] = passes[0].with_flags(encode=True)
     passes[-1] = passes[-1].with_flags(decode=True)

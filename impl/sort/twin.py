@@ -98,11 +98,13 @@ def check_pass(spec: PassSpec) -> None:
 
 
 def check_plan(plan: CudaPlan) -> None:
-    """Every pass is well formed, and the merge passes perform exactly the flip-form steps of stages t+1..LOGN."""
+    """Every pass is well formed, the tile pass performs stages 1..S, and the merge passes perform exactly the
+    flip-form steps of stages S+1..LOGN."""
     for spec in plan.passes:
         check_pass(spec)
-    t = plan.passes[0].t
-    want = [m for L in range(t + 1, plan.logn + 1) for m in stage_masks(L)]
+    last = len(plan.passes[0].stages)
+    assert plan.passes[0].stages == tuple(range(1, last + 1)) and last <= plan.passes[0].t
+    want = [m for L in range(last + 1, plan.logn + 1) for m in stage_masks(L)]
     got = [m for spec in plan.passes[1:] for m in spec.masks]
     assert got == want, "merge passes do not perform the network's steps in order"
     assert plan.passes[0].encode and plan.passes[-1].decode
