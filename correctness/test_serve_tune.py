@@ -7,7 +7,7 @@ import zipfile
 import pytest
 import torch
 
-from fixtures.serve import tiny_model
+from fixtures.serve import host_matmul_rows_invariant, tiny_model
 from impl import backend
 from impl.serve import choose, flashinfer_setup, fp8_adapter, tune
 from impl.serve.attention import PhaseBackend, choose_phases, make_backend
@@ -117,8 +117,9 @@ def test_kernel_groups_sum_device_time_per_step():
 
 
 def test_batch_invariant_model_gives_each_prompt_the_same_logits_alone_or_batched(monkeypatch):
-    """Every linear through the fixed-tile kernel (interpreter): logits of a batched prefill equal each prompt's
-    alone, bit for bit."""
+    """Every linear through the fixed-tile kernel: logits of a batched prefill equal each prompt's alone, bit for bit
+    (natively, and under the interpreter where the host's float32 matmul rounds a row the same wherever it sits in
+    its tile; elsewhere to 1e-5, which a batch-dependent scale or tile, off by ~1e-2, still fails)."""
     import impl.serve.fp8_gemv as fg
 
     model = fp8_adapter.quantize_model_(tiny_model(seed=3))
@@ -138,8 +139,13 @@ def test_batch_invariant_model_gives_each_prompt_the_same_logits_alone_or_batche
             return model(tokens, PagedStep(cache, make_backend("sdpa"), meta, last_token_rows(meta)))
 
     together = logits(prompts)
+    exact = not backend.INTERPRETED or host_matmul_rows_invariant()
     for i, p in enumerate(prompts):
-        assert torch.equal(logits([p])[0], together[i]), i
+        alone = logits([p])[0]
+        if exact:
+            assert torch.equal(alone, together[i]), i
+        else:
+            torch.testing.assert_close(alone, together[i], rtol=1e-5, atol=1e-5, msg=f"prompt {i}")
     assert calls, "the kernel never ran"
     with pytest.raises(ValueError, match="fixed block_m"):
         choose.make_batch_invariant(model, fg.GemvConfig())
