@@ -311,18 +311,11 @@ struct Block {
     SORT_HD static constexpr int freg() { return P::F >= 0 ? L::Regs::find(P::F) : -1; }
     template <class L>
     SORT_HD static constexpr bool sf(int c) { return freg<L>() >= 0 && ((c >> freg<L>()) & 1); }
-    template <class L>
-    SORT_HD static constexpr u32 gc(int c) {  // single-bit basis vectors of register c
+    template <class L, int ABOVE = -1>
+    SORT_HD static constexpr u32 gc(int c) {  // single-bit basis vectors of register c (of coordinates > ABOVE)
         u32 g = 0;
         for (int k = 0; k < L::Regs::size; ++k)
-            if (((c >> k) & 1) && L::Regs::get(k) != P::F) g += P::basis(L::Regs::get(k));
-        return g;
-    }
-    template <class L>
-    SORT_HD static constexpr u32 gh(int c) {  // the part of gc(c) above the flip coordinate
-        u32 g = 0;
-        for (int k = 0; k < L::Regs::size; ++k)
-            if (((c >> k) & 1) && P::F >= 0 && L::Regs::get(k) > P::F) g += P::basis(L::Regs::get(k));
+            if (((c >> k) & 1) && L::Regs::get(k) != P::F && L::Regs::get(k) > ABOVE) g += P::basis(L::Regs::get(k));
         return g;
     }
     template <class L>
@@ -347,7 +340,9 @@ struct Block {
     }
 
     template <class L>
-    SORT_FN static constexpr i64 off(int c) { return sf<L>(c) ? 2 * (i64)gh<L>(c) - (i64)gc<L>(c) : (i64)gc<L>(c); }
+    SORT_FN static constexpr i64 off(int c) {
+        return sf<L>(c) ? 2 * (i64)gc<L, P::F>(c) - (i64)gc<L>(c) : (i64)gc<L>(c);  // flip half: -G + 2H
+    }
 
     template <class L>
     SORT_FN void load(V* r) const {  // global -> registers in layout L (lanes on the run: coalesced)
