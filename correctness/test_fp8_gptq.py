@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from impl.fp8 import gptq
 from impl.fp8.gptq import GptqConfig, InputMoments, gptq_quantize, placement_factors, upper_inverse_factor
 from impl.fp8.quality import Swapped, Variant
 from impl.fp8.reference import dequantize_reference, quantize_reference
@@ -110,6 +111,23 @@ def test_placements_keep_per_band_the_gptq_run_with_the_least_output_error(group
     assert total <= output_error(x, w, *runs[0], group)  # never worse than amax's own placement
     if group == "channel":
         assert picked > 0, "every row kept amax's placement: the search did nothing"
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_placements_stacked_in_one_column_loop_give_the_codes_of_one_loop_each(group, monkeypatch):
+    """A batch carries its placements as stacked rows of one column loop where memory allows; split one placement
+    per loop (the memory budget below one placement) the codes and scales are the same, bit for bit."""
+    ws = [weights(72, 160, s) for s in (13, 14)]
+    x = correlated_inputs(1024, 160, 15) * torch.linspace(0.2, 4.0, 160)
+    h = x.double().t() @ x.double() / x.shape[0]
+    cfg = GptqConfig(block=64, placements=4)
+    assert gptq.placements_per_pass(2, 72, 160, torch.device("cpu"), 4) == 4
+    stacked = gptq.gptq_quantize_many([(w, h, group, None) for w in ws], cfg)
+    monkeypatch.setattr(gptq, "CPU_PASS_BYTES", 1)
+    assert gptq.placements_per_pass(2, 72, 160, torch.device("cpu"), 4) == 1
+    alone = gptq.gptq_quantize_many([(w, h, group, None) for w in ws], cfg)
+    for (c1, s1), (c2, s2) in zip(stacked, alone):
+        assert torch.equal(c1, c2) and torch.equal(s1, s2)
 
 
 def test_placement_factors_span_one_binade_from_amax():

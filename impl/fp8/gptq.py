@@ -65,6 +65,7 @@ CALIB_TOKENS = 32768
 INPUTS = ("dense", "rounded")
 Placed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # one placement's codes [N, K], scales [R, C], band errors [R]
 PLACEMENTS = 16  # the recipe's grid placements (the CLIs' default; module doc); GptqConfig() alone is plain GPTQ
+CPU_PASS_BYTES = 2 << 30  # memory one column loop may take on the CPU (``placements_per_pass``)
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,9 @@ def gptq_quantize_many(items: list[tuple[torch.Tensor, torch.Tensor, str | Scale
                        cfg: GptqConfig = GptqConfig()) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``gptq_quantize`` of many (w, h, group, scales), the weights of the same shape and device run as one batch
     [B, N, K] (one H each): one pass over the K columns for all of them instead of one per weight (the column loop
-    is launch-bound on a GPU); each weight's codes are those it gets alone. With ``cfg.placements`` > 1 every batch
-    runs once per placement (``placed_scales``) and each band keeps its best (``keep_better``; module doc)."""
+    is launch-bound on a GPU); each weight's codes are those it gets alone. With ``cfg.placements`` > 1 the batch
+    runs at every placement (``placed_scales``), as many per column loop as memory allows (``placements_per_pass``),
+    and each band keeps its best (``keep_better``; module doc)."""
     prepared = []
     for w, h, group, scales in items:
         if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
@@ -127,14 +129,30 @@ def gptq_quantize_many(items: list[tuple[torch.Tensor, torch.Tensor, str | Scale
     for i, (w, *_) in enumerate(prepared):
         batches.setdefault((*w.shape, w.device), []).append(i)
     best: list[Placed] = [None] * len(items)  # type: ignore[list-item]
-    for f in placement_factors(cfg.placements):  # one placement at a time: memory of one pass, not of all
-        placed = [(w, h, g, placed_scales(s, f)) for w, h, g, s in prepared]
-        for idx in batches.values():
-            for i, codes in zip(idx, _gptq_batch([placed[i] for i in idx], cfg)):
-                w, h, group, scales = placed[i]
-                err = band_errors(w, h, group, codes, scales) if cfg.placements > 1 else None
-                best[i] = (codes, scales, err) if best[i] is None else keep_better(best[i], (codes, scales, err), group)
+    factors = placement_factors(cfg.placements)
+    for (n, k, dev), idx in batches.items():
+        per_pass = placements_per_pass(len(idx), n, k, dev, len(factors))
+        for p0 in range(0, len(factors), per_pass):
+            fs = factors[p0:p0 + per_pass]
+            for i, runs in zip(idx, _gptq_batch([prepared[i] for i in idx], cfg, fs)):
+                w, h, group, scales = prepared[i]
+                for f, codes in zip(fs, runs):  # in factor order: a tie keeps the earlier placement
+                    placed = placed_scales(scales, f)
+                    err = band_errors(w, h, group, codes, placed) if cfg.placements > 1 else None
+                    best[i] = (codes, placed, err) if best[i] is None else keep_better(best[i], (codes, placed, err),
+                                                                                      group)
     return [(codes, scales) for codes, scales, _ in best]
+
+
+def placements_per_pass(b: int, n: int, k: int, device: torch.device, count: int) -> int:
+    """How many of ``count`` placements one column loop carries for a batch of b weights [n, K]: all of them where
+    their ~21 bytes per weight element and placement (float64 work and scales, float32 inverse scales, the codes)
+    fit a third of the free device memory (2 GiB on the CPU), else as many as fit, at least one."""
+    if device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] // 3
+    else:
+        budget = CPU_PASS_BYTES
+    return max(1, min(count, budget // max(1, 21 * b * n * k)))
 
 
 def placement_factors(count: int) -> tuple[float, ...]:
@@ -174,13 +192,15 @@ def keep_better(old: Placed, new: Placed, group: ScaleGroup) -> Placed:
             torch.where(take, new[2], old[2]))
 
 
-def _gptq_batch(items: list[tuple[torch.Tensor, torch.Tensor, ScaleGroup, torch.Tensor]],
-                cfg: GptqConfig) -> list[torch.Tensor]:
-    """GPTQ codes of weights of one shape [N, K] and device, one column loop for all (``gptq_quantize_many``)."""
-    (n, k), dev, b = items[0][0].shape, items[0][0].device, len(items)
-    work = torch.empty(b, n, k, dtype=torch.float64, device=dev)
-    s = torch.empty(b, n, k, dtype=torch.float64, device=dev)
-    inv_s = torch.empty(b, n, k, dtype=torch.float32, device=dev)  # float32, as the reference quantizer divides
+def _gptq_batch(items: list[tuple[torch.Tensor, torch.Tensor, ScaleGroup, torch.Tensor]], cfg: GptqConfig,
+                factors: tuple[float, ...] = (1.0,)) -> list[list[torch.Tensor]]:
+    """GPTQ codes of weights of one shape [N, K] and device at each placement factor (scales times f), one column
+    loop for all: per weight, its placements stacked as J·N rows that share its H (GPTQ rounds each row on its own,
+    so a row's codes are those it gets alone); returns per weight the codes [N, K] per factor."""
+    (n, k), dev, b, rows = items[0][0].shape, items[0][0].device, len(items), len(factors) * items[0][0].shape[0]
+    work = torch.empty(b, rows, k, dtype=torch.float64, device=dev)
+    s = torch.empty(b, rows, k, dtype=torch.float64, device=dev)
+    inv_s = torch.empty(b, rows, k, dtype=torch.float32, device=dev)  # float32, as the reference quantizer divides
     hs = torch.empty(b, k, k, dtype=torch.float64)
     perms = []
     for i, (w, h, group, scales) in enumerate(items):
@@ -189,22 +209,26 @@ def _gptq_batch(items: list[tuple[torch.Tensor, torch.Tensor, ScaleGroup, torch.
         hs[i] = h[perm][:, perm]
         pd = perm.to(dev)
         perms.append(pd)
-        work[i] = w.detach().to(torch.float64)[:, pd]
-        s[i] = expand_scales(scales.to(torch.float64), group, n, k).to(dev)[:, pd]
-        inv_s[i] = expand_scales(1.0 / scales, group, n, k).to(dev)[:, pd]
+        wp = w.detach().to(torch.float64)[:, pd]
+        for j, f in enumerate(factors):
+            placed, r = placed_scales(scales, f), slice(j * n, (j + 1) * n)
+            work[i, r] = wp
+            s[i, r] = expand_scales(placed.to(torch.float64), group, n, k).to(dev)[:, pd]
+            inv_s[i, r] = expand_scales(1.0 / placed, group, n, k).to(dev)[:, pd]
     u = upper_inverse_factor(hs.to(dev), cfg.damp)
-    codes = torch.empty(b, n, k, dtype=torch.uint8, device=dev)
+    codes = torch.empty(b, rows, k, dtype=torch.uint8, device=dev)
     for b0 in range(0, k, cfg.block):
         b1 = min(b0 + cfg.block, k)
         block, ub = work[:, :, b0:b1], u[:, b0:b1, b0:b1]
-        err = torch.empty(b, n, b1 - b0, dtype=torch.float64, device=dev)
+        err = torch.empty(b, rows, b1 - b0, dtype=torch.float64, device=dev)
         for j in range(b1 - b0):
             c = encode_reference(block[:, :, j].to(torch.float32) * inv_s[:, :, b0 + j], E4M3)
             codes[:, :, b0 + j] = c
             err[:, :, j] = (block[:, :, j] - decode_reference(c, E4M3) * s[:, :, b0 + j]) / ub[:, j, j, None]
             block[:, :, j + 1:] -= err[:, :, j, None] * ub[:, None, j, j + 1:]
         work[:, :, b1:] -= err @ u[:, b0:b1, b1:]
-    return [codes[i][:, torch.argsort(perms[i])] for i in range(b)]
+    out = [codes[i][:, torch.argsort(perms[i])] for i in range(b)]
+    return [[c[j * n:(j + 1) * n] for j in range(len(factors))] for c in out]
 
 
 class InputHooks:
