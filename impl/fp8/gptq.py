@@ -135,9 +135,8 @@ def gptq_quantize_many(items: list[tuple[torch.Tensor, torch.Tensor, str | Scale
         for p0 in range(0, len(factors), per_pass):
             fs = factors[p0:p0 + per_pass]
             for i, runs in zip(idx, _gptq_batch([prepared[i] for i in idx], cfg, fs)):
-                w, h, group, scales = prepared[i]
-                for f, codes in zip(fs, runs):  # in factor order: a tie keeps the earlier placement
-                    placed = placed_scales(scales, f)
+                w, h, group, _ = prepared[i]
+                for codes, placed in runs:  # in factor order: a tie keeps the earlier placement
                     err = band_errors(w, h, group, codes, placed) if cfg.placements > 1 else None
                     best[i] = (codes, placed, err) if best[i] is None else keep_better(best[i], (codes, placed, err),
                                                                                       group)
@@ -193,28 +192,29 @@ def keep_better(old: Placed, new: Placed, group: ScaleGroup) -> Placed:
 
 
 def _gptq_batch(items: list[tuple[torch.Tensor, torch.Tensor, ScaleGroup, torch.Tensor]], cfg: GptqConfig,
-                factors: tuple[float, ...] = (1.0,)) -> list[list[torch.Tensor]]:
+                factors: tuple[float, ...] = (1.0,)) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """GPTQ codes of weights of one shape [N, K] and device at each placement factor (scales times f), one column
     loop for all: per weight, its placements stacked as J·N rows that share its H (GPTQ rounds each row on its own,
-    so a row's codes are those it gets alone); returns per weight the codes [N, K] per factor."""
+    so a row's codes are those it gets alone); returns per weight, per factor, the codes [N, K] and the placed
+    scales they were rounded at."""
     (n, k), dev, b, rows = items[0][0].shape, items[0][0].device, len(items), len(factors) * items[0][0].shape[0]
     work = torch.empty(b, rows, k, dtype=torch.float64, device=dev)
     s = torch.empty(b, rows, k, dtype=torch.float64, device=dev)
     inv_s = torch.empty(b, rows, k, dtype=torch.float32, device=dev)  # float32, as the reference quantizer divides
     hs = torch.empty(b, k, k, dtype=torch.float64)
-    perms = []
-    for i, (w, h, group, scales) in enumerate(items):
+    perms, placed = [], [[placed_scales(sc, f) for f in factors] for _, _, _, sc in items]
+    for i, (w, h, group, _) in enumerate(items):
         h = h.detach().to("cpu", torch.float64)  # permuted here, factored on the weight's device
         perm = torch.argsort(h.diagonal(), descending=True, stable=True) if cfg.act_order else torch.arange(k)
         hs[i] = h[perm][:, perm]
         pd = perm.to(dev)
         perms.append(pd)
         wp = w.detach().to(torch.float64)[:, pd]
-        for j, f in enumerate(factors):
-            placed, r = placed_scales(scales, f), slice(j * n, (j + 1) * n)
+        for j, sc in enumerate(placed[i]):
+            r = slice(j * n, (j + 1) * n)
             work[i, r] = wp
-            s[i, r] = expand_scales(placed.to(torch.float64), group, n, k).to(dev)[:, pd]
-            inv_s[i, r] = expand_scales(1.0 / placed, group, n, k).to(dev)[:, pd]
+            s[i, r] = expand_scales(sc.to(torch.float64), group, n, k).to(dev)[:, pd]
+            inv_s[i, r] = expand_scales(1.0 / sc, group, n, k).to(dev)[:, pd]
     u = upper_inverse_factor(hs.to(dev), cfg.damp)
     codes = torch.empty(b, rows, k, dtype=torch.uint8, device=dev)
     for b0 in range(0, k, cfg.block):
@@ -228,7 +228,7 @@ def _gptq_batch(items: list[tuple[torch.Tensor, torch.Tensor, ScaleGroup, torch.
             block[:, :, j + 1:] -= err[:, :, j, None] * ub[:, None, j, j + 1:]
         work[:, :, b1:] -= err @ u[:, b0:b1, b1:]
     out = [codes[i][:, torch.argsort(perms[i])] for i in range(b)]
-    return [[c[j * n:(j + 1) * n] for j in range(len(factors))] for c in out]
+    return [[(c[j * n:(j + 1) * n], placed[i][j]) for j in range(len(factors))] for i, c in enumerate(out)]
 
 
 class InputHooks:
