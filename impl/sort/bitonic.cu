@@ -108,22 +108,32 @@ struct Word<64> {
     typedef u64 T;
 };
 
-template <class RAW>
-SORT_FN u64 encode_key(RAW raw, int kind, int canon, u64 flip) {
+// Branch-free per key: the kind (0 unsigned, 1 signed, 2 float) is a compile-time argument, so a pass dispatches on
+// it once per block rather than once per key (the runtime form below is for callers that hold it in a variable).
+template <int KIND, class RAW>
+SORT_FN u64 encode_key_as(RAW raw, int canon, u64 flip) {
     constexpr int NB = 8 * sizeof(RAW);
     typedef typename Word<NB>::T W;
     constexpr W SIGN = (W)1 << (NB - 1);
     constexpr W FULL = NB == 64 ? ~(W)0 : (W)(((u64)1 << NB) - 1);
     constexpr W INF = NB == 16 ? (W)0x7C00u : (W)0x7F800000u;  // +inf bits (float16, float32)
     const W u = (W)raw;
-    W key;
-    if (kind == 2) {
+    W key = u;
+    if constexpr (KIND == 2) {
         const W mag = u & (FULL ^ SIGN);
-        key = mag > INF ? FULL : (mag == 0 && canon) ? SIGN : (u & SIGN) ? (W)(~u & FULL) : (W)(u | SIGN);
-    } else {
-        key = kind == 1 ? (W)(u ^ SIGN) : u;
+        key = u ^ ((u & SIGN) ? FULL : SIGN);  // negative: ~u; otherwise u | SIGN
+        key = mag > INF ? FULL : key;          // every NaN after +inf
+        key = (mag == 0 && canon) ? SIGN : key;  // -0.0 as +0.0
+    } else if constexpr (KIND == 1) {
+        key = u ^ SIGN;
     }
     return (u64)(key ^ (W)flip);
+}
+
+template <class RAW>
+SORT_FN u64 encode_key(RAW raw, int kind, int canon, u64 flip) {
+    return kind == 2 ? encode_key_as<2>(raw, canon, flip)
+                     : kind == 1 ? encode_key_as<1>(raw, canon, flip) : encode_key_as<0>(raw, canon, flip);
 }
 
 template <class RAW>
@@ -326,10 +336,11 @@ struct Block {
 
     // Slot at position base + off (off a compile-time constant, negative for the flip half): indexing from a
     // per-thread base pointer lets the offsets become immediates of the load and store instructions.
+    template <int KIND>
     SORT_FN V fetch(u32 base, i64 off) const {
         if constexpr (ENC) {
             const RAW raw = (static_cast<const RAW*>(src) + base)[off];
-            return M::make(encode_key<RAW>(raw, kind, canon, flip), (u32)(base + off));
+            return M::make(encode_key_as<KIND>(raw, canon, flip), (u32)(base + off));
         } else {
             return M::ld(keys, vals, base, off);
         }
@@ -346,12 +357,22 @@ struct Block {
 
     template <class L>
     SORT_FN void load(V* r) const {  // global -> registers in layout L (lanes on the run: coalesced)
+        if constexpr (ENC) {
+            if (kind == 2) load_as<L, 2>(r);
+            else if (kind == 1) load_as<L, 1>(r);
+            else load_as<L, 0>(r);
+        } else {
+            load_as<L, 0>(r);
+        }
+    }
+    template <class L, int KIND>
+    SORT_FN void load_as(V* r) const {  // load with keys of this kind (ENC passes)
         static_assert(P::F < 0 || freg<L>() >= 0, "the load layout must hold the flip coordinate in registers");
         const u32 g = L::template thread_offset<P>(tid), lo = base0 + g, hi = base1 - g + 2 * high_offset<L>();
         if (full) {
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);
-                const V v = fetch(sf<L>(c) ? hi : lo, off<L>(c));
+                const V v = fetch<KIND>(sf<L>(c) ? hi : lo, off<L>(c));
                 r[c] = sf<L>(c) ? M::cpl(v) : v;
             });
         } else {
@@ -359,7 +380,7 @@ struct Block {
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);
                 const bool real = off<L>(c) < (sf<L>(c) ? room_hi : room_lo);
-                const V v = real ? fetch(sf<L>(c) ? hi : lo, off<L>(c)) : M::pad();
+                const V v = real ? fetch<KIND>(sf<L>(c) ? hi : lo, off<L>(c)) : M::pad();
                 r[c] = sf<L>(c) ? M::cpl(v) : v;
             });
         }
