@@ -109,7 +109,7 @@ struct Word<64> {
 };
 
 // Branch-free per key: the kind (0 unsigned, 1 signed, 2 float) is a compile-time argument, so a pass dispatches on
-// it once per block rather than once per key (the runtime form below is for callers that hold it in a variable).
+// it once per block (Block::load) rather than once per key.
 template <int KIND, class RAW>
 SORT_FN u64 encode_key_as(RAW raw, int canon, u64 flip) {
     constexpr int NB = 8 * sizeof(RAW);
@@ -128,12 +128,6 @@ SORT_FN u64 encode_key_as(RAW raw, int canon, u64 flip) {
         key = u ^ SIGN;
     }
     return (u64)(key ^ (W)flip);
-}
-
-template <class RAW>
-SORT_FN u64 encode_key(RAW raw, int kind, int canon, u64 flip) {
-    return kind == 2 ? encode_key_as<2>(raw, canon, flip)
-                     : kind == 1 ? encode_key_as<1>(raw, canon, flip) : encode_key_as<0>(raw, canon, flip);
 }
 
 template <class RAW>
