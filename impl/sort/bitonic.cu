@@ -109,7 +109,7 @@ struct Word<64> {
 };
 
 // Branch-free per key: the kind (0 unsigned, 1 signed, 2 float) is a compile-time argument, so a pass dispatches on
-// it once per block (Block::load) rather than once per key.
+// it once per block (Block::by_kind) rather than once per key.
 template <int KIND, class RAW>
 SORT_FN u64 encode_key_as(RAW raw, int canon, u64 flip) {
     constexpr int NB = 8 * sizeof(RAW);
@@ -130,15 +130,15 @@ SORT_FN u64 encode_key_as(RAW raw, int canon, u64 flip) {
     return (u64)(key ^ (W)flip);
 }
 
-template <class RAW>
-SORT_FN RAW decode_key(u64 key64, int kind, u64 flip) {
+template <int KIND, class RAW>
+SORT_FN RAW decode_key_as(u64 key64, u64 flip) {
     constexpr int NB = 8 * sizeof(RAW);
     typedef typename Word<NB>::T W;
     constexpr W SIGN = (W)1 << (NB - 1);
     constexpr W FULL = NB == 64 ? ~(W)0 : (W)(((u64)1 << NB) - 1);
     const W key = (W)(key64 ^ flip) & FULL;
-    if (kind == 2) return (RAW)((key & SIGN) ? key ^ SIGN : (W)(~key & FULL));
-    return (RAW)(kind == 1 ? key ^ SIGN : key);
+    if constexpr (KIND == 2) return (RAW)((key & SIGN) ? key ^ SIGN : (W)(~key & FULL));
+    return (RAW)(KIND == 1 ? key ^ SIGN : key);
 }
 
 // ---- slot modes: what a register holds, how it compares, where it lives -----------------------------------------
@@ -174,9 +174,9 @@ struct Keys32 {  // keys-only, keys of up to 32 bits
     template <u32 S>
     SORT_FN static V sld(const unsigned char* m, u32 i) { return reinterpret_cast<const u32*>(m)[i]; }
     SORT_FN static V make(u64 key, u32) { return (V)key; }
-    template <class RAW>
-    SORT_FN static void emit(void* out, u32 b, i64 o, V v, int kind, u64 flip) {
-        (static_cast<RAW*>(out) + b)[o] = decode_key<RAW>(v, kind, flip);
+    template <class RAW, int KIND>
+    SORT_FN static void emit(void* out, u32 b, i64 o, V v, u64 flip) {
+        (static_cast<RAW*>(out) + b)[o] = decode_key_as<KIND, RAW>(v, flip);
     }
 };
 
@@ -198,9 +198,9 @@ struct Keys64 {  // keys-only, 64-bit keys
     template <u32 S>
     SORT_FN static V sld(const unsigned char* m, u32 i) { return reinterpret_cast<const u64*>(m)[i]; }
     SORT_FN static V make(u64 key, u32) { return key; }
-    template <class RAW>
-    SORT_FN static void emit(void* out, u32 b, i64 o, V v, int kind, u64 flip) {
-        (static_cast<RAW*>(out) + b)[o] = decode_key<RAW>(v, kind, flip);
+    template <class RAW, int KIND>
+    SORT_FN static void emit(void* out, u32 b, i64 o, V v, u64 flip) {
+        (static_cast<RAW*>(out) + b)[o] = decode_key_as<KIND, RAW>(v, flip);
     }
 };
 
@@ -231,8 +231,8 @@ struct Composite : Keys64 {  // Keys64's loads and stores; its own order, pad an
         const u64 c = (key << 31) | p;
         return c < H ? SIGN | (H + O - c) : c - H + O;
     }
-    template <class RAW>
-    SORT_FN static void emit(void* out, u32 b, i64 o, V v, int, u64) {
+    template <class RAW, int KIND>
+    SORT_FN static void emit(void* out, u32 b, i64 o, V v, u64) {
         const u64 c = (v & SIGN) ? H + O - (v ^ SIGN) : v + H - O;
         (static_cast<i64*>(out) + b)[o] = (i64)(c & 0x7FFFFFFFull);
     }
@@ -266,8 +266,8 @@ struct Pairs {  // argsort of 64-bit keys: (key, index) compared lexicographical
         return V{reinterpret_cast<const u64*>(m)[i], reinterpret_cast<const u32*>(m + 8 * S)[i]};
     }
     SORT_FN static V make(u64 key, u32 p) { return V{key, p}; }
-    template <class RAW>
-    SORT_FN static void emit(void* out, u32 b, i64 o, V v, int, u64) { (static_cast<i64*>(out) + b)[o] = (i64)v.v; }
+    template <class RAW, int KIND>
+    SORT_FN static void emit(void* out, u32 b, i64 o, V v, u64) { (static_cast<i64*>(out) + b)[o] = (i64)v.v; }
 };
 
 // ---- one block of one pass --------------------------------------------------------------------------------------
@@ -339,8 +339,9 @@ struct Block {
             return M::ld(keys, vals, base, off);
         }
     }
+    template <int KIND>
     SORT_FN void put(u32 base, i64 off, V v) const {
-        if constexpr (DEC) M::template emit<RAW>(out, base, off, v, kind, flip);
+        if constexpr (DEC) M::template emit<RAW, KIND>(out, base, off, v, flip);
         else M::st(keys, vals, base, off, v);
     }
 
@@ -349,18 +350,25 @@ struct Block {
         return sf<L>(c) ? 2 * (i64)gc<L, P::F>(c) - (i64)gc<L>(c) : (i64)gc<L>(c);  // flip half: -G + 2H
     }
 
-    template <class L>
-    SORT_FN void load(V* r) const {  // global -> registers in layout L (lanes on the run: coalesced)
-        if constexpr (ENC) {
-            if (kind == 2) load_as<L, 2>(r);
-            else if (kind == 1) load_as<L, 1>(r);
-            else load_as<L, 0>(r);
+    // f(Int<kind>{}) for the pass's key kind where the pass encodes or decodes keys (USES), else f(Int<0>{}): one
+    // branch per block, every key's transform then specialised to its kind.
+    template <bool USES, class F>
+    SORT_FN void by_kind(F&& f) const {
+        if constexpr (USES) {
+            if (kind == 2) f(Int<2>{});
+            else if (kind == 1) f(Int<1>{});
+            else f(Int<0>{});
         } else {
-            load_as<L, 0>(r);
+            f(Int<0>{});
         }
     }
+
+    template <class L>
+    SORT_FN void load(V* r) const {  // global -> registers in layout L (lanes on the run: coalesced)
+        by_kind<ENC>([&](auto K) { load_as<L, CV(K)>(r); });
+    }
     template <class L, int KIND>
-    SORT_FN void load_as(V* r) const {  // load with keys of this kind (ENC passes)
+    SORT_FN void load_as(V* r) const {
         static_assert(P::F < 0 || freg<L>() >= 0, "the load layout must hold the flip coordinate in registers");
         const u32 g = L::template thread_offset<P>(tid), lo = base0 + g, hi = base1 - g + 2 * high_offset<L>();
         if (full) {
@@ -382,19 +390,23 @@ struct Block {
 
     template <class L>
     SORT_FN void store(const V* r) const {  // registers -> global; pads are never written
+        by_kind<DEC>([&](auto K) { store_as<L, CV(K)>(r); });
+    }
+    template <class L, int KIND>
+    SORT_FN void store_as(const V* r) const {
         static_assert(P::F < 0 || freg<L>() >= 0, "the store layout must hold the flip coordinate in registers");
         const u32 g = L::template thread_offset<P>(tid), lo = base0 + g, hi = base1 - g + 2 * high_offset<L>();
         if (full) {
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);
-                put(sf<L>(c) ? hi : lo, off<L>(c), sf<L>(c) ? M::cpl(r[c]) : r[c]);
+                put<KIND>(sf<L>(c) ? hi : lo, off<L>(c), sf<L>(c) ? M::cpl(r[c]) : r[c]);
             });
         } else {
             const i64 room_lo = (i64)n - lo, room_hi = (i64)n - hi;
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);
                 if (off<L>(c) < (sf<L>(c) ? room_hi : room_lo))
-                    put(sf<L>(c) ? hi : lo, off<L>(c), sf<L>(c) ? M::cpl(r[c]) : r[c]);
+                    put<KIND>(sf<L>(c) ? hi : lo, off<L>(c), sf<L>(c) ? M::cpl(r[c]) : r[c]);
             });
         }
     }
