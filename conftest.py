@@ -98,8 +98,9 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 
 def pytest_benchmark_update_commit_info(config: pytest.Config, commit_info: dict) -> None:
-    if os.environ.get("LAB_COMMIT"):  # a copy of the tree without .git (the GPU machine): commit passed in
-        commit_info.update(id=os.environ["LAB_COMMIT"], dirty=False, project="gpu-systems-lab")
+    if os.environ.get("LAB_COMMIT"):  # a copy of the tree (the GPU machine): commit passed in, checked by LAB_TREE
+        commit_info.update(id=os.environ["LAB_COMMIT"], dirty=res.stated_tree_problem() is not None,
+                           project="gpu-systems-lab")
 
 
 # ---- the bench fixture ----------------------------------------------------------------------------------------

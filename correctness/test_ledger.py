@@ -95,6 +95,67 @@ def test_the_stated_commit_vouches_for_itself_where_git_history_stops_earlier(mo
     assert ledger.commit_problem(stated[:12]) is None
 
 
+def _git(repo, *args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["git", "-c", "user.email=lab@example.com", "-c", "user.name=lab", *args], cwd=repo,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def copy_of_a_commit(tmp_path, monkeypatch):
+    """A one-commit repository standing in for the GPU machine's copy (code, results/, an ignored build folder),
+    with LAB_COMMIT and LAB_TREE as `python -m impl provenance` prints them; the per-process check is reset."""
+    (tmp_path / "impl").mkdir()
+    (tmp_path / "impl" / "k.py").write_text("x = 1\n")
+    (tmp_path / "results" / "h200").mkdir(parents=True)
+    (tmp_path / "results" / "h200" / "r.json").write_text("{}\n")
+    (tmp_path / ".gitignore").write_text("/build/\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "c")
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    monkeypatch.setattr(results, "_TREE_PROBLEM", [])
+    monkeypatch.setenv("LAB_COMMIT", _git(tmp_path, "rev-parse", "HEAD"))
+    monkeypatch.setenv("LAB_TREE", results.code_tree("HEAD"))
+    return tmp_path
+
+
+def test_a_copy_of_the_stated_commit_is_clean_whatever_its_run_writes(copy_of_a_commit):
+    (copy_of_a_commit / "results" / "h200" / "new.json").write_text("{}\n")  # what a run writes
+    (copy_of_a_commit / "build").mkdir()
+    (copy_of_a_commit / "build" / "k.cubin").write_bytes(b"\0")  # ignored outputs
+    assert results.stated_tree_problem() is None
+    assert not results.git_commit().endswith("+dirty")
+
+
+@pytest.mark.parametrize("change", ["edit", "add", "no_git", "no_tree"])
+def test_a_copy_that_is_not_the_stated_commit_gives_dirty_records(copy_of_a_commit, monkeypatch, change):
+    """An edited or added source file, or no LAB_TREE to check against, makes every record say +dirty; the copy's
+    own .git is not needed for the check (the machine's may stop at an older commit)."""
+    if change == "edit":
+        (copy_of_a_commit / "impl" / "k.py").write_text("x = 2\n")
+    elif change == "add":
+        (copy_of_a_commit / "impl" / "new.py").write_text("y = 1\n")
+    elif change == "no_git":
+        import shutil
+
+        shutil.rmtree(copy_of_a_commit / ".git")
+        (copy_of_a_commit / "impl" / "k.py").write_text("x = 3\n")
+    else:
+        monkeypatch.delenv("LAB_TREE")
+    problem = results.stated_tree_problem()
+    assert problem and ("LAB_TREE" in problem if change == "no_tree" else "edited or stale" in problem)
+    assert results.git_commit().endswith("+dirty")
+
+
+def test_without_its_git_a_copy_of_the_stated_commit_still_checks_clean(copy_of_a_commit):
+    import shutil
+
+    shutil.rmtree(copy_of_a_commit / ".git")
+    assert results.stated_tree_problem() is None
+
+
 @pytest.mark.parametrize("where", ["data", "top"])
 def test_an_unfinished_run_is_not_measured(tmp_path, where):
     data = {"x": 2.0, **({"complete": False} if where == "data" else {})}

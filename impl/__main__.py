@@ -8,10 +8,13 @@
   gpu      on a GPU machine, per system: its tune step (if it declares one), correctness, benches saved to
            results/<slug>/, experiments; report
   gate     on a GPU machine: every bench of the chosen systems against its own stored baseline (impl.common.gate)
+  provenance  here: ``LAB_COMMIT=<sha> LAB_TREE=<tree>`` of a commit (default HEAD) for a device command's prefix;
+           there (``--check``): exit 1, saying why, unless the files are LAB_COMMIT's (results/ left out)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -20,6 +23,7 @@ import impl  # noqa: F401
 from impl import backend
 from impl.common import freshness, report
 from impl.common.ledger import discover_systems
+from impl.common import results
 from impl.common.results import ROOT, gpu_slug
 
 
@@ -106,6 +110,23 @@ def cmd_gpu(systems: list[str], save: str, experiment_args: list[str], skip_expe
     return rc
 
 
+def cmd_provenance(commit: str, check: bool) -> int:
+    """Print the variables that name ``commit`` on a copy of this tree, or (``check``) test a copy against them."""
+    if check:
+        problem = results.stated_tree_problem() if os.environ.get("LAB_COMMIT") else "LAB_COMMIT is not set"
+        print(f"provenance: {problem}" if problem else
+              f"provenance: the files here are {os.environ['LAB_COMMIT'][:12]}'s", file=sys.stderr)
+        return 1 if problem else 0
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{commit}^{{commit}}"], cwd=ROOT, capture_output=True,
+                         text=True)
+    tree = results.code_tree(sha.stdout.strip()) if sha.returncode == 0 else None
+    if tree is None:
+        print(f"provenance: {commit!r} is not a commit of this repository", file=sys.stderr)
+        return 1
+    print(f"LAB_COMMIT={sha.stdout.strip()} LAB_TREE={tree}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["gate"]:  # its own parser (impl.common.gate), so `python -m impl gate -h` shows its options
@@ -128,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--quick", action="store_true", help="pass --quick to the experiments")
     g.add_argument("--no-tune", action="store_true", help="skip the systems' tune steps (use the stored tables)")
     sub.add_parser("gate", help="regression gate against the stored baselines (python -m impl gate -h)")
+    pv = sub.add_parser("provenance", help="LAB_COMMIT and LAB_TREE of a commit, or --check a copy against them")
+    pv.add_argument("commit", nargs="?", default="HEAD")
+    pv.add_argument("--check", action="store_true", help="exit 1 unless the files here are LAB_COMMIT's")
     a = p.parse_args(argv)
     if a.cmd == "report":
         return cmd_report(a.slugs)
@@ -135,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_verify(a.pytest_args)
     if a.cmd == "stale":
         return cmd_stale(a.slugs)
+    if a.cmd == "provenance":
+        return cmd_provenance(a.commit, a.check)
     return cmd_gpu(a.systems, a.save, ["--quick"] if a.quick else [], a.no_experiments, a.no_tune)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the H100: harness check + baseline store + gate pass + deliberately slowed variant must fail the gate.
-# Usage (device machine, repo root): LAB_COMMIT=<sha> bash .ci/gpu/foundation.sh
+# Usage (device machine, repo root): LAB_COMMIT=<sha> LAB_TREE=<tree> bash .ci/gpu/foundation.sh
 set -uo pipefail
+source "$(dirname "$0")/provenance.sh"  # exits unless the files here are LAB_COMMIT's
 export PYTHONUNBUFFERED=1 LAB_BACKEND=gpu
 python3 -c "import torch, triton, numba; print(torch.__version__, triton.__version__, numba.__version__, torch.cuda.get_device_name())"
 python3 -m pytest -q -p no:cacheprovider correctness/test_examples.py correctness/test_harness.py 2>&1 | tail -5

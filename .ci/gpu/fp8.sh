@@ -3,8 +3,9 @@
 # correctness of the kernels and of the launch table (hypothesis 'ci' profile) -> benches saved as run "fp8", which
 # launch with the table just written. Every step has its own wall-clock limit (SIGINT: pytest still saves the
 # benchmarks it finished); results/ and the logs are packed into $OUT after each step.
-# Usage there: LAB_COMMIT=<sha> bash .ci/gpu/fp8.sh [tune_s=90] [check_s=45] [bench_s=85]
+# Usage there: LAB_COMMIT=<sha> LAB_TREE=<tree> bash .ci/gpu/fp8.sh [tune_s=90] [check_s=45] [bench_s=85]
 set -uo pipefail
+source "$(dirname "$0")/provenance.sh"  # exits unless the files here are LAB_COMMIT's
 export PYTHONUNBUFFERED=1 LAB_BACKEND=gpu LAB_HYPOTHESIS_PROFILE=ci
 tune_s=${1:-90}; check_s=${2:-45}; bench_s=${3:-85}
 out=${OUT:-/tmp/out}; mkdir -p "$out/logs" "$out/fp8"

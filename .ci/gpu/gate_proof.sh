@@ -8,10 +8,10 @@
 # run-to-run spread made the old 10% gate fail on unchanged code) and the tensor-core join's 1M cases except its
 # ~1 µs empty build phase (so the stored baseline run holds both sides of the join's 1M ratio claim); not the 100M
 # joins (25 s of every run's ~37 s, and no claim of the gate reads them).
-# Usage there: LAB_COMMIT=<sha> bash .ci/gpu/gate_proof.sh [budget seconds, default 220]
+# Usage there: LAB_COMMIT=<sha> LAB_TREE=<tree> bash .ci/gpu/gate_proof.sh [budget seconds, default 220]
 set -uo pipefail
+source "$(dirname "$0")/provenance.sh"  # exits unless the files here are LAB_COMMIT's
 export PYTHONUNBUFFERED=1 LAB_BACKEND=gpu
-: "${LAB_COMMIT:?set LAB_COMMIT=<sha of the committed tree>: the baseline run must name its commit}"
 budget=${1:-220}
 out=${OUT:-/tmp/out}; mkdir -p "$out/logs" "$out/gate"
 k='(examples or (join_hash and cuda) or (join_tc and 1M and not build)) and not 100M'

@@ -15,9 +15,9 @@
 #   seam   the full recipe (anchors, family, selector) with its checkpoints in /tmp
 #   seam_ablate   ResNet50 anchors alone under five variants of the anchor recipe (impl.seam.ablate, one seed each)
 #   gate   .ci/gpu/gate_proof.sh
-# Usage there: LAB_COMMIT=<sha> bash .ci/gpu/steps.sh "sort join fp8"
+# Usage there: LAB_COMMIT=<sha> LAB_TREE=<tree> bash .ci/gpu/steps.sh "sort join fp8"
 set -uo pipefail
-: "${LAB_COMMIT:?set LAB_COMMIT=<sha of the committed tree>: every record names its commit}"
+source "$(dirname "$0")/provenance.sh"  # exits unless the files here are LAB_COMMIT's
 export PYTHONUNBUFFERED=1 LAB_BACKEND=gpu LAB_HYPOTHESIS_PROFILE=ci PYTHONFAULTHANDLER=1  # a crash prints its Python stack
 out=${OUT:-/tmp/out}; mkdir -p "$out/logs"
 pack() { tar czf "$out/results.tgz" results; tar czf "$out/logs.tgz" -C "$out" logs; }

@@ -61,10 +61,11 @@ def results_dir(slug: str | None = None) -> Path:
 
 def git_commit(short: bool = True) -> str:
     """HEAD of this checkout (``+dirty`` if impl/ or benches/ differ); ``LAB_COMMIT`` where there is no .git
-    (the GPU machine receives a copy of the working tree without history)."""
+    (the GPU machine receives a copy of the working tree whose .git may stop at an older commit), ``+dirty`` unless
+    the files here are that commit's (``stated_tree_problem``)."""
     if os.environ.get("LAB_COMMIT"):
         sha = os.environ["LAB_COMMIT"]
-        return sha[:12] if short else sha
+        return (sha[:12] if short else sha) + ("+dirty" if stated_tree_problem() else "")
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "impl", "benches"], cwd=ROOT,
@@ -73,6 +74,56 @@ def git_commit(short: bool = True) -> str:
         return "unknown"
     sha = out.stdout.strip()
     return (sha[:12] if short else sha) + ("+dirty" if dirty else "")
+
+
+RUN_OUTPUTS = ("results",)  # what runs write into the checkout: left out of the tree a run's code is checked by
+
+
+def code_tree(commit: str | None = None) -> str | None:
+    """git's hash of the checkout's tree without ``RUN_OUTPUTS``: of ``commit``'s files when one is named (it must
+    be in this repository), else of the files on disk as they are (every file .gitignore does not exclude). Built
+    in a scratch index, so the checkout's own index is untouched. None where git cannot say."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        # the files on disk are hashed into a scratch repository: a copy of the tree may come without .git
+        git = ["git"] if commit else ["git", f"--git-dir={tmp}/scratch.git", f"--work-tree={ROOT}"]
+        steps = [["read-tree", commit] if commit else ["add", "-A", "--", "."],
+                 ["rm", "-r", "-q", "--cached", "--ignore-unmatch", "--", *RUN_OUTPUTS], ["write-tree"]]
+        try:
+            if not commit:
+                subprocess.run(["git", "init", "-q", "--bare", f"{tmp}/scratch.git"], check=True, capture_output=True,
+                               timeout=60)
+            for step in steps:
+                out = subprocess.run([*git, *step], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                if out.returncode != 0:
+                    return None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return out.stdout.strip() or None
+
+
+_TREE_PROBLEM: list[str | None] = []
+
+
+def stated_tree_problem() -> str | None:
+    """Why the files here may not be ``LAB_COMMIT``'s, or None when they are: ``LAB_TREE`` must be that commit's
+    ``code_tree`` (``python -m impl provenance <sha>`` prints both variables) and equal the ``code_tree`` of the files
+    on disk. Checked once per process."""
+    if not _TREE_PROBLEM:
+        stated, commit = os.environ.get("LAB_TREE", ""), os.environ.get("LAB_COMMIT", "")
+        here = code_tree() if stated else None
+        if not stated:
+            problem = (f"LAB_COMMIT={commit[:12]} comes without LAB_TREE, so nothing checks that these files are "
+                       "its: run `python -m impl provenance <sha>` where the commit is and pass both")
+        elif here is None:
+            problem = "git cannot hash the files here, so they cannot be checked against LAB_TREE"
+        elif here != stated:
+            problem = (f"the files here (tree {here[:12]}) are not LAB_COMMIT={commit[:12]}'s (tree {stated[:12]}): "
+                       "edited or stale")
+        else:
+            problem = None
+        _TREE_PROBLEM.append(problem)
+    return _TREE_PROBLEM[0]
 
 
 _KNOWN_COMMITS: dict[str, bool | None] = {}
