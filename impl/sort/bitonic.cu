@@ -290,6 +290,8 @@ struct Block {
     // flip coordinate (a coset whose fillers lie above its flip mask: a merge pass of a stage inside the tile).
     u32 tid, base0, base1;
     bool full;              // every slot of the block is real: no bounds checks
+    bool half;              // the s_f = 0 half is real and the flip half all pads: that half is neither read nor
+                            // written (a top stage's flip pass holds many such blocks when n is not a power of two)
 
     SORT_FN Block(const void* src_, void* keys_, void* vals_, void* out_, i64 n_, int kind_, int canon_, u64 flip_,
                   u32 block0)
@@ -309,6 +311,8 @@ struct Block {
         });
         const u64 top = P::F >= 0 ? (u64)base1 + gabove : (u64)x0 + gall;  // the coset's largest position
         full = top < (u64)n;
+        // flip half: positions base1 - Gbelow + H (H: the part above the flip coordinate), the least base1 - gbelow
+        half = P::F >= 0 && !full && (u64)base0 + gall < (u64)n && (u64)base1 - (gall - gabove) >= (u64)n;
     }
 
     template <class L>
@@ -377,6 +381,12 @@ struct Block {
                 const V v = fetch<KIND>(sf<L>(c) ? hi : lo, off<L>(c));
                 r[c] = sf<L>(c) ? M::cpl(v) : v;
             });
+        } else if (half) {
+            static_for<E>([&](auto C) {
+                constexpr int c = CV(C);
+                if constexpr (sf<L>(c)) r[c] = M::cpl(M::pad());
+                else r[c] = fetch<KIND>(lo, off<L>(c));
+            });
         } else {
             const i64 room_lo = (i64)n - lo, room_hi = (i64)n - hi;  // position < n  <=>  off < room
             static_for<E>([&](auto C) {
@@ -400,6 +410,11 @@ struct Block {
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);
                 put<KIND>(sf<L>(c) ? hi : lo, off<L>(c), sf<L>(c) ? M::cpl(r[c]) : r[c]);
+            });
+        } else if (half) {
+            static_for<E>([&](auto C) {
+                constexpr int c = CV(C);
+                if constexpr (!sf<L>(c)) put<KIND>(lo, off<L>(c), r[c]);
             });
         } else {
             const i64 room_lo = (i64)n - lo, room_hi = (i64)n - hi;
