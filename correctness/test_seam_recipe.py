@@ -175,6 +175,18 @@ def anchors_table(r34, r50):
     return anchor_summary(runs, {"r34": 1.87e9, "r50": 2.09e9})
 
 
+def test_an_exact_tie_of_gap_and_spread_is_a_zero_margin_and_fails():
+    """The H200's anchors: r50 94.47% and r34 94.20% over three seeds, gap 0.27 pp = r34's seed range 0.27 pp. The
+    margin must read 0 (not the float residue of the subtraction) and the claim, which asks for more, must fail."""
+    order = anchors_table([94.27, 94.03, 94.30], [94.47, 94.42, 94.52])["order"]
+    assert order["gap_pp"] == order["spread_pp"] == 0.27 and order["margin_pp"] == 0.0
+    assert str(order["margin_pp"]) == "0.0"
+    from impl.common import ledger
+
+    claim = next(c for c in ledger.load_claims(("seam",)) if c.id == "seam.anchor_order_margin_pp")
+    assert not ledger._OPS[claim.comparison](order["margin_pp"], claim.target)
+
+
 def config_rows(accs: dict[str, float], n: int = 4000, seed: int = 0):
     """Anchors r34/r50 and stitches s<k> at FLOPs between them with test accuracy ``accs[name]``; every model gets
     right the images below its accuracy on one shared difficulty scale (models of one family err together)."""

@@ -285,6 +285,11 @@ def train_anchor_seeds(recipe: Recipe, data: DataBundle, anchors: list[AnchorCon
     return kept, anchor_summary(runs, flops)
 
 
+def _pp(x: float) -> float:
+    """x percentage points at 1e-9 pp (-0.0 as 0.0)."""
+    return round(x, 9) + 0.0
+
+
 def anchor_summary(runs: dict[str, list[dict[str, Any]]], flops: dict[str, int]) -> dict[str, Any]:
     """Per network: test/val accuracy per seed and the 95 % t interval of the mean (percent); the order margin."""
     per: dict[str, Any] = {}
@@ -304,9 +309,11 @@ def anchor_summary(runs: dict[str, list[dict[str, Any]]], flops: dict[str, int])
     order = None
     if per[light]["test_pct"] and per[heavy]["test_pct"]:
         a, b = per[light]["test_pct"], per[heavy]["test_pct"]
-        spread = max(a["range"], b["range"])
-        order = {"light": light, "heavy": heavy, "seeds": min(a["n"], b["n"]), "gap_pp": b["mean"] - a["mean"],
-                 "spread_pp": spread, "margin_pp": b["mean"] - a["mean"] - spread,
+        # accuracies are image counts over the test set: rounded far below one image's share (1e-9 pp), so an exact
+        # tie reads 0, not the float residue of subtracting percentages (-1.4e-14)
+        gap, spread = _pp(b["mean"] - a["mean"]), _pp(max(a["range"], b["range"]))
+        order = {"light": light, "heavy": heavy, "seeds": min(a["n"], b["n"]), "gap_pp": gap,
+                 "spread_pp": spread, "margin_pp": _pp(gap - spread),
                  "intervals_disjoint": None if a["hi"] is None else b["lo"] > a["hi"]}
     return {"per_arch": per, "order": order,
             "rule": "margin = mean test accuracy of the heavier network minus the lighter's, minus the larger of the "
