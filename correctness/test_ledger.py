@@ -4,6 +4,10 @@ their conservative end, best-of-many figures re-measured, figures above a calibr
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,6 +158,33 @@ def test_without_its_git_a_copy_of_the_stated_commit_still_checks_clean(copy_of_
 
     shutil.rmtree(copy_of_a_commit / ".git")
     assert results.stated_tree_problem() is None
+
+
+def test_every_ci_script_parses():
+    ci = results.ROOT / ".ci"
+    scripts = sorted(ci.rglob("*.sh")) + [ci / "run", ci / "setup"]
+    bad = {}
+    for f in scripts:
+        out = subprocess.run(["bash", "-n", str(f)], capture_output=True, text=True, timeout=60)
+        if out.returncode:
+            bad[f.name] = out.stderr.strip()
+    assert len(scripts) > 5 and not bad, bad
+
+
+@pytest.mark.parametrize("tree", ["wrong", "missing"])
+def test_the_device_scripts_stop_before_any_step_unless_the_files_are_the_stated_commit(tree):
+    """.ci/gpu/provenance.sh, which every device script sources first, must end the script (exit 4 on a tree that is
+    not LAB_COMMIT's, an error without LAB_TREE) before anything after it runs."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "LAB_COMMIT": HEAD}
+    env.pop("LAB_TREE", None)
+    if tree == "wrong":
+        env["LAB_TREE"] = "0" * 40
+    out = subprocess.run(["bash", "-c", "source .ci/gpu/provenance.sh; echo reached"], cwd=results.ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert "reached" not in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 4 if tree == "wrong" else out.returncode != 0, out.stderr
+    assert ("not LAB_COMMIT" if tree == "wrong" else "LAB_TREE") in out.stderr
 
 
 @pytest.mark.parametrize("where", ["data", "top"])
