@@ -21,9 +21,8 @@ import time
 
 import impl  # noqa: F401
 from impl import backend
-from impl.common import freshness, report
+from impl.common import freshness, report, results
 from impl.common.ledger import discover_systems
-from impl.common import results
 from impl.common.results import ROOT, gpu_slug
 
 

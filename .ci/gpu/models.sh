@@ -2,7 +2,7 @@
 # Device side, after every piece of `python -m impl.kvstitch.prepare split` is stashed (stash_part.sh): join them
 # into /tmp/lab_assets/kvstitch (smollm2.gguf, gemma3.gguf, text/, wiki.txt) and run the real-model experiments,
 # each with its own log and timeout; results/ and the logs are packed into $OUT after each.
-# Usage there: LAB_COMMIT=<sha> LAB_TREE=<tree> bash .ci/gpu/models.sh "kvstitch fp8 serve loadtest" [seconds per step]
+# Usage there: LAB_COMMIT=<sha> LAB_TREE=<tree> bash .ci/gpu/models.sh "kvstitch fp8 serve loadtest" [seconds/step]
 # (FP8_ARGS: more arguments for the fp8 step, e.g. FP8_ARGS="--policies all first-last top4")
 # (a step kvstitch:SERIES runs one series; any other word W runs correctness/test_W.py; carried wheels in
 # .carry/whlkv, e.g. the transformers this machine was tested with, go first on PYTHONPATH)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device-machine wrapper around `python -m impl gpu`: installs carried wheels (.whl/), runs each system with its
 # own log, and packs results/ and the logs into $OUT after every system, so a call cut off by its time limit still
-# returns what it finished. Usage there: LAB_COMMIT=<sha> LAB_TREE=<tree> bash .ci/gpu/run.sh "sort join" [--quick] [--no-experiments]
+# returns what it finished.
+# Usage there: LAB_COMMIT=<sha> LAB_TREE=<tree> bash .ci/gpu/run.sh "sort join" [--quick] [--no-experiments]
 set -uo pipefail
 source "$(dirname "$0")/provenance.sh"  # exits unless the files here are LAB_COMMIT's
 export PYTHONUNBUFFERED=1 LAB_BACKEND=gpu LAB_HYPOTHESIS_PROFILE=${LAB_HYPOTHESIS_PROFILE:-gpu}

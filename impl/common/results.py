@@ -60,9 +60,9 @@ def results_dir(slug: str | None = None) -> Path:
 
 
 def git_commit(short: bool = True) -> str:
-    """HEAD of this checkout (``+dirty`` if impl/ or benches/ differ); ``LAB_COMMIT`` where there is no .git
-    (the GPU machine receives a copy of the working tree whose .git may stop at an older commit), ``+dirty`` unless
-    the files here are that commit's (``stated_tree_problem``)."""
+    """HEAD of this checkout (``+dirty`` if impl/ or benches/ differ); ``LAB_COMMIT`` where it is set (the GPU
+    machine receives a copy of the working tree whose .git may stop at an older commit), ``+dirty`` unless the files
+    here are that commit's (``stated_tree_problem``)."""
     if os.environ.get("LAB_COMMIT"):
         sha = os.environ["LAB_COMMIT"]
         return (sha[:12] if short else sha) + ("+dirty" if stated_tree_problem() else "")
@@ -76,7 +76,7 @@ def git_commit(short: bool = True) -> str:
     return (sha[:12] if short else sha) + ("+dirty" if dirty else "")
 
 
-RUN_OUTPUTS = ("results",)  # what runs write into the checkout: left out of the tree a run's code is checked by
+RUN_OUTPUTS = ("results",)  # what runs write into the checkout: left out when its files are checked
 
 
 def code_tree(commit: str | None = None) -> str | None:
