@@ -453,6 +453,26 @@ def test_load_data_splits_are_disjoint_and_seeded(tmp_path):
         load_data(tmp_path / "nowhere", "cpu")
 
 
+def test_records_name_a_data_folder_inside_the_repository_relative_to_it(tmp_path, monkeypatch):
+    """No machine's checkout path in a record: a folder inside the repository is named relative to it (and loads
+    from that name whatever the working directory), one outside as given."""
+    from impl.seam import data as seam_data
+    from impl.seam.data import IDX_FILES, load_data, source_of
+
+    inside = tmp_path / "repo" / ".carry" / "seam" / "fm"
+    inside.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("test", 10)):
+        images, labels = IDX_FILES[split]
+        write_idx(rng.integers(0, 256, (n, 4, 4), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8),
+                  inside / images, inside / labels)
+    monkeypatch.setattr(seam_data, "REPO", (tmp_path / "repo").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert source_of(inside) == ".carry/seam/fm" and source_of(tmp_path) == str(tmp_path)
+    got = load_data(".carry/seam/fm", "cpu", val_size=5)
+    assert got.source == ".carry/seam/fm" and len(got.test) == 10
+
+
 def test_load_data_reads_an_image_folder(tmp_path):
     from PIL import Image
 

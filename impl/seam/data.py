@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-CARRY_DIR = Path(__file__).resolve().parents[2] / ".carry" / "seam" / "fashion-mnist"  # git-ignored; travels to the GPU
+REPO = Path(__file__).resolve().parents[2]
+CARRY_DIR = REPO / ".carry" / "seam" / "fashion-mnist"  # git-ignored; travels to the GPU
 IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -181,9 +182,18 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     kind: str                      # "idx" or "folder"
-    source: str
+    source: str                    # the data folder, relative to the repository when inside it (``source_of``)
     gpu_augment: bool = True       # shift + flip on the device (idx); folders augment in their transforms
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def source_of(data_dir: Path) -> str:
+    """How records name a data folder: relative to the repository when inside it (no machine's checkout path),
+    else as given."""
+    try:
+        return Path(data_dir).resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return str(data_dir)
 
 
 def preprocess(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], channels: int | None = None,
@@ -264,7 +274,7 @@ def load_idx(data_dir: Path, device: str, *, val_size: int, seed: int, image_siz
     mean, std = float(pix.mean()), float(pix.std())
     return DataBundle(train=train, val=split(tr_x, tr_y, val_idx, lv), test=split(te_x, te_y, None, le),
                       num_classes=int(max(tr_y.max(), te_y.max())) + 1, channels=1, image_size=size,
-                      mean=(mean,), std=(std,), kind="idx", source=str(data_dir), gpu_augment=True,
+                      mean=(mean,), std=(std,), kind="idx", source=source_of(data_dir), gpu_augment=True,
                       info={"val_size": val_size, "split_seed": seed})
 
 
@@ -298,14 +308,17 @@ def load_folder(data_dir: Path, device: str, *, val_size: int, seed: int, image_
                       val=FolderSplit(val_ds, device, val_idx, workers),
                       test=FolderSplit(test_ds, device, test_idx, workers), num_classes=len(train_ds.classes),
                       channels=3,
-                      image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, kind="folder", source=str(data_dir),
+                      image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, kind="folder", source=source_of(data_dir),
                       gpu_augment=small, info={"val_size": val_size, "split_seed": seed, "classes": train_ds.classes})
 
 
 def load_data(data_dir: str | Path | None = None, device: str = "cpu", *, val_size: int = 10000, seed: int = 0,
               image_size: int | None = None, limits: tuple[int, int, int] | None = None) -> DataBundle:
-    """Load the splits from ``data_dir`` (IDX files or an ImageFolder tree); ``limits`` caps (train, val, test)."""
+    """Load the splits from ``data_dir`` (IDX files or an ImageFolder tree; a relative path that is not a folder here
+    is taken from the repository, as records name it, ``source_of``); ``limits`` caps (train, val, test)."""
     d = Path(data_dir) if data_dir is not None else default_data_dir()
+    if not d.is_absolute() and not d.is_dir() and (REPO / d).is_dir():
+        d = REPO / d
     if (d / IDX_FILES["train"][0]).exists():
         return load_idx(d, device, val_size=val_size, seed=seed, image_size=image_size, limits=limits)
     if (d / "train").is_dir() and (d / "val").is_dir():
