@@ -9,25 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.git import commit, git
 from impl.common import freshness
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed here")
 
 
-def git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(root), "-c", "user.name=lab", "-c", "user.email=lab@example.invalid",
-                           *args], check=True, capture_output=True, text=True).stdout.strip()
-
-
 def write(root: Path, rel: str, text: str) -> None:
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     (root / rel).write_text(text)
-
-
-def commit(root: Path, message: str) -> str:
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", message)
-    return git(root, "rev-parse", "HEAD")
 
 
 def edit(root: Path, rel: str, text: str, message: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fixtures.git import commit, git
 from impl.common import ledger, report, results
 from impl.common.stats import median_interval, paired_bootstrap, quartile_top_rank, ratio_interval, summary_interval
 
@@ -99,13 +101,6 @@ def test_the_stated_commit_vouches_for_itself_where_git_history_stops_earlier(mo
     assert ledger.commit_problem(stated[:12]) is None
 
 
-def _git(repo, *args: str) -> str:
-    import subprocess
-
-    return subprocess.run(["git", "-c", "user.email=lab@example.com", "-c", "user.name=lab", *args], cwd=repo,
-                          check=True, capture_output=True, text=True).stdout.strip()
-
-
 @pytest.fixture
 def copy_of_a_commit(tmp_path, monkeypatch):
     """A one-commit repository standing in for the GPU machine's copy (code, results/, an ignored build folder),
@@ -115,14 +110,13 @@ def copy_of_a_commit(tmp_path, monkeypatch):
     (tmp_path / "results" / "h200").mkdir(parents=True)
     (tmp_path / "results" / "h200" / "r.json").write_text("{}\n")
     (tmp_path / ".gitignore").write_text("/build/\n")
-    _git(tmp_path, "init", "-q")
-    _git(tmp_path, "add", "-A")
-    _git(tmp_path, "commit", "-qm", "c")
+    git(tmp_path, "init", "-q")
     monkeypatch.setattr(results, "ROOT", tmp_path)
-    monkeypatch.setattr(results, "_TREE_PROBLEM", [])
-    monkeypatch.setenv("LAB_COMMIT", _git(tmp_path, "rev-parse", "HEAD"))
+    monkeypatch.setenv("LAB_COMMIT", commit(tmp_path, "c"))
     monkeypatch.setenv("LAB_TREE", results.code_tree("HEAD"))
-    return tmp_path
+    results.stated_tree_problem.cache_clear()
+    yield tmp_path
+    results.stated_tree_problem.cache_clear()
 
 
 def test_a_copy_of_the_stated_commit_is_clean_whatever_its_run_writes(copy_of_a_commit):
@@ -142,8 +136,6 @@ def test_a_copy_that_is_not_the_stated_commit_gives_dirty_records(copy_of_a_comm
     elif change == "add":
         (copy_of_a_commit / "impl" / "new.py").write_text("y = 1\n")
     elif change == "no_git":
-        import shutil
-
         shutil.rmtree(copy_of_a_commit / ".git")
         (copy_of_a_commit / "impl" / "k.py").write_text("x = 3\n")
     else:
@@ -154,8 +146,6 @@ def test_a_copy_that_is_not_the_stated_commit_gives_dirty_records(copy_of_a_comm
 
 
 def test_without_its_git_a_copy_of_the_stated_commit_still_checks_clean(copy_of_a_commit):
-    import shutil
-
     shutil.rmtree(copy_of_a_commit / ".git")
     assert results.stated_tree_problem() is None
 

@@ -466,7 +466,7 @@ def test_records_name_a_data_folder_inside_the_repository_relative_to_it(tmp_pat
         images, labels = IDX_FILES[split]
         write_idx(rng.integers(0, 256, (n, 4, 4), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8),
                   inside / images, inside / labels)
-    monkeypatch.setattr(seam_data, "REPO", (tmp_path / "repo").resolve())
+    monkeypatch.setattr(seam_data, "ROOT", (tmp_path / "repo").resolve())
     monkeypatch.chdir(tmp_path)
     assert source_of(inside) == ".carry/seam/fm" and source_of(tmp_path) == str(tmp_path)
     got = load_data(".carry/seam/fm", "cpu", val_size=5)

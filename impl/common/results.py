@@ -9,6 +9,7 @@ Layout of ``results/<slug>/``:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -102,28 +103,22 @@ def code_tree(commit: str | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
-_TREE_PROBLEM: list[str | None] = []
-
-
+@functools.cache
 def stated_tree_problem() -> str | None:
     """Why the files here may not be ``LAB_COMMIT``'s, or None when they are: ``LAB_TREE`` must be that commit's
     ``code_tree`` (``python -m impl provenance <sha>`` prints both variables) and equal the ``code_tree`` of the files
     on disk. Checked once per process."""
-    if not _TREE_PROBLEM:
-        stated, commit = os.environ.get("LAB_TREE", ""), os.environ.get("LAB_COMMIT", "")
-        here = code_tree() if stated else None
-        if not stated:
-            problem = (f"LAB_COMMIT={commit[:12]} comes without LAB_TREE, so nothing checks that these files are "
-                       "its: run `python -m impl provenance <sha>` where the commit is and pass both")
-        elif here is None:
-            problem = "git cannot hash the files here, so they cannot be checked against LAB_TREE"
-        elif here != stated:
-            problem = (f"the files here (tree {here[:12]}) are not LAB_COMMIT={commit[:12]}'s (tree {stated[:12]}): "
-                       "edited or stale")
-        else:
-            problem = None
-        _TREE_PROBLEM.append(problem)
-    return _TREE_PROBLEM[0]
+    stated, commit = os.environ.get("LAB_TREE", ""), os.environ.get("LAB_COMMIT", "")
+    if not stated:
+        return (f"LAB_COMMIT={commit[:12]} comes without LAB_TREE, so nothing checks that these files are its: run "
+                "`python -m impl provenance <sha>` where the commit is and pass both")
+    here = code_tree()
+    if here is None:
+        return "git cannot hash the files here, so they cannot be checked against LAB_TREE"
+    if here != stated:
+        return (f"the files here (tree {here[:12]}) are not LAB_COMMIT={commit[:12]}'s (tree {stated[:12]}): "
+                "edited or stale")
+    return None
 
 
 _KNOWN_COMMITS: dict[str, bool | None] = {}

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from impl.common.results import ROOT
+
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-REPO = Path(__file__).resolve().parents[2]
-CARRY_DIR = REPO / ".carry" / "seam" / "fashion-mnist"  # git-ignored; travels to the GPU
+CARRY_DIR = ROOT / ".carry" / "seam" / "fashion-mnist"  # git-ignored; travels to the GPU
 IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -191,7 +192,7 @@ def source_of(data_dir: Path) -> str:
     """How records name a data folder: relative to the repository when inside it (no machine's checkout path),
     else as given."""
     try:
-        return Path(data_dir).resolve().relative_to(REPO).as_posix()
+        return Path(data_dir).resolve().relative_to(ROOT).as_posix()
     except ValueError:
         return str(data_dir)
 
@@ -317,8 +318,8 @@ def load_data(data_dir: str | Path | None = None, device: str = "cpu", *, val_si
     """Load the splits from ``data_dir`` (IDX files or an ImageFolder tree; a relative path that is not a folder here
     is taken from the repository, as records name it, ``source_of``); ``limits`` caps (train, val, test)."""
     d = Path(data_dir) if data_dir is not None else default_data_dir()
-    if not d.is_absolute() and not d.is_dir() and (REPO / d).is_dir():
-        d = REPO / d
+    if not d.is_absolute() and not d.is_dir() and (ROOT / d).is_dir():
+        d = ROOT / d
     if (d / IDX_FILES["train"][0]).exists():
         return load_idx(d, device, val_size=val_size, seed=seed, image_size=image_size, limits=limits)
     if (d / "train").is_dir() and (d / "val").is_dir():
