@@ -222,6 +222,32 @@ def test_staged_pipeline_replays_what_it_captured(monkeypatch):
     assert pipe._graphs[False].calls == 2
 
 
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "pageable"])
+def test_round_trip_brings_the_keys_back_unchanged(pinned):
+    """The copies of ``sort_staged`` alone: every region up and back, bit for bit (NaN payloads, -0.0 included);
+    an argsort pipeline (8-byte indices back) is refused."""
+    n = 5000
+    pipe = HostSortPipeline(n, np.float32, config=EMU_CUDA_CONFIG, pipeline=PipelineConfig(chunks=3, pinned=pinned))
+    upload, uploads = pipe._upload, []
+
+    def upload_then_poison(lo, hi, stream):  # the staging buffer is the output too: what comes back must be copied
+        upload(lo, hi, stream)
+        cuda.synchronize()
+        pipe.stage_in[lo:hi] = np.float32(7.0)
+        uploads.append((lo, hi))
+
+    pipe._upload = upload_then_poison
+    for seed in range(2):
+        x = make_array(n, "float32", "nasty", seed=seed)
+        pipe.stage_in[:] = x
+        got = pipe.round_trip_staged()
+        assert np.array_equal(host_bits(got), host_bits(x))
+    assert uploads == pipe.chunk_bounds() * 2
+    assert not pipe.round_trip_graphed  # the simulator launches one by one
+    with pytest.raises(ValueError, match="keys-only"):
+        HostSortPipeline(10, np.float32, argsort=True, config=EMU_CUDA_CONFIG).round_trip_staged()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("staged", [False, True], ids=["default", "staged"])
 @pytest.mark.parametrize("argsort_", [False, True], ids=["keys", "argsort"])
@@ -404,17 +430,18 @@ def test_claim_statements_name_no_card():
 
 
 def test_host_to_host_claim_names_the_transfer_only_ceiling():
-    """numpy's time over the pinned 40 MB H2D + D2H copies (the most any host-to-host sort can reach), from the
-    records; nothing where a record is missing."""
+    """numpy's time over the staged pipeline's copies alone (its round trip in the bench's chunking) where
+    sort/pipeline.json has it, else over the pinned 40 MB H2D + D2H copies; nothing where a record is missing."""
     from impl.sort.claims import N, NUMPY_QUICK, transfer_ceiling
 
     class View:
-        def __init__(self, rows, numpy_s):
-            self.rows, self.numpy_s = rows, numpy_s
+        def __init__(self, rows, numpy_s, trips=None):
+            self.rows, self.numpy_s, self.trips = rows, numpy_s, trips
 
         def result(self, system, name):
-            assert (system, name) == ("sort", "transfers")
-            return None if self.rows is None else {"commit": "abc", "date": "2026-12-03", "data": {"rows": self.rows}}
+            assert system == "sort" and name in ("transfers", "pipeline")
+            rows = self.rows if name == "transfers" else self.trips
+            return None if rows is None else {"commit": "abc", "date": "2026-12-03", "data": {"rows": rows}}
 
         def bench(self, name):
             assert name == NUMPY_QUICK
@@ -427,6 +454,13 @@ def test_host_to_host_claim_names_the_transfer_only_ceiling():
     assert transfer_ceiling(View(None, 0.064), NUMPY_QUICK) == ""
     assert transfer_ceiling(View(rows, None), NUMPY_QUICK) == ""
     assert transfer_ceiling(View(rows[:1], 0.064), NUMPY_QUICK) == ""
+    trips = [{"n": N, "label": f"round_trip_chunks={c}", "round_trip": True, "chunks": c, "ms": ms}
+             for c, ms in ((1, 2.0), (STAGED.chunks, 1.6))]
+    trips.append({"n": N, "label": "staged_chunks=8", "chunks": 5, "ms": 1.0})  # a sort row, not a round trip
+    text = transfer_ceiling(View(rows, 0.064, trips), NUMPY_QUICK)
+    assert "round-trip ceiling" in text and "= 40.0x" in text and "1.600 ms" in text
+    assert "round-trip" not in transfer_ceiling(View(rows, 0.064, trips[::2]), NUMPY_QUICK)  # not the bench's chunks
+    assert transfer_ceiling(View(None, None, trips), NUMPY_QUICK) == ""
 
 
 def test_slowest_pass_claim_names_its_alu_ceiling():

@@ -19,7 +19,8 @@ pass on regions 0..3 and region 0's last two passes stand before the first downl
 ``sort_staged()`` sorts keys already held in the pinned buffer ``stage_in`` into ``stage_out`` (no host copies: the
 figure the host-to-host target is about); on a GPU its second and later calls replay the whole schedule as one CUDA
 graph (one launch instead of one host call per copy, pass and event, each 20-40 µs of host time, which otherwise
-leaves the copy engines waiting for the host). ``pipe(x)`` adds the copies from and to ordinary numpy arrays, region
+leaves the copy engines waiting for the host). ``round_trip_staged()`` makes the same copies with no pass between
+them, every download waiting for the last upload as a sort's must: the floor of ``sort_staged`` on that machine. ``pipe(x)`` adds the copies from and to ordinary numpy arrays, region
 by region, launched one by one so that the host copies overlap the device's work. With ``pinned=False`` the staging
 buffer is ordinary (pageable) memory, copies are synchronous and nothing overlaps: the naive baseline of the
 pinned-vs-pageable comparison. Buffers, streams and graphs are made once per (n, dtype).
@@ -30,6 +31,7 @@ both sorters expose ``launch_pass(i, src, out, descending=, stream=, first_block
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import impl  # noqa: F401  (backend before numba)
@@ -87,6 +89,7 @@ class HostSortPipeline:
         else:
             self.roles = (0, 0, 0)
         self._graphs: dict[bool, StreamGraph] = {}
+        self._trip: StreamGraph | None = None  # round_trip_staged's graph
         self.graph_error: str | None = None  # why sort_staged launches one by one on a GPU, if capture failed
 
     @property
@@ -161,6 +164,11 @@ class HostSortPipeline:
         return sum(j < last for j in launches), sum(last < j < first for j in launches)
 
     @property
+    def round_trip_graphed(self) -> bool:
+        """Whether ``round_trip_staged`` replays a captured graph (after its first call)."""
+        return self._trip is not None
+
+    @property
     def graphed(self) -> bool:
         """Whether ``sort_staged`` replays a captured graph (after its first call) rather than launching one by one."""
         return bool(self._graphs)
@@ -201,8 +209,35 @@ class HostSortPipeline:
             self._capture(descending)
         return self.stage_out[: self.n]
 
+    def round_trip_staged(self) -> np.ndarray:
+        """Copy the n keys of ``stage_in`` to the device and back into ``stage_out``, region by region on the same
+        streams as ``sort_staged`` and replayed as a graph likewise, with no pass in between: every download waits
+        for the last upload, as a sort's must (no key can be written back before all have arrived). Its time is the
+        floor of ``sort_staged``'s on this machine. Keys-only pipelines (an argsort writes 8-byte indices back)."""
+        if self.sorter.out_dtype != self.fmt.dtype:
+            raise ValueError("round_trip_staged copies the keys back: it needs a keys-only pipeline, not an argsort")
+        if not self.n:
+            return self.stage_out[:0]
+        if self._trip is not None:
+            self._trip(self.roles[0])
+            self.roles[0].synchronize()
+            return self.stage_out[: self.n]
+        for event in self._enqueue_round_trip():
+            event.synchronize()
+        if not self.pipeline.pinned:
+            cuda.synchronize()
+        elif self.pipeline.graph and self.graph_error is None and not numba_config.ENABLE_CUDASIM:
+            self._trip = self._capture_work(self._enqueue_round_trip)
+        return self.stage_out[: self.n]
+
     def _capture(self, descending: bool) -> None:
-        """Capture the schedule from the copy-in stream (the other roles forked from it and joined back)."""
+        graph = self._capture_work(lambda: self._enqueue(descending, None))
+        if graph is not None:
+            self._graphs[descending] = graph
+
+    def _capture_work(self, work: Callable[[], object]) -> StreamGraph | None:
+        """``work()`` captured as a graph from the copy-in stream (the other roles forked from it and joined back);
+        None, with ``graph_error`` saying why, where capture fails."""
         origin = self.roles[0]
         others = [s for s in dict.fromkeys(self.roles[1:]) if s is not origin]
 
@@ -210,18 +245,19 @@ class HostSortPipeline:
             fork = _record(origin)
             for s in others:
                 fork.wait(s)
-            self._enqueue(descending, None)
+            work()
             for s in others:
                 _record(s).wait(origin)
 
         cuda.synchronize()
+        graph = None
         try:
-            self._graphs[descending] = StreamGraph(origin, enqueue, relaxed=True,
-                                                   keep=(self.sorter, self.d_src, self.d_out, self.stage_in,
-                                                         self.stage_out))
+            graph = StreamGraph(origin, enqueue, relaxed=True,
+                                keep=(self.sorter, self.d_src, self.d_out, self.stage_in, self.stage_out))
         except Exception as e:  # e.g. a driver without stream capture: stay on the launch-by-launch schedule
             self.graph_error = f"{type(e).__name__}: {e}"
         cuda.synchronize()
+        return graph
 
     def _enqueue(self, descending: bool, x: np.ndarray | None) -> list:
         """Enqueue ``steps()`` on the three role streams; ((lo, hi), download event or None) per region, in the
@@ -248,6 +284,22 @@ class HostSortPipeline:
                 self._download(lo, hi, copy_out)
                 done.append(((lo, hi), _record(copy_out) if pinned else None))  # pageable copies are synchronous
         return done
+
+    def _enqueue_round_trip(self) -> list:
+        """Every region's upload on the copy-in stream, then every region's download (of the uploaded keys) on the
+        copy-out stream after the last upload; the events to wait for (none where copies are synchronous)."""
+        copy_in, _, copy_out = self.roles
+        regions = self.chunk_bounds()
+        for lo, hi in regions:
+            self._upload(lo, hi, copy_in)
+        if not self.pipeline.pinned:
+            for lo, hi in regions:
+                self.d_src[lo:hi].copy_to_host(self.stage_out[lo:hi])
+            return []
+        _record(copy_in).wait(copy_out)
+        for lo, hi in regions:
+            self.d_src[lo:hi].copy_to_host(self.stage_out[lo:hi], stream=copy_out)
+        return [_record(copy_out)]
 
     def _upload(self, lo: int, hi: int, stream) -> None:
         self.d_src[lo:hi].copy_to_device(self.stage_in[lo:hi], stream=stream)

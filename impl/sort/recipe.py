@@ -8,7 +8,8 @@ numba_tune the numba sorter, one knob at a time around its default config (the C
            ``config_table``)
 transfers  host<->device copies from pageable vs pinned memory at 4 / 40 / 400 MB
 pipeline   host-to-host sort: chunks 1/2/4/8 pinned vs naive pageable; staged (pinned buffer, graph) chunks
-           1/2/4/8/16, 4/8 without early merges, 8 with t14e5r5's passes; at 10M (and 100M without --quick)
+           1/2/4/8/16, 4/8 without early merges, 8 with t14e5r5's passes; the staged copies alone (round trip,
+           no pass: the floor of a staged sort) in 1 and 8 chunks; at 10M (and 100M without --quick)
 ncu        Nsight Compute over one 10M float32 sort: DRAM bytes, occupancy, registers, bank conflicts per pass
 """
 from __future__ import annotations
@@ -202,7 +203,24 @@ def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4
                          "reps": staged_reps})
             log(f"pipeline n={n:>11,} {label:26s}: {ms:.3f} ms (graph {pipe.graphed}, {len(pipe.chunk_bounds())} "
                 f"regions, launches before/after the last upload {before}/{after})")
+        rows += [round_trip_row(n, x, c, staged_reps) for c in (1, STAGED.chunks)]
     return {"rows": rows}
+
+
+def round_trip_row(n: int, x: np.ndarray, chunks: int, reps: int) -> dict[str, Any]:
+    """The staged pipeline's copies alone (``round_trip_staged``, regions of ``chunks``): the floor of its sort."""
+    pipe = HostSortPipeline(n, np.float32, pipeline=replace(STAGED, chunks=chunks))
+    pipe.stage_in[:] = x
+    pipe.round_trip_staged()  # captures the graph the timed calls replay
+    ms = time_fn(lambda: pipe.round_trip_staged(), warmup=warmup_for(reps), reps=reps, flush=False,
+                 setup=lambda: pipe.stage_in.__setitem__(slice(None), x)).median_ms
+    if not np.array_equal(pipe.stage_out[:n], x):
+        raise AssertionError(f"round trip of {n} keys in {chunks} chunk(s): the keys came back changed")
+    label = f"round_trip_chunks={chunks}"
+    log(f"pipeline n={n:>11,} {label:26s}: {ms:.3f} ms (copies only: the floor of a staged sort; graph "
+        f"{pipe.round_trip_graphed})")
+    return {"n": n, "label": label, "ms": ms, "chunks": len(pipe.chunk_bounds()), "round_trip": True,
+            "graph": pipe.round_trip_graphed, "graph_error": pipe.graph_error, "reps": reps}
 
 
 def ncu_target(n: int) -> None:
