@@ -191,6 +191,8 @@ CUDA_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.5, 0.9]),
                          linear_wide=st.booleans(), spec_factor=st.sampled_from([1, 8]),
                          items=st.sampled_from([1, 8]), bucket_bytes=st.sampled_from([32, 64]),
                          readback=st.sampled_from(["pinned", "item"]), epoch_bits=st.sampled_from([None, 1]))
+CUDA_CONFIGS = st.one_of(CUDA_CONFIGS, st.builds(HashConfig, scheme=st.just("linear64"), linear_wide=st.booleans(),
+                                                 slices=st.sampled_from([2, 16]), lrows=st.sampled_from([1, 2])))
 
 
 @pytest.mark.skipif(cuda_reason() is not None, reason=str(cuda_reason()))
@@ -264,7 +266,7 @@ def emulate(exe: Path, joins: list[tuple], wide: bool, scheme: int, config: Hash
     text = f"{int(wide)} {scheme} {len(joins)}\n"
     layout, epoch = None, 0
     for (bk, pk, br, pr), cap in zip(joins, capacities):
-        if scheme >= 4:
+        if scheme in (4, 5):
             text += f"{len(bk)} {len(pk)} {partition_bits(len(bk), config.part_rows)} 0 0 0 {cap} {grid}\n"
             text += "\n".join(" ".join(map(str, a.tolist())) for a in (bk, br, pk, pr)) + "\n"
             continue
@@ -312,17 +314,18 @@ def test_cuda_source_under_cpu_emulation_equals_pandas(emulated_cuda_join, table
 
 
 @given(tables=st.lists(join_inputs(max_n=400), min_size=1, max_size=3), grid=st.integers(1, 4),
-       fused=st.booleans(),
+       scheme=st.sampled_from([2, 3, 6]),
        config=st.builds(HashConfig, scheme=st.just("linear64"), load_factor=st.sampled_from([0.25, 0.5, 0.9]),
                         clear=st.sampled_from(["epoch", "memset"]), epoch_bits=st.sampled_from([None, 1, 2])),
        capacity=st.sampled_from(["speculative", "exact", "short"]), wide=st.booleans(), lrows=st.sampled_from([1, 3]))
-def test_linear64_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join, emulated_lrows3, tables, grid, fused,
+def test_linear64_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join, emulated_lrows3, tables, grid, scheme,
                                                           config, capacity, wide, lrows):
     """lbuild + lprobe (linear probing, warp-reserved output ranges) on int32 keys (packed 64-bit slots) or int64
-    keys (16-byte slots: tag CAS, then the key's store), or both in the cooperative lfused kernel, one or 3 rows per
-    thread and step, several joins on one reused table; grids smaller than the rows exercise the grid-stride loops;
-    a short speculative buffer makes the probe run again exact-size, and it must leave its counter and ticket at
-    zero."""
+    keys (16-byte slots: tag CAS, then the key's store), both in the cooperative lfused kernel (scheme 3), or both
+    slice by slice in 4 table slices (scheme 6: only the last slice publishes, each leaves its ticket at zero), one
+    or 3 rows per thread and step, several joins on one reused table; grids smaller than the rows exercise the
+    grid-stride loops; a short speculative buffer makes the probe run again exact-size, and it must leave its
+    counter and ticket at zero."""
     dtype = np.int64 if wide else np.int32
     joins, refs, caps = [], [], []
     for q, (bk, pk, _, _) in enumerate(tables):
@@ -334,10 +337,10 @@ def test_linear64_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join, e
         refs.append(ref)
         caps.append({"speculative": len(pk), "exact": len(ref), "short": len(ref) // 2}[capacity])
     exe = emulated_lrows3 if lrows == 3 else emulated_cuda_join
-    for ref, (total, err, guards, rewrite, got) in zip(refs, emulate(exe, joins, wide, 2 + fused, config, grid, caps)):
+    for ref, (total, err, guards, rewrite, got) in zip(refs, emulate(exe, joins, wide, scheme, config, grid, caps)):
         assert err == 0 and total == len(ref), f"total {total} (want {len(ref)}), device error {err}"
         assert guards == 1, "the linear64 probe wrote past its capacity"
-        assert_close(got, ref, msg=f"linear64 kernels under CPU emulation, grid {grid}, fused {fused}, wide {wide}, "
+        assert_close(got, ref, msg=f"linear64 kernels under CPU emulation, grid {grid}, scheme {scheme}, wide {wide}, "
                                    f"lrows {lrows}")
 
 
@@ -523,16 +526,22 @@ def emulated_launches(tmp_path_factory):
 
 
 @pytest.mark.skipif(cuda_reason() is None, reason="cupy and a GPU are here: the real kernels are tested")
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", [*SCHEMES, "linear64/slices4"])
 def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkeypatch, scheme):
     """hash_cuda.py itself (its launches' argument order and types, grids, workspaces, the pinned-word readback, the
     one-sync join with its exact-size re-run, the phases, the launch and sync counters) on CPU tensors, its CuPy
-    launches routed to the emulated kernels; every result must equal pandas.merge's pairs."""
+    launches routed to the emulated kernels; every result must equal pandas.merge's pairs. ``/slices4``: linear64
+    built and probed in 4 table slices."""
     from impl.join import hash_cuda
+
+    launched = []  # (kernel kind, slice) of each launch; slice -1: every row
 
     def launch(fn, grid, block, args, shared_mem=0, pdl=False):
         words = (ctypes.c_longlong * max(1, len(args)))(*[int(a) for a in args])
         assert emulated_launches(fn.name.encode(), grid, block, int(fn.cooperative), words) == 0, fn.name
+        kind = fn.name.split("_")[1]
+        sliced = {"lbuild": -2, "lprobe": -3}.get(kind)  # slice_shift, slice: the lbuild's last words, before publish
+        launched.append((kind, int(args[sliced + 1]) if sliced and int(args[sliced]) < 32 else -1))
 
     hash_cuda.kernel.cache_clear()
     monkeypatch.setattr(hash_cuda, "_module", lambda options, cooperative: _EmulatedModule(cooperative))
@@ -545,8 +554,10 @@ def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkey
     rng = np.random.default_rng(8)
     try:
         for readback in ("pinned", "item"):
+            name, _, slices = scheme.partition("/slices")
             op = hash_cuda.HashJoinCuda(HashConfig(threads=32, items=4, part_rows=EMULATED_PART_ROWS,
-                                                   part_probe=EMULATED_PART_PROBE, scheme=scheme, readback=readback))
+                                                   part_probe=EMULATED_PART_PROBE, scheme=name, readback=readback,
+                                                   slices=int(slices or 1)))
             for dtype in (np.int32, np.int64):
                 for nb, npr, hi, rows in ((300, 517, 400, None), (1, 1, 3, np.int32), (130, 95, 5, np.int64),
                                           (0, 10, 3, None), (40, 0, 3, np.int32), (200, 300, 4, None)):
@@ -556,11 +567,15 @@ def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkey
                         br, pr = (rng.permutation(nb) * 3 - 7).astype(rows), (rng.permutation(npr) * 5).astype(rows)
                     ref = reference_pairs(bk, pk, br, pr)
                     tensors = [None if a is None else torch.from_numpy(a) for a in (bk, pk, br, pr)]
-                    before = (op.launches, op.syncs)
+                    before, launched[:] = (op.launches, op.syncs), []
                     got = op(*tensors)
                     assert np.array_equal(got.pairs(), ref), f"{scheme}, {nb} x {npr}: {len(got)} pairs"
                     if scheme == "partitioned" and npr:
                         assert (op.launches - before[0], op.syncs - before[1]) == (3 + (len(ref) > npr), 1)
+                    if slices and npr:  # each slice's lbuild (build rows there) and lprobe; the rewrite probes whole
+                        want = [(k, q) for q in range(4) for k in ("lbuild", "lprobe")[nb == 0:]]
+                        assert launched == want + [("lprobe", -1)] * (len(ref) > npr), launched
+                        assert op.syncs - before[1] == 1
                     assert np.array_equal(op(*tensors, timed=True).pairs(), ref), f"{scheme} by phases"
     finally:
         hash_cuda.kernel.cache_clear()
@@ -762,6 +777,11 @@ def test_configs_reject_bad_values():
     for rows in (8, PART_ROWS_MAX + 1):
         with pytest.raises(ValueError, match="part_rows"):
             HashConfig(part_rows=rows)
+    for slices in (0, 3, 512):
+        with pytest.raises(ValueError, match="slices must be a power of two"):
+            HashConfig(slices=slices)
+    with pytest.raises(ValueError, match="needs scheme 'linear64'"):
+        HashConfig(scheme="partitioned", slices=4)
     with pytest.raises(ValueError, match="enc"):
         TCConfig(enc="bf8")
     with pytest.raises(ValueError, match="block_m"):

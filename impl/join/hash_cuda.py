@@ -12,6 +12,7 @@ Per join (``config.scheme``):
             in one pass (blocks reserve their output ranges with one atomic add each): two launches, ``lrows`` rows
             per thread in flight, grid-stride loops;
   linear64-fused  the same in one cooperative launch (lbuild | grid barrier | lprobe), grid = resident blocks;
+  linear64 with ``slices`` > 1  lbuild and lprobe of table slice 0, then of slice 1, ...: 2 * slices launches;
   partitioned  pcount (both sides' partition histograms; the last block scans them into partition starts),
             pscatter (both sides' (key, row id) pairs into their partitions), pjoin (one block per work item: a
             partition's build rows in a shared-memory table, at most ``part_probe`` of its probe rows streamed
@@ -36,8 +37,8 @@ import torch
 from impl import backend
 from impl.common.rawkernel import launch as _launch
 from impl.common.timing import sm_count
-from impl.join.hash_table import (BARRIER_TIMEOUT_NS, ERRORS, PART_BITS_MAX, PART_PAD, Built, HashConfig,
-                                  HashJoinBase, Parts, Probed)
+from impl.join.hash_table import (BARRIER_TIMEOUT_NS, ERRORS, PART_BITS_MAX, PART_PAD, WHOLE_TABLE, Built,
+                                  HashConfig, HashJoinBase, Parts, Probed)
 
 SOURCE = Path(__file__).with_name("hash_join.cu")
 KEY_SUFFIXES = ("i32", "i64")
@@ -141,6 +142,7 @@ class HashJoinCuda(HashJoinBase):
     fused_available = True
     linear_available = True
     partitioned_available = True
+    sliced_available = True
 
     def __init__(self, config: HashConfig = HashConfig()) -> None:
         reason = unavailable_reason()
@@ -186,23 +188,39 @@ class HashJoinCuda(HashJoinBase):
         lay = built.layout
         return (_ptr(built.table), lay.buckets, lay.shift, built.epoch)
 
-    def _launch_build(self, keys: torch.Tensor, built: Built, state: torch.Tensor) -> None:
+    def _launch_build(self, keys: torch.Tensor, built: Built, state: torch.Tensor,
+                      part: tuple[int, int] = WHOLE_TABLE) -> None:
+        """The build kernel; linear64 over the rows of table slice ``part`` = (slice_shift, slice) only."""
         if self._linear(keys.dtype):  # lrows rows per thread, grid-stride beyond MAX_GRID blocks
             grid = min(-(-keys.numel() // (self.config.threads * self.config.lrows)), MAX_GRID)
             _launch(kernel(self.config, "lbuild", keys.dtype, built.row_dtype), grid, self.config.threads,
-                    (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(state), self._host()))
+                    (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(state), self._host(), *part))
             return
         grid = min(-(-keys.numel() // self.config.tile), MAX_GRID)
         _launch(kernel(self.config, "build", keys.dtype, built.row_dtype), grid, self.config.threads,
                 (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(state), self._host()))
 
     def _launch_probe(self, keys: torch.Tensor, built: Built, rows: torch.Tensor | None, out_b: torch.Tensor | None,
-                      out_p: torch.Tensor | None, capacity: int, state: torch.Tensor) -> None:
+                      out_p: torch.Tensor | None, capacity: int, state: torch.Tensor,
+                      part: tuple[int, int] = WHOLE_TABLE, publish: bool = True) -> None:
+        """lprobe over the rows of table slice ``part``; ``publish``: the last block publishes the total (else the
+        pair counter goes on into the next slice's launch)."""
         grid = min(-(-keys.numel() // (self.config.threads * self.config.lrows)), MAX_GRID)
         rdt = out_b.dtype if out_b is not None else built.row_dtype
         _launch(kernel(self.config, "lprobe", keys.dtype, rdt), grid, self.config.threads,
                 (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(built.rows), _ptr(rows), _ptr(out_b),
-                 _ptr(out_p), capacity, _ptr(state), self._host()))
+                 _ptr(out_p), capacity, _ptr(state), self._host(), *part, int(publish)))
+
+    def _launch_slices(self, bkeys: torch.Tensor, built: Built, keys: torch.Tensor, rows: torch.Tensor | None,
+                       out_b: torch.Tensor | None, out_p: torch.Tensor | None, capacity: int,
+                       state: torch.Tensor) -> int:
+        slices = self.config.slices
+        shift = 32 - (slices.bit_length() - 1)
+        for q in range(slices):
+            if bkeys.numel():
+                self._launch_build(bkeys, built, state, (shift, q))
+            self._launch_probe(keys, built, rows, out_b, out_p, capacity, state, (shift, q), publish=q == slices - 1)
+        return slices * (1 + (bkeys.numel() > 0))
 
     def _launch_linear_fused(self, bkeys: torch.Tensor, built: Built, keys: torch.Tensor, rows: torch.Tensor | None,
                              out_b: torch.Tensor, out_p: torch.Tensor, capacity: int, state: torch.Tensor) -> None:

@@ -587,6 +587,12 @@ __device__ void fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, l
 //           popc when no lane has more than one match, a shuffle scan otherwise; warps in order) and writes them at
 //           once (pairs at offsets >= capacity are dropped; capacity 0 = count only); the last block to finish
 //           publishes the total (state[0], host[0]) and resets the counter.
+//   slices: either kernel may take only the rows of one table slice (HashConfig.slices = 2^(32 - slice_shift)): the
+//           rows whose hash h has h >> slice_shift == slice, whose first buckets (h * B >> 32, monotone in h) fill
+//           the slice-th 1/slices of the table. The host runs lbuild and lprobe slice by slice, so each pair of
+//           launches works on one slice that stays in L2 while the keys stream past it (loaded evict-first); lprobe
+//           publishes the total only on the last slice (the counter goes on across slices, the ticket is reset by
+//           each). slice_shift 32 takes every row.
 // Pair order in the output is not deterministic (blocks reserve their ranges in arrival order).
 
 #define FULL_MASK 0xffffffffu
@@ -594,6 +600,21 @@ __device__ void fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, l
 #define LIN_TICKET 6   // state[6]: blocks finished
 
 __device__ __forceinline__ u64 pack_slot(int key, unsigned tag) { return (u64)(unsigned)key | ((u64)tag << 32); }
+
+// Whether a row of hash h belongs to the slice (slice_shift 32: every row does).
+__device__ __forceinline__ bool in_slice(unsigned h, long long slice_shift, long long slice) {
+    return ((u64)h >> slice_shift) == (u64)slice;
+}
+
+// Row i's key: a sliced launch streams every key past its slice of the table, so it loads them evict-first.
+template <typename K>
+__device__ __forceinline__ K load_key(const K* keys, long long i, long long slice_shift) {
+#ifdef JOIN_EMULATED
+    return keys[i];
+#else
+    return slice_shift < 32 ? __ldcs(keys + i) : keys[i];
+#endif
+}
 __device__ __forceinline__ long long linear_next(long long b, long long nb) { return b + 1 == nb ? 0 : b + 1; }
 
 // Claim slot s of the loaded bucket bk (bucket b) for (key, tag) if it is empty: true once claimed; false when it
@@ -676,12 +697,16 @@ __device__ __forceinline__ void claimed(Slot<long long>* table, long long b, int
 // was full walks its sequence again (linear_insert).
 template <typename K>
 __device__ void linear_build_kernel(const K* __restrict__ keys, long long n, Slot<K>* table, long long nb,
-                                    long long shift, long long epoch, long long* state, long long* host) {
+                                    long long shift, long long epoch, long long* state, long long* host,
+                                    long long slice_shift, long long slice) {
     const unsigned sh = (unsigned)shift, ep = (unsigned)epoch;
     const long long stride = (long long)gridDim.x * LSTEP;
     if (JOIN_LROWS == 1) {  // one row per step: the CAS loop straight away (fewer registers)
-        for (long long i = (long long)blockIdx.x * JOIN_THREADS + threadIdx.x; i < n; i += stride)
-            if (!linear_insert(keys[i], i, table, nb, sh, ep)) set_error(state, host, ERR_TABLE_FULL);
+        for (long long i = (long long)blockIdx.x * JOIN_THREADS + threadIdx.x; i < n; i += stride) {
+            const K key = load_key(keys, i, slice_shift);
+            if (in_slice(mix32(fold(key)), slice_shift, slice) && !linear_insert(key, i, table, nb, sh, ep))
+                set_error(state, host, ERR_TABLE_FULL);
+        }
         return;
     }
     for (long long base = (long long)blockIdx.x * LSTEP; base < n; base += stride) {
@@ -689,21 +714,24 @@ __device__ void linear_build_kernel(const K* __restrict__ keys, long long n, Slo
         long long b[JOIN_LROWS];
         Bucket<K> bk[JOIN_LROWS];
         int s[JOIN_LROWS];
+        bool live[JOIN_LROWS];  // a row of this launch: below n and in its slice
         u64 expected[JOIN_LROWS], old[JOIN_LROWS];
 #pragma unroll
         for (int r = 0; r < JOIN_LROWS; ++r) {
             const long long i = base + r * JOIN_THREADS + threadIdx.x;
-            key[r] = i < n ? keys[i] : (K)0;
+            key[r] = i < n ? load_key(keys, i, slice_shift) : (K)0;
         }
 #pragma unroll
         for (int r = 0; r < JOIN_LROWS; ++r) {
-            b[r] = first_bucket(mix32(fold(key[r])), nb);
-            if (base + r * JOIN_THREADS + threadIdx.x < n) bk[r] = load_bucket(table, b[r]);
+            const unsigned h = mix32(fold(key[r]));
+            b[r] = first_bucket(h, nb);
+            live[r] = base + r * JOIN_THREADS + threadIdx.x < n && in_slice(h, slice_shift, slice);
+            if (live[r]) bk[r] = load_bucket(table, b[r]);
         }
 #pragma unroll
         for (int r = 0; r < JOIN_LROWS; ++r) {
             const long long i = base + r * JOIN_THREADS + threadIdx.x;
-            s[r] = i < n ? first_free(bk[r], sh, ep) : Bucket<K>::SLOTS;
+            s[r] = live[r] ? first_free(bk[r], sh, ep) : Bucket<K>::SLOTS;
             if (s[r] < Bucket<K>::SLOTS) {
                 expected[r] = cas_expected(bk[r], s[r]);
                 old[r] = cas_issue(table, b[r], s[r], expected[r], key[r], (ep << sh) | (unsigned)i);
@@ -712,7 +740,7 @@ __device__ void linear_build_kernel(const K* __restrict__ keys, long long n, Slo
 #pragma unroll
         for (int r = 0; r < JOIN_LROWS; ++r) {
             const long long i = base + r * JOIN_THREADS + threadIdx.x;
-            if (i >= n) continue;
+            if (!live[r]) continue;
             if (s[r] < Bucket<K>::SLOTS && old[r] == expected[r]) {
                 claimed(table, b[r], s[r], key[r]);
             } else if (!linear_insert(key[r], i, table, nb, sh, ep)) {
@@ -829,7 +857,8 @@ template <typename K, typename R, bool RO>
 __device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, const Slot<K>* table, long long nb,
                                     long long shift, long long epoch, const R* __restrict__ brows,
                                     const R* __restrict__ prows, R* __restrict__ out_b, R* __restrict__ out_p,
-                                    long long capacity, long long* state, long long* host) {
+                                    long long capacity, long long* state, long long* host, long long slice_shift,
+                                    long long slice, bool publish) {
     const unsigned sh = (unsigned)shift, ep = (unsigned)epoch;
     const int lane = threadIdx.x & 31;
     const long long stride = (long long)gridDim.x * LSTEP;
@@ -840,28 +869,29 @@ __device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, co
         Bucket<K> bk[JOIN_LROWS];
         long long cnt[JOIN_LROWS], excl[JOIN_LROWS];
         int first[JOIN_LROWS];
+        bool live[JOIN_LROWS];  // a row of this launch: below n and in its slice
 #pragma unroll
         for (int r = 0; r < JOIN_LROWS; ++r) {
             const long long j = base + r * JOIN_THREADS + threadIdx.x;
-            k[r] = j < n ? pkeys[j] : (K)0;
+            k[r] = j < n ? load_key(pkeys, j, slice_shift) : (K)0;
+            live[r] = j < n && in_slice(mix32(fold(k[r])), slice_shift, slice);
         }
         if (JOIN_LROWS > 1) {
 #pragma unroll
             for (int r = 0; r < JOIN_LROWS; ++r)
-                if (base + r * JOIN_THREADS + threadIdx.x < n)
-                    bk[r] = linear_load<K, RO>(table, first_bucket(mix32(fold(k[r])), nb));
+                if (live[r]) bk[r] = linear_load<K, RO>(table, first_bucket(mix32(fold(k[r])), nb));
         }
         long long wsum = 0;  // pairs of the warp's rows 0..r-1
 #pragma unroll
         for (int r = 0; r < JOIN_LROWS; ++r) {
-            const long long j = base + r * JOIN_THREADS + threadIdx.x, b0 = first_bucket(mix32(fold(k[r])), nb);
+            const long long b0 = first_bucket(mix32(fold(k[r])), nb);
             cnt[r] = 0;
             first[r] = HEAD_NONE;
-            if (j < n && JOIN_LROWS == 1)  // one row: walk straight from the first bucket (fewer registers)
+            if (live[r] && JOIN_LROWS == 1)  // one row: walk straight from the first bucket (fewer registers)
                 linear_walk_from<K, R, RO>(b0, k[r], table, nb, sh, ep, cnt[r], &first[r], false, 0, (R)0, brows,
                                            out_b, out_p, 0);
-            else if (j < n && linear_scan<K, R>(bk[r], k[r], sh, ep, cnt[r], &first[r], false, 0, (R)0, brows,
-                                                out_b, out_p, 0))
+            else if (live[r] && linear_scan<K, R>(bk[r], k[r], sh, ep, cnt[r], &first[r], false, 0, (R)0, brows,
+                                                  out_b, out_p, 0))
                 linear_walk_from<K, R, RO>(linear_next(b0, nb), k[r], table, nb, sh, ep, cnt[r], &first[r], false, 0,
                                            (R)0, brows, out_b, out_p, 0);
             excl[r] = warp_offset(cnt[r], lane, &wsum);
@@ -883,7 +913,10 @@ __device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, co
             }
         }
     }
-    publish_total(counter, state, host);
+    if (publish)
+        publish_total(counter, state, host);
+    else
+        last_block(&state[LIN_TICKET]);  // the ticket back to zero; the counter goes on into the next slice
 }
 
 // linear64 in one cooperative launch (grid = resident blocks): lbuild | grid barrier | lprobe. bar_base as for
@@ -893,12 +926,12 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
                                     long long nb, long long shift, long long epoch, const R* brows, const R* prows,
                                     R* out_b, R* out_p, long long capacity, long long* state, long long* host,
                                     long long bar_base, long long timeout_ns) {
-    linear_build_kernel<K>(bkeys, nbuild, table, nb, shift, epoch, state, host);
+    linear_build_kernel<K>(bkeys, nbuild, table, nb, shift, epoch, state, host, 32, 0);
     u64* bar = (u64*)&state[2];
     const u64 target = (u64)bar_base + gridDim.x;
     if (arrive_barrier(bar, target, timeout_ns, state, host)) release_barrier(bar, target);
     linear_probe_kernel<K, R, false>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity, state,
-                                     host);
+                                     host, 32, 0, true);
 }
 
 // ---- partitioned: radix partitions small enough for a shared-memory table (pcount, pscatter, pjoin) -----------------
@@ -1249,17 +1282,19 @@ __device__ void part_join_kernel(const int* starts, long long pbits, const K* __
 #define JOIN_LINEAR_BUILD(K, SUF)                                                                                 \
     extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
         join_lbuild_##SUF(const K* keys, long long n, Slot<K>* table, long long nb, long long shift,            \
-                          long long epoch, long long* state, long long* host) {                                  \
-        linear_build_kernel<K>(keys, n, table, nb, shift, epoch, state, host);                                  \
+                          long long epoch, long long* state, long long* host, long long slice_shift,             \
+                          long long slice) {                                                                     \
+        linear_build_kernel<K>(keys, n, table, nb, shift, epoch, state, host, slice_shift, slice);              \
     }
 
 #define JOIN_LINEAR_PROBE(K, R, SUF)                                                                              \
     extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
         join_lprobe_##SUF(const K* pkeys, long long n, const Slot<K>* table, long long nb, long long shift,     \
                           long long epoch, const R* brows, const R* prows, R* out_b, R* out_p, long long capacity, \
-                          long long* state, long long* host) {                                                   \
+                          long long* state, long long* host, long long slice_shift, long long slice,             \
+                          long long publish) {                                                                   \
         linear_probe_kernel<K, R, true>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity, \
-                                        state, host);                                                            \
+                                        state, host, slice_shift, slice, publish != 0);                          \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
         join_lfused_##SUF(const K* bkeys, long long nbuild, const K* pkeys, long long n, Slot<K>* table,         \

@@ -10,7 +10,8 @@
 //
 // Input (text, stdin): "wide scheme joins" (scheme 0 = build/count/write kernels, 1 = the fused kernel, 2 = the
 // linear64 lbuild/lprobe kernels, 3 = linear64's lfused kernel, 4 = the partitioned pcount/pscatter/pjoin kernels,
-// 5 = scheme 4 with a planted bug for the tests to catch: the last partition's probe rows are hidden from pjoin;
+// 5 = scheme 4 with a planted bug for the tests to catch: the last partition's probe rows are hidden from pjoin,
+// 6 = scheme 2 in 4 table slices;
 // wide = int64 keys), then per join a line "nbuild nprobe buckets shift epoch clear capacity grid" (schemes 4-5:
 // buckets = the partition bits, shift/epoch/clear unused) and the build keys, build rows, probe keys, probe rows.
 // Output per join: "total error guards_intact rewritten", then one "build_row probe_row" line per pair.
@@ -238,18 +239,20 @@ int finish_join(long long total, long long capacity, std::vector<T>& ob, std::ve
 
 template <typename K>
 struct LinearKernels {
-    void (*build)(const K*, long long, Slot<K>*, long long, long long, long long, long long*, long long*);
+    void (*build)(const K*, long long, Slot<K>*, long long, long long, long long, long long*, long long*, long long,
+                  long long);
     void (*probe)(const K*, long long, const Slot<K>*, long long, long long, long long, const K*, const K*, K*, K*,
-                  long long, long long*, long long*);
+                  long long, long long*, long long*, long long, long long, long long);
     void (*fused)(const K*, long long, const K*, long long, Slot<K>*, long long, long long, long long, const K*,
                   const K*, K*, K*, long long, long long*, long long*, long long, long long);
 };
 
 // scheme 2 (linear64; int32 keys, or int64 keys in 16-byte slots when wide): lbuild + lprobe over `grid` blocks
 // (grid-stride loops), speculative capacity, the lprobe again exact-size when the total exceeds it; scheme 3: the
-// first two in one cooperative lfused launch.
+// first two in one cooperative lfused launch; scheme 6: lbuild + lprobe slice by slice (`slices` table slices, the
+// total published by the last slice's lprobe), the exact-size rewrite one lprobe over the whole table.
 template <typename K>
-int run_linear(int joins, bool fused, LinearKernels<K> k) {
+int run_linear(int joins, bool fused, LinearKernels<K> k, int slices = 1) {
     using S = Slot<K>;
     const unsigned threads = JOIN_THREADS;
     std::vector<S> table;
@@ -263,15 +266,26 @@ int run_linear(int joins, bool fused, LinearKernels<K> k) {
         const K guard = (K)0x5A5A5A5A;
         std::vector<K> ob(capacity + 16, guard), op(capacity + 16, guard);
         state[0] = 0;
-        if (nbuild && !(fused && n))
+        const long long slice_shift = 32 - __builtin_ctz((unsigned)slices);
+        auto build = [&](long long slice) {
             launch(k.build, (unsigned)std::min(grid, (nbuild + threads - 1) / threads), threads, false,
-                   (const K*)bk.data(), nbuild, table.data(), nb, shift, epoch, state.data(), host);
-        const unsigned pgrid = (unsigned)std::max(1LL, std::min(grid, (n + threads - 1) / threads));
-        auto probe = [&](long long cap) {
-            launch(k.probe, pgrid, threads, false, (const K*)pk.data(), n, (const S*)table.data(), nb, shift, epoch,
-                   (const K*)br.data(), (const K*)pr.data(), ob.data(), op.data(), cap, state.data(), host);
+                   (const K*)bk.data(), nbuild, table.data(), nb, shift, epoch, state.data(), host, slice_shift, slice);
         };
-        if (n && fused) {  // the whole grid at once (cooperative): its grid barrier needs every block resident
+        if (nbuild && !(fused && n) && slices == 1) build(0);
+        const unsigned pgrid = (unsigned)std::max(1LL, std::min(grid, (n + threads - 1) / threads));
+        auto probe_slice = [&](long long cap, long long sshift, long long slice, long long publish) {
+            launch(k.probe, pgrid, threads, false, (const K*)pk.data(), n, (const S*)table.data(), nb, shift, epoch,
+                   (const K*)br.data(), (const K*)pr.data(), ob.data(), op.data(), cap, state.data(), host, sshift,
+                   slice, publish);
+        };
+        auto probe = [&](long long cap) { probe_slice(cap, 32, 0, 1); };
+        if (n && slices > 1) {
+            for (int q = 0; q < slices; ++q) {
+                if (nbuild) build(q);
+                probe_slice(capacity, slice_shift, q, q == slices - 1);
+                if (q < slices - 1 && state[6] != 0) return 7;  // each slice's lprobe leaves its ticket at zero
+            }
+        } else if (n && fused) {  // the whole grid at once (cooperative): its grid barrier needs every block resident
             launch(k.fused, (unsigned)grid, threads, true, (const K*)bk.data(), nbuild, (const K*)pk.data(), n,
                    table.data(), nb, shift, epoch, (const K*)br.data(), (const K*)pr.data(), ob.data(), op.data(),
                    capacity, state.data(), host, bar_base, 2000000000LL);
@@ -467,15 +481,18 @@ extern "C" int emu_launch(const char* name, unsigned grid, unsigned block, int c
 int main() {
     int wide, scheme, joins;
     if (std::scanf("%d %d %d", &wide, &scheme, &joins) != 3) return 2;
-    if (scheme >= 4 && wide)
+    if ((scheme == 4 || scheme == 5) && wide)
         return run_partitioned<long long>(joins, scheme == 5,
                                           {join_pcount_i64, join_pscatter_i64_r64, join_pjoin_i64_r64});
-    if (scheme >= 4)
+    if (scheme == 4 || scheme == 5)
         return run_partitioned<int>(joins, scheme == 5, {join_pcount_i32, join_pscatter_i32_r32, join_pjoin_i32_r32});
+    const int slices = scheme == 6 ? 4 : 1;
     if (scheme >= 2 && wide)
-        return run_linear<long long>(joins, scheme == 3, {join_lbuild_i64, join_lprobe_i64_r64, join_lfused_i64_r64});
+        return run_linear<long long>(joins, scheme == 3, {join_lbuild_i64, join_lprobe_i64_r64, join_lfused_i64_r64},
+                                     slices);
     if (scheme >= 2)
-        return run_linear<int>(joins, scheme == 3, {join_lbuild_i32, join_lprobe_i32_r32, join_lfused_i32_r32});
+        return run_linear<int>(joins, scheme == 3, {join_lbuild_i32, join_lprobe_i32_r32, join_lfused_i32_r32},
+                               slices);
     if (wide)
         return run<long long>(scheme, joins, {join_build_i64, join_count_i64, join_write_i64_r64, join_fused_i64_r64});
     return run<int>(scheme, joins, {join_build_i32, join_count_i32, join_write_i32_r32, join_fused_i32_r32});

@@ -15,7 +15,11 @@ the output is checked to fit in memory. The fused scheme does build/count/write 
 The linear64 scheme (int32 keys, and int64 keys with ``linear_wide``; backends with ``linear_available``) keeps
 the same table memory and epochs but probes linearly (a bucket's slots, then the next bucket) and needs no heads or
 counts: its probe kernel counts and writes in one pass, so a join is build + probe (+ the probe again, exact-size,
-when the output overflows the speculative buffer); its probe phase counts only.
+when the output overflows the speculative buffer); its probe phase counts only. With ``slices`` > 1 (backends with
+``sliced_available``) it builds and probes the table one slice at a time: lbuild and lprobe of the keys whose hash
+falls in slice 0, then slice 1, ...; a key's first bucket grows with its hash, so each pair of launches works in one
+1/slices of the table, which stays in L2 while every key streams past it. Its build phase then only records the
+build side and its probe phase builds and counts slice by slice; the exact-size rewrite probes the whole table.
 The partitioned scheme (backends with ``partitioned_available``; the others run linear64 instead) needs no table:
 pcount, pscatter and pjoin (``hash_join.cu``) cut both sides into ``P = 2**partition_bits(n_build, part_rows)``
 partitions by the high bits of the key hash (about ``part_rows`` build rows each) and join each partition in a
@@ -44,6 +48,8 @@ CLEARS = ("epoch", "memset")
 READBACKS = ("pinned", "item")
 BARRIER_TIMEOUT_NS = 2_000_000_000
 ERRORS = {1: "a grid barrier timed out (blocks were not all resident)", 2: "the hash table had no free slot"}
+WHOLE_TABLE = (32, 0)    # (slice_shift, slice) of a linear64 launch over every row: h >> 32 == 0 for a 32-bit hash
+SLICES_MAX = 256
 PART_BITS_MAX = 13       # hash_join.cu's JOIN_PART_BITS_MAX: at most 2**13 partitions (a 32 KiB shared histogram)
 PART_PAD = 32            # hash_join.cu's JOIN_PART_PAD: ints from one partition's write cursor to the next
 PART_ROWS_MIN = 16
@@ -104,6 +110,8 @@ class HashConfig:
                               # power of two that gets there); pjoin's shared table holds part_capacity(part_rows)
     part_probe: int = 8192    # partitioned: probe rows per pjoin work item at most (a partition that a hot probe key
                               # fills is shared by several blocks)
+    slices: int = 1           # linear64: build and probe in this many table slices, one after another (a power of
+                              # two; 1: the whole table at once)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.load_factor <= 0.9:
@@ -127,6 +135,10 @@ class HashConfig:
             raise ValueError(f"epoch_bits must be in [1, 31], got {self.epoch_bits}")
         if self.part_probe < 1:
             raise ValueError(f"part_probe (probe rows per pjoin work item) must be >= 1, got {self.part_probe}")
+        if self.slices < 1 or self.slices > SLICES_MAX or self.slices & (self.slices - 1):
+            raise ValueError(f"slices must be a power of two in [1, {SLICES_MAX}], got {self.slices}")
+        if self.slices > 1 and self.scheme != "linear64":
+            raise ValueError(f"slices > 1 slices the linear64 table: it needs scheme 'linear64', got {self.scheme!r}")
         if not PART_ROWS_MIN <= self.part_rows <= PART_ROWS_MAX:
             raise ValueError(f"part_rows must be in [{PART_ROWS_MIN}, {PART_ROWS_MAX}] (pjoin's shared table for "
                              f"int64 keys must fit {SHARED_BYTES} bytes), got {self.part_rows}")
@@ -237,6 +249,7 @@ class Built:
     row_dtype: torch.dtype
     n: int
     stamp: int           # which build of the operator made it (a later build makes it stale)
+    pending: torch.Tensor | None = None  # sliced linear64: the build keys, inserted slice by slice by the probe
 
 
 @dataclass
@@ -271,6 +284,7 @@ class HashJoinBase:
     fused_available = False
     linear_available = False  # the backend has the linear64 kernels (lbuild, lprobe)
     partitioned_available = False  # the backend has the partitioned kernels (pcount, pscatter, pjoin)
+    sliced_available = False  # the backend's linear64 kernels take one table slice a launch
 
     def __init__(self, config: HashConfig = HashConfig()) -> None:
         self.config = config
@@ -306,6 +320,13 @@ class HashJoinBase:
         """linear64-fused: build and probe (counting and writing) in one launch."""
         raise NotImplementedError
 
+    def _launch_slices(self, bkeys: torch.Tensor, built: Built, keys: torch.Tensor, rows: torch.Tensor | None,
+                       out_b: torch.Tensor | None, out_p: torch.Tensor | None, capacity: int,
+                       state: torch.Tensor) -> int:
+        """Sliced linear64: lbuild and lprobe (counting, and writing pairs at offsets < capacity) of each table slice
+        in turn, the total published by the last; returns the launches."""
+        raise NotImplementedError
+
     def _launch_partition(self, parts: Parts, keys: torch.Tensor, rows: torch.Tensor | None,
                           state: torch.Tensor) -> None:
         """partitioned: pcount and pscatter of both sides into the workspace's partitioned buffers
@@ -329,6 +350,12 @@ class HashJoinBase:
             scheme = "linear64"
         wide_ok = key_dtype == torch.int32 or (key_dtype == torch.int64 and self.config.linear_wide)
         return scheme.startswith("linear64") and self.linear_available and wide_ok
+
+    def _sliced(self, key_dtype: torch.dtype) -> bool:
+        """Whether joins on these keys build and probe the linear64 table slice by slice (``slices`` > 1 on a
+        backend that has the sliced kernels; the others run linear64 on the whole table)."""
+        return (self.config.slices > 1 and self.sliced_available and self.config.scheme == "linear64"
+                and self._linear(key_dtype))
 
     def _check_device(self, t: torch.Tensor) -> None:
         """Refuse tensors the backend cannot read (the CUDA join needs CUDA tensors)."""
@@ -390,7 +417,9 @@ class HashJoinBase:
         if self._partitioned():
             return self._new_parts(keys, rows)
         built = self._new_built(keys, rows)
-        if keys.numel():
+        if self._sliced(keys.dtype):
+            built.pending = keys  # inserted slice by slice, each slice just before its probe
+        elif keys.numel():
             self._launch_build(keys, built, self._state(keys.device))
             self.launches += 1
         return built
@@ -451,8 +480,13 @@ class HashJoinBase:
         return probed
 
     def _linear_probe(self, built: Built, keys: torch.Tensor, rows: torch.Tensor | None) -> Probed:
-        """linear64's probe phase: the probe kernel counting only."""
+        """linear64's probe phase: the probe kernel counting only (sliced: each slice's build, then its probe
+        counting; the table is whole afterwards)."""
         def launch(state: torch.Tensor) -> int:
+            if built.pending is not None:
+                launched = self._launch_slices(built.pending, built, keys, rows, None, None, 0, state)
+                built.pending = None
+                return launched
             self._launch_probe(keys, built, rows, None, None, 0, state)
             return 1
 
@@ -504,14 +538,18 @@ class HashJoinBase:
             def rewrite(out_b: torch.Tensor, out_p: torch.Tensor, capacity: int) -> None:
                 self._launch_part_join(parts, out_b, out_p, capacity, state)
         elif self._linear(pk.dtype):  # the probe kernel writes the pairs: it is also the exact-size rewrite
+            launched = 1
             if self.config.scheme == "linear64-fused" and self.fused_available:
                 built = self._new_built(bk, br)
                 self._launch_linear_fused(bk, built, pk, pr, ob, op, cap, state)
+            elif self._sliced(pk.dtype):  # the rewrite below probes the whole table, built by then
+                built = self._new_built(bk, br)
+                launched = self._launch_slices(bk, built, pk, pr, ob, op, cap, state)
             else:
                 built = self.build(bk, br)
                 self._launch_probe(pk, built, pr, ob, op, cap, state)
             mark = self._mark()
-            self.launches += 1
+            self.launches += launched
 
             def rewrite(out_b: torch.Tensor, out_p: torch.Tensor, capacity: int) -> None:
                 self._launch_probe(pk, built, pr, out_b, out_p, capacity, state)
