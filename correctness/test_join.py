@@ -581,6 +581,22 @@ def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkey
         hash_cuda.kernel.cache_clear()
 
 
+def test_sliced_join_slices_only_tables_whose_slices_fit_in_l2():
+    """slices > 1 slices a linear64 table only where 1/slices of it fits in L2 (there it can stay while the keys
+    stream past); a larger table, another scheme's keys or a backend without the sliced kernels run it whole."""
+    from impl.join.hash_table import HashJoinBase, plan_layout
+
+    class Sliced(HashJoinBase):
+        linear_available = sliced_available = True
+
+    op = Sliced(HashConfig(slices=16))
+    small, big = (plan_layout(op.config, n, torch.int64) for n in (1_000_000, 100_000_000))  # 32 MB, 3.2 GB
+    assert op.slice_count(small, torch.int64) == 16 and op.slice_count(big, torch.int64) == 1
+    assert Sliced(HashConfig()).slice_count(small, torch.int64) == 1
+    assert Sliced(HashConfig(slices=16, linear_wide=False)).slice_count(small, torch.int64) == 1
+    assert HashJoinNumba(HashConfig(slices=16)).slice_count(small, torch.int32) == 1
+
+
 def test_wait_for_total_returns_on_the_published_total_or_the_finished_event():
     """The readback spins on the pinned total; a launch that never publishes ends the wait through its event, which
     is only queried every check_every polls."""

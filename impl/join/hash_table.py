@@ -18,8 +18,9 @@ counts: its probe kernel counts and writes in one pass, so a join is build + pro
 when the output overflows the speculative buffer); its probe phase counts only. With ``slices`` > 1 (backends with
 ``sliced_available``) it builds and probes the table one slice at a time: lbuild and lprobe of the keys whose hash
 falls in slice 0, then slice 1, ...; a key's first bucket grows with its hash, so each pair of launches works in one
-1/slices of the table, which stays in L2 while every key streams past it. Its build phase then only records the
-build side and its probe phase builds and counts slice by slice; the exact-size rewrite probes the whole table.
+1/slices of the table, which stays in L2 while every key streams past it. A table whose slices would not fit in L2
+(``slice_count``) runs whole. A sliced build phase only records the build side and its probe phase builds and counts
+slice by slice; the exact-size rewrite probes the whole table.
 The partitioned scheme (backends with ``partitioned_available``; the others run linear64 instead) needs no table:
 pcount, pscatter and pjoin (``hash_join.cu``) cut both sides into ``P = 2**partition_bits(n_build, part_rows)``
 partitions by the high bits of the key hash (about ``part_rows`` build rows each) and join each partition in a
@@ -50,6 +51,7 @@ BARRIER_TIMEOUT_NS = 2_000_000_000
 ERRORS = {1: "a grid barrier timed out (blocks were not all resident)", 2: "the hash table had no free slot"}
 WHOLE_TABLE = (32, 0)    # (slice_shift, slice) of a linear64 launch over every row: h >> 32 == 0 for a 32-bit hash
 SLICES_MAX = 256
+L2_OFF_GPU = 50 << 20    # off a GPU (the CPU emulation): an H100's L2, the smaller of the cards this project measures
 PART_BITS_MAX = 13       # hash_join.cu's JOIN_PART_BITS_MAX: at most 2**13 partitions (a 32 KiB shared histogram)
 PART_PAD = 32            # hash_join.cu's JOIN_PART_PAD: ints from one partition's write cursor to the next
 PART_ROWS_MIN = 16
@@ -250,6 +252,7 @@ class Built:
     n: int
     stamp: int           # which build of the operator made it (a later build makes it stale)
     pending: torch.Tensor | None = None  # sliced linear64: the build keys, inserted slice by slice by the probe
+    slices: int = 1      # table slices of its build and probe (``HashJoinBase.slice_count``)
 
 
 @dataclass
@@ -351,11 +354,16 @@ class HashJoinBase:
         wide_ok = key_dtype == torch.int32 or (key_dtype == torch.int64 and self.config.linear_wide)
         return scheme.startswith("linear64") and self.linear_available and wide_ok
 
-    def _sliced(self, key_dtype: torch.dtype) -> bool:
-        """Whether joins on these keys build and probe the linear64 table slice by slice (``slices`` > 1 on a
-        backend that has the sliced kernels; the others run linear64 on the whole table)."""
-        return (self.config.slices > 1 and self.sliced_available and self.config.scheme == "linear64"
-                and self._linear(key_dtype))
+    def slice_count(self, layout: Layout, key_dtype: torch.dtype) -> int:
+        """Table slices a linear64 join builds and probes in turn: ``slices`` on a backend with the sliced kernels,
+        unless one slice of the table would not fit in L2 (where it could not stay while the keys stream past it,
+        and every slice would only read all keys again); else 1 (the whole table at once)."""
+        cfg = self.config
+        if cfg.slices == 1 or not self.sliced_available or cfg.scheme != "linear64" or not self._linear(key_dtype):
+            return 1
+        from impl.common.timing import l2_bytes
+
+        return cfg.slices if layout.nbytes <= cfg.slices * (l2_bytes() or L2_OFF_GPU) else 1
 
     def _check_device(self, t: torch.Tensor) -> None:
         """Refuse tensors the backend cannot read (the CUDA join needs CUDA tensors)."""
@@ -417,7 +425,8 @@ class HashJoinBase:
         if self._partitioned():
             return self._new_parts(keys, rows)
         built = self._new_built(keys, rows)
-        if self._sliced(keys.dtype):
+        built.slices = self.slice_count(built.layout, keys.dtype)
+        if built.slices > 1:
             built.pending = keys  # inserted slice by slice, each slice just before its probe
         elif keys.numel():
             self._launch_build(keys, built, self._state(keys.device))
@@ -542,12 +551,13 @@ class HashJoinBase:
             if self.config.scheme == "linear64-fused" and self.fused_available:
                 built = self._new_built(bk, br)
                 self._launch_linear_fused(bk, built, pk, pr, ob, op, cap, state)
-            elif self._sliced(pk.dtype):  # the rewrite below probes the whole table, built by then
-                built = self._new_built(bk, br)
-                launched = self._launch_slices(bk, built, pk, pr, ob, op, cap, state)
             else:
                 built = self.build(bk, br)
-                self._launch_probe(pk, built, pr, ob, op, cap, state)
+                if built.pending is not None:  # sliced; the rewrite below probes the whole table, built by then
+                    launched = self._launch_slices(built.pending, built, pk, pr, ob, op, cap, state)
+                    built.pending = None
+                else:
+                    self._launch_probe(pk, built, pr, ob, op, cap, state)
             mark = self._mark()
             self.launches += launched
 
