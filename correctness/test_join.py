@@ -526,12 +526,12 @@ def emulated_launches(tmp_path_factory):
 
 
 @pytest.mark.skipif(cuda_reason() is None, reason="cupy and a GPU are here: the real kernels are tested")
-@pytest.mark.parametrize("scheme", [*SCHEMES, "linear64/slices4"])
+@pytest.mark.parametrize("scheme", [*SCHEMES, "linear64/slices4", "linear64/slices4/scatter"])
 def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkeypatch, scheme):
     """hash_cuda.py itself (its launches' argument order and types, grids, workspaces, the pinned-word readback, the
     one-sync join with its exact-size re-run, the phases, the launch and sync counters) on CPU tensors, its CuPy
     launches routed to the emulated kernels; every result must equal pandas.merge's pairs. ``/slices4``: linear64
-    built and probed in 4 table slices."""
+    built and probed in 4 table slices (``/scatter``: both sides partitioned by slice first)."""
     from impl.join import hash_cuda
 
     launched = []  # (kernel kind, slice) of each launch; slice -1: every row
@@ -540,10 +540,14 @@ def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkey
         words = (ctypes.c_longlong * max(1, len(args)))(*[int(a) for a in args])
         assert emulated_launches(fn.name.encode(), grid, block, int(fn.cooperative), words) == 0, fn.name
         kind = fn.name.split("_")[1]
-        sliced = {"lbuild": -2, "lprobe": -3}.get(kind)  # slice_shift, slice: the lbuild's last words, before publish
-        launched.append((kind, int(args[sliced + 1]) if sliced and int(args[sliced]) < 32 else -1))
+        at = {"lbuild": -3, "lprobe": -4}.get(kind)  # slice_shift, slice (, publish), bounds: the last words
+        one = at is not None and (int(args[at]) < 32 or int(args[-1]) != 0)
+        launched.append((kind, int(args[at + 1]) if one else -1))
 
     hash_cuda.kernel.cache_clear()
+    from impl.common import timing
+
+    monkeypatch.setattr(timing, "l2_bytes", lambda: 2048)  # tables of a few KiB take slices of at most 1 KiB
     monkeypatch.setattr(hash_cuda, "_module", lambda options, cooperative: _EmulatedModule(cooperative))
     monkeypatch.setattr(hash_cuda, "_launch", launch)
     monkeypatch.setattr(hash_cuda, "unavailable_reason", lambda: None)
@@ -551,13 +555,14 @@ def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkey
     monkeypatch.setattr(hash_cuda.HashJoinCuda, "_check_device", lambda self, t: None)
     monkeypatch.setattr(hash_cuda.HashJoinCuda, "_mark", lambda self: _Done())
     monkeypatch.setattr(hash_cuda.HashJoinCuda, "resident_blocks", lambda self, *a, **k: 3)
-    rng = np.random.default_rng(8)
+    rng, sliced_joins = np.random.default_rng(8), 0
     try:
         for readback in ("pinned", "item"):
             name, _, slices = scheme.partition("/slices")
+            slices, _, scatter = slices.partition("/")
             op = hash_cuda.HashJoinCuda(HashConfig(threads=32, items=4, part_rows=EMULATED_PART_ROWS,
                                                    part_probe=EMULATED_PART_PROBE, scheme=name, readback=readback,
-                                                   slices=int(slices or 1)))
+                                                   slices=int(slices or 1), scatter=scatter == "scatter"))
             for dtype in (np.int32, np.int64):
                 for nb, npr, hi, rows in ((300, 517, 400, None), (1, 1, 3, np.int32), (130, 95, 5, np.int64),
                                           (0, 10, 3, None), (40, 0, 3, np.int32), (200, 300, 4, None)):
@@ -572,29 +577,42 @@ def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkey
                     assert np.array_equal(got.pairs(), ref), f"{scheme}, {nb} x {npr}: {len(got)} pairs"
                     if scheme == "partitioned" and npr:
                         assert (op.launches - before[0], op.syncs - before[1]) == (3 + (len(ref) > npr), 1)
-                    if slices and npr:  # each slice's lbuild (build rows there) and lprobe; the rewrite probes whole
-                        want = [(k, q) for q in range(4) for k in ("lbuild", "lprobe")[nb == 0:]]
+                    count = op.slice_count(op.layout, tensors[0].dtype) if slices else 1
+                    sliced_joins += count > 1
+                    if count > 1 and npr:  # each slice's lbuild (build rows there) and lprobe; the rewrite: whole
+                        want = [(k, q) for q in range(count) for k in ("lbuild", "lprobe")[nb == 0 and not scatter:]]
+                        want = [("pcount", -1), ("pscatter", -1)] * bool(scatter) + want
                         assert launched == want + [("lprobe", -1)] * (len(ref) > npr), launched
                         assert op.syncs - before[1] == 1
                     assert np.array_equal(op(*tensors, timed=True).pairs(), ref), f"{scheme} by phases"
+        assert sliced_joins > 0 if "/slices" in scheme else sliced_joins == 0
     finally:
         hash_cuda.kernel.cache_clear()
 
 
-def test_sliced_join_slices_only_tables_whose_slices_fit_in_l2():
-    """slices > 1 slices a linear64 table only where 1/slices of it fits in L2 (there it can stay while the keys
-    stream past); a larger table, another scheme's keys or a backend without the sliced kernels run it whole."""
+def test_sliced_join_takes_slices_of_at_most_half_the_l2(monkeypatch):
+    """A sliced linear64 join cuts its table into the fewest power-of-two slices of at most half the L2, at most
+    ``slices``; a table within half the L2 runs whole, and so does one whose capped slices would not fit in L2
+    unless both sides are scattered by slice; another scheme's keys or a backend without the kernels run whole."""
+    from impl.common import timing
     from impl.join.hash_table import HashJoinBase, plan_layout
 
     class Sliced(HashJoinBase):
         linear_available = sliced_available = True
 
-    op = Sliced(HashConfig(slices=16))
-    small, big = (plan_layout(op.config, n, torch.int64) for n in (1_000_000, 100_000_000))  # 32 MB, 3.2 GB
-    assert op.slice_count(small, torch.int64) == 16 and op.slice_count(big, torch.int64) == 1
-    assert Sliced(HashConfig()).slice_count(small, torch.int64) == 1
-    assert Sliced(HashConfig(slices=16, linear_wide=False)).slice_count(small, torch.int64) == 1
-    assert HashJoinNumba(HashConfig(slices=16)).slice_count(small, torch.int32) == 1
+    monkeypatch.setattr(timing, "l2_bytes", lambda: 60 << 20)  # an H200's L2
+    cfg = HashConfig(slices=16)
+    tables = {n: plan_layout(cfg, n, torch.int64) for n in (1_000_000, 10_000_000, 100_000_000)}  # 32, 320, 3200 MB
+    count = lambda config, n: Sliced(config).slice_count(tables[n], torch.int64)  # noqa: E731
+    assert (count(cfg, 1_000_000), count(cfg, 10_000_000), count(cfg, 100_000_000)) == (2, 16, 1)
+    scatter = HashConfig(slices=256, scatter=True)
+    assert (count(scatter, 1_000_000), count(scatter, 10_000_000), count(scatter, 100_000_000)) == (2, 16, 128)
+    assert count(HashConfig(slices=8), 10_000_000) == 8  # 40 MB slices: they fit
+    assert count(HashConfig(slices=4), 10_000_000) == 1  # 80 MB slices would not
+    monkeypatch.setattr(timing, "l2_bytes", lambda: 0)  # off a GPU: an H100's 50 MiB
+    assert count(cfg, 10_000_000) == 16 and count(HashConfig(), 10_000_000) == 1
+    assert Sliced(HashConfig(slices=16, linear_wide=False)).slice_count(tables[10_000_000], torch.int64) == 1
+    assert HashJoinNumba(cfg).slice_count(tables[10_000_000], torch.int32) == 1
 
 
 def test_wait_for_total_returns_on_the_published_total_or_the_finished_event():
@@ -921,3 +939,14 @@ def test_gpu_joins_agree_at_1m(kind, dtype):
             continue
         got = make_operator(name)(bk, pk, br, pr)
         assert torch.equal(packed(got), packed(want)), f"{name} differs from sort-merge on {kind} {dtype}"
+    if cuda_reason():
+        return
+    from impl.common.timing import l2_bytes
+    from impl.join.hash_cuda import HashJoinCuda
+
+    for config in (HashConfig(slices=16), HashConfig(slices=256, scatter=True)):  # the table in slices of <= L2 / 2
+        op = HashJoinCuda(config)
+        got = op(bk, pk, br, pr)
+        assert op.slice_count(op.layout, bk.dtype) > 1 or op.layout.nbytes <= l2_bytes() // 2
+        assert torch.equal(packed(got), packed(want)), f"sliced hash join {config} differs on {kind} {dtype}"
+        assert torch.equal(packed(op(bk, pk, br, pr, timed=True)), packed(want)), f"{config} by phases"

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 import impl  # noqa: F401
@@ -190,12 +191,14 @@ class HashJoinCuda(HashJoinBase):
         return (_ptr(built.table), lay.buckets, lay.shift, built.epoch)
 
     def _launch_build(self, keys: torch.Tensor, built: Built, state: torch.Tensor,
-                      part: tuple[int, int] = WHOLE_TABLE) -> None:
-        """The build kernel; linear64 over the rows of table slice ``part`` = (slice_shift, slice) only."""
+                      part: tuple[int, int] = WHOLE_TABLE, bounds: torch.Tensor | None = None, rows: int = 0) -> None:
+        """The build kernel; linear64 over the rows of table slice ``part`` = (slice_shift, slice) only, or with
+        ``bounds`` over rows bounds[slice] .. bounds[slice + 1] - 1 (about ``rows`` of them: the grid's size)."""
         if self._linear(keys.dtype):  # lrows rows per thread, grid-stride beyond MAX_GRID blocks
-            grid = min(-(-keys.numel() // (self.config.threads * self.config.lrows)), MAX_GRID)
+            grid = min(max(1, -(-(rows or keys.numel()) // (self.config.threads * self.config.lrows))), MAX_GRID)
             _launch(kernel(self.config, "lbuild", keys.dtype, built.row_dtype), grid, self.config.threads,
-                    (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(state), self._host(), *part))
+                    (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(state), self._host(), *part,
+                     _ptr(bounds)))
             return
         grid = min(-(-keys.numel() // self.config.tile), MAX_GRID)
         _launch(kernel(self.config, "build", keys.dtype, built.row_dtype), grid, self.config.threads,
@@ -203,25 +206,43 @@ class HashJoinCuda(HashJoinBase):
 
     def _launch_probe(self, keys: torch.Tensor, built: Built, rows: torch.Tensor | None, out_b: torch.Tensor | None,
                       out_p: torch.Tensor | None, capacity: int, state: torch.Tensor,
-                      part: tuple[int, int] = WHOLE_TABLE, publish: bool = True) -> None:
-        """lprobe over the rows of table slice ``part``; ``publish``: the last block publishes the total (else the
-        pair counter goes on into the next slice's launch)."""
-        grid = min(-(-keys.numel() // (self.config.threads * self.config.lrows)), MAX_GRID)
+                      part: tuple[int, int] = WHOLE_TABLE, publish: bool = True, bounds: torch.Tensor | None = None,
+                      n_rows: int = 0) -> None:
+        """lprobe over the rows of table slice ``part`` (with ``bounds``: rows bounds[slice] ..
+        bounds[slice + 1] - 1, about ``n_rows``); ``publish``: the last block publishes the total (else the pair
+        counter goes on into the next slice's launch). A scattered table is probed through its partitioned buffers."""
+        brows = built.rows
+        if built.scattered is not None and bounds is None:  # the whole table, from the partitioned probe side
+            _, _, brows, keys, rows = built.scattered
+        grid = min(max(1, -(-(n_rows or keys.numel()) // (self.config.threads * self.config.lrows))), MAX_GRID)
         rdt = out_b.dtype if out_b is not None else built.row_dtype
         _launch(kernel(self.config, "lprobe", keys.dtype, rdt), grid, self.config.threads,
-                (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(built.rows), _ptr(rows), _ptr(out_b),
-                 _ptr(out_p), capacity, _ptr(state), self._host(), *part, int(publish)))
+                (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(brows), _ptr(rows), _ptr(out_b),
+                 _ptr(out_p), capacity, _ptr(state), self._host(), *part, int(publish), _ptr(bounds)))
 
     def _launch_slices(self, bkeys: torch.Tensor, built: Built, keys: torch.Tensor, rows: torch.Tensor | None,
                        out_b: torch.Tensor | None, out_p: torch.Tensor | None, capacity: int,
                        state: torch.Tensor) -> int:
         slices = built.slices
-        shift = 32 - (slices.bit_length() - 1)
+        bits = slices.bit_length() - 1
+        if not self.config.scatter:
+            for q in range(slices):
+                if bkeys.numel():
+                    self._launch_build(bkeys, built, state, (32 - bits, q))
+                self._launch_probe(keys, built, rows, out_b, out_p, capacity, state, (32 - bits, q),
+                                   publish=q == slices - 1)
+            return slices * (1 + (bkeys.numel() > 0))
+        # both sides by slice (the partitions are the slices: the same high bits of the hash), then slice by slice
+        parts = Parts(bkeys, built.rows, built.row_dtype, bkeys.numel(), built.stamp, bits)
+        self._launch_partition(parts, keys, rows, state)
+        starts, bpk, bpr, ppk, ppr = built.scattered = parts.buffers
+        nb, npb = -(-bkeys.numel() // slices), -(-keys.numel() // slices)
+        view = replace(built, rows=bpr)
         for q in range(slices):
-            if bkeys.numel():
-                self._launch_build(bkeys, built, state, (shift, q))
-            self._launch_probe(keys, built, rows, out_b, out_p, capacity, state, (shift, q), publish=q == slices - 1)
-        return slices * (1 + (bkeys.numel() > 0))
+            self._launch_build(bpk, built, state, WHOLE_TABLE[:1] + (q,), bounds=starts, rows=nb)
+            self._launch_probe(ppk, view, ppr, out_b, out_p, capacity, state, WHOLE_TABLE[:1] + (q,),
+                               publish=q == slices - 1, bounds=starts[slices + 1:], n_rows=npb)
+        return 2 + 2 * slices
 
     def _launch_linear_fused(self, bkeys: torch.Tensor, built: Built, keys: torch.Tensor, rows: torch.Tensor | None,
                              out_b: torch.Tensor, out_p: torch.Tensor, capacity: int, state: torch.Tensor) -> None:

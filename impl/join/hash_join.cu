@@ -592,7 +592,8 @@ __device__ void fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, l
 //           the slice-th 1/slices of the table. The host runs lbuild and lprobe slice by slice, so each pair of
 //           launches works on one slice that stays in L2 while the keys stream past it (loaded evict-first); lprobe
 //           publishes the total only on the last slice (the counter goes on across slices, the ticket is reset by
-//           each). slice_shift 32 takes every row.
+//           each). slice_shift 32 takes every row. With `bounds` (both sides partitioned by slice first: pcount and
+//           pscatter below), a launch takes rows bounds[slice] .. bounds[slice + 1] - 1 only, all of that slice.
 // Pair order in the output is not deterministic (blocks reserve their ranges in arrival order).
 
 #define FULL_MASK 0xffffffffu
@@ -603,16 +604,16 @@ __device__ __forceinline__ u64 pack_slot(int key, unsigned tag) { return (u64)(u
 
 // Whether a row of hash h belongs to the slice (slice_shift 32: every row does).
 __device__ __forceinline__ bool in_slice(unsigned h, long long slice_shift, long long slice) {
-    return ((u64)h >> slice_shift) == (u64)slice;
+    return slice_shift >= 32 || ((u64)h >> slice_shift) == (u64)slice;
 }
 
-// Row i's key: a sliced launch streams every key past its slice of the table, so it loads them evict-first.
+// Row i's key: a sliced launch streams its keys past its slice of the table, so it loads them evict-first.
 template <typename K>
-__device__ __forceinline__ K load_key(const K* keys, long long i, long long slice_shift) {
+__device__ __forceinline__ K load_key(const K* keys, long long i, bool stream) {
 #ifdef JOIN_EMULATED
     return keys[i];
 #else
-    return slice_shift < 32 ? __ldcs(keys + i) : keys[i];
+    return stream ? __ldcs(keys + i) : keys[i];
 #endif
 }
 __device__ __forceinline__ long long linear_next(long long b, long long nb) { return b + 1 == nb ? 0 : b + 1; }
@@ -698,18 +699,21 @@ __device__ __forceinline__ void claimed(Slot<long long>* table, long long b, int
 template <typename K>
 __device__ void linear_build_kernel(const K* __restrict__ keys, long long n, Slot<K>* table, long long nb,
                                     long long shift, long long epoch, long long* state, long long* host,
-                                    long long slice_shift, long long slice) {
+                                    long long slice_shift, long long slice, const int* bounds) {
     const unsigned sh = (unsigned)shift, ep = (unsigned)epoch;
     const long long stride = (long long)gridDim.x * LSTEP;
+    const long long lo = bounds ? bounds[slice] : 0;
+    const bool stream = slice_shift < 32 || bounds;
+    if (bounds) n = bounds[slice + 1];  // rows lo .. n - 1
     if (JOIN_LROWS == 1) {  // one row per step: the CAS loop straight away (fewer registers)
-        for (long long i = (long long)blockIdx.x * JOIN_THREADS + threadIdx.x; i < n; i += stride) {
-            const K key = load_key(keys, i, slice_shift);
+        for (long long i = lo + (long long)blockIdx.x * JOIN_THREADS + threadIdx.x; i < n; i += stride) {
+            const K key = load_key(keys, i, stream);
             if (in_slice(mix32(fold(key)), slice_shift, slice) && !linear_insert(key, i, table, nb, sh, ep))
                 set_error(state, host, ERR_TABLE_FULL);
         }
         return;
     }
-    for (long long base = (long long)blockIdx.x * LSTEP; base < n; base += stride) {
+    for (long long base = lo + (long long)blockIdx.x * LSTEP; base < n; base += stride) {
         K key[JOIN_LROWS];
         long long b[JOIN_LROWS];
         Bucket<K> bk[JOIN_LROWS];
@@ -719,7 +723,7 @@ __device__ void linear_build_kernel(const K* __restrict__ keys, long long n, Slo
 #pragma unroll
         for (int r = 0; r < JOIN_LROWS; ++r) {
             const long long i = base + r * JOIN_THREADS + threadIdx.x;
-            key[r] = i < n ? load_key(keys, i, slice_shift) : (K)0;
+            key[r] = i < n ? load_key(keys, i, stream) : (K)0;
         }
 #pragma unroll
         for (int r = 0; r < JOIN_LROWS; ++r) {
@@ -858,13 +862,16 @@ __device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, co
                                     long long shift, long long epoch, const R* __restrict__ brows,
                                     const R* __restrict__ prows, R* __restrict__ out_b, R* __restrict__ out_p,
                                     long long capacity, long long* state, long long* host, long long slice_shift,
-                                    long long slice, bool publish) {
+                                    long long slice, bool publish, const int* bounds) {
     const unsigned sh = (unsigned)shift, ep = (unsigned)epoch;
     const int lane = threadIdx.x & 31;
     const long long stride = (long long)gridDim.x * LSTEP;
+    const long long lo = bounds ? bounds[slice] : 0;
+    const bool stream = slice_shift < 32 || bounds;
+    if (bounds) n = bounds[slice + 1];  // rows lo .. n - 1
     u64* counter = (u64*)&state[LIN_COUNTER];
     // base is uniform over the block, so every lane of a warp runs the same number of steps (full-mask votes).
-    for (long long base = (long long)blockIdx.x * LSTEP; base < n; base += stride) {
+    for (long long base = lo + (long long)blockIdx.x * LSTEP; base < n; base += stride) {
         K k[JOIN_LROWS];
         Bucket<K> bk[JOIN_LROWS];
         long long cnt[JOIN_LROWS], excl[JOIN_LROWS];
@@ -873,7 +880,7 @@ __device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, co
 #pragma unroll
         for (int r = 0; r < JOIN_LROWS; ++r) {
             const long long j = base + r * JOIN_THREADS + threadIdx.x;
-            k[r] = j < n ? load_key(pkeys, j, slice_shift) : (K)0;
+            k[r] = j < n ? load_key(pkeys, j, stream) : (K)0;
             live[r] = j < n && in_slice(mix32(fold(k[r])), slice_shift, slice);
         }
         if (JOIN_LROWS > 1) {
@@ -926,12 +933,12 @@ __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* p
                                     long long nb, long long shift, long long epoch, const R* brows, const R* prows,
                                     R* out_b, R* out_p, long long capacity, long long* state, long long* host,
                                     long long bar_base, long long timeout_ns) {
-    linear_build_kernel<K>(bkeys, nbuild, table, nb, shift, epoch, state, host, 32, 0);
+    linear_build_kernel<K>(bkeys, nbuild, table, nb, shift, epoch, state, host, 32, 0, nullptr);
     u64* bar = (u64*)&state[2];
     const u64 target = (u64)bar_base + gridDim.x;
     if (arrive_barrier(bar, target, timeout_ns, state, host)) release_barrier(bar, target);
     linear_probe_kernel<K, R, false>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity, state,
-                                     host, 32, 0, true);
+                                     host, 32, 0, true, nullptr);
 }
 
 // ---- partitioned: radix partitions small enough for a shared-memory table (pcount, pscatter, pjoin) -----------------
@@ -1283,8 +1290,8 @@ __device__ void part_join_kernel(const int* starts, long long pbits, const K* __
     extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
         join_lbuild_##SUF(const K* keys, long long n, Slot<K>* table, long long nb, long long shift,            \
                           long long epoch, long long* state, long long* host, long long slice_shift,             \
-                          long long slice) {                                                                     \
-        linear_build_kernel<K>(keys, n, table, nb, shift, epoch, state, host, slice_shift, slice);              \
+                          long long slice, const int* bounds) {                                                  \
+        linear_build_kernel<K>(keys, n, table, nb, shift, epoch, state, host, slice_shift, slice, bounds);      \
     }
 
 #define JOIN_LINEAR_PROBE(K, R, SUF)                                                                              \
@@ -1292,9 +1299,9 @@ __device__ void part_join_kernel(const int* starts, long long pbits, const K* __
         join_lprobe_##SUF(const K* pkeys, long long n, const Slot<K>* table, long long nb, long long shift,     \
                           long long epoch, const R* brows, const R* prows, R* out_b, R* out_p, long long capacity, \
                           long long* state, long long* host, long long slice_shift, long long slice,             \
-                          long long publish) {                                                                   \
+                          long long publish, const int* bounds) {                                                \
         linear_probe_kernel<K, R, true>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity, \
-                                        state, host, slice_shift, slice, publish != 0);                          \
+                                        state, host, slice_shift, slice, publish != 0, bounds);                  \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
         join_lfused_##SUF(const K* bkeys, long long nbuild, const K* pkeys, long long n, Slot<K>* table,         \

@@ -240,9 +240,9 @@ int finish_join(long long total, long long capacity, std::vector<T>& ob, std::ve
 template <typename K>
 struct LinearKernels {
     void (*build)(const K*, long long, Slot<K>*, long long, long long, long long, long long*, long long*, long long,
-                  long long);
+                  long long, const int*);
     void (*probe)(const K*, long long, const Slot<K>*, long long, long long, long long, const K*, const K*, K*, K*,
-                  long long, long long*, long long*, long long, long long, long long);
+                  long long, long long*, long long*, long long, long long, long long, const int*);
     void (*fused)(const K*, long long, const K*, long long, Slot<K>*, long long, long long, long long, const K*,
                   const K*, K*, K*, long long, long long*, long long*, long long, long long);
 };
@@ -269,14 +269,15 @@ int run_linear(int joins, bool fused, LinearKernels<K> k, int slices = 1) {
         const long long slice_shift = 32 - __builtin_ctz((unsigned)slices);
         auto build = [&](long long slice) {
             launch(k.build, (unsigned)std::min(grid, (nbuild + threads - 1) / threads), threads, false,
-                   (const K*)bk.data(), nbuild, table.data(), nb, shift, epoch, state.data(), host, slice_shift, slice);
+                   (const K*)bk.data(), nbuild, table.data(), nb, shift, epoch, state.data(), host, slice_shift, slice,
+                   (const int*)nullptr);
         };
         if (nbuild && !(fused && n) && slices == 1) build(0);
         const unsigned pgrid = (unsigned)std::max(1LL, std::min(grid, (n + threads - 1) / threads));
         auto probe_slice = [&](long long cap, long long sshift, long long slice, long long publish) {
             launch(k.probe, pgrid, threads, false, (const K*)pk.data(), n, (const S*)table.data(), nb, shift, epoch,
                    (const K*)br.data(), (const K*)pr.data(), ob.data(), op.data(), cap, state.data(), host, sshift,
-                   slice, publish);
+                   slice, publish, (const int*)nullptr);
         };
         auto probe = [&](long long cap) { probe_slice(cap, 32, 0, 1); };
         if (n && slices > 1) {

@@ -18,9 +18,10 @@ counts: its probe kernel counts and writes in one pass, so a join is build + pro
 when the output overflows the speculative buffer); its probe phase counts only. With ``slices`` > 1 (backends with
 ``sliced_available``) it builds and probes the table one slice at a time: lbuild and lprobe of the keys whose hash
 falls in slice 0, then slice 1, ...; a key's first bucket grows with its hash, so each pair of launches works in one
-1/slices of the table, which stays in L2 while every key streams past it. A table whose slices would not fit in L2
-(``slice_count``) runs whole. A sliced build phase only records the build side and its probe phase builds and counts
-slice by slice; the exact-size rewrite probes the whole table.
+slice of the table (at most half the L2: ``slice_count``), which stays in L2 while every key streams past it. With ``scatter`` both sides are first partitioned by slice (the partitioned scheme's
+pcount and pscatter), so each slice's launches read only that slice's rows instead of every key. A sliced build
+phase only records the build side and its probe phase builds and counts slice by slice; the exact-size rewrite
+probes the whole table.
 The partitioned scheme (backends with ``partitioned_available``; the others run linear64 instead) needs no table:
 pcount, pscatter and pjoin (``hash_join.cu``) cut both sides into ``P = 2**partition_bits(n_build, part_rows)``
 partitions by the high bits of the key hash (about ``part_rows`` build rows each) and join each partition in a
@@ -112,8 +113,9 @@ class HashConfig:
                               # power of two that gets there); pjoin's shared table holds part_capacity(part_rows)
     part_probe: int = 8192    # partitioned: probe rows per pjoin work item at most (a partition that a hot probe key
                               # fills is shared by several blocks)
-    slices: int = 1           # linear64: build and probe in this many table slices, one after another (a power of
-                              # two; 1: the whole table at once)
+    slices: int = 1           # linear64: build and probe in table slices of at most half the L2 each, one after
+                              # another, at most this many (a power of two; 1: the whole table at once)
+    scatter: bool = False     # sliced linear64: partition both sides by slice first, each slice then reads its rows
 
     def __post_init__(self) -> None:
         if not 0.0 < self.load_factor <= 0.9:
@@ -141,6 +143,8 @@ class HashConfig:
             raise ValueError(f"slices must be a power of two in [1, {SLICES_MAX}], got {self.slices}")
         if self.slices > 1 and self.scheme != "linear64":
             raise ValueError(f"slices > 1 slices the linear64 table: it needs scheme 'linear64', got {self.scheme!r}")
+        if self.scatter and self.slices == 1:
+            raise ValueError("scatter partitions both sides by table slice: it needs slices > 1")
         if not PART_ROWS_MIN <= self.part_rows <= PART_ROWS_MAX:
             raise ValueError(f"part_rows must be in [{PART_ROWS_MIN}, {PART_ROWS_MAX}] (pjoin's shared table for "
                              f"int64 keys must fit {SHARED_BYTES} bytes), got {self.part_rows}")
@@ -253,6 +257,7 @@ class Built:
     stamp: int           # which build of the operator made it (a later build makes it stale)
     pending: torch.Tensor | None = None  # sliced linear64: the build keys, inserted slice by slice by the probe
     slices: int = 1      # table slices of its build and probe (``HashJoinBase.slice_count``)
+    scattered: tuple | None = None  # scatter: (starts, build keys, build rows, probe keys, probe rows) by slice
 
 
 @dataclass
@@ -355,15 +360,18 @@ class HashJoinBase:
         return scheme.startswith("linear64") and self.linear_available and wide_ok
 
     def slice_count(self, layout: Layout, key_dtype: torch.dtype) -> int:
-        """Table slices a linear64 join builds and probes in turn: ``slices`` on a backend with the sliced kernels,
-        unless one slice of the table would not fit in L2 (where it could not stay while the keys stream past it,
-        and every slice would only read all keys again); else 1 (the whole table at once)."""
+        """Table slices a linear64 join builds and probes in turn, on a backend with the sliced kernels: the fewest
+        (a power of two) that make one slice at most half the L2, at most ``slices``; 1 (the whole table at once)
+        for a table within half the L2, and, without ``scatter``, where the slices would not fit in L2 (each would
+        only read every key again)."""
         cfg = self.config
         if cfg.slices == 1 or not self.sliced_available or cfg.scheme != "linear64" or not self._linear(key_dtype):
             return 1
         from impl.common.timing import l2_bytes
 
-        return cfg.slices if layout.nbytes <= cfg.slices * (l2_bytes() or L2_OFF_GPU) else 1
+        l2 = l2_bytes() or L2_OFF_GPU
+        count = min(cfg.slices, next_pow2(-(-layout.nbytes // max(1, l2 // 2))))
+        return 1 if count == 1 or (not cfg.scatter and layout.nbytes > count * l2) else count
 
     def _check_device(self, t: torch.Tensor) -> None:
         """Refuse tensors the backend cannot read (the CUDA join needs CUDA tensors)."""

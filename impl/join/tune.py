@@ -51,11 +51,12 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
     ("partitioned-items16", {"scheme": "partitioned", "items": 16}),  # longer runs per partition in pscatter
     # int64 keys on split-items4's kernels; its int32 columns repeat linear64's kernels
     ("linear64-narrow", {"scheme": "linear64", "items": 4, "linear_wide": False}),
-    # build + probe one 1/8 or 1/16 table slice at a time (its slice stays in L2 while every key streams past it)
-    ("linear64-s8", {"scheme": "linear64", "items": 4, "linear_wide": True, "slices": 8}),
+    # build + probe one table slice (<= half the L2) at a time, at most 16 slices, every key read once a slice; or
+    # with both sides scattered by slice first (each slice reads its own rows: up to 256 slices)
     ("linear64-s16", {"scheme": "linear64", "items": 4, "linear_wide": True, "slices": 16}),
-    ("linear64-lf0.35-s16", {"scheme": "linear64", "items": 4, "linear_wide": True, "load_factor": 0.35,
-                             "slices": 16}),
+    ("linear64-scatter", {"scheme": "linear64", "items": 4, "linear_wide": True, "slices": 256, "scatter": True}),
+    ("linear64-lf0.35-scatter", {"scheme": "linear64", "items": 4, "linear_wide": True, "load_factor": 0.35,
+                                 "slices": 256, "scatter": True}),
     # 2 rows per thread and step in lbuild / lprobe (loads and CASes of both in flight), int64 keys linear too
     ("linear64-wide-r2", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 2}),
     # partitions of ~1024 / ~3072 build rows (2x / 0.67x the partitions: smaller / larger shared tables)
