@@ -12,8 +12,8 @@ Per join (``config.scheme``):
             in one pass (blocks reserve their output ranges with one atomic add each): two launches, ``lrows`` rows
             per thread in flight, grid-stride loops;
   linear64-fused  the same in one cooperative launch (lbuild | grid barrier | lprobe), grid = resident blocks;
-  linear64 with ``slices`` > 1  lbuild and lprobe of table slice 0, then of slice 1, ...: 2 * slices launches
-            (where a slice fits in L2: ``slice_count``);
+  linear64 with ``slices`` > 1  lbuild and lprobe of table slice 0, then of slice 1, ... (slices of at most half
+            the L2: ``slice_count``): 2 per slice, and with ``scatter`` pcount and pscatter first;
   partitioned  pcount (both sides' partition histograms; the last block scans them into partition starts),
             pscatter (both sides' (key, row id) pairs into their partitions), pjoin (one block per work item: a
             partition's build rows in a shared-memory table, at most ``part_probe`` of its probe rows streamed

@@ -587,7 +587,7 @@ __device__ void fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, l
 //           popc when no lane has more than one match, a shuffle scan otherwise; warps in order) and writes them at
 //           once (pairs at offsets >= capacity are dropped; capacity 0 = count only); the last block to finish
 //           publishes the total (state[0], host[0]) and resets the counter.
-//   slices: either kernel may take only the rows of one table slice (HashConfig.slices = 2^(32 - slice_shift)): the
+//   slices: either kernel may take only the rows of one of the join's 2^(32 - slice_shift) table slices: the
 //           rows whose hash h has h >> slice_shift == slice, whose first buckets (h * B >> 32, monotone in h) fill
 //           the slice-th 1/slices of the table. The host runs lbuild and lprobe slice by slice, so each pair of
 //           launches works on one slice that stays in L2 while the keys stream past it (loaded evict-first); lprobe
