@@ -18,10 +18,10 @@ counts: its probe kernel counts and writes in one pass, so a join is build + pro
 when the output overflows the speculative buffer); its probe phase counts only. With ``slices`` > 1 (backends with
 ``sliced_available``) it builds and probes the table one slice at a time: lbuild and lprobe of the keys whose hash
 falls in slice 0, then slice 1, ...; a key's first bucket grows with its hash, so each pair of launches works in one
-slice of the table (at most half the L2: ``slice_count``), which stays in L2 while every key streams past it. With ``scatter`` both sides are first partitioned by slice (the partitioned scheme's
-pcount and pscatter), so each slice's launches read only that slice's rows instead of every key. A sliced build
-phase only records the build side and its probe phase builds and counts slice by slice; the exact-size rewrite
-probes the whole table.
+slice of the table (at most half the L2: ``slice_count``), which stays in L2 while every key streams past it. With
+``scatter`` both sides are first partitioned by slice (the partitioned scheme's pcount and pscatter), so each
+slice's launches read only that slice's rows instead of every key. A sliced build phase only records the build side
+and its probe phase builds and counts slice by slice; the exact-size rewrite probes the whole table.
 The partitioned scheme (backends with ``partitioned_available``; the others run linear64 instead) needs no table:
 pcount, pscatter and pjoin (``hash_join.cu``) cut both sides into ``P = 2**partition_bits(n_build, part_rows)``
 partitions by the high bits of the key hash (about ``part_rows`` build rows each) and join each partition in a

@@ -20,10 +20,11 @@ pass on regions 0..3 and region 0's last two passes stand before the first downl
 figure the host-to-host target is about); on a GPU its second and later calls replay the whole schedule as one CUDA
 graph (one launch instead of one host call per copy, pass and event, each 20-40 µs of host time, which otherwise
 leaves the copy engines waiting for the host). ``round_trip_staged()`` makes the same copies with no pass between
-them, every download waiting for the last upload as a sort's must: the floor of ``sort_staged`` on that machine. ``pipe(x)`` adds the copies from and to ordinary numpy arrays, region
-by region, launched one by one so that the host copies overlap the device's work. With ``pinned=False`` the staging
-buffer is ordinary (pageable) memory, copies are synchronous and nothing overlaps: the naive baseline of the
-pinned-vs-pageable comparison. Buffers, streams and graphs are made once per (n, dtype).
+them, every download waiting for the last upload as a sort's must: the floor of ``sort_staged`` on that machine.
+``pipe(x)`` adds the copies from and to ordinary numpy arrays, region by region, launched one by one so that the
+host copies overlap the device's work. With ``pinned=False`` the staging buffer is ordinary (pageable) memory,
+copies are synchronous and nothing overlaps: the naive baseline of the pinned-vs-pageable comparison. Buffers,
+streams and graphs are made once per (n, dtype).
 
 The passes are the CUDA C++ ones (``impl.sort.cuda_sort``) or numba's, as ``config`` selects (``impl.sort.bitonic``);
 both sorters expose ``launch_pass(i, src, out, descending=, stream=, first_block=, blocks=)``, ``span_bits(i)``,
