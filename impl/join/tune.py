@@ -52,8 +52,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
     # int64 keys on split-items4's kernels; its int32 columns repeat linear64's kernels
     ("linear64-narrow", {"scheme": "linear64", "items": 4, "linear_wide": False}),
     # build + probe one table slice (<= half the L2) at a time, both sides scattered by slice first (each slice
-    # reads its own rows). Unscattered slices read every key once a slice: on an H100 at 10M rows 2.1x / 3.5x
-    # linear64's time for int32 / int64 keys, so the tune leaves them out
+    # reads its own rows). Unscattered slices read every key once a slice: on an H100 at 10M rows 2.1x / 3.5x the
+    # fastest unsliced variant's time for int32 / int64 keys, so the tune leaves them out
     ("linear64-scatter", {"scheme": "linear64", "items": 4, "linear_wide": True, "slices": 256, "scatter": True}),
     ("linear64-lf0.35-scatter", {"scheme": "linear64", "items": 4, "linear_wide": True, "load_factor": 0.35,
                                  "slices": 256, "scatter": True}),
