@@ -212,7 +212,7 @@ def test_staged_pipeline_replays_what_it_captured(monkeypatch):
     monkeypatch.setattr(pipeline_module, "StreamGraph", Replay)
     n = 2500
     pipe = HostSortPipeline(n, np.float32, config=EMU_CUDA_CONFIG, pipeline=PipelineConfig(chunks=4))
-    pipe._capture(False)
+    pipe._capture(False, lambda: pipe._enqueue(False, None))
     assert pipe.graphed and pipe.graph_error is None
     for seed in range(2):
         x = make_array(n, "float32", "nasty", seed=seed)

@@ -89,8 +89,7 @@ class HostSortPipeline:
             self.roles = tuple(made[min(r, len(made) - 1)] for r in range(3))
         else:
             self.roles = (0, 0, 0)
-        self._graphs: dict[bool, StreamGraph] = {}
-        self._trip: StreamGraph | None = None  # round_trip_staged's graph
+        self._graphs: dict[bool | str, StreamGraph] = {}  # sort_staged's per direction, "round_trip"
         self.graph_error: str | None = None  # why sort_staged launches one by one on a GPU, if capture failed
 
     @property
@@ -167,12 +166,12 @@ class HostSortPipeline:
     @property
     def round_trip_graphed(self) -> bool:
         """Whether ``round_trip_staged`` replays a captured graph (after its first call)."""
-        return self._trip is not None
+        return "round_trip" in self._graphs
 
     @property
     def graphed(self) -> bool:
         """Whether ``sort_staged`` replays a captured graph (after its first call) rather than launching one by one."""
-        return bool(self._graphs)
+        return any(isinstance(key, bool) for key in self._graphs)
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None, *, descending: bool = False) -> np.ndarray:
         """Sort host array ``x`` into ``out`` (a new array by default), staging through the pinned buffers."""
@@ -196,18 +195,7 @@ class HostSortPipeline:
         as a graph, which later calls replay; where capture is not possible, ``graph_error`` says why."""
         if not self.n:
             return self.stage_out[:0]
-        graph = self._graphs.get(descending)
-        if graph is not None:
-            graph(self.roles[0])
-            self.roles[0].synchronize()
-            return self.stage_out[: self.n]
-        for _, event in self._enqueue(descending, None):
-            if event is not None:
-                event.synchronize()
-        if not self.pipeline.pinned:
-            cuda.synchronize()
-        elif self.pipeline.graph and self.graph_error is None and not numba_config.ENABLE_CUDASIM:
-            self._capture(descending)
+        self._run_staged(descending, lambda: [event for _, event in self._enqueue(descending, None)])
         return self.stage_out[: self.n]
 
     def round_trip_staged(self) -> np.ndarray:
@@ -219,26 +207,28 @@ class HostSortPipeline:
             raise ValueError("round_trip_staged copies the keys back: it needs a keys-only pipeline, not an argsort")
         if not self.n:
             return self.stage_out[:0]
-        if self._trip is not None:
-            self._trip(self.roles[0])
+        self._run_staged("round_trip", self._enqueue_round_trip)
+        return self.stage_out[: self.n]
+
+    def _run_staged(self, key: bool | str, work: Callable[[], list]) -> None:
+        """Replay the graph captured for ``key``; else enqueue ``work()`` (which returns the events to wait for,
+        None for a synchronous copy), wait, and capture it as that graph where a GPU allows."""
+        graph = self._graphs.get(key)
+        if graph is not None:
+            graph(self.roles[0])
             self.roles[0].synchronize()
-            return self.stage_out[: self.n]
-        for event in self._enqueue_round_trip():
-            event.synchronize()
+            return
+        for event in work():
+            if event is not None:
+                event.synchronize()
         if not self.pipeline.pinned:
             cuda.synchronize()
         elif self.pipeline.graph and self.graph_error is None and not numba_config.ENABLE_CUDASIM:
-            self._trip = self._capture_work(self._enqueue_round_trip)
-        return self.stage_out[: self.n]
+            self._capture(key, work)
 
-    def _capture(self, descending: bool) -> None:
-        graph = self._capture_work(lambda: self._enqueue(descending, None))
-        if graph is not None:
-            self._graphs[descending] = graph
-
-    def _capture_work(self, work: Callable[[], object]) -> StreamGraph | None:
-        """``work()`` captured as a graph from the copy-in stream (the other roles forked from it and joined back);
-        None, with ``graph_error`` saying why, where capture fails."""
+    def _capture(self, key: bool | str, work: Callable[[], object]) -> None:
+        """``work()`` captured as the graph of ``key`` from the copy-in stream (the other roles forked from it and
+        joined back); where capture fails, ``graph_error`` says why."""
         origin = self.roles[0]
         others = [s for s in dict.fromkeys(self.roles[1:]) if s is not origin]
 
@@ -251,14 +241,12 @@ class HostSortPipeline:
                 _record(s).wait(origin)
 
         cuda.synchronize()
-        graph = None
         try:
-            graph = StreamGraph(origin, enqueue, relaxed=True,
-                                keep=(self.sorter, self.d_src, self.d_out, self.stage_in, self.stage_out))
+            self._graphs[key] = StreamGraph(origin, enqueue, relaxed=True,
+                                            keep=(self.sorter, self.d_src, self.d_out, self.stage_in, self.stage_out))
         except Exception as e:  # e.g. a driver without stream capture: stay on the launch-by-launch schedule
             self.graph_error = f"{type(e).__name__}: {e}"
         cuda.synchronize()
-        return graph
 
     def _enqueue(self, descending: bool, x: np.ndarray | None) -> list:
         """Enqueue ``steps()`` on the three role streams; ((lo, hi), download event or None) per region, in the
@@ -290,23 +278,21 @@ class HostSortPipeline:
         """Every region's upload on the copy-in stream, then every region's download (of the uploaded keys) on the
         copy-out stream after the last upload; the events to wait for (none where copies are synchronous)."""
         copy_in, _, copy_out = self.roles
-        regions = self.chunk_bounds()
+        pinned, regions = self.pipeline.pinned, self.chunk_bounds()
         for lo, hi in regions:
             self._upload(lo, hi, copy_in)
-        if not self.pipeline.pinned:
-            for lo, hi in regions:
-                self.d_src[lo:hi].copy_to_host(self.stage_out[lo:hi])
-            return []
-        _record(copy_in).wait(copy_out)
+        if pinned:
+            _record(copy_in).wait(copy_out)
         for lo, hi in regions:
-            self.d_src[lo:hi].copy_to_host(self.stage_out[lo:hi], stream=copy_out)
-        return [_record(copy_out)]
+            self._download(lo, hi, copy_out, self.d_src)
+        return [_record(copy_out)] if pinned else []
 
     def _upload(self, lo: int, hi: int, stream) -> None:
         self.d_src[lo:hi].copy_to_device(self.stage_in[lo:hi], stream=stream)
 
-    def _download(self, lo: int, hi: int, stream) -> None:
-        self.d_out[lo:hi].copy_to_host(self.stage_out[lo:hi], stream=stream)
+    def _download(self, lo: int, hi: int, stream, src=None) -> None:
+        """Region [lo, hi) of ``src`` (default: the sorted output) into ``stage_out``."""
+        (self.d_out if src is None else src)[lo:hi].copy_to_host(self.stage_out[lo:hi], stream=stream)
 
     def _group_pass(self, i: int, stream, regions: list, c0: int, c1: int, descending: bool) -> None:
         """Pass ``i`` on the blocks of regions c0..c1-1 (neighbours, each holding whole groups of 2^span_bits(i)
