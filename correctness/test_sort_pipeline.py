@@ -20,7 +20,7 @@ from impl.sort.reference import argsort_reference, sort_reference
 
 
 @given(x=arrays(st.sampled_from(SUPPORTED_DTYPES), max_n=max_size(cpu=1500, gpu=1 << 21)),
-       chunks=st.sampled_from([1, 2, 3, 8]), streams=st.sampled_from([1, 2]), pinned=st.booleans(),
+       chunks=st.sampled_from([1, 2, 3, 8]), streams=st.sampled_from([1, 2, 3]), pinned=st.booleans(),
        argsort_=st.booleans(), descending=st.booleans())
 @settings(max_examples=10)
 def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending):
@@ -81,6 +81,8 @@ def test_pipeline_rejects_what_it_cannot_sort():
         HostSortPipeline(64, np.int32, config=default_config("global"))
     with pytest.raises(ValueError, match="chunks"):
         PipelineConfig(chunks=0)
+    with pytest.raises(ValueError, match="lanes"):
+        PipelineConfig(lanes=0)
 
 
 class _Timeline:
@@ -137,20 +139,24 @@ class _Timeline:
         return [j for j, op in enumerate(self.ops) if op[1] == kind and op[2] == detail]
 
 
+@pytest.mark.parametrize("lanes", [1, 2, 3])
 @pytest.mark.parametrize("chunks", [1, 3, 4, 8])
-def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monkeypatch, chunks):
+def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monkeypatch, chunks, lanes):
     """On separate streams: each pass after the uploads and the previous pass of every region it touches, each
     download after the last pass on its region; every block of every pass launched exactly once; no pass waits for
-    the upload of a region it does not touch (merges of the first regions overlap the later uploads); and no upload
+    the upload of a region it does not touch (merges of the first regions overlap the later uploads); no upload
     waits for a kernel (the copy engine never idles behind the host's or the device's work), which the graph replay
-    relies on for its overlap."""
+    relies on for its overlap; and with two compute lanes or more, no pass on the last region waits for a pass on
+    the region before it (its own passes overlap the merges still running there)."""
     import impl.sort.pipeline as pipeline_module
 
     n = 3000
     pipe = HostSortPipeline(n, np.float32, argsort=True, config=EMU_CUDA_CONFIG,
-                            pipeline=PipelineConfig(chunks=chunks))
+                            pipeline=PipelineConfig(chunks=chunks, lanes=lanes))
+    assert len(pipe.lanes) == lanes
     t = _Timeline(pipe)
     pipe.roles = ("in", "compute", "out")
+    pipe.lanes = ("compute",) + tuple(f"lane{j}" for j in range(1, lanes))
     monkeypatch.setattr(pipeline_module, "_record", t.record)
     monkeypatch.setattr(pipe, "_upload", lambda lo, hi, s: t.add(s, "h2d", lo))
     monkeypatch.setattr(pipe, "_download", lambda lo, hi, s: t.add(s, "d2h", lo))
@@ -193,6 +199,13 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
     assert all(op[0] == "in" for op in t.ops if op[1] == "h2d")
     assert all(op[0] == "out" for op in t.ops if op[1] == "d2h")
     assert size * (len(regions) - 1) < n <= size * len(regions)
+    assert {op[0] for op in t.ops if op[1] == "pass"} == set(pipe.lanes) if len(regions) >= lanes else True
+    if lanes > 1 and len(regions) > 1:
+        last, prev = len(regions) - 1, len(regions) - 2
+        passes = [(j, op[2][1]) for j, op in enumerate(t.ops) if op[1] == "pass"]
+        first_own = min(j for j, on in passes if last in on)
+        assert not any(t.before(j, first_own) for j, on in passes if prev in on and last not in on), \
+            "the last region's first pass waits for a pass on the region before it"
 
 
 def test_staged_pipeline_replays_what_it_captured(monkeypatch):

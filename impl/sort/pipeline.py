@@ -5,11 +5,14 @@ allow.
     of 2^k slots (k: the smallest with at most ``chunks`` regions, at least one tile). Every block of pass i lies in
     one aligned group of 2^span_bits(i) slots, so pass i runs on a region (span within it) or on the group of regions
     it fills as soon as all of them have arrived and run the
-    passes before it (``steps()``). Three streams, one per role, so that copies in one direction queue behind each
-    other and never behind a kernel:
+    passes before it (``steps()``). Streams by role, so that copies in one direction queue behind each other and
+    never behind a kernel, and a region's passes never queue behind passes on regions they do not touch:
       copy-in stream:  for each region c: (x[c] -> pinned[c] on the host) ; pinned[c] -> dev[c] ; event arrived[c]
-      compute stream:  for each region c: wait arrived[c] ; every pass now possible on c and on the groups it
+      compute lanes:   for each region c: wait arrived[c] ; every pass now possible on c and on the groups it
                        completes ; after the last region: region 0 to its end (event sorted[0]), then region 1, ...
+                       A pass runs on lane (its last region mod ``lanes``) after the last pass on each of its
+                       regions (an event where that pass ran on another lane), so region c's own passes start on
+                       arrival while the merges of the regions before it still run on another lane.
       copy-out stream: for each region c as it is sorted: wait sorted[c] ; dev_out[c] -> pinned[c] ; event done[c]
       host:            for each region c in that order: wait done[c] ; (pinned[c] -> out[c])
 
@@ -52,10 +55,12 @@ class PipelineConfig:
     pinned: bool = True    # page-locked staging (async copies); False: pageable, synchronous, no overlap
     graph: bool = True     # sort_staged replays the schedule as one CUDA graph where a GPU allows it
     early: bool = True     # merge regions as soon as they arrive; False: a pass wider than a region waits for all
+    lanes: int = 2         # compute streams (with streams=3): a region's passes need not wait for another's merges
 
     def __post_init__(self) -> None:
-        if self.chunks < 1 or not 1 <= self.streams <= 3:
-            raise ValueError(f"chunks must be >= 1 and streams 1..3, got {self.chunks} and {self.streams}")
+        if self.chunks < 1 or not 1 <= self.streams <= 3 or not 1 <= self.lanes <= 8:
+            raise ValueError(f"chunks must be >= 1, streams 1..3 and lanes 1..8, got {self.chunks}, {self.streams} "
+                             f"and {self.lanes}")
 
 
 NAIVE = PipelineConfig(chunks=1, streams=1, pinned=False, graph=False)
@@ -87,8 +92,10 @@ class HostSortPipeline:
         if pipeline.pinned:
             made = [cuda.stream() for _ in range(pipeline.streams)]
             self.roles = tuple(made[min(r, len(made) - 1)] for r in range(3))
+            extra = pipeline.lanes - 1 if pipeline.streams == 3 else 0
+            self.lanes = (self.roles[1], *(cuda.stream() for _ in range(extra)))  # compute streams
         else:
-            self.roles = (0, 0, 0)
+            self.roles, self.lanes = (0, 0, 0), (0,)
         self._graphs: dict[bool | str, StreamGraph] = {}  # sort_staged's per direction, "round_trip"
         self.graph_error: str | None = None  # why sort_staged launches one by one on a GPU, if capture failed
 
@@ -230,7 +237,7 @@ class HostSortPipeline:
         """``work()`` captured as the graph of ``key`` from the copy-in stream (the other roles forked from it and
         joined back); where capture fails, ``graph_error`` says why."""
         origin = self.roles[0]
-        others = [s for s in dict.fromkeys(self.roles[1:]) if s is not origin]
+        others = [s for s in dict.fromkeys((*self.roles[1:], *self.lanes[1:])) if s is not origin]
 
         def enqueue() -> None:
             fork = _record(origin)
@@ -249,11 +256,12 @@ class HostSortPipeline:
         cuda.synchronize()
 
     def _enqueue(self, descending: bool, x: np.ndarray | None) -> list:
-        """Enqueue ``steps()`` on the three role streams; ((lo, hi), download event or None) per region, in the
-        order the downloads were enqueued."""
-        copy_in, compute, copy_out = self.roles
+        """Enqueue ``steps()`` on the role streams and compute lanes; ((lo, hi), download event or None) per region,
+        in the order the downloads were enqueued."""
+        copy_in, _, copy_out = self.roles
         pinned = self.pipeline.pinned
         regions = self.chunk_bounds()
+        last: dict[int, tuple] = {}  # region -> (stream, event) of the last copy or pass on it
         done = []
         for step in self.steps():
             if step[0] == "arrive":
@@ -262,17 +270,31 @@ class HostSortPipeline:
                     self.stage_in[lo:hi] = x[lo:hi]
                 self._upload(lo, hi, copy_in)
                 if pinned:
-                    _record(copy_in).wait(compute)
+                    last[step[1]] = (copy_in, _record(copy_in))
             elif step[0] == "pass":
                 _, i, c0, c1 = step
-                self._group_pass(i, compute, regions, c0, c1, descending)
+                lane = self.lanes[(c1 - 1) % len(self.lanes)]
+                if pinned:
+                    self._wait_for(range(c0, c1), last, lane)
+                self._group_pass(i, lane, regions, c0, c1, descending)
+                if pinned:
+                    ran = (lane, _record(lane))
+                    last.update((c, ran) for c in range(c0, c1))
             else:
                 lo, hi = regions[step[1]]
                 if pinned:
-                    _record(compute).wait(copy_out)
+                    self._wait_for([step[1]], last, copy_out)
                 self._download(lo, hi, copy_out)
                 done.append(((lo, hi), _record(copy_out) if pinned else None))  # pageable copies are synchronous
         return done
+
+    @staticmethod
+    def _wait_for(members, last: dict, stream) -> None:
+        """Make ``stream`` wait for the last copy or pass on each region of ``members`` (one wait per event; none for
+        work already ahead of it on ``stream`` itself)."""
+        events = {id(ev): ev for c in members for s, ev in [last[c]] if s is not stream}
+        for event in events.values():
+            event.wait(stream)
 
     def _enqueue_round_trip(self) -> list:
         """Every region's upload on the copy-in stream, then every region's download (of the uploaded keys) on the
