@@ -15,18 +15,23 @@ from impl.sort.bitonic import BitonicSorter, SortGraph
 from impl.sort.keys import SUPPORTED_DTYPES
 from impl.sort.network import default_config
 from impl.sort.pipeline import NAIVE, STAGED, HostSortPipeline, PipelineConfig
-from impl.sort.plan import EMU_CUDA_CONFIG
+from impl.sort.plan import EMU_CUDA_CONFIG, padded_bits
 from impl.sort.reference import argsort_reference, sort_reference
 
 
 @given(x=arrays(st.sampled_from(SUPPORTED_DTYPES), max_n=max_size(cpu=1500, gpu=1 << 21)),
        chunks=st.sampled_from([1, 2, 3, 8]), streams=st.sampled_from([1, 2, 3]), pinned=st.booleans(),
-       argsort_=st.booleans(), descending=st.booleans())
-@settings(max_examples=10)
-def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending):
+       argsort_=st.booleans(), descending=st.booleans(), cpp=st.booleans(), finish=st.sampled_from(["merge", "bitonic"]))
+@settings(max_examples=20)
+def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending, cpp, finish):
+    """Any dtype, size, chunking, stream layout, staging and finish (the merge where it applies: keys-only CUDA C++
+    passes), numba's passes or the CUDA C++ ones (emulated here), against numpy; output poisoned, input untouched."""
     keep = x.copy()
-    pipe = HostSortPipeline(x.size, x.dtype, argsort=argsort_,
-                            pipeline=PipelineConfig(chunks=chunks, streams=streams, pinned=pinned))
+    pipe = HostSortPipeline(x.size, x.dtype, argsort=argsort_, config=EMU_CUDA_CONFIG if cpp else None,
+                            pipeline=PipelineConfig(chunks=chunks, streams=streams, pinned=pinned, finish=finish))
+    tile_bits = EMU_CUDA_CONFIG.shape("keys64" if x.dtype.itemsize == 8 else "keys32")[0]
+    merges = finish == "merge" and cpp and not argsort_ and padded_bits(x.size) - 1 >= tile_bits
+    assert pipe.finish == ("merge" if merges else "bitonic")
     out = np.full(x.size, 7, dtype=pipe.sorter.out_dtype)  # poisoned: every element must be written
     got = pipe(x, out, descending=descending)
     assert got is out
@@ -37,6 +42,29 @@ def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending
         same = (got == ref) | (np.isnan(got) & np.isnan(ref)) if x.dtype.kind == "f" else got == ref
         assert same.all(), f"{int((~same).sum())} wrong of {x.size}"
     assert np.array_equal(host_bits(x), host_bits(keep)), "the input was modified"
+
+
+@pytest.mark.parametrize("dtype,chunks", [("float32", 3), ("int64", 8), ("float16", 1), ("uint32", 3)])
+def test_merge_finish_matches_the_bitonic_finish_and_numpy(dtype, chunks):
+    """The merge finish (passes up to two sorted halves, a device merge per output region) gives the bitonic
+    finish's output bit for bit (NaNs canonical, −0.0 before +0.0) and numpy's values, both directions, on nasty keys
+    at sizes just above and below a power of two; the output is poisoned first and the input never modified."""
+    for n, seed in [(2049, 2), (4095, 3)]:
+        x = make_array(n, dtype, "nasty", seed=seed)
+        keep = x.copy()
+        merged = HostSortPipeline(n, x.dtype, config=EMU_CUDA_CONFIG, pipeline=PipelineConfig(chunks=chunks))
+        plain = HostSortPipeline(n, x.dtype, config=EMU_CUDA_CONFIG,
+                                 pipeline=PipelineConfig(chunks=chunks, finish="bitonic"))
+        assert (merged.finish, plain.finish) == ("merge", "bitonic")
+        assert merged.sorter.plan.run_bits == padded_bits(n) - 1 and not merged.sorter.plan.passes[-1].decode
+        for descending in (False, True):
+            out = np.full(n, 7, dtype=x.dtype)
+            got = merged(x, out, descending=descending)
+            ref = sort_reference(x, descending=descending)
+            same = (got == ref) | (np.isnan(got) & np.isnan(ref)) if x.dtype.kind == "f" else got == ref
+            assert same.all(), f"n={n}: {int((~same).sum())} wrong"
+            assert np.array_equal(host_bits(got), host_bits(plain(x, descending=descending)))
+        assert np.array_equal(host_bits(x), host_bits(keep))
 
 
 @pytest.mark.parametrize("chunks", [2, 5])
@@ -139,11 +167,13 @@ class _Timeline:
         return [j for j, op in enumerate(self.ops) if op[1] == kind and op[2] == detail]
 
 
+@pytest.mark.parametrize("finish", ["merge", "bitonic"])
 @pytest.mark.parametrize("lanes", [1, 2, 3])
 @pytest.mark.parametrize("chunks", [1, 3, 4, 8])
-def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monkeypatch, chunks, lanes):
+def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monkeypatch, chunks, lanes, finish):
     """On separate streams: each pass after the uploads and the previous pass of every region it touches, each
-    download after the last pass on its region; every block of every pass launched exactly once; no pass waits for
+    download after the last pass on its region (the merge finish: each merge after the last pass on every region,
+    each download after its region's merge); every block of every pass launched exactly once; no pass waits for
     the upload of a region it does not touch (merges of the first regions overlap the later uploads); no upload
     waits for a kernel (the copy engine never idles behind the host's or the device's work), which the graph replay
     relies on for its overlap; and with two compute lanes or more, no pass on the last region waits for a pass on
@@ -151,15 +181,16 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
     import impl.sort.pipeline as pipeline_module
 
     n = 3000
-    pipe = HostSortPipeline(n, np.float32, argsort=True, config=EMU_CUDA_CONFIG,
+    pipe = HostSortPipeline(n, np.float32, argsort=finish == "bitonic", config=EMU_CUDA_CONFIG,
                             pipeline=PipelineConfig(chunks=chunks, lanes=lanes))
-    assert len(pipe.lanes) == lanes
+    assert len(pipe.lanes) == lanes and pipe.finish == finish
     t = _Timeline(pipe)
     pipe.roles = ("in", "compute", "out")
     pipe.lanes = ("compute",) + tuple(f"lane{j}" for j in range(1, lanes))
     monkeypatch.setattr(pipeline_module, "_record", t.record)
     monkeypatch.setattr(pipe, "_upload", lambda lo, hi, s: t.add(s, "h2d", lo))
     monkeypatch.setattr(pipe, "_download", lambda lo, hi, s: t.add(s, "d2h", lo))
+    monkeypatch.setattr(pipe, "_merge", lambda lo, hi, s, descending: t.add(s, "merge", lo))
     monkeypatch.setattr(pipe.sorter, "launch_pass", t.launch)
     pipe._enqueue(False, None)
     regions = [lo for lo, _ in pipe.chunk_bounds()]
@@ -188,12 +219,19 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
         last = {i: min(((pipe.sorter.pass_blocks(i) - 1) << pipe.sorter.block_bits(i)) >> t.k, len(regions) - 1)
                 for i in range(pipe.passes)}
         assert done == [i for i in range(pipe.passes) if r <= last[i]], f"region {r} misses a pass or runs one twice"
-        assert done[0] == 0 and done[-1] == pipe.passes - 1, f"region {r} is not encoded or not decoded"
+        assert done[0] == 0, f"region {r} is not encoded"
+        assert done[-1] == pipe.passes - 1 or finish == "merge", f"region {r} is not decoded"  # else: the merge
     for i in range(pipe.passes):
         assert sorted(t.blocks[i]) == list(range(pipe.sorter.pass_blocks(i))), f"pass {i}: blocks not covered once"
+    merges = [j for j, op in enumerate(t.ops) if op[1] == "merge"]
+    assert [t.ops[j][2] for j in merges] == (regions if finish == "merge" else [])
+    for j in merges:
+        assert all(t.before(touched[r], j) for r in touched), "a merge may start before the last pass on a region"
     for r, lo in enumerate(regions):
         (down,) = t.find("d2h", lo)
         assert t.before(touched[r], down), f"region {r} may be downloaded before its last pass"
+        if finish == "merge":
+            assert t.before(t.find("merge", lo)[0], down), f"region {r} may be downloaded before its merge"
         assert not any(t.before(j, uploads[r]) for j, op in enumerate(t.ops) if op[1] == "pass"), \
             "an upload waits for a kernel"
     assert all(op[0] == "in" for op in t.ops if op[1] == "h2d")

@@ -270,13 +270,17 @@ def uses_cuda_cpp(config) -> bool:
     raise TypeError(f"config must be a CudaSortConfig or a SortConfig, not {type(config).__name__}")
 
 
-def make_sorter(n: int, dtype, *, argsort: bool = False, config=None):
-    """The sorter ``config`` selects (``CudaSorter`` or ``BitonicSorter``), after checking that n keys fit."""
+def make_sorter(n: int, dtype, *, argsort: bool = False, config=None, runs: int | None = None):
+    """The sorter ``config`` selects (``CudaSorter`` or ``BitonicSorter``), after checking that n keys fit;
+    ``runs``: the CUDA C++ passes up to sorted runs of 2^runs slots only (``build_cuda_plan``)."""
     if not uses_cuda_cpp(config):
+        if runs is not None:
+            raise ValueError("sorted runs (runs=) are a plan of the CUDA C++ passes; this config selects numba's")
         return BitonicSorter(n, dtype, argsort=argsort, config=config)
     fmt = key_format(dtype)
     check_fits(n, n * (MODES[slot_mode(fmt, argsort)] + 2 * fmt.dtype.itemsize + 8 * argsort))
-    return CudaSorter(n, dtype, argsort=argsort, config=config if isinstance(config, CudaSortConfig) else None)
+    return CudaSorter(n, dtype, argsort=argsort, config=config if isinstance(config, CudaSortConfig) else None,
+                      runs=runs)
 
 
 def _run(x, *, argsort: bool, descending: bool, inplace: bool, config):

@@ -55,13 +55,14 @@ class CudaSorter:
     """Sort (or argsort) ``n`` keys of ``dtype`` with the CUDA C++ passes, over and over, without allocating."""
 
     def __init__(self, n: int, dtype, *, argsort: bool = False, config: CudaSortConfig | None = None,
-                 runtime=None) -> None:
+                 runtime=None, runs: int | None = None) -> None:
         self.n, self.fmt, self.argsort = int(n), key_format(dtype), bool(argsort)
         if not 0 <= self.n <= MAX_N:
             raise ValueError(f"n = {self.n} keys is outside the supported range 0..{MAX_N} (32-bit positions)")
         self.mode = slot_mode(self.fmt, self.argsort)
         self.config = config or choose.config_for(self.n, self.mode)
-        self.plan: CudaPlan = build_cuda_plan(self.n, self.mode, self.config)
+        # runs: the passes stop at sorted runs of 2^runs slots left encoded in ``keys`` (a merge finishes the sort)
+        self.plan: CudaPlan = build_cuda_plan(self.n, self.mode, self.config, runs)
         self.runtime = runtime or default_runtime()
         self.specs: list[KernelSpec] = plan_kernels(self.plan, self.fmt.nbits)
         self.smems = [slot_bytes(p.t, self.mode) for p in self.plan.passes]  # per launch

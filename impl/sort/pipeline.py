@@ -43,9 +43,12 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda
 
-from impl.sort.bitonic import BitonicSorter, StreamGraph, make_sorter, validate
+from impl.sort import choose
+from impl.sort.bitonic import BitonicSorter, StreamGraph, make_sorter, uses_cuda_cpp, validate
+from impl.sort.cuda_sort import slot_mode
 from impl.sort.keys import key_format
-from impl.sort.plan import block_range
+from impl.sort.merge import default_merge_config, device_view, launch_merge
+from impl.sort.plan import CudaSortConfig, block_range, padded_bits
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,15 @@ class PipelineConfig:
     graph: bool = True     # sort_staged replays the schedule as one CUDA graph where a GPU allows it
     early: bool = True     # merge regions as soon as they arrive; False: a pass wider than a region waits for all
     lanes: int = 2         # compute streams (with streams=3): a region's passes need not wait for another's merges
+    finish: str = "merge"  # "merge": passes up to two sorted halves, then a merge per output region; "bitonic": the
+                           # network's last stage (argsorts, numba's passes and sizes under two tiles always)
 
     def __post_init__(self) -> None:
         if self.chunks < 1 or not 1 <= self.streams <= 3 or not 1 <= self.lanes <= 8:
             raise ValueError(f"chunks must be >= 1, streams 1..3 and lanes 1..8, got {self.chunks}, {self.streams} "
                              f"and {self.lanes}")
+        if self.finish not in ("merge", "bitonic"):
+            raise ValueError(f"finish must be 'merge' or 'bitonic', got {self.finish!r}")
 
 
 NAIVE = PipelineConfig(chunks=1, streams=1, pinned=False, graph=False)
@@ -77,7 +84,11 @@ class HostSortPipeline:
     def __init__(self, n: int, dtype, *, argsort: bool = False, config=None,
                  pipeline: PipelineConfig = PipelineConfig()) -> None:
         self.fmt = key_format(dtype)
-        self.sorter = make_sorter(n, self.fmt.dtype, argsort=argsort, config=config)
+        runs = merge_runs(int(n), self.fmt.dtype, argsort, config) if pipeline.finish == "merge" else None
+        if runs is not None and not isinstance(config, CudaSortConfig):
+            config = choose.config_for(int(n), slot_mode(self.fmt, argsort))
+        self.sorter = make_sorter(n, self.fmt.dtype, argsort=argsort, config=config, runs=runs)
+        self.finish = "bitonic" if runs is None else "merge"
         if isinstance(self.sorter, BitonicSorter) and self.sorter.config.variant != "shared":
             raise ValueError("the host pipeline chunks the tile passes, so it needs the shared variant")
         self.passes = len(self.sorter.plan.passes)
@@ -96,6 +107,10 @@ class HostSortPipeline:
             self.lanes = (self.roles[1], *(cuda.stream() for _ in range(extra)))  # compute streams
         else:
             self.roles, self.lanes = (0, 0, 0), (0,)
+        if runs is not None:  # the merge reads the sorter's encoded workspace, writes the output's raw bits
+            self.merge_config = default_merge_config()
+            self._merge_keys = device_view(self.sorter.keys)
+            self._merge_out = self.d_out.view(self.fmt.bits_dtype)
         self._graphs: dict[bool | str, StreamGraph] = {}  # sort_staged's per direction, "round_trip"
         self.graph_error: str | None = None  # why sort_staged launches one by one on a GPU, if capture failed
 
@@ -118,7 +133,8 @@ class HostSortPipeline:
         A pass runs on a group as soon as every region of the group has arrived and run the passes before it, so
         the merges of the early regions overlap the later uploads. Arrived neighbours at the same pass share one
         launch, except that after the last upload the first unfinished region runs alone, carried to its end first
-        (its download then overlaps the rest)."""
+        (its download then overlaps the rest). With the merge finish, ("merge", c) writes output region c once
+        every region has run every pass, and region c's download follows it."""
         regions, count = self.chunk_bounds(), self.passes
         done = [0] * len(regions)
         arrived, out = 0, []
@@ -146,11 +162,12 @@ class HostSortPipeline:
                 out.append(("pass", i, members.start, members.stop))
                 for d in members:
                     done[d] += 1
-                    if done[d] == count:
+                    if done[d] == count and not merge:
                         out.append(("done", d))
                 return True
             return False
 
+        merge = self.finish == "merge"
         for c in range(len(regions)):
             out.append(("arrive", c))
             arrived = c + 1
@@ -158,6 +175,9 @@ class HostSortPipeline:
                 out.append(("done", c))
             while advance():
                 pass
+        if merge:
+            for c in range(len(regions)):
+                out += [("merge", c), ("done", c)]
         return out
 
     def exposed(self) -> tuple[int, int]:
@@ -167,7 +187,7 @@ class HostSortPipeline:
             return 0, 0
         last = max(j for j, st in enumerate(steps) if st[0] == "arrive")
         first = min(j for j, st in enumerate(steps) if st[0] == "done")
-        launches = [j for j, st in enumerate(steps) if st[0] == "pass"]
+        launches = [j for j, st in enumerate(steps) if st[0] in ("pass", "merge")]
         return sum(j < last for j in launches), sum(last < j < first for j in launches)
 
     @property
@@ -280,6 +300,14 @@ class HostSortPipeline:
                 if pinned:
                     ran = (lane, _record(lane))
                     last.update((c, ran) for c in range(c0, c1))
+            elif step[0] == "merge":
+                lo, hi = regions[step[1]]
+                lane = self.lanes[(len(regions) - 1) % len(self.lanes)]
+                if pinned:
+                    self._wait_for(range(len(regions)), last, lane)
+                self._merge(lo, hi, lane, descending)
+                if pinned:
+                    last[step[1]] = (lane, _record(lane))
             else:
                 lo, hi = regions[step[1]]
                 if pinned:
@@ -316,6 +344,13 @@ class HostSortPipeline:
         """Region [lo, hi) of ``src`` (default: the sorted output) into ``stage_out``."""
         (self.d_out if src is None else src)[lo:hi].copy_to_host(self.stage_out[lo:hi], stream=stream)
 
+    def _merge(self, lo: int, hi: int, stream, descending: bool) -> None:
+        """The merge finish's launch for output region [lo, hi): the sorted halves [0, 2^runs) and [2^runs, n) of the
+        workspace merged into the output (``impl.sort.merge``)."""
+        launch_merge(self._merge_keys, 1 << self.sorter.plan.run_bits, self.n, self._merge_out,
+                     self.fmt.params(descending=descending, canon_zero=False), lo=lo, hi=hi, stream=stream,
+                     config=self.merge_config)
+
     def _group_pass(self, i: int, stream, regions: list, c0: int, c1: int, descending: bool) -> None:
         """Pass ``i`` on the blocks of regions c0..c1-1 (neighbours, each holding whole groups of 2^span_bits(i)
         slots, or the regions filling one such group): block b of the pass lies in the aligned block of 2^k slots
@@ -329,6 +364,17 @@ class HostSortPipeline:
         if last > first:
             self.sorter.launch_pass(i, self.d_src, self.d_out, descending=descending, stream=stream,
                                     first_block=first, blocks=last - first)
+
+
+def merge_runs(n: int, dtype, argsort: bool, config) -> int | None:
+    """Sorted-run bits of the merge finish (the two halves: padded bits − 1), where it applies: keys-only, the CUDA
+    C++ passes, and halves of at least a tile; None elsewhere (the bitonic finish)."""
+    if argsort or not uses_cuda_cpp(config) or n < 2:
+        return None
+    mode = slot_mode(key_format(dtype), argsort)
+    cfg = config if isinstance(config, CudaSortConfig) else choose.config_for(n, mode)
+    runs = padded_bits(n) - 1
+    return runs if runs >= cfg.shape(mode)[0] else None
 
 
 def _record(stream):

@@ -460,6 +460,12 @@ class CudaPlan:
     config: CudaSortConfig
     logn: int
     passes: tuple[PassSpec, ...] = field(default_factory=tuple)
+    runs: int | None = None  # the plan stops at sorted runs of 2^runs slots, still encoded (None: sorts all)
+
+    @property
+    def run_bits(self) -> int:
+        """log2 of the sorted runs the plan leaves: logn for a whole sort."""
+        return self.logn if self.runs is None else self.runs
 
     @property
     def tile(self) -> int:
@@ -477,24 +483,31 @@ class CudaPlan:
         return [p.active_blocks(self.n) for p in self.passes]
 
 
-def build_cuda_plan(n: int, mode: str, config: CudaSortConfig = GPU_CUDA_CONFIG) -> CudaPlan:
-    """Every pass that sorts n slots of ``mode`` (keys32, keys64, composite key+index, pairs)."""
+def build_cuda_plan(n: int, mode: str, config: CudaSortConfig = GPU_CUDA_CONFIG, runs: int | None = None) -> CudaPlan:
+    """Every pass that sorts n slots of ``mode`` (keys32, keys64, composite key+index, pairs).
+
+    ``runs``: stop after stage ``runs`` (tile bits <= runs < logn): every aligned run of 2^runs slots sorted, the keys
+    left encoded in the workspace (no pass decodes) for a merge to finish (``impl.sort.merge``)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
     t, e = config.shape(mode)
     tm, em = config.shape(mode, merge=True)
     logn = padded_bits(n)
+    if runs is not None and not t <= runs < logn:
+        raise ValueError(f"runs must be in tile bits..logn - 1 ({t}..{logn - 1}) for n = {n}, got {runs}")
+    top = logn if runs is None else runs
     wide = MODES[mode] > 4
-    s = t if config.tile_stages is None or logn <= t else min(config.tile_stages, t)
+    s = t if config.tile_stages is None or top <= t else min(config.tile_stages, t)
     passes = [tile_pass(t, e, wide, s)]
     if tm > logn:  # a coset never spans more than the padded size
         tm = max(logn, t)
         em = min(em, tm - LANE_BITS)
-    for seg in (merge_segments(s, tm, logn, config.run_bits, config.fuse) if logn > s else []):
+    for seg in (merge_segments(s, tm, top, config.run_bits, config.fuse) if top > s else []):
         passes.append(coset_pass([m for _, m in seg], tm, em, logn, wide, tuple(sorted({L for L, _ in seg}))))
     passes[0] = passes[0].with_flags(encode=True)
-    passes[-1] = passes[-1].with_flags(decode=True)
-    return CudaPlan(n, mode, config, logn, tuple(passes))
+    if runs is None:
+        passes[-1] = passes[-1].with_flags(decode=True)
+    return CudaPlan(n, mode, config, logn, tuple(passes), runs)
 
 
 def predicted_passes(n: int, mode: str, config: CudaSortConfig = GPU_CUDA_CONFIG) -> int:

@@ -99,13 +99,13 @@ def check_pass(spec: PassSpec) -> None:
 
 def check_plan(plan: CudaPlan) -> None:
     """Every pass is well formed, the tile pass performs stages 1..S, and the merge passes perform exactly the
-    flip-form steps of stages S+1..LOGN."""
+    flip-form steps of stages S+1..LOGN (S+1..runs for a plan that stops at sorted runs, and decodes nowhere)."""
     for spec in plan.passes:
         check_pass(spec)
     last = len(plan.passes[0].stages)
     assert plan.passes[0].stages == tuple(range(1, last + 1)) and last <= plan.passes[0].t
-    want = [m for L in range(last + 1, plan.logn + 1) for m in stage_masks(L)]
+    want = [m for L in range(last + 1, plan.run_bits + 1) for m in stage_masks(L)]
     got = [m for spec in plan.passes[1:] for m in spec.masks]
     assert got == want, "merge passes do not perform the network's steps in order"
-    assert plan.passes[0].encode and plan.passes[-1].decode
-    assert sum(p.encode for p in plan.passes) == 1 and sum(p.decode for p in plan.passes) == 1
+    assert plan.passes[0].encode and plan.passes[-1].decode == (plan.runs is None)
+    assert sum(p.encode for p in plan.passes) == 1 and sum(p.decode for p in plan.passes) == (plan.runs is None)
