@@ -21,7 +21,8 @@ from impl.sort.reference import argsort_reference, sort_reference
 
 @given(x=arrays(st.sampled_from(SUPPORTED_DTYPES), max_n=max_size(cpu=1500, gpu=1 << 21)),
        chunks=st.sampled_from([1, 2, 3, 8]), streams=st.sampled_from([1, 2, 3]), pinned=st.booleans(),
-       argsort_=st.booleans(), descending=st.booleans(), cpp=st.booleans(), finish=st.sampled_from(["merge", "bitonic"]))
+       argsort_=st.booleans(), descending=st.booleans(), cpp=st.booleans(),
+       finish=st.sampled_from(["merge", "bitonic"]))
 @settings(max_examples=20)
 def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending, cpp, finish):
     """Any dtype, size, chunking, stream layout, staging and finish (the merge where it applies: keys-only CUDA C++

@@ -16,9 +16,15 @@ allow.
       copy-out stream: for each region c as it is sorted: wait sorted[c] ; dev_out[c] -> pinned[c] ; event done[c]
       host:            for each region c in that order: wait done[c] ; (pinned[c] -> out[c])
 
-For 10M keys in five regions of 2^21 slots (``STAGED``), regions 0..3 are merged pairwise and then as one while
-region 4 uploads; after the last upload only region 4's own passes, the pass spanning all 2^24 slots, the 2^23-slot
-pass on regions 0..3 and region 0's last two passes stand before the first download, which then overlaps the rest.
+Finish. The network's last stage spans all 2^LOGN slots: its passes can start only after the last upload, and run
+over every key before any region is sorted. Keys-only pipelines on the CUDA C++ passes stop the network one stage
+earlier instead (``finish="merge"``): the passes leave two sorted halves, [0, 2^(LOGN−1)) and [2^(LOGN−1), n), still
+encoded, and a device merge (``impl.sort.merge``) writes output region c — "sorted[c]" above — as soon as every
+region has run its passes, region 0 first, so the first download waits for one region's merge, not for a pass over
+all keys. For 10M keys in five regions of 2^21 slots (``STAGED``), regions 0..3 (the first half) are merged pairwise
+and then as one while region 4 (the second half, 1.6M keys) uploads; after the last upload, region 4's own passes
+and region 0's merge stand before the first download, which then overlaps the rest (the bitonic finish adds the
+passes of stage 24 over all keys there). Argsorts and numba's passes keep the bitonic finish.
 ``sort_staged()`` sorts keys already held in the pinned buffer ``stage_in`` into ``stage_out`` (no host copies: the
 figure the host-to-host target is about); on a GPU its second and later calls replay the whole schedule as one CUDA
 graph (one launch instead of one host call per copy, pass and event, each 20-40 µs of host time, which otherwise
