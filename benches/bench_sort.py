@@ -211,8 +211,8 @@ def test_sort_end_to_end(device_bench, benchmark, pipeline):
     device_bench(fn, bytes_moved=compulsory_bytes(n, "keys"), clock="host", flush_l2=False, rounds=10, setup=setup,
                  n=n, dtype="float32", mode="keys", variant=f"e2e_{pipeline}", chunks=len(pipe.chunk_bounds()),
                  passes=pipe.passes, implementation=type(pipe.sorter).__name__, fallback_reason=reason,
-                 graph=pipe.graphed, graph_error=pipe.graph_error, early=pc.early,
-                 launches_after_last_upload=pipe.exposed()[1])
+                 graph=pipe.graphed, graph_error=pipe.graph_error, early=pc.early, finish=pipe.finish,
+                 lanes=len(pipe.lanes), launches_after_last_upload=pipe.exposed()[1])
     record_rate(benchmark, n)
     got = pipe.stage_out[:n] if pipeline == "pinned_buffer" else out
     assert np.array_equal(got, np.sort(x))
