@@ -238,6 +238,7 @@ def test_tune_dry_run_checks_times_and_writes_json(tmp_path, capsys):
     assert rec["complete"] and v["checks"] == {k: "ok" for k in tune.CASES_1M}
     assert v["times"]["uniform-64"]["pairs"] > 0 and v["times"]["uniform-64"]["host_syncs"] == 1
     assert "split-exact-2sync" in capsys.readouterr().out
+    assert rec["commit"] and rec["date"] and rec["device"] and rec["run_id"]  # where and from what it was measured
 
 
 def test_tune_dry_run_times_the_tensor_core_variant_by_phase(tmp_path, capsys):

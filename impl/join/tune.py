@@ -36,6 +36,7 @@ import impl  # noqa: F401  (backend before triton/numba)
 import torch
 
 from impl import backend
+from impl.common.results import RUN_ID, git_commit, gpu_name, now_iso
 from impl.common.timing import time_fn
 from impl.join.common import run_join
 from impl.join.data import Case, compulsory_bytes, make_tables
@@ -275,9 +276,11 @@ def time_phases(op, plan: Plan, device: str) -> dict[str, Any]:
 
 
 def write(out_dir: Path, record: dict[str, Any]) -> None:
+    """``record`` as ``out_dir/tune.json``, with the device, commit, date and run id of the run that measured it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "tune.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=str))
+    stamp = {"device": gpu_name(), "commit": git_commit(), "date": now_iso(), "run_id": RUN_ID}
+    tmp.write_text(json.dumps({**stamp, **record}, indent=1, default=str))
     tmp.replace(out_dir / "tune.json")
 
 
