@@ -34,7 +34,7 @@ for step in $1; do
     sort)
       run sort_tune 75 python3 -m impl.sort.tune --budget-s 60
       run sort_bench 100 python3 -m pytest benches/bench_sort.py -q -p no:cacheprovider --benchmark-save=sort
-      run sort_exp 30 python3 -m impl.sort.experiments --quick ;;
+      run sort_exp 45 python3 -m impl.sort.experiments --quick ;;
     join)
       run join_bench 110 python3 -m pytest benches/bench_join.py -q -p no:cacheprovider --benchmark-save=join -k "not numba"
       run join_exp 45 python3 -m impl.join.experiments --quick ;;
