@@ -1,4 +1,5 @@
 """The sort's host pipeline (pinned staging, chunks on streams), CUDA-graph replay, experiments and claims."""
+import bisect
 import json
 from dataclasses import replace
 
@@ -22,14 +23,16 @@ from impl.sort.reference import argsort_reference, sort_reference
 @given(x=arrays(st.sampled_from(SUPPORTED_DTYPES), max_n=max_size(cpu=1500, gpu=1 << 21)),
        chunks=st.sampled_from([1, 2, 3, 8]), streams=st.sampled_from([1, 2, 3]), pinned=st.booleans(),
        argsort_=st.booleans(), descending=st.booleans(), cpp=st.booleans(),
-       finish=st.sampled_from(["merge", "bitonic"]))
-@settings(max_examples=20)
-def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending, cpp, finish):
-    """Any dtype, size, chunking, stream layout, staging and finish (the merge where it applies: keys-only CUDA C++
-    passes), numba's passes or the CUDA C++ ones (emulated here), against numpy; output poisoned, input untouched."""
+       finish=st.sampled_from(["merge", "bitonic"]), early=st.booleans())
+@settings(max_examples=25)
+def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending, cpp, finish, early):
+    """Any dtype, size, chunking, stream layout, staging, merge timing and finish (the merge where it applies:
+    keys-only CUDA C++ passes), numba's passes or the CUDA C++ ones (emulated here), against numpy; output
+    poisoned, input untouched."""
     keep = x.copy()
     pipe = HostSortPipeline(x.size, x.dtype, argsort=argsort_, config=EMU_CUDA_CONFIG if cpp else None,
-                            pipeline=PipelineConfig(chunks=chunks, streams=streams, pinned=pinned, finish=finish))
+                            pipeline=PipelineConfig(chunks=chunks, streams=streams, pinned=pinned, finish=finish,
+                                                    early=early))
     tile_bits = EMU_CUDA_CONFIG.shape("keys64" if x.dtype.itemsize == 8 else "keys32")[0]
     merges = finish == "merge" and cpp and not argsort_ and padded_bits(x.size) - 1 >= tile_bits
     assert pipe.finish == ("merge" if merges else "bitonic")
@@ -100,6 +103,27 @@ def test_pipeline_chunks_are_tile_aligned_and_cover_the_input():
     assert np.array_equal(pipe(x), np.sort(x))
 
 
+@pytest.mark.parametrize("n,chunks,taper,want", [
+    (10_000, 8, 4, [(0, 2048, 11), (2048, 4096, 11), (4096, 6144, 11), (6144, 8192, 11), (8192, 9216, 10),
+                    (9216, 9728, 9), (9728, 9984, 8), (9984, 10_000, 8)]),
+    (10_000, 8, 1, [(0, 2048, 11), (2048, 4096, 11), (4096, 6144, 11), (6144, 8192, 11), (8192, 9216, 10),
+                    (9216, 10_000, 10)]),
+    (10_000, 8, 0, [(0, 2048, 11), (2048, 4096, 11), (4096, 6144, 11), (6144, 8192, 11), (8192, 10_000, 11)]),
+    (3000, 4, 4, [(0, 1024, 10), (1024, 2048, 10), (2048, 2560, 9), (2560, 2816, 8), (2816, 3000, 8)]),
+    (2048, 4, 4, [(0, 512, 9), (512, 1024, 9), (1024, 1536, 9), (1536, 1792, 8), (1792, 2048, 8)]),
+    (3000, 1, 4, [(0, 3000, 12)]),
+])
+def test_pipeline_regions_taper_the_last_one(n, chunks, taper, want):
+    """Regions of 2^k slots, the last one cut into halving aligned pieces (at most ``taper``, none below a tile of
+    2^8 here) while the rest exceeds the next piece; one region stays whole."""
+    pipe = HostSortPipeline(n, np.float32, config=EMU_CUDA_CONFIG, pipeline=PipelineConfig(chunks=chunks, taper=taper))
+    assert pipe.regions() == want
+    assert pipe.chunk_bounds() == [(lo, hi) for lo, hi, _ in want]
+    assert all(lo % (1 << b) == 0 and 0 < hi - lo <= 1 << b for lo, hi, b in want)
+    with pytest.raises(ValueError, match="taper"):
+        PipelineConfig(taper=-1)
+
+
 def test_pipeline_rejects_what_it_cannot_sort():
     pipe = HostSortPipeline(64, np.int32, pipeline=NAIVE)
     with pytest.raises(ValueError, match="64 int32"):
@@ -120,7 +144,12 @@ class _Timeline:
 
     def __init__(self, pipe: HostSortPipeline) -> None:
         self.pipe, self.ops, self.last = pipe, [], {}  # op: (stream, kind, detail, deps)
-        self.k, self.regions, self.blocks = pipe.region_bits, len(pipe.chunk_bounds()), {}
+        self.bounds, self.blocks = pipe.regions(), {}
+        self.starts = [lo for lo, _, _ in self.bounds]
+
+    def region_of(self, pos: int) -> int:
+        """The region holding slot ``pos`` (slots past n: the last region's aligned block)."""
+        return max(bisect.bisect_right(self.starts, pos) - 1, 0)
 
     def add(self, stream, kind, detail, extra=()) -> int:
         deps = set(extra) | ({self.last[stream]} if stream in self.last else set())
@@ -143,13 +172,13 @@ class _Timeline:
         sorter = self.pipe.sorter
         stop = sorter.pass_blocks(i) if blocks is None else first_block + blocks
         span, bits = sorter.span_bits(i), sorter.block_bits(i)
-        if span > self.k:  # exactly one aligned group of 2^span slots: no less (wrong), no more (waits too long)
+        if span > self.bounds[self.region_of(first_block << bits)][2]:  # exactly one aligned group of 2^span slots:
+            # no less (wrong), no more (waits too long)
             group = first_block >> (span - bits)
             assert first_block == group << (span - bits) and stop == min((group + 1) << (span - bits),
                                                                         sorter.pass_blocks(i)), \
                 f"pass {i} launched on blocks {first_block}..{stop}, not on one group of 2^{span} slots"
-        regions = sorted({min((b << sorter.block_bits(i)) >> self.k, self.regions - 1)
-                          for b in range(first_block, stop)})
+        regions = sorted({self.region_of(b << bits) for b in range(first_block, stop)})
         self.blocks.setdefault(i, []).extend(range(first_block, stop))
         self.add(stream, "pass", (i, tuple(regions)))
 
@@ -195,8 +224,10 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
     monkeypatch.setattr(pipe.sorter, "launch_pass", t.launch)
     pipe._enqueue(False, None)
     regions = [lo for lo, _ in pipe.chunk_bounds()]
-    assert len(regions) == min(chunks, 3 if chunks < 8 else 6)
-    size = 1 << t.k
+    bounds = pipe.regions()  # aligned, contiguous, covering [0, n) (exact lists: test_pipeline_regions_taper...)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(lo % (1 << b) == 0 and 0 < hi - lo <= 1 << b for lo, hi, b in bounds)
+    assert (len(regions) == 1) == (chunks == 1)
     uploads = [t.find("h2d", lo)[0] for lo in regions]
     touched = {}  # region index -> op index of the last pass on it
     ran = {r: [] for r in range(len(regions))}  # region -> the passes run on it, in enqueue order
@@ -217,7 +248,7 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
         for r in on:
             needs[r] = data
     for r, done in ran.items():  # a pass's blocks are a prefix: it reaches the regions up to its last block's
-        last = {i: min(((pipe.sorter.pass_blocks(i) - 1) << pipe.sorter.block_bits(i)) >> t.k, len(regions) - 1)
+        last = {i: t.region_of((pipe.sorter.pass_blocks(i) - 1) << pipe.sorter.block_bits(i))
                 for i in range(pipe.passes)}
         assert done == [i for i in range(pipe.passes) if r <= last[i]], f"region {r} misses a pass or runs one twice"
         assert done[0] == 0, f"region {r} is not encoded"
@@ -237,7 +268,6 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
             "an upload waits for a kernel"
     assert all(op[0] == "in" for op in t.ops if op[1] == "h2d")
     assert all(op[0] == "out" for op in t.ops if op[1] == "d2h")
-    assert size * (len(regions) - 1) < n <= size * len(regions)
     assert {op[0] for op in t.ops if op[1] == "pass"} == set(pipe.lanes) if len(regions) >= lanes else True
     if lanes > 1 and len(regions) > 1:
         last, prev = len(regions) - 1, len(regions) - 2

@@ -80,8 +80,9 @@ def merge_kernel(key_dtype: np.dtype, out_dtype: np.dtype, threads: int, items: 
             ends[t] = diagonal(keys, na, n, lo if t == 0 else hi)
         cuda.syncthreads()
         a0 = ends[0]
-        ca = ends[1] - a0  # keys of A in this block's outputs: sh[0:ca], then B's: sh[ca:cnt]
         cnt = hi - lo
+        ca = min(max(ends[1] - a0, 0), cnt)  # A's keys among this block's outputs: sh[0:ca], then B's: sh[ca:cnt]
+        # (the clamp only matters for unsorted input, whose output is wrong anyway: it keeps every access in bounds)
         b0 = na + lo - a0
         for q in range(t, cnt, threads):
             sh[q] = keys[a0 + q] if q < ca else keys[b0 + q - ca]
