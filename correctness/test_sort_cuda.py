@@ -377,6 +377,7 @@ def test_host_pipeline_runs_the_cuda_source(emu):
     n = 2100
     x = make_array(n, "int32", "random", seed=5)
     for pc in (PipelineConfig(chunks=3), PipelineConfig(chunks=8), PipelineConfig(chunks=8, early=False),
+               PipelineConfig(chunks=8, early=False, taper=4), PipelineConfig(chunks=8, taper=4),
                PipelineConfig(chunks=2, pinned=False)):
         pipe = HostSortPipeline(n, np.int32, config=EMU_CUDA_CONFIG, pipeline=pc)
         assert np.array_equal(pipe(x), np.sort(x))

@@ -23,16 +23,16 @@ from impl.sort.reference import argsort_reference, sort_reference
 @given(x=arrays(st.sampled_from(SUPPORTED_DTYPES), max_n=max_size(cpu=1500, gpu=1 << 21)),
        chunks=st.sampled_from([1, 2, 3, 8]), streams=st.sampled_from([1, 2, 3]), pinned=st.booleans(),
        argsort_=st.booleans(), descending=st.booleans(), cpp=st.booleans(),
-       finish=st.sampled_from(["merge", "bitonic"]), early=st.booleans())
+       finish=st.sampled_from(["merge", "bitonic"]), early=st.booleans(), taper=st.sampled_from([0, 4]))
 @settings(max_examples=25)
-def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending, cpp, finish, early):
-    """Any dtype, size, chunking, stream layout, staging, merge timing and finish (the merge where it applies:
-    keys-only CUDA C++ passes), numba's passes or the CUDA C++ ones (emulated here), against numpy; output
-    poisoned, input untouched."""
+def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending, cpp, finish, early, taper):
+    """Any dtype, size, chunking (the last region whole or tapered), stream layout, staging, merge timing and
+    finish (the merge where it applies: keys-only CUDA C++ passes), numba's passes or the CUDA C++ ones (emulated
+    here), against numpy; output poisoned, input untouched."""
     keep = x.copy()
     pipe = HostSortPipeline(x.size, x.dtype, argsort=argsort_, config=EMU_CUDA_CONFIG if cpp else None,
                             pipeline=PipelineConfig(chunks=chunks, streams=streams, pinned=pinned, finish=finish,
-                                                    early=early))
+                                                    early=early, taper=taper))
     tile_bits = EMU_CUDA_CONFIG.shape("keys64" if x.dtype.itemsize == 8 else "keys32")[0]
     merges = finish == "merge" and cpp and not argsort_ and padded_bits(x.size) - 1 >= tile_bits
     assert pipe.finish == ("merge" if merges else "bitonic")
@@ -212,7 +212,7 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
 
     n = 3000
     pipe = HostSortPipeline(n, np.float32, argsort=finish == "bitonic", config=EMU_CUDA_CONFIG,
-                            pipeline=PipelineConfig(chunks=chunks, lanes=lanes))
+                            pipeline=PipelineConfig(chunks=chunks, lanes=lanes, taper=4))
     assert len(pipe.lanes) == lanes and pipe.finish == finish
     t = _Timeline(pipe)
     pipe.roles = ("in", "compute", "out")

@@ -67,7 +67,8 @@ class PipelineConfig:
     lanes: int = 2         # compute streams (with streams=3): a region's passes need not wait for another's merges
     finish: str = "merge"  # "merge": passes up to two sorted halves, then a merge per output region; "bitonic": the
                            # network's last stage (argsorts, numba's passes and sizes under two tiles always)
-    taper: int = 4         # the last region uploads as up to this many halving pieces and a rest (0: whole)
+    taper: int = 0         # the last region uploads as up to this many halving pieces and a rest (0: whole; on an
+                           # H100, 4 pieces of 10M keys in 8 chunks measured no faster: their many short launches)
 
     def __post_init__(self) -> None:
         if self.chunks < 1 or not 1 <= self.streams <= 3 or not 1 <= self.lanes <= 8:

@@ -9,7 +9,7 @@ numba_tune the numba sorter, one knob at a time around its default config (the C
 transfers  host<->device copies from pageable vs pinned memory at 4 / 40 / 400 MB
 pipeline   host-to-host sort: chunks 1/2/4/8 pinned vs naive pageable; staged (pinned buffer, graph) chunks
            1/2/4/8/16/32, 4/8 without early merges, 8 on one compute lane, 8 and 16 finished by the network's last
-           stage instead of the merge, 8 with the last region whole (no taper), 8 with t14e5r5's passes; the
+           stage instead of the merge, 8 with the last region in halving pieces (taper 4), 8 with t14e5r5's passes; the
            staged copies alone (round trip, no pass: the floor of a staged sort) in 1 and 8 chunks; at 10M (and
            100M without --quick)
 ncu        Nsight Compute over one 10M float32 sort: DRAM bytes, occupancy, registers, bank conflicts per pass
@@ -165,7 +165,7 @@ def exp_transfers(sizes: list[int], reps: int) -> dict[str, Any]:
 def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4, 8),
                  staged_chunks: tuple[int, ...] = (1, 2, 4, 8, 16), late_chunks: tuple[int, ...] = (4, 8),
                  one_lane_chunks: tuple[int, ...] = (8,), bitonic_chunks: tuple[int, ...] = (8, 16),
-                 whole_last_chunks: tuple[int, ...] = (8,),
+                 taper_chunks: tuple[int, ...] = (8,),
                  staged_configs: tuple[str, ...] = (), staged_reps: int = 20) -> dict[str, Any]:
     rows = []
     for n in sizes:
@@ -187,7 +187,7 @@ def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4
         # whose passes wider than a region wait for every region, beside the default that merges regions on arrival;
         # "lanes=1": every pass on one compute stream (a region's passes queue behind the merges before them);
         # "bitonic": the network's last stage on all keys instead of the merge of the two sorted halves;
-        # "taper=0": the last region uploaded whole rather than in halving pieces;
+        # "taper=4": the last region uploaded in halving pieces rather than whole;
         # a tune label: that config's passes (fewer, larger-tile passes: fewer launches after the last upload)
         from impl.sort.tune import KEY_CONFIGS
 
@@ -196,7 +196,7 @@ def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4
         staged += [(f"staged_chunks={c},lanes=1", PipelineConfig(chunks=c, lanes=1), None) for c in one_lane_chunks]
         staged += [(f"staged_chunks={c},bitonic", PipelineConfig(chunks=c, finish="bitonic"), None)
                    for c in bitonic_chunks]
-        staged += [(f"staged_chunks={c},taper=0", PipelineConfig(chunks=c, taper=0), None) for c in whole_last_chunks]
+        staged += [(f"staged_chunks={c},taper=4", PipelineConfig(chunks=c, taper=4), None) for c in taper_chunks]
         staged += [(f"staged_chunks={STAGED.chunks},{k}", STAGED, KEY_CONFIGS[k]) for k in staged_configs]
         for label, pc, config in staged:
             pipe = HostSortPipeline(n, np.float32, config=config, pipeline=pc)
@@ -327,7 +327,7 @@ def run(*, smoke: bool, quick: bool = False, no_ncu: bool = False, skip_tune: bo
                                   chunks=(1, 4) if smoke else (1, 2, 4, 8),
                                   staged_chunks=(1, 4) if smoke else (1, 2, 4, 8, 16, 32),
                                   late_chunks=(4,) if smoke else (4, 8), one_lane_chunks=(4,) if smoke else (8,),
-                                  bitonic_chunks=(4,) if smoke else (8, 16), whole_last_chunks=(4,) if smoke else (8,),
+                                  bitonic_chunks=(4,) if smoke else (8, 16), taper_chunks=(4,) if smoke else (8,),
                                   staged_reps=1 if smoke else 20,
                                   staged_configs=() if smoke else ("t14e5r5",)))
     if not (smoke or quick or no_ncu):
