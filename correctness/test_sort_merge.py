@@ -8,7 +8,8 @@ from numba import cuda
 from fixtures.sort import host_bits
 from fixtures.strategies import arrays, make_array, max_size
 from impl.sort.keys import SUPPORTED_DTYPES, decode_np, encode_np, key_format
-from impl.sort.merge import MergeConfig, launch_merge, merge_blocks, merge_reference, merge_sorted
+from impl.sort.merge import (MergeConfig, launch_merge, launch_partition, merge_blocks, merge_reference,
+                             merge_sorted, partition_slots)
 
 CONFIGS = [MergeConfig(threads=8, items=4), MergeConfig(threads=4, items=1), MergeConfig(threads=2, items=7)]
 
@@ -68,12 +69,18 @@ def test_merge_writes_only_its_range():
     poison = np.uint32(0x7FC0DEAD)
     d_out = cuda.to_device(np.full(n, poison, dtype=np.uint32))
     enc = fmt.params(descending=False, canon_zero=False)
-    launch_merge(keys, a.size, n, d_out, enc, lo=13, hi=35, config=config)  # blocks 2..4: outputs 16..39
+    diags = cuda.to_device(np.full(partition_slots(n, config), -5, dtype=np.int64))
+    launch_partition(keys, a.size, n, diags, config=config)
+    both = np.concatenate([encode_np(a), encode_np(b)])  # diag(k): A's keys among the first k of the merged order
+    merged_from_a = np.argsort(both, kind="stable") < a.size
+    want = [int(merged_from_a[:min(j * config.tile, n)].sum()) for j in range(partition_slots(n, config))]
+    assert diags.copy_to_host().tolist() == want
+    launch_merge(keys, a.size, n, diags, d_out, enc, lo=13, hi=35, config=config)  # blocks 2..4: outputs 16..39
     got = d_out.copy_to_host()
     assert (got[:16] == poison).all() and (got[40:] == poison).all()
     assert np.array_equal(got[16:40], host_bits(full)[16:40])
     for lo, hi in [(0, 13), (35, 61), (61, n)]:
-        launch_merge(keys, a.size, n, d_out, enc, lo=lo, hi=hi, config=config)
+        launch_merge(keys, a.size, n, diags, d_out, enc, lo=lo, hi=hi, config=config)
     assert np.array_equal(d_out.copy_to_host(), host_bits(full))
 
 
@@ -83,11 +90,16 @@ def test_merge_rejects_bad_input():
     assert merge_blocks(9, 9, config) == (2, 0)
     keys = cuda.to_device(np.arange(10, dtype=np.uint32))
     out = cuda.device_array(10, dtype=np.uint32)
+    diags = cuda.device_array(partition_slots(10, config), dtype=np.int64)
     enc = key_format(np.uint32).params(descending=False, canon_zero=False)
     with pytest.raises(ValueError, match="na <= n"):
-        launch_merge(keys, 11, 10, out, enc, config=config)
+        launch_merge(keys, 11, 10, diags, out, enc, config=config)
     with pytest.raises(ValueError, match="hi <= n"):
-        launch_merge(keys, 5, 10, out, enc, hi=12, config=config)
+        launch_merge(keys, 5, 10, diags, out, enc, hi=12, config=config)
+    with pytest.raises(ValueError, match="na <= n"):
+        launch_partition(keys, 11, 10, diags, config=config)
+    with pytest.raises(ValueError, match="needs 3"):
+        launch_partition(keys, 5, 10, cuda.device_array(2, dtype=np.int64), config=config)
     with pytest.raises(TypeError, match="share a dtype"):
         merge_sorted(np.zeros(3, np.float32), np.zeros(3, np.int32))
     with pytest.raises(ValueError, match="power of two"):

@@ -6,10 +6,11 @@ plan stops at sorted runs (``build_cuda_plan(runs=...)``), so that the output co
 
 Merge path: the first k outputs hold i = diag(k) keys of A and k − i of B, where i is the least index in
 [max(0, k − |B|), min(k, |A|)] with A[i] > B[k − 1 − i] (a binary search). Block b of a launch writes outputs
-[b·TILE, (b+1)·TILE) ∩ [0, n), TILE = threads·items: two of its threads find diag at both ends in global memory,
-the block loads its A and B pieces (TILE keys together) into shared memory, each thread finds its own diagonal there
-and merges ``items`` keys into registers, and the block writes them back through shared memory so that consecutive
-threads store consecutive outputs. Blocks are independent: a launch may cover any range of them (``merge_blocks``),
+[b·TILE, (b+1)·TILE) ∩ [0, n), TILE = threads·items. A partition launch first finds diag at every block boundary
+(one thread each, all at once: one search's latency in all), then each merge block loads its A and B pieces (TILE
+keys together) into shared memory, each thread finds its own diagonal there and merges ``items`` keys into
+registers, and the block writes them back through shared memory so that consecutive threads store consecutive
+outputs. Blocks are independent: a launch may cover any range of them (``merge_blocks``),
 e.g. those of one output region, whose download can then start while later regions merge.
 """
 from __future__ import annotations
@@ -49,39 +50,45 @@ def default_merge_config() -> MergeConfig:
     return SIM_MERGE if numba_config.ENABLE_CUDASIM else GPU_MERGE
 
 
+@cuda.jit(device=True, inline=True)
+def diagonal(keys, na, n, k):
+    """Keys of A = keys[0:na] among the first k outputs of merge(A, keys[na:n])."""
+    lo = max(0, k - (n - na))
+    hi = min(k, na)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if keys[mid] <= keys[na + k - 1 - mid]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@cuda.jit
+def partition_kernel(keys, na, n, tile, diags):
+    """diags[b] = diag(min(b·tile, n)) for b = 0..len(diags)−1: where every merge block starts and ends."""
+    b = cuda.grid(1)
+    if b < diags.shape[0]:
+        diags[b] = diagonal(keys, na, n, min(b * tile, n))
+
+
 @functools.cache
 def merge_kernel(key_dtype: np.dtype, out_dtype: np.dtype, threads: int, items: int):
     """The merge kernel for order keys of ``key_dtype`` (uint32/uint64) into outputs viewed as ``out_dtype``
-    (the unsigned view of the sorted dtype)."""
+    (the unsigned view of the sorted dtype); block b's ends are diags[b] and diags[b + 1]."""
     key_t, out_t = numba.from_dtype(np.dtype(key_dtype)), numba.from_dtype(np.dtype(out_dtype))
     tile = threads * items
 
-    @cuda.jit(device=True, inline=True)
-    def diagonal(keys, na, n, k):
-        """Keys of A = keys[0:na] among the first k outputs of merge(A, keys[na:n])."""
-        lo = max(0, k - (n - na))
-        hi = min(k, na)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if keys[mid] <= keys[na + k - 1 - mid]:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
-
     @cuda.jit
-    def kernel(keys, na, n, out, enc, first_block):
+    def kernel(keys, na, n, diags, out, enc, first_block):
         sh = cuda.shared.array(tile, key_t)
-        ends = cuda.shared.array(2, numba.int64)
         t = cuda.threadIdx.x
-        lo = (first_block + cuda.blockIdx.x) * tile
+        blk = first_block + cuda.blockIdx.x
+        lo = blk * tile
         hi = min(lo + tile, n)
-        if t < 2:
-            ends[t] = diagonal(keys, na, n, lo if t == 0 else hi)
-        cuda.syncthreads()
-        a0 = ends[0]
+        a0 = diags[blk]
         cnt = hi - lo
-        ca = min(max(ends[1] - a0, 0), cnt)  # A's keys among this block's outputs: sh[0:ca], then B's: sh[ca:cnt]
+        ca = min(max(diags[blk + 1] - a0, 0), cnt)  # A's keys among this block's outputs: sh[0:ca], B's: sh[ca:cnt]
         # (the clamp only matters for unsorted input, whose output is wrong anyway: it keeps every access in bounds)
         b0 = na + lo - a0
         for q in range(t, cnt, threads):
@@ -132,11 +139,30 @@ def merge_blocks(lo: int, hi: int, config: MergeConfig) -> tuple[int, int]:
     return first, max(-(-hi // config.tile) - first, 0)
 
 
-def launch_merge(keys, na: int, n: int, out_bits, enc: tuple, *, lo: int = 0, hi: int | None = None, stream=0,
-                 config: MergeConfig | None = None) -> None:
+def partition_slots(n: int, config: MergeConfig) -> int:
+    """Length of the diagonal array of a merge of n outputs: one per block and one for the end."""
+    return -(-n // config.tile) + 1
+
+
+def launch_partition(keys, na: int, n: int, diags, *, stream=0, config: MergeConfig | None = None) -> None:
+    """Enqueue the diagonals of every merge block of ``keys[0:na]`` and ``keys[na:n]`` into ``diags`` (int64,
+    ``partition_slots(n)`` long): one binary search per block, all at once, so the merge blocks wait for none."""
+    config = config or default_merge_config()
+    if not 0 <= na <= n:
+        raise ValueError(f"need 0 <= na <= n, got na={na}, n={n}")
+    if diags.shape[0] != partition_slots(n, config):
+        raise ValueError(f"diags holds {diags.shape[0]} slots; a merge of {n} outputs in tiles of {config.tile} "
+                         f"needs {partition_slots(n, config)}")
+    threads = 128
+    partition_kernel[-(-diags.shape[0] // threads), threads, stream](keys, np.int64(na), np.int64(n),
+                                                                     np.int64(config.tile), diags)
+
+
+def launch_merge(keys, na: int, n: int, diags, out_bits, enc: tuple, *, lo: int = 0, hi: int | None = None,
+                 stream=0, config: MergeConfig | None = None) -> None:
     """Enqueue the merge of ``keys[0:na]`` and ``keys[na:n]`` (sorted order keys, from ``device_view``) into
     ``out_bits`` (the unsigned view of the output), decoding with ``enc`` (``KeyFormat.params``): the blocks of
-    ``merge_blocks(lo, hi)``."""
+    ``merge_blocks(lo, hi)``, their diagonals from ``launch_partition`` into ``diags`` (enqueued before)."""
     config = config or default_merge_config()
     hi = n if hi is None else hi
     if not 0 <= na <= n or not 0 <= lo <= hi <= n:
@@ -145,7 +171,7 @@ def launch_merge(keys, na: int, n: int, out_bits, enc: tuple, *, lo: int = 0, hi
     if blocks == 0:
         return
     kernel = merge_kernel(np.dtype(keys.dtype), np.dtype(out_bits.dtype), config.threads, config.items)
-    kernel[blocks, config.threads, stream](keys, np.int64(na), np.int64(n), out_bits, enc, np.int64(first))
+    kernel[blocks, config.threads, stream](keys, np.int64(na), np.int64(n), diags, out_bits, enc, np.int64(first))
 
 
 def merge_sorted(a: np.ndarray, b: np.ndarray, *, descending: bool = False,
@@ -161,9 +187,12 @@ def merge_sorted(a: np.ndarray, b: np.ndarray, *, descending: bool = False,
     out = np.empty(n, dtype=fmt.dtype)
     if n == 0:
         return out
+    config = config or default_merge_config()
     d_keys = cuda.to_device(keys)
     d_out = cuda.device_array(n, dtype=fmt.bits_dtype)
-    launch_merge(d_keys, a.size, n, d_out, fmt.params(descending=descending, canon_zero=False), config=config)
+    diags = cuda.device_array(partition_slots(n, config), dtype=np.int64)
+    launch_partition(d_keys, a.size, n, diags, config=config)
+    launch_merge(d_keys, a.size, n, diags, d_out, fmt.params(descending=descending, canon_zero=False), config=config)
     return d_out.copy_to_host().view(fmt.dtype)
 
 

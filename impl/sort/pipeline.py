@@ -53,7 +53,7 @@ from impl.sort import choose
 from impl.sort.bitonic import BitonicSorter, StreamGraph, make_sorter, uses_cuda_cpp, validate
 from impl.sort.cuda_sort import slot_mode
 from impl.sort.keys import key_format
-from impl.sort.merge import default_merge_config, device_view, launch_merge
+from impl.sort.merge import default_merge_config, device_view, launch_merge, launch_partition, partition_slots
 from impl.sort.plan import CudaSortConfig, block_range, padded_bits
 
 
@@ -121,6 +121,7 @@ class HostSortPipeline:
             self.merge_config = default_merge_config()
             self._merge_keys = device_view(self.sorter.keys)
             self._merge_out = self.d_out.view(self.fmt.bits_dtype)
+            self._merge_diags = cuda.device_array(partition_slots(self.n, self.merge_config), dtype=np.int64)
         self._graphs: dict[bool | str, StreamGraph] = {}  # sort_staged's per direction, "round_trip"
         self.graph_error: str | None = None  # why sort_staged launches one by one on a GPU, if capture failed
 
@@ -375,9 +376,13 @@ class HostSortPipeline:
         (self.d_out if src is None else src)[lo:hi].copy_to_host(self.stage_out[lo:hi], stream=stream)
 
     def _merge(self, lo: int, hi: int, stream, descending: bool) -> None:
-        """The merge finish's launch for output region [lo, hi): the sorted halves [0, 2^runs) and [2^runs, n) of the
-        workspace merged into the output (``impl.sort.merge``)."""
-        launch_merge(self._merge_keys, 1 << self.sorter.plan.run_bits, self.n, self._merge_out,
+        """The merge finish's launches for output region [lo, hi): the sorted halves [0, 2^runs) and [2^runs, n) of
+        the workspace merged into the output (``impl.sort.merge``), after the diagonals of every block (with the
+        first region)."""
+        na = 1 << self.sorter.plan.run_bits
+        if lo == 0:
+            launch_partition(self._merge_keys, na, self.n, self._merge_diags, stream=stream, config=self.merge_config)
+        launch_merge(self._merge_keys, na, self.n, self._merge_diags, self._merge_out,
                      self.fmt.params(descending=descending, canon_zero=False), lo=lo, hi=hi, stream=stream,
                      config=self.merge_config)
 
