@@ -377,8 +377,7 @@ def test_host_pipeline_runs_the_cuda_source(emu):
     n = 2100
     x = make_array(n, "int32", "random", seed=5)
     for pc in (PipelineConfig(chunks=3), PipelineConfig(chunks=8), PipelineConfig(chunks=8, early=False),
-               PipelineConfig(chunks=8, early=False, taper=4), PipelineConfig(chunks=8, taper=4),
-               PipelineConfig(chunks=2, pinned=False)):
+               PipelineConfig(chunks=8, lanes=2), PipelineConfig(chunks=2, pinned=False)):
         pipe = HostSortPipeline(n, np.int32, config=EMU_CUDA_CONFIG, pipeline=pc)
         assert np.array_equal(pipe(x), np.sort(x))
         pipe.stage_in[:] = x
@@ -391,8 +390,7 @@ def test_host_pipeline_runs_each_pass_on_the_regions_it_can(emu):
     2^11 group); the last pass per region, region 0 first; the result is numpy's."""
     n = 3000  # 2^12 slots; regions of 2^10 (4 chunks -> 3 regions, the last partial)
     x = make_array(n, "float32", "nasty", seed=6)
-    pipe = HostSortPipeline(n, np.float32, argsort=True, config=EMU_CUDA_CONFIG,
-                            pipeline=PipelineConfig(chunks=4, taper=0))
+    pipe = HostSortPipeline(n, np.float32, argsort=True, config=EMU_CUDA_CONFIG, pipeline=PipelineConfig(chunks=4))
     assert pipe.region_bits == 10 and pipe.chunk_bounds() == [(0, 1024), (1024, 2048), (2048, 3000)]
     steps = pipe.steps()
     span = pipe.sorter.span_bits

@@ -23,16 +23,16 @@ from impl.sort.reference import argsort_reference, sort_reference
 @given(x=arrays(st.sampled_from(SUPPORTED_DTYPES), max_n=max_size(cpu=1500, gpu=1 << 21)),
        chunks=st.sampled_from([1, 2, 3, 8]), streams=st.sampled_from([1, 2, 3]), pinned=st.booleans(),
        argsort_=st.booleans(), descending=st.booleans(), cpp=st.booleans(),
-       finish=st.sampled_from(["merge", "bitonic"]), early=st.booleans(), taper=st.sampled_from([0, 4]))
+       finish=st.sampled_from(["merge", "bitonic"]), early=st.booleans())
 @settings(max_examples=25)
-def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending, cpp, finish, early, taper):
-    """Any dtype, size, chunking (the last region whole or tapered), stream layout, staging, merge timing and
-    finish (the merge where it applies: keys-only CUDA C++ passes), numba's passes or the CUDA C++ ones (emulated
-    here), against numpy; output poisoned, input untouched."""
+def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending, cpp, finish, early):
+    """Any dtype, size, chunking, stream layout, staging, merge timing and finish (the merge where it applies:
+    keys-only CUDA C++ passes), numba's passes or the CUDA C++ ones (emulated here), against numpy; output
+    poisoned, input untouched."""
     keep = x.copy()
     pipe = HostSortPipeline(x.size, x.dtype, argsort=argsort_, config=EMU_CUDA_CONFIG if cpp else None,
                             pipeline=PipelineConfig(chunks=chunks, streams=streams, pinned=pinned, finish=finish,
-                                                    early=early, taper=taper))
+                                                    early=early))
     tile_bits = EMU_CUDA_CONFIG.shape("keys64" if x.dtype.itemsize == 8 else "keys32")[0]
     merges = finish == "merge" and cpp and not argsort_ and padded_bits(x.size) - 1 >= tile_bits
     assert pipe.finish == ("merge" if merges else "bitonic")
@@ -101,27 +101,6 @@ def test_pipeline_chunks_are_tile_aligned_and_cover_the_input():
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     x = make_array(n, "float32", "reverse", seed=2)
     assert np.array_equal(pipe(x), np.sort(x))
-
-
-@pytest.mark.parametrize("n,chunks,taper,want", [
-    (10_000, 8, 4, [(0, 2048, 11), (2048, 4096, 11), (4096, 6144, 11), (6144, 8192, 11), (8192, 9216, 10),
-                    (9216, 9728, 9), (9728, 9984, 8), (9984, 10_000, 8)]),
-    (10_000, 8, 1, [(0, 2048, 11), (2048, 4096, 11), (4096, 6144, 11), (6144, 8192, 11), (8192, 9216, 10),
-                    (9216, 10_000, 10)]),
-    (10_000, 8, 0, [(0, 2048, 11), (2048, 4096, 11), (4096, 6144, 11), (6144, 8192, 11), (8192, 10_000, 11)]),
-    (3000, 4, 4, [(0, 1024, 10), (1024, 2048, 10), (2048, 2560, 9), (2560, 2816, 8), (2816, 3000, 8)]),
-    (2048, 4, 4, [(0, 512, 9), (512, 1024, 9), (1024, 1536, 9), (1536, 1792, 8), (1792, 2048, 8)]),
-    (3000, 1, 4, [(0, 3000, 12)]),
-])
-def test_pipeline_regions_taper_the_last_one(n, chunks, taper, want):
-    """Regions of 2^k slots, the last one cut into halving aligned pieces (at most ``taper``, none below a tile of
-    2^8 here) while the rest exceeds the next piece; one region stays whole."""
-    pipe = HostSortPipeline(n, np.float32, config=EMU_CUDA_CONFIG, pipeline=PipelineConfig(chunks=chunks, taper=taper))
-    assert pipe.regions() == want
-    assert pipe.chunk_bounds() == [(lo, hi) for lo, hi, _ in want]
-    assert all(lo % (1 << b) == 0 and 0 < hi - lo <= 1 << b for lo, hi, b in want)
-    with pytest.raises(ValueError, match="taper"):
-        PipelineConfig(taper=-1)
 
 
 def test_pipeline_rejects_what_it_cannot_sort():
@@ -212,7 +191,7 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
 
     n = 3000
     pipe = HostSortPipeline(n, np.float32, argsort=finish == "bitonic", config=EMU_CUDA_CONFIG,
-                            pipeline=PipelineConfig(chunks=chunks, lanes=lanes, taper=4))
+                            pipeline=PipelineConfig(chunks=chunks, lanes=lanes))
     assert len(pipe.lanes) == lanes and pipe.finish == finish
     t = _Timeline(pipe)
     pipe.roles = ("in", "compute", "out")
@@ -224,10 +203,10 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
     monkeypatch.setattr(pipe.sorter, "launch_pass", t.launch)
     pipe._enqueue(False, None)
     regions = [lo for lo, _ in pipe.chunk_bounds()]
-    bounds = pipe.regions()  # aligned, contiguous, covering [0, n) (exact lists: test_pipeline_regions_taper...)
+    bounds = pipe.regions()  # aligned, contiguous, covering [0, n)
     assert bounds[0][0] == 0 and bounds[-1][1] == n and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     assert all(lo % (1 << b) == 0 and 0 < hi - lo <= 1 << b for lo, hi, b in bounds)
-    assert (len(regions) == 1) == (chunks == 1)
+    assert len(regions) == min(chunks, 3 if chunks < 8 else 6)
     uploads = [t.find("h2d", lo)[0] for lo in regions]
     touched = {}  # region index -> op index of the last pass on it
     ran = {r: [] for r in range(len(regions))}  # region -> the passes run on it, in enqueue order

@@ -63,12 +63,11 @@ class PipelineConfig:
     streams: int = 3       # distinct streams for the roles copy-in, compute, copy-out (1: all in order on one)
     pinned: bool = True    # page-locked staging (async copies); False: pageable, synchronous, no overlap
     graph: bool = True     # sort_staged replays the schedule as one CUDA graph where a GPU allows it
-    early: bool = True     # merge regions as soon as they arrive; False: a pass waits for all the regions it spans
-    lanes: int = 2         # compute streams (with streams=3): a region's passes need not wait for another's merges
+    early: bool = True     # merge regions as soon as they arrive; False: a pass wider than a region waits for all
+    lanes: int = 1         # compute streams (with streams=3): with 2+, a region's passes need not wait for another
+                           # region's merges (no faster on an H100 at 10M keys in 8 chunks: the passes share the SMs)
     finish: str = "merge"  # "merge": passes up to two sorted halves, then a merge per output region; "bitonic": the
                            # network's last stage (argsorts, numba's passes and sizes under two tiles always)
-    taper: int = 0         # the last region uploads as up to this many halving pieces and a rest (0: whole; on an
-                           # H100, 4 pieces of 10M keys in 8 chunks measured no faster: their many short launches)
 
     def __post_init__(self) -> None:
         if self.chunks < 1 or not 1 <= self.streams <= 3 or not 1 <= self.lanes <= 8:
@@ -76,8 +75,6 @@ class PipelineConfig:
                              f"and {self.lanes}")
         if self.finish not in ("merge", "bitonic"):
             raise ValueError(f"finish must be 'merge' or 'bitonic', got {self.finish!r}")
-        if self.taper < 0:
-            raise ValueError(f"taper must be >= 0, got {self.taper}")
 
 
 NAIVE = PipelineConfig(chunks=1, streams=1, pinned=False, graph=False)
@@ -132,25 +129,10 @@ class HostSortPipeline:
         return max(self.sorter.span_bits(0), (per - 1).bit_length())
 
     def regions(self) -> list[tuple[int, int, int]]:
-        """(lo, hi, bits) of each region in upload order: [lo, hi) inside the aligned block of 2^bits slots at lo.
-
-        Regions of 2^region_bits slots, except that where there are several, the last one is cut (``taper``) into
-        aligned pieces of half, a quarter, ... of a region while what remains is larger than the next piece, and
-        that remainder (at least one tile): the keys that arrive last are few, so few passes stand between the last
-        upload and the end."""
-        if not self.n:
-            return []
-        k, tile = self.region_bits, self.sorter.span_bits(0)
-        out = [(lo, min(lo + (1 << k), self.n), k) for lo in range(0, self.n, 1 << k)]
-        if len(out) == 1:  # one region: no chunking asked for
-            return out
-        lo, hi, _ = out.pop()
-        b = k - 1
-        while b >= tile and k - b <= self.pipeline.taper and hi - lo > 1 << b:
-            out.append((lo, lo + (1 << b), b))
-            lo, b = lo + (1 << b), b - 1
-        out.append((lo, hi, max(tile, (hi - lo - 1).bit_length())))
-        return out
+        """(lo, hi, bits) of each region in upload order: [lo, hi) inside the aligned block of 2^bits slots at lo
+        (bits = ``region_bits``; the last region may be partial)."""
+        k = self.region_bits
+        return [(lo, min(lo + (1 << k), self.n), k) for lo in range(0, self.n, 1 << k)]
 
     def chunk_bounds(self) -> list[tuple[int, int]]:
         """[lo, hi) of each region in upload order (``regions``; aligned, so to tiles; the last may be partial)."""
@@ -174,8 +156,8 @@ class HostSortPipeline:
             s = self.sorter.span_bits(i)
             if s <= regions[c][2]:
                 return range(c, c + 1)
-            if not self.pipeline.early:  # every region too small to hold the pass: the last ones, as bits shrink
-                return range(next(d for d, r in enumerate(regions) if r[2] < s), len(regions))
+            if not self.pipeline.early:
+                return range(len(regions))
             members = [d for d, (lo, _, _) in enumerate(regions) if lo >> s == regions[c][0] >> s]
             return range(members[0], members[-1] + 1)
 

@@ -8,10 +8,9 @@ numba_tune the numba sorter, one knob at a time around its default config (the C
            ``config_table``)
 transfers  host<->device copies from pageable vs pinned memory at 4 / 40 / 400 MB
 pipeline   host-to-host sort: chunks 1/2/4/8 pinned vs naive pageable; staged (pinned buffer, graph) chunks
-           1/2/4/8/16/32, 4/8 without early merges, 8 on one compute lane, 8 and 16 finished by the network's last
-           stage instead of the merge, 8 with the last region in halving pieces (taper 4), 8 with t14e5r5's passes; the
-           staged copies alone (round trip, no pass: the floor of a staged sort) in 1 and 8 chunks; at 10M (and
-           100M without --quick)
+           1/2/4/8/16/32, 4/8 without early merges, 8 on two compute lanes, 8 and 16 finished by the network's last
+           stage instead of the merge, 8 with t14e5r5's passes; the staged copies alone (round trip, no pass: the
+           floor of a staged sort) in 1 and 8 chunks; at 10M (and 100M without --quick)
 ncu        Nsight Compute over one 10M float32 sort: DRAM bytes, occupancy, registers, bank conflicts per pass
 """
 from __future__ import annotations
@@ -164,8 +163,7 @@ def exp_transfers(sizes: list[int], reps: int) -> dict[str, Any]:
 
 def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4, 8),
                  staged_chunks: tuple[int, ...] = (1, 2, 4, 8, 16), late_chunks: tuple[int, ...] = (4, 8),
-                 one_lane_chunks: tuple[int, ...] = (8,), bitonic_chunks: tuple[int, ...] = (8, 16),
-                 taper_chunks: tuple[int, ...] = (8,),
+                 two_lane_chunks: tuple[int, ...] = (8,), bitonic_chunks: tuple[int, ...] = (8, 16),
                  staged_configs: tuple[str, ...] = (), staged_reps: int = 20) -> dict[str, Any]:
     rows = []
     for n in sizes:
@@ -185,18 +183,16 @@ def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4
             log(f"pipeline n={n:>11,} {label:18s}: {ms:.3f} ms")
         # keys already in the pinned buffer (the host-to-host target's figure), graph replays; "late": the schedule
         # whose passes wider than a region wait for every region, beside the default that merges regions on arrival;
-        # "lanes=1": every pass on one compute stream (a region's passes queue behind the merges before them);
+        # "lanes=2": a second compute stream (a region's passes need not queue behind the merges before them);
         # "bitonic": the network's last stage on all keys instead of the merge of the two sorted halves;
-        # "taper=4": the last region uploaded in halving pieces rather than whole;
         # a tune label: that config's passes (fewer, larger-tile passes: fewer launches after the last upload)
         from impl.sort.tune import KEY_CONFIGS
 
         staged = [(f"staged_chunks={c}", PipelineConfig(chunks=c), None) for c in staged_chunks]
         staged += [(f"staged_chunks={c},late", PipelineConfig(chunks=c, early=False), None) for c in late_chunks]
-        staged += [(f"staged_chunks={c},lanes=1", PipelineConfig(chunks=c, lanes=1), None) for c in one_lane_chunks]
+        staged += [(f"staged_chunks={c},lanes=2", PipelineConfig(chunks=c, lanes=2), None) for c in two_lane_chunks]
         staged += [(f"staged_chunks={c},bitonic", PipelineConfig(chunks=c, finish="bitonic"), None)
                    for c in bitonic_chunks]
-        staged += [(f"staged_chunks={c},taper=4", PipelineConfig(chunks=c, taper=4), None) for c in taper_chunks]
         staged += [(f"staged_chunks={STAGED.chunks},{k}", STAGED, KEY_CONFIGS[k]) for k in staged_configs]
         for label, pc, config in staged:
             pipe = HostSortPipeline(n, np.float32, config=config, pipeline=pc)
@@ -208,7 +204,7 @@ def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4
                 raise AssertionError(f"staged pipeline {label} at n={n}: keys differ from numpy.sort")
             before, after = pipe.exposed()
             rows.append({"n": n, "label": label, "ms": ms, "chunks": len(pipe.chunk_bounds()), "early": pc.early,
-                         "lanes": len(pipe.lanes), "finish": pipe.finish, "taper": pc.taper,
+                         "lanes": len(pipe.lanes), "finish": pipe.finish,
                          "config": str(getattr(pipe.sorter, "config", None)), "passes": pipe.passes,
                          "keys_per_s": n / ms * 1e3, "graph": pipe.graphed, "graph_error": pipe.graph_error,
                          "launches_before_last_upload": before, "launches_after_last_upload": after,
@@ -326,8 +322,8 @@ def run(*, smoke: bool, quick: bool = False, no_ncu: bool = False, skip_tune: bo
     keep("pipeline", exp_pipeline([n] if smoke or quick else [n, 100_000_000], 1 if smoke else 5,
                                   chunks=(1, 4) if smoke else (1, 2, 4, 8),
                                   staged_chunks=(1, 4) if smoke else (1, 2, 4, 8, 16, 32),
-                                  late_chunks=(4,) if smoke else (4, 8), one_lane_chunks=(4,) if smoke else (8,),
-                                  bitonic_chunks=(4,) if smoke else (8, 16), taper_chunks=(4,) if smoke else (8,),
+                                  late_chunks=(4,) if smoke else (4, 8), two_lane_chunks=(4,) if smoke else (8,),
+                                  bitonic_chunks=(4,) if smoke else (8, 16),
                                   staged_reps=1 if smoke else 20,
                                   staged_configs=() if smoke else ("t14e5r5",)))
     if not (smoke or quick or no_ncu):
