@@ -1,5 +1,4 @@
 """The sort's host pipeline (pinned staging, chunks on streams), CUDA-graph replay, experiments and claims."""
-import bisect
 import json
 from dataclasses import replace
 
@@ -123,12 +122,7 @@ class _Timeline:
 
     def __init__(self, pipe: HostSortPipeline) -> None:
         self.pipe, self.ops, self.last = pipe, [], {}  # op: (stream, kind, detail, deps)
-        self.bounds, self.blocks = pipe.regions(), {}
-        self.starts = [lo for lo, _, _ in self.bounds]
-
-    def region_of(self, pos: int) -> int:
-        """The region holding slot ``pos`` (slots past n: the last region's aligned block)."""
-        return max(bisect.bisect_right(self.starts, pos) - 1, 0)
+        self.k, self.regions, self.blocks = pipe.region_bits, len(pipe.chunk_bounds()), {}
 
     def add(self, stream, kind, detail, extra=()) -> int:
         deps = set(extra) | ({self.last[stream]} if stream in self.last else set())
@@ -151,13 +145,13 @@ class _Timeline:
         sorter = self.pipe.sorter
         stop = sorter.pass_blocks(i) if blocks is None else first_block + blocks
         span, bits = sorter.span_bits(i), sorter.block_bits(i)
-        if span > self.bounds[self.region_of(first_block << bits)][2]:  # exactly one aligned group of 2^span slots:
-            # no less (wrong), no more (waits too long)
+        if span > self.k:  # exactly one aligned group of 2^span slots: no less (wrong), no more (waits too long)
             group = first_block >> (span - bits)
             assert first_block == group << (span - bits) and stop == min((group + 1) << (span - bits),
                                                                         sorter.pass_blocks(i)), \
                 f"pass {i} launched on blocks {first_block}..{stop}, not on one group of 2^{span} slots"
-        regions = sorted({self.region_of(b << bits) for b in range(first_block, stop)})
+        regions = sorted({min((b << sorter.block_bits(i)) >> self.k, self.regions - 1)
+                          for b in range(first_block, stop)})
         self.blocks.setdefault(i, []).extend(range(first_block, stop))
         self.add(stream, "pass", (i, tuple(regions)))
 
@@ -203,10 +197,8 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
     monkeypatch.setattr(pipe.sorter, "launch_pass", t.launch)
     pipe._enqueue(False, None)
     regions = [lo for lo, _ in pipe.chunk_bounds()]
-    bounds = pipe.regions()  # aligned, contiguous, covering [0, n)
-    assert bounds[0][0] == 0 and bounds[-1][1] == n and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
-    assert all(lo % (1 << b) == 0 and 0 < hi - lo <= 1 << b for lo, hi, b in bounds)
     assert len(regions) == min(chunks, 3 if chunks < 8 else 6)
+    size = 1 << t.k
     uploads = [t.find("h2d", lo)[0] for lo in regions]
     touched = {}  # region index -> op index of the last pass on it
     ran = {r: [] for r in range(len(regions))}  # region -> the passes run on it, in enqueue order
@@ -227,7 +219,7 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
         for r in on:
             needs[r] = data
     for r, done in ran.items():  # a pass's blocks are a prefix: it reaches the regions up to its last block's
-        last = {i: t.region_of((pipe.sorter.pass_blocks(i) - 1) << pipe.sorter.block_bits(i))
+        last = {i: min(((pipe.sorter.pass_blocks(i) - 1) << pipe.sorter.block_bits(i)) >> t.k, len(regions) - 1)
                 for i in range(pipe.passes)}
         assert done == [i for i in range(pipe.passes) if r <= last[i]], f"region {r} misses a pass or runs one twice"
         assert done[0] == 0, f"region {r} is not encoded"
@@ -247,7 +239,9 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
             "an upload waits for a kernel"
     assert all(op[0] == "in" for op in t.ops if op[1] == "h2d")
     assert all(op[0] == "out" for op in t.ops if op[1] == "d2h")
-    assert {op[0] for op in t.ops if op[1] == "pass"} == set(pipe.lanes) if len(regions) >= lanes else True
+    assert size * (len(regions) - 1) < n <= size * len(regions)
+    if len(regions) >= lanes:  # every lane gets passes: region c's own run on lane c mod lanes
+        assert {op[0] for op in t.ops if op[1] == "pass"} == set(pipe.lanes)
     if lanes > 1 and len(regions) > 1:
         last, prev = len(regions) - 1, len(regions) - 2
         passes = [(j, op[2][1]) for j, op in enumerate(t.ops) if op[1] == "pass"]

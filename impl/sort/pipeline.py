@@ -6,13 +6,13 @@ allow.
     one aligned group of 2^span_bits(i) slots, so pass i runs on a region (span within it) or on the group of regions
     it fills as soon as all of them have arrived and run the
     passes before it (``steps()``). Streams by role, so that copies in one direction queue behind each other and
-    never behind a kernel, and a region's passes never queue behind passes on regions they do not touch:
+    never behind a kernel (and with ``lanes`` > 1, a region's passes need not queue behind passes on others):
       copy-in stream:  for each region c: (x[c] -> pinned[c] on the host) ; pinned[c] -> dev[c] ; event arrived[c]
       compute lanes:   for each region c: wait arrived[c] ; every pass now possible on c and on the groups it
                        completes ; after the last region: region 0 to its end (event sorted[0]), then region 1, ...
                        A pass runs on lane (its last region mod ``lanes``) after the last pass on each of its
-                       regions (an event where that pass ran on another lane), so region c's own passes start on
-                       arrival while the merges of the regions before it still run on another lane.
+                       regions (an event where that pass ran on another lane); with two lanes or more, region c's
+                       own passes start on arrival while the merges of the regions before it still run.
       copy-out stream: for each region c as it is sorted: wait sorted[c] ; dev_out[c] -> pinned[c] ; event done[c]
       host:            for each region c in that order: wait done[c] ; (pinned[c] -> out[c])
 
@@ -128,15 +128,10 @@ class HostSortPipeline:
         per = -(-self.n // self.pipeline.chunks) if self.n else 1
         return max(self.sorter.span_bits(0), (per - 1).bit_length())
 
-    def regions(self) -> list[tuple[int, int, int]]:
-        """(lo, hi, bits) of each region in upload order: [lo, hi) inside the aligned block of 2^bits slots at lo
-        (bits = ``region_bits``; the last region may be partial)."""
-        k = self.region_bits
-        return [(lo, min(lo + (1 << k), self.n), k) for lo in range(0, self.n, 1 << k)]
-
     def chunk_bounds(self) -> list[tuple[int, int]]:
-        """[lo, hi) of each region in upload order (``regions``; aligned, so to tiles; the last may be partial)."""
-        return [(lo, hi) for lo, hi, _ in self.regions()]
+        """[lo, hi) of each region in upload order (aligned to 2^region_bits, so to tiles; the last may be partial)."""
+        size = 1 << self.region_bits
+        return [(lo, min(lo + size, self.n)) for lo in range(0, self.n, size)]
 
     def steps(self) -> list[tuple]:
         """The compute stream's order: ("arrive", c) waits for region c's upload, ("pass", i, c0, c1) runs pass i on
@@ -148,17 +143,17 @@ class HostSortPipeline:
         launch, except that after the last upload the first unfinished region runs alone, carried to its end first
         (its download then overlaps the rest). With the merge finish, ("merge", c) writes output region c once
         every region has run every pass, and region c's download follows it."""
-        regions, count = self.regions(), self.passes
+        regions, count = self.chunk_bounds(), self.passes
         done = [0] * len(regions)
         arrived, out = 0, []
 
         def group(i: int, c: int) -> range:
             s = self.sorter.span_bits(i)
-            if s <= regions[c][2]:
+            if s <= self.region_bits:
                 return range(c, c + 1)
             if not self.pipeline.early:
                 return range(len(regions))
-            members = [d for d, (lo, _, _) in enumerate(regions) if lo >> s == regions[c][0] >> s]
+            members = [d for d, (lo, _) in enumerate(regions) if lo >> s == regions[c][0] >> s]
             return range(members[0], members[-1] + 1)
 
         def advance() -> bool:
@@ -375,9 +370,8 @@ class HostSortPipeline:
         if c0 == 0 and c1 == len(regions):
             self.sorter.launch_pass(i, self.d_src, self.d_out, descending=descending, stream=stream)
             return
-        span, (lo0, _, bits0), (lo1, _, bits1) = self.sorter.span_bits(i), self.regions()[c0], self.regions()[c1 - 1]
-        start, b1 = lo0 >> max(bits0, span) << max(bits0, span), max(bits1, span)
-        first, last = block_range(start, (lo1 >> b1) + 1 << b1,
+        bits = max(self.region_bits, self.sorter.span_bits(i))
+        first, last = block_range(regions[c0][0] >> bits << bits, (regions[c1 - 1][0] >> bits) + 1 << bits,
                                   self.sorter.block_bits(i), self.sorter.pass_blocks(i))
         if last > first:
             self.sorter.launch_pass(i, self.d_src, self.d_out, descending=descending, stream=stream,
