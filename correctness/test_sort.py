@@ -218,6 +218,8 @@ def test_kernels_compile_for_sm90_without_spilling_much():
     assert {(r["kind"], r["mode"], r["key"]) for r in rows} >= {("block", m, k) for m, k in
                                                                  [("keys", "uint32"), ("keys", "uint64"),
                                                                   ("composite", "uint64"), ("pairs", "uint64")]}
+    assert {(r["kind"], r["key"]) for r in rows} >= {(k, w) for k in ("merge", "partition")
+                                                      for w in ("uint32", "uint64")}  # the pipeline's merge finish
     for r in rows:
         assert r["local_ops"] == 0, f"{r}: register arrays fell back to local memory"
         assert r["registers"] * r["threads"] <= 65536, f"{r}: block does not fit the register file"

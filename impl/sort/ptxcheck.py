@@ -29,7 +29,8 @@ _BOOTSTRAP = ("import os; os.environ.pop('NUMBA_ENABLE_CUDASIM', None); import n
 
 
 def variants(config) -> list[dict]:
-    """(kernel kind, key container, mode, launch threads) for every kernel a sort with ``config`` can launch."""
+    """(kernel kind, key container, mode, launch threads) for every kernel a sort with ``config`` can launch, and
+    the host pipeline's merge finish."""
     from impl.sort.network import replace
 
     out = []
@@ -42,6 +43,13 @@ def variants(config) -> list[dict]:
         for f in sorted({1, config.fused_strides, replace(config, variant="global").fused_strides}):
             out.append(dict(kind="register", mode=mode, key=np.dtype(key_dtype).name, bits=np.dtype(bits).name,
                             f=f, threads=config.global_threads))
+    from impl.sort.merge import GPU_MERGE  # the pipeline's merge finish: keys-only, every output width
+
+    for key, outs in (("uint32", ("uint16", "uint32")), ("uint64", ("uint64",))):
+        out.append(dict(kind="partition", mode="keys", key=key, bits="int64", threads=128))
+        for o in outs:
+            out.append(dict(kind="merge", mode="keys", key=key, bits=o, threads=GPU_MERGE.threads,
+                            items=GPU_MERGE.items))
     return out
 
 
@@ -51,13 +59,34 @@ def compile_variant(v: dict) -> dict:
 
     from impl.sort import kernels as K
 
-    if v["kind"] == "block":
-        fn = K.make_block_kernel(v["tile"], v["log_e"], v["key"], v["mode"])[1]
+    if v["kind"] in ("merge", "partition"):
+        ptx = merge_ptx(v)
     else:
-        fn = K.make_register_kernel(v["f"], v["key"], v["mode"], v["threads"])[1]
-    sig = K.kernel_signature(v["kind"], np.dtype(v["bits"]), np.dtype(v["key"]), v["mode"])
-    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0), launch_bounds=v["threads"])
+        if v["kind"] == "block":
+            fn = K.make_block_kernel(v["tile"], v["log_e"], v["key"], v["mode"])[1]
+        else:
+            fn = K.make_register_kernel(v["f"], v["key"], v["mode"], v["threads"])[1]
+        sig = K.kernel_signature(v["kind"], np.dtype(v["bits"]), np.dtype(v["key"]), v["mode"])
+        ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0), launch_bounds=v["threads"])
     return {**v, **ptxas_stats(ptx), "local_ops": len(re.findall(r"\b(?:ld|st)\.local", ptx))}
+
+
+def merge_ptx(v: dict) -> str:
+    """PTX of the merge finish's partition or merge kernel (``impl.sort.merge``) for one key / output width."""
+    import numba
+    from numba import cuda
+
+    from impl.sort import merge as M
+
+    arr = lambda name: numba.types.Array(numba.from_dtype(np.dtype(name)), 1, "C")  # noqa: E731
+    i64, u64 = numba.types.int64, numba.types.uint64
+    if v["kind"] == "partition":
+        sig = (arr(v["key"]), i64, i64, i64, arr("int64"))
+        return cuda.compile_ptx(M.partition_kernel.py_func, sig, cc=(9, 0))[0]
+    kernel = M.merge_kernel(np.dtype(v["key"]), np.dtype(v["bits"]), v["threads"], v["items"])
+    enc = numba.types.Tuple((i64, u64, u64, u64, u64, i64))
+    sig = (arr(v["key"]), i64, i64, arr("int64"), arr(v["bits"]), enc, i64)
+    return cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0), launch_bounds=v["threads"])[0]
 
 
 def ptxas_stats(ptx: str) -> dict:
