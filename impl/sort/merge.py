@@ -95,16 +95,8 @@ def merge_kernel(key_dtype: np.dtype, out_dtype: np.dtype, threads: int, items: 
             sh[q] = keys[a0 + q] if q < ca else keys[b0 + q - ca]
         cuda.syncthreads()
         d = min(t * items, cnt)
-        lo_i = max(0, d - (cnt - ca))
-        hi_i = min(d, ca)
-        while lo_i < hi_i:
-            mid = (lo_i + hi_i) // 2
-            if sh[mid] <= sh[ca + d - 1 - mid]:
-                lo_i = mid + 1
-            else:
-                hi_i = mid
-        i = lo_i
-        j = ca + d - lo_i
+        i = diagonal(sh, ca, cnt, d)  # this thread's split of the block's A and B pieces
+        j = ca + d - i
         reg = cuda.local.array(items, key_t)
         for q in range(items):
             if i < ca and (j >= cnt or sh[i] <= sh[j]):
