@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import replace
 from pathlib import Path
 
 import impl  # noqa: F401
@@ -210,14 +209,11 @@ class HashJoinCuda(HashJoinBase):
                       n_rows: int = 0) -> None:
         """lprobe over the rows of table slice ``part`` (with ``bounds``: rows bounds[slice] ..
         bounds[slice + 1] - 1, about ``n_rows``); ``publish``: the last block publishes the total (else the pair
-        counter goes on into the next slice's launch). A scattered table is probed through its partitioned buffers."""
-        brows = built.rows
-        if built.scattered is not None and bounds is None:  # the whole table, from the partitioned probe side
-            _, _, brows, keys, rows = built.scattered
+        counter goes on into the next slice's launch)."""
         grid = min(max(1, -(-(n_rows or keys.numel()) // (self.config.threads * self.config.lrows))), MAX_GRID)
         rdt = out_b.dtype if out_b is not None else built.row_dtype
         _launch(kernel(self.config, "lprobe", keys.dtype, rdt), grid, self.config.threads,
-                (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(brows), _ptr(rows), _ptr(out_b),
+                (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(built.slot_rows), _ptr(rows), _ptr(out_b),
                  _ptr(out_p), capacity, _ptr(state), self._host(), *part, int(publish), _ptr(bounds)))
 
     def _launch_slices(self, bkeys: torch.Tensor, built: Built, keys: torch.Tensor, rows: torch.Tensor | None,
@@ -235,12 +231,11 @@ class HashJoinCuda(HashJoinBase):
         # both sides by slice (the partitions are the slices: the same high bits of the hash), then slice by slice
         parts = Parts(bkeys, built.rows, built.row_dtype, bkeys.numel(), built.stamp, bits)
         self._launch_partition(parts, keys, rows, state)
-        starts, bpk, bpr, ppk, ppr = built.scattered = parts.buffers
+        starts, bpk, _, ppk, ppr = built.scattered = parts.buffers
         nb, npb = -(-bkeys.numel() // slices), -(-keys.numel() // slices)
-        view = replace(built, rows=bpr)
         for q in range(slices):
             self._launch_build(bpk, built, state, WHOLE_TABLE[:1] + (q,), bounds=starts, rows=nb)
-            self._launch_probe(ppk, view, ppr, out_b, out_p, capacity, state, WHOLE_TABLE[:1] + (q,),
+            self._launch_probe(ppk, built, ppr, out_b, out_p, capacity, state, WHOLE_TABLE[:1] + (q,),
                                publish=q == slices - 1, bounds=starts[slices + 1:], n_rows=npb)
         return 2 + 2 * slices
 

@@ -259,6 +259,12 @@ class Built:
     slices: int = 1      # table slices of its build and probe (``HashJoinBase.slice_count``)
     scattered: tuple | None = None  # scatter: (starts, build keys, build rows, probe keys, probe rows) by slice
 
+    @property
+    def slot_rows(self) -> torch.Tensor | None:
+        """Build row ids by the positions the table's slots hold: ``rows``, or their copy scattered by slice (a
+        scattered build inserts the keys at their scattered positions)."""
+        return self.rows if self.scattered is None else self.scattered[2]
+
 
 @dataclass
 class Parts:

@@ -91,9 +91,9 @@ class HostSortPipeline:
     def __init__(self, n: int, dtype, *, argsort: bool = False, config=None,
                  pipeline: PipelineConfig = PipelineConfig()) -> None:
         self.fmt = key_format(dtype)
-        runs = merge_runs(int(n), self.fmt.dtype, argsort, config) if pipeline.finish == "merge" else None
-        if runs is not None and not isinstance(config, CudaSortConfig):
-            config = choose.config_for(int(n), slot_mode(self.fmt, argsort))
+        runs = None
+        if pipeline.finish == "merge":
+            config, runs = merge_plan(int(n), self.fmt.dtype, argsort, config)
         self.sorter = make_sorter(n, self.fmt.dtype, argsort=argsort, config=config, runs=runs)
         self.finish = "bitonic" if runs is None else "merge"
         if isinstance(self.sorter, BitonicSorter) and self.sorter.config.variant != "shared":
@@ -378,15 +378,16 @@ class HostSortPipeline:
                                     first_block=first, blocks=last - first)
 
 
-def merge_runs(n: int, dtype, argsort: bool, config) -> int | None:
-    """Sorted-run bits of the merge finish (the two halves: padded bits − 1), where it applies: keys-only, the CUDA
-    C++ passes, and halves of at least a tile; None elsewhere (the bitonic finish)."""
+def merge_plan(n: int, dtype, argsort: bool, config) -> tuple:
+    """(config, sorted-run bits) of the merge finish: the CUDA C++ config (``choose``'s where none is given) and the
+    two halves' bits (padded bits − 1), where it applies: keys-only, the CUDA C++ passes, halves of at least a tile;
+    elsewhere (``config``, None): the bitonic finish."""
     if argsort or not uses_cuda_cpp(config) or n < 2:
-        return None
+        return config, None
     mode = slot_mode(key_format(dtype), argsort)
     cfg = config if isinstance(config, CudaSortConfig) else choose.config_for(n, mode)
     runs = padded_bits(n) - 1
-    return runs if runs >= cfg.shape(mode)[0] else None
+    return (cfg, runs) if runs >= cfg.shape(mode)[0] else (config, None)
 
 
 def _record(stream):
