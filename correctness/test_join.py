@@ -192,7 +192,8 @@ CUDA_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.5, 0.9]),
                          items=st.sampled_from([1, 8]), bucket_bytes=st.sampled_from([32, 64]),
                          readback=st.sampled_from(["pinned", "item"]), epoch_bits=st.sampled_from([None, 1]))
 CUDA_CONFIGS = st.one_of(CUDA_CONFIGS, st.builds(HashConfig, scheme=st.just("linear64"), linear_wide=st.booleans(),
-                                                 slices=st.sampled_from([2, 16]), lrows=st.sampled_from([1, 2])))
+                                                 slices=st.sampled_from([2, 16]), lrows=st.sampled_from([1, 2]),
+                                                 scatter=st.booleans()))
 
 
 @pytest.mark.skipif(cuda_reason() is not None, reason=str(cuda_reason()))
