@@ -220,6 +220,7 @@ def test_kernels_compile_for_sm90_without_spilling_much():
                                                                   ("composite", "uint64"), ("pairs", "uint64")]}
     assert {(r["kind"], r["key"]) for r in rows} >= {(k, w) for k in ("merge", "partition")
                                                       for w in ("uint32", "uint64")}  # the pipeline's merge finish
+    assert sum(1 for r in rows if r["kind"] == "merge" and not r.get("decode", True)) == 2  # its tree levels
     for r in rows:
         assert r["local_ops"] == 0, f"{r}: register arrays fell back to local memory"
         assert r["registers"] * r["threads"] <= 65536, f"{r}: block does not fit the register file"

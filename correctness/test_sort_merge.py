@@ -64,42 +64,73 @@ def test_merge_writes_only_its_range():
     a = sorted_run(make_array(50, "float32", "nasty", seed=5))
     b = sorted_run(make_array(37, "float32", "random", seed=6))
     n = a.size + b.size
-    keys = cuda.to_device(np.concatenate([encode_np(a), encode_np(b)]).astype(np.uint32))
+    d_a, d_b = cuda.to_device(encode_np(a).astype(np.uint32)), cuda.to_device(encode_np(b).astype(np.uint32))
     full = merge_sorted(a, b, config=config)
     poison = np.uint32(0x7FC0DEAD)
     d_out = cuda.to_device(np.full(n, poison, dtype=np.uint32))
     enc = fmt.params(descending=False, canon_zero=False)
     diags = cuda.to_device(np.full(partition_slots(n, config), -5, dtype=np.int64))
-    launch_partition(keys, a.size, n, diags, config=config)
+    launch_partition(d_a, a.size, d_b, b.size, diags, config=config)
     both = np.concatenate([encode_np(a), encode_np(b)])  # diag(k): A's keys among the first k of the merged order
     merged_from_a = np.argsort(both, kind="stable") < a.size
     want = [int(merged_from_a[:min(j * config.tile, n)].sum()) for j in range(partition_slots(n, config))]
     assert diags.copy_to_host().tolist() == want
-    launch_merge(keys, a.size, n, diags, d_out, enc, lo=13, hi=35, config=config)  # blocks 2..4: outputs 16..39
+    launch_merge(d_a, a.size, d_b, b.size, diags, d_out, enc, lo=13, hi=35, config=config)  # blocks 2..4: outputs 16..39
     got = d_out.copy_to_host()
     assert (got[:16] == poison).all() and (got[40:] == poison).all()
     assert np.array_equal(got[16:40], host_bits(full)[16:40])
     for lo, hi in [(0, 13), (35, 61), (61, n)]:
-        launch_merge(keys, a.size, n, diags, d_out, enc, lo=lo, hi=hi, config=config)
+        launch_merge(d_a, a.size, d_b, b.size, diags, d_out, enc, lo=lo, hi=hi, config=config)
     assert np.array_equal(d_out.copy_to_host(), host_bits(full))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int64"])
+def test_encoded_merge_of_runs_inside_buffers(dtype):
+    """A tree level's merge: runs that are views into one buffer (A and B side by side) merged into a view of another
+    buffer at the same offset, keys left encoded (``enc`` None); the rest of the output buffer stays poisoned, and
+    decoding the written keys gives numpy's order."""
+    config = MergeConfig(threads=4, items=2)
+    fmt = key_format(np.dtype(dtype))
+    a = sorted_run(make_array(29, dtype, "nasty", seed=8))
+    b = sorted_run(make_array(44, dtype, "random", seed=9))
+    lo, na, nb = 5, a.size, b.size
+    buf = np.zeros(lo + na + nb + 3, dtype=fmt.key_dtype)
+    buf[lo:lo + na], buf[lo + na:lo + na + nb] = encode_np(a), encode_np(b)
+    src = cuda.to_device(buf)
+    poison = np.iinfo(fmt.key_dtype).max - 1
+    dst = cuda.to_device(np.full(buf.size, poison, dtype=fmt.key_dtype))
+    diags = cuda.device_array(partition_slots(na + nb, config), dtype=np.int64)
+    launch_partition(src[lo:lo + na], na, src[lo + na:], nb, diags, config=config)
+    launch_merge(src[lo:lo + na], na, src[lo + na:], nb, diags, dst[lo:], None, config=config)
+    got = dst.copy_to_host()
+    assert (got[:lo] == poison).all() and (got[lo + na + nb:] == poison).all()
+    merged = decode_np(got[lo:lo + na + nb].astype(fmt.key_dtype), fmt.dtype, descending=False)
+    check(merged, a, b, False)
+    with pytest.raises(TypeError, match="encoded merge writes keys"):
+        launch_merge(src[lo:lo + na], na, src[lo + na:], nb, diags, cuda.device_array(buf.size, np.int8), None,
+                     config=config)
 
 
 def test_merge_rejects_bad_input():
     config = MergeConfig(threads=4, items=2)
     assert merge_blocks(16, 33, config) == (2, 3) and merge_blocks(3, 10, config) == (1, 1)
     assert merge_blocks(9, 9, config) == (2, 0)
-    keys = cuda.to_device(np.arange(10, dtype=np.uint32))
+    a, b = cuda.to_device(np.arange(5, dtype=np.uint32)), cuda.to_device(np.arange(5, 10, dtype=np.uint32))
     out = cuda.device_array(10, dtype=np.uint32)
     diags = cuda.device_array(partition_slots(10, config), dtype=np.int64)
     enc = key_format(np.uint32).params(descending=False, canon_zero=False)
-    with pytest.raises(ValueError, match="na <= n"):
-        launch_merge(keys, 11, 10, diags, out, enc, config=config)
-    with pytest.raises(ValueError, match="hi <= n"):
-        launch_merge(keys, 5, 10, diags, out, enc, hi=12, config=config)
-    with pytest.raises(ValueError, match="na <= n"):
-        launch_partition(keys, 11, 10, diags, config=config)
+    with pytest.raises(ValueError, match="na <= len"):
+        launch_merge(a, 6, b, 5, diags, out, enc, config=config)
+    with pytest.raises(ValueError, match="hi <= na"):
+        launch_merge(a, 5, b, 5, diags, out, enc, hi=12, config=config)
+    with pytest.raises(ValueError, match="out holds 9"):
+        launch_merge(a, 5, b, 5, diags, cuda.device_array(9, dtype=np.uint32), enc, config=config)
+    with pytest.raises(ValueError, match="nb <= len"):
+        launch_partition(a, 5, b, 6, diags, config=config)
+    with pytest.raises(TypeError, match="one dtype"):
+        launch_partition(a, 5, cuda.to_device(np.arange(5, dtype=np.uint64)), 5, diags, config=config)
     with pytest.raises(ValueError, match="needs 3"):
-        launch_partition(keys, 5, 10, cuda.device_array(2, dtype=np.int64), config=config)
+        launch_partition(a, 5, b, 5, cuda.device_array(2, dtype=np.int64), config=config)
     with pytest.raises(TypeError, match="share a dtype"):
         merge_sorted(np.zeros(3, np.float32), np.zeros(3, np.int32))
     with pytest.raises(ValueError, match="power of two"):

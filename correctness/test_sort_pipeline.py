@@ -49,17 +49,19 @@ def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending
 
 @pytest.mark.parametrize("dtype,chunks", [("float32", 3), ("int64", 8), ("float16", 1), ("uint32", 3)])
 def test_merge_finish_matches_the_bitonic_finish_and_numpy(dtype, chunks):
-    """The merge finish (passes up to two sorted halves, a device merge per output region) gives the bitonic
-    finish's output bit for bit (NaNs canonical, −0.0 before +0.0) and numpy's values, both directions, on nasty keys
-    at sizes just above and below a power of two; the output is poisoned first and the input never modified."""
-    for n, seed in [(2049, 2), (4095, 3)]:
+    """The merge finish (passes up to sorted runs of a region each, a tree of merges, the root's merge per output
+    region) gives the bitonic finish's output bit for bit (NaNs canonical, −0.0 before +0.0) and numpy's values, both
+    directions, on nasty keys at sizes just above and below a power of two and at 7 regions (a run moved between
+    buffers before its merge); the output is poisoned first and the input never modified."""
+    for n, seed in [(2049, 2), (4095, 3), (7 * 512 - 1, 4)]:
         x = make_array(n, dtype, "nasty", seed=seed)
         keep = x.copy()
         merged = HostSortPipeline(n, x.dtype, config=EMU_CUDA_CONFIG, pipeline=PipelineConfig(chunks=chunks))
         plain = HostSortPipeline(n, x.dtype, config=EMU_CUDA_CONFIG,
                                  pipeline=PipelineConfig(chunks=chunks, finish="bitonic"))
         assert (merged.finish, plain.finish) == ("merge", "bitonic")
-        assert merged.sorter.plan.run_bits == padded_bits(n) - 1 and not merged.sorter.plan.passes[-1].decode
+        assert merged.sorter.plan.run_bits == min(merged.region_bits, padded_bits(n) - 1)
+        assert not merged.sorter.plan.passes[-1].decode and merged.tree[-1].out_buf == -1
         for descending in (False, True):
             out = np.full(n, 7, dtype=x.dtype)
             got = merged(x, out, descending=descending)
@@ -194,6 +196,7 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
     monkeypatch.setattr(pipe, "_upload", lambda lo, hi, s: t.add(s, "h2d", lo))
     monkeypatch.setattr(pipe, "_download", lambda lo, hi, s: t.add(s, "d2h", lo))
     monkeypatch.setattr(pipe, "_merge", lambda lo, hi, s, descending: t.add(s, "merge", lo))
+    monkeypatch.setattr(pipe, "_node", lambda node, diags, s: t.add(s, "node", pipe.tree.index(node)))
     monkeypatch.setattr(pipe.sorter, "launch_pass", t.launch)
     pipe._enqueue(False, None)
     regions = [lo for lo, _ in pipe.chunk_bounds()]
@@ -230,6 +233,20 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
     assert [t.ops[j][2] for j in merges] == (regions if finish == "merge" else [])
     for j in merges:
         assert all(t.before(touched[r], j) for r in touched), "a merge may start before the last pass on a region"
+    nodes = [j for j, op in enumerate(t.ops) if op[1] == "node"]
+    assert sorted(t.ops[j][2] for j in nodes) == (list(range(len(pipe.tree) - 1)) if finish == "merge" else [])
+    assert len(nodes) == (0 if finish == "bitonic" else max(len(regions), 2) - 2)  # L runs: L − 1 merges, the root
+    for j in nodes:
+        node = pipe.tree[t.ops[j][2]]
+        covers = range(node.lo >> t.k, ((node.hi - 1) >> t.k) + 1)
+        assert all(t.before(touched[r], j) for r in covers), "a tree merge may start before the last pass on its runs"
+        assert not any(t.before(uploads[r], j) for r in range(covers.stop, len(regions))), \
+            "a tree merge waits for the upload of a region it does not merge"
+        for k in nodes:
+            inner = pipe.tree[t.ops[k][2]]
+            if inner.level < node.level and node.lo <= inner.lo and inner.hi <= node.hi:
+                assert t.before(k, j), "a tree merge may start before the merge of one of its runs"
+        assert all(t.before(j, m) for m in merges), "the root's merge may start before a tree merge below it"
     for r, lo in enumerate(regions):
         (down,) = t.find("d2h", lo)
         assert t.before(touched[r], down), f"region {r} may be downloaded before its last pass"

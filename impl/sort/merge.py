@@ -1,14 +1,16 @@
-"""Merge of two sorted runs of order keys on the device, decoding on the way out: the step that finishes a sort whose
-plan stops at sorted runs (``build_cuda_plan(runs=...)``), so that the output comes out region by region.
+"""Merge of two sorted runs of order keys on the device, decoding on the way out or not: the steps that finish a
+sort whose plan stops at sorted runs (``build_cuda_plan(runs=...)``), so that the output comes out region by region.
 
-    out[k] = decode(C[k]),  C = merge(A, B),  A = keys[0:na], B = keys[na:n], both ascending (order keys:
+    out[k] = decode(C[k]) (or C[k]),  C = merge(A, B),  A = a[0:na], B = b[0:nb], both ascending (order keys:
     ``impl.sort.keys``; descending sorts are ascending in their flipped keys), ties taken from A first.
 
+A and B are separate arrays (views of two runs, in one buffer or two), so that a tree of merges can combine sorted runs
+level by level between two buffers, the last level decoding into the output.
 Merge path: the first k outputs hold i = diag(k) keys of A and k − i of B, where i is the least index in
-[max(0, k − |B|), min(k, |A|)] with A[i] > B[k − 1 − i] (a binary search). Block b of a launch writes outputs
-[b·TILE, (b+1)·TILE) ∩ [0, n), TILE = threads·items. A partition launch first finds diag at every block boundary
-(one thread each, all at once: one search's latency in all), then each merge block loads its A and B pieces (TILE
-keys together) into shared memory, each thread finds its own diagonal there and merges ``items`` keys into
+[max(0, k − nb), min(k, na)] with A[i] > B[k − 1 − i] (a binary search). Block b of a launch writes outputs
+[b·TILE, (b+1)·TILE) ∩ [0, na + nb), TILE = threads·items. A partition launch first finds diag at every block
+boundary (one thread each, all at once: one search's latency in all), then each merge block loads its A and B pieces
+(TILE keys together) into shared memory, each thread finds its own diagonal there and merges ``items`` keys into
 registers, and the block writes them back through shared memory so that consecutive threads store consecutive
 outputs. Blocks are independent: a launch may cover any range of them (``merge_blocks``),
 e.g. those of one output region, whose download can then start while later regions merge.
@@ -43,6 +45,8 @@ class MergeConfig:
 
 
 GPU_MERGE = MergeConfig()
+NO_DECODE = (np.int64(0), np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0), np.int64(0))  # an encoded merge's
+# placeholder for ``enc`` (the kernel then never reads it; one argument type for both variants)
 SIM_MERGE = MergeConfig(threads=8, items=4)  # the simulator runs one OS thread per CUDA thread
 
 
@@ -51,13 +55,13 @@ def default_merge_config() -> MergeConfig:
 
 
 @cuda.jit(device=True, inline=True)
-def diagonal(keys, na, n, k):
-    """Keys of A = keys[0:na] among the first k outputs of merge(A, keys[na:n])."""
-    lo = max(0, k - (n - na))
+def diagonal(a, a0, na, b, b0, nb, k):
+    """Keys of A = a[a0:a0+na] among the first k outputs of merge(A, b[b0:b0+nb])."""
+    lo = max(0, k - nb)
     hi = min(k, na)
     while lo < hi:
         mid = (lo + hi) // 2
-        if keys[mid] <= keys[na + k - 1 - mid]:
+        if a[a0 + mid] <= b[b0 + k - 1 - mid]:
             lo = mid + 1
         else:
             hi = mid
@@ -65,37 +69,38 @@ def diagonal(keys, na, n, k):
 
 
 @cuda.jit
-def partition_kernel(keys, na, n, tile, diags):
-    """diags[b] = diag(min(b·tile, n)) for b = 0..len(diags)−1: where every merge block starts and ends."""
-    b = cuda.grid(1)
-    if b < diags.shape[0]:
-        diags[b] = diagonal(keys, na, n, min(b * tile, n))
+def partition_kernel(a, na, b, nb, tile, diags):
+    """diags[j] = diag(min(j·tile, na + nb)) for j = 0..len(diags)−1: where every merge block starts and ends."""
+    j = cuda.grid(1)
+    if j < diags.shape[0]:
+        diags[j] = diagonal(a, 0, na, b, 0, nb, min(j * tile, na + nb))
 
 
 @functools.cache
-def merge_kernel(key_dtype: np.dtype, out_dtype: np.dtype, threads: int, items: int):
+def merge_kernel(key_dtype: np.dtype, out_dtype: np.dtype, threads: int, items: int, decode: bool = True):
     """The merge kernel for order keys of ``key_dtype`` (uint32/uint64) into outputs viewed as ``out_dtype``
-    (the unsigned view of the sorted dtype); block b's ends are diags[b] and diags[b + 1]."""
+    (``decode``: the unsigned view of the sorted dtype; else ``key_dtype``, the keys left encoded); block j's ends
+    are diags[j] and diags[j + 1]."""
     key_t, out_t = numba.from_dtype(np.dtype(key_dtype)), numba.from_dtype(np.dtype(out_dtype))
     tile = threads * items
 
     @cuda.jit
-    def kernel(keys, na, n, diags, out, enc, first_block):
+    def kernel(a, na, b, nb, diags, out, enc, first_block):
         sh = cuda.shared.array(tile, key_t)
         t = cuda.threadIdx.x
         blk = first_block + cuda.blockIdx.x
         lo = blk * tile
-        hi = min(lo + tile, n)
+        hi = min(lo + tile, na + nb)
         a0 = diags[blk]
         cnt = hi - lo
         ca = min(max(diags[blk + 1] - a0, 0), cnt)  # A's keys among this block's outputs: sh[0:ca], B's: sh[ca:cnt]
         # (the clamp only matters for unsorted input, whose output is wrong anyway: it keeps every access in bounds)
-        b0 = na + lo - a0
+        b0 = lo - a0
         for q in range(t, cnt, threads):
-            sh[q] = keys[a0 + q] if q < ca else keys[b0 + q - ca]
+            sh[q] = a[a0 + q] if q < ca else b[b0 + q - ca]
         cuda.syncthreads()
         d = min(t * items, cnt)
-        i = diagonal(sh, ca, cnt, d)  # this thread's split of the block's A and B pieces
+        i = diagonal(sh, 0, ca, sh, ca, cnt - ca, d)  # this thread's split of the block's A and B pieces
         j = ca + d - i
         reg = cuda.local.array(items, key_t)
         for q in range(items):
@@ -111,7 +116,10 @@ def merge_kernel(key_dtype: np.dtype, out_dtype: np.dtype, threads: int, items: 
                 sh[d + q] = reg[q]
         cuda.syncthreads()
         for q in range(t, cnt, threads):
-            out[lo + q] = out_t(decode_key(numba.uint64(sh[q]), enc))
+            if decode:
+                out[lo + q] = out_t(decode_key(numba.uint64(sh[q]), enc))
+            else:
+                out[lo + q] = sh[q]
 
     return kernel
 
@@ -136,34 +144,51 @@ def partition_slots(n: int, config: MergeConfig) -> int:
     return -(-n // config.tile) + 1
 
 
-def launch_partition(keys, na: int, n: int, diags, *, stream=0, config: MergeConfig | None = None) -> None:
-    """Enqueue the diagonals of every merge block of ``keys[0:na]`` and ``keys[na:n]`` into ``diags`` (int64,
-    ``partition_slots(n)`` long): one binary search per block, all at once, so the merge blocks wait for none."""
+def launch_partition(a, na: int, b, nb: int, diags, *, stream=0, config: MergeConfig | None = None) -> None:
+    """Enqueue the diagonals of every merge block of ``a[0:na]`` and ``b[0:nb]`` into ``diags`` (int64,
+    ``partition_slots(na + nb)`` long): one binary search per block, all at once, so the merge blocks wait for none."""
     config = config or default_merge_config()
-    if not 0 <= na <= n:
-        raise ValueError(f"need 0 <= na <= n, got na={na}, n={n}")
-    if diags.shape[0] != partition_slots(n, config):
-        raise ValueError(f"diags holds {diags.shape[0]} slots; a merge of {n} outputs in tiles of {config.tile} "
-                         f"needs {partition_slots(n, config)}")
+    check_runs(a, na, b, nb)
+    if diags.shape[0] != partition_slots(na + nb, config):
+        raise ValueError(f"diags holds {diags.shape[0]} slots; a merge of {na + nb} outputs in tiles of {config.tile} "
+                         f"needs {partition_slots(na + nb, config)}")
     threads = 128
-    partition_kernel[-(-diags.shape[0] // threads), threads, stream](keys, np.int64(na), np.int64(n),
+    partition_kernel[-(-diags.shape[0] // threads), threads, stream](a, np.int64(na), b, np.int64(nb),
                                                                      np.int64(config.tile), diags)
 
 
-def launch_merge(keys, na: int, n: int, diags, out_bits, enc: tuple, *, lo: int = 0, hi: int | None = None,
+def launch_merge(a, na: int, b, nb: int, diags, out, enc: tuple | None, *, lo: int = 0, hi: int | None = None,
                  stream=0, config: MergeConfig | None = None) -> None:
-    """Enqueue the merge of ``keys[0:na]`` and ``keys[na:n]`` (sorted order keys, from ``device_view``) into
-    ``out_bits`` (the unsigned view of the output), decoding with ``enc`` (``KeyFormat.params``): the blocks of
-    ``merge_blocks(lo, hi)``, their diagonals from ``launch_partition`` into ``diags`` (enqueued before)."""
+    """Enqueue the merge of ``a[0:na]`` and ``b[0:nb]`` (sorted order keys, from ``device_view``) into ``out``:
+    decoded with ``enc`` (``KeyFormat.params``) into the unsigned view of the output, or (``enc`` None) left encoded in
+    an array of the keys' dtype; the blocks of ``merge_blocks(lo, hi)``, their diagonals from ``launch_partition``
+    into ``diags`` (enqueued before)."""
     config = config or default_merge_config()
+    n = na + nb
     hi = n if hi is None else hi
-    if not 0 <= na <= n or not 0 <= lo <= hi <= n:
-        raise ValueError(f"need 0 <= na <= n and 0 <= lo <= hi <= n, got na={na}, n={n}, lo={lo}, hi={hi}")
+    check_runs(a, na, b, nb)
+    if not 0 <= lo <= hi <= n:
+        raise ValueError(f"need 0 <= lo <= hi <= na + nb, got lo={lo}, hi={hi}, na + nb={n}")
+    if out.shape[0] < n:
+        raise ValueError(f"out holds {out.shape[0]} keys, the merge writes {n}")
     first, blocks = merge_blocks(lo, hi, config)
     if blocks == 0:
         return
-    kernel = merge_kernel(np.dtype(keys.dtype), np.dtype(out_bits.dtype), config.threads, config.items)
-    kernel[blocks, config.threads, stream](keys, np.int64(na), np.int64(n), diags, out_bits, enc, np.int64(first))
+    decode = enc is not None
+    if not decode and np.dtype(out.dtype) != np.dtype(a.dtype):
+        raise TypeError(f"an encoded merge writes keys of {np.dtype(a.dtype)}, not {np.dtype(out.dtype)}")
+    kernel = merge_kernel(np.dtype(a.dtype), np.dtype(out.dtype), config.threads, config.items, decode)
+    kernel[blocks, config.threads, stream](a, np.int64(na), b, np.int64(nb), diags, out,
+                                          enc if decode else NO_DECODE, np.int64(first))
+
+
+def check_runs(a, na: int, b, nb: int) -> None:
+    """Refuse run lengths outside their arrays and runs of different key dtypes."""
+    if not 0 <= na <= a.shape[0] or not 0 <= nb <= b.shape[0]:
+        raise ValueError(f"need 0 <= na <= len(a) and 0 <= nb <= len(b), got na={na} of {a.shape[0]}, "
+                         f"nb={nb} of {b.shape[0]}")
+    if np.dtype(a.dtype) != np.dtype(b.dtype):
+        raise TypeError(f"a and b must hold keys of one dtype, got {np.dtype(a.dtype)} and {np.dtype(b.dtype)}")
 
 
 def merge_sorted(a: np.ndarray, b: np.ndarray, *, descending: bool = False,
@@ -180,11 +205,12 @@ def merge_sorted(a: np.ndarray, b: np.ndarray, *, descending: bool = False,
     if n == 0:
         return out
     config = config or default_merge_config()
-    d_keys = cuda.to_device(keys)
+    d_a, d_b = cuda.to_device(keys[: a.size]), cuda.to_device(keys[a.size:])
     d_out = cuda.device_array(n, dtype=fmt.bits_dtype)
     diags = cuda.device_array(partition_slots(n, config), dtype=np.int64)
-    launch_partition(d_keys, a.size, n, diags, config=config)
-    launch_merge(d_keys, a.size, n, diags, d_out, fmt.params(descending=descending, canon_zero=False), config=config)
+    launch_partition(d_a, a.size, d_b, b.size, diags, config=config)
+    launch_merge(d_a, a.size, d_b, b.size, diags, d_out, fmt.params(descending=descending, canon_zero=False),
+                 config=config)
     return d_out.copy_to_host().view(fmt.dtype)
 
 

@@ -16,15 +16,18 @@ allow.
       copy-out stream: for each region c as it is sorted: wait sorted[c] ; dev_out[c] -> pinned[c] ; event done[c]
       host:            for each region c in that order: wait done[c] ; (pinned[c] -> out[c])
 
-Finish. The network's last stage spans all 2^LOGN slots: its passes can start only after the last upload, and run
-over every key before any region is sorted. Keys-only pipelines on the CUDA C++ passes stop the network one stage
-earlier instead (``finish="merge"``): the passes leave two sorted halves, [0, 2^(LOGN−1)) and [2^(LOGN−1), n), still
-encoded, and a device merge (``impl.sort.merge``) writes output region c — "sorted[c]" above — as soon as every
-region has run its passes, region 0 first, so the first download waits for one region's merge, not for a pass over
-all keys. For 10M keys in five regions of 2^21 slots (``STAGED``), regions 0..3 (the first half) are merged pairwise
-and then as one while region 4 (the second half, 1.6M keys) uploads; after the last upload, region 4's own passes
-and region 0's merge stand before the first download, which then overlaps the rest (the bitonic finish adds the
-passes of stage 24 over all keys there). Argsorts and numba's passes keep the bitonic finish.
+Finish. The network's stages wider than a region can start only once every region they span has arrived, and its
+last stage spans all 2^LOGN slots: after the last upload it runs over every key before any region is sorted.
+Keys-only pipelines on the CUDA C++ passes stop the network at the regions instead (``finish="merge"``): the passes
+sort each region of 2^r slots (r = the region bits, at most LOGN − 1: ``merge_plan``) into a run, still encoded, as
+it arrives, and a tree of device merges (``merge_tree``, ``impl.sort.merge``) combines the runs pairwise level by
+level, each merge as soon as both of its runs are sorted, between the sorter's workspace and a scratch (the input's
+device buffer, free once its keys are encoded); the root's merge writes output region c — "sorted[c]" above — and
+decodes it, region 0 first, so the first download waits for one region's merge. A merge moves its keys once, where
+the stages it replaces take about two passes each. For 10M keys in five regions of 2^21 slots (``STAGED``), regions
+0, 1 and then 2, 3 merge while the later ones upload, then the four as one; after the last upload, region 4's own
+passes, the root's diagonals and region 0's merge stand before the first download, which then overlaps the rest.
+Argsorts and numba's passes keep the bitonic finish.
 ``sort_staged()`` sorts keys already held in the pinned buffer ``stage_in`` into ``stage_out`` (no host copies: the
 figure the host-to-host target is about); on a GPU its second and later calls replay the whole schedule as one CUDA
 graph (one launch instead of one host call per copy, pass and event, each 20-40 µs of host time, which otherwise
@@ -66,8 +69,8 @@ class PipelineConfig:
     early: bool = True     # merge regions as soon as they arrive; False: a pass wider than a region waits for all
     lanes: int = 1         # compute streams (with streams=3): with 2+, a region's passes need not wait for another
                            # region's merges (no faster on an H100 at 10M keys in 8 chunks: the passes share the SMs)
-    finish: str = "merge"  # "merge": passes up to two sorted halves, then a merge per output region; "bitonic": the
-                           # network's last stage (argsorts, numba's passes and sizes under two tiles always)
+    finish: str = "merge"  # "merge": passes up to sorted regions, then a tree of merges, the root's per output
+                           # region; "bitonic": the network's wide stages (argsorts, numba's passes, n under two tiles)
 
     def __post_init__(self) -> None:
         if self.chunks < 1 or not 1 <= self.streams <= 3 or not 1 <= self.lanes <= 8:
@@ -93,7 +96,7 @@ class HostSortPipeline:
         self.fmt = key_format(dtype)
         runs = None
         if pipeline.finish == "merge":
-            config, runs = merge_plan(int(n), self.fmt.dtype, argsort, config)
+            config, runs = merge_plan(int(n), self.fmt.dtype, argsort, config, pipeline.chunks)
         self.sorter = make_sorter(n, self.fmt.dtype, argsort=argsort, config=config, runs=runs)
         self.finish = "bitonic" if runs is None else "merge"
         if isinstance(self.sorter, BitonicSorter) and self.sorter.config.variant != "shared":
@@ -114,19 +117,23 @@ class HostSortPipeline:
             self.lanes = (self.roles[1], *(cuda.stream() for _ in range(extra)))  # compute streams
         else:
             self.roles, self.lanes = (0, 0, 0), (0,)
-        if runs is not None:  # the merge reads the sorter's encoded workspace, writes the output's raw bits
+        self.tree = merge_tree(self.n, runs) if runs is not None else []
+        if runs is not None:  # the merges read the sorter's encoded workspace and a scratch, the root writes raw bits
             self.merge_config = default_merge_config()
-            self._merge_keys = device_view(self.sorter.keys)
+            key_dtype = np.dtype(self.sorter.keys.dtype)
+            scratch = (self.d_src.view(key_dtype) if key_dtype.itemsize == self.fmt.dtype.itemsize
+                       else cuda.device_array(size, dtype=key_dtype))  # the input's slots are free once encoded
+            self._merge_bufs = (device_view(self.sorter.keys), scratch)
             self._merge_out = self.d_out.view(self.fmt.bits_dtype)
-            self._merge_diags = cuda.device_array(partition_slots(self.n, self.merge_config), dtype=np.int64)
+            self._merge_diags = [cuda.device_array(partition_slots(m.hi - m.lo, self.merge_config), dtype=np.int64)
+                                 for m in self.tree]
         self._graphs: dict[bool | str, StreamGraph] = {}  # sort_staged's per direction, "round_trip"
         self.graph_error: str | None = None  # why sort_staged launches one by one on a GPU, if capture failed
 
     @property
     def region_bits(self) -> int:
         """k: regions of 2^k slots, the fewest bits giving at most ``chunks`` regions, never less than pass 0's span."""
-        per = -(-self.n // self.pipeline.chunks) if self.n else 1
-        return max(self.sorter.span_bits(0), (per - 1).bit_length())
+        return region_bits_for(self.n, self.pipeline.chunks, self.sorter.span_bits(0))
 
     def chunk_bounds(self) -> list[tuple[int, int]]:
         """[lo, hi) of each region in upload order (aligned to 2^region_bits, so to tiles; the last may be partial)."""
@@ -176,6 +183,7 @@ class HostSortPipeline:
             return False
 
         merge = self.finish == "merge"
+        waiting = list(range(len(self.tree) - 1))  # tree merges not yet enqueued (the root's come last)
         for c in range(len(regions)):
             out.append(("arrive", c))
             arrived = c + 1
@@ -183,10 +191,20 @@ class HostSortPipeline:
                 out.append(("done", c))
             while advance():
                 pass
+            for j in list(waiting):  # bottom-up: a merge after those of its runs, once its regions ran every pass
+                node = self.tree[j]
+                if all(done[d] == count for d in self._node_regions(node)) and not any(
+                        self.tree[w].lo >= node.lo and self.tree[w].hi <= node.hi for w in waiting if w < j):
+                    out.append(("node", j))
+                    waiting.remove(j)
         if merge:
             for c in range(len(regions)):
                 out += [("merge", c), ("done", c)]
         return out
+
+    def _node_regions(self, node: MergeNode) -> range:
+        """The regions holding the slots of a tree node."""
+        return range(node.lo >> self.region_bits, ((node.hi - 1) >> self.region_bits) + 1)
 
     def exposed(self) -> tuple[int, int]:
         """(pass launches enqueued before the last upload arrives, those after it and before the first download)."""
@@ -195,7 +213,7 @@ class HostSortPipeline:
             return 0, 0
         last = max(j for j, st in enumerate(steps) if st[0] == "arrive")
         first = min(j for j, st in enumerate(steps) if st[0] == "done")
-        launches = [j for j, st in enumerate(steps) if st[0] in ("pass", "merge")]
+        launches = [j for j, st in enumerate(steps) if st[0] in ("pass", "node", "merge")]
         return sum(j < last for j in launches), sum(last < j < first for j in launches)
 
     @property
@@ -308,6 +326,16 @@ class HostSortPipeline:
                 if pinned:
                     ran = (lane, _record(lane))
                     last.update((c, ran) for c in range(c0, c1))
+            elif step[0] == "node":
+                node = self.tree[step[1]]
+                members = self._node_regions(node)
+                lane = self.lanes[(members.stop - 1) % len(self.lanes)]
+                if pinned:
+                    self._wait_for(members, last, lane)
+                self._node(node, self._merge_diags[step[1]], lane)
+                if pinned:
+                    ran = (lane, _record(lane))
+                    last.update((c, ran) for c in members)
             elif step[0] == "merge":
                 lo, hi = regions[step[1]]
                 lane = self.lanes[(len(regions) - 1) % len(self.lanes)]
@@ -353,15 +381,33 @@ class HostSortPipeline:
         (self.d_out if src is None else src)[lo:hi].copy_to_host(self.stage_out[lo:hi], stream=stream)
 
     def _merge(self, lo: int, hi: int, stream, descending: bool) -> None:
-        """The merge finish's launches for output region [lo, hi): the sorted halves [0, 2^runs) and [2^runs, n) of
-        the workspace merged into the output (``impl.sort.merge``), after the diagonals of every block (with the
-        first region)."""
-        na = 1 << self.sorter.plan.run_bits
+        """The root merge's launches for output region [lo, hi): its two sorted runs merged into the output, decoded
+        (``impl.sort.merge``), after the diagonals of every block (with the first region)."""
+        root = self.tree[-1]
+        a, b = self._runs(root)
         if lo == 0:
-            launch_partition(self._merge_keys, na, self.n, self._merge_diags, stream=stream, config=self.merge_config)
-        launch_merge(self._merge_keys, na, self.n, self._merge_diags, self._merge_out,
+            launch_partition(a, root.mid, b, root.hi - root.mid, self._merge_diags[-1], stream=stream,
+                             config=self.merge_config)
+        launch_merge(a, root.mid, b, root.hi - root.mid, self._merge_diags[-1], self._merge_out,
                      self.fmt.params(descending=descending, canon_zero=False), lo=lo, hi=hi, stream=stream,
                      config=self.merge_config)
+
+    def _node(self, node: MergeNode, diags, stream) -> None:
+        """A tree level's merge: runs [lo, mid) and [mid, hi) into [lo, hi) of the other buffer, still encoded (the
+        buffer-0 run copied to buffer 1 first where ``node.copy``)."""
+        bufs = self._merge_bufs
+        if node.copy:
+            lo, hi = (node.lo, node.mid) if node.copy == "a" else (node.mid, node.hi)
+            bufs[1][lo:hi].copy_to_device(bufs[0][lo:hi], stream=stream)
+        a, b = self._runs(node)
+        launch_partition(a, node.mid - node.lo, b, node.hi - node.mid, diags, stream=stream, config=self.merge_config)
+        launch_merge(a, node.mid - node.lo, b, node.hi - node.mid, diags, bufs[node.out_buf][node.lo:node.hi], None,
+                     stream=stream, config=self.merge_config)
+
+    def _runs(self, node: MergeNode) -> tuple:
+        """Views of a node's two input runs in their buffers."""
+        bufs = self._merge_bufs
+        return bufs[node.a_buf][node.lo:node.mid], bufs[node.b_buf][node.mid:node.hi]
 
     def _group_pass(self, i: int, stream, regions: list, c0: int, c1: int, descending: bool) -> None:
         """Pass ``i`` on the blocks of regions c0..c1-1 (neighbours, each holding whole groups of 2^span_bits(i)
@@ -378,16 +424,72 @@ class HostSortPipeline:
                                     first_block=first, blocks=last - first)
 
 
-def merge_plan(n: int, dtype, argsort: bool, config) -> tuple:
+def merge_plan(n: int, dtype, argsort: bool, config, chunks: int) -> tuple:
     """(config, sorted-run bits) of the merge finish: the CUDA C++ config (``choose``'s where none is given) and the
-    two halves' bits (padded bits − 1), where it applies: keys-only, the CUDA C++ passes, halves of at least a tile;
-    elsewhere (``config``, None): the bitonic finish."""
+    bits r of the runs its passes leave — the regions' bits (``region_bits_for``), at most padded bits − 1 — where it
+    applies: keys-only, the CUDA C++ passes, runs of at least a tile; elsewhere (``config``, None): the bitonic
+    finish."""
     if argsort or not uses_cuda_cpp(config) or n < 2:
         return config, None
     mode = slot_mode(key_format(dtype), argsort)
     cfg = config if isinstance(config, CudaSortConfig) else choose.config_for(n, mode)
-    runs = padded_bits(n) - 1
-    return (cfg, runs) if runs >= cfg.shape(mode)[0] else (config, None)
+    tile = cfg.shape(mode)[0]
+    runs = min(region_bits_for(n, chunks, tile), padded_bits(n) - 1)
+    return (cfg, runs) if runs >= tile else (config, None)
+
+
+def region_bits_for(n: int, chunks: int, least: int) -> int:
+    """k: regions of 2^k slots, the fewest bits giving at most ``chunks`` regions of n keys, never less than
+    ``least`` (the first pass's span)."""
+    per = -(-n // chunks) if n else 1
+    return max(least, (per - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class MergeNode:
+    """One merge of the finish's tree: runs [lo, mid) and [mid, hi) of slots (sorted, encoded, in buffers ``a_buf``
+    and ``b_buf``: 0 the sorter's workspace, 1 the scratch) into [lo, hi) of buffer ``out_buf`` (−1 for the root:
+    the output, decoded). ``copy``: the buffer-0 run is first copied to buffer 1 (its sibling sits there, and the output
+    may overlap neither)."""
+
+    level: int
+    lo: int
+    mid: int
+    hi: int
+    a_buf: int
+    b_buf: int
+    out_buf: int
+    copy: str = ""
+
+
+def merge_tree(n: int, runs: int) -> list[MergeNode]:
+    """The merges that turn the aligned sorted runs of 2^runs slots of [0, n) into one, bottom-up, the root last.
+
+    Level h merges the runs of 2^(runs+h−1) slots pairwise into runs of 2^(runs+h); a run with no right neighbour
+    moves up unmerged (it stays where it is). Every run starts in buffer 0 (the passes sort in place); a merge writes
+    to the other buffer than its inputs', so that no launch reads what it writes (two inputs in different buffers:
+    the one in buffer 0 is first copied to buffer 1, see ``MergeNode.copy``). The root writes the output."""
+    where = {lo: 0 for lo in range(0, n, 1 << runs)}  # run start -> its buffer, at the current level
+    nodes: list[MergeNode] = []
+    level, size = 0, 1 << runs
+    while len(where) > 1:
+        level, size = level + 1, size * 2
+        nxt = {}
+        for lo in range(0, n, size):
+            mid = lo + size // 2
+            if mid >= n:
+                nxt[lo] = where[lo]
+                continue
+            a, b = where[lo], where[mid]
+            root = size >= n
+            copy = "" if a == b or root else ("a" if a == 0 else "b")
+            if copy:
+                a = b = 1
+            out = -1 if root else 1 - a
+            nodes.append(MergeNode(level, lo, mid, min(lo + size, n), a, b, out, copy))
+            nxt[lo] = out
+        where = nxt
+    return nodes
 
 
 def _record(stream):

@@ -50,6 +50,8 @@ def variants(config) -> list[dict]:
         for o in outs:
             out.append(dict(kind="merge", mode="keys", key=key, bits=o, threads=GPU_MERGE.threads,
                             items=GPU_MERGE.items))
+        out.append(dict(kind="merge", mode="keys", key=key, bits=key, threads=GPU_MERGE.threads,
+                        items=GPU_MERGE.items, decode=False))  # a tree level's merge: keys stay encoded
     return out
 
 
@@ -81,11 +83,13 @@ def merge_ptx(v: dict) -> str:
     arr = lambda name: numba.types.Array(numba.from_dtype(np.dtype(name)), 1, "C")  # noqa: E731
     i64, u64 = numba.types.int64, numba.types.uint64
     if v["kind"] == "partition":
-        sig = (arr(v["key"]), i64, i64, i64, arr("int64"))
+        sig = (arr(v["key"]), i64, arr(v["key"]), i64, i64, arr("int64"))
         return cuda.compile_ptx(M.partition_kernel.py_func, sig, cc=(9, 0))[0]
-    kernel = M.merge_kernel(np.dtype(v["key"]), np.dtype(v["bits"]), v["threads"], v["items"])
+    decode = v.get("decode", True)
+    out = v["bits"] if decode else v["key"]
+    kernel = M.merge_kernel(np.dtype(v["key"]), np.dtype(out), v["threads"], v["items"], decode)
     enc = numba.types.Tuple((i64, u64, u64, u64, u64, i64))
-    sig = (arr(v["key"]), i64, i64, arr("int64"), arr(v["bits"]), enc, i64)
+    sig = (arr(v["key"]), i64, arr(v["key"]), i64, arr("int64"), arr(out), enc, i64)
     return cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0), launch_bounds=v["threads"])[0]
 
 

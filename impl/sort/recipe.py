@@ -184,7 +184,7 @@ def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4
         # keys already in the pinned buffer (the host-to-host target's figure), graph replays; "late": the schedule
         # whose passes wider than a region wait for every region, beside the default that merges regions on arrival;
         # "lanes=2": a second compute stream (a region's passes need not queue behind the merges before them);
-        # "bitonic": the network's last stage on all keys instead of the merge of the two sorted halves;
+        # "bitonic": the network's wide stages on the regions' keys instead of the tree of merges of sorted regions;
         # a tune label: that config's passes (fewer, larger-tile passes: fewer launches after the last upload)
         from impl.sort.tune import KEY_CONFIGS
 
