@@ -7,8 +7,8 @@ Modules, in dependency order: ``keys`` (order-key transform); the CUDA C++ sort:
 passes, register/lane/warp layouts), ``twin`` (its numpy twin), ``codegen`` (``bitonic.cu`` + one kernel per pass),
 ``runtimes`` (CuPy on a GPU, the g++ emulation ``bitonic_emulated.cpp`` on a CPU), ``choose`` (the measured
 configuration per slot mode and size), ``cuda_sort`` (``CudaSorter``); the numba sort: ``network`` (passes, programs,
-numpy twin), ``kernels``; then ``bitonic`` (host API, picks one), ``merge`` (device merge of two sorted runs, numba: the pipeline's tree of merges),
-``pipeline`` (host-to-host with pinned staging and streams, finished by that merge), ``reference`` (numpy references),
+numpy twin), ``kernels``; then ``bitonic`` (host API, picks one), ``merge`` (device merge of two sorted runs, numba),
+``pipeline`` (host-to-host with pinned staging and streams, finished by a tree of those merges), ``reference`` (numpy references),
 ``ptxcheck`` / ``compile_check`` (sm_90 builds of the numba / CUDA C++ kernels), ``claims``, ``plots``, ``recipe`` (the
 GPU experiments as functions), ``experiments`` (their command line), ``tune`` (the GPU search over the CUDA C++ sort's
 configurations; writes the table ``choose`` reads).
