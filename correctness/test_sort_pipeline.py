@@ -14,7 +14,7 @@ from impl.common.ledger import ResultsView, clean_commit, evaluate
 from impl.sort.bitonic import BitonicSorter, SortGraph
 from impl.sort.keys import SUPPORTED_DTYPES
 from impl.sort.network import default_config
-from impl.sort.pipeline import NAIVE, STAGED, HostSortPipeline, PipelineConfig
+from impl.sort.pipeline import NAIVE, STAGED, HostSortPipeline, PipelineConfig, merge_tree
 from impl.sort.plan import EMU_CUDA_CONFIG, padded_bits
 from impl.sort.reference import argsort_reference, sort_reference
 
@@ -70,6 +70,30 @@ def test_merge_finish_matches_the_bitonic_finish_and_numpy(dtype, chunks):
             assert same.all(), f"n={n}: {int((~same).sum())} wrong"
             assert np.array_equal(host_bits(got), host_bits(plain(x, descending=descending)))
         assert np.array_equal(host_bits(x), host_bits(keep))
+
+
+@pytest.mark.parametrize("runs", [1, 3])
+def test_merge_tree_merges_every_run_once_and_never_reads_what_it_writes(runs):
+    """Played on the host for every count of runs up to 40 (and a partial last run): each merge joins two adjacent
+    sorted runs whose buffers it names correctly, writes a buffer that neither input occupies (the root: the output),
+    and the last merge leaves one run of all n slots. A merge that wrote into its inputs' buffer, or a missed or
+    repeated run, fails here."""
+    size = 1 << runs
+    for count in range(1, 41):
+        for n in {count * size, count * size - (size // 2 or 1) + 1}:
+            tree = merge_tree(n, runs) if count > 1 else []
+            live = {lo: (min(lo + size, n), 0) for lo in range(0, n, size)}  # run start -> (end, buffer)
+            for node in tree:
+                (a_end, a_buf), (b_end, b_buf) = live.pop(node.lo), live.pop(node.mid)
+                assert (a_end, b_end) == (node.mid, node.hi), f"n={n}: {node} does not join two adjacent runs"
+                if node.copy:
+                    assert {a_buf, b_buf} == {0, 1} and (a_buf if node.copy == "a" else b_buf) == 0
+                    a_buf = b_buf = 1
+                assert (node.a_buf, node.b_buf) == (a_buf, b_buf), f"n={n}: {node} reads the wrong buffer"
+                assert node.out_buf not in (a_buf, b_buf), f"n={n}: {node} writes where it reads"
+                live[node.lo] = (node.hi, node.out_buf)
+            assert live == ({0: (n, -1)} if count > 1 else {0: (n, 0)}), f"n={n}: the runs are not merged into one"
+            assert all(node.out_buf >= 0 for node in tree[:-1]) and (not tree or tree[-1].out_buf == -1)
 
 
 @pytest.mark.parametrize("chunks", [2, 5])
