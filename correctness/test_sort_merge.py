@@ -75,7 +75,7 @@ def test_merge_writes_only_its_range():
     merged_from_a = np.argsort(both, kind="stable") < a.size
     want = [int(merged_from_a[:min(j * config.tile, n)].sum()) for j in range(partition_slots(n, config))]
     assert diags.copy_to_host().tolist() == want
-    launch_merge(d_a, a.size, d_b, b.size, diags, d_out, enc, lo=13, hi=35, config=config)  # blocks 2..4: outputs 16..39
+    launch_merge(d_a, a.size, d_b, b.size, diags, d_out, enc, lo=13, hi=35, config=config)  # blocks 2..4: 16..39
     got = d_out.copy_to_host()
     assert (got[:16] == poison).all() and (got[40:] == poison).all()
     assert np.array_equal(got[16:40], host_bits(full)[16:40])

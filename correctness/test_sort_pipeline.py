@@ -22,7 +22,7 @@ from impl.sort.reference import argsort_reference, sort_reference
 @given(x=arrays(st.sampled_from(SUPPORTED_DTYPES), max_n=max_size(cpu=1500, gpu=1 << 21)),
        chunks=st.sampled_from([1, 2, 3, 8]), streams=st.sampled_from([1, 2, 3]), pinned=st.booleans(),
        argsort_=st.booleans(), descending=st.booleans(), cpp=st.booleans(),
-       finish=st.sampled_from(["merge", "bitonic"]), early=st.booleans())
+       finish=st.sampled_from(["merge", "tree", "bitonic"]), early=st.booleans())
 @settings(max_examples=25)
 def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending, cpp, finish, early):
     """Any dtype, size, chunking, stream layout, staging, merge timing and finish (the merge where it applies:
@@ -33,8 +33,8 @@ def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending
                             pipeline=PipelineConfig(chunks=chunks, streams=streams, pinned=pinned, finish=finish,
                                                     early=early))
     tile_bits = EMU_CUDA_CONFIG.shape("keys64" if x.dtype.itemsize == 8 else "keys32")[0]
-    merges = finish == "merge" and cpp and not argsort_ and padded_bits(x.size) - 1 >= tile_bits
-    assert pipe.finish == ("merge" if merges else "bitonic")
+    merges = finish != "bitonic" and cpp and not argsort_ and padded_bits(x.size) - 1 >= tile_bits
+    assert pipe.finish == (finish if merges else "bitonic")
     out = np.full(x.size, 7, dtype=pipe.sorter.out_dtype)  # poisoned: every element must be written
     got = pipe(x, out, descending=descending)
     assert got is out
@@ -47,20 +47,24 @@ def test_pipeline_matches_numpy(x, chunks, streams, pinned, argsort_, descending
     assert np.array_equal(host_bits(x), host_bits(keep)), "the input was modified"
 
 
-@pytest.mark.parametrize("dtype,chunks", [("float32", 3), ("int64", 8), ("float16", 1), ("uint32", 3)])
-def test_merge_finish_matches_the_bitonic_finish_and_numpy(dtype, chunks):
-    """The merge finish (passes up to sorted runs of a region each, a tree of merges, the root's merge per output
-    region) gives the bitonic finish's output bit for bit (NaNs canonical, −0.0 before +0.0) and numpy's values, both
-    directions, on nasty keys at sizes just above and below a power of two and at 7 regions (a run moved between
-    buffers before its merge); the output is poisoned first and the input never modified."""
+@pytest.mark.parametrize("dtype,chunks,finish", [("float32", 3, "tree"), ("int64", 8, "tree"), ("float16", 1, "merge"),
+                                                 ("uint32", 3, "merge")])
+def test_merge_finish_matches_the_bitonic_finish_and_numpy(dtype, chunks, finish):
+    """The merge finishes (passes up to sorted runs — two halves, or a region each — a tree of merges, the root's
+    merge per output region) give the bitonic finish's output bit for bit (NaNs canonical, −0.0 before +0.0) and
+    numpy's values, both directions, on nasty keys at sizes just above and below a power of two and at 7 regions (a
+    run moved between buffers before its merge); the output is poisoned first and the input never modified."""
     for n, seed in [(2049, 2), (4095, 3), (7 * 512 - 1, 4)]:
         x = make_array(n, dtype, "nasty", seed=seed)
         keep = x.copy()
-        merged = HostSortPipeline(n, x.dtype, config=EMU_CUDA_CONFIG, pipeline=PipelineConfig(chunks=chunks))
+        merged = HostSortPipeline(n, x.dtype, config=EMU_CUDA_CONFIG,
+                                  pipeline=PipelineConfig(chunks=chunks, finish=finish))
         plain = HostSortPipeline(n, x.dtype, config=EMU_CUDA_CONFIG,
                                  pipeline=PipelineConfig(chunks=chunks, finish="bitonic"))
-        assert (merged.finish, plain.finish) == ("merge", "bitonic")
-        assert merged.sorter.plan.run_bits == min(merged.region_bits, padded_bits(n) - 1)
+        assert (merged.finish, plain.finish) == (finish, "bitonic")
+        runs = padded_bits(n) - 1 if finish == "merge" else min(merged.region_bits, padded_bits(n) - 1)
+        assert merged.sorter.plan.run_bits == runs
+        assert len(merged.tree) == -(-n >> runs) - 1  # L runs: L − 1 merges (the "merge" finish: 2 runs, 1 merge)
         assert not merged.sorter.plan.passes[-1].decode and merged.tree[-1].out_buf == -1
         for descending in (False, True):
             out = np.full(n, 7, dtype=x.dtype)
@@ -196,14 +200,15 @@ class _Timeline:
         return [j for j, op in enumerate(self.ops) if op[1] == kind and op[2] == detail]
 
 
-@pytest.mark.parametrize("finish", ["merge", "bitonic"])
+@pytest.mark.parametrize("finish", ["merge", "tree", "bitonic"])
 @pytest.mark.parametrize("lanes", [1, 2, 3])
 @pytest.mark.parametrize("chunks", [1, 3, 4, 8])
 def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monkeypatch, chunks, lanes, finish):
     """On separate streams: each pass after the uploads and the previous pass of every region it touches, each
-    download after the last pass on its region (the merge finish: each merge after the last pass on every region,
-    each download after its region's merge); every block of every pass launched exactly once; no pass waits for
-    the upload of a region it does not touch (merges of the first regions overlap the later uploads); no upload
+    download after the last pass on its region (the merge finishes: each tree merge after the last pass on every
+    region it merges and after the merges of its runs, never after an upload it does not need; the root's merges
+    after every pass and tree merge; each download after its region's merge); every block of every pass launched
+    exactly once; no pass waits for the upload of a region it does not touch (merges of the first regions overlap the later uploads); no upload
     waits for a kernel (the copy engine never idles behind the host's or the device's work), which the graph replay
     relies on for its overlap; and with two compute lanes or more, no pass on the last region waits for a pass on
     the region before it (its own passes overlap the merges still running there)."""
@@ -211,7 +216,7 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
 
     n = 3000
     pipe = HostSortPipeline(n, np.float32, argsort=finish == "bitonic", config=EMU_CUDA_CONFIG,
-                            pipeline=PipelineConfig(chunks=chunks, lanes=lanes))
+                            pipeline=PipelineConfig(chunks=chunks, lanes=lanes, finish=finish))
     assert len(pipe.lanes) == lanes and pipe.finish == finish
     t = _Timeline(pipe)
     pipe.roles = ("in", "compute", "out")
@@ -250,16 +255,16 @@ def test_pipeline_schedule_orders_every_dependency_and_lets_copies_overlap(monke
                 for i in range(pipe.passes)}
         assert done == [i for i in range(pipe.passes) if r <= last[i]], f"region {r} misses a pass or runs one twice"
         assert done[0] == 0, f"region {r} is not encoded"
-        assert done[-1] == pipe.passes - 1 or finish == "merge", f"region {r} is not decoded"  # else: the merge
+        assert done[-1] == pipe.passes - 1 or finish != "bitonic", f"region {r} is not decoded"  # else: the merge
     for i in range(pipe.passes):
         assert sorted(t.blocks[i]) == list(range(pipe.sorter.pass_blocks(i))), f"pass {i}: blocks not covered once"
     merges = [j for j, op in enumerate(t.ops) if op[1] == "merge"]
-    assert [t.ops[j][2] for j in merges] == (regions if finish == "merge" else [])
+    assert [t.ops[j][2] for j in merges] == (regions if finish != "bitonic" else [])
     for j in merges:
         assert all(t.before(touched[r], j) for r in touched), "a merge may start before the last pass on a region"
     nodes = [j for j, op in enumerate(t.ops) if op[1] == "node"]
-    assert sorted(t.ops[j][2] for j in nodes) == (list(range(len(pipe.tree) - 1)) if finish == "merge" else [])
-    assert len(nodes) == (0 if finish == "bitonic" else max(len(regions), 2) - 2)  # L runs: L − 1 merges, the root
+    assert sorted(t.ops[j][2] for j in nodes) == list(range(len(pipe.tree) - 1))
+    assert len(nodes) == (max(len(regions), 2) - 2 if finish == "tree" else 0)  # L runs: L − 1 merges, the root
     for j in nodes:
         node = pipe.tree[t.ops[j][2]]
         covers = range(node.lo >> t.k, ((node.hi - 1) >> t.k) + 1)

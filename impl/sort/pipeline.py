@@ -18,14 +18,16 @@ allow.
 
 Finish. The network's stages wider than a region can start only once every region they span has arrived, and its
 last stage spans all 2^LOGN slots: after the last upload it runs over every key before any region is sorted.
-Keys-only pipelines on the CUDA C++ passes stop the network at the regions instead (``finish="merge"``): the passes
-sort each region of 2^r slots (r = the region bits, at most LOGN − 1: ``merge_plan``) into a run, still encoded, as
-it arrives, and a tree of device merges (``merge_tree``, ``impl.sort.merge``) combines the runs pairwise level by
-level, each merge as soon as both of its runs are sorted, between the sorter's workspace and a scratch (the input's
-device buffer, free once its keys are encoded); the root's merge writes output region c — "sorted[c]" above — and
-decodes it, region 0 first, so the first download waits for one region's merge. A merge moves its keys once, where
-the stages it replaces take about two passes each. For 10M keys in five regions of 2^21 slots (``STAGED``), regions
-0, 1 and then 2, 3 merge while the later ones upload, then the four as one; after the last upload, region 4's own
+Keys-only pipelines on the CUDA C++ passes stop the network earlier instead and finish with device merges
+(``impl.sort.merge``), between the sorter's workspace and a scratch (the input's device buffer, free once its keys are
+encoded): the passes leave sorted runs of 2^r slots, still encoded (``merge_plan``), and a tree of merges
+(``merge_tree``) combines them pairwise level by level, each merge as soon as both of its runs are sorted; the root's
+merge writes output region c — "sorted[c]" above — and decodes it, region 0 first, so the first download waits for
+one region's merge, not for a pass over all keys. ``finish="merge"``: r = LOGN − 1, two halves and the root alone;
+``finish="tree"``: r = the region bits, every region a run as it arrives (a merge moves its keys once where the stages
+it replaces take about two passes each, but on an H100 the merge kernel moves keys at about a third of the passes'
+speed, so the tree is the slower). For 10M keys in five regions of 2^21 slots (``STAGED``), the first half's regions
+run their stages 22 and 23 while region 4 (the second half, 1.6M keys) uploads; after the last upload, region 4's own
 passes, the root's diagonals and region 0's merge stand before the first download, which then overlaps the rest.
 Argsorts and numba's passes keep the bitonic finish.
 ``sort_staged()`` sorts keys already held in the pinned buffer ``stage_in`` into ``stage_out`` (no host copies: the
@@ -60,6 +62,9 @@ from impl.sort.merge import default_merge_config, device_view, launch_merge, lau
 from impl.sort.plan import CudaSortConfig, block_range, padded_bits
 
 
+FINISHES = ("merge", "tree", "bitonic")
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     chunks: int = 4        # at most this many aligned regions, each copied and locally sorted on its own
@@ -69,15 +74,17 @@ class PipelineConfig:
     early: bool = True     # merge regions as soon as they arrive; False: a pass wider than a region waits for all
     lanes: int = 1         # compute streams (with streams=3): with 2+, a region's passes need not wait for another
                            # region's merges (no faster on an H100 at 10M keys in 8 chunks: the passes share the SMs)
-    finish: str = "merge"  # "merge": passes up to sorted regions, then a tree of merges, the root's per output
-                           # region; "bitonic": the network's wide stages (argsorts, numba's passes, n under two tiles)
+    finish: str = "merge"  # "merge": passes up to two sorted halves, then their merge per output region; "tree":
+                           # passes up to sorted regions, then a tree of merges (slower on an H100: its merges move
+                           # keys at ~1/3 of the passes' speed); "bitonic": the network's wide stages (argsorts,
+                           # numba's passes and n under two tiles always)
 
     def __post_init__(self) -> None:
         if self.chunks < 1 or not 1 <= self.streams <= 3 or not 1 <= self.lanes <= 8:
             raise ValueError(f"chunks must be >= 1, streams 1..3 and lanes 1..8, got {self.chunks}, {self.streams} "
                              f"and {self.lanes}")
-        if self.finish not in ("merge", "bitonic"):
-            raise ValueError(f"finish must be 'merge' or 'bitonic', got {self.finish!r}")
+        if self.finish not in FINISHES:
+            raise ValueError(f"finish must be one of {FINISHES}, got {self.finish!r}")
 
 
 NAIVE = PipelineConfig(chunks=1, streams=1, pinned=False, graph=False)
@@ -95,10 +102,11 @@ class HostSortPipeline:
                  pipeline: PipelineConfig = PipelineConfig()) -> None:
         self.fmt = key_format(dtype)
         runs = None
-        if pipeline.finish == "merge":
-            config, runs = merge_plan(int(n), self.fmt.dtype, argsort, config, pipeline.chunks)
+        if pipeline.finish != "bitonic":
+            chunks = pipeline.chunks if pipeline.finish == "tree" else 1
+            config, runs = merge_plan(int(n), self.fmt.dtype, argsort, config, chunks)
         self.sorter = make_sorter(n, self.fmt.dtype, argsort=argsort, config=config, runs=runs)
-        self.finish = "bitonic" if runs is None else "merge"
+        self.finish = "bitonic" if runs is None else pipeline.finish
         if isinstance(self.sorter, BitonicSorter) and self.sorter.config.variant != "shared":
             raise ValueError("the host pipeline chunks the tile passes, so it needs the shared variant")
         self.passes = len(self.sorter.plan.passes)
@@ -182,7 +190,7 @@ class HostSortPipeline:
                 return True
             return False
 
-        merge = self.finish == "merge"
+        merge = self.finish != "bitonic"
         waiting = list(range(len(self.tree) - 1))  # tree merges not yet enqueued (the root's come last)
         for c in range(len(regions)):
             out.append(("arrive", c))

@@ -164,7 +164,8 @@ def exp_transfers(sizes: list[int], reps: int) -> dict[str, Any]:
 def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4, 8),
                  staged_chunks: tuple[int, ...] = (1, 2, 4, 8, 16), late_chunks: tuple[int, ...] = (4, 8),
                  two_lane_chunks: tuple[int, ...] = (8,), bitonic_chunks: tuple[int, ...] = (8, 16),
-                 staged_configs: tuple[str, ...] = (), staged_reps: int = 20) -> dict[str, Any]:
+                 tree_chunks: tuple[int, ...] = (8, 16), staged_configs: tuple[str, ...] = (),
+                 staged_reps: int = 20) -> dict[str, Any]:
     rows = []
     for n in sizes:
         x = random_keys(n, seed=n)
@@ -184,7 +185,8 @@ def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4
         # keys already in the pinned buffer (the host-to-host target's figure), graph replays; "late": the schedule
         # whose passes wider than a region wait for every region, beside the default that merges regions on arrival;
         # "lanes=2": a second compute stream (a region's passes need not queue behind the merges before them);
-        # "bitonic": the network's wide stages on the regions' keys instead of the tree of merges of sorted regions;
+        # "bitonic": the network's wide stages on the regions' keys instead of the merge of the two sorted halves;
+        # "tree": every region a sorted run as it arrives, combined by a tree of merges;
         # a tune label: that config's passes (fewer, larger-tile passes: fewer launches after the last upload)
         from impl.sort.tune import KEY_CONFIGS
 
@@ -193,6 +195,7 @@ def exp_pipeline(sizes: list[int], reps: int, chunks: tuple[int, ...] = (1, 2, 4
         staged += [(f"staged_chunks={c},lanes=2", PipelineConfig(chunks=c, lanes=2), None) for c in two_lane_chunks]
         staged += [(f"staged_chunks={c},bitonic", PipelineConfig(chunks=c, finish="bitonic"), None)
                    for c in bitonic_chunks]
+        staged += [(f"staged_chunks={c},tree", PipelineConfig(chunks=c, finish="tree"), None) for c in tree_chunks]
         staged += [(f"staged_chunks={STAGED.chunks},{k}", STAGED, KEY_CONFIGS[k]) for k in staged_configs]
         for label, pc, config in staged:
             pipe = HostSortPipeline(n, np.float32, config=config, pipeline=pc)
@@ -323,7 +326,7 @@ def run(*, smoke: bool, quick: bool = False, no_ncu: bool = False, skip_tune: bo
                                   chunks=(1, 4) if smoke else (1, 2, 4, 8),
                                   staged_chunks=(1, 4) if smoke else (1, 2, 4, 8, 16, 32),
                                   late_chunks=(4,) if smoke else (4, 8), two_lane_chunks=(4,) if smoke else (8,),
-                                  bitonic_chunks=(4,) if smoke else (8, 16),
+                                  bitonic_chunks=(4,) if smoke else (8, 16), tree_chunks=(4,) if smoke else (8, 16),
                                   staged_reps=1 if smoke else 20,
                                   staged_configs=() if smoke else ("t14e5r5",)))
     if not (smoke or quick or no_ncu):
