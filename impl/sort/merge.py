@@ -7,12 +7,12 @@ sort whose plan stops at sorted runs (``build_cuda_plan(runs=...)``), so that th
 A and B are separate arrays (views of two runs, in one buffer or two), so that a tree of merges can combine sorted runs
 level by level between two buffers, the last level decoding into the output.
 Merge path: the first k outputs hold i = diag(k) keys of A and k − i of B, where i is the least index in
-[max(0, k − nb), min(k, na)] with A[i] > B[k − 1 − i] (a binary search). Block b of a launch writes outputs
+[max(0, k − nb), min(k, na)] with A[i] > B[k − 1 − i] (a search). Block b of a launch writes outputs
 [b·TILE, (b+1)·TILE) ∩ [0, na + nb), TILE = threads·items. A partition launch first finds diag at every block
-boundary (one thread each, all at once: one search's latency in all), then each merge block loads its A and B pieces
-(TILE keys together) into shared memory, each thread finds its own diagonal there and merges ``items`` keys into
-registers, and the block writes them back through shared memory so that consecutive threads store consecutive
-outputs. Blocks are independent: a launch may cover any range of them (``merge_blocks``),
+boundary (a block each, all at once, its threads probing together: a few rounds of one load each), then each merge
+block loads its A and B pieces (TILE keys together) into shared memory, each thread finds its own diagonal there
+(a binary search) and merges ``items`` keys into registers, and the block writes them back through shared memory
+so that consecutive threads store consecutive outputs. Blocks are independent: a launch may cover any range of them (``merge_blocks``),
 e.g. those of one output region, whose download can then start while later regions merge.
 """
 from __future__ import annotations
@@ -33,11 +33,14 @@ from impl.sort.keys import decode_key, encode_np, key_format
 class MergeConfig:
     threads: int = 256  # per block
     items: int = 8      # outputs per thread
+    probes: int = 32    # threads narrowing one diagonal's search together (a probes-ary search)
 
     def __post_init__(self) -> None:
         if self.threads < 2 or self.threads & (self.threads - 1) or not 1 <= self.items <= 32:
             raise ValueError(f"threads must be a power of two >= 2 and items 1..32, got {self.threads} and "
                              f"{self.items}")
+        if not 2 <= self.probes <= 1024:
+            raise ValueError(f"probes must be in 2..1024, got {self.probes}")
 
     @property
     def tile(self) -> int:
@@ -47,7 +50,8 @@ class MergeConfig:
 GPU_MERGE = MergeConfig()
 NO_DECODE = (np.int64(0), np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0), np.int64(0))  # an encoded merge's
 # placeholder for ``enc`` (the kernel then never reads it; one argument type for both variants)
-SIM_MERGE = MergeConfig(threads=8, items=4)  # the simulator runs one OS thread per CUDA thread
+SIM_MERGE = MergeConfig(threads=8, items=4, probes=3)  # the simulator runs one OS thread per CUDA thread
+u32, u64 = numba.uint32, numba.uint64  # indices: unsigned (no negative-index wraparound code), 32-bit within a block
 
 
 def default_merge_config() -> MergeConfig:
@@ -55,25 +59,58 @@ def default_merge_config() -> MergeConfig:
 
 
 @cuda.jit(device=True, inline=True)
-def diagonal(a, a0, na, b, b0, nb, k):
-    """Keys of A = a[a0:a0+na] among the first k outputs of merge(A, b[b0:b0+nb])."""
-    lo = max(0, k - nb)
-    hi = min(k, na)
+def diagonal_shared(sh, ca, cnt, d):
+    """Keys of A = sh[0:ca] among the first d outputs of merge(A, sh[ca:cnt]) (uint32 throughout)."""
+    nb = cnt - ca
+    lo = d - nb if d > nb else u32(0)
+    hi = d if d < ca else ca
     while lo < hi:
-        mid = (lo + hi) // 2
-        if a[a0 + mid] <= b[b0 + k - 1 - mid]:
-            lo = mid + 1
+        mid = (lo + hi) >> u32(1)
+        if sh[mid] <= sh[ca + d - u32(1) - mid]:
+            lo = mid + u32(1)
         else:
             hi = mid
     return lo
 
 
-@cuda.jit
-def partition_kernel(a, na, b, nb, tile, diags):
-    """diags[j] = diag(min(j·tile, na + nb)) for j = 0..len(diags)−1: where every merge block starts and ends."""
-    j = cuda.grid(1)
-    if j < diags.shape[0]:
-        diags[j] = diagonal(a, 0, na, b, 0, nb, min(j * tile, na + nb))
+@functools.cache
+def partition_kernel(probes: int):
+    """Block j of the partition launch (``probes`` threads): diags[j] = diag(k), k = min(j·tile, na + nb), the least
+    i in [max(0, k − nb), min(k, na)] with a[i] > b[k − 1 − i] (else the upper end). Each round the threads test
+    ``probes`` evenly spaced i at once and keep the gap between the last false and the first true test: a
+    probes-ary search, ~log_probes(n) rounds of one global load each instead of log2(n)."""
+
+    @cuda.jit
+    def kernel(a, na, b, nb, tile, diags):
+        flags = cuda.shared.array(probes, numba.boolean)
+        bounds = cuda.shared.array(2, numba.uint64)
+        j = u64(cuda.blockIdx.x)
+        t = u64(cuda.threadIdx.x)
+        nau, nbu = u64(na), u64(nb)
+        k = min(j * u64(tile), nau + nbu)
+        lo = k - nbu if k > nbu else u64(0)
+        hi = k if k < nau else nau
+        while lo < hi:
+            step = (hi - lo + u64(probes - 1)) // u64(probes)
+            i = lo + t * step
+            flags[t] = i >= hi or a[i] > b[k - u64(1) - i]
+            cuda.syncthreads()
+            if t == u64(0):
+                new_lo, new_hi = lo, hi
+                for s in range(probes):
+                    at = lo + u64(s) * step
+                    if at >= hi or flags[s]:
+                        new_hi = min(at, hi)
+                        break
+                    new_lo = at + u64(1)
+                bounds[0], bounds[1] = new_lo, new_hi
+            cuda.syncthreads()
+            lo, hi = bounds[0], bounds[1]
+            cuda.syncthreads()
+        if t == u64(0):
+            diags[j] = lo
+
+    return kernel
 
 
 @functools.cache
@@ -87,39 +124,43 @@ def merge_kernel(key_dtype: np.dtype, out_dtype: np.dtype, threads: int, items: 
     @cuda.jit
     def kernel(a, na, b, nb, diags, out, enc, first_block):
         sh = cuda.shared.array(tile, key_t)
-        t = cuda.threadIdx.x
-        blk = first_block + cuda.blockIdx.x
-        lo = blk * tile
-        hi = min(lo + tile, na + nb)
-        a0 = diags[blk]
-        cnt = hi - lo
-        ca = min(max(diags[blk + 1] - a0, 0), cnt)  # A's keys among this block's outputs: sh[0:ca], B's: sh[ca:cnt]
+        t = u32(cuda.threadIdx.x)
+        blk = u64(first_block) + u64(cuda.blockIdx.x)
+        lo = blk * u64(tile)
+        hi = min(lo + u64(tile), u64(na) + u64(nb))
+        a0, a1 = u64(diags[blk]), u64(diags[blk + u64(1)])
+        cnt = u32(hi - lo)
+        ca = u32(min(a1 - a0, u64(cnt))) if a1 > a0 else u32(0)  # A's keys here: sh[0:ca], B's: sh[ca:cnt]
         # (the clamp only matters for unsorted input, whose output is wrong anyway: it keeps every access in bounds)
         b0 = lo - a0
-        for q in range(t, cnt, threads):
-            sh[q] = a[a0 + q] if q < ca else b[b0 + q - ca]
+        q = t
+        while q < cnt:
+            sh[q] = a[a0 + u64(q)] if q < ca else b[b0 + u64(q - ca)]
+            q += u32(threads)
         cuda.syncthreads()
-        d = min(t * items, cnt)
-        i = diagonal(sh, 0, ca, sh, ca, cnt - ca, d)  # this thread's split of the block's A and B pieces
+        d = min(t * u32(items), cnt)
+        i = diagonal_shared(sh, ca, cnt, d)  # this thread's split of the block's A and B pieces
         j = ca + d - i
         reg = cuda.local.array(items, key_t)
         for q in range(items):
             if i < ca and (j >= cnt or sh[i] <= sh[j]):
                 reg[q] = sh[i]
-                i += 1
+                i += u32(1)
             elif j < cnt:
                 reg[q] = sh[j]
-                j += 1
+                j += u32(1)
         cuda.syncthreads()
         for q in range(items):
-            if d + q < cnt:
-                sh[d + q] = reg[q]
+            if d + u32(q) < cnt:
+                sh[d + u32(q)] = reg[q]
         cuda.syncthreads()
-        for q in range(t, cnt, threads):
+        q = t
+        while q < cnt:
             if decode:
-                out[lo + q] = out_t(decode_key(numba.uint64(sh[q]), enc))
+                out[lo + u64(q)] = out_t(decode_key(u64(sh[q]), enc))
             else:
-                out[lo + q] = sh[q]
+                out[lo + u64(q)] = sh[q]
+            q += u32(threads)
 
     return kernel
 
@@ -152,9 +193,8 @@ def launch_partition(a, na: int, b, nb: int, diags, *, stream=0, config: MergeCo
     if diags.shape[0] != partition_slots(na + nb, config):
         raise ValueError(f"diags holds {diags.shape[0]} slots; a merge of {na + nb} outputs in tiles of {config.tile} "
                          f"needs {partition_slots(na + nb, config)}")
-    threads = 128
-    partition_kernel[-(-diags.shape[0] // threads), threads, stream](a, np.int64(na), b, np.int64(nb),
-                                                                     np.int64(config.tile), diags)
+    partition_kernel(config.probes)[diags.shape[0], config.probes, stream](a, np.int64(na), b, np.int64(nb),
+                                                                           np.int64(config.tile), diags)
 
 
 def launch_merge(a, na: int, b, nb: int, diags, out, enc: tuple | None, *, lo: int = 0, hi: int | None = None,

@@ -46,7 +46,7 @@ def variants(config) -> list[dict]:
     from impl.sort.merge import GPU_MERGE  # the pipeline's merge finish: keys-only, every output width
 
     for key, outs in (("uint32", ("uint16", "uint32")), ("uint64", ("uint64",))):
-        out.append(dict(kind="partition", mode="keys", key=key, bits="int64", threads=128))
+        out.append(dict(kind="partition", mode="keys", key=key, bits="int64", threads=GPU_MERGE.probes))
         for o in outs:
             out.append(dict(kind="merge", mode="keys", key=key, bits=o, threads=GPU_MERGE.threads,
                             items=GPU_MERGE.items))
@@ -84,7 +84,7 @@ def merge_ptx(v: dict) -> str:
     i64, u64 = numba.types.int64, numba.types.uint64
     if v["kind"] == "partition":
         sig = (arr(v["key"]), i64, arr(v["key"]), i64, i64, arr("int64"))
-        return cuda.compile_ptx(M.partition_kernel.py_func, sig, cc=(9, 0))[0]
+        return cuda.compile_ptx(M.partition_kernel(M.GPU_MERGE.probes).py_func, sig, cc=(9, 0))[0]
     decode = v.get("decode", True)
     out = v["bits"] if decode else v["key"]
     kernel = M.merge_kernel(np.dtype(v["key"]), np.dtype(out), v["threads"], v["items"], decode)
