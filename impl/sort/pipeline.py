@@ -156,8 +156,10 @@ class HostSortPipeline:
         A pass runs on a group as soon as every region of the group has arrived and run the passes before it, so
         the merges of the early regions overlap the later uploads. Arrived neighbours at the same pass share one
         launch, except that after the last upload the first unfinished region runs alone, carried to its end first
-        (its download then overlaps the rest). With the merge finish, ("merge", c) writes output region c once
-        every region has run every pass, and region c's download follows it."""
+        (its download then overlaps the rest). With a merge finish, ("node", j) runs tree merge j (``self.tree``;
+        not the root) as soon as the regions of its runs have run every pass and the merges below it are enqueued,
+        and ("merge", c) writes output region c (the root's merge) once every region has run every pass, and region
+        c's download follows it."""
         regions, count = self.chunk_bounds(), self.passes
         done = [0] * len(regions)
         arrived, out = 0, []
