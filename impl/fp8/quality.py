@@ -1,11 +1,12 @@
 """Quality of FP8 linears in a real model: perplexity and greedy agreement against the unquantized model.
 
-A *variant* is (scale group, mode, kept blocks, rounding, smoothing): every ``nn.Linear`` of the decoder blocks
-becomes an ``Fp8Linear`` over the weight quantized with dynamic amax scales of the group (per tensor, per output
+A *variant* is (scale group, mode, kept blocks or linears, rounding, smoothing): every ``nn.Linear`` of the decoder
+blocks becomes an ``Fp8Linear`` over the weight quantized with dynamic amax scales of the group (per tensor, per output
 channel, 128x128 blocks), in mode ``w8a16`` (weight-only; activations stay in the compute dtype) or ``w8a8``
 (activations quantized to e4m3 on every call, per token, or per 1x128 slice of a token for block weights, as vLLM runs
 block-scaled checkpoints and as the ct-block layout's config declares; ``act_group`` in each record), except the
-linears of the blocks listed in ``keep``, which stay dense. Embeddings, norms and the LM head are never quantized
+linears of the blocks listed in ``keep`` and the linears listed in ``keep_linears``, which stay dense (named in the
+checkpoint's ignore list: ``ignore_list``). Embeddings, norms and the LM head are never quantized
 (vLLM's default). The swap happens in memory on a model loaded once; with ``nearest`` rounding the codes and scales
 are those the quantizer writes into a checkpoint (``check_layouts`` proves it per layout, bit for bit); ``gptq`` chooses
 each code with GPTQ (``impl.fp8.gptq``; with ``GptqConfig.placements`` > 1 also each band's grid placement, the scales
@@ -38,14 +39,25 @@ the perplexity change over f = 2^(j/J) says how much of a figure is that draw ra
 an H100, bf16, 196416 tokens, four placements: channel W8A16 GPTQ +0.59 to +1.32%, block +1.03 to +1.23%;
 results/h100-80gb-hbm3/fp8/quality_grid.json); ``grid_spread`` in each model's record.
 
-Sensitivity (which blocks dominate the error): each block alone quantized (W8A16), the mean KL(base || variant)
-of the next-token distributions over calibration windows that come *before* the evaluation text, never from it.
-The blocks kept dense by a ``top<k>`` policy are the k most sensitive ones by that ranking.
+Sensitivity (which blocks or linears dominate the error), always over calibration windows that come *before* the
+evaluation text, never from it, as the mean KL(base || variant) of the next-token distributions
+(``BaseDistributions``). Blocks: each block alone quantized (W8A16, channel scales); a ``top<k>`` policy keeps the k
+most sensitive blocks dense. Linears: each decoder linear alone quantized as the variant runs it -- weight rounded to
+nearest in the variant's group, and in W8A8 its input rounded per token (per 1x128 slice for block weights), after
+the variant's smoothing if it has one -- over the first ``LINEAR_CALIB_TOKENS`` calibration tokens; a ``lin<k>``
+policy keeps the k most sensitive linears dense (``linear_sensitivity`` in the record, per group, mode and
+smoothing), as llm-compressor's and vLLM's ignore lists keep single layers in bf16. SmolLM2 on the CPU (float32,
+1536 calibration tokens, channel W8A8 rounded to nearest): the per-linear KLs add up to nearly the all-linear one;
+the 5 / 10 / 20 / 40 most sensitive of 210 linears carry 20 / 27 / 36 / 51% of their sum (the last block's MLP
+16%, then block 0's MLP; input rounding alone ranks alike), the rest is a long flat tail; on 2048 later tokens,
+keeping the top 14 dense cuts the all-linear KL by 32%, the first and last blocks (also 14 linears) by 19%, the top
+32 by 42%.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
@@ -62,6 +74,8 @@ from impl.fp8.linear import Fp8Linear, Fp8Weight, quantize_activations
 from impl.fp8.scales import SCALE_CHOICES, choose_scales
 
 GROUPS = ("tensor", "channel", "block")
+POLICY_FORMS = ("all (nothing kept dense), first-last (the first and last blocks), top<k> (the k most sensitive "
+                "blocks), lin<k> (the k most sensitive linears)")
 MODES = ("w8a16", "w8a8")
 ROUNDINGS = ("nearest", "gptq")
 BOOTSTRAP = 2000
@@ -75,13 +89,17 @@ class Variant:
     group: str
     mode: str
     keep: tuple[int, ...] = ()
-    policy: str = "all"  # how ``keep`` was chosen: "all" (none kept), "first-last", "top<k>" (sensitivity)
+    policy: str = "all"  # how ``keep`` / ``keep_linears`` were chosen (``parse_policy``)
     rounding: str = "nearest"  # of the weights to e4m3: "nearest" or "gptq" (impl.fp8.gptq)
     scales: str = "amax"  # per group: "amax" / FMAX, or "mse" (impl.fp8.scales: least squared rounding error)
     smooth: bool = False  # SmoothQuant's factors folded in before rounding (impl.fp8.smooth; alpha: the run's)
     grid: float = 1.0  # the scales multiplied by this, in [1, 2): another placement of the FP8 grid (module doc)
+    keep_linears: tuple[str, ...] = ()  # decoder linears kept dense, by qualified name ("layers.3.mlp.down_proj")
 
     def __post_init__(self) -> None:
+        kind, _ = parse_policy(self.policy)
+        if self.keep_linears and kind != "lin":
+            raise ValueError(f"keep_linears come from a lin<k> policy, not {self.policy!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.scales not in SCALE_CHOICES:
@@ -98,6 +116,18 @@ class Variant:
                 + ("" if self.policy == "all" else f"-keep-{self.policy}"))
 
 
+def parse_policy(policy: str) -> tuple[str, int]:
+    """(kind, k) of a keep policy: ("all", 0), ("first-last", 2), ("top", k) or ("lin", k) with k >= 1; a
+    ValueError naming ``POLICY_FORMS`` for anything else."""
+    if policy in ("all", "first-last"):
+        return policy, 0 if policy == "all" else 2
+    m = re.fullmatch(r"(top|lin)([1-9][0-9]*)", policy) if isinstance(policy, str) else None
+    if m is None:
+        raise ValueError(f"unknown keep policy {policy!r}: one of {POLICY_FORMS}")
+    return m[1], int(m[2])
+
+
+LINEAR_CALIB_TOKENS = 8192  # of the calibration tokens, the first ones ranking the linears (one forward per linear)
 ACTIVATION_GROUPS = {"token": TOKEN, "1x128": GROUP128}  # the activation roundings a W8A8 variant can take
 ALPHA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # smoothing strengths Smoothing.choose tries
 CHOSEN_BY = "least W8A8 (nearest) perplexity on the calibration tokens, of none and ALPHA_GRID"
@@ -179,7 +209,9 @@ def replaced(model: nn.Module, make: Callable[[int, str, nn.Linear], nn.Module |
 
 
 class Swapped:
-    """Context: the decoder linears of ``model`` replaced by Fp8Linears of ``variant`` (``replaced``).
+    """Context: the decoder linears of ``model`` replaced by Fp8Linears of ``variant`` (``replaced``), all but those
+    it keeps dense (its blocks ``keep`` and linears ``keep_linears``); with ``blocks`` or ``linears`` (qualified
+    names) given, only the ones among those.
 
     ``cache`` (a dict kept by the caller) keeps each linear's quantized weight per (group, rounding, scales,
     smoothing, grid), and on the CPU its dequantized copy, so the variants of one group quantize once. GPTQ rounding
@@ -188,8 +220,8 @@ class Swapped:
 
     def __init__(self, model: nn.Module, variant: Variant, blocks: tuple[int, ...] | None = None,
                  cache: dict | None = None, moments: dict[str, torch.Tensor] | None = None,
-                 gptq: GptqConfig = GptqConfig()) -> None:
-        self.model, self.variant, self.blocks = model, variant, blocks
+                 gptq: GptqConfig = GptqConfig(), linears: tuple[str, ...] | None = None) -> None:
+        self.model, self.variant, self.blocks, self.linears = model, variant, blocks, linears
         self.cache = {} if cache is None else cache
         self.moments, self.gptq = moments, gptq
         if variant.rounding == "gptq" and moments is None:
@@ -197,8 +229,10 @@ class Swapped:
         self.paths: dict[str, int] = {}
         self._swap: contextlib.AbstractContextManager | None = None
 
-    def _swapped(self, i: int) -> bool:
-        return i not in self.variant.keep and (self.blocks is None or i in self.blocks)
+    def _swapped(self, i: int, name: str) -> bool:
+        v = self.variant
+        return (i not in v.keep and name not in v.keep_linears and (self.blocks is None or i in self.blocks)
+                and (self.linears is None or name in self.linears))
 
     def _key(self, name: str) -> tuple:
         v = self.variant
@@ -207,7 +241,7 @@ class Swapped:
     def _quantize_gptq(self) -> None:
         """Every swapped linear's GPTQ weight not yet in the cache, in one batch."""
         todo = {name: lin for i, name, _, _, lin in block_linears(self.model)
-                if self._swapped(i) and self._key(name) not in self.cache}
+                if self._swapped(i, name) and self._key(name) not in self.cache}
         if todo:
             got = quantize_weights_gptq({n: lin.weight.data for n, lin in todo.items()}, self.variant.group,
                                         self.moments, self.variant.scales, self.gptq, self.variant.grid)
@@ -216,7 +250,7 @@ class Swapped:
 
     def _layer(self, i: int, name: str, lin: nn.Linear) -> Fp8Linear | None:
         v = self.variant
-        if not self._swapped(i):
+        if not self._swapped(i, name):
             return None
         key = self._key(name)
         if key not in self.cache:
@@ -357,18 +391,64 @@ def calibration_windows(model: nn.Module, calib: torch.Tensor, window: int, bos:
     return chunks
 
 
+class BaseDistributions:
+    """The base model's next-token distributions p over fixed windows, kept to measure another model's
+
+        KL(base || model) = mean_t sum_v p_tv (log p_tv - log q_tv) = mean_t (h_t - sum_v p_tv log q_tv)
+
+    over positions t and vocabulary v, with h_t = sum_v p_tv log p_tv computed once; ``batch`` windows per forward
+    (None: all at once)."""
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, chunks: torch.Tensor, batch: int | None = None) -> None:
+        self.rows = chunks.split(batch or chunks.shape[0])
+        self.p: list[torch.Tensor] = []
+        self.h: list[torch.Tensor] = []
+        for rows in self.rows:
+            lp = torch.log_softmax(model(input_ids=rows).logits.float(), dim=-1)
+            p = lp.exp()
+            self.p.append(p)
+            self.h.append((p * lp).sum(-1))
+        self.positions = chunks.numel()
+
+    @torch.no_grad()
+    def kl(self, model: nn.Module) -> float:
+        total = 0.0
+        for rows, p, h in zip(self.rows, self.p, self.h):
+            lq = torch.log_softmax(model(input_ids=rows).logits.float(), dim=-1)
+            total += float((h - (p * lq).sum(-1)).sum())
+        return total / self.positions
+
+
 @torch.no_grad()
 def block_sensitivity(model: nn.Module, calib: torch.Tensor, group: str, *, window: int, bos: int | None,
                       log: Callable[..., Any] = print) -> list[float]:
     """Mean KL(base || block i alone quantized, W8A16) per next-token position over ``calib``, for each block."""
-    chunks = calibration_windows(model, calib, window, bos)
-    base = torch.log_softmax(model(input_ids=chunks).logits.float(), dim=-1)
+    base = BaseDistributions(model, calibration_windows(model, calib, window, bos))
     out = []
     for i in range(len(decoder_blocks(model))):
         with Swapped(model, Variant(group, "w8a16"), blocks=(i,)):
-            lp = torch.log_softmax(model(input_ids=chunks).logits.float(), dim=-1)
-        out.append(float((base.exp() * (base - lp)).sum(-1).mean()))
+            out.append(base.kl(model))
         log(f"  sensitivity block {i}: KL {out[-1]:.2e}")
+    return out
+
+
+@torch.no_grad()
+def linear_sensitivity(model: nn.Module, calib: torch.Tensor, group: str, mode: str, *, window: int, batch: int,
+                       bos: int | None, log: Callable[..., Any] = print) -> dict[str, float]:
+    """{qualified name: mean KL(base || that linear alone quantized)} per next-token position over ``calib``, for
+    every decoder linear: its weight rounded to nearest in ``group`` (amax scales) and, in W8A8, its input rounded
+    to e4m3 as ``mode`` runs it (per token, or per 1x128 slice for block weights). ``model`` as given: a smoothing
+    folded in is measured with it."""
+    base = BaseDistributions(model, calibration_windows(model, calib, window, bos), batch)
+    cache: dict = {}
+    out = {}
+    for _, name, _, _, _ in block_linears(model):
+        with Swapped(model, Variant(group, mode), cache=cache, linears=(name,)):
+            out[name] = base.kl(model)
+    top = sorted(out, key=lambda n: -out[n])[:3]
+    log(f"  sensitivity of {len(out)} linears ({group}, {mode}): largest KL " +
+        ", ".join(f"{n} {out[n]:.2e}" for n in top))
     return out
 
 
@@ -411,7 +491,7 @@ def layer_errors(model: nn.Module, ids: torch.Tensor, variant: Variant) -> dict[
     errs: dict[str, float] = {}
     hooks = []
     for i, name, _, _, lin in block_linears(model):
-        if i in variant.keep:
+        if i in variant.keep or name in variant.keep_linears:
             continue
         w = quantize_weight_like_checkpoint(lin.weight.data, variant.group)
         twin = Fp8Linear(w, compute_dtype=lin.weight.dtype, mode=variant.mode)
@@ -434,8 +514,9 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
                       deadline: float = math.inf, moments: dict[str, dict[str, torch.Tensor]] | None = None,
                       gptq: GptqConfig = GptqConfig(), smooth_alpha: float | None = None,
                       log: Callable[..., Any] = print) -> dict[str, Any]:
-    """Base model first, then each variant (``top<k>`` policies resolved from the sensitivity on ``calib``; GPTQ
-    variants from ``moments``, {scale group: the layers' input moments on ``calib``} as ``group_moments`` makes
+    """Base model first, then each variant (``top<k>`` policies resolved from the blocks' sensitivity on ``calib``,
+    ``lin<k>`` ones from the linears' as each variant's group, mode and smoothing run them; GPTQ variants from
+    ``moments``, {scale group: the layers' input moments on ``calib``} as ``group_moments`` makes
     them with ``gptq``, whose settings the record keeps; smoothed variants with ``smooth_alpha``, or where it is
     None with the alpha ``Smoothing.choose`` picks per group on ``calib``). Variants with another grid placement
     run last, once the record is complete without them (the time budget may leave some out: ``grid_skipped``), and
@@ -468,11 +549,26 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
             f"{g} {r['delta_pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
             for g, r in out["activations_only"].items()))
     ranking: list[int] = []
-    if sensitivity_group and any(v.policy.startswith("top") for v in variants):
+    if sensitivity_group and any(parse_policy(v.policy)[0] == "top" for v in variants):
         kl = block_sensitivity(model, calib, sensitivity_group, window=window, bos=bos, log=log)
         ranking = sorted(range(len(kl)), key=lambda i: -kl[i])
         out["sensitivity"] = {"group": sensitivity_group, "mode": "w8a16", "kl": kl, "ranking": ranking,
                               "calib_tokens": int(calib.numel())}
+    lin_rankings: dict[tuple[str, str, float | None], list[str]] = {}
+    lin_keys = {(v.group, v.mode, alphas.get(v.group) if v.smooth else None) for v in variants
+                if parse_policy(v.policy)[0] == "lin"}
+    if lin_keys:
+        cal = calib[:LINEAR_CALIB_TOKENS]
+        out["linear_sensitivity"] = {}
+        for g, m, a in sorted(lin_keys, key=lambda k: (GROUPS.index(k[0]), MODES.index(k[1]), k[2] or 0.0)):
+            t = time.perf_counter()
+            with smoothing.folded(model, a) if a is not None else contextlib.nullcontext():
+                kl = linear_sensitivity(model, cal, g, m, window=window, batch=batch, bos=bos, log=log)
+            lin_rankings[(g, m, a)] = sorted(kl, key=lambda n: -kl[n])
+            out["linear_sensitivity"][f"{g}-{m}" + ("" if a is None else f"-smooth{a:g}")] = {
+                "group": g, "mode": m, "rounding": "nearest", "smooth_alpha": a, "kl": kl,
+                "ranking": lin_rankings[(g, m, a)], "calib_tokens": int(cal.numel()),
+                "seconds": time.perf_counter() - t}
     gptq_groups = {v.group for v in variants if v.rounding == "gptq"}
     if gptq_groups:
         missing = sorted(gptq_groups - set(moments or {}))
@@ -491,12 +587,12 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
                 return out
             out["grid_skipped"] = [w.name for w in ordered[i:]]  # placements only measure the spread: complete
             break
-        v = resolve_keep(v, ranking, n_blocks)
+        alpha = alphas.get(v.group) if v.smooth else None
+        v = resolve_keep(v, ranking, n_blocks, lin_rankings.get((v.group, v.mode, alpha), []))
         t = time.perf_counter()
         if cache and next(iter(cache))[0] != v.group:
             cache.clear()  # one group's weights at a time
             smoothed_h.clear()
-        alpha = alphas.get(v.group) if v.smooth else None
         h = (moments or {}).get(v.group) if v.rounding == "gptq" else None
         if h is not None and alpha is not None:
             if alpha not in smoothed_h:
@@ -508,8 +604,8 @@ def evaluate_variants(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
                 if v.mode == "w8a8" and v.rounding == "gptq":  # the recipe picks among these on calibration tokens
                     r["calib_ppl"] = perplexity(model, calib, window=window, batch=batch, bos=bos)["ppl"]
         r.update(bootstrap_delta(base["window_nll"], r["window_nll"]))
-        r.update(group=v.group, mode=v.mode, keep=list(v.keep), policy=v.policy, rounding=v.rounding, scales=v.scales,
-                 smooth=v.smooth, smooth_alpha=alpha, grid=v.grid,
+        r.update(group=v.group, mode=v.mode, keep=list(v.keep), keep_linears=list(v.keep_linears), policy=v.policy,
+                 rounding=v.rounding, scales=v.scales, smooth=v.smooth, smooth_alpha=alpha, grid=v.grid,
                  act_group=activation_name(get_group(v.group), v.mode), paths=sw.paths, ignore=ignore_list(v),
                  seconds=time.perf_counter() - t)
         out["variants"][v.name] = r
@@ -567,22 +663,29 @@ def recipe_of(group: str, mode: str, variants: dict[str, Any]) -> dict[str, Any]
 
 def ignore_list(v: Variant) -> list[str]:
     """The modules a checkpoint of this variant leaves unquantized, as ``quantization_config`` records them
-    (``impl.fp8.quantize --ignore``; vLLM's ``ignored_layers`` / compressed-tensors' ``ignore``, ``re:`` patterns)."""
+    (``impl.fp8.quantize --ignore``; vLLM's ``ignored_layers`` / compressed-tensors' ``ignore``): the kept blocks as
+    one ``re:`` pattern, the kept linears by full module name."""
     kept = "|".join(str(i) for i in v.keep)
-    return ["lm_head"] + ([f"re:model\\.layers\\.({kept})\\..*"] if v.keep else [])
+    return (["lm_head"] + ([f"re:model\\.layers\\.({kept})\\..*"] if v.keep else [])
+            + [f"model.{name}" for name in v.keep_linears])
 
 
-def resolve_keep(v: Variant, ranking: list[int], n_blocks: int) -> Variant:
-    """The blocks a policy keeps dense: none, the first and last, or the k most sensitive."""
-    if v.policy == "all":
+def resolve_keep(v: Variant, ranking: list[int], n_blocks: int, linear_ranking: list[str] | None = None) -> Variant:
+    """What a policy keeps dense: nothing, the first and last blocks, the k most sensitive blocks (``ranking``,
+    most sensitive first), or the k most sensitive linears (``linear_ranking``, qualified names, most sensitive
+    first; kept listed by block, then name)."""
+    kind, k = parse_policy(v.policy)
+    if kind == "all":
         return v
-    if v.policy == "first-last":
+    if kind == "first-last":
         return replace(v, keep=(0, n_blocks - 1))
-    if v.policy.startswith("top"):
+    if kind == "top":
         if not ranking:
-            raise ValueError(f"{v.name}: policy {v.policy} needs the sensitivity ranking")
-        return replace(v, keep=tuple(sorted(ranking[: int(v.policy[3:])])))
-    raise ValueError(f"unknown keep policy {v.policy!r} (all, first-last, top<k>)")
+            raise ValueError(f"{v.name}: policy {v.policy} needs the block sensitivity ranking")
+        return replace(v, keep=tuple(sorted(ranking[:k])))
+    if not linear_ranking:
+        raise ValueError(f"{v.name}: policy {v.policy} needs the linear sensitivity ranking of its group and mode")
+    return replace(v, keep_linears=tuple(sorted(linear_ranking[:k], key=lambda n: (int(n.split(".")[1]), n))))
 
 
 def variants_for(policies: list[str], groups: tuple[str, ...] = GROUPS, modes: tuple[str, ...] = MODES,
