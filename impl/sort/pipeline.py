@@ -25,8 +25,9 @@ encoded): the passes leave sorted runs of 2^r slots, still encoded (``merge_plan
 merge writes output region c — "sorted[c]" above — and decodes it, region 0 first, so the first download waits for
 one region's merge, not for a pass over all keys. ``finish="merge"``: r = LOGN − 1, two halves and the root alone;
 ``finish="tree"``: r = the region bits, every region a run as it arrives (a merge moves its keys once where the stages
-it replaces take about two passes each, but on an H100 the merge kernel moves keys at about a third of the passes'
-speed, so the tree is the slower). For 10M keys in five regions of 2^21 slots (``STAGED``), the first half's regions
+it replaces take about two passes each, but its merges are slower per key than the passes: an H200 sorted 10M keys
+in 8 chunks in 1.681 ms with the halves, 1.732 ms with the tree, 1.805 ms with the bitonic finish, round trip 1.565;
+results/h200/sort/pipeline.json). For 10M keys in five regions of 2^21 slots (``STAGED``), the first half's regions
 run their stages 22 and 23 while region 4 (the second half, 1.6M keys) uploads; after the last upload, region 4's own
 passes, the root's diagonals and region 0's merge stand before the first download, which then overlaps the rest.
 Argsorts and numba's passes keep the bitonic finish.
@@ -75,9 +76,8 @@ class PipelineConfig:
     lanes: int = 1         # compute streams (with streams=3): with 2+, a region's passes need not wait for another
                            # region's merges (no faster on an H100 at 10M keys in 8 chunks: the passes share the SMs)
     finish: str = "merge"  # "merge": passes up to two sorted halves, then their merge per output region; "tree":
-                           # passes up to sorted regions, then a tree of merges (slower on an H100: its merges move
-                           # keys at ~1/3 of the passes' speed); "bitonic": the network's wide stages (argsorts,
-                           # numba's passes and n under two tiles always)
+                           # passes up to sorted regions, then a tree of merges (the slower: module doc); "bitonic":
+                           # the network's wide stages (argsorts, numba's passes and n under two tiles always)
 
     def __post_init__(self) -> None:
         if self.chunks < 1 or not 1 <= self.streams <= 3 or not 1 <= self.lanes <= 8:
