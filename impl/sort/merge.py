@@ -12,8 +12,8 @@ Merge path: the first k outputs hold i = diag(k) keys of A and k − i of B, whe
 boundary (a block each, all at once, its threads probing together: a few rounds of one load each), then each merge
 block loads its A and B pieces (TILE keys together) into shared memory, each thread finds its own diagonal there
 (a binary search) and merges ``items`` keys into registers, and the block writes them back through shared memory
-so that consecutive threads store consecutive outputs. Blocks are independent: a launch may cover any range of them (``merge_blocks``),
-e.g. those of one output region, whose download can then start while later regions merge.
+so that consecutive threads store consecutive outputs. Blocks are independent: a launch may cover any range of them
+(``merge_blocks``), e.g. those of one output region, whose download can then start while later regions merge.
 """
 from __future__ import annotations
 
@@ -48,9 +48,9 @@ class MergeConfig:
 
 
 GPU_MERGE = MergeConfig()
+SIM_MERGE = MergeConfig(threads=8, items=4, probes=3)  # the simulator runs one OS thread per CUDA thread
 NO_DECODE = (np.int64(0), np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0), np.int64(0))  # an encoded merge's
 # placeholder for ``enc`` (the kernel then never reads it; one argument type for both variants)
-SIM_MERGE = MergeConfig(threads=8, items=4, probes=3)  # the simulator runs one OS thread per CUDA thread
 u32, u64 = numba.uint32, numba.uint64  # indices: unsigned (no negative-index wraparound code), 32-bit within a block
 
 
@@ -187,7 +187,8 @@ def partition_slots(n: int, config: MergeConfig) -> int:
 
 def launch_partition(a, na: int, b, nb: int, diags, *, stream=0, config: MergeConfig | None = None) -> None:
     """Enqueue the diagonals of every merge block of ``a[0:na]`` and ``b[0:nb]`` into ``diags`` (int64,
-    ``partition_slots(na + nb)`` long): one binary search per block, all at once, so the merge blocks wait for none."""
+    ``partition_slots(na + nb)`` long): a block's cooperative search per diagonal (``partition_kernel``), all at
+    once, so the merge blocks wait for none."""
     config = config or default_merge_config()
     check_runs(a, na, b, nb)
     if diags.shape[0] != partition_slots(na + nb, config):
@@ -238,14 +239,12 @@ def merge_sorted(a: np.ndarray, b: np.ndarray, *, descending: bool = False,
     fmt = key_format(a.dtype)
     if b.dtype != a.dtype:
         raise TypeError(f"a and b must share a dtype, got {a.dtype} and {b.dtype}")
-    keys = np.concatenate([encode_np(a, descending=descending), encode_np(b, descending=descending)])
-    keys = keys.astype(fmt.key_dtype)
-    n = keys.size
+    n = a.size + b.size
     out = np.empty(n, dtype=fmt.dtype)
     if n == 0:
         return out
     config = config or default_merge_config()
-    d_a, d_b = cuda.to_device(keys[: a.size]), cuda.to_device(keys[a.size:])
+    d_a, d_b = (cuda.to_device(encode_np(r, descending=descending).astype(fmt.key_dtype)) for r in (a, b))
     d_out = cuda.device_array(n, dtype=fmt.bits_dtype)
     diags = cuda.device_array(partition_slots(n, config), dtype=np.int64)
     launch_partition(d_a, a.size, d_b, b.size, diags, config=config)

@@ -329,31 +329,15 @@ class HostSortPipeline:
                     last[step[1]] = (copy_in, _record(copy_in))
             elif step[0] == "pass":
                 _, i, c0, c1 = step
-                lane = self.lanes[(c1 - 1) % len(self.lanes)]
-                if pinned:
-                    self._wait_for(range(c0, c1), last, lane)
-                self._group_pass(i, lane, regions, c0, c1, descending)
-                if pinned:
-                    ran = (lane, _record(lane))
-                    last.update((c, ran) for c in range(c0, c1))
+                self._on_lane(range(c0, c1), last, lambda s: self._group_pass(i, s, regions, c0, c1, descending))
             elif step[0] == "node":
                 node = self.tree[step[1]]
-                members = self._node_regions(node)
-                lane = self.lanes[(members.stop - 1) % len(self.lanes)]
-                if pinned:
-                    self._wait_for(members, last, lane)
-                self._node(node, self._merge_diags[step[1]], lane)
-                if pinned:
-                    ran = (lane, _record(lane))
-                    last.update((c, ran) for c in members)
+                self._on_lane(self._node_regions(node), last,
+                              lambda s: self._node(node, self._merge_diags[step[1]], s))
             elif step[0] == "merge":
                 lo, hi = regions[step[1]]
-                lane = self.lanes[(len(regions) - 1) % len(self.lanes)]
-                if pinned:
-                    self._wait_for(range(len(regions)), last, lane)
-                self._merge(lo, hi, lane, descending)
-                if pinned:
-                    last[step[1]] = (lane, _record(lane))
+                self._on_lane(range(len(regions)), last, lambda s: self._merge(lo, hi, s, descending),
+                              records=[step[1]])
             else:
                 lo, hi = regions[step[1]]
                 if pinned:
@@ -361,6 +345,17 @@ class HostSortPipeline:
                 self._download(lo, hi, copy_out)
                 done.append(((lo, hi), _record(copy_out) if pinned else None))  # pageable copies are synchronous
         return done
+
+    def _on_lane(self, members: range, last: dict, launch: Callable, records=None) -> None:
+        """``launch(lane)`` on the compute lane of the last region of ``members``, after the last copy or pass on
+        each of them (pinned staging); its event becomes the last work on ``records`` (default: ``members``)."""
+        lane = self.lanes[(members.stop - 1) % len(self.lanes)]
+        if self.pipeline.pinned:
+            self._wait_for(members, last, lane)
+        launch(lane)
+        if self.pipeline.pinned:
+            ran = (lane, _record(lane))
+            last.update((c, ran) for c in (members if records is None else records))
 
     @staticmethod
     def _wait_for(members, last: dict, stream) -> None:
@@ -459,8 +454,8 @@ def region_bits_for(n: int, chunks: int, least: int) -> int:
 class MergeNode:
     """One merge of the finish's tree: runs [lo, mid) and [mid, hi) of slots (sorted, encoded, in buffers ``a_buf``
     and ``b_buf``: 0 the sorter's workspace, 1 the scratch) into [lo, hi) of buffer ``out_buf`` (−1 for the root:
-    the output, decoded). ``copy``: the buffer-0 run is first copied to buffer 1 (its sibling sits there, and the output
-    may overlap neither)."""
+    the output, decoded). ``copy``: "a" or "b", the input run first copied from buffer 0 to buffer 1 (its sibling
+    sits there, and the output may overlap neither); "" none."""
 
     level: int
     lo: int
