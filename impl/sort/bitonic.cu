@@ -108,10 +108,17 @@ struct Word<64> {
     typedef u64 T;
 };
 
-// Branch-free per key: the kind (0 unsigned, 1 signed, 2 float) is a compile-time argument, so a pass dispatches on
-// it once per block (Block::by_kind) rather than once per key.
-template <int KIND, class RAW>
-SORT_FN u64 encode_key_as(RAW raw, int canon, u64 flip) {
+// Branch-free per key: the key's form is a compile-time argument, so a pass dispatches on it once per block
+// (Block::by_form) rather than once per key. FORM bits 0-1: the kind (0 unsigned, 1 signed, 2 float); bit 2: canon
+// (-0.0 as +0.0); bit 3: descending (the key complemented, as the runtime argument flip = all ones asks).
+template <int FORM>
+struct Form {
+    static constexpr int KIND = FORM & 3;
+    static constexpr bool CANON = (FORM >> 2) & 1, DESC = (FORM >> 3) & 1;
+};
+
+template <int FORM, class RAW>
+SORT_FN u64 encode_key_as(RAW raw) {
     constexpr int NB = 8 * sizeof(RAW);
     typedef typename Word<NB>::T W;
     constexpr W SIGN = (W)1 << (NB - 1);
@@ -119,26 +126,26 @@ SORT_FN u64 encode_key_as(RAW raw, int canon, u64 flip) {
     constexpr W INF = NB == 16 ? (W)0x7C00u : (W)0x7F800000u;  // +inf bits (float16, float32)
     const W u = (W)raw;
     W key = u;
-    if constexpr (KIND == 2) {
+    if constexpr (Form<FORM>::KIND == 2) {
         const W mag = u & (FULL ^ SIGN);
         key = u ^ ((u & SIGN) ? FULL : SIGN);  // negative: ~u; otherwise u | SIGN
         key = mag > INF ? FULL : key;          // every NaN after +inf
-        key = (mag == 0 && canon) ? SIGN : key;  // -0.0 as +0.0
-    } else if constexpr (KIND == 1) {
+        if constexpr (Form<FORM>::CANON) key = mag == 0 ? SIGN : key;  // -0.0 as +0.0
+    } else if constexpr (Form<FORM>::KIND == 1) {
         key = u ^ SIGN;
     }
-    return (u64)(key ^ (W)flip);
+    return (u64)(Form<FORM>::DESC ? key ^ FULL : key);
 }
 
-template <int KIND, class RAW>
-SORT_FN RAW decode_key_as(u64 key64, u64 flip) {
+template <int FORM, class RAW>
+SORT_FN RAW decode_key_as(u64 key64) {
     constexpr int NB = 8 * sizeof(RAW);
     typedef typename Word<NB>::T W;
     constexpr W SIGN = (W)1 << (NB - 1);
     constexpr W FULL = NB == 64 ? ~(W)0 : (W)(((u64)1 << NB) - 1);
-    const W key = (W)(key64 ^ flip) & FULL;
-    if constexpr (KIND == 2) return (RAW)((key & SIGN) ? key ^ SIGN : (W)(~key & FULL));
-    return (RAW)(KIND == 1 ? key ^ SIGN : key);
+    const W key = (W)(Form<FORM>::DESC ? ~key64 : key64) & FULL;
+    if constexpr (Form<FORM>::KIND == 2) return (RAW)((key & SIGN) ? key ^ SIGN : (W)(~key & FULL));
+    return (RAW)(Form<FORM>::KIND == 1 ? key ^ SIGN : key);
 }
 
 // ---- slot modes: what a register holds, how it compares, where it lives -----------------------------------------
@@ -174,9 +181,9 @@ struct Keys32 {  // keys-only, keys of up to 32 bits
     template <u32 S>
     SORT_FN static V sld(const unsigned char* m, u32 i) { return reinterpret_cast<const u32*>(m)[i]; }
     SORT_FN static V make(u64 key, u32) { return (V)key; }
-    template <class RAW, int KIND>
-    SORT_FN static void emit(void* out, u32 b, i64 o, V v, u64 flip) {
-        (static_cast<RAW*>(out) + b)[o] = decode_key_as<KIND, RAW>(v, flip);
+    template <class RAW, int FORM>
+    SORT_FN static void emit(void* out, u32 b, i64 o, V v) {
+        (static_cast<RAW*>(out) + b)[o] = decode_key_as<FORM, RAW>(v);
     }
 };
 
@@ -198,9 +205,9 @@ struct Keys64 {  // keys-only, 64-bit keys
     template <u32 S>
     SORT_FN static V sld(const unsigned char* m, u32 i) { return reinterpret_cast<const u64*>(m)[i]; }
     SORT_FN static V make(u64 key, u32) { return key; }
-    template <class RAW, int KIND>
-    SORT_FN static void emit(void* out, u32 b, i64 o, V v, u64 flip) {
-        (static_cast<RAW*>(out) + b)[o] = decode_key_as<KIND, RAW>(v, flip);
+    template <class RAW, int FORM>
+    SORT_FN static void emit(void* out, u32 b, i64 o, V v) {
+        (static_cast<RAW*>(out) + b)[o] = decode_key_as<FORM, RAW>(v);
     }
 };
 
@@ -231,8 +238,8 @@ struct Composite : Keys64 {  // Keys64's loads and stores; its own order, pad an
         const u64 c = (key << 31) | p;
         return c < H ? SIGN | (H + O - c) : c - H + O;
     }
-    template <class RAW, int KIND>
-    SORT_FN static void emit(void* out, u32 b, i64 o, V v, u64) {
+    template <class RAW, int FORM>
+    SORT_FN static void emit(void* out, u32 b, i64 o, V v) {
         const u64 c = (v & SIGN) ? H + O - (v ^ SIGN) : v + H - O;
         (static_cast<i64*>(out) + b)[o] = (i64)(c & 0x7FFFFFFFull);
     }
@@ -266,8 +273,8 @@ struct Pairs {  // argsort of 64-bit keys: (key, index) compared lexicographical
         return V{reinterpret_cast<const u64*>(m)[i], reinterpret_cast<const u32*>(m + 8 * S)[i]};
     }
     SORT_FN static V make(u64 key, u32 p) { return V{key, p}; }
-    template <class RAW, int KIND>
-    SORT_FN static void emit(void* out, u32 b, i64 o, V v, u64) { (static_cast<i64*>(out) + b)[o] = (i64)v.v; }
+    template <class RAW, int FORM>
+    SORT_FN static void emit(void* out, u32 b, i64 o, V v) { (static_cast<i64*>(out) + b)[o] = (i64)v.v; }
 };
 
 // ---- one block of one pass --------------------------------------------------------------------------------------
@@ -334,18 +341,18 @@ struct Block {
 
     // Slot at position base + off (off a compile-time constant, negative for the flip half): indexing from a
     // per-thread base pointer lets the offsets become immediates of the load and store instructions.
-    template <int KIND>
+    template <int FORM>
     SORT_FN V fetch(u32 base, i64 off) const {
         if constexpr (ENC) {
             const RAW raw = (static_cast<const RAW*>(src) + base)[off];
-            return M::make(encode_key_as<KIND>(raw, canon, flip), (u32)(base + off));
+            return M::make(encode_key_as<FORM>(raw), (u32)(base + off));
         } else {
             return M::ld(keys, vals, base, off);
         }
     }
-    template <int KIND>
+    template <int FORM>
     SORT_FN void put(u32 base, i64 off, V v) const {
-        if constexpr (DEC) M::template emit<RAW, KIND>(out, base, off, v, flip);
+        if constexpr (DEC) M::template emit<RAW, FORM>(out, base, off, v);
         else M::st(keys, vals, base, off, v);
     }
 
@@ -354,14 +361,29 @@ struct Block {
         return sf<L>(c) ? 2 * (i64)gc<L, P::F>(c) - (i64)gc<L>(c) : (i64)gc<L>(c);  // flip half: -G + 2H
     }
 
-    // f(Int<kind>{}) for the pass's key kind where the pass encodes or decodes keys (USES), else f(Int<0>{}): one
-    // branch per block, every key's transform then specialised to its kind.
+    // f(Int<form>{}) for the pass's key form (Form: kind, canon, descending) where the pass encodes or decodes keys
+    // (USES), else f(Int<0>{}): one branch per block, every key's transform then specialised to its form.
     template <bool USES, class F>
-    SORT_FN void by_kind(F&& f) const {
+    SORT_FN void by_form(F&& f) const {
         if constexpr (USES) {
-            if (kind == 2) f(Int<2>{});
-            else if (kind == 1) f(Int<1>{});
-            else f(Int<0>{});
+            const bool desc = flip != 0;
+            if (kind == 2) {
+                bool canon_used = false;  // -0.0 matters to encoding only
+                if constexpr (ENC) canon_used = canon != 0;
+                if (canon_used) {
+                    if (desc) f(Int<14>{});
+                    else f(Int<6>{});
+                } else {
+                    if (desc) f(Int<10>{});
+                    else f(Int<2>{});
+                }
+            } else if (kind == 1) {
+                if (desc) f(Int<9>{});
+                else f(Int<1>{});
+            } else {
+                if (desc) f(Int<8>{});
+                else f(Int<0>{});
+            }
         } else {
             f(Int<0>{});
         }
@@ -369,30 +391,30 @@ struct Block {
 
     template <class L>
     SORT_FN void load(V* r) const {  // global -> registers in layout L (lanes on the run: coalesced)
-        by_kind<ENC>([&](auto K) { load_as<L, CV(K)>(r); });
+        by_form<ENC>([&](auto K) { load_as<L, CV(K)>(r); });
     }
-    template <class L, int KIND>
+    template <class L, int FORM>
     SORT_FN void load_as(V* r) const {
         static_assert(P::F < 0 || freg<L>() >= 0, "the load layout must hold the flip coordinate in registers");
         const u32 g = L::template thread_offset<P>(tid), lo = base0 + g, hi = base1 - g + 2 * high_offset<L>();
         if (full) {
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);
-                const V v = fetch<KIND>(sf<L>(c) ? hi : lo, off<L>(c));
+                const V v = fetch<FORM>(sf<L>(c) ? hi : lo, off<L>(c));
                 r[c] = sf<L>(c) ? M::cpl(v) : v;
             });
         } else if (half) {
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);
                 if constexpr (sf<L>(c)) r[c] = M::cpl(M::pad());
-                else r[c] = fetch<KIND>(lo, off<L>(c));
+                else r[c] = fetch<FORM>(lo, off<L>(c));
             });
         } else {
             const i64 room_lo = (i64)n - lo, room_hi = (i64)n - hi;  // position < n  <=>  off < room
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);
                 const bool real = off<L>(c) < (sf<L>(c) ? room_hi : room_lo);
-                const V v = real ? fetch<KIND>(sf<L>(c) ? hi : lo, off<L>(c)) : M::pad();
+                const V v = real ? fetch<FORM>(sf<L>(c) ? hi : lo, off<L>(c)) : M::pad();
                 r[c] = sf<L>(c) ? M::cpl(v) : v;
             });
         }
@@ -400,28 +422,28 @@ struct Block {
 
     template <class L>
     SORT_FN void store(const V* r) const {  // registers -> global; pads are never written
-        by_kind<DEC>([&](auto K) { store_as<L, CV(K)>(r); });
+        by_form<DEC>([&](auto K) { store_as<L, CV(K)>(r); });
     }
-    template <class L, int KIND>
+    template <class L, int FORM>
     SORT_FN void store_as(const V* r) const {
         static_assert(P::F < 0 || freg<L>() >= 0, "the store layout must hold the flip coordinate in registers");
         const u32 g = L::template thread_offset<P>(tid), lo = base0 + g, hi = base1 - g + 2 * high_offset<L>();
         if (full) {
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);
-                put<KIND>(sf<L>(c) ? hi : lo, off<L>(c), sf<L>(c) ? M::cpl(r[c]) : r[c]);
+                put<FORM>(sf<L>(c) ? hi : lo, off<L>(c), sf<L>(c) ? M::cpl(r[c]) : r[c]);
             });
         } else if (half) {
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);
-                if constexpr (!sf<L>(c)) put<KIND>(lo, off<L>(c), r[c]);
+                if constexpr (!sf<L>(c)) put<FORM>(lo, off<L>(c), r[c]);
             });
         } else {
             const i64 room_lo = (i64)n - lo, room_hi = (i64)n - hi;
             static_for<E>([&](auto C) {
                 constexpr int c = CV(C);
                 if (off<L>(c) < (sf<L>(c) ? room_hi : room_lo))
-                    put<KIND>(sf<L>(c) ? hi : lo, off<L>(c), sf<L>(c) ? M::cpl(r[c]) : r[c]);
+                    put<FORM>(sf<L>(c) ? hi : lo, off<L>(c), sf<L>(c) ? M::cpl(r[c]) : r[c]);
             });
         }
     }
@@ -456,6 +478,35 @@ struct Block {
                 r[c | (1 << K)] = M::lo(M::cpl(a), b);
             }
         });
+    }
+
+    // Merge-pass steps (flip form) that leave out work whose result is known. Positions >= n hold pads, the largest
+    // keys, from the load on (every comparator keeps the minimum at the lower position), so in a half block the flip
+    // half never changes: its compare-exchanges and the flip step itself are no-ops. The test is uniform over the
+    // block or, where the flip coordinate is a warp bit, over the warp. (A per-step test of a pass without a flip
+    // coordinate, "are the step's upper slots all pads", cost its 8-step kernels 10 registers and a resident block
+    // per multiprocessor: not done.)
+    template <class L, int K>
+    SORT_FN void mcx(V* r) const {
+        if constexpr (P::F < 0) {
+            cx<K>(r);
+        } else if constexpr (freg<L>() >= 0) {
+            if (half) {
+                static_for<E>([&](auto C) {
+                    constexpr int c = CV(C);
+                    if constexpr (!((c >> K) & 1) && !sf<L>(c)) M::cx(r[c], r[c | (1 << K)]);
+                });
+            } else {
+                cx<K>(r);
+            }
+        } else {
+            if (half && ((L::thread_slot(tid) >> P::F) & 1u)) return;  // this thread holds flip-half pads only
+            cx<K>(r);
+        }
+    }
+    template <class L, int K>
+    SORT_FN void mfx(V* r) const {
+        if (!half) fx<K>(r);
     }
 
     // Complement the slots whose coordinate bits A ^ B are 1 (-1: no bit): stage changes of the tile pass.

@@ -107,8 +107,11 @@ def kernel_source(k: KernelSpec) -> str:
             if op.kind == "xor":
                 lines.append(f"    b.template xr<{lay}, {op.a}, {op.b}>(r);")
             else:
-                call = "fx" if op.kind == "flip" else "cx"
-                lines.append(f"    B::template {call}<{rnd.layout.regs.index(op.a)}>(r);")
+                k = rnd.layout.regs.index(op.a)
+                if spec.kind == "coset":  # flip form: the steps that skip pad-only work (Block::mcx)
+                    lines.append(f"    b.template {'mfx' if op.kind == 'flip' else 'mcx'}<{lay}, {k}>(r);")
+                else:
+                    lines.append(f"    B::template cx<{k}>(r);")
         prev = lay
     lines += [f"    b.template store<{prev}>(r);", "}"]
     return "\n".join(lines) + "\n"
