@@ -567,6 +567,35 @@ def test_host_to_host_claim_names_the_transfer_only_ceiling():
     assert transfer_ceiling(View(None, None, trips), NUMPY_QUICK) == ""
 
 
+def test_slowest_pass_claim_names_the_tunes_bandwidth_plan():
+    """Beside the slowest pass: the fastest 10M keys plan of the tune whose every pass clears the target, against the
+    fastest plan; argsort rows, other sizes and rows without per-pass figures never count; where no plan clears it,
+    the closest one is named; nothing without the record."""
+    from impl.sort.claims import N, bandwidth_plan
+
+    class View:
+        def __init__(self, rows):
+            self.record = None if rows is None else {"commit": "abc", "date": "2026-12-07", "data": {"rows": rows}}
+
+        def result(self, system, name):
+            assert (system, name) == ("sort", "tune")
+            return self.record
+
+    def row(label, ms, slowest, n=N, argsort=False, passes=21):
+        return {"label": f"{'argsort' if argsort else 'keys'} {label}", "n": n, "argsort": argsort,
+                "launch": "graph", "ms": ms, "passes": passes, "slowest_pass_pct": slowest}
+
+    rows = [row("fast", 0.40, 20.7), row("s5", 0.46, 88.0, passes=29), row("s6", 0.45, 74.9),
+            row("kv", 0.30, 95.0, argsort=True), row("small", 0.05, 99.0, n=1_000_000),
+            {**row("direct", 0.39, 80.0), "launch": "direct"}]
+    text = bandwidth_plan(View(rows))
+    assert "every pass >= 75%: s5 (29 passes, slowest 88.0%) at 0.460 ms" in text
+    assert "against 0.400 ms for the fastest, fast (slowest pass 20.7%)" in text and "abc 2026-12-07" in text
+    text = bandwidth_plan(View(rows[:1] + rows[2:]))
+    assert "no 10M plan the tune timed keeps every pass >= 75% (closest: s6, slowest pass 74.9%" in text
+    assert bandwidth_plan(View(None)) == "" and bandwidth_plan(View(rows[3:5])) == ""
+
+
 def test_slowest_pass_claim_names_its_alu_ceiling():
     """The slowest pass's min/max instructions (steps x n / 32 warp-instructions) at the ALU pipe's peak rate from
     ncu bound its share of copy bandwidth; nothing where a record, a kernel or a metric is missing."""
