@@ -483,9 +483,9 @@ struct Block {
     // Merge-pass steps (flip form) that leave out work whose result is known. Positions >= n hold pads, the largest
     // keys, from the load on (every comparator keeps the minimum at the lower position), so in a half block the flip
     // half never changes: its compare-exchanges and the flip step itself are no-ops. The test is uniform over the
-    // block or, where the flip coordinate is a warp bit, over the warp. (A per-step test of a pass without a flip
-    // coordinate, "are the step's upper slots all pads", cost its 8-step kernels 10 registers and a resident block
-    // per multiprocessor: not done.)
+    // block or, where the flip coordinate is a warp bit, over the warp. Passes without a flip coordinate test
+    // nothing: a per-step test of theirs ("are the step's upper slots all pads?") costs their 8-step kernels 10
+    // registers and one resident block per multiprocessor.
     template <class L, int K>
     SORT_FN void mcx(V* r) const {
         if constexpr (P::F < 0) {
