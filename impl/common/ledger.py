@@ -551,6 +551,11 @@ class NotYet:
         return "not yet defined"
 
 
+def record_stamp(record: dict[str, Any]) -> str:
+    """"<commit[:12]> <date[:10]>" of a stored result record, for a claim's source text (blank parts where absent)."""
+    return f"{str(record.get('commit', ''))[:12]} {str(record.get('date', ''))[:10]}"
+
+
 @dataclass(frozen=True)
 class Beside:
     """``measure`` whose source also names the figure to read it against (a ceiling no implementation can pass, the

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from impl.common.ledger import Beside, Case, Claim, Measured, NotMeasured, ResultsView, ResultValue
+from impl.common.ledger import (Beside, Case, Claim, Measured, NotMeasured, ResultsView, ResultValue,
+                                record_stamp)
 from impl.serve.records import fastest_read_us
 
 RESULT = "decode_fp8_vs_bf16"
@@ -46,7 +47,7 @@ def read_ceiling(view: ResultsView) -> str:
     parts = " + ".join(f"{name} {reads[name]:.2f}" for name in PROJECTIONS)
     return (f"; the linears' read ceiling: {nbytes / 1e9:.2f} GB in {layers} x ({parts}) us = {step_us / 1e3:.3f} ms, "
             f"{pct:.1f}% of copy (serve/tune.json's fastest read anchors, run {used}, "
-            f"{str(tune.get('commit', ''))[:12]} {str(tune.get('date', ''))[:10]})")
+            f"{record_stamp(tune)})")
 
 
 @dataclass(frozen=True)

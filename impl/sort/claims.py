@@ -13,7 +13,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from impl.common.ledger import BenchRatio, BenchStat, Beside, Case, Claim, ResultValue
+from impl.common.ledger import BenchRatio, BenchStat, Beside, Case, Claim, ResultValue, record_stamp
 
 N = 10_000_000
 SHARED = f"test_sort_bitonic[shared-keys-float32-{N}]"
@@ -48,7 +48,7 @@ def transfer_ceiling(view, numpy_bench: str) -> str:
         row = trips[0]
         return (f"; round-trip ceiling: numpy / (the staged pipeline's copies alone, {row['chunks']} regions each way, "
                 f"no pass: {row['ms']:.3f} ms) = {numpy_ms / row['ms']:.1f}x (sort/pipeline.json, "
-                f"{str(rec.get('commit', ''))[:12]} {str(rec.get('date', ''))[:10]})")
+                f"{record_stamp(rec)})")
     rec = view.result("sort", "transfers")
     rows = [] if rec is None else [r for r in rec["data"].get("rows", [])
                                    if r.get("memory") == "pinned" and r.get("bytes") == 4 * N]
@@ -57,7 +57,7 @@ def transfer_ceiling(view, numpy_bench: str) -> str:
     copies_ms = rows[0]["h2d_ms"] + rows[0]["d2h_ms"]
     return (f"; transfer-only ceiling: numpy / (pinned H2D {rows[0]['h2d_ms']:.3f} + D2H {rows[0]['d2h_ms']:.3f} ms "
             f"of 40 MB, each timed eager: host launch latency inside) = {numpy_ms / copies_ms:.1f}x "
-            f"(sort/transfers.json, {str(rec.get('commit', ''))[:12]} {str(rec.get('date', ''))[:10]})")
+            f"(sort/transfers.json, {record_stamp(rec)})")
 
 
 def alu_ceiling(view) -> str:
@@ -86,7 +86,11 @@ def alu_ceiling(view) -> str:
     return (f"; ALU ceiling of pass {i} ({row['kind']}, {row['steps']} network steps): its min/max alone are "
             f"{minmax / 1e6:.1f}M of its {alu / 1e6:.1f}M ALU warp-instructions, >= {floor_ms * 1e3:.0f} us at the "
             f"ALU pipe's peak (ncu: {busy:.0f}% busy over {t_ns / 1e3:.0f} us) = at most {cap:.0f}% of copy "
-            f"bandwidth (sort/ncu.json, {str(ncu.get('commit', ''))[:12]} {str(ncu.get('date', ''))[:10]})")
+            f"bandwidth (sort/ncu.json, {record_stamp(ncu)})")
+
+
+def _plan_name(row: dict[str, Any]) -> str:
+    return row["label"].removeprefix("keys ")
 
 
 def bandwidth_plan(view, target: float = PASS_TARGET) -> str:
@@ -101,16 +105,16 @@ def bandwidth_plan(view, target: float = PASS_TARGET) -> str:
         return ""
     fastest = min(rows, key=lambda r: r["ms"])
     clear = [r for r in rows if r["slowest_pass_pct"] >= target]
-    where = f"(sort/tune.json, {str(tune.get('commit', ''))[:12]} {str(tune.get('date', ''))[:10]})"
-    name = lambda r: r["label"].removeprefix("keys ")  # noqa: E731
+    where = f"(sort/tune.json, {record_stamp(tune)})"
     if not clear:
         best = max(rows, key=lambda r: r["slowest_pass_pct"])
-        return (f"; no 10M plan the tune timed keeps every pass >= {target:g}% (closest: {name(best)}, slowest pass "
-                f"{best['slowest_pass_pct']:.1f}%, {best['ms']:.3f} ms) {where}")
+        return (f"; no 10M plan the tune timed keeps every pass >= {target:g}% (closest: {_plan_name(best)}, "
+                f"slowest pass {best['slowest_pass_pct']:.1f}%, {best['ms']:.3f} ms) {where}")
     plan = min(clear, key=lambda r: r["ms"])
-    return (f"; the tune's fastest 10M plan with every pass >= {target:g}%: {name(plan)} ({plan['passes']} passes, "
-            f"slowest {plan['slowest_pass_pct']:.1f}%) at {plan['ms']:.3f} ms, against {fastest['ms']:.3f} ms for the "
-            f"fastest, {name(fastest)} (slowest pass {fastest['slowest_pass_pct']:.1f}%) {where}")
+    return (f"; the tune's fastest 10M plan with every pass >= {target:g}%: {_plan_name(plan)} "
+            f"({plan['passes']} passes, slowest {plan['slowest_pass_pct']:.1f}%) at {plan['ms']:.3f} ms, against "
+            f"{fastest['ms']:.3f} ms for the fastest, {_plan_name(fastest)} (slowest pass "
+            f"{fastest['slowest_pass_pct']:.1f}%) {where}")
 
 
 def per_pass_context(view) -> str:
