@@ -7,8 +7,12 @@ compiles for sm_90 with nvcc without spilling. On a GPU: the same kernels throug
 """
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +26,7 @@ from fixtures.sort import host_bits
 from fixtures.strategies import arrays, make_array, max_size, seeds, sizes
 from impl.sort import bitonic
 from impl.sort.bitonic import BitonicSorter, argsort, sort
-from impl.sort.codegen import KernelSpec, module_source, plan_kernels
+from impl.sort.codegen import KernelSpec, module_source, pass_struct, plan_kernels
 from impl.sort.cuda_sort import CudaSorter, emulated_runtime
 from impl.sort.keys import SUPPORTED_DTYPES
 from impl.sort.pipeline import HostSortPipeline, PipelineConfig
@@ -49,6 +53,9 @@ MIXED_EMU = replace(EMU_CUDA_CONFIG, merge_items_bits=3)  # tile pass: 4 keys pe
 MIXED_SIZES = (2049, 3000)
 WIDE_MERGE_EMU = replace(EMU_CUDA_CONFIG, merge_tile_bits=9)  # tile pass: 256-slot blocks; merges: 512
 STAGED_EMU = replace(EMU_CUDA_CONFIG, tile_stages=5)  # the tile pass runs stages 1..5 of its 256-slot tiles
+# the FMA form of the compare-exchange: on every pair (2 per step in the tile pass, 4 in the merges), or on the rank-0
+# pair of each step's 4 (the others on min/max)
+FMA_EMU = (replace(EMU_CUDA_CONFIG, fma_max=6), replace(MIXED_EMU, fma_max=1))
 NO_GXX = EmulatedRuntime.unavailable_reason()
 CUPY_REASON = cupy_unavailable_reason()
 
@@ -204,8 +211,10 @@ def emu():
         pytest.skip(NO_GXX)
     rt = emulated_runtime()
     mixed = [k for n in MIXED_SIZES for mode in ("keys32", "composite")
-             for config in (MIXED_EMU, WIDE_MERGE_EMU, STAGED_EMU)
+             for config in (MIXED_EMU, WIDE_MERGE_EMU, STAGED_EMU, *FMA_EMU)
              for k in plan_kernels(build_cuda_plan(n, mode, config), 32)]
+    mixed += [k for config in FMA_EMU for raw in (16, 32) for n in (1, 300, 2049)
+              for k in plan_kernels(build_cuda_plan(n, "keys32", config), raw)]
     rt.kernels(list(dict.fromkeys(emulation_kernels() + mixed)), 0)  # one g++ build for every kernel launched below
     return rt
 
@@ -298,6 +307,47 @@ def test_tile_pass_that_stops_early(emu, n, argsort_):
     assert first.kind == "tile" and first.stages == (1, 2, 3, 4, 5) and first.steps == 15
     assert [p.stages for p in merges[:3 - argsort_]] == [(L,) for L in range(6, 9 - argsort_)]
     run_emulated(make_array(n, "float32", "nasty", seed=n + 2), argsort_=argsort_, config=STAGED_EMU)
+
+
+@pytest.mark.parametrize("config", FMA_EMU, ids=["fma6", "fma1-mixed"])
+@pytest.mark.parametrize("dtype", ["float32", "int32", "uint32", "float16"])
+@pytest.mark.parametrize("n", [1, 300, 2049])
+@pytest.mark.parametrize("descending", [False, True], ids=["asc", "desc"])
+def test_fma_exchanges_sort_like_min_max(emu, config, dtype, n, descending):
+    """``fma_max``: exchanges whose maximum is a + b - min (two multiply-adds, wrapping modulo 2^32) sort exactly
+    as min/max ones do, keys at both ends of the 32-bit range included (the nasty pattern: NaN, ±inf, ±0,
+    extremes)."""
+    sorter = CudaSorter(n, np.dtype(dtype), config=config, runtime=emu)
+    assert all(p.fma == config.fma_max for p in sorter.plan.passes)
+    run_emulated(make_array(n, dtype, "nasty", seed=n + 3), descending=descending, config=config)
+
+
+def test_fma_form_applies_to_32_bit_keys_only():
+    """The FMA form exists for keys32 slots: its passes carry ``fma`` (their kernels are new ones, whose pass struct
+    says FMA), wider slots keep their exchange and their kernels."""
+    config = replace(EMU_CUDA_CONFIG, fma_max=3)
+    plain, fma = (build_cuda_plan(5000, "keys32", c) for c in (EMU_CUDA_CONFIG, config))
+    assert [p.fma for p in fma.passes] == [3] * len(fma.passes)
+    assert not {p.key for p in plain.passes} & {p.key for p in fma.passes}
+    assert "FMA = 3;" in pass_struct(fma.passes[0]) and "FMA = 0;" in pass_struct(plain.passes[0])
+    for mode in ("keys64", "composite", "pairs"):
+        assert build_cuda_plan(5000, mode, config).passes == build_cuda_plan(5000, mode, EMU_CUDA_CONFIG).passes
+    with pytest.raises(ValueError, match="fma_max"):
+        CudaSortConfig(fma_max=7)
+
+
+def test_fma_exchange_keeps_its_multiply_adds_in_ptx():
+    """The multiplier of the FMA form is a register (1 at run time), so ptxas cannot fold the two multiply-adds
+    into one ALU add: the keys32 tile pass's PTX holds mad.lo with a register multiplier, and fewer max.u32."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not on PATH: the CUDA C++ source cannot be compiled here")
+    counts = {}
+    for f in (0, 3):
+        spec = plan_kernels(build_cuda_plan(1 << 13, "keys32", replace(EMU_CUDA_CONFIG, fma_max=f)), 32)[0]
+        ptx = compile_ptx(module_source([spec]))
+        mads = re.findall(r"\bmad\.lo\.[su]32\s+%r\d+, %r\d+, %r\d+", ptx)  # every operand a register
+        counts[f] = (len(re.findall(r"\bmax\.u32\b", ptx)), len(mads))
+    assert counts[3][0] < counts[0][0] and counts[3][1] >= counts[0][0] - counts[3][0] > 0, counts
 
 
 def test_tile_stages_move_steps_from_the_tile_pass_to_merges():
@@ -447,6 +497,16 @@ def ptxas_rows(specs: list[KernelSpec], one_module: bool) -> list[dict]:
     return compile_report(specs)  # cubins cached by source text: a hit is this very source, compiled
 
 
+def compile_ptx(source: str) -> str:
+    """PTX for sm_90 of one generated module (nvcc -ptx)."""
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "sort.cu"
+        src.write_text(source)
+        subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-ptx", "-o", str(src.with_suffix(".ptx")), str(src)],
+                       check=True, capture_output=True)
+        return src.with_suffix(".ptx").read_text()
+
+
 def test_cuda_source_compiles_for_sm90_without_spills():
     """Every kernel kind (tile pass, coset passes with and without the flip, encode/decode for every dtype width)
     of the small configuration, in every slot mode, through nvcc -arch=sm_90 and ptxas."""
@@ -484,14 +544,19 @@ def test_design_point_kernels_fit_an_sm90_block():
         assert r["spill_stores"] == 0 and r["stack"] == 0, f"{r}: spills"
 
 
-def test_a_wrong_comparator_is_caught(tmp_path):
-    """The emulated tests can fail: with min and max swapped in one mode's compare-exchange, the sort differs."""
+@pytest.mark.parametrize("good_text, bad_text, config", [
+    ("const V l = vmin(a, b), h = vmax(a, b);", "const V l = vmax(a, b), h = vmin(a, b);", EMU_CUDA_CONFIG),
+    ("h = (a * one + b) - l * one;", "h = (a * one + b) - b * one;", FMA_EMU[1]),
+], ids=["min-max-swapped", "fma-max-wrong"])
+def test_a_wrong_comparator_is_caught(tmp_path, good_text, bad_text, config):
+    """The emulated tests can fail: with min and max swapped in one mode's compare-exchange, or the FMA form's
+    maximum taken wrongly on the one pair in four that uses it, the sort differs."""
     if NO_GXX:
         pytest.skip(NO_GXX)
     from impl.sort import codegen
 
     good = codegen.SOURCE.read_text()
-    bad = good.replace("const V l = vmin(a, b), h = vmax(a, b);", "const V l = vmax(a, b), h = vmin(a, b);", 1)
+    bad = good.replace(good_text, bad_text, 1)
     assert bad != good
     broken = tmp_path / "bitonic.cu"
     broken.write_text(bad)
@@ -500,7 +565,7 @@ def test_a_wrong_comparator_is_caught(tmp_path):
     try:
         rt = EmulatedRuntime()
         x = make_array(700, "int32", "random", seed=1)
-        sorter = CudaSorter(x.size, x.dtype, config=EMU_CUDA_CONFIG, runtime=rt)
+        sorter = CudaSorter(x.size, x.dtype, config=config, runtime=rt)
         out = np.empty_like(x)
         sorter(x, out)
     finally:

@@ -174,6 +174,14 @@ struct Keys32 {  // keys-only, keys of up to 32 bits
         a = l;
         b = h;
     }
+    // The same exchange with the maximum as a + b - min (exact modulo 2^32) in two integer multiply-adds, which issue
+    // to the FMA pipe while min and max share the ALU pipe. `one` is 1 at run time; a constant 1 would let ptxas fold
+    // the products back into one ALU add.
+    SORT_FN static void cx_fma(V& a, V& b, u32 one) {
+        const V l = vmin(a, b), h = (a * one + b) - l * one;
+        a = l;
+        b = h;
+    }
     SORT_FN static V ld(const void* k, const void*, u32 b, i64 o) { return (static_cast<const u32*>(k) + b)[o]; }
     SORT_FN static void st(void* k, void*, u32 b, i64 o, V v) { (static_cast<u32*>(k) + b)[o] = v; }
     template <u32 S>
@@ -296,6 +304,7 @@ struct Block {
     // Slots with s_f = 0 sit at base0 + G(s); with s_f = 1 at base1 - G(s) + 2 H(s), H(s) the part of G(s) above the
     // flip coordinate (a coset whose fillers lie above its flip mask: a merge pass of a stage inside the tile).
     u32 tid, base0, base1;
+    u32 one;                // 1, from a kernel argument (Keys32::cx_fma)
     bool full;              // every slot of the block is real: no bounds checks
     bool half;              // the s_f = 0 half is real and the flip half all pads: that half is neither read nor
                             // written (a top stage's flip pass holds many such blocks when n is not a power of two)
@@ -304,6 +313,7 @@ struct Block {
                   u32 block0)
         : src(src_), keys(keys_), vals(vals_), out(out_), n((u32)n_), kind(kind_), canon(canon_), flip(flip_) {
         tid = SORT_TID;
+        one = n_ >= 0 ? 1u : 3u;  // n_ is never negative; ptxas cannot know that
         u32 x0 = SORT_BID + block0;  // block index with zeros inserted at the basis pivots (ascending)
         static_for<P::T>([&](auto I) {
             constexpr int p = pivot_of(P::basis(CV(I)));
@@ -460,11 +470,20 @@ struct Block {
         static_for<E>([&](auto C) { r[CV(C)] = M::template sld<S>(sort_smem, tb + pad_index(B::reg_slot(CV(C)))); });
     }
 
+    // Compare-exchange of registers c and c | 2^K: P::FMA of every 6 pairs of a step (by their rank among its pairs)
+    // take the maximum on the FMA pipe (Keys32 only), so the ALU-bound tile pass spreads its work over two pipes.
+    template <int K, int C>
+    SORT_FN void cxp(V& a, V& b) const {
+        constexpr int rank = ((C >> (K + 1)) << K) | (C & ((1 << K) - 1));
+        if constexpr (P::FMA > 0 && rank % 6 < P::FMA) M::cx_fma(a, b, one);
+        else M::cx(a, b);
+    }
+
     template <int K>
-    SORT_FN static void cx(V* r) {  // half-cleaner step on register bit K: minimum to the slot with bit K clear
+    SORT_FN void cx(V* r) const {  // half-cleaner step on register bit K: minimum to the slot with bit K clear
         static_for<E>([&](auto C) {
             constexpr int c = CV(C);
-            if constexpr (!((c >> K) & 1)) M::cx(r[c], r[c | (1 << K)]);
+            if constexpr (!((c >> K) & 1)) cxp<K, c>(r[c], r[c | (1 << K)]);
         });
     }
 
@@ -494,7 +513,7 @@ struct Block {
             if (half) {
                 static_for<E>([&](auto C) {
                     constexpr int c = CV(C);
-                    if constexpr (!((c >> K) & 1) && !sf<L>(c)) M::cx(r[c], r[c | (1 << K)]);
+                    if constexpr (!((c >> K) & 1) && !sf<L>(c)) cxp<K, c>(r[c], r[c | (1 << K)]);
                 });
             } else {
                 cx<K>(r);

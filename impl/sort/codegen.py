@@ -11,7 +11,7 @@ calls (load, compare-exchange steps on register bits, exchanges between layouts,
         B::V r[B::E];
         b.template load<L0>(r);
         b.template exchange<L0, L1, false>(r);
-        B::template cx<0>(r);
+        b.template cx<0>(r);
         ...
         b.template store<L7>(r);
     }
@@ -76,7 +76,7 @@ def _layout(lay: Layout) -> str:
 def pass_struct(spec: PassSpec) -> str:
     basis = ", ".join(f"{b:#x}u" for b in spec.basis)
     return (f"struct Pass_{spec.key} {{  // {spec.kind}: {len(spec.rounds)} rounds, {spec.steps} steps\n"
-            f"    static constexpr int T = {spec.t}, E = {spec.e}, F = {spec.f};\n"
+            f"    static constexpr int T = {spec.t}, E = {spec.e}, F = {spec.f}, FMA = {spec.fma};\n"
             f"    SORT_HD static constexpr u32 basis(int i) {{\n"
             f"        const u32 v[] = {{{basis}}};\n"
             f"        return v[i];\n"
@@ -111,7 +111,7 @@ def kernel_source(k: KernelSpec) -> str:
                 if spec.kind == "coset":  # flip form: the steps that skip pad-only work (Block::mcx)
                     lines.append(f"    b.template {'mfx' if op.kind == 'flip' else 'mcx'}<{lay}, {k}>(r);")
                 else:
-                    lines.append(f"    B::template cx<{k}>(r);")
+                    lines.append(f"    b.template cx<{k}>(r);")
         prev = lay
     lines += [f"    b.template store<{prev}>(r);", "}"]
     return "\n".join(lines) + "\n"

@@ -98,6 +98,9 @@ class CudaSortConfig:
                             # later (ALU-bound) tile passes overlap the earlier (memory-bound) merges; 0: one stream
     tile_stages: int | None = None  # stages 1..S the tile pass performs (None: all of its tile's); the merge passes
                                     # run stages S+1.. (at a padded size within one tile, the tile pass runs them all)
+    fma_max: int = 0        # 32-bit keys: of every 6 compare-exchanges of a register step, how many form the maximum
+                            # as a + b - min in two integer multiply-adds (FMA pipe) instead of a max (ALU pipe,
+                            # which the tile pass saturates); 0: all on the ALU pipe
 
     def __post_init__(self) -> None:
         if self.merge_tile_bits is not None and not self.tile_bits <= self.merge_tile_bits <= 15:
@@ -118,6 +121,8 @@ class CudaSortConfig:
             # the next stage's flip coordinate (pivot S) must lie above the load layout's lanes (coordinates 0..4)
             raise ValueError(f"tile_stages must be in {LANE_BITS}..tile_bits ({LANE_BITS}..{self.tile_bits}), "
                              f"got {self.tile_stages}")
+        if not 0 <= self.fma_max <= 6:
+            raise ValueError(f"fma_max counts compare-exchanges of every 6 (0..6), got {self.fma_max}")
         if self.tile_bits > 15:
             raise ValueError(f"tile_bits must be <= 15 (shared-memory padding covers 15 coordinate bits), "
                              f"got {self.tile_bits}")
@@ -193,6 +198,7 @@ class PassSpec:
     encode: bool = False        # reads the raw input and makes keys
     decode: bool = False        # writes values (keys-only) or indices (argsort)
     stages: tuple[int, ...] = ()  # the stages it performs (flip-form stages of its masks; the tile pass: 1..S)
+    fma: int = 0                # of every 6 register compare-exchanges, those with the maximum on the FMA pipe
 
     @cached_property
     def pivots(self) -> tuple[int, ...]:
@@ -277,6 +283,7 @@ class PassSpec:
     def key(self) -> str:
         """Stable short name of this pass's code (the kernel name's suffix)."""
         text = repr((self.kind, self.t, self.e, self.basis, self.f, self.rounds, self.encode, self.decode))
+        text += f" fma {self.fma}" if self.fma else ""
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -507,6 +514,8 @@ def build_cuda_plan(n: int, mode: str, config: CudaSortConfig = GPU_CUDA_CONFIG,
     passes[0] = passes[0].with_flags(encode=True)
     if runs is None:
         passes[-1] = passes[-1].with_flags(decode=True)
+    if config.fma_max and mode == "keys32":  # wider slots have no FMA form of their exchange
+        passes = [replace(p, fma=config.fma_max) for p in passes]
     return CudaPlan(n, mode, config, logn, tuple(passes), runs)
 
 

@@ -63,6 +63,14 @@ KEY_CONFIGS: dict[str, CudaSortConfig] = {
     # on an H100 at 24a9f84 every pass of 10M keys ran at >= 88.9% of copy, the sort in 0.594 ms against 0.498 (o2)
     "t13e5r5s5o2": CudaSortConfig(tile_bits=13, items_bits=5, overlap_bits=2, tile_stages=5),
     "t13e5r5s5o3": CudaSortConfig(tile_bits=13, items_bits=5, overlap_bits=3, tile_stages=5),
+    # the maximum of 3 (2) of every 6 register compare-exchanges on the FMA pipe: ptxas for sm_90 gives the 91-step
+    # tile pass 2093 VIMNMX + 819 IMAD pairs instead of 2912 VIMNMX (64 registers either way), the ALU pipe's
+    # instructions -25% where ncu had it at 85% of peak (f4 would load the FMA pipe more than the ALU's)
+    "t13e5r5o2f3": CudaSortConfig(tile_bits=13, items_bits=5, overlap_bits=2, fma_max=3),
+    "t13e5r5o3f3": CudaSortConfig(tile_bits=13, items_bits=5, overlap_bits=3, fma_max=3),
+    "t13e5r5o2f2": CudaSortConfig(tile_bits=13, items_bits=5, overlap_bits=2, fma_max=2),
+    "t13e5r5f3": CudaSortConfig(tile_bits=13, items_bits=5, fma_max=3),
+    "t15e6r5f3": CudaSortConfig(fma_max=3),
 }
 ARG_CONFIGS: dict[str, CudaSortConfig] = {   # argsort (8-byte composite slots: tile and keys per thread halved)
     "t14e6r5": BUILTIN["composite"],
@@ -91,12 +99,13 @@ DRY_ARGS: dict[str, CudaSortConfig] = {"t14e6r5": EMU_CUDA_CONFIG, "t13e5r5": re
 # (n, keys configs, argsort configs) timed per size, the fastest on an H100 first (a budget cut drops the last);
 # the table's entries come from these rows. Region streams (``o``) only at 10M: on an H100 they took 1M keys from
 # 0.067 to 0.118 ms and moved 100M by ~1%
-GRID = ((N_MAIN, ("t13e5r5o3", "t13e5r5M14o3", "t13e5r5o2", "t13e5r5s7o2", "t13e5r5s6o2", "t13e5r5s5o2", "t13e5r5s5o3",
-                  "t13e5r5", "t13e5r5M14", "t14e5r5", "t15e6r5", "t13e4r5", "t13e5r5m4"),
+GRID = ((N_MAIN, ("t13e5r5o3", "t13e5r5M14o3", "t13e5r5o2", "t13e5r5o2f3", "t13e5r5o3f3", "t13e5r5o2f2", "t13e5r5s7o2",
+                  "t13e5r5s6o2", "t13e5r5s5o2", "t13e5r5s5o3", "t13e5r5", "t13e5r5M14", "t14e5r5", "t15e6r5", "t13e4r5",
+                  "t13e5r5m4"),
          ("t14e5r3o2", "t14e5r3m6o2", "t14e5r3o3", "t14e5r3s7o2", "t14e5r3M15o2", "t14e5r4o2", "t14e5r3", "t14e6r5",
           "t13e5r5", "t14e5r5", "t13e5r4", "t14e5r4", "t13e5r3", "t14e5r3M15", "t14e5r3M15m6")),
-        (N_BIG, ("t15e6r5", "t15e5r5", "t13e5r5m4", "t14e5r5", "t13e5r5"), ("t14e6r5", "t14e5r5")),
-        (N_SMALL, ("t13e5r5", "t12e5r5", "t14e5r5"), ("t14e6r5", "t13e5r5")))
+        (N_BIG, ("t15e6r5", "t15e6r5f3", "t15e5r5", "t13e5r5m4", "t14e5r5", "t13e5r5"), ("t14e6r5", "t14e5r5")),
+        (N_SMALL, ("t13e5r5", "t13e5r5f3", "t12e5r5", "t14e5r5"), ("t14e6r5", "t13e5r5")))
 
 
 @dataclass
