@@ -53,8 +53,7 @@ MIXED_EMU = replace(EMU_CUDA_CONFIG, merge_items_bits=3)  # tile pass: 4 keys pe
 MIXED_SIZES = (2049, 3000)
 WIDE_MERGE_EMU = replace(EMU_CUDA_CONFIG, merge_tile_bits=9)  # tile pass: 256-slot blocks; merges: 512
 STAGED_EMU = replace(EMU_CUDA_CONFIG, tile_stages=5)  # the tile pass runs stages 1..5 of its 256-slot tiles
-# the FMA form of the compare-exchange: on every pair (2 per step in the tile pass, 4 in the merges), or on the rank-0
-# pair of each step's 4 (the others on min/max)
+# the FMA form of the tile pass's compare-exchange (2 pairs per step): on both pairs, or on the rank-0 pair only
 FMA_EMU = (replace(EMU_CUDA_CONFIG, fma_max=6), replace(MIXED_EMU, fma_max=1))
 NO_GXX = EmulatedRuntime.unavailable_reason()
 CUPY_REASON = cupy_unavailable_reason()
@@ -318,17 +317,17 @@ def test_fma_exchanges_sort_like_min_max(emu, config, dtype, n, descending):
     as min/max ones do, keys at both ends of the 32-bit range included (the nasty pattern: NaN, ±inf, ±0,
     extremes)."""
     sorter = CudaSorter(n, np.dtype(dtype), config=config, runtime=emu)
-    assert all(p.fma == config.fma_max for p in sorter.plan.passes)
+    assert [p.fma for p in sorter.plan.passes] == [config.fma_max] + [0] * (len(sorter.plan.passes) - 1)
     run_emulated(make_array(n, dtype, "nasty", seed=n + 3), descending=descending, config=config)
 
 
 def test_fma_form_applies_to_32_bit_keys_only():
-    """The FMA form exists for keys32 slots: its passes carry ``fma`` (their kernels are new ones, whose pass struct
-    says FMA), wider slots keep their exchange and their kernels."""
+    """The FMA form exists for the tile pass of keys32 slots: it carries ``fma`` (a new kernel, whose pass struct
+    says FMA), the merge passes keep theirs, and wider slots keep their exchange and their kernels."""
     config = replace(EMU_CUDA_CONFIG, fma_max=3)
     plain, fma = (build_cuda_plan(5000, "keys32", c) for c in (EMU_CUDA_CONFIG, config))
-    assert [p.fma for p in fma.passes] == [3] * len(fma.passes)
-    assert not {p.key for p in plain.passes} & {p.key for p in fma.passes}
+    assert [p.fma for p in fma.passes] == [3] + [0] * (len(fma.passes) - 1)
+    assert fma.passes[0].key != plain.passes[0].key and fma.passes[1:] == plain.passes[1:]
     assert "FMA = 3;" in pass_struct(fma.passes[0]) and "FMA = 0;" in pass_struct(plain.passes[0])
     for mode in ("keys64", "composite", "pairs"):
         assert build_cuda_plan(5000, mode, config).passes == build_cuda_plan(5000, mode, EMU_CUDA_CONFIG).passes
@@ -550,7 +549,7 @@ def test_design_point_kernels_fit_an_sm90_block():
 ], ids=["min-max-swapped", "fma-max-wrong"])
 def test_a_wrong_comparator_is_caught(tmp_path, good_text, bad_text, config):
     """The emulated tests can fail: with min and max swapped in one mode's compare-exchange, or the FMA form's
-    maximum taken wrongly on the one pair in four that uses it, the sort differs."""
+    maximum taken wrongly on the one pair in two of the tile pass that uses it, the sort differs."""
     if NO_GXX:
         pytest.skip(NO_GXX)
     from impl.sort import codegen

@@ -471,7 +471,7 @@ struct Block {
     }
 
     // Compare-exchange of registers c and c | 2^K: P::FMA of every 6 pairs of a step (by their rank among its pairs)
-    // take the maximum on the FMA pipe (Keys32 only), so the ALU-bound tile pass spreads its work over two pipes.
+    // take the maximum on the FMA pipe (Keys32 tile passes only), so the ALU-bound tile pass uses two pipes.
     template <int K, int C>
     SORT_FN void cxp(V& a, V& b) const {
         constexpr int rank = ((C >> (K + 1)) << K) | (C & ((1 << K) - 1));

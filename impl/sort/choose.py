@@ -33,8 +33,8 @@ BUILTIN: dict[str, CudaSortConfig] = {
 def config_name(c: CudaSortConfig) -> str:
     """Short label, e.g. ``t13e5r5`` (``M14``: 2^14 keys per block in the merge passes; ``m4``: 2^4 keys per thread
     in them; ``s7``: the tile pass performs stages 1..7 only; ``o2``: the graph on a stream per region of 2^2, see
-    ``CudaSortConfig.overlap_bits``; ``f3``: 3 of every 6 register compare-exchanges of 32-bit keys take their
-    maximum on the FMA pipe, see ``CudaSortConfig.fma_max``; ``-staged``: merge passes do not cross stages)."""
+    ``CudaSortConfig.overlap_bits``; ``f3``: 3 of every 6 compare-exchanges of the tile pass of 32-bit keys take
+    their maximum on the FMA pipe, see ``CudaSortConfig.fma_max``; ``-staged``: merge passes do not cross stages)."""
     tile = "" if c.merge_tile_bits in (None, c.tile_bits) else f"M{c.merge_tile_bits}"
     merge = "" if c.merge_items_bits in (None, c.items_bits) else f"m{c.merge_items_bits}"
     overlap = "" if c.overlap_bits == CudaSortConfig.overlap_bits else f"o{c.overlap_bits}"

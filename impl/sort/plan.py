@@ -98,9 +98,10 @@ class CudaSortConfig:
                             # later (ALU-bound) tile passes overlap the earlier (memory-bound) merges; 0: one stream
     tile_stages: int | None = None  # stages 1..S the tile pass performs (None: all of its tile's); the merge passes
                                     # run stages S+1.. (at a padded size within one tile, the tile pass runs them all)
-    fma_max: int = 0        # 32-bit keys: of every 6 compare-exchanges of a register step, how many form the maximum
+    fma_max: int = 0        # 32-bit keys: of every 6 compare-exchanges of a tile-pass step, how many form the maximum
                             # as a + b - min in two integer multiply-adds (FMA pipe) instead of a max (ALU pipe,
-                            # which the tile pass saturates); 0: all on the ALU pipe
+                            # which the tile pass saturates); 0: all on the ALU pipe. Merge passes keep min/max: they
+                            # are memory-bound, and the form costs some of them registers (48 -> 64 at 10M keys)
 
     def __post_init__(self) -> None:
         if self.merge_tile_bits is not None and not self.tile_bits <= self.merge_tile_bits <= 15:
@@ -198,7 +199,7 @@ class PassSpec:
     encode: bool = False        # reads the raw input and makes keys
     decode: bool = False        # writes values (keys-only) or indices (argsort)
     stages: tuple[int, ...] = ()  # the stages it performs (flip-form stages of its masks; the tile pass: 1..S)
-    fma: int = 0                # of every 6 register compare-exchanges, those with the maximum on the FMA pipe
+    fma: int = 0                # of every 6 register compare-exchanges, those with the maximum on the FMA pipe (tile)
 
     @cached_property
     def pivots(self) -> tuple[int, ...]:
@@ -515,7 +516,7 @@ def build_cuda_plan(n: int, mode: str, config: CudaSortConfig = GPU_CUDA_CONFIG,
     if runs is None:
         passes[-1] = passes[-1].with_flags(decode=True)
     if config.fma_max and mode == "keys32":  # wider slots have no FMA form of their exchange
-        passes = [replace(p, fma=config.fma_max) for p in passes]
+        passes[0] = replace(passes[0], fma=config.fma_max)
     return CudaPlan(n, mode, config, logn, tuple(passes), runs)
 
 

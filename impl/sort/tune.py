@@ -63,8 +63,8 @@ KEY_CONFIGS: dict[str, CudaSortConfig] = {
     # on an H100 at 24a9f84 every pass of 10M keys ran at >= 88.9% of copy, the sort in 0.594 ms against 0.498 (o2)
     "t13e5r5s5o2": CudaSortConfig(tile_bits=13, items_bits=5, overlap_bits=2, tile_stages=5),
     "t13e5r5s5o3": CudaSortConfig(tile_bits=13, items_bits=5, overlap_bits=3, tile_stages=5),
-    # the maximum of 3 (2) of every 6 register compare-exchanges on the FMA pipe: ptxas for sm_90 gives the 91-step
-    # tile pass 2093 VIMNMX + 819 IMAD pairs instead of 2912 VIMNMX (64 registers either way), the ALU pipe's
+    # the tile pass takes the maximum of 3 (2) of every 6 compare-exchanges on the FMA pipe: ptxas for sm_90 gives its
+    # 91 steps 2093 VIMNMX + 819 IMAD pairs instead of 2912 VIMNMX (64 registers either way), the ALU pipe's
     # instructions -25% where ncu had it at 85% of peak (f4 would load the FMA pipe more than the ALU's)
     "t13e5r5o2f3": CudaSortConfig(tile_bits=13, items_bits=5, overlap_bits=2, fma_max=3),
     "t13e5r5o3f3": CudaSortConfig(tile_bits=13, items_bits=5, overlap_bits=3, fma_max=3),
