@@ -33,7 +33,7 @@ from impl.sort.pipeline import HostSortPipeline, PipelineConfig
 from impl.sort.plan import (EMU_CUDA_CONFIG, GPU_CUDA_CONFIG, MODES, CudaSortConfig, build_cuda_plan,
                             pad_index, padded_bits, slot_bytes)
 from impl.sort.reference import argsort_reference, is_permutation, sort_reference
-from impl.sort.runtimes import EmulatedRuntime, cupy_unavailable_reason
+from impl.sort.runtimes import EmulatedRuntime, cupy_unavailable_reason, nvcc_path
 from impl.sort.twin import check_plan, run_pass, slot_positions, sort_twin
 
 DTYPES = st.sampled_from(SUPPORTED_DTYPES)
@@ -54,7 +54,7 @@ MIXED_SIZES = (2049, 3000)
 WIDE_MERGE_EMU = replace(EMU_CUDA_CONFIG, merge_tile_bits=9)  # tile pass: 256-slot blocks; merges: 512
 STAGED_EMU = replace(EMU_CUDA_CONFIG, tile_stages=5)  # the tile pass runs stages 1..5 of its 256-slot tiles
 # the FMA form of the tile pass's compare-exchange (2 pairs per step): on both pairs, or on the rank-0 pair only
-FMA_EMU = (replace(EMU_CUDA_CONFIG, fma_max=6), replace(MIXED_EMU, fma_max=1))
+FMA_EMU = (replace(EMU_CUDA_CONFIG, fma_max=6), replace(EMU_CUDA_CONFIG, fma_max=1))
 NO_GXX = EmulatedRuntime.unavailable_reason()
 CUPY_REASON = cupy_unavailable_reason()
 
@@ -210,7 +210,7 @@ def emu():
         pytest.skip(NO_GXX)
     rt = emulated_runtime()
     mixed = [k for n in MIXED_SIZES for mode in ("keys32", "composite")
-             for config in (MIXED_EMU, WIDE_MERGE_EMU, STAGED_EMU, *FMA_EMU)
+             for config in (MIXED_EMU, WIDE_MERGE_EMU, STAGED_EMU)
              for k in plan_kernels(build_cuda_plan(n, mode, config), 32)]
     mixed += [k for config in FMA_EMU for raw in (16, 32) for n in (1, 300, 2049)
               for k in plan_kernels(build_cuda_plan(n, "keys32", config), raw)]
@@ -308,7 +308,7 @@ def test_tile_pass_that_stops_early(emu, n, argsort_):
     run_emulated(make_array(n, "float32", "nasty", seed=n + 2), argsort_=argsort_, config=STAGED_EMU)
 
 
-@pytest.mark.parametrize("config", FMA_EMU, ids=["fma6", "fma1-mixed"])
+@pytest.mark.parametrize("config", FMA_EMU, ids=["fma-both-pairs", "fma-one-pair"])
 @pytest.mark.parametrize("dtype", ["float32", "int32", "uint32", "float16"])
 @pytest.mark.parametrize("n", [1, 300, 2049])
 @pytest.mark.parametrize("descending", [False, True], ids=["asc", "desc"])
@@ -338,8 +338,8 @@ def test_fma_form_applies_to_32_bit_keys_only():
 def test_fma_exchange_keeps_its_multiply_adds_in_ptx():
     """The multiplier of the FMA form is a register (1 at run time), so ptxas cannot fold the two multiply-adds
     into one ALU add: the keys32 tile pass's PTX holds mad.lo with a register multiplier, and fewer max.u32."""
-    if shutil.which("nvcc") is None:
-        pytest.skip("nvcc is not on PATH: the CUDA C++ source cannot be compiled here")
+    if nvcc_path() is None:
+        pytest.skip("nvcc is not on PATH (nor /usr/local/cuda/bin): the CUDA C++ source cannot be compiled here")
     counts = {}
     for f in (0, 3):
         spec = plan_kernels(build_cuda_plan(1 << 13, "keys32", replace(EMU_CUDA_CONFIG, fma_max=f)), 32)[0]
@@ -497,12 +497,12 @@ def ptxas_rows(specs: list[KernelSpec], one_module: bool) -> list[dict]:
 
 
 def compile_ptx(source: str) -> str:
-    """PTX for sm_90 of one generated module (nvcc -ptx)."""
+    """PTX for sm_90 of one generated module (the runtime's nvcc, -ptx instead of -cubin)."""
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "sort.cu"
         src.write_text(source)
-        subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-ptx", "-o", str(src.with_suffix(".ptx")), str(src)],
-                       check=True, capture_output=True)
+        subprocess.run([nvcc_path(), "-std=c++17", "-arch=sm_90", "-ptx", "-o", str(src.with_suffix(".ptx")),
+                        str(src)], check=True, capture_output=True)
         return src.with_suffix(".ptx").read_text()
 
 
@@ -549,7 +549,7 @@ def test_design_point_kernels_fit_an_sm90_block():
 ], ids=["min-max-swapped", "fma-max-wrong"])
 def test_a_wrong_comparator_is_caught(tmp_path, good_text, bad_text, config):
     """The emulated tests can fail: with min and max swapped in one mode's compare-exchange, or the FMA form's
-    maximum taken wrongly on the one pair in two of the tile pass that uses it, the sort differs."""
+    maximum taken wrongly on the tile pass's one pair in two that uses it, the sort differs."""
     if NO_GXX:
         pytest.skip(NO_GXX)
     from impl.sort import codegen

@@ -533,23 +533,35 @@ def test_claim_statements_name_no_card():
         assert not re.search(r"\b(H100|H200|A100|L40S?|V100|RTX)\b", c.statement), c.statement
 
 
+class RecordsView:
+    """A ResultsView stand-in for sort's claim helpers: sort's records by name (None: not stored) and bench medians
+    by name; a name the test did not give is a KeyError."""
+
+    def __init__(self, records: dict, medians: dict | None = None):
+        self.records, self.medians = records, medians or {}
+
+    def result(self, system, name):
+        assert system == "sort"
+        return self.records[name]
+
+    def bench(self, name):
+        median = self.medians[name]
+        return None if median is None else {"stats": {"median": median}}
+
+
+def stored(key: str, value, date: str = "2026-12-03"):
+    """A result record whose data holds ``{key: value}`` (value None: no record stored)."""
+    return None if value is None else {"commit": "abc", "date": date, "data": {key: value}}
+
+
 def test_host_to_host_claim_names_the_transfer_only_ceiling():
     """numpy's time over the staged pipeline's copies alone (its round trip in the bench's chunking) where
     sort/pipeline.json has it, else over the pinned 40 MB H2D + D2H copies; nothing where a record is missing."""
     from impl.sort.claims import N, NUMPY_QUICK, transfer_ceiling
 
-    class View:
-        def __init__(self, rows, numpy_s, trips=None):
-            self.rows, self.numpy_s, self.trips = rows, numpy_s, trips
-
-        def result(self, system, name):
-            assert system == "sort" and name in ("transfers", "pipeline")
-            rows = self.rows if name == "transfers" else self.trips
-            return None if rows is None else {"commit": "abc", "date": "2026-12-03", "data": {"rows": rows}}
-
-        def bench(self, name):
-            assert name == NUMPY_QUICK
-            return None if self.numpy_s is None else {"stats": {"median": self.numpy_s}}
+    def View(rows, numpy_s, trips=None):
+        return RecordsView({"transfers": stored("rows", rows), "pipeline": stored("rows", trips)},
+                           {NUMPY_QUICK: numpy_s})
 
     rows = [{"memory": "pageable", "bytes": 4 * N, "h2d_ms": 3.0, "d2h_ms": 3.0},
             {"memory": "pinned", "bytes": 4 * N, "h2d_ms": 0.8, "d2h_ms": 0.8},
@@ -573,13 +585,8 @@ def test_slowest_pass_claim_names_the_tunes_bandwidth_plan():
     the closest one is named; nothing without the record."""
     from impl.sort.claims import N, bandwidth_plan
 
-    class View:
-        def __init__(self, rows):
-            self.record = None if rows is None else {"commit": "abc", "date": "2026-12-07", "data": {"rows": rows}}
-
-        def result(self, system, name):
-            assert (system, name) == ("sort", "tune")
-            return self.record
+    def View(rows):
+        return RecordsView({"tune": stored("rows", rows, "2026-12-07")})
 
     def row(label, ms, slowest, n=N, argsort=False, passes=21):
         return {"label": f"{'argsort' if argsort else 'keys'} {label}", "n": n, "argsort": argsort,
@@ -601,15 +608,9 @@ def test_slowest_pass_claim_names_its_alu_ceiling():
     ncu bound its share of copy bandwidth; nothing where a record, a kernel or a metric is missing."""
     from impl.sort.claims import alu_ceiling
 
-    class View:
-        def __init__(self, rows, kernels):
-            self.records = {"passes": None if rows is None else {"data": {"keys": {"passes": rows}}},
-                            "ncu": None if kernels is None else {"commit": "abc", "date": "2026-12-05",
-                                                                 "data": {"kernels": kernels}}}
-
-        def result(self, system, name):
-            assert system == "sort"
-            return self.records[name]
+    def View(rows, kernels):
+        return RecordsView({"passes": stored("keys", None if rows is None else {"passes": rows}),
+                            "ncu": stored("kernels", kernels, "2026-12-05")})
 
     rows = [{"kind": "coset", "steps": 8, "ms": 0.025, "pct_copy_bw": 77.0},
             {"kind": "tile", "steps": 91, "ms": 0.094, "pct_copy_bw": 20.0}]
