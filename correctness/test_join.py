@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -193,7 +194,10 @@ CUDA_CONFIGS = st.builds(HashConfig, load_factor=st.sampled_from([0.5, 0.9]),
                          readback=st.sampled_from(["pinned", "item"]), epoch_bits=st.sampled_from([None, 1]))
 CUDA_CONFIGS = st.one_of(CUDA_CONFIGS, st.builds(HashConfig, scheme=st.just("linear64"), linear_wide=st.booleans(),
                                                  slices=st.sampled_from([2, 16]), lrows=st.sampled_from([1, 2]),
-                                                 scatter=st.booleans()))
+                                                 scatter=st.booleans()),
+                         st.builds(HashConfig, scheme=st.sampled_from(["linear64", "linear64-fused"]),
+                                   chains=st.just(True), lrows=st.sampled_from([1, 2]),
+                                   spec_factor=st.sampled_from([1, 8]), epoch_bits=st.sampled_from([None, 1])))
 
 
 @pytest.mark.skipif(cuda_reason() is not None, reason=str(cuda_reason()))
@@ -314,10 +318,14 @@ def test_cuda_source_under_cpu_emulation_equals_pandas(emulated_cuda_join, table
         assert_close(got, ref, msg=f"hash_join.cu under CPU emulation, scheme {scheme}, grid {grid}")
 
 
+LINEAR_CHAINED = {2: 7, 3: 8, 6: 9}  # the emulation's linear64 schemes with chains (int32 keys)
+
+
 @given(tables=st.lists(join_inputs(max_n=400), min_size=1, max_size=3), grid=st.integers(1, 4),
        scheme=st.sampled_from([2, 3, 6]),
        config=st.builds(HashConfig, scheme=st.just("linear64"), load_factor=st.sampled_from([0.25, 0.5, 0.9]),
-                        clear=st.sampled_from(["epoch", "memset"]), epoch_bits=st.sampled_from([None, 1, 2])),
+                        clear=st.sampled_from(["epoch", "memset"]), epoch_bits=st.sampled_from([None, 1, 2]),
+                        chains=st.booleans()),
        capacity=st.sampled_from(["speculative", "exact", "short"]), wide=st.booleans(), lrows=st.sampled_from([1, 3]))
 def test_linear64_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join, emulated_lrows3, tables, grid, scheme,
                                                           config, capacity, wide, lrows):
@@ -326,8 +334,11 @@ def test_linear64_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join, e
     slice by slice in 4 table slices (scheme 6: only the last slice publishes, each leaves its ticket at zero), one
     or 3 rows per thread and step, several joins on one reused table; grids smaller than the rows exercise the
     grid-stride loops; a short speculative buffer makes the probe run again exact-size, and it must leave its
-    counter and ticket at zero."""
+    counter and ticket at zero. int32 keys with ``chains``: duplicate keys' rows on one slot's list (a chain array
+    poisoned before every join, so an entry of an earlier join read by mistake shows)."""
     dtype = np.int64 if wide else np.int32
+    if config.chains and not wide:
+        scheme = LINEAR_CHAINED[scheme]
     joins, refs, caps = [], [], []
     for q, (bk, pk, _, _) in enumerate(tables):
         bk, pk = bk.astype(dtype), pk.astype(dtype)  # int64 tables as int32 wrap: still valid tables
@@ -343,6 +354,54 @@ def test_linear64_kernels_under_cpu_emulation_equal_pandas(emulated_cuda_join, e
         assert guards == 1, "the linear64 probe wrote past its capacity"
         assert_close(got, ref, msg=f"linear64 kernels under CPU emulation, grid {grid}, scheme {scheme}, wide {wide}, "
                                    f"lrows {lrows}")
+
+
+@pytest.mark.parametrize("scheme", [2, 3, 6], ids=["lprobe", "lfused", "slices4"])
+def test_chained_linear64_kernels_join_heavy_duplicates_under_cpu_emulation(emulated_cuda_join, emulated_lrows3,
+                                                                           scheme):
+    """Chains where they matter: build sides of a few keys on hundreds of rows each (one list per key, pushes racing
+    on one slot), the sentinels -1, 0, INT32_MIN/MAX among them, probe rows that fan out to hundreds of pairs, a
+    short speculative buffer (the probe again exact-size, writing from the lists), 1-bit epochs (the table cleared
+    every other join: a stale slot or chain entry would show), 1 and 3 rows per thread and step, grids of 1-3
+    blocks; every join must equal pandas.merge, write nothing past its capacity, and report no device error."""
+    rng = np.random.default_rng(scheme)
+    info = np.iinfo(np.int32)
+    pool = np.array([-1, 0, info.min, info.max, 7, -7], np.int32)
+    config = HashConfig(scheme="linear64", chains=True, load_factor=0.9, epoch_bits=1)
+    joins, refs, caps = [], [], []
+    for nb, npr, distinct in ((400, 300, 3), (257, 129, 6), (1, 5, 1), (300, 0, 2), (0, 40, 2), (390, 410, 6)):
+        bk = rng.choice(pool[:distinct], nb).astype(np.int32)
+        pk = rng.choice(np.concatenate([pool, [3, 4]]).astype(np.int32), npr)
+        br, pr = (rng.permutation(n).astype(np.int32) * 3 - 7 for n in (nb, npr))
+        ref = reference_pairs(bk, pk, br, pr)
+        joins.append((bk, pk, br, pr))
+        refs.append(ref)
+        caps.append(max(1, len(ref) // 3))
+    for exe, grid in ((emulated_cuda_join, 1), (emulated_lrows3, 3), (emulated_cuda_join, 2)):
+        out = emulate(exe, joins, False, LINEAR_CHAINED[scheme], config, grid, caps)
+        for ref, (total, err, guards, rewrite, got) in zip(refs, out):
+            assert err == 0 and total == len(ref), f"total {total} (want {len(ref)}), device error {err}"
+            assert guards == 1, "the chained probe wrote past its capacity"
+            assert_close(got, ref, msg=f"chained linear64 kernels under CPU emulation, scheme {scheme}, grid {grid}")
+
+
+@pytest.mark.parametrize("chains", [False, True], ids=["plain", "chains"])
+def test_chains_change_only_the_cuda_kernels_layout(chains):
+    """``chains`` takes one tag bit below the epoch field for int32 keys (MULTI), none for int64 keys (no chains
+    there), is refused outside linear64, and the numba twin, which has no chains, still joins exactly on that
+    layout."""
+    cfg = HashConfig(scheme="linear64", chains=chains)
+    plain = HashConfig(scheme="linear64")
+    n = 1000
+    assert plan_layout(cfg, n, torch.int32).shift == plan_layout(plain, n, torch.int32).shift + int(chains)
+    assert plan_layout(cfg, n, torch.int64).shift == plan_layout(plain, n, torch.int64).shift
+    with pytest.raises(ValueError, match="chains"):
+        HashConfig(scheme="split", chains=True)
+    op = HashJoinNumba(replace(cfg, threads=32))
+    assert not op._chains(torch.int32)
+    rng = np.random.default_rng(5)
+    bk, pk = rng.integers(-4, 4, 200).astype(np.int32), rng.integers(-5, 5, 150).astype(np.int32)
+    assert np.array_equal(op(*to_device(bk, pk)).pairs(), reference_pairs(bk, pk, None, None))
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
@@ -527,7 +586,8 @@ def emulated_launches(tmp_path_factory):
 
 
 @pytest.mark.skipif(cuda_reason() is None, reason="cupy and a GPU are here: the real kernels are tested")
-@pytest.mark.parametrize("scheme", [*SCHEMES, "linear64/slices4", "linear64/slices4/scatter"])
+@pytest.mark.parametrize("scheme", [*SCHEMES, "linear64/slices4", "linear64/slices4/scatter", "linear64+chains",
+                                    "linear64-fused+chains", "linear64/slices4/scatter+chains"])
 def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkeypatch, scheme):
     """hash_cuda.py itself (its launches' argument order and types, grids, workspaces, the pinned-word readback, the
     one-sync join with its exact-size re-run, the phases, the launch and sync counters) on CPU tensors, its CuPy
@@ -559,11 +619,13 @@ def test_hash_cuda_launch_code_drives_emulated_kernels(emulated_launches, monkey
     rng, sliced_joins = np.random.default_rng(8), 0
     try:
         for readback in ("pinned", "item"):
-            name, _, slices = scheme.partition("/slices")
+            plan, _, chains = scheme.partition("+")
+            name, _, slices = plan.partition("/slices")
             slices, _, scatter = slices.partition("/")
             op = hash_cuda.HashJoinCuda(HashConfig(threads=32, items=4, part_rows=EMULATED_PART_ROWS,
                                                    part_probe=EMULATED_PART_PROBE, scheme=name, readback=readback,
-                                                   slices=int(slices or 1), scatter=scatter == "scatter"))
+                                                   slices=int(slices or 1), scatter=scatter == "scatter",
+                                                   chains=chains == "chains"))
             for dtype in (np.int32, np.int64):
                 for nb, npr, hi, rows in ((300, 517, 400, None), (1, 1, 3, np.int32), (130, 95, 5, np.int64),
                                           (0, 10, 3, None), (40, 0, 3, np.int32), (200, 300, 4, None)):

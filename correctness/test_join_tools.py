@@ -25,7 +25,8 @@ from impl.join.plots import PLOTS, TABLES
 # ---- the CUDA C++ source ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("defines", [[], ["-DJOIN_THREADS=128", "-DJOIN_ITEMS=2"], ["-DJOIN_RECONVERGE=1"],
-                                     ["-DJOIN_LROWS=4"]], ids=["default", "128x2", "reconverge", "lrows4"])
+                                     ["-DJOIN_LROWS=4"], ["-DJOIN_CHAINS=1"], ["-DJOIN_CHAINS=1", "-DJOIN_LROWS=2"]],
+                         ids=["default", "128x2", "reconverge", "lrows4", "chains", "chains-lrows2"])
 def test_hash_join_cu_compiles_with_nvcc(tmp_path, defines):
     """Every kernel the wrapper launches is in the sm_90 cubin, and ptxas spills no register in any of them."""
     report, blob = compile_for_sm90(SOURCE, defines, tmp_path)

@@ -12,6 +12,9 @@ Per join (``config.scheme``):
             in one pass (blocks reserve their output ranges with one atomic add each): two launches, ``lrows`` rows
             per thread in flight, grid-stride loops;
   linear64-fused  the same in one cooperative launch (lbuild | grid barrier | lprobe), grid = resident blocks;
+  linear64 with ``chains`` (int32 keys)  the same launches, compiled with JOIN_CHAINS=1 and given a chain array from
+            the workspace: duplicate build keys' rows on one slot's list, so a many-to-many probe finds its key's
+            one slot, counts from the list's length and writes by walking the list;
   linear64 with ``slices`` > 1  lbuild and lprobe of table slice 0, then of slice 1, ... (slices of at most half
             the L2: ``slice_count``): 2 per slice, and with ``scatter`` pcount and pscatter first;
   partitioned  pcount (both sides' partition histograms; the last block scans them into partition starts),
@@ -77,7 +80,8 @@ def compile_options(config: HashConfig) -> tuple[str, ...]:
             f"-DBUCKET_BYTES={config.bucket_bytes}", f"-DJOIN_MIN_BLOCKS={config.min_blocks}",
             f"-DJOIN_RECONVERGE={int(config.reconverge)}", f"-DJOIN_LROWS={config.lrows}",
             f"-DJOIN_PART_CAP={config.part_capacity}", f"-DJOIN_PART_PROBE={config.part_probe}",
-            f"-DJOIN_PART_BITS_MAX={PART_BITS_MAX}", f"-DJOIN_PART_PAD={PART_PAD}")
+            f"-DJOIN_PART_BITS_MAX={PART_BITS_MAX}", f"-DJOIN_PART_PAD={PART_PAD}",
+            f"-DJOIN_CHAINS={int(config.chains)}")
 
 
 @functools.cache
@@ -144,6 +148,7 @@ class HashJoinCuda(HashJoinBase):
     linear_available = True
     partitioned_available = True
     sliced_available = True
+    chains_available = True
 
     def __init__(self, config: HashConfig = HashConfig()) -> None:
         reason = unavailable_reason()
@@ -189,6 +194,10 @@ class HashJoinCuda(HashJoinBase):
         lay = built.layout
         return (_ptr(built.table), lay.buckets, lay.shift, built.epoch)
 
+    def _linear_table_args(self, built: Built) -> tuple:
+        """The linear64 kernels' table arguments: ``_table_args`` and the chain array (0: no chains)."""
+        return (*self._table_args(built), _ptr(built.chain))
+
     def _launch_build(self, keys: torch.Tensor, built: Built, state: torch.Tensor,
                       part: tuple[int, int] = WHOLE_TABLE, bounds: torch.Tensor | None = None, rows: int = 0) -> None:
         """The build kernel; linear64 over the rows of table slice ``part`` = (slice_shift, slice) only, or with
@@ -196,7 +205,7 @@ class HashJoinCuda(HashJoinBase):
         if self._linear(keys.dtype):  # lrows rows per thread, grid-stride beyond MAX_GRID blocks
             grid = min(max(1, -(-(rows or keys.numel()) // (self.config.threads * self.config.lrows))), MAX_GRID)
             _launch(kernel(self.config, "lbuild", keys.dtype, built.row_dtype), grid, self.config.threads,
-                    (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(state), self._host(), *part,
+                    (_ptr(keys), keys.numel(), *self._linear_table_args(built), _ptr(state), self._host(), *part,
                      _ptr(bounds)))
             return
         grid = min(-(-keys.numel() // self.config.tile), MAX_GRID)
@@ -213,8 +222,8 @@ class HashJoinCuda(HashJoinBase):
         grid = min(max(1, -(-(n_rows or keys.numel()) // (self.config.threads * self.config.lrows))), MAX_GRID)
         rdt = out_b.dtype if out_b is not None else built.row_dtype
         _launch(kernel(self.config, "lprobe", keys.dtype, rdt), grid, self.config.threads,
-                (_ptr(keys), keys.numel(), *self._table_args(built), _ptr(built.slot_rows), _ptr(rows), _ptr(out_b),
-                 _ptr(out_p), capacity, _ptr(state), self._host(), *part, int(publish), _ptr(bounds)))
+                (_ptr(keys), keys.numel(), *self._linear_table_args(built), _ptr(built.slot_rows), _ptr(rows),
+                 _ptr(out_b), _ptr(out_p), capacity, _ptr(state), self._host(), *part, int(publish), _ptr(bounds)))
 
     def _launch_slices(self, bkeys: torch.Tensor, built: Built, keys: torch.Tensor, rows: torch.Tensor | None,
                        out_b: torch.Tensor | None, out_p: torch.Tensor | None, capacity: int,
@@ -246,9 +255,9 @@ class HashJoinCuda(HashJoinBase):
         work = max(-(-keys.numel() // step), -(-bkeys.numel() // step), 1)
         grid = min(self.resident_blocks(keys.dtype, out_b.dtype, "lfused"), work)
         _launch(kernel(self.config, "lfused", keys.dtype, out_b.dtype), grid, threads,
-                (_ptr(bkeys), bkeys.numel(), _ptr(keys), keys.numel(), *self._table_args(built), _ptr(built.rows),
-                 _ptr(rows), _ptr(out_b), _ptr(out_p), capacity, _ptr(state), self._host(), self.bar_base,
-                 BARRIER_TIMEOUT_NS))
+                (_ptr(bkeys), bkeys.numel(), _ptr(keys), keys.numel(), *self._linear_table_args(built),
+                 _ptr(built.rows), _ptr(rows), _ptr(out_b), _ptr(out_p), capacity, _ptr(state), self._host(),
+                 self.bar_base, BARRIER_TIMEOUT_NS))
         self.bar_base += grid
 
     def _launch_count(self, keys: torch.Tensor, built: Built, probed: Probed, state: torch.Tensor) -> None:

@@ -47,6 +47,12 @@
 #endif
 #define LSTEP (JOIN_THREADS * JOIN_LROWS)
 
+// JOIN_CHAINS=1 compiles the linear64 kernels' chains (see linear64 below; they run where the host passes a chain
+// array); 0 compiles them out, so the kernels without chains keep their registers (28 for lbuild instead of 38).
+#ifndef JOIN_CHAINS
+#define JOIN_CHAINS 0
+#endif
+
 // JOIN_RECONVERGE=1: every lane of a warp meets (__syncwarp) before each of its JOIN_ITEMS rows of a build or count,
 // so lanes whose row needed more buckets or CAS retries do not leave the warp split across rows. Every lane reaches
 // the same number of these points (rows past n included), as __syncwarp with a full mask requires.
@@ -594,6 +600,14 @@ __device__ void fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, l
 //           publishes the total only on the last slice (the counter goes on across slices, the ticket is reset by
 //           each). slice_shift 32 takes every row. With `bounds` (both sides partitioned by slice first: pcount and
 //           pscatter below), a launch takes rows bounds[slice] .. bounds[slice + 1] - 1 only, all of that slice.
+//   chains: with a `chain` array (int32 keys only; else nullptr), duplicate build keys share ONE slot, the head of
+//           a list of their rows: the tag's bit shift - 1 (MULTI, below the epoch field; the position takes the bits
+//           below it) says the list has more than one row, the tag's position is the row pushed last, and for every
+//           pushed row p chain[2p] = the row pushed before it, chain[2p + 1] = the list's length up to p. A row
+//           whose key has a slot pushes itself onto its list with one CAS of the slot (its chain entry written and
+//           fenced first); a slot without MULTI holds one row and no chain entry. Every slot then has a distinct
+//           key: clusters stay as short as the distinct keys make them, a probe stops at its key's slot, counts
+//           its pairs from the head's length, and writes them by walking the list.
 // Pair order in the output is not deterministic (blocks reserve their ranges in arrival order).
 
 #define FULL_MASK 0xffffffffu
@@ -601,6 +615,15 @@ __device__ void fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, l
 #define LIN_TICKET 6   // state[6]: blocks finished
 
 __device__ __forceinline__ u64 pack_slot(int key, unsigned tag) { return (u64)(unsigned)key | ((u64)tag << 32); }
+
+// A linear64 launch's tag fields: position = tag & pos_mask; multi = the MULTI bit (0 without chains).
+struct TagBits {
+    unsigned pos_mask, multi;
+};
+__device__ __forceinline__ TagBits tag_bits(unsigned shift, const int* chain) {
+    const unsigned multi = chain ? 1u << (shift - 1) : 0u;
+    return {(chain ? multi : 1u << shift) - 1u, multi};
+}
 
 // Whether a row of hash h belongs to the slice (slice_shift 32: every row does).
 __device__ __forceinline__ bool in_slice(unsigned h, long long slice_shift, long long slice) {
@@ -649,10 +672,43 @@ __device__ __forceinline__ bool linear_claim(const Bucket<long long>& bk, int s,
     return false;
 }
 
-// Insert one build row (position i) into the first empty slot of its linear sequence; false if none (table full).
+// chains: slot s of the loaded bucket bk (bucket b) for row i (key, tag): claim it if it is empty, or push row i
+// onto its list if it holds the key (chain[2i] = the old head, chain[2i + 1] = its length + 1, fenced before the
+// CAS that makes i the head); true once done, false when the slot holds another key. Each retry starts from the
+// word the CAS returned, so a torn first read is never acted on.
+__device__ __forceinline__ bool chain_claim(const Bucket<int>& bk, int s, Slot<int>* table, long long b, int key,
+                                            unsigned tag, unsigned shift, unsigned epoch, long long i, int* chain,
+                                            TagBits tb) {
+    u64* word = reinterpret_cast<u64*>(table + b * Bucket<int>::SLOTS + s);
+    u64 cur = pack_slot(bk.s[s].key, bk.s[s].tag);
+    for (;;) {
+        const unsigned t = (unsigned)(cur >> 32);
+        u64 want = pack_slot(key, tag);
+        if (is_live(t, shift, epoch)) {
+            if ((int)(unsigned)cur != key) return false;
+            const int head = (int)(t & tb.pos_mask);
+            chain[2 * i] = head;
+            chain[2 * i + 1] = ((t & tb.multi) ? __ldcg(&chain[2 * head + 1]) : 1) + 1;
+            __threadfence();  // the entry is visible before the slot names row i as its head
+            want = pack_slot(key, tag | tb.multi);
+        }
+        const u64 old = atomicCAS(word, cur, want);
+        if (old == cur) return true;
+        cur = old;
+    }
+}
+// int64 keys have no chains (the host passes none).
+__device__ __forceinline__ bool chain_claim(const Bucket<long long>& bk, int s, Slot<long long>* table, long long b,
+                                            long long key, unsigned tag, unsigned shift, unsigned epoch, long long,
+                                            int*, TagBits) {
+    return linear_claim(bk, s, table, b, key, tag, shift, epoch);
+}
+
+// Insert one build row (position i) into the first empty slot of its linear sequence (chains: or onto its key's
+// list); false if none (table full).
 template <typename K>
 __device__ __forceinline__ bool linear_insert(K key, long long i, Slot<K>* table, long long nb, unsigned shift,
-                                              unsigned epoch) {
+                                              unsigned epoch, int* chain, TagBits tb) {
     constexpr int SLOTS = Bucket<K>::SLOTS;
     const unsigned tag = (epoch << shift) | (unsigned)i;
     long long b = first_bucket(mix32(fold(key)), nb);
@@ -660,9 +716,20 @@ __device__ __forceinline__ bool linear_insert(K key, long long i, Slot<K>* table
         const Bucket<K> bk = load_bucket(table, b);
 #pragma unroll
         for (int s = 0; s < SLOTS; ++s)
-            if (linear_claim(bk, s, table, b, key, tag, shift, epoch)) return true;
+            if (chain ? chain_claim(bk, s, table, b, key, tag, shift, epoch, i, chain, tb)
+                      : linear_claim(bk, s, table, b, key, tag, shift, epoch))
+                return true;
     }
     return false;
+}
+
+// Whether a live slot of the loaded bucket before slot `end` holds key k (chains: the row belongs on its list).
+template <typename K>
+__device__ __forceinline__ bool key_before(const Bucket<K>& bk, int end, K k) {
+    bool found = false;
+#pragma unroll
+    for (int s = 0; s < Bucket<K>::SLOTS; ++s) found |= s < end && bk.s[s].key == k;
+    return found;
 }
 
 // The first slot of a loaded bucket whose tag is not live (SLOTS when every slot is live).
@@ -698,9 +765,11 @@ __device__ __forceinline__ void claimed(Slot<long long>* table, long long b, int
 // was full walks its sequence again (linear_insert).
 template <typename K>
 __device__ void linear_build_kernel(const K* __restrict__ keys, long long n, Slot<K>* table, long long nb,
-                                    long long shift, long long epoch, long long* state, long long* host,
+                                    long long shift, long long epoch, int* chain, long long* state, long long* host,
                                     long long slice_shift, long long slice, const int* bounds) {
+    if (!JOIN_CHAINS) chain = nullptr;  // compiled out
     const unsigned sh = (unsigned)shift, ep = (unsigned)epoch;
+    const TagBits tb = tag_bits(sh, chain);
     const long long stride = (long long)gridDim.x * LSTEP;
     const long long lo = bounds ? bounds[slice] : 0;
     const bool stream = slice_shift < 32 || bounds;
@@ -708,7 +777,7 @@ __device__ void linear_build_kernel(const K* __restrict__ keys, long long n, Slo
     if (JOIN_LROWS == 1) {  // one row per step: the CAS loop straight away (fewer registers)
         for (long long i = lo + (long long)blockIdx.x * JOIN_THREADS + threadIdx.x; i < n; i += stride) {
             const K key = load_key(keys, i, stream);
-            if (in_slice(mix32(fold(key)), slice_shift, slice) && !linear_insert(key, i, table, nb, sh, ep))
+            if (in_slice(mix32(fold(key)), slice_shift, slice) && !linear_insert(key, i, table, nb, sh, ep, chain, tb))
                 set_error(state, host, ERR_TABLE_FULL);
         }
         return;
@@ -736,6 +805,8 @@ __device__ void linear_build_kernel(const K* __restrict__ keys, long long n, Slo
         for (int r = 0; r < JOIN_LROWS; ++r) {
             const long long i = base + r * JOIN_THREADS + threadIdx.x;
             s[r] = live[r] ? first_free(bk[r], sh, ep) : Bucket<K>::SLOTS;
+            if (chain && s[r] < Bucket<K>::SLOTS && key_before(bk[r], s[r], key[r]))
+                s[r] = Bucket<K>::SLOTS;  // the key has a slot already: its list, through linear_insert
             if (s[r] < Bucket<K>::SLOTS) {
                 expected[r] = cas_expected(bk[r], s[r]);
                 old[r] = cas_issue(table, b[r], s[r], expected[r], key[r], (ep << sh) | (unsigned)i);
@@ -747,23 +818,36 @@ __device__ void linear_build_kernel(const K* __restrict__ keys, long long n, Slo
             if (!live[r]) continue;
             if (s[r] < Bucket<K>::SLOTS && old[r] == expected[r]) {
                 claimed(table, b[r], s[r], key[r]);
-            } else if (!linear_insert(key[r], i, table, nb, sh, ep)) {
+            } else if (!linear_insert(key[r], i, table, nb, sh, ep, chain, tb)) {
                 set_error(state, host, ERR_TABLE_FULL);  // cannot happen: B * SLOTS > n
             }
         }
     }
 }
 
+// Write the pairs of a chained key's list: its head row `first` and the cnt - 1 rows linked behind it, to
+// out_[bp][at...] (>= capacity dropped). RO: the chain entries through L1 (a launch that did not write them).
+template <typename R, bool RO>
+__device__ __forceinline__ void chain_emit(int first, long long cnt, const int* chain, long long at, R pj,
+                                           const R* brows, R* out_b, R* out_p, long long capacity) {
+    int pos = first;
+    for (long long c = 0; c < cnt && at + c < capacity; ++c) {
+        out_b[at + c] = brows ? brows[pos] : (R)pos;
+        out_p[at + c] = pj;
+        if (c + 1 < cnt) pos = RO ? __ldg(&chain[2 * pos]) : __ldcg(&chain[2 * pos]);
+    }
+}
+
 // One bucket of key k's cluster (bucket b, loaded as bk): count its matches before the first empty slot (the first
 // one's build position -> *first); with `emit` their pairs go to out_[bp][at + cnt...] (>= capacity dropped).
 // Returns true when the cluster goes on into the next bucket. The slots are tested as bit masks (no branch between
-// the bucket's loads and its test: both 16-byte halves are in flight together).
-template <typename K, typename R>
+// the bucket's loads and its test: both 16-byte halves are in flight together). chains: the key's one slot ends the
+// walk; its list's length (the head's chain entry when MULTI) is the count.
+template <typename K, typename R, bool RO>
 __device__ __forceinline__ bool linear_scan(const Bucket<K>& bk, K k, unsigned shift, unsigned epoch, long long& cnt,
                                             int* first, bool emit, long long at, R pj, const R* brows, R* out_b,
-                                            R* out_p, long long capacity) {
+                                            R* out_p, long long capacity, const int* chain, TagBits tb) {
     constexpr int SLOTS = Bucket<K>::SLOTS;
-    const unsigned pos_mask = (1u << shift) - 1u;
     unsigned live = 0, match = 0;
 #pragma unroll
     for (int s = 0; s < SLOTS; ++s) {
@@ -772,11 +856,21 @@ __device__ __forceinline__ bool linear_scan(const Bucket<K>& bk, K k, unsigned s
     }
     const unsigned taken = ~live & (live + 1u);  // the first empty slot's bit (bit SLOTS when all are live)
     match &= taken - 1u;                           // live slots before it: this key's part of the cluster
+    if (chain && match) {
+        const unsigned t = bk.s[__ffs(match) - 1].tag;
+        const int pos = (int)(t & tb.pos_mask);
+        const long long c = (t & tb.multi) ? (long long)(RO ? __ldg(&chain[2 * pos + 1]) : __ldcg(&chain[2 * pos + 1]))
+                                           : 1;
+        *first = pos;
+        if (emit) chain_emit<R, RO>(pos, c, chain, at + cnt, pj, brows, out_b, out_p, capacity);
+        cnt += c;
+        return false;
+    }
     if (match) {
 #pragma unroll
         for (int s = 0; s < SLOTS; ++s) {
             if (!((match >> s) & 1u)) continue;
-            const int pos = (int)(bk.s[s].tag & pos_mask);
+            const int pos = (int)(bk.s[s].tag & tb.pos_mask);
             if (cnt == 0) *first = pos;
             if (emit && at + cnt < capacity) {
                 out_b[at + cnt] = brows ? brows[pos] : (R)pos;
@@ -798,10 +892,11 @@ __device__ __forceinline__ Bucket<K> linear_load(const Slot<K>* table, long long
 template <typename K, typename R, bool RO>
 __device__ __forceinline__ void linear_walk_from(long long b, K k, const Slot<K>* table, long long nb, unsigned shift,
                                                  unsigned epoch, long long& cnt, int* first, bool emit, long long at,
-                                                 R pj, const R* brows, R* out_b, R* out_p, long long capacity) {
+                                                 R pj, const R* brows, R* out_b, R* out_p, long long capacity,
+                                                 const int* chain, TagBits tb) {
     for (long long tries = 0; tries < nb; ++tries, b = linear_next(b, nb))
-        if (!linear_scan<K, R>(linear_load<K, RO>(table, b), k, shift, epoch, cnt, first, emit, at, pj, brows, out_b,
-                               out_p, capacity))
+        if (!linear_scan<K, R, RO>(linear_load<K, RO>(table, b), k, shift, epoch, cnt, first, emit, at, pj, brows,
+                                   out_b, out_p, capacity, chain, tb))
             return;
 }
 
@@ -859,11 +954,13 @@ __device__ void publish_total(u64* counter, long long* state, long long* host) {
 // pairs of all its rows with one atomicAdd (block_reserve), row r's pairs of a warp contiguous (coalesced writes).
 template <typename K, typename R, bool RO>
 __device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, const Slot<K>* table, long long nb,
-                                    long long shift, long long epoch, const R* __restrict__ brows,
+                                    long long shift, long long epoch, const int* chain, const R* __restrict__ brows,
                                     const R* __restrict__ prows, R* __restrict__ out_b, R* __restrict__ out_p,
                                     long long capacity, long long* state, long long* host, long long slice_shift,
                                     long long slice, bool publish, const int* bounds) {
+    if (!JOIN_CHAINS) chain = nullptr;  // compiled out
     const unsigned sh = (unsigned)shift, ep = (unsigned)epoch;
+    const TagBits tb = tag_bits(sh, chain);
     const int lane = threadIdx.x & 31;
     const long long stride = (long long)gridDim.x * LSTEP;
     const long long lo = bounds ? bounds[slice] : 0;
@@ -896,11 +993,11 @@ __device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, co
             first[r] = HEAD_NONE;
             if (live[r] && JOIN_LROWS == 1)  // one row: walk straight from the first bucket (fewer registers)
                 linear_walk_from<K, R, RO>(b0, k[r], table, nb, sh, ep, cnt[r], &first[r], false, 0, (R)0, brows,
-                                           out_b, out_p, 0);
-            else if (live[r] && linear_scan<K, R>(bk[r], k[r], sh, ep, cnt[r], &first[r], false, 0, (R)0, brows,
-                                                  out_b, out_p, 0))
+                                           out_b, out_p, 0, chain, tb);
+            else if (live[r] && linear_scan<K, R, RO>(bk[r], k[r], sh, ep, cnt[r], &first[r], false, 0, (R)0, brows,
+                                                      out_b, out_p, 0, chain, tb))
                 linear_walk_from<K, R, RO>(linear_next(b0, nb), k[r], table, nb, sh, ep, cnt[r], &first[r], false, 0,
-                                           (R)0, brows, out_b, out_p, 0);
+                                           (R)0, brows, out_b, out_p, 0, chain, tb);
             excl[r] = warp_offset(cnt[r], lane, &wsum);
         }
         const long long wbase = block_reserve(wsum, counter);  // every thread: base is uniform over the block
@@ -913,10 +1010,12 @@ __device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, co
             if (cnt[r] == 1) {
                 out_b[at] = brows ? brows[first[r]] : (R)first[r];
                 out_p[at] = pj;
+            } else if (chain) {  // the list from its head: no walk of the table again
+                chain_emit<R, RO>(first[r], cnt[r], chain, at, pj, brows, out_b, out_p, capacity);
             } else {
                 long long c = 0;
                 linear_walk_from<K, R, RO>(first_bucket(mix32(fold(k[r])), nb), k[r], table, nb, sh, ep, c, &first[r],
-                                           true, at, pj, brows, out_b, out_p, capacity);
+                                           true, at, pj, brows, out_b, out_p, capacity, chain, tb);
             }
         }
     }
@@ -927,18 +1026,19 @@ __device__ void linear_probe_kernel(const K* __restrict__ pkeys, long long n, co
 }
 
 // linear64 in one cooperative launch (grid = resident blocks): lbuild | grid barrier | lprobe. bar_base as for
-// fused_kernel (state[2] before this launch). The barrier's fences publish the int64 keys stored after their tags.
+// fused_kernel (state[2] before this launch). The barrier's fences publish the int64 keys stored after their tags
+// and the chain entries.
 template <typename K, typename R>
 __device__ void linear_fused_kernel(const K* bkeys, long long nbuild, const K* pkeys, long long n, Slot<K>* table,
-                                    long long nb, long long shift, long long epoch, const R* brows, const R* prows,
-                                    R* out_b, R* out_p, long long capacity, long long* state, long long* host,
-                                    long long bar_base, long long timeout_ns) {
-    linear_build_kernel<K>(bkeys, nbuild, table, nb, shift, epoch, state, host, 32, 0, nullptr);
+                                    long long nb, long long shift, long long epoch, int* chain, const R* brows,
+                                    const R* prows, R* out_b, R* out_p, long long capacity, long long* state,
+                                    long long* host, long long bar_base, long long timeout_ns) {
+    linear_build_kernel<K>(bkeys, nbuild, table, nb, shift, epoch, chain, state, host, 32, 0, nullptr);
     u64* bar = (u64*)&state[2];
     const u64 target = (u64)bar_base + gridDim.x;
     if (arrive_barrier(bar, target, timeout_ns, state, host)) release_barrier(bar, target);
-    linear_probe_kernel<K, R, false>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity, state,
-                                     host, 32, 0, true, nullptr);
+    linear_probe_kernel<K, R, false>(pkeys, n, table, nb, shift, epoch, chain, brows, prows, out_b, out_p, capacity,
+                                     state, host, 32, 0, true, nullptr);
 }
 
 // ---- partitioned: radix partitions small enough for a shared-memory table (pcount, pscatter, pjoin) -----------------
@@ -1289,27 +1389,27 @@ __device__ void part_join_kernel(const int* starts, long long pbits, const K* __
 #define JOIN_LINEAR_BUILD(K, SUF)                                                                                 \
     extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
         join_lbuild_##SUF(const K* keys, long long n, Slot<K>* table, long long nb, long long shift,            \
-                          long long epoch, long long* state, long long* host, long long slice_shift,             \
+                          long long epoch, int* chain, long long* state, long long* host, long long slice_shift, \
                           long long slice, const int* bounds) {                                                  \
-        linear_build_kernel<K>(keys, n, table, nb, shift, epoch, state, host, slice_shift, slice, bounds);      \
+        linear_build_kernel<K>(keys, n, table, nb, shift, epoch, chain, state, host, slice_shift, slice, bounds); \
     }
 
 #define JOIN_LINEAR_PROBE(K, R, SUF)                                                                              \
     extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
         join_lprobe_##SUF(const K* pkeys, long long n, const Slot<K>* table, long long nb, long long shift,     \
-                          long long epoch, const R* brows, const R* prows, R* out_b, R* out_p, long long capacity, \
-                          long long* state, long long* host, long long slice_shift, long long slice,             \
-                          long long publish, const int* bounds) {                                                \
-        linear_probe_kernel<K, R, true>(pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p, capacity, \
-                                        state, host, slice_shift, slice, publish != 0, bounds);                  \
+                          long long epoch, const int* chain, const R* brows, const R* prows, R* out_b, R* out_p, \
+                          long long capacity, long long* state, long long* host, long long slice_shift,          \
+                          long long slice, long long publish, const int* bounds) {                               \
+        linear_probe_kernel<K, R, true>(pkeys, n, table, nb, shift, epoch, chain, brows, prows, out_b, out_p,    \
+                                        capacity, state, host, slice_shift, slice, publish != 0, bounds);        \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(JOIN_THREADS, JOIN_MIN_BLOCKS)                                  \
         join_lfused_##SUF(const K* bkeys, long long nbuild, const K* pkeys, long long n, Slot<K>* table,         \
-                          long long nb, long long shift, long long epoch, const R* brows, const R* prows,        \
-                          R* out_b, R* out_p, long long capacity, long long* state, long long* host,             \
-                          long long bar_base, long long timeout_ns) {                                            \
-        linear_fused_kernel<K, R>(bkeys, nbuild, pkeys, n, table, nb, shift, epoch, brows, prows, out_b, out_p,  \
-                                  capacity, state, host, bar_base, timeout_ns);                                  \
+                          long long nb, long long shift, long long epoch, int* chain, const R* brows,            \
+                          const R* prows, R* out_b, R* out_p, long long capacity, long long* state,              \
+                          long long* host, long long bar_base, long long timeout_ns) {                           \
+        linear_fused_kernel<K, R>(bkeys, nbuild, pkeys, n, table, nb, shift, epoch, chain, brows, prows, out_b,  \
+                                  out_p, capacity, state, host, bar_base, timeout_ns);                           \
     }
 
 #define JOIN_KEY_KERNELS(K, SUF)                                                                                  \

@@ -11,7 +11,7 @@
 // Input (text, stdin): "wide scheme joins" (scheme 0 = build/count/write kernels, 1 = the fused kernel, 2 = the
 // linear64 lbuild/lprobe kernels, 3 = linear64's lfused kernel, 4 = the partitioned pcount/pscatter/pjoin kernels,
 // 5 = scheme 4 with a planted bug for the tests to catch: the last partition's probe rows are hidden from pjoin,
-// 6 = scheme 2 in 4 table slices;
+// 6 = scheme 2 in 4 table slices, 7 / 8 / 9 = schemes 2 / 3 / 6 with chains (int32 keys only; exit 8 when wide);
 // wide = int64 keys), then per join a line "nbuild nprobe buckets shift epoch clear capacity grid" (schemes 4-5:
 // buckets = the partition bits, shift/epoch/clear unused) and the build keys, build rows, probe keys, probe rows.
 // Output per join: "total error guards_intact rewritten", then one "build_row probe_row" line per pair.
@@ -50,6 +50,9 @@ T* emu_shared(int site, size_t n) {
 }
 
 #define JOIN_EMULATED 1
+#ifndef JOIN_CHAINS  // the chains compiled in: they run where the driver passes a chain array (schemes 7-9)
+#define JOIN_CHAINS 1
+#endif
 #define JOIN_SHARED(T, name, n) T* name = emu_shared<T>(__LINE__, (n))
 #define __global__
 #define __device__
@@ -239,20 +242,21 @@ int finish_join(long long total, long long capacity, std::vector<T>& ob, std::ve
 
 template <typename K>
 struct LinearKernels {
-    void (*build)(const K*, long long, Slot<K>*, long long, long long, long long, long long*, long long*, long long,
-                  long long, const int*);
-    void (*probe)(const K*, long long, const Slot<K>*, long long, long long, long long, const K*, const K*, K*, K*,
-                  long long, long long*, long long*, long long, long long, long long, const int*);
-    void (*fused)(const K*, long long, const K*, long long, Slot<K>*, long long, long long, long long, const K*,
-                  const K*, K*, K*, long long, long long*, long long*, long long, long long);
+    void (*build)(const K*, long long, Slot<K>*, long long, long long, long long, int*, long long*, long long*,
+                  long long, long long, const int*);
+    void (*probe)(const K*, long long, const Slot<K>*, long long, long long, long long, const int*, const K*,
+                  const K*, K*, K*, long long, long long*, long long*, long long, long long, long long, const int*);
+    void (*fused)(const K*, long long, const K*, long long, Slot<K>*, long long, long long, long long, int*,
+                  const K*, const K*, K*, K*, long long, long long*, long long*, long long, long long);
 };
 
 // scheme 2 (linear64; int32 keys, or int64 keys in 16-byte slots when wide): lbuild + lprobe over `grid` blocks
 // (grid-stride loops), speculative capacity, the lprobe again exact-size when the total exceeds it; scheme 3: the
 // first two in one cooperative lfused launch; scheme 6: lbuild + lprobe slice by slice (`slices` table slices, the
-// total published by the last slice's lprobe), the exact-size rewrite one lprobe over the whole table.
+// total published by the last slice's lprobe), the exact-size rewrite one lprobe over the whole table. With
+// `chains` (int32 keys) the kernels get a chain array of 2 ints per build row, poisoned before every join.
 template <typename K>
-int run_linear(int joins, bool fused, LinearKernels<K> k, int slices = 1) {
+int run_linear(int joins, bool fused, LinearKernels<K> k, int slices = 1, bool chains = false) {
     using S = Slot<K>;
     const unsigned threads = JOIN_THREADS;
     std::vector<S> table;
@@ -265,19 +269,21 @@ int run_linear(int joins, bool fused, LinearKernels<K> k, int slices = 1) {
         long long host[2] = {-7, 0};
         const K guard = (K)0x5A5A5A5A;
         std::vector<K> ob(capacity + 16, guard), op(capacity + 16, guard);
+        std::vector<int> chain_buf(chains ? 2 * nbuild + 2 : 0, -0x5A5A5A5A);
+        int* chain = chains ? chain_buf.data() : nullptr;
         state[0] = 0;
         const long long slice_shift = 32 - __builtin_ctz((unsigned)slices);
         auto build = [&](long long slice) {
             launch(k.build, (unsigned)std::min(grid, (nbuild + threads - 1) / threads), threads, false,
-                   (const K*)bk.data(), nbuild, table.data(), nb, shift, epoch, state.data(), host, slice_shift, slice,
-                   (const int*)nullptr);
+                   (const K*)bk.data(), nbuild, table.data(), nb, shift, epoch, chain, state.data(), host, slice_shift,
+                   slice, (const int*)nullptr);
         };
         if (nbuild && !(fused && n) && slices == 1) build(0);
         const unsigned pgrid = (unsigned)std::max(1LL, std::min(grid, (n + threads - 1) / threads));
         auto probe_slice = [&](long long cap, long long sshift, long long slice, long long publish) {
             launch(k.probe, pgrid, threads, false, (const K*)pk.data(), n, (const S*)table.data(), nb, shift, epoch,
-                   (const K*)br.data(), (const K*)pr.data(), ob.data(), op.data(), cap, state.data(), host, sshift,
-                   slice, publish, (const int*)nullptr);
+                   (const int*)chain, (const K*)br.data(), (const K*)pr.data(), ob.data(), op.data(), cap, state.data(),
+                   host, sshift, slice, publish, (const int*)nullptr);
         };
         auto probe = [&](long long cap) { probe_slice(cap, 32, 0, 1); };
         if (n && slices > 1) {
@@ -288,8 +294,8 @@ int run_linear(int joins, bool fused, LinearKernels<K> k, int slices = 1) {
             }
         } else if (n && fused) {  // the whole grid at once (cooperative): its grid barrier needs every block resident
             launch(k.fused, (unsigned)grid, threads, true, (const K*)bk.data(), nbuild, (const K*)pk.data(), n,
-                   table.data(), nb, shift, epoch, (const K*)br.data(), (const K*)pr.data(), ob.data(), op.data(),
-                   capacity, state.data(), host, bar_base, 2000000000LL);
+                   table.data(), nb, shift, epoch, chain, (const K*)br.data(), (const K*)pr.data(), ob.data(),
+                   op.data(), capacity, state.data(), host, bar_base, 2000000000LL);
             bar_base += grid;
         } else if (n) {
             probe(capacity);
@@ -487,13 +493,16 @@ int main() {
                                           {join_pcount_i64, join_pscatter_i64_r64, join_pjoin_i64_r64});
     if (scheme == 4 || scheme == 5)
         return run_partitioned<int>(joins, scheme == 5, {join_pcount_i32, join_pscatter_i32_r32, join_pjoin_i32_r32});
+    const bool chains = scheme >= 7;  // schemes 7, 8, 9: schemes 2, 3, 6 with chains (int32 keys)
+    if (chains) scheme = scheme == 9 ? 6 : scheme - 5;
     const int slices = scheme == 6 ? 4 : 1;
     if (scheme >= 2 && wide)
-        return run_linear<long long>(joins, scheme == 3, {join_lbuild_i64, join_lprobe_i64_r64, join_lfused_i64_r64},
-                                     slices);
+        return chains ? 8
+                      : run_linear<long long>(joins, scheme == 3,
+                                              {join_lbuild_i64, join_lprobe_i64_r64, join_lfused_i64_r64}, slices);
     if (scheme >= 2)
         return run_linear<int>(joins, scheme == 3, {join_lbuild_i32, join_lprobe_i32_r32, join_lfused_i32_r32},
-                               slices);
+                               slices, chains);
     if (wide)
         return run<long long>(scheme, joins, {join_build_i64, join_count_i64, join_write_i64_r64, join_fused_i64_r64});
     return run<int>(scheme, joins, {join_build_i32, join_count_i32, join_write_i32_r32, join_fused_i32_r32});

@@ -21,7 +21,10 @@ falls in slice 0, then slice 1, ...; a key's first bucket grows with its hash, s
 slice of the table (at most half the L2: ``slice_count``), which stays in L2 while every key streams past it. With
 ``scatter`` both sides are first partitioned by slice (the partitioned scheme's pcount and pscatter), so each
 slice's launches read only that slice's rows instead of every key. A sliced build phase only records the build side
-and its probe phase builds and counts slice by slice; the exact-size rewrite probes the whole table.
+and its probe phase builds and counts slice by slice; the exact-size rewrite probes the whole table. With ``chains``
+(int32 keys, backends with ``chains_available``) every distinct build key owns one slot, heading a list of its rows
+in a chain array of 2 ints per build row (the tag gives up one epoch bit for a MULTI flag): clusters then hold
+distinct keys only, however many rows share a key.
 The partitioned scheme (backends with ``partitioned_available``; the others run linear64 instead) needs no table:
 pcount, pscatter and pjoin (``hash_join.cu``) cut both sides into ``P = 2**partition_bits(n_build, part_rows)``
 partitions by the high bits of the key hash (about ``part_rows`` build rows each) and join each partition in a
@@ -116,6 +119,9 @@ class HashConfig:
     slices: int = 1           # linear64: build and probe in table slices of at most half the L2 each, one after
                               # another, at most this many (a power of two; 1: the whole table at once)
     scatter: bool = False     # sliced linear64: partition both sides by slice first, each slice then reads its rows
+    chains: bool = False      # linear64 on int32 keys (C++ only; the numba twin runs without): duplicate build keys
+                              # share one slot heading a list of their rows (``hash_join.cu``), so clusters hold
+                              # distinct keys and a many-to-many probe writes its pairs from the list
 
     def __post_init__(self) -> None:
         if not 0.0 < self.load_factor <= 0.9:
@@ -145,6 +151,9 @@ class HashConfig:
             raise ValueError(f"slices > 1 slices the linear64 table: it needs scheme 'linear64', got {self.scheme!r}")
         if self.scatter and self.slices == 1:
             raise ValueError("scatter partitions both sides by table slice: it needs slices > 1")
+        if self.chains and not self.scheme.startswith("linear64"):
+            raise ValueError(f"chains link the rows of a linear64 table: it needs a linear64 scheme, got "
+                             f"{self.scheme!r}")
         if not PART_ROWS_MIN <= self.part_rows <= PART_ROWS_MAX:
             raise ValueError(f"part_rows must be in [{PART_ROWS_MIN}, {PART_ROWS_MAX}] (pjoin's shared table for "
                              f"int64 keys must fit {SHARED_BYTES} bytes), got {self.part_rows}")
@@ -197,7 +206,7 @@ class Layout:
     buckets: int
     slots: int        # per bucket
     slot_bytes: int   # 8 (int32 keys) or 16 (int64 keys)
-    shift: int        # tag = epoch << shift | position
+    shift: int        # tag = epoch << shift | position (chains: epoch << shift | MULTI << (shift - 1) | position)
     max_epoch: int
 
     @property
@@ -210,7 +219,7 @@ def plan_layout(config: HashConfig, n_build: int, key_dtype: torch.dtype) -> Lay
     slot_bytes = 16 if key_dtype == torch.int64 else 8
     slots = config.bucket_bytes // slot_bytes
     buckets = next_prime(max(3, math.ceil(n_build / (config.load_factor * slots))))
-    shift = max(1, (max(n_build, 1) - 1).bit_length())
+    shift = max(1, (max(n_build, 1) - 1).bit_length()) + int(config.chains and key_dtype == torch.int32)
     epoch_bits = 32 - shift if config.epoch_bits is None else min(config.epoch_bits, 32 - shift)
     return Layout(buckets, slots, slot_bytes, shift, (1 << epoch_bits) - 1)
 
@@ -258,6 +267,7 @@ class Built:
     pending: torch.Tensor | None = None  # sliced linear64: the build keys, inserted slice by slice by the probe
     slices: int = 1      # table slices of its build and probe (``HashJoinBase.slice_count``)
     scattered: tuple | None = None  # scatter: (starts, build keys, build rows, probe keys, probe rows) by slice
+    chain: torch.Tensor | None = None  # chains: 2 int32 per build position (the row pushed before it, list length)
 
     @property
     def slot_rows(self) -> torch.Tensor | None:
@@ -299,6 +309,7 @@ class HashJoinBase:
     linear_available = False  # the backend has the linear64 kernels (lbuild, lprobe)
     partitioned_available = False  # the backend has the partitioned kernels (pcount, pscatter, pjoin)
     sliced_available = False  # the backend's linear64 kernels take one table slice a launch
+    chains_available = False  # the backend's linear64 kernels link duplicate keys' rows (``HashConfig.chains``)
 
     def __init__(self, config: HashConfig = HashConfig()) -> None:
         self.config = config
@@ -365,6 +376,12 @@ class HashJoinBase:
         wide_ok = key_dtype == torch.int32 or (key_dtype == torch.int64 and self.config.linear_wide)
         return scheme.startswith("linear64") and self.linear_available and wide_ok
 
+    def _chains(self, key_dtype: torch.dtype) -> bool:
+        """Whether joins on these keys link duplicate keys' rows (``HashConfig.chains``: int32 keys on the linear64
+        kernels of a backend that has chains)."""
+        return (self.config.chains and self.chains_available and key_dtype == torch.int32
+                and self._linear(key_dtype))
+
     def slice_count(self, layout: Layout, key_dtype: torch.dtype) -> int:
         """Table slices a linear64 join builds and probes in turn, on a backend with the sliced kernels: the fewest
         (a power of two) that make one slice at most half the L2, at most ``slices``; 1 (the whole table at once)
@@ -413,7 +430,8 @@ class HashJoinBase:
             self.layout = None
         self.epoch, clear = next_epoch(self.layout, layout, self.epoch, self.config.clear)
         if self.layout != layout:
-            check_output_fits(0, torch.int32, device, extra_bytes=layout.nbytes, what="the hash table")
+            chains = 8 * max(n_build, 1) if self._chains(key_dtype) else 0  # the rows' chain entries beside it
+            check_output_fits(0, torch.int32, device, extra_bytes=layout.nbytes + chains, what="the hash table")
             self.table = torch.zeros(words, dtype=key_dtype, device=device)
             self.layout = layout
         elif clear:
@@ -424,9 +442,12 @@ class HashJoinBase:
     def _new_built(self, keys: torch.Tensor, rows: torch.Tensor | None) -> Built:
         """A table ready for ``keys`` (the next epoch, or cleared) and its build state; nothing launched yet."""
         table, layout = self._prepare_table(keys.numel(), keys.dtype, keys.device)
+        chain = None
+        if self._chains(keys.dtype):  # never cleared: a join reads only the entries its own build wrote
+            chain = self.ws.get("chain", 2 * max(keys.numel(), 1), torch.int32, keys.device)
         self.stamp += 1
         return Built(table, layout, self.epoch, rows, rows.dtype if rows is not None else torch.int64, keys.numel(),
-                     self.stamp)
+                     self.stamp, chain=chain)
 
     def _new_parts(self, keys: torch.Tensor, rows: torch.Tensor | None) -> Parts:
         """partitioned: the build side's state; nothing launched (the partitioning needs the probe side too)."""

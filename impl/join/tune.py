@@ -47,6 +47,8 @@ BASE = HashConfig(scheme="fused", items=8)  # the sweep's reference point: each 
 VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the budget may cut the tail
     ("split-items4", {"scheme": "split", "items": 4}),  # split kernels, 4 rows per thread (what int64 keys run)
     ("linear64", {"scheme": "linear64", "items": 4}),  # HashConfig's default: int64 keys on the linear kernels too
+    # duplicate build keys' rows on one slot's list (int32 keys): m2m's clusters hold its distinct keys only
+    ("linear64-chains", {"scheme": "linear64", "items": 4, "chains": True}),
     # pcount, pscatter, pjoin: ~2048 build rows per partition, 8 rows per thread in pcount / pscatter's chunks
     ("partitioned", {"scheme": "partitioned", "items": 8}),
     ("partitioned-items16", {"scheme": "partitioned", "items": 16}),  # longer runs per partition in pscatter
@@ -73,6 +75,7 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [  # most informative first: the bu
     ("linear64-wide-r4", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 4}),
     # a speculative output of 8 * n_probe pairs: m2m (~4 pairs per probe row on average) in one probe pass
     ("linear64-spec8", {"scheme": "linear64", "items": 4, "spec_factor": 8}),
+    ("linear64-chains-spec8", {"scheme": "linear64", "items": 4, "chains": True, "spec_factor": 8}),
     ("linear64-wide-lf0.35", {"scheme": "linear64", "items": 4, "linear_wide": True, "load_factor": 0.35}),
     ("linear64-wide-bucket64", {"scheme": "linear64", "items": 4, "linear_wide": True, "bucket_bytes": 64}),
     ("linear64-wide-r2-t128", {"scheme": "linear64", "items": 4, "linear_wide": True, "lrows": 2, "threads": 128}),
@@ -214,7 +217,7 @@ def time_variant(op, overrides: dict[str, Any], plan: Plan, device: str, detail:
     if detail:
         cases += [("zipf", plan.n), ("m2m", plan.n), ("uniform64", plan.n), ("uniform64", plan.big)]
     else:  # what the variant is about beyond the int32 uniform tables
-        cases += [("m2m", plan.n)] if overrides.get("spec_factor", 1) > 1 else []
+        cases += [("m2m", plan.n)] if overrides.get("spec_factor", 1) > 1 or overrides.get("chains") else []
         cases += [("uniform64", plan.n), ("uniform64", plan.big)] if "linear_wide" in overrides else []
     out: dict[str, Any] = {}
     for kind, n in cases:
