@@ -672,10 +672,28 @@ __device__ __forceinline__ bool linear_claim(const Bucket<long long>& bk, int s,
     return false;
 }
 
+// chains: a bucket read slot by slot in 8-byte loads, so that no slot is seen torn. A 16-byte vector load may show a
+// slot being claimed meanwhile as its new (live) tag beside its stale key, and a chained build acts on a live slot's
+// key without a CAS: it goes on to the next slot when the key is another.
+__device__ __forceinline__ Bucket<int> load_bucket_slots(const Slot<int>* table, long long b) {
+    Bucket<int> bk;
+    const u64* p = reinterpret_cast<const u64*>(table + b * Bucket<int>::SLOTS);
+#pragma unroll
+    for (int s = 0; s < Bucket<int>::SLOTS; ++s) {
+        const u64 w = __ldcg(p + s);
+        bk.s[s].key = (int)(unsigned)w;
+        bk.s[s].tag = (unsigned)(w >> 32);
+    }
+    return bk;
+}
+__device__ __forceinline__ Bucket<long long> load_bucket_slots(const Slot<long long>* table, long long b) {
+    return load_bucket(table, b);  // int64 keys have no chains
+}
+
 // chains: slot s of the loaded bucket bk (bucket b) for row i (key, tag): claim it if it is empty, or push row i
 // onto its list if it holds the key (chain[2i] = the old head, chain[2i + 1] = its length + 1, fenced before the
-// CAS that makes i the head); true once done, false when the slot holds another key. Each retry starts from the
-// word the CAS returned, so a torn first read is never acted on.
+// CAS that makes i the head); true once done, false when the slot holds another key. bk comes from
+// load_bucket_slots (each slot's key and tag read together); a retry starts from the word the CAS returned.
 __device__ __forceinline__ bool chain_claim(const Bucket<int>& bk, int s, Slot<int>* table, long long b, int key,
                                             unsigned tag, unsigned shift, unsigned epoch, long long i, int* chain,
                                             TagBits tb) {
@@ -713,7 +731,7 @@ __device__ __forceinline__ bool linear_insert(K key, long long i, Slot<K>* table
     const unsigned tag = (epoch << shift) | (unsigned)i;
     long long b = first_bucket(mix32(fold(key)), nb);
     for (long long tries = 0; tries < nb; ++tries, b = linear_next(b, nb)) {
-        const Bucket<K> bk = load_bucket(table, b);
+        const Bucket<K> bk = chain ? load_bucket_slots(table, b) : load_bucket(table, b);
 #pragma unroll
         for (int s = 0; s < SLOTS; ++s)
             if (chain ? chain_claim(bk, s, table, b, key, tag, shift, epoch, i, chain, tb)
@@ -799,7 +817,7 @@ __device__ void linear_build_kernel(const K* __restrict__ keys, long long n, Slo
             const unsigned h = mix32(fold(key[r]));
             b[r] = first_bucket(h, nb);
             live[r] = base + r * JOIN_THREADS + threadIdx.x < n && in_slice(h, slice_shift, slice);
-            if (live[r]) bk[r] = load_bucket(table, b[r]);
+            if (live[r]) bk[r] = chain ? load_bucket_slots(table, b[r]) : load_bucket(table, b[r]);
         }
 #pragma unroll
         for (int r = 0; r < JOIN_LROWS; ++r) {
