@@ -6,7 +6,8 @@
 
   hash-numba       epoch-tagged bucketed hash table in numba-cuda (build / count+scan / write)  ``hash_numba.py``
   hash-cuda        the same kernels in CUDA C++ through CuPy, plus fused single launches and a   ``hash_cuda.py``
-                   radix-partitioned scheme (shared-memory tables per partition)
+                   radix-partitioned scheme (shared-memory tables per partition); ``chains=True``
+                   links duplicate build keys' rows behind one slot (many-to-many joins)
   tc-triton        hash partitions + bit-sliced ±1 keys compared by ``tl.dot`` in one pass      ``tc_triton.py``
   sortmerge-torch  torch.sort + searchsorted + duplicate expansion (GPU baseline)              ``sortmerge.py``
 and host anchors (pandas, DuckDB, polars) in ``host.py``. Every operator returns a ``JoinResult`` (``common.py``).
