@@ -386,7 +386,7 @@ def test_chained_linear64_kernels_join_heavy_duplicates_under_cpu_emulation(emul
 
 
 @pytest.mark.parametrize("chains", [False, True], ids=["plain", "chains"])
-def test_chains_change_only_the_cuda_kernels_layout(chains):
+def test_chains_take_one_tag_bit_of_int32_tables_and_the_twin_runs_without(chains):
     """``chains`` takes one tag bit below the epoch field for int32 keys (MULTI), none for int64 keys (no chains
     there), is refused outside linear64, and the numba twin, which has no chains, still joins exactly on that
     layout."""

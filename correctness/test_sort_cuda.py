@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import tempfile
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda
 
+from fixtures.nvcc import ptx_for_sm90
 from fixtures.nvrtc import assert_compiles_with_nvrtc
 from fixtures.oracle import assert_close, check_kernel
 from fixtures.sort import host_bits
@@ -33,7 +31,7 @@ from impl.sort.pipeline import HostSortPipeline, PipelineConfig
 from impl.sort.plan import (EMU_CUDA_CONFIG, GPU_CUDA_CONFIG, MODES, CudaSortConfig, build_cuda_plan,
                             pad_index, padded_bits, slot_bytes)
 from impl.sort.reference import argsort_reference, is_permutation, sort_reference
-from impl.sort.runtimes import EmulatedRuntime, cupy_unavailable_reason, nvcc_path
+from impl.sort.runtimes import EmulatedRuntime, cupy_unavailable_reason
 from impl.sort.twin import check_plan, run_pass, slot_positions, sort_twin
 
 DTYPES = st.sampled_from(SUPPORTED_DTYPES)
@@ -335,15 +333,15 @@ def test_fma_form_applies_to_32_bit_keys_only():
         CudaSortConfig(fma_max=7)
 
 
-def test_fma_exchange_keeps_its_multiply_adds_in_ptx():
+def test_fma_exchange_keeps_its_multiply_adds_in_ptx(tmp_path):
     """The multiplier of the FMA form is a register (1 at run time), so ptxas cannot fold the two multiply-adds
     into one ALU add: the keys32 tile pass's PTX holds mad.lo with a register multiplier, and fewer max.u32."""
-    if nvcc_path() is None:
-        pytest.skip("nvcc is not on PATH (nor /usr/local/cuda/bin): the CUDA C++ source cannot be compiled here")
     counts = {}
     for f in (0, 3):
         spec = plan_kernels(build_cuda_plan(1 << 13, "keys32", replace(EMU_CUDA_CONFIG, fma_max=f)), 32)[0]
-        ptx = compile_ptx(module_source([spec]))
+        src = tmp_path / f"sort_f{f}.cu"
+        src.write_text(module_source([spec]))
+        ptx = ptx_for_sm90(src, ["-std=c++17"], tmp_path)
         mads = re.findall(r"\bmad\.lo\.[su]32\s+%r\d+, %r\d+, %r\d+", ptx)  # every operand a register
         counts[f] = (len(re.findall(r"\bmax\.u32\b", ptx)), len(mads))
     assert counts[3][0] < counts[0][0] and counts[3][1] >= counts[0][0] - counts[3][0] > 0, counts
@@ -494,16 +492,6 @@ def ptxas_rows(specs: list[KernelSpec], one_module: bool) -> list[dict]:
     if one_module:
         return compile_module(specs)
     return compile_report(specs)  # cubins cached by source text: a hit is this very source, compiled
-
-
-def compile_ptx(source: str) -> str:
-    """PTX for sm_90 of one generated module (the runtime's nvcc, -ptx instead of -cubin)."""
-    with tempfile.TemporaryDirectory() as d:
-        src = Path(d) / "sort.cu"
-        src.write_text(source)
-        subprocess.run([nvcc_path(), "-std=c++17", "-arch=sm_90", "-ptx", "-o", str(src.with_suffix(".ptx")),
-                        str(src)], check=True, capture_output=True)
-        return src.with_suffix(".ptx").read_text()
 
 
 def test_cuda_source_compiles_for_sm90_without_spills():

@@ -843,8 +843,14 @@ __device__ void linear_build_kernel(const K* __restrict__ keys, long long n, Slo
     }
 }
 
+// chain[i] read by a probe: RO through L1 (a launch that did not write the chains), else through L2.
+template <bool RO>
+__device__ __forceinline__ int chain_at(const int* chain, long long i) {
+    return RO ? __ldg(chain + i) : __ldcg(chain + i);
+}
+
 // Write the pairs of a chained key's list: its head row `first` and the cnt - 1 rows linked behind it, to
-// out_[bp][at...] (>= capacity dropped). RO: the chain entries through L1 (a launch that did not write them).
+// out_[bp][at...] (>= capacity dropped).
 template <typename R, bool RO>
 __device__ __forceinline__ void chain_emit(int first, long long cnt, const int* chain, long long at, R pj,
                                            const R* brows, R* out_b, R* out_p, long long capacity) {
@@ -852,7 +858,7 @@ __device__ __forceinline__ void chain_emit(int first, long long cnt, const int* 
     for (long long c = 0; c < cnt && at + c < capacity; ++c) {
         out_b[at + c] = brows ? brows[pos] : (R)pos;
         out_p[at + c] = pj;
-        if (c + 1 < cnt) pos = RO ? __ldg(&chain[2 * pos]) : __ldcg(&chain[2 * pos]);
+        if (c + 1 < cnt) pos = chain_at<RO>(chain, 2 * (long long)pos);
     }
 }
 
@@ -877,8 +883,7 @@ __device__ __forceinline__ bool linear_scan(const Bucket<K>& bk, K k, unsigned s
     if (chain && match) {
         const unsigned t = bk.s[__ffs(match) - 1].tag;
         const int pos = (int)(t & tb.pos_mask);
-        const long long c = (t & tb.multi) ? (long long)(RO ? __ldg(&chain[2 * pos + 1]) : __ldcg(&chain[2 * pos + 1]))
-                                           : 1;
+        const long long c = (t & tb.multi) ? chain_at<RO>(chain, 2 * (long long)pos + 1) : 1;
         *first = pos;
         if (emit) chain_emit<R, RO>(pos, c, chain, at + cnt, pj, brows, out_b, out_p, capacity);
         cnt += c;
